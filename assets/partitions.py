@@ -1,0 +1,24 @@
+"""Partitions: a dynamic `coder` dimension (sparse coder × hookpoint) and static latent shards.
+
+Kept beside the assets that use them (not in `autointerp_defs`) so that importing any asset module
+never imports the `Definitions`, which import every asset.
+"""
+from __future__ import annotations
+
+import os
+
+from dagster import DynamicPartitionsDefinition, MultiPartitionsDefinition, StaticPartitionsDefinition
+
+from storage.activation_shards import shard_keys
+
+N_SHARDS = int(os.environ.get("AUTOINTERP_N_SHARDS", "8"))
+
+coder_partitions = DynamicPartitionsDefinition(name="coder")
+shard_partitions = StaticPartitionsDefinition(shard_keys(N_SHARDS))
+coder_shard_partitions = MultiPartitionsDefinition({"coder": coder_partitions, "shard": shard_partitions})
+
+
+def coder_and_shard(partition_key) -> tuple[str, str]:
+    """(coder, shard) of a `coder|shard` multi-partition key."""
+    keys = partition_key.keys_by_dimension
+    return keys["coder"], keys["shard"]

@@ -1,0 +1,99 @@
+"""Every prompt template of the explainers and scorers, and the parsers of their answers, in one place.
+
+Examples are rendered from token strings; active tokens are wrapped in `<<` `>>` (runs of active
+tokens share one pair), as in delphi's highlighted-token format.
+"""
+from __future__ import annotations
+
+import re
+
+EXPLAINER_SYSTEM = (
+    "You study single features of a language model. You are shown text examples in which the tokens "
+    "where the feature fires are wrapped in << and >>. After each example, the marked tokens are "
+    "listed with the feature's strength on a 0-10 scale. Work out what the marked tokens have in "
+    "common, taking their context into account, and describe it in one short phrase. Answer with a "
+    "single line of the form 'Explanation: <phrase>'."
+)
+
+DETECTION_SYSTEM = (
+    "You check descriptions of a language-model feature against text. You are given a description "
+    "and numbered text examples. For each example, answer 1 if the feature described would fire "
+    "somewhere in it and 0 if not. Answer with only a list of 0s and 1s, one per example, e.g. [1, 0, 1]."
+)
+
+FUZZING_SYSTEM = (
+    "You check descriptions of a language-model feature against text. You are given a description "
+    "and numbered text examples in which some tokens are wrapped in << and >>. For each example, "
+    "answer 1 if the marked tokens are what the description is about and 0 if not. Answer with "
+    "only a list of 0s and 1s, one per example, e.g. [1, 0, 1]."
+)
+
+
+def highlight(token_strs: list[str], marked: list[bool]) -> str:
+    """Join tokens, wrapping each run of marked tokens in << >>."""
+    out, inside = [], False
+    for text, is_marked in zip(token_strs, marked):
+        if is_marked and not inside:
+            out.append("<<")
+        if not is_marked and inside:
+            out.append(">>")
+        out.append(text)
+        inside = is_marked
+    if inside:
+        out.append(">>")
+    return "".join(out).replace("\n", " ")
+
+
+def scaled(activations: list[float], max_activation: float) -> list[int]:
+    """Activations on OpenAI's 0-10 integer scale relative to the latent's maximum."""
+    top = max(max_activation, 1e-9)
+    return [min(10, max(0, round(10 * a / top))) for a in activations]
+
+
+def explainer_messages(examples: list[tuple[list[str], list[float]]], max_activation: float) -> list[dict]:
+    parts = []
+    for i, (token_strs, acts) in enumerate(examples, start=1):
+        marks = [a > 0 for a in acts]
+        listed = ", ".join(f"{t.strip() or repr(t)} ({s})" for t, a, s in zip(token_strs, acts, scaled(acts, max_activation)) if a > 0)
+        parts.append(f"Example {i}: {highlight(token_strs, marks)}\nMarked: {listed}")
+    return [
+        {"role": "system", "content": EXPLAINER_SYSTEM},
+        {"role": "user", "content": "\n\n".join(parts) + "\n\nWhat does the feature fire on?"},
+    ]
+
+
+def scorer_messages(system: str, explanation: str, texts: list[str]) -> list[dict]:
+    numbered = "\n".join(f"Example {i}: {t}" for i, t in enumerate(texts, start=1))
+    return [
+        {"role": "system", "content": system},
+        {"role": "user", "content": f"Description: {explanation}\n\n{numbered}\n\nAnswer with {len(texts)} numbers in a list."},
+    ]
+
+
+_PREFIX = re.compile(r"^\s*(?:\[?explanation\]?\s*[:\-]\s*|answer\s*:\s*|\d+[.)]\s*|[-*•]\s*)", re.IGNORECASE)
+
+
+def parse_explanation(text: str) -> str | None:
+    """The explanation in a model's answer, without labels, numbering, quotes or a trailing period."""
+    match = re.search(r"explanation\]?\s*[:\-]\s*(.+)", text, re.IGNORECASE)
+    candidate = match.group(1) if match else next((line for line in text.splitlines() if line.strip()), "")
+    candidate = candidate.strip().splitlines()[0] if candidate.strip() else ""
+    previous = None
+    while previous != candidate:
+        previous = candidate
+        candidate = _PREFIX.sub("", candidate).strip().strip("\"'`*").strip()
+    candidate = candidate.rstrip(".").strip()
+    return candidate or None
+
+
+def parse_binary_list(text: str, n: int) -> list[int] | None:
+    """A list of `n` 0/1 answers: a bracketed list if there is one, else the first `n` 0/1 digits."""
+    for body in re.findall(r"\[([^\]]*)\]", text):
+        values = re.findall(r"\d+", body)
+        if len(values) == n and set(values) <= {"0", "1"}:
+            return [int(v) for v in values]
+    unlabelled = re.sub(r"example\s*\d+\s*[:.)\-]?", " ", text, flags=re.IGNORECASE)
+    digits = re.findall(r"(?<!\d)[01](?!\d)", unlabelled)
+    if len(digits) >= n:
+        return [int(d) for d in digits[:n]]
+    return None

@@ -1,0 +1,153 @@
+"""`autointerp`: register the embedded demo SAE, run the demo end to end, search explanations."""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from pathlib import Path
+
+DEMO_CODER_NAME = "smollm2-topk"
+DEMO_HOOKPOINT = "model.layers.15"
+DEMO_SHARDS = ("00", "01")
+
+
+def register_embedded(data_dir: str, *, width: int = 4608, k: int = 32, n_tokens: int = 65_536, epochs: int = 4) -> Path:
+    """Train a TopK SAE on the embedded corpus at `model.layers.15` and save it in sparsify's layout."""
+    import torch
+
+    from assets.corpus import embedded_documents, tokenize_documents
+    from resources.sae_training import train_topk_sae
+    from resources.sparse_coders import save_sparsify
+    from resources.subject_model import SubjectModelResource, capture_hookpoints
+    from storage.layout import DataRoot
+
+    folder = DataRoot.at(data_dir).registry_dir / DEMO_CODER_NAME / DEMO_HOOKPOINT
+    if (folder / "sae.safetensors").exists():
+        print(f"embedded SAE already registered at {folder}")
+        return folder
+    subject = SubjectModelResource()
+    tokens = tokenize_documents(embedded_documents(), subject.tokenizer(), ctx_len=128, n_tokens=n_tokens, add_bos=True, seed=1)
+    lm = subject.causal_lm()
+    batches = []
+    for start in range(0, len(tokens), 16):
+        batch = torch.from_numpy(tokens[start : start + 16]).long()
+        batches.append(capture_hookpoints(lm, batch, {DEMO_HOOKPOINT: "output"})[DEMO_HOOKPOINT][:, 1:].flatten(0, 1))
+        print(f"\rtraining data: {start + len(batch)}/{len(tokens)} sequences", end="", flush=True)
+    print()
+
+    def progress(step, total, loss):
+        if step % 20 == 0 or step == total:
+            print(f"\rtraining TopK SAE (width {width}, k {k}): step {step}/{total}, normalized MSE {loss:.3f}", end="", flush=True)
+
+    coder = train_topk_sae(torch.cat(batches), width=width, k=k, name=DEMO_CODER_NAME, hookpoint=DEMO_HOOKPOINT, epochs=epochs, progress=progress)
+    print()
+    save_sparsify(coder, folder)
+    print(f"registered {coder.key} at {folder}")
+    return folder
+
+
+def _materialize(selection: list[str], partition_key: str | None, instance) -> None:
+    from dagster import materialize
+
+    from autointerp_defs.definitions import defs
+
+    assets = list(defs.assets)
+    result = materialize(assets, selection=selection, partition_key=partition_key, instance=instance, resources=defs.resources)
+    if not result.success:
+        raise SystemExit(f"materializing {selection} for {partition_key} failed")
+
+
+def run_demo(data_dir: str, force: bool) -> None:
+    from dagster import AssetKey, DagsterInstance
+
+    from assets.partitions import coder_partitions
+    from resources.sparse_coders import scan_registry
+    from storage.layout import DataRoot
+
+    started = time.perf_counter()
+    root = DataRoot.at(data_dir)
+    register_embedded(data_dir)
+    instance = DagsterInstance.get()
+    coders = scan_registry(root.registry_dir)
+    known = set(instance.get_dynamic_partitions(coder_partitions.name))
+    instance.add_dynamic_partitions(coder_partitions.name, [c for c in coders if c not in known])
+    coder = f"{DEMO_CODER_NAME}/{DEMO_HOOKPOINT}"
+
+    def done(asset: str, partition: str | None) -> bool:
+        if force:
+            return False
+        if partition is None:
+            return instance.get_latest_materialization_event(AssetKey(asset)) is not None
+        return partition in instance.get_materialized_partitions(AssetKey(asset))
+
+    steps = [(["corpus"], None), (["activations"], coder)]
+    steps += [(["exemplars", "explanations", "scores"], f"{coder}|{shard}") for shard in DEMO_SHARDS]
+    for selection, partition in steps:
+        if all(done(a, partition) for a in selection):
+            print(f"reusing {', '.join(selection)} {partition or ''}")
+            continue
+        print(f"materializing {', '.join(selection)} {partition or ''}", flush=True)
+        _materialize(selection, partition, instance)
+    print_results(root, coder)
+    print(f"\ndemo finished in {time.perf_counter() - started:.0f} s")
+    print("Open the UI:            make ui     (then http://127.0.0.1:3000)")
+    print(f'Re-score from the shell: DAGSTER_HOME={os.environ["DAGSTER_HOME"]} .venv/bin/dagster asset materialize -m autointerp_defs --select scores --partition "{coder}|00"')
+
+
+def print_results(root, coder: str) -> None:
+    import pandas as pd
+
+    from assets.scores import SCORERS, verdict
+
+    frames = [pd.read_parquet(p) for shard in DEMO_SHARDS if (p := root.scores_path(coder, shard)).exists()]
+    if not frames:
+        print("no scores yet")
+        return
+    scores = pd.concat(frames)
+    table = scores.pivot_table(index=["latent", "explanation"], columns="scorer", values=["balanced_accuracy", "control_balanced_accuracy"])
+    table.columns = [f"{scorer}_{'control' if metric.startswith('control') else 'score'}" for metric, scorer in table.columns]
+    print("\nlatent | explanation | balanced accuracy (shuffled-explanation control)")
+    pd.set_option("display.width", 200)
+    pd.set_option("display.max_colwidth", 60)
+    print(table.round(2).reset_index().to_string(index=False))
+    for scorer in SCORERS:
+        print(f"{scorer}: {verdict(scores[scores['scorer'] == scorer]['gap'])}")
+
+
+def search(data_dir: str, query: str, limit: int) -> None:
+    from resources.embedder import EmbedderResource
+    from storage.layout import DataRoot
+    from storage.vector_store import search_explanations
+
+    vector = EmbedderResource().embed([query])[0]
+    for hit in search_explanations(DataRoot.at(data_dir).lancedb_dir, vector, limit):
+        print(f"{hit['_distance']:.3f}  {hit['coder']}  latent {hit['latent']}: {hit['explanation']}")
+
+
+def main(argv: list[str] | None = None) -> None:
+    from storage.layout import data_dir_from_env
+
+    parser = argparse.ArgumentParser(prog="autointerp", description=__doc__)
+    parser.add_argument("--data", default=data_dir_from_env(), help="data root (default $AUTOINTERP_DATA or ./data)")
+    commands = parser.add_subparsers(dest="command", required=True)
+    commands.add_parser("register-embedded", help="train the demo TopK SAE on the embedded model and register it")
+    demo = commands.add_parser("demo", help="register, cache, explain and score the demo partitions, then print a table")
+    demo.add_argument("--force", action="store_true", help="re-materialize partitions that already exist")
+    find = commands.add_parser("search", help="semantic search over stored explanations")
+    find.add_argument("query")
+    find.add_argument("--limit", type=int, default=10)
+    args = parser.parse_args(argv)
+    os.environ["AUTOINTERP_DATA"] = args.data
+    if args.command == "register-embedded":
+        register_embedded(args.data)
+    elif args.command == "demo":
+        os.environ.setdefault("DAGSTER_HOME", str(Path(".dagster_home").resolve()))
+        Path(os.environ["DAGSTER_HOME"]).mkdir(parents=True, exist_ok=True)
+        run_demo(args.data, args.force)
+    elif args.command == "search":
+        search(args.data, args.query, args.limit)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

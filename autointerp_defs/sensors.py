@@ -1,0 +1,26 @@
+"""The registry sensor: a sparse coder dropped into the registry becomes a `coder` partition and a run."""
+
+from dagster import AssetKey, DefaultSensorStatus, RunRequest, SensorEvaluationContext, SensorResult, SkipReason, sensor
+
+from assets.partitions import coder_partitions
+from resources.settings import AutointerpSettings
+from resources.sparse_coders import scan_registry
+
+
+@sensor(
+    name="sparse_coder_registry",
+    minimum_interval_seconds=30,
+    asset_selection=[AssetKey("activations")],
+    default_status=DefaultSensorStatus.RUNNING,
+    description="Adds a `coder` partition for each new <name>/<hookpoint> folder in the registry and caches its activations; the downstream assets follow by automation.",
+)
+def registry_sensor(context: SensorEvaluationContext, settings: AutointerpSettings):
+    registered = scan_registry(settings.root.registry_dir)
+    known = set(context.instance.get_dynamic_partitions(coder_partitions.name))
+    new = [key for key in registered if key not in known]
+    if not new:
+        return SkipReason(f"no new sparse coder in {settings.root.registry_dir} ({len(registered)} registered)")
+    return SensorResult(
+        run_requests=[RunRequest(run_key=f"activations:{key}", partition_key=key, asset_selection=[AssetKey("activations")]) for key in new],
+        dynamic_partitions_requests=[coder_partitions.build_add_request(new)],
+    )

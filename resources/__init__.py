@@ -1,0 +1,1 @@
+"""Dagster resources: the subject model, sparse coders, LLM clients, the embedder and settings."""

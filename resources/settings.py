@@ -1,0 +1,16 @@
+"""Settings shared by every stage: where data lives and how much of each shard a run explains."""
+from __future__ import annotations
+
+from dagster import ConfigurableResource
+from pydantic import Field
+
+from storage.layout import DataRoot, data_dir_from_env
+
+
+class AutointerpSettings(ConfigurableResource):
+    data_dir: str = Field(default_factory=data_dir_from_env, description="Root of all stored data (default $AUTOINTERP_DATA or ./data).")
+    max_latents_per_shard: int = Field(default=0, description="Explain and score at most this many live latents per shard (0 = all). The CPU deployment keeps it small.")
+
+    @property
+    def root(self) -> DataRoot:
+        return DataRoot.at(self.data_dir)

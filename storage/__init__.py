@@ -1,0 +1,1 @@
+"""On-disk formats of autointerp: the data root layout, activation shards, parquet tables, LanceDB."""

@@ -1,0 +1,121 @@
+"""The sparse activation cache: per-coder shards over the latent range, written in chunks.
+
+Layout of `activations/<coder>/` (documented for users in the README):
+
+- `meta.json`: coder, hookpoint, width, n_shards, corpus hash, token counts.
+- `latent_stats.safetensors`: per latent `count` (int64, tokens where it fired),
+  `max` (float32, largest activation) and `sum` (float64, sum of activations).
+- `shard-XX/chunk-NNNNN.safetensors`: `locations` int32 `[n, 3]` = (sequence, position, latent)
+  and `activations` float32 `[n]`, for the latents of shard XX only. Chunks are written
+  atomically as the cache streams, so memory stays flat however many tokens are cached.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from safetensors.numpy import load_file, save_file
+
+from storage.atomic import atomic_path
+
+CHUNK_ENTRIES = 1 << 20
+
+
+def shard_keys(n_shards: int) -> list[str]:
+    width = max(2, len(str(n_shards - 1)))
+    return [str(i).zfill(width) for i in range(n_shards)]
+
+
+def shard_latent_range(width: int, n_shards: int, shard_index: int) -> tuple[int, int]:
+    """Latents [start, end) of one shard; shards split the width as evenly as integers allow."""
+    return shard_index * width // n_shards, (shard_index + 1) * width // n_shards
+
+
+def shard_dir(activations_dir: Path, shard: str) -> Path:
+    return activations_dir / f"shard-{shard}"
+
+
+class ShardedActivationWriter:
+    """Buffers (location, activation) pairs per shard and writes a chunk file whenever one fills."""
+
+    def __init__(self, activations_dir: Path, width: int, n_shards: int, chunk_entries: int = CHUNK_ENTRIES):
+        self.activations_dir = activations_dir
+        self.n_shards = n_shards
+        self.chunk_entries = chunk_entries
+        self.keys = shard_keys(n_shards)
+        self.bounds = np.array([shard_latent_range(width, n_shards, i)[0] for i in range(n_shards)] + [width])
+        self._buffers: list[list[tuple[np.ndarray, np.ndarray]]] = [[] for _ in range(n_shards)]
+        self._buffered = [0] * n_shards
+        self._chunk_index = [0] * n_shards
+        for key in self.keys:
+            shard_dir(activations_dir, key).mkdir(parents=True, exist_ok=True)
+
+    def add(self, locations: np.ndarray, activations: np.ndarray) -> None:
+        """Add `[n, 3]` int32 (sequence, position, latent) locations and their `[n]` activations."""
+        shard_of = np.searchsorted(self.bounds, locations[:, 2], side="right") - 1
+        order = np.argsort(shard_of, kind="stable")
+        counts = np.bincount(shard_of, minlength=self.n_shards)
+        offsets = np.concatenate([[0], np.cumsum(counts)])
+        for i in np.nonzero(counts)[0]:
+            rows = order[offsets[i] : offsets[i + 1]]
+            self._buffers[i].append((locations[rows], activations[rows]))
+            self._buffered[i] += len(rows)
+            if self._buffered[i] >= self.chunk_entries:
+                self._flush(i)
+
+    def close(self) -> None:
+        for i in range(self.n_shards):
+            if self._buffered[i]:
+                self._flush(i)
+
+    def _flush(self, i: int) -> None:
+        locations = np.concatenate([b[0] for b in self._buffers[i]]).astype(np.int32)
+        activations = np.concatenate([b[1] for b in self._buffers[i]]).astype(np.float32)
+        path = shard_dir(self.activations_dir, self.keys[i]) / f"chunk-{self._chunk_index[i]:05d}.safetensors"
+        with atomic_path(path) as tmp:
+            save_file({"locations": locations, "activations": activations}, str(tmp))
+        self._buffers[i].clear()
+        self._buffered[i] = 0
+        self._chunk_index[i] += 1
+
+
+@dataclass
+class ShardActivations:
+    """All cached activations of one shard, sorted by latent then location."""
+
+    locations: np.ndarray
+    activations: np.ndarray
+
+    def by_latent(self):
+        """Yield (latent, locations, activations) for each latent that fired in this shard."""
+        latents = self.locations[:, 2]
+        boundaries = np.flatnonzero(np.diff(latents)) + 1
+        starts = np.concatenate([[0], boundaries])
+        ends = np.concatenate([boundaries, [len(latents)]])
+        for start, end in zip(starts, ends):
+            if end > start:
+                yield int(latents[start]), self.locations[start:end], self.activations[start:end]
+
+
+def read_shard(activations_dir: Path, shard: str) -> ShardActivations:
+    chunks = sorted(shard_dir(activations_dir, shard).glob("chunk-*.safetensors"))
+    if not chunks:
+        return ShardActivations(np.zeros((0, 3), np.int32), np.zeros(0, np.float32))
+    parts = [load_file(str(p)) for p in chunks]
+    locations = np.concatenate([p["locations"] for p in parts])
+    activations = np.concatenate([p["activations"] for p in parts])
+    order = np.lexsort((locations[:, 1], locations[:, 0], locations[:, 2]))
+    return ShardActivations(locations[order], activations[order])
+
+
+def save_latent_stats(path: Path, count: np.ndarray, maximum: np.ndarray, total: np.ndarray) -> None:
+    with atomic_path(path) as tmp:
+        save_file(
+            {"count": count.astype(np.int64), "max": maximum.astype(np.float32), "sum": total.astype(np.float64)},
+            str(tmp),
+        )
+
+
+def load_latent_stats(path: Path) -> dict[str, np.ndarray]:
+    return load_file(str(path))

@@ -1,0 +1,55 @@
+"""Where every stage keeps its data under one root directory (see DESIGN.md, "Storage root")."""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+DEFAULT_DATA_DIR = "data"
+
+
+def data_dir_from_env() -> str:
+    """The data root: `$AUTOINTERP_DATA` if set, else `./data`."""
+    return os.environ.get("AUTOINTERP_DATA", DEFAULT_DATA_DIR)
+
+
+@dataclass(frozen=True)
+class DataRoot:
+    """Paths of every stage's outputs under one root; creating a `DataRoot` creates nothing."""
+
+    root: Path
+
+    @classmethod
+    def at(cls, path: str | os.PathLike) -> "DataRoot":
+        return cls(Path(path).expanduser().resolve())
+
+    @property
+    def corpus_dir(self) -> Path:
+        return self.root / "corpus"
+
+    @property
+    def registry_dir(self) -> Path:
+        return self.root / "registry"
+
+    @property
+    def lancedb_dir(self) -> Path:
+        return self.root / "lancedb"
+
+    @property
+    def llm_cache_dir(self) -> Path:
+        return self.root / "llm_cache"
+
+    def activations_dir(self, coder: str) -> Path:
+        return self.root / "activations" / coder
+
+    def exemplars_path(self, coder: str, shard: str) -> Path:
+        return self.root / "exemplars" / coder / f"{shard}.parquet"
+
+    def explanations_path(self, coder: str, shard: str) -> Path:
+        return self.root / "explanations" / coder / f"{shard}.parquet"
+
+    def scores_path(self, coder: str, shard: str) -> Path:
+        return self.root / "scores" / coder / f"{shard}.parquet"
+
+    def scores_plot_path(self, coder: str, shard: str) -> Path:
+        return self.root / "scores" / coder / f"{shard}.png"

@@ -1,0 +1,41 @@
+import numpy as np
+
+from storage.activation_shards import ShardedActivationWriter, read_shard, shard_keys, shard_latent_range
+
+
+def test_shards_split_the_width_exactly():
+    ranges = [shard_latent_range(1000, 7, i) for i in range(7)]
+    assert ranges[0][0] == 0 and ranges[-1][1] == 1000
+    assert all(a[1] == b[0] for a, b in zip(ranges, ranges[1:]))
+    assert shard_keys(3) == ["00", "01", "02"] and shard_keys(120)[-1] == "119"
+
+
+def test_writer_streams_chunks_and_reader_restores_every_pair(tmp_path):
+    rng = np.random.default_rng(0)
+    width, n_shards = 100, 4
+    batches = []
+    writer = ShardedActivationWriter(tmp_path, width, n_shards, chunk_entries=50)
+    peak_buffered = 0
+    for b in range(20):
+        loc = np.stack([np.full(30, b), rng.integers(0, 16, 30), rng.integers(0, width, 30)], 1).astype(np.int32)
+        val = rng.random(30).astype(np.float32)
+        writer.add(loc, val)
+        peak_buffered = max(peak_buffered, max(writer._buffered))
+        batches.append((loc, val))
+    writer.close()
+    assert peak_buffered < 50  # buffers flush at the chunk size: memory does not grow with tokens
+    assert len(list((tmp_path / "shard-00").glob("chunk-*.safetensors"))) > 1
+    all_loc = np.concatenate([b[0] for b in batches])
+    all_val = np.concatenate([b[1] for b in batches])
+    total = 0
+    for i, key in enumerate(shard_keys(n_shards)):
+        shard = read_shard(tmp_path, key)
+        lo, hi = shard_latent_range(width, n_shards, i)
+        assert ((shard.locations[:, 2] >= lo) & (shard.locations[:, 2] < hi)).all()
+        mask = (all_loc[:, 2] >= lo) & (all_loc[:, 2] < hi)
+        assert np.isclose(shard.activations.sum(), all_val[mask].sum(), rtol=1e-5)
+        for latent, loc, val in shard.by_latent():
+            assert (loc[:, 2] == latent).all()
+            assert np.isclose(val.sum(), all_val[all_loc[:, 2] == latent].sum(), rtol=1e-5)
+        total += len(shard.activations)
+    assert total == len(all_val)

@@ -1,0 +1,95 @@
+"""Both LLM backends through the one async interface, against real processes on 127.0.0.1."""
+import asyncio
+import os
+import socket
+import subprocess
+import sys
+import time
+
+import pytest
+
+from resources.llm import LLMEndpointError, LLMResource, OpenAICompatibleClient
+from resources.subject_model import embedded_gguf_path
+from tests.scripted_llm_server import ScriptedLLMServer
+
+MESSAGES = [{"role": "user", "content": "Say hello."}]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_openai_backend_sends_model_and_key_from_environment(monkeypatch):
+    monkeypatch.setenv("MY_TEST_KEY", "sk-test-123")
+    with ScriptedLLMServer(lambda messages: "Explanation: greetings") as server:
+        llm = LLMResource(backend="openai", base_url=server.base_url, model="my-model", api_key_env="MY_TEST_KEY")
+        client = llm.client()
+        out = asyncio.run(client.complete(MESSAGES, max_tokens=5))
+    assert out.text == "Explanation: greetings" and out.prompt_tokens == 10
+    assert server.requests[0]["model"] == "my-model" and server.requests[0]["max_tokens"] == 5
+    assert server.headers[0]["authorization"] == "Bearer sk-test-123"
+    assert "sk-test-123" not in repr(llm.model_dump())
+
+
+def test_bounded_client_keeps_requests_in_flight_under_the_limit():
+    in_flight, peak = 0, 0
+
+    def reply(messages):
+        nonlocal in_flight, peak
+        in_flight += 1
+        peak = max(peak, in_flight)
+        time.sleep(0.05)
+        in_flight -= 1
+        return "ok"
+
+    with ScriptedLLMServer(reply) as server:
+        client = LLMResource(backend="openai", base_url=server.base_url, model="m", max_concurrency=3).client()
+
+        async def many():
+            return await asyncio.gather(*(client.complete(MESSAGES, max_tokens=2) for _ in range(12)))
+
+        assert len(asyncio.run(many())) == 12
+    assert 1 < peak <= 3
+
+
+def test_unreachable_endpoint_names_url_and_fix():
+    url = f"http://127.0.0.1:{free_port()}/v1"
+    client = OpenAICompatibleClient(url, "m", None, timeout_s=2)
+    with pytest.raises(LLMEndpointError, match=rf"Cannot reach the LLM endpoint at {url}.*Fix: start the server"):
+        asyncio.run(client.check())
+
+
+def test_embedded_llama_cpp_backend_answers():
+    out = asyncio.run(LLMResource().client().complete(MESSAGES, max_tokens=8))
+    assert out.text.strip() and out.completion_tokens > 0
+
+
+def test_real_llama_cpp_server_through_the_openai_backend():
+    """llama.cpp's own OpenAI-compatible server, serving the embedded GGUF on 127.0.0.1."""
+    port = free_port()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "llama_cpp.server", "--model", str(embedded_gguf_path()), "--host", "127.0.0.1", "--port", str(port), "--n_ctx", "1024"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )
+    try:
+        client = OpenAICompatibleClient(f"http://127.0.0.1:{port}/v1", "smollm2", None, timeout_s=60)
+
+        async def wait_then_ask():
+            deadline = time.time() + 60
+            while True:
+                try:
+                    await client.check()
+                    break
+                except LLMEndpointError:
+                    if time.time() > deadline or proc.poll() is not None:
+                        raise
+                    await asyncio.sleep(0.5)
+            return await client.complete(MESSAGES, max_tokens=8)
+
+        out = asyncio.run(wait_then_ask())
+        assert out.text.strip() and out.completion_tokens > 0
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)

@@ -1,0 +1,114 @@
+"""Every asset materialized for one partition on the embedded defaults, and the bad inputs that must stop it."""
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+from dagster import DagsterInstance, materialize
+
+from assets.activations import activations
+from assets.corpus import corpus
+from assets.exemplars import exemplars
+from assets.explanations import explanations
+from assets.scores import scores
+from storage.activation_shards import load_latent_stats, read_shard, shard_keys
+from storage.layout import DataRoot
+from tests.conftest import TINY_CODER, TINY_CORPUS_CONFIG, TINY_EXEMPLARS_CONFIG, make_resources
+
+ALL_ASSETS = [corpus, activations, exemplars, explanations, scores]
+
+
+def run(selection, partition, resources, instance, run_config=None):
+    return materialize(ALL_ASSETS, selection=selection, partition_key=partition, resources=resources, instance=instance, run_config=run_config or {}, raise_on_error=True)
+
+
+def corpus_config():
+    return {"ops": {"corpus": {"config": TINY_CORPUS_CONFIG}}}
+
+
+def test_every_asset_for_one_partition_end_to_end(registered):
+    instance = DagsterInstance.ephemeral()
+    instance.add_dynamic_partitions("coder", [TINY_CODER])
+    resources = make_resources(registered, max_latents=2)
+    root = DataRoot.at(registered)
+
+    run(["corpus"], None, resources, instance, corpus_config())
+    cached = run(["activations"], TINY_CODER, resources, instance)
+    meta = cached.asset_materializations_for_node("activations")[0].metadata
+    assert meta["tokens_cached"].value == 48 * 63  # BOS positions are not cached
+    assert meta["live_latents"].value > 100
+    assert 0 < meta["fvu_first_batch"].value < 1
+
+    stats = load_latent_stats(root.activations_dir(TINY_CODER) / "latent_stats.safetensors")
+    pairs = [read_shard(root.activations_dir(TINY_CODER), key) for key in shard_keys(8)]
+    latents = np.concatenate([p.locations[:, 2] for p in pairs])
+    assert np.array_equal(np.bincount(latents, minlength=1152), stats["count"])
+    assert len(latents) <= 48 * 63 * 16
+
+    partition = f"{TINY_CODER}|00"
+    result = run(["exemplars", "explanations", "scores"], partition, resources, instance, {"ops": {"exemplars": {"config": TINY_EXEMPLARS_CONFIG}}})
+    ex = pd.read_parquet(root.exemplars_path(TINY_CODER, "00"))
+    for latent, group in ex.groupby("latent"):
+        train = set(zip(group[group.split == "train"].sequence, group[group.split == "train"].start))
+        test = set(zip(group[group.split == "test"].sequence, group[group.split == "test"].start))
+        assert train and test and not train & test  # disjoint
+        assert (group[group.kind == "random"]["max_activation"] == 0).all()
+        assert (group[group.kind == "activating"]["max_activation"] > 0).all()
+
+    explained = pd.read_parquet(root.explanations_path(TINY_CODER, "00"))
+    assert len(explained) == 2 and set(explained.status) <= {"ok", "failed"}
+    scored = pd.read_parquet(root.scores_path(TINY_CODER, "00"))
+    score_meta = result.asset_materializations_for_node("scores")[0].metadata
+    if (explained.status == "ok").any():
+        assert set(scored.scorer) == {"detection", "fuzzing"}
+        assert {"accuracy", "precision", "recall", "f1", "control_balanced_accuracy", "gap"} <= set(scored.columns)
+        assert "histogram" in score_meta and "data:image/png;base64," in score_meta["histogram"].value
+    for key in ("detection_accuracy", "fuzzing_f1", "detection_verdict"):
+        assert key in score_meta
+
+
+def test_unknown_hookpoint_stops_activations_with_the_fix(registered, tiny_sae):
+    from resources.sparse_coders import save_sparsify
+
+    save_sparsify(tiny_sae, registered / "registry" / "tiny-topk" / "model.layer.3")
+    instance = DagsterInstance.ephemeral()
+    instance.add_dynamic_partitions("coder", ["tiny-topk/model.layer.3"])
+    resources = make_resources(registered)
+    run(["corpus"], None, resources, instance, corpus_config())
+    with pytest.raises(Exception, match=r"Unknown hookpoint 'model.layer.3'.*Fix"):
+        run(["activations"], "tiny-topk/model.layer.3", resources, instance)
+
+
+def test_coder_of_the_wrong_width_stops_activations(registered, tiny_sae):
+    from resources.sparse_coders import SparseCoder, save_sparsify
+
+    narrow = SparseCoder("narrow", "model.layers.3", tiny_sae.encoder_weight[:, :512], tiny_sae.encoder_bias, tiny_sae.decoder_weight[:, :512], tiny_sae.decoder_bias[:512], 8)
+    save_sparsify(narrow, registered / "registry" / "narrow" / "model.layers.3")
+    instance = DagsterInstance.ephemeral()
+    instance.add_dynamic_partitions("coder", ["narrow/model.layers.3"])
+    resources = make_resources(registered)
+    run(["corpus"], None, resources, instance, corpus_config())
+    with pytest.raises(Exception, match=r"expects inputs of width 512.*gives width 576"):
+        run(["activations"], "narrow/model.layers.3", resources, instance)
+
+
+def test_missing_registry_stops_activations(tmp_path):
+    instance = DagsterInstance.ephemeral()
+    instance.add_dynamic_partitions("coder", [TINY_CODER])
+    with pytest.raises(Exception, match=r"registry directory .* does not exist\. Fix"):
+        run(["activations"], TINY_CODER, make_resources(tmp_path), instance)
+
+
+def test_unreachable_llm_endpoint_stops_explanations(registered):
+    from resources.llm import LLMResource
+    from tests.test_llm_clients import free_port
+
+    instance = DagsterInstance.ephemeral()
+    instance.add_dynamic_partitions("coder", [TINY_CODER])
+    resources = make_resources(registered)
+    run(["corpus"], None, resources, instance, corpus_config())
+    run(["activations"], TINY_CODER, resources, instance)
+    run(["exemplars"], f"{TINY_CODER}|00", resources, instance, {"ops": {"exemplars": {"config": TINY_EXEMPLARS_CONFIG}}})
+    dead = LLMResource(backend="openai", base_url=f"http://127.0.0.1:{free_port()}/v1", model="m")
+    with pytest.raises(Exception, match=r"Cannot reach the LLM endpoint at http://127\.0\.0\.1.*Fix"):
+        run(["explanations"], f"{TINY_CODER}|00", make_resources(registered, llm=dead), instance)

@@ -1,0 +1,45 @@
+import json
+
+import pytest
+import torch
+
+from resources.sparse_coders import CoderShapeError, RegistryError, SparseCoder, load_registered, save_sparsify, scan_registry
+
+
+def random_coder(width=64, d_in=16, k=4, seed=0) -> SparseCoder:
+    g = torch.Generator().manual_seed(seed)
+    return SparseCoder("rand", "model.layers.1", torch.randn(width, d_in, generator=g), torch.randn(width, generator=g) * 0.1,
+                       torch.randn(width, d_in, generator=g), torch.randn(d_in, generator=g), k)
+
+
+def test_sparsify_layout_round_trip(tmp_path):
+    coder = random_coder()
+    save_sparsify(coder, tmp_path / "rand" / "model.layers.1")
+    cfg = json.loads((tmp_path / "rand" / "model.layers.1" / "cfg.json").read_text())
+    assert cfg["k"] == 4 and cfg["num_latents"] == 64 and cfg["d_in"] == 16 and cfg["activation"] == "topk"
+    assert scan_registry(tmp_path) == ["rand/model.layers.1"]
+    loaded = load_registered(tmp_path, "rand/model.layers.1")
+    assert torch.equal(loaded.encoder_weight, coder.encoder_weight) and loaded.k == 4
+
+
+def test_topk_encode_matches_dense_reference_across_chunks(monkeypatch):
+    import resources.sparse_coders as sc
+
+    monkeypatch.setattr(sc, "ENCODE_CHUNK_TOKENS", 7)
+    coder = random_coder()
+    x = torch.randn(50, 16)
+    values, indices = coder.encode(x)
+    dense = torch.relu((x - coder.decoder_bias) @ coder.encoder_weight.T + coder.encoder_bias)
+    ref = dense.topk(4, dim=-1)
+    assert torch.allclose(values.sort(-1).values, ref.values.sort(-1).values, atol=1e-5)
+    assert torch.allclose(coder.decode(values, indices), torch.einsum("tk,tkd->td", ref.values, coder.decoder_weight[ref.indices]) + coder.decoder_bias, atol=1e-4)
+
+
+def test_width_mismatch_names_coder_hookpoint_and_fix():
+    with pytest.raises(CoderShapeError, match=r"'rand/model.layers.1' expects inputs of width 16.*gives width 576.*Fix"):
+        random_coder().check_input_width(576, "embedded")
+
+
+def test_missing_registry_names_directory_and_fix(tmp_path):
+    with pytest.raises(RegistryError, match=r"nowhere does not exist\. Fix: run `autointerp register-embedded`"):
+        scan_registry(tmp_path / "nowhere")

@@ -1,0 +1,32 @@
+import pytest
+import torch
+
+from resources.subject_model import UnknownHookpointError, capture_hookpoints, resolve_hookpoint
+
+
+def test_unknown_hookpoint_lists_close_names_and_fix(subject):
+    with pytest.raises(UnknownHookpointError, match=r"'model.layer.15'.*model\.layers\.15.*Fix"):
+        resolve_hookpoint(subject.causal_lm(), "model.layer.15")
+
+
+def test_sparsify_style_names_resolve(subject):
+    lm = subject.causal_lm()
+    assert resolve_hookpoint(lm, "layers.3") is resolve_hookpoint(lm, "model.layers.3")
+
+
+def test_forward_stops_after_the_deepest_hookpoint(subject):
+    lm = subject.causal_lm()
+    ran = []
+    handle = lm.model.layers[4].register_forward_hook(lambda *a: ran.append(4))
+    head = lm.lm_head.register_forward_hook(lambda *a: ran.append("head"))
+    try:
+        ids = torch.tensor([[1, 504, 2143, 314]])
+        out = capture_hookpoints(lm, ids, {"model.layers.2": "output", "model.layers.3": "input"})
+    finally:
+        handle.remove()
+        head.remove()
+    assert ran == []
+    assert out["model.layers.2"].shape == (1, 4, 576)
+    assert torch.allclose(out["model.layers.3"], out["model.layers.2"])  # layer 3's input is layer 2's output
+    full = lm(input_ids=ids, output_hidden_states=True).hidden_states[3]
+    assert torch.allclose(out["model.layers.2"], full, atol=1e-4)

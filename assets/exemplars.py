@@ -5,10 +5,13 @@ top-activating windows (`train`); the scorer sees other activating windows strat
 activation quantile plus random windows where the latent is zero (`test`), never the same window.
 """
 
+import warnings
+
 import numpy as np
 import pandas as pd
 from dagster import (
     AssetDep,
+    BetaWarning,
     AutomationCondition,
     AssetExecutionContext,
     Config,
@@ -24,6 +27,10 @@ from assets.partitions import coder_and_shard, coder_shard_partitions
 from resources.settings import AutointerpSettings
 from storage.activation_shards import read_shard
 from storage.tables import write_table
+
+with warnings.catch_warnings():
+    warnings.simplefilter("ignore", BetaWarning)  # the mapping is exactly what we need, beta or not
+    EACH_SHARD_READS_ITS_CODER = MultiToSingleDimensionPartitionMapping(partition_dimension_name="coder")
 
 EXEMPLAR_COLUMNS = ["latent", "split", "kind", "quantile", "sequence", "start", "max_activation", "tokens", "activations"]
 
@@ -100,7 +107,7 @@ def build_exemplars(shard_acts, tokens: np.ndarray, config: ExemplarsConfig) -> 
 @asset(
     group_name="autointerp",
     partitions_def=coder_shard_partitions,
-    deps=[AssetDep("activations", partition_mapping=MultiToSingleDimensionPartitionMapping(partition_dimension_name="coder"))],
+    deps=[AssetDep("activations", partition_mapping=EACH_SHARD_READS_ITS_CODER)],
     code_version="1",
     automation_condition=AutomationCondition.eager(),
     description="Train (top-activating) and test (quantile-stratified + random non-activating) windows per live latent.",

@@ -13,7 +13,7 @@ from assets.corpus import load_corpus
 from assets.partitions import coder_and_shard, coder_shard_partitions
 from assets.prompts import explainer_messages, parse_explanation
 from resources.embedder import EmbedderResource
-from resources.llm import LLMClient, LLMEndpointError, LLMResource
+from resources.llm import LLMClient, LLMEndpointError, LLMResource, gather_with_progress
 from resources.settings import AutointerpSettings
 from storage.tables import read_table, write_table
 from storage.vector_store import upsert_explanations
@@ -47,11 +47,11 @@ async def explain_latent(client: LLMClient, latent: int, train: pd.DataFrame, vo
     }
 
 
-async def explain_all(client: LLMClient, exemplars: pd.DataFrame, latents: list[int], vocab: list[str]) -> pd.DataFrame:
+async def explain_all(client: LLMClient, exemplars: pd.DataFrame, latents: list[int], vocab: list[str], report=None) -> pd.DataFrame:
     await client.check()
     train = exemplars[exemplars["split"] == "train"]
     jobs = [explain_latent(client, latent, train[train["latent"] == latent], vocab) for latent in latents]
-    return pd.DataFrame(await asyncio.gather(*jobs), columns=EXPLANATION_COLUMNS)
+    return pd.DataFrame(await gather_with_progress(jobs, report, "explanations"), columns=EXPLANATION_COLUMNS)
 
 
 @asset(
@@ -70,7 +70,7 @@ def explanations(
     exemplars = read_table(root.exemplars_path(coder, shard), "exemplars")
     latents = selected_latents(exemplars, settings.max_latents_per_shard)
     context.log.info(f"explaining {len(latents)} latents of {coder} shard {shard} with {llm.backend}")
-    frame = asyncio.run(explain_all(llm.client(), exemplars, latents, load_corpus(root).vocab))
+    frame = asyncio.run(explain_all(llm.client(), exemplars, latents, load_corpus(root).vocab, context.log.info))
     write_table(frame, root.explanations_path(coder, shard))
     ok = frame[frame["status"] == "ok"]
     if len(ok):

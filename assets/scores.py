@@ -20,7 +20,7 @@ from pydantic import Field
 from assets.corpus import load_corpus
 from assets.partitions import coder_and_shard, coder_shard_partitions
 from assets.prompts import DETECTION_SYSTEM, FUZZING_SYSTEM, highlight, parse_binary_list, scorer_messages
-from resources.llm import LLMClient, LLMEndpointError, LLMResource
+from resources.llm import LLMClient, LLMEndpointError, LLMResource, gather_with_progress
 from resources.settings import AutointerpSettings
 from storage.tables import read_table, write_table
 
@@ -87,7 +87,7 @@ async def _label_batch(client: LLMClient, scorer: str, explanation: str, batch: 
     system = DETECTION_SYSTEM if scorer == "detection" else FUZZING_SYSTEM
     texts = [e.text_plain if scorer == "detection" else e.text_marked for e in batch]
     try:
-        answer = await client.complete(scorer_messages(system, explanation, texts), max_tokens=8 + 4 * len(batch))
+        answer = await client.complete(scorer_messages(system, explanation, texts), max_tokens=8 + 4 * len(batch), binary_list=len(batch))
     except LLMEndpointError:
         raise
     except Exception:  # a failed batch drops its examples; the latent still gets scored on the rest
@@ -109,7 +109,7 @@ async def score_explanation(client: LLMClient, scorer: str, explanation: str, ex
     return {**binary_metrics(y_true, y_pred), "n_scored": len(y_true), "n_failed": failed, "prompt_tokens": prompt_tokens}
 
 
-async def score_partition(client: LLMClient, exemplars: pd.DataFrame, explanations: pd.DataFrame, vocab: list[str], config: ScoresConfig) -> pd.DataFrame:
+async def score_partition(client: LLMClient, exemplars: pd.DataFrame, explanations: pd.DataFrame, vocab: list[str], config: ScoresConfig, report=None) -> pd.DataFrame:
     await client.check()
     ok = explanations[explanations["status"] == "ok"]
     text_of = dict(zip(ok["latent"].astype(int), ok["explanation"]))
@@ -124,7 +124,7 @@ async def score_partition(client: LLMClient, exemplars: pd.DataFrame, explanatio
             if latent in control_of:
                 jobs.append(score_explanation(client, scorer, text_of[control_of[latent]], examples, config.batch_size))
                 keys.append((latent, scorer, "control"))
-    results = dict(zip(keys, await asyncio.gather(*jobs)))
+    results = dict(zip(keys, await gather_with_progress(jobs, report, "scoring jobs (latent × scorer × explanation)")))
     rows = []
     for latent, explanation in sorted(text_of.items()):
         for scorer in SCORERS:
@@ -202,7 +202,7 @@ def scores(context: AssetExecutionContext, config: ScoresConfig, settings: Autoi
     root = settings.root
     exemplars = read_table(root.exemplars_path(coder, shard), "exemplars")
     explanations = read_table(root.explanations_path(coder, shard), "explanations")
-    frame = asyncio.run(score_partition(llm.client(), exemplars, explanations, load_corpus(root).vocab, config))
+    frame = asyncio.run(score_partition(llm.client(), exemplars, explanations, load_corpus(root).vocab, config, context.log.info))
     write_table(frame, root.scores_path(coder, shard))
     metadata = summary_metadata(frame)
     if len(frame):

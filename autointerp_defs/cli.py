@@ -53,7 +53,8 @@ def _materialize(selection: list[str], partition_key: str | None, instance) -> N
     from autointerp_defs.definitions import defs
 
     assets = list(defs.assets)
-    result = materialize(assets, selection=selection, partition_key=partition_key, instance=instance, resources=defs.resources)
+    quiet = {"loggers": {"console": {"config": {"log_level": "INFO"}}}}
+    result = materialize(assets, selection=selection, partition_key=partition_key, instance=instance, resources=defs.resources, run_config=quiet)
     if not result.success:
         raise SystemExit(f"materializing {selection} for {partition_key} failed")
 
@@ -105,12 +106,12 @@ def print_results(root, coder: str) -> None:
         print("no scores yet")
         return
     scores = pd.concat(frames)
-    table = scores.pivot_table(index=["latent", "explanation"], columns="scorer", values=["balanced_accuracy", "control_balanced_accuracy"])
-    table.columns = [f"{scorer}_{'control' if metric.startswith('control') else 'score'}" for metric, scorer in table.columns]
-    print("\nlatent | explanation | balanced accuracy (shuffled-explanation control)")
-    pd.set_option("display.width", 200)
-    pd.set_option("display.max_colwidth", 60)
-    print(table.round(2).reset_index().to_string(index=False))
+    table = scores.pivot(index=["latent", "explanation"], columns="scorer", values=["balanced_accuracy", "control_balanced_accuracy"])
+    table.columns = [f"{scorer} {'control' if metric.startswith('control') else 'score'}" for metric, scorer in table.columns]
+    table = table.reset_index()
+    table["explanation"] = table["explanation"].str.slice(0, 70)
+    print("\nBalanced accuracy of each explanation, beside its control (another latent's explanation):")
+    print(table.round(2).to_string(index=False, na_rep="n/a"))
     for scorer in SCORERS:
         print(f"{scorer}: {verdict(scores[scores['scorer'] == scorer]['gap'])}")
 
@@ -142,8 +143,10 @@ def main(argv: list[str] | None = None) -> None:
     if args.command == "register-embedded":
         register_embedded(args.data)
     elif args.command == "demo":
-        os.environ.setdefault("DAGSTER_HOME", str(Path(".dagster_home").resolve()))
-        Path(os.environ["DAGSTER_HOME"]).mkdir(parents=True, exist_ok=True)
+        home = Path(os.environ.setdefault("DAGSTER_HOME", str(Path(".dagster_home").resolve())))
+        home.mkdir(parents=True, exist_ok=True)
+        if not (home / "dagster.yaml").exists():
+            (home / "dagster.yaml").write_text("telemetry:\n  enabled: false\n")
         run_demo(args.data, args.force)
     elif args.command == "search":
         search(args.data, args.query, args.limit)

@@ -10,13 +10,17 @@ import asyncio
 import functools
 import os
 import threading
+import time
 from dataclasses import dataclass, field
-from typing import Literal, Protocol
+from typing import Awaitable, Callable, Literal, Protocol, TypeVar
 
 from dagster import ConfigurableResource
 from pydantic import Field
 
 from resources.subject_model import embedded_gguf_path
+
+T = TypeVar("T")
+
 
 class LLMEndpointError(RuntimeError):
     pass
@@ -38,15 +42,31 @@ class LLMClient(Protocol):
         """Fail fast, with the endpoint and the fix in the message, when the backend is unusable."""
 
     async def complete(
-        self, messages: list[dict], *, max_tokens: int, temperature: float = 0.0, top_logprobs: int = 0
-    ) -> Completion: ...
+        self,
+        messages: list[dict],
+        *,
+        max_tokens: int,
+        temperature: float = 0.0,
+        top_logprobs: int = 0,
+        binary_list: int | None = None,
+    ) -> Completion:
+        """`binary_list=n` says the answer must be a list of n 0/1 labels; backends that can constrain
+        decoding (llama.cpp grammars) enforce the format, which fixes the form, never the content."""
+
+
+def binary_list_grammar(n: int) -> str:
+    """GBNF for exactly `[d, d, ..., d]` with n digits in {0, 1}."""
+    items = ' ", " '.join(["label"] * n)
+    return f'root ::= "[" {items} "]"\nlabel ::= "0" | "1"\n'
+
 
 
 @functools.lru_cache(maxsize=2)
 def _llama(model_path: str, n_ctx: int, seed: int):
     from llama_cpp import Llama
 
-    return Llama(model_path=model_path, n_ctx=n_ctx, seed=seed, logits_all=False, verbose=False)
+    threads = os.cpu_count() or 1
+    return Llama(model_path=model_path, n_ctx=n_ctx, seed=seed, n_threads=threads, n_threads_batch=threads, verbose=False)
 
 
 class LlamaCppClient:
@@ -62,11 +82,14 @@ class LlamaCppClient:
     async def check(self) -> None:
         await asyncio.to_thread(_llama, self.model_path, self.n_ctx, self.seed)
 
-    def _complete_sync(self, messages, max_tokens, temperature, top_logprobs) -> Completion:
+    def _complete_sync(self, messages, max_tokens, temperature, top_logprobs, binary_list) -> Completion:
+        from llama_cpp import LlamaGrammar
+
         llm = _llama(self.model_path, self.n_ctx, self.seed)
+        grammar = LlamaGrammar.from_string(binary_list_grammar(binary_list), verbose=False) if binary_list else None
         with self._lock:
             out = llm.create_chat_completion(
-                messages=messages, max_tokens=max_tokens, temperature=temperature, seed=self.seed
+                messages=messages, max_tokens=max_tokens, temperature=temperature, seed=self.seed, grammar=grammar
             )
         usage = out.get("usage", {})
         return Completion(
@@ -75,8 +98,8 @@ class LlamaCppClient:
             completion_tokens=usage.get("completion_tokens", 0),
         )
 
-    async def complete(self, messages, *, max_tokens, temperature=0.0, top_logprobs=0) -> Completion:
-        return await asyncio.to_thread(self._complete_sync, messages, max_tokens, temperature, top_logprobs)
+    async def complete(self, messages, *, max_tokens, temperature=0.0, top_logprobs=0, binary_list=None) -> Completion:
+        return await asyncio.to_thread(self._complete_sync, messages, max_tokens, temperature, top_logprobs, binary_list)
 
 
 class OpenAICompatibleClient:
@@ -105,7 +128,7 @@ class OpenAICompatibleClient:
         except openai.APIStatusError:
             pass  # some servers do not list models; a real request will tell
 
-    async def complete(self, messages, *, max_tokens, temperature=0.0, top_logprobs=0) -> Completion:
+    async def complete(self, messages, *, max_tokens, temperature=0.0, top_logprobs=0, binary_list=None) -> Completion:
         import openai
 
         extra = {"logprobs": True, "top_logprobs": top_logprobs} if top_logprobs else {}
@@ -138,9 +161,26 @@ class BoundedClient:
     async def check(self) -> None:
         await self.inner.check()
 
-    async def complete(self, messages, *, max_tokens, temperature=0.0, top_logprobs=0) -> Completion:
+    async def complete(self, messages, *, max_tokens, temperature=0.0, top_logprobs=0, binary_list=None) -> Completion:
         async with self._semaphore:
-            return await self.inner.complete(messages, max_tokens=max_tokens, temperature=temperature, top_logprobs=top_logprobs)
+            return await self.inner.complete(
+                messages, max_tokens=max_tokens, temperature=temperature, top_logprobs=top_logprobs, binary_list=binary_list
+            )
+
+
+async def gather_with_progress(jobs: list[Awaitable[T]], report: Callable[[str], None] | None, label: str) -> list[T]:
+    """Await all `jobs` (results in order), reporting roughly every tenth of them as they finish."""
+    done, step, started = 0, max(1, len(jobs) // 10), time.perf_counter()
+
+    async def tracked(job: Awaitable[T]) -> T:
+        nonlocal done
+        result = await job
+        done += 1
+        if report and (done % step == 0 or done == len(jobs)):
+            report(f"{label}: {done}/{len(jobs)} done, {time.perf_counter() - started:.0f} s")
+        return result
+
+    return await asyncio.gather(*(tracked(job) for job in jobs))
 
 
 class LLMResource(ConfigurableResource):

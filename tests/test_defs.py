@@ -19,3 +19,40 @@ def test_dagster_cli_lists_the_five_assets():
     out = subprocess.run([str(dagster), "asset", "list", "-m", "autointerp_defs"], capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr
     assert STAGES <= set(out.stdout.split())
+
+
+def test_dagster_dev_serves_the_ui_on_localhost(tmp_path):
+    import os
+    import socket
+    import time
+    import urllib.request
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    dagster = Path(sys.executable).parent / "dagster"
+    env = {**os.environ, "DAGSTER_HOME": str(tmp_path), "AUTOINTERP_DATA": str(tmp_path / "data")}
+    proc = subprocess.Popen([str(dagster), "dev", "-m", "autointerp_defs", "-h", "127.0.0.1", "-p", str(port)], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    try:
+        deadline, info = time.time() + 180, None
+        while time.time() < deadline and proc.poll() is None:
+            try:
+                info = urllib.request.urlopen(f"http://127.0.0.1:{port}/server_info", timeout=2).read().decode()
+                break
+            except OSError:
+                time.sleep(1)
+        assert info and "dagster_webserver_version" in info
+        query = b'{"query": "{ assetNodes { assetKey { path } } }"}'
+        request = urllib.request.Request(f"http://127.0.0.1:{port}/graphql", data=query, headers={"Content-Type": "application/json"})
+        deadline = time.time() + 120
+        while True:
+            body = urllib.request.urlopen(request, timeout=30).read().decode()
+            if all(f'"{stage}"' in body for stage in STAGES) or time.time() > deadline:
+                break
+            time.sleep(2)
+        assert all(f'"{stage}"' in body for stage in STAGES), body
+    finally:
+        os.killpg(proc.pid, 15)
+        output = proc.communicate(timeout=60)[0]
+    assert "Traceback" not in output and "Error loading" not in output, output[-3000:]

@@ -1,0 +1,75 @@
+"""Benchmark the activation cache against the bare truncated forward pass, in the same run.
+
+Runs `cache_activations` on the embedded SmolLM2-135M at `model.layers.15` with a TopK SAE
+(width 4608, k 32; random weights: speed does not depend on training), then the bare
+transformers forward cut after layer 15 on the same tokens and batch size. Prints a JSON object
+as its last line: tok_s, bare_tok_s, ratio (= tok_s / bare_tok_s), peak_rss_mb. Compare peak RSS
+across token counts with two runs, e.g. --tokens 16384 and --tokens 131072.
+
+    .venv/bin/python bench/cache.py --tokens 16384
+"""
+import argparse
+import json
+import resource
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from assets.activations import cache_activations  # noqa: E402
+from assets.corpus import CorpusConfig, build_corpus  # noqa: E402
+from resources.settings import AutointerpSettings  # noqa: E402
+from resources.sparse_coders import SparseCoder, save_sparsify  # noqa: E402
+from resources.subject_model import SubjectModelResource, capture_hookpoints  # noqa: E402
+from storage.layout import DataRoot  # noqa: E402
+
+HOOKPOINT = "model.layers.15"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--tokens", type=int, default=16_384)
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--ctx-len", type=int, default=128)
+    args = parser.parse_args()
+
+    torch.manual_seed(0)
+    subject = SubjectModelResource(batch_size=args.batch_size)
+    with tempfile.TemporaryDirectory() as tmp:
+        root = DataRoot.at(tmp)
+        meta = build_corpus(CorpusConfig(ctx_len=args.ctx_len, n_tokens=args.tokens), subject.tokenizer(), root)
+        width, d_in = 4608, 576
+        decoder = torch.nn.functional.normalize(torch.randn(width, d_in), dim=1)
+        coder = SparseCoder("bench-topk", HOOKPOINT, decoder.clone(), torch.zeros(width), decoder, torch.zeros(d_in), k=32)
+        save_sparsify(coder, root.registry_dir / coder.name / HOOKPOINT)
+        lm = subject.causal_lm()
+        tokens = torch.from_numpy(__import__("safetensors.numpy", fromlist=["load_file"]).load_file(str(root.corpus_dir / "tokens.safetensors"))["tokens"]).long()
+        capture_hookpoints(lm, tokens[: args.batch_size], {HOOKPOINT: "output"})  # warm-up
+
+        started = time.perf_counter()
+        cache_activations(None, coder, subject, AutointerpSettings(data_dir=tmp), skip_bos=False)
+        cache_s = time.perf_counter() - started
+
+        started = time.perf_counter()
+        for i in range(0, len(tokens), args.batch_size):
+            capture_hookpoints(lm, tokens[i : i + args.batch_size], {HOOKPOINT: "output"})
+        bare_s = time.perf_counter() - started
+
+    n = meta["n_tokens"]
+    result = {
+        "tokens": n,
+        "batch_size": args.batch_size,
+        "tok_s": round(n / cache_s, 1),
+        "bare_tok_s": round(n / bare_s, 1),
+        "ratio": round(bare_s / cache_s, 3),
+        "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+    }
+    print(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()

@@ -4,7 +4,7 @@ from dagster import AssetKey, DefaultSensorStatus, RunRequest, SensorEvaluationC
 
 from assets.partitions import coder_partitions
 from resources.settings import AutointerpSettings
-from resources.sparse_coders import scan_registry
+from resources.sparse_coders import RegistryError, scan_registry
 
 
 @sensor(
@@ -15,7 +15,10 @@ from resources.sparse_coders import scan_registry
     description="Adds a `coder` partition for each new <name>/<hookpoint> folder in the registry and caches its activations; the downstream assets follow by automation.",
 )
 def registry_sensor(context: SensorEvaluationContext, settings: AutointerpSettings):
-    registered = scan_registry(settings.root.registry_dir)
+    try:
+        registered = scan_registry(settings.root.registry_dir)
+    except RegistryError as missing:
+        return SkipReason(str(missing))  # said on every tick in the UI until the registry exists
     known = set(context.instance.get_dynamic_partitions(coder_partitions.name))
     new = [key for key in registered if key not in known]
     if not new:

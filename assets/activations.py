@@ -1,47 +1,81 @@
-"""Stage 2, `activations`: one streaming pass of the subject model, encoded by a sparse coder to top-k pairs.
+"""Stage 2, `activations`: one streaming pass of the subject model serving every coder of the run.
 
-Each batch is encoded straight to (location, activation) pairs and handed to the shard writer,
-which flushes fixed-size chunks to disk, so memory is flat in the number of cached tokens.
+All coders materialized in one run (a backfill of several `coder` partitions runs as a single
+run) share one forward pass, cut after the deepest hooked layer. Each batch is encoded straight
+to sparse (location, activation) pairs and buffered; once `checkpoint_entries` pairs are
+buffered, every shard's buffer is written as a chunk, then the running statistics, then
+`progress.json`, each atomically. A killed run resumes after its last checkpoint without
+re-running the model on the sequences it had cached, and ends with exactly the pairs an
+uninterrupted run stores.
 """
-
+import hashlib
+import shutil
 import time
+from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import torch
-from dagster import AssetExecutionContext, Config, MaterializeResult, MetadataValue, asset
+from dagster import (
+    AssetCheckResult,
+    AssetCheckSeverity,
+    AssetCheckSpec,
+    AssetExecutionContext,
+    BackfillPolicy,
+    Config,
+    MaterializeResult,
+    MetadataValue,
+    asset,
+)
 from pydantic import Field
+from safetensors.torch import load_file, save_file
 
 from assets.corpus import load_corpus
 from assets.partitions import N_SHARDS, coder_partitions
 from resources.settings import AutointerpSettings
-from resources.sparse_coders import SparseCoder, load_registered
+from resources.sparse_coders import SparseCode, SparseCoder, load_registered
 from resources.subject_model import SubjectModelResource, capture_hookpoints, resolve_hookpoint
-from storage.activation_shards import ShardedActivationWriter, save_latent_stats
-from storage.atomic import write_json
+from storage.activation_shards import CHUNK_ENTRIES, ShardedActivationWriter, save_latent_stats
+from storage.atomic import atomic_path, read_json, write_json
+from storage.layout import DataRoot
 
 
 class ActivationsConfig(Config):
     skip_bos: bool = Field(default=True, description="Do not cache position 0 when sequences start with BOS (its activations are outliers).")
+    checkpoint_entries: int = Field(default=CHUNK_ENTRIES, description="Buffered pairs (over all shards) that trigger a checkpoint; bounds memory.")
 
 
 class LatentStats:
-    """Running per-latent firing count, max and sum, plus reconstruction error on the first batch."""
+    """Running per-latent firing count, max and sum, kept on the device that encodes."""
 
-    def __init__(self, width: int):
-        self.count = torch.zeros(width, dtype=torch.int64)
-        self.max = torch.zeros(width, dtype=torch.float32)
-        self.sum = torch.zeros(width, dtype=torch.float64)
+    def __init__(self, width: int, device: str | torch.device = "cpu"):
+        self.count = torch.zeros(width, dtype=torch.int64, device=device)
+        self.max = torch.zeros(width, dtype=torch.float32, device=device)
+        self.sum = torch.zeros(width, dtype=torch.float64, device=device)
         self.tokens = 0
-        self.fvu: float | None = None
 
-    def update(self, values: torch.Tensor, indices: torch.Tensor) -> None:
-        flat_v, flat_i = values.flatten().float(), indices.flatten()
-        fired = flat_v > 0
-        flat_v, flat_i = flat_v[fired], flat_i[fired]
-        self.count += torch.bincount(flat_i, minlength=len(self.count))
-        self.sum.index_add_(0, flat_i, flat_v.double())
-        self.max.scatter_reduce_(0, flat_i, flat_v, reduce="amax")
-        self.tokens += values.shape[0]
+    def update(self, code: SparseCode, n_tokens: int) -> None:
+        values = code.values.float()
+        self.count += torch.bincount(code.latents, minlength=len(self.count))
+        self.sum.index_add_(0, code.latents, values.double())
+        self.max.scatter_reduce_(0, code.latents, values, reduce="amax")
+        self.tokens += n_tokens
+
+    def save(self, path: Path) -> None:
+        tensors = {"count": self.count.cpu(), "max": self.max.cpu(), "sum": self.sum.cpu(), "tokens": torch.tensor([self.tokens])}
+        with atomic_path(path) as tmp:
+            save_file(tensors, str(tmp))
+
+    @classmethod
+    def load(cls, path: Path, device) -> "LatentStats":
+        tensors = load_file(str(path))
+        stats = cls(len(tensors["count"]), device)
+        stats.count += tensors["count"].to(device)
+        stats.max += tensors["max"].to(device)
+        stats.sum += tensors["sum"].to(device)
+        stats.tokens = int(tensors["tokens"][0])
+        return stats
 
     def summary(self) -> dict:
         live = int((self.count > 0).sum())
@@ -50,72 +84,181 @@ class LatentStats:
             "live_latents": live,
             "dead_fraction": 1 - live / len(self.count),
             "mean_l0": float(self.count.sum()) / max(self.tokens, 1),
-            "fvu": self.fvu,
         }
 
 
-def fraction_of_variance_unexplained(coder: SparseCoder, x: torch.Tensor) -> float:
-    values, indices = coder.encode(x)
-    residual = x - coder.decode(values, indices)
-    return float(residual.pow(2).sum() / (x - x.mean(0)).pow(2).sum())
+FVU_SAMPLE_TOKENS = 4096
 
 
-def cache_activations(context, coder: SparseCoder, subject_model: SubjectModelResource, settings: AutointerpSettings, skip_bos: bool) -> dict:
-    root = settings.root
+class FVUSample:
+    """Fraction of variance unexplained over the first `FVU_SAMPLE_TOKENS` cached tokens, accumulated
+    token-exactly so that it does not depend on batch size or on where a run was resumed."""
+
+    def __init__(self, state: dict | None = None):
+        state = state or {"tokens": 0, "sum": None, "sum_sq": 0.0, "residual_sq": 0.0}
+        self.tokens, self.sum_sq, self.residual_sq = state["tokens"], state["sum_sq"], state["residual_sq"]
+        self.sum = None if state["sum"] is None else torch.tensor(state["sum"], dtype=torch.float64)
+
+    def add(self, coder: SparseCoder, x: torch.Tensor, code: SparseCode) -> None:
+        take = min(FVU_SAMPLE_TOKENS - self.tokens, x.shape[0])
+        if take <= 0 or not coder.reconstructs:
+            return
+        keep = code.rows < take
+        part = SparseCode(code.rows[keep], code.latents[keep], code.values[keep])
+        x = x[:take].double()
+        residual = x - coder.decode(part, take).double()
+        self.sum = x.sum(0).cpu() if self.sum is None else self.sum + x.sum(0).cpu()
+        self.sum_sq += float(x.pow(2).sum())
+        self.residual_sq += float(residual.pow(2).sum())
+        self.tokens += take
+
+    @property
+    def value(self) -> float | None:
+        if not self.tokens:
+            return None
+        centered = self.sum_sq - float(self.sum.pow(2).sum()) / self.tokens
+        return self.residual_sq / centered
+
+    def state(self) -> dict:
+        return {"tokens": self.tokens, "sum": None if self.sum is None else self.sum.tolist(), "sum_sq": self.sum_sq, "residual_sq": self.residual_sq}
+
+
+def coder_fingerprint(registry: Path, key: str) -> str:
+    """Changes whenever a file of the coder's registry folder changes."""
+    folder = registry / key
+    digest = hashlib.sha256()
+    for path in sorted(p for p in folder.iterdir() if p.is_file()):
+        stat = path.stat()
+        digest.update(f"{path.name}:{stat.st_size}:{stat.st_mtime_ns}".encode())
+    return digest.hexdigest()[:16]
+
+
+@dataclass
+class CoderCache:
+    """One coder's writer, statistics and progress within a shared pass."""
+
+    coder: SparseCoder
+    out_dir: Path
+    writer: ShardedActivationWriter
+    stats: LatentStats
+    next_sequence: int
+    identity: dict
+    fvu: FVUSample
+
+    def save_progress(self) -> None:
+        self.writer.checkpoint()
+        self.stats.save(self.out_dir / "stats.partial.safetensors")
+        write_json(self.out_dir / "progress.json", {**self.identity, "checkpoints": self.writer.checkpoints, "next_sequence": self.next_sequence, "fvu": self.fvu.state()})
+
+
+def open_cache(coder: SparseCoder, out_dir: Path, identity: dict, device) -> CoderCache:
+    """Resume the coder's cache from its last checkpoint if it is for the same corpus and coder, else start anew."""
+    progress_path = out_dir / "progress.json"
+    if progress_path.exists() and not (out_dir / "meta.json").exists():
+        progress = read_json(progress_path)
+        if all(progress.get(k) == v for k, v in identity.items()):
+            writer = ShardedActivationWriter(out_dir, coder.width, N_SHARDS, first_checkpoint=progress["checkpoints"])
+            writer.discard_chunks_from(progress["checkpoints"])
+            stats = LatentStats.load(out_dir / "stats.partial.safetensors", device)
+            return CoderCache(coder, out_dir, writer, stats, progress["next_sequence"], identity, FVUSample(progress["fvu"]))
+    shutil.rmtree(out_dir, ignore_errors=True)
+    return CoderCache(coder, out_dir, ShardedActivationWriter(out_dir, coder.width, N_SHARDS), LatentStats(coder.width, device), 0, identity, FVUSample())
+
+
+def cache_activations(
+    coders: list[SparseCoder],
+    subject_model: SubjectModelResource,
+    root: DataRoot,
+    *,
+    skip_bos: bool = True,
+    checkpoint_entries: int = CHUNK_ENTRIES,
+    log=None,
+) -> dict[str, dict]:
+    """Cache every coder's sparse activations over the corpus in one pass; returns each coder's meta."""
     corpus = load_corpus(root)
     lm = subject_model.causal_lm()
-    resolve_hookpoint(lm, coder.hookpoint)
-    out_dir = root.activations_dir(coder.key)
-    writer = ShardedActivationWriter(out_dir, coder.width, N_SHARDS)
-    stats = LatentStats(coder.width)
-    tokens = torch.from_numpy(corpus.tokens).long()
+    device = subject_model.device
+    for coder in coders:
+        resolve_hookpoint(lm, coder.hookpoint)
+    caches = []
+    for coder in coders:
+        identity = {"corpus_hash": corpus.meta["hash"], "coder": coder_fingerprint(root.registry_dir, coder.key), "n_shards": N_SHARDS, "skip_bos": skip_bos}
+        caches.append(open_cache(coder.to(device, torch.float32), root.activations_dir(coder.key), identity, device))
     first_position = 1 if (skip_bos and corpus.meta["add_bos"]) else 0
-    batch_size = subject_model.batch_size
-    n_batches = (len(tokens) + batch_size - 1) // batch_size
-    started = time.perf_counter()
-    for b, seq_start in enumerate(range(0, len(tokens), batch_size)):
-        batch = tokens[seq_start : seq_start + batch_size].to(subject_model.device)
-        hidden = capture_hookpoints(lm, batch, {coder.hookpoint: coder.reads})[coder.hookpoint]
-        if b == 0:
-            coder.check_input_width(hidden.shape[-1], subject_model.model)
-        hidden = hidden[:, first_position:].float().cpu()
-        n_seq, n_pos, d = hidden.shape
-        flat = hidden.reshape(-1, d)
-        if b == 0:
-            stats.fvu = fraction_of_variance_unexplained(coder, flat)
-        values, indices = coder.encode(flat)
-        stats.update(values, indices)
-        keep = values > 0
-        rows = torch.arange(flat.shape[0]).unsqueeze(1).expand_as(indices)[keep]
-        locations = torch.stack(
-            [rows // n_pos + seq_start, rows % n_pos + first_position, indices[keep]], dim=1
-        ).to(torch.int32)
-        writer.add(locations.numpy(), values[keep].numpy())
-        if context is not None and (b + 1) % max(1, n_batches // 10) == 0:
-            rate = stats.tokens / (time.perf_counter() - started)
-            context.log.info(f"activations {coder.key}: batch {b + 1}/{n_batches}, {rate:,.0f} tokens/s")
-    writer.close()
-    save_latent_stats(out_dir / "latent_stats.safetensors", stats.count.numpy(), stats.max.numpy(), stats.sum.numpy())
-    meta = {
-        "coder": coder.key,
-        "hookpoint": coder.hookpoint,
-        "width": coder.width,
-        "k": coder.k,
-        "n_shards": N_SHARDS,
-        "corpus_hash": corpus.meta["hash"],
-        "tokens_per_second": stats.tokens / (time.perf_counter() - started),
-        **stats.summary(),
-    }
-    write_json(out_dir / "meta.json", meta)
-    return meta
+    tokens = torch.from_numpy(corpus.tokens).long()
+    if device.startswith("cuda"):
+        tokens = tokens.pin_memory()
+    n_sequences, ctx_len = tokens.shape
+    n_pos = ctx_len - first_position
+    batch_size = subject_model.sequences_per_batch(ctx_len, [c.width for c in coders])
+    sites = {(c.hookpoint, c.reads) for c in coders}
+    start = min(c.next_sequence for c in caches)
+    forwarded, started, last_report = 0, time.perf_counter(), 0.0
+    for seq_start in range(start, n_sequences, batch_size):
+        batch = tokens[seq_start : seq_start + batch_size].to(device, non_blocking=True)
+        captured = capture_hookpoints(lm, batch, sites)
+        forwarded += len(batch)
+        for cache in caches:
+            skip = cache.next_sequence - seq_start
+            if skip >= len(batch):
+                continue
+            skip = max(skip, 0)
+            hidden = captured[(cache.coder.hookpoint, cache.coder.reads)][skip:, first_position:]
+            cache.coder.check_input_width(hidden.shape[-1], subject_model.model)
+            flat = hidden.reshape(-1, hidden.shape[-1]).float()
+            code = cache.coder.encode(flat)
+            cache.fvu.add(cache.coder, flat, code)
+            cache.stats.update(code, flat.shape[0])
+            locations = torch.stack([code.rows // n_pos + seq_start + skip, code.rows % n_pos + first_position, code.latents], dim=1)
+            cache.writer.add(locations.to(torch.int32).cpu().numpy(), code.values.float().cpu().numpy())
+            cache.next_sequence = seq_start + len(batch)
+            if cache.writer.buffered >= checkpoint_entries:
+                cache.save_progress()
+        done = min(seq_start + batch_size, n_sequences)
+        if log and (done == n_sequences or time.perf_counter() - last_report > 10):
+            last_report = time.perf_counter()
+            log(f"activations: {done}/{n_sequences} sequences, {forwarded * n_pos / (last_report - started):,.0f} tokens/s")
+    metas = {}
+    for cache in caches:
+        cache.save_progress()
+        stats = cache.stats
+        save_latent_stats(cache.out_dir / "latent_stats.safetensors", stats.count.cpu().numpy(), stats.max.cpu().numpy(), stats.sum.cpu().numpy())
+        meta = {
+            "coder": cache.coder.key,
+            "hookpoint": cache.coder.hookpoint,
+            "format": cache.coder.source_format,
+            "activation": cache.coder.activation,
+            "width": cache.coder.width,
+            "n_shards": N_SHARDS,
+            "corpus_hash": corpus.meta["hash"],
+            "fvu": cache.fvu.value,
+            "sequences_forwarded_this_run": forwarded,
+            "tokens_per_second": forwarded * n_pos / max(time.perf_counter() - started, 1e-9),
+            **stats.summary(),
+        }
+        write_json(cache.out_dir / "meta.json", meta)
+        metas[cache.coder.key] = meta
+    return metas
+
+
+def coder_problems(meta: dict) -> list[str]:
+    """What makes a cached coder broken: every latent dead, or a reconstruction worse than the mean."""
+    problems = []
+    if meta["live_latents"] == 0:
+        problems.append("all latents are dead")
+    if meta["fvu"] is not None and not meta["fvu"] <= 1:
+        problems.append(f"FVU {meta['fvu']:.3f} > 1: the reconstruction is worse than predicting the mean")
+    return problems
 
 
 @asset(
     group_name="autointerp",
     partitions_def=coder_partitions,
+    backfill_policy=BackfillPolicy.single_run(),
     deps=["corpus"],
-    code_version="1",
-    description="Sparse top-k activations of one coder over the corpus, sharded over the latent range.",
+    code_version="2",
+    check_specs=[AssetCheckSpec("coder_health", asset="activations", description="Fails on a broken coder: all latents dead, or FVU > 1.")],
+    description="Sparse activations of each coder over the corpus, sharded over the latent range; all coders of a run share one forward pass.",
 )
 def activations(
     context: AssetExecutionContext,
@@ -123,17 +266,28 @@ def activations(
     settings: AutointerpSettings,
     subject_model: SubjectModelResource,
 ) -> MaterializeResult:
-    coder = load_registered(settings.root.registry_dir, context.partition_key)
-    meta = cache_activations(context, coder, subject_model, settings, config.skip_bos)
-    return MaterializeResult(
-        metadata={
-            "tokens_cached": meta["tokens"],
-            "live_latents": meta["live_latents"],
-            "dead_fraction": MetadataValue.float(meta["dead_fraction"]),
-            "mean_l0": MetadataValue.float(meta["mean_l0"]),
-            "fvu_first_batch": MetadataValue.float(meta["fvu"]),
-            "tokens_per_second": MetadataValue.float(meta["tokens_per_second"]),
-            "width": meta["width"],
-            "path": MetadataValue.path(str(settings.root.activations_dir(coder.key))),
-        }
+    root = settings.root
+    coders = [load_registered(root.registry_dir, key) for key in context.partition_keys]
+    metas = cache_activations(coders, subject_model, root, skip_bos=config.skip_bos, checkpoint_entries=config.checkpoint_entries, log=context.log.info)
+    problems = {key: coder_problems(meta) for key, meta in metas.items()}
+    for key, found in problems.items():
+        for problem in found:
+            context.log.error(f"coder {key} is broken: {problem}")
+    table = pd.DataFrame(metas.values())[["coder", "format", "width", "tokens", "live_latents", "dead_fraction", "mean_l0", "fvu"]]
+    metadata = {
+        "coders": MetadataValue.md(table.round(4).to_markdown(index=False)),
+        "tokens_cached": int(table["tokens"].iloc[0]),
+        "live_latents": int(table["live_latents"].sum()),
+        "dead_fraction": MetadataValue.float(float(table["dead_fraction"].mean())),
+        "mean_l0": MetadataValue.float(float(table["mean_l0"].mean())),
+        "tokens_per_second": MetadataValue.float(float(next(iter(metas.values()))["tokens_per_second"])),
+    }
+    if len(metas) == 1 and table["fvu"].iloc[0] is not None:
+        metadata["fvu"] = MetadataValue.float(float(table["fvu"].iloc[0]))
+    check = AssetCheckResult(
+        check_name="coder_health",
+        passed=not any(problems.values()),
+        severity=AssetCheckSeverity.ERROR,
+        metadata={key: "; ".join(found) or "healthy" for key, found in problems.items()},
     )
+    return MaterializeResult(metadata=metadata, check_results=[check])

@@ -32,7 +32,7 @@ def register_embedded(data_dir: str, *, width: int = 4608, k: int = 32, n_tokens
     batches = []
     for start in range(0, len(tokens), 16):
         batch = torch.from_numpy(tokens[start : start + 16]).long()
-        batches.append(capture_hookpoints(lm, batch, {DEMO_HOOKPOINT: "output"})[DEMO_HOOKPOINT][:, 1:].flatten(0, 1))
+        batches.append(capture_hookpoints(lm, batch, {(DEMO_HOOKPOINT, "output")})[(DEMO_HOOKPOINT, "output")][:, 1:].flatten(0, 1))
         print(f"\rtraining data: {start + len(batch)}/{len(tokens)} sequences", end="", flush=True)
     print()
 
@@ -116,6 +116,20 @@ def print_results(root, coder: str) -> None:
         print(f"{scorer}: {verdict(scores[scores['scorer'] == scorer]['gap'])}")
 
 
+def cache(data_dir: str, coder_keys: list[str], batch_size: int, checkpoint_entries: int) -> None:
+    """Cache activations outside Dagster (same code as the asset), e.g. on a GPU box or in tests."""
+    from assets.activations import cache_activations
+    from resources.sparse_coders import load_registered
+    from resources.subject_model import SubjectModelResource
+    from storage.layout import DataRoot
+
+    root = DataRoot.at(data_dir)
+    coders = [load_registered(root.registry_dir, key) for key in coder_keys]
+    metas = cache_activations(coders, SubjectModelResource(batch_size=batch_size), root, checkpoint_entries=checkpoint_entries, log=print)
+    for key, meta in metas.items():
+        print(f"{key}: {meta['tokens']} tokens, {meta['live_latents']} live latents, mean L0 {meta['mean_l0']:.1f}, FVU {meta['fvu']}")
+
+
 def search(data_dir: str, query: str, limit: int) -> None:
     from resources.embedder import EmbedderResource
     from storage.layout import DataRoot
@@ -135,6 +149,10 @@ def main(argv: list[str] | None = None) -> None:
     commands.add_parser("register-embedded", help="train the demo TopK SAE on the embedded model and register it")
     demo = commands.add_parser("demo", help="register, cache, explain and score the demo partitions, then print a table")
     demo.add_argument("--force", action="store_true", help="re-materialize partitions that already exist")
+    caching = commands.add_parser("cache", help="cache activations of registered coders in one pass (resumes a killed run)")
+    caching.add_argument("coders", nargs="+", help="coder partition keys, e.g. smollm2-topk/model.layers.15")
+    caching.add_argument("--batch-size", type=int, default=16, help="sequences per forward pass (0 = from free GPU memory)")
+    caching.add_argument("--checkpoint-entries", type=int, default=1 << 20, help="buffered pairs per checkpoint")
     find = commands.add_parser("search", help="semantic search over stored explanations")
     find.add_argument("query")
     find.add_argument("--limit", type=int, default=10)
@@ -148,6 +166,8 @@ def main(argv: list[str] | None = None) -> None:
         if not (home / "dagster.yaml").exists():
             (home / "dagster.yaml").write_text("telemetry:\n  enabled: false\n")
         run_demo(args.data, args.force)
+    elif args.command == "cache":
+        cache(args.data, args.coders, args.batch_size, args.checkpoint_entries)
     elif args.command == "search":
         search(args.data, args.query, args.limit)
 

@@ -32,7 +32,7 @@ def resources_for(deployment: str | None = None) -> dict:
     deployment = deployment or os.environ.get("AUTOINTERP_DEPLOYMENT", "local")
     if deployment not in DEPLOYMENTS:
         raise ValueError(f"AUTOINTERP_DEPLOYMENT={deployment!r} is not one of {DEPLOYMENTS}.")
-    default_max_latents = "8" if deployment == "local" else "0"
+    default_max_latents = "6" if deployment == "local" else "0"
     settings = AutointerpSettings(max_latents_per_shard=int(os.environ.get("AUTOINTERP_MAX_LATENTS", default_max_latents)))
     if deployment == "local":
         return {

@@ -2,6 +2,8 @@
 
 from dagster import AssetKey, DefaultSensorStatus, RunRequest, SensorEvaluationContext, SensorResult, SkipReason, sensor
 
+from dagster._core.storage.tags import ASSET_PARTITION_RANGE_END_TAG, ASSET_PARTITION_RANGE_START_TAG
+
 from assets.partitions import coder_partitions
 from resources.settings import AutointerpSettings
 from resources.sparse_coders import RegistryError, scan_registry
@@ -12,7 +14,7 @@ from resources.sparse_coders import RegistryError, scan_registry
     minimum_interval_seconds=30,
     asset_selection=[AssetKey("activations")],
     default_status=DefaultSensorStatus.RUNNING,
-    description="Adds a `coder` partition for each new <name>/<hookpoint> folder in the registry and caches its activations; the downstream assets follow by automation.",
+    description="Adds a `coder` partition for each new <name>/<hookpoint> folder in the registry and caches the new coders' activations in one run; the downstream assets follow by automation.",
 )
 def registry_sensor(context: SensorEvaluationContext, settings: AutointerpSettings):
     try:
@@ -23,7 +25,11 @@ def registry_sensor(context: SensorEvaluationContext, settings: AutointerpSettin
     new = [key for key in registered if key not in known]
     if not new:
         return SkipReason(f"no new sparse coder in {settings.root.registry_dir} ({len(registered)} registered)")
-    return SensorResult(
-        run_requests=[RunRequest(run_key=f"activations:{key}", partition_key=key, asset_selection=[AssetKey("activations")]) for key in new],
-        dynamic_partitions_requests=[coder_partitions.build_add_request(new)],
+    # New keys are appended to the partition in order, so [first, last] spans exactly them: one run,
+    # one forward pass of the subject model for all of them.
+    request = RunRequest(
+        run_key=f"activations:{','.join(new)}",
+        asset_selection=[AssetKey("activations")],
+        **({"partition_key": new[0]} if len(new) == 1 else {"tags": {ASSET_PARTITION_RANGE_START_TAG: new[0], ASSET_PARTITION_RANGE_END_TAG: new[-1]}}),
     )
+    return SensorResult(run_requests=[request], dynamic_partitions_requests=[coder_partitions.build_add_request(new)])

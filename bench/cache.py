@@ -22,7 +22,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from assets.activations import cache_activations  # noqa: E402
 from assets.corpus import CorpusConfig, build_corpus  # noqa: E402
-from resources.settings import AutointerpSettings  # noqa: E402
 from resources.sparse_coders import SparseCoder, save_sparsify  # noqa: E402
 from resources.subject_model import SubjectModelResource, capture_hookpoints  # noqa: E402
 from storage.layout import DataRoot  # noqa: E402
@@ -44,19 +43,20 @@ def main() -> None:
         meta = build_corpus(CorpusConfig(ctx_len=args.ctx_len, n_tokens=args.tokens), subject.tokenizer(), root)
         width, d_in = 4608, 576
         decoder = torch.nn.functional.normalize(torch.randn(width, d_in), dim=1)
-        coder = SparseCoder("bench-topk", HOOKPOINT, decoder.clone(), torch.zeros(width), decoder, torch.zeros(d_in), k=32)
+        coder = SparseCoder("bench-topk", HOOKPOINT, "topk", d_in=d_in, width=width, encoder_weight=decoder.clone(),
+                            encoder_bias=torch.zeros(width), decoder_weight=decoder, decoder_bias=torch.zeros(d_in), k=32)
         save_sparsify(coder, root.registry_dir / coder.name / HOOKPOINT)
         lm = subject.causal_lm()
         tokens = torch.from_numpy(__import__("safetensors.numpy", fromlist=["load_file"]).load_file(str(root.corpus_dir / "tokens.safetensors"))["tokens"]).long()
-        capture_hookpoints(lm, tokens[: args.batch_size], {HOOKPOINT: "output"})  # warm-up
+        capture_hookpoints(lm, tokens[: args.batch_size], {(HOOKPOINT, "output")})  # warm-up
 
         started = time.perf_counter()
-        cache_activations(None, coder, subject, AutointerpSettings(data_dir=tmp), skip_bos=False)
+        cache_activations([coder], subject, root, skip_bos=False)
         cache_s = time.perf_counter() - started
 
         started = time.perf_counter()
         for i in range(0, len(tokens), args.batch_size):
-            capture_hookpoints(lm, tokens[i : i + args.batch_size], {HOOKPOINT: "output"})
+            capture_hookpoints(lm, tokens[i : i + args.batch_size], {(HOOKPOINT, "output")})
         bare_s = time.perf_counter() - started
 
     n = meta["n_tokens"]

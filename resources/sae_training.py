@@ -69,11 +69,15 @@ def train_topk_sae(
             if progress is not None:
                 progress(step, total, float(loss))
     return SparseCoder(
-        name=name,
-        hookpoint=hookpoint,
+        name,
+        hookpoint,
+        "topk",
+        d_in=d_in,
+        width=width,
         encoder_weight=params["W_enc"].detach().clone(),
         encoder_bias=params["b_enc"].detach().clone(),
         decoder_weight=params["W_dec"].detach().clone(),
         decoder_bias=params["b_dec"].detach().clone(),
         k=k,
+        subtract_decoder_bias=True,
     )

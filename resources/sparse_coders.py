@@ -1,21 +1,36 @@
-"""Sparse coders (SAEs, transcoders) in sparsify's on-disk layout, and the registry that holds them.
+"""Sparse coders (SAEs, transcoders, MLP neurons) in every format users bring, and the registry.
 
-Registry layout: `<registry>/<coder name>/<hookpoint>/{cfg.json, sae.safetensors}`, exactly
-sparsify's `save_to_disk` layout, so a folder trained by sparsify can be dropped in unchanged.
-The partition key of a coder is `<coder name>/<hookpoint>`.
+Registry layout: `<registry>/<coder name>/<hookpoint>/` holding one coder in its own format; the
+partition key of a coder is `<coder name>/<hookpoint>`. The format is told by the files:
+
+| files | format | encode |
+| --- | --- | --- |
+| `cfg.json` + `sae.safetensors` | sparsify SAE / transcoder | TopK of ReLU(W_enc (x - b_dec) + b_enc); transcoders skip `- b_dec` |
+| `cfg.json` + `sae_weights.safetensors` | SAELens (standard/ReLU, TopK, JumpReLU) | as its `architecture` says |
+| `params.npz` | GemmaScope JumpReLU | pre · 1[pre > threshold], pre = x W_enc + b_enc |
+| `*.pth` | Goodfire ReLU SAE (`encoder_linear`, `decoder_linear`) | ReLU(encoder_linear(x)) |
+| `cfg.json` with `"format": "neurons"` | plain MLP neurons | the input of `down_proj` (the gated MLP's post-nonlinearity activations), top-k per token |
+
+Transcoders and neurons read their module's input, SAEs its output. Every coder encodes to sparse
+(row, latent, value) triples: TopK coders and neurons keep k values a token, ReLU and JumpReLU
+coders are encoded in token chunks so the dense block stays bounded.
 """
 from __future__ import annotations
 
 import json
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
+import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
 from storage.atomic import atomic_path
 
 ENCODE_CHUNK_TOKENS = 4096
+
+Activation = Literal["topk", "relu", "jumprelu", "neurons"]
 
 
 class RegistryError(FileNotFoundError):
@@ -27,34 +42,52 @@ class CoderShapeError(ValueError):
 
 
 @dataclass
-class SparseCoder:
-    """A TopK sparse coder: `encode` gives the k largest ReLU pre-activations of each token."""
+class SparseCode:
+    """Non-zero latent activations of a block of tokens as flat (row, latent, value) triples."""
 
+    rows: torch.Tensor
+    latents: torch.Tensor
+    values: torch.Tensor
+
+
+@dataclass
+class SparseCoder:
     name: str
     hookpoint: str
-    encoder_weight: torch.Tensor  # [width, d_in]
-    encoder_bias: torch.Tensor  # [width]
-    decoder_weight: torch.Tensor  # [width, d_in]
-    decoder_bias: torch.Tensor  # [d_in]
-    k: int
+    activation: Activation
+    d_in: int
+    width: int
+    encoder_weight: torch.Tensor | None = None  # [width, d_in]
+    encoder_bias: torch.Tensor | None = None  # [width]
+    decoder_weight: torch.Tensor | None = None  # [width, d_in]
+    decoder_bias: torch.Tensor | None = None  # [d_in]
+    k: int | None = None
+    threshold: torch.Tensor | None = None  # [width], JumpReLU
+    subtract_decoder_bias: bool = False
     transcode: bool = False
+    source_format: str = "sparsify"
 
     @property
     def key(self) -> str:
         return f"{self.name}/{self.hookpoint}"
 
     @property
-    def width(self) -> int:
-        return self.encoder_weight.shape[0]
-
-    @property
-    def d_in(self) -> int:
-        return self.encoder_weight.shape[1]
-
-    @property
     def reads(self) -> str:
-        """Transcoders read the hooked module's input, SAEs its output."""
-        return "input" if self.transcode else "output"
+        """Transcoders and neurons read the hooked module's input, SAEs its output."""
+        return "input" if self.transcode or self.activation == "neurons" else "output"
+
+    @property
+    def reconstructs(self) -> bool:
+        """Whether the coder has a decoder whose reconstruction of its input is meaningful (SAEs)."""
+        return self.decoder_weight is not None and not self.transcode
+
+    def to(self, device: str | torch.device, dtype: torch.dtype) -> "SparseCoder":
+        moved = {
+            f: getattr(self, f).to(device=device, dtype=dtype)
+            for f in ("encoder_weight", "encoder_bias", "decoder_weight", "decoder_bias", "threshold")
+            if getattr(self, f) is not None
+        }
+        return SparseCoder(**{**self.__dict__, **moved})
 
     def check_input_width(self, d_model: int, model_name: str) -> None:
         if d_model != self.d_in:
@@ -64,42 +97,60 @@ class SparseCoder:
                 f"coder trained on this model and hookpoint, or set the subject model it was trained on."
             )
 
-    def encode(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Top-k (values, indices) for `x` of shape `[tokens, d_in]`, encoded in bounded chunks."""
-        values, indices = [], []
-        weight, bias = self.encoder_weight.to(x.dtype), self.encoder_bias.to(x.dtype)
-        offset = 0 if self.transcode else self.decoder_bias.to(x.dtype)
-        for chunk in torch.split(x, ENCODE_CHUNK_TOKENS):
-            pre = torch.relu(torch.nn.functional.linear(chunk - offset, weight, bias))
-            top = pre.topk(self.k, dim=-1, sorted=False)
-            values.append(top.values)
-            indices.append(top.indices)
-        return torch.cat(values), torch.cat(indices)
+    def pre_activations(self, x: torch.Tensor) -> torch.Tensor:
+        if self.activation == "neurons":
+            return x
+        if self.subtract_decoder_bias:
+            x = x - self.decoder_bias
+        return torch.nn.functional.linear(x, self.encoder_weight, self.encoder_bias)
 
-    def decode(self, values: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
-        return torch.einsum("tk,tkd->td", values, self.decoder_weight[indices].to(values.dtype)) + self.decoder_bias
+    def encode(self, x: torch.Tensor) -> SparseCode:
+        """Sparse code of `x` `[tokens, d_in]`, built chunk by chunk of `ENCODE_CHUNK_TOKENS` tokens."""
+        rows, latents, values = [], [], []
+        for start in range(0, x.shape[0], ENCODE_CHUNK_TOKENS):
+            pre = self.pre_activations(x[start : start + ENCODE_CHUNK_TOKENS])
+            if self.activation in ("topk", "neurons"):
+                top = (pre if self.activation == "neurons" else torch.relu(pre)).topk(self.k, dim=-1, sorted=False)
+                keep = top.values > 0
+                r = torch.arange(pre.shape[0], device=x.device).unsqueeze(1).expand_as(keep)[keep]
+                rows.append(r + start)
+                latents.append(top.indices[keep])
+                values.append(top.values[keep])
+                continue
+            if self.activation == "jumprelu":
+                pre = pre * (pre > self.threshold)
+            r, lat = torch.nonzero(torch.relu(pre), as_tuple=True)
+            rows.append(r + start)
+            latents.append(lat)
+            values.append(pre[r, lat])
+        return SparseCode(torch.cat(rows), torch.cat(latents), torch.cat(values))
 
+    def decode(self, code: SparseCode, n_tokens: int) -> torch.Tensor:
+        out = self.decoder_bias.expand(n_tokens, -1).clone()
+        out.index_add_(0, code.rows, code.values.unsqueeze(1) * self.decoder_weight[code.latents])
+        return out
+
+
+# ---- formats ------------------------------------------------------------------------------------
 
 def load_sparsify(folder: Path, name: str, hookpoint: str) -> SparseCoder:
     cfg = json.loads((folder / "cfg.json").read_text())
     weights = load_file(str(folder / "sae.safetensors"))
     activation = cfg.get("activation", "topk")
     if activation != "topk":
-        raise ValueError(f"{folder}: only TopK sparsify coders are supported so far (activation={activation!r}).")
+        raise ValueError(f"{folder}: sparsify activation {activation!r} is not supported; TopK is.")
+    encoder = weights["encoder.weight"].float()
+    transcode = bool(cfg.get("transcode", False))
     return SparseCoder(
-        name=name,
-        hookpoint=hookpoint,
-        encoder_weight=weights["encoder.weight"].float(),
-        encoder_bias=weights["encoder.bias"].float(),
-        decoder_weight=weights["W_dec"].float(),
-        decoder_bias=weights["b_dec"].float(),
-        k=int(cfg["k"]),
-        transcode=bool(cfg.get("transcode", False)),
+        name, hookpoint, "topk", d_in=encoder.shape[1], width=encoder.shape[0],
+        encoder_weight=encoder, encoder_bias=weights["encoder.bias"].float(),
+        decoder_weight=weights["W_dec"].float(), decoder_bias=weights["b_dec"].float(),
+        k=int(cfg["k"]), subtract_decoder_bias=not transcode, transcode=transcode, source_format="sparsify",
     )
 
 
 def save_sparsify(coder: SparseCoder, folder: Path) -> None:
-    """Write `coder` the way sparsify's `save_to_disk` does (config fields plus `d_in`)."""
+    """Write a TopK coder the way sparsify's `save_to_disk` does (config fields plus `d_in`)."""
     folder.mkdir(parents=True, exist_ok=True)
     cfg = {
         "activation": "topk",
@@ -124,33 +175,117 @@ def save_sparsify(coder: SparseCoder, folder: Path) -> None:
         tmp.write_text(json.dumps(cfg, indent=2))
 
 
+def load_saelens(folder: Path, name: str, hookpoint: str) -> SparseCoder:
+    cfg = json.loads((folder / "cfg.json").read_text())
+    weights = load_file(str(folder / "sae_weights.safetensors"))
+    architecture = cfg.get("architecture", "standard")
+    if cfg.get("normalize_activations", "none") != "none" or cfg.get("rescale_acts_by_decoder_norm"):
+        raise ValueError(f"{folder}: SAELens input normalization / decoder-norm rescaling is not supported yet.")
+    activation = {"standard": "relu", "relu": "relu", "topk": "topk", "jumprelu": "jumprelu"}.get(architecture)
+    if activation is None:
+        raise ValueError(f"{folder}: SAELens architecture {architecture!r} is not supported (standard, topk, jumprelu are).")
+    threshold = weights.get("threshold")
+    if threshold is None and "log_threshold" in weights:
+        threshold = weights["log_threshold"].exp()
+    k = cfg.get("k") or (cfg.get("activation_fn_kwargs") or {}).get("k")
+    w_enc = weights["W_enc"].float()  # [d_in, d_sae]
+    return SparseCoder(
+        name, hookpoint, activation, d_in=w_enc.shape[0], width=w_enc.shape[1],
+        encoder_weight=w_enc.T.contiguous(), encoder_bias=weights["b_enc"].float(),
+        decoder_weight=weights["W_dec"].float(), decoder_bias=weights["b_dec"].float(),
+        k=int(k) if k else None, threshold=None if threshold is None else threshold.float(),
+        subtract_decoder_bias=bool(cfg.get("apply_b_dec_to_input", False)), source_format="saelens",
+    )
+
+
+def load_gemmascope(folder: Path, name: str, hookpoint: str) -> SparseCoder:
+    params = np.load(folder / "params.npz")
+    w_enc = torch.from_numpy(params["W_enc"]).float()  # [d_in, d_sae]
+    return SparseCoder(
+        name, hookpoint, "jumprelu", d_in=w_enc.shape[0], width=w_enc.shape[1],
+        encoder_weight=w_enc.T.contiguous(), encoder_bias=torch.from_numpy(params["b_enc"]).float(),
+        decoder_weight=torch.from_numpy(params["W_dec"]).float(), decoder_bias=torch.from_numpy(params["b_dec"]).float(),
+        threshold=torch.from_numpy(params["threshold"]).float(), source_format="gemmascope",
+    )
+
+
+def load_goodfire(path: Path, name: str, hookpoint: str) -> SparseCoder:
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    encoder = state["encoder_linear.weight"].float()  # [d_hidden, d_in]
+    return SparseCoder(
+        name, hookpoint, "relu", d_in=encoder.shape[1], width=encoder.shape[0],
+        encoder_weight=encoder, encoder_bias=state["encoder_linear.bias"].float(),
+        decoder_weight=state["decoder_linear.weight"].float().T.contiguous(), decoder_bias=state["decoder_linear.bias"].float(),
+        source_format="goodfire",
+    )
+
+
+def load_neurons(folder: Path, name: str, hookpoint: str) -> SparseCoder:
+    cfg = json.loads((folder / "cfg.json").read_text())
+    return SparseCoder(name, hookpoint, "neurons", d_in=int(cfg["d_in"]), width=int(cfg["d_in"]), k=int(cfg.get("k", 32)), source_format="neurons")
+
+
+def save_neurons(folder: Path, d_in: int, k: int = 32) -> None:
+    """Register the MLP neurons read at `folder`'s hookpoint (a gated MLP's `down_proj`) as a coder."""
+    folder.mkdir(parents=True, exist_ok=True)
+    with atomic_path(folder / "cfg.json") as tmp:
+        tmp.write_text(json.dumps({"format": "neurons", "d_in": d_in, "k": k}, indent=2))
+
+
+def load_coder_folder(folder: Path, name: str, hookpoint: str) -> SparseCoder:
+    """Load the coder in `folder`, telling its format by the files it holds."""
+    cfg_path = folder / "cfg.json"
+    cfg = json.loads(cfg_path.read_text()) if cfg_path.exists() else {}
+    if cfg.get("format") == "neurons":
+        return load_neurons(folder, name, hookpoint)
+    if (folder / "sae.safetensors").exists() and cfg:
+        return load_sparsify(folder, name, hookpoint)
+    if (folder / "sae_weights.safetensors").exists() and cfg:
+        return load_saelens(folder, name, hookpoint)
+    if (folder / "params.npz").exists():
+        return load_gemmascope(folder, name, hookpoint)
+    pth = sorted(folder.glob("*.pth"))
+    if pth:
+        return load_goodfire(pth[0], name, hookpoint)
+    raise RegistryError(
+        f"{folder} holds no sparse coder in a known format (sparsify cfg.json + sae.safetensors, SAELens "
+        f"cfg.json + sae_weights.safetensors, GemmaScope params.npz, Goodfire *.pth, or a neurons cfg.json)."
+    )
+
+
+# ---- registry -----------------------------------------------------------------------------------
+
 def check_registry(registry: Path) -> None:
     if not registry.is_dir():
         raise RegistryError(
             f"Sparse-coder registry directory {registry} does not exist. Fix: run "
             f"`autointerp register-embedded` (trains and registers the demo SAE), or create it and "
-            f"drop a coder in as <name>/<hookpoint>/cfg.json + sae.safetensors."
+            f"drop a coder in as <name>/<hookpoint>/ (e.g. sparsify's cfg.json + sae.safetensors)."
         )
+
+
+def _is_coder_folder(folder: Path) -> bool:
+    files = {p.name for p in folder.iterdir() if p.is_file()}
+    if "cfg.json" in files and ({"sae.safetensors", "sae_weights.safetensors"} & files):
+        return True
+    if "params.npz" in files or any(f.endswith(".pth") for f in files):
+        return True
+    return "cfg.json" in files and json.loads((folder / "cfg.json").read_text()).get("format") == "neurons"
 
 
 def scan_registry(registry: Path) -> list[str]:
     """Partition keys (`<name>/<hookpoint>`) of every complete coder folder in the registry."""
     check_registry(registry)
-    keys = []
-    for cfg in sorted(registry.glob("*/*/cfg.json")):
-        folder = cfg.parent
-        if (folder / "sae.safetensors").exists():
-            keys.append(f"{folder.parent.name}/{folder.name}")
-    return keys
+    return [f"{f.parent.name}/{f.name}" for f in sorted(registry.glob("*/*")) if f.is_dir() and _is_coder_folder(f)]
 
 
 def load_registered(registry: Path, key: str) -> SparseCoder:
     check_registry(registry)
     name, _, hookpoint = key.partition("/")
     folder = registry / name / hookpoint
-    if not (folder / "cfg.json").exists():
+    if not folder.is_dir():
         raise RegistryError(
-            f"Coder '{key}' is not in the registry {registry} (expected {folder}/cfg.json). "
+            f"Coder '{key}' is not in the registry {registry} (expected the folder {folder}). "
             f"Registered coders: {scan_registry(registry) or 'none'}."
         )
-    return load_sparsify(folder, name, hookpoint)
+    return load_coder_folder(folder, name, hookpoint)

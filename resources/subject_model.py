@@ -72,27 +72,29 @@ class _StopForward(Exception):
 
 
 def capture_hookpoints(
-    lm: torch.nn.Module, input_ids: torch.Tensor, hookpoints: dict[str, str]
-) -> dict[str, torch.Tensor]:
-    """Run `lm` on `input_ids` and return each hookpoint's `output` or `input` (`hookpoints` says which).
+    lm: torch.nn.Module, input_ids: torch.Tensor, sites: set[tuple[str, str]]
+) -> dict[tuple[str, str], torch.Tensor]:
+    """Run `lm` on `input_ids` and return the tensor at each (hookpoint, "input" | "output") site.
 
-    The forward pass is cut short once the last requested hookpoint has been captured, so layers
-    after the deepest hookpoint and the LM head never run.
+    The forward pass is cut short once every site has been captured, so layers after the deepest
+    hookpoint and the LM head never run.
     """
-    captured: dict[str, torch.Tensor] = {}
-    handles = []
+    captured: dict[tuple[str, str], torch.Tensor] = {}
+    by_module: dict[str, list[str]] = {}
+    for name, side in sites:
+        by_module.setdefault(name, []).append(side)
 
-    def make_hook(name: str, side: str):
+    def make_hook(name: str, sides: list[str]):
         def hook(module, args, output):
-            value = args[0] if side == "input" else output
-            captured[name] = value[0] if isinstance(value, tuple) else value
-            if len(captured) == len(hookpoints):
+            for side in sides:
+                value = args[0] if side == "input" else output
+                captured[(name, side)] = value[0] if isinstance(value, tuple) else value
+            if len(captured) == len(sites):
                 raise _StopForward
 
         return hook
 
-    for name, side in hookpoints.items():
-        handles.append(resolve_hookpoint(lm, name).register_forward_hook(make_hook(name, side)))
+    handles = [resolve_hookpoint(lm, name).register_forward_hook(make_hook(name, sides)) for name, sides in by_module.items()]
     try:
         with torch.inference_mode():
             lm(input_ids=input_ids, use_cache=False)
@@ -111,10 +113,23 @@ class SubjectModelResource(ConfigurableResource):
     gguf_file: str | None = Field(default=None, description="GGUF file name inside `model`, when loading a GGUF checkpoint.")
     dtype: str = Field(default="float32", description="torch dtype for the forward pass: float32, bfloat16 or float16.")
     device: str = Field(default="cpu", description="torch device, e.g. 'cpu' or 'cuda'.")
-    batch_size: int = Field(default=16, description="Sequences per forward pass while caching.")
+    batch_size: int = Field(default=16, description="Sequences per forward pass while caching; 0 = choose from free GPU memory.")
 
     def tokenizer(self):
         return load_tokenizer(self.model, self.gguf_file)
 
     def causal_lm(self):
         return load_causal_lm(self.model, self.gguf_file, self.dtype, self.device)
+
+    def sequences_per_batch(self, ctx_len: int, coder_widths: list[int]) -> int:
+        """`batch_size`, or when 0 the largest batch whose activations fit in half the free GPU memory."""
+        if self.batch_size:
+            return self.batch_size
+        if not self.device.startswith("cuda"):
+            return 16
+        config = self.causal_lm().config
+        bytes_per_value = torch.finfo(getattr(torch, self.dtype)).bits // 8
+        per_token = bytes_per_value * (4 * config.hidden_size + 2 * getattr(config, "intermediate_size", 4 * config.hidden_size))
+        per_token += 4 * max(coder_widths, default=0)  # float32 pre-activations of the widest coder
+        free, _ = torch.cuda.mem_get_info(torch.device(self.device))
+        return int(max(1, min(1024, free // 2 // (per_token * ctx_len))))

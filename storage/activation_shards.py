@@ -6,8 +6,11 @@ Layout of `activations/<coder>/` (documented for users in the README):
 - `latent_stats.safetensors`: per latent `count` (int64, tokens where it fired),
   `max` (float32, largest activation) and `sum` (float64, sum of activations).
 - `shard-XX/chunk-NNNNN.safetensors`: `locations` int32 `[n, 3]` = (sequence, position, latent)
-  and `activations` float32 `[n]`, for the latents of shard XX only. Chunks are written
-  atomically as the cache streams, so memory stays flat however many tokens are cached.
+  and `activations` float32 `[n]`, for the latents of shard XX only, written at checkpoint NNNNN.
+  Chunks are written atomically as the cache streams, so memory stays flat however many tokens
+  are cached.
+- `progress.json`: the checkpoint count, the next sequence to encode and the running statistics
+  file, so that a killed run resumes where its last checkpoint ended.
 """
 from __future__ import annotations
 
@@ -20,6 +23,7 @@ from safetensors.numpy import load_file, save_file
 from storage.atomic import atomic_path
 
 CHUNK_ENTRIES = 1 << 20
+"""Pairs buffered over all shards before a checkpoint writes them (16 MiB)."""
 
 
 def shard_keys(n_shards: int) -> list[str]:
@@ -37,17 +41,17 @@ def shard_dir(activations_dir: Path, shard: str) -> Path:
 
 
 class ShardedActivationWriter:
-    """Buffers (location, activation) pairs per shard and writes a chunk file whenever one fills."""
+    """Buffers (location, activation) pairs by shard; `checkpoint()` writes every shard's buffer as
+    chunk `chunk-<checkpoint>.safetensors`, atomically, so a crash never leaves half a chunk."""
 
-    def __init__(self, activations_dir: Path, width: int, n_shards: int, chunk_entries: int = CHUNK_ENTRIES):
+    def __init__(self, activations_dir: Path, width: int, n_shards: int, first_checkpoint: int = 0):
         self.activations_dir = activations_dir
         self.n_shards = n_shards
-        self.chunk_entries = chunk_entries
         self.keys = shard_keys(n_shards)
         self.bounds = np.array([shard_latent_range(width, n_shards, i)[0] for i in range(n_shards)] + [width])
+        self.checkpoints = first_checkpoint
+        self.buffered = 0
         self._buffers: list[list[tuple[np.ndarray, np.ndarray]]] = [[] for _ in range(n_shards)]
-        self._buffered = [0] * n_shards
-        self._chunk_index = [0] * n_shards
         for key in self.keys:
             shard_dir(activations_dir, key).mkdir(parents=True, exist_ok=True)
 
@@ -60,24 +64,31 @@ class ShardedActivationWriter:
         for i in np.nonzero(counts)[0]:
             rows = order[offsets[i] : offsets[i + 1]]
             self._buffers[i].append((locations[rows], activations[rows]))
-            self._buffered[i] += len(rows)
-            if self._buffered[i] >= self.chunk_entries:
-                self._flush(i)
+        self.buffered += len(locations)
 
-    def close(self) -> None:
-        for i in range(self.n_shards):
-            if self._buffered[i]:
-                self._flush(i)
+    def checkpoint(self) -> None:
+        for i, buffer in enumerate(self._buffers):
+            if not buffer:
+                continue
+            tensors = {
+                "locations": np.concatenate([b[0] for b in buffer]).astype(np.int32),
+                "activations": np.concatenate([b[1] for b in buffer]).astype(np.float32),
+            }
+            with atomic_path(shard_dir(self.activations_dir, self.keys[i]) / f"chunk-{self.checkpoints:05d}.safetensors") as tmp:
+                save_file(tensors, str(tmp))
+            buffer.clear()
+        self.buffered = 0
+        self.checkpoints += 1
 
-    def _flush(self, i: int) -> None:
-        locations = np.concatenate([b[0] for b in self._buffers[i]]).astype(np.int32)
-        activations = np.concatenate([b[1] for b in self._buffers[i]]).astype(np.float32)
-        path = shard_dir(self.activations_dir, self.keys[i]) / f"chunk-{self._chunk_index[i]:05d}.safetensors"
-        with atomic_path(path) as tmp:
-            save_file({"locations": locations, "activations": activations}, str(tmp))
-        self._buffers[i].clear()
-        self._buffered[i] = 0
-        self._chunk_index[i] += 1
+    def discard_chunks_from(self, checkpoint: int) -> None:
+        """Remove what a crash left behind unrecorded: chunks of checkpoints >= `checkpoint`, temporary files."""
+        for key in self.keys:
+            folder = shard_dir(self.activations_dir, key)
+            for path in folder.glob(".*.tmp"):
+                path.unlink()
+            for path in folder.glob("chunk-*.safetensors"):
+                if int(path.stem.split("-")[1]) >= checkpoint:
+                    path.unlink()
 
 
 @dataclass

@@ -29,7 +29,7 @@ def tiny_sae(subject):
     from resources.subject_model import capture_hookpoints
 
     tokens = tokenize_documents(embedded_documents(), subject.tokenizer(), ctx_len=64, n_tokens=64 * 64, add_bos=True, seed=7)
-    hidden = capture_hookpoints(subject.causal_lm(), torch.from_numpy(tokens).long(), {TINY_HOOKPOINT: "output"})[TINY_HOOKPOINT]
+    hidden = capture_hookpoints(subject.causal_lm(), torch.from_numpy(tokens).long(), {(TINY_HOOKPOINT, "output")})[(TINY_HOOKPOINT, "output")]
     return train_topk_sae(hidden[:, 1:].flatten(0, 1), width=1152, k=16, name="tiny-topk", hookpoint=TINY_HOOKPOINT, epochs=2, batch_size=256)
 
 

@@ -37,7 +37,8 @@ def test_every_asset_for_one_partition_end_to_end(registered):
     meta = cached.asset_materializations_for_node("activations")[0].metadata
     assert meta["tokens_cached"].value == 48 * 63  # BOS positions are not cached
     assert meta["live_latents"].value > 100
-    assert 0 < meta["fvu_first_batch"].value < 1
+    assert 0 < meta["fvu"].value < 1
+    assert cached.get_asset_check_evaluations()[0].passed
 
     stats = load_latent_stats(root.activations_dir(TINY_CODER) / "latent_stats.safetensors")
     pairs = [read_shard(root.activations_dir(TINY_CODER), key) for key in shard_keys(8)]
@@ -82,7 +83,8 @@ def test_unknown_hookpoint_stops_activations_with_the_fix(registered, tiny_sae):
 def test_coder_of_the_wrong_width_stops_activations(registered, tiny_sae):
     from resources.sparse_coders import SparseCoder, save_sparsify
 
-    narrow = SparseCoder("narrow", "model.layers.3", tiny_sae.encoder_weight[:, :512], tiny_sae.encoder_bias, tiny_sae.decoder_weight[:, :512], tiny_sae.decoder_bias[:512], 8)
+    narrow = SparseCoder("narrow", "model.layers.3", "topk", d_in=512, width=tiny_sae.width, encoder_weight=tiny_sae.encoder_weight[:, :512],
+                         encoder_bias=tiny_sae.encoder_bias, decoder_weight=tiny_sae.decoder_weight[:, :512], decoder_bias=tiny_sae.decoder_bias[:512], k=8)
     save_sparsify(narrow, registered / "registry" / "narrow" / "model.layers.3")
     instance = DagsterInstance.ephemeral()
     instance.add_dynamic_partitions("coder", ["narrow/model.layers.3"])

@@ -8,8 +8,9 @@ from resources.sparse_coders import CoderShapeError, RegistryError, SparseCoder,
 
 def random_coder(width=64, d_in=16, k=4, seed=0) -> SparseCoder:
     g = torch.Generator().manual_seed(seed)
-    return SparseCoder("rand", "model.layers.1", torch.randn(width, d_in, generator=g), torch.randn(width, generator=g) * 0.1,
-                       torch.randn(width, d_in, generator=g), torch.randn(d_in, generator=g), k)
+    return SparseCoder("rand", "model.layers.1", "topk", d_in=d_in, width=width, encoder_weight=torch.randn(width, d_in, generator=g),
+                       encoder_bias=torch.randn(width, generator=g) * 0.1, decoder_weight=torch.randn(width, d_in, generator=g),
+                       decoder_bias=torch.randn(d_in, generator=g), k=k, subtract_decoder_bias=True)
 
 
 def test_sparsify_layout_round_trip(tmp_path):
@@ -28,11 +29,14 @@ def test_topk_encode_matches_dense_reference_across_chunks(monkeypatch):
     monkeypatch.setattr(sc, "ENCODE_CHUNK_TOKENS", 7)
     coder = random_coder()
     x = torch.randn(50, 16)
-    values, indices = coder.encode(x)
+    code = coder.encode(x)
     dense = torch.relu((x - coder.decoder_bias) @ coder.encoder_weight.T + coder.encoder_bias)
     ref = dense.topk(4, dim=-1)
-    assert torch.allclose(values.sort(-1).values, ref.values.sort(-1).values, atol=1e-5)
-    assert torch.allclose(coder.decode(values, indices), torch.einsum("tk,tkd->td", ref.values, coder.decoder_weight[ref.indices]) + coder.decoder_bias, atol=1e-4)
+    expected = torch.zeros_like(dense).scatter_(1, ref.indices, ref.values)
+    got = torch.zeros_like(dense)
+    got[code.rows, code.latents] = code.values
+    assert torch.allclose(got, expected, atol=1e-5)
+    assert torch.allclose(coder.decode(code, 50), expected @ coder.decoder_weight + coder.decoder_bias, atol=1e-4)
 
 
 def test_width_mismatch_names_coder_hookpoint_and_fix():

@@ -21,12 +21,13 @@ def test_forward_stops_after_the_deepest_hookpoint(subject):
     head = lm.lm_head.register_forward_hook(lambda *a: ran.append("head"))
     try:
         ids = torch.tensor([[1, 504, 2143, 314]])
-        out = capture_hookpoints(lm, ids, {"model.layers.2": "output", "model.layers.3": "input"})
+        out = capture_hookpoints(lm, ids, {("model.layers.2", "output"), ("model.layers.3", "input"), ("model.layers.3", "output")})
     finally:
         handle.remove()
         head.remove()
     assert ran == []
-    assert out["model.layers.2"].shape == (1, 4, 576)
-    assert torch.allclose(out["model.layers.3"], out["model.layers.2"])  # layer 3's input is layer 2's output
-    full = lm(input_ids=ids, output_hidden_states=True).hidden_states[3]
-    assert torch.allclose(out["model.layers.2"], full, atol=1e-4)
+    assert out[("model.layers.2", "output")].shape == (1, 4, 576)
+    assert torch.equal(out[("model.layers.3", "input")], out[("model.layers.2", "output")])  # layer 3 reads layer 2's output
+    hidden = lm(input_ids=ids, output_hidden_states=True).hidden_states
+    assert torch.allclose(out[("model.layers.2", "output")], hidden[3], atol=1e-4)
+    assert torch.allclose(out[("model.layers.3", "output")], hidden[4], atol=1e-4)

@@ -1,0 +1,104 @@
+"""The activation cache: one pass for many coders, resumable after a real kill, loud on broken coders."""
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import torch
+from dagster import DagsterInstance, materialize
+from dagster._core.storage.tags import ASSET_PARTITION_RANGE_END_TAG, ASSET_PARTITION_RANGE_START_TAG
+
+from assets.activations import cache_activations
+from assets.corpus import CorpusConfig, build_corpus
+from resources.sparse_coders import SparseCoder, load_registered, save_neurons, save_sparsify
+from storage.activation_shards import load_latent_stats, read_shard, shard_keys
+from storage.atomic import read_json
+from storage.layout import DataRoot
+from tests.conftest import TINY_CODER, TINY_CORPUS_CONFIG, make_resources
+from tests.test_pipeline import ALL_ASSETS
+
+NEURONS = "tiny-neurons/model.layers.2.mlp.down_proj"
+
+
+def same_cache(a: DataRoot, b: DataRoot, coder: str) -> None:
+    for key in shard_keys(8):
+        left, right = read_shard(a.activations_dir(coder), key), read_shard(b.activations_dir(coder), key)
+        assert np.array_equal(left.locations, right.locations)
+        assert np.array_equal(left.activations, right.activations)
+    sa, sb = (load_latent_stats(r.activations_dir(coder) / "latent_stats.safetensors") for r in (a, b))
+    assert all(np.array_equal(sa[k], sb[k]) for k in ("count", "max")) and np.allclose(sa["sum"], sb["sum"])
+
+
+def test_one_run_one_pass_for_several_coders(registered, subject):
+    save_neurons(registered / "registry" / "tiny-neurons" / "model.layers.2.mlp.down_proj", d_in=1536, k=8)
+    instance = DagsterInstance.ephemeral()
+    instance.add_dynamic_partitions("coder", [TINY_CODER, NEURONS])
+    resources = make_resources(registered)
+    materialize(ALL_ASSETS, selection=["corpus"], resources=resources, instance=instance, run_config={"ops": {"corpus": {"config": TINY_CORPUS_CONFIG}}})
+    both = materialize(ALL_ASSETS, selection=["activations"], resources=resources, instance=instance,
+                       tags={ASSET_PARTITION_RANGE_START_TAG: TINY_CODER, ASSET_PARTITION_RANGE_END_TAG: NEURONS})
+    assert both.success
+    assert set(instance.get_materialized_partitions(both.asset_materializations_for_node("activations")[0].asset_key)) == {TINY_CODER, NEURONS}
+    root = DataRoot.at(registered)
+    for coder in (TINY_CODER, NEURONS):
+        assert read_json(root.activations_dir(coder) / "meta.json")["sequences_forwarded_this_run"] == 48  # one pass, shared
+    neuron_meta = read_json(root.activations_dir(NEURONS) / "meta.json")
+    assert neuron_meta["mean_l0"] <= 8 and neuron_meta["fvu"] is None
+
+    alone = DataRoot.at(registered / "alone")
+    shutil.copytree(registered / "registry", alone.registry_dir)
+    shutil.copytree(root.corpus_dir, alone.corpus_dir)
+    cache_activations([load_registered(alone.registry_dir, TINY_CODER)], subject, alone)
+    same_cache(root, alone, TINY_CODER)
+
+
+def test_killed_run_resumes_from_its_last_checkpoint_and_matches_an_uninterrupted_run(registered, subject):
+    root = DataRoot.at(registered)
+    build_corpus(CorpusConfig(ctx_len=64, n_tokens=64 * 240, seed=5), subject.tokenizer(), root)
+    command = [sys.executable, "-m", "autointerp_defs.cli", "--data", str(registered), "cache", TINY_CODER, "--batch-size", "1", "--checkpoint-entries", "900"]
+    proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    progress_path = root.activations_dir(TINY_CODER) / "progress.json"
+    deadline = time.time() + 240
+    while time.time() < deadline and proc.poll() is None:
+        if progress_path.exists() and read_json(progress_path)["checkpoints"] >= 5:
+            os.killpg(proc.pid, signal.SIGKILL)
+            break
+        time.sleep(0.02)
+    proc.wait(timeout=30)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr.read()[-2000:]
+    assert not (root.activations_dir(TINY_CODER) / "meta.json").exists()
+    resumed_from = read_json(progress_path)["next_sequence"]
+    assert 0 < resumed_from < 240
+
+    resumed = cache_activations([load_registered(root.registry_dir, TINY_CODER)], subject, root, checkpoint_entries=900)[TINY_CODER]
+    assert resumed["sequences_forwarded_this_run"] == 240 - resumed_from  # cached sequences are not re-run
+
+    fresh = DataRoot.at(registered / "fresh")
+    shutil.copytree(root.registry_dir, fresh.registry_dir)
+    shutil.copytree(root.corpus_dir, fresh.corpus_dir)
+    whole = cache_activations([load_registered(fresh.registry_dir, TINY_CODER)], subject, fresh)[TINY_CODER]
+    assert whole["sequences_forwarded_this_run"] == 240
+    same_cache(root, fresh, TINY_CODER)
+    assert resumed["tokens"] == whole["tokens"] and resumed["fvu"] == pytest.approx(whole["fvu"])
+
+
+@pytest.mark.parametrize("breakage, problem", [("dead", "all latents are dead"), ("fvu", "FVU")])
+def test_broken_coder_fails_the_health_check(registered, tiny_sae, breakage, problem):
+    broken = SparseCoder(**{**tiny_sae.__dict__, "name": "broken"})
+    if breakage == "dead":
+        broken.encoder_bias = torch.full_like(tiny_sae.encoder_bias, -1e6)
+    else:
+        broken.decoder_bias = tiny_sae.decoder_bias + 1e3
+    save_sparsify(broken, registered / "registry" / "broken" / "model.layers.3")
+    instance = DagsterInstance.ephemeral()
+    instance.add_dynamic_partitions("coder", ["broken/model.layers.3"])
+    resources = make_resources(registered)
+    materialize(ALL_ASSETS, selection=["corpus"], resources=resources, instance=instance, run_config={"ops": {"corpus": {"config": TINY_CORPUS_CONFIG}}})
+    result = materialize(ALL_ASSETS, selection=["activations"], partition_key="broken/model.layers.3", resources=resources, instance=instance)
+    check = result.get_asset_check_evaluations()[0]
+    assert not check.passed and check.severity.value == "ERROR"
+    assert problem in check.metadata["broken/model.layers.3"].value

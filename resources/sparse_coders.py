@@ -18,7 +18,7 @@ coders are encoded in token chunks so the dense block stays bounded.
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Literal
 
@@ -66,6 +66,7 @@ class SparseCoder:
     subtract_decoder_bias: bool = False
     transcode: bool = False
     source_format: str = "sparsify"
+    _folded: torch.Tensor | None = field(default=None, init=False, repr=False, compare=False)
 
     @property
     def key(self) -> str:
@@ -87,7 +88,7 @@ class SparseCoder:
             for f in ("encoder_weight", "encoder_bias", "decoder_weight", "decoder_bias", "threshold")
             if getattr(self, f) is not None
         }
-        return SparseCoder(**{**self.__dict__, **moved})
+        return replace(self, **moved)
 
     def check_input_width(self, d_model: int, model_name: str) -> None:
         if d_model != self.d_in:
@@ -100,9 +101,15 @@ class SparseCoder:
     def pre_activations(self, x: torch.Tensor) -> torch.Tensor:
         if self.activation == "neurons":
             return x
-        if self.subtract_decoder_bias:
-            x = x - self.decoder_bias
-        return torch.nn.functional.linear(x, self.encoder_weight, self.encoder_bias)
+        return torch.nn.functional.linear(x, self.encoder_weight, self._folded_bias())
+
+    def _folded_bias(self) -> torch.Tensor:
+        """b_enc - W_enc b_dec, so that subtracting b_dec from the input costs nothing per token."""
+        if not self.subtract_decoder_bias:
+            return self.encoder_bias
+        if self._folded is None:
+            self._folded = self.encoder_bias - self.encoder_weight @ self.decoder_bias
+        return self._folded
 
     def encode(self, x: torch.Tensor) -> SparseCode:
         """Sparse code of `x` `[tokens, d_in]`, built chunk by chunk of `ENCODE_CHUNK_TOKENS` tokens."""
@@ -110,25 +117,29 @@ class SparseCoder:
         for start in range(0, x.shape[0], ENCODE_CHUNK_TOKENS):
             pre = self.pre_activations(x[start : start + ENCODE_CHUNK_TOKENS])
             if self.activation in ("topk", "neurons"):
-                top = (pre if self.activation == "neurons" else torch.relu(pre)).topk(self.k, dim=-1, sorted=False)
+                # ReLU commutes with top-k, so it is applied to the k survivors only.
+                top = pre.topk(self.k, dim=-1, sorted=False)
                 keep = top.values > 0
-                r = torch.arange(pre.shape[0], device=x.device).unsqueeze(1).expand_as(keep)[keep]
-                rows.append(r + start)
+                rows.append(keep.nonzero()[:, 0] + start)
                 latents.append(top.indices[keep])
                 values.append(top.values[keep])
                 continue
             if self.activation == "jumprelu":
                 pre = pre * (pre > self.threshold)
-            r, lat = torch.nonzero(torch.relu(pre), as_tuple=True)
+            r, lat = torch.nonzero(pre > 0, as_tuple=True)
             rows.append(r + start)
             latents.append(lat)
             values.append(pre[r, lat])
         return SparseCode(torch.cat(rows), torch.cat(latents), torch.cat(values))
 
     def decode(self, code: SparseCode, n_tokens: int) -> torch.Tensor:
-        out = self.decoder_bias.expand(n_tokens, -1).clone()
-        out.index_add_(0, code.rows, code.values.unsqueeze(1) * self.decoder_weight[code.latents])
-        return out
+        """Reconstruction from a row-sorted sparse code, as a weighted bag of decoder rows per token."""
+        offsets = torch.zeros(n_tokens, dtype=torch.long, device=code.rows.device)
+        offsets[1:] = torch.bincount(code.rows, minlength=n_tokens).cumsum(0)[:-1]
+        summed = torch.nn.functional.embedding_bag(
+            code.latents, self.decoder_weight, offsets, mode="sum", per_sample_weights=code.values.to(self.decoder_weight.dtype)
+        )
+        return summed + self.decoder_bias
 
 
 # ---- formats ------------------------------------------------------------------------------------

@@ -1,4 +1,5 @@
 """The activation cache: one pass for many coders, resumable after a real kill, loud on broken coders."""
+import dataclasses
 import os
 import shutil
 import signal
@@ -14,7 +15,7 @@ from dagster._core.storage.tags import ASSET_PARTITION_RANGE_END_TAG, ASSET_PART
 
 from assets.activations import cache_activations
 from assets.corpus import CorpusConfig, build_corpus
-from resources.sparse_coders import SparseCoder, load_registered, save_neurons, save_sparsify
+from resources.sparse_coders import load_registered, save_neurons, save_sparsify
 from storage.activation_shards import load_latent_stats, read_shard, shard_keys
 from storage.atomic import read_json
 from storage.layout import DataRoot
@@ -88,7 +89,7 @@ def test_killed_run_resumes_from_its_last_checkpoint_and_matches_an_uninterrupte
 
 @pytest.mark.parametrize("breakage, problem", [("dead", "all latents are dead"), ("fvu", "FVU")])
 def test_broken_coder_fails_the_health_check(registered, tiny_sae, breakage, problem):
-    broken = SparseCoder(**{**tiny_sae.__dict__, "name": "broken"})
+    broken = dataclasses.replace(tiny_sae, name="broken")
     if breakage == "dead":
         broken.encoder_bias = torch.full_like(tiny_sae.encoder_bias, -1e6)
     else:

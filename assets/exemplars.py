@@ -1,18 +1,26 @@
-"""Stage 3, `exemplars`: per live latent, activating windows to explain and a disjoint test set to score.
+"""Stage 3, `exemplars`: per live latent, windows to explain (`train`) and a disjoint set to score (`test`).
 
-A window is a fixed block of `example_ctx_len` tokens of a corpus sequence. The explainer sees the
-top-activating windows (`train`); the scorer sees other activating windows stratified by
-activation quantile plus random windows where the latent is zero (`test`), never the same window.
+Activating windows of `example_ctx_len` tokens are placed on a fixed grid (`block`, delphi) or
+around the activating token (`centered`, or `preceding`: the token last, its context before it),
+never overlapping each other. The explainer's windows come from a sampler (`top`: strongest,
+as OpenAI and Transluce; `quantiles`: stratified over activation quantiles, as delphi; `random`).
+The scorer's activating windows are the others, stratified by quantile; its non-activating
+windows are tagged with their source: `random` (latent zero), `neighbour` (where the latents with
+the most similar decoder directions fire but this one does not) and `embedding` (the windows
+nearest to the activating ones by all-MiniLM-L6-v2, found in LanceDB). Everything is seeded per
+latent: the same seed gives the same windows.
 """
-
 import warnings
+from dataclasses import dataclass
+from typing import Literal
 
 import numpy as np
 import pandas as pd
+import torch
 from dagster import (
     AssetDep,
-    BetaWarning,
     AutomationCondition,
+    BetaWarning,
     AssetExecutionContext,
     Config,
     MaterializeResult,
@@ -23,106 +31,308 @@ from dagster import (
 from pydantic import Field
 
 from assets.corpus import load_corpus
-from assets.partitions import coder_and_shard, coder_shard_partitions
+from assets.partitions import N_SHARDS, coder_and_shard, coder_shard_partitions
+from resources.embedder import EmbedderResource
 from resources.settings import AutointerpSettings
-from storage.activation_shards import read_shard
+from resources.sparse_coders import SparseCoder, load_registered
+from storage.activation_shards import ShardActivations, load_latent_stats, read_latents, read_shard
+from storage.atomic import read_json
+from storage.layout import DataRoot
 from storage.tables import write_table
+from storage.vector_store import ContextIndex, contexts_table_name, ensure_contexts
 
 with warnings.catch_warnings():
     warnings.simplefilter("ignore", BetaWarning)  # the mapping is exactly what we need, beta or not
     EACH_SHARD_READS_ITS_CODER = MultiToSingleDimensionPartitionMapping(partition_dimension_name="coder")
 
 EXEMPLAR_COLUMNS = ["latent", "split", "kind", "quantile", "sequence", "start", "max_activation", "tokens", "activations"]
+NON_ACTIVATING_SOURCES = ("random", "neighbour", "embedding")
 
 
 class ExemplarsConfig(Config):
     example_ctx_len: int = Field(default=32, description="Tokens per example window.")
-    n_examples_train: int = Field(default=15, description="Top-activating windows shown to the explainer.")
-    n_examples_test: int = Field(default=10, description="Activating windows held out for scoring.")
-    n_non_activating: int = Field(default=10, description="Random windows where the latent is zero, for scoring.")
-    n_quantiles: int = Field(default=5, description="Activation quantiles the test windows are stratified over.")
+    sampler: Literal["top", "quantiles", "random"] = Field(default="top", description="How the explainer's windows are chosen: strongest, stratified over quantiles, or uniformly.")
+    window_placement: Literal["block", "centered", "preceding"] = Field(default="block", description="Fixed grid of windows, or windows centred on / ending at the activating token.")
+    n_examples_train: int = Field(default=15, description="Activating windows shown to the explainer.")
+    n_examples_test: int = Field(default=10, description="Activating windows held out for scoring, stratified over quantiles.")
+    n_quantiles: int = Field(default=5, description="Activation quantiles for the `quantiles` sampler and the test set.")
+    n_non_activating: int = Field(default=10, description="Non-activating windows for scoring, split evenly over the sources.")
+    non_activating_sources: list[str] = Field(default=list(NON_ACTIVATING_SOURCES), description="Any of 'random', 'neighbour' (decoder-similar latents fire), 'embedding' (MiniLM hard negatives via LanceDB).")
+    n_neighbours: int = Field(default=10, description="Decoder neighbours per latent (cosine of decoder directions).")
     min_activating_windows: int = Field(default=8, description="Skip latents that fire in fewer windows than this.")
-    seed: int = Field(default=0, description="Seed of all sampling; the same seed gives the same windows.")
+    seed: int = Field(default=0, description="Seed of all sampling.")
 
 
-def _window_rows(latent, split, kind, quantiles, blocks, block_acts, tokens, window) -> list[dict]:
-    rows = []
-    for (seq, block), acts, q in zip(blocks, block_acts, quantiles):
-        start = int(block) * window
-        rows.append(
-            {
-                "latent": latent,
-                "split": split,
-                "kind": kind,
-                "quantile": int(q),
-                "sequence": int(seq),
-                "start": start,
-                "max_activation": float(acts.max()),
-                "tokens": tokens[seq, start : start + window].astype(np.int32).tolist(),
-                "activations": acts.astype(np.float32).tolist(),
-            }
-        )
-    return rows
+@dataclass
+class Windows:
+    """Windows of one latent: sequence, start, per-token activations `[n, L]`, sorted by max activation."""
+
+    sequence: np.ndarray
+    start: np.ndarray
+    acts: np.ndarray
+
+    def take(self, index) -> "Windows":
+        index = np.asarray(index, dtype=int)
+        return Windows(self.sequence[index], self.start[index], self.acts[index])
+
+    def __len__(self) -> int:
+        return len(self.sequence)
 
 
-def _seq_blocks(block_ids: np.ndarray, blocks_per_seq: int) -> list[tuple[int, int]]:
-    return [divmod(int(b), blocks_per_seq) for b in block_ids]
+def activating_windows(locations: np.ndarray, values: np.ndarray, ctx_len: int, window: int, placement: str) -> Windows:
+    """Non-overlapping activating windows of one latent, strongest first."""
+    seq, pos = locations[:, 0].astype(np.int64), locations[:, 1].astype(np.int64)
+    cells = seq * ctx_len + (pos // window) * window
+    order = np.lexsort((-values, cells))
+    first = np.concatenate([[True], cells[order][1:] != cells[order][:-1]])
+    anchors = order[first]  # the strongest token of each grid cell
+    anchors = anchors[np.argsort(-values[anchors], kind="stable")]
+    if placement == "block":
+        starts = (pos[anchors] // window) * window
+        chosen_seq, chosen_start = seq[anchors], starts
+        keep = chosen_start + window <= ctx_len
+        chosen_seq, chosen_start = chosen_seq[keep], chosen_start[keep]
+    else:
+        offset = window // 2 if placement == "centered" else window - 1
+        taken: dict[int, list[int]] = {}
+        chosen_seq, chosen_start = [], []
+        for a in anchors:
+            s = int(min(max(pos[a] - offset, 0), ctx_len - window))
+            if all(abs(s - other) >= window for other in taken.get(int(seq[a]), [])):
+                taken.setdefault(int(seq[a]), []).append(s)
+                chosen_seq.append(int(seq[a]))
+                chosen_start.append(s)
+        chosen_seq, chosen_start = np.asarray(chosen_seq, np.int64), np.asarray(chosen_start, np.int64)
+    keys = seq * ctx_len + pos
+    key_order = np.argsort(keys, kind="stable")
+    sorted_keys = keys[key_order]
+    acts = np.zeros((len(chosen_seq), window), np.float32)
+    lo = np.searchsorted(sorted_keys, chosen_seq * ctx_len + chosen_start)
+    hi = np.searchsorted(sorted_keys, chosen_seq * ctx_len + chosen_start + window)
+    for i, (a, b) in enumerate(zip(lo, hi)):
+        rows = key_order[a:b]
+        acts[i, pos[rows] - chosen_start[i]] = values[rows]
+    return Windows(chosen_seq, chosen_start, acts).take(np.argsort(-acts.max(1), kind="stable"))
 
 
-def build_exemplars(shard_acts, tokens: np.ndarray, config: ExemplarsConfig) -> pd.DataFrame:
-    window = config.example_ctx_len
-    blocks_per_seq = tokens.shape[1] // window
-    n_blocks = tokens.shape[0] * blocks_per_seq
-    rng = np.random.default_rng(config.seed)
-    rows: list[dict] = []
-    for latent, locations, values in shard_acts.by_latent():
-        block_pos = locations[:, 1] // window
-        in_range = block_pos < blocks_per_seq
-        block_ids = locations[in_range, 0].astype(np.int64) * blocks_per_seq + block_pos[in_range]
-        unique_blocks, inverse = np.unique(block_ids, return_inverse=True)
-        if len(unique_blocks) < config.min_activating_windows:
+def sample_train(windows: Windows, config: ExemplarsConfig, rng: np.random.Generator) -> np.ndarray:
+    n = min(config.n_examples_train, len(windows) // 2)
+    if config.sampler == "top":
+        return np.arange(n)
+    if config.sampler == "random":
+        return np.sort(rng.choice(len(windows), size=n, replace=False))
+    per = max(1, n // config.n_quantiles)
+    picked = [rng.choice(stratum, size=min(per, len(stratum)), replace=False) for stratum in np.array_split(np.arange(len(windows)), config.n_quantiles) if len(stratum)]
+    return np.sort(np.concatenate(picked))[:n]
+
+
+def sample_test(windows: Windows, train: np.ndarray, config: ExemplarsConfig, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """Held-out windows stratified over quantiles (1 = strongest); disjoint from `train`."""
+    rest = np.setdiff1d(np.arange(len(windows)), train)
+    per = max(1, config.n_examples_test // config.n_quantiles)
+    index, quantile = [], []
+    for q, stratum in enumerate(np.array_split(rest, config.n_quantiles), start=1):
+        if len(stratum):
+            picked = rng.choice(stratum, size=min(per, len(stratum)), replace=False)
+            index.extend(picked)
+            quantile.extend([q] * len(picked))
+    return np.asarray(index, dtype=int), np.asarray(quantile, dtype=int)
+
+
+def decoder_neighbours(coder: SparseCoder | None, latents: list[int], n: int) -> dict[int, list[int]]:
+    """The `n` latents whose decoder directions are most cosine-similar to each latent's."""
+    if coder is None or coder.decoder_weight is None or not latents or n <= 0:
+        return {}
+    directions = torch.nn.functional.normalize(coder.decoder_weight.float(), dim=1)
+    out = {}
+    for chunk in np.array_split(np.asarray(latents), max(1, len(latents) // 1024)):
+        sims = directions[torch.from_numpy(chunk)] @ directions.T
+        sims[torch.arange(len(chunk)), torch.from_numpy(chunk)] = -2.0
+        top = sims.topk(min(n, directions.shape[0] - 1), dim=1).indices.numpy()
+        out.update({int(lat): top[i].tolist() for i, lat in enumerate(chunk)})
+    return out
+
+
+def split_counts(total: int, sources: list[str]) -> dict[str, int]:
+    base, extra = divmod(total, max(1, len(sources)))
+    return {source: base + (i < extra) for i, source in enumerate(sources)}
+
+
+def grid_blocks(locations: np.ndarray, blocks_per_seq: int, window: int) -> np.ndarray:
+    block = locations[:, 1].astype(np.int64) // window
+    inside = block < blocks_per_seq
+    return np.unique(locations[inside, 0].astype(np.int64) * blocks_per_seq + block[inside])
+
+
+@dataclass
+class NegativeSources:
+    """What the non-activating sources need, loaded once per partition."""
+
+    blocks_per_seq: int
+    n_blocks: int
+    neighbours: dict[int, list[int]]
+    neighbour_acts: ShardActivations | None
+    contexts: ContextIndex | None
+
+    def neighbour_blocks(self, latent: int, window: int) -> np.ndarray:
+        """Grid blocks where the latent's decoder neighbours fire, strongest first."""
+        ids = self.neighbours.get(latent)
+        if not ids or self.neighbour_acts is None:
+            return np.zeros(0, np.int64)
+        locs, vals = self.neighbour_acts.locations, self.neighbour_acts.activations
+        mine = np.isin(locs[:, 2], ids) & (locs[:, 1] // window < self.blocks_per_seq)
+        blocks = locs[mine, 0].astype(np.int64) * self.blocks_per_seq + locs[mine, 1] // window
+        order = np.argsort(-vals[mine], kind="stable")
+        _, first = np.unique(blocks[order], return_index=True)
+        return blocks[order][np.sort(first)]
+
+    def embedding_blocks(self, query_blocks: np.ndarray, limit: int) -> np.ndarray:
+        if self.contexts is None or not len(query_blocks):
+            return np.zeros(0, np.int64)
+        query = np.asarray(self.contexts.vectors[np.sort(query_blocks)]).mean(0)
+        return self.contexts.nearest(query / max(np.linalg.norm(query), 1e-9), limit)
+
+
+def non_activating_blocks(latent: int, active: np.ndarray, train_blocks: np.ndarray, counts: dict[str, int], sources: NegativeSources, window: int, rng) -> list[tuple[str, np.ndarray]]:
+    """Per source, grid blocks where the latent is zero; no block is used twice. Random windows go
+    last and make up what another source could not supply, so the test set keeps its size."""
+    used = set(active.tolist())
+    chosen, shortfall = [], 0
+    for source in sorted(counts, key=lambda s: s == "random"):
+        n = counts[source] + (shortfall if source == "random" else 0)
+        if n <= 0:
             continue
-        acts = np.zeros((len(unique_blocks), window), np.float32)
-        acts[inverse, locations[in_range, 1] % window] = values[in_range]
-        order = np.argsort(-acts.max(1), kind="stable")
-        train = order[: config.n_examples_train]
-        rest = order[config.n_examples_train :]
-        # Quantile 1 holds the strongest held-out windows, quantile n_quantiles the weakest.
-        strata = np.array_split(rest, config.n_quantiles) if len(rest) else []
-        per_stratum = max(1, config.n_examples_test // max(1, config.n_quantiles))
-        test, test_q = [], []
-        for q, stratum in enumerate(strata, start=1):
-            picked = rng.choice(stratum, size=min(per_stratum, len(stratum)), replace=False) if len(stratum) else []
-            test.extend(picked)
-            test_q.extend([q] * len(picked))
-        rows += _window_rows(latent, "train", "activating", [0] * len(train), _seq_blocks(unique_blocks[train], blocks_per_seq), acts[train], tokens, window)
-        rows += _window_rows(latent, "test", "activating", test_q, _seq_blocks(unique_blocks[np.array(test, dtype=int)], blocks_per_seq), acts[np.array(test, dtype=int)], tokens, window)
-        candidates = rng.choice(n_blocks, size=min(n_blocks, 4 * config.n_non_activating + len(unique_blocks)), replace=False)
-        negatives = candidates[~np.isin(candidates, unique_blocks)][: config.n_non_activating]
-        neg_pairs = _seq_blocks(negatives, blocks_per_seq)
-        rows += _window_rows(latent, "test", "random", [-1] * len(neg_pairs), neg_pairs, np.zeros((len(neg_pairs), window), np.float32), tokens, window)
-    return pd.DataFrame(rows, columns=EXEMPLAR_COLUMNS)
+        if source == "random":
+            candidates = rng.choice(sources.n_blocks, size=min(sources.n_blocks, 4 * n + len(used)), replace=False)
+        elif source == "neighbour":
+            candidates = sources.neighbour_blocks(latent, window)
+        elif source == "embedding":
+            candidates = sources.embedding_blocks(train_blocks, limit=n + len(used) + 16)
+        else:
+            raise ValueError(f"Unknown non-activating source {source!r}; use any of {NON_ACTIVATING_SOURCES}.")
+        picked = [int(b) for b in candidates if int(b) not in used][:n]
+        shortfall += n - len(picked) if source != "random" else 0
+        used.update(picked)
+        chosen.append((source, np.asarray(picked, np.int64)))
+    return chosen
+
+
+def window_rows(latent: int, split: str, kind: str, quantiles, windows: Windows, tokens: np.ndarray) -> list[dict]:
+    window = windows.acts.shape[1] if len(windows) else 0
+    return [
+        {
+            "latent": latent,
+            "split": split,
+            "kind": kind,
+            "quantile": int(q),
+            "sequence": int(s),
+            "start": int(st),
+            "max_activation": float(a.max()),
+            "tokens": tokens[s, st : st + window].astype(np.int32).tolist(),
+            "activations": a.astype(np.float32).tolist(),
+        }
+        for s, st, a, q in zip(windows.sequence, windows.start, windows.acts, quantiles)
+    ]
+
+
+def latent_statistics(latent: int, windows: Windows, locations: np.ndarray, values: np.ndarray, tokens: np.ndarray, stats: dict, n_tokens: int, n_quantiles: int, neighbours: list[int]) -> dict:
+    token_ids = tokens[locations[:, 0], locations[:, 1]]
+    ids, inverse, counts = np.unique(token_ids, return_inverse=True, return_counts=True)
+    means = np.bincount(inverse, weights=values) / counts
+    frequent = counts >= 2
+    order = np.argsort(-means[frequent])[:10]
+    maxima = windows.acts.max(1)
+    return {
+        "latent": latent,
+        "frequency": float(stats["count"][latent]) / max(n_tokens, 1),
+        "max_activation": float(stats["max"][latent]),
+        "mean_activation": float(stats["sum"][latent] / max(stats["count"][latent], 1)),
+        "activating_windows": len(windows),
+        "quantile_boundaries": np.quantile(maxima, np.linspace(0, 1, n_quantiles + 1)).astype(np.float32).tolist(),
+        "top_tokens": ids[frequent][order].astype(np.int32).tolist(),
+        "top_token_mean_activation": means[frequent][order].astype(np.float32).tolist(),
+        "neighbours": [int(n) for n in neighbours],
+    }
+
+
+def build_exemplars(shard_acts: ShardActivations, tokens: np.ndarray, config: ExemplarsConfig, sources: NegativeSources, stats: dict, n_tokens: int) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """(exemplar windows, per-latent statistics) of every latent of a shard."""
+    window = config.example_ctx_len
+    ctx_len = tokens.shape[1]
+    counts = split_counts(config.n_non_activating, list(config.non_activating_sources))
+    rows: list[dict] = []
+    latent_rows: list[dict] = []
+    for latent, locations, values in shard_acts.by_latent():
+        windows = activating_windows(locations, values, ctx_len, window, config.window_placement)
+        if len(windows) < config.min_activating_windows:
+            continue
+        rng = np.random.default_rng([config.seed, latent])
+        train = sample_train(windows, config, rng)
+        test, quantiles = sample_test(windows, train, config, rng)
+        rows += window_rows(latent, "train", "activating", [0] * len(train), windows.take(train), tokens)
+        rows += window_rows(latent, "test", "activating", quantiles, windows.take(test), tokens)
+        active = grid_blocks(locations, sources.blocks_per_seq, window)
+        train_windows = windows.take(train)
+        max_token = train_windows.start + train_windows.acts.argmax(1)
+        train_blocks = train_windows.sequence * sources.blocks_per_seq + np.minimum(max_token // window, sources.blocks_per_seq - 1)
+        for kind, blocks in non_activating_blocks(latent, active, train_blocks, counts, sources, window, rng):
+            seq, cell = np.divmod(blocks, sources.blocks_per_seq)
+            negatives = Windows(seq, cell * window, np.zeros((len(blocks), window), np.float32))
+            rows += window_rows(latent, "test", kind, [-1] * len(blocks), negatives, tokens)
+        latent_rows.append(latent_statistics(latent, windows, locations, values, tokens, stats, n_tokens, config.n_quantiles, sources.neighbours.get(latent, [])))
+    return pd.DataFrame(rows, columns=EXEMPLAR_COLUMNS), pd.DataFrame(latent_rows)
+
+
+def context_index(root: DataRoot, corpus, window: int, embedder: EmbedderResource) -> ContextIndex:
+    """The LanceDB table of every grid window of the corpus, embedded once per corpus and window length."""
+    blocks_per_seq = corpus.tokens.shape[1] // window
+
+    def build():
+        grid = corpus.tokens[:, : blocks_per_seq * window].reshape(-1, window)
+        texts = ["".join(corpus.vocab[t] for t in row) for row in grid]
+        return texts, embedder.embed(texts)
+
+    return ensure_contexts(root.lancedb_dir, contexts_table_name(corpus.meta["hash"], window), build)
+
+
+def negative_sources(root: DataRoot, coder_key: str, corpus, config: ExemplarsConfig, latents: list[int], embedder: EmbedderResource, meta: dict) -> NegativeSources:
+    blocks_per_seq = corpus.tokens.shape[1] // config.example_ctx_len
+    neighbours, neighbour_acts, contexts = {}, None, None
+    if "neighbour" in config.non_activating_sources:
+        neighbours = decoder_neighbours(load_registered(root.registry_dir, coder_key), latents, config.n_neighbours)
+        wanted = np.unique([n for ids in neighbours.values() for n in ids]) if neighbours else np.zeros(0, int)
+        neighbour_acts = read_latents(root.activations_dir(coder_key), wanted, meta["width"], meta["n_shards"])
+    if "embedding" in config.non_activating_sources:
+        contexts = context_index(root, corpus, config.example_ctx_len, embedder)
+    return NegativeSources(blocks_per_seq, corpus.tokens.shape[0] * blocks_per_seq, neighbours, neighbour_acts, contexts)
 
 
 @asset(
     group_name="autointerp",
     partitions_def=coder_shard_partitions,
     deps=[AssetDep("activations", partition_mapping=EACH_SHARD_READS_ITS_CODER)],
-    code_version="1",
+    code_version="2",
     automation_condition=AutomationCondition.eager(),
-    description="Train (top-activating) and test (quantile-stratified + random non-activating) windows per live latent.",
+    description="Explainer (train) and scorer (test) windows per live latent, non-activating windows tagged by source, and per-latent statistics.",
 )
-def exemplars(context: AssetExecutionContext, config: ExemplarsConfig, settings: AutointerpSettings) -> MaterializeResult:
+def exemplars(context: AssetExecutionContext, config: ExemplarsConfig, settings: AutointerpSettings, embedder: EmbedderResource) -> MaterializeResult:
     coder, shard = coder_and_shard(context.partition_key)
     root = settings.root
     corpus = load_corpus(root)
-    frame = build_exemplars(read_shard(root.activations_dir(coder), shard), corpus.tokens, config)
+    acts_dir = root.activations_dir(coder)
+    meta = read_json(acts_dir / "meta.json")
+    shard_acts = read_shard(acts_dir, shard)
+    latents = sorted({int(x) for x in np.unique(shard_acts.locations[:, 2])})
+    sources = negative_sources(root, coder, corpus, config, latents, embedder, meta)
+    frame, latent_stats = build_exemplars(shard_acts, corpus.tokens, config, sources, load_latent_stats(acts_dir / "latent_stats.safetensors"), meta["tokens"])
     write_table(frame, root.exemplars_path(coder, shard))
-    n_latents = int(frame["latent"].nunique()) if len(frame) else 0
+    write_table(latent_stats, root.latent_stats_path(coder, shard))
+    counts = frame.groupby("kind").size().to_dict() if len(frame) else {}
     return MaterializeResult(
         metadata={
-            "latents_with_exemplars": n_latents,
+            "latents_with_exemplars": len(latent_stats),
             "windows": len(frame),
+            **{f"windows_{kind}": int(n) for kind, n in counts.items()},
             "path": MetadataValue.path(str(root.exemplars_path(coder, shard))),
         }
     )

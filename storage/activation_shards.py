@@ -120,6 +120,20 @@ def read_shard(activations_dir: Path, shard: str) -> ShardActivations:
     return ShardActivations(locations[order], activations[order])
 
 
+def read_latents(activations_dir: Path, latents: np.ndarray, width: int, n_shards: int) -> ShardActivations:
+    """Cached activations of some latents only, reading just the shards that hold them."""
+    latents = np.unique(latents)
+    wanted_shards = {int(np.searchsorted([shard_latent_range(width, n_shards, i)[1] for i in range(n_shards)], lat, side="right")) for lat in latents}
+    parts = []
+    for i in sorted(wanted_shards):
+        shard = read_shard(activations_dir, shard_keys(n_shards)[i])
+        keep = np.isin(shard.locations[:, 2], latents)
+        parts.append(ShardActivations(shard.locations[keep], shard.activations[keep]))
+    if not parts:
+        return ShardActivations(np.zeros((0, 3), np.int32), np.zeros(0, np.float32))
+    return ShardActivations(np.concatenate([p.locations for p in parts]), np.concatenate([p.activations for p in parts]))
+
+
 def save_latent_stats(path: Path, count: np.ndarray, maximum: np.ndarray, total: np.ndarray) -> None:
     with atomic_path(path) as tmp:
         save_file(

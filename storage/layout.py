@@ -45,6 +45,9 @@ class DataRoot:
     def exemplars_path(self, coder: str, shard: str) -> Path:
         return self.root / "exemplars" / coder / f"{shard}.parquet"
 
+    def latent_stats_path(self, coder: str, shard: str) -> Path:
+        return self.root / "exemplars" / coder / f"{shard}.latents.parquet"
+
     def explanations_path(self, coder: str, shard: str) -> Path:
         return self.root / "explanations" / coder / f"{shard}.parquet"
 

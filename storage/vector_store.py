@@ -1,12 +1,30 @@
-"""LanceDB tables: explanation embeddings for semantic search, written idempotently by merge on `id`."""
+"""LanceDB tables: embedded corpus windows (hard negatives) and explanations (semantic search).
+
+- `contexts_<corpus hash>_<window>`: one row per fixed window of the corpus (`block` = sequence ·
+  windows-per-sequence + window index), with its text and MiniLM embedding. Built once per corpus
+  and window length under a file lock, so partitions materialized at once never race to build
+  it; an ANN index is added once the table has `ANN_MIN_ROWS` rows. A `.npy` copy of the vectors
+  beside it serves exact look-ups by block id.
+- `explanations`: one row per (coder, latent), written by merge on `id`, so re-materializing never
+  duplicates rows and concurrent writers are retried instead of corrupting the table.
+"""
 from __future__ import annotations
 
+import fcntl
+import time
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import pyarrow as pa
 
+from storage.atomic import atomic_path
+
 EXPLANATIONS_TABLE = "explanations"
+ANN_MIN_ROWS = 50_000
+ANN_NPROBES = 32
+ANN_REFINE_FACTOR = 10
 
 
 def _connect(db_dir: Path):
@@ -16,7 +34,69 @@ def _connect(db_dir: Path):
     return lancedb.connect(str(db_dir))
 
 
-def upsert_explanations(db_dir: Path, coder: str, latents: list[int], explanations: list[str], vectors: np.ndarray) -> None:
+@contextmanager
+def table_lock(db_dir: Path, name: str):
+    """An exclusive lock across processes for writing table `name`."""
+    db_dir.mkdir(parents=True, exist_ok=True)
+    with open(db_dir / f".{name}.lock", "w") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def _vectors(vectors: np.ndarray) -> pa.FixedSizeListArray:
+    return pa.FixedSizeListArray.from_arrays(pa.array(vectors.astype(np.float32).ravel()), vectors.shape[1])
+
+
+# ---- contexts -----------------------------------------------------------------------------------
+
+def contexts_table_name(corpus_hash: str, window: int) -> str:
+    return f"contexts_{corpus_hash}_{window}"
+
+
+class ContextIndex:
+    """Embedded corpus windows: exact vectors by block id, and nearest-neighbour search."""
+
+    def __init__(self, db_dir: Path, name: str):
+        self.table = _connect(db_dir).open_table(name)
+        self.vectors = np.load(db_dir / f"{name}.npy", mmap_mode="r")
+        self.indexed = len(self.vectors) >= ANN_MIN_ROWS
+
+    def nearest(self, query: np.ndarray, limit: int) -> np.ndarray:
+        """Block ids of the `limit` windows closest to `query` (cosine), nearest first."""
+        search = self.table.search(query.astype(np.float32)).metric("cosine").limit(limit).select(["block"])
+        if self.indexed:
+            search = search.nprobes(ANN_NPROBES).refine_factor(ANN_REFINE_FACTOR)
+        return np.asarray(search.to_arrow()["block"].to_numpy())
+
+
+def ensure_contexts(db_dir: Path, name: str, build: Callable[[], tuple[list[str], np.ndarray]]) -> ContextIndex:
+    """Open the contexts table `name`, building it first (once, under a lock) if it is missing."""
+    marker = db_dir / f"{name}.npy"
+    if not marker.exists():
+        with table_lock(db_dir, name):
+            if not marker.exists():
+                texts, vectors = build()
+                data = pa.table({"block": pa.array(np.arange(len(texts)), pa.int64()), "text": texts, "vector": _vectors(vectors)})
+                table = _connect(db_dir).create_table(name, data=data, mode="overwrite")
+                if len(texts) >= ANN_MIN_ROWS:
+                    build_ann_index(table, len(texts))
+                with atomic_path(marker) as tmp:
+                    with open(tmp, "wb") as handle:
+                        np.save(handle, vectors.astype(np.float32))
+    return ContextIndex(db_dir, name)
+
+
+def build_ann_index(table, n_rows: int) -> None:
+    """IVF partitions of ~4k rows with HNSW and scalar quantization inside: high recall at low cost."""
+    table.create_index(metric="cosine", vector_column_name="vector", index_type="IVF_HNSW_SQ", num_partitions=max(1, n_rows // 4096))
+
+
+# ---- explanations -------------------------------------------------------------------------------
+
+def upsert_explanations(db_dir: Path, coder: str, latents: list[int], explanations: list[str], vectors: np.ndarray, attempts: int = 8) -> None:
     """Insert or replace one row per (coder, latent); re-running never duplicates rows."""
     if not latents:
         return
@@ -26,11 +106,19 @@ def upsert_explanations(db_dir: Path, coder: str, latents: list[int], explanatio
             "coder": [coder] * len(latents),
             "latent": pa.array(latents, pa.int64()),
             "explanation": explanations,
-            "vector": pa.FixedSizeListArray.from_arrays(pa.array(vectors.astype(np.float32).ravel()), vectors.shape[1]),
+            "vector": _vectors(vectors),
         }
     )
-    table = _connect(db_dir).create_table(EXPLANATIONS_TABLE, schema=data.schema, exist_ok=True)
-    table.merge_insert("id").when_matched_update_all().when_not_matched_insert_all().execute(data)
+    with table_lock(db_dir, EXPLANATIONS_TABLE):
+        table = _connect(db_dir).create_table(EXPLANATIONS_TABLE, schema=data.schema, exist_ok=True)
+    for attempt in range(attempts):
+        try:
+            table.merge_insert("id").when_matched_update_all().when_not_matched_insert_all().execute(data)
+            return
+        except Exception as error:  # a concurrent commit won the race: retry on the new version
+            if "conflict" not in str(error).lower() or attempt == attempts - 1:
+                raise
+            time.sleep(0.05 * 2**attempt)
 
 
 def search_explanations(db_dir: Path, query_vector: np.ndarray, limit: int = 10) -> list[dict]:

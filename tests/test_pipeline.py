@@ -49,11 +49,14 @@ def test_every_asset_for_one_partition_end_to_end(registered):
     partition = f"{TINY_CODER}|00"
     result = run(["exemplars", "explanations", "scores"], partition, resources, instance, {"ops": {"exemplars": {"config": TINY_EXEMPLARS_CONFIG}}})
     ex = pd.read_parquet(root.exemplars_path(TINY_CODER, "00"))
+    assert set(ex.kind) == {"activating", "random", "neighbour", "embedding"}
+    stats = pd.read_parquet(root.latent_stats_path(TINY_CODER, "00"))
+    assert set(stats.latent) == set(ex.latent) and len(stats.neighbours.iloc[0]) == 10
     for latent, group in ex.groupby("latent"):
         train = set(zip(group[group.split == "train"].sequence, group[group.split == "train"].start))
         test = set(zip(group[group.split == "test"].sequence, group[group.split == "test"].start))
         assert train and test and not train & test  # disjoint
-        assert (group[group.kind == "random"]["max_activation"] == 0).all()
+        assert (group[group.kind != "activating"]["max_activation"] == 0).all()
         assert (group[group.kind == "activating"]["max_activation"] > 0).all()
 
     explained = pd.read_parquet(root.explanations_path(TINY_CODER, "00"))

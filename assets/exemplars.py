@@ -4,8 +4,9 @@ Activating windows of `example_ctx_len` tokens are placed on a fixed grid (`bloc
 around the activating token (`centered`, or `preceding`: the token last, its context before it),
 never overlapping each other. The explainer's windows come from a sampler (`top`: strongest,
 as OpenAI and Transluce; `quantiles`: stratified over activation quantiles, as delphi; `random`).
-The scorer's activating windows are the others, stratified by quantile; its non-activating
-windows are tagged with their source: `random` (latent zero), `neighbour` (where the latents with
+The scorer's activating windows (`test`) are others, stratified by quantile; a few more
+(`valid`) are kept apart for choosing among candidate explanations; the contrastive explainer's
+non-activating windows are in `train`. Non-activating windows are tagged with their source: `random` (latent zero), `neighbour` (where the latents with
 the most similar decoder directions fire but this one does not) and `embedding` (the windows
 nearest to the activating ones by all-MiniLM-L6-v2, found in LanceDB). Everything is seeded per
 latent: the same seed gives the same windows.
@@ -55,6 +56,8 @@ class ExemplarsConfig(Config):
     window_placement: Literal["block", "centered", "preceding"] = Field(default="block", description="Fixed grid of windows, or windows centred on / ending at the activating token.")
     n_examples_train: int = Field(default=15, description="Activating windows shown to the explainer.")
     n_examples_test: int = Field(default=10, description="Activating windows held out for scoring, stratified over quantiles.")
+    n_examples_valid: int = Field(default=5, description="Activating (and as many random non-activating) windows held out for choosing among candidate explanations (best-of-N).")
+    n_non_activating_train: int = Field(default=5, description="Non-activating windows shown to the contrastive explainer (embedding hard negatives, else neighbour, else random).")
     n_quantiles: int = Field(default=5, description="Activation quantiles for the `quantiles` sampler and the test set.")
     n_non_activating: int = Field(default=10, description="Non-activating windows for scoring, split evenly over the sources.")
     non_activating_sources: list[str] = Field(default=list(NON_ACTIVATING_SOURCES), description="Any of 'random', 'neighbour' (decoder-similar latents fire), 'embedding' (MiniLM hard negatives via LanceDB).")
@@ -193,10 +196,9 @@ class NegativeSources:
         return self.contexts.nearest(query / max(np.linalg.norm(query), 1e-9), limit)
 
 
-def non_activating_blocks(latent: int, active: np.ndarray, train_blocks: np.ndarray, counts: dict[str, int], sources: NegativeSources, window: int, rng) -> list[tuple[str, np.ndarray]]:
-    """Per source, grid blocks where the latent is zero; no block is used twice. Random windows go
-    last and make up what another source could not supply, so the test set keeps its size."""
-    used = set(active.tolist())
+def non_activating_blocks(latent: int, used: set[int], train_blocks: np.ndarray, counts: dict[str, int], sources: NegativeSources, window: int, rng) -> list[tuple[str, np.ndarray]]:
+    """Per source, grid blocks where the latent is zero and not in `used` (which this extends).
+    Random windows go last and make up what another source could not supply, so sets keep their size."""
     chosen, shortfall = [], 0
     for source in sorted(counts, key=lambda s: s == "random"):
         n = counts[source] + (shortfall if source == "random" else 0)
@@ -260,6 +262,8 @@ def build_exemplars(shard_acts: ShardActivations, tokens: np.ndarray, config: Ex
     window = config.example_ctx_len
     ctx_len = tokens.shape[1]
     counts = split_counts(config.n_non_activating, list(config.non_activating_sources))
+    hard = [s for s in ("embedding", "neighbour") if s in config.non_activating_sources] or ["random"]
+    split_negatives = [("test", counts), ("train", {hard[0]: config.n_non_activating_train, "random": 0}), ("valid", {"random": config.n_examples_valid})]
     rows: list[dict] = []
     latent_rows: list[dict] = []
     for latent, locations, values in shard_acts.by_latent():
@@ -269,16 +273,20 @@ def build_exemplars(shard_acts: ShardActivations, tokens: np.ndarray, config: Ex
         rng = np.random.default_rng([config.seed, latent])
         train = sample_train(windows, config, rng)
         test, quantiles = sample_test(windows, train, config, rng)
+        rest = np.setdiff1d(np.arange(len(windows)), np.concatenate([train, test]))
+        valid = np.sort(rng.choice(rest, size=min(config.n_examples_valid, len(rest)), replace=False)) if len(rest) else rest
         rows += window_rows(latent, "train", "activating", [0] * len(train), windows.take(train), tokens)
         rows += window_rows(latent, "test", "activating", quantiles, windows.take(test), tokens)
-        active = grid_blocks(locations, sources.blocks_per_seq, window)
+        rows += window_rows(latent, "valid", "activating", [0] * len(valid), windows.take(valid), tokens)
+        used = set(grid_blocks(locations, sources.blocks_per_seq, window).tolist())
         train_windows = windows.take(train)
         max_token = train_windows.start + train_windows.acts.argmax(1)
         train_blocks = train_windows.sequence * sources.blocks_per_seq + np.minimum(max_token // window, sources.blocks_per_seq - 1)
-        for kind, blocks in non_activating_blocks(latent, active, train_blocks, counts, sources, window, rng):
-            seq, cell = np.divmod(blocks, sources.blocks_per_seq)
-            negatives = Windows(seq, cell * window, np.zeros((len(blocks), window), np.float32))
-            rows += window_rows(latent, "test", kind, [-1] * len(blocks), negatives, tokens)
+        for split, split_counts_ in split_negatives:
+            for kind, blocks in non_activating_blocks(latent, used, train_blocks, split_counts_, sources, window, rng):
+                seq, cell = np.divmod(blocks, sources.blocks_per_seq)
+                negatives = Windows(seq, cell * window, np.zeros((len(blocks), window), np.float32))
+                rows += window_rows(latent, split, kind, [-1] * len(blocks), negatives, tokens)
         latent_rows.append(latent_statistics(latent, windows, locations, values, tokens, stats, n_tokens, config.n_quantiles, sources.neighbours.get(latent, [])))
     return pd.DataFrame(rows, columns=EXEMPLAR_COLUMNS), pd.DataFrame(latent_rows)
 

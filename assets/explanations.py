@@ -1,25 +1,41 @@
-"""Stage 4, `explanations`: one explanation per latent from the highlighted-token explainer (delphi's default).
+"""Stage 4, `explanations`: one explanation per latent from the chosen explainer, optionally best of N.
 
-Requests go through the shared async LLM client with bounded concurrency. A latent whose answer
-cannot be parsed is stored as failed with its reason; it never fails the partition.
+Explainers: `highlighted` (delphi's default: activating tokens marked, strengths listed),
+`contrastive` (delphi: plus hard-negative counter-examples), `token_table` (OpenAI: every token
+with its 0-10 activation) and `top_tokens` (OpenAI's token-space explainer: the vocabulary tokens
+with the highest mean activation). With `best_of_n > 1`, N candidates are sampled and each is
+scored by the embedding scorer on the held-out `valid` windows; the best is kept and every
+candidate is stored with its score (Transluce). Requests go through the production client
+(response cache, bounded concurrency, retries, ledger, budget). A latent whose answer cannot be
+parsed, or that the budget stopped, is stored as failed with its reason; it never fails the
+partition and is asked again on the next materialization.
 """
-
 import asyncio
+from typing import Literal
 
+import numpy as np
 import pandas as pd
-from dagster import AssetDep, AssetExecutionContext, AutomationCondition, MaterializeResult, MetadataValue, asset
+from dagster import AssetDep, AssetExecutionContext, AutomationCondition, Config, MaterializeResult, MetadataValue, asset
+from pydantic import Field
 
 from assets.corpus import load_corpus
 from assets.partitions import coder_and_shard, coder_shard_partitions
-from assets.prompts import explainer_messages, parse_explanation
+from assets.prompts import contrastive_messages, explainer_messages, parse_explanation, token_table_messages, top_tokens_messages
+from assets.scores import roc_auc
 from resources.embedder import EmbedderResource
-from resources.llm import LLMClient, LLMEndpointError, LLMResource, gather_with_progress
+from resources.llm import BudgetExceeded, LLMEndpointError, LLMResource, ProductionClient, gather_with_progress
 from resources.settings import AutointerpSettings
 from storage.tables import read_table, write_table
 from storage.vector_store import upsert_explanations
 
-EXPLAINER = "highlighted"
-EXPLANATION_COLUMNS = ["latent", "explainer", "explanation", "status", "error", "prompt_tokens", "completion_tokens", "model"]
+EXPLANATION_COLUMNS = ["latent", "explainer", "explanation", "status", "error", "prompt_tokens", "completion_tokens", "model", "candidates", "candidate_scores"]
+
+
+class ExplanationsConfig(Config):
+    explainer: Literal["highlighted", "contrastive", "token_table", "top_tokens"] = Field(default="highlighted", description="Which explainer writes the explanation.")
+    best_of_n: int = Field(default=1, description="Candidates per latent; above 1 the best by embedding score on held-out windows is kept.")
+    candidate_temperature: float = Field(default=0.7, description="Sampling temperature of best-of-N candidates (a single explanation uses 0).")
+    max_tokens: int = Field(default=48, description="Longest explanation, in tokens.")
 
 
 def selected_latents(exemplars: pd.DataFrame, max_latents: int) -> list[int]:
@@ -27,30 +43,71 @@ def selected_latents(exemplars: pd.DataFrame, max_latents: int) -> list[int]:
     return latents[:max_latents] if max_latents else latents
 
 
-async def explain_latent(client: LLMClient, latent: int, train: pd.DataFrame, vocab: list[str]) -> dict:
-    examples = [([vocab[t] for t in row.tokens], list(row.activations)) for row in train.itertuples()]
-    row = {"latent": latent, "explainer": EXPLAINER, "model": client.model_name, "prompt_tokens": 0, "completion_tokens": 0, "error": ""}
+def explainer_prompt(config: ExplanationsConfig, group: pd.DataFrame, stats: dict | None, vocab: list[str]) -> list[dict]:
+    train = group[group["split"] == "train"]
+    shown = train[train["kind"] == "activating"]
+    examples = [([vocab[t] for t in row.tokens], list(row.activations)) for row in shown.itertuples()]
+    top = float(shown["max_activation"].max())
+    if config.explainer == "contrastive":
+        counters = [[vocab[t] for t in row.tokens] for row in train[train["kind"] != "activating"].itertuples()]
+        return contrastive_messages(examples, counters, top)
+    if config.explainer == "token_table":
+        return token_table_messages(examples, top)
+    if config.explainer == "top_tokens":
+        if not stats or not len(stats["top_tokens"]):
+            raise ValueError("no token fires this latent twice: top_tokens has nothing to show")
+        return top_tokens_messages([vocab[t] for t in stats["top_tokens"]], list(stats["top_token_mean_activation"]))
+    return explainer_messages(examples, top)
+
+
+def window_texts(rows: pd.DataFrame, vocab: list[str]) -> list[str]:
+    return ["".join(vocab[t] for t in row.tokens) for row in rows.itertuples()]
+
+
+def embedding_scores(candidates: list[str], valid: pd.DataFrame, vocab: list[str], embed) -> list[float]:
+    """ROC AUC of each candidate's embedding similarity at telling held-out activating windows from random ones."""
+    labels = (valid["kind"] == "activating").to_numpy()
+    if not len(candidates) or labels.all() or not labels.any():
+        return [float("nan")] * len(candidates)
+    vectors = embed(candidates + window_texts(valid, vocab))
+    sims = vectors[len(candidates) :] @ vectors[: len(candidates)].T
+    return [roc_auc(sims[:, i], labels) for i in range(len(candidates))]
+
+
+async def explain_latent(client: ProductionClient, config: ExplanationsConfig, latent: int, group: pd.DataFrame, stats: dict | None, vocab: list[str], embed) -> dict:
+    row = {"latent": latent, "explainer": config.explainer, "model": client.model_name, "prompt_tokens": 0, "completion_tokens": 0,
+           "error": "", "explanation": "", "status": "failed", "candidates": [], "candidate_scores": []}
     try:
-        answer = await client.complete(explainer_messages(examples, float(train["max_activation"].max())), max_tokens=48)
+        messages = explainer_prompt(config, group, stats, vocab)
+        n = max(1, config.best_of_n)
+        params = [{"max_tokens": config.max_tokens, "temperature": 0.0 if n == 1 else config.candidate_temperature, "seed": None if n == 1 else i} for i in range(n)]
+        answers = await asyncio.gather(*(client.complete(messages, **p) for p in params))
     except LLMEndpointError:
         raise
+    except BudgetExceeded as stop:
+        return {**row, "error": f"budget: {stop}"}
     except Exception as error:  # one latent's failure must not fail the partition
-        return {**row, "explanation": "", "status": "failed", "error": f"{type(error).__name__}: {error}"}
-    explanation = parse_explanation(answer.text)
-    return {
-        **row,
-        "explanation": explanation or "",
-        "status": "ok" if explanation else "failed",
-        "error": "" if explanation else f"unparseable answer: {answer.text[:200]!r}",
-        "prompt_tokens": answer.prompt_tokens,
-        "completion_tokens": answer.completion_tokens,
-    }
+        return {**row, "error": f"{type(error).__name__}: {error}"}
+    row["prompt_tokens"] = sum(a.prompt_tokens for a in answers)
+    row["completion_tokens"] = sum(a.completion_tokens for a in answers)
+    parsed = [parse_explanation(a.text) for a in answers]
+    for answer, explanation, p in zip(answers, parsed, params):
+        if explanation is None:
+            client.forget(messages, **p)  # ask again next time rather than replaying a useless answer
+    candidates = [e for e in parsed if e]
+    if not candidates:
+        return {**row, "error": f"unparseable answer: {answers[0].text[:200]!r}"}
+    scores = embedding_scores(candidates, group[group["split"] == "valid"], vocab, embed) if len(candidates) > 1 else [float("nan")]
+    best = int(np.nanargmax(scores)) if not np.all(np.isnan(scores)) else 0
+    return {**row, "explanation": candidates[best], "status": "ok", "candidates": candidates, "candidate_scores": [float(s) for s in scores]}
 
 
-async def explain_all(client: LLMClient, exemplars: pd.DataFrame, latents: list[int], vocab: list[str], report=None) -> pd.DataFrame:
+async def explain_all(client: ProductionClient, config: ExplanationsConfig, exemplars: pd.DataFrame, latent_stats: pd.DataFrame | None,
+                      latents: list[int], vocab: list[str], embed, report=None) -> pd.DataFrame:
     await client.check()
-    train = exemplars[exemplars["split"] == "train"]
-    jobs = [explain_latent(client, latent, train[train["latent"] == latent], vocab) for latent in latents]
+    stats_of = {int(r["latent"]): r for r in latent_stats.to_dict("records")} if latent_stats is not None else {}
+    groups = dict(tuple(exemplars[exemplars["latent"].isin(latents)].groupby("latent")))
+    jobs = [explain_latent(client, config, latent, groups[latent], stats_of.get(latent), vocab, embed) for latent in latents]
     return pd.DataFrame(await gather_with_progress(jobs, report, "explanations"), columns=EXPLANATION_COLUMNS)
 
 
@@ -58,30 +115,35 @@ async def explain_all(client: LLMClient, exemplars: pd.DataFrame, latents: list[
     group_name="autointerp",
     partitions_def=coder_shard_partitions,
     deps=[AssetDep("exemplars")],
-    code_version="1",
+    code_version="2",
     automation_condition=AutomationCondition.eager(),
-    description="One natural-language explanation per latent (highlighted-token explainer), also embedded into LanceDB.",
+    description="One natural-language explanation per latent (highlighted, contrastive, token-table or top-tokens explainer, optionally best of N), embedded into LanceDB.",
 )
 def explanations(
-    context: AssetExecutionContext, settings: AutointerpSettings, llm: LLMResource, embedder: EmbedderResource
+    context: AssetExecutionContext, config: ExplanationsConfig, settings: AutointerpSettings, llm: LLMResource, embedder: EmbedderResource
 ) -> MaterializeResult:
     coder, shard = coder_and_shard(context.partition_key)
     root = settings.root
     exemplars = read_table(root.exemplars_path(coder, shard), "exemplars")
+    latent_stats = pd.read_parquet(root.latent_stats_path(coder, shard)) if root.latent_stats_path(coder, shard).exists() else None
     latents = selected_latents(exemplars, settings.max_latents_per_shard)
-    context.log.info(f"explaining {len(latents)} latents of {coder} shard {shard} with {llm.backend}")
-    frame = asyncio.run(explain_all(llm.client(), exemplars, latents, load_corpus(root).vocab, context.log.info))
+    context.log.info(f"explaining {len(latents)} latents of {coder} shard {shard} with {llm.backend} ({config.explainer}, best of {config.best_of_n})")
+    client = llm.client(root.llm_cache_dir)
+    frame = asyncio.run(explain_all(client, config, exemplars, latent_stats, latents, load_corpus(root).vocab, embedder.embed, context.log.info))
     write_table(frame, root.explanations_path(coder, shard))
     ok = frame[frame["status"] == "ok"]
     if len(ok):
         upsert_explanations(root.lancedb_dir, coder, ok["latent"].tolist(), ok["explanation"].tolist(), embedder.embed(ok["explanation"].tolist()))
+    budget_stopped = int(frame["error"].str.startswith("budget:").sum())
+    if budget_stopped:
+        context.log.warning(f"{budget_stopped} latents were not explained: the LLM budget was reached; they will be asked next time")
     return MaterializeResult(
         metadata={
             "explained": len(ok),
             "failed": int((frame["status"] == "failed").sum()),
-            "prompt_tokens": int(frame["prompt_tokens"].sum()),
-            "completion_tokens": int(frame["completion_tokens"].sum()),
-            "sample": MetadataValue.md(frame.head(10)[["latent", "explanation", "status"]].to_markdown(index=False)),
+            "stopped_by_budget": budget_stopped,
+            **client.ledger.as_metadata(),
+            "sample": MetadataValue.md(frame.head(10)[["latent", "explanation", "status", "error"]].to_markdown(index=False)),
             "path": MetadataValue.path(str(root.explanations_path(coder, shard))),
         }
     )

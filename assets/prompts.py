@@ -15,6 +15,24 @@ EXPLAINER_SYSTEM = (
     "single line of the form 'Explanation: <phrase>'."
 )
 
+CONTRASTIVE_SYSTEM = EXPLAINER_SYSTEM + (
+    " You are also shown counter-examples, similar texts in which the feature does not fire at all: "
+    "your description must fit the marked tokens and not the counter-examples."
+)
+
+TOKEN_TABLE_SYSTEM = (
+    "You study single features of a language model. Each text example is listed one token per line, "
+    "followed by a tab and the feature's strength on that token on a 0-10 scale (0 = not firing). Work "
+    "out what the tokens with high values have in common, taking their context into account, and "
+    "describe it in one short phrase. Answer with a single line of the form 'Explanation: <phrase>'."
+)
+
+TOP_TOKENS_SYSTEM = (
+    "You study single features of a language model. You are given the vocabulary tokens on which the "
+    "feature fires most strongly on average, with their average strength. Describe in one short phrase "
+    "what these tokens have in common. Answer with a single line of the form 'Explanation: <phrase>'."
+)
+
 DETECTION_SYSTEM = (
     "You check descriptions of a language-model feature against text. You are given a description "
     "and numbered text examples. For each example, answer 1 if the feature described would fire "
@@ -60,6 +78,27 @@ def explainer_messages(examples: list[tuple[list[str], list[float]]], max_activa
         {"role": "system", "content": EXPLAINER_SYSTEM},
         {"role": "user", "content": "\n\n".join(parts) + "\n\nWhat does the feature fire on?"},
     ]
+
+
+def contrastive_messages(examples: list[tuple[list[str], list[float]]], counter_examples: list[list[str]], max_activation: float) -> list[dict]:
+    messages = explainer_messages(examples, max_activation)
+    counters = "\n".join(f"Counter-example {i}: {''.join(tokens)}".replace("\n", " ") for i, tokens in enumerate(counter_examples, start=1))
+    user = messages[1]["content"].replace("\n\nWhat does the feature fire on?", f"\n\n{counters}\n\nWhat does the feature fire on?")
+    return [{"role": "system", "content": CONTRASTIVE_SYSTEM}, {"role": "user", "content": user}]
+
+
+def token_table_messages(examples: list[tuple[list[str], list[float]]], max_activation: float) -> list[dict]:
+    tables = []
+    for i, (token_strs, acts) in enumerate(examples, start=1):
+        lines = "\n".join(f"{t!r}\t{s}" for t, s in zip(token_strs, scaled(acts, max_activation)))
+        tables.append(f"Example {i}:\n{lines}")
+    return [{"role": "system", "content": TOKEN_TABLE_SYSTEM}, {"role": "user", "content": "\n\n".join(tables) + "\n\nWhat does the feature fire on?"}]
+
+
+def top_tokens_messages(tokens: list[str], mean_activations: list[float]) -> list[dict]:
+    top = max(mean_activations, default=1.0)
+    listed = "\n".join(f"{t!r}: {s}" for t, s in zip(tokens, scaled(mean_activations, top)))
+    return [{"role": "system", "content": TOP_TOKENS_SYSTEM}, {"role": "user", "content": f"Tokens (average strength, 0-10):\n{listed}\n\nWhat does the feature fire on?"}]
 
 
 def scorer_messages(system: str, explanation: str, texts: list[str]) -> list[dict]:

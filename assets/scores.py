@@ -20,7 +20,7 @@ from pydantic import Field
 from assets.corpus import load_corpus
 from assets.partitions import coder_and_shard, coder_shard_partitions
 from assets.prompts import DETECTION_SYSTEM, FUZZING_SYSTEM, highlight, parse_binary_list, scorer_messages
-from resources.llm import LLMClient, LLMEndpointError, LLMResource, gather_with_progress
+from resources.llm import LLMEndpointError, LLMResource, ProductionClient, gather_with_progress
 from resources.settings import AutointerpSettings
 from storage.tables import read_table, write_table
 
@@ -49,6 +49,16 @@ def binary_metrics(y_true: list[int], y_pred: list[int]) -> dict[str, float]:
         "recall": recall,
         "f1": 2 * tp / (2 * tp + fp + fn) if tp + fp + fn else nan,
     }
+
+
+def roc_auc(scores, labels) -> float:
+    """Probability that a random positive outscores a random negative (ties count half); NaN without both."""
+    scores, labels = np.asarray(scores, float), np.asarray(labels, bool)
+    pos, neg = scores[labels], scores[~labels]
+    if not len(pos) or not len(neg):
+        return float("nan")
+    wins = (pos[:, None] > neg[None, :]).sum() + 0.5 * (pos[:, None] == neg[None, :]).sum()
+    return float(wins / (len(pos) * len(neg)))
 
 
 def control_assignment(latents: list[int], seed: int) -> dict[int, int]:
@@ -83,19 +93,24 @@ def scoring_examples(test: pd.DataFrame, vocab: list[str], rng: np.random.Genera
     return [examples[i] for i in rng.permutation(len(examples))]
 
 
-async def _label_batch(client: LLMClient, scorer: str, explanation: str, batch: list[ScoringExample]):
+async def _label_batch(client: ProductionClient, scorer: str, explanation: str, batch: list[ScoringExample]):
     system = DETECTION_SYSTEM if scorer == "detection" else FUZZING_SYSTEM
     texts = [e.text_plain if scorer == "detection" else e.text_marked for e in batch]
+    messages = scorer_messages(system, explanation, texts)
+    params = {"max_tokens": 8 + 4 * len(batch), "binary_list": len(batch)}
     try:
-        answer = await client.complete(scorer_messages(system, explanation, texts), max_tokens=8 + 4 * len(batch), binary_list=len(batch))
+        answer = await client.complete(messages, **params)
     except LLMEndpointError:
         raise
-    except Exception:  # a failed batch drops its examples; the latent still gets scored on the rest
+    except Exception:  # a failed batch (budget, errors) drops its examples; the latent is scored on the rest
         return None, 0
-    return parse_binary_list(answer.text, len(batch)), answer.prompt_tokens
+    labels = parse_binary_list(answer.text, len(batch))
+    if labels is None:
+        client.forget(messages, **params)
+    return labels, answer.prompt_tokens
 
 
-async def score_explanation(client: LLMClient, scorer: str, explanation: str, examples: list[ScoringExample], batch_size: int) -> dict:
+async def score_explanation(client: ProductionClient, scorer: str, explanation: str, examples: list[ScoringExample], batch_size: int) -> dict:
     batches = [examples[i : i + batch_size] for i in range(0, len(examples), batch_size)]
     answers = await asyncio.gather(*(_label_batch(client, scorer, explanation, b) for b in batches))
     y_true, y_pred, failed, prompt_tokens = [], [], 0, 0
@@ -109,7 +124,7 @@ async def score_explanation(client: LLMClient, scorer: str, explanation: str, ex
     return {**binary_metrics(y_true, y_pred), "n_scored": len(y_true), "n_failed": failed, "prompt_tokens": prompt_tokens}
 
 
-async def score_partition(client: LLMClient, exemplars: pd.DataFrame, explanations: pd.DataFrame, vocab: list[str], config: ScoresConfig, report=None) -> pd.DataFrame:
+async def score_partition(client: ProductionClient, exemplars: pd.DataFrame, explanations: pd.DataFrame, vocab: list[str], config: ScoresConfig, report=None) -> pd.DataFrame:
     await client.check()
     ok = explanations[explanations["status"] == "ok"]
     text_of = dict(zip(ok["latent"].astype(int), ok["explanation"]))
@@ -202,9 +217,10 @@ def scores(context: AssetExecutionContext, config: ScoresConfig, settings: Autoi
     root = settings.root
     exemplars = read_table(root.exemplars_path(coder, shard), "exemplars")
     explanations = read_table(root.explanations_path(coder, shard), "explanations")
-    frame = asyncio.run(score_partition(llm.client(), exemplars, explanations, load_corpus(root).vocab, config, context.log.info))
+    client = llm.client(root.llm_cache_dir)
+    frame = asyncio.run(score_partition(client, exemplars, explanations, load_corpus(root).vocab, config, context.log.info))
     write_table(frame, root.scores_path(coder, shard))
-    metadata = summary_metadata(frame)
+    metadata = {**summary_metadata(frame), **client.ledger.as_metadata()}
     if len(frame):
         png = histogram_png(frame)
         root.scores_plot_path(coder, shard).write_bytes(png)

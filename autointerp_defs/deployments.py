@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import os
 
+from dagster import EnvVar
+
 from resources.embedder import EmbedderResource
 from resources.llm import LLMResource
 from resources.settings import AutointerpSettings
@@ -19,11 +21,12 @@ DEPLOYMENTS = ("local", "remote", "gpu")
 
 
 def _remote_llm() -> LLMResource:
+    key_variable = os.environ.get("AUTOINTERP_LLM_API_KEY_ENV", "OPENAI_API_KEY")
     return LLMResource(
         backend="openai",
         base_url=os.environ.get("AUTOINTERP_LLM_BASE_URL", "http://127.0.0.1:8000/v1"),
         model=os.environ.get("AUTOINTERP_LLM_MODEL", "default"),
-        api_key_env=os.environ.get("AUTOINTERP_LLM_API_KEY_ENV", "OPENAI_API_KEY"),
+        api_key=EnvVar(key_variable) if key_variable in os.environ else None,  # local servers need no key
         max_concurrency=int(os.environ.get("AUTOINTERP_LLM_CONCURRENCY", "32")),
     )
 

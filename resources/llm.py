@@ -1,17 +1,28 @@
-"""One async LLM client interface with two backends: embedded llama.cpp and OpenAI-compatible HTTP.
+"""One async LLM client interface, three backends, and what production use needs around them.
 
-Explainers and scorers only ever call `await client.complete(messages, ...)`, so a vLLM server,
-OpenRouter, OpenAI or the embedded SmolLM2 are interchangeable. API keys are read from the
-environment when a client is built and never stored in config, metadata or files.
+Explainers and scorers only ever call `await client.complete(messages, ...)`. Backends:
+embedded llama.cpp (in-process GGUF), any OpenAI-compatible HTTP endpoint through the `openai`
+SDK (OpenAI, OpenRouter, vLLM's or llama.cpp's server), and vLLM offline in-process (GPU only,
+optional extra `[vllm]`, imported lazily). `LLMResource.client()` wraps the backend in
+`ProductionClient`: a content-addressed response cache on disk, a bounded number of requests in
+flight, retries with exponential backoff and jitter on 429 / 5xx / timeouts / connection errors
+(none on other 4xx), and a ledger of requests, tokens, cache hits, failures and cost with an
+optional budget. API keys come from the environment (Dagster `EnvVar`) and are never stored.
 """
 from __future__ import annotations
 
 import asyncio
 import functools
+import hashlib
+import json
 import os
+import random
+import sqlite3
 import threading
 import time
-from dataclasses import dataclass, field
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Awaitable, Callable, Literal, Protocol, TypeVar
 
 from dagster import ConfigurableResource
@@ -23,7 +34,19 @@ T = TypeVar("T")
 
 
 class LLMEndpointError(RuntimeError):
-    pass
+    """The backend cannot be reached at all: the partition stops, naming the endpoint and the fix."""
+
+
+class TransientLLMError(RuntimeError):
+    """A failure worth retrying: rate limit, server error, timeout, dropped connection."""
+
+    def __init__(self, message: str, unreachable: bool = False):
+        super().__init__(message)
+        self.unreachable = unreachable
+
+
+class BudgetExceeded(RuntimeError):
+    """The request or cost budget of this materialization is spent; finished work is kept."""
 
 
 @dataclass
@@ -49,8 +72,9 @@ class LLMClient(Protocol):
         temperature: float = 0.0,
         top_logprobs: int = 0,
         binary_list: int | None = None,
+        seed: int | None = None,
     ) -> Completion:
-        """`binary_list=n` says the answer must be a list of n 0/1 labels; backends that can constrain
+        """`seed` tells samples of the same prompt apart (best-of-N); `binary_list=n` says the answer must be a list of n 0/1 labels; backends that can constrain
         decoding (llama.cpp grammars) enforce the format, which fixes the form, never the content."""
 
 
@@ -60,13 +84,14 @@ def binary_list_grammar(n: int) -> str:
     return f'root ::= "[" {items} "]"\nlabel ::= "0" | "1"\n'
 
 
+# ---- backends -----------------------------------------------------------------------------------
 
 @functools.lru_cache(maxsize=2)
-def _llama(model_path: str, n_ctx: int, seed: int):
+def _llama(model_path: str, n_ctx: int, seed: int, logits_all: bool):
     from llama_cpp import Llama
 
     threads = os.cpu_count() or 1
-    return Llama(model_path=model_path, n_ctx=n_ctx, seed=seed, n_threads=threads, n_threads_batch=threads, verbose=False)
+    return Llama(model_path=model_path, n_ctx=n_ctx, seed=seed, n_threads=threads, n_threads_batch=threads, logits_all=logits_all, verbose=False)
 
 
 class LlamaCppClient:
@@ -80,37 +105,41 @@ class LlamaCppClient:
         self._lock = threading.Lock()
 
     async def check(self) -> None:
-        await asyncio.to_thread(_llama, self.model_path, self.n_ctx, self.seed)
+        await asyncio.to_thread(_llama, self.model_path, self.n_ctx, self.seed, False)
 
-    def _complete_sync(self, messages, max_tokens, temperature, top_logprobs, binary_list) -> Completion:
+    def _complete_sync(self, messages, max_tokens, temperature, top_logprobs, binary_list, seed) -> Completion:
         from llama_cpp import LlamaGrammar
 
-        llm = _llama(self.model_path, self.n_ctx, self.seed)
+        llm = _llama(self.model_path, self.n_ctx, self.seed, bool(top_logprobs))  # logprobs need every position's logits
         grammar = LlamaGrammar.from_string(binary_list_grammar(binary_list), verbose=False) if binary_list else None
+        extra = {"logprobs": True, "top_logprobs": top_logprobs} if top_logprobs else {}
         with self._lock:
             out = llm.create_chat_completion(
-                messages=messages, max_tokens=max_tokens, temperature=temperature, seed=self.seed, grammar=grammar
+                messages=messages, max_tokens=max_tokens, temperature=temperature, seed=self.seed if seed is None else seed, grammar=grammar, **extra
             )
         usage = out.get("usage", {})
-        return Completion(
-            text=out["choices"][0]["message"]["content"] or "",
-            prompt_tokens=usage.get("prompt_tokens", 0),
-            completion_tokens=usage.get("completion_tokens", 0),
-        )
+        choice = out["choices"][0]
+        alternatives = []
+        if top_logprobs and choice.get("logprobs"):
+            alternatives = [{alt["token"]: alt["logprob"] for alt in tok["top_logprobs"]} for tok in choice["logprobs"]["content"]]
+        return Completion(choice["message"]["content"] or "", usage.get("prompt_tokens", 0), usage.get("completion_tokens", 0), alternatives)
 
-    async def complete(self, messages, *, max_tokens, temperature=0.0, top_logprobs=0, binary_list=None) -> Completion:
-        return await asyncio.to_thread(self._complete_sync, messages, max_tokens, temperature, top_logprobs, binary_list)
+    async def complete(self, messages, *, max_tokens, temperature=0.0, top_logprobs=0, binary_list=None, seed=None) -> Completion:
+        return await asyncio.to_thread(self._complete_sync, messages, max_tokens, temperature, top_logprobs, binary_list, seed)
 
 
 class OpenAICompatibleClient:
-    """Any OpenAI-compatible chat endpoint (OpenAI, OpenRouter, vLLM or llama.cpp servers) via the `openai` SDK."""
+    """Any OpenAI-compatible chat endpoint (OpenAI, OpenRouter, vLLM or llama.cpp servers) via the `openai` SDK.
+
+    The SDK's own retries are off: `ProductionClient` retries, so that every attempt is counted.
+    """
 
     def __init__(self, base_url: str, model: str, api_key: str | None, timeout_s: float = 120.0):
         from openai import AsyncOpenAI
 
         self.base_url = base_url
         self.model_name = model
-        self._client = AsyncOpenAI(base_url=base_url, api_key=api_key or "EMPTY", timeout=timeout_s, max_retries=2)
+        self._client = AsyncOpenAI(base_url=base_url, api_key=api_key or "EMPTY", timeout=timeout_s, max_retries=0)
 
     def _unreachable(self, error: Exception) -> LLMEndpointError:
         return LLMEndpointError(
@@ -128,16 +157,28 @@ class OpenAICompatibleClient:
         except openai.APIStatusError:
             pass  # some servers do not list models; a real request will tell
 
-    async def complete(self, messages, *, max_tokens, temperature=0.0, top_logprobs=0, binary_list=None) -> Completion:
+    async def complete(self, messages, *, max_tokens, temperature=0.0, top_logprobs=0, binary_list=None, seed=None) -> Completion:
         import openai
+        from openai.types.chat import ChatCompletion
 
         extra = {"logprobs": True, "top_logprobs": top_logprobs} if top_logprobs else {}
+        if seed is not None:
+            extra["seed"] = seed
+        body = {"model": self.model_name, "messages": messages, "max_tokens": max_tokens, "temperature": temperature, **extra}
         try:
-            out = await self._client.chat.completions.create(
-                model=self.model_name, messages=messages, max_tokens=max_tokens, temperature=temperature, **extra
-            )
+            # The SDK's typed `create` re-walks every message against its TypedDicts (~3 ms a request);
+            # posting the same body through the SDK's client skips that and keeps its errors and parsing.
+            out = await self._client.post("/chat/completions", cast_to=ChatCompletion, body=body)
+        except openai.APITimeoutError as error:
+            raise TransientLLMError(f"timeout from {self.base_url}") from error
         except openai.APIConnectionError as error:
-            raise self._unreachable(error) from error
+            raise TransientLLMError(str(self._unreachable(error)), unreachable=True) from error
+        except openai.APIStatusError as error:
+            if error.status_code == 429 or error.status_code >= 500:
+                raise TransientLLMError(f"HTTP {error.status_code} from {self.base_url}") from error
+            raise
+        if not out.choices:
+            return Completion("", out.usage.prompt_tokens if out.usage else 0, 0)
         choice = out.choices[0]
         alternatives = []
         if choice.logprobs and choice.logprobs.content:
@@ -150,22 +191,179 @@ class OpenAICompatibleClient:
         )
 
 
-class BoundedClient:
-    """Wraps a client so that at most `limit` of its requests are in flight, however many are awaited."""
+class VLLMOfflineClient:
+    """vLLM in-process on a GPU (`pip install 'autointerp[vllm]'`). Concurrent requests are gathered
+    into one `LLM.chat` batch, which is how offline vLLM reaches its throughput."""
 
-    def __init__(self, inner: LLMClient, limit: int):
+    def __init__(self, model: str, max_batch: int = 256, **engine_args):
+        try:
+            import vllm
+        except ImportError as error:
+            raise RuntimeError("llm.backend 'vllm' needs vLLM on a GPU machine: pip install 'autointerp[vllm]'") from error
+        self._vllm = vllm
+        self.model_name = model
+        self._engine = vllm.LLM(model=model, **engine_args)
+        self._queue: list[tuple[list[dict], object, asyncio.Future]] = []
+        self._max_batch = max_batch
+        self._flusher: asyncio.Task | None = None
+
+    async def check(self) -> None:
+        return None
+
+    async def complete(self, messages, *, max_tokens, temperature=0.0, top_logprobs=0, binary_list=None, seed=None) -> Completion:
+        params = self._vllm.SamplingParams(max_tokens=max_tokens, temperature=temperature, logprobs=top_logprobs or None, seed=seed)
+        future = asyncio.get_running_loop().create_future()
+        self._queue.append((messages, params, future))
+        if self._flusher is None or self._flusher.done():
+            self._flusher = asyncio.create_task(self._flush())
+        return await future
+
+    async def _flush(self) -> None:
+        await asyncio.sleep(0.01)  # let concurrent callers join the batch
+        while self._queue:
+            batch, self._queue = self._queue[: self._max_batch], self._queue[self._max_batch :]
+            outputs = await asyncio.to_thread(self._engine.chat, [m for m, _, _ in batch], [p for _, p, _ in batch], use_tqdm=False)
+            for (_, _, future), out in zip(batch, outputs):
+                first = out.outputs[0]
+                alternatives = [{lp.decoded_token: lp.logprob for lp in step.values()} for step in (first.logprobs or [])]
+                future.set_result(Completion(first.text, len(out.prompt_token_ids), len(first.token_ids), alternatives))
+
+
+# ---- production wrapper -------------------------------------------------------------------------
+
+class ResponseCache:
+    """Responses on disk (SQLite), keyed by a hash of the backend, model, messages and sampling parameters."""
+
+    def __init__(self, path: Path):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self.path = path
+        self._db = sqlite3.connect(path, timeout=60, check_same_thread=False)
+        self._lock = threading.Lock()
+        with self._lock, self._db as db:
+            db.execute("PRAGMA journal_mode=WAL")  # readers never block the one writer; other processes share it safely
+            db.execute("PRAGMA synchronous=NORMAL")  # no fsync per answer: a crash of the app loses nothing, a power cut the last few
+            db.execute("CREATE TABLE IF NOT EXISTS responses (key TEXT PRIMARY KEY, completion TEXT NOT NULL)")
+
+    @contextmanager
+    def _connect(self):
+        """A transaction on the one connection, serialized: SQLite connections are not safe to share unguarded."""
+        with self._lock, self._db:
+            yield self._db
+
+    @staticmethod
+    def key(model_id: str, messages: list[dict], params: dict) -> str:
+        payload = json.dumps({"model": model_id, "messages": messages, "params": params}, sort_keys=True, ensure_ascii=False)
+        return hashlib.sha256(payload.encode()).hexdigest()
+
+    def get(self, key: str) -> Completion | None:
+        with self._connect() as db:
+            row = db.execute("SELECT completion FROM responses WHERE key = ?", (key,)).fetchone()
+        return Completion(**json.loads(row[0])) if row else None
+
+    def put(self, key: str, completion: Completion) -> None:
+        with self._connect() as db:
+            db.execute("INSERT OR REPLACE INTO responses VALUES (?, ?)", (key, json.dumps(asdict(completion))))
+
+    def forget(self, key: str) -> None:
+        with self._connect() as db:
+            db.execute("DELETE FROM responses WHERE key = ?", (key,))
+
+
+@dataclass
+class Ledger:
+    """What a materialization asked of its LLM, what it cost, and whether its budget allows more."""
+
+    prices_per_million: tuple[float, float] | None = None
+    """(prompt, completion) price per million tokens; None = cost unknown."""
+    max_requests: int | None = None
+    max_cost: float | None = None
+    requests: int = 0
+    cache_hits: int = 0
+    failures: int = 0
+    retries: int = 0
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+
+    @property
+    def cost(self) -> float | None:
+        if self.prices_per_million is None:
+            return None
+        prompt_price, completion_price = self.prices_per_million
+        return (self.prompt_tokens * prompt_price + self.completion_tokens * completion_price) / 1e6
+
+    def check_budget(self) -> None:
+        if self.max_requests is not None and self.requests >= self.max_requests:
+            raise BudgetExceeded(f"request budget of {self.max_requests} reached")
+        if self.max_cost is not None and (self.cost or 0.0) >= self.max_cost:
+            raise BudgetExceeded(f"cost budget of {self.max_cost} reached")
+
+    def as_metadata(self) -> dict:
+        out = {f"llm_{name}": getattr(self, name) for name in ("requests", "cache_hits", "failures", "retries", "prompt_tokens", "completion_tokens")}
+        if self.cost is not None:
+            out["llm_cost"] = round(self.cost, 6)
+        return out
+
+
+class ProductionClient:
+    """Cache → budget → bounded concurrency → retries → backend, recording everything in the ledger."""
+
+    def __init__(self, inner: LLMClient, model_id: str, cache: ResponseCache | None, ledger: Ledger, max_concurrency: int,
+                 max_attempts: int = 6, backoff_s: float = 0.5, max_backoff_s: float = 30.0):
         self.inner = inner
         self.model_name = inner.model_name
-        self._semaphore = asyncio.Semaphore(max(1, limit))
+        self.model_id = model_id
+        self.cache = cache
+        self.ledger = ledger
+        self.max_attempts = max_attempts
+        self.backoff_s = backoff_s
+        self.max_backoff_s = max_backoff_s
+        self._semaphore = asyncio.Semaphore(max(1, max_concurrency))
 
     async def check(self) -> None:
         await self.inner.check()
 
-    async def complete(self, messages, *, max_tokens, temperature=0.0, top_logprobs=0, binary_list=None) -> Completion:
+    def cache_key(self, messages, **params) -> str:
+        return ResponseCache.key(self.model_id, messages, params)
+
+    def forget(self, messages, *, max_tokens, temperature=0.0, top_logprobs=0, binary_list=None, seed=None) -> None:
+        """Drop a cached answer that turned out unusable, so the next materialization asks again."""
+        if self.cache is not None:
+            params = {"max_tokens": max_tokens, "temperature": temperature, "top_logprobs": top_logprobs, "binary_list": binary_list, "seed": seed}
+            self.cache.forget(self.cache_key(messages, **params))
+
+    async def complete(self, messages, *, max_tokens, temperature=0.0, top_logprobs=0, binary_list=None, seed=None) -> Completion:
+        params = {"max_tokens": max_tokens, "temperature": temperature, "top_logprobs": top_logprobs, "binary_list": binary_list, "seed": seed}
+        key = self.cache_key(messages, **params)
+        if self.cache is not None and (hit := self.cache.get(key)) is not None:
+            self.ledger.cache_hits += 1
+            return hit
         async with self._semaphore:
-            return await self.inner.complete(
-                messages, max_tokens=max_tokens, temperature=temperature, top_logprobs=top_logprobs, binary_list=binary_list
-            )
+            self.ledger.check_budget()
+            self.ledger.requests += 1
+            completion = await self._with_retries(messages, params)
+        self.ledger.prompt_tokens += completion.prompt_tokens
+        self.ledger.completion_tokens += completion.completion_tokens
+        if self.cache is not None:
+            self.cache.put(key, completion)
+        return completion
+
+    async def _with_retries(self, messages, params) -> Completion:
+        for attempt in range(1, self.max_attempts + 1):
+            try:
+                return await self.inner.complete(messages, **params)
+            except TransientLLMError as error:
+                if attempt == self.max_attempts:
+                    self.ledger.failures += 1
+                    if error.unreachable:
+                        raise LLMEndpointError(str(error)) from error
+                    raise
+                self.ledger.retries += 1
+                delay = min(self.max_backoff_s, self.backoff_s * 2 ** (attempt - 1))
+                await asyncio.sleep(delay * random.uniform(0.5, 1.0))  # full jitter spreads clients apart
+            except Exception:
+                self.ledger.failures += 1
+                raise
+        raise AssertionError("unreachable")
 
 
 async def gather_with_progress(jobs: list[Awaitable[T]], report: Callable[[str], None] | None, label: str) -> list[T]:
@@ -184,20 +382,40 @@ async def gather_with_progress(jobs: list[Awaitable[T]], report: Callable[[str],
 
 
 class LLMResource(ConfigurableResource):
-    """The explainer/scorer LLM. Keys are read from the environment variable named by `api_key_env`."""
+    """The explainer/scorer LLM. Set `api_key` with `EnvVar("...")`: Dagster resolves it at run time and never shows it."""
 
-    backend: Literal["embedded", "openai"] = Field(default="embedded", description="'embedded' = SmolLM2-135M-Instruct via llama-cpp-python; 'openai' = any OpenAI-compatible HTTP endpoint.")
+    backend: Literal["embedded", "openai", "vllm"] = Field(default="embedded", description="'embedded' = SmolLM2-135M-Instruct via llama-cpp-python; 'openai' = any OpenAI-compatible HTTP endpoint; 'vllm' = vLLM offline on a GPU.")
     base_url: str | None = Field(default=None, description="Endpoint for backend 'openai', e.g. http://127.0.0.1:8000/v1 (vLLM) or https://openrouter.ai/api/v1.")
-    model: str = Field(default="embedded", description="Model name sent to the endpoint; for 'embedded' a GGUF path or 'embedded'.")
-    api_key_env: str = Field(default="OPENAI_API_KEY", description="Name of the environment variable holding the API key (never the key itself).")
+    model: str = Field(default="embedded", description="Model name sent to the endpoint; for 'embedded' a GGUF path or 'embedded'; for 'vllm' a HF id or path.")
+    api_key: str | None = Field(default=None, description="Set with EnvVar('OPENAI_API_KEY') (or your provider's variable); never a literal.")
     max_concurrency: int = Field(default=8, description="Requests in flight at once.")
+    max_attempts: int = Field(default=6, description="Attempts per request on 429 / 5xx / timeouts / connection errors (backoff doubles from 0.5 s, with jitter).")
+    timeout_s: float = Field(default=120.0, description="Per-request timeout of HTTP backends.")
     n_ctx: int = Field(default=2048, description="Context window of the embedded model.")
+    cache_dir: str | None = Field(default=None, description="Response cache directory; default <data>/llm_cache. '' disables the cache.")
+    prompt_price_per_million: float | None = Field(default=None, description="Price per million prompt tokens, to report cost.")
+    completion_price_per_million: float | None = Field(default=None, description="Price per million completion tokens, to report cost.")
+    max_requests: int | None = Field(default=None, description="Stop sending after this many requests in one materialization (finished work is kept).")
+    max_cost: float | None = Field(default=None, description="Stop sending once this cost is reached in one materialization (needs prices).")
 
-    def client(self) -> LLMClient:
+    def backend_client(self) -> LLMClient:
         if self.backend == "embedded":
-            inner = LlamaCppClient(None if self.model == "embedded" else self.model, n_ctx=self.n_ctx)
-        elif not self.base_url:
+            return LlamaCppClient(None if self.model == "embedded" else self.model, n_ctx=self.n_ctx)
+        if self.backend == "vllm":
+            return VLLMOfflineClient(self.model)
+        if not self.base_url:
             raise ValueError("llm.backend is 'openai' but llm.base_url is not set. Fix: set it, e.g. http://127.0.0.1:8000/v1.")
-        else:
-            inner = OpenAICompatibleClient(self.base_url, self.model, os.environ.get(self.api_key_env))
-        return BoundedClient(inner, self.max_concurrency)
+        return OpenAICompatibleClient(self.base_url, self.model, self.api_key, self.timeout_s)
+
+    def model_id(self) -> str:
+        """What identifies the answers' source in the cache: backend, endpoint and model (never the key)."""
+        return f"{self.backend}|{self.base_url or ''}|{self.model}"
+
+    def client(self, default_cache_dir: Path | None = None) -> ProductionClient:
+        prices = None
+        if self.prompt_price_per_million is not None or self.completion_price_per_million is not None:
+            prices = (self.prompt_price_per_million or 0.0, self.completion_price_per_million or 0.0)
+        cache_dir = Path(self.cache_dir) if self.cache_dir else default_cache_dir
+        cache = ResponseCache(cache_dir / "responses.sqlite") if cache_dir is not None and self.cache_dir != "" else None
+        ledger = Ledger(prices, self.max_requests, self.max_cost)
+        return ProductionClient(self.backend_client(), self.model_id(), cache, ledger, self.max_concurrency, self.max_attempts)

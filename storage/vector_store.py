@@ -66,7 +66,7 @@ class ContextIndex:
 
     def nearest(self, query: np.ndarray, limit: int) -> np.ndarray:
         """Block ids of the `limit` windows closest to `query` (cosine), nearest first."""
-        search = self.table.search(query.astype(np.float32)).metric("cosine").limit(limit).select(["block"])
+        search = self.table.search(query.astype(np.float32)).metric("cosine").limit(limit).select(["block", "_distance"])
         if self.indexed:
             search = search.nprobes(ANN_NPROBES).refine_factor(ANN_REFINE_FACTOR)
         return np.asarray(search.to_arrow()["block"].to_numpy())

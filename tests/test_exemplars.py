@@ -90,14 +90,17 @@ def test_non_activating_windows_are_tagged_zero_and_unique():
     assert set(latents["latent"]) == {3, 4, 5}
     for latent, group in frame.groupby("latent"):
         fired = {(s, p) for s, p, l in shard.locations if l == latent}
-        negatives = group[group.kind != "activating"]
-        assert set(negatives.kind) == {"random", "neighbour"} and len(negatives) == 8
-        for row in negatives.itertuples():
+        test_negatives = group[(group.kind != "activating") & (group.split == "test")]
+        assert set(test_negatives.kind) == {"random", "neighbour"} and len(test_negatives) == 8
+        valid = group[group.split == "valid"]
+        assert (valid.kind == "activating").sum() == 5 and (valid.kind == "random").sum() == 5
+        assert len(group[(group.split == "train") & (group.kind != "activating")]) == 5  # contrastive negatives
+        for row in group[group.kind != "activating"].itertuples():
             assert not any((row.sequence, p) in fired for p in range(row.start, row.start + WINDOW))
         windows = list(zip(group.sequence, group.start))
-        assert len(windows) == len(set(windows))  # no window used twice for one latent
+        assert len(windows) == len(set(windows))  # no window used twice for one latent, across all splits
     # latent 4 fires right after each token 7; where latent 3 is zero, that is a block opening just after a 7
-    neighbour_rows = frame[(frame.latent == 3) & (frame.kind == "neighbour")]
+    neighbour_rows = frame[(frame.latent == 3) & (frame.kind == "neighbour") & (frame.split == "test")]
     assert len(neighbour_rows) and all(tokens[row.sequence, row.start - 1] == 7 for row in neighbour_rows.itertuples())
 
 

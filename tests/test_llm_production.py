@@ -1,0 +1,169 @@
+"""The production client around any backend: retries, cache, budget, cost, failures, secrets."""
+import asyncio
+import os
+import time
+from pathlib import Path
+
+import pandas as pd
+import pytest
+from dagster import DagsterInstance, EnvVar, materialize
+
+from resources.llm import BudgetExceeded, LLMResource
+from tests.conftest import TINY_CODER, TINY_CORPUS_CONFIG, TINY_EXEMPLARS_CONFIG, make_resources
+from tests.scripted_llm_server import ScriptedLLMServer
+from tests.test_pipeline import ALL_ASSETS
+
+MESSAGES = [{"role": "user", "content": "Say hello."}]
+
+
+def scripted(statuses):
+    """Reply with the given statuses in turn, then 'ok'."""
+    queue = list(statuses)
+    return lambda messages: queue.pop(0) if queue else "ok"
+
+
+def resource(server, **kwargs) -> LLMResource:
+    return LLMResource(backend="openai", base_url=server.base_url, model="m", **kwargs)
+
+
+@pytest.mark.parametrize("statuses", [[429, 429], [500, 503], [502]])
+def test_rate_limits_and_server_errors_are_retried_with_backoff(statuses):
+    with ScriptedLLMServer(scripted(statuses)) as server:
+        client = resource(server).client()
+        client.backoff_s = 0.01
+        out = asyncio.run(client.complete(MESSAGES, max_tokens=2))
+    assert out.text == "ok" and len(server.requests) == len(statuses) + 1
+    assert client.ledger.retries == len(statuses) and client.ledger.requests == 1
+
+
+def test_other_client_errors_are_not_retried():
+    import openai
+
+    with ScriptedLLMServer(scripted([400])) as server:
+        client = resource(server).client()
+        with pytest.raises(openai.BadRequestError):
+            asyncio.run(client.complete(MESSAGES, max_tokens=2))
+    assert len(server.requests) == 1 and client.ledger.failures == 1
+
+
+def test_timeouts_are_retried():
+    calls = []
+
+    def slow_first(messages):
+        calls.append(1)
+        if len(calls) == 1:
+            time.sleep(1.0)
+        return "ok"
+
+    with ScriptedLLMServer(slow_first) as server:
+        client = resource(server, timeout_s=0.3).client()
+        client.backoff_s = 0.01
+        assert asyncio.run(client.complete(MESSAGES, max_tokens=2)).text == "ok"
+    assert client.ledger.retries == 1 and len(calls) == 2
+
+
+def test_gives_up_after_max_attempts():
+    from resources.llm import TransientLLMError
+
+    with ScriptedLLMServer(lambda m: 503) as server:
+        client = resource(server, max_attempts=3).client()
+        client.backoff_s = 0.01
+        with pytest.raises(TransientLLMError):
+            asyncio.run(client.complete(MESSAGES, max_tokens=2))
+    assert len(server.requests) == 3 and client.ledger.failures == 1
+
+
+def test_response_cache_is_content_addressed(tmp_path):
+    with ScriptedLLMServer(lambda m: "cached answer") as server:
+        async def run(client):
+            first = await client.complete(MESSAGES, max_tokens=5)
+            again = await client.complete(MESSAGES, max_tokens=5)
+            other = await client.complete(MESSAGES, max_tokens=6)
+            return first, again, other
+
+        client = resource(server).client(tmp_path)
+        first, again, other = asyncio.run(run(client))
+        fresh = resource(server).client(tmp_path)  # a later materialization, same cache on disk
+        asyncio.run(fresh.complete(MESSAGES, max_tokens=5))
+    assert first.text == again.text == "cached answer"
+    assert len(server.requests) == 2 and client.ledger.cache_hits == 1 and fresh.ledger.requests == 0
+
+
+def test_budget_stops_sending_and_cost_is_counted():
+    with ScriptedLLMServer(lambda m: "ok") as server:
+        client = resource(server, max_requests=3, prompt_price_per_million=2.0, completion_price_per_million=10.0).client()
+
+        async def many():
+            return await asyncio.gather(*(client.complete([{"role": "user", "content": str(i)}], max_tokens=2) for i in range(5)), return_exceptions=True)
+
+        results = asyncio.run(many())
+    assert len(server.requests) == 3 and sum(isinstance(r, BudgetExceeded) for r in results) == 2
+    assert client.ledger.cost == pytest.approx((3 * 10 * 2.0 + 3 * 3 * 10.0) / 1e6)
+    assert client.ledger.as_metadata()["llm_cost"] > 0
+
+
+def pipeline_until_exemplars(root: Path, instance):
+    resources = make_resources(root, max_latents=3)
+    materialize(ALL_ASSETS, selection=["corpus"], resources=resources, instance=instance, run_config={"ops": {"corpus": {"config": TINY_CORPUS_CONFIG}}})
+    materialize(ALL_ASSETS, selection=["activations"], partition_key=TINY_CODER, resources=resources, instance=instance)
+    materialize(ALL_ASSETS, selection=["exemplars"], partition_key=f"{TINY_CODER}|00", resources=resources, instance=instance,
+                run_config={"ops": {"exemplars": {"config": TINY_EXEMPLARS_CONFIG}}})
+
+
+def test_malformed_answers_fail_the_latent_not_the_partition_and_are_retried_next_time(registered):
+    instance = DagsterInstance.ephemeral()
+    instance.add_dynamic_partitions("coder", [TINY_CODER])
+    pipeline_until_exemplars(registered, instance)
+    answers = iter(["Explanation: the word table", "", "Explanation: commas", "Explanation: numbers"])
+    with ScriptedLLMServer(lambda m: next(answers)) as server:
+        resources = make_resources(registered, max_latents=3, llm=resource(server, max_concurrency=1))
+        first = materialize(ALL_ASSETS, selection=["explanations"], partition_key=f"{TINY_CODER}|00", resources=resources, instance=instance)
+        frame = pd.read_parquet(Path(registered) / "explanations" / TINY_CODER / "00.parquet")
+        assert list(frame.status) == ["ok", "failed", "ok"] and "unparseable" in frame.error[1]
+        second = materialize(ALL_ASSETS, selection=["explanations"], partition_key=f"{TINY_CODER}|00", resources=resources, instance=instance)
+        frame = pd.read_parquet(Path(registered) / "explanations" / TINY_CODER / "00.parquet")
+    assert first.success and second.success and len(server.requests) == 4  # only the failed latent was asked again
+    assert list(frame.status) == ["ok", "ok", "ok"]
+    meta = second.asset_materializations_for_node("explanations")[0].metadata
+    assert meta["llm_requests"].value == 1 and meta["llm_cache_hits"].value == 2
+
+
+@pytest.mark.parametrize("explainer, marker", [("contrastive", "Counter-example 1:"), ("token_table", "\t"), ("top_tokens", "average strength")])
+def test_every_explainer_and_best_of_n(registered, explainer, marker):
+    instance = DagsterInstance.ephemeral()
+    instance.add_dynamic_partitions("coder", [TINY_CODER])
+    pipeline_until_exemplars(registered, instance)
+    replies = iter([f"Explanation: candidate {i}" for i in range(100)])
+    with ScriptedLLMServer(lambda m: next(replies)) as server:
+        resources = make_resources(registered, max_latents=2, llm=resource(server))
+        config = {"ops": {"explanations": {"config": {"explainer": explainer, "best_of_n": 3}}}}
+        assert materialize(ALL_ASSETS, selection=["explanations"], partition_key=f"{TINY_CODER}|00", resources=resources, instance=instance, run_config=config).success
+    assert len(server.requests) == 6 and all(marker in r["messages"][-1]["content"] for r in server.requests)
+    assert {r["seed"] for r in server.requests} == {0, 1, 2}
+    frame = pd.read_parquet(Path(registered) / "explanations" / TINY_CODER / "00.parquet")
+    for row in frame.itertuples():
+        assert len(row.candidates) == 3 and len(row.candidate_scores) == 3
+        assert row.explanation == row.candidates[int(pd.Series(row.candidate_scores).idxmax())]
+
+
+def test_api_key_never_reaches_metadata_logs_or_files(registered, tmp_path, monkeypatch, caplog):
+    secret = "sk-autointerp-test-0123456789"
+    monkeypatch.setenv("AUTOINTERP_TEST_SECRET", secret)
+    home = tmp_path / "dagster_home"
+    home.mkdir()
+    with DagsterInstance.local_temp(str(home)) as instance:
+        instance.add_dynamic_partitions("coder", [TINY_CODER])
+        pipeline_until_exemplars(registered, instance)
+        with ScriptedLLMServer(lambda m: "[1, 0, 1, 0, 1]" if "Description" in m[-1]["content"] else "Explanation: x") as server:
+            llm = LLMResource(backend="openai", base_url=server.base_url, model="m", api_key=EnvVar("AUTOINTERP_TEST_SECRET"))
+            resources = make_resources(registered, max_latents=2, llm=llm)
+            result = materialize(ALL_ASSETS, selection=["explanations", "scores"], partition_key=f"{TINY_CODER}|00", resources=resources, instance=instance)
+        assert result.success
+        assert server.headers[0]["authorization"] == f"Bearer {secret}"  # it was used
+        events = instance.all_logs(result.run_id)
+        assert secret not in repr([e.dagster_event for e in events]) and secret not in repr([e.user_message for e in events])
+    assert secret not in caplog.text
+    for root in (Path(registered), home):
+        for path in root.rglob("*"):
+            if path.is_file():
+                assert secret.encode() not in path.read_bytes(), path

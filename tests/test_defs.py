@@ -23,6 +23,7 @@ def test_dagster_cli_lists_the_five_assets():
 
 def test_dagster_dev_serves_the_ui_on_localhost(tmp_path):
     import os
+    import signal
     import socket
     import time
     import urllib.request
@@ -32,8 +33,9 @@ def test_dagster_dev_serves_the_ui_on_localhost(tmp_path):
         port = s.getsockname()[1]
     dagster = Path(sys.executable).parent / "dagster"
     env = {**os.environ, "DAGSTER_HOME": str(tmp_path), "AUTOINTERP_DATA": str(tmp_path / "data")}
+    log = tmp_path / "dagster_dev.log"
     proc = subprocess.Popen([str(dagster), "dev", "-m", "autointerp_defs", "-h", "127.0.0.1", "-p", str(port)], env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+                            stdout=log.open("w"), stderr=subprocess.STDOUT, start_new_session=True)
     try:
         deadline, info = time.time() + 180, None
         while time.time() < deadline and proc.poll() is None:
@@ -52,7 +54,12 @@ def test_dagster_dev_serves_the_ui_on_localhost(tmp_path):
                 break
             time.sleep(2)
         assert all(f'"{stage}"' in body for stage in STAGES), body
+        output = log.read_text()  # what it said while starting and serving, before we stop it
     finally:
-        os.killpg(proc.pid, 15)
-        output = proc.communicate(timeout=60)[0]
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(timeout=30)
     assert "Traceback" not in output and "Error loading" not in output, output[-3000:]

@@ -278,12 +278,12 @@ def activations(
         "coders": MetadataValue.md(table.round(4).to_markdown(index=False)),
         "tokens_cached": int(table["tokens"].iloc[0]),
         "live_latents": int(table["live_latents"].sum()),
-        "dead_fraction": MetadataValue.float(float(table["dead_fraction"].mean())),
-        "mean_l0": MetadataValue.float(float(table["mean_l0"].mean())),
-        "tokens_per_second": MetadataValue.float(float(next(iter(metas.values()))["tokens_per_second"])),
+        "dead_fraction": MetadataValue.float(round(float(table["dead_fraction"].mean()), 4)),
+        "mean_l0": MetadataValue.float(round(float(table["mean_l0"].mean()), 2)),
+        "tokens_per_second": MetadataValue.float(round(float(next(iter(metas.values()))["tokens_per_second"]), 1)),
     }
     if len(metas) == 1 and table["fvu"].iloc[0] is not None:
-        metadata["fvu"] = MetadataValue.float(float(table["fvu"].iloc[0]))
+        metadata["fvu"] = MetadataValue.float(round(float(table["fvu"].iloc[0]), 4))
     check = AssetCheckResult(
         check_name="coder_health",
         passed=not any(problems.values()),

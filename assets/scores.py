@@ -197,9 +197,9 @@ def summary_metadata(frame: pd.DataFrame) -> dict:
     metadata = {"latents_scored": int(frame["latent"].nunique()) if len(frame) else 0}
     for scorer in SCORERS:
         part = frame[frame["scorer"] == scorer] if len(frame) else frame
-        for metric in ("accuracy", "f1", "balanced_accuracy"):
-            metadata[f"{scorer}_{metric}"] = MetadataValue.float(float(part[metric].mean()) if len(part) else float("nan"))
-        metadata[f"{scorer}_control_balanced_accuracy"] = MetadataValue.float(float(part["control_balanced_accuracy"].mean()) if len(part) else float("nan"))
+        for metric in ("accuracy", "f1", "balanced_accuracy", "control_balanced_accuracy"):
+            mean = round(float(part[metric].mean()), 4) if len(part) else float("nan")
+            metadata[f"{scorer}_{metric}"] = MetadataValue.float(mean)
         metadata[f"{scorer}_verdict"] = verdict(part["gap"]) if len(part) else "uninformative: nothing scored"
     return metadata
 

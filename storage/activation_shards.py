@@ -36,6 +36,12 @@ def shard_latent_range(width: int, n_shards: int, shard_index: int) -> tuple[int
     return shard_index * width // n_shards, (shard_index + 1) * width // n_shards
 
 
+def shard_of_latents(latents: np.ndarray, width: int, n_shards: int) -> np.ndarray:
+    """Index of the shard holding each latent (the inverse of `shard_latent_range`)."""
+    starts = np.array([shard_latent_range(width, n_shards, i)[0] for i in range(n_shards)])
+    return np.searchsorted(starts, latents, side="right") - 1
+
+
 def shard_dir(activations_dir: Path, shard: str) -> Path:
     return activations_dir / f"shard-{shard}"
 
@@ -46,9 +52,9 @@ class ShardedActivationWriter:
 
     def __init__(self, activations_dir: Path, width: int, n_shards: int, first_checkpoint: int = 0):
         self.activations_dir = activations_dir
+        self.width = width
         self.n_shards = n_shards
         self.keys = shard_keys(n_shards)
-        self.bounds = np.array([shard_latent_range(width, n_shards, i)[0] for i in range(n_shards)] + [width])
         self.checkpoints = first_checkpoint
         self.buffered = 0
         self._buffers: list[list[tuple[np.ndarray, np.ndarray]]] = [[] for _ in range(n_shards)]
@@ -57,7 +63,7 @@ class ShardedActivationWriter:
 
     def add(self, locations: np.ndarray, activations: np.ndarray) -> None:
         """Add `[n, 3]` int32 (sequence, position, latent) locations and their `[n]` activations."""
-        shard_of = np.searchsorted(self.bounds, locations[:, 2], side="right") - 1
+        shard_of = shard_of_latents(locations[:, 2], self.width, self.n_shards)
         order = np.argsort(shard_of, kind="stable")
         counts = np.bincount(shard_of, minlength=self.n_shards)
         offsets = np.concatenate([[0], np.cumsum(counts)])
@@ -123,9 +129,8 @@ def read_shard(activations_dir: Path, shard: str) -> ShardActivations:
 def read_latents(activations_dir: Path, latents: np.ndarray, width: int, n_shards: int) -> ShardActivations:
     """Cached activations of some latents only, reading just the shards that hold them."""
     latents = np.unique(latents)
-    wanted_shards = {int(np.searchsorted([shard_latent_range(width, n_shards, i)[1] for i in range(n_shards)], lat, side="right")) for lat in latents}
     parts = []
-    for i in sorted(wanted_shards):
+    for i in np.unique(shard_of_latents(latents, width, n_shards)):
         shard = read_shard(activations_dir, shard_keys(n_shards)[i])
         keep = np.isin(shard.locations[:, 2], latents)
         parts.append(ShardActivations(shard.locations[keep], shard.activations[keep]))

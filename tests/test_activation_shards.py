@@ -1,6 +1,6 @@
 import numpy as np
 
-from storage.activation_shards import ShardedActivationWriter, read_shard, shard_keys, shard_latent_range
+from storage.activation_shards import ShardedActivationWriter, read_latents, read_shard, shard_keys, shard_latent_range
 
 
 def test_shards_split_the_width_exactly():
@@ -44,3 +44,6 @@ def test_writer_streams_chunks_and_reader_restores_every_pair(tmp_path):
             assert np.isclose(val.sum(), all_val[all_loc[:, 2] == latent].sum(), rtol=1e-5)
         total += len(shard.activations)
     assert total == len(all_val)
+    some = read_latents(tmp_path, np.array([3, 49, 50, 99, 3]), width, n_shards)
+    wanted = np.isin(all_loc[:, 2], [3, 49, 50, 99])
+    assert len(some.activations) == wanted.sum() and set(some.locations[:, 2]) == set(all_loc[wanted, 2])

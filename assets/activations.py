@@ -29,15 +29,14 @@ from dagster import (
     asset,
 )
 from pydantic import Field
-from safetensors.torch import load_file, save_file
 
 from assets.corpus import load_corpus
 from assets.partitions import N_SHARDS, coder_partitions
 from resources.settings import AutointerpSettings
 from resources.sparse_coders import SparseCode, SparseCoder, load_registered
 from resources.subject_model import SubjectModelResource, capture_hookpoints, resolve_hookpoint
-from storage.activation_shards import CHUNK_ENTRIES, ShardedActivationWriter, save_latent_stats
-from storage.atomic import atomic_path, read_json, write_json
+from storage.activation_shards import CHUNK_ENTRIES, ShardedActivationWriter, load_latent_stats, save_latent_stats
+from storage.atomic import read_json, write_json
 from storage.layout import DataRoot
 
 
@@ -63,18 +62,14 @@ class LatentStats:
         self.tokens += n_tokens
 
     def save(self, path: Path) -> None:
-        tensors = {"count": self.count.cpu(), "max": self.max.cpu(), "sum": self.sum.cpu(), "tokens": torch.tensor([self.tokens])}
-        with atomic_path(path) as tmp:
-            save_file(tensors, str(tmp))
+        save_latent_stats(path, self.count.cpu().numpy(), self.max.cpu().numpy(), self.sum.cpu().numpy(), self.tokens)
 
     @classmethod
     def load(cls, path: Path, device) -> "LatentStats":
-        tensors = load_file(str(path))
-        stats = cls(len(tensors["count"]), device)
-        stats.count += tensors["count"].to(device)
-        stats.max += tensors["max"].to(device)
-        stats.sum += tensors["sum"].to(device)
-        stats.tokens = int(tensors["tokens"][0])
+        saved = load_latent_stats(path)
+        stats = cls(len(saved["count"]), device)
+        stats.count, stats.max, stats.sum = (torch.from_numpy(saved[k]).to(device) for k in ("count", "max", "sum"))
+        stats.tokens = int(saved["tokens"][0])
         return stats
 
     def summary(self) -> dict:
@@ -222,7 +217,7 @@ def cache_activations(
     for cache in caches:
         cache.save_progress()
         stats = cache.stats
-        save_latent_stats(cache.out_dir / "latent_stats.safetensors", stats.count.cpu().numpy(), stats.max.cpu().numpy(), stats.sum.cpu().numpy())
+        stats.save(cache.out_dir / "latent_stats.safetensors")
         meta = {
             "coder": cache.coder.key,
             "hookpoint": cache.coder.hookpoint,

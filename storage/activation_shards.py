@@ -4,7 +4,8 @@ Layout of `activations/<coder>/` (documented for users in the README):
 
 - `meta.json`: coder, hookpoint, width, n_shards, corpus hash, token counts.
 - `latent_stats.safetensors`: per latent `count` (int64, tokens where it fired),
-  `max` (float32, largest activation) and `sum` (float64, sum of activations).
+  `max` (float32, largest activation) and `sum` (float64, sum of activations); `tokens` (int64
+  `[1]`, tokens cached). The same format holds the running statistics at each checkpoint.
 - `shard-XX/chunk-NNNNN.safetensors`: `locations` int32 `[n, 3]` = (sequence, position, latent)
   and `activations` float32 `[n]`, for the latents of shard XX only, written at checkpoint NNNNN.
   Chunks are written atomically as the cache streams, so memory stays flat however many tokens
@@ -139,12 +140,15 @@ def read_latents(activations_dir: Path, latents: np.ndarray, width: int, n_shard
     return ShardActivations(np.concatenate([p.locations for p in parts]), np.concatenate([p.activations for p in parts]))
 
 
-def save_latent_stats(path: Path, count: np.ndarray, maximum: np.ndarray, total: np.ndarray) -> None:
+def save_latent_stats(path: Path, count: np.ndarray, maximum: np.ndarray, total: np.ndarray, tokens: int) -> None:
+    tensors = {
+        "count": count.astype(np.int64),
+        "max": maximum.astype(np.float32),
+        "sum": total.astype(np.float64),
+        "tokens": np.array([tokens], np.int64),
+    }
     with atomic_path(path) as tmp:
-        save_file(
-            {"count": count.astype(np.int64), "max": maximum.astype(np.float32), "sum": total.astype(np.float64)},
-            str(tmp),
-        )
+        save_file(tensors, str(tmp))
 
 
 def load_latent_stats(path: Path) -> dict[str, np.ndarray]:

@@ -322,18 +322,19 @@ class ProductionClient:
     async def check(self) -> None:
         await self.inner.check()
 
-    def cache_key(self, messages, **params) -> str:
-        return ResponseCache.key(self.model_id, messages, params)
+    @staticmethod
+    def _request(max_tokens, temperature=0.0, top_logprobs=0, binary_list=None, seed=None) -> dict:
+        """Every parameter of a request, defaults filled in: what the cache key and the backend see."""
+        return {"max_tokens": max_tokens, "temperature": temperature, "top_logprobs": top_logprobs, "binary_list": binary_list, "seed": seed}
 
-    def forget(self, messages, *, max_tokens, temperature=0.0, top_logprobs=0, binary_list=None, seed=None) -> None:
+    def forget(self, messages, **params) -> None:
         """Drop a cached answer that turned out unusable, so the next materialization asks again."""
         if self.cache is not None:
-            params = {"max_tokens": max_tokens, "temperature": temperature, "top_logprobs": top_logprobs, "binary_list": binary_list, "seed": seed}
-            self.cache.forget(self.cache_key(messages, **params))
+            self.cache.forget(ResponseCache.key(self.model_id, messages, self._request(**params)))
 
-    async def complete(self, messages, *, max_tokens, temperature=0.0, top_logprobs=0, binary_list=None, seed=None) -> Completion:
-        params = {"max_tokens": max_tokens, "temperature": temperature, "top_logprobs": top_logprobs, "binary_list": binary_list, "seed": seed}
-        key = self.cache_key(messages, **params)
+    async def complete(self, messages, **params) -> Completion:
+        params = self._request(**params)
+        key = ResponseCache.key(self.model_id, messages, params)
         if self.cache is not None and (hit := self.cache.get(key)) is not None:
             self.ledger.cache_hits += 1
             return hit

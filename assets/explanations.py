@@ -21,7 +21,7 @@ from pydantic import Field
 from assets.corpus import load_corpus
 from assets.partitions import coder_and_shard, coder_shard_partitions
 from assets.prompts import contrastive_messages, explainer_messages, parse_explanation, token_table_messages, top_tokens_messages
-from assets.scores import roc_auc
+from assets.score_metrics import roc_auc
 from resources.embedder import EmbedderResource
 from resources.llm import BudgetExceeded, LLMEndpointError, LLMResource, ProductionClient, gather_with_progress
 from resources.settings import AutointerpSettings

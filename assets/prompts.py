@@ -46,6 +46,23 @@ FUZZING_SYSTEM = (
     "only a list of 0s and 1s, one per example, e.g. [1, 0, 1]."
 )
 
+INTRUDER_SYSTEM = (
+    "You study single features of a language model. You are shown numbered text examples with some "
+    "tokens wrapped in << and >>. In all examples but one, the marked tokens are where one feature "
+    "fires, so they share something. One example is an intruder: its marked tokens do not fit with "
+    "the others. Answer with only the intruder's number in a list, e.g. [2]."
+)
+
+SIMULATION_SYSTEM = (
+    "You predict how a language-model feature fires on text. You are given a description of the "
+    "feature and a text split into numbered tokens. For every token, predict the feature's strength "
+    "on it from 0 (not firing, most tokens) to 10 (firing strongest), judging each token in its "
+    "context. Answer with only a list of integers, one per token, in order, e.g. [0, 0, 7, 0]."
+)
+
+SURPRISAL_DESCRIPTION = "Description of the sentences below: {explanation}\nSentences:\n"
+SURPRISAL_NO_DESCRIPTION = "Various unrelated sentences."
+
 
 def highlight(token_strs: list[str], marked: list[bool]) -> str:
     """Join tokens, wrapping each run of marked tokens in << >>."""
@@ -109,6 +126,22 @@ def scorer_messages(system: str, explanation: str, texts: list[str]) -> list[dic
     ]
 
 
+def intruder_messages(texts: list[str]) -> list[dict]:
+    numbered = "\n".join(f"Example {i}: {t}" for i, t in enumerate(texts, start=1))
+    return [
+        {"role": "system", "content": INTRUDER_SYSTEM},
+        {"role": "user", "content": f"{numbered}\n\nWhich example is the intruder? Answer with one number from 1 to {len(texts)} in a list."},
+    ]
+
+
+def simulation_messages(explanation: str, token_strs: list[str]) -> list[dict]:
+    listed = "\n".join(f"{i}\t{t!r}" for i, t in enumerate(token_strs, start=1))
+    return [
+        {"role": "system", "content": SIMULATION_SYSTEM},
+        {"role": "user", "content": f"Description: {explanation}\n\nTokens:\n{listed}\n\nAnswer with {len(token_strs)} integers from 0 to 10 in a list."},
+    ]
+
+
 _PREFIX = re.compile(r"^\s*(?:\[?explanation\]?\s*[:\-]\s*|answer\s*:\s*|\d+[.)]\s*|[-*•]\s*)", re.IGNORECASE)
 
 
@@ -125,14 +158,17 @@ def parse_explanation(text: str) -> str | None:
     return candidate or None
 
 
-def parse_binary_list(text: str, n: int) -> list[int] | None:
-    """A list of `n` 0/1 answers: a bracketed list if there is one, else the first `n` 0/1 digits."""
+def parse_int_list(text: str, n: int, lo: int, hi: int) -> list[int] | None:
+    """A list of `n` integers in [lo, hi]: a bracketed list if there is one, else the first `n` such integers."""
     for body in re.findall(r"\[([^\]]*)\]", text):
-        values = re.findall(r"\d+", body)
-        if len(values) == n and set(values) <= {"0", "1"}:
-            return [int(v) for v in values]
-    unlabelled = re.sub(r"example\s*\d+\s*[:.)\-]?", " ", text, flags=re.IGNORECASE)
-    digits = re.findall(r"(?<!\d)[01](?!\d)", unlabelled)
-    if len(digits) >= n:
-        return [int(d) for d in digits[:n]]
-    return None
+        values = [int(v) for v in re.findall(r"\d+", body)]
+        if len(values) == n and all(lo <= v <= hi for v in values):
+            return values
+    unlabelled = re.sub(r"(example|token)\s*\d+\s*[:.)\-]?", " ", text, flags=re.IGNORECASE)
+    values = [int(v) for v in re.findall(r"(?<!\d)\d+(?!\d)", unlabelled) if lo <= int(v) <= hi]
+    return values[:n] if len(values) >= n else None
+
+
+def parse_binary_list(text: str, n: int) -> list[int] | None:
+    """A list of `n` 0/1 answers."""
+    return parse_int_list(text, n, 0, 1)

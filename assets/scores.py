@@ -1,232 +1,320 @@
-"""Stage 5, `scores`: detection and fuzzing scores per latent, each beside its shuffled-explanation control.
+"""Stage 5, `scores/<scorer>` and `score_summary`: one asset per scorer, each beside its control.
 
-Both scorers are delphi's: the scorer LLM reads the explanation and labels held-out windows
-(detection: does the latent fire in this text? fuzzing: are the marked tokens what it is about?).
-The control re-runs the same scorer with another latent's explanation; a score only means
-something when it beats its control, and the summary says so.
+Every scorer of `assets/scorers.py` is its own asset, partitioned like its inputs (coder × shard),
+so adding a scorer materializes only it. Its code version carries the hash of its settings: a
+change of one scorer's settings makes only that scorer's partitions stale, and its automation
+condition re-materializes exactly those (unchanged prompts are answered by the response cache).
+Each latent is scored twice: with its explanation and with the control (another latent's
+explanation; for intruder, tasks without an intruder). The gap between the two, and a verdict over
+all latents, say whether the score means anything. `score_summary` (per coder) joins the main
+metric of every scorer across all shards into one table.
 """
 
 import asyncio
 import base64
 import io
-import math
-from dataclasses import dataclass
+import json
+import warnings
 
 import numpy as np
 import pandas as pd
-from dagster import AssetDep, AssetExecutionContext, AutomationCondition, Config, MaterializeResult, MetadataValue, asset
-from pydantic import Field
+from dagster import (
+    AssetDep,
+    AssetExecutionContext,
+    AssetKey,
+    AssetsDefinition,
+    AutomationCondition,
+    BetaWarning,
+    MaterializeResult,
+    MetadataValue,
+    MultiToSingleDimensionPartitionMapping,
+    asset,
+)
 
 from assets.corpus import load_corpus
-from assets.partitions import coder_and_shard, coder_shard_partitions
-from assets.prompts import DETECTION_SYSTEM, FUZZING_SYSTEM, highlight, parse_binary_list, scorer_messages
-from resources.llm import LLMEndpointError, LLMResource, ProductionClient, gather_with_progress
-from resources.settings import AutointerpSettings
+from assets.explanations import selected_latents
+from assets.partitions import coder_and_shard, coder_partitions, coder_shard_partitions, shard_partitions
+from assets.score_metrics import BINARY, CONFUSION, control_assignment, example_predictions, latent_metrics, verdict
+from assets.scorers import SCORERS, Job, JobResult, ScorerSettings, ScorerSpec, ScoringContext, held_out_examples
+from resources.llm import gather_with_progress
 from storage.tables import read_table, write_table
 
-SCORERS = ("detection", "fuzzing")
-METRICS = ("accuracy", "balanced_accuracy", "precision", "recall", "f1")
+with warnings.catch_warnings():
+    warnings.simplefilter("ignore", BetaWarning)
+    EVERY_SHARD_OF_THE_CODER = MultiToSingleDimensionPartitionMapping(partition_dimension_name="coder")
+
+NUMERIC = (*BINARY, *CONFUSION, "roc_auc", "pearson", "n_scored", "ev_correlation", "rsquared", "logprob_fraction")
+
+# New explanations, or a changed setting of this scorer (its code version), re-run exactly the
+# affected partitions; partitions never materialized follow `eager` as usual.
+SCORER_AUTOMATION = AutomationCondition.eager() | (
+    AutomationCondition.code_version_changed().since_last_handled()
+    & ~AutomationCondition.missing()
+    & ~AutomationCondition.in_progress()
+    & ~AutomationCondition.any_deps_in_progress()
+)
+# The summary follows any scorer that updates; scorers never run (not automated) do not hold it back.
+SUMMARY_AUTOMATION = (
+    AutomationCondition.any_deps_updated().since_last_handled() & ~AutomationCondition.any_deps_in_progress() & ~AutomationCondition.in_progress()
+)
 
 
-class ScoresConfig(Config):
-    batch_size: int = Field(default=5, description="Examples per scorer prompt (delphi's default is 5).")
-    seed: int = Field(default=0, description="Seed of example order, fuzzing highlights and the control's explanation shuffle.")
+def scorer_key(name: str) -> AssetKey:
+    return AssetKey(["scores", name])
 
 
-def binary_metrics(y_true: list[int], y_pred: list[int]) -> dict[str, float]:
-    """Accuracy, balanced accuracy, precision, recall and F1 of 0/1 labels (NaN where undefined)."""
-    t, p = np.asarray(y_true, bool), np.asarray(y_pred, bool)
-    tp, tn = int((t & p).sum()), int((~t & ~p).sum())
-    fp, fn = int((~t & p).sum()), int((t & ~p).sum())
-    nan = float("nan")
-    precision = tp / (tp + fp) if tp + fp else nan
-    recall = tp / (tp + fn) if tp + fn else nan
-    specificity = tn / (tn + fp) if tn + fp else nan
+# ---- scoring a partition --------------------------------------------------------------------------
+
+
+def scored_latents(spec: ScorerSpec, exemplars: pd.DataFrame, explanations: pd.DataFrame | None, max_latents: int) -> dict[int, str | None]:
+    """Latent → explanation to score: explained latents, or for intruder the latents the explainer would take."""
+    if not spec.uses_explanation:
+        return {latent: None for latent in selected_latents(exemplars, max_latents)}
+    ok = explanations[explanations["status"] == "ok"]
+    return dict(sorted(zip(ok["latent"].astype(int), ok["explanation"])))
+
+
+def latent_row(spec: ScorerSpec, latent: int, explanation, control_explanation, own: JobResult, control: JobResult | None) -> dict:
+    def metrics(result: JobResult | None) -> dict:
+        if result is None:
+            return {m: np.nan for m in NUMERIC} | {"quantile_accuracy": {}}
+        return {m: np.nan for m in NUMERIC} | latent_metrics(pd.DataFrame(result.rows, columns=["label", "quantile", "activation", "prediction", "score"])) | result.extra
+
+    mine, theirs = metrics(own), metrics(control)
     return {
-        "accuracy": (tp + tn) / len(t) if len(t) else nan,
-        "balanced_accuracy": (recall + specificity) / 2 if not (math.isnan(recall) or math.isnan(specificity)) else nan,
-        "precision": precision,
-        "recall": recall,
-        "f1": 2 * tp / (2 * tp + fp + fn) if tp + fp + fn else nan,
+        "latent": latent,
+        "explanation": explanation or "",
+        "control_explanation": control_explanation or "",
+        **{m: mine[m] for m in NUMERIC},
+        "quantile_accuracy": json.dumps(mine["quantile_accuracy"]),
+        **{f"control_{m}": theirs[m] for m in NUMERIC},
+        "control_quantile_accuracy": json.dumps(theirs["quantile_accuracy"]),
+        "gap": mine[spec.main_metric] - theirs[spec.main_metric],
+        "n_failed": own.failed + (control.failed if control else 0),
+        "prompt_tokens": own.prompt_tokens + (control.prompt_tokens if control else 0),
     }
 
 
-def roc_auc(scores, labels) -> float:
-    """Probability that a random positive outscores a random negative (ties count half); NaN without both."""
-    scores, labels = np.asarray(scores, float), np.asarray(labels, bool)
-    pos, neg = scores[labels], scores[~labels]
-    if not len(pos) or not len(neg):
-        return float("nan")
-    wins = (pos[:, None] > neg[None, :]).sum() + 0.5 * (pos[:, None] == neg[None, :]).sum()
-    return float(wins / (len(pos) * len(neg)))
-
-
-def control_assignment(latents: list[int], seed: int) -> dict[int, int]:
-    """Give each latent another latent's explanation: a seeded derangement (empty below two latents)."""
-    if len(latents) < 2:
-        return {}
-    order = list(np.random.default_rng(seed).permutation(latents))
-    return {latent: order[(i + 1) % len(order)] for i, latent in enumerate(order)}
-
-
-@dataclass
-class ScoringExample:
-    text_plain: str
-    text_marked: str
-    label: int
-
-
-def scoring_examples(test: pd.DataFrame, vocab: list[str], rng: np.random.Generator) -> list[ScoringExample]:
-    """Held-out windows in a seeded order; non-activating windows get random fuzzing highlights."""
-    activating = test[test["kind"] == "activating"]
-    typical_marks = max(1, int(np.median([np.count_nonzero(a) for a in activating["activations"]]))) if len(activating) else 1
-    examples = []
-    for row in test.itertuples():
-        token_strs = [vocab[t] for t in row.tokens]
-        acts = np.asarray(row.activations)
-        if row.kind == "activating":
-            marks = acts > 0
-        else:
-            marks = np.zeros(len(acts), bool)
-            marks[rng.choice(len(acts), size=min(typical_marks, len(acts)), replace=False)] = True
-        examples.append(ScoringExample("".join(token_strs).replace("\n", " "), highlight(token_strs, marks.tolist()), int(row.kind == "activating")))
-    return [examples[i] for i in rng.permutation(len(examples))]
-
-
-async def _label_batch(client: ProductionClient, scorer: str, explanation: str, batch: list[ScoringExample]):
-    system = DETECTION_SYSTEM if scorer == "detection" else FUZZING_SYSTEM
-    texts = [e.text_plain if scorer == "detection" else e.text_marked for e in batch]
-    messages = scorer_messages(system, explanation, texts)
-    params = {"max_tokens": 8 + 4 * len(batch), "binary_list": len(batch)}
-    try:
-        answer = await client.complete(messages, **params)
-    except LLMEndpointError:
-        raise
-    except Exception:  # a failed batch (budget, errors) drops its examples; the latent is scored on the rest
-        return None, 0
-    labels = parse_binary_list(answer.text, len(batch))
-    if labels is None:
-        client.forget(messages, **params)
-    return labels, answer.prompt_tokens
-
-
-async def score_explanation(client: ProductionClient, scorer: str, explanation: str, examples: list[ScoringExample], batch_size: int) -> dict:
-    batches = [examples[i : i + batch_size] for i in range(0, len(examples), batch_size)]
-    answers = await asyncio.gather(*(_label_batch(client, scorer, explanation, b) for b in batches))
-    y_true, y_pred, failed, prompt_tokens = [], [], 0, 0
-    for batch, (labels, tokens) in zip(batches, answers):
-        prompt_tokens += tokens
-        if labels is None:
-            failed += len(batch)
-            continue
-        y_true += [e.label for e in batch]
-        y_pred += labels
-    return {**binary_metrics(y_true, y_pred), "n_scored": len(y_true), "n_failed": failed, "prompt_tokens": prompt_tokens}
-
-
-async def score_partition(client: ProductionClient, exemplars: pd.DataFrame, explanations: pd.DataFrame, vocab: list[str], config: ScoresConfig, report=None) -> pd.DataFrame:
-    await client.check()
-    ok = explanations[explanations["status"] == "ok"]
-    text_of = dict(zip(ok["latent"].astype(int), ok["explanation"]))
-    control_of = control_assignment(sorted(text_of), config.seed)
-    test = exemplars[exemplars["split"] == "test"]
+async def score_partition(spec: ScorerSpec, ctx: ScoringContext, exemplars: pd.DataFrame, explanations: pd.DataFrame | None,
+                          vocab: list[str], max_latents: int = 0, report=None) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Per-latent metrics and per-example rows of one scorer on one partition, with the control."""
+    settings = ctx.settings
+    if ctx.client is not None:
+        await ctx.client.check()
+    text_of = scored_latents(spec, exemplars, explanations, max_latents)
+    control_of = control_assignment(list(text_of), settings.seed) if spec.uses_explanation else {latent: latent for latent in text_of}
+    by_latent = dict(tuple(exemplars[exemplars["latent"].isin(list(text_of))].groupby("latent")))
     jobs, keys = [], []
-    for latent, explanation in sorted(text_of.items()):
-        examples = scoring_examples(test[test["latent"] == latent], vocab, np.random.default_rng([config.seed, latent]))
-        for scorer in SCORERS:
-            jobs.append(score_explanation(client, scorer, explanation, examples, config.batch_size))
-            keys.append((latent, scorer, "own"))
-            if latent in control_of:
-                jobs.append(score_explanation(client, scorer, text_of[control_of[latent]], examples, config.batch_size))
-                keys.append((latent, scorer, "control"))
-    results = dict(zip(keys, await gather_with_progress(jobs, report, "scoring jobs (latent × scorer × explanation)")))
-    rows = []
-    for latent, explanation in sorted(text_of.items()):
-        for scorer in SCORERS:
-            own = results[(latent, scorer, "own")]
-            control = results.get((latent, scorer, "control"), {m: float("nan") for m in METRICS})
-            rows.append(
-                {
-                    "latent": latent,
-                    "scorer": scorer,
-                    "explanation": explanation,
-                    **{m: own[m] for m in (*METRICS, "n_scored", "n_failed", "prompt_tokens")},
-                    **{f"control_{m}": control[m] for m in METRICS},
-                    "gap": own["balanced_accuracy"] - control["balanced_accuracy"],
-                }
-            )
-    return pd.DataFrame(rows)
+    for latent, explanation in text_of.items():
+        group = by_latent[latent]
+        rng = np.random.default_rng([settings.seed, latent])
+        examples = held_out_examples(group[group["split"] == "test"], vocab, rng)
+        calibration = held_out_examples(group[group["split"] == "valid"], vocab, rng)
+        jobs.append(spec.run(ctx, Job(explanation, examples, control=False, seed=settings.seed + latent, calibration=calibration)))
+        keys.append((latent, "explanation"))
+        if latent in control_of:
+            jobs.append(spec.run(ctx, Job(text_of[control_of[latent]], examples, control=True, seed=settings.seed + latent + 1, calibration=calibration)))
+            keys.append((latent, "control"))
+    results = dict(zip(keys, await gather_with_progress(jobs, report, f"{spec.name} jobs (latent × explanation/control)")))
+    rows, example_rows = [], []
+    for latent, explanation in text_of.items():
+        own, control = results[(latent, "explanation")], results.get((latent, "control"))
+        rows.append(latent_row(spec, latent, explanation, text_of.get(control_of.get(latent)) if spec.uses_explanation else None, own, control))
+        for source, result in (("explanation", own), ("control", control)):
+            if result is not None and result.rows:
+                frame = pd.DataFrame(result.rows)
+                frame["predicted"] = example_predictions(frame)
+                example_rows.append(frame.assign(latent=latent, source=source))
+    return pd.DataFrame(rows), (pd.concat(example_rows, ignore_index=True) if example_rows else pd.DataFrame())
 
 
-def verdict(gaps: pd.Series) -> str:
-    """Whether a scorer's mean gap over its control is clearly above zero (mean - 2 standard errors > 0)."""
-    gaps = gaps.dropna()
-    if len(gaps) < 2:
-        return "uninformative: fewer than two latents have a control"
-    mean, se = gaps.mean(), gaps.std(ddof=1) / math.sqrt(len(gaps))
-    if mean - 2 * se > 0:
-        return f"informative: beats the shuffled-explanation control by {mean:.3f} ± {se:.3f}"
-    return f"uninformative: does not beat the shuffled-explanation control (gap {mean:.3f} ± {se:.3f})"
+# ---- what the UI shows ----------------------------------------------------------------------------
 
 
-def histogram_png(frame: pd.DataFrame) -> bytes:
+def _png_markdown(fig) -> str:
+    import matplotlib.pyplot as plt
+
+    buffer = io.BytesIO()
+    fig.tight_layout()
+    fig.savefig(buffer, format="png", dpi=90)
+    plt.close(fig)
+    return f"![plot](data:image/png;base64,{base64.b64encode(buffer.getvalue()).decode()})"
+
+
+def _pyplot():
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, len(SCORERS), figsize=(4 * len(SCORERS), 3), sharey=True)
-    bins = np.linspace(0, 1, 11)
-    for ax, scorer in zip(np.atleast_1d(axes), SCORERS):
-        part = frame[frame["scorer"] == scorer]
-        ax.hist(part["balanced_accuracy"].dropna(), bins=bins, alpha=0.7, label="explanation")
-        ax.hist(part["control_balanced_accuracy"].dropna(), bins=bins, alpha=0.5, label="shuffled control")
-        ax.axvline(0.5, color="k", linestyle=":", linewidth=1)
-        ax.set_title(scorer)
-        ax.set_xlabel("balanced accuracy")
-    np.atleast_1d(axes)[0].set_ylabel("latents")
-    np.atleast_1d(axes)[0].legend(fontsize=7)
-    fig.tight_layout()
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", dpi=90)
-    plt.close(fig)
-    return buffer.getvalue()
+    return plt
 
 
-def summary_metadata(frame: pd.DataFrame) -> dict:
-    metadata = {"latents_scored": int(frame["latent"].nunique()) if len(frame) else 0}
-    for scorer in SCORERS:
-        part = frame[frame["scorer"] == scorer] if len(frame) else frame
-        for metric in ("accuracy", "f1", "balanced_accuracy", "control_balanced_accuracy"):
-            mean = round(float(part[metric].mean()), 4) if len(part) else float("nan")
-            metadata[f"{scorer}_{metric}"] = MetadataValue.float(mean)
-        metadata[f"{scorer}_verdict"] = verdict(part["gap"]) if len(part) else "uninformative: nothing scored"
+def metric_range(metric: str) -> tuple[float, float]:
+    return (-1.0, 1.0) if metric in ("ev_correlation", "pearson") else (0.0, 1.0)
+
+
+def histogram_markdown(panels: list[tuple[str, str, pd.Series, pd.Series, str]]) -> str:
+    """One histogram per (title, metric, scores, control scores, control name): the score beside its control."""
+    plt = _pyplot()
+    fig, axes = plt.subplots(1, len(panels), figsize=(4 * len(panels), 3), squeeze=False)
+    for ax, (title, metric, own, control, control_name) in zip(axes[0], panels):
+        lo, hi = metric_range(metric)
+        bins = np.linspace(lo, hi, 11)
+        ax.hist(own.dropna().clip(lo, hi), bins=bins, alpha=0.7, label="explanation" if control_name != "tasks without an intruder" else "latent")
+        ax.hist(control.dropna().clip(lo, hi), bins=bins, alpha=0.5, label=control_name.removeprefix("the "))
+        ax.set_title(title, fontsize=9)
+        ax.set_xlabel(metric)
+        ax.legend(fontsize=6)
+    axes[0][0].set_ylabel("latents")
+    return _png_markdown(fig)
+
+
+def quantile_accuracy_markdown(examples: pd.DataFrame, title: str) -> str:
+    """Accuracy per activation quantile (0 = non-activating windows), explanation beside control."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(5, 3))
+    correct = examples.assign(correct=(examples["predicted"] == examples["label"]).astype(float))
+    for source, style in (("explanation", "o-"), ("control", "s--")):
+        part = correct[correct["source"] == source]
+        if len(part):
+            by_quantile = part.groupby("quantile")["correct"].mean()
+            ax.plot(by_quantile.index, by_quantile.values, style, label=source)
+    ax.set_xlabel("activation quantile (0 = not activating, 1 = strongest)")
+    ax.set_ylabel("accuracy")
+    ax.set_ylim(0, 1.05)
+    ax.set_title(title, fontsize=9)
+    ax.legend(fontsize=7)
+    return _png_markdown(fig)
+
+
+def best_and_worst(frame: pd.DataFrame, metric: str, columns: list[str], n: int = 5) -> str:
+    ranked = frame.dropna(subset=[metric]).sort_values(metric, ascending=False)
+    if not len(ranked):
+        return "nothing scored"
+    best, worst = ranked.head(n), ranked.tail(min(n, max(0, len(ranked) - n)))
+    text = lambda part: part[columns].assign(explanation=part["explanation"].str.slice(0, 80)).round(3).to_markdown(index=False)
+    return f"**Best {len(best)}**\n\n{text(best)}\n\n**Worst {len(worst)}**\n\n{text(worst) if len(worst) else '(none)'}"
+
+
+def scorer_metadata(spec: ScorerSpec, settings: ScorerSettings, frame: pd.DataFrame, examples: pd.DataFrame) -> dict:
+    main = spec.main_metric
+    metadata = {
+        "scorer": spec.description,
+        "settings": MetadataValue.json(settings.model_dump()),
+        "latents_scored": len(frame),
+        "verdict": verdict(frame["gap"], spec.control) if len(frame) else "uninformative: nothing scored",
+        "main_metric": main,
+    }
+    if not len(frame):
+        return metadata
+    metadata["informative"] = metadata["verdict"].startswith("informative")
+    for metric in dict.fromkeys((main, "accuracy", "balanced_accuracy", "f1", "roc_auc", "pearson")):
+        if frame[metric].notna().any():
+            metadata[f"mean_{metric}"] = MetadataValue.float(round(float(frame[metric].mean()), 4))
+            metadata[f"mean_control_{metric}"] = MetadataValue.float(round(float(frame[f"control_{metric}"].mean()), 4))
+    metadata["mean_gap"] = MetadataValue.float(round(float(frame["gap"].mean()), 4)) if frame["gap"].notna().any() else MetadataValue.float(float("nan"))
+    confusion = pd.DataFrame({"": ["fires", "silent"], "judged fires": [frame["tp"].sum(), frame["fp"].sum()], "judged silent": [frame["fn"].sum(), frame["tn"].sum()]})
+    metadata["confusion_matrix"] = MetadataValue.md(confusion.to_markdown(index=False))
+    metadata["failed_examples"] = int(frame["n_failed"].sum())
+    metadata["histogram"] = MetadataValue.md(histogram_markdown([(spec.name, main, frame[main], frame[f"control_{main}"], spec.control)]))
+    if len(examples):
+        metadata["quantile_accuracy"] = MetadataValue.md(quantile_accuracy_markdown(examples, f"{spec.name}: accuracy by quantile"))
+    metadata["best_and_worst"] = MetadataValue.md(best_and_worst(frame, main, ["latent", main, f"control_{main}", "gap", "explanation"]))
     return metadata
 
 
+# ---- the assets -----------------------------------------------------------------------------------
+
+
+def scorer_asset(spec: ScorerSpec, settings: ScorerSettings, automate: bool) -> AssetsDefinition:
+    """The asset of one scorer; its code version is the scorer's version plus the hash of its settings."""
+    deps = [AssetDep("exemplars")] + ([AssetDep("explanations")] if spec.uses_explanation else [])
+
+    @asset(
+        key=scorer_key(spec.name),
+        group_name="scores",
+        partitions_def=coder_shard_partitions,
+        deps=deps,
+        code_version=f"{spec.version}-{settings.digest()}",
+        automation_condition=SCORER_AUTOMATION if automate else None,
+        required_resource_keys={"settings", *spec.uses},
+        description=f"{spec.description} Each latent also scored with {spec.control}.",
+    )
+    def _scores(context: AssetExecutionContext) -> MaterializeResult:
+        coder, shard = coder_and_shard(context.partition_key)
+        resources = context.resources
+        root = resources.settings.root
+        exemplars = read_table(root.exemplars_path(coder, shard), "exemplars")
+        explanations = read_table(root.explanations_path(coder, shard), "explanations") if spec.uses_explanation else None
+        client = resources.llm.client(root.llm_cache_dir) if "llm" in spec.uses else None
+        ctx = ScoringContext(
+            settings=settings,
+            client=client,
+            embed=resources.embedder.embed if "embedder" in spec.uses else None,
+            causal_lm=resources.subject_model.causal_lm if "subject_model" in spec.uses else None,
+            tokenizer=resources.subject_model.tokenizer if "subject_model" in spec.uses else None,
+        )
+        max_latents = resources.settings.max_latents_per_shard
+        frame, examples = asyncio.run(score_partition(spec, ctx, exemplars, explanations, load_corpus(root).vocab, max_latents, context.log.info))
+        write_table(frame, root.scores_path(coder, shard, spec.name))
+        write_table(examples, root.scored_examples_path(coder, shard, spec.name))
+        metadata = scorer_metadata(spec, settings, frame, examples)
+        if client is not None:
+            metadata.update(client.ledger.as_metadata())
+        context.log.info(f"{spec.name}: {metadata['verdict']}")
+        return MaterializeResult(metadata=metadata)
+
+    return _scores
+
+
+def summary_table(root, coder: str, scorers: list[str]) -> pd.DataFrame:
+    """One row per scored latent of `coder` (all shards): each scorer's main metric, its control and the gap."""
+    parts = []
+    for name in scorers:
+        main = SCORERS[name].main_metric
+        for shard in shard_partitions.get_partition_keys():
+            path = root.scores_path(coder, shard, name)
+            if path.exists():
+                frame = pd.read_parquet(path)
+                parts.append(pd.DataFrame({"latent": frame["latent"], "shard": shard, "scorer": name, "explanation": frame["explanation"],
+                                           "score": frame[main], "control": frame[f"control_{main}"], "gap": frame["gap"]}))
+    if not parts:
+        return pd.DataFrame(columns=["latent", "shard", "explanation"])
+    long = pd.concat(parts, ignore_index=True)
+    explanation = long[long["explanation"] != ""].groupby("latent")["explanation"].first()
+    wide = long.pivot_table(index=["latent", "shard"], columns="scorer", values=["score", "control", "gap"], aggfunc="first")
+    wide.columns = [name if kind == "score" else f"{name}_{kind}" for kind, name in wide.columns]
+    wide = wide.reset_index()
+    wide.insert(2, "explanation", wide["latent"].map(explanation).fillna(""))
+    gaps = [c for c in wide.columns if c.endswith("_gap")]
+    wide["mean_gap"] = wide[gaps].mean(axis=1)
+    return wide
+
+
 @asset(
-    group_name="autointerp",
-    partitions_def=coder_shard_partitions,
-    deps=[AssetDep("exemplars"), AssetDep("explanations")],
+    partitions_def=coder_partitions,
+    group_name="scores",
+    deps=[AssetDep(scorer_key(name), partition_mapping=EVERY_SHARD_OF_THE_CODER) for name in SCORERS],
+    automation_condition=SUMMARY_AUTOMATION,
+    required_resource_keys={"settings"},
     code_version="1",
-    automation_condition=AutomationCondition.eager(),
-    description="Detection and fuzzing scores per latent, each with a shuffled-explanation control and a verdict.",
+    description="Every scorer of one coder joined into one table (all shards): each main metric, its control and the gap, with verdicts.",
 )
-def scores(context: AssetExecutionContext, config: ScoresConfig, settings: AutointerpSettings, llm: LLMResource) -> MaterializeResult:
-    coder, shard = coder_and_shard(context.partition_key)
-    root = settings.root
-    exemplars = read_table(root.exemplars_path(coder, shard), "exemplars")
-    explanations = read_table(root.explanations_path(coder, shard), "explanations")
-    client = llm.client(root.llm_cache_dir)
-    frame = asyncio.run(score_partition(client, exemplars, explanations, load_corpus(root).vocab, config, context.log.info))
-    write_table(frame, root.scores_path(coder, shard))
-    metadata = {**summary_metadata(frame), **client.ledger.as_metadata()}
-    if len(frame):
-        png = histogram_png(frame)
-        root.scores_plot_path(coder, shard).write_bytes(png)
-        metadata["histogram"] = MetadataValue.md(f"![scores](data:image/png;base64,{base64.b64encode(png).decode()})")
-        table = frame[["latent", "scorer", "balanced_accuracy", "control_balanced_accuracy", "f1", "explanation"]]
-        metadata["per_latent"] = MetadataValue.md(table.round(3).to_markdown(index=False))
-    for scorer in SCORERS:
-        context.log.info(f"{scorer}: {metadata[f'{scorer}_verdict']}")
+def score_summary(context: AssetExecutionContext) -> MaterializeResult:
+    coder = context.partition_key
+    root = context.resources.settings.root
+    table = summary_table(root, coder, list(SCORERS))
+    write_table(table, root.score_summary_path(coder))
+    present = [name for name in SCORERS if name in table.columns]
+    metadata = {"latents": int(table["latent"].nunique()) if len(table) else 0, "scorers": ", ".join(present) or "none yet"}
+    for name in present:
+        metadata[f"{name}_verdict"] = verdict(table[f"{name}_gap"], SCORERS[name].control)
+        metadata[f"{name}_mean"] = MetadataValue.float(round(float(table[name].mean()), 4))
+        metadata[f"{name}_mean_control"] = MetadataValue.float(round(float(table[f"{name}_control"].mean()), 4))
+    if present:
+        panels = [(f"{n} ({SCORERS[n].main_metric})", SCORERS[n].main_metric, table[n], table[f"{n}_control"], SCORERS[n].control) for n in present]
+        metadata["histograms"] = MetadataValue.md(histogram_markdown(panels))
+        metadata["best_and_worst"] = MetadataValue.md(best_and_worst(table, "mean_gap", ["latent", "shard", "mean_gap", *present, "explanation"]))
+    metadata["path"] = MetadataValue.path(str(root.score_summary_path(coder)))
     return MaterializeResult(metadata=metadata)

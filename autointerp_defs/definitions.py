@@ -1,25 +1,35 @@
-"""Builds the one `Definitions`: the five assets, the registry sensor, and the deployment's resources."""
+"""Builds the one `Definitions`: the assets (one per scorer), the registry sensor, and the deployment's resources."""
 from __future__ import annotations
 
-from dagster import Definitions, define_asset_job
+from dagster import AssetSelection, Definitions, define_asset_job
 
 from assets.activations import activations
 from assets.corpus import corpus
 from assets.exemplars import exemplars
 from assets.explanations import explanations
-from assets.scores import scores
-from autointerp_defs.deployments import resources_for
+from assets.scorers import SCORERS
+from assets.scores import score_summary, scorer_asset, scorer_key
+from autointerp_defs.deployments import automated_scorers, resources_for, scorer_settings_for
 from autointerp_defs.sensors import registry_sensor
 
-explain_and_score_job = define_asset_job(
-    "explain_and_score",
-    selection=["exemplars", "explanations", "scores"],
-    description="Exemplars, explanations and scores of one coder × shard partition.",
-)
 
-defs = Definitions(
-    assets=[corpus, activations, exemplars, explanations, scores],
-    sensors=[registry_sensor],
-    jobs=[explain_and_score_job],
-    resources=resources_for(),
-)
+def build_definitions(deployment: str | None = None, scorer_overrides: dict[str, dict] | None = None) -> Definitions:
+    """The Definitions of a deployment; `scorer_overrides` ({scorer: {setting: value}}) replace the
+    settings file (`$AUTOINTERP_SCORERS`), e.g. in tests."""
+    settings = scorer_settings_for(scorer_overrides)
+    automated = automated_scorers(deployment)
+    scorer_assets = [scorer_asset(SCORERS[name], settings[name], automate=name in automated) for name in SCORERS]
+    explain_and_score = define_asset_job(
+        "explain_and_score",
+        selection=AssetSelection.assets("exemplars", "explanations", *(scorer_key(name) for name in automated)),
+        description="Exemplars, explanations and the deployment's automated scorers of one coder × shard partition.",
+    )
+    return Definitions(
+        assets=[corpus, activations, exemplars, explanations, *scorer_assets, score_summary],
+        sensors=[registry_sensor],
+        jobs=[explain_and_score],
+        resources=resources_for(deployment),
+    )
+
+
+defs = build_definitions()

@@ -5,12 +5,21 @@
 - `remote`: the explainer/scorer LLM is an OpenAI-compatible endpoint (`AUTOINTERP_LLM_BASE_URL`,
   `AUTOINTERP_LLM_MODEL`, key in `AUTOINTERP_LLM_API_KEY_ENV`'s variable, default OPENAI_API_KEY).
 - `gpu`: as `remote`, and the subject model is `AUTOINTERP_SUBJECT_MODEL` on CUDA in bfloat16.
+
+Scorers: every scorer is an asset in every deployment; the automated ones (local: the four that
+are cheap on a CPU; remote and gpu: all six; or `AUTOINTERP_AUTOMATED_SCORERS=a,b`) follow new
+explanations by themselves, the others run when materialized. Their settings come from the TOML
+file named by `AUTOINTERP_SCORERS` (one table per scorer, e.g. `[fuzzing] examples_per_prompt = 5`).
 """
 from __future__ import annotations
 
 import os
+import tomllib
+from pathlib import Path
 
 from dagster import EnvVar
+
+from assets.scorers import SCORERS, ScorerSettings, scorer_settings
 
 from resources.embedder import EmbedderResource
 from resources.llm import LLMResource
@@ -18,6 +27,39 @@ from resources.settings import AutointerpSettings
 from resources.subject_model import SubjectModelResource
 
 DEPLOYMENTS = ("local", "remote", "gpu")
+CPU_SCORERS = ("detection", "fuzzing", "surprisal", "embedding")
+
+
+def _deployment(deployment: str | None) -> str:
+    deployment = deployment or os.environ.get("AUTOINTERP_DEPLOYMENT", "local")
+    if deployment not in DEPLOYMENTS:
+        raise ValueError(f"AUTOINTERP_DEPLOYMENT={deployment!r} is not one of {DEPLOYMENTS}.")
+    return deployment
+
+
+def automated_scorers(deployment: str | None = None) -> tuple[str, ...]:
+    chosen = os.environ.get("AUTOINTERP_AUTOMATED_SCORERS")
+    if chosen is None:
+        return CPU_SCORERS if _deployment(deployment) == "local" else tuple(SCORERS)
+    names = tuple(n.strip() for n in chosen.split(",") if n.strip())
+    if unknown := set(names) - set(SCORERS):
+        raise ValueError(f"AUTOINTERP_AUTOMATED_SCORERS names unknown scorer(s) {sorted(unknown)}. Fix: use any of {sorted(SCORERS)}.")
+    return names
+
+
+def scorer_settings_for(overrides: dict[str, dict] | None = None) -> dict[str, ScorerSettings]:
+    """`overrides` if given, else the TOML file `$AUTOINTERP_SCORERS` names, else the defaults."""
+    source = "the given overrides"
+    if overrides is None and (path := os.environ.get("AUTOINTERP_SCORERS")):
+        source = f"AUTOINTERP_SCORERS={path}"
+        try:
+            overrides = tomllib.loads(Path(path).read_text())
+        except (OSError, tomllib.TOMLDecodeError) as error:
+            raise ValueError(f"Cannot read the scorer settings AUTOINTERP_SCORERS={path}: {error}. Fix: point it at a TOML file with one table per scorer.") from error
+    try:
+        return scorer_settings(overrides)
+    except ValueError as error:
+        raise ValueError(f"Bad scorer settings in {source}: {error}") from error
 
 
 def _remote_llm() -> LLMResource:
@@ -32,9 +74,7 @@ def _remote_llm() -> LLMResource:
 
 
 def resources_for(deployment: str | None = None) -> dict:
-    deployment = deployment or os.environ.get("AUTOINTERP_DEPLOYMENT", "local")
-    if deployment not in DEPLOYMENTS:
-        raise ValueError(f"AUTOINTERP_DEPLOYMENT={deployment!r} is not one of {DEPLOYMENTS}.")
+    deployment = _deployment(deployment)
     default_max_latents = "6" if deployment == "local" else "0"
     settings = AutointerpSettings(max_latents_per_shard=int(os.environ.get("AUTOINTERP_MAX_LATENTS", default_max_latents)))
     if deployment == "local":

@@ -56,6 +56,8 @@ class Completion:
     completion_tokens: int = 0
     top_logprobs: list[dict[str, float]] = field(default_factory=list)
     """Per generated token, the top alternatives and their log-probabilities, when the backend gives them."""
+    tokens: list[str] = field(default_factory=list)
+    """The generated tokens that `top_logprobs` belong to (same length), to find where a value was written."""
 
 
 class LLMClient(Protocol):
@@ -71,17 +73,20 @@ class LLMClient(Protocol):
         max_tokens: int,
         temperature: float = 0.0,
         top_logprobs: int = 0,
-        binary_list: int | None = None,
+        int_list: tuple[int, int, int] | None = None,
         seed: int | None = None,
     ) -> Completion:
-        """`seed` tells samples of the same prompt apart (best-of-N); `binary_list=n` says the answer must be a list of n 0/1 labels; backends that can constrain
-        decoding (llama.cpp grammars) enforce the format, which fixes the form, never the content."""
+        """`seed` tells samples of the same prompt apart (best-of-N); `int_list=(n, lo, hi)` says the answer
+        must be a list of n integers in [lo, hi] (0/1 labels, 0-10 activations, an example's number);
+        backends that can constrain decoding (llama.cpp grammars) enforce the format, which fixes the
+        form, never the content."""
 
 
-def binary_list_grammar(n: int) -> str:
-    """GBNF for exactly `[d, d, ..., d]` with n digits in {0, 1}."""
-    items = ' ", " '.join(["label"] * n)
-    return f'root ::= "[" {items} "]"\nlabel ::= "0" | "1"\n'
+def int_list_grammar(n: int, lo: int, hi: int) -> str:
+    """GBNF for exactly `[v, v, ..., v]` with n integers in [lo, hi]."""
+    items = ' ", " '.join(["value"] * n)
+    choices = " | ".join(f'"{v}"' for v in range(lo, hi + 1))
+    return f'root ::= "[" {items} "]"\nvalue ::= {choices}\n'
 
 
 # ---- backends -----------------------------------------------------------------------------------
@@ -107,11 +112,11 @@ class LlamaCppClient:
     async def check(self) -> None:
         await asyncio.to_thread(_llama, self.model_path, self.n_ctx, self.seed, False)
 
-    def _complete_sync(self, messages, max_tokens, temperature, top_logprobs, binary_list, seed) -> Completion:
+    def _complete_sync(self, messages, max_tokens, temperature, top_logprobs, int_list, seed) -> Completion:
         from llama_cpp import LlamaGrammar
 
         llm = _llama(self.model_path, self.n_ctx, self.seed, bool(top_logprobs))  # logprobs need every position's logits
-        grammar = LlamaGrammar.from_string(binary_list_grammar(binary_list), verbose=False) if binary_list else None
+        grammar = LlamaGrammar.from_string(int_list_grammar(*int_list), verbose=False) if int_list else None
         extra = {"logprobs": True, "top_logprobs": top_logprobs} if top_logprobs else {}
         with self._lock:
             out = llm.create_chat_completion(
@@ -119,13 +124,12 @@ class LlamaCppClient:
             )
         usage = out.get("usage", {})
         choice = out["choices"][0]
-        alternatives = []
-        if top_logprobs and choice.get("logprobs"):
-            alternatives = [{alt["token"]: alt["logprob"] for alt in tok["top_logprobs"]} for tok in choice["logprobs"]["content"]]
-        return Completion(choice["message"]["content"] or "", usage.get("prompt_tokens", 0), usage.get("completion_tokens", 0), alternatives)
+        steps = choice["logprobs"]["content"] if top_logprobs and choice.get("logprobs") else []
+        alternatives = [{alt["token"]: alt["logprob"] for alt in step["top_logprobs"]} for step in steps]
+        return Completion(choice["message"]["content"] or "", usage.get("prompt_tokens", 0), usage.get("completion_tokens", 0), alternatives, [step["token"] for step in steps])
 
-    async def complete(self, messages, *, max_tokens, temperature=0.0, top_logprobs=0, binary_list=None, seed=None) -> Completion:
-        return await asyncio.to_thread(self._complete_sync, messages, max_tokens, temperature, top_logprobs, binary_list, seed)
+    async def complete(self, messages, *, max_tokens, temperature=0.0, top_logprobs=0, int_list=None, seed=None) -> Completion:
+        return await asyncio.to_thread(self._complete_sync, messages, max_tokens, temperature, top_logprobs, int_list, seed)
 
 
 class OpenAICompatibleClient:
@@ -157,7 +161,7 @@ class OpenAICompatibleClient:
         except openai.APIStatusError:
             pass  # some servers do not list models; a real request will tell
 
-    async def complete(self, messages, *, max_tokens, temperature=0.0, top_logprobs=0, binary_list=None, seed=None) -> Completion:
+    async def complete(self, messages, *, max_tokens, temperature=0.0, top_logprobs=0, int_list=None, seed=None) -> Completion:
         import openai
         from openai.types.chat import ChatCompletion
 
@@ -180,14 +184,13 @@ class OpenAICompatibleClient:
         if not out.choices:
             return Completion("", out.usage.prompt_tokens if out.usage else 0, 0)
         choice = out.choices[0]
-        alternatives = []
-        if choice.logprobs and choice.logprobs.content:
-            alternatives = [{alt.token: alt.logprob for alt in tok.top_logprobs} for tok in choice.logprobs.content]
+        steps = choice.logprobs.content if choice.logprobs and choice.logprobs.content else []
         return Completion(
             text=choice.message.content or "",
             prompt_tokens=out.usage.prompt_tokens if out.usage else 0,
             completion_tokens=out.usage.completion_tokens if out.usage else 0,
-            top_logprobs=alternatives,
+            top_logprobs=[{alt.token: alt.logprob for alt in step.top_logprobs} for step in steps],
+            tokens=[step.token for step in steps],
         )
 
 
@@ -210,7 +213,7 @@ class VLLMOfflineClient:
     async def check(self) -> None:
         return None
 
-    async def complete(self, messages, *, max_tokens, temperature=0.0, top_logprobs=0, binary_list=None, seed=None) -> Completion:
+    async def complete(self, messages, *, max_tokens, temperature=0.0, top_logprobs=0, int_list=None, seed=None) -> Completion:
         params = self._vllm.SamplingParams(max_tokens=max_tokens, temperature=temperature, logprobs=top_logprobs or None, seed=seed)
         future = asyncio.get_running_loop().create_future()
         self._queue.append((messages, params, future))
@@ -225,8 +228,10 @@ class VLLMOfflineClient:
             outputs = await asyncio.to_thread(self._engine.chat, [m for m, _, _ in batch], [p for _, p, _ in batch], use_tqdm=False)
             for (_, _, future), out in zip(batch, outputs):
                 first = out.outputs[0]
-                alternatives = [{lp.decoded_token: lp.logprob for lp in step.values()} for step in (first.logprobs or [])]
-                future.set_result(Completion(first.text, len(out.prompt_token_ids), len(first.token_ids), alternatives))
+                steps = first.logprobs or []
+                alternatives = [{lp.decoded_token: lp.logprob for lp in step.values()} for step in steps]
+                chosen = [step[token].decoded_token for step, token in zip(steps, first.token_ids)]
+                future.set_result(Completion(first.text, len(out.prompt_token_ids), len(first.token_ids), alternatives, chosen))
 
 
 # ---- production wrapper -------------------------------------------------------------------------
@@ -323,9 +328,9 @@ class ProductionClient:
         await self.inner.check()
 
     @staticmethod
-    def _request(max_tokens, temperature=0.0, top_logprobs=0, binary_list=None, seed=None) -> dict:
+    def _request(max_tokens, temperature=0.0, top_logprobs=0, int_list=None, seed=None) -> dict:
         """Every parameter of a request, defaults filled in: what the cache key and the backend see."""
-        return {"max_tokens": max_tokens, "temperature": temperature, "top_logprobs": top_logprobs, "binary_list": binary_list, "seed": seed}
+        return {"max_tokens": max_tokens, "temperature": temperature, "top_logprobs": top_logprobs, "int_list": tuple(int_list) if int_list else None, "seed": seed}
 
     def forget(self, messages, **params) -> None:
         """Drop a cached answer that turned out unusable, so the next materialization asks again."""

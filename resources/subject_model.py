@@ -50,6 +50,11 @@ def load_causal_lm(model: str = EMBEDDED, gguf_file: str | None = None, dtype: s
 
     name, kwargs = _pretrained_args(model, gguf_file)
     lm = AutoModelForCausalLM.from_pretrained(name, dtype=getattr(torch, dtype), **kwargs)
+    head = lm.get_output_embeddings()
+    if head is not None and head.weight.is_meta and getattr(lm.config, "tie_word_embeddings", False):
+        # GGUF checkpoints store no LM head for tied models; transformers sometimes leaves it on the
+        # meta device (seen after a sentence-transformers model was loaded in the same process)
+        head.weight = lm.get_input_embeddings().weight
     return lm.to(device).eval()
 
 

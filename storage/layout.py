@@ -51,8 +51,13 @@ class DataRoot:
     def explanations_path(self, coder: str, shard: str) -> Path:
         return self.root / "explanations" / coder / f"{shard}.parquet"
 
-    def scores_path(self, coder: str, shard: str) -> Path:
-        return self.root / "scores" / coder / f"{shard}.parquet"
+    def scores_path(self, coder: str, shard: str, scorer: str) -> Path:
+        """Per latent: the scorer's metrics with the explanation and beside the control."""
+        return self.root / "scores" / coder / shard / f"{scorer}.parquet"
 
-    def scores_plot_path(self, coder: str, shard: str) -> Path:
-        return self.root / "scores" / coder / f"{shard}.png"
+    def scored_examples_path(self, coder: str, shard: str, scorer: str) -> Path:
+        """Per judged example (or intruder task): label, prediction, score; what every metric is computed from."""
+        return self.root / "scores" / coder / shard / f"{scorer}.examples.parquet"
+
+    def score_summary_path(self, coder: str) -> Path:
+        return self.root / "scores" / coder / "summary.parquet"

@@ -1,7 +1,9 @@
 """A scripted OpenAI-compatible chat server on 127.0.0.1: a fake at the edge we do not own.
 
 It answers every /v1/chat/completions request by calling `reply(messages)`: a string is the
-answer, an int is an HTTP error status to send instead (429, 500, 400...). It records the requests
+answer, an int is an HTTP error status to send instead (429, 500, 400...), and a dict
+`{"content": ..., "logprobs": [{"token", "logprob", "top_logprobs": [...]}, ...]}` an answer with
+OpenAI-format token logprobs. It records the requests
 it saw and serves /v1/models, so the real `openai` SDK path can be tested end to end.
 """
 from __future__ import annotations
@@ -50,13 +52,16 @@ class ScriptedLLMServer:
                 if isinstance(text, int):
                     self._send({"error": {"message": f"scripted {text}", "type": "scripted", "code": text}}, status=text)
                     return
+                choice = {"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": "stop"}
+                if isinstance(text, dict):
+                    choice = {**choice, "message": {"role": "assistant", "content": text["content"]}, "logprobs": {"content": text["logprobs"]}}
                 self._send(
                     {
                         "id": f"cmpl-{len(server.requests)}",
                         "object": "chat.completion",
                         "created": 0,
                         "model": request["model"],
-                        "choices": [{"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": "stop"}],
+                        "choices": [choice],
                         "usage": {"prompt_tokens": 10, "completion_tokens": 3, "total_tokens": 13},
                     }
                 )

@@ -6,16 +6,14 @@ import pandas as pd
 import pytest
 from dagster import DagsterInstance, materialize
 
-from assets.activations import activations
-from assets.corpus import corpus
-from assets.exemplars import exemplars
-from assets.explanations import explanations
-from assets.scores import scores
+from autointerp_defs.definitions import build_definitions
+from autointerp_defs.deployments import CPU_SCORERS
 from storage.activation_shards import load_latent_stats, read_shard, shard_keys
 from storage.layout import DataRoot
 from tests.conftest import TINY_CODER, TINY_CORPUS_CONFIG, TINY_EXEMPLARS_CONFIG, make_resources
 
-ALL_ASSETS = [corpus, activations, exemplars, explanations, scores]
+ALL_ASSETS = list(build_definitions("local").assets)
+CPU_SCORER_KEYS = [f"scores/{name}" for name in CPU_SCORERS]
 
 
 def run(selection, partition, resources, instance, run_config=None):
@@ -47,7 +45,7 @@ def test_every_asset_for_one_partition_end_to_end(registered):
     assert len(latents) <= 48 * 63 * 16
 
     partition = f"{TINY_CODER}|00"
-    result = run(["exemplars", "explanations", "scores"], partition, resources, instance, {"ops": {"exemplars": {"config": TINY_EXEMPLARS_CONFIG}}})
+    result = run(["exemplars", "explanations", *CPU_SCORER_KEYS], partition, resources, instance, {"ops": {"exemplars": {"config": TINY_EXEMPLARS_CONFIG}}})
     ex = pd.read_parquet(root.exemplars_path(TINY_CODER, "00"))
     assert set(ex.kind) == {"activating", "random", "neighbour", "embedding"}
     stats = pd.read_parquet(root.latent_stats_path(TINY_CODER, "00"))
@@ -61,14 +59,34 @@ def test_every_asset_for_one_partition_end_to_end(registered):
 
     explained = pd.read_parquet(root.explanations_path(TINY_CODER, "00"))
     assert len(explained) == 2 and set(explained.status) <= {"ok", "failed"}
-    scored = pd.read_parquet(root.scores_path(TINY_CODER, "00"))
-    score_meta = result.asset_materializations_for_node("scores")[0].metadata
-    if (explained.status == "ok").any():
-        assert set(scored.scorer) == {"detection", "fuzzing"}
-        assert {"accuracy", "precision", "recall", "f1", "control_balanced_accuracy", "gap"} <= set(scored.columns)
-        assert "histogram" in score_meta and "data:image/png;base64," in score_meta["histogram"].value
-    for key in ("detection_accuracy", "fuzzing_f1", "detection_verdict"):
-        assert key in score_meta
+    n_ok = int((explained.status == "ok").sum())
+    assert n_ok >= 1  # the embedded explainer answers in a parseable form at temperature 0
+    for name in CPU_SCORERS:
+        scored = pd.read_parquet(root.scores_path(TINY_CODER, "00", name))
+        examples = pd.read_parquet(root.scored_examples_path(TINY_CODER, "00", name))
+        meta = result.asset_materializations_for_node(f"scores__{name}")[0].metadata
+        assert len(scored) == n_ok and meta["latents_scored"].value == n_ok
+        assert meta["verdict"].value.startswith(("informative", "uninformative")), name
+        if n_ok:
+            assert {"accuracy", "balanced_accuracy", "precision", "recall", "f1", "roc_auc", "pearson", "tp", "fp", "tn", "fn", "gap"} <= set(scored.columns)
+            assert {f"control_{m}" for m in ("accuracy", "balanced_accuracy", "roc_auc")} <= set(scored.columns)
+            assert "data:image/png;base64," in meta["histogram"].value and "data:image/png;base64," in meta["quantile_accuracy"].value
+            assert "Best" in meta["best_and_worst"].value
+            # each latent judged on all 10 held-out windows, with its explanation and with the control's
+            assert len(examples) + scored.n_failed.sum() == n_ok * 2 * 10
+            assert set(examples.source) == ({"explanation", "control"} if n_ok > 1 else {"explanation"})
+    if n_ok:
+        for name in ("surprisal", "embedding"):  # scores without an LLM answer: always an AUC
+            assert pd.read_parquet(root.scores_path(TINY_CODER, "00", name)).roc_auc.between(0, 1).all()
+
+    summary = run(["score_summary"], TINY_CODER, resources, instance)
+    table = pd.read_parquet(root.score_summary_path(TINY_CODER))
+    assert len(table) == n_ok
+    if n_ok:
+        assert set(CPU_SCORERS) <= set(table.columns) and {f"{n}_control" for n in CPU_SCORERS} <= set(table.columns)
+        summary_meta = summary.asset_materializations_for_node("score_summary")[0].metadata
+        assert summary_meta["scorers"].value == ", ".join(CPU_SCORERS)
+        assert "data:image/png;base64," in summary_meta["histograms"].value
 
 
 def test_unknown_hookpoint_stops_activations_with_the_fix(registered, tiny_sae):

@@ -1,8 +1,10 @@
 import math
 
+import numpy as np
 import pandas as pd
+import pytest
 
-from assets.scores import binary_metrics, control_assignment, verdict
+from assets.score_metrics import binary_metrics, control_assignment, latent_metrics, pearson, roc_auc, top_k_predictions, verdict
 
 
 def test_binary_metrics_against_hand_computation():
@@ -12,6 +14,44 @@ def test_binary_metrics_against_hand_computation():
     assert m["precision"] == 2 / 3 and m["recall"] == 2 / 3
     assert m["f1"] == 2 * 2 / (2 * 2 + 1 + 1)
     assert m["balanced_accuracy"] == (2 / 3 + 2 / 3) / 2
+    assert (m["tp"], m["fn"], m["fp"], m["tn"]) == (2, 1, 1, 2)
+
+
+def test_roc_auc_counts_pairs_and_half_ties():
+    # positives 0.9, 0.4; negatives 0.4, 0.1: pairs (0.9>0.4) (0.9>0.1) (0.4=0.4 → ½) (0.4>0.1) = 3.5 / 4
+    assert roc_auc([0.9, 0.4, 0.4, 0.1], [1, 1, 0, 0]) == 3.5 / 4
+    assert math.isnan(roc_auc([0.3, 0.2], [1, 1]))
+
+
+def test_pearson_by_hand_and_undefined_when_constant():
+    # x = 1,2,3; y = 1,3,2: cov = (−1·−1 + 0 + 1·0)/3 = 1/3, var x = var y = 2/3 → r = 0.5
+    assert pearson([1, 2, 3], [1, 3, 2]) == pytest.approx(0.5)
+    assert math.isnan(pearson([1, 1, 1], [1, 2, 3]))
+
+
+def test_score_only_scorers_are_judged_at_as_many_positives_as_there_are():
+    assert top_k_predictions([0.2, 0.9, 0.5, 0.1], 2).tolist() == [0, 1, 1, 0]
+    assert top_k_predictions([0.2, 0.9], 0).tolist() == [0, 0]
+
+
+def test_latent_metrics_of_scored_examples_by_hand():
+    rows = pd.DataFrame({
+        "label":      [1, 1, 1, 1, 0, 0, 0, 0],
+        "quantile":   [1, 1, 2, 2, 0, 0, 0, 0],
+        "activation": [4.0, 3.0, 2.0, 1.0, 0, 0, 0, 0],
+        "prediction": [1, 1, 1, 0, 1, 0, 0, 0],
+        "score":      [np.nan] * 8,
+    })
+    m = latent_metrics(rows)
+    assert (m["tp"], m["fn"], m["fp"], m["tn"]) == (3, 1, 1, 3)
+    assert m["accuracy"] == 6 / 8 and m["precision"] == 3 / 4 and m["recall"] == 3 / 4 and m["balanced_accuracy"] == 3 / 4
+    assert m["quantile_accuracy"] == {0: 3 / 4, 1: 1.0, 2: 1 / 2}
+    assert math.isnan(m["roc_auc"])  # no score, no AUC
+    assert m["pearson"] == pytest.approx(np.corrcoef([1, 1, 1, 0, 1, 0, 0, 0], [4, 3, 2, 1, 0, 0, 0, 0])[0, 1])
+    scored = rows.assign(prediction=np.nan, score=[0.9, 0.8, 0.3, 0.2, 0.7, 0.1, 0.05, 0.0])
+    m = latent_metrics(scored)
+    # top-4 scores are 0.9, 0.8, 0.7, 0.3 → predictions 1,1,1,0 | 1,0,0,0 as above; AUC: 4 + 4 + 3 + 3 = 14 of 16 pairs
+    assert (m["tp"], m["fp"]) == (3, 1) and m["roc_auc"] == 14 / 16
 
 
 def test_undefined_metrics_are_nan_not_zero():
@@ -26,6 +66,10 @@ def test_control_gives_every_latent_another_latents_explanation():
     assert all(latent != other for latent, other in control.items())
     assert control == control_assignment(latents, seed=0)
     assert control_assignment([5], seed=0) == {}
+
+
+def test_verdict_names_its_control():
+    assert "tasks without an intruder" in verdict(pd.Series([0.5, 0.6, 0.55]), "tasks without an intruder")
 
 
 def test_verdict_needs_a_gap_clearly_above_zero():

@@ -1,0 +1,114 @@
+"""Metrics of scored examples, one definition for every scorer, plus the control and its verdict.
+
+Every scorer writes one row per judged example: `label` (1 = the latent fires in it), `quantile`
+(of its activation, 0 for non-activating), `activation` (its true maximum), and a `prediction`
+(0/1) and/or a `score` (any real number, higher = "fires"). The metrics of a latent come from
+those rows alone, so detection, fuzzing, intruder, simulation, surprisal and embedding scores are
+computed the same way and are comparable. Undefined metrics are NaN, never 0.
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pandas as pd
+
+BINARY = ("accuracy", "balanced_accuracy", "precision", "recall", "f1")
+CONFUSION = ("tp", "fp", "tn", "fn")
+NAN = float("nan")
+
+
+def binary_metrics(y_true, y_pred) -> dict[str, float]:
+    """Accuracy, balanced accuracy, precision, recall, F1 and the confusion matrix of 0/1 labels."""
+    t, p = np.asarray(y_true, bool), np.asarray(y_pred, bool)
+    tp, tn = int((t & p).sum()), int((~t & ~p).sum())
+    fp, fn = int((~t & p).sum()), int((t & ~p).sum())
+    recall = tp / (tp + fn) if tp + fn else NAN
+    specificity = tn / (tn + fp) if tn + fp else NAN
+    return {
+        "accuracy": (tp + tn) / len(t) if len(t) else NAN,
+        "balanced_accuracy": (recall + specificity) / 2,  # NaN unless both classes are present
+        "precision": tp / (tp + fp) if tp + fp else NAN,
+        "recall": recall,
+        "f1": 2 * tp / (2 * tp + fp + fn) if tp + fp + fn else NAN,
+        "tp": tp, "fp": fp, "tn": tn, "fn": fn,
+    }
+
+
+def roc_auc(scores, labels) -> float:
+    """Probability that a random positive outscores a random negative (ties count half); NaN without both."""
+    scores, labels = np.asarray(scores, float), np.asarray(labels, bool)
+    pos, neg = scores[labels], scores[~labels]
+    if not len(pos) or not len(neg):
+        return NAN
+    wins = (pos[:, None] > neg[None, :]).sum() + 0.5 * (pos[:, None] == neg[None, :]).sum()
+    return float(wins / (len(pos) * len(neg)))
+
+
+def pearson(x, y) -> float:
+    """Pearson correlation; NaN when either side is constant or there are fewer than two points."""
+    x, y = np.asarray(x, float), np.asarray(y, float)
+    if len(x) < 2 or np.ptp(x) == 0 or np.ptp(y) == 0:
+        return NAN
+    return float(np.corrcoef(x, y)[0, 1])
+
+
+def top_k_predictions(scores, n_positive: int) -> np.ndarray:
+    """Call the `n_positive` highest scores positive: the threshold a score-only scorer is judged at.
+
+    Uses only how many examples fire, never which; with as many positives predicted as there are,
+    precision equals recall and chance gives 0.5 balanced accuracy on a balanced set.
+    """
+    scores = np.asarray(scores, float)
+    predictions = np.zeros(len(scores), int)
+    if n_positive > 0:
+        predictions[np.argsort(-scores, kind="stable")[:n_positive]] = 1
+    return predictions
+
+
+def example_predictions(rows: pd.DataFrame) -> np.ndarray:
+    """The rows' 0/1 predictions; for score-only scorers, the top-k of the scores."""
+    if rows["prediction"].notna().all():
+        return rows["prediction"].to_numpy(int)
+    return top_k_predictions(rows["score"].to_numpy(float), int(rows["label"].sum()))
+
+
+def quantile_accuracy(rows: pd.DataFrame, predictions: np.ndarray) -> dict[int, float]:
+    """Accuracy per activation quantile (0 = the non-activating examples)."""
+    correct = pd.Series(predictions == rows["label"].to_numpy(int), index=rows.index)
+    return {int(q): float(correct[rows["quantile"] == q].mean()) for q in sorted(rows["quantile"].unique())}
+
+
+def latent_metrics(rows: pd.DataFrame) -> dict:
+    """Every metric of one latent's scored examples (one explanation, one scorer)."""
+    if not len(rows):
+        return {**{m: NAN for m in (*BINARY, "roc_auc", "pearson")}, **{c: 0 for c in CONFUSION}, "n_scored": 0, "quantile_accuracy": {}}
+    predictions = example_predictions(rows)
+    has_score = rows["score"].notna().all()
+    evidence = rows["score"].to_numpy(float) if has_score else predictions.astype(float)
+    return {
+        **binary_metrics(rows["label"].to_numpy(int), predictions),
+        "roc_auc": roc_auc(rows["score"], rows["label"]) if has_score else NAN,
+        "pearson": pearson(evidence, rows["activation"]),
+        "n_scored": len(rows),
+        "quantile_accuracy": quantile_accuracy(rows, predictions),
+    }
+
+
+def control_assignment(latents: list[int], seed: int) -> dict[int, int]:
+    """Give each latent another latent's explanation: a seeded derangement (empty below two latents)."""
+    if len(latents) < 2:
+        return {}
+    order = list(np.random.default_rng(seed).permutation(latents))
+    return {latent: order[(i + 1) % len(order)] for i, latent in enumerate(order)}
+
+
+def verdict(gaps: pd.Series, against: str = "the shuffled-explanation control") -> str:
+    """Whether a scorer's mean gap over its control is clearly above zero (mean - 2 standard errors > 0)."""
+    gaps = pd.Series(gaps, dtype=float).dropna()
+    if len(gaps) < 2:
+        return "uninformative: fewer than two latents have a control"
+    mean, se = gaps.mean(), gaps.std(ddof=1) / math.sqrt(len(gaps))
+    if mean - 2 * se > 0:
+        return f"informative: beats {against} by {mean:.3f} ± {se:.3f}"
+    return f"uninformative: does not beat {against} (gap {mean:.3f} ± {se:.3f})"

@@ -1,0 +1,407 @@
+"""The six scorers: how each judges an explanation (or, for intruder, a latent) on held-out examples.
+
+Each scorer turns one job (an explanation and a latent's held-out `test` windows) into one row per
+judged example, with a 0/1 `prediction` and/or a real `score`; `assets/score_metrics.py` turns
+rows into metrics the same way for all of them. Every job also runs as a control (see `CONTROLS`).
+
+- detection (delphi): the judge reads the explanation and says which windows the latent fires in.
+- fuzzing (delphi): windows come with tokens marked (the latent's own, or random ones in windows
+  where it is silent); the judge says which marks the explanation describes.
+- intruder (delphi): no explanation; in each task one marked window of k is not the latent's,
+  and the judge must find it. Is the latent itself coherent?
+- simulation (OpenAI): the judge predicts each token's activation on a 0-10 scale from the
+  explanation; the expected value over the answer's logprobs for 0..10 (parsed values where the
+  backend gives none) is correlated with the true activations over all tokens at once.
+- surprisal (delphi): how much the explanation, as a prefix, lowers the subject model's loss on a
+  window; activating windows should gain more than the others (ROC AUC).
+- embedding (delphi): cosine similarity of the explanation to each window in MiniLM space (ROC AUC).
+"""
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import re
+import threading
+from dataclasses import dataclass, field
+from typing import Awaitable, Callable
+
+import numpy as np
+import pandas as pd
+import torch
+from pydantic import BaseModel, ConfigDict, Field
+
+from assets.prompts import (
+    DETECTION_SYSTEM,
+    FUZZING_SYSTEM,
+    SURPRISAL_DESCRIPTION,
+    SURPRISAL_NO_DESCRIPTION,
+    highlight,
+    intruder_messages,
+    parse_int_list,
+    scorer_messages,
+    simulation_messages,
+)
+from assets.score_metrics import NAN, pearson
+from resources.llm import LLMEndpointError, ProductionClient
+
+# ---- settings: one model per scorer; their hash is part of the scorer asset's code version ----------
+
+
+class ScorerSettings(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    seed: int = Field(default=0, description="Seed of example order, random marks, intruder tasks and the control's explanation shuffle.")
+
+    def digest(self) -> str:
+        """Short hash of every setting: a change makes this scorer's results, and only them, stale."""
+        return hashlib.sha256(json.dumps(self.model_dump(), sort_keys=True).encode()).hexdigest()[:10]
+
+
+class DetectionSettings(ScorerSettings):
+    examples_per_prompt: int = Field(default=10, ge=1, description="Windows judged per request (delphi shows 5; 10 keeps the control within delphi's request count).")
+
+
+class FuzzingSettings(DetectionSettings):
+    pass
+
+
+class IntruderSettings(ScorerSettings):
+    examples_per_task: int = Field(default=5, ge=2, description="Windows per task, one of them the intruder.")
+    max_tasks: int = Field(default=10, ge=1, description="Tasks per latent (delphi: one per non-activating window).")
+
+
+class SimulationSettings(ScorerSettings):
+    top_logprobs: int = Field(default=10, ge=0, le=20, description="Alternatives per answer token used for expected values; 0 = parsed values only.")
+    calibrate: bool = Field(default=False, description="Fit a linear map from simulated to true activations on the `valid` windows and report R² (correlation is unchanged by it).")
+
+
+class SurprisalSettings(ScorerSettings):
+    batch_size: int = Field(default=16, ge=1, description="Windows per forward pass of the subject model.")
+
+
+class EmbeddingSettings(ScorerSettings):
+    query_prefix: str = Field(default="", description="Text put before the explanation; instruction-tuned embedders want e.g. delphi's 'Instruct: Retrieve sentences that could be related to the explanation.\\nQuery:'.")
+
+
+# ---- examples and jobs ---------------------------------------------------------------------------
+
+
+@dataclass
+class Example:
+    index: int
+    token_ids: list[int]
+    token_strs: list[str]
+    activations: np.ndarray
+    marks: np.ndarray
+    """The latent's firing tokens; in non-activating windows, random tokens (as many as typically fire)."""
+    label: int
+    quantile: int
+
+    @property
+    def text(self) -> str:
+        return "".join(self.token_strs).replace("\n", " ")
+
+    @property
+    def marked_text(self) -> str:
+        return highlight(self.token_strs, self.marks.tolist())
+
+
+def held_out_examples(rows: pd.DataFrame, vocab: list[str], rng: np.random.Generator) -> list[Example]:
+    """A latent's windows in a seeded order, non-activating ones with random marks."""
+    activating = rows[rows["kind"] == "activating"]
+    typical_marks = max(1, int(np.median([np.count_nonzero(a) for a in activating["activations"]]))) if len(activating) else 1
+    examples = []
+    for i, row in enumerate(rows.itertuples()):
+        acts = np.asarray(row.activations, np.float32)
+        is_activating = row.kind == "activating"
+        marks = acts > 0
+        if not is_activating:
+            marks = np.zeros(len(acts), bool)
+            marks[rng.choice(len(acts), size=min(typical_marks, len(acts)), replace=False)] = True
+        examples.append(Example(i, list(row.tokens), [vocab[t] for t in row.tokens], acts, marks, int(is_activating), int(row.quantile) if is_activating else 0))
+    return [examples[i] for i in rng.permutation(len(examples))]
+
+
+@dataclass
+class Job:
+    explanation: str | None
+    examples: list[Example]
+    control: bool
+    seed: int
+    calibration: list[Example] = field(default_factory=list)
+
+
+@dataclass
+class JobResult:
+    rows: list[dict]
+    failed: int = 0
+    prompt_tokens: int = 0
+    extra: dict = field(default_factory=dict)
+
+
+def example_row(example: Example, prediction: float = NAN, score: float = NAN, **extra) -> dict:
+    return {"example": example.index, "label": example.label, "quantile": example.quantile,
+            "activation": float(example.activations.max()), "prediction": prediction, "score": score, **extra}
+
+
+@dataclass
+class ScoringContext:
+    """What scorers may use; each scorer touches only its own part."""
+
+    settings: ScorerSettings
+    client: ProductionClient | None = None
+    embed: Callable[[list[str]], np.ndarray] | None = None
+    causal_lm: Callable[[], object] | None = None
+    tokenizer: Callable[[], object] | None = None
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+
+async def _ask_list(ctx: ScoringContext, messages: list[dict], n: int, lo: int, hi: int, top_logprobs: int = 0):
+    """One request whose answer is a list of n integers in [lo, hi]; None (and the answer forgotten) when
+    it fails or cannot be parsed, so only that part of the latent is lost and it is asked again next time."""
+    params = {"max_tokens": 8 + (3 + len(str(hi))) * n, "int_list": (n, lo, hi), "top_logprobs": top_logprobs}
+    try:
+        answer = await ctx.client.complete(messages, **params)
+    except LLMEndpointError:
+        raise
+    except Exception:  # budget, errors: a failed request drops its examples; the latent is scored on the rest
+        return None, None
+    values = parse_int_list(answer.text, n, lo, hi)
+    if values is None:
+        ctx.client.forget(messages, **params)
+    return values, answer
+
+
+async def _classify(ctx: ScoringContext, job: Job, system: str, text_of: Callable[[Example], str]) -> JobResult:
+    size = ctx.settings.examples_per_prompt
+    batches = [job.examples[i : i + size] for i in range(0, len(job.examples), size)]
+    answers = await asyncio.gather(*(_ask_list(ctx, scorer_messages(system, job.explanation, [text_of(e) for e in b]), len(b), 0, 1) for b in batches))
+    result = JobResult([])
+    for batch, (labels, answer) in zip(batches, answers):
+        result.prompt_tokens += answer.prompt_tokens if answer else 0
+        if labels is None:
+            result.failed += len(batch)
+            continue
+        result.rows += [example_row(e, prediction=p) for e, p in zip(batch, labels)]
+    return result
+
+
+async def detection(ctx: ScoringContext, job: Job) -> JobResult:
+    return await _classify(ctx, job, DETECTION_SYSTEM, lambda e: e.text)
+
+
+async def fuzzing(ctx: ScoringContext, job: Job) -> JobResult:
+    return await _classify(ctx, job, FUZZING_SYSTEM, lambda e: e.marked_text)
+
+
+def intruder_tasks(examples: list[Example], k: int, max_tasks: int, rng: np.random.Generator, control: bool) -> list[tuple[list[Example], int, int]]:
+    """(windows, intruder position, quantile) per task: k-1 activating windows of neighbouring quantiles
+    (a sliding run over the windows sorted by quantile, so each task is as homogeneous as the test set
+    allows) and one non-activating intruder. The control task has no intruder: its k-th window is the
+    next activating one, and a random position is called the intruder, so its accuracy is what a judge
+    with no signal gets (chance, plus any position bias)."""
+    activating = sorted((e for e in examples if e.label), key=lambda e: e.quantile)
+    negatives = [e for e in examples if not e.label]
+    needed = min(k if control else k - 1, len(activating))
+    if needed < (2 if control else 1):
+        return []
+    tasks = []
+    for t in range(min(max_tasks, len(negatives))):  # the control asks as many tasks as the real run
+        start = t % (len(activating) - needed + 1)
+        chosen = activating[start : start + needed]
+        quantile = chosen[len(chosen) // 2].quantile
+        chosen = [chosen[i] for i in rng.permutation(len(chosen))]
+        position = int(rng.integers(0, len(chosen) + (0 if control else 1)))
+        if not control:
+            chosen.insert(position, negatives[t])
+        tasks.append((chosen, position, quantile))
+    return tasks
+
+
+async def intruder(ctx: ScoringContext, job: Job) -> JobResult:
+    s = ctx.settings
+    tasks = intruder_tasks(job.examples, s.examples_per_task, s.max_tasks, np.random.default_rng(job.seed), job.control)
+    answers = await asyncio.gather(*(_ask_list(ctx, intruder_messages([e.marked_text for e in windows]), 1, 1, len(windows)) for windows, _, _ in tasks))
+    result = JobResult([])
+    for i, ((windows, position, quantile), (choice, answer)) in enumerate(zip(tasks, answers)):
+        result.prompt_tokens += answer.prompt_tokens if answer else 0
+        if choice is None:
+            result.failed += 1
+            continue
+        mean_activation = float(np.mean([e.activations.max() for e in windows if e.label]))
+        result.rows.append({"example": i, "label": 1, "quantile": quantile, "activation": mean_activation,
+                            "prediction": int(choice[0] - 1 == position), "score": NAN})
+    return result
+
+
+_VALUE_TOKEN = re.compile(r"^[\s,\[]*(\d{1,2})$")
+
+
+def expected_values(answer, values: list[int]) -> list[float] | None:
+    """Per listed value, the expected value over the logprobs of the tokens 0..10 where it was written.
+
+    Returns None when the answer has no logprobs or they cannot be aligned with the parsed list. Where
+    a tokenizer writes 10 as "1" "0", the "1" alternative counts as 10 when 10 was written, else as 1.
+    """
+    if not answer.tokens or len(answer.tokens) != len(answer.top_logprobs):
+        return None
+    text = "".join(answer.tokens)
+    body = re.search(r"\[([^\]]*)\]", text)
+    if not body:
+        return None
+    starts = [body.start(1) + m.start() for m in re.finditer(r"\d+", body.group(1))]
+    if [int(m) for m in re.findall(r"\d+", body.group(1))] != values:
+        return None
+    ends = np.cumsum([len(t) for t in answer.tokens])
+    out = []
+    for start, written in zip(starts, values):
+        step = int(np.searchsorted(ends, start, side="right"))
+        weights: dict[int, float] = {}
+        for alternative, logprob in answer.top_logprobs[step].items():
+            match = _VALUE_TOKEN.match(alternative)
+            if match and int(match.group(1)) <= 10:
+                value = int(match.group(1))
+                value = 10 if value == 1 and written == 10 else value
+                weights[value] = weights.get(value, 0.0) + float(np.exp(logprob))
+        total = sum(weights.values())
+        out.append(sum(v * w for v, w in weights.items()) / total if total > 0 else float(written))
+    return out
+
+
+async def _simulate(ctx: ScoringContext, examples: list[Example], explanation: str) -> list[tuple[Example, np.ndarray | None, str, int]]:
+    async def one(e: Example):
+        values, answer = await _ask_list(ctx, simulation_messages(explanation, e.token_strs), len(e.token_strs), 0, 10, ctx.settings.top_logprobs)
+        if values is None:
+            return e, None, "", answer.prompt_tokens if answer else 0
+        expected = expected_values(answer, values) if ctx.settings.top_logprobs else None
+        return e, np.asarray(expected if expected is not None else values, float), "logprobs" if expected is not None else "parsed", answer.prompt_tokens
+
+    return await asyncio.gather(*(one(e) for e in examples))
+
+
+def true_scale(example: Example, top: float) -> np.ndarray:
+    """True activations on the simulator's 0-10 scale (relative to the latent's top test activation)."""
+    return 10 * example.activations / max(top, 1e-9)
+
+
+async def simulation(ctx: ScoringContext, job: Job) -> JobResult:
+    simulated = await _simulate(ctx, job.examples, job.explanation)
+    top = max((e.activations.max() for e in job.examples), default=1.0)
+    result = JobResult([])
+    for e, values, source, tokens in simulated:
+        result.prompt_tokens += tokens
+        if values is None:
+            result.failed += 1
+            continue
+        result.rows.append(example_row(e, score=float(values.max()), simulated=values.tolist(), true_activations=true_scale(e, top).tolist(), values_from=source))
+    if result.rows:
+        truth = np.concatenate([r["true_activations"] for r in result.rows])
+        guess = np.concatenate([r["simulated"] for r in result.rows])
+        # over all tokens of all windows at once; a constant simulation carries no information: 0, not NaN
+        result.extra["ev_correlation"] = 0.0 if np.ptp(guess) == 0 and np.ptp(truth) > 0 else pearson(guess, truth)
+        result.extra["logprob_fraction"] = float(np.mean([r["values_from"] == "logprobs" for r in result.rows]))
+        if ctx.settings.calibrate and job.calibration:
+            fitted = [(e, v) for e, v, _, _ in await _simulate(ctx, job.calibration, job.explanation) if v is not None]
+            if fitted:
+                x = np.concatenate([v for _, v in fitted])
+                y = np.concatenate([true_scale(e, top) for e, _ in fitted])
+                slope, intercept = np.polyfit(x, y, 1) if np.ptp(x) > 0 else (0.0, float(y.mean()))
+                calibrated = slope * guess + intercept
+                result.extra["rsquared"] = float(1 - np.mean((truth - calibrated) ** 2) / max(np.mean(truth**2), 1e-12))
+    return result
+
+
+def _losses(ctx: ScoringContext, prefix: str, examples: list[Example]) -> np.ndarray:
+    """Mean next-token loss of each window's tokens after `prefix`, from the subject model.
+
+    One job at a time: torch already uses every core, and loading the model from two threads at
+    once breaks transformers' lazy initialization."""
+    with ctx.lock:
+        return _losses_unlocked(ctx, prefix, examples)
+
+
+def _losses_unlocked(ctx: ScoringContext, prefix: str, examples: list[Example]) -> np.ndarray:
+    tokenizer, lm = ctx.tokenizer(), ctx.causal_lm()
+    prefix_ids = tokenizer(prefix, add_special_tokens=False)["input_ids"]
+    out = []
+    for i in range(0, len(examples), ctx.settings.batch_size):
+        batch = examples[i : i + ctx.settings.batch_size]
+        length = len(prefix_ids) + max(len(e.token_ids) for e in batch)
+        ids = torch.zeros((len(batch), length), dtype=torch.long)
+        mask = torch.zeros_like(ids)
+        for row, e in enumerate(batch):
+            sequence = prefix_ids + e.token_ids
+            ids[row, : len(sequence)] = torch.tensor(sequence)
+            mask[row, : len(sequence)] = 1
+        with torch.inference_mode():
+            logits = lm(input_ids=ids.to(lm.device), attention_mask=mask.to(lm.device)).logits.float().cpu()
+        nll = torch.nn.functional.cross_entropy(logits[:, :-1].transpose(1, 2), ids[:, 1:], reduction="none")
+        scored = mask[:, 1:].bool()
+        scored[:, : len(prefix_ids) - 1] = False  # only the window's own tokens count
+        out += [float(nll[r][scored[r]].mean()) for r in range(len(batch))]
+    return np.asarray(out)
+
+
+async def surprisal(ctx: ScoringContext, job: Job) -> JobResult:
+    without = SURPRISAL_DESCRIPTION.format(explanation=SURPRISAL_NO_DESCRIPTION)
+    with_explanation = SURPRISAL_DESCRIPTION.format(explanation=job.explanation)
+    base, informed = await asyncio.to_thread(lambda: (_losses(ctx, without, job.examples), _losses(ctx, with_explanation, job.examples)))
+    return JobResult([example_row(e, score=float(b - i)) for e, b, i in zip(job.examples, base, informed)])
+
+
+async def embedding(ctx: ScoringContext, job: Job) -> JobResult:
+    vectors = await asyncio.to_thread(ctx.embed, [ctx.settings.query_prefix + job.explanation] + [e.text for e in job.examples])
+    vectors = vectors / np.maximum(np.linalg.norm(vectors, axis=1, keepdims=True), 1e-12)
+    similarity = vectors[1:] @ vectors[0]
+    return JobResult([example_row(e, score=float(s)) for e, s in zip(job.examples, similarity)])
+
+
+# ---- the registry ---------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ScorerSpec:
+    name: str
+    run: Callable[[ScoringContext, Job], Awaitable[JobResult]]
+    settings: type[ScorerSettings]
+    main_metric: str
+    uses: frozenset[str]
+    """Resources it needs: any of 'llm', 'embedder', 'subject_model'."""
+    version: str
+    description: str
+
+    @property
+    def uses_explanation(self) -> bool:
+        return self.name != "intruder"
+
+    @property
+    def control(self) -> str:
+        return "tasks without an intruder" if not self.uses_explanation else "the shuffled-explanation control"
+
+
+SCORERS: dict[str, ScorerSpec] = {
+    spec.name: spec
+    for spec in [
+        ScorerSpec("detection", detection, DetectionSettings, "balanced_accuracy", frozenset({"llm"}), "1",
+                   "Detection (delphi): does the latent fire in this window, given the explanation?"),
+        ScorerSpec("fuzzing", fuzzing, FuzzingSettings, "balanced_accuracy", frozenset({"llm"}), "1",
+                   "Fuzzing (delphi): are the marked tokens what the explanation describes?"),
+        ScorerSpec("intruder", intruder, IntruderSettings, "accuracy", frozenset({"llm"}), "1",
+                   "Intruder (delphi): can the judge find the one window that is not the latent's? No explanation used."),
+        ScorerSpec("simulation", simulation, SimulationSettings, "ev_correlation", frozenset({"llm"}), "1",
+                   "Simulation (OpenAI): correlation of logprob-expected 0-10 activations with the true ones, over all tokens."),
+        ScorerSpec("surprisal", surprisal, SurprisalSettings, "roc_auc", frozenset({"subject_model"}), "1",
+                   "Surprisal (delphi): how much more the explanation lowers the subject model's loss on activating windows (ROC AUC)."),
+        ScorerSpec("embedding", embedding, EmbeddingSettings, "roc_auc", frozenset({"embedder"}), "1",
+                   "Embedding (delphi): how well the explanation's embedding ranks activating over other windows (ROC AUC)."),
+    ]
+}
+
+
+def scorer_settings(overrides: dict[str, dict] | None = None) -> dict[str, ScorerSettings]:
+    """Every scorer's settings: defaults, updated by `overrides` ({scorer: {setting: value}})."""
+    overrides = dict(overrides or {})
+    unknown = set(overrides) - set(SCORERS)
+    if unknown:
+        raise ValueError(f"Unknown scorer(s) {sorted(unknown)} in the scorer settings. Fix: use any of {sorted(SCORERS)}.")
+    return {name: spec.settings(**overrides.get(name, {})) for name, spec in SCORERS.items()}

@@ -1,0 +1,192 @@
+"""Each scorer on windows whose truth is known: latent L fires exactly on its topic word.
+
+A scripted judge that reads the explanation and answers truthfully must score every latent
+perfectly with its own explanation and at chance (or worse) with the control's; the embedding and
+surprisal scorers use the real MiniLM and SmolLM2 models.
+"""
+import asyncio
+import re
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from assets.scorers import SCORERS, ScoringContext, expected_values, scorer_settings
+from assets.scores import score_partition
+from resources.llm import Completion, LLMResource
+from tests.scripted_llm_server import ScriptedLLMServer
+
+TOPICS = {1: "cat", 2: "river", 3: "guitar"}
+ACTIVATING = ["Yesterday I saw a {} near the old house.", "She said the {} was the best part of the trip.",
+              "Nobody expected the {} to be there in the morning.", "A small {} appeared in the photo.",
+              "He wrote a long story about a {} and a friend.", "There is a {} in every picture she drew."]
+# the same sentences with a neutral noun: only the topic word tells activating windows apart
+SILENT = [template.format(noun) for template, noun in zip(ACTIVATING, ["table", "letter", "window", "bottle", "ticket", "chair"])]
+
+
+@pytest.fixture(scope="module")
+def topic_data(subject):
+    """Exemplars of three latents (test: 5 activating, 5 silent windows; valid: 2 + 2) and explanations."""
+    tokenizer = subject.tokenizer()
+    vocab = tokenizer.batch_decode([[i] for i in range(len(tokenizer))])
+    rows = []
+    for latent, word in TOPICS.items():
+        for i, template in enumerate(ACTIVATING):
+            ids = tokenizer(template.format(word), add_special_tokens=False)["input_ids"]
+            acts = [1.0 + 0.2 * i if vocab[t].strip() == word else 0.0 for t in ids]
+            assert max(acts) > 0
+            rows.append({"latent": latent, "split": "test" if i < 5 else "valid", "kind": "activating", "quantile": i % 5 + 1, "tokens": ids, "activations": acts})
+        for i, text in enumerate(SILENT):
+            ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+            rows.append({"latent": latent, "split": "test" if i < 5 else "valid", "kind": "random", "quantile": 0, "tokens": ids, "activations": [0.0] * len(ids)})
+    exemplars = pd.DataFrame(rows).assign(sequence=0, start=0, max_activation=lambda f: f["activations"].map(max))
+    explanations = pd.DataFrame({"latent": list(TOPICS), "explanation": [f"the word {w}" for w in TOPICS.values()], "status": "ok"})
+    return exemplars, explanations, vocab
+
+
+def described_word(messages) -> str | None:
+    found = re.search(r"Description: the word (\w+)", messages[-1]["content"])
+    return found.group(1) if found else None
+
+
+def truthful_judge(messages):
+    """Answers every scorer prompt from the explanation alone, as a perfect judge would."""
+    system, user = messages[0]["content"], messages[-1]["content"]
+    word = described_word(messages)
+    examples = re.findall(r"^Example \d+: (.*)$", user, re.MULTILINE)
+    if "intruder" in system:
+        marked = [" ".join(re.findall(r"<<(.*?)>>", e)).strip() for e in examples]
+        majority = max(set(marked), key=marked.count)
+        odd = [i for i, m in enumerate(marked, start=1) if m != majority]
+        return f"[{odd[0] if odd else 1}]"
+    if "predict how" in system:
+        tokens = [eval(t) for t in re.findall(r"^\d+\t(.*)$", user, re.MULTILINE)]
+        values = [10 if t.strip() == word else 0 for t in tokens]
+        return simulation_answer(values)
+    if "marked tokens are what" in system:
+        return str([int(any(m.strip() == word for m in re.findall(r"<<(.*?)>>", e))) for e in examples])
+    return str([int(f" {word}" in e) for e in examples])
+
+
+def simulation_answer(values):
+    """'[v, v, ...]' with logprobs: a written 10 is 80% sure of itself, a written 0 90% sure."""
+    tokens, steps = ["["], [{"token": "[", "logprob": 0.0, "top_logprobs": [{"token": "[", "logprob": 0.0}]}]
+    for i, v in enumerate(values):
+        alternatives = {"10": np.log(0.8), "0": np.log(0.2)} if v == 10 else {"0": np.log(0.9), "10": np.log(0.1)}
+        steps.append({"token": str(v), "logprob": alternatives[str(v)], "top_logprobs": [{"token": t, "logprob": lp} for t, lp in alternatives.items()]})
+        sep = ", " if i < len(values) - 1 else "]"
+        steps.append({"token": sep, "logprob": 0.0, "top_logprobs": [{"token": sep, "logprob": 0.0}]})
+        tokens += [str(v), sep]
+    return {"content": "".join(tokens), "logprobs": steps}
+
+
+def run_scorer(name, topic_data, server=None, subject=None, embed=None, **overrides):
+    exemplars, explanations, vocab = topic_data
+    spec = SCORERS[name]
+    ctx = ScoringContext(
+        settings=scorer_settings({name: overrides})[name],
+        client=LLMResource(backend="openai", base_url=server.base_url, model="m").client() if server else None,
+        embed=embed,
+        causal_lm=subject.causal_lm if subject else None,
+        tokenizer=subject.tokenizer if subject else None,
+    )
+    return asyncio.run(score_partition(spec, ctx, exemplars, explanations, vocab))
+
+
+@pytest.mark.parametrize("name", ["detection", "fuzzing"])
+def test_a_truthful_judge_is_perfect_with_the_explanation_and_at_chance_with_the_control(topic_data, name):
+    with ScriptedLLMServer(truthful_judge) as server:
+        frame, examples = run_scorer(name, topic_data, server, examples_per_prompt=4)
+    assert len(server.requests) == 3 * 2 * 3  # 3 latents × (own, control) × ceil(10 / 4) prompts
+    assert (frame.balanced_accuracy == 1.0).all() and (frame.f1 == 1.0).all() and (frame.tp == 5).all() and (frame.tn == 5).all()
+    assert (frame.control_balanced_accuracy == 0.5).all() and (frame.control_recall == 0.0).all()
+    assert (frame.gap == 0.5).all() and (frame.n_failed == 0).all()
+    assert len(examples) == 3 * 2 * 10 and set(examples.source) == {"explanation", "control"}
+    own = examples[examples.source == "explanation"]
+    assert (own.predicted == own.label).all()
+
+
+def test_intruder_finds_the_intruder_and_its_control_has_no_signal(topic_data):
+    with ScriptedLLMServer(truthful_judge) as server:
+        frame, examples = run_scorer("intruder", topic_data, server, examples_per_task=3, max_tasks=5)
+    assert not any("Description" in r["messages"][-1]["content"] for r in server.requests)  # no explanation is used
+    assert (frame.accuracy == 1.0).all()
+    # without an intruder every window is the latent's: the judge answers 1, right only when chance put the "intruder" there
+    control = examples[examples.source == "control"]
+    assert len(control) == 3 * 5 and control.predicted.mean() < 0.6
+    assert (frame.gap > 0).all() and frame.gap.mean() > 0.4
+
+
+def test_simulation_uses_expected_values_from_logprobs_and_correlates_over_all_tokens(topic_data):
+    with ScriptedLLMServer(truthful_judge) as server:
+        frame, examples = run_scorer("simulation", topic_data, server, calibrate=True)
+    assert all(r["top_logprobs"] == 10 and r["logprobs"] for r in server.requests)
+    own = examples[examples.source == "explanation"]
+    assert set(own.values_from) == {"logprobs"}
+    simulated = np.concatenate(own.simulated.to_list())
+    assert set(np.round(simulated, 6)) == {0.8 * 10, 0.1 * 10}  # 8 where the judge wrote 10, 1 where it wrote 0
+    assert (frame.logprob_fraction == 1.0).all()
+    for latent, rows in own.groupby("latent"):
+        truth, guess = np.concatenate(rows.true_activations.to_list()), np.concatenate(rows.simulated.to_list())
+        row = frame[frame.latent == latent].iloc[0]
+        assert row.ev_correlation == pytest.approx(np.corrcoef(truth, guess)[0, 1])  # over all tokens at once
+        # calibration on `valid` (one window at 2.0, one silent; test top = 1.8) maps EV 1 → 0 and EV 8 → 10·2.0/1.8
+        slope = (10 * 2.0 / 1.8) / (8 - 1)
+        calibrated = slope * (guess - 1)
+        assert row.rsquared == pytest.approx(1 - np.mean((truth - calibrated) ** 2) / np.mean(truth**2))
+    assert (frame.ev_correlation > 0.95).all()
+    assert (frame.control_ev_correlation == 0.0).all()  # the control simulation is constant: no information
+    assert (frame.roc_auc == 1.0).all()
+
+
+def test_simulation_falls_back_to_parsed_values_without_logprobs(topic_data):
+    def plain(messages):
+        answer = truthful_judge(messages)
+        return answer["content"] if isinstance(answer, dict) else answer
+
+    with ScriptedLLMServer(plain) as server:
+        frame, examples = run_scorer("simulation", topic_data, server)
+    simulated = np.concatenate(examples[examples.source == "explanation"].simulated.to_list())
+    assert set(simulated) == {0.0, 10.0} and (frame.logprob_fraction == 0.0).all()
+    assert (frame.ev_correlation > 0.95).all() and (frame.gap > 0.95).all()
+
+
+def test_expected_values_handle_split_digits_and_unaligned_answers():
+    # "10" written as "1" "0": the "1" alternative counts as 10 there
+    split = Completion("[10, 3]", tokens=["[", "1", "0", ", ", "3", "]"],
+                       top_logprobs=[{"[": 0.0}, {"1": np.log(0.5), "2": np.log(0.5)}, {"0": 0.0}, {", ": 0.0}, {"3": np.log(0.75), "0": np.log(0.25)}, {"]": 0.0}])
+    assert expected_values(split, [10, 3]) == pytest.approx([6.0, 2.25])
+    assert expected_values(Completion("[1, 2]"), [1, 2]) is None  # no logprobs
+    assert expected_values(split, [10, 4]) is None  # the list parsed elsewhere is not what the tokens say
+
+
+def test_embedding_scorer_ranks_topic_windows_first_with_real_minilm(topic_data):
+    from resources.embedder import EmbedderResource
+
+    frame, _ = run_scorer("embedding", topic_data, embed=EmbedderResource().embed)
+    assert (frame.roc_auc == 1.0).all()
+    assert (frame.control_roc_auc < 0.8).all() and (frame.gap > 0.2).all()
+
+
+def test_surprisal_scorer_is_the_loss_drop_the_explanation_brings(topic_data, subject):
+    import torch
+
+    from assets.prompts import SURPRISAL_DESCRIPTION, SURPRISAL_NO_DESCRIPTION
+
+    frame, examples = run_scorer("surprisal", topic_data, subject=subject)
+    exemplars, _, _ = topic_data
+    # recompute one window's score by hand with the subject model
+    row = examples[(examples.latent == 1) & (examples.source == "explanation")].iloc[0]
+    window = exemplars[(exemplars.latent == 1) & (exemplars.split == "test")].iloc[int(row.example)]
+    tokenizer, lm = subject.tokenizer(), subject.causal_lm()
+
+    def loss(prefix):
+        p = tokenizer(prefix, add_special_tokens=False)["input_ids"]
+        ids = torch.tensor([p + list(window.tokens)])
+        with torch.inference_mode():
+            logits = lm(input_ids=ids).logits[0]
+        return torch.nn.functional.cross_entropy(logits[len(p) - 1 : -1], ids[0, len(p) :]).item()
+
+    expected = loss(SURPRISAL_DESCRIPTION.format(explanation=SURPRISAL_NO_DESCRIPTION)) - loss(SURPRISAL_DESCRIPTION.format(explanation="the word cat"))
+    assert row.score == pytest.approx(expected, abs=1e-4)
+    assert frame.roc_auc.between(0, 1).all() and frame.control_roc_auc.notna().all()

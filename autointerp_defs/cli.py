@@ -78,12 +78,17 @@ def run_demo(data_dir: str, force: bool) -> None:
     def done(asset: str, partition: str | None) -> bool:
         if force:
             return False
+        key = AssetKey.from_user_string(asset)
         if partition is None:
-            return instance.get_latest_materialization_event(AssetKey(asset)) is not None
-        return partition in instance.get_materialized_partitions(AssetKey(asset))
+            return instance.get_latest_materialization_event(key) is not None
+        return partition in instance.get_materialized_partitions(key)
 
+    from autointerp_defs.deployments import automated_scorers
+
+    scorers = [f"scores/{name}" for name in automated_scorers()]
     steps = [(["corpus"], None), (["activations"], coder)]
-    steps += [(["exemplars", "explanations", "scores"], f"{coder}|{shard}") for shard in DEMO_SHARDS]
+    steps += [(["exemplars", "explanations", *scorers], f"{coder}|{shard}") for shard in DEMO_SHARDS]
+    steps += [(["score_summary"], coder)]
     for selection, partition in steps:
         if all(done(a, partition) for a in selection):
             print(f"reusing {', '.join(selection)} {partition or ''}")
@@ -93,27 +98,28 @@ def run_demo(data_dir: str, force: bool) -> None:
     print_results(root, coder)
     print(f"\ndemo finished in {time.perf_counter() - started:.0f} s")
     print("Open the UI:            make ui     (then http://127.0.0.1:3000)")
-    print(f'Re-score from the shell: DAGSTER_HOME={os.environ["DAGSTER_HOME"]} .venv/bin/dagster asset materialize -m autointerp_defs --select scores --partition "{coder}|00"')
+    print(f'Re-score from the shell: DAGSTER_HOME={os.environ["DAGSTER_HOME"]} .venv/bin/dagster asset materialize -m autointerp_defs --select {",".join(scorers)} --partition "{coder}|00"')
 
 
 def print_results(root, coder: str) -> None:
     import pandas as pd
 
-    from assets.scores import SCORERS, verdict
+    from assets.score_metrics import verdict
+    from assets.scorers import SCORERS
 
-    frames = [pd.read_parquet(p) for shard in DEMO_SHARDS if (p := root.scores_path(coder, shard)).exists()]
-    if not frames:
+    path = root.score_summary_path(coder)
+    if not path.exists():
         print("no scores yet")
         return
-    scores = pd.concat(frames)
-    table = scores.pivot(index=["latent", "explanation"], columns="scorer", values=["balanced_accuracy", "control_balanced_accuracy"])
-    table.columns = [f"{scorer} {'control' if metric.startswith('control') else 'score'}" for metric, scorer in table.columns]
-    table = table.reset_index()
-    table["explanation"] = table["explanation"].str.slice(0, 70)
-    print("\nBalanced accuracy of each explanation, beside its control (another latent's explanation):")
-    print(table.round(2).to_string(index=False, na_rep="n/a"))
-    for scorer in SCORERS:
-        print(f"{scorer}: {verdict(scores[scores['scorer'] == scorer]['gap'])}")
+    table = pd.read_parquet(path)
+    present = [name for name in SCORERS if name in table.columns]
+    shown = table[["latent", "explanation"]].assign(explanation=table["explanation"].str.slice(0, 60))
+    for name in present:
+        shown[f"{name} ({SCORERS[name].main_metric})"] = table[name].round(2).astype(str) + " / " + table[f"{name}_control"].round(2).astype(str)
+    print("\nEach scorer's main metric for the explanation / for its control (another latent's explanation):")
+    print(shown.to_string(index=False, na_rep="n/a"))
+    for name in present:
+        print(f"{name}: {verdict(table[f'{name}_gap'], SCORERS[name].control)}")
 
 
 def cache(data_dir: str, coder_keys: list[str], batch_size: int, checkpoint_entries: int) -> None:

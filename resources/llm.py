@@ -323,6 +323,7 @@ class ProductionClient:
         self.backoff_s = backoff_s
         self.max_backoff_s = max_backoff_s
         self._semaphore = asyncio.Semaphore(max(1, max_concurrency))
+        self._in_flight: dict[str, asyncio.Future] = {}
 
     async def check(self) -> None:
         await self.inner.check()
@@ -343,6 +344,16 @@ class ProductionClient:
         if self.cache is not None and (hit := self.cache.get(key)) is not None:
             self.ledger.cache_hits += 1
             return hit
+        if key in self._in_flight:  # the same request is already on its way: share its answer
+            self.ledger.cache_hits += 1
+            return await asyncio.shield(self._in_flight[key])
+        self._in_flight[key] = asyncio.ensure_future(self._send(key, messages, params))
+        try:
+            return await asyncio.shield(self._in_flight[key])
+        finally:
+            self._in_flight.pop(key, None)
+
+    async def _send(self, key: str, messages, params: dict) -> Completion:
         async with self._semaphore:
             self.ledger.check_budget()
             self.ledger.requests += 1

@@ -36,6 +36,18 @@ def test_rate_limits_and_server_errors_are_retried_with_backoff(statuses):
     assert client.ledger.retries == len(statuses) and client.ledger.requests == 1
 
 
+def test_identical_requests_in_flight_are_sent_once():
+    with ScriptedLLMServer(lambda m: "ok", delay_s=0.2) as server:
+        client = resource(server).client()
+
+        async def both():
+            return await asyncio.gather(client.complete(MESSAGES, max_tokens=2), client.complete(MESSAGES, max_tokens=2), client.complete(MESSAGES, max_tokens=3))
+
+        answers = asyncio.run(both())
+    assert [a.text for a in answers] == ["ok"] * 3
+    assert len(server.requests) == 2 and client.ledger.requests == 2 and client.ledger.cache_hits == 1  # max_tokens 3 is another request
+
+
 def test_other_client_errors_are_not_retried():
     import openai
 
@@ -157,7 +169,7 @@ def test_api_key_never_reaches_metadata_logs_or_files(registered, tmp_path, monk
         with ScriptedLLMServer(lambda m: "[1, 0, 1, 0, 1]" if "Description" in m[-1]["content"] else "Explanation: x") as server:
             llm = LLMResource(backend="openai", base_url=server.base_url, model="m", api_key=EnvVar("AUTOINTERP_TEST_SECRET"))
             resources = make_resources(registered, max_latents=2, llm=llm)
-            result = materialize(ALL_ASSETS, selection=["explanations", "scores"], partition_key=f"{TINY_CODER}|00", resources=resources, instance=instance)
+            result = materialize(ALL_ASSETS, selection=["explanations", "scores/detection", "scores/fuzzing"], partition_key=f"{TINY_CODER}|00", resources=resources, instance=instance)
         assert result.success
         assert server.headers[0]["authorization"] == f"Bearer {secret}"  # it was used
         events = instance.all_logs(result.run_id)

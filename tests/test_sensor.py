@@ -1,6 +1,7 @@
 """A coder dropped into the registry becomes a partition and a run; the downstream stages follow."""
 from dagster import AssetKey, DagsterInstance, Definitions, SkipReason, build_sensor_context, evaluate_automation_conditions, materialize
 
+from autointerp_defs.deployments import CPU_SCORERS
 from autointerp_defs.sensors import registry_sensor
 from resources.settings import AutointerpSettings
 from tests.conftest import TINY_CODER, TINY_CORPUS_CONFIG, make_resources
@@ -32,13 +33,15 @@ def test_new_coder_adds_partition_requests_run_then_downstream_follows(registere
 
     after = evaluate_automation_conditions(defs=defs, instance=instance, cursor=before.cursor)
     # every shard of the new coder, each stage requested with the stage it waits on
-    assert requested(after, "exemplars") == requested(after, "explanations") == requested(after, "scores") == 8
+    assert requested(after, "exemplars") == requested(after, "explanations") == 8
+    assert all(requested(after, f"scores/{name}") == 8 for name in CPU_SCORERS)  # the local deployment's automated scorers
+    assert requested(after, "scores/simulation") == requested(after, "scores/intruder") == 0  # run on request only
     again = evaluate_automation_conditions(defs=defs, instance=instance, cursor=after.cursor)
     assert requested(again, "exemplars") == 0  # requested once, not on every tick
 
 
 def requested(evaluation, asset: str) -> int:
-    return sum(r.true_subset.size for r in evaluation.results if r.key == AssetKey(asset))
+    return sum(r.true_subset.size for r in evaluation.results if r.key == AssetKey.from_user_string(asset))
 
 
 def test_missing_registry_makes_the_sensor_skip_with_the_fix(tmp_path):

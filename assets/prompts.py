@@ -167,8 +167,3 @@ def parse_int_list(text: str, n: int, lo: int, hi: int) -> list[int] | None:
     unlabelled = re.sub(r"(example|token)\s*\d+\s*[:.)\-]?", " ", text, flags=re.IGNORECASE)
     values = [int(v) for v in re.findall(r"(?<!\d)\d+(?!\d)", unlabelled) if lo <= int(v) <= hi]
     return values[:n] if len(values) >= n else None
-
-
-def parse_binary_list(text: str, n: int) -> list[int] | None:
-    """A list of `n` 0/1 answers."""
-    return parse_int_list(text, n, 0, 1)

@@ -47,7 +47,7 @@ def test_bounded_client_keeps_requests_in_flight_under_the_limit():
         client = LLMResource(backend="openai", base_url=server.base_url, model="m", max_concurrency=3).client()
 
         async def many():
-            return await asyncio.gather(*(client.complete(MESSAGES, max_tokens=2) for _ in range(12)))
+            return await asyncio.gather(*(client.complete([{"role": "user", "content": f"Say {i}."}], max_tokens=2) for i in range(12)))
 
         assert len(asyncio.run(many())) == 12
     assert 1 < peak <= 3

@@ -1,6 +1,6 @@
 import pytest
 
-from assets.prompts import explainer_messages, highlight, parse_binary_list, parse_explanation, scaled
+from assets.prompts import explainer_messages, highlight, parse_explanation, parse_int_list, scaled
 
 
 def test_highlight_wraps_runs_of_marked_tokens():
@@ -46,4 +46,18 @@ def test_parse_explanation(answer, expected):
     ],
 )
 def test_parse_binary_list(answer, n, expected):
-    assert parse_binary_list(answer, n) == expected
+    assert parse_int_list(answer, n, 0, 1) == expected
+
+
+@pytest.mark.parametrize(
+    "answer, n, lo, hi, expected",
+    [
+        ("[0, 10, 3]", 3, 0, 10, [0, 10, 3]),
+        ("Token 1: 0\nToken 2: 7", 2, 0, 10, [0, 7]),
+        ("[0, 11, 3]", 3, 0, 10, None),
+        ("The intruder is [4].", 1, 1, 5, [4]),
+        ("[6]", 1, 1, 5, None),
+    ],
+)
+def test_parse_int_list(answer, n, lo, hi, expected):
+    assert parse_int_list(answer, n, lo, hi) == expected

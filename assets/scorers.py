@@ -153,7 +153,9 @@ class ScoringContext:
     embed: Callable[[list[str]], np.ndarray] | None = None
     causal_lm: Callable[[], object] | None = None
     tokenizer: Callable[[], object] | None = None
-    lock: threading.Lock = field(default_factory=threading.Lock)
+    lock: threading.RLock = field(default_factory=threading.RLock)
+    baseline_losses: dict[tuple[int, ...], float] = field(default_factory=dict)
+    """Surprisal without an explanation, per window: shared by a latent's own and control jobs."""
 
 
 async def _ask_list(ctx: ScoringContext, messages: list[dict], n: int, lo: int, hi: int, top_logprobs: int = 0):
@@ -343,10 +345,16 @@ def _losses_unlocked(ctx: ScoringContext, prefix: str, examples: list[Example]) 
 
 
 async def surprisal(ctx: ScoringContext, job: Job) -> JobResult:
-    without = SURPRISAL_DESCRIPTION.format(explanation=SURPRISAL_NO_DESCRIPTION)
-    with_explanation = SURPRISAL_DESCRIPTION.format(explanation=job.explanation)
-    base, informed = await asyncio.to_thread(lambda: (_losses(ctx, without, job.examples), _losses(ctx, with_explanation, job.examples)))
-    return JobResult([example_row(e, score=float(b - i)) for e, b, i in zip(job.examples, base, informed)])
+    def compute():
+        with ctx.lock:  # the other job of this latent may be computing the same baselines
+            missing = [e for e in job.examples if tuple(e.token_ids) not in ctx.baseline_losses]
+            if missing:
+                without = SURPRISAL_DESCRIPTION.format(explanation=SURPRISAL_NO_DESCRIPTION)
+                ctx.baseline_losses.update(zip((tuple(e.token_ids) for e in missing), _losses(ctx, without, missing)))
+            return _losses(ctx, SURPRISAL_DESCRIPTION.format(explanation=job.explanation), job.examples)
+
+    informed = await asyncio.to_thread(compute)
+    return JobResult([example_row(e, score=ctx.baseline_losses[tuple(e.token_ids)] - float(i)) for e, i in zip(job.examples, informed)])
 
 
 async def embedding(ctx: ScoringContext, job: Job) -> JobResult:

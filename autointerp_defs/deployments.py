@@ -6,8 +6,8 @@
   `AUTOINTERP_LLM_MODEL`, key in `AUTOINTERP_LLM_API_KEY_ENV`'s variable, default OPENAI_API_KEY).
 - `gpu`: as `remote`, and the subject model is `AUTOINTERP_SUBJECT_MODEL` on CUDA in bfloat16.
 
-Scorers: every scorer is an asset in every deployment; the automated ones (local: the four that
-are cheap on a CPU; remote and gpu: all six; or `AUTOINTERP_AUTOMATED_SCORERS=a,b`) follow new
+Scorers: every scorer is an asset in every deployment; the automated ones (local: the three that
+are cheap enough on a CPU; remote and gpu: all six; or `AUTOINTERP_AUTOMATED_SCORERS=a,b`) follow new
 explanations by themselves, the others run when materialized. Their settings come from the TOML
 file named by `AUTOINTERP_SCORERS` (one table per scorer, e.g. `[fuzzing] examples_per_prompt = 5`).
 """
@@ -27,7 +27,7 @@ from resources.settings import AutointerpSettings
 from resources.subject_model import SubjectModelResource
 
 DEPLOYMENTS = ("local", "remote", "gpu")
-CPU_SCORERS = ("detection", "fuzzing", "surprisal", "embedding")
+CPU_SCORERS = ("detection", "fuzzing", "embedding")
 
 
 def _deployment(deployment: str | None) -> str:

@@ -65,6 +65,20 @@ def test_embedded_llama_cpp_backend_answers():
     assert out.text.strip() and out.completion_tokens > 0
 
 
+def test_embedded_llama_cpp_simulation_answer_is_a_grammar_bound_list_with_aligned_logprobs():
+    from assets.prompts import parse_int_list, simulation_messages
+    from assets.scorers import expected_values
+    from resources.llm import LlamaCppClient
+
+    tokens = [" The", " cat", " sat", " on", " the", " mat"]
+    out = asyncio.run(LlamaCppClient().complete(simulation_messages("the word cat", tokens), max_tokens=40, int_list=(6, 0, 10), top_logprobs=5))
+    values = parse_int_list(out.text, 6, 0, 10)
+    assert values is not None, out.text  # the grammar holds the 135M model to the format
+    assert "".join(out.tokens) == out.text and len(out.tokens) == len(out.top_logprobs)
+    expected = expected_values(out, values)
+    assert expected is not None and all(0 <= v <= 10 for v in expected)
+
+
 def test_real_llama_cpp_server_through_the_openai_backend():
     """llama.cpp's own OpenAI-compatible server, serving the embedded GGUF on 127.0.0.1."""
     port = free_port()

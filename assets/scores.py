@@ -285,6 +285,10 @@ def summary_table(root, coder: str, scorers: list[str]) -> pd.DataFrame:
     explanation = long[long["explanation"] != ""].groupby("latent")["explanation"].first()
     wide = long.pivot_table(index=["latent", "shard"], columns="scorer", values=["score", "control", "gap"], aggfunc="first")
     wide.columns = [name if kind == "score" else f"{name}_{kind}" for kind, name in wide.columns]
+    for name in long["scorer"].unique():  # a column that is all NaN (e.g. no control with one latent) is still a column
+        for column in (name, f"{name}_control", f"{name}_gap"):
+            if column not in wide.columns:
+                wide[column] = np.nan
     wide = wide.reset_index()
     wide.insert(2, "explanation", wide["latent"].map(explanation).fillna(""))
     gaps = [c for c in wide.columns if c.endswith("_gap")]

@@ -190,3 +190,22 @@ def test_surprisal_scorer_is_the_loss_drop_the_explanation_brings(topic_data, su
     expected = loss(SURPRISAL_DESCRIPTION.format(explanation=SURPRISAL_NO_DESCRIPTION)) - loss(SURPRISAL_DESCRIPTION.format(explanation="the word cat"))
     assert row.score == pytest.approx(expected, abs=1e-4)
     assert frame.roc_auc.between(0, 1).all() and frame.control_roc_auc.notna().all()
+
+
+def test_summary_joins_scorers_over_shards_and_keeps_undefined_controls(tmp_path):
+    from assets.scores import summary_table
+    from storage.layout import DataRoot
+
+    root = DataRoot.at(tmp_path)
+    frames = {("00", "detection"): ([1, 2], [0.9, 0.6], [0.5, 0.5]), ("01", "detection"): ([700], [0.8], [np.nan]), ("00", "embedding"): ([1, 2], [0.7, 0.4], [0.6, 0.5])}
+    for (shard, name), (latents, score, control) in frames.items():
+        main = SCORERS[name].main_metric
+        path = root.scores_path("c/h", shard, name)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        pd.DataFrame({"latent": latents, "explanation": [f"e{l}" for l in latents], main: score, f"control_{main}": control,
+                      "gap": np.subtract(score, control)}).to_parquet(path)
+    table = summary_table(root, "c/h", ["detection", "embedding"]).set_index("latent")
+    assert list(table.index) == [1, 2, 700] and table.loc[700, "shard"] == "01"
+    assert table.loc[1, "detection"] == 0.9 and table.loc[1, "embedding_control"] == 0.6
+    assert np.isnan(table.loc[700, "detection_control"]) and np.isnan(table.loc[700, "embedding"])
+    assert table.loc[2, "mean_gap"] == pytest.approx((0.1 + -0.1) / 2)

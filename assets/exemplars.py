@@ -11,7 +11,6 @@ the most similar decoder directions fire but this one does not) and `embedding` 
 nearest to the activating ones by all-MiniLM-L6-v2, found in LanceDB). Everything is seeded per
 latent: the same seed gives the same windows.
 """
-import warnings
 from dataclasses import dataclass
 from typing import Literal
 
@@ -21,18 +20,16 @@ import torch
 from dagster import (
     AssetDep,
     AutomationCondition,
-    BetaWarning,
     AssetExecutionContext,
     Config,
     MaterializeResult,
     MetadataValue,
-    MultiToSingleDimensionPartitionMapping,
     asset,
 )
 from pydantic import Field
 
 from assets.corpus import load_corpus
-from assets.partitions import N_SHARDS, coder_and_shard, coder_shard_partitions
+from assets.partitions import CODER_DIMENSION, N_SHARDS, coder_and_shard, coder_shard_partitions
 from resources.embedder import EmbedderResource
 from resources.settings import AutointerpSettings
 from resources.sparse_coders import SparseCoder, load_registered
@@ -41,10 +38,6 @@ from storage.atomic import read_json
 from storage.layout import DataRoot
 from storage.tables import write_table
 from storage.vector_store import ContextIndex, contexts_table_name, ensure_contexts
-
-with warnings.catch_warnings():
-    warnings.simplefilter("ignore", BetaWarning)  # the mapping is exactly what we need, beta or not
-    EACH_SHARD_READS_ITS_CODER = MultiToSingleDimensionPartitionMapping(partition_dimension_name="coder")
 
 EXEMPLAR_COLUMNS = ["latent", "split", "kind", "quantile", "sequence", "start", "max_activation", "tokens", "activations"]
 NON_ACTIVATING_SOURCES = ("random", "neighbour", "embedding")
@@ -318,7 +311,7 @@ def negative_sources(root: DataRoot, coder_key: str, corpus, config: ExemplarsCo
 @asset(
     group_name="autointerp",
     partitions_def=coder_shard_partitions,
-    deps=[AssetDep("activations", partition_mapping=EACH_SHARD_READS_ITS_CODER)],
+    deps=[AssetDep("activations", partition_mapping=CODER_DIMENSION)],
     code_version="2",
     automation_condition=AutomationCondition.eager(),
     description="Explainer (train) and scorer (test) windows per live latent, non-activating windows tagged by source, and per-latent statistics.",

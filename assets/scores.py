@@ -14,7 +14,6 @@ import asyncio
 import base64
 import io
 import json
-import warnings
 
 import numpy as np
 import pandas as pd
@@ -24,24 +23,18 @@ from dagster import (
     AssetKey,
     AssetsDefinition,
     AutomationCondition,
-    BetaWarning,
     MaterializeResult,
     MetadataValue,
-    MultiToSingleDimensionPartitionMapping,
     asset,
 )
 
 from assets.corpus import load_corpus
 from assets.explanations import selected_latents
-from assets.partitions import coder_and_shard, coder_partitions, coder_shard_partitions, shard_partitions
+from assets.partitions import CODER_DIMENSION, coder_and_shard, coder_partitions, coder_shard_partitions, shard_partitions
 from assets.score_metrics import BINARY, CONFUSION, control_assignment, example_predictions, latent_metrics, verdict
 from assets.scorers import SCORERS, Job, JobResult, ScorerSettings, ScorerSpec, ScoringContext, held_out_examples
 from resources.llm import gather_with_progress
 from storage.tables import read_table, write_table
-
-with warnings.catch_warnings():
-    warnings.simplefilter("ignore", BetaWarning)
-    EVERY_SHARD_OF_THE_CODER = MultiToSingleDimensionPartitionMapping(partition_dimension_name="coder")
 
 NUMERIC = (*BINARY, *CONFUSION, "roc_auc", "pearson", "n_scored", "ev_correlation", "rsquared", "logprob_fraction")
 
@@ -299,7 +292,7 @@ def summary_table(root, coder: str, scorers: list[str]) -> pd.DataFrame:
 @asset(
     partitions_def=coder_partitions,
     group_name="scores",
-    deps=[AssetDep(scorer_key(name), partition_mapping=EVERY_SHARD_OF_THE_CODER) for name in SCORERS],
+    deps=[AssetDep(scorer_key(name), partition_mapping=CODER_DIMENSION) for name in SCORERS],
     automation_condition=SUMMARY_AUTOMATION,
     required_resource_keys={"settings"},
     code_version="1",

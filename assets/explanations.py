@@ -22,6 +22,7 @@ from assets.corpus import load_corpus
 from assets.partitions import coder_and_shard, coder_shard_partitions
 from assets.prompts import contrastive_messages, explainer_messages, parse_explanation, token_table_messages, top_tokens_messages
 from assets.score_metrics import roc_auc
+from assets.scorers import explanation_similarity
 from resources.embedder import EmbedderResource
 from resources.llm import BudgetExceeded, LLMEndpointError, LLMResource, ProductionClient, gather_with_progress
 from resources.settings import AutointerpSettings
@@ -69,8 +70,7 @@ def embedding_scores(candidates: list[str], valid: pd.DataFrame, vocab: list[str
     labels = (valid["kind"] == "activating").to_numpy()
     if not len(candidates) or labels.all() or not labels.any():
         return [float("nan")] * len(candidates)
-    vectors = embed(candidates + window_texts(valid, vocab))
-    sims = vectors[len(candidates) :] @ vectors[: len(candidates)].T
+    sims = explanation_similarity(embed, candidates, window_texts(valid, vocab))
     return [roc_auc(sims[:, i], labels) for i in range(len(candidates))]
 
 

@@ -357,11 +357,16 @@ async def surprisal(ctx: ScoringContext, job: Job) -> JobResult:
     return JobResult([example_row(e, score=ctx.baseline_losses[tuple(e.token_ids)] - float(i)) for e, i in zip(job.examples, informed)])
 
 
-async def embedding(ctx: ScoringContext, job: Job) -> JobResult:
-    vectors = await asyncio.to_thread(ctx.embed, [ctx.settings.query_prefix + job.explanation] + [e.text for e in job.examples])
+def explanation_similarity(embed: Callable[[list[str]], np.ndarray], explanations: list[str], texts: list[str]) -> np.ndarray:
+    """Cosine similarity `[len(texts), len(explanations)]` of each text to each explanation, embedded in one call."""
+    vectors = embed(explanations + texts)
     vectors = vectors / np.maximum(np.linalg.norm(vectors, axis=1, keepdims=True), 1e-12)
-    similarity = vectors[1:] @ vectors[0]
-    return JobResult([example_row(e, score=float(s)) for e, s in zip(job.examples, similarity)])
+    return vectors[len(explanations) :] @ vectors[: len(explanations)].T
+
+
+async def embedding(ctx: ScoringContext, job: Job) -> JobResult:
+    similarity = await asyncio.to_thread(explanation_similarity, ctx.embed, [ctx.settings.query_prefix + job.explanation], [e.text for e in job.examples])
+    return JobResult([example_row(e, score=float(s)) for e, s in zip(job.examples, similarity[:, 0])])
 
 
 # ---- the registry ---------------------------------------------------------------------------------

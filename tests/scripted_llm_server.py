@@ -3,15 +3,21 @@
 It answers every /v1/chat/completions request by calling `reply(messages)`: a string is the
 answer, an int is an HTTP error status to send instead (429, 500, 400...), and a dict
 `{"content": ..., "logprobs": [{"token", "logprob", "top_logprobs": [...]}, ...]}` an answer with
-OpenAI-format token logprobs. It records the requests
-it saw and serves /v1/models, so the real `openai` SDK path can be tested end to end.
+OpenAI-format token logprobs. It records the requests it saw and serves /v1/models, so the real
+`openai` SDK path can be tested end to end.
+
+It is an asyncio server (HTTP/1.1 keep-alive) on its own thread: `delay_s` is an `asyncio.sleep`,
+so a request is answered `delay_s` after it arrived however many are waiting, as a real endpoint's
+latency would be; a thread-per-request server adds its own queueing under load, which a throughput
+benchmark would then charge to the client. `reply` runs on a worker thread, so it may block.
 """
 from __future__ import annotations
 
+import asyncio
 import json
 import threading
-import time
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from concurrent.futures import ThreadPoolExecutor
+from http import HTTPStatus
 
 
 class ScriptedLLMServer:
@@ -20,66 +26,74 @@ class ScriptedLLMServer:
         self.delay_s = delay_s
         self.requests: list[dict] = []
         self.headers: list[dict] = []
-        server = self
-
-        class Handler(BaseHTTPRequestHandler):
-            protocol_version = "HTTP/1.1"  # keep-alive, as real servers do
-
-            def log_message(self, *args):
-                pass
-
-            def _send(self, payload: dict, status: int = 200):
-                body = json.dumps(payload).encode()
-                self.send_response(status)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(body)))
-                self.end_headers()
-                self.wfile.write(body)
-
-            def do_GET(self):
-                if self.path.endswith("/stats"):
-                    self._send({"requests": len(server.requests)})
-                    return
-                self._send({"object": "list", "data": [{"id": "scripted", "object": "model", "owned_by": "test"}]})
-
-            def do_POST(self):
-                request = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-                server.requests.append(request)
-                server.headers.append({k.lower(): v for k, v in self.headers.items()})
-                if server.delay_s:
-                    time.sleep(server.delay_s)
-                text = server.reply(request["messages"])
-                if isinstance(text, int):
-                    self._send({"error": {"message": f"scripted {text}", "type": "scripted", "code": text}}, status=text)
-                    return
-                choice = {"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": "stop"}
-                if isinstance(text, dict):
-                    choice = {**choice, "message": {"role": "assistant", "content": text["content"]}, "logprobs": {"content": text["logprobs"]}}
-                self._send(
-                    {
-                        "id": f"cmpl-{len(server.requests)}",
-                        "object": "chat.completion",
-                        "created": 0,
-                        "model": request["model"],
-                        "choices": [choice],
-                        "usage": {"prompt_tokens": 10, "completion_tokens": 3, "total_tokens": 13},
-                    }
-                )
-
-        class Server(ThreadingHTTPServer):
-            daemon_threads = True
-            request_queue_size = 256
-
-        self._httpd = Server(("127.0.0.1", 0), Handler)
-        self.base_url = f"http://127.0.0.1:{self._httpd.server_address[1]}/v1"
+        self._loop = asyncio.new_event_loop()
+        self._replies = ThreadPoolExecutor(max_workers=64, thread_name_prefix="scripted-reply")
+        self._server = self._loop.run_until_complete(asyncio.start_server(self._serve, "127.0.0.1", 0, backlog=512))
+        self.base_url = f"http://127.0.0.1:{self._server.sockets[0].getsockname()[1]}/v1"
+        self._thread = threading.Thread(target=self._loop.run_forever, daemon=True)
 
     def __enter__(self):
-        threading.Thread(target=self._httpd.serve_forever, daemon=True).start()
+        self._thread.start()
         return self
 
     def __exit__(self, *exc):
-        self._httpd.shutdown()
-        self._httpd.server_close()
+        async def close():
+            self._server.close()
+            for task in asyncio.all_tasks() - {asyncio.current_task()}:
+                task.cancel()
+
+        asyncio.run_coroutine_threadsafe(close(), self._loop).result()
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join()
+        self._loop.close()
+        self._replies.shutdown(wait=False, cancel_futures=True)
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        """One keep-alive connection: requests in order until the client closes it."""
+        try:
+            while True:
+                head = await reader.readuntil(b"\r\n\r\n")
+                request_line, *header_lines = head.decode("latin-1").split("\r\n")
+                method, path, _ = request_line.split(" ", 2)
+                headers = {k.strip().lower(): v.strip() for k, _, v in (line.partition(":") for line in header_lines if line)}
+                body = await reader.readexactly(int(headers.get("content-length", 0)))
+                status, payload = await self._answer(method, path, headers, body)
+                data = json.dumps(payload).encode()
+                writer.write(
+                    f"HTTP/1.1 {status} {HTTPStatus(status).phrase}\r\nContent-Type: application/json\r\n"
+                    f"Content-Length: {len(data)}\r\n\r\n".encode() + data
+                )
+                await writer.drain()
+        except (asyncio.IncompleteReadError, ConnectionError, asyncio.CancelledError):
+            pass  # the client hung up (or timed out and left); nothing to answer
+        finally:
+            writer.close()
+
+    async def _answer(self, method: str, path: str, headers: dict, body: bytes) -> tuple[int, dict]:
+        if method == "GET":
+            if path.endswith("/stats"):
+                return 200, {"requests": len(self.requests)}
+            return 200, {"object": "list", "data": [{"id": "scripted", "object": "model", "owned_by": "test"}]}
+        request = json.loads(body)
+        self.requests.append(request)
+        self.headers.append(headers)
+        if self.delay_s:
+            await asyncio.sleep(self.delay_s)
+        text = await self._loop.run_in_executor(self._replies, self.reply, request["messages"])
+        if isinstance(text, int):
+            return text, {"error": {"message": f"scripted {text}", "type": "scripted", "code": text}}
+        message = {"role": "assistant", "content": text["content"] if isinstance(text, dict) else text}
+        choice = {"index": 0, "message": message, "finish_reason": "stop"}
+        if isinstance(text, dict):
+            choice["logprobs"] = {"content": text["logprobs"]}
+        return 200, {
+            "id": f"cmpl-{len(self.requests)}",
+            "object": "chat.completion",
+            "created": 0,
+            "model": request["model"],
+            "choices": [choice],
+            "usage": {"prompt_tokens": 10, "completion_tokens": 3, "total_tokens": 13},
+        }
 
 
 def main() -> None:

@@ -104,11 +104,11 @@ async def explain_latent(client: ProductionClient, config: ExplanationsConfig, l
 
 async def explain_all(client: ProductionClient, config: ExplanationsConfig, exemplars: pd.DataFrame, latent_stats: pd.DataFrame | None,
                       latents: list[int], vocab: list[str], embed, report=None) -> pd.DataFrame:
-    await client.check()
     stats_of = {int(r["latent"]): r for r in latent_stats.to_dict("records")} if latent_stats is not None else {}
     groups = dict(tuple(exemplars[exemplars["latent"].isin(latents)].groupby("latent")))
-    jobs = [explain_latent(client, config, latent, groups[latent], stats_of.get(latent), vocab, embed) for latent in latents]
-    return pd.DataFrame(await gather_with_progress(jobs, report, "explanations"), columns=EXPLANATION_COLUMNS)
+    async with client.session():
+        jobs = [explain_latent(client, config, latent, groups[latent], stats_of.get(latent), vocab, embed) for latent in latents]
+        return pd.DataFrame(await gather_with_progress(jobs, report, "explanations"), columns=EXPLANATION_COLUMNS)
 
 
 @asset(

@@ -12,6 +12,7 @@ metric of every scorer across all shards into one table.
 
 import asyncio
 import base64
+import contextlib
 import io
 import json
 
@@ -92,8 +93,6 @@ async def score_partition(spec: ScorerSpec, ctx: ScoringContext, exemplars: pd.D
                           vocab: list[str], max_latents: int = 0, report=None) -> tuple[pd.DataFrame, pd.DataFrame]:
     """Per-latent metrics and per-example rows of one scorer on one partition, with the control."""
     settings = ctx.settings
-    if ctx.client is not None:
-        await ctx.client.check()
     text_of = scored_latents(spec, exemplars, explanations, max_latents)
     control_of = control_assignment(list(text_of), settings.seed) if spec.uses_explanation else {latent: latent for latent in text_of}
     by_latent = dict(tuple(exemplars[exemplars["latent"].isin(list(text_of))].groupby("latent")))
@@ -108,7 +107,8 @@ async def score_partition(spec: ScorerSpec, ctx: ScoringContext, exemplars: pd.D
         if latent in control_of:
             jobs.append(spec.run(ctx, Job(text_of[control_of[latent]], examples, control=True, seed=settings.seed + latent + 1, calibration=calibration)))
             keys.append((latent, "control"))
-    results = dict(zip(keys, await gather_with_progress(jobs, report, f"{spec.name} jobs (latent × explanation/control)")))
+    async with ctx.client.session() if ctx.client is not None else contextlib.nullcontext():
+        results = dict(zip(keys, await gather_with_progress(jobs, report, f"{spec.name} jobs (latent × explanation/control)")))
     rows, example_rows = [], []
     for latent, explanation in text_of.items():
         own, control = results[(latent, "explanation")], results.get((latent, "control"))

@@ -20,7 +20,7 @@ import random
 import sqlite3
 import threading
 import time
-from contextlib import contextmanager
+from contextlib import asynccontextmanager, contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Awaitable, Callable, Literal, Protocol, TypeVar
@@ -65,6 +65,9 @@ class LLMClient(Protocol):
 
     async def check(self) -> None:
         """Fail fast, with the endpoint and the fix in the message, when the backend is unusable."""
+
+    async def aclose(self) -> None:
+        """Release what belongs to the running event loop (HTTP connections); the client can be used again later."""
 
     async def complete(
         self,
@@ -112,6 +115,9 @@ class LlamaCppClient:
     async def check(self) -> None:
         await asyncio.to_thread(_llama, self.model_path, self.n_ctx, self.seed, False)
 
+    async def aclose(self) -> None:
+        return None  # the model stays loaded for the next materialization in this process
+
     def _complete_sync(self, messages, max_tokens, temperature, top_logprobs, int_list, seed) -> Completion:
         from llama_cpp import LlamaGrammar
 
@@ -138,12 +144,37 @@ class OpenAICompatibleClient:
     The SDK's own retries are off: `ProductionClient` retries, so that every attempt is counted.
     """
 
-    def __init__(self, base_url: str, model: str, api_key: str | None, timeout_s: float = 120.0):
-        from openai import AsyncOpenAI
-
+    def __init__(self, base_url: str, model: str, api_key: str | None, timeout_s: float = 120.0, transport: Literal["aiohttp", "httpx"] = "aiohttp"):
         self.base_url = base_url
         self.model_name = model
-        self._client = AsyncOpenAI(base_url=base_url, api_key=api_key or "EMPTY", timeout=timeout_s, max_retries=0)
+        self._api_key = api_key or "EMPTY"
+        self._timeout_s = timeout_s
+        self.transport = transport
+        self._sdk_client = None
+        self._sdk_loop = None
+
+    def _sdk(self):
+        """The SDK client of the running event loop: its connections (an aiohttp session) belong to one loop,
+        and each materialization runs its own. aiohttp is the transport the SDK recommends for concurrency;
+        bench/llm_throughput.py measures it against the SDK's default httpx."""
+        import openai
+
+        loop = asyncio.get_running_loop()
+        if self._sdk_loop is not loop:
+            http_client = None
+            if self.transport == "aiohttp":
+                try:
+                    http_client = openai.DefaultAioHttpClient(timeout=self._timeout_s)
+                except (AttributeError, RuntimeError):  # an openai without the `aiohttp` extra: its httpx client works too
+                    pass
+            self._sdk_client = openai.AsyncOpenAI(base_url=self.base_url, api_key=self._api_key, timeout=self._timeout_s, max_retries=0, http_client=http_client)
+            self._sdk_loop = loop
+        return self._sdk_client
+
+    async def aclose(self) -> None:
+        if self._sdk_client is not None and self._sdk_loop is asyncio.get_running_loop():
+            await self._sdk_client.close()
+        self._sdk_client = self._sdk_loop = None
 
     def _unreachable(self, error: Exception) -> LLMEndpointError:
         return LLMEndpointError(
@@ -155,7 +186,7 @@ class OpenAICompatibleClient:
         import openai
 
         try:
-            await self._client.models.list()
+            await self._sdk().models.list()
         except openai.APIConnectionError as error:
             raise self._unreachable(error) from error
         except openai.APIStatusError:
@@ -163,16 +194,15 @@ class OpenAICompatibleClient:
 
     async def complete(self, messages, *, max_tokens, temperature=0.0, top_logprobs=0, int_list=None, seed=None) -> Completion:
         import openai
-        from openai.types.chat import ChatCompletion
-
         extra = {"logprobs": True, "top_logprobs": top_logprobs} if top_logprobs else {}
         if seed is not None:
             extra["seed"] = seed
         body = {"model": self.model_name, "messages": messages, "max_tokens": max_tokens, "temperature": temperature, **extra}
         try:
-            # The SDK's typed `create` re-walks every message against its TypedDicts (~3 ms a request);
-            # posting the same body through the SDK's client skips that and keeps its errors and parsing.
-            out = await self._client.post("/chat/completions", cast_to=ChatCompletion, body=body)
+            # The SDK's typed `create` re-walks every message against its TypedDicts, and building its typed
+            # response costs about as much again; posting the same body through the SDK's client with
+            # `cast_to=object` keeps its transport, errors and JSON decoding and returns the plain answer.
+            out = await self._sdk().post("/chat/completions", cast_to=object, body=body)
         except openai.APITimeoutError as error:
             raise TransientLLMError(f"timeout from {self.base_url}") from error
         except openai.APIConnectionError as error:
@@ -181,17 +211,23 @@ class OpenAICompatibleClient:
             if error.status_code == 429 or error.status_code >= 500:
                 raise TransientLLMError(f"HTTP {error.status_code} from {self.base_url}") from error
             raise
-        if not out.choices:
-            return Completion("", out.usage.prompt_tokens if out.usage else 0, 0)
-        choice = out.choices[0]
-        steps = choice.logprobs.content if choice.logprobs and choice.logprobs.content else []
-        return Completion(
-            text=choice.message.content or "",
-            prompt_tokens=out.usage.prompt_tokens if out.usage else 0,
-            completion_tokens=out.usage.completion_tokens if out.usage else 0,
-            top_logprobs=[{alt.token: alt.logprob for alt in step.top_logprobs} for step in steps],
-            tokens=[step.token for step in steps],
-        )
+        return completion_from_json(out)
+
+
+def completion_from_json(out: object) -> Completion:
+    """An OpenAI chat-completion answer as a `Completion`; absent or null fields (servers differ) count as empty."""
+    if not isinstance(out, dict):
+        return Completion("")  # not a chat completion at all: an empty answer, which marks the latent failed
+    usage = out.get("usage") or {}
+    choice = (out.get("choices") or [{}])[0] or {}
+    steps = (choice.get("logprobs") or {}).get("content") or []
+    return Completion(
+        text=(choice.get("message") or {}).get("content") or "",
+        prompt_tokens=usage.get("prompt_tokens") or 0,
+        completion_tokens=usage.get("completion_tokens") or 0,
+        top_logprobs=[{alt["token"]: alt["logprob"] for alt in step.get("top_logprobs") or []} for step in steps],
+        tokens=[step["token"] for step in steps],
+    )
 
 
 class VLLMOfflineClient:
@@ -211,6 +247,9 @@ class VLLMOfflineClient:
         self._flusher: asyncio.Task | None = None
 
     async def check(self) -> None:
+        return None
+
+    async def aclose(self) -> None:
         return None
 
     async def complete(self, messages, *, max_tokens, temperature=0.0, top_logprobs=0, int_list=None, seed=None) -> Completion:
@@ -327,6 +366,15 @@ class ProductionClient:
 
     async def check(self) -> None:
         await self.inner.check()
+
+    @asynccontextmanager
+    async def session(self):
+        """Check the backend, do the work inside, then close its connections on this event loop."""
+        try:
+            await self.inner.check()
+            yield self
+        finally:
+            await self.inner.aclose()
 
     @staticmethod
     def _request(max_tokens, temperature=0.0, top_logprobs=0, int_list=None, seed=None) -> dict:

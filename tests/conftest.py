@@ -1,6 +1,7 @@
 """Shared fixtures: a tiny but real pipeline on the embedded model (layer 3, a freshly trained TopK SAE)."""
 from __future__ import annotations
 
+import asyncio
 import os
 from pathlib import Path
 
@@ -58,3 +59,12 @@ def registered(tmp_path, tiny_sae):
 
     save_sparsify(tiny_sae, tmp_path / "registry" / "tiny-topk" / TINY_HOOKPOINT)
     return tmp_path
+
+
+def in_session(client, job):
+    """Run `job()` as the assets do: inside the client's session, so its HTTP connections close on this loop."""
+    async def main():
+        async with client.session():
+            return await job()
+
+    return asyncio.run(main())

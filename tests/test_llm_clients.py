@@ -10,6 +10,7 @@ import pytest
 
 from resources.llm import LLMEndpointError, LLMResource, OpenAICompatibleClient
 from resources.subject_model import embedded_gguf_path
+from tests.conftest import in_session
 from tests.scripted_llm_server import ScriptedLLMServer
 
 MESSAGES = [{"role": "user", "content": "Say hello."}]
@@ -26,7 +27,7 @@ def test_openai_backend_sends_model_and_key(monkeypatch):
     with ScriptedLLMServer(lambda messages: "Explanation: greetings") as server:
         llm = LLMResource(backend="openai", base_url=server.base_url, model="my-model", api_key=os.environ["MY_TEST_KEY"])
         client = llm.client()
-        out = asyncio.run(client.complete(MESSAGES, max_tokens=5))
+        out = in_session(client, lambda: client.complete(MESSAGES, max_tokens=5))
     assert out.text == "Explanation: greetings" and out.prompt_tokens == 10
     assert server.requests[0]["model"] == "my-model" and server.requests[0]["max_tokens"] == 5
     assert server.headers[0]["authorization"] == "Bearer sk-test-123"  # leaks: see test_llm_production
@@ -49,15 +50,15 @@ def test_bounded_client_keeps_requests_in_flight_under_the_limit():
         async def many():
             return await asyncio.gather(*(client.complete([{"role": "user", "content": f"Say {i}."}], max_tokens=2) for i in range(12)))
 
-        assert len(asyncio.run(many())) == 12
+        assert len(in_session(client, many)) == 12
     assert 1 < peak <= 3
 
 
 def test_unreachable_endpoint_names_url_and_fix():
     url = f"http://127.0.0.1:{free_port()}/v1"
-    client = OpenAICompatibleClient(url, "m", None, timeout_s=2)
+    client = LLMResource(backend="openai", base_url=url, model="m", timeout_s=2).client()
     with pytest.raises(LLMEndpointError, match=rf"Cannot reach the LLM endpoint at {url}.*Fix: start the server"):
-        asyncio.run(client.check())
+        in_session(client, lambda: client.complete(MESSAGES, max_tokens=2))  # the session's check fails first
 
 
 def test_embedded_llama_cpp_backend_answers():
@@ -99,7 +100,10 @@ def test_real_llama_cpp_server_through_the_openai_backend():
                     if time.time() > deadline or proc.poll() is not None:
                         raise
                     await asyncio.sleep(0.5)
-            return await client.complete(MESSAGES, max_tokens=8)
+            try:
+                return await client.complete(MESSAGES, max_tokens=8)
+            finally:
+                await client.aclose()
 
         out = asyncio.run(wait_then_ask())
         assert out.text.strip() and out.completion_tokens > 0

@@ -9,7 +9,7 @@ import pytest
 from dagster import DagsterInstance, EnvVar, materialize
 
 from resources.llm import BudgetExceeded, LLMResource
-from tests.conftest import TINY_CODER, TINY_CORPUS_CONFIG, TINY_EXEMPLARS_CONFIG, make_resources
+from tests.conftest import TINY_CODER, TINY_CORPUS_CONFIG, TINY_EXEMPLARS_CONFIG, in_session, make_resources
 from tests.scripted_llm_server import ScriptedLLMServer
 from tests.test_pipeline import ALL_ASSETS
 
@@ -31,7 +31,7 @@ def test_rate_limits_and_server_errors_are_retried_with_backoff(statuses):
     with ScriptedLLMServer(scripted(statuses)) as server:
         client = resource(server).client()
         client.backoff_s = 0.01
-        out = asyncio.run(client.complete(MESSAGES, max_tokens=2))
+        out = in_session(client, lambda: client.complete(MESSAGES, max_tokens=2))
     assert out.text == "ok" and len(server.requests) == len(statuses) + 1
     assert client.ledger.retries == len(statuses) and client.ledger.requests == 1
 
@@ -43,7 +43,7 @@ def test_identical_requests_in_flight_are_sent_once():
         async def both():
             return await asyncio.gather(client.complete(MESSAGES, max_tokens=2), client.complete(MESSAGES, max_tokens=2), client.complete(MESSAGES, max_tokens=3))
 
-        answers = asyncio.run(both())
+        answers = in_session(client, both)
     assert [a.text for a in answers] == ["ok"] * 3
     assert len(server.requests) == 2 and client.ledger.requests == 2 and client.ledger.cache_hits == 1  # max_tokens 3 is another request
 
@@ -54,7 +54,7 @@ def test_other_client_errors_are_not_retried():
     with ScriptedLLMServer(scripted([400])) as server:
         client = resource(server).client()
         with pytest.raises(openai.BadRequestError):
-            asyncio.run(client.complete(MESSAGES, max_tokens=2))
+            in_session(client, lambda: client.complete(MESSAGES, max_tokens=2))
     assert len(server.requests) == 1 and client.ledger.failures == 1
 
 
@@ -70,7 +70,7 @@ def test_timeouts_are_retried():
     with ScriptedLLMServer(slow_first) as server:
         client = resource(server, timeout_s=0.3).client()
         client.backoff_s = 0.01
-        assert asyncio.run(client.complete(MESSAGES, max_tokens=2)).text == "ok"
+        assert in_session(client, lambda: client.complete(MESSAGES, max_tokens=2)).text == "ok"
     assert client.ledger.retries == 1 and len(calls) == 2
 
 
@@ -81,7 +81,7 @@ def test_gives_up_after_max_attempts():
         client = resource(server, max_attempts=3).client()
         client.backoff_s = 0.01
         with pytest.raises(TransientLLMError):
-            asyncio.run(client.complete(MESSAGES, max_tokens=2))
+            in_session(client, lambda: client.complete(MESSAGES, max_tokens=2))
     assert len(server.requests) == 3 and client.ledger.failures == 1
 
 
@@ -94,9 +94,9 @@ def test_response_cache_is_content_addressed(tmp_path):
             return first, again, other
 
         client = resource(server).client(tmp_path)
-        first, again, other = asyncio.run(run(client))
+        first, again, other = in_session(client, lambda: run(client))
         fresh = resource(server).client(tmp_path)  # a later materialization, same cache on disk
-        asyncio.run(fresh.complete(MESSAGES, max_tokens=5))
+        in_session(fresh, lambda: fresh.complete(MESSAGES, max_tokens=5))
     assert first.text == again.text == "cached answer"
     assert len(server.requests) == 2 and client.ledger.cache_hits == 1 and fresh.ledger.requests == 0
 
@@ -108,7 +108,7 @@ def test_budget_stops_sending_and_cost_is_counted():
         async def many():
             return await asyncio.gather(*(client.complete([{"role": "user", "content": str(i)}], max_tokens=2) for i in range(5)), return_exceptions=True)
 
-        results = asyncio.run(many())
+        results = in_session(client, many)
     assert len(server.requests) == 3 and sum(isinstance(r, BudgetExceeded) for r in results) == 2
     assert client.ledger.cost == pytest.approx((3 * 10 * 2.0 + 3 * 3 * 10.0) / 1e6)
     assert client.ledger.as_metadata()["llm_cost"] > 0

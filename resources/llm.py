@@ -453,7 +453,7 @@ class LLMResource(ConfigurableResource):
     base_url: str | None = Field(default=None, description="Endpoint for backend 'openai', e.g. http://127.0.0.1:8000/v1 (vLLM) or https://openrouter.ai/api/v1.")
     model: str = Field(default="embedded", description="Model name sent to the endpoint; for 'embedded' a GGUF path or 'embedded'; for 'vllm' a HF id or path.")
     api_key: str | None = Field(default=None, description="Set with EnvVar('OPENAI_API_KEY') (or your provider's variable); never a literal.")
-    max_concurrency: int = Field(default=8, description="Requests in flight at once.")
+    max_concurrency: int | None = Field(default=None, description="Requests in flight at once; default 8 for 'embedded' and 'openai', 256 for 'vllm' (its batch size: offline vLLM is fast only in large batches).")
     max_attempts: int = Field(default=6, description="Attempts per request on 429 / 5xx / timeouts / connection errors (backoff doubles from 0.5 s, with jitter).")
     timeout_s: float = Field(default=120.0, description="Per-request timeout of HTTP backends.")
     n_ctx: int = Field(default=2048, description="Context window of the embedded model.")
@@ -467,10 +467,13 @@ class LLMResource(ConfigurableResource):
         if self.backend == "embedded":
             return LlamaCppClient(None if self.model == "embedded" else self.model, n_ctx=self.n_ctx)
         if self.backend == "vllm":
-            return VLLMOfflineClient(self.model)
+            return VLLMOfflineClient(self.model, max_batch=self.concurrency())
         if not self.base_url:
             raise ValueError("llm.backend is 'openai' but llm.base_url is not set. Fix: set it, e.g. http://127.0.0.1:8000/v1.")
         return OpenAICompatibleClient(self.base_url, self.model, self.api_key, self.timeout_s)
+
+    def concurrency(self) -> int:
+        return self.max_concurrency or (256 if self.backend == "vllm" else 8)
 
     def model_id(self) -> str:
         """What identifies the answers' source in the cache: backend, endpoint and model (never the key)."""
@@ -483,4 +486,4 @@ class LLMResource(ConfigurableResource):
         cache_dir = Path(self.cache_dir) if self.cache_dir else default_cache_dir
         cache = ResponseCache(cache_dir / "responses.sqlite") if cache_dir is not None and self.cache_dir != "" else None
         ledger = Ledger(prices, self.max_requests, self.max_cost)
-        return ProductionClient(self.backend_client(), self.model_id(), cache, ledger, self.max_concurrency, self.max_attempts)
+        return ProductionClient(self.backend_client(), self.model_id(), cache, ledger, self.concurrency(), self.max_attempts)

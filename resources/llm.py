@@ -23,7 +23,7 @@ import time
 from contextlib import asynccontextmanager, contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Awaitable, Callable, Literal, Protocol, TypeVar
+from typing import Any, Awaitable, Callable, Literal, Protocol, TypeVar
 
 from dagster import ConfigurableResource
 from pydantic import Field
@@ -457,6 +457,7 @@ class LLMResource(ConfigurableResource):
     max_attempts: int = Field(default=6, description="Attempts per request on 429 / 5xx / timeouts / connection errors (backoff doubles from 0.5 s, with jitter).")
     timeout_s: float = Field(default=120.0, description="Per-request timeout of HTTP backends.")
     n_ctx: int = Field(default=2048, description="Context window of the embedded model.")
+    vllm_engine_args: dict[str, Any] = Field(default_factory=dict, description="Passed to vllm.LLM for backend 'vllm', e.g. {tensor_parallel_size: 2, gpu_memory_utilization: 0.85, max_model_len: 4096}.")
     cache_dir: str | None = Field(default=None, description="Response cache directory; default <data>/llm_cache. '' disables the cache.")
     prompt_price_per_million: float | None = Field(default=None, description="Price per million prompt tokens, to report cost.")
     completion_price_per_million: float | None = Field(default=None, description="Price per million completion tokens, to report cost.")
@@ -467,7 +468,7 @@ class LLMResource(ConfigurableResource):
         if self.backend == "embedded":
             return LlamaCppClient(None if self.model == "embedded" else self.model, n_ctx=self.n_ctx)
         if self.backend == "vllm":
-            return VLLMOfflineClient(self.model, max_batch=self.concurrency())
+            return VLLMOfflineClient(self.model, max_batch=self.concurrency(), **self.vllm_engine_args)
         if not self.base_url:
             raise ValueError("llm.backend is 'openai' but llm.base_url is not set. Fix: set it, e.g. http://127.0.0.1:8000/v1.")
         return OpenAICompatibleClient(self.base_url, self.model, self.api_key, self.timeout_s)

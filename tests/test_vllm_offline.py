@@ -34,7 +34,7 @@ class LLM:
     """Answers each conversation with its last message reversed, as two tokens, with top alternatives."""
 
     def __init__(self, model, **engine_args):
-        self.model = model
+        self.model, self.engine_args = model, engine_args
         self.batches: list[int] = []
         self.params: list[SamplingParams] = []
 
@@ -70,8 +70,9 @@ def test_without_vllm_the_backend_names_the_extra(monkeypatch):
 
 
 def test_concurrent_requests_become_one_batch_with_logprobs_and_tokens(fake_vllm, tmp_path):
-    client = LLMResource(backend="vllm", model="HuggingFaceTB/SmolLM2-135M-Instruct").client(tmp_path)
+    client = LLMResource(backend="vllm", model="HuggingFaceTB/SmolLM2-135M-Instruct", vllm_engine_args={"gpu_memory_utilization": 0.8}).client(tmp_path)
     engine = client.inner._engine
+    assert engine.model == "HuggingFaceTB/SmolLM2-135M-Instruct" and engine.engine_args == {"gpu_memory_utilization": 0.8}
     words = [f"word{i:02d}" for i in range(40)]
 
     async def ask_all():

@@ -40,9 +40,11 @@ class LLMEndpointError(RuntimeError):
 class TransientLLMError(RuntimeError):
     """A failure worth retrying: rate limit, server error, timeout, dropped connection."""
 
-    def __init__(self, message: str, unreachable: bool = False):
+    def __init__(self, message: str, unreachable: bool = False, retry_after_s: float | None = None):
         super().__init__(message)
         self.unreachable = unreachable
+        self.retry_after_s = retry_after_s
+        """How long the server asked us to wait (Retry-After), if it said."""
 
 
 class BudgetExceeded(RuntimeError):
@@ -209,9 +211,19 @@ class OpenAICompatibleClient:
             raise TransientLLMError(str(self._unreachable(error)), unreachable=True) from error
         except openai.APIStatusError as error:
             if error.status_code == 429 or error.status_code >= 500:
-                raise TransientLLMError(f"HTTP {error.status_code} from {self.base_url}") from error
+                raise TransientLLMError(f"HTTP {error.status_code} from {self.base_url}", retry_after_s=retry_after(error.response.headers)) from error
             raise
         return completion_from_json(out)
+
+
+def retry_after(headers) -> float | None:
+    """Seconds a rate-limited server asks us to wait: `retry-after-ms` (OpenAI) or `retry-after` in seconds."""
+    for name, scale in (("retry-after-ms", 1e-3), ("retry-after", 1.0)):
+        try:
+            return max(0.0, float(headers[name]) * scale)
+        except (KeyError, TypeError, ValueError):  # absent, or an HTTP date: fall back to our own backoff
+            continue
+    return None
 
 
 def completion_from_json(out: object) -> Completion:
@@ -423,8 +435,10 @@ class ProductionClient:
                         raise LLMEndpointError(str(error)) from error
                     raise
                 self.ledger.retries += 1
-                delay = min(self.max_backoff_s, self.backoff_s * 2 ** (attempt - 1))
-                await asyncio.sleep(delay * random.uniform(0.5, 1.0))  # full jitter spreads clients apart
+                delay = min(self.max_backoff_s, self.backoff_s * 2 ** (attempt - 1)) * random.uniform(0.5, 1.0)  # jitter spreads clients apart
+                if error.retry_after_s is not None:  # the server said when: wait at least that long (within our cap)
+                    delay = max(delay, min(error.retry_after_s, self.max_backoff_s))
+                await asyncio.sleep(delay)
             except Exception:
                 self.ledger.failures += 1
                 raise

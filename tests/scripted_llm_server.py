@@ -1,7 +1,8 @@
 """A scripted OpenAI-compatible chat server on 127.0.0.1: a fake at the edge we do not own.
 
 It answers every /v1/chat/completions request by calling `reply(messages)`: a string is the
-answer, an int is an HTTP error status to send instead (429, 500, 400...), and a dict
+answer, an int is an HTTP error status to send instead (429, 500, 400...), a tuple
+`(status, headers)` an error status with extra headers (e.g. Retry-After), and a dict
 `{"content": ..., "logprobs": [{"token", "logprob", "top_logprobs": [...]}, ...]}` an answer with
 OpenAI-format token logprobs. It records the requests it saw and serves /v1/models, so the real
 `openai` SDK path can be tested end to end.
@@ -16,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import json
 import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 from http import HTTPStatus
 
@@ -26,6 +28,8 @@ class ScriptedLLMServer:
         self.delay_s = delay_s
         self.requests: list[dict] = []
         self.headers: list[dict] = []
+        self.arrivals: list[float] = []
+        """`time.monotonic()` at each request's arrival, to see how long a client waited between them."""
         self._loop = asyncio.new_event_loop()
         self._replies = ThreadPoolExecutor(max_workers=64, thread_name_prefix="scripted-reply")
         self._server = self._loop.run_until_complete(asyncio.start_server(self._serve, "127.0.0.1", 0, backlog=512))
@@ -57,10 +61,11 @@ class ScriptedLLMServer:
                 method, path, _ = request_line.split(" ", 2)
                 headers = {k.strip().lower(): v.strip() for k, _, v in (line.partition(":") for line in header_lines if line)}
                 body = await reader.readexactly(int(headers.get("content-length", 0)))
-                status, payload = await self._answer(method, path, headers, body)
+                status, payload, extra_headers = await self._answer(method, path, headers, body)
                 data = json.dumps(payload).encode()
+                extra = "".join(f"{k}: {v}\r\n" for k, v in extra_headers.items())
                 writer.write(
-                    f"HTTP/1.1 {status} {HTTPStatus(status).phrase}\r\nContent-Type: application/json\r\n"
+                    f"HTTP/1.1 {status} {HTTPStatus(status).phrase}\r\nContent-Type: application/json\r\n{extra}"
                     f"Content-Length: {len(data)}\r\n\r\n".encode() + data
                 )
                 await writer.drain()
@@ -69,19 +74,21 @@ class ScriptedLLMServer:
         finally:
             writer.close()
 
-    async def _answer(self, method: str, path: str, headers: dict, body: bytes) -> tuple[int, dict]:
+    async def _answer(self, method: str, path: str, headers: dict, body: bytes) -> tuple[int, dict, dict]:
         if method == "GET":
             if path.endswith("/stats"):
-                return 200, {"requests": len(self.requests)}
-            return 200, {"object": "list", "data": [{"id": "scripted", "object": "model", "owned_by": "test"}]}
+                return 200, {"requests": len(self.requests)}, {}
+            return 200, {"object": "list", "data": [{"id": "scripted", "object": "model", "owned_by": "test"}]}, {}
         request = json.loads(body)
+        self.arrivals.append(time.monotonic())
         self.requests.append(request)
         self.headers.append(headers)
         if self.delay_s:
             await asyncio.sleep(self.delay_s)
         text = await self._loop.run_in_executor(self._replies, self.reply, request["messages"])
-        if isinstance(text, int):
-            return text, {"error": {"message": f"scripted {text}", "type": "scripted", "code": text}}
+        if isinstance(text, (int, tuple)):
+            status, extra_headers = text if isinstance(text, tuple) else (text, {})
+            return status, {"error": {"message": f"scripted {status}", "type": "scripted", "code": status}}, extra_headers
         message = {"role": "assistant", "content": text["content"] if isinstance(text, dict) else text}
         choice = {"index": 0, "message": message, "finish_reason": "stop"}
         if isinstance(text, dict):
@@ -93,7 +100,7 @@ class ScriptedLLMServer:
             "model": request["model"],
             "choices": [choice],
             "usage": {"prompt_tokens": 10, "completion_tokens": 3, "total_tokens": 13},
-        }
+        }, {}
 
 
 def main() -> None:

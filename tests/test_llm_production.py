@@ -36,6 +36,16 @@ def test_rate_limits_and_server_errors_are_retried_with_backoff(statuses):
     assert client.ledger.retries == len(statuses) and client.ledger.requests == 1
 
 
+@pytest.mark.parametrize("header", [{"Retry-After": "1"}, {"retry-after-ms": "1000"}])
+def test_rate_limit_waits_as_long_as_the_server_asks(header):
+    with ScriptedLLMServer(scripted([(429, header)])) as server:
+        client = resource(server).client()
+        client.backoff_s = 0.01  # our own backoff alone would retry after ~10 ms
+        out = in_session(client, lambda: client.complete(MESSAGES, max_tokens=2))
+    assert out.text == "ok" and len(server.requests) == 2 and client.ledger.retries == 1
+    assert 1.0 <= server.arrivals[1] - server.arrivals[0] < 3.0
+
+
 def test_identical_requests_in_flight_are_sent_once():
     with ScriptedLLMServer(lambda m: "ok", delay_s=0.2) as server:
         client = resource(server).client()

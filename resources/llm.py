@@ -130,11 +130,7 @@ class LlamaCppClient:
             out = llm.create_chat_completion(
                 messages=messages, max_tokens=max_tokens, temperature=temperature, seed=self.seed if seed is None else seed, grammar=grammar, **extra
             )
-        usage = out.get("usage", {})
-        choice = out["choices"][0]
-        steps = choice["logprobs"]["content"] if top_logprobs and choice.get("logprobs") else []
-        alternatives = [{alt["token"]: alt["logprob"] for alt in step["top_logprobs"]} for step in steps]
-        return Completion(choice["message"]["content"] or "", usage.get("prompt_tokens", 0), usage.get("completion_tokens", 0), alternatives, [step["token"] for step in steps])
+        return completion_from_json(out)  # llama.cpp answers in OpenAI's chat-completion format
 
     async def complete(self, messages, *, max_tokens, temperature=0.0, top_logprobs=0, int_list=None, seed=None) -> Completion:
         return await asyncio.to_thread(self._complete_sync, messages, max_tokens, temperature, top_logprobs, int_list, seed)
@@ -227,7 +223,8 @@ def retry_after(headers) -> float | None:
 
 
 def completion_from_json(out: object) -> Completion:
-    """An OpenAI chat-completion answer as a `Completion`; absent or null fields (servers differ) count as empty."""
+    """An OpenAI-format chat-completion answer (HTTP endpoints, embedded llama.cpp) as a `Completion`;
+    absent or null fields (servers differ) count as empty."""
     if not isinstance(out, dict):
         return Completion("")  # not a chat completion at all: an empty answer, which marks the latent failed
     usage = out.get("usage") or {}

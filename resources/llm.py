@@ -373,9 +373,6 @@ class ProductionClient:
         self._semaphore = asyncio.Semaphore(max(1, max_concurrency))
         self._in_flight: dict[str, asyncio.Future] = {}
 
-    async def check(self) -> None:
-        await self.inner.check()
-
     @asynccontextmanager
     async def session(self):
         """Check the backend, do the work inside, then close its connections on this event loop."""

@@ -153,7 +153,7 @@ class ScoringContext:
     embed: Callable[[list[str]], np.ndarray] | None = None
     causal_lm: Callable[[], object] | None = None
     tokenizer: Callable[[], object] | None = None
-    lock: threading.RLock = field(default_factory=threading.RLock)
+    lock: threading.Lock = field(default_factory=threading.Lock)
     baseline_losses: dict[tuple[int, ...], float] = field(default_factory=dict)
     """Surprisal without an explanation, per window: shared by a latent's own and control jobs."""
 
@@ -314,15 +314,7 @@ async def simulation(ctx: ScoringContext, job: Job) -> JobResult:
 
 
 def _losses(ctx: ScoringContext, prefix: str, examples: list[Example]) -> np.ndarray:
-    """Mean next-token loss of each window's tokens after `prefix`, from the subject model.
-
-    One job at a time: torch already uses every core, and loading the model from two threads at
-    once breaks transformers' lazy initialization."""
-    with ctx.lock:
-        return _losses_unlocked(ctx, prefix, examples)
-
-
-def _losses_unlocked(ctx: ScoringContext, prefix: str, examples: list[Example]) -> np.ndarray:
+    """Mean next-token loss of each window's tokens after `prefix`, from the subject model."""
     tokenizer, lm = ctx.tokenizer(), ctx.causal_lm()
     prefix_ids = tokenizer(prefix, add_special_tokens=False)["input_ids"]
     out = []
@@ -346,7 +338,9 @@ def _losses_unlocked(ctx: ScoringContext, prefix: str, examples: list[Example]) 
 
 async def surprisal(ctx: ScoringContext, job: Job) -> JobResult:
     def compute():
-        with ctx.lock:  # the other job of this latent may be computing the same baselines
+        # One job at a time: the other job of this latent may be computing the same baselines, torch
+        # already uses every core, and loading the model from two threads breaks its lazy initialization.
+        with ctx.lock:
             missing = [e for e in job.examples if tuple(e.token_ids) not in ctx.baseline_losses]
             if missing:
                 without = SURPRISAL_DESCRIPTION.format(explanation=SURPRISAL_NO_DESCRIPTION)

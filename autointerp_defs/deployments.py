@@ -75,7 +75,7 @@ def _remote_llm() -> LLMResource:
 
 def resources_for(deployment: str | None = None) -> dict:
     deployment = _deployment(deployment)
-    default_max_latents = "4" if deployment == "local" else "0"
+    default_max_latents = "3" if deployment == "local" else "0"
     settings = AutointerpSettings(max_latents_per_shard=int(os.environ.get("AUTOINTERP_MAX_LATENTS", default_max_latents)))
     if deployment == "local":
         return {

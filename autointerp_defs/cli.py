@@ -12,7 +12,7 @@ DEMO_HOOKPOINT = "model.layers.15"
 DEMO_SHARDS = ("00", "01")
 
 
-def register_embedded(data_dir: str, *, width: int = 4608, k: int = 32, n_tokens: int = 65_536, epochs: int = 4) -> Path:
+def register_embedded(data_dir: str, *, width: int = 4608, k: int = 32, n_tokens: int = 65_536, epochs: int = 3) -> Path:
     """Train a TopK SAE on the embedded corpus at `model.layers.15` and save it in sparsify's layout."""
     import torch
 

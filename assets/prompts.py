@@ -1,11 +1,22 @@
 """Every prompt template of the explainers and scorers, and the parsers of their answers, in one place.
 
 Examples are rendered from token strings; active tokens are wrapped in `<<` `>>` (runs of active
-tokens share one pair), as in delphi's highlighted-token format.
+tokens share one pair), as in delphi's highlighted-token format. Tokens are shown as a judge can
+read them (`prompt_vocab`): the subject model's special tokens become one visible document
+boundary, and whitespace is made visible, so a latent that fires on line breaks can be explained
+and judged. Answers are parsed strictly: a value list is read only when it is unambiguous, and
+anything else is refused (and asked again by the caller), never guessed.
 """
 from __future__ import annotations
 
+import json
 import re
+
+DOCUMENT_BOUNDARY = "‖"
+TOKEN_LEGEND = (
+    " In the texts, ↵ stands for a line break, ⇥ for a tab, ␣ for a space on its own, and ‖ for the "
+    "boundary between two documents."
+)
 
 EXPLAINER_SYSTEM = (
     "You study single features of a language model. You are shown text examples in which the tokens "
@@ -13,6 +24,7 @@ EXPLAINER_SYSTEM = (
     "listed with the feature's strength on a 0-10 scale. Work out what the marked tokens have in "
     "common, taking their context into account, and describe it in one short phrase. Answer with a "
     "single line of the form 'Explanation: <phrase>'."
+    + TOKEN_LEGEND
 )
 
 CONTRASTIVE_SYSTEM = EXPLAINER_SYSTEM + (
@@ -25,18 +37,21 @@ TOKEN_TABLE_SYSTEM = (
     "followed by a tab and the feature's strength on that token on a 0-10 scale (0 = not firing). Work "
     "out what the tokens with high values have in common, taking their context into account, and "
     "describe it in one short phrase. Answer with a single line of the form 'Explanation: <phrase>'."
+    + TOKEN_LEGEND
 )
 
 TOP_TOKENS_SYSTEM = (
     "You study single features of a language model. You are given the vocabulary tokens on which the "
     "feature fires most strongly on average, with their average strength. Describe in one short phrase "
     "what these tokens have in common. Answer with a single line of the form 'Explanation: <phrase>'."
+    + TOKEN_LEGEND
 )
 
 DETECTION_SYSTEM = (
     "You check descriptions of a language-model feature against text. You are given a description "
     "and numbered text examples. For each example, answer 1 if the feature described would fire "
     "somewhere in it and 0 if not. Answer with only a list of 0s and 1s, one per example, e.g. [1, 0, 1]."
+    + TOKEN_LEGEND
 )
 
 FUZZING_SYSTEM = (
@@ -44,6 +59,7 @@ FUZZING_SYSTEM = (
     "and numbered text examples in which some tokens are wrapped in << and >>. For each example, "
     "answer 1 if the marked tokens are what the description is about and 0 if not. Answer with "
     "only a list of 0s and 1s, one per example, e.g. [1, 0, 1]."
+    + TOKEN_LEGEND
 )
 
 INTRUDER_SYSTEM = (
@@ -51,6 +67,7 @@ INTRUDER_SYSTEM = (
     "tokens wrapped in << and >>. In all examples but one, the marked tokens are where one feature "
     "fires, so they share something. One example is an intruder: its marked tokens do not fit with "
     "the others. Answer with only the intruder's number in a list, e.g. [2]."
+    + TOKEN_LEGEND
 )
 
 SIMULATION_SYSTEM = (
@@ -58,25 +75,54 @@ SIMULATION_SYSTEM = (
     "feature and a text split into numbered tokens. For every token, predict the feature's strength "
     "on it from 0 (not firing, most tokens) to 10 (firing strongest), judging each token in its "
     "context. Answer with only a list of integers, one per token, in order, e.g. [0, 0, 7, 0]."
+    + TOKEN_LEGEND
 )
 
 SURPRISAL_DESCRIPTION = "Description of the sentences below: {explanation}\nSentences:\n"
 SURPRISAL_NO_DESCRIPTION = "Various unrelated sentences."
 
 
+_VISIBLE = str.maketrans({"\n": "↵", "\r": "↵", "\t": "⇥"})
+_PLAIN = str.maketrans({"↵": "\n", "⇥": "\t", "␣": " ", DOCUMENT_BOUNDARY: "\n"})
+
+
+def visible_token(token: str) -> str:
+    """A token as a judge sees it: line breaks and tabs as ↵ and ⇥, a token of spaces only as ␣s.
+    Idempotent, so text that was already rendered renders the same."""
+    shown = token.translate(_VISIBLE)
+    return "␣" * len(shown) if shown and not shown.strip(" ") else shown
+
+
+def prompt_vocab(vocab: list[str], special_ids) -> list[str]:
+    """Token id → what prompts show: the subject model's special tokens (BOS, EOS, chat markers: in a
+    corpus they separate documents) become one visible boundary, never their control-token text."""
+    special = set(int(i) for i in special_ids)
+    return [DOCUMENT_BOUNDARY if i in special else token for i, token in enumerate(vocab)]
+
+
+def plain_text(rendered: str) -> str:
+    """Rendered window text back to plain text, for embedders, which read whitespace as whitespace."""
+    return rendered.translate(_PLAIN)
+
+
 def highlight(token_strs: list[str], marked: list[bool]) -> str:
-    """Join tokens, wrapping each run of marked tokens in << >>."""
+    """Join tokens (made visible), wrapping each run of marked tokens in << >>."""
     out, inside = [], False
     for text, is_marked in zip(token_strs, marked):
         if is_marked and not inside:
             out.append("<<")
         if not is_marked and inside:
             out.append(">>")
-        out.append(text)
+        out.append(visible_token(text))
         inside = is_marked
     if inside:
         out.append(">>")
-    return "".join(out).replace("\n", " ")
+    return "".join(out)
+
+
+def quoted(token: str) -> str:
+    """A token standing alone in a list or table: visible, in quotes, so its leading space shows."""
+    return f'"{visible_token(token)}"'
 
 
 def scaled(activations: list[float], max_activation: float) -> list[int]:
@@ -89,7 +135,7 @@ def explainer_messages(examples: list[tuple[list[str], list[float]]], max_activa
     parts = []
     for i, (token_strs, acts) in enumerate(examples, start=1):
         marks = [a > 0 for a in acts]
-        listed = ", ".join(f"{t.strip() or repr(t)} ({s})" for t, a, s in zip(token_strs, acts, scaled(acts, max_activation)) if a > 0)
+        listed = ", ".join(f"{visible_token(t).strip() or visible_token(t)} ({s})" for t, a, s in zip(token_strs, acts, scaled(acts, max_activation)) if a > 0)
         parts.append(f"Example {i}: {highlight(token_strs, marks)}\nMarked: {listed}")
     return [
         {"role": "system", "content": EXPLAINER_SYSTEM},
@@ -99,7 +145,7 @@ def explainer_messages(examples: list[tuple[list[str], list[float]]], max_activa
 
 def contrastive_messages(examples: list[tuple[list[str], list[float]]], counter_examples: list[list[str]], max_activation: float) -> list[dict]:
     messages = explainer_messages(examples, max_activation)
-    counters = "\n".join(f"Counter-example {i}: {''.join(tokens)}".replace("\n", " ") for i, tokens in enumerate(counter_examples, start=1))
+    counters = "\n".join(f"Counter-example {i}: {highlight(tokens, [False] * len(tokens))}" for i, tokens in enumerate(counter_examples, start=1))
     user = messages[1]["content"].replace("\n\nWhat does the feature fire on?", f"\n\n{counters}\n\nWhat does the feature fire on?")
     return [{"role": "system", "content": CONTRASTIVE_SYSTEM}, {"role": "user", "content": user}]
 
@@ -107,14 +153,14 @@ def contrastive_messages(examples: list[tuple[list[str], list[float]]], counter_
 def token_table_messages(examples: list[tuple[list[str], list[float]]], max_activation: float) -> list[dict]:
     tables = []
     for i, (token_strs, acts) in enumerate(examples, start=1):
-        lines = "\n".join(f"{t!r}\t{s}" for t, s in zip(token_strs, scaled(acts, max_activation)))
+        lines = "\n".join(f"{quoted(t)}\t{s}" for t, s in zip(token_strs, scaled(acts, max_activation)))
         tables.append(f"Example {i}:\n{lines}")
     return [{"role": "system", "content": TOKEN_TABLE_SYSTEM}, {"role": "user", "content": "\n\n".join(tables) + "\n\nWhat does the feature fire on?"}]
 
 
 def top_tokens_messages(tokens: list[str], mean_activations: list[float]) -> list[dict]:
     top = max(mean_activations, default=1.0)
-    listed = "\n".join(f"{t!r}: {s}" for t, s in zip(tokens, scaled(mean_activations, top)))
+    listed = "\n".join(f"{quoted(t)}: {s}" for t, s in zip(tokens, scaled(mean_activations, top)))
     return [{"role": "system", "content": TOP_TOKENS_SYSTEM}, {"role": "user", "content": f"Tokens (average strength, 0-10):\n{listed}\n\nWhat does the feature fire on?"}]
 
 
@@ -135,35 +181,139 @@ def intruder_messages(texts: list[str]) -> list[dict]:
 
 
 def simulation_messages(explanation: str, token_strs: list[str]) -> list[dict]:
-    listed = "\n".join(f"{i}\t{t!r}" for i, t in enumerate(token_strs, start=1))
+    listed = "\n".join(f"{i}\t{quoted(t)}" for i, t in enumerate(token_strs, start=1))
     return [
         {"role": "system", "content": SIMULATION_SYSTEM},
         {"role": "user", "content": f"Description: {explanation}\n\nTokens:\n{listed}\n\nAnswer with {len(token_strs)} integers from 0 to 10 in a list."},
     ]
 
 
-_PREFIX = re.compile(r"^\s*(?:\[?explanation\]?\s*[:\-]\s*|answer\s*:\s*|\d+[.)]\s*|[-*•]\s*)", re.IGNORECASE)
+def reask_list_message(n: int, lo: int, hi: int) -> dict:
+    """The one follow-up turn after an answer that could not be read as a value list."""
+    example = ", ".join(str(lo + (i % (hi - lo + 1))) for i in range(min(n, 4)))
+    return {"role": "user", "content": f"Your answer could not be read. Reply with only a list of exactly {n} integers from {lo} to {hi}, like [{example}{', ...' if n > 4 else ''}], and nothing else."}
+
+
+REASK_EXPLANATION = {"role": "user", "content": "Your answer could not be read. Reply with only one line of the form 'Explanation: <phrase>'."}
+
+
+# ---- parsing answers -----------------------------------------------------------------------------
+
+
+def strip_reasoning(text: str) -> str:
+    """The answer without a reasoning preamble (`<think>…</think>`); empty when the reasoning never closed."""
+    if re.search(r"</think>", text, re.IGNORECASE):
+        text = re.split(r"</think>", text, flags=re.IGNORECASE)[-1]
+    if re.search(r"<think>", text, re.IGNORECASE):
+        return ""  # cut off while thinking: there is no answer
+    text = re.sub(r"^\s*```[a-zA-Z]*\s*$", "", text, flags=re.MULTILINE)  # markdown code fences
+    return text.strip()
+
+
+_LABEL = re.compile(r"\**\[?\bexplanation\b\]?\**\s*:(?:\*\*)?\s*", re.IGNORECASE)
+_LEADER = re.compile(r"^(?:\d+[.)]\s+|[-*•]\s+|answer\s*:\s*)", re.IGNORECASE)
+_PAIRS = (('"', '"'), ("'", "'"), ("`", "`"), ("**", "**"), ("*", "*"), ("“", "”"), ("‘", "’"))
+
+
+def _unwrap(text: str) -> str:
+    """Remove one pair of quotes or emphasis that wraps the whole text, never quotes that belong to it."""
+    for left, right in _PAIRS:
+        inner = text[len(left) : len(text) - len(right)]
+        if len(text) > len(left) + len(right) and text.startswith(left) and text.endswith(right) and left not in inner and right not in inner:
+            return inner.strip()
+    return text
 
 
 def parse_explanation(text: str) -> str | None:
-    """The explanation in a model's answer, without labels, numbering, quotes or a trailing period."""
-    match = re.search(r"explanation\]?\s*[:\-]\s*(.+)", text, re.IGNORECASE)
-    candidate = match.group(1) if match else next((line for line in text.splitlines() if line.strip()), "")
-    candidate = candidate.strip().splitlines()[0] if candidate.strip() else ""
+    """The explanation in a model's answer, or None when there is none to read unambiguously.
+
+    A line labelled 'Explanation:' is read (the next line if the label stands alone); without a
+    label, only a one-line answer is. Numbering, bullets, a wrapping pair of quotes or emphasis and
+    one final period are removed; quotes and punctuation inside the explanation are kept."""
+    lines = [line.strip() for line in strip_reasoning(text).splitlines() if line.strip()]
+    found = []
+    for i, line in enumerate(lines):
+        match = _LABEL.search(line)
+        if match:
+            rest = line[match.end() :].strip()
+            found.append(rest if rest else (lines[i + 1] if i + 1 < len(lines) else ""))
+    if len(set(found)) > 1:
+        return None  # two different explanations: which one is meant is a guess
+    candidate = found[0] if found else (lines[0] if len(lines) == 1 else "")
     previous = None
     while previous != candidate:
         previous = candidate
-        candidate = _PREFIX.sub("", candidate).strip().strip("\"'`*").strip()
-    candidate = candidate.rstrip(".").strip()
-    return candidate or None
+        candidate = _unwrap(_LEADER.sub("", candidate).strip())
+        if candidate.endswith(".") and not candidate.endswith(".."):
+            candidate = candidate[:-1].rstrip()
+    return candidate if candidate.strip(". ") else None
+
+
+_NUMBER_LIST = re.compile(r"\[\s*(-?\d+(?:\s*[,;\s]\s*-?\d+)*)\s*\]")
+_LINE_INDEX = re.compile(r"^\W*(?:example|token|item|window|text)?\s*#?(\d+)\s*[:.)=\-]", re.IGNORECASE)
+_NUMBERED_LINE = re.compile(r"^\W*(?:example|token|item|window|text)?\s*#?(\d+)\s*[:.)=\-]\s*\**\s*(-?\d+|yes|no|true|false)\b", re.IGNORECASE)
+_BARE = re.compile(r"^\s*-?\d+(?:\s*[,;\s]\s*-?\d+)*\s*\.?\s*$")
+_SINGLE_PHRASES = (
+    r"(?:example|number|#)\s*(\d+)\s+is\s+(?:the\s+)?(?:intruder|odd one out)",
+    r"intruder\s+is\s+(?:example\s*|number\s*|#)?(\d+)",
+    r"answer\s+is\s+(?:example\s*|number\s*|#)?(\d+)",
+)
+_WORDS = {"yes": 1, "true": 1, "no": 0, "false": 0}
+
+
+def _ints(body: str) -> list[int]:
+    return [int(v) for v in re.findall(r"-?\d+", body)]
+
+
+def _from_json(text: str):
+    """Values of an answer that is JSON: a list of integers, or an object holding one such list
+    (structured output). `False` when it is JSON of another shape, None when it is not JSON."""
+    try:
+        data = json.loads(text)
+    except ValueError:
+        return None
+    if isinstance(data, dict) and len(data) == 1:
+        data = next(iter(data.values()))
+    if isinstance(data, int) and not isinstance(data, bool):
+        data = [data]
+    if isinstance(data, list) and all(isinstance(v, int) and not isinstance(v, bool) for v in data):
+        return data
+    return False
 
 
 def parse_int_list(text: str, n: int, lo: int, hi: int) -> list[int] | None:
-    """A list of `n` integers in [lo, hi]: a bracketed list if there is one, else the first `n` such integers."""
-    for body in re.findall(r"\[([^\]]*)\]", text):
-        values = [int(v) for v in re.findall(r"\d+", body)]
-        if len(values) == n and all(lo <= v <= hi for v in values):
-            return values
-    unlabelled = re.sub(r"(example|token)\s*\d+\s*[:.)\-]?", " ", text, flags=re.IGNORECASE)
-    values = [int(v) for v in re.findall(r"(?<!\d)\d+(?!\d)", unlabelled) if lo <= int(v) <= hi]
-    return values[:n] if len(values) >= n else None
+    """Exactly `n` integers in [lo, hi] from an answer, or None when the answer does not say them
+    unambiguously. Read, in order: JSON; the part after a last 'answer:'; one distinct bracketed list;
+    lines numbered 1..n (yes/no for 0/1 lists); a bare run of numbers; for n = 1, one stated choice
+    ("example 3 is the intruder"). A list of another length or with values out of range is refused,
+    never cut or padded."""
+    body = strip_reasoning(text)
+    valid = lambda values: values if values is not None and len(values) == n and all(lo <= v <= hi for v in values) else None
+    as_json = _from_json(body)
+    if as_json is not None:
+        return valid(as_json) if as_json is not False else None
+    marked = re.split(r"(?:final\s+)?answer\s*(?:is)?\s*[:=]", body, flags=re.IGNORECASE)
+    if len(marked) > 1:
+        body = marked[-1].strip()
+        as_json = _from_json(body)
+        if as_json is not None:
+            return valid(as_json) if as_json is not False else None
+    lists = {tuple(_ints(m)) for m in _NUMBER_LIST.findall(body)}
+    if lists:
+        return valid(list(lists.pop())) if len(lists) == 1 else None
+    indexed = [line.strip() for line in body.splitlines() if _LINE_INDEX.match(line.strip())]
+    if indexed:
+        numbered = [_NUMBERED_LINE.match(line) for line in indexed]
+        if not all(numbered) or [int(m.group(1)) for m in numbered] != list(range(1, n + 1)):
+            return None
+        words = [m.group(2).lower() for m in numbered]
+        if any(w in _WORDS for w in words) and (lo, hi) != (0, 1):
+            return None
+        return valid([_WORDS[w] if w in _WORDS else int(w) for w in words])
+    if _BARE.match(body):
+        return valid(_ints(body))
+    if n == 1:
+        stated = {int(v) for pattern in _SINGLE_PHRASES for v in re.findall(pattern, body, re.IGNORECASE)}
+        if len(stated) == 1:
+            return valid([stated.pop()])
+    return None

@@ -18,6 +18,7 @@ from dagster import AssetExecutionContext, Config, DataVersion, MaterializeResul
 from pydantic import Field
 from safetensors.numpy import load_file, save_file
 
+from assets.prompts import prompt_vocab
 from resources.settings import AutointerpSettings
 from resources.subject_model import SubjectModelResource
 from storage.atomic import atomic_path, read_json, write_json
@@ -132,11 +133,26 @@ def tokenize_documents(documents: list[str], tokenizer, *, ctx_len: int, n_token
     return body
 
 
+def special_token_ids(tokenizer) -> list[int]:
+    """Ids of the tokenizer's special tokens (BOS, EOS, chat and tool markers), which prompts never show as text."""
+    added = getattr(tokenizer, "added_tokens_decoder", {}) or {}
+    return sorted({int(i) for i in tokenizer.all_special_ids} | {int(i) for i, token in added.items() if getattr(token, "special", False)})
+
+
 @dataclass
 class Corpus:
     tokens: np.ndarray
     vocab: list[str]
+    """Token id → the tokenizer's own string (control tokens included): for embedding and search."""
     meta: dict
+
+    @property
+    def prompt_vocab(self) -> list[str]:
+        """Token id → what explainer and scorer prompts show: special tokens as one document boundary."""
+        special = self.meta.get("special_ids")
+        if special is None:  # a corpus built before special ids were stored: control tokens look like <|name|>
+            special = [i for i, token in enumerate(self.vocab) if re.fullmatch(r"<\|[^|\s]+\|>", token)]
+        return prompt_vocab(self.vocab, special)
 
 
 def load_corpus(root: DataRoot) -> Corpus:
@@ -170,6 +186,7 @@ def build_corpus(config: CorpusConfig, tokenizer, root: DataRoot) -> dict:
         "add_bos": config.add_bos,
         "seed": config.seed,
         "tokenizer": getattr(tokenizer, "name_or_path", ""),
+        "special_ids": special_token_ids(tokenizer),
     }
     vocab = tokenizer.batch_decode([[i] for i in range(len(tokenizer))])
     with atomic_path(root.corpus_dir / "tokens.safetensors") as tmp:

@@ -15,12 +15,12 @@ from typing import Literal
 
 import numpy as np
 import pandas as pd
-from dagster import AssetDep, AssetExecutionContext, AutomationCondition, Config, MaterializeResult, MetadataValue, asset
+from dagster import AssetDep, AssetExecutionContext, AutomationCondition, Config, Failure, MaterializeResult, MetadataValue, asset
 from pydantic import Field
 
 from assets.corpus import load_corpus
 from assets.partitions import coder_and_shard, coder_shard_partitions
-from assets.prompts import contrastive_messages, explainer_messages, parse_explanation, token_table_messages, top_tokens_messages
+from assets.prompts import REASK_EXPLANATION, contrastive_messages, explainer_messages, parse_explanation, plain_text, token_table_messages, top_tokens_messages
 from assets.score_metrics import roc_auc
 from assets.scorers import explanation_similarity
 from resources.embedder import EmbedderResource
@@ -29,7 +29,7 @@ from resources.settings import AutointerpSettings
 from storage.tables import read_table, write_table
 from storage.vector_store import upsert_explanations
 
-EXPLANATION_COLUMNS = ["latent", "explainer", "explanation", "status", "error", "prompt_tokens", "completion_tokens", "model", "candidates", "candidate_scores"]
+EXPLANATION_COLUMNS = ["latent", "explainer", "explanation", "status", "error", "prompt_tokens", "completion_tokens", "model", "candidates", "candidate_scores", "examples_dropped"]
 
 
 class ExplanationsConfig(Config):
@@ -39,30 +39,41 @@ class ExplanationsConfig(Config):
     max_tokens: int = Field(default=48, description="Longest explanation, in tokens.")
 
 
+def nothing_succeeded(asset: str, what: str, reasons: pd.Series) -> Failure:
+    """A run in which every latent failed is no result: it fails, and the previous table stays."""
+    common = reasons[reasons != ""].value_counts().head(3)
+    listed = "; ".join(f"{n}× {reason[:300]}" for reason, n in common.items())
+    return Failure(f"{asset}: {what}, so nothing was written and the previous results are kept. Most common reasons: {listed}")
+
+
 def selected_latents(exemplars: pd.DataFrame, max_latents: int) -> list[int]:
     latents = sorted(int(x) for x in exemplars["latent"].unique())
     return latents[:max_latents] if max_latents else latents
 
 
-def explainer_prompt(config: ExplanationsConfig, group: pd.DataFrame, stats: dict | None, vocab: list[str]) -> list[dict]:
+def explainer_prompt(config: ExplanationsConfig, group: pd.DataFrame, stats: dict | None, vocab: list[str], client: ProductionClient) -> tuple[list[dict] | None, int]:
+    """The explainer's prompt with as many of its examples (strongest first) as fit the LLM's context,
+    and how many were dropped to fit; None when not even one fits."""
     train = group[group["split"] == "train"]
     shown = train[train["kind"] == "activating"]
     examples = [([vocab[t] for t in row.tokens], list(row.activations)) for row in shown.itertuples()]
     top = float(shown["max_activation"].max())
     if config.explainer == "contrastive":
         counters = [[vocab[t] for t in row.tokens] for row in train[train["kind"] != "activating"].itertuples()]
-        return contrastive_messages(examples, counters, top)
+        return client.fitting(lambda kept: contrastive_messages(kept, counters, top), examples, config.max_tokens)
     if config.explainer == "token_table":
-        return token_table_messages(examples, top)
+        return client.fitting(lambda kept: token_table_messages(kept, top), examples, config.max_tokens)
     if config.explainer == "top_tokens":
         if not stats or not len(stats["top_tokens"]):
             raise ValueError("no token fires this latent twice: top_tokens has nothing to show")
-        return top_tokens_messages([vocab[t] for t in stats["top_tokens"]], list(stats["top_token_mean_activation"]))
-    return explainer_messages(examples, top)
+        tokens = list(zip([vocab[t] for t in stats["top_tokens"]], stats["top_token_mean_activation"]))
+        return client.fitting(lambda kept: top_tokens_messages([t for t, _ in kept], [float(a) for _, a in kept]), tokens, config.max_tokens)
+    return client.fitting(lambda kept: explainer_messages(kept, top), examples, config.max_tokens)
 
 
 def window_texts(rows: pd.DataFrame, vocab: list[str]) -> list[str]:
-    return ["".join(vocab[t] for t in row.tokens) for row in rows.itertuples()]
+    """Windows as plain text, for the embedder."""
+    return [plain_text("".join(vocab[t] for t in row.tokens)) for row in rows.itertuples()]
 
 
 def embedding_scores(candidates: list[str], valid: pd.DataFrame, vocab: list[str], embed) -> list[float]:
@@ -74,29 +85,46 @@ def embedding_scores(candidates: list[str], valid: pd.DataFrame, vocab: list[str
     return [roc_auc(sims[:, i], labels) for i in range(len(candidates))]
 
 
+async def ask_explanation(client: ProductionClient, messages: list[dict], params: dict) -> tuple[str | None, list]:
+    """One candidate explanation. An answer that cannot be read is asked again once (a follow-up turn
+    that says so) and dropped from the cache, so the next run asks afresh; returns the explanation (or
+    None) and every answer received."""
+    answers, conversation = [], messages
+    for _ in range(2):
+        answer = await client.complete(conversation, **params)
+        answers.append(answer)
+        explanation = parse_explanation(answer.text)
+        if explanation is not None:
+            return explanation, answers
+        client.forget(conversation, **params)
+        conversation = messages + [{"role": "assistant", "content": answer.text}, REASK_EXPLANATION]
+    return None, answers
+
+
 async def explain_latent(client: ProductionClient, config: ExplanationsConfig, latent: int, group: pd.DataFrame, stats: dict | None, vocab: list[str], embed) -> dict:
     row = {"latent": latent, "explainer": config.explainer, "model": client.model_name, "prompt_tokens": 0, "completion_tokens": 0,
-           "error": "", "explanation": "", "status": "failed", "candidates": [], "candidate_scores": []}
+           "error": "", "explanation": "", "status": "failed", "candidates": [], "candidate_scores": [], "examples_dropped": 0}
     try:
-        messages = explainer_prompt(config, group, stats, vocab)
+        messages, dropped = explainer_prompt(config, group, stats, vocab, client)
+        row["examples_dropped"] = dropped
+        if messages is None:
+            return {**row, "error": "prompt longer than the LLM's context even with one example"}
         n = max(1, config.best_of_n)
         params = [{"max_tokens": config.max_tokens, "temperature": 0.0 if n == 1 else config.candidate_temperature, "seed": None if n == 1 else i} for i in range(n)]
-        answers = await asyncio.gather(*(client.complete(messages, **p) for p in params))
+        outcomes = await asyncio.gather(*(ask_explanation(client, messages, p) for p in params))
     except LLMEndpointError:
         raise
     except BudgetExceeded as stop:
         return {**row, "error": f"budget: {stop}"}
     except Exception as error:  # one latent's failure must not fail the partition
         return {**row, "error": f"{type(error).__name__}: {error}"}
+    answers = [a for _, received in outcomes for a in received]
     row["prompt_tokens"] = sum(a.prompt_tokens for a in answers)
     row["completion_tokens"] = sum(a.completion_tokens for a in answers)
-    parsed = [parse_explanation(a.text) for a in answers]
-    for answer, explanation, p in zip(answers, parsed, params):
-        if explanation is None:
-            client.forget(messages, **p)  # ask again next time rather than replaying a useless answer
-    candidates = [e for e in parsed if e]
+    candidates = [e for e, _ in outcomes if e]
     if not candidates:
-        return {**row, "error": f"unparseable answer: {answers[0].text[:200]!r}"}
+        raws = " then ".join(repr(a.text[:200]) for a in outcomes[0][1])
+        return {**row, "error": f"unreadable answer: {raws}"}
     scores = embedding_scores(candidates, group[group["split"] == "valid"], vocab, embed) if len(candidates) > 1 else [float("nan")]
     best = int(np.nanargmax(scores)) if not np.all(np.isnan(scores)) else 0
     return {**row, "explanation": candidates[best], "status": "ok", "candidates": candidates, "candidate_scores": [float(s) for s in scores]}
@@ -129,7 +157,9 @@ def explanations(
     latents = selected_latents(exemplars, settings.max_latents_per_shard)
     context.log.info(f"explaining {len(latents)} latents of {coder} shard {shard} with {llm.backend} ({config.explainer}, best of {config.best_of_n})")
     client = llm.client(root.llm_cache_dir)
-    frame = asyncio.run(explain_all(client, config, exemplars, latent_stats, latents, load_corpus(root).vocab, embedder.embed, context.log.info))
+    frame = asyncio.run(explain_all(client, config, exemplars, latent_stats, latents, load_corpus(root).prompt_vocab, embedder.embed, context.log.info))
+    if len(frame) and not (frame["status"] == "ok").any():
+        raise nothing_succeeded("explanations", f"all {len(frame)} latents failed", frame["error"])
     write_table(frame, root.explanations_path(coder, shard))
     ok = frame[frame["status"] == "ok"]
     if len(ok):
@@ -142,6 +172,7 @@ def explanations(
             "explained": len(ok),
             "failed": int((frame["status"] == "failed").sum()),
             "stopped_by_budget": budget_stopped,
+            "examples_dropped_to_fit": int(frame["examples_dropped"].sum()),
             **client.ledger.as_metadata(),
             "sample": MetadataValue.md(frame.head(10)[["latent", "explanation", "status", "error"]].to_markdown(index=False)),
             "path": MetadataValue.path(str(root.explanations_path(coder, shard))),

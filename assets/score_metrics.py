@@ -95,12 +95,27 @@ def latent_metrics(rows: pd.DataFrame) -> dict:
     }
 
 
-def control_assignment(latents: list[int], seed: int) -> dict[int, int]:
-    """Give each latent another latent's explanation: a seeded derangement (empty below two latents)."""
-    if len(latents) < 2:
-        return {}
-    order = list(np.random.default_rng(seed).permutation(latents))
-    return {latent: order[(i + 1) % len(order)] for i, latent in enumerate(order)}
+def control_assignment(explanations: dict[int, str], seed: int) -> dict[int, int]:
+    """Give each latent the explanation of another latent whose text differs from its own: a seeded
+    shuffle, each latent taking the next one in it with a different text (the plain derangement when
+    all texts differ). A latent whose text every other latent shares gets none: the same words as a
+    control would match by construction."""
+    order = list(np.random.default_rng(seed).permutation(list(explanations))) if explanations else []
+    text = {latent: " ".join(str(explanations[latent]).casefold().split()) for latent in order}
+    controls = {}
+    for i, latent in enumerate(order):
+        for step in range(1, len(order)):
+            other = order[(i + step) % len(order)]
+            if text[other] != text[latent]:
+                controls[latent] = other
+                break
+    return controls
+
+
+def no_control_reason(n_latents: int) -> str:
+    if n_latents < 2:
+        return "no control: no other latent was explained in this partition"
+    return "no control: every other latent of this partition has the same explanation"
 
 
 def verdict(gaps: pd.Series, against: str = "the shuffled-explanation control") -> str:

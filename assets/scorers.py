@@ -39,6 +39,8 @@ from assets.prompts import (
     highlight,
     intruder_messages,
     parse_int_list,
+    plain_text,
+    reask_list_message,
     scorer_messages,
     simulation_messages,
 )
@@ -99,7 +101,8 @@ class Example:
 
     @property
     def text(self) -> str:
-        return "".join(self.token_strs).replace("\n", " ")
+        """The window as prompts show it (whitespace and document boundaries visible)."""
+        return highlight(self.token_strs, [False] * len(self.token_strs))
 
     @property
     def marked_text(self) -> str:
@@ -135,8 +138,17 @@ class Job:
 class JobResult:
     rows: list[dict]
     failed: int = 0
+    """Examples lost to failed or unreadable answers."""
+    dropped: int = 0
+    """Examples left out so that a prompt fits the judge's context."""
+    failures: list[str] = field(default_factory=list)
+    """Why each failed request failed, with the raw answer where there was one."""
     prompt_tokens: int = 0
     extra: dict = field(default_factory=dict)
+
+    def lost(self, examples: int, reason: str) -> None:
+        self.failed += examples
+        self.failures.append(reason)
 
 
 def example_row(example: Example, prediction: float = NAN, score: float = NAN, **extra) -> dict:
@@ -158,33 +170,61 @@ class ScoringContext:
     """Surprisal without an explanation, per window: shared by a latent's own and control jobs."""
 
 
-async def _ask_list(ctx: ScoringContext, messages: list[dict], n: int, lo: int, hi: int, top_logprobs: int = 0):
-    """One request whose answer is a list of n integers in [lo, hi]; None (and the answer forgotten) when
-    it fails or cannot be parsed, so only that part of the latent is lost and it is asked again next time."""
+@dataclass
+class Asked:
+    """One value-list question's outcome: the values, or why there are none (with the raw answers)."""
+
+    values: list[int] | None
+    answer: object | None = None
+    prompt_tokens: int = 0
+    failure: str = ""
+
+
+async def _ask_list(ctx: ScoringContext, messages: list[dict], n: int, lo: int, hi: int, top_logprobs: int = 0) -> Asked:
+    """One request whose answer must be a list of n integers in [lo, hi]. An answer that cannot be read
+    is asked again once (a follow-up turn that says so); if that fails too the question fails with both
+    raw answers, and the unreadable answers are dropped from the cache so the next run asks again.
+    Only whole-run errors propagate: anything else loses this question, not the latent."""
     params = {"max_tokens": 8 + (3 + len(str(hi))) * n, "int_list": (n, lo, hi), "top_logprobs": top_logprobs}
+    answers, conversation = [], messages
     try:
-        answer = await ctx.client.complete(messages, **params)
+        for _ in range(2):
+            answer = await ctx.client.complete(conversation, **params)
+            answers.append(answer)
+            values = parse_int_list(answer.text, n, lo, hi)
+            if values is not None:
+                return Asked(values, answer, sum(a.prompt_tokens for a in answers))
+            ctx.client.forget(conversation, **params)
+            conversation = messages + [{"role": "assistant", "content": answer.text}, reask_list_message(n, lo, hi)]
     except LLMEndpointError:
         raise
-    except Exception:  # budget, errors: a failed request drops its examples; the latent is scored on the rest
-        return None, None
-    values = parse_int_list(answer.text, n, lo, hi)
-    if values is None:
-        ctx.client.forget(messages, **params)
-    return values, answer
+    except Exception as error:  # budget, retries exhausted, a rejected request: this question is lost
+        said = f" after {' then '.join(repr(a.text[:300]) for a in answers)}" if answers else ""
+        return Asked(None, None, sum(a.prompt_tokens for a in answers), f"{type(error).__name__}: {str(error)[:300]}{said}")
+    raws = " then ".join(repr(a.text[:300]) for a in answers)
+    return Asked(None, None, sum(a.prompt_tokens for a in answers), f"unreadable answer (wanted {n} integers from {lo} to {hi}): {raws}")
+
+
+def list_tokens(n: int, hi: int) -> int:
+    return 8 + (3 + len(str(hi))) * n
 
 
 async def _classify(ctx: ScoringContext, job: Job, system: str, text_of: Callable[[Example], str]) -> JobResult:
     size = ctx.settings.examples_per_prompt
     batches = [job.examples[i : i + size] for i in range(0, len(job.examples), size)]
-    answers = await asyncio.gather(*(_ask_list(ctx, scorer_messages(system, job.explanation, [text_of(e) for e in b]), len(b), 0, 1) for b in batches))
     result = JobResult([])
-    for batch, (labels, answer) in zip(batches, answers):
-        result.prompt_tokens += answer.prompt_tokens if answer else 0
-        if labels is None:
-            result.failed += len(batch)
+    prompts = []
+    for batch in batches:
+        messages, dropped = ctx.client.fitting(lambda kept: scorer_messages(system, job.explanation, [text_of(e) for e in kept]), batch, list_tokens(len(batch), 1))
+        result.dropped += dropped
+        prompts.append((batch[: len(batch) - dropped], messages))
+    asked = await asyncio.gather(*(_ask_list(ctx, messages, len(kept), 0, 1) for kept, messages in prompts if kept))
+    for (kept, _), outcome in zip([p for p in prompts if p[0]], asked):
+        result.prompt_tokens += outcome.prompt_tokens
+        if outcome.values is None:
+            result.lost(len(kept), outcome.failure)
             continue
-        result.rows += [example_row(e, prediction=p) for e, p in zip(batch, labels)]
+        result.rows += [example_row(e, prediction=p) for e, p in zip(kept, outcome.values)]
     return result
 
 
@@ -199,21 +239,23 @@ async def fuzzing(ctx: ScoringContext, job: Job) -> JobResult:
 def intruder_tasks(examples: list[Example], k: int, max_tasks: int, rng: np.random.Generator, control: bool) -> list[tuple[list[Example], int, int]]:
     """(windows, intruder position, quantile) per task: k-1 activating windows of neighbouring quantiles
     (a sliding run over the windows sorted by quantile, so each task is as homogeneous as the test set
-    allows) and one non-activating intruder. The control task has no intruder: its k-th window is the
+    allows) and one non-activating intruder. The control task has no intruder: its last window is the
     next activating one, and a random position is called the intruder, so its accuracy is what a judge
-    with no signal gets (chance, plus any position bias)."""
+    with no signal gets (chance, plus any position bias). Real and control tasks show the same number
+    of windows (fewer than k when the latent has fewer activating windows), so chance is the same."""
     activating = sorted((e for e in examples if e.label), key=lambda e: e.quantile)
     negatives = [e for e in examples if not e.label]
-    needed = min(k if control else k - 1, len(activating))
-    if needed < (2 if control else 1):
+    size = min(k, len(activating))  # windows per task; the control needs them all activating
+    if size < 2:
         return []
+    needed = size if control else size - 1
     tasks = []
     for t in range(min(max_tasks, len(negatives))):  # the control asks as many tasks as the real run
         start = t % (len(activating) - needed + 1)
         chosen = activating[start : start + needed]
         quantile = chosen[len(chosen) // 2].quantile
         chosen = [chosen[i] for i in rng.permutation(len(chosen))]
-        position = int(rng.integers(0, len(chosen) + (0 if control else 1)))
+        position = int(rng.integers(0, size))
         if not control:
             chosen.insert(position, negatives[t])
         tasks.append((chosen, position, quantile))
@@ -223,60 +265,74 @@ def intruder_tasks(examples: list[Example], k: int, max_tasks: int, rng: np.rand
 async def intruder(ctx: ScoringContext, job: Job) -> JobResult:
     s = ctx.settings
     tasks = intruder_tasks(job.examples, s.examples_per_task, s.max_tasks, np.random.default_rng(job.seed), job.control)
-    answers = await asyncio.gather(*(_ask_list(ctx, intruder_messages([e.marked_text for e in windows]), 1, 1, len(windows)) for windows, _, _ in tasks))
     result = JobResult([])
-    for i, ((windows, position, quantile), (choice, answer)) in enumerate(zip(tasks, answers)):
-        result.prompt_tokens += answer.prompt_tokens if answer else 0
-        if choice is None:
-            result.failed += 1
+    prompts = [intruder_messages([e.marked_text for e in windows]) for windows, _, _ in tasks]
+    fits = [ctx.client.fits(m, list_tokens(1, len(w))) for m, (w, _, _) in zip(prompts, tasks)]
+    result.dropped = sum(len(w) for (w, _, _), ok in zip(tasks, fits) if not ok)  # a task cannot lose windows: it goes whole
+    asked = await asyncio.gather(*(_ask_list(ctx, m, 1, 1, len(w)) for m, (w, _, _), ok in zip(prompts, tasks, fits) if ok))
+    kept = [(i, task) for i, (task, ok) in enumerate(zip(tasks, fits)) if ok]
+    for (i, (windows, position, quantile)), outcome in zip(kept, asked):
+        result.prompt_tokens += outcome.prompt_tokens
+        if outcome.values is None:
+            result.lost(1, outcome.failure)
             continue
         mean_activation = float(np.mean([e.activations.max() for e in windows if e.label]))
         result.rows.append({"example": i, "label": 1, "quantile": quantile, "activation": mean_activation,
-                            "prediction": int(choice[0] - 1 == position), "score": NAN})
+                            "prediction": int(outcome.values[0] - 1 == position), "score": NAN})
     return result
 
 
-_VALUE_TOKEN = re.compile(r"^[\s,\[]*(\d{1,2})$")
+_VALUE_TOKEN = re.compile(r'^[\s,\[\]{}:"]*(\d{1,2})[\s,\]}"]*$')
 
 
 def expected_values(answer, values: list[int]) -> list[float] | None:
     """Per listed value, the expected value over the logprobs of the tokens 0..10 where it was written.
 
-    Returns None when the answer has no logprobs or they cannot be aligned with the parsed list. Where
-    a tokenizer writes 10 as "1" "0", the "1" alternative counts as 10 when 10 was written, else as 1.
+    None (and the caller uses the parsed values) when the answer has no logprobs or they do not align
+    with the parsed list: the written list differs, or a value was not written as a token of its own
+    (digits fused with other text), so its alternatives are not alternative values. Separators fused
+    to a digit ("5,") still count as that digit. Where a tokenizer writes 10 as "1" "0", the "1"
+    alternative counts as 10 there; elsewhere "1" is 1.
     """
     if not answer.tokens or len(answer.tokens) != len(answer.top_logprobs):
         return None
     text = "".join(answer.tokens)
     body = re.search(r"\[([^\]]*)\]", text)
-    if not body:
+    if not body or [int(m) for m in re.findall(r"\d+", body.group(1))] != values:
         return None
     starts = [body.start(1) + m.start() for m in re.finditer(r"\d+", body.group(1))]
-    if [int(m) for m in re.findall(r"\d+", body.group(1))] != values:
-        return None
     ends = np.cumsum([len(t) for t in answer.tokens])
     out = []
     for start, written in zip(starts, values):
         step = int(np.searchsorted(ends, start, side="right"))
+        chosen = _VALUE_TOKEN.match(answer.tokens[step])
+        split_ten = written == 10 and chosen is not None and chosen.group(1) == "1"
+        if chosen is None or (int(chosen.group(1)) != written and not split_ten):
+            return None
         weights: dict[int, float] = {}
         for alternative, logprob in answer.top_logprobs[step].items():
             match = _VALUE_TOKEN.match(alternative)
             if match and int(match.group(1)) <= 10:
-                value = int(match.group(1))
-                value = 10 if value == 1 and written == 10 else value
+                value = 10 if split_ten and match.group(1) == "1" else int(match.group(1))
                 weights[value] = weights.get(value, 0.0) + float(np.exp(logprob))
         total = sum(weights.values())
-        out.append(sum(v * w for v, w in weights.items()) / total if total > 0 else float(written))
+        if total <= 0:
+            return None
+        out.append(sum(v * w for v, w in weights.items()) / total)
     return out
 
 
-async def _simulate(ctx: ScoringContext, examples: list[Example], explanation: str) -> list[tuple[Example, np.ndarray | None, str, int]]:
+async def _simulate(ctx: ScoringContext, examples: list[Example], explanation: str) -> list[tuple[Example, np.ndarray | None, str, Asked]]:
     async def one(e: Example):
-        values, answer = await _ask_list(ctx, simulation_messages(explanation, e.token_strs), len(e.token_strs), 0, 10, ctx.settings.top_logprobs)
-        if values is None:
-            return e, None, "", answer.prompt_tokens if answer else 0
-        expected = expected_values(answer, values) if ctx.settings.top_logprobs else None
-        return e, np.asarray(expected if expected is not None else values, float), "logprobs" if expected is not None else "parsed", answer.prompt_tokens
+        messages = simulation_messages(explanation, e.token_strs)
+        n = len(e.token_strs)
+        if not ctx.client.fits(messages, list_tokens(n, 10)):
+            return e, None, "dropped", Asked(None, failure="prompt longer than the judge's context")
+        outcome = await _ask_list(ctx, messages, n, 0, 10, ctx.settings.top_logprobs)
+        if outcome.values is None:
+            return e, None, "", outcome
+        expected = expected_values(outcome.answer, outcome.values) if ctx.settings.top_logprobs else None
+        return e, np.asarray(expected if expected is not None else outcome.values, float), "logprobs" if expected is not None else "parsed", outcome
 
     return await asyncio.gather(*(one(e) for e in examples))
 
@@ -290,12 +346,14 @@ async def simulation(ctx: ScoringContext, job: Job) -> JobResult:
     simulated = await _simulate(ctx, job.examples, job.explanation)
     top = max((e.activations.max() for e in job.examples), default=1.0)
     result = JobResult([])
-    for e, values, source, tokens in simulated:
-        result.prompt_tokens += tokens
-        if values is None:
-            result.failed += 1
-            continue
-        result.rows.append(example_row(e, score=float(values.max()), simulated=values.tolist(), true_activations=true_scale(e, top).tolist(), values_from=source))
+    for e, values, source, outcome in simulated:
+        result.prompt_tokens += outcome.prompt_tokens
+        if source == "dropped":
+            result.dropped += 1
+        elif values is None:
+            result.lost(1, outcome.failure)
+        else:
+            result.rows.append(example_row(e, score=float(values.max()), simulated=values.tolist(), true_activations=true_scale(e, top).tolist(), values_from=source))
     if result.rows:
         truth = np.concatenate([r["true_activations"] for r in result.rows])
         guess = np.concatenate([r["simulated"] for r in result.rows])
@@ -359,7 +417,7 @@ def explanation_similarity(embed: Callable[[list[str]], np.ndarray], explanation
 
 
 async def embedding(ctx: ScoringContext, job: Job) -> JobResult:
-    similarity = await asyncio.to_thread(explanation_similarity, ctx.embed, [ctx.settings.query_prefix + job.explanation], [e.text for e in job.examples])
+    similarity = await asyncio.to_thread(explanation_similarity, ctx.embed, [ctx.settings.query_prefix + job.explanation], [plain_text(e.text) for e in job.examples])
     return JobResult([example_row(e, score=float(s)) for e, s in zip(job.examples, similarity[:, 0])])
 
 

@@ -30,9 +30,9 @@ from dagster import (
 )
 
 from assets.corpus import load_corpus
-from assets.explanations import selected_latents
+from assets.explanations import nothing_succeeded, selected_latents
 from assets.partitions import CODER_DIMENSION, coder_and_shard, coder_partitions, coder_shard_partitions, shard_partitions
-from assets.score_metrics import BINARY, CONFUSION, control_assignment, example_predictions, latent_metrics, verdict
+from assets.score_metrics import BINARY, CONFUSION, control_assignment, example_predictions, latent_metrics, no_control_reason, verdict
 from assets.scorers import SCORERS, Job, JobResult, ScorerSettings, ScorerSpec, ScoringContext, held_out_examples
 from resources.llm import gather_with_progress
 from storage.tables import read_table, write_table
@@ -68,24 +68,28 @@ def scored_latents(spec: ScorerSpec, exemplars: pd.DataFrame, explanations: pd.D
     return dict(sorted(zip(ok["latent"].astype(int), ok["explanation"])))
 
 
-def latent_row(spec: ScorerSpec, latent: int, explanation, control_explanation, own: JobResult, control: JobResult | None) -> dict:
+def latent_row(spec: ScorerSpec, latent: int, explanation, control_explanation, own: JobResult, control: JobResult | None, control_note: str = "") -> dict:
     def metrics(result: JobResult | None) -> dict:
         if result is None:
             return {m: np.nan for m in NUMERIC} | {"quantile_accuracy": {}}
         return {m: np.nan for m in NUMERIC} | latent_metrics(pd.DataFrame(result.rows, columns=["label", "quantile", "activation", "prediction", "score"])) | result.extra
 
     mine, theirs = metrics(own), metrics(control)
+    results = [own] + ([control] if control else [])
     return {
         "latent": latent,
         "explanation": explanation or "",
         "control_explanation": control_explanation or "",
+        "control_note": control_note,
         **{m: mine[m] for m in NUMERIC},
         "quantile_accuracy": json.dumps(mine["quantile_accuracy"]),
         **{f"control_{m}": theirs[m] for m in NUMERIC},
         "control_quantile_accuracy": json.dumps(theirs["quantile_accuracy"]),
         "gap": mine[spec.main_metric] - theirs[spec.main_metric],
-        "n_failed": own.failed + (control.failed if control else 0),
-        "prompt_tokens": own.prompt_tokens + (control.prompt_tokens if control else 0),
+        "n_failed": sum(r.failed for r in results),
+        "n_dropped": sum(r.dropped for r in results),
+        "failures": json.dumps([reason for r in results for reason in r.failures]),
+        "prompt_tokens": sum(r.prompt_tokens for r in results),
     }
 
 
@@ -94,7 +98,7 @@ async def score_partition(spec: ScorerSpec, ctx: ScoringContext, exemplars: pd.D
     """Per-latent metrics and per-example rows of one scorer on one partition, with the control."""
     settings = ctx.settings
     text_of = scored_latents(spec, exemplars, explanations, max_latents)
-    control_of = control_assignment(list(text_of), settings.seed) if spec.uses_explanation else {latent: latent for latent in text_of}
+    control_of = control_assignment(text_of, settings.seed) if spec.uses_explanation else {latent: latent for latent in text_of}
     by_latent = dict(tuple(exemplars[exemplars["latent"].isin(list(text_of))].groupby("latent")))
     jobs, keys = [], []
     for latent, explanation in text_of.items():
@@ -112,7 +116,8 @@ async def score_partition(spec: ScorerSpec, ctx: ScoringContext, exemplars: pd.D
     rows, example_rows = [], []
     for latent, explanation in text_of.items():
         own, control = results[(latent, "explanation")], results.get((latent, "control"))
-        rows.append(latent_row(spec, latent, explanation, text_of.get(control_of.get(latent)) if spec.uses_explanation else None, own, control))
+        note = "" if latent in control_of else no_control_reason(len(text_of))
+        rows.append(latent_row(spec, latent, explanation, text_of.get(control_of.get(latent)) if spec.uses_explanation else None, own, control, note))
         for source, result in (("explanation", own), ("control", control)):
             if result is not None and result.rows:
                 frame = pd.DataFrame(result.rows)
@@ -210,6 +215,8 @@ def scorer_metadata(spec: ScorerSpec, settings: ScorerSettings, frame: pd.DataFr
     confusion = pd.DataFrame({"": ["fires", "silent"], "judged fires": [frame["tp"].sum(), frame["fp"].sum()], "judged silent": [frame["fn"].sum(), frame["tn"].sum()]})
     metadata["confusion_matrix"] = MetadataValue.md(confusion.to_markdown(index=False))
     metadata["failed_examples"] = int(frame["n_failed"].sum())
+    metadata["dropped_examples"] = int(frame["n_dropped"].sum())  # left out to fit the judge's context
+    metadata["latents_without_control"] = int((frame["control_note"] != "").sum())
     metadata["histogram"] = MetadataValue.md(histogram_markdown([(spec.name, main, frame[main], frame[f"control_{main}"], spec.control)]))
     if len(examples):
         metadata["quantile_accuracy"] = MetadataValue.md(quantile_accuracy_markdown(examples, f"{spec.name}: accuracy by quantile"))
@@ -249,7 +256,10 @@ def scorer_asset(spec: ScorerSpec, settings: ScorerSettings, automate: bool) -> 
             tokenizer=resources.subject_model.tokenizer if "subject_model" in spec.uses else None,
         )
         max_latents = resources.settings.max_latents_per_shard
-        frame, examples = asyncio.run(score_partition(spec, ctx, exemplars, explanations, load_corpus(root).vocab, max_latents, context.log.info))
+        frame, examples = asyncio.run(score_partition(spec, ctx, exemplars, explanations, load_corpus(root).prompt_vocab, max_latents, context.log.info))
+        if len(frame) and frame["n_failed"].sum() > 0 and (frame["n_scored"].fillna(0) + frame["control_n_scored"].fillna(0)).sum() == 0:
+            reasons = pd.Series([reason for cell in frame["failures"] for reason in json.loads(cell)], dtype=str)
+            raise nothing_succeeded(f"scores/{spec.name}", f"no example of {len(frame)} latents could be scored", reasons)
         write_table(frame, root.scores_path(coder, shard, spec.name))
         write_table(examples, root.scored_examples_path(coder, shard, spec.name))
         metadata = scorer_metadata(spec, settings, frame, examples)

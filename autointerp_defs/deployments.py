@@ -70,6 +70,10 @@ def _remote_llm() -> LLMResource:
         model=os.environ.get("AUTOINTERP_LLM_MODEL", "default"),
         api_key=EnvVar(key_variable) if key_variable in os.environ else None,  # local servers need no key
         max_concurrency=int(os.environ.get("AUTOINTERP_LLM_CONCURRENCY", "32")),
+        structured_output=os.environ.get("AUTOINTERP_LLM_STRUCTURED_OUTPUT", "json_schema"),
+        key_setting=f"the environment variable {key_variable} (named by AUTOINTERP_LLM_API_KEY_ENV)"
+        + ("" if key_variable in os.environ else f"; {key_variable} is not set"),
+        model_setting="AUTOINTERP_LLM_MODEL",
     )
 
 

@@ -17,6 +17,7 @@ import hashlib
 import json
 import os
 import random
+import re
 import sqlite3
 import threading
 import time
@@ -34,15 +35,20 @@ T = TypeVar("T")
 
 
 class LLMEndpointError(RuntimeError):
-    """The backend cannot be reached at all: the partition stops, naming the endpoint and the fix."""
+    """A failure of the whole run, not of one latent: the endpoint is unreachable or rejects the key,
+    the model name, the payment or the request format. The materialization stops before writing
+    anything, naming the setting to fix; no latent is marked failed for it."""
 
 
 class TransientLLMError(RuntimeError):
     """A failure worth retrying: rate limit, server error, timeout, dropped connection."""
 
-    def __init__(self, message: str, unreachable: bool = False, retry_after_s: float | None = None):
+    def __init__(self, message: str, unreachable: bool = False, retry_after_s: float | None = None, down: bool = False):
         super().__init__(message)
         self.unreachable = unreachable
+        """No connection: after the last attempt the whole run stops."""
+        self.down = down
+        """Refused or no such host: nothing is listening, so a first request is not tried again."""
         self.retry_after_s = retry_after_s
         """How long the server asked us to wait (Retry-After), if it said."""
 
@@ -94,11 +100,49 @@ def int_list_grammar(n: int, lo: int, hi: int) -> str:
     return f'root ::= "[" {items} "]"\nvalue ::= {choices}\n'
 
 
+def int_list_schema(n: int, lo: int, hi: int) -> dict:
+    """JSON schema of `{"values": [v, ..., v]}` with exactly n integers in [lo, hi] (OpenAI and vLLM
+    structured outputs need an object at the root). The range is an enum: llama.cpp's schema-to-grammar
+    converter enforces enums but ignores minimum/maximum."""
+    values = {"type": "array", "items": {"type": "integer", "enum": list(range(lo, hi + 1))}, "minItems": n, "maxItems": n}
+    return {"type": "object", "properties": {"values": values}, "required": ["values"], "additionalProperties": False}
+
+
+def estimated_prompt_tokens(messages: list[dict]) -> int:
+    """A deliberately high count of a chat prompt's tokens: BPE tokenizers take about 4 bytes of
+    English per token, 3 leaves room for markup and symbols, plus each message's template tokens."""
+    return sum(len(m["content"].encode()) // 3 + 8 for m in messages)
+
+
 # ---- backends -----------------------------------------------------------------------------------
+
+def use_plain_cpu_buffers() -> None:
+    """Load llama.cpp models without ggml's CPU "extra buffer types" (AMX tiles, repacked weights).
+
+    On CPUs with AMX (Sapphire Rapids and later), llama-cpp-python 0.3.36 built natively segfaults on
+    the first decode through the AMX buffers; plain buffers work everywhere and the embedded model is
+    Q4_1, which the repacking does not speed up. Patches the default parameters Llama() starts from."""
+    import llama_cpp.llama_cpp as bindings
+
+    if getattr(bindings.llama_model_default_params, "plain_buffers", False):
+        return
+    defaults = bindings.llama_model_default_params
+
+    def plain():
+        params = defaults()
+        if hasattr(params, "use_extra_bufts"):
+            params.use_extra_bufts = False
+        return params
+
+    plain.plain_buffers = True
+    bindings.llama_model_default_params = plain
+
 
 @functools.lru_cache(maxsize=2)
 def _llama(model_path: str, n_ctx: int, seed: int, logits_all: bool):
     from llama_cpp import Llama
+
+    use_plain_cpu_buffers()
 
     threads = os.cpu_count() or 1
     return Llama(model_path=model_path, n_ctx=n_ctx, seed=seed, n_threads=threads, n_threads_batch=threads, logits_all=logits_all, verbose=False)
@@ -136,18 +180,35 @@ class LlamaCppClient:
         return await asyncio.to_thread(self._complete_sync, messages, max_tokens, temperature, top_logprobs, int_list, seed)
 
 
+StructuredOutput = Literal["json_schema", "json_object", "off"]
+
+
 class OpenAICompatibleClient:
     """Any OpenAI-compatible chat endpoint (OpenAI, OpenRouter, vLLM or llama.cpp servers) via the `openai` SDK.
 
     The SDK's own retries are off: `ProductionClient` retries, so that every attempt is counted.
+    Value-list answers are constrained by the endpoint's structured output: `json_schema` (OpenAI,
+    vLLM, llama.cpp's llama-server), `json_object` with a schema (llama-cpp-python's server) or `off`.
+    Errors that concern the whole run (key, model, payment, request format) raise `LLMEndpointError`
+    naming the setting to fix; `key_setting` and `model_setting` say where the user sets them.
     """
 
-    def __init__(self, base_url: str, model: str, api_key: str | None, timeout_s: float = 120.0, transport: Literal["aiohttp", "httpx"] = "aiohttp"):
+    remote = True
+    """Its first request of a run is sent alone (see `ProductionClient._send`)."""
+
+    def __init__(self, base_url: str, model: str, api_key: str | None, timeout_s: float = 120.0, transport: Literal["aiohttp", "httpx"] = "aiohttp",
+                 structured_output: StructuredOutput = "json_schema", key_setting: str = "llm.api_key", model_setting: str = "llm.model"):
         self.base_url = base_url
         self.model_name = model
         self._api_key = api_key or "EMPTY"
+        self._has_key = bool(api_key)
         self._timeout_s = timeout_s
         self.transport = transport
+        self.structured_output = structured_output
+        self.key_setting = key_setting
+        self.model_setting = model_setting
+        self.listed_models: list[str] | None = None
+        """Model ids the endpoint lists, if it lists any: named in the error when the model is not served."""
         self._sdk_client = None
         self._sdk_loop = None
 
@@ -176,25 +237,53 @@ class OpenAICompatibleClient:
 
     def _unreachable(self, error: Exception) -> LLMEndpointError:
         return LLMEndpointError(
-            f"Cannot reach the LLM endpoint at {self.base_url} ({type(error).__name__}: {error}). Fix: start "
+            f"Cannot reach the LLM endpoint at {self.base_url}: {connection_failure(error, self._timeout_s)}. Fix: start "
             f"the server or correct `llm.base_url`, or use the embedded model with `llm.backend: embedded`."
         )
 
+    def whole_run_error(self, error) -> LLMEndpointError | None:
+        """The run-stopping meaning of an HTTP error status, or None when it concerns this request only."""
+        status, said = error.status_code, server_message(error)
+        where = f"The LLM endpoint at {self.base_url} answered HTTP {status} ({said[:300]})"
+        if status in (401, 403):
+            key = "no API key was set" if not self._has_key else "it rejects the API key"
+            return LLMEndpointError(f"{where}: {key}. Fix: put a valid key in {self.key_setting}.")
+        if status == 402:
+            return LLMEndpointError(f"{where}: the account cannot pay for requests. Fix: add credit with the provider, or point {self.key_setting} at another account.")
+        if status == 404 or (status in (400, 422) and _MODEL_MISSING.search(said)):
+            served = f" It lists: {', '.join(self.listed_models[:20])}." if self.listed_models else ""
+            if status == 404 and not re.search(r"model", said, re.IGNORECASE):
+                return LLMEndpointError(f"{where}: no chat endpoint at {self.base_url}/chat/completions. Fix: correct `llm.base_url` (most servers want it to end in /v1).")
+            return LLMEndpointError(f"{where}: it does not serve the model {self.model_name!r}.{served} Fix: set {self.model_setting} to a model it serves.")
+        if status in (400, 422) and _FORMAT_REJECTED.search(said):
+            return LLMEndpointError(f"{where}: it does not accept structured output {self.structured_output!r}. Fix: set `llm.structured_output` to "
+                                    f"'json_object' (llama-cpp-python's server) or 'off' (answers are then parsed strictly from text).")
+        return None
+
     async def check(self) -> None:
+        """Reachable, and the key accepted where the endpoint lists models; whether the model is served is
+        told by the first real request (`ProductionClient` sends it alone)."""
         import openai
 
         try:
-            await self._sdk().models.list()
+            listed = await self._sdk().models.list()
+            self.listed_models = [m.id for m in listed.data]
         except openai.APIConnectionError as error:
             raise self._unreachable(error) from error
-        except openai.APIStatusError:
-            pass  # some servers do not list models; a real request will tell
+        except openai.APIStatusError as error:
+            if error.status_code in (401, 402, 403):
+                raise self.whole_run_error(error) from error
+            # other statuses: some servers do not list models; the first real request will tell
 
     async def complete(self, messages, *, max_tokens, temperature=0.0, top_logprobs=0, int_list=None, seed=None) -> Completion:
         import openai
         extra = {"logprobs": True, "top_logprobs": top_logprobs} if top_logprobs else {}
         if seed is not None:
             extra["seed"] = seed
+        if int_list and self.structured_output == "json_schema":
+            extra["response_format"] = {"type": "json_schema", "json_schema": {"name": "values", "schema": int_list_schema(*int_list), "strict": True}}
+        elif int_list and self.structured_output == "json_object":
+            extra["response_format"] = {"type": "json_object", "schema": int_list_schema(*int_list)}
         body = {"model": self.model_name, "messages": messages, "max_tokens": max_tokens, "temperature": temperature, **extra}
         try:
             # The SDK's typed `create` re-walks every message against its TypedDicts, and building its typed
@@ -202,14 +291,57 @@ class OpenAICompatibleClient:
             # `cast_to=object` keeps its transport, errors and JSON decoding and returns the plain answer.
             out = await self._sdk().post("/chat/completions", cast_to=object, body=body)
         except openai.APITimeoutError as error:
-            raise TransientLLMError(f"timeout from {self.base_url}") from error
+            raise TransientLLMError(f"timed out after {self._timeout_s:g} s waiting for {self.base_url}") from error
         except openai.APIConnectionError as error:
-            raise TransientLLMError(str(self._unreachable(error)), unreachable=True) from error
+            unreachable = self._unreachable(error)
+            down = any(word in str(unreachable) for word in ("connection refused", "does not resolve"))
+            raise TransientLLMError(str(unreachable), unreachable=True, down=down) from error
         except openai.APIStatusError as error:
             if error.status_code == 429 or error.status_code >= 500:
                 raise TransientLLMError(f"HTTP {error.status_code} from {self.base_url}", retry_after_s=retry_after(error.response.headers)) from error
+            if (whole_run := self.whole_run_error(error)) is not None:
+                raise whole_run from error
             raise
+        if not isinstance(out, dict) or not isinstance(out.get("choices"), list):
+            # a 200 whose body is not a chat completion (cut off, HTML from a proxy): the server's fault, try again
+            raise TransientLLMError(f"{self.base_url} answered 200 with a body that is not a chat completion: {str(out)[:200]!r}")
         return completion_from_json(out)
+
+
+_MODEL_MISSING = re.compile(r"model.{0,80}(not found|does not exist|not a valid|no such|not available|not served)|(invalid|unknown|no such|not a valid) model|model_not_found", re.IGNORECASE | re.DOTALL)
+_FORMAT_REJECTED = re.compile(r"response_format|json_schema|structured output|guided", re.IGNORECASE)
+
+
+def server_message(error) -> str:
+    """What the server said in an error answer (OpenAI's {"error": {"message": ...}} or any body)."""
+    body = getattr(error, "body", None)
+    if isinstance(body, dict):
+        body = body.get("error", body)
+        if isinstance(body, dict):
+            body = body.get("message") or body.get("detail") or body
+    return str(body if body is not None else error)
+
+
+def connection_failure(error: BaseException, timeout_s: float) -> str:
+    """Why a connection failed, in words a user can act on: refused, name not found, timed out."""
+    import socket
+
+    seen, chain = set(), [error]
+    while chain:
+        e = chain.pop()
+        if e is None or id(e) in seen:
+            continue
+        seen.add(id(e))
+        if isinstance(e, ConnectionRefusedError) or "refused" in str(e).lower():
+            return "connection refused (nothing listens at that host and port)"
+        if isinstance(e, socket.gaierror) or "name or service not known" in str(e).lower():
+            return "the host name does not resolve"
+        chain += [e.__cause__, e.__context__, getattr(e, "os_error", None)]
+    import openai
+
+    if isinstance(error, (openai.APITimeoutError, TimeoutError)):
+        return f"timed out after {timeout_s:g} s"
+    return f"{type(error).__name__}: {error}"
 
 
 def retry_after(headers) -> float | None:
@@ -239,9 +371,24 @@ def completion_from_json(out: object) -> Completion:
     )
 
 
+_VLLM_ENGINES: dict[str, object] = {}
+_VLLM_ENGINES_LOCK = threading.Lock()
+
+
+def vllm_engine(vllm, model: str, engine_args: dict):
+    """One vLLM engine per model and engine settings for the whole process: an engine holds the GPU's
+    memory, so a second one for the next materialization would not fit, and loading takes minutes."""
+    key = json.dumps({"model": model, **engine_args}, sort_keys=True, default=str)
+    with _VLLM_ENGINES_LOCK:
+        if key not in _VLLM_ENGINES:
+            _VLLM_ENGINES[key] = vllm.LLM(model=model, **engine_args)
+        return _VLLM_ENGINES[key]
+
+
 class VLLMOfflineClient:
     """vLLM in-process on a GPU (`pip install 'autointerp[vllm]'`). Concurrent requests are gathered
-    into one `LLM.chat` batch, which is how offline vLLM reaches its throughput."""
+    into one `LLM.chat` batch, which is how offline vLLM reaches its throughput. Value lists are
+    constrained by vLLM's structured outputs (a JSON schema) where the installed vLLM has them."""
 
     def __init__(self, model: str, max_batch: int = 256, **engine_args):
         try:
@@ -250,7 +397,7 @@ class VLLMOfflineClient:
             raise RuntimeError("llm.backend 'vllm' needs vLLM on a GPU machine: pip install 'autointerp[vllm]'") from error
         self._vllm = vllm
         self.model_name = model
-        self._engine = vllm.LLM(model=model, **engine_args)
+        self._engine = vllm_engine(vllm, model, engine_args)
         self._queue: list[tuple[list[dict], object, asyncio.Future]] = []
         self._max_batch = max_batch
         self._flusher: asyncio.Task | None = None
@@ -261,10 +408,19 @@ class VLLMOfflineClient:
     async def aclose(self) -> None:
         return None
 
+    def _sampling_params(self, max_tokens, temperature, top_logprobs, int_list, seed):
+        params = {"max_tokens": max_tokens, "temperature": temperature, "logprobs": top_logprobs or None, "seed": seed}
+        if int_list:
+            module = getattr(self._vllm, "sampling_params", None)
+            if (structured := getattr(module, "StructuredOutputsParams", None)) is not None:  # vLLM >= 0.11
+                params["structured_outputs"] = structured(json=int_list_schema(*int_list))
+            elif (guided := getattr(module, "GuidedDecodingParams", None)) is not None:  # older vLLM
+                params["guided_decoding"] = guided(json=int_list_schema(*int_list))
+        return self._vllm.SamplingParams(**params)
+
     async def complete(self, messages, *, max_tokens, temperature=0.0, top_logprobs=0, int_list=None, seed=None) -> Completion:
-        params = self._vllm.SamplingParams(max_tokens=max_tokens, temperature=temperature, logprobs=top_logprobs or None, seed=seed)
         future = asyncio.get_running_loop().create_future()
-        self._queue.append((messages, params, future))
+        self._queue.append((messages, self._sampling_params(max_tokens, temperature, top_logprobs, int_list, seed), future))
         if self._flusher is None or self._flusher.done():
             self._flusher = asyncio.create_task(self._flush())
         return await future
@@ -273,13 +429,25 @@ class VLLMOfflineClient:
         await asyncio.sleep(0.01)  # let concurrent callers join the batch
         while self._queue:
             batch, self._queue = self._queue[: self._max_batch], self._queue[self._max_batch :]
-            outputs = await asyncio.to_thread(self._engine.chat, [m for m, _, _ in batch], [p for _, p, _ in batch], use_tqdm=False)
+            try:
+                outputs = await asyncio.to_thread(self._engine.chat, [m for m, _, _ in batch], [p for _, p, _ in batch], use_tqdm=False)
+                if len(outputs) != len(batch):
+                    raise RuntimeError(f"vLLM answered {len(outputs)} of {len(batch)} conversations")
+            except BaseException as error:  # the engine failed: so does every request waiting on it, at once
+                failed, self._queue = batch + self._queue, []
+                for _, _, future in failed:
+                    if not future.done():
+                        future.set_exception(error if isinstance(error, Exception) else RuntimeError(f"vLLM engine stopped: {error!r}"))
+                if not isinstance(error, Exception):
+                    raise
+                return
             for (_, _, future), out in zip(batch, outputs):
                 first = out.outputs[0]
                 steps = first.logprobs or []
                 alternatives = [{lp.decoded_token: lp.logprob for lp in step.values()} for step in steps]
                 chosen = [step[token].decoded_token for step, token in zip(steps, first.token_ids)]
-                future.set_result(Completion(first.text, len(out.prompt_token_ids), len(first.token_ids), alternatives, chosen))
+                if not future.done():
+                    future.set_result(Completion(first.text, len(out.prompt_token_ids), len(first.token_ids), alternatives, chosen))
 
 
 # ---- production wrapper -------------------------------------------------------------------------
@@ -361,7 +529,7 @@ class ProductionClient:
     """Cache → budget → bounded concurrency → retries → backend, recording everything in the ledger."""
 
     def __init__(self, inner: LLMClient, model_id: str, cache: ResponseCache | None, ledger: Ledger, max_concurrency: int,
-                 max_attempts: int = 6, backoff_s: float = 0.5, max_backoff_s: float = 30.0):
+                 max_attempts: int = 6, backoff_s: float = 0.5, max_backoff_s: float = 30.0, context_window: int | None = None):
         self.inner = inner
         self.model_name = inner.model_name
         self.model_id = model_id
@@ -370,8 +538,26 @@ class ProductionClient:
         self.max_attempts = max_attempts
         self.backoff_s = backoff_s
         self.max_backoff_s = max_backoff_s
+        self.context_window = context_window
+        """The judge's context in tokens, if known: prompts are cut to fit it (`fits`)."""
         self._semaphore = asyncio.Semaphore(max(1, max_concurrency))
         self._in_flight: dict[str, asyncio.Future] = {}
+        self._first_answered = False
+        self._first_lock: asyncio.Lock | None = None
+        self._fatal: LLMEndpointError | None = None
+
+    def fits(self, messages: list[dict], max_tokens: int) -> bool:
+        """Whether the prompt and its answer fit the judge's context (always, when it is unknown)."""
+        return self.context_window is None or estimated_prompt_tokens(messages) + max_tokens <= self.context_window
+
+    def fitting(self, build: Callable[[list], list[dict]], items: list, max_tokens: int) -> tuple[list[dict] | None, int]:
+        """The prompt `build` makes of as many leading `items` as fit the judge's context, and how many
+        were dropped; None when not even one fits."""
+        for keep in range(len(items), 0, -1):
+            messages = build(items[:keep])
+            if self.fits(messages, max_tokens):
+                return messages, len(items) - keep
+        return None, len(items)
 
     @asynccontextmanager
     async def session(self):
@@ -409,21 +595,44 @@ class ProductionClient:
 
     async def _send(self, key: str, messages, params: dict) -> Completion:
         async with self._semaphore:
-            self.ledger.check_budget()
-            self.ledger.requests += 1
-            completion = await self._with_retries(messages, params)
+            completion = None
+            if not self._first_answered and getattr(self.inner, "remote", False):
+                # The first request to a remote endpoint goes alone: a wrong key, model or format then costs
+                # one request, and every other request of the run fails with that error without being sent.
+                self._first_lock = self._first_lock or asyncio.Lock()
+                async with self._first_lock:
+                    if not self._first_answered:
+                        completion = await self._attempt(messages, params)
+                        self._first_answered = True
+            if completion is None:
+                completion = await self._attempt(messages, params)
         self.ledger.prompt_tokens += completion.prompt_tokens
         self.ledger.completion_tokens += completion.completion_tokens
         if self.cache is not None:
             self.cache.put(key, completion)
         return completion
 
+    async def _attempt(self, messages, params: dict) -> Completion:
+        if self._fatal is not None:
+            raise self._fatal
+        self.ledger.check_budget()
+        self.ledger.requests += 1
+        try:
+            return await self._with_retries(messages, params)
+        except LLMEndpointError as error:
+            self._fatal = error
+            raise
+        except Exception:
+            self._first_answered = True  # the endpoint answered: this request's own problem, not the run's
+            raise
+
     async def _with_retries(self, messages, params) -> Completion:
         for attempt in range(1, self.max_attempts + 1):
             try:
                 return await self.inner.complete(messages, **params)
             except TransientLLMError as error:
-                if attempt == self.max_attempts:
+                # an endpoint that never answered this run is down, not busy: no point in trying again
+                if attempt == self.max_attempts or (error.down and not self._first_answered):
                     self.ledger.failures += 1
                     if error.unreachable:
                         raise LLMEndpointError(str(error)) from error
@@ -465,6 +674,10 @@ class LLMResource(ConfigurableResource):
     max_attempts: int = Field(default=6, description="Attempts per request on 429 / 5xx / timeouts / connection errors (backoff doubles from 0.5 s, with jitter).")
     timeout_s: float = Field(default=120.0, description="Per-request timeout of HTTP backends.")
     n_ctx: int = Field(default=2048, description="Context window of the embedded model.")
+    context_window: int | None = Field(default=None, description="The judge's context in tokens; prompts that would not fit drop examples (and record how many). Default: n_ctx for 'embedded', max_model_len for 'vllm', unknown (nothing dropped) for 'openai'.")
+    structured_output: Literal["json_schema", "json_object", "off"] = Field(default="json_schema", description="How an 'openai' endpoint is made to answer value lists: 'json_schema' (OpenAI, vLLM, llama.cpp's llama-server), 'json_object' with a schema (llama-cpp-python's server), 'off' (parsed strictly from text). The embedded model always uses a grammar, 'vllm' its structured outputs.")
+    key_setting: str = Field(default="llm.api_key", description="Where the user sets the API key (e.g. the environment variable), named in the error when the endpoint rejects it.")
+    model_setting: str = Field(default="llm.model", description="Where the user sets the model name, named in the error when the endpoint does not serve it.")
     vllm_engine_args: dict[str, Any] = Field(default_factory=dict, description="Passed to vllm.LLM for backend 'vllm', e.g. {tensor_parallel_size: 2, gpu_memory_utilization: 0.85, max_model_len: 4096}.")
     cache_dir: str | None = Field(default=None, description="Response cache directory; default <data>/llm_cache. '' disables the cache.")
     prompt_price_per_million: float | None = Field(default=None, description="Price per million prompt tokens, to report cost.")
@@ -479,14 +692,17 @@ class LLMResource(ConfigurableResource):
             return VLLMOfflineClient(self.model, max_batch=self.concurrency(), **self.vllm_engine_args)
         if not self.base_url:
             raise ValueError("llm.backend is 'openai' but llm.base_url is not set. Fix: set it, e.g. http://127.0.0.1:8000/v1.")
-        return OpenAICompatibleClient(self.base_url, self.model, self.api_key, self.timeout_s)
+        return OpenAICompatibleClient(self.base_url, self.model, self.api_key, self.timeout_s, structured_output=self.structured_output,
+                                      key_setting=self.key_setting, model_setting=self.model_setting)
 
     def concurrency(self) -> int:
         return self.max_concurrency or (256 if self.backend == "vllm" else 8)
 
     def model_id(self) -> str:
-        """What identifies the answers' source in the cache: backend, endpoint and model (never the key)."""
-        return f"{self.backend}|{self.base_url or ''}|{self.model}"
+        """What identifies the answers' source in the cache: backend, endpoint, model and how answers are
+        constrained (never the key)."""
+        constrained = f"|{self.structured_output}" if self.backend == "openai" and self.structured_output != "off" else ""
+        return f"{self.backend}|{self.base_url or ''}|{self.model}{constrained}"
 
     def client(self, default_cache_dir: Path | None = None) -> ProductionClient:
         prices = None
@@ -495,4 +711,9 @@ class LLMResource(ConfigurableResource):
         cache_dir = Path(self.cache_dir) if self.cache_dir else default_cache_dir
         cache = ResponseCache(cache_dir / "responses.sqlite") if cache_dir is not None and self.cache_dir != "" else None
         ledger = Ledger(prices, self.max_requests, self.max_cost)
-        return ProductionClient(self.backend_client(), self.model_id(), cache, ledger, self.concurrency(), self.max_attempts)
+        return ProductionClient(self.backend_client(), self.model_id(), cache, ledger, self.concurrency(), self.max_attempts, context_window=self.judge_context())
+
+    def judge_context(self) -> int | None:
+        if self.context_window is not None:
+            return self.context_window
+        return {"embedded": self.n_ctx, "vllm": self.vllm_engine_args.get("max_model_len")}.get(self.backend)

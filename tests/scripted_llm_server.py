@@ -2,7 +2,8 @@
 
 It answers every /v1/chat/completions request by calling `reply(messages)`: a string is the
 answer, an int is an HTTP error status to send instead (429, 500, 400...), a tuple
-`(status, headers)` an error status with extra headers (e.g. Retry-After), and a dict
+`(status, headers)` or `(status, headers, message)` an error status with extra headers (e.g.
+Retry-After) and the server's error message, and a dict
 `{"content": ..., "logprobs": [{"token", "logprob", "top_logprobs": [...]}, ...]}` an answer with
 OpenAI-format token logprobs. It records the requests it saw and serves /v1/models, so the real
 `openai` SDK path can be tested end to end.
@@ -23,9 +24,11 @@ from http import HTTPStatus
 
 
 class ScriptedLLMServer:
-    def __init__(self, reply, delay_s: float = 0.0):
+    def __init__(self, reply, delay_s: float = 0.0, models_status: int = 200):
         self.reply = reply
         self.delay_s = delay_s
+        self.models_status = models_status
+        """The status /v1/models answers with (401 for a server that checks the key there too)."""
         self.requests: list[dict] = []
         self.headers: list[dict] = []
         self.arrivals: list[float] = []
@@ -78,6 +81,8 @@ class ScriptedLLMServer:
         if method == "GET":
             if path.endswith("/stats"):
                 return 200, {"requests": len(self.requests)}, {}
+            if self.models_status != 200:
+                return self.models_status, {"error": {"message": f"scripted {self.models_status}", "type": "scripted"}}, {}
             return 200, {"object": "list", "data": [{"id": "scripted", "object": "model", "owned_by": "test"}]}, {}
         request = json.loads(body)
         self.arrivals.append(time.monotonic())
@@ -87,8 +92,8 @@ class ScriptedLLMServer:
             await asyncio.sleep(self.delay_s)
         text = await self._loop.run_in_executor(self._replies, self.reply, request["messages"])
         if isinstance(text, (int, tuple)):
-            status, extra_headers = text if isinstance(text, tuple) else (text, {})
-            return status, {"error": {"message": f"scripted {status}", "type": "scripted", "code": status}}, extra_headers
+            status, extra_headers, *said = text if isinstance(text, tuple) else (text, {})
+            return status, {"error": {"message": said[0] if said else f"scripted {status}", "type": "scripted", "code": status}}, extra_headers
         message = {"role": "assistant", "content": text["content"] if isinstance(text, dict) else text}
         choice = {"index": 0, "message": message, "finish_reason": "stop"}
         if isinstance(text, dict):

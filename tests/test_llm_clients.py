@@ -80,15 +80,23 @@ def test_embedded_llama_cpp_simulation_answer_is_a_grammar_bound_list_with_align
     assert expected is not None and all(0 <= v <= 10 for v in expected)
 
 
+LLAMA_SERVER = ("from resources.llm import use_plain_cpu_buffers; use_plain_cpu_buffers(); "
+                "import runpy; runpy.run_module('llama_cpp.server', run_name='__main__')")
+
+
 def test_real_llama_cpp_server_through_the_openai_backend():
-    """llama.cpp's own OpenAI-compatible server, serving the embedded GGUF on 127.0.0.1."""
+    """llama.cpp's own OpenAI-compatible server, serving the embedded GGUF on 127.0.0.1: plain answers, and
+    value lists held to their JSON schema by the server (`structured_output='json_object'`)."""
+    from assets.prompts import parse_int_list, scorer_messages, DETECTION_SYSTEM
+
     port = free_port()
     proc = subprocess.Popen(
-        [sys.executable, "-m", "llama_cpp.server", "--model", str(embedded_gguf_path()), "--host", "127.0.0.1", "--port", str(port), "--n_ctx", "1024"],
+        [sys.executable, "-c", LLAMA_SERVER, "--model", str(embedded_gguf_path()), "--host", "127.0.0.1", "--port", str(port), "--n_ctx", "1024"],
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
     )
     try:
-        client = OpenAICompatibleClient(f"http://127.0.0.1:{port}/v1", "smollm2", None, timeout_s=60)
+        client = OpenAICompatibleClient(f"http://127.0.0.1:{port}/v1", "smollm2", None, timeout_s=60, structured_output="json_object")
+        judge = scorer_messages(DETECTION_SYSTEM, "the word cat", ["A cat sat.", "The river ran.", "My cat slept.", "Rain fell."])
 
         async def wait_then_ask():
             deadline = time.time() + 60
@@ -101,12 +109,13 @@ def test_real_llama_cpp_server_through_the_openai_backend():
                         raise
                     await asyncio.sleep(0.5)
             try:
-                return await client.complete(MESSAGES, max_tokens=8)
+                return await client.complete(MESSAGES, max_tokens=8), await client.complete(judge, max_tokens=40, int_list=(4, 0, 1))
             finally:
                 await client.aclose()
 
-        out = asyncio.run(wait_then_ask())
+        out, listed = asyncio.run(wait_then_ask())
         assert out.text.strip() and out.completion_tokens > 0
+        assert parse_int_list(listed.text, 4, 0, 1) is not None, listed.text  # the 135M model kept to the schema
     finally:
         proc.terminate()
         proc.wait(timeout=30)

@@ -132,20 +132,24 @@ def pipeline_until_exemplars(root: Path, instance):
                 run_config={"ops": {"exemplars": {"config": TINY_EXEMPLARS_CONFIG}}})
 
 
-def test_malformed_answers_fail_the_latent_not_the_partition_and_are_retried_next_time(registered):
+def test_malformed_answers_are_asked_again_once_then_fail_the_latent_not_the_partition_and_are_retried_next_time(registered):
     instance = DagsterInstance.ephemeral()
     instance.add_dynamic_partitions("coder", [TINY_CODER])
     pipeline_until_exemplars(registered, instance)
+    # latent 2 answers nothing, then an unfinished reasoning when asked again: it fails with both raw answers
     answers = iter(["Explanation: the word table", "", "Explanation: commas", "Explanation: numbers"])
-    with ScriptedLLMServer(lambda m: next(answers)) as server:
+    with ScriptedLLMServer(lambda m: "<think>unfinished" if "could not be read" in m[-1]["content"] else next(answers)) as server:
         resources = make_resources(registered, max_latents=3, llm=resource(server, max_concurrency=1))
         first = materialize(ALL_ASSETS, selection=["explanations"], partition_key=f"{TINY_CODER}|00", resources=resources, instance=instance)
         frame = pd.read_parquet(Path(registered) / "explanations" / TINY_CODER / "00.parquet")
-        assert list(frame.status) == ["ok", "failed", "ok"] and "unparseable" in frame.error[1]
+        assert list(frame.status) == ["ok", "failed", "ok"] and "unreadable" in frame.error[1] and "<think>unfinished" in frame.error[1]
+        reask = server.requests[3]["messages"]
+        assert reask[:-2] == server.requests[1]["messages"] and reask[-2] == {"role": "assistant", "content": ""}
+        assert "could not be read" in reask[-1]["content"]
         second = materialize(ALL_ASSETS, selection=["explanations"], partition_key=f"{TINY_CODER}|00", resources=resources, instance=instance)
         frame = pd.read_parquet(Path(registered) / "explanations" / TINY_CODER / "00.parquet")
-    assert first.success and second.success and len(server.requests) == 4  # only the failed latent was asked again
-    assert list(frame.status) == ["ok", "ok", "ok"]
+    assert first.success and second.success and len(server.requests) == 5  # only the failed latent was asked again
+    assert list(frame.status) == ["ok", "ok", "ok"] and frame.explanation[1] == "numbers"
     meta = second.asset_materializations_for_node("explanations")[0].metadata
     assert meta["llm_requests"].value == 1 and meta["llm_cache_hits"].value == 2
 

@@ -61,11 +61,22 @@ def test_undefined_metrics_are_nan_not_zero():
 
 def test_control_gives_every_latent_another_latents_explanation():
     latents = [3, 8, 11, 42, 50]
-    control = control_assignment(latents, seed=0)
+    control = control_assignment({l: f"text {l}" for l in latents}, seed=0)
     assert sorted(control) == latents and sorted(control.values()) == latents
     assert all(latent != other for latent, other in control.items())
-    assert control == control_assignment(latents, seed=0)
-    assert control_assignment([5], seed=0) == {}
+    assert control == control_assignment({l: f"text {l}" for l in latents}, seed=0)
+    assert control_assignment({5: "x"}, seed=0) == {}
+
+
+def test_control_is_always_a_different_text():
+    texts = {1: "the word cat", 2: "The word  cat", 3: "rivers", 4: "the word cat", 5: "numbers"}
+    control = control_assignment(texts, seed=0)
+    assert set(control) == set(texts)
+    for latent, other in control.items():
+        assert " ".join(texts[other].lower().split()) != " ".join(texts[latent].lower().split())
+    # nobody else has a different text: no control at all, rather than a control that matches by construction
+    assert control_assignment({1: "cats", 2: "cats", 3: "Cats"}, seed=0) == {}
+    assert control_assignment({1: "cats", 2: "cats", 3: "dogs"}, seed=0).keys() == {1, 2, 3}
 
 
 def test_verdict_names_its_control():

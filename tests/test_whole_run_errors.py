@@ -1,0 +1,121 @@
+"""Whole-run errors of a remote endpoint stop the run at once, before anything is written, naming the fix.
+
+A wrong key, a model the endpoint does not serve, an unpaid account or a request format it rejects
+concern every latent alike: the run must fail after at most one request, mark no latent failed and
+leave the previous materialization exactly as it was.
+"""
+import asyncio
+import socket
+import threading
+
+import pytest
+from dagster import DagsterInstance, materialize
+
+from resources.llm import LLMEndpointError, LLMResource
+from tests.conftest import TINY_CODER, in_session, make_resources
+from tests.scripted_llm_server import ScriptedLLMServer
+from tests.test_llm_clients import free_port
+from tests.test_llm_production import pipeline_until_exemplars
+from tests.test_pipeline import ALL_ASSETS
+
+PARTITION = f"{TINY_CODER}|00"
+MESSAGES = [{"role": "user", "content": "Say hello."}]
+
+
+def good_answers(messages):
+    user = messages[-1]["content"]
+    if "Description:" not in user:
+        return "Explanation: the word table"
+    n = user.count("\nExample ")
+    return str([1, 0] * (n // 2) + [1] * (n % 2))
+
+
+def llm(server, **kwargs):
+    return LLMResource(backend="openai", base_url=server.base_url, model="gpt-wrong", api_key="sk-not-valid", key_setting="OPENAI_API_KEY", model_setting="AUTOINTERP_LLM_MODEL", **kwargs)
+
+
+# (case, server's /models status, chat reply, asset, what the error must say, chat requests at most)
+CASES = [
+    ("key rejected everywhere", 401, lambda m: 401, "explanations", r"rejects the API key\. Fix: put a valid key in OPENAI_API_KEY", 0),
+    ("key rejected on chat", 200, lambda m: (401, {}, "Incorrect API key provided"), "explanations", r"HTTP 401 \(Incorrect API key.*Fix: put a valid key in OPENAI_API_KEY", 1),
+    ("model not served", 200, lambda m: (404, {}, "The model `gpt-wrong` does not exist."), "explanations",
+     r"does not serve the model 'gpt-wrong'\. It lists: scripted\. Fix: set AUTOINTERP_LLM_MODEL", 1),
+    ("model id invalid (OpenRouter)", 200, lambda m: (400, {}, "gpt-wrong is not a valid model ID"), "scores/detection", r"does not serve the model 'gpt-wrong'", 1),
+    ("account unpaid", 200, lambda m: (402, {}, "Insufficient credits"), "scores/detection", r"cannot pay.*Fix: add credit", 1),
+    ("structured output rejected", 200, lambda m: (400, {}, "response_format of type json_schema is not supported"), "scores/detection",
+     r"does not accept structured output 'json_schema'\. Fix: set `llm\.structured_output`", 1),
+]
+
+
+def test_whole_run_errors_fail_before_writing_and_keep_the_previous_results(registered):
+    instance = DagsterInstance.ephemeral()
+    instance.add_dynamic_partitions("coder", [TINY_CODER])
+    pipeline_until_exemplars(registered, instance)
+    with ScriptedLLMServer(good_answers) as server:
+        good = make_resources(registered, max_latents=3, llm=llm(server))
+        assert materialize(ALL_ASSETS, selection=["explanations", "scores/detection"], partition_key=PARTITION, resources=good, instance=instance).success
+    written = {name: path.read_bytes() for name, path in {
+        "explanations": registered / "explanations" / TINY_CODER / "00.parquet",
+        "scores/detection": registered / "scores" / TINY_CODER / "00" / "detection.parquet",
+    }.items()}
+    for case, models_status, reply, asset, message, most in CASES:
+        with ScriptedLLMServer(reply, models_status=models_status) as server:
+            resources = make_resources(registered, max_latents=3, llm=llm(server, cache_dir=""))
+            with pytest.raises(Exception, match=message):
+                materialize(ALL_ASSETS, selection=[asset], partition_key=PARTITION, resources=resources, instance=instance, raise_on_error=True)
+        assert len(server.requests) <= most, case
+        for name, content in written.items():
+            path = registered / ("explanations" if name == "explanations" else "scores") / TINY_CODER
+            path = path / "00.parquet" if name == "explanations" else path / "00" / "detection.parquet"
+            assert path.read_bytes() == content, f"{case}: {name} was rewritten"
+
+
+def test_a_whole_run_error_fails_every_waiting_request_without_sending_it():
+    with ScriptedLLMServer(lambda m: (401, {}, "invalid key"), delay_s=0.2) as server:
+        client = LLMResource(backend="openai", base_url=server.base_url, model="m", api_key="sk-revoked", max_concurrency=8).client()
+
+        async def many():
+            return await asyncio.gather(*(client.complete([{"role": "user", "content": str(i)}], max_tokens=2) for i in range(20)), return_exceptions=True)
+
+        results = in_session(client, many)
+    assert len(server.requests) == 1
+    assert all(isinstance(r, LLMEndpointError) and "rejects the API key" in str(r) for r in results)
+
+
+def test_a_refusing_host_is_called_refused_and_is_not_retried():
+    url = f"http://127.0.0.1:{free_port()}/v1"
+    client = LLMResource(backend="openai", base_url=url, model="m", timeout_s=5).client()
+    with pytest.raises(LLMEndpointError, match=r"connection refused") as error:
+        in_session(client, lambda: client.complete(MESSAGES, max_tokens=2))
+    assert "timed out" not in str(error.value) and client.ledger.retries == 0
+
+
+def test_a_silent_host_is_called_timed_out():
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(8)
+    accepted = []
+    stop = threading.Event()
+
+    def accept():  # take connections and never answer
+        listener.settimeout(0.2)
+        while not stop.is_set():
+            try:
+                accepted.append(listener.accept()[0])
+            except OSError:
+                pass
+
+    thread = threading.Thread(target=accept, daemon=True)
+    thread.start()
+    try:
+        url = f"http://127.0.0.1:{listener.getsockname()[1]}/v1"
+        client = LLMResource(backend="openai", base_url=url, model="m", timeout_s=0.5).client()
+        with pytest.raises(LLMEndpointError, match=r"timed out after 0\.5 s") as error:
+            in_session(client, lambda: client.complete(MESSAGES, max_tokens=2))
+        assert "refused" not in str(error.value)
+    finally:
+        stop.set()
+        thread.join()
+        for connection in accepted:
+            connection.close()
+        listener.close()

@@ -80,12 +80,12 @@ def simulation_answer(values):
     return {"content": "".join(tokens), "logprobs": steps}
 
 
-def run_scorer(name, topic_data, server=None, subject=None, embed=None, **overrides):
+def run_scorer(name, topic_data, server=None, subject=None, embed=None, context_window=None, **overrides):
     exemplars, explanations, vocab = topic_data
     spec = SCORERS[name]
     ctx = ScoringContext(
         settings=scorer_settings({name: overrides})[name],
-        client=LLMResource(backend="openai", base_url=server.base_url, model="m").client() if server else None,
+        client=LLMResource(backend="openai", base_url=server.base_url, model="m", context_window=context_window).client() if server else None,
         embed=embed,
         causal_lm=subject.causal_lm if subject else None,
         tokenizer=subject.tokenizer if subject else None,
@@ -158,6 +158,13 @@ def test_expected_values_handle_split_digits_and_unaligned_answers():
     assert expected_values(split, [10, 3]) == pytest.approx([6.0, 2.25])
     assert expected_values(Completion("[1, 2]"), [1, 2]) is None  # no logprobs
     assert expected_values(split, [10, 4]) is None  # the list parsed elsewhere is not what the tokens say
+    # a separator fused to the digit ("5,") is still that digit: its alternatives "5," and "7," are the values
+    fused = Completion("[5, 0]", tokens=["[", "5,", " 0", "]"],
+                       top_logprobs=[{"[": 0.0}, {"5,": np.log(0.5), "7,": np.log(0.5)}, {" 0": 0.0}, {"]": 0.0}])
+    assert expected_values(fused, [5, 0]) == pytest.approx([6.0, 0.0])
+    # two values in one token: its alternatives are not alternative values of either, so no expected values
+    merged = Completion("[5,0]", tokens=["[", "5,0", "]"], top_logprobs=[{"[": 0.0}, {"5,0": np.log(0.9), "1": np.log(0.1)}, {"]": 0.0}])
+    assert expected_values(merged, [5, 0]) is None
 
 
 def test_embedding_scorer_ranks_topic_windows_first_with_real_minilm(topic_data):
@@ -209,3 +216,79 @@ def test_summary_joins_scorers_over_shards_and_keeps_undefined_controls(tmp_path
     assert table.loc[1, "detection"] == 0.9 and table.loc[1, "embedding_control"] == 0.6
     assert np.isnan(table.loc[700, "detection_control"]) and np.isnan(table.loc[700, "embedding"])
     assert table.loc[2, "mean_gap"] == pytest.approx((0.1 + -0.1) / 2)
+
+
+def test_the_control_is_never_the_same_text_and_is_nan_with_a_reason_when_none_differs(topic_data):
+    exemplars, explanations, vocab = topic_data
+    shared = explanations.assign(explanation=["the word cat", "the word cat", "the word guitar"])
+    with ScriptedLLMServer(truthful_judge) as server:
+        frame, _ = run_scorer("detection", (exemplars, shared, vocab), server, examples_per_prompt=4)
+    assert (frame.control_explanation != frame.explanation).all() and (frame.control_note == "").all()
+    same = explanations.assign(explanation="the word cat")
+    with ScriptedLLMServer(truthful_judge) as server:
+        frame, _ = run_scorer("detection", (exemplars, same, vocab), server, examples_per_prompt=4)
+    assert len(server.requests) == 3 * 3  # no control prompts: each latent's own 3 prompts only
+    assert frame.control_balanced_accuracy.isna().all() and frame.gap.isna().all()
+    assert frame.control_note.str.contains("same explanation").all()
+
+
+def test_intruder_control_tasks_show_as_many_windows_as_the_real_ones(topic_data):
+    with ScriptedLLMServer(truthful_judge) as server:
+        run_scorer("intruder", topic_data, server, examples_per_task=8, max_tasks=5)  # only 5 activating windows per latent
+    shown = {len(re.findall(r"^Example \d+:", r["messages"][-1]["content"], re.MULTILINE)) for r in server.requests}
+    assert shown == {5}  # real: 4 activating + the intruder; control: 5 activating
+
+
+def test_prompts_that_would_not_fit_the_judge_drop_examples_and_say_how_many(topic_data):
+    from resources.llm import estimated_prompt_tokens
+
+    window = 400
+    with ScriptedLLMServer(truthful_judge) as server:
+        frame, _ = run_scorer("detection", topic_data, server, context_window=window, examples_per_prompt=10)
+    for request in server.requests:
+        assert estimated_prompt_tokens(request["messages"]) + request["max_tokens"] <= window
+    assert (frame.n_dropped > 0).all() and ((frame.n_scored + frame.control_n_scored + frame.n_dropped) == 20).all()
+
+
+def test_a_newline_latent_is_shown_and_judged_as_line_breaks(subject):
+    """A latent firing on line breaks: the judge sees them as ↵ in every example, so a truthful judge reading
+    the explanation 'line breaks' scores it perfectly (before, newlines were printed as spaces)."""
+    from assets.prompts import prompt_vocab
+
+    tokenizer = subject.tokenizer()
+    vocab = prompt_vocab(tokenizer.batch_decode([[i] for i in range(len(tokenizer))]), tokenizer.all_special_ids)
+    rows = []
+    for i in range(6):
+        with_break = tokenizer(f"First line {i}.\nSecond line.", add_special_tokens=False)["input_ids"]
+        without = tokenizer(f"First line {i}. Second line.", add_special_tokens=False)["input_ids"]
+        acts = [2.0 if "\n" in tokenizer.decode([t]) else 0.0 for t in with_break]
+        assert max(acts) > 0
+        rows.append({"latent": 7, "split": "test", "kind": "activating", "quantile": 1, "tokens": with_break, "activations": acts})
+        rows.append({"latent": 7, "split": "test", "kind": "random", "quantile": 0, "tokens": without, "activations": [0.0] * len(without)})
+    exemplars = pd.DataFrame(rows).assign(sequence=0, start=0, max_activation=lambda f: f["activations"].map(max))
+    explanations = pd.DataFrame({"latent": [7], "explanation": ["line breaks"], "status": "ok"})
+
+    def judge(messages):
+        examples = re.findall(r"^Example \d+: (.*)$", messages[-1]["content"], re.MULTILINE)
+        return str([int("↵" in e) for e in examples]) if "line breaks" in messages[-1]["content"] else str([0] * len(examples))
+
+    with ScriptedLLMServer(judge) as server:
+        frame, _ = run_scorer("detection", (exemplars, explanations, vocab), server, examples_per_prompt=12)
+    assert frame.balanced_accuracy.tolist() == [1.0]
+    assert all("<|" not in r["messages"][-1]["content"] for r in server.requests)
+
+
+def test_an_explainer_prompt_too_long_for_the_judge_drops_examples_and_records_how_many(topic_data):
+    from assets.explanations import ExplanationsConfig, explain_all
+    from resources.llm import estimated_prompt_tokens
+
+    exemplars, _, vocab = topic_data
+    train = exemplars[exemplars.kind == "activating"].assign(split="train")  # 6 windows a latent to show
+    with ScriptedLLMServer(lambda m: "Explanation: the word cat") as server:
+        client = LLMResource(backend="openai", base_url=server.base_url, model="m", context_window=360).client()
+        frame = asyncio.run(explain_all(client, ExplanationsConfig(), train, None, [1, 2, 3], vocab, embed=None))
+    assert (frame.status == "ok").all() and frame.examples_dropped.between(1, 5).all()
+    for request in server.requests:
+        shown = len(re.findall(r"^Example \d+:", request["messages"][-1]["content"], re.MULTILINE))
+        assert shown in set(6 - frame.examples_dropped)
+        assert estimated_prompt_tokens(request["messages"]) + request["max_tokens"] <= 360

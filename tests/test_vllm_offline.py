@@ -26,8 +26,14 @@ class Logprob:
 
 
 class SamplingParams:
-    def __init__(self, max_tokens=16, temperature=1.0, logprobs=None, seed=None):
+    def __init__(self, max_tokens=16, temperature=1.0, logprobs=None, seed=None, structured_outputs=None):
         self.max_tokens, self.temperature, self.logprobs, self.seed = max_tokens, temperature, logprobs, seed
+        self.structured_outputs = structured_outputs
+
+
+@dataclass
+class StructuredOutputsParams:
+    json: dict | None = None
 
 
 class LLM:
@@ -57,9 +63,12 @@ class LLM:
 
 @pytest.fixture
 def fake_vllm(monkeypatch):
+    import resources.llm
+
     module = types.ModuleType("vllm")
     module.LLM, module.SamplingParams = LLM, SamplingParams
     monkeypatch.setitem(sys.modules, "vllm", module)
+    monkeypatch.setattr(resources.llm, "_VLLM_ENGINES", {})  # engines live for the process: start each test without one
     return module
 
 
@@ -105,3 +114,37 @@ def test_batches_are_capped(fake_vllm):
     answers = asyncio.run(ask_all())
     assert client._engine.batches == [16, 16, 8] and [a.text for a in answers] == [str(i)[::-1] for i in range(40)]
     assert all(a.top_logprobs == [] and a.tokens == [] for a in answers)  # none asked for, none made up
+
+
+def test_one_engine_serves_the_whole_process(fake_vllm):
+    made = []
+    fake_vllm.LLM = type("CountingLLM", (LLM,), {"__init__": lambda self, model, **args: (made.append(model), LLM.__init__(self, model, **args))[-1]})
+    first = LLMResource(backend="vllm", model="m", vllm_engine_args={"max_model_len": 2048}).client()
+    second = LLMResource(backend="vllm", model="m", vllm_engine_args={"max_model_len": 2048}).client()
+    assert first.inner._engine is second.inner._engine and made == ["m"]
+    assert first.context_window == 2048  # prompts are cut to the engine's context
+
+
+def test_an_engine_error_fails_every_pending_request_with_it(fake_vllm):
+    class BrokenLLM(LLM):
+        def chat(self, messages, sampling_params=None, use_tqdm=True):
+            raise RuntimeError("CUDA error: out of memory")
+
+    fake_vllm.LLM = BrokenLLM
+    client = LLMResource(backend="vllm", model="m", max_concurrency=4).client()  # batches of 4: 10 requests wait in line
+
+    async def ask_all():
+        jobs = [client.complete([{"role": "user", "content": str(i)}], max_tokens=2) for i in range(10)]
+        return await asyncio.wait_for(asyncio.gather(*jobs, return_exceptions=True), timeout=10)  # none may hang
+
+    results = asyncio.run(ask_all())
+    assert len(results) == 10 and all(isinstance(r, RuntimeError) and "out of memory" in str(r) for r in results)
+
+
+def test_value_lists_use_vllms_structured_outputs(fake_vllm):
+    fake_vllm.sampling_params = types.SimpleNamespace(StructuredOutputsParams=StructuredOutputsParams)
+    client = LLMResource(backend="vllm", model="m").client()
+    asyncio.run(client.complete([{"role": "user", "content": "judge"}], max_tokens=20, int_list=(3, 0, 1)))
+    params = client.inner._engine.params[-1]
+    schema = params.structured_outputs.json["properties"]["values"]
+    assert schema["minItems"] == schema["maxItems"] == 3 and schema["items"]["enum"] == [0, 1]

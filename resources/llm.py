@@ -627,14 +627,16 @@ class ProductionClient:
             raise
 
     async def _with_retries(self, messages, params) -> Completion:
+        connected = False  # whether any attempt reached the server: if none did, the endpoint is gone
         for attempt in range(1, self.max_attempts + 1):
             try:
                 return await self.inner.complete(messages, **params)
             except TransientLLMError as error:
+                connected = connected or not error.unreachable
                 # an endpoint that never answered this run is down, not busy: no point in trying again
                 if attempt == self.max_attempts or (error.down and not self._first_answered):
                     self.ledger.failures += 1
-                    if error.unreachable:
+                    if not connected:
                         raise LLMEndpointError(str(error)) from error
                     raise
                 self.ledger.retries += 1

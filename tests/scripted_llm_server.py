@@ -5,8 +5,9 @@ answer, an int is an HTTP error status to send instead (429, 500, 400...), a tup
 `(status, headers)` or `(status, headers, message)` an error status with extra headers (e.g.
 Retry-After) and the server's error message, and a dict
 `{"content": ..., "logprobs": [{"token", "logprob", "top_logprobs": [...]}, ...]}` an answer with
-OpenAI-format token logprobs. It records the requests it saw and serves /v1/models, so the real
-`openai` SDK path can be tested end to end.
+OpenAI-format token logprobs. A `Fault` breaks the transport instead: a reset connection, a body
+cut short, a 200 that is not JSON, or an answer that comes too late. It records the requests it saw
+and serves /v1/models, so the real `openai` SDK path can be tested end to end.
 
 It is an asyncio server (HTTP/1.1 keep-alive) on its own thread: `delay_s` is an `asyncio.sleep`,
 so a request is answered `delay_s` after it arrived however many are waiting, as a real endpoint's
@@ -20,11 +21,21 @@ import json
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from http import HTTPStatus
 
 
+@dataclass(frozen=True)
+class Fault:
+    """A broken answer: `reset` (connection dropped, no answer), `truncated` (half the body, then
+    closed), `not_json` (200 with an HTML body) or `stall` (the answer after `seconds`)."""
+
+    kind: str
+    seconds: float = 0.0
+
+
 class ScriptedLLMServer:
-    def __init__(self, reply, delay_s: float = 0.0, models_status: int = 200):
+    def __init__(self, reply, delay_s: float = 0.0, models_status: int = 200, port: int = 0):
         self.reply = reply
         self.delay_s = delay_s
         self.models_status = models_status
@@ -35,8 +46,10 @@ class ScriptedLLMServer:
         """`time.monotonic()` at each request's arrival, to see how long a client waited between them."""
         self._loop = asyncio.new_event_loop()
         self._replies = ThreadPoolExecutor(max_workers=64, thread_name_prefix="scripted-reply")
-        self._server = self._loop.run_until_complete(asyncio.start_server(self._serve, "127.0.0.1", 0, backlog=512))
-        self.base_url = f"http://127.0.0.1:{self._server.sockets[0].getsockname()[1]}/v1"
+        self._server = self._loop.run_until_complete(asyncio.start_server(self._serve, "127.0.0.1", port, backlog=512))
+        self.port = self._server.sockets[0].getsockname()[1]
+        """Another server on the same port has the same base URL, so it shares a response cache's keys."""
+        self.base_url = f"http://127.0.0.1:{self.port}/v1"
         self._thread = threading.Thread(target=self._loop.run_forever, daemon=True)
 
     def __enter__(self):
@@ -64,7 +77,12 @@ class ScriptedLLMServer:
                 method, path, _ = request_line.split(" ", 2)
                 headers = {k.strip().lower(): v.strip() for k, _, v in (line.partition(":") for line in header_lines if line)}
                 body = await reader.readexactly(int(headers.get("content-length", 0)))
-                status, payload, extra_headers = await self._answer(method, path, headers, body)
+                answer = await self._answer(method, path, headers, body)
+                if isinstance(answer, Fault):
+                    if await self._break(answer, writer):
+                        return
+                    continue
+                status, payload, extra_headers = answer
                 data = json.dumps(payload).encode()
                 extra = "".join(f"{k}: {v}\r\n" for k, v in extra_headers.items())
                 writer.write(
@@ -77,7 +95,29 @@ class ScriptedLLMServer:
         finally:
             writer.close()
 
-    async def _answer(self, method: str, path: str, headers: dict, body: bytes) -> tuple[int, dict, dict]:
+    async def _break(self, fault: Fault, writer: asyncio.StreamWriter) -> bool:
+        """Answer with `fault`; True when the connection is gone afterwards."""
+        if fault.kind == "reset":
+            writer.transport.abort()
+            return True
+        if fault.kind == "stall":
+            await asyncio.sleep(fault.seconds)  # the client has given up by now
+            writer.transport.abort()
+            return True
+        if fault.kind == "truncated":
+            data = json.dumps({"id": "cut", "object": "chat.completion", "choices": [{"index": 0, "message": {"role": "assistant", "content": "[1, 0"}}]}).encode()
+            writer.write(f"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: {len(data)}\r\n\r\n".encode() + data[: len(data) // 2])
+            await writer.drain()
+            writer.transport.abort()
+            return True
+        if fault.kind == "not_json":
+            data = b"<html><body>502 upstream hiccup</body></html>"
+            writer.write(f"HTTP/1.1 200 OK\r\nContent-Type: text/html\r\nContent-Length: {len(data)}\r\n\r\n".encode() + data)
+            await writer.drain()
+            return False
+        raise ValueError(f"unknown fault {fault.kind!r}")
+
+    async def _answer(self, method: str, path: str, headers: dict, body: bytes):
         if method == "GET":
             if path.endswith("/stats"):
                 return 200, {"requests": len(self.requests)}, {}
@@ -91,6 +131,8 @@ class ScriptedLLMServer:
         if self.delay_s:
             await asyncio.sleep(self.delay_s)
         text = await self._loop.run_in_executor(self._replies, self.reply, request["messages"])
+        if isinstance(text, Fault):
+            return text
         if isinstance(text, (int, tuple)):
             status, extra_headers, *said = text if isinstance(text, tuple) else (text, {})
             return status, {"error": {"message": said[0] if said else f"scripted {status}", "type": "scripted", "code": status}}, extra_headers

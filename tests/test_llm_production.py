@@ -10,7 +10,7 @@ from dagster import DagsterInstance, EnvVar, materialize
 
 from resources.llm import BudgetExceeded, LLMResource
 from tests.conftest import TINY_CODER, TINY_CORPUS_CONFIG, TINY_EXEMPLARS_CONFIG, in_session, make_resources
-from tests.scripted_llm_server import ScriptedLLMServer
+from tests.scripted_llm_server import Fault, ScriptedLLMServer
 from tests.test_pipeline import ALL_ASSETS
 
 MESSAGES = [{"role": "user", "content": "Say hello."}]
@@ -44,6 +44,15 @@ def test_rate_limit_waits_as_long_as_the_server_asks(header):
         out = in_session(client, lambda: client.complete(MESSAGES, max_tokens=2))
     assert out.text == "ok" and len(server.requests) == 2 and client.ledger.retries == 1
     assert 1.0 <= server.arrivals[1] - server.arrivals[0] < 3.0
+
+
+@pytest.mark.parametrize("fault", [Fault("reset"), Fault("truncated"), Fault("not_json"), Fault("stall", 1.0)])
+def test_broken_transports_are_retried(fault):
+    with ScriptedLLMServer(scripted([fault])) as server:
+        client = resource(server, timeout_s=0.5).client()
+        client.backoff_s = 0.01
+        out = in_session(client, lambda: client.complete(MESSAGES, max_tokens=2))
+    assert out.text == "ok" and len(server.requests) == 2 and client.ledger.retries == 1
 
 
 def test_identical_requests_in_flight_are_sent_once():
@@ -180,7 +189,11 @@ def test_api_key_never_reaches_metadata_logs_or_files(registered, tmp_path, monk
     with DagsterInstance.local_temp(str(home)) as instance:
         instance.add_dynamic_partitions("coder", [TINY_CODER])
         pipeline_until_exemplars(registered, instance)
-        with ScriptedLLMServer(lambda m: "[1, 0, 1, 0, 1]" if "Description" in m[-1]["content"] else "Explanation: x") as server:
+        def judge(messages):
+            user = messages[-1]["content"]
+            return str([i % 2 for i in range(user.count("\nExample "))]) if "Description" in user else "Explanation: x"
+
+        with ScriptedLLMServer(judge) as server:
             llm = LLMResource(backend="openai", base_url=server.base_url, model="m", api_key=EnvVar("AUTOINTERP_TEST_SECRET"))
             resources = make_resources(registered, max_latents=2, llm=llm)
             result = materialize(ALL_ASSETS, selection=["explanations", "scores/detection", "scores/fuzzing"], partition_key=f"{TINY_CODER}|00", resources=resources, instance=instance)

@@ -54,6 +54,7 @@ def test_whole_run_errors_fail_before_writing_and_keep_the_previous_results(regi
     with ScriptedLLMServer(good_answers) as server:
         good = make_resources(registered, max_latents=3, llm=llm(server))
         assert materialize(ALL_ASSETS, selection=["explanations", "scores/detection"], partition_key=PARTITION, resources=good, instance=instance).success
+    assert not any("<|" in m["content"] for r in server.requests for m in r["messages"])  # no control token reaches a prompt
     written = {name: path.read_bytes() for name, path in {
         "explanations": registered / "explanations" / TINY_CODER / "00.parquet",
         "scores/detection": registered / "scores" / TINY_CODER / "00" / "detection.parquet",

@@ -107,7 +107,15 @@ def read_documents(source: str, text_field: str = "text", split: str = "train") 
         import datasets
     except ImportError as error:
         raise RuntimeError(f"Corpus source '{source}' looks like a Hugging Face dataset id; install the extra: pip install 'autointerp[hf]'") from error
-    return [row[text_field] for row in datasets.load_dataset(source, split=split)]
+    try:
+        rows = datasets.load_dataset(source, split=split)
+    except (ConnectionError, OSError) as error:  # no network, or no such dataset: the library says neither plainly
+        raise RuntimeError(
+            f"Corpus source '{source}' was read as a Hugging Face dataset id, and it could not be loaded "
+            f"({type(error).__name__}: {str(error)[:200]}). Fix: without network, point corpus.source at a local "
+            f".txt, .jsonl or .parquet file (or 'embedded'), or download the dataset first so it loads from the cache."
+        ) from error
+    return [row[text_field] for row in rows]
 
 
 def tokenize_documents(documents: list[str], tokenizer, *, ctx_len: int, n_tokens: int, add_bos: bool, seed: int) -> np.ndarray:

@@ -29,7 +29,7 @@ from typing import Awaitable, Callable
 import numpy as np
 import pandas as pd
 import torch
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from assets.prompts import (
     DETECTION_SYSTEM,
@@ -51,7 +51,7 @@ from resources.llm import LLMEndpointError, ProductionClient
 
 
 class ScorerSettings(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)  # strict: `true` is no number of examples
     seed: int = Field(default=0, description="Seed of example order, random marks, intruder tasks and the control's explanation shuffle.")
 
     def digest(self) -> str:
@@ -469,4 +469,11 @@ def scorer_settings(overrides: dict[str, dict] | None = None) -> dict[str, Score
     unknown = set(overrides) - set(SCORERS)
     if unknown:
         raise ValueError(f"Unknown scorer(s) {sorted(unknown)} in the scorer settings. Fix: use any of {sorted(SCORERS)}.")
-    return {name: spec.settings(**overrides.get(name, {})) for name, spec in SCORERS.items()}
+    settings = {}
+    for name, spec in SCORERS.items():
+        try:
+            settings[name] = spec.settings(**overrides.get(name, {}))
+        except ValidationError as error:
+            problems = "; ".join(f"[{name}] {'.'.join(map(str, e['loc']))} = {e.get('input')!r}: {e['msg']}" for e in error.errors())
+            raise ValueError(f"{problems}. Fix: give each setting a value of its type (see the README's scorer table).") from None
+    return settings

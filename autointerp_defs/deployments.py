@@ -59,7 +59,7 @@ def scorer_settings_for(overrides: dict[str, dict] | None = None) -> dict[str, S
     try:
         return scorer_settings(overrides)
     except ValueError as error:
-        raise ValueError(f"Bad scorer settings in {source}: {error}") from error
+        raise ValueError(f"Bad scorer settings in {source}: {error}") from None
 
 
 def _remote_llm() -> LLMResource:

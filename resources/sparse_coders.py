@@ -41,6 +41,11 @@ class CoderShapeError(ValueError):
     pass
 
 
+class CoderFormatError(ValueError):
+    """A registry folder whose files cannot be read, or whose weights and config disagree or hold
+    NaN/inf: the message names the file and the fix."""
+
+
 @dataclass
 class SparseCode:
     """Non-zero latent activations of a block of tokens as flat (row, latent, value) triples."""
@@ -243,25 +248,92 @@ def save_neurons(folder: Path, d_in: int, k: int = 32) -> None:
         tmp.write_text(json.dumps({"format": "neurons", "d_in": d_in, "k": k}, indent=2))
 
 
-def load_coder_folder(folder: Path, name: str, hookpoint: str) -> SparseCoder:
-    """Load the coder in `folder`, telling its format by the files it holds."""
-    cfg_path = folder / "cfg.json"
-    cfg = json.loads(cfg_path.read_text()) if cfg_path.exists() else {}
+FORMAT_FILES = {"sparsify": "sae.safetensors", "saelens": "sae_weights.safetensors", "gemmascope": "params.npz"}
+LOADERS = {"sparsify": load_sparsify, "saelens": load_saelens, "gemmascope": load_gemmascope, "goodfire": load_goodfire, "neurons": load_neurons}
+KNOWN_FORMATS = (
+    "sparsify cfg.json + sae.safetensors, SAELens cfg.json + sae_weights.safetensors, GemmaScope params.npz, "
+    "Goodfire *.pth, or a neurons cfg.json"
+)
+
+
+def read_cfg(folder: Path) -> dict:
+    """`cfg.json` of a coder folder ({} if there is none), or a `CoderFormatError` naming the file."""
+    path = folder / "cfg.json"
+    if not path.exists():
+        return {}
+    try:
+        cfg = json.loads(path.read_text())
+    except (ValueError, UnicodeDecodeError) as error:
+        raise CoderFormatError(f"{path} is not valid JSON ({error}). Fix: repair the file, or copy the coder's cfg.json again.") from error
+    if not isinstance(cfg, dict):
+        raise CoderFormatError(f"{path} holds a {type(cfg).__name__}, not a JSON object of settings. Fix: copy the coder's cfg.json again.")
+    return cfg
+
+
+def coder_format(folder: Path) -> tuple[str, Path]:
+    """The format of the coder in `folder` and the file that holds its weights (its cfg.json for neurons)."""
+    cfg = read_cfg(folder)
     if cfg.get("format") == "neurons":
-        return load_neurons(folder, name, hookpoint)
-    if (folder / "sae.safetensors").exists() and cfg:
-        return load_sparsify(folder, name, hookpoint)
-    if (folder / "sae_weights.safetensors").exists() and cfg:
-        return load_saelens(folder, name, hookpoint)
-    if (folder / "params.npz").exists():
-        return load_gemmascope(folder, name, hookpoint)
+        return "neurons", folder / "cfg.json"
+    for fmt, name in FORMAT_FILES.items():
+        if (folder / name).exists() and (cfg or fmt == "gemmascope"):
+            return fmt, folder / name
     pth = sorted(folder.glob("*.pth"))
     if pth:
-        return load_goodfire(pth[0], name, hookpoint)
-    raise RegistryError(
-        f"{folder} holds no sparse coder in a known format (sparsify cfg.json + sae.safetensors, SAELens "
-        f"cfg.json + sae_weights.safetensors, GemmaScope params.npz, Goodfire *.pth, or a neurons cfg.json)."
-    )
+        return "goodfire", pth[0]
+    present = ", ".join(sorted(p.name for p in folder.iterdir())) or "nothing"
+    raise RegistryError(f"{folder} holds no sparse coder in a known format ({KNOWN_FORMATS}); it holds {present}.")
+
+
+def check_coder(coder: SparseCoder, weights: Path, cfg: dict) -> None:
+    """Weights that agree with each other and with cfg.json, all finite: otherwise latents would be
+    silently dead or wrong, so loading stops, naming the file and what disagrees."""
+    fix = "Fix: copy the coder again from where it was trained, or retrain it."
+    if coder.activation == "neurons":
+        return
+    expected = {"encoder_weight": (coder.width, coder.d_in), "encoder_bias": (coder.width,), "decoder_weight": (coder.width, coder.d_in),
+                "decoder_bias": (coder.d_in,), "threshold": (coder.width,)}
+    for name, shape in expected.items():
+        tensor = getattr(coder, name)
+        if tensor is None:
+            continue
+        if tuple(tensor.shape) != shape:
+            raise CoderFormatError(f"{weights}: {name} has shape {tuple(tensor.shape)}, but the encoder says width {coder.width} and input width {coder.d_in} ({shape}). {fix}")
+        bad = ~torch.isfinite(tensor)
+        if bad.any():
+            rows = torch.nonzero(bad.reshape(len(tensor), -1).any(dim=1) if tensor.dim() > 1 else bad).flatten().tolist()
+            where = f"latents {rows[:8]}{' …' if len(rows) > 8 else ''} ({len(rows)} in all)" if name != "decoder_bias" else f"{len(rows)} of its {len(tensor)} entries"
+            raise CoderFormatError(f"{weights}: {name} holds NaN or inf at {where}; those latents would be silently dead or wrong. {fix}")
+    for key, actual in (("num_latents", coder.width), ("d_sae", coder.width), ("d_in", coder.d_in)):
+        if isinstance(cfg.get(key), int) and cfg[key] and cfg[key] != actual:
+            raise CoderFormatError(f"{weights.parent / 'cfg.json'} says {key} = {cfg[key]}, but {weights.name} holds {actual}. Fix: copy the matching cfg.json and weights together.")
+    wanted = SAFETENSORS_DTYPES.get(str(cfg.get("dtype", "")).removeprefix("torch."))
+    if wanted and weights.suffix == ".safetensors":
+        from safetensors import safe_open
+
+        with safe_open(str(weights), "pt") as f:
+            stored = {f.get_slice(name).get_dtype() for name in f.keys()}
+        if stored != {wanted}:
+            raise CoderFormatError(f"{weights.parent / 'cfg.json'} says dtype = {cfg['dtype']!r}, but {weights.name} stores {sorted(stored)}. Fix: copy the matching cfg.json and weights together.")
+
+
+SAFETENSORS_DTYPES = {"float32": "F32", "float16": "F16", "bfloat16": "BF16", "float64": "F64"}
+
+
+def load_coder_folder(folder: Path, name: str, hookpoint: str) -> SparseCoder:
+    """Load the coder in `folder`, telling its format by the files it holds; any unreadable or
+    inconsistent file stops with its path and the fix instead of a library's traceback."""
+    fmt, weights = coder_format(folder)
+    try:
+        coder = LOADERS[fmt](weights if fmt == "goodfire" else folder, name, hookpoint)
+    except (CoderFormatError, RegistryError):
+        raise
+    except KeyError as missing:
+        raise CoderFormatError(f"{weights}: the {fmt} format needs {missing} (in the weights or cfg.json), which it does not hold. Fix: copy the coder again, or check that it is a {fmt} coder.") from missing
+    except Exception as error:  # safetensors, zip, pickle: a truncated or foreign file
+        raise CoderFormatError(f"Cannot read {weights} as a {fmt} coder ({type(error).__name__}: {str(error)[:200]}). Fix: the file may be truncated or of another format; copy it again.") from error
+    check_coder(coder, weights, read_cfg(folder))
+    return coder
 
 
 # ---- registry -----------------------------------------------------------------------------------
@@ -275,19 +347,34 @@ def check_registry(registry: Path) -> None:
         )
 
 
-def _is_coder_folder(folder: Path) -> bool:
-    files = {p.name for p in folder.iterdir() if p.is_file()}
-    if "cfg.json" in files and ({"sae.safetensors", "sae_weights.safetensors"} & files):
-        return True
-    if "params.npz" in files or any(f.endswith(".pth") for f in files):
-        return True
-    return "cfg.json" in files and json.loads((folder / "cfg.json").read_text()).get("format") == "neurons"
+def inspect_registry(registry: Path) -> tuple[list[str], dict[str, str]]:
+    """Partition keys (`<name>/<hookpoint>`) of the coder folders in the registry whose format is told
+    by their files, and, by key, the folders that cannot be: one broken folder never hides the others.
+    Cheap enough for every sensor tick: only cfg.json and the weights' headers are read."""
+    check_registry(registry)
+    keys, broken = [], {}
+    for folder in sorted(f for f in registry.glob("*/*") if f.is_dir()):
+        key = f"{folder.parent.name}/{folder.name}"
+        if not any(folder.iterdir()):
+            continue  # a folder still being created
+        try:
+            fmt, weights = coder_format(folder)
+            if weights.suffix == ".safetensors":
+                from safetensors import safe_open
+
+                with safe_open(str(weights), "pt"):
+                    pass  # reads the header only: a truncated file fails here
+            keys.append(key)
+        except (RegistryError, CoderFormatError) as error:
+            broken[key] = str(error)
+        except Exception as error:
+            broken[key] = f"Cannot read {weights} as a {fmt} coder ({type(error).__name__}: {str(error)[:200]}). Fix: the file may be truncated; copy it again."
+    return keys, broken
 
 
 def scan_registry(registry: Path) -> list[str]:
-    """Partition keys (`<name>/<hookpoint>`) of every complete coder folder in the registry."""
-    check_registry(registry)
-    return [f"{f.parent.name}/{f.name}" for f in sorted(registry.glob("*/*")) if f.is_dir() and _is_coder_folder(f)]
+    """Partition keys (`<name>/<hookpoint>`) of every readable coder folder in the registry."""
+    return inspect_registry(registry)[0]
 
 
 def load_registered(registry: Path, key: str) -> SparseCoder:

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import tempfile
 from contextlib import contextmanager
@@ -23,9 +24,21 @@ def atomic_path(path: Path) -> Iterator[Path]:
         raise
 
 
+def _finite(obj):
+    """`obj` with every NaN or infinity as None: JSON has no NaN, and other readers reject a bare `NaN`."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: _finite(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_finite(v) for v in obj]
+    return obj
+
+
 def write_json(path: Path, obj) -> None:
+    """Valid JSON always: a NaN or infinite number (an FVU of a broken coder) is written as null."""
     with atomic_path(path) as tmp:
-        tmp.write_text(json.dumps(obj, indent=2, sort_keys=True))
+        tmp.write_text(json.dumps(_finite(obj), indent=2, sort_keys=True, allow_nan=False))
 
 
 def read_json(path: Path):

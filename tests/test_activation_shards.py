@@ -47,3 +47,15 @@ def test_writer_streams_chunks_and_reader_restores_every_pair(tmp_path):
     some = read_latents(tmp_path, np.array([3, 49, 50, 99, 3]), width, n_shards)
     wanted = np.isin(all_loc[:, 2], [3, 49, 50, 99])
     assert len(some.activations) == wanted.sum() and set(some.locations[:, 2]) == set(all_loc[wanted, 2])
+
+
+def test_json_files_stay_valid_json_when_a_number_is_nan(tmp_path):
+    import json
+    import math
+
+    from storage.atomic import read_json, write_json
+
+    write_json(tmp_path / "meta.json", {"fvu": float("nan"), "rates": [1.0, math.inf], "n": 3})
+    text = (tmp_path / "meta.json").read_text()
+    assert "NaN" not in text and "Infinity" not in text
+    assert json.loads(text) == read_json(tmp_path / "meta.json") == {"fvu": None, "rates": [1.0, None], "n": 3}

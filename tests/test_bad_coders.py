@@ -1,0 +1,94 @@
+"""Broken registry folders stop with one message that names the file and the fix, and never hide
+the good coders beside them (the registry scan lists them apart)."""
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from resources.sparse_coders import CoderFormatError, RegistryError, inspect_registry, load_registered, save_sparsify
+from tests.test_sparse_coders import random_coder
+
+HOOK = "model.layers.1"
+
+
+def truncate(folder):
+    path = folder / "sae.safetensors"
+    path.write_bytes(path.read_bytes()[:200])
+
+
+def bad_json(folder):
+    (folder / "cfg.json").write_text('{"activation": "topk", "k": 4,')
+
+
+def edit_weights(**changes):
+    def edit(folder):
+        path = folder / "sae.safetensors"
+        tensors = load_file(str(path))
+        for name, change in changes.items():
+            tensors[name] = change(tensors[name].clone())
+        save_file(tensors, str(path))
+    return edit
+
+
+def edit_cfg(**changes):
+    def edit(folder):
+        cfg = json.loads((folder / "cfg.json").read_text())
+        (folder / "cfg.json").write_text(json.dumps({**cfg, **changes}))
+    return edit
+
+
+def nan_rows(tensor):
+    tensor[[3, 7]] = float("nan")
+    return tensor
+
+
+def foreign_files(folder):
+    for path in folder.iterdir():
+        path.unlink()
+    (folder / "model.bin").write_bytes(b"\0" * 64)
+
+
+# (mistake, how to make it, what the one message must say)
+MISTAKES = [
+    ("sae.safetensors truncated", truncate, r"Cannot read .*sae\.safetensors as a sparsify coder .*Fix: the file may be truncated"),
+    ("cfg.json not JSON", bad_json, r"cfg\.json is not valid JSON .*Fix: repair the file"),
+    ("NaN in some encoder rows", edit_weights(**{"encoder.weight": nan_rows}), r"encoder_weight holds NaN or inf at latents \[3, 7\] \(2 in all\).*Fix"),
+    ("b_dec all NaN", edit_weights(b_dec=lambda t: t * float("nan")), r"decoder_bias holds NaN or inf at 16 of its 16 entries.*Fix"),
+    ("width differs from cfg.json", edit_cfg(num_latents=999), r"cfg\.json says num_latents = 999, but sae\.safetensors holds 64\. Fix"),
+    ("dtype differs from cfg.json", edit_cfg(dtype="bfloat16"), r"cfg\.json says dtype = 'bfloat16', but sae\.safetensors stores \['F32'\]\. Fix"),
+    ("decoder of another width", edit_weights(W_dec=lambda t: t[:32]), r"decoder_weight has shape \(32, 16\).*width 64.*Fix"),
+    ("no known format", foreign_files, r"holds no sparse coder in a known format .*it holds model\.bin"),
+]
+
+
+@pytest.mark.parametrize("mistake, make, message", MISTAKES, ids=[m[0] for m in MISTAKES])
+def test_a_broken_coder_stops_with_its_file_and_the_fix(tmp_path, mistake, make, message):
+    save_sparsify(random_coder(), tmp_path / "good" / HOOK)
+    save_sparsify(random_coder(seed=1), tmp_path / "broken" / HOOK)
+    make(tmp_path / "broken" / HOOK)
+    with pytest.raises((CoderFormatError, RegistryError), match=message) as error:
+        load_registered(tmp_path, f"broken/{HOOK}")
+    assert "\n" not in str(error.value)  # one message, not a traceback
+    assert torch.equal(load_registered(tmp_path, f"good/{HOOK}").encoder_weight, random_coder().encoder_weight)
+    registered, broken = inspect_registry(tmp_path)
+    assert f"good/{HOOK}" in registered  # one broken folder never hides the good ones
+    if mistake in ("sae.safetensors truncated", "cfg.json not JSON", "no known format"):  # told without loading the weights
+        assert f"broken/{HOOK}" not in registered and f"broken/{HOOK}" in broken
+
+
+@pytest.mark.parametrize("toml, message", [
+    ("[fuzzing]\nexamples_per_prompt = true\n", r"scorers\.toml: \[fuzzing\] examples_per_prompt = True: Input should be a valid integer\. Fix"),
+    ("[simulation]\ncalibrate = 1\n", r"\[simulation\] calibrate = 1: Input should be a valid boolean\. Fix"),
+    ("[fuzing]\nexamples_per_prompt = 5\n", r"Unknown scorer\(s\) \['fuzing'\].*Fix"),
+])
+def test_a_scorer_setting_of_the_wrong_type_stops_the_load_naming_file_and_key(tmp_path, monkeypatch, toml, message):
+    """`true` where a number belongs used to load silently as 1."""
+    from autointerp_defs.deployments import scorer_settings_for
+
+    path = tmp_path / "scorers.toml"
+    path.write_text(toml)
+    monkeypatch.setenv("AUTOINTERP_SCORERS", str(path))
+    with pytest.raises(ValueError, match=message) as error:
+        scorer_settings_for()
+    assert "\n" not in str(error.value)

@@ -141,9 +141,17 @@ class CoderCache:
     fvu: FVUSample
 
     def save_progress(self) -> None:
+        """Chunks, then the statistics of this checkpoint under its own name, then progress.json, which
+        commits both. A kill before progress.json is written leaves the last committed statistics in
+        place, so a resumed run never counts the re-run sequences twice."""
         self.writer.checkpoint()
-        self.stats.save(self.out_dir / "stats.partial.safetensors")
-        write_json(self.out_dir / "progress.json", {**self.identity, "checkpoints": self.writer.checkpoints, "next_sequence": self.next_sequence, "fvu": self.fvu.state()})
+        stats_file = f"stats.partial-{self.writer.checkpoints:05d}.safetensors"
+        self.stats.save(self.out_dir / stats_file)
+        write_json(self.out_dir / "progress.json", {**self.identity, "checkpoints": self.writer.checkpoints, "next_sequence": self.next_sequence,
+                                                    "fvu": self.fvu.state(), "stats_file": stats_file})
+        for old in self.out_dir.glob("stats.partial*.safetensors"):
+            if old.name != stats_file:
+                old.unlink(missing_ok=True)
 
 
 def open_cache(coder: SparseCoder, out_dir: Path, identity: dict, device) -> CoderCache:
@@ -151,10 +159,10 @@ def open_cache(coder: SparseCoder, out_dir: Path, identity: dict, device) -> Cod
     progress_path = out_dir / "progress.json"
     if progress_path.exists() and not (out_dir / "meta.json").exists():
         progress = read_json(progress_path)
-        if all(progress.get(k) == v for k, v in identity.items()):
+        if all(progress.get(k) == v for k, v in identity.items()) and (out_dir / progress.get("stats_file", "")).is_file():
             writer = ShardedActivationWriter(out_dir, coder.width, N_SHARDS, first_checkpoint=progress["checkpoints"])
             writer.discard_chunks_from(progress["checkpoints"])
-            stats = LatentStats.load(out_dir / "stats.partial.safetensors", device)
+            stats = LatentStats.load(out_dir / progress["stats_file"], device)
             return CoderCache(coder, out_dir, writer, stats, progress["next_sequence"], identity, FVUSample(progress["fvu"]))
     shutil.rmtree(out_dir, ignore_errors=True)
     return CoderCache(coder, out_dir, ShardedActivationWriter(out_dir, coder.width, N_SHARDS), LatentStats(coder.width, device), 0, identity, FVUSample())

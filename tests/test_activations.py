@@ -89,6 +89,46 @@ def test_killed_run_resumes_from_its_last_checkpoint_and_matches_an_uninterrupte
     assert resumed["tokens"] == whole["tokens"] and resumed["fvu"] == pytest.approx(whole["fvu"])
 
 
+KILL_BETWEEN_STATS_AND_PROGRESS = """
+import os, signal, sys
+import assets.activations as activations
+from resources.sparse_coders import load_registered
+from resources.subject_model import SubjectModelResource
+from storage.layout import DataRoot
+
+real_write_json, commits = activations.write_json, []
+
+def write_json(path, obj):
+    if path.name == "progress.json":
+        commits.append(path)
+        if len(commits) == 3:  # checkpoint 3's chunks and statistics are on disk; its progress.json never will be
+            os.kill(os.getpid(), signal.SIGKILL)
+    real_write_json(path, obj)
+
+activations.write_json = write_json
+root = DataRoot.at(sys.argv[1])
+activations.cache_activations([load_registered(root.registry_dir, sys.argv[2])], SubjectModelResource(batch_size=8), root, checkpoint_entries=900)
+"""
+
+
+def test_a_kill_between_the_statistics_and_progress_writes_does_not_count_sequences_twice(registered, subject):
+    root = DataRoot.at(registered)
+    build_corpus(CorpusConfig(ctx_len=64, n_tokens=64 * 64, seed=5), subject.tokenizer(), root)
+    proc = subprocess.run([sys.executable, "-c", KILL_BETWEEN_STATS_AND_PROGRESS, str(registered), TINY_CODER], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
+    progress = read_json(root.activations_dir(TINY_CODER) / "progress.json")
+    assert progress["checkpoints"] == 2  # the third checkpoint was written but never committed
+
+    cache_activations([load_registered(root.registry_dir, TINY_CODER)], subject, root, checkpoint_entries=900)
+    fresh = DataRoot.at(registered / "fresh")
+    shutil.copytree(root.registry_dir, fresh.registry_dir)
+    shutil.copytree(root.corpus_dir, fresh.corpus_dir)
+    cache_activations([load_registered(fresh.registry_dir, TINY_CODER)], subject, fresh)
+    same_cache(root, fresh, TINY_CODER)
+    resumed, whole = (load_latent_stats(r.activations_dir(TINY_CODER) / "latent_stats.safetensors") for r in (root, fresh))
+    assert int(resumed["tokens"][0]) == int(whole["tokens"][0]) == 64 * 63
+
+
 @pytest.mark.parametrize("breakage, problem", [("dead", "all latents are dead"), ("fvu", "FVU")])
 def test_broken_coder_fails_the_health_check(registered, tiny_sae, breakage, problem):
     broken = dataclasses.replace(tiny_sae, name="broken")

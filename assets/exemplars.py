@@ -256,7 +256,10 @@ def build_exemplars(shard_acts: ShardActivations, tokens: np.ndarray, config: Ex
     ctx_len = tokens.shape[1]
     counts = split_counts(config.n_non_activating, list(config.non_activating_sources))
     hard = [s for s in ("embedding", "neighbour") if s in config.non_activating_sources] or ["random"]
-    split_negatives = [("test", counts), ("train", {hard[0]: config.n_non_activating_train, "random": 0}), ("valid", {"random": config.n_examples_valid})]
+    # the contrastive explainer's counter-examples: the hardest source asked for, made up with random ones
+    # (a dict literal {hard: n, "random": 0} would zero them when the hardest source is random itself)
+    train_counts = {"random": 0} | {hard[0]: config.n_non_activating_train}
+    split_negatives = [("test", counts), ("train", train_counts), ("valid", {"random": config.n_examples_valid})]
     rows: list[dict] = []
     latent_rows: list[dict] = []
     for latent, locations, values in shard_acts.by_latent():

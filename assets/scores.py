@@ -98,8 +98,13 @@ async def score_partition(spec: ScorerSpec, ctx: ScoringContext, exemplars: pd.D
     """Per-latent metrics and per-example rows of one scorer on one partition, with the control."""
     settings = ctx.settings
     text_of = scored_latents(spec, exemplars, explanations, max_latents)
-    control_of = control_assignment(text_of, settings.seed) if spec.uses_explanation else {latent: latent for latent in text_of}
     by_latent = dict(tuple(exemplars[exemplars["latent"].isin(list(text_of))].groupby("latent")))
+    missing = [latent for latent in text_of if latent not in by_latent]
+    if missing and report:
+        report(f"{spec.name}: {len(missing)} explained latents have no exemplars (e.g. {missing[:5]}): skipped; "
+               f"the explanations are older than the exemplars, re-materialize `explanations`")
+    text_of = {latent: text for latent, text in text_of.items() if latent in by_latent}
+    control_of = control_assignment(text_of, settings.seed) if spec.uses_explanation else {latent: latent for latent in text_of}
     jobs, keys = [], []
     for latent, explanation in text_of.items():
         group = by_latent[latent]

@@ -82,6 +82,14 @@ def test_samplers_are_disjoint_seeded_and_sized(sampler):
         assert max(draws[0][0]) >= len(w) * 4 // 5
 
 
+def test_random_negatives_alone_still_give_the_contrastive_explainer_its_counter_examples():
+    tokens, shard = synthetic_shard()
+    config = ExemplarsConfig(example_ctx_len=WINDOW, n_examples_train=6, n_examples_test=5, n_non_activating=6, n_non_activating_train=4, non_activating_sources=["random"])
+    frame, _ = build_exemplars(shard, tokens, config, sources_without_index(tokens), stats_for(shard), tokens.size)
+    counters = frame[(frame.split == "train") & (frame.kind != "activating")]
+    assert counters.groupby("latent").size().to_dict() == {3: 4, 4: 4, 5: 4} and set(counters.kind) == {"random"}
+
+
 def test_non_activating_windows_are_tagged_zero_and_unique():
     tokens, shard = synthetic_shard()
     neighbours = {3: [4], 4: [3], 5: [3]}

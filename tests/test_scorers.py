@@ -292,3 +292,16 @@ def test_an_explainer_prompt_too_long_for_the_judge_drops_examples_and_records_h
         shown = len(re.findall(r"^Example \d+:", request["messages"][-1]["content"], re.MULTILINE))
         assert shown in set(6 - frame.examples_dropped)
         assert estimated_prompt_tokens(request["messages"]) + request["max_tokens"] <= 360
+
+
+def test_an_explained_latent_without_exemplars_is_skipped_not_a_crash(topic_data):
+    exemplars, explanations, vocab = topic_data
+    stale = pd.concat([explanations, pd.DataFrame({"latent": [99], "explanation": ["the word lamp"], "status": "ok"})], ignore_index=True)
+    said = []
+    with ScriptedLLMServer(truthful_judge) as server:
+        spec = SCORERS["detection"]
+        ctx = ScoringContext(settings=scorer_settings({"detection": {"examples_per_prompt": 4}})["detection"],
+                             client=LLMResource(backend="openai", base_url=server.base_url, model="m").client())
+        frame, _ = asyncio.run(score_partition(spec, ctx, exemplars, stale, vocab, report=said.append))
+    assert sorted(frame.latent) == [1, 2, 3] and (frame.control_explanation != "the word lamp").all()
+    assert any("no exemplars (e.g. [99])" in line for line in said)

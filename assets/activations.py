@@ -239,6 +239,7 @@ def cache_activations(
             "tokens_per_second": forwarded * n_pos / max(time.perf_counter() - started, 1e-9),
             **stats.summary(),
         }
+        meta["problems"] = coder_problems(meta)  # kept beside the numbers: a NaN FVU is stored as null
         write_json(cache.out_dir / "meta.json", meta)
         metas[cache.coder.key] = meta
     return metas
@@ -250,7 +251,7 @@ def coder_problems(meta: dict) -> list[str]:
     if meta["live_latents"] == 0:
         problems.append("all latents are dead")
     if meta["fvu"] is not None and not meta["fvu"] <= 1:
-        problems.append(f"FVU {meta['fvu']:.3f} > 1: the reconstruction is worse than predicting the mean")
+        problems.append(f"FVU {meta['fvu']:.3f} > 1 or not finite: the reconstruction is worse than predicting the mean")
     return problems
 
 
@@ -260,7 +261,7 @@ def coder_problems(meta: dict) -> list[str]:
     backfill_policy=BackfillPolicy.single_run(),
     deps=["corpus"],
     code_version="2",
-    check_specs=[AssetCheckSpec("coder_health", asset="activations", description="Fails on a broken coder: all latents dead, or FVU > 1.")],
+    check_specs=[AssetCheckSpec("coder_health", asset="activations", blocking=True, description="Fails on a broken coder: all latents dead, or FVU > 1 or not finite; blocks everything downstream.")],
     description="Sparse activations of each coder over the corpus, sharded over the latent range; all coders of a run share one forward pass.",
 )
 def activations(
@@ -272,7 +273,7 @@ def activations(
     root = settings.root
     coders = [load_registered(root.registry_dir, key) for key in context.partition_keys]
     metas = cache_activations(coders, subject_model, root, skip_bos=config.skip_bos, checkpoint_entries=config.checkpoint_entries, log=context.log.info)
-    problems = {key: coder_problems(meta) for key, meta in metas.items()}
+    problems = {key: meta["problems"] for key, meta in metas.items()}
     for key, found in problems.items():
         for problem in found:
             context.log.error(f"coder {key} is broken: {problem}")

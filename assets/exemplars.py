@@ -12,6 +12,7 @@ nearest to the activating ones by all-MiniLM-L6-v2, found in LanceDB). Everythin
 latent: the same seed gives the same windows.
 """
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Literal
 
 import numpy as np
@@ -22,6 +23,7 @@ from dagster import (
     AutomationCondition,
     AssetExecutionContext,
     Config,
+    Failure,
     MaterializeResult,
     MetadataValue,
     asset,
@@ -33,7 +35,7 @@ from assets.partitions import CODER_DIMENSION, N_SHARDS, coder_and_shard, coder_
 from resources.embedder import EmbedderResource
 from resources.settings import AutointerpSettings
 from resources.sparse_coders import SparseCoder, load_registered
-from storage.activation_shards import ShardActivations, load_latent_stats, read_latents, read_shard
+from storage.activation_shards import ShardActivations, check_shard_complete, load_latent_stats, read_latents, read_shard, shard_keys
 from storage.atomic import read_json
 from storage.layout import DataRoot
 from storage.tables import write_table
@@ -311,6 +313,12 @@ def negative_sources(root: DataRoot, coder_key: str, corpus, config: ExemplarsCo
     return NegativeSources(blocks_per_seq, corpus.tokens.shape[0] * blocks_per_seq, neighbours, neighbour_acts, contexts)
 
 
+def read_activations_meta(acts_dir: Path, coder: str) -> dict:
+    if not (acts_dir / "meta.json").exists():
+        raise Failure(f"No finished activation cache for {coder} under {acts_dir}. Fix: materialize `activations` for {coder} first.")
+    return read_json(acts_dir / "meta.json")
+
+
 @asset(
     group_name="autointerp",
     partitions_def=coder_shard_partitions,
@@ -324,11 +332,20 @@ def exemplars(context: AssetExecutionContext, config: ExemplarsConfig, settings:
     root = settings.root
     corpus = load_corpus(root)
     acts_dir = root.activations_dir(coder)
-    meta = read_json(acts_dir / "meta.json")
+    meta = read_activations_meta(acts_dir, coder)
+    if meta.get("problems"):
+        raise Failure(f"Coder {coder} is broken ({'; '.join(meta['problems'])}): nothing is built on it. Fix: replace the coder in the registry, then re-materialize `activations` for it.")
+    if meta["corpus_hash"] != corpus.meta["hash"]:
+        raise Failure(f"The activations of {coder} were cached on corpus {meta['corpus_hash']}, but the corpus is now {corpus.meta['hash']} "
+                      f"(re-materialized with other settings): exemplars would show the wrong text. Fix: re-materialize `activations` for {coder}.")
     shard_acts = read_shard(acts_dir, shard)
+    stats = load_latent_stats(acts_dir / "latent_stats.safetensors")
+    if (incomplete := check_shard_complete(shard_acts, stats["count"], meta["width"], meta["n_shards"], shard_keys(meta["n_shards"]).index(shard))) is not None:
+        raise Failure(f"The activation cache of {coder} shard {shard} is incomplete: {incomplete} (a chunk file deleted or damaged?). "
+                      f"Fix: re-materialize `activations` for {coder}.")
     latents = sorted({int(x) for x in np.unique(shard_acts.locations[:, 2])})
     sources = negative_sources(root, coder, corpus, config, latents, embedder, meta)
-    frame, latent_stats = build_exemplars(shard_acts, corpus.tokens, config, sources, load_latent_stats(acts_dir / "latent_stats.safetensors"), meta["tokens"])
+    frame, latent_stats = build_exemplars(shard_acts, corpus.tokens, config, sources, stats, meta["tokens"])
     write_table(frame, root.exemplars_path(coder, shard))
     write_table(latent_stats, root.latent_stats_path(coder, shard))
     counts = frame.groupby("kind").size().to_dict() if len(frame) else {}

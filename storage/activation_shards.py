@@ -153,3 +153,13 @@ def save_latent_stats(path: Path, count: np.ndarray, maximum: np.ndarray, total:
 
 def load_latent_stats(path: Path) -> dict[str, np.ndarray]:
     return load_file(str(path))
+
+
+def check_shard_complete(shard: ShardActivations, counts: np.ndarray, width: int, n_shards: int, shard_index: int) -> str | None:
+    """Why a shard's chunks do not hold every pair the latent statistics counted (a chunk deleted or
+    cut short), or None when they do: the statistics count one pair per token a latent fired on."""
+    start, end = shard_latent_range(width, n_shards, shard_index)
+    expected, found = int(np.asarray(counts)[start:end].sum()), len(shard.locations)
+    if expected != found:
+        return f"its chunks hold {found} activations where the latent statistics counted {expected}"
+    return None

@@ -141,7 +141,10 @@ def test_broken_coder_fails_the_health_check(registered, tiny_sae, breakage, pro
     instance.add_dynamic_partitions("coder", ["broken/model.layers.3"])
     resources = make_resources(registered)
     materialize(ALL_ASSETS, selection=["corpus"], resources=resources, instance=instance, run_config={"ops": {"corpus": {"config": TINY_CORPUS_CONFIG}}})
-    result = materialize(ALL_ASSETS, selection=["activations"], partition_key="broken/model.layers.3", resources=resources, instance=instance)
+    result = materialize(ALL_ASSETS, selection=["activations"], partition_key="broken/model.layers.3", resources=resources, instance=instance, raise_on_error=False)
     check = result.get_asset_check_evaluations()[0]
-    assert not check.passed and check.severity.value == "ERROR"
+    assert not check.passed and check.severity.value == "ERROR" and not result.success  # the check blocks the run
     assert problem in check.metadata["broken/model.layers.3"].value
+    # and nothing is built on the broken coder, whoever asks
+    with pytest.raises(Exception, match=rf"Coder broken/model.layers.3 is broken \({problem}.*Fix: replace the coder"):
+        materialize(ALL_ASSETS, selection=["exemplars"], partition_key="broken/model.layers.3|00", resources=resources, instance=instance)

@@ -11,6 +11,7 @@ uninterrupted run stores.
 import hashlib
 import shutil
 import time
+from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -36,7 +37,7 @@ from resources.settings import AutointerpSettings
 from resources.sparse_coders import SparseCode, SparseCoder, load_registered
 from resources.subject_model import SubjectModelResource, capture_hookpoints, resolve_hookpoint
 from storage.activation_shards import CHUNK_ENTRIES, ShardedActivationWriter, load_latent_stats, save_latent_stats
-from storage.atomic import read_json, write_json
+from storage.atomic import exclusive_lock, read_json, write_json
 from storage.layout import DataRoot
 
 
@@ -177,7 +178,16 @@ def cache_activations(
     checkpoint_entries: int = CHUNK_ENTRIES,
     log=None,
 ) -> dict[str, dict]:
-    """Cache every coder's sparse activations over the corpus in one pass; returns each coder's meta."""
+    """Cache every coder's sparse activations over the corpus in one pass; returns each coder's meta.
+    Each coder is locked for the pass: a second run on the same coder stops at once instead of
+    repeating the work."""
+    with ExitStack() as locks:
+        for coder in coders:
+            locks.enter_context(exclusive_lock(root.root / "activations" / ".locks" / f"{coder.key.replace('/', '__')}.lock", f"Caching the activations of {coder.key}"))
+        return _cache_activations(coders, subject_model, root, skip_bos=skip_bos, checkpoint_entries=checkpoint_entries, log=log)
+
+
+def _cache_activations(coders: list[SparseCoder], subject_model: SubjectModelResource, root: DataRoot, *, skip_bos: bool, checkpoint_entries: int, log) -> dict[str, dict]:
     corpus = load_corpus(root)
     lm = subject_model.causal_lm()
     device = subject_model.device

@@ -147,6 +147,17 @@ def search(data_dir: str, query: str, limit: int) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
+    """The command line; a mistake the user can fix ends with its one-line message, not a traceback."""
+    from resources.sparse_coders import CoderFormatError, CoderShapeError, RegistryError
+    from storage.atomic import LockedError
+
+    try:
+        return _main(argv)
+    except (LockedError, RegistryError, CoderFormatError, CoderShapeError, PermissionError) as error:
+        sys.exit(f"autointerp {' '.join(argv if argv is not None else sys.argv[1:])}: {error}")
+
+
+def _main(argv: list[str] | None = None) -> None:
     from storage.layout import data_dir_from_env
 
     parser = argparse.ArgumentParser(prog="autointerp", description=__doc__)

@@ -1,6 +1,8 @@
-"""Atomic file writes: a crash leaves either the old file or the new one, never half of one."""
+"""Atomic file writes (a crash leaves either the old file or the new one, never half of one) and
+exclusive locks between processes."""
 from __future__ import annotations
 
+import fcntl
 import json
 import math
 import os
@@ -43,3 +45,31 @@ def write_json(path: Path, obj) -> None:
 
 def read_json(path: Path):
     return json.loads(path.read_text())
+
+
+class LockedError(RuntimeError):
+    """Another process holds the lock: the work it guards is being done right now."""
+
+
+@contextmanager
+def exclusive_lock(path: Path, what: str) -> Iterator[None]:
+    """Hold `path` exclusively for the block, across processes, or raise `LockedError` at once naming
+    `what` and the holder's process id. The kernel releases the lock when its holder dies, even by
+    SIGKILL, so a crash never leaves it stuck."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a+") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.seek(0)
+            holder = handle.read().strip() or "another process"
+            raise LockedError(f"{what} is already running in process {holder}. Fix: wait for it to finish; "
+                              f"or stop it and run again, which resumes from its last checkpoint.") from None
+        handle.seek(0)
+        handle.truncate()
+        handle.write(str(os.getpid()))
+        handle.flush()
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)

@@ -148,3 +148,25 @@ def test_broken_coder_fails_the_health_check(registered, tiny_sae, breakage, pro
     # and nothing is built on the broken coder, whoever asks
     with pytest.raises(Exception, match=rf"Coder broken/model.layers.3 is broken \({problem}.*Fix: replace the coder"):
         materialize(ALL_ASSETS, selection=["exemplars"], partition_key="broken/model.layers.3|00", resources=resources, instance=instance)
+
+
+def test_a_second_cache_of_the_same_coder_stops_at_once_with_the_holder(registered, subject):
+    root = DataRoot.at(registered)
+    build_corpus(CorpusConfig(ctx_len=64, n_tokens=64 * 240, seed=5), subject.tokenizer(), root)
+    command = [sys.executable, "-m", "autointerp_defs.cli", "--data", str(registered), "cache", TINY_CODER, "--batch-size", "8", "--checkpoint-entries", "900"]
+    first = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        progress_path = root.activations_dir(TINY_CODER) / "progress.json"
+        deadline = time.time() + 240
+        while not progress_path.exists() and time.time() < deadline and first.poll() is None:
+            time.sleep(0.05)
+        assert first.poll() is None, first.stderr.read()[-2000:]
+        started = time.time()
+        second = subprocess.run(command, capture_output=True, text=True, timeout=120)
+        assert second.returncode != 0 and time.time() - started < 60
+        last_line = second.stderr.strip().splitlines()[-1]
+        assert f"Caching the activations of {TINY_CODER} is already running in process {first.pid}. Fix: wait" in last_line
+        assert "Traceback" not in second.stderr
+    finally:
+        os.killpg(first.pid, signal.SIGKILL)
+        first.wait(timeout=30)

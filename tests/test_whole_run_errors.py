@@ -120,3 +120,19 @@ def test_a_silent_host_is_called_timed_out():
         for connection in accepted:
             connection.close()
         listener.close()
+
+
+def test_a_run_in_which_every_latent_failed_fails_and_keeps_the_finished_table(registered):
+    """Not a whole-run error, yet nothing to show: every answer unreadable, even when asked again."""
+    instance = DagsterInstance.ephemeral()
+    instance.add_dynamic_partitions("coder", [TINY_CODER])
+    pipeline_until_exemplars(registered, instance)
+    with ScriptedLLMServer(good_answers) as server:
+        assert materialize(ALL_ASSETS, selection=["explanations"], partition_key=PARTITION, resources=make_resources(registered, max_latents=3, llm=llm(server)), instance=instance).success
+    path = registered / "explanations" / TINY_CODER / "00.parquet"
+    finished = path.read_bytes()
+    with ScriptedLLMServer(lambda m: "Hmm.\nThese are hard to tell apart.") as server:
+        resources = make_resources(registered, max_latents=3, llm=llm(server, cache_dir=""))
+        with pytest.raises(Exception, match=r"explanations: all 3 latents failed, so nothing was written and the previous results are kept\. Most common reasons: 3× unreadable answer"):
+            materialize(ALL_ASSETS, selection=["explanations"], partition_key=PARTITION, resources=resources, instance=instance, raise_on_error=True)
+    assert len(server.requests) == 6 and path.read_bytes() == finished  # each latent asked twice, then given up

@@ -16,6 +16,7 @@ from typing import Literal
 
 import numpy as np
 import pandas as pd
+import pyarrow as pa
 import torch
 from dagster import (
     AssetDep,
@@ -40,6 +41,16 @@ from storage.tables import write_table
 from storage.vector_store import ContextIndex, contexts_table_name, ensure_contexts
 
 EXEMPLAR_COLUMNS = ["latent", "split", "kind", "quantile", "sequence", "start", "max_activation", "tokens", "activations"]
+EXEMPLARS_SCHEMA = pa.schema([
+    ("latent", pa.int64()), ("split", pa.large_string()), ("kind", pa.large_string()), ("quantile", pa.int64()), ("sequence", pa.int64()),
+    ("start", pa.int64()), ("max_activation", pa.float64()), ("tokens", pa.list_(pa.int64())), ("activations", pa.list_(pa.float64())),
+])
+LATENT_STATS_SCHEMA = pa.schema([
+    ("latent", pa.int64()), ("frequency", pa.float64()), ("max_activation", pa.float64()), ("mean_activation", pa.float64()),
+    ("activating_windows", pa.int64()), ("quantile_boundaries", pa.list_(pa.float64())), ("top_tokens", pa.list_(pa.int64())),
+    ("top_token_mean_activation", pa.list_(pa.float64())), ("neighbours", pa.list_(pa.int64())),
+])
+"""The tables' types, written as they are when a shard has no explainable latent (an empty table)."""
 NON_ACTIVATING_SOURCES = ("random", "neighbour", "embedding")
 
 
@@ -326,11 +337,14 @@ def exemplars(context: AssetExecutionContext, config: ExemplarsConfig, settings:
     latents = sorted({int(x) for x in np.unique(shard_acts.locations[:, 2])})
     sources = negative_sources(root, coder, corpus, config, latents, embedder, meta)
     frame, latent_stats = build_exemplars(shard_acts, corpus.tokens, config, sources, load_latent_stats(acts_dir / "latent_stats.safetensors"), meta["tokens"])
-    write_table(frame, root.exemplars_path(coder, shard))
-    write_table(latent_stats, root.latent_stats_path(coder, shard))
+    write_table(frame, root.exemplars_path(coder, shard), EXEMPLARS_SCHEMA)
+    write_table(latent_stats, root.latent_stats_path(coder, shard), LATENT_STATS_SCHEMA)
     counts = frame.groupby("kind").size().to_dict() if len(frame) else {}
+    if not len(latent_stats):
+        context.log.warning(f"{coder} shard {shard}: no explainable latent ({len(latents)} live, none in {config.min_activating_windows} windows or more)")
     return MaterializeResult(
         metadata={
+            **({} if len(latent_stats) else {"note": f"empty shard: no explainable latent ({len(latents)} live latents, none fires in {config.min_activating_windows} windows or more)"}),
             "latents_with_exemplars": len(latent_stats),
             "windows": len(frame),
             **{f"windows_{kind}": int(n) for kind, n in counts.items()},

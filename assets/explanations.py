@@ -15,6 +15,7 @@ from typing import Literal
 
 import numpy as np
 import pandas as pd
+import pyarrow as pa
 from dagster import AssetDep, AssetExecutionContext, AutomationCondition, Config, MaterializeResult, MetadataValue, asset
 from pydantic import Field
 
@@ -30,6 +31,11 @@ from storage.tables import read_table, write_table
 from storage.vector_store import upsert_explanations
 
 EXPLANATION_COLUMNS = ["latent", "explainer", "explanation", "status", "error", "prompt_tokens", "completion_tokens", "model", "candidates", "candidate_scores"]
+EXPLANATIONS_SCHEMA = pa.schema([
+    ("latent", pa.int64()), ("explainer", pa.large_string()), ("explanation", pa.large_string()), ("status", pa.large_string()), ("error", pa.large_string()),
+    ("prompt_tokens", pa.int64()), ("completion_tokens", pa.int64()), ("model", pa.large_string()), ("candidates", pa.list_(pa.string())),
+    ("candidate_scores", pa.list_(pa.float64())),
+])
 
 
 class ExplanationsConfig(Config):
@@ -130,7 +136,7 @@ def explanations(
     context.log.info(f"explaining {len(latents)} latents of {coder} shard {shard} with {llm.backend} ({config.explainer}, best of {config.best_of_n})")
     client = llm.client(root.llm_cache_dir)
     frame = asyncio.run(explain_all(client, config, exemplars, latent_stats, latents, load_corpus(root).vocab, embedder.embed, context.log.info))
-    write_table(frame, root.explanations_path(coder, shard))
+    write_table(frame, root.explanations_path(coder, shard), EXPLANATIONS_SCHEMA)
     ok = frame[frame["status"] == "ok"]
     if len(ok):
         upsert_explanations(root.lancedb_dir, coder, ok["latent"].tolist(), ok["explanation"].tolist(), embedder.embed(ok["explanation"].tolist()))
@@ -139,6 +145,7 @@ def explanations(
         context.log.warning(f"{budget_stopped} latents were not explained: the LLM budget was reached; they will be asked next time")
     return MaterializeResult(
         metadata={
+            **({} if latents else {"note": "empty shard: no explainable latent, nothing asked"}),
             "explained": len(ok),
             "failed": int((frame["status"] == "failed").sum()),
             "stopped_by_budget": budget_stopped,

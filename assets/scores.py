@@ -18,6 +18,7 @@ import json
 
 import numpy as np
 import pandas as pd
+import pyarrow as pa
 from dagster import (
     AssetDep,
     AssetExecutionContext,
@@ -38,6 +39,18 @@ from resources.llm import gather_with_progress
 from storage.tables import read_table, write_table
 
 NUMERIC = (*BINARY, *CONFUSION, "roc_auc", "pearson", "n_scored", "ev_correlation", "rsquared", "logprob_fraction")
+SCORES_SCHEMA = pa.schema([
+    ("latent", pa.int64()), ("explanation", pa.large_string()), ("control_explanation", pa.large_string()), *((m, pa.float64()) for m in NUMERIC),
+    ("quantile_accuracy", pa.large_string()), *((f"control_{m}", pa.float64()) for m in NUMERIC), ("control_quantile_accuracy", pa.large_string()),
+    ("gap", pa.float64()), ("n_failed", pa.int64()), ("prompt_tokens", pa.int64()),
+])
+SCORED_EXAMPLES_SCHEMA = pa.schema([
+    ("example", pa.int64()), ("label", pa.int64()), ("quantile", pa.int64()), ("activation", pa.float64()), ("prediction", pa.float64()),
+    ("score", pa.float64()), ("predicted", pa.int64()), ("latent", pa.int64()), ("source", pa.large_string()),
+])
+SUMMARY_SCHEMA = pa.schema([("latent", pa.int64()), ("shard", pa.large_string()), ("explanation", pa.large_string()), ("mean_gap", pa.float64())])
+"""The tables' types, written as they are when a shard (or a coder) has nothing scored: an empty table."""
+EMPTY_SHARD = "empty shard: no explainable latent"
 
 # New explanations, or a changed setting of this scorer (its code version), re-run exactly the
 # affected partitions; partitions never materialized follow `eager` as usual.
@@ -250,9 +263,11 @@ def scorer_asset(spec: ScorerSpec, settings: ScorerSettings, automate: bool) -> 
         )
         max_latents = resources.settings.max_latents_per_shard
         frame, examples = asyncio.run(score_partition(spec, ctx, exemplars, explanations, load_corpus(root).vocab, max_latents, context.log.info))
-        write_table(frame, root.scores_path(coder, shard, spec.name))
-        write_table(examples, root.scored_examples_path(coder, shard, spec.name))
+        write_table(frame, root.scores_path(coder, shard, spec.name), SCORES_SCHEMA)
+        write_table(examples, root.scored_examples_path(coder, shard, spec.name), SCORED_EXAMPLES_SCHEMA)
         metadata = scorer_metadata(spec, settings, frame, examples)
+        if not len(exemplars):
+            metadata["verdict"] = EMPTY_SHARD
         if client is not None:
             metadata.update(client.ledger.as_metadata())
         context.log.info(f"{spec.name}: {metadata['verdict']}")
@@ -268,12 +283,12 @@ def summary_table(root, coder: str, scorers: list[str]) -> pd.DataFrame:
         main = SCORERS[name].main_metric
         for shard in shard_partitions.get_partition_keys():
             path = root.scores_path(coder, shard, name)
-            if path.exists():
-                frame = pd.read_parquet(path)
+            frame = pd.read_parquet(path) if path.exists() else pd.DataFrame()
+            if len(frame):  # an empty shard adds nothing
                 parts.append(pd.DataFrame({"latent": frame["latent"], "shard": shard, "scorer": name, "explanation": frame["explanation"],
                                            "score": frame[main], "control": frame[f"control_{main}"], "gap": frame["gap"]}))
     if not parts:
-        return pd.DataFrame(columns=["latent", "shard", "explanation"])
+        return SUMMARY_SCHEMA.empty_table().to_pandas()
     long = pd.concat(parts, ignore_index=True)
     explanation = long[long["explanation"] != ""].groupby("latent")["explanation"].first()
     wide = long.pivot_table(index=["latent", "shard"], columns="scorer", values=["score", "control", "gap"], aggfunc="first")
@@ -302,7 +317,7 @@ def score_summary(context: AssetExecutionContext) -> MaterializeResult:
     coder = context.partition_key
     root = context.resources.settings.root
     table = summary_table(root, coder, list(SCORERS))
-    write_table(table, root.score_summary_path(coder))
+    write_table(table, root.score_summary_path(coder), SUMMARY_SCHEMA)
     present = [name for name in SCORERS if name in table.columns]
     metadata = {"latents": int(table["latent"].nunique()) if len(table) else 0, "scorers": ", ".join(present) or "none yet"}
     for name in present:

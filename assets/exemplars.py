@@ -20,7 +20,6 @@ import pyarrow as pa
 import torch
 from dagster import (
     AssetDep,
-    AutomationCondition,
     AssetExecutionContext,
     Config,
     MaterializeResult,
@@ -29,6 +28,7 @@ from dagster import (
 )
 from pydantic import Field
 
+from assets.automation import FOLLOW
 from assets.corpus import load_corpus
 from assets.partitions import CODER_DIMENSION, N_SHARDS, coder_and_shard, coder_shard_partitions
 from resources.embedder import EmbedderResource
@@ -324,7 +324,7 @@ def negative_sources(root: DataRoot, coder_key: str, corpus, config: ExemplarsCo
     partitions_def=coder_shard_partitions,
     deps=[AssetDep("activations", partition_mapping=CODER_DIMENSION)],
     code_version="2",
-    automation_condition=AutomationCondition.eager(),
+    automation_condition=FOLLOW,
     description="Explainer (train) and scorer (test) windows per live latent, non-activating windows tagged by source, and per-latent statistics.",
 )
 def exemplars(context: AssetExecutionContext, config: ExemplarsConfig, settings: AutointerpSettings, embedder: EmbedderResource) -> MaterializeResult:

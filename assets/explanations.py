@@ -16,9 +16,10 @@ from typing import Literal
 import numpy as np
 import pandas as pd
 import pyarrow as pa
-from dagster import AssetDep, AssetExecutionContext, AutomationCondition, Config, MaterializeResult, MetadataValue, asset
+from dagster import AssetDep, AssetExecutionContext, Config, MaterializeResult, MetadataValue, asset
 from pydantic import Field
 
+from assets.automation import FOLLOW
 from assets.corpus import load_corpus
 from assets.partitions import coder_and_shard, coder_shard_partitions
 from assets.prompts import contrastive_messages, explainer_messages, parse_explanation, token_table_messages, top_tokens_messages
@@ -122,7 +123,7 @@ async def explain_all(client: ProductionClient, config: ExplanationsConfig, exem
     partitions_def=coder_shard_partitions,
     deps=[AssetDep("exemplars")],
     code_version="2",
-    automation_condition=AutomationCondition.eager(),
+    automation_condition=FOLLOW,
     description="One natural-language explanation per latent (highlighted, contrastive, token-table or top-tokens explainer, optionally best of N), embedded into LanceDB.",
 )
 def explanations(

@@ -30,6 +30,7 @@ from dagster import (
     asset,
 )
 
+from assets.automation import FOLLOW
 from assets.corpus import load_corpus
 from assets.explanations import selected_latents
 from assets.partitions import CODER_DIMENSION, coder_and_shard, coder_partitions, coder_shard_partitions, shard_partitions
@@ -53,16 +54,23 @@ SUMMARY_SCHEMA = pa.schema([("latent", pa.int64()), ("shard", pa.large_string())
 EMPTY_SHARD = "empty shard: no explainable latent"
 
 # New explanations, or a changed setting of this scorer (its code version), re-run exactly the
-# affected partitions; partitions never materialized follow `eager` as usual.
-SCORER_AUTOMATION = AutomationCondition.eager() | (
+# affected partitions; partitions never materialized run once their inputs are there (`FOLLOW`).
+SCORER_AUTOMATION = FOLLOW | (
     AutomationCondition.code_version_changed().since_last_handled()
     & ~AutomationCondition.missing()
     & ~AutomationCondition.in_progress()
     & ~AutomationCondition.any_deps_in_progress()
 )
-# The summary follows any scorer that updates; scorers never run (not automated) do not hold it back.
+# The summary follows any scorer that updates, and is made if missing once any scorer of its coder
+# has a table; scorers never run (not automated) do not hold it back.
 SUMMARY_AUTOMATION = (
-    AutomationCondition.any_deps_updated().since_last_handled() & ~AutomationCondition.any_deps_in_progress() & ~AutomationCondition.in_progress()
+    (
+        AutomationCondition.any_deps_updated().since_last_handled()
+        | (AutomationCondition.missing() & ~AutomationCondition.execution_failed() & AutomationCondition.any_deps_match(~AutomationCondition.missing()))
+    )
+    & ~AutomationCondition.any_deps_in_progress()
+    & ~AutomationCondition.any_deps_match(AutomationCondition.will_be_requested())
+    & ~AutomationCondition.in_progress()
 )
 
 

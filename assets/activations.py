@@ -30,7 +30,7 @@ from dagster import (
 )
 from pydantic import Field
 
-from assets.automation import FOLLOW
+from assets.automation import FOLLOW, SUBJECT_MODEL_POOL
 from assets.corpus import load_corpus
 from assets.partitions import N_SHARDS, coder_partitions
 from resources.settings import AutointerpSettings
@@ -254,6 +254,7 @@ def coder_problems(meta: dict) -> list[str]:
     deps=["corpus"],
     code_version="2",
     automation_condition=FOLLOW,
+    pool=SUBJECT_MODEL_POOL,
     check_specs=[AssetCheckSpec("coder_health", asset="activations", description="Fails on a broken coder: all latents dead, or FVU > 1.")],
     description="Sparse activations of each coder over the corpus, sharded over the latent range; all coders of a run share one forward pass.",
 )

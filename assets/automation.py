@@ -1,4 +1,6 @@
-"""When the assets run by themselves: new inputs, and anything still missing once its inputs are there.
+"""When the assets run by themselves, and how many at once.
+
+Conditions: new inputs, and anything still missing once its inputs are there.
 
 `eager()` alone requests a partition only when it *becomes* missing or an input updates while
 automation is running: partitions that were already missing when the automation sensor first
@@ -14,3 +16,8 @@ MISSING = (AutomationCondition.missing() & ~AutomationCondition.execution_failed
 
 FOLLOW = (AutomationCondition.eager() | MISSING).with_label("eager, or missing with inputs ready")
 """New inputs re-run a partition; a missing partition runs once its inputs are there."""
+
+SUBJECT_MODEL_POOL = "subject_model"
+"""Runs that load the subject model (activations, surprisal): the instance lets one run at a time."""
+LLM_POOL = "llm"
+"""Runs that wait on the explainer/scorer LLM: as many at a time as the instance allows (`autointerp instance`)."""

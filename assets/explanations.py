@@ -19,7 +19,7 @@ import pyarrow as pa
 from dagster import AssetDep, AssetExecutionContext, Config, MaterializeResult, MetadataValue, asset
 from pydantic import Field
 
-from assets.automation import FOLLOW
+from assets.automation import FOLLOW, LLM_POOL
 from assets.corpus import load_corpus
 from assets.partitions import coder_and_shard, coder_shard_partitions
 from assets.prompts import contrastive_messages, explainer_messages, parse_explanation, token_table_messages, top_tokens_messages
@@ -124,6 +124,7 @@ async def explain_all(client: ProductionClient, config: ExplanationsConfig, exem
     deps=[AssetDep("exemplars")],
     code_version="2",
     automation_condition=FOLLOW,
+    pool=LLM_POOL,
     description="One natural-language explanation per latent (highlighted, contrastive, token-table or top-tokens explainer, optionally best of N), embedded into LanceDB.",
 )
 def explanations(

@@ -30,7 +30,7 @@ from dagster import (
     asset,
 )
 
-from assets.automation import FOLLOW
+from assets.automation import FOLLOW, LLM_POOL, SUBJECT_MODEL_POOL
 from assets.corpus import load_corpus
 from assets.explanations import selected_latents
 from assets.partitions import CODER_DIMENSION, coder_and_shard, coder_partitions, coder_shard_partitions, shard_partitions
@@ -252,6 +252,7 @@ def scorer_asset(spec: ScorerSpec, settings: ScorerSettings, automate: bool) -> 
         deps=deps,
         code_version=f"{spec.version}-{settings.digest()}",
         automation_condition=SCORER_AUTOMATION if automate else None,
+        pool=SUBJECT_MODEL_POOL if "subject_model" in spec.uses else LLM_POOL if "llm" in spec.uses else None,
         required_resource_keys={"settings", *spec.uses},
         description=f"{spec.description} Each latent also scored with {spec.control}.",
     )

@@ -4,11 +4,13 @@ from dagster import AssetKey, DagsterInstance, DefaultSensorStatus, Definitions,
 from autointerp_defs.deployments import CPU_SCORERS
 from autointerp_defs.sensors import registry_sensor
 from resources.settings import AutointerpSettings
-from tests.conftest import TINY_CODER, TINY_CORPUS_CONFIG, make_resources
+from tests.conftest import TINY_CODER, TINY_CORPUS_CONFIG, TINY_HOOKPOINT, make_resources
 from tests.test_pipeline import ALL_ASSETS
 
 
-def test_new_coder_before_the_corpus_asks_for_it_then_automation_does_the_rest(registered):
+def test_new_coder_before_the_corpus_asks_for_it_then_automation_does_the_rest(registered, tiny_sae):
+    from resources.sparse_coders import save_sparsify
+
     instance = DagsterInstance.ephemeral()
     resources = make_resources(registered)
     defs = Definitions(assets=ALL_ASSETS, resources=resources)
@@ -37,6 +39,14 @@ def test_new_coder_before_the_corpus_asks_for_it_then_automation_does_the_rest(r
     assert requested(restarted, "activations") == requested(restarted, "score_summary") == 0
     running = evaluate_automation_conditions(defs=defs, instance=instance, cursor=corpus_built.cursor)
     assert requested(running, "exemplars") == 8  # and so does the automation that saw them arrive
+
+    # a coder dropped once the corpus exists: only its partition; automation caches it
+    save_sparsify(tiny_sae, registered / "registry" / "second" / TINY_HOOKPOINT)
+    with build_sensor_context(instance=instance, resources={"settings": resources["settings"]}) as context:
+        second = registry_sensor(context)
+    assert second.dynamic_partitions_requests[0].partition_keys == [f"second/{TINY_HOOKPOINT}"] and not second.run_requests
+    instance.add_dynamic_partitions("coder", [f"second/{TINY_HOOKPOINT}"])
+    assert requested(evaluate_automation_conditions(defs=defs, instance=instance, cursor=running.cursor), "activations") == 1
 
 
 def test_automation_is_on_by_default_for_every_asset():

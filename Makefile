@@ -36,4 +36,4 @@ test: install-test
 	$(VENV)/bin/pytest -q
 
 ui: instance
-	$(VENV)/bin/dagster dev -m autointerp_defs -h 127.0.0.1 -p 3000
+	$(VENV)/bin/autointerp ui --host 127.0.0.1 --port 3000

@@ -1,6 +1,7 @@
-"""The README's way, live: `dagster dev` on a fresh instance, a coder dropped into the registry, and
-everything down to `score_summary` happens by itself, within the run limits; then nothing more
-happens, and Ctrl-C leaves no process behind."""
+"""The README's way, live: `autointerp ui` (what `make ui` runs: Dagster's webserver and daemon) on
+a fresh instance, a coder dropped into the registry, and everything down to `score_summary`
+happens by itself, within the run limits; then nothing more happens, and Ctrl-C leaves no process
+behind."""
 import json
 import os
 import signal
@@ -16,11 +17,11 @@ import pytest
 
 from autointerp_defs.instance import write_instance
 from tests.scripted_llm_server import ScriptedLLMServer, answer_by_prompt
+from tests.test_defs import STAGES
 
 CODER = "small-topk/model.layers.3"
 SHARDS = ("00", "01")
 SCORERS = ("detection", "fuzzing")
-STAGES = {"corpus", "activations", "exemplars", "explanations", "score_summary", *(f"scores/{n}" for n in ("detection", "fuzzing", "intruder", "simulation", "surprisal", "embedding"))}
 MAX_RUNS, LLM_RUNS = 3, 1
 TIME_LIMIT_S = 900
 
@@ -76,7 +77,7 @@ def most_at_once(runs: list[dict]) -> int:
 
 
 def left_behind(home: Path) -> list[psutil.Process]:
-    """Processes whose environment names this test's DAGSTER_HOME: what `dagster dev` started."""
+    """Processes whose environment names this test's DAGSTER_HOME: what `autointerp ui` started."""
     found = []
     for process in psutil.process_iter():
         try:
@@ -100,9 +101,8 @@ def test_dropped_coder_runs_to_the_summary_by_itself_within_limits_then_stays_qu
         env = {**os.environ, "DAGSTER_HOME": str(home), "AUTOINTERP_DATA": str(data), "AUTOINTERP_DEPLOYMENT": "remote",
                "AUTOINTERP_LLM_BASE_URL": server.base_url, "AUTOINTERP_LLM_MODEL": "scripted", "AUTOINTERP_N_SHARDS": str(len(SHARDS)),
                "AUTOINTERP_AUTOMATED_SCORERS": ",".join(SCORERS), "AUTOINTERP_MAX_LATENTS": "3", "AUTOINTERP_CORPUS_TOKENS": "4096"}
-        dagster = Path(sys.executable).parent / "dagster"
-        log = tmp_path / "dagster_dev.log"
-        proc = subprocess.Popen([str(dagster), "dev", "-m", "autointerp_defs", "-h", "127.0.0.1", "-p", str(port)], env=env,
+        log = tmp_path / "ui.log"
+        proc = subprocess.Popen([str(Path(sys.executable).parent / "autointerp"), "ui", "--host", "127.0.0.1", "--port", str(port)], env=env,
                                 stdout=log.open("w"), stderr=subprocess.STDOUT, start_new_session=True)
         ui = UI(port)
         try:
@@ -169,3 +169,4 @@ def test_dropped_coder_runs_to_the_summary_by_itself_within_limits_then_stays_qu
     assert not left_behind(home)
     output = log.read_text()
     assert "Traceback" not in output and "Error loading" not in output, output[-3000:]
+    assert "superseded" not in output.lower() and "deprecat" not in output.lower(), output[-3000:]

@@ -340,11 +340,12 @@ def exemplars(context: AssetExecutionContext, config: ExemplarsConfig, settings:
     write_table(frame, root.exemplars_path(coder, shard), EXEMPLARS_SCHEMA)
     write_table(latent_stats, root.latent_stats_path(coder, shard), LATENT_STATS_SCHEMA)
     counts = frame.groupby("kind").size().to_dict() if len(frame) else {}
-    if not len(latent_stats):
-        context.log.warning(f"{coder} shard {shard}: no explainable latent ({len(latents)} live, none in {config.min_activating_windows} windows or more)")
+    note = {} if len(latent_stats) else {"note": f"empty shard: no explainable latent ({len(latents)} live latents, none fires in {config.min_activating_windows} windows or more)"}
+    if note:
+        context.log.warning(f"{coder} shard {shard}: {note['note']}")
     return MaterializeResult(
         metadata={
-            **({} if len(latent_stats) else {"note": f"empty shard: no explainable latent ({len(latents)} live latents, none fires in {config.min_activating_windows} windows or more)"}),
+            **note,
             "latents_with_exemplars": len(latent_stats),
             "windows": len(frame),
             **{f"windows_{kind}": int(n) for kind, n in counts.items()},

@@ -44,7 +44,7 @@ def serve(host: str = "127.0.0.1", port: int = 3000, startup_timeout_s: int = 30
             check = [str(bin_dir / "dagster"), "api", "grpc-health-check", "-p", str(code_port)]
             if subprocess.run(check, capture_output=True).returncode == 0:
                 break
-            time.sleep(1)
+            time.sleep(2)  # each check is a short Python process: do not crowd the code server loading
         if not stopping and services[0].poll() is None:
             services.append(subprocess.Popen([str(bin_dir / "dagster-webserver"), "-w", str(workspace), "-h", host, "-p", str(port)]))
             services.append(subprocess.Popen([str(bin_dir / "dagster-daemon"), "run", "-w", str(workspace)]))

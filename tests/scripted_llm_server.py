@@ -19,6 +19,7 @@ import json
 import re
 import threading
 import time
+import zlib
 from concurrent.futures import ThreadPoolExecutor
 from http import HTTPStatus
 
@@ -105,11 +106,12 @@ class ScriptedLLMServer:
 
 
 def answer_by_prompt(messages) -> str:
-    """A well-formed answer to any of our prompts: an explanation for explainers, a list of the asked
-    length for scorers (alternating 1, 0 for 0/1 lists, 1 for the intruder, 5 for simulation)."""
+    """A well-formed answer to any of our prompts: an explanation for explainers (its own for each
+    prompt, so controls differ), a list of the asked length for scorers (alternating 1, 0 for 0/1
+    lists, 1 for the intruder, 5 for simulation)."""
     asked = re.search(r"Answer with (\d+|one) (numbers|integers|number)", messages[-1]["content"])
     if asked is None:
-        return "Explanation: a scripted explanation"
+        return f"Explanation: scripted explanation {zlib.crc32(messages[-1]['content'].encode()):08x}"
     if asked.group(1) == "one":
         return "[1]"
     n = int(asked.group(1))

@@ -3,8 +3,12 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 export DAGSTER_HOME ?= $(CURDIR)/.dagster_home
 export AUTOINTERP_DATA ?= $(CURDIR)/data
+# Runs in progress at once, and of those how many may wait on the LLM (explanations, LLM scorers);
+# runs that load the subject model always go one at a time. Written into $(DAGSTER_HOME)/dagster.yaml.
+AUTOINTERP_MAX_RUNS ?= 2
+AUTOINTERP_LLM_RUNS ?= 2
 
-.PHONY: install install-test demo test ui
+.PHONY: install install-test instance demo test ui
 
 # torch first, pinned to the CPU build that is on this machine's disk (any other pulls GBs).
 $(VENV)/.installed: pyproject.toml
@@ -22,13 +26,14 @@ install: $(VENV)/.installed
 
 install-test: $(VENV)/.installed-test
 
-demo: install
-	mkdir -p $(DAGSTER_HOME)
+instance: install
+	$(VENV)/bin/autointerp instance --max-runs $(AUTOINTERP_MAX_RUNS) --llm-runs $(AUTOINTERP_LLM_RUNS)
+
+demo: instance
 	$(VENV)/bin/autointerp demo
 
 test: install-test
 	$(VENV)/bin/pytest -q
 
-ui: install
-	mkdir -p $(DAGSTER_HOME)
-	$(VENV)/bin/dagster dev -m autointerp_defs -h 127.0.0.1 -p 3000
+ui: instance
+	$(VENV)/bin/autointerp ui --host 127.0.0.1 --port 3000

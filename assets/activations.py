@@ -31,6 +31,7 @@ from dagster import (
 )
 from pydantic import Field
 
+from assets.automation import FOLLOW, SUBJECT_MODEL_POOL
 from assets.corpus import load_corpus
 from assets.partitions import N_SHARDS, coder_partitions
 from resources.settings import AutointerpSettings
@@ -271,6 +272,8 @@ def coder_problems(meta: dict) -> list[str]:
     backfill_policy=BackfillPolicy.single_run(),
     deps=["corpus"],
     code_version="2",
+    automation_condition=FOLLOW,
+    pool=SUBJECT_MODEL_POOL,
     check_specs=[AssetCheckSpec("coder_health", asset="activations", blocking=True, description="Fails on a broken coder: all latents dead, or FVU > 1 or not finite; blocks everything downstream.")],
     description="Sparse activations of each coder over the corpus, sharded over the latent range; all coders of a run share one forward pass.",
 )

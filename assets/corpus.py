@@ -8,6 +8,7 @@ and headings filtered out, so the demo needs no download and no extra package.
 import functools
 import hashlib
 import json
+import os
 import random
 import re
 from dataclasses import dataclass
@@ -36,7 +37,8 @@ class CorpusConfig(Config):
     text_field: str = Field(default="text", description="Column holding the text in jsonl/parquet/HF sources.")
     split: str = Field(default="train", description="Split of a Hugging Face dataset.")
     ctx_len: int = Field(default=128, description="Tokens per sequence, BOS included.")
-    n_tokens: int = Field(default=65_536, description="Tokens to keep (rounded down to whole sequences).")
+    n_tokens: int = Field(default=int(os.environ.get("AUTOINTERP_CORPUS_TOKENS", 65_536)),
+                          description="Tokens to keep (rounded down to whole sequences); default $AUTOINTERP_CORPUS_TOKENS or 65,536.")
     add_bos: bool = Field(default=True, description="Start every sequence with the tokenizer's BOS token.")
     seed: int = Field(default=0, description="Seed of the document shuffle.")
 

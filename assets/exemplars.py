@@ -17,10 +17,10 @@ from typing import Literal
 
 import numpy as np
 import pandas as pd
+import pyarrow as pa
 import torch
 from dagster import (
     AssetDep,
-    AutomationCondition,
     AssetExecutionContext,
     Config,
     Failure,
@@ -30,6 +30,7 @@ from dagster import (
 )
 from pydantic import Field
 
+from assets.automation import FOLLOW
 from assets.corpus import load_corpus
 from assets.partitions import CODER_DIMENSION, N_SHARDS, coder_and_shard, coder_shard_partitions
 from resources.embedder import EmbedderResource
@@ -42,6 +43,16 @@ from storage.tables import write_table
 from storage.vector_store import ContextIndex, contexts_table_name, ensure_contexts
 
 EXEMPLAR_COLUMNS = ["latent", "split", "kind", "quantile", "sequence", "start", "max_activation", "tokens", "activations"]
+EXEMPLARS_SCHEMA = pa.schema([
+    ("latent", pa.int64()), ("split", pa.large_string()), ("kind", pa.large_string()), ("quantile", pa.int64()), ("sequence", pa.int64()),
+    ("start", pa.int64()), ("max_activation", pa.float64()), ("tokens", pa.list_(pa.int64())), ("activations", pa.list_(pa.float64())),
+])
+LATENT_STATS_SCHEMA = pa.schema([
+    ("latent", pa.int64()), ("frequency", pa.float64()), ("max_activation", pa.float64()), ("mean_activation", pa.float64()),
+    ("activating_windows", pa.int64()), ("quantile_boundaries", pa.list_(pa.float64())), ("top_tokens", pa.list_(pa.int64())),
+    ("top_token_mean_activation", pa.list_(pa.float64())), ("neighbours", pa.list_(pa.int64())),
+])
+"""The tables' types, written as they are when a shard has no explainable latent (an empty table)."""
 NON_ACTIVATING_SOURCES = ("random", "neighbour", "embedding")
 
 
@@ -324,7 +335,7 @@ def read_activations_meta(acts_dir: Path, coder: str) -> dict:
     partitions_def=coder_shard_partitions,
     deps=[AssetDep("activations", partition_mapping=CODER_DIMENSION)],
     code_version="2",
-    automation_condition=AutomationCondition.eager(),
+    automation_condition=FOLLOW,
     description="Explainer (train) and scorer (test) windows per live latent, non-activating windows tagged by source, and per-latent statistics.",
 )
 def exemplars(context: AssetExecutionContext, config: ExemplarsConfig, settings: AutointerpSettings, embedder: EmbedderResource) -> MaterializeResult:
@@ -346,11 +357,15 @@ def exemplars(context: AssetExecutionContext, config: ExemplarsConfig, settings:
     latents = sorted({int(x) for x in np.unique(shard_acts.locations[:, 2])})
     sources = negative_sources(root, coder, corpus, config, latents, embedder, meta)
     frame, latent_stats = build_exemplars(shard_acts, corpus.tokens, config, sources, stats, meta["tokens"])
-    write_table(frame, root.exemplars_path(coder, shard))
-    write_table(latent_stats, root.latent_stats_path(coder, shard))
+    write_table(frame, root.exemplars_path(coder, shard), EXEMPLARS_SCHEMA)
+    write_table(latent_stats, root.latent_stats_path(coder, shard), LATENT_STATS_SCHEMA)
     counts = frame.groupby("kind").size().to_dict() if len(frame) else {}
+    note = {} if len(latent_stats) else {"note": f"empty shard: no explainable latent ({len(latents)} live latents, none fires in {config.min_activating_windows} windows or more)"}
+    if note:
+        context.log.warning(f"{coder} shard {shard}: {note['note']}")
     return MaterializeResult(
         metadata={
+            **note,
             "latents_with_exemplars": len(latent_stats),
             "windows": len(frame),
             **{f"windows_{kind}": int(n) for kind, n in counts.items()},

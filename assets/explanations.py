@@ -15,9 +15,11 @@ from typing import Literal
 
 import numpy as np
 import pandas as pd
-from dagster import AssetDep, AssetExecutionContext, AutomationCondition, Config, Failure, MaterializeResult, MetadataValue, asset
+import pyarrow as pa
+from dagster import AssetDep, AssetExecutionContext, Config, Failure, MaterializeResult, MetadataValue, asset
 from pydantic import Field
 
+from assets.automation import FOLLOW, LLM_POOL
 from assets.corpus import load_corpus
 from assets.partitions import coder_and_shard, coder_shard_partitions
 from assets.prompts import REASK_EXPLANATION, contrastive_messages, explainer_messages, parse_explanation, plain_text, token_table_messages, top_tokens_messages
@@ -30,6 +32,11 @@ from storage.tables import read_table, write_table
 from storage.vector_store import upsert_explanations
 
 EXPLANATION_COLUMNS = ["latent", "explainer", "explanation", "status", "error", "prompt_tokens", "completion_tokens", "model", "candidates", "candidate_scores", "examples_dropped"]
+EXPLANATIONS_SCHEMA = pa.schema([
+    ("latent", pa.int64()), ("explainer", pa.large_string()), ("explanation", pa.large_string()), ("status", pa.large_string()), ("error", pa.large_string()),
+    ("prompt_tokens", pa.int64()), ("completion_tokens", pa.int64()), ("model", pa.large_string()), ("candidates", pa.list_(pa.string())),
+    ("candidate_scores", pa.list_(pa.float64())), ("examples_dropped", pa.int64()),
+])
 
 
 class ExplanationsConfig(Config):
@@ -144,7 +151,8 @@ async def explain_all(client: ProductionClient, config: ExplanationsConfig, exem
     partitions_def=coder_shard_partitions,
     deps=[AssetDep("exemplars")],
     code_version="2",
-    automation_condition=AutomationCondition.eager(),
+    automation_condition=FOLLOW,
+    pool=LLM_POOL,
     description="One natural-language explanation per latent (highlighted, contrastive, token-table or top-tokens explainer, optionally best of N), embedded into LanceDB.",
 )
 def explanations(
@@ -160,7 +168,7 @@ def explanations(
     frame = asyncio.run(explain_all(client, config, exemplars, latent_stats, latents, load_corpus(root).prompt_vocab, embedder.embed, context.log.info))
     if len(frame) and not (frame["status"] == "ok").any():
         raise nothing_succeeded("explanations", f"all {len(frame)} latents failed", frame["error"])
-    write_table(frame, root.explanations_path(coder, shard))
+    write_table(frame, root.explanations_path(coder, shard), EXPLANATIONS_SCHEMA)
     ok = frame[frame["status"] == "ok"]
     if len(ok):
         upsert_explanations(root.lancedb_dir, coder, ok["latent"].tolist(), ok["explanation"].tolist(), embedder.embed(ok["explanation"].tolist()))
@@ -169,6 +177,7 @@ def explanations(
         context.log.warning(f"{budget_stopped} latents were not explained: the LLM budget was reached; they will be asked next time")
     return MaterializeResult(
         metadata={
+            **({} if latents else {"note": "empty shard: no explainable latent, nothing asked"}),
             "explained": len(ok),
             "failed": int((frame["status"] == "failed").sum()),
             "stopped_by_budget": budget_stopped,

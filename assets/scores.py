@@ -18,6 +18,7 @@ import json
 
 import numpy as np
 import pandas as pd
+import pyarrow as pa
 from dagster import (
     AssetDep,
     AssetExecutionContext,
@@ -29,6 +30,7 @@ from dagster import (
     asset,
 )
 
+from assets.automation import FOLLOW, LLM_POOL, SUBJECT_MODEL_POOL
 from assets.corpus import load_corpus
 from assets.explanations import nothing_succeeded, selected_latents
 from assets.partitions import CODER_DIMENSION, coder_and_shard, coder_partitions, coder_shard_partitions, shard_partitions
@@ -38,18 +40,38 @@ from resources.llm import gather_with_progress
 from storage.tables import read_table, write_table
 
 NUMERIC = (*BINARY, *CONFUSION, "roc_auc", "pearson", "n_scored", "ev_correlation", "rsquared", "logprob_fraction")
+SCORES_SCHEMA = pa.schema([
+    ("latent", pa.int64()), ("explanation", pa.large_string()), ("control_explanation", pa.large_string()), ("control_note", pa.large_string()),
+    *((m, pa.float64()) for m in NUMERIC), ("quantile_accuracy", pa.large_string()), *((f"control_{m}", pa.float64()) for m in NUMERIC),
+    ("control_quantile_accuracy", pa.large_string()), ("gap", pa.float64()), ("n_failed", pa.int64()), ("n_dropped", pa.int64()),
+    ("failures", pa.large_string()), ("prompt_tokens", pa.int64()),
+])
+SCORED_EXAMPLES_SCHEMA = pa.schema([
+    ("example", pa.int64()), ("label", pa.int64()), ("quantile", pa.int64()), ("activation", pa.float64()), ("prediction", pa.float64()),
+    ("score", pa.float64()), ("predicted", pa.int64()), ("latent", pa.int64()), ("source", pa.large_string()),
+])
+SUMMARY_SCHEMA = pa.schema([("latent", pa.int64()), ("shard", pa.large_string()), ("explanation", pa.large_string()), ("mean_gap", pa.float64())])
+"""The tables' types, written as they are when a shard (or a coder) has nothing scored: an empty table."""
+EMPTY_SHARD = "empty shard: no explainable latent"
 
 # New explanations, or a changed setting of this scorer (its code version), re-run exactly the
-# affected partitions; partitions never materialized follow `eager` as usual.
-SCORER_AUTOMATION = AutomationCondition.eager() | (
+# affected partitions; partitions never materialized run once their inputs are there (`FOLLOW`).
+SCORER_AUTOMATION = FOLLOW | (
     AutomationCondition.code_version_changed().since_last_handled()
     & ~AutomationCondition.missing()
     & ~AutomationCondition.in_progress()
     & ~AutomationCondition.any_deps_in_progress()
 )
-# The summary follows any scorer that updates; scorers never run (not automated) do not hold it back.
+# The summary follows any scorer that updates, and is made if missing once any scorer of its coder
+# has a table; scorers never run (not automated) do not hold it back.
 SUMMARY_AUTOMATION = (
-    AutomationCondition.any_deps_updated().since_last_handled() & ~AutomationCondition.any_deps_in_progress() & ~AutomationCondition.in_progress()
+    (
+        AutomationCondition.any_deps_updated().since_last_handled()
+        | (AutomationCondition.missing() & ~AutomationCondition.execution_failed() & AutomationCondition.any_deps_match(~AutomationCondition.missing()))
+    )
+    & ~AutomationCondition.any_deps_in_progress()
+    & ~AutomationCondition.any_deps_match(AutomationCondition.will_be_requested())
+    & ~AutomationCondition.in_progress()
 )
 
 
@@ -243,6 +265,7 @@ def scorer_asset(spec: ScorerSpec, settings: ScorerSettings, automate: bool) -> 
         deps=deps,
         code_version=f"{spec.version}-{settings.digest()}",
         automation_condition=SCORER_AUTOMATION if automate else None,
+        pool=SUBJECT_MODEL_POOL if "subject_model" in spec.uses else LLM_POOL if "llm" in spec.uses else None,
         required_resource_keys={"settings", *spec.uses},
         description=f"{spec.description} Each latent also scored with {spec.control}.",
     )
@@ -265,9 +288,11 @@ def scorer_asset(spec: ScorerSpec, settings: ScorerSettings, automate: bool) -> 
         if len(frame) and frame["n_failed"].sum() > 0 and (frame["n_scored"].fillna(0) + frame["control_n_scored"].fillna(0)).sum() == 0:
             reasons = pd.Series([reason for cell in frame["failures"] for reason in json.loads(cell)], dtype=str)
             raise nothing_succeeded(f"scores/{spec.name}", f"no example of {len(frame)} latents could be scored", reasons)
-        write_table(frame, root.scores_path(coder, shard, spec.name))
-        write_table(examples, root.scored_examples_path(coder, shard, spec.name))
+        write_table(frame, root.scores_path(coder, shard, spec.name), SCORES_SCHEMA)
+        write_table(examples, root.scored_examples_path(coder, shard, spec.name), SCORED_EXAMPLES_SCHEMA)
         metadata = scorer_metadata(spec, settings, frame, examples)
+        if not len(exemplars):
+            metadata["verdict"] = EMPTY_SHARD
         if client is not None:
             metadata.update(client.ledger.as_metadata())
         context.log.info(f"{spec.name}: {metadata['verdict']}")
@@ -283,12 +308,12 @@ def summary_table(root, coder: str, scorers: list[str]) -> pd.DataFrame:
         main = SCORERS[name].main_metric
         for shard in shard_partitions.get_partition_keys():
             path = root.scores_path(coder, shard, name)
-            if path.exists():
-                frame = pd.read_parquet(path)
+            frame = pd.read_parquet(path) if path.exists() else pd.DataFrame()
+            if len(frame):  # an empty shard adds nothing
                 parts.append(pd.DataFrame({"latent": frame["latent"], "shard": shard, "scorer": name, "explanation": frame["explanation"],
                                            "score": frame[main], "control": frame[f"control_{main}"], "gap": frame["gap"]}))
     if not parts:
-        return pd.DataFrame(columns=["latent", "shard", "explanation"])
+        return SUMMARY_SCHEMA.empty_table().to_pandas()
     long = pd.concat(parts, ignore_index=True)
     explanation = long[long["explanation"] != ""].groupby("latent")["explanation"].first()
     wide = long.pivot_table(index=["latent", "shard"], columns="scorer", values=["score", "control", "gap"], aggfunc="first")
@@ -317,7 +342,7 @@ def score_summary(context: AssetExecutionContext) -> MaterializeResult:
     coder = context.partition_key
     root = context.resources.settings.root
     table = summary_table(root, coder, list(SCORERS))
-    write_table(table, root.score_summary_path(coder))
+    write_table(table, root.score_summary_path(coder), SUMMARY_SCHEMA)
     present = [name for name in SCORERS if name in table.columns]
     metadata = {"latents": int(table["latent"].nunique()) if len(table) else 0, "scorers": ", ".join(present) or "none yet"}
     for name in present:

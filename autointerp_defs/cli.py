@@ -170,6 +170,12 @@ def _main(argv: list[str] | None = None) -> None:
     caching.add_argument("coders", nargs="+", help="coder partition keys, e.g. smollm2-topk/model.layers.15")
     caching.add_argument("--batch-size", type=int, default=16, help="sequences per forward pass (0 = from free GPU memory)")
     caching.add_argument("--checkpoint-entries", type=int, default=1 << 20, help="buffered pairs per checkpoint")
+    setup = commands.add_parser("instance", help="write $DAGSTER_HOME/dagster.yaml: run limits for this machine, no new-user dialog")
+    setup.add_argument("--max-runs", type=int, default=2, help="runs in progress at once")
+    setup.add_argument("--llm-runs", type=int, default=2, help="runs waiting on the LLM at once (explanations, LLM scorers)")
+    ui = commands.add_parser("ui", help="the Dagster UI and daemon on $DAGSTER_HOME (what `dagster dev` does, without its supersession warning)")
+    ui.add_argument("--host", default="127.0.0.1")
+    ui.add_argument("--port", type=int, default=3000)
     find = commands.add_parser("search", help="semantic search over stored explanations")
     find.add_argument("query")
     find.add_argument("--limit", type=int, default=10)
@@ -183,6 +189,14 @@ def _main(argv: list[str] | None = None) -> None:
         if not (home / "dagster.yaml").exists():
             (home / "dagster.yaml").write_text("telemetry:\n  enabled: false\n")
         run_demo(args.data, args.force)
+    elif args.command == "instance":
+        from autointerp_defs.instance import write_instance
+
+        print(f"wrote {write_instance(os.environ.get('DAGSTER_HOME') or Path('.dagster_home').resolve(), args.max_runs, args.llm_runs)}")
+    elif args.command == "ui":
+        from autointerp_defs.ui import serve
+
+        sys.exit(serve(args.host, args.port))
     elif args.command == "cache":
         cache(args.data, args.coders, args.batch_size, args.checkpoint_entries)
     elif args.command == "search":

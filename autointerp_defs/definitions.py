@@ -1,7 +1,8 @@
-"""Builds the one `Definitions`: the assets (one per scorer), the registry sensor, and the deployment's resources."""
+"""Builds the one `Definitions`: the assets (one per scorer), the registry sensor, the automation
+sensor (on by default, so a fresh instance runs the graph by itself), and the deployment's resources."""
 from __future__ import annotations
 
-from dagster import AssetSelection, Definitions, define_asset_job
+from dagster import AssetSelection, AutomationConditionSensorDefinition, DefaultSensorStatus, Definitions, define_asset_job
 
 from assets.activations import activations
 from assets.corpus import corpus
@@ -11,6 +12,13 @@ from assets.scorers import SCORERS
 from assets.scores import score_summary, scorer_asset, scorer_key
 from autointerp_defs.deployments import automated_scorers, resources_for, scorer_settings_for
 from autointerp_defs.sensors import registry_sensor
+
+automation_sensor = AutomationConditionSensorDefinition(
+    "autointerp_automation",
+    target=AssetSelection.all(),
+    default_status=DefaultSensorStatus.RUNNING,
+    description="Runs every asset's automation condition: activations of new coders, then exemplars, explanations, the automated scorers and the summary.",
+)
 
 
 def build_definitions(deployment: str | None = None, scorer_overrides: dict[str, dict] | None = None) -> Definitions:
@@ -26,7 +34,7 @@ def build_definitions(deployment: str | None = None, scorer_overrides: dict[str,
     )
     return Definitions(
         assets=[corpus, activations, exemplars, explanations, *scorer_assets, score_summary],
-        sensors=[registry_sensor],
+        sensors=[registry_sensor, automation_sensor],
         jobs=[explain_and_score],
         resources=resources_for(deployment),
     )

@@ -1,20 +1,27 @@
-"""The registry sensor: a sparse coder dropped into the registry becomes a `coder` partition and a run."""
+"""The registry sensor: a sparse coder dropped into the registry becomes a `coder` partition.
+
+The sensor only adds partitions (and asks for the corpus if there is none yet); declarative
+automation then requests the new coders' activations, one backfill for all coders found in the
+same tick, which runs as one forward pass (`BackfillPolicy.single_run`), and everything downstream.
+Leaving the activations run to automation means it is requested once, by one party, and again
+whenever it is missing with its inputs ready, e.g. once a missing corpus has been built.
+"""
 
 from dagster import AssetKey, DefaultSensorStatus, RunRequest, SensorEvaluationContext, SensorResult, SkipReason, sensor
-
-from dagster._core.storage.tags import ASSET_PARTITION_RANGE_END_TAG, ASSET_PARTITION_RANGE_START_TAG
 
 from assets.partitions import coder_partitions
 from resources.settings import AutointerpSettings
 from resources.sparse_coders import RegistryError, scan_registry
 
+CORPUS = AssetKey("corpus")
+
 
 @sensor(
     name="sparse_coder_registry",
     minimum_interval_seconds=30,
-    asset_selection=[AssetKey("activations")],
+    asset_selection=[CORPUS],
     default_status=DefaultSensorStatus.RUNNING,
-    description="Adds a `coder` partition for each new <name>/<hookpoint> folder in the registry and caches the new coders' activations in one run; the downstream assets follow by automation.",
+    description="Adds a `coder` partition for each new <name>/<hookpoint> folder in the registry, and builds the corpus if there is none; activations and everything downstream follow by automation.",
 )
 def registry_sensor(context: SensorEvaluationContext, settings: AutointerpSettings):
     try:
@@ -25,11 +32,6 @@ def registry_sensor(context: SensorEvaluationContext, settings: AutointerpSettin
     new = [key for key in registered if key not in known]
     if not new:
         return SkipReason(f"no new sparse coder in {settings.root.registry_dir} ({len(registered)} registered)")
-    # New keys are appended to the partition in order, so [first, last] spans exactly them: one run,
-    # one forward pass of the subject model for all of them.
-    request = RunRequest(
-        run_key=f"activations:{','.join(new)}",
-        asset_selection=[AssetKey("activations")],
-        **({"partition_key": new[0]} if len(new) == 1 else {"tags": {ASSET_PARTITION_RANGE_START_TAG: new[0], ASSET_PARTITION_RANGE_END_TAG: new[-1]}}),
-    )
-    return SensorResult(run_requests=[request], dynamic_partitions_requests=[coder_partitions.build_add_request(new)])
+    corpus_missing = context.instance.get_latest_materialization_event(CORPUS) is None
+    requests = [RunRequest(run_key=f"corpus:{','.join(new)}", asset_selection=[CORPUS])] if corpus_missing else []
+    return SensorResult(run_requests=requests, dynamic_partitions_requests=[coder_partitions.build_add_request(new)])

@@ -4,13 +4,20 @@ from __future__ import annotations
 from pathlib import Path
 
 import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
 
 from storage.atomic import atomic_path
 
 
-def write_table(frame: pd.DataFrame, path: Path) -> None:
+def write_table(frame: pd.DataFrame, path: Path, schema: pa.Schema | None = None) -> None:
+    """Write `frame`; an empty one is written with `schema`, so that a shard with nothing in it is still
+    a valid table whose every column has its type (pandas would write no column, or untyped ones)."""
     with atomic_path(path) as tmp:
-        frame.to_parquet(tmp, index=False)
+        if schema is not None and not len(frame):
+            pq.write_table(schema.empty_table(), tmp)
+        else:
+            frame.to_parquet(tmp, index=False)
 
 
 def read_table(path: Path, stage: str) -> pd.DataFrame:

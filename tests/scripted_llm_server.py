@@ -18,8 +18,10 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 import threading
 import time
+import zlib
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from http import HTTPStatus
@@ -150,15 +152,31 @@ class ScriptedLLMServer:
         }, {}
 
 
+def answer_by_prompt(messages) -> str:
+    """A well-formed answer to any of our prompts: an explanation for explainers (its own for each
+    prompt, so controls differ), a list of the asked length for scorers (alternating 1, 0 for 0/1
+    lists, 1 for the intruder, 5 for simulation)."""
+    asked = re.search(r"Answer with (\d+|one) (numbers|integers|number)", messages[-1]["content"])
+    if asked is None:
+        return f"Explanation: scripted explanation {zlib.crc32(messages[-1]['content'].encode()):08x}"
+    if asked.group(1) == "one":
+        return "[1]"
+    n = int(asked.group(1))
+    return str([5] * n if asked.group(2) == "integers" else [1 - i % 2 for i in range(n)])
+
+
 def main() -> None:
-    """Serve a fixed answer after a fixed delay until killed; prints the base URL first (for benches)."""
+    """Serve a fixed answer (or, with --by-prompt, `answer_by_prompt`) after a fixed delay until killed;
+    prints the base URL first (for benches and the live `dagster dev` test)."""
     import argparse
 
     parser = argparse.ArgumentParser()
     parser.add_argument("--delay", type=float, default=0.2)
     parser.add_argument("--answer", default="Explanation: a scripted answer")
+    parser.add_argument("--by-prompt", action="store_true", help="answer each prompt in the form it asks for")
     args = parser.parse_args()
-    with ScriptedLLMServer(lambda messages: args.answer, delay_s=args.delay) as server:
+    reply = answer_by_prompt if args.by_prompt else (lambda messages: args.answer)
+    with ScriptedLLMServer(reply, delay_s=args.delay) as server:
         print(server.base_url, flush=True)
         threading.Event().wait()
 

@@ -1,43 +1,61 @@
 """A coder dropped into the registry becomes a partition and a run; the downstream stages follow."""
-from dagster import AssetKey, DagsterInstance, Definitions, SkipReason, build_sensor_context, evaluate_automation_conditions, materialize
+from dagster import AssetKey, DagsterInstance, DefaultSensorStatus, Definitions, SkipReason, build_sensor_context, evaluate_automation_conditions, materialize
 
 from autointerp_defs.deployments import CPU_SCORERS
 from autointerp_defs.sensors import registry_sensor
 from resources.settings import AutointerpSettings
-from tests.conftest import TINY_CODER, TINY_CORPUS_CONFIG, make_resources
+from tests.conftest import TINY_CODER, TINY_CORPUS_CONFIG, TINY_HOOKPOINT, make_resources
 from tests.test_pipeline import ALL_ASSETS
 
 
-def test_new_coder_adds_partition_requests_run_then_downstream_follows(registered):
+def test_new_coder_before_the_corpus_asks_for_it_then_automation_does_the_rest(registered, tiny_sae):
+    from resources.sparse_coders import save_sparsify
+
     instance = DagsterInstance.ephemeral()
     resources = make_resources(registered)
-    materialize(ALL_ASSETS, selection=["corpus"], resources=resources, instance=instance, run_config={"ops": {"corpus": {"config": TINY_CORPUS_CONFIG}}})
+    defs = Definitions(assets=ALL_ASSETS, resources=resources)
 
     with build_sensor_context(instance=instance, resources={"settings": resources["settings"]}) as context:
         result = registry_sensor(context)
-    assert [r.partition_key for r in result.run_requests] == [TINY_CODER]
-    assert result.run_requests[0].asset_selection == [AssetKey("activations")]
     assert result.dynamic_partitions_requests[0].partition_keys == [TINY_CODER]
-
+    assert [r.asset_selection for r in result.run_requests] == [[AssetKey("corpus")]]  # no corpus yet: build it first
     instance.add_dynamic_partitions("coder", list(result.dynamic_partitions_requests[0].partition_keys))
-    defs = Definitions(assets=ALL_ASSETS, resources=resources)
-    before = evaluate_automation_conditions(defs=defs, instance=instance)
-    assert requested(before, "exemplars") == 0  # nothing downstream runs while activations are missing
-
-    for request in result.run_requests:
-        selection = [key.to_user_string() for key in request.asset_selection]
-        assert materialize(ALL_ASSETS, selection=selection, partition_key=request.partition_key, resources=resources, instance=instance).success
-    assert TINY_CODER in instance.get_materialized_partitions(AssetKey("activations"))
     with build_sensor_context(instance=instance, resources={"settings": resources["settings"]}) as context:
-        assert isinstance(registry_sensor(context), SkipReason)
+        assert isinstance(registry_sensor(context), SkipReason)  # the coder is known; nothing asked twice
 
-    after = evaluate_automation_conditions(defs=defs, instance=instance, cursor=before.cursor)
-    # every shard of the new coder, each stage requested with the stage it waits on
-    assert requested(after, "exemplars") == requested(after, "explanations") == 8
-    assert all(requested(after, f"scores/{name}") == 8 for name in CPU_SCORERS)  # the local deployment's automated scorers
-    assert requested(after, "scores/simulation") == requested(after, "scores/intruder") == 0  # run on request only
-    again = evaluate_automation_conditions(defs=defs, instance=instance, cursor=after.cursor)
-    assert requested(again, "exemplars") == 0  # requested once, not on every tick
+    waiting = evaluate_automation_conditions(defs=defs, instance=instance)
+    assert requested(waiting, "activations") == requested(waiting, "exemplars") == 0  # nothing runs on a missing corpus
+
+    materialize(ALL_ASSETS, selection=["corpus"], resources=resources, instance=instance, run_config={"ops": {"corpus": {"config": TINY_CORPUS_CONFIG}}})
+    corpus_built = evaluate_automation_conditions(defs=defs, instance=instance, cursor=waiting.cursor)
+    assert requested(corpus_built, "activations") == 1  # the new coder's activations follow the corpus
+    assert materialize(ALL_ASSETS, selection=["activations"], partition_key=TINY_CODER, resources=resources, instance=instance).success
+
+    # automation (re)started after the activations landed: a fresh cursor still requests every missing shard
+    restarted = evaluate_automation_conditions(defs=defs, instance=instance)
+    assert requested(restarted, "exemplars") == requested(restarted, "explanations") == 8
+    assert all(requested(restarted, f"scores/{name}") == 8 for name in CPU_SCORERS)  # the local deployment's automated scorers
+    assert requested(restarted, "scores/simulation") == requested(restarted, "scores/intruder") == 0  # run on request only
+    assert requested(restarted, "activations") == requested(restarted, "score_summary") == 0
+    running = evaluate_automation_conditions(defs=defs, instance=instance, cursor=corpus_built.cursor)
+    assert requested(running, "exemplars") == 8  # and so does the automation that saw them arrive
+
+    # a coder dropped once the corpus exists: only its partition; automation caches it
+    save_sparsify(tiny_sae, registered / "registry" / "second" / TINY_HOOKPOINT)
+    with build_sensor_context(instance=instance, resources={"settings": resources["settings"]}) as context:
+        second = registry_sensor(context)
+    assert second.dynamic_partitions_requests[0].partition_keys == [f"second/{TINY_HOOKPOINT}"] and not second.run_requests
+    instance.add_dynamic_partitions("coder", [f"second/{TINY_HOOKPOINT}"])
+    assert requested(evaluate_automation_conditions(defs=defs, instance=instance, cursor=running.cursor), "activations") == 1
+
+
+def test_automation_is_on_by_default_for_every_asset():
+    from autointerp_defs import defs
+
+    sensor = defs.resolve_sensor_def("autointerp_automation")
+    assert sensor.default_status == DefaultSensorStatus.RUNNING
+    graph = defs.resolve_asset_graph()
+    assert sensor.asset_selection.resolve(graph) == graph.get_all_asset_keys()
 
 
 def requested(evaluation, asset: str) -> int:

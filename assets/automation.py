@@ -1,0 +1,23 @@
+"""When the assets run by themselves, and how many at once.
+
+Conditions: new inputs, and anything still missing once its inputs are there.
+
+`eager()` alone requests a partition only when it *becomes* missing or an input updates while
+automation is running: partitions that were already missing when the automation sensor first
+ticks (a fresh instance, the sensor switched on later, a daemon restarted with a new cursor) would
+never be requested. `MISSING` requests those, statelessly, on any tick; a partition whose latest
+run failed is left alone (no retry loop) until an input updates or someone materializes it.
+"""
+from dagster import AutomationCondition
+
+READY = ~AutomationCondition.any_deps_missing() & ~AutomationCondition.any_deps_in_progress() & ~AutomationCondition.in_progress()
+
+MISSING = (AutomationCondition.missing() & ~AutomationCondition.execution_failed() & READY).with_label("missing, inputs ready, not failed")
+
+FOLLOW = (AutomationCondition.eager() | MISSING).with_label("eager, or missing with inputs ready")
+"""New inputs re-run a partition; a missing partition runs once its inputs are there."""
+
+SUBJECT_MODEL_POOL = "subject_model"
+"""Runs that load the subject model (activations, surprisal): the instance lets one run at a time."""
+LLM_POOL = "llm"
+"""Runs that wait on the explainer/scorer LLM: as many at a time as the instance allows (`autointerp instance`)."""

@@ -1,0 +1,32 @@
+"""The instance `make ui` writes: run limits that fit the machine, pools on the assets, no new-user dialog."""
+from dagster import DagsterInstance, asset, materialize
+
+from assets.automation import LLM_POOL, SUBJECT_MODEL_POOL
+from autointerp_defs.instance import write_instance
+
+
+def test_instance_limits_runs_and_pools_and_hides_the_new_user_dialog(tmp_path):
+    write_instance(tmp_path, max_runs=3, llm_runs=2)
+    with DagsterInstance.from_config(str(tmp_path)) as instance:
+        assert instance.nux_enabled is False
+        config = instance.get_concurrency_config()
+        assert config.run_queue_config.max_concurrent_runs == 3
+        assert config.pool_config.pool_granularity.value == "run"
+        assert instance.event_log_storage.get_concurrency_info(SUBJECT_MODEL_POOL).slot_count == 1
+        assert instance.event_log_storage.get_concurrency_info(LLM_POOL).slot_count == 2
+
+        @asset(pool=LLM_POOL)
+        def in_process() -> int:
+            return 1
+
+        assert materialize([in_process], instance=instance).success  # in-process runs (the demo) are not held back
+
+
+def test_assets_that_load_the_subject_model_or_wait_on_the_llm_are_in_their_pools():
+    from autointerp_defs import defs
+
+    graph = defs.resolve_asset_graph()
+    pools = {key.to_user_string(): graph.get(key).pools for key in graph.get_all_asset_keys()}
+    assert pools["activations"] == pools["scores/surprisal"] == {SUBJECT_MODEL_POOL}
+    assert all(pools[name] == {LLM_POOL} for name in ("explanations", "scores/detection", "scores/fuzzing", "scores/intruder", "scores/simulation"))
+    assert not pools["corpus"] and not pools["score_summary"] and not pools["scores/embedding"]

@@ -39,7 +39,7 @@ from resources.sparse_coders import SparseCoder, load_registered
 from storage.activation_shards import ShardActivations, check_shard_complete, load_latent_stats, read_latents, read_shard, shard_keys
 from storage.atomic import read_json
 from storage.layout import DataRoot
-from storage.tables import write_table
+from storage.tables import refuse_emptier, write_table
 from storage.vector_store import ContextIndex, contexts_table_name, ensure_contexts
 
 EXEMPLAR_COLUMNS = ["latent", "split", "kind", "quantile", "sequence", "start", "max_activation", "tokens", "activations"]
@@ -357,6 +357,7 @@ def exemplars(context: AssetExecutionContext, config: ExemplarsConfig, settings:
     latents = sorted({int(x) for x in np.unique(shard_acts.locations[:, 2])})
     sources = negative_sources(root, coder, corpus, config, latents, embedder, meta)
     frame, latent_stats = build_exemplars(shard_acts, corpus.tokens, config, sources, stats, meta["tokens"])
+    refuse_emptier(frame, root.exemplars_path(coder, shard), f"exemplars of {coder} shard {shard}", settings.allow_empty_results)
     write_table(frame, root.exemplars_path(coder, shard), EXEMPLARS_SCHEMA)
     write_table(latent_stats, root.latent_stats_path(coder, shard), LATENT_STATS_SCHEMA)
     counts = frame.groupby("kind").size().to_dict() if len(frame) else {}

@@ -28,7 +28,7 @@ from assets.scorers import explanation_similarity
 from resources.embedder import EmbedderResource
 from resources.llm import BudgetExceeded, LLMEndpointError, LLMResource, ProductionClient, gather_with_progress
 from resources.settings import AutointerpSettings
-from storage.tables import read_table, write_table
+from storage.tables import read_table, refuse_emptier, write_table
 from storage.vector_store import upsert_explanations
 
 EXPLANATION_COLUMNS = ["latent", "explainer", "explanation", "status", "error", "prompt_tokens", "completion_tokens", "model", "candidates", "candidate_scores", "examples_dropped"]
@@ -168,6 +168,7 @@ def explanations(
     frame = asyncio.run(explain_all(client, config, exemplars, latent_stats, latents, load_corpus(root).prompt_vocab, embedder.embed, context.log.info))
     if len(frame) and not (frame["status"] == "ok").any():
         raise nothing_succeeded("explanations", f"all {len(frame)} latents failed", frame["error"])
+    refuse_emptier(frame, root.explanations_path(coder, shard), f"explanations of {coder} shard {shard}", settings.allow_empty_results)
     write_table(frame, root.explanations_path(coder, shard), EXPLANATIONS_SCHEMA)
     ok = frame[frame["status"] == "ok"]
     if len(ok):

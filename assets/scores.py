@@ -37,7 +37,7 @@ from assets.partitions import CODER_DIMENSION, coder_and_shard, coder_partitions
 from assets.score_metrics import BINARY, CONFUSION, control_assignment, example_predictions, latent_metrics, no_control_reason, verdict
 from assets.scorers import SCORERS, Job, JobResult, ScorerSettings, ScorerSpec, ScoringContext, held_out_examples
 from resources.llm import gather_with_progress
-from storage.tables import read_table, write_table
+from storage.tables import read_table, refuse_emptier, write_table
 
 NUMERIC = (*BINARY, *CONFUSION, "roc_auc", "pearson", "n_scored", "ev_correlation", "rsquared", "logprob_fraction")
 SCORES_SCHEMA = pa.schema([
@@ -288,6 +288,7 @@ def scorer_asset(spec: ScorerSpec, settings: ScorerSettings, automate: bool) -> 
         if len(frame) and frame["n_failed"].sum() > 0 and (frame["n_scored"].fillna(0) + frame["control_n_scored"].fillna(0)).sum() == 0:
             reasons = pd.Series([reason for cell in frame["failures"] for reason in json.loads(cell)], dtype=str)
             raise nothing_succeeded(f"scores/{spec.name}", f"no example of {len(frame)} latents could be scored", reasons)
+        refuse_emptier(frame, root.scores_path(coder, shard, spec.name), f"scores/{spec.name} of {coder} shard {shard}", resources.settings.allow_empty_results)
         write_table(frame, root.scores_path(coder, shard, spec.name), SCORES_SCHEMA)
         write_table(examples, root.scored_examples_path(coder, shard, spec.name), SCORED_EXAMPLES_SCHEMA)
         metadata = scorer_metadata(spec, settings, frame, examples)

@@ -11,7 +11,7 @@ from dagster import AssetKey, DefaultSensorStatus, RunRequest, SensorEvaluationC
 
 from assets.partitions import coder_partitions
 from resources.settings import AutointerpSettings
-from resources.sparse_coders import RegistryError, scan_registry
+from resources.sparse_coders import RegistryError, inspect_registry
 
 CORPUS = AssetKey("corpus")
 
@@ -25,13 +25,16 @@ CORPUS = AssetKey("corpus")
 )
 def registry_sensor(context: SensorEvaluationContext, settings: AutointerpSettings):
     try:
-        registered = scan_registry(settings.root.registry_dir)
+        registered, broken = inspect_registry(settings.root.registry_dir)
     except RegistryError as missing:
         return SkipReason(str(missing))  # said on every tick in the UI until the registry exists
+    for key, problem in broken.items():  # one broken folder is reported, and never stops the others
+        context.log.warning(f"registry folder {key} is not registered: {problem}")
+    said = "".join(f"; not registered, {key}: {problem}" for key, problem in broken.items())
     known = set(context.instance.get_dynamic_partitions(coder_partitions.name))
     new = [key for key in registered if key not in known]
     if not new:
-        return SkipReason(f"no new sparse coder in {settings.root.registry_dir} ({len(registered)} registered)")
+        return SkipReason(f"no new sparse coder in {settings.root.registry_dir} ({len(registered)} registered){said}")
     corpus_missing = context.instance.get_latest_materialization_event(CORPUS) is None
     requests = [RunRequest(run_key=f"corpus:{','.join(new)}", asset_selection=[CORPUS])] if corpus_missing else []
     return SensorResult(run_requests=requests, dynamic_partitions_requests=[coder_partitions.build_add_request(new)])

@@ -5,8 +5,9 @@ own process, as a user's run would: `autointerp cache` (the real command line) f
 cache, and a Dagster materialization for exemplars, explanations and detection scores (the LLM is a
 scripted OpenAI-compatible server on 127.0.0.1, answering deterministically after a short delay, so
 LLM stages take long enough to be killed in the middle). For each stage, a reference run on a copy
-of the data root gives the expected results; then the stage is started and killed at a fraction of
-the reference run's time, as many times as asked, and finally run to the end; its results must
+of the data root gives the expected results; then the stage is started and killed as many times as
+asked, at even shares of its work (the cache's checkpoints, the LLM stages' requests; exemplars,
+which write once, at shares of the reference's time), and finally run to the end; its results must
 equal the reference exactly. Prints a JSON object as its last line.
 
     .venv/bin/python bench/kill_campaign.py [--kills 3] [--stages cache,exemplars,explanations,scores]
@@ -102,19 +103,6 @@ def results(stage: str, data: Path) -> dict:
     return {"table": pd.read_parquet(path).to_json(orient="records", double_precision=15)}
 
 
-def started_but_unfinished(stage: str, data: Path, requests_sent: int) -> bool:
-    """Whether a killed run had begun its real work: checkpoints written (cache) or requests sent (LLM stages)."""
-    from storage.atomic import read_json
-    from storage.layout import DataRoot
-
-    if stage == "cache":
-        progress = DataRoot.at(data).activations_dir(CODER) / "progress.json"
-        return progress.exists() and read_json(progress)["checkpoints"] > 0 and not (progress.parent / "meta.json").exists()
-    if stage == "exemplars":
-        return False  # no intermediate state to see: the table is written once, atomically
-    return requests_sent > 0
-
-
 def run_to_end(stage: str, data: Path, url: str) -> float:
     started = time.perf_counter()
     done = subprocess.run(command(stage, data, url), cwd=ROOT, capture_output=True, text=True, timeout=900)
@@ -123,21 +111,29 @@ def run_to_end(stage: str, data: Path, url: str) -> float:
     return time.perf_counter() - started
 
 
-def killed_at(stage: str, data: Path, url: str, after_s: float) -> bool:
-    """Start the stage and SIGKILL it after `after_s`; False if it finished first."""
+def killed_when(stage: str, data: Path, url: str, ready, timeout_s: float) -> bool:
+    """Start the stage and SIGKILL it as soon as `ready()` holds (or after `timeout_s`); False if it
+    finished first."""
     proc = subprocess.Popen(command(stage, data, url), cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-    try:
-        proc.wait(timeout=after_s)
+    deadline = time.monotonic() + timeout_s
+    while proc.poll() is None and not ready() and time.monotonic() < deadline:
+        time.sleep(0.02)
+    if proc.poll() is not None:
         return False
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait(timeout=60)
-        return True
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait(timeout=60)
+    return True
 
 
-def kill_times(seconds: float, kills: int) -> list[float]:
-    """Spread over the second half of a run: its first seconds are imports and model loading."""
-    return [seconds * (0.5 + 0.45 * i / max(1, kills - 1)) for i in range(kills)] if kills > 1 else [seconds * 0.7] * kills
+def checkpoints(data: Path) -> int:
+    from storage.atomic import read_json
+    from storage.layout import DataRoot
+
+    progress = DataRoot.at(data).activations_dir(CODER) / "progress.json"
+    try:
+        return read_json(progress)["checkpoints"]
+    except (OSError, ValueError, KeyError):
+        return 0
 
 
 def main() -> None:
@@ -163,20 +159,29 @@ def main() -> None:
                 break
             reference = Path(work) / f"reference-{stage}"
             shutil.copytree(base, reference)
+            before = len(server.requests)
             seconds = run_to_end(stage, reference, server.base_url)
+            requests_of_reference = len(server.requests) - before
             expected = results(stage, reference)
-            kills, mid_work = [], 0
-            for after in kill_times(seconds, args.kills) if stage in stages else []:
-                sent = len(server.requests)
-                if killed_at(stage, base, server.base_url, after):
-                    kills.append(round(after, 1))
-                    mid_work += started_but_unfinished(stage, base, len(server.requests) - sent)
+            # Kill points by progress where it can be seen (the k-th checkpoint, the k-th request), so each kill
+            # lands in the middle of the work whatever the machine's speed; exemplars write once: by time.
+            total = checkpoints(reference) if stage == "cache" else requests_of_reference
+            kills, first_request = [], len(server.requests)
+            for i in range(args.kills if stage in stages else 0):
+                share = (i + 1) / (args.kills + 1)
+                if stage == "cache":
+                    ready = lambda target=max(1, int(total * share)): checkpoints(base) >= target
+                elif stage == "exemplars":
+                    ready = lambda until=time.monotonic() + seconds * (0.5 + 0.45 * share): time.monotonic() >= until
+                else:
+                    ready = lambda target=first_request + max(1, int(total * share)): len(server.requests) >= target
+                if killed_when(stage, base, server.base_url, ready, timeout_s=seconds * 3 + 60):
+                    kills.append(f"{seconds * (0.5 + 0.45 * share):.1f} s" if stage == "exemplars" else f"{share:.0%}")
             run_to_end(stage, base, server.base_url)
             identical = results(stage, base) == expected
-            report["stages"][stage] = {"reference_s": round(seconds, 1), "killed_after_s": kills, "killed_mid_work": mid_work, "identical": identical}
+            report["stages"][stage] = {"reference_s": round(seconds, 1), "killed_at": kills, "identical": identical}
             report["kills"] += len(kills)
-            print(f"{stage}: reference {seconds:.1f} s, killed after {kills} s ({mid_work} in the middle of its work), then run to the end: "
-                  f"{'identical' if identical else 'DIFFERENT'}", flush=True)
+            print(f"{stage}: reference {seconds:.1f} s, killed at {kills} of its work, then run to the end: {'identical' if identical else 'DIFFERENT'}", flush=True)
     report["identical_results"] = all(s["identical"] for s in report["stages"].values())
     print(json.dumps(report))
 

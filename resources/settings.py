@@ -10,6 +10,7 @@ from storage.layout import DataRoot, data_dir_from_env
 class AutointerpSettings(ConfigurableResource):
     data_dir: str = Field(default_factory=data_dir_from_env, description="Root of all stored data (default $AUTOINTERP_DATA or ./data).")
     max_latents_per_shard: int = Field(default=0, description="Explain and score at most this many live latents per shard (0 = all). The CPU deployment keeps it small.")
+    allow_empty_results: bool = Field(default=False, description="Let a run whose table is empty replace one that holds results (a deliberate re-run); off, such a run fails and the table is kept.")
 
     @property
     def root(self) -> DataRoot:

@@ -20,6 +20,23 @@ def write_table(frame: pd.DataFrame, path: Path, schema: pa.Schema | None = None
             frame.to_parquet(tmp, index=False)
 
 
+class EmptierResultsError(RuntimeError):
+    """A run would replace a table that holds results with an empty one."""
+
+
+def refuse_emptier(frame: pd.DataFrame, path: Path, stage: str, allow: bool) -> None:
+    """Stop a run whose table would be empty where the finished one at `path` has rows, unless `allow`
+    (a deliberate re-run): a mistake upstream must not quietly wipe finished results."""
+    if allow or len(frame) or not path.exists():
+        return
+    held = pq.read_metadata(path).num_rows
+    if held:
+        raise EmptierResultsError(
+            f"{stage}: this run has no results, where {path} holds {held} rows; the table is kept. Fix: check what changed upstream; "
+            f"if an empty result is meant, set allow_empty_results: true on the `settings` resource for this run."
+        )
+
+
 def read_table(path: Path, stage: str) -> pd.DataFrame:
     """Read a stage's table, or say which asset to materialize when it is missing."""
     if not path.exists():

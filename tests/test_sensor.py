@@ -67,3 +67,23 @@ def test_missing_registry_makes_the_sensor_skip_with_the_fix(tmp_path):
         skipped = registry_sensor(context)
     assert isinstance(skipped, SkipReason)
     assert f"{tmp_path}/registry does not exist. Fix: run `autointerp register-embedded`" in skipped.skip_message
+
+
+def test_a_broken_registry_folder_is_reported_and_the_good_ones_still_register(registered, tiny_sae):
+    """Before, a cfg.json that is not JSON failed the sensor on every tick, so no coder registered."""
+    from resources.sparse_coders import save_sparsify
+
+    save_sparsify(tiny_sae, registered / "registry" / "also-good" / TINY_HOOKPOINT)
+    broken = registered / "registry" / "broken" / TINY_HOOKPOINT
+    save_sparsify(tiny_sae, broken)
+    (broken / "cfg.json").write_text('{"k": 16,')
+    instance = DagsterInstance.ephemeral()
+    settings = AutointerpSettings(data_dir=str(registered))
+    with build_sensor_context(instance=instance, resources={"settings": settings}) as context:
+        result = registry_sensor(context)
+    assert sorted(result.dynamic_partitions_requests[0].partition_keys) == [f"also-good/{TINY_HOOKPOINT}", TINY_CODER]
+    instance.add_dynamic_partitions("coder", list(result.dynamic_partitions_requests[0].partition_keys))
+    with build_sensor_context(instance=instance, resources={"settings": settings}) as context:
+        skipped = registry_sensor(context)
+    assert isinstance(skipped, SkipReason)
+    assert f"not registered, broken/{TINY_HOOKPOINT}:" in skipped.skip_message and "cfg.json is not valid JSON" in skipped.skip_message

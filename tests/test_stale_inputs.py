@@ -1,9 +1,13 @@
 """Lineage is checked, not assumed: exemplars refuse activations of another corpus or with a missing
-chunk, say how to fix it, and leave the finished exemplars as they were."""
+chunk, say how to fix it, and leave the finished exemplars as they were; an empty result never
+replaces a full one unless that is asked for."""
 import shutil
 
+import pandas as pd
 import pytest
 from dagster import DagsterInstance
+
+from resources.settings import AutointerpSettings
 
 from tests.conftest import TINY_CODER, TINY_CORPUS_CONFIG, TINY_EXEMPLARS_CONFIG, make_resources
 from tests.test_pipeline import run
@@ -32,3 +36,13 @@ def test_exemplars_refuse_stale_or_incomplete_activations_and_keep_their_results
         with pytest.raises(Exception, match=r"cached on corpus \w+, but the corpus is now \w+.*Fix: re-materialize `activations`"):
             run(["exemplars"], PARTITION, resources, instance, EXEMPLARS)
     assert (registered / "exemplars" / TINY_CODER / "00.parquet").read_bytes() == finished
+
+    # the same corpus again, and settings that leave no latent: an empty table never replaces a full one by itself
+    run(["corpus"], None, resources, instance, {"ops": {"corpus": {"config": TINY_CORPUS_CONFIG}}})
+    none_left = {"ops": {"exemplars": {"config": {**TINY_EXEMPLARS_CONFIG, "min_activating_windows": 10**6}}}}
+    with pytest.raises(Exception, match=r"exemplars of .* shard 00: this run has no results, where .*00\.parquet holds \d+ rows; the table is kept\. Fix: .*allow_empty_results"):
+        run(["exemplars"], PARTITION, resources, instance, none_left)
+    assert (registered / "exemplars" / TINY_CODER / "00.parquet").read_bytes() == finished
+    meant = {**resources, "settings": AutointerpSettings(data_dir=str(registered), allow_empty_results=True)}
+    run(["exemplars"], PARTITION, meant, instance, none_left)
+    assert pd.read_parquet(registered / "exemplars" / TINY_CODER / "00.parquet").empty

@@ -8,7 +8,6 @@ buffered, every shard's buffer is written as a chunk, then the running statistic
 re-running the model on the sequences it had cached, and ends with exactly the pairs an
 uninterrupted run stores.
 """
-import hashlib
 import shutil
 import time
 from contextlib import ExitStack
@@ -35,7 +34,7 @@ from assets.automation import FOLLOW, SUBJECT_MODEL_POOL
 from assets.corpus import load_corpus
 from assets.partitions import N_SHARDS, coder_partitions
 from resources.settings import AutointerpSettings
-from resources.sparse_coders import SparseCode, SparseCoder, load_registered
+from resources.sparse_coders import SparseCode, SparseCoder, coder_fingerprint, load_registered
 from resources.subject_model import SubjectModelResource, capture_hookpoints, resolve_hookpoint
 from storage.activation_shards import CHUNK_ENTRIES, ShardedActivationWriter, load_latent_stats, save_latent_stats
 from storage.atomic import exclusive_lock, read_json, write_json
@@ -118,16 +117,6 @@ class FVUSample:
 
     def state(self) -> dict:
         return {"tokens": self.tokens, "sum": None if self.sum is None else self.sum.tolist(), "sum_sq": self.sum_sq, "residual_sq": self.residual_sq}
-
-
-def coder_fingerprint(registry: Path, key: str) -> str:
-    """Changes whenever a file of the coder's registry folder changes."""
-    folder = registry / key
-    digest = hashlib.sha256()
-    for path in sorted(p for p in folder.iterdir() if p.is_file()):
-        stat = path.stat()
-        digest.update(f"{path.name}:{stat.st_size}:{stat.st_mtime_ns}".encode())
-    return digest.hexdigest()[:16]
 
 
 @dataclass
@@ -245,6 +234,7 @@ def _cache_activations(coders: list[SparseCoder], subject_model: SubjectModelRes
             "width": cache.coder.width,
             "n_shards": N_SHARDS,
             "corpus_hash": corpus.meta["hash"],
+            "coder_fingerprint": cache.identity["coder"],
             "fvu": cache.fvu.value,
             "sequences_forwarded_this_run": forwarded,
             "tokens_per_second": forwarded * n_pos / max(time.perf_counter() - started, 1e-9),

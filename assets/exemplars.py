@@ -35,7 +35,7 @@ from assets.corpus import load_corpus
 from assets.partitions import CODER_DIMENSION, N_SHARDS, coder_and_shard, coder_shard_partitions
 from resources.embedder import EmbedderResource
 from resources.settings import AutointerpSettings
-from resources.sparse_coders import SparseCoder, load_registered
+from resources.sparse_coders import SparseCoder, coder_fingerprint, load_registered
 from storage.activation_shards import ShardActivations, check_shard_complete, load_latent_stats, read_latents, read_shard, shard_keys
 from storage.atomic import read_json
 from storage.layout import DataRoot
@@ -349,6 +349,9 @@ def exemplars(context: AssetExecutionContext, config: ExemplarsConfig, settings:
     if meta["corpus_hash"] != corpus.meta["hash"]:
         raise Failure(f"The activations of {coder} were cached on corpus {meta['corpus_hash']}, but the corpus is now {corpus.meta['hash']} "
                       f"(re-materialized with other settings): exemplars would show the wrong text. Fix: re-materialize `activations` for {coder}.")
+    if meta.get("coder_fingerprint") and meta["coder_fingerprint"] != coder_fingerprint(root.registry_dir, coder):
+        raise Failure(f"The coder {coder} in the registry changed after its activations were cached: exemplars would mix two coders. "
+                      f"Fix: re-materialize `activations` for {coder} (or put the old coder files back).")
     shard_acts = read_shard(acts_dir, shard)
     stats = load_latent_stats(acts_dir / "latent_stats.safetensors")
     if (incomplete := check_shard_complete(shard_acts, stats["count"], meta["width"], meta["n_shards"], shard_keys(meta["n_shards"]).index(shard))) is not None:

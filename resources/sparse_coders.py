@@ -17,6 +17,7 @@ coders are encoded in token chunks so the dense block stays bounded.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -345,6 +346,16 @@ def check_registry(registry: Path) -> None:
             f"`autointerp register-embedded` (trains and registers the demo SAE), or create it and "
             f"drop a coder in as <name>/<hookpoint>/ (e.g. sparsify's cfg.json + sae.safetensors)."
         )
+
+
+def coder_fingerprint(registry: Path, key: str) -> str:
+    """Changes whenever a file of the coder's registry folder changes (name, size or modification time)."""
+    folder = registry / key
+    digest = hashlib.sha256()
+    for path in sorted(p for p in folder.iterdir() if p.is_file()):
+        stat = path.stat()
+        digest.update(f"{path.name}:{stat.st_size}:{stat.st_mtime_ns}".encode())
+    return digest.hexdigest()[:16]
 
 
 def inspect_registry(registry: Path) -> tuple[list[str], dict[str, str]]:

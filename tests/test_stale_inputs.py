@@ -31,6 +31,15 @@ def test_exemplars_refuse_stale_or_incomplete_activations_and_keep_their_results
         run(["exemplars"], PARTITION, resources, instance, EXEMPLARS)
     shutil.move(tmp_path / chunk.name, chunk)
 
+    weights = registered / "registry" / "tiny-topk" / "model.layers.3" / "sae.safetensors"
+    kept = weights.read_bytes()
+    weights.write_bytes(kept)  # the coder copied in again after caching (new modification time)
+    with pytest.raises(Exception, match=r"The coder tiny-topk/model.layers.3 in the registry changed after its activations were cached.*Fix: re-materialize `activations`"):
+        run(["exemplars"], PARTITION, resources, instance, EXEMPLARS)
+    run(["activations"], TINY_CODER, resources, instance)  # the fix, as the message says
+    run(["exemplars"], PARTITION, resources, instance, EXEMPLARS)
+    finished = (registered / "exemplars" / TINY_CODER / "00.parquet").read_bytes()
+
     for changed in ({"seed": 1}, {"ctx_len": 32}):  # the corpus re-materialized under the cached activations
         run(["corpus"], None, resources, instance, {"ops": {"corpus": {"config": {**TINY_CORPUS_CONFIG, **changed}}}})
         with pytest.raises(Exception, match=r"cached on corpus \w+, but the corpus is now \w+.*Fix: re-materialize `activations`"):

@@ -456,7 +456,13 @@ class ResponseCache:
     """Responses on disk (SQLite), keyed by a hash of the backend, model, messages and sampling parameters."""
 
     def __init__(self, path: Path):
-        path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            if not os.access(path.parent, os.W_OK) or (path.exists() and not os.access(path, os.W_OK)):
+                raise PermissionError(13, "permission denied")
+        except PermissionError as error:  # else SQLite says only "attempt to write a readonly database"
+            raise PermissionError(f"Cannot write the LLM response cache {path}: {error.strerror or error}. Fix: make the data root writable "
+                                  f"by this user, or set llm.cache_dir to a writable folder ('' turns the cache off).") from None
         self.path = path
         self._db = sqlite3.connect(path, timeout=60, check_same_thread=False)
         self._lock = threading.Lock()

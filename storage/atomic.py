@@ -15,8 +15,11 @@ from typing import Iterator
 @contextmanager
 def atomic_path(path: Path) -> Iterator[Path]:
     """Yield a temporary path beside `path`; rename it onto `path` only if the block succeeds."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    except PermissionError as error:
+        raise not_writable(path.parent, error) from None
     os.close(fd)
     try:
         yield Path(tmp)
@@ -24,6 +27,14 @@ def atomic_path(path: Path) -> Iterator[Path]:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def not_writable(folder: Path, error: OSError) -> PermissionError:
+    """The error for a data folder this user cannot write, with the fix (not a library's traceback)."""
+    return PermissionError(
+        f"Cannot write under {folder}: {error.strerror or error}. Fix: make the data root writable by this user, "
+        f"or point AUTOINTERP_DATA (the `settings` resource's data_dir) at a folder that is."
+    )
 
 
 def _finite(obj):

@@ -92,3 +92,42 @@ def test_a_scorer_setting_of_the_wrong_type_stops_the_load_naming_file_and_key(t
     with pytest.raises(ValueError, match=message) as error:
         scorer_settings_for()
     assert "\n" not in str(error.value)
+
+
+NOT_WRITABLE = """
+import sys
+from pathlib import Path
+import pandas as pd
+from resources.llm import ResponseCache
+from storage.tables import write_table
+root = Path(sys.argv[1])
+for attempt in (lambda: ResponseCache(root / "llm_cache" / "responses.sqlite"), lambda: write_table(pd.DataFrame({"a": [1]}), root / "exemplars" / "x.parquet")):
+    try:
+        attempt()
+        print("written")
+    except PermissionError as error:
+        print(error)
+"""
+
+
+def test_a_data_root_this_user_cannot_write_says_so_with_the_fix(tmp_path):
+    """Run as an unprivileged user (root writes anywhere): a clear message instead of SQLite's 'readonly database'."""
+    import shutil
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    if shutil.which("setpriv") is None:
+        pytest.skip("setpriv (util-linux) is needed to run as another user")
+    root = tmp_path / "data"
+    (root / "llm_cache").mkdir(parents=True)
+    tmp_path.chmod(0o755)
+    root.chmod(0o755)
+    (root / "llm_cache").chmod(0o755)
+    repo = Path(__file__).resolve().parents[1]
+    out = subprocess.run(["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", sys.executable, "-c", NOT_WRITABLE, str(root)],
+                         capture_output=True, text=True, timeout=120, cwd=repo, env={"PATH": "/usr/bin:/bin", "PYTHONPATH": str(repo), "HOME": "/tmp"})
+    lines = out.stdout.strip().splitlines()
+    assert out.returncode == 0 and len(lines) == 2, out.stderr[-2000:]
+    assert lines[0].startswith(f"Cannot write the LLM response cache {root}/llm_cache/responses.sqlite") and "Fix: make the data root writable" in lines[0]
+    assert lines[1].startswith(f"Cannot write under {root}") and "Fix: make the data root writable by this user, or point AUTOINTERP_DATA" in lines[1]

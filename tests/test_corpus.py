@@ -57,3 +57,18 @@ def test_empty_corpus_names_the_source_and_the_fix(tmp_path, subject):
     config = CorpusConfig(source=str(tmp_path / "empty.txt"), ctx_len=64, n_tokens=640)
     with pytest.raises(EmptyCorpusError, match=r"empty\.txt.*Fix: point corpus.source"):
         build_corpus(config, subject.tokenizer(), DataRoot.at(tmp_path / "d"))
+
+
+def test_a_hugging_face_dataset_that_cannot_load_offline_says_to_use_a_local_file(monkeypatch):
+    """The datasets library offline retries, then raises ConnectionError; a stand-in for it raises the same."""
+    import sys
+    import types
+
+    from assets.corpus import read_documents
+
+    def load_dataset(name, split):
+        raise ConnectionError(f"Couldn't reach '{name}' on the Hub (LocalEntryNotFoundError)")
+
+    monkeypatch.setitem(sys.modules, "datasets", types.SimpleNamespace(load_dataset=load_dataset))
+    with pytest.raises(RuntimeError, match=r"'HuggingFaceFW/fineweb' was read as a Hugging Face dataset id.*Fix: without network, point corpus\.source at a local \.txt, \.jsonl or \.parquet file"):
+        read_documents("HuggingFaceFW/fineweb")

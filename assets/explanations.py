@@ -28,14 +28,14 @@ from assets.scorers import explanation_similarity
 from resources.embedder import EmbedderResource
 from resources.llm import BudgetExceeded, LLMEndpointError, LLMResource, ProductionClient, gather_with_progress
 from resources.settings import AutointerpSettings
-from storage.tables import read_table, refuse_emptier, write_table
+from storage.tables import file_fingerprint, read_table, refuse_emptier, write_table
 from storage.vector_store import upsert_explanations
 
 EXPLANATION_COLUMNS = ["latent", "explainer", "explanation", "status", "error", "prompt_tokens", "completion_tokens", "model", "candidates", "candidate_scores", "examples_dropped"]
 EXPLANATIONS_SCHEMA = pa.schema([
     ("latent", pa.int64()), ("explainer", pa.large_string()), ("explanation", pa.large_string()), ("status", pa.large_string()), ("error", pa.large_string()),
     ("prompt_tokens", pa.int64()), ("completion_tokens", pa.int64()), ("model", pa.large_string()), ("candidates", pa.list_(pa.string())),
-    ("candidate_scores", pa.list_(pa.float64())), ("examples_dropped", pa.int64()),
+    ("candidate_scores", pa.list_(pa.float64())), ("examples_dropped", pa.int64()), ("exemplars_fingerprint", pa.large_string()),
 ])
 
 
@@ -166,6 +166,7 @@ def explanations(
     context.log.info(f"explaining {len(latents)} latents of {coder} shard {shard} with {llm.backend} ({config.explainer}, best of {config.best_of_n})")
     client = llm.client(root.llm_cache_dir)
     frame = asyncio.run(explain_all(client, config, exemplars, latent_stats, latents, load_corpus(root).prompt_vocab, embedder.embed, context.log.info))
+    frame["exemplars_fingerprint"] = file_fingerprint(root.exemplars_path(coder, shard))  # what the scorers check they score against
     if len(frame) and not (frame["status"] == "ok").any():
         raise nothing_succeeded("explanations", f"all {len(frame)} latents failed", frame["error"])
     refuse_emptier(frame, root.explanations_path(coder, shard), f"explanations of {coder} shard {shard}", settings.allow_empty_results)

@@ -25,6 +25,7 @@ from dagster import (
     AssetKey,
     AssetsDefinition,
     AutomationCondition,
+    Failure,
     MaterializeResult,
     MetadataValue,
     asset,
@@ -37,7 +38,7 @@ from assets.partitions import CODER_DIMENSION, coder_and_shard, coder_partitions
 from assets.score_metrics import BINARY, CONFUSION, control_assignment, example_predictions, latent_metrics, no_control_reason, verdict
 from assets.scorers import SCORERS, Job, JobResult, ScorerSettings, ScorerSpec, ScoringContext, held_out_examples
 from resources.llm import gather_with_progress
-from storage.tables import read_table, refuse_emptier, write_table
+from storage.tables import file_fingerprint, read_table, refuse_emptier, write_table
 
 NUMERIC = (*BINARY, *CONFUSION, "roc_auc", "pearson", "n_scored", "ev_correlation", "rsquared", "logprob_fraction")
 SCORES_SCHEMA = pa.schema([
@@ -275,6 +276,11 @@ def scorer_asset(spec: ScorerSpec, settings: ScorerSettings, automate: bool) -> 
         root = resources.settings.root
         exemplars = read_table(root.exemplars_path(coder, shard), "exemplars")
         explanations = read_table(root.explanations_path(coder, shard), "explanations") if spec.uses_explanation else None
+        if explanations is not None and len(explanations) and "exemplars_fingerprint" in explanations:
+            read_from, now = explanations["exemplars_fingerprint"].iloc[0], file_fingerprint(root.exemplars_path(coder, shard))
+            if read_from != now:
+                raise Failure(f"The explanations of {coder} shard {shard} were written from other exemplars ({read_from}) than those there now ({now}): "
+                              f"scoring them on the new windows mixes two versions. Fix: re-materialize `explanations` for this partition first.")
         client = resources.llm.client(root.llm_cache_dir) if "llm" in spec.uses else None
         ctx = ScoringContext(
             settings=settings,

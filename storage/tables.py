@@ -1,6 +1,7 @@
 """Parquet tables of exemplars, explanations and scores, written atomically."""
 from __future__ import annotations
 
+import hashlib
 from pathlib import Path
 
 import pandas as pd
@@ -18,6 +19,11 @@ def write_table(frame: pd.DataFrame, path: Path, schema: pa.Schema | None = None
             pq.write_table(schema.empty_table(), tmp)
         else:
             frame.to_parquet(tmp, index=False)
+
+
+def file_fingerprint(path: Path) -> str:
+    """A content hash of a stored table: what a later stage records as the version it read."""
+    return hashlib.sha256(path.read_bytes()).hexdigest()[:16]
 
 
 class EmptierResultsError(RuntimeError):

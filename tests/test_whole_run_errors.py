@@ -136,3 +136,19 @@ def test_a_run_in_which_every_latent_failed_fails_and_keeps_the_finished_table(r
         with pytest.raises(Exception, match=r"explanations: all 3 latents failed, so nothing was written and the previous results are kept\. Most common reasons: 3× unreadable answer"):
             materialize(ALL_ASSETS, selection=["explanations"], partition_key=PARTITION, resources=resources, instance=instance, raise_on_error=True)
     assert len(server.requests) == 6 and path.read_bytes() == finished  # each latent asked twice, then given up
+
+
+def test_scores_refuse_explanations_written_from_other_exemplars(registered):
+    from tests.conftest import TINY_EXEMPLARS_CONFIG
+
+    instance = DagsterInstance.ephemeral()
+    instance.add_dynamic_partitions("coder", [TINY_CODER])
+    pipeline_until_exemplars(registered, instance)
+    with ScriptedLLMServer(good_answers) as server:
+        resources = make_resources(registered, max_latents=3, llm=llm(server))
+        assert materialize(ALL_ASSETS, selection=["explanations", "scores/detection"], partition_key=PARTITION, resources=resources, instance=instance).success
+        reseeded = {"ops": {"exemplars": {"config": {**TINY_EXEMPLARS_CONFIG, "seed": 1}}}}
+        assert materialize(ALL_ASSETS, selection=["exemplars"], partition_key=PARTITION, resources=resources, instance=instance, run_config=reseeded).success
+        with pytest.raises(Exception, match=r"explanations of .* shard 00 were written from other exemplars \(\w+\) than those there now \(\w+\).*Fix: re-materialize `explanations`"):
+            materialize(ALL_ASSETS, selection=["scores/detection"], partition_key=PARTITION, resources=resources, instance=instance, raise_on_error=True)
+        assert materialize(ALL_ASSETS, selection=["explanations", "scores/detection"], partition_key=PARTITION, resources=resources, instance=instance).success

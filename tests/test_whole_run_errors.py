@@ -47,14 +47,20 @@ CASES = [
 ]
 
 
-def test_whole_run_errors_fail_before_writing_and_keep_the_previous_results(registered):
+def finished(registered, selection: list[str]):
+    """An instance whose partition has `selection` materialized from a well-behaved endpoint, and that endpoint's requests."""
     instance = DagsterInstance.ephemeral()
     instance.add_dynamic_partitions("coder", [TINY_CODER])
     pipeline_until_exemplars(registered, instance)
     with ScriptedLLMServer(good_answers) as server:
-        good = make_resources(registered, max_latents=3, llm=llm(server))
-        assert materialize(ALL_ASSETS, selection=["explanations", "scores/detection"], partition_key=PARTITION, resources=good, instance=instance).success
-    assert not any("<|" in m["content"] for r in server.requests for m in r["messages"])  # no control token reaches a prompt
+        resources = make_resources(registered, max_latents=3, llm=llm(server))
+        assert materialize(ALL_ASSETS, selection=selection, partition_key=PARTITION, resources=resources, instance=instance).success
+    return instance, server.requests
+
+
+def test_whole_run_errors_fail_before_writing_and_keep_the_previous_results(registered):
+    instance, requests = finished(registered, ["explanations", "scores/detection"])
+    assert not any("<|" in m["content"] for r in requests for m in r["messages"])  # no control token reaches a prompt
     written = {name: path.read_bytes() for name, path in {
         "explanations": registered / "explanations" / TINY_CODER / "00.parquet",
         "scores/detection": registered / "scores" / TINY_CODER / "00" / "detection.parquet",
@@ -124,11 +130,7 @@ def test_a_silent_host_is_called_timed_out():
 
 def test_a_run_in_which_every_latent_failed_fails_and_keeps_the_finished_table(registered):
     """Not a whole-run error, yet nothing to show: every answer unreadable, even when asked again."""
-    instance = DagsterInstance.ephemeral()
-    instance.add_dynamic_partitions("coder", [TINY_CODER])
-    pipeline_until_exemplars(registered, instance)
-    with ScriptedLLMServer(good_answers) as server:
-        assert materialize(ALL_ASSETS, selection=["explanations"], partition_key=PARTITION, resources=make_resources(registered, max_latents=3, llm=llm(server)), instance=instance).success
+    instance, _ = finished(registered, ["explanations"])
     path = registered / "explanations" / TINY_CODER / "00.parquet"
     finished = path.read_bytes()
     with ScriptedLLMServer(lambda m: "Hmm.\nThese are hard to tell apart.") as server:
@@ -141,12 +143,9 @@ def test_a_run_in_which_every_latent_failed_fails_and_keeps_the_finished_table(r
 def test_scores_refuse_explanations_written_from_other_exemplars(registered):
     from tests.conftest import TINY_EXEMPLARS_CONFIG
 
-    instance = DagsterInstance.ephemeral()
-    instance.add_dynamic_partitions("coder", [TINY_CODER])
-    pipeline_until_exemplars(registered, instance)
+    instance, _ = finished(registered, ["explanations", "scores/detection"])
     with ScriptedLLMServer(good_answers) as server:
         resources = make_resources(registered, max_latents=3, llm=llm(server))
-        assert materialize(ALL_ASSETS, selection=["explanations", "scores/detection"], partition_key=PARTITION, resources=resources, instance=instance).success
         reseeded = {"ops": {"exemplars": {"config": {**TINY_EXEMPLARS_CONFIG, "seed": 1}}}}
         assert materialize(ALL_ASSETS, selection=["exemplars"], partition_key=PARTITION, resources=resources, instance=instance, run_config=reseeded).success
         with pytest.raises(Exception, match=r"explanations of .* shard 00 were written from other exemplars \(\w+\) than those there now \(\w+\).*Fix: re-materialize `explanations`"):

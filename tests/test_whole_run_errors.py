@@ -132,12 +132,12 @@ def test_a_run_in_which_every_latent_failed_fails_and_keeps_the_finished_table(r
     """Not a whole-run error, yet nothing to show: every answer unreadable, even when asked again."""
     instance, _ = finished(registered, ["explanations"])
     path = registered / "explanations" / TINY_CODER / "00.parquet"
-    finished = path.read_bytes()
+    before = path.read_bytes()
     with ScriptedLLMServer(lambda m: "Hmm.\nThese are hard to tell apart.") as server:
         resources = make_resources(registered, max_latents=3, llm=llm(server, cache_dir=""))
         with pytest.raises(Exception, match=r"explanations: all 3 latents failed, so nothing was written and the previous results are kept\. Most common reasons: 3× unreadable answer"):
             materialize(ALL_ASSETS, selection=["explanations"], partition_key=PARTITION, resources=resources, instance=instance, raise_on_error=True)
-    assert len(server.requests) == 6 and path.read_bytes() == finished  # each latent asked twice, then given up
+    assert len(server.requests) == 6 and path.read_bytes() == before  # each latent asked twice, then given up
 
 
 def test_scores_refuse_explanations_written_from_other_exemplars(registered):

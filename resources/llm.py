@@ -241,8 +241,10 @@ class OpenAICompatibleClient:
             f"the server or correct `llm.base_url`, or use the embedded model with `llm.backend: embedded`."
         )
 
-    def whole_run_error(self, error) -> LLMEndpointError | None:
-        """The run-stopping meaning of an HTTP error status, or None when it concerns this request only."""
+    def whole_run_error(self, error, sent_format: bool = False) -> LLMEndpointError | None:
+        """The run-stopping meaning of an HTTP error status, or None when it concerns this request only.
+        `sent_format`: the request carried a `response_format`, which some servers reject with a 4xx and
+        others (llama-cpp-python's) with a 500 naming it."""
         status, said = error.status_code, server_message(error)
         where = f"The LLM endpoint at {self.base_url} answered HTTP {status} ({said[:300]})"
         if status in (401, 403):
@@ -255,7 +257,7 @@ class OpenAICompatibleClient:
             if status == 404 and not re.search(r"model", said, re.IGNORECASE):
                 return LLMEndpointError(f"{where}: no chat endpoint at {self.base_url}/chat/completions. Fix: correct `llm.base_url` (most servers want it to end in /v1).")
             return LLMEndpointError(f"{where}: it does not serve the model {self.model_name!r}.{served} Fix: set {self.model_setting} to a model it serves.")
-        if status in (400, 422) and _FORMAT_REJECTED.search(said):
+        if sent_format and (status in (400, 422) or status >= 500) and _FORMAT_REJECTED.search(said):
             return LLMEndpointError(f"{where}: it does not accept structured output {self.structured_output!r}. Fix: set `llm.structured_output` to "
                                     f"'json_object' (llama-cpp-python's server) or 'off' (answers are then parsed strictly from text).")
         return None
@@ -297,10 +299,10 @@ class OpenAICompatibleClient:
             down = any(word in str(unreachable) for word in ("connection refused", "does not resolve"))
             raise TransientLLMError(str(unreachable), unreachable=True, down=down) from error
         except openai.APIStatusError as error:
-            if error.status_code == 429 or error.status_code >= 500:
-                raise TransientLLMError(f"HTTP {error.status_code} from {self.base_url}", retry_after_s=retry_after(error.response.headers)) from error
-            if (whole_run := self.whole_run_error(error)) is not None:
+            if (whole_run := self.whole_run_error(error, sent_format="response_format" in body)) is not None:
                 raise whole_run from error
+            if error.status_code == 429 or error.status_code >= 500:
+                raise TransientLLMError(f"HTTP {error.status_code} from {self.base_url}: {server_message(error)[:200]}", retry_after_s=retry_after(error.response.headers)) from error
             raise
         if not isinstance(out, dict) or not isinstance(out.get("choices"), list):
             # a 200 whose body is not a chat completion (cut off, HTML from a proxy): the server's fault, try again
@@ -313,13 +315,13 @@ _FORMAT_REJECTED = re.compile(r"response_format|json_schema|structured output|gu
 
 
 def server_message(error) -> str:
-    """What the server said in an error answer (OpenAI's {"error": {"message": ...}} or any body)."""
+    """What the server said in an error answer (OpenAI's {"error": {"message": ...}} or any body), on one line."""
     body = getattr(error, "body", None)
     if isinstance(body, dict):
         body = body.get("error", body)
         if isinstance(body, dict):
             body = body.get("message") or body.get("detail") or body
-    return str(body if body is not None else error)
+    return " ".join(str(body if body is not None else error).split())  # one line, however the server laid it out
 
 
 def connection_failure(error: BaseException, timeout_s: float) -> str:

@@ -113,7 +113,16 @@ def test_real_llama_cpp_server_through_the_openai_backend():
             finally:
                 await client.aclose()
 
+        async def with_json_schema():  # what OpenAI and vLLM take; this server answers 500 naming response_format
+            schema_client = OpenAICompatibleClient(client.base_url, "smollm2", None, timeout_s=60, structured_output="json_schema")
+            try:
+                return await schema_client.complete(judge, max_tokens=40, int_list=(4, 0, 1))
+            finally:
+                await schema_client.aclose()
+
         out, listed = asyncio.run(wait_then_ask())
+        with pytest.raises(LLMEndpointError, match=r"HTTP 500 .*does not accept structured output 'json_schema'\. Fix: set `llm\.structured_output` to 'json_object'"):
+            asyncio.run(with_json_schema())
         assert out.text.strip() and out.completion_tokens > 0
         assert parse_int_list(listed.text, 4, 0, 1) is not None, listed.text  # the 135M model kept to the schema
     finally:

@@ -170,6 +170,11 @@ class ScoringContext:
     """Surprisal without an explanation, per window: shared by a latent's own and control jobs."""
 
 
+def list_tokens(n: int, hi: int) -> int:
+    """Room for an answer of n values up to `hi`, with separators and a JSON wrapper."""
+    return 8 + (3 + len(str(hi))) * n
+
+
 @dataclass
 class Asked:
     """One value-list question's outcome: the values, or why there are none (with the raw answers)."""
@@ -185,7 +190,7 @@ async def _ask_list(ctx: ScoringContext, messages: list[dict], n: int, lo: int, 
     is asked again once (a follow-up turn that says so); if that fails too the question fails with both
     raw answers, and the unreadable answers are dropped from the cache so the next run asks again.
     Only whole-run errors propagate: anything else loses this question, not the latent."""
-    params = {"max_tokens": 8 + (3 + len(str(hi))) * n, "int_list": (n, lo, hi), "top_logprobs": top_logprobs}
+    params = {"max_tokens": list_tokens(n, hi), "int_list": (n, lo, hi), "top_logprobs": top_logprobs}
     answers, conversation = [], messages
     try:
         for _ in range(2):
@@ -205,21 +210,20 @@ async def _ask_list(ctx: ScoringContext, messages: list[dict], n: int, lo: int, 
     return Asked(None, None, sum(a.prompt_tokens for a in answers), f"unreadable answer (wanted {n} integers from {lo} to {hi}): {raws}")
 
 
-def list_tokens(n: int, hi: int) -> int:
-    return 8 + (3 + len(str(hi))) * n
 
 
 async def _classify(ctx: ScoringContext, job: Job, system: str, text_of: Callable[[Example], str]) -> JobResult:
     size = ctx.settings.examples_per_prompt
     batches = [job.examples[i : i + size] for i in range(0, len(job.examples), size)]
     result = JobResult([])
-    prompts = []
+    prompts = []  # (the examples a prompt kept, the prompt), for prompts that kept any
     for batch in batches:
         messages, dropped = ctx.client.fitting(lambda kept: scorer_messages(system, job.explanation, [text_of(e) for e in kept]), batch, list_tokens(len(batch), 1))
         result.dropped += dropped
-        prompts.append((batch[: len(batch) - dropped], messages))
-    asked = await asyncio.gather(*(_ask_list(ctx, messages, len(kept), 0, 1) for kept, messages in prompts if kept))
-    for (kept, _), outcome in zip([p for p in prompts if p[0]], asked):
+        if messages is not None:
+            prompts.append((batch[: len(batch) - dropped], messages))
+    asked = await asyncio.gather(*(_ask_list(ctx, messages, len(kept), 0, 1) for kept, messages in prompts))
+    for (kept, _), outcome in zip(prompts, asked):
         result.prompt_tokens += outcome.prompt_tokens
         if outcome.values is None:
             result.lost(len(kept), outcome.failure)

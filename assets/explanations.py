@@ -93,19 +93,9 @@ def embedding_scores(candidates: list[str], valid: pd.DataFrame, vocab: list[str
 
 
 async def ask_explanation(client: ProductionClient, messages: list[dict], params: dict) -> tuple[str | None, list]:
-    """One candidate explanation. An answer that cannot be read is asked again once (a follow-up turn
-    that says so) and dropped from the cache, so the next run asks afresh; returns the explanation (or
-    None) and every answer received."""
-    answers, conversation = [], messages
-    for _ in range(2):
-        answer = await client.complete(conversation, **params)
-        answers.append(answer)
-        explanation = parse_explanation(answer.text)
-        if explanation is not None:
-            return explanation, answers
-        client.forget(conversation, **params)
-        conversation = messages + [{"role": "assistant", "content": answer.text}, REASK_EXPLANATION]
-    return None, answers
+    """One candidate explanation (asked again once if unreadable), and every answer received."""
+    answers = []
+    return await client.ask_readable(messages, parse_explanation, REASK_EXPLANATION, answers, **params), answers
 
 
 async def explain_latent(client: ProductionClient, config: ExplanationsConfig, latent: int, group: pd.DataFrame, stats: dict | None, vocab: list[str], embed) -> dict:

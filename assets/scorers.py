@@ -191,25 +191,18 @@ async def _ask_list(ctx: ScoringContext, messages: list[dict], n: int, lo: int, 
     raw answers, and the unreadable answers are dropped from the cache so the next run asks again.
     Only whole-run errors propagate: anything else loses this question, not the latent."""
     params = {"max_tokens": list_tokens(n, hi), "int_list": (n, lo, hi), "top_logprobs": top_logprobs}
-    answers, conversation = [], messages
+    answers = []
     try:
-        for _ in range(2):
-            answer = await ctx.client.complete(conversation, **params)
-            answers.append(answer)
-            values = parse_int_list(answer.text, n, lo, hi)
-            if values is not None:
-                return Asked(values, answer, sum(a.prompt_tokens for a in answers))
-            ctx.client.forget(conversation, **params)
-            conversation = messages + [{"role": "assistant", "content": answer.text}, reask_list_message(n, lo, hi)]
+        values = await ctx.client.ask_readable(messages, lambda text: parse_int_list(text, n, lo, hi), reask_list_message(n, lo, hi), answers, **params)
     except LLMEndpointError:
         raise
     except Exception as error:  # budget, retries exhausted, a rejected request: this question is lost
         said = f" after {' then '.join(repr(a.text[:300]) for a in answers)}" if answers else ""
         return Asked(None, None, sum(a.prompt_tokens for a in answers), f"{type(error).__name__}: {str(error)[:300]}{said}")
+    if values is not None:
+        return Asked(values, answers[-1], sum(a.prompt_tokens for a in answers))
     raws = " then ".join(repr(a.text[:300]) for a in answers)
     return Asked(None, None, sum(a.prompt_tokens for a in answers), f"unreadable answer (wanted {n} integers from {lo} to {hi}): {raws}")
-
-
 
 
 async def _classify(ctx: ScoringContext, job: Job, system: str, text_of: Callable[[Example], str]) -> JobResult:

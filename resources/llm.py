@@ -586,6 +586,21 @@ class ProductionClient:
         if self.cache is not None:
             self.cache.forget(ResponseCache.key(self.model_id, messages, self._request(**params)))
 
+    async def ask_readable(self, messages: list[dict], read: Callable[[str], T | None], reask: dict, answers: list[Completion], **params) -> T | None:
+        """What `read` makes of the answer, or None. An answer it cannot read is dropped from the cache (so
+        the next run asks afresh) and asked again once, as a follow-up turn `reask` that says what was
+        wrong. Every answer received is appended to `answers`, also when a later attempt raises."""
+        conversation = messages
+        for _ in range(2):
+            answer = await self.complete(conversation, **params)
+            answers.append(answer)
+            value = read(answer.text)
+            if value is not None:
+                return value
+            self.forget(conversation, **params)
+            conversation = messages + [{"role": "assistant", "content": answer.text}, reask]
+        return None
+
     async def complete(self, messages, **params) -> Completion:
         params = self._request(**params)
         key = ResponseCache.key(self.model_id, messages, params)
@@ -685,7 +700,7 @@ class LLMResource(ConfigurableResource):
     timeout_s: float = Field(default=120.0, description="Per-request timeout of HTTP backends.")
     n_ctx: int = Field(default=2048, description="Context window of the embedded model.")
     context_window: int | None = Field(default=None, description="The judge's context in tokens; prompts that would not fit drop examples (and record how many). Default: n_ctx for 'embedded', max_model_len for 'vllm', unknown (nothing dropped) for 'openai'.")
-    structured_output: Literal["json_schema", "json_object", "off"] = Field(default="json_schema", description="How an 'openai' endpoint is made to answer value lists: 'json_schema' (OpenAI, vLLM, llama.cpp's llama-server), 'json_object' with a schema (llama-cpp-python's server), 'off' (parsed strictly from text). The embedded model always uses a grammar, 'vllm' its structured outputs.")
+    structured_output: StructuredOutput = Field(default="json_schema", description="How an 'openai' endpoint is made to answer value lists: 'json_schema' (OpenAI, vLLM, llama.cpp's llama-server), 'json_object' with a schema (llama-cpp-python's server), 'off' (parsed strictly from text). The embedded model always uses a grammar, 'vllm' its structured outputs.")
     key_setting: str = Field(default="llm.api_key", description="Where the user sets the API key (e.g. the environment variable), named in the error when the endpoint rejects it.")
     model_setting: str = Field(default="llm.model", description="Where the user sets the model name, named in the error when the endpoint does not serve it.")
     vllm_engine_args: dict[str, Any] = Field(default_factory=dict, description="Passed to vllm.LLM for backend 'vllm', e.g. {tensor_parallel_size: 2, gpu_memory_utilization: 0.85, max_model_len: 4096}.")

@@ -63,14 +63,14 @@ class LockedError(RuntimeError):
 
 
 @contextmanager
-def exclusive_lock(path: Path, what: str) -> Iterator[None]:
-    """Hold `path` exclusively for the block, across processes, or raise `LockedError` at once naming
-    `what` and the holder's process id. The kernel releases the lock when its holder dies, even by
-    SIGKILL, so a crash never leaves it stuck."""
+def exclusive_lock(path: Path, what: str, wait: bool = False) -> Iterator[None]:
+    """Hold `path` exclusively for the block, across processes: wait for it, or (by default) raise
+    `LockedError` at once naming `what` and the holder's process id. The kernel releases the lock when
+    its holder dies, even by SIGKILL, so a crash never leaves it stuck."""
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "a+") as handle:
         try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            fcntl.flock(handle, fcntl.LOCK_EX if wait else fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             handle.seek(0)
             holder = handle.read().strip() or "another process"

@@ -10,7 +10,6 @@
 """
 from __future__ import annotations
 
-import fcntl
 import time
 from contextlib import contextmanager
 from pathlib import Path
@@ -19,7 +18,7 @@ from typing import Callable
 import numpy as np
 import pyarrow as pa
 
-from storage.atomic import atomic_path
+from storage.atomic import atomic_path, exclusive_lock
 
 EXPLANATIONS_TABLE = "explanations"
 ANN_MIN_ROWS = 50_000
@@ -36,14 +35,9 @@ def _connect(db_dir: Path):
 
 @contextmanager
 def table_lock(db_dir: Path, name: str):
-    """An exclusive lock across processes for writing table `name`."""
-    db_dir.mkdir(parents=True, exist_ok=True)
-    with open(db_dir / f".{name}.lock", "w") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
+    """An exclusive lock across processes for writing table `name` (waits for the holder)."""
+    with exclusive_lock(db_dir / f".{name}.lock", f"writing the vector table {name}", wait=True):
+        yield
 
 
 def _vectors(vectors: np.ndarray) -> pa.FixedSizeListArray:

@@ -1,0 +1,48 @@
+"""What a latent writes: the vocabulary tokens its decoder direction promotes and suppresses when read
+straight through the subject model's final norm scale and unembedding (the logit lens applied to
+decoder rows; VocabProj in Gur-Arieh et al. 2025). One function, used by the latent browser and by
+the `logit_lens` explainer, so both show the same tokens.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class VocabProjection:
+    """Per direction, the k token ids with the highest and the lowest logit, and those logits."""
+
+    top_ids: torch.Tensor  # [n, k]
+    top_values: torch.Tensor  # [n, k]
+    bottom_ids: torch.Tensor  # [n, k], most suppressed first
+    bottom_values: torch.Tensor  # [n, k]
+
+
+def final_norm_scale(lm: torch.nn.Module) -> torch.Tensor | None:
+    """The elementwise weight of the norm right before the unembedding (RMSNorm/LayerNorm), if any.
+    Its normalization only rescales a direction, which ranks nothing differently; its weight does."""
+    base = getattr(lm, "model", None) or getattr(lm, "transformer", None)
+    for name in ("norm", "final_layernorm", "ln_f"):
+        norm = getattr(base, name, None)
+        if norm is not None and getattr(norm, "weight", None) is not None:
+            return norm.weight.detach().float()
+    return None
+
+
+def vocab_projection(directions: torch.Tensor, lm: torch.nn.Module, k: int = 10, batch: int = 256) -> VocabProjection:
+    """Logits of each `[n, d_model]` direction over the vocabulary, reduced to the top and bottom k."""
+    unembedding = lm.get_output_embeddings().weight.detach().float()  # [vocab, d_model]
+    scale = final_norm_scale(lm)
+    parts = []
+    for start in range(0, len(directions), batch):
+        block = directions[start : start + batch].detach().float().to(unembedding.device)
+        logits = (block * scale if scale is not None else block) @ unembedding.T
+        top = logits.topk(k, dim=1)
+        bottom = logits.topk(k, dim=1, largest=False)
+        parts.append((top.indices.cpu(), top.values.cpu(), bottom.indices.cpu(), bottom.values.cpu()))
+    if not parts:
+        empty = torch.zeros((0, k))
+        return VocabProjection(empty.long(), empty, empty.long(), empty)
+    return VocabProjection(*(torch.cat([p[i] for p in parts]) for i in range(4)))

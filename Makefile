@@ -2,7 +2,6 @@
 VENV ?= .venv
 PY := $(VENV)/bin/python
 export DAGSTER_HOME ?= $(CURDIR)/.dagster_home
-export AUTOINTERP_DATA ?= $(CURDIR)/data
 # Runs in progress at once, and of those how many may wait on the LLM (explanations, LLM scorers);
 # runs that load the subject model always go one at a time. Written into $(DAGSTER_HOME)/dagster.yaml.
 AUTOINTERP_MAX_RUNS ?= 2

@@ -8,18 +8,19 @@ and headings filtered out, so the demo needs no download and no extra package.
 import functools
 import hashlib
 import json
-import os
 import random
 import re
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from dagster import AssetExecutionContext, Config, DataVersion, MaterializeResult, MetadataValue, asset
+from dagster import AssetExecutionContext, AssetsDefinition, Config, DataVersion, MaterializeResult, MetadataValue, asset
 from pydantic import Field
 from safetensors.numpy import load_file, save_file
 
+from assets.automation import CODE_CHANGED
 from assets.prompts import prompt_vocab
+from assets.stage_config import settings_digest, with_defaults
 from resources.settings import AutointerpSettings
 from resources.subject_model import SubjectModelResource
 from storage.atomic import atomic_path, read_json, write_json
@@ -37,8 +38,7 @@ class CorpusConfig(Config):
     text_field: str = Field(default="text", description="Column holding the text in jsonl/parquet/HF sources.")
     split: str = Field(default="train", description="Split of a Hugging Face dataset.")
     ctx_len: int = Field(default=128, description="Tokens per sequence, BOS included.")
-    n_tokens: int = Field(default=int(os.environ.get("AUTOINTERP_CORPUS_TOKENS", 65_536)),
-                          description="Tokens to keep (rounded down to whole sequences); default $AUTOINTERP_CORPUS_TOKENS or 65,536.")
+    n_tokens: int = Field(default=65_536, description="Tokens to keep (rounded down to whole sequences).")
     add_bos: bool = Field(default=True, description="Start every sequence with the tokenizer's BOS token.")
     seed: int = Field(default=0, description="Seed of the document shuffle.")
 
@@ -207,8 +207,7 @@ def build_corpus(config: CorpusConfig, tokenizer, root: DataRoot) -> dict:
     return meta
 
 
-@asset(group_name="autointerp", description="Tokenized fixed-length sequences of the corpus, stored once with a content hash.")
-def corpus(
+def _corpus(
     context: AssetExecutionContext, config: CorpusConfig, settings: AutointerpSettings, subject_model: SubjectModelResource
 ) -> MaterializeResult:
     meta = build_corpus(config, subject_model.tokenizer(), settings.root)
@@ -223,3 +222,19 @@ def corpus(
         },
         data_version=DataVersion(meta["hash"]),
     )
+
+
+CORPUS_VERSION = "1"
+
+
+def corpus_asset(defaults: dict | None = None) -> AssetsDefinition:
+    """The `corpus` asset of a deployment: `defaults` are its [corpus] table (part of the code version)."""
+    Configured = with_defaults(CorpusConfig, defaults or {}, "corpus")
+
+    def corpus(context: AssetExecutionContext, config, settings: AutointerpSettings, subject_model: SubjectModelResource) -> MaterializeResult:
+        return _corpus(context, config, settings, subject_model)
+
+    corpus.__annotations__.update(config=Configured, context=AssetExecutionContext, settings=AutointerpSettings,
+                                  subject_model=SubjectModelResource, **{"return": MaterializeResult})
+    return asset(name="corpus", group_name="autointerp", code_version=f"{CORPUS_VERSION}-{settings_digest(Configured())}", automation_condition=CODE_CHANGED,
+                 description="Tokenized fixed-length sequences of the corpus, stored once with a content hash.")(corpus)

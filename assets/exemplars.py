@@ -22,6 +22,7 @@ import torch
 from dagster import (
     AssetDep,
     AssetExecutionContext,
+    AssetsDefinition,
     Config,
     Failure,
     MaterializeResult,
@@ -30,9 +31,10 @@ from dagster import (
 )
 from pydantic import Field
 
-from assets.automation import FOLLOW
+from assets.automation import CODE_CHANGED, FOLLOW
 from assets.corpus import load_corpus
 from assets.partitions import CODER_DIMENSION, N_SHARDS, coder_and_shard, coder_shard_partitions
+from assets.stage_config import settings_digest, with_defaults
 from resources.embedder import EmbedderResource
 from resources.settings import AutointerpSettings
 from resources.sparse_coders import SparseCoder, coder_fingerprint, load_registered
@@ -330,15 +332,7 @@ def read_activations_meta(acts_dir: Path, coder: str) -> dict:
     return read_json(acts_dir / "meta.json")
 
 
-@asset(
-    group_name="autointerp",
-    partitions_def=coder_shard_partitions,
-    deps=[AssetDep("activations", partition_mapping=CODER_DIMENSION)],
-    code_version="2",
-    automation_condition=FOLLOW,
-    description="Explainer (train) and scorer (test) windows per live latent, non-activating windows tagged by source, and per-latent statistics.",
-)
-def exemplars(context: AssetExecutionContext, config: ExemplarsConfig, settings: AutointerpSettings, embedder: EmbedderResource) -> MaterializeResult:
+def _exemplars(context: AssetExecutionContext, config: ExemplarsConfig, settings: AutointerpSettings, embedder: EmbedderResource) -> MaterializeResult:
     coder, shard = coder_and_shard(context.partition_key)
     root = settings.root
     corpus = load_corpus(root)
@@ -376,3 +370,26 @@ def exemplars(context: AssetExecutionContext, config: ExemplarsConfig, settings:
             "path": MetadataValue.path(str(root.exemplars_path(coder, shard))),
         }
     )
+
+
+EXEMPLARS_VERSION = "2"
+
+
+def exemplars_asset(defaults: dict | None = None) -> AssetsDefinition:
+    """The `exemplars` asset of a deployment: `defaults` are its [exemplars] table (part of the code version)."""
+    Configured = with_defaults(ExemplarsConfig, defaults or {}, "exemplars")
+
+    def exemplars(context: AssetExecutionContext, config, settings: AutointerpSettings, embedder: EmbedderResource) -> MaterializeResult:
+        return _exemplars(context, config, settings, embedder)
+
+    exemplars.__annotations__.update(config=Configured, context=AssetExecutionContext, settings=AutointerpSettings,
+                                     embedder=EmbedderResource, **{"return": MaterializeResult})
+    return asset(
+        name="exemplars",
+        group_name="autointerp",
+        partitions_def=coder_shard_partitions,
+        deps=[AssetDep("activations", partition_mapping=CODER_DIMENSION)],
+        code_version=f"{EXEMPLARS_VERSION}-{settings_digest(Configured())}",
+        automation_condition=FOLLOW | CODE_CHANGED,
+        description="Explainer (train) and scorer (test) windows per live latent, non-activating windows tagged by source, and per-latent statistics.",
+    )(exemplars)

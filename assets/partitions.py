@@ -5,14 +5,13 @@ never imports the `Definitions`, which import every asset.
 """
 from __future__ import annotations
 
-import os
 import warnings
 
 from dagster import BetaWarning, DynamicPartitionsDefinition, MultiPartitionsDefinition, MultiToSingleDimensionPartitionMapping, StaticPartitionsDefinition
 
 from storage.activation_shards import shard_keys
 
-N_SHARDS = int(os.environ.get("AUTOINTERP_N_SHARDS", "8"))
+N_SHARDS = 8
 
 coder_partitions = DynamicPartitionsDefinition(name="coder")
 shard_partitions = StaticPartitionsDefinition(shard_keys(N_SHARDS))

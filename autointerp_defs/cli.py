@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import time
 from pathlib import Path
@@ -47,10 +46,8 @@ def register_embedded(data_dir: str, *, width: int = 4608, k: int = 32, n_tokens
     return folder
 
 
-def _materialize(selection: list[str], partition_key: str | None, instance) -> None:
+def _materialize(selection: list[str], partition_key: str | None, instance, defs) -> None:
     from dagster import materialize
-
-    from autointerp_defs.definitions import defs
 
     assets = list(defs.assets)
     quiet = {"loggers": {"console": {"config": {"log_level": "INFO"}}}}
@@ -59,17 +56,25 @@ def _materialize(selection: list[str], partition_key: str | None, instance) -> N
         raise SystemExit(f"materializing {selection} for {partition_key} failed")
 
 
-def run_demo(data_dir: str, force: bool) -> None:
+def run_demo(deployment, force: bool) -> None:
     from dagster import AssetKey, DagsterInstance
 
     from assets.partitions import coder_partitions
+    from autointerp_defs.definitions import definitions_for
+    from autointerp_defs.deployments import dagster_home
     from resources.sparse_coders import scan_registry
     from storage.layout import DataRoot
 
     started = time.perf_counter()
+    data_dir = deployment.data_dir
     root = DataRoot.at(data_dir)
     register_embedded(data_dir)
-    instance = DagsterInstance.get()
+    defs = definitions_for(deployment)
+    home = dagster_home() or Path(".dagster_home").resolve()
+    home.mkdir(parents=True, exist_ok=True)
+    if not (home / "dagster.yaml").exists():
+        (home / "dagster.yaml").write_text("telemetry:\n  enabled: false\n")
+    instance = DagsterInstance.from_config(str(home))
     coders = scan_registry(root.registry_dir)
     known = set(instance.get_dynamic_partitions(coder_partitions.name))
     instance.add_dynamic_partitions(coder_partitions.name, [c for c in coders if c not in known])
@@ -83,9 +88,7 @@ def run_demo(data_dir: str, force: bool) -> None:
             return instance.get_latest_materialization_event(key) is not None
         return partition in instance.get_materialized_partitions(key)
 
-    from autointerp_defs.deployments import automated_scorers
-
-    scorers = [f"scores/{name}" for name in automated_scorers()]
+    scorers = [f"scores/{name}" for name in deployment.automated_scorers]
     steps = [(["corpus"], None), (["activations"], coder)]
     steps += [(["exemplars", "explanations", *scorers], f"{coder}|{shard}") for shard in DEMO_SHARDS]
     steps += [(["score_summary"], coder)]
@@ -94,32 +97,31 @@ def run_demo(data_dir: str, force: bool) -> None:
             print(f"reusing {', '.join(selection)} {partition or ''}")
             continue
         print(f"materializing {', '.join(selection)} {partition or ''}", flush=True)
-        _materialize(selection, partition, instance)
-    print_results(root, coder)
+        _materialize(selection, partition, instance, defs)
+    print_results(root, coder, deployment.scorers)
     print(f"\ndemo finished in {time.perf_counter() - started:.0f} s")
     print("Open the UI:            make ui     (then http://127.0.0.1:3000)")
-    print(f'Re-score from the shell: DAGSTER_HOME={os.environ["DAGSTER_HOME"]} .venv/bin/dagster asset materialize -m autointerp_defs --select {",".join(scorers)} --partition "{coder}|00"')
+    print(f'Re-score from the shell: DAGSTER_HOME={home} AUTOINTERP_DEPLOYMENT={deployment.path} .venv/bin/dagster asset materialize -m autointerp_defs --select {",".join(scorers)} --partition "{coder}|00"')
 
 
-def print_results(root, coder: str) -> None:
+def print_results(root, coder: str, scorers: dict) -> None:
     import pandas as pd
 
     from assets.score_metrics import verdict
-    from assets.scorers import SCORERS
 
     path = root.score_summary_path(coder)
     if not path.exists():
         print("no scores yet")
         return
     table = pd.read_parquet(path)
-    present = [name for name in SCORERS if name in table.columns]
+    present = [name for name in scorers if name in table.columns]
     shown = table[["latent", "explanation"]].assign(explanation=table["explanation"].str.slice(0, 60))
     for name in present:
-        shown[f"{name} ({SCORERS[name].main_metric})"] = table[name].round(2).astype(str) + " / " + table[f"{name}_control"].round(2).astype(str)
+        shown[f"{name} ({scorers[name].main_metric})"] = table[name].round(2).astype(str) + " / " + table[f"{name}_control"].round(2).astype(str)
     print("\nEach scorer's main metric for the explanation / for its control (another latent's explanation):")
     print(shown.to_string(index=False, na_rep="n/a"))
     for name in present:
-        print(f"{name}: {verdict(table[f'{name}_gap'], SCORERS[name].control)}")
+        print(f"{name}: {verdict(table[f'{name}_gap'], scorers[name].control_description())}")
 
 
 def cache(data_dir: str, coder_keys: list[str], batch_size: int, checkpoint_entries: int) -> None:
@@ -148,20 +150,22 @@ def search(data_dir: str, query: str, limit: int) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     """The command line; a mistake the user can fix ends with its one-line message, not a traceback."""
+    from autointerp_defs.deployments import DeploymentError
     from resources.sparse_coders import CoderFormatError, CoderShapeError, RegistryError
     from storage.atomic import LockedError
 
     try:
         return _main(argv)
-    except (LockedError, RegistryError, CoderFormatError, CoderShapeError, PermissionError) as error:
+    except (DeploymentError, LockedError, RegistryError, CoderFormatError, CoderShapeError, PermissionError) as error:
         sys.exit(f"autointerp {' '.join(argv if argv is not None else sys.argv[1:])}: {error}")
 
 
 def _main(argv: list[str] | None = None) -> None:
-    from storage.layout import data_dir_from_env
+    from autointerp_defs.deployments import dagster_home, load_deployment
 
     parser = argparse.ArgumentParser(prog="autointerp", description=__doc__)
-    parser.add_argument("--data", default=data_dir_from_env(), help="data root (default $AUTOINTERP_DATA or ./data)")
+    parser.add_argument("--deployment", default=None, help="deployment name (deployments/<name>.toml) or TOML path (default $AUTOINTERP_DEPLOYMENT or local)")
+    parser.add_argument("--data", default=None, help="data root (default: the deployment's [settings] data_dir)")
     commands = parser.add_subparsers(dest="command", required=True)
     commands.add_parser("register-embedded", help="train the demo TopK SAE on the embedded model and register it")
     demo = commands.add_parser("demo", help="register, cache, explain and score the demo partitions, then print a table")
@@ -180,19 +184,16 @@ def _main(argv: list[str] | None = None) -> None:
     find.add_argument("query")
     find.add_argument("--limit", type=int, default=10)
     args = parser.parse_args(argv)
-    os.environ["AUTOINTERP_DATA"] = args.data
+    deployment = load_deployment(args.deployment, {"settings": {"data_dir": args.data}} if args.data else None)
+    args.data = deployment.data_dir
     if args.command == "register-embedded":
         register_embedded(args.data)
     elif args.command == "demo":
-        home = Path(os.environ.setdefault("DAGSTER_HOME", str(Path(".dagster_home").resolve())))
-        home.mkdir(parents=True, exist_ok=True)
-        if not (home / "dagster.yaml").exists():
-            (home / "dagster.yaml").write_text("telemetry:\n  enabled: false\n")
-        run_demo(args.data, args.force)
+        run_demo(deployment, args.force)
     elif args.command == "instance":
         from autointerp_defs.instance import write_instance
 
-        print(f"wrote {write_instance(os.environ.get('DAGSTER_HOME') or Path('.dagster_home').resolve(), args.max_runs, args.llm_runs)}")
+        print(f"wrote {write_instance(dagster_home() or Path('.dagster_home').resolve(), args.max_runs, args.llm_runs)}")
     elif args.command == "ui":
         from autointerp_defs.ui import serve
 

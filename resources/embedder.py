@@ -36,3 +36,10 @@ class EmbedderResource(ConfigurableResource):
     def embed(self, texts: list[str]) -> np.ndarray:
         model = _sentence_transformer(self.model, self.device)
         return model.encode(texts, batch_size=self.batch_size, normalize_embeddings=True, convert_to_numpy=True)
+
+
+def explanation_similarity(embed, explanations: list[str], texts: list[str]) -> np.ndarray:
+    """Cosine similarity `[len(texts), len(explanations)]` of each text to each explanation, embedded in one call."""
+    vectors = embed(explanations + texts)
+    vectors = vectors / np.maximum(np.linalg.norm(vectors, axis=1, keepdims=True), 1e-12)
+    return vectors[len(explanations) :] @ vectors[: len(explanations)].T

@@ -4,11 +4,11 @@ from __future__ import annotations
 from dagster import ConfigurableResource
 from pydantic import Field
 
-from storage.layout import DataRoot, data_dir_from_env
+from storage.layout import DataRoot
 
 
 class AutointerpSettings(ConfigurableResource):
-    data_dir: str = Field(default_factory=data_dir_from_env, description="Root of all stored data (default $AUTOINTERP_DATA or ./data).")
+    data_dir: str = Field(default="data", description="Root of all stored data; a relative path is relative to the working directory.")
     max_latents_per_shard: int = Field(default=0, description="Explain and score at most this many live latents per shard (0 = all). The CPU deployment keeps it small.")
     allow_empty_results: bool = Field(default=False, description="Let a run whose table is empty replace one that holds results (a deliberate re-run); off, such a run fails and the table is kept.")
 

@@ -5,14 +5,6 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-DEFAULT_DATA_DIR = "data"
-
-
-def data_dir_from_env() -> str:
-    """The data root: `$AUTOINTERP_DATA` if set, else `./data`."""
-    return os.environ.get("AUTOINTERP_DATA", DEFAULT_DATA_DIR)
-
-
 @dataclass(frozen=True)
 class DataRoot:
     """Paths of every stage's outputs under one root; creating a `DataRoot` creates nothing."""

@@ -11,7 +11,6 @@ import numpy as np
 import pytest
 import torch
 from dagster import DagsterInstance, materialize
-from dagster._core.storage.tags import ASSET_PARTITION_RANGE_END_TAG, ASSET_PARTITION_RANGE_START_TAG
 
 from assets.activations import cache_activations
 from assets.corpus import CorpusConfig, build_corpus
@@ -41,7 +40,7 @@ def test_one_run_one_pass_for_several_coders(registered, subject):
     resources = make_resources(registered)
     materialize(ALL_ASSETS, selection=["corpus"], resources=resources, instance=instance, run_config={"ops": {"corpus": {"config": TINY_CORPUS_CONFIG}}})
     both = materialize(ALL_ASSETS, selection=["activations"], resources=resources, instance=instance,
-                       tags={ASSET_PARTITION_RANGE_START_TAG: TINY_CODER, ASSET_PARTITION_RANGE_END_TAG: NEURONS})
+                       tags={"dagster/asset_partition_range_start": TINY_CODER, "dagster/asset_partition_range_end": NEURONS})  # Dagster's documented range tags
     assert both.success
     assert set(instance.get_materialized_partitions(both.asset_materializations_for_node("activations")[0].asset_key)) == {TINY_CODER, NEURONS}
     root = DataRoot.at(registered)

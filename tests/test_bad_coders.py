@@ -78,19 +78,19 @@ def test_a_broken_coder_stops_with_its_file_and_the_fix(tmp_path, mistake, make,
 
 
 @pytest.mark.parametrize("toml, message", [
-    ("[fuzzing]\nexamples_per_prompt = true\n", r"scorers\.toml: \[fuzzing\] examples_per_prompt = True: Input should be a valid integer\. Fix"),
-    ("[simulation]\ncalibrate = 1\n", r"\[simulation\] calibrate = 1: Input should be a valid boolean\. Fix"),
-    ("[fuzing]\nexamples_per_prompt = 5\n", r"Unknown scorer\(s\) \['fuzing'\].*Fix"),
+    ("[scorers.fuzzing]\nexamples_per_prompt = true\n", r"mine\.toml: \[fuzzing\] examples_per_prompt = True: Input should be a valid integer\. Fix"),
+    ("[scorers.simulation]\ncalibrate = 1\n", r"\[simulation\] calibrate = 1: Input should be a valid boolean\. Fix"),
+    ("[scorers.fuzing]\nexamples_per_prompt = 5\n", r"Unknown scorer\(s\) \['fuzing'\].*Fix"),
 ])
 def test_a_scorer_setting_of_the_wrong_type_stops_the_load_naming_file_and_key(tmp_path, monkeypatch, toml, message):
     """`true` where a number belongs used to load silently as 1."""
-    from autointerp_defs.deployments import scorer_settings_for
+    from autointerp_defs.definitions import build_definitions
 
-    path = tmp_path / "scorers.toml"
+    path = tmp_path / "mine.toml"
     path.write_text(toml)
-    monkeypatch.setenv("AUTOINTERP_SCORERS", str(path))
+    monkeypatch.setenv("AUTOINTERP_DEPLOYMENT", str(path))
     with pytest.raises(ValueError, match=message) as error:
-        scorer_settings_for()
+        build_definitions()
     assert "\n" not in str(error.value)
 
 

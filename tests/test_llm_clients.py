@@ -68,7 +68,7 @@ def test_embedded_llama_cpp_backend_answers():
 
 def test_embedded_llama_cpp_simulation_answer_is_a_grammar_bound_list_with_aligned_logprobs():
     from assets.prompts import parse_int_list, simulation_messages
-    from assets.scorers import expected_values
+    from assets.scorers.simulation import expected_values
     from resources.llm import LlamaCppClient
 
     tokens = [" The", " cat", " sat", " on", " the", " mat"]

@@ -7,13 +7,13 @@ import pytest
 from dagster import DagsterInstance, materialize
 
 from autointerp_defs.definitions import build_definitions
-from autointerp_defs.deployments import CPU_SCORERS
+from autointerp_defs.deployments import load_deployment
 from storage.activation_shards import load_latent_stats, read_shard, shard_keys
 from storage.layout import DataRoot
 from tests.conftest import TINY_CODER, TINY_CORPUS_CONFIG, TINY_EXEMPLARS_CONFIG, make_resources
 
 ALL_ASSETS = list(build_definitions("local").assets)
-E2E_SCORERS = (*CPU_SCORERS, "surprisal")  # the local deployment's automated scorers, and surprisal (cheap on tiny data)
+E2E_SCORERS = (*load_deployment("local").automated_scorers, "surprisal")  # the local deployment's automated scorers, and surprisal (cheap on tiny data)
 CPU_SCORER_KEYS = [f"scores/{name}" for name in E2E_SCORERS]
 
 

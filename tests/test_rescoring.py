@@ -21,20 +21,17 @@ def judge(messages):
     return str([i % 2 for i in range(n)])
 
 
-def requested(evaluation, instance) -> dict[str, set[str]]:
+def requested(evaluation, defs) -> dict[str, set[str]]:
     """Asset → partitions that the automation tick asked to run."""
-    from dagster._core.definitions.partitions.context import partition_loading_context
-
-    with partition_loading_context(datetime.datetime.now(datetime.timezone.utc), instance):  # dynamic partitions need the instance
-        keys = {r.key for r in evaluation.results if r.true_subset.size}
-        return {key.to_user_string(): {str(p) for p in evaluation.get_requested_partitions(key)} for key in keys}
+    keys = defs.resolve_asset_graph().get_all_asset_keys()
+    return {key.to_user_string(): {str(p) for p in evaluation.get_requested_partitions(key)} for key in keys if evaluation.get_requested_partitions(key)}
 
 
 def test_changed_scorer_settings_rerun_only_that_scorer_and_repeat_no_request(registered):
     instance = DagsterInstance.ephemeral()
     instance.add_dynamic_partitions("coder", [TINY_CODER])
     pipeline_until_exemplars(registered, instance)
-    before = build_definitions("local", scorer_overrides={})
+    before = build_definitions("local")
     with ScriptedLLMServer(judge) as server:
         resources = make_resources(registered, max_latents=3, llm=resource(server))
         # every automated scorer of the partition, so that none is missing (missing ones are requested anyway)
@@ -43,13 +40,13 @@ def test_changed_scorer_settings_rerun_only_that_scorer_and_repeat_no_request(re
         detection_run = instance.get_latest_materialization_event(AssetKey(["scores", "detection"])).run_id
         settled = evaluate_automation_conditions(defs=before, instance=instance)
 
-        after = build_definitions("local", scorer_overrides={"fuzzing": {"examples_per_prompt": 4}})
+        after = build_definitions("local", {"scorers": {"fuzzing": {"examples_per_prompt": 4}}})
         graph_before, graph_after = before.resolve_asset_graph(), after.resolve_asset_graph()
         changed = {k.to_user_string() for k in graph_after.get_all_asset_keys() if graph_after.get(k).code_version != graph_before.get(k).code_version}
         assert changed == {"scores/fuzzing"}
 
         evaluation = evaluate_automation_conditions(defs=after, instance=instance, cursor=settled.cursor)
-        stale = {key: {PARTITION} for key, partitions in requested(evaluation, instance).items() if PARTITION in partitions}
+        stale = {key: {PARTITION} for key, partitions in requested(evaluation, after).items() if PARTITION in partitions}
         assert stale == {"scores/fuzzing": {PARTITION}}  # nothing else of this partition is re-run (the other, missing shards are requested)
 
         rerun = materialize(list(after.assets), selection=sorted(stale), partition_key=PARTITION, resources=resources, instance=instance)
@@ -66,5 +63,5 @@ def test_changed_scorer_settings_rerun_only_that_scorer_and_repeat_no_request(re
 
     prompts = [json.dumps(r["messages"], sort_keys=True) + str(r.get("max_tokens")) for r in server.requests]
     assert len(prompts) == len(set(prompts))  # no request was ever repeated
-    settled_again = requested(evaluate_automation_conditions(defs=after, instance=instance, cursor=evaluation.cursor), instance)
+    settled_again = requested(evaluate_automation_conditions(defs=after, instance=instance, cursor=evaluation.cursor), after)
     assert not any(PARTITION in partitions for key, partitions in settled_again.items() if key.startswith("scores/"))  # handled once

@@ -11,7 +11,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from assets.scorers import SCORERS, ScoringContext, expected_values, scorer_settings
+from assets.scorers import SCORERS, ScorerDeps, scorer_settings
+from assets.scorers.simulation import expected_values
 from assets.scores import score_partition
 from resources.llm import Completion, LLMResource
 from tests.scripted_llm_server import ScriptedLLMServer
@@ -82,15 +83,9 @@ def simulation_answer(values):
 
 def run_scorer(name, topic_data, server=None, subject=None, embed=None, context_window=None, **overrides):
     exemplars, explanations, vocab = topic_data
-    spec = SCORERS[name]
-    ctx = ScoringContext(
-        settings=scorer_settings({name: overrides})[name],
-        client=LLMResource(backend="openai", base_url=server.base_url, model="m", context_window=context_window).client() if server else None,
-        embed=embed,
-        causal_lm=subject.causal_lm if subject else None,
-        tokenizer=subject.tokenizer if subject else None,
-    )
-    return asyncio.run(score_partition(spec, ctx, exemplars, explanations, vocab))
+    deps = ScorerDeps(llm=LLMResource(backend="openai", base_url=server.base_url, model="m", context_window=context_window).client() if server else None,
+                      embedder=embed, subject_model=subject)
+    return asyncio.run(score_partition(SCORERS[name](scorer_settings({name: overrides})[name], deps), exemplars, explanations, vocab))
 
 
 @pytest.mark.parametrize("name", ["detection", "fuzzing"])
@@ -170,7 +165,7 @@ def test_expected_values_handle_split_digits_and_unaligned_answers():
 def test_embedding_scorer_ranks_topic_windows_first_with_real_minilm(topic_data):
     from resources.embedder import EmbedderResource
 
-    frame, _ = run_scorer("embedding", topic_data, embed=EmbedderResource().embed)
+    frame, _ = run_scorer("embedding", topic_data, embed=EmbedderResource())
     assert (frame.roc_auc == 1.0).all()
     assert (frame.control_roc_auc < 0.8).all() and (frame.gap > 0.2).all()
 
@@ -279,6 +274,7 @@ def test_a_newline_latent_is_shown_and_judged_as_line_breaks(subject):
 
 
 def test_an_explainer_prompt_too_long_for_the_judge_drops_examples_and_records_how_many(topic_data):
+    from assets.explainers import EXPLAINERS, ExplainerDeps, ExplainerSettings
     from assets.explanations import ExplanationsConfig, explain_all
     from resources.llm import estimated_prompt_tokens
 
@@ -286,7 +282,8 @@ def test_an_explainer_prompt_too_long_for_the_judge_drops_examples_and_records_h
     train = exemplars[exemplars.kind == "activating"].assign(split="train")  # 6 windows a latent to show
     with ScriptedLLMServer(lambda m: "Explanation: the word cat") as server:
         client = LLMResource(backend="openai", base_url=server.base_url, model="m", context_window=360).client()
-        frame = asyncio.run(explain_all(client, ExplanationsConfig(), train, None, [1, 2, 3], vocab, embed=None))
+        explainer = EXPLAINERS["highlighted"](ExplainerSettings(), ExplainerDeps(llm=client))
+        frame = asyncio.run(explain_all(explainer, ExplanationsConfig(), train, None, [1, 2, 3], vocab, embed=None))
     assert (frame.status == "ok").all() and frame.examples_dropped.between(1, 5).all()
     for request in server.requests:
         shown = len(re.findall(r"^Example \d+:", request["messages"][-1]["content"], re.MULTILINE))
@@ -299,9 +296,8 @@ def test_an_explained_latent_without_exemplars_is_skipped_not_a_crash(topic_data
     stale = pd.concat([explanations, pd.DataFrame({"latent": [99], "explanation": ["the word lamp"], "status": "ok"})], ignore_index=True)
     said = []
     with ScriptedLLMServer(truthful_judge) as server:
-        spec = SCORERS["detection"]
-        ctx = ScoringContext(settings=scorer_settings({"detection": {"examples_per_prompt": 4}})["detection"],
-                             client=LLMResource(backend="openai", base_url=server.base_url, model="m").client())
-        frame, _ = asyncio.run(score_partition(spec, ctx, exemplars, stale, vocab, report=said.append))
+        detection = SCORERS["detection"](scorer_settings({"detection": {"examples_per_prompt": 4}})["detection"],
+                                         ScorerDeps(llm=LLMResource(backend="openai", base_url=server.base_url, model="m").client()))
+        frame, _ = asyncio.run(score_partition(detection, exemplars, stale, vocab, report=said.append))
     assert sorted(frame.latent) == [1, 2, 3] and (frame.control_explanation != "the word lamp").all()
     assert any("no exemplars (e.g. [99])" in line for line in said)

@@ -1,7 +1,7 @@
 """A coder dropped into the registry becomes a partition and a run; the downstream stages follow."""
 from dagster import AssetKey, DagsterInstance, DefaultSensorStatus, Definitions, SkipReason, build_sensor_context, evaluate_automation_conditions, materialize
 
-from autointerp_defs.deployments import CPU_SCORERS
+from autointerp_defs.deployments import load_deployment
 from autointerp_defs.sensors import registry_sensor
 from resources.settings import AutointerpSettings
 from tests.conftest import TINY_CODER, TINY_CORPUS_CONFIG, TINY_HOOKPOINT, make_resources
@@ -34,7 +34,7 @@ def test_new_coder_before_the_corpus_asks_for_it_then_automation_does_the_rest(r
     # automation (re)started after the activations landed: a fresh cursor still requests every missing shard
     restarted = evaluate_automation_conditions(defs=defs, instance=instance)
     assert requested(restarted, "exemplars") == requested(restarted, "explanations") == 8
-    assert all(requested(restarted, f"scores/{name}") == 8 for name in CPU_SCORERS)  # the local deployment's automated scorers
+    assert all(requested(restarted, f"scores/{name}") == 8 for name in load_deployment("local").automated_scorers)  # the local deployment's automated scorers
     assert requested(restarted, "scores/simulation") == requested(restarted, "scores/intruder") == 0  # run on request only
     assert requested(restarted, "activations") == requested(restarted, "score_summary") == 0
     running = evaluate_automation_conditions(defs=defs, instance=instance, cursor=corpus_built.cursor)

@@ -14,7 +14,6 @@ from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import pandas as pd
 import torch
 from dagster import (
@@ -31,13 +30,13 @@ from dagster import (
 from pydantic import Field
 
 from assets.automation import FOLLOW, SUBJECT_MODEL_POOL
-from assets.corpus import load_corpus
 from assets.partitions import N_SHARDS, coder_partitions
 from resources.settings import AutointerpSettings
 from resources.sparse_coders import SparseCode, SparseCoder, coder_fingerprint, load_registered
 from resources.subject_model import SubjectModelResource, capture_hookpoints, resolve_hookpoint
-from storage.activation_shards import CHUNK_ENTRIES, ShardedActivationWriter, load_latent_stats, save_latent_stats
-from storage.atomic import exclusive_lock, read_json, write_json
+from storage.activations import CHUNK_ENTRIES, LATENT_STATS_FILE, ShardedActivationWriter, load_latent_stats, read_cache_meta, read_progress, save_latent_stats, write_cache_meta, write_progress
+from storage.atomic import exclusive_lock
+from storage.corpus import load_corpus
 from storage.layout import DataRoot
 
 
@@ -138,7 +137,7 @@ class CoderCache:
         self.writer.checkpoint()
         stats_file = f"stats.partial-{self.writer.checkpoints:05d}.safetensors"
         self.stats.save(self.out_dir / stats_file)
-        write_json(self.out_dir / "progress.json", {**self.identity, "checkpoints": self.writer.checkpoints, "next_sequence": self.next_sequence,
+        write_progress(self.out_dir, {**self.identity, "checkpoints": self.writer.checkpoints, "next_sequence": self.next_sequence,
                                                     "fvu": self.fvu.state(), "stats_file": stats_file})
         for old in self.out_dir.glob("stats.partial*.safetensors"):
             if old.name != stats_file:
@@ -147,9 +146,8 @@ class CoderCache:
 
 def open_cache(coder: SparseCoder, out_dir: Path, identity: dict, device) -> CoderCache:
     """Resume the coder's cache from its last checkpoint if it is for the same corpus and coder, else start anew."""
-    progress_path = out_dir / "progress.json"
-    if progress_path.exists() and not (out_dir / "meta.json").exists():
-        progress = read_json(progress_path)
+    progress = read_progress(out_dir)
+    if progress is not None and read_cache_meta(out_dir) is None:
         if all(progress.get(k) == v for k, v in identity.items()) and (out_dir / progress.get("stats_file", "")).is_file():
             writer = ShardedActivationWriter(out_dir, coder.width, N_SHARDS, first_checkpoint=progress["checkpoints"])
             writer.discard_chunks_from(progress["checkpoints"])
@@ -225,7 +223,7 @@ def _cache_activations(coders: list[SparseCoder], subject_model: SubjectModelRes
     for cache in caches:
         cache.save_progress()
         stats = cache.stats
-        stats.save(cache.out_dir / "latent_stats.safetensors")
+        stats.save(cache.out_dir / LATENT_STATS_FILE)
         meta = {
             "coder": cache.coder.key,
             "hookpoint": cache.coder.hookpoint,
@@ -241,7 +239,7 @@ def _cache_activations(coders: list[SparseCoder], subject_model: SubjectModelRes
             **stats.summary(),
         }
         meta["problems"] = coder_problems(meta)  # kept beside the numbers: a NaN FVU is stored as null
-        write_json(cache.out_dir / "meta.json", meta)
+        write_cache_meta(cache.out_dir, meta)
         metas[cache.coder.key] = meta
     return metas
 

@@ -10,20 +10,17 @@ import hashlib
 import json
 import random
 import re
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 from dagster import AssetExecutionContext, AssetsDefinition, Config, DataVersion, MaterializeResult, MetadataValue, asset
 from pydantic import Field
-from safetensors.numpy import load_file, save_file
 
 from assets.automation import CODE_CHANGED
-from assets.prompts import prompt_vocab
 from assets.stage_config import settings_digest, with_defaults
 from resources.settings import AutointerpSettings
 from resources.subject_model import SubjectModelResource
-from storage.atomic import atomic_path, read_json, write_json
+from storage.corpus import write_corpus
 from storage.layout import DataRoot
 
 LOCAL_SUFFIXES = {".txt", ".jsonl", ".parquet"}
@@ -149,32 +146,6 @@ def special_token_ids(tokenizer) -> list[int]:
     return sorted({int(i) for i in tokenizer.all_special_ids} | {int(i) for i, token in added.items() if getattr(token, "special", False)})
 
 
-@dataclass
-class Corpus:
-    tokens: np.ndarray
-    vocab: list[str]
-    """Token id → the tokenizer's own string (control tokens included): for embedding and search."""
-    meta: dict
-
-    @property
-    def prompt_vocab(self) -> list[str]:
-        """Token id → what explainer and scorer prompts show: special tokens as one document boundary."""
-        special = self.meta.get("special_ids")
-        if special is None:  # a corpus built before special ids were stored: control tokens look like <|name|>
-            special = [i for i, token in enumerate(self.vocab) if re.fullmatch(r"<\|[^|\s]+\|>", token)]
-        return prompt_vocab(self.vocab, special)
-
-
-def load_corpus(root: DataRoot) -> Corpus:
-    if not (root.corpus_dir / "meta.json").exists():
-        raise FileNotFoundError(f"No corpus under {root.corpus_dir}. Materialize the `corpus` asset first.")
-    return Corpus(
-        tokens=load_file(str(root.corpus_dir / "tokens.safetensors"))["tokens"],
-        vocab=json.loads((root.corpus_dir / "vocab.json").read_text()),
-        meta=read_json(root.corpus_dir / "meta.json"),
-    )
-
-
 def build_corpus(config: CorpusConfig, tokenizer, root: DataRoot) -> dict:
     documents = read_documents(config.source, config.text_field, config.split)
     tokens = tokenize_documents(
@@ -198,12 +169,7 @@ def build_corpus(config: CorpusConfig, tokenizer, root: DataRoot) -> dict:
         "tokenizer": getattr(tokenizer, "name_or_path", ""),
         "special_ids": special_token_ids(tokenizer),
     }
-    vocab = tokenizer.batch_decode([[i] for i in range(len(tokenizer))])
-    with atomic_path(root.corpus_dir / "tokens.safetensors") as tmp:
-        save_file({"tokens": tokens}, str(tmp))
-    with atomic_path(root.corpus_dir / "vocab.json") as tmp:
-        tmp.write_text(json.dumps(vocab))
-    write_json(root.corpus_dir / "meta.json", meta)
+    write_corpus(root, tokens, tokenizer.batch_decode([[i] for i in range(len(tokenizer))]), meta)
     return meta
 
 

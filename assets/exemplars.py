@@ -17,7 +17,6 @@ from typing import Literal
 
 import numpy as np
 import pandas as pd
-import pyarrow as pa
 import torch
 from dagster import (
     AssetDep,
@@ -32,29 +31,17 @@ from dagster import (
 from pydantic import Field
 
 from assets.automation import CODE_CHANGED, FOLLOW
-from assets.corpus import load_corpus
-from assets.partitions import CODER_DIMENSION, N_SHARDS, coder_and_shard, coder_shard_partitions
+from assets.partitions import CODER_DIMENSION, coder_and_shard, coder_shard_partitions
 from assets.stage_config import settings_digest, with_defaults
 from resources.embedder import EmbedderResource
 from resources.settings import AutointerpSettings
 from resources.sparse_coders import SparseCoder, coder_fingerprint, load_registered
-from storage.activation_shards import ShardActivations, check_shard_complete, load_latent_stats, read_latents, read_shard, shard_keys
-from storage.atomic import read_json
+from storage.activations import LATENT_STATS_FILE, ShardActivations, check_shard_complete, load_latent_stats, read_cache_meta, read_latents, read_shard, shard_keys
+from storage.corpus import load_corpus
 from storage.layout import DataRoot
-from storage.tables import refuse_emptier, write_table
+from storage.tables import TABLES, refuse_emptier, write_table
 from storage.vector_store import ContextIndex, contexts_table_name, ensure_contexts
 
-EXEMPLAR_COLUMNS = ["latent", "split", "kind", "quantile", "sequence", "start", "max_activation", "tokens", "activations"]
-EXEMPLARS_SCHEMA = pa.schema([
-    ("latent", pa.int64()), ("split", pa.large_string()), ("kind", pa.large_string()), ("quantile", pa.int64()), ("sequence", pa.int64()),
-    ("start", pa.int64()), ("max_activation", pa.float64()), ("tokens", pa.list_(pa.int64())), ("activations", pa.list_(pa.float64())),
-])
-LATENT_STATS_SCHEMA = pa.schema([
-    ("latent", pa.int64()), ("frequency", pa.float64()), ("max_activation", pa.float64()), ("mean_activation", pa.float64()),
-    ("activating_windows", pa.int64()), ("quantile_boundaries", pa.list_(pa.float64())), ("top_tokens", pa.list_(pa.int64())),
-    ("top_token_mean_activation", pa.list_(pa.float64())), ("neighbours", pa.list_(pa.int64())),
-])
-"""The tables' types, written as they are when a shard has no explainable latent (an empty table)."""
 NON_ACTIVATING_SOURCES = ("random", "neighbour", "embedding")
 
 
@@ -299,7 +286,7 @@ def build_exemplars(shard_acts: ShardActivations, tokens: np.ndarray, config: Ex
                 negatives = Windows(seq, cell * window, np.zeros((len(blocks), window), np.float32))
                 rows += window_rows(latent, split, kind, [-1] * len(blocks), negatives, tokens)
         latent_rows.append(latent_statistics(latent, windows, locations, values, tokens, stats, n_tokens, config.n_quantiles, sources.neighbours.get(latent, [])))
-    return pd.DataFrame(rows, columns=EXEMPLAR_COLUMNS), pd.DataFrame(latent_rows)
+    return pd.DataFrame(rows, columns=TABLES["exemplars"].columns), pd.DataFrame(latent_rows)
 
 
 def context_index(root: DataRoot, corpus, window: int, embedder: EmbedderResource) -> ContextIndex:
@@ -327,9 +314,10 @@ def negative_sources(root: DataRoot, coder_key: str, corpus, config: ExemplarsCo
 
 
 def read_activations_meta(acts_dir: Path, coder: str) -> dict:
-    if not (acts_dir / "meta.json").exists():
+    meta = read_cache_meta(acts_dir)
+    if meta is None:
         raise Failure(f"No finished activation cache for {coder} under {acts_dir}. Fix: materialize `activations` for {coder} first.")
-    return read_json(acts_dir / "meta.json")
+    return meta
 
 
 def _exemplars(context: AssetExecutionContext, config: ExemplarsConfig, settings: AutointerpSettings, embedder: EmbedderResource) -> MaterializeResult:
@@ -347,24 +335,24 @@ def _exemplars(context: AssetExecutionContext, config: ExemplarsConfig, settings
         raise Failure(f"The coder {coder} in the registry changed after its activations were cached: exemplars would mix two coders. "
                       f"Fix: re-materialize `activations` for {coder} (or put the old coder files back).")
     shard_acts = read_shard(acts_dir, shard)
-    stats = load_latent_stats(acts_dir / "latent_stats.safetensors")
+    stats = load_latent_stats(acts_dir / LATENT_STATS_FILE)
     if (incomplete := check_shard_complete(shard_acts, stats["count"], meta["width"], meta["n_shards"], shard_keys(meta["n_shards"]).index(shard))) is not None:
         raise Failure(f"The activation cache of {coder} shard {shard} is incomplete: {incomplete} (a chunk file deleted or damaged?). "
                       f"Fix: re-materialize `activations` for {coder}.")
     latents = sorted({int(x) for x in np.unique(shard_acts.locations[:, 2])})
     sources = negative_sources(root, coder, corpus, config, latents, embedder, meta)
-    frame, latent_stats = build_exemplars(shard_acts, corpus.tokens, config, sources, stats, meta["tokens"])
+    frame, profiles = build_exemplars(shard_acts, corpus.tokens, config, sources, stats, meta["tokens"])
     refuse_emptier(frame, root.exemplars_path(coder, shard), f"exemplars of {coder} shard {shard}", settings.allow_empty_results)
-    write_table(frame, root.exemplars_path(coder, shard), EXEMPLARS_SCHEMA)
-    write_table(latent_stats, root.latent_stats_path(coder, shard), LATENT_STATS_SCHEMA)
+    write_table(frame, root.exemplars_path(coder, shard), "exemplars")
+    write_table(profiles, root.latent_profiles_path(coder, shard), "latent_profiles")
     counts = frame.groupby("kind").size().to_dict() if len(frame) else {}
-    note = {} if len(latent_stats) else {"note": f"empty shard: no explainable latent ({len(latents)} live latents, none fires in {config.min_activating_windows} windows or more)"}
+    note = {} if len(profiles) else {"note": f"empty shard: no explainable latent ({len(latents)} live latents, none fires in {config.min_activating_windows} windows or more)"}
     if note:
         context.log.warning(f"{coder} shard {shard}: {note['note']}")
     return MaterializeResult(
         metadata={
             **note,
-            "latents_with_exemplars": len(latent_stats),
+            "latents_with_exemplars": len(profiles),
             "windows": len(frame),
             **{f"windows_{kind}": int(n) for kind, n in counts.items()},
             "path": MetadataValue.path(str(root.exemplars_path(coder, shard))),

@@ -14,15 +14,13 @@ import asyncio
 
 import numpy as np
 import pandas as pd
-import pyarrow as pa
 from dagster import AssetDep, AssetExecutionContext, AssetsDefinition, Config, MaterializeResult, MetadataValue, asset
 from pydantic import Field, ValidationError
 
 from assets.automation import CODE_CHANGED, FOLLOW, LLM_POOL
-from assets.corpus import load_corpus
 from assets.explainers import EXPLAINERS, Explainer, ExplainerDeps, LatentRecord
 from assets.partitions import coder_and_shard, coder_shard_partitions
-from assets.prompts import plain_text
+from assets.prompts import corpus_prompt_vocab, plain_text
 from assets.score_metrics import roc_auc
 from assets.stage_config import problems, settings_digest, with_defaults
 from assets.work import nothing_succeeded, selected_latents
@@ -31,15 +29,10 @@ from resources.llm import BudgetExceeded, LLMEndpointError, LLMResource, Product
 from resources.settings import AutointerpSettings
 from resources.sparse_coders import load_registered
 from resources.subject_model import SubjectModelResource
-from storage.tables import file_fingerprint, read_table, refuse_emptier, write_table
+from storage.corpus import load_corpus
+from storage.tables import TABLES, file_fingerprint, read_table, refuse_emptier, write_table
 from storage.vector_store import upsert_explanations
 
-EXPLANATION_COLUMNS = ["latent", "explainer", "explanation", "status", "error", "prompt_tokens", "completion_tokens", "model", "candidates", "candidate_scores", "examples_dropped"]
-EXPLANATIONS_SCHEMA = pa.schema([
-    ("latent", pa.int64()), ("explainer", pa.large_string()), ("explanation", pa.large_string()), ("status", pa.large_string()), ("error", pa.large_string()),
-    ("prompt_tokens", pa.int64()), ("completion_tokens", pa.int64()), ("model", pa.large_string()), ("candidates", pa.list_(pa.string())),
-    ("candidate_scores", pa.list_(pa.float64())), ("examples_dropped", pa.int64()), ("exemplars_fingerprint", pa.large_string()),
-])
 
 
 class ExplanationsConfig(Config):
@@ -118,7 +111,7 @@ async def explain_all(explainer: Explainer, config: ExplanationsConfig, exemplar
     groups = dict(tuple(exemplars[exemplars["latent"].isin(latents)].groupby("latent")))
     async with explainer.deps.llm.session():
         jobs = [explain_latent(explainer, config, LatentRecord(coder, latent, groups[latent], stats_of.get(latent), vocab), embed) for latent in latents]
-        return pd.DataFrame(await gather_with_progress(jobs, report, "explanations"), columns=EXPLANATION_COLUMNS)
+        return pd.DataFrame(await gather_with_progress(jobs, report, "explanations"), columns=TABLES["explanations"].columns[:-1])  # the fingerprint is added by the asset
 
 
 EXPLANATIONS_VERSION = "3"
@@ -140,7 +133,7 @@ def explanations_asset(defaults: dict | None = None, explainers: dict[str, type[
         coder, shard = coder_and_shard(context.partition_key)
         root = settings.root
         exemplars = read_table(root.exemplars_path(coder, shard), "exemplars")
-        latent_stats = pd.read_parquet(root.latent_stats_path(coder, shard)) if root.latent_stats_path(coder, shard).exists() else None
+        latent_stats = pd.read_parquet(root.latent_profiles_path(coder, shard)) if root.latent_profiles_path(coder, shard).exists() else None
         latents = selected_latents(exemplars, settings.max_latents_per_shard)
         context.log.info(f"explaining {len(latents)} latents of {coder} shard {shard} with {llm.backend} ({config.explainer}, best of {config.best_of_n})")
         client = llm.client(root.llm_cache_dir)
@@ -148,12 +141,12 @@ def explanations_asset(defaults: dict | None = None, explainers: dict[str, type[
         deps = ExplainerDeps(llm=client, subject_model=subject_model if "subject_model" in uses else None,
                              coder=load_registered(root.registry_dir, coder) if "coder" in uses and latents else None)
         explainer = make_explainer(config, explainers, deps)
-        frame = asyncio.run(explain_all(explainer, config, exemplars, latent_stats, latents, load_corpus(root).prompt_vocab, embedder.embed, context.log.info, coder))
+        frame = asyncio.run(explain_all(explainer, config, exemplars, latent_stats, latents, corpus_prompt_vocab(load_corpus(root)), embedder.embed, context.log.info, coder))
         frame["exemplars_fingerprint"] = file_fingerprint(root.exemplars_path(coder, shard))  # what the scorers check they score against
         if len(frame) and not (frame["status"] == "ok").any():
             raise nothing_succeeded("explanations", f"all {len(frame)} latents failed", frame["error"])
         refuse_emptier(frame, root.explanations_path(coder, shard), f"explanations of {coder} shard {shard}", settings.allow_empty_results)
-        write_table(frame, root.explanations_path(coder, shard), EXPLANATIONS_SCHEMA)
+        write_table(frame, root.explanations_path(coder, shard), "explanations")
         ok = frame[frame["status"] == "ok"]
         if len(ok):
             upsert_explanations(root.lancedb_dir, coder, ok["latent"].tolist(), ok["explanation"].tolist(), embedder.embed(ok["explanation"].tolist()))

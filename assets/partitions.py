@@ -9,7 +9,7 @@ import warnings
 
 from dagster import BetaWarning, DynamicPartitionsDefinition, MultiPartitionsDefinition, MultiToSingleDimensionPartitionMapping, StaticPartitionsDefinition
 
-from storage.activation_shards import shard_keys
+from storage.activations import shard_keys
 
 N_SHARDS = 8
 

@@ -317,3 +317,8 @@ def parse_int_list(text: str, n: int, lo: int, hi: int) -> list[int] | None:
         if len(stated) == 1:
             return valid([stated.pop()])
     return None
+
+
+def corpus_prompt_vocab(corpus) -> list[str]:
+    """Token id → what prompts show, for a stored corpus (`storage.corpus.Corpus`)."""
+    return prompt_vocab(corpus.vocab, corpus.special_ids)

@@ -18,7 +18,6 @@ import json
 
 import numpy as np
 import pandas as pd
-import pyarrow as pa
 from dagster import (
     AssetDep,
     AssetExecutionContext,
@@ -32,28 +31,16 @@ from dagster import (
 )
 
 from assets.automation import CODE_CHANGED, FOLLOW, LLM_POOL, SUBJECT_MODEL_POOL
-from assets.corpus import load_corpus
 from assets.work import nothing_succeeded, selected_latents
 from assets.partitions import CODER_DIMENSION, coder_and_shard, coder_partitions, coder_shard_partitions, shard_partitions
-from assets.score_metrics import BINARY, CONFUSION, control_assignment, example_predictions, latent_metrics, no_control_reason, verdict
+from assets.prompts import corpus_prompt_vocab
+from assets.score_metrics import control_assignment, example_predictions, latent_metrics, no_control_reason, verdict
 from assets.scorers import Job, JobResult, Scorer, ScorerDeps, ScorerSettings, held_out_examples
 from assets.scorers.base import CONTROLS
 from resources.llm import gather_with_progress
-from storage.tables import file_fingerprint, read_table, refuse_emptier, write_table
+from storage.corpus import load_corpus
+from storage.tables import SCORE_METRICS, empty_table, file_fingerprint, read_table, refuse_emptier, write_table
 
-NUMERIC = (*BINARY, *CONFUSION, "roc_auc", "pearson", "n_scored", "ev_correlation", "rsquared", "logprob_fraction")
-SCORES_SCHEMA = pa.schema([
-    ("latent", pa.int64()), ("explanation", pa.large_string()), ("control_explanation", pa.large_string()), ("control_note", pa.large_string()),
-    *((m, pa.float64()) for m in NUMERIC), ("quantile_accuracy", pa.large_string()), *((f"control_{m}", pa.float64()) for m in NUMERIC),
-    ("control_quantile_accuracy", pa.large_string()), ("gap", pa.float64()), ("n_failed", pa.int64()), ("n_dropped", pa.int64()),
-    ("failures", pa.large_string()), ("prompt_tokens", pa.int64()),
-])
-SCORED_EXAMPLES_SCHEMA = pa.schema([
-    ("example", pa.int64()), ("label", pa.int64()), ("quantile", pa.int64()), ("activation", pa.float64()), ("prediction", pa.float64()),
-    ("score", pa.float64()), ("predicted", pa.int64()), ("latent", pa.int64()), ("source", pa.large_string()),
-])
-SUMMARY_SCHEMA = pa.schema([("latent", pa.int64()), ("shard", pa.large_string()), ("explanation", pa.large_string()), ("mean_gap", pa.float64())])
-"""The tables' types, written as they are when a shard (or a coder) has nothing scored: an empty table."""
 EMPTY_SHARD = "empty shard: no explainable latent"
 
 # New explanations, or a changed setting of this scorer (its code version), re-run exactly the
@@ -90,8 +77,8 @@ def scored_latents(scorer: Scorer, exemplars: pd.DataFrame, explanations: pd.Dat
 def latent_row(main_metric: str, latent: int, explanation, control_explanation, own: JobResult, control: JobResult | None, control_note: str = "") -> dict:
     def metrics(result: JobResult | None) -> dict:
         if result is None:
-            return {m: np.nan for m in NUMERIC} | {"quantile_accuracy": {}}
-        return {m: np.nan for m in NUMERIC} | latent_metrics(pd.DataFrame(result.rows, columns=["label", "quantile", "activation", "prediction", "score"])) | result.extra
+            return {m: np.nan for m in SCORE_METRICS} | {"quantile_accuracy": {}}
+        return {m: np.nan for m in SCORE_METRICS} | latent_metrics(pd.DataFrame(result.rows, columns=["label", "quantile", "activation", "prediction", "score"])) | result.extra
 
     mine, theirs = metrics(own), metrics(control)
     results = [own] + ([control] if control else [])
@@ -100,9 +87,9 @@ def latent_row(main_metric: str, latent: int, explanation, control_explanation, 
         "explanation": explanation or "",
         "control_explanation": control_explanation or "",
         "control_note": control_note,
-        **{m: mine[m] for m in NUMERIC},
+        **{m: mine[m] for m in SCORE_METRICS},
         "quantile_accuracy": json.dumps(mine["quantile_accuracy"]),
-        **{f"control_{m}": theirs[m] for m in NUMERIC},
+        **{f"control_{m}": theirs[m] for m in SCORE_METRICS},
         "control_quantile_accuracy": json.dumps(theirs["quantile_accuracy"]),
         "gap": mine[main_metric] - theirs[main_metric],
         "n_failed": sum(r.failed for r in results),
@@ -282,13 +269,13 @@ def scorer_asset(scorer: type[Scorer], settings: ScorerSettings, automate: bool)
                 raise Failure(f"The explanations of {coder} shard {shard} were written from other exemplars ({read_from}) than those there now ({now}): "
                               f"scoring them on the new windows mixes two versions. Fix: re-materialize `explanations` for this partition first.")
         max_latents = resources.settings.max_latents_per_shard
-        frame, examples = asyncio.run(score_partition(judge, exemplars, explanations, load_corpus(root).prompt_vocab, max_latents, context.log.info))
+        frame, examples = asyncio.run(score_partition(judge, exemplars, explanations, corpus_prompt_vocab(load_corpus(root)), max_latents, context.log.info))
         if len(frame) and frame["n_failed"].sum() > 0 and (frame["n_scored"].fillna(0) + frame["control_n_scored"].fillna(0)).sum() == 0:
             reasons = pd.Series([reason for cell in frame["failures"] for reason in json.loads(cell)], dtype=str)
             raise nothing_succeeded(f"scores/{scorer.name}", f"no example of {len(frame)} latents could be scored", reasons)
         refuse_emptier(frame, root.scores_path(coder, shard, scorer.name), f"scores/{scorer.name} of {coder} shard {shard}", resources.settings.allow_empty_results)
-        write_table(frame, root.scores_path(coder, shard, scorer.name), SCORES_SCHEMA)
-        write_table(examples, root.scored_examples_path(coder, shard, scorer.name), SCORED_EXAMPLES_SCHEMA)
+        write_table(frame, root.scores_path(coder, shard, scorer.name), "scores")
+        write_table(examples, root.scored_examples_path(coder, shard, scorer.name), "scored_examples")
         metadata = scorer_metadata(scorer, settings, frame, examples)
         if not len(exemplars):
             metadata["verdict"] = EMPTY_SHARD
@@ -312,7 +299,7 @@ def summary_table(root, coder: str, scorers: dict[str, type[Scorer]]) -> pd.Data
                 parts.append(pd.DataFrame({"latent": frame["latent"], "shard": shard, "scorer": name, "explanation": frame["explanation"],
                                            "score": frame[main], "control": frame[f"control_{main}"], "gap": frame["gap"]}))
     if not parts:
-        return SUMMARY_SCHEMA.empty_table().to_pandas()
+        return empty_table("score_summary")
     long = pd.concat(parts, ignore_index=True)
     explanation = long[long["explanation"] != ""].groupby("latent")["explanation"].first()
     wide = long.pivot_table(index=["latent", "shard"], columns="scorer", values=["score", "control", "gap"], aggfunc="first")
@@ -345,7 +332,7 @@ def summary_asset(scorers: dict[str, type[Scorer]]) -> AssetsDefinition:
         coder = context.partition_key
         root = context.resources.settings.root
         table = summary_table(root, coder, scorers)
-        write_table(table, root.score_summary_path(coder), SUMMARY_SCHEMA)
+        write_table(table, root.score_summary_path(coder), "score_summary")
         present = [name for name in scorers if name in table.columns]
         metadata = {"latents": int(table["latent"].nunique()) if len(table) else 0, "scorers": ", ".join(present) or "none yet"}
         for name in present:

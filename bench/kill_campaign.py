@@ -47,7 +47,8 @@ def prepare(data: Path) -> None:
     """A corpus of 96 sequences of 64 tokens and a TopK coder (width 1152, k 16) trained briefly at layer 3."""
     import torch
 
-    from assets.corpus import CorpusConfig, build_corpus, load_corpus
+    from assets.corpus import CorpusConfig, build_corpus
+    from storage.corpus import load_corpus
     from resources.sae_training import train_topk_sae
     from resources.sparse_coders import save_sparsify
     from resources.subject_model import SubjectModelResource, capture_hookpoints
@@ -89,7 +90,7 @@ def command(stage: str, data: Path, url: str) -> list[str]:
 
 def results(stage: str, data: Path) -> dict:
     """What a stage produced, as comparable values."""
-    from storage.activation_shards import load_latent_stats, read_shard, shard_keys
+    from storage.activations import load_latent_stats, read_shard, shard_keys
     from storage.layout import DataRoot
 
     root = DataRoot.at(data)

@@ -37,8 +37,10 @@ class DataRoot:
     def exemplars_path(self, coder: str, shard: str) -> Path:
         return self.root / "exemplars" / coder / f"{shard}.parquet"
 
-    def latent_stats_path(self, coder: str, shard: str) -> Path:
-        return self.root / "exemplars" / coder / f"{shard}.latents.parquet"
+    def latent_profiles_path(self, coder: str, shard: str) -> Path:
+        """Per latent of a shard: firing frequency, top tokens, quantile boundaries, decoder neighbours
+        (not the activation cache's `latent_stats.safetensors`, which counts over the whole coder)."""
+        return self.root / "exemplars" / coder / f"{shard}.profiles.parquet"
 
     def explanations_path(self, coder: str, shard: str) -> Path:
         return self.root / "explanations" / coder / f"{shard}.parquet"

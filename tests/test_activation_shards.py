@@ -1,6 +1,6 @@
 import numpy as np
 
-from storage.activation_shards import ShardedActivationWriter, read_latents, read_shard, shard_keys, shard_latent_range
+from storage.activations import ShardedActivationWriter, read_latents, read_shard, shard_keys, shard_latent_range
 
 
 def test_shards_split_the_width_exactly():

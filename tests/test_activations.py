@@ -15,7 +15,7 @@ from dagster import DagsterInstance, materialize
 from assets.activations import cache_activations
 from assets.corpus import CorpusConfig, build_corpus
 from resources.sparse_coders import load_registered, save_neurons, save_sparsify
-from storage.activation_shards import load_latent_stats, read_shard, shard_keys
+from storage.activations import load_latent_stats, read_shard, shard_keys
 from storage.atomic import read_json
 from storage.layout import DataRoot
 from tests.conftest import TINY_CODER, TINY_CORPUS_CONFIG, make_resources

@@ -101,7 +101,7 @@ import pandas as pd
 from resources.llm import ResponseCache
 from storage.tables import write_table
 root = Path(sys.argv[1])
-for attempt in (lambda: ResponseCache(root / "llm_cache" / "responses.sqlite"), lambda: write_table(pd.DataFrame({"a": [1]}), root / "exemplars" / "x.parquet")):
+for attempt in (lambda: ResponseCache(root / "llm_cache" / "responses.sqlite"), lambda: write_table(pd.DataFrame(), root / "exemplars" / "x.parquet", "exemplars")):
     try:
         attempt()
         print("written")

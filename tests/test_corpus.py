@@ -4,7 +4,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from assets.corpus import CorpusConfig, EmptyCorpusError, build_corpus, embedded_documents, load_corpus, read_documents, tokenize_documents
+from assets.corpus import CorpusConfig, EmptyCorpusError, build_corpus, embedded_documents, read_documents, tokenize_documents
+from storage.corpus import load_corpus
 from storage.layout import DataRoot
 
 

@@ -2,13 +2,11 @@
 re-runs exactly what it affects; plugins are one file each; nothing else reads the environment."""
 import json
 import re
-import sys
-import textwrap
 from pathlib import Path
 
 import pandas as pd
 import pytest
-from dagster import AssetKey, DagsterInstance, evaluate_automation_conditions, materialize
+from dagster import DagsterInstance, evaluate_automation_conditions, materialize
 
 from autointerp_defs.definitions import build_definitions
 from autointerp_defs.deployments import DEPLOYMENTS_DIR, DeploymentError, load_deployment

@@ -60,7 +60,7 @@ def test_shard_without_explainable_latent_gives_typed_empty_tables_and_a_summary
         assert metadata(f"scores__{name}")["latents_scored"] == 0
         assert metadata(f"scores__{name}")["verdict"] == "empty shard: no explainable latent"
 
-    tables = [root.exemplars_path, root.latent_stats_path, root.explanations_path]
+    tables = [root.exemplars_path, root.latent_profiles_path, root.explanations_path]
     tables += [lambda c, s, n=name: root.scores_path(c, s, n) for name in SCORERS]
     tables += [lambda c, s, n=name: root.scored_examples_path(c, s, n) for name in SCORERS]
     for path_of in tables:

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from assets.exemplars import ExemplarsConfig, NegativeSources, Windows, activating_windows, build_exemplars, decoder_neighbours, sample_test, sample_train
-from storage.activation_shards import ShardActivations
+from storage.activations import ShardActivations
 
 CTX, WINDOW = 64, 16
 

@@ -1,6 +1,5 @@
 """The production client around any backend: retries, cache, budget, cost, failures, secrets."""
 import asyncio
-import os
 import time
 from pathlib import Path
 

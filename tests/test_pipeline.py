@@ -8,7 +8,7 @@ from dagster import DagsterInstance, materialize
 
 from autointerp_defs.definitions import build_definitions
 from autointerp_defs.deployments import load_deployment
-from storage.activation_shards import load_latent_stats, read_shard, shard_keys
+from storage.activations import load_latent_stats, read_shard, shard_keys
 from storage.layout import DataRoot
 from tests.conftest import TINY_CODER, TINY_CORPUS_CONFIG, TINY_EXEMPLARS_CONFIG, make_resources
 
@@ -49,7 +49,7 @@ def test_every_asset_for_one_partition_end_to_end(registered):
     result = run(["exemplars", "explanations", *CPU_SCORER_KEYS], partition, resources, instance, {"ops": {"exemplars": {"config": TINY_EXEMPLARS_CONFIG}}})
     ex = pd.read_parquet(root.exemplars_path(TINY_CODER, "00"))
     assert set(ex.kind) == {"activating", "random", "neighbour", "embedding"}
-    stats = pd.read_parquet(root.latent_stats_path(TINY_CODER, "00"))
+    stats = pd.read_parquet(root.latent_profiles_path(TINY_CODER, "00"))
     assert set(stats.latent) == set(ex.latent) and len(stats.neighbours.iloc[0]) == 10
     for latent, group in ex.groupby("latent"):
         train = set(zip(group[group.split == "train"].sequence, group[group.split == "train"].start))

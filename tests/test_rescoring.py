@@ -1,5 +1,4 @@
 """Changing one scorer's settings re-runs that scorer only, and no prompt is ever sent twice."""
-import datetime
 import json
 
 from dagster import AssetKey, DagsterInstance, evaluate_automation_conditions, materialize

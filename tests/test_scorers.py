@@ -206,7 +206,7 @@ def test_summary_joins_scorers_over_shards_and_keeps_undefined_controls(tmp_path
         path.parent.mkdir(parents=True, exist_ok=True)
         pd.DataFrame({"latent": latents, "explanation": [f"e{l}" for l in latents], main: score, f"control_{main}": control,
                       "gap": np.subtract(score, control)}).to_parquet(path)
-    table = summary_table(root, "c/h", ["detection", "embedding"]).set_index("latent")
+    table = summary_table(root, "c/h", {name: SCORERS[name] for name in ("detection", "embedding")}).set_index("latent")
     assert list(table.index) == [1, 2, 700] and table.loc[700, "shard"] == "01"
     assert table.loc[1, "detection"] == 0.9 and table.loc[1, "embedding_control"] == 0.6
     assert np.isnan(table.loc[700, "detection_control"]) and np.isnan(table.loc[700, "embedding"])

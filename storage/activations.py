@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 from safetensors.numpy import load_file, save_file
 
-from storage.atomic import atomic_path
+from storage.atomic import atomic_path, read_json, write_json
 
 CHUNK_ENTRIES = 1 << 20
 """Pairs buffered over all shards before a checkpoint writes them (16 MiB)."""
@@ -163,3 +163,31 @@ def check_shard_complete(shard: ShardActivations, counts: np.ndarray, width: int
     if expected != found:
         return f"its chunks hold {found} activations where the latent statistics counted {expected}"
     return None
+
+
+LATENT_STATS_FILE = "latent_stats.safetensors"
+PROGRESS_FILE = "progress.json"
+META_FILE = "meta.json"
+
+
+def write_progress(activations_dir: Path, progress: dict) -> None:
+    """`progress.json`: the cache's identity (corpus hash, coder fingerprint, shard layout, skip_bos),
+    `checkpoints`, `next_sequence`, the FVU accumulators (`fvu`) and the `stats_file` it commits."""
+    write_json(activations_dir / PROGRESS_FILE, progress)
+
+
+def read_progress(activations_dir: Path) -> dict | None:
+    path = activations_dir / PROGRESS_FILE
+    return read_json(path) if path.exists() else None
+
+
+def write_cache_meta(activations_dir: Path, meta: dict) -> None:
+    """`meta.json`, written last, when the cache is complete: coder, hookpoint, format, activation,
+    width, shard layout, corpus hash, tokens, live latents, dead fraction, mean L0, FVU, tokens/s."""
+    write_json(activations_dir / META_FILE, meta)
+
+
+def read_cache_meta(activations_dir: Path) -> dict | None:
+    """The complete cache's `meta.json`, or None while the cache is missing or unfinished."""
+    path = activations_dir / META_FILE
+    return read_json(path) if path.exists() else None

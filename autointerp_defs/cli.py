@@ -16,7 +16,7 @@ def register_embedded(data_dir: str, *, width: int = 4608, k: int = 32, n_tokens
     import torch
 
     from assets.corpus import embedded_documents, tokenize_documents
-    from resources.sae_training import train_topk_sae
+    from autointerp_defs.demo_sae import train_topk_sae
     from resources.sparse_coders import save_sparsify
     from resources.subject_model import SubjectModelResource, capture_hookpoints
     from storage.layout import DataRoot

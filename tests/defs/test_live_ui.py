@@ -17,7 +17,6 @@ import pytest
 
 from autointerp_defs.instance import write_instance
 from tests.scripted_llm_server import ScriptedLLMServer, answer_by_prompt
-from tests.test_defs import STAGES
 
 CODER = "small-topk/model.layers.3"
 SHARDS = ("00", "01")
@@ -32,7 +31,7 @@ def small_sae(subject):
     import torch
 
     from assets.corpus import embedded_documents, tokenize_documents
-    from resources.sae_training import train_topk_sae
+    from autointerp_defs.demo_sae import train_topk_sae
     from resources.subject_model import capture_hookpoints
 
     tokens = tokenize_documents(embedded_documents(), subject.tokenizer(), ctx_len=64, n_tokens=64 * 32, add_bos=True, seed=3)
@@ -110,12 +109,12 @@ def test_dropped_coder_runs_to_the_summary_by_itself_within_limits_then_stays_qu
             while time.time() < deadline and proc.poll() is None:
                 try:
                     served = {"/".join(n["assetKey"]["path"]) for n in ui.query("{ assetNodes { assetKey { path } } }")["assetNodes"]}
-                    if served >= STAGES:
+                    if served >= {"corpus", "activations", "exemplars", "explanations", "score_summary"}:
                         break
                 except OSError:
                     pass
                 time.sleep(2)
-            assert served >= STAGES, log.read_text()[-3000:]
+            assert served >= {"corpus", "activations", "exemplars", "explanations", "score_summary"}, log.read_text()[-3000:]
             assert ui.query("{ shouldShowNux }")["shouldShowNux"] is False
 
             dropped = time.time()

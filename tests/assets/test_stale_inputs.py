@@ -10,7 +10,7 @@ from dagster import DagsterInstance
 from resources.settings import AutointerpSettings
 
 from tests.conftest import TINY_CODER, TINY_CORPUS_CONFIG, TINY_EXEMPLARS_CONFIG, make_resources
-from tests.test_pipeline import run
+from tests.conftest import run
 
 PARTITION = f"{TINY_CODER}|00"
 EXEMPLARS = {"ops": {"exemplars": {"config": TINY_EXEMPLARS_CONFIG}}}

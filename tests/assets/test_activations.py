@@ -19,7 +19,9 @@ from storage.activations import load_latent_stats, read_shard, shard_keys
 from storage.atomic import read_json
 from storage.layout import DataRoot
 from tests.conftest import TINY_CODER, TINY_CORPUS_CONFIG, make_resources
-from tests.test_pipeline import ALL_ASSETS
+from tests.conftest import all_assets
+
+ALL_ASSETS = all_assets()
 
 NEURONS = "tiny-neurons/model.layers.2.mlp.down_proj"
 
@@ -95,16 +97,15 @@ from resources.sparse_coders import load_registered
 from resources.subject_model import SubjectModelResource
 from storage.layout import DataRoot
 
-real_write_json, commits = activations.write_json, []
+real_write_progress, commits = activations.write_progress, []
 
-def write_json(path, obj):
-    if path.name == "progress.json":
-        commits.append(path)
-        if len(commits) == 3:  # checkpoint 3's chunks and statistics are on disk; its progress.json never will be
-            os.kill(os.getpid(), signal.SIGKILL)
-    real_write_json(path, obj)
+def write_progress(directory, progress):
+    commits.append(directory)
+    if len(commits) == 3:  # checkpoint 3's chunks and statistics are on disk; its progress.json never will be
+        os.kill(os.getpid(), signal.SIGKILL)
+    real_write_progress(directory, progress)
 
-activations.write_json = write_json
+activations.write_progress = write_progress
 root = DataRoot.at(sys.argv[1])
 activations.cache_activations([load_registered(root.registry_dir, sys.argv[2])], SubjectModelResource(batch_size=8), root, checkpoint_entries=900)
 """

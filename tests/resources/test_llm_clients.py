@@ -1,7 +1,6 @@
 """Both LLM backends through the one async interface, against real processes on 127.0.0.1."""
 import asyncio
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -11,15 +10,10 @@ import pytest
 from resources.llm import LLMEndpointError, LLMResource, OpenAICompatibleClient
 from resources.subject_model import embedded_gguf_path
 from tests.conftest import in_session
+from autointerp_defs.ui import free_port
 from tests.scripted_llm_server import ScriptedLLMServer
 
 MESSAGES = [{"role": "user", "content": "Say hello."}]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def test_openai_backend_sends_model_and_key(monkeypatch):

@@ -4,21 +4,16 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 import pytest
-from dagster import DagsterInstance, materialize
+from dagster import DagsterInstance
 
-from autointerp_defs.definitions import build_definitions
 from autointerp_defs.deployments import load_deployment
 from storage.activations import load_latent_stats, read_shard, shard_keys
 from storage.layout import DataRoot
-from tests.conftest import TINY_CODER, TINY_CORPUS_CONFIG, TINY_EXEMPLARS_CONFIG, make_resources
+from tests.conftest import TINY_CODER, TINY_CORPUS_CONFIG, TINY_EXEMPLARS_CONFIG, all_assets, make_resources, run
 
-ALL_ASSETS = list(build_definitions("local").assets)
+ALL_ASSETS = all_assets()
 E2E_SCORERS = (*load_deployment("local").automated_scorers, "surprisal")  # the local deployment's automated scorers, and surprisal (cheap on tiny data)
 CPU_SCORER_KEYS = [f"scores/{name}" for name in E2E_SCORERS]
-
-
-def run(selection, partition, resources, instance, run_config=None):
-    return materialize(ALL_ASSETS, selection=selection, partition_key=partition, resources=resources, instance=instance, run_config=run_config or {}, raise_on_error=True)
 
 
 def corpus_config():
@@ -125,7 +120,7 @@ def test_missing_registry_stops_activations(tmp_path):
 
 def test_unreachable_llm_endpoint_stops_explanations(registered):
     from resources.llm import LLMResource
-    from tests.test_llm_clients import free_port
+    from autointerp_defs.ui import free_port
 
     instance = DagsterInstance.ephemeral()
     instance.add_dynamic_partitions("coder", [TINY_CODER])

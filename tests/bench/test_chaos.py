@@ -4,7 +4,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def test_faults_on_30_percent_of_requests_are_never_misread_and_a_rerun_equals_the_fault_free_run():

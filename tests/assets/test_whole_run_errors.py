@@ -14,9 +14,11 @@ from dagster import DagsterInstance, materialize
 from resources.llm import LLMEndpointError, LLMResource
 from tests.conftest import TINY_CODER, in_session, make_resources
 from tests.scripted_llm_server import ScriptedLLMServer
-from tests.test_llm_clients import free_port
-from tests.test_llm_production import pipeline_until_exemplars
-from tests.test_pipeline import ALL_ASSETS
+from autointerp_defs.ui import free_port
+from tests.conftest import pipeline_until_exemplars
+from tests.conftest import all_assets
+
+ALL_ASSETS = all_assets()
 
 PARTITION = f"{TINY_CODER}|00"
 MESSAGES = [{"role": "user", "content": "Say hello."}]

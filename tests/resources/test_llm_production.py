@@ -8,9 +8,11 @@ import pytest
 from dagster import DagsterInstance, EnvVar, materialize
 
 from resources.llm import BudgetExceeded, LLMResource
-from tests.conftest import TINY_CODER, TINY_CORPUS_CONFIG, TINY_EXEMPLARS_CONFIG, in_session, make_resources
+from tests.conftest import TINY_CODER, all_assets, in_session, make_resources, pipeline_until_exemplars
+from tests.conftest import llm_resource as resource
+
+ALL_ASSETS = all_assets()
 from tests.scripted_llm_server import Fault, ScriptedLLMServer
-from tests.test_pipeline import ALL_ASSETS
 
 MESSAGES = [{"role": "user", "content": "Say hello."}]
 
@@ -19,10 +21,6 @@ def scripted(statuses):
     """Reply with the given statuses in turn, then 'ok'."""
     queue = list(statuses)
     return lambda messages: queue.pop(0) if queue else "ok"
-
-
-def resource(server, **kwargs) -> LLMResource:
-    return LLMResource(backend="openai", base_url=server.base_url, model="m", **kwargs)
 
 
 @pytest.mark.parametrize("statuses", [[429, 429], [500, 503], [502]])
@@ -130,14 +128,6 @@ def test_budget_stops_sending_and_cost_is_counted():
     assert len(server.requests) == 3 and sum(isinstance(r, BudgetExceeded) for r in results) == 2
     assert client.ledger.cost == pytest.approx((3 * 10 * 2.0 + 3 * 3 * 10.0) / 1e6)
     assert client.ledger.as_metadata()["llm_cost"] > 0
-
-
-def pipeline_until_exemplars(root: Path, instance):
-    resources = make_resources(root, max_latents=3)
-    materialize(ALL_ASSETS, selection=["corpus"], resources=resources, instance=instance, run_config={"ops": {"corpus": {"config": TINY_CORPUS_CONFIG}}})
-    materialize(ALL_ASSETS, selection=["activations"], partition_key=TINY_CODER, resources=resources, instance=instance)
-    materialize(ALL_ASSETS, selection=["exemplars"], partition_key=f"{TINY_CODER}|00", resources=resources, instance=instance,
-                run_config={"ops": {"exemplars": {"config": TINY_EXEMPLARS_CONFIG}}})
 
 
 def test_malformed_answers_are_asked_again_once_then_fail_the_latent_not_the_partition_and_are_retried_next_time(registered):

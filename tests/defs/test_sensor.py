@@ -5,7 +5,9 @@ from autointerp_defs.deployments import load_deployment
 from autointerp_defs.sensors import registry_sensor
 from resources.settings import AutointerpSettings
 from tests.conftest import TINY_CODER, TINY_CORPUS_CONFIG, TINY_HOOKPOINT, make_resources
-from tests.test_pipeline import ALL_ASSETS
+from tests.conftest import all_assets
+
+ALL_ASSETS = all_assets()
 
 
 def test_new_coder_before_the_corpus_asks_for_it_then_automation_does_the_rest(registered, tiny_sae):

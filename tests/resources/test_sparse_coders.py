@@ -3,14 +3,8 @@ import json
 import pytest
 import torch
 
-from resources.sparse_coders import CoderShapeError, RegistryError, SparseCoder, load_registered, save_sparsify, scan_registry
-
-
-def random_coder(width=64, d_in=16, k=4, seed=0) -> SparseCoder:
-    g = torch.Generator().manual_seed(seed)
-    return SparseCoder("rand", "model.layers.1", "topk", d_in=d_in, width=width, encoder_weight=torch.randn(width, d_in, generator=g),
-                       encoder_bias=torch.randn(width, generator=g) * 0.1, decoder_weight=torch.randn(width, d_in, generator=g),
-                       decoder_bias=torch.randn(d_in, generator=g), k=k, subtract_decoder_bias=True)
+from resources.sparse_coders import CoderShapeError, RegistryError, load_registered, save_sparsify, scan_registry
+from tests.conftest import random_coder
 
 
 def test_sparsify_layout_round_trip(tmp_path):

@@ -7,7 +7,8 @@ from assets.prompts import FUZZING_SYSTEM
 from autointerp_defs.definitions import build_definitions
 from tests.conftest import TINY_CODER, make_resources
 from tests.scripted_llm_server import ScriptedLLMServer
-from tests.test_llm_production import pipeline_until_exemplars, resource
+from tests.conftest import llm_resource as resource
+from tests.conftest import pipeline_until_exemplars
 
 PARTITION = f"{TINY_CODER}|00"
 LLM_SCORERS = ["scores/detection", "scores/fuzzing"]

@@ -13,10 +13,11 @@ from autointerp_defs.deployments import DEPLOYMENTS_DIR, DeploymentError, load_d
 from storage.layout import DataRoot
 from tests.conftest import TINY_CODER, make_resources
 from tests.scripted_llm_server import ScriptedLLMServer
-from tests.test_llm_production import pipeline_until_exemplars, resource
+from tests.conftest import llm_resource as resource
+from tests.conftest import pipeline_until_exemplars
 
 PARTITION = f"{TINY_CODER}|00"
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 PACKAGES = ("assets", "resources", "storage", "autointerp_defs")
 
 

@@ -7,8 +7,10 @@ from assets.scorers import SCORERS
 from storage.layout import DataRoot
 from tests.conftest import TINY_CODER, TINY_CORPUS_CONFIG, TINY_EXEMPLARS_CONFIG, make_resources
 from tests.scripted_llm_server import ScriptedLLMServer, answer_by_prompt
-from tests.test_llm_production import resource
-from tests.test_pipeline import ALL_ASSETS
+from tests.conftest import llm_resource as resource
+from tests.conftest import all_assets
+
+ALL_ASSETS = all_assets()
 
 SCORER_KEYS = [f"scores/{name}" for name in SCORERS]
 NO_LATENT_QUALIFIES = {**TINY_EXEMPLARS_CONFIG, "min_activating_windows": 10**9}

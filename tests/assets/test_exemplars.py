@@ -5,7 +5,7 @@ import time
 import numpy as np
 import pytest
 
-from assets.exemplars import ExemplarsConfig, NegativeSources, Windows, activating_windows, build_exemplars, decoder_neighbours, sample_test, sample_train
+from assets.exemplars import ExemplarsConfig, NegativeSources, activating_windows, build_exemplars, decoder_neighbours, sample_test, sample_train
 from storage.activations import ShardActivations
 
 CTX, WINDOW = 64, 16

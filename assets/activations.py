@@ -33,7 +33,7 @@ from assets.automation import FOLLOW, SUBJECT_MODEL_POOL
 from assets.partitions import N_SHARDS, coder_partitions
 from resources.settings import AutointerpSettings
 from resources.sparse_coders import SparseCode, SparseCoder, coder_fingerprint, load_registered
-from resources.subject_model import SubjectModelResource, capture_hookpoints, resolve_hookpoint
+from resources.subject_model import SubjectModelResource, resolve_hookpoint
 from storage.activations import CHUNK_ENTRIES, LATENT_STATS_FILE, ShardedActivationWriter, load_latent_stats, read_cache_meta, read_progress, save_latent_stats, write_cache_meta, write_progress
 from storage.atomic import exclusive_lock
 from storage.corpus import load_corpus
@@ -197,7 +197,7 @@ def _cache_activations(coders: list[SparseCoder], subject_model: SubjectModelRes
     forwarded, started, last_report = 0, time.perf_counter(), 0.0
     for seq_start in range(start, n_sequences, batch_size):
         batch = tokens[seq_start : seq_start + batch_size].to(device, non_blocking=True)
-        captured = capture_hookpoints(lm, batch, sites)
+        captured = subject_model.capture(batch, sites)
         forwarded += len(batch)
         for cache in caches:
             skip = cache.next_sequence - seq_start

@@ -5,6 +5,7 @@ import difflib
 import functools
 import importlib.util
 from pathlib import Path
+from typing import Literal
 
 import torch
 from dagster import ConfigurableResource
@@ -125,12 +126,25 @@ class SubjectModelResource(ConfigurableResource):
     dtype: str = Field(default="float32", description="torch dtype for the forward pass: float32, bfloat16 or float16.")
     device: str = Field(default="cpu", description="torch device, e.g. 'cpu' or 'cuda'.")
     batch_size: int = Field(default=16, description="Sequences per forward pass while caching; 0 = choose from free GPU memory.")
+    driver: Literal["transformers", "nnsight"] = Field(default="transformers", description="How caching reads hookpoints: 'transformers' forward hooks (the fast default) or nnsight's tracing (nnsight.LanguageModel). Steering always goes through nnsight.")
 
     def tokenizer(self):
         return load_tokenizer(self.model, self.gguf_file)
 
     def causal_lm(self):
         return load_causal_lm(self.model, self.gguf_file, self.dtype, self.device)
+
+    def capture(self, input_ids: torch.Tensor, sites: set[tuple[str, str]]) -> dict[tuple[str, str], torch.Tensor]:
+        """The tensor at each (hookpoint, side) site, read the way `driver` says."""
+        if self.driver == "nnsight":
+            return self.steerer().read(input_ids, sites)
+        return capture_hookpoints(self.causal_lm(), input_ids, sites)
+
+    def steerer(self):
+        """The model driven through nnsight: reads, steers and generates (`resources/steering.py`)."""
+        from resources.steering import Steerer
+
+        return Steerer(self.causal_lm(), self.tokenizer())
 
     def sequences_per_batch(self, ctx_len: int, coder_widths: list[int]) -> int:
         """`batch_size`, or when 0 the largest batch whose activations fit in half the free GPU memory."""

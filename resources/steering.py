@@ -1,0 +1,277 @@
+"""Reading and steering the subject model through nnsight, at any registered coder's hookpoint.
+
+A steer edits one latent in the coder's latent space and keeps everything the coder does not
+explain, as Goodfire's SAE card does: with f = encode(x),
+
+    x' = decode(f + delta * e_latent) + (x - decode(f))
+
+so the reconstruction error goes back in and a zero edit leaves the model's output as it was. An
+SAE reads and writes its module's output; a transcoder reads the module's input and writes its
+output (the error is then output - decode(encode(input))); MLP neurons are their own latent space,
+so the edit adds delta to the neuron's input of `down_proj`. The edit is applied at every position
+of the prompt and of every generated token.
+
+Strength is given in units of the latent's largest activation in the activation cache
+(`latent_stats.safetensors`, written by `assets/activations.py`), so "2" means twice the most the
+latent ever fired on the corpus, whatever the coder's scale. `strength_for_kl` instead finds the
+value whose next-token distributions are a fixed KL divergence away from the unsteered ones, which
+is how the intervention score compares latents of different scales (Paulo et al. 2024).
+"""
+from __future__ import annotations
+
+import functools
+import math
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from resources.sparse_coders import SparseCode, SparseCoder
+from resources.subject_model import resolve_hookpoint
+
+NEUTRAL_PROMPTS = (
+    "The", "I think that", "In the morning,", "Here is", "One day,", "It was", "We", "After a while, the",
+)
+"""Prompts that say nothing in particular: what a latent makes the model write after them is its own doing."""
+
+
+class SteeringError(ValueError):
+    """A steer that cannot be done as asked; the message names the input and the fix."""
+
+
+@functools.lru_cache(maxsize=2)
+def _wrapped(lm: torch.nn.Module, tokenizer) -> object:
+    # nnsight 0.8 names nnsight.LanguageModel a deprecated alias of TransformersModel with the
+    # text-generation task; this is that class, without the warning
+    from nnsight import TransformersModel
+
+    kept = (tokenizer.padding_side, tokenizer.pad_token)  # nnsight sets both; caching shares this tokenizer
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = TransformersModel(lm, tokenizer=tokenizer, task="text-generation")
+    tokenizer.padding_side, tokenizer.pad_token = kept
+    return model
+
+
+def module_name(lm: torch.nn.Module, hookpoint: str) -> str:
+    """The full module name of a hookpoint (sparsify-style names resolve as for caching)."""
+    module = resolve_hookpoint(lm, hookpoint)
+    return next(name for name, m in lm.named_modules() if m is module)
+
+
+@functools.lru_cache(maxsize=4)
+def execution_order(lm: torch.nn.Module) -> dict[tuple[str, str], int]:
+    """When each module's input and output appear in a forward pass, learnt once from a one-token run:
+    nnsight serves a trace's reads in that order only (registration order differs, e.g. for norms)."""
+    events: dict[tuple[str, str], int] = {}
+
+    def seen(name: str, side: str) -> None:  # a hook that returns nothing changes nothing
+        events.setdefault((name, side), len(events))
+
+    handles = []
+    for name, module in lm.named_modules():
+        handles.append(module.register_forward_pre_hook(lambda m, a, name=name: seen(name, "input")))
+        handles.append(module.register_forward_hook(lambda m, a, o, name=name: seen(name, "output")))
+    try:
+        with torch.inference_mode():
+            lm(input_ids=torch.zeros((1, 1), dtype=torch.long, device=next(lm.parameters()).device), use_cache=False)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return events
+
+
+def _first(value):
+    return value[0] if isinstance(value, tuple) else value
+
+
+def _repack(original, first: torch.Tensor):
+    return (first, *original[1:]) if isinstance(original, tuple) else first
+
+
+def added_to_latent(code: SparseCode, latent: int, delta: float, n_tokens: int) -> SparseCode:
+    """`code` with `delta` added to `latent` on every token, still sorted by row (what `decode` needs).
+    The addition is a second (row, latent, delta) entry: decode sums a token's entries, so it is f + delta e."""
+    rows = torch.arange(n_tokens, device=code.rows.device)
+    all_rows = torch.cat([code.rows, rows])
+    order = torch.argsort(all_rows, stable=True)
+    latents = torch.cat([code.latents, torch.full_like(rows, latent)])
+    values = torch.cat([code.values, torch.full((n_tokens,), float(delta), dtype=code.values.dtype, device=code.values.device)])
+    return SparseCode(all_rows[order], latents[order], values[order])
+
+
+def steered_value(coder: SparseCoder, latent: int, delta: float, read: torch.Tensor, write: torch.Tensor) -> torch.Tensor:
+    """What the written side becomes: decode(f + delta e_latent) + (write - decode(f)), f = encode(read)."""
+    if coder.activation == "neurons":
+        out = write.clone()
+        out[..., latent] += delta
+        return out
+    x = read.reshape(-1, read.shape[-1]).float()
+    y = write.reshape(-1, write.shape[-1]).float()
+    code = coder.encode(x)
+    error = y - coder.decode(code, len(x))  # everything the coder does not explain goes back in
+    edited = coder.decode(added_to_latent(code, latent, delta, len(x)), len(x))
+    return (edited + error).reshape(write.shape).to(write.dtype)
+
+
+@dataclass(frozen=True)
+class Steer:
+    """Add `delta` (in the coder's own latent units) to `latent` at every position."""
+
+    coder: SparseCoder
+    latent: int
+    delta: float
+
+
+class Steerer:
+    """The subject model driven through nnsight: reads hookpoints, steers latents, generates."""
+
+    def __init__(self, lm: torch.nn.Module, tokenizer):
+        self.lm = lm
+        self.tokenizer = tokenizer
+        self.model = _wrapped(lm, tokenizer)
+        self._coders: dict[int, SparseCoder] = {}
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.lm.parameters()).device
+
+    def _coder(self, coder: SparseCoder) -> SparseCoder:
+        """The coder on the model's device, in float32, moved once."""
+        key = id(coder)
+        if key not in self._coders:
+            self._coders[key] = coder.to(self.device, torch.float32)
+        return self._coders[key]
+
+    def check(self, steer: Steer) -> None:
+        coder = steer.coder
+        if not 0 <= steer.latent < coder.width:
+            raise SteeringError(f"Latent {steer.latent} is not a latent of coder '{coder.key}' (width {coder.width}). Fix: pick one in 0..{coder.width - 1}.")
+        if coder.activation != "neurons" and coder.decoder_weight is None:
+            raise SteeringError(f"Coder '{coder.key}' has no decoder, so its latents cannot be steered. Fix: steer an SAE or a transcoder.")
+        module_name(self.lm, coder.hookpoint)  # an unknown hookpoint names its fix here
+
+    def _intervene(self, steer: Steer) -> None:
+        """Inside a trace: apply the steer at its hookpoint (input is read before output: nnsight's order)."""
+        coder = self._coder(steer.coder)
+        envoy = self.model.get(module_name(self.lm, coder.hookpoint))
+        if coder.activation == "neurons":
+            envoy.input = steered_value(coder, steer.latent, steer.delta, envoy.input, envoy.input)
+            return
+        read = envoy.input if coder.reads == "input" else None
+        output = envoy.output
+        written = _first(output)
+        envoy.output = _repack(output, steered_value(coder, steer.latent, steer.delta, written if read is None else read, written))
+
+    def read(self, input_ids: torch.Tensor, sites: set[tuple[str, str]]) -> dict[tuple[str, str], torch.Tensor]:
+        """The tensor at each (hookpoint, "input" | "output") site, read through nnsight (what
+        `capture_hookpoints` reads with forward hooks). The trace stops after the deepest site."""
+        order = execution_order(self.lm)
+        named = sorted(((module_name(self.lm, h), side, (h, side)) for h, side in sites), key=lambda s: order[(s[0], s[1])])
+        saved = {}
+        with torch.inference_mode(), self.model.trace(input_ids.to(self.device), use_cache=False) as tracer:
+            for name, side, key in named:
+                envoy = self.model.get(name)
+                saved[key] = _first(envoy.input if side == "input" else envoy.output).save()
+            tracer.stop()
+        return saved
+
+    def logits(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, steer: Steer | None = None) -> torch.Tensor:
+        """Logits `[batch, tokens, vocab]` (float32, on the CPU), with the steer applied if given."""
+        if steer is not None:
+            self.check(steer)
+        mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask
+        with torch.inference_mode(), self.model.trace(input_ids.to(self.device), attention_mask=mask.to(self.device), use_cache=False):
+            if steer is not None:
+                self._intervene(steer)
+            logits = self.model.output.logits.save()
+        return logits.float().cpu()
+
+    def encode_prompts(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Token ids and attention mask of prompts, left-padded (so every prompt ends at the last column)."""
+        side = self.tokenizer.padding_side
+        self.tokenizer.padding_side = "left"
+        try:
+            if self.tokenizer.pad_token is None:
+                self.tokenizer.pad_token = self.tokenizer.eos_token
+            batch = self.tokenizer(list(prompts), return_tensors="pt", padding=True)
+        finally:
+            self.tokenizer.padding_side = side
+        return batch["input_ids"], batch["attention_mask"]
+
+    def generate(self, prompts: list[str], max_new_tokens: int, steer: Steer | None = None) -> list[list[int]]:
+        """Greedy continuations of exactly `max_new_tokens` tokens per prompt (so steered and unsteered
+        texts have the same length); unsteered ones run on transformers alone, steered ones through
+        nnsight with the edit at every step."""
+        ids, mask = self.encode_prompts(prompts)
+        ids, mask = ids.to(self.device), mask.to(self.device)
+        settings = {"max_new_tokens": max_new_tokens, "min_new_tokens": max_new_tokens, "do_sample": False,
+                    "pad_token_id": self.tokenizer.pad_token_id, "attention_mask": mask}
+        with torch.inference_mode():
+            if steer is None:
+                out = self.lm.generate(ids, **settings)
+            else:
+                self.check(steer)
+                with self.model.generate(ids, **settings) as tracer:
+                    for _ in tracer.iter[:max_new_tokens]:
+                        self._intervene(steer)
+                    result = tracer.result.save()
+                out = result
+        return out[:, ids.shape[1] :].cpu().tolist()
+
+    def next_token_logprobs(self, prompts: list[str], steer: Steer | None = None) -> torch.Tensor:
+        """Log-probabilities `[prompts, vocab]` of the token after each prompt."""
+        ids, mask = self.encode_prompts(prompts)
+        return torch.log_softmax(self.logits(ids, mask, steer)[:, -1], dim=-1)
+
+    def kl_divergence(self, prompts: list[str], steer: Steer, clean: torch.Tensor | None = None) -> float:
+        """Mean over prompts of KL(unsteered || steered) of the next-token distributions, in nats."""
+        clean = self.next_token_logprobs(prompts) if clean is None else clean
+        steered = self.next_token_logprobs(prompts, steer)
+        return float((clean.exp() * (clean - steered)).sum(-1).mean())
+
+    def strength_for_kl(self, prompts: list[str], coder: SparseCoder, latent: int, target_kl: float, unit: float,
+                        tolerance: float = 0.05, max_steps: int = 24) -> tuple[float, float]:
+        """The delta (latent units) whose steer moves the next-token distributions `target_kl` nats
+        from the unsteered ones, within `tolerance` (relative), and the KL it reached: doubling from
+        `unit`, then bisecting. A latent that cannot reach the target returns its largest try."""
+        if target_kl <= 0 or unit <= 0:
+            raise SteeringError(f"target_kl ({target_kl}) and the starting unit ({unit}) must be positive. Fix: pass positive values.")
+        clean = self.next_token_logprobs(prompts)
+        kl = lambda delta: self.kl_divergence(prompts, Steer(coder, latent, delta), clean)
+        lo, hi, reached, steps = 0.0, unit, kl(unit), 1
+        while reached < target_kl and steps < max_steps // 2:
+            lo, hi = hi, hi * 2
+            reached, steps = kl(hi), steps + 1
+        if reached < target_kl:
+            return hi, reached
+        best = (hi, reached)
+        while steps < max_steps and abs(best[1] - target_kl) > tolerance * target_kl:
+            middle = (lo + hi) / 2
+            value, steps = kl(middle), steps + 1
+            if value < target_kl:
+                lo = middle
+            else:
+                hi = middle
+            if abs(value - target_kl) < abs(best[1] - target_kl):
+                best = (middle, value)
+        return best
+
+
+def max_activation(activations_dir: Path, latent: int) -> float:
+    """The latent's largest activation in the cache: the unit of steering strength."""
+    from storage.activations import LATENT_STATS_FILE, load_latent_stats
+
+    path = Path(activations_dir) / LATENT_STATS_FILE
+    if not path.exists():
+        raise SteeringError(f"No cached activations at {activations_dir} (no latent_stats.safetensors), so strength has no unit. "
+                            f"Fix: run `autointerp cache <coder>` first, or give the strength in the coder's own units (--absolute).")
+    maxima = load_latent_stats(path)["max"]
+    if not 0 <= latent < len(maxima):
+        raise SteeringError(f"Latent {latent} is outside the cached coder's {len(maxima)} latents. Fix: pick one in 0..{len(maxima) - 1}.")
+    value = float(maxima[latent])
+    if not math.isfinite(value) or value <= 0:
+        raise SteeringError(f"Latent {latent} never fired in the cached corpus (max activation {value}), so strength has no unit. "
+                            f"Fix: steer a live latent, or give the strength in the coder's own units (--absolute).")
+    return value

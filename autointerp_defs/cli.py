@@ -1,4 +1,4 @@
-"""`autointerp`: register the embedded demo SAE, run the demo end to end, search explanations."""
+"""`autointerp`: register the embedded demo SAE, run the demo end to end, steer a latent, search explanations."""
 from __future__ import annotations
 
 import argparse
@@ -138,6 +138,36 @@ def cache(data_dir: str, coder_keys: list[str], batch_size: int, checkpoint_entr
         print(f"{key}: {meta['tokens']} tokens, {meta['live_latents']} live latents, mean L0 {meta['mean_l0']:.1f}, FVU {meta['fvu']}")
 
 
+def steer(data_dir: str, coder_key: str, latent: int, prompt: str, strength: float, tokens: int, absolute: bool, width: int = 100) -> None:
+    """Print the prompt's unsteered and steered continuations side by side. Strength is in units of the
+    latent's largest cached activation unless `absolute` (then in the coder's own units)."""
+    import textwrap
+
+    from resources.sparse_coders import load_registered
+    from resources.steering import Steer, max_activation
+    from resources.subject_model import SubjectModelResource
+    from storage.layout import DataRoot
+
+    root = DataRoot.at(data_dir)
+    coder = load_registered(root.registry_dir, coder_key)
+    unit = 1.0 if absolute else max_activation(root.activations_dir(coder_key), latent)
+    subject = SubjectModelResource()
+    steerer = subject.steerer()
+    edit = Steer(coder, latent, strength * unit)
+    steerer.check(edit)
+    kl = steerer.kl_divergence([prompt], edit)
+    plain, steered = (subject.tokenizer().decode(ids[0]) for ids in (steerer.generate([prompt], tokens), steerer.generate([prompt], tokens, edit)))
+    how = f"+{strength:g} in the coder's units" if absolute else f"+{strength:g} × max cached activation {unit:.4g} = +{strength * unit:.4g}"
+    print(f"prompt: {prompt!r}")
+    print(f"steering {coder_key} latent {latent}: {how} at every position (next-token KL {kl:.3f} nats)")
+    column = max(20, (width - 3) // 2)
+    left, right = (textwrap.wrap(text.replace("\n", "↵"), column) or [""] for text in (plain, steered))
+    print(f"{'unsteered':<{column}} | steered")
+    print(f"{'-' * column} | {'-' * column}")
+    for i in range(max(len(left), len(right))):
+        print(f"{left[i] if i < len(left) else '':<{column}} | {right[i] if i < len(right) else ''}")
+
+
 def search(data_dir: str, query: str, limit: int) -> None:
     from resources.embedder import EmbedderResource
     from storage.layout import DataRoot
@@ -152,11 +182,13 @@ def main(argv: list[str] | None = None) -> None:
     """The command line; a mistake the user can fix ends with its one-line message, not a traceback."""
     from autointerp_defs.deployments import DeploymentError
     from resources.sparse_coders import CoderFormatError, CoderShapeError, RegistryError
+    from resources.steering import SteeringError
+    from resources.subject_model import UnknownHookpointError
     from storage.atomic import LockedError
 
     try:
         return _main(argv)
-    except (DeploymentError, LockedError, RegistryError, CoderFormatError, CoderShapeError, PermissionError) as error:
+    except (DeploymentError, LockedError, RegistryError, CoderFormatError, CoderShapeError, PermissionError, SteeringError, UnknownHookpointError) as error:
         sys.exit(f"autointerp {' '.join(argv if argv is not None else sys.argv[1:])}: {error}")
 
 
@@ -180,6 +212,13 @@ def _main(argv: list[str] | None = None) -> None:
     ui = commands.add_parser("ui", help="the Dagster UI and daemon on $DAGSTER_HOME (what `dagster dev` does, without its supersession warning)")
     ui.add_argument("--host", default="127.0.0.1")
     ui.add_argument("--port", type=int, default=3000)
+    steering = commands.add_parser("steer", help="continue a prompt with and without one latent steered, side by side")
+    steering.add_argument("coder", help="coder partition key, e.g. smollm2-topk/model.layers.15")
+    steering.add_argument("latent", type=int)
+    steering.add_argument("prompt")
+    steering.add_argument("--strength", type=float, default=2.0, help="added to the latent at every position, in units of its max cached activation (default 2)")
+    steering.add_argument("--tokens", type=int, default=32, help="tokens to generate (default 32)")
+    steering.add_argument("--absolute", action="store_true", help="strength in the coder's own units (no activation cache needed)")
     find = commands.add_parser("search", help="semantic search over stored explanations")
     find.add_argument("query")
     find.add_argument("--limit", type=int, default=10)
@@ -200,6 +239,8 @@ def _main(argv: list[str] | None = None) -> None:
         sys.exit(serve(args.host, args.port))
     elif args.command == "cache":
         cache(args.data, args.coders, args.batch_size, args.checkpoint_entries)
+    elif args.command == "steer":
+        steer(args.data, args.coder, args.latent, args.prompt, args.strength, args.tokens, args.absolute)
     elif args.command == "search":
         search(args.data, args.query, args.limit)
 

@@ -52,10 +52,12 @@ class Continuations:
     """Mean KL divergence of the steered next-token distributions from the unsteered ones, in nats."""
 
 
-def steered_continuations(steerer: Steerer, coder: SparseCoder, latent: int, prompts: list[str], n_tokens: int, target_kl: float, unit: float) -> Continuations:
-    """Continue each prompt `n_tokens` tokens without and with the latent steered to `target_kl`."""
-    delta, kl = steerer.strength_for_kl(prompts, coder, latent, target_kl, unit)
-    unsteered = steerer.generate(prompts, n_tokens)
+def steered_continuations(steerer: Steerer, coder: SparseCoder, latent: int, prompts: list[str], n_tokens: int, target_kl: float, unit: float,
+                          unsteered: list[list[int]] | None = None, tolerance: float = 0.05) -> Continuations:
+    """Continue each prompt `n_tokens` tokens without and with the latent steered to `target_kl`. The
+    unsteered continuations are the same for every latent: pass them in to generate them once."""
+    delta, kl = steerer.strength_for_kl(prompts, coder, latent, target_kl, unit, tolerance=tolerance)
+    unsteered = steerer.generate(prompts, n_tokens) if unsteered is None else unsteered
     steered = steerer.generate(prompts, n_tokens, Steer(coder, latent, delta))
     return Continuations(list(prompts), unsteered, steered, delta, kl)
 
@@ -103,9 +105,10 @@ class LikelihoodScorer:
     _baseline: tuple[np.ndarray, np.ndarray] | None = field(default=None, init=False)
 
     def _likelihoods(self, prefix: str) -> tuple[np.ndarray, np.ndarray]:
+        """(steered, unsteered) mean log-likelihoods after `prefix`, in one forward pass."""
         c = self.continuations
-        return (continuation_logprobs(self.lm, self.tokenizer, prefix, c.prompts, c.steered),
-                continuation_logprobs(self.lm, self.tokenizer, prefix, c.prompts, c.unsteered))
+        both = continuation_logprobs(self.lm, self.tokenizer, prefix, c.prompts * 2, c.steered + c.unsteered)
+        return both[: len(c.prompts)], both[len(c.prompts) :]
 
     def score(self, explanation: str) -> InterventionScore:
         if self._baseline is None:

@@ -1,0 +1,129 @@
+"""Benchmark steered generation against bare generation, and the intervention scorer's cost per latent.
+
+Throughput: greedy generation of `--tokens` tokens for each of `--prompts` neutral prompts (one
+batch), bare (transformers' `generate`) and steered (nnsight, one latent of a TopK SAE of width
+8 × d_model, k 32, random weights, edited at every position with the error term kept), interleaved
+`--repeats` times so a noisy machine's drifts hit both alike; the ratio is the median of the
+per-repeat ratios of steered to bare tokens/s (target >= 0.8).
+
+Intervention cost: for `--latents` latents of a coder whose latents write one token's unembedding
+direction (so the KL target is reachable), the seconds per latent of the intervention scorer's
+subject-model work: the KL-targeted strength search, the steered continuations (the unsteered ones
+are shared by all latents and counted once, divided among them) and the likelihoods of the steered
+and unsteered texts under no description, the explanation and the control. The output-side judge
+adds 2 LLM requests per latent (explanation and control; all prompts of a latent in one request).
+
+The last line is a JSON object. `--architecture llama` runs on a random-weight Llama of the given
+size instead of the embedded SmolLM2-135M (for a GPU: `--device cuda --dtype bfloat16`).
+
+    .venv/bin/python bench/steering.py
+"""
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from resources.intervention import LikelihoodScorer, steered_continuations  # noqa: E402
+from resources.sparse_coders import SparseCoder  # noqa: E402
+from resources.steering import NEUTRAL_PROMPTS, Steer, Steerer  # noqa: E402
+from resources.subject_model import SubjectModelResource  # noqa: E402
+
+
+def random_llama(hidden: int, layers: int, device: str, dtype: str, tokenizer) -> torch.nn.Module:
+    """A Llama of the given size with random weights (no download): speed does not depend on training."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=int(hidden * 3.5) // 64 * 64, num_hidden_layers=layers,
+                         num_attention_heads=hidden // 64, num_key_value_heads=max(1, hidden // 256), tie_word_embeddings=False,
+                         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+    with torch.device(device):
+        lm = LlamaForCausalLM(config).to(getattr(torch, dtype))
+    return lm.eval()
+
+
+def timed(fn) -> float:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    started = time.perf_counter()
+    fn()
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    return time.perf_counter() - started
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--prompts", type=int, default=8)
+    parser.add_argument("--tokens", type=int, default=32)
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--latents", type=int, default=3, help="latents whose intervention-scoring cost is measured")
+    parser.add_argument("--target-kl", type=float, default=1.0)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--dtype", default="float32")
+    parser.add_argument("--architecture", choices=["embedded", "llama"], default="embedded")
+    parser.add_argument("--hidden", type=int, default=2048, help="d_model of the random Llama")
+    parser.add_argument("--layers", type=int, default=16, help="layers of the random Llama")
+    args = parser.parse_args()
+
+    torch.manual_seed(0)
+    subject = SubjectModelResource(device=args.device, dtype=args.dtype)
+    tokenizer = subject.tokenizer()
+    lm = subject.causal_lm() if args.architecture == "embedded" else random_llama(args.hidden, args.layers, args.device, args.dtype, tokenizer)
+    steerer = Steerer(lm, tokenizer)
+    d_model, n_layers = lm.config.hidden_size, lm.config.num_hidden_layers
+    prompts = [NEUTRAL_PROMPTS[i % len(NEUTRAL_PROMPTS)] for i in range(args.prompts)]
+
+    middle = f"model.layers.{n_layers // 2}"
+    width = 8 * d_model
+    decoder = torch.nn.functional.normalize(torch.randn(width, d_model), dim=1)
+    sae = SparseCoder("bench-topk", middle, "topk", d_model, width, decoder.clone(), torch.zeros(width), decoder, torch.zeros(d_model), k=32)
+    hidden = steerer.read(steerer.encode_prompts(prompts)[0], {(middle, "output")})[(middle, "output")]
+    steer = Steer(sae, 7, float(hidden[:, 1:].norm(dim=-1).median()))  # a push the size of the residual stream
+    steerer.generate(prompts[:1], 2)
+    steerer.generate(prompts[:1], 2, steer)  # warm-up (nnsight's first trace compiles its machinery)
+
+    bare_s, steered_s = [], []
+    for _ in range(args.repeats):
+        bare_s.append(timed(lambda: steerer.generate(prompts, args.tokens)))
+        steered_s.append(timed(lambda: steerer.generate(prompts, args.tokens, steer)))
+    generated = args.prompts * args.tokens
+    ratios = [b / s for b, s in zip(bare_s, steered_s)]
+
+    # the intervention scorer's subject-model work per latent
+    late = f"model.layers.{n_layers - 3}"
+    token_ids = list(range(1000, 1000 + args.latents * 37, 37))
+    rows = torch.nn.functional.normalize(lm.get_output_embeddings().weight.detach().float()[token_ids].cpu(), dim=1)
+    writer = SparseCoder("bench-unembed", late, "relu", d_model, len(token_ids), rows.clone(), torch.zeros(len(token_ids)), rows.clone(), torch.zeros(d_model))
+    late_hidden = steerer.read(steerer.encode_prompts(prompts)[0], {(late, "output")})[(late, "output")]
+    unit = float(late_hidden[:, 1:].norm(dim=-1).median())
+    shared_s = timed(lambda: steerer.generate(prompts, args.tokens))
+    plain = steerer.generate(prompts, args.tokens)
+    per_latent, reached = [], []
+    for latent in range(len(token_ids)):
+        def score():
+            made = steered_continuations(steerer, writer, latent, prompts, args.tokens, args.target_kl, unit, unsteered=plain)
+            scorer = LikelihoodScorer(lm, tokenizer, made)
+            scorer.score("the word 'example'")
+            scorer.score("another latent's explanation")
+            reached.append(made.kl)
+
+        per_latent.append(timed(score) + shared_s / len(token_ids))
+
+    print(json.dumps({
+        "device": args.device, "dtype": args.dtype, "architecture": args.architecture if args.architecture == "embedded" else f"llama d{d_model} L{n_layers}",
+        "prompts": args.prompts, "tokens": args.tokens, "repeats": args.repeats,
+        "bare_tok_s": round(generated / statistics.median(bare_s), 1), "steered_tok_s": round(generated / statistics.median(steered_s), 1),
+        "ratio": round(statistics.median(ratios), 3), "ratios": [round(r, 3) for r in ratios],
+        "intervention_s_per_latent": round(statistics.median(per_latent), 2), "intervention_s_each": [round(s, 2) for s in per_latent],
+        "kl_reached": [round(k, 3) for k in reached], "judge_requests_per_latent": 2,
+    }))
+
+
+if __name__ == "__main__":
+    main()

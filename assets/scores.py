@@ -38,6 +38,7 @@ from assets.score_metrics import control_assignment, example_predictions, latent
 from assets.scorers import Job, JobResult, Scorer, ScorerDeps, ScorerSettings, held_out_examples
 from assets.scorers.base import CONTROLS
 from resources.llm import gather_with_progress
+from resources.sparse_coders import load_registered
 from storage.corpus import load_corpus
 from storage.tables import SCORE_METRICS, empty_table, file_fingerprint, read_table, refuse_emptier, write_table
 
@@ -117,10 +118,10 @@ async def score_partition(scorer: Scorer, exemplars: pd.DataFrame, explanations:
         rng = np.random.default_rng([settings.seed, latent])
         examples = held_out_examples(group[group["split"] == "test"], vocab, rng)
         calibration = held_out_examples(group[group["split"] == "valid"], vocab, rng)
-        jobs.append(scorer.score(Job(explanation, examples, control=False, seed=settings.seed + latent, calibration=calibration)))
+        jobs.append(scorer.score(Job(explanation, examples, control=False, seed=settings.seed + latent, calibration=calibration, latent=latent)))
         keys.append((latent, "explanation"))
         if latent in control_of:
-            jobs.append(scorer.score(Job(text_of[control_of[latent]], examples, control=True, seed=settings.seed + latent + 1, calibration=calibration)))
+            jobs.append(scorer.score(Job(text_of[control_of[latent]], examples, control=True, seed=settings.seed + latent + 1, calibration=calibration, latent=latent)))
             keys.append((latent, "control"))
     async with scorer.deps.llm.session() if scorer.deps.llm is not None else contextlib.nullcontext():
         results = dict(zip(keys, await gather_with_progress(jobs, report, f"{scorer.name} jobs (latent × explanation/control)")))
@@ -160,7 +161,7 @@ def _pyplot():
 
 
 def metric_range(metric: str) -> tuple[float, float]:
-    return (-1.0, 1.0) if metric in ("ev_correlation", "pearson") else (0.0, 1.0)
+    return (-1.0, 1.0) if metric in ("ev_correlation", "pearson", "intervention_score") else (0.0, 1.0)
 
 
 def histogram_markdown(panels: list[tuple[str, str, pd.Series, pd.Series, str]]) -> str:
@@ -250,7 +251,7 @@ def scorer_asset(scorer: type[Scorer], settings: ScorerSettings, automate: bool)
         code_version=f"{scorer.version}-{settings.digest()}",
         automation_condition=SCORER_AUTOMATION if automate else None,
         pool=SUBJECT_MODEL_POOL if "subject_model" in scorer.uses else LLM_POOL if "llm" in scorer.uses else None,
-        required_resource_keys={"settings", *scorer.uses},
+        required_resource_keys={"settings", *(scorer.uses - {"coder"})},  # the coder comes from the registry
         description=f"{scorer.description} Each latent also scored with {scorer.control_description()}.",
     )
     def _scores(context: AssetExecutionContext) -> MaterializeResult:
@@ -259,7 +260,9 @@ def scorer_asset(scorer: type[Scorer], settings: ScorerSettings, automate: bool)
         root = resources.settings.root
         client = resources.llm.client(root.llm_cache_dir) if "llm" in scorer.uses else None
         deps = ScorerDeps(llm=client, embedder=resources.embedder if "embedder" in scorer.uses else None,
-                          subject_model=resources.subject_model if "subject_model" in scorer.uses else None)
+                          subject_model=resources.subject_model if "subject_model" in scorer.uses else None,
+                          coder=load_registered(root.registry_dir, coder) if "coder" in scorer.uses else None,
+                          activations_dir=root.activations_dir(coder) if "coder" in scorer.uses else None)
         judge = scorer(settings, deps)
         exemplars = read_table(root.exemplars_path(coder, shard), "exemplars")
         explanations = read_table(root.explanations_path(coder, shard), "explanations") if judge.uses_explanation else None

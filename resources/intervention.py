@@ -17,6 +17,7 @@ the control costs no generation.
 """
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -60,6 +61,27 @@ def steered_continuations(steerer: Steerer, coder: SparseCoder, latent: int, pro
     unsteered = steerer.generate(prompts, n_tokens) if unsteered is None else unsteered
     steered = steerer.generate(prompts, n_tokens, Steer(coder, latent, delta))
     return Continuations(list(prompts), unsteered, steered, delta, kl)
+
+
+class ContinuationSource:
+    """One partition's continuations: the unsteered ones made once, each latent's steered ones once
+    and shared by its explanation and control jobs. One latent at a time (torch uses every core)."""
+
+    def __init__(self, steerer: Steerer, coder: SparseCoder, prompts: list[str], n_tokens: int, target_kl: float, unit_of, tolerance: float = 0.05):
+        self.steerer, self.coder, self.prompts, self.n_tokens = steerer, coder, list(prompts), n_tokens
+        self.target_kl, self.unit_of, self.tolerance = target_kl, unit_of, tolerance
+        self._lock = threading.Lock()
+        self._plain: list[list[int]] | None = None
+        self._made: dict[int, Continuations] = {}
+
+    def get(self, latent: int) -> Continuations:
+        with self._lock:
+            if latent not in self._made:
+                if self._plain is None:
+                    self._plain = self.steerer.generate(self.prompts, self.n_tokens)
+                self._made[latent] = steered_continuations(self.steerer, self.coder, latent, self.prompts, self.n_tokens, self.target_kl,
+                                                           self.unit_of(latent), unsteered=self._plain, tolerance=self.tolerance)
+            return self._made[latent]
 
 
 def continuation_logprobs(lm: torch.nn.Module, tokenizer, prefix: str, prompts: list[str], continuations: list[list[int]]) -> np.ndarray:
@@ -147,7 +169,7 @@ def judge_messages(explanation: str, pairs: list[Pair], vocab: list[str]) -> lis
     blocks = [f"Pair {i}: prompt: {highlight([p.prompt], [False])}\n  Continuation 1: {shown(p.first)}\n  Continuation 2: {shown(p.second)}"
               for i, p in enumerate(pairs, start=1)]
     return [{"role": "system", "content": JUDGE_SYSTEM},
-            {"role": "user", "content": f"Description: {explanation}\n\n" + "\n".join(blocks) + f"\n\nAnswer with {len(pairs)} numbers in a list."}]
+            {"role": "user", "content": f"Description: {explanation}\n\n" + "\n".join(blocks) + f"\n\nAnswer with {len(pairs)} numbers, each 1 or 2, in a list."}]
 
 
 @dataclass

@@ -155,13 +155,15 @@ class ScriptedLLMServer:
 def answer_by_prompt(messages) -> str:
     """A well-formed answer to any of our prompts: an explanation for explainers (its own for each
     prompt, so controls differ), a list of the asked length for scorers (alternating 1, 0 for 0/1
-    lists, 1 for the intruder, 5 for simulation)."""
+    lists, 1, 2 for the output judge's pairs, 1 for the intruder, 5 for simulation)."""
     asked = re.search(r"Answer with (\d+|one) (numbers|integers|number)", messages[-1]["content"])
     if asked is None:
         return f"Explanation: scripted explanation {zlib.crc32(messages[-1]['content'].encode()):08x}"
     if asked.group(1) == "one":
         return "[1]"
     n = int(asked.group(1))
+    if "each 1 or 2" in messages[-1]["content"]:  # the output-side judge: which continuation of each pair
+        return str([1 + i % 2 for i in range(n)])
     return str([5] * n if asked.group(2) == "integers" else [1 - i % 2 for i in range(n)])
 
 

@@ -15,6 +15,7 @@ import asyncio
 import hashlib
 import json
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Callable, ClassVar, Literal
 
 import numpy as np
@@ -84,6 +85,8 @@ class Job:
     seed: int
     calibration: list[Example] = field(default_factory=list)
     """The latent's `valid` windows, for scorers that fit something before judging."""
+    latent: int = -1
+    """The latent judged, for scorers that act on the latent itself (steering it)."""
 
 
 @dataclass
@@ -118,6 +121,10 @@ class ScorerDeps:
     """`resources.embedder.EmbedderResource`."""
     subject_model: object | None = None
     """`resources.subject_model.SubjectModelResource`."""
+    coder: object | None = None
+    """`resources.sparse_coders.SparseCoder` of the partition, loaded only when `uses` names 'coder'."""
+    activations_dir: Path | None = None
+    """The coder's activation cache (its per-latent maxima), given with the coder."""
 
 
 CONTROLS = {
@@ -135,7 +142,7 @@ class Scorer:
     description: ClassVar[str]
     Settings: ClassVar[type[ScorerSettings]] = ScorerSettings
     uses: ClassVar[frozenset[str]] = frozenset()
-    """Resources it needs: any of 'llm', 'embedder', 'subject_model'."""
+    """Resources it needs: any of 'llm', 'embedder', 'subject_model'; and 'coder' for the partition's coder."""
     control: ClassVar[Literal["shuffled_explanation", "no_intruder"]] = "shuffled_explanation"
     main_metric: ClassVar[str]
     version: ClassVar[str] = "1"

@@ -1,0 +1,34 @@
+"""Steering (TokenChange, Gur-Arieh et al. 2025): the tokens whose probability rises most when the
+latent is steered over neutral prompts, at the strength that moves the next-token distributions a
+fixed KL from the unsteered ones (searched from the latent's largest activation). Unlike the logit
+lens it goes through every layer after the hookpoint."""
+from pydantic import Field
+
+from assets.explainers.base import Explainer, ExplainerSettings, LatentRecord
+from resources.output_evidence import token_change, token_change_messages
+from resources.steering import NEUTRAL_PROMPTS, Steer
+
+
+class SteeringSettings(ExplainerSettings):
+    prompts: list[str] = Field(default_factory=lambda: list(NEUTRAL_PROMPTS), min_length=1, description="Neutral prompts the latent is steered over.")
+    target_kl: float = Field(default=1.0, gt=0, description="KL divergence (nats) from the unsteered next-token distributions that the strength search aims at.")
+    kl_tolerance: float = Field(default=0.05, gt=0, lt=1, description="Relative tolerance of the strength search.")
+    k: int = Field(default=10, ge=1, le=100, description="Tokens shown.")
+
+
+class Steering(Explainer):
+    name = "steering"
+    description = "TokenChange: the tokens whose probability rises most when the latent is steered over neutral prompts."
+    Settings = SteeringSettings
+    uses = frozenset({"subject_model", "coder"})
+
+    def prompt(self, record: LatentRecord, max_tokens: int):
+        unit = float((record.stats or {}).get("max_activation") or 0.0)
+        if unit <= 0:
+            raise ValueError(f"latent {record.latent} has no positive max activation in the exemplars' profiles, so there is no strength to start from")
+        s = self.settings
+        steerer = self.deps.subject_model.steerer()
+        delta, _ = steerer.strength_for_kl(s.prompts, self.deps.coder, record.latent, s.target_kl, unit, tolerance=s.kl_tolerance)
+        evidence = token_change(steerer, Steer(self.deps.coder, record.latent, delta), s.prompts, s.k)
+        messages = token_change_messages(evidence, record.vocab)
+        return (messages if self.deps.llm.fits(messages, max_tokens) else None), 0

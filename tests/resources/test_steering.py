@@ -18,7 +18,7 @@ from resources.output_evidence import token_change, vocab_proj_evidence
 from resources.sparse_coders import SparseCoder, load_registered, save_sparsify
 from resources.steering import NEUTRAL_PROMPTS, Steer, SteeringError, max_activation
 from resources.subject_model import SubjectModelResource
-from storage.activation_shards import load_latent_stats, read_shard, shard_keys
+from storage.activations import load_latent_stats, read_shard, shard_keys
 from storage.layout import DataRoot
 from tests.conftest import TINY_CODER, TINY_CORPUS_CONFIG, TINY_HOOKPOINT
 from tests.scripted_llm_server import ScriptedLLMServer

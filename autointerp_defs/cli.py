@@ -138,20 +138,19 @@ def cache(data_dir: str, coder_keys: list[str], batch_size: int, checkpoint_entr
         print(f"{key}: {meta['tokens']} tokens, {meta['live_latents']} live latents, mean L0 {meta['mean_l0']:.1f}, FVU {meta['fvu']}")
 
 
-def steer(data_dir: str, coder_key: str, latent: int, prompt: str, strength: float, tokens: int, absolute: bool, width: int = 100) -> None:
+def steer(data_dir: str, subject, coder_key: str, latent: int, prompt: str, strength: float, tokens: int, absolute: bool, width: int = 100) -> None:
     """Print the prompt's unsteered and steered continuations side by side. Strength is in units of the
-    latent's largest cached activation unless `absolute` (then in the coder's own units)."""
+    latent's largest cached activation unless `absolute` (then in the coder's own units). `subject` is the
+    deployment's subject-model resource."""
     import textwrap
 
     from resources.sparse_coders import load_registered
     from resources.steering import Steer, max_activation
-    from resources.subject_model import SubjectModelResource
     from storage.layout import DataRoot
 
     root = DataRoot.at(data_dir)
     coder = load_registered(root.registry_dir, coder_key)
     unit = 1.0 if absolute else max_activation(root.activations_dir(coder_key), latent)
-    subject = SubjectModelResource()
     steerer = subject.steerer()
     edit = Steer(coder, latent, strength * unit)
     steerer.check(edit)
@@ -240,7 +239,7 @@ def _main(argv: list[str] | None = None) -> None:
     elif args.command == "cache":
         cache(args.data, args.coders, args.batch_size, args.checkpoint_entries)
     elif args.command == "steer":
-        steer(args.data, args.coder, args.latent, args.prompt, args.strength, args.tokens, args.absolute)
+        steer(args.data, deployment.resources()["subject_model"], args.coder, args.latent, args.prompt, args.strength, args.tokens, args.absolute)
     elif args.command == "search":
         search(args.data, args.query, args.limit)
 

@@ -131,18 +131,20 @@ class Steerer:
         self.lm = lm
         self.tokenizer = tokenizer
         self.model = _wrapped(lm, tokenizer)
-        self._coders: dict[int, SparseCoder] = {}
+        self._coders: dict[int, tuple[SparseCoder, SparseCoder]] = {}
 
     @property
     def device(self) -> torch.device:
         return next(self.lm.parameters()).device
 
     def _coder(self, coder: SparseCoder) -> SparseCoder:
-        """The coder on the model's device, in float32, moved once."""
-        key = id(coder)
-        if key not in self._coders:
-            self._coders[key] = coder.to(self.device, torch.float32)
-        return self._coders[key]
+        """The coder on the model's device, in float32, moved once (kept beside the original, so a
+        reused object id can never stand for another coder)."""
+        original, moved = self._coders.get(id(coder), (None, None))
+        if original is not coder:
+            moved = coder.to(self.device, torch.float32)
+            self._coders[id(coder)] = (coder, moved)
+        return moved
 
     def check(self, steer: Steer) -> None:
         coder = steer.coder

@@ -146,14 +146,27 @@ def search(data_dir: str, query: str, limit: int) -> None:
         print(f"{hit['_distance']:.3f}  {hit['coder']}  latent {hit['latent']}: {hit['explanation']}")
 
 
+def export_to(args) -> None:
+    if args.format == "neuronpedia":
+        from storage.exports.neuronpedia import export_neuronpedia
+
+        print(f"wrote {export_neuronpedia(args.data, args.coder, args.dir, model_id=args.model_id, set_name=args.set_name)}")
+    else:
+        from storage.exports.delphi import export_delphi
+
+        written = export_delphi(args.data, args.coder, args.dir, args.module)
+        print(f"wrote {args.dir}: " + ", ".join(f"{n} {kind}" for kind, n in written.items()))
+
+
 def main(argv: list[str] | None = None) -> None:
     """The command line; a mistake the user can fix ends with its one-line message, not a traceback."""
     from resources.sparse_coders import CoderFormatError, CoderShapeError, RegistryError
     from storage.atomic import LockedError
+    from storage.exports.reader import ExportInputError
 
     try:
         return _main(argv)
-    except (LockedError, RegistryError, CoderFormatError, CoderShapeError, PermissionError) as error:
+    except (LockedError, RegistryError, CoderFormatError, CoderShapeError, PermissionError, ExportInputError) as error:
         sys.exit(f"autointerp {' '.join(argv if argv is not None else sys.argv[1:])}: {error}")
 
 
@@ -176,6 +189,22 @@ def _main(argv: list[str] | None = None) -> None:
     ui = commands.add_parser("ui", help="the Dagster UI and daemon on $DAGSTER_HOME (what `dagster dev` does, without its supersession warning)")
     ui.add_argument("--host", default="127.0.0.1")
     ui.add_argument("--port", type=int, default=3000)
+    view = commands.add_parser("view", help="the latent browser on http://127.0.0.1:8080 (coders, latents, latent pages), from the data root")
+    view.add_argument("--host", default="127.0.0.1")
+    view.add_argument("--port", type=int, default=8080)
+    export = commands.add_parser("export", help="write a coder's latents in another tool's format")
+    export.add_argument("format", choices=["neuronpedia", "delphi"])
+    export.add_argument("coder", help="coder partition key, e.g. smollm2-topk/model.layers.15")
+    export.add_argument("dir", help="output folder")
+    export.add_argument("--model-id", help="neuronpedia: the model's id there (default: the subject model's name)")
+    export.add_argument("--set-name", help="neuronpedia: the source set name (default: the coder's name)")
+    export.add_argument("--module", help="delphi: the module name in file names (default: the hookpoint)")
+    importing = commands.add_parser("import", help="read another tool's explanations into a coder, to be scored here with controls")
+    importing.add_argument("format", choices=["delphi"])
+    importing.add_argument("coder", help="coder partition key, e.g. smollm2-topk/model.layers.15")
+    importing.add_argument("dir", help="delphi's run folder (holding explanations/) or its explanations folder")
+    importing.add_argument("--module", help="which module's explanations, when the folder holds several")
+    importing.add_argument("--model", default="delphi", help="the explainer model's name to record")
     find = commands.add_parser("search", help="semantic search over stored explanations")
     find.add_argument("query")
     find.add_argument("--limit", type=int, default=10)
@@ -201,6 +230,18 @@ def _main(argv: list[str] | None = None) -> None:
         cache(args.data, args.coders, args.batch_size, args.checkpoint_entries)
     elif args.command == "search":
         search(args.data, args.query, args.limit)
+    elif args.command == "export":
+        export_to(args)
+    elif args.command == "import":
+        from storage.exports.delphi import import_delphi
+
+        imported = import_delphi(args.data, args.coder, args.dir, args.module, args.model)
+        for shard, latents in imported.items():
+            print(f"shard {shard}: imported {len(latents)} explanations; score them: --select 'scores/*' --partition \"{args.coder}|{shard}\"")
+    elif args.command == "view":
+        from autointerp_defs.viewer.server import serve
+
+        serve(args.data, args.host, args.port)
 
 
 if __name__ == "__main__":

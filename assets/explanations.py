@@ -136,6 +136,14 @@ async def explain_all(client: ProductionClient, config: ExplanationsConfig, exem
         return pd.DataFrame(await gather_with_progress(jobs, report, "explanations"), columns=EXPLANATION_COLUMNS)
 
 
+def viewer_links(coder: str, latents: list[int], n: int = 20) -> dict:
+    """Links into the latent browser (`autointerp view`): the coder's page and the first `n` latents' pages."""
+    from autointerp_defs.viewer import coder_url, latent_url  # here, not at the top: the package imports the assets
+
+    pages = "\n".join(f"- [latent {latent}]({latent_url(coder, latent)})" for latent in latents[:n])
+    return {"viewer": MetadataValue.url(coder_url(coder)), **({"latent_pages": MetadataValue.md(pages)} if pages else {})}
+
+
 @asset(
     group_name="autointerp",
     partitions_def=coder_shard_partitions,
@@ -176,6 +184,7 @@ def explanations(
             "examples_dropped_to_fit": int(frame["examples_dropped"].sum()),
             **client.ledger.as_metadata(),
             "sample": MetadataValue.md(frame.head(10)[["latent", "explanation", "status", "error"]].to_markdown(index=False)),
+            **viewer_links(coder, ok["latent"].tolist()),
             "path": MetadataValue.path(str(root.explanations_path(coder, shard))),
         }
     )

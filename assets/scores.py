@@ -33,7 +33,7 @@ from dagster import (
 
 from assets.automation import FOLLOW, LLM_POOL, SUBJECT_MODEL_POOL
 from assets.corpus import load_corpus
-from assets.explanations import nothing_succeeded, selected_latents
+from assets.explanations import nothing_succeeded, selected_latents, viewer_links
 from assets.partitions import CODER_DIMENSION, coder_and_shard, coder_partitions, coder_shard_partitions, shard_partitions
 from assets.score_metrics import BINARY, CONFUSION, control_assignment, example_predictions, latent_metrics, no_control_reason, verdict
 from assets.scorers import SCORERS, Job, JobResult, ScorerSettings, ScorerSpec, ScoringContext, held_out_examples
@@ -360,5 +360,7 @@ def score_summary(context: AssetExecutionContext) -> MaterializeResult:
         panels = [(f"{n} ({SCORERS[n].main_metric})", SCORERS[n].main_metric, table[n], table[f"{n}_control"], SCORERS[n].control) for n in present]
         metadata["histograms"] = MetadataValue.md(histogram_markdown(panels))
         metadata["best_and_worst"] = MetadataValue.md(best_and_worst(table, "mean_gap", ["latent", "shard", "mean_gap", *present, "explanation"]))
+    ranked = table.sort_values("mean_gap", ascending=False, na_position="last")["latent"].tolist() if len(table) else []
+    metadata.update(viewer_links(coder, ranked))  # the coder's page, and the latents' pages by mean gap, best first
     metadata["path"] = MetadataValue.path(str(root.score_summary_path(coder)))
     return MaterializeResult(metadata=metadata)

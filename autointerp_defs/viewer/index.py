@@ -160,7 +160,7 @@ class CoderIndex:
                         writer.write_table(table, max_chunksize=1 << 16)
                 column = table["latent"].to_numpy()
                 latents, starts = np.unique(column, return_index=True)
-                ends = np.append(starts[1:], len(column)).astype(np.int64)
+                ends = np.append(starts[1:], len(column))[: len(starts)].astype(np.int64)  # an empty table has no ends
                 with atomic_path(offsets_path) as tmp:
                     with open(tmp, "wb") as handle:
                         np.save(handle, np.stack([latents, starts, ends]).astype(np.int64))

@@ -141,11 +141,12 @@ class Viewer:
         index = self.index(coder)
         if not query.strip():
             raise ViewerError(400, "Empty search. Fix: give ?q=<words>, e.g. q=closing a file.")
-        hits = reader.search_explanations(self.root, coder, self.embed([query])[0], max(1, min(limit, 200)))
         table = index.latents()
-        for hit in hits:
-            hit["url"] = latent_url(coder, hit["latent"], base="")
-            hit["mean_gap"] = table["mean_gap"].iat[hit["latent"]] if hit["latent"] < len(table) else None
+        hits = []
+        for latent, distance in index.search(self.embed([query])[0], max(1, min(limit, 200))):
+            known = latent < len(table)
+            hits.append({"latent": latent, "distance": distance, "explanation": table["explanation"].iat[latent] if known else "",
+                         "url": latent_url(coder, latent, base=""), "mean_gap": table["mean_gap"].iat[latent] if known else None})
         return clean({"coder": coder, "query": query, "hits": hits})
 
     # ---- one latent ---------------------------------------------------------------------------

@@ -170,6 +170,40 @@ class CoderIndex:
             self._tables[name] = (current, (table, latents, starts, ends))
             return self._tables[name][1]
 
+    # ---- semantic search ----------------------------------------------------------------------
+
+    def search(self, query_vector: np.ndarray, limit: int) -> list[tuple[int, float]]:
+        """(latent, distance) of the explanations nearest to `query_vector`: exact search over this coder's
+        vectors of the LanceDB explanations table, copied once per table version into a memory-mapped
+        matrix (LanceDB's own flat search with a coder filter takes ~200 ms at 100k rows on 2 cores).
+        Distance is squared L2 of unit vectors, as LanceDB reports it."""
+        latents, vectors = self._vectors()
+        if not len(latents):
+            return []
+        sims = vectors @ query_vector.astype(np.float32)
+        limit = min(limit, len(sims))
+        top = np.argpartition(-sims, limit - 1)[:limit]
+        top = top[np.argsort(-sims[top])]
+        return [(int(latents[i]), float(2 - 2 * sims[i])) for i in top]
+
+    def _vectors(self) -> tuple[np.ndarray, np.ndarray]:
+        version = reader.explanations_table_version(self.root)
+        held = self._tables.get("vectors")
+        if held is not None and held[0] == version:
+            return held[1]
+        with self._lock:
+            path, stamp_path = self.dir / "explanation_vectors.npy", self.dir / "explanation_vectors.stamp.json"
+            ids_path = self.dir / "explanation_vectors.latents.npy"
+            if not (path.exists() and _read_json(stamp_path).get("version") == version):
+                _, latents, vectors = reader.explanation_vectors(self.root, self.coder)
+                for target, array in ((path, vectors), (ids_path, latents)):
+                    with atomic_path(target) as tmp:
+                        with open(tmp, "wb") as handle:
+                            np.save(handle, array)
+                _write_json(stamp_path, {"version": version})
+            self._tables["vectors"] = (version, (np.load(ids_path), np.load(path, mmap_mode="r")))
+            return self._tables["vectors"][1]
+
     # ---- activation density -------------------------------------------------------------------
 
     def density(self, latent: int) -> dict:

@@ -211,14 +211,22 @@ def lancedb_dir(root: DataRoot) -> Path:
     return root.lancedb_dir
 
 
-def search_explanations(root: DataRoot, coder: str, vector: np.ndarray, limit: int) -> list[dict]:
-    """The explanations of `coder` nearest to `vector` in the LanceDB explanations table."""
+def explanation_vectors(root: DataRoot, coder: str) -> tuple[int, np.ndarray, np.ndarray]:
+    """(table version, latents, unit vectors) of `coder`'s rows in the LanceDB explanations table."""
     table = open_explanations_table(root)
     if table is None:
-        return []
+        return -1, np.zeros(0, np.int64), np.zeros((0, 0), np.float32)
+    version = table.version
     safe = coder.replace("'", "''")
-    hits = table.search(vector.astype(np.float32)).where(f"coder = '{safe}'", prefilter=True).limit(limit).select(["latent", "explanation"]).to_list()
-    return [{"latent": int(h["latent"]), "explanation": h["explanation"], "distance": float(h["_distance"])} for h in hits]
+    rows = table.search().where(f"coder = '{safe}'").select(["latent", "vector"]).limit(max(table.count_rows(), 1)).to_arrow()
+    latents = rows["latent"].to_numpy()
+    vectors = np.asarray(rows["vector"].combine_chunks().flatten().to_numpy(zero_copy_only=False), np.float32).reshape(len(latents), -1) if len(latents) else np.zeros((0, 0), np.float32)
+    return version, latents.astype(np.int64), vectors
+
+
+def explanations_table_version(root: DataRoot) -> int:
+    table = open_explanations_table(root)
+    return -1 if table is None else table.version
 
 
 _TABLES: dict[Path, object] = {}

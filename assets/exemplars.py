@@ -31,12 +31,12 @@ from dagster import (
 from pydantic import Field
 
 from assets.automation import CODE_CHANGED, FOLLOW
-from assets.partitions import CODER_DIMENSION, coder_and_shard, coder_shard_partitions
+from assets.partitions import coder_and_shard, shard_partitions
 from assets.stage_config import settings_digest, with_defaults
 from resources.embedder import EmbedderResource
 from resources.settings import AutointerpSettings
 from resources.sparse_coders import SparseCoder, coder_fingerprint, load_registered
-from storage.activations import LATENT_STATS_FILE, ShardActivations, check_shard_complete, load_latent_stats, read_cache_meta, read_latents, read_shard, shard_keys
+from storage.activations import LATENT_STATS_FILE, ShardActivations, check_shard_complete, load_latent_stats, read_cache_meta, read_latents, read_shard
 from storage.corpus import load_corpus
 from storage.layout import DataRoot
 from storage.tables import TABLES, refuse_emptier, write_table
@@ -307,7 +307,7 @@ def negative_sources(root: DataRoot, coder_key: str, corpus, config: ExemplarsCo
     if "neighbour" in config.non_activating_sources:
         neighbours = decoder_neighbours(load_registered(root.registry_dir, coder_key), latents, config.n_neighbours)
         wanted = np.unique([n for ids in neighbours.values() for n in ids]) if neighbours else np.zeros(0, int)
-        neighbour_acts = read_latents(root.activations_dir(coder_key), wanted, meta["width"], meta["n_shards"])
+        neighbour_acts = read_latents(root.activations_dir(coder_key), wanted, meta["width"], meta["latents_per_shard"])
     if "embedding" in config.non_activating_sources:
         contexts = context_index(root, corpus, config.example_ctx_len, embedder)
     return NegativeSources(blocks_per_seq, corpus.tokens.shape[0] * blocks_per_seq, neighbours, neighbour_acts, contexts)
@@ -334,11 +334,14 @@ def _exemplars(context: AssetExecutionContext, config: ExemplarsConfig, settings
     if meta.get("coder_fingerprint") and meta["coder_fingerprint"] != coder_fingerprint(root.registry_dir, coder):
         raise Failure(f"The coder {coder} in the registry changed after its activations were cached: exemplars would mix two coders. "
                       f"Fix: re-materialize `activations` for {coder} (or put the old coder files back).")
+    if not int(shard) < meta["n_shards"]:
+        raise Failure(f"{coder} was cached in {meta['n_shards']} shards of {meta['latents_per_shard']} latents, so it has no shard {shard}: "
+                      f"latents_per_shard was changed after the coder was registered. Fix: set [settings] latents_per_shard back to {meta['latents_per_shard']}.")
     shard_acts = read_shard(acts_dir, shard)
     stats = load_latent_stats(acts_dir / LATENT_STATS_FILE)
-    if (incomplete := check_shard_complete(shard_acts, stats["count"], meta["width"], meta["n_shards"], shard_keys(meta["n_shards"]).index(shard))) is not None:
+    if (incomplete := check_shard_complete(shard_acts, stats["count"], meta["width"], meta["latents_per_shard"], int(shard))) is not None:
         raise Failure(f"The activation cache of {coder} shard {shard} is incomplete: {incomplete} (a chunk file deleted or damaged?). "
-                      f"Fix: re-materialize `activations` for {coder}.")
+                      f"Fix: delete {acts_dir} and re-materialize `activations` for {coder}.")
     latents = sorted({int(x) for x in np.unique(shard_acts.locations[:, 2])})
     sources = negative_sources(root, coder, corpus, config, latents, embedder, meta)
     frame, profiles = build_exemplars(shard_acts, corpus.tokens, config, sources, stats, meta["tokens"])
@@ -375,8 +378,8 @@ def exemplars_asset(defaults: dict | None = None) -> AssetsDefinition:
     return asset(
         name="exemplars",
         group_name="autointerp",
-        partitions_def=coder_shard_partitions,
-        deps=[AssetDep("activations", partition_mapping=CODER_DIMENSION)],
+        partitions_def=shard_partitions,
+        deps=[AssetDep("activations")],
         code_version=f"{EXEMPLARS_VERSION}-{settings_digest(Configured())}",
         automation_condition=FOLLOW | CODE_CHANGED,
         description="Explainer (train) and scorer (test) windows per live latent, non-activating windows tagged by source, and per-latent statistics.",

@@ -19,7 +19,7 @@ from pydantic import Field, ValidationError
 
 from assets.automation import CODE_CHANGED, FOLLOW, LLM_POOL
 from assets.explainers import EXPLAINERS, Explainer, ExplainerDeps, LatentRecord
-from assets.partitions import coder_and_shard, coder_shard_partitions
+from assets.partitions import coder_and_shard, shard_partitions
 from assets.prompts import corpus_prompt_vocab, plain_text
 from assets.score_metrics import roc_auc
 from assets.stage_config import problems, settings_digest, with_defaults
@@ -172,7 +172,7 @@ def explanations_asset(defaults: dict | None = None, explainers: dict[str, type[
     return asset(
         name="explanations",
         group_name="autointerp",
-        partitions_def=coder_shard_partitions,
+        partitions_def=shard_partitions,
         deps=[AssetDep("exemplars")],
         code_version=version,
         automation_condition=FOLLOW | CODE_CHANGED,

@@ -32,7 +32,7 @@ from dagster import (
 
 from assets.automation import CODE_CHANGED, FOLLOW, LLM_POOL, SUBJECT_MODEL_POOL
 from assets.work import nothing_succeeded, selected_latents
-from assets.partitions import CODER_DIMENSION, coder_and_shard, coder_partitions, coder_shard_partitions, shard_partitions
+from assets.partitions import coder_and_shard, coders_of, shard_partitions
 from assets.prompts import corpus_prompt_vocab
 from assets.score_metrics import control_assignment, example_predictions, latent_metrics, no_control_reason, verdict
 from assets.scorers import Job, JobResult, Scorer, ScorerDeps, ScorerSettings, held_out_examples
@@ -245,7 +245,7 @@ def scorer_asset(scorer: type[Scorer], settings: ScorerSettings, automate: bool)
     @asset(
         key=scorer_key(scorer.name),
         group_name="scores",
-        partitions_def=coder_shard_partitions,
+        partitions_def=shard_partitions,
         deps=deps,
         code_version=f"{scorer.version}-{settings.digest()}",
         automation_condition=SCORER_AUTOMATION if automate else None,
@@ -287,12 +287,18 @@ def scorer_asset(scorer: type[Scorer], settings: ScorerSettings, automate: bool)
     return _scores
 
 
+def scored_shards(root, coder: str) -> list[str]:
+    """The shards of `coder` that have any scores table."""
+    folder = root.score_summary_path(coder).parent
+    return sorted(p.name for p in folder.iterdir() if p.is_dir()) if folder.is_dir() else []
+
+
 def summary_table(root, coder: str, scorers: dict[str, type[Scorer]]) -> pd.DataFrame:
     """One row per scored latent of `coder` (all shards): each scorer's main metric, its control and the gap."""
     parts = []
     for name, scorer in scorers.items():
         main = scorer.main_metric
-        for shard in shard_partitions.get_partition_keys():
+        for shard in scored_shards(root, coder):
             path = root.scores_path(coder, shard, name)
             frame = pd.read_parquet(path) if path.exists() else pd.DataFrame()
             if len(frame):  # an empty shard adds nothing
@@ -315,35 +321,61 @@ def summary_table(root, coder: str, scorers: dict[str, type[Scorer]]) -> pd.Data
     return wide
 
 
+def summary_is_stale(root, coder: str) -> bool:
+    """Whether any scores table of `coder` is newer than its summary (or there is no summary yet)."""
+    summary = root.score_summary_path(coder)
+    newest = max((p.stat().st_mtime for shard in scored_shards(root, coder) for p in (summary.parent / shard).glob("*.parquet")), default=None)
+    return newest is not None and (not summary.exists() or newest > summary.stat().st_mtime)
+
+
 def summary_asset(scorers: dict[str, type[Scorer]]) -> AssetsDefinition:
-    """`score_summary`: every scorer of one coder joined into one table."""
+    """`score_summary`: per coder, every scorer joined over all its shards into one table; one asset for
+    all coders (a coder's shards are partitions of their own), rebuilding only coders whose scores changed."""
 
     @asset(
         name="score_summary",
-        partitions_def=coder_partitions,
         group_name="scores",
-        deps=[AssetDep(scorer_key(name), partition_mapping=CODER_DIMENSION) for name in scorers],
+        deps=[AssetDep(scorer_key(name)) for name in scorers],
         automation_condition=SUMMARY_AUTOMATION,
         required_resource_keys={"settings"},
-        code_version="1",
-        description="Every scorer of one coder joined into one table (all shards): each main metric, its control and the gap, with verdicts.",
+        code_version="2",
+        description="Per coder, every scorer joined into one table over all shards (each main metric, its control and the gap), with verdicts; coders whose scores changed are rebuilt.",
     )
     def score_summary(context: AssetExecutionContext) -> MaterializeResult:
-        coder = context.partition_key
         root = context.resources.settings.root
-        table = summary_table(root, coder, scorers)
-        write_table(table, root.score_summary_path(coder), "score_summary")
-        present = [name for name in scorers if name in table.columns]
-        metadata = {"latents": int(table["latent"].nunique()) if len(table) else 0, "scorers": ", ".join(present) or "none yet"}
-        for name in present:
-            metadata[f"{name}_verdict"] = verdict(table[f"{name}_gap"], scorers[name].control_description())
-            metadata[f"{name}_mean"] = MetadataValue.float(round(float(table[name].mean()), 4))
-            metadata[f"{name}_mean_control"] = MetadataValue.float(round(float(table[f"{name}_control"].mean()), 4))
-        if present:
-            panels = [(f"{n} ({scorers[n].main_metric})", scorers[n].main_metric, table[n], table[f"{n}_control"], scorers[n].control_description()) for n in present]
-            metadata["histograms"] = MetadataValue.md(histogram_markdown(panels))
-            metadata["best_and_worst"] = MetadataValue.md(best_and_worst(table, "mean_gap", ["latent", "shard", "mean_gap", *present, "explanation"]))
-        metadata["path"] = MetadataValue.path(str(root.score_summary_path(coder)))
+        coders = coders_of(context.instance.get_dynamic_partitions(shard_partitions.name))
+        rebuilt, rows, latents, present = [], [], 0, set()
+        for coder in coders:
+            if summary_is_stale(root, coder):
+                write_table(summary_table(root, coder, scorers), root.score_summary_path(coder), "score_summary")
+                rebuilt.append(coder)
+            if root.score_summary_path(coder).exists():
+                table = pd.read_parquet(root.score_summary_path(coder))
+                row = {"coder": coder, "latents": int(table["latent"].nunique()) if len(table) else 0}
+                latents += row["latents"]
+                for name in scorers:
+                    if name in table.columns and len(table):
+                        present.add(name)
+                        row[name] = f"{table[name].mean():.3f} / {table[f'{name}_control'].mean():.3f}"
+                        row[f"{name} verdict"] = verdict(table[f"{name}_gap"], scorers[name].control_description()).split(":")[0]
+                rows.append(row)
+        context.log.info(f"score_summary: rebuilt {len(rebuilt)} of {len(coders)} coders")
+        metadata = {"coders": len(coders), "latents": latents, "rebuilt": ", ".join(rebuilt) or "none (no scores changed)",
+                    "scorers": ", ".join(name for name in scorers if name in present) or "none yet"}
+        if rows:
+            metadata["by_coder"] = MetadataValue.md(pd.DataFrame(rows).fillna("").to_markdown(index=False))
+        for coder in rebuilt[:1] if len(coders) == 1 else []:  # one coder: its histograms and best/worst latents, as before
+            table = pd.read_parquet(root.score_summary_path(coder))
+            present = [name for name in scorers if name in table.columns]
+            if present and len(table):
+                panels = [(f"{n} ({scorers[n].main_metric})", scorers[n].main_metric, table[n], table[f"{n}_control"], scorers[n].control_description()) for n in present]
+                metadata["histograms"] = MetadataValue.md(histogram_markdown(panels))
+                metadata["best_and_worst"] = MetadataValue.md(best_and_worst(table, "mean_gap", ["latent", "shard", "mean_gap", *present, "explanation"]))
+                for name in present:
+                    metadata[f"{name}_verdict"] = verdict(table[f"{name}_gap"], scorers[name].control_description())
+                    metadata[f"{name}_mean"] = MetadataValue.float(round(float(table[name].mean()), 4))
+                    metadata[f"{name}_mean_control"] = MetadataValue.float(round(float(table[f"{name}_control"].mean()), 4))
+        metadata["path"] = MetadataValue.path(str(root.root / "scores"))
         return MaterializeResult(metadata=metadata)
 
     return score_summary

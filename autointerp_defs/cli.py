@@ -59,9 +59,10 @@ def _materialize(selection: list[str], partition_key: str | None, instance, defs
 def run_demo(deployment, force: bool) -> None:
     from dagster import AssetKey, DagsterInstance
 
-    from assets.partitions import coder_partitions
+    from assets.partitions import coders_of, shard_partitions
     from autointerp_defs.definitions import definitions_for
     from autointerp_defs.deployments import dagster_home
+    from autointerp_defs.sensors import new_shard_keys
     from resources.sparse_coders import scan_registry
     from storage.layout import DataRoot
 
@@ -76,8 +77,12 @@ def run_demo(deployment, force: bool) -> None:
         (home / "dagster.yaml").write_text("telemetry:\n  enabled: false\n")
     instance = DagsterInstance.from_config(str(home))
     coders = scan_registry(root.registry_dir)
-    known = set(instance.get_dynamic_partitions(coder_partitions.name))
-    instance.add_dynamic_partitions(coder_partitions.name, [c for c in coders if c not in known])
+    known = set(coders_of(instance.get_dynamic_partitions(shard_partitions.name)))
+    broken: dict[str, str] = {}
+    keys, _ = new_shard_keys(root.registry_dir, [c for c in coders if c not in known], deployment.latents_per_shard, broken)
+    if broken:
+        raise SystemExit(f"registry folders that are not coders: {broken}")
+    instance.add_dynamic_partitions(shard_partitions.name, keys)
     coder = f"{DEMO_CODER_NAME}/{DEMO_HOOKPOINT}"
 
     def done(asset: str, partition: str | None) -> bool:
@@ -89,11 +94,11 @@ def run_demo(deployment, force: bool) -> None:
         return partition in instance.get_materialized_partitions(key)
 
     scorers = [f"scores/{name}" for name in deployment.automated_scorers]
-    steps = [(["corpus"], None), (["activations"], coder)]
+    steps = [(["corpus"], None), (["activations"], f"{coder}|{DEMO_SHARDS[0]}")]
     steps += [(["exemplars", "explanations", *scorers], f"{coder}|{shard}") for shard in DEMO_SHARDS]
-    steps += [(["score_summary"], coder)]
+    steps += [(["score_summary"], None)]
     for selection, partition in steps:
-        if all(done(a, partition) for a in selection):
+        if selection != ["score_summary"] and all(done(a, partition) for a in selection):  # the summary rebuilds only stale coders: always ask
             print(f"reusing {', '.join(selection)} {partition or ''}")
             continue
         print(f"materializing {', '.join(selection)} {partition or ''}", flush=True)
@@ -124,7 +129,7 @@ def print_results(root, coder: str, scorers: dict) -> None:
         print(f"{name}: {verdict(table[f'{name}_gap'], scorers[name].control_description())}")
 
 
-def cache(data_dir: str, coder_keys: list[str], batch_size: int, checkpoint_entries: int) -> None:
+def cache(data_dir: str, coder_keys: list[str], batch_size: int, checkpoint_entries: int, latents_per_shard: int) -> None:
     """Cache activations outside Dagster (same code as the asset), e.g. on a GPU box or in tests."""
     from assets.activations import cache_activations
     from resources.sparse_coders import load_registered
@@ -133,7 +138,7 @@ def cache(data_dir: str, coder_keys: list[str], batch_size: int, checkpoint_entr
 
     root = DataRoot.at(data_dir)
     coders = [load_registered(root.registry_dir, key) for key in coder_keys]
-    metas = cache_activations(coders, SubjectModelResource(batch_size=batch_size), root, checkpoint_entries=checkpoint_entries, log=print)
+    metas = cache_activations(coders, SubjectModelResource(batch_size=batch_size), root, checkpoint_entries=checkpoint_entries, latents_per_shard=latents_per_shard, log=print)
     for key, meta in metas.items():
         print(f"{key}: {meta['tokens']} tokens, {meta['live_latents']} live latents, mean L0 {meta['mean_l0']:.1f}, FVU {meta['fvu']}")
 
@@ -199,7 +204,7 @@ def _main(argv: list[str] | None = None) -> None:
 
         sys.exit(serve(args.host, args.port))
     elif args.command == "cache":
-        cache(args.data, args.coders, args.batch_size, args.checkpoint_entries)
+        cache(args.data, args.coders, args.batch_size, args.checkpoint_entries, deployment.latents_per_shard)
     elif args.command == "search":
         search(args.data, args.query, args.limit)
 

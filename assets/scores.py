@@ -35,8 +35,8 @@ from assets.work import nothing_succeeded, selected_latents
 from assets.partitions import CODER_DIMENSION, coder_and_shard, coder_partitions, coder_shard_partitions, shard_partitions
 from assets.prompts import corpus_prompt_vocab
 from assets.score_metrics import control_assignment, example_metrics, no_control_reason, predictions_of, verdict
-from assets.scorers import Job, JobResult, Scorer, ScorerDeps, ScorerSettings, held_out_examples
-from assets.scorers.base import CONTROLS
+from assets.scorers import Job, JobResult, Scorer, ScorerDeps, ScorerSettings
+from assets.scorers.base import CONTROLS, examples_of
 from resources.llm import gather_with_progress
 from storage.corpus import load_corpus
 from storage.tables import SCORE_METRICS, empty_table, file_fingerprint, read_table, refuse_emptier, write_table
@@ -105,8 +105,12 @@ async def score_partition(scorer: Scorer, exemplars: pd.DataFrame, explanations:
     """Per-latent metrics and per-example rows of one scorer on one partition, with the control."""
     settings = scorer.settings
     text_of = scored_latents(scorer, exemplars, explanations, max_latents)
-    by_split = dict(tuple(exemplars[exemplars["latent"].isin(list(text_of))].groupby(["latent", "split"])))  # one grouping, not a filter per latent
-    have_exemplars = {latent for latent, _ in by_split}
+    chosen = exemplars[exemplars["latent"].isin(list(text_of))]
+    columns = [chosen[c].tolist() for c in ("kind", "quantile", "tokens", "activations")]  # read once, not per latent
+    rows_of: dict[tuple[int, str], list[int]] = {}
+    for i, key in enumerate(zip(chosen["latent"].tolist(), chosen["split"].tolist())):
+        rows_of.setdefault(key, []).append(i)
+    have_exemplars = {latent for latent, _ in rows_of}
     missing = [latent for latent in text_of if latent not in have_exemplars]
     if missing and report:
         report(f"{scorer.name}: {len(missing)} explained latents have no exemplars (e.g. {missing[:5]}): skipped; "
@@ -116,8 +120,7 @@ async def score_partition(scorer: Scorer, exemplars: pd.DataFrame, explanations:
     jobs, keys = [], []
     for latent, explanation in text_of.items():
         rng = np.random.default_rng([settings.seed, latent])
-        examples = held_out_examples(by_split.get((latent, "test"), exemplars.iloc[:0]), vocab, rng)
-        calibration = held_out_examples(by_split.get((latent, "valid"), exemplars.iloc[:0]), vocab, rng)
+        examples, calibration = (examples_of(*([column[i] for i in rows_of.get((latent, split), [])] for column in columns), vocab, rng) for split in ("test", "valid"))
         jobs.append(Job(explanation, examples, control=False, seed=settings.seed + latent, calibration=calibration))
         keys.append((latent, "explanation"))
         if latent in control_of:

@@ -158,8 +158,9 @@ def per_latent(result: dict) -> dict:
 
 
 def same_tables(a: Path, b: Path) -> dict:
-    """Per table written by both runs: "identical" (NaN equal to NaN), else "within 1e-6" with the largest
-    difference (MiniLM's vectors move by ~1e-7 with the batch a text is embedded in), else "different"."""
+    """Per table written by both runs: "identical" (NaN equal to NaN), else "within 1e-5" with the largest
+    difference and the columns it is in (MiniLM's vectors move by ~1e-7 with the batch a text is embedded in,
+    which moves a Pearson correlation by ~1e-6: the old code's own and control vectors of one window differ so), else "different"."""
     import numpy as np
     import pandas as pd
 
@@ -176,11 +177,11 @@ def same_tables(a: Path, b: Path) -> dict:
         except AssertionError:
             pass
         try:
-            pd.testing.assert_frame_equal(left, right, check_exact=False, rtol=0, atol=1e-6)
+            pd.testing.assert_frame_equal(left, right, check_exact=False, rtol=0, atol=1e-5)
             numeric = left.select_dtypes("number").columns
             gap = np.nanmax(np.abs(left[numeric].to_numpy(float) - right[numeric].to_numpy(float)))
             differing = [c for c in numeric if not left[c].equals(right[c])]
-            verdicts[path.stem] = f"within 1e-6 (largest difference {gap:.1e}, in {', '.join(differing)})"
+            verdicts[path.stem] = f"within 1e-5 (largest difference {gap:.1e}, in {', '.join(differing)})"
         except AssertionError:
             verdicts[path.stem] = "different"
     return verdicts

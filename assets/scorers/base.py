@@ -62,7 +62,11 @@ class Example:
 
 def held_out_examples(rows: pd.DataFrame, vocab: list[str], rng: np.random.Generator) -> list[Example]:
     """A latent's windows in a seeded order, non-activating ones with random marks."""
-    kinds, quantiles, tokens, activations = (rows[c].tolist() for c in ("kind", "quantile", "tokens", "activations"))  # columns once, not rows one by one
+    return examples_of(*(rows[c].tolist() for c in ("kind", "quantile", "tokens", "activations")), vocab, rng)
+
+
+def examples_of(kinds: list[str], quantiles: list[int], tokens: list, activations: list, vocab: list[str], rng: np.random.Generator) -> list[Example]:
+    """`held_out_examples` of a latent's rows given as columns (a partition's columns are read once, not per latent)."""
     counts = [np.count_nonzero(a) for a, kind in zip(activations, kinds) if kind == "activating"]
     typical_marks = max(1, int(np.median(counts))) if counts else 1
     examples = []

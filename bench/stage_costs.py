@@ -238,7 +238,8 @@ def main() -> None:
             for name, code in codes.items():
                 results[name].append(run_child(code, args, Path(tmp) / name))
                 print(f"repeat {repeat + 1} {name}: " + ", ".join(f"{s} {v['wall_ms']:.1f}" for s, v in per_latent(results[name][-1]).items()), file=sys.stderr)
-        report = {"coder": CODER, "tokens": args.tokens, "width": args.width, "k": args.k, "shard": args.shard, "repeats": args.repeats,
+        commit = subprocess.run(["git", "-C", str(ROOT), "describe", "--always", "--dirty"], capture_output=True, text=True).stdout.strip()
+        report = {"commit": commit, "coder": CODER, "tokens": args.tokens, "width": args.width, "k": args.k, "shard": args.shard, "repeats": args.repeats,
                   "current": summarize(results["current"])}
         if args.baseline:
             report["baseline_commit"] = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", args.baseline], capture_output=True, text=True).stdout.strip()

@@ -34,9 +34,9 @@ from assets.automation import CODE_CHANGED, FOLLOW, LLM_POOL, SUBJECT_MODEL_POOL
 from assets.work import nothing_succeeded, selected_latents
 from assets.partitions import coder_and_shard, coders_of, shard_partitions
 from assets.prompts import corpus_prompt_vocab
-from assets.score_metrics import control_assignment, example_predictions, latent_metrics, no_control_reason, verdict
-from assets.scorers import Job, JobResult, Scorer, ScorerDeps, ScorerSettings, held_out_examples
-from assets.scorers.base import CONTROLS
+from assets.score_metrics import control_assignment, example_metrics, no_control_reason, predictions_of, verdict
+from assets.scorers import Job, JobResult, Scorer, ScorerDeps, ScorerSettings
+from assets.scorers.base import CONTROLS, examples_of
 from resources.llm import gather_with_progress
 from storage.corpus import load_corpus
 from storage.tables import SCORE_METRICS, empty_table, file_fingerprint, read_table, refuse_emptier, write_table
@@ -78,7 +78,8 @@ def latent_row(main_metric: str, latent: int, explanation, control_explanation, 
     def metrics(result: JobResult | None) -> dict:
         if result is None:
             return {m: np.nan for m in SCORE_METRICS} | {"quantile_accuracy": {}}
-        return {m: np.nan for m in SCORE_METRICS} | latent_metrics(pd.DataFrame(result.rows, columns=["label", "quantile", "activation", "prediction", "score"])) | result.extra
+        columns = (np.array([r.get(c, np.nan) for r in result.rows], float) for c in ("label", "quantile", "activation", "prediction", "score"))
+        return {m: np.nan for m in SCORE_METRICS} | example_metrics(*columns) | result.extra
 
     mine, theirs = metrics(own), metrics(control)
     results = [own] + ([control] if control else [])
@@ -104,26 +105,30 @@ async def score_partition(scorer: Scorer, exemplars: pd.DataFrame, explanations:
     """Per-latent metrics and per-example rows of one scorer on one partition, with the control."""
     settings = scorer.settings
     text_of = scored_latents(scorer, exemplars, explanations, max_latents)
-    by_latent = dict(tuple(exemplars[exemplars["latent"].isin(list(text_of))].groupby("latent")))
-    missing = [latent for latent in text_of if latent not in by_latent]
+    chosen = exemplars[exemplars["latent"].isin(list(text_of))]
+    columns = [chosen[c].tolist() for c in ("kind", "quantile", "tokens", "activations")]  # read once, not per latent
+    rows_of: dict[tuple[int, str], list[int]] = {}
+    for i, key in enumerate(zip(chosen["latent"].tolist(), chosen["split"].tolist())):
+        rows_of.setdefault(key, []).append(i)
+    have_exemplars = {latent for latent, _ in rows_of}
+    missing = [latent for latent in text_of if latent not in have_exemplars]
     if missing and report:
         report(f"{scorer.name}: {len(missing)} explained latents have no exemplars (e.g. {missing[:5]}): skipped; "
                f"the explanations are older than the exemplars, re-materialize `explanations`")
-    text_of = {latent: text for latent, text in text_of.items() if latent in by_latent}
+    text_of = {latent: text for latent, text in text_of.items() if latent in have_exemplars}
     control_of = control_assignment(text_of, settings.seed) if scorer.uses_explanation else {latent: latent for latent in text_of}
     jobs, keys = [], []
     for latent, explanation in text_of.items():
-        group = by_latent[latent]
         rng = np.random.default_rng([settings.seed, latent])
-        examples = held_out_examples(group[group["split"] == "test"], vocab, rng)
-        calibration = held_out_examples(group[group["split"] == "valid"], vocab, rng)
-        jobs.append(scorer.score(Job(explanation, examples, control=False, seed=settings.seed + latent, calibration=calibration)))
+        examples, calibration = (examples_of(*([column[i] for i in rows_of.get((latent, split), [])] for column in columns), vocab, rng) for split in ("test", "valid"))
+        jobs.append(Job(explanation, examples, control=False, seed=settings.seed + latent, calibration=calibration))
         keys.append((latent, "explanation"))
         if latent in control_of:
-            jobs.append(scorer.score(Job(text_of[control_of[latent]], examples, control=True, seed=settings.seed + latent + 1, calibration=calibration)))
+            jobs.append(Job(text_of[control_of[latent]], examples, control=True, seed=settings.seed + latent + 1, calibration=calibration))
             keys.append((latent, "control"))
     async with scorer.deps.llm.session() if scorer.deps.llm is not None else contextlib.nullcontext():
-        results = dict(zip(keys, await gather_with_progress(jobs, report, f"{scorer.name} jobs (latent × explanation/control)")))
+        await scorer.prepare(jobs)
+        results = dict(zip(keys, await gather_with_progress([scorer.score(job) for job in jobs], report, f"{scorer.name} jobs (latent × explanation/control)")))
     rows, example_rows = [], []
     for latent, explanation in text_of.items():
         own, control = results[(latent, "explanation")], results.get((latent, "control"))
@@ -131,10 +136,9 @@ async def score_partition(scorer: Scorer, exemplars: pd.DataFrame, explanations:
         rows.append(latent_row(scorer.main_metric, latent, explanation, text_of.get(control_of.get(latent)) if scorer.uses_explanation else None, own, control, note))
         for source, result in (("explanation", own), ("control", control)):
             if result is not None and result.rows:
-                frame = pd.DataFrame(result.rows)
-                frame["predicted"] = example_predictions(frame)
-                example_rows.append(frame.assign(latent=latent, source=source))
-    return pd.DataFrame(rows), (pd.concat(example_rows, ignore_index=True) if example_rows else pd.DataFrame())
+                predicted = predictions_of(*(np.array([r.get(c, np.nan) for r in result.rows], float) for c in ("label", "prediction", "score")))
+                example_rows += [{**r, "predicted": int(p), "latent": latent, "source": source} for r, p in zip(result.rows, predicted)]
+    return pd.DataFrame(rows), (pd.DataFrame(example_rows) if example_rows else pd.DataFrame())  # one frame, not one per job
 
 
 # ---- what the UI shows ----------------------------------------------------------------------------

@@ -21,7 +21,7 @@ import sqlite3
 import threading
 import time
 from contextlib import asynccontextmanager, contextmanager
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Awaitable, Callable, Literal, Protocol, TypeVar
 
@@ -491,7 +491,7 @@ class ResponseCache:
 
     def put(self, key: str, completion: Completion) -> None:
         with self._connect() as db:
-            db.execute("INSERT OR REPLACE INTO responses VALUES (?, ?)", (key, json.dumps(asdict(completion))))
+            db.execute("INSERT OR REPLACE INTO responses VALUES (?, ?)", (key, json.dumps(vars(completion))))  # the fields as asdict gives them, without its deep copy
 
     def forget(self, key: str) -> None:
         with self._connect() as db:

@@ -2,7 +2,6 @@
 VENV ?= .venv
 PY := $(VENV)/bin/python
 export DAGSTER_HOME ?= $(CURDIR)/.dagster_home
-export AUTOINTERP_DATA ?= $(CURDIR)/data
 # Runs in progress at once, and of those how many may wait on the LLM (explanations, LLM scorers);
 # runs that load the subject model always go one at a time. Written into $(DAGSTER_HOME)/dagster.yaml.
 AUTOINTERP_MAX_RUNS ?= 2
@@ -40,7 +39,7 @@ test: install-test
 ui: instance
 	$(VENV)/bin/autointerp ui --host 127.0.0.1 --port 3000
 
-# The latent browser on http://127.0.0.1:8080 (VIEW_PORT), from $(AUTOINTERP_DATA).
-VIEW_PORT ?= 8080
+# The latent browser on the deployment's data root, at the port of its [settings] viewer_url
+# (http://127.0.0.1:8080, where Dagster's metadata links point); VIEW_PORT=… to move it.
 view: install
-	$(VENV)/bin/autointerp view --host 127.0.0.1 --port $(VIEW_PORT)
+	$(VENV)/bin/autointerp view --host 127.0.0.1 $(if $(VIEW_PORT),--port $(VIEW_PORT))

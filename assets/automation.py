@@ -17,6 +17,15 @@ MISSING = (AutomationCondition.missing() & ~AutomationCondition.execution_failed
 FOLLOW = (AutomationCondition.eager() | MISSING).with_label("eager, or missing with inputs ready")
 """New inputs re-run a partition; a missing partition runs once its inputs are there."""
 
+CODE_CHANGED = (
+    AutomationCondition.code_version_changed().since_last_handled()
+    & ~AutomationCondition.missing()
+    & ~AutomationCondition.in_progress()
+    & ~AutomationCondition.any_deps_in_progress()
+).with_label("code version or deployment settings changed")
+"""A changed code version (which carries the hash of the deployment's settings for the asset)
+re-runs every materialized partition of that asset, once."""
+
 SUBJECT_MODEL_POOL = "subject_model"
 """Runs that load the subject model (activations, surprisal): the instance lets one run at a time."""
 LLM_POOL = "llm"

@@ -8,21 +8,19 @@ and headings filtered out, so the demo needs no download and no extra package.
 import functools
 import hashlib
 import json
-import os
 import random
 import re
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from dagster import AssetExecutionContext, Config, DataVersion, MaterializeResult, MetadataValue, asset
+from dagster import AssetExecutionContext, AssetsDefinition, Config, DataVersion, MaterializeResult, MetadataValue, asset
 from pydantic import Field
-from safetensors.numpy import load_file, save_file
 
-from assets.prompts import prompt_vocab
+from assets.automation import CODE_CHANGED
+from assets.stage_config import settings_digest, with_defaults
 from resources.settings import AutointerpSettings
 from resources.subject_model import SubjectModelResource
-from storage.atomic import atomic_path, read_json, write_json
+from storage.corpus import write_corpus
 from storage.layout import DataRoot
 
 LOCAL_SUFFIXES = {".txt", ".jsonl", ".parquet"}
@@ -37,8 +35,7 @@ class CorpusConfig(Config):
     text_field: str = Field(default="text", description="Column holding the text in jsonl/parquet/HF sources.")
     split: str = Field(default="train", description="Split of a Hugging Face dataset.")
     ctx_len: int = Field(default=128, description="Tokens per sequence, BOS included.")
-    n_tokens: int = Field(default=int(os.environ.get("AUTOINTERP_CORPUS_TOKENS", 65_536)),
-                          description="Tokens to keep (rounded down to whole sequences); default $AUTOINTERP_CORPUS_TOKENS or 65,536.")
+    n_tokens: int = Field(default=65_536, description="Tokens to keep (rounded down to whole sequences).")
     add_bos: bool = Field(default=True, description="Start every sequence with the tokenizer's BOS token.")
     seed: int = Field(default=0, description="Seed of the document shuffle.")
 
@@ -149,32 +146,6 @@ def special_token_ids(tokenizer) -> list[int]:
     return sorted({int(i) for i in tokenizer.all_special_ids} | {int(i) for i, token in added.items() if getattr(token, "special", False)})
 
 
-@dataclass
-class Corpus:
-    tokens: np.ndarray
-    vocab: list[str]
-    """Token id → the tokenizer's own string (control tokens included): for embedding and search."""
-    meta: dict
-
-    @property
-    def prompt_vocab(self) -> list[str]:
-        """Token id → what explainer and scorer prompts show: special tokens as one document boundary."""
-        special = self.meta.get("special_ids")
-        if special is None:  # a corpus built before special ids were stored: control tokens look like <|name|>
-            special = [i for i, token in enumerate(self.vocab) if re.fullmatch(r"<\|[^|\s]+\|>", token)]
-        return prompt_vocab(self.vocab, special)
-
-
-def load_corpus(root: DataRoot) -> Corpus:
-    if not (root.corpus_dir / "meta.json").exists():
-        raise FileNotFoundError(f"No corpus under {root.corpus_dir}. Materialize the `corpus` asset first.")
-    return Corpus(
-        tokens=load_file(str(root.corpus_dir / "tokens.safetensors"))["tokens"],
-        vocab=json.loads((root.corpus_dir / "vocab.json").read_text()),
-        meta=read_json(root.corpus_dir / "meta.json"),
-    )
-
-
 def build_corpus(config: CorpusConfig, tokenizer, root: DataRoot) -> dict:
     documents = read_documents(config.source, config.text_field, config.split)
     tokens = tokenize_documents(
@@ -198,17 +169,11 @@ def build_corpus(config: CorpusConfig, tokenizer, root: DataRoot) -> dict:
         "tokenizer": getattr(tokenizer, "name_or_path", ""),
         "special_ids": special_token_ids(tokenizer),
     }
-    vocab = tokenizer.batch_decode([[i] for i in range(len(tokenizer))])
-    with atomic_path(root.corpus_dir / "tokens.safetensors") as tmp:
-        save_file({"tokens": tokens}, str(tmp))
-    with atomic_path(root.corpus_dir / "vocab.json") as tmp:
-        tmp.write_text(json.dumps(vocab))
-    write_json(root.corpus_dir / "meta.json", meta)
+    write_corpus(root, tokens, tokenizer.batch_decode([[i] for i in range(len(tokenizer))]), meta)
     return meta
 
 
-@asset(group_name="autointerp", description="Tokenized fixed-length sequences of the corpus, stored once with a content hash.")
-def corpus(
+def _corpus(
     context: AssetExecutionContext, config: CorpusConfig, settings: AutointerpSettings, subject_model: SubjectModelResource
 ) -> MaterializeResult:
     meta = build_corpus(config, subject_model.tokenizer(), settings.root)
@@ -223,3 +188,19 @@ def corpus(
         },
         data_version=DataVersion(meta["hash"]),
     )
+
+
+CORPUS_VERSION = "1"
+
+
+def corpus_asset(defaults: dict | None = None) -> AssetsDefinition:
+    """The `corpus` asset of a deployment: `defaults` are its [corpus] table (part of the code version)."""
+    Configured = with_defaults(CorpusConfig, defaults or {}, "corpus")
+
+    def corpus(context: AssetExecutionContext, config, settings: AutointerpSettings, subject_model: SubjectModelResource) -> MaterializeResult:
+        return _corpus(context, config, settings, subject_model)
+
+    corpus.__annotations__.update(config=Configured, context=AssetExecutionContext, settings=AutointerpSettings,
+                                  subject_model=SubjectModelResource, **{"return": MaterializeResult})
+    return asset(name="corpus", group_name="autointerp", code_version=f"{CORPUS_VERSION}-{settings_digest(Configured())}", automation_condition=CODE_CHANGED,
+                 description="Tokenized fixed-length sequences of the corpus, stored once with a content hash.")(corpus)

@@ -1,6 +1,6 @@
 """Stage 5, `scores/<scorer>` and `score_summary`: one asset per scorer, each beside its control.
 
-Every scorer of `assets/scorers.py` is its own asset, partitioned like its inputs (coder × shard),
+Every scorer plugin of `assets/scorers/` is its own asset, partitioned like its inputs (coder × shard),
 so adding a scorer materializes only it. Its code version carries the hash of its settings: a
 change of one scorer's settings makes only that scorer's partitions stale, and its automation
 condition re-materializes exactly those (unchanged prompts are answered by the response cache).
@@ -18,7 +18,6 @@ import json
 
 import numpy as np
 import pandas as pd
-import pyarrow as pa
 from dagster import (
     AssetDep,
     AssetExecutionContext,
@@ -31,38 +30,23 @@ from dagster import (
     asset,
 )
 
-from assets.automation import FOLLOW, LLM_POOL, SUBJECT_MODEL_POOL
-from assets.corpus import load_corpus
-from assets.explanations import nothing_succeeded, selected_latents, viewer_links
-from assets.partitions import CODER_DIMENSION, coder_and_shard, coder_partitions, coder_shard_partitions, shard_partitions
-from assets.score_metrics import BINARY, CONFUSION, control_assignment, example_predictions, latent_metrics, no_control_reason, verdict
-from assets.scorers import SCORERS, Job, JobResult, ScorerSettings, ScorerSpec, ScoringContext, held_out_examples
+from assets.automation import CODE_CHANGED, FOLLOW, LLM_POOL, SUBJECT_MODEL_POOL
+from assets.explanations import viewer_links
+from assets.work import nothing_succeeded, selected_latents
+from assets.partitions import coder_and_shard, coders_of, shard_partitions
+from assets.prompts import corpus_prompt_vocab
+from assets.score_metrics import control_assignment, example_metrics, no_control_reason, predictions_of, verdict
+from assets.scorers import Job, JobResult, Scorer, ScorerDeps, ScorerSettings
+from assets.scorers.base import CONTROLS, examples_of
 from resources.llm import gather_with_progress
-from storage.tables import file_fingerprint, read_table, refuse_emptier, write_table
+from storage.corpus import load_corpus
+from storage.tables import SCORE_METRICS, empty_table, file_fingerprint, read_table, refuse_emptier, write_table
 
-NUMERIC = (*BINARY, *CONFUSION, "roc_auc", "pearson", "n_scored", "ev_correlation", "rsquared", "logprob_fraction")
-SCORES_SCHEMA = pa.schema([
-    ("latent", pa.int64()), ("explanation", pa.large_string()), ("control_explanation", pa.large_string()), ("control_note", pa.large_string()),
-    *((m, pa.float64()) for m in NUMERIC), ("quantile_accuracy", pa.large_string()), *((f"control_{m}", pa.float64()) for m in NUMERIC),
-    ("control_quantile_accuracy", pa.large_string()), ("gap", pa.float64()), ("n_failed", pa.int64()), ("n_dropped", pa.int64()),
-    ("failures", pa.large_string()), ("prompt_tokens", pa.int64()),
-])
-SCORED_EXAMPLES_SCHEMA = pa.schema([
-    ("example", pa.int64()), ("label", pa.int64()), ("quantile", pa.int64()), ("activation", pa.float64()), ("prediction", pa.float64()),
-    ("score", pa.float64()), ("predicted", pa.int64()), ("latent", pa.int64()), ("source", pa.large_string()),
-])
-SUMMARY_SCHEMA = pa.schema([("latent", pa.int64()), ("shard", pa.large_string()), ("explanation", pa.large_string()), ("mean_gap", pa.float64())])
-"""The tables' types, written as they are when a shard (or a coder) has nothing scored: an empty table."""
 EMPTY_SHARD = "empty shard: no explainable latent"
 
 # New explanations, or a changed setting of this scorer (its code version), re-run exactly the
 # affected partitions; partitions never materialized run once their inputs are there (`FOLLOW`).
-SCORER_AUTOMATION = FOLLOW | (
-    AutomationCondition.code_version_changed().since_last_handled()
-    & ~AutomationCondition.missing()
-    & ~AutomationCondition.in_progress()
-    & ~AutomationCondition.any_deps_in_progress()
-)
+SCORER_AUTOMATION = FOLLOW | CODE_CHANGED
 # The summary follows any scorer that updates, and is made if missing once any scorer of its coder
 # has a table; scorers never run (not automated) do not hold it back.
 SUMMARY_AUTOMATION = (
@@ -83,19 +67,20 @@ def scorer_key(name: str) -> AssetKey:
 # ---- scoring a partition --------------------------------------------------------------------------
 
 
-def scored_latents(spec: ScorerSpec, exemplars: pd.DataFrame, explanations: pd.DataFrame | None, max_latents: int) -> dict[int, str | None]:
-    """Latent → explanation to score: explained latents, or for intruder the latents the explainer would take."""
-    if not spec.uses_explanation:
+def scored_latents(scorer: Scorer, exemplars: pd.DataFrame, explanations: pd.DataFrame | None, max_latents: int) -> dict[int, str | None]:
+    """Latent → explanation to score: explained latents, or for scorers without one (intruder) the latents the explainer would take."""
+    if not scorer.uses_explanation:
         return {latent: None for latent in selected_latents(exemplars, max_latents)}
     ok = explanations[explanations["status"] == "ok"]
     return dict(sorted(zip(ok["latent"].astype(int), ok["explanation"])))
 
 
-def latent_row(spec: ScorerSpec, latent: int, explanation, control_explanation, own: JobResult, control: JobResult | None, control_note: str = "") -> dict:
+def latent_row(main_metric: str, latent: int, explanation, control_explanation, own: JobResult, control: JobResult | None, control_note: str = "") -> dict:
     def metrics(result: JobResult | None) -> dict:
         if result is None:
-            return {m: np.nan for m in NUMERIC} | {"quantile_accuracy": {}}
-        return {m: np.nan for m in NUMERIC} | latent_metrics(pd.DataFrame(result.rows, columns=["label", "quantile", "activation", "prediction", "score"])) | result.extra
+            return {m: np.nan for m in SCORE_METRICS} | {"quantile_accuracy": {}}
+        columns = (np.array([r.get(c, np.nan) for r in result.rows], float) for c in ("label", "quantile", "activation", "prediction", "score"))
+        return {m: np.nan for m in SCORE_METRICS} | example_metrics(*columns) | result.extra
 
     mine, theirs = metrics(own), metrics(control)
     results = [own] + ([control] if control else [])
@@ -104,11 +89,11 @@ def latent_row(spec: ScorerSpec, latent: int, explanation, control_explanation, 
         "explanation": explanation or "",
         "control_explanation": control_explanation or "",
         "control_note": control_note,
-        **{m: mine[m] for m in NUMERIC},
+        **{m: mine[m] for m in SCORE_METRICS},
         "quantile_accuracy": json.dumps(mine["quantile_accuracy"]),
-        **{f"control_{m}": theirs[m] for m in NUMERIC},
+        **{f"control_{m}": theirs[m] for m in SCORE_METRICS},
         "control_quantile_accuracy": json.dumps(theirs["quantile_accuracy"]),
-        "gap": mine[spec.main_metric] - theirs[spec.main_metric],
+        "gap": mine[main_metric] - theirs[main_metric],
         "n_failed": sum(r.failed for r in results),
         "n_dropped": sum(r.dropped for r in results),
         "failures": json.dumps([reason for r in results for reason in r.failures]),
@@ -116,42 +101,45 @@ def latent_row(spec: ScorerSpec, latent: int, explanation, control_explanation, 
     }
 
 
-async def score_partition(spec: ScorerSpec, ctx: ScoringContext, exemplars: pd.DataFrame, explanations: pd.DataFrame | None,
+async def score_partition(scorer: Scorer, exemplars: pd.DataFrame, explanations: pd.DataFrame | None,
                           vocab: list[str], max_latents: int = 0, report=None) -> tuple[pd.DataFrame, pd.DataFrame]:
     """Per-latent metrics and per-example rows of one scorer on one partition, with the control."""
-    settings = ctx.settings
-    text_of = scored_latents(spec, exemplars, explanations, max_latents)
-    by_latent = dict(tuple(exemplars[exemplars["latent"].isin(list(text_of))].groupby("latent")))
-    missing = [latent for latent in text_of if latent not in by_latent]
+    settings = scorer.settings
+    text_of = scored_latents(scorer, exemplars, explanations, max_latents)
+    chosen = exemplars[exemplars["latent"].isin(list(text_of))]
+    columns = [chosen[c].tolist() for c in ("kind", "quantile", "tokens", "activations")]  # read once, not per latent
+    rows_of: dict[tuple[int, str], list[int]] = {}
+    for i, key in enumerate(zip(chosen["latent"].tolist(), chosen["split"].tolist())):
+        rows_of.setdefault(key, []).append(i)
+    have_exemplars = {latent for latent, _ in rows_of}
+    missing = [latent for latent in text_of if latent not in have_exemplars]
     if missing and report:
-        report(f"{spec.name}: {len(missing)} explained latents have no exemplars (e.g. {missing[:5]}): skipped; "
+        report(f"{scorer.name}: {len(missing)} explained latents have no exemplars (e.g. {missing[:5]}): skipped; "
                f"the explanations are older than the exemplars, re-materialize `explanations`")
-    text_of = {latent: text for latent, text in text_of.items() if latent in by_latent}
-    control_of = control_assignment(text_of, settings.seed) if spec.uses_explanation else {latent: latent for latent in text_of}
+    text_of = {latent: text for latent, text in text_of.items() if latent in have_exemplars}
+    control_of = control_assignment(text_of, settings.seed) if scorer.uses_explanation else {latent: latent for latent in text_of}
     jobs, keys = [], []
     for latent, explanation in text_of.items():
-        group = by_latent[latent]
         rng = np.random.default_rng([settings.seed, latent])
-        examples = held_out_examples(group[group["split"] == "test"], vocab, rng)
-        calibration = held_out_examples(group[group["split"] == "valid"], vocab, rng)
-        jobs.append(spec.run(ctx, Job(explanation, examples, control=False, seed=settings.seed + latent, calibration=calibration)))
+        examples, calibration = (examples_of(*([column[i] for i in rows_of.get((latent, split), [])] for column in columns), vocab, rng) for split in ("test", "valid"))
+        jobs.append(Job(explanation, examples, control=False, seed=settings.seed + latent, calibration=calibration))
         keys.append((latent, "explanation"))
         if latent in control_of:
-            jobs.append(spec.run(ctx, Job(text_of[control_of[latent]], examples, control=True, seed=settings.seed + latent + 1, calibration=calibration)))
+            jobs.append(Job(text_of[control_of[latent]], examples, control=True, seed=settings.seed + latent + 1, calibration=calibration))
             keys.append((latent, "control"))
-    async with ctx.client.session() if ctx.client is not None else contextlib.nullcontext():
-        results = dict(zip(keys, await gather_with_progress(jobs, report, f"{spec.name} jobs (latent × explanation/control)")))
+    async with scorer.deps.llm.session() if scorer.deps.llm is not None else contextlib.nullcontext():
+        await scorer.prepare(jobs)
+        results = dict(zip(keys, await gather_with_progress([scorer.score(job) for job in jobs], report, f"{scorer.name} jobs (latent × explanation/control)")))
     rows, example_rows = [], []
     for latent, explanation in text_of.items():
         own, control = results[(latent, "explanation")], results.get((latent, "control"))
         note = "" if latent in control_of else no_control_reason(len(text_of))
-        rows.append(latent_row(spec, latent, explanation, text_of.get(control_of.get(latent)) if spec.uses_explanation else None, own, control, note))
+        rows.append(latent_row(scorer.main_metric, latent, explanation, text_of.get(control_of.get(latent)) if scorer.uses_explanation else None, own, control, note))
         for source, result in (("explanation", own), ("control", control)):
             if result is not None and result.rows:
-                frame = pd.DataFrame(result.rows)
-                frame["predicted"] = example_predictions(frame)
-                example_rows.append(frame.assign(latent=latent, source=source))
-    return pd.DataFrame(rows), (pd.concat(example_rows, ignore_index=True) if example_rows else pd.DataFrame())
+                predicted = predictions_of(*(np.array([r.get(c, np.nan) for r in result.rows], float) for c in ("label", "prediction", "score")))
+                example_rows += [{**r, "predicted": int(p), "latent": latent, "source": source} for r, p in zip(result.rows, predicted)]
+    return pd.DataFrame(rows), (pd.DataFrame(example_rows) if example_rows else pd.DataFrame())  # one frame, not one per job
 
 
 # ---- what the UI shows ----------------------------------------------------------------------------
@@ -187,7 +175,7 @@ def histogram_markdown(panels: list[tuple[str, str, pd.Series, pd.Series, str]])
     for ax, (title, metric, own, control, control_name) in zip(axes[0], panels):
         lo, hi = metric_range(metric)
         bins = np.linspace(lo, hi, 11)
-        ax.hist(own.dropna().clip(lo, hi), bins=bins, alpha=0.7, label="explanation" if control_name != "tasks without an intruder" else "latent")
+        ax.hist(own.dropna().clip(lo, hi), bins=bins, alpha=0.7, label="latent" if control_name == CONTROLS["no_intruder"] else "explanation")
         ax.hist(control.dropna().clip(lo, hi), bins=bins, alpha=0.5, label=control_name.removeprefix("the "))
         ax.set_title(title, fontsize=9)
         ax.set_xlabel(metric)
@@ -223,13 +211,13 @@ def best_and_worst(frame: pd.DataFrame, metric: str, columns: list[str], n: int 
     return f"**Best {len(best)}**\n\n{text(best)}\n\n**Worst {len(worst)}**\n\n{text(worst) if len(worst) else '(none)'}"
 
 
-def scorer_metadata(spec: ScorerSpec, settings: ScorerSettings, frame: pd.DataFrame, examples: pd.DataFrame) -> dict:
-    main = spec.main_metric
+def scorer_metadata(scorer: type[Scorer], settings: ScorerSettings, frame: pd.DataFrame, examples: pd.DataFrame) -> dict:
+    main = scorer.main_metric
     metadata = {
-        "scorer": spec.description,
+        "scorer": scorer.description,
         "settings": MetadataValue.json(settings.model_dump()),
         "latents_scored": len(frame),
-        "verdict": verdict(frame["gap"], spec.control) if len(frame) else "uninformative: nothing scored",
+        "verdict": verdict(frame["gap"], scorer.control_description()) if len(frame) else "uninformative: nothing scored",
         "main_metric": main,
     }
     if not len(frame):
@@ -245,9 +233,9 @@ def scorer_metadata(spec: ScorerSpec, settings: ScorerSettings, frame: pd.DataFr
     metadata["failed_examples"] = int(frame["n_failed"].sum())
     metadata["dropped_examples"] = int(frame["n_dropped"].sum())  # left out to fit the judge's context
     metadata["latents_without_control"] = int((frame["control_note"] != "").sum())
-    metadata["histogram"] = MetadataValue.md(histogram_markdown([(spec.name, main, frame[main], frame[f"control_{main}"], spec.control)]))
+    metadata["histogram"] = MetadataValue.md(histogram_markdown([(scorer.name, main, frame[main], frame[f"control_{main}"], scorer.control_description())]))
     if len(examples):
-        metadata["quantile_accuracy"] = MetadataValue.md(quantile_accuracy_markdown(examples, f"{spec.name}: accuracy by quantile"))
+        metadata["quantile_accuracy"] = MetadataValue.md(quantile_accuracy_markdown(examples, f"{scorer.name}: accuracy by quantile"))
     metadata["best_and_worst"] = MetadataValue.md(best_and_worst(frame, main, ["latent", main, f"control_{main}", "gap", "explanation"]))
     return metadata
 
@@ -255,72 +243,74 @@ def scorer_metadata(spec: ScorerSpec, settings: ScorerSettings, frame: pd.DataFr
 # ---- the assets -----------------------------------------------------------------------------------
 
 
-def scorer_asset(spec: ScorerSpec, settings: ScorerSettings, automate: bool) -> AssetsDefinition:
+def scorer_asset(scorer: type[Scorer], settings: ScorerSettings, automate: bool) -> AssetsDefinition:
     """The asset of one scorer; its code version is the scorer's version plus the hash of its settings."""
-    deps = [AssetDep("exemplars")] + ([AssetDep("explanations")] if spec.uses_explanation else [])
+    deps = [AssetDep("exemplars")] + ([AssetDep("explanations")] if scorer.control == "shuffled_explanation" else [])
 
     @asset(
-        key=scorer_key(spec.name),
+        key=scorer_key(scorer.name),
         group_name="scores",
-        partitions_def=coder_shard_partitions,
+        partitions_def=shard_partitions,
         deps=deps,
-        code_version=f"{spec.version}-{settings.digest()}",
+        code_version=f"{scorer.version}-{settings.digest()}",
         automation_condition=SCORER_AUTOMATION if automate else None,
-        pool=SUBJECT_MODEL_POOL if "subject_model" in spec.uses else LLM_POOL if "llm" in spec.uses else None,
-        required_resource_keys={"settings", *spec.uses},
-        description=f"{spec.description} Each latent also scored with {spec.control}.",
+        pool=SUBJECT_MODEL_POOL if "subject_model" in scorer.uses else LLM_POOL if "llm" in scorer.uses else None,
+        required_resource_keys={"settings", *scorer.uses},
+        description=f"{scorer.description} Each latent also scored with {scorer.control_description()}.",
     )
     def _scores(context: AssetExecutionContext) -> MaterializeResult:
         coder, shard = coder_and_shard(context.partition_key)
         resources = context.resources
         root = resources.settings.root
+        client = resources.llm.client(root.llm_cache_dir) if "llm" in scorer.uses else None
+        deps = ScorerDeps(llm=client, embedder=resources.embedder if "embedder" in scorer.uses else None,
+                          subject_model=resources.subject_model if "subject_model" in scorer.uses else None)
+        judge = scorer(settings, deps)
         exemplars = read_table(root.exemplars_path(coder, shard), "exemplars")
-        explanations = read_table(root.explanations_path(coder, shard), "explanations") if spec.uses_explanation else None
+        explanations = read_table(root.explanations_path(coder, shard), "explanations") if judge.uses_explanation else None
         if explanations is not None and len(explanations) and "exemplars_fingerprint" in explanations:
             read_from, now = explanations["exemplars_fingerprint"].iloc[0], file_fingerprint(root.exemplars_path(coder, shard))
             if read_from != now:
                 raise Failure(f"The explanations of {coder} shard {shard} were written from other exemplars ({read_from}) than those there now ({now}): "
                               f"scoring them on the new windows mixes two versions. Fix: re-materialize `explanations` for this partition first.")
-        client = resources.llm.client(root.llm_cache_dir) if "llm" in spec.uses else None
-        ctx = ScoringContext(
-            settings=settings,
-            client=client,
-            embed=resources.embedder.embed if "embedder" in spec.uses else None,
-            causal_lm=resources.subject_model.causal_lm if "subject_model" in spec.uses else None,
-            tokenizer=resources.subject_model.tokenizer if "subject_model" in spec.uses else None,
-        )
         max_latents = resources.settings.max_latents_per_shard
-        frame, examples = asyncio.run(score_partition(spec, ctx, exemplars, explanations, load_corpus(root).prompt_vocab, max_latents, context.log.info))
+        frame, examples = asyncio.run(score_partition(judge, exemplars, explanations, corpus_prompt_vocab(load_corpus(root)), max_latents, context.log.info))
         if len(frame) and frame["n_failed"].sum() > 0 and (frame["n_scored"].fillna(0) + frame["control_n_scored"].fillna(0)).sum() == 0:
             reasons = pd.Series([reason for cell in frame["failures"] for reason in json.loads(cell)], dtype=str)
-            raise nothing_succeeded(f"scores/{spec.name}", f"no example of {len(frame)} latents could be scored", reasons)
-        refuse_emptier(frame, root.scores_path(coder, shard, spec.name), f"scores/{spec.name} of {coder} shard {shard}", resources.settings.allow_empty_results)
-        write_table(frame, root.scores_path(coder, shard, spec.name), SCORES_SCHEMA)
-        write_table(examples, root.scored_examples_path(coder, shard, spec.name), SCORED_EXAMPLES_SCHEMA)
-        metadata = scorer_metadata(spec, settings, frame, examples)
+            raise nothing_succeeded(f"scores/{scorer.name}", f"no example of {len(frame)} latents could be scored", reasons)
+        refuse_emptier(frame, root.scores_path(coder, shard, scorer.name), f"scores/{scorer.name} of {coder} shard {shard}", resources.settings.allow_empty_results)
+        write_table(frame, root.scores_path(coder, shard, scorer.name), "scores")
+        write_table(examples, root.scored_examples_path(coder, shard, scorer.name), "scored_examples")
+        metadata = scorer_metadata(scorer, settings, frame, examples)
         if not len(exemplars):
             metadata["verdict"] = EMPTY_SHARD
         if client is not None:
             metadata.update(client.ledger.as_metadata())
-        context.log.info(f"{spec.name}: {metadata['verdict']}")
+        context.log.info(f"{scorer.name}: {metadata['verdict']}")
         return MaterializeResult(metadata=metadata)
 
     return _scores
 
 
-def summary_table(root, coder: str, scorers: list[str]) -> pd.DataFrame:
+def scored_shards(root, coder: str) -> list[str]:
+    """The shards of `coder` that have any scores table."""
+    folder = root.score_summary_path(coder).parent
+    return sorted(p.name for p in folder.iterdir() if p.is_dir()) if folder.is_dir() else []
+
+
+def summary_table(root, coder: str, scorers: dict[str, type[Scorer]]) -> pd.DataFrame:
     """One row per scored latent of `coder` (all shards): each scorer's main metric, its control and the gap."""
     parts = []
-    for name in scorers:
-        main = SCORERS[name].main_metric
-        for shard in shard_partitions.get_partition_keys():
+    for name, scorer in scorers.items():
+        main = scorer.main_metric
+        for shard in scored_shards(root, coder):
             path = root.scores_path(coder, shard, name)
             frame = pd.read_parquet(path) if path.exists() else pd.DataFrame()
             if len(frame):  # an empty shard adds nothing
                 parts.append(pd.DataFrame({"latent": frame["latent"], "shard": shard, "scorer": name, "explanation": frame["explanation"],
                                            "score": frame[main], "control": frame[f"control_{main}"], "gap": frame["gap"]}))
     if not parts:
-        return SUMMARY_SCHEMA.empty_table().to_pandas()
+        return empty_table("score_summary")
     long = pd.concat(parts, ignore_index=True)
     explanation = long[long["explanation"] != ""].groupby("latent")["explanation"].first()
     wide = long.pivot_table(index=["latent", "shard"], columns="scorer", values=["score", "control", "gap"], aggfunc="first")
@@ -336,31 +326,79 @@ def summary_table(root, coder: str, scorers: list[str]) -> pd.DataFrame:
     return wide
 
 
-@asset(
-    partitions_def=coder_partitions,
-    group_name="scores",
-    deps=[AssetDep(scorer_key(name), partition_mapping=CODER_DIMENSION) for name in SCORERS],
-    automation_condition=SUMMARY_AUTOMATION,
-    required_resource_keys={"settings"},
-    code_version="1",
-    description="Every scorer of one coder joined into one table (all shards): each main metric, its control and the gap, with verdicts.",
-)
-def score_summary(context: AssetExecutionContext) -> MaterializeResult:
-    coder = context.partition_key
-    root = context.resources.settings.root
-    table = summary_table(root, coder, list(SCORERS))
-    write_table(table, root.score_summary_path(coder), SUMMARY_SCHEMA)
-    present = [name for name in SCORERS if name in table.columns]
-    metadata = {"latents": int(table["latent"].nunique()) if len(table) else 0, "scorers": ", ".join(present) or "none yet"}
-    for name in present:
-        metadata[f"{name}_verdict"] = verdict(table[f"{name}_gap"], SCORERS[name].control)
-        metadata[f"{name}_mean"] = MetadataValue.float(round(float(table[name].mean()), 4))
-        metadata[f"{name}_mean_control"] = MetadataValue.float(round(float(table[f"{name}_control"].mean()), 4))
-    if present:
-        panels = [(f"{n} ({SCORERS[n].main_metric})", SCORERS[n].main_metric, table[n], table[f"{n}_control"], SCORERS[n].control) for n in present]
-        metadata["histograms"] = MetadataValue.md(histogram_markdown(panels))
-        metadata["best_and_worst"] = MetadataValue.md(best_and_worst(table, "mean_gap", ["latent", "shard", "mean_gap", *present, "explanation"]))
-    ranked = table.sort_values("mean_gap", ascending=False, na_position="last")["latent"].tolist() if len(table) else []
-    metadata.update(viewer_links(coder, ranked))  # the coder's page, and the latents' pages by mean gap, best first
-    metadata["path"] = MetadataValue.path(str(root.score_summary_path(coder)))
-    return MaterializeResult(metadata=metadata)
+def summary_is_stale(root, coder: str) -> bool:
+    """Whether any scores table of `coder` is newer than its summary (or there is no summary yet)."""
+    summary = root.score_summary_path(coder)
+    newest = max((p.stat().st_mtime for shard in scored_shards(root, coder) for p in (summary.parent / shard).glob("*.parquet")), default=None)
+    return newest is not None and (not summary.exists() or newest > summary.stat().st_mtime)
+
+
+def summary_links(base: str, ranked: dict[str, list[int]], per_coder: int = 5) -> dict:
+    """Links into the latent browser at `base` for the summary's metadata: with one coder, its page and its
+    latents' pages (`ranked`: best mean gap first); with several, the coders page and each coder's page
+    with its best latents."""
+    if len(ranked) == 1:
+        return viewer_links(base, *next(iter(ranked.items())))
+    if not ranked:
+        return {}
+    from autointerp_defs.viewer import coder_url, home_url, latent_url  # here, not at the top: the package imports the assets
+
+    pages = [f"- [{coder}]({coder_url(coder, base)}): " + ", ".join(f"[{latent}]({latent_url(coder, latent, base)})" for latent in best[:per_coder])
+             for coder, best in ranked.items()]
+    return {"viewer": MetadataValue.url(home_url(base)), "latent_pages": MetadataValue.md("\n".join(pages))}
+
+
+def summary_asset(scorers: dict[str, type[Scorer]]) -> AssetsDefinition:
+    """`score_summary`: per coder, every scorer joined over all its shards into one table; one asset for
+    all coders (a coder's shards are partitions of their own), rebuilding only coders whose scores changed."""
+
+    @asset(
+        name="score_summary",
+        group_name="scores",
+        deps=[AssetDep(scorer_key(name)) for name in scorers],
+        automation_condition=SUMMARY_AUTOMATION,
+        required_resource_keys={"settings"},
+        code_version="2",
+        description="Per coder, every scorer joined into one table over all shards (each main metric, its control and the gap), with verdicts; coders whose scores changed are rebuilt.",
+    )
+    def score_summary(context: AssetExecutionContext) -> MaterializeResult:
+        settings = context.resources.settings
+        root = settings.root
+        coders = coders_of(context.instance.get_dynamic_partitions(shard_partitions.name))
+        rebuilt, rows, latents, present, ranked = [], [], 0, set(), {}
+        for coder in coders:
+            if summary_is_stale(root, coder):
+                write_table(summary_table(root, coder, scorers), root.score_summary_path(coder), "score_summary")
+                rebuilt.append(coder)
+            if root.score_summary_path(coder).exists():
+                table = pd.read_parquet(root.score_summary_path(coder))
+                row = {"coder": coder, "latents": int(table["latent"].nunique()) if len(table) else 0}
+                ranked[coder] = table.sort_values("mean_gap", ascending=False, na_position="last")["latent"].tolist() if len(table) else []
+                latents += row["latents"]
+                for name in scorers:
+                    if name in table.columns and len(table):
+                        present.add(name)
+                        row[name] = f"{table[name].mean():.3f} / {table[f'{name}_control'].mean():.3f}"
+                        row[f"{name} verdict"] = verdict(table[f"{name}_gap"], scorers[name].control_description()).split(":")[0]
+                rows.append(row)
+        context.log.info(f"score_summary: rebuilt {len(rebuilt)} of {len(coders)} coders")
+        metadata = {"coders": len(coders), "latents": latents, "rebuilt": ", ".join(rebuilt) or "none (no scores changed)",
+                    "scorers": ", ".join(name for name in scorers if name in present) or "none yet"}
+        if rows:
+            metadata["by_coder"] = MetadataValue.md(pd.DataFrame(rows).fillna("").to_markdown(index=False))
+        for coder in rebuilt[:1] if len(coders) == 1 else []:  # one coder: its histograms and best/worst latents, as before
+            table = pd.read_parquet(root.score_summary_path(coder))
+            present = [name for name in scorers if name in table.columns]
+            if present and len(table):
+                panels = [(f"{n} ({scorers[n].main_metric})", scorers[n].main_metric, table[n], table[f"{n}_control"], scorers[n].control_description()) for n in present]
+                metadata["histograms"] = MetadataValue.md(histogram_markdown(panels))
+                metadata["best_and_worst"] = MetadataValue.md(best_and_worst(table, "mean_gap", ["latent", "shard", "mean_gap", *present, "explanation"]))
+                for name in present:
+                    metadata[f"{name}_verdict"] = verdict(table[f"{name}_gap"], scorers[name].control_description())
+                    metadata[f"{name}_mean"] = MetadataValue.float(round(float(table[name].mean()), 4))
+                    metadata[f"{name}_mean_control"] = MetadataValue.float(round(float(table[f"{name}_control"].mean()), 4))
+        metadata.update(summary_links(settings.viewer_url, ranked))
+        metadata["path"] = MetadataValue.path(str(root.root / "scores"))
+        return MaterializeResult(metadata=metadata)
+
+    return score_summary

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import time
 from pathlib import Path
@@ -17,7 +16,7 @@ def register_embedded(data_dir: str, *, width: int = 4608, k: int = 32, n_tokens
     import torch
 
     from assets.corpus import embedded_documents, tokenize_documents
-    from resources.sae_training import train_topk_sae
+    from autointerp_defs.demo_sae import train_topk_sae
     from resources.sparse_coders import save_sparsify
     from resources.subject_model import SubjectModelResource, capture_hookpoints
     from storage.layout import DataRoot
@@ -47,10 +46,8 @@ def register_embedded(data_dir: str, *, width: int = 4608, k: int = 32, n_tokens
     return folder
 
 
-def _materialize(selection: list[str], partition_key: str | None, instance) -> None:
+def _materialize(selection: list[str], partition_key: str | None, instance, defs) -> None:
     from dagster import materialize
-
-    from autointerp_defs.definitions import defs
 
     assets = list(defs.assets)
     quiet = {"loggers": {"console": {"config": {"log_level": "INFO"}}}}
@@ -59,20 +56,33 @@ def _materialize(selection: list[str], partition_key: str | None, instance) -> N
         raise SystemExit(f"materializing {selection} for {partition_key} failed")
 
 
-def run_demo(data_dir: str, force: bool) -> None:
+def run_demo(deployment, force: bool) -> None:
     from dagster import AssetKey, DagsterInstance
 
-    from assets.partitions import coder_partitions
+    from assets.partitions import coders_of, shard_partitions
+    from autointerp_defs.definitions import definitions_for
+    from autointerp_defs.deployments import dagster_home
+    from autointerp_defs.sensors import new_shard_keys
     from resources.sparse_coders import scan_registry
     from storage.layout import DataRoot
 
     started = time.perf_counter()
+    data_dir = deployment.data_dir
     root = DataRoot.at(data_dir)
     register_embedded(data_dir)
-    instance = DagsterInstance.get()
+    defs = definitions_for(deployment)
+    home = dagster_home() or Path(".dagster_home").resolve()
+    home.mkdir(parents=True, exist_ok=True)
+    if not (home / "dagster.yaml").exists():
+        (home / "dagster.yaml").write_text("telemetry:\n  enabled: false\n")
+    instance = DagsterInstance.from_config(str(home))
     coders = scan_registry(root.registry_dir)
-    known = set(instance.get_dynamic_partitions(coder_partitions.name))
-    instance.add_dynamic_partitions(coder_partitions.name, [c for c in coders if c not in known])
+    known = set(coders_of(instance.get_dynamic_partitions(shard_partitions.name)))
+    broken: dict[str, str] = {}
+    keys, _ = new_shard_keys(root.registry_dir, [c for c in coders if c not in known], deployment.latents_per_shard, broken)
+    if broken:
+        raise SystemExit(f"registry folders that are not coders: {broken}")
+    instance.add_dynamic_partitions(shard_partitions.name, keys)
     coder = f"{DEMO_CODER_NAME}/{DEMO_HOOKPOINT}"
 
     def done(asset: str, partition: str | None) -> bool:
@@ -83,46 +93,43 @@ def run_demo(data_dir: str, force: bool) -> None:
             return instance.get_latest_materialization_event(key) is not None
         return partition in instance.get_materialized_partitions(key)
 
-    from autointerp_defs.deployments import automated_scorers
-
-    scorers = [f"scores/{name}" for name in automated_scorers()]
-    steps = [(["corpus"], None), (["activations"], coder)]
+    scorers = [f"scores/{name}" for name in deployment.automated_scorers]
+    steps = [(["corpus"], None), (["activations"], f"{coder}|{DEMO_SHARDS[0]}")]
     steps += [(["exemplars", "explanations", *scorers], f"{coder}|{shard}") for shard in DEMO_SHARDS]
-    steps += [(["score_summary"], coder)]
+    steps += [(["score_summary"], None)]
     for selection, partition in steps:
-        if all(done(a, partition) for a in selection):
+        if selection != ["score_summary"] and all(done(a, partition) for a in selection):  # the summary rebuilds only stale coders: always ask
             print(f"reusing {', '.join(selection)} {partition or ''}")
             continue
         print(f"materializing {', '.join(selection)} {partition or ''}", flush=True)
-        _materialize(selection, partition, instance)
-    print_results(root, coder)
+        _materialize(selection, partition, instance, defs)
+    print_results(root, coder, deployment.scorers)
     print(f"\ndemo finished in {time.perf_counter() - started:.0f} s")
     print("Open the UI:            make ui     (then http://127.0.0.1:3000)")
-    print(f'Re-score from the shell: DAGSTER_HOME={os.environ["DAGSTER_HOME"]} .venv/bin/dagster asset materialize -m autointerp_defs --select {",".join(scorers)} --partition "{coder}|00"')
+    print(f'Re-score from the shell: DAGSTER_HOME={home} AUTOINTERP_DEPLOYMENT={deployment.path} .venv/bin/dagster asset materialize -m autointerp_defs --select {",".join(scorers)} --partition "{coder}|00"')
 
 
-def print_results(root, coder: str) -> None:
+def print_results(root, coder: str, scorers: dict) -> None:
     import pandas as pd
 
     from assets.score_metrics import verdict
-    from assets.scorers import SCORERS
 
     path = root.score_summary_path(coder)
     if not path.exists():
         print("no scores yet")
         return
     table = pd.read_parquet(path)
-    present = [name for name in SCORERS if name in table.columns]
+    present = [name for name in scorers if name in table.columns]
     shown = table[["latent", "explanation"]].assign(explanation=table["explanation"].str.slice(0, 60))
     for name in present:
-        shown[f"{name} ({SCORERS[name].main_metric})"] = table[name].round(2).astype(str) + " / " + table[f"{name}_control"].round(2).astype(str)
+        shown[f"{name} ({scorers[name].main_metric})"] = table[name].round(2).astype(str) + " / " + table[f"{name}_control"].round(2).astype(str)
     print("\nEach scorer's main metric for the explanation / for its control (another latent's explanation):")
     print(shown.to_string(index=False, na_rep="n/a"))
     for name in present:
-        print(f"{name}: {verdict(table[f'{name}_gap'], SCORERS[name].control)}")
+        print(f"{name}: {verdict(table[f'{name}_gap'], scorers[name].control_description())}")
 
 
-def cache(data_dir: str, coder_keys: list[str], batch_size: int, checkpoint_entries: int) -> None:
+def cache(data_dir: str, coder_keys: list[str], batch_size: int, checkpoint_entries: int, latents_per_shard: int) -> None:
     """Cache activations outside Dagster (same code as the asset), e.g. on a GPU box or in tests."""
     from assets.activations import cache_activations
     from resources.sparse_coders import load_registered
@@ -131,7 +138,7 @@ def cache(data_dir: str, coder_keys: list[str], batch_size: int, checkpoint_entr
 
     root = DataRoot.at(data_dir)
     coders = [load_registered(root.registry_dir, key) for key in coder_keys]
-    metas = cache_activations(coders, SubjectModelResource(batch_size=batch_size), root, checkpoint_entries=checkpoint_entries, log=print)
+    metas = cache_activations(coders, SubjectModelResource(batch_size=batch_size), root, checkpoint_entries=checkpoint_entries, latents_per_shard=latents_per_shard, log=print)
     for key, meta in metas.items():
         print(f"{key}: {meta['tokens']} tokens, {meta['live_latents']} live latents, mean L0 {meta['mean_l0']:.1f}, FVU {meta['fvu']}")
 
@@ -146,11 +153,18 @@ def search(data_dir: str, query: str, limit: int) -> None:
         print(f"{hit['_distance']:.3f}  {hit['coder']}  latent {hit['latent']}: {hit['explanation']}")
 
 
-def export_to(args) -> None:
+def subject_model_of(deployment) -> tuple[str, str | None]:
+    """The deployment's subject model as (model, gguf_file): whose unembedding the logit lens reads."""
+    model = deployment.resources()["subject_model"]
+    return model.model, model.gguf_file
+
+
+def export_to(args, deployment) -> None:
     if args.format == "neuronpedia":
         from storage.exports.neuronpedia import export_neuronpedia
 
-        print(f"wrote {export_neuronpedia(args.data, args.coder, args.dir, model_id=args.model_id, set_name=args.set_name)}")
+        folder = export_neuronpedia(args.data, args.coder, args.dir, model_id=args.model_id, set_name=args.set_name, subject_model=subject_model_of(deployment))
+        print(f"wrote {folder}")
     else:
         from storage.exports.delphi import export_delphi
 
@@ -158,23 +172,38 @@ def export_to(args) -> None:
         print(f"wrote {args.dir}: " + ", ".join(f"{n} {kind}" for kind, n in written.items()))
 
 
+def view_latents(deployment, host: str, port: int | None) -> None:
+    """`autointerp view`: the latent browser with the deployment's embedder (search), subject model
+    (logit lens) and Dagster URL (links to partitions)."""
+    from urllib.parse import urlsplit
+
+    from autointerp_defs.viewer.server import serve
+
+    resources = deployment.resources()
+    settings = resources["settings"]
+    port = port if port is not None else (urlsplit(settings.viewer_url).port or 8080)
+    serve(deployment.data_dir, host, port, embed=resources["embedder"].embed, dagster_url=settings.dagster_url, subject_model=subject_model_of(deployment))
+
+
 def main(argv: list[str] | None = None) -> None:
     """The command line; a mistake the user can fix ends with its one-line message, not a traceback."""
+    from autointerp_defs.deployments import DeploymentError
     from resources.sparse_coders import CoderFormatError, CoderShapeError, RegistryError
     from storage.atomic import LockedError
     from storage.exports.reader import ExportInputError
 
     try:
         return _main(argv)
-    except (LockedError, RegistryError, CoderFormatError, CoderShapeError, PermissionError, ExportInputError) as error:
+    except (DeploymentError, LockedError, RegistryError, CoderFormatError, CoderShapeError, PermissionError, ExportInputError) as error:
         sys.exit(f"autointerp {' '.join(argv if argv is not None else sys.argv[1:])}: {error}")
 
 
 def _main(argv: list[str] | None = None) -> None:
-    from storage.layout import data_dir_from_env
+    from autointerp_defs.deployments import dagster_home, load_deployment
 
     parser = argparse.ArgumentParser(prog="autointerp", description=__doc__)
-    parser.add_argument("--data", default=data_dir_from_env(), help="data root (default $AUTOINTERP_DATA or ./data)")
+    parser.add_argument("--deployment", default=None, help="deployment name (deployments/<name>.toml) or TOML path (default $AUTOINTERP_DEPLOYMENT or local)")
+    parser.add_argument("--data", default=None, help="data root (default: the deployment's [settings] data_dir)")
     commands = parser.add_subparsers(dest="command", required=True)
     commands.add_parser("register-embedded", help="train the demo TopK SAE on the embedded model and register it")
     demo = commands.add_parser("demo", help="register, cache, explain and score the demo partitions, then print a table")
@@ -189,9 +218,9 @@ def _main(argv: list[str] | None = None) -> None:
     ui = commands.add_parser("ui", help="the Dagster UI and daemon on $DAGSTER_HOME (what `dagster dev` does, without its supersession warning)")
     ui.add_argument("--host", default="127.0.0.1")
     ui.add_argument("--port", type=int, default=3000)
-    view = commands.add_parser("view", help="the latent browser on http://127.0.0.1:8080 (coders, latents, latent pages), from the data root")
+    view = commands.add_parser("view", help="the latent browser (coders, latents, latent pages) from the data root, on the port of [settings] viewer_url (8080)")
     view.add_argument("--host", default="127.0.0.1")
-    view.add_argument("--port", type=int, default=8080)
+    view.add_argument("--port", type=int, default=None, help="default: the port of the deployment's [settings] viewer_url, where Dagster's links point")
     export = commands.add_parser("export", help="write a coder's latents in another tool's format")
     export.add_argument("format", choices=["neuronpedia", "delphi"])
     export.add_argument("coder", help="coder partition key, e.g. smollm2-topk/model.layers.15")
@@ -209,39 +238,34 @@ def _main(argv: list[str] | None = None) -> None:
     find.add_argument("query")
     find.add_argument("--limit", type=int, default=10)
     args = parser.parse_args(argv)
-    os.environ["AUTOINTERP_DATA"] = args.data
+    deployment = load_deployment(args.deployment, {"settings": {"data_dir": args.data}} if args.data else None)
+    args.data = deployment.data_dir
     if args.command == "register-embedded":
         register_embedded(args.data)
     elif args.command == "demo":
-        home = Path(os.environ.setdefault("DAGSTER_HOME", str(Path(".dagster_home").resolve())))
-        home.mkdir(parents=True, exist_ok=True)
-        if not (home / "dagster.yaml").exists():
-            (home / "dagster.yaml").write_text("telemetry:\n  enabled: false\n")
-        run_demo(args.data, args.force)
+        run_demo(deployment, args.force)
     elif args.command == "instance":
         from autointerp_defs.instance import write_instance
 
-        print(f"wrote {write_instance(os.environ.get('DAGSTER_HOME') or Path('.dagster_home').resolve(), args.max_runs, args.llm_runs)}")
+        print(f"wrote {write_instance(dagster_home() or Path('.dagster_home').resolve(), args.max_runs, args.llm_runs)}")
     elif args.command == "ui":
         from autointerp_defs.ui import serve
 
         sys.exit(serve(args.host, args.port))
     elif args.command == "cache":
-        cache(args.data, args.coders, args.batch_size, args.checkpoint_entries)
+        cache(args.data, args.coders, args.batch_size, args.checkpoint_entries, deployment.latents_per_shard)
     elif args.command == "search":
         search(args.data, args.query, args.limit)
     elif args.command == "export":
-        export_to(args)
+        export_to(args, deployment)
     elif args.command == "import":
         from storage.exports.delphi import import_delphi
 
-        imported = import_delphi(args.data, args.coder, args.dir, args.module, args.model)
+        imported = import_delphi(args.data, args.coder, args.dir, args.module, args.model, embed=deployment.resources()["embedder"].embed)
         for shard, latents in imported.items():
             print(f"shard {shard}: imported {len(latents)} explanations; score them: --select 'scores/*' --partition \"{args.coder}|{shard}\"")
     elif args.command == "view":
-        from autointerp_defs.viewer.server import serve
-
-        serve(args.data, args.host, args.port)
+        view_latents(deployment, args.host, args.port)
 
 
 if __name__ == "__main__":

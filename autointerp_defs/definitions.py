@@ -1,43 +1,53 @@
-"""Builds the one `Definitions`: the assets (one per scorer), the registry sensor, the automation
-sensor (on by default, so a fresh instance runs the graph by itself), and the deployment's resources."""
+"""Builds the one `Definitions` of a deployment (`autointerp_defs/deployments.py`): the assets (one per
+scorer plugin; corpus, exemplars and explanations configured by the deployment's stage tables), the
+registry sensor, the automation sensor (on by default, so a fresh instance runs the graph by itself),
+and the deployment's resources."""
 from __future__ import annotations
 
 from dagster import AssetSelection, AutomationConditionSensorDefinition, DefaultSensorStatus, Definitions, define_asset_job
 
 from assets.activations import activations
-from assets.corpus import corpus
-from assets.exemplars import exemplars
-from assets.explanations import explanations
-from assets.scorers import SCORERS
-from assets.scores import score_summary, scorer_asset, scorer_key
-from autointerp_defs.deployments import automated_scorers, resources_for, scorer_settings_for
+from assets.corpus import corpus_asset
+from assets.exemplars import exemplars_asset
+from assets.explanations import explanations_asset
+from assets.scores import scorer_asset, scorer_key, summary_asset
+from autointerp_defs.deployments import Deployment, DeploymentError, load_deployment
 from autointerp_defs.sensors import registry_sensor
 
 automation_sensor = AutomationConditionSensorDefinition(
     "autointerp_automation",
     target=AssetSelection.all(),
     default_status=DefaultSensorStatus.RUNNING,
-    description="Runs every asset's automation condition: activations of new coders, then exemplars, explanations, the automated scorers and the summary.",
+    description="Runs every asset's automation condition: activations of new coders, then exemplars, explanations, the automated scorers and the summary; and whatever a changed deployment setting made stale.",
 )
 
 
-def build_definitions(deployment: str | None = None, scorer_overrides: dict[str, dict] | None = None) -> Definitions:
-    """The Definitions of a deployment; `scorer_overrides` ({scorer: {setting: value}}) replace the
-    settings file (`$AUTOINTERP_SCORERS`), e.g. in tests."""
-    settings = scorer_settings_for(scorer_overrides)
-    automated = automated_scorers(deployment)
-    scorer_assets = [scorer_asset(SCORERS[name], settings[name], automate=name in automated) for name in SCORERS]
+def definitions_for(deployment: Deployment) -> Definitions:
+    settings = deployment.scorer_settings()
+    automated = deployment.automated_scorers
+    try:
+        stages = [corpus_asset(deployment.stage("corpus")), activations, exemplars_asset(deployment.stage("exemplars")),
+                  explanations_asset(deployment.stage("explanations"), deployment.explainers)]
+    except ValueError as error:
+        raise DeploymentError(f"{deployment.path}: {error}") from None
+    scorer_assets = [scorer_asset(scorer, settings[name], automate=name in automated) for name, scorer in deployment.scorers.items()]
     explain_and_score = define_asset_job(
         "explain_and_score",
         selection=AssetSelection.assets("exemplars", "explanations", *(scorer_key(name) for name in automated)),
         description="Exemplars, explanations and the deployment's automated scorers of one coder × shard partition.",
     )
     return Definitions(
-        assets=[corpus, activations, exemplars, explanations, *scorer_assets, score_summary],
+        assets=[*stages, *scorer_assets, summary_asset(deployment.scorers)],
         sensors=[registry_sensor, automation_sensor],
         jobs=[explain_and_score],
-        resources=resources_for(deployment),
+        resources=deployment.resources(),
     )
+
+
+def build_definitions(deployment: str | None = None, overrides: dict | None = None) -> Definitions:
+    """The Definitions of a deployment (a name in deployments/, a TOML path, or `$AUTOINTERP_DEPLOYMENT`),
+    with `overrides` in the file's layout on top (e.g. `{"scorers": {"fuzzing": {"examples_per_prompt": 4}}}`)."""
+    return definitions_for(load_deployment(deployment, overrides))
 
 
 defs = build_definitions()

@@ -1,99 +1,162 @@
-"""The one place that decides which models and endpoints a deployment uses (`$AUTOINTERP_DEPLOYMENT`).
+"""The one place that reads configuration: a deployment is one TOML file, `deployments/<name>.toml`
+(local, remote, gpu) or any path, chosen by `$AUTOINTERP_DEPLOYMENT` (default `local`).
 
-- `local` (default): everything embedded, CPU only: SmolLM2-135M-Instruct via transformers and
-  llama.cpp, all-MiniLM-L6-v2; explains a few latents per shard so a laptop finishes.
-- `remote`: the explainer/scorer LLM is an OpenAI-compatible endpoint (`AUTOINTERP_LLM_BASE_URL`,
-  `AUTOINTERP_LLM_MODEL`, key in `AUTOINTERP_LLM_API_KEY_ENV`'s variable, default OPENAI_API_KEY).
-- `gpu`: as `remote`, and the subject model is `AUTOINTERP_SUBJECT_MODEL` on CUDA in bfloat16.
-
-Scorers: every scorer is an asset in every deployment; the automated ones (local: the three that
-are cheap enough on a CPU; remote and gpu: all six; or `AUTOINTERP_AUTOMATED_SCORERS=a,b`) follow new
-explanations by themselves, the others run when materialized. Their settings come from the TOML
-file named by `AUTOINTERP_SCORERS` (one table per scorer, e.g. `[fuzzing] examples_per_prompt = 5`).
+Nothing else in the code base reads `os.environ`: the API key is named here (`[llm] api_key_env`)
+and resolved by Dagster (`EnvVar`) at run time. Stage tables ([corpus], [exemplars],
+[explanations], [scorers.<name>]) define results and go into code versions; resource tables
+([settings], [subject_model], [llm], [embedder]) are operational knobs. A missing or bad value
+stops here with a message naming the key and the file.
 """
 from __future__ import annotations
 
 import os
 import tomllib
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from dagster import EnvVar
+from pydantic import ValidationError
 
-from assets.scorers import SCORERS, ScorerSettings, scorer_settings
-
+from assets.explainers import explainer_classes
+from assets.scorers import scorer_classes, scorer_settings
+from assets.stage_config import problems
 from resources.embedder import EmbedderResource
 from resources.llm import LLMResource
 from resources.settings import AutointerpSettings
 from resources.subject_model import SubjectModelResource
 
-DEPLOYMENTS = ("local", "remote", "gpu")
-CPU_SCORERS = ("detection", "fuzzing", "embedding")
+DEPLOYMENTS_DIR = Path(__file__).resolve().parent.parent / "deployments"
+SELECTOR = "AUTOINTERP_DEPLOYMENT"
+RESOURCE_TABLES = {"settings": AutointerpSettings, "subject_model": SubjectModelResource, "llm": LLMResource, "embedder": EmbedderResource}
+STAGE_TABLES = ("corpus", "exemplars", "explanations", "scorers")
+TOP_LEVEL = {"automated_scorers", "plugins", *RESOURCE_TABLES, *STAGE_TABLES}
 
 
-def _deployment(deployment: str | None) -> str:
-    deployment = deployment or os.environ.get("AUTOINTERP_DEPLOYMENT", "local")
-    if deployment not in DEPLOYMENTS:
-        raise ValueError(f"AUTOINTERP_DEPLOYMENT={deployment!r} is not one of {DEPLOYMENTS}.")
+class DeploymentError(ValueError):
+    """A deployment file that cannot be used; the message names the file, the key and the fix."""
+
+
+@dataclass(frozen=True)
+class Deployment:
+    path: Path
+    values: dict
+    scorers: dict = field(default_factory=dict)
+    """Scorer plugins by name (built-ins and the file's `plugins`)."""
+    explainers: dict = field(default_factory=dict)
+
+    @property
+    def name(self) -> str:
+        return self.path.stem
+
+    def stage(self, name: str) -> dict:
+        return dict(self.values.get(name, {}))
+
+    @property
+    def automated_scorers(self) -> tuple[str, ...]:
+        return tuple(self.values.get("automated_scorers", ()))
+
+    @property
+    def data_dir(self) -> str:
+        return self.values.get("settings", {}).get("data_dir", "data")
+
+    @property
+    def latents_per_shard(self) -> int:
+        from resources.settings import AutointerpSettings
+
+        return int(self.values.get("settings", {}).get("latents_per_shard", AutointerpSettings().latents_per_shard))
+
+    def fail(self, problem: str) -> DeploymentError:
+        return DeploymentError(f"{self.path}: {problem}")
+
+    def scorer_settings(self) -> dict:
+        try:
+            return scorer_settings(self.values.get("scorers", {}), self.scorers)
+        except ValueError as error:
+            raise self.fail(str(error)) from None
+
+    def resources(self) -> dict:
+        """One resource per resource table, each checked now."""
+        built = {}
+        for key, resource in RESOURCE_TABLES.items():
+            values = dict(self.values.get(key, {}))
+            if key == "llm":
+                values = self._llm_values(values)
+            try:
+                built[key] = resource(**values)
+            except ValidationError as error:
+                raise self.fail(f"{problems(error, key)}. Fix: give each key a value of its type (see the README's configuration section).") from None
+            except TypeError as error:
+                raise self.fail(f"[{key}]: {error}") from None
+        return built
+
+    def _llm_values(self, values: dict) -> dict:
+        """The key's variable becomes a Dagster `EnvVar` (resolved at run time, never shown), and the
+        errors name where the user sets the key and the model."""
+        variable = values.pop("api_key_env", None)
+        if values.get("backend", "embedded") == "openai":
+            values.setdefault("model_setting", f"[llm] model in {self.path}")
+            if variable:
+                present = variable in os.environ
+                values["api_key"] = EnvVar(variable) if present else None  # local servers need no key
+                values.setdefault("key_setting", f"the environment variable {variable} (named by [llm] api_key_env in {self.path})" + ("" if present else f"; {variable} is not set"))
+        return values
+
+
+def deployment_path(selected: str | None = None) -> Path:
+    """`selected`, else `$AUTOINTERP_DEPLOYMENT`, else `local`: a name in deployments/ or a path to a TOML file."""
+    chosen = selected or os.environ.get(SELECTOR) or "local"
+    path = Path(chosen).expanduser()
+    if path.suffix != ".toml":
+        path = DEPLOYMENTS_DIR / f"{chosen}.toml"
+    if not path.is_file():
+        known = sorted(p.stem for p in DEPLOYMENTS_DIR.glob("*.toml"))
+        raise DeploymentError(f"{SELECTOR}={chosen!r}: no deployment file {path}. Fix: use one of {known} or the path of a .toml file.")
+    return path
+
+
+def _merge(base: dict, extra: dict) -> dict:
+    merged = dict(base)
+    for key, value in extra.items():
+        merged[key] = _merge(merged[key], value) if isinstance(value, dict) and isinstance(merged.get(key), dict) else value
+    return merged
+
+
+def _missing(values: dict, where: str = "") -> list[str]:
+    """Keys whose value is the empty string: a required value the file leaves to the user."""
+    found = []
+    for key, value in values.items():
+        name = f"{where}.{key}" if where else key
+        if isinstance(value, dict):
+            found += _missing(value, name)
+        elif value == "":
+            found.append(name)
+    return found
+
+
+def load_deployment(selected: str | None = None, overrides: dict | None = None) -> Deployment:
+    """The deployment file, with `overrides` (same layout, e.g. {"settings": {"data_dir": ...}}) on top."""
+    path = deployment_path(selected)
+    try:
+        values = tomllib.loads(path.read_text())
+    except (OSError, tomllib.TOMLDecodeError) as error:
+        raise DeploymentError(f"{path}: cannot be read: {error}. Fix: write valid TOML.") from None
+    values = _merge(values, overrides or {})
+    deployment = Deployment(path, values)
+    if unknown := set(values) - TOP_LEVEL:
+        raise deployment.fail(f"unknown key(s) {sorted(unknown)}. Fix: use only {sorted(TOP_LEVEL)}.")
+    if missing := _missing(values):
+        raise deployment.fail(f"{', '.join(missing)} must be set (it is empty). Fix: give it a value in the file.")
+    plugins = tuple(values.get("plugins", ()))
+    try:
+        deployment = Deployment(path, values, scorer_classes(plugins), explainer_classes(plugins))
+    except ValueError as error:
+        raise deployment.fail(str(error)) from None
+    if unknown := set(deployment.automated_scorers) - set(deployment.scorers):
+        raise deployment.fail(f"automated_scorers names unknown scorer(s) {sorted(unknown)}. Fix: use any of {sorted(deployment.scorers)}.")
     return deployment
 
 
-def automated_scorers(deployment: str | None = None) -> tuple[str, ...]:
-    chosen = os.environ.get("AUTOINTERP_AUTOMATED_SCORERS")
-    if chosen is None:
-        return CPU_SCORERS if _deployment(deployment) == "local" else tuple(SCORERS)
-    names = tuple(n.strip() for n in chosen.split(",") if n.strip())
-    if unknown := set(names) - set(SCORERS):
-        raise ValueError(f"AUTOINTERP_AUTOMATED_SCORERS names unknown scorer(s) {sorted(unknown)}. Fix: use any of {sorted(SCORERS)}.")
-    return names
-
-
-def scorer_settings_for(overrides: dict[str, dict] | None = None) -> dict[str, ScorerSettings]:
-    """`overrides` if given, else the TOML file `$AUTOINTERP_SCORERS` names, else the defaults."""
-    source = "the given overrides"
-    if overrides is None and (path := os.environ.get("AUTOINTERP_SCORERS")):
-        source = f"AUTOINTERP_SCORERS={path}"
-        try:
-            overrides = tomllib.loads(Path(path).read_text())
-        except (OSError, tomllib.TOMLDecodeError) as error:
-            raise ValueError(f"Cannot read the scorer settings AUTOINTERP_SCORERS={path}: {error}. Fix: point it at a TOML file with one table per scorer.") from error
-    try:
-        return scorer_settings(overrides)
-    except ValueError as error:
-        raise ValueError(f"Bad scorer settings in {source}: {error}") from None
-
-
-def _remote_llm() -> LLMResource:
-    key_variable = os.environ.get("AUTOINTERP_LLM_API_KEY_ENV", "OPENAI_API_KEY")
-    return LLMResource(
-        backend="openai",
-        base_url=os.environ.get("AUTOINTERP_LLM_BASE_URL", "http://127.0.0.1:8000/v1"),
-        model=os.environ.get("AUTOINTERP_LLM_MODEL", "default"),
-        api_key=EnvVar(key_variable) if key_variable in os.environ else None,  # local servers need no key
-        max_concurrency=int(os.environ.get("AUTOINTERP_LLM_CONCURRENCY", "32")),
-        structured_output=os.environ.get("AUTOINTERP_LLM_STRUCTURED_OUTPUT", "json_schema"),
-        key_setting=f"the environment variable {key_variable} (named by AUTOINTERP_LLM_API_KEY_ENV)"
-        + ("" if key_variable in os.environ else f"; {key_variable} is not set"),
-        model_setting="AUTOINTERP_LLM_MODEL",
-    )
-
-
-def resources_for(deployment: str | None = None) -> dict:
-    deployment = _deployment(deployment)
-    default_max_latents = "3" if deployment == "local" else "0"
-    settings = AutointerpSettings(max_latents_per_shard=int(os.environ.get("AUTOINTERP_MAX_LATENTS", default_max_latents)))
-    if deployment == "local":
-        return {
-            "settings": settings,
-            "subject_model": SubjectModelResource(),
-            "llm": LLMResource(),
-            "embedder": EmbedderResource(),
-        }
-    subject = SubjectModelResource()
-    if deployment == "gpu":
-        subject = SubjectModelResource(model=os.environ["AUTOINTERP_SUBJECT_MODEL"], device="cuda", dtype="bfloat16", batch_size=64)
-    return {
-        "settings": settings,
-        "subject_model": subject,
-        "llm": _remote_llm(),
-        "embedder": EmbedderResource(device="cuda" if deployment == "gpu" else "cpu"),
-    }
+def dagster_home() -> Path | None:
+    """Dagster's own instance directory variable, `$DAGSTER_HOME` (read here so no other module reads the environment)."""
+    home = os.environ.get("DAGSTER_HOME")
+    return Path(home) if home else None

@@ -9,13 +9,14 @@ left behind.
 """
 from __future__ import annotations
 
-import os
 import signal
 import socket
 import subprocess
 import sys
 import time
 from pathlib import Path
+
+from autointerp_defs.deployments import dagster_home
 
 STOP_TIMEOUT_S = 60
 
@@ -28,7 +29,7 @@ def free_port() -> int:
 
 def serve(host: str = "127.0.0.1", port: int = 3000, startup_timeout_s: int = 300) -> int:
     """Run until interrupted or until a service exits; returns the exit status."""
-    home = Path(os.environ.get("DAGSTER_HOME") or sys.exit("DAGSTER_HOME is not set. Fix: use `make ui`, or export DAGSTER_HOME=<instance dir>."))
+    home = dagster_home() or sys.exit("DAGSTER_HOME is not set. Fix: use `make ui`, or export DAGSTER_HOME=<instance dir>.")
     bin_dir = Path(sys.executable).parent
     code_port = free_port()
     workspace = home / "workspace.yaml"

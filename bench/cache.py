@@ -24,7 +24,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from assets.activations import cache_activations  # noqa: E402
-from assets.corpus import CorpusConfig, build_corpus, load_corpus  # noqa: E402
+from assets.corpus import CorpusConfig, build_corpus  # noqa: E402
+from storage.corpus import load_corpus  # noqa: E402
 from resources.sparse_coders import SparseCoder, save_sparsify  # noqa: E402
 from resources.subject_model import SubjectModelResource, capture_hookpoints  # noqa: E402
 from storage.layout import DataRoot  # noqa: E402

@@ -31,7 +31,6 @@ import threading
 import time
 from pathlib import Path
 
-import numpy as np
 import pandas as pd
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -39,7 +38,8 @@ sys.path.insert(0, str(ROOT))
 
 from assets.explanations import ExplanationsConfig, explain_all  # noqa: E402
 from assets.prompts import prompt_vocab  # noqa: E402
-from assets.scorers import SCORERS, ScoringContext, scorer_settings  # noqa: E402
+from assets.explainers import EXPLAINERS, ExplainerDeps, ExplainerSettings  # noqa: E402
+from assets.scorers import SCORERS, ScorerDeps, scorer_settings  # noqa: E402
 from assets.scores import score_partition  # noqa: E402
 from resources.llm import LLMResource  # noqa: E402
 from resources.subject_model import load_tokenizer  # noqa: E402
@@ -120,11 +120,11 @@ class FaultyJudge:
 
 async def explain_and_score(client, exemplars, vocab):
     latents = sorted(int(l) for l in exemplars.latent.unique())
-    explanations = await explain_all(client, ExplanationsConfig(), exemplars, None, latents, vocab, embed=None)
+    explanations = await explain_all(EXPLAINERS["highlighted"](ExplainerSettings(), ExplainerDeps(llm=client)), ExplanationsConfig(), exemplars, None, latents, vocab, embed=None)
     settings = scorer_settings()
     scores = {}
     for name in SCORED:
-        scores[name] = await score_partition(SCORERS[name], ScoringContext(settings=settings[name], client=client), exemplars, explanations, vocab)
+        scores[name] = await score_partition(SCORERS[name](settings[name], ScorerDeps(llm=client)), exemplars, explanations, vocab)
     return explanations, scores
 
 

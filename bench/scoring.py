@@ -26,7 +26,8 @@ sys.path.insert(0, str(ROOT))
 
 from assets.corpus import embedded_documents, tokenize_documents  # noqa: E402
 from assets.explanations import ExplanationsConfig, explain_all  # noqa: E402
-from assets.scorers import SCORERS, ScoringContext, scorer_settings  # noqa: E402
+from assets.explainers import EXPLAINERS, ExplainerDeps, ExplainerSettings  # noqa: E402
+from assets.scorers import SCORERS, ScorerDeps, scorer_settings  # noqa: E402
 from assets.scores import score_partition  # noqa: E402
 from resources.llm import LLMResource  # noqa: E402
 from resources.subject_model import load_tokenizer  # noqa: E402
@@ -58,10 +59,10 @@ def judge(messages):
 
 
 async def run(client, exemplars, vocab):
-    explanations = await explain_all(client, ExplanationsConfig(), exemplars, None, sorted(exemplars.latent.unique()), vocab, embed=None)
+    explanations = await explain_all(EXPLAINERS["highlighted"](ExplainerSettings(), ExplainerDeps(llm=client)), ExplanationsConfig(), exemplars, None, sorted(exemplars.latent.unique()), vocab, embed=None)
     settings = scorer_settings()
     for name in ("detection", "fuzzing"):
-        await score_partition(SCORERS[name], ScoringContext(settings=settings[name], client=client), exemplars, explanations, vocab)
+        await score_partition(SCORERS[name](settings[name], ScorerDeps(llm=client)), exemplars, explanations, vocab)
 
 
 def main() -> None:

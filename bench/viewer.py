@@ -3,7 +3,7 @@
 Builds a data root with every table the viewer reads, in the pipeline's own on-disk formats, for
 a synthetic TopK SAE (random weights, `--width` latents at d_model 576, the embedded model's
 width, so the logit lens runs on the real unembedding): corpus, activation cache (`--acts` pairs
-per latent), exemplars (16 windows per latent), latent statistics, explanations of every latent
+per latent), exemplars (16 windows per latent), latent profiles, explanations of every latent
 (a pool of 2,000 distinct texts, embedded into LanceDB with MiniLM), three scorers' tables. Then
 starts `autointerp view` in its own process and times, over HTTP:
 
@@ -14,7 +14,7 @@ starts `autointerp view` in its own process and times, over HTTP:
 Cold costs (first request of a kind: building the cached indexes) are reported apart; the server's
 resident memory (RSS, and USS without shared and file-backed pages) after the run. Last line: JSON.
 
-    .venv/bin/python bench/viewer.py [--width 100000] [--requests 200] [--data DIR]
+    .venv/bin/python bench/viewer.py [--width 100000] [--shards 8] [--requests 200] [--data DIR]
 """
 from __future__ import annotations
 
@@ -43,7 +43,7 @@ WORDS = ("file", "close", "open", "list", "number", "string", "error", "return",
          "print", "import", "the", "of", "and", "function", "argument", "default", "time", "date", "thread", "socket", "byte", "unicode")
 
 
-def build(root: Path, width: int, acts_per_latent: int, seed: int = 0) -> None:
+def build(root: Path, width: int, acts_per_latent: int, latents_per_shard: int, seed: int = 0) -> None:
     import pandas as pd
     import pyarrow as pa
     import pyarrow.parquet as pq
@@ -53,13 +53,13 @@ def build(root: Path, width: int, acts_per_latent: int, seed: int = 0) -> None:
     from resources.embedder import EmbedderResource
     from resources.sparse_coders import SparseCoder, save_sparsify
     from resources.subject_model import load_tokenizer
-    from storage.activation_shards import save_latent_stats, shard_keys, shard_latent_range
+    from storage.activations import LATENT_STATS_FILE, save_latent_stats, shard_count, shard_keys, shard_latent_range, write_cache_meta
     from storage.layout import DataRoot
     from storage.vector_store import upsert_explanations
 
     rng = np.random.default_rng(seed)
     data = DataRoot.at(root)
-    n_shards = 8
+    n_shards = shard_count(width, latents_per_shard)
     # corpus: the embedded tokenizer's vocabulary, random tokens
     tokenizer = load_tokenizer()
     vocab = tokenizer.batch_decode([[i] for i in range(len(tokenizer))])
@@ -81,7 +81,7 @@ def build(root: Path, width: int, acts_per_latent: int, seed: int = 0) -> None:
     count = np.full(width, acts_per_latent, np.int64)
     total, maximum = np.zeros(width), np.zeros(width, np.float32)
     for i, shard in enumerate(shard_keys(n_shards)):
-        lo, hi = shard_latent_range(width, n_shards, i)
+        lo, hi = shard_latent_range(width, latents_per_shard, i)
         latents = np.repeat(np.arange(lo, hi), acts_per_latent)
         values = rng.gamma(2.0, 2.0, len(latents)).astype(np.float32) + 0.01
         cells = rng.integers(0, n_tokens, len(latents))
@@ -90,10 +90,10 @@ def build(root: Path, width: int, acts_per_latent: int, seed: int = 0) -> None:
         save_file({"locations": locations, "activations": values}, str(acts_dir / f"shard-{shard}" / "chunk-00000.safetensors"))
         np.add.at(total, latents, values)
         np.maximum.at(maximum, latents, values)
-    save_latent_stats(acts_dir / "latent_stats.safetensors", count, maximum, total, n_tokens)
-    (acts_dir / "meta.json").write_text(json.dumps({"coder": CODER, "hookpoint": "model.layers.15", "format": "sparsify", "activation": "topk", "width": width, "n_shards": n_shards,
-                                                    "corpus_hash": "bench", "tokens": n_tokens, "live_latents": width, "dead_fraction": 0.0,
-                                                    "mean_l0": float(count.sum()) / n_tokens, "fvu": 0.2}))
+    save_latent_stats(acts_dir / LATENT_STATS_FILE, count, maximum, total, n_tokens)
+    write_cache_meta(acts_dir, {"coder": CODER, "hookpoint": "model.layers.15", "format": "sparsify", "activation": "topk", "width": width,
+                                "latents_per_shard": latents_per_shard, "n_shards": n_shards, "corpus_hash": "bench", "tokens": n_tokens, "live_latents": width,
+                                "dead_fraction": 0.0, "mean_l0": float(count.sum()) / n_tokens, "fvu": 0.2})
     # explanations: a pool of distinct texts, embedded once
     pool = [f"the word '{rng.choice(WORDS)}' after '{rng.choice(WORDS)}' in {rng.choice(WORDS)} {rng.choice(WORDS)} contexts" for _ in range(2000)]
     pool_vectors = EmbedderResource().embed(pool)
@@ -101,7 +101,7 @@ def build(root: Path, width: int, acts_per_latent: int, seed: int = 0) -> None:
     windows_per_latent, layout = 16, [("train", "activating", 0)] * 6 + [("test", "activating", q) for q in (1, 2, 3, 4, 5)] + \
         [("valid", "activating", 0)] * 2 + [("test", "random", -1), ("test", "neighbour", -1), ("test", "embedding", -1)]
     for i, shard in enumerate(shard_keys(n_shards)):
-        lo, hi = shard_latent_range(width, n_shards, i)
+        lo, hi = shard_latent_range(width, latents_per_shard, i)
         n_lat = hi - lo
         n_rows = n_lat * windows_per_latent
         kinds = layout * n_lat
@@ -122,7 +122,7 @@ def build(root: Path, width: int, acts_per_latent: int, seed: int = 0) -> None:
         pd.DataFrame({"latent": ids, "frequency": count[ids] / n_tokens, "max_activation": maximum[ids], "mean_activation": total[ids] / count[ids],
                       "activating_windows": 40, "quantile_boundaries": [np.sort(rng.random(6) * m).tolist() for m in maximum[ids]],
                       "top_tokens": [rng.integers(0, len(vocab), 10).tolist() for _ in ids], "top_token_mean_activation": [np.sort(rng.random(10))[::-1].tolist() for _ in ids],
-                      "neighbours": [rng.integers(0, width, 10).tolist() for _ in ids]}).to_parquet(data.latent_stats_path(CODER, shard), index=False)
+                      "neighbours": [rng.integers(0, width, 10).tolist() for _ in ids]}).to_parquet(data.latent_profiles_path(CODER, shard), index=False)
         texts = [pool[j] for j in pick[ids]]
         data.explanations_path(CODER, shard).parent.mkdir(parents=True, exist_ok=True)
         pd.DataFrame({"latent": ids, "explainer": "highlighted", "explanation": texts, "status": "ok", "error": "", "prompt_tokens": 900, "completion_tokens": 20,
@@ -188,22 +188,25 @@ def main() -> None:
     parser.add_argument("--width", type=int, default=100_000)
     parser.add_argument("--acts", type=int, default=20, help="cached activations per latent")
     parser.add_argument("--requests", type=int, default=200, help="timed requests of each kind")
+    parser.add_argument("--shards", type=int, default=8, help="shards of the coder (latents_per_shard = ceil(width / shards))")
     parser.add_argument("--data", help="data root to build into (default: a temporary folder); reused if built")
     args = parser.parse_args()
     root = Path(args.data or tempfile.mkdtemp(prefix="viewer-bench-"))
     started = time.perf_counter()
     if not (root / "activations" / CODER / "meta.json").exists():
-        build(root, args.width, args.acts)
+        build(root, args.width, args.acts, -(-args.width // args.shards))
     build_s = time.perf_counter() - started
     shutil.rmtree(root / "viewer", ignore_errors=True)  # cold means cold: the viewer's indexes are built again
 
     coder = quote(CODER, safe="")
     width = args.width
+    n_shards = json.loads((root / "activations" / CODER / "meta.json").read_text())["n_shards"]
+    per_shard = -(-width // n_shards)
     rng = np.random.default_rng(1)
     with Server(root) as server:  # first start: every cached index is built on first use
         cold = {"list_ms": fetch(server.base, f"/api/latents?coder={coder}"), "search_ms": fetch(server.base, f"/api/search?coder={coder}&q=closing%20a%20file")}
         cold["latent_first_ms"] = fetch(server.base, f"/api/latent?coder={coder}&latent=0")  # unembedding, decoder rows, shard 00's caches
-        cold["latent_other_shards_ms"] = [round(fetch(server.base, f"/api/latent?coder={coder}&latent={s * width // 8 + 1}")) for s in range(1, 8)]
+        cold["latent_other_shards_ms"] = [round(fetch(server.base, f"/api/latent?coder={coder}&latent={min(s * per_shard + 1, width - 1)}")) for s in range(1, min(n_shards, 8))]
         cold_memory = server.memory()
     with Server(root) as server:  # a restart, as a user would run it: indexes on disk, opened (memory-mapped) on first use
         first = {"list_ms": fetch(server.base, f"/api/latents?coder={coder}"), "search_ms": fetch(server.base, f"/api/search?coder={coder}&q=closing%20a%20file"),

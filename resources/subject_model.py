@@ -10,6 +10,8 @@ import torch
 from dagster import ConfigurableResource
 from pydantic import Field
 
+from resources.engines import engine
+
 EMBEDDED = "embedded"
 EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
@@ -44,8 +46,12 @@ def load_tokenizer(model: str = EMBEDDED, gguf_file: str | None = None):
     return AutoTokenizer.from_pretrained(name, **kwargs)
 
 
-@functools.lru_cache(maxsize=2)
 def load_causal_lm(model: str = EMBEDDED, gguf_file: str | None = None, dtype: str = "float32", device: str = "cpu"):
+    """The process's subject model for these settings (`resources/engines.py`)."""
+    return engine("subject_model", (model, gguf_file, dtype, device), lambda: _load_causal_lm(model, gguf_file, dtype, device))
+
+
+def _load_causal_lm(model: str, gguf_file: str | None, dtype: str, device: str):
     from transformers import AutoModelForCausalLM
 
     name, kwargs = _pretrained_args(model, gguf_file)

@@ -5,14 +5,6 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-DEFAULT_DATA_DIR = "data"
-
-
-def data_dir_from_env() -> str:
-    """The data root: `$AUTOINTERP_DATA` if set, else `./data`."""
-    return os.environ.get("AUTOINTERP_DATA", DEFAULT_DATA_DIR)
-
-
 @dataclass(frozen=True)
 class DataRoot:
     """Paths of every stage's outputs under one root; creating a `DataRoot` creates nothing."""
@@ -45,8 +37,10 @@ class DataRoot:
     def exemplars_path(self, coder: str, shard: str) -> Path:
         return self.root / "exemplars" / coder / f"{shard}.parquet"
 
-    def latent_stats_path(self, coder: str, shard: str) -> Path:
-        return self.root / "exemplars" / coder / f"{shard}.latents.parquet"
+    def latent_profiles_path(self, coder: str, shard: str) -> Path:
+        """Per latent of a shard: firing frequency, top tokens, quantile boundaries, decoder neighbours
+        (not the activation cache's `latent_stats.safetensors`, which counts over the whole coder)."""
+        return self.root / "exemplars" / coder / f"{shard}.profiles.parquet"
 
     def explanations_path(self, coder: str, shard: str) -> Path:
         return self.root / "explanations" / coder / f"{shard}.parquet"

@@ -1,7 +1,14 @@
-"""Parquet tables of exemplars, explanations and scores, written atomically."""
+"""Every parquet table of the pipeline, defined once: its columns and types, shared by the stage that
+writes it and every stage (or tool) that reads it, and written atomically.
+
+`TABLES` is the record type of each stage boundary; `write_table` refuses a frame whose columns
+are not the table's (so a writer cannot drift from its readers), and writes an empty frame as the
+typed empty table. The README's format section lists the same columns (a test checks it).
+"""
 from __future__ import annotations
 
 import hashlib
+from dataclasses import dataclass
 from pathlib import Path
 
 import pandas as pd
@@ -10,15 +17,76 @@ import pyarrow.parquet as pq
 
 from storage.atomic import atomic_path
 
+SCORE_METRICS = ("accuracy", "balanced_accuracy", "precision", "recall", "f1", "tp", "fp", "tn", "fn", "roc_auc", "pearson", "n_scored",
+                 "ev_correlation", "rsquared", "logprob_fraction")
+"""Every metric a scorer may report per latent (NaN where it does not apply)."""
 
-def write_table(frame: pd.DataFrame, path: Path, schema: pa.Schema | None = None) -> None:
-    """Write `frame`; an empty one is written with `schema`, so that a shard with nothing in it is still
-    a valid table whose every column has its type (pandas would write no column, or untyped ones)."""
+
+@dataclass(frozen=True)
+class Table:
+    name: str
+    schema: pa.Schema
+    open: bool = False
+    """Whether writers may add columns after the schema's (per-scorer extras, one column per scorer)."""
+
+    @property
+    def columns(self) -> list[str]:
+        return self.schema.names
+
+
+TABLES = {t.name: t for t in [
+    Table("exemplars", pa.schema([
+        ("latent", pa.int64()), ("split", pa.large_string()), ("kind", pa.large_string()), ("quantile", pa.int64()), ("sequence", pa.int64()),
+        ("start", pa.int64()), ("max_activation", pa.float64()), ("tokens", pa.list_(pa.int64())), ("activations", pa.list_(pa.float64())),
+    ])),
+    Table("latent_profiles", pa.schema([
+        ("latent", pa.int64()), ("frequency", pa.float64()), ("max_activation", pa.float64()), ("mean_activation", pa.float64()),
+        ("activating_windows", pa.int64()), ("quantile_boundaries", pa.list_(pa.float64())), ("top_tokens", pa.list_(pa.int64())),
+        ("top_token_mean_activation", pa.list_(pa.float64())), ("neighbours", pa.list_(pa.int64())),
+    ])),
+    Table("explanations", pa.schema([
+        ("latent", pa.int64()), ("explainer", pa.large_string()), ("explanation", pa.large_string()), ("status", pa.large_string()), ("error", pa.large_string()),
+        ("prompt_tokens", pa.int64()), ("completion_tokens", pa.int64()), ("model", pa.large_string()), ("candidates", pa.list_(pa.string())),
+        ("candidate_scores", pa.list_(pa.float64())), ("examples_dropped", pa.int64()), ("exemplars_fingerprint", pa.large_string()),
+    ])),
+    Table("scores", pa.schema([
+        ("latent", pa.int64()), ("explanation", pa.large_string()), ("control_explanation", pa.large_string()), ("control_note", pa.large_string()),
+        *((m, pa.float64()) for m in SCORE_METRICS), ("quantile_accuracy", pa.large_string()), *((f"control_{m}", pa.float64()) for m in SCORE_METRICS),
+        ("control_quantile_accuracy", pa.large_string()), ("gap", pa.float64()), ("n_failed", pa.int64()), ("n_dropped", pa.int64()),
+        ("failures", pa.large_string()), ("prompt_tokens", pa.int64()),
+    ])),
+    Table("scored_examples", pa.schema([
+        ("example", pa.int64()), ("label", pa.int64()), ("quantile", pa.int64()), ("activation", pa.float64()), ("prediction", pa.float64()),
+        ("score", pa.float64()), ("predicted", pa.int64()), ("latent", pa.int64()), ("source", pa.large_string()),
+    ]), open=True),  # + a scorer's own per-example columns (simulation: simulated, true_activations, values_from)
+    Table("score_summary", pa.schema([("latent", pa.int64()), ("shard", pa.large_string()), ("explanation", pa.large_string()), ("mean_gap", pa.float64())]),
+          open=True),  # + <scorer>, <scorer>_control, <scorer>_gap per scorer
+]}
+
+
+class TableColumnsError(ValueError):
+    """A writer's frame does not have its table's columns: a bug, caught before it reaches a reader."""
+
+
+def write_table(frame: pd.DataFrame, path: Path, table: str) -> None:
+    """Write `frame` as the table named `table`; an empty one is written as the typed empty table, so a
+    shard with nothing in it is still a valid table whose every column has its type."""
+    spec = TABLES[table]
+    if len(frame):
+        missing = [c for c in spec.columns if c not in frame.columns]
+        extra = [c for c in frame.columns if c not in spec.columns]
+        if missing or (extra and not spec.open):
+            raise TableColumnsError(f"the {table} table written to {path} lacks columns {missing} or has unknown ones {extra if not spec.open else []}")
+        frame = frame[spec.columns + extra]
     with atomic_path(path) as tmp:
-        if schema is not None and not len(frame):
-            pq.write_table(schema.empty_table(), tmp)
+        if not len(frame):
+            pq.write_table(spec.schema.empty_table(), tmp)
         else:
             frame.to_parquet(tmp, index=False)
+
+
+def empty_table(table: str) -> pd.DataFrame:
+    return TABLES[table].schema.empty_table().to_pandas()
 
 
 def file_fingerprint(path: Path) -> str:

@@ -17,7 +17,7 @@ from pathlib import Path
 
 from dagster import DagsterInstance, materialize
 
-from tests.conftest import TINY_CODER, TINY_CORPUS_CONFIG, TINY_EXEMPLARS_CONFIG, make_resources
+from tests.conftest import TINY_CODER, TINY_CORPUS_CONFIG, TINY_EXEMPLARS_CONFIG, add_coders, make_resources
 from tests.scripted_llm_server import ScriptedLLMServer, answer_by_prompt
 
 SCORERS = ("detection", "fuzzing", "embedding", "simulation")
@@ -60,7 +60,7 @@ class LiteralJudge:
 
 
 def build(root: Path, tiny_sae) -> Materialized:
-    """Register the tiny SAE under `root` and materialize corpus → score_summary for shard 00 (once per session)."""
+    """Register the tiny SAE under `root` and materialize corpus → score_summary for partition `<tiny coder>|00` (once per session)."""
     from autointerp_defs.definitions import build_definitions
     from resources.llm import LLMResource
     from resources.sparse_coders import save_sparsify
@@ -71,7 +71,7 @@ def build(root: Path, tiny_sae) -> Materialized:
         save_sparsify(tiny_sae, root / "registry" / "tiny-topk" / "model.layers.3")
         assets = list(build_definitions("local").assets)
         instance = DagsterInstance.ephemeral()
-        instance.add_dynamic_partitions("coder", [TINY_CODER])
+        add_coders(instance, root, TINY_CODER)
         with ScriptedLLMServer(LiteralJudge()) as server:
             llm = LLMResource(backend="openai", base_url=server.base_url, model="scripted-judge", max_concurrency=4)
             resources = make_resources(root, max_latents=MAX_LATENTS, llm=llm)
@@ -85,9 +85,9 @@ def build(root: Path, tiny_sae) -> Materialized:
                 return {k: v.value for k, v in result.asset_materializations_for_node(node)[0].metadata.items()}
 
             run(["corpus"], None, {"ops": {"corpus": {"config": TINY_CORPUS_CONFIG}}})
-            run(["activations"], TINY_CODER)
+            run(["activations"], f"{TINY_CODER}|00")  # caches the whole coder
             shard = run(["exemplars", "explanations", *(f"scores/{s}" for s in SCORERS)], f"{TINY_CODER}|00",
                         {"ops": {"exemplars": {"config": TINY_EXEMPLARS_CONFIG}, "explanations": {"config": {"best_of_n": 2}}}})
-            summary = run(["score_summary"], TINY_CODER)
+            summary = run(["score_summary"], None)  # one asset over every coder
         _BUILT["built"] = Materialized(root, TINY_CODER, "00", {"explanations": metadata(shard, "explanations"), "score_summary": metadata(summary, "score_summary")})
         return _BUILT["built"]

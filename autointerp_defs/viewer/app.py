@@ -12,7 +12,7 @@ from typing import Callable
 import numpy as np
 import pandas as pd
 
-from autointerp_defs.viewer import coder_url, dagster_partition_url, latent_url
+from autointerp_defs.viewer import DEFAULT_DAGSTER_URL, coder_url, dagster_asset_url, latent_url
 from autointerp_defs.viewer.index import CoderIndex
 from storage.exports import reader
 from storage.layout import DataRoot
@@ -43,10 +43,16 @@ def clean(value):
 
 
 class Viewer:
-    """The browser's answers for one data root; `embed` turns a query into a vector (loaded lazily)."""
+    """The browser's answers for one data root; `embed` turns a query into a vector (loaded lazily).
+    `dagster_url` is where latent pages link to their partitions (the deployment's `[settings] dagster_url`),
+    `subject_model` the (model, gguf_file) whose unembedding the logit lens reads (its `[subject_model]`;
+    None: the embedded model)."""
 
-    def __init__(self, root: DataRoot, embed: Callable[[list[str]], np.ndarray] | None = None):
+    def __init__(self, root: DataRoot, embed: Callable[[list[str]], np.ndarray] | None = None, dagster_url: str = DEFAULT_DAGSTER_URL,
+                 subject_model: tuple[str | None, str | None] = (None, None)):
         self.root = root
+        self.dagster_url = dagster_url
+        self.subject_model = subject_model
         self._embed = embed
         self._indexes: dict[str, CoderIndex] = {}
         self._lock = threading.Lock()
@@ -64,7 +70,7 @@ class Viewer:
         with self._lock:
             if coder not in self._indexes:
                 try:
-                    self._indexes[coder] = CoderIndex(self.root, coder)
+                    self._indexes[coder] = CoderIndex(self.root, coder, self.subject_model)
                 except reader.NotMaterialized as error:
                     raise ViewerError(404, str(error)) from None
             return self._indexes[coder]
@@ -165,7 +171,7 @@ class Viewer:
         vocab = reader.display_vocab_cached(self.root)
         base = table.iloc[latent].to_dict()
         explained = index.rows(f"{shard}.explanations", reader.explanations_path(self.root, coder, shard), latent)
-        stats = index.rows(f"{shard}.latent_stats", self.root.latent_stats_path(coder, shard), latent)
+        stats = index.rows(f"{shard}.profiles", reader.latent_profiles_path(self.root, coder, shard), latent)
         windows = index.windows(latent)
         page = {
             "coder": coder, "latent": latent, "shard": shard, "width": width, "summary": base,
@@ -178,9 +184,9 @@ class Viewer:
             "simulation": self._simulation(index, shard, latent, windows, vocab),
             "links": {"coder": coder_url(coder, base=""), "previous": latent_url(coder, latent - 1, base="") if latent > 0 else None,
                       "next": latent_url(coder, latent + 1, base="") if latent + 1 < width else None,
-                      "dagster_explanations": dagster_partition_url("explanations", coder, shard),
-                      "dagster_exemplars": dagster_partition_url("exemplars", coder, shard),
-                      "dagster_summary": dagster_partition_url("score_summary", coder)},
+                      "dagster_explanations": dagster_asset_url("explanations", f"{coder}|{shard}", self.dagster_url),
+                      "dagster_exemplars": dagster_asset_url("exemplars", f"{coder}|{shard}", self.dagster_url),
+                      "dagster_summary": dagster_asset_url("score_summary", None, self.dagster_url)},  # one asset over all coders
         }
         lens = index.logit_lens(latent)
         page["logit_lens"] = lens if lens is not None else {"note": "no decoder: this coder has no decoder directions (neurons or an encoder-only coder)"}

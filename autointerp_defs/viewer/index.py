@@ -16,7 +16,6 @@ nothing is read whole per request:
 from __future__ import annotations
 
 import json
-import os
 import threading
 import time
 from pathlib import Path
@@ -49,8 +48,10 @@ def _read_json(path: Path) -> dict:
 class CoderIndex:
     """The cached views of one coder; thread-safe (the server answers requests on threads)."""
 
-    def __init__(self, root: DataRoot, coder: str):
+    def __init__(self, root: DataRoot, coder: str, subject_model: tuple[str | None, str | None] = (None, None)):
         self.root, self.coder = root, coder
+        self.subject_model = subject_model
+        """(model, gguf_file) whose unembedding the logit lens reads: the deployment's `[subject_model]` (None: the embedded model)."""
         self.meta = reader.activations_meta(root, coder)
         self.shards = reader.shard_keys_of(self.meta)
         self.dir = reader.viewer_dir(root, coder)
@@ -121,9 +122,7 @@ class CoderIndex:
         return table
 
     def _shard_index(self, latents: np.ndarray) -> np.ndarray:
-        from storage.activation_shards import shard_of_latents
-
-        return shard_of_latents(latents, int(self.meta["width"]), int(self.meta["n_shards"]))
+        return reader.shard_index_of(self.meta, latents)
 
     def shard_of(self, latent: int) -> str:
         return self.shards[int(self._shard_index(np.array([latent]))[0])]
@@ -216,7 +215,7 @@ class CoderIndex:
         return {"edges": np.linspace(0, float(tops[i]), DENSITY_BINS + 1).round(4).tolist(), "counts": counts[i].tolist()}
 
     def _density_cache(self, shard: str) -> tuple:
-        source = self.root.activations_dir(self.coder) / "latent_stats.safetensors"
+        source = reader.latent_counts_path(self.root, self.coder)
         current = reader.stamp([source])
         held = self._density.get(shard)
         if held is not None and held[0] == current:
@@ -281,7 +280,7 @@ class CoderIndex:
         rows = self.decoder()
         if rows is None:
             return None
-        projection = vocab_projection(torch.from_numpy(np.array(rows[latent : latent + 1])), lens_model(self.root), k)
+        projection = vocab_projection(torch.from_numpy(np.array(rows[latent : latent + 1])), lens_model(self.root, *self.subject_model), k)
         vocab = reader.display_vocab_cached(self.root)
         as_list = lambda ids, values: [{"token": vocab[int(i)] if int(i) < len(vocab) else f"<{int(i)}>", "logit": round(float(v), 3)} for i, v in zip(ids, values)]
         return {"promoted": as_list(projection.top_ids[0], projection.top_values[0]), "suppressed": as_list(projection.bottom_ids[0], projection.bottom_values[0])}
@@ -291,36 +290,34 @@ _LENS: dict[Path, object] = {}
 _LENS_LOCK = threading.Lock()
 
 
-def subject_model_name() -> str:
-    """The subject model the coders read: `$AUTOINTERP_SUBJECT_MODEL` (the gpu deployment's), else the embedded one."""
-    from resources.subject_model import EMBEDDED
-
-    return os.environ.get("AUTOINTERP_SUBJECT_MODEL") or EMBEDDED
-
-
-def lens_model(root: DataRoot):
+def lens_model(root: DataRoot, model: str | None = None, gguf_file: str | None = None):
     """A module with just the subject model's unembedding and final norm scale, what `vocab_projection`
-    reads; cached once under `viewer/` so that the server loads the full model once, ever."""
-    import torch
+    reads; cached once under `viewer/` so that the server loads the full model once, ever. `model` and
+    `gguf_file` are the deployment's `[subject_model]` ones (None: the embedded model)."""
     from safetensors.torch import load_file, save_file
 
-    model = subject_model_name()
-    path = reader.viewer_dir(root) / f"lens-{model.replace('/', '--')}.safetensors"
+    from resources.subject_model import EMBEDDED
+
+    model = model or EMBEDDED
+    name = f"{model}--{gguf_file}" if gguf_file else model
+    path = reader.viewer_dir(root) / f"lens-{name.replace('/', '--')}.safetensors"
     with _LENS_LOCK:
         if path in _LENS:
             return _LENS[path]
         if not path.exists():
             from resources.logit_lens import final_norm_scale
+            from resources.engines import close_engines
             from resources.subject_model import load_causal_lm
 
-            lm = load_causal_lm(model)
+            lm = load_causal_lm(model, gguf_file)
             tensors = {"unembedding": lm.get_output_embeddings().weight.detach().float().contiguous()}
             scale = final_norm_scale(lm)
             if scale is not None:
                 tensors["norm_scale"] = scale.contiguous()
             with atomic_path(path) as tmp:
                 save_file(tensors, str(tmp))
-            load_causal_lm.cache_clear()
+            del lm
+            close_engines("subject_model")  # the server keeps the unembedding only
         tensors = load_file(str(path))
         _LENS[path] = _Unembedding(tensors["unembedding"], tensors.get("norm_scale"))
         return _LENS[path]

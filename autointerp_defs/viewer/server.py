@@ -83,24 +83,27 @@ def make_handler(viewer: Viewer):
     return Handler
 
 
-def make_server(data_dir: str, host: str = "127.0.0.1", port: int = 8080, viewer: Viewer | None = None) -> ThreadingHTTPServer:
-    """The server, bound but not yet serving (port 0 picks a free one: see `server.server_port`)."""
+def make_server(data_dir: str, host: str = "127.0.0.1", port: int = 8080, viewer: Viewer | None = None, **options) -> ThreadingHTTPServer:
+    """The server, bound but not yet serving (port 0 picks a free one: see `server.server_port`);
+    `options` go to the `Viewer` (embed, dagster_url, subject_model)."""
     root = DataRoot.at(data_dir)
     if not root.root.exists():
-        raise FileNotFoundError(f"No data root at {root.root}. Fix: pass --data (or set AUTOINTERP_DATA) to the folder `make demo` filled, e.g. ./data.")
-    server = ThreadingHTTPServer((host, port), make_handler(viewer or Viewer(root)))
+        raise FileNotFoundError(f"No data root at {root.root}. Fix: pass --data, or set [settings] data_dir in the deployment file, to the folder `make demo` filled, e.g. ./data.")
+    server = ThreadingHTTPServer((host, port), make_handler(viewer or Viewer(root, **options)))
     server.daemon_threads = True
     return server
 
 
-def serve(data_dir: str, host: str = "127.0.0.1", port: int = 8080, warm: bool = True) -> None:
-    """Serve until Ctrl-C; with `warm`, load the embedder in the background so the first search is quick."""
+def serve(data_dir: str, host: str = "127.0.0.1", port: int = 8080, warm: bool = True, **options) -> None:
+    """Serve until Ctrl-C; with `warm`, load the embedder in the background so the first search is quick.
+    `options` go to the `Viewer`: the CLI passes the deployment's embedder, Dagster URL and subject model."""
     import torch
 
     torch.set_num_threads(1)  # requests run on threads of their own; intra-op threads on a busy 2-core machine made a query's embedding 20x slower
-    server = make_server(data_dir, host, port)
+    viewer = Viewer(DataRoot.at(data_dir), **options)
+    server = make_server(data_dir, host, port, viewer)
     if warm:
-        threading.Thread(target=_warm, args=(server,), daemon=True).start()
+        threading.Thread(target=_warm, args=(viewer,), daemon=True).start()
     print(f"autointerp viewer on http://{host}:{server.server_port} (data {DataRoot.at(data_dir).root}); Ctrl-C stops it", flush=True)
     try:
         server.serve_forever()
@@ -110,10 +113,8 @@ def serve(data_dir: str, host: str = "127.0.0.1", port: int = 8080, warm: bool =
         server.server_close()
 
 
-def _warm(server) -> None:
+def _warm(viewer: Viewer) -> None:
     try:
-        from resources.embedder import EmbedderResource
-
-        EmbedderResource().embed(["warm up"])
+        viewer.embed(["warm up"])
     except Exception as error:  # search will say what is wrong when it is used
         print(f"viewer: could not load the embedder yet ({error}); search will retry", file=sys.stderr)

@@ -100,9 +100,9 @@ def read_delphi_explanations(folder: Path, module: str | None = None) -> dict[in
 
 def import_delphi(data_dir: str, coder: str, folder: str, module: str | None = None, model: str = "delphi", embed=None) -> dict[str, list[int]]:
     """Put delphi's explanations into this coder's explanations tables (replacing those latents' rows),
-    and into the search index; returns per shard the latents imported. Scorers then score them with controls."""
-    from assets.explanations import EXPLANATIONS_SCHEMA
-    from storage.tables import file_fingerprint, write_table
+    and into the search index (`embed`: the deployment's embedder, which the scorers and search use too);
+    returns per shard the latents imported. Scorers then score them with controls."""
+    from storage.tables import TABLES, file_fingerprint, write_table
     from storage.vector_store import upsert_explanations
 
     root = DataRoot.at(data_dir)
@@ -127,7 +127,7 @@ def import_delphi(data_dir: str, coder: str, folder: str, module: str | None = N
         if len(held):  # rows of other latents stay, unless written from older exemplars (the scorers would refuse the table)
             held = held[~held["latent"].isin(latents) & (held["exemplars_fingerprint"] == file_fingerprint(exemplars))]
         table = pd.concat([held, rows], ignore_index=True).sort_values("latent") if len(held) else rows
-        write_table(table[EXPLANATIONS_SCHEMA.names], reader.explanations_path(root, coder, shard), EXPLANATIONS_SCHEMA)
+        write_table(table[TABLES["explanations"].columns], reader.explanations_path(root, coder, shard), "explanations")
         if embed is None:
             from resources.embedder import EmbedderResource
 

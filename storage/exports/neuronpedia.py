@@ -61,14 +61,17 @@ def _finite(x) -> float:
 
 
 def export_neuronpedia(data_dir: str, coder: str, out_dir: str, model_id: str | None = None, set_name: str | None = None, layer: int | None = None,
-                       creator_id: str = DEFAULT_CREATOR_ID, creator_name: str = "autointerp", with_lens: bool = True) -> Path:
-    """Write the coder's features, activations and explanations; returns the source folder."""
+                       creator_id: str = DEFAULT_CREATOR_ID, creator_name: str = "autointerp", with_lens: bool = True,
+                       subject_model: tuple[str | None, str | None] = (None, None)) -> Path:
+    """Write the coder's features, activations and explanations; returns the source folder. `subject_model`
+    is the deployment's `[subject_model]` (model, gguf_file): the logit lens reads it, and the default
+    model id is its name (None: the embedded model)."""
     from autointerp_defs.viewer.index import CoderIndex
 
     root = DataRoot.at(data_dir)
     meta = reader.activations_meta(root, coder)
     name, hookpoint = coder.split("/", 1)
-    model_id = model_id or _model_id(root)
+    model_id = model_id or _model_id(subject_model[0])
     set_name = set_name or re.sub(r"[^a-z0-9-]+", "-", name.lower()).strip("-")
     source_id = f"{layer if layer is not None else layer_number(hookpoint)}-{set_name}"
     folder = Path(out_dir) / model_id / source_id
@@ -84,10 +87,10 @@ def export_neuronpedia(data_dir: str, coder: str, out_dir: str, model_id: str | 
     _write_jsonl(folder / "source.jsonl", [{"id": source_id, "modelId": model_id, "setName": set_name, "creatorId": creator_id, "visibility": "PUBLIC",
                                              "dataset": corpus.get("source"), "num_prompts": corpus.get("n_sequences"), "num_tokens_in_prompt": corpus.get("ctx_len"), "createdAt": now}])
 
-    index = CoderIndex(root, coder)
+    index = CoderIndex(root, coder, subject_model)
     table = index.latents()
     vocab = reader.display_vocab(root)
-    stats = reader.latent_stats(root, coder, index.shards)
+    stats = reader.latent_profiles(root, coder, index.shards)
     features, activations, explanations = [], [], []
     explained = reader.explanations(root, coder, index.shards)
     for row in stats.itertuples():
@@ -137,12 +140,11 @@ def export_neuronpedia(data_dir: str, coder: str, out_dir: str, model_id: str | 
     return folder
 
 
-def _model_id(root: DataRoot) -> str:
-    """Neuronpedia's model id for the subject model: the tokenizer's folder name, lowercased (e.g. smollm2-135m-instruct)."""
-    from autointerp_defs.viewer.index import subject_model_name
+def _model_id(name: str | None) -> str:
+    """Neuronpedia's model id for the subject model: the model's folder name, lowercased (e.g. smollm2-135m-instruct)."""
+    from resources.subject_model import EMBEDDED
 
-    name = subject_model_name()
-    if name == "embedded":
+    if name is None or name == EMBEDDED:
         return "smollm2-135m-instruct"
     return name.rstrip("/").split("/")[-1].lower()
 

@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from storage.activations import LATENT_STATS_FILE, META_FILE, load_latent_stats, read_cache_meta, read_shard, shard_keys, shard_of_latents
 from storage.layout import DataRoot
 
 DOCUMENT_BOUNDARY = "‖"
@@ -31,43 +32,46 @@ def viewer_dir(root: DataRoot, coder: str | None = None) -> Path:
 
 
 def list_coders(root: DataRoot) -> list[str]:
-    """Coders whose activation cache is complete (`meta.json` is written last)."""
+    """Coders whose activation cache is complete (`meta.json` is written last); any run of one of a
+    coder's shard partitions caches the whole coder."""
     base = root.root / "activations"
-    return sorted(str(p.parent.relative_to(base)) for p in base.glob("*/*/meta.json")) if base.exists() else []
+    return sorted(str(p.parent.relative_to(base)) for p in base.glob(f"*/*/{META_FILE}")) if base.exists() else []
 
 
 def activations_meta(root: DataRoot, coder: str) -> dict:
-    path = root.activations_dir(coder) / "meta.json"
-    if not path.exists():
+    meta = read_cache_meta(root.activations_dir(coder))
+    if meta is None:
         known = ", ".join(list_coders(root)) or "none"
         raise NotMaterialized(f"No coder {coder!r} under {root.root} (coders with activations: {known}). "
-                              f"Fix: pick one of those, or materialize `activations` for {coder}.")
-    return json.loads(path.read_text())
+                              f"Fix: pick one of those, or materialize `activations` for a partition {coder}|NN.")
+    return meta
 
 
 def shard_keys_of(meta: dict) -> list[str]:
-    from storage.activation_shards import shard_keys
-
+    """The shard keys of a coder's cache (`meta.json`): `00` .. its `n_shards - 1`, as its partitions `<coder>|NN`."""
     return shard_keys(int(meta["n_shards"]))
 
 
-def shard_of(meta: dict, latent: int) -> str:
-    from storage.activation_shards import shard_of_latents
+def shard_index_of(meta: dict, latents: np.ndarray) -> np.ndarray:
+    """Index of the shard holding each latent, by the cache's `latents_per_shard`."""
+    return shard_of_latents(np.asarray(latents), int(meta["latents_per_shard"]))
 
-    return shard_keys_of(meta)[int(shard_of_latents(np.array([latent]), int(meta["width"]), int(meta["n_shards"]))[0])]
+
+def shard_of(meta: dict, latent: int) -> str:
+    return shard_keys_of(meta)[int(shard_index_of(meta, np.array([latent]))[0])]
+
+
+def latent_counts_path(root: DataRoot, coder: str) -> Path:
+    return root.activations_dir(coder) / LATENT_STATS_FILE
 
 
 def latent_counts(root: DataRoot, coder: str) -> dict[str, np.ndarray]:
     """Per latent: tokens fired on (`count`), largest (`max`) and summed (`sum`) activation; `tokens` cached."""
-    from storage.activation_shards import load_latent_stats
-
-    return load_latent_stats(root.activations_dir(coder) / "latent_stats.safetensors")
+    return load_latent_stats(latent_counts_path(root, coder))
 
 
 def shard_activations(root: DataRoot, coder: str, shard: str):
     """Every cached (location, activation) pair of one shard (`ShardActivations`)."""
-    from storage.activation_shards import read_shard
-
     return read_shard(root.activations_dir(coder), shard)
 
 
@@ -91,9 +95,13 @@ def explanations_path(root: DataRoot, coder: str, shard: str) -> Path:
     return root.explanations_path(coder, shard)
 
 
-def latent_stats(root: DataRoot, coder: str, shards: list[str]) -> pd.DataFrame:
-    """Per-latent statistics written beside the exemplars (quantile boundaries, decoder neighbours...)."""
-    return _read_shards({s: root.latent_stats_path(coder, s) for s in shards})
+def latent_profiles(root: DataRoot, coder: str, shards: list[str]) -> pd.DataFrame:
+    """The `latent_profiles` tables written beside the exemplars (quantile boundaries, top tokens, decoder neighbours...)."""
+    return _read_shards({s: root.latent_profiles_path(coder, s) for s in shards})
+
+
+def latent_profiles_path(root: DataRoot, coder: str, shard: str) -> Path:
+    return root.latent_profiles_path(coder, shard)
 
 
 def scorer_names(root: DataRoot, coder: str) -> list[str]:
@@ -109,8 +117,8 @@ def scorer_info(name: str) -> dict:
     """A scorer's main metric and what its control is."""
     from assets.scorers import SCORERS
 
-    spec = SCORERS[name]
-    return {"main_metric": spec.main_metric, "control": spec.control}
+    scorer = SCORERS[name]
+    return {"main_metric": scorer.main_metric, "control": scorer.control_description()}
 
 
 def verdict(gaps: pd.Series, scorer: str) -> str:
@@ -186,9 +194,9 @@ def registry_files(root: DataRoot, coder: str) -> list[Path]:
 
 def input_files(root: DataRoot, coder: str, shards: list[str]) -> list[Path]:
     """The files a coder's viewer index is built from: when one changes, the index is rebuilt."""
-    files = [root.activations_dir(coder) / "meta.json", root.activations_dir(coder) / "latent_stats.safetensors"]
+    files = [root.activations_dir(coder) / META_FILE, latent_counts_path(root, coder)]
     for s in shards:
-        files += [root.explanations_path(coder, s), root.latent_stats_path(coder, s)]
+        files += [root.explanations_path(coder, s), root.latent_profiles_path(coder, s)]
         folder = root.scores_path(coder, s, "x").parent
         if folder.exists():
             files += sorted(p for p in folder.glob("*.parquet") if not p.name.endswith(".examples.parquet"))

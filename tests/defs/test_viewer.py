@@ -7,7 +7,6 @@ import urllib.error
 import urllib.request
 from urllib.parse import quote
 
-import numpy as np
 import pandas as pd
 import pytest
 import torch
@@ -41,9 +40,9 @@ def get(server: str, path: str) -> tuple[int, dict]:
 
 
 def latent_counts(partition):
-    from storage.activation_shards import load_latent_stats
+    from storage.activations import LATENT_STATS_FILE, load_latent_stats
 
-    return load_latent_stats(DataRoot.at(partition.root).activations_dir(partition.coder) / "latent_stats.safetensors")
+    return load_latent_stats(DataRoot.at(partition.root).activations_dir(partition.coder) / LATENT_STATS_FILE)
 
 
 def tables(partition):
@@ -195,10 +194,31 @@ def test_index_is_cached_on_disk_and_rebuilt_when_a_table_changes(partition, tmp
 
 def test_dagster_metadata_links_to_the_coder_and_latent_pages(partition):
     from autointerp_defs.viewer import coder_url, latent_url
+    from resources.settings import AutointerpSettings
 
+    base = AutointerpSettings().viewer_url  # the [settings] viewer_url the partition ran with (the default)
     _, explained, _ = tables(partition)
     for node in ("explanations", "score_summary"):
         meta = partition.metadata[node]
-        assert meta["viewer"] == coder_url(partition.coder)
+        assert meta["viewer"] == coder_url(partition.coder, base)
         for latent in explained[explained.status == "ok"].latent:
-            assert latent_url(partition.coder, int(latent)) in meta["latent_pages"]
+            assert latent_url(partition.coder, int(latent), base) in meta["latent_pages"]
+
+
+def test_the_links_follow_the_deployment_settings_and_summary_links_cover_every_coder(partition):
+    from assets.scores import summary_links
+    from autointerp_defs.deployments import load_deployment
+    from autointerp_defs.viewer.app import Viewer
+
+    settings = load_deployment("local", {"settings": {"viewer_url": "http://viewer.lab:9000/", "dagster_url": "http://dagster.lab:3333"}}).resources()["settings"]
+    assert settings.viewer_url == "http://viewer.lab:9000/" and settings.dagster_url == "http://dagster.lab:3333"
+
+    page = Viewer(DataRoot.at(partition.root), dagster_url=settings.dagster_url).latent(partition.coder, 0)
+    assert page["links"]["dagster_explanations"] == f"http://dagster.lab:3333/assets/explanations?view=partitions&partition={quote(partition.coder + '|00', safe='')}"
+    assert page["links"]["dagster_summary"] == "http://dagster.lab:3333/assets/score_summary"  # one asset over all coders: no partition
+
+    one = summary_links(settings.viewer_url, {"a/h.1": [3, 1]})
+    assert one["viewer"].value == "http://viewer.lab:9000/coder?coder=a%2Fh.1" and "latent=3" in one["latent_pages"].value
+    several = summary_links(settings.viewer_url, {"a/h.1": [3, 1], "b/h.2": [7]})
+    assert several["viewer"].value == "http://viewer.lab:9000/"
+    assert "latent?coder=a%2Fh.1&latent=3" in several["latent_pages"].value and "latent?coder=b%2Fh.2&latent=7" in several["latent_pages"].value

@@ -10,7 +10,7 @@ import pytest
 from dagster import DagsterInstance, materialize
 
 from storage.layout import DataRoot
-from tests.conftest import make_resources
+from tests.conftest import add_coders, make_resources
 from tests.materialized_partition import build
 
 # Row fields of Neuronpedia's db_models (utils/neuronpedia-utils/neuronpedia_utils/db_models/*.py)
@@ -42,7 +42,7 @@ def test_neuronpedia_export_round_trips_features_activations_and_explanations(pa
 
     root = DataRoot.at(partition.root)
     exemplars = pd.read_parquet(root.exemplars_path(partition.coder, "00"))
-    stats = pd.read_parquet(root.latent_stats_path(partition.coder, "00")).set_index("latent")
+    stats = pd.read_parquet(root.latent_profiles_path(partition.coder, "00")).set_index("latent")
     explained = pd.read_parquet(root.explanations_path(partition.coder, "00"))
     assert sorted(int(f["index"]) for f in data["features"]) == sorted(stats.index)
     activating = exemplars[exemplars.kind == "activating"]
@@ -65,9 +65,9 @@ def test_neuronpedia_export_round_trips_features_activations_and_explanations(pa
     assert {e["explanationModelName"] for e in got.values()} == {"scripted-judge"}
     assert {len(f["pos_str"]) for f in data["features"]} == {10}
     densities = {int(f["index"]): sum(f["freq_hist_data_bar_heights"]) for f in data["features"]}
-    from storage.activation_shards import load_latent_stats
+    from storage.activations import LATENT_STATS_FILE, load_latent_stats
 
-    counts = load_latent_stats(root.activations_dir(partition.coder) / "latent_stats.safetensors")["count"]
+    counts = load_latent_stats(root.activations_dir(partition.coder) / LATENT_STATS_FILE)["count"]
     assert all(densities[i] == counts[i] for i in densities)
 
 
@@ -105,7 +105,7 @@ def test_delphi_export_then_import_rescored_with_controls(partition, tmp_path):
     assert set(imported.explainer) == {"delphi"} and set(imported.model) == {"delphi-run"} and set(imported.status) == {"ok"}
 
     instance = DagsterInstance.ephemeral()
-    instance.add_dynamic_partitions("coder", [partition.coder])
+    add_coders(instance, copy, partition.coder)
     result = materialize(list(build_definitions("local").assets), selection=["scores/embedding"], partition_key=f"{partition.coder}|00",
                          resources=make_resources(copy, max_latents=4), instance=instance)
     assert result.success

@@ -1,0 +1,89 @@
+"""What every explainer plugin shares: the evidence of one latent, and the protocol.
+
+An explainer is one module in `assets/explainers/` holding one `Explainer` subclass: its name,
+description, typed `Settings`, the resources it `uses` beyond the LLM, `prompt(record, max_tokens)`
+(the messages to send, fitted to the LLM's context, and how many examples were dropped to fit) and
+`parse(text)` (the explanation in an answer, or None when it cannot be read: the answer is asked
+again once, then the latent is failed). `assets/explanations.py` does the rest for every explainer:
+sampling best-of-N candidates, choosing among them, the table and the search index.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from typing import ClassVar
+
+import pandas as pd
+from pydantic import BaseModel, ConfigDict
+
+from assets.prompts import REASK_EXPLANATION, parse_explanation
+from resources.llm import ProductionClient
+
+
+class ExplainerSettings(BaseModel):
+    """An explainer's own settings (none by default); their hash is part of the explanations' code version."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
+
+    def digest(self) -> str:
+        return hashlib.sha256(json.dumps(self.model_dump(), sort_keys=True).encode()).hexdigest()[:10]
+
+
+@dataclass
+class LatentRecord:
+    """One latent's evidence: its exemplar windows (every split), its firing statistics, the vocabulary."""
+
+    coder: str
+    latent: int
+    windows: pd.DataFrame
+    stats: dict | None
+    """The exemplars' per-latent statistics row (`top_tokens`, `top_token_mean_activation`, ...), if any."""
+    vocab: list[str]
+
+    def train(self, kind: str = "activating") -> pd.DataFrame:
+        """The windows shown to the explainer: `activating` ones, or any other kind (counter-examples)."""
+        train = self.windows[self.windows["split"] == "train"]
+        return train[train["kind"] == kind] if kind == "activating" else train[train["kind"] != "activating"]
+
+    def shown_examples(self) -> tuple[list[tuple[list[str], list[float]]], float]:
+        """(token strings, activations) of the activating training windows, strongest first, and the top activation."""
+        shown = self.train()
+        examples = [([self.vocab[t] for t in row.tokens], list(row.activations)) for row in shown.itertuples()]
+        return examples, float(shown["max_activation"].max())
+
+
+@dataclass
+class ExplainerDeps:
+    """What an explainer may use: the LLM client (for fitting prompts to its context) and, if named in
+    `uses`, the subject model and the registered coder of the partition."""
+
+    llm: ProductionClient
+    subject_model: object | None = None
+    coder: object | None = None
+    """`resources.sparse_coders.SparseCoder` of the partition, loaded only when `uses` names 'coder'."""
+
+
+class Explainer:
+    """An explainer plugin. Subclass it in one module of `assets/explainers/` (or of a module the
+    deployment lists under `plugins`), set the class attributes, implement `prompt`."""
+
+    name: ClassVar[str]
+    description: ClassVar[str]
+    Settings: ClassVar[type[ExplainerSettings]] = ExplainerSettings
+    uses: ClassVar[frozenset[str]] = frozenset()
+    """Besides the LLM: any of 'subject_model', 'coder'."""
+    version: ClassVar[str] = "1"
+    """Bump when the prompt or parsing changes results: it is part of the explanations' code version."""
+    reask: ClassVar[str] = REASK_EXPLANATION
+    """The follow-up turn sent once when an answer cannot be read."""
+
+    def __init__(self, settings: ExplainerSettings, deps: ExplainerDeps):
+        self.settings = settings
+        self.deps = deps
+
+    def prompt(self, record: LatentRecord, max_tokens: int) -> tuple[list[dict] | None, int]:
+        raise NotImplementedError
+
+    def parse(self, text: str) -> str | None:
+        return parse_explanation(text)

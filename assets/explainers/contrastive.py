@@ -1,0 +1,13 @@
+"""Contrastive (delphi): highlighted windows plus hard-negative counter-examples where the latent is silent."""
+from assets.explainers.base import Explainer, LatentRecord
+from assets.prompts import contrastive_messages
+
+
+class Contrastive(Explainer):
+    name = "contrastive"
+    description = "delphi's contrastive explainer: highlighted windows and similar windows where the latent does not fire."
+
+    def prompt(self, record: LatentRecord, max_tokens: int):
+        examples, top = record.shown_examples()
+        counters = [[record.vocab[t] for t in row.tokens] for row in record.train("non_activating").itertuples()]
+        return self.deps.llm.fitting(lambda kept: contrastive_messages(kept, counters, top), examples, max_tokens)

@@ -1,0 +1,12 @@
+"""Highlighted (delphi's default): activating tokens marked in their windows, strengths listed."""
+from assets.explainers.base import Explainer, LatentRecord
+from assets.prompts import explainer_messages
+
+
+class Highlighted(Explainer):
+    name = "highlighted"
+    description = "delphi's default: the activating windows with their firing tokens marked and strengths listed."
+
+    def prompt(self, record: LatentRecord, max_tokens: int):
+        examples, top = record.shown_examples()
+        return self.deps.llm.fitting(lambda kept: explainer_messages(kept, top), examples, max_tokens)

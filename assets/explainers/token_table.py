@@ -1,0 +1,12 @@
+"""Token table (OpenAI): every token of each window listed with its 0-10 activation."""
+from assets.explainers.base import Explainer, LatentRecord
+from assets.prompts import token_table_messages
+
+
+class TokenTable(Explainer):
+    name = "token_table"
+    description = "OpenAI's explainer: every token of each window with its 0-10 activation."
+
+    def prompt(self, record: LatentRecord, max_tokens: int):
+        examples, top = record.shown_examples()
+        return self.deps.llm.fitting(lambda kept: token_table_messages(kept, top), examples, max_tokens)

@@ -1,0 +1,227 @@
+"""What every scorer plugin shares: its settings model, the held-out examples it judges, one job's
+result, and the ask-a-value-list helper of the LLM judges.
+
+A scorer is one module in `assets/scorers/` holding one `Scorer` subclass: its name, description,
+typed `Settings`, the resources it `uses`, its control kind and main metric, and `score(job)`,
+which judges one explanation (or, without one, the latent itself) on a latent's held-out windows
+and returns one row per judged example. `assets/score_metrics.py` turns rows into metrics the same
+way for every scorer, and `assets/scores.py` makes each scorer an asset, runs every job twice
+(with the explanation and with the control) and writes the tables. An instance lives for one
+partition, so whatever a scorer caches between jobs (a baseline, a lock) is its own attribute.
+"""
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+from dataclasses import dataclass, field
+from functools import cached_property
+from typing import Callable, ClassVar, Literal
+
+import numpy as np
+import pandas as pd
+from pydantic import BaseModel, ConfigDict, Field
+
+from assets.prompts import highlight, parse_int_list, reask_list_message, scorer_messages
+from assets.score_metrics import NAN
+from resources.llm import LLMEndpointError, ProductionClient
+
+
+class ScorerSettings(BaseModel):
+    """Settings that define a scorer's results: their hash is part of its asset's code version."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)  # strict: `true` is no number of examples
+    seed: int = Field(default=0, description="Seed of example order, random marks, intruder tasks and the control's explanation shuffle.")
+
+    def digest(self) -> str:
+        """Short hash of every setting: a change makes this scorer's results, and only them, stale."""
+        return hashlib.sha256(json.dumps(self.model_dump(), sort_keys=True).encode()).hexdigest()[:10]
+
+
+@dataclass
+class Example:
+    index: int
+    token_ids: list[int]
+    token_strs: list[str]
+    activations: np.ndarray
+    marks: np.ndarray
+    """The latent's firing tokens; in non-activating windows, random tokens (as many as typically fire)."""
+    label: int
+    quantile: int
+
+    @cached_property
+    def text(self) -> str:
+        """The window as prompts show it (whitespace and document boundaries visible); rendered once,
+        though a latent's job and its control's both show it."""
+        return highlight(self.token_strs, [False] * len(self.token_strs))
+
+    @cached_property
+    def marked_text(self) -> str:
+        return highlight(self.token_strs, self.marks.tolist())
+
+
+def held_out_examples(rows: pd.DataFrame, vocab: list[str], rng: np.random.Generator) -> list[Example]:
+    """A latent's windows in a seeded order, non-activating ones with random marks."""
+    return examples_of(*(rows[c].tolist() for c in ("kind", "quantile", "tokens", "activations")), vocab, rng)
+
+
+def examples_of(kinds: list[str], quantiles: list[int], tokens: list, activations: list, vocab: list[str], rng: np.random.Generator) -> list[Example]:
+    """`held_out_examples` of a latent's rows given as columns (a partition's columns are read once, not per latent)."""
+    counts = [np.count_nonzero(a) for a, kind in zip(activations, kinds) if kind == "activating"]
+    typical_marks = max(1, int(np.median(counts))) if counts else 1
+    examples = []
+    for i, (kind, quantile, ids, acts) in enumerate(zip(kinds, quantiles, tokens, activations)):
+        acts = np.asarray(acts, np.float32)
+        is_activating = kind == "activating"
+        marks = acts > 0
+        if not is_activating:
+            marks = np.zeros(len(acts), bool)
+            marks[rng.choice(len(acts), size=min(typical_marks, len(acts)), replace=False)] = True
+        examples.append(Example(i, list(ids), [vocab[t] for t in ids], acts, marks, int(is_activating), int(quantile) if is_activating else 0))
+    return [examples[i] for i in rng.permutation(len(examples))]
+
+
+@dataclass
+class Job:
+    """One explanation (None for scorers without one) judged on one latent's held-out windows."""
+
+    explanation: str | None
+    examples: list[Example]
+    control: bool
+    seed: int
+    calibration: list[Example] = field(default_factory=list)
+    """The latent's `valid` windows, for scorers that fit something before judging."""
+
+
+@dataclass
+class JobResult:
+    rows: list[dict]
+    failed: int = 0
+    """Examples lost to failed or unreadable answers."""
+    dropped: int = 0
+    """Examples left out so that a prompt fits the judge's context."""
+    failures: list[str] = field(default_factory=list)
+    """Why each failed request failed, with the raw answer where there was one."""
+    prompt_tokens: int = 0
+    extra: dict = field(default_factory=dict)
+    """Metrics only this scorer computes (columns of the scores table, e.g. `ev_correlation`)."""
+
+    def lost(self, examples: int, reason: str) -> None:
+        self.failed += examples
+        self.failures.append(reason)
+
+
+def example_row(example: Example, prediction: float = NAN, score: float = NAN, **extra) -> dict:
+    return {"example": example.index, "label": example.label, "quantile": example.quantile,
+            "activation": float(example.activations.max()), "prediction": prediction, "score": score, **extra}
+
+
+@dataclass
+class ScorerDeps:
+    """The resources a scorer may use, each present only if the scorer names it in `uses`."""
+
+    llm: ProductionClient | None = None
+    embedder: object | None = None
+    """`resources.embedder.EmbedderResource`."""
+    subject_model: object | None = None
+    """`resources.subject_model.SubjectModelResource`."""
+
+
+CONTROLS = {
+    "shuffled_explanation": "the shuffled-explanation control",
+    "no_intruder": "tasks without an intruder",
+}
+"""Control kinds: what a scorer's control run judges instead of the real thing."""
+
+
+class Scorer:
+    """A scorer plugin. Subclass it in one module of `assets/scorers/` (or of a module the
+    deployment lists under `plugins`), set the class attributes, implement `score`."""
+
+    name: ClassVar[str]
+    description: ClassVar[str]
+    Settings: ClassVar[type[ScorerSettings]] = ScorerSettings
+    uses: ClassVar[frozenset[str]] = frozenset()
+    """Resources it needs: any of 'llm', 'embedder', 'subject_model'."""
+    control: ClassVar[Literal["shuffled_explanation", "no_intruder"]] = "shuffled_explanation"
+    main_metric: ClassVar[str]
+    version: ClassVar[str] = "1"
+    """Bump when the scoring code changes results: it is part of the asset's code version."""
+
+    def __init__(self, settings: ScorerSettings, deps: ScorerDeps):
+        self.settings = settings
+        self.deps = deps
+
+    @property
+    def uses_explanation(self) -> bool:
+        return self.control == "shuffled_explanation"
+
+    @classmethod
+    def control_description(cls) -> str:
+        return CONTROLS[cls.control]
+
+    async def prepare(self, jobs: list[Job]) -> None:
+        """Called once with every job of the partition (the controls' too) before any is scored, for work
+        the jobs share: the embedding scorer embeds each distinct window once here. Default: nothing."""
+
+    async def score(self, job: Job) -> JobResult:
+        raise NotImplementedError
+
+
+# ---- the value-list question every LLM judge asks -------------------------------------------------
+
+
+def list_tokens(n: int, hi: int) -> int:
+    """Room for an answer of n values up to `hi`, with separators and a JSON wrapper."""
+    return 8 + (3 + len(str(hi))) * n
+
+
+@dataclass
+class Asked:
+    """One value-list question's outcome: the values, or why there are none (with the raw answers)."""
+
+    values: list[int] | None
+    answer: object | None = None
+    prompt_tokens: int = 0
+    failure: str = ""
+
+
+async def ask_list(client: ProductionClient, messages: list[dict], n: int, lo: int, hi: int, top_logprobs: int = 0) -> Asked:
+    """One request whose answer must be a list of n integers in [lo, hi]. An answer that cannot be read
+    is asked again once (a follow-up turn that says so); if that fails too the question fails with both
+    raw answers, and the unreadable answers are dropped from the cache so the next run asks again.
+    Only whole-run errors propagate: anything else loses this question, not the latent."""
+    params = {"max_tokens": list_tokens(n, hi), "int_list": (n, lo, hi), "top_logprobs": top_logprobs}
+    answers = []
+    try:
+        values = await client.ask_readable(messages, lambda text: parse_int_list(text, n, lo, hi), reask_list_message(n, lo, hi), answers, **params)
+    except LLMEndpointError:
+        raise
+    except Exception as error:  # budget, retries exhausted, a rejected request: this question is lost
+        said = f" after {' then '.join(repr(a.text[:300]) for a in answers)}" if answers else ""
+        return Asked(None, None, sum(a.prompt_tokens for a in answers), f"{type(error).__name__}: {str(error)[:300]}{said}")
+    if values is not None:
+        return Asked(values, answers[-1], sum(a.prompt_tokens for a in answers))
+    raws = " then ".join(repr(a.text[:300]) for a in answers)
+    return Asked(None, None, sum(a.prompt_tokens for a in answers), f"unreadable answer (wanted {n} integers from {lo} to {hi}): {raws}")
+
+
+async def classify(client: ProductionClient, job: Job, per_prompt: int, system: str, text_of: Callable[[Example], str]) -> JobResult:
+    """Judge windows `per_prompt` at a time as fires (1) or not (0) given the explanation; each prompt
+    keeps as many of its windows as fit the judge's context."""
+    batches = [job.examples[i : i + per_prompt] for i in range(0, len(job.examples), per_prompt)]
+    result = JobResult([])
+    prompts = []  # (the examples a prompt kept, the prompt), for prompts that kept any
+    for batch in batches:
+        messages, dropped = client.fitting(lambda kept: scorer_messages(system, job.explanation, [text_of(e) for e in kept]), batch, list_tokens(len(batch), 1))
+        result.dropped += dropped
+        if messages is not None:
+            prompts.append((batch[: len(batch) - dropped], messages))
+    asked = await asyncio.gather(*(ask_list(client, messages, len(kept), 0, 1) for kept, messages in prompts))
+    for (kept, _), outcome in zip(prompts, asked):
+        result.prompt_tokens += outcome.prompt_tokens
+        if outcome.values is None:
+            result.lost(len(kept), outcome.failure)
+            continue
+        result.rows += [example_row(e, prediction=p) for e, p in zip(kept, outcome.values)]
+    return result

@@ -1,0 +1,327 @@
+"""Each scorer on windows whose truth is known: latent L fires exactly on its topic word.
+
+A scripted judge that reads the explanation and answers truthfully must score every latent
+perfectly with its own explanation and at chance (or worse) with the control's; the embedding and
+surprisal scorers use the real MiniLM and SmolLM2 models.
+"""
+import asyncio
+import re
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from assets.scorers import SCORERS, ScorerDeps, scorer_settings
+from assets.scorers.simulation import expected_values
+from assets.scores import score_partition
+from resources.llm import Completion, LLMResource
+from tests.scripted_llm_server import ScriptedLLMServer
+
+TOPICS = {1: "cat", 2: "river", 3: "guitar"}
+ACTIVATING = ["Yesterday I saw a {} near the old house.", "She said the {} was the best part of the trip.",
+              "Nobody expected the {} to be there in the morning.", "A small {} appeared in the photo.",
+              "He wrote a long story about a {} and a friend.", "There is a {} in every picture she drew."]
+# the same sentences with a neutral noun: only the topic word tells activating windows apart
+SILENT = [template.format(noun) for template, noun in zip(ACTIVATING, ["table", "letter", "window", "bottle", "ticket", "chair"])]
+
+
+@pytest.fixture(scope="module")
+def topic_data(subject):
+    """Exemplars of three latents (test: 5 activating, 5 silent windows; valid: 2 + 2) and explanations."""
+    tokenizer = subject.tokenizer()
+    vocab = tokenizer.batch_decode([[i] for i in range(len(tokenizer))])
+    rows = []
+    for latent, word in TOPICS.items():
+        for i, template in enumerate(ACTIVATING):
+            ids = tokenizer(template.format(word), add_special_tokens=False)["input_ids"]
+            acts = [1.0 + 0.2 * i if vocab[t].strip() == word else 0.0 for t in ids]
+            assert max(acts) > 0
+            rows.append({"latent": latent, "split": "test" if i < 5 else "valid", "kind": "activating", "quantile": i % 5 + 1, "tokens": ids, "activations": acts})
+        for i, text in enumerate(SILENT):
+            ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+            rows.append({"latent": latent, "split": "test" if i < 5 else "valid", "kind": "random", "quantile": 0, "tokens": ids, "activations": [0.0] * len(ids)})
+    exemplars = pd.DataFrame(rows).assign(sequence=0, start=0, max_activation=lambda f: f["activations"].map(max))
+    explanations = pd.DataFrame({"latent": list(TOPICS), "explanation": [f"the word {w}" for w in TOPICS.values()], "status": "ok"})
+    return exemplars, explanations, vocab
+
+
+def described_word(messages) -> str | None:
+    found = re.search(r"Description: the word (\w+)", messages[-1]["content"])
+    return found.group(1) if found else None
+
+
+def truthful_judge(messages):
+    """Answers every scorer prompt from the explanation alone, as a perfect judge would."""
+    system, user = messages[0]["content"], messages[-1]["content"]
+    word = described_word(messages)
+    examples = re.findall(r"^Example \d+: (.*)$", user, re.MULTILINE)
+    if "intruder" in system:
+        marked = [" ".join(re.findall(r"<<(.*?)>>", e)).strip() for e in examples]
+        majority = max(set(marked), key=marked.count)
+        odd = [i for i, m in enumerate(marked, start=1) if m != majority]
+        return f"[{odd[0] if odd else 1}]"
+    if "predict how" in system:
+        tokens = [eval(t) for t in re.findall(r"^\d+\t(.*)$", user, re.MULTILINE)]
+        values = [10 if t.strip() == word else 0 for t in tokens]
+        return simulation_answer(values)
+    if "marked tokens are what" in system:
+        return str([int(any(m.strip() == word for m in re.findall(r"<<(.*?)>>", e))) for e in examples])
+    return str([int(f" {word}" in e) for e in examples])
+
+
+def simulation_answer(values):
+    """'[v, v, ...]' with logprobs: a written 10 is 80% sure of itself, a written 0 90% sure."""
+    tokens, steps = ["["], [{"token": "[", "logprob": 0.0, "top_logprobs": [{"token": "[", "logprob": 0.0}]}]
+    for i, v in enumerate(values):
+        alternatives = {"10": np.log(0.8), "0": np.log(0.2)} if v == 10 else {"0": np.log(0.9), "10": np.log(0.1)}
+        steps.append({"token": str(v), "logprob": alternatives[str(v)], "top_logprobs": [{"token": t, "logprob": lp} for t, lp in alternatives.items()]})
+        sep = ", " if i < len(values) - 1 else "]"
+        steps.append({"token": sep, "logprob": 0.0, "top_logprobs": [{"token": sep, "logprob": 0.0}]})
+        tokens += [str(v), sep]
+    return {"content": "".join(tokens), "logprobs": steps}
+
+
+def run_scorer(name, topic_data, server=None, subject=None, embed=None, context_window=None, **overrides):
+    exemplars, explanations, vocab = topic_data
+    deps = ScorerDeps(llm=LLMResource(backend="openai", base_url=server.base_url, model="m", context_window=context_window).client() if server else None,
+                      embedder=embed, subject_model=subject)
+    return asyncio.run(score_partition(SCORERS[name](scorer_settings({name: overrides})[name], deps), exemplars, explanations, vocab))
+
+
+@pytest.mark.parametrize("name", ["detection", "fuzzing"])
+def test_a_truthful_judge_is_perfect_with_the_explanation_and_at_chance_with_the_control(topic_data, name):
+    with ScriptedLLMServer(truthful_judge) as server:
+        frame, examples = run_scorer(name, topic_data, server, examples_per_prompt=4)
+    assert len(server.requests) == 3 * 2 * 3  # 3 latents × (own, control) × ceil(10 / 4) prompts
+    assert (frame.balanced_accuracy == 1.0).all() and (frame.f1 == 1.0).all() and (frame.tp == 5).all() and (frame.tn == 5).all()
+    assert (frame.control_balanced_accuracy == 0.5).all() and (frame.control_recall == 0.0).all()
+    assert (frame.gap == 0.5).all() and (frame.n_failed == 0).all()
+    assert len(examples) == 3 * 2 * 10 and set(examples.source) == {"explanation", "control"}
+    own = examples[examples.source == "explanation"]
+    assert (own.predicted == own.label).all()
+
+
+def test_intruder_finds_the_intruder_and_its_control_has_no_signal(topic_data):
+    with ScriptedLLMServer(truthful_judge) as server:
+        frame, examples = run_scorer("intruder", topic_data, server, examples_per_task=3, max_tasks=5)
+    assert not any("Description" in r["messages"][-1]["content"] for r in server.requests)  # no explanation is used
+    assert (frame.accuracy == 1.0).all()
+    # without an intruder every window is the latent's: the judge answers 1, right only when chance put the "intruder" there
+    control = examples[examples.source == "control"]
+    assert len(control) == 3 * 5 and control.predicted.mean() < 0.6
+    assert (frame.gap > 0).all() and frame.gap.mean() > 0.4
+
+
+def test_simulation_uses_expected_values_from_logprobs_and_correlates_over_all_tokens(topic_data):
+    with ScriptedLLMServer(truthful_judge) as server:
+        frame, examples = run_scorer("simulation", topic_data, server, calibrate=True)
+    assert all(r["top_logprobs"] == 10 and r["logprobs"] for r in server.requests)
+    own = examples[examples.source == "explanation"]
+    assert set(own.values_from) == {"logprobs"}
+    simulated = np.concatenate(own.simulated.to_list())
+    assert set(np.round(simulated, 6)) == {0.8 * 10, 0.1 * 10}  # 8 where the judge wrote 10, 1 where it wrote 0
+    assert (frame.logprob_fraction == 1.0).all()
+    for latent, rows in own.groupby("latent"):
+        truth, guess = np.concatenate(rows.true_activations.to_list()), np.concatenate(rows.simulated.to_list())
+        row = frame[frame.latent == latent].iloc[0]
+        assert row.ev_correlation == pytest.approx(np.corrcoef(truth, guess)[0, 1])  # over all tokens at once
+        # calibration on `valid` (one window at 2.0, one silent; test top = 1.8) maps EV 1 → 0 and EV 8 → 10·2.0/1.8
+        slope = (10 * 2.0 / 1.8) / (8 - 1)
+        calibrated = slope * (guess - 1)
+        assert row.rsquared == pytest.approx(1 - np.mean((truth - calibrated) ** 2) / np.mean(truth**2))
+    assert (frame.ev_correlation > 0.95).all()
+    assert (frame.control_ev_correlation == 0.0).all()  # the control simulation is constant: no information
+    assert (frame.roc_auc == 1.0).all()
+
+
+def test_simulation_falls_back_to_parsed_values_without_logprobs(topic_data):
+    def plain(messages):
+        answer = truthful_judge(messages)
+        return answer["content"] if isinstance(answer, dict) else answer
+
+    with ScriptedLLMServer(plain) as server:
+        frame, examples = run_scorer("simulation", topic_data, server)
+    simulated = np.concatenate(examples[examples.source == "explanation"].simulated.to_list())
+    assert set(simulated) == {0.0, 10.0} and (frame.logprob_fraction == 0.0).all()
+    assert (frame.ev_correlation > 0.95).all() and (frame.gap > 0.95).all()
+
+
+def test_expected_values_handle_split_digits_and_unaligned_answers():
+    # "10" written as "1" "0": the "1" alternative counts as 10 there
+    split = Completion("[10, 3]", tokens=["[", "1", "0", ", ", "3", "]"],
+                       top_logprobs=[{"[": 0.0}, {"1": np.log(0.5), "2": np.log(0.5)}, {"0": 0.0}, {", ": 0.0}, {"3": np.log(0.75), "0": np.log(0.25)}, {"]": 0.0}])
+    assert expected_values(split, [10, 3]) == pytest.approx([6.0, 2.25])
+    assert expected_values(Completion("[1, 2]"), [1, 2]) is None  # no logprobs
+    assert expected_values(split, [10, 4]) is None  # the list parsed elsewhere is not what the tokens say
+    # a separator fused to the digit ("5,") is still that digit: its alternatives "5," and "7," are the values
+    fused = Completion("[5, 0]", tokens=["[", "5,", " 0", "]"],
+                       top_logprobs=[{"[": 0.0}, {"5,": np.log(0.5), "7,": np.log(0.5)}, {" 0": 0.0}, {"]": 0.0}])
+    assert expected_values(fused, [5, 0]) == pytest.approx([6.0, 0.0])
+    # two values in one token: its alternatives are not alternative values of either, so no expected values
+    merged = Completion("[5,0]", tokens=["[", "5,0", "]"], top_logprobs=[{"[": 0.0}, {"5,0": np.log(0.9), "1": np.log(0.1)}, {"]": 0.0}])
+    assert expected_values(merged, [5, 0]) is None
+
+
+def test_embedding_scorer_ranks_topic_windows_first_with_real_minilm(topic_data):
+    from resources.embedder import EmbedderResource
+
+    frame, _ = run_scorer("embedding", topic_data, embed=EmbedderResource())
+    assert (frame.roc_auc == 1.0).all()
+    assert (frame.control_roc_auc < 0.8).all() and (frame.gap > 0.2).all()
+
+
+def test_the_embedding_scorer_embeds_each_distinct_window_once_per_partition(topic_data):
+    from assets.prompts import plain_text
+    from resources.embedder import EmbedderResource
+
+    class Counting:
+        """The real MiniLM, counting every text it is asked to embed."""
+
+        def __init__(self):
+            self.embedder, self.texts = EmbedderResource(), []
+
+        def embed(self, texts):
+            self.texts += texts
+            return self.embedder.embed(texts)
+
+    counting = Counting()
+    frame, _ = run_scorer("embedding", topic_data, embed=counting)
+    exemplars, explanations, vocab = topic_data
+    test = exemplars[exemplars.split == "test"]
+    windows = {plain_text("".join(vocab[t] for t in tokens)) for tokens in test.tokens}
+    assert len(windows) == 3 * 5 + 5  # each latent's activating windows, and the silent ones all three share
+    assert sorted(counting.texts) == sorted(windows | set(explanations.explanation))  # each once; the controls cost nothing
+    assert (frame.roc_auc == 1.0).all() and (frame.control_roc_auc < 0.8).all()
+
+
+def test_surprisal_scorer_is_the_loss_drop_the_explanation_brings(topic_data, subject):
+    import torch
+
+    from assets.prompts import SURPRISAL_DESCRIPTION, SURPRISAL_NO_DESCRIPTION
+
+    frame, examples = run_scorer("surprisal", topic_data, subject=subject)
+    exemplars, _, _ = topic_data
+    # recompute one window's score by hand with the subject model
+    row = examples[(examples.latent == 1) & (examples.source == "explanation")].iloc[0]
+    window = exemplars[(exemplars.latent == 1) & (exemplars.split == "test")].iloc[int(row.example)]
+    tokenizer, lm = subject.tokenizer(), subject.causal_lm()
+
+    def loss(prefix):
+        p = tokenizer(prefix, add_special_tokens=False)["input_ids"]
+        ids = torch.tensor([p + list(window.tokens)])
+        with torch.inference_mode():
+            logits = lm(input_ids=ids).logits[0]
+        return torch.nn.functional.cross_entropy(logits[len(p) - 1 : -1], ids[0, len(p) :]).item()
+
+    expected = loss(SURPRISAL_DESCRIPTION.format(explanation=SURPRISAL_NO_DESCRIPTION)) - loss(SURPRISAL_DESCRIPTION.format(explanation="the word cat"))
+    assert row.score == pytest.approx(expected, abs=1e-4)
+    assert frame.roc_auc.between(0, 1).all() and frame.control_roc_auc.notna().all()
+
+
+def test_summary_joins_scorers_over_shards_and_keeps_undefined_controls(tmp_path):
+    from assets.scores import summary_table
+    from storage.layout import DataRoot
+
+    root = DataRoot.at(tmp_path)
+    frames = {("00", "detection"): ([1, 2], [0.9, 0.6], [0.5, 0.5]), ("01", "detection"): ([700], [0.8], [np.nan]), ("00", "embedding"): ([1, 2], [0.7, 0.4], [0.6, 0.5])}
+    for (shard, name), (latents, score, control) in frames.items():
+        main = SCORERS[name].main_metric
+        path = root.scores_path("c/h", shard, name)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        pd.DataFrame({"latent": latents, "explanation": [f"e{l}" for l in latents], main: score, f"control_{main}": control,
+                      "gap": np.subtract(score, control)}).to_parquet(path)
+    table = summary_table(root, "c/h", {name: SCORERS[name] for name in ("detection", "embedding")}).set_index("latent")
+    assert list(table.index) == [1, 2, 700] and table.loc[700, "shard"] == "01"
+    assert table.loc[1, "detection"] == 0.9 and table.loc[1, "embedding_control"] == 0.6
+    assert np.isnan(table.loc[700, "detection_control"]) and np.isnan(table.loc[700, "embedding"])
+    assert table.loc[2, "mean_gap"] == pytest.approx((0.1 + -0.1) / 2)
+
+
+def test_the_control_is_never_the_same_text_and_is_nan_with_a_reason_when_none_differs(topic_data):
+    exemplars, explanations, vocab = topic_data
+    shared = explanations.assign(explanation=["the word cat", "the word cat", "the word guitar"])
+    with ScriptedLLMServer(truthful_judge) as server:
+        frame, _ = run_scorer("detection", (exemplars, shared, vocab), server, examples_per_prompt=4)
+    assert (frame.control_explanation != frame.explanation).all() and (frame.control_note == "").all()
+    same = explanations.assign(explanation="the word cat")
+    with ScriptedLLMServer(truthful_judge) as server:
+        frame, _ = run_scorer("detection", (exemplars, same, vocab), server, examples_per_prompt=4)
+    assert len(server.requests) == 3 * 3  # no control prompts: each latent's own 3 prompts only
+    assert frame.control_balanced_accuracy.isna().all() and frame.gap.isna().all()
+    assert frame.control_note.str.contains("same explanation").all()
+
+
+def test_intruder_control_tasks_show_as_many_windows_as_the_real_ones(topic_data):
+    with ScriptedLLMServer(truthful_judge) as server:
+        run_scorer("intruder", topic_data, server, examples_per_task=8, max_tasks=5)  # only 5 activating windows per latent
+    shown = {len(re.findall(r"^Example \d+:", r["messages"][-1]["content"], re.MULTILINE)) for r in server.requests}
+    assert shown == {5}  # real: 4 activating + the intruder; control: 5 activating
+
+
+def test_prompts_that_would_not_fit_the_judge_drop_examples_and_say_how_many(topic_data):
+    from resources.llm import estimated_prompt_tokens
+
+    window = 400
+    with ScriptedLLMServer(truthful_judge) as server:
+        frame, _ = run_scorer("detection", topic_data, server, context_window=window, examples_per_prompt=10)
+    for request in server.requests:
+        assert estimated_prompt_tokens(request["messages"]) + request["max_tokens"] <= window
+    assert (frame.n_dropped > 0).all() and ((frame.n_scored + frame.control_n_scored + frame.n_dropped) == 20).all()
+
+
+def test_a_newline_latent_is_shown_and_judged_as_line_breaks(subject):
+    """A latent firing on line breaks: the judge sees them as ↵ in every example, so a truthful judge reading
+    the explanation 'line breaks' scores it perfectly (before, newlines were printed as spaces)."""
+    from assets.prompts import prompt_vocab
+
+    tokenizer = subject.tokenizer()
+    vocab = prompt_vocab(tokenizer.batch_decode([[i] for i in range(len(tokenizer))]), tokenizer.all_special_ids)
+    rows = []
+    for i in range(6):
+        with_break = tokenizer(f"First line {i}.\nSecond line.", add_special_tokens=False)["input_ids"]
+        without = tokenizer(f"First line {i}. Second line.", add_special_tokens=False)["input_ids"]
+        acts = [2.0 if "\n" in tokenizer.decode([t]) else 0.0 for t in with_break]
+        assert max(acts) > 0
+        rows.append({"latent": 7, "split": "test", "kind": "activating", "quantile": 1, "tokens": with_break, "activations": acts})
+        rows.append({"latent": 7, "split": "test", "kind": "random", "quantile": 0, "tokens": without, "activations": [0.0] * len(without)})
+    exemplars = pd.DataFrame(rows).assign(sequence=0, start=0, max_activation=lambda f: f["activations"].map(max))
+    explanations = pd.DataFrame({"latent": [7], "explanation": ["line breaks"], "status": "ok"})
+
+    def judge(messages):
+        examples = re.findall(r"^Example \d+: (.*)$", messages[-1]["content"], re.MULTILINE)
+        return str([int("↵" in e) for e in examples]) if "line breaks" in messages[-1]["content"] else str([0] * len(examples))
+
+    with ScriptedLLMServer(judge) as server:
+        frame, _ = run_scorer("detection", (exemplars, explanations, vocab), server, examples_per_prompt=12)
+    assert frame.balanced_accuracy.tolist() == [1.0]
+    assert all("<|" not in r["messages"][-1]["content"] for r in server.requests)
+
+
+def test_an_explainer_prompt_too_long_for_the_judge_drops_examples_and_records_how_many(topic_data):
+    from assets.explainers import EXPLAINERS, ExplainerDeps, ExplainerSettings
+    from assets.explanations import ExplanationsConfig, explain_all
+    from resources.llm import estimated_prompt_tokens
+
+    exemplars, _, vocab = topic_data
+    train = exemplars[exemplars.kind == "activating"].assign(split="train")  # 6 windows a latent to show
+    with ScriptedLLMServer(lambda m: "Explanation: the word cat") as server:
+        client = LLMResource(backend="openai", base_url=server.base_url, model="m", context_window=360).client()
+        explainer = EXPLAINERS["highlighted"](ExplainerSettings(), ExplainerDeps(llm=client))
+        frame = asyncio.run(explain_all(explainer, ExplanationsConfig(), train, None, [1, 2, 3], vocab, embed=None))
+    assert (frame.status == "ok").all() and frame.examples_dropped.between(1, 5).all()
+    for request in server.requests:
+        shown = len(re.findall(r"^Example \d+:", request["messages"][-1]["content"], re.MULTILINE))
+        assert shown in set(6 - frame.examples_dropped)
+        assert estimated_prompt_tokens(request["messages"]) + request["max_tokens"] <= 360
+
+
+def test_an_explained_latent_without_exemplars_is_skipped_not_a_crash(topic_data):
+    exemplars, explanations, vocab = topic_data
+    stale = pd.concat([explanations, pd.DataFrame({"latent": [99], "explanation": ["the word lamp"], "status": "ok"})], ignore_index=True)
+    said = []
+    with ScriptedLLMServer(truthful_judge) as server:
+        detection = SCORERS["detection"](scorer_settings({"detection": {"examples_per_prompt": 4}})["detection"],
+                                         ScorerDeps(llm=LLMResource(backend="openai", base_url=server.base_url, model="m").client()))
+        frame, _ = asyncio.run(score_partition(detection, exemplars, stale, vocab, report=said.append))
+    assert sorted(frame.latent) == [1, 2, 3] and (frame.control_explanation != "the word lamp").all()
+    assert any("no exemplars (e.g. [99])" in line for line in said)

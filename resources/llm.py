@@ -584,7 +584,8 @@ class ProductionClient:
         self.max_backoff_s = max_backoff_s
         self.context_window = context_window
         """The judge's context in tokens, if known: prompts are cut to fit it (`fits`)."""
-        self._semaphore = asyncio.Semaphore(max(1, max_concurrency))
+        self.max_concurrency = max(1, max_concurrency)
+        self._semaphore = asyncio.Semaphore(self.max_concurrency)
         self._slots = slots
         self._in_flight: dict[str, asyncio.Future] = {}
         self._first_answered = False

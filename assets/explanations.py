@@ -23,13 +23,14 @@ from assets.partitions import coder_and_shard, shard_partitions
 from assets.prompts import corpus_prompt_vocab, plain_text
 from assets.score_metrics import roc_auc
 from assets.stage_config import problems, settings_digest, with_defaults
-from assets.work import nothing_succeeded, selected_latents
+from assets.work import nothing_succeeded, selected_latents, stream_latents
 from resources.embedder import EmbedderResource, explanation_similarity
-from resources.llm import BudgetExceeded, LLMEndpointError, LLMResource, ProductionClient, gather_with_progress
+from resources.llm import BudgetExceeded, LLMEndpointError, LLMResource, ProductionClient
 from resources.settings import AutointerpSettings
 from resources.sparse_coders import load_registered
 from resources.subject_model import SubjectModelResource
 from storage.corpus import load_corpus
+from storage.journal import Journal
 from storage.tables import TABLES, file_fingerprint, read_table, refuse_emptier, write_table
 from storage.vector_store import upsert_explanations
 
@@ -106,12 +107,33 @@ def make_explainer(config: ExplanationsConfig, explainers: dict[str, type[Explai
 
 
 async def explain_all(explainer: Explainer, config: ExplanationsConfig, exemplars: pd.DataFrame, latent_stats: pd.DataFrame | None,
-                      latents: list[int], vocab: list[str], embed, report=None, coder: str = "") -> pd.DataFrame:
+                      latents: list[int], vocab: list[str], embed, report=None, coder: str = "", journal: Journal | None = None) -> pd.DataFrame:
+    """One row per latent. Latents stream through a bounded queue; with a `journal`, each explained
+    latent is kept as it finishes and latents kept by an interrupted run are not asked again."""
     stats_of = {int(r["latent"]): r for r in latent_stats.to_dict("records")} if latent_stats is not None else {}
     groups = dict(tuple(exemplars[exemplars["latent"].isin(latents)].groupby("latent")))
-    async with explainer.deps.llm.session():
-        jobs = [explain_latent(explainer, config, LatentRecord(coder, latent, groups[latent], stats_of.get(latent), vocab), embed) for latent in latents]
-        return pd.DataFrame(await gather_with_progress(jobs, report, "explanations"), columns=TABLES["explanations"].columns[:-1])  # the fingerprint is added by the asset
+    kept = journal.finished() if journal is not None else pd.DataFrame()
+    wanted = set(latents)
+    done = {int(r["latent"]): r for r in kept.to_dict("records") if int(r["latent"]) in wanted}
+    if done and report:
+        report(f"explanations: {len(done)} latents kept from an interrupted run; explaining the other {len(latents) - len(done)}")
+
+    def keep(latent: int, row: dict) -> None:
+        if journal is not None and row["status"] == "ok":  # failed or budget-stopped latents are asked again next time
+            journal.add([row])
+
+    client = explainer.deps.llm
+    async with client.session():
+        try:
+            results = await stream_latents(
+                [latent for latent in latents if latent not in done],
+                lambda latent: explain_latent(explainer, config, LatentRecord(coder, latent, groups[latent], stats_of.get(latent), vocab), embed),
+                workers=2 * client.max_concurrency, on_finished=keep, report=report, label="explanations")
+        finally:
+            if journal is not None:
+                journal.flush()
+    rows = [done[latent] if latent in done else results[latent] for latent in latents]
+    return pd.DataFrame(rows, columns=TABLES["explanations"].columns[:-1])  # the fingerprint is added by the asset
 
 
 def viewer_links(base: str, coder: str, latents: list[int], n: int = 20) -> dict:
@@ -150,12 +172,15 @@ def explanations_asset(defaults: dict | None = None, explainers: dict[str, type[
         deps = ExplainerDeps(llm=client, subject_model=subject_model if "subject_model" in uses else None,
                              coder=load_registered(root.registry_dir, coder) if "coder" in uses and latents else None)
         explainer = make_explainer(config, explainers, deps)
-        frame = asyncio.run(explain_all(explainer, config, exemplars, latent_stats, latents, corpus_prompt_vocab(load_corpus(root)), embedder.embed, context.log.info, coder))
+        journal = Journal(root.explanations_path(coder, shard), f"{version}|{settings_digest(config)}|{llm.model_id()}|{file_fingerprint(root.exemplars_path(coder, shard))}")
+        frame = asyncio.run(explain_all(explainer, config, exemplars, latent_stats, latents, corpus_prompt_vocab(load_corpus(root)), embedder.embed,
+                                        context.log.info, coder, journal))
         frame["exemplars_fingerprint"] = file_fingerprint(root.exemplars_path(coder, shard))  # what the scorers check they score against
         if len(frame) and not (frame["status"] == "ok").any():
             raise nothing_succeeded("explanations", f"all {len(frame)} latents failed", frame["error"])
         refuse_emptier(frame, root.explanations_path(coder, shard), f"explanations of {coder} shard {shard}", settings.allow_empty_results)
         write_table(frame, root.explanations_path(coder, shard), "explanations")
+        journal.discard()
         ok = frame[frame["status"] == "ok"]
         if len(ok):
             upsert_explanations(root.lancedb_dir, coder, ok["latent"].tolist(), ok["explanation"].tolist(), embedder.embed(ok["explanation"].tolist()))

@@ -7,7 +7,7 @@ export DAGSTER_HOME ?= $(CURDIR)/.dagster_home
 AUTOINTERP_MAX_RUNS ?= 2
 AUTOINTERP_LLM_RUNS ?= 2
 
-.PHONY: install install-test instance demo test ui
+.PHONY: install install-test instance demo test ui view
 
 # torch first, pinned to the CPU build that is on this machine's disk (any other pulls GBs).
 $(VENV)/.installed: pyproject.toml
@@ -17,8 +17,10 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install -q -e .
 	touch $@
 
+# The browser tests drive Debian's chromium (Playwright's own browser download is not reachable).
 $(VENV)/.installed-test: $(VENV)/.installed
 	$(PY) -m pip install -q -e '.[test]'
+	command -v chromium >/dev/null || { apt-get install -y -q chromium || sudo apt-get install -y -q chromium; }
 	touch $@
 
 install: $(VENV)/.installed
@@ -36,3 +38,8 @@ test: install-test
 
 ui: instance
 	$(VENV)/bin/autointerp ui --host 127.0.0.1 --port 3000
+
+# The latent browser on the deployment's data root, at the port of its [settings] viewer_url
+# (http://127.0.0.1:8080, where Dagster's metadata links point); VIEW_PORT=… to move it.
+view: install
+	$(VENV)/bin/autointerp view --host 127.0.0.1 $(if $(VIEW_PORT),--port $(VIEW_PORT))

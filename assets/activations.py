@@ -30,7 +30,7 @@ from dagster import (
 from pydantic import Field
 
 from assets.automation import FOLLOW, SUBJECT_MODEL_POOL
-from assets.partitions import N_SHARDS, coder_partitions
+from assets.partitions import DEFAULT_LATENTS_PER_SHARD, coders_of, shard_partitions
 from resources.settings import AutointerpSettings
 from resources.sparse_coders import SparseCode, SparseCoder, coder_fingerprint, load_registered
 from resources.subject_model import SubjectModelResource, resolve_hookpoint
@@ -149,12 +149,12 @@ def open_cache(coder: SparseCoder, out_dir: Path, identity: dict, device) -> Cod
     progress = read_progress(out_dir)
     if progress is not None and read_cache_meta(out_dir) is None:
         if all(progress.get(k) == v for k, v in identity.items()) and (out_dir / progress.get("stats_file", "")).is_file():
-            writer = ShardedActivationWriter(out_dir, coder.width, N_SHARDS, first_checkpoint=progress["checkpoints"])
+            writer = ShardedActivationWriter(out_dir, coder.width, identity["latents_per_shard"], first_checkpoint=progress["checkpoints"])
             writer.discard_chunks_from(progress["checkpoints"])
             stats = LatentStats.load(out_dir / progress["stats_file"], device)
             return CoderCache(coder, out_dir, writer, stats, progress["next_sequence"], identity, FVUSample(progress["fvu"]))
     shutil.rmtree(out_dir, ignore_errors=True)
-    return CoderCache(coder, out_dir, ShardedActivationWriter(out_dir, coder.width, N_SHARDS), LatentStats(coder.width, device), 0, identity, FVUSample())
+    return CoderCache(coder, out_dir, ShardedActivationWriter(out_dir, coder.width, identity["latents_per_shard"]), LatentStats(coder.width, device), 0, identity, FVUSample())
 
 
 def cache_activations(
@@ -164,6 +164,7 @@ def cache_activations(
     *,
     skip_bos: bool = True,
     checkpoint_entries: int = CHUNK_ENTRIES,
+    latents_per_shard: int = DEFAULT_LATENTS_PER_SHARD,
     log=None,
 ) -> dict[str, dict]:
     """Cache every coder's sparse activations over the corpus in one pass; returns each coder's meta.
@@ -172,19 +173,28 @@ def cache_activations(
     with ExitStack() as locks:
         for coder in coders:
             locks.enter_context(exclusive_lock(root.root / "activations" / ".locks" / f"{coder.key.replace('/', '__')}.lock", f"Caching the activations of {coder.key}"))
-        return _cache_activations(coders, subject_model, root, skip_bos=skip_bos, checkpoint_entries=checkpoint_entries, log=log)
+        return _cache_activations(coders, subject_model, root, skip_bos=skip_bos, checkpoint_entries=checkpoint_entries, latents_per_shard=latents_per_shard, log=log)
 
 
-def _cache_activations(coders: list[SparseCoder], subject_model: SubjectModelResource, root: DataRoot, *, skip_bos: bool, checkpoint_entries: int, log) -> dict[str, dict]:
+def _cache_activations(coders: list[SparseCoder], subject_model: SubjectModelResource, root: DataRoot, *, skip_bos: bool, checkpoint_entries: int,
+                       latents_per_shard: int, log) -> dict[str, dict]:
     corpus = load_corpus(root)
     lm = subject_model.causal_lm()
     device = subject_model.device
     for coder in coders:
         resolve_hookpoint(lm, coder.hookpoint)
-    caches = []
+    caches, metas = [], {}
     for coder in coders:
-        identity = {"corpus_hash": corpus.meta["hash"], "coder": coder_fingerprint(root.registry_dir, coder.key), "n_shards": N_SHARDS, "skip_bos": skip_bos}
+        identity = {"corpus_hash": corpus.meta["hash"], "coder": coder_fingerprint(root.registry_dir, coder.key), "latents_per_shard": latents_per_shard, "skip_bos": skip_bos}
+        done = read_cache_meta(root.activations_dir(coder.key))
+        if done is not None and done.get("identity") == identity:  # another shard of this coder was cached already
+            if log:
+                log(f"activations: {coder.key} is cached already for this corpus and coder; reusing it")
+            metas[coder.key] = done
+            continue
         caches.append(open_cache(coder.to(device, torch.float32), root.activations_dir(coder.key), identity, device))
+    if not caches:
+        return metas
     first_position = 1 if (skip_bos and corpus.meta["add_bos"]) else 0
     tokens = torch.from_numpy(corpus.tokens).long()
     if device.startswith("cuda"):
@@ -219,7 +229,6 @@ def _cache_activations(coders: list[SparseCoder], subject_model: SubjectModelRes
         if log and (done == n_sequences or time.perf_counter() - last_report > 10):
             last_report = time.perf_counter()
             log(f"activations: {done}/{n_sequences} sequences, {forwarded * n_pos / (last_report - started):,.0f} tokens/s")
-    metas = {}
     for cache in caches:
         cache.save_progress()
         stats = cache.stats
@@ -230,9 +239,11 @@ def _cache_activations(coders: list[SparseCoder], subject_model: SubjectModelRes
             "format": cache.coder.source_format,
             "activation": cache.coder.activation,
             "width": cache.coder.width,
-            "n_shards": N_SHARDS,
+            "latents_per_shard": latents_per_shard,
+            "n_shards": cache.writer.n_shards,
             "corpus_hash": corpus.meta["hash"],
             "coder_fingerprint": cache.identity["coder"],
+            "identity": cache.identity,
             "fvu": cache.fvu.value,
             "sequences_forwarded_this_run": forwarded,
             "tokens_per_second": forwarded * n_pos / max(time.perf_counter() - started, 1e-9),
@@ -256,7 +267,7 @@ def coder_problems(meta: dict) -> list[str]:
 
 @asset(
     group_name="autointerp",
-    partitions_def=coder_partitions,
+    partitions_def=shard_partitions,
     backfill_policy=BackfillPolicy.single_run(),
     deps=["corpus"],
     code_version="2",
@@ -272,8 +283,9 @@ def activations(
     subject_model: SubjectModelResource,
 ) -> MaterializeResult:
     root = settings.root
-    coders = [load_registered(root.registry_dir, key) for key in context.partition_keys]
-    metas = cache_activations(coders, subject_model, root, skip_bos=config.skip_bos, checkpoint_entries=config.checkpoint_entries, log=context.log.info)
+    coders = [load_registered(root.registry_dir, key) for key in coders_of(context.partition_keys)]
+    metas = cache_activations(coders, subject_model, root, skip_bos=config.skip_bos, checkpoint_entries=config.checkpoint_entries,
+                              latents_per_shard=settings.latents_per_shard, log=context.log.info)
     problems = {key: meta["problems"] for key, meta in metas.items()}
     for key, found in problems.items():
         for problem in found:

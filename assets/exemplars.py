@@ -11,7 +11,7 @@ the most similar decoder directions fire but this one does not) and `embedding` 
 nearest to the activating ones by all-MiniLM-L6-v2, found in LanceDB). Everything is seeded per
 latent: the same seed gives the same windows.
 """
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
@@ -31,12 +31,12 @@ from dagster import (
 from pydantic import Field
 
 from assets.automation import CODE_CHANGED, FOLLOW
-from assets.partitions import CODER_DIMENSION, coder_and_shard, coder_shard_partitions
+from assets.partitions import coder_and_shard, shard_partitions
 from assets.stage_config import settings_digest, with_defaults
 from resources.embedder import EmbedderResource
 from resources.settings import AutointerpSettings
 from resources.sparse_coders import SparseCoder, coder_fingerprint, load_registered
-from storage.activations import LATENT_STATS_FILE, ShardActivations, check_shard_complete, load_latent_stats, read_cache_meta, read_latents, read_shard, shard_keys
+from storage.activations import LATENT_STATS_FILE, ShardActivations, check_shard_complete, load_latent_stats, read_cache_meta, read_latents, read_shard
 from storage.corpus import load_corpus
 from storage.layout import DataRoot
 from storage.tables import TABLES, refuse_emptier, write_table
@@ -171,24 +171,57 @@ class NegativeSources:
     neighbours: dict[int, list[int]]
     neighbour_acts: ShardActivations | None
     contexts: ContextIndex | None
+    _rows_by_latent: tuple | None = field(default=None, init=False, repr=False)
+    _nearest: dict = field(default_factory=dict, init=False, repr=False)
+
+    def neighbour_rows(self, ids) -> np.ndarray:
+        """Rows of `neighbour_acts` of latents `ids`, in stored order: the pairs are sorted by latent once,
+        so each latent's lookup is a slice instead of a scan of every pair."""
+        if self._rows_by_latent is None:
+            order = np.argsort(self.neighbour_acts.locations[:, 2], kind="stable")
+            self._rows_by_latent = (order, self.neighbour_acts.locations[order, 2])
+        order, latents = self._rows_by_latent
+        ids = np.unique(np.asarray(ids, dtype=latents.dtype))
+        lo, hi = np.searchsorted(latents, ids, "left"), np.searchsorted(latents, ids, "right")
+        return np.sort(np.concatenate([order[a:b] for a, b in zip(lo, hi)] + [np.zeros(0, order.dtype)]))
 
     def neighbour_blocks(self, latent: int, window: int) -> np.ndarray:
         """Grid blocks where the latent's decoder neighbours fire, strongest first."""
         ids = self.neighbours.get(latent)
         if not ids or self.neighbour_acts is None:
             return np.zeros(0, np.int64)
-        locs, vals = self.neighbour_acts.locations, self.neighbour_acts.activations
-        mine = np.isin(locs[:, 2], ids) & (locs[:, 1] // window < self.blocks_per_seq)
+        rows = self.neighbour_rows(ids)
+        locs, vals = self.neighbour_acts.locations[rows], self.neighbour_acts.activations[rows]
+        mine = locs[:, 1] // window < self.blocks_per_seq
         blocks = locs[mine, 0].astype(np.int64) * self.blocks_per_seq + locs[mine, 1] // window
         order = np.argsort(-vals[mine], kind="stable")
         _, first = np.unique(blocks[order], return_index=True)
         return blocks[order][np.sort(first)]
 
+    def embedding_query(self, query_blocks: np.ndarray) -> np.ndarray:
+        query = np.asarray(self.contexts.vectors[np.sort(query_blocks)]).mean(0)
+        return query / max(np.linalg.norm(query), 1e-9)
+
+    def prefetch_nearest(self, queries: list[np.ndarray], limits: list[int]) -> None:
+        """Search every latent's hard negatives in one flat search over the table instead of one search
+        per latent and split (each costs milliseconds of LanceDB overhead). Only without an ANN index:
+        an exact search's nearest `limit` are the first `limit` of a longer answer, an ANN search's not."""
+        if self.contexts is None or self.contexts.indexed:
+            return
+        wanted = [(np.sort(q).tobytes(), q, limit) for q, limit in zip(queries, limits) if len(q)]
+        if not wanted:
+            return
+        limit = max(limit for *_, limit in wanted)
+        found = self.contexts.nearest_many(np.stack([self.embedding_query(q) for _, q, _ in wanted]), limit)
+        self._nearest = {key: (blocks, limit) for (key, _, _), blocks in zip(wanted, found)}
+
     def embedding_blocks(self, query_blocks: np.ndarray, limit: int) -> np.ndarray:
         if self.contexts is None or not len(query_blocks):
             return np.zeros(0, np.int64)
-        query = np.asarray(self.contexts.vectors[np.sort(query_blocks)]).mean(0)
-        return self.contexts.nearest(query / max(np.linalg.norm(query), 1e-9), limit)
+        blocks, fetched = self._nearest.get(np.sort(query_blocks).tobytes(), (None, 0))
+        if limit <= fetched:
+            return blocks[:limit]
+        return self.contexts.nearest(self.embedding_query(query_blocks), limit)
 
 
 def non_activating_blocks(latent: int, used: set[int], train_blocks: np.ndarray, counts: dict[str, int], sources: NegativeSources, window: int, rng) -> list[tuple[str, np.ndarray]]:
@@ -262,24 +295,32 @@ def build_exemplars(shard_acts: ShardActivations, tokens: np.ndarray, config: Ex
     # (a dict literal {hard: n, "random": 0} would zero them when the hardest source is random itself)
     train_counts = {"random": 0} | {hard[0]: config.n_non_activating_train}
     split_negatives = [("test", counts), ("train", train_counts), ("valid", {"random": config.n_examples_valid})]
-    rows: list[dict] = []
-    latent_rows: list[dict] = []
+    # First every latent's windows and training draws, so that the hard negatives of all latents are
+    # searched at once; each latent's generator then goes on where its training draw left it.
+    planned = []
     for latent, locations, values in shard_acts.by_latent():
         windows = activating_windows(locations, values, ctx_len, window, config.window_placement)
         if len(windows) < config.min_activating_windows:
             continue
         rng = np.random.default_rng([config.seed, latent])
         train = sample_train(windows, config, rng)
+        used = set(grid_blocks(locations, sources.blocks_per_seq, window).tolist())
+        train_windows = windows.take(train)
+        max_token = train_windows.start + train_windows.acts.argmax(1)
+        train_blocks = train_windows.sequence * sources.blocks_per_seq + np.minimum(max_token // window, sources.blocks_per_seq - 1)
+        planned.append((latent, locations, values, windows, rng, train, used, train_blocks))
+    if "embedding" in config.non_activating_sources:
+        most = config.n_non_activating + config.n_non_activating_train + config.n_examples_valid + 16  # the longest list a latent's searches ask beyond its own blocks
+        sources.prefetch_nearest([p[7] for p in planned], [len(p[6]) + most for p in planned])
+    rows: list[dict] = []
+    latent_rows: list[dict] = []
+    for latent, locations, values, windows, rng, train, used, train_blocks in planned:
         test, quantiles = sample_test(windows, train, config, rng)
         rest = np.setdiff1d(np.arange(len(windows)), np.concatenate([train, test]))
         valid = np.sort(rng.choice(rest, size=min(config.n_examples_valid, len(rest)), replace=False)) if len(rest) else rest
         rows += window_rows(latent, "train", "activating", [0] * len(train), windows.take(train), tokens)
         rows += window_rows(latent, "test", "activating", quantiles, windows.take(test), tokens)
         rows += window_rows(latent, "valid", "activating", [0] * len(valid), windows.take(valid), tokens)
-        used = set(grid_blocks(locations, sources.blocks_per_seq, window).tolist())
-        train_windows = windows.take(train)
-        max_token = train_windows.start + train_windows.acts.argmax(1)
-        train_blocks = train_windows.sequence * sources.blocks_per_seq + np.minimum(max_token // window, sources.blocks_per_seq - 1)
         for split, split_counts_ in split_negatives:
             for kind, blocks in non_activating_blocks(latent, used, train_blocks, split_counts_, sources, window, rng):
                 seq, cell = np.divmod(blocks, sources.blocks_per_seq)
@@ -307,7 +348,7 @@ def negative_sources(root: DataRoot, coder_key: str, corpus, config: ExemplarsCo
     if "neighbour" in config.non_activating_sources:
         neighbours = decoder_neighbours(load_registered(root.registry_dir, coder_key), latents, config.n_neighbours)
         wanted = np.unique([n for ids in neighbours.values() for n in ids]) if neighbours else np.zeros(0, int)
-        neighbour_acts = read_latents(root.activations_dir(coder_key), wanted, meta["width"], meta["n_shards"])
+        neighbour_acts = read_latents(root.activations_dir(coder_key), wanted, meta["width"], meta["latents_per_shard"])
     if "embedding" in config.non_activating_sources:
         contexts = context_index(root, corpus, config.example_ctx_len, embedder)
     return NegativeSources(blocks_per_seq, corpus.tokens.shape[0] * blocks_per_seq, neighbours, neighbour_acts, contexts)
@@ -334,11 +375,14 @@ def _exemplars(context: AssetExecutionContext, config: ExemplarsConfig, settings
     if meta.get("coder_fingerprint") and meta["coder_fingerprint"] != coder_fingerprint(root.registry_dir, coder):
         raise Failure(f"The coder {coder} in the registry changed after its activations were cached: exemplars would mix two coders. "
                       f"Fix: re-materialize `activations` for {coder} (or put the old coder files back).")
+    if not int(shard) < meta["n_shards"]:
+        raise Failure(f"{coder} was cached in {meta['n_shards']} shards of {meta['latents_per_shard']} latents, so it has no shard {shard}: "
+                      f"latents_per_shard was changed after the coder was registered. Fix: set [settings] latents_per_shard back to {meta['latents_per_shard']}.")
     shard_acts = read_shard(acts_dir, shard)
     stats = load_latent_stats(acts_dir / LATENT_STATS_FILE)
-    if (incomplete := check_shard_complete(shard_acts, stats["count"], meta["width"], meta["n_shards"], shard_keys(meta["n_shards"]).index(shard))) is not None:
+    if (incomplete := check_shard_complete(shard_acts, stats["count"], meta["width"], meta["latents_per_shard"], int(shard))) is not None:
         raise Failure(f"The activation cache of {coder} shard {shard} is incomplete: {incomplete} (a chunk file deleted or damaged?). "
-                      f"Fix: re-materialize `activations` for {coder}.")
+                      f"Fix: delete {acts_dir} and re-materialize `activations` for {coder}.")
     latents = sorted({int(x) for x in np.unique(shard_acts.locations[:, 2])})
     sources = negative_sources(root, coder, corpus, config, latents, embedder, meta)
     frame, profiles = build_exemplars(shard_acts, corpus.tokens, config, sources, stats, meta["tokens"])
@@ -375,8 +419,8 @@ def exemplars_asset(defaults: dict | None = None) -> AssetsDefinition:
     return asset(
         name="exemplars",
         group_name="autointerp",
-        partitions_def=coder_shard_partitions,
-        deps=[AssetDep("activations", partition_mapping=CODER_DIMENSION)],
+        partitions_def=shard_partitions,
+        deps=[AssetDep("activations")],
         code_version=f"{EXEMPLARS_VERSION}-{settings_digest(Configured())}",
         automation_condition=FOLLOW | CODE_CHANGED,
         description="Explainer (train) and scorer (test) windows per live latent, non-activating windows tagged by source, and per-latent statistics.",

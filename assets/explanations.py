@@ -19,17 +19,18 @@ from pydantic import Field, ValidationError
 
 from assets.automation import CODE_CHANGED, FOLLOW, LLM_POOL
 from assets.explainers import EXPLAINERS, Explainer, ExplainerDeps, LatentRecord
-from assets.partitions import coder_and_shard, coder_shard_partitions
+from assets.partitions import coder_and_shard, shard_partitions
 from assets.prompts import corpus_prompt_vocab, plain_text
 from assets.score_metrics import roc_auc
 from assets.stage_config import problems, settings_digest, with_defaults
-from assets.work import nothing_succeeded, selected_latents
+from assets.work import nothing_succeeded, selected_latents, stream_latents
 from resources.embedder import EmbedderResource, explanation_similarity
-from resources.llm import BudgetExceeded, LLMEndpointError, LLMResource, ProductionClient, gather_with_progress
+from resources.llm import BudgetExceeded, LLMEndpointError, LLMResource, ProductionClient
 from resources.settings import AutointerpSettings
 from resources.sparse_coders import load_registered
 from resources.subject_model import SubjectModelResource
 from storage.corpus import load_corpus
+from storage.journal import Journal
 from storage.tables import TABLES, file_fingerprint, read_table, refuse_emptier, write_table
 from storage.vector_store import upsert_explanations
 
@@ -106,12 +107,42 @@ def make_explainer(config: ExplanationsConfig, explainers: dict[str, type[Explai
 
 
 async def explain_all(explainer: Explainer, config: ExplanationsConfig, exemplars: pd.DataFrame, latent_stats: pd.DataFrame | None,
-                      latents: list[int], vocab: list[str], embed, report=None, coder: str = "") -> pd.DataFrame:
+                      latents: list[int], vocab: list[str], embed, report=None, coder: str = "", journal: Journal | None = None) -> pd.DataFrame:
+    """One row per latent. Latents stream through a bounded queue; with a `journal`, each explained
+    latent is kept as it finishes and latents kept by an interrupted run are not asked again."""
     stats_of = {int(r["latent"]): r for r in latent_stats.to_dict("records")} if latent_stats is not None else {}
     groups = dict(tuple(exemplars[exemplars["latent"].isin(latents)].groupby("latent")))
-    async with explainer.deps.llm.session():
-        jobs = [explain_latent(explainer, config, LatentRecord(coder, latent, groups[latent], stats_of.get(latent), vocab), embed) for latent in latents]
-        return pd.DataFrame(await gather_with_progress(jobs, report, "explanations"), columns=TABLES["explanations"].columns[:-1])  # the fingerprint is added by the asset
+    kept = journal.finished() if journal is not None else pd.DataFrame()
+    wanted = set(latents)
+    done = {int(r["latent"]): r for r in kept.to_dict("records") if int(r["latent"]) in wanted}
+    if done and report:
+        report(f"explanations: {len(done)} latents kept from an interrupted run; explaining the other {len(latents) - len(done)}")
+
+    def keep(latent: int, row: dict) -> None:
+        if journal is not None and row["status"] == "ok":  # failed or budget-stopped latents are asked again next time
+            journal.add([row])
+
+    client = explainer.deps.llm
+    async with client.session():
+        try:
+            results = await stream_latents(
+                [latent for latent in latents if latent not in done],
+                lambda latent: explain_latent(explainer, config, LatentRecord(coder, latent, groups[latent], stats_of.get(latent), vocab), embed),
+                workers=2 * client.max_concurrency, on_finished=keep, report=report, label="explanations")
+        finally:
+            if journal is not None:
+                journal.flush()
+    rows = [done[latent] if latent in done else results[latent] for latent in latents]
+    return pd.DataFrame(rows, columns=TABLES["explanations"].columns[:-1])  # the fingerprint is added by the asset
+
+
+def viewer_links(base: str, coder: str, latents: list[int], n: int = 20) -> dict:
+    """Links into the latent browser (`autointerp view` at `base`, the deployment's [settings] viewer_url):
+    the coder's page and the first `n` latents' pages."""
+    from autointerp_defs.viewer import coder_url, latent_url  # here, not at the top: the package imports the assets
+
+    pages = "\n".join(f"- [latent {latent}]({latent_url(coder, latent, base)})" for latent in latents[:n])
+    return {"viewer": MetadataValue.url(coder_url(coder, base)), **({"latent_pages": MetadataValue.md(pages)} if pages else {})}
 
 
 EXPLANATIONS_VERSION = "3"
@@ -141,12 +172,15 @@ def explanations_asset(defaults: dict | None = None, explainers: dict[str, type[
         deps = ExplainerDeps(llm=client, subject_model=subject_model if "subject_model" in uses else None,
                              coder=load_registered(root.registry_dir, coder) if "coder" in uses and latents else None)
         explainer = make_explainer(config, explainers, deps)
-        frame = asyncio.run(explain_all(explainer, config, exemplars, latent_stats, latents, corpus_prompt_vocab(load_corpus(root)), embedder.embed, context.log.info, coder))
+        journal = Journal(root.explanations_path(coder, shard), f"{version}|{settings_digest(config)}|{llm.model_id()}|{file_fingerprint(root.exemplars_path(coder, shard))}")
+        frame = asyncio.run(explain_all(explainer, config, exemplars, latent_stats, latents, corpus_prompt_vocab(load_corpus(root)), embedder.embed,
+                                        context.log.info, coder, journal))
         frame["exemplars_fingerprint"] = file_fingerprint(root.exemplars_path(coder, shard))  # what the scorers check they score against
         if len(frame) and not (frame["status"] == "ok").any():
             raise nothing_succeeded("explanations", f"all {len(frame)} latents failed", frame["error"])
         refuse_emptier(frame, root.explanations_path(coder, shard), f"explanations of {coder} shard {shard}", settings.allow_empty_results)
         write_table(frame, root.explanations_path(coder, shard), "explanations")
+        journal.discard()
         ok = frame[frame["status"] == "ok"]
         if len(ok):
             upsert_explanations(root.lancedb_dir, coder, ok["latent"].tolist(), ok["explanation"].tolist(), embedder.embed(ok["explanation"].tolist()))
@@ -163,6 +197,7 @@ def explanations_asset(defaults: dict | None = None, explainers: dict[str, type[
                 "examples_dropped_to_fit": int(frame["examples_dropped"].sum()),
                 **client.ledger.as_metadata(),
                 "sample": MetadataValue.md(frame.head(10)[["latent", "explanation", "status", "error"]].to_markdown(index=False)),
+                **viewer_links(settings.viewer_url, coder, ok["latent"].tolist()),
                 "path": MetadataValue.path(str(root.explanations_path(coder, shard))),
             }
         )
@@ -172,7 +207,7 @@ def explanations_asset(defaults: dict | None = None, explainers: dict[str, type[
     return asset(
         name="explanations",
         group_name="autointerp",
-        partitions_def=coder_shard_partitions,
+        partitions_def=shard_partitions,
         deps=[AssetDep("exemplars")],
         code_version=version,
         automation_condition=FOLLOW | CODE_CHANGED,

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import re
+from functools import lru_cache
 
 DOCUMENT_BOUNDARY = "‖"
 TOKEN_LEGEND = (
@@ -86,6 +87,7 @@ _VISIBLE = str.maketrans({"\n": "↵", "\r": "↵", "\t": "⇥"})
 _PLAIN = str.maketrans({"↵": "\n", "⇥": "\t", "␣": " ", DOCUMENT_BOUNDARY: "\n"})
 
 
+@lru_cache(maxsize=1 << 16)  # a vocabulary's worth: every window of every prompt renders its tokens through here
 def visible_token(token: str) -> str:
     """A token as a judge sees it: line breaks and tabs as ↵ and ⇥, a token of spaces only as ␣s.
     Idempotent, so text that was already rendered renders the same."""

@@ -66,32 +66,44 @@ def top_k_predictions(scores, n_positive: int) -> np.ndarray:
     return predictions
 
 
+def predictions_of(label: np.ndarray, prediction: np.ndarray, score: np.ndarray) -> np.ndarray:
+    """The 0/1 predictions; for score-only scorers (a prediction is NaN), the top-k of the scores."""
+    if not np.isnan(prediction).any():
+        return prediction.astype(int)
+    return top_k_predictions(score, int(label.sum()))
+
+
 def example_predictions(rows: pd.DataFrame) -> np.ndarray:
     """The rows' 0/1 predictions; for score-only scorers, the top-k of the scores."""
-    if rows["prediction"].notna().all():
-        return rows["prediction"].to_numpy(int)
-    return top_k_predictions(rows["score"].to_numpy(float), int(rows["label"].sum()))
+    return predictions_of(rows["label"].to_numpy(int), rows["prediction"].to_numpy(float), rows["score"].to_numpy(float))
 
 
-def quantile_accuracy(rows: pd.DataFrame, predictions: np.ndarray) -> dict[int, float]:
+def quantile_accuracy(label: np.ndarray, quantile: np.ndarray, predictions: np.ndarray) -> dict[int, float]:
     """Accuracy per activation quantile (0 = the non-activating examples)."""
-    correct = pd.Series(predictions == rows["label"].to_numpy(int), index=rows.index)
-    return {int(q): float(correct[rows["quantile"] == q].mean()) for q in sorted(rows["quantile"].unique())}
+    correct = predictions == label
+    return {int(q): float(correct[quantile == q].mean()) for q in np.unique(quantile)}
 
 
 def latent_metrics(rows: pd.DataFrame) -> dict:
     """Every metric of one latent's scored examples (one explanation, one scorer)."""
-    if not len(rows):
+    return example_metrics(*(rows[c].to_numpy(float) for c in ("label", "quantile", "activation", "prediction", "score")))
+
+
+def example_metrics(label, quantile, activation, prediction, score) -> dict:
+    """`latent_metrics` of the examples' columns as arrays (a latent's rows, without building a frame)."""
+    label, quantile = np.asarray(label, float).astype(int), np.asarray(quantile, float).astype(int)
+    activation, prediction, score = (np.asarray(x, float) for x in (activation, prediction, score))
+    if not len(label):
         return {**{m: NAN for m in (*BINARY, "roc_auc", "pearson")}, **{c: 0 for c in CONFUSION}, "n_scored": 0, "quantile_accuracy": {}}
-    predictions = example_predictions(rows)
-    has_score = rows["score"].notna().all()
-    evidence = rows["score"].to_numpy(float) if has_score else predictions.astype(float)
+    predictions = predictions_of(label, prediction, score)
+    has_score = not np.isnan(score).any()
+    evidence = score if has_score else predictions.astype(float)
     return {
-        **binary_metrics(rows["label"].to_numpy(int), predictions),
-        "roc_auc": roc_auc(rows["score"], rows["label"]) if has_score else NAN,
-        "pearson": pearson(evidence, rows["activation"]),
-        "n_scored": len(rows),
-        "quantile_accuracy": quantile_accuracy(rows, predictions),
+        **binary_metrics(label, predictions),
+        "roc_auc": roc_auc(score, label) if has_score else NAN,
+        "pearson": pearson(evidence, activation),
+        "n_scored": len(label),
+        "quantile_accuracy": quantile_accuracy(label, quantile, predictions),
     }
 
 

@@ -31,12 +31,13 @@ from dagster import (
 )
 
 from assets.automation import CODE_CHANGED, FOLLOW, LLM_POOL, SUBJECT_MODEL_POOL
+from assets.explanations import viewer_links
 from assets.work import nothing_succeeded, selected_latents
-from assets.partitions import CODER_DIMENSION, coder_and_shard, coder_partitions, coder_shard_partitions, shard_partitions
+from assets.partitions import coder_and_shard, coders_of, shard_partitions
 from assets.prompts import corpus_prompt_vocab
-from assets.score_metrics import control_assignment, example_predictions, latent_metrics, no_control_reason, verdict
-from assets.scorers import Job, JobResult, Scorer, ScorerDeps, ScorerSettings, held_out_examples
-from assets.scorers.base import CONTROLS
+from assets.score_metrics import control_assignment, example_metrics, no_control_reason, predictions_of, verdict
+from assets.scorers import Job, JobResult, Scorer, ScorerDeps, ScorerSettings
+from assets.scorers.base import CONTROLS, examples_of
 from resources.llm import gather_with_progress
 from resources.sparse_coders import load_registered
 from storage.corpus import load_corpus
@@ -79,7 +80,8 @@ def latent_row(main_metric: str, latent: int, explanation, control_explanation, 
     def metrics(result: JobResult | None) -> dict:
         if result is None:
             return {m: np.nan for m in SCORE_METRICS} | {"quantile_accuracy": {}}
-        return {m: np.nan for m in SCORE_METRICS} | latent_metrics(pd.DataFrame(result.rows, columns=["label", "quantile", "activation", "prediction", "score"])) | result.extra
+        columns = (np.array([r.get(c, np.nan) for r in result.rows], float) for c in ("label", "quantile", "activation", "prediction", "score"))
+        return {m: np.nan for m in SCORE_METRICS} | example_metrics(*columns) | result.extra
 
     mine, theirs = metrics(own), metrics(control)
     results = [own] + ([control] if control else [])
@@ -105,26 +107,30 @@ async def score_partition(scorer: Scorer, exemplars: pd.DataFrame, explanations:
     """Per-latent metrics and per-example rows of one scorer on one partition, with the control."""
     settings = scorer.settings
     text_of = scored_latents(scorer, exemplars, explanations, max_latents)
-    by_latent = dict(tuple(exemplars[exemplars["latent"].isin(list(text_of))].groupby("latent")))
-    missing = [latent for latent in text_of if latent not in by_latent]
+    chosen = exemplars[exemplars["latent"].isin(list(text_of))]
+    columns = [chosen[c].tolist() for c in ("kind", "quantile", "tokens", "activations")]  # read once, not per latent
+    rows_of: dict[tuple[int, str], list[int]] = {}
+    for i, key in enumerate(zip(chosen["latent"].tolist(), chosen["split"].tolist())):
+        rows_of.setdefault(key, []).append(i)
+    have_exemplars = {latent for latent, _ in rows_of}
+    missing = [latent for latent in text_of if latent not in have_exemplars]
     if missing and report:
         report(f"{scorer.name}: {len(missing)} explained latents have no exemplars (e.g. {missing[:5]}): skipped; "
                f"the explanations are older than the exemplars, re-materialize `explanations`")
-    text_of = {latent: text for latent, text in text_of.items() if latent in by_latent}
+    text_of = {latent: text for latent, text in text_of.items() if latent in have_exemplars}
     control_of = control_assignment(text_of, settings.seed) if scorer.uses_explanation else {latent: latent for latent in text_of}
     jobs, keys = [], []
     for latent, explanation in text_of.items():
-        group = by_latent[latent]
         rng = np.random.default_rng([settings.seed, latent])
-        examples = held_out_examples(group[group["split"] == "test"], vocab, rng)
-        calibration = held_out_examples(group[group["split"] == "valid"], vocab, rng)
-        jobs.append(scorer.score(Job(explanation, examples, control=False, seed=settings.seed + latent, calibration=calibration, latent=latent)))
+        examples, calibration = (examples_of(*([column[i] for i in rows_of.get((latent, split), [])] for column in columns), vocab, rng) for split in ("test", "valid"))
+        jobs.append(Job(explanation, examples, control=False, seed=settings.seed + latent, calibration=calibration, latent=latent))
         keys.append((latent, "explanation"))
         if latent in control_of:
-            jobs.append(scorer.score(Job(text_of[control_of[latent]], examples, control=True, seed=settings.seed + latent + 1, calibration=calibration, latent=latent)))
+            jobs.append(Job(text_of[control_of[latent]], examples, control=True, seed=settings.seed + latent + 1, calibration=calibration, latent=latent))
             keys.append((latent, "control"))
     async with scorer.deps.llm.session() if scorer.deps.llm is not None else contextlib.nullcontext():
-        results = dict(zip(keys, await gather_with_progress(jobs, report, f"{scorer.name} jobs (latent × explanation/control)")))
+        await scorer.prepare(jobs)
+        results = dict(zip(keys, await gather_with_progress([scorer.score(job) for job in jobs], report, f"{scorer.name} jobs (latent × explanation/control)")))
     rows, example_rows = [], []
     for latent, explanation in text_of.items():
         own, control = results[(latent, "explanation")], results.get((latent, "control"))
@@ -132,10 +138,9 @@ async def score_partition(scorer: Scorer, exemplars: pd.DataFrame, explanations:
         rows.append(latent_row(scorer.main_metric, latent, explanation, text_of.get(control_of.get(latent)) if scorer.uses_explanation else None, own, control, note))
         for source, result in (("explanation", own), ("control", control)):
             if result is not None and result.rows:
-                frame = pd.DataFrame(result.rows)
-                frame["predicted"] = example_predictions(frame)
-                example_rows.append(frame.assign(latent=latent, source=source))
-    return pd.DataFrame(rows), (pd.concat(example_rows, ignore_index=True) if example_rows else pd.DataFrame())
+                predicted = predictions_of(*(np.array([r.get(c, np.nan) for r in result.rows], float) for c in ("label", "prediction", "score")))
+                example_rows += [{**r, "predicted": int(p), "latent": latent, "source": source} for r, p in zip(result.rows, predicted)]
+    return pd.DataFrame(rows), (pd.DataFrame(example_rows) if example_rows else pd.DataFrame())  # one frame, not one per job
 
 
 # ---- what the UI shows ----------------------------------------------------------------------------
@@ -246,7 +251,7 @@ def scorer_asset(scorer: type[Scorer], settings: ScorerSettings, automate: bool)
     @asset(
         key=scorer_key(scorer.name),
         group_name="scores",
-        partitions_def=coder_shard_partitions,
+        partitions_def=shard_partitions,
         deps=deps,
         code_version=f"{scorer.version}-{settings.digest()}",
         automation_condition=SCORER_AUTOMATION if automate else None,
@@ -290,12 +295,18 @@ def scorer_asset(scorer: type[Scorer], settings: ScorerSettings, automate: bool)
     return _scores
 
 
+def scored_shards(root, coder: str) -> list[str]:
+    """The shards of `coder` that have any scores table."""
+    folder = root.score_summary_path(coder).parent
+    return sorted(p.name for p in folder.iterdir() if p.is_dir()) if folder.is_dir() else []
+
+
 def summary_table(root, coder: str, scorers: dict[str, type[Scorer]]) -> pd.DataFrame:
     """One row per scored latent of `coder` (all shards): each scorer's main metric, its control and the gap."""
     parts = []
     for name, scorer in scorers.items():
         main = scorer.main_metric
-        for shard in shard_partitions.get_partition_keys():
+        for shard in scored_shards(root, coder):
             path = root.scores_path(coder, shard, name)
             frame = pd.read_parquet(path) if path.exists() else pd.DataFrame()
             if len(frame):  # an empty shard adds nothing
@@ -318,35 +329,79 @@ def summary_table(root, coder: str, scorers: dict[str, type[Scorer]]) -> pd.Data
     return wide
 
 
+def summary_is_stale(root, coder: str) -> bool:
+    """Whether any scores table of `coder` is newer than its summary (or there is no summary yet)."""
+    summary = root.score_summary_path(coder)
+    newest = max((p.stat().st_mtime for shard in scored_shards(root, coder) for p in (summary.parent / shard).glob("*.parquet")), default=None)
+    return newest is not None and (not summary.exists() or newest > summary.stat().st_mtime)
+
+
+def summary_links(base: str, ranked: dict[str, list[int]], per_coder: int = 5) -> dict:
+    """Links into the latent browser at `base` for the summary's metadata: with one coder, its page and its
+    latents' pages (`ranked`: best mean gap first); with several, the coders page and each coder's page
+    with its best latents."""
+    if len(ranked) == 1:
+        return viewer_links(base, *next(iter(ranked.items())))
+    if not ranked:
+        return {}
+    from autointerp_defs.viewer import coder_url, home_url, latent_url  # here, not at the top: the package imports the assets
+
+    pages = [f"- [{coder}]({coder_url(coder, base)}): " + ", ".join(f"[{latent}]({latent_url(coder, latent, base)})" for latent in best[:per_coder])
+             for coder, best in ranked.items()]
+    return {"viewer": MetadataValue.url(home_url(base)), "latent_pages": MetadataValue.md("\n".join(pages))}
+
+
 def summary_asset(scorers: dict[str, type[Scorer]]) -> AssetsDefinition:
-    """`score_summary`: every scorer of one coder joined into one table."""
+    """`score_summary`: per coder, every scorer joined over all its shards into one table; one asset for
+    all coders (a coder's shards are partitions of their own), rebuilding only coders whose scores changed."""
 
     @asset(
         name="score_summary",
-        partitions_def=coder_partitions,
         group_name="scores",
-        deps=[AssetDep(scorer_key(name), partition_mapping=CODER_DIMENSION) for name in scorers],
+        deps=[AssetDep(scorer_key(name)) for name in scorers],
         automation_condition=SUMMARY_AUTOMATION,
         required_resource_keys={"settings"},
-        code_version="1",
-        description="Every scorer of one coder joined into one table (all shards): each main metric, its control and the gap, with verdicts.",
+        code_version="2",
+        description="Per coder, every scorer joined into one table over all shards (each main metric, its control and the gap), with verdicts; coders whose scores changed are rebuilt.",
     )
     def score_summary(context: AssetExecutionContext) -> MaterializeResult:
-        coder = context.partition_key
-        root = context.resources.settings.root
-        table = summary_table(root, coder, scorers)
-        write_table(table, root.score_summary_path(coder), "score_summary")
-        present = [name for name in scorers if name in table.columns]
-        metadata = {"latents": int(table["latent"].nunique()) if len(table) else 0, "scorers": ", ".join(present) or "none yet"}
-        for name in present:
-            metadata[f"{name}_verdict"] = verdict(table[f"{name}_gap"], scorers[name].control_description())
-            metadata[f"{name}_mean"] = MetadataValue.float(round(float(table[name].mean()), 4))
-            metadata[f"{name}_mean_control"] = MetadataValue.float(round(float(table[f"{name}_control"].mean()), 4))
-        if present:
-            panels = [(f"{n} ({scorers[n].main_metric})", scorers[n].main_metric, table[n], table[f"{n}_control"], scorers[n].control_description()) for n in present]
-            metadata["histograms"] = MetadataValue.md(histogram_markdown(panels))
-            metadata["best_and_worst"] = MetadataValue.md(best_and_worst(table, "mean_gap", ["latent", "shard", "mean_gap", *present, "explanation"]))
-        metadata["path"] = MetadataValue.path(str(root.score_summary_path(coder)))
+        settings = context.resources.settings
+        root = settings.root
+        coders = coders_of(context.instance.get_dynamic_partitions(shard_partitions.name))
+        rebuilt, rows, latents, present, ranked = [], [], 0, set(), {}
+        for coder in coders:
+            if summary_is_stale(root, coder):
+                write_table(summary_table(root, coder, scorers), root.score_summary_path(coder), "score_summary")
+                rebuilt.append(coder)
+            if root.score_summary_path(coder).exists():
+                table = pd.read_parquet(root.score_summary_path(coder))
+                row = {"coder": coder, "latents": int(table["latent"].nunique()) if len(table) else 0}
+                ranked[coder] = table.sort_values("mean_gap", ascending=False, na_position="last")["latent"].tolist() if len(table) else []
+                latents += row["latents"]
+                for name in scorers:
+                    if name in table.columns and len(table):
+                        present.add(name)
+                        row[name] = f"{table[name].mean():.3f} / {table[f'{name}_control'].mean():.3f}"
+                        row[f"{name} verdict"] = verdict(table[f"{name}_gap"], scorers[name].control_description()).split(":")[0]
+                rows.append(row)
+        context.log.info(f"score_summary: rebuilt {len(rebuilt)} of {len(coders)} coders")
+        metadata = {"coders": len(coders), "latents": latents, "rebuilt": ", ".join(rebuilt) or "none (no scores changed)",
+                    "scorers": ", ".join(name for name in scorers if name in present) or "none yet"}
+        if rows:
+            metadata["by_coder"] = MetadataValue.md(pd.DataFrame(rows).fillna("").to_markdown(index=False))
+        for coder in rebuilt[:1] if len(coders) == 1 else []:  # one coder: its histograms and best/worst latents, as before
+            table = pd.read_parquet(root.score_summary_path(coder))
+            present = [name for name in scorers if name in table.columns]
+            if present and len(table):
+                panels = [(f"{n} ({scorers[n].main_metric})", scorers[n].main_metric, table[n], table[f"{n}_control"], scorers[n].control_description()) for n in present]
+                metadata["histograms"] = MetadataValue.md(histogram_markdown(panels))
+                metadata["best_and_worst"] = MetadataValue.md(best_and_worst(table, "mean_gap", ["latent", "shard", "mean_gap", *present, "explanation"]))
+                for name in present:
+                    metadata[f"{name}_verdict"] = verdict(table[f"{name}_gap"], scorers[name].control_description())
+                    metadata[f"{name}_mean"] = MetadataValue.float(round(float(table[name].mean()), 4))
+                    metadata[f"{name}_mean_control"] = MetadataValue.float(round(float(table[f"{name}_control"].mean()), 4))
+        metadata.update(summary_links(settings.viewer_url, ranked))
+        metadata["path"] = MetadataValue.path(str(root.root / "scores"))
         return MaterializeResult(metadata=metadata)
 
     return score_summary

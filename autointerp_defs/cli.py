@@ -59,9 +59,10 @@ def _materialize(selection: list[str], partition_key: str | None, instance, defs
 def run_demo(deployment, force: bool) -> None:
     from dagster import AssetKey, DagsterInstance
 
-    from assets.partitions import coder_partitions
+    from assets.partitions import coders_of, shard_partitions
     from autointerp_defs.definitions import definitions_for
     from autointerp_defs.deployments import dagster_home
+    from autointerp_defs.sensors import new_shard_keys
     from resources.sparse_coders import scan_registry
     from storage.layout import DataRoot
 
@@ -76,8 +77,12 @@ def run_demo(deployment, force: bool) -> None:
         (home / "dagster.yaml").write_text("telemetry:\n  enabled: false\n")
     instance = DagsterInstance.from_config(str(home))
     coders = scan_registry(root.registry_dir)
-    known = set(instance.get_dynamic_partitions(coder_partitions.name))
-    instance.add_dynamic_partitions(coder_partitions.name, [c for c in coders if c not in known])
+    known = set(coders_of(instance.get_dynamic_partitions(shard_partitions.name)))
+    broken: dict[str, str] = {}
+    keys, _ = new_shard_keys(root.registry_dir, [c for c in coders if c not in known], deployment.latents_per_shard, broken)
+    if broken:
+        raise SystemExit(f"registry folders that are not coders: {broken}")
+    instance.add_dynamic_partitions(shard_partitions.name, keys)
     coder = f"{DEMO_CODER_NAME}/{DEMO_HOOKPOINT}"
 
     def done(asset: str, partition: str | None) -> bool:
@@ -89,11 +94,11 @@ def run_demo(deployment, force: bool) -> None:
         return partition in instance.get_materialized_partitions(key)
 
     scorers = [f"scores/{name}" for name in deployment.automated_scorers]
-    steps = [(["corpus"], None), (["activations"], coder)]
+    steps = [(["corpus"], None), (["activations"], f"{coder}|{DEMO_SHARDS[0]}")]
     steps += [(["exemplars", "explanations", *scorers], f"{coder}|{shard}") for shard in DEMO_SHARDS]
-    steps += [(["score_summary"], coder)]
+    steps += [(["score_summary"], None)]
     for selection, partition in steps:
-        if all(done(a, partition) for a in selection):
+        if selection != ["score_summary"] and all(done(a, partition) for a in selection):  # the summary rebuilds only stale coders: always ask
             print(f"reusing {', '.join(selection)} {partition or ''}")
             continue
         print(f"materializing {', '.join(selection)} {partition or ''}", flush=True)
@@ -124,7 +129,7 @@ def print_results(root, coder: str, scorers: dict) -> None:
         print(f"{name}: {verdict(table[f'{name}_gap'], scorers[name].control_description())}")
 
 
-def cache(data_dir: str, coder_keys: list[str], batch_size: int, checkpoint_entries: int) -> None:
+def cache(data_dir: str, coder_keys: list[str], batch_size: int, checkpoint_entries: int, latents_per_shard: int) -> None:
     """Cache activations outside Dagster (same code as the asset), e.g. on a GPU box or in tests."""
     from assets.activations import cache_activations
     from resources.sparse_coders import load_registered
@@ -133,7 +138,7 @@ def cache(data_dir: str, coder_keys: list[str], batch_size: int, checkpoint_entr
 
     root = DataRoot.at(data_dir)
     coders = [load_registered(root.registry_dir, key) for key in coder_keys]
-    metas = cache_activations(coders, SubjectModelResource(batch_size=batch_size), root, checkpoint_entries=checkpoint_entries, log=print)
+    metas = cache_activations(coders, SubjectModelResource(batch_size=batch_size), root, checkpoint_entries=checkpoint_entries, latents_per_shard=latents_per_shard, log=print)
     for key, meta in metas.items():
         print(f"{key}: {meta['tokens']} tokens, {meta['live_latents']} live latents, mean L0 {meta['mean_l0']:.1f}, FVU {meta['fvu']}")
 
@@ -177,6 +182,38 @@ def search(data_dir: str, query: str, limit: int) -> None:
         print(f"{hit['_distance']:.3f}  {hit['coder']}  latent {hit['latent']}: {hit['explanation']}")
 
 
+def subject_model_of(deployment) -> tuple[str, str | None]:
+    """The deployment's subject model as (model, gguf_file): whose unembedding the logit lens reads."""
+    model = deployment.resources()["subject_model"]
+    return model.model, model.gguf_file
+
+
+def export_to(args, deployment) -> None:
+    if args.format == "neuronpedia":
+        from storage.exports.neuronpedia import export_neuronpedia
+
+        folder = export_neuronpedia(args.data, args.coder, args.dir, model_id=args.model_id, set_name=args.set_name, subject_model=subject_model_of(deployment))
+        print(f"wrote {folder}")
+    else:
+        from storage.exports.delphi import export_delphi
+
+        written = export_delphi(args.data, args.coder, args.dir, args.module)
+        print(f"wrote {args.dir}: " + ", ".join(f"{n} {kind}" for kind, n in written.items()))
+
+
+def view_latents(deployment, host: str, port: int | None) -> None:
+    """`autointerp view`: the latent browser with the deployment's embedder (search), subject model
+    (logit lens) and Dagster URL (links to partitions)."""
+    from urllib.parse import urlsplit
+
+    from autointerp_defs.viewer.server import serve
+
+    resources = deployment.resources()
+    settings = resources["settings"]
+    port = port if port is not None else (urlsplit(settings.viewer_url).port or 8080)
+    serve(deployment.data_dir, host, port, embed=resources["embedder"].embed, dagster_url=settings.dagster_url, subject_model=subject_model_of(deployment))
+
+
 def main(argv: list[str] | None = None) -> None:
     """The command line; a mistake the user can fix ends with its one-line message, not a traceback."""
     from autointerp_defs.deployments import DeploymentError
@@ -184,10 +221,12 @@ def main(argv: list[str] | None = None) -> None:
     from resources.steering import SteeringError
     from resources.subject_model import UnknownHookpointError
     from storage.atomic import LockedError
+    from storage.exports.reader import ExportInputError
 
     try:
         return _main(argv)
-    except (DeploymentError, LockedError, RegistryError, CoderFormatError, CoderShapeError, PermissionError, SteeringError, UnknownHookpointError) as error:
+    except (DeploymentError, LockedError, RegistryError, CoderFormatError, CoderShapeError, PermissionError, ExportInputError, SteeringError,
+            UnknownHookpointError) as error:
         sys.exit(f"autointerp {' '.join(argv if argv is not None else sys.argv[1:])}: {error}")
 
 
@@ -212,12 +251,28 @@ def _main(argv: list[str] | None = None) -> None:
     ui.add_argument("--host", default="127.0.0.1")
     ui.add_argument("--port", type=int, default=3000)
     steering = commands.add_parser("steer", help="continue a prompt with and without one latent steered, side by side")
-    steering.add_argument("coder", help="coder partition key, e.g. smollm2-topk/model.layers.15")
+    steering.add_argument("coder", help="coder key, e.g. smollm2-topk/model.layers.15")
     steering.add_argument("latent", type=int)
     steering.add_argument("prompt")
     steering.add_argument("--strength", type=float, default=2.0, help="added to the latent at every position, in units of its max cached activation (default 2)")
     steering.add_argument("--tokens", type=int, default=32, help="tokens to generate (default 32)")
     steering.add_argument("--absolute", action="store_true", help="strength in the coder's own units (no activation cache needed)")
+    view = commands.add_parser("view", help="the latent browser (coders, latents, latent pages) from the data root, on the port of [settings] viewer_url (8080)")
+    view.add_argument("--host", default="127.0.0.1")
+    view.add_argument("--port", type=int, default=None, help="default: the port of the deployment's [settings] viewer_url, where Dagster's links point")
+    export = commands.add_parser("export", help="write a coder's latents in another tool's format")
+    export.add_argument("format", choices=["neuronpedia", "delphi"])
+    export.add_argument("coder", help="coder partition key, e.g. smollm2-topk/model.layers.15")
+    export.add_argument("dir", help="output folder")
+    export.add_argument("--model-id", help="neuronpedia: the model's id there (default: the subject model's name)")
+    export.add_argument("--set-name", help="neuronpedia: the source set name (default: the coder's name)")
+    export.add_argument("--module", help="delphi: the module name in file names (default: the hookpoint)")
+    importing = commands.add_parser("import", help="read another tool's explanations into a coder, to be scored here with controls")
+    importing.add_argument("format", choices=["delphi"])
+    importing.add_argument("coder", help="coder partition key, e.g. smollm2-topk/model.layers.15")
+    importing.add_argument("dir", help="delphi's run folder (holding explanations/) or its explanations folder")
+    importing.add_argument("--module", help="which module's explanations, when the folder holds several")
+    importing.add_argument("--model", default="delphi", help="the explainer model's name to record")
     find = commands.add_parser("search", help="semantic search over stored explanations")
     find.add_argument("query")
     find.add_argument("--limit", type=int, default=10)
@@ -237,11 +292,21 @@ def _main(argv: list[str] | None = None) -> None:
 
         sys.exit(serve(args.host, args.port))
     elif args.command == "cache":
-        cache(args.data, args.coders, args.batch_size, args.checkpoint_entries)
+        cache(args.data, args.coders, args.batch_size, args.checkpoint_entries, deployment.latents_per_shard)
     elif args.command == "steer":
         steer(args.data, deployment.resources()["subject_model"], args.coder, args.latent, args.prompt, args.strength, args.tokens, args.absolute)
     elif args.command == "search":
         search(args.data, args.query, args.limit)
+    elif args.command == "export":
+        export_to(args, deployment)
+    elif args.command == "import":
+        from storage.exports.delphi import import_delphi
+
+        imported = import_delphi(args.data, args.coder, args.dir, args.module, args.model, embed=deployment.resources()["embedder"].embed)
+        for shard, latents in imported.items():
+            print(f"shard {shard}: imported {len(latents)} explanations; score them: --select 'scores/*' --partition \"{args.coder}|{shard}\"")
+    elif args.command == "view":
+        view_latents(deployment, args.host, args.port)
 
 
 if __name__ == "__main__":

@@ -59,6 +59,12 @@ class Deployment:
     def data_dir(self) -> str:
         return self.values.get("settings", {}).get("data_dir", "data")
 
+    @property
+    def latents_per_shard(self) -> int:
+        from resources.settings import AutointerpSettings
+
+        return int(self.values.get("settings", {}).get("latents_per_shard", AutointerpSettings().latents_per_shard))
+
     def fail(self, problem: str) -> DeploymentError:
         return DeploymentError(f"{self.path}: {problem}")
 

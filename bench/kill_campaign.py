@@ -31,6 +31,7 @@ sys.path.insert(0, str(ROOT))
 
 CODER = "random-topk/model.layers.3"  # trained briefly: a random coder fails the health check (FVU > 1)
 PARTITION = f"{CODER}|00"
+WIDTH = 1152
 STAGES = ("cache", "exemplars", "explanations", "scores")
 ASSET = {"exemplars": "exemplars", "explanations": "explanations", "scores": "scores/detection"}
 
@@ -58,7 +59,7 @@ def prepare(data: Path) -> None:
     build_corpus(CorpusConfig(ctx_len=64, n_tokens=64 * 96, seed=3), subject.tokenizer(), root)
     tokens = torch.from_numpy(load_corpus(root).tokens[:48]).long()
     hidden = capture_hookpoints(subject.causal_lm(), tokens, {("model.layers.3", "output")})[("model.layers.3", "output")]
-    coder = train_topk_sae(hidden[:, 1:].flatten(0, 1), width=1152, k=16, name="random-topk", hookpoint="model.layers.3", epochs=2, batch_size=256)
+    coder = train_topk_sae(hidden[:, 1:].flatten(0, 1), width=WIDTH, k=16, name="random-topk", hookpoint="model.layers.3", epochs=2, batch_size=256)
     save_sparsify(coder, root.registry_dir / "random-topk" / "model.layers.3")
 
 
@@ -66,6 +67,7 @@ def materialize_stage(stage: str, data: str, url: str) -> None:
     """One Dagster materialization of `stage` on `data` (this is what each killed process runs)."""
     from dagster import DagsterInstance, materialize
 
+    from assets.partitions import DEFAULT_LATENTS_PER_SHARD, shard_partition_keys
     from autointerp_defs.definitions import build_definitions
     from resources.embedder import EmbedderResource
     from resources.llm import LLMResource
@@ -73,7 +75,7 @@ def materialize_stage(stage: str, data: str, url: str) -> None:
     from resources.subject_model import SubjectModelResource
 
     instance = DagsterInstance.ephemeral()
-    instance.add_dynamic_partitions("coder", [CODER])
+    instance.add_dynamic_partitions("shard", shard_partition_keys(CODER, WIDTH, DEFAULT_LATENTS_PER_SHARD))
     resources = {"settings": AutointerpSettings(data_dir=data, max_latents_per_shard=24), "subject_model": SubjectModelResource(batch_size=8),
                  "llm": LLMResource(backend="openai", base_url=url, model="scripted", max_concurrency=4), "embedder": EmbedderResource()}
     config = {"ops": {"exemplars": {"config": {"n_examples_train": 6, "n_examples_test": 5, "n_non_activating": 5, "example_ctx_len": 16,
@@ -90,14 +92,15 @@ def command(stage: str, data: Path, url: str) -> list[str]:
 
 def results(stage: str, data: Path) -> dict:
     """What a stage produced, as comparable values."""
-    from storage.activations import load_latent_stats, read_shard, shard_keys
+    from assets.partitions import DEFAULT_LATENTS_PER_SHARD
+    from storage.activations import LATENT_STATS_FILE, load_latent_stats, read_shard, shard_count, shard_keys
     from storage.layout import DataRoot
 
     root = DataRoot.at(data)
     if stage == "cache":
         acts = root.activations_dir(CODER)
-        out = {f"shard {k}": (read_shard(acts, k).locations.tolist(), read_shard(acts, k).activations.tolist()) for k in shard_keys(8)}
-        stats = load_latent_stats(acts / "latent_stats.safetensors")
+        out = {f"shard {k}": (read_shard(acts, k).locations.tolist(), read_shard(acts, k).activations.tolist()) for k in shard_keys(shard_count(WIDTH, DEFAULT_LATENTS_PER_SHARD))}
+        stats = load_latent_stats(acts / LATENT_STATS_FILE)
         return out | {f"stats {k}": np.asarray(v).tolist() for k, v in stats.items()}
     path = {"exemplars": root.exemplars_path(CODER, "00"), "explanations": root.explanations_path(CODER, "00"),
             "scores": root.scores_path(CODER, "00", "detection")}[stage]

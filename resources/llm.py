@@ -21,7 +21,7 @@ import sqlite3
 import threading
 import time
 from contextlib import asynccontextmanager, contextmanager
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Awaitable, Callable, Literal, Protocol, TypeVar
 
@@ -491,7 +491,7 @@ class ResponseCache:
 
     def put(self, key: str, completion: Completion) -> None:
         with self._connect() as db:
-            db.execute("INSERT OR REPLACE INTO responses VALUES (?, ?)", (key, json.dumps(asdict(completion))))
+            db.execute("INSERT OR REPLACE INTO responses VALUES (?, ?)", (key, json.dumps(vars(completion))))  # the fields as asdict gives them, without its deep copy
 
     def forget(self, key: str) -> None:
         with self._connect() as db:
@@ -533,11 +533,47 @@ class Ledger:
         return out
 
 
+class EndpointSlots:
+    """At most `n` requests in flight to one endpoint from every process that shares the folder (all
+    runs on one data root): `n` slot files, and a request holds an exclusive lock on one of them while
+    it is sent. Concurrent Dagster runs then share the endpoint's concurrency instead of multiplying
+    it; a killed process's locks go with it."""
+
+    def __init__(self, folder: Path, n: int):
+        folder.mkdir(parents=True, exist_ok=True)
+        self.paths = [folder / f"slot-{i:04d}.lock" for i in range(max(1, n))]
+
+    def _try_take(self) -> int | None:
+        import fcntl
+
+        for path in random.sample(self.paths, len(self.paths)):  # random order: processes rarely try the same slot
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                return fd
+            except BlockingIOError:
+                os.close(fd)
+        return None
+
+    @asynccontextmanager
+    async def hold(self):
+        wait = 0.002
+        while (fd := self._try_take()) is None:
+            await asyncio.sleep(wait)
+            wait = min(0.05, wait * 2)
+        try:
+            yield
+        finally:
+            os.close(fd)  # closing the only descriptor releases its lock
+
+
 class ProductionClient:
-    """Cache → budget → bounded concurrency → retries → backend, recording everything in the ledger."""
+    """Cache → budget → bounded concurrency (this process, and across processes with `slots`) → retries →
+    backend, recording everything in the ledger."""
 
     def __init__(self, inner: LLMClient, model_id: str, cache: ResponseCache | None, ledger: Ledger, max_concurrency: int,
-                 max_attempts: int = 6, backoff_s: float = 0.5, max_backoff_s: float = 30.0, context_window: int | None = None):
+                 max_attempts: int = 6, backoff_s: float = 0.5, max_backoff_s: float = 30.0, context_window: int | None = None,
+                 slots: EndpointSlots | None = None):
         self.inner = inner
         self.model_name = inner.model_name
         self.model_id = model_id
@@ -548,7 +584,9 @@ class ProductionClient:
         self.max_backoff_s = max_backoff_s
         self.context_window = context_window
         """The judge's context in tokens, if known: prompts are cut to fit it (`fits`)."""
-        self._semaphore = asyncio.Semaphore(max(1, max_concurrency))
+        self.max_concurrency = max(1, max_concurrency)
+        self._semaphore = asyncio.Semaphore(self.max_concurrency)
+        self._slots = slots
         self._in_flight: dict[str, asyncio.Future] = {}
         self._first_answered = False
         self._first_lock: asyncio.Lock | None = None
@@ -617,7 +655,7 @@ class ProductionClient:
             self._in_flight.pop(key, None)
 
     async def _send(self, key: str, messages, params: dict) -> Completion:
-        async with self._semaphore:
+        async with self._semaphore, (self._slots.hold() if self._slots else _nothing()):
             completion = None
             if not self._first_answered and getattr(self.inner, "remote", False):
                 # The first request to a remote endpoint goes alone: a wrong key, model or format then costs
@@ -673,6 +711,11 @@ class ProductionClient:
         raise AssertionError("unreachable")
 
 
+@asynccontextmanager
+async def _nothing():
+    yield
+
+
 async def gather_with_progress(jobs: list[Awaitable[T]], report: Callable[[str], None] | None, label: str) -> list[T]:
     """Await all `jobs` (results in order), reporting roughly every tenth of them as they finish."""
     done, step, started = 0, max(1, len(jobs) // 10), time.perf_counter()
@@ -695,7 +738,7 @@ class LLMResource(ConfigurableResource):
     base_url: str | None = Field(default=None, description="Endpoint for backend 'openai', e.g. http://127.0.0.1:8000/v1 (vLLM) or https://openrouter.ai/api/v1.")
     model: str = Field(default="embedded", description="Model name sent to the endpoint; for 'embedded' a GGUF path or 'embedded'; for 'vllm' a HF id or path.")
     api_key: str | None = Field(default=None, description="Set with EnvVar('OPENAI_API_KEY') (or your provider's variable); never a literal.")
-    max_concurrency: int | None = Field(default=None, description="Requests in flight at once; default 8 for 'embedded' and 'openai', 256 for 'vllm' (its batch size: offline vLLM is fast only in large batches).")
+    max_concurrency: int | None = Field(default=None, description="Requests in flight at once; default 8 for 'embedded' and 'openai', 256 for 'vllm' (its batch size: offline vLLM is fast only in large batches). For 'openai' it is the endpoint's limit shared by every run on the data root (EndpointSlots), not a per-run one.")
     max_attempts: int = Field(default=6, description="Attempts per request on 429 / 5xx / timeouts / connection errors (backoff doubles from 0.5 s, with jitter).")
     timeout_s: float = Field(default=120.0, description="Per-request timeout of HTTP backends.")
     n_ctx: int = Field(default=2048, description="Context window of the embedded model.")
@@ -745,7 +788,11 @@ class LLMResource(ConfigurableResource):
         if cache is not None:
             self._opened_caches.append(cache)
         ledger = Ledger(prices, self.max_requests, self.max_cost)
-        return ProductionClient(self.backend_client(), self.model_id(), cache, ledger, self.concurrency(), self.max_attempts, context_window=self.judge_context())
+        slots = None
+        if self.backend == "openai" and default_cache_dir is not None:  # one limit per endpoint and model for every run on this data root
+            slots = EndpointSlots(default_cache_dir / "slots" / hashlib.sha256(self.model_id().encode()).hexdigest()[:16], self.concurrency())
+        return ProductionClient(self.backend_client(), self.model_id(), cache, ledger, self.concurrency(), self.max_attempts,
+                                context_window=self.judge_context(), slots=slots)
 
     def judge_context(self) -> int | None:
         if self.context_window is not None:

@@ -1,4 +1,5 @@
-"""Settings shared by every stage: where data lives and how much of each shard a run explains."""
+"""Settings shared by every stage: where data lives, how much of each shard a run explains, and where
+the latent browser and the Dagster UI are reached (for the links between them)."""
 from __future__ import annotations
 
 from dagster import ConfigurableResource
@@ -9,7 +10,10 @@ from storage.layout import DataRoot
 
 class AutointerpSettings(ConfigurableResource):
     data_dir: str = Field(default="data", description="Root of all stored data; a relative path is relative to the working directory.")
+    latents_per_shard: int = Field(default=1024, ge=1, description="Latents per shard partition: a coder of width W gets ceil(W / latents_per_shard) partitions. About ten minutes of LLM work at the default endpoint concurrency; set when a coder is registered (changing it later gives newly registered coders the new size).")
     max_latents_per_shard: int = Field(default=0, description="Explain and score at most this many live latents per shard (0 = all). The CPU deployment keeps it small.")
+    viewer_url: str = Field(default="http://127.0.0.1:8080", description="Where the latent browser (`autointerp view`) is reached: the `explanations` and `score_summary` metadata link to its coder and latent pages.")
+    dagster_url: str = Field(default="http://127.0.0.1:3000", description="Where the Dagster UI is reached: the latent browser's pages link to their asset partitions there.")
     allow_empty_results: bool = Field(default=False, description="Let a run whose table is empty replace one that holds results (a deliberate re-run); off, such a run fails and the table is kept.")
 
     @property

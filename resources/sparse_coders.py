@@ -398,3 +398,17 @@ def load_registered(registry: Path, key: str) -> SparseCoder:
             f"Registered coders: {scan_registry(registry) or 'none'}."
         )
     return load_coder_folder(folder, name, hookpoint)
+
+
+def registered_width(registry: Path, key: str) -> int:
+    """Latents of a registered coder, from its weights' header where it has one (no tensor is read), else by loading it."""
+    name, _, hookpoint = key.partition("/")
+    folder = registry / name / hookpoint
+    fmt, weights = coder_format(folder)
+    if weights.suffix == ".safetensors":
+        from safetensors import safe_open
+
+        with safe_open(str(weights), "pt") as f:
+            if "W_dec" in f.keys():
+                return int(f.get_slice("W_dec").get_shape()[0])
+    return load_registered(registry, key).width

@@ -2,7 +2,7 @@
 
 Layout of `activations/<coder>/` (documented for users in the README):
 
-- `meta.json`: coder, hookpoint, width, n_shards, corpus hash, token counts.
+- `meta.json`: coder, hookpoint, width, latents_per_shard, n_shards, the cache's identity, token counts.
 - `latent_stats.safetensors`: per latent `count` (int64, tokens where it fired),
   `max` (float32, largest activation) and `sum` (float64, sum of activations); `tokens` (int64
   `[1]`, tokens cached). The same format holds the running statistics at each checkpoint.
@@ -27,20 +27,24 @@ CHUNK_ENTRIES = 1 << 20
 """Pairs buffered over all shards before a checkpoint writes them (16 MiB)."""
 
 
+def shard_count(width: int, latents_per_shard: int) -> int:
+    """Shards of a coder: each holds `latents_per_shard` latents, the last one the rest."""
+    return max(1, -(-width // latents_per_shard))
+
+
 def shard_keys(n_shards: int) -> list[str]:
-    width = max(2, len(str(n_shards - 1)))
-    return [str(i).zfill(width) for i in range(n_shards)]
+    digits = max(2, len(str(n_shards - 1)))
+    return [str(i).zfill(digits) for i in range(n_shards)]
 
 
-def shard_latent_range(width: int, n_shards: int, shard_index: int) -> tuple[int, int]:
-    """Latents [start, end) of one shard; shards split the width as evenly as integers allow."""
-    return shard_index * width // n_shards, (shard_index + 1) * width // n_shards
+def shard_latent_range(width: int, latents_per_shard: int, shard_index: int) -> tuple[int, int]:
+    """Latents [start, end) of one shard."""
+    return shard_index * latents_per_shard, min(width, (shard_index + 1) * latents_per_shard)
 
 
-def shard_of_latents(latents: np.ndarray, width: int, n_shards: int) -> np.ndarray:
+def shard_of_latents(latents: np.ndarray, latents_per_shard: int) -> np.ndarray:
     """Index of the shard holding each latent (the inverse of `shard_latent_range`)."""
-    starts = np.array([shard_latent_range(width, n_shards, i)[0] for i in range(n_shards)])
-    return np.searchsorted(starts, latents, side="right") - 1
+    return np.asarray(latents) // latents_per_shard
 
 
 def shard_dir(activations_dir: Path, shard: str) -> Path:
@@ -51,20 +55,21 @@ class ShardedActivationWriter:
     """Buffers (location, activation) pairs by shard; `checkpoint()` writes every shard's buffer as
     chunk `chunk-<checkpoint>.safetensors`, atomically, so a crash never leaves half a chunk."""
 
-    def __init__(self, activations_dir: Path, width: int, n_shards: int, first_checkpoint: int = 0):
+    def __init__(self, activations_dir: Path, width: int, latents_per_shard: int, first_checkpoint: int = 0):
         self.activations_dir = activations_dir
         self.width = width
-        self.n_shards = n_shards
-        self.keys = shard_keys(n_shards)
+        self.latents_per_shard = latents_per_shard
+        self.n_shards = shard_count(width, latents_per_shard)
+        self.keys = shard_keys(self.n_shards)
         self.checkpoints = first_checkpoint
         self.buffered = 0
-        self._buffers: list[list[tuple[np.ndarray, np.ndarray]]] = [[] for _ in range(n_shards)]
+        self._buffers: list[list[tuple[np.ndarray, np.ndarray]]] = [[] for _ in range(self.n_shards)]
         for key in self.keys:
             shard_dir(activations_dir, key).mkdir(parents=True, exist_ok=True)
 
     def add(self, locations: np.ndarray, activations: np.ndarray) -> None:
         """Add `[n, 3]` int32 (sequence, position, latent) locations and their `[n]` activations."""
-        shard_of = shard_of_latents(locations[:, 2], self.width, self.n_shards)
+        shard_of = shard_of_latents(locations[:, 2], self.latents_per_shard)
         order = np.argsort(shard_of, kind="stable")
         counts = np.bincount(shard_of, minlength=self.n_shards)
         offsets = np.concatenate([[0], np.cumsum(counts)])
@@ -127,12 +132,13 @@ def read_shard(activations_dir: Path, shard: str) -> ShardActivations:
     return ShardActivations(locations[order], activations[order])
 
 
-def read_latents(activations_dir: Path, latents: np.ndarray, width: int, n_shards: int) -> ShardActivations:
+def read_latents(activations_dir: Path, latents: np.ndarray, width: int, latents_per_shard: int) -> ShardActivations:
     """Cached activations of some latents only, reading just the shards that hold them."""
     latents = np.unique(latents)
     parts = []
-    for i in np.unique(shard_of_latents(latents, width, n_shards)):
-        shard = read_shard(activations_dir, shard_keys(n_shards)[i])
+    names = shard_keys(shard_count(width, latents_per_shard))
+    for i in np.unique(shard_of_latents(latents, latents_per_shard)):
+        shard = read_shard(activations_dir, names[i])
         keep = np.isin(shard.locations[:, 2], latents)
         parts.append(ShardActivations(shard.locations[keep], shard.activations[keep]))
     if not parts:
@@ -155,10 +161,10 @@ def load_latent_stats(path: Path) -> dict[str, np.ndarray]:
     return load_file(str(path))
 
 
-def check_shard_complete(shard: ShardActivations, counts: np.ndarray, width: int, n_shards: int, shard_index: int) -> str | None:
+def check_shard_complete(shard: ShardActivations, counts: np.ndarray, width: int, latents_per_shard: int, shard_index: int) -> str | None:
     """Why a shard's chunks do not hold every pair the latent statistics counted (a chunk deleted or
     cut short), or None when they do: the statistics count one pair per token a latent fired on."""
-    start, end = shard_latent_range(width, n_shards, shard_index)
+    start, end = shard_latent_range(width, latents_per_shard, shard_index)
     expected, found = int(np.asarray(counts)[start:end].sum()), len(shard.locations)
     if expected != found:
         return f"its chunks hold {found} activations where the latent statistics counted {expected}"

@@ -33,7 +33,7 @@ def not_writable(folder: Path, error: OSError) -> PermissionError:
     """The error for a data folder this user cannot write, with the fix (not a library's traceback)."""
     return PermissionError(
         f"Cannot write under {folder}: {error.strerror or error}. Fix: make the data root writable by this user, "
-        f"or point AUTOINTERP_DATA (the `settings` resource's data_dir) at a folder that is."
+        f"or set the deployment's [settings] data_dir (or `autointerp --data`) to a folder that is."
     )
 
 

@@ -65,6 +65,17 @@ class ContextIndex:
             search = search.nprobes(ANN_NPROBES).refine_factor(ANN_REFINE_FACTOR)
         return np.asarray(search.to_arrow()["block"].to_numpy())
 
+    def nearest_many(self, queries: np.ndarray, limit: int) -> list[np.ndarray]:
+        """`nearest` of each row of `queries` `[n, dim]`, in one search: a flat search scans the table once for all."""
+        search = self.table.search(queries.astype(np.float32)).metric("cosine").limit(limit).select(["block", "_distance"])
+        if self.indexed:
+            search = search.nprobes(ANN_NPROBES).refine_factor(ANN_REFINE_FACTOR)
+        found = search.to_arrow()
+        which, blocks = found["query_index"].to_numpy(), np.asarray(found["block"].to_numpy())
+        order = np.argsort(which, kind="stable")  # keeps each query's answers nearest first
+        bounds = np.searchsorted(which[order], np.arange(len(queries) + 1))
+        return [blocks[order[a:b]] for a, b in zip(bounds[:-1], bounds[1:])]
+
 
 def ensure_contexts(db_dir: Path, name: str, build: Callable[[], tuple[list[str], np.ndarray]]) -> ContextIndex:
     """Open the contexts table `name`, building it first (once, under a lock) if it is missing."""

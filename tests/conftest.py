@@ -12,6 +12,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 TINY_CODER = "tiny-topk/model.layers.3"
+TEST_LATENTS_PER_SHARD = 144
+"""The tiny coder's 1152 latents in 8 shards, as tests have always cut it."""
 TINY_HOOKPOINT = "model.layers.3"
 
 
@@ -41,7 +43,7 @@ def make_resources(data_dir: Path, max_latents: int = 2, llm=None):
     from resources.subject_model import SubjectModelResource
 
     return {
-        "settings": AutointerpSettings(data_dir=str(data_dir), max_latents_per_shard=max_latents),
+        "settings": AutointerpSettings(data_dir=str(data_dir), max_latents_per_shard=max_latents, latents_per_shard=TEST_LATENTS_PER_SHARD),
         "subject_model": SubjectModelResource(batch_size=8),
         "llm": llm or LLMResource(max_concurrency=2),
         "embedder": EmbedderResource(),
@@ -104,7 +106,7 @@ def pipeline_until_exemplars(root: Path, instance):
 
     resources = make_resources(root, max_latents=3)
     materialize(all_assets(), selection=["corpus"], resources=resources, instance=instance, run_config={"ops": {"corpus": {"config": TINY_CORPUS_CONFIG}}})
-    materialize(all_assets(), selection=["activations"], partition_key=TINY_CODER, resources=resources, instance=instance)
+    materialize(all_assets(), selection=["activations"], partition_key=f"{TINY_CODER}|00", resources=resources, instance=instance)
     materialize(all_assets(), selection=["exemplars"], partition_key=f"{TINY_CODER}|00", resources=resources, instance=instance,
                 run_config={"ops": {"exemplars": {"config": TINY_EXEMPLARS_CONFIG}}})
 
@@ -116,3 +118,20 @@ def random_coder(width=64, d_in=16, k=4, seed=0):
     return SparseCoder("rand", "model.layers.1", "topk", d_in=d_in, width=width, encoder_weight=torch.randn(width, d_in, generator=g),
                        encoder_bias=torch.randn(width, generator=g) * 0.1, decoder_weight=torch.randn(width, d_in, generator=g),
                        decoder_bias=torch.randn(d_in, generator=g), k=k, subtract_decoder_bias=True)
+
+
+def add_coders(instance, root, *coders: str) -> list[str]:
+    """Add the shard partitions of registered coders, as the registry sensor does; a coder whose
+    width cannot be read (a broken one, on purpose) gets one shard. Returns the keys added."""
+    from assets.partitions import shard_partition_keys
+    from resources.sparse_coders import registered_width
+
+    keys = []
+    for coder in coders:
+        try:
+            width = registered_width(Path(root) / "registry", coder)
+        except Exception:
+            width = TEST_LATENTS_PER_SHARD
+        keys += shard_partition_keys(coder, width, TEST_LATENTS_PER_SHARD)
+    instance.add_dynamic_partitions("shard", keys)
+    return keys

@@ -46,6 +46,8 @@ class ScriptedLLMServer:
         self.headers: list[dict] = []
         self.arrivals: list[float] = []
         """`time.monotonic()` at each request's arrival, to see how long a client waited between them."""
+        self.in_flight = self.peak_in_flight = 0
+        """Completion requests being answered now, and the most there ever were at once."""
         self._loop = asyncio.new_event_loop()
         self._replies = ThreadPoolExecutor(max_workers=64, thread_name_prefix="scripted-reply")
         self._server = self._loop.run_until_complete(asyncio.start_server(self._serve, "127.0.0.1", port, backlog=512))
@@ -130,9 +132,14 @@ class ScriptedLLMServer:
         self.arrivals.append(time.monotonic())
         self.requests.append(request)
         self.headers.append(headers)
-        if self.delay_s:
-            await asyncio.sleep(self.delay_s)
-        text = await self._loop.run_in_executor(self._replies, self.reply, request["messages"])
+        self.in_flight += 1
+        self.peak_in_flight = max(self.peak_in_flight, self.in_flight)
+        try:
+            if self.delay_s:
+                await asyncio.sleep(self.delay_s)
+            text = await self._loop.run_in_executor(self._replies, self.reply, request["messages"])
+        finally:
+            self.in_flight -= 1
         if isinstance(text, Fault):
             return text
         if isinstance(text, (int, tuple)):

@@ -15,6 +15,7 @@ import asyncio
 import hashlib
 import json
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 from typing import Callable, ClassVar, Literal
 
@@ -49,29 +50,35 @@ class Example:
     label: int
     quantile: int
 
-    @property
+    @cached_property
     def text(self) -> str:
-        """The window as prompts show it (whitespace and document boundaries visible)."""
+        """The window as prompts show it (whitespace and document boundaries visible); rendered once,
+        though a latent's job and its control's both show it."""
         return highlight(self.token_strs, [False] * len(self.token_strs))
 
-    @property
+    @cached_property
     def marked_text(self) -> str:
         return highlight(self.token_strs, self.marks.tolist())
 
 
 def held_out_examples(rows: pd.DataFrame, vocab: list[str], rng: np.random.Generator) -> list[Example]:
     """A latent's windows in a seeded order, non-activating ones with random marks."""
-    activating = rows[rows["kind"] == "activating"]
-    typical_marks = max(1, int(np.median([np.count_nonzero(a) for a in activating["activations"]]))) if len(activating) else 1
+    return examples_of(*(rows[c].tolist() for c in ("kind", "quantile", "tokens", "activations")), vocab, rng)
+
+
+def examples_of(kinds: list[str], quantiles: list[int], tokens: list, activations: list, vocab: list[str], rng: np.random.Generator) -> list[Example]:
+    """`held_out_examples` of a latent's rows given as columns (a partition's columns are read once, not per latent)."""
+    counts = [np.count_nonzero(a) for a, kind in zip(activations, kinds) if kind == "activating"]
+    typical_marks = max(1, int(np.median(counts))) if counts else 1
     examples = []
-    for i, row in enumerate(rows.itertuples()):
-        acts = np.asarray(row.activations, np.float32)
-        is_activating = row.kind == "activating"
+    for i, (kind, quantile, ids, acts) in enumerate(zip(kinds, quantiles, tokens, activations)):
+        acts = np.asarray(acts, np.float32)
+        is_activating = kind == "activating"
         marks = acts > 0
         if not is_activating:
             marks = np.zeros(len(acts), bool)
             marks[rng.choice(len(acts), size=min(typical_marks, len(acts)), replace=False)] = True
-        examples.append(Example(i, list(row.tokens), [vocab[t] for t in row.tokens], acts, marks, int(is_activating), int(row.quantile) if is_activating else 0))
+        examples.append(Example(i, list(ids), [vocab[t] for t in ids], acts, marks, int(is_activating), int(quantile) if is_activating else 0))
     return [examples[i] for i in rng.permutation(len(examples))]
 
 
@@ -159,6 +166,10 @@ class Scorer:
     @classmethod
     def control_description(cls) -> str:
         return CONTROLS[cls.control]
+
+    async def prepare(self, jobs: list[Job]) -> None:
+        """Called once with every job of the partition (the controls' too) before any is scored, for work
+        the jobs share: the embedding scorer embeds each distinct window once here. Default: nothing."""
 
     async def score(self, job: Job) -> JobResult:
         raise NotImplementedError

@@ -18,7 +18,7 @@ from resources.sparse_coders import load_registered, save_neurons, save_sparsify
 from storage.activations import load_latent_stats, read_shard, shard_keys
 from storage.atomic import read_json
 from storage.layout import DataRoot
-from tests.conftest import TINY_CODER, TINY_CORPUS_CONFIG, make_resources
+from tests.conftest import add_coders, TEST_LATENTS_PER_SHARD, TINY_CODER, TINY_CORPUS_CONFIG, make_resources
 from tests.conftest import all_assets
 
 ALL_ASSETS = all_assets()
@@ -38,13 +38,13 @@ def same_cache(a: DataRoot, b: DataRoot, coder: str) -> None:
 def test_one_run_one_pass_for_several_coders(registered, subject):
     save_neurons(registered / "registry" / "tiny-neurons" / "model.layers.2.mlp.down_proj", d_in=1536, k=8)
     instance = DagsterInstance.ephemeral()
-    instance.add_dynamic_partitions("coder", [TINY_CODER, NEURONS])
+    keys = add_coders(instance, registered, TINY_CODER, NEURONS)
     resources = make_resources(registered)
     materialize(ALL_ASSETS, selection=["corpus"], resources=resources, instance=instance, run_config={"ops": {"corpus": {"config": TINY_CORPUS_CONFIG}}})
     both = materialize(ALL_ASSETS, selection=["activations"], resources=resources, instance=instance,
-                       tags={"dagster/asset_partition_range_start": TINY_CODER, "dagster/asset_partition_range_end": NEURONS})  # Dagster's documented range tags
+                       tags={"dagster/asset_partition_range_start": keys[0], "dagster/asset_partition_range_end": keys[-1]})  # Dagster's documented range tags
     assert both.success
-    assert set(instance.get_materialized_partitions(both.asset_materializations_for_node("activations")[0].asset_key)) == {TINY_CODER, NEURONS}
+    assert set(instance.get_materialized_partitions(both.asset_materializations_for_node("activations")[0].asset_key)) == set(keys)
     root = DataRoot.at(registered)
     for coder in (TINY_CODER, NEURONS):
         assert read_json(root.activations_dir(coder) / "meta.json")["sequences_forwarded_this_run"] == 48  # one pass, shared
@@ -54,7 +54,7 @@ def test_one_run_one_pass_for_several_coders(registered, subject):
     alone = DataRoot.at(registered / "alone")
     shutil.copytree(registered / "registry", alone.registry_dir)
     shutil.copytree(root.corpus_dir, alone.corpus_dir)
-    cache_activations([load_registered(alone.registry_dir, TINY_CODER)], subject, alone)
+    cache_activations([load_registered(alone.registry_dir, TINY_CODER)], subject, alone, latents_per_shard=TEST_LATENTS_PER_SHARD)
     same_cache(root, alone, TINY_CODER)
 
 
@@ -63,7 +63,10 @@ def test_killed_run_resumes_from_its_last_checkpoint_and_matches_an_uninterrupte
     build_corpus(CorpusConfig(ctx_len=64, n_tokens=64 * 240, seed=5), subject.tokenizer(), root)
     # the killed run forwards batches of the size the resumed and the fresh runs use (the fixture's 8): on
     # CPUs with AVX-512 a forward's last float bits depend on the batch size, not only on the tokens
-    command = [sys.executable, "-m", "autointerp_defs.cli", "--data", str(registered), "cache", TINY_CODER, "--batch-size", "8", "--checkpoint-entries", "900"]
+    deployment = registered / "deployment.toml"  # the shard size is a deployment setting
+    deployment.write_text(f"[settings]\nlatents_per_shard = {TEST_LATENTS_PER_SHARD}\n")
+    command = [sys.executable, "-m", "autointerp_defs.cli", "--deployment", str(deployment), "--data", str(registered), "cache", TINY_CODER,
+               "--batch-size", "8", "--checkpoint-entries", "900"]
     proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=True)
     progress_path = root.activations_dir(TINY_CODER) / "progress.json"
     deadline = time.time() + 240
@@ -78,13 +81,13 @@ def test_killed_run_resumes_from_its_last_checkpoint_and_matches_an_uninterrupte
     resumed_from = read_json(progress_path)["next_sequence"]
     assert 0 < resumed_from < 240
 
-    resumed = cache_activations([load_registered(root.registry_dir, TINY_CODER)], subject, root, checkpoint_entries=900)[TINY_CODER]
+    resumed = cache_activations([load_registered(root.registry_dir, TINY_CODER)], subject, root, checkpoint_entries=900, latents_per_shard=TEST_LATENTS_PER_SHARD)[TINY_CODER]
     assert resumed["sequences_forwarded_this_run"] == 240 - resumed_from  # cached sequences are not re-run
 
     fresh = DataRoot.at(registered / "fresh")
     shutil.copytree(root.registry_dir, fresh.registry_dir)
     shutil.copytree(root.corpus_dir, fresh.corpus_dir)
-    whole = cache_activations([load_registered(fresh.registry_dir, TINY_CODER)], subject, fresh)[TINY_CODER]
+    whole = cache_activations([load_registered(fresh.registry_dir, TINY_CODER)], subject, fresh, latents_per_shard=TEST_LATENTS_PER_SHARD)[TINY_CODER]
     assert whole["sequences_forwarded_this_run"] == 240
     same_cache(root, fresh, TINY_CODER)
     assert resumed["tokens"] == whole["tokens"] and resumed["fvu"] == pytest.approx(whole["fvu"])
@@ -107,7 +110,7 @@ def write_progress(directory, progress):
 
 activations.write_progress = write_progress
 root = DataRoot.at(sys.argv[1])
-activations.cache_activations([load_registered(root.registry_dir, sys.argv[2])], SubjectModelResource(batch_size=8), root, checkpoint_entries=900)
+activations.cache_activations([load_registered(root.registry_dir, sys.argv[2])], SubjectModelResource(batch_size=8), root, checkpoint_entries=900, latents_per_shard=144)
 """
 
 
@@ -119,11 +122,11 @@ def test_a_kill_between_the_statistics_and_progress_writes_does_not_count_sequen
     progress = read_json(root.activations_dir(TINY_CODER) / "progress.json")
     assert progress["checkpoints"] == 2  # the third checkpoint was written but never committed
 
-    cache_activations([load_registered(root.registry_dir, TINY_CODER)], subject, root, checkpoint_entries=900)
+    cache_activations([load_registered(root.registry_dir, TINY_CODER)], subject, root, checkpoint_entries=900, latents_per_shard=TEST_LATENTS_PER_SHARD)
     fresh = DataRoot.at(registered / "fresh")
     shutil.copytree(root.registry_dir, fresh.registry_dir)
     shutil.copytree(root.corpus_dir, fresh.corpus_dir)
-    cache_activations([load_registered(fresh.registry_dir, TINY_CODER)], subject, fresh)
+    cache_activations([load_registered(fresh.registry_dir, TINY_CODER)], subject, fresh, latents_per_shard=TEST_LATENTS_PER_SHARD)
     same_cache(root, fresh, TINY_CODER)
     resumed, whole = (load_latent_stats(r.activations_dir(TINY_CODER) / "latent_stats.safetensors") for r in (root, fresh))
     assert int(resumed["tokens"][0]) == int(whole["tokens"][0]) == 64 * 63
@@ -138,10 +141,10 @@ def test_broken_coder_fails_the_health_check(registered, tiny_sae, breakage, pro
         broken.decoder_bias = tiny_sae.decoder_bias + 1e3
     save_sparsify(broken, registered / "registry" / "broken" / "model.layers.3")
     instance = DagsterInstance.ephemeral()
-    instance.add_dynamic_partitions("coder", ["broken/model.layers.3"])
+    add_coders(instance, registered, "broken/model.layers.3")
     resources = make_resources(registered)
     materialize(ALL_ASSETS, selection=["corpus"], resources=resources, instance=instance, run_config={"ops": {"corpus": {"config": TINY_CORPUS_CONFIG}}})
-    result = materialize(ALL_ASSETS, selection=["activations"], partition_key="broken/model.layers.3", resources=resources, instance=instance, raise_on_error=False)
+    result = materialize(ALL_ASSETS, selection=["activations"], partition_key="broken/model.layers.3|00", resources=resources, instance=instance, raise_on_error=False)
     check = result.get_asset_check_evaluations()[0]
     assert not check.passed and check.severity.value == "ERROR" and not result.success  # the check blocks the run
     assert problem in check.metadata["broken/model.layers.3"].value
@@ -153,7 +156,10 @@ def test_broken_coder_fails_the_health_check(registered, tiny_sae, breakage, pro
 def test_a_second_cache_of_the_same_coder_stops_at_once_with_the_holder(registered, subject):
     root = DataRoot.at(registered)
     build_corpus(CorpusConfig(ctx_len=64, n_tokens=64 * 240, seed=5), subject.tokenizer(), root)
-    command = [sys.executable, "-m", "autointerp_defs.cli", "--data", str(registered), "cache", TINY_CODER, "--batch-size", "8", "--checkpoint-entries", "900"]
+    deployment = registered / "deployment.toml"  # the shard size is a deployment setting
+    deployment.write_text(f"[settings]\nlatents_per_shard = {TEST_LATENTS_PER_SHARD}\n")
+    command = [sys.executable, "-m", "autointerp_defs.cli", "--deployment", str(deployment), "--data", str(registered), "cache", TINY_CODER,
+               "--batch-size", "8", "--checkpoint-entries", "900"]
     first = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=True)
     try:
         progress_path = root.activations_dir(TINY_CODER) / "progress.json"

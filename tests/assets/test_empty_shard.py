@@ -5,7 +5,7 @@ from dagster import DagsterInstance, materialize
 
 from assets.scorers import SCORERS
 from storage.layout import DataRoot
-from tests.conftest import TINY_CODER, TINY_CORPUS_CONFIG, TINY_EXEMPLARS_CONFIG, make_resources
+from tests.conftest import add_coders, TINY_CODER, TINY_CORPUS_CONFIG, TINY_EXEMPLARS_CONFIG, make_resources
 from tests.scripted_llm_server import ScriptedLLMServer, answer_by_prompt
 from tests.conftest import llm_resource as resource
 from tests.conftest import all_assets
@@ -31,7 +31,7 @@ def same_kind(empty: pa.DataType, full: pa.DataType) -> bool:
 
 def test_shard_without_explainable_latent_gives_typed_empty_tables_and_a_summary(registered):
     instance = DagsterInstance.ephemeral()
-    instance.add_dynamic_partitions("coder", [TINY_CODER])
+    add_coders(instance, registered, TINY_CODER)
     root = DataRoot.at(registered)
     with ScriptedLLMServer(answer_by_prompt) as server:
         resources = make_resources(registered, max_latents=2, llm=resource(server))
@@ -43,14 +43,14 @@ def test_shard_without_explainable_latent_gives_typed_empty_tables_and_a_summary
             return result
 
         materialize(ALL_ASSETS, selection=["corpus"], resources=resources, instance=instance, run_config={"ops": {"corpus": {"config": TINY_CORPUS_CONFIG}}})
-        run(["activations"], TINY_CODER)
+        run(["activations"], f"{TINY_CODER}|00")
         empty = run(["exemplars", "explanations", *SCORER_KEYS], f"{TINY_CODER}|01", NO_LATENT_QUALIFIES)
-        nothing = run(["score_summary"], TINY_CODER)  # only the empty shard is scored yet
+        nothing = run(["score_summary"], None)  # only the empty shard is scored yet
         assert typed_columns(root.score_summary_path(TINY_CODER)) == {"latent": pa.int64(), "shard": pa.large_string(), "explanation": pa.large_string(), "mean_gap": pa.float64()}
         assert nothing.asset_materializations_for_node("score_summary")[0].metadata["latents"].value == 0
         assert not server.requests  # an empty shard is no work for the LLM
         run(["exemplars", "explanations", *SCORER_KEYS], f"{TINY_CODER}|00")
-        summary = run(["score_summary"], TINY_CODER)
+        summary = run(["score_summary"], None)
 
     def metadata(node):
         return {k: v.value for k, v in empty.asset_materializations_for_node(node)[0].metadata.items()}

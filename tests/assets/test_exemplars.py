@@ -163,6 +163,11 @@ def test_contexts_table_is_built_once_under_concurrency_and_searchable(tmp_path)
     assert index.table.count_rows() == 300
     exact = np.argsort(-(vectors @ vectors[17]))[:5]
     assert list(index.nearest(vectors[17], 5)) == list(exact)
+    # one search for many queries answers each as its own search does, and a longer answer starts with the
+    # shorter one: exemplars search all latents' hard negatives at once and cut each answer on that ground
+    queries = vectors[[17, 3, 250]] + 0.1 * rng.normal(size=(3, 32)).astype(np.float32)
+    for query, found in zip(queries, index.nearest_many(queries, 40)):
+        assert list(found) == list(index.nearest(query, 40)) and list(found[:7]) == list(index.nearest(query, 7))
 
 
 def _upsert(db_dir, start):

@@ -11,7 +11,7 @@ from dagster import DagsterInstance, materialize
 from autointerp_defs.definitions import build_definitions
 from resources.llm import LLMResource
 from storage.layout import DataRoot
-from tests.conftest import TINY_CODER, TINY_CORPUS_CONFIG, TINY_EXEMPLARS_CONFIG, TINY_HOOKPOINT, make_resources
+from tests.conftest import TINY_CODER, TINY_CORPUS_CONFIG, TINY_EXEMPLARS_CONFIG, TINY_HOOKPOINT, add_coders, make_resources
 from tests.scripted_llm_server import ScriptedLLMServer
 
 PARTITION = f"{TINY_CODER}|00"
@@ -37,11 +37,11 @@ def partition(tmp_path_factory, tiny_sae):
     root = tmp_path_factory.mktemp("output_side")
     save_sparsify(tiny_sae, root / "registry" / "tiny-topk" / TINY_HOOKPOINT)
     instance = DagsterInstance.ephemeral()
-    instance.add_dynamic_partitions("coder", [TINY_CODER])
+    add_coders(instance, root, TINY_CODER)
     assets = list(build_definitions("local").assets)
     resources = make_resources(root)
     materialize(assets, selection=["corpus"], resources=resources, instance=instance, run_config={"ops": {"corpus": {"config": TINY_CORPUS_CONFIG}}})
-    materialize(assets, selection=["activations"], partition_key=TINY_CODER, resources=resources, instance=instance)
+    materialize(assets, selection=["activations"], partition_key=PARTITION, resources=resources, instance=instance)
     exemplars = {**TINY_EXEMPLARS_CONFIG, "non_activating_sources": ["random"]}
     materialize(assets, selection=["exemplars"], partition_key=PARTITION, resources=resources, instance=instance, run_config={"ops": {"exemplars": {"config": exemplars}}})
     return root, instance

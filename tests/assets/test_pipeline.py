@@ -9,7 +9,7 @@ from dagster import DagsterInstance
 from autointerp_defs.deployments import load_deployment
 from storage.activations import load_latent_stats, read_shard, shard_keys
 from storage.layout import DataRoot
-from tests.conftest import TINY_CODER, TINY_CORPUS_CONFIG, TINY_EXEMPLARS_CONFIG, all_assets, make_resources, run
+from tests.conftest import add_coders, TINY_CODER, TINY_CORPUS_CONFIG, TINY_EXEMPLARS_CONFIG, all_assets, make_resources, run
 
 ALL_ASSETS = all_assets()
 E2E_SCORERS = (*load_deployment("local").automated_scorers, "surprisal")  # the local deployment's automated scorers, and surprisal (cheap on tiny data)
@@ -22,12 +22,12 @@ def corpus_config():
 
 def test_every_asset_for_one_partition_end_to_end(registered):
     instance = DagsterInstance.ephemeral()
-    instance.add_dynamic_partitions("coder", [TINY_CODER])
+    add_coders(instance, registered, TINY_CODER)
     resources = make_resources(registered, max_latents=2)
     root = DataRoot.at(registered)
 
     run(["corpus"], None, resources, instance, corpus_config())
-    cached = run(["activations"], TINY_CODER, resources, instance)
+    cached = run(["activations"], f"{TINY_CODER}|00", resources, instance)
     meta = cached.asset_materializations_for_node("activations")[0].metadata
     assert meta["tokens_cached"].value == 48 * 63  # BOS positions are not cached
     assert meta["live_latents"].value > 100
@@ -75,7 +75,7 @@ def test_every_asset_for_one_partition_end_to_end(registered):
         for name in ("surprisal", "embedding"):  # scores without an LLM answer: always an AUC
             assert pd.read_parquet(root.scores_path(TINY_CODER, "00", name)).roc_auc.between(0, 1).all()
 
-    summary = run(["score_summary"], TINY_CODER, resources, instance)
+    summary = run(["score_summary"], None, resources, instance)
     table = pd.read_parquet(root.score_summary_path(TINY_CODER))
     assert len(table) == n_ok
     if n_ok:
@@ -90,11 +90,11 @@ def test_unknown_hookpoint_stops_activations_with_the_fix(registered, tiny_sae):
 
     save_sparsify(tiny_sae, registered / "registry" / "tiny-topk" / "model.layer.3")
     instance = DagsterInstance.ephemeral()
-    instance.add_dynamic_partitions("coder", ["tiny-topk/model.layer.3"])
+    add_coders(instance, registered, "tiny-topk/model.layer.3")
     resources = make_resources(registered)
     run(["corpus"], None, resources, instance, corpus_config())
     with pytest.raises(Exception, match=r"Unknown hookpoint 'model.layer.3'.*Fix"):
-        run(["activations"], "tiny-topk/model.layer.3", resources, instance)
+        run(["activations"], "tiny-topk/model.layer.3|00", resources, instance)
 
 
 def test_coder_of_the_wrong_width_stops_activations(registered, tiny_sae):
@@ -104,18 +104,18 @@ def test_coder_of_the_wrong_width_stops_activations(registered, tiny_sae):
                          encoder_bias=tiny_sae.encoder_bias, decoder_weight=tiny_sae.decoder_weight[:, :512], decoder_bias=tiny_sae.decoder_bias[:512], k=8)
     save_sparsify(narrow, registered / "registry" / "narrow" / "model.layers.3")
     instance = DagsterInstance.ephemeral()
-    instance.add_dynamic_partitions("coder", ["narrow/model.layers.3"])
+    add_coders(instance, registered, "narrow/model.layers.3")
     resources = make_resources(registered)
     run(["corpus"], None, resources, instance, corpus_config())
     with pytest.raises(Exception, match=r"expects inputs of width 512.*gives width 576"):
-        run(["activations"], "narrow/model.layers.3", resources, instance)
+        run(["activations"], "narrow/model.layers.3|00", resources, instance)
 
 
 def test_missing_registry_stops_activations(tmp_path):
     instance = DagsterInstance.ephemeral()
-    instance.add_dynamic_partitions("coder", [TINY_CODER])
+    add_coders(instance, tmp_path, TINY_CODER)
     with pytest.raises(Exception, match=r"registry directory .* does not exist\. Fix"):
-        run(["activations"], TINY_CODER, make_resources(tmp_path), instance)
+        run(["activations"], f"{TINY_CODER}|00", make_resources(tmp_path), instance)
 
 
 def test_unreachable_llm_endpoint_stops_explanations(registered):
@@ -123,10 +123,10 @@ def test_unreachable_llm_endpoint_stops_explanations(registered):
     from autointerp_defs.ui import free_port
 
     instance = DagsterInstance.ephemeral()
-    instance.add_dynamic_partitions("coder", [TINY_CODER])
+    add_coders(instance, registered, TINY_CODER)
     resources = make_resources(registered)
     run(["corpus"], None, resources, instance, corpus_config())
-    run(["activations"], TINY_CODER, resources, instance)
+    run(["activations"], f"{TINY_CODER}|00", resources, instance)
     run(["exemplars"], f"{TINY_CODER}|00", resources, instance, {"ops": {"exemplars": {"config": TINY_EXEMPLARS_CONFIG}}})
     dead = LLMResource(backend="openai", base_url=f"http://127.0.0.1:{free_port()}/v1", model="m")
     with pytest.raises(Exception, match=r"Cannot reach the LLM endpoint at http://127\.0\.0\.1.*Fix"):

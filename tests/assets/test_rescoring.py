@@ -5,7 +5,7 @@ from dagster import AssetKey, DagsterInstance, evaluate_automation_conditions, m
 
 from assets.prompts import FUZZING_SYSTEM
 from autointerp_defs.definitions import build_definitions
-from tests.conftest import TINY_CODER, make_resources
+from tests.conftest import add_coders, TINY_CODER, make_resources
 from tests.scripted_llm_server import ScriptedLLMServer
 from tests.conftest import llm_resource as resource
 from tests.conftest import pipeline_until_exemplars
@@ -29,7 +29,7 @@ def requested(evaluation, defs) -> dict[str, set[str]]:
 
 def test_changed_scorer_settings_rerun_only_that_scorer_and_repeat_no_request(registered):
     instance = DagsterInstance.ephemeral()
-    instance.add_dynamic_partitions("coder", [TINY_CODER])
+    add_coders(instance, registered, TINY_CODER)
     pipeline_until_exemplars(registered, instance)
     before = build_definitions("local")
     with ScriptedLLMServer(judge) as server:

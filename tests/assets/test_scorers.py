@@ -170,6 +170,30 @@ def test_embedding_scorer_ranks_topic_windows_first_with_real_minilm(topic_data)
     assert (frame.control_roc_auc < 0.8).all() and (frame.gap > 0.2).all()
 
 
+def test_the_embedding_scorer_embeds_each_distinct_window_once_per_partition(topic_data):
+    from assets.prompts import plain_text
+    from resources.embedder import EmbedderResource
+
+    class Counting:
+        """The real MiniLM, counting every text it is asked to embed."""
+
+        def __init__(self):
+            self.embedder, self.texts = EmbedderResource(), []
+
+        def embed(self, texts):
+            self.texts += texts
+            return self.embedder.embed(texts)
+
+    counting = Counting()
+    frame, _ = run_scorer("embedding", topic_data, embed=counting)
+    exemplars, explanations, vocab = topic_data
+    test = exemplars[exemplars.split == "test"]
+    windows = {plain_text("".join(vocab[t] for t in tokens)) for tokens in test.tokens}
+    assert len(windows) == 3 * 5 + 5  # each latent's activating windows, and the silent ones all three share
+    assert sorted(counting.texts) == sorted(windows | set(explanations.explanation))  # each once; the controls cost nothing
+    assert (frame.roc_auc == 1.0).all() and (frame.control_roc_auc < 0.8).all()
+
+
 def test_surprisal_scorer_is_the_loss_drop_the_explanation_brings(topic_data, subject):
     import torch
 

@@ -9,7 +9,7 @@ from dagster import DagsterInstance
 
 from resources.settings import AutointerpSettings
 
-from tests.conftest import TINY_CODER, TINY_CORPUS_CONFIG, TINY_EXEMPLARS_CONFIG, make_resources
+from tests.conftest import add_coders, TINY_CODER, TINY_CORPUS_CONFIG, TINY_EXEMPLARS_CONFIG, make_resources
 from tests.conftest import run
 
 PARTITION = f"{TINY_CODER}|00"
@@ -18,16 +18,16 @@ EXEMPLARS = {"ops": {"exemplars": {"config": TINY_EXEMPLARS_CONFIG}}}
 
 def test_exemplars_refuse_stale_or_incomplete_activations_and_keep_their_results(registered, tmp_path):
     instance = DagsterInstance.ephemeral()
-    instance.add_dynamic_partitions("coder", [TINY_CODER])
+    add_coders(instance, registered, TINY_CODER)
     resources = make_resources(registered)
     run(["corpus"], None, resources, instance, {"ops": {"corpus": {"config": TINY_CORPUS_CONFIG}}})
-    run(["activations"], TINY_CODER, resources, instance)
+    run(["activations"], f"{TINY_CODER}|00", resources, instance)
     run(["exemplars"], PARTITION, resources, instance, EXEMPLARS)
     finished = (registered / "exemplars" / TINY_CODER / "00.parquet").read_bytes()
 
     chunk = sorted((registered / "activations" / TINY_CODER / "shard-00").glob("chunk-*.safetensors"))[0]
     shutil.move(chunk, tmp_path / chunk.name)
-    with pytest.raises(Exception, match=r"shard 00 is incomplete: its chunks hold \d+ activations where the latent statistics counted \d+.*Fix: re-materialize `activations`"):
+    with pytest.raises(Exception, match=r"shard 00 is incomplete: its chunks hold \d+ activations where the latent statistics counted \d+.*Fix: delete .* and re-materialize `activations`"):
         run(["exemplars"], PARTITION, resources, instance, EXEMPLARS)
     shutil.move(tmp_path / chunk.name, chunk)
 
@@ -36,7 +36,7 @@ def test_exemplars_refuse_stale_or_incomplete_activations_and_keep_their_results
     weights.write_bytes(kept)  # the coder copied in again after caching (new modification time)
     with pytest.raises(Exception, match=r"The coder tiny-topk/model.layers.3 in the registry changed after its activations were cached.*Fix: re-materialize `activations`"):
         run(["exemplars"], PARTITION, resources, instance, EXEMPLARS)
-    run(["activations"], TINY_CODER, resources, instance)  # the fix, as the message says
+    run(["activations"], f"{TINY_CODER}|00", resources, instance)  # the fix, as the message says
     run(["exemplars"], PARTITION, resources, instance, EXEMPLARS)
     finished = (registered / "exemplars" / TINY_CODER / "00.parquet").read_bytes()
 

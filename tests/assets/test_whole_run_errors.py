@@ -12,7 +12,7 @@ import pytest
 from dagster import DagsterInstance, materialize
 
 from resources.llm import LLMEndpointError, LLMResource
-from tests.conftest import TINY_CODER, in_session, make_resources
+from tests.conftest import add_coders, TINY_CODER, in_session, make_resources
 from tests.scripted_llm_server import ScriptedLLMServer
 from autointerp_defs.ui import free_port
 from tests.conftest import pipeline_until_exemplars
@@ -52,7 +52,7 @@ CASES = [
 def finished(registered, selection: list[str]):
     """An instance whose partition has `selection` materialized from a well-behaved endpoint, and that endpoint's requests."""
     instance = DagsterInstance.ephemeral()
-    instance.add_dynamic_partitions("coder", [TINY_CODER])
+    add_coders(instance, registered, TINY_CODER)
     pipeline_until_exemplars(registered, instance)
     with ScriptedLLMServer(good_answers) as server:
         resources = make_resources(registered, max_latents=3, llm=llm(server))

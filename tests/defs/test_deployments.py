@@ -11,7 +11,7 @@ from dagster import DagsterInstance, evaluate_automation_conditions, materialize
 from autointerp_defs.definitions import build_definitions
 from autointerp_defs.deployments import DEPLOYMENTS_DIR, DeploymentError, load_deployment
 from storage.layout import DataRoot
-from tests.conftest import TINY_CODER, make_resources
+from tests.conftest import add_coders, TINY_CODER, make_resources
 from tests.scripted_llm_server import ScriptedLLMServer
 from tests.conftest import llm_resource as resource
 from tests.conftest import pipeline_until_exemplars
@@ -36,7 +36,7 @@ def requested(evaluation, defs) -> set[str]:
 
 def test_changing_the_explainer_reruns_explanations_and_the_scores_below_and_resends_only_changed_prompts(registered):
     instance = DagsterInstance.ephemeral()
-    instance.add_dynamic_partitions("coder", [TINY_CODER])
+    add_coders(instance, registered, TINY_CODER)
     pipeline_until_exemplars(registered, instance)
     scorers = ["scores/detection", "scores/embedding", "scores/fuzzing"]  # the local deployment's automated scorers
     before = build_definitions("local")
@@ -111,7 +111,7 @@ def test_a_toy_scorer_and_a_toy_explainer_are_one_file_each_and_materialize_with
     defs = build_definitions(str(deployment), {"settings": {"data_dir": str(registered)}})
     assert {"scores/word_match", "explanations"} <= {a.key.to_user_string() for a in defs.assets}
     instance = DagsterInstance.ephemeral()
-    instance.add_dynamic_partitions("coder", [TINY_CODER])
+    add_coders(instance, registered, TINY_CODER)
     pipeline_until_exemplars(registered, instance)
     with ScriptedLLMServer(lambda m: "Explanation: the word the") as server:
         resources = make_resources(registered, max_latents=3, llm=resource(server))
@@ -165,7 +165,7 @@ def test_only_the_deployment_module_reads_the_environment_and_nothing_uses_dagst
     for path in [p for package in (*PACKAGES, "tests", "bench") for p in (REPO / package).rglob("*.py")]:
         text = path.read_text()
         relative = str(path.relative_to(REPO))
-        if path.parts[-2] in PACKAGES and re.search(r"os\.environ|os\.getenv|getenv\(", text) and relative != "autointerp_defs/deployments.py":
+        if path.relative_to(REPO).parts[0] in PACKAGES and re.search(r"os\.environ|os\.getenv|getenv\(", text) and relative != "autointerp_defs/deployments.py":
             readers.append(relative)
         if re.search(r"^\s*(from|import) dagster\._", text, re.MULTILINE):
             internals.append(relative)

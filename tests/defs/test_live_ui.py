@@ -19,10 +19,29 @@ from autointerp_defs.instance import write_instance
 from tests.scripted_llm_server import ScriptedLLMServer, answer_by_prompt
 
 CODER = "small-topk/model.layers.3"
-SHARDS = ("00", "01")
+SHARDS = ("00", "01")  # 48 latents, 24 per shard
 SCORERS = ("detection", "fuzzing")
 MAX_RUNS, LLM_RUNS = 3, 1
 TIME_LIMIT_S = 900
+DEPLOYMENT = """
+automated_scorers = {scorers}
+[settings]
+data_dir = "{data}"
+latents_per_shard = 24
+max_latents_per_shard = 3
+[subject_model]
+model = "embedded"
+[llm]
+backend = "openai"
+base_url = "{url}"
+model = "scripted"
+[embedder]
+device = "cpu"
+[corpus]
+n_tokens = 4096
+[explanations]
+explainer = "highlighted"
+"""
 
 
 @pytest.fixture(scope="module")
@@ -97,9 +116,9 @@ def test_dropped_coder_runs_to_the_summary_by_itself_within_limits_then_stays_qu
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     with ScriptedLLMServer(answer_by_prompt) as server:
-        env = {**os.environ, "DAGSTER_HOME": str(home), "AUTOINTERP_DATA": str(data), "AUTOINTERP_DEPLOYMENT": "remote",
-               "AUTOINTERP_LLM_BASE_URL": server.base_url, "AUTOINTERP_LLM_MODEL": "scripted", "AUTOINTERP_N_SHARDS": str(len(SHARDS)),
-               "AUTOINTERP_AUTOMATED_SCORERS": ",".join(SCORERS), "AUTOINTERP_MAX_LATENTS": "3", "AUTOINTERP_CORPUS_TOKENS": "4096"}
+        deployment = tmp_path / "live.toml"  # the remote deployment, pointed at the scripted server, sized for a CPU
+        deployment.write_text(DEPLOYMENT.format(data=data, url=server.base_url, scorers=json.dumps(list(SCORERS))))
+        env = {**os.environ, "DAGSTER_HOME": str(home), "AUTOINTERP_DEPLOYMENT": str(deployment)}
         log = tmp_path / "ui.log"
         proc = subprocess.Popen([str(Path(sys.executable).parent / "autointerp"), "ui", "--host", "127.0.0.1", "--port", str(port)], env=env,
                                 stdout=log.open("w"), stderr=subprocess.STDOUT, start_new_session=True)
@@ -124,7 +143,7 @@ def test_dropped_coder_runs_to_the_summary_by_itself_within_limits_then_stays_qu
                 time.sleep(5)
                 runs = ui.runs()
                 assert not [r for r in runs if r["status"] == "FAILURE"], (runs, log.read_text()[-5000:])
-                summary = ui.materialized("score_summary", [CODER])
+                summary = ui.materialized("score_summary")
                 settled = not [r for r in runs if r["status"] not in ("SUCCESS", "FAILURE", "CANCELED")]
                 if summary and settled:
                     break
@@ -133,13 +152,13 @@ def test_dropped_coder_runs_to_the_summary_by_itself_within_limits_then_stays_qu
             print(f"\ndrop → score_summary, all runs settled: {took:.0f} s, {len(runs)} runs")
 
             assert ui.materialized("corpus")  # asked for by the registry sensor: there was none
-            assert set(ui.materialized("activations", [CODER])) == {CODER}
+            assert set(ui.materialized("activations", shard_keys)) == set(shard_keys)
             last_scored = 0.0
             for asset in ("exemplars", "explanations", *(f"scores/{n}" for n in SCORERS)):
                 done = ui.materialized(asset, shard_keys)
                 assert set(done) == set(shard_keys), asset
                 last_scored = max(last_scored, *done.values())
-            assert summary[CODER] >= last_scored  # the summary saw every shard's scores
+            assert summary[None] >= last_scored  # the summary saw every shard's scores
             assert server.requests  # the explainer and the scorers were asked
 
             # the run limits held: one subject-model run at a time, LLM_RUNS LLM runs, MAX_RUNS in all

@@ -130,4 +130,4 @@ def test_a_data_root_this_user_cannot_write_says_so_with_the_fix(tmp_path):
     lines = out.stdout.strip().splitlines()
     assert out.returncode == 0 and len(lines) == 2, out.stderr[-2000:]
     assert lines[0].startswith(f"Cannot write the LLM response cache {root}/llm_cache/responses.sqlite") and "Fix: make the data root writable" in lines[0]
-    assert lines[1].startswith(f"Cannot write under {root}") and "Fix: make the data root writable by this user, or point AUTOINTERP_DATA" in lines[1]
+    assert lines[1].startswith(f"Cannot write under {root}") and "Fix: make the data root writable by this user, or set the deployment's [settings] data_dir" in lines[1]

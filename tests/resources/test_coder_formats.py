@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 
-from resources.sparse_coders import SparseCoder, load_coder_folder, save_neurons, scan_registry
+from resources.sparse_coders import load_coder_folder, save_neurons, scan_registry
 
 D_IN, WIDTH = 16, 64
 

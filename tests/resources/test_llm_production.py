@@ -8,7 +8,7 @@ import pytest
 from dagster import DagsterInstance, EnvVar, materialize
 
 from resources.llm import BudgetExceeded, LLMResource
-from tests.conftest import TINY_CODER, all_assets, in_session, make_resources, pipeline_until_exemplars
+from tests.conftest import add_coders, TINY_CODER, all_assets, in_session, make_resources, pipeline_until_exemplars
 from tests.conftest import llm_resource as resource
 
 ALL_ASSETS = all_assets()
@@ -132,7 +132,7 @@ def test_budget_stops_sending_and_cost_is_counted():
 
 def test_malformed_answers_are_asked_again_once_then_fail_the_latent_not_the_partition_and_are_retried_next_time(registered):
     instance = DagsterInstance.ephemeral()
-    instance.add_dynamic_partitions("coder", [TINY_CODER])
+    add_coders(instance, registered, TINY_CODER)
     pipeline_until_exemplars(registered, instance)
     # latent 2 answers nothing, then an unfinished reasoning when asked again: it fails with both raw answers
     answers = iter(["Explanation: the word table", "", "Explanation: commas", "Explanation: numbers"])
@@ -155,7 +155,7 @@ def test_malformed_answers_are_asked_again_once_then_fail_the_latent_not_the_par
 @pytest.mark.parametrize("explainer, marker", [("contrastive", "Counter-example 1:"), ("token_table", "\t"), ("top_tokens", "average strength")])
 def test_every_explainer_and_best_of_n(registered, explainer, marker):
     instance = DagsterInstance.ephemeral()
-    instance.add_dynamic_partitions("coder", [TINY_CODER])
+    add_coders(instance, registered, TINY_CODER)
     pipeline_until_exemplars(registered, instance)
     replies = iter([f"Explanation: candidate {i}" for i in range(100)])
     with ScriptedLLMServer(lambda m: next(replies)) as server:
@@ -176,7 +176,7 @@ def test_api_key_never_reaches_metadata_logs_or_files(registered, tmp_path, monk
     home = tmp_path / "dagster_home"
     home.mkdir()
     with DagsterInstance.local_temp(str(home)) as instance:
-        instance.add_dynamic_partitions("coder", [TINY_CODER])
+        add_coders(instance, registered, TINY_CODER)
         pipeline_until_exemplars(registered, instance)
         def judge(messages):
             user = messages[-1]["content"]

@@ -20,7 +20,7 @@ from resources.steering import NEUTRAL_PROMPTS, Steer, SteeringError, max_activa
 from resources.subject_model import SubjectModelResource
 from storage.activations import load_latent_stats, read_shard, shard_keys
 from storage.layout import DataRoot
-from tests.conftest import TINY_CODER, TINY_CORPUS_CONFIG, TINY_HOOKPOINT
+from tests.conftest import TEST_LATENTS_PER_SHARD, TINY_CODER, TINY_CORPUS_CONFIG, TINY_HOOKPOINT
 from tests.scripted_llm_server import ScriptedLLMServer
 
 WORDS = (" ocean", " cat", " king")
@@ -39,7 +39,7 @@ def cached(tmp_path_factory, tiny_sae, subject):
     root = DataRoot.at(tmp_path_factory.mktemp("cached"))
     save_sparsify(tiny_sae, root.registry_dir / "tiny-topk" / TINY_HOOKPOINT)
     build_corpus(CorpusConfig(**TINY_CORPUS_CONFIG), subject.tokenizer(), root)
-    cache_activations([load_registered(root.registry_dir, TINY_CODER)], subject, root)
+    cache_activations([load_registered(root.registry_dir, TINY_CODER)], subject, root, latents_per_shard=TEST_LATENTS_PER_SHARD)
     return root
 
 
@@ -48,7 +48,7 @@ def test_reading_through_nnsight_gives_the_cached_activations(cached, steerer, t
     other = DataRoot.at(tmp_path)
     shutil.copytree(cached.registry_dir, other.registry_dir)
     shutil.copytree(cached.corpus_dir, other.corpus_dir)
-    cache_activations([load_registered(other.registry_dir, TINY_CODER)], SubjectModelResource(batch_size=8, driver="nnsight"), other)
+    cache_activations([load_registered(other.registry_dir, TINY_CODER)], SubjectModelResource(batch_size=8, driver="nnsight"), other, latents_per_shard=TEST_LATENTS_PER_SHARD)
     for shard in shard_keys(8):
         hooks, traced = read_shard(cached.activations_dir(TINY_CODER), shard), read_shard(other.activations_dir(TINY_CODER), shard)
         assert np.array_equal(hooks.locations, traced.locations) and np.array_equal(hooks.activations, traced.activations)

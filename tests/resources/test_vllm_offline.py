@@ -63,12 +63,12 @@ class LLM:
 
 @pytest.fixture
 def fake_vllm(monkeypatch):
-    import resources.llm
+    import resources.engines
 
     module = types.ModuleType("vllm")
     module.LLM, module.SamplingParams = LLM, SamplingParams
     monkeypatch.setitem(sys.modules, "vllm", module)
-    monkeypatch.setattr(resources.llm, "_VLLM_ENGINES", {})  # engines live for the process: start each test without one
+    monkeypatch.setattr(resources.engines, "_ENGINES", {})  # engines live for the process: start each test without one
     return module
 
 

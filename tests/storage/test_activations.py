@@ -1,20 +1,25 @@
 import numpy as np
 
-from storage.activations import ShardedActivationWriter, read_latents, read_shard, shard_keys, shard_latent_range
+from storage.activations import ShardedActivationWriter, read_latents, read_shard, shard_count, shard_keys, shard_latent_range, shard_of_latents
 
 
-def test_shards_split_the_width_exactly():
-    ranges = [shard_latent_range(1000, 7, i) for i in range(7)]
-    assert ranges[0][0] == 0 and ranges[-1][1] == 1000
-    assert all(a[1] == b[0] for a, b in zip(ranges, ranges[1:]))
+def test_shards_split_the_width_exactly_and_none_is_empty():
+    for width, per_shard in [(1000, 144), (1024, 1024), (131072, 1024), (4608, 1024), (5, 1024)]:
+        n = shard_count(width, per_shard)
+        ranges = [shard_latent_range(width, per_shard, i) for i in range(n)]
+        assert ranges[0][0] == 0 and ranges[-1][1] == width
+        assert all(a[1] == b[0] for a, b in zip(ranges, ranges[1:])) and all(lo < hi for lo, hi in ranges)
+        assert (shard_of_latents(np.arange(width), per_shard) == np.repeat(np.arange(n), [hi - lo for lo, hi in ranges])).all()
+    assert shard_count(131072, 1024) == 128 and shard_count(4608, 1024) == 5
     assert shard_keys(3) == ["00", "01", "02"] and shard_keys(120)[-1] == "119"
 
 
 def test_writer_streams_chunks_and_reader_restores_every_pair(tmp_path):
     rng = np.random.default_rng(0)
-    width, n_shards = 100, 4
+    width, per_shard = 100, 25
+    n_shards = shard_count(width, per_shard)
     batches = []
-    writer = ShardedActivationWriter(tmp_path, width, n_shards)
+    writer = ShardedActivationWriter(tmp_path, width, per_shard)
     for b in range(20):
         loc = np.stack([np.full(30, b), rng.integers(0, 16, 30), rng.integers(0, width, 30)], 1).astype(np.int32)
         val = rng.random(30).astype(np.float32)
@@ -35,7 +40,7 @@ def test_writer_streams_chunks_and_reader_restores_every_pair(tmp_path):
     total = 0
     for i, key in enumerate(shard_keys(n_shards)):
         shard = read_shard(tmp_path, key)
-        lo, hi = shard_latent_range(width, n_shards, i)
+        lo, hi = shard_latent_range(width, per_shard, i)
         assert ((shard.locations[:, 2] >= lo) & (shard.locations[:, 2] < hi)).all()
         mask = (all_loc[:, 2] >= lo) & (all_loc[:, 2] < hi)
         assert np.isclose(shard.activations.sum(), all_val[mask].sum(), rtol=1e-5)
@@ -44,7 +49,7 @@ def test_writer_streams_chunks_and_reader_restores_every_pair(tmp_path):
             assert np.isclose(val.sum(), all_val[all_loc[:, 2] == latent].sum(), rtol=1e-5)
         total += len(shard.activations)
     assert total == len(all_val)
-    some = read_latents(tmp_path, np.array([3, 49, 50, 99, 3]), width, n_shards)
+    some = read_latents(tmp_path, np.array([3, 49, 50, 99, 3]), width, per_shard)
     wanted = np.isin(all_loc[:, 2], [3, 49, 50, 99])
     assert len(some.activations) == wanted.sum() and set(some.locations[:, 2]) == set(all_loc[wanted, 2])
 

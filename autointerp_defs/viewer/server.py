@@ -1,0 +1,120 @@
+"""`autointerp view`: the latent browser over HTTP (stdlib `ThreadingHTTPServer`, no network at run time).
+
+Pages are one HTML shell each (`static/page.html`) filled in by `static/app.js` from the JSON API:
+
+| path | what |
+| --- | --- |
+| `/` | coders: width, dead fraction, mean L0, FVU, latents explained, each scorer beside its control |
+| `/coder?coder=C` | the latents of coder C: paginated, sortable, filterable, semantic search |
+| `/latent?coder=C&latent=N` | one latent |
+| `/api/coders`, `/api/latents?coder=C&...`, `/api/search?coder=C&q=...`, `/api/latent?coder=C&latent=N` | the same as JSON |
+"""
+from __future__ import annotations
+
+import json
+import mimetypes
+import sys
+import threading
+import traceback
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from urllib.parse import parse_qsl, urlsplit
+
+from autointerp_defs.viewer.app import Viewer, ViewerError
+from storage.layout import DataRoot
+
+STATIC = Path(__file__).parent / "static"
+PAGES = {"/": "coders", "/coder": "coder", "/latent": "latent"}
+
+
+def make_handler(viewer: Viewer):
+    class Handler(BaseHTTPRequestHandler):
+        server_version = "autointerp-viewer"
+        protocol_version = "HTTP/1.1"
+
+        def log_message(self, format, *args):  # one quiet line per error only
+            pass
+
+        def do_GET(self):
+            url = urlsplit(self.path)
+            params = dict(parse_qsl(url.query, keep_blank_values=True))
+            try:
+                if url.path in PAGES:
+                    shell = (STATIC / "page.html").read_text().replace("{{page}}", PAGES[url.path])
+                    return self._send(200, shell.encode(), "text/html; charset=utf-8")
+                if url.path.startswith("/static/"):
+                    return self._static(url.path[len("/static/"):])
+                if url.path == "/api/coders":
+                    return self._json(viewer.coders())
+                if url.path == "/api/latents":
+                    return self._json(viewer.latent_list(params.get("coder", ""), params))
+                if url.path == "/api/search":
+                    return self._json(viewer.search(params.get("coder", ""), params.get("q", ""), int(params.get("limit", 20))))
+                if url.path == "/api/latent":
+                    return self._json(viewer.latent(params.get("coder", ""), params.get("latent", "")))
+                if url.path == "/healthz":
+                    return self._json({"ok": True})
+                raise ViewerError(404, f"No page {url.path}. Fix: start at / (the coders).")
+            except ViewerError as error:
+                self._json({"error": str(error)}, error.status)
+            except (BrokenPipeError, ConnectionResetError):
+                pass
+            except Exception as error:  # a bug must show as a 500 with its reason, not kill the server
+                traceback.print_exc(file=sys.stderr)
+                self._json({"error": f"{type(error).__name__}: {error}"}, 500)
+
+        def _static(self, name: str):
+            path = (STATIC / name).resolve()
+            if STATIC.resolve() not in path.parents or not path.is_file():
+                raise ViewerError(404, f"No static file {name}.")
+            self._send(200, path.read_bytes(), mimetypes.guess_type(path.name)[0] or "application/octet-stream")
+
+        def _json(self, data, status: int = 200):
+            self._send(status, json.dumps(data, allow_nan=False).encode(), "application/json")
+
+        def _send(self, status: int, body: bytes, kind: str):
+            self.send_response(status)
+            self.send_header("Content-Type", kind)
+            self.send_header("Content-Length", str(len(body)))
+            self.send_header("Cache-Control", "no-store")
+            self.end_headers()
+            self.wfile.write(body)
+
+    return Handler
+
+
+def make_server(data_dir: str, host: str = "127.0.0.1", port: int = 8080, viewer: Viewer | None = None, **options) -> ThreadingHTTPServer:
+    """The server, bound but not yet serving (port 0 picks a free one: see `server.server_port`);
+    `options` go to the `Viewer` (embed, dagster_url, subject_model)."""
+    root = DataRoot.at(data_dir)
+    if not root.root.exists():
+        raise FileNotFoundError(f"No data root at {root.root}. Fix: pass --data, or set [settings] data_dir in the deployment file, to the folder `make demo` filled, e.g. ./data.")
+    server = ThreadingHTTPServer((host, port), make_handler(viewer or Viewer(root, **options)))
+    server.daemon_threads = True
+    return server
+
+
+def serve(data_dir: str, host: str = "127.0.0.1", port: int = 8080, warm: bool = True, **options) -> None:
+    """Serve until Ctrl-C; with `warm`, load the embedder in the background so the first search is quick.
+    `options` go to the `Viewer`: the CLI passes the deployment's embedder, Dagster URL and subject model."""
+    import torch
+
+    torch.set_num_threads(1)  # requests run on threads of their own; intra-op threads on a busy 2-core machine made a query's embedding 20x slower
+    viewer = Viewer(DataRoot.at(data_dir), **options)
+    server = make_server(data_dir, host, port, viewer)
+    if warm:
+        threading.Thread(target=_warm, args=(viewer,), daemon=True).start()
+    print(f"autointerp viewer on http://{host}:{server.server_port} (data {DataRoot.at(data_dir).root}); Ctrl-C stops it", flush=True)
+    try:
+        server.serve_forever()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        server.server_close()
+
+
+def _warm(viewer: Viewer) -> None:
+    try:
+        viewer.embed(["warm up"])
+    except Exception as error:  # search will say what is wrong when it is used
+        print(f"viewer: could not load the embedder yet ({error}); search will retry", file=sys.stderr)

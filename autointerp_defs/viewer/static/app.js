@@ -1,0 +1,260 @@
+// The latent browser's pages, rendered from the JSON API. Vanilla JS, no external assets.
+"use strict";
+
+const main = document.getElementById("main");
+const params = new URLSearchParams(location.search);
+
+function el(tag, attrs = {}, ...children) {
+  const node = document.createElement(tag);
+  for (const [k, v] of Object.entries(attrs)) {
+    if (v === null || v === undefined) continue;
+    if (k === "class") node.className = v;
+    else if (k.startsWith("on")) node.addEventListener(k.slice(2), v);
+    else node.setAttribute(k, v);
+  }
+  for (const c of children.flat()) if (c !== null && c !== undefined) node.append(c instanceof Node ? c : String(c));
+  return node;
+}
+
+function fmt(v, digits = 3) {
+  if (v === null || v === undefined) return "–";
+  if (typeof v === "number") return Number.isInteger(v) ? String(v) : v.toFixed(digits);
+  return String(v);
+}
+
+async function api(path) {
+  const res = await fetch(path);
+  const data = await res.json();
+  if (!res.ok) throw new Error(data.error || res.statusText);
+  return data;
+}
+
+function showError(err) {
+  main.replaceChildren(el("p", { class: "error", id: "error" }, err.message));
+}
+
+function crumbs(...parts) {
+  document.getElementById("crumbs").replaceChildren(...parts.flatMap((p) => [" / ", p]));
+}
+
+function verdictSpan(text) {
+  const kind = (text || "").startsWith("informative") ? "informative" : "uninformative";
+  return el("span", { class: `verdict-${kind}`, title: text }, text);
+}
+
+// Sort a rendered table in the page (for small tables: the coders).
+function sortableTable(headers, rows, values) {
+  const table = el("table", { class: "sortable" });
+  const head = el("tr", {}, headers.map((h, i) => el("th", { "data-col": i, onclick: () => sortBy(i) }, h)));
+  const body = el("tbody");
+  let state = { col: -1, asc: true };
+  function render() { body.replaceChildren(...rows.map((r) => r.node)); }
+  function sortBy(i) {
+    state = { col: i, asc: state.col === i ? !state.asc : false };
+    rows.sort((a, b) => {
+      const x = a.values[i], y = b.values[i];
+      if (x === null || x === undefined) return 1;
+      if (y === null || y === undefined) return -1;
+      return (x < y ? -1 : x > y ? 1 : 0) * (state.asc ? 1 : -1);
+    });
+    head.querySelectorAll("th").forEach((th, j) => { th.className = j === i ? (state.asc ? "sorted-asc" : "sorted-desc") : ""; });
+    render();
+  }
+  table.append(el("thead", {}, head), body);
+  render();
+  return table;
+}
+
+// ---- coders ------------------------------------------------------------------------------------
+
+async function codersPage() {
+  const data = await api("/api/coders");
+  crumbs("coders");
+  if (!data.coders.length) {
+    main.replaceChildren(el("p", {}, "No coder with cached activations under this data root yet. Run `make demo`, or materialize `activations`."));
+    return;
+  }
+  const scorers = data.scorers.map((s) => s.name);
+  const headers = ["coder", "width", "dead fraction", "mean L0", "FVU", "explained", ...scorers.flatMap((s) => [`${s} (${data.scorers.find((x) => x.name === s).main_metric})`, `${s} control`, `${s} verdict`])];
+  const rows = data.coders.map((c) => {
+    const values = [c.coder, c.width, c.dead_fraction, c.mean_l0, c.fvu, c.explained,
+      ...scorers.flatMap((s) => { const r = c.scorers[s] || {}; return [r.mean, r.control, r.verdict]; })];
+    const node = el("tr", { "data-coder": c.coder },
+      el("td", {}, el("a", { href: c.url }, c.coder)),
+      values.slice(1, 6).map((v) => el("td", { class: "num" }, fmt(v))),
+      scorers.flatMap((s) => { const r = c.scorers[s] || {}; return [el("td", { class: "num" }, fmt(r.mean)), el("td", { class: "num" }, fmt(r.control)), el("td", {}, r.verdict ? verdictSpan(r.verdict) : "–")]; }));
+    return { node, values };
+  });
+  main.replaceChildren(el("h1", {}, "Sparse coders"),
+    el("p", { class: "muted" }, "Each scorer's mean main metric over scored latents, beside its control (the same scorer with another latent's explanation). Click a header to sort."),
+    sortableTable(headers, rows));
+}
+
+// ---- latents of a coder ------------------------------------------------------------------------
+
+async function coderPage() {
+  const coder = params.get("coder") || "";
+  crumbs(el("a", { href: location.pathname + "?coder=" + encodeURIComponent(coder) }, coder));
+  const state = Object.fromEntries(params.entries());
+  state.page = state.page || "1";
+
+  const search = el("input", { type: "text", id: "search", placeholder: "search explanations (semantic)", value: state.q || "" });
+  const status = el("select", { id: "status" }, ["", "ok", "failed", "none"].map((s) => el("option", { value: s }, s ? `status: ${s}` : "any status")));
+  status.value = state.status || "";
+  const filterCol = el("select", { id: "filter-col" });
+  const filterMin = el("input", { type: "text", class: "num", id: "filter-min", placeholder: "min" });
+  const filterMax = el("input", { type: "text", class: "num", id: "filter-max", placeholder: "max" });
+  const apply = el("button", { id: "apply", onclick: () => { readControls(); state.page = "1"; load(); } }, "Apply");
+  const clear = el("button", { id: "clear", onclick: () => { for (const k of Object.keys(state)) if (k !== "coder") delete state[k]; state.page = "1"; search.value = ""; status.value = ""; filterMin.value = ""; filterMax.value = ""; load(); } }, "Clear");
+  search.addEventListener("keydown", (e) => { if (e.key === "Enter") apply.click(); });
+  const summary = el("p", { id: "summary", class: "muted" });
+  const table = el("table", { id: "latents" });
+  const pager = el("div", { class: "pager" });
+  main.replaceChildren(el("h1", {}, `Latents of ${coder}`), el("div", { class: "controls" }, search, status, "filter", filterCol, filterMin, filterMax, apply, clear), summary, table, pager);
+
+  function readControls() {
+    for (const k of Object.keys(state)) if (k.startsWith("min_") || k.startsWith("max_")) delete state[k];
+    state.q = search.value.trim();
+    state.status = status.value;
+    if (filterCol.value && filterMin.value !== "") state["min_" + filterCol.value] = filterMin.value;
+    if (filterCol.value && filterMax.value !== "") state["max_" + filterCol.value] = filterMax.value;
+    if (state.q && !state.sort) delete state.sort;
+  }
+
+  async function load() {
+    const query = new URLSearchParams(Object.entries(state).filter(([, v]) => v !== "" && v !== undefined));
+    history.replaceState(null, "", "?" + query.toString());
+    document.body.dataset.ready = "0";
+    try { await render(query); } finally { document.body.dataset.ready = "1"; }
+  }
+
+  async function render(query) {
+    let data;
+    try { data = await api("/api/latents?" + query.toString()); } catch (err) { summary.replaceChildren(el("span", { class: "error", id: "error" }, err.message)); return; }
+    const numeric = data.columns.filter((c) => !["latent", "shard", "status", "explanation"].includes(c));
+    if (!filterCol.options.length) {
+      filterCol.replaceChildren(...numeric.map((c) => el("option", { value: c }, c)));
+      const active = Object.keys(state).find((k) => k.startsWith("min_") || k.startsWith("max_"));
+      if (active) { filterCol.value = active.slice(4); filterMin.value = state["min_" + active.slice(4)] || ""; filterMax.value = state["max_" + active.slice(4)] || ""; }
+    }
+    summary.textContent = `${data.total} latents${state.q ? ` matching “${state.q}”` : ""}, page ${data.page} of ${data.pages}, sorted by ${data.sort} (${data.order})`;
+    const shown = ["latent", "status", "explanation", "frequency", "max_activation", ...data.scorers.flatMap((s) => [s.name, `${s.name}_control`, `${s.name}_gap`]), "mean_gap"].concat(data.columns.includes("distance") ? ["distance"] : []);
+    const head = el("tr", {}, shown.map((c) => {
+      const th = el("th", { "data-col": c, onclick: () => { state.order = state.sort === c && state.order === "desc" ? "asc" : "desc"; state.sort = c; state.page = "1"; load(); } }, c.replaceAll("_", " "));
+      if (c === data.sort) th.className = data.order === "asc" ? "sorted-asc" : "sorted-desc";
+      return th;
+    }));
+    const body = data.rows.map((r) => el("tr", { "data-latent": r.latent }, shown.map((c) => {
+      if (c === "latent") return el("td", { class: "num" }, el("a", { href: `/latent?coder=${encodeURIComponent(coder)}&latent=${r.latent}` }, r.latent));
+      if (c === "status") return el("td", {}, el("span", { class: `tag ${r.status}` }, r.status));
+      if (c === "explanation") return el("td", {}, r.explanation || "");
+      return el("td", { class: "num" }, fmt(r[c], c === "frequency" ? 5 : 3));
+    })));
+    table.replaceChildren(el("thead", {}, head), el("tbody", {}, body));
+    pager.replaceChildren(
+      el("button", { id: "prev", disabled: data.page <= 1 ? "" : null, onclick: () => { state.page = String(data.page - 1); load(); } }, "← previous"),
+      el("button", { id: "next", disabled: data.page >= data.pages ? "" : null, onclick: () => { state.page = String(data.page + 1); load(); } }, "next →"));
+  }
+  await load();
+}
+
+// ---- one latent --------------------------------------------------------------------------------
+
+function heat(value, top, color = "37, 99, 235") {
+  const a = top > 0 ? Math.max(0, Math.min(1, value / top)) : 0;
+  return a > 0 ? `background: rgba(${color}, ${(0.12 + 0.78 * a).toFixed(3)})` : "";
+}
+
+function tokenText(t) {
+  return t.replaceAll("\n", "↵\n").replaceAll("\t", "⇥");
+}
+
+function windowNode(w, top) {
+  return el("div", { class: "window", "data-max": w.max_activation },
+    el("span", { class: "max" }, fmt(w.max_activation, 2)),
+    w.tokens.map((t, i) => el("span", { class: w.activations[i] > 0 ? "tok active" : "tok", "data-act": w.activations[i], title: `${JSON.stringify(t)}: ${w.activations[i]}`, style: heat(w.activations[i], top) }, tokenText(t))));
+}
+
+function histogram(density) {
+  if (!density.counts.length) return el("p", { class: "muted" }, "No cached activation.");
+  const top = Math.max(...density.counts);
+  return el("div", {},
+    el("div", { class: "bars", id: "density" }, density.counts.map((c, i) => el("div", { title: `${fmt(density.edges[i], 2)}–${fmt(density.edges[i + 1], 2)}: ${c}`, style: `height: ${top ? (100 * c) / top : 0}%` }))),
+    el("div", { class: "muted" }, `0 … ${fmt(density.edges[density.edges.length - 1], 2)} (activation)`));
+}
+
+async function latentPage() {
+  const coder = params.get("coder") || "";
+  const latent = params.get("latent");
+  crumbs(el("a", { href: `/coder?coder=${encodeURIComponent(coder)}` }, coder), `latent ${latent}`);
+  const d = await api(`/api/latent?coder=${encodeURIComponent(coder)}&latent=${encodeURIComponent(latent)}`);
+  const top = d.summary.max_activation || Math.max(0, ...d.windows.activating.flatMap((g) => g.windows.map((w) => w.max_activation)));
+  const parts = [];
+  parts.push(el("h1", {}, `Latent ${d.latent} `, el("span", { class: "muted" }, `of ${d.coder} (shard ${d.shard})`)));
+  parts.push(el("p", {},
+    d.links.previous ? el("a", { href: d.links.previous, id: "prev-latent" }, "← previous") : null, " ",
+    d.links.next ? el("a", { href: d.links.next, id: "next-latent" }, "next →") : null, " · Dagster: ",
+    el("a", { href: d.links.dagster_explanations, id: "dagster-link" }, "explanations partition"), " · ",
+    el("a", { href: d.links.dagster_exemplars }, "exemplars"), " · ", el("a", { href: d.links.dagster_summary }, "score_summary")));
+
+  const ex = d.explanation;
+  const explanation = el("div", { class: "card", id: "explanation" }, el("h2", {}, "Explanation"));
+  if (!ex) explanation.append(el("p", { class: "muted" }, "Not explained yet."));
+  else {
+    explanation.append(el("p", { class: "explanation" }, ex.status === "ok" ? ex.text : "(failed)"),
+      el("p", { class: "muted" }, `${ex.explainer} explainer, model ${ex.model}`));
+    if (ex.error) explanation.append(el("p", { class: "error" }, ex.error));
+    if (ex.candidates.length) explanation.append(el("h3", {}, "Best-of-N candidates"), el("table", { id: "candidates" },
+      el("tr", {}, el("th", {}, "candidate"), el("th", {}, "score (valid ROC AUC)"), el("th", {}, "kept")),
+      ex.candidates.map((c) => el("tr", {}, el("td", {}, c.text), el("td", { class: "num" }, fmt(c.score)), el("td", {}, c.chosen ? "✓" : "")))));
+  }
+  const stats = el("div", { class: "card" }, el("h2", {}, "Activation density"),
+    el("p", {}, `fires on ${fmt(100 * d.frequency, 4)}% of tokens; max ${fmt(d.summary.max_activation, 2)}, mean ${fmt(d.summary.mean_activation, 2)}`),
+    histogram(d.density),
+    d.top_tokens.length ? el("div", {}, el("h3", {}, "Top tokens by mean activation"), el("div", { class: "tokens-list" }, d.top_tokens.map((t) => el("span", { title: fmt(t.mean_activation) }, tokenText(t.token))))) : null);
+  parts.push(el("div", { class: "grid" }, explanation, stats));
+
+  const scorers = el("div", { class: "card", id: "scorers" }, el("h2", {}, "Scores beside their controls"));
+  if (!d.scorers.length) scorers.append(el("p", { class: "muted" }, "No scorer has run on this coder."));
+  else scorers.append(el("table", {},
+    el("tr", {}, ["scorer", "metric", "explanation", "control", "gap", "control explanation", "coder verdict"].map((h) => el("th", {}, h))),
+    d.scorers.map((s) => el("tr", { "data-scorer": s.name },
+      el("td", {}, s.name), el("td", {}, s.main_metric), el("td", { class: "num score" }, s.scored ? fmt(s.score) : "not scored"),
+      el("td", { class: "num control" }, s.scored ? fmt(s.control_score) : "–"), el("td", { class: "num" }, s.scored ? fmt(s.gap) : "–"),
+      el("td", {}, s.scored ? (s.control_explanation || s.control_note || "–") : "–"), el("td", {}, verdictSpan(s.verdict))))));
+  parts.push(scorers);
+
+  const lens = el("div", { class: "card", id: "logit-lens" }, el("h2", {}, "Logit lens: what the decoder direction writes"));
+  if (d.logit_lens.note) lens.append(el("p", { class: "muted" }, d.logit_lens.note));
+  else lens.append(el("h3", {}, "promotes"), el("div", { class: "tokens-list", id: "promoted" }, d.logit_lens.promoted.map((t) => el("span", { title: fmt(t.logit) }, tokenText(t.token)))),
+    el("h3", {}, "suppresses"), el("div", { class: "tokens-list", id: "suppressed" }, d.logit_lens.suppressed.map((t) => el("span", { title: fmt(t.logit) }, tokenText(t.token)))));
+  const neighbours = el("div", { class: "card", id: "neighbours" }, el("h2", {}, "Decoder-cosine neighbours"));
+  if (d.neighbours.note) neighbours.append(el("p", { class: "muted" }, d.neighbours.note));
+  else neighbours.append(el("table", {}, el("tr", {}, el("th", {}, "latent"), el("th", {}, "cosine"), el("th", {}, "explanation")),
+    d.neighbours.latents.map((n) => el("tr", {}, el("td", {}, el("a", { href: n.url, class: "neighbour" }, n.latent)), el("td", { class: "num" }, fmt(n.cosine)), el("td", {}, n.explanation || "")))));
+  parts.push(el("div", { class: "grid" }, lens, neighbours));
+
+  const windows = el("div", { id: "windows" }, el("h2", {}, "Top activating windows by activation quantile"),
+    el("p", { class: "muted" }, "Darker = stronger; hover a token for its activation. Quantile 1 holds the strongest held-out windows."));
+  for (const g of d.windows.activating) windows.append(el("h3", { class: "group" }, `${g.group} (${g.windows.length})`), el("div", { class: "group-windows", "data-group": g.group }, g.windows.map((w) => windowNode(w, top))));
+  if (!d.windows.activating.length) windows.append(el("p", { class: "muted" }, "No exemplars for this latent (dead, too rare, or its shard has no exemplars yet)."));
+  parts.push(windows);
+  const silent = el("div", { id: "non-activating" }, el("h2", {}, "Non-activating windows by source"));
+  for (const g of d.windows.non_activating) silent.append(el("h3", {}, `${g.source} (${g.windows.length})`), el("div", { "data-source": g.source }, g.windows.map((w) => windowNode(w, top))));
+  parts.push(silent);
+
+  if (d.simulation) {
+    const sim = el("div", { id: "simulation" }, el("h2", {}, "Simulation: predicted activation per token beside the true one (0–10)"));
+    for (const w of d.simulation.windows) {
+      sim.append(el("div", { class: "sim-pair" },
+        el("div", { class: "window sim-true" }, el("span", { class: "max" }, "true"), w.tokens.map((t, i) => el("span", { class: "tok", "data-act": w.true[i], title: `true ${w.true[i]}`, style: heat(w.true[i], 10) }, tokenText(t)))),
+        el("div", { class: "window sim-predicted" }, el("span", { class: "max" }, `simulated (${w.values_from})`), w.tokens.map((t, i) => el("span", { class: "tok", "data-act": w.simulated[i], title: `simulated ${w.simulated[i]}`, style: heat(w.simulated[i], 10, "234, 88, 12") }, tokenText(t))))));
+    }
+    parts.push(sim);
+  }
+  main.replaceChildren(...parts);
+  document.title = `latent ${d.latent} · ${d.coder}`;
+}
+
+const pages = { coders: codersPage, coder: coderPage, latent: latentPage };
+(pages[document.body.dataset.page] || codersPage)().catch(showError).finally(() => document.body.setAttribute("data-ready", "1"));

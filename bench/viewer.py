@@ -1,0 +1,237 @@
+"""Benchmark the latent browser on a 100,000-latent coder: p50/p95 response times and server memory.
+
+Builds a data root with every table the viewer reads, in the pipeline's own on-disk formats, for
+a synthetic TopK SAE (random weights, `--width` latents at d_model 576, the embedded model's
+width, so the logit lens runs on the real unembedding): corpus, activation cache (`--acts` pairs
+per latent), exemplars (16 windows per latent), latent profiles, explanations of every latent
+(a pool of 2,000 distinct texts, embedded into LanceDB with MiniLM), three scorers' tables. Then
+starts `autointerp view` in its own process and times, over HTTP:
+
+- `list`: a page of 50 latents, random sort column / order / page, half of them also filtered;
+- `search`: a semantic search over the explanations (query embedded by the server);
+- `latent`: a random latent's page (windows, density, logit lens, neighbours, scores).
+
+Cold costs (first request of a kind: building the cached indexes) are reported apart; the server's
+resident memory (RSS, and USS without shared and file-backed pages) after the run. Last line: JSON.
+
+    .venv/bin/python bench/viewer.py [--width 100000] [--shards 8] [--requests 200] [--data DIR]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+from urllib.parse import quote
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+CODER = "bench-topk/model.layers.15"
+D_MODEL = 576
+WINDOW = 32
+SCORERS = {"detection": "balanced_accuracy", "fuzzing": "balanced_accuracy", "embedding": "roc_auc"}
+WORDS = ("file", "close", "open", "list", "number", "string", "error", "return", "module", "class", "python", "loop", "value", "path",
+         "print", "import", "the", "of", "and", "function", "argument", "default", "time", "date", "thread", "socket", "byte", "unicode")
+
+
+def build(root: Path, width: int, acts_per_latent: int, latents_per_shard: int, seed: int = 0) -> None:
+    import pandas as pd
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    import torch
+    from safetensors.numpy import save_file
+
+    from resources.embedder import EmbedderResource
+    from resources.sparse_coders import SparseCoder, save_sparsify
+    from resources.subject_model import load_tokenizer
+    from storage.activations import LATENT_STATS_FILE, save_latent_stats, shard_count, shard_keys, shard_latent_range, write_cache_meta
+    from storage.layout import DataRoot
+    from storage.vector_store import upsert_explanations
+
+    rng = np.random.default_rng(seed)
+    data = DataRoot.at(root)
+    n_shards = shard_count(width, latents_per_shard)
+    # corpus: the embedded tokenizer's vocabulary, random tokens
+    tokenizer = load_tokenizer()
+    vocab = tokenizer.batch_decode([[i] for i in range(len(tokenizer))])
+    n_seq, ctx = 4096, 128
+    tokens = rng.integers(0, len(vocab), size=(n_seq, ctx)).astype(np.int32)
+    data.corpus_dir.mkdir(parents=True, exist_ok=True)
+    save_file({"tokens": tokens}, str(data.corpus_dir / "tokens.safetensors"))
+    (data.corpus_dir / "vocab.json").write_text(json.dumps(vocab))
+    (data.corpus_dir / "meta.json").write_text(json.dumps({"hash": "bench", "source": "synthetic", "ctx_len": ctx, "n_sequences": n_seq, "n_tokens": int(tokens.size),
+                                                           "special_ids": [int(i) for i in tokenizer.all_special_ids]}))
+    # the coder: random unit decoder rows
+    decoder = torch.nn.functional.normalize(torch.randn(width, D_MODEL), dim=1)
+    save_sparsify(SparseCoder("bench-topk", "model.layers.15", "topk", d_in=D_MODEL, width=width, encoder_weight=decoder.clone(), encoder_bias=torch.zeros(width),
+                              decoder_weight=decoder, decoder_bias=torch.zeros(D_MODEL), k=32), data.registry_dir / CODER)
+    del decoder
+    # activation cache: `acts_per_latent` pairs per latent
+    acts_dir = data.activations_dir(CODER)
+    n_tokens = int(tokens.size)
+    count = np.full(width, acts_per_latent, np.int64)
+    total, maximum = np.zeros(width), np.zeros(width, np.float32)
+    for i, shard in enumerate(shard_keys(n_shards)):
+        lo, hi = shard_latent_range(width, latents_per_shard, i)
+        latents = np.repeat(np.arange(lo, hi), acts_per_latent)
+        values = rng.gamma(2.0, 2.0, len(latents)).astype(np.float32) + 0.01
+        cells = rng.integers(0, n_tokens, len(latents))
+        locations = np.stack([cells // ctx, cells % ctx, latents], 1).astype(np.int32)
+        (acts_dir / f"shard-{shard}").mkdir(parents=True, exist_ok=True)
+        save_file({"locations": locations, "activations": values}, str(acts_dir / f"shard-{shard}" / "chunk-00000.safetensors"))
+        np.add.at(total, latents, values)
+        np.maximum.at(maximum, latents, values)
+    save_latent_stats(acts_dir / LATENT_STATS_FILE, count, maximum, total, n_tokens)
+    write_cache_meta(acts_dir, {"coder": CODER, "hookpoint": "model.layers.15", "format": "sparsify", "activation": "topk", "width": width,
+                                "latents_per_shard": latents_per_shard, "n_shards": n_shards, "corpus_hash": "bench", "tokens": n_tokens, "live_latents": width,
+                                "dead_fraction": 0.0, "mean_l0": float(count.sum()) / n_tokens, "fvu": 0.2})
+    # explanations: a pool of distinct texts, embedded once
+    pool = [f"the word '{rng.choice(WORDS)}' after '{rng.choice(WORDS)}' in {rng.choice(WORDS)} {rng.choice(WORDS)} contexts" for _ in range(2000)]
+    pool_vectors = EmbedderResource().embed(pool)
+    pick = rng.integers(0, len(pool), width)
+    windows_per_latent, layout = 16, [("train", "activating", 0)] * 6 + [("test", "activating", q) for q in (1, 2, 3, 4, 5)] + \
+        [("valid", "activating", 0)] * 2 + [("test", "random", -1), ("test", "neighbour", -1), ("test", "embedding", -1)]
+    for i, shard in enumerate(shard_keys(n_shards)):
+        lo, hi = shard_latent_range(width, latents_per_shard, i)
+        n_lat = hi - lo
+        n_rows = n_lat * windows_per_latent
+        kinds = layout * n_lat
+        acts = np.where(rng.random((n_rows, WINDOW)) < 0.1, rng.gamma(2.0, 2.0, (n_rows, WINDOW)), 0).astype(np.float32)
+        silent = np.array([k != "activating" for _, k, _ in kinds])
+        acts[silent] = 0
+        offsets = pa.array(np.arange(0, (n_rows + 1) * WINDOW, WINDOW, dtype=np.int32))
+        table = pa.table({
+            "latent": np.repeat(np.arange(lo, hi), windows_per_latent).astype(np.int64), "split": [s for s, _, _ in kinds], "kind": [k for _, k, _ in kinds],
+            "quantile": np.array([q for _, _, q in kinds], np.int64), "sequence": rng.integers(0, n_seq, n_rows), "start": rng.integers(0, ctx // WINDOW, n_rows) * WINDOW,
+            "max_activation": acts.max(1).astype(np.float64),
+            "tokens": pa.ListArray.from_arrays(offsets, pa.array(rng.integers(0, len(vocab), n_rows * WINDOW).astype(np.int32))),
+            "activations": pa.ListArray.from_arrays(offsets, pa.array(acts.ravel())),
+        })
+        data.exemplars_path(CODER, shard).parent.mkdir(parents=True, exist_ok=True)
+        pq.write_table(table, data.exemplars_path(CODER, shard))
+        ids = np.arange(lo, hi)
+        pd.DataFrame({"latent": ids, "frequency": count[ids] / n_tokens, "max_activation": maximum[ids], "mean_activation": total[ids] / count[ids],
+                      "activating_windows": 40, "quantile_boundaries": [np.sort(rng.random(6) * m).tolist() for m in maximum[ids]],
+                      "top_tokens": [rng.integers(0, len(vocab), 10).tolist() for _ in ids], "top_token_mean_activation": [np.sort(rng.random(10))[::-1].tolist() for _ in ids],
+                      "neighbours": [rng.integers(0, width, 10).tolist() for _ in ids]}).to_parquet(data.latent_profiles_path(CODER, shard), index=False)
+        texts = [pool[j] for j in pick[ids]]
+        data.explanations_path(CODER, shard).parent.mkdir(parents=True, exist_ok=True)
+        pd.DataFrame({"latent": ids, "explainer": "highlighted", "explanation": texts, "status": "ok", "error": "", "prompt_tokens": 900, "completion_tokens": 20,
+                      "model": "bench", "candidates": [[t] for t in texts], "candidate_scores": [[float("nan")] for _ in ids], "examples_dropped": 0,
+                      "exemplars_fingerprint": "bench"}).to_parquet(data.explanations_path(CODER, shard), index=False)
+        for name, main in SCORERS.items():
+            score, control = rng.random(n_lat), rng.random(n_lat)
+            frame = pd.DataFrame({"latent": ids, "explanation": texts, "control_explanation": [pool[j] for j in pick[(ids + 1) % width]], "control_note": "",
+                                  main: score, f"control_{main}": control, "gap": score - control, "n_failed": 0, "n_dropped": 0, "failures": "[]", "prompt_tokens": 0})
+            data.scores_path(CODER, shard, name).parent.mkdir(parents=True, exist_ok=True)
+            frame.to_parquet(data.scores_path(CODER, shard, name), index=False)
+        print(f"built shard {shard}", file=sys.stderr, flush=True)
+    upsert_explanations(data.lancedb_dir, CODER, list(range(width)), [pool[j] for j in pick], pool_vectors[pick])
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def fetch(base: str, path: str) -> float:
+    started = time.perf_counter()
+    with urllib.request.urlopen(base + path, timeout=600) as response:
+        body = response.read()
+        if response.status != 200:
+            raise RuntimeError(f"{path}: {response.status} {body[:200]}")
+    return (time.perf_counter() - started) * 1000
+
+
+class Server:
+    """`autointerp view` on the data root, in its own process."""
+
+    def __init__(self, root: Path):
+        self.port = free_port()
+        self.base = f"http://127.0.0.1:{self.port}"
+        env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+        self.process = subprocess.Popen([sys.executable, "-m", "autointerp_defs.cli", "--data", str(root), "view", "--port", str(self.port)], env=env,
+                                        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+    def __enter__(self):
+        for _ in range(600):
+            try:
+                fetch(self.base, "/healthz")
+                return self
+            except OSError:
+                time.sleep(0.2)
+        raise RuntimeError("the viewer did not start")
+
+    def memory(self):
+        import psutil
+
+        return psutil.Process(self.process.pid).memory_full_info()
+
+    def __exit__(self, *exc):
+        self.process.terminate()
+        self.process.wait(timeout=30)
+
+
+def main() -> None:
+
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--width", type=int, default=100_000)
+    parser.add_argument("--acts", type=int, default=20, help="cached activations per latent")
+    parser.add_argument("--requests", type=int, default=200, help="timed requests of each kind")
+    parser.add_argument("--shards", type=int, default=8, help="shards of the coder (latents_per_shard = ceil(width / shards))")
+    parser.add_argument("--data", help="data root to build into (default: a temporary folder); reused if built")
+    args = parser.parse_args()
+    root = Path(args.data or tempfile.mkdtemp(prefix="viewer-bench-"))
+    started = time.perf_counter()
+    if not (root / "activations" / CODER / "meta.json").exists():
+        build(root, args.width, args.acts, -(-args.width // args.shards))
+    build_s = time.perf_counter() - started
+    shutil.rmtree(root / "viewer", ignore_errors=True)  # cold means cold: the viewer's indexes are built again
+
+    coder = quote(CODER, safe="")
+    width = args.width
+    n_shards = json.loads((root / "activations" / CODER / "meta.json").read_text())["n_shards"]
+    per_shard = -(-width // n_shards)
+    rng = np.random.default_rng(1)
+    with Server(root) as server:  # first start: every cached index is built on first use
+        cold = {"list_ms": fetch(server.base, f"/api/latents?coder={coder}"), "search_ms": fetch(server.base, f"/api/search?coder={coder}&q=closing%20a%20file")}
+        cold["latent_first_ms"] = fetch(server.base, f"/api/latent?coder={coder}&latent=0")  # unembedding, decoder rows, shard 00's caches
+        cold["latent_other_shards_ms"] = [round(fetch(server.base, f"/api/latent?coder={coder}&latent={min(s * per_shard + 1, width - 1)}")) for s in range(1, min(n_shards, 8))]
+        cold_memory = server.memory()
+    with Server(root) as server:  # a restart, as a user would run it: indexes on disk, opened (memory-mapped) on first use
+        first = {"list_ms": fetch(server.base, f"/api/latents?coder={coder}"), "search_ms": fetch(server.base, f"/api/search?coder={coder}&q=closing%20a%20file"),
+                 "latent_ms": fetch(server.base, f"/api/latent?coder={coder}&latent=1")}
+        columns = ["latent", "frequency", "max_activation", "mean_activation", "detection", "fuzzing_gap", "embedding_control", "mean_gap"]
+        queries = [f"{a} {b}" for a, b in zip(rng.choice(WORDS, args.requests), rng.choice(WORDS, args.requests))]
+        timed = {"list": [], "search": [], "latent": []}
+        for i in range(args.requests):
+            filt = "&min_detection=0.5&status=ok" if i % 2 else ""
+            timed["list"].append(fetch(server.base, f"/api/latents?coder={coder}&sort={rng.choice(columns)}&order={rng.choice(['asc', 'desc'])}&page={rng.integers(1, 100)}{filt}"))
+            timed["search"].append(fetch(server.base, f"/api/search?coder={coder}&q={quote(queries[i])}"))
+            timed["latent"].append(fetch(server.base, f"/api/latent?coder={coder}&latent={rng.integers(0, width)}"))
+        memory = server.memory()
+    result = {"latents": args.width, "requests_each": args.requests, "build_tables_s": round(build_s, 1),
+              "cold_ms": {k: (round(v) if isinstance(v, float) else v) for k, v in cold.items()}, "after_restart_first_ms": {k: round(v) for k, v in first.items()}}
+    for kind, times in timed.items():
+        result[f"{kind}_p50_ms"] = round(float(np.percentile(times, 50)), 1)
+        result[f"{kind}_p95_ms"] = round(float(np.percentile(times, 95)), 1)
+    result["server_rss_mb"] = round(memory.rss / 2**20)
+    result["server_uss_mb"] = round(memory.uss / 2**20)
+    result["server_rss_mb_first_start"] = round(cold_memory.rss / 2**20)  # includes building the indexes (the subject model loaded once)
+    result["target_p95_ms"] = 300
+    result["all_p95_under_target"] = all(result[f"{k}_p95_ms"] < 300 for k in timed)
+    print(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,1 @@
+"""Exports of a data root to the formats other interpretability tools read, and imports from them."""

@@ -1,0 +1,224 @@
+"""The latent browser's HTTP API on a materialized partition: what each page shows is what the tables hold."""
+from __future__ import annotations
+
+import json
+import threading
+import urllib.error
+import urllib.request
+from urllib.parse import quote
+
+import pandas as pd
+import pytest
+import torch
+
+from storage.layout import DataRoot
+from tests.materialized_partition import build
+
+
+@pytest.fixture(scope="session")
+def partition(tmp_path_factory, tiny_sae):
+    return build(tmp_path_factory.mktemp("materialized"), tiny_sae)
+
+
+@pytest.fixture(scope="module")
+def server(partition):
+    from autointerp_defs.viewer.server import make_server
+
+    httpd = make_server(str(partition.root), port=0)
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    yield f"http://127.0.0.1:{httpd.server_port}"
+    httpd.shutdown()
+    httpd.server_close()
+
+
+def get(server: str, path: str) -> tuple[int, dict]:
+    try:
+        with urllib.request.urlopen(server + path, timeout=120) as response:
+            return response.status, json.loads(response.read())
+    except urllib.error.HTTPError as error:
+        return error.code, json.loads(error.read())
+
+
+def latent_counts(partition):
+    from storage.activations import LATENT_STATS_FILE, load_latent_stats
+
+    return load_latent_stats(DataRoot.at(partition.root).activations_dir(partition.coder) / LATENT_STATS_FILE)
+
+
+def tables(partition):
+    root = DataRoot.at(partition.root)
+    explained = pd.read_parquet(root.explanations_path(partition.coder, partition.shard))
+    scores = {name: pd.read_parquet(root.scores_path(partition.coder, partition.shard, name)) for name in ("detection", "fuzzing", "embedding", "simulation")}
+    return root, explained, scores
+
+
+def test_coders_page_compares_each_scorer_with_its_control(server, partition):
+    root, explained, scores = tables(partition)
+    status, data = get(server, "/api/coders")
+    assert status == 200
+    (row,) = data["coders"]
+    meta = json.loads((root.activations_dir(partition.coder) / "meta.json").read_text())
+    assert row["coder"] == partition.coder and row["width"] == 1152
+    assert row["dead_fraction"] == pytest.approx(meta["dead_fraction"]) and row["mean_l0"] == pytest.approx(meta["mean_l0"]) and row["fvu"] == pytest.approx(meta["fvu"])
+    assert row["explained"] == int((explained.status == "ok").sum()) >= 2
+    assert set(row["scorers"]) == set(scores)
+    for name, table in scores.items():
+        main = {s["name"]: s["main_metric"] for s in data["scorers"]}[name]
+        assert row["scorers"][name]["mean"] == pytest.approx(table[main].mean())
+        assert row["scorers"][name]["control"] == pytest.approx(table[f"control_{main}"].mean())
+        assert row["scorers"][name]["verdict"].startswith(("informative", "uninformative"))
+
+
+def test_latent_list_sorts_filters_and_pages(server, partition):
+    _, explained, scores = tables(partition)
+    coder = quote(partition.coder, safe="")
+    status, data = get(server, f"/api/latents?coder={coder}&per_page=100&page=2")
+    assert status == 200 and data["total"] == 1152 and data["pages"] == 12 and [r["latent"] for r in data["rows"]] == list(range(100, 200))
+
+    _, by_freq = get(server, f"/api/latents?coder={coder}&sort=frequency&order=desc&per_page=500")
+    freqs = [r["frequency"] for r in by_freq["rows"]]
+    assert freqs == sorted(freqs, reverse=True) and freqs[0] > 0
+
+    _, by_score = get(server, f"/api/latents?coder={coder}&sort=detection&order=asc")
+    scored = [r["detection"] for r in by_score["rows"] if r["detection"] is not None]
+    assert scored == sorted(scores["detection"]["balanced_accuracy"].tolist())
+    assert all(r["detection"] is None for r in by_score["rows"][len(scored):])  # unscored latents last
+
+    _, ok = get(server, f"/api/latents?coder={coder}&status=ok")
+    assert sorted(r["latent"] for r in ok["rows"]) == sorted(explained[explained.status == "ok"].latent.tolist())
+    assert {r["explanation"] for r in ok["rows"]} == set(explained[explained.status == "ok"].explanation)
+
+    _, filtered = get(server, f"/api/latents?coder={coder}&min_embedding_gap=-10&max_embedding_gap=10")
+    assert filtered["total"] == scores["embedding"]["gap"].notna().sum()
+    _, frequent = get(server, f"/api/latents?coder={coder}&min_frequency=0.01")
+    counts = latent_counts(partition)
+    assert frequent["total"] == int((counts["count"] / counts["tokens"][0] >= 0.01).sum()) > 0
+
+
+def test_search_finds_a_latent_by_the_meaning_of_its_explanation(server, partition):
+    _, explained, _ = tables(partition)
+    row = explained[explained.status == "ok"].iloc[0]
+    coder = quote(partition.coder, safe="")
+    status, data = get(server, f"/api/search?coder={coder}&q={quote(row.explanation)}")
+    assert status == 200 and data["hits"][0]["latent"] == row.latent and data["hits"][0]["explanation"] == row.explanation
+    _, listed = get(server, f"/api/latents?coder={coder}&q={quote(row.explanation)}")
+    assert listed["rows"][0]["latent"] == row.latent and listed["sort"] == "distance"
+
+
+def test_latent_page_shows_what_the_tables_and_the_decoder_say(server, partition, tiny_sae):
+    from resources.logit_lens import vocab_projection
+    from resources.subject_model import load_causal_lm
+
+    root, explained, scores = tables(partition)
+    row = explained[explained.status == "ok"].iloc[0]
+    latent = int(row.latent)
+    status, page = get(server, f"/api/latent?coder={quote(partition.coder, safe='')}&latent={latent}")
+    assert status == 200
+
+    # the explanation and both best-of-N candidates with their scores
+    assert page["explanation"]["text"] == row.explanation and page["explanation"]["model"] == "scripted-judge"
+    assert [c["text"] for c in page["explanation"]["candidates"]] == list(row.candidates)
+    assert [c["score"] for c in page["explanation"]["candidates"]] == pytest.approx(list(row.candidate_scores))
+
+    # each scorer beside its control
+    for s in page["scorers"]:
+        table = scores[s["name"]].set_index("latent")
+        assert s["score"] == pytest.approx(table.loc[latent, s["main_metric"]], nan_ok=True)
+        assert s["control_score"] == pytest.approx(table.loc[latent, f"control_{s['main_metric']}"], nan_ok=True)
+        assert s["control_explanation"] == table.loc[latent, "control_explanation"] != row.explanation
+
+    # the windows are the exemplars table's, token for token, grouped by quantile
+    exemplars = pd.read_parquet(root.exemplars_path(partition.coder, partition.shard))
+    mine = exemplars[exemplars.latent == latent]
+    shown = [w for g in page["windows"]["activating"] for w in g["windows"]]
+    assert len(shown) == (mine.kind == "activating").sum()
+    groups = [g["group"] for g in page["windows"]["activating"]]
+    assert groups[0].startswith("top") and [g for g in groups if g.startswith("quantile")] == sorted(g for g in groups if g.startswith("quantile"))
+    strongest = mine.loc[mine.max_activation.idxmax()]
+    window = next(w for w in shown if w["sequence"] == strongest.sequence and w["start"] == strongest.start)
+    assert window["activations"] == pytest.approx(list(strongest.activations), abs=1e-3)
+    assert {g["source"] for g in page["windows"]["non_activating"]} == set(mine[mine.kind != "activating"].kind)
+
+    # density: every cached activation of the latent falls in the histogram
+    assert sum(page["density"]["counts"]) == latent_counts(partition)["count"][latent]
+
+    # logit lens and neighbours, from the decoder itself
+    projection = vocab_projection(tiny_sae.decoder_weight[latent : latent + 1], load_causal_lm(), 10)
+    vocab = json.loads((root.corpus_dir / "vocab.json").read_text())
+    assert [t["token"] for t in page["logit_lens"]["promoted"]] == [vocab[i] for i in projection.top_ids[0].tolist()]
+    assert [t["token"] for t in page["logit_lens"]["suppressed"]] == [vocab[i] for i in projection.bottom_ids[0].tolist()]
+    unit = torch.nn.functional.normalize(tiny_sae.decoder_weight.float(), dim=1)
+    cosines = unit @ unit[latent]
+    cosines[latent] = -2
+    assert [n["latent"] for n in page["neighbours"]["latents"]] == cosines.topk(10).indices.tolist()
+
+    # the simulation: the literal simulator predicted 10 exactly where the explained token stands
+    word = row.explanation.split("'")[1]
+    assert page["simulation"]["windows"]
+    for w in page["simulation"]["windows"]:
+        assert w["simulated"] == [10.0 if t.strip() == word else 0.0 for t in w["tokens"]]
+        assert len(w["true"]) == len(w["tokens"])
+    assert "partition=" in page["links"]["dagster_explanations"] and quote(f"{partition.coder}|00", safe="") in page["links"]["dagster_explanations"]
+
+
+def test_bad_requests_name_the_input_and_the_fix(server, partition):
+    status, data = get(server, "/api/latents?coder=nope/model.layers.0")
+    assert status == 404 and partition.coder in data["error"] and "Fix" in data["error"]
+    coder = quote(partition.coder, safe="")
+    status, data = get(server, f"/api/latent?coder={coder}&latent=99999")
+    assert status == 404 and "0..1151" in data["error"]
+    status, data = get(server, f"/api/latents?coder={coder}&sort=nonsense")
+    assert status == 400 and "frequency" in data["error"]
+    status, data = get(server, f"/api/latents?coder={coder}&min_frequency=abc")
+    assert status == 400 and "not a number" in data["error"]
+
+
+def test_index_is_cached_on_disk_and_rebuilt_when_a_table_changes(partition, tmp_path):
+    import shutil
+
+    from autointerp_defs.viewer.app import Viewer
+
+    root = tmp_path / "copy"
+    shutil.copytree(partition.root, root, ignore=shutil.ignore_patterns("viewer", "llm_cache"))
+    first = Viewer(DataRoot.at(root)).latent_list(partition.coder, {"status": "ok"})["total"]
+    cached = root / "viewer" / partition.coder / "latents.parquet"
+    built = cached.stat().st_mtime_ns
+    assert Viewer(DataRoot.at(root)).latent_list(partition.coder, {"status": "ok"})["total"] == first
+    assert cached.stat().st_mtime_ns == built  # a new server reads the cache instead of rebuilding
+    path = DataRoot.at(root).explanations_path(partition.coder, partition.shard)
+    table = pd.read_parquet(path)
+    table.loc[table.status == "ok", "status"] = "failed"
+    table.to_parquet(path, index=False)
+    assert Viewer(DataRoot.at(root)).latent_list(partition.coder, {"status": "ok"})["total"] == 0
+
+
+def test_dagster_metadata_links_to_the_coder_and_latent_pages(partition):
+    from autointerp_defs.viewer import coder_url, latent_url
+    from resources.settings import AutointerpSettings
+
+    base = AutointerpSettings().viewer_url  # the [settings] viewer_url the partition ran with (the default)
+    _, explained, _ = tables(partition)
+    for node in ("explanations", "score_summary"):
+        meta = partition.metadata[node]
+        assert meta["viewer"] == coder_url(partition.coder, base)
+        for latent in explained[explained.status == "ok"].latent:
+            assert latent_url(partition.coder, int(latent), base) in meta["latent_pages"]
+
+
+def test_the_links_follow_the_deployment_settings_and_summary_links_cover_every_coder(partition):
+    from assets.scores import summary_links
+    from autointerp_defs.deployments import load_deployment
+    from autointerp_defs.viewer.app import Viewer
+
+    settings = load_deployment("local", {"settings": {"viewer_url": "http://viewer.lab:9000/", "dagster_url": "http://dagster.lab:3333"}}).resources()["settings"]
+    assert settings.viewer_url == "http://viewer.lab:9000/" and settings.dagster_url == "http://dagster.lab:3333"
+
+    page = Viewer(DataRoot.at(partition.root), dagster_url=settings.dagster_url).latent(partition.coder, 0)
+    assert page["links"]["dagster_explanations"] == f"http://dagster.lab:3333/assets/explanations?view=partitions&partition={quote(partition.coder + '|00', safe='')}"
+    assert page["links"]["dagster_summary"] == "http://dagster.lab:3333/assets/score_summary"  # one asset over all coders: no partition
+
+    one = summary_links(settings.viewer_url, {"a/h.1": [3, 1]})
+    assert one["viewer"].value == "http://viewer.lab:9000/coder?coder=a%2Fh.1" and "latent=3" in one["latent_pages"].value
+    several = summary_links(settings.viewer_url, {"a/h.1": [3, 1], "b/h.2": [7]})
+    assert several["viewer"].value == "http://viewer.lab:9000/"
+    assert "latent?coder=a%2Fh.1&latent=3" in several["latent_pages"].value and "latent?coder=b%2Fh.2&latent=7" in several["latent_pages"].value

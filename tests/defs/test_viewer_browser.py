@@ -1,0 +1,175 @@
+"""The latent browser in a real browser: Playwright driving Debian's Chromium over a materialized partition.
+
+Checks what a person would: the coders table sorts, the latent list sorts, filters and searches,
+the heatmap marks exactly the tokens the exemplars say fired (value on hover), links resolve, and
+nothing is fetched from outside the server. Screenshots go to `$AUTOINTERP_SCREENSHOTS` (default:
+the test's tmp folder).
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import threading
+from pathlib import Path
+from urllib.parse import quote
+
+import pandas as pd
+import pytest
+
+from storage.layout import DataRoot
+from tests.materialized_partition import build
+
+
+def chromium() -> str:
+    """Debian's chromium (Playwright's own browser download is not reachable); installed here when missing."""
+    found = shutil.which("chromium")
+    if found is None and shutil.which("apt-get") and os.geteuid() == 0:
+        subprocess.run(["apt-get", "install", "-y", "-q", "chromium"], check=True, capture_output=True)
+        found = shutil.which("chromium")
+    if found is None:
+        pytest.fail("No chromium. Fix: apt-get install chromium (as root), or `make install-test`.")
+    return found
+
+
+@pytest.fixture(scope="session")
+def partition(tmp_path_factory, tiny_sae):
+    return build(tmp_path_factory.mktemp("materialized"), tiny_sae)
+
+
+@pytest.fixture(scope="module")
+def server(partition):
+    from autointerp_defs.viewer.server import make_server
+
+    httpd = make_server(str(partition.root), port=0)
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    yield f"http://127.0.0.1:{httpd.server_port}"
+    httpd.shutdown()
+    httpd.server_close()
+
+
+@pytest.fixture(scope="module")
+def browser():
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=chromium(), args=["--no-sandbox"])
+        yield browser
+        browser.close()
+
+
+@pytest.fixture()
+def page(browser, server):
+    """A page that fails the test on any request outside the viewer and on any script error."""
+    context = browser.new_context(viewport={"width": 1280, "height": 900})
+    page = context.new_page()
+    outside, errors = [], []
+    page.on("request", lambda r: None if r.url.startswith(server) else outside.append(r.url))
+    page.on("pageerror", lambda e: errors.append(str(e)))
+    yield page
+    context.close()
+    assert not outside, f"fetched from outside the server: {outside}"
+    assert not errors, errors
+
+
+@pytest.fixture(scope="module")
+def shots(tmp_path_factory) -> Path:
+    folder = Path(os.environ.get("AUTOINTERP_SCREENSHOTS") or tmp_path_factory.mktemp("screenshots"))
+    folder.mkdir(parents=True, exist_ok=True)
+    return folder
+
+
+def ready(page):
+    page.wait_for_selector("body[data-ready='1']")
+
+
+def test_coders_page_lists_the_coder_and_sorts(page, server, partition, shots):
+    page.goto(server + "/")
+    ready(page)
+    row = page.locator(f"tr[data-coder='{partition.coder}']")
+    assert row.count() == 1 and "1152" in row.inner_text()
+    page.locator("th", has_text="detection control").click()
+    assert "sorted-desc" in page.locator("th", has_text="detection control").get_attribute("class")
+    page.screenshot(path=str(shots / "coders.png"))
+    row.locator("a").click()
+    ready(page)
+    assert page.url.startswith(server + "/coder?coder=")
+    assert page.locator("#latents tbody tr").count() == 50
+
+
+def test_latent_list_sorts_filters_searches_and_links(page, server, partition, shots):
+    root = DataRoot.at(partition.root)
+    explained = pd.read_parquet(root.explanations_path(partition.coder, partition.shard))
+    ok = explained[explained.status == "ok"]
+    page.goto(f"{server}/coder?coder={quote(partition.coder, safe='')}")
+    ready(page)
+    # sort by frequency, strongest first: the column reads in descending order
+    page.locator("th[data-col='frequency']").click()
+    page.wait_for_selector("th[data-col='frequency'].sorted-desc")
+    ready(page)
+    freqs = [float(t) for t in page.locator("#latents tbody tr td:nth-child(4)").all_inner_texts()]
+    assert freqs == sorted(freqs, reverse=True) and freqs[0] > 0
+    # filter by explanation status
+    page.select_option("#status", "ok")
+    page.click("#apply")
+    page.wait_for_function("document.querySelectorAll('#latents tbody tr').length === %d" % len(ok))
+    ready(page)
+    assert sorted(int(x) for x in page.locator("#latents tbody tr td:first-child").all_inner_texts()) == sorted(ok.latent.tolist())
+    # semantic search: the latent whose explanation it is comes first
+    target = ok.iloc[-1]
+    page.click("#clear")
+    ready(page)
+    page.fill("#search", target.explanation)
+    page.press("#search", "Enter")
+    page.wait_for_selector("th[data-col='distance']")
+    ready(page)
+    assert page.locator("#latents tbody tr").first.get_attribute("data-latent") == str(target.latent)
+    page.screenshot(path=str(shots / "latents.png"))
+    # the link resolves to that latent's page
+    page.locator("#latents tbody tr").first.locator("a").click()
+    ready(page)
+    assert page.locator("#explanation .explanation").inner_text() == target.explanation
+
+
+def test_latent_page_heatmap_marks_the_right_tokens(page, server, partition, shots):
+    root = DataRoot.at(partition.root)
+    explained = pd.read_parquet(root.explanations_path(partition.coder, partition.shard))
+    latent = int(explained[explained.status == "ok"].latent.iloc[0])
+    exemplars = pd.read_parquet(root.exemplars_path(partition.coder, partition.shard))
+    strongest = exemplars[exemplars.latent == latent].sort_values("max_activation").iloc[-1]
+    page.goto(f"{server}/latent?coder={quote(partition.coder, safe='')}&latent={latent}")
+    ready(page)
+    assert page.locator("#error").count() == 0
+    # the strongest window is shown first among the explainer's windows; its marked tokens are the firing ones
+    first = page.locator(".group-windows").first.locator(".window").first
+    spans = first.locator(".tok")
+    values = [float(v) for v in spans.evaluate_all("els => els.map(e => e.dataset.act)")]
+    assert values == pytest.approx(list(strongest.activations), abs=1e-3)
+    marked = [i for i, cls in enumerate(spans.evaluate_all("els => els.map(e => e.className)")) if "active" in cls]
+    assert marked == [i for i, a in enumerate(strongest.activations) if a > 0]
+    top = marked[int(max(range(len(marked)), key=lambda j: strongest.activations[marked[j]]))]
+    assert spans.nth(top).get_attribute("title").endswith(str(round(float(strongest.activations[top]), 4)))
+    unmarked = next(i for i in range(len(values)) if i not in marked)
+    assert "rgba" in spans.nth(top).get_attribute("style") and not spans.nth(unmarked).get_attribute("style")
+    # the parts a person looks for
+    assert page.locator("#candidates tr").count() == 3  # header + two best-of-N candidates
+    assert page.locator("#scorers tr[data-scorer]").count() == 4
+    assert page.locator("#promoted span").count() == 10 and page.locator("#suppressed span").count() == 10
+    assert page.locator("#density div").count() == 24
+    assert page.locator("#simulation .sim-pair").count() > 0
+    assert page.locator("#non-activating [data-source]").count() >= 2
+    assert "partition=" in page.locator("#dagster-link").get_attribute("href")
+    page.screenshot(path=str(shots / "latent.png"), full_page=False)
+    # a neighbour link resolves to that latent's page
+    neighbour = page.locator("a.neighbour").first
+    target = neighbour.inner_text()
+    neighbour.click()
+    ready(page)
+    assert page.locator("h1").inner_text().startswith(f"Latent {target}")
+    assert page.locator("#error").count() == 0
+
+
+def test_a_bad_latent_shows_the_error_with_the_fix(page, server, partition):
+    page.goto(f"{server}/latent?coder={quote(partition.coder, safe='')}&latent=5000")
+    ready(page)
+    assert "0..1151" in page.locator("#error").inner_text()

@@ -1,0 +1,64 @@
+"""Runs on one data root share the endpoint's concurrency limit instead of multiplying it: two
+processes (as two Dagster runs are), each allowed 4 requests in flight, against one scripted server
+that records how many it was answering at once and from whom."""
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+from tests.scripted_llm_server import ScriptedLLMServer
+
+REPO = Path(__file__).resolve().parents[2]
+SENDER = """
+import asyncio, sys, time
+from pathlib import Path
+from resources.llm import LLMResource
+
+tag, base_url, cache, ready = sys.argv[1], sys.argv[2], Path(sys.argv[3]), Path(sys.argv[4])
+client = LLMResource(backend="openai", base_url=base_url, model="scripted", max_concurrency=4).client(cache)
+(ready / tag).touch()
+while len(list(ready.iterdir())) < 2:  # start together, however long each took to import
+    time.sleep(0.01)
+
+async def main():
+    async with client.session():
+        await asyncio.gather(*(client.complete([{"role": "user", "content": f"{tag} request {i}"}], max_tokens=4) for i in range(16)))
+
+asyncio.run(main())
+"""
+
+
+def run_two_senders(caches: tuple[Path, Path], ready: Path) -> tuple[int, bool]:
+    """(most requests answered at once, whether both processes had requests in flight together)."""
+    lock, in_flight, most, together = threading.Lock(), [], [0], [False]
+
+    def reply(messages):
+        tag = messages[-1]["content"].split()[0]
+        with lock:
+            in_flight.append(tag)
+            most[0] = max(most[0], len(in_flight))
+            together[0] |= len(set(in_flight)) == 2
+        time.sleep(0.25)
+        with lock:
+            in_flight.remove(tag)
+        return "ok"
+
+    ready.mkdir()
+    with ScriptedLLMServer(reply) as server:
+        senders = [subprocess.Popen([sys.executable, "-c", SENDER, tag, server.base_url, str(cache), str(ready)], cwd=REPO, stderr=subprocess.PIPE, text=True)
+                   for tag, cache in zip(("first", "second"), caches)]
+        for sender in senders:
+            assert sender.wait(timeout=120) == 0, sender.stderr.read()[-2000:]
+        assert len(server.requests) == 2 * 16  # every request answered once
+    return most[0], together[0]
+
+
+def test_two_runs_on_one_data_root_share_the_endpoint_limit(tmp_path):
+    most, together = run_two_senders((tmp_path / "llm_cache", tmp_path / "llm_cache"), tmp_path / "ready")
+    assert together and most == 4  # both sent at the same time, and never more than the one limit
+
+
+def test_runs_on_different_data_roots_each_have_their_own_limit(tmp_path):
+    most, together = run_two_senders((tmp_path / "a" / "llm_cache", tmp_path / "b" / "llm_cache"), tmp_path / "ready")
+    assert together and most == 8  # what sharing prevents: the limits add up

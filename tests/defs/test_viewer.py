@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import json
-import threading
 import urllib.error
 import urllib.request
 from urllib.parse import quote
@@ -12,23 +11,6 @@ import pytest
 import torch
 
 from storage.layout import DataRoot
-from tests.materialized_partition import build
-
-
-@pytest.fixture(scope="session")
-def partition(tmp_path_factory, tiny_sae):
-    return build(tmp_path_factory.mktemp("materialized"), tiny_sae)
-
-
-@pytest.fixture(scope="module")
-def server(partition):
-    from autointerp_defs.viewer.server import make_server
-
-    httpd = make_server(str(partition.root), port=0)
-    threading.Thread(target=httpd.serve_forever, daemon=True).start()
-    yield f"http://127.0.0.1:{httpd.server_port}"
-    httpd.shutdown()
-    httpd.server_close()
 
 
 def get(server: str, path: str) -> tuple[int, dict]:

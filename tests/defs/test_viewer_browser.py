@@ -10,7 +10,6 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
-import threading
 from pathlib import Path
 from urllib.parse import quote
 
@@ -18,7 +17,6 @@ import pandas as pd
 import pytest
 
 from storage.layout import DataRoot
-from tests.materialized_partition import build
 
 
 def chromium() -> str:
@@ -30,22 +28,6 @@ def chromium() -> str:
     if found is None:
         pytest.fail("No chromium. Fix: apt-get install chromium (as root), or `make install-test`.")
     return found
-
-
-@pytest.fixture(scope="session")
-def partition(tmp_path_factory, tiny_sae):
-    return build(tmp_path_factory.mktemp("materialized"), tiny_sae)
-
-
-@pytest.fixture(scope="module")
-def server(partition):
-    from autointerp_defs.viewer.server import make_server
-
-    httpd = make_server(str(partition.root), port=0)
-    threading.Thread(target=httpd.serve_forever, daemon=True).start()
-    yield f"http://127.0.0.1:{httpd.server_port}"
-    httpd.shutdown()
-    httpd.server_close()
 
 
 @pytest.fixture(scope="module")

@@ -116,11 +116,11 @@ def test_sixteen_coders_dropped_at_once_register_in_one_tick_and_cache_in_one_pa
     defs = Definitions(assets=ALL_ASSETS, resources=resources)
     materialize(ALL_ASSETS, selection=["corpus"], resources=resources, instance=instance, run_config={"ops": {"corpus": {"config": TINY_CORPUS_CONFIG}}})
     assert requested(evaluate_automation_conditions(defs=defs, instance=instance), "activations") == 176  # one request: one single-run backfill
-    import assets.activations
+    from resources import subject_model as subject_model_module
 
     forwards = []  # the hookpoints each forward pass read
-    capture = assets.activations.capture_hookpoints
-    monkeypatch.setattr(assets.activations, "capture_hookpoints", lambda lm, batch, sites: forwards.append((len(batch), set(sites))) or capture(lm, batch, sites))
+    capture = subject_model_module.capture_hookpoints
+    monkeypatch.setattr(subject_model_module, "capture_hookpoints", lambda lm, batch, sites: forwards.append((len(batch), set(sites))) or capture(lm, batch, sites))
     cached = materialize(ALL_ASSETS, selection=["activations"], resources=resources, instance=instance,
                          tags={"dagster/asset_partition_range_start": keys[0], "dagster/asset_partition_range_end": keys[-1]})
     assert cached.success

@@ -36,7 +36,7 @@ from assets.stage_config import settings_digest, with_defaults
 from resources.embedder import EmbedderResource
 from resources.settings import AutointerpSettings
 from resources.sparse_coders import SparseCoder, coder_fingerprint, load_registered
-from storage.activations import LATENT_STATS_FILE, ShardActivations, check_shard_complete, load_latent_stats, read_cache_meta, read_latents, read_shard
+from storage.activations import LATENT_STATS_FILE, ShardActivations, check_shard_complete, load_latent_stats, read_cache_meta, read_latents, read_shard, shard_keys
 from storage.corpus import load_corpus
 from storage.layout import DataRoot
 from storage.tables import TABLES, refuse_emptier, write_table
@@ -375,9 +375,11 @@ def _exemplars(context: AssetExecutionContext, config: ExemplarsConfig, settings
     if meta.get("coder_fingerprint") and meta["coder_fingerprint"] != coder_fingerprint(root.registry_dir, coder):
         raise Failure(f"The coder {coder} in the registry changed after its activations were cached: exemplars would mix two coders. "
                       f"Fix: re-materialize `activations` for {coder} (or put the old coder files back).")
-    if not int(shard) < meta["n_shards"]:
-        raise Failure(f"{coder} was cached in {meta['n_shards']} shards of {meta['latents_per_shard']} latents, so it has no shard {shard}: "
-                      f"latents_per_shard was changed after the coder was registered. Fix: set [settings] latents_per_shard back to {meta['latents_per_shard']}.")
+    cached_shards = shard_keys(meta["n_shards"])
+    if shard not in cached_shards:
+        raise Failure(f"{coder} was cached in {meta['n_shards']} shards of {meta['latents_per_shard']} latents ({cached_shards[0]} … {cached_shards[-1]}), "
+                      f"so it has no shard {shard!r}: a partition key typed by hand, or latents_per_shard changed after the coder was registered. "
+                      f"Fix: use the partitions the registry sensor added, or set [settings] latents_per_shard back to {meta['latents_per_shard']}.")
     shard_acts = read_shard(acts_dir, shard)
     stats = load_latent_stats(acts_dir / LATENT_STATS_FILE)
     if (incomplete := check_shard_complete(shard_acts, stats["count"], meta["width"], meta["latents_per_shard"], int(shard))) is not None:

@@ -32,15 +32,15 @@ from dagster import (
 
 from assets.automation import CODE_CHANGED, FOLLOW, LLM_POOL, SUBJECT_MODEL_POOL
 from assets.explanations import viewer_links
-from assets.work import nothing_succeeded, selected_latents
+from assets.work import nothing_succeeded, selected_latents, stream_latents
 from assets.partitions import coder_and_shard, coders_of, shard_partitions
 from assets.prompts import corpus_prompt_vocab
 from assets.score_metrics import control_assignment, example_metrics, no_control_reason, predictions_of, verdict
 from assets.scorers import Job, JobResult, Scorer, ScorerDeps, ScorerSettings
 from assets.scorers.base import CONTROLS, examples_of
-from resources.llm import gather_with_progress
 from resources.sparse_coders import load_registered
 from storage.corpus import load_corpus
+from storage.journal import Journal
 from storage.tables import SCORE_METRICS, empty_table, file_fingerprint, read_table, refuse_emptier, write_table
 
 EMPTY_SHARD = "empty shard: no explainable latent"
@@ -103,8 +103,10 @@ def latent_row(main_metric: str, latent: int, explanation, control_explanation, 
 
 
 async def score_partition(scorer: Scorer, exemplars: pd.DataFrame, explanations: pd.DataFrame | None,
-                          vocab: list[str], max_latents: int = 0, report=None) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """Per-latent metrics and per-example rows of one scorer on one partition, with the control."""
+                          vocab: list[str], max_latents: int = 0, report=None, journal: Journal | None = None) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Per-latent metrics and per-example rows of one scorer on one partition, with the control.
+    Latents stream through a bounded queue; with a `journal`, each scored latent's rows are kept as it
+    finishes and latents kept by an interrupted run are not scored again."""
     settings = scorer.settings
     text_of = scored_latents(scorer, exemplars, explanations, max_latents)
     chosen = exemplars[exemplars["latent"].isin(list(text_of))]
@@ -119,28 +121,58 @@ async def score_partition(scorer: Scorer, exemplars: pd.DataFrame, explanations:
                f"the explanations are older than the exemplars, re-materialize `explanations`")
     text_of = {latent: text for latent, text in text_of.items() if latent in have_exemplars}
     control_of = control_assignment(text_of, settings.seed) if scorer.uses_explanation else {latent: latent for latent in text_of}
-    jobs, keys = [], []
+    kept_rows = journal.finished("scores") if journal is not None else pd.DataFrame()
+    done = {int(r["latent"]): r for r in kept_rows.to_dict("records") if int(r["latent"]) in text_of}
+    kept_examples = journal.finished("examples") if journal is not None and done else pd.DataFrame()
+    if len(kept_examples):
+        kept_examples = kept_examples[kept_examples["latent"].isin(list(done))]
+    if done and report:
+        report(f"{scorer.name}: {len(done)} latents kept from an interrupted run; scoring the other {len(text_of) - len(done)}")
+    jobs_of: dict[int, tuple[Job, Job | None]] = {}
     for latent, explanation in text_of.items():
+        if latent in done:
+            continue
         rng = np.random.default_rng([settings.seed, latent])
         examples, calibration = (examples_of(*([column[i] for i in rows_of.get((latent, split), [])] for column in columns), vocab, rng) for split in ("test", "valid"))
-        jobs.append(Job(explanation, examples, control=False, seed=settings.seed + latent, calibration=calibration, latent=latent))
-        keys.append((latent, "explanation"))
-        if latent in control_of:
-            jobs.append(Job(text_of[control_of[latent]], examples, control=True, seed=settings.seed + latent + 1, calibration=calibration, latent=latent))
-            keys.append((latent, "control"))
-    async with scorer.deps.llm.session() if scorer.deps.llm is not None else contextlib.nullcontext():
-        await scorer.prepare(jobs)
-        results = dict(zip(keys, await gather_with_progress([scorer.score(job) for job in jobs], report, f"{scorer.name} jobs (latent × explanation/control)")))
-    rows, example_rows = [], []
-    for latent, explanation in text_of.items():
-        own, control = results[(latent, "explanation")], results.get((latent, "control"))
+        own = Job(explanation, examples, control=False, seed=settings.seed + latent, calibration=calibration, latent=latent)
+        control = Job(text_of[control_of[latent]], examples, control=True, seed=settings.seed + latent + 1, calibration=calibration, latent=latent) if latent in control_of else None
+        jobs_of[latent] = (own, control)
+
+    async def score_latent(latent: int) -> tuple[dict, list[dict]]:
+        own_job, control_job = jobs_of[latent]
+        own, control = await asyncio.gather(scorer.score(own_job), scorer.score(control_job) if control_job is not None else _none())
         note = "" if latent in control_of else no_control_reason(len(text_of))
-        rows.append(latent_row(scorer.main_metric, latent, explanation, text_of.get(control_of.get(latent)) if scorer.uses_explanation else None, own, control, note))
+        row = latent_row(scorer.main_metric, latent, text_of[latent], text_of.get(control_of.get(latent)) if scorer.uses_explanation else None, own, control, note)
+        example_rows = []
         for source, result in (("explanation", own), ("control", control)):
             if result is not None and result.rows:
                 predicted = predictions_of(*(np.array([r.get(c, np.nan) for r in result.rows], float) for c in ("label", "prediction", "score")))
                 example_rows += [{**r, "predicted": int(p), "latent": latent, "source": source} for r, p in zip(result.rows, predicted)]
-    return pd.DataFrame(rows), (pd.DataFrame(example_rows) if example_rows else pd.DataFrame())  # one frame, not one per job
+        return row, example_rows
+
+    def keep(latent: int, result: tuple[dict, list[dict]]) -> None:
+        row, example_rows = result
+        if journal is not None and not any(reason.startswith("budget") for reason in json.loads(row["failures"])):  # budget-stopped latents are scored next time
+            journal.add(examples=example_rows, scores=[row])
+
+    async with scorer.deps.llm.session() if scorer.deps.llm is not None else contextlib.nullcontext():
+        await scorer.prepare([job for pair in jobs_of.values() for job in pair if job is not None])
+        workers = 2 * scorer.deps.llm.max_concurrency if scorer.deps.llm is not None else 64
+        try:
+            results = await stream_latents(list(jobs_of), score_latent, workers=workers, on_finished=keep, report=report,
+                                           label=f"{scorer.name} latents (explanation and control)")
+        finally:
+            if journal is not None:
+                journal.flush()
+    rows = [done[latent] if latent in done else results[latent][0] for latent in text_of]
+    example_rows = [row for latent in text_of if latent not in done for row in results[latent][1]]
+    fresh = pd.DataFrame(example_rows) if example_rows else pd.DataFrame()
+    examples = pd.concat([kept_examples, fresh], ignore_index=True) if len(kept_examples) else fresh
+    return pd.DataFrame(rows), examples  # one frame, not one per job
+
+
+async def _none():
+    return None
 
 
 # ---- what the UI shows ----------------------------------------------------------------------------
@@ -277,13 +309,17 @@ def scorer_asset(scorer: type[Scorer], settings: ScorerSettings, automate: bool)
                 raise Failure(f"The explanations of {coder} shard {shard} were written from other exemplars ({read_from}) than those there now ({now}): "
                               f"scoring them on the new windows mixes two versions. Fix: re-materialize `explanations` for this partition first.")
         max_latents = resources.settings.max_latents_per_shard
-        frame, examples = asyncio.run(score_partition(judge, exemplars, explanations, corpus_prompt_vocab(load_corpus(root)), max_latents, context.log.info))
+        fingerprints = "|".join(file_fingerprint(p) for p in (root.exemplars_path(coder, shard), root.explanations_path(coder, shard)) if p.exists())
+        journal = Journal(root.scores_path(coder, shard, scorer.name), f"{scorer.version}|{settings.digest()}|{resources.llm.model_id() if client else ''}|{fingerprints}",
+                          parts=("examples", "scores"))
+        frame, examples = asyncio.run(score_partition(judge, exemplars, explanations, corpus_prompt_vocab(load_corpus(root)), max_latents, context.log.info, journal))
         if len(frame) and frame["n_failed"].sum() > 0 and (frame["n_scored"].fillna(0) + frame["control_n_scored"].fillna(0)).sum() == 0:
             reasons = pd.Series([reason for cell in frame["failures"] for reason in json.loads(cell)], dtype=str)
             raise nothing_succeeded(f"scores/{scorer.name}", f"no example of {len(frame)} latents could be scored", reasons)
         refuse_emptier(frame, root.scores_path(coder, shard, scorer.name), f"scores/{scorer.name} of {coder} shard {shard}", resources.settings.allow_empty_results)
         write_table(frame, root.scores_path(coder, shard, scorer.name), "scores")
         write_table(examples, root.scored_examples_path(coder, shard, scorer.name), "scored_examples")
+        journal.discard()
         metadata = scorer_metadata(scorer, settings, frame, examples)
         if not len(exemplars):
             metadata["verdict"] = EMPTY_SHARD

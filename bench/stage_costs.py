@@ -38,8 +38,8 @@ CODER = f"bench-topk16k/{HOOKPOINT}"
 TARGET_MS = {"exemplars": 10.0, "explanations": 5.0, "detection": 5.0, "fuzzing": 5.0, "embedding": 10.0}
 
 
-def prepare(data: Path, tokens: int, width: int, k: int) -> None:
-    """Corpus, registered random coder, its activation cache and the contexts table (skipped when present)."""
+def prepare(data: Path, tokens: int, width: int, k: int, coder_key: str = CODER) -> None:
+    """Corpus, registered random coder `coder_key`, its activation cache and the contexts table (skipped when present)."""
     import torch
 
     from assets.activations import cache_activations
@@ -53,16 +53,16 @@ def prepare(data: Path, tokens: int, width: int, k: int) -> None:
     from storage.layout import DataRoot
 
     root = DataRoot.at(data)
-    if read_cache_meta(root.activations_dir(CODER)) is None:
+    if read_cache_meta(root.activations_dir(coder_key)) is None:
         subject = SubjectModelResource(batch_size=16)
         build_corpus(CorpusConfig(n_tokens=tokens), subject.tokenizer(), root)
         g = torch.Generator().manual_seed(0)
         decoder = torch.nn.functional.normalize(torch.randn(width, 576, generator=g), dim=1)
-        coder = SparseCoder(CODER.split("/")[0], HOOKPOINT, "topk", d_in=576, width=width, encoder_weight=decoder.clone(),
+        coder = SparseCoder(coder_key.split("/")[0], HOOKPOINT, "topk", d_in=576, width=width, encoder_weight=decoder.clone(),
                             encoder_bias=torch.zeros(width), decoder_weight=decoder, decoder_bias=torch.zeros(576), k=k)
         save_sparsify(coder, root.registry_dir / coder.name / HOOKPOINT)
         started = time.perf_counter()
-        cache_activations([load_registered(root.registry_dir, CODER)], subject, root)
+        cache_activations([load_registered(root.registry_dir, coder_key)], subject, root)
         print(f"cached {tokens} tokens in {time.perf_counter() - started:.0f} s", file=sys.stderr)
     context_index(root, load_corpus(root), ExemplarsConfig().example_ctx_len, EmbedderResource())  # once per corpus, not per partition
 

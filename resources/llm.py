@@ -19,11 +19,10 @@ import random
 import re
 import sqlite3
 import threading
-import time
 from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Awaitable, Callable, Literal, Protocol, TypeVar
+from typing import Any, Callable, Literal, Protocol, TypeVar
 
 from dagster import ConfigurableResource
 from pydantic import Field, PrivateAttr
@@ -714,21 +713,6 @@ class ProductionClient:
 @asynccontextmanager
 async def _nothing():
     yield
-
-
-async def gather_with_progress(jobs: list[Awaitable[T]], report: Callable[[str], None] | None, label: str) -> list[T]:
-    """Await all `jobs` (results in order), reporting roughly every tenth of them as they finish."""
-    done, step, started = 0, max(1, len(jobs) // 10), time.perf_counter()
-
-    async def tracked(job: Awaitable[T]) -> T:
-        nonlocal done
-        result = await job
-        done += 1
-        if report and (done % step == 0 or done == len(jobs)):
-            report(f"{label}: {done}/{len(jobs)} done, {time.perf_counter() - started:.0f} s")
-        return result
-
-    return await asyncio.gather(*(tracked(job) for job in jobs))
 
 
 class LLMResource(ConfigurableResource):

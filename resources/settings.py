@@ -10,7 +10,7 @@ from storage.layout import DataRoot
 
 class AutointerpSettings(ConfigurableResource):
     data_dir: str = Field(default="data", description="Root of all stored data; a relative path is relative to the working directory.")
-    latents_per_shard: int = Field(default=1024, ge=1, description="Latents per shard partition: a coder of width W gets ceil(W / latents_per_shard) partitions. About ten minutes of LLM work at the default endpoint concurrency; set when a coder is registered (changing it later gives newly registered coders the new size).")
+    latents_per_shard: int = Field(default=1024, ge=1, description="Latents per shard partition: a coder of width W gets ceil(W / latents_per_shard) partitions. About five minutes of LLM work at 32 requests in flight (README: shard size); set when a coder is registered (changing it later gives newly registered coders the new size).")
     max_latents_per_shard: int = Field(default=0, description="Explain and score at most this many live latents per shard (0 = all). The CPU deployment keeps it small.")
     viewer_url: str = Field(default="http://127.0.0.1:8080", description="Where the latent browser (`autointerp view`) is reached: the `explanations` and `score_summary` metadata link to its coder and latent pages.")
     dagster_url: str = Field(default="http://127.0.0.1:3000", description="Where the Dagster UI is reached: the latent browser's pages link to their asset partitions there.")

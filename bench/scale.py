@@ -1,0 +1,239 @@
+"""A 131,072-latent coder end to end, and what changes with the partition size (issue 18, line 5).
+
+Builds (once per `--data` folder) a random TopK coder of width 131,072 (k 32, `model.layers.15`) on
+the embedded model, cached over the embedded corpus with the default 1,024-latent shards, and the
+corpus windows embedded in LanceDB. Then, for each partition size (1K, 8K, 32K latents: a partition
+of P latents is latents [0, P), read across the cache's shards as one), one fresh process runs the
+stages the assets run: exemplars of every latent of the partition, then explanations and the
+detection, fuzzing and embedding scorers of its first `--latents` explained latents, against an
+instant scripted endpoint in its own process (the LLM taken out; a fresh response cache per stage,
+so every request is sent). Per stage: ms per latent, requests per latent, and the peak RSS of the
+process while the stage ran (sampled every 20 ms).
+
+The Dagster overhead: `dagster asset materialize` of `explanations` for one 1,024-latent partition
+with one latent to explain (a cold process: imports, resources, inputs read, one request), against
+the work of a whole default shard's run (explanations, detection, fuzzing, embedding) at the
+measured ms per latent (the share with the instant endpoint, the worst case) and with a 1 s endpoint
+at concurrency 32 (the measured requests per latent: the share users see). Prints a JSON object as its last line; `ratio` is the peak RSS of the
+largest partition over the smallest's (flat memory: ≤ 1.1).
+
+    .venv/bin/python bench/scale.py --data /tmp/scale
+"""
+import argparse
+import asyncio
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import psutil
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
+
+from stage_costs import HOOKPOINT, prepare  # noqa: E402  (the same random coder and cache, at another width)
+
+CODER = f"bench-topk131k/{HOOKPOINT}"
+CACHE_SHARD = 1024
+
+
+class Stages:
+    """Wall seconds and peak RSS of each stage, with the number of latents it handled."""
+
+    def __init__(self):
+        self.stages = {}
+
+    def __call__(self, name: str, latents: int, work):
+        peak, done = [psutil.Process().memory_info().rss], threading.Event()
+
+        def sample():
+            while not done.wait(0.02):
+                peak[0] = max(peak[0], psutil.Process().memory_info().rss)
+
+        sampler = threading.Thread(target=sample, daemon=True)
+        sampler.start()
+        started = time.perf_counter()
+        try:
+            return work()
+        finally:
+            wall = time.perf_counter() - started
+            done.set()
+            sampler.join()
+            self.stages[name] = {"latents": latents, "ms_per_latent": round(1000 * wall / max(1, latents), 2), "wall_s": round(wall, 1),
+                                 "peak_rss_mb": round(max(peak[0], psutil.Process().memory_info().rss) / 2**20)}
+
+
+def measure(data: Path, partition_latents: int, n_latents: int) -> dict:
+    """Every stage on latents [0, partition_latents) of the coder, in this process."""
+    import numpy as np
+
+    from assets.exemplars import ExemplarsConfig, build_exemplars, negative_sources
+    from assets.explainers import EXPLAINERS, ExplainerDeps, ExplainerSettings
+    from assets.explanations import ExplanationsConfig, explain_all
+    from assets.prompts import corpus_prompt_vocab
+    from assets.scorers import SCORERS, ScorerDeps, scorer_settings
+    from assets.scores import score_partition
+    from resources.embedder import EmbedderResource
+    from resources.llm import LLMResource
+    from storage.activations import LATENT_STATS_FILE, load_latent_stats, read_cache_meta, read_latents
+    from storage.corpus import load_corpus
+    from storage.layout import DataRoot
+
+    root = DataRoot.at(data)
+    corpus = load_corpus(root)
+    vocab = corpus_prompt_vocab(corpus)
+    embedder = EmbedderResource()
+    embedder.embed(["warm up"])
+    acts_dir = root.activations_dir(CODER)
+    meta = read_cache_meta(acts_dir)
+    config = ExemplarsConfig()
+    stages = Stages()
+
+    def exemplars():
+        acts = read_latents(acts_dir, np.arange(partition_latents), meta["width"], meta["latents_per_shard"])
+        stats = load_latent_stats(acts_dir / LATENT_STATS_FILE)
+        latents = sorted(int(x) for x in np.unique(acts.locations[:, 2]))
+        sources = negative_sources(root, CODER, corpus, config, latents, embedder, meta)
+        return build_exemplars(acts, corpus.tokens, config, sources, stats, meta["tokens"])
+
+    frame, profiles = stages("exemplars", partition_latents, exemplars)
+    explained = sorted(int(x) for x in profiles["latent"])
+    chosen = explained[:n_latents]
+    frame = frame[frame["latent"].isin(chosen)].reset_index(drop=True)
+    requests = {}
+    server = subprocess.Popen([sys.executable, "-m", "tests.scripted_llm_server", "--delay", "0", "--by-prompt"], stdout=subprocess.PIPE, text=True, cwd=ROOT)
+    try:
+        base_url = server.stdout.readline().strip()
+        with tempfile.TemporaryDirectory() as caches:
+            def client(name):
+                return LLMResource(backend="openai", base_url=base_url, model="scripted", max_concurrency=32).client(Path(caches) / name)
+
+            llm = client("explanations")
+            explainer = EXPLAINERS["highlighted"](ExplainerSettings(), ExplainerDeps(llm=llm))
+            explanations = stages("explanations", len(chosen), lambda: asyncio.run(
+                explain_all(explainer, ExplanationsConfig(), frame, profiles, chosen, vocab, embedder.embed, None, CODER)))
+            requests["explanations"] = llm.ledger.requests
+            settings = scorer_settings()
+            for name in ("detection", "fuzzing", "embedding"):
+                deps = ScorerDeps(llm=client(name)) if name != "embedding" else ScorerDeps(embedder=embedder)
+                scorer = SCORERS[name](settings[name], deps)
+                stages(name, len(chosen), lambda: asyncio.run(score_partition(scorer, frame, explanations, vocab)))
+                requests[name] = deps.llm.ledger.requests if deps.llm is not None else 0
+    finally:
+        server.kill()
+        server.wait()
+    for name, n in requests.items():
+        stages.stages[name]["requests_per_latent"] = round(n / max(1, len(chosen)), 2)
+    stages.stages["exemplars"]["ms_per_explainable_latent"] = round(1000 * stages.stages["exemplars"]["wall_s"] / max(1, len(explained)), 2)
+    return {"partition_latents": partition_latents, "explainable_latents": len(explained), "latents_explained_and_scored": len(chosen),
+            "stages": stages.stages, "peak_rss_mb": max(s["peak_rss_mb"] for s in stages.stages.values())}
+
+
+def first_partition(data: Path) -> str:
+    """The partition key of the coder's first shard (`|000` for 128 shards: keys are zero-padded to the count)."""
+    from assets.partitions import shard_partition_keys
+    from storage.activations import read_cache_meta
+    from storage.layout import DataRoot
+
+    return shard_partition_keys(CODER, read_cache_meta(DataRoot.at(data).activations_dir(CODER))["width"], CACHE_SHARD)[0]
+
+
+def dagster_run_seconds(data: Path, scripted_url: str) -> float:
+    """Wall time of `dagster asset materialize` of explanations for the coder's shard 00, one latent explained."""
+    from dagster import DagsterInstance
+
+    from assets.partitions import shard_partition_keys
+    from storage.activations import read_cache_meta
+    from storage.layout import DataRoot
+
+    root = DataRoot.at(data)
+    home = data / "dagster_home"
+    home.mkdir(exist_ok=True)
+    (home / "dagster.yaml").write_text("telemetry:\n  enabled: false\n")
+    instance = DagsterInstance.from_config(str(home))
+    width = read_cache_meta(root.activations_dir(CODER))["width"]
+    instance.add_dynamic_partitions("shard", [k for k in shard_partition_keys(CODER, width, CACHE_SHARD) if not instance.has_dynamic_partition("shard", k)])
+    deployment = data / "scale.toml"
+    deployment.write_text(f'[settings]\ndata_dir = "{data}"\nlatents_per_shard = {CACHE_SHARD}\nmax_latents_per_shard = 1\n'
+                          f'[llm]\nbackend = "openai"\nbase_url = "{scripted_url}"\nmodel = "scripted"\n[explanations]\nexplainer = "highlighted"\n')
+    env = {**os.environ, "DAGSTER_HOME": str(home), "AUTOINTERP_DEPLOYMENT": str(deployment)}
+    started = time.perf_counter()
+    subprocess.run([str(Path(sys.executable).parent / "dagster"), "asset", "materialize", "-m", "autointerp_defs", "--select", "explanations",
+                    "--partition", first_partition(data)], env=env, cwd=ROOT, check=True, capture_output=True)
+    return time.perf_counter() - started
+
+
+def write_shard_00_inputs(data: Path) -> None:
+    """The exemplars of the coder's shard 00, where the `explanations` asset reads them."""
+    from dagster import DagsterInstance, materialize
+
+    from autointerp_defs.definitions import build_definitions
+    from resources.embedder import EmbedderResource
+    from resources.llm import LLMResource
+    from resources.settings import AutointerpSettings
+    from resources.subject_model import SubjectModelResource
+
+    instance = DagsterInstance.ephemeral()
+    instance.add_dynamic_partitions("shard", [first_partition(data)])
+    resources = {"settings": AutointerpSettings(data_dir=str(data), latents_per_shard=CACHE_SHARD), "subject_model": SubjectModelResource(),
+                 "embedder": EmbedderResource(), "llm": LLMResource()}
+    materialize(list(build_definitions("local").assets), selection=["exemplars"], partition_key=first_partition(data), resources=resources, instance=instance)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--data", type=Path, default=None, help="data root to build or reuse (default: a temporary one)")
+    parser.add_argument("--tokens", type=int, default=65_536)
+    parser.add_argument("--width", type=int, default=131_072)
+    parser.add_argument("--k", type=int, default=32)
+    parser.add_argument("--partitions", default="1024,8192,32768", help="partition sizes in latents")
+    parser.add_argument("--latents", type=int, default=2000, help="latents explained and scored per partition size")
+    parser.add_argument("--measure", type=int, default=None, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.measure is not None:
+        print(json.dumps(measure(args.data, args.measure, args.latents)))
+        return
+
+    with tempfile.TemporaryDirectory() as tmp:
+        args.data = (args.data or Path(tmp) / "data").resolve()
+        started = time.perf_counter()
+        prepare(args.data, args.tokens, args.width, args.k, CODER)
+        print(f"prepared in {time.perf_counter() - started:.0f} s", file=sys.stderr)
+        results = []
+        for size in (int(s) for s in args.partitions.split(",")):
+            done = subprocess.run([sys.executable, str(Path(__file__).resolve()), "--measure", str(size), "--data", str(args.data), "--latents", str(args.latents)],
+                                  cwd=ROOT, capture_output=True, text=True)
+            if done.returncode:
+                raise RuntimeError(f"partition of {size} latents failed:\n{done.stderr[-4000:]}")
+            results.append(json.loads(done.stdout.strip().splitlines()[-1]))
+            print(f"{size} latents: " + ", ".join(f"{k} {v['ms_per_latent']} ms ({v['peak_rss_mb']} MB)" for k, v in results[-1]["stages"].items()), file=sys.stderr)
+
+        from tests.scripted_llm_server import ScriptedLLMServer, answer_by_prompt
+
+        write_shard_00_inputs(args.data)
+        with ScriptedLLMServer(answer_by_prompt) as server:
+            run_s = dagster_run_seconds(args.data, server.base_url)
+        default = next((r for r in results if r["partition_latents"] == CACHE_SHARD), results[0])
+        llm_stages = ("explanations", "detection", "fuzzing")  # one run per shard runs them all (and exemplars, embedding)
+        work_instant_s = sum(default["stages"][s]["ms_per_latent"] for s in (*llm_stages, "embedding")) * CACHE_SHARD / 1000
+        work_endpoint_s = CACHE_SHARD * sum(default["stages"][s]["requests_per_latent"] for s in llm_stages) * 1.0 / 32
+        from storage.activations import read_cache_meta
+        from storage.layout import DataRoot
+
+        meta = read_cache_meta(DataRoot.at(args.data).activations_dir(CODER))
+    rss = [r["peak_rss_mb"] for r in results]
+    report = {"coder": CODER, "width": meta["width"], "k": args.k, "tokens": meta["tokens"], "cache_tokens_per_second": round(meta["tokens_per_second"], 1),
+              "live_latents": meta["live_latents"], "by_partition_size": results,
+              "dagster_run_s": round(run_s, 1), "dagster_overhead_share_instant_endpoint": round(run_s / (run_s + work_instant_s), 3),
+              "dagster_overhead_share_1s_endpoint_32_concurrent": round(run_s / (run_s + work_endpoint_s), 3),
+              "peak_rss_mb_smallest_partition": rss[0], "peak_rss_mb_largest_partition": rss[-1], "ratio": round(rss[-1] / rss[0], 3)}
+    print(json.dumps(report))
+
+
+if __name__ == "__main__":
+    main()

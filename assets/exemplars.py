@@ -137,13 +137,18 @@ def sample_test(windows: Windows, train: np.ndarray, config: ExemplarsConfig, rn
     return np.asarray(index, dtype=int), np.asarray(quantile, dtype=int)
 
 
+NEIGHBOUR_SIMILARITY_BYTES = 64 << 20
+
+
 def decoder_neighbours(coder: SparseCoder | None, latents: list[int], n: int) -> dict[int, list[int]]:
     """The `n` latents whose decoder directions are most cosine-similar to each latent's."""
     if coder is None or coder.decoder_weight is None or not latents or n <= 0:
         return {}
     directions = torch.nn.functional.normalize(coder.decoder_weight.float(), dim=1)
     out = {}
-    for chunk in np.array_split(np.asarray(latents), max(1, len(latents) // 1024)):
+    rows = max(1, NEIGHBOUR_SIMILARITY_BYTES // (4 * directions.shape[0]))  # the similarity block stays this small at any width
+    for start in range(0, len(latents), rows):
+        chunk = np.asarray(latents[start : start + rows])
         sims = directions[torch.from_numpy(chunk)] @ directions.T
         sims[torch.arange(len(chunk)), torch.from_numpy(chunk)] = -2.0
         top = sims.topk(min(n, directions.shape[0] - 1), dim=1).indices.numpy()

@@ -1,7 +1,7 @@
 """A 131,072-latent coder end to end, and what changes with the partition size (issue 18, line 5).
 
 Builds (once per `--data` folder) a random TopK coder of width 131,072 (k 32, `model.layers.15`) on
-the embedded model, cached over the embedded corpus with the default 1,024-latent shards, and the
+the embedded model, cached over the whole embedded corpus (about 258K tokens; ~5 min here) with the default 1,024-latent shards, and the
 corpus windows embedded in LanceDB. Then, for each partition size (1K, 8K, 32K latents: a partition
 of P latents is latents [0, P), read across the cache's shards as one), one fresh process runs the
 stages the assets run: exemplars of every latent of the partition, then explanations and the
@@ -188,7 +188,7 @@ def write_shard_00_inputs(data: Path) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data", type=Path, default=None, help="data root to build or reuse (default: a temporary one)")
-    parser.add_argument("--tokens", type=int, default=65_536)
+    parser.add_argument("--tokens", type=int, default=262_144, help="corpus tokens (the embedded corpus holds about 258K: all of it)")
     parser.add_argument("--width", type=int, default=131_072)
     parser.add_argument("--k", type=int, default=32)
     parser.add_argument("--partitions", default="1024,8192,32768", help="partition sizes in latents")

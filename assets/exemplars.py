@@ -39,7 +39,7 @@ from resources.sparse_coders import SparseCoder, coder_fingerprint, load_registe
 from storage.activations import LATENT_STATS_FILE, ShardActivations, check_shard_complete, load_latent_stats, read_cache_meta, read_latents, read_shard, shard_keys
 from storage.corpus import load_corpus
 from storage.layout import DataRoot
-from storage.tables import TABLES, refuse_emptier, write_table
+from storage.tables import TABLES, refuse_emptier, write_table, write_table_batches
 from storage.vector_store import ContextIndex, contexts_table_name, ensure_contexts
 
 NON_ACTIVATING_SOURCES = ("random", "neighbour", "embedding")
@@ -291,7 +291,20 @@ def latent_statistics(latent: int, windows: Windows, locations: np.ndarray, valu
 
 
 def build_exemplars(shard_acts: ShardActivations, tokens: np.ndarray, config: ExemplarsConfig, sources: NegativeSources, stats: dict, n_tokens: int) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """(exemplar windows, per-latent statistics) of every latent of a shard."""
+    """(exemplar windows, per-latent statistics) of every latent of a shard, in memory."""
+    batches = list(exemplar_batches(shard_acts, tokens, config, sources, stats, n_tokens))
+    frames, profiles = [b[0] for b in batches], [b[1] for b in batches]
+    return (pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=TABLES["exemplars"].columns),
+            pd.concat(profiles, ignore_index=True) if profiles else pd.DataFrame())
+
+
+EXEMPLAR_BATCH_LATENTS = 256
+"""Latents whose window rows are built and written together: the stage holds one batch's rows, not the shard's."""
+
+
+def exemplar_batches(shard_acts: ShardActivations, tokens: np.ndarray, config: ExemplarsConfig, sources: NegativeSources, stats: dict,
+                     n_tokens: int, batch_latents: int = EXEMPLAR_BATCH_LATENTS):
+    """(exemplar windows, per-latent statistics) of the shard's latents, `batch_latents` at a time."""
     window = config.example_ctx_len
     ctx_len = tokens.shape[1]
     counts = split_counts(config.n_non_activating, list(config.non_activating_sources))
@@ -317,6 +330,12 @@ def build_exemplars(shard_acts: ShardActivations, tokens: np.ndarray, config: Ex
     if "embedding" in config.non_activating_sources:
         most = config.n_non_activating + config.n_non_activating_train + config.n_examples_valid + 16  # the longest list a latent's searches ask beyond its own blocks
         sources.prefetch_nearest([p[7] for p in planned], [len(p[6]) + most for p in planned])
+    for start in range(0, len(planned), batch_latents):
+        yield _exemplar_rows(planned[start : start + batch_latents], tokens, config, sources, stats, n_tokens, split_negatives, window)
+
+
+def _exemplar_rows(planned: list, tokens: np.ndarray, config: ExemplarsConfig, sources: NegativeSources, stats: dict, n_tokens: int,
+                   split_negatives: list, window: int) -> tuple[pd.DataFrame, pd.DataFrame]:
     rows: list[dict] = []
     latent_rows: list[dict] = []
     for latent, locations, values, windows, rng, train, used, train_blocks in planned:
@@ -392,11 +411,21 @@ def _exemplars(context: AssetExecutionContext, config: ExemplarsConfig, settings
                       f"Fix: delete {acts_dir} and re-materialize `activations` for {coder}.")
     latents = sorted({int(x) for x in np.unique(shard_acts.locations[:, 2])})
     sources = negative_sources(root, coder, corpus, config, latents, embedder, meta)
-    frame, profiles = build_exemplars(shard_acts, corpus.tokens, config, sources, stats, meta["tokens"])
-    refuse_emptier(frame, root.exemplars_path(coder, shard), f"exemplars of {coder} shard {shard}", settings.allow_empty_results)
-    write_table(frame, root.exemplars_path(coder, shard), "exemplars")
+    profile_parts, counts = [], {}
+
+    def batches():  # written as they are built, so the stage holds one batch of window rows
+        for frame, profiles in exemplar_batches(shard_acts, corpus.tokens, config, sources, stats, meta["tokens"]):
+            profile_parts.append(profiles)
+            for kind, n in frame.groupby("kind").size().items():
+                counts[kind] = counts.get(kind, 0) + int(n)
+            yield frame
+
+    def keep_results(n_rows: int) -> None:
+        refuse_emptier(pd.DataFrame(index=range(n_rows)), root.exemplars_path(coder, shard), f"exemplars of {coder} shard {shard}", settings.allow_empty_results)
+
+    n_windows = write_table_batches(batches(), root.exemplars_path(coder, shard), "exemplars", before_commit=keep_results)
+    profiles = pd.concat(profile_parts, ignore_index=True) if profile_parts else pd.DataFrame()
     write_table(profiles, root.latent_profiles_path(coder, shard), "latent_profiles")
-    counts = frame.groupby("kind").size().to_dict() if len(frame) else {}
     note = {} if len(profiles) else {"note": f"empty shard: no explainable latent ({len(latents)} live latents, none fires in {config.min_activating_windows} windows or more)"}
     if note:
         context.log.warning(f"{coder} shard {shard}: {note['note']}")
@@ -404,7 +433,7 @@ def _exemplars(context: AssetExecutionContext, config: ExemplarsConfig, settings
         metadata={
             **note,
             "latents_with_exemplars": len(profiles),
-            "windows": len(frame),
+            "windows": n_windows,
             **{f"windows_{kind}": int(n) for kind, n in counts.items()},
             "path": MetadataValue.path(str(root.exemplars_path(coder, shard))),
         }

@@ -71,8 +71,9 @@ class Stages:
 def measure(data: Path, partition_latents: int, n_latents: int) -> dict:
     """Every stage on latents [0, partition_latents) of the coder, in this process."""
     import numpy as np
+    import pandas as pd
 
-    from assets.exemplars import ExemplarsConfig, build_exemplars, negative_sources
+    from assets.exemplars import ExemplarsConfig, exemplar_batches, negative_sources
     from assets.explainers import EXPLAINERS, ExplainerDeps, ExplainerSettings
     from assets.explanations import ExplanationsConfig, explain_all
     from assets.prompts import corpus_prompt_vocab
@@ -83,6 +84,7 @@ def measure(data: Path, partition_latents: int, n_latents: int) -> dict:
     from storage.activations import LATENT_STATS_FILE, load_latent_stats, read_cache_meta, read_latents
     from storage.corpus import load_corpus
     from storage.layout import DataRoot
+    from storage.tables import write_table_batches
 
     root = DataRoot.at(data)
     corpus = load_corpus(root)
@@ -94,16 +96,27 @@ def measure(data: Path, partition_latents: int, n_latents: int) -> dict:
     config = ExemplarsConfig()
     stages = Stages()
 
-    def exemplars():
+    table = Path(tempfile.mkdtemp()) / "exemplars.parquet"
+
+    def exemplars():  # as the asset does: batches of latents built and written as row groups
         acts = read_latents(acts_dir, np.arange(partition_latents), meta["width"], meta["latents_per_shard"])
         stats = load_latent_stats(acts_dir / LATENT_STATS_FILE)
         latents = sorted(int(x) for x in np.unique(acts.locations[:, 2]))
         sources = negative_sources(root, CODER, corpus, config, latents, embedder, meta)
-        return build_exemplars(acts, corpus.tokens, config, sources, stats, meta["tokens"])
+        parts = []
 
-    frame, profiles = stages("exemplars", partition_latents, exemplars)
+        def frames():
+            for frame, profiles in exemplar_batches(acts, corpus.tokens, config, sources, stats, meta["tokens"]):
+                parts.append(profiles)
+                yield frame
+
+        write_table_batches(frames(), table, "exemplars")
+        return pd.concat(parts, ignore_index=True)
+
+    profiles = stages("exemplars", partition_latents, exemplars)
     explained = sorted(int(x) for x in profiles["latent"])
     chosen = explained[:n_latents]
+    frame = pd.read_parquet(table)  # what the next stages read
     frame = frame[frame["latent"].isin(chosen)].reset_index(drop=True)
     requests = {}
     server = subprocess.Popen([sys.executable, "-m", "tests.scripted_llm_server", "--delay", "0", "--by-prompt"], stdout=subprocess.PIPE, text=True, cwd=ROOT)

@@ -85,6 +85,36 @@ def write_table(frame: pd.DataFrame, path: Path, table: str) -> None:
             frame.to_parquet(tmp, index=False)
 
 
+def write_table_batches(frames, path: Path, table: str, before_commit=None) -> int:
+    """Write frames, one row group each, as the table named `table` without holding them all: memory
+    stays one batch's however large the table. `before_commit(n_rows)` may raise to keep the old
+    file (nothing replaces it until the last batch is written). Returns the rows written."""
+    spec, writer, schema, rows = TABLES[table], None, None, 0
+    with atomic_path(path) as tmp:
+        try:
+            for frame in frames:
+                if not len(frame):
+                    continue
+                missing = [c for c in spec.columns if c not in frame.columns]
+                extra = [c for c in frame.columns if c not in spec.columns]
+                if missing or (extra and not spec.open):
+                    raise TableColumnsError(f"the {table} table written to {path} lacks columns {missing} or has unknown ones {extra if not spec.open else []}")
+                batch = pa.Table.from_pandas(frame[spec.columns + extra], preserve_index=False)
+                if writer is None:
+                    schema = batch.schema
+                    writer = pq.ParquetWriter(tmp, schema)
+                writer.write_table(batch.cast(schema))
+                rows += len(frame)
+        finally:
+            if writer is not None:
+                writer.close()
+        if writer is None:
+            pq.write_table(spec.schema.empty_table(), tmp)
+        if before_commit is not None:
+            before_commit(rows)
+    return rows
+
+
 def empty_table(table: str) -> pd.DataFrame:
     return TABLES[table].schema.empty_table().to_pandas()
 

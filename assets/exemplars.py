@@ -313,8 +313,8 @@ def exemplar_batches(shard_acts: ShardActivations, tokens: np.ndarray, config: E
     # (a dict literal {hard: n, "random": 0} would zero them when the hardest source is random itself)
     train_counts = {"random": 0} | {hard[0]: config.n_non_activating_train}
     split_negatives = [("test", counts), ("train", train_counts), ("valid", {"random": config.n_examples_valid})]
-    # First every latent's windows and training draws, so that the hard negatives of all latents are
-    # searched at once; each latent's generator then goes on where its training draw left it.
+    # First every latent's windows and training draws, so that the hard negatives of a batch of latents
+    # are searched at once; each latent's generator then goes on where its training draw left it.
     planned = []
     for latent, locations, values in shard_acts.by_latent():
         windows = activating_windows(locations, values, ctx_len, window, config.window_placement)
@@ -327,11 +327,12 @@ def exemplar_batches(shard_acts: ShardActivations, tokens: np.ndarray, config: E
         max_token = train_windows.start + train_windows.acts.argmax(1)
         train_blocks = train_windows.sequence * sources.blocks_per_seq + np.minimum(max_token // window, sources.blocks_per_seq - 1)
         planned.append((latent, locations, values, windows, rng, train, used, train_blocks))
-    if "embedding" in config.non_activating_sources:
-        most = config.n_non_activating + config.n_non_activating_train + config.n_examples_valid + 16  # the longest list a latent's searches ask beyond its own blocks
-        sources.prefetch_nearest([p[7] for p in planned], [len(p[6]) + most for p in planned])
+    most = config.n_non_activating + config.n_non_activating_train + config.n_examples_valid + 16  # the longest list a latent's searches ask beyond its own blocks
     for start in range(0, len(planned), batch_latents):
-        yield _exemplar_rows(planned[start : start + batch_latents], tokens, config, sources, stats, n_tokens, split_negatives, window)
+        batch = planned[start : start + batch_latents]
+        if "embedding" in config.non_activating_sources:  # one search for the batch's hard negatives (its answers are one batch's too)
+            sources.prefetch_nearest([p[7] for p in batch], [len(p[6]) + most for p in batch])
+        yield _exemplar_rows(batch, tokens, config, sources, stats, n_tokens, split_negatives, window)
 
 
 def _exemplar_rows(planned: list, tokens: np.ndarray, config: ExemplarsConfig, sources: NegativeSources, stats: dict, n_tokens: int,

@@ -112,9 +112,7 @@ async def explain_all(explainer: Explainer, config: ExplanationsConfig, exemplar
     latent is kept as it finishes and latents kept by an interrupted run are not asked again."""
     stats_of = {int(r["latent"]): r for r in latent_stats.to_dict("records")} if latent_stats is not None else {}
     groups = dict(tuple(exemplars[exemplars["latent"].isin(latents)].groupby("latent")))
-    kept = journal.finished() if journal is not None else pd.DataFrame()
-    wanted = set(latents)
-    done = {int(r["latent"]): r for r in kept.to_dict("records") if int(r["latent"]) in wanted}
+    done = journal.kept(latents) if journal is not None else {}
     if done and report:
         report(f"explanations: {len(done)} latents kept from an interrupted run; explaining the other {len(latents) - len(done)}")
 
@@ -172,10 +170,11 @@ def explanations_asset(defaults: dict | None = None, explainers: dict[str, type[
         deps = ExplainerDeps(llm=client, subject_model=subject_model if "subject_model" in uses else None,
                              coder=load_registered(root.registry_dir, coder) if "coder" in uses and latents else None)
         explainer = make_explainer(config, explainers, deps)
-        journal = Journal(root.explanations_path(coder, shard), f"{version}|{settings_digest(config)}|{llm.model_id()}|{file_fingerprint(root.exemplars_path(coder, shard))}")
+        exemplars_fingerprint = file_fingerprint(root.exemplars_path(coder, shard))
+        journal = Journal(root.explanations_path(coder, shard), f"{version}|{settings_digest(config)}|{llm.model_id()}|{exemplars_fingerprint}")
         frame = asyncio.run(explain_all(explainer, config, exemplars, latent_stats, latents, corpus_prompt_vocab(load_corpus(root)), embedder.embed,
                                         context.log.info, coder, journal))
-        frame["exemplars_fingerprint"] = file_fingerprint(root.exemplars_path(coder, shard))  # what the scorers check they score against
+        frame["exemplars_fingerprint"] = exemplars_fingerprint  # what the scorers check they score against
         if len(frame) and not (frame["status"] == "ok").any():
             raise nothing_succeeded("explanations", f"all {len(frame)} latents failed", frame["error"])
         refuse_emptier(frame, root.explanations_path(coder, shard), f"explanations of {coder} shard {shard}", settings.allow_empty_results)

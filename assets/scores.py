@@ -121,8 +121,7 @@ async def score_partition(scorer: Scorer, exemplars: pd.DataFrame, explanations:
                f"the explanations are older than the exemplars, re-materialize `explanations`")
     text_of = {latent: text for latent, text in text_of.items() if latent in have_exemplars}
     control_of = control_assignment(text_of, settings.seed) if scorer.uses_explanation else {latent: latent for latent in text_of}
-    kept_rows = journal.finished("scores") if journal is not None else pd.DataFrame()
-    done = {int(r["latent"]): r for r in kept_rows.to_dict("records") if int(r["latent"]) in text_of}
+    done = journal.kept(text_of, "scores") if journal is not None else {}
     kept_examples = journal.finished("examples") if journal is not None and done else pd.DataFrame()
     if len(kept_examples):
         kept_examples = kept_examples[kept_examples["latent"].isin(list(done))]
@@ -303,13 +302,15 @@ def scorer_asset(scorer: type[Scorer], settings: ScorerSettings, automate: bool)
         judge = scorer(settings, deps)
         exemplars = read_table(root.exemplars_path(coder, shard), "exemplars")
         explanations = read_table(root.explanations_path(coder, shard), "explanations") if judge.uses_explanation else None
+        exemplars_fingerprint = file_fingerprint(root.exemplars_path(coder, shard))
         if explanations is not None and len(explanations) and "exemplars_fingerprint" in explanations:
-            read_from, now = explanations["exemplars_fingerprint"].iloc[0], file_fingerprint(root.exemplars_path(coder, shard))
+            read_from, now = explanations["exemplars_fingerprint"].iloc[0], exemplars_fingerprint
             if read_from != now:
                 raise Failure(f"The explanations of {coder} shard {shard} were written from other exemplars ({read_from}) than those there now ({now}): "
                               f"scoring them on the new windows mixes two versions. Fix: re-materialize `explanations` for this partition first.")
         max_latents = resources.settings.max_latents_per_shard
-        fingerprints = "|".join(file_fingerprint(p) for p in (root.exemplars_path(coder, shard), root.explanations_path(coder, shard)) if p.exists())
+        explanations_path = root.explanations_path(coder, shard)
+        fingerprints = "|".join([exemplars_fingerprint, *([file_fingerprint(explanations_path)] if explanations_path.exists() else [])])
         journal = Journal(root.scores_path(coder, shard, scorer.name), f"{scorer.version}|{settings.digest()}|{resources.llm.model_id() if client else ''}|{fingerprints}",
                           parts=("examples", "scores"))
         frame, examples = asyncio.run(score_partition(judge, exemplars, explanations, corpus_prompt_vocab(load_corpus(root)), max_latents, context.log.info, journal))

@@ -61,8 +61,6 @@ class Deployment:
 
     @property
     def latents_per_shard(self) -> int:
-        from resources.settings import AutointerpSettings
-
         return int(self.values.get("settings", {}).get("latents_per_shard", AutointerpSettings().latents_per_shard))
 
     def fail(self, problem: str) -> DeploymentError:

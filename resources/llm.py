@@ -19,7 +19,7 @@ import random
 import re
 import sqlite3
 import threading
-from contextlib import asynccontextmanager, contextmanager
+from contextlib import asynccontextmanager, contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Literal, Protocol, TypeVar
@@ -654,7 +654,7 @@ class ProductionClient:
             self._in_flight.pop(key, None)
 
     async def _send(self, key: str, messages, params: dict) -> Completion:
-        async with self._semaphore, (self._slots.hold() if self._slots else _nothing()):
+        async with self._semaphore, (self._slots.hold() if self._slots else nullcontext()):
             completion = None
             if not self._first_answered and getattr(self.inner, "remote", False):
                 # The first request to a remote endpoint goes alone: a wrong key, model or format then costs
@@ -708,11 +708,6 @@ class ProductionClient:
                 self.ledger.failures += 1
                 raise
         raise AssertionError("unreachable")
-
-
-@asynccontextmanager
-async def _nothing():
-    yield
 
 
 class LLMResource(ConfigurableResource):

@@ -38,6 +38,11 @@ class Journal:
         frames = [pd.read_parquet(p) for p in sorted(self.folder.glob(f"part-*.{part}.parquet"))]
         return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
 
+    def kept(self, latents, part: str = "rows") -> dict[int, dict]:
+        """Latent → its kept row of `part`, for the latents asked for."""
+        wanted = set(latents)
+        return {int(r["latent"]): r for r in self.finished(part).to_dict("records") if int(r["latent"]) in wanted}
+
     def add(self, rows: list[dict] | None = None, **parts: list[dict]) -> None:
         """One latent's rows: `rows` for a one-part journal, or a list per part name."""
         for name, new in ({"rows": rows} if rows is not None else parts).items():

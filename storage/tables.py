@@ -72,38 +72,37 @@ def write_table(frame: pd.DataFrame, path: Path, table: str) -> None:
     """Write `frame` as the table named `table`; an empty one is written as the typed empty table, so a
     shard with nothing in it is still a valid table whose every column has its type."""
     spec = TABLES[table]
-    if len(frame):
-        missing = [c for c in spec.columns if c not in frame.columns]
-        extra = [c for c in frame.columns if c not in spec.columns]
-        if missing or (extra and not spec.open):
-            raise TableColumnsError(f"the {table} table written to {path} lacks columns {missing} or has unknown ones {extra if not spec.open else []}")
-        frame = frame[spec.columns + extra]
     with atomic_path(path) as tmp:
         if not len(frame):
             pq.write_table(spec.schema.empty_table(), tmp)
         else:
-            frame.to_parquet(tmp, index=False)
+            conformed(frame, path, table).to_parquet(tmp, index=False)
+
+
+def conformed(frame: pd.DataFrame, path: Path, table: str) -> pd.DataFrame:
+    """`frame`'s columns in the table's order (an open table's extra ones after them), or the error naming what is missing or unknown."""
+    spec = TABLES[table]
+    missing = [c for c in spec.columns if c not in frame.columns]
+    extra = [c for c in frame.columns if c not in spec.columns]
+    if missing or (extra and not spec.open):
+        raise TableColumnsError(f"the {table} table written to {path} lacks columns {missing} or has unknown ones {extra if not spec.open else []}")
+    return frame[spec.columns + extra]
 
 
 def write_table_batches(frames, path: Path, table: str, before_commit=None) -> int:
     """Write frames, one row group each, as the table named `table` without holding them all: memory
     stays one batch's however large the table. `before_commit(n_rows)` may raise to keep the old
     file (nothing replaces it until the last batch is written). Returns the rows written."""
-    spec, writer, schema, rows = TABLES[table], None, None, 0
+    spec, writer, rows = TABLES[table], None, 0
     with atomic_path(path) as tmp:
         try:
             for frame in frames:
                 if not len(frame):
                     continue
-                missing = [c for c in spec.columns if c not in frame.columns]
-                extra = [c for c in frame.columns if c not in spec.columns]
-                if missing or (extra and not spec.open):
-                    raise TableColumnsError(f"the {table} table written to {path} lacks columns {missing} or has unknown ones {extra if not spec.open else []}")
-                batch = pa.Table.from_pandas(frame[spec.columns + extra], preserve_index=False)
+                batch = pa.Table.from_pandas(conformed(frame, path, table), preserve_index=False)
                 if writer is None:
-                    schema = batch.schema
-                    writer = pq.ParquetWriter(tmp, schema)
-                writer.write_table(batch.cast(schema))
+                    writer = pq.ParquetWriter(tmp, batch.schema)
+                writer.write_table(batch.cast(writer.schema))
                 rows += len(frame)
         finally:
             if writer is not None:

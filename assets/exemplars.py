@@ -32,6 +32,7 @@ from pydantic import Field
 
 from assets.automation import CODE_CHANGED, FOLLOW
 from assets.partitions import coder_and_shard, shard_partitions
+from assets.prompts import corpus_prompt_vocab, window_embedding, window_text
 from assets.stage_config import settings_digest, with_defaults
 from resources.embedder import EmbedderResource
 from resources.settings import AutointerpSettings
@@ -361,10 +362,11 @@ def context_index(root: DataRoot, corpus, window: int, embedder: EmbedderResourc
 
     def build():
         grid = corpus.tokens[:, : blocks_per_seq * window].reshape(-1, window)
-        texts = ["".join(corpus.vocab[t] for t in row) for row in grid]
+        vocab = corpus_prompt_vocab(corpus)
+        texts = [window_text([vocab[t] for t in row]) for row in grid]
         return texts, embedder.embed(texts)
 
-    return ensure_contexts(root.lancedb_dir, contexts_table_name(corpus.meta["hash"], window), build)
+    return ensure_contexts(root.lancedb_dir, contexts_table_name(corpus.meta["hash"], window, window_embedding(embedder.model)), build)
 
 
 def negative_sources(root: DataRoot, coder_key: str, corpus, config: ExemplarsConfig, latents: list[int], embedder: EmbedderResource, meta: dict) -> NegativeSources:
@@ -441,7 +443,7 @@ def _exemplars(context: AssetExecutionContext, config: ExemplarsConfig, settings
     )
 
 
-EXEMPLARS_VERSION = "2"
+EXEMPLARS_VERSION = "3"  # 3: hard negatives from windows embedded as `window_text` renders them
 
 
 def exemplars_asset(defaults: dict | None = None) -> AssetsDefinition:

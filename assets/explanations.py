@@ -11,6 +11,7 @@ its settings, N, ...) come from the deployment file and are part of the code ver
 them re-runs exactly this asset and the scorers below it.
 """
 import asyncio
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -23,7 +24,7 @@ from assets.partitions import coder_and_shard, shard_partitions
 from assets.prompts import corpus_prompt_vocab, plain_text
 from assets.score_metrics import roc_auc
 from assets.stage_config import problems, settings_digest, with_defaults
-from assets.work import nothing_succeeded, selected_latents, stream_latents
+from assets.work import ChunkLoader, nothing_succeeded, selected_latents, stream_latents
 from resources.embedder import EmbedderResource, explanation_similarity
 from resources.llm import BudgetExceeded, LLMEndpointError, LLMResource, ProductionClient
 from resources.settings import AutointerpSettings
@@ -31,9 +32,8 @@ from resources.sparse_coders import load_registered
 from resources.subject_model import SubjectModelResource
 from storage.corpus import load_corpus
 from storage.journal import Journal
-from storage.tables import TABLES, file_fingerprint, read_table, refuse_emptier, write_table
+from storage.tables import TABLES, existing_table, file_fingerprint, refuse_emptier, rows_for_latents, write_table
 from storage.vector_store import upsert_explanations
-
 
 
 class ExplanationsConfig(Config):
@@ -106,15 +106,26 @@ def make_explainer(config: ExplanationsConfig, explainers: dict[str, type[Explai
     return cls(settings, deps)
 
 
-async def explain_all(explainer: Explainer, config: ExplanationsConfig, exemplars: pd.DataFrame, latent_stats: pd.DataFrame | None,
+async def explain_all(explainer: Explainer, config: ExplanationsConfig, exemplars: pd.DataFrame | Path, latent_stats: pd.DataFrame | None,
                       latents: list[int], vocab: list[str], embed, report=None, coder: str = "", journal: Journal | None = None) -> pd.DataFrame:
-    """One row per latent. Latents stream through a bounded queue; with a `journal`, each explained
-    latent is kept as it finishes and latents kept by an interrupted run are not asked again."""
+    """One row per latent. `exemplars` is the table or its file; from a file, a chunk of latents' rows is
+    read at a time. Latents stream through a bounded queue; with a `journal`, each explained latent is
+    kept as it finishes and latents kept by an interrupted run are not asked again."""
     stats_of = {int(r["latent"]): r for r in latent_stats.to_dict("records")} if latent_stats is not None else {}
-    groups = dict(tuple(exemplars[exemplars["latent"].isin(latents)].groupby("latent")))
     done = journal.kept(latents) if journal is not None else {}
     if done and report:
         report(f"explanations: {len(done)} latents kept from an interrupted run; explaining the other {len(latents) - len(done)}")
+    todo = [latent for latent in latents if latent not in done]
+
+    async def load(chunk: list[int]) -> dict[int, LatentRecord]:
+        rows = await asyncio.to_thread(rows_for_latents, exemplars, chunk)
+        groups = dict(tuple(rows.groupby("latent")))
+        return {latent: LatentRecord(coder, latent, groups[latent], stats_of.get(latent), vocab) for latent in chunk}
+
+    loader = ChunkLoader(todo, load)
+
+    async def explain(latent: int) -> dict:
+        return await explain_latent(explainer, config, await loader.take(latent), embed)
 
     def keep(latent: int, row: dict) -> None:
         if journal is not None and row["status"] == "ok":  # failed or budget-stopped latents are asked again next time
@@ -123,10 +134,7 @@ async def explain_all(explainer: Explainer, config: ExplanationsConfig, exemplar
     client = explainer.deps.llm
     async with client.session():
         try:
-            results = await stream_latents(
-                [latent for latent in latents if latent not in done],
-                lambda latent: explain_latent(explainer, config, LatentRecord(coder, latent, groups[latent], stats_of.get(latent), vocab), embed),
-                workers=2 * client.max_concurrency, on_finished=keep, report=report, label="explanations")
+            results = await stream_latents(todo, explain, workers=2 * client.max_concurrency, on_finished=keep, report=report, label="explanations")
         finally:
             if journal is not None:
                 journal.flush()
@@ -161,7 +169,7 @@ def explanations_asset(defaults: dict | None = None, explainers: dict[str, type[
                      subject_model: SubjectModelResource) -> MaterializeResult:
         coder, shard = coder_and_shard(context.partition_key)
         root = settings.root
-        exemplars = read_table(root.exemplars_path(coder, shard), "exemplars")
+        exemplars = existing_table(root.exemplars_path(coder, shard), "exemplars")  # read a chunk of latents at a time
         latent_stats = pd.read_parquet(root.latent_profiles_path(coder, shard)) if root.latent_profiles_path(coder, shard).exists() else None
         latents = selected_latents(exemplars, settings.max_latents_per_shard)
         context.log.info(f"explaining {len(latents)} latents of {coder} shard {shard} with {llm.backend} ({config.explainer}, best of {config.best_of_n})")

@@ -107,6 +107,22 @@ def plain_text(rendered: str) -> str:
     return rendered.translate(_PLAIN)
 
 
+WINDOW_TEXT_VERSION = "1"
+"""Version of `window_text`: part of the contexts table's name, so a change re-embeds the corpus windows."""
+
+
+def window_text(token_strs: list[str]) -> str:
+    """A window as embedders read it: the prompt rendering (a document boundary as a line break), in
+    plain text. The contexts table and the embedding scorer embed this same text, so the scorer reads
+    a grid window's vector from the table instead of embedding it again."""
+    return plain_text(highlight(token_strs, [False] * len(token_strs)))
+
+
+def window_embedding(embedder_model: str) -> str:
+    """What the contexts table's vectors are: `embedder_model` on `window_text` at its version."""
+    return f"{embedder_model}|window_text {WINDOW_TEXT_VERSION}"
+
+
 def highlight(token_strs: list[str], marked: list[bool]) -> str:
     """Join tokens (made visible), wrapping each run of marked tokens in << >>."""
     out, inside = [], False

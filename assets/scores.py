@@ -15,6 +15,7 @@ import base64
 import contextlib
 import io
 import json
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -32,16 +33,17 @@ from dagster import (
 
 from assets.automation import CODE_CHANGED, FOLLOW, LLM_POOL, SUBJECT_MODEL_POOL
 from assets.explanations import viewer_links
-from assets.work import nothing_succeeded, selected_latents, stream_latents
+from assets.work import ChunkLoader, nothing_succeeded, selected_latents, stream_latents
 from assets.partitions import coder_and_shard, coders_of, shard_partitions
-from assets.prompts import corpus_prompt_vocab
+from assets.prompts import corpus_prompt_vocab, window_embedding
 from assets.score_metrics import control_assignment, example_metrics, no_control_reason, predictions_of, verdict
 from assets.scorers import Job, JobResult, Scorer, ScorerDeps, ScorerSettings
-from assets.scorers.base import CONTROLS, examples_of
+from assets.scorers.base import CONTROLS, EXAMPLE_COLUMNS, examples_of
 from resources.sparse_coders import load_registered
 from storage.corpus import load_corpus
 from storage.journal import Journal
-from storage.tables import SCORE_METRICS, empty_table, file_fingerprint, read_table, refuse_emptier, write_table
+from storage.vector_store import CorpusWindows
+from storage.tables import SCORE_METRICS, empty_table, existing_table, file_fingerprint, latents_in, read_table, refuse_emptier, rows_for_latents, write_table
 
 EMPTY_SHARD = "empty shard: no explainable latent"
 
@@ -68,7 +70,7 @@ def scorer_key(name: str) -> AssetKey:
 # ---- scoring a partition --------------------------------------------------------------------------
 
 
-def scored_latents(scorer: Scorer, exemplars: pd.DataFrame, explanations: pd.DataFrame | None, max_latents: int) -> dict[int, str | None]:
+def scored_latents(scorer: Scorer, exemplars: pd.DataFrame | Path, explanations: pd.DataFrame | None, max_latents: int) -> dict[int, str | None]:
     """Latent → explanation to score: explained latents, or for scorers without one (intruder) the latents the explainer would take."""
     if not scorer.uses_explanation:
         return {latent: None for latent in selected_latents(exemplars, max_latents)}
@@ -102,43 +104,47 @@ def latent_row(main_metric: str, latent: int, explanation, control_explanation, 
     }
 
 
-async def score_partition(scorer: Scorer, exemplars: pd.DataFrame, explanations: pd.DataFrame | None,
+async def score_partition(scorer: Scorer, exemplars: pd.DataFrame | Path, explanations: pd.DataFrame | None,
                           vocab: list[str], max_latents: int = 0, report=None, journal: Journal | None = None) -> tuple[pd.DataFrame, pd.DataFrame]:
     """Per-latent metrics and per-example rows of one scorer on one partition, with the control.
-    Latents stream through a bounded queue; with a `journal`, each scored latent's rows are kept as it
-    finishes and latents kept by an interrupted run are not scored again."""
+    `exemplars` is the table or its file; from a file, a chunk of latents' rows is read at a time.
+    Latents stream through a bounded queue; with a `journal`, each scored latent's rows go to disk as it
+    finishes (and not kept in memory), and latents kept by an interrupted run are not scored again."""
     settings = scorer.settings
     text_of = scored_latents(scorer, exemplars, explanations, max_latents)
-    chosen = exemplars[exemplars["latent"].isin(list(text_of))]
-    columns = [chosen[c].tolist() for c in ("kind", "quantile", "tokens", "activations")]  # read once, not per latent
-    rows_of: dict[tuple[int, str], list[int]] = {}
-    for i, key in enumerate(zip(chosen["latent"].tolist(), chosen["split"].tolist())):
-        rows_of.setdefault(key, []).append(i)
-    have_exemplars = {latent for latent, _ in rows_of}
+    have_exemplars = set(latents_in(exemplars))
     missing = [latent for latent in text_of if latent not in have_exemplars]
     if missing and report:
         report(f"{scorer.name}: {len(missing)} explained latents have no exemplars (e.g. {missing[:5]}): skipped; "
                f"the explanations are older than the exemplars, re-materialize `explanations`")
     text_of = {latent: text for latent, text in text_of.items() if latent in have_exemplars}
     control_of = control_assignment(text_of, settings.seed) if scorer.uses_explanation else {latent: latent for latent in text_of}
-    done = journal.kept(text_of, "scores") if journal is not None else {}
-    kept_examples = journal.finished("examples") if journal is not None and done else pd.DataFrame()
-    if len(kept_examples):
-        kept_examples = kept_examples[kept_examples["latent"].isin(list(done))]
+    done = set(journal.kept(text_of, "scores")) if journal is not None else set()
     if done and report:
         report(f"{scorer.name}: {len(done)} latents kept from an interrupted run; scoring the other {len(text_of) - len(done)}")
-    jobs_of: dict[int, tuple[Job, Job | None]] = {}
-    for latent, explanation in text_of.items():
-        if latent in done:
-            continue
-        rng = np.random.default_rng([settings.seed, latent])
-        examples, calibration = (examples_of(*([column[i] for i in rows_of.get((latent, split), [])] for column in columns), vocab, rng) for split in ("test", "valid"))
-        own = Job(explanation, examples, control=False, seed=settings.seed + latent, calibration=calibration, latent=latent)
-        control = Job(text_of[control_of[latent]], examples, control=True, seed=settings.seed + latent + 1, calibration=calibration, latent=latent) if latent in control_of else None
-        jobs_of[latent] = (own, control)
+    todo = [latent for latent in text_of if latent not in done]
+
+    async def load(chunk: list[int]) -> dict[int, tuple[Job, Job | None]]:
+        """A chunk's jobs (each latent's own and control), with what they share prepared."""
+        rows = await asyncio.to_thread(rows_for_latents, exemplars, chunk)
+        columns = [rows[c].tolist() for c in EXAMPLE_COLUMNS]  # read once per chunk, not per latent
+        where: dict[tuple[int, str], list[int]] = {}
+        for i, key in enumerate(zip(rows["latent"].tolist(), rows["split"].tolist())):
+            where.setdefault(key, []).append(i)
+        jobs = {}
+        for latent in chunk:
+            rng = np.random.default_rng([settings.seed, latent])
+            examples, calibration = (examples_of(*([column[i] for i in where.get((latent, split), [])] for column in columns), vocab, rng) for split in ("test", "valid"))
+            own = Job(text_of[latent], examples, control=False, seed=settings.seed + latent, calibration=calibration, latent=latent)
+            control = Job(text_of[control_of[latent]], examples, control=True, seed=settings.seed + latent + 1, calibration=calibration, latent=latent) if latent in control_of else None
+            jobs[latent] = (own, control)
+        await scorer.prepare([job for pair in jobs.values() for job in pair if job is not None])
+        return jobs
+
+    loader = ChunkLoader(todo, load)
 
     async def score_latent(latent: int) -> tuple[dict, list[dict]]:
-        own_job, control_job = jobs_of[latent]
+        own_job, control_job = await loader.take(latent)
         own, control = await asyncio.gather(scorer.score(own_job), scorer.score(control_job) if control_job is not None else _none())
         note = "" if latent in control_of else no_control_reason(len(text_of))
         row = latent_row(scorer.main_metric, latent, text_of[latent], text_of.get(control_of.get(latent)) if scorer.uses_explanation else None, own, control, note)
@@ -149,24 +155,31 @@ async def score_partition(scorer: Scorer, exemplars: pd.DataFrame, explanations:
                 example_rows += [{**r, "predicted": int(p), "latent": latent, "source": source} for r, p in zip(result.rows, predicted)]
         return row, example_rows
 
+    in_memory: dict[int, tuple[dict, list[dict]]] = {}
+    """Scored latents not in the journal: all of them without one, else those stopped by the budget."""
+
     def keep(latent: int, result: tuple[dict, list[dict]]) -> None:
         row, example_rows = result
         if journal is not None and not any(reason.startswith("budget") for reason in json.loads(row["failures"])):  # budget-stopped latents are scored next time
             journal.add(examples=example_rows, scores=[row])
+        else:
+            in_memory[latent] = result
 
     async with scorer.deps.llm.session() if scorer.deps.llm is not None else contextlib.nullcontext():
-        await scorer.prepare([job for pair in jobs_of.values() for job in pair if job is not None])
         workers = 2 * scorer.deps.llm.max_concurrency if scorer.deps.llm is not None else 64
         try:
-            results = await stream_latents(list(jobs_of), score_latent, workers=workers, on_finished=keep, report=report,
-                                           label=f"{scorer.name} latents (explanation and control)")
+            await stream_latents(todo, score_latent, workers=workers, on_finished=keep, report=report,
+                                 label=f"{scorer.name} latents (explanation and control)", retain=False)
         finally:
             if journal is not None:
                 journal.flush()
-    rows = [done[latent] if latent in done else results[latent][0] for latent in text_of]
-    example_rows = [row for latent in text_of if latent not in done for row in results[latent][1]]
-    fresh = pd.DataFrame(example_rows) if example_rows else pd.DataFrame()
-    examples = pd.concat([kept_examples, fresh], ignore_index=True) if len(kept_examples) else fresh
+    kept = journal.kept(text_of, "scores") if journal is not None else {}
+    rows = [kept[latent] if latent in kept else in_memory[latent][0] for latent in text_of]
+    parts = [journal.finished("examples")] if kept else []
+    parts = [part[part["latent"].isin(list(kept))] for part in parts if len(part)]
+    fresh = [row for latent in text_of if latent in in_memory for row in in_memory[latent][1]]
+    parts += [pd.DataFrame(fresh)] if fresh else []
+    examples = pd.concat(parts, ignore_index=True).sort_values("latent", kind="stable", ignore_index=True) if parts else pd.DataFrame()
     return pd.DataFrame(rows), examples  # one frame, not one per job
 
 
@@ -295,12 +308,14 @@ def scorer_asset(scorer: type[Scorer], settings: ScorerSettings, automate: bool)
         resources = context.resources
         root = resources.settings.root
         client = resources.llm.client(root.llm_cache_dir) if "llm" in scorer.uses else None
+        corpus = load_corpus(root)
         deps = ScorerDeps(llm=client, embedder=resources.embedder if "embedder" in scorer.uses else None,
+                          corpus_windows=CorpusWindows(root.lancedb_dir, corpus.meta["hash"], corpus.tokens, window_embedding(resources.embedder.model)) if "embedder" in scorer.uses else None,
                           subject_model=resources.subject_model if "subject_model" in scorer.uses else None,
                           coder=load_registered(root.registry_dir, coder) if "coder" in scorer.uses else None,
                           activations_dir=root.activations_dir(coder) if "coder" in scorer.uses else None)
         judge = scorer(settings, deps)
-        exemplars = read_table(root.exemplars_path(coder, shard), "exemplars")
+        exemplars = existing_table(root.exemplars_path(coder, shard), "exemplars")  # read a chunk of latents at a time
         explanations = read_table(root.explanations_path(coder, shard), "explanations") if judge.uses_explanation else None
         exemplars_fingerprint = file_fingerprint(root.exemplars_path(coder, shard))
         if explanations is not None and len(explanations) and "exemplars_fingerprint" in explanations:
@@ -313,7 +328,7 @@ def scorer_asset(scorer: type[Scorer], settings: ScorerSettings, automate: bool)
         fingerprints = "|".join([exemplars_fingerprint, *([file_fingerprint(explanations_path)] if explanations_path.exists() else [])])
         journal = Journal(root.scores_path(coder, shard, scorer.name), f"{scorer.version}|{settings.digest()}|{resources.llm.model_id() if client else ''}|{fingerprints}",
                           parts=("examples", "scores"))
-        frame, examples = asyncio.run(score_partition(judge, exemplars, explanations, corpus_prompt_vocab(load_corpus(root)), max_latents, context.log.info, journal))
+        frame, examples = asyncio.run(score_partition(judge, exemplars, explanations, corpus_prompt_vocab(corpus), max_latents, context.log.info, journal))
         if len(frame) and frame["n_failed"].sum() > 0 and (frame["n_scored"].fillna(0) + frame["control_n_scored"].fillna(0)).sum() == 0:
             reasons = pd.Series([reason for cell in frame["failures"] for reason in json.loads(cell)], dtype=str)
             raise nothing_succeeded(f"scores/{scorer.name}", f"no example of {len(frame)} latents could be scored", reasons)
@@ -322,7 +337,7 @@ def scorer_asset(scorer: type[Scorer], settings: ScorerSettings, automate: bool)
         write_table(examples, root.scored_examples_path(coder, shard, scorer.name), "scored_examples")
         journal.discard()
         metadata = scorer_metadata(scorer, settings, frame, examples)
-        if not len(exemplars):
+        if not latents_in(exemplars):
             metadata["verdict"] = EMPTY_SHARD
         if client is not None:
             metadata.update(client.ledger.as_metadata())

@@ -76,7 +76,7 @@ def measure(data: Path, partition_latents: int, n_latents: int) -> dict:
     from assets.exemplars import ExemplarsConfig, exemplar_batches, negative_sources
     from assets.explainers import EXPLAINERS, ExplainerDeps, ExplainerSettings
     from assets.explanations import ExplanationsConfig, explain_all
-    from assets.prompts import corpus_prompt_vocab
+    from assets.prompts import corpus_prompt_vocab, window_embedding
     from assets.scorers import SCORERS, ScorerDeps, scorer_settings
     from assets.scores import score_partition
     from resources.embedder import EmbedderResource
@@ -85,6 +85,7 @@ def measure(data: Path, partition_latents: int, n_latents: int) -> dict:
     from storage.corpus import load_corpus
     from storage.layout import DataRoot
     from storage.tables import write_table_batches
+    from storage.vector_store import CorpusWindows
 
     root = DataRoot.at(data)
     corpus = load_corpus(root)
@@ -116,8 +117,7 @@ def measure(data: Path, partition_latents: int, n_latents: int) -> dict:
     profiles = stages("exemplars", partition_latents, exemplars)
     explained = sorted(int(x) for x in profiles["latent"])
     chosen = explained[:n_latents]
-    frame = pd.read_parquet(table)  # what the next stages read
-    frame = frame[frame["latent"].isin(chosen)].reset_index(drop=True)
+    windows = CorpusWindows(root.lancedb_dir, corpus.meta["hash"], corpus.tokens, window_embedding(embedder.model))
     requests = {}
     server = subprocess.Popen([sys.executable, "-m", "tests.scripted_llm_server", "--delay", "0", "--by-prompt"], stdout=subprocess.PIPE, text=True, cwd=ROOT)
     try:
@@ -129,13 +129,13 @@ def measure(data: Path, partition_latents: int, n_latents: int) -> dict:
             llm = client("explanations")
             explainer = EXPLAINERS["highlighted"](ExplainerSettings(), ExplainerDeps(llm=llm))
             explanations = stages("explanations", len(chosen), lambda: asyncio.run(
-                explain_all(explainer, ExplanationsConfig(), frame, profiles, chosen, vocab, embedder.embed, None, CODER)))
+                explain_all(explainer, ExplanationsConfig(), table, profiles, chosen, vocab, embedder.embed, None, CODER)))
             requests["explanations"] = llm.ledger.requests
             settings = scorer_settings()
             for name in ("detection", "fuzzing", "embedding"):
-                deps = ScorerDeps(llm=client(name)) if name != "embedding" else ScorerDeps(embedder=embedder)
+                deps = ScorerDeps(llm=client(name)) if name != "embedding" else ScorerDeps(embedder=embedder, corpus_windows=windows)
                 scorer = SCORERS[name](settings[name], deps)
-                stages(name, len(chosen), lambda: asyncio.run(score_partition(scorer, frame, explanations, vocab)))
+                stages(name, len(chosen), lambda: asyncio.run(score_partition(scorer, table, explanations, vocab)))
                 requests[name] = deps.llm.ledger.requests if deps.llm is not None else 0
     finally:
         server.kill()

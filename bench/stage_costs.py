@@ -124,6 +124,13 @@ def measure(data: Path, shard: str, n_latents: int, out: Path) -> dict:
     explained = sorted(int(x) for x in profiles["latent"])
     chosen = explained[:n_latents] if n_latents else explained
     frame = frame[frame["latent"].isin(chosen)].reset_index(drop=True)
+    windows = None
+    if "corpus_windows" in ScorerDeps.__dataclass_fields__:  # as the assets do since: the exemplars file, read a chunk at a time, and the corpus window vectors
+        from assets.prompts import window_embedding
+        from storage.vector_store import CorpusWindows
+
+        frame = out / "exemplars.parquet"
+        windows = CorpusWindows(root.lancedb_dir, corpus.meta["hash"], corpus.tokens, window_embedding(embedder.model))
 
     server = subprocess.Popen([sys.executable, "-m", "tests.scripted_llm_server", "--delay", "0", "--by-prompt"], stdout=subprocess.PIPE, text=True, cwd=ROOT)
     try:
@@ -137,7 +144,7 @@ def measure(data: Path, shard: str, n_latents: int, out: Path) -> dict:
             explanations.to_parquet(out / "explanations.parquet")
             settings = scorer_settings()
             for name in ("detection", "fuzzing", "embedding"):
-                deps = ScorerDeps(llm=client(name)) if name != "embedding" else ScorerDeps(embedder=embedder)
+                deps = ScorerDeps(llm=client(name)) if name != "embedding" else ScorerDeps(embedder=embedder, **({"corpus_windows": windows} if windows else {}))
                 scorer = SCORERS[name](settings[name], deps)
                 scores, examples = meter(name, lambda: asyncio.run(score_partition(scorer, frame, explanations, vocab)))
                 scores.to_parquet(out / f"{name}.parquet")

@@ -34,8 +34,10 @@ class Journal:
         self._flushed_at = time.monotonic()
 
     def finished(self, part: str = "rows") -> pd.DataFrame:
-        """Every row of `part` kept so far (an empty frame when none)."""
-        frames = [pd.read_parquet(p) for p in sorted(self.folder.glob(f"part-*.{part}.parquet"))]
+        """Every row of `part` kept so far by a whole flush (an empty frame when none): rows of a flush
+        cut short before its last part are not kept."""
+        whole = {p.name.split(".")[0] for p in self.folder.glob(f"part-*.{self.part_names[-1]}.parquet")}
+        frames = [pd.read_parquet(p) for p in sorted(self.folder.glob(f"part-*.{part}.parquet")) if p.name.split(".")[0] in whole]
         return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
 
     def kept(self, latents, part: str = "rows") -> dict[int, dict]:

@@ -11,6 +11,7 @@ import hashlib
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -140,10 +141,39 @@ def refuse_emptier(frame: pd.DataFrame, path: Path, stage: str, allow: bool) -> 
         )
 
 
+def latents_in(exemplars: pd.DataFrame | Path) -> list[int]:
+    """The latents that have rows in an exemplars table (in memory, or a file of which only the
+    `latent` column is read), ascending."""
+    column = exemplars["latent"].to_numpy() if isinstance(exemplars, pd.DataFrame) else pq.read_table(exemplars, columns=["latent"])["latent"].to_numpy()
+    return [int(x) for x in np.unique(column)]
+
+
+def rows_for_latents(exemplars: pd.DataFrame | Path, latents: list[int]) -> pd.DataFrame:
+    """The rows of `latents` in an exemplars table. From a file, only the row groups whose `latent`
+    range can hold them are read: the exemplars stage writes one row group per batch of latents, so a
+    chunk of latents costs its own rows, not the partition's."""
+    if isinstance(exemplars, pd.DataFrame):
+        return exemplars[exemplars["latent"].isin(latents)]
+    file = pq.ParquetFile(exemplars)
+    column = file.schema_arrow.get_field_index("latent")
+    lo, hi = min(latents, default=0), max(latents, default=-1)
+
+    def may_hold(group: int) -> bool:
+        stats = file.metadata.row_group(group).column(column).statistics
+        return stats is None or not stats.has_min_max or (stats.min <= hi and stats.max >= lo)
+
+    groups = [g for g in range(file.num_row_groups) if may_hold(g)]
+    frame = (file.read_row_groups(groups) if groups else file.schema_arrow.empty_table()).to_pandas()
+    return frame[frame["latent"].isin(latents)].reset_index(drop=True)
+
+
+def existing_table(path: Path, stage: str) -> Path:
+    """`path`, or an error that says which asset to materialize when there is no table there."""
+    if not path.exists():
+        raise FileNotFoundError(f"No {stage} at {path}. Materialize the `{stage}` asset for this partition first.")
+    return path
+
+
 def read_table(path: Path, stage: str) -> pd.DataFrame:
     """Read a stage's table, or say which asset to materialize when it is missing."""
-    if not path.exists():
-        raise FileNotFoundError(
-            f"No {stage} at {path}. Materialize the `{stage}` asset for this partition first."
-        )
-    return pd.read_parquet(path)
+    return pd.read_parquet(existing_table(path, stage))

@@ -1,8 +1,8 @@
 """LanceDB tables: embedded corpus windows (hard negatives) and explanations (semantic search).
 
-- `contexts_<corpus hash>_<window>`: one row per fixed window of the corpus (`block` = sequence ·
-  windows-per-sequence + window index), with its text and MiniLM embedding. Built once per corpus
-  and window length under a file lock, so partitions materialized at once never race to build
+- `contexts_<corpus hash>_<window>_<embedder>`: one row per fixed window of the corpus (`block` =
+  sequence · windows-per-sequence + window index), with its text and embedding. Built once per corpus,
+  window length, embedder and window rendering (hashed into `<embedder>`) under a file lock, so partitions materialized at once never race to build
   it; an ANN index is added once the table has `ANN_MIN_ROWS` rows. A `.npy` copy of the vectors
   beside it serves exact look-ups by block id.
 - `explanations`: one row per (coder, latent), written by merge on `id`, so re-materializing never
@@ -10,6 +10,7 @@
 """
 from __future__ import annotations
 
+import hashlib
 import time
 from contextlib import contextmanager
 from pathlib import Path
@@ -46,8 +47,31 @@ def _vectors(vectors: np.ndarray) -> pa.FixedSizeListArray:
 
 # ---- contexts -----------------------------------------------------------------------------------
 
-def contexts_table_name(corpus_hash: str, window: int) -> str:
-    return f"contexts_{corpus_hash}_{window}"
+def contexts_table_name(corpus_hash: str, window: int, embedding: str) -> str:
+    """`embedding` names what the vectors are of (the embedder and how a window is rendered to text):
+    another embedder or rendering is another table, never vectors of the wrong kind."""
+    return f"contexts_{corpus_hash}_{window}_{hashlib.sha256(embedding.encode()).hexdigest()[:8]}"
+
+
+class CorpusWindows:
+    """The vector of a corpus grid window already in a contexts table, for whoever would embed the same
+    window's text again. Only a window whose tokens are the corpus's at that place is looked up."""
+
+    def __init__(self, db_dir: Path, corpus_hash: str, tokens: np.ndarray, embedding: str):
+        self.db_dir, self.corpus_hash, self.tokens, self.embedding = db_dir, corpus_hash, tokens, embedding
+        self._tables: dict[int, np.ndarray | None] = {}
+
+    def vector(self, sequence: int, start: int, token_ids) -> np.ndarray | None:
+        window = len(token_ids)
+        if sequence < 0 or window == 0 or start % window or sequence >= len(self.tokens) or start + window > self.tokens.shape[1]:
+            return None
+        if window not in self._tables:  # memory-mapped; None when that window length was never embedded
+            path = self.db_dir / f"{contexts_table_name(self.corpus_hash, window, self.embedding)}.npy"
+            self._tables[window] = np.load(path, mmap_mode="r") if path.exists() else None
+        vectors, blocks_per_seq = self._tables[window], self.tokens.shape[1] // window
+        if vectors is None or len(vectors) != len(self.tokens) * blocks_per_seq or not np.array_equal(self.tokens[sequence, start : start + window], token_ids):
+            return None
+        return np.asarray(vectors[sequence * blocks_per_seq + start // window], np.float32)
 
 
 class ContextIndex:

@@ -49,6 +49,9 @@ class Example:
     """The latent's firing tokens; in non-activating windows, random tokens (as many as typically fire)."""
     label: int
     quantile: int
+    sequence: int = -1
+    start: int = -1
+    """Where the window is in the corpus (-1: not known)."""
 
     @cached_property
     def text(self) -> str:
@@ -61,24 +64,29 @@ class Example:
         return highlight(self.token_strs, self.marks.tolist())
 
 
+EXAMPLE_COLUMNS = ("kind", "quantile", "tokens", "activations", "sequence", "start")
+"""The exemplar columns an `Example` is made of, in `examples_of`'s order."""
+
+
 def held_out_examples(rows: pd.DataFrame, vocab: list[str], rng: np.random.Generator) -> list[Example]:
     """A latent's windows in a seeded order, non-activating ones with random marks."""
-    return examples_of(*(rows[c].tolist() for c in ("kind", "quantile", "tokens", "activations")), vocab, rng)
+    return examples_of(*(rows[c].tolist() for c in EXAMPLE_COLUMNS), vocab, rng)
 
 
-def examples_of(kinds: list[str], quantiles: list[int], tokens: list, activations: list, vocab: list[str], rng: np.random.Generator) -> list[Example]:
+def examples_of(kinds: list[str], quantiles: list[int], tokens: list, activations: list, sequences: list[int], starts: list[int],
+                vocab: list[str], rng: np.random.Generator) -> list[Example]:
     """`held_out_examples` of a latent's rows given as columns (a partition's columns are read once, not per latent)."""
     counts = [np.count_nonzero(a) for a, kind in zip(activations, kinds) if kind == "activating"]
     typical_marks = max(1, int(np.median(counts))) if counts else 1
     examples = []
-    for i, (kind, quantile, ids, acts) in enumerate(zip(kinds, quantiles, tokens, activations)):
+    for i, (kind, quantile, ids, acts, sequence, start) in enumerate(zip(kinds, quantiles, tokens, activations, sequences, starts)):
         acts = np.asarray(acts, np.float32)
         is_activating = kind == "activating"
         marks = acts > 0
         if not is_activating:
             marks = np.zeros(len(acts), bool)
             marks[rng.choice(len(acts), size=min(typical_marks, len(acts)), replace=False)] = True
-        examples.append(Example(i, list(ids), [vocab[t] for t in ids], acts, marks, int(is_activating), int(quantile) if is_activating else 0))
+        examples.append(Example(i, list(ids), [vocab[t] for t in ids], acts, marks, int(is_activating), int(quantile) if is_activating else 0, int(sequence), int(start)))
     return [examples[i] for i in rng.permutation(len(examples))]
 
 
@@ -132,6 +140,8 @@ class ScorerDeps:
     """`resources.sparse_coders.SparseCoder` of the partition, loaded only when `uses` names 'coder'."""
     activations_dir: Path | None = None
     """The coder's activation cache (its per-latent maxima), given with the coder."""
+    corpus_windows: object | None = None
+    """`storage.vector_store.CorpusWindows`: grid windows already embedded, given with the embedder."""
 
 
 CONTROLS = {

@@ -22,22 +22,41 @@ class Embedding(Scorer):
     def __init__(self, settings, deps):
         super().__init__(settings, deps)
         self._vectors: dict[str, np.ndarray] = {}
-        """Unit vector of each text embedded in this partition: a window shared by latents, or by a latent
-        and its control, is embedded once."""
+        """Unit vector of each text the jobs at hand need: a window shared by latents, or by a latent and
+        its control, is embedded (or read) once."""
 
-    async def _embed(self, texts: list[str]) -> None:
-        missing = [t for t in dict.fromkeys(texts) if t not in self._vectors]
+    async def _vectors_of(self, texts: list[str]) -> dict[str, np.ndarray]:
+        """Unit vectors of `texts`, embedding those not at hand (kept for later jobs)."""
+        found = {t: self._vectors[t] for t in texts if t in self._vectors}
+        missing = [t for t in dict.fromkeys(texts) if t not in found]
         if missing:
-            vectors = await asyncio.to_thread(self.deps.embedder.embed, missing)
-            vectors = vectors / np.maximum(np.linalg.norm(vectors, axis=1, keepdims=True), 1e-12)
-            self._vectors.update(zip(missing, vectors))
+            new = dict(zip(missing, unit(await asyncio.to_thread(self.deps.embedder.embed, missing))))
+            self._vectors.update(new)
+            found.update(new)
+        return found
 
     async def prepare(self, jobs: list[Job]) -> None:
-        """Every distinct window and explanation of the partition, in one call (full batches)."""
-        await self._embed([self.settings.query_prefix + job.explanation for job in jobs] + [plain_text(e.text) for job in jobs for e in job.examples])
+        """The vectors of these jobs' windows and explanations: a window on the corpus grid is read from
+        the contexts table (embedded there as the same text), the rest embedded in one call (full
+        batches). Vectors only earlier jobs needed are let go, so memory follows the jobs at hand."""
+        needed = {self.settings.query_prefix + job.explanation: None for job in jobs}
+        windows = self.deps.corpus_windows
+        for example in (e for job in jobs for e in job.examples):
+            text = plain_text(example.text)
+            if needed.get(text) is None:
+                found = windows.vector(example.sequence, example.start, example.token_ids) if windows is not None else None
+                needed[text] = unit(found[None])[0] if found is not None else None
+        kept = {text: vector if vector is not None else self._vectors.get(text) for text, vector in needed.items()}
+        self._vectors = {text: vector for text, vector in kept.items() if vector is not None}
+        await self._vectors_of(list(needed))
 
     async def score(self, job: Job) -> JobResult:
         query, texts = self.settings.query_prefix + job.explanation, [plain_text(e.text) for e in job.examples]
-        await self._embed([query] + texts)
-        similarity = np.stack([self._vectors[t] for t in texts]) @ self._vectors[query] if texts else np.zeros(0)
+        vectors = await self._vectors_of([query] + texts)  # at hand after `prepare`; a job scored without it embeds here
+        similarity = np.stack([vectors[t] for t in texts]) @ vectors[query] if texts else np.zeros(0)
         return JobResult([example_row(e, score=float(s)) for e, s in zip(job.examples, similarity)])
+
+
+def unit(vectors: np.ndarray) -> np.ndarray:
+    vectors = np.asarray(vectors, np.float32)
+    return vectors / np.maximum(np.linalg.norm(vectors, axis=1, keepdims=True), 1e-12)

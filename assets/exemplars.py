@@ -31,7 +31,7 @@ from dagster import (
 from pydantic import Field
 
 from assets.automation import CODE_CHANGED, FOLLOW
-from assets.partitions import coder_and_shard, shard_partitions
+from assets.partitions import backfill_policy, coder_and_shard, each_shard, shard_partitions
 from assets.prompts import corpus_prompt_vocab, window_embedding, window_text
 from assets.stage_config import settings_digest, with_defaults
 from resources.embedder import EmbedderResource
@@ -389,7 +389,11 @@ def read_activations_meta(acts_dir: Path, coder: str) -> dict:
 
 
 def _exemplars(context: AssetExecutionContext, config: ExemplarsConfig, settings: AutointerpSettings, embedder: EmbedderResource) -> MaterializeResult:
-    coder, shard = coder_and_shard(context.partition_key)
+    return each_shard(context, lambda key: _shard_exemplars(context, key, config, settings, embedder))
+
+
+def _shard_exemplars(context: AssetExecutionContext, partition_key: str, config: ExemplarsConfig, settings: AutointerpSettings, embedder: EmbedderResource) -> dict:
+    coder, shard = coder_and_shard(partition_key)
     root = settings.root
     corpus = load_corpus(root)
     acts_dir = root.activations_dir(coder)
@@ -432,21 +436,19 @@ def _exemplars(context: AssetExecutionContext, config: ExemplarsConfig, settings
     note = {} if len(profiles) else {"note": f"empty shard: no explainable latent ({len(latents)} live latents, none fires in {config.min_activating_windows} windows or more)"}
     if note:
         context.log.warning(f"{coder} shard {shard}: {note['note']}")
-    return MaterializeResult(
-        metadata={
-            **note,
-            "latents_with_exemplars": len(profiles),
-            "windows": n_windows,
-            **{f"windows_{kind}": int(n) for kind, n in counts.items()},
-            "path": MetadataValue.path(str(root.exemplars_path(coder, shard))),
-        }
-    )
+    return {
+        **note,
+        "latents_with_exemplars": len(profiles),
+        "windows": n_windows,
+        **{f"windows_{kind}": int(n) for kind, n in counts.items()},
+        "path": MetadataValue.path(str(root.exemplars_path(coder, shard))),
+    }
 
 
 EXEMPLARS_VERSION = "3"  # 3: hard negatives from windows embedded as `window_text` renders them
 
 
-def exemplars_asset(defaults: dict | None = None) -> AssetsDefinition:
+def exemplars_asset(defaults: dict | None = None, partitions_per_run: int = 1) -> AssetsDefinition:
     """The `exemplars` asset of a deployment: `defaults` are its [exemplars] table (part of the code version)."""
     Configured = with_defaults(ExemplarsConfig, defaults or {}, "exemplars")
 
@@ -462,5 +464,6 @@ def exemplars_asset(defaults: dict | None = None) -> AssetsDefinition:
         deps=[AssetDep("activations")],
         code_version=f"{EXEMPLARS_VERSION}-{settings_digest(Configured())}",
         automation_condition=FOLLOW | CODE_CHANGED,
+        backfill_policy=backfill_policy(partitions_per_run),
         description="Explainer (train) and scorer (test) windows per live latent, non-activating windows tagged by source, and per-latent statistics.",
     )(exemplars)

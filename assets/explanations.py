@@ -20,7 +20,7 @@ from pydantic import Field, ValidationError
 
 from assets.automation import CODE_CHANGED, FOLLOW, LLM_POOL
 from assets.explainers import EXPLAINERS, Explainer, ExplainerDeps, LatentRecord
-from assets.partitions import coder_and_shard, shard_partitions
+from assets.partitions import backfill_policy, coder_and_shard, each_shard, shard_partitions
 from assets.prompts import corpus_prompt_vocab, plain_text
 from assets.score_metrics import roc_auc
 from assets.stage_config import problems, settings_digest, with_defaults
@@ -155,7 +155,7 @@ EXPLANATIONS_VERSION = "3"
 """Bump when this stage's own code changes results; each explainer has its own `version` too."""
 
 
-def explanations_asset(defaults: dict | None = None, explainers: dict[str, type[Explainer]] | None = None) -> AssetsDefinition:
+def explanations_asset(defaults: dict | None = None, explainers: dict[str, type[Explainer]] | None = None, partitions_per_run: int = 1) -> AssetsDefinition:
     """The `explanations` asset of a deployment: `defaults` are its [explanations] table."""
     explainers = explainers or EXPLAINERS
     Configured = with_defaults(ExplanationsConfig, defaults or {}, "explanations")
@@ -167,35 +167,35 @@ def explanations_asset(defaults: dict | None = None, explainers: dict[str, type[
 
     def explanations(context: AssetExecutionContext, config, settings: AutointerpSettings, llm: LLMResource, embedder: EmbedderResource,
                      subject_model: SubjectModelResource) -> MaterializeResult:
-        coder, shard = coder_and_shard(context.partition_key)
-        root = settings.root
-        exemplars = existing_table(root.exemplars_path(coder, shard), "exemplars")  # read a chunk of latents at a time
-        latent_stats = pd.read_parquet(root.latent_profiles_path(coder, shard)) if root.latent_profiles_path(coder, shard).exists() else None
-        latents = selected_latents(exemplars, settings.max_latents_per_shard)
-        context.log.info(f"explaining {len(latents)} latents of {coder} shard {shard} with {llm.backend} ({config.explainer}, best of {config.best_of_n})")
-        client = llm.client(root.llm_cache_dir)
-        uses = explainers[config.explainer].uses if config.explainer in explainers else frozenset()
-        deps = ExplainerDeps(llm=client, subject_model=subject_model if "subject_model" in uses else None,
-                             coder=load_registered(root.registry_dir, coder) if "coder" in uses and latents else None)
-        explainer = make_explainer(config, explainers, deps)
-        exemplars_fingerprint = file_fingerprint(root.exemplars_path(coder, shard))
-        journal = Journal(root.explanations_path(coder, shard), f"{version}|{settings_digest(config)}|{llm.model_id()}|{exemplars_fingerprint}")
-        frame = asyncio.run(explain_all(explainer, config, exemplars, latent_stats, latents, corpus_prompt_vocab(load_corpus(root)), embedder.embed,
-                                        context.log.info, coder, journal))
-        frame["exemplars_fingerprint"] = exemplars_fingerprint  # what the scorers check they score against
-        if len(frame) and not (frame["status"] == "ok").any():
-            raise nothing_succeeded("explanations", f"all {len(frame)} latents failed", frame["error"])
-        refuse_emptier(frame, root.explanations_path(coder, shard), f"explanations of {coder} shard {shard}", settings.allow_empty_results)
-        write_table(frame, root.explanations_path(coder, shard), "explanations")
-        journal.discard()
-        ok = frame[frame["status"] == "ok"]
-        if len(ok):
-            upsert_explanations(root.lancedb_dir, coder, ok["latent"].tolist(), ok["explanation"].tolist(), embedder.embed(ok["explanation"].tolist()))
-        budget_stopped = int(frame["error"].str.startswith("budget:").sum())
-        if budget_stopped:
-            context.log.warning(f"{budget_stopped} latents were not explained: the LLM budget was reached; they will be asked next time")
-        return MaterializeResult(
-            metadata={
+        def explain_shard(partition_key: str) -> dict:
+            coder, shard = coder_and_shard(partition_key)
+            root = settings.root
+            exemplars = existing_table(root.exemplars_path(coder, shard), "exemplars")  # read a chunk of latents at a time
+            latent_stats = pd.read_parquet(root.latent_profiles_path(coder, shard)) if root.latent_profiles_path(coder, shard).exists() else None
+            latents = selected_latents(exemplars, settings.max_latents_per_shard)
+            context.log.info(f"explaining {len(latents)} latents of {coder} shard {shard} with {llm.backend} ({config.explainer}, best of {config.best_of_n})")
+            client = llm.client(root.llm_cache_dir)
+            uses = explainers[config.explainer].uses if config.explainer in explainers else frozenset()
+            deps = ExplainerDeps(llm=client, subject_model=subject_model if "subject_model" in uses else None,
+                                 coder=load_registered(root.registry_dir, coder) if "coder" in uses and latents else None)
+            explainer = make_explainer(config, explainers, deps)
+            exemplars_fingerprint = file_fingerprint(root.exemplars_path(coder, shard))
+            journal = Journal(root.explanations_path(coder, shard), f"{version}|{settings_digest(config)}|{llm.model_id()}|{exemplars_fingerprint}")
+            frame = asyncio.run(explain_all(explainer, config, exemplars, latent_stats, latents, corpus_prompt_vocab(load_corpus(root)), embedder.embed,
+                                            context.log.info, coder, journal))
+            frame["exemplars_fingerprint"] = exemplars_fingerprint  # what the scorers check they score against
+            if len(frame) and not (frame["status"] == "ok").any():
+                raise nothing_succeeded("explanations", f"all {len(frame)} latents failed", frame["error"])
+            refuse_emptier(frame, root.explanations_path(coder, shard), f"explanations of {coder} shard {shard}", settings.allow_empty_results)
+            write_table(frame, root.explanations_path(coder, shard), "explanations")
+            journal.discard()
+            ok = frame[frame["status"] == "ok"]
+            if len(ok):
+                upsert_explanations(root.lancedb_dir, coder, ok["latent"].tolist(), ok["explanation"].tolist(), embedder.embed(ok["explanation"].tolist()))
+            budget_stopped = int(frame["error"].str.startswith("budget:").sum())
+            if budget_stopped:
+                context.log.warning(f"{budget_stopped} latents were not explained: the LLM budget was reached; they will be asked next time")
+            return {
                 **({} if latents else {"note": "empty shard: no explainable latent, nothing asked"}),
                 "settings": MetadataValue.json(config.model_dump()),
                 "explained": len(ok),
@@ -207,7 +207,8 @@ def explanations_asset(defaults: dict | None = None, explainers: dict[str, type[
                 **viewer_links(settings.viewer_url, coder, ok["latent"].tolist()),
                 "path": MetadataValue.path(str(root.explanations_path(coder, shard))),
             }
-        )
+
+        return each_shard(context, explain_shard)
 
     explanations.__annotations__.update(config=Configured, context=AssetExecutionContext, settings=AutointerpSettings, llm=LLMResource,
                                         embedder=EmbedderResource, subject_model=SubjectModelResource, **{"return": MaterializeResult})
@@ -218,6 +219,7 @@ def explanations_asset(defaults: dict | None = None, explainers: dict[str, type[
         deps=[AssetDep("exemplars")],
         code_version=version,
         automation_condition=FOLLOW | CODE_CHANGED,
+        backfill_policy=backfill_policy(partitions_per_run),
         pool=LLM_POOL,
         description="One natural-language explanation per latent from the deployment's explainer plugin (optionally best of N), embedded into LanceDB.",
     )(explanations)

@@ -14,7 +14,9 @@ never imports the `Definitions`, which import every asset.
 """
 from __future__ import annotations
 
-from dagster import DynamicPartitionsDefinition
+from typing import Callable
+
+from dagster import BackfillPolicy, DynamicPartitionsDefinition, Failure, MaterializeResult, MetadataValue
 
 from storage.activations import shard_count, shard_keys
 
@@ -38,3 +40,45 @@ def coder_and_shard(partition_key: str) -> tuple[str, str]:
 def coders_of(partition_keys) -> list[str]:
     """The coders of some partition keys, in order, once each."""
     return list(dict.fromkeys(coder_and_shard(key)[0] for key in partition_keys))
+
+
+def backfill_policy(partitions_per_run: int) -> BackfillPolicy | None:
+    """How a backfill of many shards of exemplars, explanations and scores is cut into runs: one shard per
+    run (None, Dagster's default: each shard succeeds or fails alone), or up to `partitions_per_run`
+    shards per run (`[settings] partitions_per_run`), which spreads a run's fixed cost over them."""
+    return BackfillPolicy.multi_run(partitions_per_run) if partitions_per_run > 1 else None
+
+
+SHARD_FAILURES = (Failure, FileNotFoundError)
+"""What fails one shard only (stale or missing inputs of that shard, every latent of it failed). Anything
+else (an unreachable endpoint, a wrong key or model: `LLMEndpointError`; a bug) stops the run at once."""
+
+
+def each_shard(context, materialize_shard: Callable[[str], dict]) -> MaterializeResult:
+    """`materialize_shard(partition_key)` → its metadata, for each partition of the run: one, or a range
+    when the asset's backfill policy puts several shards in a run. In a range, a shard that fails does not
+    stop the others: their tables are written, and the run then fails naming the failed shards (Dagster
+    records a range's outcome as one, so those written are re-run cheaply later: every answer is in the
+    response cache). A range's metadata is every shard's scalar metadata in one table."""
+    keys = list(context.partition_keys)
+    if len(keys) == 1:
+        return MaterializeResult(metadata=materialize_shard(keys[0]))
+    done, failed = {}, {}
+    for i, key in enumerate(keys, start=1):
+        context.log.info(f"shard {i}/{len(keys)} of this run: {key}")
+        try:
+            done[key] = materialize_shard(key)
+        except SHARD_FAILURES as error:
+            failed[key] = getattr(error, "description", None) or str(error)
+            context.log.error(f"{key} failed: {failed[key]}")
+    if failed:
+        listed = "; ".join(f"{key}: {reason[:400]}" for key, reason in failed.items())
+        raise Failure(f"{len(failed)} of {len(keys)} shards of this run failed ({listed}). The other {len(done)} were written: "
+                      f"{', '.join(done) or 'none'}. Fix the failed ones' cause and re-run the range.")
+    plain = lambda value: getattr(value, "value", value)
+    scalars = {key: {name: plain(value) for name, value in metadata.items() if isinstance(plain(value), (int, float, str)) and len(str(plain(value))) <= 120}
+               for key, metadata in done.items()}
+    table = "\n".join(["| shard | " + " | ".join(columns := list(dict.fromkeys(n for row in scalars.values() for n in row))) + " |",
+                       "|---" * (len(columns) + 1) + "|",
+                       *(f"| {key} | " + " | ".join(str(row.get(n, "")) for n in columns) + " |" for key, row in scalars.items())])
+    return MaterializeResult(metadata={"shards": len(keys), "by_shard": MetadataValue.md(table)})

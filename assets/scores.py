@@ -34,7 +34,7 @@ from dagster import (
 from assets.automation import CODE_CHANGED, FOLLOW, LLM_POOL, SUBJECT_MODEL_POOL
 from assets.explanations import viewer_links
 from assets.work import ChunkLoader, nothing_succeeded, selected_latents, stream_latents
-from assets.partitions import coder_and_shard, coders_of, shard_partitions
+from assets.partitions import backfill_policy, coder_and_shard, coders_of, each_shard, shard_partitions
 from assets.prompts import corpus_prompt_vocab, window_embedding
 from assets.score_metrics import control_assignment, example_metrics, no_control_reason, predictions_of, verdict
 from assets.scorers import Job, JobResult, Scorer, ScorerDeps, ScorerSettings
@@ -288,7 +288,7 @@ def scorer_metadata(scorer: type[Scorer], settings: ScorerSettings, frame: pd.Da
 # ---- the assets -----------------------------------------------------------------------------------
 
 
-def scorer_asset(scorer: type[Scorer], settings: ScorerSettings, automate: bool) -> AssetsDefinition:
+def scorer_asset(scorer: type[Scorer], settings: ScorerSettings, automate: bool, partitions_per_run: int = 1) -> AssetsDefinition:
     """The asset of one scorer; its code version is the scorer's version plus the hash of its settings."""
     deps = [AssetDep("exemplars")] + ([AssetDep("explanations")] if scorer.control == "shuffled_explanation" else [])
 
@@ -299,50 +299,54 @@ def scorer_asset(scorer: type[Scorer], settings: ScorerSettings, automate: bool)
         deps=deps,
         code_version=f"{scorer.version}-{settings.digest()}",
         automation_condition=SCORER_AUTOMATION if automate else None,
+        backfill_policy=backfill_policy(partitions_per_run),
         pool=SUBJECT_MODEL_POOL if "subject_model" in scorer.uses else LLM_POOL if "llm" in scorer.uses else None,
         required_resource_keys={"settings", *(scorer.uses - {"coder"})},  # the coder comes from the registry
         description=f"{scorer.description} Each latent also scored with {scorer.control_description()}.",
     )
     def _scores(context: AssetExecutionContext) -> MaterializeResult:
-        coder, shard = coder_and_shard(context.partition_key)
-        resources = context.resources
-        root = resources.settings.root
-        client = resources.llm.client(root.llm_cache_dir) if "llm" in scorer.uses else None
-        corpus = load_corpus(root)
-        deps = ScorerDeps(llm=client, embedder=resources.embedder if "embedder" in scorer.uses else None,
-                          corpus_windows=CorpusWindows(root.lancedb_dir, corpus.meta["hash"], corpus.tokens, window_embedding(resources.embedder.model)) if "embedder" in scorer.uses else None,
-                          subject_model=resources.subject_model if "subject_model" in scorer.uses else None,
-                          coder=load_registered(root.registry_dir, coder) if "coder" in scorer.uses else None,
-                          activations_dir=root.activations_dir(coder) if "coder" in scorer.uses else None)
-        judge = scorer(settings, deps)
-        exemplars = existing_table(root.exemplars_path(coder, shard), "exemplars")  # read a chunk of latents at a time
-        explanations = read_table(root.explanations_path(coder, shard), "explanations") if judge.uses_explanation else None
-        exemplars_fingerprint = file_fingerprint(root.exemplars_path(coder, shard))
-        if explanations is not None and len(explanations) and "exemplars_fingerprint" in explanations:
-            read_from, now = explanations["exemplars_fingerprint"].iloc[0], exemplars_fingerprint
-            if read_from != now:
-                raise Failure(f"The explanations of {coder} shard {shard} were written from other exemplars ({read_from}) than those there now ({now}): "
-                              f"scoring them on the new windows mixes two versions. Fix: re-materialize `explanations` for this partition first.")
-        max_latents = resources.settings.max_latents_per_shard
-        explanations_path = root.explanations_path(coder, shard)
-        fingerprints = "|".join([exemplars_fingerprint, *([file_fingerprint(explanations_path)] if explanations_path.exists() else [])])
-        journal = Journal(root.scores_path(coder, shard, scorer.name), f"{scorer.version}|{settings.digest()}|{resources.llm.model_id() if client else ''}|{fingerprints}",
-                          parts=("examples", "scores"))
-        frame, examples = asyncio.run(score_partition(judge, exemplars, explanations, corpus_prompt_vocab(corpus), max_latents, context.log.info, journal))
-        if len(frame) and frame["n_failed"].sum() > 0 and (frame["n_scored"].fillna(0) + frame["control_n_scored"].fillna(0)).sum() == 0:
-            reasons = pd.Series([reason for cell in frame["failures"] for reason in json.loads(cell)], dtype=str)
-            raise nothing_succeeded(f"scores/{scorer.name}", f"no example of {len(frame)} latents could be scored", reasons)
-        refuse_emptier(frame, root.scores_path(coder, shard, scorer.name), f"scores/{scorer.name} of {coder} shard {shard}", resources.settings.allow_empty_results)
-        write_table(frame, root.scores_path(coder, shard, scorer.name), "scores")
-        write_table(examples, root.scored_examples_path(coder, shard, scorer.name), "scored_examples")
-        journal.discard()
-        metadata = scorer_metadata(scorer, settings, frame, examples)
-        if not latents_in(exemplars):
-            metadata["verdict"] = EMPTY_SHARD
-        if client is not None:
-            metadata.update(client.ledger.as_metadata())
-        context.log.info(f"{scorer.name}: {metadata['verdict']}")
-        return MaterializeResult(metadata=metadata)
+        def score_shard(partition_key: str) -> dict:
+            coder, shard = coder_and_shard(partition_key)
+            resources = context.resources
+            root = resources.settings.root
+            client = resources.llm.client(root.llm_cache_dir) if "llm" in scorer.uses else None
+            corpus = load_corpus(root)
+            deps = ScorerDeps(llm=client, embedder=resources.embedder if "embedder" in scorer.uses else None,
+                              corpus_windows=CorpusWindows(root.lancedb_dir, corpus.meta["hash"], corpus.tokens, window_embedding(resources.embedder.model)) if "embedder" in scorer.uses else None,
+                              subject_model=resources.subject_model if "subject_model" in scorer.uses else None,
+                              coder=load_registered(root.registry_dir, coder) if "coder" in scorer.uses else None,
+                              activations_dir=root.activations_dir(coder) if "coder" in scorer.uses else None)
+            judge = scorer(settings, deps)
+            exemplars = existing_table(root.exemplars_path(coder, shard), "exemplars")  # read a chunk of latents at a time
+            explanations = read_table(root.explanations_path(coder, shard), "explanations") if judge.uses_explanation else None
+            exemplars_fingerprint = file_fingerprint(root.exemplars_path(coder, shard))
+            if explanations is not None and len(explanations) and "exemplars_fingerprint" in explanations:
+                read_from, now = explanations["exemplars_fingerprint"].iloc[0], exemplars_fingerprint
+                if read_from != now:
+                    raise Failure(f"The explanations of {coder} shard {shard} were written from other exemplars ({read_from}) than those there now ({now}): "
+                                  f"scoring them on the new windows mixes two versions. Fix: re-materialize `explanations` for this partition first.")
+            max_latents = resources.settings.max_latents_per_shard
+            explanations_path = root.explanations_path(coder, shard)
+            fingerprints = "|".join([exemplars_fingerprint, *([file_fingerprint(explanations_path)] if explanations_path.exists() else [])])
+            journal = Journal(root.scores_path(coder, shard, scorer.name), f"{scorer.version}|{settings.digest()}|{resources.llm.model_id() if client else ''}|{fingerprints}",
+                              parts=("examples", "scores"))
+            frame, examples = asyncio.run(score_partition(judge, exemplars, explanations, corpus_prompt_vocab(corpus), max_latents, context.log.info, journal))
+            if len(frame) and frame["n_failed"].sum() > 0 and (frame["n_scored"].fillna(0) + frame["control_n_scored"].fillna(0)).sum() == 0:
+                reasons = pd.Series([reason for cell in frame["failures"] for reason in json.loads(cell)], dtype=str)
+                raise nothing_succeeded(f"scores/{scorer.name}", f"no example of {len(frame)} latents could be scored", reasons)
+            refuse_emptier(frame, root.scores_path(coder, shard, scorer.name), f"scores/{scorer.name} of {coder} shard {shard}", resources.settings.allow_empty_results)
+            write_table(frame, root.scores_path(coder, shard, scorer.name), "scores")
+            write_table(examples, root.scored_examples_path(coder, shard, scorer.name), "scored_examples")
+            journal.discard()
+            metadata = scorer_metadata(scorer, settings, frame, examples)
+            if not latents_in(exemplars):
+                metadata["verdict"] = EMPTY_SHARD
+            if client is not None:
+                metadata.update(client.ledger.as_metadata())
+            context.log.info(f"{scorer.name}: {metadata['verdict']}")
+            return metadata
+
+        return each_shard(context, score_shard)
 
     return _scores
 

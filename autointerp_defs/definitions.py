@@ -25,12 +25,13 @@ automation_sensor = AutomationConditionSensorDefinition(
 def definitions_for(deployment: Deployment) -> Definitions:
     settings = deployment.scorer_settings()
     automated = deployment.automated_scorers
+    per_run = deployment.partitions_per_run
     try:
-        stages = [corpus_asset(deployment.stage("corpus")), activations, exemplars_asset(deployment.stage("exemplars")),
-                  explanations_asset(deployment.stage("explanations"), deployment.explainers)]
+        stages = [corpus_asset(deployment.stage("corpus")), activations, exemplars_asset(deployment.stage("exemplars"), per_run),
+                  explanations_asset(deployment.stage("explanations"), deployment.explainers, per_run)]
     except ValueError as error:
         raise DeploymentError(f"{deployment.path}: {error}") from None
-    scorer_assets = [scorer_asset(scorer, settings[name], automate=name in automated) for name, scorer in deployment.scorers.items()]
+    scorer_assets = [scorer_asset(scorer, settings[name], automate=name in automated, partitions_per_run=per_run) for name, scorer in deployment.scorers.items()]
     explain_and_score = define_asset_job(
         "explain_and_score",
         selection=AssetSelection.assets("exemplars", "explanations", *(scorer_key(name) for name in automated)),

@@ -63,6 +63,10 @@ class Deployment:
     def latents_per_shard(self) -> int:
         return int(self.values.get("settings", {}).get("latents_per_shard", AutointerpSettings().latents_per_shard))
 
+    @property
+    def partitions_per_run(self) -> int:
+        return int(self.values.get("settings", {}).get("partitions_per_run", AutointerpSettings().partitions_per_run))
+
     def fail(self, problem: str) -> DeploymentError:
         return DeploymentError(f"{self.path}: {problem}")
 

@@ -10,9 +10,10 @@ instant scripted endpoint in its own process (the LLM taken out; a fresh respons
 so every request is sent). Per stage: ms per latent, requests per latent, and the peak RSS of the
 process while the stage ran (sampled every 20 ms).
 
-The Dagster overhead: `dagster asset materialize` of `explanations` for one 1,024-latent partition
-with one latent to explain (a cold process: imports, resources, inputs read, one request), against
-the work of a whole default shard's run (explanations, detection, fuzzing, embedding) at the
+The Dagster overhead: a cold process materializing `explanations` of one 1,024-latent shard, and of
+4 shards in one run (a backfill under `[settings] partitions_per_run = 4`), with one latent to explain
+per shard (imports, definitions, resources, inputs read, one request each), per shard it holds,
+against the work of a whole default shard's run (explanations, detection, fuzzing, embedding) at the
 measured ms per latent (the share with the instant endpoint, the worst case) and with a 1 s endpoint
 at concurrency 32 (the measured requests per latent: the share users see). Prints a JSON object as its last line; `ratio` is the peak RSS of the
 largest partition over the smallest's (flat memory: ≤ 1.1).
@@ -147,42 +148,51 @@ def measure(data: Path, partition_latents: int, n_latents: int) -> dict:
             "stages": stages.stages, "peak_rss_mb": max(s["peak_rss_mb"] for s in stages.stages.values())}
 
 
-def first_partition(data: Path) -> str:
-    """The partition key of the coder's first shard (`|000` for 128 shards: keys are zero-padded to the count)."""
+RANGED_SHARDS = 4
+"""Shards in the ranged run measured (`[settings] partitions_per_run`)."""
+
+
+def shard_partitions(data: Path) -> list[str]:
+    """The coder's partition keys (`|000` for 128 shards: keys are zero-padded to the count)."""
     from assets.partitions import shard_partition_keys
     from storage.activations import read_cache_meta
     from storage.layout import DataRoot
 
-    return shard_partition_keys(CODER, read_cache_meta(DataRoot.at(data).activations_dir(CODER))["width"], CACHE_SHARD)[0]
+    return shard_partition_keys(CODER, read_cache_meta(DataRoot.at(data).activations_dir(CODER))["width"], CACHE_SHARD)
 
 
-def dagster_run_seconds(data: Path, scripted_url: str) -> float:
-    """Wall time of `dagster asset materialize` of explanations for the coder's shard 00, one latent explained."""
+RUN = """
+import sys
+from dagster import DagsterInstance, materialize
+from autointerp_defs.definitions import defs
+keys = sys.argv[1:]
+tags = {"dagster/asset_partition_range_start": keys[0], "dagster/asset_partition_range_end": keys[-1]} if len(keys) > 1 else {}
+assert materialize(list(defs.assets), selection=["explanations"], resources=defs.resources, instance=DagsterInstance.get(),
+                   partition_key=None if tags else keys[0], tags=tags).success
+"""
+
+
+def dagster_run_seconds(data: Path, scripted_url: str, shards: int) -> float:
+    """Wall time of a cold process materializing `explanations` for the coder's first `shards` shards in one
+    run (one latent explained per shard), as a backfill under `partitions_per_run = shards` runs them."""
     from dagster import DagsterInstance
 
-    from assets.partitions import shard_partition_keys
-    from storage.activations import read_cache_meta
-    from storage.layout import DataRoot
-
-    root = DataRoot.at(data)
     home = data / "dagster_home"
     home.mkdir(exist_ok=True)
     (home / "dagster.yaml").write_text("telemetry:\n  enabled: false\n")
     instance = DagsterInstance.from_config(str(home))
-    width = read_cache_meta(root.activations_dir(CODER))["width"]
-    instance.add_dynamic_partitions("shard", [k for k in shard_partition_keys(CODER, width, CACHE_SHARD) if not instance.has_dynamic_partition("shard", k)])
+    instance.add_dynamic_partitions("shard", [k for k in shard_partitions(data) if not instance.has_dynamic_partition("shard", k)])
     deployment = data / "scale.toml"
-    deployment.write_text(f'[settings]\ndata_dir = "{data}"\nlatents_per_shard = {CACHE_SHARD}\nmax_latents_per_shard = 1\n'
+    deployment.write_text(f'[settings]\ndata_dir = "{data}"\nlatents_per_shard = {CACHE_SHARD}\nmax_latents_per_shard = 1\npartitions_per_run = {shards}\n'
                           f'[llm]\nbackend = "openai"\nbase_url = "{scripted_url}"\nmodel = "scripted"\n[explanations]\nexplainer = "highlighted"\n')
     env = {**os.environ, "DAGSTER_HOME": str(home), "AUTOINTERP_DEPLOYMENT": str(deployment)}
     started = time.perf_counter()
-    subprocess.run([str(Path(sys.executable).parent / "dagster"), "asset", "materialize", "-m", "autointerp_defs", "--select", "explanations",
-                    "--partition", first_partition(data)], env=env, cwd=ROOT, check=True, capture_output=True)
+    subprocess.run([sys.executable, "-c", RUN, *shard_partitions(data)[:shards]], env=env, cwd=ROOT, check=True, capture_output=True)
     return time.perf_counter() - started
 
 
-def write_shard_00_inputs(data: Path) -> None:
-    """The exemplars of the coder's shard 00, where the `explanations` asset reads them."""
+def write_shard_inputs(data: Path) -> None:
+    """The exemplars of the coder's first `RANGED_SHARDS` shards, where the `explanations` asset reads them."""
     from dagster import DagsterInstance, materialize
 
     from autointerp_defs.definitions import build_definitions
@@ -191,11 +201,13 @@ def write_shard_00_inputs(data: Path) -> None:
     from resources.settings import AutointerpSettings
     from resources.subject_model import SubjectModelResource
 
+    keys = shard_partitions(data)[:RANGED_SHARDS]
     instance = DagsterInstance.ephemeral()
-    instance.add_dynamic_partitions("shard", [first_partition(data)])
+    instance.add_dynamic_partitions("shard", keys)
     resources = {"settings": AutointerpSettings(data_dir=str(data), latents_per_shard=CACHE_SHARD), "subject_model": SubjectModelResource(),
                  "embedder": EmbedderResource(), "llm": LLMResource()}
-    materialize(list(build_definitions("local").assets), selection=["exemplars"], partition_key=first_partition(data), resources=resources, instance=instance)
+    materialize(list(build_definitions("local").assets), selection=["exemplars"], resources=resources, instance=instance,
+                tags={"dagster/asset_partition_range_start": keys[0], "dagster/asset_partition_range_end": keys[-1]})
 
 
 def main() -> None:
@@ -228,13 +240,14 @@ def main() -> None:
 
         from tests.scripted_llm_server import ScriptedLLMServer, answer_by_prompt
 
-        write_shard_00_inputs(args.data)
+        write_shard_inputs(args.data)
         with ScriptedLLMServer(answer_by_prompt) as server:
-            run_s = dagster_run_seconds(args.data, server.base_url)
+            run_s = {n: dagster_run_seconds(args.data, server.base_url, n) for n in (1, RANGED_SHARDS)}
         default = next((r for r in results if r["partition_latents"] == CACHE_SHARD), results[0])
         llm_stages = ("explanations", "detection", "fuzzing")  # one run per shard runs them all (and exemplars, embedding)
         work_instant_s = sum(default["stages"][s]["ms_per_latent"] for s in (*llm_stages, "embedding")) * CACHE_SHARD / 1000
         work_endpoint_s = CACHE_SHARD * sum(default["stages"][s]["requests_per_latent"] for s in llm_stages) * 1.0 / 32
+        per_shard = {n: t / n for n, t in run_s.items()}  # a run's cost per shard it holds (with its one latent's work: an upper bound)
         from storage.activations import read_cache_meta
         from storage.layout import DataRoot
 
@@ -242,8 +255,9 @@ def main() -> None:
     rss = [r["peak_rss_mb"] for r in results]
     report = {"coder": CODER, "width": meta["width"], "k": args.k, "tokens": meta["tokens"], "cache_tokens_per_second": round(meta["tokens_per_second"], 1),
               "live_latents": meta["live_latents"], "by_partition_size": results,
-              "dagster_run_s": round(run_s, 1), "dagster_overhead_share_instant_endpoint": round(run_s / (run_s + work_instant_s), 3),
-              "dagster_overhead_share_1s_endpoint_32_concurrent": round(run_s / (run_s + work_endpoint_s), 3),
+              "dagster_run_s": round(run_s[1], 1), f"dagster_run_s_{RANGED_SHARDS}_shards": round(run_s[RANGED_SHARDS], 1),
+              **{f"dagster_overhead_share_{n}_per_run_{where}": round(per_shard[n] / (per_shard[n] + work), 3)
+                 for n in run_s for where, work in (("instant_endpoint", work_instant_s), ("1s_endpoint_32_concurrent", work_endpoint_s))},
               "peak_rss_mb_smallest_partition": rss[0], "peak_rss_mb_largest_partition": rss[-1], "ratio": round(rss[-1] / rss[0], 3)}
     print(json.dumps(report))
 

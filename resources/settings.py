@@ -11,6 +11,7 @@ from storage.layout import DataRoot
 class AutointerpSettings(ConfigurableResource):
     data_dir: str = Field(default="data", description="Root of all stored data; a relative path is relative to the working directory.")
     latents_per_shard: int = Field(default=1024, ge=1, description="Latents per shard partition: a coder of width W gets ceil(W / latents_per_shard) partitions. About five minutes of LLM work at 32 requests in flight (README: shard size); set when a coder is registered (changing it later gives newly registered coders the new size).")
+    partitions_per_run: int = Field(default=1, ge=1, description="Shards of exemplars, explanations and scores that one run of a backfill (or of automation) takes (Dagster's BackfillPolicy.multi_run above 1). 1: every shard succeeds or fails alone. More spreads a run's fixed cost (~10 s) over them, for endpoints fast enough that it shows (README: shard size); a shard that fails still lets the others of its run finish.")
     max_latents_per_shard: int = Field(default=0, description="Explain and score at most this many live latents per shard (0 = all). The CPU deployment keeps it small.")
     viewer_url: str = Field(default="http://127.0.0.1:8080", description="Where the latent browser (`autointerp view`) is reached: the `explanations` and `score_summary` metadata link to its coder and latent pages.")
     dagster_url: str = Field(default="http://127.0.0.1:3000", description="Where the Dagster UI is reached: the latent browser's pages link to their asset partitions there.")

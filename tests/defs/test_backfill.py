@@ -1,0 +1,56 @@
+"""`[settings] partitions_per_run`: a backfill (or automation) puts several shards in one run, each
+shard's tables are written as if it had run alone, and a shard that fails lets the others finish."""
+import pandas as pd
+from dagster import AssetKey, BackfillPolicy, DagsterInstance, materialize
+
+from autointerp_defs.definitions import build_definitions
+from storage.layout import DataRoot
+from tests.conftest import TINY_CODER, TINY_CORPUS_CONFIG, TINY_EXEMPLARS_CONFIG, add_coders, make_resources
+from tests.conftest import llm_resource as resource
+from tests.scripted_llm_server import ScriptedLLMServer
+
+
+def explainer(messages):
+    return "Explanation: a scripted explanation"
+
+
+def ranged(first: str, last: str) -> dict:
+    return {"dagster/asset_partition_range_start": first, "dagster/asset_partition_range_end": last}  # Dagster's documented range tags
+
+
+def test_several_shards_per_run_and_a_failed_shard_spares_the_others(registered):
+    defs = build_definitions("local", {"settings": {"partitions_per_run": 3}})
+    graph = defs.resolve_asset_graph()
+    for key in (AssetKey("exemplars"), AssetKey("explanations"), AssetKey(["scores", "detection"])):
+        assert graph.get(key).backfill_policy == BackfillPolicy.multi_run(3)
+    assert build_definitions("local").resolve_asset_graph().get(AssetKey("explanations")).backfill_policy is None  # default: one shard a run
+    assets = list(defs.assets)
+    instance = DagsterInstance.ephemeral()
+    keys = add_coders(instance, registered, TINY_CODER)[:3]
+    resources = make_resources(registered, max_latents=2)
+    assert materialize(assets, selection=["corpus"], resources=resources, instance=instance, run_config={"ops": {"corpus": {"config": TINY_CORPUS_CONFIG}}}).success
+    assert materialize(assets, selection=["activations"], resources=resources, instance=instance, tags=ranged(keys[0], keys[-1])).success
+
+    # a backfill of the three shards under this policy is one run with the range tags (as Dagster's backfill daemon launches it)
+    exemplars = materialize(assets, selection=["exemplars"], resources=resources, instance=instance, tags=ranged(keys[0], keys[-1]),
+                            run_config={"ops": {"exemplars": {"config": TINY_EXEMPLARS_CONFIG}}})
+    assert exemplars.success
+    assert set(instance.get_materialized_partitions(AssetKey("exemplars"))) == set(keys)
+    metadata = exemplars.asset_materializations_for_node("exemplars")[0].metadata
+    assert metadata["shards"].value == 3 and all(f"| {key} | " in metadata["by_shard"].value for key in keys)  # each shard's numbers, in one table
+    root = DataRoot.at(registered)
+    assert all(root.exemplars_path(*key.split("|")).exists() for key in keys)
+
+    # the middle shard's exemplars are gone: its explanations fail, the other two are written, the run names it
+    root.exemplars_path(*keys[1].split("|")).unlink()
+    with ScriptedLLMServer(explainer) as server:
+        resources = make_resources(registered, max_latents=2, llm=resource(server))
+        result = materialize(assets, selection=["explanations"], resources=resources, instance=instance, tags=ranged(keys[0], keys[-1]), raise_on_error=False)
+    assert not result.success
+    failure = next(event for event in result.all_events if event.event_type_value == "STEP_FAILURE")
+    message = failure.event_specific_data.error.message
+    assert f"1 of 3 shards of this run failed ({keys[1]}: No exemplars" in message and keys[0] in message and keys[2] in message
+    for key in (keys[0], keys[2]):
+        table = pd.read_parquet(root.explanations_path(*key.split("|")))
+        assert len(table) == 2 and (table.explanation == "a scripted explanation").all()
+    assert not root.explanations_path(*keys[1].split("|")).exists()

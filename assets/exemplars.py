@@ -13,7 +13,7 @@ latent: the same seed gives the same windows.
 """
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import Iterator, Literal
 
 import numpy as np
 import pandas as pd
@@ -388,8 +388,8 @@ def read_activations_meta(acts_dir: Path, coder: str) -> dict:
     return meta
 
 
-def _exemplars(context: AssetExecutionContext, config: ExemplarsConfig, settings: AutointerpSettings, embedder: EmbedderResource) -> MaterializeResult:
-    return each_shard(context, lambda key: _shard_exemplars(context, key, config, settings, embedder))
+def _exemplars(context: AssetExecutionContext, config: ExemplarsConfig, settings: AutointerpSettings, embedder: EmbedderResource) -> Iterator[MaterializeResult]:
+    yield from each_shard(context, lambda key: _shard_exemplars(context, key, config, settings, embedder))
 
 
 def _shard_exemplars(context: AssetExecutionContext, partition_key: str, config: ExemplarsConfig, settings: AutointerpSettings, embedder: EmbedderResource) -> dict:
@@ -452,11 +452,10 @@ def exemplars_asset(defaults: dict | None = None, partitions_per_run: int = 1) -
     """The `exemplars` asset of a deployment: `defaults` are its [exemplars] table (part of the code version)."""
     Configured = with_defaults(ExemplarsConfig, defaults or {}, "exemplars")
 
-    def exemplars(context: AssetExecutionContext, config, settings: AutointerpSettings, embedder: EmbedderResource) -> MaterializeResult:
-        return _exemplars(context, config, settings, embedder)
+    def exemplars(context: AssetExecutionContext, config, settings: AutointerpSettings, embedder: EmbedderResource):
+        yield from _exemplars(context, config, settings, embedder)
 
-    exemplars.__annotations__.update(config=Configured, context=AssetExecutionContext, settings=AutointerpSettings,
-                                     embedder=EmbedderResource, **{"return": MaterializeResult})
+    exemplars.__annotations__.update(config=Configured, context=AssetExecutionContext, settings=AutointerpSettings, embedder=EmbedderResource)
     return asset(
         name="exemplars",
         group_name="autointerp",
@@ -465,5 +464,6 @@ def exemplars_asset(defaults: dict | None = None, partitions_per_run: int = 1) -
         code_version=f"{EXEMPLARS_VERSION}-{settings_digest(Configured())}",
         automation_condition=FOLLOW | CODE_CHANGED,
         backfill_policy=backfill_policy(partitions_per_run),
+        output_required=False,  # a range records each shard itself (`each_shard`)
         description="Explainer (train) and scorer (test) windows per live latent, non-activating windows tagged by source, and per-latent statistics.",
     )(exemplars)

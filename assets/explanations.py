@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-from dagster import AssetDep, AssetExecutionContext, AssetsDefinition, Config, MaterializeResult, MetadataValue, asset
+from dagster import AssetDep, AssetExecutionContext, AssetsDefinition, Config, MetadataValue, asset
 from pydantic import Field, ValidationError
 
 from assets.automation import CODE_CHANGED, FOLLOW, LLM_POOL
@@ -166,7 +166,7 @@ def explanations_asset(defaults: dict | None = None, explainers: dict[str, type[
     version = f"{EXPLANATIONS_VERSION}-{explainers[chosen.explainer].version}-{settings_digest(chosen)}"
 
     def explanations(context: AssetExecutionContext, config, settings: AutointerpSettings, llm: LLMResource, embedder: EmbedderResource,
-                     subject_model: SubjectModelResource) -> MaterializeResult:
+                     subject_model: SubjectModelResource):
         def explain_shard(partition_key: str) -> dict:
             coder, shard = coder_and_shard(partition_key)
             root = settings.root
@@ -208,10 +208,10 @@ def explanations_asset(defaults: dict | None = None, explainers: dict[str, type[
                 "path": MetadataValue.path(str(root.explanations_path(coder, shard))),
             }
 
-        return each_shard(context, explain_shard)
+        yield from each_shard(context, explain_shard)
 
     explanations.__annotations__.update(config=Configured, context=AssetExecutionContext, settings=AutointerpSettings, llm=LLMResource,
-                                        embedder=EmbedderResource, subject_model=SubjectModelResource, **{"return": MaterializeResult})
+                                        embedder=EmbedderResource, subject_model=SubjectModelResource)
     return asset(
         name="explanations",
         group_name="autointerp",
@@ -220,6 +220,7 @@ def explanations_asset(defaults: dict | None = None, explainers: dict[str, type[
         code_version=version,
         automation_condition=FOLLOW | CODE_CHANGED,
         backfill_policy=backfill_policy(partitions_per_run),
+        output_required=False,  # a range records each shard itself (`each_shard`)
         pool=LLM_POOL,
         description="One natural-language explanation per latent from the deployment's explainer plugin (optionally best of N), embedded into LanceDB.",
     )(explanations)

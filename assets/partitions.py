@@ -14,9 +14,9 @@ never imports the `Definitions`, which import every asset.
 """
 from __future__ import annotations
 
-from typing import Callable
+from typing import Callable, Iterator
 
-from dagster import BackfillPolicy, DynamicPartitionsDefinition, Failure, MaterializeResult, MetadataValue
+from dagster import AssetMaterialization, BackfillPolicy, DynamicPartitionsDefinition, Failure, MaterializeResult
 
 from storage.activations import shard_count, shard_keys
 
@@ -54,31 +54,30 @@ SHARD_FAILURES = (Failure, FileNotFoundError)
 else (an unreachable endpoint, a wrong key or model: `LLMEndpointError`; a bug) stops the run at once."""
 
 
-def each_shard(context, materialize_shard: Callable[[str], dict]) -> MaterializeResult:
+def each_shard(context, materialize_shard: Callable[[str], dict]) -> Iterator[MaterializeResult]:
     """`materialize_shard(partition_key)` → its metadata, for each partition of the run: one, or a range
-    when the asset's backfill policy puts several shards in a run. In a range, a shard that fails does not
-    stop the others: their tables are written, and the run then fails naming the failed shards (Dagster
-    records a range's outcome as one, so those written are re-run cheaply later: every answer is in the
-    response cache). A range's metadata is every shard's scalar metadata in one table."""
+    when the asset's backfill policy puts several shards in a run (`yield from` it; the assets set
+    `output_required=False`). In a range each shard is recorded as materialized, with its own metadata,
+    as soon as it is written, and a shard that fails does not stop the others; the run then fails naming
+    the failed shards, and the written ones stay recorded (automation moves on with them)."""
     keys = list(context.partition_keys)
     if len(keys) == 1:
-        return MaterializeResult(metadata=materialize_shard(keys[0]))
-    done, failed = {}, {}
+        yield MaterializeResult(metadata=materialize_shard(keys[0]))
+        return
+    code_version = context.assets_def.code_versions_by_key.get(context.asset_key)
+    written, failed = [], {}
     for i, key in enumerate(keys, start=1):
         context.log.info(f"shard {i}/{len(keys)} of this run: {key}")
         try:
-            done[key] = materialize_shard(key)
+            metadata = materialize_shard(key)
         except SHARD_FAILURES as error:
             failed[key] = getattr(error, "description", None) or str(error)
             context.log.error(f"{key} failed: {failed[key]}")
+            continue
+        context.log_event(AssetMaterialization(asset_key=context.asset_key, partition=key, metadata=metadata,
+                                               tags={"dagster/code_version": code_version} if code_version else None))
+        written.append(key)
     if failed:
         listed = "; ".join(f"{key}: {reason[:400]}" for key, reason in failed.items())
-        raise Failure(f"{len(failed)} of {len(keys)} shards of this run failed ({listed}). The other {len(done)} were written: "
-                      f"{', '.join(done) or 'none'}. Fix the failed ones' cause and re-run the range.")
-    plain = lambda value: getattr(value, "value", value)
-    scalars = {key: {name: plain(value) for name, value in metadata.items() if isinstance(plain(value), (int, float, str)) and len(str(plain(value))) <= 120}
-               for key, metadata in done.items()}
-    table = "\n".join(["| shard | " + " | ".join(columns := list(dict.fromkeys(n for row in scalars.values() for n in row))) + " |",
-                       "|---" * (len(columns) + 1) + "|",
-                       *(f"| {key} | " + " | ".join(str(row.get(n, "")) for n in columns) + " |" for key, row in scalars.items())])
-    return MaterializeResult(metadata={"shards": len(keys), "by_shard": MetadataValue.md(table)})
+        raise Failure(f"{len(failed)} of {len(keys)} shards of this run failed ({listed}). The other {len(written)} were written and recorded: "
+                      f"{', '.join(written) or 'none'}. Fix the failed ones' cause and materialize them again.")

@@ -300,11 +300,12 @@ def scorer_asset(scorer: type[Scorer], settings: ScorerSettings, automate: bool,
         code_version=f"{scorer.version}-{settings.digest()}",
         automation_condition=SCORER_AUTOMATION if automate else None,
         backfill_policy=backfill_policy(partitions_per_run),
+        output_required=False,  # a range records each shard itself (`each_shard`)
         pool=SUBJECT_MODEL_POOL if "subject_model" in scorer.uses else LLM_POOL if "llm" in scorer.uses else None,
         required_resource_keys={"settings", *(scorer.uses - {"coder"})},  # the coder comes from the registry
         description=f"{scorer.description} Each latent also scored with {scorer.control_description()}.",
     )
-    def _scores(context: AssetExecutionContext) -> MaterializeResult:
+    def _scores(context: AssetExecutionContext):
         def score_shard(partition_key: str) -> dict:
             coder, shard = coder_and_shard(partition_key)
             resources = context.resources
@@ -346,7 +347,7 @@ def scorer_asset(scorer: type[Scorer], settings: ScorerSettings, automate: bool,
             context.log.info(f"{scorer.name}: {metadata['verdict']}")
             return metadata
 
-        return each_shard(context, score_shard)
+        yield from each_shard(context, score_shard)
 
     return _scores
 

@@ -131,10 +131,15 @@ async def score_partition(scorer: Scorer, exemplars: pd.DataFrame | Path, explan
         where: dict[tuple[int, str], list[int]] = {}
         for i, key in enumerate(zip(rows["latent"].tolist(), rows["split"].tolist())):
             where.setdefault(key, []).append(i)
+
+        def windows(latent: int, split: str, rng) -> list:
+            return examples_of(*([column[i] for i in where.get((latent, split), [])] for column in columns), vocab, rng)
+
         jobs = {}
         for latent in chunk:
             rng = np.random.default_rng([settings.seed, latent])
-            examples, calibration = (examples_of(*([column[i] for i in where.get((latent, split), [])] for column in columns), vocab, rng) for split in ("test", "valid"))
+            examples = windows(latent, "test", rng)
+            calibration = windows(latent, "valid", rng) if scorer.uses_calibration else []  # drawn after the test windows: their marks do not depend on it
             own = Job(text_of[latent], examples, control=False, seed=settings.seed + latent, calibration=calibration, latent=latent)
             control = Job(text_of[control_of[latent]], examples, control=True, seed=settings.seed + latent + 1, calibration=calibration, latent=latent) if latent in control_of else None
             jobs[latent] = (own, control)

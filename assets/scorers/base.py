@@ -162,6 +162,8 @@ class Scorer:
     """Resources it needs: any of 'llm', 'embedder', 'subject_model'; and 'coder' for the partition's coder."""
     control: ClassVar[Literal["shuffled_explanation", "no_intruder"]] = "shuffled_explanation"
     main_metric: ClassVar[str]
+    uses_calibration: ClassVar[bool] = False
+    """Whether `score` reads `job.calibration` (the latent's `valid` windows); built only for scorers that do."""
     version: ClassVar[str] = "1"
     """Bump when the scoring code changes results: it is part of the asset's code version."""
 

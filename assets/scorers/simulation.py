@@ -68,6 +68,7 @@ class Simulation(Scorer):
     Settings = SimulationSettings
     uses = frozenset({"llm"})
     main_metric = "ev_correlation"
+    uses_calibration = True
 
     async def _simulate(self, examples: list[Example], explanation: str) -> list[tuple[Example, np.ndarray | None, str, Asked]]:
         client, top_logprobs = self.deps.llm, self.settings.top_logprobs

@@ -13,7 +13,7 @@ latent: the same seed gives the same windows.
 """
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator, Literal
+from typing import Literal
 
 import numpy as np
 import pandas as pd
@@ -24,7 +24,6 @@ from dagster import (
     AssetsDefinition,
     Config,
     Failure,
-    MaterializeResult,
     MetadataValue,
     asset,
 )
@@ -388,10 +387,6 @@ def read_activations_meta(acts_dir: Path, coder: str) -> dict:
     return meta
 
 
-def _exemplars(context: AssetExecutionContext, config: ExemplarsConfig, settings: AutointerpSettings, embedder: EmbedderResource) -> Iterator[MaterializeResult]:
-    yield from each_shard(context, lambda key: _shard_exemplars(context, key, config, settings, embedder))
-
-
 def _shard_exemplars(context: AssetExecutionContext, partition_key: str, config: ExemplarsConfig, settings: AutointerpSettings, embedder: EmbedderResource) -> dict:
     coder, shard = coder_and_shard(partition_key)
     root = settings.root
@@ -453,7 +448,7 @@ def exemplars_asset(defaults: dict | None = None, partitions_per_run: int = 1) -
     Configured = with_defaults(ExemplarsConfig, defaults or {}, "exemplars")
 
     def exemplars(context: AssetExecutionContext, config, settings: AutointerpSettings, embedder: EmbedderResource):
-        yield from _exemplars(context, config, settings, embedder)
+        yield from each_shard(context, lambda key: _shard_exemplars(context, key, config, settings, embedder))
 
     exemplars.__annotations__.update(config=Configured, context=AssetExecutionContext, settings=AutointerpSettings, embedder=EmbedderResource)
     return asset(

@@ -55,17 +55,21 @@ class Deployment:
     def automated_scorers(self) -> tuple[str, ...]:
         return tuple(self.values.get("automated_scorers", ()))
 
+    def setting(self, name: str):
+        """`[settings] name` of this deployment, else the settings resource's default."""
+        return self.values.get("settings", {}).get(name, getattr(AutointerpSettings(), name))
+
     @property
     def data_dir(self) -> str:
-        return self.values.get("settings", {}).get("data_dir", "data")
+        return self.setting("data_dir")
 
     @property
     def latents_per_shard(self) -> int:
-        return int(self.values.get("settings", {}).get("latents_per_shard", AutointerpSettings().latents_per_shard))
+        return int(self.setting("latents_per_shard"))
 
     @property
     def partitions_per_run(self) -> int:
-        return int(self.values.get("settings", {}).get("partitions_per_run", AutointerpSettings().partitions_per_run))
+        return int(self.setting("partitions_per_run"))
 
     def fail(self, problem: str) -> DeploymentError:
         return DeploymentError(f"{self.path}: {problem}")

@@ -39,8 +39,13 @@ class EmbedderResource(ConfigurableResource):
         return model.encode(texts, batch_size=self.batch_size, normalize_embeddings=True, convert_to_numpy=True)
 
 
+def unit_vectors(vectors) -> np.ndarray:
+    """Rows scaled to length 1 (float32), so that dot products are cosine similarities."""
+    vectors = np.asarray(vectors, np.float32)
+    return vectors / np.maximum(np.linalg.norm(vectors, axis=1, keepdims=True), 1e-12)
+
+
 def explanation_similarity(embed, explanations: list[str], texts: list[str]) -> np.ndarray:
     """Cosine similarity `[len(texts), len(explanations)]` of each text to each explanation, embedded in one call."""
-    vectors = embed(explanations + texts)
-    vectors = vectors / np.maximum(np.linalg.norm(vectors, axis=1, keepdims=True), 1e-12)
+    vectors = unit_vectors(embed(explanations + texts))
     return vectors[len(explanations) :] @ vectors[: len(explanations)].T

@@ -6,6 +6,7 @@ from pydantic import Field
 
 from assets.prompts import plain_text
 from assets.scorers.base import Job, JobResult, Scorer, ScorerSettings, example_row
+from resources.embedder import unit_vectors
 
 
 class EmbeddingSettings(ScorerSettings):
@@ -30,7 +31,7 @@ class Embedding(Scorer):
         found = {t: self._vectors[t] for t in texts if t in self._vectors}
         missing = [t for t in dict.fromkeys(texts) if t not in found]
         if missing:
-            new = dict(zip(missing, unit(await asyncio.to_thread(self.deps.embedder.embed, missing))))
+            new = dict(zip(missing, unit_vectors(await asyncio.to_thread(self.deps.embedder.embed, missing))))
             self._vectors.update(new)
             found.update(new)
         return found
@@ -39,15 +40,14 @@ class Embedding(Scorer):
         """The vectors of these jobs' windows and explanations: a window on the corpus grid is read from
         the contexts table (embedded there as the same text), the rest embedded in one call (full
         batches). Vectors only earlier jobs needed are let go, so memory follows the jobs at hand."""
-        needed = {self.settings.query_prefix + job.explanation: None for job in jobs}
         windows = self.deps.corpus_windows
+        needed = dict.fromkeys(self.settings.query_prefix + job.explanation for job in jobs)
         for example in (e for job in jobs for e in job.examples):
             text = plain_text(example.text)
-            if needed.get(text) is None:
-                found = windows.vector(example.sequence, example.start, example.token_ids) if windows is not None else None
-                needed[text] = unit(found[None])[0] if found is not None else None
-        kept = {text: vector if vector is not None else self._vectors.get(text) for text, vector in needed.items()}
-        self._vectors = {text: vector for text, vector in kept.items() if vector is not None}
+            if text not in needed:
+                needed[text] = windows.vector(example.sequence, example.start, example.token_ids) if windows is not None else None
+        at_hand = {text: self._vectors.get(text) if vector is None else unit_vectors(vector[None])[0] for text, vector in needed.items()}
+        self._vectors = {text: vector for text, vector in at_hand.items() if vector is not None}
         await self._vectors_of(list(needed))
 
     async def score(self, job: Job) -> JobResult:
@@ -55,8 +55,3 @@ class Embedding(Scorer):
         vectors = await self._vectors_of([query] + texts)  # at hand after `prepare`; a job scored without it embeds here
         similarity = np.stack([vectors[t] for t in texts]) @ vectors[query] if texts else np.zeros(0)
         return JobResult([example_row(e, score=float(s)) for e, s in zip(job.examples, similarity)])
-
-
-def unit(vectors: np.ndarray) -> np.ndarray:
-    vectors = np.asarray(vectors, np.float32)
-    return vectors / np.maximum(np.linalg.norm(vectors, axis=1, keepdims=True), 1e-12)

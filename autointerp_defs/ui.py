@@ -5,7 +5,8 @@ for the Dagster installed here. So this starts Dagster's own service commands, t
 deployment runs: `dagster code-server start` (loads `autointerp_defs` once), then
 `dagster-webserver` and `dagster-daemon run` on a workspace that points at it. Ctrl-C (SIGINT, which
 the terminal sends to all of them) or SIGTERM stops the three and waits for them, so nothing is
-left behind.
+left behind. After a Ctrl-C the services, which got it too, are given time to stop on their own
+before they are signalled again: a second SIGINT during a service's shutdown interrupts it midway.
 """
 from __future__ import annotations
 
@@ -19,6 +20,8 @@ from pathlib import Path
 from autointerp_defs.deployments import dagster_home
 
 STOP_TIMEOUT_S = 60
+GROUP_SIGINT_GRACE_S = 30
+"""How long services that got the terminal's Ctrl-C themselves may take to stop before they are sent one."""
 
 
 def free_port() -> int:
@@ -34,9 +37,9 @@ def serve(host: str = "127.0.0.1", port: int = 3000, startup_timeout_s: int = 30
     code_port = free_port()
     workspace = home / "workspace.yaml"
     workspace.write_text(f"load_from:\n  - grpc_server:\n      host: 127.0.0.1\n      port: {code_port}\n      location_name: autointerp_defs\n")
-    stopping = []
+    stopping = []  # the signals received
     for signum in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(signum, lambda *_: stopping.append(True))
+        signal.signal(signum, lambda received, _: stopping.append(received))
     services = [subprocess.Popen([str(bin_dir / "dagster"), "code-server", "start", "-m", "autointerp_defs", "-h", "127.0.0.1", "-p", str(code_port),
                                   "--location-name", "autointerp_defs", "--startup-timeout", str(startup_timeout_s)])]
     try:
@@ -53,6 +56,10 @@ def serve(host: str = "127.0.0.1", port: int = 3000, startup_timeout_s: int = 30
         while not stopping and all(s.poll() is None for s in services):
             time.sleep(0.5)
     finally:
+        if stopping and stopping[0] == signal.SIGINT:
+            grace = time.time() + GROUP_SIGINT_GRACE_S
+            while any(s.poll() is None for s in services) and time.time() < grace:
+                time.sleep(0.2)
         for service in reversed(services):
             if service.poll() is None:
                 service.send_signal(signal.SIGINT)

@@ -21,6 +21,7 @@ from dagster import (
     AssetCheckSeverity,
     AssetCheckSpec,
     AssetExecutionContext,
+    AssetsDefinition,
     BackfillPolicy,
     Config,
     MaterializeResult,
@@ -29,8 +30,9 @@ from dagster import (
 )
 from pydantic import Field
 
-from assets.automation import FOLLOW, SUBJECT_MODEL_POOL
+from assets.automation import CODE_CHANGED, FOLLOW, SUBJECT_MODEL_POOL
 from assets.partitions import DEFAULT_LATENTS_PER_SHARD, coders_of, shard_partitions
+from assets.stage_config import Models
 from resources.settings import AutointerpSettings
 from resources.sparse_coders import SparseCode, SparseCoder, coder_fingerprint, load_registered
 from resources.subject_model import SubjectModelResource, resolve_hookpoint
@@ -185,7 +187,8 @@ def _cache_activations(coders: list[SparseCoder], subject_model: SubjectModelRes
         resolve_hookpoint(lm, coder.hookpoint)
     caches, metas = [], {}
     for coder in coders:
-        identity = {"corpus_hash": corpus.meta["hash"], "coder": coder_fingerprint(root.registry_dir, coder.key), "latents_per_shard": latents_per_shard, "skip_bos": skip_bos}
+        identity = {"corpus_hash": corpus.meta["hash"], "coder": coder_fingerprint(root.registry_dir, coder.key), "latents_per_shard": latents_per_shard, "skip_bos": skip_bos,
+                    "subject_model": subject_model.identity()}  # another model with the same tokenizer must not reuse these pairs
         done = read_cache_meta(root.activations_dir(coder.key))
         if done is not None and done.get("identity") == identity:  # another shard of this coder was cached already
             if log:
@@ -243,6 +246,7 @@ def _cache_activations(coders: list[SparseCoder], subject_model: SubjectModelRes
             "n_shards": cache.writer.n_shards,
             "corpus_hash": corpus.meta["hash"],
             "coder_fingerprint": cache.identity["coder"],
+            "subject_model": cache.identity["subject_model"],
             "identity": cache.identity,
             "fvu": cache.fvu.value,
             "sequences_forwarded_this_run": forwarded,
@@ -265,18 +269,27 @@ def coder_problems(meta: dict) -> list[str]:
     return problems
 
 
-@asset(
-    group_name="autointerp",
-    partitions_def=shard_partitions,
-    backfill_policy=BackfillPolicy.single_run(),
-    deps=["corpus"],
-    code_version="2",
-    automation_condition=FOLLOW,
-    pool=SUBJECT_MODEL_POOL,
-    check_specs=[AssetCheckSpec("coder_health", asset="activations", blocking=True, description="Fails on a broken coder: all latents dead, or FVU > 1 or not finite; blocks everything downstream.")],
-    description="Sparse activations of each coder over the corpus, sharded over the latent range; all coders of a run share one forward pass.",
-)
-def activations(
+ACTIVATIONS_VERSION = "2"
+
+
+def activations_asset(models: Models = Models()) -> AssetsDefinition:
+    """The `activations` asset; its code version names the deployment's subject model, so another model
+    (or dtype) re-caches every coder and re-runs everything below."""
+    return asset(
+        name="activations",
+        group_name="autointerp",
+        partitions_def=shard_partitions,
+        backfill_policy=BackfillPolicy.single_run(),
+        deps=["corpus"],
+        code_version=ACTIVATIONS_VERSION + models.version_part("subject_model"),
+        automation_condition=FOLLOW | CODE_CHANGED,
+        pool=SUBJECT_MODEL_POOL,
+        check_specs=[AssetCheckSpec("coder_health", asset="activations", blocking=True, description="Fails on a broken coder: all latents dead, or FVU > 1 or not finite; blocks everything downstream.")],
+        description="Sparse activations of each coder over the corpus, sharded over the latent range; all coders of a run share one forward pass.",
+    )(_activations)
+
+
+def _activations(
     context: AssetExecutionContext,
     config: ActivationsConfig,
     settings: AutointerpSettings,
@@ -298,6 +311,7 @@ def activations(
         "dead_fraction": MetadataValue.float(round(float(table["dead_fraction"].mean()), 4)),
         "mean_l0": MetadataValue.float(round(float(table["mean_l0"].mean()), 2)),
         "tokens_per_second": MetadataValue.float(round(float(next(iter(metas.values()))["tokens_per_second"]), 1)),
+        "subject_model": subject_model.identity(),
     }
     if len(metas) == 1 and table["fvu"].iloc[0] is not None:
         metadata["fvu"] = MetadataValue.float(round(float(table["fvu"].iloc[0]), 4))
@@ -308,3 +322,6 @@ def activations(
         metadata={key: "; ".join(found) or "healthy" for key, found in problems.items()},
     )
     return MaterializeResult(metadata=metadata, check_results=[check])
+
+
+activations = activations_asset()

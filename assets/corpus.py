@@ -17,7 +17,7 @@ from dagster import AssetExecutionContext, AssetsDefinition, Config, DataVersion
 from pydantic import Field
 
 from assets.automation import CODE_CHANGED
-from assets.stage_config import settings_digest, with_defaults
+from assets.stage_config import Models, settings_digest, with_defaults
 from resources.settings import AutointerpSettings
 from resources.subject_model import SubjectModelResource
 from storage.corpus import write_corpus
@@ -184,6 +184,7 @@ def _corpus(
             "sequences": meta["n_sequences"],
             "content_hash": meta["hash"],
             "source": meta["source"],
+            "tokenizer": subject_model.tokenizer_identity(),
             "path": MetadataValue.path(str(settings.root.corpus_dir)),
         },
         data_version=DataVersion(meta["hash"]),
@@ -193,8 +194,10 @@ def _corpus(
 CORPUS_VERSION = "1"
 
 
-def corpus_asset(defaults: dict | None = None) -> AssetsDefinition:
-    """The `corpus` asset of a deployment: `defaults` are its [corpus] table (part of the code version)."""
+def corpus_asset(defaults: dict | None = None, models: Models = Models()) -> AssetsDefinition:
+    """The `corpus` asset of a deployment: `defaults` are its [corpus] table and the subject model's
+    weights (its tokenizer) are part of the code version. Re-tokenizing into the same tokens keeps the
+    data version (the content hash), so only a new tokenizer's tokens make the stages below stale."""
     Configured = with_defaults(CorpusConfig, defaults or {}, "corpus")
 
     def corpus(context: AssetExecutionContext, config, settings: AutointerpSettings, subject_model: SubjectModelResource) -> MaterializeResult:
@@ -202,5 +205,5 @@ def corpus_asset(defaults: dict | None = None) -> AssetsDefinition:
 
     corpus.__annotations__.update(config=Configured, context=AssetExecutionContext, settings=AutointerpSettings,
                                   subject_model=SubjectModelResource, **{"return": MaterializeResult})
-    return asset(name="corpus", group_name="autointerp", code_version=f"{CORPUS_VERSION}-{settings_digest(Configured())}", automation_condition=CODE_CHANGED,
+    return asset(name="corpus", group_name="autointerp", code_version=f"{CORPUS_VERSION}-{settings_digest(Configured())}{models.version_part('tokenizer')}", automation_condition=CODE_CHANGED,
                  description="Tokenized fixed-length sequences of the corpus, stored once with a content hash.")(corpus)

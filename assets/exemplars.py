@@ -32,7 +32,7 @@ from pydantic import Field
 from assets.automation import CODE_CHANGED, FOLLOW
 from assets.partitions import backfill_policy, coder_and_shard, each_shard, shard_partitions
 from assets.prompts import corpus_prompt_vocab, window_embedding, window_text
-from assets.stage_config import settings_digest, with_defaults
+from assets.stage_config import Models, settings_digest, with_defaults
 from resources.embedder import EmbedderResource
 from resources.settings import AutointerpSettings
 from resources.sparse_coders import SparseCoder, coder_fingerprint, load_registered
@@ -436,6 +436,8 @@ def _shard_exemplars(context: AssetExecutionContext, partition_key: str, config:
         "latents_with_exemplars": len(profiles),
         "windows": n_windows,
         **{f"windows_{kind}": int(n) for kind, n in counts.items()},
+        "subject_model": meta.get("subject_model", "not recorded (cached before models were recorded)"),
+        **({"embedder": embedder.identity()} if "embedding" in config.non_activating_sources else {}),
         "path": MetadataValue.path(str(root.exemplars_path(coder, shard))),
     }
 
@@ -443,9 +445,11 @@ def _shard_exemplars(context: AssetExecutionContext, partition_key: str, config:
 EXEMPLARS_VERSION = "3"  # 3: hard negatives from windows embedded as `window_text` renders them
 
 
-def exemplars_asset(defaults: dict | None = None, partitions_per_run: int = 1) -> AssetsDefinition:
-    """The `exemplars` asset of a deployment: `defaults` are its [exemplars] table (part of the code version)."""
+def exemplars_asset(defaults: dict | None = None, partitions_per_run: int = 1, models: Models = Models()) -> AssetsDefinition:
+    """The `exemplars` asset of a deployment: `defaults` are its [exemplars] table (part of the code version),
+    and so is the embedder when it picks hard negatives."""
     Configured = with_defaults(ExemplarsConfig, defaults or {}, "exemplars")
+    uses_embedder = "embedding" in Configured().non_activating_sources
 
     def exemplars(context: AssetExecutionContext, config, settings: AutointerpSettings, embedder: EmbedderResource):
         yield from each_shard(context, lambda key: _shard_exemplars(context, key, config, settings, embedder))
@@ -456,7 +460,7 @@ def exemplars_asset(defaults: dict | None = None, partitions_per_run: int = 1) -
         group_name="autointerp",
         partitions_def=shard_partitions,
         deps=[AssetDep("activations")],
-        code_version=f"{EXEMPLARS_VERSION}-{settings_digest(Configured())}",
+        code_version=f"{EXEMPLARS_VERSION}-{settings_digest(Configured())}{models.version_part('embedder') if uses_embedder else ''}",
         automation_condition=FOLLOW | CODE_CHANGED,
         backfill_policy=backfill_policy(partitions_per_run),
         output_required=False,  # a range records each shard itself (`each_shard`)

@@ -23,7 +23,7 @@ from assets.explainers import EXPLAINERS, Explainer, ExplainerDeps, LatentRecord
 from assets.partitions import backfill_policy, coder_and_shard, each_shard, shard_partitions
 from assets.prompts import corpus_prompt_vocab, plain_text
 from assets.score_metrics import roc_auc
-from assets.stage_config import problems, settings_digest, with_defaults
+from assets.stage_config import Models, problems, settings_digest, with_defaults
 from assets.work import ChunkLoader, nothing_succeeded, selected_latents, stream_latents
 from resources.embedder import EmbedderResource, explanation_similarity
 from resources.llm import BudgetExceeded, LLMEndpointError, LLMResource, ProductionClient
@@ -66,7 +66,7 @@ async def ask_explanation(client: ProductionClient, explainer: Explainer, messag
 
 async def explain_latent(explainer: Explainer, config: ExplanationsConfig, record: LatentRecord, embed) -> dict:
     client = explainer.deps.llm
-    row = {"latent": record.latent, "explainer": explainer.name, "model": client.model_name, "prompt_tokens": 0, "completion_tokens": 0,
+    row = {"latent": record.latent, "explainer": explainer.name, "model": client.identity, "prompt_tokens": 0, "completion_tokens": 0,
            "error": "", "explanation": "", "status": "failed", "candidates": [], "candidate_scores": [], "examples_dropped": 0}
     try:
         messages, dropped = explainer.prompt(record, config.max_tokens)
@@ -155,15 +155,19 @@ EXPLANATIONS_VERSION = "3"
 """Bump when this stage's own code changes results; each explainer has its own `version` too."""
 
 
-def explanations_asset(defaults: dict | None = None, explainers: dict[str, type[Explainer]] | None = None, partitions_per_run: int = 1) -> AssetsDefinition:
-    """The `explanations` asset of a deployment: `defaults` are its [explanations] table."""
+def explanations_asset(defaults: dict | None = None, explainers: dict[str, type[Explainer]] | None = None, partitions_per_run: int = 1,
+                       models: Models = Models()) -> AssetsDefinition:
+    """The `explanations` asset of a deployment: `defaults` are its [explanations] table. Its code version
+    names the explainer model and the other models the explanations depend on (the subject model for
+    output-side explainers, the embedder that picks the best of N)."""
     explainers = explainers or EXPLAINERS
     Configured = with_defaults(ExplanationsConfig, defaults or {}, "explanations")
     chosen = Configured()
     if chosen.explainer not in explainers:
         raise ValueError(f"[explanations] explainer = {chosen.explainer!r} is not an explainer. Fix: use one of {sorted(explainers)}.")
     make_explainer(chosen, explainers, ExplainerDeps(llm=None))  # checks its settings now
-    version = f"{EXPLANATIONS_VERSION}-{explainers[chosen.explainer].version}-{settings_digest(chosen)}"
+    roles = ["explainer", *(["subject_model"] if "subject_model" in explainers[chosen.explainer].uses else []), *(["embedder"] if chosen.best_of_n > 1 else [])]
+    version = f"{EXPLANATIONS_VERSION}-{explainers[chosen.explainer].version}-{settings_digest(chosen)}{models.version_part(*roles)}"
 
     def explanations(context: AssetExecutionContext, config, settings: AutointerpSettings, llm: LLMResource, embedder: EmbedderResource,
                      subject_model: SubjectModelResource):
@@ -174,13 +178,13 @@ def explanations_asset(defaults: dict | None = None, explainers: dict[str, type[
             latent_stats = pd.read_parquet(root.latent_profiles_path(coder, shard)) if root.latent_profiles_path(coder, shard).exists() else None
             latents = selected_latents(exemplars, settings.max_latents_per_shard)
             context.log.info(f"explaining {len(latents)} latents of {coder} shard {shard} with {llm.backend} ({config.explainer}, best of {config.best_of_n})")
-            client = llm.client(root.llm_cache_dir)
+            client = llm.client(root.llm_cache_dir, role="explainer")
             uses = explainers[config.explainer].uses if config.explainer in explainers else frozenset()
             deps = ExplainerDeps(llm=client, subject_model=subject_model if "subject_model" in uses else None,
                                  coder=load_registered(root.registry_dir, coder) if "coder" in uses and latents else None)
             explainer = make_explainer(config, explainers, deps)
             exemplars_fingerprint = file_fingerprint(root.exemplars_path(coder, shard))
-            journal = Journal(root.explanations_path(coder, shard), f"{version}|{settings_digest(config)}|{llm.model_id()}|{exemplars_fingerprint}")
+            journal = Journal(root.explanations_path(coder, shard), f"{version}|{settings_digest(config)}|{client.identity}|{exemplars_fingerprint}")
             frame = asyncio.run(explain_all(explainer, config, exemplars, latent_stats, latents, corpus_prompt_vocab(load_corpus(root)), embedder.embed,
                                             context.log.info, coder, journal))
             frame["exemplars_fingerprint"] = exemplars_fingerprint  # what the scorers check they score against
@@ -198,6 +202,9 @@ def explanations_asset(defaults: dict | None = None, explainers: dict[str, type[
             return {
                 **({} if latents else {"note": "empty shard: no explainable latent, nothing asked"}),
                 "settings": MetadataValue.json(config.model_dump()),
+                "explainer_model": client.identity,
+                "embedder": embedder.identity(),  # the search vectors' (and best-of-N's) model
+                **({"subject_model": subject_model.identity()} if "subject_model" in uses else {}),
                 "explained": len(ok),
                 "failed": int((frame["status"] == "failed").sum()),
                 "stopped_by_budget": budget_stopped,

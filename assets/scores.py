@@ -39,11 +39,12 @@ from assets.prompts import corpus_prompt_vocab, window_embedding
 from assets.score_metrics import control_assignment, example_metrics, no_control_reason, predictions_of, verdict
 from assets.scorers import Job, JobResult, Scorer, ScorerDeps, ScorerSettings
 from assets.scorers.base import CONTROLS, EXAMPLE_COLUMNS, examples_of
+from assets.stage_config import SCORER_ROLES, Models
 from resources.sparse_coders import load_registered
 from storage.corpus import load_corpus
 from storage.journal import Journal
 from storage.vector_store import CorpusWindows
-from storage.tables import SCORE_METRICS, empty_table, existing_table, file_fingerprint, latents_in, read_table, refuse_emptier, rows_for_latents, write_table
+from storage.tables import SCORE_METRICS, empty_table, existing_table, explanation_hash, file_fingerprint, latents_in, read_table, refuse_emptier, rows_for_latents, write_table
 
 EMPTY_SHARD = "empty shard: no explainable latent"
 
@@ -78,7 +79,8 @@ def scored_latents(scorer: Scorer, exemplars: pd.DataFrame | Path, explanations:
     return dict(sorted(zip(ok["latent"].astype(int), ok["explanation"])))
 
 
-def latent_row(main_metric: str, latent: int, explanation, control_explanation, own: JobResult, control: JobResult | None, control_note: str = "") -> dict:
+def latent_row(main_metric: str, latent: int, explanation, control_explanation, own: JobResult, control: JobResult | None, control_note: str = "",
+               models: str = "") -> dict:
     def metrics(result: JobResult | None) -> dict:
         if result is None:
             return {m: np.nan for m in SCORE_METRICS} | {"quantile_accuracy": {}}
@@ -101,6 +103,8 @@ def latent_row(main_metric: str, latent: int, explanation, control_explanation, 
         "n_dropped": sum(r.dropped for r in results),
         "failures": json.dumps([reason for r in results for reason in r.failures]),
         "prompt_tokens": sum(r.prompt_tokens for r in results),
+        "explanation_hash": explanation_hash(explanation),
+        "models": models,
     }
 
 
@@ -152,7 +156,8 @@ async def score_partition(scorer: Scorer, exemplars: pd.DataFrame | Path, explan
         own_job, control_job = await loader.take(latent)
         own, control = await asyncio.gather(scorer.score(own_job), scorer.score(control_job) if control_job is not None else _none())
         note = "" if latent in control_of else no_control_reason(len(text_of))
-        row = latent_row(scorer.main_metric, latent, text_of[latent], text_of.get(control_of.get(latent)) if scorer.uses_explanation else None, own, control, note)
+        row = latent_row(scorer.main_metric, latent, text_of[latent], text_of.get(control_of.get(latent)) if scorer.uses_explanation else None, own, control, note,
+                         scorer.deps.models)
         example_rows = []
         for source, result in (("explanation", own), ("control", control)):
             if result is not None and result.rows:
@@ -293,8 +298,10 @@ def scorer_metadata(scorer: type[Scorer], settings: ScorerSettings, frame: pd.Da
 # ---- the assets -----------------------------------------------------------------------------------
 
 
-def scorer_asset(scorer: type[Scorer], settings: ScorerSettings, automate: bool, partitions_per_run: int = 1) -> AssetsDefinition:
-    """The asset of one scorer; its code version is the scorer's version plus the hash of its settings."""
+def scorer_asset(scorer: type[Scorer], settings: ScorerSettings, automate: bool, partitions_per_run: int = 1, models: Models = Models()) -> AssetsDefinition:
+    """The asset of one scorer; its code version is the scorer's version, the hash of its settings and the
+    identities of the models it uses (the judge, the embedder, the subject model)."""
+    roles = [SCORER_ROLES[use] for use in sorted(scorer.uses) if use in SCORER_ROLES]
     deps = [AssetDep("exemplars")] + ([AssetDep("explanations")] if scorer.control == "shuffled_explanation" else [])
 
     @asset(
@@ -302,7 +309,7 @@ def scorer_asset(scorer: type[Scorer], settings: ScorerSettings, automate: bool,
         group_name="scores",
         partitions_def=shard_partitions,
         deps=deps,
-        code_version=f"{scorer.version}-{settings.digest()}",
+        code_version=f"{scorer.version}-{settings.digest()}{models.version_part(*roles)}",
         automation_condition=SCORER_AUTOMATION if automate else None,
         backfill_policy=backfill_policy(partitions_per_run),
         output_required=False,  # a range records each shard itself (`each_shard`)
@@ -315,9 +322,12 @@ def scorer_asset(scorer: type[Scorer], settings: ScorerSettings, automate: bool,
             coder, shard = coder_and_shard(partition_key)
             resources = context.resources
             root = resources.settings.root
-            client = resources.llm.client(root.llm_cache_dir) if "llm" in scorer.uses else None
+            client = resources.llm.client(root.llm_cache_dir, role="judge") if "llm" in scorer.uses else None
             corpus = load_corpus(root)
-            deps = ScorerDeps(llm=client, embedder=resources.embedder if "embedder" in scorer.uses else None,
+            used = {"judge": client.identity if client else "", "embedder": resources.embedder.identity() if "embedder" in scorer.uses else "",
+                    "subject_model": resources.subject_model.identity() if "subject_model" in scorer.uses else ""}
+            named = "; ".join(f"{role}={identity}" for role, identity in used.items() if identity)
+            deps = ScorerDeps(llm=client, models=named, embedder=resources.embedder if "embedder" in scorer.uses else None,
                               corpus_windows=CorpusWindows(root.lancedb_dir, corpus.meta["hash"], corpus.tokens, window_embedding(resources.embedder.model)) if "embedder" in scorer.uses else None,
                               subject_model=resources.subject_model if "subject_model" in scorer.uses else None,
                               coder=load_registered(root.registry_dir, coder) if "coder" in scorer.uses else None,
@@ -334,7 +344,7 @@ def scorer_asset(scorer: type[Scorer], settings: ScorerSettings, automate: bool,
             max_latents = resources.settings.max_latents_per_shard
             explanations_path = root.explanations_path(coder, shard)
             fingerprints = "|".join([exemplars_fingerprint, *([file_fingerprint(explanations_path)] if explanations_path.exists() else [])])
-            journal = Journal(root.scores_path(coder, shard, scorer.name), f"{scorer.version}|{settings.digest()}|{resources.llm.model_id() if client else ''}|{fingerprints}",
+            journal = Journal(root.scores_path(coder, shard, scorer.name), f"{scorer.version}|{settings.digest()}|{named}|{fingerprints}",
                               parts=("examples", "scores"))
             frame, examples = asyncio.run(score_partition(judge, exemplars, explanations, corpus_prompt_vocab(corpus), max_latents, context.log.info, journal))
             if len(frame) and frame["n_failed"].sum() > 0 and (frame["n_scored"].fillna(0) + frame["control_n_scored"].fillna(0)).sum() == 0:
@@ -345,6 +355,7 @@ def scorer_asset(scorer: type[Scorer], settings: ScorerSettings, automate: bool,
             write_table(examples, root.scored_examples_path(coder, shard, scorer.name), "scored_examples")
             journal.discard()
             metadata = scorer_metadata(scorer, settings, frame, examples)
+            metadata.update({f"{role}_model" if role == "judge" else role: identity for role, identity in used.items() if identity})
             if not latents_in(exemplars):
                 metadata["verdict"] = EMPTY_SHARD
             if client is not None:
@@ -363,22 +374,43 @@ def scored_shards(root, coder: str) -> list[str]:
     return sorted(p.name for p in folder.iterdir() if p.is_dir()) if folder.is_dir() else []
 
 
+STALE = "stale: scored an earlier explanation"
+
+
+def current_explanations(root, coder: str, shard: str) -> dict[int, str]:
+    """Latent → the explanation the explanations table holds now (status ok)."""
+    path = root.explanations_path(coder, shard)
+    if not path.exists():
+        return {}
+    table = pd.read_parquet(path, columns=["latent", "explanation", "status"])
+    ok = table[table["status"] == "ok"]
+    return dict(zip(ok["latent"].astype(int), ok["explanation"]))
+
+
 def summary_table(root, coder: str, scorers: dict[str, type[Scorer]]) -> pd.DataFrame:
-    """One row per scored latent of `coder` (all shards): each scorer's main metric, its control and the gap."""
+    """One row per scored latent of `coder` (all shards): each scorer's main metric, its control and the gap,
+    beside the latent's current explanation. A score made with another explanation (a scorer not re-run
+    after a re-explain) is not shown as the latent's: its columns are NaN and `stale` names the scorer."""
     parts = []
-    for name, scorer in scorers.items():
-        main = scorer.main_metric
-        for shard in scored_shards(root, coder):
+    for shard in scored_shards(root, coder):
+        current = current_explanations(root, coder, shard)
+        for name, scorer in scorers.items():
+            main = scorer.main_metric
             path = root.scores_path(coder, shard, name)
             frame = pd.read_parquet(path) if path.exists() else pd.DataFrame()
-            if len(frame):  # an empty shard adds nothing
-                parts.append(pd.DataFrame({"latent": frame["latent"], "shard": shard, "scorer": name, "explanation": frame["explanation"],
-                                           "score": frame[main], "control": frame[f"control_{main}"], "gap": frame["gap"]}))
+            if not len(frame):  # an empty shard adds nothing
+                continue
+            latents = frame["latent"].astype(int)
+            stale = frame["explanation"].ne(latents.map(current).fillna("")) if scorer.control == "shuffled_explanation" else pd.Series(False, index=frame.index)
+            parts.append(pd.DataFrame({"latent": latents, "shard": shard, "scorer": name, "explanation": latents.map(current).fillna(frame["explanation"]),
+                                       "score": frame[main].mask(stale), "control": frame[f"control_{main}"].mask(stale), "gap": frame["gap"].mask(stale),
+                                       "stale": stale}))
     if not parts:
         return empty_table("score_summary")
     long = pd.concat(parts, ignore_index=True)
     explanation = long[long["explanation"] != ""].groupby("latent")["explanation"].first()
-    wide = long.pivot_table(index=["latent", "shard"], columns="scorer", values=["score", "control", "gap"], aggfunc="first")
+    stale = long[long["stale"]].groupby("latent")["scorer"].agg(lambda names: f"{STALE} ({', '.join(sorted(names))})")
+    wide = long.set_index(["latent", "shard", "scorer"])[["score", "control", "gap"]].unstack("scorer")  # keeps a row whose every score is stale
     wide.columns = [name if kind == "score" else f"{name}_{kind}" for kind, name in wide.columns]
     for name in long["scorer"].unique():  # a column that is all NaN (e.g. no control with one latent) is still a column
         for column in (name, f"{name}_control", f"{name}_gap"):
@@ -388,6 +420,7 @@ def summary_table(root, coder: str, scorers: dict[str, type[Scorer]]) -> pd.Data
     wide.insert(2, "explanation", wide["latent"].map(explanation).fillna(""))
     gaps = [c for c in wide.columns if c.endswith("_gap")]
     wide["mean_gap"] = wide[gaps].mean(axis=1)
+    wide["stale"] = wide["latent"].map(stale).fillna("")
     return wide
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from dataclasses import dataclass
 
 from pydantic import BaseModel, Field, ValidationError, create_model
 
@@ -35,3 +36,33 @@ def settings_digest(*settings: BaseModel | dict) -> str:
     """Short hash of settings values: part of a code version, so a changed value makes the asset stale."""
     values = [s.model_dump() if isinstance(s, BaseModel) else s for s in settings]
     return hashlib.sha256(json.dumps(values, sort_keys=True, default=str).encode()).hexdigest()[:10]
+
+
+@dataclass(frozen=True)
+class Models:
+    """The models of a deployment, each named by its resource's `identity()`: they define results as much
+    as the stage tables do. Each stage's code version carries the identities of the models it uses
+    (`version_part`), so changing the judge re-runs only the LLM scorers, the explainer model the
+    explanations and everything scored from them, the subject model the corpus, the activations and
+    everything below; endpoint, key, concurrency and timeouts are in no identity and re-run nothing."""
+
+    subject_model: str = ""
+    """Weights and dtype: what the activations are computed by."""
+    tokenizer: str = ""
+    """The subject model's weights without the dtype: what the corpus is tokenized by."""
+    explainer: str = ""
+    judge: str = ""
+    embedder: str = ""
+
+    def used(self, *roles: str) -> dict[str, str]:
+        """The identities of `roles` (empty ones left out: a stage built without a deployment's models)."""
+        return {role: getattr(self, role) for role in roles if getattr(self, role)}
+
+    def version_part(self, *roles: str) -> str:
+        """The code-version suffix for the models of `roles`: empty when none is known."""
+        used = self.used(*roles)
+        return f"-m{settings_digest(used)}" if used else ""
+
+
+SCORER_ROLES = {"llm": "judge", "embedder": "embedder", "subject_model": "subject_model"}
+"""A scorer's `uses` → the model role it names in results."""

@@ -6,11 +6,12 @@ from __future__ import annotations
 
 from dagster import AssetSelection, AutomationConditionSensorDefinition, DefaultSensorStatus, Definitions, define_asset_job
 
-from assets.activations import activations
+from assets.activations import activations_asset
 from assets.corpus import corpus_asset
 from assets.exemplars import exemplars_asset
 from assets.explanations import explanations_asset
 from assets.scores import scorer_asset, scorer_key, summary_asset
+from assets.stage_config import Models
 from autointerp_defs.deployments import Deployment, DeploymentError, load_deployment
 from autointerp_defs.sensors import registry_sensor
 
@@ -22,16 +23,26 @@ automation_sensor = AutomationConditionSensorDefinition(
 )
 
 
+def models_of(resources: dict) -> Models:
+    """The identity of every model a deployment's resources name: part of the code versions of the stages they shape."""
+    subject, llm = resources["subject_model"], resources["llm"]
+    return Models(subject_model=subject.identity(), tokenizer=subject.tokenizer_identity(), explainer=llm.identity("explainer"),
+                  judge=llm.identity("judge"), embedder=resources["embedder"].identity())
+
+
 def definitions_for(deployment: Deployment) -> Definitions:
     settings = deployment.scorer_settings()
     automated = deployment.automated_scorers
     per_run = deployment.partitions_per_run
+    resources = deployment.resources()
+    models = models_of(resources)
     try:
-        stages = [corpus_asset(deployment.stage("corpus")), activations, exemplars_asset(deployment.stage("exemplars"), per_run),
-                  explanations_asset(deployment.stage("explanations"), deployment.explainers, per_run)]
+        stages = [corpus_asset(deployment.stage("corpus"), models), activations_asset(models), exemplars_asset(deployment.stage("exemplars"), per_run, models),
+                  explanations_asset(deployment.stage("explanations"), deployment.explainers, per_run, models)]
     except ValueError as error:
         raise DeploymentError(f"{deployment.path}: {error}") from None
-    scorer_assets = [scorer_asset(scorer, settings[name], automate=name in automated, partitions_per_run=per_run) for name, scorer in deployment.scorers.items()]
+    scorer_assets = [scorer_asset(scorer, settings[name], automate=name in automated, partitions_per_run=per_run, models=models)
+                     for name, scorer in deployment.scorers.items()]
     explain_and_score = define_asset_job(
         "explain_and_score",
         selection=AssetSelection.assets("exemplars", "explanations", *(scorer_key(name) for name in automated)),
@@ -41,7 +52,7 @@ def definitions_for(deployment: Deployment) -> Definitions:
         assets=[*stages, *scorer_assets, summary_asset(deployment.scorers)],
         sensors=[registry_sensor, automation_sensor],
         jobs=[explain_and_score],
-        resources=deployment.resources(),
+        resources=resources,
     )
 
 

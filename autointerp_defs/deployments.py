@@ -2,10 +2,12 @@
 (local, remote, gpu) or any path, chosen by `$AUTOINTERP_DEPLOYMENT` (default `local`).
 
 Nothing else in the code base reads `os.environ`: the API key is named here (`[llm] api_key_env`)
-and resolved by Dagster (`EnvVar`) at run time. Stage tables ([corpus], [exemplars],
-[explanations], [scorers.<name>]) define results and go into code versions; resource tables
-([settings], [subject_model], [llm], [embedder]) are operational knobs. A missing or bad value
-stops here with a message naming the key and the file.
+and read through Dagster's `EnvVar` when a run makes its client. What defines results goes into
+code versions: the stage tables ([corpus], [exemplars], [explanations], [scorers.<name>]) and the
+models (`Models`: subject model, explainer, judge, embedder). Everything else in the resource tables
+(endpoint URL, key variable, concurrency, timeouts, devices, batch sizes, data root) is an
+operational knob that re-runs nothing. A missing or bad value stops here with a message naming the
+key and the file.
 """
 from __future__ import annotations
 
@@ -14,14 +16,13 @@ import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from dagster import EnvVar
 from pydantic import ValidationError
 
 from assets.explainers import explainer_classes
 from assets.scorers import scorer_classes, scorer_settings
 from assets.stage_config import problems
 from resources.embedder import EmbedderResource
-from resources.llm import LLMResource
+from resources.llm import ROLES, LLMResource
 from resources.settings import AutointerpSettings
 from resources.subject_model import SubjectModelResource
 
@@ -96,15 +97,32 @@ class Deployment:
         return built
 
     def _llm_values(self, values: dict) -> dict:
-        """The key's variable becomes a Dagster `EnvVar` (resolved at run time, never shown), and the
-        errors name where the user sets the key and the model."""
-        variable = values.pop("api_key_env", None)
-        if values.get("backend", "embedded") == "openai":
-            values.setdefault("model_setting", f"[llm] model in {self.path}")
-            if variable:
-                present = variable in os.environ
-                values["api_key"] = EnvVar(variable) if present else None  # local servers need no key
-                values.setdefault("key_setting", f"the environment variable {variable} (named by [llm] api_key_env in {self.path})" + ("" if present else f"; {variable} is not set"))
+        """`[llm]` with its role tables (`[llm.explainer]`, `[llm.judge]`), each checked now; the errors name
+        where the user sets the key and the model. The key's variable is read when a run makes its client,
+        so setting it after the definitions loaded works, and its value is never part of the definitions."""
+        values = self._llm_role_values(values, "llm", values)
+        for role in ROLES:
+            if role in values:
+                table = f"llm.{role}"
+                if not isinstance(values[role], dict):
+                    raise self.fail(f"[{table}] must be a table of [llm] settings. Fix: write it as [{table}] with keys such as model.")
+                overrides = self._llm_role_values(dict(values[role]), table, {**values, **values[role]})
+                if unknown := set(overrides) - set(LLMResource.model_fields) | set(overrides) & set(ROLES):
+                    raise self.fail(f"[{table}] has unknown key(s) {sorted(unknown)}. Fix: use [llm] settings only: {sorted(set(LLMResource.model_fields) - set(ROLES))}.")
+                try:
+                    LLMResource(**{**{key: value for key, value in values.items() if key not in ROLES}, **overrides})
+                except ValidationError as error:
+                    raise self.fail(f"{problems(error, table)}. Fix: give each key a value of its type.") from None
+                values[role] = overrides
+        return values
+
+    def _llm_role_values(self, values: dict, table: str, effective: dict) -> dict:
+        """Where the user sets a role's key and model (named in errors), for the table that sets them."""
+        if effective.get("backend", "embedded") == "openai":
+            if "model" in values or table == "llm":
+                values.setdefault("model_setting", f"[{table}] model in {self.path}")
+            if "api_key_env" in values:
+                values.setdefault("key_setting", f"the environment variable {values['api_key_env']} (named by [{table}] api_key_env in {self.path})")
         return values
 
 

@@ -9,6 +9,7 @@ from dagster import ConfigurableResource
 from pydantic import Field
 
 from resources.engines import engine
+from storage.identity import content_digest
 
 EMBEDDED = "embedded"
 
@@ -33,6 +34,14 @@ class EmbedderResource(ConfigurableResource):
     model: str = Field(default=EMBEDDED, description="'embedded' (all-MiniLM-L6-v2) or any sentence-transformers model id/path.")
     device: str = Field(default="cpu", description="torch device.")
     batch_size: int = Field(default=64, description="Texts per encode batch.")
+
+    def identity(self) -> str:
+        """What names the embedder in results: the embedded model or a local folder by content, a hub id by
+        name. Vectors of different embedders never share a table or a score."""
+        if self.model == EMBEDDED:
+            return f"all-MiniLM-L6-v2@{content_digest(embedded_minilm_path())}"
+        path = Path(self.model).expanduser()
+        return f"{self.model}@{content_digest(path)}" if path.exists() else self.model
 
     def embed(self, texts: list[str]) -> np.ndarray:
         model = _sentence_transformer(self.model, self.device)

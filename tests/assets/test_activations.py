@@ -176,3 +176,23 @@ def test_a_second_cache_of_the_same_coder_stops_at_once_with_the_holder(register
     finally:
         os.killpg(first.pid, signal.SIGKILL)
         first.wait(timeout=30)
+
+
+def test_another_subject_model_never_reuses_the_cached_activations(registered, subject):
+    """The cache names the model that made it: a model with the same tokenizer (here the same weights in
+    another dtype) re-caches instead of silently reusing another model's activations."""
+    from resources.subject_model import SubjectModelResource
+
+    root = DataRoot.at(registered)
+    build_corpus(CorpusConfig(**TINY_CORPUS_CONFIG), subject.tokenizer(), root)
+    coder = load_registered(root.registry_dir, TINY_CODER)
+    first = cache_activations([coder], subject, root, latents_per_shard=TEST_LATENTS_PER_SHARD)[TINY_CODER]
+    assert first["subject_model"] == subject.identity()
+    said = []
+    again = cache_activations([coder], subject, root, latents_per_shard=TEST_LATENTS_PER_SHARD, log=said.append)[TINY_CODER]
+    assert any("reusing it" in line for line in said) and again == first  # the same model: reused
+    other = SubjectModelResource(batch_size=8, dtype="bfloat16")
+    said.clear()
+    second = cache_activations([coder], other, root, latents_per_shard=TEST_LATENTS_PER_SHARD, log=said.append)[TINY_CODER]
+    assert not any("reusing it" in line for line in said)
+    assert second["subject_model"] == other.identity() != first["subject_model"] and second["sequences_forwarded_this_run"] == 48

@@ -53,6 +53,18 @@ def pearson(x, y) -> float:
     return float(np.corrcoef(x, y)[0, 1])
 
 
+def rsquared(predicted, true) -> float:
+    """R², 1 - SS_res / SS_tot with SS_tot about the mean of `true`: the share of the true activations'
+    variance the prediction explains. NaN when `true` is constant (no variance to explain).
+    OpenAI's neuron-explainer divides by the mean square instead (uncentred), which credits a
+    prediction for the mean alone."""
+    predicted, true = np.asarray(predicted, float), np.asarray(true, float)
+    total = np.sum((true - true.mean()) ** 2) if len(true) else 0.0
+    if total == 0:
+        return NAN
+    return float(1 - np.sum((true - predicted) ** 2) / total)
+
+
 def top_k_predictions(scores, n_positive: int) -> np.ndarray:
     """Call the `n_positive` highest scores positive: the threshold a score-only scorer is judged at.
 

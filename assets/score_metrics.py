@@ -85,11 +85,6 @@ def predictions_of(label: np.ndarray, prediction: np.ndarray, score: np.ndarray)
     return top_k_predictions(score, int(label.sum()))
 
 
-def example_predictions(rows: pd.DataFrame) -> np.ndarray:
-    """The rows' 0/1 predictions; for score-only scorers, the top-k of the scores."""
-    return predictions_of(rows["label"].to_numpy(int), rows["prediction"].to_numpy(float), rows["score"].to_numpy(float))
-
-
 def quantile_accuracy(label: np.ndarray, quantile: np.ndarray, predictions: np.ndarray) -> dict[int, float]:
     """Accuracy per activation quantile (0 = the non-activating examples)."""
     correct = predictions == label

@@ -184,15 +184,15 @@ def explanations_asset(defaults: dict | None = None, explainers: dict[str, type[
                                  coder=load_registered(root.registry_dir, coder) if "coder" in uses and latents else None)
             explainer = make_explainer(config, explainers, deps)
             exemplars_fingerprint = file_fingerprint(root.exemplars_path(coder, shard))
-            journal = Journal(root.explanations_path(coder, shard), f"{version}|{settings_digest(config)}|{client.identity}|{exemplars_fingerprint}")
-            frame = asyncio.run(explain_all(explainer, config, exemplars, latent_stats, latents, corpus_prompt_vocab(load_corpus(root)), embedder.embed,
-                                            context.log.info, coder, journal))
-            frame["exemplars_fingerprint"] = exemplars_fingerprint  # what the scorers check they score against
-            if len(frame) and not (frame["status"] == "ok").any():
-                raise nothing_succeeded("explanations", f"all {len(frame)} latents failed", frame["error"])
-            refuse_emptier(frame, root.explanations_path(coder, shard), f"explanations of {coder} shard {shard}", settings.allow_empty_results)
-            write_table(frame, root.explanations_path(coder, shard), "explanations")
-            journal.discard()
+            with Journal(root.explanations_path(coder, shard), f"{version}|{settings_digest(config)}|{client.identity}|{exemplars_fingerprint}") as journal:
+                frame = asyncio.run(explain_all(explainer, config, exemplars, latent_stats, latents, corpus_prompt_vocab(load_corpus(root)), embedder.embed,
+                                                context.log.info, coder, journal))
+                frame["exemplars_fingerprint"] = exemplars_fingerprint  # what the scorers check they score against
+                if len(frame) and not (frame["status"] == "ok").any():
+                    raise nothing_succeeded("explanations", f"all {len(frame)} latents failed", frame["error"])
+                refuse_emptier(frame, root.explanations_path(coder, shard), f"explanations of {coder} shard {shard}", settings.allow_empty_results)
+                write_table(frame, root.explanations_path(coder, shard), "explanations")
+                journal.discard()
             ok = frame[frame["status"] == "ok"]
             if len(ok):
                 upsert_explanations(root.lancedb_dir, coder, ok["latent"].tolist(), ok["explanation"].tolist(), embedder.embed(ok["explanation"].tolist()))

@@ -53,6 +53,18 @@ def pearson(x, y) -> float:
     return float(np.corrcoef(x, y)[0, 1])
 
 
+def rsquared(predicted, true) -> float:
+    """R², 1 - SS_res / SS_tot with SS_tot about the mean of `true`: the share of the true activations'
+    variance the prediction explains. NaN when `true` is constant (no variance to explain).
+    OpenAI's neuron-explainer divides by the mean square instead (uncentred), which credits a
+    prediction for the mean alone."""
+    predicted, true = np.asarray(predicted, float), np.asarray(true, float)
+    total = np.sum((true - true.mean()) ** 2) if len(true) else 0.0
+    if total == 0:
+        return NAN
+    return float(1 - np.sum((true - predicted) ** 2) / total)
+
+
 def top_k_predictions(scores, n_positive: int) -> np.ndarray:
     """Call the `n_positive` highest scores positive: the threshold a score-only scorer is judged at.
 
@@ -71,11 +83,6 @@ def predictions_of(label: np.ndarray, prediction: np.ndarray, score: np.ndarray)
     if not np.isnan(prediction).any():
         return prediction.astype(int)
     return top_k_predictions(score, int(label.sum()))
-
-
-def example_predictions(rows: pd.DataFrame) -> np.ndarray:
-    """The rows' 0/1 predictions; for score-only scorers, the top-k of the scores."""
-    return predictions_of(rows["label"].to_numpy(int), rows["prediction"].to_numpy(float), rows["score"].to_numpy(float))
 
 
 def quantile_accuracy(label: np.ndarray, quantile: np.ndarray, predictions: np.ndarray) -> dict[int, float]:

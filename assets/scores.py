@@ -344,16 +344,16 @@ def scorer_asset(scorer: type[Scorer], settings: ScorerSettings, automate: bool,
             max_latents = resources.settings.max_latents_per_shard
             explanations_path = root.explanations_path(coder, shard)
             fingerprints = "|".join([exemplars_fingerprint, *([file_fingerprint(explanations_path)] if explanations_path.exists() else [])])
-            journal = Journal(root.scores_path(coder, shard, scorer.name), f"{scorer.version}|{settings.digest()}|{named}|{fingerprints}",
-                              parts=("examples", "scores"))
-            frame, examples = asyncio.run(score_partition(judge, exemplars, explanations, corpus_prompt_vocab(corpus), max_latents, context.log.info, journal))
-            if len(frame) and frame["n_failed"].sum() > 0 and (frame["n_scored"].fillna(0) + frame["control_n_scored"].fillna(0)).sum() == 0:
-                reasons = pd.Series([reason for cell in frame["failures"] for reason in json.loads(cell)], dtype=str)
-                raise nothing_succeeded(f"scores/{scorer.name}", f"no example of {len(frame)} latents could be scored", reasons)
-            refuse_emptier(frame, root.scores_path(coder, shard, scorer.name), f"scores/{scorer.name} of {coder} shard {shard}", resources.settings.allow_empty_results)
-            write_table(frame, root.scores_path(coder, shard, scorer.name), "scores")
-            write_table(examples, root.scored_examples_path(coder, shard, scorer.name), "scored_examples")
-            journal.discard()
+            with Journal(root.scores_path(coder, shard, scorer.name), f"{scorer.version}|{settings.digest()}|{named}|{fingerprints}",
+                         parts=("examples", "scores")) as journal:
+                frame, examples = asyncio.run(score_partition(judge, exemplars, explanations, corpus_prompt_vocab(corpus), max_latents, context.log.info, journal))
+                if len(frame) and frame["n_failed"].sum() > 0 and (frame["n_scored"].fillna(0) + frame["control_n_scored"].fillna(0)).sum() == 0:
+                    reasons = pd.Series([reason for cell in frame["failures"] for reason in json.loads(cell)], dtype=str)
+                    raise nothing_succeeded(f"scores/{scorer.name}", f"no example of {len(frame)} latents could be scored", reasons)
+                refuse_emptier(frame, root.scores_path(coder, shard, scorer.name), f"scores/{scorer.name} of {coder} shard {shard}", resources.settings.allow_empty_results)
+                write_table(frame, root.scores_path(coder, shard, scorer.name), "scores")
+                write_table(examples, root.scored_examples_path(coder, shard, scorer.name), "scored_examples")
+                journal.discard()
             metadata = scorer_metadata(scorer, settings, frame, examples)
             metadata.update({f"{role}_model" if role == "judge" else role: identity for role, identity in used.items() if identity})
             if not latents_in(exemplars):

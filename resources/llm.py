@@ -361,7 +361,8 @@ def retry_after(headers) -> float | None:
 
 def completion_from_json(out: object) -> Completion:
     """An OpenAI-format chat-completion answer (HTTP endpoints, embedded llama.cpp) as a `Completion`;
-    absent or null fields (servers differ) count as empty."""
+    absent or null fields (servers differ) count as empty. Numbers become plain Python ones:
+    llama-cpp-python gives numpy float32 logprobs, which JSON (the response cache) cannot write."""
     if not isinstance(out, dict):
         return Completion("")  # not a chat completion at all: an empty answer, which marks the latent failed
     usage = out.get("usage") or {}
@@ -369,9 +370,9 @@ def completion_from_json(out: object) -> Completion:
     steps = (choice.get("logprobs") or {}).get("content") or []
     return Completion(
         text=(choice.get("message") or {}).get("content") or "",
-        prompt_tokens=usage.get("prompt_tokens") or 0,
-        completion_tokens=usage.get("completion_tokens") or 0,
-        top_logprobs=[{alt["token"]: alt["logprob"] for alt in step.get("top_logprobs") or []} for step in steps],
+        prompt_tokens=int(usage.get("prompt_tokens") or 0),
+        completion_tokens=int(usage.get("completion_tokens") or 0),
+        top_logprobs=[{alt["token"]: float(alt["logprob"]) for alt in step.get("top_logprobs") or []} for step in steps],
         tokens=[step["token"] for step in steps],
     )
 
@@ -491,11 +492,19 @@ class ResponseCache:
 
     def put(self, key: str, completion: Completion) -> None:
         with self._connect() as db:
-            db.execute("INSERT OR REPLACE INTO responses VALUES (?, ?)", (key, json.dumps(vars(completion))))  # the fields as asdict gives them, without its deep copy
+            db.execute("INSERT OR REPLACE INTO responses VALUES (?, ?)", (key, json.dumps(vars(completion), default=_plain_number)))  # the fields as asdict gives them, without its deep copy
 
     def forget(self, key: str) -> None:
         with self._connect() as db:
             db.execute("DELETE FROM responses WHERE key = ?", (key,))
+
+
+def _plain_number(value):
+    """A numpy scalar (a backend's logprob or count) as the Python number JSON writes; anything else is
+    still an error."""
+    if hasattr(value, "item") and getattr(value, "shape", None) == ():
+        return value.item()
+    raise TypeError(f"Object of type {type(value).__name__} is not JSON serializable")
 
 
 @dataclass

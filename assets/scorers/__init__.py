@@ -5,7 +5,7 @@ from pydantic import ValidationError
 
 import assets.scorers as _package
 from assets.plugins import plugin_classes
-from assets.scorers.base import Example, Job, JobResult, Scorer, ScorerDeps, ScorerSettings, held_out_examples
+from assets.scorers.base import Example, Job, JobResult, Scorer, ScorerDeps, ScorerSettings
 
 
 def scorer_classes(extra_modules: tuple[str, ...] = ()) -> dict[str, type[Scorer]]:
@@ -31,4 +31,4 @@ def scorer_settings(overrides: dict[str, dict] | None = None, scorers: dict[str,
 
 SCORERS: dict[str, type[Scorer]] = scorer_classes()
 
-__all__ = ["SCORERS", "Example", "Job", "JobResult", "Scorer", "ScorerDeps", "ScorerSettings", "held_out_examples", "scorer_classes", "scorer_settings"]
+__all__ = ["SCORERS", "Example", "Job", "JobResult", "Scorer", "ScorerDeps", "ScorerSettings", "scorer_classes", "scorer_settings"]

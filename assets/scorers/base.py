@@ -20,7 +20,6 @@ from pathlib import Path
 from typing import Callable, ClassVar, Literal
 
 import numpy as np
-import pandas as pd
 from pydantic import BaseModel, ConfigDict, Field
 
 from assets.prompts import highlight, parse_int_list, reask_list_message, scorer_messages
@@ -68,14 +67,10 @@ EXAMPLE_COLUMNS = ("kind", "quantile", "tokens", "activations", "sequence", "sta
 """The exemplar columns an `Example` is made of, in `examples_of`'s order."""
 
 
-def held_out_examples(rows: pd.DataFrame, vocab: list[str], rng: np.random.Generator) -> list[Example]:
-    """A latent's windows in a seeded order, non-activating ones with random marks."""
-    return examples_of(*(rows[c].tolist() for c in EXAMPLE_COLUMNS), vocab, rng)
-
-
 def examples_of(kinds: list[str], quantiles: list[int], tokens: list, activations: list, sequences: list[int], starts: list[int],
                 vocab: list[str], rng: np.random.Generator) -> list[Example]:
-    """`held_out_examples` of a latent's rows given as columns (a partition's columns are read once, not per latent)."""
+    """A latent's windows in a seeded order, non-activating ones with random marks, from its rows given
+    as columns (`EXAMPLE_COLUMNS`: a partition's columns are read once, not per latent)."""
     counts = [np.count_nonzero(a) for a, kind in zip(activations, kinds) if kind == "activating"]
     typical_marks = max(1, int(np.median(counts))) if counts else 1
     examples = []

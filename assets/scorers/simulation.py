@@ -8,7 +8,7 @@ import numpy as np
 from pydantic import Field
 
 from assets.prompts import simulation_messages
-from assets.score_metrics import pearson
+from assets.score_metrics import pearson, rsquared
 from assets.scorers.base import Asked, Example, Job, JobResult, Scorer, ScorerSettings, ask_list, example_row, list_tokens
 
 
@@ -69,6 +69,7 @@ class Simulation(Scorer):
     uses = frozenset({"llm"})
     main_metric = "ev_correlation"
     uses_calibration = True
+    version = "2"  # 2: R² centred on the true activations' mean
 
     async def _simulate(self, examples: list[Example], explanation: str) -> list[tuple[Example, np.ndarray | None, str, Asked]]:
         client, top_logprobs = self.deps.llm, self.settings.top_logprobs
@@ -111,5 +112,5 @@ class Simulation(Scorer):
                     y = np.concatenate([true_scale(e, top) for e, _ in fitted])
                     slope, intercept = np.polyfit(x, y, 1) if np.ptp(x) > 0 else (0.0, float(y.mean()))
                     calibrated = slope * guess + intercept
-                    result.extra["rsquared"] = float(1 - np.mean((truth - calibrated) ** 2) / max(np.mean(truth**2), 1e-12))
+                    result.extra["rsquared"] = rsquared(calibrated, truth)
         return result

@@ -131,11 +131,6 @@ def scores(root: DataRoot, coder: str, scorer: str, shards: list[str]) -> pd.Dat
     return _read_shards({s: root.scores_path(coder, s, scorer) for s in shards})
 
 
-def scores_shard(root: DataRoot, coder: str, shard: str, scorer: str) -> pd.DataFrame:
-    path = root.scores_path(coder, shard, scorer)
-    return pd.read_parquet(path) if path.exists() else pd.DataFrame()
-
-
 def scored_examples(root: DataRoot, coder: str, shard: str, scorer: str, latent: int | None = None) -> pd.DataFrame:
     path = root.scored_examples_path(coder, shard, scorer)
     if not path.exists():
@@ -145,11 +140,6 @@ def scored_examples(root: DataRoot, coder: str, shard: str, scorer: str, latent:
 
 def exemplars_path(root: DataRoot, coder: str, shard: str) -> Path:
     return root.exemplars_path(coder, shard)
-
-
-def exemplars(root: DataRoot, coder: str, shard: str) -> pd.DataFrame:
-    path = root.exemplars_path(coder, shard)
-    return pd.read_parquet(path) if path.exists() else pd.DataFrame()
 
 
 def display_vocab(root: DataRoot) -> list[str]:
@@ -213,10 +203,6 @@ def stamp(paths: list[Path]) -> str:
         except FileNotFoundError:
             parts.append(f"{p.name}:-")
     return "|".join(parts)
-
-
-def lancedb_dir(root: DataRoot) -> Path:
-    return root.lancedb_dir
 
 
 def explanation_vectors(root: DataRoot, coder: str) -> tuple[int, np.ndarray, np.ndarray]:

@@ -4,7 +4,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from assets.score_metrics import binary_metrics, control_assignment, latent_metrics, pearson, roc_auc, top_k_predictions, verdict
+from assets.score_metrics import binary_metrics, control_assignment, latent_metrics, pearson, roc_auc, rsquared, top_k_predictions, verdict
 
 
 def test_binary_metrics_against_hand_computation():
@@ -27,6 +27,13 @@ def test_pearson_by_hand_and_undefined_when_constant():
     # x = 1,2,3; y = 1,3,2: cov = (−1·−1 + 0 + 1·0)/3 = 1/3, var x = var y = 2/3 → r = 0.5
     assert pearson([1, 2, 3], [1, 3, 2]) == pytest.approx(0.5)
     assert math.isnan(pearson([1, 1, 1], [1, 2, 3]))
+
+
+def test_rsquared_is_centred_on_the_true_mean_by_hand_and_undefined_when_constant():
+    # true 1,2,3,4 (mean 2.5): SS_tot = 2.25 + 0.25 + 0.25 + 2.25 = 5; predicted 1,2,3,3: SS_res = 1 → 1 - 1/5
+    assert rsquared([1, 2, 3, 3], [1, 2, 3, 4]) == pytest.approx(0.8)  # the uncentred form gives 1 - 1/30
+    assert rsquared([2.5] * 4, [1, 2, 3, 4]) == pytest.approx(0.0)  # the mean alone explains nothing
+    assert math.isnan(rsquared([1, 2, 3], [2, 2, 2]))
 
 
 def test_score_only_scorers_are_judged_at_as_many_positives_as_there_are():

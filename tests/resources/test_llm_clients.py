@@ -74,6 +74,17 @@ def test_embedded_llama_cpp_simulation_answer_is_a_grammar_bound_list_with_align
     assert expected is not None and all(0 <= v <= 10 for v in expected)
 
 
+def test_embedded_llama_cpp_answers_with_logprobs_go_into_the_response_cache(tmp_path):
+    """Its logprobs are numpy float32, which the JSON response cache once refused on every answer."""
+    from assets.prompts import simulation_messages
+
+    messages = simulation_messages("the word cat", [" The", " cat", " sat"])
+    client, fresh = LLMResource().client(tmp_path), LLMResource().client(tmp_path)
+    first = in_session(client, lambda: client.complete(messages, max_tokens=20, int_list=(3, 0, 10), top_logprobs=5))
+    again = in_session(fresh, lambda: fresh.complete(messages, max_tokens=20, int_list=(3, 0, 10), top_logprobs=5))
+    assert first.top_logprobs and again == first and fresh.ledger.requests == 0 and fresh.ledger.cache_hits == 1
+
+
 LLAMA_SERVER = ("from resources.llm import use_plain_cpu_buffers; use_plain_cpu_buffers(); "
                 "import runpy; runpy.run_module('llama_cpp.server', run_name='__main__')")
 

@@ -3,11 +3,12 @@ import asyncio
 import time
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pytest
 from dagster import DagsterInstance, EnvVar, materialize
 
-from resources.llm import BudgetExceeded, LLMResource
+from resources.llm import BudgetExceeded, Completion, LLMResource, ResponseCache, completion_from_json
 from tests.conftest import add_coders, TINY_CODER, all_assets, in_session, make_resources, pipeline_until_exemplars
 from tests.conftest import llm_resource as resource
 
@@ -115,6 +116,23 @@ def test_response_cache_is_content_addressed(tmp_path):
         in_session(fresh, lambda: fresh.complete(MESSAGES, max_tokens=5))
     assert first.text == again.text == "cached answer"
     assert len(server.requests) == 2 and client.ledger.cache_hits == 1 and fresh.ledger.requests == 0
+
+
+def test_an_answer_with_numpy_logprobs_round_trips_through_the_response_cache(tmp_path):
+    """llama-cpp-python gives logprobs as numpy float32 (and the cache writes JSON): they become floats."""
+    def step(token, *alternatives):
+        return {"token": token, "logprob": alternatives[0][1], "top_logprobs": [{"token": t, "logprob": lp} for t, lp in alternatives]}
+
+    answer = {"choices": [{"message": {"content": "[5]"}, "logprobs": {"content": [
+        step("[", ("[", np.float32(0.0))), step("5", ("5", np.float32(-0.25)), ("6", np.float32(-1.5))), step("]", ("]", np.float32(-0.125)))]}}],
+        "usage": {"prompt_tokens": np.int64(12), "completion_tokens": 3}}
+    completion = completion_from_json(answer)
+    assert completion.top_logprobs[1] == {"5": -0.25, "6": -1.5} and type(completion.top_logprobs[1]["6"]) is float
+    cache = ResponseCache(tmp_path / "responses.sqlite")
+    cache.put("answer", completion)
+    assert cache.get("answer") == completion and completion.prompt_tokens == 12
+    cache.put("numpy", Completion("[5]", top_logprobs=[{"5": np.float32(-0.25)}], tokens=["5"]))  # whatever a backend left numpy
+    assert cache.get("numpy").top_logprobs == [{"5": -0.25}]
 
 
 def test_budget_stops_sending_and_cost_is_counted():

@@ -18,7 +18,9 @@ from typing import Callable, Iterator
 
 from dagster import AssetMaterialization, BackfillPolicy, DynamicPartitionsDefinition, Failure, MaterializeResult
 
+from resources.sparse_coders import CoderFormatError
 from storage.activations import shard_count, shard_keys
+from storage.tables import EmptierResultsError
 
 shard_partitions = DynamicPartitionsDefinition(name="shard")
 
@@ -49,9 +51,11 @@ def backfill_policy(partitions_per_run: int) -> BackfillPolicy | None:
     return BackfillPolicy.multi_run(partitions_per_run) if partitions_per_run > 1 else None
 
 
-SHARD_FAILURES = (Failure, FileNotFoundError)
-"""What fails one shard only (stale or missing inputs of that shard, every latent of it failed). Anything
-else (an unreachable endpoint, a wrong key or model: `LLMEndpointError`; a bug) stops the run at once."""
+SHARD_FAILURES = (Failure, FileNotFoundError, EmptierResultsError, CoderFormatError)
+"""What fails one shard only: stale or missing inputs of that shard, every latent of it failed, a write that
+would empty its finished table (`EmptierResultsError`), its coder's unreadable files (`CoderFormatError`:
+the shards of other coders in the run are still written). Anything else (an unreachable endpoint, a wrong
+key or model: `LLMEndpointError`; a bug) stops the run at once."""
 
 
 def each_shard(context, materialize_shard: Callable[[str], dict]) -> Iterator[MaterializeResult]:

@@ -41,6 +41,7 @@ from assets.scorers import Job, JobResult, Scorer, ScorerDeps, ScorerSettings
 from assets.scorers.base import CONTROLS, EXAMPLE_COLUMNS, examples_of
 from assets.stage_config import SCORER_ROLES, Models
 from resources.sparse_coders import load_registered
+from storage.atomic import read_json, write_json
 from storage.corpus import load_corpus
 from storage.journal import Journal
 from storage.vector_store import CorpusWindows
@@ -424,11 +425,27 @@ def summary_table(root, coder: str, scorers: dict[str, type[Scorer]]) -> pd.Data
     return wide
 
 
-def summary_is_stale(root, coder: str) -> bool:
-    """Whether any scores table of `coder` is newer than its summary (or there is no summary yet)."""
-    summary = root.score_summary_path(coder)
-    newest = max((p.stat().st_mtime for shard in scored_shards(root, coder) for p in (summary.parent / shard).glob("*.parquet")), default=None)
-    return newest is not None and (not summary.exists() or newest > summary.stat().st_mtime)
+def summary_sources(root, coder: str, scorers: dict[str, type[Scorer]]) -> dict[str, str]:
+    """`<shard>/<scorer>` → fingerprint of each scores table of `coder` that the summary joins."""
+    paths = {f"{shard}/{name}": root.scores_path(coder, shard, name) for shard in scored_shards(root, coder) for name in scorers}
+    return {source: file_fingerprint(path) for source, path in paths.items() if path.exists()}
+
+
+def summary_is_stale(root, coder: str, sources: dict[str, str]) -> bool:
+    """Whether the summary was built from other scores tables than `sources` (a table added, changed or
+    deleted, a scorer added or dropped), or there is none yet while there are scores. Contents, not file
+    times: a deleted table leaves no newer file behind, and a copied one may keep an old time."""
+    summary, built_from = root.score_summary_path(coder), root.score_summary_sources_path(coder)
+    if not summary.exists():
+        return bool(sources)
+    return not built_from.exists() or read_json(built_from) != sources
+
+
+def write_summary(root, coder: str, scorers: dict[str, type[Scorer]], sources: dict[str, str]) -> None:
+    """The summary, then the sources it was built from: a crash between the two leaves the old sources
+    beside the new summary, which only makes the next run build it again."""
+    write_table(summary_table(root, coder, scorers), root.score_summary_path(coder), "score_summary")
+    write_json(root.score_summary_sources_path(coder), sources)
 
 
 def summary_links(base: str, ranked: dict[str, list[int]], per_coder: int = 5) -> dict:
@@ -465,8 +482,9 @@ def summary_asset(scorers: dict[str, type[Scorer]]) -> AssetsDefinition:
         coders = coders_of(context.instance.get_dynamic_partitions(shard_partitions.name))
         rebuilt, rows, latents, present, ranked = [], [], 0, set(), {}
         for coder in coders:
-            if summary_is_stale(root, coder):
-                write_table(summary_table(root, coder, scorers), root.score_summary_path(coder), "score_summary")
+            sources = summary_sources(root, coder, scorers)
+            if summary_is_stale(root, coder, sources):
+                write_summary(root, coder, scorers, sources)
                 rebuilt.append(coder)
             if root.score_summary_path(coder).exists():
                 table = pd.read_parquet(root.score_summary_path(coder))

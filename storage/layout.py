@@ -55,3 +55,7 @@ class DataRoot:
 
     def score_summary_path(self, coder: str) -> Path:
         return self.root / "scores" / coder / "summary.parquet"
+
+    def score_summary_sources_path(self, coder: str) -> Path:
+        """The scores tables (`<shard>/<scorer>` → fingerprint) the summary was built from."""
+        return self.root / "scores" / coder / "summary.sources.json"

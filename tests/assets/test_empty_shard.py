@@ -77,3 +77,11 @@ def test_shard_without_explainable_latent_gives_typed_empty_tables_and_a_summary
     table = pq.read_table(root.score_summary_path(TINY_CODER)).to_pandas()
     assert set(table["shard"]) == {"00"} and len(table) == 2
     assert summary.asset_materializations_for_node("score_summary")[0].metadata["latents"].value == 2
+
+    # a deleted scores table drops out of the summary (no file is newer than the summary: contents decide)
+    assert run(["score_summary"], None).asset_materializations_for_node("score_summary")[0].metadata["rebuilt"].value == "none (no scores changed)"
+    root.scores_path(TINY_CODER, "00", "detection").unlink()
+    rebuilt = run(["score_summary"], None).asset_materializations_for_node("score_summary")[0].metadata
+    assert rebuilt["rebuilt"].value == TINY_CODER
+    table = pq.read_table(root.score_summary_path(TINY_CODER)).to_pandas()
+    assert "detection" not in table.columns and {"fuzzing", "embedding"} <= set(table.columns) and len(table) == 2

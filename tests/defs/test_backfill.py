@@ -2,10 +2,11 @@
 shard is written and recorded (with its own metadata) as if it had run alone, and a shard that fails
 lets the others finish and stay recorded."""
 import pandas as pd
-from dagster import AssetKey, BackfillPolicy, DagsterInstance, materialize
+from dagster import AssetKey, BackfillPolicy, DagsterEventType, DagsterInstance, materialize
 
 from autointerp_defs.definitions import build_definitions
 from storage.layout import DataRoot
+from storage.tables import empty_table, write_table
 from tests.conftest import TINY_CODER, TINY_CORPUS_CONFIG, TINY_EXEMPLARS_CONFIG, add_coders, make_resources
 from tests.conftest import llm_resource as resource
 from tests.scripted_llm_server import ScriptedLLMServer
@@ -56,3 +57,19 @@ def test_several_shards_per_run_and_a_failed_shard_spares_the_others(registered)
         table = pd.read_parquet(root.explanations_path(*key.split("|")))
         assert len(table) == 2 and (table.explanation == "a scripted explanation").all()
     assert not root.explanations_path(*keys[1].split("|")).exists()
+
+    # the middle shard's exemplars come back and all three are explained; then its exemplars are empty, where its
+    # explanations hold rows: that shard's write would empty a finished table, which fails it alone
+    assert materialize(assets, selection=["exemplars"], resources=resources, instance=instance, partition_key=keys[1],
+                       run_config={"ops": {"exemplars": {"config": TINY_EXEMPLARS_CONFIG}}}).success
+    with ScriptedLLMServer(explainer) as server:
+        resources = make_resources(registered, max_latents=2, llm=resource(server))
+        assert materialize(assets, selection=["explanations"], resources=resources, instance=instance, tags=ranged(keys[0], keys[-1])).success
+        write_table(empty_table("exemplars"), root.exemplars_path(*keys[1].split("|")), "exemplars")
+        result = materialize(assets, selection=["explanations"], resources=resources, instance=instance, tags=ranged(keys[0], keys[-1]), raise_on_error=False)
+    assert not result.success
+    recorded = instance.all_logs(result.run_id, of_type=DagsterEventType.ASSET_MATERIALIZATION)
+    assert sorted(entry.dagster_event.partition for entry in recorded) == [keys[0], keys[2]]  # written and recorded in this run
+    message = next(event for event in result.all_events if event.event_type_value == "STEP_FAILURE").event_specific_data.error.message
+    assert f"1 of 3 shards of this run failed ({keys[1]}: explanations of {keys[1].replace('|', ' shard ')}: this run has no results" in message
+    assert len(pd.read_parquet(root.explanations_path(*keys[1].split("|")))) == 2  # the finished table is kept

@@ -39,6 +39,7 @@ from assets.prompts import corpus_prompt_vocab, window_embedding
 from assets.score_metrics import control_assignment, example_metrics, no_control_reason, predictions_of, verdict
 from assets.scorers import Job, JobResult, Scorer, ScorerDeps, ScorerSettings
 from assets.scorers.base import CONTROLS, EXAMPLE_COLUMNS, examples_of
+from resources.llm import stopped_by_budget
 from resources.sparse_coders import load_registered
 from storage.corpus import load_corpus
 from storage.journal import Journal
@@ -165,7 +166,7 @@ async def score_partition(scorer: Scorer, exemplars: pd.DataFrame | Path, explan
 
     def keep(latent: int, result: tuple[dict, list[dict]]) -> None:
         row, example_rows = result
-        if journal is not None and not any(reason.startswith("budget") for reason in json.loads(row["failures"])):  # budget-stopped latents are scored next time
+        if journal is not None and not any(map(stopped_by_budget, json.loads(row["failures"]))):  # budget-stopped latents are scored next time
             journal.add(examples=example_rows, scores=[row])
         else:
             in_memory[latent] = result

@@ -26,7 +26,7 @@ from assets.score_metrics import roc_auc
 from assets.stage_config import Models, problems, settings_digest, with_defaults
 from assets.work import ChunkLoader, nothing_succeeded, selected_latents, stream_latents
 from resources.embedder import EmbedderResource, explanation_similarity
-from resources.llm import BudgetExceeded, LLMEndpointError, LLMResource, ProductionClient
+from resources.llm import UNREADABLE, LLMResource, stopped_by_budget
 from resources.settings import AutointerpSettings
 from resources.sparse_coders import load_registered
 from resources.subject_model import SubjectModelResource
@@ -58,12 +58,6 @@ def embedding_scores(candidates: list[str], valid: pd.DataFrame, vocab: list[str
     return [roc_auc(sims[:, i], labels) for i in range(len(candidates))]
 
 
-async def ask_explanation(client: ProductionClient, explainer: Explainer, messages: list[dict], params: dict) -> tuple[str | None, list]:
-    """One candidate explanation (asked again once if unreadable), and every answer received."""
-    answers = []
-    return await client.ask_readable(messages, explainer.parse, explainer.reask, answers, **params), answers
-
-
 async def explain_latent(explainer: Explainer, config: ExplanationsConfig, record: LatentRecord, embed) -> dict:
     client = explainer.deps.llm
     row = {"latent": record.latent, "explainer": explainer.name, "model": client.identity, "prompt_tokens": 0, "completion_tokens": 0,
@@ -75,20 +69,15 @@ async def explain_latent(explainer: Explainer, config: ExplanationsConfig, recor
             return {**row, "error": "prompt longer than the LLM's context even with one example"}
         n = max(1, config.best_of_n)
         params = [{"max_tokens": config.max_tokens, "temperature": 0.0 if n == 1 else config.candidate_temperature, "seed": None if n == 1 else i} for i in range(n)]
-        outcomes = await asyncio.gather(*(ask_explanation(client, explainer, messages, p) for p in params))
-    except LLMEndpointError:
-        raise
-    except BudgetExceeded as stop:
-        return {**row, "error": f"budget: {stop}"}
     except Exception as error:  # one latent's failure must not fail the partition
         return {**row, "error": f"{type(error).__name__}: {error}"}
-    answers = [a for _, received in outcomes for a in received]
-    row["prompt_tokens"] = sum(a.prompt_tokens for a in answers)
-    row["completion_tokens"] = sum(a.completion_tokens for a in answers)
-    candidates = [e for e, _ in outcomes if e]
-    if not candidates:
-        raws = " then ".join(repr(a.text[:200]) for a in outcomes[0][1])
-        return {**row, "error": f"unreadable answer: {raws}"}
+    outcomes = await asyncio.gather(*(client.ask(messages, explainer.parse, explainer.reask, **p) for p in params))
+    row["prompt_tokens"] = sum(o.prompt_tokens for o in outcomes)
+    row["completion_tokens"] = sum(o.completion_tokens for o in outcomes)
+    candidates = [o.value for o in outcomes if o.value is not None]
+    lost = [o.failure for o in outcomes if o.failure and not o.failure.startswith(UNREADABLE)]  # a candidate the budget or a request lost
+    if lost or not candidates:
+        return {**row, "error": (lost or [outcomes[0].failure])[0]}
     scores = embedding_scores(candidates, record.windows[record.windows["split"] == "valid"], record.vocab, embed) if len(candidates) > 1 else [float("nan")]
     best = int(np.nanargmax(scores)) if not np.all(np.isnan(scores)) else 0
     return {**row, "explanation": candidates[best], "status": "ok", "candidates": candidates, "candidate_scores": [float(s) for s in scores]}
@@ -151,7 +140,7 @@ def viewer_links(base: str, coder: str, latents: list[int], n: int = 20) -> dict
     return {"viewer": MetadataValue.url(coder_url(coder, base)), **({"latent_pages": MetadataValue.md(pages)} if pages else {})}
 
 
-EXPLANATIONS_VERSION = "3"
+EXPLANATIONS_VERSION = "4"
 """Bump when this stage's own code changes results; each explainer has its own `version` too."""
 
 
@@ -196,7 +185,7 @@ def explanations_asset(defaults: dict | None = None, explainers: dict[str, type[
             ok = frame[frame["status"] == "ok"]
             if len(ok):
                 upsert_explanations(root.lancedb_dir, coder, ok["latent"].tolist(), ok["explanation"].tolist(), embedder.embed(ok["explanation"].tolist()))
-            budget_stopped = int(frame["error"].str.startswith("budget:").sum())
+            budget_stopped = int(frame["error"].map(stopped_by_budget).sum())
             if budget_stopped:
                 context.log.warning(f"{budget_stopped} latents were not explained: the LLM budget was reached; they will be asked next time")
             return {

@@ -13,6 +13,8 @@ import json
 import re
 from functools import lru_cache
 
+from resources.llm import Refusal
+
 DOCUMENT_BOUNDARY = "‖"
 TOKEN_LEGEND = (
     " In the texts, ↵ stands for a line break, ⇥ for a tab, ␣ for a space on its own, and ‖ for the "
@@ -231,6 +233,9 @@ def strip_reasoning(text: str) -> str:
 _LABEL = re.compile(r"\**\[?\bexplanation\b\]?\**\s*:(?:\*\*)?\s*", re.IGNORECASE)
 _LEADER = re.compile(r"^(?:\d+[.)]\s+|[-*•]\s+|answer\s*:\s*)", re.IGNORECASE)
 _PAIRS = (('"', '"'), ("'", "'"), ("`", "`"), ("**", "**"), ("*", "*"), ("“", "”"), ("‘", "’"))
+_ECHO = re.compile(r"\[?\b(?:explanation|description|answer|marked|tokens?|(?:counter-)?examples?\s*\d*)\b\]?\s*:|<phrase>", re.IGNORECASE)
+"""The prompts' own labels and the answer template's placeholder: a model that only echoes them said nothing."""
+_CONTINUED = re.compile(r"^[a-z0-9\"'“‘`(<]")
 
 
 def _unwrap(text: str) -> str:
@@ -242,29 +247,74 @@ def _unwrap(text: str) -> str:
     return text
 
 
-def parse_explanation(text: str) -> str | None:
-    """The explanation in a model's answer, or None when there is none to read unambiguously.
+def _continues(above: str, line: str) -> bool:
+    """Whether `line` carries on the phrase `above` it, broken over lines: the phrase has not ended
+    (no final . ! ?) and the line starts in lower case or with a quote or bracket, and is no list item
+    or label. A capitalized line, an item or a label starts something else, which is not read."""
+    return not above.rstrip("*").endswith((".", "!", "?")) and bool(_CONTINUED.match(line)) and not _LEADER.match(line) and not _LABEL.search(line)
 
-    A line labelled 'Explanation:' is read (the next line if the label stands alone); without a
-    label, only a one-line answer is. Numbering, bullets, a wrapping pair of quotes or emphasis and
-    one final period are removed; quotes and punctuation inside the explanation are kept."""
-    lines = [line.strip() for line in strip_reasoning(text).splitlines() if line.strip()]
+
+def _repetition(text: str) -> str | None:
+    """A run of words said over and over (a model stuck in a loop): an n-gram repeated back to back at
+    least 3 times and over at least 6 words ("is on is on is on"), or None. Shorter repeats ("very
+    very", "ha ha ha") can be what a latent is about."""
+    words = re.findall(r"\w+", text.casefold())
+    for n in range(1, 9):
+        times = max(3, -(-6 // n))
+        for i in range(len(words) - n * times + 1):
+            if all(words[i + k * n : i + (k + 1) * n] == words[i : i + n] for k in range(1, times)):
+                return f"{' '.join(words[i : i + n])!r} repeated {times} or more times in a row"
+    return None
+
+
+def parse_explanation(text: str) -> str | Refusal:
+    """The explanation in a model's answer, or a `Refusal` saying why there is none to read unambiguously.
+
+    A line labelled 'Explanation:' is read (from the next line if the label stands alone), with the
+    lines that continue its phrase (`_continues`); without a label, only a one-line answer is. Two
+    different labelled explanations are refused (which one is meant would be a guess), and so is
+    degenerate text: nothing but the prompt's labels, or words repeated in a loop. Numbering, bullets,
+    repeated labels, a wrapping pair of quotes or emphasis and one final period are removed; quotes
+    and punctuation inside the explanation are kept."""
+    answer = strip_reasoning(text)
+    if not answer:
+        return Refusal("cut off while reasoning" if re.search(r"<think>", text, re.IGNORECASE) else "empty answer")
+    lines = [line.strip() for line in answer.splitlines() if line.strip()]
     found = []
     for i, line in enumerate(lines):
         match = _LABEL.search(line)
         if match:
-            rest = line[match.end() :].strip()
-            found.append(rest if rest else (lines[i + 1] if i + 1 < len(lines) else ""))
+            parts, j = [line[match.end() :].strip()], i + 1
+            if not parts[0] and j < len(lines):
+                parts, j = [lines[j]], j + 1
+            while j < len(lines) and _continues(parts[-1], lines[j]):
+                parts.append(lines[j])
+                j += 1
+            if _LEADER.match(parts[0]) and j < len(lines) and _LEADER.match(lines[j]):
+                return Refusal("a list of items under the label, not one explanation")
+            found.append(" ".join(p for p in parts if p))
     if len(set(found)) > 1:
-        return None  # two different explanations: which one is meant is a guess
-    candidate = found[0] if found else (lines[0] if len(lines) == 1 else "")
+        return Refusal(f"{len(set(found))} different explanations: {' and '.join(repr(f) for f in dict.fromkeys(found))}")
+    if not found and len(lines) > 1:
+        return Refusal("several lines and no 'Explanation:' label")
+    candidate = found[0] if found else lines[0]
+    if not _ECHO.sub("", candidate).strip(" *:."):
+        return Refusal(f"only the prompt's labels: {candidate[:80]!r}" if _ECHO.search(candidate) else "nothing after the label" if found else "no explanation in the answer")
     previous = None
     while previous != candidate:
         previous = candidate
-        candidate = _unwrap(_LEADER.sub("", candidate).strip())
+        candidate = _unwrap(_LEADER.sub("", _LABEL.sub("", candidate, count=1) if _LABEL.match(candidate) else candidate).strip())
         if candidate.endswith(".") and not candidate.endswith(".."):
             candidate = candidate[:-1].rstrip()
-    return candidate if candidate.strip(". ") else None
+    if not candidate.strip(". "):
+        return Refusal("no explanation, only punctuation")
+    loop = _repetition(candidate)
+    return Refusal(f"degenerate: {loop}") if loop else candidate
+
+
+def read_int_list(n: int, lo: int, hi: int):
+    """A reader for `ProductionClient.ask`: `parse_int_list`'s values, or a `Refusal` naming what was wanted."""
+    return lambda text: values if (values := parse_int_list(text, n, lo, hi)) is not None else Refusal(f"not a list of exactly {n} integers from {lo} to {hi}")
 
 
 _NUMBER_LIST = re.compile(r"\[\s*(-?\d+(?:\s*[,;\s]\s*-?\d+)*)\s*\]")

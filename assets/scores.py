@@ -40,6 +40,7 @@ from assets.score_metrics import control_assignment, example_metrics, no_control
 from assets.scorers import Job, JobResult, Scorer, ScorerDeps, ScorerSettings
 from assets.scorers.base import CONTROLS, EXAMPLE_COLUMNS, examples_of
 from assets.stage_config import SCORER_ROLES, Models
+from resources.llm import stopped_by_budget
 from resources.sparse_coders import load_registered
 from storage.atomic import read_json, write_json
 from storage.corpus import load_corpus
@@ -171,7 +172,7 @@ async def score_partition(scorer: Scorer, exemplars: pd.DataFrame | Path, explan
 
     def keep(latent: int, result: tuple[dict, list[dict]]) -> None:
         row, example_rows = result
-        if journal is not None and not any(reason.startswith("budget") for reason in json.loads(row["failures"])):  # budget-stopped latents are scored next time
+        if journal is not None and not any(map(stopped_by_budget, json.loads(row["failures"]))):  # budget-stopped latents are scored next time
             journal.add(examples=example_rows, scores=[row])
         else:
             in_memory[latent] = result

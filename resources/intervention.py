@@ -23,8 +23,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from assets.prompts import TOKEN_LEGEND, highlight, parse_int_list, reask_list_message
-from resources.llm import LLMEndpointError
+from assets.prompts import TOKEN_LEGEND, highlight, read_int_list, reask_list_message
 from resources.sparse_coders import SparseCoder
 from resources.steering import Steer, Steerer
 
@@ -189,16 +188,7 @@ async def judge(client, explanation: str, pairs: list[Pair], vocab: list[str]) -
     """Ask which continuation of each pair was steered; an answer that is not exactly one 1 or 2 per pair
     is asked again once, then the question fails with both raw answers (never a guess)."""
     n = len(pairs)
-    answers = []
-    try:
-        values = await client.ask_readable(judge_messages(explanation, pairs, vocab), lambda text: parse_int_list(text, n, 1, 2),
-                                           reask_list_message(n, 1, 2), answers, max_tokens=8 + 4 * n, int_list=(n, 1, 2))
-    except LLMEndpointError:
-        raise
-    except Exception as error:  # budget, retries exhausted: this latent's question is lost, not the run
-        return Judged(None, f"{type(error).__name__}: {str(error)[:300]}", sum(a.prompt_tokens for a in answers))
-    tokens = sum(a.prompt_tokens for a in answers)
-    if values is None:
-        raws = " then ".join(repr(a.text[:300]) for a in answers)
-        return Judged(None, f"unreadable answer (wanted {n} numbers, each 1 or 2): {raws}", tokens)
-    return Judged([int(v == p.steered) for v, p in zip(values, pairs)], "", tokens)
+    asked = await client.ask(judge_messages(explanation, pairs, vocab), read_int_list(n, 1, 2), reask_list_message(n, 1, 2), max_tokens=8 + 4 * n, int_list=(n, 1, 2))
+    if asked.value is None:
+        return Judged(None, asked.failure, asked.prompt_tokens)
+    return Judged([int(v == p.steered) for v, p in zip(asked.value, pairs)], "", asked.prompt_tokens)

@@ -22,7 +22,7 @@ import threading
 from contextlib import asynccontextmanager, contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Literal, Protocol, TypeVar
+from typing import Any, Callable, Generic, Literal, Protocol, TypeVar
 
 from dagster import ConfigurableResource, EnvVar
 from pydantic import Field, PrivateAttr
@@ -576,6 +576,54 @@ class EndpointSlots:
             os.close(fd)  # closing the only descriptor releases its lock
 
 
+@dataclass(frozen=True)
+class Refusal:
+    """What a reader of answers (`ProductionClient.ask`'s `read`) returns for an answer it will not read,
+    and why: the reason is stored with the failure, beside the raw answer."""
+
+    reason: str
+
+
+UNREADABLE = "unreadable answer"
+BUDGET_STOPPED = "budget stopped"
+REQUEST_FAILED = "request failed"
+"""How `Asked.failure` starts: every question lost to unreadable answers, the budget or a failed request
+is stored as `<kind>: <detail>`, the answers received following with the reader's reasons."""
+
+
+def failure(kind: str, detail: str, answers: list[Completion], reasons: list[str]) -> str:
+    """`<kind>: <detail>, after 'answer' (reason) then 'answer' (reason)`: the one format of a lost question."""
+    said = " then ".join(f"{a.text[:300]!r} ({why})" for a, why in zip(answers, reasons))  # each answer was refused, for its reason
+    return f"{kind}: {detail}{', after ' if detail and said else ''}{said}"
+
+
+def stopped_by_budget(reason: str) -> bool:
+    """Whether a stored failure is the budget's: such a latent was not finished and is asked next time."""
+    return reason.startswith(BUDGET_STOPPED)
+
+
+@dataclass
+class Asked(Generic[T]):
+    """One question's outcome: the value read, every answer received, and why there is no value."""
+
+    value: T | None
+    answers: list[Completion] = field(default_factory=list)
+    failure: str = ""
+
+    @property
+    def answer(self) -> Completion | None:
+        """The answer the value was read from."""
+        return self.answers[-1] if self.value is not None else None
+
+    @property
+    def prompt_tokens(self) -> int:
+        return sum(a.prompt_tokens for a in self.answers)
+
+    @property
+    def completion_tokens(self) -> int:
+        return sum(a.completion_tokens for a in self.answers)
+
+
 class ProductionClient:
     """Cache → budget → bounded concurrency (this process, and across processes with `slots`) → retries →
     backend, recording everything in the ledger."""
@@ -636,20 +684,30 @@ class ProductionClient:
         if self.cache is not None:
             self.cache.forget(ResponseCache.key(self.model_id, messages, self._request(**params)))
 
-    async def ask_readable(self, messages: list[dict], read: Callable[[str], T | None], reask: dict, answers: list[Completion], **params) -> T | None:
-        """What `read` makes of the answer, or None. An answer it cannot read is dropped from the cache (so
-        the next run asks afresh) and asked again once, as a follow-up turn `reask` that says what was
-        wrong. Every answer received is appended to `answers`, also when a later attempt raises."""
-        conversation = messages
-        for _ in range(2):
-            answer = await self.complete(conversation, **params)
-            answers.append(answer)
-            value = read(answer.text)
-            if value is not None:
-                return value
-            self.forget(conversation, **params)
-            conversation = messages + [{"role": "assistant", "content": answer.text}, reask]
-        return None
+    async def ask(self, messages: list[dict], read: Callable[[str], T | Refusal], reask: dict, **params) -> Asked[T]:
+        """The one way an answer that must be read is asked: what `read` makes of the answer, or why
+        there is none (`Asked.failure`). An answer `read` refuses is dropped from the cache (so the next
+        run asks afresh) and asked again once, as a follow-up turn `reask` that says what was wrong.
+        Budget stops and failed requests lose this question, not the run; `LLMEndpointError` (a
+        whole-run error) propagates."""
+        answers, reasons, conversation = [], [], messages
+        try:
+            for _ in range(2):
+                answer = await self.complete(conversation, **params)
+                answers.append(answer)
+                value = read(answer.text)
+                if not isinstance(value, Refusal):
+                    return Asked(value, answers)
+                reasons.append(value.reason)
+                self.forget(conversation, **params)
+                conversation = messages + [{"role": "assistant", "content": answer.text}, reask]
+        except LLMEndpointError:
+            raise
+        except BudgetExceeded as stop:
+            return Asked(None, answers, failure(BUDGET_STOPPED, str(stop), answers, reasons))
+        except Exception as error:  # retries exhausted, a request the endpoint rejected
+            return Asked(None, answers, failure(REQUEST_FAILED, f"{type(error).__name__}: {str(error)[:300]}", answers, reasons))
+        return Asked(None, answers, failure(UNREADABLE, "", answers, reasons))
 
     async def complete(self, messages, **params) -> Completion:
         params = self._request(**params)

@@ -3,8 +3,8 @@
 An explainer is one module in `assets/explainers/` holding one `Explainer` subclass: its name,
 description, typed `Settings`, the resources it `uses` beyond the LLM, `prompt(record, max_tokens)`
 (the messages to send, fitted to the LLM's context, and how many examples were dropped to fit) and
-`parse(text)` (the explanation in an answer, or None when it cannot be read: the answer is asked
-again once, then the latent is failed). `assets/explanations.py` does the rest for every explainer:
+`parse(text)` (the explanation in an answer, or a `Refusal` saying why it cannot be read: the answer
+is asked again once, then the latent is failed with both answers and the reasons). `assets/explanations.py` does the rest for every explainer:
 sampling best-of-N candidates, choosing among them, the table and the search index.
 """
 from __future__ import annotations
@@ -18,7 +18,7 @@ import pandas as pd
 from pydantic import BaseModel, ConfigDict
 
 from assets.prompts import REASK_EXPLANATION, parse_explanation
-from resources.llm import ProductionClient
+from resources.llm import ProductionClient, Refusal
 
 
 class ExplainerSettings(BaseModel):
@@ -85,5 +85,5 @@ class Explainer:
     def prompt(self, record: LatentRecord, max_tokens: int) -> tuple[list[dict] | None, int]:
         raise NotImplementedError
 
-    def parse(self, text: str) -> str | None:
+    def parse(self, text: str) -> str | Refusal:
         return parse_explanation(text)

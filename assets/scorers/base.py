@@ -22,9 +22,9 @@ from typing import Callable, ClassVar, Literal
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
-from assets.prompts import highlight, parse_int_list, reask_list_message, scorer_messages
+from assets.prompts import highlight, read_int_list, reask_list_message, scorer_messages
 from assets.score_metrics import NAN
-from resources.llm import LLMEndpointError, ProductionClient
+from resources.llm import Asked, ProductionClient
 
 
 class ScorerSettings(BaseModel):
@@ -192,34 +192,11 @@ def list_tokens(n: int, hi: int) -> int:
     return 8 + (3 + len(str(hi))) * n
 
 
-@dataclass
-class Asked:
-    """One value-list question's outcome: the values, or why there are none (with the raw answers)."""
-
-    values: list[int] | None
-    answer: object | None = None
-    prompt_tokens: int = 0
-    failure: str = ""
-
-
-async def ask_list(client: ProductionClient, messages: list[dict], n: int, lo: int, hi: int, top_logprobs: int = 0) -> Asked:
-    """One request whose answer must be a list of n integers in [lo, hi]. An answer that cannot be read
-    is asked again once (a follow-up turn that says so); if that fails too the question fails with both
-    raw answers, and the unreadable answers are dropped from the cache so the next run asks again.
-    Only whole-run errors propagate: anything else loses this question, not the latent."""
+async def ask_list(client: ProductionClient, messages: list[dict], n: int, lo: int, hi: int, top_logprobs: int = 0) -> Asked[list[int]]:
+    """One request whose answer must be a list of n integers in [lo, hi], asked (and asked again once if
+    unreadable) by `ProductionClient.ask`; a lost question carries its failure, never a guess."""
     params = {"max_tokens": list_tokens(n, hi), "int_list": (n, lo, hi), "top_logprobs": top_logprobs}
-    answers = []
-    try:
-        values = await client.ask_readable(messages, lambda text: parse_int_list(text, n, lo, hi), reask_list_message(n, lo, hi), answers, **params)
-    except LLMEndpointError:
-        raise
-    except Exception as error:  # budget, retries exhausted, a rejected request: this question is lost
-        said = f" after {' then '.join(repr(a.text[:300]) for a in answers)}" if answers else ""
-        return Asked(None, None, sum(a.prompt_tokens for a in answers), f"{type(error).__name__}: {str(error)[:300]}{said}")
-    if values is not None:
-        return Asked(values, answers[-1], sum(a.prompt_tokens for a in answers))
-    raws = " then ".join(repr(a.text[:300]) for a in answers)
-    return Asked(None, None, sum(a.prompt_tokens for a in answers), f"unreadable answer (wanted {n} integers from {lo} to {hi}): {raws}")
+    return await client.ask(messages, read_int_list(n, lo, hi), reask_list_message(n, lo, hi), **params)
 
 
 async def classify(client: ProductionClient, job: Job, per_prompt: int, system: str, text_of: Callable[[Example], str]) -> JobResult:
@@ -236,8 +213,8 @@ async def classify(client: ProductionClient, job: Job, per_prompt: int, system: 
     asked = await asyncio.gather(*(ask_list(client, messages, len(kept), 0, 1) for kept, messages in prompts))
     for (kept, _), outcome in zip(prompts, asked):
         result.prompt_tokens += outcome.prompt_tokens
-        if outcome.values is None:
+        if outcome.value is None:
             result.lost(len(kept), outcome.failure)
             continue
-        result.rows += [example_row(e, prediction=p) for e, p in zip(kept, outcome.values)]
+        result.rows += [example_row(e, prediction=p) for e, p in zip(kept, outcome.value)]
     return result

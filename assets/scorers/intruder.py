@@ -60,10 +60,10 @@ class Intruder(Scorer):
         kept = [(i, task) for i, (task, ok) in enumerate(zip(tasks, fits)) if ok]
         for (i, (windows, position, quantile)), outcome in zip(kept, asked):
             result.prompt_tokens += outcome.prompt_tokens
-            if outcome.values is None:
+            if outcome.value is None:
                 result.lost(1, outcome.failure)
                 continue
             mean_activation = float(np.mean([e.activations.max() for e in windows if e.label]))
             result.rows.append({"example": i, "label": 1, "quantile": quantile, "activation": mean_activation,
-                                "prediction": int(outcome.values[0] - 1 == position), "score": NAN})
+                                "prediction": int(outcome.value[0] - 1 == position), "score": NAN})
         return result

@@ -9,7 +9,8 @@ from pydantic import Field
 
 from assets.prompts import simulation_messages
 from assets.score_metrics import pearson, rsquared
-from assets.scorers.base import Asked, Example, Job, JobResult, Scorer, ScorerSettings, ask_list, example_row, list_tokens
+from assets.scorers.base import Example, Job, JobResult, Scorer, ScorerSettings, ask_list, example_row, list_tokens
+from resources.llm import Asked
 
 
 class SimulationSettings(ScorerSettings):
@@ -78,12 +79,12 @@ class Simulation(Scorer):
             messages = simulation_messages(explanation, e.token_strs)
             n = len(e.token_strs)
             if not client.fits(messages, list_tokens(n, 10)):
-                return e, None, "dropped", Asked(None, failure="prompt longer than the judge's context")
+                return e, None, "dropped", Asked(None)
             outcome = await ask_list(client, messages, n, 0, 10, top_logprobs)
-            if outcome.values is None:
+            if outcome.value is None:
                 return e, None, "", outcome
-            expected = expected_values(outcome.answer, outcome.values) if top_logprobs else None
-            return e, np.asarray(expected if expected is not None else outcome.values, float), "logprobs" if expected is not None else "parsed", outcome
+            expected = expected_values(outcome.answer, outcome.value) if top_logprobs else None
+            return e, np.asarray(expected if expected is not None else outcome.value, float), "logprobs" if expected is not None else "parsed", outcome
 
         return await asyncio.gather(*(one(e) for e in examples))
 

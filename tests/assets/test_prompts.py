@@ -12,6 +12,7 @@ from assets.prompts import (
     simulation_messages,
     visible_token,
 )
+from resources.llm import Refusal
 
 
 def test_highlight_wraps_runs_of_marked_tokens():
@@ -59,10 +60,38 @@ def test_whitespace_and_special_tokens_are_shown_visibly_and_the_same_everywhere
         ("The feature fires on:\n- cats\n- dogs", None),  # several lines and no label: which one?
         ("Explanation: cats\nExplanation: dogs", None),
         ("Explanation:\nclosing brackets", "closing brackets"),
+        ("Explanation:\na line break", "a line break"),
+        ("Explanation: the token\n'and' between clauses", "the token 'and' between clauses"),  # one phrase broken over lines
+        ("Explanation: a line\nbreak", "a line break"),
+        ("Explanation: Explanation: closing brackets", "closing brackets"),  # the label echoed once too often
+        ("Explanation: repeated words ('the the the')", "repeated words ('the the the')"),  # a short repeat can be the content
+        ("Explanation: cats\nExplanation: cats", "cats"),
     ],
 )
 def test_parse_explanation(answer, expected):
-    assert parse_explanation(answer) == expected
+    parsed = parse_explanation(answer)
+    assert isinstance(parsed, Refusal) if expected is None else parsed == expected
+
+
+@pytest.mark.parametrize(
+    "answer, reason",
+    [
+        ("The feature fire on is on is on is on is on", "degenerate: 'on is' repeated 3 or more times in a row"),
+        ("Explanation: the the the the the the the the", "degenerate: 'the' repeated 6 or more times in a row"),
+        ("Explanation: Explanation: Explanation:", "only the prompt's labels: 'Explanation: Explanation:'"),
+        ("Explanation: <phrase>", "only the prompt's labels"),
+        ("Explanation: Example 1: Marked:", "only the prompt's labels"),
+        ("Explanation:", "nothing after the label"),
+        ("   \n", "empty answer"),
+        ("<think>Let me look at the examples", "cut off while reasoning"),
+        ("Explanation: cats\nExplanation: dogs", "2 different explanations: 'cats' and 'dogs'"),
+        ("Explanation:\n- cats\n- dogs", "a list of items under the label"),  # which item? a guess
+        ("Hmm.\nThese are hard to tell apart.", "several lines and no 'Explanation:' label"),
+    ],
+)
+def test_a_refused_explanation_says_why(answer, reason):
+    parsed = parse_explanation(answer)
+    assert isinstance(parsed, Refusal) and reason in parsed.reason, parsed
 
 
 # (answer, n, lo, hi, expected): real answer styles of judges without a grammar; None = refused

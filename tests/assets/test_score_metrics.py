@@ -4,7 +4,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from assets.score_metrics import binary_metrics, control_assignment, latent_metrics, pearson, roc_auc, rsquared, top_k_predictions, verdict
+from assets.score_metrics import MIN_LATENTS, binary_metrics, control_assignment, latent_metrics, pearson, roc_auc, rsquared, top_k_predictions, verdict
 
 
 def test_binary_metrics_against_hand_computation():
@@ -87,10 +87,18 @@ def test_control_is_always_a_different_text():
 
 
 def test_verdict_names_its_control():
-    assert "tasks without an intruder" in verdict(pd.Series([0.5, 0.6, 0.55]), "tasks without an intruder")
+    assert "tasks without an intruder" in verdict(pd.Series([0.5, 0.6, 0.55] * 4), "tasks without an intruder")
 
 
-def test_verdict_needs_a_gap_clearly_above_zero():
-    assert verdict(pd.Series([0.3, 0.35, 0.25, 0.3])).startswith("informative")
-    assert verdict(pd.Series([0.1, -0.1, 0.05, -0.05])).startswith("uninformative")
-    assert verdict(pd.Series([0.4])).startswith("uninformative")
+def test_verdict_needs_a_gap_clearly_above_zero_and_says_its_test():
+    informative = verdict(pd.Series([0.3, 0.35, 0.25, 0.3] * 3))
+    assert informative.startswith("informative") and "one-sided, mean gap > 2 standard errors over 12 latents" in informative
+    assert verdict(pd.Series([0.1, -0.1, 0.05, -0.05] * 3)).startswith("uninformative")
+
+
+@pytest.mark.parametrize("gaps", [[0.4], [0.03, 0.03, np.nan], [0.3, 0.35, 0.25, 0.3, 0.3, 0.32, 0.28, 0.31, 0.29]])
+def test_a_verdict_on_too_few_latents_says_so_instead_of_a_verdict(gaps):
+    """The demo's two latents were called informative (0.030 ± 0.010): with n latents the 2-SE test is
+    a t test with n - 1 degrees of freedom, which a scorer with no signal passes 15% of the time at n = 2."""
+    n = int(np.isfinite(gaps).sum())
+    assert verdict(pd.Series(gaps)) == f"too few latents to tell ({n} with a control; the test needs at least {MIN_LATENTS})"

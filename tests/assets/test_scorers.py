@@ -5,6 +5,7 @@ perfectly with its own explanation and at chance (or worse) with the control's; 
 surprisal scorers use the real MiniLM and SmolLM2 models.
 """
 import asyncio
+import json
 import re
 
 import numpy as np
@@ -325,3 +326,25 @@ def test_an_explained_latent_without_exemplars_is_skipped_not_a_crash(topic_data
         frame, _ = asyncio.run(score_partition(detection, exemplars, stale, vocab, report=said.append))
     assert sorted(frame.latent) == [1, 2, 3] and (frame.control_explanation != "the word lamp").all()
     assert any("no exemplars (e.g. [99])" in line for line in said)
+
+
+def test_latents_the_budget_stopped_are_not_kept_as_scored_and_are_asked_on_the_next_run(topic_data, tmp_path):
+    """A budget stop is no result: a latent it cut short (its own or its control's prompts) is not kept in
+    the journal, so the next run (here: resuming the same journal without a budget) scores it whole."""
+    from storage.journal import Journal
+
+    exemplars, explanations, vocab = topic_data
+    settings = scorer_settings({"detection": {"examples_per_prompt": 4}})["detection"]  # 3 prompts a job, 6 a latent
+
+    def run(server, **budget):
+        journal = Journal(tmp_path / "detection.parquet", "key", parts=("examples", "scores"))
+        client = LLMResource(backend="openai", base_url=server.base_url, model="m", max_concurrency=1, cache_dir="", **budget).client()
+        return asyncio.run(score_partition(SCORERS["detection"](settings, ScorerDeps(llm=client)), exemplars, explanations, vocab, journal=journal))
+
+    with ScriptedLLMServer(truthful_judge) as server:
+        frame, _ = run(server, max_requests=8)
+        stopped = [row.latent for row in frame.itertuples() if any("budget" in reason for reason in json.loads(row.failures))]
+        assert len(server.requests) == 8 and stopped and len(stopped) < 3
+        frame, _ = run(server)
+    assert len(server.requests) == 8 + 6 * len(stopped)  # only the stopped latents were asked again, whole
+    assert (frame.n_failed == 0).all() and (frame.balanced_accuracy == 1.0).all() and (frame.failures == "[]").all()

@@ -8,7 +8,7 @@ import pandas as pd
 import pytest
 from dagster import DagsterInstance, EnvVar, materialize
 
-from resources.llm import BudgetExceeded, Completion, LLMResource, ResponseCache, completion_from_json
+from resources.llm import BUDGET_STOPPED, REQUEST_FAILED, UNREADABLE, BudgetExceeded, Completion, LLMEndpointError, LLMResource, Refusal, ResponseCache, completion_from_json, stopped_by_budget
 from tests.conftest import add_coders, TINY_CODER, all_assets, in_session, make_resources, pipeline_until_exemplars
 from tests.conftest import llm_resource as resource
 
@@ -146,6 +146,44 @@ def test_budget_stops_sending_and_cost_is_counted():
     assert len(server.requests) == 3 and sum(isinstance(r, BudgetExceeded) for r in results) == 2
     assert client.ledger.cost == pytest.approx((3 * 10 * 2.0 + 3 * 3 * 10.0) / 1e6)
     assert client.ledger.as_metadata()["llm_cost"] > 0
+
+
+def number(text: str):
+    """A reader for `ProductionClient.ask`: an integer, or why not."""
+    return int(text) if text.strip().isdigit() else Refusal("not a number")
+
+
+REASK = {"role": "user", "content": "A number, please."}
+
+
+def test_a_lost_question_says_why_in_one_format_with_the_answers_and_the_readers_reasons():
+    with ScriptedLLMServer(lambda m: "Hmm" if m[-1] != REASK else "maybe 3") as server:
+        client = resource(server, cache_dir="").client()
+        unreadable = in_session(client, lambda: client.ask(MESSAGES, number, REASK, max_tokens=4))
+    assert unreadable.value is None and len(unreadable.answers) == 2 and unreadable.prompt_tokens > 0
+    assert unreadable.failure == f"{UNREADABLE}: 'Hmm' (not a number) then 'maybe 3' (not a number)"
+
+    with ScriptedLLMServer(lambda m: "Hmm") as server:
+        client = resource(server, max_requests=1, cache_dir="").client()
+        stopped = in_session(client, lambda: client.ask(MESSAGES, number, REASK, max_tokens=4))
+    assert stopped.failure == f"{BUDGET_STOPPED}: request budget of 1 reached, after 'Hmm' (not a number)" and stopped_by_budget(stopped.failure)
+
+    with ScriptedLLMServer(scripted([400])) as server:
+        client = resource(server, cache_dir="").client()
+        failed = in_session(client, lambda: client.ask(MESSAGES, number, REASK, max_tokens=4))
+    assert failed.failure.startswith(f"{REQUEST_FAILED}: BadRequestError: ") and not stopped_by_budget(failed.failure) and failed.answers == []
+
+    with ScriptedLLMServer(lambda m: "7") as server:
+        client = resource(server, cache_dir="").client()
+        read = in_session(client, lambda: client.ask(MESSAGES, number, REASK, max_tokens=4))
+    assert read.value == 7 and read.failure == "" and read.answer.text == "7"
+
+
+def test_a_whole_run_error_is_raised_not_stored_as_a_lost_question():
+    with ScriptedLLMServer(scripted([401])) as server:
+        client = resource(server, cache_dir="").client()
+        with pytest.raises(LLMEndpointError, match="API key"):
+            in_session(client, lambda: client.ask(MESSAGES, number, REASK, max_tokens=4))
 
 
 def test_malformed_answers_are_asked_again_once_then_fail_the_latent_not_the_partition_and_are_retried_next_time(registered):

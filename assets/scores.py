@@ -427,8 +427,11 @@ def summary_table(root, coder: str, scorers: dict[str, type[Scorer]]) -> pd.Data
 
 
 def summary_sources(root, coder: str, scorers: dict[str, type[Scorer]]) -> dict[str, str]:
-    """`<shard>/<scorer>` → fingerprint of each scores table of `coder` that the summary joins."""
-    paths = {f"{shard}/{name}": root.scores_path(coder, shard, name) for shard in scored_shards(root, coder) for name in scorers}
+    """`<shard>/<scorer>` → fingerprint of each scores table of `coder` that the summary joins, and of each
+    scored shard's explanations (`<shard>/explanations`): a re-explain changes which scores are stale."""
+    shards = scored_shards(root, coder)
+    paths = {f"{shard}/{name}": root.scores_path(coder, shard, name) for shard in shards for name in scorers}
+    paths |= {f"{shard}/explanations": root.explanations_path(coder, shard) for shard in shards}
     return {source: file_fingerprint(path) for source, path in paths.items() if path.exists()}
 
 

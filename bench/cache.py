@@ -5,7 +5,8 @@ Runs `cache_activations` on the embedded SmolLM2-135M at `model.layers.15` with 
 forward cut after layer 15 on the same tokens and batch size, interleaved `--repeats` times so
 that a noisy machine's drifts hit both alike. Prints a JSON object as its last line: tok_s and
 bare_tok_s (medians), ratio (the median over repeats of cache speed / bare speed, each repeat's
-pair measured back to back), the per-repeat ratios, and peak_rss_mb.
+pair measured back to back), the per-repeat ratios, and peak_rss_mb. Each repeat caches from
+scratch: the previous repeat's cache is deleted, untimed, first.
 Compare peak RSS across token counts with two runs, e.g. --tokens 16384 and --tokens 131072.
 
     .venv/bin/python bench/cache.py --tokens 16384
@@ -13,6 +14,7 @@ Compare peak RSS across token counts with two runs, e.g. --tokens 16384 and --to
 import argparse
 import json
 import resource
+import shutil
 import statistics
 import sys
 import tempfile
@@ -59,6 +61,7 @@ def main() -> None:
 
         cache_s, bare_s = [], []
         for _ in range(args.repeats):  # interleaved, so drifts of a noisy machine hit both alike
+            shutil.rmtree(root.activations_dir(coder.key), ignore_errors=True)  # else the repeat finds the last one's cache and reuses it
             started = time.perf_counter()
             cache_activations([coder], subject, root, skip_bos=False)
             cache_s.append(time.perf_counter() - started)

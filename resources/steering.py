@@ -3,12 +3,12 @@
 A steer edits one latent in the coder's latent space and keeps everything the coder does not
 explain, as Goodfire's SAE card does: with f = encode(x),
 
-    x' = decode(f + delta * e_latent) + (x - decode(f))
+    x' = decode(f + delta * e_latent) + (x - decode(f)) = x + delta * W_dec[latent]
 
-so the reconstruction error goes back in and a zero edit leaves the model's output as it was. An
-SAE reads and writes its module's output; a transcoder reads the module's input and writes its
-output (the error is then output - decode(encode(input))); MLP neurons are their own latent space,
-so the edit adds delta to the neuron's input of `down_proj`. The edit is applied at every position
+(decode is linear), so the reconstruction error goes back in and a zero edit leaves the model's
+output as it was. An SAE and a transcoder both write their module's output (what a transcoder
+reads, the module's input, cancels out); MLP neurons are their own latent space, so the edit adds
+delta to the neuron's input of `down_proj`. The edit is applied at every position
 of the prompt and of every generated token.
 
 Strength is given in units of the latent's largest activation in the activation cache
@@ -27,7 +27,7 @@ from pathlib import Path
 
 import torch
 
-from resources.sparse_coders import SparseCode, SparseCoder
+from resources.sparse_coders import SparseCoder
 from resources.subject_model import resolve_hookpoint
 
 NEUTRAL_PROMPTS = (
@@ -90,29 +90,15 @@ def _repack(original, first: torch.Tensor):
     return (first, *original[1:]) if isinstance(original, tuple) else first
 
 
-def added_to_latent(code: SparseCode, latent: int, delta: float, n_tokens: int) -> SparseCode:
-    """`code` with `delta` added to `latent` on every token, still sorted by row (what `decode` needs).
-    The addition is a second (row, latent, delta) entry: decode sums a token's entries, so it is f + delta e."""
-    rows = torch.arange(n_tokens, device=code.rows.device)
-    all_rows = torch.cat([code.rows, rows])
-    order = torch.argsort(all_rows, stable=True)
-    latents = torch.cat([code.latents, torch.full_like(rows, latent)])
-    values = torch.cat([code.values, torch.full((n_tokens,), float(delta), dtype=code.values.dtype, device=code.values.device)])
-    return SparseCode(all_rows[order], latents[order], values[order])
-
-
-def steered_value(coder: SparseCoder, latent: int, delta: float, read: torch.Tensor, write: torch.Tensor) -> torch.Tensor:
-    """What the written side becomes: decode(f + delta e_latent) + (write - decode(f)), f = encode(read)."""
+def steered_value(coder: SparseCoder, latent: int, delta: float, write: torch.Tensor) -> torch.Tensor:
+    """What the written side becomes: decode(f + delta e_latent) + (write - decode(f)), which is
+    write + delta W_dec[latent] because decode is linear; f (and so what the coder reads) cancels,
+    and no step encodes or decodes."""
     if coder.activation == "neurons":
         out = write.clone()
         out[..., latent] += delta
         return out
-    x = read.reshape(-1, read.shape[-1]).float()
-    y = write.reshape(-1, write.shape[-1]).float()
-    code = coder.encode(x)
-    error = y - coder.decode(code, len(x))  # everything the coder does not explain goes back in
-    edited = coder.decode(added_to_latent(code, latent, delta, len(x)), len(x))
-    return (edited + error).reshape(write.shape).to(write.dtype)
+    return (write.float() + delta * coder.decoder_weight[latent]).to(write.dtype)
 
 
 @dataclass(frozen=True)
@@ -155,16 +141,14 @@ class Steerer:
         module_name(self.lm, coder.hookpoint)  # an unknown hookpoint names its fix here
 
     def _intervene(self, steer: Steer) -> None:
-        """Inside a trace: apply the steer at its hookpoint (input is read before output: nnsight's order)."""
+        """Inside a trace: apply the steer at its hookpoint."""
         coder = self._coder(steer.coder)
         envoy = self.model.get(module_name(self.lm, coder.hookpoint))
         if coder.activation == "neurons":
-            envoy.input = steered_value(coder, steer.latent, steer.delta, envoy.input, envoy.input)
+            envoy.input = steered_value(coder, steer.latent, steer.delta, envoy.input)
             return
-        read = envoy.input if coder.reads == "input" else None
         output = envoy.output
-        written = _first(output)
-        envoy.output = _repack(output, steered_value(coder, steer.latent, steer.delta, written if read is None else read, written))
+        envoy.output = _repack(output, steered_value(coder, steer.latent, steer.delta, _first(output)))
 
     def read(self, input_ids: torch.Tensor, sites: set[tuple[str, str]]) -> dict[tuple[str, str], torch.Tensor]:
         """The tensor at each (hookpoint, "input" | "output") site, read through nnsight (what

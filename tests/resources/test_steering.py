@@ -16,7 +16,7 @@ from resources.intervention import LikelihoodScorer, judge, judge_pairs, steered
 from resources.llm import LLMResource
 from resources.output_evidence import token_change, vocab_proj_evidence
 from resources.sparse_coders import SparseCoder, load_registered, save_sparsify
-from resources.steering import NEUTRAL_PROMPTS, Steer, SteeringError, max_activation
+from resources.steering import NEUTRAL_PROMPTS, Steer, SteeringError, max_activation, steered_value
 from resources.subject_model import SubjectModelResource
 from storage.activations import load_latent_stats, read_shard, shard_keys
 from storage.layout import DataRoot
@@ -89,6 +89,25 @@ def test_a_zero_edit_leaves_the_logits_unchanged(steerer, subject, tiny_sae, kin
     assert torch.allclose(zero, bare, rtol=1e-5, atol=1e-3), (zero - bare).abs().max()
     moved = steerer.logits(ids, mask, Steer(coder, 7, 20.0))
     assert (moved - bare).abs().max() > 1.0  # the same path with an edit does steer
+
+
+@pytest.mark.parametrize("transcode", [False, True])
+def test_the_steered_write_is_the_goodfire_edit_without_encoding(transcode):
+    """write + delta W_dec[latent] is decode(f + delta e) + (write - decode(f)), f = encode(read), for
+    any read (a transcoder reads its module's input); here the edit written out densely by hand."""
+    gen = torch.Generator().manual_seed(0)
+    d_in, width, latent, delta = 16, 32, 5, 3.5
+    coder = SparseCoder("random", "model.layers.3", "topk", d_in, width, torch.randn(width, d_in, generator=gen), torch.randn(width, generator=gen),
+                        torch.randn(width, d_in, generator=gen), torch.randn(d_in, generator=gen), k=4, transcode=transcode)
+    read, write = torch.randn(2, 7, d_in, generator=gen), torch.randn(2, 7, d_in, generator=gen)
+    code = coder.encode((read if transcode else write).reshape(-1, d_in))
+    f = torch.zeros(14, width)
+    f[code.rows, code.latents] = code.values
+    edited = f.clone()
+    edited[:, latent] += delta
+    goodfire = (edited @ coder.decoder_weight + coder.decoder_bias) + (write.reshape(-1, d_in) - (f @ coder.decoder_weight + coder.decoder_bias))
+    assert torch.allclose(steered_value(coder, latent, delta, write), goodfire.reshape(write.shape), atol=1e-5)
+    assert steered_value(coder, latent, delta, write.bfloat16()).dtype == torch.bfloat16
 
 
 @pytest.fixture(scope="module")

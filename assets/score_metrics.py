@@ -137,6 +137,25 @@ def no_control_reason(n_latents: int) -> str:
     return "no control: every other latent of this partition has the same explanation"
 
 
+def paired_means(scores, controls) -> tuple[float, float, int]:
+    """The mean score and the mean control score over the latents that have both, and how many: a mean
+    over every scored latent beside a mean over those with a control would compare different latents.
+    When no latent has a control: the mean over the scored latents, NaN for the control, and 0."""
+    frame = pd.DataFrame({"score": scores, "control": controls}, dtype=float)
+    both = frame.dropna()
+    if not len(both):
+        return float(frame["score"].mean()), NAN, 0
+    return float(both["score"].mean()), float(both["control"].mean()), len(both)
+
+
+def beside_control(score: float, control: float, digits: int = 3) -> str:
+    """A score beside its control's, for people to read: 'score / control', 'score / no control', or 'n/a'
+    when there is no score."""
+    if math.isnan(score):
+        return "n/a"
+    return f"{score:.{digits}f} / " + ("no control" if math.isnan(control) else f"{control:.{digits}f}")
+
+
 MIN_LATENTS = 10
 """Latents with a control that a verdict needs. The test is one-sided: the scorer is informative when
 the mean gap over its control exceeds 2 standard errors of the mean (a z test, 2.3% false positives).

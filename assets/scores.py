@@ -36,7 +36,7 @@ from assets.explanations import viewer_links
 from assets.work import ChunkLoader, nothing_succeeded, selected_latents, stream_latents
 from assets.partitions import backfill_policy, coder_and_shard, coders_of, each_shard, shard_partitions
 from assets.prompts import corpus_prompt_vocab, window_embedding
-from assets.score_metrics import control_assignment, example_metrics, no_control_reason, predictions_of, verdict
+from assets.score_metrics import beside_control, control_assignment, example_metrics, no_control_reason, paired_means, predictions_of, verdict
 from assets.scorers import Job, JobResult, Scorer, ScorerDeps, ScorerSettings
 from assets.scorers.base import CONTROLS, EXAMPLE_COLUMNS, examples_of
 from assets.stage_config import SCORER_ROLES, Models
@@ -282,8 +282,9 @@ def scorer_metadata(scorer: type[Scorer], settings: ScorerSettings, frame: pd.Da
     metadata["informative"] = metadata["verdict"].startswith("informative")
     for metric in dict.fromkeys((main, "accuracy", "balanced_accuracy", "f1", "roc_auc", "pearson")):
         if frame[metric].notna().any():
-            metadata[f"mean_{metric}"] = MetadataValue.float(round(float(frame[metric].mean()), 4))
-            metadata[f"mean_control_{metric}"] = MetadataValue.float(round(float(frame[f"control_{metric}"].mean()), 4))
+            mean, control, _ = paired_means(frame[metric], frame[f"control_{metric}"])  # over the latents with both
+            metadata[f"mean_{metric}"] = MetadataValue.float(round(mean, 4))
+            metadata[f"mean_control_{metric}"] = MetadataValue.float(round(control, 4))
     metadata["mean_gap"] = MetadataValue.float(round(float(frame["gap"].mean()), 4)) if frame["gap"].notna().any() else MetadataValue.float(float("nan"))
     confusion = pd.DataFrame({"": ["fires", "silent"], "judged fires": [frame["tp"].sum(), frame["fp"].sum()], "judged silent": [frame["fn"].sum(), frame["tn"].sum()]})
     metadata["confusion_matrix"] = MetadataValue.md(confusion.to_markdown(index=False))
@@ -498,7 +499,7 @@ def summary_asset(scorers: dict[str, type[Scorer]]) -> AssetsDefinition:
                 for name in scorers:
                     if name in table.columns and len(table):
                         present.add(name)
-                        row[name] = f"{table[name].mean():.3f} / {table[f'{name}_control'].mean():.3f}"
+                        row[name] = beside_control(*paired_means(table[name], table[f"{name}_control"])[:2])
                         row[f"{name} verdict"] = verdict(table[f"{name}_gap"], scorers[name].control_description()).split(":")[0]
                 rows.append(row)
         context.log.info(f"score_summary: rebuilt {len(rebuilt)} of {len(coders)} coders")
@@ -515,8 +516,9 @@ def summary_asset(scorers: dict[str, type[Scorer]]) -> AssetsDefinition:
                 metadata["best_and_worst"] = MetadataValue.md(best_and_worst(table, "mean_gap", ["latent", "shard", "mean_gap", *present, "explanation"]))
                 for name in present:
                     metadata[f"{name}_verdict"] = verdict(table[f"{name}_gap"], scorers[name].control_description())
-                    metadata[f"{name}_mean"] = MetadataValue.float(round(float(table[name].mean()), 4))
-                    metadata[f"{name}_mean_control"] = MetadataValue.float(round(float(table[f"{name}_control"].mean()), 4))
+                    mean, control, _ = paired_means(table[name], table[f"{name}_control"])
+                    metadata[f"{name}_mean"] = MetadataValue.float(round(mean, 4))
+                    metadata[f"{name}_mean_control"] = MetadataValue.float(round(control, 4))
         metadata.update(summary_links(settings.viewer_url, ranked))
         metadata["path"] = MetadataValue.path(str(root.root / "scores"))
         return MaterializeResult(metadata=metadata)

@@ -112,7 +112,7 @@ def run_demo(deployment, force: bool) -> None:
 def print_results(root, coder: str, scorers: dict) -> None:
     import pandas as pd
 
-    from assets.score_metrics import verdict
+    from assets.score_metrics import beside_control, paired_means, verdict
 
     path = root.score_summary_path(coder)
     if not path.exists():
@@ -122,11 +122,13 @@ def print_results(root, coder: str, scorers: dict) -> None:
     present = [name for name in scorers if name in table.columns]
     shown = table[["latent", "explanation"]].assign(explanation=table["explanation"].str.slice(0, 60))
     for name in present:
-        shown[f"{name} ({scorers[name].main_metric})"] = table[name].round(2).astype(str) + " / " + table[f"{name}_control"].round(2).astype(str)
+        shown[f"{name} ({scorers[name].main_metric})"] = [beside_control(s, c, digits=2) for s, c in zip(table[name], table[f"{name}_control"])]
     print("\nEach scorer's main metric for the explanation / for its control (another latent's explanation):")
-    print(shown.to_string(index=False, na_rep="n/a"))
+    print(shown.to_string(index=False))
     for name in present:
-        print(f"{name}: {verdict(table[f'{name}_gap'], scorers[name].control_description())}")
+        mean, control, paired = paired_means(table[name], table[f"{name}_control"])
+        means = f"mean {beside_control(mean, control)} over the {paired} latents with a control" if paired else f"mean {beside_control(mean, control)}"
+        print(f"{name}: {means}; {verdict(table[f'{name}_gap'], scorers[name].control_description())}")
 
 
 def cache(data_dir: str, coder_keys: list[str], batch_size: int, checkpoint_entries: int, latents_per_shard: int) -> None:

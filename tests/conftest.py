@@ -101,6 +101,25 @@ def llm_resource(server, **kwargs):
     return LLMResource(backend="openai", base_url=server.base_url, model="m", **kwargs)
 
 
+def two_shards_of_scores(folder):
+    """Scores of coder `c/h`: shard 00 has two latents with a control, shard 01 one latent without (alone in its shard)."""
+    import numpy as np
+    import pandas as pd
+
+    from assets.scorers import SCORERS
+    from storage.layout import DataRoot
+
+    root = DataRoot.at(folder)
+    frames = {("00", "detection"): ([1, 2], [0.9, 0.6], [0.5, 0.5]), ("01", "detection"): ([700], [0.8], [np.nan]), ("00", "embedding"): ([1, 2], [0.7, 0.4], [0.6, 0.5])}
+    for (shard, name), (latents, score, control) in frames.items():
+        main = SCORERS[name].main_metric
+        path = root.scores_path("c/h", shard, name)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        pd.DataFrame({"latent": latents, "explanation": [f"e{l}" for l in latents], main: score, f"control_{main}": control,
+                      "gap": np.subtract(score, control)}).to_parquet(path)
+    return root
+
+
 def pipeline_until_exemplars(root: Path, instance):
     from dagster import materialize
 

@@ -12,6 +12,7 @@ from typing import Callable
 import numpy as np
 import pandas as pd
 
+from assets.score_metrics import paired_means
 from autointerp_defs.viewer import DEFAULT_DAGSTER_URL, coder_url, dagster_asset_url, latent_url
 from autointerp_defs.viewer.index import CoderIndex
 from storage.exports import reader
@@ -88,8 +89,9 @@ class Viewer:
                    "failed": int((table["status"] == "failed").sum()), "scorers": {}}
             for name in index.scorers:
                 scored = table[table[name].notna()]
-                row["scorers"][name] = {"mean": scored[name].mean() if len(scored) else None, "control": scored[f"{name}_control"].mean() if len(scored) else None,
-                                        "verdict": reader.verdict(table[f"{name}_gap"], name), "n": len(scored)}
+                mean, control, paired = paired_means(scored[name], scored[f"{name}_control"])
+                row["scorers"][name] = {"mean": mean if len(scored) else None, "control": control if paired else None,
+                                        "verdict": reader.verdict(table[f"{name}_gap"], name), "n": len(scored), "with_control": paired}
                 if name not in scorers:
                     scorers.append(name)
             rows.append(row)

@@ -16,6 +16,7 @@ from assets.scorers import SCORERS, ScorerDeps, scorer_settings
 from assets.scorers.simulation import expected_values
 from assets.scores import score_partition
 from resources.llm import Completion, LLMResource
+from tests.conftest import two_shards_of_scores
 from tests.scripted_llm_server import ScriptedLLMServer
 
 TOPICS = {1: "cat", 2: "river", 3: "guitar"}
@@ -221,16 +222,8 @@ def test_surprisal_scorer_is_the_loss_drop_the_explanation_brings(topic_data, su
 
 def test_summary_joins_scorers_over_shards_and_keeps_undefined_controls(tmp_path):
     from assets.scores import summary_table
-    from storage.layout import DataRoot
 
-    root = DataRoot.at(tmp_path)
-    frames = {("00", "detection"): ([1, 2], [0.9, 0.6], [0.5, 0.5]), ("01", "detection"): ([700], [0.8], [np.nan]), ("00", "embedding"): ([1, 2], [0.7, 0.4], [0.6, 0.5])}
-    for (shard, name), (latents, score, control) in frames.items():
-        main = SCORERS[name].main_metric
-        path = root.scores_path("c/h", shard, name)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        pd.DataFrame({"latent": latents, "explanation": [f"e{l}" for l in latents], main: score, f"control_{main}": control,
-                      "gap": np.subtract(score, control)}).to_parquet(path)
+    root = two_shards_of_scores(tmp_path)
     table = summary_table(root, "c/h", {name: SCORERS[name] for name in ("detection", "embedding")}).set_index("latent")
     assert list(table.index) == [1, 2, 700] and table.loc[700, "shard"] == "01"
     assert table.loc[1, "detection"] == 0.9 and table.loc[1, "embedding_control"] == 0.6
@@ -348,3 +341,30 @@ def test_latents_the_budget_stopped_are_not_kept_as_scored_and_are_asked_on_the_
         frame, _ = run(server)
     assert len(server.requests) == 8 + 6 * len(stopped)  # only the stopped latents were asked again, whole
     assert (frame.n_failed == 0).all() and (frame.balanced_accuracy == 1.0).all() and (frame.failures == "[]").all()
+
+
+def test_the_summary_compares_a_mean_with_its_controls_over_the_same_latents(tmp_path):
+    """Latent 700 has a score but no control: a mean over all three scores beside a control mean over
+    two latents (0.767 / 0.500) would credit the scorer with a latent its control never saw."""
+    from dagster import DagsterInstance, materialize
+
+    from assets.scores import summary_asset
+    from resources.settings import AutointerpSettings
+
+    two_shards_of_scores(tmp_path)
+    instance = DagsterInstance.ephemeral()
+    instance.add_dynamic_partitions("shard", ["c/h|00", "c/h|01"])
+    result = materialize([summary_asset({"detection": SCORERS["detection"]})], resources={"settings": AutointerpSettings(data_dir=str(tmp_path))}, instance=instance)
+    meta = result.asset_materializations_for_node("score_summary")[0].metadata
+    assert "| 0.750 / 0.500 |" in meta["by_coder"].value
+    assert meta["detection_mean"].value == 0.75 and meta["detection_mean_control"].value == 0.5
+
+
+def test_a_partitions_means_and_their_controls_are_over_the_same_latents(topic_data):
+    from assets.scores import scorer_metadata
+
+    with ScriptedLLMServer(truthful_judge) as server:
+        frame, examples = run_scorer("detection", topic_data, server, examples_per_prompt=4)
+    frame.loc[0, ["balanced_accuracy", "control_balanced_accuracy"]] = [0.7, np.nan]  # a control metric can be undefined
+    meta = scorer_metadata(SCORERS["detection"], scorer_settings()["detection"], frame, examples)
+    assert meta["mean_balanced_accuracy"].value == 1.0 and meta["mean_control_balanced_accuracy"].value == 0.5  # latent 0 left out of both

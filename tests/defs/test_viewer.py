@@ -46,8 +46,9 @@ def test_coders_page_compares_each_scorer_with_its_control(server, partition):
     assert set(row["scorers"]) == set(scores)
     for name, table in scores.items():
         main = {s["name"]: s["main_metric"] for s in data["scorers"]}[name]
-        assert row["scorers"][name]["mean"] == pytest.approx(table[main].mean())
-        assert row["scorers"][name]["control"] == pytest.approx(table[f"control_{main}"].mean())
+        both = table[[main, f"control_{main}"]].dropna()  # the mean and its control's over the same latents
+        assert row["scorers"][name]["mean"] == pytest.approx(both[main].mean()) and row["scorers"][name]["with_control"] == len(both) > 0
+        assert row["scorers"][name]["control"] == pytest.approx(both[f"control_{main}"].mean())
         assert row["scorers"][name]["verdict"].startswith("too few latents to tell (")  # a few latents: no verdict
 
 

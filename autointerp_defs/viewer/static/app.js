@@ -86,7 +86,7 @@ async function codersPage() {
     return { node, values };
   });
   main.replaceChildren(el("h1", {}, "Sparse coders"),
-    el("p", { class: "muted" }, "Each scorer's mean main metric over scored latents, beside its control (the same scorer with another latent's explanation). Click a header to sort."),
+    el("p", { class: "muted" }, "Each scorer's mean main metric beside its control's (the same scorer with another latent's explanation), both over the latents that have a control. Click a header to sort."),
     sortableTable(headers, rows));
 }
 

@@ -17,6 +17,7 @@ from dagster import AssetExecutionContext, AssetsDefinition, Config, DataVersion
 from pydantic import Field
 
 from assets.automation import CODE_CHANGED
+from assets.checks import corpus_specs, corpus_tokens, result
 from assets.stage_config import Models, settings_digest, with_defaults
 from resources.settings import AutointerpSettings
 from resources.subject_model import SubjectModelResource
@@ -188,6 +189,7 @@ def _corpus(
             "path": MetadataValue.path(str(settings.root.corpus_dir)),
         },
         data_version=DataVersion(meta["hash"]),
+        check_results=[result("token_count", corpus_tokens(meta, config.n_tokens))],
     )
 
 
@@ -206,4 +208,4 @@ def corpus_asset(defaults: dict | None = None, models: Models = Models()) -> Ass
     corpus.__annotations__.update(config=Configured, context=AssetExecutionContext, settings=AutointerpSettings,
                                   subject_model=SubjectModelResource, **{"return": MaterializeResult})
     return asset(name="corpus", group_name="autointerp", code_version=f"{CORPUS_VERSION}-{settings_digest(Configured())}{models.version_part('tokenizer')}", automation_condition=CODE_CHANGED,
-                 description="Tokenized fixed-length sequences of the corpus, stored once with a content hash.")(corpus)
+                 check_specs=corpus_specs(), description="Tokenized fixed-length sequences of the corpus, stored once with a content hash.")(corpus)

@@ -24,12 +24,14 @@ from dagster import (
     AssetsDefinition,
     Config,
     Failure,
+    MaterializeResult,
     MetadataValue,
     asset,
 )
 from pydantic import Field
 
 from assets.automation import CODE_CHANGED, FOLLOW
+from assets.checks import exemplars_specs, explainable_latents, result
 from assets.partitions import backfill_policy, coder_and_shard, each_shard, shard_partitions
 from assets.prompts import corpus_prompt_vocab, window_embedding, window_text
 from assets.stage_config import Models, settings_digest, with_defaults
@@ -387,7 +389,7 @@ def read_activations_meta(acts_dir: Path, coder: str) -> dict:
     return meta
 
 
-def _shard_exemplars(context: AssetExecutionContext, partition_key: str, config: ExemplarsConfig, settings: AutointerpSettings, embedder: EmbedderResource) -> dict:
+def _shard_exemplars(context: AssetExecutionContext, partition_key: str, config: ExemplarsConfig, settings: AutointerpSettings, embedder: EmbedderResource) -> MaterializeResult:
     coder, shard = coder_and_shard(partition_key)
     root = settings.root
     corpus = load_corpus(root)
@@ -413,11 +415,12 @@ def _shard_exemplars(context: AssetExecutionContext, partition_key: str, config:
                       f"Fix: delete {acts_dir} and re-materialize `activations` for {coder}.")
     latents = sorted({int(x) for x in np.unique(shard_acts.locations[:, 2])})
     sources = negative_sources(root, coder, corpus, config, latents, embedder, meta)
-    profile_parts, counts = [], {}
+    profile_parts, counts, window_kinds = [], {}, []
 
     def batches():  # written as they are built, so the stage holds one batch of window rows
         for frame, profiles in exemplar_batches(shard_acts, corpus.tokens, config, sources, stats, meta["tokens"]):
             profile_parts.append(profiles)
+            window_kinds.append(frame[["latent", "split", "kind"]])
             for kind, n in frame.groupby("kind").size().items():
                 counts[kind] = counts.get(kind, 0) + int(n)
             yield frame
@@ -431,7 +434,7 @@ def _shard_exemplars(context: AssetExecutionContext, partition_key: str, config:
     note = {} if len(profiles) else {"note": f"empty shard: no explainable latent ({len(latents)} live latents, none fires in {config.min_activating_windows} windows or more)"}
     if note:
         context.log.warning(f"{coder} shard {shard}: {note['note']}")
-    return {
+    return MaterializeResult(metadata={
         **note,
         "latents_with_exemplars": len(profiles),
         "windows": n_windows,
@@ -439,7 +442,7 @@ def _shard_exemplars(context: AssetExecutionContext, partition_key: str, config:
         "subject_model": meta.get("subject_model", "not recorded (cached before models were recorded)"),
         **({"embedder": embedder.identity()} if "embedding" in config.non_activating_sources else {}),
         "path": MetadataValue.path(str(root.exemplars_path(coder, shard))),
-    }
+    }, check_results=[result("explainable_latents", explainable_latents(pd.concat(window_kinds) if window_kinds else pd.DataFrame(columns=["latent", "split", "kind"]), len(latents)))])
 
 
 EXEMPLARS_VERSION = "3"  # 3: hard negatives from windows embedded as `window_text` renders them
@@ -464,5 +467,6 @@ def exemplars_asset(defaults: dict | None = None, partitions_per_run: int = 1, m
         automation_condition=FOLLOW | CODE_CHANGED,
         backfill_policy=backfill_policy(partitions_per_run),
         output_required=False,  # a range records each shard itself (`each_shard`)
+        check_specs=exemplars_specs(),
         description="Explainer (train) and scorer (test) windows per live latent, non-activating windows tagged by source, and per-latent statistics.",
     )(exemplars)

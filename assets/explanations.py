@@ -15,10 +15,11 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-from dagster import AssetDep, AssetExecutionContext, AssetsDefinition, Config, MetadataValue, asset
+from dagster import AssetDep, AssetExecutionContext, AssetsDefinition, Config, MaterializeResult, MetadataValue, asset
 from pydantic import Field, ValidationError
 
 from assets.automation import CODE_CHANGED, FOLLOW, LLM_POOL
+from assets.checks import explanations_results, explanations_specs
 from assets.explainers import EXPLAINERS, Explainer, ExplainerDeps, LatentRecord
 from assets.partitions import backfill_policy, coder_and_shard, each_shard, shard_partitions
 from assets.prompts import corpus_prompt_vocab, plain_text
@@ -160,7 +161,7 @@ def explanations_asset(defaults: dict | None = None, explainers: dict[str, type[
 
     def explanations(context: AssetExecutionContext, config, settings: AutointerpSettings, llm: LLMResource, embedder: EmbedderResource,
                      subject_model: SubjectModelResource):
-        def explain_shard(partition_key: str) -> dict:
+        def explain_shard(partition_key: str) -> MaterializeResult:
             coder, shard = coder_and_shard(partition_key)
             root = settings.root
             exemplars = existing_table(root.exemplars_path(coder, shard), "exemplars")  # read a chunk of latents at a time
@@ -188,7 +189,7 @@ def explanations_asset(defaults: dict | None = None, explainers: dict[str, type[
             budget_stopped = int(frame["error"].map(stopped_by_budget).sum())
             if budget_stopped:
                 context.log.warning(f"{budget_stopped} latents were not explained: the LLM budget was reached; they will be asked next time")
-            return {
+            return MaterializeResult(check_results=explanations_results(frame), metadata={
                 **({} if latents else {"note": "empty shard: no explainable latent, nothing asked"}),
                 "settings": MetadataValue.json(config.model_dump()),
                 "explainer_model": client.identity,
@@ -202,7 +203,7 @@ def explanations_asset(defaults: dict | None = None, explainers: dict[str, type[
                 "sample": MetadataValue.md(frame.head(10)[["latent", "explanation", "status", "error"]].to_markdown(index=False)),
                 **viewer_links(settings.viewer_url, coder, ok["latent"].tolist()),
                 "path": MetadataValue.path(str(root.explanations_path(coder, shard))),
-            }
+            })
 
         yield from each_shard(context, explain_shard)
 
@@ -218,5 +219,6 @@ def explanations_asset(defaults: dict | None = None, explainers: dict[str, type[
         backfill_policy=backfill_policy(partitions_per_run),
         output_required=False,  # a range records each shard itself (`each_shard`)
         pool=LLM_POOL,
+        check_specs=explanations_specs(),
         description="One natural-language explanation per latent from the deployment's explainer plugin (optionally best of N), embedded into LanceDB.",
     )(explanations)

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from typing import Callable, Iterator
 
-from dagster import AssetMaterialization, BackfillPolicy, DynamicPartitionsDefinition, Failure, MaterializeResult
+from dagster import AssetCheckEvaluation, AssetCheckKey, AssetMaterialization, BackfillPolicy, DynamicPartitionsDefinition, Failure, MaterializeResult, Output
 
 from resources.sparse_coders import CoderFormatError
 from storage.activations import shard_count, shard_keys
@@ -58,29 +58,37 @@ the shards of other coders in the run are still written). Anything else (an unre
 key or model: `LLMEndpointError`; a bug) stops the run at once."""
 
 
-def each_shard(context, materialize_shard: Callable[[str], dict]) -> Iterator[MaterializeResult]:
-    """`materialize_shard(partition_key)` → its metadata, for each partition of the run: one, or a range
-    when the asset's backfill policy puts several shards in a run (`yield from` it; the assets set
-    `output_required=False`). In a range each shard is recorded as materialized, with its own metadata,
-    as soon as it is written, and a shard that fails does not stop the others; the run then fails naming
-    the failed shards, and the written ones stay recorded (automation moves on with them)."""
+def each_shard(context, materialize_shard: Callable[[str], MaterializeResult]) -> Iterator[MaterializeResult | AssetCheckEvaluation | Output]:
+    """`materialize_shard(partition_key)` → its metadata and check results, for each partition of the run:
+    one, or a range when the asset's backfill policy puts several shards in a run (`yield from` it; the
+    assets set `output_required=False`). In a range each shard is recorded as materialized, with its own
+    metadata and check results (against its partition; a failed blocking one still fails the step once
+    every shard has run), as soon as it is written, and a shard that fails does not stop the others; the
+    run then fails naming the failed shards, and the written ones stay recorded (automation moves on with them)."""
     keys = list(context.partition_keys)
     if len(keys) == 1:
-        yield MaterializeResult(metadata=materialize_shard(keys[0]))
+        yield materialize_shard(keys[0])
         return
     code_version = context.assets_def.code_versions_by_key.get(context.asset_key)
     written, failed = [], {}
     for i, key in enumerate(keys, start=1):
         context.log.info(f"shard {i}/{len(keys)} of this run: {key}")
         try:
-            metadata = materialize_shard(key)
+            result = materialize_shard(key)
         except SHARD_FAILURES as error:
             failed[key] = getattr(error, "description", None) or str(error)
             context.log.error(f"{key} failed: {failed[key]}")
             continue
-        context.log_event(AssetMaterialization(asset_key=context.asset_key, partition=key, metadata=metadata,
+        context.log_event(AssetMaterialization(asset_key=context.asset_key, partition=key, metadata=result.metadata,
                                                tags={"dagster/code_version": code_version} if code_version else None))
+        for check in result.check_results or []:
+            spec = context.assets_def.get_spec_for_check_key(AssetCheckKey(context.asset_key, check.check_name))
+            yield AssetCheckEvaluation(asset_key=context.asset_key, check_name=check.check_name, passed=check.passed, metadata=check.metadata,
+                                       severity=check.severity, description=check.description, blocking=spec.blocking, partition=key)
         written.append(key)
+    for output_name, spec in context.assets_def.check_specs_by_output_name.items():  # each check's output once, for all its shards' results
+        if spec.key in context.selected_asset_check_keys:
+            yield Output(None, output_name=output_name)
     if failed:
         listed = "; ".join(f"{key}: {reason[:400]}" for key, reason in failed.items())
         raise Failure(f"{len(failed)} of {len(keys)} shards of this run failed ({listed}). The other {len(written)} were written and recorded: "

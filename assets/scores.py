@@ -32,6 +32,7 @@ from dagster import (
 )
 
 from assets.automation import CODE_CHANGED, FOLLOW, LLM_POOL, SUBJECT_MODEL_POOL
+from assets.checks import result, scorer_results, scorer_specs, shards_present, summary_specs
 from assets.explanations import viewer_links
 from assets.work import ChunkLoader, nothing_succeeded, selected_latents, stream_latents
 from assets.partitions import backfill_policy, coder_and_shard, coders_of, each_shard, shard_partitions
@@ -318,10 +319,11 @@ def scorer_asset(scorer: type[Scorer], settings: ScorerSettings, automate: bool,
         output_required=False,  # a range records each shard itself (`each_shard`)
         pool=SUBJECT_MODEL_POOL if "subject_model" in scorer.uses else LLM_POOL if "llm" in scorer.uses else None,
         required_resource_keys={"settings", *(scorer.uses - {"coder"})},  # the coder comes from the registry
+        check_specs=scorer_specs(scorer_key(scorer.name)),
         description=f"{scorer.description} Each latent also scored with {scorer.control_description()}.",
     )
     def _scores(context: AssetExecutionContext):
-        def score_shard(partition_key: str) -> dict:
+        def score_shard(partition_key: str) -> MaterializeResult:
             coder, shard = coder_and_shard(partition_key)
             resources = context.resources
             root = resources.settings.root
@@ -364,7 +366,7 @@ def scorer_asset(scorer: type[Scorer], settings: ScorerSettings, automate: bool,
             if client is not None:
                 metadata.update(client.ledger.as_metadata())
             context.log.info(f"{scorer.name}: {metadata['verdict']}")
-            return metadata
+            return MaterializeResult(metadata=metadata, check_results=scorer_results(frame, examples))
 
         yield from each_shard(context, score_shard)
 
@@ -479,12 +481,14 @@ def summary_asset(scorers: dict[str, type[Scorer]]) -> AssetsDefinition:
         automation_condition=SUMMARY_AUTOMATION,
         required_resource_keys={"settings"},
         code_version="2",
+        check_specs=summary_specs(),
         description="Per coder, every scorer joined into one table over all shards (each main metric, its control and the gap), with verdicts; coders whose scores changed are rebuilt.",
     )
     def score_summary(context: AssetExecutionContext) -> MaterializeResult:
         settings = context.resources.settings
         root = settings.root
-        coders = coders_of(context.instance.get_dynamic_partitions(shard_partitions.name))
+        partition_keys = context.instance.get_dynamic_partitions(shard_partitions.name)
+        coders = coders_of(partition_keys)
         rebuilt, rows, latents, present, ranked = [], [], 0, set(), {}
         for coder in coders:
             sources = summary_sources(root, coder, scorers)
@@ -521,6 +525,8 @@ def summary_asset(scorers: dict[str, type[Scorer]]) -> AssetsDefinition:
                     metadata[f"{name}_mean_control"] = MetadataValue.float(round(control, 4))
         metadata.update(summary_links(settings.viewer_url, ranked))
         metadata["path"] = MetadataValue.path(str(root.root / "scores"))
-        return MaterializeResult(metadata=metadata)
+        shards = {coder: [coder_and_shard(key)[1] for key in partition_keys if coder_and_shard(key)[0] == coder] for coder in coders}
+        coverage = shards_present(shards, {coder: scored_shards(root, coder) for coder in coders})
+        return MaterializeResult(metadata=metadata, check_results=[result("shards_present", coverage)])
 
     return score_summary

@@ -40,6 +40,8 @@ def test_several_shards_per_run_and_a_failed_shard_spares_the_others(registered)
     assert set(instance.get_materialized_partitions(AssetKey("exemplars"))) == set(keys)
     recorded = {m.partition: m.metadata for m in exemplars.asset_materializations_for_node("exemplars")}
     assert sorted(recorded) == sorted(keys) and all(recorded[key]["path"].value.endswith(f"{key.split('|')[1]}.parquet") for key in keys)  # each shard's own metadata
+    checked = {e.partition: e for e in exemplars.get_asset_check_evaluations()}
+    assert sorted(checked) == sorted(keys) and all(e.check_name == "explainable_latents" and e.passed for e in checked.values())  # each shard's own check
     root = DataRoot.at(registered)
     assert all(root.exemplars_path(*key.split("|")).exists() for key in keys)
 

@@ -34,7 +34,7 @@ from resources.subject_model import SubjectModelResource
 from storage.corpus import load_corpus
 from storage.journal import Journal
 from storage.tables import TABLES, existing_table, file_fingerprint, refuse_emptier, rows_for_latents, write_table
-from storage.vector_store import upsert_explanations
+from storage.vector_store import sync_explanations
 
 
 class ExplanationsConfig(Config):
@@ -184,8 +184,7 @@ def explanations_asset(defaults: dict | None = None, explainers: dict[str, type[
                 write_table(frame, root.explanations_path(coder, shard), "explanations")
                 journal.discard()
             ok = frame[frame["status"] == "ok"]
-            if len(ok):
-                upsert_explanations(root.lancedb_dir, coder, ok["latent"].tolist(), ok["explanation"].tolist(), embedder.embed(ok["explanation"].tolist()))
+            sync_explanations(root.lancedb_dir, embedder.model, coder, shard, dict(zip(ok["latent"].tolist(), ok["explanation"])), embedder.embed)
             budget_stopped = int(frame["error"].map(stopped_by_budget).sum())
             if budget_stopped:
                 context.log.warning(f"{budget_stopped} latents were not explained: the LLM budget was reached; they will be asked next time")

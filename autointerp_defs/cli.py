@@ -174,13 +174,13 @@ def steer(data_dir: str, subject, coder_key: str, latent: int, prompt: str, stre
         print(f"{left[i] if i < len(left) else '':<{column}} | {right[i] if i < len(right) else ''}")
 
 
-def search(data_dir: str, query: str, limit: int) -> None:
-    from resources.embedder import EmbedderResource
+def search(data_dir: str, query: str, limit: int, embedder) -> None:
+    """Semantic search with the deployment's `embedder`, over the explanations table of its vectors."""
     from storage.layout import DataRoot
     from storage.vector_store import search_explanations
 
-    vector = EmbedderResource().embed([query])[0]
-    for hit in search_explanations(DataRoot.at(data_dir).lancedb_dir, vector, limit):
+    vector = embedder.embed([query])[0]
+    for hit in search_explanations(DataRoot.at(data_dir), embedder.model, vector, limit):
         print(f"{hit['_distance']:.3f}  {hit['coder']}  latent {hit['latent']}: {hit['explanation']}")
 
 
@@ -213,7 +213,7 @@ def view_latents(deployment, host: str, port: int | None) -> None:
     resources = deployment.resources()
     settings = resources["settings"]
     port = port if port is not None else (urlsplit(settings.viewer_url).port or 8080)
-    serve(deployment.data_dir, host, port, embed=resources["embedder"].embed, dagster_url=settings.dagster_url, subject_model=subject_model_of(deployment))
+    serve(deployment.data_dir, host, port, embedder=resources["embedder"], dagster_url=settings.dagster_url, subject_model=subject_model_of(deployment))
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -298,13 +298,13 @@ def _main(argv: list[str] | None = None) -> None:
     elif args.command == "steer":
         steer(args.data, deployment.resources()["subject_model"], args.coder, args.latent, args.prompt, args.strength, args.tokens, args.absolute)
     elif args.command == "search":
-        search(args.data, args.query, args.limit)
+        search(args.data, args.query, args.limit, deployment.resources()["embedder"])
     elif args.command == "export":
         export_to(args, deployment)
     elif args.command == "import":
         from storage.exports.delphi import import_delphi
 
-        imported = import_delphi(args.data, args.coder, args.dir, args.module, args.model, embed=deployment.resources()["embedder"].embed)
+        imported = import_delphi(args.data, args.coder, args.dir, args.module, args.model, embedder=deployment.resources()["embedder"])
         for shard, latents in imported.items():
             print(f"shard {shard}: imported {len(latents)} explanations; score them: --select 'scores/*' --partition \"{args.coder}|{shard}\"")
     elif args.command == "view":

@@ -55,7 +55,7 @@ def build(root: Path, width: int, acts_per_latent: int, latents_per_shard: int, 
     from resources.subject_model import load_tokenizer
     from storage.activations import LATENT_STATS_FILE, save_latent_stats, shard_count, shard_keys, shard_latent_range, write_cache_meta
     from storage.layout import DataRoot
-    from storage.vector_store import upsert_explanations
+    from storage.vector_store import sync_explanations
 
     rng = np.random.default_rng(seed)
     data = DataRoot.at(root)
@@ -96,7 +96,8 @@ def build(root: Path, width: int, acts_per_latent: int, latents_per_shard: int, 
                                 "dead_fraction": 0.0, "mean_l0": float(count.sum()) / n_tokens, "fvu": 0.2})
     # explanations: a pool of distinct texts, embedded once
     pool = [f"the word '{rng.choice(WORDS)}' after '{rng.choice(WORDS)}' in {rng.choice(WORDS)} {rng.choice(WORDS)} contexts" for _ in range(2000)]
-    pool_vectors = EmbedderResource().embed(pool)
+    embedder = EmbedderResource()
+    pool_vectors, row_of = embedder.embed(pool), {text: j for j, text in enumerate(pool)}
     pick = rng.integers(0, len(pool), width)
     windows_per_latent, layout = 16, [("train", "activating", 0)] * 6 + [("test", "activating", q) for q in (1, 2, 3, 4, 5)] + \
         [("valid", "activating", 0)] * 2 + [("test", "random", -1), ("test", "neighbour", -1), ("test", "embedding", -1)]
@@ -134,8 +135,8 @@ def build(root: Path, width: int, acts_per_latent: int, latents_per_shard: int, 
                                   main: score, f"control_{main}": control, "gap": score - control, "n_failed": 0, "n_dropped": 0, "failures": "[]", "prompt_tokens": 0})
             data.scores_path(CODER, shard, name).parent.mkdir(parents=True, exist_ok=True)
             frame.to_parquet(data.scores_path(CODER, shard, name), index=False)
+        sync_explanations(data.lancedb_dir, embedder.model, CODER, shard, dict(zip(ids.tolist(), texts)), lambda some: pool_vectors[[row_of[t] for t in some]])
         print(f"built shard {shard}", file=sys.stderr, flush=True)
-    upsert_explanations(data.lancedb_dir, CODER, list(range(width)), [pool[j] for j in pick], pool_vectors[pick])
 
 
 def free_port() -> int:

@@ -5,8 +5,9 @@
   window length, embedder and window rendering (hashed into `<embedder>`) under a file lock, so partitions materialized at once never race to build
   it; an ANN index is added once the table has `ANN_MIN_ROWS` rows. A `.npy` copy of the vectors
   beside it serves exact look-ups by block id.
-- `explanations`: one row per (coder, latent), written by merge on `id`, so re-materializing never
-  duplicates rows and concurrent writers are retried instead of corrupting the table.
+- `explanations_<embedder>`: one row per ok explanation (coder, shard, latent), one table per embedder
+  (its name hashed), so vectors of two models never meet in one search. A shard's rows are synced to
+  its explanations table after each write of it (`sync_explanations`).
 """
 from __future__ import annotations
 
@@ -18,10 +19,11 @@ from typing import Callable
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.parquet as pq
 
 from storage.atomic import atomic_path, exclusive_lock
+from storage.layout import DataRoot
 
-EXPLANATIONS_TABLE = "explanations"
 ANN_MIN_ROWS = 50_000
 ANN_NPROBES = 32
 ANN_REFINE_FACTOR = 10
@@ -125,35 +127,82 @@ def build_ann_index(table, n_rows: int) -> None:
 
 # ---- explanations -------------------------------------------------------------------------------
 
-def upsert_explanations(db_dir: Path, coder: str, latents: list[int], explanations: list[str], vectors: np.ndarray, attempts: int = 8) -> None:
-    """Insert or replace one row per (coder, latent); re-running never duplicates rows."""
-    if not latents:
+class EmbeddingMismatchError(ValueError):
+    """Vectors of another length than those a table holds: the embedder behind a name changed."""
+
+
+def explanations_table_name(embedder: str) -> str:
+    """The explanations table of vectors made by `embedder` (the embedder resource's `model`): another
+    embedder is another table, so a search never compares vectors of two models."""
+    return f"explanations_{hashlib.sha256(embedder.encode()).hexdigest()[:8]}"
+
+
+def _quoted(text: str) -> str:
+    return "'" + text.replace("'", "''") + "'"
+
+
+def _check_dimension(table, name: str, got: int, what: str) -> None:
+    held = table.schema.field("vector").type.list_size
+    if got != held:
+        raise EmbeddingMismatchError(f"{what} has {got} dimensions, but the explanations table {name} holds vectors of {held}: the embedder it is "
+                                     f"named after now gives vectors of another length. Fix: delete the folder {name}.lance under the lancedb "
+                                     f"folder and materialize `explanations` again, so the table holds only this embedder's vectors.")
+
+
+def sync_explanations(db_dir: Path, embedder: str, coder: str, shard: str, explanations: dict[int, str], embed: Callable[[list[str]], np.ndarray]) -> None:
+    """Make the rows of `coder`'s `shard` in `embedder`'s table exactly `explanations` (latent → text: the
+    shard's ok explanations as its committed table holds them). Latents no longer there (failed since, or
+    left out) are deleted; new or changed texts are embedded and replaced; unchanged rows are kept as they
+    are. One writer at a time per table (the file lock), so concurrent shards never conflict.
+
+    Callers sync after the explanations table is written: that table is the record. A crash between the
+    two leaves this table out of step with it until the next sync of the shard, so `search_explanations`
+    shows only what the committed table holds (see there)."""
+    name, where = explanations_table_name(embedder), f"coder = {_quoted(coder)} AND shard = {_quoted(shard)}"
+    db, held = _connect(db_dir), {}
+    if (db_dir / f"{name}.lance").exists():
+        table = db.open_table(name)
+        rows = table.search().where(where).select(["latent", "explanation"]).limit(max(table.count_rows(), 1)).to_arrow()
+        held = dict(zip(rows["latent"].to_pylist(), rows["explanation"].to_pylist()))
+    changed = sorted(latent for latent, text in explanations.items() if held.get(latent) != text)
+    gone = [latent for latent in held if latent not in explanations]
+    if not changed and not gone:
         return
-    data = pa.table(
-        {
-            "id": [f"{coder}#{latent}" for latent in latents],
-            "coder": [coder] * len(latents),
-            "latent": pa.array(latents, pa.int64()),
-            "explanation": explanations,
-            "vector": _vectors(vectors),
-        }
-    )
-    with table_lock(db_dir, EXPLANATIONS_TABLE):
-        table = _connect(db_dir).create_table(EXPLANATIONS_TABLE, schema=data.schema, exist_ok=True)
-    for attempt in range(attempts):
-        try:
+    texts = [explanations[latent] for latent in changed]
+    data = pa.table({"id": [f"{coder}#{latent}" for latent in changed], "coder": [coder] * len(changed), "shard": [shard] * len(changed),
+                     "latent": pa.array(changed, pa.int64()), "explanation": texts, "vector": _vectors(np.asarray(embed(texts)))}) if changed else None
+    with table_lock(db_dir, name):
+        if data is not None:
+            table = db.open_table(name) if (db_dir / f"{name}.lance").exists() else db.create_table(name, schema=data.schema)
+            _check_dimension(table, name, data.schema.field("vector").type.list_size, f"The embedding of {coder} shard {shard}'s explanations")
             table.merge_insert("id").when_matched_update_all().when_not_matched_insert_all().execute(data)
-            return
-        except Exception as error:  # a concurrent commit won the race: retry on the new version
-            if "conflict" not in str(error).lower() or attempt == attempts - 1:
-                raise
-            time.sleep(0.05 * 2**attempt)
+        if gone:
+            db.open_table(name).delete(f"{where} AND latent IN ({', '.join(str(int(latent)) for latent in gone)})")
 
 
-def search_explanations(db_dir: Path, query_vector: np.ndarray, limit: int = 10) -> list[dict]:
-    try:
-        table = _connect(db_dir).open_table(EXPLANATIONS_TABLE)
-    except (FileNotFoundError, ValueError):
+def search_explanations(root: DataRoot, embedder: str, query_vector: np.ndarray, limit: int = 10) -> list[dict]:
+    """The `limit` explanations nearest to `query_vector` in `embedder`'s table ([] when nothing was embedded
+    with it yet). Only hits that the shard's committed explanations table holds as ok, with the same text,
+    are kept: after a crash between that table's write and the sync, a text it no longer holds is never shown."""
+    name = explanations_table_name(embedder)
+    if not (root.lancedb_dir / f"{name}.lance").exists():
         return []
-    hits = table.search(query_vector.astype(np.float32)).limit(limit).to_list()
-    return [{k: hit[k] for k in ("coder", "latent", "explanation", "_distance")} for hit in hits]
+    table = _connect(root.lancedb_dir).open_table(name)
+    _check_dimension(table, name, len(query_vector), "The query's embedding")
+    committed: dict[tuple[str, str], dict[int, str]] = {}
+
+    def holds(hit: dict) -> bool:
+        key = (hit["coder"], hit["shard"])
+        if key not in committed:
+            path = root.explanations_path(*key)
+            frame = pq.read_table(path, columns=["latent", "explanation", "status"]).to_pandas() if path.exists() else None
+            committed[key] = {} if frame is None else dict(zip(frame["latent"], frame["explanation"].where(frame["status"] == "ok")))
+        return committed[key].get(hit["latent"]) == hit["explanation"]
+
+    asked = limit
+    while True:
+        hits = table.search(query_vector.astype(np.float32)).limit(asked).to_list()
+        kept = [hit for hit in hits if holds(hit)]
+        if len(kept) >= limit or len(hits) < asked:
+            return [{k: hit[k] for k in ("coder", "shard", "latent", "explanation", "_distance")} for hit in kept[:limit]]
+        asked *= 4

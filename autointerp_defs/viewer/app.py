@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import math
 import threading
-from typing import Callable
 
 import numpy as np
 import pandas as pd
@@ -44,26 +43,27 @@ def clean(value):
 
 
 class Viewer:
-    """The browser's answers for one data root; `embed` turns a query into a vector (loaded lazily).
+    """The browser's answers for one data root; `embedder` (the deployment's embedder resource; None: the
+    default one) turns a query into a vector (loaded lazily), and search reads the explanations table of its vectors.
     `dagster_url` is where latent pages link to their partitions (the deployment's `[settings] dagster_url`),
     `subject_model` the (model, gguf_file) whose unembedding the logit lens reads (its `[subject_model]`;
     None: the embedded model)."""
 
-    def __init__(self, root: DataRoot, embed: Callable[[list[str]], np.ndarray] | None = None, dagster_url: str = DEFAULT_DAGSTER_URL,
+    def __init__(self, root: DataRoot, embedder=None, dagster_url: str = DEFAULT_DAGSTER_URL,
                  subject_model: tuple[str | None, str | None] = (None, None)):
         self.root = root
         self.dagster_url = dagster_url
         self.subject_model = subject_model
-        self._embed = embed
+        if embedder is None:
+            from resources.embedder import EmbedderResource
+
+            embedder = EmbedderResource()
+        self.embedder = embedder
         self._indexes: dict[str, CoderIndex] = {}
         self._lock = threading.Lock()
 
     def embed(self, texts: list[str]) -> np.ndarray:
-        if self._embed is None:
-            from resources.embedder import EmbedderResource
-
-            self._embed = EmbedderResource().embed
-        return self._embed(texts)
+        return self.embedder.embed(texts)
 
     def index(self, coder: str) -> CoderIndex:
         if not coder:
@@ -71,7 +71,7 @@ class Viewer:
         with self._lock:
             if coder not in self._indexes:
                 try:
-                    self._indexes[coder] = CoderIndex(self.root, coder, self.subject_model)
+                    self._indexes[coder] = CoderIndex(self.root, coder, self.subject_model, self.embedder.model)
                 except reader.NotMaterialized as error:
                     raise ViewerError(404, str(error)) from None
             return self._indexes[coder]

@@ -25,6 +25,7 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from resources.embedder import EMBEDDED
 from storage.atomic import atomic_path
 from storage.exports import reader
 from storage.layout import DataRoot
@@ -48,8 +49,9 @@ def _read_json(path: Path) -> dict:
 class CoderIndex:
     """The cached views of one coder; thread-safe (the server answers requests on threads)."""
 
-    def __init__(self, root: DataRoot, coder: str, subject_model: tuple[str | None, str | None] = (None, None)):
-        self.root, self.coder = root, coder
+    def __init__(self, root: DataRoot, coder: str, subject_model: tuple[str | None, str | None] = (None, None), embedder: str = EMBEDDED):
+        self.root, self.coder, self.embedder = root, coder, embedder
+        """`embedder`: the model whose explanations table search reads (the deployment's `[embedder] model`)."""
         self.subject_model = subject_model
         """(model, gguf_file) whose unembedding the logit lens reads: the deployment's `[subject_model]` (None: the embedded model)."""
         self.meta = reader.activations_meta(root, coder)
@@ -186,7 +188,7 @@ class CoderIndex:
         return [(int(latents[i]), float(2 - 2 * sims[i])) for i in top]
 
     def _vectors(self) -> tuple[np.ndarray, np.ndarray]:
-        version = reader.explanations_table_version(self.root)
+        version = f"{self.embedder}@{reader.explanations_table_version(self.root, self.embedder)}"
         held = self._tables.get("vectors")
         if held is not None and held[0] == version:
             return held[1]
@@ -194,7 +196,7 @@ class CoderIndex:
             path, stamp_path = self.dir / "explanation_vectors.npy", self.dir / "explanation_vectors.stamp.json"
             ids_path = self.dir / "explanation_vectors.latents.npy"
             if not (path.exists() and _read_json(stamp_path).get("version") == version):
-                _, latents, vectors = reader.explanation_vectors(self.root, self.coder)
+                _, latents, vectors = reader.explanation_vectors(self.root, self.coder, self.embedder)
                 for target, array in ((path, vectors), (ids_path, latents)):
                     with atomic_path(target) as tmp:
                         with open(tmp, "wb") as handle:

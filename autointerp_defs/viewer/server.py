@@ -85,7 +85,7 @@ def make_handler(viewer: Viewer):
 
 def make_server(data_dir: str, host: str = "127.0.0.1", port: int = 8080, viewer: Viewer | None = None, **options) -> ThreadingHTTPServer:
     """The server, bound but not yet serving (port 0 picks a free one: see `server.server_port`);
-    `options` go to the `Viewer` (embed, dagster_url, subject_model)."""
+    `options` go to the `Viewer` (embedder, dagster_url, subject_model)."""
     root = DataRoot.at(data_dir)
     if not root.root.exists():
         raise FileNotFoundError(f"No data root at {root.root}. Fix: pass --data, or set [settings] data_dir in the deployment file, to the folder `make demo` filled, e.g. ./data.")

@@ -98,12 +98,12 @@ def read_delphi_explanations(folder: Path, module: str | None = None) -> dict[in
     return found[module]
 
 
-def import_delphi(data_dir: str, coder: str, folder: str, module: str | None = None, model: str = "delphi", embed=None) -> dict[str, list[int]]:
+def import_delphi(data_dir: str, coder: str, folder: str, module: str | None = None, model: str = "delphi", embedder=None) -> dict[str, list[int]]:
     """Put delphi's explanations into this coder's explanations tables (replacing those latents' rows),
-    and into the search index (`embed`: the deployment's embedder, which the scorers and search use too);
-    returns per shard the latents imported. Scorers then score them with controls."""
+    and into the search index (`embedder`: the deployment's embedder resource, which the scorers and search
+    use too); returns per shard the latents imported. Scorers then score them with controls."""
     from storage.tables import TABLES, file_fingerprint, write_table
-    from storage.vector_store import upsert_explanations
+    from storage.vector_store import sync_explanations
 
     root = DataRoot.at(data_dir)
     meta = reader.activations_meta(root, coder)
@@ -128,9 +128,10 @@ def import_delphi(data_dir: str, coder: str, folder: str, module: str | None = N
             held = held[~held["latent"].isin(latents) & (held["exemplars_fingerprint"] == file_fingerprint(exemplars))]
         table = pd.concat([held, rows], ignore_index=True).sort_values("latent") if len(held) else rows
         write_table(table[TABLES["explanations"].columns], reader.explanations_path(root, coder, shard), "explanations")
-        if embed is None:
+        if embedder is None:
             from resources.embedder import EmbedderResource
 
-            embed = EmbedderResource().embed
-        upsert_explanations(root.lancedb_dir, coder, latents, [texts[l] for l in latents], embed([texts[l] for l in latents]))
+            embedder = EmbedderResource()
+        ok = table[table["status"] == "ok"]
+        sync_explanations(root.lancedb_dir, embedder.model, coder, shard, dict(zip(ok["latent"].tolist(), ok["explanation"])), embedder.embed)
     return by_shard

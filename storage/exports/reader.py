@@ -205,9 +205,9 @@ def stamp(paths: list[Path]) -> str:
     return "|".join(parts)
 
 
-def explanation_vectors(root: DataRoot, coder: str) -> tuple[int, np.ndarray, np.ndarray]:
-    """(table version, latents, unit vectors) of `coder`'s rows in the LanceDB explanations table."""
-    table = open_explanations_table(root)
+def explanation_vectors(root: DataRoot, coder: str, embedder: str) -> tuple[int, np.ndarray, np.ndarray]:
+    """(table version, latents, unit vectors) of `coder`'s rows in `embedder`'s LanceDB explanations table."""
+    table = open_explanations_table(root, embedder)
     if table is None:
         return -1, np.zeros(0, np.int64), np.zeros((0, 0), np.float32)
     version = table.version
@@ -218,24 +218,26 @@ def explanation_vectors(root: DataRoot, coder: str) -> tuple[int, np.ndarray, np
     return version, latents.astype(np.int64), vectors
 
 
-def explanations_table_version(root: DataRoot) -> int:
-    table = open_explanations_table(root)
+def explanations_table_version(root: DataRoot, embedder: str) -> int:
+    table = open_explanations_table(root, embedder)
     return -1 if table is None else table.version
 
 
 _TABLES: dict[Path, object] = {}
 
 
-def open_explanations_table(root: DataRoot):
-    """The LanceDB explanations table (opened once per process), or None when nothing was explained yet."""
-    from storage.vector_store import EXPLANATIONS_TABLE
+def open_explanations_table(root: DataRoot, embedder: str):
+    """`embedder`'s LanceDB explanations table (opened once per process), or None when nothing was explained with it yet."""
+    from storage.vector_store import explanations_table_name
 
-    if root.lancedb_dir not in _TABLES:
-        if not (root.lancedb_dir / f"{EXPLANATIONS_TABLE}.lance").exists():
+    name = explanations_table_name(embedder)
+    path = root.lancedb_dir / f"{name}.lance"
+    if path not in _TABLES:
+        if not path.exists():
             return None
         import lancedb
 
-        _TABLES[root.lancedb_dir] = lancedb.connect(str(root.lancedb_dir)).open_table(EXPLANATIONS_TABLE)
-    table = _TABLES[root.lancedb_dir]
+        _TABLES[path] = lancedb.connect(str(root.lancedb_dir)).open_table(name)
+    table = _TABLES[path]
     table.checkout_latest()
     return table

@@ -170,25 +170,32 @@ def test_contexts_table_is_built_once_under_concurrency_and_searchable(tmp_path)
         assert list(found) == list(index.nearest(query, 40)) and list(found[:7]) == list(index.nearest(query, 7))
 
 
-def _upsert(db_dir, start):
-    from storage.vector_store import upsert_explanations
-
-    latents = list(range(start, start + 50))
-    upsert_explanations(db_dir, "c/h", latents, [f"explanation {i}" for i in latents], np.random.default_rng(start).normal(size=(50, 8)))
+def _random_embed(texts):
+    return np.stack([np.random.default_rng(int(text.split()[-1])).normal(size=8) for text in texts])
 
 
-def test_explanation_upserts_are_idempotent_and_safe_when_concurrent(tmp_path):
+def _sync(db_dir, start):
+    from storage.vector_store import sync_explanations
+
+    latents = range(start, start + 50)
+    shard = f"{start // 50:02d}"
+    sync_explanations(db_dir, "random-8", "c/h", shard, {i: f"explanation {i}" for i in latents}, _random_embed)
+
+
+def test_explanation_syncs_are_idempotent_and_safe_when_concurrent(tmp_path):
     import lancedb
 
-    _upsert(tmp_path, 0)
-    _upsert(tmp_path, 0)
+    from storage.vector_store import explanations_table_name
+
+    _sync(tmp_path, 0)
+    _sync(tmp_path, 0)
     ctx = multiprocessing.get_context("spawn")
-    procs = [ctx.Process(target=_upsert, args=(tmp_path, start)) for start in (25, 50, 25)]
+    procs = [ctx.Process(target=_sync, args=(tmp_path, start)) for start in (50, 100, 50)]
     for p in procs:
         p.start()
     for p in procs:
         p.join(timeout=120)
         assert p.exitcode == 0
-    rows = lancedb.connect(str(tmp_path)).open_table("explanations").to_pandas()
-    assert len(rows) == rows["id"].nunique() == 100
-    assert sorted(rows["latent"]) == list(range(100))
+    rows = lancedb.connect(str(tmp_path)).open_table(explanations_table_name("random-8")).to_pandas()
+    assert len(rows) == rows["id"].nunique() == 150
+    assert sorted(rows["latent"]) == list(range(150))

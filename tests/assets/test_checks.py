@@ -51,7 +51,7 @@ def test_explainable_latents_share_and_when_nothing_is_explainable():
     low = explainable_latents(table, live_latents=int(2 / LOW_EXPLAINABLE_SHARE))
     assert not low.passed and low.severity == WARN
     nothing = explainable_latents(windows((2, 6, 5, 0)), live_latents=10)
-    assert not nothing.passed and nothing.severity == ERROR
+    assert not nothing.passed and nothing.severity == WARN  # flagged; the stages below write empty tables, asking nothing
     no_live = explainable_latents(windows(), live_latents=0)
     assert no_live.passed and math.isnan(no_live.metadata["explainable_share"])
 
@@ -108,7 +108,7 @@ def evaluations(result) -> dict[tuple[str, str], object]:
     return {(e.asset_key.to_user_string(), e.check_name): e for e in result.get_asset_check_evaluations()}
 
 
-def test_checks_are_recorded_per_partition_and_a_blocking_failure_stops_the_asset_below(registered):
+def test_checks_are_recorded_per_partition_and_a_shard_of_rare_latents_is_flagged_not_failed(registered):
     instance = DagsterInstance.ephemeral()
     add_coders(instance, registered, TINY_CODER)
     assets = all_assets()
@@ -128,7 +128,7 @@ def test_checks_are_recorded_per_partition_and_a_blocking_failure_stops_the_asse
         checked = evaluations(shard)
         assert {e.partition for e in checked.values()} == {f"{TINY_CODER}|00"}
         explainable = checked[("exemplars", "explainable_latents")]
-        assert explainable.passed and explainable.blocking and 0 < explainable.metadata["explainable_latents"].value <= explainable.metadata["live_latents"].value
+        assert explainable.passed and 0 < explainable.metadata["explainable_latents"].value <= explainable.metadata["live_latents"].value
         assert checked[("explanations", "explanation_failures")].metadata["latents"].value == 2
         assert checked[("explanations", "explanations_not_empty")].passed
         failures = checked[("scores/detection", "example_failures")]
@@ -137,15 +137,13 @@ def test_checks_are_recorded_per_partition_and_a_blocking_failure_stops_the_asse
 
         asked = len(server.requests)
         nothing_qualifies = {"ops": {"exemplars": {"config": {**TINY_EXEMPLARS_CONFIG, "min_activating_windows": 10**9}}}}
-        blocked = run(["exemplars", "explanations"], f"{TINY_CODER}|01", nothing_qualifies)
+        rare = run(["exemplars", "explanations"], f"{TINY_CODER}|01", nothing_qualifies)
         summary = run(["score_summary"], None)
 
-    assert not blocked.success
-    failed = evaluations(blocked)[("exemplars", "explainable_latents")]
-    assert not failed.passed and failed.severity == ERROR and failed.metadata["live_latents"].value > 0 and failed.metadata["explainable_latents"].value == 0
-    assert [m.partition for m in blocked.asset_materializations_for_node("exemplars")] == [f"{TINY_CODER}|01"]  # written and recorded, but ...
-    assert not blocked.asset_materializations_for_node("explanations") and len(server.requests) == asked  # ... nothing below it ran
-    assert instance.get_materialized_partitions(AssetKey("explanations")) == {f"{TINY_CODER}|00"}
+    assert rare.success  # a shard whose latents all fire too rarely: flagged, not an error
+    flagged = evaluations(rare)[("exemplars", "explainable_latents")]
+    assert not flagged.passed and flagged.severity == WARN and flagged.metadata["live_latents"].value > 0 and flagged.metadata["explainable_latents"].value == 0
+    assert [m.partition for m in rare.asset_materializations_for_node("explanations")] == [f"{TINY_CODER}|01"] and len(server.requests) == asked  # empty, nothing asked
 
     coverage = evaluations(summary)[("score_summary", "shards_present")]
     assert not coverage.passed and coverage.severity == WARN

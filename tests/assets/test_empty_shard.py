@@ -36,28 +36,25 @@ def test_shard_without_explainable_latent_gives_typed_empty_tables_and_a_summary
     with ScriptedLLMServer(answer_by_prompt) as server:
         resources = make_resources(registered, max_latents=2, llm=resource(server))
 
-        def run(selection, partition, exemplars_config=TINY_EXEMPLARS_CONFIG, success=True):
+        def run(selection, partition, exemplars_config=TINY_EXEMPLARS_CONFIG):
             config = {"ops": {"exemplars": {"config": exemplars_config}}} if "exemplars" in selection else {}
-            result = materialize(ALL_ASSETS, selection=selection, partition_key=partition, resources=resources, instance=instance, run_config=config,
-                                 raise_on_error=False)
-            assert result.success == success
+            result = materialize(ALL_ASSETS, selection=selection, partition_key=partition, resources=resources, instance=instance, run_config=config)
+            assert result.success
             return result
 
         materialize(ALL_ASSETS, selection=["corpus"], resources=resources, instance=instance, run_config={"ops": {"corpus": {"config": TINY_CORPUS_CONFIG}}})
         run(["activations"], f"{TINY_CODER}|00")
-        # written, then its blocking check `explainable_latents` fails the run: the shard has live latents and none is explainable
-        empty_exemplars = run(["exemplars"], f"{TINY_CODER}|01", NO_LATENT_QUALIFIES, success=False)
-        empty = run(["explanations", *SCORER_KEYS], f"{TINY_CODER}|01")  # asked for anyway, in a run of their own
+        empty = run(["exemplars", "explanations", *SCORER_KEYS], f"{TINY_CODER}|01", NO_LATENT_QUALIFIES)  # `explainable_latents` warns, blocks nothing
         nothing = run(["score_summary"], None)  # only the empty shard is scored yet
-        assert typed_columns(root.score_summary_path(TINY_CODER)) == {"latent": pa.int64(), "shard": pa.large_string(), "explanation": pa.large_string(), "mean_gap": pa.float64()}
+        assert typed_columns(root.score_summary_path(TINY_CODER)) == {"latent": pa.int64(), "shard": pa.large_string(), "explanation": pa.large_string(), "mean_gap": pa.float64(),
+                                                                       "stale": pa.large_string()}
         assert nothing.asset_materializations_for_node("score_summary")[0].metadata["latents"].value == 0
         assert not server.requests  # an empty shard is no work for the LLM
         run(["exemplars", "explanations", *SCORER_KEYS], f"{TINY_CODER}|00")
         summary = run(["score_summary"], None)
 
     def metadata(node):
-        result = empty_exemplars if node == "exemplars" else empty
-        return {k: v.value for k, v in result.asset_materializations_for_node(node)[0].metadata.items()}
+        return {k: v.value for k, v in empty.asset_materializations_for_node(node)[0].metadata.items()}
 
     assert metadata("exemplars")["latents_with_exemplars"] == 0
     assert "no explainable latent" in metadata("exemplars")["note"]

@@ -53,6 +53,5 @@ def test_exemplars_refuse_stale_or_incomplete_activations_and_keep_their_results
         run(["exemplars"], PARTITION, resources, instance, none_left)
     assert (registered / "exemplars" / TINY_CODER / "00.parquet").read_bytes() == finished
     meant = {**resources, "settings": AutointerpSettings(data_dir=str(registered), allow_empty_results=True)}
-    with pytest.raises(Exception, match=r"1 blocking asset check failed with ERROR severity:\s+exemplars: explainable_latents"):  # written, and flagged
-        run(["exemplars"], PARTITION, meant, instance, none_left)
+    run(["exemplars"], PARTITION, meant, instance, none_left)
     assert pd.read_parquet(registered / "exemplars" / TINY_CODER / "00.parquet").empty

@@ -29,6 +29,17 @@ class ViewerError(Exception):
         self.status = status
 
 
+def integer(params: dict[str, str], name: str, default: int) -> int:
+    """The whole number `params[name]` (`default` when absent or blank), or a 400 naming the parameter."""
+    raw = params.get(name, "")
+    if not raw:
+        return default
+    try:
+        return int(raw)
+    except ValueError:
+        raise ViewerError(400, f"{name}={raw!r} is not a whole number. Fix: give one, e.g. {name}={default}.") from None
+
+
 def clean(value):
     """JSON-safe: NaN and infinities become null, numpy scalars and arrays plain Python."""
     if isinstance(value, dict):
@@ -123,7 +134,7 @@ class Viewer:
             mask &= (values >= bound) if key.startswith("min_") else (values <= bound)
         query, hits = params.get("q", "").strip(), None
         if query:
-            hits = {h["latent"]: h["distance"] for h in self.search(coder, query, limit=int(params.get("limit", 100)))["hits"]}
+            hits = {h["latent"]: h["distance"] for h in self.search(coder, query, limit=integer(params, "limit", 100))["hits"]}
             mask &= table["latent"].isin(list(hits)).to_numpy()
         chosen = table[mask]
         sort = params.get("sort") or ("distance" if hits is not None else "latent")
@@ -134,9 +145,9 @@ class Viewer:
             chosen = chosen.sort_values(sort, ascending=not descending, na_position="last", kind="stable")
         else:
             raise ViewerError(400, f"Cannot sort by {sort!r}. Fix: use one of {', '.join(table.columns)}.")
-        per_page = min(max(int(params.get("per_page", 50)), 1), MAX_PER_PAGE)
+        per_page = min(max(integer(params, "per_page", 50), 1), MAX_PER_PAGE)
         pages = max(1, math.ceil(len(chosen) / per_page))
-        page = min(max(int(params.get("page", 1)), 1), pages)
+        page = min(max(integer(params, "page", 1), 1), pages)
         shown = chosen.iloc[(page - 1) * per_page : page * per_page]
         return clean({"coder": coder, "total": int(len(chosen)), "page": page, "pages": pages, "per_page": per_page, "sort": sort,
                       "order": "desc" if descending else "asc", "scorers": [{"name": s, **reader.scorer_info(s)} for s in index.scorers],

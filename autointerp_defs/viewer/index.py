@@ -240,25 +240,26 @@ class CoderIndex:
     # ---- decoder: neighbours and logit lens ---------------------------------------------------
 
     def decoder(self) -> np.ndarray | None:
-        """Unit-norm decoder rows `[width, d]` (memory-mapped), or None when the coder has no decoder."""
-        if self._decoder is not None:
-            return self._decoder if len(self._decoder) else None
-        with self._lock:
-            current = reader.stamp(reader.registry_files(self.root, self.coder))
-            path, stamp_path = self.dir / "decoder.npy", self.dir / "decoder.stamp.json"
-            cached = _read_json(stamp_path)
-            if cached.get("stamp") != current:
-                rows = reader.decoder_rows(self.root, self.coder)
-                if rows is not None:
-                    rows = rows.detach().float().numpy()
-                    rows = rows / np.maximum(np.linalg.norm(rows, axis=1, keepdims=True), 1e-12)
-                    with atomic_path(path) as tmp:
-                        with open(tmp, "wb") as handle:
-                            np.save(handle, rows.astype(np.float32))
-                cached = {"stamp": current, "has_decoder": rows is not None}
-                _write_json(stamp_path, cached)
-            self._decoder = np.load(path, mmap_mode="r") if cached["has_decoder"] else np.zeros((0, 0), np.float32)
-            return self._decoder if len(self._decoder) else None
+        """Unit-norm decoder rows `[width, d]` (memory-mapped), or None when the coder has no decoder; read
+        again when the coder's registry files change (a coder registered anew under the same name)."""
+        current = reader.stamp(reader.registry_files(self.root, self.coder))
+        held = self._decoder
+        if held is None or held[0] != current:
+            with self._lock:
+                path, stamp_path = self.dir / "decoder.npy", self.dir / "decoder.stamp.json"
+                cached = _read_json(stamp_path)
+                if cached.get("stamp") != current:
+                    rows = reader.decoder_rows(self.root, self.coder)
+                    if rows is not None:
+                        rows = rows.detach().float().numpy()
+                        rows = rows / np.maximum(np.linalg.norm(rows, axis=1, keepdims=True), 1e-12)
+                        with atomic_path(path) as tmp:
+                            with open(tmp, "wb") as handle:
+                                np.save(handle, rows.astype(np.float32))
+                    cached = {"stamp": current, "has_decoder": rows is not None}
+                    _write_json(stamp_path, cached)
+                self._decoder = held = (current, np.load(path, mmap_mode="r") if cached["has_decoder"] else None)
+        return held[1]
 
     def neighbours(self, latent: int, n: int = 10) -> list[dict] | None:
         """The `n` latents whose decoder directions are most cosine-similar to this one's."""
@@ -267,7 +268,10 @@ class CoderIndex:
             return None
         sims = rows @ np.asarray(rows[latent])
         sims[latent] = -np.inf
-        top = np.argpartition(-sims, n)[:n]
+        n = min(n, len(sims) - 1)  # a coder of width <= n has fewer other latents
+        if n < 1:
+            return []
+        top = np.argpartition(-sims, n - 1)[:n]
         top = top[np.argsort(-sims[top])]
         return [{"latent": int(i), "cosine": round(float(sims[i]), 4)} for i in top]
 

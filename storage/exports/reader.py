@@ -39,9 +39,12 @@ def list_coders(root: DataRoot) -> list[str]:
 
 
 def activations_meta(root: DataRoot, coder: str) -> dict:
-    meta = read_cache_meta(root.activations_dir(coder))
+    """The coder's cache `meta.json`. Only a coder of `list_coders` is looked up: a name from a URL such as
+    `../x` or `/etc` must never lead a read, or a cache the viewer writes, outside the data root."""
+    known = list_coders(root)
+    meta = read_cache_meta(root.activations_dir(coder)) if coder in known else None
     if meta is None:
-        known = ", ".join(list_coders(root)) or "none"
+        known = ", ".join(known) or "none"
         raise NotMaterialized(f"No coder {coder!r} under {root.root} (coders with activations: {known}). "
                               f"Fix: pick one of those, or materialize `activations` for a partition {coder}|NN.")
     return meta

@@ -172,12 +172,12 @@ def steer(data_dir: str, subject, coder_key: str, latent: int, prompt: str, stre
         print(f"{left[i] if i < len(left) else '':<{column}} | {right[i] if i < len(right) else ''}")
 
 
-def search(data_dir: str, query: str, limit: int) -> None:
-    from resources.embedder import EmbedderResource
+def search(data_dir: str, query: str, limit: int, embed) -> None:
+    """`autointerp search`: `embed` is the deployment's embedder, the one that wrote the explanations' vectors."""
     from storage.layout import DataRoot
     from storage.vector_store import search_explanations
 
-    vector = EmbedderResource().embed([query])[0]
+    vector = embed([query])[0]
     for hit in search_explanations(DataRoot.at(data_dir).lancedb_dir, vector, limit):
         print(f"{hit['_distance']:.3f}  {hit['coder']}  latent {hit['latent']}: {hit['explanation']}")
 
@@ -297,7 +297,7 @@ def _main(argv: list[str] | None = None) -> None:
     elif args.command == "steer":
         steer(args.data, deployment.resources()["subject_model"], args.coder, args.latent, args.prompt, args.strength, args.tokens, args.absolute)
     elif args.command == "search":
-        search(args.data, args.query, args.limit)
+        search(args.data, args.query, args.limit, deployment.resources()["embedder"].embed)
     elif args.command == "export":
         export_to(args, deployment)
     elif args.command == "import":

@@ -151,9 +151,14 @@ def upsert_explanations(db_dir: Path, coder: str, latents: list[int], explanatio
 
 
 def search_explanations(db_dir: Path, query_vector: np.ndarray, limit: int = 10) -> list[dict]:
-    try:
-        table = _connect(db_dir).open_table(EXPLANATIONS_TABLE)
-    except (FileNotFoundError, ValueError):
+    """The stored explanations nearest to `query_vector`; none when nothing was explained yet (no table).
+    Any other failure (a damaged table, a query of another embedder's size) is raised, never read as no hits."""
+    if not (db_dir / f"{EXPLANATIONS_TABLE}.lance").exists():
         return []
+    table = _connect(db_dir).open_table(EXPLANATIONS_TABLE)
+    size = table.schema.field("vector").type.list_size
+    if len(query_vector) != size:
+        raise ValueError(f"The query vector has {len(query_vector)} dimensions but the explanations table under {db_dir} holds vectors of {size}. "
+                         f"Fix: embed the query with the embedder of the deployment that wrote the table.")
     hits = table.search(query_vector.astype(np.float32)).limit(limit).to_list()
     return [{k: hit[k] for k in ("coder", "latent", "explanation", "_distance")} for hit in hits]

@@ -102,7 +102,7 @@ def import_delphi(data_dir: str, coder: str, folder: str, module: str | None = N
     """Put delphi's explanations into this coder's explanations tables (replacing those latents' rows),
     and into the search index (`embed`: the deployment's embedder, which the scorers and search use too);
     returns per shard the latents imported. Scorers then score them with controls."""
-    from storage.tables import TABLES, file_fingerprint, write_table
+    from storage.tables import TABLES, file_fingerprint, table_lock, write_table
     from storage.vector_store import upsert_explanations
 
     root = DataRoot.at(data_dir)
@@ -123,14 +123,16 @@ def import_delphi(data_dir: str, coder: str, folder: str, module: str | None = N
         rows = pd.DataFrame({"latent": np.array(latents, np.int64), "explainer": "delphi", "explanation": [texts[l] for l in latents], "status": "ok",
                              "error": "", "prompt_tokens": 0, "completion_tokens": 0, "model": model, "candidates": [[texts[l]] for l in latents],
                              "candidate_scores": [[float("nan")] for _ in latents], "examples_dropped": 0, "exemplars_fingerprint": file_fingerprint(exemplars)})
-        held = reader.explanations_shard(root, coder, shard)
-        if len(held):  # rows of other latents stay, unless written from older exemplars (the scorers would refuse the table)
-            held = held[~held["latent"].isin(latents) & (held["exemplars_fingerprint"] == file_fingerprint(exemplars))]
-        table = pd.concat([held, rows], ignore_index=True).sort_values("latent") if len(held) else rows
-        write_table(table[TABLES["explanations"].columns], reader.explanations_path(root, coder, shard), "explanations")
-        if embed is None:
-            from resources.embedder import EmbedderResource
+        path = reader.explanations_path(root, coder, shard)
+        with table_lock(path, f"Writing the explanations of {coder} shard {shard} (the explanations asset or another import)"):
+            held = reader.explanations_shard(root, coder, shard)
+            if len(held):  # rows of other latents stay, unless written from older exemplars (the scorers would refuse the table)
+                held = held[~held["latent"].isin(latents) & (held["exemplars_fingerprint"] == file_fingerprint(exemplars))]
+            table = pd.concat([held, rows], ignore_index=True).sort_values("latent") if len(held) else rows
+            write_table(table[TABLES["explanations"].columns], path, "explanations")
+            if embed is None:
+                from resources.embedder import EmbedderResource
 
-            embed = EmbedderResource().embed
-        upsert_explanations(root.lancedb_dir, coder, latents, [texts[l] for l in latents], embed([texts[l] for l in latents]))
+                embed = EmbedderResource().embed
+            upsert_explanations(root.lancedb_dir, coder, latents, [texts[l] for l in latents], embed([texts[l] for l in latents]))
     return by_shard

@@ -19,6 +19,7 @@ from storage.layout import DataRoot
 
 MAX_PER_PAGE = 500
 STATUSES = ("ok", "failed", "none")
+STALE = "stale: scored an earlier explanation"
 
 
 class ViewerError(Exception):
@@ -187,7 +188,7 @@ class Viewer:
         page = {
             "coder": coder, "latent": latent, "shard": shard, "width": width, "summary": base,
             "explanation": self._explanation(explained[-1]) if explained else None,
-            "scorers": [self._scorer(index, table, name, shard, latent) for name in index.scorers],
+            "scorers": [self._scorer(index, table, name, shard, latent, explained) for name in index.scorers],
             "windows": self._windows(windows, vocab, stats[0] if stats else None),
             "density": index.density(latent),
             "frequency": base["frequency"],
@@ -219,7 +220,8 @@ class Viewer:
                 "model": row.get("model"), "candidates": [{"text": c, "score": scores[i] if i < len(scores) else None, "chosen": c == row.get("explanation")}
                                                           for i, c in enumerate(candidates)]}
 
-    def _scorer(self, index: CoderIndex, table: pd.DataFrame, name: str, shard: str, latent: int) -> dict:
+    def _scorer(self, index: CoderIndex, table: pd.DataFrame, name: str, shard: str, latent: int, explained: list[dict]) -> dict:
+        """The scorer's row for this latent; `stale` (a note) when it scored another text than the latent's explanation."""
         info = reader.scorer_info(name)
         rows = index.rows(f"{shard}.scores.{name}", self.root.scores_path(index.coder, shard, name), latent)
         verdict = reader.verdict(table[f"{name}_gap"], name)
@@ -227,9 +229,11 @@ class Viewer:
             return {"name": name, **info, "scored": False, "verdict": verdict}
         row = rows[-1]
         main = info["main_metric"]
+        stale = bool(reader.stale(pd.DataFrame([row]), pd.DataFrame(explained)).iat[0])
         metrics = {m: {"explanation": row.get(m), "control": row.get(f"control_{m}")} for m in ("accuracy", "balanced_accuracy", "f1", "roc_auc", "pearson", "ev_correlation", "steering_kl", "n_scored")
                    if m in row and (row.get(m) is not None or row.get(f"control_{m}") is not None)}
-        return {"name": name, **info, "scored": True, "verdict": verdict, "score": row.get(main), "control_score": row.get(f"control_{main}"), "gap": row.get("gap"),
+        return {"name": name, **info, "scored": True, "stale": STALE if stale else None, "verdict": verdict, "score": row.get(main) if main else None,
+                "control_score": row.get(f"control_{main}") if main else None, "gap": row.get("gap"),
                 "explanation": row.get("explanation"), "control_explanation": row.get("control_explanation"), "control_note": row.get("control_note"),
                 "n_failed": row.get("n_failed"), "metrics": metrics}
 

@@ -66,12 +66,14 @@ class CoderIndex:
     # ---- the latent table ---------------------------------------------------------------------
 
     def latents(self) -> pd.DataFrame:
-        """The per-latent table, rebuilt if a source table changed since it was cached."""
+        """The per-latent table, rebuilt if a source table changed since it was cached, or which scorers' main
+        metrics this process knows (a plugin's is known only where its deployment is loaded)."""
         now = time.monotonic()
         if self._latents is not None and now - self._checked < STAMP_CHECK_S:
             return self._latents
         with self._lock:
-            current = reader.stamp(reader.input_files(self.root, self.coder, self.shards))
+            scorers = reader.scorer_names(self.root, self.coder)
+            current = reader.stamp(reader.input_files(self.root, self.coder, self.shards)) + "|" + ",".join(f"{n}:{reader.scorer_info(n)['main_metric']}" for n in scorers)
             self._checked = time.monotonic()
             if self._latents is not None and current == self._stamp:
                 return self._latents
@@ -83,7 +85,7 @@ class CoderIndex:
                 with atomic_path(path) as tmp:
                     table.to_parquet(tmp, index=False)
                 _write_json(stamp_path, {"stamp": current})
-            self.scorers = [c for c in reader.scorer_names(self.root, self.coder) if c in table.columns]
+            self.scorers = [c for c in scorers if c in table.columns]
             self._latents, self._stamp = table, current
             return table
 
@@ -102,10 +104,10 @@ class CoderIndex:
         })
         explained = reader.explanations(self.root, self.coder, self.shards)
         if len(explained):
-            explained = explained.drop_duplicates("latent", keep="last")
-            at = explained["latent"].to_numpy(np.int64)
-            table.loc[at, "status"] = explained["status"].to_numpy()
-            table.loc[at, "explanation"] = explained["explanation"].fillna("").to_numpy()
+            last = explained.drop_duplicates("latent", keep="last")
+            at = last["latent"].to_numpy(np.int64)
+            table.loc[at, "status"] = last["status"].to_numpy()
+            table.loc[at, "explanation"] = last["explanation"].fillna("").to_numpy()
         gaps = []
         for name in reader.scorer_names(self.root, self.coder):
             main = reader.scorer_info(name)["main_metric"]
@@ -113,9 +115,11 @@ class CoderIndex:
             for column in (name, f"{name}_control", f"{name}_gap"):
                 table[column] = np.nan
             if len(scored):
+                scored = scored[~reader.stale(scored, explained)]  # scores of an earlier explanation are not this latent's (its page marks them)
                 at = scored["latent"].to_numpy(np.int64)
-                table.loc[at, name] = scored[main].to_numpy(np.float64)
-                table.loc[at, f"{name}_control"] = scored[f"control_{main}"].to_numpy(np.float64)
+                if main is not None:
+                    table.loc[at, name] = scored[main].to_numpy(np.float64)
+                    table.loc[at, f"{name}_control"] = scored[f"control_{main}"].to_numpy(np.float64)
                 table.loc[at, f"{name}_gap"] = scored["gap"].to_numpy(np.float64)
             gaps.append(f"{name}_gap")
         table["mean_gap"] = table[gaps].mean(axis=1) if gaps else np.nan

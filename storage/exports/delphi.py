@@ -9,7 +9,8 @@ delphi's layout (checked against EleutherAI/delphi: `delphi/__main__.py` writes 
         prediction, probability, correct  (delphi's `ClassifierOutput`)
 
 Our detection and fuzzing scorers are delphi's classifier scorers (delphi calls fuzzing `fuzz`);
-only those are written as scores, since delphi's analysis reads only that shape. An imported
+only those are written as scores, since delphi's analysis reads only that shape, and only where they
+scored the explanation written beside them (not an earlier text of the latent). An imported
 explanation becomes an `ok` row of our explanations table (explainer `delphi`), so every scorer
 here re-scores it beside a control.
 """
@@ -56,7 +57,9 @@ def export_delphi(data_dir: str, coder: str, out_dir: str, module: str | None = 
             examples = reader.scored_examples(root, coder, shard, ours)
             if not len(examples):
                 continue
-            for latent, rows in examples[examples["source"] == "explanation"].groupby("latent"):
+            scored = reader.scores_shard(root, coder, shard, ours)
+            stale = set(scored["latent"][reader.stale(scored, reader.explanations_shard(root, coder, shard))]) if len(scored) else set()
+            for latent, rows in examples[(examples["source"] == "explanation") & ~examples["latent"].isin(stale)].groupby("latent"):
                 test = [w for w in index.windows(int(latent)) if w["split"] == "test"]  # `example` indexes these, in table order
                 samples = [_sample(r, test[int(r.example)], vocab) for r in rows.sort_values("example").itertuples() if int(r.example) < len(test)]
                 folder.mkdir(parents=True, exist_ok=True)

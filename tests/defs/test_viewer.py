@@ -263,6 +263,81 @@ def test_a_bad_whole_number_is_a_400_naming_the_parameter(server, partition):
         assert status == 400 and data["error"].startswith(f"{name}=") and "Fix" in data["error"], path
 
 
+def test_a_plugin_scorer_table_is_shown_like_the_built_in_ones(partition, tmp_path, monkeypatch):
+    from assets.scorers import scorer_classes
+    from autointerp_defs.viewer.app import Viewer
+    from tests.defs.test_deployments import TOY_SCORER
+
+    root = copy_root(partition, tmp_path)
+    plugins = tmp_path / "plugins"
+    plugins.mkdir()
+    (plugins / "viewer_toy_scorer.py").write_text(TOY_SCORER)
+    monkeypatch.syspath_prepend(str(plugins))
+    scorer_classes(("viewer_toy_scorer",))  # what loading a deployment that lists the plugin does
+    toy = pd.read_parquet(root.scores_path(partition.coder, partition.shard, "detection"))
+    toy["accuracy"] = toy["accuracy"] / 2  # its own numbers
+    toy.to_parquet(root.scores_path(partition.coder, partition.shard, "word_match"), index=False)
+    toy.to_parquet(root.scores_path(partition.coder, partition.shard, "unloaded_plugin"), index=False)  # a plugin this process never loaded
+
+    viewer = Viewer(root)
+    (row,) = viewer.coders()["coders"]
+    assert row["scorers"]["word_match"]["mean"] == pytest.approx(toy["accuracy"].mean())
+    assert row["scorers"]["unloaded_plugin"]["n"] == 0 and row["scorers"]["unloaded_plugin"]["verdict"]
+    latents = viewer.latent_list(partition.coder, {"status": "ok", "per_page": "500"})
+    shown = {r["latent"]: r for r in latents["rows"]}
+    for scored in toy.itertuples():
+        assert shown[scored.latent]["word_match"] == pytest.approx(scored.accuracy)
+        assert shown[scored.latent]["unloaded_plugin_gap"] == pytest.approx(scored.gap)
+    page = viewer.latent(partition.coder, int(toy.latent.iloc[0]))
+    scorers = {s["name"]: s for s in page["scorers"]}
+    assert scorers["word_match"]["main_metric"] == "accuracy" and scorers["word_match"]["score"] == pytest.approx(toy.accuracy.iloc[0])
+    assert scorers["unloaded_plugin"]["main_metric"] is None and scorers["unloaded_plugin"]["gap"] == pytest.approx(toy.gap.iloc[0])
+    assert "not loaded" in scorers["unloaded_plugin"]["control"]
+
+
+def copy_root(partition, tmp_path) -> DataRoot:
+    root = tmp_path / "copy"
+    shutil.copytree(partition.root, root, ignore=shutil.ignore_patterns("viewer", "llm_cache"))
+    return DataRoot.at(root)
+
+
+def test_a_score_of_an_earlier_explanation_is_marked_stale_not_shown_as_the_latents(partition, tmp_path):
+    from autointerp_defs.viewer.app import STALE, Viewer
+    from storage.exports import reader
+    from storage.exports.delphi import export_delphi
+
+    root = copy_root(partition, tmp_path)
+    coder, shard = partition.coder, partition.shard
+    explained = pd.read_parquet(root.explanations_path(coder, shard))
+    detection = pd.read_parquet(root.scores_path(coder, shard, "detection"))
+    fuzzing = pd.read_parquet(root.scores_path(coder, shard, "fuzzing"))
+    latent = int(sorted(set(detection.latent) & set(fuzzing.latent) & set(explained[explained.status == "ok"].latent))[0])
+    explained.loc[explained.latent == latent, "explanation"] = "a newer explanation"
+    explained.to_parquet(root.explanations_path(coder, shard), index=False)
+    detection.loc[detection.latent == latent, "explanation"] = "a newer explanation"  # detection scored the new text; fuzzing is behind
+    detection.to_parquet(root.scores_path(coder, shard, "detection"), index=False)
+
+    viewer = Viewer(root)
+    page = viewer.latent(coder, latent)
+    scorers = {s["name"]: s for s in page["scorers"]}
+    assert page["explanation"]["text"] == "a newer explanation"
+    assert scorers["detection"]["stale"] is None and scorers["detection"]["score"] == pytest.approx(detection[detection.latent == latent].balanced_accuracy.iat[0])
+    assert scorers["fuzzing"]["stale"] == STALE and scorers["fuzzing"]["explanation"] != "a newer explanation"
+    for name in ("embedding", "simulation"):  # they too scored the earlier text
+        assert scorers[name]["stale"] == (STALE if (pd.read_parquet(root.scores_path(coder, shard, name)).latent == latent).any() else None)
+    (row,) = viewer.latent_list(coder, {"min_latent": str(latent), "max_latent": str(latent)})["rows"]
+    assert row["detection"] is not None and row["fuzzing"] is None and row["fuzzing_gap"] is None  # a stale score is not the latent's
+    others = viewer.latent_list(coder, {"status": "ok", "per_page": "500"})["rows"]
+    main = reader.scorer_info("fuzzing")["main_metric"]
+    assert sum(r["fuzzing"] is not None for r in others) == fuzzing[main].notna().sum() - 1
+
+    out = tmp_path / "delphi"
+    export_delphi(str(root.root), coder, str(out))
+    assert (out / "scores" / "detection" / f"model.layers.3_latent{latent}.txt").exists()
+    assert not (out / "scores" / "fuzz" / f"model.layers.3_latent{latent}.txt").exists()  # fuzzing judged an older text
+    assert len(list((out / "scores" / "fuzz").iterdir())) == len(fuzzing) - 1
+
+
 def test_every_latent_page_of_a_coder_narrower_than_the_neighbour_count_answers(tmp_path, subject):
     """Width 8 < the 10 neighbours a page lists; and a coder registered anew serves its own decoder at once."""
     from dagster import DagsterInstance, materialize

@@ -33,7 +33,7 @@ from resources.sparse_coders import load_registered
 from resources.subject_model import SubjectModelResource
 from storage.corpus import load_corpus
 from storage.journal import Journal
-from storage.tables import TABLES, existing_table, file_fingerprint, refuse_emptier, rows_for_latents, write_table
+from storage.tables import TABLES, existing_table, file_fingerprint, refuse_emptier, rows_for_latents, table_lock, write_table
 from storage.vector_store import sync_explanations
 
 
@@ -164,45 +164,46 @@ def explanations_asset(defaults: dict | None = None, explainers: dict[str, type[
         def explain_shard(partition_key: str) -> MaterializeResult:
             coder, shard = coder_and_shard(partition_key)
             root = settings.root
-            exemplars = existing_table(root.exemplars_path(coder, shard), "exemplars")  # read a chunk of latents at a time
-            latent_stats = pd.read_parquet(root.latent_profiles_path(coder, shard)) if root.latent_profiles_path(coder, shard).exists() else None
-            latents = selected_latents(exemplars, settings.max_latents_per_shard)
-            context.log.info(f"explaining {len(latents)} latents of {coder} shard {shard} with {llm.backend} ({config.explainer}, best of {config.best_of_n})")
-            client = llm.client(root.llm_cache_dir, role="explainer")
-            uses = explainers[config.explainer].uses if config.explainer in explainers else frozenset()
-            deps = ExplainerDeps(llm=client, subject_model=subject_model if "subject_model" in uses else None,
-                                 coder=load_registered(root.registry_dir, coder) if "coder" in uses and latents else None)
-            explainer = make_explainer(config, explainers, deps)
-            exemplars_fingerprint = file_fingerprint(root.exemplars_path(coder, shard))
-            with Journal(root.explanations_path(coder, shard), f"{version}|{settings_digest(config)}|{client.identity}|{exemplars_fingerprint}") as journal:
-                frame = asyncio.run(explain_all(explainer, config, exemplars, latent_stats, latents, corpus_prompt_vocab(load_corpus(root)), embedder.embed,
-                                                context.log.info, coder, journal))
-                frame["exemplars_fingerprint"] = exemplars_fingerprint  # what the scorers check they score against
-                if len(frame) and not (frame["status"] == "ok").any():
-                    raise nothing_succeeded("explanations", f"all {len(frame)} latents failed", frame["error"])
-                refuse_emptier(frame, root.explanations_path(coder, shard), f"explanations of {coder} shard {shard}", settings.allow_empty_results)
-                write_table(frame, root.explanations_path(coder, shard), "explanations")
-                journal.discard()
-            ok = frame[frame["status"] == "ok"]
-            sync_explanations(root.lancedb_dir, embedder.model, coder, shard, dict(zip(ok["latent"].tolist(), ok["explanation"])), embedder.embed)
-            budget_stopped = int(frame["error"].map(stopped_by_budget).sum())
-            if budget_stopped:
-                context.log.warning(f"{budget_stopped} latents were not explained: the LLM budget was reached; they will be asked next time")
-            return MaterializeResult(check_results=explanations_results(frame), metadata={
-                **({} if latents else {"note": "empty shard: no explainable latent, nothing asked"}),
-                "settings": MetadataValue.json(config.model_dump()),
-                "explainer_model": client.identity,
-                "embedder": embedder.identity(),  # the search vectors' (and best-of-N's) model
-                **({"subject_model": subject_model.identity()} if "subject_model" in uses else {}),
-                "explained": len(ok),
-                "failed": int((frame["status"] == "failed").sum()),
-                "stopped_by_budget": budget_stopped,
-                "examples_dropped_to_fit": int(frame["examples_dropped"].sum()),
-                **client.ledger.as_metadata(),
-                "sample": MetadataValue.md(frame.head(10)[["latent", "explanation", "status", "error"]].to_markdown(index=False)),
-                **viewer_links(settings.viewer_url, coder, ok["latent"].tolist()),
-                "path": MetadataValue.path(str(root.explanations_path(coder, shard))),
-            })
+            with table_lock(root.explanations_path(coder, shard), f"Explaining {coder} shard {shard}", wait=True):
+                exemplars = existing_table(root.exemplars_path(coder, shard), "exemplars")  # read a chunk of latents at a time
+                latent_stats = pd.read_parquet(root.latent_profiles_path(coder, shard)) if root.latent_profiles_path(coder, shard).exists() else None
+                latents = selected_latents(exemplars, settings.max_latents_per_shard)
+                context.log.info(f"explaining {len(latents)} latents of {coder} shard {shard} with {llm.backend} ({config.explainer}, best of {config.best_of_n})")
+                client = llm.client(root.llm_cache_dir, role="explainer")
+                uses = explainers[config.explainer].uses if config.explainer in explainers else frozenset()
+                deps = ExplainerDeps(llm=client, subject_model=subject_model if "subject_model" in uses else None,
+                                     coder=load_registered(root.registry_dir, coder) if "coder" in uses and latents else None)
+                explainer = make_explainer(config, explainers, deps)
+                exemplars_fingerprint = file_fingerprint(root.exemplars_path(coder, shard))
+                with Journal(root.explanations_path(coder, shard), f"{version}|{settings_digest(config)}|{client.identity}|{exemplars_fingerprint}") as journal:
+                    frame = asyncio.run(explain_all(explainer, config, exemplars, latent_stats, latents, corpus_prompt_vocab(load_corpus(root)), embedder.embed,
+                                                    context.log.info, coder, journal))
+                    frame["exemplars_fingerprint"] = exemplars_fingerprint  # what the scorers check they score against
+                    if len(frame) and not (frame["status"] == "ok").any():
+                        raise nothing_succeeded("explanations", f"all {len(frame)} latents failed", frame["error"])
+                    refuse_emptier(frame, root.explanations_path(coder, shard), f"explanations of {coder} shard {shard}", settings.allow_empty_results)
+                    write_table(frame, root.explanations_path(coder, shard), "explanations")
+                    journal.discard()
+                ok = frame[frame["status"] == "ok"]
+                sync_explanations(root.lancedb_dir, embedder.model, coder, shard, dict(zip(ok["latent"].tolist(), ok["explanation"])), embedder.embed)
+                budget_stopped = int(frame["error"].map(stopped_by_budget).sum())
+                if budget_stopped:
+                    context.log.warning(f"{budget_stopped} latents were not explained: the LLM budget was reached; they will be asked next time")
+                return MaterializeResult(check_results=explanations_results(frame), metadata={
+                    **({} if latents else {"note": "empty shard: no explainable latent, nothing asked"}),
+                    "settings": MetadataValue.json(config.model_dump()),
+                    "explainer_model": client.identity,
+                    "embedder": embedder.identity(),  # the search vectors' (and best-of-N's) model
+                    **({"subject_model": subject_model.identity()} if "subject_model" in uses else {}),
+                    "explained": len(ok),
+                    "failed": int((frame["status"] == "failed").sum()),
+                    "stopped_by_budget": budget_stopped,
+                    "examples_dropped_to_fit": int(frame["examples_dropped"].sum()),
+                    **client.ledger.as_metadata(),
+                    "sample": MetadataValue.md(frame.head(10)[["latent", "explanation", "status", "error"]].to_markdown(index=False)),
+                    **viewer_links(settings.viewer_url, coder, ok["latent"].tolist()),
+                    "path": MetadataValue.path(str(root.explanations_path(coder, shard))),
+                })
 
         yield from each_shard(context, explain_shard)
 

@@ -213,7 +213,8 @@ def view_latents(deployment, host: str, port: int | None) -> None:
     resources = deployment.resources()
     settings = resources["settings"]
     port = port if port is not None else (urlsplit(settings.viewer_url).port or 8080)
-    serve(deployment.data_dir, host, port, embedder=resources["embedder"], dagster_url=settings.dagster_url, subject_model=subject_model_of(deployment))
+    serve(deployment.data_dir, host, port, viewer_url=settings.viewer_url, embedder=resources["embedder"], dagster_url=settings.dagster_url,
+          subject_model=subject_model_of(deployment))
 
 
 def main(argv: list[str] | None = None) -> None:

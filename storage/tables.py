@@ -16,7 +16,7 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from storage.atomic import atomic_path
+from storage.atomic import atomic_path, exclusive_lock
 
 SCORE_METRICS = ("accuracy", "balanced_accuracy", "precision", "recall", "f1", "tp", "fp", "tn", "fn", "roc_auc", "pearson", "n_scored",
                  "ev_correlation", "rsquared", "logprob_fraction", "intervention_score", "steering_kl")
@@ -68,6 +68,13 @@ TABLES = {t.name: t for t in [
 
 class TableColumnsError(ValueError):
     """A writer's frame does not have its table's columns: a bug, caught before it reaches a reader."""
+
+
+def table_lock(path: Path, what: str, wait: bool = False):
+    """The lock every writer of the table at `path` holds across reading, changing and writing it (the
+    explanations asset for a whole shard's run, `autointerp import delphi`), so that neither overwrites
+    rows the other has just written. `what` names the writer that would wait or be refused."""
+    return exclusive_lock(path.with_name(f".{path.name}.lock"), what, wait)
 
 
 def write_table(frame: pd.DataFrame, path: Path, table: str) -> None:

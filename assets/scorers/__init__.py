@@ -13,6 +13,18 @@ def scorer_classes(extra_modules: tuple[str, ...] = ()) -> dict[str, type[Scorer
     return plugin_classes(Scorer, _package, extra_modules)
 
 
+def loaded_scorers() -> dict[str, type[Scorer]]:
+    """Every scorer class imported in this process, by name: the built-ins and the plugins of the deployment
+    loaded here (the CLI loads it before `view` or `export`), for readers of tables whatever scorer wrote them."""
+    found, pending = {}, [Scorer]
+    while pending:
+        cls = pending.pop()
+        pending += cls.__subclasses__()
+        if "name" in vars(cls):
+            found[cls.name] = cls
+    return found
+
+
 def scorer_settings(overrides: dict[str, dict] | None = None, scorers: dict[str, type[Scorer]] | None = None) -> dict[str, ScorerSettings]:
     """Every scorer's settings: defaults, updated by `overrides` ({scorer: {setting: value}})."""
     scorers = scorers or SCORERS
@@ -31,4 +43,4 @@ def scorer_settings(overrides: dict[str, dict] | None = None, scorers: dict[str,
 
 SCORERS: dict[str, type[Scorer]] = scorer_classes()
 
-__all__ = ["SCORERS", "Example", "Job", "JobResult", "Scorer", "ScorerDeps", "ScorerSettings", "scorer_classes", "scorer_settings"]
+__all__ = ["SCORERS", "Example", "Job", "JobResult", "Scorer", "ScorerDeps", "ScorerSettings", "loaded_scorers", "scorer_classes", "scorer_settings"]

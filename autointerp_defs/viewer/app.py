@@ -19,6 +19,7 @@ from storage.layout import DataRoot
 
 MAX_PER_PAGE = 500
 STATUSES = ("ok", "failed", "none")
+STALE = "stale: scored an earlier explanation"
 
 
 class ViewerError(Exception):
@@ -27,6 +28,17 @@ class ViewerError(Exception):
     def __init__(self, status: int, message: str):
         super().__init__(message)
         self.status = status
+
+
+def integer(params: dict[str, str], name: str, default: int) -> int:
+    """The whole number `params[name]` (`default` when absent or blank), or a 400 naming the parameter."""
+    raw = params.get(name, "")
+    if not raw:
+        return default
+    try:
+        return int(raw)
+    except ValueError:
+        raise ViewerError(400, f"{name}={raw!r} is not a whole number. Fix: give one, e.g. {name}={default}.") from None
 
 
 def clean(value):
@@ -125,7 +137,7 @@ class Viewer:
             mask &= (values >= bound) if key.startswith("min_") else (values <= bound)
         query, hits = params.get("q", "").strip(), None
         if query:
-            hits = {h["latent"]: h["distance"] for h in self.search(coder, query, limit=int(params.get("limit", 100)))["hits"]}
+            hits = {h["latent"]: h["distance"] for h in self.search(coder, query, limit=integer(params, "limit", 100))["hits"]}
             mask &= table["latent"].isin(list(hits)).to_numpy()
         chosen = table[mask]
         sort = params.get("sort") or ("distance" if hits is not None else "latent")
@@ -136,9 +148,9 @@ class Viewer:
             chosen = chosen.sort_values(sort, ascending=not descending, na_position="last", kind="stable")
         else:
             raise ViewerError(400, f"Cannot sort by {sort!r}. Fix: use one of {', '.join(table.columns)}.")
-        per_page = min(max(int(params.get("per_page", 50)), 1), MAX_PER_PAGE)
+        per_page = min(max(integer(params, "per_page", 50), 1), MAX_PER_PAGE)
         pages = max(1, math.ceil(len(chosen) / per_page))
-        page = min(max(int(params.get("page", 1)), 1), pages)
+        page = min(max(integer(params, "page", 1), 1), pages)
         shown = chosen.iloc[(page - 1) * per_page : page * per_page]
         return clean({"coder": coder, "total": int(len(chosen)), "page": page, "pages": pages, "per_page": per_page, "sort": sort,
                       "order": "desc" if descending else "asc", "scorers": [{"name": s, **reader.scorer_info(s)} for s in index.scorers],
@@ -178,7 +190,7 @@ class Viewer:
         page = {
             "coder": coder, "latent": latent, "shard": shard, "width": width, "summary": base,
             "explanation": self._explanation(explained[-1]) if explained else None,
-            "scorers": [self._scorer(index, table, name, shard, latent) for name in index.scorers],
+            "scorers": [self._scorer(index, table, name, shard, latent, explained) for name in index.scorers],
             "windows": self._windows(windows, vocab, stats[0] if stats else None),
             "density": index.density(latent),
             "frequency": base["frequency"],
@@ -210,7 +222,8 @@ class Viewer:
                 "model": row.get("model"), "candidates": [{"text": c, "score": scores[i] if i < len(scores) else None, "chosen": c == row.get("explanation")}
                                                           for i, c in enumerate(candidates)]}
 
-    def _scorer(self, index: CoderIndex, table: pd.DataFrame, name: str, shard: str, latent: int) -> dict:
+    def _scorer(self, index: CoderIndex, table: pd.DataFrame, name: str, shard: str, latent: int, explained: list[dict]) -> dict:
+        """The scorer's row for this latent; `stale` (a note) when it scored another text than the latent's explanation."""
         info = reader.scorer_info(name)
         rows = index.rows(f"{shard}.scores.{name}", self.root.scores_path(index.coder, shard, name), latent)
         verdict = reader.verdict(table[f"{name}_gap"], name)
@@ -218,9 +231,11 @@ class Viewer:
             return {"name": name, **info, "scored": False, "verdict": verdict}
         row = rows[-1]
         main = info["main_metric"]
+        stale = bool(reader.stale(pd.DataFrame([row]), pd.DataFrame(explained)).iat[0])
         metrics = {m: {"explanation": row.get(m), "control": row.get(f"control_{m}")} for m in ("accuracy", "balanced_accuracy", "f1", "roc_auc", "pearson", "ev_correlation", "steering_kl", "n_scored")
                    if m in row and (row.get(m) is not None or row.get(f"control_{m}") is not None)}
-        return {"name": name, **info, "scored": True, "verdict": verdict, "score": row.get(main), "control_score": row.get(f"control_{main}"), "gap": row.get("gap"),
+        return {"name": name, **info, "scored": True, "stale": STALE if stale else None, "verdict": verdict, "score": row.get(main) if main else None,
+                "control_score": row.get(f"control_{main}") if main else None, "gap": row.get("gap"),
                 "explanation": row.get("explanation"), "control_explanation": row.get("control_explanation"), "control_note": row.get("control_note"),
                 "n_failed": row.get("n_failed"), "metrics": metrics}
 

@@ -68,12 +68,14 @@ class CoderIndex:
     # ---- the latent table ---------------------------------------------------------------------
 
     def latents(self) -> pd.DataFrame:
-        """The per-latent table, rebuilt if a source table changed since it was cached."""
+        """The per-latent table, rebuilt if a source table changed since it was cached, or which scorers' main
+        metrics this process knows (a plugin's is known only where its deployment is loaded)."""
         now = time.monotonic()
         if self._latents is not None and now - self._checked < STAMP_CHECK_S:
             return self._latents
         with self._lock:
-            current = reader.stamp(reader.input_files(self.root, self.coder, self.shards))
+            scorers = reader.scorer_names(self.root, self.coder)
+            current = reader.stamp(reader.input_files(self.root, self.coder, self.shards)) + "|" + ",".join(f"{n}:{reader.scorer_info(n)['main_metric']}" for n in scorers)
             self._checked = time.monotonic()
             if self._latents is not None and current == self._stamp:
                 return self._latents
@@ -85,7 +87,7 @@ class CoderIndex:
                 with atomic_path(path) as tmp:
                     table.to_parquet(tmp, index=False)
                 _write_json(stamp_path, {"stamp": current})
-            self.scorers = [c for c in reader.scorer_names(self.root, self.coder) if c in table.columns]
+            self.scorers = [c for c in scorers if c in table.columns]
             self._latents, self._stamp = table, current
             return table
 
@@ -104,10 +106,10 @@ class CoderIndex:
         })
         explained = reader.explanations(self.root, self.coder, self.shards)
         if len(explained):
-            explained = explained.drop_duplicates("latent", keep="last")
-            at = explained["latent"].to_numpy(np.int64)
-            table.loc[at, "status"] = explained["status"].to_numpy()
-            table.loc[at, "explanation"] = explained["explanation"].fillna("").to_numpy()
+            last = explained.drop_duplicates("latent", keep="last")
+            at = last["latent"].to_numpy(np.int64)
+            table.loc[at, "status"] = last["status"].to_numpy()
+            table.loc[at, "explanation"] = last["explanation"].fillna("").to_numpy()
         gaps = []
         for name in reader.scorer_names(self.root, self.coder):
             main = reader.scorer_info(name)["main_metric"]
@@ -115,9 +117,11 @@ class CoderIndex:
             for column in (name, f"{name}_control", f"{name}_gap"):
                 table[column] = np.nan
             if len(scored):
+                scored = scored[~reader.stale(scored, explained)]  # scores of an earlier explanation are not this latent's (its page marks them)
                 at = scored["latent"].to_numpy(np.int64)
-                table.loc[at, name] = scored[main].to_numpy(np.float64)
-                table.loc[at, f"{name}_control"] = scored[f"control_{main}"].to_numpy(np.float64)
+                if main is not None:
+                    table.loc[at, name] = scored[main].to_numpy(np.float64)
+                    table.loc[at, f"{name}_control"] = scored[f"control_{main}"].to_numpy(np.float64)
                 table.loc[at, f"{name}_gap"] = scored["gap"].to_numpy(np.float64)
             gaps.append(f"{name}_gap")
         table["mean_gap"] = table[gaps].mean(axis=1) if gaps else np.nan
@@ -242,25 +246,26 @@ class CoderIndex:
     # ---- decoder: neighbours and logit lens ---------------------------------------------------
 
     def decoder(self) -> np.ndarray | None:
-        """Unit-norm decoder rows `[width, d]` (memory-mapped), or None when the coder has no decoder."""
-        if self._decoder is not None:
-            return self._decoder if len(self._decoder) else None
-        with self._lock:
-            current = reader.stamp(reader.registry_files(self.root, self.coder))
-            path, stamp_path = self.dir / "decoder.npy", self.dir / "decoder.stamp.json"
-            cached = _read_json(stamp_path)
-            if cached.get("stamp") != current:
-                rows = reader.decoder_rows(self.root, self.coder)
-                if rows is not None:
-                    rows = rows.detach().float().numpy()
-                    rows = rows / np.maximum(np.linalg.norm(rows, axis=1, keepdims=True), 1e-12)
-                    with atomic_path(path) as tmp:
-                        with open(tmp, "wb") as handle:
-                            np.save(handle, rows.astype(np.float32))
-                cached = {"stamp": current, "has_decoder": rows is not None}
-                _write_json(stamp_path, cached)
-            self._decoder = np.load(path, mmap_mode="r") if cached["has_decoder"] else np.zeros((0, 0), np.float32)
-            return self._decoder if len(self._decoder) else None
+        """Unit-norm decoder rows `[width, d]` (memory-mapped), or None when the coder has no decoder; read
+        again when the coder's registry files change (a coder registered anew under the same name)."""
+        current = reader.stamp(reader.registry_files(self.root, self.coder))
+        held = self._decoder
+        if held is None or held[0] != current:
+            with self._lock:
+                path, stamp_path = self.dir / "decoder.npy", self.dir / "decoder.stamp.json"
+                cached = _read_json(stamp_path)
+                if cached.get("stamp") != current:
+                    rows = reader.decoder_rows(self.root, self.coder)
+                    if rows is not None:
+                        rows = rows.detach().float().numpy()
+                        rows = rows / np.maximum(np.linalg.norm(rows, axis=1, keepdims=True), 1e-12)
+                        with atomic_path(path) as tmp:
+                            with open(tmp, "wb") as handle:
+                                np.save(handle, rows.astype(np.float32))
+                    cached = {"stamp": current, "has_decoder": rows is not None}
+                    _write_json(stamp_path, cached)
+                self._decoder = held = (current, np.load(path, mmap_mode="r") if cached["has_decoder"] else None)
+        return held[1]
 
     def neighbours(self, latent: int, n: int = 10) -> list[dict] | None:
         """The `n` latents whose decoder directions are most cosine-similar to this one's."""
@@ -269,7 +274,10 @@ class CoderIndex:
             return None
         sims = rows @ np.asarray(rows[latent])
         sims[latent] = -np.inf
-        top = np.argpartition(-sims, n)[:n]
+        n = min(n, len(sims) - 1)  # a coder of width <= n has fewer other latents
+        if n < 1:
+            return []
+        top = np.argpartition(-sims, n - 1)[:n]
         top = top[np.argsort(-sims[top])]
         return [{"latent": int(i), "cosine": round(float(sims[i]), 4)} for i in top]
 

@@ -20,14 +20,32 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from urllib.parse import parse_qsl, urlsplit
 
-from autointerp_defs.viewer.app import Viewer, ViewerError
+from autointerp_defs.viewer.app import Viewer, ViewerError, integer
 from storage.layout import DataRoot
 
 STATIC = Path(__file__).parent / "static"
 PAGES = {"/": "coders", "/coder": "coder", "/latent": "latent"}
+LOOPBACK = ("localhost", "127.0.0.1", "::1")
 
 
-def make_handler(viewer: Viewer):
+def host_allowed(host_header: str | None, bound_host: str, port: int, viewer_url: str | None) -> bool:
+    """Whether a request's Host names this server: its bound host, or a loopback name, at its port, or the
+    host of the deployment's `viewer_url` (a proxy in front may use any port). Anything else is refused,
+    so that a web page whose DNS name was rebound to this machine cannot read the browser through the
+    visitor's own browser."""
+    if not host_header:
+        return False
+    try:
+        named = urlsplit(f"//{host_header}")
+        name, named_port = (named.hostname or "").lower(), named.port or 80
+    except ValueError:  # a port that is not a number
+        return False
+    if viewer_url and name == (urlsplit(viewer_url).hostname or "").lower():
+        return True
+    return named_port == port and name in {bound_host.lower(), *LOOPBACK}
+
+
+def make_handler(viewer: Viewer, viewer_url: str | None = None):
     class Handler(BaseHTTPRequestHandler):
         server_version = "autointerp-viewer"
         protocol_version = "HTTP/1.1"
@@ -39,6 +57,10 @@ def make_handler(viewer: Viewer):
             url = urlsplit(self.path)
             params = dict(parse_qsl(url.query, keep_blank_values=True))
             try:
+                host, port = self.server.server_address[:2]
+                if not host_allowed(self.headers.get("Host"), host, port, viewer_url):
+                    raise ViewerError(403, f"Misdirected request: Host {self.headers.get('Host')!r} is not this server ({host}:{port}). "
+                                           f"Fix: open http://127.0.0.1:{port}/, or set [settings] viewer_url to the address you use.")
                 if url.path in PAGES:
                     shell = (STATIC / "page.html").read_text().replace("{{page}}", PAGES[url.path])
                     return self._send(200, shell.encode(), "text/html; charset=utf-8")
@@ -49,7 +71,7 @@ def make_handler(viewer: Viewer):
                 if url.path == "/api/latents":
                     return self._json(viewer.latent_list(params.get("coder", ""), params))
                 if url.path == "/api/search":
-                    return self._json(viewer.search(params.get("coder", ""), params.get("q", ""), int(params.get("limit", 20))))
+                    return self._json(viewer.search(params.get("coder", ""), params.get("q", ""), integer(params, "limit", 20)))
                 if url.path == "/api/latent":
                     return self._json(viewer.latent(params.get("coder", ""), params.get("latent", "")))
                 if url.path == "/healthz":
@@ -83,25 +105,27 @@ def make_handler(viewer: Viewer):
     return Handler
 
 
-def make_server(data_dir: str, host: str = "127.0.0.1", port: int = 8080, viewer: Viewer | None = None, **options) -> ThreadingHTTPServer:
-    """The server, bound but not yet serving (port 0 picks a free one: see `server.server_port`);
-    `options` go to the `Viewer` (embedder, dagster_url, subject_model)."""
+def make_server(data_dir: str, host: str = "127.0.0.1", port: int = 8080, viewer: Viewer | None = None, viewer_url: str | None = None,
+                **options) -> ThreadingHTTPServer:
+    """The server, bound but not yet serving (port 0 picks a free one: see `server.server_port`); it answers
+    requests addressed to its own host and port, a loopback name at its port, or the host of `viewer_url`
+    (the deployment's `[settings] viewer_url`); `options` go to the `Viewer` (embedder, dagster_url, subject_model)."""
     root = DataRoot.at(data_dir)
     if not root.root.exists():
         raise FileNotFoundError(f"No data root at {root.root}. Fix: pass --data, or set [settings] data_dir in the deployment file, to the folder `make demo` filled, e.g. ./data.")
-    server = ThreadingHTTPServer((host, port), make_handler(viewer or Viewer(root, **options)))
+    server = ThreadingHTTPServer((host, port), make_handler(viewer or Viewer(root, **options), viewer_url))
     server.daemon_threads = True
     return server
 
 
-def serve(data_dir: str, host: str = "127.0.0.1", port: int = 8080, warm: bool = True, **options) -> None:
+def serve(data_dir: str, host: str = "127.0.0.1", port: int = 8080, warm: bool = True, viewer_url: str | None = None, **options) -> None:
     """Serve until Ctrl-C; with `warm`, load the embedder in the background so the first search is quick.
     `options` go to the `Viewer`: the CLI passes the deployment's embedder, Dagster URL and subject model."""
     import torch
 
     torch.set_num_threads(1)  # requests run on threads of their own; intra-op threads on a busy 2-core machine made a query's embedding 20x slower
     viewer = Viewer(DataRoot.at(data_dir), **options)
-    server = make_server(data_dir, host, port, viewer)
+    server = make_server(data_dir, host, port, viewer, viewer_url)
     if warm:
         threading.Thread(target=_warm, args=(viewer,), daemon=True).start()
     print(f"autointerp viewer on http://{host}:{server.server_port} (data {DataRoot.at(data_dir).root}); Ctrl-C stops it", flush=True)

@@ -9,7 +9,8 @@ delphi's layout (checked against EleutherAI/delphi: `delphi/__main__.py` writes 
         prediction, probability, correct  (delphi's `ClassifierOutput`)
 
 Our detection and fuzzing scorers are delphi's classifier scorers (delphi calls fuzzing `fuzz`);
-only those are written as scores, since delphi's analysis reads only that shape. An imported
+only those are written as scores, since delphi's analysis reads only that shape, and only where they
+scored the explanation written beside them (not an earlier text of the latent). An imported
 explanation becomes an `ok` row of our explanations table (explainer `delphi`), so every scorer
 here re-scores it beside a control.
 """
@@ -56,7 +57,9 @@ def export_delphi(data_dir: str, coder: str, out_dir: str, module: str | None = 
             examples = reader.scored_examples(root, coder, shard, ours)
             if not len(examples):
                 continue
-            for latent, rows in examples[examples["source"] == "explanation"].groupby("latent"):
+            scored = reader.scores_shard(root, coder, shard, ours)
+            stale = set(scored["latent"][reader.stale(scored, reader.explanations_shard(root, coder, shard))]) if len(scored) else set()
+            for latent, rows in examples[(examples["source"] == "explanation") & ~examples["latent"].isin(stale)].groupby("latent"):
                 test = [w for w in index.windows(int(latent)) if w["split"] == "test"]  # `example` indexes these, in table order
                 samples = [_sample(r, test[int(r.example)], vocab) for r in rows.sort_values("example").itertuples() if int(r.example) < len(test)]
                 folder.mkdir(parents=True, exist_ok=True)
@@ -102,7 +105,7 @@ def import_delphi(data_dir: str, coder: str, folder: str, module: str | None = N
     """Put delphi's explanations into this coder's explanations tables (replacing those latents' rows),
     and into the search index (`embedder`: the deployment's embedder resource, which the scorers and search
     use too); returns per shard the latents imported. Scorers then score them with controls."""
-    from storage.tables import TABLES, file_fingerprint, write_table
+    from storage.tables import TABLES, file_fingerprint, table_lock, write_table
     from storage.vector_store import sync_explanations
 
     root = DataRoot.at(data_dir)
@@ -123,15 +126,17 @@ def import_delphi(data_dir: str, coder: str, folder: str, module: str | None = N
         rows = pd.DataFrame({"latent": np.array(latents, np.int64), "explainer": "delphi", "explanation": [texts[l] for l in latents], "status": "ok",
                              "error": "", "prompt_tokens": 0, "completion_tokens": 0, "model": model, "candidates": [[texts[l]] for l in latents],
                              "candidate_scores": [[float("nan")] for _ in latents], "examples_dropped": 0, "exemplars_fingerprint": file_fingerprint(exemplars)})
-        held = reader.explanations_shard(root, coder, shard)
-        if len(held):  # rows of other latents stay, unless written from older exemplars (the scorers would refuse the table)
-            held = held[~held["latent"].isin(latents) & (held["exemplars_fingerprint"] == file_fingerprint(exemplars))]
-        table = pd.concat([held, rows], ignore_index=True).sort_values("latent") if len(held) else rows
-        write_table(table[TABLES["explanations"].columns], reader.explanations_path(root, coder, shard), "explanations")
-        if embedder is None:
-            from resources.embedder import EmbedderResource
+        path = reader.explanations_path(root, coder, shard)
+        with table_lock(path, f"Writing the explanations of {coder} shard {shard} (the explanations asset or another import)"):
+            held = reader.explanations_shard(root, coder, shard)
+            if len(held):  # rows of other latents stay, unless written from older exemplars (the scorers would refuse the table)
+                held = held[~held["latent"].isin(latents) & (held["exemplars_fingerprint"] == file_fingerprint(exemplars))]
+            table = pd.concat([held, rows], ignore_index=True).sort_values("latent") if len(held) else rows
+            write_table(table[TABLES["explanations"].columns], path, "explanations")
+            if embedder is None:
+                from resources.embedder import EmbedderResource
 
-            embedder = EmbedderResource()
-        ok = table[table["status"] == "ok"]
-        sync_explanations(root.lancedb_dir, embedder.model, coder, shard, dict(zip(ok["latent"].tolist(), ok["explanation"])), embedder.embed)
+                embedder = EmbedderResource()
+            ok = table[table["status"] == "ok"]
+            sync_explanations(root.lancedb_dir, embedder.model, coder, shard, dict(zip(ok["latent"].tolist(), ok["explanation"])), embedder.embed)
     return by_shard

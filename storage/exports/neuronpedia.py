@@ -12,7 +12,9 @@ the row fields, `convert-saedashboard-to-neuronpedia-export.py` and `batch-autoi
 
 Quantile bins follow the webapp's `activations-list.tsx`: `binMin = -1` marks the top activations
 (our explainer's windows); a held-out window of quantile q carries that quantile's activation
-interval and the share of activating windows it holds.
+interval and the share of activating windows it holds. The interval is widened to hold the max
+activation of every window of the bin: the exemplars cut the held-out windows into quantiles by
+rank, the boundaries by value over all windows, so a window may lie just outside its quantile's.
 """
 from __future__ import annotations
 
@@ -114,13 +116,17 @@ def export_neuronpedia(data_dir: str, coder: str, out_dir: str, model_id: str | 
         boundaries = list(row.quantile_boundaries)
         n_q = len(boundaries) - 1
         held_out = [w for w in activating if w["quantile"] > 0]
+        peaks = {}  # quantile → the max activation of each of its windows
+        for w in held_out:
+            peaks.setdefault(int(w["quantile"]), []).append(max(float(a) for a in w["activations"]))
         for i, w in enumerate(activating):
             values = [float(a) for a in w["activations"]]
             top = int(np.argmax(values))
             if w["quantile"] > 0 and n_q > 0:
                 q = int(w["quantile"])
-                bin_min, bin_max = float(boundaries[n_q - q]), float(boundaries[n_q - q + 1])
-                contains = sum(1 for h in held_out if h["quantile"] == q) / max(len(held_out), 1)
+                bin_min = min(float(boundaries[n_q - q]), *peaks[q])
+                bin_max = max(float(boundaries[n_q - q + 1]), *peaks[q])
+                contains = len(peaks[q]) / max(len(held_out), 1)
             else:
                 bin_min, bin_max, contains = -1.0, -1.0, None
             activations.append({

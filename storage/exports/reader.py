@@ -39,9 +39,12 @@ def list_coders(root: DataRoot) -> list[str]:
 
 
 def activations_meta(root: DataRoot, coder: str) -> dict:
-    meta = read_cache_meta(root.activations_dir(coder))
+    """The coder's cache `meta.json`. Only a coder of `list_coders` is looked up: a name from a URL such as
+    `../x` or `/etc` must never lead a read, or a cache the viewer writes, outside the data root."""
+    known = list_coders(root)
+    meta = read_cache_meta(root.activations_dir(coder)) if coder in known else None
     if meta is None:
-        known = ", ".join(list_coders(root)) or "none"
+        known = ", ".join(known) or "none"
         raise NotMaterialized(f"No coder {coder!r} under {root.root} (coders with activations: {known}). "
                               f"Fix: pick one of those, or materialize `activations` for a partition {coder}|NN.")
     return meta
@@ -105,20 +108,37 @@ def latent_profiles_path(root: DataRoot, coder: str, shard: str) -> Path:
 
 
 def scorer_names(root: DataRoot, coder: str) -> list[str]:
-    """Scorers with a table for this coder, in the order the pipeline defines them."""
-    from assets.scorers import SCORERS
-
+    """Every scorer with a table for this coder (`scores/<coder>/<shard>/<scorer>.parquet`), whatever the
+    scorer: a plugin's tables show as the built-ins' do. Sorted by name, as the pipeline lists scorers."""
     base = root.root / "scores" / coder
     found = {p.stem for p in base.glob("*/*.parquet") if not p.name.endswith(".examples.parquet")} if base.exists() else set()
-    return [name for name in SCORERS if name in found]
+    return sorted(found)
 
 
 def scorer_info(name: str) -> dict:
-    """A scorer's main metric and what its control is."""
-    from assets.scorers import SCORERS
+    """A scorer's main metric and what its control is. A scorer whose class is not loaded in this process
+    (a plugin of another deployment) has no known main metric: its gap is still shown."""
+    from assets.scorers import loaded_scorers
 
-    scorer = SCORERS[name]
+    scorer = loaded_scorers().get(name)
+    if scorer is None:
+        return {"main_metric": None, "control": f"its control (scorer {name!r} is not loaded: run with the deployment that lists its plugin)"}
     return {"main_metric": scorer.main_metric, "control": scorer.control_description()}
+
+
+def stale(scored: pd.DataFrame, explained: pd.DataFrame) -> pd.Series:
+    """Per row of a scores table: whether it scored a text other than its latent's current explanation
+    (the latent's last row of the explanations table, status ok), so that no score is shown or exported
+    beside an explanation it did not judge. A row with an empty `explanation` scored the latent itself
+    (the intruder scorer) and is never stale."""
+    if not len(scored):
+        return pd.Series(False, index=scored.index)
+    current = pd.Series(dtype=object)
+    if len(explained):
+        last = explained.drop_duplicates("latent", keep="last").set_index("latent")
+        current = last["explanation"].where(last["status"] == "ok")
+    text = scored["explanation"].fillna("")
+    return (text != "") & (text != scored["latent"].map(current))
 
 
 def verdict(gaps: pd.Series, scorer: str) -> str:

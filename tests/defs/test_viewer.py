@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import json
+import shutil
+import threading
 import urllib.error
 import urllib.request
 from urllib.parse import quote
@@ -205,3 +207,171 @@ def test_the_links_follow_the_deployment_settings_and_summary_links_cover_every_
     several = summary_links(settings.viewer_url, {"a/h.1": [3, 1], "b/h.2": [7]})
     assert several["viewer"].value == "http://viewer.lab:9000/"
     assert "latent?coder=a%2Fh.1&latent=3" in several["latent_pages"].value and "latent?coder=b%2Fh.2&latent=7" in several["latent_pages"].value
+
+
+def test_a_coder_name_never_leads_outside_the_data_root(server, partition, tmp_path):
+    root = DataRoot.at(partition.root)
+    elsewhere = tmp_path / "elsewhere" / "coder"
+    shutil.copytree(root.activations_dir(partition.coder), elsewhere)  # a real cache, outside the root
+    escapes = [str(elsewhere), f"../activations/{partition.coder}", "../../" + str(elsewhere.relative_to("/"))]
+    for coder in escapes:
+        for path in (f"/api/latents?coder={quote(coder, safe='')}", f"/api/latent?coder={quote(coder, safe='')}&latent=0"):
+            status, data = get(server, path)
+            assert status == 404 and partition.coder in data["error"], (coder, data)
+    assert sorted(p.name for p in elsewhere.iterdir()) == sorted(p.name for p in root.activations_dir(partition.coder).iterdir())  # no cache written there
+    assert not (root.activations_dir(partition.coder) / "latents.parquet").exists()
+
+
+def raw_get(server: str, path: str, host: str) -> tuple[int, dict]:
+    """GET with the Host header a browser would send for a page at `host`."""
+    import http.client
+
+    connection = http.client.HTTPConnection(*server.removeprefix("http://").split(":"), timeout=60)
+    connection.request("GET", path, headers={"Host": host})
+    response = connection.getresponse()
+    return response.status, json.loads(response.read() or b"{}") if response.getheader("Content-Type") == "application/json" else {}
+
+
+def test_a_request_for_another_host_is_refused_against_dns_rebinding(server, partition):
+    port = server.rsplit(":", 1)[1]
+    for host in (f"127.0.0.1:{port}", f"localhost:{port}", f"[::1]:{port}"):
+        assert raw_get(server, "/api/coders", host)[0] == 200, host
+    for host in (f"attacker.example:{port}", "attacker.example", f"localhost:{int(port) + 1}", "127.0.0.1:x", ""):
+        status, data = raw_get(server, "/api/coders", host)
+        assert status == 403 and "Misdirected" in data["error"] and "viewer_url" in data["error"], host
+    assert raw_get(server, "/", "attacker.example")[0] == 403  # the pages too, not only the API
+
+
+def test_the_deployment_viewer_url_host_is_served_behind_a_proxy(partition):
+    from autointerp_defs.viewer.server import make_server
+
+    httpd = make_server(str(partition.root), port=0, viewer_url="https://viewer.lab/")
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    try:
+        server = f"http://127.0.0.1:{httpd.server_port}"
+        assert raw_get(server, "/api/coders", "viewer.lab")[0] == 200
+        assert raw_get(server, "/api/coders", "other.lab")[0] == 403
+    finally:
+        httpd.shutdown()
+        httpd.server_close()
+
+
+def test_a_bad_whole_number_is_a_400_naming_the_parameter(server, partition):
+    coder = quote(partition.coder, safe="")
+    for path, name in ((f"/api/latents?coder={coder}&per_page=ten", "per_page"), (f"/api/latents?coder={coder}&page=2.5", "page"),
+                       (f"/api/latents?coder={coder}&q=file&limit=many", "limit"), (f"/api/search?coder={coder}&q=file&limit=x", "limit")):
+        status, data = get(server, path)
+        assert status == 400 and data["error"].startswith(f"{name}=") and "Fix" in data["error"], path
+
+
+def test_a_plugin_scorer_table_is_shown_like_the_built_in_ones(partition, tmp_path, monkeypatch):
+    from assets.scorers import scorer_classes
+    from autointerp_defs.viewer.app import Viewer
+    from tests.defs.test_deployments import TOY_SCORER
+
+    root = copy_root(partition, tmp_path)
+    plugins = tmp_path / "plugins"
+    plugins.mkdir()
+    (plugins / "viewer_toy_scorer.py").write_text(TOY_SCORER)
+    monkeypatch.syspath_prepend(str(plugins))
+    scorer_classes(("viewer_toy_scorer",))  # what loading a deployment that lists the plugin does
+    toy = pd.read_parquet(root.scores_path(partition.coder, partition.shard, "detection"))
+    toy["accuracy"] = toy["accuracy"] / 2  # its own numbers
+    toy.to_parquet(root.scores_path(partition.coder, partition.shard, "word_match"), index=False)
+    toy.to_parquet(root.scores_path(partition.coder, partition.shard, "unloaded_plugin"), index=False)  # a plugin this process never loaded
+
+    viewer = Viewer(root)
+    (row,) = viewer.coders()["coders"]
+    assert row["scorers"]["word_match"]["mean"] == pytest.approx(toy["accuracy"].mean())
+    assert row["scorers"]["unloaded_plugin"]["n"] == 0 and row["scorers"]["unloaded_plugin"]["verdict"]
+    latents = viewer.latent_list(partition.coder, {"status": "ok", "per_page": "500"})
+    shown = {r["latent"]: r for r in latents["rows"]}
+    for scored in toy.itertuples():
+        assert shown[scored.latent]["word_match"] == pytest.approx(scored.accuracy)
+        assert shown[scored.latent]["unloaded_plugin_gap"] == pytest.approx(scored.gap)
+    page = viewer.latent(partition.coder, int(toy.latent.iloc[0]))
+    scorers = {s["name"]: s for s in page["scorers"]}
+    assert scorers["word_match"]["main_metric"] == "accuracy" and scorers["word_match"]["score"] == pytest.approx(toy.accuracy.iloc[0])
+    assert scorers["unloaded_plugin"]["main_metric"] is None and scorers["unloaded_plugin"]["gap"] == pytest.approx(toy.gap.iloc[0])
+    assert "not loaded" in scorers["unloaded_plugin"]["control"]
+
+
+def copy_root(partition, tmp_path) -> DataRoot:
+    root = tmp_path / "copy"
+    shutil.copytree(partition.root, root, ignore=shutil.ignore_patterns("viewer", "llm_cache"))
+    return DataRoot.at(root)
+
+
+def test_a_score_of_an_earlier_explanation_is_marked_stale_not_shown_as_the_latents(partition, tmp_path):
+    from autointerp_defs.viewer.app import STALE, Viewer
+    from storage.exports import reader
+    from storage.exports.delphi import export_delphi
+
+    root = copy_root(partition, tmp_path)
+    coder, shard = partition.coder, partition.shard
+    explained = pd.read_parquet(root.explanations_path(coder, shard))
+    detection = pd.read_parquet(root.scores_path(coder, shard, "detection"))
+    fuzzing = pd.read_parquet(root.scores_path(coder, shard, "fuzzing"))
+    latent = int(sorted(set(detection.latent) & set(fuzzing.latent) & set(explained[explained.status == "ok"].latent))[0])
+    explained.loc[explained.latent == latent, "explanation"] = "a newer explanation"
+    explained.to_parquet(root.explanations_path(coder, shard), index=False)
+    detection.loc[detection.latent == latent, "explanation"] = "a newer explanation"  # detection scored the new text; fuzzing is behind
+    detection.to_parquet(root.scores_path(coder, shard, "detection"), index=False)
+
+    viewer = Viewer(root)
+    page = viewer.latent(coder, latent)
+    scorers = {s["name"]: s for s in page["scorers"]}
+    assert page["explanation"]["text"] == "a newer explanation"
+    assert scorers["detection"]["stale"] is None and scorers["detection"]["score"] == pytest.approx(detection[detection.latent == latent].balanced_accuracy.iat[0])
+    assert scorers["fuzzing"]["stale"] == STALE and scorers["fuzzing"]["explanation"] != "a newer explanation"
+    for name in ("embedding", "simulation"):  # they too scored the earlier text
+        assert scorers[name]["stale"] == (STALE if (pd.read_parquet(root.scores_path(coder, shard, name)).latent == latent).any() else None)
+    (row,) = viewer.latent_list(coder, {"min_latent": str(latent), "max_latent": str(latent)})["rows"]
+    assert row["detection"] is not None and row["fuzzing"] is None and row["fuzzing_gap"] is None  # a stale score is not the latent's
+    others = viewer.latent_list(coder, {"status": "ok", "per_page": "500"})["rows"]
+    main = reader.scorer_info("fuzzing")["main_metric"]
+    assert sum(r["fuzzing"] is not None for r in others) == fuzzing[main].notna().sum() - 1
+
+    out = tmp_path / "delphi"
+    export_delphi(str(root.root), coder, str(out))
+    assert (out / "scores" / "detection" / f"model.layers.3_latent{latent}.txt").exists()
+    assert not (out / "scores" / "fuzz" / f"model.layers.3_latent{latent}.txt").exists()  # fuzzing judged an older text
+    assert len(list((out / "scores" / "fuzz").iterdir())) == len(fuzzing) - 1
+
+
+def test_every_latent_page_of_a_coder_narrower_than_the_neighbour_count_answers(tmp_path, subject):
+    """Width 8 < the 10 neighbours a page lists; and a coder registered anew serves its own decoder at once."""
+    from dagster import DagsterInstance, materialize
+
+    from assets.corpus import embedded_documents, tokenize_documents
+    from autointerp_defs.demo_sae import train_topk_sae
+    from autointerp_defs.viewer.app import Viewer
+    from resources.sparse_coders import save_sparsify
+    from resources.subject_model import capture_hookpoints
+    from tests.conftest import TINY_CORPUS_CONFIG, TINY_EXEMPLARS_CONFIG, add_coders, all_assets, make_resources, random_coder
+
+    hookpoint = "model.layers.1"
+    tokens = tokenize_documents(embedded_documents(), subject.tokenizer(), ctx_len=64, n_tokens=64 * 16, add_bos=True, seed=7)
+    hidden = capture_hookpoints(subject.causal_lm(), torch.from_numpy(tokens).long(), {(hookpoint, "output")})[(hookpoint, "output")]
+    narrow = train_topk_sae(hidden[:, 1:].flatten(0, 1), width=8, k=2, name="narrow", hookpoint=hookpoint, epochs=2, batch_size=256)
+    coder, folder = f"narrow/{hookpoint}", tmp_path / "registry" / "narrow" / hookpoint
+    save_sparsify(narrow, folder)
+    instance = DagsterInstance.ephemeral()
+    add_coders(instance, tmp_path, coder)
+    resources = make_resources(tmp_path)
+    assert materialize(all_assets(), selection=["corpus"], resources=resources, instance=instance, run_config={"ops": {"corpus": {"config": TINY_CORPUS_CONFIG}}}).success
+    for selection, config in ((["activations"], {}), (["exemplars"], {"ops": {"exemplars": {"config": TINY_EXEMPLARS_CONFIG}}})):
+        assert materialize(all_assets(), selection=selection, partition_key=f"{coder}|00", resources=resources, instance=instance, run_config=config).success
+
+    server = Viewer(DataRoot.at(tmp_path))
+    for latent in range(8):
+        page = server.latent(coder, latent)
+        assert sorted(n["latent"] for n in page["neighbours"]["latents"]) == sorted(set(range(8)) - {latent})
+
+    def cosines(weights, latent):
+        unit = torch.nn.functional.normalize(weights, dim=1)
+        return sorted((unit @ unit[latent]).tolist()[:latent] + (unit @ unit[latent]).tolist()[latent + 1:], reverse=True)
+
+    again = random_coder(width=8, d_in=576, k=2, seed=1)
+    save_sparsify(again, folder)  # registered anew under the same name, while the server runs
+    assert [n["cosine"] for n in server.latent(coder, 0)["neighbours"]["latents"]] == pytest.approx(cosines(again.decoder_weight, 0), abs=1e-4)

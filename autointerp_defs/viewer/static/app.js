@@ -75,7 +75,7 @@ async function codersPage() {
     return;
   }
   const scorers = data.scorers.map((s) => s.name);
-  const headers = ["coder", "width", "dead fraction", "mean L0", "FVU", "explained", ...scorers.flatMap((s) => [`${s} (${data.scorers.find((x) => x.name === s).main_metric})`, `${s} control`, `${s} verdict`])];
+  const headers = ["coder", "width", "dead fraction", "mean L0", "FVU", "explained", ...scorers.flatMap((s) => [`${s} (${data.scorers.find((x) => x.name === s).main_metric ?? "unknown"})`, `${s} control`, `${s} verdict`])];
   const rows = data.coders.map((c) => {
     const values = [c.coder, c.width, c.dead_fraction, c.mean_l0, c.fvu, c.explained,
       ...scorers.flatMap((s) => { const r = c.scorers[s] || {}; return [r.mean, r.control, r.verdict]; })];
@@ -219,7 +219,8 @@ async function latentPage() {
   else scorers.append(el("table", {},
     el("tr", {}, ["scorer", "metric", "explanation", "control", "gap", "control explanation", "coder verdict"].map((h) => el("th", {}, h))),
     d.scorers.map((s) => el("tr", { "data-scorer": s.name },
-      el("td", {}, s.name), el("td", {}, s.main_metric), el("td", { class: "num score" }, s.scored ? fmt(s.score) : "not scored"),
+      el("td", {}, s.name), el("td", {}, s.main_metric || "unknown"), el("td", { class: "num score" }, s.scored ? fmt(s.score) : "not scored",
+        s.stale ? el("div", { class: "stale", title: `scored: ${s.explanation}` }, s.stale) : null),
       el("td", { class: "num control" }, s.scored ? fmt(s.control_score) : "–"), el("td", { class: "num" }, s.scored ? fmt(s.gap) : "–"),
       el("td", {}, s.scored ? (s.control_explanation || s.control_note || "–") : "–"), el("td", {}, verdictSpan(s.verdict))))));
   parts.push(scorers);

@@ -36,3 +36,16 @@ def content_digest(path: Path) -> str:
         name = file.name if file == path else str(file.relative_to(path))
         digest.update(f"{name}:{_file_digest(str(file), stat.st_size, stat.st_mtime_ns)}\n".encode())
     return digest.hexdigest()[:12]
+
+
+BACKENDS = ("embedded", "openai", "vllm")
+"""The LLM backends an identity can start with (`resources/llm.py`)."""
+
+
+def model_name(identity: str) -> str:
+    """The model's own name in an identity such as `openai:gpt-4o-mini` or `embedded:x.gguf@3f2a…` (what a
+    peer's schema wants as a model name): without the backend and the content hash."""
+    backend, _, rest = identity.partition(":")
+    if backend not in BACKENDS:
+        return identity  # a name given by hand (an imported explanation's model)
+    return rest.rsplit("@", 1)[0] if backend != "openai" else rest

@@ -117,6 +117,9 @@ def two_shards_of_scores(folder):
         path.parent.mkdir(parents=True, exist_ok=True)
         pd.DataFrame({"latent": latents, "explanation": [f"e{l}" for l in latents], main: score, f"control_{main}": control,
                       "gap": np.subtract(score, control)}).to_parquet(path)
+        explanations = root.explanations_path("c/h", shard)  # the texts the scores were made with: none is stale
+        explanations.parent.mkdir(parents=True, exist_ok=True)
+        pd.DataFrame({"latent": latents, "explanation": [f"e{l}" for l in latents], "status": "ok"}).to_parquet(explanations)
     return root
 
 

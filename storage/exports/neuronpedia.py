@@ -28,6 +28,7 @@ from pathlib import Path
 import numpy as np
 
 from storage.exports import reader
+from storage.identity import model_name
 from storage.layout import DataRoot
 
 DEFAULT_CREATOR_ID = "clkht01d40000jv08hvalcvly"  # Neuronpedia's default creator when none is configured
@@ -139,7 +140,7 @@ def export_neuronpedia(data_dir: str, coder: str, out_dir: str, model_id: str | 
         for row in explained[explained["status"] == "ok"].itertuples():
             explanations.append({"id": _id(source_id, row.latent, "explanation"), "modelId": model_id, "layer": source_id, "index": str(int(row.latent)),
                                  "description": row.explanation, "authorId": creator_id, "typeName": f"{EXPLANATION_TYPE}-{row.explainer}",
-                                 "explanationModelName": row.model, "createdAt": now})
+                                 "explanationModelName": model_name(row.model), "createdAt": now})
     _write_jsonl_gz(folder / "features" / "batch-0.jsonl.gz", features)
     _write_jsonl_gz(folder / "activations" / "batch-0.jsonl.gz", activations)
     _write_jsonl_gz(folder / "explanations" / "batch-0.jsonl.gz", explanations)

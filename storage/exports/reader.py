@@ -151,6 +151,11 @@ def scores(root: DataRoot, coder: str, scorer: str, shards: list[str]) -> pd.Dat
     return _read_shards({s: root.scores_path(coder, s, scorer) for s in shards})
 
 
+def scores_shard(root: DataRoot, coder: str, shard: str, scorer: str) -> pd.DataFrame:
+    path = root.scores_path(coder, shard, scorer)
+    return pd.read_parquet(path) if path.exists() else pd.DataFrame()
+
+
 def scored_examples(root: DataRoot, coder: str, shard: str, scorer: str, latent: int | None = None) -> pd.DataFrame:
     path = root.scored_examples_path(coder, shard, scorer)
     if not path.exists():

@@ -101,7 +101,7 @@ def test_latent_page_shows_what_the_tables_and_the_decoder_say(server, partition
     assert status == 200
 
     # the explanation and both best-of-N candidates with their scores
-    assert page["explanation"]["text"] == row.explanation and page["explanation"]["model"] == "scripted-judge"
+    assert page["explanation"]["text"] == row.explanation and page["explanation"]["model"] == "openai:scripted-judge"
     assert [c["text"] for c in page["explanation"]["candidates"]] == list(row.candidates)
     assert [c["score"] for c in page["explanation"]["candidates"]] == pytest.approx(list(row.candidate_scores))
 

@@ -129,6 +129,24 @@ def print_results(root, coder: str, scorers: dict) -> None:
         mean, control, paired = paired_means(table[name], table[f"{name}_control"])
         means = f"mean {beside_control(mean, control)} over the {paired} latents with a control" if paired else f"mean {beside_control(mean, control)}"
         print(f"{name}: {means}; {verdict(table[f'{name}_gap'], scorers[name].control_description())}")
+    if (stale := table.loc[table["stale"] != "", "latent"].tolist() if "stale" in table else []):
+        print(f"latents {stale[:10]}: some scores were made with an earlier explanation and are left out (re-run those scorers)")
+    for line in made_by(root, coder, sorted(set(table["shard"])), present):
+        print(line)
+
+
+def made_by(root, coder: str, shards: list[str], scorers: list[str]) -> list[str]:
+    """Which models made the printed results, as the tables themselves record them."""
+    import pandas as pd
+
+    def recorded(paths, column) -> str:
+        frames = [pd.read_parquet(path) for path in paths if path.exists()]
+        found = {value for frame in frames if column in frame for value in frame[column] if value}
+        return ", ".join(sorted(found)) or "not recorded"
+
+    lines = [f"explained by {recorded([root.explanations_path(coder, shard) for shard in shards], 'model')}"]
+    lines += [f"{name} scored by {recorded([root.scores_path(coder, shard, name) for shard in shards], 'models')}" for name in scorers]
+    return lines
 
 
 def cache(data_dir: str, coder_keys: list[str], batch_size: int, checkpoint_entries: int, latents_per_shard: int) -> None:

@@ -35,7 +35,8 @@ from assets.partitions import DEFAULT_LATENTS_PER_SHARD, coders_of, shard_partit
 from assets.stage_config import Models
 from resources.settings import AutointerpSettings
 from resources.sparse_coders import SparseCode, SparseCoder, coder_fingerprint, load_registered
-from resources.subject_model import SubjectModelResource, resolve_hookpoint
+from resources.hookpoints import resolve_hookpoint
+from resources.subject_model import SubjectModelResource
 from storage.activations import CHUNK_ENTRIES, LATENT_STATS_FILE, ShardedActivationWriter, load_latent_stats, read_cache_meta, read_progress, save_latent_stats, write_cache_meta, write_progress
 from storage.atomic import exclusive_lock
 from storage.corpus import load_corpus

@@ -21,6 +21,7 @@ from pydantic import Field, ValidationError
 from assets.automation import CODE_CHANGED, FOLLOW, LLM_POOL
 from assets.checks import explanations_results, explanations_specs
 from assets.explainers import EXPLAINERS, Explainer, ExplainerDeps, LatentRecord
+from assets.links import coder_url, latent_url
 from assets.partitions import backfill_policy, coder_and_shard, each_shard, shard_partitions
 from assets.prompts import corpus_prompt_vocab, plain_text
 from assets.score_metrics import roc_auc
@@ -135,8 +136,6 @@ async def explain_all(explainer: Explainer, config: ExplanationsConfig, exemplar
 def viewer_links(base: str, coder: str, latents: list[int], n: int = 20) -> dict:
     """Links into the latent browser (`autointerp view` at `base`, the deployment's [settings] viewer_url):
     the coder's page and the first `n` latents' pages."""
-    from autointerp_defs.viewer import coder_url, latent_url  # here, not at the top: the package imports the assets
-
     pages = "\n".join(f"- [latent {latent}]({latent_url(coder, latent, base)})" for latent in latents[:n])
     return {"viewer": MetadataValue.url(coder_url(coder, base)), **({"latent_pages": MetadataValue.md(pages)} if pages else {})}
 

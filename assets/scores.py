@@ -34,6 +34,7 @@ from dagster import (
 from assets.automation import CODE_CHANGED, FOLLOW, LLM_POOL, SUBJECT_MODEL_POOL
 from assets.checks import result, scorer_results, scorer_specs, shards_present, summary_specs
 from assets.explanations import viewer_links
+from assets.links import coder_url, home_url, latent_url
 from assets.work import ChunkLoader, nothing_succeeded, selected_latents, stream_latents
 from assets.partitions import backfill_policy, coder_and_shard, coders_of, each_shard, shard_partitions
 from assets.prompts import corpus_prompt_vocab, window_embedding
@@ -463,8 +464,6 @@ def summary_links(base: str, ranked: dict[str, list[int]], per_coder: int = 5) -
         return viewer_links(base, *next(iter(ranked.items())))
     if not ranked:
         return {}
-    from autointerp_defs.viewer import coder_url, home_url, latent_url  # here, not at the top: the package imports the assets
-
     pages = [f"- [{coder}]({coder_url(coder, base)}): " + ", ".join(f"[{latent}]({latent_url(coder, latent, base)})" for latent in best[:per_coder])
              for coder, best in ranked.items()]
     return {"viewer": MetadataValue.url(home_url(base)), "latent_pages": MetadataValue.md("\n".join(pages))}

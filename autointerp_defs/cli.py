@@ -210,12 +210,12 @@ def subject_model_of(deployment) -> tuple[str, str | None]:
 
 def export_to(args, deployment) -> None:
     if args.format == "neuronpedia":
-        from storage.exports.neuronpedia import export_neuronpedia
+        from autointerp_defs.exports.neuronpedia import export_neuronpedia
 
         folder = export_neuronpedia(args.data, args.coder, args.dir, model_id=args.model_id, set_name=args.set_name, subject_model=subject_model_of(deployment))
         print(f"wrote {folder}")
     else:
-        from storage.exports.delphi import export_delphi
+        from autointerp_defs.exports.delphi import export_delphi
 
         written = export_delphi(args.data, args.coder, args.dir, args.module)
         print(f"wrote {args.dir}: " + ", ".join(f"{n} {kind}" for kind, n in written.items()))
@@ -238,11 +238,11 @@ def view_latents(deployment, host: str, port: int | None) -> None:
 def main(argv: list[str] | None = None) -> None:
     """The command line; a mistake the user can fix ends with its one-line message, not a traceback."""
     from autointerp_defs.deployments import DeploymentError
+    from resources.hookpoints import UnknownHookpointError
     from resources.sparse_coders import CoderFormatError, CoderShapeError, RegistryError
     from resources.steering import SteeringError
-    from resources.subject_model import UnknownHookpointError
     from storage.atomic import LockedError
-    from storage.exports.reader import ExportInputError
+    from autointerp_defs.exports.reader import ExportInputError
 
     try:
         return _main(argv)
@@ -321,7 +321,7 @@ def _main(argv: list[str] | None = None) -> None:
     elif args.command == "export":
         export_to(args, deployment)
     elif args.command == "import":
-        from storage.exports.delphi import import_delphi
+        from autointerp_defs.exports.delphi import import_delphi
 
         imported = import_delphi(args.data, args.coder, args.dir, args.module, args.model, embedder=deployment.resources()["embedder"])
         for shard, latents in imported.items():

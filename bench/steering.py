@@ -29,7 +29,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from resources.intervention import LikelihoodScorer, steered_continuations  # noqa: E402
+from assets.scorers.intervention import LikelihoodScorer, steered_continuations  # noqa: E402
 from resources.sparse_coders import SparseCoder  # noqa: E402
 from resources.steering import NEUTRAL_PROMPTS, Steer, Steerer  # noqa: E402
 from resources.subject_model import SubjectModelResource  # noqa: E402

@@ -28,7 +28,7 @@ from pathlib import Path
 import torch
 
 from resources.sparse_coders import SparseCoder
-from resources.subject_model import resolve_hookpoint
+from resources.hookpoints import resolve_hookpoint
 
 NEUTRAL_PROMPTS = (
     "The", "I think that", "In the morning,", "Here is", "One day,", "It was", "We", "After a while, the",

@@ -1,7 +1,6 @@
 """The subject model whose internals are explained: loading, hookpoints and truncated forward passes."""
 from __future__ import annotations
 
-import difflib
 import functools
 import importlib.util
 from pathlib import Path
@@ -12,14 +11,12 @@ from dagster import ConfigurableResource
 from pydantic import Field
 
 from resources.engines import engine
+from resources.hookpoints import resolve_hookpoint
+from resources.steering import Steerer
 from storage.identity import content_digest
 
 EMBEDDED = "embedded"
 EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
-
-
-class UnknownHookpointError(ValueError):
-    pass
 
 
 def embedded_gguf_path() -> Path:
@@ -77,20 +74,6 @@ def _load_causal_lm(model: str, gguf_file: str | None, dtype: str, device: str, 
         # meta device (seen after a sentence-transformers model was loaded in the same process)
         head.weight = lm.get_input_embeddings().weight
     return lm.to(device).eval()
-
-
-def resolve_hookpoint(lm: torch.nn.Module, hookpoint: str) -> torch.nn.Module:
-    """The module named `hookpoint`; sparsify-style names relative to the base model work too."""
-    modules = dict(lm.named_modules())
-    for candidate in (hookpoint, f"model.{hookpoint}", hookpoint.removeprefix("model.")):
-        if candidate and candidate in modules:
-            return modules[candidate]
-    close = difflib.get_close_matches(hookpoint, [n for n in modules if n], n=3, cutoff=0.5)
-    raise UnknownHookpointError(
-        f"Unknown hookpoint '{hookpoint}': the subject model has no module of that name. "
-        f"Closest module names: {close or 'none'}. Fix: name the coder's registry folder after a "
-        f"module of the model (e.g. 'model.layers.15'; list them with `model.named_modules()`)."
-    )
 
 
 class _StopForward(Exception):
@@ -164,10 +147,8 @@ class SubjectModelResource(ConfigurableResource):
             return self.steerer().read(input_ids, sites)
         return capture_hookpoints(self.causal_lm(), input_ids, sites)
 
-    def steerer(self):
+    def steerer(self) -> Steerer:
         """The model driven through nnsight: reads, steers and generates (`resources/steering.py`)."""
-        from resources.steering import Steerer
-
         return Steerer(self.causal_lm(), self.tokenizer())
 
     def sequences_per_batch(self, ctx_len: int, coder_widths: list[int]) -> int:

@@ -2,11 +2,39 @@
 latent is steered over neutral prompts, at the strength that moves the next-token distributions a
 fixed KL from the unsteered ones (searched from the latent's largest activation). Unlike the logit
 lens it goes through every layer after the hookpoint."""
+import torch
 from pydantic import Field
 
 from assets.explainers.base import Explainer, ExplainerSettings, LatentRecord
-from resources.output_evidence import token_change, token_change_messages
-from resources.steering import NEUTRAL_PROMPTS, Steer
+from assets.explainers.logit_lens import TokenEvidence
+from assets.prompts import TOKEN_LEGEND, quoted
+from resources.steering import NEUTRAL_PROMPTS, Steer, Steerer
+
+TOKEN_CHANGE_SYSTEM = (
+    "You study single features of a language model. The feature was turned up while the model read "
+    "neutral prompts; you are given the tokens whose probability rose most, with how much it rose on "
+    "average. Describe in one short phrase what the feature makes the model write. Answer with a "
+    "single line of the form 'Explanation: <phrase>'."
+    + TOKEN_LEGEND
+)
+
+
+def token_change(steerer: Steerer, steer: Steer, prompts: list[str], k: int = 10) -> TokenEvidence:
+    """The k tokens whose probability rises most (and falls most) under the steer, averaged over every
+    real (unpadded) position of the prompts (TokenChange)."""
+    ids, mask = steerer.encode_prompts(prompts)
+    clean = torch.softmax(steerer.logits(ids, mask), dim=-1)
+    steered = torch.softmax(steerer.logits(ids, mask, steer), dim=-1)
+    real = mask.bool()
+    change = (steered - clean)[real].mean(0)
+    up, down = change.topk(k), change.topk(k, largest=False)
+    return TokenEvidence(list(zip(up.indices.tolist(), up.values.tolist())), list(zip(down.indices.tolist(), down.values.tolist())))
+
+
+def token_change_messages(evidence: TokenEvidence, vocab: list[str]) -> list[dict]:
+    listed = "\n".join(f"{quoted(vocab[t])}: +{100 * change:.1f} percentage points" for t, change in evidence.promoted if change > 0)
+    return [{"role": "system", "content": TOKEN_CHANGE_SYSTEM},
+            {"role": "user", "content": f"Tokens whose probability rose most:\n{listed or '(none rose)'}\n\nWhat does the feature make the model write?"}]
 
 
 class SteeringSettings(ExplainerSettings):

@@ -11,10 +11,10 @@ import threading
 import numpy as np
 import pandas as pd
 
+from assets.links import DEFAULT_DAGSTER_URL, coder_url, dagster_asset_url, latent_url
 from assets.score_metrics import paired_means
-from autointerp_defs.viewer import DEFAULT_DAGSTER_URL, coder_url, dagster_asset_url, latent_url
-from autointerp_defs.viewer.index import CoderIndex
-from storage.exports import reader
+from autointerp_defs.exports import reader
+from autointerp_defs.exports.index import CoderIndex
 from storage.layout import DataRoot
 
 MAX_PER_PAGE = 500

@@ -1,21 +1,137 @@
-"""The output-side plugins materialized on a real tiny partition (the embedded model, the tiny SAE):
-the logit_lens and steering explainers, the intervention and output_judge scorers with their controls."""
+"""The output-side plugins: their evidence, scores and judge on a latent that writes a known word, then
+materialized on a real tiny partition (the embedded model, the tiny SAE): the logit_lens and steering
+explainers, the intervention and output_judge scorers with their controls."""
+import asyncio
 import json
 import re
 
 import numpy as np
 import pandas as pd
 import pytest
+import torch
 from dagster import DagsterInstance, materialize
 
+from assets.explainers.logit_lens import vocab_proj_evidence
+from assets.explainers.steering import token_change
+from assets.scorers.intervention import LikelihoodScorer, steered_continuations
+from assets.scorers.output_judge import judge, judge_pairs
 from autointerp_defs.definitions import build_definitions
 from resources.llm import LLMResource
+from resources.sparse_coders import SparseCoder
+from resources.steering import NEUTRAL_PROMPTS, Steer
 from storage.layout import DataRoot
 from tests.conftest import TINY_CODER, TINY_CORPUS_CONFIG, TINY_EXEMPLARS_CONFIG, TINY_HOOKPOINT, add_coders, make_resources
 from tests.scripted_llm_server import ScriptedLLMServer
 
 PARTITION = f"{TINY_CODER}|00"
 QUICK = {"prompts": ["The", "One day,", "I think that"], "tokens": 4, "kl_tolerance": 0.3}
+WORDS = (" ocean", " cat", " king")
+"""Tokens whose own unembedding direction VocabProj ranks first (checked in the test)."""
+PROMPTS = list(NEUTRAL_PROMPTS[:4])
+
+
+@pytest.fixture(scope="module")
+def steerer(subject):
+    return subject.steerer()
+
+
+@pytest.fixture(scope="module")
+def unembedding_coder(subject):
+    """A ReLU SAE at layer 27 whose latent i reads and writes the unembedding direction of WORDS[i]."""
+    lm, tokenizer = subject.causal_lm(), subject.tokenizer()
+    ids = [tokenizer(w, add_special_tokens=False)["input_ids"] for w in WORDS]
+    assert all(len(i) == 1 for i in ids)
+    ids = [i[0] for i in ids]
+    rows = lm.get_output_embeddings().weight.detach().float()[ids]
+    directions = rows / rows.norm(dim=1, keepdim=True)
+    coder = SparseCoder("unembed", "model.layers.27", "relu", 576, len(ids), directions.clone(), torch.zeros(len(ids)), directions.clone(), torch.zeros(576))
+    return coder, ids
+
+
+@pytest.fixture(scope="module")
+def continuations(steerer, unembedding_coder):
+    coder, _ = unembedding_coder
+    plain = steerer.generate(PROMPTS, 8)
+    return {latent: steered_continuations(steerer, coder, latent, PROMPTS, 8, target_kl=1.0, unit=40.0, unsteered=plain, tolerance=0.1) for latent in range(2)}
+
+
+def test_the_logit_lens_lists_the_written_token_first(subject, unembedding_coder):
+    coder, ids = unembedding_coder
+    evidence = vocab_proj_evidence(coder, subject.causal_lm(), [0, 1, 2], k=5)
+    assert [evidence[i].promoted[0][0] for i in range(3)] == ids
+
+
+def test_steering_raises_the_written_tokens_probability(steerer, subject, unembedding_coder, continuations):
+    """At the strength that moves next-token distributions by 1 nat, the latent's token gains at least
+    10 percentage points of probability on average over every position of four neutral prompts (from
+    under 0.1%), more than any other token; its greedy continuations are made of it."""
+    coder, ids = unembedding_coder
+    tokenizer = subject.tokenizer()
+    for latent in range(2):
+        c = continuations[latent]
+        assert c.kl == pytest.approx(1.0, rel=0.1)  # the strength search hit its target
+        change = token_change(steerer, Steer(coder, latent, c.delta), PROMPTS, k=3)
+        top, gain = change.promoted[0]
+        assert top == ids[latent] and gain > 0.10
+        clean = steerer.next_token_logprobs(PROMPTS).exp()[:, ids[latent]]
+        assert clean.max() < 1e-3
+        steered_text = " ".join(tokenizer.decode(s) for s in c.steered)
+        plain_text = " ".join(tokenizer.decode(s) for s in c.unsteered)
+        assert steered_text.count(WORDS[latent].strip()) >= 8 and WORDS[latent].strip() not in plain_text
+
+
+def test_the_true_description_beats_its_control_on_intervention_scores(subject, continuations):
+    """The subject model finds the steered text likelier (relative to the unsteered) after the true
+    description than after the other latent's."""
+    for latent, other in ((0, 1), (1, 0)):
+        scorer = LikelihoodScorer(subject.causal_lm(), subject.tokenizer(), continuations[latent])
+        own = scorer.score(f"the word '{WORDS[latent].strip()}'").score
+        control = scorer.score(f"the word '{WORDS[other].strip()}'").score
+        assert own > control + 0.2 and own > 0.2, (own, control)
+
+
+def truthful_output_judge(messages):
+    """Picks, per pair, the continuation that says the described word more often."""
+    word = re.search(r"Description: the word '(\w+)'", messages[-1]["content"]).group(1)
+    firsts = re.findall(r"Continuation 1: (.*)", messages[-1]["content"])
+    seconds = re.findall(r"Continuation 2: (.*)", messages[-1]["content"])
+    return str([1 if a.count(word) > b.count(word) else 2 for a, b in zip(firsts, seconds)])
+
+
+@pytest.fixture(scope="module")
+def vocab(subject):
+    tokenizer = subject.tokenizer()
+    return [tokenizer.decode([i]) for i in range(len(tokenizer))]
+
+
+def test_the_output_side_judge_tells_steered_text_with_the_true_description_only(continuations, vocab):
+    with ScriptedLLMServer(truthful_output_judge) as server:
+        client = LLMResource(backend="openai", base_url=server.base_url, model="m").client()
+
+        async def both(latent, other):
+            async with client.session():
+                pairs = judge_pairs(continuations[latent], seed=latent)
+                return (await judge(client, f"the word '{WORDS[latent].strip()}'", pairs, vocab),
+                        await judge(client, f"the word '{WORDS[other].strip()}'", pairs, vocab))
+
+        for latent, other in ((0, 1), (1, 0)):
+            own, control = asyncio.run(both(latent, other))
+            # the other word is in neither text: the judge's tie answer (2) is right only where the seeded order put the steered text
+            by_position = np.mean([p.steered == 2 for p in judge_pairs(continuations[latent], seed=latent)])
+            assert own.accuracy == 1.0 and control.accuracy == by_position < 1.0, (own, control)
+
+
+def test_the_judge_fails_a_latent_whose_answers_cannot_be_read(continuations, vocab):
+    with ScriptedLLMServer(lambda messages: "Continuation 1 looks steered to me.") as server:
+        client = LLMResource(backend="openai", base_url=server.base_url, model="m").client()
+
+        async def ask():
+            async with client.session():
+                return await judge(client, "the word 'ocean'", judge_pairs(continuations[0], seed=0), vocab)
+
+        judged = asyncio.run(ask())
+    assert judged.correct is None and "unreadable answer" in judged.failure and "looks steered" in judged.failure
+    assert len(server.requests) == 2  # asked again once, never guessed
 
 
 def reply(messages):

@@ -178,7 +178,7 @@ def test_index_is_cached_on_disk_and_rebuilt_when_a_table_changes(partition, tmp
 
 
 def test_dagster_metadata_links_to_the_coder_and_latent_pages(partition):
-    from autointerp_defs.viewer import coder_url, latent_url
+    from assets.links import coder_url, latent_url
     from resources.settings import AutointerpSettings
 
     base = AutointerpSettings().viewer_url  # the [settings] viewer_url the partition ran with (the default)
@@ -304,8 +304,8 @@ def copy_root(partition, tmp_path) -> DataRoot:
 
 def test_a_score_of_an_earlier_explanation_is_marked_stale_not_shown_as_the_latents(partition, tmp_path):
     from autointerp_defs.viewer.app import STALE, Viewer
-    from storage.exports import reader
-    from storage.exports.delphi import export_delphi
+    from autointerp_defs.exports import reader
+    from autointerp_defs.exports.delphi import export_delphi
 
     root = copy_root(partition, tmp_path)
     coder, shard = partition.coder, partition.shard

@@ -1,7 +1,8 @@
 import pytest
 import torch
 
-from resources.subject_model import UnknownHookpointError, capture_hookpoints, resolve_hookpoint
+from resources.hookpoints import UnknownHookpointError, resolve_hookpoint
+from resources.subject_model import capture_hookpoints
 
 
 def test_unknown_hookpoint_lists_close_names_and_fix(subject):

@@ -27,7 +27,8 @@ from pathlib import Path
 
 import numpy as np
 
-from storage.exports import reader
+from autointerp_defs.exports import reader
+from autointerp_defs.exports.index import CoderIndex
 from storage.identity import model_name
 from storage.layout import DataRoot
 
@@ -69,8 +70,6 @@ def export_neuronpedia(data_dir: str, coder: str, out_dir: str, model_id: str | 
     """Write the coder's features, activations and explanations; returns the source folder. `subject_model`
     is the deployment's `[subject_model]` (model, gguf_file): the logit lens reads it, and the default
     model id is its name (None: the embedded model)."""
-    from autointerp_defs.viewer.index import CoderIndex
-
     root = DataRoot.at(data_dir)
     meta = reader.activations_meta(root, coder)
     name, hookpoint = coder.split("/", 1)

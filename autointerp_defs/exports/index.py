@@ -25,9 +25,9 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from autointerp_defs.exports import reader
 from resources.embedder import EMBEDDED
 from storage.atomic import atomic_path
-from storage.exports import reader
 from storage.layout import DataRoot
 
 DENSITY_BINS = 24

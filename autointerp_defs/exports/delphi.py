@@ -23,7 +23,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from storage.exports import reader
+from autointerp_defs.exports import reader
+from autointerp_defs.exports.index import CoderIndex
 from storage.layout import DataRoot
 
 DELPHI_SCORERS = {"detection": "detection", "fuzzing": "fuzz"}
@@ -37,8 +38,6 @@ def default_module(coder: str) -> str:
 
 def export_delphi(data_dir: str, coder: str, out_dir: str, module: str | None = None) -> dict[str, int]:
     """Write explanations and classifier scores of every shard; returns how many files of each kind."""
-    from autointerp_defs.viewer.index import CoderIndex
-
     root = DataRoot.at(data_dir)
     module = module or default_module(coder)
     index = CoderIndex(root, coder)

@@ -1,1 +1,0 @@
-"""Exports of a data root to the formats other interpretability tools read, and imports from them."""

@@ -112,6 +112,13 @@ def latent_row(main_metric: str, latent: int, explanation, control_explanation, 
     }
 
 
+def withheld(row: dict) -> dict:
+    """A latent's row without its metrics (NaN): the budget stopped some of its questions, and metrics of the
+    others alone would be a score of part of its windows. Its failures say why; the next run scores it."""
+    blank = {m: np.nan for m in SCORE_METRICS} | {f"control_{m}": np.nan for m in SCORE_METRICS}
+    return {**row, **blank, "gap": np.nan, "quantile_accuracy": "{}", "control_quantile_accuracy": "{}"}
+
+
 async def score_partition(scorer: Scorer, exemplars: pd.DataFrame | Path, explanations: pd.DataFrame | None,
                           vocab: list[str], max_latents: int = 0, report=None, journal: Journal | None = None) -> tuple[pd.DataFrame, pd.DataFrame]:
     """Per-latent metrics and per-example rows of one scorer on one partition, with the control.
@@ -162,6 +169,8 @@ async def score_partition(scorer: Scorer, exemplars: pd.DataFrame | Path, explan
         note = "" if latent in control_of else no_control_reason(len(text_of))
         row = latent_row(scorer.main_metric, latent, text_of[latent], text_of.get(control_of.get(latent)) if scorer.uses_explanation else None, own, control, note,
                          scorer.deps.models)
+        if any(map(stopped_by_budget, json.loads(row["failures"]))):  # a partial score is no score: asked again next time
+            return withheld(row), []
         example_rows = []
         for source, result in (("explanation", own), ("control", control)):
             if result is not None and result.rows:

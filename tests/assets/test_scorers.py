@@ -338,6 +338,8 @@ def test_latents_the_budget_stopped_are_not_kept_as_scored_and_are_asked_on_the_
         frame, _ = run(server, max_requests=8)
         stopped = [row.latent for row in frame.itertuples() if any("budget" in reason for reason in json.loads(row.failures))]
         assert len(server.requests) == 8 and stopped and len(stopped) < 3
+        cut_short = frame[frame.latent.isin(stopped)]
+        assert cut_short[["balanced_accuracy", "control_balanced_accuracy", "gap"]].isna().all().all()  # no score from part of its windows
         frame, _ = run(server)
     assert len(server.requests) == 8 + 6 * len(stopped)  # only the stopped latents were asked again, whole
     assert (frame.n_failed == 0).all() and (frame.balanced_accuracy == 1.0).all() and (frame.failures == "[]").all()

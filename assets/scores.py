@@ -435,7 +435,7 @@ def summary_table(root, coder: str, scorers: dict[str, type[Scorer]]) -> pd.Data
     wide.insert(2, "explanation", wide["latent"].map(explanation).fillna(""))
     gaps = [c for c in wide.columns if c.endswith("_gap")]
     wide["mean_gap"] = wide[gaps].mean(axis=1)
-    wide["stale"] = wide["latent"].map(stale).fillna("")
+    wide["stale"] = [stale.get(latent, "") for latent in wide["latent"]]
     return wide
 
 

@@ -6,6 +6,7 @@ from dagster import ConfigurableResource
 from pydantic import Field
 
 from storage.layout import DataRoot
+from storage.store import TableStore
 
 
 class AutointerpSettings(ConfigurableResource):
@@ -20,3 +21,8 @@ class AutointerpSettings(ConfigurableResource):
     @property
     def root(self) -> DataRoot:
         return DataRoot.at(self.data_dir)
+
+    @property
+    def store(self) -> TableStore:
+        """The owner of every table under the data root: assets read and write through it."""
+        return TableStore(self.root, self.allow_empty_results)

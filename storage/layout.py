@@ -34,6 +34,10 @@ class DataRoot:
     def activations_dir(self, coder: str) -> Path:
         return self.root / "activations" / coder
 
+    def activations_lock_path(self, coder: str) -> Path:
+        """Held by the one process caching `coder`'s activations."""
+        return self.root / "activations" / ".locks" / f"{coder.replace('/', '__')}.lock"
+
     def exemplars_path(self, coder: str, shard: str) -> Path:
         return self.root / "exemplars" / coder / f"{shard}.parquet"
 

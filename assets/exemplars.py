@@ -41,7 +41,7 @@ from resources.sparse_coders import SparseCoder, coder_fingerprint, load_registe
 from storage.activations import LATENT_STATS_FILE, ShardActivations, check_shard_complete, load_latent_stats, read_cache_meta, read_latents, read_shard, shard_keys
 from storage.corpus import load_corpus
 from storage.layout import DataRoot
-from storage.tables import TABLES, refuse_emptier, write_table, write_table_batches
+from storage.tables import TABLES
 from storage.vector_store import ContextIndex, contexts_table_name, ensure_contexts
 
 NON_ACTIVATING_SOURCES = ("random", "neighbour", "embedding")
@@ -391,7 +391,8 @@ def read_activations_meta(acts_dir: Path, coder: str) -> dict:
 
 def _shard_exemplars(context: AssetExecutionContext, partition_key: str, config: ExemplarsConfig, settings: AutointerpSettings, embedder: EmbedderResource) -> MaterializeResult:
     coder, shard = coder_and_shard(partition_key)
-    root = settings.root
+    store = settings.store
+    root = store.layout
     corpus = load_corpus(root)
     acts_dir = root.activations_dir(coder)
     meta = read_activations_meta(acts_dir, coder)
@@ -425,12 +426,13 @@ def _shard_exemplars(context: AssetExecutionContext, partition_key: str, config:
                 counts[kind] = counts.get(kind, 0) + int(n)
             yield frame
 
-    def keep_results(n_rows: int) -> None:
-        refuse_emptier(pd.DataFrame(index=range(n_rows)), root.exemplars_path(coder, shard), f"exemplars of {coder} shard {shard}", settings.allow_empty_results)
+    def profiles() -> pd.DataFrame:
+        return pd.concat(profile_parts, ignore_index=True) if profile_parts else pd.DataFrame()
 
-    n_windows = write_table_batches(batches(), root.exemplars_path(coder, shard), "exemplars", before_commit=keep_results)
-    profiles = pd.concat(profile_parts, ignore_index=True) if profile_parts else pd.DataFrame()
-    write_table(profiles, root.latent_profiles_path(coder, shard), "latent_profiles")
+    exemplars_table = store.exemplars(coder, shard)
+    with store.writing(exemplars_table) as writer:
+        n_windows = writer.commit_batches(batches(), beside=lambda: [(store.latent_profiles(coder, shard), profiles())])
+    profiles = profiles()
     note = {} if len(profiles) else {"note": f"empty shard: no explainable latent ({len(latents)} live latents, none fires in {config.min_activating_windows} windows or more)"}
     if note:
         context.log.warning(f"{coder} shard {shard}: {note['note']}")
@@ -441,7 +443,7 @@ def _shard_exemplars(context: AssetExecutionContext, partition_key: str, config:
         **{f"windows_{kind}": int(n) for kind, n in counts.items()},
         "subject_model": meta.get("subject_model", "not recorded (cached before models were recorded)"),
         **({"embedder": embedder.identity()} if "embedding" in config.non_activating_sources else {}),
-        "path": MetadataValue.path(str(root.exemplars_path(coder, shard))),
+        "path": MetadataValue.path(exemplars_table.location),
     }, check_results=[result("explainable_latents", explainable_latents(pd.concat(window_kinds) if window_kinds else pd.DataFrame(columns=["latent", "split", "kind"]), len(latents)))])
 
 

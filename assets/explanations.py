@@ -34,7 +34,7 @@ from resources.sparse_coders import load_registered
 from resources.subject_model import SubjectModelResource
 from storage.corpus import load_corpus
 from storage.journal import Journal
-from storage.tables import TABLES, existing_table, file_fingerprint, refuse_emptier, rows_for_latents, table_lock, write_table
+from storage.tables import TABLES, rows_for_latents
 from storage.vector_store import sync_explanations
 
 
@@ -162,29 +162,30 @@ def explanations_asset(defaults: dict | None = None, explainers: dict[str, type[
                      subject_model: SubjectModelResource):
         def explain_shard(partition_key: str) -> MaterializeResult:
             coder, shard = coder_and_shard(partition_key)
-            root = settings.root
-            with table_lock(root.explanations_path(coder, shard), f"Explaining {coder} shard {shard}", wait=True):
-                exemplars = existing_table(root.exemplars_path(coder, shard), "exemplars")  # read a chunk of latents at a time
-                latent_stats = pd.read_parquet(root.latent_profiles_path(coder, shard)) if root.latent_profiles_path(coder, shard).exists() else None
+            store = settings.store
+            layout = store.layout
+            explanations_table = store.explanations(coder, shard)
+            with explanations_table.lock(f"Explaining {coder} shard {shard}", wait=True):  # held from reading the inputs to the commit
+                exemplars = store.exemplars(coder, shard).require()  # read a chunk of latents at a time
+                latent_stats = store.latent_profiles(coder, shard).read_if_present()
                 latents = selected_latents(exemplars, settings.max_latents_per_shard)
                 context.log.info(f"explaining {len(latents)} latents of {coder} shard {shard} with {llm.backend} ({config.explainer}, best of {config.best_of_n})")
-                client = llm.client(root.llm_cache_dir, role="explainer")
+                client = llm.client(layout.llm_cache_dir, role="explainer")
                 uses = explainers[config.explainer].uses if config.explainer in explainers else frozenset()
                 deps = ExplainerDeps(llm=client, subject_model=subject_model if "subject_model" in uses else None,
-                                     coder=load_registered(root.registry_dir, coder) if "coder" in uses and latents else None)
+                                     coder=load_registered(layout.registry_dir, coder) if "coder" in uses and latents else None)
                 explainer = make_explainer(config, explainers, deps)
-                exemplars_fingerprint = file_fingerprint(root.exemplars_path(coder, shard))
-                with Journal(root.explanations_path(coder, shard), f"{version}|{settings_digest(config)}|{client.identity}|{exemplars_fingerprint}") as journal:
-                    frame = asyncio.run(explain_all(explainer, config, exemplars, latent_stats, latents, corpus_prompt_vocab(load_corpus(root)), embedder.embed,
-                                                    context.log.info, coder, journal))
+                exemplars_fingerprint = exemplars.fingerprint()
+                key = f"{version}|{settings_digest(config)}|{client.identity}|{exemplars_fingerprint}"
+                with store.writing(explanations_table, journal_key=key) as writer:
+                    frame = asyncio.run(explain_all(explainer, config, exemplars, latent_stats, latents, corpus_prompt_vocab(load_corpus(layout)), embedder.embed,
+                                                    context.log.info, coder, writer.journal))
                     frame["exemplars_fingerprint"] = exemplars_fingerprint  # what the scorers check they score against
                     if len(frame) and not (frame["status"] == "ok").any():
                         raise nothing_succeeded("explanations", f"all {len(frame)} latents failed", frame["error"])
-                    refuse_emptier(frame, root.explanations_path(coder, shard), f"explanations of {coder} shard {shard}", settings.allow_empty_results)
-                    write_table(frame, root.explanations_path(coder, shard), "explanations")
-                    journal.discard()
+                    writer.commit(frame)
                 ok = frame[frame["status"] == "ok"]
-                sync_explanations(root.lancedb_dir, embedder.model, coder, shard, dict(zip(ok["latent"].tolist(), ok["explanation"])), embedder.embed)
+                sync_explanations(layout.lancedb_dir, embedder.model, coder, shard, dict(zip(ok["latent"].tolist(), ok["explanation"])), embedder.embed)
                 budget_stopped = int(frame["error"].map(stopped_by_budget).sum())
                 if budget_stopped:
                     context.log.warning(f"{budget_stopped} latents were not explained: the LLM budget was reached; they will be asked next time")
@@ -201,7 +202,7 @@ def explanations_asset(defaults: dict | None = None, explainers: dict[str, type[
                     **client.ledger.as_metadata(),
                     "sample": MetadataValue.md(frame.head(10)[["latent", "explanation", "status", "error"]].to_markdown(index=False)),
                     **viewer_links(settings.viewer_url, coder, ok["latent"].tolist()),
-                    "path": MetadataValue.path(str(root.explanations_path(coder, shard))),
+                    "path": MetadataValue.path(explanations_table.location),
                 })
 
         yield from each_shard(context, explain_shard)

@@ -44,11 +44,11 @@ from assets.scorers.base import CONTROLS, EXAMPLE_COLUMNS, examples_of
 from assets.stage_config import SCORER_ROLES, Models
 from resources.llm import stopped_by_budget
 from resources.sparse_coders import load_registered
-from storage.atomic import read_json, write_json
 from storage.corpus import load_corpus
 from storage.journal import Journal
+from storage.store import TableStore
 from storage.vector_store import CorpusWindows
-from storage.tables import SCORE_METRICS, empty_table, existing_table, explanation_hash, file_fingerprint, latents_in, read_table, refuse_emptier, rows_for_latents, write_table
+from storage.tables import SCORE_METRICS, empty_table, explanation_hash, latents_in, rows_for_latents
 
 EMPTY_SHARD = "empty shard: no explainable latent"
 
@@ -336,39 +336,37 @@ def scorer_asset(scorer: type[Scorer], settings: ScorerSettings, automate: bool,
         def score_shard(partition_key: str) -> MaterializeResult:
             coder, shard = coder_and_shard(partition_key)
             resources = context.resources
-            root = resources.settings.root
-            client = resources.llm.client(root.llm_cache_dir, role="judge") if "llm" in scorer.uses else None
-            corpus = load_corpus(root)
+            store = resources.settings.store
+            layout = store.layout
+            client = resources.llm.client(layout.llm_cache_dir, role="judge") if "llm" in scorer.uses else None
+            corpus = load_corpus(layout)
             used = {"judge": client.identity if client else "", "embedder": resources.embedder.identity() if "embedder" in scorer.uses else "",
                     "subject_model": resources.subject_model.identity() if "subject_model" in scorer.uses else ""}
             named = "; ".join(f"{role}={identity}" for role, identity in used.items() if identity)
             deps = ScorerDeps(llm=client, models=named, embedder=resources.embedder if "embedder" in scorer.uses else None,
-                              corpus_windows=CorpusWindows(root.lancedb_dir, corpus.meta["hash"], corpus.tokens, window_embedding(resources.embedder.model)) if "embedder" in scorer.uses else None,
+                              corpus_windows=CorpusWindows(layout.lancedb_dir, corpus.meta["hash"], corpus.tokens, window_embedding(resources.embedder.model)) if "embedder" in scorer.uses else None,
                               subject_model=resources.subject_model if "subject_model" in scorer.uses else None,
-                              coder=load_registered(root.registry_dir, coder) if "coder" in scorer.uses else None,
-                              activations_dir=root.activations_dir(coder) if "coder" in scorer.uses else None)
+                              coder=load_registered(layout.registry_dir, coder) if "coder" in scorer.uses else None,
+                              activations_dir=layout.activations_dir(coder) if "coder" in scorer.uses else None)
             judge = scorer(settings, deps)
-            exemplars = existing_table(root.exemplars_path(coder, shard), "exemplars")  # read a chunk of latents at a time
-            explanations = read_table(root.explanations_path(coder, shard), "explanations") if judge.uses_explanation else None
-            exemplars_fingerprint = file_fingerprint(root.exemplars_path(coder, shard))
+            exemplars = store.exemplars(coder, shard).require()  # read a chunk of latents at a time
+            explanations_table = store.explanations(coder, shard)
+            explanations = explanations_table.read() if judge.uses_explanation else None
+            exemplars_fingerprint = exemplars.fingerprint()
             if explanations is not None and len(explanations) and "exemplars_fingerprint" in explanations:
                 read_from, now = explanations["exemplars_fingerprint"].iloc[0], exemplars_fingerprint
                 if read_from != now:
                     raise Failure(f"The explanations of {coder} shard {shard} were written from other exemplars ({read_from}) than those there now ({now}): "
                                   f"scoring them on the new windows mixes two versions. Fix: re-materialize `explanations` for this partition first.")
             max_latents = resources.settings.max_latents_per_shard
-            explanations_path = root.explanations_path(coder, shard)
-            fingerprints = "|".join([exemplars_fingerprint, *([file_fingerprint(explanations_path)] if explanations_path.exists() else [])])
-            with Journal(root.scores_path(coder, shard, scorer.name), f"{scorer.version}|{settings.digest()}|{named}|{fingerprints}",
-                         parts=("examples", "scores")) as journal:
-                frame, examples = asyncio.run(score_partition(judge, exemplars, explanations, corpus_prompt_vocab(corpus), max_latents, context.log.info, journal))
+            fingerprints = "|".join([exemplars_fingerprint, *([explanations_table.fingerprint()] if explanations_table.exists() else [])])
+            with store.writing(store.scores(coder, shard, scorer.name), journal_key=f"{scorer.version}|{settings.digest()}|{named}|{fingerprints}",
+                               parts=("examples", "scores")) as writer:
+                frame, examples = asyncio.run(score_partition(judge, exemplars, explanations, corpus_prompt_vocab(corpus), max_latents, context.log.info, writer.journal))
                 if len(frame) and frame["n_failed"].sum() > 0 and (frame["n_scored"].fillna(0) + frame["control_n_scored"].fillna(0)).sum() == 0:
                     reasons = pd.Series([reason for cell in frame["failures"] for reason in json.loads(cell)], dtype=str)
                     raise nothing_succeeded(f"scores/{scorer.name}", f"no example of {len(frame)} latents could be scored", reasons)
-                refuse_emptier(frame, root.scores_path(coder, shard, scorer.name), f"scores/{scorer.name} of {coder} shard {shard}", resources.settings.allow_empty_results)
-                write_table(frame, root.scores_path(coder, shard, scorer.name), "scores")
-                write_table(examples, root.scored_examples_path(coder, shard, scorer.name), "scored_examples")
-                journal.discard()
+                writer.commit(frame, (store.scored_examples(coder, shard, scorer.name), examples))
             metadata = scorer_metadata(scorer, settings, frame, examples)
             metadata.update({f"{role}_model" if role == "judge" else role: identity for role, identity in used.items() if identity})
             if not latents_in(exemplars):
@@ -383,37 +381,29 @@ def scorer_asset(scorer: type[Scorer], settings: ScorerSettings, automate: bool,
     return _scores
 
 
-def scored_shards(root, coder: str) -> list[str]:
-    """The shards of `coder` that have any scores table."""
-    folder = root.score_summary_path(coder).parent
-    return sorted(p.name for p in folder.iterdir() if p.is_dir()) if folder.is_dir() else []
-
-
 STALE = "stale: scored an earlier explanation"
 
 
-def current_explanations(root, coder: str, shard: str) -> dict[int, str]:
+def current_explanations(store: TableStore, coder: str, shard: str) -> dict[int, str]:
     """Latent → the explanation the explanations table holds now (status ok)."""
-    path = root.explanations_path(coder, shard)
-    if not path.exists():
+    table = store.explanations(coder, shard).read_if_present(columns=["latent", "explanation", "status"])
+    if table is None:
         return {}
-    table = pd.read_parquet(path, columns=["latent", "explanation", "status"])
     ok = table[table["status"] == "ok"]
     return dict(zip(ok["latent"].astype(int), ok["explanation"]))
 
 
-def summary_table(root, coder: str, scorers: dict[str, type[Scorer]]) -> pd.DataFrame:
+def summary_table(store: TableStore, coder: str, scorers: dict[str, type[Scorer]]) -> pd.DataFrame:
     """One row per scored latent of `coder` (all shards): each scorer's main metric, its control and the gap,
     beside the latent's current explanation. A score made with another explanation (a scorer not re-run
     after a re-explain) is not shown as the latent's: its columns are NaN and `stale` names the scorer."""
     parts = []
-    for shard in scored_shards(root, coder):
-        current = current_explanations(root, coder, shard)
+    for shard in store.scored_shards(coder):
+        current = current_explanations(store, coder, shard)
         for name, scorer in scorers.items():
             main = scorer.main_metric
-            path = root.scores_path(coder, shard, name)
-            frame = pd.read_parquet(path) if path.exists() else pd.DataFrame()
-            if not len(frame):  # an empty shard adds nothing
+            frame = store.scores(coder, shard, name).read_if_present()
+            if frame is None or not len(frame):  # an empty shard adds nothing
                 continue
             latents = frame["latent"].astype(int)
             stale = frame["explanation"].ne(latents.map(current).fillna("")) if scorer.control == "shuffled_explanation" else pd.Series(False, index=frame.index)
@@ -439,30 +429,22 @@ def summary_table(root, coder: str, scorers: dict[str, type[Scorer]]) -> pd.Data
     return wide
 
 
-def summary_sources(root, coder: str, scorers: dict[str, type[Scorer]]) -> dict[str, str]:
+def summary_sources(store: TableStore, coder: str, scorers: dict[str, type[Scorer]]) -> dict[str, str]:
     """`<shard>/<scorer>` → fingerprint of each scores table of `coder` that the summary joins, and of each
     scored shard's explanations (`<shard>/explanations`): a re-explain changes which scores are stale."""
-    shards = scored_shards(root, coder)
-    paths = {f"{shard}/{name}": root.scores_path(coder, shard, name) for shard in shards for name in scorers}
-    paths |= {f"{shard}/explanations": root.explanations_path(coder, shard) for shard in shards}
-    return {source: file_fingerprint(path) for source, path in paths.items() if path.exists()}
+    shards = store.scored_shards(coder)
+    tables = {f"{shard}/{name}": store.scores(coder, shard, name) for shard in shards for name in scorers}
+    tables |= {f"{shard}/explanations": store.explanations(coder, shard) for shard in shards}
+    return {source: table.fingerprint() for source, table in tables.items() if table.exists()}
 
 
-def summary_is_stale(root, coder: str, sources: dict[str, str]) -> bool:
+def summary_is_stale(store: TableStore, coder: str, sources: dict[str, str]) -> bool:
     """Whether the summary was built from other scores tables than `sources` (a table added, changed or
     deleted, a scorer added or dropped), or there is none yet while there are scores. Contents, not file
     times: a deleted table leaves no newer file behind, and a copied one may keep an old time."""
-    summary, built_from = root.score_summary_path(coder), root.score_summary_sources_path(coder)
-    if not summary.exists():
+    if not store.score_summary(coder).exists():
         return bool(sources)
-    return not built_from.exists() or read_json(built_from) != sources
-
-
-def write_summary(root, coder: str, scorers: dict[str, type[Scorer]], sources: dict[str, str]) -> None:
-    """The summary, then the sources it was built from: a crash between the two leaves the old sources
-    beside the new summary, which only makes the next run build it again."""
-    write_table(summary_table(root, coder, scorers), root.score_summary_path(coder), "score_summary")
-    write_json(root.score_summary_sources_path(coder), sources)
+    return store.summary_sources(coder) != sources
 
 
 def summary_links(base: str, ranked: dict[str, list[int]], per_coder: int = 5) -> dict:
@@ -494,17 +476,16 @@ def summary_asset(scorers: dict[str, type[Scorer]]) -> AssetsDefinition:
     )
     def score_summary(context: AssetExecutionContext) -> MaterializeResult:
         settings = context.resources.settings
-        root = settings.root
+        store = settings.store
         partition_keys = context.instance.get_dynamic_partitions(shard_partitions.name)
         coders = coders_of(partition_keys)
         rebuilt, rows, latents, present, ranked = [], [], 0, set(), {}
         for coder in coders:
-            sources = summary_sources(root, coder, scorers)
-            if summary_is_stale(root, coder, sources):
-                write_summary(root, coder, scorers, sources)
+            sources = summary_sources(store, coder, scorers)
+            if summary_is_stale(store, coder, sources):
+                store.commit_summary(coder, summary_table(store, coder, scorers), sources)
                 rebuilt.append(coder)
-            if root.score_summary_path(coder).exists():
-                table = pd.read_parquet(root.score_summary_path(coder))
+            if (table := store.score_summary(coder).read_if_present()) is not None:
                 row = {"coder": coder, "latents": int(table["latent"].nunique()) if len(table) else 0}
                 ranked[coder] = table.sort_values("mean_gap", ascending=False, na_position="last")["latent"].tolist() if len(table) else []
                 latents += row["latents"]
@@ -520,7 +501,7 @@ def summary_asset(scorers: dict[str, type[Scorer]]) -> AssetsDefinition:
         if rows:
             metadata["by_coder"] = MetadataValue.md(pd.DataFrame(rows).fillna("").to_markdown(index=False))
         for coder in rebuilt[:1] if len(coders) == 1 else []:  # one coder: its histograms and best/worst latents, as before
-            table = pd.read_parquet(root.score_summary_path(coder))
+            table = store.score_summary(coder).read()
             present = [name for name in scorers if name in table.columns]
             if present and len(table):
                 panels = [(f"{n} ({scorers[n].main_metric})", scorers[n].main_metric, table[n], table[f"{n}_control"], scorers[n].control_description()) for n in present]
@@ -532,9 +513,9 @@ def summary_asset(scorers: dict[str, type[Scorer]]) -> AssetsDefinition:
                     metadata[f"{name}_mean"] = MetadataValue.float(round(mean, 4))
                     metadata[f"{name}_mean_control"] = MetadataValue.float(round(control, 4))
         metadata.update(summary_links(settings.viewer_url, ranked))
-        metadata["path"] = MetadataValue.path(str(root.root / "scores"))
+        metadata["path"] = MetadataValue.path(str(store.layout.scores_dir))
         shards = {coder: [coder_and_shard(key)[1] for key in partition_keys if coder_and_shard(key)[0] == coder] for coder in coders}
-        coverage = shards_present(shards, {coder: scored_shards(root, coder) for coder in coders})
+        coverage = shards_present(shards, {coder: store.scored_shards(coder) for coder in coders})
         return MaterializeResult(metadata=metadata, check_results=[result("shards_present", coverage)])
 
     return score_summary

@@ -57,6 +57,10 @@ class DataRoot:
         """Per judged example (or intruder task): label, prediction, score; what every metric is computed from."""
         return self.root / "scores" / coder / shard / f"{scorer}.examples.parquet"
 
+    @property
+    def scores_dir(self) -> Path:
+        return self.root / "scores"
+
     def score_summary_path(self, coder: str) -> Path:
         return self.root / "scores" / coder / "summary.parquet"
 

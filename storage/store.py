@@ -20,7 +20,7 @@ from typing import Callable, Iterable, Iterator
 import pandas as pd
 import pyarrow.parquet as pq
 
-from storage.atomic import exclusive_lock, read_json, write_json
+from storage.atomic import read_json, write_json
 from storage.journal import Journal
 from storage.layout import DataRoot
 from storage.tables import (
@@ -192,7 +192,3 @@ class TableStore:
             finally:
                 if journal is not None:
                     journal.close()
-
-    def activations_lock(self, coder: str):
-        """Held while one process caches a coder's activations: a second one is refused at once."""
-        return exclusive_lock(self.layout.activations_lock_path(coder), f"Caching the activations of {coder}")

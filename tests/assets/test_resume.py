@@ -58,6 +58,7 @@ def test_killed_run_resumes_with_the_latents_it_had_not_finished(registered, ass
         deadline = time.time() + 240
         while time.time() < deadline and proc.poll() is None and not list(partial.glob(f"part-*.{last_part}.parquet")):
             time.sleep(0.05)
+        assert proc.poll() is None, f"the run ended before it was killed: {proc.stderr.read()[-3000:]}"
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait(timeout=30)
         assert proc.returncode == -signal.SIGKILL, proc.stderr.read()[-3000:]

@@ -222,9 +222,9 @@ def test_surprisal_scorer_is_the_loss_drop_the_explanation_brings(topic_data, su
 
 def test_summary_joins_scorers_over_shards_and_keeps_undefined_controls(tmp_path):
     from assets.scores import summary_table
+    from storage.store import TableStore
 
-    root = two_shards_of_scores(tmp_path)
-    table = summary_table(root, "c/h", {name: SCORERS[name] for name in ("detection", "embedding")}).set_index("latent")
+    table = summary_table(TableStore(two_shards_of_scores(tmp_path)), "c/h", {name: SCORERS[name] for name in ("detection", "embedding")}).set_index("latent")
     assert list(table.index) == [1, 2, 700] and table.loc[700, "shard"] == "01"
     assert table.loc[1, "detection"] == 0.9 and table.loc[1, "embedding_control"] == 0.6
     assert np.isnan(table.loc[700, "detection_control"]) and np.isnan(table.loc[700, "embedding"])

@@ -161,7 +161,7 @@ def test_bad_requests_name_the_input_and_the_fix(server, partition):
 def test_index_is_cached_on_disk_and_rebuilt_when_a_table_changes(partition, tmp_path):
     import shutil
 
-    from autointerp_defs.viewer.app import Viewer
+    from autointerp_defs.readside.app import Viewer
 
     root = tmp_path / "copy"
     shutil.copytree(partition.root, root, ignore=shutil.ignore_patterns("viewer", "llm_cache"))
@@ -193,7 +193,7 @@ def test_dagster_metadata_links_to_the_coder_and_latent_pages(partition):
 def test_the_links_follow_the_deployment_settings_and_summary_links_cover_every_coder(partition):
     from assets.scores import summary_links
     from autointerp_defs.deployments import load_deployment
-    from autointerp_defs.viewer.app import Viewer
+    from autointerp_defs.readside.app import Viewer
 
     settings = load_deployment("local", {"settings": {"viewer_url": "http://viewer.lab:9000/", "dagster_url": "http://dagster.lab:3333"}}).resources()["settings"]
     assert settings.viewer_url == "http://viewer.lab:9000/" and settings.dagster_url == "http://dagster.lab:3333"
@@ -243,7 +243,7 @@ def test_a_request_for_another_host_is_refused_against_dns_rebinding(server, par
 
 
 def test_the_deployment_viewer_url_host_is_served_behind_a_proxy(partition):
-    from autointerp_defs.viewer.server import make_server
+    from autointerp_defs.readside.server import make_server
 
     httpd = make_server(str(partition.root), port=0, viewer_url="https://viewer.lab/")
     threading.Thread(target=httpd.serve_forever, daemon=True).start()
@@ -266,7 +266,7 @@ def test_a_bad_whole_number_is_a_400_naming_the_parameter(server, partition):
 
 def test_a_plugin_scorer_table_is_shown_like_the_built_in_ones(partition, tmp_path, monkeypatch):
     from assets.scorers import scorer_classes
-    from autointerp_defs.viewer.app import Viewer
+    from autointerp_defs.readside.app import Viewer
     from tests.defs.test_deployments import TOY_SCORER
 
     root = copy_root(partition, tmp_path)
@@ -303,9 +303,9 @@ def copy_root(partition, tmp_path) -> DataRoot:
 
 
 def test_a_score_of_an_earlier_explanation_is_marked_stale_not_shown_as_the_latents(partition, tmp_path):
-    from autointerp_defs.viewer.app import STALE, Viewer
-    from autointerp_defs.exports import reader
-    from autointerp_defs.exports.delphi import export_delphi
+    from autointerp_defs.readside.app import STALE, Viewer
+    from autointerp_defs.readside import reader
+    from autointerp_defs.readside.delphi import export_delphi
 
     root = copy_root(partition, tmp_path)
     coder, shard = partition.coder, partition.shard
@@ -345,7 +345,7 @@ def test_every_latent_page_of_a_coder_narrower_than_the_neighbour_count_answers(
 
     from assets.corpus import embedded_documents, tokenize_documents
     from autointerp_defs.demo_sae import train_topk_sae
-    from autointerp_defs.viewer.app import Viewer
+    from autointerp_defs.readside.app import Viewer
     from resources.sparse_coders import save_sparsify
     from resources.subject_model import capture_hookpoints
     from tests.conftest import TINY_CORPUS_CONFIG, TINY_EXEMPLARS_CONFIG, add_coders, all_assets, make_resources, random_coder

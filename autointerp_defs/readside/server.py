@@ -20,7 +20,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from urllib.parse import parse_qsl, urlsplit
 
-from autointerp_defs.viewer.app import Viewer, ViewerError, integer
+from autointerp_defs.readside.app import Viewer, ViewerError, integer
 from storage.layout import DataRoot
 
 STATIC = Path(__file__).parent / "static"

@@ -23,8 +23,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from autointerp_defs.exports import reader
-from autointerp_defs.exports.index import CoderIndex
+from autointerp_defs.readside import reader
+from autointerp_defs.readside.index import CoderIndex
 from storage.layout import DataRoot
 
 DELPHI_SCORERS = {"detection": "detection", "fuzzing": "fuzz"}

@@ -13,8 +13,8 @@ import pandas as pd
 
 from assets.links import DEFAULT_DAGSTER_URL, coder_url, dagster_asset_url, latent_url
 from assets.score_metrics import paired_means
-from autointerp_defs.exports import reader
-from autointerp_defs.exports.index import CoderIndex
+from autointerp_defs.readside import reader
+from autointerp_defs.readside.index import CoderIndex
 from storage.layout import DataRoot
 
 MAX_PER_PAGE = 500

@@ -25,7 +25,7 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from autointerp_defs.exports import reader
+from autointerp_defs.readside import reader
 from resources.embedder import EMBEDDED
 from storage.atomic import atomic_path
 from storage.layout import DataRoot

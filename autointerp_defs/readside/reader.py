@@ -1,6 +1,6 @@
 """Everything the latent browser and the exports read from a data root, in one module.
 
-The viewer (`autointerp_defs/viewer/`), the indexes (`index.py`) and the exporters call only these
+The browser (`app.py`), the indexes (`index.py`) and the exporters call only these
 functions, so when a table moves or changes its columns, this is the one file to change.
 Every function reads; none writes (the viewer's own caches live in `viewer/` under the root).
 """

@@ -27,8 +27,8 @@ from pathlib import Path
 
 import numpy as np
 
-from autointerp_defs.exports import reader
-from autointerp_defs.exports.index import CoderIndex
+from autointerp_defs.readside import reader
+from autointerp_defs.readside.index import CoderIndex
 from storage.identity import model_name
 from storage.layout import DataRoot
 

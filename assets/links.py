@@ -1,4 +1,4 @@
-"""Links into the latent browser (`autointerp view`, `autointerp_defs/viewer/`) and the Dagster UI.
+"""Links into the latent browser (`autointerp view`, `autointerp_defs/readside/`) and the Dagster UI.
 
 Here, below both, so that assets can put links to the browser in their Dagster metadata and the
 browser can link its pages to each other and to Dagster without any import running up. The base

@@ -210,12 +210,12 @@ def subject_model_of(deployment) -> tuple[str, str | None]:
 
 def export_to(args, deployment) -> None:
     if args.format == "neuronpedia":
-        from autointerp_defs.exports.neuronpedia import export_neuronpedia
+        from autointerp_defs.readside.neuronpedia import export_neuronpedia
 
         folder = export_neuronpedia(args.data, args.coder, args.dir, model_id=args.model_id, set_name=args.set_name, subject_model=subject_model_of(deployment))
         print(f"wrote {folder}")
     else:
-        from autointerp_defs.exports.delphi import export_delphi
+        from autointerp_defs.readside.delphi import export_delphi
 
         written = export_delphi(args.data, args.coder, args.dir, args.module)
         print(f"wrote {args.dir}: " + ", ".join(f"{n} {kind}" for kind, n in written.items()))
@@ -226,7 +226,7 @@ def view_latents(deployment, host: str, port: int | None) -> None:
     (logit lens) and Dagster URL (links to partitions)."""
     from urllib.parse import urlsplit
 
-    from autointerp_defs.viewer.server import serve
+    from autointerp_defs.readside.server import serve
 
     resources = deployment.resources()
     settings = resources["settings"]
@@ -242,7 +242,7 @@ def main(argv: list[str] | None = None) -> None:
     from resources.sparse_coders import CoderFormatError, CoderShapeError, RegistryError
     from resources.steering import SteeringError
     from storage.atomic import LockedError
-    from autointerp_defs.exports.reader import ExportInputError
+    from autointerp_defs.readside.reader import ExportInputError
 
     try:
         return _main(argv)
@@ -321,7 +321,7 @@ def _main(argv: list[str] | None = None) -> None:
     elif args.command == "export":
         export_to(args, deployment)
     elif args.command == "import":
-        from autointerp_defs.exports.delphi import import_delphi
+        from autointerp_defs.readside.delphi import import_delphi
 
         imported = import_delphi(args.data, args.coder, args.dir, args.module, args.model, embedder=deployment.resources()["embedder"])
         for shard, latents in imported.items():

@@ -30,18 +30,18 @@ class Corpus:
 
 
 def load_corpus(root: DataRoot) -> Corpus:
-    if not (root.corpus_dir / "meta.json").exists():
+    if not root.corpus_meta_path.exists():
         raise FileNotFoundError(f"No corpus under {root.corpus_dir}. Materialize the `corpus` asset first.")
     return Corpus(
-        tokens=load_file(str(root.corpus_dir / "tokens.safetensors"))["tokens"],
-        vocab=json.loads((root.corpus_dir / "vocab.json").read_text()),
-        meta=read_json(root.corpus_dir / "meta.json"),
+        tokens=load_file(str(root.corpus_tokens_path))["tokens"],
+        vocab=json.loads(root.corpus_vocab_path.read_text()),
+        meta=read_json(root.corpus_meta_path),
     )
 
 
 def write_corpus(root: DataRoot, tokens: np.ndarray, vocab: list[str], meta: dict) -> None:
-    with atomic_path(root.corpus_dir / "tokens.safetensors") as tmp:
+    with atomic_path(root.corpus_tokens_path) as tmp:
         save_file({"tokens": tokens}, str(tmp))
-    with atomic_path(root.corpus_dir / "vocab.json") as tmp:
+    with atomic_path(root.corpus_vocab_path) as tmp:
         tmp.write_text(json.dumps(vocab))
-    write_json(root.corpus_dir / "meta.json", meta)
+    write_json(root.corpus_meta_path, meta)

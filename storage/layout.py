@@ -5,6 +5,9 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+from storage.activations import LATENT_STATS_FILE, META_FILE
+
+
 @dataclass(frozen=True)
 class DataRoot:
     """Paths of every stage's outputs under one root; creating a `DataRoot` creates nothing."""
@@ -20,8 +23,25 @@ class DataRoot:
         return self.root / "corpus"
 
     @property
+    def corpus_tokens_path(self) -> Path:
+        return self.corpus_dir / "tokens.safetensors"
+
+    @property
+    def corpus_vocab_path(self) -> Path:
+        return self.corpus_dir / "vocab.json"
+
+    @property
+    def corpus_meta_path(self) -> Path:
+        """Written last: a corpus with it is complete."""
+        return self.corpus_dir / "meta.json"
+
+    @property
     def registry_dir(self) -> Path:
         return self.root / "registry"
+
+    def coder_registry_dir(self, coder: str) -> Path:
+        """The registered coder's own folder, `<name>/<hookpoint>`."""
+        return self.registry_dir / coder
 
     @property
     def lancedb_dir(self) -> Path:
@@ -31,12 +51,25 @@ class DataRoot:
     def llm_cache_dir(self) -> Path:
         return self.root / "llm_cache"
 
+    @property
+    def all_activations_dir(self) -> Path:
+        """The activation caches of every coder, `<name>/<hookpoint>/` each."""
+        return self.root / "activations"
+
     def activations_dir(self, coder: str) -> Path:
-        return self.root / "activations" / coder
+        return self.all_activations_dir / coder
+
+    def cache_meta_path(self, coder: str) -> Path:
+        """The activation cache's `meta.json`, written last: a coder with it is cached whole."""
+        return self.activations_dir(coder) / META_FILE
+
+    def latent_stats_path(self, coder: str) -> Path:
+        """Per latent over the whole cached corpus: tokens fired on, largest and summed activation."""
+        return self.activations_dir(coder) / LATENT_STATS_FILE
 
     def activations_lock_path(self, coder: str) -> Path:
         """Held by the one process caching `coder`'s activations."""
-        return self.root / "activations" / ".locks" / f"{coder.replace('/', '__')}.lock"
+        return self.all_activations_dir / ".locks" / f"{coder.replace('/', '__')}.lock"
 
     def exemplars_path(self, coder: str, shard: str) -> Path:
         return self.root / "exemplars" / coder / f"{shard}.parquet"
@@ -67,3 +100,7 @@ class DataRoot:
     def score_summary_sources_path(self, coder: str) -> Path:
         """The scores tables (`<shard>/<scorer>` → fingerprint) the summary was built from."""
         return self.root / "scores" / coder / "summary.sources.json"
+
+    def viewer_dir(self, coder: str | None = None) -> Path:
+        """The latent browser's caches (of one coder): safe to delete, they are rebuilt."""
+        return self.root / "viewer" / coder if coder else self.root / "viewer"

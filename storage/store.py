@@ -180,12 +180,13 @@ class TableStore:
 
     @contextmanager
     def writing(self, table: StoredTable, journal_key: str | None = None, parts: tuple[str, ...] = ("rows",),
-                lock: str | None = None) -> Iterator[Writer]:
+                lock: str | None = None, wait: bool = True) -> Iterator[Writer]:
         """One run's write of `table`: with `lock` (what the run is, for a waiting or refused writer) it
-        holds the table's lock throughout, waiting for another writer; with `journal_key` (what the rows
+        holds the table's lock throughout, waiting for another writer (with `wait=False`, refused at once:
+        a command the user runs names the holder instead of hanging); with `journal_key` (what the rows
         are valid for: versions, settings, inputs' fingerprints, models) it keeps rows as they finish and
         resumes an interrupted run's. Nothing replaces the table until `Writer.commit`."""
-        with table.lock(lock, wait=True) if lock else nullcontext():
+        with table.lock(lock, wait) if lock else nullcontext():
             journal = Journal(table.path, journal_key, parts) if journal_key is not None else None
             try:
                 yield Writer(table, journal, self.allow_empty)

@@ -137,6 +137,12 @@ def explanations_table_name(embedder: str) -> str:
     return f"explanations_{hashlib.sha256(embedder.encode()).hexdigest()[:8]}"
 
 
+def open_explanations(db_dir: Path, embedder: str):
+    """`embedder`'s explanations table, or None when nothing was explained with it yet."""
+    name = explanations_table_name(embedder)
+    return _connect(db_dir).open_table(name) if (db_dir / f"{name}.lance").exists() else None
+
+
 def _quoted(text: str) -> str:
     return "'" + text.replace("'", "''") + "'"
 
@@ -184,10 +190,9 @@ def search_explanations(root: DataRoot, embedder: str, query_vector: np.ndarray,
     """The `limit` explanations nearest to `query_vector` in `embedder`'s table ([] when nothing was embedded
     with it yet). Only hits that the shard's committed explanations table holds as ok, with the same text,
     are kept: after a crash between that table's write and the sync, a text it no longer holds is never shown."""
-    name = explanations_table_name(embedder)
-    if not (root.lancedb_dir / f"{name}.lance").exists():
+    name, table = explanations_table_name(embedder), open_explanations(root.lancedb_dir, embedder)
+    if table is None:
         return []
-    table = _connect(root.lancedb_dir).open_table(name)
     _check_dimension(table, name, len(query_vector), "The query's embedding")
     committed: dict[tuple[str, str], dict[int, str]] = {}
 

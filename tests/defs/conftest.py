@@ -14,7 +14,7 @@ def partition(tmp_path_factory, tiny_sae):
 
 @pytest.fixture(scope="module")
 def server(partition):
-    from autointerp_defs.viewer.server import make_server
+    from autointerp_defs.readside.server import make_server
 
     httpd = make_server(str(partition.root), port=0)
     threading.Thread(target=httpd.serve_forever, daemon=True).start()

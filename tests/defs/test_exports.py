@@ -31,7 +31,7 @@ def partition(tmp_path_factory, tiny_sae):
 
 def test_neuronpedia_export_round_trips_features_activations_and_explanations(partition, tmp_path):
     from autointerp_defs.cli import main
-    from autointerp_defs.exports.neuronpedia import read_neuronpedia
+    from autointerp_defs.readside.neuronpedia import read_neuronpedia
 
     main(["--data", str(partition.root), "export", "neuronpedia", partition.coder, str(tmp_path)])
     folder = tmp_path / "smollm2-135m-instruct" / "3-tiny-topk"

@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from storage.layout import DataRoot
+from storage.store import TableStore
 
 
 def get(server: str, path: str) -> tuple[int, dict]:
@@ -161,20 +162,20 @@ def test_bad_requests_name_the_input_and_the_fix(server, partition):
 def test_index_is_cached_on_disk_and_rebuilt_when_a_table_changes(partition, tmp_path):
     import shutil
 
-    from autointerp_defs.viewer.app import Viewer
+    from autointerp_defs.readside.app import Viewer
 
     root = tmp_path / "copy"
     shutil.copytree(partition.root, root, ignore=shutil.ignore_patterns("viewer", "llm_cache"))
-    first = Viewer(DataRoot.at(root)).latent_list(partition.coder, {"status": "ok"})["total"]
+    first = Viewer(TableStore.at(root)).latent_list(partition.coder, {"status": "ok"})["total"]
     cached = root / "viewer" / partition.coder / "latents.parquet"
     built = cached.stat().st_mtime_ns
-    assert Viewer(DataRoot.at(root)).latent_list(partition.coder, {"status": "ok"})["total"] == first
+    assert Viewer(TableStore.at(root)).latent_list(partition.coder, {"status": "ok"})["total"] == first
     assert cached.stat().st_mtime_ns == built  # a new server reads the cache instead of rebuilding
     path = DataRoot.at(root).explanations_path(partition.coder, partition.shard)
     table = pd.read_parquet(path)
     table.loc[table.status == "ok", "status"] = "failed"
     table.to_parquet(path, index=False)
-    assert Viewer(DataRoot.at(root)).latent_list(partition.coder, {"status": "ok"})["total"] == 0
+    assert Viewer(TableStore.at(root)).latent_list(partition.coder, {"status": "ok"})["total"] == 0
 
 
 def test_dagster_metadata_links_to_the_coder_and_latent_pages(partition):
@@ -193,12 +194,12 @@ def test_dagster_metadata_links_to_the_coder_and_latent_pages(partition):
 def test_the_links_follow_the_deployment_settings_and_summary_links_cover_every_coder(partition):
     from assets.scores import summary_links
     from autointerp_defs.deployments import load_deployment
-    from autointerp_defs.viewer.app import Viewer
+    from autointerp_defs.readside.app import Viewer
 
     settings = load_deployment("local", {"settings": {"viewer_url": "http://viewer.lab:9000/", "dagster_url": "http://dagster.lab:3333"}}).resources()["settings"]
     assert settings.viewer_url == "http://viewer.lab:9000/" and settings.dagster_url == "http://dagster.lab:3333"
 
-    page = Viewer(DataRoot.at(partition.root), dagster_url=settings.dagster_url).latent(partition.coder, 0)
+    page = Viewer(TableStore.at(partition.root), dagster_url=settings.dagster_url).latent(partition.coder, 0)
     assert page["links"]["dagster_explanations"] == f"http://dagster.lab:3333/assets/explanations?view=partitions&partition={quote(partition.coder + '|00', safe='')}"
     assert page["links"]["dagster_summary"] == "http://dagster.lab:3333/assets/score_summary"  # one asset over all coders: no partition
 
@@ -243,7 +244,7 @@ def test_a_request_for_another_host_is_refused_against_dns_rebinding(server, par
 
 
 def test_the_deployment_viewer_url_host_is_served_behind_a_proxy(partition):
-    from autointerp_defs.viewer.server import make_server
+    from autointerp_defs.readside.server import make_server
 
     httpd = make_server(str(partition.root), port=0, viewer_url="https://viewer.lab/")
     threading.Thread(target=httpd.serve_forever, daemon=True).start()
@@ -266,7 +267,7 @@ def test_a_bad_whole_number_is_a_400_naming_the_parameter(server, partition):
 
 def test_a_plugin_scorer_table_is_shown_like_the_built_in_ones(partition, tmp_path, monkeypatch):
     from assets.scorers import scorer_classes
-    from autointerp_defs.viewer.app import Viewer
+    from autointerp_defs.readside.app import Viewer
     from tests.defs.test_deployments import TOY_SCORER
 
     root = copy_root(partition, tmp_path)
@@ -280,7 +281,7 @@ def test_a_plugin_scorer_table_is_shown_like_the_built_in_ones(partition, tmp_pa
     toy.to_parquet(root.scores_path(partition.coder, partition.shard, "word_match"), index=False)
     toy.to_parquet(root.scores_path(partition.coder, partition.shard, "unloaded_plugin"), index=False)  # a plugin this process never loaded
 
-    viewer = Viewer(root)
+    viewer = Viewer(TableStore(root))
     (row,) = viewer.coders()["coders"]
     assert row["scorers"]["word_match"]["mean"] == pytest.approx(toy["accuracy"].mean())
     assert row["scorers"]["unloaded_plugin"]["n"] == 0 and row["scorers"]["unloaded_plugin"]["verdict"]
@@ -303,9 +304,9 @@ def copy_root(partition, tmp_path) -> DataRoot:
 
 
 def test_a_score_of_an_earlier_explanation_is_marked_stale_not_shown_as_the_latents(partition, tmp_path):
-    from autointerp_defs.viewer.app import STALE, Viewer
-    from autointerp_defs.exports import reader
-    from autointerp_defs.exports.delphi import export_delphi
+    from autointerp_defs.readside.app import STALE, Viewer
+    from autointerp_defs.readside import reader
+    from autointerp_defs.readside.delphi import export_delphi
 
     root = copy_root(partition, tmp_path)
     coder, shard = partition.coder, partition.shard
@@ -318,7 +319,7 @@ def test_a_score_of_an_earlier_explanation_is_marked_stale_not_shown_as_the_late
     detection.loc[detection.latent == latent, "explanation"] = "a newer explanation"  # detection scored the new text; fuzzing is behind
     detection.to_parquet(root.scores_path(coder, shard, "detection"), index=False)
 
-    viewer = Viewer(root)
+    viewer = Viewer(TableStore(root))
     page = viewer.latent(coder, latent)
     scorers = {s["name"]: s for s in page["scorers"]}
     assert page["explanation"]["text"] == "a newer explanation"
@@ -345,7 +346,7 @@ def test_every_latent_page_of_a_coder_narrower_than_the_neighbour_count_answers(
 
     from assets.corpus import embedded_documents, tokenize_documents
     from autointerp_defs.demo_sae import train_topk_sae
-    from autointerp_defs.viewer.app import Viewer
+    from autointerp_defs.readside.app import Viewer
     from resources.sparse_coders import save_sparsify
     from resources.subject_model import capture_hookpoints
     from tests.conftest import TINY_CORPUS_CONFIG, TINY_EXEMPLARS_CONFIG, add_coders, all_assets, make_resources, random_coder
@@ -363,7 +364,7 @@ def test_every_latent_page_of_a_coder_narrower_than_the_neighbour_count_answers(
     for selection, config in ((["activations"], {}), (["exemplars"], {"ops": {"exemplars": {"config": TINY_EXEMPLARS_CONFIG}}})):
         assert materialize(all_assets(), selection=selection, partition_key=f"{coder}|00", resources=resources, instance=instance, run_config=config).success
 
-    server = Viewer(DataRoot.at(tmp_path))
+    server = Viewer(TableStore.at(tmp_path))
     for latent in range(8):
         page = server.latent(coder, latent)
         assert sorted(n["latent"] for n in page["neighbours"]["latents"]) == sorted(set(range(8)) - {latent})

@@ -13,9 +13,9 @@ import pandas as pd
 
 from assets.links import DEFAULT_DAGSTER_URL, coder_url, dagster_asset_url, latent_url
 from assets.score_metrics import paired_means
-from autointerp_defs.exports import reader
-from autointerp_defs.exports.index import CoderIndex
-from storage.layout import DataRoot
+from autointerp_defs.readside import reader
+from autointerp_defs.readside.index import CoderIndex
+from storage.store import TableStore
 
 MAX_PER_PAGE = 500
 STATUSES = ("ok", "failed", "none")
@@ -55,15 +55,15 @@ def clean(value):
 
 
 class Viewer:
-    """The browser's answers for one data root; `embedder` (the deployment's embedder resource; None: the
+    """The browser's answers for the tables of one `store`; `embedder` (the deployment's embedder resource; None: the
     default one) turns a query into a vector (loaded lazily), and search reads the explanations table of its vectors.
     `dagster_url` is where latent pages link to their partitions (the deployment's `[settings] dagster_url`),
     `subject_model` the (model, gguf_file) whose unembedding the logit lens reads (its `[subject_model]`;
     None: the embedded model)."""
 
-    def __init__(self, root: DataRoot, embedder=None, dagster_url: str = DEFAULT_DAGSTER_URL,
+    def __init__(self, store: TableStore, embedder=None, dagster_url: str = DEFAULT_DAGSTER_URL,
                  subject_model: tuple[str | None, str | None] = (None, None)):
-        self.root = root
+        self.store = store
         self.dagster_url = dagster_url
         self.subject_model = subject_model
         if embedder is None:
@@ -83,7 +83,7 @@ class Viewer:
         with self._lock:
             if coder not in self._indexes:
                 try:
-                    self._indexes[coder] = CoderIndex(self.root, coder, self.subject_model, self.embedder.model)
+                    self._indexes[coder] = CoderIndex(self.store, coder, self.subject_model, self.embedder.model)
                 except reader.NotMaterialized as error:
                     raise ViewerError(404, str(error)) from None
             return self._indexes[coder]
@@ -92,7 +92,7 @@ class Viewer:
 
     def coders(self) -> dict:
         rows, scorers = [], []
-        for coder in reader.list_coders(self.root):
+        for coder in reader.list_coders(self.store):
             index = self.index(coder)
             table = index.latents()
             meta = index.meta
@@ -182,10 +182,10 @@ class Viewer:
             raise ViewerError(404, f"Latent {latent} is outside {coder}, which has latents 0..{width - 1}. Fix: pick one in that range.")
         table = index.latents()
         shard = index.shard_of(latent)
-        vocab = reader.display_vocab_cached(self.root)
+        vocab = reader.display_vocab_cached(self.store)
         base = table.iloc[latent].to_dict()
-        explained = index.rows(f"{shard}.explanations", reader.explanations_path(self.root, coder, shard), latent)
-        stats = index.rows(f"{shard}.profiles", reader.latent_profiles_path(self.root, coder, shard), latent)
+        explained = index.rows(f"{shard}.explanations", self.store.explanations(coder, shard), latent)
+        stats = index.rows(f"{shard}.profiles", self.store.latent_profiles(coder, shard), latent)
         windows = index.windows(latent)
         page = {
             "coder": coder, "latent": latent, "shard": shard, "width": width, "summary": base,
@@ -225,7 +225,7 @@ class Viewer:
     def _scorer(self, index: CoderIndex, table: pd.DataFrame, name: str, shard: str, latent: int, explained: list[dict]) -> dict:
         """The scorer's row for this latent; `stale` (a note) when it scored another text than the latent's explanation."""
         info = reader.scorer_info(name)
-        rows = index.rows(f"{shard}.scores.{name}", self.root.scores_path(index.coder, shard, name), latent)
+        rows = index.rows(f"{shard}.scores.{name}", self.store.scores(index.coder, shard, name), latent)
         verdict = reader.verdict(table[f"{name}_gap"], name)
         if not rows:
             return {"name": name, **info, "scored": False, "verdict": verdict}
@@ -269,7 +269,7 @@ class Viewer:
         per held-out window, when a simulation score exists for this latent."""
         if "simulation" not in index.scorers:
             return None
-        rows = [r for r in index.rows(f"{shard}.examples.simulation", self.root.scored_examples_path(index.coder, shard, "simulation"), latent) if r.get("source") == "explanation"]
+        rows = [r for r in index.rows(f"{shard}.examples.simulation", self.store.scored_examples(index.coder, shard, "simulation"), latent) if r.get("source") == "explanation"]
         if not rows:
             return None
         test = [w for w in windows if w["split"] == "test"]  # `example` indexes the latent's test windows in table order

@@ -27,10 +27,10 @@ from pathlib import Path
 
 import numpy as np
 
-from autointerp_defs.exports import reader
-from autointerp_defs.exports.index import CoderIndex
+from autointerp_defs.readside import reader
+from autointerp_defs.readside.index import CoderIndex
 from storage.identity import model_name
-from storage.layout import DataRoot
+from storage.store import TableStore
 
 DEFAULT_CREATOR_ID = "clkht01d40000jv08hvalcvly"  # Neuronpedia's default creator when none is configured
 EXPLANATION_TYPE = "autointerp"
@@ -70,8 +70,8 @@ def export_neuronpedia(data_dir: str, coder: str, out_dir: str, model_id: str | 
     """Write the coder's features, activations and explanations; returns the source folder. `subject_model`
     is the deployment's `[subject_model]` (model, gguf_file): the logit lens reads it, and the default
     model id is its name (None: the embedded model)."""
-    root = DataRoot.at(data_dir)
-    meta = reader.activations_meta(root, coder)
+    store = TableStore.at(data_dir)
+    meta = reader.activations_meta(store, coder)
     name, hookpoint = coder.split("/", 1)
     model_id = model_id or _model_id(subject_model[0])
     set_name = set_name or re.sub(r"[^a-z0-9-]+", "-", name.lower()).strip("-")
@@ -79,7 +79,7 @@ def export_neuronpedia(data_dir: str, coder: str, out_dir: str, model_id: str | 
     folder = Path(out_dir) / model_id / source_id
     folder.mkdir(parents=True, exist_ok=True)
     now = datetime.now(timezone.utc).isoformat()
-    corpus = reader.corpus_meta(root)
+    corpus = reader.corpus_meta(store)
     _write_jsonl(folder / "release.jsonl", [{"name": set_name, "description": f"{coder}, exported by autointerp", "descriptionShort": coder, "creatorName": creator_name,
                                               "creatorNameShort": creator_name, "creatorId": creator_id, "visibility": "PUBLIC", "urls": [], "createdAt": now}])
     _write_jsonl(folder / "model.jsonl", [{"id": model_id, "instruct": "instruct" in model_id.lower(), "displayNameShort": model_id, "displayName": model_id,
@@ -89,12 +89,12 @@ def export_neuronpedia(data_dir: str, coder: str, out_dir: str, model_id: str | 
     _write_jsonl(folder / "source.jsonl", [{"id": source_id, "modelId": model_id, "setName": set_name, "creatorId": creator_id, "visibility": "PUBLIC",
                                              "dataset": corpus.get("source"), "num_prompts": corpus.get("n_sequences"), "num_tokens_in_prompt": corpus.get("ctx_len"), "createdAt": now}])
 
-    index = CoderIndex(root, coder, subject_model)
+    index = CoderIndex(store, coder, subject_model)
     table = index.latents()
-    vocab = reader.display_vocab(root)
-    stats = reader.latent_profiles(root, coder, index.shards)
+    vocab = reader.display_vocab(store)
+    stats = reader.latent_profiles(store, coder, index.shards)
     features, activations, explanations = [], [], []
-    explained = reader.explanations(root, coder, index.shards)
+    explained = reader.explanations(store, coder, index.shards)
     for row in stats.itertuples():
         latent = int(row.latent)
         windows = index.windows(latent)

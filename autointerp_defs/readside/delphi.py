@@ -23,9 +23,11 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from autointerp_defs.exports import reader
-from autointerp_defs.exports.index import CoderIndex
-from storage.layout import DataRoot
+from autointerp_defs.readside import reader
+from autointerp_defs.readside.index import CoderIndex
+from storage.store import TableStore
+from storage.tables import TABLES
+from storage.vector_store import sync_explanations
 
 DELPHI_SCORERS = {"detection": "detection", "fuzzing": "fuzz"}
 FILE = re.compile(r"^(?P<module>.+)_latent(?P<latent>\d+)\.txt$")
@@ -38,14 +40,14 @@ def default_module(coder: str) -> str:
 
 def export_delphi(data_dir: str, coder: str, out_dir: str, module: str | None = None) -> dict[str, int]:
     """Write explanations and classifier scores of every shard; returns how many files of each kind."""
-    root = DataRoot.at(data_dir)
+    store = TableStore.at(data_dir)
     module = module or default_module(coder)
-    index = CoderIndex(root, coder)
-    vocab = reader.display_vocab(root)
+    index = CoderIndex(store, coder)
+    vocab = reader.display_vocab(store)
     out = Path(out_dir)
     (out / "explanations").mkdir(parents=True, exist_ok=True)
     written = {"explanations": 0}
-    explained = reader.explanations(root, coder, index.shards)
+    explained = reader.explanations(store, coder, index.shards)
     for row in (explained[explained["status"] == "ok"].itertuples() if len(explained) else []):
         (out / "explanations" / f"{module}_latent{int(row.latent)}.txt").write_text(json.dumps(row.explanation))
         written["explanations"] += 1
@@ -53,11 +55,11 @@ def export_delphi(data_dir: str, coder: str, out_dir: str, module: str | None = 
         folder = out / "scores" / theirs
         written[theirs] = 0
         for shard in index.shards:
-            examples = reader.scored_examples(root, coder, shard, ours)
+            examples = reader.rows_of(store.scored_examples(coder, shard, ours))
             if not len(examples):
                 continue
-            scored = reader.scores_shard(root, coder, shard, ours)
-            stale = set(scored["latent"][reader.stale(scored, reader.explanations_shard(root, coder, shard))]) if len(scored) else set()
+            scored = reader.rows_of(store.scores(coder, shard, ours))
+            stale = set(scored["latent"][reader.stale(scored, reader.rows_of(store.explanations(coder, shard)))]) if len(scored) else set()
             for latent, rows in examples[(examples["source"] == "explanation") & ~examples["latent"].isin(stale)].groupby("latent"):
                 test = [w for w in index.windows(int(latent)) if w["split"] == "test"]  # `example` indexes these, in table order
                 samples = [_sample(r, test[int(r.example)], vocab) for r in rows.sort_values("example").itertuples() if int(r.example) < len(test)]
@@ -104,11 +106,8 @@ def import_delphi(data_dir: str, coder: str, folder: str, module: str | None = N
     """Put delphi's explanations into this coder's explanations tables (replacing those latents' rows),
     and into the search index (`embedder`: the deployment's embedder resource, which the scorers and search
     use too); returns per shard the latents imported. Scorers then score them with controls."""
-    from storage.tables import TABLES, file_fingerprint, table_lock, write_table
-    from storage.vector_store import sync_explanations
-
-    root = DataRoot.at(data_dir)
-    meta = reader.activations_meta(root, coder)
+    store = TableStore.at(data_dir)
+    meta = reader.activations_meta(store, coder)
     width = int(meta["width"])
     texts = read_delphi_explanations(Path(folder), module)
     outside = [latent for latent in texts if not 0 <= latent < width]
@@ -118,24 +117,26 @@ def import_delphi(data_dir: str, coder: str, folder: str, module: str | None = N
     for latent in sorted(texts):
         by_shard.setdefault(reader.shard_of(meta, latent), []).append(latent)
     for shard, latents in by_shard.items():
-        exemplars = reader.exemplars_path(root, coder, shard)
+        exemplars = store.exemplars(coder, shard)
         if not exemplars.exists():
-            raise reader.ExportInputError(f"No exemplars for {coder} shard {shard} at {exemplars}: imported explanations could not be scored. "
+            raise reader.ExportInputError(f"No exemplars for {coder} shard {shard} at {exemplars.location}: imported explanations could not be scored. "
                                     f"Fix: materialize `exemplars` for {coder}|{shard} first.")
+        fingerprint = exemplars.fingerprint()
         rows = pd.DataFrame({"latent": np.array(latents, np.int64), "explainer": "delphi", "explanation": [texts[l] for l in latents], "status": "ok",
                              "error": "", "prompt_tokens": 0, "completion_tokens": 0, "model": model, "candidates": [[texts[l]] for l in latents],
-                             "candidate_scores": [[float("nan")] for _ in latents], "examples_dropped": 0, "exemplars_fingerprint": file_fingerprint(exemplars)})
-        path = reader.explanations_path(root, coder, shard)
-        with table_lock(path, f"Writing the explanations of {coder} shard {shard} (the explanations asset or another import)"):
-            held = reader.explanations_shard(root, coder, shard)
+                             "candidate_scores": [[float("nan")] for _ in latents], "examples_dropped": 0, "exemplars_fingerprint": fingerprint})
+        explanations = store.explanations(coder, shard)
+        lock = f"Writing the explanations of {coder} shard {shard} (the explanations asset or another import)"
+        with store.writing(explanations, lock=lock, wait=False) as writer:
+            held = reader.rows_of(explanations)
             if len(held):  # rows of other latents stay, unless written from older exemplars (the scorers would refuse the table)
-                held = held[~held["latent"].isin(latents) & (held["exemplars_fingerprint"] == file_fingerprint(exemplars))]
+                held = held[~held["latent"].isin(latents) & (held["exemplars_fingerprint"] == fingerprint)]
             table = pd.concat([held, rows], ignore_index=True).sort_values("latent") if len(held) else rows
-            write_table(table[TABLES["explanations"].columns], path, "explanations")
+            writer.commit(table[TABLES["explanations"].columns])
             if embedder is None:
                 from resources.embedder import EmbedderResource
 
                 embedder = EmbedderResource()
             ok = table[table["status"] == "ok"]
-            sync_explanations(root.lancedb_dir, embedder.model, coder, shard, dict(zip(ok["latent"].tolist(), ok["explanation"])), embedder.embed)
+            sync_explanations(store.layout.lancedb_dir, embedder.model, coder, shard, dict(zip(ok["latent"].tolist(), ok["explanation"])), embedder.embed)
     return by_shard

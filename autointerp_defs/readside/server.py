@@ -20,8 +20,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from urllib.parse import parse_qsl, urlsplit
 
-from autointerp_defs.viewer.app import Viewer, ViewerError, integer
-from storage.layout import DataRoot
+from autointerp_defs.readside.app import Viewer, ViewerError, integer
+from storage.store import TableStore
 
 STATIC = Path(__file__).parent / "static"
 PAGES = {"/": "coders", "/coder": "coder", "/latent": "latent"}
@@ -110,10 +110,10 @@ def make_server(data_dir: str, host: str = "127.0.0.1", port: int = 8080, viewer
     """The server, bound but not yet serving (port 0 picks a free one: see `server.server_port`); it answers
     requests addressed to its own host and port, a loopback name at its port, or the host of `viewer_url`
     (the deployment's `[settings] viewer_url`); `options` go to the `Viewer` (embedder, dagster_url, subject_model)."""
-    root = DataRoot.at(data_dir)
-    if not root.root.exists():
-        raise FileNotFoundError(f"No data root at {root.root}. Fix: pass --data, or set [settings] data_dir in the deployment file, to the folder `make demo` filled, e.g. ./data.")
-    server = ThreadingHTTPServer((host, port), make_handler(viewer or Viewer(root, **options), viewer_url))
+    store = TableStore.at(data_dir)
+    if not store.layout.root.exists():
+        raise FileNotFoundError(f"No data root at {store.layout.root}. Fix: pass --data, or set [settings] data_dir in the deployment file, to the folder `make demo` filled, e.g. ./data.")
+    server = ThreadingHTTPServer((host, port), make_handler(viewer or Viewer(store, **options), viewer_url))
     server.daemon_threads = True
     return server
 
@@ -124,11 +124,11 @@ def serve(data_dir: str, host: str = "127.0.0.1", port: int = 8080, warm: bool =
     import torch
 
     torch.set_num_threads(1)  # requests run on threads of their own; intra-op threads on a busy 2-core machine made a query's embedding 20x slower
-    viewer = Viewer(DataRoot.at(data_dir), **options)
+    viewer = Viewer(TableStore.at(data_dir), **options)
     server = make_server(data_dir, host, port, viewer, viewer_url)
     if warm:
         threading.Thread(target=_warm, args=(viewer,), daemon=True).start()
-    print(f"autointerp viewer on http://{host}:{server.server_port} (data {DataRoot.at(data_dir).root}); Ctrl-C stops it", flush=True)
+    print(f"autointerp viewer on http://{host}:{server.server_port} (data {viewer.store.layout.root}); Ctrl-C stops it", flush=True)
     try:
         server.serve_forever()
     except KeyboardInterrupt:

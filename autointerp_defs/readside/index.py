@@ -25,10 +25,10 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from autointerp_defs.exports import reader
+from autointerp_defs.readside import reader
 from resources.embedder import EMBEDDED
 from storage.atomic import atomic_path
-from storage.layout import DataRoot
+from storage.store import StoredTable, TableStore
 
 DENSITY_BINS = 24
 STAMP_CHECK_S = 1.0
@@ -49,14 +49,14 @@ def _read_json(path: Path) -> dict:
 class CoderIndex:
     """The cached views of one coder; thread-safe (the server answers requests on threads)."""
 
-    def __init__(self, root: DataRoot, coder: str, subject_model: tuple[str | None, str | None] = (None, None), embedder: str = EMBEDDED):
-        self.root, self.coder, self.embedder = root, coder, embedder
+    def __init__(self, store: TableStore, coder: str, subject_model: tuple[str | None, str | None] = (None, None), embedder: str = EMBEDDED):
+        self.store, self.coder, self.embedder = store, coder, embedder
         """`embedder`: the model whose explanations table search reads (the deployment's `[embedder] model`)."""
         self.subject_model = subject_model
         """(model, gguf_file) whose unembedding the logit lens reads: the deployment's `[subject_model]` (None: the embedded model)."""
-        self.meta = reader.activations_meta(root, coder)
+        self.meta = reader.activations_meta(store, coder)
         self.shards = reader.shard_keys_of(self.meta)
-        self.dir = reader.viewer_dir(root, coder)
+        self.dir = store.layout.viewer_dir(coder)
         self.scorers: list[str] = []
         self._lock = threading.RLock()
         self._latents: pd.DataFrame | None = None
@@ -74,8 +74,8 @@ class CoderIndex:
         if self._latents is not None and now - self._checked < STAMP_CHECK_S:
             return self._latents
         with self._lock:
-            scorers = reader.scorer_names(self.root, self.coder)
-            current = reader.stamp(reader.input_files(self.root, self.coder, self.shards)) + "|" + ",".join(f"{n}:{reader.scorer_info(n)['main_metric']}" for n in scorers)
+            scorers = reader.scorer_names(self.store, self.coder)
+            current = reader.stamp(reader.input_files(self.store, self.coder, self.shards)) + "|" + ",".join(f"{n}:{reader.scorer_info(n)['main_metric']}" for n in scorers)
             self._checked = time.monotonic()
             if self._latents is not None and current == self._stamp:
                 return self._latents
@@ -92,7 +92,7 @@ class CoderIndex:
             return table
 
     def _build_latents(self) -> pd.DataFrame:
-        counts = reader.latent_counts(self.root, self.coder)
+        counts = reader.latent_counts(self.store, self.coder)
         width, tokens = int(self.meta["width"]), max(int(counts["tokens"][0]), 1)
         count = counts["count"].astype(np.int64)
         table = pd.DataFrame({
@@ -104,16 +104,16 @@ class CoderIndex:
             "status": "none",
             "explanation": "",
         })
-        explained = reader.explanations(self.root, self.coder, self.shards)
+        explained = reader.explanations(self.store, self.coder, self.shards)
         if len(explained):
             last = explained.drop_duplicates("latent", keep="last")
             at = last["latent"].to_numpy(np.int64)
             table.loc[at, "status"] = last["status"].to_numpy()
             table.loc[at, "explanation"] = last["explanation"].fillna("").to_numpy()
         gaps = []
-        for name in reader.scorer_names(self.root, self.coder):
+        for name in reader.scorer_names(self.store, self.coder):
             main = reader.scorer_info(name)["main_metric"]
-            scored = reader.scores(self.root, self.coder, name, self.shards)
+            scored = reader.scores(self.store, self.coder, name, self.shards)
             for column in (name, f"{name}_control", f"{name}_gap"):
                 table[column] = np.nan
             if len(scored):
@@ -138,10 +138,10 @@ class CoderIndex:
     def windows(self, latent: int) -> list[dict]:
         """The latent's exemplar windows, in the order the exemplars table holds them."""
         shard = self.shard_of(latent)
-        return self.rows(f"{shard}.exemplars", reader.exemplars_path(self.root, self.coder, shard), latent)
+        return self.rows(f"{shard}.exemplars", self.store.exemplars(self.coder, shard), latent)
 
-    def rows(self, name: str, source: Path, latent: int) -> list[dict]:
-        """The rows of `latent` in the table at `source` (any table with a `latent` column), read from
+    def rows(self, name: str, source: StoredTable, latent: int) -> list[dict]:
+        """The rows of `latent` in the table `source` (any table with a `latent` column), read from
         a memory-mapped, latent-sorted Arrow copy cached as `<name>.arrow`."""
         table, latents, starts, ends = self._arrow_cache(name, source)
         i = int(np.searchsorted(latents, latent))
@@ -149,7 +149,7 @@ class CoderIndex:
             return []
         return table.slice(int(starts[i]), int(ends[i] - starts[i])).to_pylist()
 
-    def _arrow_cache(self, name: str, source: Path) -> tuple:
+    def _arrow_cache(self, name: str, source: StoredTable) -> tuple:
         current = reader.stamp([source])
         held = self._tables.get(name)
         if held is not None and held[0] == current:
@@ -192,7 +192,7 @@ class CoderIndex:
         return [(int(latents[i]), float(2 - 2 * sims[i])) for i in top]
 
     def _vectors(self) -> tuple[np.ndarray, np.ndarray]:
-        version = f"{self.embedder}@{reader.explanations_table_version(self.root, self.embedder)}"
+        version = f"{self.embedder}@{reader.explanations_table_version(self.store, self.embedder)}"
         held = self._tables.get("vectors")
         if held is not None and held[0] == version:
             return held[1]
@@ -200,7 +200,7 @@ class CoderIndex:
             path, stamp_path = self.dir / "explanation_vectors.npy", self.dir / "explanation_vectors.stamp.json"
             ids_path = self.dir / "explanation_vectors.latents.npy"
             if not (path.exists() and _read_json(stamp_path).get("version") == version):
-                _, latents, vectors = reader.explanation_vectors(self.root, self.coder, self.embedder)
+                _, latents, vectors = reader.explanation_vectors(self.store, self.coder, self.embedder)
                 for target, array in ((path, vectors), (ids_path, latents)):
                     with atomic_path(target) as tmp:
                         with open(tmp, "wb") as handle:
@@ -221,7 +221,7 @@ class CoderIndex:
         return {"edges": np.linspace(0, float(tops[i]), DENSITY_BINS + 1).round(4).tolist(), "counts": counts[i].tolist()}
 
     def _density_cache(self, shard: str) -> tuple:
-        source = reader.latent_counts_path(self.root, self.coder)
+        source = self.store.layout.latent_stats_path(self.coder)
         current = reader.stamp([source])
         held = self._density.get(shard)
         if held is not None and held[0] == current:
@@ -229,7 +229,7 @@ class CoderIndex:
         with self._lock:
             path, stamp_path = self.dir / f"{shard}.density.npz", self.dir / f"{shard}.density.stamp.json"
             if not (path.exists() and _read_json(stamp_path).get("stamp") == current):
-                acts = reader.shard_activations(self.root, self.coder, shard)
+                acts = reader.shard_activations(self.store, self.coder, shard)
                 ids, counts, tops = [], [], []
                 for latent, _, values in acts.by_latent():
                     top = float(values.max())
@@ -248,14 +248,14 @@ class CoderIndex:
     def decoder(self) -> np.ndarray | None:
         """Unit-norm decoder rows `[width, d]` (memory-mapped), or None when the coder has no decoder; read
         again when the coder's registry files change (a coder registered anew under the same name)."""
-        current = reader.stamp(reader.registry_files(self.root, self.coder))
+        current = reader.stamp(reader.registry_files(self.store, self.coder))
         held = self._decoder
         if held is None or held[0] != current:
             with self._lock:
                 path, stamp_path = self.dir / "decoder.npy", self.dir / "decoder.stamp.json"
                 cached = _read_json(stamp_path)
                 if cached.get("stamp") != current:
-                    rows = reader.decoder_rows(self.root, self.coder)
+                    rows = reader.decoder_rows(self.store, self.coder)
                     if rows is not None:
                         rows = rows.detach().float().numpy()
                         rows = rows / np.maximum(np.linalg.norm(rows, axis=1, keepdims=True), 1e-12)
@@ -290,8 +290,8 @@ class CoderIndex:
         rows = self.decoder()
         if rows is None:
             return None
-        projection = vocab_projection(torch.from_numpy(np.array(rows[latent : latent + 1])), lens_model(self.root, *self.subject_model), k)
-        vocab = reader.display_vocab_cached(self.root)
+        projection = vocab_projection(torch.from_numpy(np.array(rows[latent : latent + 1])), lens_model(self.store, *self.subject_model), k)
+        vocab = reader.display_vocab_cached(self.store)
         as_list = lambda ids, values: [{"token": vocab[int(i)] if int(i) < len(vocab) else f"<{int(i)}>", "logit": round(float(v), 3)} for i, v in zip(ids, values)]
         return {"promoted": as_list(projection.top_ids[0], projection.top_values[0]), "suppressed": as_list(projection.bottom_ids[0], projection.bottom_values[0])}
 
@@ -300,7 +300,7 @@ _LENS: dict[Path, object] = {}
 _LENS_LOCK = threading.Lock()
 
 
-def lens_model(root: DataRoot, model: str | None = None, gguf_file: str | None = None):
+def lens_model(store: TableStore, model: str | None = None, gguf_file: str | None = None):
     """A module with just the subject model's unembedding and final norm scale, what `vocab_projection`
     reads; cached once under `viewer/` so that the server loads the full model once, ever. `model` and
     `gguf_file` are the deployment's `[subject_model]` ones (None: the embedded model)."""
@@ -310,7 +310,7 @@ def lens_model(root: DataRoot, model: str | None = None, gguf_file: str | None =
 
     model = model or EMBEDDED
     name = f"{model}--{gguf_file}" if gguf_file else model
-    path = reader.viewer_dir(root) / f"lens-{name.replace('/', '--')}.safetensors"
+    path = store.layout.viewer_dir() / f"lens-{name.replace('/', '--')}.safetensors"
     with _LENS_LOCK:
         if path in _LENS:
             return _LENS[path]

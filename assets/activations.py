@@ -37,7 +37,8 @@ from resources.settings import AutointerpSettings
 from resources.sparse_coders import SparseCode, SparseCoder, coder_fingerprint, load_registered
 from resources.hookpoints import resolve_hookpoint
 from resources.subject_model import SubjectModelResource
-from storage.activations import CHUNK_ENTRIES, LATENT_STATS_FILE, ShardedActivationWriter, caching_lock, load_latent_stats, read_cache_meta, read_progress, save_latent_stats, write_cache_meta, write_progress
+from storage.activations import CHUNK_ENTRIES, LATENT_STATS_FILE, ShardedActivationWriter, load_latent_stats, read_cache_meta, read_progress, save_latent_stats, write_cache_meta, write_progress
+from storage.atomic import exclusive_lock
 from storage.corpus import load_corpus
 from storage.layout import DataRoot
 
@@ -174,7 +175,7 @@ def cache_activations(
     repeating the work."""
     with ExitStack() as locks:
         for coder in coders:
-            locks.enter_context(caching_lock(root, coder.key))
+            locks.enter_context(exclusive_lock(root.activations_lock_path(coder.key), f"Caching the activations of {coder.key}"))
         return _cache_activations(coders, subject_model, root, skip_bos=skip_bos, checkpoint_entries=checkpoint_entries, latents_per_shard=latents_per_shard, log=log)
 
 

@@ -38,7 +38,7 @@ from assets.stage_config import Models, settings_digest, with_defaults
 from resources.embedder import EmbedderResource
 from resources.settings import AutointerpSettings
 from resources.sparse_coders import SparseCoder, coder_fingerprint, load_registered
-from storage.activations import LATENT_STATS_FILE, ShardActivations, check_shard_complete, load_latent_stats, read_cache_meta, read_latents, read_shard, shard_keys
+from storage.activations import ShardActivations, check_shard_complete, load_latent_stats, read_cache_meta, read_latents, read_shard, shard_keys
 from storage.corpus import load_corpus
 from storage.layout import DataRoot
 from storage.tables import TABLES
@@ -410,7 +410,7 @@ def _shard_exemplars(context: AssetExecutionContext, partition_key: str, config:
                       f"so it has no shard {shard!r}: a partition key typed by hand, or latents_per_shard changed after the coder was registered. "
                       f"Fix: use the partitions the registry sensor added, or set [settings] latents_per_shard back to {meta['latents_per_shard']}.")
     shard_acts = read_shard(acts_dir, shard)
-    stats = load_latent_stats(acts_dir / LATENT_STATS_FILE)
+    stats = load_latent_stats(root.latent_stats_path(coder))
     if (incomplete := check_shard_complete(shard_acts, stats["count"], meta["width"], meta["latents_per_shard"], int(shard))) is not None:
         raise Failure(f"The activation cache of {coder} shard {shard} is incomplete: {incomplete} (a chunk file deleted or damaged?). "
                       f"Fix: delete {acts_dir} and re-materialize `activations` for {coder}.")

@@ -65,6 +65,7 @@ def run_demo(deployment, force: bool) -> None:
     from autointerp_defs.sensors import new_shard_keys
     from resources.sparse_coders import scan_registry
     from storage.layout import DataRoot
+    from storage.store import TableStore
 
     started = time.perf_counter()
     data_dir = deployment.data_dir
@@ -103,22 +104,21 @@ def run_demo(deployment, force: bool) -> None:
             continue
         print(f"materializing {', '.join(selection)} {partition or ''}", flush=True)
         _materialize(selection, partition, instance, defs)
-    print_results(root, coder, deployment.scorers)
+    print_results(TableStore(root), coder, deployment.scorers)
     print(f"\ndemo finished in {time.perf_counter() - started:.0f} s")
     print("Open the UI:            make ui     (then http://127.0.0.1:3000)")
     print(f'Re-score from the shell: DAGSTER_HOME={home} AUTOINTERP_DEPLOYMENT={deployment.path} .venv/bin/dagster asset materialize -m autointerp_defs --select {",".join(scorers)} --partition "{coder}|00"')
 
 
-def print_results(root, coder: str, scorers: dict) -> None:
-    import pandas as pd
-
+def print_results(store, coder: str, scorers: dict) -> None:
+    """The summary of `coder` in the `store` (a `storage.store.TableStore`): each scorer beside its control,
+    the verdicts, and which models made the results."""
     from assets.score_metrics import beside_control, paired_means, verdict
 
-    path = root.score_summary_path(coder)
-    if not path.exists():
+    table = store.score_summary(coder).read_if_present()
+    if table is None:
         print("no scores yet")
         return
-    table = pd.read_parquet(path)
     present = [name for name in scorers if name in table.columns]
     shown = table[["latent", "explanation"]].assign(explanation=table["explanation"].str.slice(0, 60))
     for name in present:
@@ -131,21 +131,19 @@ def print_results(root, coder: str, scorers: dict) -> None:
         print(f"{name}: {means}; {verdict(table[f'{name}_gap'], scorers[name].control_description())}")
     if (stale := table.loc[table["stale"] != "", "latent"].tolist() if "stale" in table else []):
         print(f"latents {stale[:10]}: some scores were made with an earlier explanation and are left out (re-run those scorers)")
-    for line in made_by(root, coder, sorted(set(table["shard"])), present):
+    for line in made_by(store, coder, sorted(set(table["shard"])), present):
         print(line)
 
 
-def made_by(root, coder: str, shards: list[str], scorers: list[str]) -> list[str]:
+def made_by(store, coder: str, shards: list[str], scorers: list[str]) -> list[str]:
     """Which models made the printed results, as the tables themselves record them."""
-    import pandas as pd
-
-    def recorded(paths, column) -> str:
-        frames = [pd.read_parquet(path) for path in paths if path.exists()]
+    def recorded(tables, column) -> str:
+        frames = [frame for table in tables if (frame := table.read_if_present()) is not None]
         found = {value for frame in frames if column in frame for value in frame[column] if value}
         return ", ".join(sorted(found)) or "not recorded"
 
-    lines = [f"explained by {recorded([root.explanations_path(coder, shard) for shard in shards], 'model')}"]
-    lines += [f"{name} scored by {recorded([root.scores_path(coder, shard, name) for shard in shards], 'models')}" for name in scorers]
+    lines = [f"explained by {recorded([store.explanations(coder, shard) for shard in shards], 'model')}"]
+    lines += [f"{name} scored by {recorded([store.scores(coder, shard, name) for shard in shards], 'models')}" for name in scorers]
     return lines
 
 
@@ -194,11 +192,11 @@ def steer(data_dir: str, subject, coder_key: str, latent: int, prompt: str, stre
 
 def search(data_dir: str, query: str, limit: int, embedder) -> None:
     """Semantic search with the deployment's `embedder`, over the explanations table of its vectors."""
-    from storage.layout import DataRoot
+    from storage.store import TableStore
     from storage.vector_store import search_explanations
 
     vector = embedder.embed([query])[0]
-    for hit in search_explanations(DataRoot.at(data_dir), embedder.model, vector, limit):
+    for hit in search_explanations(TableStore.at(data_dir), embedder.model, vector, limit):
         print(f"{hit['_distance']:.3f}  {hit['coder']}  latent {hit['latent']}: {hit['explanation']}")
 
 

@@ -21,8 +21,7 @@ from pathlib import Path
 import numpy as np
 from safetensors.numpy import load_file, save_file
 
-from storage.atomic import atomic_path, exclusive_lock, read_json, write_json
-from storage.layout import DataRoot
+from storage.atomic import atomic_path, read_json, write_json
 
 CHUNK_ENTRIES = 1 << 20
 """Pairs buffered over all shards before a checkpoint writes them (16 MiB)."""
@@ -199,7 +198,3 @@ def read_cache_meta(activations_dir: Path) -> dict | None:
     path = activations_dir / META_FILE
     return read_json(path) if path.exists() else None
 
-
-def caching_lock(root: DataRoot, coder: str):
-    """Held while one process caches `coder`'s activations: a second one is refused at once, naming the holder."""
-    return exclusive_lock(root.activations_lock_path(coder), f"Caching the activations of {coder}")

@@ -12,17 +12,15 @@
 from __future__ import annotations
 
 import hashlib
-import time
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Callable
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 
 from storage.atomic import atomic_path, exclusive_lock
-from storage.layout import DataRoot
+from storage.store import TableStore
 
 ANN_MIN_ROWS = 50_000
 ANN_NPROBES = 32
@@ -186,11 +184,11 @@ def sync_explanations(db_dir: Path, embedder: str, coder: str, shard: str, expla
             db.open_table(name).delete(f"{where} AND latent IN ({', '.join(str(int(latent)) for latent in gone)})")
 
 
-def search_explanations(root: DataRoot, embedder: str, query_vector: np.ndarray, limit: int = 10) -> list[dict]:
+def search_explanations(store: TableStore, embedder: str, query_vector: np.ndarray, limit: int = 10) -> list[dict]:
     """The `limit` explanations nearest to `query_vector` in `embedder`'s table ([] when nothing was embedded
     with it yet). Only hits that the shard's committed explanations table holds as ok, with the same text,
     are kept: after a crash between that table's write and the sync, a text it no longer holds is never shown."""
-    name, table = explanations_table_name(embedder), open_explanations(root.lancedb_dir, embedder)
+    name, table = explanations_table_name(embedder), open_explanations(store.layout.lancedb_dir, embedder)
     if table is None:
         return []
     _check_dimension(table, name, len(query_vector), "The query's embedding")
@@ -199,8 +197,7 @@ def search_explanations(root: DataRoot, embedder: str, query_vector: np.ndarray,
     def holds(hit: dict) -> bool:
         key = (hit["coder"], hit["shard"])
         if key not in committed:
-            path = root.explanations_path(*key)
-            frame = pq.read_table(path, columns=["latent", "explanation", "status"]).to_pandas() if path.exists() else None
+            frame = store.explanations(*key).read_if_present(columns=["latent", "explanation", "status"])
             committed[key] = {} if frame is None else dict(zip(frame["latent"], frame["explanation"].where(frame["status"] == "ok")))
         return committed[key].get(hit["latent"]) == hit["explanation"]
 

@@ -6,6 +6,7 @@ from dagster import DagsterInstance, materialize
 
 from resources.embedder import EmbedderResource
 from storage.layout import DataRoot
+from storage.store import TableStore
 from storage.vector_store import explanations_table_name, search_explanations
 from tests.conftest import TINY_CODER, add_coders, all_assets, make_resources, pipeline_until_exemplars
 from tests.conftest import llm_resource as resource
@@ -29,5 +30,5 @@ def test_a_latent_no_longer_explained_leaves_the_search_table(registered):
             ok = table[table["status"] == "ok"]
             rows = lancedb.connect(str(root.lancedb_dir)).open_table(explanations_table_name(embedder.model)).to_pandas()
             assert sorted(rows["latent"]) == sorted(ok["latent"]) and len(ok) == max_latents
-    hits = search_explanations(root, embedder.model, embedder.embed(["a scripted explanation"])[0], limit=10)
+    hits = search_explanations(TableStore(root), embedder.model, embedder.embed(["a scripted explanation"])[0], limit=10)
     assert [hit["latent"] for hit in hits] == ok["latent"].tolist()

@@ -12,7 +12,7 @@ def test_the_demo_prints_a_score_without_a_control_and_compares_means_over_the_s
     root = two_shards_of_scores(tmp_path)
     scorers = {"detection": SCORERS["detection"]}
     write_table(summary_table(TableStore(root), "c/h", scorers), root.score_summary_path("c/h"), "score_summary")
-    print_results(root, "c/h", scorers)
+    print_results(TableStore(root), "c/h", scorers)
     out = capsys.readouterr().out
     assert "0.90 / 0.50" in out and "0.80 / no control" in out and "n/a" not in out
     assert "detection: mean 0.750 / 0.500 over the 2 latents with a control; too few latents to tell (2 with a control" in out

@@ -7,6 +7,7 @@ import pandas as pd
 import pytest
 
 from storage.layout import DataRoot
+from storage.store import TableStore
 from storage.tables import TABLES, write_table
 from storage.vector_store import EmbeddingMismatchError, explanations_table_name, search_explanations, sync_explanations
 
@@ -49,7 +50,7 @@ def held(root: DataRoot, embedder: str) -> dict[tuple[str, int], str]:
 
 
 def found(root: DataRoot, embedder: WordEmbedder, query: str, limit: int = 10) -> list[tuple[str, int, str]]:
-    return [(hit["shard"], hit["latent"], hit["explanation"]) for hit in search_explanations(root, embedder.model, embedder.embed([query])[0], limit)]
+    return [(hit["shard"], hit["latent"], hit["explanation"]) for hit in search_explanations(TableStore(root), embedder.model, embedder.embed([query])[0], limit)]
 
 
 def test_a_shards_rows_are_exactly_its_ok_explanations(tmp_path):
@@ -82,12 +83,12 @@ def test_each_embedder_has_its_own_table_and_search_reads_its_own(tmp_path):
     assert held(root, small.model) == {("00", 0): "closing a file"}
     assert found(root, small, "opening a socket") == [("00", 0, "closing a file")]
     assert [latent for _, latent, _ in found(root, large, "opening a socket")][0] == 1
-    assert search_explanations(root, "never-used", np.ones(4, np.float32)) == []  # nothing embedded with it: no results
+    assert search_explanations(TableStore(root), "never-used", np.ones(4, np.float32)) == []  # nothing embedded with it: no results
 
     # the same name now giving vectors of another length: a clear error, never a wrong comparison
     changed = WordEmbedder("words-8", 12)
     with pytest.raises(EmbeddingMismatchError, match=r"has 12 dimensions, but the explanations table explanations_\w+ holds vectors of 8"):
-        search_explanations(root, changed.model, changed.embed(["a file"])[0])
+        search_explanations(TableStore(root), changed.model, changed.embed(["a file"])[0])
     with pytest.raises(EmbeddingMismatchError, match="holds vectors of 8"):
         sync_explanations(root.lancedb_dir, changed.model, CODER, "00", {1: "opening a socket"}, changed.embed)
 
@@ -110,4 +111,4 @@ def test_a_broken_table_is_an_error_not_an_empty_answer(tmp_path):
     root, embedder = DataRoot.at(tmp_path), WordEmbedder()
     (root.lancedb_dir / f"{explanations_table_name(embedder.model)}.lance").mkdir(parents=True)  # there, but not a table
     with pytest.raises(ValueError, match=explanations_table_name(embedder.model)):
-        search_explanations(root, embedder.model, embedder.embed(["a file"])[0])
+        search_explanations(TableStore(root), embedder.model, embedder.embed(["a file"])[0])

@@ -20,10 +20,11 @@ from pydantic import Field, ValidationError
 
 from assets.automation import CODE_CHANGED, FOLLOW, LLM_POOL
 from assets.checks import explanations_results, explanations_specs
-from assets.explainers import EXPLAINERS, Explainer, ExplainerDeps, LatentRecord
+from assets.explainers import EXPLAINERS, Explainer, ExplainerDeps
 from assets.links import coder_url, latent_url
 from assets.partitions import backfill_policy, coder_and_shard, each_shard, shard_partitions
 from assets.prompts import corpus_prompt_vocab, plain_text
+from assets.records import LatentRecord, read_records
 from assets.score_metrics import roc_auc
 from assets.stage_config import Models, problems, settings_digest, with_defaults
 from assets.work import ChunkLoader, nothing_succeeded, selected_latents, stream_latents
@@ -34,7 +35,7 @@ from resources.sparse_coders import load_registered
 from resources.subject_model import SubjectModelResource
 from storage.corpus import load_corpus
 from storage.journal import Journal
-from storage.tables import TABLES, rows_for_latents
+from storage.tables import TABLES
 from storage.vector_store import sync_explanations
 
 
@@ -109,9 +110,7 @@ async def explain_all(explainer: Explainer, config: ExplanationsConfig, exemplar
     todo = [latent for latent in latents if latent not in done]
 
     async def load(chunk: list[int]) -> dict[int, LatentRecord]:
-        rows = await asyncio.to_thread(rows_for_latents, exemplars, chunk)
-        groups = dict(tuple(rows.groupby("latent")))
-        return {latent: LatentRecord(coder, latent, groups[latent], stats_of.get(latent), vocab) for latent in chunk}
+        return await asyncio.to_thread(read_records, exemplars, chunk, coder, vocab, stats_of)
 
     loader = ChunkLoader(todo, load)
 

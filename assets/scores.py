@@ -38,9 +38,10 @@ from assets.links import coder_url, home_url, latent_url
 from assets.work import ChunkLoader, nothing_succeeded, selected_latents, stream_latents
 from assets.partitions import backfill_policy, coder_and_shard, coders_of, each_shard, shard_partitions
 from assets.prompts import corpus_prompt_vocab, window_embedding
+from assets.records import read_records
 from assets.score_metrics import beside_control, control_assignment, example_metrics, no_control_reason, paired_means, predictions_of, verdict
 from assets.scorers import Job, JobResult, Scorer, ScorerDeps, ScorerSettings
-from assets.scorers.base import CONTROLS, EXAMPLE_COLUMNS, examples_of
+from assets.scorers.base import CONTROLS
 from assets.stage_config import SCORER_ROLES, Models
 from resources.llm import stopped_by_budget
 from resources.sparse_coders import load_registered
@@ -48,7 +49,7 @@ from storage.corpus import load_corpus
 from storage.journal import Journal
 from storage.store import TableStore
 from storage.vector_store import CorpusWindows
-from storage.tables import SCORE_METRICS, empty_table, explanation_hash, latents_in, rows_for_latents
+from storage.tables import SCORE_METRICS, empty_table, explanation_hash, latents_in
 
 EMPTY_SHARD = "empty shard: no explainable latent"
 
@@ -120,9 +121,10 @@ def withheld(row: dict) -> dict:
 
 
 async def score_partition(scorer: Scorer, exemplars: pd.DataFrame | Path, explanations: pd.DataFrame | None,
-                          vocab: list[str], max_latents: int = 0, report=None, journal: Journal | None = None) -> tuple[pd.DataFrame, pd.DataFrame]:
+                          vocab: list[str], max_latents: int = 0, report=None, journal: Journal | None = None, coder: str = "") -> tuple[pd.DataFrame, pd.DataFrame]:
     """Per-latent metrics and per-example rows of one scorer on one partition, with the control.
-    `exemplars` is the table or its file; from a file, a chunk of latents' rows is read at a time.
+    `exemplars` is the table or its file; from a file, a chunk of latents' rows is read at a time, as
+    `coder`'s records (`read_records`), from which each latent's jobs take their examples.
     Latents stream through a bounded queue; with a `journal`, each scored latent's rows go to disk as it
     finishes (and not kept in memory), and latents kept by an interrupted run are not scored again."""
     settings = scorer.settings
@@ -141,22 +143,14 @@ async def score_partition(scorer: Scorer, exemplars: pd.DataFrame | Path, explan
 
     async def load(chunk: list[int]) -> dict[int, tuple[Job, Job | None]]:
         """A chunk's jobs (each latent's own and control), with what they share prepared."""
-        rows = await asyncio.to_thread(rows_for_latents, exemplars, chunk)
-        columns = [rows[c].tolist() for c in EXAMPLE_COLUMNS]  # read once per chunk, not per latent
-        where: dict[tuple[int, str], list[int]] = {}
-        for i, key in enumerate(zip(rows["latent"].tolist(), rows["split"].tolist())):
-            where.setdefault(key, []).append(i)
-
-        def windows(latent: int, split: str, rng) -> list:
-            return examples_of(*([column[i] for i in where.get((latent, split), [])] for column in columns), vocab, rng)
-
+        records = await asyncio.to_thread(read_records, exemplars, chunk, coder, vocab)
         jobs = {}
-        for latent in chunk:
+        for latent, record in records.items():
             rng = np.random.default_rng([settings.seed, latent])
-            examples = windows(latent, "test", rng)
-            calibration = windows(latent, "valid", rng) if scorer.uses_calibration else []  # drawn after the test windows: their marks do not depend on it
-            own = Job(text_of[latent], examples, control=False, seed=settings.seed + latent, calibration=calibration, latent=latent)
-            control = Job(text_of[control_of[latent]], examples, control=True, seed=settings.seed + latent + 1, calibration=calibration, latent=latent) if latent in control_of else None
+            examples = record.examples("test", rng)
+            calibration = record.examples("valid", rng) if scorer.uses_calibration else []  # drawn after the test windows: their marks do not depend on it
+            own = Job(record, text_of[latent], examples, control=False, seed=settings.seed + latent, calibration=calibration)
+            control = Job(record, text_of[control_of[latent]], examples, control=True, seed=settings.seed + latent + 1, calibration=calibration) if latent in control_of else None
             jobs[latent] = (own, control)
         await scorer.prepare([job for pair in jobs.values() for job in pair if job is not None])
         return jobs
@@ -362,7 +356,7 @@ def scorer_asset(scorer: type[Scorer], settings: ScorerSettings, automate: bool,
             fingerprints = "|".join([exemplars_fingerprint, *([explanations_table.fingerprint()] if explanations_table.exists() else [])])
             with store.writing(store.scores(coder, shard, scorer.name), journal_key=f"{scorer.version}|{settings.digest()}|{named}|{fingerprints}",
                                parts=("examples", "scores")) as writer:
-                frame, examples = asyncio.run(score_partition(judge, exemplars, explanations, corpus_prompt_vocab(corpus), max_latents, context.log.info, writer.journal))
+                frame, examples = asyncio.run(score_partition(judge, exemplars, explanations, corpus_prompt_vocab(corpus), max_latents, context.log.info, writer.journal, coder))
                 if len(frame) and frame["n_failed"].sum() > 0 and (frame["n_scored"].fillna(0) + frame["control_n_scored"].fillna(0)).sum() == 0:
                     reasons = pd.Series([reason for cell in frame["failures"] for reason in json.loads(cell)], dtype=str)
                     raise nothing_succeeded(f"scores/{scorer.name}", f"no example of {len(frame)} latents could be scored", reasons)

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import assets.explainers as _package
-from assets.explainers.base import Explainer, ExplainerDeps, ExplainerSettings, LatentRecord
+from assets.explainers.base import Explainer, ExplainerDeps, ExplainerSettings
 from assets.plugins import plugin_classes
 
 
@@ -13,4 +13,4 @@ def explainer_classes(extra_modules: tuple[str, ...] = ()) -> dict[str, type[Exp
 
 EXPLAINERS: dict[str, type[Explainer]] = explainer_classes()
 
-__all__ = ["EXPLAINERS", "Explainer", "ExplainerDeps", "ExplainerSettings", "LatentRecord", "explainer_classes"]
+__all__ = ["EXPLAINERS", "Explainer", "ExplainerDeps", "ExplainerSettings", "explainer_classes"]

@@ -1,11 +1,12 @@
-"""What every explainer plugin shares: the evidence of one latent, and the protocol.
+"""What every explainer plugin shares: its settings model, its resources, and the protocol.
 
 An explainer is one module in `assets/explainers/` holding one `Explainer` subclass: its name,
 description, typed `Settings`, the resources it `uses` beyond the LLM, `prompt(record, max_tokens)`
-(the messages to send, fitted to the LLM's context, and how many examples were dropped to fit) and
-`parse(text)` (the explanation in an answer, or a `Refusal` saying why it cannot be read: the answer
-is asked again once, then the latent is failed with both answers and the reasons). `assets/explanations.py` does the rest for every explainer:
-sampling best-of-N candidates, choosing among them, the table and the search index.
+(from the latent's evidence, an `assets.records.LatentRecord`: the messages to send, fitted to the
+LLM's context, and how many examples were dropped to fit) and `parse(text)` (the explanation in an
+answer, or a `Refusal` saying why it cannot be read: the answer is asked again once, then the latent
+is failed with both answers and the reasons). `assets/explanations.py` does the rest for every
+explainer: sampling best-of-N candidates, choosing among them, the table and the search index.
 """
 from __future__ import annotations
 
@@ -14,10 +15,10 @@ import json
 from dataclasses import dataclass
 from typing import ClassVar
 
-import pandas as pd
 from pydantic import BaseModel, ConfigDict
 
 from assets.prompts import REASK_EXPLANATION, parse_explanation
+from assets.records import LatentRecord
 from resources.llm import ProductionClient, Refusal
 
 
@@ -28,29 +29,6 @@ class ExplainerSettings(BaseModel):
 
     def digest(self) -> str:
         return hashlib.sha256(json.dumps(self.model_dump(), sort_keys=True).encode()).hexdigest()[:10]
-
-
-@dataclass
-class LatentRecord:
-    """One latent's evidence: its exemplar windows (every split), its firing statistics, the vocabulary."""
-
-    coder: str
-    latent: int
-    windows: pd.DataFrame
-    stats: dict | None
-    """The exemplars' per-latent statistics row (`top_tokens`, `top_token_mean_activation`, ...), if any."""
-    vocab: list[str]
-
-    def train(self, kind: str = "activating") -> pd.DataFrame:
-        """The windows shown to the explainer: `activating` ones, or any other kind (counter-examples)."""
-        train = self.windows[self.windows["split"] == "train"]
-        return train[train["kind"] == kind] if kind == "activating" else train[train["kind"] != "activating"]
-
-    def shown_examples(self) -> tuple[list[tuple[list[str], list[float]]], float]:
-        """(token strings, activations) of the activating training windows, strongest first, and the top activation."""
-        shown = self.train()
-        examples = [([self.vocab[t] for t in row.tokens], list(row.activations)) for row in shown.itertuples()]
-        return examples, float(shown["max_activation"].max())
 
 
 @dataclass

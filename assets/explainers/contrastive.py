@@ -1,6 +1,7 @@
 """Contrastive (delphi): highlighted windows plus hard-negative counter-examples where the latent is silent."""
-from assets.explainers.base import Explainer, LatentRecord
+from assets.explainers.base import Explainer
 from assets.prompts import contrastive_messages
+from assets.records import LatentRecord
 
 
 class Contrastive(Explainer):

@@ -1,6 +1,7 @@
 """Highlighted (delphi's default): activating tokens marked in their windows, strengths listed."""
-from assets.explainers.base import Explainer, LatentRecord
+from assets.explainers.base import Explainer
 from assets.prompts import explainer_messages
+from assets.records import LatentRecord
 
 
 class Highlighted(Explainer):

@@ -6,8 +6,9 @@ from dataclasses import dataclass
 import torch
 from pydantic import Field
 
-from assets.explainers.base import Explainer, ExplainerSettings, LatentRecord
+from assets.explainers.base import Explainer, ExplainerSettings
 from assets.prompts import TOKEN_LEGEND, quoted
+from assets.records import LatentRecord
 from resources.hookpoints import resolve_hookpoint
 from resources.logit_lens import vocab_projection
 from resources.sparse_coders import SparseCoder

@@ -5,9 +5,10 @@ lens it goes through every layer after the hookpoint."""
 import torch
 from pydantic import Field
 
-from assets.explainers.base import Explainer, ExplainerSettings, LatentRecord
+from assets.explainers.base import Explainer, ExplainerSettings
 from assets.explainers.logit_lens import TokenEvidence
 from assets.prompts import TOKEN_LEGEND, quoted
+from assets.records import LatentRecord
 from resources.steering import NEUTRAL_PROMPTS, Steer, Steerer
 
 TOKEN_CHANGE_SYSTEM = (

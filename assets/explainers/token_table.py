@@ -1,6 +1,7 @@
 """Token table (OpenAI): every token of each window listed with its 0-10 activation."""
-from assets.explainers.base import Explainer, LatentRecord
+from assets.explainers.base import Explainer
 from assets.prompts import token_table_messages
+from assets.records import LatentRecord
 
 
 class TokenTable(Explainer):

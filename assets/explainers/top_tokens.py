@@ -1,6 +1,7 @@
 """Top tokens (OpenAI's token-space explainer): the vocabulary tokens with the highest mean activation."""
-from assets.explainers.base import Explainer, LatentRecord
+from assets.explainers.base import Explainer
 from assets.prompts import top_tokens_messages
+from assets.records import LatentRecord
 
 
 class TopTokens(Explainer):

@@ -5,7 +5,7 @@ from pydantic import ValidationError
 
 import assets.scorers as _package
 from assets.plugins import plugin_classes
-from assets.scorers.base import Example, Job, JobResult, Scorer, ScorerDeps, ScorerSettings
+from assets.scorers.base import Job, JobResult, Scorer, ScorerDeps, ScorerSettings
 
 
 def scorer_classes(extra_modules: tuple[str, ...] = ()) -> dict[str, type[Scorer]]:
@@ -43,4 +43,4 @@ def scorer_settings(overrides: dict[str, dict] | None = None, scorers: dict[str,
 
 SCORERS: dict[str, type[Scorer]] = scorer_classes()
 
-__all__ = ["SCORERS", "Example", "Job", "JobResult", "Scorer", "ScorerDeps", "ScorerSettings", "loaded_scorers", "scorer_classes", "scorer_settings"]
+__all__ = ["SCORERS", "Job", "JobResult", "Scorer", "ScorerDeps", "ScorerSettings", "loaded_scorers", "scorer_classes", "scorer_settings"]

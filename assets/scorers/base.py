@@ -1,5 +1,6 @@
-"""What every scorer plugin shares: its settings model, the held-out examples it judges, one job's
-result, and the ask-a-value-list helper of the LLM judges.
+"""What every scorer plugin shares: its settings model, the job it judges (a latent's record and
+held-out examples, from `assets/records.py`), one job's result, and the ask-a-value-list helper of
+the LLM judges.
 
 A scorer is one module in `assets/scorers/` holding one `Scorer` subclass: its name, description,
 typed `Settings`, the resources it `uses`, its control kind and main metric, and `score(job)`,
@@ -15,14 +16,13 @@ import asyncio
 import hashlib
 import json
 from dataclasses import dataclass, field
-from functools import cached_property
 from pathlib import Path
 from typing import Callable, ClassVar, Literal
 
-import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
-from assets.prompts import highlight, read_int_list, reask_list_message, scorer_messages
+from assets.prompts import read_int_list, reask_list_message, scorer_messages
+from assets.records import Example, LatentRecord
 from assets.score_metrics import NAN
 from resources.llm import Asked, ProductionClient
 
@@ -39,64 +39,23 @@ class ScorerSettings(BaseModel):
 
 
 @dataclass
-class Example:
-    index: int
-    token_ids: list[int]
-    token_strs: list[str]
-    activations: np.ndarray
-    marks: np.ndarray
-    """The latent's firing tokens; in non-activating windows, random tokens (as many as typically fire)."""
-    label: int
-    quantile: int
-    sequence: int = -1
-    start: int = -1
-    """Where the window is in the corpus (-1: not known)."""
-
-    @cached_property
-    def text(self) -> str:
-        """The window as prompts show it (whitespace and document boundaries visible); rendered once,
-        though a latent's job and its control's both show it."""
-        return highlight(self.token_strs, [False] * len(self.token_strs))
-
-    @cached_property
-    def marked_text(self) -> str:
-        return highlight(self.token_strs, self.marks.tolist())
-
-
-EXAMPLE_COLUMNS = ("kind", "quantile", "tokens", "activations", "sequence", "start")
-"""The exemplar columns an `Example` is made of, in `examples_of`'s order."""
-
-
-def examples_of(kinds: list[str], quantiles: list[int], tokens: list, activations: list, sequences: list[int], starts: list[int],
-                vocab: list[str], rng: np.random.Generator) -> list[Example]:
-    """A latent's windows in a seeded order, non-activating ones with random marks, from its rows given
-    as columns (`EXAMPLE_COLUMNS`: a partition's columns are read once, not per latent)."""
-    counts = [np.count_nonzero(a) for a, kind in zip(activations, kinds) if kind == "activating"]
-    typical_marks = max(1, int(np.median(counts))) if counts else 1
-    examples = []
-    for i, (kind, quantile, ids, acts, sequence, start) in enumerate(zip(kinds, quantiles, tokens, activations, sequences, starts)):
-        acts = np.asarray(acts, np.float32)
-        is_activating = kind == "activating"
-        marks = acts > 0
-        if not is_activating:
-            marks = np.zeros(len(acts), bool)
-            marks[rng.choice(len(acts), size=min(typical_marks, len(acts)), replace=False)] = True
-        examples.append(Example(i, list(ids), [vocab[t] for t in ids], acts, marks, int(is_activating), int(quantile) if is_activating else 0, int(sequence), int(start)))
-    return [examples[i] for i in rng.permutation(len(examples))]
-
-
-@dataclass
 class Job:
     """One explanation (None for scorers without one) judged on one latent's held-out windows."""
 
+    record: LatentRecord
+    """The latent's evidence, for scorers that read more than the held-out windows."""
     explanation: str | None
     examples: list[Example]
+    """The record's `test` windows in the latent's seeded order (`LatentRecord.examples`), shared with its control's job."""
     control: bool
     seed: int
     calibration: list[Example] = field(default_factory=list)
-    """The latent's `valid` windows, for scorers that fit something before judging."""
-    latent: int = -1
-    """The latent judged, for scorers that act on the latent itself (steering it)."""
+    """The record's `valid` windows, for scorers that fit something before judging."""
+
+    @property
+    def latent(self) -> int:
+        """The latent judged, for scorers that act on the latent itself (steering it)."""
+        return self.record.latent
 
 
 @dataclass

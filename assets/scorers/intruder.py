@@ -6,8 +6,9 @@ import numpy as np
 from pydantic import Field
 
 from assets.prompts import intruder_messages
+from assets.records import Example
 from assets.score_metrics import NAN
-from assets.scorers.base import Example, Job, JobResult, Scorer, ScorerSettings, ask_list, list_tokens
+from assets.scorers.base import Job, JobResult, Scorer, ScorerSettings, ask_list, list_tokens
 
 
 class IntruderSettings(ScorerSettings):

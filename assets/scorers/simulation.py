@@ -8,8 +8,9 @@ import numpy as np
 from pydantic import Field
 
 from assets.prompts import simulation_messages
+from assets.records import Example
 from assets.score_metrics import pearson, rsquared
-from assets.scorers.base import Example, Job, JobResult, Scorer, ScorerSettings, ask_list, example_row, list_tokens
+from assets.scorers.base import Job, JobResult, Scorer, ScorerSettings, ask_list, example_row, list_tokens
 from resources.llm import Asked
 
 

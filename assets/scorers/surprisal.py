@@ -8,7 +8,8 @@ import torch
 from pydantic import Field
 
 from assets.prompts import SURPRISAL_DESCRIPTION, SURPRISAL_NO_DESCRIPTION
-from assets.scorers.base import Example, Job, JobResult, Scorer, ScorerSettings, example_row
+from assets.records import Example
+from assets.scorers.base import Job, JobResult, Scorer, ScorerSettings, example_row
 
 
 class SurprisalSettings(ScorerSettings):

@@ -85,7 +85,8 @@ class WordMatch(Scorer):
 
 TOY_EXPLAINER = '''
 """A toy explainer: asks for the name of the strongest tokens only."""
-from assets.explainers.base import Explainer, LatentRecord
+from assets.explainers.base import Explainer
+from assets.records import LatentRecord
 
 
 class StrongestTokens(Explainer):

@@ -292,6 +292,7 @@ def _main(argv: list[str] | None = None) -> None:
     importing.add_argument("dir", help="delphi's run folder (holding explanations/) or its explanations folder")
     importing.add_argument("--module", help="which module's explanations, when the folder holds several")
     importing.add_argument("--model", default="delphi", help="the explainer model's name to record")
+    commands.add_parser("adopt-root", help="make this data root the one the instance's runs use (with [settings] shared_data_root: after moving or replacing the shared root)")
     find = commands.add_parser("search", help="semantic search over stored explanations")
     find.add_argument("query")
     find.add_argument("--limit", type=int, default=10)
@@ -326,6 +327,16 @@ def _main(argv: list[str] | None = None) -> None:
             print(f"shard {shard}: imported {len(latents)} explanations; score them: --select 'scores/*' --partition \"{args.coder}|{shard}\"")
     elif args.command == "view":
         view_latents(deployment, args.host, args.port)
+    elif args.command == "adopt-root":
+        from dagster import DagsterInstance
+
+        from resources.settings import adopt_root
+        from storage.layout import DataRoot
+
+        if dagster_home() is None:
+            raise SystemExit("autointerp adopt-root: DAGSTER_HOME is not set. Fix: set it to the instance's folder (its dagster.yaml names the shared database).")
+        identity = adopt_root(DagsterInstance.get(), DataRoot.at(args.data))
+        print(f"the instance's runs now use the data root {DataRoot.at(args.data).root} (identity {identity})")
 
 
 if __name__ == "__main__":

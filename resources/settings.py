@@ -2,11 +2,44 @@
 the latent browser and the Dagster UI are reached (for the links between them)."""
 from __future__ import annotations
 
-from dagster import ConfigurableResource
+from dagster import ConfigurableResource, DagsterInstance, InitResourceContext
 from pydantic import Field
 
 from storage.layout import DataRoot
+from storage.root_identity import mount_of, root_identity
 from storage.store import TableStore
+
+ROOT_KEY = "autointerp/data_root"
+"""Where the instance records the identity of the data root its runs use (its key-value store)."""
+
+
+class NotTheSharedRoot(RuntimeError):
+    """This node's data root is not the one the instance's runs use: an empty, unmounted or private folder."""
+
+
+def adopt_root(instance: DagsterInstance, root: DataRoot) -> str:
+    """Record `root` as the instance's data root (made on the first step, or by `autointerp adopt-root`
+    when a root is meant to replace the old one). Returns its identity."""
+    identity = root_identity(root, create=True)
+    instance.run_storage.set_cursor_values({ROOT_KEY: identity})
+    return identity
+
+
+def check_shared_root(instance: DagsterInstance, root: DataRoot) -> None:
+    """Fail at once, before anything is read, where this node's root is not the instance's shared root."""
+    recorded = instance.run_storage.get_cursor_values({ROOT_KEY}).get(ROOT_KEY)
+    if recorded is None:
+        adopt_root(instance, root)
+        return
+    here = root_identity(root, create=False)
+    if here == recorded:
+        return
+    why = "it has no identity file: an empty folder, or the shared filesystem is not mounted" if here is None else f"its identity {here} is not the instance's {recorded}"
+    raise NotTheSharedRoot(
+        f"This node's data root {root.root} (on the mount {mount_of(root.root)}) is not the shared root this instance's runs use: {why}. "
+        f"Nothing was read. Fix: mount the shared data root at {root.root} on this node (or point [settings] data_dir at it); if this root is "
+        f"meant to replace the old one, run `autointerp adopt-root` once."
+    )
 
 
 class AutointerpSettings(ConfigurableResource):
@@ -17,6 +50,12 @@ class AutointerpSettings(ConfigurableResource):
     viewer_url: str = Field(default="http://127.0.0.1:8080", description="Where the latent browser (`autointerp view`) is reached: the `explanations` and `score_summary` metadata link to its coder and latent pages.")
     dagster_url: str = Field(default="http://127.0.0.1:3000", description="Where the Dagster UI is reached: the latent browser's pages link to their asset partitions there.")
     allow_empty_results: bool = Field(default=False, description="Let a run whose table is empty replace one that holds results (a deliberate re-run); off, such a run fails and the table is kept.")
+
+    shared_data_root: bool = Field(default=False, description="The data root is one filesystem shared by every node (the cluster deployment): each step first checks that its node sees the instance's root (an identity file recorded in the instance) and fails at once naming the mount where it does not, never reading stale data from a private folder.")
+
+    def setup_for_execution(self, context: InitResourceContext) -> None:
+        if self.shared_data_root and context.instance is not None:
+            check_shared_root(context.instance, self.root)
 
     @property
     def root(self) -> DataRoot:

@@ -36,6 +36,11 @@ class DataRoot:
         return self.corpus_dir / "meta.json"
 
     @property
+    def identity_path(self) -> Path:
+        """Which root this is (`storage/root_identity.py`)."""
+        return self.root / "data_root.json"
+
+    @property
     def registry_dir(self) -> Path:
         return self.root / "registry"
 

@@ -38,7 +38,7 @@ from resources.sparse_coders import SparseCode, SparseCoder, coder_fingerprint, 
 from resources.hookpoints import resolve_hookpoint
 from resources.subject_model import SubjectModelResource
 from storage.activations import CHUNK_ENTRIES, LATENT_STATS_FILE, ShardedActivationWriter, load_latent_stats, read_cache_meta, read_progress, save_latent_stats, write_cache_meta, write_progress
-from storage.atomic import exclusive_lock
+from storage.coordination import exclusive
 from storage.corpus import load_corpus
 from storage.layout import DataRoot
 
@@ -169,13 +169,14 @@ def cache_activations(
     checkpoint_entries: int = CHUNK_ENTRIES,
     latents_per_shard: int = DEFAULT_LATENTS_PER_SHARD,
     log=None,
+    coordination_url: str = "",
 ) -> dict[str, dict]:
     """Cache every coder's sparse activations over the corpus in one pass; returns each coder's meta.
-    Each coder is locked for the pass: a second run on the same coder stops at once instead of
-    repeating the work."""
+    Each coder is locked for the pass (on every node, with a `coordination_url`): a second run on
+    the same coder stops at once instead of repeating the work."""
     with ExitStack() as locks:
         for coder in coders:
-            locks.enter_context(exclusive_lock(root.activations_lock_path(coder.key), f"Caching the activations of {coder.key}"))
+            locks.enter_context(exclusive(coordination_url, f"activations {coder.key}", root.activations_lock_path(coder.key), f"Caching the activations of {coder.key}"))
         return _cache_activations(coders, subject_model, root, skip_bos=skip_bos, checkpoint_entries=checkpoint_entries, latents_per_shard=latents_per_shard, log=log)
 
 
@@ -299,7 +300,7 @@ def _activations(
     root = settings.root
     coders = [load_registered(root.registry_dir, key) for key in coders_of(context.partition_keys)]
     metas = cache_activations(coders, subject_model, root, skip_bos=config.skip_bos, checkpoint_entries=config.checkpoint_entries,
-                              latents_per_shard=settings.latents_per_shard, log=context.log.info)
+                              latents_per_shard=settings.latents_per_shard, log=context.log.info, coordination_url=settings.coordination_url)
     problems = {key: meta["problems"] for key, meta in metas.items()}
     for key, found in problems.items():
         for problem in found:

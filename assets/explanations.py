@@ -169,7 +169,7 @@ def explanations_asset(defaults: dict | None = None, explainers: dict[str, type[
                 latent_stats = store.latent_profiles(coder, shard).read_if_present()
                 latents = selected_latents(exemplars, settings.max_latents_per_shard)
                 context.log.info(f"explaining {len(latents)} latents of {coder} shard {shard} with {llm.backend} ({config.explainer}, best of {config.best_of_n})")
-                client = llm.client(layout.llm_cache_dir, role="explainer")
+                client = llm.client(layout.llm_cache_dir, role="explainer", coordination_url=settings.coordination_url)
                 uses = explainers[config.explainer].uses if config.explainer in explainers else frozenset()
                 deps = ExplainerDeps(llm=client, subject_model=subject_model if "subject_model" in uses else None,
                                      coder=load_registered(layout.registry_dir, coder) if "coder" in uses and latents else None)

@@ -332,7 +332,7 @@ def scorer_asset(scorer: type[Scorer], settings: ScorerSettings, automate: bool,
             resources = context.resources
             store = resources.settings.store
             layout = store.layout
-            client = resources.llm.client(layout.llm_cache_dir, role="judge") if "llm" in scorer.uses else None
+            client = resources.llm.client(layout.llm_cache_dir, role="judge", coordination_url=resources.settings.coordination_url) if "llm" in scorer.uses else None
             corpus = load_corpus(layout)
             used = {"judge": client.identity if client else "", "embedder": resources.embedder.identity() if "embedder" in scorer.uses else "",
                     "subject_model": resources.subject_model.identity() if "subject_model" in scorer.uses else ""}

@@ -7,7 +7,9 @@ optional extra `[vllm]`, imported lazily). `LLMResource.client()` wraps the back
 `ProductionClient`: a content-addressed response cache on disk, a bounded number of requests in
 flight, retries with exponential backoff and jitter on 429 / 5xx / timeouts / connection errors
 (none on other 4xx), and a ledger of requests, tokens, cache hits, failures and cost with an
-optional budget. API keys come from the environment (Dagster `EnvVar`) and are never stored.
+optional budget. The cache and the bound on requests in flight are shared by every run on the data
+root, or by every node of a cluster through PostgreSQL (`[settings] coordination_url`). API keys
+come from the environment (Dagster `EnvVar`) and are never stored.
 """
 from __future__ import annotations
 
@@ -29,6 +31,7 @@ from pydantic import Field, PrivateAttr
 
 from resources.engines import engine
 from resources.subject_model import embedded_gguf_path
+from storage.coordination import advisory_key, connect
 from storage.identity import content_digest
 
 T = TypeVar("T")
@@ -492,11 +495,41 @@ class ResponseCache:
 
     def put(self, key: str, completion: Completion) -> None:
         with self._connect() as db:
-            db.execute("INSERT OR REPLACE INTO responses VALUES (?, ?)", (key, json.dumps(vars(completion), default=_plain_number)))  # the fields as asdict gives them, without its deep copy
+            db.execute("INSERT OR REPLACE INTO responses VALUES (?, ?)", (key, completion_json(completion)))
 
     def forget(self, key: str) -> None:
         with self._connect() as db:
             db.execute("DELETE FROM responses WHERE key = ?", (key,))
+
+
+class SharedResponseCache:
+    """The response cache of a cluster: the same keys and answers as `ResponseCache`, in the table
+    `llm_responses` of the coordination database, so no node asks what another already asked. One
+    per process (`resources/engines.py`): every run in the process shares its session."""
+
+    def __init__(self, url: str):
+        self._db = connect(url)
+        with self._db.transaction():  # nodes starting together would race to create the table
+            self._db.execute("SELECT pg_advisory_xact_lock(%s)", (advisory_key("llm_responses table"),))
+            self._db.execute("CREATE TABLE IF NOT EXISTS llm_responses (key TEXT PRIMARY KEY, completion TEXT NOT NULL)")
+
+    def close(self) -> None:
+        self._db.close()
+
+    def get(self, key: str) -> Completion | None:
+        row = self._db.execute("SELECT completion FROM llm_responses WHERE key = %s", (key,)).fetchone()
+        return Completion(**json.loads(row[0])) if row else None
+
+    def put(self, key: str, completion: Completion) -> None:
+        self._db.execute("INSERT INTO llm_responses VALUES (%s, %s) ON CONFLICT (key) DO UPDATE SET completion = EXCLUDED.completion", (key, completion_json(completion)))
+
+    def forget(self, key: str) -> None:
+        self._db.execute("DELETE FROM llm_responses WHERE key = %s", (key,))
+
+
+def completion_json(completion: Completion) -> str:
+    """How a response cache stores an answer: its fields as asdict gives them, without its deep copy."""
+    return json.dumps(vars(completion), default=_plain_number)
 
 
 def _plain_number(value):
@@ -542,11 +575,33 @@ class Ledger:
         return out
 
 
-class EndpointSlots:
-    """At most `n` requests in flight to one endpoint from every process that shares the folder (all
-    runs on one data root): `n` slot files, and a request holds an exclusive lock on one of them while
-    it is sent. Concurrent Dagster runs then share the endpoint's concurrency instead of multiplying
-    it; a killed process's locks go with it."""
+class Slots:
+    """At most `n` requests in flight to one endpoint from every process that shares its slots: a
+    request holds one of `n` locks while it is sent. Concurrent Dagster runs then share the endpoint's
+    concurrency instead of multiplying it; a killed process's locks go with it."""
+
+    def _try_take(self) -> int | None:
+        """A free slot, now locked by this process; None when every slot is held."""
+        raise NotImplementedError
+
+    def _release(self, slot: int) -> None:
+        raise NotImplementedError
+
+    @asynccontextmanager
+    async def hold(self):
+        wait = 0.002
+        while (slot := self._try_take()) is None:
+            await asyncio.sleep(wait)
+            wait = min(0.05, wait * 2)
+        try:
+            yield
+        finally:
+            self._release(slot)
+
+
+class EndpointSlots(Slots):
+    """The slots of every process on one machine that shares the folder (all runs on one data root):
+    `n` slot files, and a request holds an exclusive lock on one of them."""
 
     def __init__(self, folder: Path, n: int):
         folder.mkdir(parents=True, exist_ok=True)
@@ -564,16 +619,38 @@ class EndpointSlots:
                 os.close(fd)
         return None
 
-    @asynccontextmanager
-    async def hold(self):
-        wait = 0.002
-        while (fd := self._try_take()) is None:
-            await asyncio.sleep(wait)
-            wait = min(0.05, wait * 2)
-        try:
-            yield
-        finally:
-            os.close(fd)  # closing the only descriptor releases its lock
+    def _release(self, fd: int) -> None:
+        os.close(fd)  # closing the only descriptor releases its lock
+
+
+class SharedEndpointSlots(Slots):
+    """The slots of every node of a cluster: `n` advisory locks named after the endpoint in the
+    coordination database, held on a session of this process (the server drops them when it dies).
+    One per process, endpoint and limit (`resources/engines.py`): every run in the process shares it."""
+
+    def __init__(self, url: str, name: str, n: int):
+        self._db = connect(url)
+        self.keys = [advisory_key(f"{name} slot {i}") for i in range(max(1, n))]
+        self._held: set[int] = set()
+        """Slots this session holds: it would be granted one of them again, so it never asks for them."""
+        self._lock = threading.Lock()
+
+    def _try_take(self) -> int | None:
+        with self._lock:
+            free = [key for key in self.keys if key not in self._held]
+            random.shuffle(free)  # random order: processes rarely try the same slot; the first one granted ends the scan
+            row = self._db.execute("SELECT key FROM unnest(%s::bigint[]) AS key WHERE pg_try_advisory_lock(key) LIMIT 1", (free,)).fetchone()
+            if row is not None:
+                self._held.add(row[0])
+            return row[0] if row else None
+
+    def _release(self, key: int) -> None:
+        with self._lock:
+            self._db.execute("SELECT pg_advisory_unlock(%s)", (key,))
+            self._held.discard(key)
+
+    def close(self) -> None:
+        self._db.close()
 
 
 @dataclass(frozen=True)
@@ -628,9 +705,9 @@ class ProductionClient:
     """Cache → budget → bounded concurrency (this process, and across processes with `slots`) → retries →
     backend, recording everything in the ledger."""
 
-    def __init__(self, inner: LLMClient, model_id: str, cache: ResponseCache | None, ledger: Ledger, max_concurrency: int,
+    def __init__(self, inner: LLMClient, model_id: str, cache: ResponseCache | SharedResponseCache | None, ledger: Ledger, max_concurrency: int,
                  max_attempts: int = 6, backoff_s: float = 0.5, max_backoff_s: float = 30.0, context_window: int | None = None,
-                 slots: EndpointSlots | None = None, identity: str | None = None):
+                 slots: Slots | None = None, identity: str | None = None):
         self.inner = inner
         self.model_name = inner.model_name
         self.model_id = model_id
@@ -803,7 +880,7 @@ class LLMResource(ConfigurableResource):
     model: str = Field(default="embedded", description="Model name sent to the endpoint; for 'embedded' a GGUF path or 'embedded'; for 'vllm' a HF id or path.")
     api_key: str | None = Field(default=None, description="Set with EnvVar('OPENAI_API_KEY') (or your provider's variable); never a literal. Deployments use `api_key_env` instead.")
     api_key_env: str | None = Field(default=None, description="The environment variable holding the API key, read when the run makes its client (unset is fine for local servers).")
-    max_concurrency: int | None = Field(default=None, description="Requests in flight at once; default 8 for 'embedded' and 'openai', 256 for 'vllm' (its batch size: offline vLLM is fast only in large batches). For 'openai' it is the endpoint's limit shared by every run on the data root (EndpointSlots), not a per-run one.")
+    max_concurrency: int | None = Field(default=None, description="Requests in flight at once; default 8 for 'embedded' and 'openai', 256 for 'vllm' (its batch size: offline vLLM is fast only in large batches). For 'openai' it is the endpoint's limit shared by every run on the data root (EndpointSlots), or on every node with [settings] coordination_url, not a per-run one.")
     max_attempts: int = Field(default=6, description="Attempts per request on 429 / 5xx / timeouts / connection errors (backoff doubles from 0.5 s, with jitter).")
     timeout_s: float = Field(default=120.0, description="Per-request timeout of HTTP backends.")
     n_ctx: int = Field(default=2048, description="Context window of the embedded model.")
@@ -812,7 +889,7 @@ class LLMResource(ConfigurableResource):
     key_setting: str = Field(default="llm.api_key", description="Where the user sets the API key (e.g. the environment variable), named in the error when the endpoint rejects it.")
     model_setting: str = Field(default="llm.model", description="Where the user sets the model name, named in the error when the endpoint does not serve it.")
     vllm_engine_args: dict[str, Any] = Field(default_factory=dict, description="Passed to vllm.LLM for backend 'vllm', e.g. {tensor_parallel_size: 2, gpu_memory_utilization: 0.85, max_model_len: 4096}.")
-    cache_dir: str | None = Field(default=None, description="Response cache directory; default <data>/llm_cache. '' disables the cache.")
+    cache_dir: str | None = Field(default=None, description="Response cache directory; default <data>/llm_cache. '' disables the cache. With [settings] coordination_url the cache is in that database instead.")
     prompt_price_per_million: float | None = Field(default=None, description="Price per million prompt tokens, to report cost.")
     completion_price_per_million: float | None = Field(default=None, description="Price per million completion tokens, to report cost.")
     max_requests: int | None = Field(default=None, description="Stop sending after this many requests in one materialization (finished work is kept).")
@@ -868,24 +945,33 @@ class LLMResource(ConfigurableResource):
     _opened_caches: list = PrivateAttr(default_factory=list)
 
     def teardown_after_execution(self, context) -> None:
-        """Close the response caches this run opened (the model engines stay for the process: `resources/engines.py`)."""
+        """Close the response caches this run opened (the model engines and a cluster's coordination sessions stay for the process: `resources/engines.py`)."""
         while self._opened_caches:
             self._opened_caches.pop().close()
 
-    def client(self, default_cache_dir: Path | None = None, role: str | None = None) -> ProductionClient:
-        """The production client of `role` (None: the `[llm]` settings alone)."""
+    def client(self, default_cache_dir: Path | None = None, role: str | None = None, coordination_url: str = "") -> ProductionClient:
+        """The production client of `role` (None: the `[llm]` settings alone). Its cache and endpoint
+        slots are under `default_cache_dir` (the data root's), or in the database of `coordination_url`."""
         chosen = self.for_role(role)
         prices = None
         if chosen.prompt_price_per_million is not None or chosen.completion_price_per_million is not None:
             prices = (chosen.prompt_price_per_million or 0.0, chosen.completion_price_per_million or 0.0)
         cache_dir = Path(chosen.cache_dir) if chosen.cache_dir else default_cache_dir
-        cache = ResponseCache(cache_dir / "responses.sqlite") if cache_dir is not None and chosen.cache_dir != "" else None
-        if cache is not None:
-            self._opened_caches.append(cache)  # closed at this resource's teardown, whichever role opened it
+        cache = None
+        if cache_dir is not None and chosen.cache_dir != "":
+            if coordination_url:
+                cache = engine("response cache", (coordination_url,), lambda: SharedResponseCache(coordination_url))
+            else:
+                cache = ResponseCache(cache_dir / "responses.sqlite")
+                self._opened_caches.append(cache)  # closed at this resource's teardown, whichever role opened it
         ledger = Ledger(prices, chosen.max_requests, chosen.max_cost)
         slots = None
-        if chosen.backend == "openai" and default_cache_dir is not None:  # one limit per endpoint and model for every run on this data root
-            slots = EndpointSlots(default_cache_dir / "slots" / hashlib.sha256(chosen.model_id().encode()).hexdigest()[:16], chosen.concurrency())
+        if chosen.backend == "openai" and default_cache_dir is not None:  # one limit per endpoint and model for every run on this data root (or cluster)
+            if coordination_url:
+                name, n = f"endpoint {chosen.model_id()}", chosen.concurrency()
+                slots = engine("endpoint slots", (coordination_url, name, n), lambda: SharedEndpointSlots(coordination_url, name, n))
+            else:
+                slots = EndpointSlots(default_cache_dir / "slots" / hashlib.sha256(chosen.model_id().encode()).hexdigest()[:16], chosen.concurrency())
         return ProductionClient(chosen.backend_client(), chosen.model_id(), cache, ledger, chosen.concurrency(), chosen.max_attempts,
                                 context_window=chosen.judge_context(), slots=slots, identity=chosen.identity())
 

@@ -62,6 +62,12 @@ class LockedError(RuntimeError):
     """Another process holds the lock: the work it guards is being done right now."""
 
 
+def locked(what: str, holder: str) -> LockedError:
+    """The one wording of a refused lock, whoever holds it (a process here, or on another node)."""
+    return LockedError(f"{what} is already running in {holder}. Fix: wait for it to finish; "
+                       f"or stop it and run again, which resumes from its last checkpoint.")
+
+
 @contextmanager
 def exclusive_lock(path: Path, what: str, wait: bool = False) -> Iterator[None]:
     """Hold `path` exclusively for the block, across processes: wait for it, or (by default) raise
@@ -73,9 +79,7 @@ def exclusive_lock(path: Path, what: str, wait: bool = False) -> Iterator[None]:
             fcntl.flock(handle, fcntl.LOCK_EX if wait else fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             handle.seek(0)
-            holder = handle.read().strip() or "another process"
-            raise LockedError(f"{what} is already running in process {holder}. Fix: wait for it to finish; "
-                              f"or stop it and run again, which resumes from its last checkpoint.") from None
+            raise locked(what, f"process {handle.read().strip() or 'another process'}") from None
         handle.seek(0)
         handle.truncate()
         handle.write(str(os.getpid()))

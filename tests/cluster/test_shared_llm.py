@@ -1,0 +1,69 @@
+"""With `[settings] coordination_url`, two nodes (processes with data roots of their own, so nothing
+on disk is shared) share the LLM endpoint's request limit and the response cache through
+PostgreSQL, against one scripted server that records what it was sent and its peak in flight."""
+import json
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+from tests.scripted_llm_server import ScriptedLLMServer
+
+REPO = Path(__file__).resolve().parents[2]
+NODE = """
+import asyncio, json, sys, time
+from pathlib import Path
+from resources.llm import LLMResource
+
+base_url, data, url, ready, together, contents = sys.argv[1], Path(sys.argv[2]), sys.argv[3], Path(sys.argv[4]), int(sys.argv[5]), json.loads(sys.argv[6])
+resource = LLMResource(backend="openai", base_url=base_url, model="scripted", max_concurrency=4)
+client = resource.client(data / "llm_cache", coordination_url=url)
+(ready / data.name).touch()
+while len(list(ready.iterdir())) < together:  # start together, however long each took to import
+    time.sleep(0.01)
+
+async def main():
+    async with client.session():
+        await asyncio.gather(*(client.complete([{"role": "user", "content": text}], max_tokens=4) for text in contents))
+
+asyncio.run(main())
+"""
+
+
+def run_nodes(server: ScriptedLLMServer, url: str, folder: Path, work: dict[str, list[str]]) -> None:
+    """One process per node of `work` (node name → the prompts it asks), started together, each on its own data root."""
+    ready = folder / f"ready-{len(list(folder.glob('ready-*')))}"
+    ready.mkdir()
+    nodes = [subprocess.Popen([sys.executable, "-c", NODE, server.base_url, str(folder / name), url, str(ready), str(len(work)), json.dumps(contents)],
+                              cwd=REPO, stderr=subprocess.PIPE, text=True) for name, contents in work.items()]
+    for node in nodes:
+        assert node.wait(timeout=120) == 0, node.stderr.read()[-2000:]
+
+
+def test_two_nodes_share_the_endpoint_limit(tmp_path, coordination_url):
+    lock, in_flight, together = threading.Lock(), [], [False]
+
+    def reply(messages):
+        node = messages[-1]["content"].split()[0]
+        with lock:
+            in_flight.append(node)
+            together[0] |= len(set(in_flight)) == 2
+        time.sleep(0.25)
+        with lock:
+            in_flight.remove(node)
+        return "ok"
+
+    with ScriptedLLMServer(reply) as server:
+        run_nodes(server, coordination_url, tmp_path, {node: [f"{node} request {i}" for i in range(16)] for node in ("a", "b")})
+    assert len(server.requests) == 2 * 16
+    assert together[0] and server.peak_in_flight == 4  # both sent at once, never more than the one limit of 4, and it was reached
+
+
+def test_a_second_node_resends_nothing_the_first_asked(tmp_path, coordination_url):
+    with ScriptedLLMServer(lambda messages: f"answer to {messages[-1]['content']}") as server:
+        run_nodes(server, coordination_url, tmp_path, {"a": [f"question {i}" for i in range(8)]})
+        run_nodes(server, coordination_url, tmp_path, {"b": [f"question {i}" for i in range(12)]})
+        asked = [request["messages"][-1]["content"] for request in server.requests]
+    assert sorted(asked) == sorted(f"question {i}" for i in range(12))  # each asked once, by whichever node asked first
+    assert not list(tmp_path.rglob("*.sqlite")) and not list(tmp_path.rglob("slots"))  # nothing coordinated through the nodes' disks

@@ -3,15 +3,13 @@ pool of the step: `assets/automation.py`), with Redis as broker and result backe
 Needs the `cluster` extra; only a deployment with a `[cluster]` table imports this module."""
 from __future__ import annotations
 
-import os
-
 from dagster import ExecutorDefinition
 from dagster_celery import celery_executor
 from dagster_celery.executor import CeleryExecutor
 from dagster_celery.make_app import make_app
 from dagster_celery.tasks import create_task
 
-from autointerp_defs.deployments import Deployment
+from autointerp_defs.deployments import Deployment, see_only_gpu
 
 DEFAULT_CONCURRENCY = {"gpu": 1, "cpu": 1, "llm": 4}
 """Steps a worker of each queue (`assets.automation.WORKER_QUEUES`) runs at once: one per GPU; LLM steps mostly wait on the endpoint (the `llm` pool caps them across nodes)."""
@@ -27,7 +25,7 @@ def run_worker(deployment: Deployment, queue: str, concurrency: int | None = Non
     """Serve `queue` until stopped: the worker's processes run the steps sent there (`gpu`: one worker per
     GPU, which it sees alone as `CUDA_VISIBLE_DEVICES`)."""
     if gpu is not None:
-        os.environ["CUDA_VISIBLE_DEVICES"] = str(gpu)
+        see_only_gpu(gpu)
     url = deployment.broker_url()
     app = make_app(CeleryExecutor.for_cli(broker=url, backend=url).app_args())
     create_task(app)

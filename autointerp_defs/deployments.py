@@ -196,6 +196,11 @@ def load_deployment(selected: str | None = None, overrides: dict | None = None) 
     return deployment
 
 
+def see_only_gpu(index: int) -> None:
+    """Make GPU `index` the only one this process and its children see (`CUDA_VISIBLE_DEVICES`): a gpu worker's."""
+    os.environ["CUDA_VISIBLE_DEVICES"] = str(index)
+
+
 def dagster_home() -> Path | None:
     """Dagster's own instance directory variable, `$DAGSTER_HOME` (read here so no other module reads the environment)."""
     home = os.environ.get("DAGSTER_HOME")

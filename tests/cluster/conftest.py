@@ -13,8 +13,11 @@ from pathlib import Path
 
 import pytest
 
-pytest.importorskip("dagster_celery", reason="the cluster tests need the `cluster` extra")
-pytest.importorskip("dagster_postgres", reason="the cluster tests need the `cluster` extra")
+
+def needs_the_cluster_extra() -> None:
+    """Skip the calling test module where the `cluster` extra is not installed."""
+    for module in ("dagster_celery", "dagster_postgres"):
+        pytest.importorskip(module, reason="the cluster tests need the `cluster` extra (pip install -e '.[cluster]')")
 
 
 def free_port() -> int:

@@ -19,9 +19,11 @@ from autointerp_defs.instance import write_instance
 from storage.activations import read_shard, shard_keys
 from storage.layout import DataRoot
 from storage.store import TableStore
-from tests.cluster.conftest import stop
+from tests.cluster.conftest import needs_the_cluster_extra, stop
 from tests.conftest import TEST_LATENTS_PER_SHARD, TINY_CODER, TINY_CORPUS_CONFIG, TINY_EXEMPLARS_CONFIG, add_coders
 from tests.scripted_llm_server import ScriptedLLMServer, answer_by_prompt
+
+needs_the_cluster_extra()
 
 REPO = Path(__file__).resolve().parents[2]
 PARTITION = f"{TINY_CODER}|00"

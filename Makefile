@@ -17,9 +17,10 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install -q -e .
 	touch $@
 
-# The browser tests drive Debian's chromium (Playwright's own browser download is not reachable).
+# The browser tests drive Debian's chromium (Playwright's own browser download is not reachable);
+# the cluster tests (tests/cluster) need the `cluster` extra, and PostgreSQL and Redis (.ci/run installs them).
 $(VENV)/.installed-test: $(VENV)/.installed
-	$(PY) -m pip install -q -e '.[test]'
+	$(PY) -m pip install -q -e '.[test,cluster]'
 	command -v chromium >/dev/null || { apt-get install -y -q chromium || sudo apt-get install -y -q chromium; }
 	touch $@
 

@@ -30,7 +30,7 @@ from dagster import (
 )
 from pydantic import Field
 
-from assets.automation import CODE_CHANGED, FOLLOW, SUBJECT_MODEL_POOL
+from assets.automation import CODE_CHANGED, FOLLOW, SUBJECT_MODEL_POOL, in_pool
 from assets.partitions import DEFAULT_LATENTS_PER_SHARD, coders_of, shard_partitions
 from assets.stage_config import Models
 from resources.settings import AutointerpSettings
@@ -285,7 +285,7 @@ def activations_asset(models: Models = Models()) -> AssetsDefinition:
         deps=["corpus"],
         code_version=ACTIVATIONS_VERSION + models.version_part("subject_model"),
         automation_condition=FOLLOW | CODE_CHANGED,
-        pool=SUBJECT_MODEL_POOL,
+        **in_pool(SUBJECT_MODEL_POOL),
         check_specs=[AssetCheckSpec("coder_health", asset="activations", blocking=True, description="Fails on a broken coder: all latents dead, or FVU > 1 or not finite; blocks everything downstream.")],
         description="Sparse activations of each coder over the corpus, sharded over the latent range; all coders of a run share one forward pass.",
     )(_activations)

@@ -30,3 +30,14 @@ SUBJECT_MODEL_POOL = "subject_model"
 """Runs that load the subject model (activations, surprisal): the instance lets one run at a time."""
 LLM_POOL = "llm"
 """Runs that wait on the explainer/scorer LLM: as many at a time as the instance allows (`autointerp instance`)."""
+
+QUEUE_TAG = "dagster-celery/queue"
+WORKER_QUEUES = {SUBJECT_MODEL_POOL: "gpu", LLM_POOL: "llm", None: "cpu"}
+"""The cluster's worker queue of each pool: a step that loads the subject model runs on a GPU worker, one
+that waits on the LLM on an `llm` worker, the rest on a `cpu` worker (README: Scale out)."""
+
+
+def in_pool(pool: str | None) -> dict:
+    """The `@asset` arguments of a stage in `pool` (None: no limit): the pool, and the op tag that sends its
+    step to the pool's worker queue under the cluster's celery executor (other executors ignore the tag)."""
+    return {"pool": pool, "op_tags": {QUEUE_TAG: WORKER_QUEUES[pool]}}

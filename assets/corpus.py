@@ -16,7 +16,7 @@ import numpy as np
 from dagster import AssetExecutionContext, AssetsDefinition, Config, DataVersion, MaterializeResult, MetadataValue, asset
 from pydantic import Field
 
-from assets.automation import CODE_CHANGED
+from assets.automation import CODE_CHANGED, in_pool
 from assets.checks import corpus_specs, corpus_tokens, result
 from assets.stage_config import Models, settings_digest, with_defaults
 from resources.settings import AutointerpSettings
@@ -208,4 +208,4 @@ def corpus_asset(defaults: dict | None = None, models: Models = Models()) -> Ass
     corpus.__annotations__.update(config=Configured, context=AssetExecutionContext, settings=AutointerpSettings,
                                   subject_model=SubjectModelResource, **{"return": MaterializeResult})
     return asset(name="corpus", group_name="autointerp", code_version=f"{CORPUS_VERSION}-{settings_digest(Configured())}{models.version_part('tokenizer')}", automation_condition=CODE_CHANGED,
-                 check_specs=corpus_specs(), description="Tokenized fixed-length sequences of the corpus, stored once with a content hash.")(corpus)
+                 check_specs=corpus_specs(), **in_pool(None), description="Tokenized fixed-length sequences of the corpus, stored once with a content hash.")(corpus)

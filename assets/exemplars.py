@@ -30,7 +30,7 @@ from dagster import (
 )
 from pydantic import Field
 
-from assets.automation import CODE_CHANGED, FOLLOW
+from assets.automation import CODE_CHANGED, FOLLOW, in_pool
 from assets.checks import exemplars_specs, explainable_latents, result
 from assets.partitions import backfill_policy, coder_and_shard, each_shard, shard_partitions
 from assets.prompts import corpus_prompt_vocab, window_embedding, window_text
@@ -470,5 +470,6 @@ def exemplars_asset(defaults: dict | None = None, partitions_per_run: int = 1, m
         backfill_policy=backfill_policy(partitions_per_run),
         output_required=False,  # a range records each shard itself (`each_shard`)
         check_specs=exemplars_specs(),
+        **in_pool(None),
         description="Explainer (train) and scorer (test) windows per live latent, non-activating windows tagged by source, and per-latent statistics.",
     )(exemplars)

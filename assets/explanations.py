@@ -18,7 +18,7 @@ import pandas as pd
 from dagster import AssetDep, AssetExecutionContext, AssetsDefinition, Config, MaterializeResult, MetadataValue, asset
 from pydantic import Field, ValidationError
 
-from assets.automation import CODE_CHANGED, FOLLOW, LLM_POOL
+from assets.automation import CODE_CHANGED, FOLLOW, LLM_POOL, in_pool
 from assets.checks import explanations_results, explanations_specs
 from assets.explainers import EXPLAINERS, Explainer, ExplainerDeps
 from assets.links import coder_url, latent_url
@@ -217,7 +217,7 @@ def explanations_asset(defaults: dict | None = None, explainers: dict[str, type[
         automation_condition=FOLLOW | CODE_CHANGED,
         backfill_policy=backfill_policy(partitions_per_run),
         output_required=False,  # a range records each shard itself (`each_shard`)
-        pool=LLM_POOL,
+        **in_pool(LLM_POOL),
         check_specs=explanations_specs(),
         description="One natural-language explanation per latent from the deployment's explainer plugin (optionally best of N), embedded into LanceDB.",
     )(explanations)

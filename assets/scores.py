@@ -31,7 +31,7 @@ from dagster import (
     asset,
 )
 
-from assets.automation import CODE_CHANGED, FOLLOW, LLM_POOL, SUBJECT_MODEL_POOL
+from assets.automation import CODE_CHANGED, FOLLOW, LLM_POOL, SUBJECT_MODEL_POOL, in_pool
 from assets.checks import result, scorer_results, scorer_specs, shards_present, summary_specs
 from assets.explanations import viewer_links
 from assets.links import coder_url, home_url, latent_url
@@ -321,7 +321,7 @@ def scorer_asset(scorer: type[Scorer], settings: ScorerSettings, automate: bool,
         automation_condition=SCORER_AUTOMATION if automate else None,
         backfill_policy=backfill_policy(partitions_per_run),
         output_required=False,  # a range records each shard itself (`each_shard`)
-        pool=SUBJECT_MODEL_POOL if "subject_model" in scorer.uses else LLM_POOL if "llm" in scorer.uses else None,
+        **in_pool(SUBJECT_MODEL_POOL if "subject_model" in scorer.uses else LLM_POOL if "llm" in scorer.uses else None),
         required_resource_keys={"settings", *(scorer.uses - {"coder"})},  # the coder comes from the registry
         check_specs=scorer_specs(scorer_key(scorer.name)),
         description=f"{scorer.description} Each latent also scored with {scorer.control_description()}.",
@@ -465,6 +465,7 @@ def summary_asset(scorers: dict[str, type[Scorer]]) -> AssetsDefinition:
         automation_condition=SUMMARY_AUTOMATION,
         required_resource_keys={"settings"},
         code_version="2",
+        **in_pool(None),
         check_specs=summary_specs(),
         description="Per coder, every scorer joined into one table over all shards (each main metric, its control and the gap), with verdicts; coders whose scores changed are rebuilt.",
     )

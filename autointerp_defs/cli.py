@@ -250,6 +250,7 @@ def main(argv: list[str] | None = None) -> None:
 
 
 def _main(argv: list[str] | None = None) -> None:
+    from assets.automation import WORKER_QUEUES
     from autointerp_defs.deployments import dagster_home, load_deployment
 
     parser = argparse.ArgumentParser(prog="autointerp", description=__doc__)
@@ -265,7 +266,14 @@ def _main(argv: list[str] | None = None) -> None:
     caching.add_argument("--checkpoint-entries", type=int, default=1 << 20, help="buffered pairs per checkpoint")
     setup = commands.add_parser("instance", help="write $DAGSTER_HOME/dagster.yaml: run limits for this machine, no new-user dialog")
     setup.add_argument("--max-runs", type=int, default=2, help="runs in progress at once")
-    setup.add_argument("--llm-runs", type=int, default=2, help="runs waiting on the LLM at once (explanations, LLM scorers)")
+    setup.add_argument("--llm-runs", type=int, default=2, help="runs waiting on the LLM at once (explanations, LLM scorers); with --cluster: steps")
+    setup.add_argument("--cluster", action="store_true", help="the cluster's instance, on the PostgreSQL at $AUTOINTERP_POSTGRES_URL; its pools limit steps (README: Scale out)")
+    setup.add_argument("--gpus", type=int, default=1, help="with --cluster: subject-model steps at once, all nodes together (one per GPU)")
+    work = commands.add_parser("worker", help="a cluster worker: runs the steps sent to one queue (README: Scale out)")
+    work.add_argument("--queue", required=True, choices=sorted(set(WORKER_QUEUES.values())), help="gpu: subject-model steps; cpu: corpus, exemplars, summary, embedding; llm: explanations, LLM scorers")
+    work.add_argument("--gpu", type=int, default=None, help="gpu queue: the GPU this worker uses (its CUDA_VISIBLE_DEVICES); start one worker per GPU")
+    work.add_argument("--concurrency", type=int, default=None, help="steps at once (default: gpu 1, cpu 1, llm 4)")
+    work.add_argument("--name", default=None, help="the worker's name (default: the queue, or gpu<N>, @ the host name)")
     ui = commands.add_parser("ui", help="the Dagster UI and daemon on $DAGSTER_HOME (what `dagster dev` does, without its supersession warning)")
     ui.add_argument("--host", default="127.0.0.1")
     ui.add_argument("--port", type=int, default=3000)
@@ -306,7 +314,11 @@ def _main(argv: list[str] | None = None) -> None:
     elif args.command == "instance":
         from autointerp_defs.instance import write_instance
 
-        print(f"wrote {write_instance(dagster_home() or Path('.dagster_home').resolve(), args.max_runs, args.llm_runs)}")
+        print(f"wrote {write_instance(dagster_home() or Path('.dagster_home').resolve(), args.max_runs, args.llm_runs, args.gpus if args.cluster else None)}")
+    elif args.command == "worker":
+        from autointerp_defs.cluster import run_worker
+
+        run_worker(deployment, args.queue, args.concurrency, args.gpu, args.name)
     elif args.command == "ui":
         from autointerp_defs.ui import serve
 

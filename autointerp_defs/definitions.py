@@ -53,7 +53,18 @@ def definitions_for(deployment: Deployment) -> Definitions:
         sensors=[registry_sensor, automation_sensor],
         jobs=[explain_and_score],
         resources=resources,
+        executor=cluster_executor(deployment),
     )
+
+
+def cluster_executor(deployment: Deployment):
+    """The celery executor for a deployment with a `[cluster]` table, else None (Dagster's default: steps in
+    subprocesses of the run). Imported here because only a cluster needs the `cluster` extra (dagster-celery)."""
+    if deployment.cluster is None:
+        return None
+    from autointerp_defs.cluster import executor_for
+
+    return executor_for(deployment)
 
 
 def build_definitions(deployment: str | None = None, overrides: dict | None = None) -> Definitions:

@@ -30,7 +30,7 @@ DEPLOYMENTS_DIR = Path(__file__).resolve().parent.parent / "deployments"
 SELECTOR = "AUTOINTERP_DEPLOYMENT"
 RESOURCE_TABLES = {"settings": AutointerpSettings, "subject_model": SubjectModelResource, "llm": LLMResource, "embedder": EmbedderResource}
 STAGE_TABLES = ("corpus", "exemplars", "explanations", "scorers")
-TOP_LEVEL = {"automated_scorers", "plugins", *RESOURCE_TABLES, *STAGE_TABLES}
+TOP_LEVEL = {"automated_scorers", "plugins", "cluster", *RESOURCE_TABLES, *STAGE_TABLES}
 
 
 class DeploymentError(ValueError):
@@ -71,6 +71,22 @@ class Deployment:
     @property
     def partitions_per_run(self) -> int:
         return int(self.setting("partitions_per_run"))
+
+    @property
+    def cluster(self) -> dict | None:
+        """`[cluster]`: present when the steps run on dagster-celery workers (README: Scale out)."""
+        return self.values.get("cluster")
+
+    @property
+    def broker_env(self) -> str:
+        """The variable that holds the cluster's Redis URL (broker and result backend) on each node."""
+        return (self.cluster or {}).get("broker_env", "AUTOINTERP_BROKER_URL")
+
+    def broker_url(self) -> str:
+        """The broker's address from this node's environment."""
+        if not (url := os.environ.get(self.broker_env)):
+            raise self.fail(f"[cluster] broker_env names {self.broker_env}, which is not set. Fix: export {self.broker_env}=redis://<host>:6379/0 on this node.")
+        return url
 
     def fail(self, problem: str) -> DeploymentError:
         return DeploymentError(f"{self.path}: {problem}")
@@ -178,6 +194,11 @@ def load_deployment(selected: str | None = None, overrides: dict | None = None) 
     if unknown := set(deployment.automated_scorers) - set(deployment.scorers):
         raise deployment.fail(f"automated_scorers names unknown scorer(s) {sorted(unknown)}. Fix: use any of {sorted(deployment.scorers)}.")
     return deployment
+
+
+def see_only_gpu(index: int) -> None:
+    """Make GPU `index` the only one this process and its children see (`CUDA_VISIBLE_DEVICES`): a gpu worker's."""
+    os.environ["CUDA_VISIBLE_DEVICES"] = str(index)
 
 
 def dagster_home() -> Path | None:

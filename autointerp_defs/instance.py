@@ -27,15 +27,46 @@ concurrency:
 """
 
 
-def write_instance(dagster_home: str | Path, max_runs: int = 2, llm_runs: int = 2) -> Path:
-    """Write `$DAGSTER_HOME/dagster.yaml` and set the pools' limits in the instance's storage."""
+CLUSTER_INSTANCE_YAML = """\
+# Written by `autointerp instance --cluster` (README: Scale out): every node (webserver, daemon, workers)
+# uses this file; the addresses come from each node's environment.
+nux:
+  enabled: false
+telemetry:
+  enabled: false
+storage:
+  postgres:  # runs, events and pool slots, shared by every node
+    postgres_url:
+      env: {postgres_env}  # e.g. postgresql+psycopg2://autointerp:secret@db-host:5432/autointerp
+concurrency:
+  runs:
+    max_concurrent_runs: {max_runs}
+  pools:
+    granularity: op  # a step holds its pool's slot while it runs, not its whole run: one run's GPU step and another's LLM step go at once
+    default_limit: 1
+    op_granularity_run_buffer: {max_runs}  # runs started while their pool is full, to wait at that step (0 would start runs one after another)
+run_monitoring:
+  enabled: true  # the daemon watches runs in progress
+  max_resume_run_attempts: 0  # a run whose process died fails (re-run its partitions)
+  free_slots_after_run_end_seconds: 60  # a step whose worker was killed never gives its pool slot back: free it once its run has ended
+"""
+POSTGRES_ENV = "AUTOINTERP_POSTGRES_URL"
+
+
+def write_instance(dagster_home: str | Path, max_runs: int = 2, llm_runs: int = 2, gpus: int | None = None) -> Path:
+    """Write `$DAGSTER_HOME/dagster.yaml` and set the pools' limits in the instance's storage. With `gpus`
+    (the cluster's, all nodes together) the instance is the cluster's, on PostgreSQL, whose pools limit
+    steps: `gpus` subject-model steps and `llm_runs` LLM steps at once across the nodes."""
     from dagster import DagsterInstance
 
     home = Path(dagster_home)
     home.mkdir(parents=True, exist_ok=True)
     path = home / "dagster.yaml"
-    path.write_text(INSTANCE_YAML.format(max_runs=max_runs))
+    if gpus is None:
+        path.write_text(INSTANCE_YAML.format(max_runs=max_runs))
+    else:
+        path.write_text(CLUSTER_INSTANCE_YAML.format(max_runs=max_runs, postgres_env=POSTGRES_ENV))
     with DagsterInstance.from_config(str(home)) as instance:
-        instance.event_log_storage.set_concurrency_slots(SUBJECT_MODEL_POOL, 1)
+        instance.event_log_storage.set_concurrency_slots(SUBJECT_MODEL_POOL, gpus or 1)
         instance.event_log_storage.set_concurrency_slots(LLM_POOL, llm_runs)
     return path

@@ -151,7 +151,7 @@ def test_the_gpu_deployment_names_the_model_it_needs_instead_of_a_key_error():
 
 def test_an_unknown_deployment_lists_the_known_ones(monkeypatch):
     monkeypatch.setenv("AUTOINTERP_DEPLOYMENT", "laptop")
-    with pytest.raises(DeploymentError, match=r"AUTOINTERP_DEPLOYMENT='laptop'.*\['gpu', 'local', 'remote'\]"):
+    with pytest.raises(DeploymentError, match=r"AUTOINTERP_DEPLOYMENT='laptop'.*\['cluster', 'gpu', 'local', 'remote'\]"):
         load_deployment()
 
 

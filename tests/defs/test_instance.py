@@ -1,7 +1,7 @@
 """The instance `make ui` writes: run limits that fit the machine, pools on the assets, no new-user dialog."""
 from dagster import DagsterInstance, asset, materialize
 
-from assets.automation import LLM_POOL, SUBJECT_MODEL_POOL
+from assets.automation import LLM_POOL, QUEUE_TAG, SUBJECT_MODEL_POOL
 from autointerp_defs.instance import write_instance
 
 
@@ -30,3 +30,12 @@ def test_assets_that_load_the_subject_model_or_wait_on_the_llm_are_in_their_pool
     assert pools["activations"] == pools["scores/surprisal"] == {SUBJECT_MODEL_POOL}
     assert all(pools[name] == {LLM_POOL} for name in ("explanations", "scores/detection", "scores/fuzzing", "scores/intruder", "scores/simulation"))
     assert not pools["corpus"] and not pools["score_summary"] and not pools["scores/embedding"]
+
+
+def test_each_asset_step_goes_to_the_cluster_queue_of_its_pool():
+    from autointerp_defs import defs
+
+    queues = {spec.node_def.name: spec.node_def.tags[QUEUE_TAG] for spec in defs.assets}
+    assert {name for name, queue in queues.items() if queue == "gpu"} == {"activations", "scores__surprisal", "scores__intervention", "scores__output_judge"}
+    assert {name for name, queue in queues.items() if queue == "llm"} == {"explanations", "scores__detection", "scores__fuzzing", "scores__intruder", "scores__simulation"}
+    assert {name for name, queue in queues.items() if queue == "cpu"} == {"corpus", "exemplars", "scores__embedding", "score_summary"}

@@ -1,0 +1,34 @@
+"""The cluster deployment's steps: dagster-celery workers, each on one queue (`gpu`, `cpu` or `llm`, the
+pool of the step: `assets/automation.py`), with Redis as broker and result backend (README: Scale out).
+Needs the `cluster` extra; only a deployment with a `[cluster]` table imports this module."""
+from __future__ import annotations
+
+from dagster import ExecutorDefinition
+from dagster_celery import celery_executor
+from dagster_celery.executor import CeleryExecutor
+from dagster_celery.make_app import make_app
+from dagster_celery.tasks import create_task
+
+from autointerp_defs.deployments import Deployment, see_only_gpu
+
+DEFAULT_CONCURRENCY = {"gpu": 1, "cpu": 1, "llm": 4}
+"""Steps a worker of each queue (`assets.automation.WORKER_QUEUES`) runs at once: one per GPU; LLM steps mostly wait on the endpoint (the `llm` pool caps them across nodes)."""
+
+
+def executor_for(deployment: Deployment) -> ExecutorDefinition:
+    """The celery executor, reading the broker's address from the environment of the node that runs the run."""
+    broker = {"env": deployment.broker_env}
+    return celery_executor.configured({"broker": broker, "backend": broker}, name="celery")
+
+
+def run_worker(deployment: Deployment, queue: str, concurrency: int | None = None, gpu: int | None = None, name: str | None = None) -> None:
+    """Serve `queue` until stopped: the worker's processes run the steps sent there (`gpu`: one worker per
+    GPU, which it sees alone as `CUDA_VISIBLE_DEVICES`)."""
+    if gpu is not None:
+        see_only_gpu(gpu)
+    url = deployment.broker_url()
+    app = make_app(CeleryExecutor.for_cli(broker=url, backend=url).app_args())
+    create_task(app)
+    name = name or (f"gpu{gpu}@%h" if gpu is not None else f"{queue}@%h")
+    app.worker_main(["worker", "--queues", queue, "--hostname", name, "--concurrency", str(concurrency or DEFAULT_CONCURRENCY[queue]),
+                     "--prefetch-multiplier", "1", "--loglevel", "INFO"])

@@ -49,7 +49,7 @@ class AutointerpSettings(ConfigurableResource):
     max_latents_per_shard: int = Field(default=0, description="Explain and score at most this many live latents per shard (0 = all). The CPU deployment keeps it small.")
     viewer_url: str = Field(default="http://127.0.0.1:8080", description="Where the latent browser (`autointerp view`) is reached: the `explanations` and `score_summary` metadata link to its coder and latent pages.")
     dagster_url: str = Field(default="http://127.0.0.1:3000", description="Where the Dagster UI is reached: the latent browser's pages link to their asset partitions there.")
-    coordination_url: str = Field(default="", description="A PostgreSQL URL (postgresql://user@host:5432/db, one database per data root) through which the nodes of a cluster coordinate: the lock on each coder's activation cache, the LLM endpoint's request limit and the LLM response cache are held there instead of in files under the data root. Its password comes from PGPASSWORD or ~/.pgpass, not from this setting. Empty: one machine, files.")
+    coordination_url: str = Field(default="", description="A PostgreSQL URL (postgresql://user@host:5432/db, one database per data root) through which the nodes of a cluster coordinate: the lock on each coder's activation cache, the tables' write locks, the LLM endpoint's request limit and the LLM response cache are held there instead of in files under the data root. Its password comes from PGPASSWORD or ~/.pgpass, not from this setting. Empty: one machine, files.")
     allow_empty_results: bool = Field(default=False, description="Let a run whose table is empty replace one that holds results (a deliberate re-run); off, such a run fails and the table is kept.")
 
     shared_data_root: bool = Field(default=False, description="The data root is one filesystem shared by every node (the cluster deployment): each step first checks that its node sees the instance's root (an identity file recorded in the instance) and fails at once naming the mount where it does not, never reading stale data from a private folder.")
@@ -65,4 +65,4 @@ class AutointerpSettings(ConfigurableResource):
     @property
     def store(self) -> TableStore:
         """The owner of every table under the data root: assets read and write through it."""
-        return TableStore(self.root, self.allow_empty_results)
+        return TableStore(self.root, self.allow_empty_results, self.coordination_url)

@@ -47,17 +47,19 @@ def _holder(db, key: int) -> str:
 
 
 @contextmanager
-def advisory_lock(url: str, name: str, what: str) -> Iterator[None]:
+def advisory_lock(url: str, name: str, what: str, wait: bool = False) -> Iterator[None]:
     """Hold the advisory lock `name` for the block on a session of its own; while another session
-    holds it, raise `LockedError` at once naming `what` and the holder."""
+    holds it, wait for it, or (by default) raise `LockedError` at once naming `what` and the holder."""
     with connect(url) as db:
         key = advisory_key(name)
-        if not db.execute("SELECT pg_try_advisory_lock(%s)", (key,)).fetchone()[0]:
+        if wait:
+            db.execute("SELECT pg_advisory_lock(%s)", (key,))
+        elif not db.execute("SELECT pg_try_advisory_lock(%s)", (key,)).fetchone()[0]:
             raise locked(what, _holder(db, key))
         yield
 
 
-def exclusive(coordination_url: str, name: str, path: Path, what: str):
+def exclusive(coordination_url: str, name: str, path: Path, what: str, wait: bool = False):
     """Hold `name` exclusively for the block across every process of the deployment: an advisory
     lock in the coordination database when there is one, else a lock on the file `path`."""
-    return advisory_lock(coordination_url, name, what) if coordination_url else exclusive_lock(path, what)
+    return advisory_lock(coordination_url, name, what, wait) if coordination_url else exclusive_lock(path, what, wait)

@@ -21,6 +21,7 @@ import pandas as pd
 import pyarrow.parquet as pq
 
 from storage.atomic import read_json, write_json
+from storage.coordination import advisory_lock
 from storage.journal import Journal
 from storage.layout import DataRoot
 from storage.tables import (
@@ -47,6 +48,8 @@ class StoredTable:
     """The asset that writes it: what an error tells the user to materialize."""
     what: str
     """It in words, e.g. "explanations of c/h shard 0000"."""
+    coordination_url: str = ""
+    """The cluster's coordination database: where its writers' lock is held (else a file beside it)."""
 
     def __fspath__(self) -> str:
         return os.fspath(self.path)
@@ -87,7 +90,10 @@ class StoredTable:
         return rows_for_latents(self.require().path, latents)
 
     def lock(self, what: str, wait: bool = False):
-        """The lock every writer of this table holds across reading, changing and writing it."""
+        """The lock every writer of this table holds across reading, changing and writing it: on every
+        node of a cluster with a coordination database, else on this machine (a file beside it)."""
+        if self.coordination_url:
+            return advisory_lock(self.coordination_url, f"table {self.name} {self.what}", what, wait)
         return table_lock(self.path, what, wait)
 
 
@@ -129,31 +135,36 @@ class TableStore:
     layout: DataRoot
     allow_empty: bool = False
     """Let a run whose result is empty replace a table that holds rows (a deliberate re-run)."""
+    coordination_url: str = ""
+    """A cluster's coordination database (`[settings] coordination_url`): the tables' write locks are held there."""
 
     @classmethod
     def at(cls, data_dir: str | os.PathLike, allow_empty: bool = False) -> "TableStore":
         return cls(DataRoot.at(data_dir), allow_empty)
 
+    def _table(self, name: str, path: Path, stage: str, what: str) -> StoredTable:
+        return StoredTable(name, path, stage, what, self.coordination_url)
+
     # ---- the tables ----------------------------------------------------------------------------
 
     def exemplars(self, coder: str, shard: str) -> StoredTable:
-        return StoredTable("exemplars", self.layout.exemplars_path(coder, shard), "exemplars", f"exemplars of {coder} shard {shard}")
+        return self._table("exemplars", self.layout.exemplars_path(coder, shard), "exemplars", f"exemplars of {coder} shard {shard}")
 
     def latent_profiles(self, coder: str, shard: str) -> StoredTable:
-        return StoredTable("latent_profiles", self.layout.latent_profiles_path(coder, shard), "exemplars", f"latent profiles of {coder} shard {shard}")
+        return self._table("latent_profiles", self.layout.latent_profiles_path(coder, shard), "exemplars", f"latent profiles of {coder} shard {shard}")
 
     def explanations(self, coder: str, shard: str) -> StoredTable:
-        return StoredTable("explanations", self.layout.explanations_path(coder, shard), "explanations", f"explanations of {coder} shard {shard}")
+        return self._table("explanations", self.layout.explanations_path(coder, shard), "explanations", f"explanations of {coder} shard {shard}")
 
     def scores(self, coder: str, shard: str, scorer: str) -> StoredTable:
-        return StoredTable("scores", self.layout.scores_path(coder, shard, scorer), f"scores/{scorer}", f"scores/{scorer} of {coder} shard {shard}")
+        return self._table("scores", self.layout.scores_path(coder, shard, scorer), f"scores/{scorer}", f"scores/{scorer} of {coder} shard {shard}")
 
     def scored_examples(self, coder: str, shard: str, scorer: str) -> StoredTable:
-        return StoredTable("scored_examples", self.layout.scored_examples_path(coder, shard, scorer), f"scores/{scorer}",
+        return self._table("scored_examples", self.layout.scored_examples_path(coder, shard, scorer), f"scores/{scorer}",
                            f"scored examples of scores/{scorer} of {coder} shard {shard}")
 
     def score_summary(self, coder: str) -> StoredTable:
-        return StoredTable("score_summary", self.layout.score_summary_path(coder), "score_summary", f"score summary of {coder}")
+        return self._table("score_summary", self.layout.score_summary_path(coder), "score_summary", f"score summary of {coder}")
 
     def scored_shards(self, coder: str) -> list[str]:
         """The shards of `coder` that have any scores table."""

@@ -75,3 +75,29 @@ def test_other_coders_are_not_held_up(tmp_path, coordination_url):
     finally:
         holder.kill()
         holder.wait()
+
+
+def test_a_tables_write_lock_holds_across_nodes_through_the_coordination_database(tmp_path, coordination_url):
+    import threading
+
+    from storage.store import TableStore
+
+    node_a, node_b = (TableStore(TableStore.at(tmp_path / name).layout, coordination_url=coordination_url) for name in ("a", "b"))  # two nodes' views of one table
+    table_a, table_b = node_a.explanations("c/h", "00"), node_b.explanations("c/h", "00")
+    with table_a.lock("Explaining c/h shard 00"):
+        with pytest.raises(LockedError, match=rf"Importing .* is already running in autointerp process {os.getpid()} on {socket.gethostname()}"):
+            with table_b.lock("Importing delphi's explanations"):
+                pass
+        entered = threading.Event()
+
+        def write_after_the_holder():
+            with table_b.lock("Explaining c/h shard 00", wait=True):
+                entered.set()
+
+        waiter = threading.Thread(target=write_after_the_holder)
+        waiter.start()
+        time.sleep(0.5)
+        assert not entered.is_set()  # a waiting writer waits for the holder
+    waiter.join(timeout=10)
+    assert entered.is_set()
+    assert not list(tmp_path.rglob("*.lock"))  # no lock file on the (shared) data root

@@ -134,9 +134,11 @@ def _inputs_failed(context, keys: list[str]) -> dict[str, str]:
 
 
 def _has_stage_after(context) -> bool:
-    """Whether this run also materializes an asset that reads this one (that stage then fails this step's failed shards)."""
+    """Whether this run also materializes a stage that reads this one over the same shards (its `each_shard` then
+    fails this step's failed shards; the unpartitioned summary would not)."""
     planned, _ = _planned_and_written(context.instance, context.run.run_id)
-    return bool(context.job_def.asset_layer.asset_graph.get(context.asset_key).child_keys & planned)
+    graph = context.job_def.asset_layer.asset_graph
+    return any(graph.get(child).partitions_def == context.assets_def.partitions_def for child in graph.get(context.asset_key).child_keys & planned)
 
 
 def _planned_and_written(instance, run_id: str) -> tuple[set[AssetKey], set[tuple[AssetKey, str | None]]]:

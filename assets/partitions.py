@@ -16,7 +16,9 @@ from __future__ import annotations
 
 from typing import Callable, Iterator
 
-from dagster import AssetCheckEvaluation, AssetCheckKey, AssetMaterialization, BackfillPolicy, DynamicPartitionsDefinition, Failure, MaterializeResult, Output
+from dagster import (AssetCheckEvaluation, AssetCheckKey, AssetCheckSeverity, AssetKey, AssetMaterialization, BackfillPolicy, DagsterEventType,
+                     DynamicPartitionsDefinition, Failure, MaterializeResult, Output)
+from dagster._core.definitions.source_asset import SYSTEM_METADATA_KEY_SOURCE_ASSET_OBSERVATION
 
 from resources.sparse_coders import CoderFormatError
 from storage.activations import shard_count, shard_keys
@@ -64,14 +66,21 @@ def each_shard(context, materialize_shard: Callable[[str], MaterializeResult]) -
     assets set `output_required=False`). In a range each shard is recorded as materialized, with its own
     metadata and check results (against its partition; a failed blocking one still fails the step once
     every shard has run), as soon as it is written, and a shard that fails does not stop the others; the
-    run then fails naming the failed shards, and the written ones stay recorded (automation moves on with them)."""
+    written ones stay recorded (automation moves on with them). The step then ends with its output, which
+    records nothing more, so that the later stages of the run (explanations after exemplars, the scorers
+    after both) run on the written shards; they fail the failed ones without touching what those hold from
+    before. The run fails naming the failed shards: at this step, or at the last stage of the run."""
     keys = list(context.partition_keys)
     if len(keys) == 1:
         yield materialize_shard(keys[0])
         return
     code_version = context.assets_def.code_versions_by_key.get(context.asset_key)
-    written, failed = [], {}
+    failed = _inputs_failed(context, keys)
+    written, blocked = [], False
     for i, key in enumerate(keys, start=1):
+        if key in failed:
+            context.log.error(f"{key} is not run: {failed[key]}")
+            continue
         context.log.info(f"shard {i}/{len(keys)} of this run: {key}")
         try:
             result = materialize_shard(key)
@@ -83,13 +92,62 @@ def each_shard(context, materialize_shard: Callable[[str], MaterializeResult]) -
                                                tags={"dagster/code_version": code_version} if code_version else None))
         for check in result.check_results or []:
             spec = context.assets_def.get_spec_for_check_key(AssetCheckKey(context.asset_key, check.check_name))
+            blocked |= spec.blocking and not check.passed and check.severity == AssetCheckSeverity.ERROR
             yield AssetCheckEvaluation(asset_key=context.asset_key, check_name=check.check_name, passed=check.passed, metadata=check.metadata,
                                        severity=check.severity, description=check.description, blocking=spec.blocking, partition=key)
         written.append(key)
     for output_name, spec in context.assets_def.check_specs_by_output_name.items():  # each check's output once, for all its shards' results
         if spec.key in context.selected_asset_check_keys:
             yield Output(None, output_name=output_name)
-    if failed:
-        listed = "; ".join(f"{key}: {reason[:400]}" for key, reason in failed.items())
+    if written:
+        yield MaterializeResult(metadata={RECORDS_NOTHING: True})
+    listed = "; ".join(f"{key}: {failed[key][:400]}" for key in keys if key in failed)
+    if failed and written and not blocked and _has_stage_after(context):
+        context.log.error(f"{len(failed)} of {len(keys)} shards of this run failed ({listed}); the later stages of this run run on the other "
+                          f"{len(written)} and fail these (the run fails there).")
+    elif failed:
         raise Failure(f"{len(failed)} of {len(keys)} shards of this run failed ({listed}). The other {len(written)} were written and recorded: "
                       f"{', '.join(written) or 'none'}. Fix the failed ones' cause and materialize them again.")
+
+
+RECORDS_NOTHING = SYSTEM_METADATA_KEY_SOURCE_ASSET_OBSERVATION
+"""Metadata key that makes Dagster record no materialization for an output (one per partition of the range,
+without metadata, that would become the latest, and also for the failed shards): Dagster's own key for the same
+case, where a body logs each partition's event itself and returns its output only for the step's wiring."""
+
+
+def _inputs_failed(context, keys: list[str]) -> dict[str, str]:
+    """Shards of the run that an input of this asset failed in this run (or, for an input this run does not
+    materialize, in the run it re-executes that last did): its step went on with the other shards, and this stage
+    must not run on what a failed shard holds from before (it would explain or score stale data)."""
+    inputs, failed, run = set(context.assets_def.asset_deps[context.asset_key]), {}, context.run
+    while inputs and run is not None:
+        planned, written = _planned_and_written(context.instance, run.run_id)
+        where = "earlier in this run" if run.run_id == context.run.run_id else f"in run {run.run_id}, which this run re-executes"
+        for parent in sorted(inputs & planned):
+            for key in keys:
+                if (parent, key) not in written:
+                    failed.setdefault(key, f"its {parent.to_user_string()} failed {where}")
+        inputs -= planned
+        run = context.instance.get_run_by_id(run.parent_run_id) if run.parent_run_id else None
+    return failed
+
+
+def _has_stage_after(context) -> bool:
+    """Whether this run also materializes a stage that reads this one over the same shards (its `each_shard` then
+    fails this step's failed shards; the unpartitioned summary would not)."""
+    planned, _ = _planned_and_written(context.instance, context.run.run_id)
+    graph = context.job_def.asset_layer.asset_graph
+    return any(graph.get(child).partitions_def == context.assets_def.partitions_def for child in graph.get(context.asset_key).child_keys & planned)
+
+
+def _planned_and_written(instance, run_id: str) -> tuple[set[AssetKey], set[tuple[AssetKey, str | None]]]:
+    """The assets a run materializes (each over all the shards of its range), and the (asset, shard)s it has written so far."""
+    planned, written = set(), set()
+    for entry in instance.all_logs(run_id, of_type={DagsterEventType.ASSET_MATERIALIZATION_PLANNED, DagsterEventType.ASSET_MATERIALIZATION}):
+        event = entry.dagster_event
+        if event.event_type == DagsterEventType.ASSET_MATERIALIZATION_PLANNED:
+            planned.add(event.asset_key)
+        else:
+            written.add((event.asset_key, event.partition))
+    return planned, written

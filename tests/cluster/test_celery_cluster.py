@@ -38,11 +38,12 @@ def toml_table(name: str, values: dict) -> str:
     return f"[{name}]\n" + "".join(f"{key} = {literal(value)}\n" for key, value in values.items())
 
 
-def tiny_cluster_deployment(folder: Path, data_dir: Path, llm_url: str, coordination_url: str) -> Path:
+def tiny_cluster_deployment(folder: Path, data_dir: Path, llm_url: str, coordination_url: str | None) -> Path:
     """deployments/cluster.toml on the tests' tiny inputs: the embedded subject model on the CPU, the scripted LLM."""
     text = (DEPLOYMENTS_DIR / "cluster.toml").read_text().split("\n[settings]")[0].replace(
         'automated_scorers = ["detection", "embedding", "fuzzing", "intruder", "simulation", "surprisal"]', 'automated_scorers = ["detection"]')
-    tables = {"settings": {"data_dir": str(data_dir), "shared_data_root": True, "coordination_url": coordination_url, "max_latents_per_shard": 2, "latents_per_shard": TEST_LATENTS_PER_SHARD},
+    on_nodes = {"shared_data_root": True, "coordination_url": coordination_url} if coordination_url else {}  # else one machine, files
+    tables = {"settings": {"data_dir": str(data_dir), **on_nodes, "max_latents_per_shard": 2, "latents_per_shard": TEST_LATENTS_PER_SHARD},
               "subject_model": {"batch_size": 8}, "llm": {"backend": "openai", "base_url": llm_url, "model": "m", "max_concurrency": 2},
               "embedder": {"device": "cpu"}, "corpus": TINY_CORPUS_CONFIG, "exemplars": TINY_EXEMPLARS_CONFIG}
     path = folder / "tiny-cluster.toml"
@@ -127,7 +128,7 @@ def test_cluster_runs_each_step_on_its_queue_and_matches_a_single_machine_run(re
                 stop(worker)
 
         assert {step: worker.split("@")[0] for step, worker in ran.items()} == QUEUE_OF_STEP
-        single = definitions_for(load_deployment(str(deployment_file), {"settings": {"data_dir": str(reference), "shared_data_root": False, "coordination_url": ""}}))
+        single = definitions_for(load_deployment(str(tiny_cluster_deployment(reference, reference, server.base_url, None))))
         on_one_machine = DagsterInstance.ephemeral()
         add_coders(on_one_machine, reference, TINY_CODER)
         for selection, partition in RUNS:

@@ -161,6 +161,14 @@ def test_every_shipped_deployment_but_gpu_loads_and_gpu_loads_once_its_model_is_
     assert build_definitions("gpu", {"subject_model": {"model": "embedded"}, "embedder": {"device": "cpu"}})
 
 
+DAGSTER_INTERNALS_ALLOWED = {
+    "assets/partitions.py": "the key of an output that lets a ranged run's next stage start without a second, metadata-less "
+                            "materialization per shard (Dagster's own key for that case; test_backfill.py checks one record per shard)",
+    "tests/defs/test_backfill.py": "drives Dagster's backfill daemon in-process, which has no public API",
+}
+"""Where a Dagster internal is imported on purpose: an upgrade that moves it fails at import, not silently."""
+
+
 def test_only_the_deployment_module_reads_the_environment_and_nothing_uses_dagster_internals():
     readers, internals = [], []
     for path in [p for package in (*PACKAGES, "tests", "bench") for p in (REPO / package).rglob("*.py")]:
@@ -168,7 +176,7 @@ def test_only_the_deployment_module_reads_the_environment_and_nothing_uses_dagst
         relative = str(path.relative_to(REPO))
         if path.relative_to(REPO).parts[0] in PACKAGES and re.search(r"os\.environ|os\.getenv|getenv\(", text) and relative != "autointerp_defs/deployments.py":
             readers.append(relative)
-        if re.search(r"^\s*(from|import) dagster\._", text, re.MULTILINE):
+        if re.search(r"^\s*(from|import) dagster\._", text, re.MULTILINE) and relative not in DAGSTER_INTERNALS_ALLOWED:
             internals.append(relative)
     assert not readers, f"read the environment outside autointerp_defs/deployments.py: {readers}"
     assert not internals, f"import Dagster internals: {internals}"

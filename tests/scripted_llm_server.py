@@ -174,6 +174,16 @@ def answer_by_prompt(messages) -> str:
     return str([5] * n if asked.group(2) == "integers" else [1 - i % 2 for i in range(n)])
 
 
+def good_answers(messages) -> str:
+    """A fixed explanation, and for a judge's question a well-formed list (alternating 1 and 0) of the
+    length it asks for: answers that are always readable, whatever they mean."""
+    user = messages[-1]["content"]
+    if "Description:" not in user:
+        return "Explanation: the word table"
+    n = user.count("\nExample ")
+    return str([1, 0] * (n // 2) + [1] * (n % 2))
+
+
 def main() -> None:
     """Serve a fixed answer (or, with --by-prompt, `answer_by_prompt`) after a fixed delay until killed;
     prints the base URL first (for benches and the live `dagster dev` test)."""

@@ -13,7 +13,7 @@ from dagster import DagsterInstance, materialize
 
 from resources.llm import LLMEndpointError, LLMResource
 from tests.conftest import add_coders, TINY_CODER, in_session, make_resources
-from tests.scripted_llm_server import ScriptedLLMServer
+from tests.scripted_llm_server import ScriptedLLMServer, good_answers
 from autointerp_defs.ui import free_port
 from tests.conftest import pipeline_until_exemplars
 from tests.conftest import all_assets
@@ -22,14 +22,6 @@ ALL_ASSETS = all_assets()
 
 PARTITION = f"{TINY_CODER}|00"
 MESSAGES = [{"role": "user", "content": "Say hello."}]
-
-
-def good_answers(messages):
-    user = messages[-1]["content"]
-    if "Description:" not in user:
-        return "Explanation: the word table"
-    n = user.count("\nExample ")
-    return str([1, 0] * (n // 2) + [1] * (n % 2))
 
 
 def llm(server, **kwargs):

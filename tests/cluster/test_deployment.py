@@ -5,15 +5,7 @@ from dagster import DagsterInstance, materialize
 
 from resources.settings import AutointerpSettings
 from tests.conftest import TINY_CODER, TINY_CORPUS_CONFIG, TINY_EXEMPLARS_CONFIG, add_coders, all_assets, llm_resource, make_resources
-from tests.scripted_llm_server import ScriptedLLMServer
-
-
-def good_answers(messages):
-    user = messages[-1]["content"]
-    if "Description:" not in user:
-        return "Explanation: the word table"
-    n = user.count("\nExample ")
-    return str([1, 0] * (n // 2) + [1] * (n % 2))
+from tests.scripted_llm_server import ScriptedLLMServer, good_answers
 
 
 def test_the_stages_coordinate_through_the_database_and_not_the_data_root(registered, coordination_url):

@@ -41,6 +41,16 @@ def ranged(first: str, last: str) -> dict:
     return {"dagster/asset_partition_range_start": first, "dagster/asset_partition_range_end": last}  # Dagster's documented range tags
 
 
+def three_shards_cached(assets, root: Path):
+    """An instance with the tiny coder's partitions, its corpus made and its activations cached; the first three shards' keys."""
+    instance = DagsterInstance.ephemeral()
+    keys = add_coders(instance, root, TINY_CODER)[:3]
+    resources = make_resources(root, max_latents=2)
+    assert materialize(assets, selection=["corpus"], resources=resources, instance=instance, run_config={"ops": {"corpus": {"config": TINY_CORPUS_CONFIG}}}).success
+    assert materialize(assets, selection=["activations"], resources=resources, instance=instance, tags=ranged(keys[0], keys[-1])).success
+    return instance, keys, resources
+
+
 def test_several_shards_per_run_and_a_failed_shard_spares_the_others(registered):
     defs = build_definitions("local", {"settings": {"partitions_per_run": 3}})
     graph = defs.resolve_asset_graph()
@@ -48,11 +58,7 @@ def test_several_shards_per_run_and_a_failed_shard_spares_the_others(registered)
         assert graph.get(key).backfill_policy == BackfillPolicy.multi_run(3)
     assert build_definitions("local").resolve_asset_graph().get(AssetKey("explanations")).backfill_policy is None  # default: one shard a run
     assets = list(defs.assets)
-    instance = DagsterInstance.ephemeral()
-    keys = add_coders(instance, registered, TINY_CODER)[:3]
-    resources = make_resources(registered, max_latents=2)
-    assert materialize(assets, selection=["corpus"], resources=resources, instance=instance, run_config={"ops": {"corpus": {"config": TINY_CORPUS_CONFIG}}}).success
-    assert materialize(assets, selection=["activations"], resources=resources, instance=instance, tags=ranged(keys[0], keys[-1])).success
+    instance, keys, resources = three_shards_cached(assets, registered)
 
     # a backfill of the three shards under this policy is one run with the range tags (as Dagster's backfill daemon launches it)
     exemplars = materialize(assets, selection=["exemplars"], resources=resources, instance=instance, tags=ranged(keys[0], keys[-1]),
@@ -111,11 +117,7 @@ STAGES = [AssetKey("exemplars"), AssetKey("explanations"), AssetKey(["scores", "
 def test_a_ranged_run_materializes_every_stage_of_its_selection_for_each_shard_in_order(registered, monkeypatch):
     defs = build_definitions("local", {"settings": {"partitions_per_run": 3}})
     assets = list(defs.assets)
-    instance = DagsterInstance.ephemeral()
-    keys = add_coders(instance, registered, TINY_CODER)[:3]
-    resources = make_resources(registered, max_latents=2)
-    assert materialize(assets, selection=["corpus"], resources=resources, instance=instance, run_config={"ops": {"corpus": {"config": TINY_CORPUS_CONFIG}}}).success
-    assert materialize(assets, selection=["activations"], resources=resources, instance=instance, tags=ranged(keys[0], keys[-1])).success
+    instance, keys, resources = three_shards_cached(assets, registered)
     selection = [key.to_user_string() for key in STAGES]
     with ScriptedLLMServer(judge) as server:
         resources = make_resources(registered, max_latents=2, llm=resource(server))

@@ -56,8 +56,8 @@ def _materialize(selection: list[str], partition_key: str | None, instance, defs
                          raise_on_error=False)
     if result.success:
         return None
-    failures = [(event.step_key, event.event_specific_data.error) for event in result.all_events if event.is_step_failure and event.event_specific_data.error]
-    return "; ".join(f"{step}: {error.message.split(': ', 1)[-1].strip()}" for step, error in failures) or "see the run's log above"
+    errors = [event.event_specific_data.error for event in result.all_events if event.is_step_failure and event.event_specific_data.error]
+    return "; ".join(error.message.split(": ", 1)[-1].strip() for error in errors) or "see the run's log above"  # a step's message names its stage
 
 
 def run_demo(deployment, force: bool) -> None:

@@ -26,6 +26,10 @@ def subject():
 
 @pytest.fixture(scope="session")
 def tiny_sae(subject):
+    return train_tiny_sae(subject)
+
+
+def train_tiny_sae(subject):
     """A TopK SAE (width 1152, k 16) trained for one epoch on real layer-3 activations of the embedded corpus."""
     from assets.corpus import embedded_documents, tokenize_documents
     from autointerp_defs.demo_sae import train_topk_sae

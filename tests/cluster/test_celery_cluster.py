@@ -2,11 +2,9 @@
 process per queue; every step runs on a worker of its queue and the tables equal a single-machine run's."""
 from __future__ import annotations
 
-import os
 import shutil
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -14,13 +12,14 @@ import pandas as pd
 from dagster import DagsterEventType, DagsterInstance, materialize
 
 from autointerp_defs.definitions import definitions_for
-from autointerp_defs.deployments import DEPLOYMENTS_DIR, load_deployment
+from autointerp_defs.deployments import load_deployment
 from autointerp_defs.instance import write_instance
 from storage.activations import read_shard, shard_keys
 from storage.layout import DataRoot
 from storage.store import TableStore
-from tests.cluster.conftest import needs_the_cluster_extra, stop
-from tests.conftest import TEST_LATENTS_PER_SHARD, TINY_CODER, TINY_CORPUS_CONFIG, TINY_EXEMPLARS_CONFIG, add_coders
+from tests.cluster.conftest import needs_the_cluster_extra
+from tests.cluster.services import cluster_env, start_worker, stop, tiny_cluster_deployment, wait_until_ready
+from tests.conftest import TEST_LATENTS_PER_SHARD, TINY_CODER, add_coders
 from tests.scripted_llm_server import ScriptedLLMServer, answer_by_prompt
 
 needs_the_cluster_extra()
@@ -29,37 +28,6 @@ REPO = Path(__file__).resolve().parents[2]
 PARTITION = f"{TINY_CODER}|00"
 RUNS = [("corpus", None), ("activations", PARTITION), ("exemplars,explanations,scores/detection", PARTITION)]
 QUEUE_OF_STEP = {"corpus": "cpu", "activations": "gpu", "exemplars": "cpu", "explanations": "llm", "scores__detection": "llm"}
-
-
-def toml_table(name: str, values: dict) -> str:
-    def literal(value):
-        return str(value).lower() if isinstance(value, bool) else repr(value).replace("'", '"')
-
-    return f"[{name}]\n" + "".join(f"{key} = {literal(value)}\n" for key, value in values.items())
-
-
-def tiny_cluster_deployment(folder: Path, data_dir: Path, llm_url: str, coordination_url: str | None) -> Path:
-    """deployments/cluster.toml on the tests' tiny inputs: the embedded subject model on the CPU, the scripted LLM."""
-    text = (DEPLOYMENTS_DIR / "cluster.toml").read_text().split("\n[settings]")[0].replace(
-        'automated_scorers = ["detection", "embedding", "fuzzing", "intruder", "simulation", "surprisal"]', 'automated_scorers = ["detection"]')
-    on_nodes = {"shared_data_root": True, "coordination_url": coordination_url} if coordination_url else {}  # else one machine, files
-    tables = {"settings": {"data_dir": str(data_dir), **on_nodes, "max_latents_per_shard": 2, "latents_per_shard": TEST_LATENTS_PER_SHARD},
-              "subject_model": {"batch_size": 8}, "llm": {"backend": "openai", "base_url": llm_url, "model": "m", "max_concurrency": 2},
-              "embedder": {"device": "cpu"}, "corpus": TINY_CORPUS_CONFIG, "exemplars": TINY_EXEMPLARS_CONFIG}
-    path = folder / "tiny-cluster.toml"
-    path.write_text(text + "\n" + "\n".join(toml_table(name, values) for name, values in tables.items()))
-    return path
-
-
-def wait_until_ready(log: Path, worker: subprocess.Popen, timeout_s: float = 120) -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if worker.poll() is not None:
-            raise AssertionError(f"worker exited with {worker.returncode}:\n{log.read_text()[-3000:]}")
-        if " ready." in log.read_text():
-            return
-        time.sleep(0.5)
-    raise AssertionError(f"worker not ready after {timeout_s} s:\n{log.read_text()[-3000:]}")
 
 
 def workers_of_steps(instance: DagsterInstance) -> dict[str, str]:
@@ -105,8 +73,7 @@ def test_cluster_runs_each_step_on_its_queue_and_matches_a_single_machine_run(re
     workers = []
     with ScriptedLLMServer(answer_by_prompt) as server:
         deployment_file = tiny_cluster_deployment(home, registered, server.base_url, coordination_url)
-        env = {**os.environ, "PYTHONPATH": str(REPO), "DAGSTER_HOME": str(home), "AUTOINTERP_DEPLOYMENT": str(deployment_file),
-               "AUTOINTERP_POSTGRES_URL": postgres_url, "AUTOINTERP_BROKER_URL": redis_url}
+        env = cluster_env(REPO, home, deployment_file, postgres_url, redis_url)
         monkeypatch.setenv("AUTOINTERP_POSTGRES_URL", postgres_url)  # what the instance's dagster.yaml reads in this process too
         try:
             write_instance(home, max_runs=2, llm_runs=2, gpus=1)
@@ -114,8 +81,7 @@ def test_cluster_runs_each_step_on_its_queue_and_matches_a_single_machine_run(re
             add_coders(instance, registered, TINY_CODER)
             for queue in ("gpu", "cpu", "llm"):
                 log = logs / f"{queue}.log"
-                workers.append((log, subprocess.Popen([sys.executable, "-m", "autointerp_defs.cli", "worker", "--queue", queue], env=env, cwd=home,
-                                                      stdout=open(log, "wb"), stderr=subprocess.STDOUT)))
+                workers.append((log, start_worker(queue, env, log)))
             for log, worker in workers:
                 wait_until_ready(log, worker)
             for selection, partition in RUNS:

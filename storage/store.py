@@ -27,9 +27,7 @@ from storage.layout import DataRoot
 from storage.tables import (
     existing_table,
     file_fingerprint,
-    latents_in,
     refuse_emptier,
-    rows_for_latents,
     table_lock,
     write_table,
     write_table_batches,
@@ -81,13 +79,6 @@ class StoredTable:
     def fingerprint(self) -> str:
         """Content hash: what a later stage records as the version it read."""
         return file_fingerprint(self.require().path)
-
-    def latents(self) -> list[int]:
-        return latents_in(self.require().path)
-
-    def rows_for(self, latents: list[int]) -> pd.DataFrame:
-        """The rows of `latents`, reading only the row groups that can hold them."""
-        return rows_for_latents(self.require().path, latents)
 
     def lock(self, what: str, wait: bool = False):
         """The lock every writer of this table holds across reading, changing and writing it: on every

@@ -21,14 +21,14 @@ import pandas as pd
 import pyarrow.parquet as pq
 
 from storage.atomic import read_json, write_json
-from storage.coordination import advisory_lock
+from storage.coordination import exclusive
 from storage.journal import Journal
 from storage.layout import DataRoot
 from storage.tables import (
     existing_table,
     file_fingerprint,
     refuse_emptier,
-    table_lock,
+    table_lock_path,
     write_table,
     write_table_batches,
 )
@@ -83,9 +83,7 @@ class StoredTable:
     def lock(self, what: str, wait: bool = False):
         """The lock every writer of this table holds across reading, changing and writing it: on every
         node of a cluster with a coordination database, else on this machine (a file beside it)."""
-        if self.coordination_url:
-            return advisory_lock(self.coordination_url, f"table {self.name} {self.what}", what, wait)
-        return table_lock(self.path, what, wait)
+        return exclusive(self.coordination_url, f"table {self.name} {self.what}", table_lock_path(self.path), what, wait)
 
 
 class Writer:

@@ -70,11 +70,16 @@ class TableColumnsError(ValueError):
     """A writer's frame does not have its table's columns: a bug, caught before it reaches a reader."""
 
 
+def table_lock_path(path: Path) -> Path:
+    """The lock file beside the table at `path`."""
+    return path.with_name(f".{path.name}.lock")
+
+
 def table_lock(path: Path, what: str, wait: bool = False):
     """The lock every writer of the table at `path` holds across reading, changing and writing it (the
     explanations asset for a whole shard's run, `autointerp import delphi`), so that neither overwrites
     rows the other has just written. `what` names the writer that would wait or be refused."""
-    return exclusive_lock(path.with_name(f".{path.name}.lock"), what, wait)
+    return exclusive_lock(table_lock_path(path), what, wait)
 
 
 def write_table(frame: pd.DataFrame, path: Path, table: str) -> None:

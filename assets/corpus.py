@@ -25,6 +25,7 @@ from storage.corpus import write_corpus
 from storage.layout import DataRoot
 
 LOCAL_SUFFIXES = {".txt", ".jsonl", ".parquet"}
+EMBEDDED_CORPUS = "CPython documentation prose (pydoc_data.topics and standard-library docstrings)"  # what `embedded_documents` reads
 
 
 class EmptyCorpusError(ValueError):

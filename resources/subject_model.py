@@ -17,6 +17,7 @@ from storage.identity import content_digest
 
 EMBEDDED = "embedded"
 EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+EMBEDDED_ORIGIN = "HuggingFaceTB/SmolLM2-135M-Instruct"  # the hub model the embedded GGUF quantizes
 
 
 def embedded_gguf_path() -> Path:
@@ -56,6 +57,15 @@ def load_tokenizer(model: str = EMBEDDED, gguf_file: str | None = None, revision
 
     name, kwargs = _pretrained_args(model, gguf_file, revision)
     return AutoTokenizer.from_pretrained(name, **kwargs)
+
+
+@functools.lru_cache(maxsize=4)
+def load_model_config(model: str = EMBEDDED, gguf_file: str | None = None, revision: str | None = None):
+    """The model's transformers config (layers, widths) without loading its weights."""
+    from transformers import AutoConfig
+
+    name, kwargs = _pretrained_args(model, gguf_file, revision)
+    return AutoConfig.from_pretrained(name, **kwargs)
 
 
 def load_causal_lm(model: str = EMBEDDED, gguf_file: str | None = None, dtype: str = "float32", device: str = "cpu", revision: str | None = None):

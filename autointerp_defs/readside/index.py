@@ -31,6 +31,7 @@ from storage.atomic import atomic_path
 from storage.store import StoredTable, TableStore
 
 DENSITY_BINS = 24
+NEIGHBOUR_BLOCK = 256  # latents per similarity product: 256 x width floats at a time
 STAMP_CHECK_S = 1.0
 
 
@@ -269,20 +270,31 @@ class CoderIndex:
 
     def neighbours(self, latent: int, n: int = 10) -> list[dict] | None:
         """The `n` latents whose decoder directions are most cosine-similar to this one's."""
+        found = self.neighbours_of([latent], n)
+        return None if found is None else found[0]
+
+    def neighbours_of(self, latents: list[int], n: int = 10) -> list[list[dict]] | None:
+        """`neighbours` of many latents, a block of latents per matrix product (an export asks for every latent)."""
         rows = self.decoder()
         if rows is None:
             return None
-        sims = rows @ np.asarray(rows[latent])
-        sims[latent] = -np.inf
-        n = min(n, len(sims) - 1)  # a coder of width <= n has fewer other latents
+        n = min(n, len(rows) - 1)  # a coder of width <= n has fewer other latents
         if n < 1:
-            return []
-        top = np.argpartition(-sims, n - 1)[:n]
-        top = top[np.argsort(-sims[top])]
-        return [{"latent": int(i), "cosine": round(float(sims[i]), 4)} for i in top]
+            return [[] for _ in latents]
+        out = []
+        for start in range(0, len(latents), NEIGHBOUR_BLOCK):
+            block = np.asarray(latents[start : start + NEIGHBOUR_BLOCK], np.int64)
+            sims = np.asarray(rows[block]) @ np.asarray(rows).T
+            sims[np.arange(len(block)), block] = -np.inf
+            top = np.argpartition(-sims, n - 1, axis=1)[:, :n]
+            for i, row in enumerate(top):
+                row = row[np.argsort(-sims[i, row])]
+                out.append([{"latent": int(j), "cosine": round(float(sims[i, j]), 4)} for j in row])
+        return out
 
-    def logit_lens(self, latent: int, k: int = 10) -> dict | None:
-        """The tokens this latent's decoder direction promotes and suppresses (logit lens)."""
+    def vocab_projection(self, latents: list[int], k: int = 10):
+        """The logit lens of `latents` (`resources.logit_lens.VocabProjection`: top and bottom k token ids and
+        logits of each decoder direction), or None when the coder has no decoder."""
         import torch
 
         from resources.logit_lens import vocab_projection
@@ -290,7 +302,13 @@ class CoderIndex:
         rows = self.decoder()
         if rows is None:
             return None
-        projection = vocab_projection(torch.from_numpy(np.array(rows[latent : latent + 1])), lens_model(self.store, *self.subject_model), k)
+        return vocab_projection(torch.from_numpy(np.array(rows[np.asarray(latents, np.int64)])), lens_model(self.store, *self.subject_model), k)
+
+    def logit_lens(self, latent: int, k: int = 10) -> dict | None:
+        """The tokens this latent's decoder direction promotes and suppresses (logit lens)."""
+        projection = self.vocab_projection([latent], k)
+        if projection is None:
+            return None
         vocab = reader.display_vocab_cached(self.store)
         as_list = lambda ids, values: [{"token": vocab[int(i)] if int(i) < len(vocab) else f"<{int(i)}>", "logit": round(float(v), 3)} for i, v in zip(ids, values)]
         return {"promoted": as_list(projection.top_ids[0], projection.top_values[0]), "suppressed": as_list(projection.bottom_ids[0], projection.bottom_values[0])}

@@ -1,20 +1,22 @@
-"""`autointerp export neuronpedia CODER DIR`: a coder in Neuronpedia's batch export layout.
+"""`autointerp export neuronpedia CODER DIR`: a coder in the folder layout Neuronpedia's importer reads.
 
-Neuronpedia imports a source from a folder (checked against hijohnnylin/neuronpedia: the webapp's
-`app/api/admin/import/route.ts` reads these files, `utils/neuronpedia-utils/.../db_models/*.py` give
-the row fields, `convert-saedashboard-to-neuronpedia-export.py` and `batch-autointerp.py` write them):
+Checked against hijohnnylin/neuronpedia (ebb8426f): the webapp's `app/api/admin/import/route.ts` creates
+the one-row tables with Prisma (the release inside a try; model, source set and source outside one, so a
+rejected row stops the import) and hands each batch file to `lib/db/import.ts::importJsonlString`, an
+`INSERT … SELECT … FROM jsonb_to_recordset(…) ON CONFLICT DO NOTHING` over the columns named by the
+file's first line (keys that are no column are dropped without a word):
 
     <DIR>/<modelId>/<layer>-<setName>/
         release.jsonl  model.jsonl  sourceset.jsonl  source.jsonl   (one row each)
-        features/batch-0.jsonl.gz       one `Neuron` row per latent with exemplars
-        activations/batch-0.jsonl.gz    one `Activation` row per activating window, with its quantile bin
-        explanations/batch-0.jsonl.gz   one `Explanation` row per explained latent, with the explainer model's name
+        features/batch-0.jsonl.gz       one `Neuron` per latent of the coder, explained or not
+        activations/batch-0.jsonl.gz    one `Activation` per activating exemplar window, with its bin
+        explanations/batch-0.jsonl.gz   one `Explanation` per explained latent
 
-Quantile bins follow the webapp's `activations-list.tsx`: `binMin = -1` marks the top activations
-(our explainer's windows); a held-out window of quantile q carries that quantile's activation
-interval and the share of activating windows it holds. The interval is widened to hold the max
-activation of every window of the bin: the exemplars cut the held-out windows into quantiles by
-rank, the boundaries by value over all windows, so a window may lie just outside its quantile's.
+Bins follow Neuronpedia's own dashboards (SAEDashboard): the top activations have `binMin = -1`,
+`binMax` the latent's largest activation and `binContains = -1`; every other window sits in an
+interval of activation values with the share of the corpus's tokens whose activation lies in it.
+Ids are a hash of the row (model, source, latent and content), so a re-export of an unchanged row is
+skipped by the import and a changed explanation arrives as a new one.
 """
 from __future__ import annotations
 
@@ -32,13 +34,35 @@ from autointerp_defs.readside.index import CoderIndex
 from storage.identity import model_name
 from storage.store import TableStore
 
-DEFAULT_CREATOR_ID = "clkht01d40000jv08hvalcvly"  # Neuronpedia's default creator when none is configured
-EXPLANATION_TYPE = "autointerp"
+DEFAULT_CREATOR_ID = "clkht01d40000jv08hvalcvly"  # the bot user Neuronpedia's seed creates, its default creator
+
+# Neuronpedia's explanation types and explainer models are rows of its own config, which the import
+# upserts from its bucket before anything else; an export cannot add one, and a name that is not there
+# fails the Explanation's foreign key, and with it the whole batch. Names from its code: the explainer
+# types of `batch-autointerp.py` and `app/api/explanation/generate/route.tsx` (`eleuther_acts_top20`
+# runs delphi's DefaultExplainer, `apps/autointerp/.../explain/default.py`), the explainer models of
+# `batch-autointerp.py` (which it writes without their provider prefix). Others go into `notes`.
+EXPLANATION_TYPES = {"highlighted": "eleuther_acts_top20", "token_table": "oai_token-act-pair"}
+EXPLANATION_MODELS = frozenset({"gpt-4o-mini", "gpt-4.1-nano", "gpt-5-nano", "gpt-5-nano-2025-08-07", "gpt-5-mini-2025-08-07", "gemini-2.0-flash",
+                                "gemini-2.0-flash-lite", "gemini-2.5-flash", "gemini-2.5-flash-lite", "gpt-oss-120b"})
+UNKNOWN_OWNER = "custom"  # what Neuronpedia's own model form records for a model it knows no owner of
 
 
-def _id(*parts) -> str:
-    """A stable 25-character lowercase id in the shape of Neuronpedia's cuids (re-exports give the same ids)."""
-    return "c" + hashlib.sha1("/".join(map(str, parts)).encode()).hexdigest()[:24]
+def content_id(row: dict) -> str:
+    """A 25-character id in the shape of Neuronpedia's cuids: a hash of everything in the row but its id and times."""
+    content = {k: v for k, v in row.items() if k not in ("id", "createdAt", "updatedAt")}
+    return "c" + hashlib.sha1(json.dumps(content, sort_keys=True).encode()).hexdigest()[:24]
+
+
+def explanation_type(explainer: str) -> str | None:
+    """Neuronpedia's explanation type for one of our explainers, None where it defines none that is the same method."""
+    return EXPLANATION_TYPES.get(explainer)
+
+
+def explanation_model(identity: str) -> str | None:
+    """Neuronpedia's name of the explainer model of `identity` (`openai:openai/gpt-4o-mini` → `gpt-4o-mini`), None where it has none."""
+    name = model_name(identity).rsplit("/", 1)[-1]
+    return name if name in EXPLANATION_MODELS else None
 
 
 def layer_number(hookpoint: str) -> int:
@@ -49,7 +73,58 @@ def layer_number(hookpoint: str) -> int:
     return int(found.group(1))
 
 
+def activation_bins(windows: list[dict], boundaries: list[float], activations: np.ndarray, n_tokens: int, max_activation: float) -> list[tuple[float, float, float]]:
+    """(binMin, binMax, binContains) of each of a latent's activating windows. The explainer's windows at least as
+    strong as every held-out one are its top activations; any other window sits in the interval of the latent's
+    window quantiles (`boundaries`) that holds its peak, with the share of the corpus's `n_tokens` tokens whose
+    activation (`activations`: the latent's non-zero ones) lies in it, as Neuronpedia's dashboards count."""
+    peaks = [max(w["activations"]) for w in windows]
+    ceiling = max((p for w, p in zip(windows, peaks) if w["split"] != "train"), default=-np.inf)
+    values = np.sort(activations)
+    bins = []
+    for w, peak in zip(windows, peaks):
+        if w["split"] == "train" and peak >= ceiling:
+            bins.append((-1.0, float(max_activation), -1.0))
+            continue
+        i = int(np.clip(np.searchsorted(boundaries, peak, "right") - 1, 0, len(boundaries) - 2))
+        low, high = float(boundaries[i]), float(boundaries[i + 1])
+        inside = np.searchsorted(values, high, "right") - np.searchsorted(values, low, "left")
+        bins.append((low, high, float(inside) / max(n_tokens, 1)))
+    return bins
+
+
+def dataset_name(corpus: dict) -> str | None:
+    """What the corpus was read from, as Neuronpedia's `Source.dataset` names it: a Hugging Face dataset id, a file's
+    name, or what the embedded corpus is."""
+    from assets.corpus import EMBEDDED_CORPUS, LOCAL_SUFFIXES
+
+    source = corpus.get("source")
+    if source is None or source == "embedded":
+        return EMBEDDED_CORPUS if source else None
+    path = Path(source).expanduser()
+    return path.name if path.suffix in LOCAL_SUFFIXES or path.is_absolute() or path.exists() else source
+
+
+def model_row(model_id: str, subject_model: tuple[str | None, str | None], creator_id: str, now: str) -> dict:
+    """Neuronpedia's `Model`: its layers, MLP neurons per layer and width from the subject model's config, its
+    owner from its hub id."""
+    from resources.subject_model import EMBEDDED, EMBEDDED_ORIGIN, load_model_config
+
+    model, gguf_file = subject_model
+    config = load_model_config(model or EMBEDDED, gguf_file)
+    config = config.get_text_config() if hasattr(config, "get_text_config") else config
+    origin = EMBEDDED_ORIGIN if model in (None, EMBEDDED) else model
+    on_hub = origin.count("/") == 1 and not Path(origin).expanduser().exists()
+    return {"id": model_id, "displayNameShort": model_id, "displayName": model_id, "creatorId": creator_id, "instruct": "instruct" in model_id.lower(),
+            "layers": int(config.num_hidden_layers), "neuronsPerLayer": int(getattr(config, "intermediate_size", 0) or 0),
+            "dimension": int(config.hidden_size), "owner": origin.split("/")[0] if on_hub else UNKNOWN_OWNER, "visibility": "PUBLIC",
+            "createdAt": now, "updatedAt": now}
+
+
 def _write_jsonl_gz(path: Path, rows: list[dict]) -> None:
+    """A batch file; none for no rows (the importer parses a batch's first line, and an empty one stops the import)."""
+    if not rows:
+        return
     path.parent.mkdir(parents=True, exist_ok=True)
     with gzip.open(path, "wt", encoding="utf-8", compresslevel=5) as handle:
         for row in rows:
@@ -64,12 +139,16 @@ def _finite(x) -> float:
     return float(x) if x is not None and np.isfinite(x) else 0.0
 
 
+def _with_id(row: dict) -> dict:
+    return {"id": content_id(row), **row}
+
+
 def export_neuronpedia(data_dir: str, coder: str, out_dir: str, model_id: str | None = None, set_name: str | None = None, layer: int | None = None,
                        creator_id: str = DEFAULT_CREATOR_ID, creator_name: str = "autointerp", with_lens: bool = True,
                        subject_model: tuple[str | None, str | None] = (None, None)) -> Path:
     """Write the coder's features, activations and explanations; returns the source folder. `subject_model`
-    is the deployment's `[subject_model]` (model, gguf_file): the logit lens reads it, and the default
-    model id is its name (None: the embedded model)."""
+    is the deployment's `[subject_model]` (model, gguf_file): the logit lens and the `Model` row read it, and
+    the default model id is its name (None: the embedded model)."""
     store = TableStore.at(data_dir)
     meta = reader.activations_meta(store, coder)
     name, hookpoint = coder.split("/", 1)
@@ -77,69 +156,74 @@ def export_neuronpedia(data_dir: str, coder: str, out_dir: str, model_id: str | 
     set_name = set_name or re.sub(r"[^a-z0-9-]+", "-", name.lower()).strip("-")
     source_id = f"{layer if layer is not None else layer_number(hookpoint)}-{set_name}"
     folder = Path(out_dir) / model_id / source_id
-    folder.mkdir(parents=True, exist_ok=True)
-    now = datetime.now(timezone.utc).isoformat()
+    now = datetime.now(timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")
     corpus = reader.corpus_meta(store)
-    _write_jsonl(folder / "release.jsonl", [{"name": set_name, "description": f"{coder}, exported by autointerp", "descriptionShort": coder, "creatorName": creator_name,
-                                              "creatorNameShort": creator_name, "creatorId": creator_id, "visibility": "PUBLIC", "urls": [], "createdAt": now}])
-    _write_jsonl(folder / "model.jsonl", [{"id": model_id, "instruct": "instruct" in model_id.lower(), "displayNameShort": model_id, "displayName": model_id,
-                                            "creatorId": creator_id, "createdAt": now, "updatedAt": now}])
-    _write_jsonl(folder / "sourceset.jsonl", [{"modelId": model_id, "name": set_name, "creatorId": creator_id, "creatorName": creator_name, "releaseName": set_name,
-                                                "description": f"{hookpoint}, {meta['width']} latents", "visibility": "PUBLIC", "createdAt": now}])
-    _write_jsonl(folder / "source.jsonl", [{"id": source_id, "modelId": model_id, "setName": set_name, "creatorId": creator_id, "visibility": "PUBLIC",
-                                             "dataset": corpus.get("source"), "num_prompts": corpus.get("n_sequences"), "num_tokens_in_prompt": corpus.get("ctx_len"), "createdAt": now}])
-
+    dataset = dataset_name(corpus)
+    vocab = reader.tokenizer_vocab(store)
     index = CoderIndex(store, coder, subject_model)
     table = index.latents()
-    vocab = reader.display_vocab(store)
-    stats = reader.latent_profiles(store, coder, index.shards)
-    features, activations, explanations = [], [], []
-    explained = reader.explanations(store, coder, index.shards)
-    for row in stats.itertuples():
-        latent = int(row.latent)
-        windows = index.windows(latent)
+    latents = table["latent"].astype(int).tolist()
+    neuron = {"modelId": model_id, "layer": source_id, "sourceSetName": set_name, "creatorId": creator_id, "createdAt": now}
+
+    lens = index.vocab_projection(latents) if with_lens else None
+    neighbours = index.neighbours_of(latents) or [[] for _ in latents]
+    token = lambda i: vocab[int(i)] if int(i) < len(vocab) else f"<{int(i)}>"
+    features = []
+    for at, (latent, near) in enumerate(zip(latents, neighbours)):
         density = index.density(latent)
-        lens = index.logit_lens(latent) if with_lens else None
-        neighbours = index.neighbours(latent) or []
-        feature = {
-            "modelId": model_id, "layer": source_id, "index": str(latent), "creatorId": creator_id, "createdAt": now,
-            "maxActApprox": _finite(table["max_activation"].iat[latent]), "hasVector": False, "vector": [],
-            "topkCosSimIndices": [n["latent"] for n in neighbours], "topkCosSimValues": [n["cosine"] for n in neighbours],
-            "pos_str": [t["token"] for t in lens["promoted"]] if lens else [], "pos_values": [t["logit"] for t in lens["promoted"]] if lens else [],
-            "neg_str": [t["token"] for t in lens["suppressed"]] if lens else [], "neg_values": [t["logit"] for t in lens["suppressed"]] if lens else [],
-            "frac_nonzero": _finite(table["frequency"].iat[latent]),
+        features.append({
+            **neuron, "index": str(latent), "maxActApprox": _finite(table["max_activation"].iat[at]), "hasVector": False, "vector": [],
+            "topkCosSimIndices": [n["latent"] for n in near], "topkCosSimValues": [n["cosine"] for n in near],
+            "pos_str": [token(i) for i in lens.top_ids[at]] if lens else [], "pos_values": [round(float(v), 3) for v in lens.top_values[at]] if lens else [],
+            "neg_str": [token(i) for i in lens.bottom_ids[at]] if lens else [], "neg_values": [round(float(v), 3) for v in lens.bottom_values[at]] if lens else [],
+            "frac_nonzero": _finite(table["frequency"].iat[at]),
             "freq_hist_data_bar_heights": [int(c) for c in density["counts"]],
             "freq_hist_data_bar_values": [round((a + b) / 2, 4) for a, b in zip(density["edges"][:-1], density["edges"][1:])],
-        }
-        features.append(feature)
-        activating = [w for w in windows if w["kind"] == "activating"]
-        boundaries = list(row.quantile_boundaries)
-        n_q = len(boundaries) - 1
-        held_out = [w for w in activating if w["quantile"] > 0]
-        peaks = {}  # quantile → the max activation of each of its windows
-        for w in held_out:
-            peaks.setdefault(int(w["quantile"]), []).append(max(float(a) for a in w["activations"]))
-        for i, w in enumerate(activating):
-            values = [float(a) for a in w["activations"]]
-            top = int(np.argmax(values))
-            if w["quantile"] > 0 and n_q > 0:
-                q = int(w["quantile"])
-                bin_min = min(float(boundaries[n_q - q]), *peaks[q])
-                bin_max = max(float(boundaries[n_q - q + 1]), *peaks[q])
-                contains = len(peaks[q]) / max(len(held_out), 1)
-            else:
-                bin_min, bin_max, contains = -1.0, -1.0, None
-            activations.append({
-                "id": _id(source_id, latent, w["split"], w["sequence"], w["start"]), "tokens": [vocab[t] for t in w["tokens"]],
-                "modelId": model_id, "layer": source_id, "index": str(latent), "maxValue": values[top], "maxValueTokenIndex": top,
-                "minValue": min(values), "values": values, "creatorId": creator_id, "createdAt": now, "dataSource": corpus.get("source"),
-                "dataIndex": str(w["sequence"]), "binMin": bin_min, "binMax": bin_max, "binContains": contains, "qualifyingTokenIndex": top,
-            })
+        })
+
+    activations, window_length = [], None
+    n_tokens = int(reader.latent_counts(store, coder)["tokens"][0])
+    for shard in index.shards:
+        profiles = reader.rows_of(store.latent_profiles(coder, shard))
+        if not len(profiles):
+            continue
+        boundaries = dict(zip(profiles["latent"].astype(int), profiles["quantile_boundaries"]))
+        for latent, _, values in reader.shard_activations(store, coder, shard).by_latent():
+            if latent not in boundaries:
+                continue
+            windows = [w for w in index.windows(latent) if w["kind"] == "activating"]
+            bins = activation_bins(windows, list(boundaries[latent]), values, n_tokens, table["max_activation"].iat[latent])
+            for w, (bin_min, bin_max, contains) in zip(windows, bins):
+                window_length = len(w["tokens"])
+                values_shown = [float(a) for a in w["activations"]]
+                top = int(np.argmax(values_shown))
+                activations.append(_with_id({
+                    "tokens": [token(t) for t in w["tokens"]], "modelId": model_id, "layer": source_id, "index": str(latent),
+                    "maxValue": values_shown[top], "maxValueTokenIndex": top, "minValue": min(values_shown), "values": values_shown,
+                    "creatorId": creator_id, "createdAt": now, "dataSource": dataset, "dataIndex": str(w["sequence"]),
+                    "binMin": bin_min, "binMax": bin_max, "binContains": contains, "qualifyingTokenIndex": top,
+                }))
+
+    explanations = []
+    explained = reader.explanations(store, coder, index.shards)
     if len(explained):
         for row in explained[explained["status"] == "ok"].itertuples():
-            explanations.append({"id": _id(source_id, row.latent, "explanation"), "modelId": model_id, "layer": source_id, "index": str(int(row.latent)),
-                                 "description": row.explanation, "authorId": creator_id, "typeName": f"{EXPLANATION_TYPE}-{row.explainer}",
-                                 "explanationModelName": model_name(row.model), "createdAt": now})
+            explanations.append(_with_id({
+                "modelId": model_id, "layer": source_id, "index": str(int(row.latent)), "description": row.explanation, "authorId": creator_id,
+                "typeName": explanation_type(row.explainer), "explanationModelName": explanation_model(row.model),
+                "notes": f"autointerp explainer '{row.explainer}', explainer model {model_name(row.model)}", "createdAt": now, "updatedAt": now,
+            }))
+
+    folder.mkdir(parents=True, exist_ok=True)
+    _write_jsonl(folder / "release.jsonl", [{"name": set_name, "description": f"{coder}, exported by autointerp", "descriptionShort": coder, "creatorName": creator_name,
+                                              "creatorNameShort": creator_name, "creatorId": creator_id, "visibility": "PUBLIC", "urls": [], "createdAt": now}])
+    _write_jsonl(folder / "model.jsonl", [model_row(model_id, subject_model, creator_id, now)])
+    _write_jsonl(folder / "sourceset.jsonl", [{"modelId": model_id, "name": set_name, "creatorId": creator_id, "creatorName": creator_name, "releaseName": set_name,
+                                                "description": f"{hookpoint}, {meta['width']} latents", "visibility": "PUBLIC", "urls": [], "createdAt": now}])
+    # Neuronpedia shows "<num_prompts> prompts, <num_tokens_in_prompt> tokens each": the windows shown, and the corpus in windows
+    _write_jsonl(folder / "source.jsonl", [{"id": source_id, "modelId": model_id, "setName": set_name, "creatorId": creator_id, "visibility": "PUBLIC", "dataset": dataset,
+                                             "num_prompts": corpus["n_tokens"] // window_length if window_length and "n_tokens" in corpus else None,
+                                             "num_tokens_in_prompt": window_length, "createdAt": now}])
     _write_jsonl_gz(folder / "features" / "batch-0.jsonl.gz", features)
     _write_jsonl_gz(folder / "activations" / "batch-0.jsonl.gz", activations)
     _write_jsonl_gz(folder / "explanations" / "batch-0.jsonl.gz", explanations)
@@ -148,11 +232,9 @@ def export_neuronpedia(data_dir: str, coder: str, out_dir: str, model_id: str | 
 
 def _model_id(name: str | None) -> str:
     """Neuronpedia's model id for the subject model: the model's folder name, lowercased (e.g. smollm2-135m-instruct)."""
-    from resources.subject_model import EMBEDDED
+    from resources.subject_model import EMBEDDED, EMBEDDED_ORIGIN
 
-    if name is None or name == EMBEDDED:
-        return "smollm2-135m-instruct"
-    return name.rstrip("/").split("/")[-1].lower()
+    return (EMBEDDED_ORIGIN if name in (None, EMBEDDED) else name).rstrip("/").split("/")[-1].lower()
 
 
 def read_neuronpedia(folder: Path) -> dict[str, list[dict]]:

@@ -136,14 +136,18 @@ def scores(store: TableStore, coder: str, scorer: str, shards: list[str]) -> pd.
     return _read_shards({s: store.scores(coder, s, scorer) for s in shards})
 
 
-def display_vocab(store: TableStore) -> list[str]:
-    """Token id → its text, the subject model's special tokens shown as one document boundary `‖`."""
+def tokenizer_vocab(store: TableStore) -> list[str]:
+    """Token id → the subject tokenizer's own text for it, special tokens included (`<|endoftext|>`)."""
     layout = store.layout
     if not layout.corpus_vocab_path.exists():
         raise NotMaterialized(f"No corpus under {layout.corpus_dir}. Fix: materialize the `corpus` asset first.")
-    vocab = json.loads(layout.corpus_vocab_path.read_text())
-    meta = json.loads(layout.corpus_meta_path.read_text())
-    for i in meta.get("special_ids", []):
+    return json.loads(layout.corpus_vocab_path.read_text())
+
+
+def display_vocab(store: TableStore) -> list[str]:
+    """Token id → its text, the subject model's special tokens shown as one document boundary `‖`."""
+    vocab = tokenizer_vocab(store)
+    for i in corpus_meta(store).get("special_ids", []):
         vocab[int(i)] = DOCUMENT_BOUNDARY
     return vocab
 

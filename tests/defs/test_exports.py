@@ -13,14 +13,6 @@ from storage.layout import DataRoot
 from tests.conftest import add_coders, make_resources
 from tests.materialized_partition import build
 
-# Row fields of Neuronpedia's db_models (utils/neuronpedia-utils/neuronpedia_utils/db_models/*.py)
-# that an import needs: every field without a default, and those our export fills.
-NEURONPEDIA_FIELDS = {
-    "features": {"modelId", "layer", "index", "creatorId", "maxActApprox", "topkCosSimIndices", "topkCosSimValues", "pos_str", "pos_values",
-                 "neg_str", "neg_values", "frac_nonzero", "freq_hist_data_bar_heights", "freq_hist_data_bar_values"},
-    "activations": {"id", "tokens", "index", "layer", "modelId", "maxValue", "maxValueTokenIndex", "minValue", "values", "creatorId", "binMin", "binMax", "binContains"},
-    "explanations": {"id", "modelId", "layer", "index", "description", "authorId", "typeName", "explanationModelName"},
-}
 DELPHI_SAMPLE = {"str_tokens", "activations", "distance", "activating", "prediction", "probability", "correct"}  # delphi's ClassifierOutput
 
 
@@ -29,48 +21,99 @@ def partition(tmp_path_factory, tiny_sae):
     return build(tmp_path_factory.mktemp("materialized"), tiny_sae)
 
 
-def test_neuronpedia_export_round_trips_features_activations_and_explanations(partition, tmp_path):
-    from autointerp_defs.cli import main
-    from autointerp_defs.readside.neuronpedia import read_neuronpedia
+def test_neuronpedia_importer_accepts_the_export_and_reads_back_every_row(partition, tmp_path):
+    """Neuronpedia's own import (replayed from its code on its schema, `tests/defs/neuronpedia_import.py`) takes every
+    feature, activation and explanation, each with what our tables hold; a re-export with an edited explanation adds it."""
+    import psycopg
+    from psycopg.rows import dict_row
 
-    main(["--data", str(partition.root), "export", "neuronpedia", partition.coder, str(tmp_path)])
-    folder = tmp_path / "smollm2-135m-instruct" / "3-tiny-topk"
-    data = read_neuronpedia(folder)
-    for table, fields in NEURONPEDIA_FIELDS.items():
-        assert data[table] and all(fields <= set(row) for row in data[table]), table
-    assert data["source"][0]["id"] == "3-tiny-topk" and data["sourceset"][0]["name"] == "tiny-topk"
+    from assets.corpus import EMBEDDED_CORPUS
+    from autointerp_defs.cli import main
+    from autointerp_defs.readside.neuronpedia import content_id, read_neuronpedia
+    from storage.activations import LATENT_STATS_FILE, load_latent_stats, read_shard
+    from tests.cluster.services import fresh_database, postgres_server
+    from tests.conftest import TINY_EXEMPLARS_CONFIG
+    from tests.defs.neuronpedia_import import create_schema, import_folder
 
     root = DataRoot.at(partition.root)
+    main(["--data", str(partition.root), "export", "neuronpedia", partition.coder, str(tmp_path / "np")])
+    folder = tmp_path / "np" / "smollm2-135m-instruct" / "3-tiny-topk"
+    exported = read_neuronpedia(folder)
+    stats = load_latent_stats(root.activations_dir(partition.coder) / LATENT_STATS_FILE)
+    width = len(stats["count"])
+    vocab = json.loads((root.corpus_dir / "vocab.json").read_text())  # the tokenizer's text of each token, special ones too
     exemplars = pd.read_parquet(root.exemplars_path(partition.coder, "00"))
-    stats = pd.read_parquet(root.latent_profiles_path(partition.coder, "00")).set_index("latent")
-    explained = pd.read_parquet(root.explanations_path(partition.coder, "00"))
-    assert sorted(int(f["index"]) for f in data["features"]) == sorted(stats.index)
     activating = exemplars[exemplars.kind == "activating"]
-    assert len(data["activations"]) == len(activating)
-    vocab = json.loads((root.corpus_dir / "vocab.json").read_text())
-    for row in data["activations"][:50]:
-        window = activating[(activating.latent == int(row["index"])) & (activating.sequence == int(row["dataIndex"]))]
-        match = [w for w in window.itertuples() if list(w.activations) == pytest.approx(row["values"])]
-        assert match and row["maxValue"] == pytest.approx(match[0].max_activation)
-        w = match[0]
-        assert len(row["tokens"]) == len(w.tokens) and all(t == vocab[i] or t == "‖" for t, i in zip(row["tokens"], w.tokens))
-        if w.quantile > 0:  # a held-out window sits in its quantile's bin
-            bounds = list(stats.loc[w.latent, "quantile_boundaries"])
-            assert row["binMin"] <= bounds[len(bounds) - 1 - w.quantile] and row["binMax"] >= bounds[len(bounds) - w.quantile]
-        else:  # the explainer's windows are Neuronpedia's "top activations"
-            assert row["binMin"] == -1
-    for row in data["activations"]:  # every bin holds its windows' max activations
-        assert row["binMin"] == -1 or row["binMin"] <= row["maxValue"] <= row["binMax"], row["index"]
+    explained = pd.read_parquet(root.explanations_path(partition.coder, "00"))
     ok = explained[explained.status == "ok"]
-    got = {int(e["index"]): e for e in data["explanations"]}
-    assert {k: v["description"] for k, v in got.items()} == dict(zip(ok.latent.astype(int), ok.explanation))
-    assert {e["explanationModelName"] for e in got.values()} == {"scripted-judge"}
-    assert {len(f["pos_str"]) for f in data["features"]} == {10}
-    densities = {int(f["index"]): sum(f["freq_hist_data_bar_heights"]) for f in data["features"]}
-    from storage.activations import LATENT_STATS_FILE, load_latent_stats
 
-    counts = load_latent_stats(root.activations_dir(partition.coder) / LATENT_STATS_FILE)["count"]
-    assert all(densities[i] == counts[i] for i in densities)
+    with postgres_server() as server:
+        url = fresh_database(server)
+        create_schema(url)
+        assert import_folder(url, folder) == []  # nothing logged: the release went in too
+        with psycopg.connect(url, row_factory=dict_row) as db:
+            read = lambda sql: db.execute(sql).fetchall()
+            [model] = read('SELECT * FROM "Model"')
+            assert (model["layers"], model["neuronsPerLayer"], model["dimension"], model["owner"], model["visibility"]) == (30, 1536, 576, "HuggingFaceTB", "PUBLIC")
+            [source] = read('SELECT * FROM "Source"')
+            window = TINY_EXEMPLARS_CONFIG["example_ctx_len"]
+            assert (source["dataset"], source["num_tokens_in_prompt"], source["num_prompts"], source["visibility"]) == (EMBEDDED_CORPUS, window, 64 * 48 // window, "PUBLIC")
+            assert [r["visibility"] for r in read('SELECT visibility FROM "SourceSet" UNION ALL SELECT visibility FROM "SourceRelease"')] == ["PUBLIC", "PUBLIC"]
+
+            neurons = {int(r["index"]): r for r in read('SELECT * FROM "Neuron"')}
+            assert sorted(neurons) == list(range(width))  # every latent of the coder, with exemplars or not
+            for latent, n in neurons.items():
+                assert (n["modelId"], n["layer"], n["sourceSetName"]) == ("smollm2-135m-instruct", "3-tiny-topk", "tiny-topk")
+                assert n["maxActApprox"] == pytest.approx(float(stats["max"][latent])) and sum(n["freq_hist_data_bar_heights"]) == stats["count"][latent]
+                assert len(n["pos_str"]) == len(n["neg_str"]) == 10 and len(n["topkCosSimIndices"]) == 10
+                assert set(n["pos_str"] + n["neg_str"]) <= set(vocab)
+
+            rows = read('SELECT * FROM "Activation"')
+            assert len(rows) == len(activating) and {r["id"] for r in rows} == {content_id(r) for r in exported["activations"]}
+            shard = read_shard(root.activations_dir(partition.coder), "00")
+            n_tokens = int(stats["tokens"][0])
+            for r in rows:
+                latent = int(r["index"])
+                windows = activating[(activating.latent == latent) & (activating.sequence == int(r["dataIndex"]))]
+                [w] = [w for w in windows.itertuples() if list(w.activations) == pytest.approx(r["values"])]
+                assert r["tokens"] == [vocab[t] for t in w.tokens] and r["maxValue"] == pytest.approx(w.max_activation)
+                if w.split == "train":  # the strongest windows (the `top` sampler's): Neuronpedia's top activations
+                    assert (r["binMin"], r["binContains"]) == (-1, -1) and r["binMax"] == pytest.approx(float(stats["max"][latent]))
+                else:  # held out: in the interval holding its peak, with the share of the corpus's tokens in that interval
+                    assert r["binMin"] <= r["maxValue"] <= r["binMax"] and r["binMin"] > 0
+                    values = shard.activations[shard.locations[:, 2] == latent]
+                    assert r["binContains"] == pytest.approx(((values >= r["binMin"]) & (values <= r["binMax"])).sum() / n_tokens)
+            assert any("<|im_end|>" in r["tokens"] for r in rows)  # special tokens as the tokenizer writes them
+
+            explanations = {int(r["index"]): r for r in read('SELECT * FROM "Explanation"')}
+            assert {k: v["description"] for k, v in explanations.items()} == dict(zip(ok.latent.astype(int), ok.explanation))
+            assert {(r["typeName"], r["explanationModelName"]) for r in explanations.values()} == {("eleuther_acts_top20", None)}  # highlighted = delphi's default
+            assert all("scripted-judge" in r["notes"] for r in explanations.values())  # a model Neuronpedia does not define is named in the notes
+
+        # an edited explanation, and one by a model and method Neuronpedia defines: a re-export adds both and nothing else
+        copy = tmp_path / "copy"
+        shutil.copytree(partition.root, copy)
+        edited = ok.copy()
+        edited.loc[edited.index[0], "explanation"] = "an edited explanation"
+        edited.loc[edited.index[1], ["explainer", "model"]] = ["token_table", "openai:gpt-4o-mini"]
+        edited.to_parquet(DataRoot.at(copy).explanations_path(partition.coder, "00"), index=False)
+        main(["--data", str(copy), "export", "neuronpedia", partition.coder, str(tmp_path / "again")])
+        import_folder(url, tmp_path / "again" / "smollm2-135m-instruct" / "3-tiny-topk")
+        with psycopg.connect(url, row_factory=dict_row) as db:
+            counts = {t: db.execute(f'SELECT count(*) AS n FROM "{t}"').fetchone()["n"] for t in ("Neuron", "Activation", "Explanation")}
+            assert counts == {"Neuron": width, "Activation": len(activating), "Explanation": len(ok) + 2}
+            added = db.execute('SELECT * FROM "Explanation" WHERE "createdAt" > %s', [explanations[int(ok.latent.iloc[0])]["createdAt"]]).fetchall()
+            assert {(r["description"], r["typeName"], r["explanationModelName"]) for r in added} == {
+                ("an edited explanation", "eleuther_acts_top20", None), (ok.explanation.iloc[1], "oai_token-act-pair", "gpt-4o-mini")}
+
+        # the replay is no rubber stamp: a model row without its layers stops the import before any feature
+        (folder / "model.jsonl").write_text(json.dumps({k: v for k, v in exported["model"][0].items() if k != "layers"}) + "\n")
+        strict = fresh_database(server)
+        create_schema(strict)
+        with pytest.raises(psycopg.errors.NotNullViolation, match="layers"):
+            import_folder(strict, folder)
+        with psycopg.connect(strict) as db:
+            assert db.execute('SELECT count(*) FROM "Neuron"').fetchone()[0] == 0
 
 
 def test_delphi_export_then_import_rescored_with_controls(partition, tmp_path):

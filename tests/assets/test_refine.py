@@ -103,3 +103,55 @@ def test_a_revision_that_scores_no_better_on_valid_windows_is_not_kept_nor_asked
     assert [(r["round"], r["explanation"], r["kept"]) for r in rounds] == [(0, "digits", True), (1, "capitalized words", False), (2, "capitalized words", False)]
     assert rounds[1]["valid_balanced_accuracy"] == 0.5
     assert "Already tried" not in revisions[0] and "Already tried, and no better: 'capitalized words'." in revisions[1]
+
+
+def test_an_interrupted_refine_run_keeps_its_finished_latents_rounds_and_asks_only_for_the_rest(planted, tmp_path):
+    from storage.journal import Journal
+
+    exemplars, vocab = planted
+    table = tmp_path / "00.parquet"
+    with ScriptedLLMServer(scripted_llm) as server:
+        explainer = EXPLAINERS["highlighted"](ExplainerSettings(), ExplainerDeps(llm=llm_resource(server).client()))
+
+        def run(latents, journal):
+            rows = []
+            frame = asyncio.run(explain_all(explainer, ExplanationsConfig(refine_rounds=2), exemplars, None, latents, vocab, None, journal=journal,
+                                            refiner=Refiner(llm_resource(server).client(), 2, 48), rounds=rows))
+            return frame, rows
+
+        with Journal(table, "key", parts=("rounds", "rows")) as killed:  # a run that finished latents 1 and 2, then died
+            run([1, 2], killed)
+            killed.flush()
+        before = len(server.requests)
+        with Journal(table, "key", parts=("rounds", "rows")) as journal:
+            frame, rounds = run(list(PLANTED), journal)
+        asked = len(server.requests) - before
+    assert asked == 4 * (len(PLANTED) - 2)
+    assert sorted((r["latent"], r["round"]) for r in rounds) == [(latent, n) for latent in PLANTED for n in (0, 1)]
+    assert frame.set_index("latent").loc[[1, 2], "explanation"].tolist() == ["digits inside parentheses"] * 2
+
+
+def test_the_explanations_asset_refines_with_the_judge_and_stores_every_round(registered):
+    from dagster import DagsterInstance
+
+    from storage.store import TableStore
+    from tests.conftest import TINY_CODER, add_coders, make_resources, pipeline_until_exemplars, run
+    from tests.scripted_llm_server import answer_by_prompt
+
+    instance = DagsterInstance.ephemeral()
+    add_coders(instance, registered, TINY_CODER)
+    pipeline_until_exemplars(registered, instance)
+    with ScriptedLLMServer(answer_by_prompt) as server:
+        llm = llm_resource(server, cache_dir="", judge={"model": "judge-model"})
+        result = run(["explanations"], f"{TINY_CODER}|00", make_resources(registered, max_latents=3, llm=llm), instance,
+                     {"ops": {"explanations": {"config": {"refine_rounds": 1}}}})
+    store = TableStore.at(registered)
+    explained, rounds = store.explanations(TINY_CODER, "00").read(), store.explanation_rounds(TINY_CODER, "00").read()
+    assert (explained["status"] == "ok").all() and len(explained) == 3
+    assert sorted(set(rounds["latent"])) == sorted(explained["latent"]) and set(rounds["round"]) == {0, 1}
+    judged = [r for r in server.requests if "Description:" in r["messages"][-1]["content"]]
+    assert judged and {r["model"] for r in judged} == {"judge-model"}  # the deployment's judge, not the explainer
+    kept = rounds[rounds["kept"]].sort_values("round").groupby("latent")["explanation"].last()
+    assert explained.set_index("latent")["explanation"].to_dict() == kept.to_dict()
+    metadata = result.asset_materializations_for_node("explanations")[0].metadata
+    assert metadata["judge_model"].value.endswith("judge-model") and metadata["requests_per_latent"].value == len(server.requests) / 3

@@ -1,9 +1,10 @@
 """Latents whose truth we plant, and scripted LLMs that read only what a prompt literally shows.
 
 Each planted latent fires on one or two *senses*: a class of token inside a container, "digits inside
-parentheses" (`(4)`) or "capitalized words inside quotation marks" (`"Anna"`). Its windows are built
+parentheses" (`(4)`), "capitalized words inside quotation marks" (`"Anna"`) or "symbols inside square
+brackets" (`[#]`). Its windows are built
 from lower-case filler text, so nothing else in them is a digit or a capital: activating windows hold
-the sense, hard negatives hold the class outside its container (`4`, `Anna`), random ones neither. A
+the sense, hard negatives hold the class outside its container (`4`, `Anna`, `#`), random ones neither. A
 too-broad explanation ("digits") therefore fires on hard negatives, and the narrow one does not.
 
 `scripted_explainer` answers an explainer prompt from the marked spans it shows: the commonest class
@@ -20,9 +21,9 @@ from collections import Counter
 import numpy as np
 import pandas as pd
 
-CLASSES = {"digits": r"\d+", "capitalized words": r"[A-Z][a-z]+"}
-CONTAINERS = {"parentheses": ("(", ")"), "quotation marks": ('"', '"')}
-SENSES = {"digits": "parentheses", "capitalized words": "quotation marks"}
+CLASSES = {"digits": r"\d+", "capitalized words": r"[A-Z][a-z]+", "symbols": r"[#%&@]"}
+CONTAINERS = {"parentheses": ("(", ")"), "quotation marks": ('"', '"'), "square brackets": ("[", "]")}
+SENSES = {"digits": "parentheses", "capitalized words": "quotation marks", "symbols": "square brackets"}
 """Each class and the container it is planted in."""
 NAMES = ["Anna", "Paris", "London", "Maria", "Peter", "Rome", "John", "David", "Sarah", "Emma"]
 FILLER = ("the old road near a quiet farm where we walked after lunch and talked about rain on the hill while "
@@ -36,7 +37,7 @@ def filler(rng: np.random.Generator, n: int) -> str:
 
 
 def instance(cls: str, rng: np.random.Generator) -> str:
-    return str(rng.integers(0, 10)) if cls == "digits" else NAMES[rng.integers(len(NAMES))]
+    return {"digits": lambda: str(rng.integers(0, 10)), "capitalized words": lambda: NAMES[rng.integers(len(NAMES))], "symbols": lambda: "#%&@"[rng.integers(4)]}[cls]()
 
 
 def window(rng: np.random.Generator, cls: str | None, contained: bool) -> list[tuple[str, bool]]:
@@ -102,7 +103,7 @@ def senses_of(explanation: str) -> list[tuple[str, str | None]]:
     """(class, container) of each sense an explanation names in the planted grammar ('A or B')."""
     senses = []
     for part in explanation.split(" or "):
-        found = re.fullmatch(r"\s*(digits|capitalized words)(?: inside (parentheses|quotation marks))?\s*", part)
+        found = re.fullmatch(rf"\s*({'|'.join(CLASSES)})(?: inside ({'|'.join(CONTAINERS)}))?\s*", part)
         if found:
             senses.append((found.group(1), found.group(2)))
     return senses

@@ -81,9 +81,9 @@ class Refiner:
         valid = record.examples("valid", np.random.default_rng([VALID_ORDER_SEED, record.latent]))
         best = await self.judged(record, first, valid)
         refined = Refined(first, [round_row(record.latent, 0, best, kept=True)])
-        tried, client = [], explainer.deps.llm
+        tried, client, failure = [], explainer.deps.llm, best.failure
         for number in range(1, self.rounds + 1):
-            if best.failure or math.isnan(best.balanced_accuracy) or not (best.false_positives or best.false_negatives):
+            if failure or math.isnan(best.balanced_accuracy) or not (best.false_positives or best.false_negatives):
                 break
             shown = interleaved([(True, e.text) for e in best.false_positives], [(False, e.marked_text) for e in best.false_negatives])
             answered = [{"role": "assistant", "content": f"Explanation: {best.explanation}"}]
@@ -93,24 +93,16 @@ class Refiner:
             asked = await client.ask(prompt, explainer.parse, explainer.reask, max_tokens=self.max_tokens, temperature=0.0)
             refined.prompt_tokens += asked.prompt_tokens
             refined.completion_tokens += asked.completion_tokens
-            if asked.value is None:
-                refined.rounds.append(round_row(record.latent, number, Judged("", NAN, [], [], 0, asked.failure), kept=False, asked=len(asked.answers)))
-                refined.failure = asked.failure if stopped_by_budget(asked.failure) else ""
-                break
-            judged = await self.judged(record, asked.value, valid)
-            better = not judged.failure and judged.balanced_accuracy > best.balanced_accuracy
+            judged = await self.judged(record, asked.value, valid) if asked.value is not None else Judged("", NAN, [], [], 0, asked.failure)
+            failure = judged.failure
+            better = not failure and judged.balanced_accuracy > best.balanced_accuracy
             refined.rounds.append(round_row(record.latent, number, judged, kept=better, asked=len(asked.answers)))
-            if stopped_by_budget(judged.failure):
-                refined.failure = judged.failure
-            if judged.failure:
-                break
             if better:
                 best = judged
-            else:
-                tried.append(asked.value)
-        if stopped_by_budget(best.failure):
-            refined.failure = best.failure
+            elif not failure:
+                tried.append(judged.explanation)
         refined.explanation = best.explanation
+        refined.failure = failure if stopped_by_budget(failure) else ""
         return refined
 
 

@@ -155,3 +155,13 @@ def test_the_explanations_asset_refines_with_the_judge_and_stores_every_round(re
     assert explained.set_index("latent")["explanation"].to_dict() == kept.to_dict()
     metadata = result.asset_materializations_for_node("explanations")[0].metadata
     assert metadata["judge_model"].value.endswith("judge-model") and metadata["requests_per_latent"].value == len(server.requests) / 3
+
+
+def test_a_latent_whose_refining_the_budget_stopped_is_failed_so_that_the_next_run_refines_it(planted):
+    exemplars, vocab = planted
+    with ScriptedLLMServer(scripted_llm) as server:
+        explainer = EXPLAINERS["highlighted"](ExplainerSettings(), ExplainerDeps(llm=llm_resource(server).client()))
+        judge = llm_resource(server, max_requests=1).client()  # enough to judge the first explanation, not its revision
+        rows = []
+        frame = asyncio.run(explain_all(explainer, ExplanationsConfig(refine_rounds=2), exemplars, None, [1], vocab, None, refiner=Refiner(judge, 2, 48), rounds=rows))
+    assert frame["status"].tolist() == ["failed"] and frame["error"].iloc[0].startswith("budget stopped") and rows == []

@@ -3,7 +3,9 @@
 Explainers are plugins (`assets/explainers/`, one module each): `highlighted` (delphi's default),
 `contrastive`, `token_table`, `top_tokens`, and any a deployment adds. With `best_of_n > 1`, N
 candidates are sampled and each is scored by the embedding scorer on the held-out `valid` windows;
-the best is kept and every candidate is stored with its score (Transluce). Requests go through the
+the best is kept and every candidate is stored with its score (Transluce). With `refine_rounds`, the
+explanation is then revised from its mistakes on the `valid` windows, judged by the deployment's judge
+(`assets/refine.py`); every round is a row of `explanation_rounds`. Requests go through the
 production client (response cache, bounded concurrency, retries, ledger, budget). A latent whose
 answer cannot be parsed, or that the budget stopped, is stored as failed with its reason; it never
 fails the partition and is asked again on the next materialization. The settings (which explainer,
@@ -11,6 +13,7 @@ its settings, N, ...) come from the deployment file and are part of the code ver
 them re-runs exactly this asset and the scorers below it.
 """
 import asyncio
+import contextlib
 from pathlib import Path
 
 import numpy as np
@@ -25,6 +28,7 @@ from assets.links import coder_url, latent_url
 from assets.partitions import backfill_policy, coder_and_shard, each_shard, shard_partitions
 from assets.prompts import corpus_prompt_vocab, plain_text
 from assets.records import LatentRecord, read_records
+from assets.refine import Refiner
 from assets.score_metrics import roc_auc
 from assets.stage_config import Models, problems, settings_digest, with_defaults
 from assets.work import ChunkLoader, nothing_succeeded, selected_latents, stream_latents
@@ -45,6 +49,8 @@ class ExplanationsConfig(Config):
     best_of_n: int = Field(default=1, description="Candidates per latent; above 1 the best by embedding score on held-out windows is kept.")
     candidate_temperature: float = Field(default=0.7, description="Sampling temperature of best-of-N candidates (a single explanation uses 0).")
     max_tokens: int = Field(default=48, description="Longest explanation, in tokens.")
+    refine_rounds: int = Field(default=0, ge=0, description="Revisions asked after the first explanation: each shows the explainer the `valid` windows the "
+                               "explanation misjudges (detection by the deployment's judge) and is kept only if it scores better there. 0: single shot.")
 
 
 def window_texts(rows: pd.DataFrame, vocab: list[str]) -> list[str]:
@@ -61,7 +67,8 @@ def embedding_scores(candidates: list[str], valid: pd.DataFrame, vocab: list[str
     return [roc_auc(sims[:, i], labels) for i in range(len(candidates))]
 
 
-async def explain_latent(explainer: Explainer, config: ExplanationsConfig, record: LatentRecord, embed) -> dict:
+async def explain_latent(explainer: Explainer, config: ExplanationsConfig, record: LatentRecord, embed, refiner: Refiner | None = None) -> tuple[dict, list[dict]]:
+    """The latent's `explanations` row and, with a `refiner`, its `explanation_rounds` rows."""
     client = explainer.deps.llm
     row = {"latent": record.latent, "explainer": explainer.name, "model": client.identity, "prompt_tokens": 0, "completion_tokens": 0,
            "error": "", "explanation": "", "status": "failed", "candidates": [], "candidate_scores": [], "examples_dropped": 0}
@@ -69,21 +76,29 @@ async def explain_latent(explainer: Explainer, config: ExplanationsConfig, recor
         messages, dropped = explainer.prompt(record, config.max_tokens)
         row["examples_dropped"] = dropped
         if messages is None:
-            return {**row, "error": "prompt longer than the LLM's context even with one example"}
+            return {**row, "error": "prompt longer than the LLM's context even with one example"}, []
         n = max(1, config.best_of_n)
         params = [{"max_tokens": config.max_tokens, "temperature": 0.0 if n == 1 else config.candidate_temperature, "seed": None if n == 1 else i} for i in range(n)]
     except Exception as error:  # one latent's failure must not fail the partition
-        return {**row, "error": f"{type(error).__name__}: {error}"}
+        return {**row, "error": f"{type(error).__name__}: {error}"}, []
     outcomes = await asyncio.gather(*(client.ask(messages, explainer.parse, explainer.reask, **p) for p in params))
     row["prompt_tokens"] = sum(o.prompt_tokens for o in outcomes)
     row["completion_tokens"] = sum(o.completion_tokens for o in outcomes)
     candidates = [o.value for o in outcomes if o.value is not None]
     lost = [o.failure for o in outcomes if o.failure and not o.failure.startswith(UNREADABLE)]  # a candidate the budget or a request lost
     if lost or not candidates:
-        return {**row, "error": (lost or [outcomes[0].failure])[0]}
+        return {**row, "error": (lost or [outcomes[0].failure])[0]}, []
     scores = embedding_scores(candidates, record.windows[record.windows["split"] == "valid"], record.vocab, embed) if len(candidates) > 1 else [float("nan")]
     best = int(np.nanargmax(scores)) if not np.all(np.isnan(scores)) else 0
-    return {**row, "explanation": candidates[best], "status": "ok", "candidates": candidates, "candidate_scores": [float(s) for s in scores]}
+    row = {**row, "explanation": candidates[best], "status": "ok", "candidates": candidates, "candidate_scores": [float(s) for s in scores]}
+    if refiner is None:
+        return row, []
+    refined = await refiner.refine(explainer, record, messages, candidates[best])
+    row["prompt_tokens"] += refined.prompt_tokens
+    row["completion_tokens"] += refined.completion_tokens
+    if refined.failure:  # the budget stopped it: failed, so that it is refined next time
+        return {**row, "explanation": "", "status": "failed", "error": refined.failure}, []
+    return {**row, "explanation": refined.explanation}, refined.rounds
 
 
 def make_explainer(config: ExplanationsConfig, explainers: dict[str, type[Explainer]], deps: ExplainerDeps) -> Explainer:
@@ -99,10 +114,12 @@ def make_explainer(config: ExplanationsConfig, explainers: dict[str, type[Explai
 
 
 async def explain_all(explainer: Explainer, config: ExplanationsConfig, exemplars: pd.DataFrame | Path, latent_stats: pd.DataFrame | None,
-                      latents: list[int], vocab: list[str], embed, report=None, coder: str = "", journal: Journal | None = None) -> pd.DataFrame:
+                      latents: list[int], vocab: list[str], embed, report=None, coder: str = "", journal: Journal | None = None,
+                      refiner: Refiner | None = None, rounds: list[dict] | None = None) -> pd.DataFrame:
     """One row per latent. `exemplars` is the table or its file; from a file, a chunk of latents' rows is
-    read at a time. Latents stream through a bounded queue; with a `journal`, each explained latent is
-    kept as it finishes and latents kept by an interrupted run are not asked again."""
+    read at a time. Latents stream through a bounded queue; with a `journal` (parts `rounds`, `rows`),
+    each explained latent is kept as it finishes and latents kept by an interrupted run are not asked
+    again. With a `refiner`, each explanation is refined, and the rows of every round are added to `rounds`."""
     stats_of = {int(r["latent"]): r for r in latent_stats.to_dict("records")} if latent_stats is not None else {}
     done = journal.kept(latents) if journal is not None else {}
     if done and report:
@@ -114,21 +131,25 @@ async def explain_all(explainer: Explainer, config: ExplanationsConfig, exemplar
 
     loader = ChunkLoader(todo, load)
 
-    async def explain(latent: int) -> dict:
-        return await explain_latent(explainer, config, await loader.take(latent), embed)
+    async def explain(latent: int) -> tuple[dict, list[dict]]:
+        return await explain_latent(explainer, config, await loader.take(latent), embed, refiner)
 
-    def keep(latent: int, row: dict) -> None:
+    def keep(latent: int, result: tuple[dict, list[dict]]) -> None:
+        row, latent_rounds = result
         if journal is not None and row["status"] == "ok":  # failed or budget-stopped latents are asked again next time
-            journal.add([row])
+            journal.add([row], rounds=latent_rounds)
 
     client = explainer.deps.llm
-    async with client.session():
+    async with client.session(), (refiner.judge.session() if refiner is not None else contextlib.nullcontext()):
         try:
             results = await stream_latents(todo, explain, workers=2 * client.max_concurrency, on_finished=keep, report=report, label="explanations")
         finally:
             if journal is not None:
                 journal.flush()
-    rows = [done[latent] if latent in done else results[latent] for latent in latents]
+    if rounds is not None:
+        kept_rounds = journal.finished("rounds").to_dict("records") if done else []
+        rounds += [r for r in kept_rounds if r["latent"] in done] + [r for latent in todo for r in results[latent][1]]
+    rows = [done[latent] if latent in done else results[latent][0] for latent in latents]
     return pd.DataFrame(rows, columns=TABLES["explanations"].columns[:-1])  # the fingerprint is added by the asset
 
 
@@ -154,7 +175,8 @@ def explanations_asset(defaults: dict | None = None, explainers: dict[str, type[
     if chosen.explainer not in explainers:
         raise ValueError(f"[explanations] explainer = {chosen.explainer!r} is not an explainer. Fix: use one of {sorted(explainers)}.")
     make_explainer(chosen, explainers, ExplainerDeps(llm=None))  # checks its settings now
-    roles = ["explainer", *(["subject_model"] if "subject_model" in explainers[chosen.explainer].uses else []), *(["embedder"] if chosen.best_of_n > 1 else [])]
+    roles = ["explainer", *(["subject_model"] if "subject_model" in explainers[chosen.explainer].uses else []), *(["embedder"] if chosen.best_of_n > 1 else []),
+             *(["judge"] if chosen.refine_rounds else [])]
     version = f"{EXPLANATIONS_VERSION}-{explainers[chosen.explainer].version}-{settings_digest(chosen)}{models.version_part(*roles)}"
 
     def explanations(context: AssetExecutionContext, config, settings: AutointerpSettings, llm: LLMResource, embedder: EmbedderResource,
@@ -174,15 +196,18 @@ def explanations_asset(defaults: dict | None = None, explainers: dict[str, type[
                 deps = ExplainerDeps(llm=client, subject_model=subject_model if "subject_model" in uses else None,
                                      coder=load_registered(layout.registry_dir, coder) if "coder" in uses and latents else None)
                 explainer = make_explainer(config, explainers, deps)
+                judge = llm.client(layout.llm_cache_dir, role="judge", coordination_url=settings.coordination_url) if config.refine_rounds else None
+                refiner = Refiner(judge, config.refine_rounds, config.max_tokens) if judge is not None else None
                 exemplars_fingerprint = exemplars.fingerprint()
-                key = f"{version}|{settings_digest(config)}|{client.identity}|{exemplars_fingerprint}"
-                with store.writing(explanations_table, journal_key=key) as writer:
+                key = f"{version}|{settings_digest(config)}|{client.identity}|{judge.identity if judge else ''}|{exemplars_fingerprint}"
+                rounds: list[dict] = []
+                with store.writing(explanations_table, journal_key=key, parts=("rounds", "rows")) as writer:
                     frame = asyncio.run(explain_all(explainer, config, exemplars, latent_stats, latents, corpus_prompt_vocab(load_corpus(layout)), embedder.embed,
-                                                    context.log.info, coder, writer.journal))
+                                                    context.log.info, coder, writer.journal, refiner, rounds))
                     frame["exemplars_fingerprint"] = exemplars_fingerprint  # what the scorers check they score against
                     if len(frame) and not (frame["status"] == "ok").any():
                         raise nothing_succeeded("explanations", f"all {len(frame)} latents failed", frame["error"])
-                    writer.commit(frame)
+                    writer.commit(frame, (store.explanation_rounds(coder, shard), pd.DataFrame(rounds, columns=TABLES["explanation_rounds"].columns)))
                 ok = frame[frame["status"] == "ok"]
                 sync_explanations(layout.lancedb_dir, embedder.model, coder, shard, dict(zip(ok["latent"].tolist(), ok["explanation"])), embedder.embed)
                 budget_stopped = int(frame["error"].map(stopped_by_budget).sum())
@@ -199,6 +224,9 @@ def explanations_asset(defaults: dict | None = None, explainers: dict[str, type[
                     "stopped_by_budget": budget_stopped,
                     "examples_dropped_to_fit": int(frame["examples_dropped"].sum()),
                     **client.ledger.as_metadata(),
+                    **({f"judge_{k}": v for k, v in judge.ledger.as_metadata().items()} if judge else {}),
+                    **({"judge_model": judge.identity, "revisions_kept": int(sum(r["kept"] and r["round"] > 0 for r in rounds)),
+                        "requests_per_latent": round((client.ledger.requests + judge.ledger.requests) / max(1, len(latents)), 2)} if judge else {}),
                     "sample": MetadataValue.md(frame.head(10)[["latent", "explanation", "status", "error"]].to_markdown(index=False)),
                     **viewer_links(settings.viewer_url, coder, ok["latent"].tolist()),
                     "path": MetadataValue.path(explanations_table.location),

@@ -214,6 +214,25 @@ def reask_list_message(n: int, lo: int, hi: int) -> dict:
     return {"role": "user", "content": f"Your answer could not be read. Reply with only a list of exactly {n} integers from {lo} to {hi}, like [{example}{', ...' if n > 4 else ''}], and nothing else."}
 
 
+def refine_message(shown: list[tuple[bool, str]], tried: list[str]) -> dict:
+    """The follow-up turn of a refine round, after the explainer's own answer: the `valid` windows the
+    explanation wrongly fits (`(True, plain text)`) and those it misses (`(False, text with the firing
+    tokens marked)`), and revisions already tried that scored no better (so a round never repeats one)."""
+    fits = [text for wrongly_fits, text in shown if wrongly_fits]
+    misses = [text for wrongly_fits, text in shown if not wrongly_fits]
+    parts = ["Your explanation was checked on other texts by a reader who saw only the explanation."]
+    if fits:
+        parts.append("It fits these texts, but the feature does not fire anywhere in them:\n" + "\n".join(f"Text {i}: {t}" for i, t in enumerate(fits, start=1)))
+    if misses:
+        parts.append("It does not fit these texts, yet the feature fires in them (on the tokens in << and >>):\n"
+                     + "\n".join(f"Text {i}: {t}" for i, t in enumerate(misses, start=1)))
+    if tried:
+        parts.append("Already tried, and no better: " + "; ".join(f"'{t}'" for t in tried) + ".")
+    parts.append("Revise the explanation so that it fits the texts where the feature fires and not the others. "
+                 "Answer with a single line of the form 'Explanation: <phrase>'.")
+    return {"role": "user", "content": "\n\n".join(parts)}
+
+
 REASK_EXPLANATION = {"role": "user", "content": "Your answer could not be read. Reply with only one line of the form 'Explanation: <phrase>'."}
 
 

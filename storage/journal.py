@@ -94,8 +94,8 @@ class Journal:
         return {int(r["latent"]): r for r in self.finished(part).to_dict("records") if int(r["latent"]) in wanted}
 
     def add(self, rows: list[dict] | None = None, **parts: list[dict]) -> None:
-        """One latent's rows: `rows` for a one-part journal, or a list per part name."""
-        for name, new in ({"rows": rows} if rows is not None else parts).items():
+        """One latent's rows: `rows` for the part named `rows`, and a list per other part name."""
+        for name, new in (({"rows": rows} if rows is not None else {}) | parts).items():
             self._pending[name] += new
         self._latents_pending += 1
         if self._latents_pending >= self.flush_every or time.monotonic() - self._flushed_at > self.flush_s:

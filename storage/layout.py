@@ -87,6 +87,10 @@ class DataRoot:
     def explanations_path(self, coder: str, shard: str) -> Path:
         return self.root / "explanations" / coder / f"{shard}.parquet"
 
+    def explanation_rounds_path(self, coder: str, shard: str) -> Path:
+        """Per latent and refine round: the explanation tried, its score on the `valid` windows, whether it was kept."""
+        return self.root / "explanations" / coder / f"{shard}.rounds.parquet"
+
     def scores_path(self, coder: str, shard: str, scorer: str) -> Path:
         """Per latent: the scorer's metrics with the explanation and beside the control."""
         return self.root / "scores" / coder / shard / f"{scorer}.parquet"

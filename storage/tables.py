@@ -50,6 +50,10 @@ TABLES = {t.name: t for t in [
         ("prompt_tokens", pa.int64()), ("completion_tokens", pa.int64()), ("model", pa.large_string()), ("candidates", pa.list_(pa.string())),
         ("candidate_scores", pa.list_(pa.float64())), ("examples_dropped", pa.int64()), ("exemplars_fingerprint", pa.large_string()),
     ])),
+    Table("explanation_rounds", pa.schema([
+        ("latent", pa.int64()), ("round", pa.int64()), ("explanation", pa.large_string()), ("valid_balanced_accuracy", pa.float64()),
+        ("false_positives", pa.int64()), ("false_negatives", pa.int64()), ("kept", pa.bool_()), ("requests", pa.int64()),
+    ])),
     Table("scores", pa.schema([
         ("latent", pa.int64()), ("explanation", pa.large_string()), ("control_explanation", pa.large_string()), ("control_note", pa.large_string()),
         *((m, pa.float64()) for m in SCORE_METRICS), ("quantile_accuracy", pa.large_string()), *((f"control_{m}", pa.float64()) for m in SCORE_METRICS),

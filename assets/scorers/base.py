@@ -68,6 +68,8 @@ class JobResult:
     failures: list[str] = field(default_factory=list)
     """Why each failed request failed, with the raw answer where there was one."""
     prompt_tokens: int = 0
+    requests: int = 0
+    """Answers the judge gave, re-asks included (counted by `classify`; a cached answer counts too)."""
     extra: dict = field(default_factory=dict)
     """Metrics only this scorer computes (columns of the scores table, e.g. `ev_correlation`)."""
 
@@ -172,6 +174,7 @@ async def classify(client: ProductionClient, job: Job, per_prompt: int, system: 
     asked = await asyncio.gather(*(ask_list(client, messages, len(kept), 0, 1) for kept, messages in prompts))
     for (kept, _), outcome in zip(prompts, asked):
         result.prompt_tokens += outcome.prompt_tokens
+        result.requests += len(outcome.answers)
         if outcome.value is None:
             result.lost(len(kept), outcome.failure)
             continue

@@ -30,7 +30,7 @@ from assets.prompts import corpus_prompt_vocab, plain_text
 from assets.records import LatentRecord, read_records
 from assets.refine import Refiner
 from assets.score_metrics import roc_auc
-from assets.stage_config import Models, problems, settings_digest, with_defaults
+from assets.stage_config import Models, added_later, problems, settings_digest, with_defaults
 from assets.work import ChunkLoader, nothing_succeeded, selected_latents, stream_latents
 from resources.embedder import EmbedderResource, explanation_similarity
 from resources.llm import UNREADABLE, LLMResource, stopped_by_budget
@@ -49,7 +49,7 @@ class ExplanationsConfig(Config):
     best_of_n: int = Field(default=1, description="Candidates per latent; above 1 the best by embedding score on held-out windows is kept.")
     candidate_temperature: float = Field(default=0.7, description="Sampling temperature of best-of-N candidates (a single explanation uses 0).")
     max_tokens: int = Field(default=48, description="Longest explanation, in tokens.")
-    refine_rounds: int = Field(default=0, ge=0, description="Revisions asked after the first explanation: each shows the explainer the `valid` windows the "
+    refine_rounds: int = added_later(0, ge=0, description="Revisions asked after the first explanation: each shows the explainer the `valid` windows the "
                                "explanation misjudges (detection by the deployment's judge) and is kept only if it scores better there. 0: single shot.")
 
 

@@ -28,13 +28,28 @@ def with_defaults(config: type[BaseModel], values: dict, section: str) -> type[B
         checked = config(**values)
     except ValidationError as error:
         raise ValueError(problems(error, section)) from None
-    fields = {key: (config.model_fields[key].annotation, Field(default=getattr(checked, key), description=config.model_fields[key].description)) for key in values}
+    fields = {key: (config.model_fields[key].annotation, Field(default=getattr(checked, key), description=config.model_fields[key].description,
+                                                                   json_schema_extra=config.model_fields[key].json_schema_extra)) for key in values}
     return create_model(config.__name__, __base__=config, **fields) if fields else config
+
+
+def added_later(default, **field_options):
+    """A setting added after results were made: at `default` (the behaviour before it existed) it is left out
+    of `settings_digest`, so an upgrade re-runs nothing that the new setting does not change."""
+    return Field(default=default, json_schema_extra={"digest_omits": default}, **field_options)
+
+
+def digest_values(settings: BaseModel) -> dict:
+    """The settings' values as the digest sees them: settings `added_later` and still at their old behaviour left out."""
+    def omitted(key: str, value) -> bool:
+        extra = type(settings).model_fields[key].json_schema_extra
+        return isinstance(extra, dict) and "digest_omits" in extra and value == extra["digest_omits"]
+    return {key: value for key, value in settings.model_dump().items() if not omitted(key, value)}
 
 
 def settings_digest(*settings: BaseModel | dict) -> str:
     """Short hash of settings values: part of a code version, so a changed value makes the asset stale."""
-    values = [s.model_dump() if isinstance(s, BaseModel) else s for s in settings]
+    values = [digest_values(s) if isinstance(s, BaseModel) else s for s in settings]
     return hashlib.sha256(json.dumps(values, sort_keys=True, default=str).encode()).hexdigest()[:10]
 
 

@@ -165,3 +165,14 @@ def test_a_latent_whose_refining_the_budget_stopped_is_failed_so_that_the_next_r
         rows = []
         frame = asyncio.run(explain_all(explainer, ExplanationsConfig(refine_rounds=2), exemplars, None, [1], vocab, None, refiner=Refiner(judge, 2, 48), rounds=rows))
     assert frame["status"].tolist() == ["failed"] and frame["error"].iloc[0].startswith("budget stopped") and rows == []
+
+
+def test_a_deployment_that_does_not_refine_keeps_the_code_version_it_had_before_refine_rounds_existed():
+    """Upgrading must not re-run every deployment's explanations: `refine_rounds` at 0 is left out of the digest,
+    whether the deployment is silent or writes it; any other value is in it."""
+    from assets.explanations import ExplanationsConfig
+    from assets.stage_config import settings_digest, with_defaults
+    before = {key: value for key, value in ExplanationsConfig().model_dump().items() if key != "refine_rounds"}
+    assert settings_digest(ExplanationsConfig()) == settings_digest(before)
+    assert settings_digest(with_defaults(ExplanationsConfig, {"refine_rounds": 0}, "explanations")()) == settings_digest(before)
+    assert settings_digest(with_defaults(ExplanationsConfig, {"refine_rounds": 2}, "explanations")()) != settings_digest(before)

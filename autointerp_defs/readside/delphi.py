@@ -72,17 +72,18 @@ def export_delphi(data_dir: str, coder: str, out_dir: str, module: str | None = 
     for row in ok.itertuples():
         (out / "explanations" / f"{module}_latent{int(row.latent)}.txt").write_text(json.dumps(row.explanation))
         written["explanations"] += 1
-    for ours, theirs in DELPHI_SCORERS.items():
-        written[theirs] = 0
-        for shard in index.shards:
-            judged = _judged_windows(store, coder, shard, ours)
-            tests = {latent: [w for w in index.windows(latent) if w["split"] == "test"] for latent in judged["latent"].unique()}  # `example` indexes these, in table order
-            distances = _neighbour_distances(store, coder, index, tests)
-            for latent, rows in judged.groupby("latent"):
-                test = tests[latent]
-                samples = [_sample(r, test[int(r.example)], vocab, distances.get((latent, int(r.example)), -1.0))
+    written.update({theirs: 0 for theirs in DELPHI_SCORERS.values()})
+    for shard in index.shards:
+        judged = {theirs: _judged_windows(store, coder, shard, ours) for ours, theirs in DELPHI_SCORERS.items()}
+        latents = sorted({int(latent) for rows in judged.values() for latent in rows["latent"]})
+        tests = {latent: [w for w in index.windows(latent) if w["split"] == "test"] for latent in latents}  # `example` indexes these, in table order
+        distances = _neighbour_distances(store, coder, index, tests)
+        for theirs, by_latent in judged.items():
+            folder = out / "scores" / theirs
+            for latent, rows in by_latent.groupby("latent"):
+                test = tests[int(latent)]
+                samples = [_sample(r, test[int(r.example)], vocab, distances.get((int(latent), int(r.example)), -1.0))
                            for r in rows.sort_values("example").itertuples() if int(r.example) < len(test)]
-                folder = out / "scores" / theirs
                 folder.mkdir(parents=True, exist_ok=True)
                 (folder / f"{module}_latent{int(latent)}.txt").write_text(json.dumps(samples))
                 written[theirs] += 1

@@ -144,7 +144,7 @@ def test_delphi_reads_the_export_with_its_own_code_and_gets_our_metrics(partitio
     from delphi.log import result_analysis
 
     from autointerp_defs.cli import main
-    from storage.activations import LATENT_STATS_FILE, load_latent_stats, read_shard
+    from storage.activations import LATENT_STATS_FILE, load_latent_stats, read_cache_meta, read_shard, shard_keys
 
     out = tmp_path / "delphi"
     main(["--data", str(partition.root), "export", "delphi", partition.coder, str(out)])
@@ -158,7 +158,8 @@ def test_delphi_reads_the_export_with_its_own_code_and_gets_our_metrics(partitio
     def dataset(latents=None):
         return LatentDataset(out / "latents", config.sampler_cfg, config.constructor_cfg, tokenizer=subject.tokenizer(), modules=[module], latents=latents)
 
-    cached = [read_shard(root.activations_dir(partition.coder), f"{i:02d}") for i in range(8)]
+    cache = root.activations_dir(partition.coder)
+    cached = [read_shard(cache, shard) for shard in shard_keys(read_cache_meta(cache)["n_shards"])]
     ours = {latent: (locations, values) for shard in cached for latent, locations, values in shard.by_latent()}
     read = {data.latent.latent_index: data.activation_data for buffer in dataset().buffers for data in buffer}
     assert sorted(read) == sorted(ours)
@@ -178,7 +179,7 @@ def test_delphi_reads_the_export_with_its_own_code_and_gets_our_metrics(partitio
             assert np.allclose(theirs[tuple(window.tokens)], window.activations)
 
     counts = torch.load(out / "log" / "hookpoint_firing_counts.pt", weights_only=True)
-    assert np.array_equal(counts[module].numpy(), load_latent_stats(root.activations_dir(partition.coder) / LATENT_STATS_FILE)["count"])
+    assert np.array_equal(counts[module].numpy(), load_latent_stats(cache / LATENT_STATS_FILE)["count"])
 
     frame, counts = result_analysis.load_data(out / "scores", [module])
     pooled = {}

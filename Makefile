@@ -19,8 +19,10 @@ $(VENV)/.installed: pyproject.toml
 
 # The browser tests drive Debian's chromium (Playwright's own browser download is not reachable);
 # the cluster tests (tests/cluster) need the `cluster` extra, and PostgreSQL and Redis (.ci/run installs them).
+# eai-delphi without its requirements (vLLM, bitsandbytes): the `test` extra lists the few its readers import.
 $(VENV)/.installed-test: $(VENV)/.installed
 	$(PY) -m pip install -q -e '.[test,cluster]'
+	$(PY) -m pip install -q --no-deps eai-delphi==0.1.3
 	command -v chromium >/dev/null || { apt-get install -y -q chromium || sudo apt-get install -y -q chromium; }
 	touch $@
 

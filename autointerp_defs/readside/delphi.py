@@ -1,35 +1,52 @@
-"""delphi's files: `autointerp export delphi CODER DIR` writes them, `autointerp import delphi CODER DIR` reads explanations back.
+"""delphi's files: `autointerp export delphi CODER DIR` writes a delphi run folder, `autointerp import delphi CODER DIR` reads explanations back.
 
-delphi's layout (checked against EleutherAI/delphi: `delphi/__main__.py` writes them with orjson,
-`delphi/log/result_analysis.py` reads the scores, `Latent.__repr__` names the files):
+delphi's layout (checked against eai-delphi 0.1.3: `latents/cache.py` writes the cache, `latents/loader.py`
+`LatentDataset` reads it, `__main__.py` writes the rest with orjson, `log/result_analysis.py` reads scores):
 
-    <DIR>/explanations/<module>_latent<N>.txt     a JSON string: the explanation
-    <DIR>/scores/<scorer>/<module>_latent<N>.txt  a JSON list, one object per judged window:
-        str_tokens, activations, distance (quantile, or -1 for non-activating), activating,
-        prediction, probability, correct  (delphi's `ClassifierOutput`)
+    <DIR>/latents/<module>/<start>_<end>.safetensors   latents start..end (inclusive), delphi's 5 splits of the
+        width: `locations` int32 [n, 3] = (sequence, position, latent - start), `activations` float32 [n],
+        `tokens` the corpus [n_sequences, ctx_len] (in every split, as delphi writes it)
+    <DIR>/latents/<module>/config.json                 the cache's CacheConfig fields and `model_name`
+    <DIR>/log/hookpoint_firing_counts.pt               {module: int64 tensor [width]}: tokens each latent fired on
+    <DIR>/run_config.json                              RunConfig: model, sparse model, hookpoints, scorers and the
+        cache, constructor and sampler settings the data shows (delphi's defaults fill the rest when it loads)
+    <DIR>/explanations/<module>_latent<N>.txt          a JSON string: the explanation
+    <DIR>/scores/<scorer>/<module>_latent<N>.txt       a JSON list, one `ClassifierOutput` per judged window:
+        str_tokens, activations, distance, activating, prediction, probability, correct
+
+`distance` is delphi's: an activating window's quantile 0..n-1 (0 the strongest; ours are 1..n), a
+neighbour window minus the decoder cosine similarity of the neighbour firing most in it, any other
+non-activating window -1. Activations stay this latent's own (zeros on non-activating windows) at float32.
 
 Our detection and fuzzing scorers are delphi's classifier scorers (delphi calls fuzzing `fuzz`);
 only those are written as scores, since delphi's analysis reads only that shape, and only where they
-scored the explanation written beside them (not an earlier text of the latent). An imported
-explanation becomes an `ok` row of our explanations table (explainer `delphi`), so every scorer
-here re-scores it beside a control.
+scored the explanation written beside them. An export replaces every file of its module in DIR (other
+modules' files stay, their hookpoints and firing counts are kept), so a re-export never leaves a score
+of an earlier text beside a new one. An imported explanation becomes an `ok` row of our explanations
+table (explainer `delphi`), so every scorer here re-scores it beside a control.
 """
 from __future__ import annotations
 
 import json
 import re
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import torch
+from safetensors.numpy import save_file
 
 from autointerp_defs.readside import reader
 from autointerp_defs.readside.index import CoderIndex
+from storage.identity import model_name
 from storage.store import TableStore
 from storage.tables import TABLES
 from storage.vector_store import sync_explanations
 
 DELPHI_SCORERS = {"detection": "detection", "fuzzing": "fuzz"}
+DELPHI_SPLITS = 5
+"""delphi's default `CacheConfig.n_splits`: few files, since each carries the corpus tokens."""
 FILE = re.compile(r"^(?P<module>.+)_latent(?P<latent>\d+)\.txt$")
 
 
@@ -39,43 +56,148 @@ def default_module(coder: str) -> str:
 
 
 def export_delphi(data_dir: str, coder: str, out_dir: str, module: str | None = None) -> dict[str, int]:
-    """Write explanations and classifier scores of every shard; returns how many files of each kind."""
+    """Write the coder's latent cache, explanations and classifier scores as a delphi run; returns how many files of each kind."""
     store = TableStore.at(data_dir)
     module = module or default_module(coder)
     index = CoderIndex(store, coder)
-    vocab = reader.display_vocab(store)
     out = Path(out_dir)
+    _remove_module(out, module)
+    cache_cfg = _write_latent_cache(store, coder, out, module, index.meta)
+    written = {"latent splits": cache_cfg["n_splits"]}
+    vocab = reader.display_vocab(store)
     (out / "explanations").mkdir(parents=True, exist_ok=True)
-    written = {"explanations": 0}
     explained = reader.explanations(store, coder, index.shards)
-    for row in (explained[explained["status"] == "ok"].itertuples() if len(explained) else []):
+    ok = explained[explained["status"] == "ok"] if len(explained) else explained
+    written["explanations"] = 0
+    for row in ok.itertuples():
         (out / "explanations" / f"{module}_latent{int(row.latent)}.txt").write_text(json.dumps(row.explanation))
         written["explanations"] += 1
-    for ours, theirs in DELPHI_SCORERS.items():
-        folder = out / "scores" / theirs
-        written[theirs] = 0
-        for shard in index.shards:
-            examples = reader.rows_of(store.scored_examples(coder, shard, ours))
-            if not len(examples):
-                continue
-            scored = reader.rows_of(store.scores(coder, shard, ours))
-            stale = set(scored["latent"][reader.stale(scored, reader.rows_of(store.explanations(coder, shard)))]) if len(scored) else set()
-            for latent, rows in examples[(examples["source"] == "explanation") & ~examples["latent"].isin(stale)].groupby("latent"):
-                test = [w for w in index.windows(int(latent)) if w["split"] == "test"]  # `example` indexes these, in table order
-                samples = [_sample(r, test[int(r.example)], vocab) for r in rows.sort_values("example").itertuples() if int(r.example) < len(test)]
+    written.update({theirs: 0 for theirs in DELPHI_SCORERS.values()})
+    for shard in index.shards:
+        judged = {theirs: _judged_windows(store, coder, shard, ours) for ours, theirs in DELPHI_SCORERS.items()}
+        latents = sorted({int(latent) for rows in judged.values() for latent in rows["latent"]})
+        tests = {latent: [w for w in index.windows(latent) if w["split"] == "test"] for latent in latents}  # `example` indexes these, in table order
+        distances = _neighbour_distances(store, coder, index, tests)
+        for theirs, by_latent in judged.items():
+            folder = out / "scores" / theirs
+            for latent, rows in by_latent.groupby("latent"):
+                test = tests[int(latent)]
+                samples = [_sample(r, test[int(r.example)], vocab, distances.get((int(latent), int(r.example)), -1.0))
+                           for r in rows.sort_values("example").itertuples() if int(r.example) < len(test)]
                 folder.mkdir(parents=True, exist_ok=True)
                 (folder / f"{module}_latent{int(latent)}.txt").write_text(json.dumps(samples))
                 written[theirs] += 1
+    _write_run_config(store, coder, out, module, index, cache_cfg, ok, [theirs for theirs in DELPHI_SCORERS.values() if written[theirs]])
     return written
 
 
-def _sample(row, window: dict, vocab: list[str]) -> dict:
+def _remove_module(out: Path, module: str) -> None:
+    """Delete this module's files of an earlier export (or delphi run) in `out`: explanations, scores, latent cache."""
+    for path in [*out.glob("explanations/*.txt"), *out.glob("scores/*/*.txt")]:
+        match = FILE.match(path.name)
+        if match and match["module"] == module:
+            path.unlink()
+    for path in (out / "latents" / module).glob("*"):
+        path.unlink()
+
+
+def _judged_windows(store: TableStore, coder: str, shard: str, scorer: str) -> pd.DataFrame:
+    """The scorer's per-window rows of the explanation (not the control), of latents whose scores row judged
+    the current explanation: a row of an earlier text (an import since) is left out, as is a latent without one."""
+    examples = reader.rows_of(store.scored_examples(coder, shard, scorer))
+    scored = reader.rows_of(store.scores(coder, shard, scorer))
+    if not len(examples) or not len(scored):
+        return pd.DataFrame(columns=["latent", "example"])
+    fresh = scored["latent"][~reader.stale(scored, reader.rows_of(store.explanations(coder, shard)))]
+    return examples[(examples["source"] == "explanation") & examples["latent"].isin(fresh)]
+
+
+def _sample(row, window: dict, vocab: list[str], negative_distance: float) -> dict:
     activating = bool(row.label)
     prediction = None if pd.isna(row.predicted) else bool(row.predicted)
     probability = None if pd.isna(row.score) else float(row.score)
     return {"str_tokens": [vocab[t] for t in window["tokens"]], "activations": [float(a) for a in window["activations"]],
-            "distance": int(row.quantile) if activating else -1, "activating": activating, "prediction": prediction,
+            "distance": int(row.quantile) - 1 if activating else negative_distance, "activating": activating, "prediction": prediction,
             "probability": probability, "correct": None if prediction is None else prediction == activating}
+
+
+def _neighbour_distances(store: TableStore, coder: str, index: CoderIndex, tests: dict[int, list[dict]]) -> dict[tuple[int, int], float]:
+    """delphi's `distance` of each neighbour window, keyed (latent, test window): minus the decoder cosine
+    similarity of the latent's neighbour with the largest activation in the window (the one that put it there)."""
+    wanted = {latent: [i for i, w in enumerate(test) if w["kind"] == "neighbour"] for latent, test in tests.items()}
+    wanted = {latent: found for latent, found in wanted.items() if found}
+    if not wanted:
+        return {}
+    profiles = reader.latent_profiles(store, coder, [index.shard_of(latent) for latent in wanted]).drop_duplicates("latent", keep="last").set_index("latent")
+    directions = index.decoder()
+    fired = reader.latent_activations(store, coder, sorted({int(n) for latent in wanted for n in profiles.at[latent, "neighbours"]}))
+    distances = {}
+    for latent, found in wanted.items():
+        mine = np.isin(fired.locations[:, 2], np.asarray(profiles.at[latent, "neighbours"]))
+        locations, values = fired.locations[mine], fired.activations[mine]
+        for i in found:
+            w = tests[latent][i]
+            inside = (locations[:, 0] == w["sequence"]) & (locations[:, 1] >= w["start"]) & (locations[:, 1] < w["start"] + len(w["tokens"]))
+            if not inside.any():
+                raise reader.ExportInputError(f"Latent {latent}'s neighbour window (sequence {w['sequence']}, start {w['start']}) holds no activation of its "
+                                              f"neighbours in the cache of {coder}. Fix: materialize `exemplars` of {coder}|{index.shard_of(latent)} again.")
+            strongest = int(locations[inside, 2][np.argmax(values[inside])])
+            distances[(latent, i)] = -float(np.asarray(directions[latent]) @ np.asarray(directions[strongest]))
+    return distances
+
+
+def _write_latent_cache(store: TableStore, coder: str, out: Path, module: str, meta: dict) -> dict:
+    """delphi's latent cache of the coder (`LatentDataset` reads it) and its firing counts (`log_results` reads
+    them); returns the cache's config."""
+    width = int(meta["width"])
+    tokens = reader.corpus_tokens(store)
+    folder = out / "latents" / module
+    folder.mkdir(parents=True, exist_ok=True)
+    bounds = np.linspace(0, width, min(DELPHI_SPLITS, width) + 1).astype(np.int64)
+    for start, stop in zip(bounds[:-1], bounds[1:]):
+        fired = reader.latent_activations(store, coder, np.arange(start, stop))
+        locations = fired.locations.astype(np.int32)
+        locations[:, 2] -= start
+        save_file({"locations": locations, "activations": fired.activations.astype(np.float32), "tokens": tokens}, str(folder / f"{start}_{stop - 1}.safetensors"))
+    corpus = reader.corpus_meta(store)
+    cache_cfg = {"dataset_repo": corpus.get("source", ""), "cache_ctx_len": int(tokens.shape[1]), "n_tokens": int(tokens.size), "n_splits": len(bounds) - 1,
+                 "model_name": corpus.get("tokenizer", "")}
+    (folder / "config.json").write_text(json.dumps(cache_cfg, indent=4))
+    counts_path = out / "log" / "hookpoint_firing_counts.pt"
+    counts_path.parent.mkdir(parents=True, exist_ok=True)
+    counts = torch.load(counts_path, weights_only=True) if counts_path.exists() else {}
+    counts[module] = torch.from_numpy(reader.latent_counts(store, coder)["count"].astype(np.int64))
+    torch.save(counts, counts_path)
+    return cache_cfg
+
+
+def _write_run_config(store: TableStore, coder: str, out: Path, module: str, index: CoderIndex, cache_cfg: dict, explained: pd.DataFrame, scorers: list[str]) -> None:
+    """delphi's `run_config.json`, with the settings our data shows; an earlier export's hookpoints are kept."""
+    path = out / "run_config.json"
+    earlier = json.loads(path.read_text()).get("hookpoints", []) if path.exists() else []
+    cache_cfg = dict(cache_cfg)
+    config = {"model": cache_cfg.pop("model_name"), "sparse_model": coder.split("/", 1)[0], "hookpoints": sorted({*earlier, module}),
+              "scorers": scorers, "cache_cfg": cache_cfg, **_exemplar_settings(store, coder, index)}
+    if len(explained):
+        config["explainer_model"] = model_name(Counter(explained["model"]).most_common(1)[0][0])
+    path.write_text(json.dumps(config, indent=4))
+
+
+def _exemplar_settings(store: TableStore, coder: str, index: CoderIndex) -> dict:
+    """delphi's constructor and sampler settings as the exemplars tables show them (the largest count of any latent)."""
+    frames = [store.exemplars(coder, s).read_if_present(columns=["latent", "split", "kind", "quantile"]) for s in index.shards]
+    rows = pd.concat([f for f in frames if f is not None and len(f)] or [pd.DataFrame(columns=["latent", "split", "kind", "quantile"])])
+    if not len(rows):
+        return {}
+    activating = rows["kind"] == "activating"
+
+    def most(mask) -> int:
+        return int(rows[mask].groupby("latent").size().max()) if mask.any() else 0
+
+    example_ctx_len = len(index.windows(int(rows["latent"].iloc[0]))[0]["tokens"])
+    return {"constructor_cfg": {"example_ctx_len": example_ctx_len, "n_non_activating": most((rows["split"] == "test") & ~activating)},
+            "sampler_cfg": {"n_examples_train": most((rows["split"] == "train") & activating), "n_examples_test": most((rows["split"] == "test") & activating),
+                            "n_quantiles": int(rows.loc[(rows["split"] == "test") & activating, "quantile"].max())}}
 
 
 def read_delphi_explanations(folder: Path, module: str | None = None) -> dict[int, str]:

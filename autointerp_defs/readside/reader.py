@@ -14,7 +14,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from storage.activations import META_FILE, load_latent_stats, read_cache_meta, read_shard, shard_keys, shard_of_latents
+from storage.activations import META_FILE, ShardActivations, load_latent_stats, read_cache_meta, read_latents, read_shard, shard_keys, shard_of_latents
+from storage.corpus import load_corpus
 from storage.store import StoredTable, TableStore
 from storage.vector_store import open_explanations
 
@@ -70,6 +71,20 @@ def latent_counts(store: TableStore, coder: str) -> dict[str, np.ndarray]:
 def shard_activations(store: TableStore, coder: str, shard: str):
     """Every cached (location, activation) pair of one shard (`ShardActivations`)."""
     return read_shard(store.layout.activations_dir(coder), shard)
+
+
+def latent_activations(store: TableStore, coder: str, latents) -> ShardActivations:
+    """Every cached (location, activation) pair of some latents, reading only the shards that hold them."""
+    meta = activations_meta(store, coder)
+    return read_latents(store.layout.activations_dir(coder), np.asarray(latents, np.int64), int(meta["width"]), int(meta["latents_per_shard"]))
+
+
+def corpus_tokens(store: TableStore) -> np.ndarray:
+    """The corpus's token ids `[n_sequences, ctx_len]`: what the cache's locations (sequence, position) index."""
+    layout = store.layout
+    if not layout.corpus_meta_path.exists():
+        raise NotMaterialized(f"No corpus under {layout.corpus_dir}. Fix: materialize the `corpus` asset first.")
+    return load_corpus(layout).tokens
 
 
 def rows_of(table: StoredTable) -> pd.DataFrame:

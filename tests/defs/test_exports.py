@@ -2,18 +2,23 @@
 on a materialized partition."""
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import shutil
 
+import numpy as np
 import pandas as pd
 import pytest
+import torch
 from dagster import DagsterInstance, materialize
 
 from storage.layout import DataRoot
-from tests.conftest import add_coders, make_resources
+from tests.conftest import TINY_EXEMPLARS_CONFIG, add_coders, make_resources
 from tests.materialized_partition import build
 
 DELPHI_SAMPLE = {"str_tokens", "activations", "distance", "activating", "prediction", "probability", "correct"}  # delphi's ClassifierOutput
+DELPHI_SCORERS = {"detection": "detection", "fuzz": "fuzzing"}  # delphi's name → ours
 
 
 @pytest.fixture(scope="session")
@@ -119,6 +124,7 @@ def test_neuronpedia_importer_accepts_the_export_and_reads_back_every_row(partit
 def test_delphi_export_then_import_rescored_with_controls(partition, tmp_path):
     from autointerp_defs.cli import main
     from autointerp_defs.definitions import build_definitions
+    from resources.sparse_coders import load_registered
 
     out = tmp_path / "delphi"
     main(["--data", str(partition.root), "export", "delphi", partition.coder, str(out)])
@@ -130,6 +136,9 @@ def test_delphi_export_then_import_rescored_with_controls(partition, tmp_path):
     for latent, text in zip(ok.latent, ok.explanation):
         assert json.loads((out / "explanations" / f"model.layers.3_latent{latent}.txt").read_text()) == text
     detection = pd.read_parquet(root.scored_examples_path(partition.coder, "00", "detection"))
+    exemplars = pd.read_parquet(root.exemplars_path(partition.coder, "00"))
+    profiles = pd.read_parquet(root.latent_profiles_path(partition.coder, "00")).set_index("latent")
+    decoder = torch.nn.functional.normalize(load_registered(root.registry_dir, partition.coder).decoder_weight.float(), dim=1).numpy()
     for name, ours in (("detection", detection), ("fuzz", pd.read_parquet(root.scored_examples_path(partition.coder, "00", "fuzzing")))):
         latent = int(ok.latent.iloc[0])
         samples = json.loads((out / "scores" / name / f"model.layers.3_latent{latent}.txt").read_text())
@@ -138,6 +147,17 @@ def test_delphi_export_then_import_rescored_with_controls(partition, tmp_path):
         assert [s["activating"] for s in samples] == [bool(x) for x in mine.label]
         assert [s["prediction"] for s in samples] == [bool(x) for x in mine.predicted]
         assert all(s["correct"] == (s["prediction"] == s["activating"]) for s in samples)
+        # delphi's distance: quantile 0..n-1 (ours 1..n), minus the firing neighbour's decoder cosine, else -1
+        assert [s["distance"] for s in samples if s["activating"]] == [int(q) - 1 for q in mine["quantile"][mine.label == 1]]
+        test = exemplars[(exemplars.latent == latent) & (exemplars.split == "test")].reset_index(drop=True)
+        neighbour_cosines = decoder[list(profiles.loc[latent, "neighbours"])] @ decoder[latent]
+        for s, example in zip(samples, mine.example):
+            if s["activating"]:
+                continue
+            if test.kind[example] == "neighbour":
+                assert np.isclose(-s["distance"], neighbour_cosines, atol=1e-6).any()
+            else:
+                assert s["distance"] == -1
 
     # import into a copy whose explanations are gone: the same texts come back, re-scorable with controls
     copy = tmp_path / "copy"
@@ -157,6 +177,101 @@ def test_delphi_export_then_import_rescored_with_controls(partition, tmp_path):
     scored = pd.read_parquet(croot.scores_path(partition.coder, "00", "embedding"))
     assert dict(zip(scored.latent, scored.explanation)) == dict(zip(ok.latent, ok.explanation))
     assert (scored.control_explanation != scored.explanation).all() and scored.control_roc_auc.notna().all()
+
+
+def test_delphi_reads_the_export_with_its_own_code_and_gets_our_metrics(partition, tmp_path, subject, monkeypatch):
+    """eai-delphi's `LatentDataset` reads the latent cache (the same pairs as ours, the same windows as our
+    exemplars) and its `result_analysis` the scores, with metrics equal to ours."""
+    from delphi.config import RunConfig
+    from delphi.latents import LatentDataset
+    from delphi.log import result_analysis
+
+    from autointerp_defs.cli import main
+    from storage.activations import LATENT_STATS_FILE, load_latent_stats, read_cache_meta, read_shard, shard_keys
+
+    out = tmp_path / "delphi"
+    main(["--data", str(partition.root), "export", "delphi", partition.coder, str(out)])
+    root = DataRoot.at(partition.root)
+    module = "model.layers.3"
+    config = RunConfig.load_json(out / "run_config.json")
+    assert config.hookpoints == [module] and config.scorers == ["detection", "fuzz"] and config.sparse_model == "tiny-topk"
+    assert (config.constructor_cfg.example_ctx_len, config.sampler_cfg.n_quantiles) == (TINY_EXEMPLARS_CONFIG["example_ctx_len"], 5)
+    config.constructor_cfg.min_examples = TINY_EXEMPLARS_CONFIG["min_activating_windows"]  # a setting of our run the tables do not record
+
+    def dataset(latents=None):
+        return LatentDataset(out / "latents", config.sampler_cfg, config.constructor_cfg, tokenizer=subject.tokenizer(), modules=[module], latents=latents)
+
+    cache = root.activations_dir(partition.coder)
+    cached = [read_shard(cache, shard) for shard in shard_keys(read_cache_meta(cache)["n_shards"])]
+    ours = {latent: (locations, values) for shard in cached for latent, locations, values in shard.by_latent()}
+    read = {data.latent.latent_index: data.activation_data for buffer in dataset().buffers for data in buffer}
+    assert sorted(read) == sorted(ours)
+    for latent, (locations, values) in ours.items():
+        assert np.array_equal(read[latent].locations.numpy(), locations) and np.array_equal(read[latent].activations.numpy(), values), latent
+
+    exemplars = pd.read_parquet(root.exemplars_path(partition.coder, "00"))
+    profiles = pd.read_parquet(root.latent_profiles_path(partition.coder, "00")).set_index("latent")
+    explained = pd.read_parquet(root.explanations_path(partition.coder, "00"))
+    records = list(dataset({module: torch.tensor(sorted(explained.latent))}))
+    assert sorted(r.latent.latent_index for r in records) == sorted(explained.latent)
+    for record in records:  # delphi's windows of the cache are our exemplars' (block placement is delphi's grid)
+        latent = record.latent.latent_index
+        theirs = {tuple(e.tokens.tolist()): e.activations.numpy() for e in record.examples}
+        assert len(theirs) == profiles.loc[latent, "activating_windows"] and record.max_activation == pytest.approx(profiles.loc[latent, "max_activation"])
+        for window in exemplars[(exemplars.latent == latent) & (exemplars.kind == "activating")].itertuples():
+            assert np.allclose(theirs[tuple(window.tokens)], window.activations)
+
+    counts = torch.load(out / "log" / "hookpoint_firing_counts.pt", weights_only=True)
+    assert np.array_equal(counts[module].numpy(), load_latent_stats(cache / LATENT_STATS_FILE)["count"])
+
+    frame, counts = result_analysis.load_data(out / "scores", [module])
+    pooled = {}
+    for (theirs, latent), rows in frame.groupby(["score_type", "latent_idx"]):
+        metrics = result_analysis.compute_classification_metrics(result_analysis.compute_confusion(rows))
+        mine = pd.read_parquet(root.scores_path(partition.coder, "00", DELPHI_SCORERS[theirs])).set_index("latent").loc[latent]
+        for delphi_name, our_name in (("accuracy", "balanced_accuracy"), ("precision", "precision"), ("recall", "recall"), ("f1_score", "f1")):
+            assert metrics[delphi_name] == pytest.approx(mine[our_name], abs=1e-12), (theirs, latent, delphi_name)
+        auc = result_analysis.compute_auc(rows)  # None without probabilities, where ours is NaN
+        assert (auc is None and np.isnan(mine["roc_auc"])) or auc == pytest.approx(mine["roc_auc"], abs=1e-12)
+        total = pooled.setdefault(theirs, {"tp": 0, "fp": 0, "tn": 0, "fn": 0})
+        for k in total:
+            total[k] += int(mine[k])
+    assert sorted(pooled) == ["detection", "fuzz"]
+
+    # log_results itself, without its plots (images need kaleido; they are not what an export is checked by)
+    for plot in ("import_plotly", "plot_firing_vs_f1", "plot_roc_curve", "plot_accuracy_hist"):
+        monkeypatch.setattr(result_analysis, plot, lambda *args, **kwargs: None)
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        result_analysis.log_results(out / "scores", out / "visualize", config.hookpoints, config.scorers)
+    for theirs, t in pooled.items():
+        balanced = (t["tp"] / (t["tp"] + t["fn"]) + t["tn"] / (t["tn"] + t["fp"])) / 2
+        section = printed.getvalue().split(f"--- {theirs.title()} Metrics ---")[1]
+        assert f"Class-Balanced Accuracy: {balanced:.3f}" in section and f"Total: {sum(t.values())}" in section
+    assert f"Number of dead features: {int((counts[module] == 0).sum())}" in printed.getvalue()
+
+
+def test_reexport_after_an_import_writes_no_score_of_the_earlier_text(partition, tmp_path):
+    from autointerp_defs.cli import main
+
+    copy = tmp_path / "copy"
+    shutil.copytree(partition.root, copy, ignore=shutil.ignore_patterns("viewer"))
+    out = tmp_path / "delphi"
+    main(["--data", str(copy), "export", "delphi", partition.coder, str(out)])
+    explained = pd.read_parquet(DataRoot.at(copy).explanations_path(partition.coder, "00"))
+    latent, *others = sorted(explained[explained.status == "ok"].latent)
+    name = f"model.layers.3_latent{latent}.txt"
+    assert all((out / "scores" / scorer / name).exists() for scorer in DELPHI_SCORERS)
+
+    new = tmp_path / "new" / "explanations"
+    new.mkdir(parents=True)
+    (new / name).write_text(json.dumps("a text no scorer has judged"))
+    main(["--data", str(copy), "import", "delphi", partition.coder, str(new.parent)])
+    main(["--data", str(copy), "export", "delphi", partition.coder, str(out)])  # into the same folder
+    assert json.loads((out / "explanations" / name).read_text()) == "a text no scorer has judged"
+    for scorer in DELPHI_SCORERS:
+        assert not (out / "scores" / scorer / name).exists()
+        assert all((out / "scores" / scorer / f"model.layers.3_latent{other}.txt").exists() for other in others)
 
 
 def test_import_names_the_fix_for_a_folder_without_delphi_explanations(partition, tmp_path):

@@ -12,10 +12,14 @@ huggingface_hub raises its own error classes. With `token` set, a request withou
 from __future__ import annotations
 
 import hashlib
+import importlib
 import json
+import os
 import threading
+from contextlib import contextmanager
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
+from typing import Iterator
 from urllib.parse import unquote, urlsplit
 
 
@@ -109,3 +113,27 @@ class ScriptedHub:
         handler.end_headers()
         if body:
             handler.wfile.write(data)
+
+
+@contextmanager
+def hub_environment(url: str, home: Path, token: str | None = None, offline: bool = False) -> Iterator[dict]:
+    """The variables huggingface_hub reads (HF_ENDPOINT, HF_HOME, HF_TOKEN, HF_HUB_OFFLINE) set for the block,
+    and its constants re-read, since it reads them once at import; the environment is restored after. Yields
+    the variables set, for a subprocess."""
+    import huggingface_hub.constants
+
+    saved = dict(os.environ)
+    env = {"HF_ENDPOINT": url, "HF_HOME": str(home), "HF_HUB_OFFLINE": "1" if offline else "0", "HF_HUB_DISABLE_PROGRESS_BARS": "1"}
+    os.environ.update(env)
+    os.environ.pop("TRANSFORMERS_OFFLINE", None)  # the test session's default (tests/conftest.py) would win over HF_HUB_OFFLINE=0
+    if token:
+        os.environ["HF_TOKEN"] = token
+    else:
+        os.environ.pop("HF_TOKEN", None)
+    importlib.reload(huggingface_hub.constants)
+    try:
+        yield env
+    finally:
+        os.environ.clear()
+        os.environ.update(saved)
+        importlib.reload(huggingface_hub.constants)

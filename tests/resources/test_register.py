@@ -2,7 +2,6 @@
 huggingface_hub's real code into its cache, then found there offline."""
 from __future__ import annotations
 
-import importlib
 import json
 import os
 import subprocess
@@ -15,7 +14,7 @@ import pytest
 from autointerp_defs.cli import main
 from resources.sparse_coders import load_registered, scan_registry
 from tests.resources.test_coder_formats import randomize
-from tests.scripted_hub_server import ScriptedHub
+from tests.scripted_hub_server import ScriptedHub, hub_environment
 
 D_IN, WIDTH = 16, 64
 TOKEN = "hf_scripted_token"
@@ -46,44 +45,21 @@ def coders(tmp_path_factory):
 
 
 @pytest.fixture()
-def hub(coders):
-    with ScriptedHub(token=TOKEN) as hub:
+def hub(coders, tmp_path):
+    """The scripted hub serving the coders (HF_TOKEN needed), with huggingface_hub pointed at it and its cache in the test's folder."""
+    with ScriptedHub(token=TOKEN) as hub, hub_environment(hub.url, tmp_path / "hf_home", TOKEN) as env:
         hub.add_folder("EleutherAI/sae-tiny", coders / "sparsify", refs=("main", "v1"))
         hub.add_folder("jbloom/GPT2-Small-SAEs-Reformatted", coders / "saelens")
         hub.add_folder("google/gemma-scope-2b-pt-res", coders / "gemmascope")
+        hub.env = env
         yield hub
-
-
-def hub_env(monkeypatch, hub, tmp_path, offline=False, token=True) -> dict:
-    """The environment huggingface_hub reads, set and re-read (its constants are read at import)."""
-    import huggingface_hub.constants
-
-    env = {"HF_ENDPOINT": hub.url, "HF_HOME": str(tmp_path / "hf_home"), "HF_HUB_OFFLINE": "1" if offline else "0", "HF_HUB_DISABLE_PROGRESS_BARS": "1"}
-    for key, value in env.items():
-        monkeypatch.setenv(key, value)
-    monkeypatch.delenv("TRANSFORMERS_OFFLINE", raising=False)
-    if token:
-        monkeypatch.setenv("HF_TOKEN", TOKEN)
-    else:
-        monkeypatch.delenv("HF_TOKEN", raising=False)
-    importlib.reload(huggingface_hub.constants)
-    return env
-
-
-@pytest.fixture(autouse=True)
-def reread_constants_after():
-    yield
-    import huggingface_hub.constants
-
-    importlib.reload(huggingface_hub.constants)  # monkeypatch has restored the environment by now
 
 
 def register(data: Path, *args) -> None:
     main(["--deployment", "local", "--data", str(data), "register", *args])
 
 
-def test_sparsify_repo_is_downloaded_at_a_revision_and_registered(hub, coders, tmp_path, monkeypatch, capsys):
-    hub_env(monkeypatch, hub, tmp_path)
+def test_sparsify_repo_is_downloaded_at_a_revision_and_registered(hub, coders, tmp_path, capsys):
     register(tmp_path / "data", "EleutherAI/sae-tiny", "--hookpoints", "layers.1", "layers.2", "--revision", "v1")
     out = capsys.readouterr().out
     commit = hub.refs["EleutherAI/sae-tiny"]["v1"]
@@ -106,8 +82,7 @@ def test_sparsify_repo_is_downloaded_at_a_revision_and_registered(hub, coders, t
         register(tmp_path / "data", "EleutherAI/sae-tiny", "--hookpoints", "layers.1", "--revision", "main")
 
 
-def test_saelens_and_gemma_scope_releases_resolve_through_saelens_directory(hub, coders, tmp_path, monkeypatch, capsys):
-    hub_env(monkeypatch, hub, tmp_path)
+def test_saelens_and_gemma_scope_releases_resolve_through_saelens_directory(hub, coders, tmp_path, capsys):
     register(tmp_path / "data", "gpt2-small-res-jb", "--hookpoints", "blocks.3.hook_resid_pre")
     register(tmp_path / "data", "gemma-scope-2b-pt-res", "--hookpoints", GEMMA_SCOPE_ID)
     out = capsys.readouterr().out
@@ -121,11 +96,10 @@ def test_saelens_and_gemma_scope_releases_resolve_through_saelens_directory(hub,
     assert {path.split("/resolve/")[0] for method, path, _ in hub.requests if "/resolve/" in path} == {"/jbloom/GPT2-Small-SAEs-Reformatted", "/google/gemma-scope-2b-pt-res"}
 
 
-def test_hub_errors_name_the_input_and_the_fix(hub, tmp_path, monkeypatch):
-    hub_env(monkeypatch, hub, tmp_path, token=False)
-    with pytest.raises(SystemExit, match=r"EleutherAI/sae-tiny does not exist or is private \(no token was sent \(HF_TOKEN is not set\)\)\. Fix: .*HF_TOKEN"):
+def test_hub_errors_name_the_input_and_the_fix(hub, tmp_path):
+    with hub_environment(hub.url, tmp_path / "hf_home"), \
+            pytest.raises(SystemExit, match=r"EleutherAI/sae-tiny does not exist or is private \(no token was sent \(HF_TOKEN is not set\)\)\. Fix: .*HF_TOKEN"):
         register(tmp_path / "data", "EleutherAI/sae-tiny", "--hookpoints", "layers.1")
-    hub_env(monkeypatch, hub, tmp_path)
     with pytest.raises(SystemExit, match=r"has no revision 'v9' of EleutherAI/sae-tiny\. Fix: --revision"):
         register(tmp_path / "data", "EleutherAI/sae-tiny", "--revision", "v9")
     with pytest.raises(SystemExit, match=r"EleutherAI/sae-tiny@main holds 2 coders: layers.1, layers.2\. Fix: choose with --hookpoints"):
@@ -142,14 +116,13 @@ def test_hub_errors_name_the_input_and_the_fix(hub, tmp_path, monkeypatch):
     assert not (tmp_path / "data" / "registry").exists() or not scan_registry(tmp_path / "data" / "registry")
 
 
-def test_offline_registers_from_the_cache_the_first_run_filled(hub, tmp_path, monkeypatch):
+def test_offline_registers_from_the_cache_the_first_run_filled(hub, tmp_path):
     """A separate process with HF_HUB_OFFLINE=1 from the start, as a user runs it: the cache serves, the hub is never asked."""
-    env = hub_env(monkeypatch, hub, tmp_path)
     register(tmp_path / "online", "EleutherAI/sae-tiny", "--hookpoints", "layers.1")
     asked = len(hub.requests)
 
     def offline(*args) -> subprocess.CompletedProcess:
-        environment = {k: v for k, v in os.environ.items() if k != "HF_TOKEN"} | env | {"HF_HUB_OFFLINE": "1", "PYTHONPATH": os.getcwd()}
+        environment = {k: v for k, v in os.environ.items() if k != "HF_TOKEN"} | hub.env | {"HF_HUB_OFFLINE": "1", "PYTHONPATH": os.getcwd()}
         return subprocess.run([sys.executable, "-c", "from autointerp_defs.cli import main; main()", "--deployment", "local", "--data",
                                str(tmp_path / "offline"), "register", "EleutherAI/sae-tiny", *args], env=environment, capture_output=True, text=True, timeout=300)
 
@@ -162,8 +135,7 @@ def test_offline_registers_from_the_cache_the_first_run_filled(hub, tmp_path, mo
     assert len(hub.requests) == asked
     assert (tmp_path / "offline" / "registry" / "sae-tiny" / "layers.1" / "sae.safetensors").read_bytes() == \
            (tmp_path / "online" / "registry" / "sae-tiny" / "layers.1" / "sae.safetensors").read_bytes()
-    hub_env(monkeypatch, hub, tmp_path, offline=True)
-    with pytest.raises(SystemExit, match=r"google/gemma-scope-2b-pt-res@main is not in the Hugging Face cache .*HF_HUB_OFFLINE is set.*Fix: run the same command once online"):
+    with hub_environment(hub.url, tmp_path / "hf_home", offline=True), pytest.raises(SystemExit, match=r"google/gemma-scope-2b-pt-res@main is not in the Hugging Face cache .*HF_HUB_OFFLINE is set.*Fix: run the same command once online"):
         register(tmp_path / "offline", "gemma-scope-2b-pt-res", "--hookpoints", GEMMA_SCOPE_ID)
 
 

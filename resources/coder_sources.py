@@ -160,7 +160,7 @@ class hub_errors:
                                    f"Fix: check the repo id, or set HF_TOKEN to a token that can read it.") from None
         if isinstance(error, LocalEntryNotFoundError):
             raise CoderSourceError(f"{at} is not in the Hugging Face cache {constants.HF_HUB_CACHE} and the hub cannot be asked "
-                                   f"({'HF_HUB_OFFLINE is set' if constants.is_offline_mode() else str(error).splitlines()[0][:200]}). "
+                                   f"({'HF_HUB_OFFLINE is set' if constants.HF_HUB_OFFLINE else str(error).splitlines()[0][:200]}). "
                                    f"Fix: run the same command once online to fill the cache, or point HF_HOME at a cache that holds it.") from None
         if isinstance(error, EntryNotFoundError):
             raise CoderSourceError(f"{at} has no file {str(error).splitlines()[-1][:200]}. Fix: check the coder id against the repo's files.") from None
@@ -203,15 +203,27 @@ def choose(source: Source, hookpoints: list[str] | None) -> dict[str, str | None
         if folder not in folders:
             from huggingface_hub import constants
 
-            cached = " (HF_HUB_OFFLINE is set: only the cached files are listed)" if source.repo and constants.is_offline_mode() else ""
+            cached = " (HF_HUB_OFFLINE is set: only the cached files are listed)" if source.repo and constants.HF_HUB_OFFLINE else ""
             have = sorted(f for f in source.files if f.startswith(f"{folder}/")) or "no files"
             raise CoderSourceError(f"{where(source)} has no coder in a known layout ({KNOWN_FORMATS}) at {folder or 'its top folder'}{cached}; it holds {have}. "
                                    f"Fix: check the folder, or register the coder from a local copy.")
-        if source.release and source.release.get("conversion_func") not in (None, "gemma_2") and folders[folder] == "saelens":
-            raise CoderSourceError(f"SAELens converts the release {source.spec} with {source.release['conversion_func']!r}; its files are not in SAELens' own layout as autointerp reads it. "
-                                   f"Fix: load it with SAELens and save_model() it to a folder, then register that folder.")
+        if source.release:
+            check_release_sae(source, coder_id, folders[folder])
         chosen[folder] = hookpoint or None
     return chosen
+
+
+def check_release_sae(source: Source, sae_id: str, fmt: str) -> None:
+    """Refuse a release SAE that SAELens itself would transform on loading (a conversion of files that look
+    like its own layout, or a scaling of the input), since reading its files as they are would encode wrongly."""
+    entry = next(sae for sae in source.release["saes"] if sae["id"] == sae_id)
+    conversion = source.release.get("conversion_func")
+    if "norm_scaling_factor" in entry:
+        raise CoderSourceError(f"The SAE {sae_id!r} of the release {source.spec} needs its input scaled by {entry['norm_scaling_factor']} (SAELens does it on "
+                               f"loading), which autointerp does not support yet. Fix: choose an SAE without input scaling.")
+    if conversion and fmt == "saelens":
+        raise CoderSourceError(f"SAELens converts the files of the release {source.spec} with {conversion!r}; read as they are, they would encode wrongly. "
+                               f"Fix: load the SAE with SAELens (SAE.from_pretrained), save_model() it to a folder, and register that folder.")
 
 
 def where(source: Source) -> str:

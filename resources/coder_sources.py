@@ -13,6 +13,7 @@ under its final name, so the registry sensor never sees half a coder.
 """
 from __future__ import annotations
 
+import functools
 import importlib.util
 import json
 import re
@@ -92,18 +93,21 @@ def open_source(spec: str, revision: str | None) -> Source:
 
 
 def saelens_release(name: str) -> dict | None:
-    """The entry of SAELens' directory of pretrained SAEs for the release `name` (None when it has none),
-    read from the YAML file SAELens ships, without importing SAELens (whose import takes seconds)."""
+    """The entry of SAELens' directory of pretrained SAEs for the release `name` (None when it has none)."""
     spec = importlib.util.find_spec("sae_lens")
     if spec is None or not spec.submodule_search_locations:
         raise CoderSourceError(f"{name!r} is not a local folder nor a hub repo id (owner/name); it could be a SAELens release, but SAELens is not installed. "
                                f"Fix: pip install 'autointerp[saelens]', or give the repo id (owner/name) or a local folder.")
+    return saelens_directory(Path(list(spec.submodule_search_locations)[0]) / "pretrained_saes.yaml").get(name)
+
+
+@functools.cache
+def saelens_directory(path: Path) -> dict:
+    """The YAML file SAELens ships, read without importing SAELens (whose import takes seconds); 1.5 MB, read once."""
     import yaml
 
-    path = Path(list(spec.submodule_search_locations)[0]) / "pretrained_saes.yaml"
     with open(path) as handle:
-        directory = yaml.load(handle, Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader))
-    return directory.get(name)
+        return yaml.load(handle, Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader))
 
 
 def hub_listing(repo: str, revision: str | None, spec: str) -> tuple[str, list[str]]:
@@ -186,6 +190,9 @@ def choose(source: Source, hookpoints: list[str] | None) -> dict[str, str | None
     folders = coder_folders(source.files)
     ids = {sae["id"]: str(sae["path"]) for sae in source.release["saes"]} if source.release else {(f or "."): f for f in folders}
     listed = ", ".join(list(ids)[:20]) + (f" … ({len(ids)} in all)" if len(ids) > 20 else "")
+    from huggingface_hub import constants
+
+    cached = " (HF_HUB_OFFLINE is set: only the cached files are listed)" if source.repo and constants.HF_HUB_OFFLINE else ""
     if not folders:
         held = ", ".join(source.files[:20]) or "no files"
         raise CoderSourceError(f"{where(source)} holds no sparse coder in a known layout ({KNOWN_FORMATS}, in the source's top folder or one folder per coder); "
@@ -198,12 +205,9 @@ def choose(source: Source, hookpoints: list[str] | None) -> dict[str, str | None
     for asked in hookpoints:
         coder_id, _, hookpoint = asked.partition("=")
         if coder_id not in ids:
-            raise CoderSourceError(f"{coder_id!r} is not a coder {'id of the release' if source.release else 'folder'} of {where(source)}. Its coders: {listed}. Fix: pick one of them.")
+            raise CoderSourceError(f"{coder_id!r} is not a coder {'id of the release' if source.release else 'folder'} of {where(source)}{cached}. Its coders: {listed}. Fix: pick one of them.")
         folder = ids[coder_id].strip("/")
         if folder not in folders:
-            from huggingface_hub import constants
-
-            cached = " (HF_HUB_OFFLINE is set: only the cached files are listed)" if source.repo and constants.HF_HUB_OFFLINE else ""
             have = sorted(f for f in source.files if f.startswith(f"{folder}/")) or "no files"
             raise CoderSourceError(f"{where(source)} has no coder in a known layout ({KNOWN_FORMATS}) at {folder or 'its top folder'}{cached}; it holds {have}. "
                                    f"Fix: check the folder, or register the coder from a local copy.")

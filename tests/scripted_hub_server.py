@@ -69,9 +69,10 @@ class ScriptedHub:
             self.refs.setdefault(repo, {})[ref] = commit
         return commit
 
-    def add_folder(self, repo: str, folder: Path, refs: tuple[str, ...] = ("main",)) -> str:
-        """`add` the files under `folder`, at their paths relative to it."""
-        return self.add(repo, {p.relative_to(folder).as_posix(): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}, refs)
+    def add_folder(self, repo: str, folder: Path, refs: tuple[str, ...] = ("main",), under: str = "") -> str:
+        """`add` the files below `folder`, at their paths relative to it (below `under` in the repo)."""
+        prefix = f"{under}/" if under else ""
+        return self.add(repo, {prefix + p.relative_to(folder).as_posix(): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}, refs)
 
     def _answer(self, handler: BaseHTTPRequestHandler, body: bool) -> None:
         url = urlsplit(handler.path)

@@ -96,7 +96,7 @@ def test_saelens_and_gemma_scope_releases_resolve_through_saelens_directory(hub,
     assert {path.split("/resolve/")[0] for method, path, _ in hub.requests if "/resolve/" in path} == {"/jbloom/GPT2-Small-SAEs-Reformatted", "/google/gemma-scope-2b-pt-res"}
 
 
-def test_hub_errors_name_the_input_and_the_fix(hub, tmp_path):
+def test_hub_errors_name_the_input_and_the_fix(hub, coders, tmp_path):
     with hub_environment(hub.url, tmp_path / "hf_home"), \
             pytest.raises(SystemExit, match=r"EleutherAI/sae-tiny does not exist or is private \(no token was sent \(HF_TOKEN is not set\)\)\. Fix: .*HF_TOKEN"):
         register(tmp_path / "data", "EleutherAI/sae-tiny", "--hookpoints", "layers.1")
@@ -113,6 +113,9 @@ def test_hub_errors_name_the_input_and_the_fix(hub, tmp_path):
         register(tmp_path / "data", "gpt2-small-res-jb", "--hookpoints", "blocks.99.hook_resid_pre")
     with pytest.raises(SystemExit, match=r"\(SAELens release gpt2-small-res-jb\) has no coder in a known layout .* at blocks.9.hook_resid_pre; it holds no files"):
         register(tmp_path / "data", "gpt2-small-res-jb", "--hookpoints", "blocks.9.hook_resid_pre")  # in the directory, not in the repo
+    hub.add_folder("tommmcgrath/gpt2-small-mlp-out-saes", coders / "saelens" / "blocks.3.hook_resid_pre", under="sae_group_gpt2_blocks.0.hook_mlp_out_24576:v1")
+    with pytest.raises(SystemExit, match=r"The SAE 'blocks.0.hook_mlp_out' of the release gpt2-small-mlp-tm needs its input scaled by 1.04.*Fix: choose an SAE without"):
+        register(tmp_path / "data", "gpt2-small-mlp-tm", "--hookpoints", "blocks.0.hook_mlp_out=model.layers.0.mlp")
     assert not (tmp_path / "data" / "registry").exists() or not scan_registry(tmp_path / "data" / "registry")
 
 
@@ -126,8 +129,6 @@ def test_offline_registers_from_the_cache_the_first_run_filled(hub, tmp_path):
         return subprocess.run([sys.executable, "-c", "from autointerp_defs.cli import main; main()", "--deployment", "local", "--data",
                                str(tmp_path / "offline"), "register", "EleutherAI/sae-tiny", *args], env=environment, capture_output=True, text=True, timeout=300)
 
-    done = offline("--hookpoints", "layers.1", "layers.2")
-    assert done.returncode == 1 and "'layers.2' is not a coder folder of EleutherAI/sae-tiny@main. Its coders: layers.1" in done.stderr, done.stderr
     done = offline("--hookpoints", "layers.1")
     assert done.returncode == 0, done.stderr
     commit = hub.refs["EleutherAI/sae-tiny"]["main"]
@@ -135,6 +136,10 @@ def test_offline_registers_from_the_cache_the_first_run_filled(hub, tmp_path):
     assert len(hub.requests) == asked
     assert (tmp_path / "offline" / "registry" / "sae-tiny" / "layers.1" / "sae.safetensors").read_bytes() == \
            (tmp_path / "online" / "registry" / "sae-tiny" / "layers.1" / "sae.safetensors").read_bytes()
+    with hub_environment(hub.url, tmp_path / "hf_home", offline=True):
+        with pytest.raises(SystemExit, match=r"'layers.2' is not a coder folder of EleutherAI/sae-tiny@main \(HF_HUB_OFFLINE is set: only the cached files are listed\)\. Its coders: layers.1\. Fix"):
+            register(tmp_path / "offline", "EleutherAI/sae-tiny", "--hookpoints", "layers.1", "layers.2")  # only what the cache holds is listed
+    assert len(hub.requests) == asked
     with hub_environment(hub.url, tmp_path / "hf_home", offline=True), pytest.raises(SystemExit, match=r"google/gemma-scope-2b-pt-res@main is not in the Hugging Face cache .*HF_HUB_OFFLINE is set.*Fix: run the same command once online"):
         register(tmp_path / "offline", "gemma-scope-2b-pt-res", "--hookpoints", GEMMA_SCOPE_ID)
 

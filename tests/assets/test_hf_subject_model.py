@@ -24,13 +24,18 @@ CODER = "tiny-llama-topk/layers.1"
 
 @pytest.fixture(scope="module")
 def tiny_llama(tmp_path_factory):
-    """A 2-layer Llama of width 64 with random weights and SmolLM2's tokenizer, saved as transformers saves any model."""
-    from transformers import LlamaConfig, LlamaForCausalLM
+    """A 2-layer Llama of width 64 with random weights, and a 1,024-token byte-level BPE tokenizer trained by the
+    `tokenizers` library on the embedded corpus, both saved as transformers saves any model."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
-    from resources.subject_model import load_tokenizer
+    from assets.corpus import embedded_documents
 
     folder = tmp_path_factory.mktemp("tiny-llama")
-    tokenizer = load_tokenizer()
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer, bpe.decoder = pre_tokenizers.ByteLevel(add_prefix_space=False), decoders.ByteLevel()
+    bpe.train_from_iterator(embedded_documents()[:3000], trainers.BpeTrainer(vocab_size=1024, special_tokens=["<s>", "</s>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=bpe, bos_token="<s>", eos_token="</s>")
     tokenizer.save_pretrained(folder)
     config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=HIDDEN, intermediate_size=2 * HIDDEN, num_hidden_layers=2, num_attention_heads=4,
                          num_key_value_heads=2, max_position_embeddings=256, tie_word_embeddings=True,

@@ -100,6 +100,9 @@ def test_hub_errors_name_the_input_and_the_fix(hub, coders, tmp_path):
     with hub_environment(hub.url, tmp_path / "hf_home"), \
             pytest.raises(SystemExit, match=r"EleutherAI/sae-tiny does not exist or is private \(no token was sent \(HF_TOKEN is not set\)\)\. Fix: .*HF_TOKEN"):
         register(tmp_path / "data", "EleutherAI/sae-tiny", "--hookpoints", "layers.1")
+    with hub_environment(hub.url, tmp_path / "hf_home", token="hf_someone_else"), \
+            pytest.raises(SystemExit, match=r"does not exist or is private \(the token in HF_TOKEN \(or `hf auth login`\) has no access to it\)"):
+        register(tmp_path / "data", "EleutherAI/sae-tiny", "--hookpoints", "layers.1")
     with pytest.raises(SystemExit, match=r"has no revision 'v9' of EleutherAI/sae-tiny\. Fix: --revision"):
         register(tmp_path / "data", "EleutherAI/sae-tiny", "--revision", "v9")
     with pytest.raises(SystemExit, match=r"EleutherAI/sae-tiny@main holds 2 coders: layers.1, layers.2\. Fix: choose with --hookpoints"):

@@ -187,11 +187,11 @@ def coder_folders(files: list[str]) -> dict[str, str]:
 
 def choose(source: Source, hookpoints: list[str] | None) -> dict[str, str | None]:
     """The coder folders to register, each with the hookpoint asked for (None: the default)."""
+    from huggingface_hub import constants
+
     folders = coder_folders(source.files)
     ids = {sae["id"]: str(sae["path"]) for sae in source.release["saes"]} if source.release else {(f or "."): f for f in folders}
     listed = ", ".join(list(ids)[:20]) + (f" … ({len(ids)} in all)" if len(ids) > 20 else "")
-    from huggingface_hub import constants
-
     cached = " (HF_HUB_OFFLINE is set: only the cached files are listed)" if source.repo and constants.HF_HUB_OFFLINE else ""
     if not folders:
         held = ", ".join(source.files[:20]) or "no files"
@@ -247,12 +247,13 @@ def default_hookpoint(source: Source, folder: str) -> str:
     """The subject model's module whose output the coder reads, where the source's names tell it: a sparsify
     folder is named after it; a TransformerLens residual hook (SAELens) is the output of a decoder layer, named
     relative to the base model (`layers.N`); so is a Gemma Scope residual SAE's `layer_N`."""
-    fix = f"Fix: name the module with --hookpoints '{folder or '.'}=MODULE' (e.g. {folder or '.'}=model.layers.3 for a residual SAE after layer 3)."
+    coder_id = sae_id_of(source, folder) or folder or "."
+    fix = f"Fix: name the module with --hookpoints '{coder_id}=MODULE' (e.g. {coder_id}=model.layers.3 for a residual SAE after layer 3)."
     fmt = coder_folders(source.files)[folder]
     if fmt == "sparsify" and folder:
         return PurePosixPath(folder).name
     if fmt == "saelens":
-        hook = sae_id_of(source, folder) or PurePosixPath(folder).name
+        hook = sae_id_of(source, folder) or PurePosixPath(folder).name or "."
         if (match := TRANSFORMERLENS_RESIDUAL.fullmatch(hook)) is not None:
             layer = int(match.group(1)) - (match.group(2) == "pre")
             if layer >= 0:

@@ -46,6 +46,19 @@ def register_embedded(data_dir: str, *, width: int = 4608, k: int = 32, n_tokens
     return folder
 
 
+def register_coders(data_dir: str, source: str, hookpoints: list[str] | None, name: str | None, revision: str | None, latents_per_shard: int) -> None:
+    """`autointerp register`: download (or copy) coders into the registry and say what was registered."""
+    import math
+
+    from resources.coder_sources import register
+    from storage.layout import DataRoot
+
+    for done in register(source, DataRoot.at(data_dir).registry_dir, hookpoints, name, revision):
+        where = f"{source}@{done.revision or 'main'} (commit {done.commit})" if done.commit else source
+        what = "registered" if done.new else "already registered"
+        print(f"{what} {done.key}: width {done.width} ({math.ceil(done.width / latents_per_shard)} shards of {latents_per_shard}), from {where}, at {done.folder}")
+
+
 def _materialize(selection: list[str], partition_key: str | None, instance, defs) -> str | None:
     """Materialize `selection`; None when it succeeded, else why it failed, in the failed steps' own words."""
     from dagster import materialize
@@ -275,6 +288,12 @@ def _main(argv: list[str] | None = None) -> None:
     parser.add_argument("--data", default=None, help="data root (default: the deployment's [settings] data_dir)")
     commands = parser.add_subparsers(dest="command", required=True)
     commands.add_parser("register-embedded", help="train the demo TopK SAE on the embedded model and register it")
+    registering = commands.add_parser("register", help="register sparse coders from a Hugging Face repo, a SAELens release or a local folder (README: Registering coders)")
+    registering.add_argument("source", help="a local folder, a SAELens release (e.g. gpt2-small-res-jb), or a Hugging Face repo id (e.g. EleutherAI/sae-pythia-70m-32k)")
+    registering.add_argument("--hookpoints", nargs="+", metavar="ID[=MODULE]", help="which coders: folders of the repo or folder (layers.3), or SAE ids of a release; "
+                             "=MODULE names the subject model's module it reads where the source does not say (default: the one source holds)")
+    registering.add_argument("--name", help="the coders' name in the registry (default: the repo's or folder's last part, or the release)")
+    registering.add_argument("--revision", help="a branch, tag or commit of the hub repo (default main); the commit is recorded beside the coder")
     demo = commands.add_parser("demo", help="register, cache, explain and score the demo partitions, then print a table")
     demo.add_argument("--force", action="store_true", help="re-materialize partitions that already exist")
     caching = commands.add_parser("cache", help="cache activations of registered coders in one pass (resumes a killed run)")
@@ -326,6 +345,8 @@ def _main(argv: list[str] | None = None) -> None:
     args.data = deployment.data_dir
     if args.command == "register-embedded":
         register_embedded(args.data)
+    elif args.command == "register":
+        register_coders(args.data, args.source, args.hookpoints, args.name, args.revision, deployment.latents_per_shard)
     elif args.command == "demo":
         run_demo(deployment, args.force)
     elif args.command == "instance":

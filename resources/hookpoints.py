@@ -14,9 +14,11 @@ class UnknownHookpointError(ValueError):
 
 
 def resolve_hookpoint(lm: torch.nn.Module, hookpoint: str) -> torch.nn.Module:
-    """The module named `hookpoint`; sparsify-style names relative to the base model work too."""
+    """The module named `hookpoint`; sparsify-style names relative to the base model (`layers.3` for
+    Llama's `model.layers.3`, GPT-NeoX's `gpt_neox.layers.3`) work too."""
     modules = dict(lm.named_modules())
-    for candidate in (hookpoint, f"model.{hookpoint}", hookpoint.removeprefix("model.")):
+    base = getattr(lm, "base_model_prefix", "") or "model"
+    for candidate in (hookpoint, f"{base}.{hookpoint}", f"model.{hookpoint}", hookpoint.removeprefix("model.")):
         if candidate and candidate in modules:
             return modules[candidate]
     close = difflib.get_close_matches(hookpoint, [n for n in modules if n], n=3, cutoff=0.5)

@@ -257,6 +257,16 @@ KNOWN_FORMATS = (
 )
 
 
+def format_by_names(names: set[str]) -> tuple[str, str] | None:
+    """The format of a coder folder holding the files `names`, and its weights file, told by the names
+    alone (a hub listing has nothing else); None when no format matches. Neurons need their cfg.json read."""
+    for fmt, name in FORMAT_FILES.items():
+        if name in names and ("cfg.json" in names or fmt == "gemmascope"):
+            return fmt, name
+    pth = sorted(n for n in names if n.endswith(".pth"))
+    return ("goodfire", pth[0]) if pth else None
+
+
 def read_cfg(folder: Path) -> dict:
     """`cfg.json` of a coder folder ({} if there is none), or a `CoderFormatError` naming the file."""
     path = folder / "cfg.json"
@@ -276,12 +286,9 @@ def coder_format(folder: Path) -> tuple[str, Path]:
     cfg = read_cfg(folder)
     if cfg.get("format") == "neurons":
         return "neurons", folder / "cfg.json"
-    for fmt, name in FORMAT_FILES.items():
-        if (folder / name).exists() and (cfg or fmt == "gemmascope"):
-            return fmt, folder / name
-    pth = sorted(folder.glob("*.pth"))
-    if pth:
-        return "goodfire", pth[0]
+    names = {p.name for p in folder.iterdir() if p.is_file() and (p.name != "cfg.json" or cfg)}
+    if (found := format_by_names(names)) is not None:
+        return found[0], folder / found[1]
     present = ", ".join(sorted(p.name for p in folder.iterdir())) or "nothing"
     raise RegistryError(f"{folder} holds no sparse coder in a known format ({KNOWN_FORMATS}); it holds {present}.")
 

@@ -32,3 +32,11 @@ def test_forward_stops_after_the_deepest_hookpoint(subject):
     hidden = lm(input_ids=ids, output_hidden_states=True).hidden_states
     assert torch.allclose(out[("model.layers.2", "output")], hidden[3], atol=1e-4)
     assert torch.allclose(out[("model.layers.3", "output")], hidden[4], atol=1e-4)
+
+
+def test_sparsify_style_names_resolve_in_gpt_neox_too():
+    """sparsify names Pythia's layers `layers.N`; GPT-NeoX keeps them under `gpt_neox`, not `model`."""
+    from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
+
+    lm = GPTNeoXForCausalLM(GPTNeoXConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2))
+    assert resolve_hookpoint(lm, "layers.1") is lm.gpt_neox.layers[1]

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import glob
+import json
 import os
 import shutil
 import signal
@@ -135,10 +136,10 @@ def toml_table(name: str, values: dict) -> str:
 
 
 def tiny_cluster_deployment(folder: Path, data_dir: Path, llm_url: str, coordination_url: str | None, max_latents_per_shard: int = 2,
-                            latents_per_shard: int = TEST_LATENTS_PER_SHARD, llm_concurrency: int = 2) -> Path:
+                            latents_per_shard: int = TEST_LATENTS_PER_SHARD, llm_concurrency: int = 2, scorers: tuple[str, ...] = ("detection",)) -> Path:
     """deployments/cluster.toml on the tests' tiny inputs: the embedded subject model on the CPU, the scripted LLM."""
     text = (DEPLOYMENTS_DIR / "cluster.toml").read_text().split("\n[settings]")[0].replace(
-        'automated_scorers = ["detection", "embedding", "fuzzing", "intruder", "simulation", "surprisal"]', 'automated_scorers = ["detection"]')
+        'automated_scorers = ["detection", "embedding", "fuzzing", "intruder", "simulation", "surprisal"]', f"automated_scorers = {json.dumps(list(scorers))}")
     on_nodes = {"shared_data_root": True, "coordination_url": coordination_url} if coordination_url else {}  # else one machine, files
     tables = {"settings": {"data_dir": str(data_dir), **on_nodes, "max_latents_per_shard": max_latents_per_shard, "latents_per_shard": latents_per_shard},
               "subject_model": {"batch_size": 8}, "llm": {"backend": "openai", "base_url": llm_url, "model": "m", "max_concurrency": llm_concurrency},

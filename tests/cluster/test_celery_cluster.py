@@ -118,7 +118,7 @@ def test_cluster_runs_each_step_on_its_queue_within_its_pool_reruns_a_killed_ste
         registered, tmp_path_factory, monkeypatch, postgres_url, redis_url, coordination_url):
     home, logs, reference = (tmp_path_factory.mktemp(name) for name in ("dagster_home", "worker_logs", "reference"))
     shutil.copytree(registered / "registry", reference / "registry")
-    workers = {}
+    workers, runs = {}, []
     held = FirstAnswerHeld()
     with ScriptedLLMServer(held) as server:
         deployment_file = tiny_cluster_deployment(home, registered, server.base_url, coordination_url, scorers=SCORERS)
@@ -136,6 +136,7 @@ def test_cluster_runs_each_step_on_its_queue_within_its_pool_reruns_a_killed_ste
                 command = [sys.executable, "-m", "dagster", "asset", "materialize", "-m", "autointerp_defs", "--select", selection]
                 run = subprocess.Popen(command + (["--partition", partition] if partition else []), env=env, cwd=home, stdout=subprocess.PIPE,
                                        stderr=subprocess.STDOUT, text=True)
+                runs.append(run)
                 if "explanations" in selection:
                     killed = kill_mid_step(instance, "explanations", {name: psutil.Process(worker.pid) for name, worker in workers.items()}, held)
                 output, _ = run.communicate(timeout=600)
@@ -143,8 +144,9 @@ def test_cluster_runs_each_step_on_its_queue_within_its_pool_reruns_a_killed_ste
             ran = workers_of_steps(instance)
             last_run = instance.get_runs(limit=1)[0].run_id
         finally:
-            for worker in workers.values():
-                stop(worker)
+            held.released.set()
+            for process in [*runs, *workers.values()]:
+                stop(process)
 
         assert {step: {name.split("@")[0] for name in names} for step, names in ran.items()} == {step: {queue} for step, queue in QUEUE_OF_STEP.items()}
         assert ran["explanations"][0] == killed and len(ran["explanations"]) == 2, ran  # killed, then run again from its start

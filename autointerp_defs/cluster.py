@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from dagster import ExecutorDefinition
 from dagster_celery import celery_executor
+from dagster_celery.defaults import broker_transport_options
 from dagster_celery.executor import CeleryExecutor
 from dagster_celery.make_app import make_app
 from dagster_celery.tasks import create_task
@@ -15,10 +16,21 @@ DEFAULT_CONCURRENCY = {"gpu": 1, "cpu": 1, "llm": 4}
 """Steps a worker of each queue (`assets.automation.WORKER_QUEUES`) runs at once: one per GPU; LLM steps mostly wait on the endpoint (the `llm` pool caps them across nodes)."""
 
 
+def celery_settings(redeliver_after_s: int) -> dict:
+    """What the run's process and every worker tell Celery, so that a step whose worker dies is run again
+    rather than lost: its message is acknowledged only once the step has ended (`task_acks_late`); a worker
+    process killed mid-step (the OOM killer, SIGKILL) puts it back on its queue at once
+    (`task_reject_on_worker_lost`); a worker lost whole (its node gone) leaves it unacknowledged, and Redis
+    hands it to another worker `redeliver_after_s` (`[cluster]`) after it was taken (`visibility_timeout`), within
+    the 10 s between each live worker's looks for such messages (kombu looks every 10th time by default)."""
+    transport = {**broker_transport_options, "visibility_timeout": redeliver_after_s, "unacked_restore_interval": 10, "unacked_restore_throttle": 1}
+    return {"task_acks_late": True, "task_reject_on_worker_lost": True, "worker_prefetch_multiplier": 1, "broker_transport_options": transport}
+
+
 def executor_for(deployment: Deployment) -> ExecutorDefinition:
     """The celery executor, reading the broker's address from the environment of the node that runs the run."""
     broker = {"env": deployment.broker_env}
-    return celery_executor.configured({"broker": broker, "backend": broker}, name="celery")
+    return celery_executor.configured({"broker": broker, "backend": broker, "config_source": celery_settings(deployment.redeliver_after_s)}, name="celery")
 
 
 def run_worker(deployment: Deployment, queue: str, concurrency: int | None = None, gpu: int | None = None, name: str | None = None) -> None:
@@ -27,7 +39,7 @@ def run_worker(deployment: Deployment, queue: str, concurrency: int | None = Non
     if gpu is not None:
         see_only_gpu(gpu)
     url = deployment.broker_url()
-    app = make_app(CeleryExecutor.for_cli(broker=url, backend=url).app_args())
+    app = make_app(CeleryExecutor.for_cli(broker=url, backend=url, config_source=celery_settings(deployment.redeliver_after_s)).app_args())
     create_task(app)
     name = name or (f"gpu{gpu}@%h" if gpu is not None else f"{queue}@%h")
     app.worker_main(["worker", "--queues", queue, "--hostname", name, "--concurrency", str(concurrency or DEFAULT_CONCURRENCY[queue]),

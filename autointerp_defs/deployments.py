@@ -82,6 +82,12 @@ class Deployment:
         """The variable that holds the cluster's Redis URL (broker and result backend) on each node."""
         return (self.cluster or {}).get("broker_env", "AUTOINTERP_BROKER_URL")
 
+    @property
+    def redeliver_after_s(self) -> int:
+        """How long after a worker took a step Redis gives it to another worker if it was never acknowledged
+        (its worker was lost whole): longer than the longest step, or a step still running is sent twice."""
+        return int((self.cluster or {}).get("redeliver_after_s", 6 * 3600))
+
     def broker_url(self) -> str:
         """The broker's address from this node's environment."""
         if not (url := os.environ.get(self.broker_env)):

@@ -48,12 +48,14 @@ concurrency:
 run_monitoring:
   enabled: true  # the daemon watches runs in progress
   max_resume_run_attempts: 0  # a run whose process died fails (re-run its partitions)
-  free_slots_after_run_end_seconds: 60  # a step whose worker was killed never gives its pool slot back: free it once its run has ended
+  start_timeout_seconds: 600  # a launched run whose process has not started by then fails (16 cold run processes on 2 cores took 98 s)
+  max_runtime_seconds: {max_runtime_s}  # the backstop for a run left waiting on a step no worker will finish (e.g. its queue has no worker left)
+  free_slots_after_run_end_seconds: 60  # a step whose worker was lost holds its pool slot until its run ends: free it a minute later
 """
 POSTGRES_ENV = "AUTOINTERP_POSTGRES_URL"
 
 
-def write_instance(dagster_home: str | Path, max_runs: int = 2, llm_runs: int = 2, gpus: int | None = None) -> Path:
+def write_instance(dagster_home: str | Path, max_runs: int = 2, llm_runs: int = 2, gpus: int | None = None, max_runtime_s: int = 2 * 86400) -> Path:
     """Write `$DAGSTER_HOME/dagster.yaml` and set the pools' limits in the instance's storage. With `gpus`
     (the cluster's, all nodes together) the instance is the cluster's, on PostgreSQL, whose pools limit
     steps: `gpus` subject-model steps and `llm_runs` LLM steps at once across the nodes."""
@@ -65,7 +67,7 @@ def write_instance(dagster_home: str | Path, max_runs: int = 2, llm_runs: int = 
     if gpus is None:
         path.write_text(INSTANCE_YAML.format(max_runs=max_runs))
     else:
-        path.write_text(CLUSTER_INSTANCE_YAML.format(max_runs=max_runs, postgres_env=POSTGRES_ENV))
+        path.write_text(CLUSTER_INSTANCE_YAML.format(max_runs=max_runs, postgres_env=POSTGRES_ENV, max_runtime_s=max_runtime_s))
     with DagsterInstance.from_config(str(home)) as instance:
         instance.event_log_storage.set_concurrency_slots(SUBJECT_MODEL_POOL, gpus or 1)
         instance.event_log_storage.set_concurrency_slots(LLM_POOL, llm_runs)

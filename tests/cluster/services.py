@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import glob
+import json
 import os
 import shutil
 import signal
@@ -19,7 +20,7 @@ from pathlib import Path
 from autointerp_defs.deployments import DEPLOYMENTS_DIR
 from tests.conftest import TEST_LATENTS_PER_SHARD, TINY_CORPUS_CONFIG, TINY_EXEMPLARS_CONFIG
 
-INSTALL = "apt-get update && apt-get install -y postgresql redis-server"
+INSTALL = "apt-get update && apt-get install -y postgresql redis-server iproute2"
 
 
 class ServiceMissing(RuntimeError):
@@ -114,17 +115,43 @@ def stop(process: subprocess.Popen, timeout_s: float = 20) -> None:
 
 
 @contextlib.contextmanager
-def redis_server():
-    """A Redis server of its own on a free port, nothing saved to disk; yields its URL."""
+def redis_server(also_on: tuple[str, ...] = ()):
+    """A Redis server of its own on a free port, nothing saved to disk; yields its URL on 127.0.0.1. `also_on`:
+    more addresses of this machine it listens on (those of `network_namespace`s' links), open to their nodes."""
     if shutil.which("redis-server") is None:
         raise ServiceMissing(f"Redis is not installed: the cluster tests start one as the celery broker. Fix: {INSTALL}")
     port = free_port()
-    server = subprocess.Popen(["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--daemonize", "no"], stdout=subprocess.DEVNULL)
+    reachable = ["--protected-mode", "no"] if also_on else []  # else Redis answers only loopback clients
+    server = subprocess.Popen(["redis-server", "--port", str(port), "--bind", "127.0.0.1", *also_on, *reachable, "--save", "", "--daemonize", "no"],
+                              stdout=subprocess.DEVNULL)
     try:
         wait_for_port(port, server, "redis-server")
         yield f"redis://127.0.0.1:{port}/0"
     finally:
         stop(server)
+
+
+@contextlib.contextmanager
+def network_namespace(subnet: int):
+    """A node's network of its own: a network namespace joined to this machine by a veth pair, this end
+    10.231.<subnet>.1, the node's 10.231.<subnet>.2. Yields this end's address and the command prefix that
+    runs a program in the namespace. Needs root; removed (with its link) at the end."""
+    if shutil.which("ip") is None:
+        raise ServiceMissing(f"iproute2's `ip` is not installed: the cluster tests give each worker node a network of its own. Fix: {INSTALL}")
+    name, link, here = f"autointerp-node{subnet}", f"ai{subnet}", f"10.231.{subnet}.1"
+    inside = ["ip", "netns", "exec", name]
+    steps = [["ip", "netns", "add", name], ["ip", "link", "add", f"{link}h", "type", "veth", "peer", "name", f"{link}n"],
+             ["ip", "link", "set", f"{link}n", "netns", name], ["ip", "addr", "add", f"{here}/30", "dev", f"{link}h"], ["ip", "link", "set", f"{link}h", "up"],
+             [*inside, "ip", "addr", "add", f"10.231.{subnet}.2/30", "dev", f"{link}n"], [*inside, "ip", "link", "set", f"{link}n", "up"],
+             [*inside, "ip", "link", "set", "lo", "up"]]
+    try:
+        for step in steps:
+            if (done := subprocess.run(step, capture_output=True, text=True)).returncode:
+                raise RuntimeError(f"{' '.join(step)} failed: {done.stderr.strip()} (network namespaces need root with CAP_SYS_ADMIN and CAP_NET_ADMIN)")
+        yield here, inside
+    finally:
+        subprocess.run(["ip", "netns", "del", name], capture_output=True)  # takes the node's end of the link, and so both ends, with it
+        subprocess.run(["ip", "link", "del", f"{link}h"], capture_output=True)  # where a step failed before the node's end moved in
 
 
 def toml_table(name: str, values: dict) -> str:
@@ -135,10 +162,10 @@ def toml_table(name: str, values: dict) -> str:
 
 
 def tiny_cluster_deployment(folder: Path, data_dir: Path, llm_url: str, coordination_url: str | None, max_latents_per_shard: int = 2,
-                            latents_per_shard: int = TEST_LATENTS_PER_SHARD, llm_concurrency: int = 2) -> Path:
+                            latents_per_shard: int = TEST_LATENTS_PER_SHARD, llm_concurrency: int = 2, scorers: tuple[str, ...] = ("detection",)) -> Path:
     """deployments/cluster.toml on the tests' tiny inputs: the embedded subject model on the CPU, the scripted LLM."""
     text = (DEPLOYMENTS_DIR / "cluster.toml").read_text().split("\n[settings]")[0].replace(
-        'automated_scorers = ["detection", "embedding", "fuzzing", "intruder", "simulation", "surprisal"]', 'automated_scorers = ["detection"]')
+        'automated_scorers = ["detection", "embedding", "fuzzing", "intruder", "simulation", "surprisal"]', f"automated_scorers = {json.dumps(list(scorers))}")
     on_nodes = {"shared_data_root": True, "coordination_url": coordination_url} if coordination_url else {}  # else one machine, files
     tables = {"settings": {"data_dir": str(data_dir), **on_nodes, "max_latents_per_shard": max_latents_per_shard, "latents_per_shard": latents_per_shard},
               "subject_model": {"batch_size": 8}, "llm": {"backend": "openai", "base_url": llm_url, "model": "m", "max_concurrency": llm_concurrency},

@@ -1,16 +1,23 @@
-"""The cluster deployment end to end: the instance on PostgreSQL, Redis as broker, one `autointerp worker`
-process per queue; every step runs on a worker of its queue and the tables equal a single-machine run's."""
+"""The cluster deployment end to end: the instance on PostgreSQL, Redis as broker, `autointerp worker`
+processes (two on the `llm` queue); every step runs on a worker of its queue, the `llm` pool's limit holds
+across workers, the step of a worker process killed mid-step is run again, and the tables equal a
+single-machine run's."""
 from __future__ import annotations
 
 import shutil
+import signal
 import subprocess
 import sys
+import threading
+import time
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import psutil
 from dagster import DagsterEventType, DagsterInstance, materialize
 
+from assets.automation import LLM_POOL
 from autointerp_defs.definitions import definitions_for
 from autointerp_defs.deployments import load_deployment
 from autointerp_defs.instance import write_instance
@@ -26,19 +33,59 @@ needs_the_cluster_extra()
 
 REPO = Path(__file__).resolve().parents[2]
 PARTITION = f"{TINY_CODER}|00"
-RUNS = [("corpus", None), ("activations", PARTITION), ("exemplars,explanations,scores/detection", PARTITION)]
-QUEUE_OF_STEP = {"corpus": "cpu", "activations": "gpu", "exemplars": "cpu", "explanations": "llm", "scores__detection": "llm"}
+SCORERS = ("detection", "fuzzing")
+RUNS = [("corpus", None), ("activations", PARTITION), ("exemplars,explanations,scores/detection,scores/fuzzing", PARTITION)]
+QUEUE_OF_STEP = {"corpus": "cpu", "activations": "gpu", "exemplars": "cpu", "explanations": "llm", "scores__detection": "llm", "scores__fuzzing": "llm"}
+WORKERS = {"gpu@node1": "gpu", "cpu@node1": "cpu", "llm@node1": "llm", "llm@node2": "llm"}
+LLM_STEPS = ("explanations", "scores__detection", "scores__fuzzing")
+"""The `llm` pool's steps: the pool allows one at a time, and the two scorers are ready together with two `llm` workers idle (the
+celery executor logs no "blocked by limit" event, so the step times are the evidence)."""
 
 
-def workers_of_steps(instance: DagsterInstance) -> dict[str, str]:
-    """Which celery worker ran each step, from the engine event each worker writes as it starts one."""
+class FirstAnswerHeld:
+    """`answer_by_prompt`, holding the first question until `released` is set: until then the step asking it is
+    in progress (and cannot end), so its worker can be killed mid-step."""
+
+    def __init__(self):
+        self.asked, self.released = threading.Event(), threading.Event()
+
+    def __call__(self, messages) -> str:
+        if not self.asked.is_set():
+            self.asked.set()
+            self.released.wait(300)
+        return answer_by_prompt(messages)
+
+
+def workers_of_steps(instance: DagsterInstance) -> dict[str, list[str]]:
+    """Which celery workers ran each step, in order, from the engine event each worker writes as it starts one."""
     ran = {}
-    for run in instance.get_runs():
+    for run in reversed(instance.get_runs()):
         for record in instance.all_logs(run.run_id, of_type=DagsterEventType.ENGINE_EVENT):
             metadata = record.dagster_event.engine_event_data.metadata
             if "Celery worker" in metadata:
-                ran[record.step_key] = metadata["Celery worker"].value
+                ran.setdefault(record.step_key, []).append(metadata["Celery worker"].value)
     return ran
+
+
+def kill_mid_step(instance: DagsterInstance, step: str, workers: dict[str, psutil.Process], held: FirstAnswerHeld) -> str:
+    """SIGKILL the worker process running `step` while it waits on its first LLM answer (as the OOM killer
+    would: the pool process, not the worker's main process); the name of its worker."""
+    assert held.asked.wait(300), "no step asked the LLM"
+    name = workers_of_steps(instance)[step][-1]
+    (process,) = workers[name].children()  # a worker of concurrency 1: its one pool process runs the step
+    process.send_signal(signal.SIGKILL)
+    held.released.set()
+    return name
+
+
+def most_at_once(instance: DagsterInstance, run_id: str, steps: tuple[str, ...]) -> int:
+    """The most of `steps` that were in progress at once in a run (a step from its last start to its success)."""
+    start, end = {}, {}
+    for record in instance.all_logs(run_id, of_type={DagsterEventType.STEP_START, DagsterEventType.STEP_SUCCESS}):
+        if record.step_key in steps:
+            (start if record.dagster_event.event_type == DagsterEventType.STEP_START else end)[record.step_key] = record.timestamp
+    assert start.keys() == end.keys() == set(steps), (start, end)
+    return max(sum(start[other] <= start[step] < end[other] for other in steps) for step in steps)
 
 
 def tables(root: Path) -> dict[str, object]:
@@ -50,8 +97,9 @@ def tables(root: Path) -> dict[str, object]:
         pairs = read_shard(data.activations_dir(coder), key)
         found[f"activations {key}"] = (pairs.locations, pairs.activations)
     found.update(exemplars=store.exemplars(coder, shard).read(), latent_profiles=store.latent_profiles(coder, shard).read(),
-                 explanations=store.explanations(coder, shard).read(), scores=store.scores(coder, shard, "detection").read(),
-                 scored_examples=store.scored_examples(coder, shard, "detection").read())
+                 explanations=store.explanations(coder, shard).read())
+    for scorer in SCORERS:
+        found.update({f"scores {scorer}": store.scores(coder, shard, scorer).read(), f"scored_examples {scorer}": store.scored_examples(coder, shard, scorer).read()})
     return found
 
 
@@ -66,35 +114,46 @@ def assert_same_tables(cluster: dict, single: dict) -> None:
             assert table == single[name], name
 
 
-def test_cluster_runs_each_step_on_its_queue_and_matches_a_single_machine_run(registered, tmp_path_factory, monkeypatch, postgres_url, redis_url,
-                                                                              coordination_url):
+def test_cluster_runs_each_step_on_its_queue_within_its_pool_reruns_a_killed_step_and_matches_a_single_machine_run(
+        registered, tmp_path_factory, monkeypatch, postgres_url, redis_url, coordination_url):
     home, logs, reference = (tmp_path_factory.mktemp(name) for name in ("dagster_home", "worker_logs", "reference"))
     shutil.copytree(registered / "registry", reference / "registry")
-    workers = []
-    with ScriptedLLMServer(answer_by_prompt) as server:
-        deployment_file = tiny_cluster_deployment(home, registered, server.base_url, coordination_url)
+    workers, runs = {}, []
+    held = FirstAnswerHeld()
+    with ScriptedLLMServer(held) as server:
+        deployment_file = tiny_cluster_deployment(home, registered, server.base_url, coordination_url, scorers=SCORERS)
         env = cluster_env(REPO, home, deployment_file, postgres_url, redis_url)
         monkeypatch.setenv("AUTOINTERP_POSTGRES_URL", postgres_url)  # what the instance's dagster.yaml reads in this process too
         try:
-            write_instance(home, max_runs=2, llm_runs=2, gpus=1)
+            write_instance(home, max_runs=2, llm_runs=1, gpus=1)
             instance = DagsterInstance.from_config(str(home))
             add_coders(instance, registered, TINY_CODER)
-            for queue in ("gpu", "cpu", "llm"):
-                log = logs / f"{queue}.log"
-                workers.append((log, start_worker(queue, env, log)))
-            for log, worker in workers:
-                wait_until_ready(log, worker)
+            for name, queue in WORKERS.items():
+                workers[name] = start_worker(queue, env, logs / f"{name}.log", concurrency=1, name=name)
+            for name, worker in workers.items():
+                wait_until_ready(logs / f"{name}.log", worker)
             for selection, partition in RUNS:
                 command = [sys.executable, "-m", "dagster", "asset", "materialize", "-m", "autointerp_defs", "--select", selection]
-                done = subprocess.run(command + (["--partition", partition] if partition else []), env=env, cwd=home, capture_output=True, text=True, timeout=600)
-                assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+                run = subprocess.Popen(command + (["--partition", partition] if partition else []), env=env, cwd=home, stdout=subprocess.PIPE,
+                                       stderr=subprocess.STDOUT, text=True)
+                runs.append(run)
+                if "explanations" in selection:
+                    killed = kill_mid_step(instance, "explanations", {name: psutil.Process(worker.pid) for name, worker in workers.items()}, held)
+                output, _ = run.communicate(timeout=600)
+                assert run.returncode == 0, output[-6000:]
             ran = workers_of_steps(instance)
+            last_run = instance.get_runs(limit=1)[0].run_id
         finally:
-            for _, worker in workers:
-                stop(worker)
+            held.released.set()
+            for process in [*runs, *workers.values()]:
+                stop(process)
 
-        assert {step: worker.split("@")[0] for step, worker in ran.items()} == QUEUE_OF_STEP
-        single = definitions_for(load_deployment(str(tiny_cluster_deployment(reference, reference, server.base_url, None))))
+        assert {step: {name.split("@")[0] for name in names} for step, names in ran.items()} == {step: {queue} for step, queue in QUEUE_OF_STEP.items()}
+        assert ran["explanations"][0] == killed and len(ran["explanations"]) == 2, ran  # killed, then run again from its start
+        assert "Worker exited prematurely: signal 9 (SIGKILL)" in (logs / f"{killed}.log").read_text()
+        assert most_at_once(instance, last_run, LLM_STEPS) == 1  # both scorers ready once explanations ended, two llm workers idle: one after the other
+        assert not instance.event_log_storage.get_concurrency_info(LLM_POOL).claimed_slots  # the killed attempt's slot was given back too
+        single = definitions_for(load_deployment(str(tiny_cluster_deployment(reference, reference, server.base_url, None, scorers=SCORERS))))
         on_one_machine = DagsterInstance.ephemeral()
         add_coders(on_one_machine, reference, TINY_CODER)
         for selection, partition in RUNS:

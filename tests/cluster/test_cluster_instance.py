@@ -26,5 +26,6 @@ def test_the_cluster_instance_limits_steps_per_pool_on_postgres(tmp_path, monkey
         assert config.pool_config.pool_granularity.value == "op"
         assert config.pool_config.op_granularity_run_buffer == 6
         assert instance.run_monitoring_enabled and instance.run_monitoring_settings["free_slots_after_run_end_seconds"] == 60
+        assert instance.run_monitoring_start_timeout_seconds == 600 and instance.run_monitoring_max_runtime_seconds == 2 * 86400
         assert instance.event_log_storage.get_concurrency_info(SUBJECT_MODEL_POOL).slot_count == 8
         assert instance.event_log_storage.get_concurrency_info(LLM_POOL).slot_count == 16

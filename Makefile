@@ -37,8 +37,9 @@ demo: instance
 test: install-test
 	$(VENV)/bin/pytest -q
 
+# The Dagster UI and daemon at http://127.0.0.1:3000; UI_PORT=… to move it.
 ui: instance
-	$(VENV)/bin/autointerp ui --host 127.0.0.1 --port 3000
+	$(VENV)/bin/autointerp ui --host 127.0.0.1 --port $(or $(UI_PORT),3000)
 
 # The latent browser on the deployment's data root, at the port of its [settings] viewer_url
 # (http://127.0.0.1:8080, where Dagster's metadata links point); VIEW_PORT=… to move it.

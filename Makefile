@@ -9,7 +9,8 @@ AUTOINTERP_LLM_RUNS ?= 2
 
 .PHONY: install install-test instance demo test ui view
 
-# torch first, pinned to the CPU build that is on this machine's disk (any other pulls GBs).
+# torch first, the CPU build that is on this machine's disk (any other pulls GBs); pyproject.toml asks only for a range
+# (torch>=2.4), so a GPU machine keeps its own torch and the vllm extra gets the newest vLLM (bench/dependencies.py).
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip

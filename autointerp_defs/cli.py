@@ -445,9 +445,13 @@ def _main(argv: list[str] | None = None) -> None:
     elif args.command == "materialize":
         materialize_selection(deployment, args.selection, args.partition, args.coder, args.shard)
     elif args.command == "instance":
-        from autointerp_defs.instance import write_instance
+        from autointerp_defs.deployments import is_set
+        from autointerp_defs.instance import POSTGRES_ENV, write_instance
 
-        print(f"wrote {write_instance(dagster_home() or Path('.dagster_home').resolve(), args.max_runs, args.llm_runs, args.gpus if args.cluster else None)}")
+        if args.cluster and not is_set(POSTGRES_ENV):
+            raise CommandError(f"{POSTGRES_ENV} is not set. Fix: export {POSTGRES_ENV}=postgresql+psycopg2://<user>:<password>@<db-host>:5432/<database>, "
+                               f"on every node (README: Scale out)")
+        print(f"wrote {write_instance(instance_home()[0], args.max_runs, args.llm_runs, args.gpus if args.cluster else None)}")
     elif args.command == "worker":
         from autointerp_defs.cluster import run_worker
 

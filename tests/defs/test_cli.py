@@ -119,3 +119,9 @@ def test_a_mistake_prints_one_line_and_no_dagster_warning(tmp_path, instance_hom
     done = subprocess.run([sys.executable, "-c", mistake], capture_output=True, text=True, timeout=300)
     assert done.returncode == 1 and done.stdout == ""
     assert done.stderr.count("\n") == 1 and "no asset named scores/detectoin. Fix: name some of" in done.stderr, done.stderr
+
+
+def test_the_cluster_instance_without_its_database_url_names_the_variable(tmp_path, instance_home, monkeypatch):
+    monkeypatch.delenv("AUTOINTERP_POSTGRES_URL", raising=False)
+    with pytest.raises(SystemExit, match=r"AUTOINTERP_POSTGRES_URL is not set\. Fix: export AUTOINTERP_POSTGRES_URL=postgresql"):
+        main(["--data", str(tmp_path), "instance", "--cluster"])

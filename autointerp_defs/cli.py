@@ -474,7 +474,7 @@ def _main(argv: list[str] | None = None) -> None:
 
         imported = import_delphi(args.data, args.coder, args.dir, args.module, args.model, embedder=deployment.resources()["embedder"])
         for shard, latents in imported.items():
-            print(f"shard {shard}: imported {len(latents)} explanations; score them: --select 'scores/*' --partition \"{args.coder}|{shard}\"")
+            print(f"shard {shard}: imported {len(latents)} explanations; score them: autointerp materialize 'scores/*' --coder {args.coder} --shard {shard}")
     elif args.command == "view":
         view_latents(deployment, args.host, args.port)
     elif args.command == "adopt-root":

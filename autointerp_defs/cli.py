@@ -211,7 +211,8 @@ def run_demo(deployment, force: bool) -> None:
               "self-hosted model (README: Explainers and LLM clients).")
     print(f"\ndemo finished in {time.perf_counter() - started:.0f} s{f' with {len(failed_shards)} of {len(DEMO_SHARDS)} shards failed' if failed_shards else ''}")
     print("Open the UI:            make ui     (then http://127.0.0.1:3000)")
-    print(f'Re-score from the shell: .venv/bin/autointerp materialize {",".join(scorers)} --coder {coder} --shard 00')
+    print(f'Re-score from the shell: DAGSTER_HOME={home} .venv/bin/autointerp --deployment {deployment.path} --data {data_dir} materialize '
+          f'{",".join(scorers)} --coder {coder} --shard 00')
 
 
 def print_results(store, coder: str, scorers: dict) -> None:

@@ -305,8 +305,8 @@ def search(data_dir: str, query: str, limit: int, embedder) -> None:
     for hit in hits:
         print(f"{hit['_distance']:.3f}  {hit['coder']}  latent {hit['latent']}: {hit['explanation']}")
     if not hits:
-        print(f"no explanation under {store.layout.root} is embedded with {embedder.model} yet: `make demo` (or a materialized `explanations` "
-              f"partition) stores some; --data names another data root")
+        print(f"no explanation under {store.layout.root} is in the search index of this deployment's embedder ({embedder.model!r}) yet: `make demo` "
+              f"(or a materialized `explanations` partition) stores some; --data names another data root")
 
 
 def subject_model_of(deployment) -> tuple[str, str | None]:

@@ -9,7 +9,8 @@ AUTOINTERP_LLM_RUNS ?= 2
 
 .PHONY: install install-test instance demo test ui view
 
-# torch first, pinned to the CPU build that is on this machine's disk (any other pulls GBs).
+# torch first, the CPU build that is on this machine's disk (any other pulls GBs); pyproject.toml asks only for a range
+# (torch>=2.4), so a GPU machine keeps its own torch and the vllm extra gets the newest vLLM (bench/dependencies.py).
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
@@ -39,8 +40,9 @@ demo: instance
 test: install-test
 	$(VENV)/bin/pytest -q
 
+# The Dagster UI and daemon at http://127.0.0.1:3000; UI_PORT=… to move it.
 ui: instance
-	$(VENV)/bin/autointerp ui --host 127.0.0.1 --port 3000
+	$(VENV)/bin/autointerp ui --host 127.0.0.1 --port $(or $(UI_PORT),3000)
 
 # The latent browser on the deployment's data root, at the port of its [settings] viewer_url
 # (http://127.0.0.1:8080, where Dagster's metadata links point); VIEW_PORT=… to move it.

@@ -14,10 +14,11 @@ never imports the `Definitions`, which import every asset.
 """
 from __future__ import annotations
 
+import warnings
 from typing import Callable, Iterator
 
-from dagster import (AssetCheckEvaluation, AssetCheckKey, AssetCheckSeverity, AssetKey, AssetMaterialization, BackfillPolicy, DagsterEventType,
-                     DynamicPartitionsDefinition, Failure, MaterializeResult, Output)
+from dagster import (AssetCheckEvaluation, AssetCheckKey, AssetCheckSeverity, AssetKey, AssetMaterialization, BackfillPolicy, BetaWarning,
+                     DagsterEventType, DynamicPartitionsDefinition, Failure, MaterializeResult, Output)
 from dagster._core.definitions.source_asset import SYSTEM_METADATA_KEY_SOURCE_ASSET_OBSERVATION
 
 from resources.sparse_coders import CoderFormatError
@@ -51,6 +52,11 @@ def backfill_policy(partitions_per_run: int) -> BackfillPolicy | None:
     run (None, Dagster's default: each shard succeeds or fails alone), or up to `partitions_per_run`
     shards per run (`[settings] partitions_per_run`), which spreads a run's fixed cost over them."""
     return BackfillPolicy.multi_run(partitions_per_run) if partitions_per_run > 1 else None
+
+
+# Backfill policies are beta in Dagster 1.13 and chosen knowingly (`activations` needs `single_run`: one forward pass
+# for all coders of a backfill), so every command and process that loads the assets would print the same warning.
+warnings.filterwarnings("ignore", message="Parameter `backfill_policy` of function `asset` is currently in beta", category=BetaWarning)
 
 
 SHARD_FAILURES = (Failure, FileNotFoundError, EmptierResultsError, CoderFormatError)

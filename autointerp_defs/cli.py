@@ -70,7 +70,95 @@ def _materialize(selection: list[str], partition_key: str | None, instance, defs
     if result.success:
         return None
     errors = [event.event_specific_data.error for event in result.all_events if event.is_step_failure and event.event_specific_data.error]
-    return "; ".join(error.message.split(": ", 1)[-1].strip() for error in errors) or "see the run's log above"  # a step's message names its stage
+    return "; ".join(root_cause(error).message.split(": ", 1)[-1].strip() for error in errors) or "see the run's log above"  # a step's message names its stage
+
+
+def root_cause(error):
+    """The error a step raised, not Dagster's "Error occurred while executing op" around it (a `Failure`'s own
+    message is kept, not replaced by the error it was raised from)."""
+    while error.cls_name == "DagsterExecutionStepExecutionError" and error.cause is not None:
+        error = error.cause
+    return error
+
+
+class CommandError(Exception):
+    """A command the user can fix: `main` prints its message, which names the fix, as one line."""
+
+
+def instance_home() -> tuple[Path, str]:
+    """The Dagster instance folder the demo and `materialize` use, and where that choice came from (for messages):
+    `$DAGSTER_HOME`, else `./.dagster_home`, the folder the Makefile points it at."""
+    from autointerp_defs.deployments import dagster_home
+
+    home = dagster_home()
+    return (home, "$DAGSTER_HOME") if home else (Path(".dagster_home").resolve(), "DAGSTER_HOME is not set; the Makefile's default")
+
+
+def shard_listing(keys: list[str]) -> str:
+    """Partition keys as one line, a range per coder: `a/h|00…04, b/h|00`."""
+    from assets.partitions import coder_and_shard, coders_of
+
+    shards = {coder: [coder_and_shard(key)[1] for key in keys if coder_and_shard(key)[0] == coder] for coder in coders_of(keys)}
+    return ", ".join(f"{coder}|{s[0]}…{s[-1]}" if len(s) > 1 else f"{coder}|{s[0]}" for coder, s in shards.items())
+
+
+def chosen_partition(keys: list[str], partition: str | None, coder: str | None, shard: str | None, where: str) -> str:
+    """The partition key that `--partition`, or `--coder` and `--shard`, name; it must be one of the instance's
+    `keys`. `--shard 3` means the coder's shard 03."""
+    from assets.partitions import coder_and_shard
+
+    if partition is None and (coder is None or shard is None):
+        raise CommandError(f"the selection is partitioned by coder and shard. Fix: add --coder C --shard S (or --partition 'C|S'); {where} has {shard_listing(keys)}")
+    coder, shard = coder_and_shard(partition) if partition is not None else (coder, shard)
+    shards = {coder_and_shard(key)[1]: key for key in keys if coder_and_shard(key)[0] == coder}
+    if not shards:
+        raise CommandError(f"{where} has no coder {coder!r}. Fix: use one of its coders: {shard_listing(keys)}")
+    found = shards.get(shard) or next((key for s, key in shards.items() if shard.isdigit() and int(s) == int(shard)), None)
+    if found is None:
+        raise CommandError(f"{coder} has no shard {shard!r} in {where}. Fix: use one of {shard_listing(list(shards.values()))}")
+    return found
+
+
+def materialize_selection(deployment, selection: str, partition: str | None, coder: str | None, shard: str | None) -> None:
+    """`autointerp materialize`: check that `selection` names assets of the deployment and that the partition
+    exists in the instance, then run it in this process as the demo does."""
+    from fnmatch import fnmatchcase
+
+    from dagster import DagsterInstance
+
+    from assets.partitions import shard_partitions
+    from autointerp_defs.definitions import definitions_for
+
+    home, source = instance_home()
+    where = f"the instance at {home} ({source})"
+    if not (home / "dagster.yaml").is_file():
+        raise CommandError(f"no Dagster instance at {home} ({source}). Fix: run `make demo` first, which makes one there, or set DAGSTER_HOME to the "
+                           f"folder of the instance that `make ui` uses")
+    defs = definitions_for(deployment)
+    partitioned = {key.to_user_string(): spec.partitions_def is not None for spec in defs.assets for key in spec.keys}
+    chosen, unknown = [], []
+    for pattern in filter(None, (part.strip() for part in selection.split(","))):
+        matched = [name for name in partitioned if fnmatchcase(name, pattern)]
+        chosen += [name for name in matched if name not in chosen]
+        unknown += [] if matched else [pattern]
+    if unknown or not chosen:
+        raise CommandError(f"no asset named {', '.join(unknown) or repr(selection)}. Fix: name some of {', '.join(partitioned)} (comma-separated; * matches any text)")
+    named = partition is not None or coder is not None or shard is not None
+    with DagsterInstance.from_config(str(home)) as instance:
+        key = None
+        if any(partitioned[name] for name in chosen):
+            keys = instance.get_dynamic_partitions(shard_partitions.name)
+            if not keys:
+                raise CommandError(f"{where} knows no coder yet. Fix: run `make demo`, or drop a coder into {deployment.data_dir}/registry/ with `make ui` "
+                                   f"running (its registry sensor adds the coder's shards)")
+            key = chosen_partition(keys, partition, coder, shard, where)
+        elif named:
+            raise CommandError(f"{', '.join(chosen)} {'is' if len(chosen) == 1 else 'are'} not partitioned. Fix: drop --partition, --coder and --shard")
+        print(f"materializing {', '.join(chosen)} {key or ''} on {where}", flush=True)
+        started = time.perf_counter()
+        if (failure := _materialize(chosen, key, instance, defs)) is not None:
+            raise CommandError(f"materializing {', '.join(chosen)} {key or ''} failed: {failure}")
+    print(f"materialized {', '.join(chosen)} {key or ''} in {time.perf_counter() - started:.0f} s")
 
 
 def run_demo(deployment, force: bool) -> None:
@@ -78,7 +166,6 @@ def run_demo(deployment, force: bool) -> None:
 
     from assets.partitions import coders_of, shard_partitions
     from autointerp_defs.definitions import definitions_for
-    from autointerp_defs.deployments import dagster_home
     from autointerp_defs.sensors import new_shard_keys
     from resources.sparse_coders import scan_registry
     from storage.layout import DataRoot
@@ -89,7 +176,7 @@ def run_demo(deployment, force: bool) -> None:
     root = DataRoot.at(data_dir)
     register_embedded(data_dir)
     defs = definitions_for(deployment)
-    home = dagster_home() or Path(".dagster_home").resolve()
+    home, _ = instance_home()
     home.mkdir(parents=True, exist_ok=True)
     if not (home / "dagster.yaml").exists():
         (home / "dagster.yaml").write_text("telemetry:\n  enabled: false\n")
@@ -137,7 +224,8 @@ def run_demo(deployment, force: bool) -> None:
               "self-hosted model (README: Explainers and LLM clients).")
     print(f"\ndemo finished in {time.perf_counter() - started:.0f} s{f' with {len(failed_shards)} of {len(DEMO_SHARDS)} shards failed' if failed_shards else ''}")
     print("Open the UI:            make ui     (then http://127.0.0.1:3000)")
-    print(f'Re-score from the shell: DAGSTER_HOME={home} AUTOINTERP_DEPLOYMENT={deployment.path} .venv/bin/dagster asset materialize -m autointerp_defs --select {",".join(scorers)} --partition "{coder}|00"')
+    print(f'Re-score from the shell: DAGSTER_HOME={home} .venv/bin/autointerp --deployment {deployment.path} --data {data_dir} materialize '
+          f'{",".join(scorers)} --coder {coder} --shard 00')
 
 
 def print_results(store, coder: str, scorers: dict) -> None:
@@ -225,9 +313,13 @@ def search(data_dir: str, query: str, limit: int, embedder) -> None:
     from storage.store import TableStore
     from storage.vector_store import search_explanations
 
-    vector = embedder.embed([query])[0]
-    for hit in search_explanations(TableStore.at(data_dir), embedder.model, vector, limit):
+    store = TableStore.at(data_dir)
+    hits = search_explanations(store, embedder.model, embedder.embed([query])[0], limit)
+    for hit in hits:
         print(f"{hit['_distance']:.3f}  {hit['coder']}  latent {hit['latent']}: {hit['explanation']}")
+    if not hits:
+        print(f"no explanation under {store.layout.root} is in the search index of this deployment's embedder ({embedder.model!r}) yet: `make demo` "
+              f"(or a materialized `explanations` partition) stores some; --data names another data root")
 
 
 def subject_model_of(deployment) -> tuple[str, str | None]:
@@ -259,8 +351,25 @@ def view_latents(deployment, host: str, port: int | None) -> None:
     resources = deployment.resources()
     settings = resources["settings"]
     port = port if port is not None else (urlsplit(settings.viewer_url).port or 8080)
+    check_port_free(host, port, "VIEW_PORT=N; [settings] viewer_url is where Dagster's metadata links")
     serve(deployment.data_dir, host, port, viewer_url=settings.viewer_url, embedder=resources["embedder"], dagster_url=settings.dagster_url,
           subject_model=subject_model_of(deployment))
+
+
+def check_port_free(host: str, port: int, make_option: str) -> None:
+    """Stop with the fix when another process listens on `host`:`port` (another viewer or UI, most often)."""
+    import errno
+    import socket
+
+    with socket.socket() as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the servers bind: a port left in TIME_WAIT is free
+        try:
+            probe.bind((host, port))
+        except OSError as error:
+            if error.errno != errno.EADDRINUSE:
+                raise
+            raise CommandError(f"port {port} on {host} is in use (another `autointerp view` or `make ui`?). Fix: stop that process, or pick "
+                               f"another port with --port N (make: {make_option})") from None
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -274,7 +383,7 @@ def main(argv: list[str] | None = None) -> None:
 
     try:
         return _main(argv)
-    except (DeploymentError, LockedError, RegistryError, CoderFormatError, CoderShapeError, PermissionError, ExportInputError, SteeringError,
+    except (CommandError, DeploymentError, LockedError, RegistryError, CoderFormatError, CoderShapeError, PermissionError, ExportInputError, SteeringError,
             UnknownHookpointError) as error:
         sys.exit(f"autointerp {' '.join(argv if argv is not None else sys.argv[1:])}: {error}")
 
@@ -296,6 +405,12 @@ def _main(argv: list[str] | None = None) -> None:
     registering.add_argument("--revision", help="a branch, tag or commit of the hub repo (default main); the commit is recorded beside the coder")
     demo = commands.add_parser("demo", help="register, cache, explain and score the demo partitions, then print a table")
     demo.add_argument("--force", action="store_true", help="re-materialize partitions that already exist")
+    run = commands.add_parser("materialize", help="materialize assets of one coder × shard partition in this process, on the instance at $DAGSTER_HOME "
+                                                  "(default ./.dagster_home), as the demo does")
+    run.add_argument("selection", help="asset names, comma-separated; * matches any text, e.g. 'scores/*' or exemplars,explanations")
+    run.add_argument("--coder", help="coder key, e.g. smollm2-topk/model.layers.15")
+    run.add_argument("--shard", help="the coder's shard, e.g. 00 (or 0)")
+    run.add_argument("--partition", help="or the partition key itself, e.g. 'smollm2-topk/model.layers.15|00'")
     caching = commands.add_parser("cache", help="cache activations of registered coders in one pass (resumes a killed run)")
     caching.add_argument("coders", nargs="+", help="coder partition keys, e.g. smollm2-topk/model.layers.15")
     caching.add_argument("--batch-size", type=int, default=16, help="sequences per forward pass (0 = from free GPU memory)")
@@ -349,10 +464,16 @@ def _main(argv: list[str] | None = None) -> None:
         register_coders(args.data, args.source, args.hookpoints, args.name, args.revision, deployment.latents_per_shard)
     elif args.command == "demo":
         run_demo(deployment, args.force)
+    elif args.command == "materialize":
+        materialize_selection(deployment, args.selection, args.partition, args.coder, args.shard)
     elif args.command == "instance":
-        from autointerp_defs.instance import write_instance
+        from autointerp_defs.deployments import is_set
+        from autointerp_defs.instance import POSTGRES_ENV, write_instance
 
-        print(f"wrote {write_instance(dagster_home() or Path('.dagster_home').resolve(), args.max_runs, args.llm_runs, args.gpus if args.cluster else None)}")
+        if args.cluster and not is_set(POSTGRES_ENV):
+            raise CommandError(f"{POSTGRES_ENV} is not set. Fix: export {POSTGRES_ENV}=postgresql+psycopg2://<user>:<password>@<db-host>:5432/<database>, "
+                               f"on every node (README: Scale out)")
+        print(f"wrote {write_instance(instance_home()[0], args.max_runs, args.llm_runs, args.gpus if args.cluster else None)}")
     elif args.command == "worker":
         from autointerp_defs.cluster import run_worker
 
@@ -360,6 +481,7 @@ def _main(argv: list[str] | None = None) -> None:
     elif args.command == "ui":
         from autointerp_defs.ui import serve
 
+        check_port_free(args.host, args.port, "UI_PORT=N; [settings] dagster_url is where the latent browser links")
         sys.exit(serve(args.host, args.port))
     elif args.command == "cache":
         cache(args.data, args.coders, args.batch_size, args.checkpoint_entries, deployment.latents_per_shard)
@@ -374,7 +496,7 @@ def _main(argv: list[str] | None = None) -> None:
 
         imported = import_delphi(args.data, args.coder, args.dir, args.module, args.model, embedder=deployment.resources()["embedder"])
         for shard, latents in imported.items():
-            print(f"shard {shard}: imported {len(latents)} explanations; score them: --select 'scores/*' --partition \"{args.coder}|{shard}\"")
+            print(f"shard {shard}: imported {len(latents)} explanations; score them: autointerp materialize 'scores/*' --coder {args.coder} --shard {shard}")
     elif args.command == "view":
         view_latents(deployment, args.host, args.port)
     elif args.command == "adopt-root":

@@ -211,3 +211,8 @@ def dagster_home() -> Path | None:
     """Dagster's own instance directory variable, `$DAGSTER_HOME` (read here so no other module reads the environment)."""
     home = os.environ.get("DAGSTER_HOME")
     return Path(home) if home else None
+
+
+def is_set(variable: str) -> bool:
+    """Whether an environment variable that Dagster itself reads (e.g. the cluster's PostgreSQL URL) is set here."""
+    return bool(os.environ.get(variable))

@@ -18,6 +18,8 @@ nux:
   enabled: false  # no "Join the Dagster community" dialog
 telemetry:
   enabled: false
+python_logs:
+  python_log_level: INFO  # runs print their steps' messages, not Dagster's DEBUG event lines (thousands an hour under `make ui`)
 concurrency:
   runs:
     max_concurrent_runs: {max_runs}
@@ -34,6 +36,8 @@ nux:
   enabled: false
 telemetry:
   enabled: false
+python_logs:
+  python_log_level: INFO  # workers and runs print their steps' messages, not Dagster's DEBUG event lines
 storage:
   postgres:  # runs, events and pool slots, shared by every node
     postgres_url:

@@ -21,6 +21,7 @@ from pathlib import Path
 from urllib.parse import parse_qsl, urlsplit
 
 from autointerp_defs.readside.app import Viewer, ViewerError, integer
+from autointerp_defs.readside.reader import ExportInputError
 from storage.store import TableStore
 
 STATIC = Path(__file__).parent / "static"
@@ -112,7 +113,7 @@ def make_server(data_dir: str, host: str = "127.0.0.1", port: int = 8080, viewer
     (the deployment's `[settings] viewer_url`); `options` go to the `Viewer` (embedder, dagster_url, subject_model)."""
     store = TableStore.at(data_dir)
     if not store.layout.root.exists():
-        raise FileNotFoundError(f"No data root at {store.layout.root}. Fix: pass --data, or set [settings] data_dir in the deployment file, to the folder `make demo` filled, e.g. ./data.")
+        raise ExportInputError(f"No data root at {store.layout.root}. Fix: pass --data, or set [settings] data_dir in the deployment file, to the folder `make demo` filled, e.g. ./data.")
     server = ThreadingHTTPServer((host, port), make_handler(viewer or Viewer(store, **options), viewer_url))
     server.daemon_threads = True
     return server

@@ -17,3 +17,111 @@ def test_the_demo_prints_a_score_without_a_control_and_compares_means_over_the_s
     assert "0.90 / 0.50" in out and "0.80 / no control" in out and "n/a" not in out
     assert "detection: mean 0.750 / 0.500 over the 2 latents with a control; too few latents to tell (2 with a control" in out
     assert "explained by not recorded" in out and "detection scored by not recorded" in out  # tables written before models were recorded say so
+
+
+# ---- every path a user takes from the README ends in one line naming the fix ----------------------
+
+import shutil
+import socket
+
+import pytest
+from dagster import DagsterInstance
+
+from autointerp_defs.cli import main
+from autointerp_defs.deployments import DEPLOYMENTS_DIR
+from autointerp_defs.instance import write_instance
+from tests.conftest import TEST_LATENTS_PER_SHARD, TINY_CODER, add_coders
+
+
+@pytest.fixture()
+def instance_home(tmp_path, monkeypatch):
+    """A fresh instance like the one `make demo` writes, at $DAGSTER_HOME."""
+    home = tmp_path / "dagster_home"
+    write_instance(home)
+    monkeypatch.setenv("DAGSTER_HOME", str(home))
+    return home
+
+
+def tiny_deployment(tmp_path):
+    """The local deployment, cut into the tiny coder's shards as the test partition was."""
+    path = tmp_path / "tiny.toml"
+    path.write_text((DEPLOYMENTS_DIR / "local.toml").read_text().replace("max_latents_per_shard = 3", f"max_latents_per_shard = 4\nlatents_per_shard = {TEST_LATENTS_PER_SHARD}"))
+    return str(path)
+
+
+def test_materialize_without_an_instance_names_the_folder_it_looked_in_and_the_fix(tmp_path, monkeypatch):
+    monkeypatch.delenv("DAGSTER_HOME", raising=False)
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit, match=rf"no Dagster instance at {tmp_path}/.dagster_home \(DAGSTER_HOME is not set.*Fix: run `make demo`"):
+        main(["--data", str(tmp_path / "data"), "materialize", "scores/detection", "--coder", TINY_CODER, "--shard", "00"])
+
+
+def test_materialize_names_the_assets_and_the_partitions_there_are(tmp_path, instance_home):
+    run = ["--data", str(tmp_path / "data"), "materialize"]
+    with pytest.raises(SystemExit, match=rf"the instance at {instance_home} \(\$DAGSTER_HOME\) knows no coder yet\. Fix: run `make demo`"):
+        main([*run, "scores/detection", "--coder", TINY_CODER, "--shard", "00"])
+    with DagsterInstance.from_config(str(instance_home)) as instance:
+        add_coders(instance, tmp_path, TINY_CODER)  # no registry here: its shard 00, and the seven others below, as the sensor adds them
+        instance.add_dynamic_partitions("shard", [f"{TINY_CODER}|0{i}" for i in range(1, 8)])
+    with pytest.raises(SystemExit, match=r"no asset named scores/detectoin\. Fix: name some of corpus, activations, .*scores/detection.*score_summary"):
+        main([*run, "scores/detectoin", "--coder", TINY_CODER, "--shard", "00"])
+    with pytest.raises(SystemExit, match=rf"partitioned by coder and shard\. Fix: add --coder C --shard S .*has tiny-topk/model.layers.3\|00…07$"):
+        main([*run, "exemplars,explanations"])
+    with pytest.raises(SystemExit, match=r"has no coder 'tiny-topk/model.layers.4'\. Fix: use one of its coders: tiny-topk/model.layers.3\|00…07"):
+        main([*run, "scores/*", "--partition", "tiny-topk/model.layers.4|00"])
+    with pytest.raises(SystemExit, match=rf"{TINY_CODER} has no shard '8' in the instance at {instance_home}.*Fix: use one of tiny-topk/model.layers.3\|00…07"):
+        main([*run, "scores/*", "--coder", TINY_CODER, "--shard", "8"])
+    with pytest.raises(SystemExit, match=r"corpus, score_summary are not partitioned\. Fix: drop --partition"):
+        main([*run, "corpus,score_summary", "--coder", TINY_CODER, "--shard", "0"])
+
+
+def test_materialize_runs_one_partition_as_the_demo_does_and_says_why_a_run_failed(partition, tmp_path, instance_home, capsys):
+    from storage.layout import DataRoot
+
+    data = tmp_path / "data"
+    shutil.copytree(partition.root, data, ignore=shutil.ignore_patterns("viewer"))
+    with DagsterInstance.from_config(str(instance_home)) as instance:
+        add_coders(instance, data, partition.coder)
+    scores = DataRoot.at(data).scores_path(partition.coder, "00", "embedding")
+    scores.unlink()
+    main(["--deployment", tiny_deployment(tmp_path), "--data", str(data), "materialize", "scores/embedding", "--coder", partition.coder, "--shard", "0"])
+    assert scores.exists() and f"materialized scores/embedding {partition.coder}|00 in" in capsys.readouterr().out
+    with pytest.raises(SystemExit, match=rf"materializing scores/embedding {partition.coder}\|01 failed: .*exemplars"):
+        main(["--deployment", tiny_deployment(tmp_path), "--data", str(data), "materialize", "scores/embedding", "--partition", f"{partition.coder}|01"])
+
+
+@pytest.mark.parametrize("command, option", [(["view"], "VIEW_PORT=N"), (["ui"], "UI_PORT=N")])
+def test_a_busy_port_names_the_option_that_moves_it(tmp_path, instance_home, command, option):
+    (tmp_path / "data").mkdir()
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        with pytest.raises(SystemExit, match=rf"port {port} on 127.0.0.1 is in use .*Fix: stop that process, or pick another port with --port N \(make: {option}"):
+            main(["--data", str(tmp_path / "data"), *command, "--port", str(port)])
+
+
+def test_view_without_a_data_root_names_the_fix(tmp_path):
+    with pytest.raises(SystemExit, match=rf"No data root at {tmp_path}/nowhere\. Fix: pass --data"):
+        main(["--data", str(tmp_path / "nowhere"), "view", "--port", "0"])
+
+
+def test_search_before_anything_is_explained_says_so(tmp_path, capsys):
+    main(["--data", str(tmp_path), "search", "closing a file"])
+    assert "no explanation under" in capsys.readouterr().out
+
+
+def test_a_mistake_prints_one_line_and_no_dagster_warning(tmp_path, instance_home):
+    import subprocess
+    import sys
+
+    mistake = f"from autointerp_defs.cli import main; main(['--data', {str(tmp_path)!r}, 'materialize', 'scores/detectoin', '--shard', '0'])"
+    done = subprocess.run([sys.executable, "-c", mistake], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 1 and done.stdout == ""
+    assert done.stderr.count("\n") == 1 and "no asset named scores/detectoin. Fix: name some of" in done.stderr, done.stderr
+
+
+def test_the_cluster_instance_without_its_database_url_names_the_variable(tmp_path, instance_home, monkeypatch):
+    monkeypatch.delenv("AUTOINTERP_POSTGRES_URL", raising=False)
+    with pytest.raises(SystemExit, match=r"AUTOINTERP_POSTGRES_URL is not set\. Fix: export AUTOINTERP_POSTGRES_URL=postgresql"):
+        main(["--data", str(tmp_path), "instance", "--cluster"])

@@ -22,6 +22,20 @@ def test_instance_limits_runs_and_pools_and_hides_the_new_user_dialog(tmp_path):
         assert materialize([in_process], instance=instance).success  # in-process runs (the demo) are not held back
 
 
+def test_runs_on_the_instance_print_info_not_dagsters_debug_event_lines(tmp_path, capfd):
+    write_instance(tmp_path)
+
+    @asset
+    def talkative(context) -> int:
+        context.log.info("a step's own message")
+        return 1
+
+    with DagsterInstance.from_config(str(tmp_path)) as instance:
+        assert materialize([talkative], instance=instance).success  # no run config: as automation and backfills launch runs
+    printed = capfd.readouterr().err
+    assert "a step's own message" in printed and " - DEBUG - " not in printed
+
+
 def test_assets_that_load_the_subject_model_or_wait_on_the_llm_are_in_their_pools():
     from autointerp_defs import defs
 

@@ -1,17 +1,17 @@
-"""The README's format tables say what `storage/` defines: same tables, same columns, same types, same files."""
+"""The format tables of docs/formats.md say what `storage/` defines: same tables, same columns, same types, same files."""
 import re
 from pathlib import Path
 
 from storage.activations import LATENT_STATS_FILE, META_FILE, PROGRESS_FILE
 from storage.tables import TABLES
 
-README = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+FORMATS = (Path(__file__).resolve().parents[2] / "docs" / "formats.md").read_text()
 
 
 def readme_tables() -> dict[str, list[tuple[str, str]]]:
-    """`#### `name`` headings of the formats section → their (column, type) rows."""
+    """`### `name`` headings → their (column, type) rows."""
     found = {}
-    for match in re.finditer(r"^#### `(\w+)`.*?\n\n\| column \| type \| meaning \|\n\| --- \| --- \| --- \|\n((?:\|.*\|\n)+)", README, re.MULTILINE):
+    for match in re.finditer(r"^### `(\w+)`.*?\n\n\| column \| type \| meaning \|\n\| --- \| --- \| --- \|\n((?:\|.*\|\n)+)", FORMATS, re.MULTILINE):
         rows = [line.split("|")[1:3] for line in match.group(2).strip().splitlines()]
         found[match.group(1)] = [(column.strip().strip("`"), kind.strip()) for column, kind in rows]
     return found
@@ -25,10 +25,10 @@ def test_every_table_is_documented_with_its_columns_and_types_in_order():
 
 
 def test_the_activation_cache_and_corpus_files_are_documented():
-    cache = README[README.index("### Activation cache"): README.index("### Corpus")]
+    cache = FORMATS[FORMATS.index("## Activation cache"): FORMATS.index("## Corpus")]
     for name in (LATENT_STATS_FILE, PROGRESS_FILE, META_FILE, "chunk-NNNNN.safetensors", "stats.partial-NNNNN.safetensors"):
         assert f"`{name}" in cache or f"/{name}`" in cache, name
     for tensor in ("locations", "activations", "count", "max", "sum", "tokens"):
         assert f"| `{tensor}` |" in cache, tensor
-    corpus = README[README.index("### Corpus"): README.index("### Tables")]
+    corpus = FORMATS[FORMATS.index("## Corpus"): FORMATS.index("## Tables")]
     assert all(f"`{f}`" in corpus for f in ("tokens.safetensors", "vocab.json", "meta.json"))

@@ -332,7 +332,7 @@ def export_to(args, deployment) -> None:
     if args.format == "neuronpedia":
         from autointerp_defs.readside.neuronpedia import export_neuronpedia
 
-        folder = export_neuronpedia(args.data, args.coder, args.dir, model_id=args.model_id, set_name=args.set_name, subject_model=subject_model_of(deployment))
+        folder = export_neuronpedia(args.data, args.coder, args.dir, model_id=args.model_id, set_name=args.set_name, layer=args.layer, subject_model=subject_model_of(deployment))
         print(f"wrote {folder}")
     else:
         from autointerp_defs.readside.delphi import export_delphi
@@ -444,6 +444,7 @@ def _main(argv: list[str] | None = None) -> None:
     export.add_argument("dir", help="output folder")
     export.add_argument("--model-id", help="neuronpedia: the model's id there (default: the subject model's name)")
     export.add_argument("--set-name", help="neuronpedia: the source set name (default: the coder's name)")
+    export.add_argument("--layer", type=int, help="neuronpedia: the layer its source id starts with (default: read from the hookpoint, e.g. model.layers.3)")
     export.add_argument("--module", help="delphi: the module name in file names (default: the hookpoint)")
     importing = commands.add_parser("import", help="read another tool's explanations into a coder, to be scored here with controls")
     importing.add_argument("format", choices=["delphi"])

@@ -31,14 +31,19 @@ def final_norm_scale(lm: torch.nn.Module) -> torch.Tensor | None:
     return None
 
 
-def vocab_projection(directions: torch.Tensor, lm: torch.nn.Module, k: int = 10, batch: int = 256) -> VocabProjection:
-    """Logits of each `[n, d_model]` direction over the vocabulary, reduced to the top and bottom k."""
+def vocab_logits(directions: torch.Tensor, lm: torch.nn.Module) -> torch.Tensor:
+    """Logits `[n, vocab]` of each `[n, d_model]` direction read through the final norm scale and the unembedding."""
     unembedding = lm.get_output_embeddings().weight.detach().float()  # [vocab, d_model]
     scale = final_norm_scale(lm)
+    block = directions.detach().float().to(unembedding.device)
+    return (block * scale if scale is not None else block) @ unembedding.T
+
+
+def vocab_projection(directions: torch.Tensor, lm: torch.nn.Module, k: int = 10, batch: int = 256) -> VocabProjection:
+    """Logits of each `[n, d_model]` direction over the vocabulary, reduced to the top and bottom k."""
     parts = []
     for start in range(0, len(directions), batch):
-        block = directions[start : start + batch].detach().float().to(unembedding.device)
-        logits = (block * scale if scale is not None else block) @ unembedding.T
+        logits = vocab_logits(directions[start : start + batch], lm)
         top = logits.topk(k, dim=1)
         bottom = logits.topk(k, dim=1, largest=False)
         parts.append((top.indices.cpu(), top.values.cpu(), bottom.indices.cpu(), bottom.values.cpu()))

@@ -121,10 +121,7 @@ class Viewer:
         self._embedder_loading.start()
         for coder in coders:
             try:
-                index = self.index(coder)
-                index.warm_up()
-                if index.decoder() is not None:
-                    index.logit_lens(0, wait=False)  # starts caching the unembedding
+                self.index(coder).warm_up()
             except Exception as error:  # the page that needs it says what is wrong
                 print(f"viewer: could not prepare {coder} ({type(error).__name__}: {error}); its pages will say why", file=sys.stderr)
 

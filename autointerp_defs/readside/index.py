@@ -80,7 +80,8 @@ class CoderIndex:
         """Build or open every cache a page of this coder reads, the list's first: what `autointerp view`
         does in the background at start, so that a person's first clicks find them ready."""
         self.latents()
-        self.decoder()
+        if self.decoder() is not None:
+            self.logit_lens(0, wait=False)  # starts caching the unembedding, in a thread of its own
         for shard in self.shards:
             for name in self.shard_tables(shard):
                 self._arrow_cache(shard, name)

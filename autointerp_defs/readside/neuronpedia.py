@@ -110,6 +110,8 @@ def export_neuronpedia(data_dir: str, coder: str, out_dir: str, model_id: str | 
             "frac_nonzero": _finite(table["frequency"].iat[latent]),
             "freq_hist_data_bar_heights": [int(c) for c in density["counts"]],
             "freq_hist_data_bar_values": [round((a + b) / 2, 4) for a, b in zip(density["edges"][:-1], density["edges"][1:])],
+            "logits_hist_data_bar_heights": lens["histogram"]["counts"] if lens else [],
+            "logits_hist_data_bar_values": [round((a + b) / 2, 4) for a, b in zip(lens["histogram"]["edges"][:-1], lens["histogram"]["edges"][1:])] if lens else [],
         }
         features.append(feature)
         activating = [w for w in windows if w["kind"] == "activating"]

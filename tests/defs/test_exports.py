@@ -17,7 +17,8 @@ from tests.materialized_partition import build
 # that an import needs: every field without a default, and those our export fills.
 NEURONPEDIA_FIELDS = {
     "features": {"modelId", "layer", "index", "creatorId", "maxActApprox", "topkCosSimIndices", "topkCosSimValues", "pos_str", "pos_values",
-                 "neg_str", "neg_values", "frac_nonzero", "freq_hist_data_bar_heights", "freq_hist_data_bar_values"},
+                 "neg_str", "neg_values", "frac_nonzero", "freq_hist_data_bar_heights", "freq_hist_data_bar_values",
+                 "logits_hist_data_bar_heights", "logits_hist_data_bar_values"},
     "activations": {"id", "tokens", "index", "layer", "modelId", "maxValue", "maxValueTokenIndex", "minValue", "values", "creatorId", "binMin", "binMax", "binContains"},
     "explanations": {"id", "modelId", "layer", "index", "description", "authorId", "typeName", "explanationModelName"},
 }
@@ -66,6 +67,8 @@ def test_neuronpedia_export_round_trips_features_activations_and_explanations(pa
     assert {k: v["description"] for k, v in got.items()} == dict(zip(ok.latent.astype(int), ok.explanation))
     assert {e["explanationModelName"] for e in got.values()} == {"scripted-judge"}
     assert {len(f["pos_str"]) for f in data["features"]} == {10}
+    vocab_size = len(json.loads((root.corpus_dir / "vocab.json").read_text()))
+    assert {sum(f["logits_hist_data_bar_heights"]) for f in data["features"]} == {vocab_size}  # the logit of every token, binned
     densities = {int(f["index"]): sum(f["freq_hist_data_bar_heights"]) for f in data["features"]}
     from storage.activations import LATENT_STATS_FILE, load_latent_stats
 

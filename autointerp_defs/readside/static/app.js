@@ -304,7 +304,7 @@ async function latentPage() {
   else scorers.append(el("table", {},
     el("tr", {}, ["scorer", "metric", "explanation", "control", "gap", "control explanation", "coder verdict"].map((h) => el("th", {}, h))),
     d.scorers.map((s) => el("tr", { "data-scorer": s.name, class: s.name === params.get("scorer") ? "pinned" : null },
-      el("td", {}, s.name, " ", el("a", { href: s.permalink, class: "permalink", title: "permalink: this latent with this scorer and its control shown first" }, "🔗")), el("td", {}, s.main_metric || "unknown"), el("td", { class: "num score" }, s.scored ? fmt(s.score) : "not scored",
+      el("td", {}, s.name, " ", el("a", { href: s.permalink, class: "permalink", title: "permalink: this latent with this scorer and its control shown first" }, "link")), el("td", {}, s.main_metric || "unknown"), el("td", { class: "num score" }, s.scored ? fmt(s.score) : "not scored",
         s.stale ? el("div", { class: "stale", title: `scored: ${s.explanation}` }, s.stale) : null),
       el("td", { class: "num control" }, s.scored ? fmt(s.control_score) : "–"), el("td", { class: "num" }, s.scored ? fmt(s.gap) : "–"),
       el("td", {}, s.scored ? (s.control_explanation || s.control_note || "–") : "–"), el("td", {}, verdictSpan(s.verdict))))));

@@ -23,9 +23,10 @@ def coder_url(coder: str, base: str = DEFAULT_VIEWER_URL) -> str:
     return f"{base.rstrip('/')}/coder?coder={quote(coder, safe='')}"
 
 
-def latent_url(coder: str, latent: int, base: str = DEFAULT_VIEWER_URL) -> str:
-    """One latent's page."""
-    return f"{base.rstrip('/')}/latent?coder={quote(coder, safe='')}&latent={int(latent)}"
+def latent_url(coder: str, latent: int, base: str = DEFAULT_VIEWER_URL, scorer: str | None = None) -> str:
+    """One latent's page; with `scorer`, its permalink that shows that scorer's score beside its control first."""
+    url = f"{base.rstrip('/')}/latent?coder={quote(coder, safe='')}&latent={int(latent)}"
+    return f"{url}&scorer={quote(scorer, safe='')}" if scorer else url
 
 
 def dagster_asset_url(asset: str, partition: str | None = None, base: str = DEFAULT_DAGSTER_URL) -> str:

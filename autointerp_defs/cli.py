@@ -286,17 +286,14 @@ def steer(data_dir: str, subject, coder_key: str, latent: int, prompt: str, stre
     import textwrap
 
     from resources.sparse_coders import load_registered
-    from resources.steering import Steer, max_activation
+    from resources.steering import continue_side_by_side, max_activation
     from storage.layout import DataRoot
 
     root = DataRoot.at(data_dir)
     coder = load_registered(root.registry_dir, coder_key)
     unit = 1.0 if absolute else max_activation(root.activations_dir(coder_key), latent)
-    steerer = subject.steerer()
-    edit = Steer(coder, latent, strength * unit)
-    steerer.check(edit)
-    kl = steerer.kl_divergence([prompt], edit)
-    plain, steered = (subject.tokenizer().decode(ids[0]) for ids in (steerer.generate([prompt], tokens), steerer.generate([prompt], tokens, edit)))
+    result = continue_side_by_side(subject.steerer(), coder, latent, prompt, strength * unit, tokens)
+    plain, steered, kl = result.unsteered, result.steered, result.kl
     how = f"+{strength:g} in the coder's units" if absolute else f"+{strength:g} × max cached activation {unit:.4g} = +{strength * unit:.4g}"
     print(f"prompt: {prompt!r}")
     print(f"steering {coder_key} latent {latent}: {how} at every position (next-token KL {kl:.3f} nats)")
@@ -343,7 +340,7 @@ def export_to(args, deployment) -> None:
 
 def view_latents(deployment, host: str, port: int | None) -> None:
     """`autointerp view`: the latent browser with the deployment's embedder (search), subject model
-    (logit lens) and Dagster URL (links to partitions)."""
+    (logit lens, steering box) and Dagster URL (links to partitions)."""
     from urllib.parse import urlsplit
 
     from autointerp_defs.readside.server import serve
@@ -353,7 +350,7 @@ def view_latents(deployment, host: str, port: int | None) -> None:
     port = port if port is not None else (urlsplit(settings.viewer_url).port or 8080)
     check_port_free(host, port, "VIEW_PORT=N; [settings] viewer_url is where Dagster's metadata links")
     serve(deployment.data_dir, host, port, viewer_url=settings.viewer_url, embedder=resources["embedder"], dagster_url=settings.dagster_url,
-          subject_model=subject_model_of(deployment))
+          subject=resources["subject_model"])
 
 
 def check_port_free(host: str, port: int, make_option: str) -> None:

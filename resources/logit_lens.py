@@ -18,6 +18,7 @@ class VocabProjection:
     top_values: torch.Tensor  # [n, k]
     bottom_ids: torch.Tensor  # [n, k], most suppressed first
     bottom_values: torch.Tensor  # [n, k]
+    histograms: list[tuple[list[int], list[float]]] | None = None  # per direction (counts, edges) of its logits over the vocabulary
 
 
 def final_norm_scale(lm: torch.nn.Module) -> torch.Tensor | None:
@@ -31,18 +32,29 @@ def final_norm_scale(lm: torch.nn.Module) -> torch.Tensor | None:
     return None
 
 
-def vocab_projection(directions: torch.Tensor, lm: torch.nn.Module, k: int = 10, batch: int = 256) -> VocabProjection:
-    """Logits of each `[n, d_model]` direction over the vocabulary, reduced to the top and bottom k."""
+def vocab_logits(directions: torch.Tensor, lm: torch.nn.Module) -> torch.Tensor:
+    """Logits `[n, vocab]` of each `[n, d_model]` direction read through the final norm scale and the unembedding."""
     unembedding = lm.get_output_embeddings().weight.detach().float()  # [vocab, d_model]
     scale = final_norm_scale(lm)
-    parts = []
+    block = directions.detach().float().to(unembedding.device)
+    return (block * scale if scale is not None else block) @ unembedding.T
+
+
+def vocab_projection(directions: torch.Tensor, lm: torch.nn.Module, k: int = 10, batch: int = 256, bins: int = 0) -> VocabProjection:
+    """Logits of each `[n, d_model]` direction over the vocabulary, reduced to the top and bottom k, and with
+    `bins` the histogram of all its logits (as `np.histogram` bins them: Neuronpedia's logit density)."""
+    import numpy as np
+
+    parts, histograms = [], []
     for start in range(0, len(directions), batch):
-        block = directions[start : start + batch].detach().float().to(unembedding.device)
-        logits = (block * scale if scale is not None else block) @ unembedding.T
+        logits = vocab_logits(directions[start : start + batch], lm)
         top = logits.topk(k, dim=1)
         bottom = logits.topk(k, dim=1, largest=False)
         parts.append((top.indices.cpu(), top.values.cpu(), bottom.indices.cpu(), bottom.values.cpu()))
+        for row in logits.cpu().numpy() if bins else ():
+            counts, edges = np.histogram(row, bins=bins)
+            histograms.append((counts.tolist(), edges.round(4).tolist()))
     if not parts:
         empty = torch.zeros((0, k))
-        return VocabProjection(empty.long(), empty, empty.long(), empty)
-    return VocabProjection(*(torch.cat([p[i] for p in parts]) for i in range(4)))
+        return VocabProjection(empty.long(), empty, empty.long(), empty, [] if bins else None)
+    return VocabProjection(*(torch.cat([p[i] for p in parts]) for i in range(4)), histograms if bins else None)

@@ -245,6 +245,27 @@ class Steerer:
         return best
 
 
+@dataclass(frozen=True)
+class SideBySide:
+    """A prompt's greedy continuation without and with one steer, and the steer's next-token KL (nats)."""
+
+    prompt: str
+    unsteered: str
+    steered: str
+    delta: float
+    kl: float
+
+
+def continue_side_by_side(steerer: Steerer, coder: SparseCoder, latent: int, prompt: str, delta: float, tokens: int) -> SideBySide:
+    """Continue `prompt` `tokens` tokens as it is and with `delta` added to `latent` at every position:
+    what `autointerp steer` prints and the browser's steering box shows."""
+    edit = Steer(coder, latent, delta)
+    steerer.check(edit)
+    kl = steerer.kl_divergence([prompt], edit)
+    plain, steered = (steerer.tokenizer.decode(ids[0]) for ids in (steerer.generate([prompt], tokens), steerer.generate([prompt], tokens, edit)))
+    return SideBySide(prompt, plain, steered, delta, kl)
+
+
 def max_activation(activations_dir: Path, latent: int) -> float:
     """The latent's largest activation in the cache: the unit of steering strength."""
     from storage.activations import LATENT_STATS_FILE, load_latent_stats

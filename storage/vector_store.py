@@ -141,6 +141,14 @@ def open_explanations(db_dir: Path, embedder: str):
     return _connect(db_dir).open_table(name) if (db_dir / f"{name}.lance").exists() else None
 
 
+def explanations_table_stamp(db_dir: Path, embedder: str) -> str:
+    """What changes whenever `embedder`'s explanations table gets a new version, read from its manifest
+    files without importing lancedb (whose import alone takes seconds): the browser checks it per search."""
+    versions = db_dir / f"{explanations_table_name(embedder)}.lance" / "_versions"
+    names = sorted(p.name for p in versions.glob("*.manifest")) if versions.exists() else []
+    return f"{len(names)}:{names[0]}:{names[-1]}" if names else "none"
+
+
 def _quoted(text: str) -> str:
     return "'" + text.replace("'", "''") + "'"
 

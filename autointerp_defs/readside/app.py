@@ -6,6 +6,8 @@ answer is built from the coder's cached index (`index.py`), never from a whole-t
 from __future__ import annotations
 
 import math
+import re
+import sys
 import threading
 
 import numpy as np
@@ -14,11 +16,11 @@ import pandas as pd
 from assets.links import DEFAULT_DAGSTER_URL, coder_url, dagster_asset_url, latent_url
 from assets.score_metrics import paired_means
 from autointerp_defs.readside import reader
-from autointerp_defs.readside.index import CoderIndex
+from autointerp_defs.readside.index import STATUSES, CoderIndex
 from storage.store import TableStore
 
 MAX_PER_PAGE = 500
-STATUSES = ("ok", "failed", "none")
+MAX_STEER_TOKENS = 64
 STALE = "stale: scored an earlier explanation"
 
 
@@ -58,24 +60,70 @@ class Viewer:
     """The browser's answers for the tables of one `store`; `embedder` (the deployment's embedder resource; None: the
     default one) turns a query into a vector (loaded lazily), and search reads the explanations table of its vectors.
     `dagster_url` is where latent pages link to their partitions (the deployment's `[settings] dagster_url`),
-    `subject_model` the (model, gguf_file) whose unembedding the logit lens reads (its `[subject_model]`;
-    None: the embedded model)."""
+    `subject` the subject-model resource (its `[subject_model]`; None: the embedded model) whose unembedding the
+    logit lens reads and which the steering box steers.
 
-    def __init__(self, store: TableStore, embedder=None, dagster_url: str = DEFAULT_DAGSTER_URL,
-                 subject_model: tuple[str | None, str | None] = (None, None)):
+    After `start_warm_up()` (what `autointerp view` calls) nothing waits on a model: the embedder and every
+    cached index load in the background, a search answers with word matches until the embedder is ready, and
+    a latent page shows the logit lens as pending until the unembedding is cached."""
+
+    def __init__(self, store: TableStore, embedder=None, dagster_url: str = DEFAULT_DAGSTER_URL, subject=None):
+        from resources.subject_model import SubjectModelResource
+
         self.store = store
         self.dagster_url = dagster_url
-        self.subject_model = subject_model
+        self.subject = subject or SubjectModelResource()
+        self.subject_model = (self.subject.model, self.subject.gguf_file)
         if embedder is None:
             from resources.embedder import EmbedderResource
 
             embedder = EmbedderResource()
         self.embedder = embedder
+        self.steering = SteeringBox(store, self.subject)
         self._indexes: dict[str, CoderIndex] = {}
         self._lock = threading.Lock()
+        self._embedder_loading: threading.Thread | None = None
+        self._embedder_ready = threading.Event()
 
     def embed(self, texts: list[str]) -> np.ndarray:
         return self.embedder.embed(texts)
+
+    @property
+    def background(self) -> bool:
+        return self._embedder_loading is not None
+
+    @property
+    def embedder_loading(self) -> bool:
+        """Whether the warm-up is still to load, or loading, the embedder (after a failure: False, so that search says why)."""
+        thread = self._embedder_loading
+        return thread is not None and not self._embedder_ready.is_set() and (thread.ident is None or thread.is_alive())
+
+    def start_warm_up(self) -> None:
+        """Build or open every coder's cached indexes and load the embedder, in background threads: first each
+        coder's latent table, then the embedder (its import holds the interpreter for seconds) beside the rest."""
+        self._embedder_loading = threading.Thread(target=self._warm_embedder, daemon=True)
+        threading.Thread(target=self._warm_indexes, daemon=True).start()
+
+    def _warm_embedder(self) -> None:
+        try:
+            self.embed(["warm up"])
+            self._embedder_ready.set()
+        except Exception as error:  # search says what is wrong when it is used
+            print(f"viewer: could not load the embedder ({error}); search will say why", file=sys.stderr)
+
+    def _warm_indexes(self) -> None:
+        coders = reader.list_coders(self.store)
+        for coder in coders:
+            try:
+                self.index(coder).latents()
+            except Exception:  # said below, or by the page that needs it
+                pass
+        self._embedder_loading.start()
+        for coder in coders:
+            try:
+                self.index(coder).warm_up()
+            except Exception as error:  # the page that needs it says what is wrong
+                print(f"viewer: could not prepare {coder} ({type(error).__name__}: {error}); its pages will say why", file=sys.stderr)
 
     def index(self, coder: str) -> CoderIndex:
         if not coder:
@@ -135,15 +183,17 @@ class Viewer:
                 raise ViewerError(400, f"{key}={raw!r} is not a number. Fix: give a number, e.g. {key}=0.5.") from None
             values = table[column].to_numpy()
             mask &= (values >= bound) if key.startswith("min_") else (values <= bound)
-        query, hits = params.get("q", "").strip(), None
+        query, hits, note = params.get("q", "").strip(), None, None
         if query:
-            hits = {h["latent"]: h["distance"] for h in self.search(coder, query, limit=integer(params, "limit", 100))["hits"]}
-            mask &= table["latent"].isin(list(hits)).to_numpy()
+            found = self.search(coder, query, limit=integer(params, "limit", 100))
+            hits, note = found["hits"], found.get("note")
+            mask &= table["latent"].isin([h["latent"] for h in hits]).to_numpy()
         chosen = table[mask]
-        sort = params.get("sort") or ("distance" if hits is not None else "latent")
-        descending = params.get("order", "desc" if sort not in ("latent", "distance") else "asc") == "desc"
-        if sort == "distance" and hits is not None:
-            chosen = chosen.assign(distance=chosen["latent"].map(hits)).sort_values("distance", ascending=not descending)
+        sort = params.get("sort") or ("distance" if hits is not None else "status")
+        descending = params.get("order", "desc" if sort not in ("latent", "distance", "status") else "asc") == "desc"
+        if sort == "distance" and hits is not None:  # hits come nearest first (word matches: most words first)
+            rank = chosen["latent"].map({h["latent"]: i for i, h in enumerate(hits)}).to_numpy()
+            chosen = chosen.assign(distance=chosen["latent"].map({h["latent"]: h["distance"] for h in hits})).iloc[np.argsort(-rank if descending else rank, kind="stable")]
         elif sort in table.columns:
             chosen = chosen.sort_values(sort, ascending=not descending, na_position="last", kind="stable")
         else:
@@ -154,7 +204,7 @@ class Viewer:
         shown = chosen.iloc[(page - 1) * per_page : page * per_page]
         return clean({"coder": coder, "total": int(len(chosen)), "page": page, "pages": pages, "per_page": per_page, "sort": sort,
                       "order": "desc" if descending else "asc", "scorers": [{"name": s, **reader.scorer_info(s)} for s in index.scorers],
-                      "columns": list(shown.columns), "rows": shown.to_dict("records"), "width": int(index.meta["width"])})
+                      "columns": list(shown.columns), "rows": shown.to_dict("records"), "width": int(index.meta["width"]), "search_note": note})
 
     def search(self, coder: str, query: str, limit: int = 20) -> dict:
         """Explanations of this coder nearest in meaning to `query` (the LanceDB explanations table)."""
@@ -162,48 +212,50 @@ class Viewer:
         if not query.strip():
             raise ViewerError(400, "Empty search. Fix: give ?q=<words>, e.g. q=closing a file.")
         table = index.latents()
+        limit = max(1, min(limit, 200))
+        note = None
+        if self.embedder_loading:
+            found = word_matches(table["explanation"], query, limit)
+            note = "The embedder is still loading (the first seconds after a start): these are word matches, most words first; search again for semantic results."
+        else:
+            found = index.search(self.embed([query])[0], limit)
         hits = []
-        for latent, distance in index.search(self.embed([query])[0], max(1, min(limit, 200))):
+        for latent, distance in found:
             known = latent < len(table)
             hits.append({"latent": latent, "distance": distance, "explanation": table["explanation"].iat[latent] if known else "",
                          "url": latent_url(coder, latent, base=""), "mean_gap": table["mean_gap"].iat[latent] if known else None})
-        return clean({"coder": coder, "query": query, "hits": hits})
+        return clean({"coder": coder, "query": query, "hits": hits, "note": note})
 
     # ---- one latent ---------------------------------------------------------------------------
 
     def latent(self, coder: str, latent_raw: str | int) -> dict:
         index = self.index(coder)
+        latent = self._latent_number(index, latent_raw)
         width = int(index.meta["width"])
-        try:
-            latent = int(latent_raw)
-        except (TypeError, ValueError):
-            raise ViewerError(400, f"Latent {latent_raw!r} is not a number. Fix: ?latent=<0..{width - 1}>.") from None
-        if not 0 <= latent < width:
-            raise ViewerError(404, f"Latent {latent} is outside {coder}, which has latents 0..{width - 1}. Fix: pick one in that range.")
         table = index.latents()
         shard = index.shard_of(latent)
         vocab = reader.display_vocab_cached(self.store)
         base = table.iloc[latent].to_dict()
-        explained = index.rows(f"{shard}.explanations", self.store.explanations(coder, shard), latent)
-        stats = index.rows(f"{shard}.profiles", self.store.latent_profiles(coder, shard), latent)
+        explained = index.rows(latent, "explanations")
+        stats = index.rows(latent, "profiles")
         windows = index.windows(latent)
         page = {
             "coder": coder, "latent": latent, "shard": shard, "width": width, "summary": base,
             "explanation": self._explanation(explained[-1]) if explained else None,
-            "scorers": [self._scorer(index, table, name, shard, latent, explained) for name in index.scorers],
+            "scorers": [self._scorer(index, table, name, latent, explained) for name in index.scorers],
             "windows": self._windows(windows, vocab, stats[0] if stats else None),
             "density": index.density(latent),
             "frequency": base["frequency"],
             "top_tokens": [{"token": vocab[t], "mean_activation": a} for t, a in zip(stats[0]["top_tokens"], stats[0]["top_token_mean_activation"])] if stats else [],
-            "simulation": self._simulation(index, shard, latent, windows, vocab),
+            "simulation": self._simulation(index, latent, windows, vocab),
             "links": {"coder": coder_url(coder, base=""), "previous": latent_url(coder, latent - 1, base="") if latent > 0 else None,
                       "next": latent_url(coder, latent + 1, base="") if latent + 1 < width else None,
                       "dagster_explanations": dagster_asset_url("explanations", f"{coder}|{shard}", self.dagster_url),
                       "dagster_exemplars": dagster_asset_url("exemplars", f"{coder}|{shard}", self.dagster_url),
                       "dagster_summary": dagster_asset_url("score_summary", None, self.dagster_url)},  # one asset over all coders
         }
-        lens = index.logit_lens(latent)
-        page["logit_lens"] = lens if lens is not None else {"note": "no decoder: this coder has no decoder directions (neurons or an encoder-only coder)"}
+        page["logit_lens"] = self._logit_lens(index, latent)
+        page["steering"] = self.steering.availability(index)
         neighbours = index.neighbours(latent)
         if neighbours is None:
             page["neighbours"] = {"note": "no decoder: no decoder directions to compare"}
@@ -214,6 +266,43 @@ class Viewer:
             page["neighbours"] = {"latents": neighbours}
         return clean(page)
 
+    def logit_lens(self, coder: str, latent_raw: str) -> dict:
+        """The latent page's logit lens alone: what the page asks again while the lens is pending."""
+        index = self.index(coder)
+        return clean(self._logit_lens(index, self._latent_number(index, latent_raw)))
+
+    def _logit_lens(self, index: CoderIndex, latent: int) -> dict:
+        lens = index.logit_lens(latent, wait=not self.background)
+        return lens if lens is not None else {"note": "no decoder: this coder has no decoder directions (neurons or an encoder-only coder)"}
+
+    def steer(self, coder: str, params: dict[str, str]) -> dict:
+        """The steering box: the prompt's continuations without and with the latent steered (`SteeringBox`)."""
+        index = self.index(coder)
+        latent = self._latent_number(index, params.get("latent", ""))
+        prompt = params.get("prompt", "")
+        if not prompt.strip():
+            raise ViewerError(400, "Empty prompt. Fix: give ?prompt=<text>, e.g. prompt=The.")
+        raw = params.get("strength", "") or "2"
+        try:
+            strength = float(raw)
+        except ValueError:
+            raise ViewerError(400, f"strength={raw!r} is not a number. Fix: give one, e.g. strength=2 (times the latent's max cached activation).") from None
+        tokens = integer(params, "tokens", 24)
+        if not 1 <= tokens <= MAX_STEER_TOKENS:
+            raise ViewerError(400, f"tokens={tokens} is out of range. Fix: give 1..{MAX_STEER_TOKENS}.")
+        return clean(self.steering.steer(index, latent, prompt, strength, tokens))
+
+    @staticmethod
+    def _latent_number(index: CoderIndex, latent_raw: str | int) -> int:
+        width = int(index.meta["width"])
+        try:
+            latent = int(latent_raw)
+        except (TypeError, ValueError):
+            raise ViewerError(400, f"Latent {latent_raw!r} is not a number. Fix: ?latent=<0..{width - 1}>.") from None
+        if not 0 <= latent < width:
+            raise ViewerError(404, f"Latent {latent} is outside {index.coder}, which has latents 0..{width - 1}. Fix: pick one in that range.")
+        return latent
+
     @staticmethod
     def _explanation(row: dict) -> dict:
         candidates = list(row.get("candidates") or [])
@@ -222,13 +311,15 @@ class Viewer:
                 "model": row.get("model"), "candidates": [{"text": c, "score": scores[i] if i < len(scores) else None, "chosen": c == row.get("explanation")}
                                                           for i, c in enumerate(candidates)]}
 
-    def _scorer(self, index: CoderIndex, table: pd.DataFrame, name: str, shard: str, latent: int, explained: list[dict]) -> dict:
-        """The scorer's row for this latent; `stale` (a note) when it scored another text than the latent's explanation."""
+    def _scorer(self, index: CoderIndex, table: pd.DataFrame, name: str, latent: int, explained: list[dict]) -> dict:
+        """The scorer's row for this latent; `stale` (a note) when it scored another text than the latent's explanation;
+        `permalink` opens this page with this scorer's score and control shown first."""
         info = reader.scorer_info(name)
-        rows = index.rows(f"{shard}.scores.{name}", self.store.scores(index.coder, shard, name), latent)
+        rows = index.rows(latent, f"scores.{name}")
         verdict = reader.verdict(table[f"{name}_gap"], name)
+        permalink = latent_url(index.coder, latent, base="", scorer=name)
         if not rows:
-            return {"name": name, **info, "scored": False, "verdict": verdict}
+            return {"name": name, **info, "scored": False, "verdict": verdict, "permalink": permalink}
         row = rows[-1]
         main = info["main_metric"]
         stale = bool(reader.stale(pd.DataFrame([row]), pd.DataFrame(explained)).iat[0])
@@ -237,7 +328,7 @@ class Viewer:
         return {"name": name, **info, "scored": True, "stale": STALE if stale else None, "verdict": verdict, "score": row.get(main) if main else None,
                 "control_score": row.get(f"control_{main}") if main else None, "gap": row.get("gap"),
                 "explanation": row.get("explanation"), "control_explanation": row.get("control_explanation"), "control_note": row.get("control_note"),
-                "n_failed": row.get("n_failed"), "metrics": metrics}
+                "n_failed": row.get("n_failed"), "metrics": metrics, "permalink": permalink}
 
     @staticmethod
     def _windows(rows: list[dict], vocab: list[str], stats: dict | None) -> dict:
@@ -264,12 +355,12 @@ class Viewer:
                 "non_activating": [{"source": s, "windows": silent[s]} for s in sorted(silent)],
                 "quantile_boundaries": stats["quantile_boundaries"] if stats else []}
 
-    def _simulation(self, index: CoderIndex, shard: str, latent: int, windows: list[dict], vocab: list[str]) -> dict | None:
+    def _simulation(self, index: CoderIndex, latent: int, windows: list[dict], vocab: list[str]) -> dict | None:
         """The simulator's predicted activation per token beside the true one (both on its 0-10 scale),
         per held-out window, when a simulation score exists for this latent."""
         if "simulation" not in index.scorers:
             return None
-        rows = [r for r in index.rows(f"{shard}.examples.simulation", self.store.scored_examples(index.coder, shard, "simulation"), latent) if r.get("source") == "explanation"]
+        rows = [r for r in index.rows(latent, "examples.simulation") if r.get("source") == "explanation"]
         if not rows:
             return None
         test = [w for w in windows if w["split"] == "test"]  # `example` indexes the latent's test windows in table order
@@ -281,3 +372,73 @@ class Viewer:
             shown.append({"tokens": [vocab[t] for t in window["tokens"]], "true": [round(float(x), 2) for x in row["true_activations"]],
                           "simulated": [round(float(x), 2) for x in row["simulated"]], "label": row["label"], "values_from": row.get("values_from")})
         return {"windows": shown} if shown else None
+
+
+def word_matches(explanations: pd.Series, query: str, limit: int) -> list[tuple[int, None]]:
+    """(latent, no distance) of the explanations holding most of the query's words (case-insensitive), most
+    first, then by latent: what search answers while the embedder loads."""
+    words = set(re.findall(r"\w+", query.lower()))
+    if not words:
+        return []
+    lowered = explanations.str.lower()
+    matched = sum(lowered.str.contains(rf"\b{re.escape(w)}\b", regex=True).astype(int) for w in words)
+    order = np.lexsort((np.arange(len(matched)), -matched.to_numpy()))
+    return [(int(explanations.index[i]), None) for i in order[:limit] if matched.iat[i] > 0]
+
+
+class SteeringBox:
+    """The latent page's steering box: the subject model is loaded once, in a background thread started by the
+    first request (which answers "loading" at once, as every request does until it is ready; other pages are
+    served meanwhile), then each request continues its prompt without and with the latent steered, through
+    `resources/steering.py` (one at a time: generation uses every core)."""
+
+    def __init__(self, store: TableStore, subject):
+        self.store, self.subject = store, subject
+        self._state, self._error = "idle", ""
+        self._steerer = None
+        self._lock = threading.Lock()
+        self._running = threading.Lock()
+        self._coders: dict[str, object] = {}
+
+    def availability(self, index: CoderIndex) -> dict:
+        """Whether this latent page offers steering, and if not why, without loading anything."""
+        from resources.subject_model import unavailable_reason
+
+        if index.decoder() is None:
+            return {"available": False, "message": "This coder has no decoder directions, so its latents cannot be steered."}
+        reason = self._error or unavailable_reason(self.subject.model, self.subject.gguf_file, self.subject.revision)
+        if reason:
+            return {"available": False, "message": f"Steering is off: {reason}"}
+        return {"available": True, "state": self._state, "model": self.subject.model}
+
+    def steer(self, index: CoderIndex, latent: int, prompt: str, strength: float, tokens: int) -> dict:
+        from resources.sparse_coders import load_registered
+        from resources.steering import SteeringError, continue_side_by_side, max_activation
+
+        offered = self.availability(index)
+        if not offered["available"]:
+            return {"state": "unavailable", "message": offered["message"]}
+        with self._lock:
+            if self._state == "idle":
+                self._state = "loading"
+                threading.Thread(target=self._load, daemon=True).start()
+            if self._state == "loading":
+                return {"state": "loading", "message": f"Loading the subject model {self.subject.model} (once per server start)…"}
+        with self._running:
+            if index.coder not in self._coders:
+                self._coders[index.coder] = load_registered(self.store.layout.registry_dir, index.coder)
+            try:
+                unit = max_activation(self.store.layout.activations_dir(index.coder), latent)
+                result = continue_side_by_side(self._steerer, self._coders[index.coder], latent, prompt, strength * unit, tokens)
+            except SteeringError as error:
+                raise ViewerError(400, str(error)) from None
+        return {"state": "done", "prompt": prompt, "strength": strength, "unit": unit, "delta": result.delta, "kl": result.kl,
+                "unsteered": result.unsteered, "steered": result.steered, "tokens": tokens}
+
+    def _load(self) -> None:
+        try:
+            self._steerer = self.subject.steerer()
+            self._state = "ready"
+        except Exception as error:  # shown in the box, with the reason
+            self._error = f"the subject model {self.subject.model} could not be loaded ({type(error).__name__}: {error})."
+            self._state = "failed"

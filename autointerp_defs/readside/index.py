@@ -19,6 +19,7 @@ import json
 import threading
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pandas as pd
@@ -32,7 +33,10 @@ from storage.store import StoredTable, TableStore
 
 DENSITY_BINS = 24
 NEIGHBOUR_BLOCK = 256  # latents per similarity product: 256 x width floats at a time
+LOGIT_BINS = 40
 STAMP_CHECK_S = 1.0
+STATUSES = ("ok", "failed", "none")
+"""Explanation statuses in the order the latent list shows them by default: explained latents first."""
 
 
 def _write_json(path: Path, data: dict) -> None:
@@ -59,12 +63,31 @@ class CoderIndex:
         self.shards = reader.shard_keys_of(self.meta)
         self.dir = store.layout.viewer_dir(coder)
         self.scorers: list[str] = []
-        self._lock = threading.RLock()
+        self._lock = threading.Lock()
+        self._guards: dict[str, threading.Lock] = {}
         self._latents: pd.DataFrame | None = None
         self._stamp, self._checked = None, 0.0
         self._tables: dict[str, tuple] = {}
         self._density: dict[str, tuple] = {}
         self._decoder = None
+
+    def _guard(self, cache: str) -> threading.Lock:
+        """The lock of one cache: building one (a shard's exemplars, the decoder rows) never holds up
+        answers that another, already built, can give."""
+        with self._lock:
+            return self._guards.setdefault(cache, threading.Lock())
+
+    def warm_up(self) -> None:
+        """Build or open every cache a page of this coder reads, the list's first: what `autointerp view`
+        does in the background at start, so that a person's first clicks find them ready."""
+        self.latents()
+        if self.decoder() is not None:
+            self.logit_lens(0, wait=False)  # starts caching the unembedding, in a thread of its own
+        for shard in self.shards:
+            for name in self.shard_tables(shard):
+                self._arrow_cache(shard, name)
+            self._density_cache(shard)
+        self._vectors()
 
     # ---- the latent table ---------------------------------------------------------------------
 
@@ -74,7 +97,7 @@ class CoderIndex:
         now = time.monotonic()
         if self._latents is not None and now - self._checked < STAMP_CHECK_S:
             return self._latents
-        with self._lock:
+        with self._guard("latents"):
             scorers = reader.scorer_names(self.store, self.coder)
             current = reader.stamp(reader.input_files(self.store, self.coder, self.shards)) + "|" + ",".join(f"{n}:{reader.scorer_info(n)['main_metric']}" for n in scorers)
             self._checked = time.monotonic()
@@ -88,6 +111,7 @@ class CoderIndex:
                 with atomic_path(path) as tmp:
                     table.to_parquet(tmp, index=False)
                 _write_json(stamp_path, {"stamp": current})
+            table["status"] = pd.Categorical(table["status"], STATUSES, ordered=True)  # sorts explained latents first
             self.scorers = [c for c in scorers if c in table.columns]
             self._latents, self._stamp = table, current
             return table
@@ -138,24 +162,33 @@ class CoderIndex:
 
     def windows(self, latent: int) -> list[dict]:
         """The latent's exemplar windows, in the order the exemplars table holds them."""
-        shard = self.shard_of(latent)
-        return self.rows(f"{shard}.exemplars", self.store.exemplars(self.coder, shard), latent)
+        return self.rows(latent, "exemplars")
 
-    def rows(self, name: str, source: StoredTable, latent: int) -> list[dict]:
-        """The rows of `latent` in the table `source` (any table with a `latent` column), read from
-        a memory-mapped, latent-sorted Arrow copy cached as `<name>.arrow`."""
-        table, latents, starts, ends = self._arrow_cache(name, source)
+    def shard_tables(self, shard: str) -> dict[str, StoredTable]:
+        """The shard's tables a latent page reads, by the name its cache has."""
+        tables = {"exemplars": self.store.exemplars(self.coder, shard), "explanations": self.store.explanations(self.coder, shard),
+                  "profiles": self.store.latent_profiles(self.coder, shard)}
+        tables |= {f"scores.{name}": self.store.scores(self.coder, shard, name) for name in self.scorers}
+        if "simulation" in self.scorers:
+            tables["examples.simulation"] = self.store.scored_examples(self.coder, shard, "simulation")
+        return tables
+
+    def rows(self, latent: int, name: str) -> list[dict]:
+        """The rows of `latent` in its shard's table `name` (a key of `shard_tables`), read from a
+        memory-mapped, latent-sorted Arrow copy cached as `<shard>.<name>.arrow`."""
+        table, latents, starts, ends = self._arrow_cache(self.shard_of(latent), name)
         i = int(np.searchsorted(latents, latent))
         if i >= len(latents) or latents[i] != latent:
             return []
         return table.slice(int(starts[i]), int(ends[i] - starts[i])).to_pylist()
 
-    def _arrow_cache(self, name: str, source: StoredTable) -> tuple:
+    def _arrow_cache(self, shard: str, table_name: str) -> tuple:
+        source, name = self.shard_tables(shard)[table_name], f"{shard}.{table_name}"
         current = reader.stamp([source])
         held = self._tables.get(name)
         if held is not None and held[0] == current:
             return held[1]
-        with self._lock:
+        with self._guard(name):
             arrow, stamp_path, offsets_path = self.dir / f"{name}.arrow", self.dir / f"{name}.stamp.json", self.dir / f"{name}.offsets.npy"
             if not (arrow.exists() and _read_json(stamp_path).get("stamp") == current):
                 table = pq.read_table(source) if source.exists() else pa.table({"latent": pa.array([], pa.int64())})
@@ -193,11 +226,11 @@ class CoderIndex:
         return [(int(latents[i]), float(2 - 2 * sims[i])) for i in top]
 
     def _vectors(self) -> tuple[np.ndarray, np.ndarray]:
-        version = f"{self.embedder}@{reader.explanations_table_version(self.store, self.embedder)}"
+        version = f"{self.embedder}@{reader.explanations_table_stamp(self.store, self.embedder)}"
         held = self._tables.get("vectors")
         if held is not None and held[0] == version:
             return held[1]
-        with self._lock:
+        with self._guard("vectors"):
             path, stamp_path = self.dir / "explanation_vectors.npy", self.dir / "explanation_vectors.stamp.json"
             ids_path = self.dir / "explanation_vectors.latents.npy"
             if not (path.exists() and _read_json(stamp_path).get("version") == version):
@@ -227,18 +260,14 @@ class CoderIndex:
         held = self._density.get(shard)
         if held is not None and held[0] == current:
             return held[1]
-        with self._lock:
+        with self._guard(f"{shard}.density"):
             path, stamp_path = self.dir / f"{shard}.density.npz", self.dir / f"{shard}.density.stamp.json"
             if not (path.exists() and _read_json(stamp_path).get("stamp") == current):
                 acts = reader.shard_activations(self.store, self.coder, shard)
-                ids, counts, tops = [], [], []
-                for latent, _, values in acts.by_latent():
-                    top = float(values.max())
-                    hist, _ = np.histogram(values, bins=DENSITY_BINS, range=(0.0, top if top > 0 else 1.0))
-                    ids.append(latent), counts.append(hist), tops.append(top)
+                ids, counts, tops = density_histograms(acts.locations[:, 2], acts.activations)
                 with atomic_path(path) as tmp:
                     with open(tmp, "wb") as handle:
-                        np.savez(handle, latents=np.array(ids, np.int64), counts=np.array(counts, np.int64).reshape(-1, DENSITY_BINS), tops=np.array(tops))
+                        np.savez(handle, latents=ids, counts=counts, tops=tops)
                 _write_json(stamp_path, {"stamp": current})
             data = np.load(path)
             self._density[shard] = (current, (data["latents"], data["counts"], data["tops"]))
@@ -252,17 +281,19 @@ class CoderIndex:
         current = reader.stamp(reader.registry_files(self.store, self.coder))
         held = self._decoder
         if held is None or held[0] != current:
-            with self._lock:
+            with self._guard("decoder"):
                 path, stamp_path = self.dir / "decoder.npy", self.dir / "decoder.stamp.json"
                 cached = _read_json(stamp_path)
                 if cached.get("stamp") != current:
                     rows = reader.decoder_rows(self.store, self.coder)
                     if rows is not None:
-                        rows = rows.detach().float().numpy()
-                        rows = rows / np.maximum(np.linalg.norm(rows, axis=1, keepdims=True), 1e-12)
+                        import torch
+
+                        # in torch, float32 throughout: numpy's norm, division and float32 copy took 8 s of a cold first page at 100k latents
+                        rows = torch.nn.functional.normalize(rows.detach().float(), dim=1, eps=1e-12).numpy()
                         with atomic_path(path) as tmp:
                             with open(tmp, "wb") as handle:
-                                np.save(handle, rows.astype(np.float32))
+                                np.save(handle, rows)
                     cached = {"stamp": current, "has_decoder": rows is not None}
                     _write_json(stamp_path, cached)
                 self._decoder = held = (current, np.load(path, mmap_mode="r") if cached["has_decoder"] else None)
@@ -292,9 +323,10 @@ class CoderIndex:
                 out.append([{"latent": int(j), "cosine": round(float(sims[i, j]), 4)} for j in row])
         return out
 
-    def vocab_projection(self, latents: list[int], k: int = 10):
+    def vocab_projection(self, latents: list[int], k: int = 10, bins: int = 0, wait: bool = True):
         """The logit lens of `latents` (`resources.logit_lens.VocabProjection`: top and bottom k token ids and
-        logits of each decoder direction), or None when the coder has no decoder."""
+        logits of each decoder direction, with `bins` the histogram of its logits), or None when the coder has
+        no decoder. With `wait` False and the unembedding not yet cached (a first start), why, at once."""
         import torch
 
         from resources.logit_lens import vocab_projection
@@ -302,33 +334,84 @@ class CoderIndex:
         rows = self.decoder()
         if rows is None:
             return None
-        return vocab_projection(torch.from_numpy(np.array(rows[np.asarray(latents, np.int64)])), lens_model(self.store, *self.subject_model), k)
+        lens = lens_model(self.store, *self.subject_model, wait=wait)
+        if isinstance(lens, str):
+            return lens
+        return vocab_projection(torch.from_numpy(np.array(rows[np.asarray(latents, np.int64)])), lens, k, bins=bins)
 
-    def logit_lens(self, latent: int, k: int = 10) -> dict | None:
-        """The tokens this latent's decoder direction promotes and suppresses (logit lens)."""
-        projection = self.vocab_projection([latent], k)
+    def logit_lens(self, latent: int, k: int = 10, wait: bool = True) -> dict | None:
+        """The tokens this latent's decoder direction promotes and suppresses, with their logits, and the
+        histogram of its logits over the whole vocabulary (logit lens); None without a decoder. With
+        `wait` False and the unembedding not yet cached (a first start), `{"pending": why}` at once."""
+        projection = self.vocab_projection([latent], k, bins=LOGIT_BINS, wait=wait)
         if projection is None:
             return None
+        if isinstance(projection, str):
+            return {"pending": projection}
         vocab = reader.display_vocab_cached(self.store)
         as_list = lambda ids, values: [{"token": vocab[int(i)] if int(i) < len(vocab) else f"<{int(i)}>", "logit": round(float(v), 3)} for i, v in zip(ids, values)]
-        return {"promoted": as_list(projection.top_ids[0], projection.top_values[0]), "suppressed": as_list(projection.bottom_ids[0], projection.bottom_values[0])}
+        counts, edges = projection.histograms[0]
+        return {"promoted": as_list(projection.top_ids[0], projection.top_values[0]), "suppressed": as_list(projection.bottom_ids[0], projection.bottom_values[0]),
+                "histogram": {"edges": edges, "counts": counts}}
+
+
+def density_histograms(latents: np.ndarray, values: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per latent that fired (`latents` sorted, one entry per cached activation `values`): its id, the
+    counts of its activations in `DENSITY_BINS` equal bins over [0, its max] (as `np.histogram` bins them),
+    and its max. One vectorized pass: a loop per latent took seconds per shard at 100k latents."""
+    if not len(latents):
+        return np.zeros(0, np.int64), np.zeros((0, DENSITY_BINS), np.int64), np.zeros(0)
+    ids, starts = np.unique(latents, return_index=True)
+    sizes = np.diff(np.append(starts, len(latents)))
+    tops = np.maximum.reduceat(values, starts).astype(np.float64)
+    upper = np.repeat(np.where(tops > 0, tops, 1.0), sizes)
+    values = values.astype(np.float64)
+    bins = np.minimum((values * (DENSITY_BINS / upper)).astype(np.int64), DENSITY_BINS - 1)
+    inside = (values >= 0) & (values <= upper)
+    row = np.repeat(np.arange(len(ids)), sizes)
+    counts = np.bincount(row[inside] * DENSITY_BINS + bins[inside], minlength=len(ids) * DENSITY_BINS).reshape(-1, DENSITY_BINS)
+    return ids.astype(np.int64), counts.astype(np.int64), tops
 
 
 _LENS: dict[Path, object] = {}
 _LENS_LOCK = threading.Lock()
+_LENS_BUILDS: dict[Path, threading.Thread] = {}
+_LENS_BUILDS_LOCK = threading.Lock()
+_LENS_FAILED: dict[Path, str] = {}
 
 
-def lens_model(store: TableStore, model: str | None = None, gguf_file: str | None = None):
-    """A module with just the subject model's unembedding and final norm scale, what `vocab_projection`
+def lens_model(store: TableStore, model: str | None = None, gguf_file: str | None = None, wait: bool = True):
+    """A module with just the subject model's unembedding and final norm scale, what `vocab_logits`
     reads; cached once under `viewer/` so that the server loads the full model once, ever. `model` and
-    `gguf_file` are the deployment's `[subject_model]` ones (None: the embedded model)."""
-    from safetensors.torch import load_file, save_file
-
+    `gguf_file` are the deployment's `[subject_model]` ones (None: the embedded model). With `wait`
+    False and nothing cached yet, the cache is built in a background thread and a sentence saying so
+    (or why the build failed) is returned at once: loading a model takes a minute on a busy machine."""
     from resources.subject_model import EMBEDDED
 
     model = model or EMBEDDED
     name = f"{model}--{gguf_file}" if gguf_file else model
     path = store.layout.viewer_dir() / f"lens-{name.replace('/', '--')}.safetensors"
+    if wait or path in _LENS or path.exists():
+        return _lens_at(path, model, gguf_file)
+    with _LENS_BUILDS_LOCK:  # not _LENS_LOCK, which a build holds for its whole length
+        if path in _LENS_FAILED:
+            return f"the logit lens could not load the subject model {name}: {_LENS_FAILED[path]}"
+        if path not in _LENS_BUILDS:
+            _LENS_BUILDS[path] = threading.Thread(target=_build_lens, args=(path, model, gguf_file), daemon=True)
+            _LENS_BUILDS[path].start()
+    return f"loading the subject model {name} for its unembedding (once: it is then kept in {path.parent})"
+
+
+def _build_lens(path: Path, model: str, gguf_file: str | None) -> None:
+    try:
+        _lens_at(path, model, gguf_file)
+    except Exception as error:  # shown on the latent page instead of the lens
+        _LENS_FAILED[path] = f"{type(error).__name__}: {error}"
+
+
+def _lens_at(path: Path, model: str, gguf_file: str | None):
+    from safetensors.torch import load_file, save_file
+
     with _LENS_LOCK:
         if path in _LENS:
             return _LENS[path]
@@ -352,17 +435,12 @@ def lens_model(store: TableStore, model: str | None = None, gguf_file: str | Non
 
 
 class _Unembedding:
-    """Quacks like a causal LM as far as `vocab_projection` looks: `get_output_embeddings()` and `model.norm`."""
+    """Quacks like a causal LM as far as `vocab_logits` looks: `get_output_embeddings().weight` and `model.norm.weight`
+    (plain holders: a `torch.nn.Linear` would first fill its 50k x 576 weight with random numbers, 0.7 s)."""
 
     def __init__(self, unembedding, norm_scale):
-        import torch
-
-        self._head = torch.nn.Linear(unembedding.shape[1], unembedding.shape[0], bias=False)
-        self._head.weight = torch.nn.Parameter(unembedding, requires_grad=False)
-        self.model = torch.nn.Module()
-        if norm_scale is not None:
-            self.model.norm = torch.nn.Module()
-            self.model.norm.weight = torch.nn.Parameter(norm_scale, requires_grad=False)
+        self._head = SimpleNamespace(weight=unembedding)
+        self.model = SimpleNamespace(norm=SimpleNamespace(weight=norm_scale)) if norm_scale is not None else SimpleNamespace()
 
     def get_output_embeddings(self):
         return self._head

@@ -30,7 +30,7 @@ from pathlib import Path
 import numpy as np
 
 from autointerp_defs.readside import reader
-from autointerp_defs.readside.index import CoderIndex
+from autointerp_defs.readside.index import LOGIT_BINS, CoderIndex
 from storage.identity import model_name
 from storage.store import TableStore
 
@@ -165,7 +165,7 @@ def export_neuronpedia(data_dir: str, coder: str, out_dir: str, model_id: str | 
     latents = table["latent"].astype(int).tolist()
     neuron = {"modelId": model_id, "layer": source_id, "sourceSetName": set_name, "creatorId": creator_id, "createdAt": now}
 
-    lens = index.vocab_projection(latents) if with_lens else None
+    lens = index.vocab_projection(latents, bins=LOGIT_BINS) if with_lens else None
     neighbours = index.neighbours_of(latents) or [[] for _ in latents]
     token = lambda i: vocab[int(i)] if int(i) < len(vocab) else f"<{int(i)}>"
     features = []
@@ -179,6 +179,8 @@ def export_neuronpedia(data_dir: str, coder: str, out_dir: str, model_id: str | 
             "frac_nonzero": _finite(table["frequency"].iat[at]),
             "freq_hist_data_bar_heights": [int(c) for c in density["counts"]],
             "freq_hist_data_bar_values": [round((a + b) / 2, 4) for a, b in zip(density["edges"][:-1], density["edges"][1:])],
+            "logits_hist_data_bar_heights": lens.histograms[at][0] if lens else [],
+            "logits_hist_data_bar_values": [round((a + b) / 2, 4) for a, b in zip(lens.histograms[at][1][:-1], lens.histograms[at][1][1:])] if lens else [],
         })
 
     activations, window_length = [], None

@@ -17,6 +17,7 @@ import pandas as pd
 from storage.activations import META_FILE, ShardActivations, load_latent_stats, read_cache_meta, read_latents, read_shard, shard_keys, shard_of_latents
 from storage.corpus import load_corpus
 from storage.store import StoredTable, TableStore
+from storage.vector_store import explanations_table_stamp as explanations_table_stamp_at
 from storage.vector_store import open_explanations
 
 DOCUMENT_BOUNDARY = "‖"
@@ -231,9 +232,9 @@ def explanation_vectors(store: TableStore, coder: str, embedder: str) -> tuple[i
     return version, latents.astype(np.int64), vectors
 
 
-def explanations_table_version(store: TableStore, embedder: str) -> int:
-    table = open_explanations_table(store, embedder)
-    return -1 if table is None else table.version
+def explanations_table_stamp(store: TableStore, embedder: str) -> str:
+    """Changes with every new version of `embedder`'s explanations table; cheap (no lancedb import)."""
+    return explanations_table_stamp_at(store.layout.lancedb_dir, embedder)
 
 
 _TABLES: dict[tuple[Path, str], object] = {}

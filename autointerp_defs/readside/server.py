@@ -8,13 +8,14 @@ Pages are one HTML shell each (`static/page.html`) filled in by `static/app.js` 
 | `/coder?coder=C` | the latents of coder C: paginated, sortable, filterable, semantic search |
 | `/latent?coder=C&latent=N` | one latent |
 | `/api/coders`, `/api/latents?coder=C&...`, `/api/search?coder=C&q=...`, `/api/latent?coder=C&latent=N` | the same as JSON |
+| `/api/logit_lens?coder=C&latent=N` | the latent page's logit lens alone (asked again while it is pending) |
+| `/api/steer?coder=C&latent=N&prompt=P&strength=S&tokens=T` | the steering box: continuations without and with the latent steered |
 """
 from __future__ import annotations
 
 import json
 import mimetypes
 import sys
-import threading
 import traceback
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -75,6 +76,10 @@ def make_handler(viewer: Viewer, viewer_url: str | None = None):
                     return self._json(viewer.search(params.get("coder", ""), params.get("q", ""), integer(params, "limit", 20)))
                 if url.path == "/api/latent":
                     return self._json(viewer.latent(params.get("coder", ""), params.get("latent", "")))
+                if url.path == "/api/logit_lens":
+                    return self._json(viewer.logit_lens(params.get("coder", ""), params.get("latent", "")))
+                if url.path == "/api/steer":
+                    return self._json(viewer.steer(params.get("coder", ""), params))
                 if url.path == "/healthz":
                     return self._json({"ok": True})
                 raise ViewerError(404, f"No page {url.path}. Fix: start at / (the coders).")
@@ -110,7 +115,7 @@ def make_server(data_dir: str, host: str = "127.0.0.1", port: int = 8080, viewer
                 **options) -> ThreadingHTTPServer:
     """The server, bound but not yet serving (port 0 picks a free one: see `server.server_port`); it answers
     requests addressed to its own host and port, a loopback name at its port, or the host of `viewer_url`
-    (the deployment's `[settings] viewer_url`); `options` go to the `Viewer` (embedder, dagster_url, subject_model)."""
+    (the deployment's `[settings] viewer_url`); `options` go to the `Viewer` (embedder, dagster_url, subject)."""
     store = TableStore.at(data_dir)
     if not store.layout.root.exists():
         raise ExportInputError(f"No data root at {store.layout.root}. Fix: pass --data, or set [settings] data_dir in the deployment file, to the folder `make demo` filled, e.g. ./data.")
@@ -120,15 +125,16 @@ def make_server(data_dir: str, host: str = "127.0.0.1", port: int = 8080, viewer
 
 
 def serve(data_dir: str, host: str = "127.0.0.1", port: int = 8080, warm: bool = True, viewer_url: str | None = None, **options) -> None:
-    """Serve until Ctrl-C; with `warm`, load the embedder in the background so the first search is quick.
-    `options` go to the `Viewer`: the CLI passes the deployment's embedder, Dagster URL and subject model."""
+    """Serve until Ctrl-C; with `warm`, load the embedder and build or open every cached index in the background
+    (`Viewer.start_warm_up`), so that no first answer waits on them. `options` go to the `Viewer`: the CLI passes
+    the deployment's embedder, Dagster URL and subject-model resource."""
     import torch
 
     torch.set_num_threads(1)  # requests run on threads of their own; intra-op threads on a busy 2-core machine made a query's embedding 20x slower
     viewer = Viewer(TableStore.at(data_dir), **options)
     server = make_server(data_dir, host, port, viewer, viewer_url)
     if warm:
-        threading.Thread(target=_warm, args=(viewer,), daemon=True).start()
+        viewer.start_warm_up()
     print(f"autointerp viewer on http://{host}:{server.server_port} (data {viewer.store.layout.root}); Ctrl-C stops it", flush=True)
     try:
         server.serve_forever()
@@ -136,10 +142,3 @@ def serve(data_dir: str, host: str = "127.0.0.1", port: int = 8080, warm: bool =
         pass
     finally:
         server.server_close()
-
-
-def _warm(viewer: Viewer) -> None:
-    try:
-        viewer.embed(["warm up"])
-    except Exception as error:  # search will say what is wrong when it is used
-        print(f"viewer: could not load the embedder yet ({error}); search will retry", file=sys.stderr)

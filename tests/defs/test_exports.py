@@ -72,6 +72,7 @@ def test_neuronpedia_importer_accepts_the_export_and_reads_back_every_row(partit
                 assert n["maxActApprox"] == pytest.approx(float(stats["max"][latent])) and sum(n["freq_hist_data_bar_heights"]) == stats["count"][latent]
                 assert len(n["pos_str"]) == len(n["neg_str"]) == 10 and len(n["topkCosSimIndices"]) == 10
                 assert set(n["pos_str"] + n["neg_str"]) <= set(vocab)
+                assert sum(n["logits_hist_data_bar_heights"]) == len(vocab) and len(n["logits_hist_data_bar_values"]) == len(n["logits_hist_data_bar_heights"])  # every token's logit, binned
 
             rows = read('SELECT * FROM "Activation"')
             assert len(rows) == len(activating) and {r["id"] for r in rows} == {content_id(r) for r in exported["activations"]}

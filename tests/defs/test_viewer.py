@@ -133,6 +133,12 @@ def test_latent_page_shows_what_the_tables_and_the_decoder_say(server, partition
     vocab = json.loads((root.corpus_dir / "vocab.json").read_text())
     assert [t["token"] for t in page["logit_lens"]["promoted"]] == [vocab[i] for i in projection.top_ids[0].tolist()]
     assert [t["token"] for t in page["logit_lens"]["suppressed"]] == [vocab[i] for i in projection.bottom_ids[0].tolist()]
+    assert [t["logit"] for t in page["logit_lens"]["promoted"]] == pytest.approx(projection.top_values[0].tolist(), abs=1e-3)
+    assert [t["logit"] for t in page["logit_lens"]["suppressed"]] == pytest.approx(projection.bottom_values[0].tolist(), abs=1e-3)
+    histogram = page["logit_lens"]["histogram"]  # every token of the vocabulary, between the most suppressed and the most promoted
+    assert sum(histogram["counts"]) == len(vocab)
+    assert histogram["edges"][0] == pytest.approx(projection.bottom_values[0, 0].item(), abs=1e-3)
+    assert histogram["edges"][-1] == pytest.approx(projection.top_values[0, 0].item(), abs=1e-3)
     unit = torch.nn.functional.normalize(tiny_sae.decoder_weight.float(), dim=1)
     cosines = unit @ unit[latent]
     cosines[latent] = -2
@@ -145,6 +151,81 @@ def test_latent_page_shows_what_the_tables_and_the_decoder_say(server, partition
         assert w["simulated"] == [10.0 if t.strip() == word else 0.0 for t in w["tokens"]]
         assert len(w["true"]) == len(w["tokens"])
     assert "partition=" in page["links"]["dagster_explanations"] and quote(f"{partition.coder}|00", safe="") in page["links"]["dagster_explanations"]
+    # each scorer's permalink opens this page with that scorer shown first
+    assert {s["name"]: s["permalink"] for s in page["scorers"]} == {s["name"]: f"/latent?coder={quote(partition.coder, safe='')}&latent={latent}&scorer={s['name']}" for s in page["scorers"]}
+
+
+def test_the_default_latent_list_shows_explained_latents_first(server, partition):
+    """At 4,608 latents with 6 explained, a list sorted by id showed pages of unexplained latents first."""
+    _, explained, _ = tables(partition)
+    by_status = explained.drop_duplicates("latent", keep="last").status.value_counts()
+    _, data = get(server, f"/api/latents?coder={quote(partition.coder, safe='')}&per_page=500")
+    statuses = [r["status"] for r in data["rows"]]
+    order = {"ok": 0, "failed": 1, "none": 2}
+    assert data["sort"] == "status" and statuses == sorted(statuses, key=order.get)
+    assert statuses[: by_status.get("ok", 0)] == ["ok"] * by_status.get("ok", 0)
+    ok = [r["latent"] for r in data["rows"] if r["status"] == "ok"]
+    assert ok == sorted(ok)  # by latent within a status
+
+
+def test_density_histograms_bin_as_numpy_does_latent_by_latent():
+    import numpy as np
+
+    from autointerp_defs.readside.index import DENSITY_BINS, density_histograms
+
+    rng = np.random.default_rng(0)
+    latents = np.sort(rng.integers(0, 50, 5000))
+    values = rng.gamma(2.0, 2.0, 5000).astype(np.float32)
+    values[latents == 7] = 0.0  # a latent whose every cached value is 0: binned over [0, 1]
+    ids, counts, tops = density_histograms(latents, values)
+    assert ids.tolist() == sorted(set(latents.tolist()))
+    for i, latent in enumerate(ids):
+        mine = values[latents == latent]
+        expected, _ = np.histogram(mine, bins=DENSITY_BINS, range=(0.0, float(mine.max()) if mine.max() > 0 else 1.0))
+        assert counts[i].tolist() == expected.tolist() and tops[i] == pytest.approx(float(mine.max()))
+
+
+def test_word_matches_rank_explanations_by_the_query_words_they_hold():
+    from autointerp_defs.readside.app import word_matches
+
+    explanations = pd.Series(["closing a file", "the word file", "", "opening files", "File closing in Python"])
+    assert word_matches(explanations, "closing file", 10) == [(0, None), (4, None), (1, None)]
+    assert word_matches(explanations, "?!", 10) == []
+
+
+def test_the_steering_box_continues_a_prompt_with_and_without_the_latent(server, partition, subject):
+    """The first request starts loading the subject model and answers "loading" at once; later ones continue the prompt."""
+    import time
+
+    _, explained, _ = tables(partition)
+    latent = int(explained[explained.status == "ok"].latent.iloc[0])
+    ask = f"/api/steer?coder={quote(partition.coder, safe='')}&latent={latent}&prompt=The%20file&strength=8&tokens=12"
+    deadline = time.monotonic() + 300
+    status, answer = get(server, ask)
+    while answer.get("state") == "loading" and time.monotonic() < deadline:
+        time.sleep(1)
+        status, answer = get(server, ask)
+    assert status == 200 and answer["state"] == "done", answer
+    # the unsteered text is the model's own greedy continuation
+    tokenizer, lm = subject.tokenizer(), subject.causal_lm()
+    ids = tokenizer(["The file"], return_tensors="pt")["input_ids"]
+    greedy = lm.generate(ids, max_new_tokens=12, min_new_tokens=12, do_sample=False, pad_token_id=tokenizer.pad_token_id or tokenizer.eos_token_id)
+    assert answer["unsteered"] == tokenizer.decode(greedy[0, ids.shape[1]:])
+    assert answer["kl"] > 0 and answer["steered"] != answer["unsteered"]
+    assert answer["delta"] == pytest.approx(8 * float(latent_counts(partition)["max"][latent]), rel=1e-5)
+    status, bad = get(server, ask.replace("tokens=12", "tokens=999"))
+    assert status == 400 and "Fix: give 1..64" in bad["error"]
+
+
+def test_steering_is_off_with_the_reason_when_the_subject_model_is_not_here(partition, tmp_path):
+    from autointerp_defs.readside.app import Viewer
+    from resources.subject_model import SubjectModelResource
+
+    viewer = Viewer(TableStore.at(partition.root), subject=SubjectModelResource(model="no-such-org/no-such-model"))
+    offered = viewer.steering.availability(viewer.index(partition.coder))  # what the latent page shows in the box
+    assert offered["available"] is False
+    assert "no-such-org/no-such-model" in offered["message"] and "Fix:" in offered["message"]
+    assert viewer.steer(partition.coder, {"latent": "0", "prompt": "The"})["state"] == "unavailable"
 
 
 def test_bad_requests_name_the_input_and_the_fix(server, partition):

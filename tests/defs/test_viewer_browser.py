@@ -1,8 +1,10 @@
 """The latent browser in a real browser: Playwright driving Debian's Chromium over a materialized partition.
 
-Checks what a person would: the coders table sorts, the latent list sorts, filters and searches,
-the heatmap marks exactly the tokens the exemplars say fired (value on hover), links resolve, and
-nothing is fetched from outside the server. Screenshots go to `$AUTOINTERP_SCREENSHOTS` (default:
+Checks what a person would: the coders table sorts, the latent list sorts, filters and searches and
+opens on explained latents, the heatmap marks exactly the tokens the exemplars say fired (value on
+hover), the logit lens shows values and a histogram, windows filter by token, a scorer's permalink
+shows it beside its control, the steering box continues a prompt both ways, links resolve, no page
+scrolls sideways at 1400x900 or 1280x800, and nothing is fetched from outside the server. Screenshots go to `$AUTOINTERP_SCREENSHOTS` (default:
 the test's tmp folder).
 """
 from __future__ import annotations
@@ -155,3 +157,93 @@ def test_a_bad_latent_shows_the_error_with_the_fix(page, server, partition):
     page.goto(f"{server}/latent?coder={quote(partition.coder, safe='')}&latent=5000")
     ready(page)
     assert "0..1151" in page.locator("#error").inner_text()
+
+
+@pytest.mark.parametrize("width,height", [(1400, 900), (1280, 800)])
+def test_every_page_fits_a_laptop_window(browser, server, partition, shots, width, height):
+    """No page scrolls sideways (the latent list's columns overflowed 1400 px and the header bar stopped short)."""
+    context = browser.new_context(viewport={"width": width, "height": height})
+    page = context.new_page()
+    coder = quote(partition.coder, safe="")
+    try:
+        for name, path in (("coders", "/"), ("latents", f"/coder?coder={coder}"), ("latent", f"/latent?coder={coder}&latent=0&scorer=detection")):
+            page.goto(server + path)
+            ready(page)
+            assert page.locator("#error").count() == 0
+            scroll, inner = page.evaluate("[document.documentElement.scrollWidth, window.innerWidth]")
+            assert scroll <= inner, f"{name} page is {scroll} px wide in a {inner} px window"
+            header = page.evaluate("document.querySelector('header').getBoundingClientRect().width")
+            assert header == pytest.approx(inner, abs=1)
+            page.screenshot(path=str(shots / f"{name}-{width}x{height}.png"))
+    finally:
+        context.close()
+
+
+def test_latent_list_opens_on_explained_latents(page, server, partition):
+    page.goto(f"{server}/coder?coder={quote(partition.coder, safe='')}")
+    ready(page)
+    assert "explained first" in page.locator("#summary").inner_text()
+    statuses = page.locator("#latents tbody tr td:nth-child(2)").all_inner_texts()
+    explained = pd.read_parquet(DataRoot.at(partition.root).explanations_path(partition.coder, partition.shard))
+    n_ok = int((explained.drop_duplicates("latent", keep="last").status == "ok").sum())
+    assert n_ok > 0 and statuses[:n_ok] == ["ok"] * n_ok
+
+
+def test_latent_page_shows_logits_filters_windows_by_token_and_links_a_scorer(page, server, partition, shots):
+    import json
+    import urllib.request
+
+    coder = quote(partition.coder, safe="")
+    explained = pd.read_parquet(DataRoot.at(partition.root).explanations_path(partition.coder, partition.shard))
+    latent = int(explained[explained.status == "ok"].latent.iloc[0])
+    with urllib.request.urlopen(f"{server}/api/latent?coder={coder}&latent={latent}") as response:
+        api = json.loads(response.read())
+    page.goto(f"{server}/latent?coder={coder}&latent={latent}")
+    ready(page)
+    # logit values beside the tokens, and the histogram over the vocabulary
+    shown = [float(v) for v in page.locator("#promoted span b").all_inner_texts()]
+    assert shown == pytest.approx([t["logit"] for t in api["logit_lens"]["promoted"]], abs=0.006)
+    assert page.locator("#suppressed span b").count() == 10
+    assert page.locator("#logit-histogram div").count() == len(api["logit_lens"]["histogram"]["counts"])
+    # top activations searchable by token: only windows holding the token stay, the token outlined
+    strongest = api["windows"]["activating"][0]["windows"][0]
+    token = max((a, t) for a, t in zip(strongest["activations"], strongest["tokens"]) if t.strip())[1].strip()
+    page.fill("#token-search", token)
+    windows = page.locator("#windows .window")
+    visible = [i for i in range(windows.count()) if windows.nth(i).is_visible()]
+    holding = [w for g in api["windows"]["activating"] for w in g["windows"] if any(token.lower() in t.lower() for t in w["tokens"])]
+    assert len(visible) == len(holding) > 0
+    assert all(windows.nth(i).locator(".tok.match").count() > 0 for i in visible)
+    assert page.locator("#token-summary").inner_text().startswith(f"{len(holding)} of ")
+    page.locator("#token-search").scroll_into_view_if_needed()
+    page.screenshot(path=str(shots / "latent-token-search.png"))
+    page.fill("#token-search", "")
+    assert all(windows.nth(i).is_visible() for i in range(windows.count()))
+    # a scorer's permalink shows that scorer's score beside its control's, first
+    detection = next(s for s in api["scorers"] if s["name"] == "detection")
+    page.locator("tr[data-scorer='detection'] a.permalink").click()
+    ready(page)
+    assert page.url.endswith(f"latent={latent}&scorer=detection")
+    pinned = page.locator("#pinned-scorer")
+    assert float(pinned.locator(".score").inner_text()) == pytest.approx(detection["score"], abs=5e-4)
+    assert float(pinned.locator(".control").inner_text()) == pytest.approx(detection["control_score"], abs=5e-4)
+    assert detection["control_explanation"] in pinned.inner_text()
+    assert "pinned" in page.locator("tr[data-scorer='detection']").get_attribute("class")
+    page.screenshot(path=str(shots / "latent-permalink.png"))
+
+
+def test_steering_box_shows_both_continuations_side_by_side(page, server, partition, shots):
+    explained = pd.read_parquet(DataRoot.at(partition.root).explanations_path(partition.coder, partition.shard))
+    latent = int(explained[explained.status == "ok"].latent.iloc[0])
+    page.goto(f"{server}/latent?coder={quote(partition.coder, safe='')}&latent={latent}")
+    ready(page)
+    page.fill("#steer-prompt", "The file")
+    page.fill("#steer-strength", "8")
+    page.fill("#steer-tokens", "12")
+    page.click("#steer-go")
+    page.wait_for_selector("#steered .window", timeout=300_000)
+    unsteered, steered = page.locator("#unsteered .window b").inner_text(), page.locator("#steered .window b").inner_text()
+    assert unsteered and steered and unsteered != steered
+    assert "KL" in page.locator("#steer-status").inner_text()
+    page.locator("#steering").scroll_into_view_if_needed()
+    page.screenshot(path=str(shots / "latent-steering.png"))

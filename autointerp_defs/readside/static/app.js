@@ -87,7 +87,7 @@ async function codersPage() {
   });
   main.replaceChildren(el("h1", {}, "Sparse coders"),
     el("p", { class: "muted" }, "Each scorer's mean main metric beside its control's (the same scorer with another latent's explanation), both over the latents that have a control. Click a header to sort."),
-    sortableTable(headers, rows));
+    el("div", { class: "table-wrap" }, sortableTable(headers, rows)));
 }
 
 // ---- latents of a coder ------------------------------------------------------------------------
@@ -110,7 +110,8 @@ async function coderPage() {
   const summary = el("p", { id: "summary", class: "muted" });
   const table = el("table", { id: "latents" });
   const pager = el("div", { class: "pager" });
-  main.replaceChildren(el("h1", {}, `Latents of ${coder}`), el("div", { class: "controls" }, search, status, "filter", filterCol, filterMin, filterMax, apply, clear), summary, table, pager);
+  main.replaceChildren(el("h1", {}, `Latents of ${coder}`), el("div", { class: "controls" }, search, status, "filter", filterCol, filterMin, filterMax, apply, clear), summary,
+    el("div", { class: "table-wrap" }, table), pager);
 
   function readControls() {
     for (const k of Object.keys(state)) if (k.startsWith("min_") || k.startsWith("max_")) delete state[k];
@@ -137,7 +138,9 @@ async function coderPage() {
       const active = Object.keys(state).find((k) => k.startsWith("min_") || k.startsWith("max_"));
       if (active) { filterCol.value = active.slice(4); filterMin.value = state["min_" + active.slice(4)] || ""; filterMax.value = state["max_" + active.slice(4)] || ""; }
     }
-    summary.textContent = `${data.total} latents${state.q ? ` matching “${state.q}”` : ""}, page ${data.page} of ${data.pages}, sorted by ${data.sort} (${data.order})`;
+    const sortedBy = data.sort === "status" ? "explained first" : `${data.sort} (${data.order})`;
+    summary.replaceChildren(`${data.total} latents${state.q ? ` matching “${state.q}”` : ""}, page ${data.page} of ${data.pages}, sorted by ${sortedBy}`,
+      data.search_note ? el("div", { id: "search-note" }, data.search_note) : "");
     const shown = ["latent", "status", "explanation", "frequency", "max_activation", ...data.scorers.flatMap((s) => [s.name, `${s.name}_control`, `${s.name}_gap`]), "mean_gap"].concat(data.columns.includes("distance") ? ["distance"] : []);
     const head = el("tr", {}, shown.map((c) => {
       const th = el("th", { "data-col": c, onclick: () => { state.order = state.sort === c && state.order === "desc" ? "asc" : "desc"; state.sort = c; state.page = "1"; load(); } }, c.replaceAll("_", " "));
@@ -147,7 +150,7 @@ async function coderPage() {
     const body = data.rows.map((r) => el("tr", { "data-latent": r.latent }, shown.map((c) => {
       if (c === "latent") return el("td", { class: "num" }, el("a", { href: `/latent?coder=${encodeURIComponent(coder)}&latent=${r.latent}` }, r.latent));
       if (c === "status") return el("td", {}, el("span", { class: `tag ${r.status}` }, r.status));
-      if (c === "explanation") return el("td", {}, r.explanation || "");
+      if (c === "explanation") return el("td", { class: "text" }, r.explanation || "");
       return el("td", { class: "num" }, fmt(r[c], c === "frequency" ? 5 : 3));
     })));
     table.replaceChildren(el("thead", {}, head), el("tbody", {}, body));
@@ -177,10 +180,90 @@ function windowNode(w, top) {
 
 function histogram(density) {
   if (!density.counts.length) return el("p", { class: "muted" }, "No cached activation.");
-  const top = Math.max(...density.counts);
+  return bars("density", density, "activation");
+}
+
+function bars(id, hist, label, color) {
+  const top = Math.max(...hist.counts);
   return el("div", {},
-    el("div", { class: "bars", id: "density" }, density.counts.map((c, i) => el("div", { title: `${fmt(density.edges[i], 2)}–${fmt(density.edges[i + 1], 2)}: ${c}`, style: `height: ${top ? (100 * c) / top : 0}%` }))),
-    el("div", { class: "muted" }, `0 … ${fmt(density.edges[density.edges.length - 1], 2)} (activation)`));
+    el("div", { class: "bars", id }, hist.counts.map((c, i) => el("div", { title: `${fmt(hist.edges[i], 2)}–${fmt(hist.edges[i + 1], 2)}: ${c}`, style: `height: ${top ? (100 * c) / top : 0}%` + (color ? `; background: ${color(hist.edges[i], hist.edges[i + 1])}` : "") }))),
+    el("div", { class: "axis muted" }, el("span", {}, fmt(hist.edges[0], 2)), el("span", {}, label), el("span", {}, fmt(hist.edges[hist.edges.length - 1], 2))));
+}
+
+function tokenValues(id, tokens) {
+  return el("div", { class: "tokens-list", id }, tokens.map((t) => el("span", { class: "logit", title: `${JSON.stringify(t.token)}: ${t.logit}` }, tokenText(t.token), el("b", {}, fmt(t.logit, 2)))));
+}
+
+// The logit lens: promoted and suppressed tokens with their logits, and the histogram of its logits over the
+// vocabulary; while the server is still caching the unembedding (a first start) it says so and asks again.
+function renderLens(card, lens, coder, latent) {
+  card.replaceChildren(el("h2", {}, "Logit lens: what the decoder direction writes"));
+  if (lens.note) { card.append(el("p", { class: "muted" }, lens.note)); return; }
+  if (lens.pending) {
+    card.append(el("p", { class: "muted", id: "lens-pending" }, lens.pending + " …"));
+    setTimeout(() => api(`/api/logit_lens?coder=${encodeURIComponent(coder)}&latent=${latent}`).then((l) => renderLens(card, l, coder, latent)).catch((e) => card.append(el("p", { class: "error" }, e.message))), 2000);
+    return;
+  }
+  card.append(el("h3", {}, "promotes"), tokenValues("promoted", lens.promoted), el("h3", {}, "suppresses"), tokenValues("suppressed", lens.suppressed),
+    el("h3", {}, "Logits over the vocabulary"), bars("logit-histogram", lens.histogram, "logit (tokens per bin)", (lo, hi) => (lo + hi) / 2 < 0 ? "#dc2626" : "#2563eb"));
+}
+
+// The permalink's view: one scorer's score beside its control's, named at the top of the page.
+function pinnedScorer(s, name) {
+  const card = el("div", { class: "card", id: "pinned-scorer" });
+  if (!s) { card.append(el("p", { class: "error" }, `No scorer ${name} for this coder.`)); return card; }
+  card.append(el("h2", {}, `${s.name}: ${s.main_metric || "gap"} beside its control`));
+  if (!s.scored) { card.append(el("p", { class: "muted" }, "Not scored.")); return card; }
+  card.append(el("table", {},
+    el("tr", {}, ["", "text", s.main_metric || "score"].map((h) => el("th", {}, h))),
+    el("tr", {}, el("td", {}, "explanation"), el("td", { class: "text" }, s.explanation || "–"), el("td", { class: "num score" }, fmt(s.score))),
+    el("tr", {}, el("td", {}, "control"), el("td", { class: "text" }, s.control_explanation || s.control_note || "–"), el("td", { class: "num control" }, fmt(s.control_score)))),
+    el("p", {}, `gap ${fmt(s.gap)} · control: ${s.control} · `, verdictSpan(s.verdict)),
+    s.stale ? el("p", { class: "stale" }, s.stale) : "");
+  return card;
+}
+
+// Top activations searchable by token: keep the windows holding a token that contains the text.
+function filterWindows(container, text, summary) {
+  const needle = text.trim().toLowerCase();
+  let shown = 0, total = 0;
+  for (const w of container.querySelectorAll(".window")) {
+    const toks = [...w.querySelectorAll(".tok")];
+    const hits = needle ? toks.filter((t) => t.textContent.toLowerCase().includes(needle)) : [];
+    toks.forEach((t) => t.classList.toggle("match", hits.includes(t)));
+    const keep = !needle || hits.length > 0;
+    w.style.display = keep ? "" : "none";
+    total += 1; shown += keep ? 1 : 0;
+  }
+  summary.textContent = needle ? `${shown} of ${total} windows hold “${text.trim()}”` : "";
+}
+
+// The steering box: the prompt continued without and with the latent steered, side by side (the server
+// loads the subject model on the first request and answers "loading" until it is ready).
+function steeringBox(d, coder) {
+  const box = el("div", { class: "card", id: "steering" }, el("h2", {}, "Steer this latent"));
+  if (!d.steering.available) { box.append(el("p", { class: "muted", id: "steering-off" }, d.steering.message)); return box; }
+  const prompt = el("input", { type: "text", id: "steer-prompt", value: "The" });
+  const strength = el("input", { type: "text", class: "num", id: "steer-strength", value: "2", title: "added at every position, in units of the latent's max cached activation" });
+  const tokens = el("input", { type: "text", class: "num", id: "steer-tokens", value: "24" });
+  const status = el("p", { class: "muted", id: "steer-status" });
+  const out = el("div", { class: "steer-out" });
+  const go = el("button", { id: "steer-go", onclick: () => run() }, "Steer");
+  async function run() {
+    go.disabled = true;
+    const q = new URLSearchParams({ coder, latent: d.latent, prompt: prompt.value, strength: strength.value, tokens: tokens.value });
+    try {
+      const r = await api("/api/steer?" + q.toString());
+      if (r.state === "loading") { status.textContent = r.message; setTimeout(run, 1500); return; }
+      if (r.state === "unavailable") { status.textContent = r.message; return; }
+      status.textContent = `+${fmt(r.strength, 2)} × max activation ${fmt(r.unit, 3)} = +${fmt(r.delta, 3)} at every position; next-token KL ${fmt(r.kl, 3)} nats`;
+      out.replaceChildren(el("div", { id: "unsteered" }, el("h3", {}, "unsteered"), el("div", { class: "window" }, r.prompt, el("b", {}, r.unsteered))),
+        el("div", { id: "steered" }, el("h3", {}, "steered"), el("div", { class: "window" }, r.prompt, el("b", {}, r.steered))));
+    } catch (err) { status.replaceChildren(el("span", { class: "error" }, err.message)); }
+    go.disabled = false;
+  }
+  box.append(el("div", { class: "controls" }, "prompt", prompt, "strength", strength, "tokens", tokens, go), status, out);
+  return box;
 }
 
 async function latentPage() {
@@ -212,23 +295,24 @@ async function latentPage() {
     el("p", {}, `fires on ${fmt(100 * d.frequency, 4)}% of tokens; max ${fmt(d.summary.max_activation, 2)}, mean ${fmt(d.summary.mean_activation, 2)}`),
     histogram(d.density),
     d.top_tokens.length ? el("div", {}, el("h3", {}, "Top tokens by mean activation"), el("div", { class: "tokens-list" }, d.top_tokens.map((t) => el("span", { title: fmt(t.mean_activation) }, tokenText(t.token))))) : null);
+  const pinned = d.scorers.find((s) => s.name === params.get("scorer"));
+  if (params.get("scorer")) parts.push(pinnedScorer(pinned, params.get("scorer")));
   parts.push(el("div", { class: "grid" }, explanation, stats));
 
   const scorers = el("div", { class: "card", id: "scorers" }, el("h2", {}, "Scores beside their controls"));
   if (!d.scorers.length) scorers.append(el("p", { class: "muted" }, "No scorer has run on this coder."));
   else scorers.append(el("table", {},
     el("tr", {}, ["scorer", "metric", "explanation", "control", "gap", "control explanation", "coder verdict"].map((h) => el("th", {}, h))),
-    d.scorers.map((s) => el("tr", { "data-scorer": s.name },
-      el("td", {}, s.name), el("td", {}, s.main_metric || "unknown"), el("td", { class: "num score" }, s.scored ? fmt(s.score) : "not scored",
+    d.scorers.map((s) => el("tr", { "data-scorer": s.name, class: s.name === params.get("scorer") ? "pinned" : null },
+      el("td", {}, s.name, " ", el("a", { href: s.permalink, class: "permalink", title: "permalink: this latent with this scorer and its control shown first" }, "link")), el("td", {}, s.main_metric || "unknown"), el("td", { class: "num score" }, s.scored ? fmt(s.score) : "not scored",
         s.stale ? el("div", { class: "stale", title: `scored: ${s.explanation}` }, s.stale) : null),
       el("td", { class: "num control" }, s.scored ? fmt(s.control_score) : "–"), el("td", { class: "num" }, s.scored ? fmt(s.gap) : "–"),
       el("td", {}, s.scored ? (s.control_explanation || s.control_note || "–") : "–"), el("td", {}, verdictSpan(s.verdict))))));
   parts.push(scorers);
+  parts.push(steeringBox(d, coder));
 
-  const lens = el("div", { class: "card", id: "logit-lens" }, el("h2", {}, "Logit lens: what the decoder direction writes"));
-  if (d.logit_lens.note) lens.append(el("p", { class: "muted" }, d.logit_lens.note));
-  else lens.append(el("h3", {}, "promotes"), el("div", { class: "tokens-list", id: "promoted" }, d.logit_lens.promoted.map((t) => el("span", { title: fmt(t.logit) }, tokenText(t.token)))),
-    el("h3", {}, "suppresses"), el("div", { class: "tokens-list", id: "suppressed" }, d.logit_lens.suppressed.map((t) => el("span", { title: fmt(t.logit) }, tokenText(t.token)))));
+  const lens = el("div", { class: "card", id: "logit-lens" });
+  renderLens(lens, d.logit_lens, coder, d.latent);
   const neighbours = el("div", { class: "card", id: "neighbours" }, el("h2", {}, "Decoder-cosine neighbours"));
   if (d.neighbours.note) neighbours.append(el("p", { class: "muted" }, d.neighbours.note));
   else neighbours.append(el("table", {}, el("tr", {}, el("th", {}, "latent"), el("th", {}, "cosine"), el("th", {}, "explanation")),
@@ -237,6 +321,10 @@ async function latentPage() {
 
   const windows = el("div", { id: "windows" }, el("h2", {}, "Top activating windows by activation quantile"),
     el("p", { class: "muted" }, "Darker = stronger; hover a token for its activation. Quantile 1 holds the strongest held-out windows."));
+  const tokenSearch = el("input", { type: "text", id: "token-search", placeholder: "show windows with a token, e.g. file" });
+  const tokenSummary = el("span", { id: "token-summary", class: "muted" });
+  tokenSearch.addEventListener("input", () => filterWindows(windows, tokenSearch.value, tokenSummary));
+  windows.append(el("div", { class: "controls" }, tokenSearch, tokenSummary));
   for (const g of d.windows.activating) windows.append(el("h3", { class: "group" }, `${g.group} (${g.windows.length})`), el("div", { class: "group-windows", "data-group": g.group }, g.windows.map((w) => windowNode(w, top))));
   if (!d.windows.activating.length) windows.append(el("p", { class: "muted" }, "No exemplars for this latent (dead, too rare, or its shard has no exemplars yet)."));
   parts.push(windows);

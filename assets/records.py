@@ -33,6 +33,8 @@ class Example:
     sequence: int = -1
     start: int = -1
     """Where the window is in the corpus (-1: not known)."""
+    kind: str = "activating"
+    """`activating`, or the source of a non-activating window (`random`, `neighbour`, `embedding`)."""
 
     @cached_property
     def text(self) -> str:
@@ -87,7 +89,7 @@ class LatentRecord:
                 marks = np.zeros(len(acts), bool)
                 marks[rng.choice(len(acts), size=min(typical_marks, len(acts)), replace=False)] = True
             examples.append(Example(i, list(ids), [self.vocab[t] for t in ids], acts, marks, int(is_activating), int(quantile) if is_activating else 0,
-                                    int(sequence), int(start)))
+                                    int(sequence), int(start), kind))
         return [examples[i] for i in rng.permutation(len(examples))]
 
 

@@ -19,7 +19,8 @@ import pyarrow.parquet as pq
 from storage.atomic import atomic_path, exclusive_lock
 
 SCORE_METRICS = ("accuracy", "balanced_accuracy", "precision", "recall", "f1", "tp", "fp", "tn", "fn", "roc_auc", "pearson", "n_scored",
-                 "ev_correlation", "rsquared", "logprob_fraction", "intervention_score", "steering_kl")
+                 "ev_correlation", "rsquared", "logprob_fraction", "intervention_score", "steering_kl",
+                 "none_floor")
 """Every metric a scorer may report per latent (NaN where it does not apply)."""
 
 

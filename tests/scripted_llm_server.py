@@ -162,7 +162,10 @@ class ScriptedLLMServer:
 def answer_by_prompt(messages) -> str:
     """A well-formed answer to any of our prompts: an explanation for explainers (its own for each
     prompt, so controls differ), a list of the asked length for scorers (alternating 1, 0 for 0/1
-    lists, 1, 2 for the output judge's pairs, 1 for the intruder, 5 for simulation)."""
+    lists, 1, 2 for the output judge's pairs, 1 for the intruder, 5 for simulation), and for SAEBench's
+    question the odd-numbered texts."""
+    if "comma-separated list of the numbers of the texts" in messages[0]["content"]:
+        return ", ".join(map(str, range(1, len(re.findall(r"^\d+\. ", messages[-1]["content"], re.MULTILINE)) + 1, 2)))
     asked = re.search(r"Answer with (\d+|one) (numbers|integers|number)", messages[-1]["content"])
     if asked is None:
         return f"Explanation: scripted explanation {zlib.crc32(messages[-1]['content'].encode()):08x}"

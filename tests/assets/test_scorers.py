@@ -13,6 +13,8 @@ import pandas as pd
 import pytest
 
 from assets.scorers import SCORERS, ScorerDeps, scorer_settings
+from assets.records import Example
+from assets.scorers.saebench import none_floor, read_window_numbers, saebench_windows
 from assets.scorers.simulation import expected_values
 from assets.scores import score_partition
 from resources.llm import Completion, LLMResource
@@ -370,3 +372,55 @@ def test_a_partitions_means_and_their_controls_are_over_the_same_latents(topic_d
     frame.loc[0, ["balanced_accuracy", "control_balanced_accuracy"]] = [0.7, np.nan]  # a control metric can be undefined
     meta = scorer_metadata(SCORERS["detection"], scorer_settings()["detection"], frame, examples)
     assert meta["mean_balanced_accuracy"].value == 1.0 and meta["mean_control_balanced_accuracy"].value == 0.5  # latent 0 left out of both
+
+
+def saebench_judge(messages):
+    """Answers SAEBench's question from the explanation's words alone: the numbers of the texts holding the named word, or None."""
+    word = re.search(r"this feature fires on the word (\w+)\.", messages[-1]["content"]).group(1)
+    texts = re.findall(r"^(\d+)\. (.*)$", messages[-1]["content"], re.MULTILINE)
+    return ", ".join(number for number, text in texts if f" {word}" in text) or "None"
+
+
+def test_saebench_scores_the_true_explanation_high_and_its_control_at_the_answer_none_floor(topic_data):
+    with ScriptedLLMServer(saebench_judge) as server:
+        frame, examples = run_scorer("saebench", topic_data, server)
+    assert len(server.requests) == 3 * 2  # one prompt per latent and per control
+    # each latent has 5 activating and 5 random test windows: 2 top + 2 importance-sampled + all 5 random (of 10 asked) are shown
+    assert (frame.n_scored == 9).all() and (frame.control_n_scored == 9).all()
+    assert (frame.none_floor == 5 / 9).all() and (frame.control_none_floor == 5 / 9).all()
+    assert (frame.accuracy == 1.0).all()
+    assert (frame.control_accuracy == frame.none_floor).all()  # another topic's word is in none of the windows: the judge answers None
+    assert np.allclose(frame.gap, 4 / 9) and (frame.n_failed == 0).all()
+    own = examples[examples.source == "explanation"]
+    top_two = own.groupby("latent").activation.apply(lambda a: sorted(a, reverse=True)[:2])
+    assert all(list(strongest) == [1.8, 1.6] for strongest in top_two.map(lambda a: np.round(a, 6)))  # the two strongest held-out windows are always shown
+
+
+def test_saebench_floor_is_the_share_of_non_activating_windows_shown_with_other_sources_filling_in():
+    def window(index, activation, kind):
+        acts = np.array([0.0, activation], np.float32)
+        return Example(index, [1, 2], ["a", "b"], acts, acts > 0, int(kind == "activating"), 1 if kind == "activating" else 0, kind=kind)
+
+    examples = [window(i, 1.0 + i, "activating") for i in range(6)] + [window(6 + i, 0.0, kind) for i, kind in enumerate(["embedding", "random", "neighbour", "random"])]
+    settings = scorer_settings({"saebench": {"n_random_windows": 3}})["saebench"]
+    shown = saebench_windows(examples, settings, np.random.default_rng(0))
+    assert len(shown) == 7 and none_floor(shown) == 3 / 7
+    assert {e.index for e in shown} >= {4, 5}  # the two strongest
+    assert sorted(e.kind for e in shown if not e.label) == ["embedding", "random", "random"]  # both random ones, then the first other source
+    assert np.isnan(none_floor([]))  # no windows, no floor
+
+
+@pytest.mark.parametrize("answer", ["Texts 1 and 3", "1, 99", "0", "", "1; 2"])
+def test_saebench_unreadable_answers_are_failures_never_guesses(topic_data, answer):
+    with ScriptedLLMServer(lambda messages: answer) as server:
+        frame, examples = run_scorer("saebench", topic_data, server)
+    assert len(server.requests) == 3 * 2 * 2  # each question asked once more after the unreadable answer
+    assert frame.accuracy.isna().all() and frame.control_accuracy.isna().all() and (frame.n_failed == 2 * 9).all()
+    assert (frame.none_floor == 5 / 9).all()  # the floor needs no answer
+    assert all(json.loads(f)[0].startswith("unreadable answer") for f in frame.failures) and not len(examples)
+
+
+@pytest.mark.parametrize("answer, numbers", [("None", []), ("none.", []), ("[]", []), ("3, 5, 7", [3, 5, 7]), ("[2, 1]", [1, 2]), ("1, 2, and 9", [1, 2, 9]),
+                                             ('"4 and 6".', [4, 6])])
+def test_saebench_reads_lists_of_window_numbers_and_none(answer, numbers):
+    assert read_window_numbers(9)(answer) == numbers

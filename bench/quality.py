@@ -10,7 +10,9 @@ prints detection and fuzzing balanced accuracy on the `test` windows, the gap ov
 explanation control, and the requests per latent of explaining. Single-sense latents are scored in
 one partition (each with another single-sense latent's explanation as control), two-sense latents in
 another. `embedding_gap` is the embedding scorer's mean ROC AUC gap at its default settings (real
-MiniLM) over the single-sense latents with the refined explanations. Prints a JSON object as its
+MiniLM, whole windows) over the single-sense latents with the refined explanations;
+`embedding_gap_spans` the same in the same run with each window scored by its best span of
+`SPAN_TOKENS` tokens (`span_tokens`). Prints a JSON object as its
 last line.
 
     .venv/bin/python bench/quality.py [--latents-per-sense 8] [--rounds 2]
@@ -39,6 +41,10 @@ from tests.planted_latents import CLASSES, planted_exemplars, scripted_llm  # no
 from tests.scripted_llm_server import ScriptedLLMServer  # noqa: E402
 
 
+SPAN_TOKENS = 2
+"""The span the bench compares with whole windows: the best of 2, 3 and 4 tokens here (README "Better explanations")."""
+
+
 def planted(per_sense: int) -> dict[str, dict[int, tuple[str, ...]]]:
     """Group → latent → its planted classes: `per_sense` latents of each class, and as many of each pair of classes."""
     classes = list(CLASSES)
@@ -61,9 +67,9 @@ async def explain(server, exemplars, vocab, rounds: int):
     return await explain_all(explainer, ExplanationsConfig(refine_rounds=rounds), exemplars, None, sorted(set(exemplars["latent"])), vocab, None, refiner=refiner)
 
 
-def score(name: str, exemplars, explanations, vocab, server=None, embedder=None):
+def score(name: str, exemplars, explanations, vocab, server=None, embedder=None, **overrides):
     llm = LLMResource(backend="openai", base_url=server.base_url, model="scripted", max_concurrency=16, cache_dir="").client() if server else None
-    scorer = SCORERS[name](scorer_settings()[name], ScorerDeps(llm=llm, embedder=embedder))
+    scorer = SCORERS[name](scorer_settings({name: overrides})[name], ScorerDeps(llm=llm, embedder=embedder))
     return asyncio.run(score_partition(scorer, exemplars, explanations, vocab))[0]
 
 
@@ -90,7 +96,8 @@ def main() -> None:
                 results[method][group] = {"explain_requests_per_latent": round((len(server.requests) - before) / n, 2),
                                           **{name: mean_gap(score(name, exemplars, explanations, vocab, server), "balanced_accuracy") for name in ("detection", "fuzzing")}}
     embedder = EmbedderResource()
-    embedding = mean_gap(score("embedding", groups["single_sense"], explained["refined", "single_sense"], vocab, embedder=embedder), "roc_auc")
+    embedding, embedding_spans = (mean_gap(score("embedding", groups["single_sense"], explained["refined", "single_sense"], vocab, embedder=embedder, **overrides), "roc_auc")
+                                  for overrides in ({}, {"span_tokens": SPAN_TOKENS}))
     seconds = time.perf_counter() - started
 
     print(f"{', '.join(f'{len(latents)} {group}' for group, latents in planted(args.latents_per_sense).items())} planted latents; "
@@ -102,14 +109,17 @@ def main() -> None:
             print(f"{method:12} {group:13} {d['score']:>7.3f} (gap {d['gap']:+.3f}) {f['score']:>7.3f} (gap {f['gap']:+.3f}) {r['explain_requests_per_latent']:>24}")
     print("(a two-sense latent's control is another pair's explanation, which shares one of its senses: its control is not at chance)")
     print("several_senses: not built yet (issue 28 line 2)")
-    print(f"embedding (default settings, refined explanations, single-sense): ROC AUC {embedding['score']:.3f}, control {embedding['control']:.3f}, gap {embedding['gap']:+.3f}")
+    print(f"embedding (default settings, refined explanations, single-sense): ROC AUC {embedding['score']:.3f}, control {embedding['control']:.3f}, gap {embedding['gap']:+.3f}; "
+          f"best {SPAN_TOKENS}-token span (span_tokens {SPAN_TOKENS}): {embedding_spans['score']:.3f}, control {embedding_spans['control']:.3f}, gap {embedding_spans['gap']:+.3f}")
     print(json.dumps({
         "single_shot_detection_gap": results["single_shot"]["single_sense"]["detection"]["gap"],
         "refined_detection_gap": results["refined"]["single_sense"]["detection"]["gap"],
         "embedding_gap": embedding["gap"],
+        "embedding_gap_spans": embedding_spans["gap"],
         "several_senses": None,
         "methods": results,
         "embedding": embedding,
+        "embedding_spans": embedding_spans,
         "rounds": args.rounds,
         "latents_per_sense": args.latents_per_sense,
     }))

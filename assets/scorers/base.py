@@ -24,6 +24,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from assets.prompts import read_int_list, reask_list_message, scorer_messages
 from assets.records import Example, LatentRecord
 from assets.score_metrics import NAN
+from assets.stage_config import digest_values
 from resources.llm import Asked, ProductionClient
 
 
@@ -35,7 +36,7 @@ class ScorerSettings(BaseModel):
 
     def digest(self) -> str:
         """Short hash of every setting: a change makes this scorer's results, and only them, stale."""
-        return hashlib.sha256(json.dumps(self.model_dump(), sort_keys=True).encode()).hexdigest()[:10]
+        return hashlib.sha256(json.dumps(digest_values(self), sort_keys=True).encode()).hexdigest()[:10]
 
 
 @dataclass

@@ -1,16 +1,33 @@
-"""Embedding (delphi): cosine similarity of the explanation to each window in the embedder's space (ROC AUC)."""
+"""Embedding (delphi): cosine similarity of the explanation to each window in the embedder's space (ROC AUC).
+
+With `span_tokens` > 0 a window scores as its best span of that many tokens (the largest cosine over
+its sliding spans): an explanation names what fires, a few tokens, and a whole window's vector is
+mostly the text around them. On latents whose truth is known (`bench/quality.py`, hard negatives on)
+spans raise the explanation's AUC and the control's alike, so the gap barely moves (README "Better
+explanations"): the default stays delphi's whole window, whose grid windows' vectors are read from
+the contexts table instead of embedded."""
 import asyncio
 
 import numpy as np
 from pydantic import Field
 
-from assets.prompts import plain_text
+from assets.prompts import plain_text, window_text
 from assets.scorers.base import Job, JobResult, Scorer, ScorerSettings, example_row
+from assets.stage_config import added_later
 from resources.embedder import unit_vectors
 
 
 class EmbeddingSettings(ScorerSettings):
     query_prefix: str = Field(default="", description="Text put before the explanation; instruction-tuned embedders want e.g. delphi's 'Instruct: Retrieve sentences that could be related to the explanation.\\nQuery:'.")
+    span_tokens: int = added_later(0, ge=0, description="Score a window by its best span of this many tokens (max cosine over sliding spans); 0 = the whole window (delphi).")
+
+
+def spans(example, size: int) -> list[str]:
+    """The texts a window is scored by: its sliding spans of `size` tokens, or the whole window (size 0 or a shorter window)."""
+    strs = example.token_strs
+    if size == 0 or len(strs) <= size:
+        return [plain_text(example.text)]
+    return list(dict.fromkeys(window_text(strs[i : i + size]) for i in range(len(strs) - size + 1)))
 
 
 class Embedding(Scorer):
@@ -42,16 +59,22 @@ class Embedding(Scorer):
         batches). Vectors only earlier jobs needed are let go, so memory follows the jobs at hand."""
         windows = self.deps.corpus_windows
         needed = dict.fromkeys(self.settings.query_prefix + job.explanation for job in jobs)
+        size = self.settings.span_tokens
         for example in (e for job in jobs for e in job.examples):
-            text = plain_text(example.text)
-            if text not in needed:
-                needed[text] = windows.vector(example.sequence, example.start, example.token_ids) if windows is not None else None
+            whole = size == 0 or len(example.token_strs) <= size  # only a whole window's vector is in the table
+            for text in spans(example, size):
+                if text not in needed:
+                    needed[text] = windows.vector(example.sequence, example.start, example.token_ids) if whole and windows is not None else None
         at_hand = {text: self._vectors.get(text) if vector is None else unit_vectors(vector[None])[0] for text, vector in needed.items()}
         self._vectors = {text: vector for text, vector in at_hand.items() if vector is not None}
         await self._vectors_of(list(needed))
 
     async def score(self, job: Job) -> JobResult:
-        query, texts = self.settings.query_prefix + job.explanation, [plain_text(e.text) for e in job.examples]
-        vectors = await self._vectors_of([query] + texts)  # at hand after `prepare`; a job scored without it embeds here
-        similarity = np.stack([vectors[t] for t in texts]) @ vectors[query] if texts else np.zeros(0)
-        return JobResult([example_row(e, score=float(s)) for e, s in zip(job.examples, similarity)])
+        query = self.settings.query_prefix + job.explanation
+        texts = [spans(e, self.settings.span_tokens) for e in job.examples]
+        flat = [t for window in texts for t in window]
+        vectors = await self._vectors_of([query] + flat)  # at hand after `prepare`; a job scored without it embeds here
+        similarity = np.stack([vectors[t] for t in flat]) @ vectors[query] if flat else np.zeros(0)
+        ends = np.cumsum([len(window) for window in texts])
+        best = [similarity[end - len(window) : end].max() for window, end in zip(texts, ends)]
+        return JobResult([example_row(e, score=float(s)) for e, s in zip(job.examples, best)])

@@ -198,6 +198,32 @@ def test_the_embedding_scorer_embeds_each_distinct_window_once_per_partition(top
     assert (frame.roc_auc == 1.0).all() and (frame.control_roc_auc < 0.8).all()
 
 
+def test_the_embedding_scorer_can_score_a_window_by_its_best_span(topic_data):
+    from assets.records import Example
+    from assets.scorers.embedding import spans
+    from resources.embedder import EmbedderResource
+
+    frame, _ = run_scorer("embedding", topic_data, embed=EmbedderResource(), span_tokens=3)
+    assert (frame.roc_auc == 1.0).all() and (frame.gap > 0.2).all()
+    # the texts a window is scored by: every 3 consecutive tokens (a repeated span once), a short window whole
+    strs = [" a", " cat", " and", " a", " cat", "."]
+    window = Example(index=0, token_ids=list(range(6)), token_strs=strs, activations=np.zeros(6), marks=np.zeros(6, bool), label=0, quantile=0)
+    assert spans(window, 3) == [" a cat and", " cat and a", " and a cat", " a cat."]
+    assert spans(window, 6) == spans(window, 0) == [" a cat and a cat."]
+
+
+def test_span_tokens_at_zero_keeps_the_embedding_scorers_digest():
+    """Adding `span_tokens` must not make every deployment's embedding scores stale: at 0 (whole windows,
+    the scoring before it existed) the digest is the one the settings had without it."""
+    import hashlib
+
+    from assets.scorers.embedding import EmbeddingSettings
+
+    before = hashlib.sha256(json.dumps({"seed": 0, "query_prefix": ""}, sort_keys=True).encode()).hexdigest()[:10]
+    assert EmbeddingSettings().digest() == before
+    assert EmbeddingSettings(span_tokens=3).digest() != before
+
+
 def test_surprisal_scorer_is_the_loss_drop_the_explanation_brings(topic_data, subject):
     import torch
 

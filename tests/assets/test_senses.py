@@ -1,0 +1,54 @@
+"""Several senses per latent (`[explanations] senses`), proved on latents planted with one or two senses
+(`tests/planted_latents.py`): the scripted explainer names the commonest class its prompt shows, so a
+latent gets both of its senses named only when each sense is explained from its own windows."""
+import asyncio
+
+import pytest
+
+from assets.explainers import EXPLAINERS, ExplainerDeps, ExplainerSettings
+from assets.explanations import ExplanationsConfig, explain_all
+from resources.embedder import EmbedderResource
+from tests.conftest import llm_resource
+from tests.planted_latents import planted_exemplars, scripted_llm, senses_of
+from tests.scripted_llm_server import ScriptedLLMServer
+
+PLANTED = {1: ("digits",), 2: ("capitalized words",), 3: ("symbols",), 4: ("digits", "capitalized words"), 5: ("capitalized words", "symbols"),
+           6: ("digits", "symbols")}
+
+
+@pytest.fixture(scope="module")
+def planted(subject):
+    tokenizer = subject.tokenizer()
+    vocab = tokenizer.batch_decode([[i] for i in range(len(tokenizer))])
+    return planted_exemplars(tokenizer, PLANTED), vocab
+
+
+def explain(server, exemplars, vocab, senses: int):
+    explainer = EXPLAINERS["highlighted"](ExplainerSettings(), ExplainerDeps(llm=llm_resource(server).client()))
+    rows = []
+    frame = asyncio.run(explain_all(explainer, ExplanationsConfig(senses=senses), exemplars, None, sorted(PLANTED), vocab, EmbedderResource().embed, senses=rows))
+    return frame.set_index("latent"), rows
+
+
+def test_two_sense_latents_get_both_senses_named_and_one_sense_latents_one_explanation(planted):
+    exemplars, vocab = planted
+    with ScriptedLLMServer(scripted_llm) as server:
+        single, no_senses = explain(server, exemplars, vocab, senses=1)
+        several, senses = explain(server, exemplars, vocab, senses=3)
+    assert no_senses == [] and all(len(senses_of(e)) == 1 for e in single["explanation"])  # today's behaviour: one class named
+    assert (several["status"] == "ok").all()
+    for latent, classes in PLANTED.items():
+        named = {cls for cls, _ in senses_of(several.loc[latent, "explanation"])}
+        assert named == set(classes), (latent, several.loc[latent, "explanation"])
+        rows = [r for r in senses if r["latent"] == latent]
+        assert len(rows) == (len(classes) if len(classes) > 1 else 0)
+        assert sorted(r["explanation"] for r in rows) == (sorted(classes) if len(classes) > 1 else [])
+        assert sum(r["windows"] for r in rows) in (0, 8)  # every train activating window is in one sense
+
+
+def test_senses_at_one_keep_the_code_version_they_had_before_the_option_existed():
+    from assets.stage_config import settings_digest, with_defaults
+    before = {key: value for key, value in ExplanationsConfig().model_dump().items() if key not in ("senses", "refine_rounds")}  # both added later
+    assert settings_digest(ExplanationsConfig()) == settings_digest(before)
+    assert settings_digest(with_defaults(ExplanationsConfig, {"senses": 1}, "explanations")()) == settings_digest(before)
+    assert settings_digest(with_defaults(ExplanationsConfig, {"senses": 3}, "explanations")()) != settings_digest(before)

@@ -120,8 +120,8 @@ async def explain_senses(explainer: Explainer, config: ExplanationsConfig, recor
     union = {**rows[0], **{k: sum(r[k] for r in rows) for k in ("prompt_tokens", "completion_tokens", "examples_dropped")}}
     if failed is not None:
         return {**union, "explanation": "", "status": "failed", "error": failed["error"], "candidates": [], "candidate_scores": []}, [], []
-    senses = [{"latent": record.latent, "sense": i, "explanation": text, "windows": sum(len(w) for row, w in zip(rows, clusters) if row["explanation"] == text)}
-              for i, text in enumerate(distinct)]
+    senses = [{"latent": record.latent, "sense": i, "explanation": text, "windows": sum(len(w) for row, w in zip(rows, clusters) if row["explanation"] == text),
+               "clusters": [k for k, row in enumerate(rows) if row["explanation"] == text]} for i, text in enumerate(distinct)]
     return {**union, "explanation": JOIN.join(distinct), "candidates": distinct, "candidate_scores": [float("nan")] * len(distinct)}, [], senses
 
 

@@ -56,6 +56,7 @@ TABLES = {t.name: t for t in [
     ])),
     Table("explanation_senses", pa.schema([
         ("latent", pa.int64()), ("sense", pa.int64()), ("explanation", pa.large_string()), ("windows", pa.int64()),
+        ("clusters", pa.list_(pa.int64())),
     ])),
     Table("scores", pa.schema([
         ("latent", pa.int64()), ("explanation", pa.large_string()), ("control_explanation", pa.large_string()), ("control_note", pa.large_string()),

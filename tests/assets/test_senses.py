@@ -52,3 +52,18 @@ def test_senses_at_one_keep_the_code_version_they_had_before_the_option_existed(
     assert settings_digest(ExplanationsConfig()) == settings_digest(before)
     assert settings_digest(with_defaults(ExplanationsConfig, {"senses": 1}, "explanations")()) == settings_digest(before)
     assert settings_digest(with_defaults(ExplanationsConfig, {"senses": 3}, "explanations")()) != settings_digest(before)
+
+
+def test_each_sense_is_scored_by_detection_on_its_own_test_windows_against_the_rest(planted):
+    import pandas as pd
+
+    from assets.scorers import SCORERS, ScorerDeps, scorer_settings
+    from assets.scores import score_senses
+    exemplars, vocab = planted
+    with ScriptedLLMServer(scripted_llm) as server:
+        _, senses = explain(server, exemplars, vocab, senses=3)
+        scorer = SCORERS["detection"](scorer_settings()["detection"], ScorerDeps(llm=llm_resource(server).client()))
+        scored = asyncio.run(score_senses(scorer, exemplars, pd.DataFrame(senses), vocab, 3, EmbedderResource().embed))
+    assert sorted(zip(scored["latent"], scored["sense"])) == sorted((r["latent"], r["sense"]) for r in senses)
+    # a sense's explanation finds its own windows: the scripted one is the bare class, so it also fits the hard negatives
+    assert (scored["balanced_accuracy"] >= 0.8).all() and (scored["balanced_accuracy"] > scored["control_balanced_accuracy"]).all()

@@ -5,7 +5,9 @@ Explainers are plugins (`assets/explainers/`, one module each): `highlighted` (d
 candidates are sampled and each is scored by the embedding scorer on the held-out `valid` windows;
 the best is kept and every candidate is stored with its score (Transluce). With `refine_rounds`, the
 explanation is then revised from its mistakes on the `valid` windows, judged by the deployment's judge
-(`assets/refine.py`); every round is a row of `explanation_rounds`. Requests go through the
+(`assets/refine.py`); every round is a row of `explanation_rounds`. With `senses` > 1, a latent whose
+activating windows fall into distinct clusters is explained once per cluster and its explanation is
+their union (`assets/senses.py`); each sense is a row of `explanation_senses`. Requests go through the
 production client (response cache, bounded concurrency, retries, ledger, budget). A latent whose
 answer cannot be parsed, or that the budget stopped, is stored as failed with its reason; it never
 fails the partition and is asked again on the next materialization. The settings (which explainer,

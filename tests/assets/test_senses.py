@@ -67,3 +67,29 @@ def test_each_sense_is_scored_by_detection_on_its_own_test_windows_against_the_r
     assert sorted(zip(scored["latent"], scored["sense"])) == sorted((r["latent"], r["sense"]) for r in senses)
     # a sense's explanation finds its own windows: the scripted one is the bare class, so it also fits the hard negatives
     assert (scored["balanced_accuracy"] >= 0.8).all() and (scored["balanced_accuracy"] > scored["control_balanced_accuracy"]).all()
+
+
+def test_the_explanations_asset_stores_the_senses_beside_their_union(registered):
+    """Through the asset on the tiny coder: the senses table is written with the explanations, and every latent
+    with senses has their union as its explanation (the tiny coder's latents come out with one sense each, so
+    this proves the wiring; the senses themselves are proved on the planted latents above)."""
+    from dagster import DagsterInstance
+
+    from assets.senses import JOIN
+    from storage.store import TableStore
+    from tests.conftest import TINY_CODER, add_coders, make_resources, pipeline_until_exemplars, run
+    from tests.scripted_llm_server import answer_by_prompt
+
+    instance = DagsterInstance.ephemeral()
+    add_coders(instance, registered, TINY_CODER)
+    pipeline_until_exemplars(registered, instance)
+    with ScriptedLLMServer(answer_by_prompt) as server:  # a different explanation for each prompt: every cluster a sense
+        result = run(["explanations"], f"{TINY_CODER}|00", make_resources(registered, max_latents=3, llm=llm_resource(server, cache_dir="")), instance,
+                     {"ops": {"explanations": {"config": {"senses": 2}}}})
+    store = TableStore.at(registered)
+    explained, senses = store.explanations(TINY_CODER, "00").read(), store.explanation_senses(TINY_CODER, "00").read()
+    assert (explained["status"] == "ok").all() and len(explained) == 3
+    for latent, rows in senses.groupby("latent"):
+        assert JOIN.join(rows.sort_values("sense")["explanation"]) == explained.set_index("latent").loc[latent, "explanation"] and len(rows) == 2
+    metadata = result.asset_materializations_for_node("explanations")[0].metadata
+    assert metadata["latents_with_several_senses"].value == senses["latent"].nunique()

@@ -124,7 +124,7 @@ async def explain_senses(explainer: Explainer, config: ExplanationsConfig, recor
         return {**union, "explanation": "", "status": "failed", "error": failed["error"], "candidates": [], "candidate_scores": []}, [], []
     senses = [{"latent": record.latent, "sense": i, "explanation": text, "windows": sum(len(w) for row, w in zip(rows, clusters) if row["explanation"] == text),
                "clusters": [k for k, row in enumerate(rows) if row["explanation"] == text]} for i, text in enumerate(distinct)]
-    return {**union, "explanation": JOIN.join(distinct), "candidates": distinct, "candidate_scores": [float("nan")] * len(distinct)}, [], senses
+    return {**union, "explanation": JOIN.join(distinct), "candidates": [JOIN.join(distinct)], "candidate_scores": [float("nan")]}, [], senses
 
 
 def make_explainer(config: ExplanationsConfig, explainers: dict[str, type[Explainer]], deps: ExplainerDeps) -> Explainer:

@@ -5,7 +5,9 @@ Explainers are plugins (`assets/explainers/`, one module each): `highlighted` (d
 candidates are sampled and each is scored by the embedding scorer on the held-out `valid` windows;
 the best is kept and every candidate is stored with its score (Transluce). With `refine_rounds`, the
 explanation is then revised from its mistakes on the `valid` windows, judged by the deployment's judge
-(`assets/refine.py`); every round is a row of `explanation_rounds`. Requests go through the
+(`assets/refine.py`); every round is a row of `explanation_rounds`. With `senses` > 1, a latent whose
+activating windows fall into distinct clusters is explained once per cluster and its explanation is
+their union (`assets/senses.py`); each sense is a row of `explanation_senses`. Requests go through the
 production client (response cache, bounded concurrency, retries, ledger, budget). A latent whose
 answer cannot be parsed, or that the budget stopped, is stored as failed with its reason; it never
 fails the partition and is asked again on the next materialization. The settings (which explainer,
@@ -30,6 +32,7 @@ from assets.prompts import corpus_prompt_vocab, plain_text
 from assets.records import LatentRecord, read_records
 from assets.refine import Refiner
 from assets.score_metrics import roc_auc
+from assets.senses import JOIN, sense_clusters, sense_record
 from assets.stage_config import Models, added_later, problems, settings_digest, with_defaults
 from assets.work import ChunkLoader, nothing_succeeded, selected_latents, stream_latents
 from resources.embedder import EmbedderResource, explanation_similarity
@@ -51,6 +54,8 @@ class ExplanationsConfig(Config):
     max_tokens: int = Field(default=48, description="Longest explanation, in tokens.")
     refine_rounds: int = added_later(0, ge=0, description="Revisions asked after the first explanation: each shows the explainer the `valid` windows the "
                                "explanation misjudges (detection by the deployment's judge) and is kept only if it scores better there. 0: single shot.")
+    senses: int = added_later(1, ge=1, description="Most senses per latent: above 1, the latent's activating windows are clustered by the embedder and each "
+                              "distinct cluster is explained on its own; the explanation is their union (assets/senses.py). 1: one explanation.")
 
 
 def window_texts(rows: pd.DataFrame, vocab: list[str]) -> list[str]:
@@ -101,6 +106,27 @@ async def explain_latent(explainer: Explainer, config: ExplanationsConfig, recor
     return {**row, "explanation": refined.explanation}, refined.rounds
 
 
+async def explain_senses(explainer: Explainer, config: ExplanationsConfig, record: LatentRecord, embed, refiner: Refiner | None = None) -> tuple[dict, list[dict], list[dict]]:
+    """`explain_latent` with up to `config.senses` senses: its rows and the latent's `explanation_senses` rows
+    (none when it has one sense). Each sense is explained single shot; their union is the explanation."""
+    clusters = sense_clusters(record, config.senses, embed)
+    if len(clusters) == 1:
+        return *await explain_latent(explainer, config, record, embed, refiner), []
+    asked = await asyncio.gather(*(explain_latent(explainer, config, sense_record(record, windows), embed) for windows in clusters))
+    rows = [row for row, _ in asked]
+    failed = next((row for row in rows if row["status"] != "ok"), None)
+    distinct = list(dict.fromkeys(row["explanation"] for row in rows))
+    if failed is None and len(distinct) == 1:  # the clusters are one sense after all
+        row, rounds = await explain_latent(explainer, config, record, embed, refiner)
+        return {**row, **{k: row[k] + sum(r[k] for r in rows) for k in ("prompt_tokens", "completion_tokens")}}, rounds, []
+    union = {**rows[0], **{k: sum(r[k] for r in rows) for k in ("prompt_tokens", "completion_tokens", "examples_dropped")}}
+    if failed is not None:
+        return {**union, "explanation": "", "status": "failed", "error": failed["error"], "candidates": [], "candidate_scores": []}, [], []
+    senses = [{"latent": record.latent, "sense": i, "explanation": text, "windows": sum(len(w) for row, w in zip(rows, clusters) if row["explanation"] == text),
+               "clusters": [k for k, row in enumerate(rows) if row["explanation"] == text]} for i, text in enumerate(distinct)]
+    return {**union, "explanation": JOIN.join(distinct), "candidates": [JOIN.join(distinct)], "candidate_scores": [float("nan")]}, [], senses
+
+
 def make_explainer(config: ExplanationsConfig, explainers: dict[str, type[Explainer]], deps: ExplainerDeps) -> Explainer:
     """The configured explainer with its settings checked; a wrong name or setting names the fix."""
     if config.explainer not in explainers:
@@ -115,11 +141,12 @@ def make_explainer(config: ExplanationsConfig, explainers: dict[str, type[Explai
 
 async def explain_all(explainer: Explainer, config: ExplanationsConfig, exemplars: pd.DataFrame | Path, latent_stats: pd.DataFrame | None,
                       latents: list[int], vocab: list[str], embed, report=None, coder: str = "", journal: Journal | None = None,
-                      refiner: Refiner | None = None, rounds: list[dict] | None = None) -> pd.DataFrame:
+                      refiner: Refiner | None = None, rounds: list[dict] | None = None, senses: list[dict] | None = None) -> pd.DataFrame:
     """One row per latent. `exemplars` is the table or its file; from a file, a chunk of latents' rows is
-    read at a time. Latents stream through a bounded queue; with a `journal` (parts `rounds`, `rows`),
-    each explained latent is kept as it finishes and latents kept by an interrupted run are not asked
-    again. With a `refiner`, each explanation is refined, and the rows of every round are added to `rounds`."""
+    read at a time. Latents stream through a bounded queue; with a `journal` (parts `rounds`, `senses`,
+    `rows`), each explained latent is kept as it finishes and latents kept by an interrupted run are not
+    asked again. With a `refiner`, each explanation is refined, and the rows of every round are added to
+    `rounds`; the rows of a latent's senses (`config.senses` > 1) are added to `senses`."""
     stats_of = {int(r["latent"]): r for r in latent_stats.to_dict("records")} if latent_stats is not None else {}
     done = journal.kept(latents) if journal is not None else {}
     if done and report:
@@ -131,13 +158,13 @@ async def explain_all(explainer: Explainer, config: ExplanationsConfig, exemplar
 
     loader = ChunkLoader(todo, load)
 
-    async def explain(latent: int) -> tuple[dict, list[dict]]:
-        return await explain_latent(explainer, config, await loader.take(latent), embed, refiner)
+    async def explain(latent: int) -> tuple[dict, list[dict], list[dict]]:
+        return await explain_senses(explainer, config, await loader.take(latent), embed, refiner)
 
-    def keep(latent: int, result: tuple[dict, list[dict]]) -> None:
-        row, latent_rounds = result
+    def keep(latent: int, result: tuple[dict, list[dict], list[dict]]) -> None:
+        row, latent_rounds, latent_senses = result
         if journal is not None and row["status"] == "ok":  # failed or budget-stopped latents are asked again next time
-            journal.add([row], rounds=latent_rounds)
+            journal.add([row], rounds=latent_rounds, **({"senses": latent_senses} if "senses" in journal.part_names else {}))
 
     client = explainer.deps.llm
     async with client.session(), (refiner.judge.session() if refiner is not None else contextlib.nullcontext()):
@@ -149,6 +176,9 @@ async def explain_all(explainer: Explainer, config: ExplanationsConfig, exemplar
     if rounds is not None:
         kept_rounds = journal.finished("rounds").to_dict("records") if done else []
         rounds += [r for r in kept_rounds if r["latent"] in done] + [r for latent in todo for r in results[latent][1]]
+    if senses is not None:
+        kept_senses = journal.finished("senses").to_dict("records") if done else []
+        senses += [r for r in kept_senses if r["latent"] in done] + [r for latent in todo for r in results[latent][2]]
     rows = [done[latent] if latent in done else results[latent][0] for latent in latents]
     return pd.DataFrame(rows, columns=TABLES["explanations"].columns[:-1])  # the fingerprint is added by the asset
 
@@ -175,7 +205,7 @@ def explanations_asset(defaults: dict | None = None, explainers: dict[str, type[
     if chosen.explainer not in explainers:
         raise ValueError(f"[explanations] explainer = {chosen.explainer!r} is not an explainer. Fix: use one of {sorted(explainers)}.")
     make_explainer(chosen, explainers, ExplainerDeps(llm=None))  # checks its settings now
-    roles = ["explainer", *(["subject_model"] if "subject_model" in explainers[chosen.explainer].uses else []), *(["embedder"] if chosen.best_of_n > 1 else []),
+    roles = ["explainer", *(["subject_model"] if "subject_model" in explainers[chosen.explainer].uses else []), *(["embedder"] if chosen.best_of_n > 1 or chosen.senses > 1 else []),
              *(["judge"] if chosen.refine_rounds else [])]
     version = f"{EXPLANATIONS_VERSION}-{explainers[chosen.explainer].version}-{settings_digest(chosen)}{models.version_part(*roles)}"
 
@@ -201,13 +231,15 @@ def explanations_asset(defaults: dict | None = None, explainers: dict[str, type[
                 exemplars_fingerprint = exemplars.fingerprint()
                 key = f"{version}|{settings_digest(config)}|{client.identity}|{judge.identity if judge else ''}|{exemplars_fingerprint}"
                 rounds: list[dict] = []
-                with store.writing(explanations_table, journal_key=key, parts=("rounds", "rows")) as writer:
+                senses: list[dict] = []
+                with store.writing(explanations_table, journal_key=key, parts=("rounds", "senses", "rows")) as writer:
                     frame = asyncio.run(explain_all(explainer, config, exemplars, latent_stats, latents, corpus_prompt_vocab(load_corpus(layout)), embedder.embed,
-                                                    context.log.info, coder, writer.journal, refiner, rounds))
+                                                    context.log.info, coder, writer.journal, refiner, rounds, senses))
                     frame["exemplars_fingerprint"] = exemplars_fingerprint  # what the scorers check they score against
                     if len(frame) and not (frame["status"] == "ok").any():
                         raise nothing_succeeded("explanations", f"all {len(frame)} latents failed", frame["error"])
-                    writer.commit(frame, (store.explanation_rounds(coder, shard), pd.DataFrame(rounds, columns=TABLES["explanation_rounds"].columns)))
+                    writer.commit(frame, (store.explanation_rounds(coder, shard), pd.DataFrame(rounds, columns=TABLES["explanation_rounds"].columns)),
+                                  (store.explanation_senses(coder, shard), pd.DataFrame(senses, columns=TABLES["explanation_senses"].columns)))
                 ok = frame[frame["status"] == "ok"]
                 sync_explanations(layout.lancedb_dir, embedder.model, coder, shard, dict(zip(ok["latent"].tolist(), ok["explanation"])), embedder.embed)
                 budget_stopped = int(frame["error"].map(stopped_by_budget).sum())
@@ -220,6 +252,7 @@ def explanations_asset(defaults: dict | None = None, explainers: dict[str, type[
                     "embedder": embedder.identity(),  # the search vectors' (and best-of-N's) model
                     **({"subject_model": subject_model.identity()} if "subject_model" in uses else {}),
                     "explained": len(ok),
+                    **({"latents_with_several_senses": len({r["latent"] for r in senses})} if config.senses > 1 else {}),
                     "failed": int((frame["status"] == "failed").sum()),
                     "stopped_by_budget": budget_stopped,
                     "examples_dropped_to_fit": int(frame["examples_dropped"].sum()),

@@ -34,6 +34,8 @@ from dagster import (
 from assets.automation import CODE_CHANGED, FOLLOW, LLM_POOL, SUBJECT_MODEL_POOL, in_pool
 from assets.checks import result, scorer_results, scorer_specs, shards_present, summary_specs
 from assets.explanations import viewer_links
+from assets.records import read_records
+from assets.senses import assigned
 from assets.links import coder_url, home_url, latent_url
 from assets.work import ChunkLoader, nothing_succeeded, selected_latents, stream_latents
 from assets.partitions import backfill_policy, coder_and_shard, coders_of, each_shard, shard_partitions
@@ -198,6 +200,32 @@ async def score_partition(scorer: Scorer, exemplars: pd.DataFrame | Path, explan
     parts += [pd.DataFrame(fresh)] if fresh else []
     examples = pd.concat(parts, ignore_index=True).sort_values("latent", kind="stable", ignore_index=True) if parts else pd.DataFrame()
     return pd.DataFrame(rows), examples  # one frame, not one per job
+
+
+async def score_senses(scorer: Scorer, exemplars: pd.DataFrame, senses: pd.DataFrame, vocab: list[str], most: int, embed, coder: str = "") -> pd.DataFrame:
+    """Each sense's scores (rows of `explanation_senses`, written with `[explanations] senses` = `most`) on the
+    `test` windows: the activating windows nearest that sense's clusters (`assets.senses.assigned`) are its
+    positives, every other window (the other senses' included) its negatives. One `score_partition` per
+    sense number, so a sense's control is another latent's sense of that number. Columns: `sense` and
+    those of `score_partition`'s per-latent rows."""
+    if not len(senses):
+        return pd.DataFrame()
+    records = read_records(exemplars, sorted(set(senses["latent"])), coder, vocab)
+    sense_of = {latent: assigned(record, "test", most, embed) for latent, record in records.items()}  # test position → cluster
+    parts = []
+    for number, rows in senses.groupby("sense"):
+        relabelled = []
+        for row in rows.itertuples():
+            windows = records[row.latent].windows.copy()
+            test = np.flatnonzero((windows["split"] == "test").to_numpy())
+            others = [test[position] for position, cluster in sense_of[row.latent].items() if cluster not in row.clusters]
+            windows.iloc[others, windows.columns.get_loc("kind")] = "random"  # another sense: a negative of this one
+            windows.iloc[others, windows.columns.get_loc("quantile")] = 0
+            relabelled.append(windows)
+        explained = rows.assign(status="ok")[["latent", "explanation", "status"]]
+        scored, _ = await score_partition(scorer, pd.concat(relabelled), explained, vocab, coder=coder)
+        parts.append(scored.assign(sense=int(number)))
+    return pd.concat(parts, ignore_index=True)
 
 
 async def _none():

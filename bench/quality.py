@@ -5,9 +5,12 @@ marks", "symbols inside square brackets") or with two of them (`tests/planted_la
 negatives hold the class outside its container), explained by a scripted explainer that reads only what its prompt shows (too broad at
 first, narrowed when shown the texts it wrongly fits), and judged by a scripted judge that answers
 from what the description literally says, both behind a scripted OpenAI-compatible server on
-127.0.0.1 that counts requests. For each method, single shot and refined (`refine_rounds`), it
+127.0.0.1 that counts requests. For each method, single shot, refined (`refine_rounds`) and several
+senses (`[explanations] senses`, clustered by the real MiniLM embedder), it
 prints detection and fuzzing balanced accuracy on the `test` windows, the gap over the shuffled-
-explanation control, and the requests per latent of explaining. Single-sense latents are scored in
+explanation control, and the requests per latent of explaining; for several senses also how many
+latents have all their planted senses named, and each sense's detection on its own test windows
+against the rest (`score_senses`). Single-sense latents are scored in
 one partition (each with another single-sense latent's explanation as control), two-sense latents in
 another. `embedding_gap` is the embedding scorer's mean ROC AUC gap at its default settings (real
 MiniLM, whole windows) over the single-sense latents with the refined explanations;
@@ -15,7 +18,7 @@ MiniLM, whole windows) over the single-sense latents with the refined explanatio
 `SPAN_TOKENS` tokens (`span_tokens`). Prints a JSON object as its
 last line.
 
-    .venv/bin/python bench/quality.py [--latents-per-sense 8] [--rounds 2]
+    .venv/bin/python bench/quality.py [--latents-per-sense 8] [--rounds 2] [--senses 3]
 """
 import argparse
 import asyncio
@@ -25,6 +28,8 @@ import sys
 import time
 from pathlib import Path
 
+import pandas as pd
+
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
@@ -33,11 +38,11 @@ from assets.explanations import ExplanationsConfig, explain_all  # noqa: E402
 from assets.refine import Refiner  # noqa: E402
 from assets.score_metrics import paired_means  # noqa: E402
 from assets.scorers import SCORERS, ScorerDeps, scorer_settings  # noqa: E402
-from assets.scores import score_partition  # noqa: E402
+from assets.scores import score_partition, score_senses  # noqa: E402
 from resources.embedder import EmbedderResource  # noqa: E402
 from resources.llm import LLMResource  # noqa: E402
 from resources.subject_model import load_tokenizer  # noqa: E402
-from tests.planted_latents import CLASSES, planted_exemplars, scripted_llm  # noqa: E402
+from tests.planted_latents import CLASSES, planted_exemplars, scripted_llm, senses_of  # noqa: E402
 from tests.scripted_llm_server import ScriptedLLMServer  # noqa: E402
 
 
@@ -60,11 +65,12 @@ def mean_gap(frame, main_metric: str) -> dict:
     return {name: None if math.isnan(value) else round(value, 3) for name, value in (("score", score), ("control", control), ("gap", score - control))} | {"latents_with_control": n}
 
 
-async def explain(server, exemplars, vocab, rounds: int):
+async def explain(server, exemplars, vocab, rounds: int, senses: int = 1, embed=None, sense_rows: list | None = None):
     client = LLMResource(backend="openai", base_url=server.base_url, model="scripted", max_concurrency=16, cache_dir="")
     explainer = EXPLAINERS["highlighted"](ExplainerSettings(), ExplainerDeps(llm=client.client()))
     refiner = Refiner(client.client(), rounds, ExplanationsConfig().max_tokens) if rounds else None
-    return await explain_all(explainer, ExplanationsConfig(refine_rounds=rounds), exemplars, None, sorted(set(exemplars["latent"])), vocab, None, refiner=refiner)
+    return await explain_all(explainer, ExplanationsConfig(refine_rounds=rounds, senses=senses), exemplars, None, sorted(set(exemplars["latent"])), vocab, embed,
+                             refiner=refiner, senses=sense_rows)
 
 
 def score(name: str, exemplars, explanations, vocab, server=None, embedder=None, **overrides):
@@ -73,42 +79,60 @@ def score(name: str, exemplars, explanations, vocab, server=None, embedder=None,
     return asyncio.run(score_partition(scorer, exemplars, explanations, vocab))[0]
 
 
+def sense_detection(server, exemplars, senses: list[dict], vocab, most: int, embedder) -> dict:
+    """Mean detection of each sense on its own test windows against the rest (`score_senses`)."""
+    llm = LLMResource(backend="openai", base_url=server.base_url, model="scripted", max_concurrency=16, cache_dir="").client()
+    scorer = SCORERS["detection"](scorer_settings()["detection"], ScorerDeps(llm=llm))
+    scored = asyncio.run(score_senses(scorer, exemplars, pd.DataFrame(senses), vocab, most, embedder.embed))
+    return mean_gap(scored, "balanced_accuracy") if len(scored) else {}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--latents-per-sense", type=int, default=4, help="latents planted per sense, and as many per pair of senses")
     parser.add_argument("--rounds", type=int, default=2, help="refine_rounds of the refined method")
+    parser.add_argument("--senses", type=int, default=3, help="[explanations] senses of the several_senses method")
     args = parser.parse_args()
 
     tokenizer = load_tokenizer()
     vocab = tokenizer.batch_decode([[i] for i in range(len(tokenizer))])
-    groups = {group: planted_exemplars(tokenizer, latents, seed=i) for i, (group, latents) in enumerate(planted(args.latents_per_sense).items())}
-    methods = {"single_shot": 0, "refined": args.rounds}
-    results, explained = {}, {}
+    plan = planted(args.latents_per_sense)
+    groups = {group: planted_exemplars(tokenizer, latents, seed=i) for i, (group, latents) in enumerate(plan.items())}
+    methods = {"single_shot": (0, 1), "refined": (args.rounds, 1), "several_senses": (0, args.senses)}
+    results, explained, senses = {}, {}, {}
+    embedder = EmbedderResource()
     started = time.perf_counter()
     with ScriptedLLMServer(scripted_llm) as server:
-        for method, rounds in methods.items():
+        for method, (rounds, most) in methods.items():
             results[method] = {}
             for group, exemplars in groups.items():
                 before = len(server.requests)
-                explanations = asyncio.run(explain(server, exemplars, vocab, rounds))
+                senses[group] = []
+                explanations = asyncio.run(explain(server, exemplars, vocab, rounds, most, embedder.embed, senses[group]))
                 explained[method, group] = explanations
                 n = explanations["latent"].nunique()
                 results[method][group] = {"explain_requests_per_latent": round((len(server.requests) - before) / n, 2),
                                           **{name: mean_gap(score(name, exemplars, explanations, vocab, server), "balanced_accuracy") for name in ("detection", "fuzzing")}}
-    embedder = EmbedderResource()
+                if most > 1:
+                    named = [{cls for cls, _ in senses_of(text)} == set(plan[group][latent]) for latent, text in zip(explanations["latent"], explanations["explanation"])]
+                    results[method][group]["all_senses_named"] = f"{sum(named)}/{len(named)}"
+                    results[method][group]["per_sense_detection"] = sense_detection(server, exemplars, senses[group], vocab, most, embedder)
     embedding, embedding_spans = (mean_gap(score("embedding", groups["single_sense"], explained["refined", "single_sense"], vocab, embedder=embedder, **overrides), "roc_auc")
                                   for overrides in ({}, {"span_tokens": SPAN_TOKENS}))
     seconds = time.perf_counter() - started
 
     print(f"{', '.join(f'{len(latents)} {group}' for group, latents in planted(args.latents_per_sense).items())} planted latents; "
           f"refined: at most {args.rounds} rounds; {seconds:.0f} s")
-    print(f"{'method':12} {'latents':13} {'detection':>22} {'fuzzing':>22} {'explain requests/latent':>24}")
+    print(f"{'method':14} {'latents':13} {'detection':>22} {'fuzzing':>22} {'explain requests/latent':>24}")
     for method, by_group in results.items():
         for group, r in by_group.items():
             d, f = r["detection"], r["fuzzing"]
-            print(f"{method:12} {group:13} {d['score']:>7.3f} (gap {d['gap']:+.3f}) {f['score']:>7.3f} (gap {f['gap']:+.3f}) {r['explain_requests_per_latent']:>24}")
+            print(f"{method:14} {group:13} {d['score']:>7.3f} (gap {d['gap']:+.3f}) {f['score']:>7.3f} (gap {f['gap']:+.3f}) {r['explain_requests_per_latent']:>24}")
     print("(a two-sense latent's control is another pair's explanation, which shares one of its senses: its control is not at chance)")
-    print("several_senses: not built yet (issue 28 line 2)")
+    for group, r in results["several_senses"].items():
+        d = r["per_sense_detection"]
+        print(f"several_senses {group}: all planted senses named in {r['all_senses_named']} latents; "
+              + (f"per-sense detection {d['score']:.3f} (gap {d['gap']:+.3f}) on {len(senses[group])} senses" if d else "no latent explained as several senses"))
     print(f"embedding (default settings, refined explanations, single-sense): ROC AUC {embedding['score']:.3f}, control {embedding['control']:.3f}, gap {embedding['gap']:+.3f}; "
           f"best {SPAN_TOKENS}-token span (span_tokens {SPAN_TOKENS}): {embedding_spans['score']:.3f}, control {embedding_spans['control']:.3f}, gap {embedding_spans['gap']:+.3f}")
     print(json.dumps({
@@ -116,7 +140,8 @@ def main() -> None:
         "refined_detection_gap": results["refined"]["single_sense"]["detection"]["gap"],
         "embedding_gap": embedding["gap"],
         "embedding_gap_spans": embedding_spans["gap"],
-        "several_senses": None,
+        "several_senses": {group: {"detection_gap": r["detection"]["gap"], "fuzzing_gap": r["fuzzing"]["gap"], "all_senses_named": r["all_senses_named"],
+                                   "explain_requests_per_latent": r["explain_requests_per_latent"]} for group, r in results["several_senses"].items()},
         "methods": results,
         "embedding": embedding,
         "embedding_spans": embedding_spans,

@@ -91,6 +91,10 @@ class DataRoot:
         """Per latent and refine round: the explanation tried, its score on the `valid` windows, whether it was kept."""
         return self.root / "explanations" / coder / f"{shard}.rounds.parquet"
 
+    def explanation_senses_path(self, coder: str, shard: str) -> Path:
+        """Per latent with several senses (`[explanations] senses`): each sense's explanation and how many `train` windows it was written from."""
+        return self.root / "explanations" / coder / f"{shard}.senses.parquet"
+
     def scores_path(self, coder: str, shard: str, scorer: str) -> Path:
         """Per latent: the scorer's metrics with the explanation and beside the control."""
         return self.root / "scores" / coder / shard / f"{scorer}.parquet"

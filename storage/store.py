@@ -149,6 +149,10 @@ class TableStore:
         return self._table("explanation_rounds", self.layout.explanation_rounds_path(coder, shard), "explanations",
                            f"refine rounds of the explanations of {coder} shard {shard}")
 
+    def explanation_senses(self, coder: str, shard: str) -> StoredTable:
+        return self._table("explanation_senses", self.layout.explanation_senses_path(coder, shard), "explanations",
+                           f"senses of the explanations of {coder} shard {shard}")
+
     def scores(self, coder: str, shard: str, scorer: str) -> StoredTable:
         return self._table("scores", self.layout.scores_path(coder, shard, scorer), f"scores/{scorer}", f"scores/{scorer} of {coder} shard {shard}")
 

@@ -55,6 +55,10 @@ TABLES = {t.name: t for t in [
         ("latent", pa.int64()), ("round", pa.int64()), ("explanation", pa.large_string()), ("valid_balanced_accuracy", pa.float64()),
         ("false_positives", pa.int64()), ("false_negatives", pa.int64()), ("kept", pa.bool_()), ("requests", pa.int64()),
     ])),
+    Table("explanation_senses", pa.schema([
+        ("latent", pa.int64()), ("sense", pa.int64()), ("explanation", pa.large_string()), ("windows", pa.int64()),
+        ("clusters", pa.list_(pa.int64())),
+    ])),
     Table("scores", pa.schema([
         ("latent", pa.int64()), ("explanation", pa.large_string()), ("control_explanation", pa.large_string()), ("control_note", pa.large_string()),
         *((m, pa.float64()) for m in SCORE_METRICS), ("quantile_accuracy", pa.large_string()), *((f"control_{m}", pa.float64()) for m in SCORE_METRICS),

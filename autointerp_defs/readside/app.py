@@ -15,6 +15,7 @@ import pandas as pd
 
 from assets.links import DEFAULT_DAGSTER_URL, coder_url, dagster_asset_url, latent_url
 from assets.score_metrics import paired_means
+from assets.senses import JOIN
 from autointerp_defs.readside import reader
 from autointerp_defs.readside.index import STATUSES, CoderIndex
 from storage.store import TableStore
@@ -241,7 +242,7 @@ class Viewer:
         windows = index.windows(latent)
         page = {
             "coder": coder, "latent": latent, "shard": shard, "width": width, "summary": base,
-            "explanation": self._explanation(explained[-1]) if explained else None,
+            "explanation": self._explanation(explained[-1], self._senses(index, latent)) if explained else None,
             "scorers": [self._scorer(index, table, name, latent, explained) for name in index.scorers],
             "windows": self._windows(windows, vocab, stats[0] if stats else None),
             "density": index.density(latent),
@@ -304,10 +305,17 @@ class Viewer:
         return latent
 
     @staticmethod
-    def _explanation(row: dict) -> dict:
+    def _senses(index: CoderIndex, latent: int) -> list[dict]:
+        """The latent's senses (`[explanations] senses`), none where the table was never written."""
+        return sorted(index.rows(latent, "senses"), key=lambda r: r["sense"])
+
+    @staticmethod
+    def _explanation(row: dict, senses: list[dict] = ()) -> dict:
         candidates = list(row.get("candidates") or [])
         scores = list(row.get("candidate_scores") or [])
-        return {"text": row.get("explanation", ""), "status": row.get("status"), "error": row.get("error", ""), "explainer": row.get("explainer"),
+        current = JOIN.join(s["explanation"] for s in senses) == row.get("explanation")  # else the senses are of an earlier explanation
+        return {"senses": [{"text": s["explanation"], "windows": s["windows"]} for s in senses] if current and len(senses) > 1 else [],
+                "text": row.get("explanation", ""), "status": row.get("status"), "error": row.get("error", ""), "explainer": row.get("explainer"),
                 "model": row.get("model"), "candidates": [{"text": c, "score": scores[i] if i < len(scores) else None, "chosen": c == row.get("explanation")}
                                                           for i, c in enumerate(candidates)]}
 

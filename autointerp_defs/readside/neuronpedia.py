@@ -10,7 +10,7 @@ file's first line (keys that are no column are dropped without a word):
         release.jsonl  model.jsonl  sourceset.jsonl  source.jsonl   (one row each)
         features/batch-0.jsonl.gz       one `Neuron` per latent of the coder, explained or not
         activations/batch-0.jsonl.gz    one `Activation` per activating exemplar window, with its bin
-        explanations/batch-0.jsonl.gz   one `Explanation` per explained latent
+        explanations/batch-0.jsonl.gz   one `Explanation` per explained latent (per sense, for one of several senses)
 
 Bins follow Neuronpedia's own dashboards (SAEDashboard): the top activations have `binMin = -1`,
 `binMax` the latent's largest activation and `binContains = -1`; every other window sits in an
@@ -28,7 +28,9 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 
+from assets.senses import JOIN
 from autointerp_defs.readside import reader
 from autointerp_defs.readside.index import LOGIT_BINS, CoderIndex
 from storage.identity import model_name
@@ -52,6 +54,13 @@ def content_id(row: dict) -> str:
     """A 25-character id in the shape of Neuronpedia's cuids: a hash of everything in the row but its id and times."""
     content = {k: v for k, v in row.items() if k not in ("id", "createdAt", "updatedAt")}
     return "c" + hashlib.sha1(json.dumps(content, sort_keys=True).encode()).hexdigest()[:24]
+
+
+def sense_texts(senses: pd.DataFrame) -> dict[tuple[str, int], list[str]]:
+    """(shard, latent) → its senses' explanations in sense order: Neuronpedia gets one explanation per sense."""
+    if not len(senses):
+        return {}
+    return {(shard, int(latent)): rows.sort_values("sense")["explanation"].tolist() for (shard, latent), rows in senses.groupby(["shard", "latent"])}
 
 
 def explanation_type(explainer: str) -> str | None:
@@ -208,13 +217,18 @@ def export_neuronpedia(data_dir: str, coder: str, out_dir: str, model_id: str | 
 
     explanations = []
     explained = reader.explanations(store, coder, index.shards)
+    senses = sense_texts(reader.explanation_senses(store, coder, index.shards))
     if len(explained):
         for row in explained[explained["status"] == "ok"].itertuples():
-            explanations.append(_with_id({
-                "modelId": model_id, "layer": source_id, "index": str(int(row.latent)), "description": row.explanation, "authorId": creator_id,
-                "typeName": explanation_type(row.explainer), "explanationModelName": explanation_model(row.model),
-                "notes": f"autointerp explainer '{row.explainer}', explainer model {model_name(row.model)}", "createdAt": now, "updatedAt": now,
-            }))
+            texts = senses.get((row.shard, int(row.latent)), [])
+            several = JOIN.join(texts) == row.explanation and len(texts) > 1  # else the senses are of an earlier explanation (an import replaced it)
+            for text in texts if several else [row.explanation]:
+                explanations.append(_with_id({
+                    "modelId": model_id, "layer": source_id, "index": str(int(row.latent)), "description": text, "authorId": creator_id,
+                    "typeName": explanation_type(row.explainer), "explanationModelName": explanation_model(row.model),
+                    "notes": f"autointerp explainer '{row.explainer}', explainer model {model_name(row.model)}"
+                             + (f"; one of {len(texts)} senses" if several else ""), "createdAt": now, "updatedAt": now,
+                }))
 
     folder.mkdir(parents=True, exist_ok=True)
     _write_jsonl(folder / "release.jsonl", [{"name": set_name, "description": f"{coder}, exported by autointerp", "descriptionShort": coder, "creatorName": creator_name,

@@ -105,6 +105,11 @@ def explanations(store: TableStore, coder: str, shards: list[str]) -> pd.DataFra
     return _read_shards({s: store.explanations(coder, s) for s in shards})
 
 
+def explanation_senses(store: TableStore, coder: str, shards: list[str]) -> pd.DataFrame:
+    """The senses of latents explained as several (`[explanations] senses`), with a `shard` column."""
+    return _read_shards({s: store.explanation_senses(coder, s) for s in shards})
+
+
 def latent_profiles(store: TableStore, coder: str, shards: list[str]) -> pd.DataFrame:
     """The `latent_profiles` tables written beside the exemplars (quantile boundaries, top tokens, decoder neighbours...)."""
     return _read_shards({s: store.latent_profiles(coder, s) for s in shards})

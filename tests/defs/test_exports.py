@@ -303,3 +303,33 @@ def test_import_refuses_while_the_explanations_are_being_written(partition, tmp_
     assert path.read_bytes() == before
     main(["--data", str(copy), "import", "delphi", partition.coder, str(out)])  # once it is free, the import goes through
     assert path.read_bytes() != before
+
+
+def test_neuronpedia_gets_one_explanation_per_sense_of_a_latent_with_several(partition, tmp_path):
+    """A latent explained as several senses (`[explanations] senses`) is one Neuronpedia explanation per sense;
+    senses of an explanation that was since replaced (an import) are not exported."""
+    from autointerp_defs.cli import main
+    from autointerp_defs.readside.neuronpedia import read_neuronpedia
+    from storage.tables import write_table
+
+    copy = tmp_path / "copy"
+    shutil.copytree(partition.root, copy)
+    root = DataRoot.at(copy)
+    explained = pd.read_parquet(root.explanations_path(partition.coder, "00"))
+    ok = explained[explained.status == "ok"]
+    several, replaced = int(ok.latent.iloc[0]), int(ok.latent.iloc[1])
+    explained.loc[explained.latent == several, "explanation"] = "digits inside parentheses or names inside quotation marks"
+    explained.to_parquet(root.explanations_path(partition.coder, "00"), index=False)
+    senses = pd.DataFrame([{"latent": several, "sense": 0, "explanation": "digits inside parentheses", "windows": 4, "clusters": [0]},
+                           {"latent": several, "sense": 1, "explanation": "names inside quotation marks", "windows": 4, "clusters": [1]},
+                           {"latent": replaced, "sense": 0, "explanation": "an old sense", "windows": 4, "clusters": [0]},
+                           {"latent": replaced, "sense": 1, "explanation": "another old sense", "windows": 4, "clusters": [1]}])
+    write_table(senses, root.explanation_senses_path(partition.coder, "00"), "explanation_senses")
+    main(["--data", str(copy), "export", "neuronpedia", partition.coder, str(tmp_path / "np")])
+    exported = read_neuronpedia(tmp_path / "np" / "smollm2-135m-instruct" / "3-tiny-topk")["explanations"]
+    by_latent = {}
+    for row in exported:
+        by_latent.setdefault(int(row["index"]), []).append(row["description"])
+    assert by_latent[several] == ["digits inside parentheses", "names inside quotation marks"]
+    assert by_latent[replaced] == [ok.explanation.iloc[1]]
+    assert len(exported) == len(ok) + 1

@@ -52,6 +52,8 @@ def test_models_define_code_versions_and_operational_knobs_do_not(tmp_path):
     assert {"corpus", "activations"} <= other_model and "explanations" not in other_model  # the rest follows activations
     embedder = changed(before, code_versions({**base, "embedder": {"model": str(weights)}}))
     assert embedder == {"exemplars", "scores/embedding"}  # hard negatives and the embedding scorer
+    several = {**base, "explanations": {"senses": 2}}
+    assert changed(code_versions(several), code_versions({**several, "embedder": {"model": str(weights)}})) == {"exemplars", "explanations", "scores/embedding"}  # it clusters the senses
     operational = {**endpoint("http://10.0.0.1:8000/v1", max_concurrency=3, timeout_s=5.0, structured_output="off"),
                    "settings": {"data_dir": str(tmp_path / "elsewhere"), "partitions_per_run": 1}, "embedder": {"device": "cpu", "batch_size": 8},
                    "subject_model": {"batch_size": 3, "device": "cpu"}}

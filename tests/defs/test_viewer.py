@@ -457,3 +457,23 @@ def test_every_latent_page_of_a_coder_narrower_than_the_neighbour_count_answers(
     again = random_coder(width=8, d_in=576, k=2, seed=1)
     save_sparsify(again, folder)  # registered anew under the same name, while the server runs
     assert [n["cosine"] for n in server.latent(coder, 0)["neighbours"]["latents"]] == pytest.approx(cosines(again.decoder_weight, 0), abs=1e-4)
+
+
+def test_latent_page_shows_the_senses_of_a_latent_explained_as_several(partition, tmp_path):
+    from autointerp_defs.readside.app import Viewer
+    from storage.tables import write_table
+
+    root = tmp_path / "copy"
+    shutil.copytree(partition.root, root, ignore=shutil.ignore_patterns("viewer", "llm_cache"))
+    layout = DataRoot.at(root)
+    explained = pd.read_parquet(layout.explanations_path(partition.coder, partition.shard))
+    several, other = (int(x) for x in explained[explained.status == "ok"].latent.iloc[:2])
+    explained.loc[explained.latent == several, "explanation"] = "digits inside parentheses or names inside quotation marks"
+    explained.to_parquet(layout.explanations_path(partition.coder, partition.shard), index=False)
+    write_table(pd.DataFrame([{"latent": several, "sense": 1, "explanation": "names inside quotation marks", "windows": 3, "clusters": [1]},
+                              {"latent": several, "sense": 0, "explanation": "digits inside parentheses", "windows": 5, "clusters": [0]}]),
+                layout.explanation_senses_path(partition.coder, partition.shard), "explanation_senses")
+    viewer = Viewer(TableStore.at(root))
+    assert viewer.latent(partition.coder, several)["explanation"]["senses"] == [{"text": "digits inside parentheses", "windows": 5},
+                                                                                {"text": "names inside quotation marks", "windows": 3}]
+    assert viewer.latent(partition.coder, other)["explanation"]["senses"] == []

@@ -287,6 +287,9 @@ async function latentPage() {
     explanation.append(el("p", { class: "explanation" }, ex.status === "ok" ? ex.text : "(failed)"),
       el("p", { class: "muted" }, `${ex.explainer} explainer, model ${ex.model}`));
     if (ex.error) explanation.append(el("p", { class: "error" }, ex.error));
+    if (ex.senses.length) explanation.append(el("h3", {}, "Senses"), el("table", { id: "senses" },
+      el("tr", {}, el("th", {}, "sense"), el("th", {}, "train windows")),
+      ex.senses.map((sense) => el("tr", {}, el("td", {}, sense.text), el("td", { class: "num" }, String(sense.windows))))));
     if (ex.candidates.length) explanation.append(el("h3", {}, "Best-of-N candidates"), el("table", { id: "candidates" },
       el("tr", {}, el("th", {}, "candidate"), el("th", {}, "score (valid ROC AUC)"), el("th", {}, "kept")),
       ex.candidates.map((c) => el("tr", {}, el("td", {}, c.text), el("td", { class: "num" }, fmt(c.score)), el("td", {}, c.chosen ? "✓" : "")))));

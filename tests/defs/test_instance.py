@@ -42,7 +42,7 @@ def test_assets_that_load_the_subject_model_or_wait_on_the_llm_are_in_their_pool
     graph = defs.resolve_asset_graph()
     pools = {key.to_user_string(): graph.get(key).pools for key in graph.get_all_asset_keys()}
     assert pools["activations"] == pools["scores/surprisal"] == {SUBJECT_MODEL_POOL}
-    assert all(pools[name] == {LLM_POOL} for name in ("explanations", "scores/detection", "scores/fuzzing", "scores/intruder", "scores/simulation"))
+    assert all(pools[name] == {LLM_POOL} for name in ("explanations", "scores/detection", "scores/fuzzing", "scores/intruder", "scores/simulation", "scores/saebench"))
     assert not pools["corpus"] and not pools["score_summary"] and not pools["scores/embedding"]
 
 
@@ -51,5 +51,5 @@ def test_each_asset_step_goes_to_the_cluster_queue_of_its_pool():
 
     queues = {spec.node_def.name: spec.node_def.tags[QUEUE_TAG] for spec in defs.assets}
     assert {name for name, queue in queues.items() if queue == "gpu"} == {"activations", "scores__surprisal", "scores__intervention", "scores__output_judge"}
-    assert {name for name, queue in queues.items() if queue == "llm"} == {"explanations", "scores__detection", "scores__fuzzing", "scores__intruder", "scores__simulation"}
+    assert {name for name, queue in queues.items() if queue == "llm"} == {"explanations", "scores__detection", "scores__fuzzing", "scores__intruder", "scores__simulation", "scores__saebench"}
     assert {name for name, queue in queues.items() if queue == "cpu"} == {"corpus", "exemplars", "scores__embedding", "score_summary"}

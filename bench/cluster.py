@@ -6,8 +6,8 @@ celery broker), and a scripted OpenAI-compatible endpoint in this process that a
 after `--latency` s; stops them all at the end. Prepares once, on one machine without Dagster's
 cluster (in `--data`, kept between runs; untimed): a TopK SAE of width 16 x 384 = 6,144 trained on
 the tiny subject model's layer 3, a 24,576-token corpus, its activations, and the exemplars of the
-first `--shards` shards of 384 latents (about 380 explainable each: a realistic shard holds about
-9,000 requests of explanations and scorers, README: shard size; this one about 380 of explanations).
+first `--shards` shards of 384 latents (about 280 explainable each, so about 280 requests a shard; a
+default shard holds about 9,000 requests of explanations and scorers, README: shard size).
 Then per round (1, 2 and 4 `autointerp worker --queue llm` processes of `--concurrency` steps each,
 on a fresh copy of the prepared root): the explanations of every shard as ranged runs of
 `--shards-per-run` shards (what a backfill under `[settings] partitions_per_run = 4`, the cluster
@@ -15,7 +15,7 @@ deployment's, launches), all launched at once, each run its own process whose st
 Redis to a worker; `[llm] max_concurrency = 32` is the endpoint's limit, shared by every worker
 through the coordination database.
 
-Per round: wall time (first launch to last run done), runs, requests, the endpoint's peak in
+Per round: how long the workers took to be ready (loading the code), wall time (first launch to last run done), runs, requests, the endpoint's peak in
 flight, per-step overhead (the step's wall minus its time asking the LLM: from each shard's
 "explaining N latents" log to its "explanations: N/N done" log; the rest is resources, reading
 inputs, writing the tables, the search vectors), when the first and the last step started after the
@@ -25,7 +25,7 @@ average (1 min) at the start and end, and the ratio to the ideal: ideal / wall, 
 latency / 32. Prints a JSON object as its last line with `ratio_to_ideal_4_workers` (target >= 0.8).
 
     .venv/bin/python bench/cluster.py                               # the full bench: 16 shards, 1, 2 and 4 workers
-    .venv/bin/python bench/cluster.py --shards 4 --workers 1 2      # quick
+    .venv/bin/python bench/cluster.py --shards 4 --shards-per-run 1 --workers 1 2   # quick: 4 runs of 1 shard
 """
 import argparse
 import json
@@ -150,11 +150,13 @@ def one_round(workers: int, args, inputs: Path, keys: list[str], postgres: str, 
     instance = DagsterInstance.from_config(str(home))
     instance.add_dynamic_partitions("shard", shard_partition_keys(TINY_CODER, WIDTH, LATENTS_PER_SHARD))
     adopt_root(instance, DataRoot.at(root))  # as `autointerp adopt-root` does, before the runs (not raced by all of them)
+    launched = time.monotonic()
     started = [(logs / f"llm{i}.log", start_worker("llm", env, logs / f"llm{i}.log", args.concurrency, f"llm{i}@%h")) for i in range(workers)]
     runs = []
     try:
         for log, worker in started:
             wait_until_ready(log, worker)
+        ready_s = time.monotonic() - launched
         asked, server.peak_in_flight, queries = len(server.requests), 0, transactions(coordination)
         load = os.getloadavg()[0]
         began = time.time()  # the clock of Dagster's event timestamps
@@ -173,7 +175,7 @@ def one_round(workers: int, args, inputs: Path, keys: list[str], postgres: str, 
     steps = step_times(instance)
     starts = sorted(s["started"] - began for s in steps)
     ideal = requests * args.latency / ENDPOINT_LIMIT
-    return {"workers": workers, "steps_at_once": workers * args.concurrency, "runs": len(instance.get_runs()), "shards": len(keys), "requests": requests,
+    return {"workers": workers, "workers_ready_s": round(ready_s, 1), "steps_at_once": workers * args.concurrency, "runs": len(instance.get_runs()), "shards": len(keys), "requests": requests,
             "peak_in_flight": server.peak_in_flight, "wall_s": round(wall, 1), "ideal_s": round(ideal, 1),
             "step_overhead_s": round(statistics.median(s["wall_s"] - s["llm_s"] for s in steps), 2),
             "step_wall_s": round(statistics.median(s["wall_s"] for s in steps), 1), "first_step_start_s": round(starts[0], 1),

@@ -15,8 +15,8 @@ deployment's, launches), all launched at once, each run its own process whose st
 Redis to a worker; `[llm] max_concurrency = 32` is the endpoint's limit, shared by every worker
 through the coordination database.
 
-Per round: how long the workers took to be ready (loading the code), wall time (first launch to last run done), runs, requests, the endpoint's peak in
-flight, per-step overhead (the step's wall minus its time asking the LLM: from each shard's
+Per round: how long the workers took to be ready (loading the code), wall time (first launch to
+last run done), runs, requests, the endpoint's peak in flight, per-step overhead (the step's wall minus its time asking the LLM: from each shard's
 "explaining N latents" log to its "explanations: N/N done" log; the rest is resources, reading
 inputs, writing the tables, the search vectors), when the first and the last step started after the
 launch (each run's own process loading the code first), the coordination queries per request

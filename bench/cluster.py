@@ -15,14 +15,15 @@ deployment's, launches), all launched at once, each run its own process whose st
 Redis to a worker; `[llm] max_concurrency = 32` is the endpoint's limit, shared by every worker
 through the coordination database.
 
-Per round: how long the workers took to be ready (loading the code), wall time (first launch to
-last run done), runs, requests, the endpoint's peak in flight, per-step overhead (the step's wall minus its time asking the LLM: from each shard's
-"explaining N latents" log to its "explanations: N/N done" log; the rest is resources, reading
-inputs, writing the tables, the search vectors), when the first and the last step started after the
-launch (each run's own process loading the code first), the coordination queries per request
-(transactions on the coordination database: cache lookups and writes, endpoint slots), the load
-average (1 min) at the start and end, and the ratio to the ideal: ideal / wall, ideal = requests x
-latency / 32. Prints a JSON object as its last line with `ratio_to_ideal_4_workers` (target >= 0.8).
+Per round: how long the workers took to be ready (loading the code), wall time (first launch to last
+run done), runs, requests, the endpoint's peak in flight, per-step overhead (the step's wall minus
+its time asking the LLM: from each shard's "explaining N latents" log to its "explanations: N/N
+done" log; the rest is resources, reading inputs, writing the tables, the search vectors), when the
+first and the last step started after the launch (each run's own process loading the code first),
+the coordination queries per request (transactions on the coordination database: cache lookups and
+writes, endpoint slots), the load average (1 min) at the start and end, and the ratio to the ideal:
+ideal / wall, ideal = requests x latency / 32. Prints a JSON object as its last line with
+`ratio_to_ideal_4_workers` (target >= 0.8).
 
     .venv/bin/python bench/cluster.py                               # the full bench: 16 shards, 1, 2 and 4 workers
     .venv/bin/python bench/cluster.py --shards 4 --shards-per-run 1 --workers 1 2   # quick: 4 runs of 1 shard

@@ -29,15 +29,17 @@ def tiny_sae(subject):
     return train_tiny_sae(subject)
 
 
-def train_tiny_sae(subject):
-    """A TopK SAE (width 1152, k 16) trained for one epoch on real layer-3 activations of the embedded corpus."""
+def train_tiny_sae(subject, width: int = 1152, n_tokens: int = 64 * 64):
+    """A TopK SAE (width 1152, k 16) trained for two epochs on real layer-3 activations of the embedded corpus
+    (`bench/cluster.py` trains a wider one on more tokens)."""
     from assets.corpus import embedded_documents, tokenize_documents
     from autointerp_defs.demo_sae import train_topk_sae
     from resources.subject_model import capture_hookpoints
 
-    tokens = tokenize_documents(embedded_documents(), subject.tokenizer(), ctx_len=64, n_tokens=64 * 64, add_bos=True, seed=7)
-    hidden = capture_hookpoints(subject.causal_lm(), torch.from_numpy(tokens).long(), {(TINY_HOOKPOINT, "output")})[(TINY_HOOKPOINT, "output")]
-    return train_topk_sae(hidden[:, 1:].flatten(0, 1), width=1152, k=16, name="tiny-topk", hookpoint=TINY_HOOKPOINT, epochs=2, batch_size=256)
+    tokens = tokenize_documents(embedded_documents(), subject.tokenizer(), ctx_len=64, n_tokens=n_tokens, add_bos=True, seed=7)
+    hidden = torch.cat([capture_hookpoints(subject.causal_lm(), torch.from_numpy(tokens[i : i + 64]).long(), {(TINY_HOOKPOINT, "output")})[(TINY_HOOKPOINT, "output")]
+                        for i in range(0, len(tokens), 64)])
+    return train_topk_sae(hidden[:, 1:].flatten(0, 1), width=width, k=16, name="tiny-topk", hookpoint=TINY_HOOKPOINT, epochs=2, batch_size=256)
 
 
 def make_resources(data_dir: Path, max_latents: int = 2, llm=None):

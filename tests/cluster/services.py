@@ -162,14 +162,15 @@ def toml_table(name: str, values: dict) -> str:
 
 
 def tiny_cluster_deployment(folder: Path, data_dir: Path, llm_url: str, coordination_url: str | None, max_latents_per_shard: int = 2,
-                            latents_per_shard: int = TEST_LATENTS_PER_SHARD, llm_concurrency: int = 2, scorers: tuple[str, ...] = ("detection",)) -> Path:
+                            latents_per_shard: int = TEST_LATENTS_PER_SHARD, llm_concurrency: int = 2, scorers: tuple[str, ...] = ("detection",),
+                            corpus: dict = TINY_CORPUS_CONFIG) -> Path:
     """deployments/cluster.toml on the tests' tiny inputs: the embedded subject model on the CPU, the scripted LLM."""
     text = (DEPLOYMENTS_DIR / "cluster.toml").read_text().split("\n[settings]")[0].replace(
         'automated_scorers = ["detection", "embedding", "fuzzing", "intruder", "simulation", "surprisal"]', f"automated_scorers = {json.dumps(list(scorers))}")
     on_nodes = {"shared_data_root": True, "coordination_url": coordination_url} if coordination_url else {}  # else one machine, files
     tables = {"settings": {"data_dir": str(data_dir), **on_nodes, "max_latents_per_shard": max_latents_per_shard, "latents_per_shard": latents_per_shard},
               "subject_model": {"batch_size": 8}, "llm": {"backend": "openai", "base_url": llm_url, "model": "m", "max_concurrency": llm_concurrency},
-              "embedder": {"device": "cpu"}, "corpus": TINY_CORPUS_CONFIG, "exemplars": TINY_EXEMPLARS_CONFIG}
+              "embedder": {"device": "cpu"}, "corpus": corpus, "exemplars": TINY_EXEMPLARS_CONFIG}
     path = folder / "tiny-cluster.toml"
     path.write_text(text + "\n" + "\n".join(toml_table(name, values) for name, values in tables.items()))
     return path
@@ -188,7 +189,8 @@ def start_worker(queue: str, env: dict, log: Path, concurrency: int | None = Non
                             stdout=open(log, "wb"), stderr=subprocess.STDOUT)
 
 
-def wait_until_ready(log: Path, worker: subprocess.Popen, timeout_s: float = 120) -> None:
+def wait_until_ready(log: Path, worker: subprocess.Popen, timeout_s: float = 600) -> None:
+    """Until the worker says it is ready: after it loaded the code (tens of seconds; minutes on a busy machine)."""
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         if worker.poll() is not None:

@@ -93,3 +93,35 @@ def test_a_run_waiting_for_its_first_answer_holds_no_slot_of_the_endpoint(tmp_pa
 
         waited = asyncio.run(main())
     assert waited < 0.6  # it did not wait for the other run's first answer (1 s) to free a slot
+
+
+def test_requests_waiting_for_a_slot_ask_for_one_in_turn(tmp_path):
+    """20 requests on 2 slots, each held 0.2 s: the waiting ones ask one at a time (and at once when this run
+    frees a slot), so the asks do not grow with the queue: about 90 here, where each of the 18 waiting requests
+    asking on its own made about 450. On a cluster each ask is a coordination query."""
+    import asyncio
+
+    from resources.llm import EndpointSlots
+
+    slots, asks, most, held = EndpointSlots(tmp_path / "slots", 2), [0], [0], [0]
+    take = slots._try_take
+
+    def counted():
+        asks[0] += 1
+        return take()
+
+    slots._try_take = counted
+
+    async def request():
+        async with slots.hold():
+            held[0] += 1
+            most[0] = max(most[0], held[0])
+            await asyncio.sleep(0.2)
+            held[0] -= 1
+
+    async def main():
+        await asyncio.gather(*(request() for _ in range(20)))
+
+    asyncio.run(main())
+    assert most[0] == 2
+    assert asks[0] < 150, asks[0]

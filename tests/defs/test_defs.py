@@ -2,7 +2,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-SCORER_ASSETS = {f"scores/{name}" for name in ("detection", "fuzzing", "intruder", "simulation", "surprisal", "embedding", "intervention", "output_judge")}
+SCORER_ASSETS = {f"scores/{name}" for name in ("detection", "fuzzing", "intruder", "simulation", "surprisal", "embedding", "intervention", "output_judge", "saebench")}
 STAGES = {"corpus", "activations", "exemplars", "explanations", *SCORER_ASSETS, "score_summary"}
 
 

@@ -29,3 +29,20 @@ def test_the_cluster_instance_limits_steps_per_pool_on_postgres(tmp_path, monkey
         assert instance.run_monitoring_start_timeout_seconds == 600 and instance.run_monitoring_max_runtime_seconds == 2 * 86400
         assert instance.event_log_storage.get_concurrency_info(SUBJECT_MODEL_POOL).slot_count == 8
         assert instance.event_log_storage.get_concurrency_info(LLM_POOL).slot_count == 16
+
+
+def test_a_worker_started_with_deployment_runs_its_steps_on_that_deployment(tmp_path, monkeypatch):
+    """The steps a worker runs rebuild the definitions from `$AUTOINTERP_DEPLOYMENT`: `--deployment` must set it."""
+    import os
+
+    import autointerp_defs.cluster
+    from autointerp_defs.cli import main
+    from autointerp_defs.deployments import SELECTOR
+    from tests.cluster.services import tiny_cluster_deployment
+
+    path = tiny_cluster_deployment(tmp_path, tmp_path, "http://127.0.0.1:9/v1", None)
+    started = []
+    monkeypatch.delenv(SELECTOR, raising=False)
+    monkeypatch.setattr(autointerp_defs.cluster, "run_worker", lambda deployment, *args: started.append((deployment.path, os.environ.get(SELECTOR))))
+    main(["--deployment", str(path), "worker", "--queue", "llm"])
+    assert started == [(path, str(path))]

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import time
 from pathlib import Path
@@ -475,9 +474,9 @@ def _main(argv: list[str] | None = None) -> None:
         print(f"wrote {write_instance(instance_home()[0], args.max_runs, args.llm_runs, args.gpus if args.cluster else None)}")
     elif args.command == "worker":
         from autointerp_defs.cluster import run_worker
-        from autointerp_defs.deployments import SELECTOR
+        from autointerp_defs.deployments import select_for_this_process
 
-        os.environ[SELECTOR] = str(deployment.path)  # the steps this worker runs rebuild the definitions from it: the same deployment as --deployment
+        select_for_this_process(deployment)
         run_worker(deployment, args.queue, args.concurrency, args.gpu, args.name)
     elif args.command == "ui":
         from autointerp_defs.ui import serve

@@ -179,6 +179,12 @@ def _missing(values: dict, where: str = "") -> list[str]:
     return found
 
 
+def select_for_this_process(deployment: Deployment) -> None:
+    """Make `deployment` the one this process and its children build definitions from (`$AUTOINTERP_DEPLOYMENT`):
+    a worker's steps rebuild them from the environment, so `--deployment` must reach it."""
+    os.environ[SELECTOR] = str(deployment.path)
+
+
 def load_deployment(selected: str | None = None, overrides: dict | None = None) -> Deployment:
     """The deployment file, with `overrides` (same layout, e.g. {"settings": {"data_dir": ...}}) on top."""
     path = deployment_path(selected)

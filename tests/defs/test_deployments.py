@@ -165,6 +165,10 @@ DAGSTER_INTERNALS_ALLOWED = {
     "assets/partitions.py": "the key of an output that lets a ranged run's next stage start without a second, metadata-less "
                             "materialization per shard (Dagster's own key for that case; test_backfill.py checks one record per shard)",
     "tests/defs/test_backfill.py": "drives Dagster's backfill daemon in-process, which has no public API",
+    "autointerp_defs/cluster.py": "a worker loads the definitions before Celery forks exactly as a step reconstructs them (ReconstructableRepository), "
+                                  "so its pool processes start with them; no public API builds that object",
+    "tests/cluster/test_worker.py": "checks that a forked step's own reconstruction finds the definitions the worker loaded",
+    "bench/cluster.py": "launches ranged runs the way the daemon does, which Dagster's CLI refuses for multi-run backfill policies",
 }
 """Where a Dagster internal is imported on purpose: an upgrade that moves it fails at import, not silently."""
 

@@ -16,7 +16,7 @@ from tests.conftest import TEST_LATENTS_PER_SHARD, TINY_CODER, add_coders, make_
 from tests.scripted_llm_server import ScriptedLLMServer
 
 PARTITION = f"{TINY_CODER}|00"
-LLM_SCORERS = {"scores/detection", "scores/fuzzing", "scores/intruder", "scores/simulation", "scores/output_judge"}
+LLM_SCORERS = {"scores/detection", "scores/fuzzing", "scores/intruder", "scores/simulation", "scores/output_judge", "scores/saebench"}
 EXPLANATION = "Explanation: words about files"
 
 

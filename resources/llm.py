@@ -612,7 +612,7 @@ class Slots:
                 freed.clear()
                 try:
                     await asyncio.wait_for(freed.wait(), wait)
-                except TimeoutError:
+                except asyncio.TimeoutError:  # the builtin TimeoutError only from Python 3.11 on
                     pass
                 wait = min(0.05, wait * 2)
         try:

@@ -37,7 +37,7 @@ class Fault:
 
 
 class ScriptedLLMServer:
-    def __init__(self, reply, delay_s: float = 0.0, models_status: int = 200, port: int = 0):
+    def __init__(self, reply, delay_s: float = 0.0, models_status: int = 200, port: int = 0, host: str = "127.0.0.1"):
         self.reply = reply
         self.delay_s = delay_s
         self.models_status = models_status
@@ -50,10 +50,10 @@ class ScriptedLLMServer:
         """Completion requests being answered now, and the most there ever were at once."""
         self._loop = asyncio.new_event_loop()
         self._replies = ThreadPoolExecutor(max_workers=64, thread_name_prefix="scripted-reply")
-        self._server = self._loop.run_until_complete(asyncio.start_server(self._serve, "127.0.0.1", port, backlog=512))
+        self._server = self._loop.run_until_complete(asyncio.start_server(self._serve, host, port, backlog=512))
         self.port = self._server.sockets[0].getsockname()[1]
         """Another server on the same port has the same base URL, so it shares a response cache's keys."""
-        self.base_url = f"http://127.0.0.1:{self.port}/v1"
+        self.base_url = f"http://{host}:{self.port}/v1"
         self._thread = threading.Thread(target=self._loop.run_forever, daemon=True)
 
     def __enter__(self):

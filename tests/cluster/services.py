@@ -21,6 +21,9 @@ from autointerp_defs.deployments import DEPLOYMENTS_DIR
 from tests.conftest import TEST_LATENTS_PER_SHARD, TINY_CORPUS_CONFIG, TINY_EXEMPLARS_CONFIG
 
 INSTALL = "apt-get update && apt-get install -y postgresql redis-server iproute2"
+NODES_NETWORK = "10.231.0.0/16"
+"""The addresses of `network_namespace`s' links and of `service_address`."""
+SERVICE_ADDRESS = "10.231.255.1"
 
 
 class ServiceMissing(RuntimeError):
@@ -42,8 +45,9 @@ def free_port() -> int:
 
 
 @contextlib.contextmanager
-def postgres_server():
-    """A throwaway server on a free port; yields its URL, as the superuser `postgres`."""
+def postgres_server(also_on: tuple[str, ...] = ()):
+    """A throwaway server on a free port; yields its URL on 127.0.0.1, as the superuser `postgres`. `also_on`: more
+    addresses of this machine it listens on (`service_address`), open to the nodes of `network_namespace`s."""
     import psycopg
 
     binaries = postgres_binaries()
@@ -52,9 +56,12 @@ def postgres_server():
     if user:
         shutil.chown(data, user)
     subprocess.run([binaries / "initdb", "-D", data, "-U", "postgres", "-A", "trust", "-E", "UTF8", "--no-sync"], user=user, cwd=data, check=True, capture_output=True)
+    if also_on:
+        with open(data / "pg_hba.conf", "a") as rules:
+            rules.write(f"host all all {NODES_NETWORK} trust\n")
     port = free_port()
     log = open(data / "server.log", "w")
-    server = subprocess.Popen([binaries / "postgres", "-D", data, "-p", str(port), "-k", data, "-c", "listen_addresses=127.0.0.1", "-c", "fsync=off"],
+    server = subprocess.Popen([binaries / "postgres", "-D", data, "-p", str(port), "-k", data, "-c", f"listen_addresses={','.join(('127.0.0.1', *also_on))}", "-c", "fsync=off"],
                               user=user, cwd=data, stdout=log, stderr=subprocess.STDOUT)
     url = f"postgresql://postgres@127.0.0.1:{port}/postgres"
     try:
@@ -135,7 +142,8 @@ def redis_server(also_on: tuple[str, ...] = ()):
 def network_namespace(subnet: int):
     """A node's network of its own: a network namespace joined to this machine by a veth pair, this end
     10.231.<subnet>.1, the node's 10.231.<subnet>.2. Yields this end's address and the command prefix that
-    runs a program in the namespace. Needs root; removed (with its link) at the end."""
+    runs a program in the namespace. The node's every other address goes over its link (so it reaches
+    `service_address`). Needs root; removed (with its link) at the end."""
     if shutil.which("ip") is None:
         raise ServiceMissing(f"iproute2's `ip` is not installed: the cluster tests give each worker node a network of its own. Fix: {INSTALL}")
     name, link, here = f"autointerp-node{subnet}", f"ai{subnet}", f"10.231.{subnet}.1"
@@ -143,7 +151,7 @@ def network_namespace(subnet: int):
     steps = [["ip", "netns", "add", name], ["ip", "link", "add", f"{link}h", "type", "veth", "peer", "name", f"{link}n"],
              ["ip", "link", "set", f"{link}n", "netns", name], ["ip", "addr", "add", f"{here}/30", "dev", f"{link}h"], ["ip", "link", "set", f"{link}h", "up"],
              [*inside, "ip", "addr", "add", f"10.231.{subnet}.2/30", "dev", f"{link}n"], [*inside, "ip", "link", "set", f"{link}n", "up"],
-             [*inside, "ip", "link", "set", "lo", "up"]]
+             [*inside, "ip", "link", "set", "lo", "up"], [*inside, "ip", "route", "add", "default", "via", here]]
     try:
         for step in steps:
             if (done := subprocess.run(step, capture_output=True, text=True)).returncode:
@@ -152,6 +160,26 @@ def network_namespace(subnet: int):
     finally:
         subprocess.run(["ip", "netns", "del", name], capture_output=True)  # takes the node's end of the link, and so both ends, with it
         subprocess.run(["ip", "link", "del", f"{link}h"], capture_output=True)  # where a step failed before the node's end moved in
+
+
+@contextlib.contextmanager
+def service_address():
+    """`SERVICE_ADDRESS`, an address of this machine that every `network_namespace` node reaches over its own link
+    (its default route) and this machine reaches too: services listening on it have one URL for every node. Needs root."""
+    added = subprocess.run(["ip", "addr", "add", f"{SERVICE_ADDRESS}/32", "dev", "lo"], capture_output=True, text=True)
+    if added.returncode and "exists" not in added.stderr:
+        raise RuntimeError(f"ip addr add {SERVICE_ADDRESS}/32 dev lo failed: {added.stderr.strip()} (needs root with CAP_NET_ADMIN)")
+    try:
+        yield SERVICE_ADDRESS
+    finally:
+        if not added.returncode:
+            subprocess.run(["ip", "addr", "del", f"{SERVICE_ADDRESS}/32", "dev", "lo"], capture_output=True)
+
+
+def with_mounted(shared: Path, at: Path) -> list[str]:
+    """The command prefix that runs a program with `shared` bind-mounted at `at`, in a mount namespace of its own
+    (a node's view of the shared filesystem: this machine's `at` stays as it is). Needs root."""
+    return ["unshare", "--mount", "--propagation", "private", "--", "sh", "-c", 'mount --bind "$1" "$2" && shift 2 && exec "$@"', "node", str(shared), str(at)]
 
 
 def toml_table(name: str, values: dict) -> str:
@@ -182,10 +210,11 @@ def cluster_env(repo: Path, dagster_home: Path, deployment_file: Path, postgres_
             "AUTOINTERP_POSTGRES_URL": postgres_url, "AUTOINTERP_BROKER_URL": redis_url}
 
 
-def start_worker(queue: str, env: dict, log: Path, concurrency: int | None = None, name: str | None = None) -> subprocess.Popen:
-    """`autointerp worker --queue QUEUE`, its output in `log`."""
+def start_worker(queue: str, env: dict, log: Path, concurrency: int | None = None, name: str | None = None, node: list[str] = ()) -> subprocess.Popen:
+    """`autointerp worker --queue QUEUE`, its output in `log`; `node`: the command prefix that runs it on a node
+    (`network_namespace`, `with_mounted`), each of which execs the next, so the process is the worker's."""
     options = (["--concurrency", str(concurrency)] if concurrency else []) + (["--name", name] if name else [])
-    return subprocess.Popen([sys.executable, "-m", "autointerp_defs.cli", "worker", "--queue", queue, *options], env=env, cwd=env["DAGSTER_HOME"],
+    return subprocess.Popen([*node, sys.executable, "-m", "autointerp_defs.cli", "worker", "--queue", queue, *options], env=env, cwd=env["DAGSTER_HOME"],
                             stdout=open(log, "wb"), stderr=subprocess.STDOUT)
 
 

@@ -1,9 +1,14 @@
 """The cluster deployment end to end: the instance on PostgreSQL, Redis as broker, `autointerp worker`
-processes (two on the `llm` queue); every step runs on a worker of its queue, the `llm` pool's limit holds
-across workers, the step of a worker process killed mid-step is run again, and the tables equal a
-single-machine run's."""
+processes (two on the `llm` queue) on two nodes; every step runs on a worker of its queue, the `llm` pool's
+limit holds across workers, the step of a worker process killed mid-step is run again, and the tables equal a
+single-machine run's. As root (CI) each node has a network of its own, reaching PostgreSQL, Redis and the LLM
+endpoint over a veth pair, and a mount namespace in which the shared data root is bind-mounted at the
+deployment's `data_dir`: on this machine that folder stays empty, so every table was written through a node's mount."""
 from __future__ import annotations
 
+import contextlib
+import os
+import random
 import shutil
 import signal
 import subprocess
@@ -24,8 +29,9 @@ from autointerp_defs.instance import write_instance
 from storage.activations import read_shard, shard_keys
 from storage.layout import DataRoot
 from storage.store import TableStore
-from tests.cluster.conftest import needs_the_cluster_extra
-from tests.cluster.services import cluster_env, start_worker, stop, tiny_cluster_deployment, wait_until_ready
+from tests.cluster.conftest import failing_where_missing, needs_the_cluster_extra
+from tests.cluster.services import (cluster_env, dagster_postgres_url, fresh_database, network_namespace, postgres_server, redis_server, service_address,
+                                    start_worker, stop, tiny_cluster_deployment, wait_until_ready, with_mounted)
 from tests.conftest import TEST_LATENTS_PER_SHARD, TINY_CODER, add_coders
 from tests.scripted_llm_server import ScriptedLLMServer, answer_by_prompt
 
@@ -37,6 +43,7 @@ SCORERS = ("detection", "fuzzing")
 RUNS = [("corpus", None), ("activations", PARTITION), ("exemplars,explanations,scores/detection,scores/fuzzing", PARTITION)]
 QUEUE_OF_STEP = {"corpus": "cpu", "activations": "gpu", "exemplars": "cpu", "explanations": "llm", "scores__detection": "llm", "scores__fuzzing": "llm"}
 WORKERS = {"gpu@node1": "gpu", "cpu@node1": "cpu", "llm@node1": "llm", "llm@node2": "llm"}
+NODES = ("node1", "node2")
 LLM_STEPS = ("explanations", "scores__detection", "scores__fuzzing")
 """The `llm` pool's steps: the pool allows one at a time, and the two scorers are ready together with two `llm` workers idle (the
 celery executor logs no "blocked by limit" event, so the step times are the evidence)."""
@@ -114,14 +121,34 @@ def assert_same_tables(cluster: dict, single: dict) -> None:
             assert table == single[name], name
 
 
-def test_cluster_runs_each_step_on_its_queue_within_its_pool_reruns_a_killed_step_and_matches_a_single_machine_run(
-        registered, tmp_path_factory, monkeypatch, postgres_url, redis_url, coordination_url):
-    home, logs, reference = (tmp_path_factory.mktemp(name) for name in ("dagster_home", "worker_logs", "reference"))
+@contextlib.contextmanager
+def nodes_and_services(shared_root: Path, mount_point: Path):
+    """The services and each node's command prefix. As root: a network namespace per node, the services on
+    `service_address` (the one address every node and this machine reach), the shared root bind-mounted at
+    `mount_point` on every node. Else plain processes on this machine, sharing `shared_root` itself. Yields
+    (services' address, PostgreSQL server URL, Redis URL, {node: prefix}, the deployment's data_dir)."""
+    with contextlib.ExitStack() as stack:
+        if os.geteuid() != 0:
+            yield "127.0.0.1", stack.enter_context(failing_where_missing(postgres_server())), stack.enter_context(failing_where_missing(redis_server())), \
+                {node: [] for node in NODES}, shared_root
+            return
+        address = stack.enter_context(failing_where_missing(service_address()))
+        subnet = random.randrange(1, 250, 2)
+        nodes = {node: [*stack.enter_context(failing_where_missing(network_namespace(subnet + i)))[1], *with_mounted(shared_root, mount_point)]
+                 for i, node in enumerate(NODES)}
+        postgres = stack.enter_context(failing_where_missing(postgres_server(also_on=(address,))))
+        redis = stack.enter_context(failing_where_missing(redis_server(also_on=(address,))))
+        yield address, postgres.replace("127.0.0.1", address), redis.replace("127.0.0.1", address), nodes, mount_point
+
+
+def test_cluster_runs_each_step_on_its_queue_within_its_pool_reruns_a_killed_step_and_matches_a_single_machine_run(registered, tmp_path_factory, monkeypatch):
+    home, logs, reference, mount_point = (tmp_path_factory.mktemp(name) for name in ("dagster_home", "worker_logs", "reference", "mount_point"))
     shutil.copytree(registered / "registry", reference / "registry")
     workers, runs = {}, []
     held = FirstAnswerHeld()
-    with ScriptedLLMServer(held) as server:
-        deployment_file = tiny_cluster_deployment(home, registered, server.base_url, coordination_url, scorers=SCORERS)
+    with nodes_and_services(registered, mount_point) as (address, server_url, redis_url, nodes, data_dir), ScriptedLLMServer(held, host=address) as server:
+        postgres_url, coordination_url = dagster_postgres_url(fresh_database(server_url)), fresh_database(server_url)
+        deployment_file = tiny_cluster_deployment(home, data_dir, server.base_url, coordination_url, scorers=SCORERS)
         env = cluster_env(REPO, home, deployment_file, postgres_url, redis_url)
         monkeypatch.setenv("AUTOINTERP_POSTGRES_URL", postgres_url)  # what the instance's dagster.yaml reads in this process too
         try:
@@ -129,9 +156,12 @@ def test_cluster_runs_each_step_on_its_queue_within_its_pool_reruns_a_killed_ste
             instance = DagsterInstance.from_config(str(home))
             add_coders(instance, registered, TINY_CODER)
             for name, queue in WORKERS.items():
-                workers[name] = start_worker(queue, env, logs / f"{name}.log", concurrency=1, name=name)
+                workers[name] = start_worker(queue, env, logs / f"{name}.log", concurrency=1, name=name, node=nodes[name.split("@")[1]])
             for name, worker in workers.items():
                 wait_until_ready(logs / f"{name}.log", worker)
+                if data_dir == mount_point:  # as root: the worker (each prefix execs the next) sees the network and mounts of its node
+                    assert os.readlink(f"/proc/{worker.pid}/ns/net") != os.readlink("/proc/self/ns/net"), name
+                    assert f" {mount_point} " in Path(f"/proc/{worker.pid}/mountinfo").read_text(), name
             for selection, partition in RUNS:
                 command = [sys.executable, "-m", "dagster", "asset", "materialize", "-m", "autointerp_defs", "--select", selection]
                 run = subprocess.Popen(command + (["--partition", partition] if partition else []), env=env, cwd=home, stdout=subprocess.PIPE,
@@ -159,4 +189,5 @@ def test_cluster_runs_each_step_on_its_queue_within_its_pool_reruns_a_killed_ste
         for selection, partition in RUNS:
             materialize(list(single.assets), selection=selection.split(","), partition_key=partition, resources=single.resources, instance=on_one_machine)
     assert_same_tables(tables(registered), tables(reference))
+    assert data_dir == registered or not any(mount_point.iterdir())  # as root: nothing written beside the nodes' mounts
     assert not list(registered.rglob("*.sqlite")) and not (registered / "llm_cache" / "slots").exists()  # no coordination through the data root's files

@@ -37,7 +37,7 @@ from resources.settings import AutointerpSettings
 from resources.sparse_coders import SparseCode, SparseCoder, coder_fingerprint, load_registered
 from resources.hookpoints import resolve_hookpoint
 from resources.subject_model import SubjectModelResource
-from storage.activations import CHUNK_ENTRIES, LATENT_STATS_FILE, ShardedActivationWriter, load_latent_stats, read_cache_meta, read_progress, save_latent_stats, write_cache_meta, write_progress
+from storage.activations import CHUNK_ENTRIES, LATENT_STATS_FILE, ShardedActivationWriter, load_latent_stats, read_cache_meta, read_progress, save_decoder_directions, save_latent_stats, write_cache_meta, write_progress
 from storage.coordination import exclusive
 from storage.corpus import load_corpus
 from storage.layout import DataRoot
@@ -238,6 +238,9 @@ def _cache_activations(coders: list[SparseCoder], subject_model: SubjectModelRes
         cache.save_progress()
         stats = cache.stats
         stats.save(cache.out_dir / LATENT_STATS_FILE)
+        directions = cache.coder.decoder_directions()
+        if directions is not None:
+            save_decoder_directions(cache.out_dir, directions.cpu().numpy())
         meta = {
             "coder": cache.coder.key,
             "hookpoint": cache.coder.hookpoint,
@@ -250,6 +253,7 @@ def _cache_activations(coders: list[SparseCoder], subject_model: SubjectModelRes
             "coder_fingerprint": cache.identity["coder"],
             "subject_model": cache.identity["subject_model"],
             "identity": cache.identity,
+            "decoder_directions": directions is not None,
             "fvu": cache.fvu.value,
             "sequences_forwarded_this_run": forwarded,
             "tokens_per_second": forwarded * n_pos / max(time.perf_counter() - started, 1e-9),

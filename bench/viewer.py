@@ -54,9 +54,10 @@ def build(root: Path, width: int, acts_per_latent: int, latents_per_shard: int, 
     from safetensors.numpy import save_file
 
     from resources.embedder import EmbedderResource
-    from resources.sparse_coders import SparseCoder, save_sparsify
+    from assets.exemplars import EXEMPLAR_BATCH_LATENTS
+    from resources.sparse_coders import SparseCoder, coder_fingerprint, save_sparsify
     from resources.subject_model import load_tokenizer
-    from storage.activations import LATENT_STATS_FILE, save_latent_stats, shard_count, shard_keys, shard_latent_range, write_cache_meta
+    from storage.activations import LATENT_STATS_FILE, save_decoder_directions, save_latent_stats, shard_count, shard_keys, shard_latent_range, write_cache_meta
     from storage.layout import DataRoot
     from storage.vector_store import sync_explanations
 
@@ -75,9 +76,12 @@ def build(root: Path, width: int, acts_per_latent: int, latents_per_shard: int, 
                                                            "special_ids": [int(i) for i in tokenizer.all_special_ids]}))
     # the coder: random unit decoder rows
     decoder = torch.nn.functional.normalize(torch.randn(width, D_MODEL), dim=1)
-    save_sparsify(SparseCoder("bench-topk", "model.layers.15", "topk", d_in=D_MODEL, width=width, encoder_weight=decoder.clone(), encoder_bias=torch.zeros(width),
-                              decoder_weight=decoder, decoder_bias=torch.zeros(D_MODEL), k=32), data.registry_dir / CODER)
-    del decoder
+    coder = SparseCoder("bench-topk", "model.layers.15", "topk", d_in=D_MODEL, width=width, encoder_weight=decoder.clone(), encoder_bias=torch.zeros(width),
+                        decoder_weight=decoder, decoder_bias=torch.zeros(D_MODEL), k=32)
+    save_sparsify(coder, data.registry_dir / CODER)
+    data.activations_dir(CODER).mkdir(parents=True, exist_ok=True)
+    save_decoder_directions(data.activations_dir(CODER), coder.decoder_directions().numpy())  # as the activations stage does
+    del decoder, coder
     # activation cache: `acts_per_latent` pairs per latent
     acts_dir = data.activations_dir(CODER)
     n_tokens = int(tokens.size)
@@ -96,6 +100,7 @@ def build(root: Path, width: int, acts_per_latent: int, latents_per_shard: int, 
     save_latent_stats(acts_dir / LATENT_STATS_FILE, count, maximum, total, n_tokens)
     write_cache_meta(acts_dir, {"coder": CODER, "hookpoint": "model.layers.15", "format": "sparsify", "activation": "topk", "width": width,
                                 "latents_per_shard": latents_per_shard, "n_shards": n_shards, "corpus_hash": "bench", "tokens": n_tokens, "live_latents": width,
+                                "coder_fingerprint": coder_fingerprint(data.registry_dir, CODER), "decoder_directions": True,
                                 "dead_fraction": 0.0, "mean_l0": float(count.sum()) / n_tokens, "fvu": 0.2})
     # explanations: a pool of distinct texts, embedded once
     pool = [f"the word '{rng.choice(WORDS)}' after '{rng.choice(WORDS)}' in {rng.choice(WORDS)} {rng.choice(WORDS)} contexts" for _ in range(2000)]
@@ -121,7 +126,7 @@ def build(root: Path, width: int, acts_per_latent: int, latents_per_shard: int, 
             "activations": pa.ListArray.from_arrays(offsets, pa.array(acts.ravel())),
         })
         data.exemplars_path(CODER, shard).parent.mkdir(parents=True, exist_ok=True)
-        pq.write_table(table, data.exemplars_path(CODER, shard))
+        pq.write_table(table, data.exemplars_path(CODER, shard), row_group_size=EXEMPLAR_BATCH_LATENTS * windows_per_latent)  # a row group per batch, as the stage writes
         ids = np.arange(lo, hi)
         pd.DataFrame({"latent": ids, "frequency": count[ids] / n_tokens, "max_activation": maximum[ids], "mean_activation": total[ids] / count[ids],
                       "activating_windows": 40, "quantile_boundaries": [np.sort(rng.random(6) * m).tolist() for m in maximum[ids]],

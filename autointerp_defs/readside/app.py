@@ -64,9 +64,10 @@ class Viewer:
     `subject` the subject-model resource (its `[subject_model]`; None: the embedded model) whose unembedding the
     logit lens reads and which the steering box steers.
 
-    After `start_warm_up()` (what `autointerp view` calls) nothing waits on a model: the embedder and every
-    cached index load in the background, a search answers with word matches until the embedder is ready, and
-    a latent page shows the logit lens as pending until the unembedding is cached."""
+    After `start_warm_up()` (what `autointerp view` calls) nothing waits on a model or a cache: the embedder and
+    every cached index load in the background, a search answers with word matches until the embedder is ready,
+    a latent page reads its rows from the tables until its shard's caches are built and shows the logit lens as
+    pending until the unembedding is cached."""
 
     def __init__(self, store: TableStore, embedder=None, dagster_url: str = DEFAULT_DAGSTER_URL, subject=None):
         from resources.subject_model import SubjectModelResource
@@ -83,15 +84,13 @@ class Viewer:
         self.steering = SteeringBox(store, self.subject)
         self._indexes: dict[str, CoderIndex] = {}
         self._lock = threading.Lock()
+        self.background = False
+        """Set by `start_warm_up`: models and caches load in background threads, and no answer waits for them."""
         self._embedder_loading: threading.Thread | None = None
         self._embedder_ready = threading.Event()
 
     def embed(self, texts: list[str]) -> np.ndarray:
         return self.embedder.embed(texts)
-
-    @property
-    def background(self) -> bool:
-        return self._embedder_loading is not None
 
     @property
     def embedder_loading(self) -> bool:
@@ -102,6 +101,7 @@ class Viewer:
     def start_warm_up(self) -> None:
         """Build or open every coder's cached indexes and load the embedder, in background threads: first each
         coder's latent table, then the embedder (its import holds the interpreter for seconds) beside the rest."""
+        self.background = True
         self._embedder_loading = threading.Thread(target=self._warm_embedder, daemon=True)
         threading.Thread(target=self._warm_indexes, daemon=True).start()
 
@@ -132,7 +132,7 @@ class Viewer:
         with self._lock:
             if coder not in self._indexes:
                 try:
-                    self._indexes[coder] = CoderIndex(self.store, coder, self.subject_model, self.embedder.model)
+                    self._indexes[coder] = CoderIndex(self.store, coder, self.subject_model, self.embedder.model, background=self.background)
                 except reader.NotMaterialized as error:
                     raise ViewerError(404, str(error)) from None
             return self._indexes[coder]

@@ -9,13 +9,15 @@ nothing is read whole per request:
 - `<shard>.exemplars.arrow`: the shard's exemplars in Arrow's file format, sorted by latent, memory-
   mapped; with per-latent row offsets a latent's windows are a zero-copy slice, not a parquet scan.
 - `<shard>.density.npz`: per latent a histogram of its cached activations (one pass over the shard).
-- `decoder.npy`: unit-norm decoder rows, memory-mapped, for cosine neighbours and the logit lens;
+- `decoder.npy`: unit-norm decoder rows, memory-mapped, for cosine neighbours and the logit lens, where
+  the activation cache has none of its own (`decoder_directions.npy`, written by the activations stage);
   `viewer/lens-<model>.safetensors`: the subject model's unembedding and final norm scale, so the
   server need not keep the whole model in memory.
 """
 from __future__ import annotations
 
 import json
+import sys
 import threading
 import time
 from pathlib import Path
@@ -54,9 +56,12 @@ def _read_json(path: Path) -> dict:
 class CoderIndex:
     """The cached views of one coder; thread-safe (the server answers requests on threads)."""
 
-    def __init__(self, store: TableStore, coder: str, subject_model: tuple[str | None, str | None] = (None, None), embedder: str = EMBEDDED):
+    def __init__(self, store: TableStore, coder: str, subject_model: tuple[str | None, str | None] = (None, None), embedder: str = EMBEDDED,
+                 background: bool = False):
         self.store, self.coder, self.embedder = store, coder, embedder
         """`embedder`: the model whose explanations table search reads (the deployment's `[embedder] model`)."""
+        self.background = background
+        """Whether caches are built in background threads (`autointerp view`) rather than by the request that needs one (exports, tests)."""
         self.subject_model = subject_model
         """(model, gguf_file) whose unembedding the logit lens reads: the deployment's `[subject_model]` (None: the embedded model)."""
         self.meta = reader.activations_meta(store, coder)
@@ -65,6 +70,7 @@ class CoderIndex:
         self.scorers: list[str] = []
         self._lock = threading.Lock()
         self._guards: dict[str, threading.Lock] = {}
+        self._preparing: set[str] = set()
         self._latents: pd.DataFrame | None = None
         self._stamp, self._checked = None, 0.0
         self._tables: dict[str, tuple] = {}
@@ -84,9 +90,7 @@ class CoderIndex:
         if self.decoder() is not None:
             self.logit_lens(0, wait=False)  # starts caching the unembedding, in a thread of its own
         for shard in self.shards:
-            for name in self.shard_tables(shard):
-                self._arrow_cache(shard, name)
-            self._density_cache(shard)
+            self.prepare_shard(shard)
         self._vectors()
 
     # ---- the latent table ---------------------------------------------------------------------
@@ -129,7 +133,7 @@ class CoderIndex:
             "status": "none",
             "explanation": "",
         })
-        explained = reader.explanations(self.store, self.coder, self.shards)
+        explained = reader.explanations(self.store, self.coder, self.shards, columns=["latent", "status", "explanation"])
         if len(explained):
             last = explained.drop_duplicates("latent", keep="last")
             at = last["latent"].to_numpy(np.int64)
@@ -138,7 +142,8 @@ class CoderIndex:
         gaps = []
         for name in reader.scorer_names(self.store, self.coder):
             main = reader.scorer_info(name)["main_metric"]
-            scored = reader.scores(self.store, self.coder, name, self.shards)
+            metrics = [main, f"control_{main}"] if main is not None else []
+            scored = reader.scores(self.store, self.coder, name, self.shards, columns=["latent", "explanation", "gap", *metrics])
             for column in (name, f"{name}_control", f"{name}_gap"):
                 table[column] = np.nan
             if len(scored):
@@ -175,22 +180,59 @@ class CoderIndex:
 
     def rows(self, latent: int, name: str) -> list[dict]:
         """The rows of `latent` in its shard's table `name` (a key of `shard_tables`), read from a
-        memory-mapped, latent-sorted Arrow copy cached as `<shard>.<name>.arrow`."""
-        table, latents, starts, ends = self._arrow_cache(self.shard_of(latent), name)
+        memory-mapped, latent-sorted Arrow copy cached as `<shard>.<name>.arrow`. In the `background` the
+        browser's first start needs, a copy not built yet is built in a thread and, meanwhile, the latent's
+        rows are read from the table itself (the row groups that can hold it): a first page never waits
+        for the copy of a whole shard."""
+        shard = self.shard_of(latent)
+        cached = self._arrow_cache(shard, name, build=not self.background)
+        if cached is None:
+            self._prepare_in_background(shard)
+            found = self.shard_tables(shard)[name].latent_rows([latent])
+            return [] if found is None else found.to_pylist()
+        table, latents, starts, ends = cached
         i = int(np.searchsorted(latents, latent))
         if i >= len(latents) or latents[i] != latent:
             return []
         return table.slice(int(starts[i]), int(ends[i] - starts[i])).to_pylist()
 
-    def _arrow_cache(self, shard: str, table_name: str) -> tuple:
+    def prepare_shard(self, shard: str) -> None:
+        """Build or open every cache a latent page of `shard` reads."""
+        for name in self.shard_tables(shard):
+            self._arrow_cache(shard, name)
+        self._density_cache(shard)
+
+    def _prepare_in_background(self, shard: str) -> None:
+        with self._lock:
+            if shard in self._preparing:
+                return
+            self._preparing.add(shard)
+
+        def prepare():
+            try:
+                self.prepare_shard(shard)
+            except Exception as error:  # the next page of this shard reads the tables directly, and says what is wrong if they are
+                print(f"viewer: could not prepare {self.coder} shard {shard} ({type(error).__name__}: {error})", file=sys.stderr)
+            finally:
+                with self._lock:
+                    self._preparing.discard(shard)
+
+        threading.Thread(target=prepare, daemon=True).start()
+
+    def _arrow_cache(self, shard: str, table_name: str, build: bool = True) -> tuple | None:
+        """(table, latents, starts, ends) of the shard's table `table_name`, built if needed; None where it
+        is not built and `build` is False."""
         source, name = self.shard_tables(shard)[table_name], f"{shard}.{table_name}"
         current = reader.stamp([source])
         held = self._tables.get(name)
         if held is not None and held[0] == current:
             return held[1]
+        arrow, stamp_path, offsets_path = self.dir / f"{name}.arrow", self.dir / f"{name}.stamp.json", self.dir / f"{name}.offsets.npy"
+        built = lambda: arrow.exists() and _read_json(stamp_path).get("stamp") == current
+        if not build and not built():
+            return None
         with self._guard(name):
-            arrow, stamp_path, offsets_path = self.dir / f"{name}.arrow", self.dir / f"{name}.stamp.json", self.dir / f"{name}.offsets.npy"
-            if not (arrow.exists() and _read_json(stamp_path).get("stamp") == current):
+            if not built():
                 table = pq.read_table(source) if source.exists() else pa.table({"latent": pa.array([], pa.int64())})
                 order = np.argsort(table["latent"].to_numpy(), kind="stable")  # stable: a latent's rows keep their order
                 table = table.take(pa.array(order))
@@ -246,23 +288,32 @@ class CoderIndex:
     # ---- activation density -------------------------------------------------------------------
 
     def density(self, latent: int) -> dict:
-        """Histogram of the latent's non-zero activations over the cached corpus."""
+        """Histogram of the latent's non-zero activations over the cached corpus (in the `background`, while
+        the shard's histograms are not cached yet, this latent's alone from the activation cache)."""
         shard = self.shard_of(latent)
-        latents, counts, tops = self._density_cache(shard)
+        cached = self._density_cache(shard, build=not self.background)
+        if cached is None:
+            self._prepare_in_background(shard)
+            acts = reader.latent_activations(self.store, self.coder, [latent])
+            cached = density_histograms(acts.locations[:, 2], acts.activations)
+        latents, counts, tops = cached
         i = int(np.searchsorted(latents, latent))
         if i >= len(latents) or latents[i] != latent:
             return {"edges": [], "counts": []}
         return {"edges": np.linspace(0, float(tops[i]), DENSITY_BINS + 1).round(4).tolist(), "counts": counts[i].tolist()}
 
-    def _density_cache(self, shard: str) -> tuple:
+    def _density_cache(self, shard: str, build: bool = True) -> tuple | None:
         source = self.store.layout.latent_stats_path(self.coder)
         current = reader.stamp([source])
         held = self._density.get(shard)
         if held is not None and held[0] == current:
             return held[1]
+        path, stamp_path = self.dir / f"{shard}.density.npz", self.dir / f"{shard}.density.stamp.json"
+        built = lambda: path.exists() and _read_json(stamp_path).get("stamp") == current
+        if not build and not built():
+            return None
         with self._guard(f"{shard}.density"):
-            path, stamp_path = self.dir / f"{shard}.density.npz", self.dir / f"{shard}.density.stamp.json"
-            if not (path.exists() and _read_json(stamp_path).get("stamp") == current):
+            if not built():
                 acts = reader.shard_activations(self.store, self.coder, shard)
                 ids, counts, tops = density_histograms(acts.locations[:, 2], acts.activations)
                 with atomic_path(path) as tmp:
@@ -277,27 +328,28 @@ class CoderIndex:
 
     def decoder(self) -> np.ndarray | None:
         """Unit-norm decoder rows `[width, d]` (memory-mapped), or None when the coder has no decoder; read
-        again when the coder's registry files change (a coder registered anew under the same name)."""
+        again when the coder's registry files change (a coder registered anew under the same name). The
+        activations stage writes them with the cache; only a cache without them is converted here, once."""
         current = reader.stamp(reader.registry_files(self.store, self.coder))
         held = self._decoder
         if held is None or held[0] != current:
             with self._guard("decoder"):
-                path, stamp_path = self.dir / "decoder.npy", self.dir / "decoder.stamp.json"
-                cached = _read_json(stamp_path)
-                if cached.get("stamp") != current:
-                    rows = reader.decoder_rows(self.store, self.coder)
-                    if rows is not None:
-                        import torch
-
-                        # in torch, float32 throughout: numpy's norm, division and float32 copy took 8 s of a cold first page at 100k latents
-                        rows = torch.nn.functional.normalize(rows.detach().float(), dim=1, eps=1e-12).numpy()
-                        with atomic_path(path) as tmp:
-                            with open(tmp, "wb") as handle:
-                                np.save(handle, rows)
-                    cached = {"stamp": current, "has_decoder": rows is not None}
-                    _write_json(stamp_path, cached)
-                self._decoder = held = (current, np.load(path, mmap_mode="r") if cached["has_decoder"] else None)
+                found, rows = reader.stored_decoder_directions(self.store, self.coder)
+                self._decoder = held = (current, rows if found else self._converted_decoder(current))
         return held[1]
+
+    def _converted_decoder(self, current: str) -> np.ndarray | None:
+        path, stamp_path = self.dir / "decoder.npy", self.dir / "decoder.stamp.json"
+        cached = _read_json(stamp_path)
+        if cached.get("stamp") != current:
+            directions = reader.registered_coder(self.store, self.coder).decoder_directions()
+            if directions is not None:
+                with atomic_path(path) as tmp:
+                    with open(tmp, "wb") as handle:
+                        np.save(handle, directions.numpy())
+            cached = {"stamp": current, "has_decoder": directions is not None}
+            _write_json(stamp_path, cached)
+        return np.load(path, mmap_mode="r") if cached["has_decoder"] else None
 
     def neighbours(self, latent: int, n: int = 10) -> list[dict] | None:
         """The `n` latents whose decoder directions are most cosine-similar to this one's."""

@@ -36,6 +36,7 @@ from assets.stage_config import Models
 from resources.settings import AutointerpSettings
 from resources.sparse_coders import SparseCode, SparseCoder, coder_fingerprint, load_registered
 from resources.hookpoints import resolve_hookpoint
+from resources.logit_lens import save_unembedding
 from resources.subject_model import SubjectModelResource
 from storage.activations import CHUNK_ENTRIES, LATENT_STATS_FILE, ShardedActivationWriter, load_latent_stats, read_cache_meta, read_progress, save_decoder_directions, save_latent_stats, write_cache_meta, write_progress
 from storage.coordination import exclusive
@@ -187,6 +188,9 @@ def _cache_activations(coders: list[SparseCoder], subject_model: SubjectModelRes
     device = subject_model.device
     for coder in coders:
         resolve_hookpoint(lm, coder.hookpoint)
+    unembedding = root.unembedding_path(subject_model.model, subject_model.gguf_file)
+    if not unembedding.exists():  # the latent browser's logit lens, written while the model is loaded: the browser need never load it
+        save_unembedding(lm, unembedding)
     caches, metas = [], {}
     for coder in coders:
         identity = {"corpus_hash": corpus.meta["hash"], "coder": coder_fingerprint(root.registry_dir, coder.key), "latents_per_shard": latents_per_shard, "skip_bos": skip_bos,

@@ -17,7 +17,7 @@ from assets.links import DEFAULT_DAGSTER_URL, coder_url, dagster_asset_url, late
 from assets.score_metrics import paired_means
 from assets.senses import JOIN
 from autointerp_defs.readside import reader
-from autointerp_defs.readside.index import STATUSES, CoderIndex
+from autointerp_defs.readside.index import MODEL_LOADS, STATUSES, CoderIndex
 from storage.store import TableStore
 
 MAX_PER_PAGE = 500
@@ -99,15 +99,17 @@ class Viewer:
         return thread is not None and not self._embedder_ready.is_set() and (thread.ident is None or thread.is_alive())
 
     def start_warm_up(self) -> None:
-        """Build or open every coder's cached indexes and load the embedder, in background threads: first each
-        coder's latent table, then the embedder (its import holds the interpreter for seconds) beside the rest."""
+        """Build or open every coder's cached indexes and load the embedder, in a background thread: first each
+        coder's latent table, then the embedder, then the rest: on a first start pages read the tables meanwhile,
+        and the cores go to the first answers and the embedder instead of to copies no page has asked for yet."""
         self.background = True
         self._embedder_loading = threading.Thread(target=self._warm_embedder, daemon=True)
         threading.Thread(target=self._warm_indexes, daemon=True).start()
 
     def _warm_embedder(self) -> None:
         try:
-            self.embed(["warm up"])
+            with MODEL_LOADS:
+                self.embed(["warm up"])
             self._embedder_ready.set()
         except Exception as error:  # search says what is wrong when it is used
             print(f"viewer: could not load the embedder ({error}); search will say why", file=sys.stderr)
@@ -120,6 +122,7 @@ class Viewer:
             except Exception:  # said below, or by the page that needs it
                 pass
         self._embedder_loading.start()
+        self._embedder_loading.join()
         for coder in coders:
             try:
                 self.index(coder).warm_up()
@@ -445,7 +448,8 @@ class SteeringBox:
 
     def _load(self) -> None:
         try:
-            self._steerer = self.subject.steerer()
+            with MODEL_LOADS:
+                self._steerer = self.subject.steerer()
             self._state = "ready"
         except Exception as error:  # shown in the box, with the reason
             self._error = f"the subject model {self.subject.model} could not be loaded ({type(error).__name__}: {error})."

@@ -21,7 +21,6 @@ import sys
 import threading
 import time
 from pathlib import Path
-from types import SimpleNamespace
 
 import numpy as np
 import pandas as pd
@@ -425,6 +424,10 @@ def density_histograms(latents: np.ndarray, values: np.ndarray) -> tuple[np.ndar
     return ids.astype(np.int64), counts.astype(np.int64), tops
 
 
+MODEL_LOADS = threading.Lock()
+"""Held by each background thread that loads a model (the embedder, the subject model for the logit lens or the
+steering box): two threads importing transformers at once fail (`cannot import name 'AutoModelForCausalLM'`,
+seen when a first latent page started the lens while the embedder loaded)."""
 _LENS: dict[Path, object] = {}
 _LENS_LOCK = threading.Lock()
 _LENS_BUILDS: dict[Path, threading.Thread] = {}
@@ -433,18 +436,19 @@ _LENS_FAILED: dict[Path, str] = {}
 
 
 def lens_model(store: TableStore, model: str | None = None, gguf_file: str | None = None, wait: bool = True):
-    """A module with just the subject model's unembedding and final norm scale, what `vocab_logits`
-    reads; cached once under `viewer/` so that the server loads the full model once, ever. `model` and
-    `gguf_file` are the deployment's `[subject_model]` ones (None: the embedded model). With `wait`
-    False and nothing cached yet, the cache is built in a background thread and a sentence saying so
-    (or why the build failed) is returned at once: loading a model takes a minute on a busy machine."""
+    """The subject model's unembedding and final norm scale (`resources.logit_lens.Unembedding`), what
+    `vocab_logits` reads, from the file the activations stage wrote (`unembedding_path`), else written
+    here once, so that the server loads the full model once, ever. `model` and `gguf_file` are the
+    deployment's `[subject_model]` ones (None: the embedded model). With `wait` False and nothing written
+    yet, it is built in a background thread and a sentence saying so (or why the build failed) is
+    returned at once: loading a model takes a minute on a busy machine."""
     from resources.subject_model import EMBEDDED
 
     model = model or EMBEDDED
-    name = f"{model}--{gguf_file}" if gguf_file else model
-    path = store.layout.viewer_dir() / f"lens-{name.replace('/', '--')}.safetensors"
+    path = store.layout.unembedding_path(model, gguf_file)
     if wait or path in _LENS or path.exists():
         return _lens_at(path, model, gguf_file)
+    name = f"{model}--{gguf_file}" if gguf_file else model
     with _LENS_BUILDS_LOCK:  # not _LENS_LOCK, which a build holds for its whole length
         if path in _LENS_FAILED:
             return f"the logit lens could not load the subject model {name}: {_LENS_FAILED[path]}"
@@ -456,43 +460,23 @@ def lens_model(store: TableStore, model: str | None = None, gguf_file: str | Non
 
 def _build_lens(path: Path, model: str, gguf_file: str | None) -> None:
     try:
-        _lens_at(path, model, gguf_file)
+        with MODEL_LOADS:
+            _lens_at(path, model, gguf_file)
     except Exception as error:  # shown on the latent page instead of the lens
         _LENS_FAILED[path] = f"{type(error).__name__}: {error}"
 
 
 def _lens_at(path: Path, model: str, gguf_file: str | None):
-    from safetensors.torch import load_file, save_file
+    from resources.logit_lens import Unembedding, save_unembedding
 
     with _LENS_LOCK:
         if path in _LENS:
             return _LENS[path]
         if not path.exists():
-            from resources.logit_lens import final_norm_scale
             from resources.engines import close_engines
             from resources.subject_model import load_causal_lm
 
-            lm = load_causal_lm(model, gguf_file)
-            tensors = {"unembedding": lm.get_output_embeddings().weight.detach().float().contiguous()}
-            scale = final_norm_scale(lm)
-            if scale is not None:
-                tensors["norm_scale"] = scale.contiguous()
-            with atomic_path(path) as tmp:
-                save_file(tensors, str(tmp))
-            del lm
+            save_unembedding(load_causal_lm(model, gguf_file), path)
             close_engines("subject_model")  # the server keeps the unembedding only
-        tensors = load_file(str(path))
-        _LENS[path] = _Unembedding(tensors["unembedding"], tensors.get("norm_scale"))
+        _LENS[path] = Unembedding(path)
         return _LENS[path]
-
-
-class _Unembedding:
-    """Quacks like a causal LM as far as `vocab_logits` looks: `get_output_embeddings().weight` and `model.norm.weight`
-    (plain holders: a `torch.nn.Linear` would first fill its 50k x 576 weight with random numbers, 0.7 s)."""
-
-    def __init__(self, unembedding, norm_scale):
-        self._head = SimpleNamespace(weight=unembedding)
-        self.model = SimpleNamespace(norm=SimpleNamespace(weight=norm_scale)) if norm_scale is not None else SimpleNamespace()
-
-    def get_output_embeddings(self):
-        return self._head

@@ -9,6 +9,8 @@ import math
 import re
 import sys
 import threading
+import time
+from contextlib import contextmanager
 
 import numpy as np
 import pandas as pd
@@ -22,6 +24,8 @@ from storage.store import TableStore
 
 MAX_PER_PAGE = 500
 MAX_STEER_TOKENS = 64
+QUIET_S = 0.3
+MAX_PAUSE_S = 5.0
 STALE = "stale: scored an earlier explanation"
 
 
@@ -88,6 +92,7 @@ class Viewer:
         """Set by `start_warm_up`: models and caches load in background threads, and no answer waits for them."""
         self._embedder_loading: threading.Thread | None = None
         self._embedder_ready = threading.Event()
+        self._in_flight, self._last_answer = 0, 0.0
 
     def embed(self, texts: list[str]) -> np.ndarray:
         return self.embedder.embed(texts)
@@ -97,6 +102,26 @@ class Viewer:
         """Whether the warm-up is still to load, or loading, the embedder (after a failure: False, so that search says why)."""
         thread = self._embedder_loading
         return thread is not None and not self._embedder_ready.is_set() and (thread.ident is None or thread.is_alive())
+
+    @contextmanager
+    def answering(self):
+        """Around each request the server answers (`pause_for_requests`)."""
+        with self._lock:
+            self._in_flight += 1
+        try:
+            yield
+        finally:
+            with self._lock:
+                self._in_flight -= 1
+                self._last_answer = time.monotonic()
+
+    def pause_for_requests(self) -> None:
+        """Wait until no request is being answered and none was for `QUIET_S` (at most `MAX_PAUSE_S`), before a
+        step of background work: on a first start, importing the embedder or copying a shard beside a request
+        took the interpreter and the cores from it, and its answer took twice as long."""
+        deadline = time.monotonic() + MAX_PAUSE_S
+        while time.monotonic() < deadline and (self._in_flight or time.monotonic() - self._last_answer < QUIET_S):
+            time.sleep(0.05)
 
     def start_warm_up(self) -> None:
         """Build or open every coder's cached indexes and load the embedder, in a background thread: first each
@@ -121,6 +146,7 @@ class Viewer:
                 self.index(coder).latents()
             except Exception:  # said below, or by the page that needs it
                 pass
+        self.pause_for_requests()
         self._embedder_loading.start()
         self._embedder_loading.join()
         for coder in coders:
@@ -135,7 +161,8 @@ class Viewer:
         with self._lock:
             if coder not in self._indexes:
                 try:
-                    self._indexes[coder] = CoderIndex(self.store, coder, self.subject_model, self.embedder.model, background=self.background)
+                    self._indexes[coder] = CoderIndex(self.store, coder, self.subject_model, self.embedder.model, background=self.background,
+                                                      pause=self.pause_for_requests)
                 except reader.NotMaterialized as error:
                     raise ViewerError(404, str(error)) from None
             return self._indexes[coder]

@@ -3,16 +3,19 @@
 A coder of 100,000 latents must answer a list, a search or a latent page in well under a second, so
 nothing is read whole per request:
 
-- `latents.parquet`: one row per latent (frequency, activation, explanation status, each scorer's
+- `latents.arrow`: one row per latent (frequency, activation, explanation status, each scorer's
   metric, control and gap), rebuilt when any table it comes from changes (sizes and mtimes), then
   held in memory; sorting and filtering 100k rows in pandas takes milliseconds.
 - `<shard>.exemplars.arrow`: the shard's exemplars in Arrow's file format, sorted by latent, memory-
   mapped; with per-latent row offsets a latent's windows are a zero-copy slice, not a parquet scan.
 - `<shard>.density.npz`: per latent a histogram of its cached activations (one pass over the shard).
 - `decoder.npy`: unit-norm decoder rows, memory-mapped, for cosine neighbours and the logit lens, where
-  the activation cache has none of its own (`decoder_directions.npy`, written by the activations stage);
-  `viewer/lens-<model>.safetensors`: the subject model's unembedding and final norm scale, so the
-  server need not keep the whole model in memory.
+  the activation cache has none of its own (`decoder_directions.npy`, written by the activations stage).
+
+The subject model's unembedding and final norm scale, for the logit lens, are read from the file the
+activations stage writes beside the caches (`DataRoot.unembedding_path`), so the server need not keep,
+or even load, the whole model. On a first start (`background`) no page waits for a cache: a latent's
+rows come from the tables' row groups until its shard's copies are built.
 """
 from __future__ import annotations
 
@@ -21,6 +24,7 @@ import sys
 import threading
 import time
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import pandas as pd
@@ -56,11 +60,13 @@ class CoderIndex:
     """The cached views of one coder; thread-safe (the server answers requests on threads)."""
 
     def __init__(self, store: TableStore, coder: str, subject_model: tuple[str | None, str | None] = (None, None), embedder: str = EMBEDDED,
-                 background: bool = False):
+                 background: bool = False, pause: Callable[[], None] = lambda: None):
         self.store, self.coder, self.embedder = store, coder, embedder
         """`embedder`: the model whose explanations table search reads (the deployment's `[embedder] model`)."""
         self.background = background
         """Whether caches are built in background threads (`autointerp view`) rather than by the request that needs one (exports, tests)."""
+        self.pause = pause
+        """Called before each step of background work (the browser's `pause_for_requests`)."""
         self.subject_model = subject_model
         """(model, gguf_file) whose unembedding the logit lens reads: the deployment's `[subject_model]` (None: the embedded model)."""
         self.meta = reader.activations_meta(store, coder)
@@ -87,9 +93,11 @@ class CoderIndex:
         does in the background at start, so that a person's first clicks find them ready."""
         self.latents()
         if self.decoder() is not None:
-            self.logit_lens(0, wait=False)  # starts caching the unembedding, in a thread of its own
+            self.logit_lens(0, wait=False)  # starts caching the unembedding, in a thread of its own, where the activations stage did not
         for shard in self.shards:
+            self.pause()
             self.prepare_shard(shard)
+        self.pause()
         self._vectors()
 
     # ---- the latent table ---------------------------------------------------------------------
@@ -106,13 +114,13 @@ class CoderIndex:
             self._checked = time.monotonic()
             if self._latents is not None and current == self._stamp:
                 return self._latents
-            path, stamp_path = self.dir / "latents.parquet", self.dir / "latents.stamp.json"
+            path, stamp_path = self.dir / "latents.arrow", self.dir / "latents.stamp.json"
             if path.exists() and _read_json(stamp_path).get("stamp") == current:
-                table = pd.read_parquet(path)
+                table = pd.read_feather(path)
             else:
                 table = self._build_latents()
                 with atomic_path(path) as tmp:
-                    table.to_parquet(tmp, index=False)
+                    table.to_feather(tmp)  # Arrow, uncompressed: a tenth of parquet's time to write and read at 100k latents
                 _write_json(stamp_path, {"stamp": current})
             table["status"] = pd.Categorical(table["status"], STATUSES, ordered=True)  # sorts explained latents first
             self.scorers = [c for c in scorers if c in table.columns]
@@ -123,21 +131,22 @@ class CoderIndex:
         counts = reader.latent_counts(self.store, self.coder)
         width, tokens = int(self.meta["width"]), max(int(counts["tokens"][0]), 1)
         count = counts["count"].astype(np.int64)
+        status, explanation = np.full(width, "none", object), np.full(width, "", object)  # filled as arrays: pandas' setitem on string columns took 0.4 s
+        explained = reader.explanations(self.store, self.coder, self.shards, columns=["latent", "status", "explanation"])
+        if len(explained):
+            last = explained.drop_duplicates("latent", keep="last")
+            at = last["latent"].to_numpy(np.int64)
+            status[at] = last["status"].to_numpy(object)
+            explanation[at] = last["explanation"].fillna("").to_numpy(object)
         table = pd.DataFrame({
             "latent": np.arange(width, dtype=np.int64),
             "shard": np.asarray(self.shards)[self._shard_index(np.arange(width))],
             "frequency": count / tokens,
             "max_activation": counts["max"].astype(np.float64),
             "mean_activation": np.where(count > 0, counts["sum"] / np.maximum(count, 1), 0.0),
-            "status": "none",
-            "explanation": "",
+            "status": status,
+            "explanation": explanation,
         })
-        explained = reader.explanations(self.store, self.coder, self.shards, columns=["latent", "status", "explanation"])
-        if len(explained):
-            last = explained.drop_duplicates("latent", keep="last")
-            at = last["latent"].to_numpy(np.int64)
-            table.loc[at, "status"] = last["status"].to_numpy()
-            table.loc[at, "explanation"] = last["explanation"].fillna("").to_numpy()
         gaps = []
         for name in reader.scorer_names(self.store, self.coder):
             main = reader.scorer_info(name)["main_metric"]
@@ -209,6 +218,7 @@ class CoderIndex:
 
         def prepare():
             try:
+                self.pause()
                 self.prepare_shard(shard)
             except Exception as error:  # the next page of this shard reads the tables directly, and says what is wrong if they are
                 print(f"viewer: could not prepare {self.coder} shard {shard} ({type(error).__name__}: {error})", file=sys.stderr)
@@ -437,8 +447,8 @@ _LENS_FAILED: dict[Path, str] = {}
 
 def lens_model(store: TableStore, model: str | None = None, gguf_file: str | None = None, wait: bool = True):
     """The subject model's unembedding and final norm scale (`resources.logit_lens.Unembedding`), what
-    `vocab_logits` reads, from the file the activations stage wrote (`unembedding_path`), else written
-    here once, so that the server loads the full model once, ever. `model` and `gguf_file` are the
+    `vocab_logits` reads, from the file the activations stage wrote (`unembedding_path`), else from a copy
+    written once under `viewer/`, so that the server loads the full model once, ever. `model` and `gguf_file` are the
     deployment's `[subject_model]` ones (None: the embedded model). With `wait` False and nothing written
     yet, it is built in a background thread and a sentence saying so (or why the build failed) is
     returned at once: loading a model takes a minute on a busy machine."""
@@ -446,6 +456,8 @@ def lens_model(store: TableStore, model: str | None = None, gguf_file: str | Non
 
     model = model or EMBEDDED
     path = store.layout.unembedding_path(model, gguf_file)
+    if not path.exists():  # a cache made before the activations stage wrote it: the browser keeps its own copy
+        path = store.layout.viewer_dir() / path.name
     if wait or path in _LENS or path.exists():
         return _lens_at(path, model, gguf_file)
     name = f"{model}--{gguf_file}" if gguf_file else model

@@ -36,8 +36,9 @@ from assets.stage_config import Models
 from resources.settings import AutointerpSettings
 from resources.sparse_coders import SparseCode, SparseCoder, coder_fingerprint, load_registered
 from resources.hookpoints import resolve_hookpoint
+from resources.logit_lens import save_unembedding
 from resources.subject_model import SubjectModelResource
-from storage.activations import CHUNK_ENTRIES, LATENT_STATS_FILE, ShardedActivationWriter, load_latent_stats, read_cache_meta, read_progress, save_latent_stats, write_cache_meta, write_progress
+from storage.activations import CHUNK_ENTRIES, LATENT_STATS_FILE, ShardedActivationWriter, load_latent_stats, read_cache_meta, read_progress, save_decoder_directions, save_latent_stats, write_cache_meta, write_progress
 from storage.coordination import exclusive
 from storage.corpus import load_corpus
 from storage.layout import DataRoot
@@ -187,6 +188,9 @@ def _cache_activations(coders: list[SparseCoder], subject_model: SubjectModelRes
     device = subject_model.device
     for coder in coders:
         resolve_hookpoint(lm, coder.hookpoint)
+    unembedding = root.unembedding_path(subject_model.model, subject_model.gguf_file)
+    if not unembedding.exists():  # the latent browser's logit lens, written while the model is loaded: the browser need never load it
+        save_unembedding(lm, unembedding)
     caches, metas = [], {}
     for coder in coders:
         identity = {"corpus_hash": corpus.meta["hash"], "coder": coder_fingerprint(root.registry_dir, coder.key), "latents_per_shard": latents_per_shard, "skip_bos": skip_bos,
@@ -238,6 +242,9 @@ def _cache_activations(coders: list[SparseCoder], subject_model: SubjectModelRes
         cache.save_progress()
         stats = cache.stats
         stats.save(cache.out_dir / LATENT_STATS_FILE)
+        directions = cache.coder.decoder_directions()
+        if directions is not None:
+            save_decoder_directions(cache.out_dir, directions.cpu().numpy())
         meta = {
             "coder": cache.coder.key,
             "hookpoint": cache.coder.hookpoint,
@@ -250,6 +257,7 @@ def _cache_activations(coders: list[SparseCoder], subject_model: SubjectModelRes
             "coder_fingerprint": cache.identity["coder"],
             "subject_model": cache.identity["subject_model"],
             "identity": cache.identity,
+            "decoder_directions": directions is not None,
             "fvu": cache.fvu.value,
             "sequences_forwarded_this_run": forwarded,
             "tokens_per_second": forwarded * n_pos / max(time.perf_counter() - started, 1e-9),

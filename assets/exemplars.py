@@ -146,7 +146,7 @@ def decoder_neighbours(coder: SparseCoder | None, latents: list[int], n: int) ->
     """The `n` latents whose decoder directions are most cosine-similar to each latent's."""
     if coder is None or coder.decoder_weight is None or not latents or n <= 0:
         return {}
-    directions = torch.nn.functional.normalize(coder.decoder_weight.float(), dim=1)
+    directions = coder.decoder_directions()
     out = {}
     rows = max(1, NEIGHBOUR_SIMILARITY_BYTES // (4 * directions.shape[0]))  # the similarity block stays this small at any width
     for start in range(0, len(latents), rows):

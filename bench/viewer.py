@@ -3,7 +3,8 @@
 Builds a data root with every table the viewer reads, in the pipeline's own on-disk formats, for
 a synthetic TopK SAE (random weights, `--width` latents at d_model 576, the embedded model's
 width, so the logit lens runs on the real unembedding): corpus, activation cache (`--acts` pairs
-per latent), exemplars (16 windows per latent), latent profiles, explanations of every latent
+per latent, with the decoder directions and the unembedding the activations stage writes beside it),
+exemplars (16 windows per latent, a row group per 256 latents as the stage writes), latent profiles, explanations of every latent
 (a pool of 2,000 distinct texts, embedded into LanceDB with MiniLM), three scorers' tables. Then
 starts `autointerp view` in its own process and times, over HTTP:
 
@@ -11,8 +12,10 @@ starts `autointerp view` in its own process and times, over HTTP:
 - `search`: a semantic search over the explanations (query embedded by the server);
 - `latent`: a random latent's page (windows, density, logit lens, neighbours, scores).
 
-First answers are reported apart, for a cold start (no cached index: `viewer/` deleted) and after a
-restart (indexes on disk), each asked right after the server answers `/healthz`: the list, a latent page,
+First answers are reported apart, for a cold start (the first start after a materialization: what the
+stages write is there, the browser's own caches are not, `viewer/` deleted; the first server runs until its
+background has built every cache, `caches_built_after_start_s`) and after a restart (caches on disk), each
+asked right after the server answers `/healthz`: the list, a latent page,
 a search (word matches while the embedder loads in the background: `search_first_kind`), and how long
 after the start search turns semantic and the logit lens is ready. Then the server's resident memory
 (RSS, and USS without shared and file-backed pages) after the run. Last line: JSON.
@@ -54,9 +57,11 @@ def build(root: Path, width: int, acts_per_latent: int, latents_per_shard: int, 
     from safetensors.numpy import save_file
 
     from resources.embedder import EmbedderResource
-    from resources.sparse_coders import SparseCoder, save_sparsify
-    from resources.subject_model import load_tokenizer
-    from storage.activations import LATENT_STATS_FILE, save_latent_stats, shard_count, shard_keys, shard_latent_range, write_cache_meta
+    from assets.exemplars import EXEMPLAR_BATCH_LATENTS
+    from resources.sparse_coders import SparseCoder, coder_fingerprint, save_sparsify
+    from resources.logit_lens import save_unembedding
+    from resources.subject_model import EMBEDDED, load_causal_lm, load_tokenizer
+    from storage.activations import LATENT_STATS_FILE, save_decoder_directions, save_latent_stats, shard_count, shard_keys, shard_latent_range, write_cache_meta
     from storage.layout import DataRoot
     from storage.vector_store import sync_explanations
 
@@ -75,9 +80,13 @@ def build(root: Path, width: int, acts_per_latent: int, latents_per_shard: int, 
                                                            "special_ids": [int(i) for i in tokenizer.all_special_ids]}))
     # the coder: random unit decoder rows
     decoder = torch.nn.functional.normalize(torch.randn(width, D_MODEL), dim=1)
-    save_sparsify(SparseCoder("bench-topk", "model.layers.15", "topk", d_in=D_MODEL, width=width, encoder_weight=decoder.clone(), encoder_bias=torch.zeros(width),
-                              decoder_weight=decoder, decoder_bias=torch.zeros(D_MODEL), k=32), data.registry_dir / CODER)
-    del decoder
+    coder = SparseCoder("bench-topk", "model.layers.15", "topk", d_in=D_MODEL, width=width, encoder_weight=decoder.clone(), encoder_bias=torch.zeros(width),
+                        decoder_weight=decoder, decoder_bias=torch.zeros(D_MODEL), k=32)
+    save_sparsify(coder, data.registry_dir / CODER)
+    data.activations_dir(CODER).mkdir(parents=True, exist_ok=True)
+    save_decoder_directions(data.activations_dir(CODER), coder.decoder_directions().numpy())  # as the activations stage does
+    del decoder, coder
+    save_unembedding(load_causal_lm(), data.unembedding_path(EMBEDDED))  # as the activations stage does, while it has the model loaded
     # activation cache: `acts_per_latent` pairs per latent
     acts_dir = data.activations_dir(CODER)
     n_tokens = int(tokens.size)
@@ -96,6 +105,7 @@ def build(root: Path, width: int, acts_per_latent: int, latents_per_shard: int, 
     save_latent_stats(acts_dir / LATENT_STATS_FILE, count, maximum, total, n_tokens)
     write_cache_meta(acts_dir, {"coder": CODER, "hookpoint": "model.layers.15", "format": "sparsify", "activation": "topk", "width": width,
                                 "latents_per_shard": latents_per_shard, "n_shards": n_shards, "corpus_hash": "bench", "tokens": n_tokens, "live_latents": width,
+                                "coder_fingerprint": coder_fingerprint(data.registry_dir, CODER), "decoder_directions": True,
                                 "dead_fraction": 0.0, "mean_l0": float(count.sum()) / n_tokens, "fvu": 0.2})
     # explanations: a pool of distinct texts, embedded once
     pool = [f"the word '{rng.choice(WORDS)}' after '{rng.choice(WORDS)}' in {rng.choice(WORDS)} {rng.choice(WORDS)} contexts" for _ in range(2000)]
@@ -121,7 +131,7 @@ def build(root: Path, width: int, acts_per_latent: int, latents_per_shard: int, 
             "activations": pa.ListArray.from_arrays(offsets, pa.array(acts.ravel())),
         })
         data.exemplars_path(CODER, shard).parent.mkdir(parents=True, exist_ok=True)
-        pq.write_table(table, data.exemplars_path(CODER, shard))
+        pq.write_table(table, data.exemplars_path(CODER, shard), row_group_size=EXEMPLAR_BATCH_LATENTS * windows_per_latent)  # a row group per batch, as the stage writes
         ids = np.arange(lo, hi)
         pd.DataFrame({"latent": ids, "frequency": count[ids] / n_tokens, "max_activation": maximum[ids], "mean_activation": total[ids] / count[ids],
                       "activating_windows": 40, "quantile_boundaries": [np.sort(rng.random(6) * m).tolist() for m in maximum[ids]],
@@ -173,7 +183,9 @@ def first_answers(server, coder: str, latent: int) -> dict:
     while get(server.base, f"/api/search?coder={coder}&q=file")[1].get("note"):
         time.sleep(0.5)
     out["search_semantic_after_start_s"] = round(time.perf_counter() - server.started, 1)
-    while "pending" in get(server.base, f"/api/logit_lens?coder={coder}&latent={latent}")[1]:
+    while "pending" in (lens := get(server.base, f"/api/logit_lens?coder={coder}&latent={latent}")[1]):
+        if "could not" in lens["pending"]:
+            raise RuntimeError(lens["pending"])
         time.sleep(0.5)
     out["logit_lens_after_start_s"] = round(time.perf_counter() - server.started, 1)
     return out
@@ -235,6 +247,9 @@ def main() -> None:
         cold = first_answers(server, coder, 0)
         cold["listening_s"] = server.listening_s
         cold["latent_other_shards_ms"] = [round(fetch(server.base, f"/api/latent?coder={coder}&latent={min(s * per_shard + 1, width - 1)}")) for s in range(1, min(n_shards, 8))]
+        while not (root / "viewer" / CODER / "explanation_vectors.stamp.json").exists():  # the warm-up's last step: every cache is built
+            time.sleep(0.5)
+        cold["caches_built_after_start_s"] = round(time.perf_counter() - server.started, 1)
         cold_memory = server.memory()
     with Server(root) as server:  # a restart, as a user would run it: indexes on disk, opened (memory-mapped) in the background
         first = first_answers(server, coder, 1)

@@ -6,8 +6,12 @@ the `logit_lens` explainer, so both show the same tokens.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
+from types import SimpleNamespace
 
 import torch
+
+from storage.atomic import atomic_path
 
 
 @dataclass
@@ -30,6 +34,36 @@ def final_norm_scale(lm: torch.nn.Module) -> torch.Tensor | None:
         if norm is not None and getattr(norm, "weight", None) is not None:
             return norm.weight.detach().float()
     return None
+
+
+def save_unembedding(lm: torch.nn.Module, path: Path) -> None:
+    """`lm`'s unembedding and final norm scale, what `vocab_logits` reads of it, to a safetensors file: the
+    browser then never loads the whole model for its logit lens."""
+    from safetensors.torch import save_file
+
+    tensors = {"unembedding": lm.get_output_embeddings().weight.detach().float().cpu().contiguous()}
+    scale = final_norm_scale(lm)
+    if scale is not None:
+        tensors["norm_scale"] = scale.cpu().contiguous()
+    with atomic_path(path) as tmp:
+        save_file(tensors, str(tmp))
+
+
+class Unembedding:
+    """What `save_unembedding` wrote, read back; quacks like a causal LM as far as `vocab_logits` looks:
+    `get_output_embeddings().weight` and `model.norm.weight` (plain holders: a `torch.nn.Linear` would first
+    fill its 50k x 576 weight with random numbers, 0.7 s)."""
+
+    def __init__(self, path: Path):
+        from safetensors.torch import load_file
+
+        tensors = load_file(str(path))
+        self._head = SimpleNamespace(weight=tensors["unembedding"])
+        norm_scale = tensors.get("norm_scale")
+        self.model = SimpleNamespace(norm=SimpleNamespace(weight=norm_scale)) if norm_scale is not None else SimpleNamespace()
+
+    def get_output_embeddings(self):
+        return self._head
 
 
 def vocab_logits(directions: torch.Tensor, lm: torch.nn.Module) -> torch.Tensor:

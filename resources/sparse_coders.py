@@ -88,6 +88,13 @@ class SparseCoder:
         """Whether the coder has a decoder whose reconstruction of its input is meaningful (SAEs)."""
         return self.decoder_weight is not None and not self.transcode
 
+    def decoder_directions(self) -> torch.Tensor | None:
+        """Unit-norm decoder rows `[width, d_in]`, float32 (None without a decoder): each latent's direction,
+        which decoder neighbours (cosines) and the logit lens read."""
+        if self.decoder_weight is None:
+            return None
+        return torch.nn.functional.normalize(self.decoder_weight.detach().float(), dim=1, eps=1e-12)
+
     def to(self, device: str | torch.device, dtype: torch.dtype) -> "SparseCoder":
         moved = {
             f: getattr(self, f).to(device=device, dtype=dtype)

@@ -10,6 +10,9 @@ Layout of `activations/<coder>/` (documented for users in the README):
   and `activations` float32 `[n]`, for the latents of shard XX only, written at checkpoint NNNNN.
   Chunks are written atomically as the cache streams, so memory stays flat however many tokens
   are cached.
+- `decoder_directions.npy`: the coder's unit-norm decoder rows, float32 `[width, d_in]`, written
+  with the cache (`meta.json` says `decoder_directions: true`) so that the latent browser's first
+  page finds them ready (neighbours, logit lens) instead of converting the coder's weights.
 - `progress.json`: the checkpoint count, the next sequence to encode and the running statistics
   file, so that a killed run resumes where its last checkpoint ended.
 """
@@ -191,6 +194,21 @@ def write_cache_meta(activations_dir: Path, meta: dict) -> None:
     """`meta.json`, written last, when the cache is complete: coder, hookpoint, format, activation,
     width, shard layout, corpus hash, tokens, live latents, dead fraction, mean L0, FVU, tokens/s."""
     write_json(activations_dir / META_FILE, meta)
+
+
+DECODER_DIRECTIONS_FILE = "decoder_directions.npy"
+
+
+def save_decoder_directions(activations_dir: Path, directions: np.ndarray) -> None:
+    """`decoder_directions.npy`, before `meta.json`: a cache whose meta says `decoder_directions: true` has them."""
+    with atomic_path(activations_dir / DECODER_DIRECTIONS_FILE) as tmp:
+        with open(tmp, "wb") as handle:
+            np.save(handle, np.ascontiguousarray(directions, np.float32))
+
+
+def load_decoder_directions(activations_dir: Path) -> np.ndarray:
+    """The cache's unit-norm decoder rows, memory-mapped (read only the rows used)."""
+    return np.load(activations_dir / DECODER_DIRECTIONS_FILE, mmap_mode="r")
 
 
 def read_cache_meta(activations_dir: Path) -> dict | None:

@@ -117,3 +117,9 @@ class DataRoot:
     def viewer_dir(self, coder: str | None = None) -> Path:
         """The latent browser's caches (of one coder): safe to delete, they are rebuilt."""
         return self.root / "viewer" / coder if coder else self.root / "viewer"
+
+    def unembedding_path(self, model: str, gguf_file: str | None = None) -> Path:
+        """The subject model's unembedding and final norm scale, all the logit lens reads of it: written by the
+        activations stage, which has the model loaded, else by the browser the first time it needs them."""
+        name = f"{model}--{gguf_file}" if gguf_file else model
+        return self.all_activations_dir / f"unembedding-{name.replace('/', '--')}.safetensors"

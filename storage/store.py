@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Callable, Iterable, Iterator
 
 import pandas as pd
+import pyarrow as pa
 import pyarrow.parquet as pq
 
 from storage.atomic import read_json, write_json
@@ -27,6 +28,7 @@ from storage.layout import DataRoot
 from storage.tables import (
     existing_table,
     file_fingerprint,
+    latent_rows,
     refuse_emptier,
     table_lock_path,
     write_table,
@@ -71,6 +73,10 @@ class StoredTable:
 
     def read_if_present(self, columns: list[str] | None = None) -> pd.DataFrame | None:
         return pd.read_parquet(self.path, columns=columns) if self.path.exists() else None
+
+    def latent_rows(self, latents: list[int]) -> pa.Table | None:
+        """The rows of `latents` (`storage.tables.latent_rows`: only the row groups that can hold them are read); None where it has not been written."""
+        return latent_rows(self.path, latents) if self.path.exists() else None
 
     def rows(self) -> int:
         """How many rows it holds (0 when there is none), from its footer alone."""

@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from storage.atomic import atomic_path, exclusive_lock
@@ -182,7 +183,13 @@ def rows_for_latents(exemplars: pd.DataFrame | Path, latents: list[int]) -> pd.D
     chunk of latents costs its own rows, not the partition's."""
     if isinstance(exemplars, pd.DataFrame):
         return exemplars[exemplars["latent"].isin(latents)]
-    file = pq.ParquetFile(exemplars)
+    return latent_rows(exemplars, latents).to_pandas()
+
+
+def latent_rows(path: Path, latents: list[int]) -> pa.Table:
+    """The rows of `latents` in the table at `path` (any table with a `latent` column), in the table's
+    order, reading only the row groups whose `latent` statistics can hold them."""
+    file = pq.ParquetFile(path)
     column = file.schema_arrow.get_field_index("latent")
     lo, hi = min(latents, default=0), max(latents, default=-1)
 
@@ -191,8 +198,8 @@ def rows_for_latents(exemplars: pd.DataFrame | Path, latents: list[int]) -> pd.D
         return stats is None or not stats.has_min_max or (stats.min <= hi and stats.max >= lo)
 
     groups = [g for g in range(file.num_row_groups) if may_hold(g)]
-    frame = (file.read_row_groups(groups) if groups else file.schema_arrow.empty_table()).to_pandas()
-    return frame[frame["latent"].isin(latents)].reset_index(drop=True)
+    table = file.read_row_groups(groups) if groups else file.schema_arrow.empty_table()
+    return table.filter(pc.is_in(table["latent"], pa.array(latents, table.schema.field("latent").type)))
 
 
 def existing_table(path: Path, stage: str) -> Path:

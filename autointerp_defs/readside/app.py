@@ -9,6 +9,8 @@ import math
 import re
 import sys
 import threading
+import time
+from contextlib import contextmanager
 
 import numpy as np
 import pandas as pd
@@ -17,11 +19,13 @@ from assets.links import DEFAULT_DAGSTER_URL, coder_url, dagster_asset_url, late
 from assets.score_metrics import paired_means
 from assets.senses import JOIN
 from autointerp_defs.readside import reader
-from autointerp_defs.readside.index import STATUSES, CoderIndex
+from autointerp_defs.readside.index import MODEL_LOADS, STATUSES, CoderIndex
 from storage.store import TableStore
 
 MAX_PER_PAGE = 500
 MAX_STEER_TOKENS = 64
+QUIET_S = 0.3
+MAX_PAUSE_S = 5.0
 STALE = "stale: scored an earlier explanation"
 
 
@@ -64,9 +68,10 @@ class Viewer:
     `subject` the subject-model resource (its `[subject_model]`; None: the embedded model) whose unembedding the
     logit lens reads and which the steering box steers.
 
-    After `start_warm_up()` (what `autointerp view` calls) nothing waits on a model: the embedder and every
-    cached index load in the background, a search answers with word matches until the embedder is ready, and
-    a latent page shows the logit lens as pending until the unembedding is cached."""
+    After `start_warm_up()` (what `autointerp view` calls) nothing waits on a model or a cache: the embedder and
+    every cached index load in the background, a search answers with word matches until the embedder is ready,
+    a latent page reads its rows from the tables until its shard's caches are built and shows the logit lens as
+    pending until the unembedding is cached."""
 
     def __init__(self, store: TableStore, embedder=None, dagster_url: str = DEFAULT_DAGSTER_URL, subject=None):
         from resources.subject_model import SubjectModelResource
@@ -83,15 +88,14 @@ class Viewer:
         self.steering = SteeringBox(store, self.subject)
         self._indexes: dict[str, CoderIndex] = {}
         self._lock = threading.Lock()
+        self.background = False
+        """Set by `start_warm_up`: models and caches load in background threads, and no answer waits for them."""
         self._embedder_loading: threading.Thread | None = None
         self._embedder_ready = threading.Event()
+        self._in_flight, self._last_answer = 0, 0.0
 
     def embed(self, texts: list[str]) -> np.ndarray:
         return self.embedder.embed(texts)
-
-    @property
-    def background(self) -> bool:
-        return self._embedder_loading is not None
 
     @property
     def embedder_loading(self) -> bool:
@@ -99,15 +103,38 @@ class Viewer:
         thread = self._embedder_loading
         return thread is not None and not self._embedder_ready.is_set() and (thread.ident is None or thread.is_alive())
 
+    @contextmanager
+    def answering(self):
+        """Around each request the server answers (`pause_for_requests`)."""
+        with self._lock:
+            self._in_flight += 1
+        try:
+            yield
+        finally:
+            with self._lock:
+                self._in_flight -= 1
+                self._last_answer = time.monotonic()
+
+    def pause_for_requests(self) -> None:
+        """Wait until no request is being answered and none was for `QUIET_S` (at most `MAX_PAUSE_S`), before a
+        step of background work: on a first start, importing the embedder or copying a shard beside a request
+        took the interpreter and the cores from it, and its answer took twice as long."""
+        deadline = time.monotonic() + MAX_PAUSE_S
+        while time.monotonic() < deadline and (self._in_flight or time.monotonic() - self._last_answer < QUIET_S):
+            time.sleep(0.05)
+
     def start_warm_up(self) -> None:
-        """Build or open every coder's cached indexes and load the embedder, in background threads: first each
-        coder's latent table, then the embedder (its import holds the interpreter for seconds) beside the rest."""
+        """Build or open every coder's cached indexes and load the embedder, in a background thread: first each
+        coder's latent table, then the embedder, then the rest: on a first start pages read the tables meanwhile,
+        and the cores go to the first answers and the embedder instead of to copies no page has asked for yet."""
+        self.background = True
         self._embedder_loading = threading.Thread(target=self._warm_embedder, daemon=True)
         threading.Thread(target=self._warm_indexes, daemon=True).start()
 
     def _warm_embedder(self) -> None:
         try:
-            self.embed(["warm up"])
+            with MODEL_LOADS:
+                self.embed(["warm up"])
             self._embedder_ready.set()
         except Exception as error:  # search says what is wrong when it is used
             print(f"viewer: could not load the embedder ({error}); search will say why", file=sys.stderr)
@@ -119,7 +146,9 @@ class Viewer:
                 self.index(coder).latents()
             except Exception:  # said below, or by the page that needs it
                 pass
+        self.pause_for_requests()
         self._embedder_loading.start()
+        self._embedder_loading.join()
         for coder in coders:
             try:
                 self.index(coder).warm_up()
@@ -132,7 +161,8 @@ class Viewer:
         with self._lock:
             if coder not in self._indexes:
                 try:
-                    self._indexes[coder] = CoderIndex(self.store, coder, self.subject_model, self.embedder.model)
+                    self._indexes[coder] = CoderIndex(self.store, coder, self.subject_model, self.embedder.model, background=self.background,
+                                                      pause=self.pause_for_requests)
                 except reader.NotMaterialized as error:
                     raise ViewerError(404, str(error)) from None
             return self._indexes[coder]
@@ -445,7 +475,8 @@ class SteeringBox:
 
     def _load(self) -> None:
         try:
-            self._steerer = self.subject.steerer()
+            with MODEL_LOADS:
+                self._steerer = self.subject.steerer()
             self._state = "ready"
         except Exception as error:  # shown in the box, with the reason
             self._error = f"the subject model {self.subject.model} could not be loaded ({type(error).__name__}: {error})."

@@ -3,23 +3,28 @@
 A coder of 100,000 latents must answer a list, a search or a latent page in well under a second, so
 nothing is read whole per request:
 
-- `latents.parquet`: one row per latent (frequency, activation, explanation status, each scorer's
+- `latents.arrow`: one row per latent (frequency, activation, explanation status, each scorer's
   metric, control and gap), rebuilt when any table it comes from changes (sizes and mtimes), then
   held in memory; sorting and filtering 100k rows in pandas takes milliseconds.
 - `<shard>.exemplars.arrow`: the shard's exemplars in Arrow's file format, sorted by latent, memory-
   mapped; with per-latent row offsets a latent's windows are a zero-copy slice, not a parquet scan.
 - `<shard>.density.npz`: per latent a histogram of its cached activations (one pass over the shard).
-- `decoder.npy`: unit-norm decoder rows, memory-mapped, for cosine neighbours and the logit lens;
-  `viewer/lens-<model>.safetensors`: the subject model's unembedding and final norm scale, so the
-  server need not keep the whole model in memory.
+- `decoder.npy`: unit-norm decoder rows, memory-mapped, for cosine neighbours and the logit lens, where
+  the activation cache has none of its own (`decoder_directions.npy`, written by the activations stage).
+
+The subject model's unembedding and final norm scale, for the logit lens, are read from the file the
+activations stage writes beside the caches (`DataRoot.unembedding_path`), so the server need not keep,
+or even load, the whole model. On a first start (`background`) no page waits for a cache: a latent's
+rows come from the tables' row groups until its shard's copies are built.
 """
 from __future__ import annotations
 
 import json
+import sys
 import threading
 import time
 from pathlib import Path
-from types import SimpleNamespace
+from typing import Callable
 
 import numpy as np
 import pandas as pd
@@ -54,9 +59,14 @@ def _read_json(path: Path) -> dict:
 class CoderIndex:
     """The cached views of one coder; thread-safe (the server answers requests on threads)."""
 
-    def __init__(self, store: TableStore, coder: str, subject_model: tuple[str | None, str | None] = (None, None), embedder: str = EMBEDDED):
+    def __init__(self, store: TableStore, coder: str, subject_model: tuple[str | None, str | None] = (None, None), embedder: str = EMBEDDED,
+                 background: bool = False, pause: Callable[[], None] = lambda: None):
         self.store, self.coder, self.embedder = store, coder, embedder
         """`embedder`: the model whose explanations table search reads (the deployment's `[embedder] model`)."""
+        self.background = background
+        """Whether caches are built in background threads (`autointerp view`) rather than by the request that needs one (exports, tests)."""
+        self.pause = pause
+        """Called before each step of background work (the browser's `pause_for_requests`)."""
         self.subject_model = subject_model
         """(model, gguf_file) whose unembedding the logit lens reads: the deployment's `[subject_model]` (None: the embedded model)."""
         self.meta = reader.activations_meta(store, coder)
@@ -65,6 +75,7 @@ class CoderIndex:
         self.scorers: list[str] = []
         self._lock = threading.Lock()
         self._guards: dict[str, threading.Lock] = {}
+        self._preparing: set[str] = set()
         self._latents: pd.DataFrame | None = None
         self._stamp, self._checked = None, 0.0
         self._tables: dict[str, tuple] = {}
@@ -82,11 +93,11 @@ class CoderIndex:
         does in the background at start, so that a person's first clicks find them ready."""
         self.latents()
         if self.decoder() is not None:
-            self.logit_lens(0, wait=False)  # starts caching the unembedding, in a thread of its own
+            self.logit_lens(0, wait=False)  # starts caching the unembedding, in a thread of its own, where the activations stage did not
         for shard in self.shards:
-            for name in self.shard_tables(shard):
-                self._arrow_cache(shard, name)
-            self._density_cache(shard)
+            self.pause()
+            self.prepare_shard(shard)
+        self.pause()
         self._vectors()
 
     # ---- the latent table ---------------------------------------------------------------------
@@ -103,13 +114,13 @@ class CoderIndex:
             self._checked = time.monotonic()
             if self._latents is not None and current == self._stamp:
                 return self._latents
-            path, stamp_path = self.dir / "latents.parquet", self.dir / "latents.stamp.json"
+            path, stamp_path = self.dir / "latents.arrow", self.dir / "latents.stamp.json"
             if path.exists() and _read_json(stamp_path).get("stamp") == current:
-                table = pd.read_parquet(path)
+                table = pd.read_feather(path)
             else:
                 table = self._build_latents()
                 with atomic_path(path) as tmp:
-                    table.to_parquet(tmp, index=False)
+                    table.to_feather(tmp)  # Arrow, uncompressed: a tenth of parquet's time to write and read at 100k latents
                 _write_json(stamp_path, {"stamp": current})
             table["status"] = pd.Categorical(table["status"], STATUSES, ordered=True)  # sorts explained latents first
             self.scorers = [c for c in scorers if c in table.columns]
@@ -120,25 +131,27 @@ class CoderIndex:
         counts = reader.latent_counts(self.store, self.coder)
         width, tokens = int(self.meta["width"]), max(int(counts["tokens"][0]), 1)
         count = counts["count"].astype(np.int64)
+        status, explanation = np.full(width, "none", object), np.full(width, "", object)  # filled as arrays: pandas' setitem on string columns took 0.4 s
+        explained = reader.explanations(self.store, self.coder, self.shards, columns=["latent", "status", "explanation"])
+        if len(explained):
+            last = explained.drop_duplicates("latent", keep="last")
+            at = last["latent"].to_numpy(np.int64)
+            status[at] = last["status"].to_numpy(object)
+            explanation[at] = last["explanation"].fillna("").to_numpy(object)
         table = pd.DataFrame({
             "latent": np.arange(width, dtype=np.int64),
             "shard": np.asarray(self.shards)[self._shard_index(np.arange(width))],
             "frequency": count / tokens,
             "max_activation": counts["max"].astype(np.float64),
             "mean_activation": np.where(count > 0, counts["sum"] / np.maximum(count, 1), 0.0),
-            "status": "none",
-            "explanation": "",
+            "status": status,
+            "explanation": explanation,
         })
-        explained = reader.explanations(self.store, self.coder, self.shards)
-        if len(explained):
-            last = explained.drop_duplicates("latent", keep="last")
-            at = last["latent"].to_numpy(np.int64)
-            table.loc[at, "status"] = last["status"].to_numpy()
-            table.loc[at, "explanation"] = last["explanation"].fillna("").to_numpy()
         gaps = []
         for name in reader.scorer_names(self.store, self.coder):
             main = reader.scorer_info(name)["main_metric"]
-            scored = reader.scores(self.store, self.coder, name, self.shards)
+            metrics = [main, f"control_{main}"] if main is not None else []
+            scored = reader.scores(self.store, self.coder, name, self.shards, columns=["latent", "explanation", "gap", *metrics])
             for column in (name, f"{name}_control", f"{name}_gap"):
                 table[column] = np.nan
             if len(scored):
@@ -175,22 +188,60 @@ class CoderIndex:
 
     def rows(self, latent: int, name: str) -> list[dict]:
         """The rows of `latent` in its shard's table `name` (a key of `shard_tables`), read from a
-        memory-mapped, latent-sorted Arrow copy cached as `<shard>.<name>.arrow`."""
-        table, latents, starts, ends = self._arrow_cache(self.shard_of(latent), name)
+        memory-mapped, latent-sorted Arrow copy cached as `<shard>.<name>.arrow`. In the `background` the
+        browser's first start needs, a copy not built yet is built in a thread and, meanwhile, the latent's
+        rows are read from the table itself (the row groups that can hold it): a first page never waits
+        for the copy of a whole shard."""
+        shard = self.shard_of(latent)
+        cached = self._arrow_cache(shard, name, build=not self.background)
+        if cached is None:
+            self._prepare_in_background(shard)
+            found = self.shard_tables(shard)[name].latent_rows([latent])
+            return [] if found is None else found.to_pylist()
+        table, latents, starts, ends = cached
         i = int(np.searchsorted(latents, latent))
         if i >= len(latents) or latents[i] != latent:
             return []
         return table.slice(int(starts[i]), int(ends[i] - starts[i])).to_pylist()
 
-    def _arrow_cache(self, shard: str, table_name: str) -> tuple:
+    def prepare_shard(self, shard: str) -> None:
+        """Build or open every cache a latent page of `shard` reads."""
+        for name in self.shard_tables(shard):
+            self._arrow_cache(shard, name)
+        self._density_cache(shard)
+
+    def _prepare_in_background(self, shard: str) -> None:
+        with self._lock:
+            if shard in self._preparing:
+                return
+            self._preparing.add(shard)
+
+        def prepare():
+            try:
+                self.pause()
+                self.prepare_shard(shard)
+            except Exception as error:  # the next page of this shard reads the tables directly, and says what is wrong if they are
+                print(f"viewer: could not prepare {self.coder} shard {shard} ({type(error).__name__}: {error})", file=sys.stderr)
+            finally:
+                with self._lock:
+                    self._preparing.discard(shard)
+
+        threading.Thread(target=prepare, daemon=True).start()
+
+    def _arrow_cache(self, shard: str, table_name: str, build: bool = True) -> tuple | None:
+        """(table, latents, starts, ends) of the shard's table `table_name`, built if needed; None where it
+        is not built and `build` is False."""
         source, name = self.shard_tables(shard)[table_name], f"{shard}.{table_name}"
         current = reader.stamp([source])
         held = self._tables.get(name)
         if held is not None and held[0] == current:
             return held[1]
+        arrow, stamp_path, offsets_path = self.dir / f"{name}.arrow", self.dir / f"{name}.stamp.json", self.dir / f"{name}.offsets.npy"
+        built = lambda: arrow.exists() and _read_json(stamp_path).get("stamp") == current
+        if not build and not built():
+            return None
         with self._guard(name):
-            arrow, stamp_path, offsets_path = self.dir / f"{name}.arrow", self.dir / f"{name}.stamp.json", self.dir / f"{name}.offsets.npy"
-            if not (arrow.exists() and _read_json(stamp_path).get("stamp") == current):
+            if not built():
                 table = pq.read_table(source) if source.exists() else pa.table({"latent": pa.array([], pa.int64())})
                 order = np.argsort(table["latent"].to_numpy(), kind="stable")  # stable: a latent's rows keep their order
                 table = table.take(pa.array(order))
@@ -246,23 +297,32 @@ class CoderIndex:
     # ---- activation density -------------------------------------------------------------------
 
     def density(self, latent: int) -> dict:
-        """Histogram of the latent's non-zero activations over the cached corpus."""
+        """Histogram of the latent's non-zero activations over the cached corpus (in the `background`, while
+        the shard's histograms are not cached yet, this latent's alone from the activation cache)."""
         shard = self.shard_of(latent)
-        latents, counts, tops = self._density_cache(shard)
+        cached = self._density_cache(shard, build=not self.background)
+        if cached is None:
+            self._prepare_in_background(shard)
+            acts = reader.latent_activations(self.store, self.coder, [latent])
+            cached = density_histograms(acts.locations[:, 2], acts.activations)
+        latents, counts, tops = cached
         i = int(np.searchsorted(latents, latent))
         if i >= len(latents) or latents[i] != latent:
             return {"edges": [], "counts": []}
         return {"edges": np.linspace(0, float(tops[i]), DENSITY_BINS + 1).round(4).tolist(), "counts": counts[i].tolist()}
 
-    def _density_cache(self, shard: str) -> tuple:
+    def _density_cache(self, shard: str, build: bool = True) -> tuple | None:
         source = self.store.layout.latent_stats_path(self.coder)
         current = reader.stamp([source])
         held = self._density.get(shard)
         if held is not None and held[0] == current:
             return held[1]
+        path, stamp_path = self.dir / f"{shard}.density.npz", self.dir / f"{shard}.density.stamp.json"
+        built = lambda: path.exists() and _read_json(stamp_path).get("stamp") == current
+        if not build and not built():
+            return None
         with self._guard(f"{shard}.density"):
-            path, stamp_path = self.dir / f"{shard}.density.npz", self.dir / f"{shard}.density.stamp.json"
-            if not (path.exists() and _read_json(stamp_path).get("stamp") == current):
+            if not built():
                 acts = reader.shard_activations(self.store, self.coder, shard)
                 ids, counts, tops = density_histograms(acts.locations[:, 2], acts.activations)
                 with atomic_path(path) as tmp:
@@ -277,27 +337,28 @@ class CoderIndex:
 
     def decoder(self) -> np.ndarray | None:
         """Unit-norm decoder rows `[width, d]` (memory-mapped), or None when the coder has no decoder; read
-        again when the coder's registry files change (a coder registered anew under the same name)."""
+        again when the coder's registry files change (a coder registered anew under the same name). The
+        activations stage writes them with the cache; only a cache without them is converted here, once."""
         current = reader.stamp(reader.registry_files(self.store, self.coder))
         held = self._decoder
         if held is None or held[0] != current:
             with self._guard("decoder"):
-                path, stamp_path = self.dir / "decoder.npy", self.dir / "decoder.stamp.json"
-                cached = _read_json(stamp_path)
-                if cached.get("stamp") != current:
-                    rows = reader.decoder_rows(self.store, self.coder)
-                    if rows is not None:
-                        import torch
-
-                        # in torch, float32 throughout: numpy's norm, division and float32 copy took 8 s of a cold first page at 100k latents
-                        rows = torch.nn.functional.normalize(rows.detach().float(), dim=1, eps=1e-12).numpy()
-                        with atomic_path(path) as tmp:
-                            with open(tmp, "wb") as handle:
-                                np.save(handle, rows)
-                    cached = {"stamp": current, "has_decoder": rows is not None}
-                    _write_json(stamp_path, cached)
-                self._decoder = held = (current, np.load(path, mmap_mode="r") if cached["has_decoder"] else None)
+                found, rows = reader.stored_decoder_directions(self.store, self.coder)
+                self._decoder = held = (current, rows if found else self._converted_decoder(current))
         return held[1]
+
+    def _converted_decoder(self, current: str) -> np.ndarray | None:
+        path, stamp_path = self.dir / "decoder.npy", self.dir / "decoder.stamp.json"
+        cached = _read_json(stamp_path)
+        if cached.get("stamp") != current:
+            directions = reader.registered_coder(self.store, self.coder).decoder_directions()
+            if directions is not None:
+                with atomic_path(path) as tmp:
+                    with open(tmp, "wb") as handle:
+                        np.save(handle, directions.numpy())
+            cached = {"stamp": current, "has_decoder": directions is not None}
+            _write_json(stamp_path, cached)
+        return np.load(path, mmap_mode="r") if cached["has_decoder"] else None
 
     def neighbours(self, latent: int, n: int = 10) -> list[dict] | None:
         """The `n` latents whose decoder directions are most cosine-similar to this one's."""
@@ -373,6 +434,10 @@ def density_histograms(latents: np.ndarray, values: np.ndarray) -> tuple[np.ndar
     return ids.astype(np.int64), counts.astype(np.int64), tops
 
 
+MODEL_LOADS = threading.Lock()
+"""Held by each background thread that loads a model (the embedder, the subject model for the logit lens or the
+steering box): two threads importing transformers at once fail (`cannot import name 'AutoModelForCausalLM'`,
+seen when a first latent page started the lens while the embedder loaded)."""
 _LENS: dict[Path, object] = {}
 _LENS_LOCK = threading.Lock()
 _LENS_BUILDS: dict[Path, threading.Thread] = {}
@@ -381,18 +446,21 @@ _LENS_FAILED: dict[Path, str] = {}
 
 
 def lens_model(store: TableStore, model: str | None = None, gguf_file: str | None = None, wait: bool = True):
-    """A module with just the subject model's unembedding and final norm scale, what `vocab_logits`
-    reads; cached once under `viewer/` so that the server loads the full model once, ever. `model` and
-    `gguf_file` are the deployment's `[subject_model]` ones (None: the embedded model). With `wait`
-    False and nothing cached yet, the cache is built in a background thread and a sentence saying so
-    (or why the build failed) is returned at once: loading a model takes a minute on a busy machine."""
+    """The subject model's unembedding and final norm scale (`resources.logit_lens.Unembedding`), what
+    `vocab_logits` reads, from the file the activations stage wrote (`unembedding_path`), else from a copy
+    written once under `viewer/`, so that the server loads the full model once, ever. `model` and `gguf_file` are the
+    deployment's `[subject_model]` ones (None: the embedded model). With `wait` False and nothing written
+    yet, it is built in a background thread and a sentence saying so (or why the build failed) is
+    returned at once: loading a model takes a minute on a busy machine."""
     from resources.subject_model import EMBEDDED
 
     model = model or EMBEDDED
-    name = f"{model}--{gguf_file}" if gguf_file else model
-    path = store.layout.viewer_dir() / f"lens-{name.replace('/', '--')}.safetensors"
+    path = store.layout.unembedding_path(model, gguf_file)
+    if not path.exists():  # a cache made before the activations stage wrote it: the browser keeps its own copy
+        path = store.layout.viewer_dir() / path.name
     if wait or path in _LENS or path.exists():
         return _lens_at(path, model, gguf_file)
+    name = f"{model}--{gguf_file}" if gguf_file else model
     with _LENS_BUILDS_LOCK:  # not _LENS_LOCK, which a build holds for its whole length
         if path in _LENS_FAILED:
             return f"the logit lens could not load the subject model {name}: {_LENS_FAILED[path]}"
@@ -404,43 +472,23 @@ def lens_model(store: TableStore, model: str | None = None, gguf_file: str | Non
 
 def _build_lens(path: Path, model: str, gguf_file: str | None) -> None:
     try:
-        _lens_at(path, model, gguf_file)
+        with MODEL_LOADS:
+            _lens_at(path, model, gguf_file)
     except Exception as error:  # shown on the latent page instead of the lens
         _LENS_FAILED[path] = f"{type(error).__name__}: {error}"
 
 
 def _lens_at(path: Path, model: str, gguf_file: str | None):
-    from safetensors.torch import load_file, save_file
+    from resources.logit_lens import Unembedding, save_unembedding
 
     with _LENS_LOCK:
         if path in _LENS:
             return _LENS[path]
         if not path.exists():
-            from resources.logit_lens import final_norm_scale
             from resources.engines import close_engines
             from resources.subject_model import load_causal_lm
 
-            lm = load_causal_lm(model, gguf_file)
-            tensors = {"unembedding": lm.get_output_embeddings().weight.detach().float().contiguous()}
-            scale = final_norm_scale(lm)
-            if scale is not None:
-                tensors["norm_scale"] = scale.contiguous()
-            with atomic_path(path) as tmp:
-                save_file(tensors, str(tmp))
-            del lm
+            save_unembedding(load_causal_lm(model, gguf_file), path)
             close_engines("subject_model")  # the server keeps the unembedding only
-        tensors = load_file(str(path))
-        _LENS[path] = _Unembedding(tensors["unembedding"], tensors.get("norm_scale"))
+        _LENS[path] = Unembedding(path)
         return _LENS[path]
-
-
-class _Unembedding:
-    """Quacks like a causal LM as far as `vocab_logits` looks: `get_output_embeddings().weight` and `model.norm.weight`
-    (plain holders: a `torch.nn.Linear` would first fill its 50k x 576 weight with random numbers, 0.7 s)."""
-
-    def __init__(self, unembedding, norm_scale):
-        self._head = SimpleNamespace(weight=unembedding)
-        self.model = SimpleNamespace(norm=SimpleNamespace(weight=norm_scale)) if norm_scale is not None else SimpleNamespace()
-
-    def get_output_embeddings(self):
-        return self._head

@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from storage.activations import META_FILE, ShardActivations, load_latent_stats, read_cache_meta, read_latents, read_shard, shard_keys, shard_of_latents
+from storage.activations import META_FILE, ShardActivations, load_decoder_directions, load_latent_stats, read_cache_meta, read_latents, read_shard, shard_keys, shard_of_latents
 from storage.corpus import load_corpus
 from storage.store import StoredTable, TableStore
 from storage.vector_store import explanations_table_stamp as explanations_table_stamp_at
@@ -88,21 +88,21 @@ def corpus_tokens(store: TableStore) -> np.ndarray:
     return load_corpus(layout).tokens
 
 
-def rows_of(table: StoredTable) -> pd.DataFrame:
-    """The table's rows; none (an empty frame) where it has not been written."""
-    frame = table.read_if_present()
+def rows_of(table: StoredTable, columns: list[str] | None = None) -> pd.DataFrame:
+    """The table's rows (or some columns); none (an empty frame) where it has not been written."""
+    frame = table.read_if_present(columns)
     return pd.DataFrame() if frame is None else frame
 
 
-def _read_shards(tables: dict[str, StoredTable]) -> pd.DataFrame:
-    frames = [rows_of(t).assign(shard=s) for s, t in tables.items()]
+def _read_shards(tables: dict[str, StoredTable], columns: list[str] | None = None) -> pd.DataFrame:
+    frames = [rows_of(t, columns).assign(shard=s) for s, t in tables.items()]
     frames = [f for f in frames if len(f)]
     return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
 
 
-def explanations(store: TableStore, coder: str, shards: list[str]) -> pd.DataFrame:
-    """Explanation rows of every shard that has them, with a `shard` column."""
-    return _read_shards({s: store.explanations(coder, s) for s in shards})
+def explanations(store: TableStore, coder: str, shards: list[str], columns: list[str] | None = None) -> pd.DataFrame:
+    """Explanation rows (or some columns) of every shard that has them, with a `shard` column."""
+    return _read_shards({s: store.explanations(coder, s) for s in shards}, columns)
 
 
 def explanation_senses(store: TableStore, coder: str, shards: list[str]) -> pd.DataFrame:
@@ -153,8 +153,8 @@ def verdict(gaps: pd.Series, scorer: str) -> str:
     return _verdict(gaps, scorer_info(scorer)["control"])
 
 
-def scores(store: TableStore, coder: str, scorer: str, shards: list[str]) -> pd.DataFrame:
-    return _read_shards({s: store.scores(coder, s, scorer) for s in shards})
+def scores(store: TableStore, coder: str, scorer: str, shards: list[str], columns: list[str] | None = None) -> pd.DataFrame:
+    return _read_shards({s: store.scores(coder, s, scorer) for s in shards}, columns)
 
 
 def tokenizer_vocab(store: TableStore) -> list[str]:
@@ -191,11 +191,25 @@ def corpus_meta(store: TableStore) -> dict:
     return json.loads(path.read_text()) if path.exists() else {}
 
 
-def decoder_rows(store: TableStore, coder: str):
-    """The coder's decoder directions `[width, d_in]` (torch), or None for coders without a decoder (neurons)."""
+def registered_coder(store: TableStore, key: str):
+    """The registered coder `key` (`resources.sparse_coders.SparseCoder`), loaded and checked."""
     from resources.sparse_coders import load_registered
 
-    return load_registered(store.layout.registry_dir, coder).decoder_weight
+    return load_registered(store.layout.registry_dir, key)
+
+
+def stored_decoder_directions(store: TableStore, coder: str) -> tuple[bool, np.ndarray | None]:
+    """(found, unit-norm decoder rows memory-mapped or None for a coder without a decoder) as the activations
+    stage wrote them with the cache; (False, None) where it did not (a cache made before it did, or the
+    registry's coder changed since), and the caller converts the coder's weights itself."""
+    from resources.sparse_coders import coder_fingerprint
+
+    folder = store.layout.activations_dir(coder)
+    meta = read_cache_meta(folder) or {}
+    if "decoder_directions" not in meta or not store.layout.coder_registry_dir(coder).is_dir() \
+            or meta.get("coder_fingerprint") != coder_fingerprint(store.layout.registry_dir, coder):
+        return False, None
+    return True, load_decoder_directions(folder) if meta["decoder_directions"] else None
 
 
 def registry_files(store: TableStore, coder: str) -> list[Path]:

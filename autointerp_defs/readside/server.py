@@ -58,38 +58,39 @@ def make_handler(viewer: Viewer, viewer_url: str | None = None):
         def do_GET(self):
             url = urlsplit(self.path)
             params = dict(parse_qsl(url.query, keep_blank_values=True))
-            try:
-                host, port = self.server.server_address[:2]
-                if not host_allowed(self.headers.get("Host"), host, port, viewer_url):
-                    raise ViewerError(403, f"Misdirected request: Host {self.headers.get('Host')!r} is not this server ({host}:{port}). "
-                                           f"Fix: open http://127.0.0.1:{port}/, or set [settings] viewer_url to the address you use.")
-                if url.path in PAGES:
-                    shell = (STATIC / "page.html").read_text().replace("{{page}}", PAGES[url.path])
-                    return self._send(200, shell.encode(), "text/html; charset=utf-8")
-                if url.path.startswith("/static/"):
-                    return self._static(url.path[len("/static/"):])
-                if url.path == "/api/coders":
-                    return self._json(viewer.coders())
-                if url.path == "/api/latents":
-                    return self._json(viewer.latent_list(params.get("coder", ""), params))
-                if url.path == "/api/search":
-                    return self._json(viewer.search(params.get("coder", ""), params.get("q", ""), integer(params, "limit", 20)))
-                if url.path == "/api/latent":
-                    return self._json(viewer.latent(params.get("coder", ""), params.get("latent", "")))
-                if url.path == "/api/logit_lens":
-                    return self._json(viewer.logit_lens(params.get("coder", ""), params.get("latent", "")))
-                if url.path == "/api/steer":
-                    return self._json(viewer.steer(params.get("coder", ""), params))
-                if url.path == "/healthz":
-                    return self._json({"ok": True})
-                raise ViewerError(404, f"No page {url.path}. Fix: start at / (the coders).")
-            except ViewerError as error:
-                self._json({"error": str(error)}, error.status)
-            except (BrokenPipeError, ConnectionResetError):
-                pass
-            except Exception as error:  # a bug must show as a 500 with its reason, not kill the server
-                traceback.print_exc(file=sys.stderr)
-                self._json({"error": f"{type(error).__name__}: {error}"}, 500)
+            with viewer.answering():  # background work pauses meanwhile
+                try:
+                    host, port = self.server.server_address[:2]
+                    if not host_allowed(self.headers.get("Host"), host, port, viewer_url):
+                        raise ViewerError(403, f"Misdirected request: Host {self.headers.get('Host')!r} is not this server ({host}:{port}). "
+                                               f"Fix: open http://127.0.0.1:{port}/, or set [settings] viewer_url to the address you use.")
+                    if url.path in PAGES:
+                        shell = (STATIC / "page.html").read_text().replace("{{page}}", PAGES[url.path])
+                        return self._send(200, shell.encode(), "text/html; charset=utf-8")
+                    if url.path.startswith("/static/"):
+                        return self._static(url.path[len("/static/"):])
+                    if url.path == "/api/coders":
+                        return self._json(viewer.coders())
+                    if url.path == "/api/latents":
+                        return self._json(viewer.latent_list(params.get("coder", ""), params))
+                    if url.path == "/api/search":
+                        return self._json(viewer.search(params.get("coder", ""), params.get("q", ""), integer(params, "limit", 20)))
+                    if url.path == "/api/latent":
+                        return self._json(viewer.latent(params.get("coder", ""), params.get("latent", "")))
+                    if url.path == "/api/logit_lens":
+                        return self._json(viewer.logit_lens(params.get("coder", ""), params.get("latent", "")))
+                    if url.path == "/api/steer":
+                        return self._json(viewer.steer(params.get("coder", ""), params))
+                    if url.path == "/healthz":
+                        return self._json({"ok": True})
+                    raise ViewerError(404, f"No page {url.path}. Fix: start at / (the coders).")
+                except ViewerError as error:
+                    self._json({"error": str(error)}, error.status)
+                except (BrokenPipeError, ConnectionResetError):
+                    pass
+                except Exception as error:  # a bug must show as a 500 with its reason, not kill the server
+                    traceback.print_exc(file=sys.stderr)
+                    self._json({"error": f"{type(error).__name__}: {error}"}, 500)
 
         def _static(self, name: str):
             path = (STATIC / name).resolve()

@@ -15,7 +15,8 @@ from dagster import DagsterInstance, materialize
 from assets.activations import cache_activations
 from assets.corpus import CorpusConfig, build_corpus
 from resources.sparse_coders import load_registered, save_neurons, save_sparsify
-from storage.activations import load_latent_stats, read_shard, shard_keys
+from resources.logit_lens import Unembedding
+from storage.activations import DECODER_DIRECTIONS_FILE, load_decoder_directions, load_latent_stats, read_shard, shard_keys
 from storage.atomic import read_json
 from storage.layout import DataRoot
 from tests.conftest import add_coders, TEST_LATENTS_PER_SHARD, TINY_CODER, TINY_CORPUS_CONFIG, make_resources
@@ -50,6 +51,13 @@ def test_one_run_one_pass_for_several_coders(registered, subject):
         assert read_json(root.activations_dir(coder) / "meta.json")["sequences_forwarded_this_run"] == 48  # one pass, shared
     neuron_meta = read_json(root.activations_dir(NEURONS) / "meta.json")
     assert neuron_meta["mean_l0"] <= 8 and neuron_meta["fvu"] is None
+    # what the latent browser's first page reads, written while the coder and the model are loaded
+    sae_meta = read_json(root.activations_dir(TINY_CODER) / "meta.json")
+    assert sae_meta["decoder_directions"] is True and neuron_meta["decoder_directions"] is False
+    assert np.array_equal(load_decoder_directions(root.activations_dir(TINY_CODER)), load_registered(root.registry_dir, TINY_CODER).decoder_directions().numpy())
+    assert not (root.activations_dir(NEURONS) / DECODER_DIRECTIONS_FILE).exists()
+    lens = Unembedding(root.unembedding_path(subject.model, subject.gguf_file))
+    assert torch.equal(lens.get_output_embeddings().weight, subject.causal_lm().get_output_embeddings().weight.detach().float())
 
     alone = DataRoot.at(registered / "alone")
     shutil.copytree(registered / "registry", alone.registry_dir)

@@ -248,7 +248,7 @@ def test_index_is_cached_on_disk_and_rebuilt_when_a_table_changes(partition, tmp
     root = tmp_path / "copy"
     shutil.copytree(partition.root, root, ignore=shutil.ignore_patterns("viewer", "llm_cache"))
     first = Viewer(TableStore.at(root)).latent_list(partition.coder, {"status": "ok"})["total"]
-    cached = root / "viewer" / partition.coder / "latents.parquet"
+    cached = root / "viewer" / partition.coder / "latents.arrow"
     built = cached.stat().st_mtime_ns
     assert Viewer(TableStore.at(root)).latent_list(partition.coder, {"status": "ok"})["total"] == first
     assert cached.stat().st_mtime_ns == built  # a new server reads the cache instead of rebuilding
@@ -301,7 +301,7 @@ def test_a_coder_name_never_leads_outside_the_data_root(server, partition, tmp_p
             status, data = get(server, path)
             assert status == 404 and partition.coder in data["error"], (coder, data)
     assert sorted(p.name for p in elsewhere.iterdir()) == sorted(p.name for p in root.activations_dir(partition.coder).iterdir())  # no cache written there
-    assert not (root.activations_dir(partition.coder) / "latents.parquet").exists()
+    assert not (root.activations_dir(partition.coder) / "latents.arrow").exists()
 
 
 def raw_get(server: str, path: str, host: str) -> tuple[int, dict]:
@@ -477,3 +477,48 @@ def test_latent_page_shows_the_senses_of_a_latent_explained_as_several(partition
     assert viewer.latent(partition.coder, several)["explanation"]["senses"] == [{"text": "digits inside parentheses", "windows": 5},
                                                                                 {"text": "names inside quotation marks", "windows": 3}]
     assert viewer.latent(partition.coder, other)["explanation"]["senses"] == []
+
+
+def test_a_first_start_after_a_materialization_serves_a_latent_page_without_building_a_cache(partition, tmp_path, monkeypatch):
+    """What the first `autointerp view` after a materialization finds: the decoder directions the activations stage
+    wrote with its cache (nothing to convert), and no per-shard copy yet. The page reads the latent's rows from the
+    tables themselves, leaves the copies to the background, and is the page the built caches give."""
+    import numpy as np
+
+    from autointerp_defs.readside import index
+    from autointerp_defs.readside.app import Viewer
+    from resources.sparse_coders import load_registered
+    from storage.activations import load_decoder_directions, read_cache_meta
+
+    layout = copy_root(partition, tmp_path)
+    acts = layout.activations_dir(partition.coder)
+    assert read_cache_meta(acts)["decoder_directions"] is True
+    assert np.array_equal(load_decoder_directions(acts), load_registered(layout.registry_dir, partition.coder).decoder_directions().numpy())
+    monkeypatch.setattr(index, "lens_model", lambda *args, **kwargs: "not under test here")  # no subject model loaded for the lens
+    prepared = []
+    monkeypatch.setattr(index.CoderIndex, "_prepare_in_background", lambda self, shard: prepared.append(shard))
+    first = Viewer(TableStore.at(layout.root))
+    first.background = True
+    latent = int(tables(partition)[2]["simulation"].latent.iloc[0])  # explained, scored by every scorer, simulated
+    page = first.latent(partition.coder, latent)
+    built_caches = lambda: sorted(p.name for p in layout.viewer_dir(partition.coder).iterdir() if p.suffix in (".arrow", ".npz", ".npy") and p.stem != "latents")
+    assert built_caches() == [] and set(prepared) == {partition.shard}
+    assert page == Viewer(TableStore.at(layout.root)).latent(partition.coder, latent)  # without a background, the request builds every cache
+    assert f"{partition.shard}.exemplars.arrow" in built_caches() and "decoder.npy" not in built_caches()
+
+
+def test_background_work_waits_while_a_request_is_answered(partition):
+    """On a first start the warm-up's steps (loading the embedder, copying a shard) wait for the requests in flight."""
+    import time
+
+    from autointerp_defs.readside.app import Viewer
+
+    viewer = Viewer(TableStore.at(partition.root))
+    paused = threading.Event()
+    with viewer.answering():
+        waiting = threading.Thread(target=lambda: (viewer.pause_for_requests(), paused.set()))
+        waiting.start()
+        time.sleep(0.5)
+        assert not paused.is_set()
+    waiting.join(timeout=10)
+    assert paused.is_set()

@@ -2,7 +2,7 @@
 import re
 from pathlib import Path
 
-from storage.activations import LATENT_STATS_FILE, META_FILE, PROGRESS_FILE
+from storage.activations import DECODER_DIRECTIONS_FILE, LATENT_STATS_FILE, META_FILE, PROGRESS_FILE
 from storage.tables import TABLES
 
 FORMATS = (Path(__file__).resolve().parents[2] / "docs" / "formats.md").read_text()
@@ -26,7 +26,7 @@ def test_every_table_is_documented_with_its_columns_and_types_in_order():
 
 def test_the_activation_cache_and_corpus_files_are_documented():
     cache = FORMATS[FORMATS.index("## Activation cache"): FORMATS.index("## Corpus")]
-    for name in (LATENT_STATS_FILE, PROGRESS_FILE, META_FILE, "chunk-NNNNN.safetensors", "stats.partial-NNNNN.safetensors"):
+    for name in (LATENT_STATS_FILE, PROGRESS_FILE, META_FILE, "chunk-NNNNN.safetensors", "stats.partial-NNNNN.safetensors", DECODER_DIRECTIONS_FILE):
         assert f"`{name}" in cache or f"/{name}`" in cache, name
     for tensor in ("locations", "activations", "count", "max", "sum", "tokens"):
         assert f"| `{tensor}` |" in cache, tensor

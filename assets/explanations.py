@@ -32,7 +32,7 @@ from assets.prompts import corpus_prompt_vocab, plain_text
 from assets.records import LatentRecord, read_records
 from assets.refine import Refiner
 from assets.score_metrics import roc_auc
-from assets.senses import JOIN, sense_clusters, sense_record
+from assets.senses import JOIN, sense_clusters, sense_record, sense_test_windows
 from assets.stage_config import Models, added_later, problems, settings_digest, with_defaults
 from assets.work import ChunkLoader, nothing_succeeded, selected_latents, stream_latents
 from resources.embedder import EmbedderResource, explanation_similarity
@@ -122,8 +122,10 @@ async def explain_senses(explainer: Explainer, config: ExplanationsConfig, recor
     union = {**rows[0], **{k: sum(r[k] for r in rows) for k in ("prompt_tokens", "completion_tokens", "examples_dropped")}}
     if failed is not None:
         return {**union, "explanation": "", "status": "failed", "error": failed["error"], "candidates": [], "candidate_scores": []}, [], []
-    senses = [{"latent": record.latent, "sense": i, "explanation": text, "windows": sum(len(w) for row, w in zip(rows, clusters) if row["explanation"] == text),
-               "clusters": [k for k, row in enumerate(rows) if row["explanation"] == text]} for i, text in enumerate(distinct)]
+    members = [[k for k, row in enumerate(rows) if row["explanation"] == text] for text in distinct]
+    held_out = sense_test_windows(record, clusters, members, embed)
+    senses = [{"latent": record.latent, "sense": i, "explanation": text, "windows": sum(len(clusters[k]) for k in sense), "clusters": sense, "test_windows": test}
+              for i, (text, sense, test) in enumerate(zip(distinct, members, held_out))]
     return {**union, "explanation": JOIN.join(distinct), "candidates": [JOIN.join(distinct)], "candidate_scores": [float("nan")]}, [], senses
 
 
@@ -192,6 +194,9 @@ def viewer_links(base: str, coder: str, latents: list[int], n: int = 20) -> dict
 
 EXPLANATIONS_VERSION = "4"
 """Bump when this stage's own code changes results; each explainer has its own `version` too."""
+SENSES_VERSION = "2"
+"""Bump when what `senses` > 1 writes changes (2: `explanation_senses.test_windows`); part of the code version only
+with `senses` > 1, so that deployments without the option re-run nothing."""
 
 
 def explanations_asset(defaults: dict | None = None, explainers: dict[str, type[Explainer]] | None = None, partitions_per_run: int = 1,
@@ -207,7 +212,8 @@ def explanations_asset(defaults: dict | None = None, explainers: dict[str, type[
     make_explainer(chosen, explainers, ExplainerDeps(llm=None))  # checks its settings now
     roles = ["explainer", *(["subject_model"] if "subject_model" in explainers[chosen.explainer].uses else []), *(["embedder"] if chosen.best_of_n > 1 or chosen.senses > 1 else []),
              *(["judge"] if chosen.refine_rounds else [])]
-    version = f"{EXPLANATIONS_VERSION}-{explainers[chosen.explainer].version}-{settings_digest(chosen)}{models.version_part(*roles)}"
+    version = (f"{EXPLANATIONS_VERSION}-{explainers[chosen.explainer].version}-{settings_digest(chosen)}{models.version_part(*roles)}"
+               + (f"-senses{SENSES_VERSION}" if chosen.senses > 1 else ""))
 
     def explanations(context: AssetExecutionContext, config, settings: AutointerpSettings, llm: LLMResource, embedder: EmbedderResource,
                      subject_model: SubjectModelResource):

@@ -34,8 +34,6 @@ from dagster import (
 from assets.automation import CODE_CHANGED, FOLLOW, LLM_POOL, SUBJECT_MODEL_POOL, in_pool
 from assets.checks import result, scorer_results, scorer_specs, shards_present, summary_specs
 from assets.explanations import viewer_links
-from assets.records import read_records
-from assets.senses import assigned
 from assets.links import coder_url, home_url, latent_url
 from assets.work import ChunkLoader, nothing_succeeded, selected_latents, stream_latents
 from assets.partitions import backfill_policy, coder_and_shard, coders_of, each_shard, shard_partitions
@@ -44,6 +42,7 @@ from assets.records import read_records
 from assets.score_metrics import beside_control, control_assignment, example_metrics, no_control_reason, paired_means, predictions_of, verdict
 from assets.scorers import Job, JobResult, Scorer, ScorerDeps, ScorerSettings
 from assets.scorers.base import CONTROLS
+from assets.senses import of_current
 from assets.stage_config import SCORER_ROLES, Models
 from resources.llm import stopped_by_budget
 from resources.sparse_coders import load_registered
@@ -51,7 +50,7 @@ from storage.corpus import load_corpus
 from storage.journal import Journal
 from storage.store import TableStore
 from storage.vector_store import CorpusWindows
-from storage.tables import SCORE_METRICS, empty_table, explanation_hash, latents_in
+from storage.tables import SCORE_METRICS, TABLES, empty_table, explanation_hash, latents_in
 
 EMPTY_SHARD = "empty shard: no explainable latent"
 
@@ -202,30 +201,42 @@ async def score_partition(scorer: Scorer, exemplars: pd.DataFrame | Path, explan
     return pd.DataFrame(rows), examples  # one frame, not one per job
 
 
-async def score_senses(scorer: Scorer, exemplars: pd.DataFrame, senses: pd.DataFrame, vocab: list[str], most: int, embed, coder: str = "") -> pd.DataFrame:
-    """Each sense's scores (rows of `explanation_senses`, written with `[explanations] senses` = `most`) on the
-    `test` windows: the activating windows nearest that sense's clusters (`assets.senses.assigned`) are its
-    positives, every other window (the other senses' included) its negatives. One `score_partition` per
-    sense number, so a sense's control is another latent's sense of that number. Columns: `sense` and
-    those of `score_partition`'s per-latent rows."""
+async def score_senses(scorer: Scorer, exemplars: pd.DataFrame | Path, senses: pd.DataFrame, vocab: list[str], coder: str = "") -> pd.DataFrame:
+    """Each sense's scores (rows of `explanation_senses`) on the `test` windows: the activating ones nearest that
+    sense (its `test_windows`) are its positives, every other window (the other senses' included) its negatives.
+    One `score_partition` per sense number, so a sense's control is another latent's sense of that number.
+    Columns: `sense` and those of `score_partition`'s per-latent rows (the `sense_scores` table's)."""
     if not len(senses):
-        return pd.DataFrame()
-    records = read_records(exemplars, sorted(set(senses["latent"])), coder, vocab)
-    sense_of = {latent: assigned(record, "test", most, embed) for latent, record in records.items()}  # test position → cluster
+        return empty_table("sense_scores")
+    records = read_records(exemplars, sorted(set(senses["latent"].astype(int))), coder, vocab)
     parts = []
     for number, rows in senses.groupby("sense"):
         relabelled = []
         for row in rows.itertuples():
             windows = records[row.latent].windows.copy()
             test = np.flatnonzero((windows["split"] == "test").to_numpy())
-            others = [test[position] for position, cluster in sense_of[row.latent].items() if cluster not in row.clusters]
+            own = set(row.test_windows)
+            others = [test[position] for position in np.flatnonzero(windows["kind"].to_numpy()[test] == "activating") if position not in own]
             windows.iloc[others, windows.columns.get_loc("kind")] = "random"  # another sense: a negative of this one
             windows.iloc[others, windows.columns.get_loc("quantile")] = 0
             relabelled.append(windows)
         explained = rows.assign(status="ok")[["latent", "explanation", "status"]]
         scored, _ = await score_partition(scorer, pd.concat(relabelled), explained, vocab, coder=coder)
         parts.append(scored.assign(sense=int(number)))
-    return pd.concat(parts, ignore_index=True)
+    return pd.concat(parts, ignore_index=True)[TABLES["sense_scores"].columns]
+
+
+def scorable_senses(store: TableStore, coder: str, shard: str, explanations: pd.DataFrame, report) -> pd.DataFrame:
+    """The partition's `explanation_senses` rows of its current explanations (`assets.senses.of_current`): what
+    the scorers score sense by sense. Senses written before they recorded their `test_windows` are not scorable."""
+    senses = store.explanation_senses(coder, shard).read_if_present()
+    if senses is None or not len(senses):
+        return empty_table("explanation_senses")
+    if "test_windows" not in senses or senses["test_windows"].isna().any():
+        report(f"the senses of {coder} shard {shard} do not say which test windows are each sense's (written before they did): "
+               f"no sense is scored on its own. Fix: re-materialize `explanations` for this partition.")
+        return empty_table("explanation_senses")
+    return of_current(senses, explanations)
 
 
 async def _none():
@@ -384,12 +395,24 @@ def scorer_asset(scorer: type[Scorer], settings: ScorerSettings, automate: bool,
             fingerprints = "|".join([exemplars_fingerprint, *([explanations_table.fingerprint()] if explanations_table.exists() else [])])
             with store.writing(store.scores(coder, shard, scorer.name), journal_key=f"{scorer.version}|{settings.digest()}|{named}|{fingerprints}",
                                parts=("examples", "scores")) as writer:
-                frame, examples = asyncio.run(score_partition(judge, exemplars, explanations, corpus_prompt_vocab(corpus), max_latents, context.log.info, writer.journal, coder))
+                vocab = corpus_prompt_vocab(corpus)
+                senses = scorable_senses(store, coder, shard, explanations, context.log.warning) if judge.scores_senses and judge.uses_explanation else None
+
+                async def union_and_senses():  # one event loop: the judge's client is bound to it
+                    frame, examples = await score_partition(judge, exemplars, explanations, vocab, max_latents, context.log.info, writer.journal, coder)
+                    scored = senses[senses["latent"].isin(frame["latent"] if len(frame) else [])] if senses is not None else None  # `max_latents_per_shard`
+                    return frame, examples, await score_senses(judge, exemplars, scored, vocab, coder) if scored is not None else None
+
+                frame, examples, sense_frame = asyncio.run(union_and_senses())
                 if len(frame) and frame["n_failed"].sum() > 0 and (frame["n_scored"].fillna(0) + frame["control_n_scored"].fillna(0)).sum() == 0:
                     reasons = pd.Series([reason for cell in frame["failures"] for reason in json.loads(cell)], dtype=str)
                     raise nothing_succeeded(f"scores/{scorer.name}", f"no example of {len(frame)} latents could be scored", reasons)
-                writer.commit(frame, (store.scored_examples(coder, shard, scorer.name), examples))
+                writer.commit(frame, (store.scored_examples(coder, shard, scorer.name), examples),
+                              *([(store.sense_scores(coder, shard, scorer.name), sense_frame)] if sense_frame is not None else []))
             metadata = scorer_metadata(scorer, settings, frame, examples)
+            if sense_frame is not None and len(sense_frame):
+                metadata["senses_scored"] = len(sense_frame)
+                metadata[f"mean_sense_{scorer.main_metric}"] = MetadataValue.float(round(float(sense_frame[scorer.main_metric].mean()), 4))
             metadata.update({f"{role}_model" if role == "judge" else role: identity for role, identity in used.items() if identity})
             if not latents_in(exemplars):
                 metadata["verdict"] = EMPTY_SHARD

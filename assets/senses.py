@@ -9,7 +9,8 @@ and no two clusters' mean similarity is `DISTINCT_BELOW` or more; clusters of fe
 explainer is asked once per cluster, its normal prompt on that cluster's windows; clusters whose
 explanations coincide are one sense (the embedding proposes senses, the explanations settle them). The latent's `explanation` is then the distinct senses joined
 by " or " (a deterministic summary: it costs no request and cannot drop or reword a sense, so every
-scorer scores exactly the union of what the senses say); each sense is a row of `explanation_senses`.
+scorer scores exactly the union of what the senses say); each sense is a row of `explanation_senses`, with
+the `test` activating windows nearest its clusters (`test_windows`), on which the scorers score it alone.
 A latent with one cluster is explained as without this option; one whose clusters are all explained
 alike is too, after those requests (the price of a sense the embedding split but the explainer did not).
 """
@@ -88,10 +89,9 @@ def sense_record(record: LatentRecord, windows: pd.DataFrame) -> LatentRecord:
     return replace(record, windows=pd.concat([windows, others]))
 
 
-def assigned(record: LatentRecord, split: str, most: int, embed) -> dict[int, int]:
-    """Window position within `split` → its sense, for the `split`'s activating windows: the sense whose
-    `train` windows are on average most similar (the senses as `sense_clusters` finds them)."""
-    senses = sense_clusters(record, most, embed)
+def assigned(record: LatentRecord, split: str, senses: list[pd.DataFrame], embed) -> dict[int, int]:
+    """Window position within `split` → its cluster, for the `split`'s activating windows: the cluster (of
+    `senses`, as `sense_clusters` found them) whose `train` windows are on average most similar."""
     windows = record.windows[record.windows["split"] == split].reset_index(drop=True)
     activating = windows[windows["kind"] == "activating"]
     if len(senses) == 1 or not len(activating):
@@ -101,3 +101,23 @@ def assigned(record: LatentRecord, split: str, most: int, embed) -> dict[int, in
     bounds = np.cumsum([0] + [len(s) for s in senses])
     means = np.stack([(held @ train[bounds[k] : bounds[k + 1]].T).mean(axis=1) for k in range(len(senses))], axis=1)
     return {int(i): int(k) for i, k in zip(activating.index, means.argmax(axis=1))}
+
+
+def sense_test_windows(record: LatentRecord, clusters: list[pd.DataFrame], senses: list[list[int]], embed) -> list[list[int]]:
+    """Per sense (the clusters it was explained from), the positions within the latent's `test` windows of the
+    activating ones nearest it (`assigned`): its positives when each sense is scored on its own windows."""
+    cluster_of = assigned(record, "test", clusters, embed)
+    return [sorted(position for position, cluster in cluster_of.items() if cluster in sense) for sense in senses]
+
+
+def of_current(senses: pd.DataFrame, explanations: pd.DataFrame) -> pd.DataFrame:
+    """The `explanation_senses` rows of latents whose current explanation (status ok) is those senses joined by
+    `JOIN`: senses of an explanation since replaced (an import, a re-explain with one sense) are left out.
+    Keyed by `latent`, and by `shard` where both frames have one (the read side's frames of several shards)."""
+    if not len(senses) or not len(explanations):
+        return senses.iloc[:0]
+    keys = ["shard", "latent"] if "shard" in senses and "shard" in explanations else ["latent"]
+    ok = explanations[explanations["status"] == "ok"].drop_duplicates(keys, keep="last").set_index(keys)["explanation"]
+    union = senses.sort_values("sense").groupby(keys)["explanation"].agg(JOIN.join)
+    current = union[union.eq(ok.reindex(union.index))].index
+    return senses[pd.MultiIndex.from_frame(senses[keys]).isin(current) if len(keys) > 1 else senses["latent"].isin(current)]

@@ -79,11 +79,11 @@ def score(name: str, exemplars, explanations, vocab, server=None, embedder=None,
     return asyncio.run(score_partition(scorer, exemplars, explanations, vocab))[0]
 
 
-def sense_detection(server, exemplars, senses: list[dict], vocab, most: int, embedder) -> dict:
+def sense_detection(server, exemplars, senses: list[dict], vocab) -> dict:
     """Mean detection of each sense on its own test windows against the rest (`score_senses`)."""
     llm = LLMResource(backend="openai", base_url=server.base_url, model="scripted", max_concurrency=16, cache_dir="").client()
     scorer = SCORERS["detection"](scorer_settings()["detection"], ScorerDeps(llm=llm))
-    scored = asyncio.run(score_senses(scorer, exemplars, pd.DataFrame(senses), vocab, most, embedder.embed))
+    scored = asyncio.run(score_senses(scorer, exemplars, pd.DataFrame(senses), vocab))
     return mean_gap(scored, "balanced_accuracy") if len(scored) else {}
 
 
@@ -116,7 +116,7 @@ def main() -> None:
                 if most > 1:
                     named = [{cls for cls, _ in senses_of(text)} == set(plan[group][latent]) for latent, text in zip(explanations["latent"], explanations["explanation"])]
                     results[method][group]["all_senses_named"] = f"{sum(named)}/{len(named)}"
-                    results[method][group]["per_sense_detection"] = sense_detection(server, exemplars, senses[group], vocab, most, embedder)
+                    results[method][group]["per_sense_detection"] = sense_detection(server, exemplars, senses[group], vocab)
     embedding, embedding_spans = (mean_gap(score("embedding", groups["single_sense"], explained["refined", "single_sense"], vocab, embedder=embedder, **overrides), "roc_auc")
                                   for overrides in ({}, {"span_tokens": SPAN_TOKENS}))
     seconds = time.perf_counter() - started

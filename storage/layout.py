@@ -99,6 +99,10 @@ class DataRoot:
         """Per latent: the scorer's metrics with the explanation and beside the control."""
         return self.root / "scores" / coder / shard / f"{scorer}.parquet"
 
+    def sense_scores_path(self, coder: str, shard: str, scorer: str) -> Path:
+        """Per sense of a latent explained as several: the scorer's metrics of that sense on its own windows, beside the control."""
+        return self.root / "scores" / coder / shard / f"{scorer}.senses.parquet"
+
     def scored_examples_path(self, coder: str, shard: str, scorer: str) -> Path:
         """Per judged example (or intruder task): label, prediction, score; what every metric is computed from."""
         return self.root / "scores" / coder / shard / f"{scorer}.examples.parquet"

@@ -162,6 +162,10 @@ class TableStore:
     def scores(self, coder: str, shard: str, scorer: str) -> StoredTable:
         return self._table("scores", self.layout.scores_path(coder, shard, scorer), f"scores/{scorer}", f"scores/{scorer} of {coder} shard {shard}")
 
+    def sense_scores(self, coder: str, shard: str, scorer: str) -> StoredTable:
+        return self._table("sense_scores", self.layout.sense_scores_path(coder, shard, scorer), f"scores/{scorer}",
+                           f"sense scores of scores/{scorer} of {coder} shard {shard}")
+
     def scored_examples(self, coder: str, shard: str, scorer: str) -> StoredTable:
         return self._table("scored_examples", self.layout.scored_examples_path(coder, shard, scorer), f"scores/{scorer}",
                            f"scored examples of scores/{scorer} of {coder} shard {shard}")
@@ -175,9 +179,10 @@ class TableStore:
         return sorted(p.name for p in folder.iterdir() if p.is_dir()) if folder.is_dir() else []
 
     def scorers_of(self, coder: str, shard: str) -> list[str]:
-        """The scorers with a scores table in that shard (plugins' included)."""
+        """The scorers with a scores table in that shard (plugins' included); the tables beside one
+        (`<scorer>.examples.parquet`, `<scorer>.senses.parquet`) are not scorers."""
         folder = self.layout.scores_path(coder, shard, "_").parent
-        return sorted(p.name.removesuffix(".parquet") for p in folder.glob("*.parquet") if not p.name.endswith(".examples.parquet")) if folder.is_dir() else []
+        return sorted(p.name.removesuffix(".parquet") for p in folder.glob("*.parquet") if p.name.count(".") == 1) if folder.is_dir() else []
 
     def summary_sources(self, coder: str) -> dict | None:
         """The fingerprints the summary of `coder` was built from (None: not recorded)."""

@@ -23,6 +23,13 @@ SCORE_METRICS = ("accuracy", "balanced_accuracy", "precision", "recall", "f1", "
                  "ev_correlation", "rsquared", "logprob_fraction", "intervention_score", "steering_kl",
                  "none_floor")
 """Every metric a scorer may report per latent (NaN where it does not apply)."""
+SCORES_FIELDS = [
+    ("latent", pa.int64()), ("explanation", pa.large_string()), ("control_explanation", pa.large_string()), ("control_note", pa.large_string()),
+    *((m, pa.float64()) for m in SCORE_METRICS), ("quantile_accuracy", pa.large_string()), *((f"control_{m}", pa.float64()) for m in SCORE_METRICS),
+    ("control_quantile_accuracy", pa.large_string()), ("gap", pa.float64()), ("n_failed", pa.int64()), ("n_dropped", pa.int64()),
+    ("failures", pa.large_string()), ("prompt_tokens", pa.int64()), ("explanation_hash", pa.large_string()), ("models", pa.large_string()),
+]
+"""The columns of a scorer's per-latent rows: the `scores` table's, and with `sense` first the `sense_scores` table's."""
 
 
 @dataclass(frozen=True)
@@ -58,14 +65,10 @@ TABLES = {t.name: t for t in [
     ])),
     Table("explanation_senses", pa.schema([
         ("latent", pa.int64()), ("sense", pa.int64()), ("explanation", pa.large_string()), ("windows", pa.int64()),
-        ("clusters", pa.list_(pa.int64())),
+        ("clusters", pa.list_(pa.int64())), ("test_windows", pa.list_(pa.int64())),
     ])),
-    Table("scores", pa.schema([
-        ("latent", pa.int64()), ("explanation", pa.large_string()), ("control_explanation", pa.large_string()), ("control_note", pa.large_string()),
-        *((m, pa.float64()) for m in SCORE_METRICS), ("quantile_accuracy", pa.large_string()), *((f"control_{m}", pa.float64()) for m in SCORE_METRICS),
-        ("control_quantile_accuracy", pa.large_string()), ("gap", pa.float64()), ("n_failed", pa.int64()), ("n_dropped", pa.int64()),
-        ("failures", pa.large_string()), ("prompt_tokens", pa.int64()), ("explanation_hash", pa.large_string()), ("models", pa.large_string()),
-    ])),
+    Table("scores", pa.schema(SCORES_FIELDS)),
+    Table("sense_scores", pa.schema([("sense", pa.int64()), *SCORES_FIELDS])),
     Table("scored_examples", pa.schema([
         ("example", pa.int64()), ("label", pa.int64()), ("quantile", pa.int64()), ("activation", pa.float64()), ("prediction", pa.float64()),
         ("score", pa.float64()), ("predicted", pa.int64()), ("latent", pa.int64()), ("source", pa.large_string()),

@@ -121,6 +121,10 @@ class Scorer:
     """Resources it needs: any of 'llm', 'embedder', 'subject_model'; and 'coder' for the partition's coder."""
     control: ClassVar[Literal["shuffled_explanation", "no_intruder"]] = "shuffled_explanation"
     main_metric: ClassVar[str]
+    scores_senses: ClassVar[bool] = False
+    """Whether it judges only which held-out windows fire (their labels), so that each sense of a latent explained
+    as several is scored too, with the other senses' windows as silent ones (`assets/scores.py::score_senses`).
+    Not for scorers that read the windows' activation values (simulation) or steer the latent."""
     uses_calibration: ClassVar[bool] = False
     """Whether `score` reads `job.calibration` (the latent's `valid` windows); built only for scorers that do."""
     version: ClassVar[str] = "1"

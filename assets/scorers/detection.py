@@ -15,6 +15,7 @@ class Detection(Scorer):
     Settings = DetectionSettings
     uses = frozenset({"llm"})
     main_metric = "balanced_accuracy"
+    scores_senses = True
 
     async def score(self, job: Job) -> JobResult:
         return await classify(self.deps.llm, job, self.settings.examples_per_prompt, DETECTION_SYSTEM, lambda e: e.text)

@@ -36,6 +36,7 @@ class Embedding(Scorer):
     Settings = EmbeddingSettings
     uses = frozenset({"embedder"})
     main_metric = "roc_auc"
+    scores_senses = True
 
     def __init__(self, settings, deps):
         super().__init__(settings, deps)

@@ -16,6 +16,7 @@ class Fuzzing(Scorer):
     Settings = FuzzingSettings
     uses = frozenset({"llm"})
     main_metric = "balanced_accuracy"
+    scores_senses = True
 
     async def score(self, job: Job) -> JobResult:
         return await classify(self.deps.llm, job, self.settings.examples_per_prompt, FUZZING_SYSTEM, lambda e: e.marked_text)

@@ -108,6 +108,7 @@ class SAEBench(Scorer):
     Settings = SAEBenchSettings
     uses = frozenset({"llm"})
     main_metric = "accuracy"
+    scores_senses = True
 
     async def score(self, job: Job) -> JobResult:
         client, s = self.deps.llm, self.settings

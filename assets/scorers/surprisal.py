@@ -22,6 +22,7 @@ class Surprisal(Scorer):
     Settings = SurprisalSettings
     uses = frozenset({"subject_model"})
     main_metric = "roc_auc"
+    scores_senses = True
 
     def __init__(self, settings, deps):
         super().__init__(settings, deps)

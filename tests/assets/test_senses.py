@@ -63,7 +63,7 @@ def test_each_sense_is_scored_by_detection_on_its_own_test_windows_against_the_r
     with ScriptedLLMServer(scripted_llm) as server:
         _, senses = explain(server, exemplars, vocab, senses=3)
         scorer = SCORERS["detection"](scorer_settings()["detection"], ScorerDeps(llm=llm_resource(server).client()))
-        scored = asyncio.run(score_senses(scorer, exemplars, pd.DataFrame(senses), vocab, 3, EmbedderResource().embed))
+        scored = asyncio.run(score_senses(scorer, exemplars, pd.DataFrame(senses), vocab))
     assert sorted(zip(scored["latent"], scored["sense"])) == sorted((r["latent"], r["sense"]) for r in senses)
     # a sense's explanation finds its own windows: the scripted one is the bare class, so it also fits the hard negatives
     assert (scored["balanced_accuracy"] >= 0.8).all() and (scored["balanced_accuracy"] > scored["control_balanced_accuracy"]).all()
@@ -93,3 +93,39 @@ def test_the_explanations_asset_stores_the_senses_beside_their_union(registered)
         assert JOIN.join(rows.sort_values("sense")["explanation"]) == explained.set_index("latent").loc[latent, "explanation"] and len(rows) == 2
     metadata = result.asset_materializations_for_node("explanations")[0].metadata
     assert metadata["latents_with_several_senses"].value == senses["latent"].nunique()
+
+
+def test_the_scores_stage_scores_each_sense_on_its_own_windows_and_one_sense_latents_not(registered, planted):
+    """Through the explanations and scores/detection assets, on the planted latents written as the tiny coder's
+    exemplars: each sense of a two-sense latent gets a `sense_scores` row whose positives are exactly its own
+    test windows (recall 1: a window of the other sense counted as its own would be judged silent), and
+    beats its control; one-sense latents get none, and the union is scored as every latent's explanation."""
+    from dagster import DagsterInstance
+
+    from storage.store import TableStore
+    from storage.tables import write_table
+    from tests.conftest import TINY_CODER, add_coders, make_resources, pipeline_until_exemplars, run
+
+    exemplars, _ = planted
+    instance = DagsterInstance.ephemeral()
+    add_coders(instance, registered, TINY_CODER)
+    pipeline_until_exemplars(registered, instance)
+    store = TableStore.at(registered)
+    write_table(exemplars, store.exemplars(TINY_CODER, "00").path, "exemplars")
+    store.latent_profiles(TINY_CODER, "00").path.unlink()  # the tiny coder's latents' profiles, not the planted ones'
+    partition = f"{TINY_CODER}|00"
+    with ScriptedLLMServer(scripted_llm) as server:
+        resources = make_resources(registered, max_latents=len(PLANTED), llm=llm_resource(server, cache_dir=""))
+        run(["explanations"], partition, resources, instance, {"ops": {"explanations": {"config": {"senses": 3}}}})
+        result = run(["scores/detection"], partition, resources, instance)
+    senses = store.explanation_senses(TINY_CODER, "00").read()
+    scored = store.sense_scores(TINY_CODER, "00", "detection").read().set_index(["latent", "sense"])
+    two_senses = {latent for latent, classes in PLANTED.items() if len(classes) == 2}
+    assert set(senses["latent"]) == two_senses and sorted(scored.index) == sorted(zip(senses["latent"], senses["sense"]))
+    for row in senses.itertuples():
+        mine = scored.loc[(row.latent, row.sense)]
+        assert mine["explanation"] == row.explanation and len(row.test_windows) == 5  # the planted test split: 10 activating windows, 5 of each class
+        assert mine["recall"] == 1.0 and mine["balanced_accuracy"] >= 0.8 and mine["balanced_accuracy"] > mine["control_balanced_accuracy"], (row, mine.to_dict())
+    union = store.scores(TINY_CODER, "00", "detection").read()
+    assert sorted(union["latent"]) == sorted(PLANTED) and (union["explanation"] != "").all()
+    assert result.asset_materializations_for_node("scores__detection")[0].metadata["senses_scored"].value == len(senses)

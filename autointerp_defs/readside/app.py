@@ -336,15 +336,26 @@ class Viewer:
 
     @staticmethod
     def _senses(index: CoderIndex, latent: int) -> list[dict]:
-        """The latent's senses (`[explanations] senses`), none where the table was never written."""
-        return sorted(index.rows(latent, "senses"), key=lambda r: r["sense"])
+        """The latent's senses (`[explanations] senses`), none where the table was never written; each with its
+        scores by scorer (`sense_scores`: main metric and control), only those made with that sense's text."""
+        senses = sorted(index.rows(latent, "senses"), key=lambda r: r["sense"])
+        for sense in senses:
+            sense["scores"] = {}
+        for name in index.scorers:
+            main = reader.scorer_info(name)["main_metric"]
+            for row in index.rows(latent, f"senses.{name}") if main else []:
+                for sense in senses:
+                    if (sense["sense"], sense["explanation"]) == (row["sense"], row["explanation"]):
+                        sense["scores"][name] = {"metric": main, "score": row.get(main), "control": row.get(f"control_{main}")}
+        return senses
 
     @staticmethod
     def _explanation(row: dict, senses: list[dict] = ()) -> dict:
         candidates = list(row.get("candidates") or [])
         scores = list(row.get("candidate_scores") or [])
         current = JOIN.join(s["explanation"] for s in senses) == row.get("explanation")  # else the senses are of an earlier explanation
-        return {"senses": [{"text": s["explanation"], "windows": s["windows"]} for s in senses] if current and len(senses) > 1 else [],
+        return {"senses": [{"text": s["explanation"], "windows": s["windows"], "test_windows": len(s.get("test_windows") or []), "scores": s["scores"]}
+                           for s in senses] if current and len(senses) > 1 else [],
                 "text": row.get("explanation", ""), "status": row.get("status"), "error": row.get("error", ""), "explainer": row.get("explainer"),
                 "model": row.get("model"), "candidates": [{"text": c, "score": scores[i] if i < len(scores) else None, "chosen": c == row.get("explanation")}
                                                           for i, c in enumerate(candidates)]}

@@ -182,6 +182,7 @@ class CoderIndex:
         tables = {"exemplars": self.store.exemplars(self.coder, shard), "explanations": self.store.explanations(self.coder, shard),
                   "profiles": self.store.latent_profiles(self.coder, shard), "senses": self.store.explanation_senses(self.coder, shard)}
         tables |= {f"scores.{name}": self.store.scores(self.coder, shard, name) for name in self.scorers}
+        tables |= {f"senses.{name}": self.store.sense_scores(self.coder, shard, name) for name in self.scorers}
         if "simulation" in self.scorers:
             tables["examples.simulation"] = self.store.scored_examples(self.coder, shard, "simulation")
         return tables

@@ -12,6 +12,12 @@ file's first line (keys that are no column are dropped without a word):
         activations/batch-0.jsonl.gz    one `Activation` per activating exemplar window, with its bin
         explanations/batch-0.jsonl.gz   one `Explanation` per explained latent (per sense, for one of several senses)
 
+A sense's scores (each scorer's main metric on the sense's own windows, beside its control) go into its
+`notes`: the import takes no `ExplanationScore` rows (it reads only the three folders above, and those
+rows name score types and users of Neuronpedia's own config), and `scoreV1`/`scoreV2` are its own
+simulation scores, by which it orders a feature's explanations. A row's id leaves the scores out, so a
+re-export after a re-score is skipped by the import like any unchanged explanation.
+
 Bins follow Neuronpedia's own dashboards (SAEDashboard): the top activations have `binMin = -1`,
 `binMax` the latent's largest activation and `binContains = -1`; every other window sits in an
 interval of activation values with the share of the corpus's tokens whose activation lies in it.
@@ -61,6 +67,19 @@ def sense_texts(senses: pd.DataFrame) -> dict[tuple[str, int], list[str]]:
     if not len(senses):
         return {}
     return {(shard, int(latent)): rows.sort_values("sense")["explanation"].tolist() for (shard, latent), rows in senses.groupby(["shard", "latent"])}
+
+
+def sense_score_notes(scores: dict[str, pd.DataFrame]) -> dict[tuple[str, int, str], str]:
+    """(shard, latent, sense text) → that sense's scores in words, from each scorer's `sense_scores` rows: its main
+    metric beside its control. Keyed by the text a score was made with, so that none is shown beside another."""
+    notes: dict[tuple[str, int, str], list[str]] = {}
+    number = lambda x: f"{x:.3f}" if x is not None and np.isfinite(x) else "none"
+    for name, frame in scores.items():
+        main = reader.scorer_info(name)["main_metric"]
+        for row in frame.to_dict("records") if main and len(frame) else []:
+            notes.setdefault((row["shard"], int(row["latent"]), row["explanation"]), []).append(
+                f"{name} {main} {number(row[main])} (control {number(row[f'control_{main}'])})")
+    return {key: ", ".join(parts) for key, parts in notes.items()}
 
 
 def explanation_type(explainer: str) -> str | None:
@@ -218,17 +237,20 @@ def export_neuronpedia(data_dir: str, coder: str, out_dir: str, model_id: str | 
     explanations = []
     explained = reader.explanations(store, coder, index.shards)
     senses = sense_texts(reader.explanation_senses(store, coder, index.shards))
+    scored = sense_score_notes({name: reader.sense_scores(store, coder, name, index.shards) for name in index.scorers})
     if len(explained):
         for row in explained[explained["status"] == "ok"].itertuples():
             texts = senses.get((row.shard, int(row.latent)), [])
             several = JOIN.join(texts) == row.explanation and len(texts) > 1  # else the senses are of an earlier explanation (an import replaced it)
             for text in texts if several else [row.explanation]:
-                explanations.append(_with_id({
+                exported = _with_id({
                     "modelId": model_id, "layer": source_id, "index": str(int(row.latent)), "description": text, "authorId": creator_id,
                     "typeName": explanation_type(row.explainer), "explanationModelName": explanation_model(row.model),
                     "notes": f"autointerp explainer '{row.explainer}', explainer model {model_name(row.model)}"
                              + (f"; one of {len(texts)} senses" if several else ""), "createdAt": now, "updatedAt": now,
-                }))
+                })
+                scores = scored.get((row.shard, int(row.latent), text)) if several else None
+                explanations.append({**exported, "notes": f"{exported['notes']}; scored on its own windows: {scores}"} if scores else exported)
 
     folder.mkdir(parents=True, exist_ok=True)
     _write_jsonl(folder / "release.jsonl", [{"name": set_name, "description": f"{coder}, exported by autointerp", "descriptionShort": coder, "creatorName": creator_name,

@@ -157,6 +157,11 @@ def scores(store: TableStore, coder: str, scorer: str, shards: list[str], column
     return _read_shards({s: store.scores(coder, s, scorer) for s in shards}, columns)
 
 
+def sense_scores(store: TableStore, coder: str, scorer: str, shards: list[str]) -> pd.DataFrame:
+    """The scorer's scores of each sense of latents explained as several (`sense_scores`), with a `shard` column."""
+    return _read_shards({s: store.sense_scores(coder, s, scorer) for s in shards})
+
+
 def tokenizer_vocab(store: TableStore) -> list[str]:
     """Token id → the subject tokenizer's own text for it, special tokens included (`<|endoftext|>`)."""
     layout = store.layout

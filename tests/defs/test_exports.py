@@ -320,11 +320,16 @@ def test_neuronpedia_gets_one_explanation_per_sense_of_a_latent_with_several(par
     several, replaced = int(ok.latent.iloc[0]), int(ok.latent.iloc[1])
     explained.loc[explained.latent == several, "explanation"] = "digits inside parentheses or names inside quotation marks"
     explained.to_parquet(root.explanations_path(partition.coder, "00"), index=False)
-    senses = pd.DataFrame([{"latent": several, "sense": 0, "explanation": "digits inside parentheses", "windows": 4, "clusters": [0]},
-                           {"latent": several, "sense": 1, "explanation": "names inside quotation marks", "windows": 4, "clusters": [1]},
-                           {"latent": replaced, "sense": 0, "explanation": "an old sense", "windows": 4, "clusters": [0]},
-                           {"latent": replaced, "sense": 1, "explanation": "another old sense", "windows": 4, "clusters": [1]}])
+    senses = pd.DataFrame([{"latent": several, "sense": 0, "explanation": "digits inside parentheses", "windows": 4, "clusters": [0], "test_windows": [0, 1]},
+                           {"latent": several, "sense": 1, "explanation": "names inside quotation marks", "windows": 4, "clusters": [1], "test_windows": [2]},
+                           {"latent": replaced, "sense": 0, "explanation": "an old sense", "windows": 4, "clusters": [0], "test_windows": [0]},
+                           {"latent": replaced, "sense": 1, "explanation": "another old sense", "windows": 4, "clusters": [1], "test_windows": [1]}])
     write_table(senses, root.explanation_senses_path(partition.coder, "00"), "explanation_senses")
+    # the first sense's detection; the second's was made with a text it no longer has; the replaced latent's old sense's
+    union = pd.read_parquet(root.scores_path(partition.coder, "00", "detection")).iloc[:1]
+    scored = [("digits inside parentheses", 0, several, 0.9), ("an older text", 1, several, 0.8), ("an old sense", 0, replaced, 0.7)]
+    write_table(pd.concat([union.assign(latent=latent, sense=sense, explanation=text, balanced_accuracy=score, control_balanced_accuracy=0.4)
+                           for text, sense, latent, score in scored]), root.sense_scores_path(partition.coder, "00", "detection"), "sense_scores")
     main(["--data", str(copy), "export", "neuronpedia", partition.coder, str(tmp_path / "np")])
     exported = read_neuronpedia(tmp_path / "np" / "smollm2-135m-instruct" / "3-tiny-topk")["explanations"]
     by_latent = {}
@@ -333,3 +338,12 @@ def test_neuronpedia_gets_one_explanation_per_sense_of_a_latent_with_several(par
     assert by_latent[several] == ["digits inside parentheses", "names inside quotation marks"]
     assert by_latent[replaced] == [ok.explanation.iloc[1]]
     assert len(exported) == len(ok) + 1
+    notes = {row["description"]: row["notes"] for row in exported}
+    assert notes["digits inside parentheses"].endswith("; one of 2 senses; scored on its own windows: detection balanced_accuracy 0.900 (control 0.400)")
+    assert notes["names inside quotation marks"].endswith("; one of 2 senses") and "0.7" not in notes[ok.explanation.iloc[1]]
+
+    # delphi's export holds the union and the union's scores only
+    main(["--data", str(copy), "export", "delphi", partition.coder, str(tmp_path / "delphi")])
+    name = f"model.layers.3_latent{several}.txt"
+    assert json.loads((tmp_path / "delphi" / "explanations" / name).read_text()) == "digits inside parentheses or names inside quotation marks"
+    assert not (tmp_path / "delphi" / "scores" / "detection" / name).exists()  # its scores were made with the text before

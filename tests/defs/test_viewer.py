@@ -470,13 +470,20 @@ def test_latent_page_shows_the_senses_of_a_latent_explained_as_several(partition
     several, other = (int(x) for x in explained[explained.status == "ok"].latent.iloc[:2])
     explained.loc[explained.latent == several, "explanation"] = "digits inside parentheses or names inside quotation marks"
     explained.to_parquet(layout.explanations_path(partition.coder, partition.shard), index=False)
-    write_table(pd.DataFrame([{"latent": several, "sense": 1, "explanation": "names inside quotation marks", "windows": 3, "clusters": [1]},
-                              {"latent": several, "sense": 0, "explanation": "digits inside parentheses", "windows": 5, "clusters": [0]}]),
+    write_table(pd.DataFrame([{"latent": several, "sense": 1, "explanation": "names inside quotation marks", "windows": 3, "clusters": [1], "test_windows": [2]},
+                              {"latent": several, "sense": 0, "explanation": "digits inside parentheses", "windows": 5, "clusters": [0], "test_windows": [0, 1]}]),
                 layout.explanation_senses_path(partition.coder, partition.shard), "explanation_senses")
+    # each sense's detection; the second row scored a sense text since replaced: not shown beside the current one
+    union = pd.read_parquet(layout.scores_path(partition.coder, partition.shard, "detection")).iloc[:1]
+    write_table(pd.concat([union.assign(latent=several, sense=0, explanation="digits inside parentheses", balanced_accuracy=0.9, control_balanced_accuracy=0.4),
+                           union.assign(latent=several, sense=1, explanation="an older sense", balanced_accuracy=0.7, control_balanced_accuracy=0.5)]),
+                layout.sense_scores_path(partition.coder, partition.shard, "detection"), "sense_scores")
     viewer = Viewer(TableStore.at(root))
-    assert viewer.latent(partition.coder, several)["explanation"]["senses"] == [{"text": "digits inside parentheses", "windows": 5},
-                                                                                {"text": "names inside quotation marks", "windows": 3}]
+    assert viewer.latent(partition.coder, several)["explanation"]["senses"] == [
+        {"text": "digits inside parentheses", "windows": 5, "test_windows": 2, "scores": {"detection": {"metric": "balanced_accuracy", "score": 0.9, "control": 0.4}}},
+        {"text": "names inside quotation marks", "windows": 3, "test_windows": 1, "scores": {}}]
     assert viewer.latent(partition.coder, other)["explanation"]["senses"] == []
+    assert "detection.senses" not in TableStore.at(root).scorers_of(partition.coder, partition.shard)  # a table beside a scorer's is no scorer
 
 
 def test_a_first_start_after_a_materialization_serves_a_latent_page_without_building_a_cache(partition, tmp_path, monkeypatch):

@@ -287,9 +287,17 @@ async function latentPage() {
     explanation.append(el("p", { class: "explanation" }, ex.status === "ok" ? ex.text : "(failed)"),
       el("p", { class: "muted" }, `${ex.explainer} explainer, model ${ex.model}`));
     if (ex.error) explanation.append(el("p", { class: "error" }, ex.error));
-    if (ex.senses.length) explanation.append(el("h3", {}, "Senses"), el("table", { id: "senses" },
-      el("tr", {}, el("th", {}, "sense"), el("th", {}, "train windows")),
-      ex.senses.map((sense) => el("tr", {}, el("td", {}, sense.text), el("td", { class: "num" }, String(sense.windows))))));
+    if (ex.senses.length) {
+      // each sense scored on its own test windows, then the explanation (their union) as every scorer scored it
+      const scored = d.scorers.filter((s) => ex.senses.some((sense) => sense.scores[s.name]));
+      const cell = (score, control) => el("td", { class: "num" }, fmt(score), el("span", { class: "muted" }, ` (control ${fmt(control)})`));
+      explanation.append(el("h3", {}, "Senses"), el("table", { id: "senses" },
+        el("tr", {}, el("th", {}, "sense"), el("th", {}, "train windows"), el("th", {}, "test windows"), scored.map((s) => el("th", {}, `${s.name} (${s.main_metric})`))),
+        ex.senses.map((sense) => el("tr", { class: "sense" }, el("td", {}, sense.text), el("td", { class: "num" }, String(sense.windows)), el("td", { class: "num" }, String(sense.test_windows)),
+          scored.map((s) => sense.scores[s.name] ? cell(sense.scores[s.name].score, sense.scores[s.name].control) : el("td", {}, "–")))),
+        el("tr", { class: "union" }, el("td", {}, "all senses (the explanation)"), el("td", {}, ""), el("td", {}, ""),
+          scored.map((s) => s.scored && !s.stale ? cell(s.score, s.control_score) : el("td", {}, "–")))));
+    }
     if (ex.candidates.length) explanation.append(el("h3", {}, "Best-of-N candidates"), el("table", { id: "candidates" },
       el("tr", {}, el("th", {}, "candidate"), el("th", {}, "score (valid ROC AUC)"), el("th", {}, "kept")),
       ex.candidates.map((c) => el("tr", {}, el("td", {}, c.text), el("td", { class: "num" }, fmt(c.score)), el("td", {}, c.chosen ? "✓" : "")))));

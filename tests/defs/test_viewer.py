@@ -460,24 +460,12 @@ def test_every_latent_page_of_a_coder_narrower_than_the_neighbour_count_answers(
 
 
 def test_latent_page_shows_the_senses_of_a_latent_explained_as_several(partition, tmp_path):
+    """Each sense with its scores on its own windows; a score of a sense text since replaced is not shown."""
     from autointerp_defs.readside.app import Viewer
-    from storage.tables import write_table
+    from tests.defs.conftest import with_two_senses
 
     root = tmp_path / "copy"
-    shutil.copytree(partition.root, root, ignore=shutil.ignore_patterns("viewer", "llm_cache"))
-    layout = DataRoot.at(root)
-    explained = pd.read_parquet(layout.explanations_path(partition.coder, partition.shard))
-    several, other = (int(x) for x in explained[explained.status == "ok"].latent.iloc[:2])
-    explained.loc[explained.latent == several, "explanation"] = "digits inside parentheses or names inside quotation marks"
-    explained.to_parquet(layout.explanations_path(partition.coder, partition.shard), index=False)
-    write_table(pd.DataFrame([{"latent": several, "sense": 1, "explanation": "names inside quotation marks", "windows": 3, "clusters": [1], "test_windows": [2]},
-                              {"latent": several, "sense": 0, "explanation": "digits inside parentheses", "windows": 5, "clusters": [0], "test_windows": [0, 1]}]),
-                layout.explanation_senses_path(partition.coder, partition.shard), "explanation_senses")
-    # each sense's detection; the second row scored a sense text since replaced: not shown beside the current one
-    union = pd.read_parquet(layout.scores_path(partition.coder, partition.shard, "detection")).iloc[:1]
-    write_table(pd.concat([union.assign(latent=several, sense=0, explanation="digits inside parentheses", balanced_accuracy=0.9, control_balanced_accuracy=0.4),
-                           union.assign(latent=several, sense=1, explanation="an older sense", balanced_accuracy=0.7, control_balanced_accuracy=0.5)]),
-                layout.sense_scores_path(partition.coder, partition.shard, "detection"), "sense_scores")
+    several, other = with_two_senses(partition, root)
     viewer = Viewer(TableStore.at(root))
     assert viewer.latent(partition.coder, several)["explanation"]["senses"] == [
         {"text": "digits inside parentheses", "windows": 5, "test_windows": 2, "scores": {"detection": {"metric": "balanced_accuracy", "score": 0.9, "control": 0.4}}},

@@ -247,3 +247,31 @@ def test_steering_box_shows_both_continuations_side_by_side(page, server, partit
     assert "KL" in page.locator("#steer-status").inner_text()
     page.locator("#steering").scroll_into_view_if_needed()
     page.screenshot(path=str(shots / "latent-steering.png"))
+
+
+def test_latent_page_shows_each_sense_with_its_scores_beside_the_union(browser, partition, tmp_path, shots):
+    import threading
+
+    from autointerp_defs.readside.server import make_server
+    from tests.defs.conftest import with_two_senses
+
+    several, _ = with_two_senses(partition, tmp_path / "copy", union_scored=True)
+    union = pd.read_parquet(DataRoot.at(tmp_path / "copy").scores_path(partition.coder, partition.shard, "detection")).set_index("latent").loc[several]
+    httpd = make_server(str(tmp_path / "copy"), port=0)
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    context = browser.new_context(viewport={"width": 1280, "height": 900})
+    try:
+        page = context.new_page()
+        page.goto(f"http://127.0.0.1:{httpd.server_port}/latent?coder={quote(partition.coder, safe='')}&latent={several}")
+        ready(page)
+        senses = page.locator("#senses tr.sense")
+        assert senses.count() == 2
+        assert senses.nth(0).locator("td").all_inner_texts() == ["digits inside parentheses", "5", "2", "0.900 (control 0.400)"]
+        assert senses.nth(1).locator("td").all_inner_texts() == ["names inside quotation marks", "3", "1", "–"]  # its score was of another text
+        shown = lambda v: str(int(v)) if float(v).is_integer() else f"{v:.3f}"  # the page's `fmt`
+        assert page.locator("#senses tr.union td").nth(3).inner_text() == f"{shown(union['balanced_accuracy'])} (control {shown(union['control_balanced_accuracy'])})"
+        page.locator("#senses").screenshot(path=str(shots / "latent-senses.png"))
+    finally:
+        context.close()
+        httpd.shutdown()
+        httpd.server_close()

@@ -36,7 +36,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from assets.senses import JOIN
+from assets.senses import of_current
 from autointerp_defs.readside import reader
 from autointerp_defs.readside.index import LOGIT_BINS, CoderIndex
 from storage.identity import model_name
@@ -236,12 +236,12 @@ def export_neuronpedia(data_dir: str, coder: str, out_dir: str, model_id: str | 
 
     explanations = []
     explained = reader.explanations(store, coder, index.shards)
-    senses = sense_texts(reader.explanation_senses(store, coder, index.shards))
+    senses = sense_texts(of_current(reader.explanation_senses(store, coder, index.shards), explained))  # not those of an explanation since replaced
     scored = sense_score_notes({name: reader.sense_scores(store, coder, name, index.shards) for name in index.scorers})
     if len(explained):
         for row in explained[explained["status"] == "ok"].itertuples():
             texts = senses.get((row.shard, int(row.latent)), [])
-            several = JOIN.join(texts) == row.explanation and len(texts) > 1  # else the senses are of an earlier explanation (an import replaced it)
+            several = len(texts) > 1
             for text in texts if several else [row.explanation]:
                 exported = _with_id({
                     "modelId": model_id, "layer": source_id, "index": str(int(row.latent)), "description": text, "authorId": creator_id,

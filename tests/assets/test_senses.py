@@ -129,3 +129,35 @@ def test_the_scores_stage_scores_each_sense_on_its_own_windows_and_one_sense_lat
     union = store.scores(TINY_CODER, "00", "detection").read()
     assert sorted(union["latent"]) == sorted(PLANTED) and (union["explanation"] != "").all()
     assert result.asset_materializations_for_node("scores__detection")[0].metadata["senses_scored"].value == len(senses)
+
+
+def test_only_senses_of_current_explanations_with_their_test_windows_are_scored(tmp_path):
+    """A latent whose explanation was since replaced keeps its old senses' rows: they are not scored. A senses
+    table written before `test_windows` existed is read, scores no sense, and says the fix."""
+    import pandas as pd
+
+    from assets.scores import scorable_senses
+    from storage.store import TableStore
+
+    store = TableStore.at(tmp_path)
+    explanations = pd.DataFrame({"latent": [4, 5], "explanation": ["digits or symbols", "a replacing text"], "status": "ok"})
+    senses = pd.DataFrame([{"latent": latent, "sense": sense, "explanation": text, "windows": 4, "clusters": [sense], "test_windows": [sense]}
+                           for latent, texts in ((4, ["digits", "symbols"]), (5, ["digits", "capitalized words"])) for sense, text in enumerate(texts)])
+    path = store.explanation_senses("c/h", "00").path
+    path.parent.mkdir(parents=True)
+    said = []
+    senses.to_parquet(path)
+    assert scorable_senses(store, "c/h", "00", explanations, said.append)[["latent", "explanation"]].values.tolist() == [[4, "digits"], [4, "symbols"]]
+    senses.drop(columns="test_windows").to_parquet(path)
+    assert scorable_senses(store, "c/h", "00", explanations, said.append).empty
+    assert len(said) == 1 and "Fix: re-materialize `explanations`" in said[0]
+
+
+def test_only_deployments_with_senses_re_explain_to_record_the_test_windows():
+    from dagster import AssetKey
+
+    from assets.explanations import explanations_asset
+
+    version = lambda defaults: explanations_asset(defaults).code_versions_by_key[AssetKey("explanations")]
+    assert version({}) == version({"senses": 1}) and "senses" not in version({})
+    assert version({"senses": 2}).endswith("-senses2")

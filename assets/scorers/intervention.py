@@ -48,7 +48,7 @@ class ContinuationSource:
     def __init__(self, steerer: Steerer, coder: SparseCoder, prompts: list[str], n_tokens: int, target_kl: float, unit_of, tolerance: float = 0.05, batch: int = 1):
         self.steerer, self.coder, self.prompts, self.n_tokens = steerer, coder, list(prompts), n_tokens
         self.target_kl, self.unit_of, self.tolerance, self.batch_size = target_kl, unit_of, tolerance, batch
-        self._lock = threading.Lock()
+        self._lock = threading.RLock()
         self._plain: list[list[int]] | None = None
         self._clean: torch.Tensor | None = None
         self._expected: dict[int, None] = {}
@@ -70,6 +70,14 @@ class ContinuationSource:
     def get(self, latent: int) -> Continuations:
         return self.batch(latent)[latent]
 
+    def unsteered(self) -> list[list[int]]:
+        """The unsteered continuations (with the unsteered next-token distributions): made once, for every latent."""
+        with self._lock:
+            if self._plain is None:
+                self._plain = self.steerer.generate(self.prompts, self.n_tokens)
+                self._clean = self.steerer.next_token_logprobs(self.prompts)
+            return self._plain
+
     def _make(self, latent: int) -> None:
         units = {latent: self.unit_of(latent)}  # the latent asked for fails here if it has no unit
         for other in self._expected:
@@ -80,14 +88,12 @@ class ContinuationSource:
                     units[other] = self.unit_of(other)
                 except SteeringError:
                     pass  # it fails with its reason when asked for itself
-        if self._plain is None:
-            self._plain = self.steerer.generate(self.prompts, self.n_tokens)
-            self._clean = self.steerer.next_token_logprobs(self.prompts)
+        plain = self.unsteered()
         latents = list(units)
         found = self.steerer.strengths_for_kl(self.prompts, self.coder, latents, self.target_kl, list(units.values()), self.tolerance, clean=self._clean)
         steered = self.steerer.generate(self.prompts, self.n_tokens, [Steer(self.coder, l, delta) for l, (delta, _) in zip(latents, found)])
         n = len(self.prompts)
-        made = {l: Continuations(list(self.prompts), self._plain, steered[i * n : (i + 1) * n], delta, kl) for i, (l, (delta, kl)) in enumerate(zip(latents, found))}
+        made = {l: Continuations(list(self.prompts), plain, steered[i * n : (i + 1) * n], delta, kl) for i, (l, (delta, kl)) in enumerate(zip(latents, found))}
         for l in latents:
             self._made[l] = made
             self._expected.pop(l, None)
@@ -158,6 +164,17 @@ def intervention_score(likelihoods: Likelihoods, made: Continuations, explanatio
     return InterventionScore(float(np.mean(steered_gain - unsteered_gain)), steered_gain, unsteered_gain)
 
 
+def score_in_batch(source: ContinuationSource, likelihoods: Likelihoods, explanations: dict[int, list[str]], latent: int,
+                   explanation: str) -> tuple[Continuations, InterventionScore]:
+    """`latent`'s continuations and intervention score. Its batch is steered if it was not, and its
+    batch's continuations are read after every explanation announced for them (`explanations`, taken
+    out as they are read) in few forward passes, so their later scores only look them up."""
+    batch = source.batch(latent)
+    wanted = [text for other, made in batch.items() for said in explanations.pop(other, []) for text in likelihood_texts(made, said)]
+    likelihoods.of(wanted + likelihood_texts(batch[latent], explanation))
+    return batch[latent], intervention_score(likelihoods, batch[latent], explanation)
+
+
 class InterventionSettings(ScorerSettings):
     prompts: list[str] = Field(default_factory=lambda: list(NEUTRAL_PROMPTS), min_length=2, description="Neutral prompts continued with and without the latent steered.")
     tokens: int = Field(default=24, ge=1, description="Tokens generated per continuation.")
@@ -208,14 +225,11 @@ class Intervention(ContinuationScorer):
         await super().prepare(jobs)
 
     def _score(self, latent: int, explanation: str):
-        with self._lock:  # the latent's batch is steered, then read after every explanation it will be scored with, in few passes
-            batch = self.source().batch(latent)
+        with self._lock:
             if self._likelihoods is None:
                 model = self.deps.subject_model
                 self._likelihoods = Likelihoods(model.causal_lm(), model.tokenizer(), model.steering_batch * len(self.settings.prompts))
-            wanted = [text for other, made in batch.items() for said in self._explanations.pop(other, []) for text in likelihood_texts(made, said)]
-            self._likelihoods.of(wanted + likelihood_texts(batch[latent], explanation))
-            return batch[latent], intervention_score(self._likelihoods, batch[latent], explanation)
+            return score_in_batch(self.source(), self._likelihoods, self._explanations, latent, explanation)
 
     async def score(self, job: Job) -> JobResult:
         made, scored = await asyncio.to_thread(self._score, job.latent, job.explanation)

@@ -6,12 +6,17 @@ batch), bare (transformers' `generate`) and steered (nnsight, one latent of a To
 `--repeats` times so a noisy machine's drifts hit both alike; the ratio is the median of the
 per-repeat ratios of steered to bare tokens/s (target >= 0.8).
 
-Intervention cost: for `--latents` latents of a coder whose latents write one token's unembedding
-direction (so the KL target is reachable), the seconds per latent of the intervention scorer's
-subject-model work: the KL-targeted strength search, the steered continuations (the unsteered ones
-are shared by all latents and counted once, divided among them) and the likelihoods of the steered
-and unsteered texts under no description, the explanation and the control. The output-side judge
-adds 2 LLM requests per latent (explanation and control; all prompts of a latent in one request).
+Intervention cost: latents of a coder whose latents write one token's unembedding direction (so the
+KL target is reachable), each explained as "the word '<its token>'" with the next latent's
+explanation as its control, scored as the scorer does (`score_in_batch`): the KL-targeted strength
+search, the steered continuations and the likelihoods of the steered and unsteered texts under no
+description, the explanation and the control. The seconds per latent of that subject-model work,
+one latent at a time (batch of 1: `--baseline-latents` latents) and `--batch` latents at a time
+(`--latents` latents), in the same run; the work done once per partition (the unsteered
+continuations and next-token distributions) is timed apart (`shared_s`). The batched latents that
+were also scored alone must get the same continuations, strengths and scores (`same_as_alone`).
+The output-side judge adds 2 LLM requests per latent (explanation and control; all prompts of a
+latent in one request). `--repeats 0` skips the throughput part.
 
 The last line is a JSON object. `--architecture llama` runs on a random-weight Llama of the given
 size instead of the embedded SmolLM2-135M (for a GPU: `--device cuda --dtype bfloat16`).
@@ -29,7 +34,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from assets.scorers.intervention import LikelihoodScorer, steered_continuations  # noqa: E402
+from assets.scorers.intervention import ContinuationSource, Likelihoods, score_in_batch  # noqa: E402
 from resources.sparse_coders import SparseCoder  # noqa: E402
 from resources.steering import NEUTRAL_PROMPTS, Steer, Steerer  # noqa: E402
 from resources.subject_model import SubjectModelResource  # noqa: E402
@@ -62,7 +67,9 @@ def main() -> None:
     parser.add_argument("--prompts", type=int, default=8)
     parser.add_argument("--tokens", type=int, default=32)
     parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--latents", type=int, default=3, help="latents whose intervention-scoring cost is measured")
+    parser.add_argument("--latents", type=int, default=16, help="latents scored in batches")
+    parser.add_argument("--batch", type=int, default=16, help="latents per batch ([subject_model] steering_batch)")
+    parser.add_argument("--baseline-latents", type=int, default=2, help="of them, the first scored one at a time as well")
     parser.add_argument("--target-kl", type=float, default=1.0)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtype", default="float32")
@@ -86,42 +93,57 @@ def main() -> None:
     hidden = steerer.read(steerer.encode_prompts(prompts)[0], {(middle, "output")})[(middle, "output")]
     steer = Steer(sae, 7, float(hidden[:, 1:].norm(dim=-1).median()))  # a push the size of the residual stream
     steerer.generate(prompts[:1], 2)
-    steerer.generate(prompts[:1], 2, steer)  # warm-up (nnsight's first trace compiles its machinery)
+    steerer.generate(prompts[:1], 2, [steer])  # warm-up (nnsight's first trace compiles its machinery)
 
     bare_s, steered_s = [], []
     for _ in range(args.repeats):
         bare_s.append(timed(lambda: steerer.generate(prompts, args.tokens)))
-        steered_s.append(timed(lambda: steerer.generate(prompts, args.tokens, steer)))
+        steered_s.append(timed(lambda: steerer.generate(prompts, args.tokens, [steer])))
     generated = args.prompts * args.tokens
     ratios = [b / s for b, s in zip(bare_s, steered_s)]
 
-    # the intervention scorer's subject-model work per latent
+    # the intervention scorer's subject-model work per latent, one latent at a time and in batches
     late = f"model.layers.{n_layers - 3}"
     token_ids = list(range(1000, 1000 + args.latents * 37, 37))
     rows = torch.nn.functional.normalize(lm.get_output_embeddings().weight.detach().float()[token_ids].cpu(), dim=1)
     writer = SparseCoder("bench-unembed", late, "relu", d_model, len(token_ids), rows.clone(), torch.zeros(len(token_ids)), rows.clone(), torch.zeros(d_model))
     late_hidden = steerer.read(steerer.encode_prompts(prompts)[0], {(late, "output")})[(late, "output")]
     unit = float(late_hidden[:, 1:].norm(dim=-1).median())
-    shared_s = timed(lambda: steerer.generate(prompts, args.tokens))
-    plain = steerer.generate(prompts, args.tokens)
-    per_latent, reached = [], []
-    for latent in range(len(token_ids)):
-        def score():
-            made = steered_continuations(steerer, writer, latent, prompts, args.tokens, args.target_kl, unit, unsteered=plain)
-            scorer = LikelihoodScorer(lm, tokenizer, made)
-            scorer.score("the word 'example'")
-            scorer.score("another latent's explanation")
-            reached.append(made.kl)
+    explanation = {latent: f"the word {tokenizer.decode([t]).strip()!r}" for latent, t in enumerate(token_ids)}
+    control = {latent: explanation[(latent + 1) % len(token_ids)] for latent in explanation}
 
-        per_latent.append(timed(score) + shared_s / len(token_ids))
+    def score_latents(batch: int, latents: list[int]) -> dict:
+        source = ContinuationSource(steerer, writer, prompts, args.tokens, args.target_kl, lambda latent: unit, batch=batch)
+        likelihoods = Likelihoods(lm, tokenizer, batch * len(prompts))
+        shared_s = timed(source.unsteered)
+        told = {latent: [explanation[latent], control[latent]] for latent in latents}
+        source.expect(latents)
+        made, scores = {}, {}
+
+        def score() -> None:
+            for latent in latents:
+                for text in (explanation[latent], control[latent]):
+                    made[latent], scored = score_in_batch(source, likelihoods, told, latent, text)
+                    scores[(latent, text)] = scored.score
+
+        return {"s_per_latent": timed(score) / len(latents), "shared_s": shared_s, "made": made, "scores": scores}
+
+    alone = score_latents(1, list(range(min(args.baseline_latents, len(token_ids)))))
+    batched = score_latents(args.batch, list(range(len(token_ids))))
+    differences = [abs(alone["scores"][key] - batched["scores"][key]) for key in alone["scores"]]
+    same = all(alone["made"][latent].steered == batched["made"][latent].steered and alone["made"][latent].delta == batched["made"][latent].delta
+               for latent in alone["made"]) and max(differences) < 1e-4
 
     print(json.dumps({
         "device": args.device, "dtype": args.dtype, "architecture": args.architecture if args.architecture == "embedded" else f"llama d{d_model} L{n_layers}",
         "prompts": args.prompts, "tokens": args.tokens, "repeats": args.repeats,
-        "bare_tok_s": round(generated / statistics.median(bare_s), 1), "steered_tok_s": round(generated / statistics.median(steered_s), 1),
-        "ratio": round(statistics.median(ratios), 3), "ratios": [round(r, 3) for r in ratios],
-        "intervention_s_per_latent": round(statistics.median(per_latent), 2), "intervention_s_each": [round(s, 2) for s in per_latent],
-        "kl_reached": [round(k, 3) for k in reached], "judge_requests_per_latent": 2,
+        **({"bare_tok_s": round(generated / statistics.median(bare_s), 1), "steered_tok_s": round(generated / statistics.median(steered_s), 1),
+            "ratio": round(statistics.median(ratios), 3), "ratios": [round(r, 3) for r in ratios]} if args.repeats else {}),
+        "latents": args.latents, "batch": args.batch, "baseline_latents": len(alone["made"]),
+        "intervention_s_per_latent_alone": round(alone["s_per_latent"], 2), "intervention_s_per_latent_batched": round(batched["s_per_latent"], 2),
+        "intervention_speedup": round(alone["s_per_latent"] / batched["s_per_latent"], 1), "shared_s": round(batched["shared_s"], 2),
+        "same_as_alone": same, "largest_score_difference": float(f"{max(differences):.1g}"),
+        "kl_reached": [round(m.kl, 3) for m in batched["made"].values()], "judge_requests_per_latent": 2,
     }))
 
 

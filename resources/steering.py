@@ -9,19 +9,23 @@ explain, as Goodfire's SAE card does: with f = encode(x),
 output as it was. An SAE and a transcoder both write their module's output (what a transcoder
 reads, the module's input, cancels out); MLP neurons are their own latent space, so the edit adds
 delta to the neuron's input of `down_proj`. The edit is applied at every position
-of the prompt and of every generated token.
+of the prompt and of every generated token. Many latents are steered in one batch: each steer
+edits its own block of rows (the same prompts repeated), so their reads, searches and continuations
+share every forward pass.
 
 Strength is given in units of the latent's largest activation in the activation cache
 (`latent_stats.safetensors`, written by `assets/activations.py`), so "2" means twice the most the
-latent ever fired on the corpus, whatever the coder's scale. `strength_for_kl` instead finds the
+latent ever fired on the corpus, whatever the coder's scale. `strengths_for_kl` instead finds the
 value whose next-token distributions are a fixed KL divergence away from the unsteered ones, which
 is how the intervention score compares latents of different scales (Paulo et al. 2024).
 """
 from __future__ import annotations
 
 import functools
+import inspect
 import math
 import warnings
+from collections.abc import Generator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -90,15 +94,19 @@ def _repack(original, first: torch.Tensor):
     return (first, *original[1:]) if isinstance(original, tuple) else first
 
 
-def steered_value(coder: SparseCoder, latent: int, delta: float, write: torch.Tensor) -> torch.Tensor:
+def steered_value(coder: SparseCoder, latent, delta, write: torch.Tensor) -> torch.Tensor:
     """What the written side becomes: decode(f + delta e_latent) + (write - decode(f)), which is
     write + delta W_dec[latent] because decode is linear; f (and so what the coder reads) cancels,
-    and no step encodes or decodes."""
+    and no step encodes or decodes. `latent` and `delta` are one value for every row of `write`, or
+    one per row (a batch of steers); a neuron's direction is its own unit vector."""
+    latents = torch.as_tensor(latent, device=write.device).reshape(-1)
+    deltas = torch.as_tensor(delta, dtype=torch.float32, device=write.device).reshape(-1, 1)
     if coder.activation == "neurons":
-        out = write.clone()
-        out[..., latent] += delta
-        return out
-    return (write.float() + delta * coder.decoder_weight[latent]).to(write.dtype)
+        directions = torch.nn.functional.one_hot(latents, write.shape[-1]).float()
+    else:
+        directions = coder.decoder_weight[latents]
+    edit = (deltas * directions).reshape(len(latents), *([1] * (write.dim() - 2)), -1)
+    return (write.float() + edit).to(write.dtype)
 
 
 @dataclass(frozen=True)
@@ -132,23 +140,30 @@ class Steerer:
             self._coders[id(coder)] = (coder, moved)
         return moved
 
-    def check(self, steer: Steer) -> None:
-        coder = steer.coder
-        if not 0 <= steer.latent < coder.width:
-            raise SteeringError(f"Latent {steer.latent} is not a latent of coder '{coder.key}' (width {coder.width}). Fix: pick one in 0..{coder.width - 1}.")
+    def check(self, steers: Sequence[Steer]) -> None:
+        """Steers that can be done in one batch: one coder (one hookpoint), each latent a steerable latent of it."""
+        coder = steers[0].coder
+        if any(steer.coder is not coder for steer in steers):
+            raise SteeringError("A batch of steers edits one coder's latents. Fix: steer each coder's latents in batches of their own.")
+        for steer in steers:
+            if not 0 <= steer.latent < coder.width:
+                raise SteeringError(f"Latent {steer.latent} is not a latent of coder '{coder.key}' (width {coder.width}). Fix: pick one in 0..{coder.width - 1}.")
         if coder.activation != "neurons" and coder.decoder_weight is None:
             raise SteeringError(f"Coder '{coder.key}' has no decoder, so its latents cannot be steered. Fix: steer an SAE or a transcoder.")
         module_name(self.lm, coder.hookpoint)  # an unknown hookpoint names its fix here
 
-    def _intervene(self, steer: Steer) -> None:
-        """Inside a trace: apply the steer at its hookpoint."""
-        coder = self._coder(steer.coder)
+    def _intervene(self, steers: Sequence[Steer], rows: int) -> None:
+        """Inside a trace: apply each steer at its hookpoint to its own block of `rows // len(steers)` rows."""
+        coder = self._coder(steers[0].coder)
+        block = rows // len(steers)
+        latents = torch.tensor([steer.latent for steer in steers], device=self.device).repeat_interleave(block)
+        deltas = torch.tensor([steer.delta for steer in steers], dtype=torch.float32, device=self.device).repeat_interleave(block)
         envoy = self.model.get(module_name(self.lm, coder.hookpoint))
         if coder.activation == "neurons":
-            envoy.input = steered_value(coder, steer.latent, steer.delta, envoy.input)
+            envoy.input = steered_value(coder, latents, deltas, envoy.input)
             return
         output = envoy.output
-        envoy.output = _repack(output, steered_value(coder, steer.latent, steer.delta, _first(output)))
+        envoy.output = _repack(output, steered_value(coder, latents, deltas, _first(output)))
 
     def read(self, input_ids: torch.Tensor, sites: set[tuple[str, str]]) -> dict[tuple[str, str], torch.Tensor]:
         """The tensor at each (hookpoint, "input" | "output") site, read through nnsight (what
@@ -163,16 +178,18 @@ class Steerer:
             tracer.stop()
         return saved
 
-    def logits(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, steer: Steer | None = None) -> torch.Tensor:
-        """Logits `[batch, tokens, vocab]` (float32, on the CPU), with the steer applied if given."""
-        if steer is not None:
-            self.check(steer)
+    def logits(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, steers: Sequence[Steer] = (), last_only: bool = False) -> torch.Tensor:
+        """Logits `[batch, tokens, vocab]` (float32, on the CPU; `tokens` is 1 with `last_only`), each
+        steer applied to its own block of rows (`len(input_ids) // len(steers)` rows each)."""
+        if steers:
+            self.check(steers)
         mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask
-        with torch.inference_mode(), self.model.trace(input_ids.to(self.device), attention_mask=mask.to(self.device), use_cache=False):
-            if steer is not None:
-                self._intervene(steer)
+        keep = logits_to_keep(self.lm, 1) if last_only else {}
+        with torch.inference_mode(), self.model.trace(input_ids.to(self.device), attention_mask=mask.to(self.device), use_cache=False, **keep):
+            if steers:
+                self._intervene(steers, len(input_ids))
             logits = self.model.output.logits.save()
-        return logits.float().cpu()
+        return (logits[:, -1:] if last_only else logits).float().cpu()
 
     def encode_prompts(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
         """Token ids and attention mask of prompts, left-padded (so every prompt ends at the last column)."""
@@ -186,63 +203,97 @@ class Steerer:
             self.tokenizer.padding_side = side
         return batch["input_ids"], batch["attention_mask"]
 
-    def generate(self, prompts: list[str], max_new_tokens: int, steer: Steer | None = None) -> list[list[int]]:
+    def generate(self, prompts: list[str], max_new_tokens: int, steers: Sequence[Steer] = ()) -> list[list[int]]:
         """Greedy continuations of exactly `max_new_tokens` tokens per prompt (so steered and unsteered
-        texts have the same length); unsteered ones run on transformers alone, steered ones through
-        nnsight with the edit at every step."""
+        texts have the same length): unsteered ones on transformers alone, one per prompt; with steers,
+        the prompts once per steer (steer-major rows) through nnsight, with the edits at every step."""
         ids, mask = self.encode_prompts(prompts)
-        ids, mask = ids.to(self.device), mask.to(self.device)
+        ids, mask = ids.repeat(max(1, len(steers)), 1).to(self.device), mask.repeat(max(1, len(steers)), 1).to(self.device)
         settings = {"max_new_tokens": max_new_tokens, "min_new_tokens": max_new_tokens, "do_sample": False,
                     "pad_token_id": self.tokenizer.pad_token_id, "attention_mask": mask}
         with torch.inference_mode():
-            if steer is None:
+            if not steers:
                 out = self.lm.generate(ids, **settings)
             else:
-                self.check(steer)
+                self.check(steers)
                 with self.model.generate(ids, **settings) as tracer:
                     for _ in tracer.iter[:max_new_tokens]:
-                        self._intervene(steer)
+                        self._intervene(steers, len(ids))
                     result = tracer.result.save()
                 out = result
         return out[:, ids.shape[1] :].cpu().tolist()
 
-    def next_token_logprobs(self, prompts: list[str], steer: Steer | None = None) -> torch.Tensor:
-        """Log-probabilities `[prompts, vocab]` of the token after each prompt."""
+    def next_token_logprobs(self, prompts: list[str], steers: Sequence[Steer] = ()) -> torch.Tensor:
+        """Log-probabilities `[prompts, vocab]` of the token after each prompt; with steers, `[steers × prompts, vocab]`, steer-major."""
         ids, mask = self.encode_prompts(prompts)
-        return torch.log_softmax(self.logits(ids, mask, steer)[:, -1], dim=-1)
+        blocks = max(1, len(steers))
+        return torch.log_softmax(self.logits(ids.repeat(blocks, 1), mask.repeat(blocks, 1), steers, last_only=True)[:, -1], dim=-1)
 
-    def kl_divergence(self, prompts: list[str], steer: Steer, clean: torch.Tensor | None = None) -> float:
-        """Mean over prompts of KL(unsteered || steered) of the next-token distributions, in nats."""
+    def kl_divergences(self, prompts: list[str], steers: Sequence[Steer], clean: torch.Tensor | None = None) -> list[float]:
+        """Per steer, the mean over prompts of KL(unsteered || steered) of the next-token distributions,
+        in nats: every steer in one forward pass. `clean`: the unsteered log-probabilities, if made already."""
         clean = self.next_token_logprobs(prompts) if clean is None else clean
-        steered = self.next_token_logprobs(prompts, steer)
-        return float((clean.exp() * (clean - steered)).sum(-1).mean())
+        steered = self.next_token_logprobs(prompts, steers).view(len(steers), len(prompts), -1)
+        return (clean.exp() * (clean - steered)).sum(-1).mean(-1).tolist()
 
-    def strength_for_kl(self, prompts: list[str], coder: SparseCoder, latent: int, target_kl: float, unit: float,
-                        tolerance: float = 0.05, max_steps: int = 24) -> tuple[float, float]:
-        """The delta (latent units) whose steer moves the next-token distributions `target_kl` nats
-        from the unsteered ones, within `tolerance` (relative), and the KL it reached: doubling from
-        `unit`, then bisecting. A latent that cannot reach the target returns its largest try."""
-        if target_kl <= 0 or unit <= 0:
-            raise SteeringError(f"target_kl ({target_kl}) and the starting unit ({unit}) must be positive. Fix: pass positive values.")
-        clean = self.next_token_logprobs(prompts)
-        kl = lambda delta: self.kl_divergence(prompts, Steer(coder, latent, delta), clean)
-        lo, hi, reached, steps = 0.0, unit, kl(unit), 1
-        while reached < target_kl and steps < max_steps // 2:
-            lo, hi = hi, hi * 2
-            reached, steps = kl(hi), steps + 1
-        if reached < target_kl:
-            return hi, reached
-        best = (hi, reached)
-        while steps < max_steps and abs(best[1] - target_kl) > tolerance * target_kl:
-            middle = (lo + hi) / 2
-            value, steps = kl(middle), steps + 1
-            if value < target_kl:
-                lo = middle
-            else:
-                hi = middle
-            if abs(value - target_kl) < abs(best[1] - target_kl):
-                best = (middle, value)
-        return best
+    def strengths_for_kl(self, prompts: list[str], coder: SparseCoder, latents: Sequence[int], target_kl: float, units: Sequence[float],
+                         tolerance: float = 0.05, max_steps: int = 24, clean: torch.Tensor | None = None) -> list[tuple[float, float]]:
+        """Per latent, the delta (latent units) whose steer moves the next-token distributions
+        `target_kl` nats from the unsteered ones, within `tolerance` (relative), and the KL it reached
+        (`kl_search`, from the latent's `unit`). The latents search together: each step is one forward
+        pass with every unfinished latent at its own next try, so a latent's search is what it is alone."""
+        if target_kl <= 0 or min(units, default=1.0) <= 0:
+            raise SteeringError(f"target_kl ({target_kl}) and the starting units ({min(units)} the least) must be positive. Fix: pass positive values.")
+        clean = self.next_token_logprobs(prompts) if clean is None else clean
+        searches = [kl_search(unit, target_kl, tolerance, max_steps) for unit in units]
+        tries = {i: next(search) for i, search in enumerate(searches)}
+        found: dict[int, tuple[float, float]] = {}
+        while tries:
+            trying = list(tries.items())
+            reached = self.kl_divergences(prompts, [Steer(coder, latents[i], delta) for i, delta in trying], clean)
+            for (i, _), kl in zip(trying, reached):
+                try:
+                    tries[i] = searches[i].send(kl)
+                except StopIteration as done:
+                    found[i] = done.value
+                    del tries[i]
+        return [found[i] for i in range(len(latents))]
+
+
+def kl_search(unit: float, target_kl: float, tolerance: float, max_steps: int) -> Generator[float, float, tuple[float, float]]:
+    """One latent's strength search, driven from outside so that many latents advance in one batch:
+    it yields each delta to try, is sent the KL that delta reached, and returns (delta, KL). Doubling
+    from `unit` until the target is passed, then bisecting; a latent that cannot reach the target
+    returns its largest try."""
+    lo, hi = 0.0, unit
+    reached, steps = (yield hi), 1
+    while reached < target_kl and steps < max_steps // 2:
+        lo, hi = hi, hi * 2
+        reached, steps = (yield hi), steps + 1
+    if reached < target_kl:
+        return hi, reached
+    best = (hi, reached)
+    while steps < max_steps and abs(best[1] - target_kl) > tolerance * target_kl:
+        middle = (lo + hi) / 2
+        value, steps = (yield middle), steps + 1
+        if value < target_kl:
+            lo = middle
+        else:
+            hi = middle
+        if abs(value - target_kl) < abs(best[1] - target_kl):
+            best = (middle, value)
+    return best
+
+
+@functools.lru_cache(maxsize=4)
+def _keeps_logits(lm: torch.nn.Module) -> bool:
+    return "logits_to_keep" in inspect.signature(lm.forward).parameters
+
+
+def logits_to_keep(lm: torch.nn.Module, positions: int) -> dict:
+    """The forward argument that computes logits for the last `positions` positions only (the LM head
+    is a fifth of a small model's work), for models whose forward takes it; else nothing."""
+    return {"logits_to_keep": positions} if _keeps_logits(lm) else {}
 
 
 @dataclass(frozen=True)
@@ -259,9 +310,9 @@ class SideBySide:
 def continue_side_by_side(steerer: Steerer, coder: SparseCoder, latent: int, prompt: str, delta: float, tokens: int) -> SideBySide:
     """Continue `prompt` `tokens` tokens as it is and with `delta` added to `latent` at every position:
     what `autointerp steer` prints and the browser's steering box shows."""
-    edit = Steer(coder, latent, delta)
+    edit = [Steer(coder, latent, delta)]
     steerer.check(edit)
-    kl = steerer.kl_divergence([prompt], edit)
+    kl = steerer.kl_divergences([prompt], edit)[0]
     plain, steered = (steerer.tokenizer.decode(ids[0]) for ids in (steerer.generate([prompt], tokens), steerer.generate([prompt], tokens, edit)))
     return SideBySide(prompt, plain, steered, delta, kl)
 

@@ -153,6 +153,7 @@ class SubjectModelResource(ConfigurableResource):
     dtype: str = Field(default="float32", description="torch dtype for the forward pass: float32, bfloat16 or float16.")
     device: str = Field(default="cpu", description="torch device, e.g. 'cpu' or 'cuda'.")
     batch_size: int = Field(default=16, description="Sequences per forward pass while caching; 0 = choose from free GPU memory.")
+    steering_batch: int = Field(default=16, ge=1, description="Latents steered together by the intervention and output_judge scorers (each latent a block of batch rows): their strength searches, continuations and likelihoods share forward passes. Changes no result; raise it on a GPU.")
     driver: Literal["transformers", "nnsight"] = Field(default="transformers", description="How caching reads hookpoints: 'transformers' forward hooks (the fast default) or nnsight's tracing (nnsight.LanguageModel). Steering always goes through nnsight.")
 
     def tokenizer(self):

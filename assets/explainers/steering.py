@@ -25,7 +25,7 @@ def token_change(steerer: Steerer, steer: Steer, prompts: list[str], k: int = 10
     real (unpadded) position of the prompts (TokenChange)."""
     ids, mask = steerer.encode_prompts(prompts)
     clean = torch.softmax(steerer.logits(ids, mask), dim=-1)
-    steered = torch.softmax(steerer.logits(ids, mask, steer), dim=-1)
+    steered = torch.softmax(steerer.logits(ids, mask, [steer]), dim=-1)
     real = mask.bool()
     change = (steered - clean)[real].mean(0)
     up, down = change.topk(k), change.topk(k, largest=False)
@@ -57,7 +57,7 @@ class Steering(Explainer):
             raise ValueError(f"latent {record.latent} has no positive max activation in the exemplars' profiles, so there is no strength to start from")
         s = self.settings
         steerer = self.deps.subject_model.steerer()
-        delta, _ = steerer.strength_for_kl(s.prompts, self.deps.coder, record.latent, s.target_kl, unit, tolerance=s.kl_tolerance)
+        (delta, _), = steerer.strengths_for_kl(s.prompts, self.deps.coder, [record.latent], s.target_kl, [unit], tolerance=s.kl_tolerance)
         evidence = token_change(steerer, Steer(self.deps.coder, record.latent, delta), s.prompts, s.k)
         messages = token_change_messages(evidence, record.vocab)
         return (messages if self.deps.llm.fits(messages, max_tokens) else None), 0

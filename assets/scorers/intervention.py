@@ -9,8 +9,9 @@ explanation instead of after a neutral description. Rows: each continuation, ste
 not (label 0), scored by its gain, so `roc_auc` says how often a steered text gains more.
 """
 import asyncio
+import functools
 import threading
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -19,7 +20,7 @@ from pydantic import Field
 from assets.scorers.base import Job, JobResult, Scorer, ScorerSettings
 from assets.score_metrics import NAN
 from resources.sparse_coders import SparseCoder
-from resources.steering import NEUTRAL_PROMPTS, Steer, Steerer, max_activation
+from resources.steering import NEUTRAL_PROMPTS, Steer, Steerer, SteeringError, logits_to_keep, max_activation
 
 DESCRIBED = "Description of the text below: {explanation}\nText:\n"
 NOT_DESCRIBED = "Various unrelated sentences."
@@ -38,43 +39,73 @@ class Continuations:
     """Mean KL divergence of the steered next-token distributions from the unsteered ones, in nats."""
 
 
-def steered_continuations(steerer: Steerer, coder: SparseCoder, latent: int, prompts: list[str], n_tokens: int, target_kl: float, unit: float,
-                          unsteered: list[list[int]] | None = None, tolerance: float = 0.05) -> Continuations:
-    """Continue each prompt `n_tokens` tokens without and with the latent steered to `target_kl`. The
-    unsteered continuations are the same for every latent: pass them in to generate them once."""
-    delta, kl = steerer.strength_for_kl(prompts, coder, latent, target_kl, unit, tolerance=tolerance)
-    unsteered = steerer.generate(prompts, n_tokens) if unsteered is None else unsteered
-    steered = steerer.generate(prompts, n_tokens, Steer(coder, latent, delta))
-    return Continuations(list(prompts), unsteered, steered, delta, kl)
-
-
 class ContinuationSource:
-    """One partition's continuations: the unsteered ones made once, each latent's steered ones once
-    and shared by its explanation and control jobs. One latent at a time (torch uses every core)."""
+    """One partition's continuations. The unsteered continuations and next-token distributions are
+    made once; the steered ones a batch of up to `batch` latents at a time (each latent a block of
+    rows, their strength searches advancing together): the latent asked for and the next latents
+    announced with `expect`. A latent's continuations serve its explanation's and its control's jobs."""
 
-    def __init__(self, steerer: Steerer, coder: SparseCoder, prompts: list[str], n_tokens: int, target_kl: float, unit_of, tolerance: float = 0.05):
+    def __init__(self, steerer: Steerer, coder: SparseCoder, prompts: list[str], n_tokens: int, target_kl: float, unit_of, tolerance: float = 0.05, batch: int = 1):
         self.steerer, self.coder, self.prompts, self.n_tokens = steerer, coder, list(prompts), n_tokens
-        self.target_kl, self.unit_of, self.tolerance = target_kl, unit_of, tolerance
-        self._lock = threading.Lock()
+        self.target_kl, self.unit_of, self.tolerance, self.batch_size = target_kl, unit_of, tolerance, batch
+        self._lock = threading.RLock()
         self._plain: list[list[int]] | None = None
-        self._made: dict[int, Continuations] = {}
+        self._clean: torch.Tensor | None = None
+        self._expected: dict[int, None] = {}
+        """Latents announced and not made yet, in order (a dict as an ordered set)."""
+        self._made: dict[int, dict[int, Continuations]] = {}
 
-    def get(self, latent: int) -> Continuations:
+    def expect(self, latents: list[int]) -> None:
+        """Announce latents that will be asked for, so that they join the batches of those asked before them."""
+        with self._lock:
+            self._expected.update((latent, None) for latent in latents if latent not in self._made)
+
+    def batch(self, latent: int) -> dict[int, Continuations]:
+        """`latent`'s continuations and those of the latents steered in the same batch, made now if not yet."""
         with self._lock:
             if latent not in self._made:
-                if self._plain is None:
-                    self._plain = self.steerer.generate(self.prompts, self.n_tokens)
-                self._made[latent] = steered_continuations(self.steerer, self.coder, latent, self.prompts, self.n_tokens, self.target_kl,
-                                                           self.unit_of(latent), unsteered=self._plain, tolerance=self.tolerance)
+                self._make(latent)
             return self._made[latent]
 
+    def get(self, latent: int) -> Continuations:
+        return self.batch(latent)[latent]
 
-def continuation_logprobs(lm: torch.nn.Module, tokenizer, prefix: str, prompts: list[str], continuations: list[list[int]]) -> np.ndarray:
-    """Mean log-likelihood per token of each continuation after `prefix` + its prompt, one forward pass."""
-    prefix_ids = tokenizer(prefix, add_special_tokens=False)["input_ids"]
+    def unsteered(self) -> list[list[int]]:
+        """The unsteered continuations (with the unsteered next-token distributions): made once, for every latent."""
+        with self._lock:
+            if self._plain is None:
+                self._plain = self.steerer.generate(self.prompts, self.n_tokens)
+                self._clean = self.steerer.next_token_logprobs(self.prompts)
+            return self._plain
+
+    def _make(self, latent: int) -> None:
+        units = {latent: self.unit_of(latent)}  # the latent asked for fails here if it has no unit
+        for other in self._expected:
+            if len(units) == self.batch_size:
+                break
+            if other not in units and other not in self._made:
+                try:
+                    units[other] = self.unit_of(other)
+                except SteeringError:
+                    pass  # it fails with its reason when asked for itself
+        plain = self.unsteered()
+        latents = list(units)
+        found = self.steerer.strengths_for_kl(self.prompts, self.coder, latents, self.target_kl, list(units.values()), self.tolerance, clean=self._clean)
+        steered = self.steerer.generate(self.prompts, self.n_tokens, [Steer(self.coder, l, delta) for l, (delta, _) in zip(latents, found)])
+        n = len(self.prompts)
+        made = {l: Continuations(list(self.prompts), plain, steered[i * n : (i + 1) * n], delta, kl) for i, (l, (delta, kl)) in enumerate(zip(latents, found))}
+        for l in latents:
+            self._made[l] = made
+            self._expected.pop(l, None)
+
+
+def continuation_logprobs(lm: torch.nn.Module, tokenizer, prefixes: list[str], prompts: list[str], continuations: list[list[int]]) -> np.ndarray:
+    """Mean log-likelihood per token of each continuation after its prefix + its prompt, one forward
+    pass (right-padded; logits only from the first continuation on where the model allows)."""
+    ids_of = functools.lru_cache(maxsize=None)(lambda text: tuple(tokenizer(text, add_special_tokens=False)["input_ids"]))
     sequences, starts = [], []
-    for prompt, continuation in zip(prompts, continuations):
-        head = prefix_ids + tokenizer(prompt, add_special_tokens=False)["input_ids"]
+    for prefix, prompt, continuation in zip(prefixes, prompts, continuations):
+        head = list(ids_of(prefix) + ids_of(prompt))
         sequences.append(head + list(continuation))
         starts.append(len(head))
     width = max(len(s) for s in sequences)
@@ -85,12 +116,38 @@ def continuation_logprobs(lm: torch.nn.Module, tokenizer, prefix: str, prompts: 
         mask[row, : len(sequence)] = 1
     device = next(lm.parameters()).device
     with torch.inference_mode():
-        logits = lm(input_ids=ids.to(device), attention_mask=mask.to(device), use_cache=False).logits.float().cpu()
-    logprobs = torch.log_softmax(logits[:, :-1], dim=-1).gather(-1, ids[:, 1:, None])[..., 0]
-    out = []
-    for row, (sequence, start) in enumerate(zip(sequences, starts)):
-        out.append(float(logprobs[row, start - 1 : len(sequence) - 1].mean()))  # the continuation's own tokens
-    return np.asarray(out)
+        logits = lm(input_ids=ids.to(device), attention_mask=mask.to(device), use_cache=False, **logits_to_keep(lm, width - min(starts) + 1)).logits.float().cpu()
+    first = width - logits.shape[1]  # the position of the first logits kept
+    logprobs = torch.log_softmax(logits[:, :-1], dim=-1).gather(-1, ids[:, first + 1 :, None])[..., 0]
+    return np.asarray([float(logprobs[row, start - first - 1 : len(sequence) - first - 1].mean())  # the continuation's own tokens
+                       for row, (sequence, start) in enumerate(zip(sequences, starts))])
+
+
+class Likelihoods:
+    """Mean log-likelihoods per token of continuations read after a description and their prompt, each
+    distinct text computed once (the unsteered continuations after the neutral description serve every
+    latent; after an explanation, the latent it explains and the one whose control it is), `rows`
+    texts per forward pass."""
+
+    def __init__(self, lm: torch.nn.Module, tokenizer, rows: int):
+        self.lm, self.tokenizer, self.rows = lm, tokenizer, rows
+        self._known: dict[tuple[str, str, tuple[int, ...]], float] = {}
+
+    def of(self, texts: list[tuple[str, str, list[int]]]) -> np.ndarray:
+        """The likelihood of each (description prefix, prompt, continuation), computing those not known yet."""
+        keys = [(prefix, prompt, tuple(continuation)) for prefix, prompt, continuation in texts]
+        missing = sorted(dict.fromkeys(k for k in keys if k not in self._known), key=lambda k: k[0])  # one description's texts together: little padding
+        for i in range(0, len(missing), self.rows):
+            chunk = missing[i : i + self.rows]
+            self._known.update(zip(chunk, continuation_logprobs(self.lm, self.tokenizer, *map(list, zip(*chunk)))))
+        return np.asarray([self._known[k] for k in keys])
+
+
+def likelihood_texts(made: Continuations, explanation: str) -> list[tuple[str, str, list[int]]]:
+    """What an intervention score reads: the steered, then the unsteered continuations, after the
+    neutral description, then after the explanation."""
+    return [(DESCRIBED.format(explanation=described), prompt, continuation) for described in (NOT_DESCRIBED, explanation)
+            for continuations in (made.steered, made.unsteered) for prompt, continuation in zip(made.prompts, continuations)]
 
 
 @dataclass
@@ -101,28 +158,21 @@ class InterventionScore:
     unsteered_gain: np.ndarray
 
 
-@dataclass
-class LikelihoodScorer:
-    """Scores explanations against one latent's continuations; the likelihoods without an explanation
-    are computed once and shared by the explanation and its control."""
+def intervention_score(likelihoods: Likelihoods, made: Continuations, explanation: str) -> InterventionScore:
+    neutral_steered, neutral_plain, steered, plain = likelihoods.of(likelihood_texts(made, explanation)).reshape(4, len(made.prompts))
+    steered_gain, unsteered_gain = steered - neutral_steered, plain - neutral_plain
+    return InterventionScore(float(np.mean(steered_gain - unsteered_gain)), steered_gain, unsteered_gain)
 
-    lm: torch.nn.Module
-    tokenizer: object
-    continuations: Continuations
-    _baseline: tuple[np.ndarray, np.ndarray] | None = field(default=None, init=False)
 
-    def _likelihoods(self, prefix: str) -> tuple[np.ndarray, np.ndarray]:
-        """(steered, unsteered) mean log-likelihoods after `prefix`, in one forward pass."""
-        c = self.continuations
-        both = continuation_logprobs(self.lm, self.tokenizer, prefix, c.prompts * 2, c.steered + c.unsteered)
-        return both[: len(c.prompts)], both[len(c.prompts) :]
-
-    def score(self, explanation: str) -> InterventionScore:
-        if self._baseline is None:
-            self._baseline = self._likelihoods(DESCRIBED.format(explanation=NOT_DESCRIBED))
-        steered, unsteered = self._likelihoods(DESCRIBED.format(explanation=explanation))
-        steered_gain, unsteered_gain = steered - self._baseline[0], unsteered - self._baseline[1]
-        return InterventionScore(float(np.mean(steered_gain - unsteered_gain)), steered_gain, unsteered_gain)
+def score_in_batch(source: ContinuationSource, likelihoods: Likelihoods, explanations: dict[int, list[str]], latent: int,
+                   explanation: str) -> tuple[Continuations, InterventionScore]:
+    """`latent`'s continuations and intervention score. Its batch is steered if it was not, and its
+    batch's continuations are read after every explanation announced for them (`explanations`, taken
+    out as they are read) in few forward passes, so their later scores only look them up."""
+    batch = source.batch(latent)
+    wanted = [text for other, made in batch.items() for said in explanations.pop(other, []) for text in likelihood_texts(made, said)]
+    likelihoods.of(wanted + likelihood_texts(batch[latent], explanation))
+    return batch[latent], intervention_score(likelihoods, batch[latent], explanation)
 
 
 class InterventionSettings(ScorerSettings):
@@ -132,34 +182,54 @@ class InterventionSettings(ScorerSettings):
     kl_tolerance: float = Field(default=0.05, gt=0, lt=1, description="Relative tolerance of the strength search.")
 
 
-def continuation_source(scorer: Scorer) -> ContinuationSource:
-    """The partition's continuations, for the intervention and output-judge scorers."""
-    s, deps = scorer.settings, scorer.deps
-    return ContinuationSource(deps.subject_model.steerer(), deps.coder, s.prompts, s.tokens, s.target_kl,
-                              lambda latent: max_activation(deps.activations_dir, latent), s.kl_tolerance)
+class ContinuationScorer(Scorer):
+    """A scorer of latents' steered continuations (intervention, output_judge): one `ContinuationSource`
+    per partition, told each chunk's latents in `prepare` so that they are steered
+    `[subject_model] steering_batch` at a time. One batch at a time (torch uses every core)."""
+
+    Settings = InterventionSettings
+
+    def __init__(self, settings, deps):
+        super().__init__(settings, deps)
+        self._lock = threading.RLock()
+        self._source: ContinuationSource | None = None
+
+    def source(self) -> ContinuationSource:
+        with self._lock:
+            if self._source is None:
+                s, deps = self.settings, self.deps
+                self._source = ContinuationSource(deps.subject_model.steerer(), deps.coder, s.prompts, s.tokens, s.target_kl,
+                                                  lambda latent: max_activation(deps.activations_dir, latent), s.kl_tolerance, deps.subject_model.steering_batch)
+            return self._source
+
+    async def prepare(self, jobs: list[Job]) -> None:
+        source = await asyncio.to_thread(self.source)
+        source.expect(list(dict.fromkeys(job.latent for job in jobs)))
 
 
-class Intervention(Scorer):
+class Intervention(ContinuationScorer):
     name = "intervention"
     description = "Intervention (Paulo et al.): how much more likely the explanation makes the latent's steered continuations than unsteered ones (nats/token), at a fixed KL."
-    Settings = InterventionSettings
     uses = frozenset({"subject_model", "coder"})
     main_metric = "intervention_score"
 
     def __init__(self, settings, deps):
         super().__init__(settings, deps)
-        self._lock = threading.Lock()
-        self._source: ContinuationSource | None = None
-        self._scorers: dict[int, LikelihoodScorer] = {}
+        self._likelihoods: Likelihoods | None = None
+        self._explanations: dict[int, list[str]] = {}
+        """The explanations each announced latent will be scored with (its own and its control's)."""
+
+    async def prepare(self, jobs: list[Job]) -> None:
+        for job in jobs:
+            self._explanations.setdefault(job.latent, []).append(job.explanation)
+        await super().prepare(jobs)
 
     def _score(self, latent: int, explanation: str):
-        with self._lock:  # one latent at a time; its explanation and control share continuations and baselines
-            if self._source is None:
-                self._source = continuation_source(self)
-            if latent not in self._scorers:
+        with self._lock:
+            if self._likelihoods is None:
                 model = self.deps.subject_model
-                self._scorers[latent] = LikelihoodScorer(model.causal_lm(), model.tokenizer(), self._source.get(latent))
-            return self._scorers[latent].continuations, self._scorers[latent].score(explanation)
+                self._likelihoods = Likelihoods(model.causal_lm(), model.tokenizer(), model.steering_batch * len(self.settings.prompts))
+            return score_in_batch(self.source(), self._likelihoods, self._explanations, latent, explanation)
 
     async def score(self, job: Job) -> JobResult:
         made, scored = await asyncio.to_thread(self._score, job.latent, job.explanation)

@@ -4,14 +4,13 @@ neutral prompt was written with the latent steered? The continuations are the in
 each pair's order seeded. Main metric: accuracy (chance 0.5); an unreadable answer is asked again
 once, then the latent's question fails with both raw answers."""
 import asyncio
-import threading
 from dataclasses import dataclass
 
 import numpy as np
 
 from assets.prompts import TOKEN_LEGEND, highlight, read_int_list, reask_list_message
-from assets.scorers.base import Job, JobResult, Scorer
-from assets.scorers.intervention import ContinuationSource, Continuations, InterventionSettings, continuation_source
+from assets.scorers.base import Job, JobResult
+from assets.scorers.intervention import ContinuationScorer, Continuations
 from assets.score_metrics import NAN
 
 JUDGE_SYSTEM = (
@@ -75,26 +74,22 @@ async def judge(client, explanation: str, pairs: list[Pair], vocab: list[str]) -
     return Judged([int(v == p.steered) for v, p in zip(asked.value, pairs)], "", asked.prompt_tokens)
 
 
-class OutputJudge(Scorer):
+class OutputJudge(ContinuationScorer):
     name = "output_judge"
     description = "Output-side judge: given the explanation, tell the latent's steered continuation of a prompt from the unsteered one (accuracy)."
-    Settings = InterventionSettings
     uses = frozenset({"llm", "subject_model", "coder"})
     main_metric = "accuracy"
 
     def __init__(self, settings, deps):
         super().__init__(settings, deps)
-        self._lock = threading.Lock()
-        self._source: ContinuationSource | None = None
         self._vocab: list[str] | None = None
 
     def _pairs(self, latent: int, seed: int):
         with self._lock:
-            if self._source is None:
-                self._source = continuation_source(self)
+            if self._vocab is None:
                 tokenizer = self.deps.subject_model.tokenizer()
                 self._vocab = [tokenizer.decode([i]) for i in range(len(tokenizer))]
-            made = self._source.get(latent)
+            made = self.source().get(latent)
         return made, judge_pairs(made, seed)
 
     async def score(self, job: Job) -> JobResult:

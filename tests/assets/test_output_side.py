@@ -13,7 +13,7 @@ from dagster import DagsterInstance, materialize
 
 from assets.explainers.logit_lens import vocab_proj_evidence
 from assets.explainers.steering import token_change
-from assets.scorers.intervention import LikelihoodScorer, steered_continuations
+from assets.scorers.intervention import ContinuationSource, Likelihoods, intervention_score
 from assets.scorers.output_judge import judge, judge_pairs
 from autointerp_defs.definitions import build_definitions
 from resources.llm import LLMResource
@@ -48,11 +48,21 @@ def unembedding_coder(subject):
     return coder, ids
 
 
+def continuation_source(steerer, coder, batch):
+    return ContinuationSource(steerer, coder, PROMPTS, 8, target_kl=1.0, unit_of=lambda latent: 40.0, tolerance=0.1, batch=batch)
+
+
 @pytest.fixture(scope="module")
 def continuations(steerer, unembedding_coder):
-    coder, _ = unembedding_coder
-    plain = steerer.generate(PROMPTS, 8)
-    return {latent: steered_continuations(steerer, coder, latent, PROMPTS, 8, target_kl=1.0, unit=40.0, unsteered=plain, tolerance=0.1) for latent in range(2)}
+    """The three latents steered in one batch."""
+    source = continuation_source(steerer, unembedding_coder[0], batch=3)
+    source.expect([0, 1, 2])
+    return source.batch(0)
+
+
+def own_and_control_scores(subject, made, latent, other):
+    likelihoods = Likelihoods(subject.causal_lm(), subject.tokenizer(), rows=64)
+    return [intervention_score(likelihoods, made, f"the word '{WORDS[i].strip()}'").score for i in (latent, other)]
 
 
 def test_the_logit_lens_lists_the_written_token_first(subject, unembedding_coder):
@@ -84,10 +94,20 @@ def test_the_true_description_beats_its_control_on_intervention_scores(subject, 
     """The subject model finds the steered text likelier (relative to the unsteered) after the true
     description than after the other latent's."""
     for latent, other in ((0, 1), (1, 0)):
-        scorer = LikelihoodScorer(subject.causal_lm(), subject.tokenizer(), continuations[latent])
-        own = scorer.score(f"the word '{WORDS[latent].strip()}'").score
-        control = scorer.score(f"the word '{WORDS[other].strip()}'").score
+        own, control = own_and_control_scores(subject, continuations[latent], latent, other)
         assert own > control + 0.2 and own > 0.2, (own, control)
+
+
+def test_a_latent_steered_alone_is_steered_as_in_a_batch(steerer, subject, unembedding_coder, continuations):
+    """Batch rows are independent: a latent steered alone (a batch of one) gets the same strength-search
+    path, the same greedy continuations and the same intervention scores as beside two other latents
+    (up to float rounding, which differs with the batch's shape)."""
+    alone = continuation_source(steerer, unembedding_coder[0], batch=1)
+    for latent, other in ((2, 0), (1, 2)):
+        single, batched = alone.get(latent), continuations[latent]
+        assert single.steered == batched.steered and single.unsteered == batched.unsteered
+        assert single.delta == batched.delta and single.kl == pytest.approx(batched.kl, rel=1e-4)
+        assert own_and_control_scores(subject, single, latent, other) == pytest.approx(own_and_control_scores(subject, batched, latent, other), abs=1e-4)
 
 
 def truthful_output_judge(messages):

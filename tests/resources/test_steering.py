@@ -77,9 +77,9 @@ def test_a_zero_edit_leaves_the_logits_unchanged(steerer, subject, tiny_sae, kin
     ids, mask = steerer.encode_prompts(["The cat sat on the mat and looked", "Hello"])
     with torch.inference_mode():
         bare = subject.causal_lm()(input_ids=ids, attention_mask=mask).logits.float()
-    zero = steerer.logits(ids, mask, Steer(coder, 7, 0.0))
+    zero = steerer.logits(ids, mask, [Steer(coder, 7, 0.0)])
     assert torch.allclose(zero, bare, rtol=1e-5, atol=1e-3), (zero - bare).abs().max()
-    moved = steerer.logits(ids, mask, Steer(coder, 7, 20.0))
+    moved = steerer.logits(ids, mask, [Steer(coder, 7, 20.0)])
     assert (moved - bare).abs().max() > 1.0  # the same path with an edit does steer
 
 
@@ -100,6 +100,8 @@ def test_the_steered_write_is_the_goodfire_edit_without_encoding(transcode):
     goodfire = (edited @ coder.decoder_weight + coder.decoder_bias) + (write.reshape(-1, d_in) - (f @ coder.decoder_weight + coder.decoder_bias))
     assert torch.allclose(steered_value(coder, latent, delta, write), goodfire.reshape(write.shape), atol=1e-5)
     assert steered_value(coder, latent, delta, write.bfloat16()).dtype == torch.bfloat16
+    per_row = steered_value(coder, torch.tensor([latent, 9]), torch.tensor([delta, -1.5]), write)  # a batch of steers: one per row
+    assert torch.equal(per_row[0], steered_value(coder, latent, delta, write)[0]) and torch.equal(per_row[1], steered_value(coder, 9, -1.5, write)[1])
 
 
 

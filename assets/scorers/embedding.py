@@ -4,8 +4,8 @@ A window scores as its best span of `span_tokens` tokens (the largest cosine ove
 by default its best single token: an explanation names what fires, a few tokens, and a whole window's
 vector is mostly the text around them. The span rule is the same for every window, activating or not,
 so it tells the scorer nothing about labels. On latents whose truth is known (`bench/quality.py`, hard
-negatives on) the best token doubles the gap over the control that whole windows (delphi's form,
-`span_tokens = 0`) give, on every planting (bench/README.md). At 0 the whole windows' vectors on the
+negatives on) the best token raises the gap over the control that whole windows (delphi's form,
+`span_tokens = 0`) give on every planting, doubling its median (bench/README.md). At 0 the whole windows' vectors on the
 corpus grid are read from the contexts table instead of embedded; single tokens are few distinct
 texts, each embedded once per partition."""
 import asyncio

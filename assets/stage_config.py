@@ -33,10 +33,11 @@ def with_defaults(config: type[BaseModel], values: dict, section: str) -> type[B
     return create_model(config.__name__, __base__=config, **fields) if fields else config
 
 
-def added_later(default, **field_options):
-    """A setting added after results were made: at `default` (the behaviour before it existed) it is left out
-    of `settings_digest`, so an upgrade re-runs nothing that the new setting does not change."""
-    return Field(default=default, json_schema_extra={"digest_omits": default}, **field_options)
+def added_later(before, *, default=None, **field_options):
+    """A setting added after results were made: at `before` (the behaviour before it existed) it is left out
+    of `settings_digest`, so an upgrade re-runs nothing that the new setting does not change. Its default is
+    `before` unless a `default` measured better replaced it, which re-runs what the old default made."""
+    return Field(default=before if default is None else default, json_schema_extra={"digest_omits": before}, **field_options)
 
 
 def digest_values(settings: BaseModel) -> dict:

@@ -13,12 +13,12 @@ latents have all their planted senses named, and each sense's detection on its o
 against the rest (`score_senses`). Single-sense latents are scored in
 one partition (each with another single-sense latent's explanation as control), two-sense latents in
 another. `embedding_gap` is the embedding scorer's mean ROC AUC gap at its default settings (real
-MiniLM, whole windows) over the single-sense latents with the refined explanations;
-`embedding_gap_spans` the same in the same run with each window scored by its best span of
-`SPAN_TOKENS` tokens (`span_tokens`). Prints a JSON object as its
-last line.
+MiniLM, each window by its best token) over the single-sense latents with the refined explanations,
+the median over `--embedding-seeds` plantings of them (seed 0 is the one above, the others planted
+and explained the same way); `embedding_gap_before` the same in the same run with the default
+before it, whole windows (`span_tokens = 0`). Prints a JSON object as its last line.
 
-    .venv/bin/python bench/quality.py [--latents-per-sense 8] [--rounds 2] [--senses 3]
+    .venv/bin/python bench/quality.py [--latents-per-sense 8] [--rounds 2] [--senses 3] [--embedding-seeds 5]
 """
 import argparse
 import asyncio
@@ -28,6 +28,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -46,8 +47,8 @@ from tests.planted_latents import CLASSES, planted_exemplars, scripted_llm, sens
 from tests.scripted_llm_server import ScriptedLLMServer  # noqa: E402
 
 
-SPAN_TOKENS = 2
-"""The span the bench compares with whole windows: the best of 2, 3 and 4 tokens here (README "Better explanations")."""
+EMBEDDING_BEFORE = {"span_tokens": 0}
+"""The embedding scorer's default before the best token (`span_tokens = 1`) was measured better: whole windows."""
 
 
 def planted(per_sense: int) -> dict[str, dict[int, tuple[str, ...]]]:
@@ -92,6 +93,7 @@ def main() -> None:
     parser.add_argument("--latents-per-sense", type=int, default=4, help="latents planted per sense, and as many per pair of senses")
     parser.add_argument("--rounds", type=int, default=2, help="refine_rounds of the refined method")
     parser.add_argument("--senses", type=int, default=3, help="[explanations] senses of the several_senses method")
+    parser.add_argument("--embedding-seeds", type=int, default=5, help="plantings of the single-sense latents the embedding scorer is measured on")
     args = parser.parse_args()
 
     tokenizer = load_tokenizer()
@@ -117,8 +119,13 @@ def main() -> None:
                     named = [{cls for cls, _ in senses_of(text)} == set(plan[group][latent]) for latent, text in zip(explanations["latent"], explanations["explanation"])]
                     results[method][group]["all_senses_named"] = f"{sum(named)}/{len(named)}"
                     results[method][group]["per_sense_detection"] = sense_detection(server, exemplars, senses[group], vocab)
-    embedding, embedding_spans = (mean_gap(score("embedding", groups["single_sense"], explained["refined", "single_sense"], vocab, embedder=embedder, **overrides), "roc_auc")
-                                  for overrides in ({}, {"span_tokens": SPAN_TOKENS}))
+        plantings = {0: (groups["single_sense"], explained["refined", "single_sense"])}
+        for seed in range(1, args.embedding_seeds):
+            exemplars = planted_exemplars(tokenizer, plan["single_sense"], seed=seed)
+            plantings[seed] = exemplars, asyncio.run(explain(server, exemplars, vocab, args.rounds))
+    embedding = {form: [mean_gap(score("embedding", exemplars, explanations, vocab, embedder=embedder, **overrides), "roc_auc") for exemplars, explanations in plantings.values()]
+                 for form, overrides in (("before", EMBEDDING_BEFORE), ("default", {}))}
+    median = {form: {key: float(np.median([r[key] for r in runs])) for key in ("score", "control", "gap")} for form, runs in embedding.items()}
     seconds = time.perf_counter() - started
 
     print(f"{', '.join(f'{len(latents)} {group}' for group, latents in planted(args.latents_per_sense).items())} planted latents; "
@@ -133,18 +140,19 @@ def main() -> None:
         d = r["per_sense_detection"]
         print(f"several_senses {group}: all planted senses named in {r['all_senses_named']} latents; "
               + (f"per-sense detection {d['score']:.3f} (gap {d['gap']:+.3f}) on {len(senses[group])} senses" if d else "no latent explained as several senses"))
-    print(f"embedding (default settings, refined explanations, single-sense): ROC AUC {embedding['score']:.3f}, control {embedding['control']:.3f}, gap {embedding['gap']:+.3f}; "
-          f"best {SPAN_TOKENS}-token span (span_tokens {SPAN_TOKENS}): {embedding_spans['score']:.3f}, control {embedding_spans['control']:.3f}, gap {embedding_spans['gap']:+.3f}")
+    for form, label in (("before", "whole windows (span_tokens 0, the default before)"), ("default", "best token (span_tokens 1, the default)")):
+        m, per_planting = median[form], ", ".join(f"{r['gap']:+.3f}" for r in embedding[form])
+        print(f"embedding, {label}, refined single-sense explanations, median of {len(plantings)} plantings: ROC AUC {m['score']:.3f}, control {m['control']:.3f}, "
+              f"gap {m['gap']:+.3f} (per planting {per_planting})")
     print(json.dumps({
         "single_shot_detection_gap": results["single_shot"]["single_sense"]["detection"]["gap"],
         "refined_detection_gap": results["refined"]["single_sense"]["detection"]["gap"],
-        "embedding_gap": embedding["gap"],
-        "embedding_gap_spans": embedding_spans["gap"],
+        "embedding_gap": round(median["default"]["gap"], 3),
+        "embedding_gap_before": round(median["before"]["gap"], 3),
         "several_senses": {group: {"detection_gap": r["detection"]["gap"], "fuzzing_gap": r["fuzzing"]["gap"], "all_senses_named": r["all_senses_named"],
                                    "explain_requests_per_latent": r["explain_requests_per_latent"]} for group, r in results["several_senses"].items()},
         "methods": results,
-        "embedding": embedding,
-        "embedding_spans": embedding_spans,
+        "embedding": {form: {"median": {k: round(v, 3) for k, v in median[form].items()}, "per_planting": runs} for form, runs in embedding.items()},
         "rounds": args.rounds,
         "latents_per_sense": args.latents_per_sense,
     }))

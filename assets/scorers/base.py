@@ -144,7 +144,7 @@ class Scorer:
 
     async def prepare(self, jobs: list[Job]) -> None:
         """Called once with every job of the partition (the controls' too) before any is scored, for work
-        the jobs share: the embedding scorer embeds each distinct window once here. Default: nothing."""
+        the jobs share: the embedding scorer embeds each distinct text (a token, a span or a window) once here. Default: nothing."""
 
     async def score(self, job: Job) -> JobResult:
         raise NotImplementedError

@@ -1,11 +1,13 @@
 """Embedding (delphi): cosine similarity of the explanation to each window in the embedder's space (ROC AUC).
 
-With `span_tokens` > 0 a window scores as its best span of that many tokens (the largest cosine over
-its sliding spans): an explanation names what fires, a few tokens, and a whole window's vector is
-mostly the text around them. On latents whose truth is known (`bench/quality.py`, hard negatives on)
-spans raise the explanation's AUC and the control's alike, so the gap barely moves (README "Better
-explanations"): the default stays delphi's whole window, whose grid windows' vectors are read from
-the contexts table instead of embedded."""
+A window scores as its best span of `span_tokens` tokens (the largest cosine over its sliding spans),
+by default its best single token: an explanation names what fires, a few tokens, and a whole window's
+vector is mostly the text around them. The span rule is the same for every window, activating or not,
+so it tells the scorer nothing about labels. On latents whose truth is known (`bench/quality.py`, hard
+negatives on) the best token raises the gap over the control that whole windows (delphi's form,
+`span_tokens = 0`) give on every planting, doubling its median (bench/README.md). At 0 the whole windows' vectors on the
+corpus grid are read from the contexts table instead of embedded; single tokens are few distinct
+texts, each embedded once per partition."""
 import asyncio
 
 import numpy as np
@@ -19,7 +21,7 @@ from resources.embedder import unit_vectors
 
 class EmbeddingSettings(ScorerSettings):
     query_prefix: str = Field(default="", description="Text put before the explanation; instruction-tuned embedders want e.g. delphi's 'Instruct: Retrieve sentences that could be related to the explanation.\\nQuery:'.")
-    span_tokens: int = added_later(0, ge=0, description="Score a window by its best span of this many tokens (max cosine over sliding spans); 0 = the whole window (delphi).")
+    span_tokens: int = added_later(0, default=1, ge=0, description="Score a window by its best span of this many tokens (max cosine over sliding spans); 1 = its best token; 0 = the whole window (delphi's form, the default before 1 was measured better).")
 
 
 def spans(example, size: int) -> list[str]:

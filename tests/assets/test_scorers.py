@@ -174,8 +174,8 @@ def test_embedding_scorer_ranks_topic_windows_first_with_real_minilm(topic_data)
     assert (frame.control_roc_auc < 0.8).all() and (frame.gap > 0.2).all()
 
 
-def test_the_embedding_scorer_embeds_each_distinct_window_once_per_partition(topic_data):
-    from assets.prompts import plain_text
+def test_the_embedding_scorer_embeds_each_distinct_text_once_per_partition(topic_data):
+    from assets.prompts import plain_text, window_text
     from resources.embedder import EmbedderResource
 
     class Counting:
@@ -188,17 +188,19 @@ def test_the_embedding_scorer_embeds_each_distinct_window_once_per_partition(top
             self.texts += texts
             return self.embedder.embed(texts)
 
-    counting = Counting()
-    frame, _ = run_scorer("embedding", topic_data, embed=counting)
     exemplars, explanations, vocab = topic_data
     test = exemplars[exemplars.split == "test"]
-    windows = {plain_text("".join(vocab[t] for t in tokens)) for tokens in test.tokens}
-    assert len(windows) == 3 * 5 + 5  # each latent's activating windows, and the silent ones all three share
-    assert sorted(counting.texts) == sorted(windows | set(explanations.explanation))  # each once; the controls cost nothing
-    assert (frame.roc_auc == 1.0).all() and (frame.control_roc_auc < 0.8).all()
+    for span_tokens, texts in ((0, {plain_text("".join(vocab[t] for t in tokens)) for tokens in test.tokens}),
+                               (1, {window_text([vocab[t]]) for tokens in test.tokens for t in tokens})):
+        counting = Counting()
+        frame, _ = run_scorer("embedding", topic_data, embed=counting, span_tokens=span_tokens)
+        assert sorted(counting.texts) == sorted(texts | set(explanations.explanation))  # each once; the controls cost nothing
+        assert (frame.roc_auc == 1.0).all() and (frame.control_roc_auc < 0.8).all()
+        if span_tokens == 0:
+            assert len(texts) == 3 * 5 + 5  # each latent's activating windows, and the silent ones all three share
 
 
-def test_the_embedding_scorer_can_score_a_window_by_its_best_span(topic_data):
+def test_the_embedding_scorer_scores_a_window_by_its_best_span(topic_data):
     from assets.records import Example
     from assets.scorers.embedding import spans
     from resources.embedder import EmbedderResource
@@ -209,19 +211,22 @@ def test_the_embedding_scorer_can_score_a_window_by_its_best_span(topic_data):
     strs = [" a", " cat", " and", " a", " cat", "."]
     window = Example(index=0, token_ids=list(range(6)), token_strs=strs, activations=np.zeros(6), marks=np.zeros(6, bool), label=0, quantile=0)
     assert spans(window, 3) == [" a cat and", " cat and a", " and a cat", " a cat."]
+    assert spans(window, 1) == [" a", " cat", " and", "."]
     assert spans(window, 6) == spans(window, 0) == [" a cat and a cat."]
 
 
-def test_span_tokens_at_zero_keeps_the_embedding_scorers_digest():
-    """Adding `span_tokens` must not make every deployment's embedding scores stale: at 0 (whole windows,
-    the scoring before it existed) the digest is the one the settings had without it."""
+def test_the_best_token_default_rescores_and_whole_windows_keep_the_old_digest():
+    """Whole windows (`span_tokens = 0`, the scoring before the option existed) keep the digest the settings
+    had without it; the best-token default, measured better (`bench/quality.py`), changes it, so embedding
+    scores made with the old default are stale and scored again."""
     import hashlib
 
     from assets.scorers.embedding import EmbeddingSettings
 
     before = hashlib.sha256(json.dumps({"seed": 0, "query_prefix": ""}, sort_keys=True).encode()).hexdigest()[:10]
-    assert EmbeddingSettings().digest() == before
-    assert EmbeddingSettings(span_tokens=3).digest() != before
+    assert EmbeddingSettings().span_tokens == 1
+    assert EmbeddingSettings(span_tokens=0).digest() == before
+    assert EmbeddingSettings().digest() != before != EmbeddingSettings(span_tokens=3).digest()
 
 
 def test_surprisal_scorer_is_the_loss_drop_the_explanation_brings(topic_data, subject):

@@ -1,5 +1,6 @@
-"""The embedding scorer reads the vectors of corpus grid windows from the contexts table (embedded
-there as the very text it would embed) and scores exactly as if it had embedded them itself; and a
+"""The embedding scorer on whole windows (`span_tokens = 0`) reads the vectors of corpus grid windows
+from the contexts table (embedded there as the very text it would embed) and scores exactly as if it
+had embedded them itself; and a
 partition read a chunk of latents at a time is scored and explained as when read whole."""
 import asyncio
 import re
@@ -36,7 +37,7 @@ class Counting:
 
 def score(exemplars, explanations, vocab, windows=None):
     embedder = Counting()
-    scorer = SCORERS["embedding"](scorer_settings({})["embedding"], ScorerDeps(embedder=embedder, corpus_windows=windows))
+    scorer = SCORERS["embedding"](scorer_settings({"embedding": {"span_tokens": 0}})["embedding"], ScorerDeps(embedder=embedder, corpus_windows=windows))
     frame, examples = asyncio.run(score_partition(scorer, exemplars, explanations, vocab))
     return frame.set_index("latent"), examples, embedder.texts
 

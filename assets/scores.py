@@ -37,7 +37,7 @@ from assets.explanations import viewer_links
 from assets.records import read_records
 from assets.senses import assigned
 from assets.links import coder_url, home_url, latent_url
-from assets.work import ChunkLoader, nothing_succeeded, selected_latents, stream_latents
+from assets.work import ChunkLoader, nothing_succeeded, overlaps_shards, selected_latents, stream_latents
 from assets.partitions import backfill_policy, coder_and_shard, coders_of, each_shard, shard_partitions
 from assets.prompts import corpus_prompt_vocab, window_embedding
 from assets.records import read_records
@@ -355,7 +355,7 @@ def scorer_asset(scorer: type[Scorer], settings: ScorerSettings, automate: bool,
         description=f"{scorer.description} Each latent also scored with {scorer.control_description()}.",
     )
     def _scores(context: AssetExecutionContext):
-        def score_shard(partition_key: str) -> MaterializeResult:
+        def score_shard(partition_key: str, asked=lambda: None) -> MaterializeResult:
             coder, shard = coder_and_shard(partition_key)
             resources = context.resources
             store = resources.settings.store
@@ -385,6 +385,7 @@ def scorer_asset(scorer: type[Scorer], settings: ScorerSettings, automate: bool,
             with store.writing(store.scores(coder, shard, scorer.name), journal_key=f"{scorer.version}|{settings.digest()}|{named}|{fingerprints}",
                                parts=("examples", "scores")) as writer:
                 frame, examples = asyncio.run(score_partition(judge, exemplars, explanations, corpus_prompt_vocab(corpus), max_latents, context.log.info, writer.journal, coder))
+                asked()  # a range's next shard may ask now, while this one is written (`each_shard`)
                 if len(frame) and frame["n_failed"].sum() > 0 and (frame["n_scored"].fillna(0) + frame["control_n_scored"].fillna(0)).sum() == 0:
                     reasons = pd.Series([reason for cell in frame["failures"] for reason in json.loads(cell)], dtype=str)
                     raise nothing_succeeded(f"scores/{scorer.name}", f"no example of {len(frame)} latents could be scored", reasons)
@@ -398,7 +399,7 @@ def scorer_asset(scorer: type[Scorer], settings: ScorerSettings, automate: bool,
             context.log.info(f"{scorer.name}: {metadata['verdict']}")
             return MaterializeResult(metadata=metadata, check_results=scorer_results(frame, examples))
 
-        yield from each_shard(context, score_shard)
+        yield from each_shard(context, score_shard, overlap="llm" in scorer.uses and overlaps_shards(context.resources.llm, "judge", scorer.uses))
 
     return _scores
 

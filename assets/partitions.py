@@ -95,7 +95,11 @@ def each_shard(context, materialize_shard: Callable[..., MaterializeResult], ove
         if key in failed:
             context.log.error(f"{key} is not run: {failed[key]}")
     runnable = [key for key in keys if key not in failed]
-    for key, result in (_overlapped if overlap else _in_turn)(context, runnable, materialize_shard, len(keys)):
+
+    def announce(key: str) -> None:
+        context.log.info(f"shard {keys.index(key) + 1}/{len(keys)} of this run: {key}")
+
+    for key, result in (_overlapped if overlap else _in_turn)(runnable, materialize_shard, announce):
         if isinstance(result, SHARD_FAILURES):
             failed[key] = getattr(result, "description", None) or str(result)
             context.log.error(f"{key} failed: {failed[key]}")
@@ -122,18 +126,19 @@ def each_shard(context, materialize_shard: Callable[..., MaterializeResult], ove
                       f"{', '.join(written) or 'none'}. Fix the failed ones' cause and materialize them again.")
 
 
-def _in_turn(context, keys: list[str], materialize_shard: Callable[[str], MaterializeResult], of: int) -> Iterator[tuple[str, MaterializeResult | Exception]]:
+def _in_turn(keys: list[str], materialize_shard: Callable[[str], MaterializeResult],
+             announce: Callable[[str], None]) -> Iterator[tuple[str, MaterializeResult | Exception]]:
     """(key, its result or the failure of that shard alone) for each shard, one after the other."""
     for key in keys:
-        context.log.info(f"shard {_place(context, key)}/{of} of this run: {key}")
+        announce(key)
         try:
             yield key, materialize_shard(key)
         except SHARD_FAILURES as error:
             yield key, error
 
 
-def _overlapped(context, keys: list[str], materialize_shard: Callable[[str, Callable[[], None]], MaterializeResult],
-                of: int) -> Iterator[tuple[str, MaterializeResult | Exception]]:
+def _overlapped(keys: list[str], materialize_shard: Callable[[str, Callable[[], None]], MaterializeResult],
+                announce: Callable[[str], None]) -> Iterator[tuple[str, MaterializeResult | Exception]]:
     """`_in_turn`, each shard on a thread started once the previous one's requests are answered (or it ended).
     An error that stops the run is raised once the other shard in progress has ended (it is not left running)."""
     with ThreadPoolExecutor(max_workers=2, thread_name_prefix="shard") as pool:
@@ -143,7 +148,7 @@ def _overlapped(context, keys: list[str], materialize_shard: Callable[[str, Call
                 previous[2].wait()
             current = None
             if key is not None:
-                context.log.info(f"shard {_place(context, key)}/{of} of this run: {key}")
+                announce(key)
                 asked = threading.Event()
                 current = (key, pool.submit(materialize_shard, key, asked.set), asked)
                 current[1].add_done_callback(lambda _, asked=asked: asked.set())  # ended without asking (failed): the next starts too
@@ -153,10 +158,6 @@ def _overlapped(context, keys: list[str], materialize_shard: Callable[[str, Call
                 except SHARD_FAILURES as error:
                     yield previous[0], error
             previous = current
-
-
-def _place(context, key: str) -> int:
-    return list(context.partition_keys).index(key) + 1
 
 
 RECORDS_NOTHING = SYSTEM_METADATA_KEY_SOURCE_ASSET_OBSERVATION

@@ -21,7 +21,10 @@ its time asking the LLM: from each shard's "explaining N latents" log to its "ex
 done" log; the rest is resources, reading inputs, writing the tables, the search vectors), when the
 first and the last step started after the launch (each run's own process loading the code first),
 the coordination queries per request (transactions on the coordination database: cache lookups and
-writes, endpoint slots), the load average (1 min) at the start and end, and the ratio to the ideal:
+writes, endpoint slots), the load average (1 min) at the start and end, the endpoint's in-flight
+utilisation (mean in flight / 32 from the first request on, sampled every 50 ms: less sensitive to the
+machine's load than the wall) with the seconds at half or none in flight (`--timeline` writes them per
+second, and the runs' events), and the ratio to the ideal:
 ideal / wall, ideal = requests x latency / 32. Prints a JSON object as its last line with
 `ratio_to_ideal_4_workers` (target >= 0.8).
 

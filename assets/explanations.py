@@ -34,7 +34,7 @@ from assets.refine import Refiner
 from assets.score_metrics import roc_auc
 from assets.senses import JOIN, sense_clusters, sense_record, sense_test_windows
 from assets.stage_config import Models, added_later, problems, settings_digest, with_defaults
-from assets.work import ChunkLoader, nothing_succeeded, selected_latents, stream_latents
+from assets.work import ChunkLoader, nothing_succeeded, overlaps_shards, selected_latents, stream_latents
 from resources.embedder import EmbedderResource, explanation_similarity
 from resources.llm import UNREADABLE, LLMResource, stopped_by_budget
 from resources.settings import AutointerpSettings
@@ -217,7 +217,9 @@ def explanations_asset(defaults: dict | None = None, explainers: dict[str, type[
 
     def explanations(context: AssetExecutionContext, config, settings: AutointerpSettings, llm: LLMResource, embedder: EmbedderResource,
                      subject_model: SubjectModelResource):
-        def explain_shard(partition_key: str) -> MaterializeResult:
+        uses = explainers[config.explainer].uses if config.explainer in explainers else frozenset()
+
+        def explain_shard(partition_key: str, asked=lambda: None) -> MaterializeResult:
             coder, shard = coder_and_shard(partition_key)
             store = settings.store
             layout = store.layout
@@ -228,7 +230,6 @@ def explanations_asset(defaults: dict | None = None, explainers: dict[str, type[
                 latents = selected_latents(exemplars, settings.max_latents_per_shard)
                 context.log.info(f"explaining {len(latents)} latents of {coder} shard {shard} with {llm.backend} ({config.explainer}, best of {config.best_of_n})")
                 client = llm.client(layout.llm_cache_dir, role="explainer", coordination_url=settings.coordination_url)
-                uses = explainers[config.explainer].uses if config.explainer in explainers else frozenset()
                 deps = ExplainerDeps(llm=client, subject_model=subject_model if "subject_model" in uses else None,
                                      coder=load_registered(layout.registry_dir, coder) if "coder" in uses and latents else None)
                 explainer = make_explainer(config, explainers, deps)
@@ -241,6 +242,7 @@ def explanations_asset(defaults: dict | None = None, explainers: dict[str, type[
                 with store.writing(explanations_table, journal_key=key, parts=("rounds", "senses", "rows")) as writer:
                     frame = asyncio.run(explain_all(explainer, config, exemplars, latent_stats, latents, corpus_prompt_vocab(load_corpus(layout)), embedder.embed,
                                                     context.log.info, coder, writer.journal, refiner, rounds, senses))
+                    asked()  # a range's next shard may ask now, while this one is written (`each_shard`)
                     frame["exemplars_fingerprint"] = exemplars_fingerprint  # what the scorers check they score against
                     if len(frame) and not (frame["status"] == "ok").any():
                         raise nothing_succeeded("explanations", f"all {len(frame)} latents failed", frame["error"])
@@ -271,7 +273,7 @@ def explanations_asset(defaults: dict | None = None, explainers: dict[str, type[
                     "path": MetadataValue.path(explanations_table.location),
                 })
 
-        yield from each_shard(context, explain_shard)
+        yield from each_shard(context, explain_shard, overlap=overlaps_shards(llm, "explainer", uses))
 
     explanations.__annotations__.update(config=Configured, context=AssetExecutionContext, settings=AutointerpSettings, llm=LLMResource,
                                         embedder=EmbedderResource, subject_model=SubjectModelResource)

@@ -14,7 +14,9 @@ never imports the `Definitions`, which import every asset.
 """
 from __future__ import annotations
 
+import threading
 import warnings
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Callable, Iterator
 
 from dagster import (AssetCheckEvaluation, AssetCheckKey, AssetCheckSeverity, AssetKey, AssetMaterialization, BackfillPolicy, BetaWarning,
@@ -66,7 +68,7 @@ the shards of other coders in the run are still written). Anything else (an unre
 key or model: `LLMEndpointError`; a bug) stops the run at once."""
 
 
-def each_shard(context, materialize_shard: Callable[[str], MaterializeResult]) -> Iterator[MaterializeResult | AssetCheckEvaluation | Output]:
+def each_shard(context, materialize_shard: Callable[..., MaterializeResult], overlap: bool = False) -> Iterator[MaterializeResult | AssetCheckEvaluation | Output]:
     """`materialize_shard(partition_key)` → its metadata and check results, for each partition of the run:
     one, or a range when the asset's backfill policy puts several shards in a run (`yield from` it; the
     assets set `output_required=False`). In a range each shard is recorded as materialized, with its own
@@ -75,7 +77,13 @@ def each_shard(context, materialize_shard: Callable[[str], MaterializeResult]) -
     written ones stay recorded (automation moves on with them). The step then ends with its output, which
     records nothing more, so that the later stages of the run (explanations after exemplars, the scorers
     after both) run on the written shards; they fail the failed ones without touching what those hold from
-    before. The run fails naming the failed shards: at this step, or at the last stage of the run."""
+    before. The run fails naming the failed shards: at this step, or at the last stage of the run.
+
+    With `overlap` (a stage asking a remote endpoint: `overlaps_shards`), `materialize_shard(key, asked)` calls
+    `asked()` once its shard's requests are answered, and the next shard of the range starts then, on a thread,
+    while that one is written (its table, its search vectors): the endpoint is asked all through the range instead
+    of idling while each shard is written (README: Scale out). At most two shards are in progress, each written and
+    recorded as before (its own lock, journal and atomic commit), and recorded in the range's order."""
     keys = list(context.partition_keys)
     if len(keys) == 1:
         yield materialize_shard(keys[0])
@@ -83,15 +91,17 @@ def each_shard(context, materialize_shard: Callable[[str], MaterializeResult]) -
     code_version = context.assets_def.code_versions_by_key.get(context.asset_key)
     failed = _inputs_failed(context, keys)
     written, blocked = [], False
-    for i, key in enumerate(keys, start=1):
+    for key in keys:
         if key in failed:
             context.log.error(f"{key} is not run: {failed[key]}")
-            continue
-        context.log.info(f"shard {i}/{len(keys)} of this run: {key}")
-        try:
-            result = materialize_shard(key)
-        except SHARD_FAILURES as error:
-            failed[key] = getattr(error, "description", None) or str(error)
+    runnable = [key for key in keys if key not in failed]
+
+    def announce(key: str) -> None:
+        context.log.info(f"shard {keys.index(key) + 1}/{len(keys)} of this run: {key}")
+
+    for key, result in (_overlapped if overlap else _in_turn)(runnable, materialize_shard, announce):
+        if isinstance(result, SHARD_FAILURES):
+            failed[key] = getattr(result, "description", None) or str(result)
             context.log.error(f"{key} failed: {failed[key]}")
             continue
         context.log_event(AssetMaterialization(asset_key=context.asset_key, partition=key, metadata=result.metadata,
@@ -114,6 +124,40 @@ def each_shard(context, materialize_shard: Callable[[str], MaterializeResult]) -
     elif failed:
         raise Failure(f"{len(failed)} of {len(keys)} shards of this run failed ({listed}). The other {len(written)} were written and recorded: "
                       f"{', '.join(written) or 'none'}. Fix the failed ones' cause and materialize them again.")
+
+
+def _in_turn(keys: list[str], materialize_shard: Callable[[str], MaterializeResult],
+             announce: Callable[[str], None]) -> Iterator[tuple[str, MaterializeResult | Exception]]:
+    """(key, its result or the failure of that shard alone) for each shard, one after the other."""
+    for key in keys:
+        announce(key)
+        try:
+            yield key, materialize_shard(key)
+        except SHARD_FAILURES as error:
+            yield key, error
+
+
+def _overlapped(keys: list[str], materialize_shard: Callable[[str, Callable[[], None]], MaterializeResult],
+                announce: Callable[[str], None]) -> Iterator[tuple[str, MaterializeResult | Exception]]:
+    """`_in_turn`, each shard on a thread started once the previous one's requests are answered (or it ended).
+    An error that stops the run is raised once the other shard in progress has ended (it is not left running)."""
+    with ThreadPoolExecutor(max_workers=2, thread_name_prefix="shard") as pool:
+        previous: tuple[str, Future, threading.Event] | None = None
+        for key in keys + [None]:
+            if previous is not None:
+                previous[2].wait()
+            current = None
+            if key is not None:
+                announce(key)
+                asked = threading.Event()
+                current = (key, pool.submit(materialize_shard, key, asked.set), asked)
+                current[1].add_done_callback(lambda _, asked=asked: asked.set())  # ended without asking (failed): the next starts too
+            if previous is not None:
+                try:
+                    yield previous[0], previous[1].result()
+                except SHARD_FAILURES as error:
+                    yield previous[0], error
+            previous = current
 
 
 RECORDS_NOTHING = SYSTEM_METADATA_KEY_SOURCE_ASSET_OBSERVATION

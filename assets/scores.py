@@ -35,7 +35,7 @@ from assets.automation import CODE_CHANGED, FOLLOW, LLM_POOL, SUBJECT_MODEL_POOL
 from assets.checks import result, scorer_results, scorer_specs, shards_present, summary_specs
 from assets.explanations import viewer_links
 from assets.links import coder_url, home_url, latent_url
-from assets.work import ChunkLoader, nothing_succeeded, selected_latents, stream_latents
+from assets.work import ChunkLoader, nothing_succeeded, overlaps_shards, selected_latents, stream_latents
 from assets.partitions import backfill_policy, coder_and_shard, coders_of, each_shard, shard_partitions
 from assets.prompts import corpus_prompt_vocab, window_embedding
 from assets.records import read_records
@@ -366,7 +366,7 @@ def scorer_asset(scorer: type[Scorer], settings: ScorerSettings, automate: bool,
         description=f"{scorer.description} Each latent also scored with {scorer.control_description()}.",
     )
     def _scores(context: AssetExecutionContext):
-        def score_shard(partition_key: str) -> MaterializeResult:
+        def score_shard(partition_key: str, asked=lambda: None) -> MaterializeResult:
             coder, shard = coder_and_shard(partition_key)
             resources = context.resources
             store = resources.settings.store
@@ -404,6 +404,7 @@ def scorer_asset(scorer: type[Scorer], settings: ScorerSettings, automate: bool,
                     return frame, examples, await score_senses(judge, exemplars, scored, vocab, coder) if scored is not None else None
 
                 frame, examples, sense_frame = asyncio.run(union_and_senses())
+                asked()  # a range's next shard may ask now, while this one is written (`each_shard`)
                 if len(frame) and frame["n_failed"].sum() > 0 and (frame["n_scored"].fillna(0) + frame["control_n_scored"].fillna(0)).sum() == 0:
                     reasons = pd.Series([reason for cell in frame["failures"] for reason in json.loads(cell)], dtype=str)
                     raise nothing_succeeded(f"scores/{scorer.name}", f"no example of {len(frame)} latents could be scored", reasons)
@@ -421,7 +422,7 @@ def scorer_asset(scorer: type[Scorer], settings: ScorerSettings, automate: bool,
             context.log.info(f"{scorer.name}: {metadata['verdict']}")
             return MaterializeResult(metadata=metadata, check_results=scorer_results(frame, examples))
 
-        yield from each_shard(context, score_shard)
+        yield from each_shard(context, score_shard, overlap="llm" in scorer.uses and overlaps_shards(context.resources.llm, "judge", scorer.uses))
 
     return _scores
 

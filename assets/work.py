@@ -9,6 +9,7 @@ from typing import Awaitable, Callable, Generic, TypeVar
 import pandas as pd
 from dagster import Failure
 
+from resources.llm import LLMResource
 from storage.tables import latents_in
 
 T = TypeVar("T")
@@ -47,6 +48,13 @@ class ChunkLoader(Generic[T]):
         if not items:
             del self.loaded[i]
         return item
+
+
+def overlaps_shards(llm: LLMResource, role: str, uses) -> bool:
+    """Whether a ranged step asks for its next shard while it writes this one (`each_shard`'s `overlap`): only when
+    the model answering `role` is a remote endpoint, which two shards' threads may ask at once; not an in-process
+    model (embedded, vLLM offline) nor a stage that runs the subject model."""
+    return llm.for_role(role).backend == "openai" and "subject_model" not in uses
 
 
 def nothing_succeeded(asset: str, what: str, reasons: pd.Series) -> Failure:

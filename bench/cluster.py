@@ -21,7 +21,10 @@ its time asking the LLM: from each shard's "explaining N latents" log to its "ex
 done" log; the rest is resources, reading inputs, writing the tables, the search vectors), when the
 first and the last step started after the launch (each run's own process loading the code first),
 the coordination queries per request (transactions on the coordination database: cache lookups and
-writes, endpoint slots), the load average (1 min) at the start and end, and the ratio to the ideal:
+writes, endpoint slots), the load average (1 min) at the start and end, the endpoint's in-flight
+utilisation (mean in flight / 32 from the first request on, sampled every 50 ms: less sensitive to the
+machine's load than the wall) with the seconds at half or none in flight (`--timeline` writes them per
+second, and the runs' events), and the ratio to the ideal:
 ideal / wall, ideal = requests x latency / 32. Prints a JSON object as its last line with
 `ratio_to_ideal_4_workers` (target >= 0.8).
 
@@ -37,6 +40,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -126,6 +130,44 @@ def step_times(instance: DagsterInstance) -> list[dict]:
     return steps
 
 
+class InFlight:
+    """The endpoint's requests in flight, sampled every `every_s` on a thread while in a `with`: how much of the endpoint's
+    limit the round kept busy (less sensitive to the machine's CPU load than the wall time)."""
+
+    def __init__(self, server: ScriptedLLMServer, every_s: float = 0.05):
+        self.server, self.every_s, self.samples, self._stop = server, every_s, [], threading.Event()
+
+    def _sample(self) -> None:
+        while not self._stop.wait(self.every_s):
+            self.samples.append((time.monotonic(), self.server.in_flight))
+
+    def __enter__(self):
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
+
+    def summary(self, limit: int) -> dict:
+        """Mean in flight over the limit, and the seconds at or under half of it and at none (from the first request on)."""
+        counts = [n for _, n in self.samples]
+        first = next((i for i, n in enumerate(counts) if n), len(counts))
+        asking = counts[first:]
+        return {"in_flight_utilisation": round(statistics.fmean(asking) / limit, 3) if asking else 0.0,
+                "s_before_first_request": round(first * self.every_s, 1),
+                "s_at_most_half_in_flight": round(sum(n <= limit // 2 for n in asking) * self.every_s, 1),
+                "s_none_in_flight": round(sum(n == 0 for n in asking) * self.every_s, 1)}
+
+    def timeline(self, path: Path) -> None:
+        """Per second from the first sample: the mean in flight (to see where the endpoint idled)."""
+        start, seconds = self.samples[0][0] if self.samples else 0.0, {}
+        for at, n in self.samples:
+            seconds.setdefault(int(at - start), []).append(n)
+        path.write_text("".join(f"{s} {statistics.fmean(ns):.1f}\n" for s, ns in sorted(seconds.items())))
+
+
 def transactions(database_url: str) -> int:
     """Transactions committed on a database so far (each autocommit query is one)."""
     import psycopg
@@ -161,10 +203,11 @@ def one_round(workers: int, args, inputs: Path, keys: list[str], postgres: str, 
         asked, server.peak_in_flight, queries = len(server.requests), 0, transactions(coordination)
         load = os.getloadavg()[0]
         began = time.time()  # the clock of Dagster's event timestamps
-        runs += [subprocess.Popen([sys.executable, __file__, "--run-range", shards[0], shards[-1]], env=env, cwd=home,
-                                  stdout=open(logs / f"run{i}.log", "wb"), stderr=subprocess.STDOUT) for i, shards in enumerate(ranges)]
-        failed = [i for i, run in enumerate(runs) if run.wait(timeout=3600) != 0]
-        wall = time.time() - began
+        with InFlight(server) as in_flight:
+            runs += [subprocess.Popen([sys.executable, __file__, "--run-range", shards[0], shards[-1]], env=env, cwd=home,
+                                      stdout=open(logs / f"run{i}.log", "wb"), stderr=subprocess.STDOUT) for i, shards in enumerate(ranges)]
+            failed = [i for i, run in enumerate(runs) if run.wait(timeout=3600) != 0]
+            wall = time.time() - began
         load = (load, os.getloadavg()[0])
     finally:
         for process in runs + [worker for _, worker in started]:
@@ -176,12 +219,18 @@ def one_round(workers: int, args, inputs: Path, keys: list[str], postgres: str, 
     steps = step_times(instance)
     starts = sorted(s["started"] - began for s in steps)
     ideal = requests * args.latency / ENDPOINT_LIMIT
+    if args.timeline:
+        in_flight.timeline(args.timeline.parent / f"{args.timeline.name}-{workers}")
+        (args.timeline.parent / f"{args.timeline.name}-{workers}-events").write_text("".join(
+            f"{record.timestamp - began:.1f} {run.run_id[:8]} {record.dagster_event.event_type_value if record.dagster_event else ''} {record.user_message[:100]}\n"
+            for run in instance.get_runs() for record in instance.all_logs(run.run_id)))
     return {"workers": workers, "workers_ready_s": round(ready_s, 1), "steps_at_once": workers * args.concurrency, "runs": len(instance.get_runs()), "shards": len(keys), "requests": requests,
             "peak_in_flight": server.peak_in_flight, "wall_s": round(wall, 1), "ideal_s": round(ideal, 1),
             "step_overhead_s": round(statistics.median(s["wall_s"] - s["llm_s"] for s in steps), 2),
             "step_wall_s": round(statistics.median(s["wall_s"] for s in steps), 1), "first_step_start_s": round(starts[0], 1),
             "last_step_start_s": round(starts[-1], 1), "coordination_queries_per_request": round((transactions(coordination) - queries) / max(requests, 1), 1),
-            "load_avg_1min": [round(value, 1) for value in load], "ratio_to_ideal": round(ideal / wall, 3)}
+            "load_avg_1min": [round(value, 1) for value in load],
+            **in_flight.summary(ENDPOINT_LIMIT), "ratio_to_ideal": round(ideal / wall, 3)}
 
 
 def main() -> None:
@@ -193,6 +242,7 @@ def main() -> None:
     parser.add_argument("--workers", type=int, nargs="+", default=[1, 2, 4])
     parser.add_argument("--concurrency", type=int, default=4, help="steps at once per worker (the llm queue's default)")
     parser.add_argument("--latency", type=float, default=1.0)
+    parser.add_argument("--timeline", type=Path, help="write the endpoint's mean in flight per second of each round to TIMELINE-<workers>")
     parser.add_argument("--run-range", nargs=2, metavar=("FIRST", "LAST"), help=argparse.SUPPRESS)  # one run's process (one_round starts it)
     args = parser.parse_args()
     if args.run_range:

@@ -5,6 +5,7 @@ recorded, and go through the later stages of the run without it."""
 import logging
 import os
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pandas as pd
@@ -28,6 +29,7 @@ from autointerp_defs.definitions import build_definitions
 from resources.llm import LLMResource
 from storage.layout import DataRoot
 from storage.tables import empty_table, write_table
+from storage.vector_store import explanations_table_name, table_lock
 from tests.conftest import TINY_CODER, TINY_CORPUS_CONFIG, TINY_EXEMPLARS_CONFIG, add_coders, make_resources
 from tests.conftest import llm_resource as resource
 from tests.scripted_llm_server import ScriptedLLMServer
@@ -229,3 +231,27 @@ def test_a_backfill_of_n_shards_takes_n_over_k_runs_each_of_every_stage(register
             (set(STAGES), keys[0], keys[2]), (set(STAGES), keys[3], keys[4])]  # ceil(5 / 3) runs, not 2 per stage
         for asset in STAGES:
             assert set(instance.get_materialized_partitions(asset)) == set(keys)
+
+
+def test_a_ranged_step_asks_for_its_next_shard_while_it_writes_the_last_one(registered):
+    """The endpoint does not idle while a shard of a range is written: while another writer holds the search vectors'
+    table (the first shard's write waits for it), the second shard is asked, and not the third (one shard ahead)."""
+    defs = build_definitions("local", {"settings": {"partitions_per_run": 3}})
+    assets = list(defs.assets)
+    instance, keys, _ = three_shards_cached(assets, registered)
+    with ScriptedLLMServer(explainer) as server, ThreadPoolExecutor(max_workers=1) as pool:
+        resources = make_resources(registered, max_latents=2, llm=resource(server))
+        assert materialize(assets, selection=["exemplars"], resources=resources, instance=instance, tags=ranged(keys[0], keys[-1]),
+                           run_config={"ops": {"exemplars": {"config": TINY_EXEMPLARS_CONFIG}}}).success
+        with table_lock(DataRoot.at(registered).lancedb_dir, explanations_table_name(resources["embedder"].model)):
+            run = pool.submit(materialize, assets, selection=["explanations"], resources=resources, instance=instance, tags=ranged(keys[0], keys[-1]))
+            deadline = time.monotonic() + 90
+            while len(server.requests) < 4 and time.monotonic() < deadline and not run.done():
+                time.sleep(0.1)
+            time.sleep(1)  # the third shard would have started by now if it could
+            asked_while_the_first_waits = len(server.requests)
+        assert run.result().success
+    assert asked_while_the_first_waits == 4  # two latents a shard: the second shard's, not yet the third's
+    assert len(server.requests) == 6
+    recorded = [entry.dagster_event.partition for entry in instance.all_logs(run.result().run_id, of_type=DagsterEventType.ASSET_MATERIALIZATION)]
+    assert recorded == keys  # in the range's order

@@ -86,6 +86,17 @@ def execution_order(lm: torch.nn.Module) -> dict[tuple[str, str], int]:
     return events
 
 
+def layers_below(lm: torch.nn.Module, hookpoint: str) -> list[str]:
+    """The names of the decoder layers that run before the one holding the hookpoint (the outermost
+    numbered `ModuleList` on its path), in order; none when the hookpoint is in no such list."""
+    parts = module_name(lm, hookpoint).split(".")
+    modules = dict(lm.named_modules())
+    for k in range(1, len(parts)):
+        if parts[k].isdigit() and isinstance(modules.get(".".join(parts[:k])), torch.nn.ModuleList):
+            return [f"{'.'.join(parts[:k])}.{j}" for j in range(int(parts[k]))]
+    return []
+
+
 def _first(value):
     return value[0] if isinstance(value, tuple) else value
 
@@ -178,14 +189,34 @@ class Steerer:
             tracer.stop()
         return saved
 
-    def logits(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, steers: Sequence[Steer] = (), last_only: bool = False) -> torch.Tensor:
+    def below(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, coder: SparseCoder) -> tuple[list[str], object] | None:
+        """What the layers below the coder's (unsteered, so the same for every steer) hand on for these
+        rows, for `logits(below=...)`; None when the model has no layer list to skip."""
+        names = layers_below(self.lm, coder.hookpoint)
+        if not names:
+            return None
+        with torch.inference_mode(), self.model.trace(input_ids.to(self.device), attention_mask=attention_mask.to(self.device), use_cache=False) as tracer:
+            value = self.model.get(names[-1]).output.save()
+            tracer.stop()
+        return names, value
+
+    def logits(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, steers: Sequence[Steer] = (), last_only: bool = False,
+               below: tuple[list[str], object] | None = None) -> torch.Tensor:
         """Logits `[batch, tokens, vocab]` (float32, on the CPU; `tokens` is 1 with `last_only`), each
-        steer applied to its own block of rows (`len(input_ids) // len(steers)` rows each)."""
+        steer applied to its own block of rows (`len(input_ids) // len(steers)` rows each). `below`
+        (from `below`, for the first block's rows): those layers are skipped, their output repeated
+        for every block, so a pass runs only the layers from the steered one up."""
         if steers:
             self.check(steers)
         mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask
         keep = logits_to_keep(self.lm, 1) if last_only else {}
         with torch.inference_mode(), self.model.trace(input_ids.to(self.device), attention_mask=mask.to(self.device), use_cache=False, **keep):
+            if below is not None:
+                names, value = below
+                blocks = len(input_ids) // len(_first(value))
+                repeated = _repack(value, _first(value).repeat(blocks, *[1] * (_first(value).dim() - 1)))
+                for name in names:
+                    self.model.get(name).skip(repeated)
             if steers:
                 self._intervene(steers, len(input_ids))
             logits = self.model.output.logits.save()
@@ -223,17 +254,19 @@ class Steerer:
                 out = result
         return out[:, ids.shape[1] :].cpu().tolist()
 
-    def next_token_logprobs(self, prompts: list[str], steers: Sequence[Steer] = ()) -> torch.Tensor:
+    def next_token_logprobs(self, prompts: list[str], steers: Sequence[Steer] = (), below: tuple[list[str], object] | None = None) -> torch.Tensor:
         """Log-probabilities `[prompts, vocab]` of the token after each prompt; with steers, `[steers × prompts, vocab]`, steer-major."""
         ids, mask = self.encode_prompts(prompts)
         blocks = max(1, len(steers))
-        return torch.log_softmax(self.logits(ids.repeat(blocks, 1), mask.repeat(blocks, 1), steers, last_only=True)[:, -1], dim=-1)
+        return torch.log_softmax(self.logits(ids.repeat(blocks, 1), mask.repeat(blocks, 1), steers, last_only=True, below=below)[:, -1], dim=-1)
 
-    def kl_divergences(self, prompts: list[str], steers: Sequence[Steer], clean: torch.Tensor | None = None) -> list[float]:
+    def kl_divergences(self, prompts: list[str], steers: Sequence[Steer], clean: torch.Tensor | None = None,
+                       below: tuple[list[str], object] | None = None) -> list[float]:
         """Per steer, the mean over prompts of KL(unsteered || steered) of the next-token distributions,
-        in nats: every steer in one forward pass. `clean`: the unsteered log-probabilities, if made already."""
+        in nats: every steer in one forward pass. `clean`: the unsteered log-probabilities, if made
+        already; `below`: the prompts' unsteered state below the steered layer (`Steerer.below`)."""
         clean = self.next_token_logprobs(prompts) if clean is None else clean
-        steered = self.next_token_logprobs(prompts, steers).view(len(steers), len(prompts), -1)
+        steered = self.next_token_logprobs(prompts, steers, below).view(len(steers), len(prompts), -1)
         return (clean.exp() * (clean - steered)).sum(-1).mean(-1).tolist()
 
     def strengths_for_kl(self, prompts: list[str], coder: SparseCoder, latents: Sequence[int], target_kl: float, units: Sequence[float],
@@ -241,16 +274,18 @@ class Steerer:
         """Per latent, the delta (latent units) whose steer moves the next-token distributions
         `target_kl` nats from the unsteered ones, within `tolerance` (relative), and the KL it reached
         (`kl_search`, from the latent's `unit`). The latents search together: each step is one forward
-        pass with every unfinished latent at its own next try, so a latent's search is what it is alone."""
+        pass with every unfinished latent at its own next try, so a latent's search is what it is alone;
+        the layers below the steered one run once, not once per try."""
         if target_kl <= 0 or min(units, default=1.0) <= 0:
             raise SteeringError(f"target_kl ({target_kl}) and the starting units ({min(units)} the least) must be positive. Fix: pass positive values.")
         clean = self.next_token_logprobs(prompts) if clean is None else clean
+        below = self.below(*self.encode_prompts(prompts), coder)
         searches = [kl_search(unit, target_kl, tolerance, max_steps) for unit in units]
         tries = {i: next(search) for i, search in enumerate(searches)}
         found: dict[int, tuple[float, float]] = {}
         while tries:
             trying = list(tries.items())
-            reached = self.kl_divergences(prompts, [Steer(coder, latents[i], delta) for i, delta in trying], clean)
+            reached = self.kl_divergences(prompts, [Steer(coder, latents[i], delta) for i, delta in trying], clean, below)
             for (i, _), kl in zip(trying, reached):
                 try:
                     tries[i] = searches[i].send(kl)

@@ -10,6 +10,7 @@ not (label 0), scored by its gain, so `roc_auc` says how often a steered text ga
 """
 import asyncio
 import functools
+import inspect
 import threading
 from dataclasses import dataclass
 
@@ -99,35 +100,63 @@ class ContinuationSource:
             self._expected.pop(l, None)
 
 
+CACHE_OUTPUT_INDEX = 1
+"""A causal LM's output, indexed: (logits, cache, ...)."""
+
+
+@functools.lru_cache(maxsize=4)
+def _cache_name(lm: torch.nn.Module) -> str:
+    return "cache" if "cache" in inspect.signature(lm.forward).parameters else "past_key_values"  # transformers 5 renamed it
+
+
+def cache_argument(lm: torch.nn.Module, cache) -> dict:
+    """The forward argument that passes a key/value cache, under the name this transformers takes."""
+    return {_cache_name(lm): cache} if cache is not None else {}
+
+
 def continuation_logprobs(lm: torch.nn.Module, tokenizer, prefixes: list[str], prompts: list[str], continuations: list[list[int]]) -> np.ndarray:
-    """Mean log-likelihood per token of each continuation after its prefix + its prompt, one forward
-    pass (right-padded; logits only from the first continuation on where the model allows)."""
+    """Mean log-likelihood per token of each continuation after its prefix + its prompt. The texts
+    after one prefix read it once: its keys and values are computed in one row and repeated for each
+    text, and only the rest (the prefix's last token, the prompt and the continuation, right-padded)
+    runs per text, one forward pass per prefix (logits only from the first continuation on where the
+    model allows)."""
     ids_of = functools.lru_cache(maxsize=None)(lambda text: tuple(tokenizer(text, add_special_tokens=False)["input_ids"]))
-    sequences, starts = [], []
-    for prefix, prompt, continuation in zip(prefixes, prompts, continuations):
-        head = list(ids_of(prefix) + ids_of(prompt))
-        sequences.append(head + list(continuation))
-        starts.append(len(head))
-    width = max(len(s) for s in sequences)
-    ids = torch.zeros((len(sequences), width), dtype=torch.long)
-    mask = torch.zeros_like(ids)
-    for row, sequence in enumerate(sequences):
-        ids[row, : len(sequence)] = torch.tensor(sequence)
-        mask[row, : len(sequence)] = 1
     device = next(lm.parameters()).device
-    with torch.inference_mode():
-        logits = lm(input_ids=ids.to(device), attention_mask=mask.to(device), use_cache=False, **logits_to_keep(lm, width - min(starts) + 1)).logits.float().cpu()
-    first = width - logits.shape[1]  # the position of the first logits kept
-    logprobs = torch.log_softmax(logits[:, :-1], dim=-1).gather(-1, ids[:, first + 1 :, None])[..., 0]
-    return np.asarray([float(logprobs[row, start - first - 1 : len(sequence) - first - 1].mean())  # the continuation's own tokens
-                       for row, (sequence, start) in enumerate(zip(sequences, starts))])
+    means = np.empty(len(prefixes))
+    after: dict[str, list[int]] = {}
+    for row, prefix in enumerate(prefixes):
+        after.setdefault(prefix, []).append(row)
+    for prefix, rows in after.items():
+        shared, last = list(ids_of(prefix)[:-1]), list(ids_of(prefix)[-1:])  # the last token is read per text, so its logits predict the prompt
+        cache = None
+        with torch.inference_mode():
+            if shared:
+                cache = lm(input_ids=torch.tensor([shared], device=device), use_cache=True)[CACHE_OUTPUT_INDEX]
+                cache.batch_repeat_interleave(len(rows))
+        sequences = [last + list(ids_of(prompts[row])) + list(continuations[row]) for row in rows]
+        starts = [len(last) + len(ids_of(prompts[row])) for row in rows]
+        width = max(len(s) for s in sequences)
+        ids = torch.zeros((len(sequences), width), dtype=torch.long)
+        mask = torch.zeros((len(sequences), len(shared) + width), dtype=torch.long)
+        mask[:, : len(shared)] = 1
+        for i, sequence in enumerate(sequences):
+            ids[i, : len(sequence)] = torch.tensor(sequence)
+            mask[i, len(shared) : len(shared) + len(sequence)] = 1
+        with torch.inference_mode():
+            logits = lm(input_ids=ids.to(device), attention_mask=mask.to(device), **cache_argument(lm, cache), use_cache=cache is not None,
+                        **logits_to_keep(lm, width - min(starts) + 1)).logits.float().cpu()
+        first = width - logits.shape[1]  # the position of the first logits kept
+        logprobs = torch.log_softmax(logits[:, :-1], dim=-1).gather(-1, ids[:, first + 1 :, None])[..., 0]
+        for i, (row, sequence, start) in enumerate(zip(rows, sequences, starts)):
+            means[row] = float(logprobs[i, start - first - 1 : len(sequence) - first - 1].mean())  # the continuation's own tokens
+    return means
 
 
 class Likelihoods:
     """Mean log-likelihoods per token of continuations read after a description and their prompt, each
     distinct text computed once (the unsteered continuations after the neutral description serve every
-    latent; after an explanation, the latent it explains and the one whose control it is), `rows`
-    texts per forward pass."""
+    latent; after an explanation, the latent it explains and the one whose control it is), up to
+    `rows` texts at a time, those after one description in one forward pass."""
 
     def __init__(self, lm: torch.nn.Module, tokenizer, rows: int):
         self.lm, self.tokenizer, self.rows = lm, tokenizer, rows

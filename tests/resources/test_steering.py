@@ -83,6 +83,21 @@ def test_a_zero_edit_leaves_the_logits_unchanged(steerer, subject, tiny_sae, kin
     assert (moved - bare).abs().max() > 1.0  # the same path with an edit does steer
 
 
+@pytest.mark.parametrize("kind", ["sae", "transcoder", "neurons"])
+def test_skipping_the_layers_below_the_steered_one_changes_no_logit(steerer, tiny_sae, kind):
+    """The strength search runs the layers below the steered one once (`Steerer.below`) and each try
+    from there up: the logits are those of the full pass, for every steer of the batch."""
+    coder = coders_at_layer_3(tiny_sae)[kind]
+    ids, mask = steerer.encode_prompts(["The cat sat on the mat and looked", "Hello"])
+    steers = [Steer(coder, 7, 20.0), Steer(coder, 9, -5.0), Steer(coder, 7, 0.0)]
+    below = steerer.below(ids, mask, coder)
+    assert below is not None and below[0] == ["model.layers.0", "model.layers.1", "model.layers.2"]
+    full = steerer.logits(ids.repeat(3, 1), mask.repeat(3, 1), steers)
+    skipped = steerer.logits(ids.repeat(3, 1), mask.repeat(3, 1), steers, below=below)
+    assert torch.allclose(skipped, full, rtol=1e-5, atol=1e-4), (skipped - full).abs().max()
+    assert (full[:2] - full[4:]).abs().max() > 1.0  # the blocks do differ
+
+
 @pytest.mark.parametrize("transcode", [False, True])
 def test_the_steered_write_is_the_goodfire_edit_without_encoding(transcode):
     """write + delta W_dec[latent] is decode(f + delta e) + (write - decode(f)), f = encode(read), for

@@ -32,7 +32,8 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
 
 from assets.scorers.intervention import ContinuationSource, Likelihoods, score_in_batch  # noqa: E402
 from resources.sparse_coders import SparseCoder  # noqa: E402
@@ -50,6 +51,22 @@ def random_llama(hidden: int, layers: int, device: str, dtype: str, tokenizer) -
     with torch.device(device):
         lm = LlamaForCausalLM(config).to(getattr(torch, dtype))
     return lm.eval()
+
+
+def time_before(args) -> float:
+    """The --before commit's intervention seconds per latent on the same workload (its bench: the same coder,
+    prompts, tokens and KL target, the shared unsteered work divided among its latents)."""
+    import subprocess
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as old:
+        subprocess.run(f"git -C {REPO} archive {args.before} | tar -x -C {old}", shell=True, check=True)
+        ran = subprocess.run([sys.executable, "bench/steering.py", "--repeats", "1", "--latents", str(args.before_latents), "--tokens", str(args.tokens),
+                              "--prompts", str(args.prompts), "--target-kl", str(args.target_kl), "--device", args.device, "--dtype", args.dtype],
+                             cwd=old, capture_output=True, text=True)
+        if ran.returncode:
+            raise SystemExit(f"the --before commit's bench failed:\n{ran.stderr[-3000:]}")
+        return json.loads(ran.stdout.strip().splitlines()[-1])["intervention_s_per_latent"]
 
 
 def timed(fn) -> float:
@@ -71,6 +88,9 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=16, help="latents per batch ([subject_model] steering_batch)")
     parser.add_argument("--baseline-latents", type=int, default=2, help="of them, the first scored one at a time as well")
     parser.add_argument("--target-kl", type=float, default=1.0)
+    parser.add_argument("--before", metavar="COMMIT", help="also time the intervention scorer of this commit in the same run (83a6ce0: one latent "
+                        "at a time, nothing shared but the unsteered continuations): its own bench/steering.py on a `git archive` of it")
+    parser.add_argument("--before-latents", type=int, default=2, help="latents the --before commit scores")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtype", default="float32")
     parser.add_argument("--architecture", choices=["embedded", "llama"], default="embedded")
@@ -128,6 +148,7 @@ def main() -> None:
 
         return {"s_per_latent": timed(score) / len(latents), "shared_s": shared_s, "made": made, "scores": scores}
 
+    before = time_before(args) if args.before else None
     alone = score_latents(1, list(range(min(args.baseline_latents, len(token_ids)))))
     batched = score_latents(args.batch, list(range(len(token_ids))))
     differences = [abs(alone["scores"][key] - batched["scores"][key]) for key in alone["scores"]]
@@ -144,6 +165,8 @@ def main() -> None:
         "intervention_speedup": round(alone["s_per_latent"] / batched["s_per_latent"], 1), "shared_s": round(batched["shared_s"], 2),
         "same_as_alone": same, "largest_score_difference": float(f"{max(differences):.1g}"),
         "kl_reached": [round(m.kl, 3) for m in batched["made"].values()], "judge_requests_per_latent": 2,
+        **({"before": args.before, "intervention_s_per_latent_before": before,  # that bench counts the shared work among its latents: so here too
+            "speedup_over_before": round(before / (batched["s_per_latent"] + batched["shared_s"] / len(token_ids)), 1)} if before else {}),
     }))
 
 

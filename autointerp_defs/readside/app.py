@@ -17,7 +17,7 @@ import pandas as pd
 
 from assets.links import DEFAULT_DAGSTER_URL, coder_url, dagster_asset_url, latent_url
 from assets.score_metrics import paired_means
-from assets.senses import JOIN
+from assets.senses import of_current
 from autointerp_defs.readside import reader
 from autointerp_defs.readside.index import MODEL_LOADS, STATUSES, CoderIndex
 from storage.store import TableStore
@@ -353,9 +353,9 @@ class Viewer:
     def _explanation(row: dict, senses: list[dict] = ()) -> dict:
         candidates = list(row.get("candidates") or [])
         scores = list(row.get("candidate_scores") or [])
-        current = JOIN.join(s["explanation"] for s in senses) == row.get("explanation")  # else the senses are of an earlier explanation
+        current = len(senses) > 1 and len(of_current(pd.DataFrame(senses), pd.DataFrame([row]))) == len(senses)  # else of an earlier explanation
         return {"senses": [{"text": s["explanation"], "windows": s["windows"], "test_windows": len(s.get("test_windows") or []), "scores": s["scores"]}
-                           for s in senses] if current and len(senses) > 1 else [],
+                           for s in senses] if current else [],
                 "text": row.get("explanation", ""), "status": row.get("status"), "error": row.get("error", ""), "explainer": row.get("explainer"),
                 "model": row.get("model"), "candidates": [{"text": c, "score": scores[i] if i < len(scores) else None, "chosen": c == row.get("explanation")}
                                                           for i, c in enumerate(candidates)]}

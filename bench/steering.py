@@ -18,6 +18,10 @@ were also scored alone must get the same continuations, strengths and scores (`s
 The output-side judge adds 2 LLM requests per latent (explanation and control; all prompts of a
 latent in one request). `--repeats 0` skips the throughput part.
 
+The arithmetic floor (`arithmetic_floor_s_per_latent`): the tokens a latent's score must run through
+the subject model at the rate of one large forward pass; with `--before`, `ceiling_speedup_over_before`
+says how much faster than that commit any code doing the same arithmetic could be on this machine.
+
 The last line is a JSON object. `--architecture llama` runs on a random-weight Llama of the given
 size instead of the embedded SmolLM2-135M (for a GPU: `--device cuda --dtype bfloat16`).
 
@@ -37,7 +41,7 @@ sys.path.insert(0, str(REPO))
 
 from assets.scorers.intervention import ContinuationSource, Likelihoods, score_in_batch  # noqa: E402
 from resources.sparse_coders import SparseCoder  # noqa: E402
-from resources.steering import NEUTRAL_PROMPTS, Steer, Steerer  # noqa: E402
+from resources.steering import NEUTRAL_PROMPTS, Steer, Steerer, logits_to_keep  # noqa: E402
 from resources.subject_model import SubjectModelResource  # noqa: E402
 
 
@@ -67,6 +71,26 @@ def time_before(args) -> float:
         if ran.returncode:
             raise SystemExit(f"the --before commit's bench failed:\n{ran.stderr[-3000:]}")
         return json.loads(ran.stdout.strip().splitlines()[-1])["intervention_s_per_latent"]
+
+
+def arithmetic_floor(lm, tokenizer, prompts: list[str], tokens: int, likelihoods, latents: int, rows: int) -> dict:
+    """What a latent's score cannot go below on this machine without doing less arithmetic: the tokens
+    its subject model must run (each prompt and its steered continuation once, generated with a key/value
+    cache; each distinct likelihood text the batched run read, its description's last token, prompt and
+    continuation, the description's shared keys and values not counted), at the rate of one large
+    unsteered forward pass (`rows` rows of the longest such text, logits kept for the continuation;
+    fastest of 3). It leaves out the strength search and the shared unsteered work, so it is a floor."""
+    length = {prompt: len(tokenizer(prompt)["input_ids"]) for prompt in prompts}
+    generated = sum(length[prompt] + tokens for prompt in prompts)
+    read = sum(1 + len(tokenizer(prompt, add_special_tokens=False)["input_ids"]) + len(continuation)
+               for _, prompt, continuation in likelihoods._known)
+    width = 1 + max(length.values()) + tokens
+    ids = torch.randint(1000, 20000, (rows, width), device=next(lm.parameters()).device)
+    with torch.inference_mode():
+        seconds = min(timed(lambda: lm(input_ids=ids, **logits_to_keep(lm, tokens + 1))) for _ in range(3))
+    per_token = seconds / ids.numel()
+    return {"tokens_per_latent": round(generated + read / latents), "s_per_token": float(f"{per_token:.3g}"),
+            "s_per_latent": (generated + read / latents) * per_token}
 
 
 def timed(fn) -> float:
@@ -146,11 +170,12 @@ def main() -> None:
                     made[latent], scored = score_in_batch(source, likelihoods, told, latent, text)
                     scores[(latent, text)] = scored.score
 
-        return {"s_per_latent": timed(score) / len(latents), "shared_s": shared_s, "made": made, "scores": scores}
+        return {"s_per_latent": timed(score) / len(latents), "shared_s": shared_s, "made": made, "scores": scores, "likelihoods": likelihoods}
 
     before = time_before(args) if args.before else None
     alone = score_latents(1, list(range(min(args.baseline_latents, len(token_ids)))))
     batched = score_latents(args.batch, list(range(len(token_ids))))
+    floor = arithmetic_floor(lm, tokenizer, prompts, args.tokens, batched["likelihoods"], len(token_ids), args.batch * len(prompts))
     differences = [abs(alone["scores"][key] - batched["scores"][key]) for key in alone["scores"]]
     same = all(alone["made"][latent].steered == batched["made"][latent].steered and alone["made"][latent].delta == batched["made"][latent].delta
                for latent in alone["made"]) and max(differences) < 1e-4
@@ -167,6 +192,9 @@ def main() -> None:
         "kl_reached": [round(m.kl, 3) for m in batched["made"].values()], "judge_requests_per_latent": 2,
         **({"before": args.before, "intervention_s_per_latent_before": before,  # that bench counts the shared work among its latents: so here too
             "speedup_over_before": round(before / (batched["s_per_latent"] + batched["shared_s"] / len(token_ids)), 1)} if before else {}),
+        "tokens_per_latent": floor["tokens_per_latent"], "forward_s_per_token": floor["s_per_token"],
+        "arithmetic_floor_s_per_latent": round(floor["s_per_latent"], 2),
+        **({"ceiling_speedup_over_before": round(before / floor["s_per_latent"], 1)} if before else {}),
     }))
 
 

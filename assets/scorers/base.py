@@ -122,9 +122,10 @@ class Scorer:
     control: ClassVar[Literal["shuffled_explanation", "no_intruder"]] = "shuffled_explanation"
     main_metric: ClassVar[str]
     scores_senses: ClassVar[bool] = False
-    """Whether it judges only which held-out windows fire (their labels), so that each sense of a latent explained
-    as several is scored too, with the other senses' windows as silent ones (`assets/scores.py::score_senses`).
-    Not for scorers that read the windows' activation values (simulation) or steer the latent."""
+    """Whether each sense of a latent explained as several is scored too (`assets/scores.py::score_senses`): set
+    by scorers that judge only which held-out windows fire (their labels; the other senses' windows are silent
+    ones) and by those that judge what the latent's steer writes (they read no window: the sense scores say
+    which sense the latent writes). Not for scorers that read the windows' activation values (simulation)."""
     uses_calibration: ClassVar[bool] = False
     """Whether `score` reads `job.calibration` (the latent's `valid` windows); built only for scorers that do."""
     version: ClassVar[str] = "1"

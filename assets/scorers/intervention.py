@@ -217,6 +217,7 @@ class ContinuationScorer(Scorer):
     `[subject_model] steering_batch` at a time. One batch at a time (torch uses every core)."""
 
     Settings = InterventionSettings
+    scores_senses = True
 
     def __init__(self, settings, deps):
         super().__init__(settings, deps)

@@ -154,6 +154,51 @@ def test_the_judge_fails_a_latent_whose_answers_cannot_be_read(continuations, vo
     assert len(server.requests) == 2  # asked again once, never guessed
 
 
+OTHER_SENSES = ("digits inside parentheses", "symbols inside square brackets", "capitalized words inside quotation marks")
+"""A second sense for each word latent: a class of text its steer has nothing to do with."""
+
+
+def word_counting_judge(messages):
+    """Picks, per pair, the continuation that says the described word more often; a description naming no
+    word finds it in neither, and answers 2 (the tie)."""
+    found = re.search(r"Description: the word '(\w+)'", messages[-1]["content"])
+    word = found.group(1) if found else None
+    pairs = zip(re.findall(r"Continuation 1: (.*)", messages[-1]["content"]), re.findall(r"Continuation 2: (.*)", messages[-1]["content"]))
+    return str([1 if word and a.count(word) > b.count(word) else 2 for a, b in pairs])
+
+
+def test_each_sense_is_scored_by_what_the_steer_writes(subject, unembedding_coder, vocab, tmp_path):
+    """A latent explained as two senses, the word it writes and an unrelated class: intervention and the
+    output judge score each sense (`score_senses`), and the sense naming the written word scores above the
+    other sense and above its control (another latent's word), so the sense scores say which sense the
+    latent writes. Intervention reads no window; its sense rows need only the latents' continuations."""
+    from assets.scorers import SCORERS, ScorerDeps, scorer_settings
+    from assets.scores import score_senses
+    from storage.activations import LATENT_STATS_FILE, save_latent_stats
+    from tests.planted_latents import planted_exemplars
+
+    assert SCORERS["intervention"].scores_senses and SCORERS["output_judge"].scores_senses  # so the scores stage writes their `sense_scores`
+    coder, _ = unembedding_coder
+    save_latent_stats(tmp_path / LATENT_STATS_FILE, np.ones(3), np.full(3, 40.0), np.ones(3), tokens=100)
+    exemplars = planted_exemplars(subject.tokenizer(), {latent: ("digits",) for latent in range(3)})
+    senses = pd.DataFrame([{"latent": latent, "sense": sense, "explanation": text, "test_windows": []}
+                           for latent in range(3) for sense, text in enumerate((f"the word '{WORDS[latent].strip()}'", OTHER_SENSES[latent]))])
+    quick = {"prompts": PROMPTS, "tokens": 8, "kl_tolerance": 0.1}
+    settings = scorer_settings({"intervention": quick, "output_judge": quick})
+    with ScriptedLLMServer(word_counting_judge) as server:
+        client = LLMResource(backend="openai", base_url=server.base_url, model="m").client()
+        deps = ScorerDeps(llm=client, subject_model=subject, coder=coder, activations_dir=tmp_path)
+        scored = {name: asyncio.run(score_senses(SCORERS[name](settings[name], deps), exemplars, senses, vocab)).set_index(["latent", "sense"])
+                  for name in ("intervention", "output_judge")}
+    for name, metric in (("intervention", "intervention_score"), ("output_judge", "accuracy")):
+        rows = scored[name]
+        assert sorted(rows.index) == [(latent, sense) for latent in range(3) for sense in (0, 1)]
+        for latent in range(3):
+            word, other = rows.loc[(latent, 0)], rows.loc[(latent, 1)]
+            assert word[metric] > other[metric] and word[metric] > word[f"control_{metric}"], (name, latent, word[metric], other[metric])
+            assert word["control_explanation"].startswith("the word") and word["control_explanation"] != word["explanation"]
+
+
 def reply(messages):
     """An explanation naming the first token each explainer shows (so latents' texts differ), or for the
     judge always continuation 1."""

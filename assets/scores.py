@@ -167,10 +167,10 @@ async def score_partition(scorer: Scorer, exemplars: pd.DataFrame | Path, explan
         if any(map(stopped_by_budget, json.loads(row["failures"]))):  # a partial score is no score: asked again next time
             return withheld(row), []
         example_rows = []
-        for source, result in (("explanation", own), ("control", control)):
-            if result is not None and result.rows:
-                predicted = predictions_of(*(np.array([r.get(c, np.nan) for r in result.rows], float) for c in ("label", "prediction", "score")))
-                example_rows += [{**r, "predicted": int(p), "latent": latent, "source": source} for r, p in zip(result.rows, predicted)]
+        for source, judged in (("explanation", own), ("control", control)):
+            if judged is not None and judged.rows:
+                predicted = predictions_of(*(np.array([r.get(c, np.nan) for r in judged.rows], float) for c in ("label", "prediction", "score")))
+                example_rows += [{**r, "predicted": int(p), "latent": latent, "source": source} for r, p in zip(judged.rows, predicted)]
         return row, example_rows
 
     in_memory: dict[int, tuple[dict, list[dict]]] = {}

@@ -118,7 +118,8 @@ def of_current(senses: pd.DataFrame, explanations: pd.DataFrame) -> pd.DataFrame
         return senses.iloc[:0]
     keys = ["shard", "latent"] if "shard" in senses and "shard" in explanations else ["latent"]
     ok = explanations[explanations["status"] == "ok"].drop_duplicates(keys, keep="last").set_index(keys)["explanation"]
-    union = senses.sort_values("sense").groupby(keys)["explanation"].agg(JOIN.join)
+    joined = senses.sort_values("sense").assign(explanation=lambda f: f["explanation"] + JOIN)  # a sum of strings: a Python join per latent took 0.1 s at 5,000 latents
+    union = joined.groupby(keys)["explanation"].sum().str.slice(0, -len(JOIN))
     current = union[union.eq(ok.reindex(union.index))].index
     return senses[pd.MultiIndex.from_frame(senses[keys]).isin(current) if len(keys) > 1 else senses["latent"].isin(current)]
 

@@ -192,7 +192,8 @@ class Viewer:
 
     def latent_list(self, coder: str, params: dict[str, str]) -> dict:
         """One page of latents, filtered (`status`, `min_<column>`, `max_<column>`, `q` semantic search)
-        and sorted (`sort`, `order`)."""
+        and sorted (`sort`, `order`); `several_senses` counts the coder's latents explained as several senses
+        (`min_senses=2` lists them)."""
         index = self.index(coder)
         table = index.latents()
         numeric = [c for c in table.columns if c not in ("latent", "shard", "status", "explanation")] + ["latent"]
@@ -235,7 +236,8 @@ class Viewer:
         shown = chosen.iloc[(page - 1) * per_page : page * per_page]
         return clean({"coder": coder, "total": int(len(chosen)), "page": page, "pages": pages, "per_page": per_page, "sort": sort,
                       "order": "desc" if descending else "asc", "scorers": [{"name": s, **reader.scorer_info(s)} for s in index.scorers],
-                      "columns": list(shown.columns), "rows": shown.to_dict("records"), "width": int(index.meta["width"]), "search_note": note})
+                      "columns": list(shown.columns), "rows": shown.to_dict("records"), "width": int(index.meta["width"]), "search_note": note,
+                      "several_senses": int((table["senses"] > 1).sum())})
 
     def search(self, coder: str, query: str, limit: int = 20) -> dict:
         """Explanations of this coder nearest in meaning to `query` (the LanceDB explanations table)."""

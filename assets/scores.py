@@ -466,7 +466,7 @@ def summary_table(store: TableStore, coder: str, scorers: dict[str, type[Scorer]
         counts |= {latent: 1 for latent in current} | senses.groupby("latent").size().to_dict()
         for name, scorer in scorers.items():
             main = scorer.main_metric
-            if name in lowest and (scored := store.sense_scores(coder, shard, name).read_if_present()) is not None:
+            if name in lowest and len(senses) and (scored := store.sense_scores(coder, shard, name).read_if_present()) is not None:
                 lowest[name].append(lowest_sense_scores(senses, scored, main))
             frame = store.scores(coder, shard, name).read_if_present()
             if frame is None or not len(frame):  # an empty shard adds nothing

@@ -168,9 +168,10 @@ class CoderIndex:
                     table.loc[at, f"{name}_control"] = scored[f"control_{main}"].to_numpy(np.float64)
                 table.loc[at, f"{name}_gap"] = scored["gap"].to_numpy(np.float64)
             if info["scores_senses"]:
-                lowest = lowest_sense_scores(senses, reader.sense_scores(self.store, self.coder, name, self.shards, columns=["latent", "sense", "explanation", main]), main)
                 table[f"{name}_min_sense"] = np.nan
-                table.loc[lowest.index.to_numpy(np.int64), f"{name}_min_sense"] = lowest.to_numpy(np.float64)
+                if len(senses):  # no latent has several senses: no sense table need be read
+                    lowest = lowest_sense_scores(senses, reader.sense_scores(self.store, self.coder, name, self.shards, columns=["latent", "sense", "explanation", main]), main)
+                    table.loc[lowest.index.to_numpy(np.int64), f"{name}_min_sense"] = lowest.to_numpy(np.float64)
             gaps.append(f"{name}_gap")
         table["mean_gap"] = table[gaps].mean(axis=1) if gaps else np.nan
         return table

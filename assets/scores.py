@@ -42,7 +42,7 @@ from assets.records import read_records
 from assets.score_metrics import beside_control, control_assignment, example_metrics, no_control_reason, paired_means, predictions_of, verdict
 from assets.scorers import Job, JobResult, Scorer, ScorerDeps, ScorerSettings
 from assets.scorers.base import CONTROLS
-from assets.senses import of_current
+from assets.senses import lowest_sense_scores, of_current
 from assets.stage_config import SCORER_ROLES, Models
 from resources.llm import stopped_by_budget
 from resources.sparse_coders import load_registered
@@ -68,6 +68,11 @@ SUMMARY_AUTOMATION = (
     & ~AutomationCondition.any_deps_match(AutomationCondition.will_be_requested())
     & ~AutomationCondition.in_progress()
 )
+
+
+SUMMARY_VERSION = "3"
+"""Of the summary's code: bump when its columns change (3: `senses`, `<scorer>_min_sense`); a summary recorded
+with another is built again (`summary_sources`)."""
 
 
 def scorer_key(name: str) -> AssetKey:
@@ -439,15 +444,30 @@ def current_explanations(store: TableStore, coder: str, shard: str) -> dict[int,
     return dict(zip(ok["latent"].astype(int), ok["explanation"]))
 
 
+def current_senses(store: TableStore, coder: str, shard: str, current: dict[int, str]) -> pd.DataFrame:
+    """The shard's `explanation_senses` rows (latent, sense, explanation) of its `current` explanations (latent → text)."""
+    columns = ["latent", "sense", "explanation"]
+    senses = store.explanation_senses(coder, shard).read_if_present(columns=columns)
+    if senses is None:
+        return empty_table("explanation_senses")[columns]
+    return of_current(senses, pd.DataFrame({"latent": list(current), "explanation": list(current.values()), "status": "ok"}))
+
+
 def summary_table(store: TableStore, coder: str, scorers: dict[str, type[Scorer]]) -> pd.DataFrame:
     """One row per scored latent of `coder` (all shards): each scorer's main metric, its control and the gap,
     beside the latent's current explanation. A score made with another explanation (a scorer not re-run
-    after a re-explain) is not shown as the latent's: its columns are NaN and `stale` names the scorer."""
-    parts = []
+    after a re-explain) is not shown as the latent's: its columns are NaN and `stale` names the scorer.
+    `senses` counts the senses of the current explanation (0: none), and per scorer that scores senses
+    `<scorer>_min_sense` is its lowest sense's main metric (`assets.senses.lowest_sense_scores`; NaN with one sense)."""
+    parts, counts, lowest = [], {}, {name: [] for name, scorer in scorers.items() if scorer.scores_senses}
     for shard in store.scored_shards(coder):
         current = current_explanations(store, coder, shard)
+        senses = current_senses(store, coder, shard, current)
+        counts |= {latent: 1 for latent in current} | senses.groupby("latent").size().to_dict()
         for name, scorer in scorers.items():
             main = scorer.main_metric
+            if name in lowest and len(senses) and (scored := store.sense_scores(coder, shard, name).read_if_present()) is not None:
+                lowest[name].append(lowest_sense_scores(senses, scored, main))
             frame = store.scores(coder, shard, name).read_if_present()
             if frame is None or not len(frame):  # an empty shard adds nothing
                 continue
@@ -472,16 +492,25 @@ def summary_table(store: TableStore, coder: str, scorers: dict[str, type[Scorer]
     gaps = [c for c in wide.columns if c.endswith("_gap")]
     wide["mean_gap"] = wide[gaps].mean(axis=1)
     wide["stale"] = [stale.get(latent, "") for latent in wide["latent"]]
+    wide["senses"] = wide["latent"].map(counts).fillna(0).astype("int64")
+    for name, found in lowest.items():
+        if name in long["scorer"].unique():
+            wide[f"{name}_min_sense"] = wide["latent"].map(pd.concat(found)).astype("float64") if found else np.nan
     return wide
 
 
 def summary_sources(store: TableStore, coder: str, scorers: dict[str, type[Scorer]]) -> dict[str, str]:
     """`<shard>/<scorer>` → fingerprint of each scores table of `coder` that the summary joins, and of each
-    scored shard's explanations (`<shard>/explanations`): a re-explain changes which scores are stale."""
+    scored shard's explanations (`<shard>/explanations`): a re-explain changes which scores are stale; its
+    senses and their scores (`<shard>/senses`, `<shard>/<scorer>.senses`); and `code_version`, the summary's
+    (`SUMMARY_VERSION`), so that a summary built by older code (without newer columns) is built again."""
     shards = store.scored_shards(coder)
     tables = {f"{shard}/{name}": store.scores(coder, shard, name) for shard in shards for name in scorers}
     tables |= {f"{shard}/explanations": store.explanations(coder, shard) for shard in shards}
-    return {source: table.fingerprint() for source, table in tables.items() if table.exists()}
+    tables |= {f"{shard}/senses": store.explanation_senses(coder, shard) for shard in shards}
+    tables |= {f"{shard}/{name}.senses": store.sense_scores(coder, shard, name) for shard in shards for name, scorer in scorers.items() if scorer.scores_senses}
+    found = {source: table.fingerprint() for source, table in tables.items() if table.exists()}
+    return found | {"code_version": SUMMARY_VERSION} if found else {}
 
 
 def summary_is_stale(store: TableStore, coder: str, sources: dict[str, str]) -> bool:
@@ -516,7 +545,7 @@ def summary_asset(scorers: dict[str, type[Scorer]]) -> AssetsDefinition:
         deps=[AssetDep(scorer_key(name)) for name in scorers],
         automation_condition=SUMMARY_AUTOMATION,
         required_resource_keys={"settings"},
-        code_version="2",
+        code_version=SUMMARY_VERSION,
         **in_pool(None),
         check_specs=summary_specs(),
         description="Per coder, every scorer joined into one table over all shards (each main metric, its control and the gap), with verdicts; coders whose scores changed are rebuilt.",

@@ -118,6 +118,19 @@ def of_current(senses: pd.DataFrame, explanations: pd.DataFrame) -> pd.DataFrame
         return senses.iloc[:0]
     keys = ["shard", "latent"] if "shard" in senses and "shard" in explanations else ["latent"]
     ok = explanations[explanations["status"] == "ok"].drop_duplicates(keys, keep="last").set_index(keys)["explanation"]
-    union = senses.sort_values("sense").groupby(keys)["explanation"].agg(JOIN.join)
+    joined = senses.sort_values("sense").assign(explanation=lambda f: f["explanation"] + JOIN)  # a sum of strings: a Python join per latent took 0.1 s at 5,000 latents
+    union = joined.groupby(keys)["explanation"].sum().str.slice(0, -len(JOIN))
     current = union[union.eq(ok.reindex(union.index))].index
     return senses[pd.MultiIndex.from_frame(senses[keys]).isin(current) if len(keys) > 1 else senses["latent"].isin(current)]
+
+
+def lowest_sense_scores(current: pd.DataFrame, scores: pd.DataFrame, metric: str) -> pd.Series:
+    """Latent → the lowest `metric` among its senses (`current`: rows of `of_current`) in a scorer's `sense_scores`
+    rows, each sense counted only by a score made with its own text; NaN unless every sense has one, since the
+    sense left unscored (or scored NaN) could be the lowest. Keyed like `of_current` (`shard` where both have one)."""
+    if not len(current) or not len(scores):
+        return pd.Series(dtype=float)
+    keys = (["shard"] if "shard" in current and "shard" in scores else []) + ["latent", "sense", "explanation"]
+    scored = current[keys].merge(scores[[*keys, metric]].drop_duplicates(keys, keep="last"), on=keys, how="left")
+    by_latent = scored.groupby("latent")[metric]
+    return by_latent.min().mask(scored[metric].isna().groupby(scored["latent"]).any())

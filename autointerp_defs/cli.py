@@ -241,8 +241,17 @@ def print_results(store, coder: str, scorers: dict) -> None:
     shown = table[["latent", "explanation"]].assign(explanation=table["explanation"].str.slice(0, 60))
     for name in present:
         shown[f"{name} ({scorers[name].main_metric})"] = [beside_control(s, c, digits=2) for s, c in zip(table[name], table[f"{name}_control"])]
+    several = int((table["senses"] > 1).sum()) if "senses" in table else 0
+    if several:
+        shown["senses"] = table["senses"]
+        for name in [n for n in present if f"{n}_min_sense" in table]:
+            shown[f"{name} lowest sense"] = table[f"{name}_min_sense"].round(2)
     print("\nEach scorer's main metric for the explanation / for its control (another latent's explanation):")
     print(shown.to_string(index=False))
+    if "senses" not in table:
+        print("this summary was written before it counted each latent's senses: materialize `score_summary` to add them")
+    elif several:
+        print(f"latents with several senses: {several} (`senses`); `<scorer> lowest sense` is the score of the worst one (NaN: a sense without a score of its text)")
     for name in present:
         mean, control, paired = paired_means(table[name], table[f"{name}_control"])
         means = f"mean {beside_control(mean, control)} over the {paired} latents with a control" if paired else f"mean {beside_control(mean, control)}"

@@ -74,8 +74,8 @@ TABLES = {t.name: t for t in [
         ("score", pa.float64()), ("predicted", pa.int64()), ("latent", pa.int64()), ("source", pa.large_string()),
     ]), open=True),  # + a scorer's own per-example columns (simulation: simulated, true_activations, values_from)
     Table("score_summary", pa.schema([("latent", pa.int64()), ("shard", pa.large_string()), ("explanation", pa.large_string()), ("mean_gap", pa.float64()),
-                                      ("stale", pa.large_string())]),
-          open=True),  # + <scorer>, <scorer>_control, <scorer>_gap per scorer
+                                      ("stale", pa.large_string()), ("senses", pa.int64())]),
+          open=True),  # + <scorer>, <scorer>_control, <scorer>_gap per scorer; <scorer>_min_sense per scorer that scores senses
 ]}
 
 

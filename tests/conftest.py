@@ -108,7 +108,9 @@ def llm_resource(server, **kwargs):
 
 
 def two_shards_of_scores(folder):
-    """Scores of coder `c/h`: shard 00 has two latents with a control, shard 01 one latent without (alone in its shard)."""
+    """Scores of coder `c/h`: shard 00 has two latents with a control, shard 01 one latent without (alone in its shard).
+    Latent 2 is explained as two senses ("e2a or e2b"), each scored by detection (0.7, 0.3) and only the first by
+    embedding; latent 1 keeps the senses of an explanation since replaced."""
     import numpy as np
     import pandas as pd
 
@@ -116,16 +118,21 @@ def two_shards_of_scores(folder):
     from storage.layout import DataRoot
 
     root = DataRoot.at(folder)
+    text = lambda latent: "e2a or e2b" if latent == 2 else f"e{latent}"
     frames = {("00", "detection"): ([1, 2], [0.9, 0.6], [0.5, 0.5]), ("01", "detection"): ([700], [0.8], [np.nan]), ("00", "embedding"): ([1, 2], [0.7, 0.4], [0.6, 0.5])}
     for (shard, name), (latents, score, control) in frames.items():
         main = SCORERS[name].main_metric
         path = root.scores_path("c/h", shard, name)
         path.parent.mkdir(parents=True, exist_ok=True)
-        pd.DataFrame({"latent": latents, "explanation": [f"e{l}" for l in latents], main: score, f"control_{main}": control,
+        pd.DataFrame({"latent": latents, "explanation": [text(l) for l in latents], main: score, f"control_{main}": control,
                       "gap": np.subtract(score, control)}).to_parquet(path)
         explanations = root.explanations_path("c/h", shard)  # the texts the scores were made with: none is stale
         explanations.parent.mkdir(parents=True, exist_ok=True)
-        pd.DataFrame({"latent": latents, "explanation": [f"e{l}" for l in latents], "status": "ok"}).to_parquet(explanations)
+        pd.DataFrame({"latent": latents, "explanation": [text(l) for l in latents], "status": "ok"}).to_parquet(explanations)
+    pd.DataFrame({"latent": [2, 2, 1, 1], "sense": [0, 1, 0, 1], "explanation": ["e2a", "e2b", "an older sense", "another"]}).to_parquet(root.explanation_senses_path("c/h", "00"))
+    for name, scores in (("detection", [0.7, 0.3]), ("embedding", [0.8])):
+        main = SCORERS[name].main_metric
+        pd.DataFrame({"latent": 2, "sense": [0, 1][: len(scores)], "explanation": ["e2a", "e2b"][: len(scores)], main: scores}).to_parquet(root.sense_scores_path("c/h", "00", name))
     return root
 
 

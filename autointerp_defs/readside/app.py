@@ -192,7 +192,8 @@ class Viewer:
 
     def latent_list(self, coder: str, params: dict[str, str]) -> dict:
         """One page of latents, filtered (`status`, `min_<column>`, `max_<column>`, `q` semantic search)
-        and sorted (`sort`, `order`)."""
+        and sorted (`sort`, `order`); `several_senses` counts the coder's latents explained as several senses
+        (`min_senses=2` lists them)."""
         index = self.index(coder)
         table = index.latents()
         numeric = [c for c in table.columns if c not in ("latent", "shard", "status", "explanation")] + ["latent"]
@@ -219,23 +220,27 @@ class Viewer:
             found = self.search(coder, query, limit=integer(params, "limit", 100))
             hits, note = found["hits"], found.get("note")
             mask &= table["latent"].isin([h["latent"] for h in hits]).to_numpy()
-        chosen = table[mask]
         sort = params.get("sort") or ("distance" if hits is not None else "status")
         descending = params.get("order", "desc" if sort not in ("latent", "distance", "status") else "asc") == "desc"
-        if sort == "distance" and hits is not None:  # hits come nearest first (word matches: most words first)
-            rank = chosen["latent"].map({h["latent"]: i for i, h in enumerate(hits)}).to_numpy()
-            chosen = chosen.assign(distance=chosen["latent"].map({h["latent"]: h["distance"] for h in hits})).iloc[np.argsort(-rank if descending else rank, kind="stable")]
-        elif sort in table.columns:
-            chosen = chosen.sort_values(sort, ascending=not descending, na_position="last", kind="stable")
+        by_distance = sort == "distance" and hits is not None
+        if by_distance:  # hits come nearest first (word matches: most words first)
+            latents = table["latent"][mask]
+            rank = latents.map({h["latent"]: i for i, h in enumerate(hits)}).to_numpy()
+            order = latents.index[np.argsort(-rank if descending else rank, kind="stable")]
+        elif sort in table.columns:  # the sort column alone is sorted; the rows are taken for the page only
+            order = table[sort][mask].sort_values(ascending=not descending, na_position="last", kind="stable").index
         else:
             raise ViewerError(400, f"Cannot sort by {sort!r}. Fix: use one of {', '.join(table.columns)}.")
         per_page = min(max(integer(params, "per_page", 50), 1), MAX_PER_PAGE)
-        pages = max(1, math.ceil(len(chosen) / per_page))
+        pages = max(1, math.ceil(len(order) / per_page))
         page = min(max(integer(params, "page", 1), 1), pages)
-        shown = chosen.iloc[(page - 1) * per_page : page * per_page]
-        return clean({"coder": coder, "total": int(len(chosen)), "page": page, "pages": pages, "per_page": per_page, "sort": sort,
+        shown = table.loc[order[(page - 1) * per_page : page * per_page]]
+        if by_distance:
+            shown = shown.assign(distance=shown["latent"].map({h["latent"]: h["distance"] for h in hits}))
+        return clean({"coder": coder, "total": int(len(order)), "page": page, "pages": pages, "per_page": per_page, "sort": sort,
                       "order": "desc" if descending else "asc", "scorers": [{"name": s, **reader.scorer_info(s)} for s in index.scorers],
-                      "columns": list(shown.columns), "rows": shown.to_dict("records"), "width": int(index.meta["width"]), "search_note": note})
+                      "columns": list(shown.columns), "rows": shown.to_dict("records"), "width": int(index.meta["width"]), "search_note": note,
+                      "several_senses": int((table["senses"] > 1).sum())})
 
     def search(self, coder: str, query: str, limit: int = 20) -> dict:
         """Explanations of this coder nearest in meaning to `query` (the LanceDB explanations table)."""

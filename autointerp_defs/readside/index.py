@@ -3,8 +3,8 @@
 A coder of 100,000 latents must answer a list, a search or a latent page in well under a second, so
 nothing is read whole per request:
 
-- `latents.arrow`: one row per latent (frequency, activation, explanation status, each scorer's
-  metric, control and gap), rebuilt when any table it comes from changes (sizes and mtimes), then
+- `latents.arrow`: one row per latent (frequency, activation, explanation status, its number of senses,
+  each scorer's metric, control, gap and lowest sense score), rebuilt when any table it comes from changes (sizes and mtimes), then
   held in memory; sorting and filtering 100k rows in pandas takes milliseconds.
 - `<shard>.exemplars.arrow`: the shard's exemplars in Arrow's file format, sorted by latent, memory-
   mapped; with per-latent row offsets a latent's windows are a zero-copy slice, not a parquet scan.
@@ -31,6 +31,7 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from assets.senses import lowest_sense_scores, of_current
 from autointerp_defs.readside import reader
 from resources.embedder import EMBEDDED
 from storage.atomic import atomic_path
@@ -147,9 +148,14 @@ class CoderIndex:
             "status": status,
             "explanation": explanation,
         })
+        senses = of_current(reader.explanation_senses(self.store, self.coder, self.shards, columns=["latent", "sense", "explanation"]), explained)
+        several = senses.groupby("latent").size() if len(senses) else pd.Series(dtype=np.int64)
+        table["senses"] = (status == "ok").astype(np.int64)
+        table.loc[several.index.to_numpy(np.int64), "senses"] = several.to_numpy(np.int64)
         gaps = []
         for name in reader.scorer_names(self.store, self.coder):
-            main = reader.scorer_info(name)["main_metric"]
+            info = reader.scorer_info(name)
+            main = info["main_metric"]
             metrics = [main, f"control_{main}"] if main is not None else []
             scored = reader.scores(self.store, self.coder, name, self.shards, columns=["latent", "explanation", "gap", *metrics])
             for column in (name, f"{name}_control", f"{name}_gap"):
@@ -161,6 +167,11 @@ class CoderIndex:
                     table.loc[at, name] = scored[main].to_numpy(np.float64)
                     table.loc[at, f"{name}_control"] = scored[f"control_{main}"].to_numpy(np.float64)
                 table.loc[at, f"{name}_gap"] = scored["gap"].to_numpy(np.float64)
+            if info["scores_senses"]:
+                table[f"{name}_min_sense"] = np.nan
+                if len(senses):  # no latent has several senses: no sense table need be read
+                    lowest = lowest_sense_scores(senses, reader.sense_scores(self.store, self.coder, name, self.shards, columns=["latent", "sense", "explanation", main]), main)
+                    table.loc[lowest.index.to_numpy(np.int64), f"{name}_min_sense"] = lowest.to_numpy(np.float64)
             gaps.append(f"{name}_gap")
         table["mean_gap"] = table[gaps].mean(axis=1) if gaps else np.nan
         return table

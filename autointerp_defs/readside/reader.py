@@ -105,9 +105,9 @@ def explanations(store: TableStore, coder: str, shards: list[str], columns: list
     return _read_shards({s: store.explanations(coder, s) for s in shards}, columns)
 
 
-def explanation_senses(store: TableStore, coder: str, shards: list[str]) -> pd.DataFrame:
-    """The senses of latents explained as several (`[explanations] senses`), with a `shard` column."""
-    return _read_shards({s: store.explanation_senses(coder, s) for s in shards})
+def explanation_senses(store: TableStore, coder: str, shards: list[str], columns: list[str] | None = None) -> pd.DataFrame:
+    """The senses (or some columns) of latents explained as several (`[explanations] senses`), with a `shard` column."""
+    return _read_shards({s: store.explanation_senses(coder, s) for s in shards}, columns)
 
 
 def latent_profiles(store: TableStore, coder: str, shards: list[str]) -> pd.DataFrame:
@@ -128,8 +128,8 @@ def scorer_info(name: str) -> dict:
 
     scorer = loaded_scorers().get(name)
     if scorer is None:
-        return {"main_metric": None, "control": f"its control (scorer {name!r} is not loaded: run with the deployment that lists its plugin)"}
-    return {"main_metric": scorer.main_metric, "control": scorer.control_description()}
+        return {"main_metric": None, "control": f"its control (scorer {name!r} is not loaded: run with the deployment that lists its plugin)", "scores_senses": False}
+    return {"main_metric": scorer.main_metric, "control": scorer.control_description(), "scores_senses": scorer.scores_senses}
 
 
 def stale(scored: pd.DataFrame, explained: pd.DataFrame) -> pd.Series:
@@ -157,9 +157,9 @@ def scores(store: TableStore, coder: str, scorer: str, shards: list[str], column
     return _read_shards({s: store.scores(coder, s, scorer) for s in shards}, columns)
 
 
-def sense_scores(store: TableStore, coder: str, scorer: str, shards: list[str]) -> pd.DataFrame:
-    """The scorer's scores of each sense of latents explained as several (`sense_scores`), with a `shard` column."""
-    return _read_shards({s: store.sense_scores(coder, s, scorer) for s in shards})
+def sense_scores(store: TableStore, coder: str, scorer: str, shards: list[str], columns: list[str] | None = None) -> pd.DataFrame:
+    """The scorer's scores (or some columns) of each sense of latents explained as several (`sense_scores`), with a `shard` column."""
+    return _read_shards({s: store.sense_scores(coder, s, scorer) for s in shards}, columns)
 
 
 def tokenizer_vocab(store: TableStore) -> list[str]:
@@ -226,8 +226,8 @@ def input_files(store: TableStore, coder: str, shards: list[str]) -> list[os.Pat
     """The files a coder's viewer index is built from: when one changes, the index is rebuilt."""
     files: list[os.PathLike] = [store.layout.cache_meta_path(coder), store.layout.latent_stats_path(coder)]
     for s in shards:
-        files += [store.explanations(coder, s), store.latent_profiles(coder, s)]
-        files += [store.scores(coder, s, name) for name in store.scorers_of(coder, s)]
+        files += [store.explanations(coder, s), store.latent_profiles(coder, s), store.explanation_senses(coder, s)]
+        files += [table for name in store.scorers_of(coder, s) for table in (store.scores(coder, s, name), store.sense_scores(coder, s, name))]
     return files
 
 

@@ -262,6 +262,9 @@ def test_summary_joins_scorers_over_shards_and_keeps_undefined_controls(tmp_path
     assert table.loc[1, "detection"] == 0.9 and table.loc[1, "embedding_control"] == 0.6
     assert np.isnan(table.loc[700, "detection_control"]) and np.isnan(table.loc[700, "embedding"])
     assert table.loc[2, "mean_gap"] == pytest.approx((0.1 + -0.1) / 2)
+    assert table["senses"].to_dict() == {1: 1, 2: 2, 700: 1}  # latent 1's senses are of an earlier explanation
+    assert table.loc[2, "detection_min_sense"] == 0.3 and np.isnan(table.loc[1, "detection_min_sense"])
+    assert np.isnan(table.loc[2, "embedding_min_sense"])  # its second sense has no embedding score
 
 
 def test_the_control_is_never_the_same_text_and_is_nan_with_a_reason_when_none_differs(topic_data):
@@ -383,8 +386,9 @@ def test_the_summary_compares_a_mean_with_its_controls_over_the_same_latents(tmp
     two latents (0.767 / 0.500) would credit the scorer with a latent its control never saw."""
     from dagster import DagsterInstance, materialize
 
-    from assets.scores import summary_asset
+    from assets.scores import summary_asset, summary_is_stale, summary_sources
     from resources.settings import AutointerpSettings
+    from storage.store import TableStore
 
     two_shards_of_scores(tmp_path)
     instance = DagsterInstance.ephemeral()
@@ -393,6 +397,11 @@ def test_the_summary_compares_a_mean_with_its_controls_over_the_same_latents(tmp
     meta = result.asset_materializations_for_node("score_summary")[0].metadata
     assert "| 0.750 / 0.500 |" in meta["by_coder"].value
     assert meta["detection_mean"].value == 0.75 and meta["detection_mean_control"].value == 0.5
+    store, scorers = TableStore.at(tmp_path), {"detection": SCORERS["detection"]}
+    sources = summary_sources(store, "c/h", scorers)
+    assert "00/senses" in sources and "00/detection.senses" in sources and not summary_is_stale(store, "c/h", sources)
+    store.commit_summary("c/h", store.score_summary("c/h").read(), {k: v for k, v in sources.items() if k != "code_version"})  # as code before `senses` recorded it
+    assert summary_is_stale(store, "c/h", sources)  # so the next run builds it with the new columns
 
 
 def test_a_partitions_means_and_their_controls_are_over_the_same_latents(topic_data):

@@ -5,6 +5,8 @@ from tests.conftest import two_shards_of_scores
 
 
 def test_the_demo_prints_a_score_without_a_control_and_compares_means_over_the_same_latents(tmp_path, capsys):
+    import pandas as pd
+
     from assets.scores import summary_table
     from storage.store import TableStore
     from storage.tables import write_table
@@ -17,6 +19,12 @@ def test_the_demo_prints_a_score_without_a_control_and_compares_means_over_the_s
     assert "0.90 / 0.50" in out and "0.80 / no control" in out and "n/a" not in out
     assert "detection: mean 0.750 / 0.500 over the 2 latents with a control; too few latents to tell (2 with a control" in out
     assert "explained by not recorded" in out and "detection scored by not recorded" in out  # tables written before models were recorded say so
+    assert "latents with several senses: 1" in out and "detection lowest sense" in out
+    before = pd.read_parquet(root.score_summary_path("c/h"))
+    before.drop(columns=["senses", "detection_min_sense"]).to_parquet(root.score_summary_path("c/h"))  # as written before senses were counted
+    print_results(TableStore(root), "c/h", scorers)
+    out = capsys.readouterr().out
+    assert "0.90 / 0.50" in out and "written before it counted each latent's senses: materialize `score_summary`" in out
 
 
 # ---- every path a user takes from the README ends in one line naming the fix ----------------------

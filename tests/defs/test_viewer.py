@@ -474,6 +474,33 @@ def test_latent_page_shows_the_senses_of_a_latent_explained_as_several(partition
     assert "detection.senses" not in TableStore.at(root).scorers_of(partition.coder, partition.shard)  # a table beside a scorer's is no scorer
 
 
+def test_the_latent_list_counts_senses_sorts_and_filters_by_them_with_each_scorers_lowest_sense(partition, tmp_path):
+    """`senses`: 2 for the latent explained as two, 1 for one explained as one, 0 unexplained; `min_senses=2` lists the
+    former alone. Its lowest detection sense is unknown while one sense has only a score of an older text."""
+    from autointerp_defs.readside.app import Viewer
+    from storage.tables import write_table
+    from tests.defs.conftest import with_two_senses
+
+    root, coder = tmp_path / "copy", partition.coder
+    several, other = with_two_senses(partition, root)
+    viewer = Viewer(TableStore.at(root))
+    listed = viewer.latent_list(coder, {"per_page": "500"})  # explained latents first, then unexplained ones
+    rows = {r["latent"]: r for r in listed["rows"]}
+    assert listed["several_senses"] == 1 and {r["status"] for r in rows.values()} >= {"ok", "none"}
+    assert rows[several]["senses"] == 2 and rows[other]["senses"] == 1
+    assert all(r["senses"] == int(r["status"] == "ok") for latent, r in rows.items() if latent != several)
+    assert rows[several]["detection_min_sense"] is None and rows[other]["detection_min_sense"] is None
+    assert [r["latent"] for r in viewer.latent_list(coder, {"min_senses": "2"})["rows"]] == [several]
+    assert viewer.latent_list(coder, {"sort": "senses", "order": "desc"})["rows"][0]["latent"] == several
+
+    path = DataRoot.at(root).sense_scores_path(coder, partition.shard, "detection")
+    scores = pd.read_parquet(path)
+    scores.loc[scores.sense == 1, ["explanation", "balanced_accuracy"]] = ["names inside quotation marks", 0.6]  # the second sense scored as it reads now
+    write_table(scores, path, "sense_scores")
+    (row,) = Viewer(TableStore.at(root)).latent_list(coder, {"min_senses": "2"})["rows"]  # the cached list is rebuilt: a senses table changed
+    assert row["detection_min_sense"] == 0.6
+
+
 def test_a_first_start_after_a_materialization_serves_a_latent_page_without_building_a_cache(partition, tmp_path, monkeypatch):
     """What the first `autointerp view` after a materialization finds: the decoder directions the activations stage
     wrote with its cache (nothing to convert), and no per-shard copy yet. The page reads the latent's rows from the

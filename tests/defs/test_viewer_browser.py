@@ -91,7 +91,7 @@ def test_latent_list_sorts_filters_searches_and_links(page, server, partition, s
     page.locator("th[data-col='frequency']").click()
     page.wait_for_selector("th[data-col='frequency'].sorted-desc")
     ready(page)
-    freqs = [float(t) for t in page.locator("#latents tbody tr td:nth-child(4)").all_inner_texts()]
+    freqs = [float(t) for t in page.locator("#latents tbody tr td:nth-child(5)").all_inner_texts()]
     assert freqs == sorted(freqs, reverse=True) and freqs[0] > 0
     # filter by explanation status
     page.select_option("#status", "ok")
@@ -271,6 +271,15 @@ def test_latent_page_shows_each_sense_with_its_scores_beside_the_union(browser, 
         shown = lambda v: str(int(v)) if float(v).is_integer() else f"{v:.3f}"  # the page's `fmt`
         assert page.locator("#senses tr.union td").nth(3).inner_text() == f"{shown(union['balanced_accuracy'])} (control {shown(union['control_balanced_accuracy'])})"
         page.locator("#senses").screenshot(path=str(shots / "latent-senses.png"))
+        page.goto(f"http://127.0.0.1:{httpd.server_port}/coder?coder={quote(partition.coder, safe='')}")  # the list: one click lists it alone
+        ready(page)
+        page.click("#several-senses")
+        page.wait_for_function("document.querySelectorAll('#latents tbody tr').length === 1")
+        ready(page)
+        row = page.locator("#latents tbody tr").first
+        assert row.get_attribute("data-latent") == str(several) and row.locator("td").nth(3).inner_text() == "2"
+        assert page.locator("th[data-col='detection_min_sense']").count() == 1
+        page.screenshot(path=str(shots / "latents-senses.png"))
     finally:
         context.close()
         httpd.shutdown()

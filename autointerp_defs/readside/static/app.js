@@ -139,9 +139,12 @@ async function coderPage() {
       if (active) { filterCol.value = active.slice(4); filterMin.value = state["min_" + active.slice(4)] || ""; filterMax.value = state["max_" + active.slice(4)] || ""; }
     }
     const sortedBy = data.sort === "status" ? "explained first" : `${data.sort} (${data.order})`;
-    summary.replaceChildren(`${data.total} latents${state.q ? ` matching “${state.q}”` : ""}, page ${data.page} of ${data.pages}, sorted by ${sortedBy}`,
+    const severalSenses = data.several_senses && state.min_senses !== "2"
+      ? el("button", { id: "several-senses", onclick: () => { filterCol.value = "senses"; filterMin.value = "2"; filterMax.value = ""; apply.click(); } }, `only the ${data.several_senses} with several senses`) : "";
+    summary.replaceChildren(`${data.total} latents${state.q ? ` matching “${state.q}”` : ""}, page ${data.page} of ${data.pages}, sorted by ${sortedBy} `, severalSenses,
       data.search_note ? el("div", { id: "search-note" }, data.search_note) : "");
-    const shown = ["latent", "status", "explanation", "frequency", "max_activation", ...data.scorers.flatMap((s) => [s.name, `${s.name}_control`, `${s.name}_gap`]), "mean_gap"].concat(data.columns.includes("distance") ? ["distance"] : []);
+    const lowest = (s) => (data.several_senses && s.scores_senses ? [`${s.name}_min_sense`] : []);  // only where a latent has several senses
+    const shown = ["latent", "status", "explanation", "senses", "frequency", "max_activation", ...data.scorers.flatMap((s) => [s.name, `${s.name}_control`, `${s.name}_gap`, ...lowest(s)]), "mean_gap"].concat(data.columns.includes("distance") ? ["distance"] : []);
     const head = el("tr", {}, shown.map((c) => {
       const th = el("th", { "data-col": c, onclick: () => { state.order = state.sort === c && state.order === "desc" ? "asc" : "desc"; state.sort = c; state.page = "1"; load(); } }, c.replaceAll("_", " "));
       if (c === data.sort) th.className = data.order === "asc" ? "sorted-asc" : "sorted-desc";

@@ -146,7 +146,7 @@ def measure(data: Path, shard: str, n_latents: int, out: Path) -> dict:
             explanations = meter("explanations", lambda: asyncio.run(explain_all(explainer, ExplanationsConfig(), frame, profiles, chosen, vocab, embedder.embed, None, CODER)))
             explanations.to_parquet(out / "explanations.parquet")
             settings = scorer_settings()
-    digests = {}
+            digests = {}
             for name in ("detection", "fuzzing", "embedding"):
                 deps = ScorerDeps(llm=client(name)) if name != "embedding" else ScorerDeps(embedder=embedder, **({"corpus_windows": windows} if windows else {}))
                 scorer = SCORERS[name](settings[name], deps)

@@ -65,25 +65,30 @@ class Embedding(Scorer):
         the contexts table and a single token from the tokens table (embedded there as the same text),
         the rest embedded in one call (full batches). Vectors only earlier jobs needed are let go, so
         memory follows the jobs at hand."""
+        windows, size = self.deps.corpus_windows, self.settings.span_tokens
         needed = dict.fromkeys(self.settings.query_prefix + job.explanation for job in jobs)
-        for example in (e for job in jobs for e in job.examples):
-            for text, vector in self._stored(example).items():
-                if needed.get(text) is None:
-                    needed[text] = vector
+        examples = list({id(e): e for job in jobs for e in job.examples}.values())  # a latent's own and control jobs share theirs
+        for example in examples:
+            whole = size == 0 or len(example.token_strs) <= size  # only a whole window's vector is in the contexts table
+            for text in spans(example, size):
+                if text not in needed:
+                    needed[text] = windows.vector(example.sequence, example.start, example.token_ids) if whole and windows is not None else None
+        if size == 1 and windows is not None:
+            needed.update(self._token_vectors(examples, needed))
         at_hand = {text: self._vectors.get(text) if vector is None else unit_vectors(vector[None])[0] for text, vector in needed.items()}
         self._vectors = {text: vector for text, vector in at_hand.items() if vector is not None}
         await self._vectors_of(list(needed))
 
-    def _stored(self, example) -> dict:
-        """Each text `example` is scored by, with its vector from the contexts or tokens table (None when not there)."""
-        windows, size = self.deps.corpus_windows, self.settings.span_tokens
-        texts = spans(example, size)
-        if windows is None or (size > 1 and len(example.token_strs) > size):
-            return dict.fromkeys(texts)
-        if size == 0 or len(example.token_strs) <= size:
-            return {texts[0]: windows.vector(example.sequence, example.start, example.token_ids)}
-        vectors = windows.token_vectors(example.token_ids)
-        return dict(zip(map(token_text, example.token_strs), vectors)) if vectors is not None else dict.fromkeys(texts)
+    def _token_vectors(self, examples, needed: dict) -> dict:
+        """The tokens table's vectors of the single tokens of `examples` that `needed` lacks, looked up in
+        one call (none when the table is missing)."""
+        ids = {}
+        for example in (e for e in examples if len(e.token_strs) > 1):
+            for text, token in zip(map(token_text, example.token_strs), example.token_ids):
+                if needed.get(text) is None:
+                    ids.setdefault(text, token)
+        vectors = self.deps.corpus_windows.token_vectors(list(ids.values())) if ids else None
+        return dict(zip(ids, vectors)) if vectors is not None else {}
 
     async def score(self, job: Job) -> JobResult:
         query = self.settings.query_prefix + job.explanation

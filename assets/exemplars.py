@@ -33,7 +33,7 @@ from pydantic import Field
 from assets.automation import CODE_CHANGED, FOLLOW, in_pool
 from assets.checks import exemplars_specs, explainable_latents, result
 from assets.partitions import backfill_policy, coder_and_shard, each_shard, shard_partitions
-from assets.prompts import corpus_prompt_vocab, window_embedding, window_text
+from assets.prompts import corpus_prompt_vocab, token_text, window_embedding, window_text
 from assets.stage_config import Models, settings_digest, with_defaults
 from resources.embedder import EmbedderResource
 from resources.settings import AutointerpSettings
@@ -42,7 +42,7 @@ from storage.activations import ShardActivations, check_shard_complete, load_lat
 from storage.corpus import load_corpus
 from storage.layout import DataRoot
 from storage.tables import TABLES
-from storage.vector_store import ContextIndex, contexts_table_name, ensure_contexts
+from storage.vector_store import ContextIndex, contexts_table_name, ensure_contexts, ensure_token_vectors
 
 NON_ACTIVATING_SOURCES = ("random", "neighbour", "embedding")
 
@@ -358,16 +358,20 @@ def _exemplar_rows(planned: list, tokens: np.ndarray, config: ExemplarsConfig, s
 
 
 def context_index(root: DataRoot, corpus, window: int, embedder: EmbedderResource) -> ContextIndex:
-    """The LanceDB table of every grid window of the corpus, embedded once per corpus and window length."""
+    """The LanceDB table of every grid window of the corpus, embedded once per corpus and window length;
+    beside it the tokens table, each distinct token of the corpus embedded alone (the embedding scorer's
+    best-token spans read it: a partition shows nearly the whole vocabulary, which it would embed again)."""
     blocks_per_seq = corpus.tokens.shape[1] // window
+    vocab = corpus_prompt_vocab(corpus)
 
     def build():
         grid = corpus.tokens[:, : blocks_per_seq * window].reshape(-1, window)
-        vocab = corpus_prompt_vocab(corpus)
         texts = [window_text([vocab[t] for t in row]) for row in grid]
         return texts, embedder.embed(texts)
 
-    return ensure_contexts(root.lancedb_dir, contexts_table_name(corpus.meta["hash"], window, window_embedding(embedder.model)), build)
+    embedding = window_embedding(embedder.model)
+    ensure_token_vectors(root.lancedb_dir, corpus.meta["hash"], corpus.tokens, embedding, lambda ids: embedder.embed([token_text(vocab[t]) for t in ids]))
+    return ensure_contexts(root.lancedb_dir, contexts_table_name(corpus.meta["hash"], window, embedding), build)
 
 
 def negative_sources(root: DataRoot, coder_key: str, corpus, config: ExemplarsConfig, latents: list[int], embedder: EmbedderResource, meta: dict) -> NegativeSources:

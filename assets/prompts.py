@@ -120,6 +120,12 @@ def window_text(token_strs: list[str]) -> str:
     return plain_text(highlight(token_strs, [False] * len(token_strs)))
 
 
+@lru_cache(maxsize=1 << 17)
+def token_text(token_str: str) -> str:
+    """`window_text` of one token, remembered: a partition's windows hold ~150k tokens but a few thousand texts."""
+    return window_text([token_str])
+
+
 def window_embedding(embedder_model: str) -> str:
     """What the contexts table's vectors are: `embedder_model` on `window_text` at its version."""
     return f"{embedder_model}|window_text {WINDOW_TEXT_VERSION}"

@@ -12,7 +12,10 @@ explained latent (median over repeats) and client CPU ms per latent, against the
 
 `--baseline REV` runs the same measurement on the code of commit REV (extracted with `git archive`)
 in the same run, alternating with this tree, on the same data, and checks that every table the
-two produce is identical. Prints a JSON object as its last line.
+two produce is identical, except a scorer's whose settings digest differs between the two (a changed
+default, e.g. the embedding scorer's `span_tokens` since 68a0253): its tables are expected to differ,
+are still compared, and are reported as "settings differ (old → new digest): " and the verdict.
+Prints a JSON object as its last line.
 
     .venv/bin/python bench/stage_costs.py --data /tmp/stage_costs --baseline 6f1e93b
 """
@@ -143,16 +146,18 @@ def measure(data: Path, shard: str, n_latents: int, out: Path) -> dict:
             explanations = meter("explanations", lambda: asyncio.run(explain_all(explainer, ExplanationsConfig(), frame, profiles, chosen, vocab, embedder.embed, None, CODER)))
             explanations.to_parquet(out / "explanations.parquet")
             settings = scorer_settings()
+            digests = {}
             for name in ("detection", "fuzzing", "embedding"):
                 deps = ScorerDeps(llm=client(name)) if name != "embedding" else ScorerDeps(embedder=embedder, **({"corpus_windows": windows} if windows else {}))
                 scorer = SCORERS[name](settings[name], deps)
+                digests[name] = scorer.settings.digest()
                 scores, examples = meter(name, lambda: asyncio.run(score_partition(scorer, frame, explanations, vocab)))
                 scores.to_parquet(out / f"{name}.parquet")
                 examples.to_parquet(out / f"{name}.examples.parquet")
     finally:
         server.kill()
         server.wait()
-    return {"explained_latents_in_shard": len(explained), "latents_scored": len(chosen), "stages": meter.stages,
+    return {"explained_latents_in_shard": len(explained), "latents_scored": len(chosen), "stages": meter.stages, "settings_digests": digests,
             "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)}
 
 
@@ -165,11 +170,11 @@ def per_latent(result: dict) -> dict:
     return out
 
 
-def same_tables(a: Path, b: Path) -> dict:
+def same_tables(a: Path, b: Path, digests_a: dict, digests_b: dict) -> dict:
     """Per table written by both runs: "identical" (NaN equal to NaN), else "within 1e-5" with the largest
     difference and the columns it is in (MiniLM's vectors move by ~1e-7 with the batch a text is embedded in,
-    which moves a Pearson correlation by ~1e-6: the old code's own and control vectors of one window differ so), else "different"."""
-    import numpy as np
+    which moves a Pearson correlation by ~1e-6: the old code's own and control vectors of one window differ so), else "different".
+    A scorer's tables (`<scorer>.parquet`, `<scorer>.examples.parquet`) whose settings digests differ get that said first."""
     import pandas as pd
 
     verdicts = {}
@@ -177,22 +182,31 @@ def same_tables(a: Path, b: Path) -> dict:
         other = b / path.name
         if not other.exists():
             continue
-        left, right = pd.read_parquet(path), pd.read_parquet(other)
-        try:
-            pd.testing.assert_frame_equal(left, right, check_exact=True)
-            verdicts[path.stem] = "identical"
-            continue
-        except AssertionError:
-            pass
-        try:
-            pd.testing.assert_frame_equal(left, right, check_exact=False, rtol=0, atol=1e-5)
-            numeric = left.select_dtypes("number").columns
-            gap = np.nanmax(np.abs(left[numeric].to_numpy(float) - right[numeric].to_numpy(float)))
-            differing = [c for c in numeric if not left[c].equals(right[c])]
-            verdicts[path.stem] = f"within 1e-5 (largest difference {gap:.1e}, in {', '.join(differing)})"
-        except AssertionError:
-            verdicts[path.stem] = "different"
+        verdicts[path.stem] = compare(pd.read_parquet(path), pd.read_parquet(other))
+        scorer = path.stem.split(".")[0]
+        if digests_a.get(scorer) != digests_b.get(scorer):
+            verdicts[path.stem] = f"settings differ ({digests_b.get(scorer)} → {digests_a.get(scorer)}): {verdicts[path.stem]}"
     return verdicts
+
+
+def compare(left, right) -> str:
+    """The verdict on two tables (`same_tables`)."""
+    import numpy as np
+    import pandas as pd
+
+    try:
+        pd.testing.assert_frame_equal(left, right, check_exact=True)
+        return "identical"
+    except AssertionError:
+        pass
+    try:
+        pd.testing.assert_frame_equal(left, right, check_exact=False, rtol=0, atol=1e-5)
+    except AssertionError:
+        return "different"
+    numeric = left.select_dtypes("number").columns
+    gap = np.nanmax(np.abs(left[numeric].to_numpy(float) - right[numeric].to_numpy(float)))
+    differing = [c for c in numeric if not left[c].equals(right[c])]
+    return f"within 1e-5 (largest difference {gap:.1e}, in {', '.join(differing)})"
 
 
 def run_child(code: Path, args, out: Path) -> dict:
@@ -253,7 +267,7 @@ def main() -> None:
             report["baseline_commit"] = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", args.baseline], capture_output=True, text=True).stdout.strip()
             report["baseline"] = summarize(results["baseline"])
             report["speedup"] = {s: round(report["baseline"]["stages"][s]["wall_ms"] / report["current"]["stages"][s]["wall_ms"], 2) for s in TARGET_MS}
-            report["identical_tables"] = same_tables(Path(tmp) / "current", Path(tmp) / "baseline")
+            report["identical_tables"] = same_tables(Path(tmp) / "current", Path(tmp) / "baseline", *(results[name][-1]["settings_digests"] for name in ("current", "baseline")))
     print(json.dumps(report))
 
 

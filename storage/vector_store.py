@@ -5,6 +5,9 @@
   window length, embedder and window rendering (hashed into `<embedder>`) under a file lock, so partitions materialized at once never race to build
   it; an ANN index is added once the table has `ANN_MIN_ROWS` rows. A `.npy` copy of the vectors
   beside it serves exact look-ups by block id.
+- `tokens_<corpus hash>_<embedder>.npy`: the vector of each distinct token of the corpus embedded alone
+  (one row per id of `np.unique(corpus tokens)`, ascending), for the embedding scorer's best-token
+  spans. Built beside the contexts table, once per corpus, embedder and rendering, under the same kind of lock.
 - `explanations_<embedder>`: one row per ok explanation (coder, shard, latent), one table per embedder
   (its name hashed), so vectors of two models never meet in one search. A shard's rows are synced to
   its explanations table after each write of it (`sync_explanations`).
@@ -60,6 +63,22 @@ class CorpusWindows:
     def __init__(self, db_dir: Path, corpus_hash: str, tokens: np.ndarray, embedding: str):
         self.db_dir, self.corpus_hash, self.tokens, self.embedding = db_dir, corpus_hash, tokens, embedding
         self._tables: dict[int, np.ndarray | None] = {}
+        self._token_table: tuple[np.ndarray, np.ndarray | None] | None = None
+        """The corpus's distinct token ids and the tokens table's rows for them (None when it was never built), read on first use."""
+
+    def token_vectors(self, token_ids) -> np.ndarray | None:
+        """The vector of each of `token_ids` embedded alone, from the tokens table; None when that table
+        is missing or a token is not in the corpus."""
+        if self._token_table is None:
+            ids, path = np.unique(self.tokens), self.db_dir / f"{tokens_table_name(self.corpus_hash, self.embedding)}.npy"
+            vectors = np.load(path, mmap_mode="r") if path.exists() else None
+            self._token_table = (ids, vectors if vectors is not None and len(vectors) == len(ids) else None)
+        ids, vectors = self._token_table
+        token_ids = np.asarray(token_ids)
+        rows = np.minimum(np.searchsorted(ids, token_ids), len(ids) - 1)
+        if vectors is None or not np.array_equal(ids[rows], token_ids):
+            return None
+        return np.asarray(vectors[rows], np.float32)
 
     def vector(self, sequence: int, start: int, token_ids) -> np.ndarray | None:
         window = len(token_ids)
@@ -112,10 +131,30 @@ def ensure_contexts(db_dir: Path, name: str, build: Callable[[], tuple[list[str]
                 table = _connect(db_dir).create_table(name, data=data, mode="overwrite")
                 if len(texts) >= ANN_MIN_ROWS:
                     build_ann_index(table, len(texts))
-                with atomic_path(marker) as tmp:
-                    with open(tmp, "wb") as handle:
-                        np.save(handle, vectors.astype(np.float32))
+                _save_vectors(marker, vectors)
     return ContextIndex(db_dir, name)
+
+
+def _save_vectors(path: Path, vectors: np.ndarray) -> None:
+    with atomic_path(path) as tmp:
+        with open(tmp, "wb") as handle:
+            np.save(handle, vectors.astype(np.float32))
+
+
+def tokens_table_name(corpus_hash: str, embedding: str) -> str:
+    """Named like `contexts_table_name`: another embedder or rendering is another file."""
+    return f"tokens_{corpus_hash}_{hashlib.sha256(embedding.encode()).hexdigest()[:8]}"
+
+
+def ensure_token_vectors(db_dir: Path, corpus_hash: str, tokens: np.ndarray, embedding: str, embed: Callable[[np.ndarray], np.ndarray]) -> None:
+    """Write the tokens table (`embed` of the corpus's distinct token ids, ascending) once, under a lock, if it is missing."""
+    name = tokens_table_name(corpus_hash, embedding)
+    path = db_dir / f"{name}.npy"
+    if not path.exists():
+        db_dir.mkdir(parents=True, exist_ok=True)
+        with table_lock(db_dir, name):
+            if not path.exists():
+                _save_vectors(path, embed(np.unique(tokens)))
 
 
 def build_ann_index(table, n_rows: int) -> None:

@@ -1,6 +1,7 @@
 """The embedding scorer on whole windows (`span_tokens = 0`) reads the vectors of corpus grid windows
-from the contexts table (embedded there as the very text it would embed) and scores exactly as if it
-had embedded them itself; and a
+from the contexts table, and on single tokens (`span_tokens = 1`) those of tokens from the tokens
+table (embedded there as the very text it would embed), and scores exactly as if it had embedded
+them itself; and a
 partition read a chunk of latents at a time is scored and explained as when read whole."""
 import asyncio
 import re
@@ -35,14 +36,15 @@ class Counting:
         return self.embedder.embed(texts)
 
 
-def score(exemplars, explanations, vocab, windows=None):
+def score(exemplars, explanations, vocab, windows=None, span_tokens=0):
     embedder = Counting()
-    scorer = SCORERS["embedding"](scorer_settings({"embedding": {"span_tokens": 0}})["embedding"], ScorerDeps(embedder=embedder, corpus_windows=windows))
+    scorer = SCORERS["embedding"](scorer_settings({"embedding": {"span_tokens": span_tokens}})["embedding"], ScorerDeps(embedder=embedder, corpus_windows=windows))
     frame, examples = asyncio.run(score_partition(scorer, exemplars, explanations, vocab))
     return frame.set_index("latent"), examples, embedder.texts
 
 
-def test_grid_windows_are_read_from_the_contexts_table_and_score_the_same(registered, monkeypatch):
+def partition(registered):
+    """The tiny coder's shard 00 after `exemplars` (which builds the contexts and tokens tables), with an explanation per latent."""
     instance = DagsterInstance.ephemeral()
     add_coders(instance, registered, TINY_CODER)
     pipeline_until_exemplars(registered, instance)
@@ -56,7 +58,11 @@ def test_grid_windows_are_read_from_the_contexts_table_and_score_the_same(regist
     top_word = lambda latent: vocab[exemplars[(exemplars.latent == latent) & (exemplars.kind == "activating")].iloc[0].tokens[0]]
     explanations = pd.DataFrame({"latent": latents, "explanation": [f"text like {top_word(latent)!r} ({latent})" for latent in latents], "status": "ok"})
     windows = CorpusWindows(root.lancedb_dir, corpus.meta["hash"], corpus.tokens, window_embedding(EmbedderResource().model))
+    return root, corpus, vocab, path, exemplars, latents, explanations, windows
 
+
+def test_grid_windows_are_read_from_the_contexts_table_and_score_the_same(registered, monkeypatch):
+    root, corpus, vocab, path, exemplars, latents, explanations, windows = partition(registered)
     read, read_examples, read_texts = score(path, explanations, vocab, windows)
     embedded, embedded_examples, embedded_texts = score(exemplars, explanations, vocab)
 
@@ -96,3 +102,24 @@ def test_grid_windows_are_read_from_the_contexts_table_and_score_the_same(regist
     assert windows.vector(3, 16, ids[::-1]) is None  # other tokens at that place (a corpus rebuilt since)
     assert windows.vector(3, 8, corpus.tokens[3, 8:24]) is None  # off the grid
     assert CorpusWindows(root.lancedb_dir, corpus.meta["hash"], corpus.tokens, window_embedding("another-embedder")).vector(3, 16, ids) is None
+
+
+def test_single_tokens_are_read_from_the_tokens_table_and_score_the_same(registered):
+    root, corpus, vocab, path, exemplars, latents, explanations, windows = partition(registered)
+    read, read_examples, read_texts = score(path, explanations, vocab, windows, span_tokens=1)
+    embedded, embedded_examples, embedded_texts = score(exemplars, explanations, vocab, span_tokens=1)
+
+    assert sorted(read_texts) == sorted(explanations.explanation)  # every token's vector is in the table
+    assert len(set(embedded_texts) - set(explanations.explanation)) > 100  # without it, every distinct token text is embedded
+    np.testing.assert_allclose(read_examples["score"], embedded_examples["score"], atol=1e-5)
+    assert (read_examples[["latent", "source", "example", "label"]].to_numpy() == embedded_examples[["latent", "source", "example", "label"]].to_numpy()).all()
+    # texts MiniLM reads alike (it lowercases and drops spaces: " The", "the") are near-ties that its batch
+    # noise (~1e-7) may order either way; a swap moves an AUC by a pair of its few windows
+    for metric in ("roc_auc", "control_roc_auc"):
+        differ = (read[metric] - embedded[metric]).abs()
+        assert differ.max() <= 0.05 + 1e-9 and (differ > 0).mean() < 0.05, (metric, differ[differ > 0])
+
+    # the table holds the corpus's tokens, for this embedder and rendering only
+    assert windows.token_vectors(corpus.tokens[3, :5]).shape == (5, 384)
+    assert windows.token_vectors([int(corpus.tokens.max()) + 1]) is None
+    assert CorpusWindows(root.lancedb_dir, corpus.meta["hash"], corpus.tokens, window_embedding("another-embedder")).token_vectors(corpus.tokens[3, :5]) is None

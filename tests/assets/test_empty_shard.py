@@ -47,7 +47,7 @@ def test_shard_without_explainable_latent_gives_typed_empty_tables_and_a_summary
         empty = run(["exemplars", "explanations", *SCORER_KEYS], f"{TINY_CODER}|01", NO_LATENT_QUALIFIES)  # `explainable_latents` warns, blocks nothing
         nothing = run(["score_summary"], None)  # only the empty shard is scored yet
         assert typed_columns(root.score_summary_path(TINY_CODER)) == {"latent": pa.int64(), "shard": pa.large_string(), "explanation": pa.large_string(), "mean_gap": pa.float64(),
-                                                                       "stale": pa.large_string()}
+                                                                       "stale": pa.large_string(), "senses": pa.int64()}
         assert nothing.asset_materializations_for_node("score_summary")[0].metadata["latents"].value == 0
         assert not server.requests  # an empty shard is no work for the LLM
         run(["exemplars", "explanations", *SCORER_KEYS], f"{TINY_CODER}|00")

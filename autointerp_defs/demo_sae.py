@@ -6,9 +6,24 @@ that few latents die on small corpora.
 """
 from __future__ import annotations
 
+from contextlib import contextmanager
+
 import torch
 
 from resources.sparse_coders import SparseCoder
+
+
+@contextmanager
+def deterministic_kernels():
+    """torch's deterministic kernels while it lasts, then the caller's setting again: with the default ones
+    some backward passes add up in a varying order, so one seed trained a different demo coder each run (and
+    the demo explained other latents than the run that was checked)."""
+    before = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(before)
 
 
 def train_topk_sae(
@@ -42,32 +57,33 @@ def train_topk_sae(
     aux_k = min(d_in // 2, width // 2)
     total = epochs * ((n + batch_size - 1) // batch_size)
     step = 0
-    for _ in range(epochs):
-        for batch in x_all[torch.randperm(n, generator=gen)].split(batch_size):
-            pre = torch.relu((batch - params["b_dec"]) @ params["W_enc"].T + params["b_enc"])
-            top = pre.topk(k, dim=-1)
-            recon = torch.einsum("tk,tkd->td", top.values, params["W_dec"][top.indices]) + params["b_dec"]
-            residual = batch - recon
-            loss = residual.pow(2).sum(-1).mean() / variance
+    with deterministic_kernels():
+        for _ in range(epochs):
+            for batch in x_all[torch.randperm(n, generator=gen)].split(batch_size):
+                pre = torch.relu((batch - params["b_dec"]) @ params["W_enc"].T + params["b_enc"])
+                top = pre.topk(k, dim=-1)
+                recon = torch.einsum("tk,tkd->td", top.values, params["W_dec"][top.indices]) + params["b_dec"]
+                residual = batch - recon
+                loss = residual.pow(2).sum(-1).mean() / variance
 
-            fired = torch.zeros(width, dtype=torch.bool)
-            fired[top.indices.flatten()] = True
-            steps_since_fired = torch.where(fired, torch.zeros_like(steps_since_fired), steps_since_fired + 1)
-            dead = steps_since_fired > 50
-            if dead.any():
-                dead_pre = pre.masked_fill(~dead, 0.0)
-                aux = dead_pre.topk(min(aux_k, int(dead.sum())), dim=-1)
-                aux_recon = torch.einsum("tk,tkd->td", aux.values, params["W_dec"][aux.indices])
-                loss = loss + (residual.detach() - aux_recon).pow(2).sum(-1).mean() / variance / 32
+                fired = torch.zeros(width, dtype=torch.bool)
+                fired[top.indices.flatten()] = True
+                steps_since_fired = torch.where(fired, torch.zeros_like(steps_since_fired), steps_since_fired + 1)
+                dead = steps_since_fired > 50
+                if dead.any():
+                    dead_pre = pre.masked_fill(~dead, 0.0)
+                    aux = dead_pre.topk(min(aux_k, int(dead.sum())), dim=-1)
+                    aux_recon = torch.einsum("tk,tkd->td", aux.values, params["W_dec"][aux.indices])
+                    loss = loss + (residual.detach() - aux_recon).pow(2).sum(-1).mean() / variance / 32
 
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-            with torch.no_grad():
-                params["W_dec"] /= params["W_dec"].norm(dim=1, keepdim=True)
-            step += 1
-            if progress is not None:
-                progress(step, total, float(loss))
+                opt.zero_grad()
+                loss.backward()
+                opt.step()
+                with torch.no_grad():
+                    params["W_dec"] /= params["W_dec"].norm(dim=1, keepdim=True)
+                step += 1
+                if progress is not None:
+                    progress(step, total, float(loss))
     return SparseCoder(
         name,
         hookpoint,

@@ -57,6 +57,11 @@ def _read_json(path: Path) -> dict:
         return {}
 
 
+LATENTS_VERSION = "latents-2"
+"""Of `latents.arrow`'s columns (2: `senses`, `<scorer>_min_sense`): part of its stamp, so a cache built by code
+with other columns is built again even when no source table changed."""
+
+
 class CoderIndex:
     """The cached views of one coder; thread-safe (the server answers requests on threads)."""
 
@@ -111,7 +116,8 @@ class CoderIndex:
             return self._latents
         with self._guard("latents"):
             scorers = reader.scorer_names(self.store, self.coder)
-            current = reader.stamp(reader.input_files(self.store, self.coder, self.shards)) + "|" + ",".join(f"{n}:{reader.scorer_info(n)['main_metric']}" for n in scorers)
+            current = (f"{LATENTS_VERSION}|" + reader.stamp(reader.input_files(self.store, self.coder, self.shards)) + "|"
+                       + ",".join(f"{n}:{reader.scorer_info(n)['main_metric']}" for n in scorers))
             self._checked = time.monotonic()
             if self._latents is not None and current == self._stamp:
                 return self._latents

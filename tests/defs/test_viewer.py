@@ -259,6 +259,26 @@ def test_index_is_cached_on_disk_and_rebuilt_when_a_table_changes(partition, tmp
     assert Viewer(TableStore.at(root)).latent_list(partition.coder, {"status": "ok"})["total"] == 0
 
 
+def test_a_cached_latent_table_from_code_with_other_columns_is_built_again(partition, tmp_path):
+    """No source table changed, but the cache was written by code whose table lacked a column (here `senses`,
+    as before the senses count): a new server builds it again rather than serve the old columns."""
+    import json
+    import shutil
+
+    from autointerp_defs.readside.app import Viewer
+    from autointerp_defs.readside.index import LATENTS_VERSION
+
+    root = tmp_path / "copy"
+    shutil.copytree(partition.root, root, ignore=shutil.ignore_patterns("viewer", "llm_cache"))
+    Viewer(TableStore.at(root)).latent_list(partition.coder, {})
+    cached, stamp = (root / "viewer" / partition.coder / name for name in ("latents.arrow", "latents.stamp.json"))
+    pd.read_feather(cached).drop(columns=["senses"]).to_feather(cached)
+    old = json.loads(stamp.read_text())["stamp"].removeprefix(f"{LATENTS_VERSION}|")
+    stamp.write_text(json.dumps({"stamp": old}))  # as the code before the version was stamped it
+    listed = Viewer(TableStore.at(root)).latent_list(partition.coder, {"sort": "senses"})
+    assert "senses" in listed["columns"] and "senses" in pd.read_feather(cached).columns
+
+
 def test_dagster_metadata_links_to_the_coder_and_latent_pages(partition):
     from assets.links import coder_url, latent_url
     from resources.settings import AutointerpSettings

@@ -18,13 +18,17 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install -q -e .
 	touch $@
 
-# The browser tests drive Debian's chromium (Playwright's own browser download is not reachable);
-# the cluster tests (tests/cluster) need the `cluster` extra, and PostgreSQL and Redis (.ci/run installs them).
-# eai-delphi without its requirements (vLLM, bitsandbytes): the `test` extra lists the few its readers import.
+# What the tests need from Debian, installed where missing (as root, or through sudo): chromium for the browser tests
+# (Playwright's own browser download is not reachable); PostgreSQL, Redis and iproute2 for the cluster tests (tests/cluster),
+# which also need the `cluster` extra. eai-delphi without its requirements (vLLM, bitsandbytes): the `test` extra lists the
+# few its readers import.
+APT_TEST_PACKAGES := chromium postgresql redis-server iproute2
+SUDO := $(if $(filter 0,$(shell id -u)),,sudo)
 $(VENV)/.installed-test: $(VENV)/.installed
 	$(PY) -m pip install -q -e '.[test,cluster]'
 	$(PY) -m pip install -q --no-deps eai-delphi==0.1.3
-	command -v chromium >/dev/null || { apt-get install -y -q chromium || sudo apt-get install -y -q chromium; }
+	{ command -v chromium && command -v redis-server && command -v ip && ls /usr/lib/postgresql/*/bin/initdb; } >/dev/null 2>&1 || \
+	  { $(SUDO) apt-get update -qq && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq $(APT_TEST_PACKAGES) >/dev/null; }
 	touch $@
 
 install: $(VENV)/.installed

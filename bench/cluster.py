@@ -254,7 +254,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as scratch, postgres_server() as postgres, redis_server() as redis, \
             ScriptedLLMServer(answer_by_prompt, delay_s=args.latency) as server:
         for workers in args.workers:
-            rounds.append(one_round(workers, args, args.data / "inputs", keys, postgres, redis, server, Path(scratch)))
+            rounds.append(one_round(workers, args, args.data / "inputs", keys, postgres.url, redis.url, server, Path(scratch)))
             print(json.dumps(rounds[-1]), file=sys.stderr, flush=True)
     by_workers = {r["workers"]: r for r in rounds}
     print(json.dumps({"machine": f"{os.cpu_count()} CPU cores", "shards": args.shards, "latents_per_shard": LATENTS_PER_SHARD,

@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import asyncio
 import os
+import shutil
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -15,6 +17,24 @@ TINY_CODER = "tiny-topk/model.layers.3"
 TEST_LATENTS_PER_SHARD = 144
 """The tiny coder's 1152 latents in 8 shards, as tests have always cut it."""
 TINY_HOOKPOINT = "model.layers.3"
+
+
+def root_network() -> dict[str, list[str]]:
+    """This machine's own addresses, routes and links (`ip -o`), to show the tests left them as they were."""
+    def listed(*what: str) -> list[str]:
+        return sorted(subprocess.run(["ip", "-o", *what], capture_output=True, text=True, check=True).stdout.splitlines())
+
+    return {"addresses": listed("addr"), "routes": listed("route", "show", "table", "all"), "links": [line.split("\\")[0] for line in listed("link")]}
+
+
+@pytest.fixture(scope="session", autouse=True)
+def this_machine_s_network_as_it_was():
+    """Fails the session (an error at the last test's teardown) where any test left an address, route or link on
+    this machine's own network: the cluster tests' services and nodes live in namespaces of their own."""
+    before = root_network() if shutil.which("ip") else None
+    yield
+    if before is not None:
+        assert root_network() == before, "a test changed this machine's own network (ip -o addr / route / link)"
 
 
 @pytest.fixture(scope="session")

@@ -24,9 +24,9 @@ def failing_where_missing(service):
 
 @pytest.fixture(scope="session")
 def postgres_server():
-    """The URL of the session's server, as the superuser `postgres`."""
-    with failing_where_missing(postgres()) as url:
-        yield url
+    """The URL of the session's server on 127.0.0.1, as the superuser `postgres` with its password."""
+    with failing_where_missing(postgres()) as server:
+        yield server.url
 
 
 @pytest.fixture()
@@ -53,5 +53,5 @@ def needs_the_cluster_extra() -> None:
 @pytest.fixture(scope="session")
 def redis_url():
     """A Redis server of its own, nothing saved to disk; its URL."""
-    with failing_where_missing(redis_server()) as url:
-        yield url
+    with failing_where_missing(redis_server()) as server:
+        yield server.url

@@ -1,12 +1,19 @@
 """The cluster's services and workers, started and stopped by process id: a throwaway PostgreSQL server
 (coordination, the Dagster instance), Redis (the celery broker), `autointerp worker` processes on a
-tiny cluster deployment. Shared by the cluster tests' fixtures and `bench/cluster.py`."""
+tiny cluster deployment. Shared by the cluster tests' fixtures and `bench/cluster.py`.
+
+Every server asks for a password (PostgreSQL scram-sha-256, Redis `requirepass` with protected mode on),
+and listens either on 127.0.0.1 of this machine or, in `cluster_network`, on an address inside a network
+namespace the test made: the machine's own (root) namespace never gets an address, route or link."""
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import dataclasses
 import glob
 import json
 import os
+import secrets
 import shutil
 import signal
 import socket
@@ -16,18 +23,46 @@ import tempfile
 import time
 import uuid
 from pathlib import Path
+from urllib.parse import urlsplit, urlunsplit
 
 from autointerp_defs.deployments import DEPLOYMENTS_DIR
 from tests.conftest import TEST_LATENTS_PER_SHARD, TINY_CORPUS_CONFIG, TINY_EXEMPLARS_CONFIG
 
 INSTALL = "apt-get update && apt-get install -y postgresql redis-server iproute2"
 NODES_NETWORK = "10.231.0.0/16"
-"""The addresses of `network_namespace`s' links and of `service_address`."""
+"""The addresses inside a `cluster_network`'s namespaces (never on this machine's own network)."""
 SERVICE_ADDRESS = "10.231.255.1"
+"""The services' address inside their namespace, which every node of the network reaches over its own link."""
+CLONE_NEWNET = 0x40000000
 
 
 class ServiceMissing(RuntimeError):
     """A service's program is not installed; the message names the fix."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Service:
+    """A server's URL for this process, and for the nodes of a `cluster_network` (the same where it has none)."""
+    url: str
+    nodes_url: str
+
+    def database(self, name: str) -> Service:
+        """The same server, another database (PostgreSQL) or db number (Redis)."""
+        return Service(*(urlunsplit(urlsplit(url)._replace(path=f"/{name}")) for url in (self.url, self.nodes_url)))
+
+
+@dataclasses.dataclass(frozen=True)
+class ClusterNetwork:
+    """Network namespaces made by a test: `services` (PostgreSQL, Redis, the scripted endpoint, the processes that
+    launch runs) and one per node, each node joined to the services' namespace by a veth pair whose both ends are
+    inside the test's namespaces. Each field's value is the namespace's name."""
+    services: str
+    nodes: tuple[str, ...]
+
+    @staticmethod
+    def prefix(namespace: str) -> list[str]:
+        """The command prefix that runs a program in `namespace` (`ip netns exec` execs it: the PID is the program's)."""
+        return ["ip", "netns", "exec", namespace]
 
 
 def postgres_binaries() -> Path:
@@ -44,52 +79,73 @@ def free_port() -> int:
         return probe.getsockname()[1]
 
 
+def as_user(user: str | None) -> list[str]:
+    """The command prefix that runs a program as `user` (PostgreSQL refuses root), execing it so its PID stays."""
+    return ["setpriv", f"--reuid={user}", f"--regid={user}", "--init-groups", "--"] if user else []
+
+
 @contextlib.contextmanager
-def postgres_server(also_on: tuple[str, ...] = ()):
-    """A throwaway server on a free port; yields its URL on 127.0.0.1, as the superuser `postgres`. `also_on`: more
-    addresses of this machine it listens on (`service_address`), open to the nodes of `network_namespace`s."""
+def postgres_server(namespace: str | None = None):
+    """A throwaway server, superuser `postgres` with a random password (scram-sha-256 on every connection). Without
+    `namespace` it listens on 127.0.0.1 of this machine; with it, on `SERVICE_ADDRESS` inside that namespace (open to
+    `NODES_NETWORK`), and this process connects over its Unix socket. Yields a `Service`."""
     import psycopg
 
     binaries = postgres_binaries()
     user = "postgres" if os.geteuid() == 0 else None  # PostgreSQL refuses to run as root
     data = Path(tempfile.mkdtemp(prefix="autointerp-postgres-"))
+    password = secrets.token_hex(16)
+    (data / "pwfile").write_text(password + "\n")
     if user:
         shutil.chown(data, user)
-    subprocess.run([binaries / "initdb", "-D", data, "-U", "postgres", "-A", "trust", "-E", "UTF8", "--no-sync"], user=user, cwd=data, check=True, capture_output=True)
-    if also_on:
-        with open(data / "pg_hba.conf", "a") as rules:
-            rules.write(f"host all all {NODES_NETWORK} trust\n")
+        shutil.chown(data / "pwfile", user)
+    subprocess.run([binaries / "initdb", "-D", data / "db", "-U", "postgres", "-A", "scram-sha-256", f"--pwfile={data / 'pwfile'}", "-E", "UTF8", "--no-sync"],
+                   user=user, cwd=data, check=True, capture_output=True)
     port = free_port()
+    if namespace:
+        with open(data / "db" / "pg_hba.conf", "a") as rules:
+            rules.write(f"host all all {NODES_NETWORK} scram-sha-256\n")
+        listen = SERVICE_ADDRESS
+        here = f"postgresql://postgres:{password}@/postgres?host={data}&port={port}"
+        nodes = f"postgresql://postgres:{password}@{SERVICE_ADDRESS}:{port}/postgres"
+    else:
+        listen = "127.0.0.1"
+        here = nodes = f"postgresql://postgres:{password}@127.0.0.1:{port}/postgres"
     log = open(data / "server.log", "w")
-    server = subprocess.Popen([binaries / "postgres", "-D", data, "-p", str(port), "-k", data, "-c", f"listen_addresses={','.join(('127.0.0.1', *also_on))}", "-c", "fsync=off"],
-                              user=user, cwd=data, stdout=log, stderr=subprocess.STDOUT)
-    url = f"postgresql://postgres@127.0.0.1:{port}/postgres"
+    command = [binaries / "postgres", "-D", data / "db", "-p", str(port), "-k", data, "-c", f"listen_addresses={listen}", "-c", "fsync=off"]
+    server = subprocess.Popen([*(ClusterNetwork.prefix(namespace) if namespace else []), *as_user(user), *command], cwd=data, stdout=log, stderr=subprocess.STDOUT)
     try:
         deadline = time.monotonic() + 60
         while True:
             try:
-                psycopg.connect(url, connect_timeout=2).close()
+                psycopg.connect(here, connect_timeout=2).close()
                 break
             except psycopg.OperationalError:
                 if server.poll() is not None or time.monotonic() > deadline:
                     raise RuntimeError(f"PostgreSQL did not start: {(data / 'server.log').read_text()[-2000:]}") from None
                 time.sleep(0.1)
-        yield url
+        yield Service(here, nodes)
     finally:
         server.send_signal(signal.SIGINT)  # fast shutdown: ends the sessions left open
-        server.wait(timeout=60)
+        try:
+            server.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            server.kill()
+            server.wait()
         log.close()
         shutil.rmtree(data, ignore_errors=True)
 
 
-def fresh_database(server_url: str) -> str:
-    """A new, empty database on the server; its psycopg URL."""
+def fresh_database(server: str | Service) -> str | Service:
+    """A new, empty database on the server: its URL (a `Service` for a `Service`)."""
     import psycopg
 
     name = f"test_{uuid.uuid4().hex[:12]}"
-    with psycopg.connect(server_url, autocommit=True) as db:
+    with psycopg.connect(getattr(server, "url", server), autocommit=True) as db:
         db.execute(f"CREATE DATABASE {name}")
-    return f"{server_url.rsplit('/', 1)[0]}/{name}"
+    if isinstance(server, Service):
+        return server.database(name)
+    return urlunsplit(urlsplit(server)._replace(path=f"/{name}"))
 
 
 def dagster_postgres_url(database_url: str) -> str:
@@ -97,17 +153,18 @@ def dagster_postgres_url(database_url: str) -> str:
     return database_url.replace("postgresql://", "postgresql+psycopg2://", 1)
 
 
-def wait_for_port(port: int, process: subprocess.Popen, what: str, timeout_s: float = 30) -> None:
+def wait_for(connect, process: subprocess.Popen, what: str, timeout_s: float = 30) -> None:
+    """Until `connect()` stops raising OSError (bounded), failing early where `process` exited."""
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         if process.poll() is not None:
             raise RuntimeError(f"{what} exited with {process.returncode}")
         try:
-            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            connect().close()
             return
         except OSError:
             time.sleep(0.2)
-    raise RuntimeError(f"{what} did not listen on {port} within {timeout_s} s")
+    raise RuntimeError(f"{what} did not listen within {timeout_s} s")
 
 
 def stop(process: subprocess.Popen, timeout_s: float = 20) -> None:
@@ -122,58 +179,78 @@ def stop(process: subprocess.Popen, timeout_s: float = 20) -> None:
 
 
 @contextlib.contextmanager
-def redis_server(also_on: tuple[str, ...] = ()):
-    """A Redis server of its own on a free port, nothing saved to disk; yields its URL on 127.0.0.1. `also_on`:
-    more addresses of this machine it listens on (those of `network_namespace`s' links), open to their nodes."""
+def redis_server(namespace: str | None = None):
+    """A Redis server of its own, nothing saved to disk, `requirepass` set and protected mode on. Without `namespace`
+    it listens on 127.0.0.1 of this machine; with it, on `SERVICE_ADDRESS` inside that namespace, and this process
+    connects over its Unix socket. Yields a `Service` (database 0)."""
     if shutil.which("redis-server") is None:
         raise ServiceMissing(f"Redis is not installed: the cluster tests start one as the celery broker. Fix: {INSTALL}")
-    port = free_port()
-    reachable = ["--protected-mode", "no"] if also_on else []  # else Redis answers only loopback clients
-    server = subprocess.Popen(["redis-server", "--port", str(port), "--bind", "127.0.0.1", *also_on, *reachable, "--save", "", "--daemonize", "no"],
-                              stdout=subprocess.DEVNULL)
+    port, password = free_port(), secrets.token_hex(16)
+    folder = Path(tempfile.mkdtemp(prefix="autointerp-redis-"))
+    unix = folder / "redis.sock"
+    options = ["--port", str(port), "--bind", SERVICE_ADDRESS if namespace else "127.0.0.1", "--protected-mode", "yes", "--requirepass", password,
+               "--unixsocket", str(unix), "--unixsocketperm", "700", "--save", "", "--appendonly", "no", "--daemonize", "no", "--dir", str(folder)]
+    server = subprocess.Popen([*(ClusterNetwork.prefix(namespace) if namespace else []), "redis-server", *options], stdout=subprocess.DEVNULL)
     try:
-        wait_for_port(port, server, "redis-server")
-        yield f"redis://127.0.0.1:{port}/0"
+        def over_unix():
+            client = socket.socket(socket.AF_UNIX)
+            client.connect(str(unix))
+            return client
+
+        wait_for(over_unix, server, "redis-server")
+        here = f"redis+socket://:{password}@{unix}?virtual_host=0" if namespace else f"redis://:{password}@127.0.0.1:{port}/0"
+        yield Service(here, f"redis://:{password}@{SERVICE_ADDRESS if namespace else '127.0.0.1'}:{port}/0")
     finally:
         stop(server)
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+def run_ip(*steps: list[str]) -> None:
+    for step in steps:
+        if (done := subprocess.run(["ip", *step], capture_output=True, text=True)).returncode:
+            raise RuntimeError(f"ip {' '.join(step)} failed: {done.stderr.strip()} (network namespaces need root with CAP_SYS_ADMIN and CAP_NET_ADMIN)")
 
 
 @contextlib.contextmanager
-def network_namespace(subnet: int):
-    """A node's network of its own: a network namespace joined to this machine by a veth pair, this end
-    10.231.<subnet>.1, the node's 10.231.<subnet>.2. Yields this end's address and the command prefix that
-    runs a program in the namespace. The node's every other address goes over its link (so it reaches
-    `service_address`). Needs root; removed (with its link) at the end."""
+def cluster_network(nodes: int):
+    """A network of the test's own: a namespace for the services, with `SERVICE_ADDRESS` on its loopback, and one
+    per node, joined to the services' namespace by a veth pair (10.231.<i>.1 there, 10.231.<i>.2 on node i, the
+    node's default route through it). Every link and address is created inside these namespaces, none in this
+    machine's own; all are removed with them at the end. Yields a `ClusterNetwork`. Needs root."""
     if shutil.which("ip") is None:
         raise ServiceMissing(f"iproute2's `ip` is not installed: the cluster tests give each worker node a network of its own. Fix: {INSTALL}")
-    name, link, here = f"autointerp-node{subnet}", f"ai{subnet}", f"10.231.{subnet}.1"
-    inside = ["ip", "netns", "exec", name]
-    steps = [["ip", "netns", "add", name], ["ip", "link", "add", f"{link}h", "type", "veth", "peer", "name", f"{link}n"],
-             ["ip", "link", "set", f"{link}n", "netns", name], ["ip", "addr", "add", f"{here}/30", "dev", f"{link}h"], ["ip", "link", "set", f"{link}h", "up"],
-             [*inside, "ip", "addr", "add", f"10.231.{subnet}.2/30", "dev", f"{link}n"], [*inside, "ip", "link", "set", f"{link}n", "up"],
-             [*inside, "ip", "link", "set", "lo", "up"], [*inside, "ip", "route", "add", "default", "via", here]]
+    tag = uuid.uuid4().hex[:8]
+    network = ClusterNetwork(f"autointerp-services-{tag}", tuple(f"autointerp-node{i}-{tag}" for i in range(1, nodes + 1)))
+    made = []
     try:
-        for step in steps:
-            if (done := subprocess.run(step, capture_output=True, text=True)).returncode:
-                raise RuntimeError(f"{' '.join(step)} failed: {done.stderr.strip()} (network namespaces need root with CAP_SYS_ADMIN and CAP_NET_ADMIN)")
-        yield here, inside
+        for namespace in (network.services, *network.nodes):
+            run_ip(["netns", "add", namespace])
+            made.append(namespace)
+            run_ip(["-n", namespace, "link", "set", "lo", "up"])
+        run_ip(["-n", network.services, "addr", "add", f"{SERVICE_ADDRESS}/32", "dev", "lo"])
+        for i, node in enumerate(network.nodes, start=1):
+            run_ip(["-n", network.services, "link", "add", f"node{i}", "type", "veth", "peer", "name", "uplink", "netns", node],
+                   ["-n", network.services, "addr", "add", f"10.231.{i}.1/30", "dev", f"node{i}"], ["-n", network.services, "link", "set", f"node{i}", "up"],
+                   ["-n", node, "addr", "add", f"10.231.{i}.2/30", "dev", "uplink"], ["-n", node, "link", "set", "uplink", "up"],
+                   ["-n", node, "route", "add", "default", "via", f"10.231.{i}.1"])
+        yield network
     finally:
-        subprocess.run(["ip", "netns", "del", name], capture_output=True)  # takes the node's end of the link, and so both ends, with it
-        subprocess.run(["ip", "link", "del", f"{link}h"], capture_output=True)  # where a step failed before the node's end moved in
+        for namespace in made:
+            subprocess.run(["ip", "netns", "del", namespace], capture_output=True)  # takes its links with it
 
 
 @contextlib.contextmanager
-def service_address():
-    """`SERVICE_ADDRESS`, an address of this machine that every `network_namespace` node reaches over its own link
-    (its default route) and this machine reaches too: services listening on it have one URL for every node. Needs root."""
-    added = subprocess.run(["ip", "addr", "add", f"{SERVICE_ADDRESS}/32", "dev", "lo"], capture_output=True, text=True)
-    if added.returncode and "exists" not in added.stderr:
-        raise RuntimeError(f"ip addr add {SERVICE_ADDRESS}/32 dev lo failed: {added.stderr.strip()} (needs root with CAP_NET_ADMIN)")
-    try:
-        yield SERVICE_ADDRESS
-    finally:
-        if not added.returncode:
-            subprocess.run(["ip", "addr", "del", f"{SERVICE_ADDRESS}/32", "dev", "lo"], capture_output=True)
+def joined(namespace: str):
+    """This thread inside `namespace`'s network while the block runs (a socket made here stays there), then back."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    with open("/proc/thread-self/ns/net") as own, open(f"/run/netns/{namespace}") as other:
+        if libc.setns(other.fileno(), CLONE_NEWNET):
+            raise OSError(ctypes.get_errno(), f"setns into {namespace} failed")
+        try:
+            yield
+        finally:
+            if libc.setns(own.fileno(), CLONE_NEWNET):
+                raise OSError(ctypes.get_errno(), "setns back to this process's network failed")
 
 
 def with_mounted(shared: Path, at: Path) -> list[str]:

@@ -2,13 +2,13 @@
 processes (two on the `llm` queue) on two nodes; every step runs on a worker of its queue, the `llm` pool's
 limit holds across workers, the step of a worker process killed mid-step is run again, and the tables equal a
 single-machine run's. As root (CI) each node has a network of its own, reaching PostgreSQL, Redis and the LLM
-endpoint over a veth pair, and a mount namespace in which the shared data root is bind-mounted at the
+endpoint (in a namespace of their own, asking for passwords) over a veth pair, and a mount namespace in which the shared data root is bind-mounted at the
 deployment's `data_dir`: on this machine that folder stays empty, so every table was written through a node's mount."""
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
-import random
 import shutil
 import signal
 import subprocess
@@ -29,8 +29,8 @@ from storage.activations import read_shard, shard_keys
 from storage.layout import DataRoot
 from storage.store import TableStore
 from tests.cluster.conftest import failing_where_missing, needs_the_cluster_extra
-from tests.cluster.services import (cluster_env, dagster_postgres_url, fresh_database, network_namespace, postgres_server, redis_server, service_address,
-                                    start_worker, stop, tiny_cluster_deployment, wait_until_ready, with_mounted)
+from tests.cluster.services import (SERVICE_ADDRESS, Service, cluster_env, cluster_network, dagster_postgres_url, fresh_database, joined, postgres_server,
+                                    redis_server, start_worker, stop, tiny_cluster_deployment, wait_until_ready, with_mounted)
 from tests.conftest import TEST_LATENTS_PER_SHARD, TINY_CODER, add_coders
 from tests.scripted_llm_server import ScriptedLLMServer, answer_by_prompt
 
@@ -120,24 +120,40 @@ def assert_same_tables(cluster: dict, single: dict) -> None:
             assert table == single[name], name
 
 
+@dataclasses.dataclass(frozen=True)
+class Cluster:
+    """The services (`Service`s: this process's URL, the nodes'), each node's command prefix, the prefix of the
+    processes that launch runs, the deployment's data_dir, and the services' namespace (None: this machine's)."""
+    postgres: Service
+    redis: Service
+    nodes: dict[str, list[str]]
+    launcher: list[str]
+    data_dir: Path
+    namespace: str | None
+
+    def llm_server(self, reply) -> ScriptedLLMServer:
+        """The scripted endpoint beside the other services, where every node reaches it."""
+        if self.namespace is None:
+            return ScriptedLLMServer(reply)
+        with joined(self.namespace):  # its listening socket is made inside the services' namespace
+            return ScriptedLLMServer(reply, host=SERVICE_ADDRESS)
+
+
 @contextlib.contextmanager
 def nodes_and_services(shared_root: Path, mount_point: Path):
-    """The services and each node's command prefix. As root: a network namespace per node, the services on
-    `service_address` (the one address every node and this machine reach), the shared root bind-mounted at
-    `mount_point` on every node. Else plain processes on this machine, sharing `shared_root` itself. Yields
-    (services' address, PostgreSQL server URL, Redis URL, {node: prefix}, the deployment's data_dir)."""
+    """The cluster. As root: a network of the test's own (`cluster_network`), the services and the processes that
+    launch runs in its services' namespace, each node in a namespace of its own with the shared root bind-mounted at
+    `mount_point`. Else plain processes on this machine, sharing `shared_root` itself. Yields a `Cluster`."""
     with contextlib.ExitStack() as stack:
         if os.geteuid() != 0:
-            yield "127.0.0.1", stack.enter_context(failing_where_missing(postgres_server())), stack.enter_context(failing_where_missing(redis_server())), \
-                {node: [] for node in NODES}, shared_root
+            yield Cluster(stack.enter_context(failing_where_missing(postgres_server())), stack.enter_context(failing_where_missing(redis_server())),
+                          {node: [] for node in NODES}, [], shared_root, None)
             return
-        address = stack.enter_context(failing_where_missing(service_address()))
-        subnet = random.randrange(1, 250, 2)
-        nodes = {node: [*stack.enter_context(failing_where_missing(network_namespace(subnet + i)))[1], *with_mounted(shared_root, mount_point)]
-                 for i, node in enumerate(NODES)}
-        postgres = stack.enter_context(failing_where_missing(postgres_server(also_on=(address,))))
-        redis = stack.enter_context(failing_where_missing(redis_server(also_on=(address,))))
-        yield address, postgres.replace("127.0.0.1", address), redis.replace("127.0.0.1", address), nodes, mount_point
+        network = stack.enter_context(failing_where_missing(cluster_network(len(NODES))))
+        nodes = {node: [*network.prefix(namespace), *with_mounted(shared_root, mount_point)] for node, namespace in zip(NODES, network.nodes)}
+        postgres = stack.enter_context(failing_where_missing(postgres_server(network.services)))
+        redis = stack.enter_context(failing_where_missing(redis_server(network.services)))
+        yield Cluster(postgres, redis, nodes, network.prefix(network.services), mount_point, network.services)
 
 
 def test_cluster_runs_each_step_on_its_queue_within_its_pool_reruns_a_killed_step_and_matches_a_single_machine_run(registered, tmp_path_factory, monkeypatch):
@@ -145,11 +161,12 @@ def test_cluster_runs_each_step_on_its_queue_within_its_pool_reruns_a_killed_ste
     shutil.copytree(registered / "registry", reference / "registry")
     workers, runs = {}, []
     held = FirstAnswerHeld()
-    with nodes_and_services(registered, mount_point) as (address, server_url, redis_url, nodes, data_dir), ScriptedLLMServer(held, host=address) as server:
-        postgres_url, coordination_url = dagster_postgres_url(fresh_database(server_url)), fresh_database(server_url)
-        deployment_file = tiny_cluster_deployment(home, data_dir, server.base_url, coordination_url, scorers=SCORERS)
-        env = cluster_env(REPO, home, deployment_file, postgres_url, redis_url)
-        monkeypatch.setenv("AUTOINTERP_POSTGRES_URL", postgres_url)  # what the instance's dagster.yaml reads in this process too
+    with nodes_and_services(registered, mount_point) as cluster, cluster.llm_server(held) as server:
+        data_dir, nodes = cluster.data_dir, cluster.nodes
+        instance_database, coordination = fresh_database(cluster.postgres), fresh_database(cluster.postgres)
+        deployment_file = tiny_cluster_deployment(home, data_dir, server.base_url, coordination.nodes_url, scorers=SCORERS)
+        env = cluster_env(REPO, home, deployment_file, dagster_postgres_url(instance_database.nodes_url), cluster.redis.nodes_url)
+        monkeypatch.setenv("AUTOINTERP_POSTGRES_URL", dagster_postgres_url(instance_database.url))  # what the instance's dagster.yaml reads here
         try:
             write_instance(home, max_runs=2, llm_runs=1, gpus=1)
             instance = DagsterInstance.from_config(str(home))
@@ -163,7 +180,7 @@ def test_cluster_runs_each_step_on_its_queue_within_its_pool_reruns_a_killed_ste
                     assert f" {mount_point} " in Path(f"/proc/{worker.pid}/mountinfo").read_text(), name
             for selection, partition in RUNS:
                 command = [sys.executable, "-m", "dagster", "asset", "materialize", "-m", "autointerp_defs", "--select", selection]
-                run = subprocess.Popen(command + (["--partition", partition] if partition else []), env=env, cwd=home, stdout=subprocess.PIPE,
+                run = subprocess.Popen([*cluster.launcher, *command, *(["--partition", partition] if partition else [])], env=env, cwd=home, stdout=subprocess.PIPE,
                                        stderr=subprocess.STDOUT, text=True)
                 runs.append(run)
                 if "explanations" in selection:
@@ -182,6 +199,7 @@ def test_cluster_runs_each_step_on_its_queue_within_its_pool_reruns_a_killed_ste
         assert "Worker exited prematurely: signal 9 (SIGKILL)" in (logs / f"{killed}.log").read_text()
         assert most_at_once(instance, last_run, LLM_STEPS) == 1  # both scorers ready once explanations ended, two llm workers idle: one after the other
         assert not instance.event_log_storage.get_concurrency_info(LLM_POOL).claimed_slots  # the killed attempt's slot was given back too
+    with ScriptedLLMServer(held) as server:  # on 127.0.0.1 of this machine, answering as the cluster's did
         single = definitions_for(load_deployment(str(tiny_cluster_deployment(reference, reference, server.base_url, None, scorers=SCORERS))))
         on_one_machine = DagsterInstance.ephemeral()
         add_coders(on_one_machine, reference, TINY_CODER)

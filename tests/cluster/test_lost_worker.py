@@ -2,12 +2,12 @@
 its step: with the cluster's Celery settings Redis gives it to another worker of the queue once
 `[cluster] redeliver_after_s` has passed. The task is a plain Celery one (`held_task.py`): what happens to the
 message is Celery's, and a Dagster step's task is re-run the same way (`test_celery_cluster.py` kills a pool
-process). As root each worker is a node with a network of its own, reaching Redis over a veth pair."""
+process). As root each worker is a node with a network of its own, reaching Redis (in a namespace of its own,
+with a password) over a veth pair; this process reaches it over its Unix socket."""
 from __future__ import annotations
 
 import contextlib
 import os
-import random
 import signal
 import subprocess
 import sys
@@ -17,7 +17,7 @@ from pathlib import Path
 import psutil
 
 from tests.cluster.conftest import failing_where_missing, needs_the_cluster_extra
-from tests.cluster.services import network_namespace, redis_server, stop, wait_until_ready
+from tests.cluster.services import ClusterNetwork, cluster_network, redis_server, stop, wait_until_ready
 
 needs_the_cluster_extra()
 
@@ -29,22 +29,22 @@ NODES = ("node1", "node2")
 def test_the_step_of_a_worker_lost_whole_goes_to_another_worker_after_redeliver_after_s(tmp_path, monkeypatch):
     workers = {}
     with contextlib.ExitStack() as stack:
-        subnet = random.randrange(1, 250, 2)
-        networks = [stack.enter_context(failing_where_missing(network_namespace(subnet + i))) for i in range(len(NODES))] if os.geteuid() == 0 else [("127.0.0.1", [])] * len(NODES)
-        redis_url = stack.enter_context(failing_where_missing(redis_server(also_on=tuple(here for here, _ in networks if here != "127.0.0.1"))))
-        for name, value in {"PYTHONPATH": str(REPO), "AUTOINTERP_BROKER_URL": redis_url, "REDELIVER_AFTER_S": str(REDELIVER_AFTER_S)}.items():
+        network = stack.enter_context(failing_where_missing(cluster_network(len(NODES)))) if os.geteuid() == 0 else None
+        redis = stack.enter_context(failing_where_missing(redis_server(network.services if network else None)))
+        prefixes = [ClusterNetwork.prefix(namespace) for namespace in network.nodes] if network else [[]] * len(NODES)
+        for name, value in {"PYTHONPATH": str(REPO), "AUTOINTERP_BROKER_URL": redis.url, "REDELIVER_AFTER_S": str(REDELIVER_AFTER_S)}.items():
             monkeypatch.setenv(name, value)
         from tests.cluster.held_task import hold
 
         try:
-            for node, (here, inside) in zip(NODES, networks):
-                env = {**os.environ, "AUTOINTERP_BROKER_URL": redis_url.replace("127.0.0.1", here)}  # the node reaches Redis at this machine's end of its link
+            for node, inside in zip(NODES, prefixes):
+                env = {**os.environ, "AUTOINTERP_BROKER_URL": redis.nodes_url}  # the node reaches Redis over its link
                 workers[f"held@{node}"] = subprocess.Popen([*inside, sys.executable, "-m", "celery", "-A", "tests.cluster.held_task", "worker", "--queues", "held",
                                                             "--hostname", f"held@{node}", "--concurrency", "1", "--loglevel", "INFO"],
                                                            env=env, cwd=tmp_path, stdout=open(tmp_path / f"{node}.log", "wb"), stderr=subprocess.STDOUT)
-            for node, (here, _), worker in zip(NODES, networks, workers.values()):
+            for node, worker in zip(NODES, workers.values()):
                 wait_until_ready(tmp_path / f"{node}.log", worker)
-                assert f"{here}:{redis_url.rsplit(':', 1)[1]}" in (tmp_path / f"{node}.log").read_text()  # "Connected to redis://…": over its link
+                assert redis.nodes_url.rsplit("@", 1)[1] in (tmp_path / f"{node}.log").read_text()  # "Connected to redis://…": over its link
             folder = tmp_path / "task"
             folder.mkdir()
             result = hold.apply_async((str(folder),), queue="held")

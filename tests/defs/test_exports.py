@@ -53,7 +53,7 @@ def test_neuronpedia_importer_accepts_the_export_and_reads_back_every_row(partit
     ok = explained[explained.status == "ok"]
 
     with postgres_server() as server:
-        url = fresh_database(server)
+        url = fresh_database(server.url)
         create_schema(url)
         assert import_folder(url, folder) == []  # nothing logged: the release went in too
         with psycopg.connect(url, row_factory=dict_row) as db:
@@ -114,7 +114,7 @@ def test_neuronpedia_importer_accepts_the_export_and_reads_back_every_row(partit
 
         # the replay is no rubber stamp: a model row without its layers stops the import before any feature
         (folder / "model.jsonl").write_text(json.dumps({k: v for k, v in exported["model"][0].items() if k != "layers"}) + "\n")
-        strict = fresh_database(server)
+        strict = fresh_database(server.url)
         create_schema(strict)
         with pytest.raises(psycopg.errors.NotNullViolation, match="layers"):
             import_folder(strict, folder)

@@ -40,15 +40,48 @@ class ServiceMissing(RuntimeError):
     """A service's program is not installed; the message names the fix."""
 
 
+class Daemon:
+    """A server process started and stopped by its PID, which can be restarted on the same data and port (the
+    faults of `bench/cluster_faults.py`)."""
+
+    def __init__(self, what: str, command: list, ready, log: Path, stop_signal: int = signal.SIGTERM):
+        self.what, self.command, self.ready, self.log, self.stop_signal = what, command, ready, log, stop_signal
+        self.start()
+
+    def start(self, timeout_s: float = 60) -> None:
+        with open(self.log, "ab") as log:
+            self.process = subprocess.Popen(self.command, stdout=log, stderr=subprocess.STDOUT, cwd=self.log.parent)
+        deadline = time.monotonic() + timeout_s
+        while not self.ready():
+            if self.process.poll() is not None or time.monotonic() > deadline:
+                self.stop()
+                raise RuntimeError(f"{self.what} did not start: {self.log.read_text()[-2000:]}")
+            time.sleep(0.1)
+
+    def stop(self, timeout_s: float = 60) -> None:
+        if self.process.poll() is None:
+            self.process.send_signal(self.stop_signal)
+            try:
+                self.process.wait(timeout_s)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+
+    def restart(self) -> None:
+        self.stop()
+        self.start()
+
+
 @dataclasses.dataclass(frozen=True)
 class Service:
     """A server's URL for this process, and for the nodes of a `cluster_network` (the same where it has none)."""
     url: str
     nodes_url: str
+    daemon: Daemon | None = dataclasses.field(default=None, compare=False, repr=False)
 
     def database(self, name: str) -> Service:
         """The same server, another database (PostgreSQL) or db number (Redis)."""
-        return Service(*(urlunsplit(urlsplit(url)._replace(path=f"/{name}")) for url in (self.url, self.nodes_url)))
+        return Service(*(urlunsplit(urlsplit(url)._replace(path=f"/{name}")) for url in (self.url, self.nodes_url)), self.daemon)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -111,28 +144,21 @@ def postgres_server(namespace: str | None = None):
     else:
         listen = "127.0.0.1"
         here = nodes = f"postgresql://postgres:{password}@127.0.0.1:{port}/postgres"
-    log = open(data / "server.log", "w")
     command = [binaries / "postgres", "-D", data / "db", "-p", str(port), "-k", data, "-c", f"listen_addresses={listen}", "-c", "fsync=off"]
-    server = subprocess.Popen([*(ClusterNetwork.prefix(namespace) if namespace else []), *as_user(user), *command], cwd=data, stdout=log, stderr=subprocess.STDOUT)
-    try:
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                psycopg.connect(here, connect_timeout=2).close()
-                break
-            except psycopg.OperationalError:
-                if server.poll() is not None or time.monotonic() > deadline:
-                    raise RuntimeError(f"PostgreSQL did not start: {(data / 'server.log').read_text()[-2000:]}") from None
-                time.sleep(0.1)
-        yield Service(here, nodes)
-    finally:
-        server.send_signal(signal.SIGINT)  # fast shutdown: ends the sessions left open
+
+    def ready() -> bool:
         try:
-            server.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            server.kill()
-            server.wait()
-        log.close()
+            psycopg.connect(here, connect_timeout=2).close()
+            return True
+        except psycopg.OperationalError:
+            return False
+
+    daemon = Daemon("PostgreSQL", [*(ClusterNetwork.prefix(namespace) if namespace else []), *as_user(user), *command], ready, data / "server.log",
+                    stop_signal=signal.SIGINT)  # fast shutdown: ends the sessions left open
+    try:
+        yield Service(here, nodes, daemon)
+    finally:
+        daemon.stop()
         shutil.rmtree(data, ignore_errors=True)
 
 
@@ -153,20 +179,6 @@ def dagster_postgres_url(database_url: str) -> str:
     return database_url.replace("postgresql://", "postgresql+psycopg2://", 1)
 
 
-def wait_for(connect, process: subprocess.Popen, what: str, timeout_s: float = 30) -> None:
-    """Until `connect()` stops raising OSError (bounded), failing early where `process` exited."""
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise RuntimeError(f"{what} exited with {process.returncode}")
-        try:
-            connect().close()
-            return
-        except OSError:
-            time.sleep(0.2)
-    raise RuntimeError(f"{what} did not listen within {timeout_s} s")
-
-
 def stop(process: subprocess.Popen, timeout_s: float = 20) -> None:
     """Stop a process we started, by its PID: SIGTERM, then SIGKILL if it lingers."""
     if process.poll() is None:
@@ -179,29 +191,34 @@ def stop(process: subprocess.Popen, timeout_s: float = 20) -> None:
 
 
 @contextlib.contextmanager
-def redis_server(namespace: str | None = None):
-    """A Redis server of its own, nothing saved to disk, `requirepass` set and protected mode on. Without `namespace`
-    it listens on 127.0.0.1 of this machine; with it, on `SERVICE_ADDRESS` inside that namespace, and this process
-    connects over its Unix socket. Yields a `Service` (database 0)."""
+def redis_server(namespace: str | None = None, persistent: bool = False):
+    """A Redis server of its own, `requirepass` set and protected mode on, nothing saved to disk unless `persistent`
+    (an append-only file, so a restart keeps the queues). Without `namespace` it listens on 127.0.0.1 of this
+    machine; with it, on `SERVICE_ADDRESS` inside that namespace, and this process connects over its Unix socket.
+    Yields a `Service` (database 0)."""
     if shutil.which("redis-server") is None:
         raise ServiceMissing(f"Redis is not installed: the cluster tests start one as the celery broker. Fix: {INSTALL}")
     port, password = free_port(), secrets.token_hex(16)
     folder = Path(tempfile.mkdtemp(prefix="autointerp-redis-"))
     unix = folder / "redis.sock"
+    saving = ["--appendonly", "yes", "--appendfsync", "always"] if persistent else ["--appendonly", "no"]
     options = ["--port", str(port), "--bind", SERVICE_ADDRESS if namespace else "127.0.0.1", "--protected-mode", "yes", "--requirepass", password,
-               "--unixsocket", str(unix), "--unixsocketperm", "700", "--save", "", "--appendonly", "no", "--daemonize", "no", "--dir", str(folder)]
-    server = subprocess.Popen([*(ClusterNetwork.prefix(namespace) if namespace else []), "redis-server", *options], stdout=subprocess.DEVNULL)
-    try:
-        def over_unix():
-            client = socket.socket(socket.AF_UNIX)
-            client.connect(str(unix))
-            return client
+               "--unixsocket", str(unix), "--unixsocketperm", "700", "--save", "", *saving, "--daemonize", "no", "--dir", str(folder)]
 
-        wait_for(over_unix, server, "redis-server")
+    def ready() -> bool:
+        try:
+            with socket.socket(socket.AF_UNIX) as client:
+                client.connect(str(unix))
+            return True
+        except OSError:
+            return False
+
+    daemon = Daemon("redis-server", [*(ClusterNetwork.prefix(namespace) if namespace else []), "redis-server", *options], ready, folder / "server.log")
+    try:
         here = f"redis+socket://:{password}@{unix}?virtual_host=0" if namespace else f"redis://:{password}@127.0.0.1:{port}/0"
-        yield Service(here, f"redis://:{password}@{SERVICE_ADDRESS if namespace else '127.0.0.1'}:{port}/0")
+        yield Service(here, f"redis://:{password}@{SERVICE_ADDRESS if namespace else '127.0.0.1'}:{port}/0", daemon)
     finally:
-        stop(server)
+        daemon.stop()
         shutil.rmtree(folder, ignore_errors=True)
 
 

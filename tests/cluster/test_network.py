@@ -49,7 +49,10 @@ def test_the_services_and_nodes_live_in_namespaces_of_the_test_and_ask_for_passw
             server = ScriptedLLMServer(lambda messages: "ok", host="10.231.255.1")
         stack.enter_context(server)
         assert root_network() == before  # while everything runs: nothing was added here
-        for node in network.nodes:
+        for restarted, node in enumerate(network.nodes):
+            if restarted:  # the faults of bench/cluster_faults.py: the same servers again, on the same data and addresses
+                postgres.daemon.restart()
+                redis.daemon.restart()
             done = subprocess.run([*ClusterNetwork.prefix(node), sys.executable, "-c", ON_A_NODE, postgres.nodes_url, redis.nodes_url, server.base_url],
                                   capture_output=True, text=True, timeout=120)
             assert done.returncode == 0, done.stderr[-3000:]

@@ -105,6 +105,22 @@ def test_adding_removing_or_changing_one_explanation_moves_at_most_one_other_con
     assert moved_controls(texts, texts | {200: "text 200"}) and control_assignment(texts, 1) != control_assignment(texts, 0)
 
 
+def test_each_latent_takes_the_first_latent_after_it_on_the_ring_with_another_text():
+    """Also where a run of equal texts wraps past the ring's start."""
+    from assets.score_metrics import ring_place
+
+    rng = np.random.default_rng(1)
+    for n in (2, 3, 7, 40):
+        texts = {latent: f"text {rng.integers(3)}" for latent in rng.choice(1000, n, replace=False).tolist()}
+        ring = sorted(texts, key=lambda latent: ring_place(0, latent))
+        expected = {}
+        for i, latent in enumerate(ring):
+            after = [ring[(i + step) % n] for step in range(1, n) if texts[ring[(i + step) % n]] != texts[latent]]
+            if after:
+                expected[latent] = after[0]
+        assert control_assignment(texts, seed=0) == expected
+
+
 def test_verdict_names_its_control():
     assert "tasks without an intruder" in verdict(pd.Series([0.5, 0.6, 0.55] * 4), "tasks without an intruder")
 

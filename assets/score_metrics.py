@@ -8,6 +8,7 @@ computed the same way and are comparable. Undefined metrics are NaN, never 0.
 """
 from __future__ import annotations
 
+import hashlib
 import math
 
 import numpy as np
@@ -114,21 +115,30 @@ def example_metrics(label, quantile, activation, prediction, score) -> dict:
     }
 
 
+CONTROLS_VERSION = "2"
+"""Of `control_assignment`, part of the code version of every scorer with the shuffled-explanation control:
+another assignment gives other control scores (2: places on a seeded ring instead of a shuffle of the set)."""
+
+
+def ring_place(seed: int, latent: int) -> int:
+    """A latent's place on the control ring: a seeded hash of its own id, whatever other latents there are."""
+    return int.from_bytes(hashlib.blake2b(f"{seed}:{latent}".encode(), digest_size=8).digest(), "big")
+
+
 def control_assignment(explanations: dict[int, str], seed: int) -> dict[int, int]:
-    """Give each latent the explanation of another latent whose text differs from its own: a seeded
-    shuffle, each latent taking the next one in it with a different text (the plain derangement when
-    all texts differ). A latent whose text every other latent shares gets none: the same words as a
-    control would match by construction."""
-    order = list(np.random.default_rng(seed).permutation(list(explanations))) if explanations else []
-    text = {latent: " ".join(str(explanations[latent]).casefold().split()) for latent in order}
-    controls = {}
-    for i, latent in enumerate(order):
-        for step in range(1, len(order)):
-            other = order[(i + step) % len(order)]
-            if text[other] != text[latent]:
-                controls[latent] = other
-                break
-    return controls
+    """Give each latent the explanation of another latent whose text differs from its own: latents sit on
+    a ring by `ring_place`, and each takes the first latent after it with a different text. A shuffle of the
+    set would give other controls to nearly every latent when one latent is added, removed or re-explained,
+    and every control question would be asked again; on the ring only the latent before it (with distinct
+    texts) gets another control. A latent whose text every other latent shares gets none: the same words
+    as a control would match by construction."""
+    ring = sorted(explanations, key=lambda latent: (ring_place(seed, latent), latent))
+    text = [" ".join(str(explanations[latent]).casefold().split()) for latent in ring]
+    n, after = len(ring), [None] * len(ring)
+    for k in range(2 * n - 1, -1, -1):  # backwards twice round: a run of equal texts may wrap past the start
+        i, j = k % n, (k + 1) % n
+        after[i] = j if text[j] != text[i] else after[j]
+    return {ring[i]: ring[j] for i, j in enumerate(after) if j is not None}
 
 
 def no_control_reason(n_latents: int) -> str:

@@ -39,7 +39,7 @@ from assets.work import ChunkLoader, nothing_succeeded, overlaps_shards, selecte
 from assets.partitions import backfill_policy, coder_and_shard, coders_of, each_shard, shard_partitions
 from assets.prompts import corpus_prompt_vocab, window_embedding
 from assets.records import read_records
-from assets.score_metrics import beside_control, control_assignment, example_metrics, no_control_reason, paired_means, predictions_of, verdict
+from assets.score_metrics import CONTROLS_VERSION, beside_control, control_assignment, example_metrics, no_control_reason, paired_means, predictions_of, verdict
 from assets.scorers import Job, JobResult, Scorer, ScorerDeps, ScorerSettings
 from assets.scorers.base import CONTROLS
 from assets.senses import lowest_sense_scores, of_current
@@ -73,6 +73,12 @@ SUMMARY_AUTOMATION = (
 SUMMARY_VERSION = "3"
 """Of the summary's code: bump when its columns change (3: `senses`, `<scorer>_min_sense`); a summary recorded
 with another is built again (`summary_sources`)."""
+
+
+def scorer_version(scorer: type[Scorer]) -> str:
+    """A scorer's own version, with the control assignment's where its control is another latent's explanation:
+    part of its code version and journal key, so that a new assignment re-scores once."""
+    return f"{scorer.version}+controls{CONTROLS_VERSION}" if scorer.control == "shuffled_explanation" else scorer.version
 
 
 def scorer_key(name: str) -> AssetKey:
@@ -361,7 +367,7 @@ def scorer_asset(scorer: type[Scorer], settings: ScorerSettings, automate: bool,
         group_name="scores",
         partitions_def=shard_partitions,
         deps=deps,
-        code_version=f"{scorer.version}-{settings.digest()}{models.version_part(*roles)}",
+        code_version=f"{scorer_version(scorer)}-{settings.digest()}{models.version_part(*roles)}",
         automation_condition=SCORER_AUTOMATION if automate else None,
         backfill_policy=backfill_policy(partitions_per_run),
         output_required=False,  # a range records each shard itself (`each_shard`)
@@ -398,7 +404,7 @@ def scorer_asset(scorer: type[Scorer], settings: ScorerSettings, automate: bool,
                                   f"scoring them on the new windows mixes two versions. Fix: re-materialize `explanations` for this partition first.")
             max_latents = resources.settings.max_latents_per_shard
             fingerprints = "|".join([exemplars_fingerprint, *([explanations_table.fingerprint()] if explanations_table.exists() else [])])
-            with store.writing(store.scores(coder, shard, scorer.name), journal_key=f"{scorer.version}|{settings.digest()}|{named}|{fingerprints}",
+            with store.writing(store.scores(coder, shard, scorer.name), journal_key=f"{scorer_version(scorer)}|{settings.digest()}|{named}|{fingerprints}",
                                parts=("examples", "scores")) as writer:
                 vocab = corpus_prompt_vocab(corpus)
                 senses = scorable_senses(store, coder, shard, explanations, context.log.warning) if judge.scores_senses and judge.uses_explanation else None

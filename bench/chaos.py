@@ -13,16 +13,26 @@ control scores low). Then runs explanations and the detection, fuzzing and simul
    prose instead of the list (several lines of it, for explanations), or a list of the wrong length;
 3. again on run 2's data root and response cache with the faults stopped.
 
+In run 2 the explanations of the first `--lose-explanations` latents (default 1) are always answered
+with prose, so they are lost, and run 3 explains and scores them: a latent that gains an explanation.
+
 `misread` counts explanations and scored examples of run 2 that differ from the reference: a faulty
 answer that was taken for a real one. `rerun_equals_fault_free` says whether run 3 equals the
-reference exactly (every latent scored, same tables). Prints a JSON object as its last line.
+reference (every latent scored, same tables; the token counts aside, which count both turns where a
+question was answered on its follow-up in run 2 and replayed from the cache in run 3). Beside
+`rerun_requests`: `lost_questions` (explanations and scorer questions run 2 lost), `rerun_repeats`
+(run 3's requests that run 2 had sent too: lost questions asked again) and `rerun_new_prompts` (those
+never sent before: what the gained explanations need, their own and control questions and one
+neighbour's control; `rerun_bound` allows 3 jobs' questions per lost explanation). Prints a JSON object
+as its last line.
 
-    .venv/bin/python bench/chaos.py [--latents 200] [--fault-rate 0.3]
+    .venv/bin/python bench/chaos.py [--latents 200] [--fault-rate 0.3] [--lose-explanations 1]
 """
 import argparse
 import asyncio
 import collections
 import json
+import math
 import random
 import re
 import sys
@@ -96,9 +106,11 @@ def truthful(messages) -> str:
 class FaultyJudge:
     """The truthful judge, with a seeded share of requests answered by a fault instead."""
 
-    def __init__(self, rate: float, seed: int = 0):
+    def __init__(self, rate: float, seed: int = 0, lost_words: frozenset[str] = frozenset()):
         self.rate, self.rng, self.lock = rate, random.Random(seed), threading.Lock()
         self.faults = collections.Counter()
+        self.lost_answers = {f"Explanation: the word {word}" for word in lost_words}
+        """Explanations answered with prose every time they are asked."""
 
     def __call__(self, messages):
         with self.lock:
@@ -106,6 +118,7 @@ class FaultyJudge:
             if kind:
                 self.faults[kind] += 1
         answer = truthful(messages)
+        kind = "prose" if answer in self.lost_answers else kind
         if kind is None:
             return answer
         if kind == "prose":
@@ -135,7 +148,7 @@ def run(reply, exemplars, vocab, cache_dir: Path, port: int = 0):
         client.backoff_s = 0.01  # the faults come fast; the schedule of waits is what is tested elsewhere
         started = time.perf_counter()
         explanations, scores = asyncio.run(explain_and_score(client, exemplars, vocab))
-        return explanations, scores, len(server.requests), time.perf_counter() - started, client.ledger, server.port
+        return explanations, scores, list(server.requests), time.perf_counter() - started, client.ledger, server.port
 
 
 def scored_items(explanations, scores) -> dict:
@@ -157,41 +170,69 @@ def failures(explanations, scores) -> list[dict]:
     return out
 
 
+def lost_questions(explanations, scores) -> int:
+    """Questions run 2 ended without a value: each failed explanation, and each failure a score row lists."""
+    return int((explanations.status != "ok").sum()) + sum(len(json.loads(f)) for frame, _ in scores.values() for f in frame.failures)
+
+
+def prompt(request) -> str:
+    return json.dumps(request["messages"], sort_keys=True) + str(request.get("max_tokens"))
+
+
+TOKEN_COUNTS = ["prompt_tokens", "completion_tokens"]
+
+
+def tables(explanations, scores) -> list[pd.DataFrame]:
+    return [frame.reset_index(drop=True) for frame in [explanations, *(part for name in SCORED for part in scores[name])]]
+
+
 def same_tables(a, b) -> bool:
-    (ea, sa), (eb, sb) = a, b
+    """Whether two runs wrote the same tables, token counts aside."""
     try:
-        pd.testing.assert_frame_equal(ea.reset_index(drop=True), eb.reset_index(drop=True))
-        for name in SCORED:
-            for x, y in zip(sa[name], sb[name]):
-                pd.testing.assert_frame_equal(x.reset_index(drop=True), y.reset_index(drop=True))
+        for x, y in zip(tables(*a), tables(*b)):
+            pd.testing.assert_frame_equal(x.drop(columns=TOKEN_COUNTS, errors="ignore"), y.drop(columns=TOKEN_COUNTS, errors="ignore"))
     except AssertionError as difference:
         print(f"tables differ: {str(difference)[:500]}")
         return False
     return True
 
 
+def token_counts_differ(a, b) -> int:
+    """Rows of two runs' tables whose token counts differ."""
+    return sum(int((x[c] != y[c]).sum()) for x, y in zip(tables(*a), tables(*b)) for c in TOKEN_COUNTS if c in x and c in y and len(x) == len(y))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--latents", type=int, default=200)
     parser.add_argument("--fault-rate", type=float, default=0.3)
+    parser.add_argument("--lose-explanations", type=int, default=1, help="latents whose explanation run 2 always loses")
     args = parser.parse_args()
 
     tokenizer = load_tokenizer()
     vocab = prompt_vocab(tokenizer.batch_decode([[i] for i in range(len(tokenizer))]), tokenizer.all_special_ids)
-    exemplars = exemplars_for(latent_words(tokenizer, args.latents), tokenizer)
+    words = latent_words(tokenizer, args.latents)
+    exemplars = exemplars_for(words, tokenizer)
     with tempfile.TemporaryDirectory() as clean_dir, tempfile.TemporaryDirectory() as chaos_dir:
-        ref_explanations, ref_scores, ref_requests, ref_s, _, _ = run(truthful, exemplars, vocab, Path(clean_dir))
-        judge = FaultyJudge(args.fault_rate)
-        explanations, scores, requests, chaos_s, ledger, port = run(judge, exemplars, vocab, Path(chaos_dir))
+        ref_explanations, ref_scores, ref_sent, ref_s, _, _ = run(truthful, exemplars, vocab, Path(clean_dir))
+        judge = FaultyJudge(args.fault_rate, lost_words=frozenset(words[:args.lose_explanations]))
+        explanations, scores, sent, chaos_s, ledger, port = run(judge, exemplars, vocab, Path(chaos_dir))
         # the same endpoint (port) again, its faults stopped: the cache answers all that was answered well
-        again_explanations, again_scores, rerun_requests, rerun_s, _, _ = run(truthful, exemplars, vocab, Path(chaos_dir), port=port)
+        again_explanations, again_scores, rerun_sent, rerun_s, _, _ = run(truthful, exemplars, vocab, Path(chaos_dir), port=port)
+    ref_requests, requests, rerun_requests = len(ref_sent), len(sent), len(rerun_sent)
+    asked_before = {prompt(r) for r in sent}
+    repeats = sum(prompt(r) in asked_before for r in rerun_sent)
+    lost = lost_questions(explanations, scores)
+    lost_explanations = int((explanations.status != "ok").sum())
+    per_job = math.ceil((ref_requests - args.latents) / (2 * args.latents))  # one explanation a latent; a scoring job's questions
 
     reference, chaotic = scored_items(ref_explanations, ref_scores), scored_items(explanations, scores)
     misread = sum(chaotic[key] != reference.get(key) for key in chaotic)
     failed = failures(explanations, scores)
     failed_latents = sorted({f["latent"] for f in failed})
     print(f"reference: {ref_requests} requests in {ref_s:.1f} s; with faults: {requests} requests ({sum(judge.faults.values())} faults), "
-          f"{ledger.retries} retries, {len(failed)} lost questions over {len(failed_latents)} latents, {chaos_s:.1f} s; rerun: {rerun_requests} requests, {rerun_s:.1f} s")
+          f"{ledger.retries} retries, {lost} lost questions over {len(failed_latents)} latents, {chaos_s:.1f} s; rerun: {rerun_requests} requests "
+          f"({repeats} asked before, {rerun_requests - repeats} new), {rerun_s:.1f} s")
     for f in failed[:10]:
         print(f"  latent {f['latent']} {f['stage']}: {f['reason']}")
     print(json.dumps({
@@ -205,9 +246,15 @@ def main() -> None:
         "failed": failed,
         "misread": misread,
         "items_compared": len(chaotic),
+        "lost_questions": lost,
+        "lost_explanations": lost_explanations,
         "rerun_requests": rerun_requests,
+        "rerun_repeats": repeats,
+        "rerun_new_prompts": rerun_requests - repeats,
+        "rerun_bound": lost + lost_explanations * 3 * per_job,  # the lost questions; per gained explanation its own, its control's and a neighbour's control jobs
         "rerun_equals_fault_free": same_tables((again_explanations, again_scores), (ref_explanations, ref_scores))
         and scored_items(again_explanations, again_scores) == reference,
+        "rerun_token_counts_differ": token_counts_differ((again_explanations, again_scores), (ref_explanations, ref_scores)),
         "fault_free_requests": ref_requests,
         "wall_s": {"fault_free": round(ref_s, 1), "faults": round(chaos_s, 1), "rerun": round(rerun_s, 1)},
     }))

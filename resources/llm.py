@@ -788,28 +788,33 @@ class ProductionClient:
 
     async def ask(self, messages: list[dict], read: Callable[[str], T | Refusal], reask: dict, **params) -> Asked[T]:
         """The one way an answer that must be read is asked: what `read` makes of the answer, or why
-        there is none (`Asked.failure`). An answer `read` refuses is dropped from the cache (so the next
-        run asks afresh) and asked again once, as a follow-up turn `reask` that says what was wrong.
-        Budget stops and failed requests lose this question, not the run; `LLMEndpointError` (a
-        whole-run error) propagates."""
-        answers, reasons, conversation = [], [], messages
+        there is none (`Asked.failure`). An answer `read` refuses is asked again once, as a follow-up turn
+        `reask` that says what was wrong. The refused answer stays in the cache while the question is open:
+        the follow-up is cached under a key that holds it, so a question answered on the follow-up is
+        answered from the cache next time. A question that ends without a value forgets every turn, so the
+        next run asks it afresh. Budget stops and failed requests lose this question, not the run;
+        `LLMEndpointError` (a whole-run error) propagates, the question still open."""
+        answers, reasons, conversation, turns = [], [], messages, []
         try:
             for _ in range(2):
                 answer = await self.complete(conversation, **params)
                 answers.append(answer)
+                turns.append(conversation)
                 value = read(answer.text)
                 if not isinstance(value, Refusal):
                     return Asked(value, answers)
                 reasons.append(value.reason)
-                self.forget(conversation, **params)
                 conversation = messages + [{"role": "assistant", "content": answer.text}, reask]
+            lost = failure(UNREADABLE, "", answers, reasons)
         except LLMEndpointError:
             raise
         except BudgetExceeded as stop:
-            return Asked(None, answers, failure(BUDGET_STOPPED, str(stop), answers, reasons))
+            lost = failure(BUDGET_STOPPED, str(stop), answers, reasons)
         except Exception as error:  # retries exhausted, a request the endpoint rejected
-            return Asked(None, answers, failure(REQUEST_FAILED, f"{type(error).__name__}: {str(error)[:300]}", answers, reasons))
-        return Asked(None, answers, failure(UNREADABLE, "", answers, reasons))
+            lost = failure(REQUEST_FAILED, f"{type(error).__name__}: {str(error)[:300]}", answers, reasons)
+        for turn in turns:
+            self.forget(turn, **params)
+        return Asked(None, answers, lost)
 
     async def complete(self, messages, **params) -> Completion:
         params = self._request(**params)

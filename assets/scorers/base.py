@@ -32,7 +32,7 @@ class ScorerSettings(BaseModel):
     """Settings that define a scorer's results: their hash is part of its asset's code version."""
 
     model_config = ConfigDict(extra="forbid", frozen=True, strict=True)  # strict: `true` is no number of examples
-    seed: int = Field(default=0, description="Seed of example order, random marks, intruder tasks and the control's explanation shuffle.")
+    seed: int = Field(default=0, description="Seed of example order, random marks, intruder tasks and the control's ring (`control_assignment`).")
 
     def digest(self) -> str:
         """Short hash of every setting: a change makes this scorer's results, and only them, stale."""

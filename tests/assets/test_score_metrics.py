@@ -86,6 +86,41 @@ def test_control_is_always_a_different_text():
     assert control_assignment({1: "cats", 2: "cats", 3: "dogs"}, seed=0).keys() == {1, 2, 3}
 
 
+def moved_controls(before: dict[int, str], after: dict[int, str], seed: int = 0) -> set[int]:
+    """The latents, other than one added, removed or changed, whose control text differs between the two sets."""
+    a, b = control_assignment(before, seed), control_assignment(after, seed)
+    changed = {latent for latent in before.keys() | after.keys() if before.get(latent) != after.get(latent)}
+    return {latent for latent in (before.keys() & after.keys()) - changed
+            if (before[a[latent]] if latent in a else None) != (after[b[latent]] if latent in b else None)}
+
+
+def test_adding_removing_or_changing_one_explanation_moves_at_most_one_other_control():
+    """The controls of the other latents stay: their control questions are answered by the response cache."""
+    texts = {latent: f"text {latent}" for latent in range(200)}
+    for latent in (0, 57, 149, 199):
+        assert len(moved_controls(texts, {other: t for other, t in texts.items() if other != latent})) <= 1  # removed
+        assert len(moved_controls({other: t for other, t in texts.items() if other != latent}, texts)) <= 1  # added
+        for text in ("a new text", texts[(latent + 1) % 200], texts[(latent + 7) % 200]):  # re-explained, also as another latent's words
+            assert len(moved_controls(texts, texts | {latent: text})) <= 1
+    assert moved_controls(texts, texts | {200: "text 200"}) and control_assignment(texts, 1) != control_assignment(texts, 0)
+
+
+def test_each_latent_takes_the_first_latent_after_it_on_the_ring_with_another_text():
+    """Also where a run of equal texts wraps past the ring's start."""
+    from assets.score_metrics import ring_place
+
+    rng = np.random.default_rng(1)
+    for n in (2, 3, 7, 40):
+        texts = {latent: f"text {rng.integers(3)}" for latent in rng.choice(1000, n, replace=False).tolist()}
+        ring = sorted(texts, key=lambda latent: ring_place(0, latent))
+        expected = {}
+        for i, latent in enumerate(ring):
+            after = [ring[(i + step) % n] for step in range(1, n) if texts[ring[(i + step) % n]] != texts[latent]]
+            if after:
+                expected[latent] = after[0]
+        assert control_assignment(texts, seed=0) == expected
+
+
 def test_verdict_names_its_control():
     assert "tasks without an intruder" in verdict(pd.Series([0.5, 0.6, 0.55] * 4), "tasks without an intruder")
 

@@ -195,7 +195,8 @@ def test_the_embedding_scorer_embeds_each_distinct_text_once_per_partition(topic
         counting = Counting()
         frame, _ = run_scorer("embedding", topic_data, embed=counting, span_tokens=span_tokens)
         assert sorted(counting.texts) == sorted(texts | set(explanations.explanation))  # each once; the controls cost nothing
-        assert (frame.roc_auc == 1.0).all() and (frame.control_roc_auc < 0.8).all()
+        # whole windows (delphi's form): river's windows judged by 'the word cat' reach 0.8 (the ring's control)
+        assert (frame.roc_auc == 1.0).all() and (frame.control_roc_auc <= 0.8).all()
         if span_tokens == 0:
             assert len(texts) == 3 * 5 + 5  # each latent's activating windows, and the silent ones all three share
 

@@ -179,6 +179,32 @@ def test_a_lost_question_says_why_in_one_format_with_the_answers_and_the_readers
     assert read.value == 7 and read.failure == "" and read.answer.text == "7"
 
 
+def test_a_question_answered_on_its_follow_up_is_answered_from_the_cache_next_time(tmp_path):
+    """The refused first answer stays cached while the question is open: the follow-up's key holds it."""
+    with ScriptedLLMServer(lambda m: "7" if m[-1] == REASK else "Hmm") as server:
+        first = resource(server).client(tmp_path)
+        asked = in_session(first, lambda: first.ask(MESSAGES, number, REASK, max_tokens=4))
+        again = resource(server).client(tmp_path)
+        replayed = in_session(again, lambda: again.ask(MESSAGES, number, REASK, max_tokens=4))
+    assert asked.value == replayed.value == 7 and len(server.requests) == 2
+    assert again.ledger.requests == 0 and [a.text for a in replayed.answers] == ["Hmm", "7"]
+
+
+def test_a_lost_question_is_asked_afresh_next_time(tmp_path):
+    """Unreadable twice, or cut short by the budget after a refused answer: no turn of it is kept in the cache."""
+    with ScriptedLLMServer(lambda m: "maybe 3" if m[-1] == REASK else "Hmm") as server:
+        for _ in range(2):
+            client = resource(server).client(tmp_path)
+            lost = in_session(client, lambda: client.ask(MESSAGES, number, REASK, max_tokens=4))
+            assert lost.failure.startswith(UNREADABLE) and client.ledger.requests == 2
+    with ScriptedLLMServer(lambda m: "7" if m[-1] == REASK else "Hmm") as server:
+        stopped = resource(server, max_requests=1).client(tmp_path / "budget")
+        lost = in_session(stopped, lambda: stopped.ask(MESSAGES, number, REASK, max_tokens=4))
+        again = resource(server).client(tmp_path / "budget")
+        read = in_session(again, lambda: again.ask(MESSAGES, number, REASK, max_tokens=4))
+    assert stopped_by_budget(lost.failure) and read.value == 7 and again.ledger.requests == 2
+
+
 def test_a_whole_run_error_is_raised_not_stored_as_a_lost_question():
     with ScriptedLLMServer(scripted([401])) as server:
         client = resource(server, cache_dir="").client()

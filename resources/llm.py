@@ -142,8 +142,9 @@ def use_plain_cpu_buffers() -> None:
     bindings.llama_model_default_params = plain
 
 
-def _llama(model_path: str, n_ctx: int, seed: int, logits_all: bool):
-    """The process's llama.cpp model for these settings (`resources/engines.py`)."""
+def _llama(model_path: str, digest: str, n_ctx: int, seed: int, logits_all: bool):
+    """The process's llama.cpp model for these settings (`resources/engines.py`); `digest`, the file's
+    content, so that a file replaced at the same path is loaded afresh."""
 
     def build():
         from llama_cpp import Llama
@@ -152,7 +153,7 @@ def _llama(model_path: str, n_ctx: int, seed: int, logits_all: bool):
         threads = os.cpu_count() or 1
         return Llama(model_path=model_path, n_ctx=n_ctx, seed=seed, n_threads=threads, n_threads_batch=threads, logits_all=logits_all, verbose=False)
 
-    return engine("llama.cpp", (model_path, n_ctx, seed, logits_all), build)
+    return engine("llama.cpp", (model_path, digest, n_ctx, seed, logits_all), build)
 
 
 class LlamaCppClient:
@@ -161,12 +162,13 @@ class LlamaCppClient:
     def __init__(self, model_path: str | None = None, n_ctx: int = 2048, seed: int = 0):
         self.model_path = model_path or str(embedded_gguf_path())
         self.model_name = os.path.basename(self.model_path)
+        self.digest = content_digest(Path(self.model_path))
         self.n_ctx = n_ctx
         self.seed = seed
         self._lock = threading.Lock()
 
     async def check(self) -> None:
-        await asyncio.to_thread(_llama, self.model_path, self.n_ctx, self.seed, False)
+        await asyncio.to_thread(_llama, self.model_path, self.digest, self.n_ctx, self.seed, False)
 
     async def aclose(self) -> None:
         return None  # the model stays loaded for the next materialization in this process
@@ -174,7 +176,7 @@ class LlamaCppClient:
     def _complete_sync(self, messages, max_tokens, temperature, top_logprobs, int_list, seed) -> Completion:
         from llama_cpp import LlamaGrammar
 
-        llm = _llama(self.model_path, self.n_ctx, self.seed, bool(top_logprobs))  # logprobs need every position's logits
+        llm = _llama(self.model_path, self.digest, self.n_ctx, self.seed, bool(top_logprobs))  # logprobs need every position's logits
         grammar = LlamaGrammar.from_string(int_list_grammar(*int_list), verbose=False) if int_list else None
         extra = {"logprobs": True, "top_logprobs": top_logprobs} if top_logprobs else {}
         with self._lock:
@@ -963,9 +965,12 @@ class LLMResource(ConfigurableResource):
 
     def model_id(self) -> str:
         """What identifies the answers' source in the cache: backend, endpoint, model and how answers are
-        constrained (never the key)."""
+        constrained (never the key). A model in local files (the embedded GGUF, a vLLM folder) is named
+        by its content, as in `identity`: another file at the same path must be asked, not answered from
+        the old one's cache."""
         constrained = f"|{self.structured_output}" if self.backend == "openai" and self.structured_output != "off" else ""
-        return f"{self.backend}|{self.base_url or ''}|{self.model}{constrained}"
+        model = self.model if self.backend == "openai" else self.identity().split(":", 1)[1]
+        return f"{self.backend}|{self.base_url or ''}|{model}{constrained}"
 
     _opened_caches: list = PrivateAttr(default_factory=list)
 

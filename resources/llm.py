@@ -32,7 +32,7 @@ from pydantic import Field, PrivateAttr
 
 from resources.engines import engine
 from resources.subject_model import embedded_gguf_path
-from storage.coordination import advisory_key, connect
+from storage.coordination import Session, advisory_key, connect
 from storage.identity import content_digest
 
 T = TypeVar("T")
@@ -508,26 +508,31 @@ class ResponseCache:
 class SharedResponseCache:
     """The response cache of a cluster: the same keys and answers as `ResponseCache`, in the table
     `llm_responses` of the coordination database, so no node asks what another already asked. One
-    per process (`resources/engines.py`): every run in the process shares its session."""
+    per process (`resources/engines.py`): every run in the process shares its session, which
+    reconnects when dropped (`Session`) so one lost connection does not fail every later step."""
 
     def __init__(self, url: str):
-        self._db = connect(url)
-        with self._db.transaction():  # nodes starting together would race to create the table
-            self._db.execute("SELECT pg_advisory_xact_lock(%s)", (advisory_key("llm_responses table"),))
-            self._db.execute("CREATE TABLE IF NOT EXISTS llm_responses (key TEXT PRIMARY KEY, completion TEXT NOT NULL)")
+        self._session = Session(url, on_connect=self._create_table)
+
+    @staticmethod
+    def _create_table(db) -> None:
+        with db.transaction():  # nodes starting together would race to create the table
+            db.execute("SELECT pg_advisory_xact_lock(%s)", (advisory_key("llm_responses table"),))
+            db.execute("CREATE TABLE IF NOT EXISTS llm_responses (key TEXT PRIMARY KEY, completion TEXT NOT NULL)")
 
     def close(self) -> None:
-        self._db.close()
+        self._session.close()
 
     def get(self, key: str) -> Completion | None:
-        row = self._db.execute("SELECT completion FROM llm_responses WHERE key = %s", (key,)).fetchone()
+        row = self._session.run(lambda db: db.execute("SELECT completion FROM llm_responses WHERE key = %s", (key,)).fetchone())
         return Completion(**json.loads(row[0])) if row else None
 
     def put(self, key: str, completion: Completion) -> None:
-        self._db.execute("INSERT INTO llm_responses VALUES (%s, %s) ON CONFLICT (key) DO UPDATE SET completion = EXCLUDED.completion", (key, completion_json(completion)))
+        self._session.run(lambda db: db.execute("INSERT INTO llm_responses VALUES (%s, %s) ON CONFLICT (key) DO UPDATE SET completion = EXCLUDED.completion",
+                                                (key, completion_json(completion))))
 
     def forget(self, key: str) -> None:
-        self._db.execute("DELETE FROM llm_responses WHERE key = %s", (key,))
+        self._session.run(lambda db: db.execute("DELETE FROM llm_responses WHERE key = %s", (key,)))
 
 
 def completion_json(completion: Completion) -> str:
@@ -783,10 +788,10 @@ class ProductionClient:
         """Every parameter of a request, defaults filled in: what the cache key and the backend see."""
         return {"max_tokens": max_tokens, "temperature": temperature, "top_logprobs": top_logprobs, "int_list": tuple(int_list) if int_list else None, "seed": seed}
 
-    def forget(self, messages, **params) -> None:
+    async def forget(self, messages, **params) -> None:
         """Drop a cached answer that turned out unusable, so the next materialization asks again."""
         if self.cache is not None:
-            self.cache.forget(ResponseCache.key(self.model_id, messages, self._request(**params)))
+            await asyncio.to_thread(self.cache.forget, ResponseCache.key(self.model_id, messages, self._request(**params)))
 
     async def ask(self, messages: list[dict], read: Callable[[str], T | Refusal], reask: dict, **params) -> Asked[T]:
         """The one way an answer that must be read is asked: what `read` makes of the answer, or why
@@ -803,7 +808,7 @@ class ProductionClient:
                 if not isinstance(value, Refusal):
                     return Asked(value, answers)
                 reasons.append(value.reason)
-                self.forget(conversation, **params)
+                await self.forget(conversation, **params)
                 conversation = messages + [{"role": "assistant", "content": answer.text}, reask]
         except LLMEndpointError:
             raise
@@ -816,7 +821,7 @@ class ProductionClient:
     async def complete(self, messages, **params) -> Completion:
         params = self._request(**params)
         key = ResponseCache.key(self.model_id, messages, params)
-        if self.cache is not None and (hit := self.cache.get(key)) is not None:
+        if self.cache is not None and (hit := await asyncio.to_thread(self.cache.get, key)) is not None:  # a database's wait must not stop the loop
             self.ledger.cache_hits += 1
             return hit
         if key in self._in_flight:  # the same request is already on its way: share its answer
@@ -852,7 +857,7 @@ class ProductionClient:
         self.ledger.prompt_tokens += completion.prompt_tokens
         self.ledger.completion_tokens += completion.completion_tokens
         if self.cache is not None:
-            self.cache.put(key, completion)
+            await asyncio.to_thread(self.cache.put, key, completion)
         return completion
 
     async def _attempt(self, messages, params: dict) -> Completion:

@@ -3,9 +3,11 @@
 request limit and the response cache (`resources/llm.py`) then hold across machines. Empty (the
 default), processes coordinate through files under the data root, which holds on one machine.
 
-The locks are PostgreSQL advisory locks of a session: they end with it. When the holding process
-exits or is killed the server sees its connection close at once; when its machine vanishes, TCP
-keepalives give up on the connection within about half a minute.
+The locks here are PostgreSQL advisory locks of a session: they end with it. When the holding
+process exits or is killed the server sees its connection close at once; when its machine vanishes,
+TCP keepalives give up on the connection within about half a minute. A long-lived process's session
+(`Session`: the response cache's, the endpoint slots') reconnects when dropped; what must outlive a
+dropped session (an endpoint slot) is a row the server holds, not a lock of the session.
 """
 from __future__ import annotations
 

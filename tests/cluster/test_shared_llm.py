@@ -147,16 +147,16 @@ def test_an_endpoint_slot_is_free_only_when_the_server_says_so(coordination_url)
 
     from resources.llm import SharedEndpointSlots
 
-    holder, other = (SharedEndpointSlots(coordination_url, "endpoint x", 1, lease_s=1.0) for _ in range(2))
+    holder, other = (SharedEndpointSlots(coordination_url, "endpoint x", 1, lease_s=2.0) for _ in range(2))
     slot = holder._try_take()
     with psycopg.connect(coordination_url, autocommit=True) as db:
         assert db.execute("SELECT pg_terminate_backend(%s)", (holder._session.run(lambda session: session.info.backend_pid),)).fetchone()[0]
-    time.sleep(2.5)  # two and a half leases: renewed meanwhile, on a new session
+    time.sleep(5.0)  # two and a half leases: renewed meanwhile, on a new session
     assert slot is not None and other._try_take() is None
     holder._release(slot)
     assert other._try_take() == slot
     other.close()  # gone while holding it: nobody renews it
     assert holder._try_take() is None
-    time.sleep(1.5)
+    time.sleep(2.5)
     assert holder._try_take() == slot
     holder.close()

@@ -55,19 +55,18 @@ class Session:
         self.patience_s = patience_s
         self._on_connect = on_connect
         self._lock = threading.Lock()
-        self._db = None
+        self._db, self._set_up = None, False
         with self._lock:
             self._connected()  # a wrong URL or password fails here, at once, not after the backoff
 
     def _connected(self):
+        """The live connection, set up: a setup that failed on a live connection (not a lost one) is
+        the caller's error, and is tried again by the next query."""
         if self._db is None:
-            db = connect(self.url)
-            try:
-                self._on_connect(db)
-            except BaseException:
-                db.close()
-                raise
-            self._db = db
+            self._db, self._set_up = connect(self.url), False
+        if not self._set_up:
+            self._on_connect(self._db)
+            self._set_up = True
         return self._db
 
     def run(self, work: Callable[[Any], T]) -> T:

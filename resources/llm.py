@@ -19,8 +19,10 @@ import json
 import os
 import random
 import re
+import socket
 import sqlite3
 import threading
+import uuid
 import weakref
 from contextlib import asynccontextmanager, contextmanager, nullcontext
 from dataclasses import dataclass, field
@@ -32,7 +34,7 @@ from pydantic import Field, PrivateAttr
 
 from resources.engines import engine
 from resources.subject_model import embedded_gguf_path
-from storage.coordination import advisory_key, connect
+from storage.coordination import Session, advisory_key
 from storage.identity import content_digest
 
 T = TypeVar("T")
@@ -142,8 +144,9 @@ def use_plain_cpu_buffers() -> None:
     bindings.llama_model_default_params = plain
 
 
-def _llama(model_path: str, n_ctx: int, seed: int, logits_all: bool):
-    """The process's llama.cpp model for these settings (`resources/engines.py`)."""
+def _llama(model_path: str, digest: str, n_ctx: int, seed: int, logits_all: bool):
+    """The process's llama.cpp model for these settings (`resources/engines.py`); `digest`, the file's
+    content, so that a file replaced at the same path is loaded afresh."""
 
     def build():
         from llama_cpp import Llama
@@ -152,7 +155,7 @@ def _llama(model_path: str, n_ctx: int, seed: int, logits_all: bool):
         threads = os.cpu_count() or 1
         return Llama(model_path=model_path, n_ctx=n_ctx, seed=seed, n_threads=threads, n_threads_batch=threads, logits_all=logits_all, verbose=False)
 
-    return engine("llama.cpp", (model_path, n_ctx, seed, logits_all), build)
+    return engine("llama.cpp", (model_path, digest, n_ctx, seed, logits_all), build)
 
 
 class LlamaCppClient:
@@ -161,12 +164,13 @@ class LlamaCppClient:
     def __init__(self, model_path: str | None = None, n_ctx: int = 2048, seed: int = 0):
         self.model_path = model_path or str(embedded_gguf_path())
         self.model_name = os.path.basename(self.model_path)
+        self.digest = content_digest(Path(self.model_path))
         self.n_ctx = n_ctx
         self.seed = seed
         self._lock = threading.Lock()
 
     async def check(self) -> None:
-        await asyncio.to_thread(_llama, self.model_path, self.n_ctx, self.seed, False)
+        await asyncio.to_thread(_llama, self.model_path, self.digest, self.n_ctx, self.seed, False)
 
     async def aclose(self) -> None:
         return None  # the model stays loaded for the next materialization in this process
@@ -174,7 +178,7 @@ class LlamaCppClient:
     def _complete_sync(self, messages, max_tokens, temperature, top_logprobs, int_list, seed) -> Completion:
         from llama_cpp import LlamaGrammar
 
-        llm = _llama(self.model_path, self.n_ctx, self.seed, bool(top_logprobs))  # logprobs need every position's logits
+        llm = _llama(self.model_path, self.digest, self.n_ctx, self.seed, bool(top_logprobs))  # logprobs need every position's logits
         grammar = LlamaGrammar.from_string(int_list_grammar(*int_list), verbose=False) if int_list else None
         extra = {"logprobs": True, "top_logprobs": top_logprobs} if top_logprobs else {}
         with self._lock:
@@ -506,26 +510,31 @@ class ResponseCache:
 class SharedResponseCache:
     """The response cache of a cluster: the same keys and answers as `ResponseCache`, in the table
     `llm_responses` of the coordination database, so no node asks what another already asked. One
-    per process (`resources/engines.py`): every run in the process shares its session."""
+    per process (`resources/engines.py`): every run in the process shares its session, which
+    reconnects when dropped (`Session`) so one lost connection does not fail every later step."""
 
     def __init__(self, url: str):
-        self._db = connect(url)
-        with self._db.transaction():  # nodes starting together would race to create the table
-            self._db.execute("SELECT pg_advisory_xact_lock(%s)", (advisory_key("llm_responses table"),))
-            self._db.execute("CREATE TABLE IF NOT EXISTS llm_responses (key TEXT PRIMARY KEY, completion TEXT NOT NULL)")
+        self._session = Session(url, on_connect=self._create_table)
+
+    @staticmethod
+    def _create_table(db) -> None:
+        with db.transaction():  # nodes starting together would race to create the table
+            db.execute("SELECT pg_advisory_xact_lock(%s)", (advisory_key("llm_responses table"),))
+            db.execute("CREATE TABLE IF NOT EXISTS llm_responses (key TEXT PRIMARY KEY, completion TEXT NOT NULL)")
 
     def close(self) -> None:
-        self._db.close()
+        self._session.close()
 
     def get(self, key: str) -> Completion | None:
-        row = self._db.execute("SELECT completion FROM llm_responses WHERE key = %s", (key,)).fetchone()
+        row = self._session.run(lambda db: db.execute("SELECT completion FROM llm_responses WHERE key = %s", (key,)).fetchone())
         return Completion(**json.loads(row[0])) if row else None
 
     def put(self, key: str, completion: Completion) -> None:
-        self._db.execute("INSERT INTO llm_responses VALUES (%s, %s) ON CONFLICT (key) DO UPDATE SET completion = EXCLUDED.completion", (key, completion_json(completion)))
+        self._session.run(lambda db: db.execute("INSERT INTO llm_responses VALUES (%s, %s) ON CONFLICT (key) DO UPDATE SET completion = EXCLUDED.completion",
+                                                (key, completion_json(completion))))
 
     def forget(self, key: str) -> None:
-        self._db.execute("DELETE FROM llm_responses WHERE key = %s", (key,))
+        self._session.run(lambda db: db.execute("DELETE FROM llm_responses WHERE key = %s", (key,)))
 
 
 def completion_json(completion: Completion) -> str:
@@ -579,7 +588,8 @@ class Ledger:
 class Slots:
     """At most `n` requests in flight to one endpoint from every process that shares its slots: a
     request holds one of `n` locks while it is sent. Concurrent Dagster runs then share the endpoint's
-    concurrency instead of multiplying it; a killed process's locks go with it.
+    concurrency instead of multiplying it; a killed process's slots come back (a file lock at once, a
+    cluster's slot when its lease runs out).
 
     While every slot is held, one request of an event loop (a run's) asks for a slot again, backing off
     from 2 to 50 ms, and at once when this process frees one; its other requests wait behind it in turn.
@@ -597,6 +607,12 @@ class Slots:
     def _release(self, slot: int) -> None:
         raise NotImplementedError
 
+    async def _take(self) -> int | None:
+        return self._try_take()
+
+    async def _give_back(self, slot: int) -> None:
+        self._release(slot)
+
     def _queue(self) -> tuple[asyncio.Lock, asyncio.Event]:
         loop = asyncio.get_running_loop()
         if loop not in self._queues:
@@ -608,7 +624,7 @@ class Slots:
         turn, freed = self._queue()
         async with turn:
             wait = 0.002
-            while (slot := self._try_take()) is None:
+            while (slot := await self._take()) is None:
                 freed.clear()
                 try:
                     await asyncio.wait_for(freed.wait(), wait)
@@ -618,7 +634,7 @@ class Slots:
         try:
             yield
         finally:
-            self._release(slot)
+            await self._give_back(slot)
             freed.set()
 
 
@@ -648,34 +664,79 @@ class EndpointSlots(Slots):
 
 
 class SharedEndpointSlots(Slots):
-    """The slots of every node of a cluster: `n` advisory locks named after the endpoint in the
-    coordination database, held on a session of this process (the server drops them when it dies).
-    One per process, endpoint and limit (`resources/engines.py`): every run in the process shares it."""
+    """The slots of every node of a cluster: `n` rows named after the endpoint in the table
+    `llm_endpoint_slots` of the coordination database, each held by one request of one process under a
+    lease that the process renews while the request is out. A slot is free only when the server says
+    so: its holder released it, or its lease ran out (a killed process's slots come back after
+    `lease_s`). A dropped session frees nothing, so the limit holds while a node reconnects; advisory
+    locks of the session would have been freed by the server at once, for other nodes to take while
+    this node's requests were still out. One per process, endpoint and limit (`resources/engines.py`):
+    every run in the process shares it. Its queries block, so they run on a thread."""
 
-    def __init__(self, url: str, name: str, n: int):
+    def __init__(self, url: str, name: str, n: int, lease_s: float = 15.0):
         super().__init__()
-        self._db = connect(url)
         self.keys = [advisory_key(f"{name} slot {i}") for i in range(max(1, n))]
-        self._held: set[int] = set()
-        """Slots this session holds: it would be granted one of them again, so it never asks for them."""
+        self.lease_s = lease_s
+        self.holder = f"autointerp process {os.getpid()} on {socket.gethostname()} {uuid.uuid4().hex[:8]}"
+        self._out: set[int] = set()
+        """Slots this process's requests hold: renewed until released, never given to a second request."""
+        self._lost: set[int] = set()
+        """Slots of requests still out whose lease ran out and another process took: nothing more is sent until they end."""
         self._lock = threading.Lock()
+        self._session = Session(url, on_connect=self._create_rows)
+        self._closed = threading.Event()
+        threading.Thread(target=self._renew_until_closed, name="endpoint slot leases", daemon=True).start()
+
+    def _create_rows(self, db) -> None:
+        with db.transaction():  # nodes starting together would race to create the table
+            db.execute("SELECT pg_advisory_xact_lock(%s)", (advisory_key("llm_endpoint_slots table"),))
+            db.execute("CREATE TABLE IF NOT EXISTS llm_endpoint_slots (slot BIGINT PRIMARY KEY, holder TEXT, lease_end TIMESTAMPTZ)")
+            db.execute("INSERT INTO llm_endpoint_slots (slot) SELECT unnest(%s::bigint[]) ON CONFLICT DO NOTHING", (self.keys,))
 
     def _try_take(self) -> int | None:
         with self._lock:
-            free = [key for key in self.keys if key not in self._held]
-            random.shuffle(free)  # random order: processes rarely try the same slot; the first one granted ends the scan
-            row = self._db.execute("SELECT key FROM unnest(%s::bigint[]) AS key WHERE pg_try_advisory_lock(key) LIMIT 1", (free,)).fetchone()
+            if self._lost:
+                return None
+            free = [key for key in self.keys if key not in self._out]  # ours until released, even where its lease ran out unnoticed
+            row = self._session.run(lambda db: db.execute(
+                "UPDATE llm_endpoint_slots SET holder = %s, lease_end = now() + make_interval(secs => %s) WHERE slot = "
+                "(SELECT slot FROM llm_endpoint_slots WHERE slot = ANY(%s) AND (holder IS NULL OR lease_end < now()) "
+                "ORDER BY random() LIMIT 1 FOR UPDATE SKIP LOCKED) RETURNING slot", (self.holder, self.lease_s, free)).fetchone())
             if row is not None:
-                self._held.add(row[0])
+                self._out.add(row[0])
             return row[0] if row else None
 
     def _release(self, key: int) -> None:
         with self._lock:
-            self._db.execute("SELECT pg_advisory_unlock(%s)", (key,))
-            self._held.discard(key)
+            self._out.discard(key)
+            self._lost.discard(key)
+            try:
+                self._session.run(lambda db: db.execute("UPDATE llm_endpoint_slots SET holder = NULL WHERE slot = %s AND holder = %s", (key, self.holder)))
+            except ConnectionError:
+                pass  # no longer renewed: the server frees it when its lease runs out; the answer is not lost for it
+
+    async def _take(self) -> int | None:
+        return await asyncio.to_thread(self._try_take)
+
+    async def _give_back(self, key: int) -> None:
+        await asyncio.to_thread(self._release, key)
+
+    def _renew_until_closed(self) -> None:
+        while not self._closed.wait(self.lease_s / 5):
+            with self._lock:
+                out = list(self._out)
+                if not out:
+                    continue
+                try:
+                    kept = self._session.run(lambda db: db.execute("UPDATE llm_endpoint_slots SET lease_end = now() + make_interval(secs => %s) "
+                                                                   "WHERE holder = %s AND slot = ANY(%s) RETURNING slot", (self.lease_s, self.holder, out)).fetchall())
+                except ConnectionError:
+                    continue  # again at the next beat; the leases last a few beats
+                self._lost |= set(out) - {key for (key,) in kept}
 
     def close(self) -> None:
-        self._db.close()
+        self._closed.set()
+        self._session.close()
 
 
 @dataclass(frozen=True)
@@ -781,10 +842,10 @@ class ProductionClient:
         """Every parameter of a request, defaults filled in: what the cache key and the backend see."""
         return {"max_tokens": max_tokens, "temperature": temperature, "top_logprobs": top_logprobs, "int_list": tuple(int_list) if int_list else None, "seed": seed}
 
-    def forget(self, messages, **params) -> None:
+    async def forget(self, messages, **params) -> None:
         """Drop a cached answer that turned out unusable, so the next materialization asks again."""
         if self.cache is not None:
-            self.cache.forget(ResponseCache.key(self.model_id, messages, self._request(**params)))
+            await asyncio.to_thread(self.cache.forget, ResponseCache.key(self.model_id, messages, self._request(**params)))
 
     async def ask(self, messages: list[dict], read: Callable[[str], T | Refusal], reask: dict, **params) -> Asked[T]:
         """The one way an answer that must be read is asked: what `read` makes of the answer, or why
@@ -813,13 +874,13 @@ class ProductionClient:
         except Exception as error:  # retries exhausted, a request the endpoint rejected
             lost = failure(REQUEST_FAILED, f"{type(error).__name__}: {str(error)[:300]}", answers, reasons)
         for turn in turns:
-            self.forget(turn, **params)
+            await self.forget(turn, **params)
         return Asked(None, answers, lost)
 
     async def complete(self, messages, **params) -> Completion:
         params = self._request(**params)
         key = ResponseCache.key(self.model_id, messages, params)
-        if self.cache is not None and (hit := self.cache.get(key)) is not None:
+        if self.cache is not None and (hit := await asyncio.to_thread(self.cache.get, key)) is not None:  # a database's wait must not stop the loop
             self.ledger.cache_hits += 1
             return hit
         if key in self._in_flight:  # the same request is already on its way: share its answer
@@ -855,7 +916,7 @@ class ProductionClient:
         self.ledger.prompt_tokens += completion.prompt_tokens
         self.ledger.completion_tokens += completion.completion_tokens
         if self.cache is not None:
-            self.cache.put(key, completion)
+            await asyncio.to_thread(self.cache.put, key, completion)
         return completion
 
     async def _attempt(self, messages, params: dict) -> Completion:
@@ -968,9 +1029,12 @@ class LLMResource(ConfigurableResource):
 
     def model_id(self) -> str:
         """What identifies the answers' source in the cache: backend, endpoint, model and how answers are
-        constrained (never the key)."""
+        constrained (never the key). A model in local files (the embedded GGUF, a vLLM folder) is named
+        by its content, as in `identity`: another file at the same path must be asked, not answered from
+        the old one's cache."""
         constrained = f"|{self.structured_output}" if self.backend == "openai" and self.structured_output != "off" else ""
-        return f"{self.backend}|{self.base_url or ''}|{self.model}{constrained}"
+        model = self.model if self.backend == "openai" else self.identity().split(":", 1)[1]
+        return f"{self.backend}|{self.base_url or ''}|{model}{constrained}"
 
     _opened_caches: list = PrivateAttr(default_factory=list)
 

@@ -3,20 +3,27 @@
 request limit and the response cache (`resources/llm.py`) then hold across machines. Empty (the
 default), processes coordinate through files under the data root, which holds on one machine.
 
-The locks are PostgreSQL advisory locks of a session: they end with it. When the holding process
-exits or is killed the server sees its connection close at once; when its machine vanishes, TCP
-keepalives give up on the connection within about half a minute.
+The locks here are PostgreSQL advisory locks of a session: they end with it. When the holding
+process exits or is killed the server sees its connection close at once; when its machine vanishes,
+TCP keepalives give up on the connection within about half a minute. A long-lived process's session
+(`Session`: the response cache's, the endpoint slots') reconnects when dropped; what must outlive a
+dropped session (an endpoint slot) is a row the server holds, not a lock of the session.
 """
 from __future__ import annotations
 
 import hashlib
 import os
+import random
 import socket
+import threading
+import time
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
+from typing import Any, Callable, Iterator, TypeVar
 
 from storage.atomic import exclusive_lock, locked
+
+T = TypeVar("T")
 
 
 def connect(url: str):
@@ -31,6 +38,62 @@ def connect(url: str):
                               f"or correct the URL (its password comes from PGPASSWORD or ~/.pgpass); on one machine, leave coordination_url empty.") from None
     db.execute("SET tcp_keepalives_idle = 10; SET tcp_keepalives_interval = 5; SET tcp_keepalives_count = 3")  # a vanished node's session ends in ~25 s
     return db
+
+
+class Session:
+    """A session on the coordination database that outlives its connection, for a long-lived process:
+    a query that finds the connection gone (the server restarted, its backend was terminated, the
+    network dropped) connects again, backing off from 0.1 s to 5 s with jitter, and runs again, for up
+    to `patience_s` before it raises `ConnectionError`; the next query tries afresh. Whatever the
+    server kept for the dead session (advisory locks, session settings) is gone with it: `on_connect`
+    runs on every new connection before any query does, so the owner can set up or forget state.
+    Work given to `run` must be safe to run again. Its calls block: an event loop makes them through a
+    thread (`asyncio.to_thread`)."""
+
+    def __init__(self, url: str, on_connect: Callable[[Any], None] = lambda db: None, patience_s: float = 60.0):
+        self.url = url
+        self.patience_s = patience_s
+        self._on_connect = on_connect
+        self._lock = threading.Lock()
+        self._db, self._set_up = None, False
+        with self._lock:
+            self._connected()  # a wrong URL or password fails here, at once, not after the backoff
+
+    def _connected(self):
+        """The live connection, set up: a setup that failed on a live connection (not a lost one) is
+        the caller's error, and is tried again by the next query."""
+        if self._db is None:
+            self._db, self._set_up = connect(self.url), False
+        if not self._set_up:
+            self._on_connect(self._db)
+            self._set_up = True
+        return self._db
+
+    def run(self, work: Callable[[Any], T]) -> T:
+        """`work(connection)`'s result, on a live connection (one thread at a time)."""
+        with self._lock:
+            deadline, wait = time.monotonic() + self.patience_s, 0.1
+            while True:
+                try:
+                    return work(self._connected())
+                except Exception as error:
+                    if self._db is not None and not self._db.broken and not self._db.closed:
+                        raise  # the query's own error, on a live session
+                    self._drop()
+                    if time.monotonic() + wait > deadline:
+                        raise ConnectionError(f"Lost the coordination database and could not reconnect within {self.patience_s:.0f} s: "
+                                              f"{' '.join(str(error).split())}") from error
+                time.sleep(wait * random.uniform(0.5, 1.0))
+                wait = min(5.0, wait * 2)
+
+    def _drop(self) -> None:
+        if self._db is not None:
+            self._db.close()
+            self._db = None
+
+    def close(self) -> None:
+        with self._lock:
+            self._drop()
 
 
 def advisory_key(name: str) -> int:

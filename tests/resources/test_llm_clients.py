@@ -133,3 +133,31 @@ def test_real_llama_cpp_server_through_the_openai_backend():
     finally:
         proc.terminate()
         proc.wait(timeout=30)
+
+
+def test_a_gguf_replaced_at_the_same_path_is_asked_not_answered_from_the_old_ones_cache(tmp_path):
+    """The response cache names an embedded model by its content, as the results do: a GGUF replaced at the
+    same path (another quantization, a fine-tune) re-runs the assets that name it, and answers their prompts
+    itself instead of handing back what the file it replaced said."""
+    from resources.engines import open_engines
+
+    original = embedded_gguf_path().read_bytes()
+    path = tmp_path / "model.gguf"
+    path.write_bytes(original)
+
+    def ask():
+        resource = LLMResource(backend="embedded", model=str(path), n_ctx=512, cache_dir=str(tmp_path / "cache"))
+        client = resource.client()
+        asyncio.run(client.complete(MESSAGES, max_tokens=4))
+        return resource.identity(), client.ledger
+
+    first_identity, first = ask()
+    same_identity, again = ask()
+    assert first.requests == 1 and (again.requests, again.cache_hits) == (0, 1) and same_identity == first_identity
+    at = original.index(b"Smollm2 135M")  # general.name in the header: another file, as loadable
+    replacement = tmp_path / "replacement.gguf"
+    replacement.write_bytes(original[:at] + b"Smollm2 136M" + original[at + 12:])
+    os.replace(replacement, path)
+    identity, after = ask()
+    assert identity != first_identity and (after.requests, after.cache_hits) == (1, 0)
+    assert len({key[2] for key in open_engines() if key[:2] == ("llama.cpp", str(path))}) == 2  # the new file was loaded, not the old one's engine kept

@@ -39,7 +39,7 @@ from resources.hookpoints import resolve_hookpoint
 from resources.logit_lens import save_unembedding
 from resources.subject_model import SubjectModelResource
 from storage.activations import CHUNK_ENTRIES, LATENT_STATS_FILE, ShardedActivationWriter, load_latent_stats, read_cache_meta, read_progress, save_decoder_directions, save_latent_stats, write_cache_meta, write_progress
-from storage.coordination import exclusive
+from storage.coordination import Lease, exclusive
 from storage.corpus import load_corpus
 from storage.layout import DataRoot
 
@@ -133,22 +133,25 @@ class CoderCache:
     next_sequence: int
     identity: dict
     fvu: FVUSample
+    lease: Lease
+    """The coder's lock: checked before each file of a checkpoint replaces anything."""
 
     def save_progress(self) -> None:
         """Chunks, then the statistics of this checkpoint under its own name, then progress.json, which
         commits both. A kill before progress.json is written leaves the last committed statistics in
         place, so a resumed run never counts the re-run sequences twice."""
-        self.writer.checkpoint()
+        self.writer.checkpoint(self.lease.check)
         stats_file = f"stats.partial-{self.writer.checkpoints:05d}.safetensors"
         self.stats.save(self.out_dir / stats_file)
+        self.lease.check()  # progress.json commits the checkpoint: refused under a lost lock
         write_progress(self.out_dir, {**self.identity, "checkpoints": self.writer.checkpoints, "next_sequence": self.next_sequence,
-                                                    "fvu": self.fvu.state(), "stats_file": stats_file})
+                                      "fvu": self.fvu.state(), "stats_file": stats_file, "lease": self.lease.record})
         for old in self.out_dir.glob("stats.partial*.safetensors"):
             if old.name != stats_file:
                 old.unlink(missing_ok=True)
 
 
-def open_cache(coder: SparseCoder, out_dir: Path, identity: dict, device) -> CoderCache:
+def open_cache(coder: SparseCoder, out_dir: Path, identity: dict, device, lease: Lease) -> CoderCache:
     """Resume the coder's cache from its last checkpoint if it is for the same corpus and coder, else start anew."""
     progress = read_progress(out_dir)
     if progress is not None and read_cache_meta(out_dir) is None:
@@ -156,9 +159,9 @@ def open_cache(coder: SparseCoder, out_dir: Path, identity: dict, device) -> Cod
             writer = ShardedActivationWriter(out_dir, coder.width, identity["latents_per_shard"], first_checkpoint=progress["checkpoints"])
             writer.discard_chunks_from(progress["checkpoints"])
             stats = LatentStats.load(out_dir / progress["stats_file"], device)
-            return CoderCache(coder, out_dir, writer, stats, progress["next_sequence"], identity, FVUSample(progress["fvu"]))
+            return CoderCache(coder, out_dir, writer, stats, progress["next_sequence"], identity, FVUSample(progress["fvu"]), lease)
     shutil.rmtree(out_dir, ignore_errors=True)
-    return CoderCache(coder, out_dir, ShardedActivationWriter(out_dir, coder.width, identity["latents_per_shard"]), LatentStats(coder.width, device), 0, identity, FVUSample())
+    return CoderCache(coder, out_dir, ShardedActivationWriter(out_dir, coder.width, identity["latents_per_shard"]), LatentStats(coder.width, device), 0, identity, FVUSample(), lease)
 
 
 def cache_activations(
@@ -176,13 +179,14 @@ def cache_activations(
     Each coder is locked for the pass (on every node, with a `coordination_url`): a second run on
     the same coder stops at once instead of repeating the work."""
     with ExitStack() as locks:
-        for coder in coders:
-            locks.enter_context(exclusive(coordination_url, f"activations {coder.key}", root.activations_lock_path(coder.key), f"Caching the activations of {coder.key}"))
-        return _cache_activations(coders, subject_model, root, skip_bos=skip_bos, checkpoint_entries=checkpoint_entries, latents_per_shard=latents_per_shard, log=log)
+        leases = {coder.key: locks.enter_context(exclusive(coordination_url, f"activations {coder.key}", root.activations_lock_path(coder.key),
+                                                           f"Caching the activations of {coder.key}")) for coder in coders}
+        return _cache_activations(coders, subject_model, root, skip_bos=skip_bos, checkpoint_entries=checkpoint_entries, latents_per_shard=latents_per_shard,
+                                  log=log, leases=leases)
 
 
 def _cache_activations(coders: list[SparseCoder], subject_model: SubjectModelResource, root: DataRoot, *, skip_bos: bool, checkpoint_entries: int,
-                       latents_per_shard: int, log) -> dict[str, dict]:
+                       latents_per_shard: int, log, leases: dict[str, Lease]) -> dict[str, dict]:
     corpus = load_corpus(root)
     lm = subject_model.causal_lm()
     device = subject_model.device
@@ -201,7 +205,7 @@ def _cache_activations(coders: list[SparseCoder], subject_model: SubjectModelRes
                 log(f"activations: {coder.key} is cached already for this corpus and coder; reusing it")
             metas[coder.key] = done
             continue
-        caches.append(open_cache(coder.to(device, torch.float32), root.activations_dir(coder.key), identity, device))
+        caches.append(open_cache(coder.to(device, torch.float32), root.activations_dir(coder.key), identity, device, leases[coder.key]))
     if not caches:
         return metas
     first_position = 1 if (skip_bos and corpus.meta["add_bos"]) else 0
@@ -264,6 +268,7 @@ def _cache_activations(coders: list[SparseCoder], subject_model: SubjectModelRes
             **stats.summary(),
         }
         meta["problems"] = coder_problems(meta)  # kept beside the numbers: a NaN FVU is stored as null
+        cache.lease.check()
         write_cache_meta(cache.out_dir, meta)
         metas[cache.coder.key] = meta
     return metas

@@ -224,7 +224,7 @@ def explanations_asset(defaults: dict | None = None, explainers: dict[str, type[
             store = settings.store
             layout = store.layout
             explanations_table = store.explanations(coder, shard)
-            with explanations_table.lock(f"Explaining {coder} shard {shard}", wait=True):  # held from reading the inputs to the commit
+            with explanations_table.lock(f"Explaining {coder} shard {shard}", wait=True) as lease:  # held from reading the inputs to the commit
                 exemplars = store.exemplars(coder, shard).require()  # read a chunk of latents at a time
                 latent_stats = store.latent_profiles(coder, shard).read_if_present()
                 latents = selected_latents(exemplars, settings.max_latents_per_shard)
@@ -239,7 +239,7 @@ def explanations_asset(defaults: dict | None = None, explainers: dict[str, type[
                 key = f"{version}|{settings_digest(config)}|{client.identity}|{judge.identity if judge else ''}|{exemplars_fingerprint}"
                 rounds: list[dict] = []
                 senses: list[dict] = []
-                with store.writing(explanations_table, journal_key=key, parts=("rounds", "senses", "rows")) as writer:
+                with store.writing(explanations_table, journal_key=key, parts=("rounds", "senses", "rows"), lease=lease) as writer:
                     frame = asyncio.run(explain_all(explainer, config, exemplars, latent_stats, latents, corpus_prompt_vocab(load_corpus(layout)), embedder.embed,
                                                     context.log.info, coder, writer.journal, refiner, rounds, senses))
                     asked()  # a range's next shard may ask now, while this one is written (`each_shard`)
@@ -249,7 +249,8 @@ def explanations_asset(defaults: dict | None = None, explainers: dict[str, type[
                     writer.commit(frame, (store.explanation_rounds(coder, shard), pd.DataFrame(rounds, columns=TABLES["explanation_rounds"].columns)),
                                   (store.explanation_senses(coder, shard), pd.DataFrame(senses, columns=TABLES["explanation_senses"].columns)))
                 ok = frame[frame["status"] == "ok"]
-                sync_explanations(layout.lancedb_dir, embedder.model, coder, shard, dict(zip(ok["latent"].tolist(), ok["explanation"])), embedder.embed)
+                sync_explanations(layout.lancedb_dir, embedder.model, coder, shard, dict(zip(ok["latent"].tolist(), ok["explanation"])), embedder.embed,
+                                  settings.coordination_url)
                 budget_stopped = int(frame["error"].map(stopped_by_budget).sum())
                 if budget_stopped:
                     context.log.warning(f"{budget_stopped} latents were not explained: the LLM budget was reached; they will be asked next time")

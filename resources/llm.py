@@ -34,7 +34,7 @@ from pydantic import Field, PrivateAttr
 
 from resources.engines import engine
 from resources.subject_model import embedded_gguf_path
-from storage.coordination import Session, advisory_key
+from storage.coordination import Session, advisory_key, create_table
 from storage.identity import content_digest
 
 T = TypeVar("T")
@@ -518,9 +518,7 @@ class SharedResponseCache:
 
     @staticmethod
     def _create_table(db) -> None:
-        with db.transaction():  # nodes starting together would race to create the table
-            db.execute("SELECT pg_advisory_xact_lock(%s)", (advisory_key("llm_responses table"),))
-            db.execute("CREATE TABLE IF NOT EXISTS llm_responses (key TEXT PRIMARY KEY, completion TEXT NOT NULL)")
+        create_table(db, "llm_responses", "key TEXT PRIMARY KEY, completion TEXT NOT NULL")
 
     def close(self) -> None:
         self._session.close()

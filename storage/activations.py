@@ -81,7 +81,8 @@ class ShardedActivationWriter:
             self._buffers[i].append((locations[rows], activations[rows]))
         self.buffered += len(locations)
 
-    def checkpoint(self) -> None:
+    def checkpoint(self, before_replace=None) -> None:
+        """Write the buffered pairs as each shard's next chunk; `before_replace` (a lease check) may refuse each."""
         for i, buffer in enumerate(self._buffers):
             if not buffer:
                 continue
@@ -89,7 +90,7 @@ class ShardedActivationWriter:
                 "locations": np.concatenate([b[0] for b in buffer]).astype(np.int32),
                 "activations": np.concatenate([b[1] for b in buffer]).astype(np.float32),
             }
-            with atomic_path(shard_dir(self.activations_dir, self.keys[i]) / f"chunk-{self.checkpoints:05d}.safetensors") as tmp:
+            with atomic_path(shard_dir(self.activations_dir, self.keys[i]) / f"chunk-{self.checkpoints:05d}.safetensors", before_replace) as tmp:
                 save_file(tensors, str(tmp))
             buffer.clear()
         self.buffered = 0
@@ -181,7 +182,8 @@ META_FILE = "meta.json"
 
 def write_progress(activations_dir: Path, progress: dict) -> None:
     """`progress.json`: the cache's identity (corpus hash, coder fingerprint, shard layout, skip_bos),
-    `checkpoints`, `next_sequence`, the FVU accumulators (`fvu`) and the `stats_file` it commits."""
+    `checkpoints`, `next_sequence`, the FVU accumulators (`fvu`), the `stats_file` it commits and the
+    `lease` it was written under."""
     write_json(activations_dir / PROGRESS_FILE, progress)
 
 

@@ -8,6 +8,12 @@ process exits or is killed the server sees its connection close at once; when it
 TCP keepalives give up on the connection within about half a minute. A long-lived process's session
 (`Session`: the response cache's, the endpoint slots') reconnects when dropped; what must outlive a
 dropped session (an endpoint slot) is a row the server holds, not a lock of the session.
+
+A lock is a lease: it can be lost while its holder still runs (a server restart, a terminated
+backend, a partition longer than the keepalives), and another node then takes it. So every taking
+of a lock bumps its generation (the fencing token, in the table `autointerp_leases`), and a holder
+calls `Lease.check` right before each commit: its session must still answer and the generation must
+still be its own, else `LeaseLost` and nothing is committed.
 """
 from __future__ import annotations
 
@@ -18,6 +24,7 @@ import socket
 import threading
 import time
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator, TypeVar
 
@@ -32,7 +39,8 @@ def connect(url: str):
     import psycopg  # loaded only where a deployment coordinates through PostgreSQL
 
     try:
-        db = psycopg.connect(url, autocommit=True, connect_timeout=10, application_name=f"autointerp process {os.getpid()} on {socket.gethostname()}"[:63])
+        db = psycopg.connect(url, autocommit=True, connect_timeout=10, application_name=f"autointerp process {os.getpid()} on {socket.gethostname()}"[:63],
+                             keepalives=1, keepalives_idle=10, keepalives_interval=5, keepalives_count=3)  # a lease check never hangs on a vanished server
     except psycopg.OperationalError as error:
         raise ConnectionError(f"Cannot reach the coordination database of [settings] coordination_url: {' '.join(str(error).split())}. Fix: start it "
                               f"or correct the URL (its password comes from PGPASSWORD or ~/.pgpass); on one machine, leave coordination_url empty.") from None
@@ -101,6 +109,48 @@ def advisory_key(name: str) -> int:
     return int.from_bytes(hashlib.sha256(name.encode()).digest()[:8], "big", signed=True)
 
 
+def create_table(db, name: str, columns: str) -> None:
+    """Create the coordination table `name` if it is missing: nodes starting together would race to."""
+    with db.transaction():
+        db.execute("SELECT pg_advisory_xact_lock(%s)", (advisory_key(f"{name} table"),))
+        db.execute(f"CREATE TABLE IF NOT EXISTS {name} ({columns})")
+
+
+class LeaseLost(RuntimeError):
+    """The lock was lost while held (its session ended): another process may hold it and write now."""
+
+
+@dataclass
+class Lease:
+    """A held lock: its name and generation (None for a file lock, which the kernel holds until its
+    holder exits, so it cannot be lost), and the session that holds it."""
+
+    name: str
+    generation: int | None = None
+    session: object = None
+
+    @property
+    def record(self) -> dict:
+        """What a commit made under this lease records beside what it wrote."""
+        return {"lock": self.name, "generation": self.generation}
+
+    def check(self) -> None:
+        """Raise `LeaseLost` unless this lease still holds: its session answers and no later holder took it."""
+        if self.session is None:
+            return
+        import psycopg
+
+        try:
+            row = self.session.execute("SELECT generation FROM autointerp_leases WHERE name = %s", (self.name,)).fetchone()
+            current = row[0] if row else None
+            why = "" if current == self.generation else f"its generation {self.generation} was taken over by generation {current}"
+        except psycopg.Error as error:
+            why = f"its session ended ({' '.join(str(error).split()) or type(error).__name__})"
+        if why:
+            raise LeaseLost(f"The lock {self.name!r} was lost while held: {why}. Nothing was committed; another process may hold it now. "
+                            f"Fix: run again (it resumes from its last checkpoint).")
+
+
 def _holder(db, key: int) -> str:
     """Which session holds the advisory lock `key` (pg_locks shows a 64-bit key as two 32-bit halves)."""
     unsigned = key % 2**64
@@ -110,19 +160,29 @@ def _holder(db, key: int) -> str:
 
 
 @contextmanager
-def advisory_lock(url: str, name: str, what: str, wait: bool = False) -> Iterator[None]:
-    """Hold the advisory lock `name` for the block on a session of its own; while another session
-    holds it, wait for it, or (by default) raise `LockedError` at once naming `what` and the holder."""
+def advisory_lock(url: str, name: str, what: str, wait: bool = False) -> Iterator[Lease]:
+    """Hold the advisory lock `name` for the block on a session of its own, as the next generation of
+    its lease; while another session holds it, wait for it, or (by default) raise `LockedError` at once
+    naming `what` and the holder."""
     with connect(url) as db:
+        create_table(db, "autointerp_leases", "name TEXT PRIMARY KEY, generation BIGINT NOT NULL, holder TEXT NOT NULL")
         key = advisory_key(name)
         if wait:
             db.execute("SELECT pg_advisory_lock(%s)", (key,))
         elif not db.execute("SELECT pg_try_advisory_lock(%s)", (key,)).fetchone()[0]:
             raise locked(what, _holder(db, key))
-        yield
+        generation = db.execute("INSERT INTO autointerp_leases VALUES (%s, 1, current_setting('application_name')) ON CONFLICT (name) DO UPDATE "
+                                "SET generation = autointerp_leases.generation + 1, holder = excluded.holder RETURNING generation", (name,)).fetchone()[0]
+        yield Lease(name, generation, db)
+
+
+@contextmanager
+def _file_lease(path: Path, name: str, what: str, wait: bool) -> Iterator[Lease]:
+    with exclusive_lock(path, what, wait):
+        yield Lease(name)
 
 
 def exclusive(coordination_url: str, name: str, path: Path, what: str, wait: bool = False):
-    """Hold `name` exclusively for the block across every process of the deployment: an advisory
-    lock in the coordination database when there is one, else a lock on the file `path`."""
-    return advisory_lock(coordination_url, name, what, wait) if coordination_url else exclusive_lock(path, what, wait)
+    """Hold `name` exclusively for the block across every process of the deployment, yielding its
+    `Lease`: an advisory lock in the coordination database when there is one, else a lock on the file `path`."""
+    return advisory_lock(coordination_url, name, what, wait) if coordination_url else _file_lease(path, name, what, wait)

@@ -7,7 +7,9 @@ The write protocol of every stage is `with store.writing(table, ...) as writer:`
 (optional), a `Journal` keyed by what the rows are valid for (optional), then `writer.commit(frame)`:
 refuse a result emptier than the finished table (unless the run allows it), write atomically, drop
 the journal. A run that fails before `commit` keeps the old table and its journal (the next run
-resumes from it).
+resumes from it). Under a lock, the commit checks the lock's lease right before each rename and
+records its generation beside the table (`.<table>.lease`): a writer whose lock was lost (and perhaps
+taken by another node) is refused and leaves the table as it was.
 """
 from __future__ import annotations
 
@@ -22,7 +24,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from storage.atomic import read_json, write_json
-from storage.coordination import exclusive
+from storage.coordination import Lease, exclusive
 from storage.journal import Journal
 from storage.layout import DataRoot
 from storage.tables import (
@@ -30,6 +32,7 @@ from storage.tables import (
     file_fingerprint,
     latent_rows,
     refuse_emptier,
+    table_lease_path,
     table_lock_path,
     write_table,
     write_table_batches,
@@ -88,23 +91,39 @@ class StoredTable:
 
     def lock(self, what: str, wait: bool = False):
         """The lock every writer of this table holds across reading, changing and writing it: on every
-        node of a cluster with a coordination database, else on this machine (a file beside it)."""
+        node of a cluster with a coordination database, else on this machine (a file beside it). It
+        yields the lock's `Lease`, which `TableStore.writing` takes to check before the commit."""
         return exclusive(self.coordination_url, f"table {self.name} {self.what}", table_lock_path(self.path), what, wait)
+
+    def lease_record(self) -> dict | None:
+        """The lock and generation its last commit under a lock was made with (None: not recorded)."""
+        path = table_lease_path(self.path)
+        return read_json(path) if path.exists() else None
 
 
 class Writer:
     """One run's write of a table: its journal (rows kept as they finish) and the commit."""
 
-    def __init__(self, table: StoredTable, journal: Journal | None, allow_empty: bool):
-        self.table, self.journal, self.allow_empty = table, journal, allow_empty
+    def __init__(self, table: StoredTable, journal: Journal | None, allow_empty: bool, lease: Lease | None = None):
+        self.table, self.journal, self.allow_empty, self.lease = table, journal, allow_empty, lease
+
+    def _write(self, frame: pd.DataFrame, table: StoredTable) -> None:
+        """One table's atomic write, refused right before its rename if the lease was lost."""
+        write_table(frame, table.path, table.name, self.lease.check if self.lease else None)
+        self._record(table)
+
+    def _record(self, table: StoredTable) -> None:
+        """The commit record: which generation of which lock wrote the table (a fenced lease's only)."""
+        if self.lease is not None and self.lease.generation is not None:
+            write_json(table_lease_path(table.path), self.lease.record)
 
     def commit(self, frame: pd.DataFrame, *beside: tuple[StoredTable, pd.DataFrame]) -> None:
         """Write `frame` as the table (refused if it is empty where the finished one has rows), then each
         table `beside` it (a scorer's examples), then drop the journal: its rows are in the table now."""
         refuse_emptier(frame, self.table.path, self.table.what, self.allow_empty)
-        write_table(frame, self.table.path, self.table.name)
+        self._write(frame, self.table)
         for other, rows in beside:
-            write_table(rows, other.path, other.name)
+            self._write(rows, other)
         if self.journal is not None:
             self.journal.discard()
 
@@ -114,10 +133,13 @@ class Writer:
         the batches were). Returns the rows written."""
         def keep_results(n_rows: int) -> None:
             refuse_emptier(pd.DataFrame(index=range(n_rows)), self.table.path, self.table.what, self.allow_empty)
+            if self.lease is not None:
+                self.lease.check()
 
         rows = write_table_batches(frames, self.table.path, self.table.name, before_commit=keep_results)
+        self._record(self.table)
         for other, more in beside():
-            write_table(more, other.path, other.name)
+            self._write(more, other)
         if self.journal is not None:
             self.journal.discard()
         return rows
@@ -199,16 +221,17 @@ class TableStore:
 
     @contextmanager
     def writing(self, table: StoredTable, journal_key: str | None = None, parts: tuple[str, ...] = ("rows",),
-                lock: str | None = None, wait: bool = True) -> Iterator[Writer]:
+                lock: str | None = None, wait: bool = True, lease: Lease | None = None) -> Iterator[Writer]:
         """One run's write of `table`: with `lock` (what the run is, for a waiting or refused writer) it
         holds the table's lock throughout, waiting for another writer (with `wait=False`, refused at once:
-        a command the user runs names the holder instead of hanging); with `journal_key` (what the rows
-        are valid for: versions, settings, inputs' fingerprints, models) it keeps rows as they finish and
-        resumes an interrupted run's. Nothing replaces the table until `Writer.commit`."""
-        with table.lock(lock, wait) if lock else nullcontext():
+        a command the user runs names the holder instead of hanging); `lease`: the caller holds the
+        table's lock already (`StoredTable.lock`). With `journal_key` (what the rows are valid for:
+        versions, settings, inputs' fingerprints, models) it keeps rows as they finish and resumes an
+        interrupted run's. Nothing replaces the table until `Writer.commit`."""
+        with table.lock(lock, wait) if lock else nullcontext(lease) as held:
             journal = Journal(table.path, journal_key, parts) if journal_key is not None else None
             try:
-                yield Writer(table, journal, self.allow_empty)
+                yield Writer(table, journal, self.allow_empty, held)
             finally:
                 if journal is not None:
                     journal.close()

@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import pandas as pd
@@ -88,6 +89,11 @@ def table_lock_path(path: Path) -> Path:
     return path.with_name(f".{path.name}.lock")
 
 
+def table_lease_path(path: Path) -> Path:
+    """The record beside the table at `path` of the lock and generation its last locked commit held."""
+    return path.with_name(f".{path.name}.lease")
+
+
 def table_lock(path: Path, what: str, wait: bool = False):
     """The lock every writer of the table at `path` holds across reading, changing and writing it (the
     explanations asset for a whole shard's run, `autointerp import delphi`), so that neither overwrites
@@ -95,11 +101,12 @@ def table_lock(path: Path, what: str, wait: bool = False):
     return exclusive_lock(table_lock_path(path), what, wait)
 
 
-def write_table(frame: pd.DataFrame, path: Path, table: str) -> None:
+def write_table(frame: pd.DataFrame, path: Path, table: str, before_commit: Callable[[], None] | None = None) -> None:
     """Write `frame` as the table named `table`; an empty one is written as the typed empty table, so a
-    shard with nothing in it is still a valid table whose every column has its type."""
+    shard with nothing in it is still a valid table whose every column has its type. `before_commit`
+    may raise to keep the old file."""
     spec = TABLES[table]
-    with atomic_path(path) as tmp:
+    with atomic_path(path, before_commit) as tmp:
         if not len(frame):
             pq.write_table(spec.schema.empty_table(), tmp)
         else:

@@ -357,7 +357,7 @@ def _exemplar_rows(planned: list, tokens: np.ndarray, config: ExemplarsConfig, s
     return pd.DataFrame(rows, columns=TABLES["exemplars"].columns), pd.DataFrame(latent_rows)
 
 
-def context_index(root: DataRoot, corpus, window: int, embedder: EmbedderResource) -> ContextIndex:
+def context_index(root: DataRoot, corpus, window: int, embedder: EmbedderResource, coordination_url: str = "") -> ContextIndex:
     """The LanceDB table of every grid window of the corpus, embedded once per corpus and window length;
     beside it the tokens table, each distinct token of the corpus embedded alone (the embedding scorer's
     best-token spans read it: a partition shows nearly the whole vocabulary, which it would embed again)."""
@@ -370,11 +370,13 @@ def context_index(root: DataRoot, corpus, window: int, embedder: EmbedderResourc
         return texts, embedder.embed(texts)
 
     embedding = window_embedding(embedder.model)
-    ensure_token_vectors(root.lancedb_dir, corpus.meta["hash"], corpus.tokens, embedding, lambda ids: embedder.embed([token_text(vocab[t]) for t in ids]))
-    return ensure_contexts(root.lancedb_dir, contexts_table_name(corpus.meta["hash"], window, embedding), build)
+    ensure_token_vectors(root.lancedb_dir, corpus.meta["hash"], corpus.tokens, embedding, lambda ids: embedder.embed([token_text(vocab[t]) for t in ids]),
+                         coordination_url)
+    return ensure_contexts(root.lancedb_dir, contexts_table_name(corpus.meta["hash"], window, embedding), build, coordination_url)
 
 
-def negative_sources(root: DataRoot, coder_key: str, corpus, config: ExemplarsConfig, latents: list[int], embedder: EmbedderResource, meta: dict) -> NegativeSources:
+def negative_sources(root: DataRoot, coder_key: str, corpus, config: ExemplarsConfig, latents: list[int], embedder: EmbedderResource, meta: dict,
+                     coordination_url: str = "") -> NegativeSources:
     blocks_per_seq = corpus.tokens.shape[1] // config.example_ctx_len
     neighbours, neighbour_acts, contexts = {}, None, None
     if "neighbour" in config.non_activating_sources:
@@ -382,7 +384,7 @@ def negative_sources(root: DataRoot, coder_key: str, corpus, config: ExemplarsCo
         wanted = np.unique([n for ids in neighbours.values() for n in ids]) if neighbours else np.zeros(0, int)
         neighbour_acts = read_latents(root.activations_dir(coder_key), wanted, meta["width"], meta["latents_per_shard"])
     if "embedding" in config.non_activating_sources:
-        contexts = context_index(root, corpus, config.example_ctx_len, embedder)
+        contexts = context_index(root, corpus, config.example_ctx_len, embedder, coordination_url)
     return NegativeSources(blocks_per_seq, corpus.tokens.shape[0] * blocks_per_seq, neighbours, neighbour_acts, contexts)
 
 
@@ -419,7 +421,7 @@ def _shard_exemplars(context: AssetExecutionContext, partition_key: str, config:
         raise Failure(f"The activation cache of {coder} shard {shard} is incomplete: {incomplete} (a chunk file deleted or damaged?). "
                       f"Fix: delete {acts_dir} and re-materialize `activations` for {coder}.")
     latents = sorted({int(x) for x in np.unique(shard_acts.locations[:, 2])})
-    sources = negative_sources(root, coder, corpus, config, latents, embedder, meta)
+    sources = negative_sources(root, coder, corpus, config, latents, embedder, meta, settings.coordination_url)
     profile_parts, counts, window_kinds = [], {}, []
 
     def batches():  # written as they are built, so the stage holds one batch of window rows

@@ -274,8 +274,9 @@ def made_by(store, coder: str, shards: list[str], scorers: list[str]) -> list[st
     return lines
 
 
-def cache(data_dir: str, coder_keys: list[str], batch_size: int, checkpoint_entries: int, latents_per_shard: int) -> None:
-    """Cache activations outside Dagster (same code as the asset), e.g. on a GPU box or in tests."""
+def cache(data_dir: str, coder_keys: list[str], batch_size: int, checkpoint_entries: int, latents_per_shard: int, coordination_url: str = "") -> None:
+    """Cache activations outside Dagster (same code as the asset, under the same lock: the deployment's
+    `coordination_url`), e.g. on a GPU box or in tests."""
     from assets.activations import cache_activations
     from resources.sparse_coders import load_registered
     from resources.subject_model import SubjectModelResource
@@ -283,7 +284,8 @@ def cache(data_dir: str, coder_keys: list[str], batch_size: int, checkpoint_entr
 
     root = DataRoot.at(data_dir)
     coders = [load_registered(root.registry_dir, key) for key in coder_keys]
-    metas = cache_activations(coders, SubjectModelResource(batch_size=batch_size), root, checkpoint_entries=checkpoint_entries, latents_per_shard=latents_per_shard, log=print)
+    metas = cache_activations(coders, SubjectModelResource(batch_size=batch_size), root, checkpoint_entries=checkpoint_entries, latents_per_shard=latents_per_shard, log=print,
+                              coordination_url=coordination_url)
     for key, meta in metas.items():
         print(f"{key}: {meta['tokens']} tokens, {meta['live_latents']} live latents, mean L0 {meta['mean_l0']:.1f}, FVU {meta['fvu']}")
 
@@ -385,12 +387,13 @@ def main(argv: list[str] | None = None) -> None:
     from resources.sparse_coders import CoderFormatError, CoderShapeError, RegistryError
     from resources.steering import SteeringError
     from storage.atomic import LockedError
+    from storage.coordination import LeaseLost
     from autointerp_defs.readside.reader import ExportInputError
 
     try:
         return _main(argv)
-    except (CommandError, DeploymentError, LockedError, RegistryError, CoderFormatError, CoderShapeError, PermissionError, ExportInputError, SteeringError,
-            UnknownHookpointError) as error:
+    except (CommandError, DeploymentError, LockedError, LeaseLost, RegistryError, CoderFormatError, CoderShapeError, PermissionError, ExportInputError,
+            SteeringError, UnknownHookpointError) as error:
         sys.exit(f"autointerp {' '.join(argv if argv is not None else sys.argv[1:])}: {error}")
 
 
@@ -493,7 +496,7 @@ def _main(argv: list[str] | None = None) -> None:
         check_port_free(args.host, args.port, "UI_PORT=N; [settings] dagster_url is where the latent browser links")
         sys.exit(serve(args.host, args.port))
     elif args.command == "cache":
-        cache(args.data, args.coders, args.batch_size, args.checkpoint_entries, deployment.latents_per_shard)
+        cache(args.data, args.coders, args.batch_size, args.checkpoint_entries, deployment.latents_per_shard, deployment.setting("coordination_url"))
     elif args.command == "steer":
         steer(args.data, deployment.resources()["subject_model"], args.coder, args.latent, args.prompt, args.strength, args.tokens, args.absolute)
     elif args.command == "search":
@@ -503,7 +506,8 @@ def _main(argv: list[str] | None = None) -> None:
     elif args.command == "import":
         from autointerp_defs.readside.delphi import import_delphi
 
-        imported = import_delphi(args.data, args.coder, args.dir, args.module, args.model, embedder=deployment.resources()["embedder"])
+        resources = deployment.resources()
+        imported = import_delphi(resources["settings"].store, args.coder, args.dir, args.module, args.model, embedder=resources["embedder"])
         for shard, latents in imported.items():
             print(f"shard {shard}: imported {len(latents)} explanations; score them: autointerp materialize 'scores/*' --coder {args.coder} --shard {shard}")
     elif args.command == "view":

@@ -2,7 +2,7 @@
 
 - `contexts_<corpus hash>_<window>_<embedder>`: one row per fixed window of the corpus (`block` =
   sequence · windows-per-sequence + window index), with its text and embedding. Built once per corpus,
-  window length, embedder and window rendering (hashed into `<embedder>`) under a file lock, so partitions materialized at once never race to build
+  window length, embedder and window rendering (hashed into `<embedder>`) under a lock, so partitions materialized at once never race to build
   it; an ANN index is added once the table has `ANN_MIN_ROWS` rows. A `.npy` copy of the vectors
   beside it serves exact look-ups by block id.
 - `tokens_<corpus hash>_<embedder>.npy`: the vector of each distinct token of the corpus embedded alone
@@ -11,18 +11,23 @@
 - `explanations_<embedder>`: one row per ok explanation (coder, shard, latent), one table per embedder
   (its name hashed), so vectors of two models never meet in one search. A shard's rows are synced to
   its explanations table after each write of it (`sync_explanations`).
+
+Each table's writers hold its lock (`table_lock`): in the cluster's coordination database when the
+deployment has one (every node), else a file beside the table; a writer checks its lease right before it
+commits.
 """
 from __future__ import annotations
 
 import hashlib
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 import numpy as np
 import pyarrow as pa
 
-from storage.atomic import atomic_path, exclusive_lock
+from storage.atomic import atomic_path
+from storage.coordination import Lease, exclusive
 from storage.store import TableStore
 
 ANN_MIN_ROWS = 50_000
@@ -38,10 +43,11 @@ def _connect(db_dir: Path):
 
 
 @contextmanager
-def table_lock(db_dir: Path, name: str):
-    """An exclusive lock across processes for writing table `name` (waits for the holder)."""
-    with exclusive_lock(db_dir / f".{name}.lock", f"writing the vector table {name}", wait=True):
-        yield
+def table_lock(db_dir: Path, name: str, coordination_url: str = "") -> Iterator[Lease]:
+    """An exclusive lock across processes (every node's, with a `coordination_url`) for writing table
+    `name`: waits for the holder."""
+    with exclusive(coordination_url, f"vector table {name}", db_dir / f".{name}.lock", f"writing the vector table {name}", wait=True) as lease:
+        yield lease
 
 
 def _vectors(vectors: np.ndarray) -> pa.FixedSizeListArray:
@@ -120,23 +126,24 @@ class ContextIndex:
         return [blocks[order[a:b]] for a, b in zip(bounds[:-1], bounds[1:])]
 
 
-def ensure_contexts(db_dir: Path, name: str, build: Callable[[], tuple[list[str], np.ndarray]]) -> ContextIndex:
+def ensure_contexts(db_dir: Path, name: str, build: Callable[[], tuple[list[str], np.ndarray]], coordination_url: str = "") -> ContextIndex:
     """Open the contexts table `name`, building it first (once, under a lock) if it is missing."""
     marker = db_dir / f"{name}.npy"
     if not marker.exists():
-        with table_lock(db_dir, name):
+        with table_lock(db_dir, name, coordination_url) as lease:
             if not marker.exists():
                 texts, vectors = build()
                 data = pa.table({"block": pa.array(np.arange(len(texts)), pa.int64()), "text": texts, "vector": _vectors(vectors)})
+                lease.check()
                 table = _connect(db_dir).create_table(name, data=data, mode="overwrite")
                 if len(texts) >= ANN_MIN_ROWS:
                     build_ann_index(table, len(texts))
-                _save_vectors(marker, vectors)
+                _save_vectors(marker, vectors, lease.check)
     return ContextIndex(db_dir, name)
 
 
-def _save_vectors(path: Path, vectors: np.ndarray) -> None:
-    with atomic_path(path) as tmp:
+def _save_vectors(path: Path, vectors: np.ndarray, before_replace: Callable[[], None]) -> None:
+    with atomic_path(path, before_replace) as tmp:
         with open(tmp, "wb") as handle:
             np.save(handle, vectors.astype(np.float32))
 
@@ -146,15 +153,16 @@ def tokens_table_name(corpus_hash: str, embedding: str) -> str:
     return f"tokens_{corpus_hash}_{hashlib.sha256(embedding.encode()).hexdigest()[:8]}"
 
 
-def ensure_token_vectors(db_dir: Path, corpus_hash: str, tokens: np.ndarray, embedding: str, embed: Callable[[np.ndarray], np.ndarray]) -> None:
+def ensure_token_vectors(db_dir: Path, corpus_hash: str, tokens: np.ndarray, embedding: str, embed: Callable[[np.ndarray], np.ndarray],
+                         coordination_url: str = "") -> None:
     """Write the tokens table (`embed` of the corpus's distinct token ids, ascending) once, under a lock, if it is missing."""
     name = tokens_table_name(corpus_hash, embedding)
     path = db_dir / f"{name}.npy"
     if not path.exists():
         db_dir.mkdir(parents=True, exist_ok=True)
-        with table_lock(db_dir, name):
+        with table_lock(db_dir, name, coordination_url) as lease:
             if not path.exists():
-                _save_vectors(path, embed(np.unique(tokens)))
+                _save_vectors(path, embed(np.unique(tokens)), lease.check)
 
 
 def build_ann_index(table, n_rows: int) -> None:
@@ -200,11 +208,12 @@ def _check_dimension(table, name: str, got: int, what: str) -> None:
                                      f"folder and materialize `explanations` again, so the table holds only this embedder's vectors.")
 
 
-def sync_explanations(db_dir: Path, embedder: str, coder: str, shard: str, explanations: dict[int, str], embed: Callable[[list[str]], np.ndarray]) -> None:
+def sync_explanations(db_dir: Path, embedder: str, coder: str, shard: str, explanations: dict[int, str], embed: Callable[[list[str]], np.ndarray],
+                      coordination_url: str = "") -> None:
     """Make the rows of `coder`'s `shard` in `embedder`'s table exactly `explanations` (latent → text: the
     shard's ok explanations as its committed table holds them). Latents no longer there (failed since, or
     left out) are deleted; new or changed texts are embedded and replaced; unchanged rows are kept as they
-    are. One writer at a time per table (the file lock), so concurrent shards never conflict.
+    are. One writer at a time per table (`table_lock`), so concurrent shards never conflict.
 
     Callers sync after the explanations table is written: that table is the record. A crash between the
     two leaves this table out of step with it until the next sync of the shard, so `search_explanations`
@@ -222,7 +231,7 @@ def sync_explanations(db_dir: Path, embedder: str, coder: str, shard: str, expla
     texts = [explanations[latent] for latent in changed]
     data = pa.table({"id": [f"{coder}#{latent}" for latent in changed], "coder": [coder] * len(changed), "shard": [shard] * len(changed),
                      "latent": pa.array(changed, pa.int64()), "explanation": texts, "vector": _vectors(np.asarray(embed(texts)))}) if changed else None
-    with table_lock(db_dir, name):
+    with table_lock(db_dir, name, coordination_url):  # taken after embedding: nothing slow is done under it
         if data is not None:
             table = db.open_table(name) if (db_dir / f"{name}.lance").exists() else db.create_table(name, schema=data.schema)
             _check_dimension(table, name, data.schema.field("vector").type.list_size, f"The embedding of {coder} shard {shard}'s explanations")

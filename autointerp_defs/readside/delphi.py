@@ -224,11 +224,12 @@ def read_delphi_explanations(folder: Path, module: str | None = None) -> dict[in
     return found[module]
 
 
-def import_delphi(data_dir: str, coder: str, folder: str, module: str | None = None, model: str = "delphi", embedder=None) -> dict[str, list[int]]:
+def import_delphi(store: TableStore, coder: str, folder: str, module: str | None = None, model: str = "delphi", embedder=None) -> dict[str, list[int]]:
     """Put delphi's explanations into this coder's explanations tables (replacing those latents' rows),
     and into the search index (`embedder`: the deployment's embedder resource, which the scorers and search
-    use too); returns per shard the latents imported. Scorers then score them with controls."""
-    store = TableStore.at(data_dir)
+    use too); returns per shard the latents imported. Scorers then score them with controls. `store` is
+    the deployment's (`settings.store`): its tables' locks are the ones the explanations asset holds, on
+    every node of a cluster."""
     meta = reader.activations_meta(store, coder)
     width = int(meta["width"])
     texts = read_delphi_explanations(Path(folder), module)
@@ -260,5 +261,6 @@ def import_delphi(data_dir: str, coder: str, folder: str, module: str | None = N
 
                 embedder = EmbedderResource()
             ok = table[table["status"] == "ok"]
-            sync_explanations(store.layout.lancedb_dir, embedder.model, coder, shard, dict(zip(ok["latent"].tolist(), ok["explanation"])), embedder.embed)
+            sync_explanations(store.layout.lancedb_dir, embedder.model, coder, shard, dict(zip(ok["latent"].tolist(), ok["explanation"])), embedder.embed,
+                              store.coordination_url)
     return by_shard

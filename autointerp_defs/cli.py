@@ -520,7 +520,7 @@ def _main(argv: list[str] | None = None) -> None:
 
         if dagster_home() is None:
             raise SystemExit("autointerp adopt-root: DAGSTER_HOME is not set. Fix: set it to the instance's folder (its dagster.yaml names the shared database).")
-        identity = adopt_root(DagsterInstance.get(), DataRoot.at(args.data))
+        identity = adopt_root(DagsterInstance.get(), DataRoot.at(args.data), deployment.setting("coordination_url"))
         print(f"the instance's runs now use the data root {DataRoot.at(args.data).root} (identity {identity})")
 
 

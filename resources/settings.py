@@ -6,35 +6,47 @@ from dagster import ConfigurableResource, DagsterInstance, InitResourceContext
 from pydantic import Field
 
 from storage.layout import DataRoot
-from storage.root_identity import mount_of, root_identity
+from storage.root_identity import claimed_root, mount_of, replace_root, root_identity
 from storage.store import TableStore
 
 ROOT_KEY = "autointerp/data_root"
-"""Where the instance records the identity of the data root its runs use (its key-value store)."""
+"""Where the instance records the identity of the data root its runs use (its key-value store), when
+there is no coordination database (which records it instead, race-free: `storage.root_identity`)."""
 
 
 class NotTheSharedRoot(RuntimeError):
     """This node's data root is not the one the instance's runs use: an empty, unmounted or private folder."""
 
 
-def adopt_root(instance: DagsterInstance, root: DataRoot) -> str:
+def adopt_root(instance: DagsterInstance, root: DataRoot, coordination_url: str = "") -> str:
     """Record `root` as the instance's data root (made on the first step, or by `autointerp adopt-root`
-    when a root is meant to replace the old one). Returns its identity."""
+    when a root is meant to replace the old one), in the coordination database when there is one.
+    Returns its identity."""
+    if coordination_url:
+        return replace_root(coordination_url, root)
     identity = root_identity(root, create=True)
     instance.run_storage.set_cursor_values({ROOT_KEY: identity})
     return identity
 
 
-def check_shared_root(instance: DagsterInstance, root: DataRoot) -> None:
-    """Fail at once, before anything is read, where this node's root is not the instance's shared root."""
+def _recorded_root(instance: DagsterInstance, root: DataRoot, coordination_url: str) -> dict:
+    """The root the instance's runs use, `root` if none was recorded yet: claimed by one compare-and-set
+    in the coordination database, else read then set in the instance (which two nodes may both do)."""
+    if coordination_url:
+        return claimed_root(coordination_url, root)
     recorded = instance.run_storage.get_cursor_values({ROOT_KEY}).get(ROOT_KEY)
-    if recorded is None:
-        adopt_root(instance, root)
-        return
+    return {"identity": recorded or adopt_root(instance, root)}
+
+
+def check_shared_root(instance: DagsterInstance, root: DataRoot, coordination_url: str = "") -> None:
+    """Fail at once, before anything is read, where this node's root is not the instance's shared root."""
+    recorded = _recorded_root(instance, root, coordination_url)
     here = root_identity(root, create=False)
-    if here == recorded:
+    if here == recorded["identity"]:
         return
-    why = "it has no identity file: an empty folder, or the shared filesystem is not mounted" if here is None else f"its identity {here} is not the instance's {recorded}"
+    theirs = recorded["identity"] + (f" ({recorded['path']} on the mount {recorded['mount']} of {recorded['node']})" if "path" in recorded else "")
+    why = (f"it has no identity file (an empty folder, or the shared filesystem is not mounted), where the instance's is {theirs}" if here is None
+           else f"its identity {here} is not the instance's {theirs}")
     raise NotTheSharedRoot(
         f"This node's data root {root.root} (on the mount {mount_of(root.root)}) is not the shared root this instance's runs use: {why}. "
         f"Nothing was read. Fix: mount the shared data root at {root.root} on this node (or point [settings] data_dir at it); if this root is "
@@ -49,14 +61,14 @@ class AutointerpSettings(ConfigurableResource):
     max_latents_per_shard: int = Field(default=0, description="Explain and score at most this many live latents per shard (0 = all). The CPU deployment keeps it small.")
     viewer_url: str = Field(default="http://127.0.0.1:8080", description="Where the latent browser (`autointerp view`) is reached: the `explanations` and `score_summary` metadata link to its coder and latent pages.")
     dagster_url: str = Field(default="http://127.0.0.1:3000", description="Where the Dagster UI is reached: the latent browser's pages link to their asset partitions there.")
-    coordination_url: str = Field(default="", description="A PostgreSQL URL (postgresql://user@host:5432/db, one database per data root) through which the nodes of a cluster coordinate: the lock on each coder's activation cache, the tables' write locks, the LLM endpoint's request limit and the LLM response cache are held there instead of in files under the data root. Its password comes from PGPASSWORD or ~/.pgpass, not from this setting. Empty: one machine, files.")
+    coordination_url: str = Field(default="", description="A PostgreSQL URL (postgresql://user@host:5432/db, one database per data root) through which the nodes of a cluster coordinate: the lock on each coder's activation cache, the tables' and vector tables' write locks (leases checked before each commit), the LLM endpoint's request limit, the LLM response cache and the record of the shared data root are held there instead of in files under the data root or the instance. Its password comes from PGPASSWORD or ~/.pgpass, not from this setting. Empty: one machine, files.")
     allow_empty_results: bool = Field(default=False, description="Let a run whose table is empty replace one that holds results (a deliberate re-run); off, such a run fails and the table is kept.")
 
     shared_data_root: bool = Field(default=False, description="The data root is one filesystem shared by every node (the cluster deployment): each step first checks that its node sees the instance's root (an identity file recorded in the instance) and fails at once naming the mount where it does not, never reading stale data from a private folder.")
 
     def setup_for_execution(self, context: InitResourceContext) -> None:
         if self.shared_data_root and context.instance is not None:
-            check_shared_root(context.instance, self.root)
+            check_shared_root(context.instance, self.root, self.coordination_url)
 
     @property
     def root(self) -> DataRoot:

@@ -192,7 +192,7 @@ def one_round(workers: int, args, inputs: Path, keys: list[str], postgres: str, 
     write_instance(home, max_runs=len(ranges), llm_runs=len(ranges), gpus=1)
     instance = DagsterInstance.from_config(str(home))
     instance.add_dynamic_partitions("shard", shard_partition_keys(TINY_CODER, WIDTH, LATENTS_PER_SHARD))
-    adopt_root(instance, DataRoot.at(root))  # as `autointerp adopt-root` does, before the runs (not raced by all of them)
+    adopt_root(instance, DataRoot.at(root), coordination)  # as `autointerp adopt-root` does, before the runs (not raced by all of them)
     launched = time.monotonic()
     started = [(logs / f"llm{i}.log", start_worker("llm", env, logs / f"llm{i}.log", args.concurrency, f"llm{i}@%h")) for i in range(workers)]
     runs = []

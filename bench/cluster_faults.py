@@ -131,7 +131,7 @@ def one_round(fault: str | None, args, keys: list[str], reference_requests: int,
     write_instance(home, max_runs=len(keys), llm_runs=len(keys), gpus=1)
     instance = DagsterInstance.from_config(str(home))
     instance.add_dynamic_partitions("shard", shard_partition_keys(TINY_CODER, bench_cluster.WIDTH, bench_cluster.LATENTS_PER_SHARD))
-    adopt_root(instance, DataRoot.at(root))
+    adopt_root(instance, DataRoot.at(root), coordination.url)
     workers = [start_worker("llm", env, logs / f"llm{i}.log", CONCURRENCY, f"llm{i}@%h", node=nodes[i]) for i in range(WORKERS)]
     runs, failed, hung, done, errors, ended = {}, [], [], None, {}, {}
 

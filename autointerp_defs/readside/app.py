@@ -30,11 +30,12 @@ STALE = "stale: scored an earlier explanation"
 
 
 class ViewerError(Exception):
-    """A request the viewer cannot answer: `status` is the HTTP status, the message names the bad input and the fix."""
+    """A request the viewer cannot answer: `status` is the HTTP status, the message names the bad input and the fix;
+    `headers` go with the answer (a 429's Retry-After)."""
 
-    def __init__(self, status: int, message: str):
+    def __init__(self, status: int, message: str, headers: dict[str, str] | None = None):
         super().__init__(message)
-        self.status = status
+        self.status, self.headers = status, headers or {}
 
 
 def integer(params: dict[str, str], name: str, default: int) -> int:
@@ -440,18 +441,31 @@ def word_matches(explanations: pd.Series, query: str, limit: int) -> list[tuple[
     return [(int(explanations.index[i]), None) for i in order[:limit] if matched.iat[i] > 0]
 
 
+STEER_RETRY_S = 5
+"""Seconds a steering request refused while another runs is told to wait (Retry-After): about one generation of 24 tokens on CPU."""
+_STEERING: dict[tuple[str, str | None], threading.Lock] = {}
+_STEERING_LOCK = threading.Lock()
+
+
+def steering_lock(model: str, gguf_file: str | None) -> threading.Lock:
+    """The one lock of a subject model's steering in this process: a second request for the same model is refused
+    (429), not queued, since each costs the model's time for every core and a web page could send many."""
+    with _STEERING_LOCK:
+        return _STEERING.setdefault((model, gguf_file), threading.Lock())
+
+
 class SteeringBox:
     """The latent page's steering box: the subject model is loaded once, in a background thread started by the
     first request (which answers "loading" at once, as every request does until it is ready; other pages are
     served meanwhile), then each request continues its prompt without and with the latent steered, through
-    `resources/steering.py` (one at a time: generation uses every core)."""
+    `resources/steering.py` (one at a time per model, `steering_lock`: generation uses every core)."""
 
     def __init__(self, store: TableStore, subject):
         self.store, self.subject = store, subject
         self._state, self._error = "idle", ""
         self._steerer = None
         self._lock = threading.Lock()
-        self._running = threading.Lock()
+        self._running = steering_lock(subject.model, subject.gguf_file)
         self._coders: dict[str, object] = {}
 
     def availability(self, index: CoderIndex) -> dict:
@@ -478,14 +492,18 @@ class SteeringBox:
                 threading.Thread(target=self._load, daemon=True).start()
             if self._state == "loading":
                 return {"state": "loading", "message": f"Loading the subject model {self.subject.model} (once per server start)…"}
-        with self._running:
+        if not self._running.acquire(blocking=False):
+            raise ViewerError(429, f"The subject model {self.subject.model} is steering another request (one at a time). Fix: try again in a few seconds.",
+                              {"Retry-After": str(STEER_RETRY_S)})
+        try:
             if index.coder not in self._coders:
                 self._coders[index.coder] = load_registered(self.store.layout.registry_dir, index.coder)
-            try:
-                unit = max_activation(self.store.layout.activations_dir(index.coder), latent)
-                result = continue_side_by_side(self._steerer, self._coders[index.coder], latent, prompt, strength * unit, tokens)
-            except SteeringError as error:
-                raise ViewerError(400, str(error)) from None
+            unit = max_activation(self.store.layout.activations_dir(index.coder), latent)
+            result = continue_side_by_side(self._steerer, self._coders[index.coder], latent, prompt, strength * unit, tokens)
+        except SteeringError as error:
+            raise ViewerError(400, str(error)) from None
+        finally:
+            self._running.release()
         return {"state": "done", "prompt": prompt, "strength": strength, "unit": unit, "delta": result.delta, "kl": result.kl,
                 "unsteered": result.unsteered, "steered": result.steered, "tokens": tokens}
 

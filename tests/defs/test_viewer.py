@@ -564,3 +564,71 @@ def test_background_work_waits_while_a_request_is_answered(partition):
         assert not paused.is_set()
     waiting.join(timeout=10)
     assert paused.is_set()
+
+
+def steer_request(server: str, body: dict | str, headers: dict | None = None) -> tuple[int, dict, dict]:
+    """POST /api/steer as the latent page's box sends it (JSON), with `headers` on top; (status, answer, headers)."""
+    import http.client
+
+    connection = http.client.HTTPConnection(*server.removeprefix("http://").split(":"), timeout=60)
+    raw = body if isinstance(body, str) else json.dumps(body)
+    connection.request("POST", "/api/steer", raw.encode(), {"Content-Type": "application/json", **(headers or {})})
+    response = connection.getresponse()
+    return response.status, json.loads(response.read()), dict(response.getheaders())
+
+
+@pytest.fixture
+def steering_server(partition, monkeypatch):
+    """A server whose steering generates nothing: each steer waits until the test lets it finish."""
+    from autointerp_defs.readside.app import Viewer
+    from autointerp_defs.readside.server import make_server
+
+    entered, release = threading.Event(), threading.Event()
+
+    def generate(*args):
+        entered.set()
+        assert release.wait(60)
+        return type("Continued", (), {"delta": 1.0, "kl": 0.5, "unsteered": " a", "steered": " b"})()
+
+    monkeypatch.setattr("resources.steering.continue_side_by_side", generate)
+    viewer = Viewer(TableStore.at(partition.root))
+    viewer.steering._state, viewer.steering._steerer = "ready", object()  # as if the subject model were loaded
+    httpd = make_server(str(partition.root), port=0, viewer=viewer)
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    yield f"http://127.0.0.1:{httpd.server_port}", entered, release
+    release.set()
+    httpd.shutdown()
+    httpd.server_close()
+
+
+def test_steering_is_a_post_from_this_servers_pages_only(steering_server, partition):
+    server, _, release = steering_server
+    release.set()
+    port = server.rsplit(":", 1)[1]
+    asked = {"coder": partition.coder, "latent": 0, "prompt": "The", "strength": 2, "tokens": 4}
+    status, answer = get(server, f"/api/steer?coder={quote(partition.coder, safe='')}&latent=0&prompt=The")
+    assert status == 405 and "POST" in answer["error"]  # a link or an <img> on any web page must not run the model
+    for origin in ("http://attacker.example", f"http://attacker.example:{port}", "null", f"http://localhost:{int(port) + 1}"):
+        status, answer, _ = steer_request(server, asked, {"Origin": origin})
+        assert status == 403 and "Origin" in answer["error"], origin
+    assert steer_request(server, asked, {"Host": "attacker.example"})[0] == 403  # DNS rebinding, as for every route
+    assert steer_request(server, asked, {"Content-Type": "text/plain"})[0] == 415  # what a cross-site form may send without a preflight
+    assert steer_request(server, "not json")[0] == 400
+    for origin in (f"http://127.0.0.1:{port}", f"http://localhost:{port}", None):  # this server's own pages; a client that is not a browser
+        status, answer, _ = steer_request(server, asked, {"Origin": origin} if origin else {})
+        assert status == 200 and answer["state"] == "done" and answer["steered"] == " b", origin
+
+
+def test_one_steering_at_a_time_per_model_and_a_second_is_told_when_to_retry(steering_server, partition):
+    server, entered, release = steering_server
+    asked = {"coder": partition.coder, "latent": 0, "prompt": "The"}
+    first = []
+    running = threading.Thread(target=lambda: first.append(steer_request(server, asked)))
+    running.start()
+    assert entered.wait(60)
+    status, answer, headers = steer_request(server, asked)
+    assert status == 429 and "one at a time" in answer["error"] and int(headers["Retry-After"]) > 0
+    release.set()
+    running.join(60)
+    assert first[0][0] == 200 and first[0][1]["state"] == "done"
+    assert steer_request(server, asked)[0] == 200  # the model is free again

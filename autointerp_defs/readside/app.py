@@ -80,7 +80,7 @@ class Viewer:
         self.store = store
         self.dagster_url = dagster_url
         self.subject = subject or SubjectModelResource()
-        self.subject_model = (self.subject.model, self.subject.gguf_file)
+        self.subject_model = (self.subject.model, self.subject.gguf_file, self.subject.revision)
         if embedder is None:
             from resources.embedder import EmbedderResource
 

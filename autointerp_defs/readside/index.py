@@ -9,8 +9,9 @@ nothing is read whole per request:
 - `<shard>.exemplars.arrow`: the shard's exemplars in Arrow's file format, sorted by latent, memory-
   mapped; with per-latent row offsets a latent's windows are a zero-copy slice, not a parquet scan.
 - `<shard>.density.npz`: per latent a histogram of its cached activations (one pass over the shard).
-- `decoder.npy`: unit-norm decoder rows, memory-mapped, for cosine neighbours and the logit lens, where
-  the activation cache has none of its own (`decoder_directions.npy`, written by the activations stage).
+- `decoder-<identity>.npy`: unit-norm decoder rows, memory-mapped, for cosine neighbours and the logit lens, where
+  the activation cache has none of its own (`decoder_directions.npy`, written by the activations stage); named by
+  the content of the coder's registry files (`reader.coder_identity`).
 
 The subject model's unembedding and final norm scale, for the logit lens, are read from the file the
 activations stage writes beside the caches (`DataRoot.unembedding_path`), so the server need not keep,
@@ -65,7 +66,7 @@ with other columns is built again even when no source table changed."""
 class CoderIndex:
     """The cached views of one coder; thread-safe (the server answers requests on threads)."""
 
-    def __init__(self, store: TableStore, coder: str, subject_model: tuple[str | None, str | None] = (None, None), embedder: str = EMBEDDED,
+    def __init__(self, store: TableStore, coder: str, subject_model: tuple[str | None, str | None, str | None] = (None, None, None), embedder: str = EMBEDDED,
                  background: bool = False, pause: Callable[[], None] = lambda: None):
         self.store, self.coder, self.embedder = store, coder, embedder
         """`embedder`: the model whose explanations table search reads (the deployment's `[embedder] model`)."""
@@ -74,7 +75,7 @@ class CoderIndex:
         self.pause = pause
         """Called before each step of background work (the browser's `pause_for_requests`)."""
         self.subject_model = subject_model
-        """(model, gguf_file) whose unembedding the logit lens reads: the deployment's `[subject_model]` (None: the embedded model)."""
+        """(model, gguf_file, revision) whose unembedding the logit lens reads: the deployment's `[subject_model]` (None: the embedded model)."""
         self.meta = reader.activations_meta(store, coder)
         self.shards = reader.shard_keys_of(self.meta)
         self.dir = store.layout.viewer_dir(coder)
@@ -355,9 +356,10 @@ class CoderIndex:
 
     def decoder(self) -> np.ndarray | None:
         """Unit-norm decoder rows `[width, d]` (memory-mapped), or None when the coder has no decoder; read
-        again when the coder's registry files change (a coder registered anew under the same name). The
-        activations stage writes them with the cache; only a cache without them is converted here, once."""
-        current = reader.stamp(reader.registry_files(self.store, self.coder))
+        again when the content of the coder's registry files changes (a coder registered anew under the same
+        name, even with the old sizes and times). The activations stage writes them with the cache; only a cache
+        without them is converted here, once per version of the coder."""
+        current = reader.coder_identity(self.store, self.coder)
         held = self._decoder
         if held is None or held[0] != current:
             with self._guard("decoder"):
@@ -365,17 +367,22 @@ class CoderIndex:
                 self._decoder = held = (current, rows if found else self._converted_decoder(current))
         return held[1]
 
-    def _converted_decoder(self, current: str) -> np.ndarray | None:
-        path, stamp_path = self.dir / "decoder.npy", self.dir / "decoder.stamp.json"
-        cached = _read_json(stamp_path)
-        if cached.get("stamp") != current:
+    def _converted_decoder(self, identity: str) -> np.ndarray | None:
+        """The rows converted from the registered coder, in `decoder-<its identity>.npy` (with a `.json` saying
+        whether it has any): a file of another version of the coder is never read for this one."""
+        path, marker = self.dir / f"decoder-{identity}.npy", self.dir / f"decoder-{identity}.json"
+        cached = _read_json(marker)
+        if not cached:
             directions = reader.registered_coder(self.store, self.coder).decoder_directions()
             if directions is not None:
                 with atomic_path(path) as tmp:
                     with open(tmp, "wb") as handle:
                         np.save(handle, directions.numpy())
-            cached = {"stamp": current, "has_decoder": directions is not None}
-            _write_json(stamp_path, cached)
+            cached = {"has_decoder": directions is not None}
+            _write_json(marker, cached)
+            for old in self.dir.glob("decoder*"):  # earlier versions' rows: as large as the coder
+                if old.name not in (path.name, marker.name):
+                    old.unlink(missing_ok=True)
         return np.load(path, mmap_mode="r") if cached["has_decoder"] else None
 
     def neighbours(self, latent: int, n: int = 10) -> list[dict] | None:
@@ -463,17 +470,18 @@ _LENS_BUILDS_LOCK = threading.Lock()
 _LENS_FAILED: dict[Path, str] = {}
 
 
-def lens_model(store: TableStore, model: str | None = None, gguf_file: str | None = None, wait: bool = True):
+def lens_model(store: TableStore, model: str | None = None, gguf_file: str | None = None, revision: str | None = None, wait: bool = True):
     """The subject model's unembedding and final norm scale (`resources.logit_lens.Unembedding`), what
     `vocab_logits` reads, from the file the activations stage wrote (`unembedding_path`), else from a copy
-    written once under `viewer/`, so that the server loads the full model once, ever. `model` and `gguf_file` are the
-    deployment's `[subject_model]` ones (None: the embedded model). With `wait` False and nothing written
+    written once under `viewer/`, so that the server loads the full model once, ever. `model`, `gguf_file` and
+    `revision` are the deployment's `[subject_model]` ones (None: the embedded model); both files are named by the
+    model's identity, so weights changed under the same name are read anew. With `wait` False and nothing written
     yet, it is built in a background thread and a sentence saying so (or why the build failed) is
     returned at once: loading a model takes a minute on a busy machine."""
-    from resources.subject_model import EMBEDDED
+    from resources.subject_model import EMBEDDED, model_identity
 
     model = model or EMBEDDED
-    path = store.layout.unembedding_path(model, gguf_file)
+    path = store.layout.unembedding_path(model_identity(model, gguf_file, revision))
     if not path.exists():  # a cache made before the activations stage wrote it: the browser keeps its own copy
         path = store.layout.viewer_dir() / path.name
     if wait or path in _LENS or path.exists():

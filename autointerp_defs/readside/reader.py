@@ -16,6 +16,7 @@ import pandas as pd
 
 from storage.activations import META_FILE, ShardActivations, load_decoder_directions, load_latent_stats, read_cache_meta, read_latents, read_shard, shard_keys, shard_of_latents
 from storage.corpus import load_corpus
+from storage.identity import content_digest
 from storage.store import StoredTable, TableStore
 from storage.vector_store import explanations_table_stamp as explanations_table_stamp_at
 from storage.vector_store import open_explanations
@@ -217,9 +218,10 @@ def stored_decoder_directions(store: TableStore, coder: str) -> tuple[bool, np.n
     return True, load_decoder_directions(folder) if meta["decoder_directions"] else None
 
 
-def registry_files(store: TableStore, coder: str) -> list[Path]:
+def coder_identity(store: TableStore, coder: str) -> str:
+    """The content of the coder's registry files (`storage/identity.py`: hashed once per version of each file), or '' without them."""
     folder = store.layout.coder_registry_dir(coder)
-    return sorted(p for p in folder.iterdir() if p.is_file()) if folder.exists() else []
+    return content_digest(folder) if folder.is_dir() else ""
 
 
 def input_files(store: TableStore, coder: str, shards: list[str]) -> list[os.PathLike]:

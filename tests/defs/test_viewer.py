@@ -443,6 +443,9 @@ def test_a_score_of_an_earlier_explanation_is_marked_stale_not_shown_as_the_late
 
 def test_every_latent_page_of_a_coder_narrower_than_the_neighbour_count_answers(tmp_path, subject):
     """Width 8 < the 10 neighbours a page lists; and a coder registered anew serves its own decoder at once."""
+    import os
+    import time
+
     from dagster import DagsterInstance, materialize
 
     from assets.corpus import embedded_documents, tokenize_documents
@@ -477,6 +480,15 @@ def test_every_latent_page_of_a_coder_narrower_than_the_neighbour_count_answers(
     again = random_coder(width=8, d_in=576, k=2, seed=1)
     save_sparsify(again, folder)  # registered anew under the same name, while the server runs
     assert [n["cosine"] for n in server.latent(coder, 0)["neighbours"]["latents"]] == pytest.approx(cosines(again.decoder_weight, 0), abs=1e-4)
+
+    times = {path.name: path.stat() for path in folder.iterdir()}
+    time.sleep(0.05)
+    third = random_coder(width=8, d_in=576, k=2, seed=2)
+    save_sparsify(third, folder)  # and again, its files with the sizes and times of the last ones (`cp -p`, `rsync -t`)
+    for path in folder.iterdir():
+        assert path.stat().st_size == times[path.name].st_size
+        os.utime(path, ns=(times[path.name].st_atime_ns, times[path.name].st_mtime_ns))
+    assert [n["cosine"] for n in server.latent(coder, 0)["neighbours"]["latents"]] == pytest.approx(cosines(third.decoder_weight, 0), abs=1e-4)
 
 
 def test_latent_page_shows_the_senses_of_a_latent_explained_as_several(partition, tmp_path):
@@ -546,7 +558,7 @@ def test_a_first_start_after_a_materialization_serves_a_latent_page_without_buil
     built_caches = lambda: sorted(p.name for p in layout.viewer_dir(partition.coder).iterdir() if p.suffix in (".arrow", ".npz", ".npy") and p.stem != "latents")
     assert built_caches() == [] and set(prepared) == {partition.shard}
     assert page == Viewer(TableStore.at(layout.root)).latent(partition.coder, latent)  # without a background, the request builds every cache
-    assert f"{partition.shard}.exemplars.arrow" in built_caches() and "decoder.npy" not in built_caches()
+    assert f"{partition.shard}.exemplars.arrow" in built_caches() and not any(name.startswith("decoder") for name in built_caches())
 
 
 def test_background_work_waits_while_a_request_is_answered(partition):
@@ -632,3 +644,35 @@ def test_one_steering_at_a_time_per_model_and_a_second_is_told_when_to_retry(ste
     running.join(60)
     assert first[0][0] == 200 and first[0][1]["state"] == "done"
     assert steer_request(server, asked)[0] == 200  # the model is free again
+
+
+def test_the_logit_lens_reads_the_unembedding_of_the_models_current_weights(partition, tmp_path, monkeypatch):
+    """The unembedding file is named by the model's identity (its content): weights changed in place, even with the
+    old size and times, are never read through the earlier weights' file."""
+    import os
+    import time
+
+    from safetensors.torch import save_file
+
+    from autointerp_defs.readside import index
+    from resources.subject_model import model_identity
+
+    root = copy_root(partition, tmp_path)
+    model = tmp_path / "checkpoint"
+    model.mkdir()
+    (model / "model.safetensors").write_bytes(b"a" * 4096)
+    unembedding, before = torch.randn(8, 4), model_identity(str(model))
+    save_file({"unembedding": unembedding}, str(root.unembedding_path(before)))  # what the activations stage wrote
+    lens = index.lens_model(TableStore.at(root.root), str(model))
+    assert torch.equal(lens.get_output_embeddings().weight, unembedding)
+
+    stat = (model / "model.safetensors").stat()
+    time.sleep(0.05)
+    (model / "model.safetensors").write_bytes(b"b" * 4096)  # other weights, same size, their times put back
+    os.utime(model / "model.safetensors", ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    started = []
+    monkeypatch.setattr(index, "_build_lens", lambda path, *args: started.append(path))  # loads no model here
+    assert "loading the subject model" in index.lens_model(TableStore.at(root.root), str(model), wait=False)  # not the earlier weights' lens
+    for build in list(index._LENS_BUILDS.values()):
+        build.join(10)
+    assert model_identity(str(model)) != before and [path.name for path in started] == [root.unembedding_path(model_identity(str(model))).name]

@@ -87,7 +87,8 @@ class Viewer:
             embedder = EmbedderResource()
         self.embedder = embedder
         self.steering = SteeringBox(store, self.subject)
-        self._indexes: dict[str, CoderIndex] = {}
+        self._indexes: dict[str, tuple[str, CoderIndex]] = {}
+        """By coder: (the stamp of its cache's `meta.json` when the index was made, the index)."""
         self._lock = threading.Lock()
         self.background = False
         """Set by `start_warm_up`: models and caches load in background threads, and no answer waits for them."""
@@ -157,16 +158,20 @@ class Viewer:
                 print(f"viewer: could not prepare {coder} ({type(error).__name__}: {error}); its pages will say why", file=sys.stderr)
 
     def index(self, coder: str) -> CoderIndex:
+        """The coder's index, made anew when its activation cache's `meta.json` changed (the coder cached again, maybe
+        with another width or shard size): an index holds the width and shards it was made with."""
         if not coder:
             raise ViewerError(400, "No coder given. Fix: add ?coder=<name>/<hookpoint> (see the coders page).")
         with self._lock:
-            if coder not in self._indexes:
-                try:
-                    self._indexes[coder] = CoderIndex(self.store, coder, self.subject_model, self.embedder.model, background=self.background,
-                                                      pause=self.pause_for_requests)
-                except reader.NotMaterialized as error:
-                    raise ViewerError(404, str(error)) from None
-            return self._indexes[coder]
+            stamp, held = reader.stamp([self.store.layout.cache_meta_path(coder)]), self._indexes.get(coder)
+            if held is not None and held[0] == stamp:
+                return held[1]
+            try:
+                index = CoderIndex(self.store, coder, self.subject_model, self.embedder.model, background=self.background, pause=self.pause_for_requests)
+            except reader.NotMaterialized as error:
+                raise ViewerError(404, str(error)) from None
+            self._indexes[coder] = (stamp, index)
+            return index
 
     # ---- coders -------------------------------------------------------------------------------
 

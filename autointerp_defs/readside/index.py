@@ -285,32 +285,41 @@ class CoderIndex:
         """(latent, distance) of the explanations nearest to `query_vector`: exact search over this coder's
         vectors of the LanceDB explanations table, copied once per table version into a memory-mapped
         matrix (LanceDB's own flat search with a coder filter takes ~200 ms at 100k rows on 2 cores).
-        Distance is squared L2 of unit vectors, as LanceDB reports it."""
-        latents, vectors = self._vectors()
-        if not len(latents):
+        Distance is squared L2 of unit vectors, as LanceDB reports it. Only vectors of the text the latent's
+        explanation holds now (status ok) are ranked, as `search_explanations` keeps them: one of an earlier
+        text (a crash between a shard's write and its sync) would rank the latent by words it no longer has."""
+        latents, vectors, current = self._vectors()
+        if not current.any():
             return []
-        sims = vectors @ query_vector.astype(np.float32)
-        limit = min(limit, len(sims))
+        sims = np.where(current, vectors @ query_vector.astype(np.float32), -np.inf)
+        limit = min(limit, int(current.sum()))
         top = np.argpartition(-sims, limit - 1)[:limit]
         top = top[np.argsort(-sims[top])]
         return [(int(latents[i]), float(2 - 2 * sims[i])) for i in top]
 
-    def _vectors(self) -> tuple[np.ndarray, np.ndarray]:
+    def _vectors(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(latents, their vectors, whether each vector is of the latent's current explanation)."""
         version = f"{self.embedder}@{reader.explanations_table_stamp(self.store, self.embedder)}"
+        table = self.latents()
         held = self._tables.get("vectors")
-        if held is not None and held[0] == version:
+        if held is not None and held[0] == (version, self._stamp):
             return held[1]
         with self._guard("vectors"):
             path, stamp_path = self.dir / "explanation_vectors.npy", self.dir / "explanation_vectors.stamp.json"
-            ids_path = self.dir / "explanation_vectors.latents.npy"
-            if not (path.exists() and _read_json(stamp_path).get("version") == version):
-                _, latents, vectors = reader.explanation_vectors(self.store, self.coder, self.embedder)
+            ids_path, texts_path = self.dir / "explanation_vectors.latents.npy", self.dir / "explanation_vectors.texts.json"
+            if not (path.exists() and texts_path.exists() and _read_json(stamp_path).get("version") == version):
+                _, latents, vectors, texts = reader.explanation_vectors(self.store, self.coder, self.embedder)
                 for target, array in ((path, vectors), (ids_path, latents)):
                     with atomic_path(target) as tmp:
                         with open(tmp, "wb") as handle:
                             np.save(handle, array)
+                _write_json(texts_path, {"texts": texts})
                 _write_json(stamp_path, {"version": version})
-            self._tables["vectors"] = (version, (np.load(ids_path), np.load(path, mmap_mode="r")))
+            latents, texts = np.load(ids_path), np.asarray(_read_json(texts_path)["texts"], object)
+            known = latents < len(table)
+            at = np.where(known, latents, 0)
+            current = known & (table["status"].to_numpy()[at] == "ok") & (table["explanation"].to_numpy()[at] == texts)
+            self._tables["vectors"] = ((version, self._stamp), (latents, np.load(path, mmap_mode="r"), current))
             return self._tables["vectors"][1]
 
     # ---- activation density -------------------------------------------------------------------

@@ -245,17 +245,17 @@ def stamp(paths: list[os.PathLike]) -> str:
     return "|".join(parts)
 
 
-def explanation_vectors(store: TableStore, coder: str, embedder: str) -> tuple[int, np.ndarray, np.ndarray]:
-    """(table version, latents, unit vectors) of `coder`'s rows in `embedder`'s LanceDB explanations table."""
+def explanation_vectors(store: TableStore, coder: str, embedder: str) -> tuple[int, np.ndarray, np.ndarray, list[str]]:
+    """(table version, latents, unit vectors, the texts embedded) of `coder`'s rows in `embedder`'s LanceDB explanations table."""
     table = open_explanations_table(store, embedder)
     if table is None:
-        return -1, np.zeros(0, np.int64), np.zeros((0, 0), np.float32)
+        return -1, np.zeros(0, np.int64), np.zeros((0, 0), np.float32), []
     version = table.version
     safe = coder.replace("'", "''")
-    rows = table.search().where(f"coder = '{safe}'").select(["latent", "vector"]).limit(max(table.count_rows(), 1)).to_arrow()
+    rows = table.search().where(f"coder = '{safe}'").select(["latent", "vector", "explanation"]).limit(max(table.count_rows(), 1)).to_arrow()
     latents = rows["latent"].to_numpy()
     vectors = np.asarray(rows["vector"].combine_chunks().flatten().to_numpy(zero_copy_only=False), np.float32).reshape(len(latents), -1) if len(latents) else np.zeros((0, 0), np.float32)
-    return version, latents.astype(np.int64), vectors
+    return version, latents.astype(np.int64), vectors, rows["explanation"].to_pylist()
 
 
 def explanations_table_stamp(store: TableStore, embedder: str) -> str:

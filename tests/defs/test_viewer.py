@@ -646,6 +646,39 @@ def test_one_steering_at_a_time_per_model_and_a_second_is_told_when_to_retry(ste
     assert steer_request(server, asked)[0] == 200  # the model is free again
 
 
+def test_search_leaves_out_a_vector_of_an_explanation_the_latent_no_longer_holds(partition, tmp_path):
+    """A crash between a shard's explanations and their sync to LanceDB leaves the vector of the old text: the latent must
+    not be found by words its explanation no longer has (as `search_explanations` guards)."""
+    from autointerp_defs.readside.app import Viewer
+
+    root = copy_root(partition, tmp_path)
+    path = root.explanations_path(partition.coder, partition.shard)
+    explained = pd.read_parquet(path)
+    row = explained[explained.status == "ok"].iloc[0]
+    assert Viewer(TableStore.at(root.root)).search(partition.coder, row.explanation)["hits"][0]["latent"] == row.latent
+    explained.loc[explained.latent == row.latent, "explanation"] = "an explanation written after the vectors"
+    explained.to_parquet(path, index=False)  # the table changed, LanceDB not (yet)
+    hits = Viewer(TableStore.at(root.root)).search(partition.coder, row.explanation)["hits"]
+    assert hits and row.latent not in [hit["latent"] for hit in hits]
+    others = explained[(explained.status == "ok") & (explained.latent != row.latent)]
+    assert {hit["latent"] for hit in hits} <= set(others.latent) and {hit["explanation"] for hit in hits} <= set(others.explanation)
+
+
+def test_the_browser_reads_a_coders_cache_again_when_it_is_cached_anew(partition, tmp_path):
+    """A running browser holds a coder's width and shards from its cache's meta.json: caching the coder again with
+    another shard size must not leave it serving the old layout."""
+    from autointerp_defs.readside.app import Viewer
+    from storage.activations import read_cache_meta, write_cache_meta
+
+    root = copy_root(partition, tmp_path)
+    viewer = Viewer(TableStore.at(root.root))
+    assert viewer.index(partition.coder).shards == [f"{i:02d}" for i in range(8)] and viewer.latent(partition.coder, 600)["shard"] == "04"
+    meta = read_cache_meta(root.activations_dir(partition.coder))
+    write_cache_meta(root.activations_dir(partition.coder), {**meta, "latents_per_shard": 576, "n_shards": 2, "cached_again": True})
+    assert viewer.index(partition.coder).shards == ["00", "01"] and viewer.latent(partition.coder, 600)["shard"] == "01"
+    assert viewer.latent_list(partition.coder, {"sort": "latent", "order": "desc", "per_page": "1"})["rows"][0]["shard"] == "01"
+
+
 def test_the_logit_lens_reads_the_unembedding_of_the_models_current_weights(partition, tmp_path, monkeypatch):
     """The unembedding file is named by the model's identity (its content): weights changed in place, even with the
     old size and times, are never read through the earlier weights' file."""

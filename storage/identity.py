@@ -19,7 +19,7 @@ from pathlib import Path
 from storage.atomic import atomic_path
 
 CHUNK_BYTES = 1 << 20
-DIGEST_CACHE = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "autointerp" / "file-digests"
+DIGEST_CACHE = Path.home() / ".cache" / "autointerp" / "file-digests"
 """One small file per (file, stat) holding the file's digest; safe to delete (each file is hashed again once)."""
 
 

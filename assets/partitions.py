@@ -19,8 +19,9 @@ import warnings
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Callable, Iterator
 
-from dagster import (AssetCheckEvaluation, AssetCheckKey, AssetCheckSeverity, AssetKey, AssetMaterialization, BackfillPolicy, BetaWarning,
+from dagster import (AssetCheckEvaluation, AssetCheckKey, AssetCheckSeverity, AssetKey, AssetMaterialization, AssetRecordsFilter, BackfillPolicy, BetaWarning,
                      DagsterEventType, DynamicPartitionsDefinition, Failure, MaterializeResult, Output)
+from dagster._core.definitions.asset_checks.asset_check_evaluation import AssetCheckEvaluationTargetMaterializationData
 from dagster._core.definitions.source_asset import SYSTEM_METADATA_KEY_SOURCE_ASSET_OBSERVATION
 
 from resources.sparse_coders import CoderFormatError
@@ -109,13 +110,14 @@ def each_shard(context, materialize_shard: Callable[..., MaterializeResult], ove
             continue
         context.log_event(AssetMaterialization(asset_key=context.asset_key, partition=key, metadata=result.metadata,
                                                tags={"dagster/code_version": code_version} if code_version else None))
-        blocking = []
+        target, blocking = _latest_materialization(context, key), []
         for check in result.check_results or []:
             spec = context.assets_def.get_spec_for_check_key(AssetCheckKey(context.asset_key, check.check_name))
             if spec.blocking and _blocks(check):
                 blocking.append(check.check_name)
             context.log_event(AssetCheckEvaluation(asset_key=context.asset_key, check_name=check.check_name, passed=check.passed, metadata=check.metadata,
-                                                   severity=check.severity, description=check.description, blocking=spec.blocking, partition=key))
+                                                   severity=check.severity, description=check.description, blocking=spec.blocking, partition=key,
+                                                   target_materialization_data=target))
         written.append(key)
         if blocking:
             failed[key] = f"its blocking check {', '.join(blocking)} failed (written and recorded; the stages after it do not run on it)"
@@ -133,6 +135,13 @@ def each_shard(context, materialize_shard: Callable[..., MaterializeResult], ove
     elif failed:
         raise Failure(f"{len(failed)} of {len(keys)} shards of this run failed ({listed}). These were written and recorded: "
                       f"{', '.join(written) or 'none'}. Fix the failed ones' cause and materialize them again.")
+
+
+def _latest_materialization(context, key: str) -> AssetCheckEvaluationTargetMaterializationData | None:
+    """The materialization of the shard just recorded, which its check results are of: as Dagster links a check it
+    evaluates itself, so that automation's `all_deps_blocking_checks_passed` sees this shard's results."""
+    found = context.instance.fetch_materializations(AssetRecordsFilter(asset_key=context.asset_key, asset_partitions=[key]), limit=1).records
+    return AssetCheckEvaluationTargetMaterializationData(storage_id=found[0].storage_id, run_id=found[0].run_id, timestamp=found[0].timestamp) if found else None
 
 
 def _in_turn(keys: list[str], materialize_shard: Callable[[str], MaterializeResult],

@@ -90,3 +90,28 @@ def test_a_failed_blocking_check_stops_the_stages_below_in_a_run_of_one_shard():
     assert read == [("below", KEYS[0]), ("further", KEYS[0]), ("below", KEYS[2]), ("further", KEYS[2])]
     assert written(instance, results[BAD].run_id) == [("checked", BAD)]
     assert list(failure_messages(results[BAD])) == ["checked"]
+
+
+def test_automation_leaves_alone_the_shard_that_failed_a_blocking_check():
+    """The blocked shard is recorded as materialized: a later automation tick must not run the stages below on it."""
+    from dagster import Definitions, evaluate_automation_conditions
+
+    from assets.automation import FOLLOW
+
+    @asset(name="below", partitions_def=shard_partitions, output_required=False, deps=["checked"], automation_condition=FOLLOW)
+    def automated(context: AssetExecutionContext):
+        yield from each_shard(context, lambda key: MaterializeResult())
+
+    defs = Definitions(assets=[checked, automated])
+    for ranged in (True, False):
+        instance = instance_with_shards()
+        before = evaluate_automation_conditions(defs=defs, instance=instance)
+        if ranged:
+            materialize([checked], instance=instance, raise_on_error=False,
+                        tags={"dagster/asset_partition_range_start": KEYS[0], "dagster/asset_partition_range_end": KEYS[-1]})
+        else:
+            for key in KEYS:
+                materialize([checked], instance=instance, partition_key=key, raise_on_error=False)
+        after = evaluate_automation_conditions(defs=defs, instance=instance, cursor=before.cursor)
+        (below_result,) = [r for r in after.results if r.key == AssetKey("below")]
+        assert set(below_result.true_subset.expensively_compute_partition_keys()) == {KEYS[0], KEYS[2]}, ranged

@@ -323,7 +323,7 @@ class Viewer:
         latent = self._latent_number(index, params.get("latent", ""))
         prompt = params.get("prompt", "")
         if not prompt.strip():
-            raise ViewerError(400, "Empty prompt. Fix: give ?prompt=<text>, e.g. prompt=The.")
+            raise ViewerError(400, "Empty prompt. Fix: give a prompt, e.g. \"prompt\": \"The\".")
         raw = params.get("strength", "") or "2"
         try:
             strength = float(raw)

@@ -199,12 +199,12 @@ def test_the_steering_box_continues_a_prompt_with_and_without_the_latent(server,
 
     _, explained, _ = tables(partition)
     latent = int(explained[explained.status == "ok"].latent.iloc[0])
-    ask = f"/api/steer?coder={quote(partition.coder, safe='')}&latent={latent}&prompt=The%20file&strength=8&tokens=12"
+    ask = {"coder": partition.coder, "latent": latent, "prompt": "The file", "strength": 8, "tokens": 12}
     deadline = time.monotonic() + 300
-    status, answer = get(server, ask)
+    status, answer, _ = steer_request(server, ask)
     while answer.get("state") == "loading" and time.monotonic() < deadline:
         time.sleep(1)
-        status, answer = get(server, ask)
+        status, answer, _ = steer_request(server, ask)
     assert status == 200 and answer["state"] == "done", answer
     # the unsteered text is the model's own greedy continuation
     tokenizer, lm = subject.tokenizer(), subject.causal_lm()
@@ -213,7 +213,7 @@ def test_the_steering_box_continues_a_prompt_with_and_without_the_latent(server,
     assert answer["unsteered"] == tokenizer.decode(greedy[0, ids.shape[1]:])
     assert answer["kl"] > 0 and answer["steered"] != answer["unsteered"]
     assert answer["delta"] == pytest.approx(8 * float(latent_counts(partition)["max"][latent]), rel=1e-5)
-    status, bad = get(server, ask.replace("tokens=12", "tokens=999"))
+    status, bad, _ = steer_request(server, {**ask, "tokens": 999})
     assert status == 400 and "Fix: give 1..64" in bad["error"]
 
 

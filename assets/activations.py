@@ -192,7 +192,7 @@ def _cache_activations(coders: list[SparseCoder], subject_model: SubjectModelRes
     device = subject_model.device
     for coder in coders:
         resolve_hookpoint(lm, coder.hookpoint)
-    unembedding = root.unembedding_path(subject_model.model, subject_model.gguf_file)
+    unembedding = root.unembedding_path(subject_model.tokenizer_identity())
     if not unembedding.exists():  # the latent browser's logit lens, written while the model is loaded: the browser need never load it
         save_unembedding(lm, unembedding)
     caches, metas = [], {}

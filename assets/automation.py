@@ -10,12 +10,16 @@ run failed is left alone (no retry loop) until an input updates or someone mater
 """
 from dagster import AutomationCondition
 
-READY = ~AutomationCondition.any_deps_missing() & ~AutomationCondition.any_deps_in_progress() & ~AutomationCondition.in_progress()
+CHECKS_PASSED = AutomationCondition.all_deps_blocking_checks_passed()
+"""No input's blocking check failed (on this shard): a shard whose explanations failed one is written and recorded,
+so without this a later tick would score it; the run that wrote it already stopped there (`each_shard`)."""
+
+READY = ~AutomationCondition.any_deps_missing() & ~AutomationCondition.any_deps_in_progress() & ~AutomationCondition.in_progress() & CHECKS_PASSED
 
 MISSING = (AutomationCondition.missing() & ~AutomationCondition.execution_failed() & READY).with_label("missing, inputs ready, not failed")
 
-FOLLOW = (AutomationCondition.eager() | MISSING).with_label("eager, or missing with inputs ready")
-"""New inputs re-run a partition; a missing partition runs once its inputs are there."""
+FOLLOW = ((AutomationCondition.eager() & CHECKS_PASSED) | MISSING).with_label("eager, or missing with inputs ready; inputs' blocking checks passed")
+"""New inputs re-run a partition; a missing partition runs once its inputs are there; neither on an input that failed a blocking check."""
 
 CODE_CHANGED = (
     AutomationCondition.code_version_changed().since_last_handled()

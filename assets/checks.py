@@ -2,8 +2,9 @@
 what a stage just wrote → `Outcome` (passed, severity, metadata), turned into check results inside the
 asset's own run, so they cost nothing extra and show per partition in the UI's Checks tab.
 
-A check is blocking where a failure (severity ERROR) means downstream work would be wasted: Dagster then
-stops the assets below it in the same run. A WARN failure only flags a result worth a look.
+A check is blocking where a failure (severity ERROR) means downstream work would be wasted: the stages
+below it in the same run then skip that shard (Dagster itself in a run of one shard, `each_shard` in a
+range, where the other shards go on). A WARN failure only flags a result worth a look.
 """
 from __future__ import annotations
 

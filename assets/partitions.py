@@ -19,8 +19,9 @@ import warnings
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Callable, Iterator
 
-from dagster import (AssetCheckEvaluation, AssetCheckKey, AssetCheckSeverity, AssetKey, AssetMaterialization, BackfillPolicy, BetaWarning,
+from dagster import (AssetCheckEvaluation, AssetCheckKey, AssetCheckSeverity, AssetKey, AssetMaterialization, AssetRecordsFilter, BackfillPolicy, BetaWarning,
                      DagsterEventType, DynamicPartitionsDefinition, Failure, MaterializeResult, Output)
+from dagster._core.definitions.asset_checks.asset_check_evaluation import AssetCheckEvaluationTargetMaterializationData
 from dagster._core.definitions.source_asset import SYSTEM_METADATA_KEY_SOURCE_ASSET_OBSERVATION
 
 from resources.sparse_coders import CoderFormatError
@@ -68,16 +69,19 @@ the shards of other coders in the run are still written). Anything else (an unre
 key or model: `LLMEndpointError`; a bug) stops the run at once."""
 
 
-def each_shard(context, materialize_shard: Callable[..., MaterializeResult], overlap: bool = False) -> Iterator[MaterializeResult | AssetCheckEvaluation | Output]:
+def each_shard(context, materialize_shard: Callable[..., MaterializeResult], overlap: bool = False) -> Iterator[MaterializeResult | Output]:
     """`materialize_shard(partition_key)` → its metadata and check results, for each partition of the run:
     one, or a range when the asset's backfill policy puts several shards in a run (`yield from` it; the
     assets set `output_required=False`). In a range each shard is recorded as materialized, with its own
-    metadata and check results (against its partition; a failed blocking one still fails the step once
-    every shard has run), as soon as it is written, and a shard that fails does not stop the others; the
-    written ones stay recorded (automation moves on with them). The step then ends with its output, which
-    records nothing more, so that the later stages of the run (explanations after exemplars, the scorers
-    after both) run on the written shards; they fail the failed ones without touching what those hold from
-    before. The run fails naming the failed shards: at this step, or at the last stage of the run.
+    metadata and check results (against its partition), as soon as it is written, and a shard that fails does
+    not stop the others; the written ones stay recorded (automation moves on with them). A shard whose blocking
+    check failed (severity ERROR) is written and recorded too, but counts as failed for what reads it. The step
+    then ends with its output, which records nothing more, so that the later stages of the run (explanations
+    after exemplars, the scorers after both) run on the other shards; they fail the failed and blocked ones
+    without touching what those hold from before. The run fails naming those shards: at this step, or at the
+    last stage of the run. The check results are logged, not yielded: Dagster fails a step that yields a failed
+    blocking evaluation, which would stop the later stages for every shard of the range. A single shard's step
+    returns its result as it is, and Dagster's own blocking stops the stages after it.
 
     With `overlap` (a stage asking a remote endpoint: `overlaps_shards`), `materialize_shard(key, asked)` calls
     `asked()` once its shard's requests are answered, and the next shard of the range starts then, on a thread,
@@ -90,7 +94,7 @@ def each_shard(context, materialize_shard: Callable[..., MaterializeResult], ove
         return
     code_version = context.assets_def.code_versions_by_key.get(context.asset_key)
     failed = _inputs_failed(context, keys)
-    written, blocked = [], False
+    written = []
     for key in keys:
         if key in failed:
             context.log.error(f"{key} is not run: {failed[key]}")
@@ -106,24 +110,38 @@ def each_shard(context, materialize_shard: Callable[..., MaterializeResult], ove
             continue
         context.log_event(AssetMaterialization(asset_key=context.asset_key, partition=key, metadata=result.metadata,
                                                tags={"dagster/code_version": code_version} if code_version else None))
+        target, blocking = _latest_materialization(context, key), []
         for check in result.check_results or []:
             spec = context.assets_def.get_spec_for_check_key(AssetCheckKey(context.asset_key, check.check_name))
-            blocked |= spec.blocking and not check.passed and check.severity == AssetCheckSeverity.ERROR
-            yield AssetCheckEvaluation(asset_key=context.asset_key, check_name=check.check_name, passed=check.passed, metadata=check.metadata,
-                                       severity=check.severity, description=check.description, blocking=spec.blocking, partition=key)
+            if spec.blocking and _blocks(check):
+                blocking.append(check.check_name)
+            context.log_event(AssetCheckEvaluation(asset_key=context.asset_key, check_name=check.check_name, passed=check.passed, metadata=check.metadata,
+                                                   severity=check.severity, description=check.description, blocking=spec.blocking, partition=key,
+                                                   target_materialization_data=target))
         written.append(key)
+        if blocking:
+            failed[key] = f"its blocking check {', '.join(blocking)} failed (written and recorded; the stages after it do not run on it)"
+            context.log.error(f"{key}: {failed[key]}")
     for output_name, spec in context.assets_def.check_specs_by_output_name.items():  # each check's output once, for all its shards' results
         if spec.key in context.selected_asset_check_keys:
             yield Output(None, output_name=output_name)
     if written:
         yield MaterializeResult(metadata={RECORDS_NOTHING: True})
     listed = "; ".join(f"{key}: {failed[key][:400]}" for key in keys if key in failed)
-    if failed and written and not blocked and _has_stage_after(context):
+    passed = [key for key in written if key not in failed]
+    if failed and passed and _has_stage_after(context):
         context.log.error(f"{len(failed)} of {len(keys)} shards of this run failed ({listed}); the later stages of this run run on the other "
-                          f"{len(written)} and fail these (the run fails there).")
+                          f"{len(passed)} and fail these (the run fails there).")
     elif failed:
-        raise Failure(f"{len(failed)} of {len(keys)} shards of this run failed ({listed}). The other {len(written)} were written and recorded: "
+        raise Failure(f"{len(failed)} of {len(keys)} shards of this run failed ({listed}). These were written and recorded: "
                       f"{', '.join(written) or 'none'}. Fix the failed ones' cause and materialize them again.")
+
+
+def _latest_materialization(context, key: str) -> AssetCheckEvaluationTargetMaterializationData | None:
+    """The materialization of the shard just recorded, which its check results are of: as Dagster links a check it
+    evaluates itself, so that automation's `all_deps_blocking_checks_passed` sees this shard's results."""
+    found = context.instance.fetch_materializations(AssetRecordsFilter(asset_key=context.asset_key, asset_partitions=[key]), limit=1).records
+    return AssetCheckEvaluationTargetMaterializationData(storage_id=found[0].storage_id, run_id=found[0].run_id, timestamp=found[0].timestamp) if found else None
 
 
 def _in_turn(keys: list[str], materialize_shard: Callable[[str], MaterializeResult],
@@ -172,12 +190,14 @@ def _inputs_failed(context, keys: list[str]) -> dict[str, str]:
     must not run on what a failed shard holds from before (it would explain or score stale data)."""
     inputs, failed, run = set(context.assets_def.asset_deps[context.asset_key]), {}, context.run
     while inputs and run is not None:
-        planned, written = _planned_and_written(context.instance, run.run_id)
+        planned, written, blocked = _planned_and_written(context.instance, run.run_id)
         where = "earlier in this run" if run.run_id == context.run.run_id else f"in run {run.run_id}, which this run re-executes"
         for parent in sorted(inputs & planned):
             for key in keys:
                 if (parent, key) not in written:
                     failed.setdefault(key, f"its {parent.to_user_string()} failed {where}")
+                elif (parent, key) in blocked:
+                    failed.setdefault(key, f"its {parent.to_user_string()} failed its blocking check {blocked[parent, key]} {where}")
         inputs -= planned
         run = context.instance.get_run_by_id(run.parent_run_id) if run.parent_run_id else None
     return failed
@@ -186,18 +206,30 @@ def _inputs_failed(context, keys: list[str]) -> dict[str, str]:
 def _has_stage_after(context) -> bool:
     """Whether this run also materializes a stage that reads this one over the same shards (its `each_shard` then
     fails this step's failed shards; the unpartitioned summary would not)."""
-    planned, _ = _planned_and_written(context.instance, context.run.run_id)
+    planned, _, _ = _planned_and_written(context.instance, context.run.run_id)
     graph = context.job_def.asset_layer.asset_graph
     return any(graph.get(child).partitions_def == context.assets_def.partitions_def for child in graph.get(context.asset_key).child_keys & planned)
 
 
-def _planned_and_written(instance, run_id: str) -> tuple[set[AssetKey], set[tuple[AssetKey, str | None]]]:
-    """The assets a run materializes (each over all the shards of its range), and the (asset, shard)s it has written so far."""
-    planned, written = set(), set()
-    for entry in instance.all_logs(run_id, of_type={DagsterEventType.ASSET_MATERIALIZATION_PLANNED, DagsterEventType.ASSET_MATERIALIZATION}):
+def _planned_and_written(instance, run_id: str) -> tuple[set[AssetKey], set[tuple[AssetKey, str | None]], dict[tuple[AssetKey, str | None], str]]:
+    """The assets a run materializes (each over all the shards of its range), the (asset, shard)s it has written so far,
+    and those of them whose blocking check failed (→ the check's names)."""
+    planned, written, blocked = set(), set(), {}
+    kinds = {DagsterEventType.ASSET_MATERIALIZATION_PLANNED, DagsterEventType.ASSET_MATERIALIZATION, DagsterEventType.ASSET_CHECK_EVALUATION}
+    for entry in instance.all_logs(run_id, of_type=kinds):
         event = entry.dagster_event
         if event.event_type == DagsterEventType.ASSET_MATERIALIZATION_PLANNED:
             planned.add(event.asset_key)
-        else:
+        elif event.event_type == DagsterEventType.ASSET_MATERIALIZATION:
             written.add((event.asset_key, event.partition))
-    return planned, written
+        else:
+            check = event.event_specific_data
+            if check.blocking and _blocks(check):
+                where = (check.asset_key, check.partition)
+                blocked[where] = f"{blocked[where]}, {check.check_name}" if where in blocked else check.check_name
+    return planned, written, blocked
+
+
+def _blocks(check) -> bool:
+    """Whether a check result or evaluation failed at severity ERROR: what stops the stages below a blocking check."""
+    return not check.passed and check.severity == AssetCheckSeverity.ERROR

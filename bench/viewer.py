@@ -60,7 +60,7 @@ def build(root: Path, width: int, acts_per_latent: int, latents_per_shard: int, 
     from assets.exemplars import EXEMPLAR_BATCH_LATENTS
     from resources.sparse_coders import SparseCoder, coder_fingerprint, save_sparsify
     from resources.logit_lens import save_unembedding
-    from resources.subject_model import EMBEDDED, load_causal_lm, load_tokenizer
+    from resources.subject_model import EMBEDDED, load_causal_lm, load_tokenizer, model_identity
     from storage.activations import LATENT_STATS_FILE, save_decoder_directions, save_latent_stats, shard_count, shard_keys, shard_latent_range, write_cache_meta
     from storage.layout import DataRoot
     from storage.vector_store import sync_explanations
@@ -86,7 +86,7 @@ def build(root: Path, width: int, acts_per_latent: int, latents_per_shard: int, 
     data.activations_dir(CODER).mkdir(parents=True, exist_ok=True)
     save_decoder_directions(data.activations_dir(CODER), coder.decoder_directions().numpy())  # as the activations stage does
     del decoder, coder
-    save_unembedding(load_causal_lm(), data.unembedding_path(EMBEDDED))  # as the activations stage does, while it has the model loaded
+    save_unembedding(load_causal_lm(), data.unembedding_path(model_identity(EMBEDDED)))  # as the activations stage does, while it has the model loaded
     # activation cache: `acts_per_latent` pairs per latent
     acts_dir = data.activations_dir(CODER)
     n_tokens = int(tokens.size)

@@ -122,8 +122,9 @@ class DataRoot:
         """The latent browser's caches (of one coder): safe to delete, they are rebuilt."""
         return self.root / "viewer" / coder if coder else self.root / "viewer"
 
-    def unembedding_path(self, model: str, gguf_file: str | None = None) -> Path:
+    def unembedding_path(self, model_identity: str) -> Path:
         """The subject model's unembedding and final norm scale, all the logit lens reads of it: written by the
-        activations stage, which has the model loaded, else by the browser the first time it needs them."""
-        name = f"{model}--{gguf_file}" if gguf_file else model
-        return self.all_activations_dir / f"unembedding-{name.replace('/', '--')}.safetensors"
+        activations stage, which has the model loaded, else by the browser the first time it needs them. Named
+        by the model's identity (its content, `storage/identity.py`): other weights under the same name are
+        never read through an earlier model's file."""
+        return self.all_activations_dir / f"unembedding-{model_identity.replace('/', '--')}.safetensors"

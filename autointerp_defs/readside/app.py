@@ -30,11 +30,12 @@ STALE = "stale: scored an earlier explanation"
 
 
 class ViewerError(Exception):
-    """A request the viewer cannot answer: `status` is the HTTP status, the message names the bad input and the fix."""
+    """A request the viewer cannot answer: `status` is the HTTP status, the message names the bad input and the fix;
+    `headers` go with the answer (a 429's Retry-After)."""
 
-    def __init__(self, status: int, message: str):
+    def __init__(self, status: int, message: str, headers: dict[str, str] | None = None):
         super().__init__(message)
-        self.status = status
+        self.status, self.headers = status, headers or {}
 
 
 def integer(params: dict[str, str], name: str, default: int) -> int:
@@ -79,14 +80,15 @@ class Viewer:
         self.store = store
         self.dagster_url = dagster_url
         self.subject = subject or SubjectModelResource()
-        self.subject_model = (self.subject.model, self.subject.gguf_file)
+        self.subject_model = (self.subject.model, self.subject.gguf_file, self.subject.revision)
         if embedder is None:
             from resources.embedder import EmbedderResource
 
             embedder = EmbedderResource()
         self.embedder = embedder
         self.steering = SteeringBox(store, self.subject)
-        self._indexes: dict[str, CoderIndex] = {}
+        self._indexes: dict[str, tuple[str, CoderIndex]] = {}
+        """By coder: (the stamp of its cache's `meta.json` when the index was made, the index)."""
         self._lock = threading.Lock()
         self.background = False
         """Set by `start_warm_up`: models and caches load in background threads, and no answer waits for them."""
@@ -156,16 +158,20 @@ class Viewer:
                 print(f"viewer: could not prepare {coder} ({type(error).__name__}: {error}); its pages will say why", file=sys.stderr)
 
     def index(self, coder: str) -> CoderIndex:
+        """The coder's index, made anew when its activation cache's `meta.json` changed (the coder cached again, maybe
+        with another width or shard size): an index holds the width and shards it was made with."""
         if not coder:
             raise ViewerError(400, "No coder given. Fix: add ?coder=<name>/<hookpoint> (see the coders page).")
         with self._lock:
-            if coder not in self._indexes:
-                try:
-                    self._indexes[coder] = CoderIndex(self.store, coder, self.subject_model, self.embedder.model, background=self.background,
-                                                      pause=self.pause_for_requests)
-                except reader.NotMaterialized as error:
-                    raise ViewerError(404, str(error)) from None
-            return self._indexes[coder]
+            stamp, held = reader.stamp([self.store.layout.cache_meta_path(coder)]), self._indexes.get(coder)
+            if held is not None and held[0] == stamp:
+                return held[1]
+            try:
+                index = CoderIndex(self.store, coder, self.subject_model, self.embedder.model, background=self.background, pause=self.pause_for_requests)
+            except reader.NotMaterialized as error:
+                raise ViewerError(404, str(error)) from None
+            self._indexes[coder] = (stamp, index)
+            return index
 
     # ---- coders -------------------------------------------------------------------------------
 
@@ -317,7 +323,7 @@ class Viewer:
         latent = self._latent_number(index, params.get("latent", ""))
         prompt = params.get("prompt", "")
         if not prompt.strip():
-            raise ViewerError(400, "Empty prompt. Fix: give ?prompt=<text>, e.g. prompt=The.")
+            raise ViewerError(400, "Empty prompt. Fix: give a prompt, e.g. \"prompt\": \"The\".")
         raw = params.get("strength", "") or "2"
         try:
             strength = float(raw)
@@ -440,18 +446,31 @@ def word_matches(explanations: pd.Series, query: str, limit: int) -> list[tuple[
     return [(int(explanations.index[i]), None) for i in order[:limit] if matched.iat[i] > 0]
 
 
+STEER_RETRY_S = 5
+"""Seconds a steering request refused while another runs is told to wait (Retry-After): about one generation of 24 tokens on CPU."""
+_STEERING: dict[tuple[str, str | None], threading.Lock] = {}
+_STEERING_LOCK = threading.Lock()
+
+
+def steering_lock(model: str, gguf_file: str | None) -> threading.Lock:
+    """The one lock of a subject model's steering in this process: a second request for the same model is refused
+    (429), not queued, since each costs the model's time for every core and a web page could send many."""
+    with _STEERING_LOCK:
+        return _STEERING.setdefault((model, gguf_file), threading.Lock())
+
+
 class SteeringBox:
     """The latent page's steering box: the subject model is loaded once, in a background thread started by the
     first request (which answers "loading" at once, as every request does until it is ready; other pages are
     served meanwhile), then each request continues its prompt without and with the latent steered, through
-    `resources/steering.py` (one at a time: generation uses every core)."""
+    `resources/steering.py` (one at a time per model, `steering_lock`: generation uses every core)."""
 
     def __init__(self, store: TableStore, subject):
         self.store, self.subject = store, subject
         self._state, self._error = "idle", ""
         self._steerer = None
         self._lock = threading.Lock()
-        self._running = threading.Lock()
+        self._running = steering_lock(subject.model, subject.gguf_file)
         self._coders: dict[str, object] = {}
 
     def availability(self, index: CoderIndex) -> dict:
@@ -478,14 +497,18 @@ class SteeringBox:
                 threading.Thread(target=self._load, daemon=True).start()
             if self._state == "loading":
                 return {"state": "loading", "message": f"Loading the subject model {self.subject.model} (once per server start)…"}
-        with self._running:
+        if not self._running.acquire(blocking=False):
+            raise ViewerError(429, f"The subject model {self.subject.model} is steering another request (one at a time). Fix: try again in a few seconds.",
+                              {"Retry-After": str(STEER_RETRY_S)})
+        try:
             if index.coder not in self._coders:
                 self._coders[index.coder] = load_registered(self.store.layout.registry_dir, index.coder)
-            try:
-                unit = max_activation(self.store.layout.activations_dir(index.coder), latent)
-                result = continue_side_by_side(self._steerer, self._coders[index.coder], latent, prompt, strength * unit, tokens)
-            except SteeringError as error:
-                raise ViewerError(400, str(error)) from None
+            unit = max_activation(self.store.layout.activations_dir(index.coder), latent)
+            result = continue_side_by_side(self._steerer, self._coders[index.coder], latent, prompt, strength * unit, tokens)
+        except SteeringError as error:
+            raise ViewerError(400, str(error)) from None
+        finally:
+            self._running.release()
         return {"state": "done", "prompt": prompt, "strength": strength, "unit": unit, "delta": result.delta, "kl": result.kl,
                 "unsteered": result.unsteered, "steered": result.steered, "tokens": tokens}
 

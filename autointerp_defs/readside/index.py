@@ -9,8 +9,9 @@ nothing is read whole per request:
 - `<shard>.exemplars.arrow`: the shard's exemplars in Arrow's file format, sorted by latent, memory-
   mapped; with per-latent row offsets a latent's windows are a zero-copy slice, not a parquet scan.
 - `<shard>.density.npz`: per latent a histogram of its cached activations (one pass over the shard).
-- `decoder.npy`: unit-norm decoder rows, memory-mapped, for cosine neighbours and the logit lens, where
-  the activation cache has none of its own (`decoder_directions.npy`, written by the activations stage).
+- `decoder-<identity>.npy`: unit-norm decoder rows, memory-mapped, for cosine neighbours and the logit lens, where
+  the activation cache has none of its own (`decoder_directions.npy`, written by the activations stage); named by
+  the content of the coder's registry files (`reader.coder_identity`).
 
 The subject model's unembedding and final norm scale, for the logit lens, are read from the file the
 activations stage writes beside the caches (`DataRoot.unembedding_path`), so the server need not keep,
@@ -65,7 +66,7 @@ with other columns is built again even when no source table changed."""
 class CoderIndex:
     """The cached views of one coder; thread-safe (the server answers requests on threads)."""
 
-    def __init__(self, store: TableStore, coder: str, subject_model: tuple[str | None, str | None] = (None, None), embedder: str = EMBEDDED,
+    def __init__(self, store: TableStore, coder: str, subject_model: tuple[str | None, str | None, str | None] = (None, None, None), embedder: str = EMBEDDED,
                  background: bool = False, pause: Callable[[], None] = lambda: None):
         self.store, self.coder, self.embedder = store, coder, embedder
         """`embedder`: the model whose explanations table search reads (the deployment's `[embedder] model`)."""
@@ -74,7 +75,7 @@ class CoderIndex:
         self.pause = pause
         """Called before each step of background work (the browser's `pause_for_requests`)."""
         self.subject_model = subject_model
-        """(model, gguf_file) whose unembedding the logit lens reads: the deployment's `[subject_model]` (None: the embedded model)."""
+        """(model, gguf_file, revision) whose unembedding the logit lens reads: the deployment's `[subject_model]` (None: the embedded model)."""
         self.meta = reader.activations_meta(store, coder)
         self.shards = reader.shard_keys_of(self.meta)
         self.dir = store.layout.viewer_dir(coder)
@@ -284,32 +285,41 @@ class CoderIndex:
         """(latent, distance) of the explanations nearest to `query_vector`: exact search over this coder's
         vectors of the LanceDB explanations table, copied once per table version into a memory-mapped
         matrix (LanceDB's own flat search with a coder filter takes ~200 ms at 100k rows on 2 cores).
-        Distance is squared L2 of unit vectors, as LanceDB reports it."""
-        latents, vectors = self._vectors()
-        if not len(latents):
+        Distance is squared L2 of unit vectors, as LanceDB reports it. Only vectors of the text the latent's
+        explanation holds now (status ok) are ranked, as `search_explanations` keeps them: one of an earlier
+        text (a crash between a shard's write and its sync) would rank the latent by words it no longer has."""
+        latents, vectors, current = self._vectors()
+        if not current.any():
             return []
-        sims = vectors @ query_vector.astype(np.float32)
-        limit = min(limit, len(sims))
+        sims = np.where(current, vectors @ query_vector.astype(np.float32), -np.inf)
+        limit = min(limit, int(current.sum()))
         top = np.argpartition(-sims, limit - 1)[:limit]
         top = top[np.argsort(-sims[top])]
         return [(int(latents[i]), float(2 - 2 * sims[i])) for i in top]
 
-    def _vectors(self) -> tuple[np.ndarray, np.ndarray]:
+    def _vectors(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(latents, their vectors, whether each vector is of the latent's current explanation)."""
         version = f"{self.embedder}@{reader.explanations_table_stamp(self.store, self.embedder)}"
+        table = self.latents()
         held = self._tables.get("vectors")
-        if held is not None and held[0] == version:
+        if held is not None and held[0] == (version, self._stamp):
             return held[1]
         with self._guard("vectors"):
             path, stamp_path = self.dir / "explanation_vectors.npy", self.dir / "explanation_vectors.stamp.json"
-            ids_path = self.dir / "explanation_vectors.latents.npy"
-            if not (path.exists() and _read_json(stamp_path).get("version") == version):
-                _, latents, vectors = reader.explanation_vectors(self.store, self.coder, self.embedder)
+            ids_path, texts_path = self.dir / "explanation_vectors.latents.npy", self.dir / "explanation_vectors.texts.json"
+            if not (path.exists() and texts_path.exists() and _read_json(stamp_path).get("version") == version):
+                _, latents, vectors, texts = reader.explanation_vectors(self.store, self.coder, self.embedder)
                 for target, array in ((path, vectors), (ids_path, latents)):
                     with atomic_path(target) as tmp:
                         with open(tmp, "wb") as handle:
                             np.save(handle, array)
+                _write_json(texts_path, {"texts": texts})
                 _write_json(stamp_path, {"version": version})
-            self._tables["vectors"] = (version, (np.load(ids_path), np.load(path, mmap_mode="r")))
+            latents, texts = np.load(ids_path), np.asarray(_read_json(texts_path)["texts"], object)
+            known = latents < len(table)
+            at = np.where(known, latents, 0)
+            current = known & (table["status"].to_numpy()[at] == "ok") & (table["explanation"].to_numpy()[at] == texts)
+            self._tables["vectors"] = ((version, self._stamp), (latents, np.load(path, mmap_mode="r"), current))
             return self._tables["vectors"][1]
 
     # ---- activation density -------------------------------------------------------------------
@@ -355,9 +365,10 @@ class CoderIndex:
 
     def decoder(self) -> np.ndarray | None:
         """Unit-norm decoder rows `[width, d]` (memory-mapped), or None when the coder has no decoder; read
-        again when the coder's registry files change (a coder registered anew under the same name). The
-        activations stage writes them with the cache; only a cache without them is converted here, once."""
-        current = reader.stamp(reader.registry_files(self.store, self.coder))
+        again when the content of the coder's registry files changes (a coder registered anew under the same
+        name, even with the old sizes and times). The activations stage writes them with the cache; only a cache
+        without them is converted here, once per version of the coder."""
+        current = reader.coder_identity(self.store, self.coder)
         held = self._decoder
         if held is None or held[0] != current:
             with self._guard("decoder"):
@@ -365,17 +376,22 @@ class CoderIndex:
                 self._decoder = held = (current, rows if found else self._converted_decoder(current))
         return held[1]
 
-    def _converted_decoder(self, current: str) -> np.ndarray | None:
-        path, stamp_path = self.dir / "decoder.npy", self.dir / "decoder.stamp.json"
-        cached = _read_json(stamp_path)
-        if cached.get("stamp") != current:
+    def _converted_decoder(self, identity: str) -> np.ndarray | None:
+        """The rows converted from the registered coder, in `decoder-<its identity>.npy` (with a `.json` saying
+        whether it has any): a file of another version of the coder is never read for this one."""
+        path, marker = self.dir / f"decoder-{identity}.npy", self.dir / f"decoder-{identity}.json"
+        cached = _read_json(marker)
+        if not cached:
             directions = reader.registered_coder(self.store, self.coder).decoder_directions()
             if directions is not None:
                 with atomic_path(path) as tmp:
                     with open(tmp, "wb") as handle:
                         np.save(handle, directions.numpy())
-            cached = {"stamp": current, "has_decoder": directions is not None}
-            _write_json(stamp_path, cached)
+            cached = {"has_decoder": directions is not None}
+            _write_json(marker, cached)
+            for old in self.dir.glob("decoder*"):  # earlier versions' rows: as large as the coder
+                if old.name not in (path.name, marker.name):
+                    old.unlink(missing_ok=True)
         return np.load(path, mmap_mode="r") if cached["has_decoder"] else None
 
     def neighbours(self, latent: int, n: int = 10) -> list[dict] | None:
@@ -463,17 +479,18 @@ _LENS_BUILDS_LOCK = threading.Lock()
 _LENS_FAILED: dict[Path, str] = {}
 
 
-def lens_model(store: TableStore, model: str | None = None, gguf_file: str | None = None, wait: bool = True):
+def lens_model(store: TableStore, model: str | None = None, gguf_file: str | None = None, revision: str | None = None, wait: bool = True):
     """The subject model's unembedding and final norm scale (`resources.logit_lens.Unembedding`), what
     `vocab_logits` reads, from the file the activations stage wrote (`unembedding_path`), else from a copy
-    written once under `viewer/`, so that the server loads the full model once, ever. `model` and `gguf_file` are the
-    deployment's `[subject_model]` ones (None: the embedded model). With `wait` False and nothing written
+    written once under `viewer/`, so that the server loads the full model once, ever. `model`, `gguf_file` and
+    `revision` are the deployment's `[subject_model]` ones (None: the embedded model); both files are named by the
+    model's identity, so weights changed under the same name are read anew. With `wait` False and nothing written
     yet, it is built in a background thread and a sentence saying so (or why the build failed) is
     returned at once: loading a model takes a minute on a busy machine."""
-    from resources.subject_model import EMBEDDED
+    from resources.subject_model import EMBEDDED, model_identity
 
     model = model or EMBEDDED
-    path = store.layout.unembedding_path(model, gguf_file)
+    path = store.layout.unembedding_path(model_identity(model, gguf_file, revision))
     if not path.exists():  # a cache made before the activations stage wrote it: the browser keeps its own copy
         path = store.layout.viewer_dir() / path.name
     if wait or path in _LENS or path.exists():

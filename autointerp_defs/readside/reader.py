@@ -16,6 +16,7 @@ import pandas as pd
 
 from storage.activations import META_FILE, ShardActivations, load_decoder_directions, load_latent_stats, read_cache_meta, read_latents, read_shard, shard_keys, shard_of_latents
 from storage.corpus import load_corpus
+from storage.identity import content_digest
 from storage.store import StoredTable, TableStore
 from storage.vector_store import explanations_table_stamp as explanations_table_stamp_at
 from storage.vector_store import open_explanations
@@ -217,9 +218,10 @@ def stored_decoder_directions(store: TableStore, coder: str) -> tuple[bool, np.n
     return True, load_decoder_directions(folder) if meta["decoder_directions"] else None
 
 
-def registry_files(store: TableStore, coder: str) -> list[Path]:
+def coder_identity(store: TableStore, coder: str) -> str:
+    """The content of the coder's registry files (`storage/identity.py`: hashed once per version of each file), or '' without them."""
     folder = store.layout.coder_registry_dir(coder)
-    return sorted(p for p in folder.iterdir() if p.is_file()) if folder.exists() else []
+    return content_digest(folder) if folder.is_dir() else ""
 
 
 def input_files(store: TableStore, coder: str, shards: list[str]) -> list[os.PathLike]:
@@ -243,17 +245,17 @@ def stamp(paths: list[os.PathLike]) -> str:
     return "|".join(parts)
 
 
-def explanation_vectors(store: TableStore, coder: str, embedder: str) -> tuple[int, np.ndarray, np.ndarray]:
-    """(table version, latents, unit vectors) of `coder`'s rows in `embedder`'s LanceDB explanations table."""
+def explanation_vectors(store: TableStore, coder: str, embedder: str) -> tuple[int, np.ndarray, np.ndarray, list[str]]:
+    """(table version, latents, unit vectors, the texts embedded) of `coder`'s rows in `embedder`'s LanceDB explanations table."""
     table = open_explanations_table(store, embedder)
     if table is None:
-        return -1, np.zeros(0, np.int64), np.zeros((0, 0), np.float32)
+        return -1, np.zeros(0, np.int64), np.zeros((0, 0), np.float32), []
     version = table.version
     safe = coder.replace("'", "''")
-    rows = table.search().where(f"coder = '{safe}'").select(["latent", "vector"]).limit(max(table.count_rows(), 1)).to_arrow()
+    rows = table.search().where(f"coder = '{safe}'").select(["latent", "vector", "explanation"]).limit(max(table.count_rows(), 1)).to_arrow()
     latents = rows["latent"].to_numpy()
     vectors = np.asarray(rows["vector"].combine_chunks().flatten().to_numpy(zero_copy_only=False), np.float32).reshape(len(latents), -1) if len(latents) else np.zeros((0, 0), np.float32)
-    return version, latents.astype(np.int64), vectors
+    return version, latents.astype(np.int64), vectors, rows["explanation"].to_pylist()
 
 
 def explanations_table_stamp(store: TableStore, embedder: str) -> str:

@@ -9,7 +9,11 @@ Pages are one HTML shell each (`static/page.html`) filled in by `static/app.js` 
 | `/latent?coder=C&latent=N` | one latent |
 | `/api/coders`, `/api/latents?coder=C&...`, `/api/search?coder=C&q=...`, `/api/latent?coder=C&latent=N` | the same as JSON |
 | `/api/logit_lens?coder=C&latent=N` | the latent page's logit lens alone (asked again while it is pending) |
-| `/api/steer?coder=C&latent=N&prompt=P&strength=S&tokens=T` | the steering box: continuations without and with the latent steered |
+| `POST /api/steer` `{"coder", "latent", "prompt", "strength", "tokens"}` | the steering box: continuations without and with the latent steered |
+
+Every other route is a GET that only reads. Steering costs the subject model's time, so it is a POST whose
+body must be JSON (a cross-site page cannot send that without a CORS preflight, which this server never
+grants) and whose Origin, when the browser sends one, must name this server as its Host must.
 """
 from __future__ import annotations
 
@@ -47,6 +51,18 @@ def host_allowed(host_header: str | None, bound_host: str, port: int, viewer_url
     return named_port == port and name in {bound_host.lower(), *LOOPBACK}
 
 
+def origin_allowed(origin: str | None, bound_host: str, port: int, viewer_url: str | None) -> bool:
+    """Whether a request's Origin (absent: not sent by a web page) is a page of this server (`host_allowed`)."""
+    if origin is None:
+        return True
+    parts = urlsplit(origin)
+    return parts.scheme in ("http", "https") and host_allowed(parts.netloc, bound_host, port, viewer_url)
+
+
+MAX_BODY = 1 << 16
+"""Bytes of a POST body read at most: a steering prompt is a line of text."""
+
+
 def make_handler(viewer: Viewer, viewer_url: str | None = None):
     class Handler(BaseHTTPRequestHandler):
         server_version = "autointerp-viewer"
@@ -56,41 +72,75 @@ def make_handler(viewer: Viewer, viewer_url: str | None = None):
             pass
 
         def do_GET(self):
+            self._answer(self._get)
+
+        def do_POST(self):
+            self._answer(self._post)
+
+        def _answer(self, route):
             url = urlsplit(self.path)
-            params = dict(parse_qsl(url.query, keep_blank_values=True))
             with viewer.answering():  # background work pauses meanwhile
                 try:
                     host, port = self.server.server_address[:2]
                     if not host_allowed(self.headers.get("Host"), host, port, viewer_url):
                         raise ViewerError(403, f"Misdirected request: Host {self.headers.get('Host')!r} is not this server ({host}:{port}). "
                                                f"Fix: open http://127.0.0.1:{port}/, or set [settings] viewer_url to the address you use.")
-                    if url.path in PAGES:
-                        shell = (STATIC / "page.html").read_text().replace("{{page}}", PAGES[url.path])
-                        return self._send(200, shell.encode(), "text/html; charset=utf-8")
-                    if url.path.startswith("/static/"):
-                        return self._static(url.path[len("/static/"):])
-                    if url.path == "/api/coders":
-                        return self._json(viewer.coders())
-                    if url.path == "/api/latents":
-                        return self._json(viewer.latent_list(params.get("coder", ""), params))
-                    if url.path == "/api/search":
-                        return self._json(viewer.search(params.get("coder", ""), params.get("q", ""), integer(params, "limit", 20)))
-                    if url.path == "/api/latent":
-                        return self._json(viewer.latent(params.get("coder", ""), params.get("latent", "")))
-                    if url.path == "/api/logit_lens":
-                        return self._json(viewer.logit_lens(params.get("coder", ""), params.get("latent", "")))
-                    if url.path == "/api/steer":
-                        return self._json(viewer.steer(params.get("coder", ""), params))
-                    if url.path == "/healthz":
-                        return self._json({"ok": True})
-                    raise ViewerError(404, f"No page {url.path}. Fix: start at / (the coders).")
+                    return route(url)
                 except ViewerError as error:
-                    self._json({"error": str(error)}, error.status)
+                    self._json({"error": str(error)}, error.status, error.headers)
                 except (BrokenPipeError, ConnectionResetError):
                     pass
                 except Exception as error:  # a bug must show as a 500 with its reason, not kill the server
                     traceback.print_exc(file=sys.stderr)
                     self._json({"error": f"{type(error).__name__}: {error}"}, 500)
+
+        def _get(self, url):
+            params = dict(parse_qsl(url.query, keep_blank_values=True))
+            if url.path in PAGES:
+                shell = (STATIC / "page.html").read_text().replace("{{page}}", PAGES[url.path])
+                return self._send(200, shell.encode(), "text/html; charset=utf-8")
+            if url.path.startswith("/static/"):
+                return self._static(url.path[len("/static/"):])
+            if url.path == "/api/coders":
+                return self._json(viewer.coders())
+            if url.path == "/api/latents":
+                return self._json(viewer.latent_list(params.get("coder", ""), params))
+            if url.path == "/api/search":
+                return self._json(viewer.search(params.get("coder", ""), params.get("q", ""), integer(params, "limit", 20)))
+            if url.path == "/api/latent":
+                return self._json(viewer.latent(params.get("coder", ""), params.get("latent", "")))
+            if url.path == "/api/logit_lens":
+                return self._json(viewer.logit_lens(params.get("coder", ""), params.get("latent", "")))
+            if url.path == "/api/steer":
+                raise ViewerError(405, "Steering is a POST with a JSON body (coder, latent, prompt, strength, tokens). Fix: use the latent page's steering box.",
+                                  {"Allow": "POST"})
+            if url.path == "/healthz":
+                return self._json({"ok": True})
+            raise ViewerError(404, f"No page {url.path}. Fix: start at / (the coders).")
+
+        def _post(self, url):
+            given = self.headers.get("Content-Length") or "0"
+            length = int(given) if given.isdigit() else -1
+            if not 0 <= length <= MAX_BODY:
+                self.close_connection = True  # its body is left unread
+                raise ViewerError(413, f"Content-Length {given!r}. Fix: send a JSON object of at most {MAX_BODY} bytes.")
+            raw = self.rfile.read(length)
+            if url.path != "/api/steer":
+                raise ViewerError(405, f"{url.path} is read with a GET. Fix: only /api/steer takes a POST.", {"Allow": "GET"})
+            host, port = self.server.server_address[:2]
+            origin = self.headers.get("Origin")
+            if not origin_allowed(origin, host, port, viewer_url):
+                raise ViewerError(403, f"Cross-site request: Origin {origin!r} is not this server ({host}:{port}). "
+                                       f"Fix: steer from this server's own latent page, or set [settings] viewer_url to the address you use.")
+            if self.headers.get_content_type() != "application/json":
+                raise ViewerError(415, "The body must be JSON (Content-Type: application/json). Fix: send {\"coder\": ..., \"latent\": ..., \"prompt\": ...}.")
+            try:
+                body = json.loads(raw)
+            except ValueError:
+                body = None
+            if not isinstance(body, dict):
+                raise ViewerError(400, "The body is not a JSON object. Fix: send {\"coder\": ..., \"latent\": ..., \"prompt\": ...}.")
+            return self._json(viewer.steer(str(body.get("coder", "")), {k: str(v) for k, v in body.items()}))
 
         def _static(self, name: str):
             path = (STATIC / name).resolve()
@@ -98,11 +148,13 @@ def make_handler(viewer: Viewer, viewer_url: str | None = None):
                 raise ViewerError(404, f"No static file {name}.")
             self._send(200, path.read_bytes(), mimetypes.guess_type(path.name)[0] or "application/octet-stream")
 
-        def _json(self, data, status: int = 200):
-            self._send(status, json.dumps(data, allow_nan=False).encode(), "application/json")
+        def _json(self, data, status: int = 200, headers: dict[str, str] | None = None):
+            self._send(status, json.dumps(data, allow_nan=False).encode(), "application/json", headers)
 
-        def _send(self, status: int, body: bytes, kind: str):
+        def _send(self, status: int, body: bytes, kind: str, headers: dict[str, str] | None = None):
             self.send_response(status)
+            for name, value in (headers or {}).items():
+                self.send_header(name, value)
             self.send_header("Content-Type", kind)
             self.send_header("Content-Length", str(len(body)))
             self.send_header("Cache-Control", "no-store")

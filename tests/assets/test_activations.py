@@ -56,7 +56,7 @@ def test_one_run_one_pass_for_several_coders(registered, subject):
     assert sae_meta["decoder_directions"] is True and neuron_meta["decoder_directions"] is False
     assert np.array_equal(load_decoder_directions(root.activations_dir(TINY_CODER)), load_registered(root.registry_dir, TINY_CODER).decoder_directions().numpy())
     assert not (root.activations_dir(NEURONS) / DECODER_DIRECTIONS_FILE).exists()
-    lens = Unembedding(root.unembedding_path(subject.model, subject.gguf_file))
+    lens = Unembedding(root.unembedding_path(subject.tokenizer_identity()))  # named by the weights it came from
     assert torch.equal(lens.get_output_embeddings().weight, subject.causal_lm().get_output_embeddings().weight.detach().float())
 
     alone = DataRoot.at(registered / "alone")

@@ -163,7 +163,8 @@ def test_every_shipped_deployment_but_gpu_loads_and_gpu_loads_once_its_model_is_
 
 DAGSTER_INTERNALS_ALLOWED = {
     "assets/partitions.py": "the key of an output that lets a ranged run's next stage start without a second, metadata-less "
-                            "materialization per shard (Dagster's own key for that case; test_backfill.py checks one record per shard)",
+                            "materialization per shard (Dagster's own key for that case; test_backfill.py checks one record per shard), and the "
+                            "materialization a shard's logged check result is of (as Dagster links the results it logs itself; test_blocking_checks.py)",
     "tests/defs/test_backfill.py": "drives Dagster's backfill daemon in-process, which has no public API",
     "autointerp_defs/cluster.py": "a worker loads the definitions before Celery forks exactly as a step reconstructs them (ReconstructableRepository), "
                                   "so its pool processes start with them; no public API builds that object",

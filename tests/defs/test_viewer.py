@@ -199,12 +199,12 @@ def test_the_steering_box_continues_a_prompt_with_and_without_the_latent(server,
 
     _, explained, _ = tables(partition)
     latent = int(explained[explained.status == "ok"].latent.iloc[0])
-    ask = f"/api/steer?coder={quote(partition.coder, safe='')}&latent={latent}&prompt=The%20file&strength=8&tokens=12"
+    ask = {"coder": partition.coder, "latent": latent, "prompt": "The file", "strength": 8, "tokens": 12}
     deadline = time.monotonic() + 300
-    status, answer = get(server, ask)
+    status, answer, _ = steer_request(server, ask)
     while answer.get("state") == "loading" and time.monotonic() < deadline:
         time.sleep(1)
-        status, answer = get(server, ask)
+        status, answer, _ = steer_request(server, ask)
     assert status == 200 and answer["state"] == "done", answer
     # the unsteered text is the model's own greedy continuation
     tokenizer, lm = subject.tokenizer(), subject.causal_lm()
@@ -213,7 +213,7 @@ def test_the_steering_box_continues_a_prompt_with_and_without_the_latent(server,
     assert answer["unsteered"] == tokenizer.decode(greedy[0, ids.shape[1]:])
     assert answer["kl"] > 0 and answer["steered"] != answer["unsteered"]
     assert answer["delta"] == pytest.approx(8 * float(latent_counts(partition)["max"][latent]), rel=1e-5)
-    status, bad = get(server, ask.replace("tokens=12", "tokens=999"))
+    status, bad, _ = steer_request(server, {**ask, "tokens": 999})
     assert status == 400 and "Fix: give 1..64" in bad["error"]
 
 
@@ -443,6 +443,9 @@ def test_a_score_of_an_earlier_explanation_is_marked_stale_not_shown_as_the_late
 
 def test_every_latent_page_of_a_coder_narrower_than_the_neighbour_count_answers(tmp_path, subject):
     """Width 8 < the 10 neighbours a page lists; and a coder registered anew serves its own decoder at once."""
+    import os
+    import time
+
     from dagster import DagsterInstance, materialize
 
     from assets.corpus import embedded_documents, tokenize_documents
@@ -477,6 +480,15 @@ def test_every_latent_page_of_a_coder_narrower_than_the_neighbour_count_answers(
     again = random_coder(width=8, d_in=576, k=2, seed=1)
     save_sparsify(again, folder)  # registered anew under the same name, while the server runs
     assert [n["cosine"] for n in server.latent(coder, 0)["neighbours"]["latents"]] == pytest.approx(cosines(again.decoder_weight, 0), abs=1e-4)
+
+    times = {path.name: path.stat() for path in folder.iterdir()}
+    time.sleep(0.05)
+    third = random_coder(width=8, d_in=576, k=2, seed=2)
+    save_sparsify(third, folder)  # and again, its files with the sizes and times of the last ones (`cp -p`, `rsync -t`)
+    for path in folder.iterdir():
+        assert path.stat().st_size == times[path.name].st_size
+        os.utime(path, ns=(times[path.name].st_atime_ns, times[path.name].st_mtime_ns))
+    assert [n["cosine"] for n in server.latent(coder, 0)["neighbours"]["latents"]] == pytest.approx(cosines(third.decoder_weight, 0), abs=1e-4)
 
 
 def test_latent_page_shows_the_senses_of_a_latent_explained_as_several(partition, tmp_path):
@@ -546,7 +558,7 @@ def test_a_first_start_after_a_materialization_serves_a_latent_page_without_buil
     built_caches = lambda: sorted(p.name for p in layout.viewer_dir(partition.coder).iterdir() if p.suffix in (".arrow", ".npz", ".npy") and p.stem != "latents")
     assert built_caches() == [] and set(prepared) == {partition.shard}
     assert page == Viewer(TableStore.at(layout.root)).latent(partition.coder, latent)  # without a background, the request builds every cache
-    assert f"{partition.shard}.exemplars.arrow" in built_caches() and "decoder.npy" not in built_caches()
+    assert f"{partition.shard}.exemplars.arrow" in built_caches() and not any(name.startswith("decoder") for name in built_caches())
 
 
 def test_background_work_waits_while_a_request_is_answered(partition):
@@ -564,3 +576,136 @@ def test_background_work_waits_while_a_request_is_answered(partition):
         assert not paused.is_set()
     waiting.join(timeout=10)
     assert paused.is_set()
+
+
+def steer_request(server: str, body: dict | str, headers: dict | None = None) -> tuple[int, dict, dict]:
+    """POST /api/steer as the latent page's box sends it (JSON), with `headers` on top; (status, answer, headers)."""
+    import http.client
+
+    connection = http.client.HTTPConnection(*server.removeprefix("http://").split(":"), timeout=60)
+    raw = body if isinstance(body, str) else json.dumps(body)
+    connection.request("POST", "/api/steer", raw.encode(), {"Content-Type": "application/json", **(headers or {})})
+    response = connection.getresponse()
+    return response.status, json.loads(response.read()), dict(response.getheaders())
+
+
+@pytest.fixture
+def steering_server(partition, monkeypatch):
+    """A server whose steering generates nothing: each steer waits until the test lets it finish."""
+    from autointerp_defs.readside.app import Viewer
+    from autointerp_defs.readside.server import make_server
+
+    entered, release = threading.Event(), threading.Event()
+
+    def generate(*args):
+        entered.set()
+        assert release.wait(60)
+        return type("Continued", (), {"delta": 1.0, "kl": 0.5, "unsteered": " a", "steered": " b"})()
+
+    monkeypatch.setattr("resources.steering.continue_side_by_side", generate)
+    viewer = Viewer(TableStore.at(partition.root))
+    viewer.steering._state, viewer.steering._steerer = "ready", object()  # as if the subject model were loaded
+    httpd = make_server(str(partition.root), port=0, viewer=viewer)
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    yield f"http://127.0.0.1:{httpd.server_port}", entered, release
+    release.set()
+    httpd.shutdown()
+    httpd.server_close()
+
+
+def test_steering_is_a_post_from_this_servers_pages_only(steering_server, partition):
+    server, _, release = steering_server
+    release.set()
+    port = server.rsplit(":", 1)[1]
+    asked = {"coder": partition.coder, "latent": 0, "prompt": "The", "strength": 2, "tokens": 4}
+    status, answer = get(server, f"/api/steer?coder={quote(partition.coder, safe='')}&latent=0&prompt=The")
+    assert status == 405 and "POST" in answer["error"]  # a link or an <img> on any web page must not run the model
+    for origin in ("http://attacker.example", f"http://attacker.example:{port}", "null", f"http://localhost:{int(port) + 1}"):
+        status, answer, _ = steer_request(server, asked, {"Origin": origin})
+        assert status == 403 and "Origin" in answer["error"], origin
+    assert steer_request(server, asked, {"Host": "attacker.example"})[0] == 403  # DNS rebinding, as for every route
+    assert steer_request(server, asked, {"Content-Type": "text/plain"})[0] == 415  # what a cross-site form may send without a preflight
+    assert steer_request(server, "not json")[0] == 400
+    for origin in (f"http://127.0.0.1:{port}", f"http://localhost:{port}", None):  # this server's own pages; a client that is not a browser
+        status, answer, _ = steer_request(server, asked, {"Origin": origin} if origin else {})
+        assert status == 200 and answer["state"] == "done" and answer["steered"] == " b", origin
+
+
+def test_one_steering_at_a_time_per_model_and_a_second_is_told_when_to_retry(steering_server, partition):
+    server, entered, release = steering_server
+    asked = {"coder": partition.coder, "latent": 0, "prompt": "The"}
+    first = []
+    running = threading.Thread(target=lambda: first.append(steer_request(server, asked)))
+    running.start()
+    assert entered.wait(60)
+    status, answer, headers = steer_request(server, asked)
+    assert status == 429 and "one at a time" in answer["error"] and int(headers["Retry-After"]) > 0
+    release.set()
+    running.join(60)
+    assert first[0][0] == 200 and first[0][1]["state"] == "done"
+    assert steer_request(server, asked)[0] == 200  # the model is free again
+
+
+def test_search_leaves_out_a_vector_of_an_explanation_the_latent_no_longer_holds(partition, tmp_path):
+    """A crash between a shard's explanations and their sync to LanceDB leaves the vector of the old text: the latent must
+    not be found by words its explanation no longer has (as `search_explanations` guards)."""
+    from autointerp_defs.readside.app import Viewer
+
+    root = copy_root(partition, tmp_path)
+    path = root.explanations_path(partition.coder, partition.shard)
+    explained = pd.read_parquet(path)
+    row = explained[explained.status == "ok"].iloc[0]
+    assert Viewer(TableStore.at(root.root)).search(partition.coder, row.explanation)["hits"][0]["latent"] == row.latent
+    explained.loc[explained.latent == row.latent, "explanation"] = "an explanation written after the vectors"
+    explained.to_parquet(path, index=False)  # the table changed, LanceDB not (yet)
+    hits = Viewer(TableStore.at(root.root)).search(partition.coder, row.explanation)["hits"]
+    assert hits and row.latent not in [hit["latent"] for hit in hits]
+    others = explained[(explained.status == "ok") & (explained.latent != row.latent)]
+    assert {hit["latent"] for hit in hits} <= set(others.latent) and {hit["explanation"] for hit in hits} <= set(others.explanation)
+
+
+def test_the_browser_reads_a_coders_cache_again_when_it_is_cached_anew(partition, tmp_path):
+    """A running browser holds a coder's width and shards from its cache's meta.json: caching the coder again with
+    another shard size must not leave it serving the old layout."""
+    from autointerp_defs.readside.app import Viewer
+    from storage.activations import read_cache_meta, write_cache_meta
+
+    root = copy_root(partition, tmp_path)
+    viewer = Viewer(TableStore.at(root.root))
+    assert viewer.index(partition.coder).shards == [f"{i:02d}" for i in range(8)] and viewer.latent(partition.coder, 600)["shard"] == "04"
+    meta = read_cache_meta(root.activations_dir(partition.coder))
+    write_cache_meta(root.activations_dir(partition.coder), {**meta, "latents_per_shard": 576, "n_shards": 2, "cached_again": True})
+    assert viewer.index(partition.coder).shards == ["00", "01"] and viewer.latent(partition.coder, 600)["shard"] == "01"
+    assert viewer.latent_list(partition.coder, {"sort": "latent", "order": "desc", "per_page": "1"})["rows"][0]["shard"] == "01"
+
+
+def test_the_logit_lens_reads_the_unembedding_of_the_models_current_weights(partition, tmp_path, monkeypatch):
+    """The unembedding file is named by the model's identity (its content): weights changed in place, even with the
+    old size and times, are never read through the earlier weights' file."""
+    import os
+    import time
+
+    from safetensors.torch import save_file
+
+    from autointerp_defs.readside import index
+    from resources.subject_model import model_identity
+
+    root = copy_root(partition, tmp_path)
+    model = tmp_path / "checkpoint"
+    model.mkdir()
+    (model / "model.safetensors").write_bytes(b"a" * 4096)
+    unembedding, before = torch.randn(8, 4), model_identity(str(model))
+    save_file({"unembedding": unembedding}, str(root.unembedding_path(before)))  # what the activations stage wrote
+    lens = index.lens_model(TableStore.at(root.root), str(model))
+    assert torch.equal(lens.get_output_embeddings().weight, unembedding)
+
+    stat = (model / "model.safetensors").stat()
+    time.sleep(0.05)
+    (model / "model.safetensors").write_bytes(b"b" * 4096)  # other weights, same size, their times put back
+    os.utime(model / "model.safetensors", ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    started = []
+    monkeypatch.setattr(index, "_build_lens", lambda path, *args: started.append(path))  # loads no model here
+    assert "loading the subject model" in index.lens_model(TableStore.at(root.root), str(model), wait=False)  # not the earlier weights' lens
+    for build in list(index._LENS_BUILDS.values()):
+        build.join(10)
+    assert model_identity(str(model)) != before and [path.name for path in started] == [root.unembedding_path(model_identity(str(model))).name]

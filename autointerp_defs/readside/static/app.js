@@ -22,10 +22,12 @@ function fmt(v, digits = 3) {
   return String(v);
 }
 
-async function api(path) {
-  const res = await fetch(path);
+// A GET of the API, or with `body` a POST of it as JSON (steering: the one request that costs the model's time).
+async function api(path, body) {
+  const res = body === undefined ? await fetch(path)
+    : await fetch(path, { method: "POST", headers: { "Content-Type": "application/json" }, body: JSON.stringify(body) });
   const data = await res.json();
-  if (!res.ok) throw new Error(data.error || res.statusText);
+  if (!res.ok) throw Object.assign(new Error(data.error || res.statusText), { retryAfter: res.headers.get("Retry-After") });
   return data;
 }
 
@@ -254,15 +256,17 @@ function steeringBox(d, coder) {
   const go = el("button", { id: "steer-go", onclick: () => run() }, "Steer");
   async function run() {
     go.disabled = true;
-    const q = new URLSearchParams({ coder, latent: d.latent, prompt: prompt.value, strength: strength.value, tokens: tokens.value });
     try {
-      const r = await api("/api/steer?" + q.toString());
+      const r = await api("/api/steer", { coder, latent: d.latent, prompt: prompt.value, strength: strength.value, tokens: tokens.value });
       if (r.state === "loading") { status.textContent = r.message; setTimeout(run, 1500); return; }
       if (r.state === "unavailable") { status.textContent = r.message; return; }
       status.textContent = `+${fmt(r.strength, 2)} × max activation ${fmt(r.unit, 3)} = +${fmt(r.delta, 3)} at every position; next-token KL ${fmt(r.kl, 3)} nats`;
       out.replaceChildren(el("div", { id: "unsteered" }, el("h3", {}, "unsteered"), el("div", { class: "window" }, r.prompt, el("b", {}, r.unsteered))),
         el("div", { id: "steered" }, el("h3", {}, "steered"), el("div", { class: "window" }, r.prompt, el("b", {}, r.steered))));
-    } catch (err) { status.replaceChildren(el("span", { class: "error" }, err.message)); }
+    } catch (err) {
+      status.replaceChildren(el("span", { class: "error" }, err.message));
+      if (err.retryAfter) { setTimeout(run, 1000 * Number(err.retryAfter)); return; }  // another steering runs: this one waits its turn
+    }
     go.disabled = false;
   }
   box.append(el("div", { class: "controls" }, "prompt", prompt, "strength", strength, "tokens", tokens, go), status, out);

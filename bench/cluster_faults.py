@@ -31,6 +31,7 @@ import contextlib
 import importlib.util
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -105,6 +106,13 @@ def inject(fault: str, postgres, redis, coordination, workers: list[subprocess.P
     return f"{ended} coordination sessions ended"
 
 
+def first_error(log: str) -> str:
+    """The error a failed run's log names (its exception's line, the project's before Dagster's wrappers), else its last lines."""
+    named = sorted((line.strip() for line in log.splitlines() if re.match(r"\s*[\w.]*(Error|Lost|Exception)\b.*: ", line)),
+                   key=lambda line: line.startswith("dagster"))
+    return named[0][:400] if named else log[-400:]
+
+
 def slug(key: str) -> str:
     """A partition key as a file name."""
     return key.replace("|", "_").replace("/", "_")
@@ -162,7 +170,7 @@ def one_round(fault: str | None, args, keys: list[str], reference_requests: int,
             ended[key] = outcome(run, launched)
             if ended[key] != 0:
                 (hung if ended[key] is None else failed).append(key)
-                errors[key] = (logs / f"run-{slug(key)}-0.log").read_text(errors="replace")[-600:]
+                errors[key] = first_error((logs / f"run-{slug(key)}-0.log").read_text(errors="replace"))
                 runs[key] = launch(key, 1)  # once, as an operator or a retry policy would
                 ended[key] = outcome(runs[key], time.monotonic())
         still_failing = [key for key, code in ended.items() if code != 0]

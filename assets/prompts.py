@@ -161,7 +161,8 @@ def explainer_messages(examples: list[tuple[list[str], list[float]]], max_activa
     parts = []
     for i, (token_strs, acts) in enumerate(examples, start=1):
         marks = [a > 0 for a in acts]
-        listed = ", ".join(f"{visible_token(t).strip() or visible_token(t)} ({s})" for t, a, s in zip(token_strs, acts, scaled(acts, max_activation)) if a > 0)
+        firing = [(t, a) for t, a in zip(token_strs, acts) if a > 0]  # scaled only where listed: rounding numpy scalars costs
+        listed = ", ".join(f"{visible_token(t).strip() or visible_token(t)} ({s})" for (t, _), s in zip(firing, scaled([a for _, a in firing], max_activation)))
         parts.append(f"Example {i}: {highlight(token_strs, marks)}\nMarked: {listed}")
     return [
         {"role": "system", "content": EXPLAINER_SYSTEM},

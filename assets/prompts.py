@@ -133,6 +133,8 @@ def window_embedding(embedder_model: str) -> str:
 
 def highlight(token_strs: list[str], marked: list[bool]) -> str:
     """Join tokens (made visible), wrapping each run of marked tokens in << >>."""
+    if not any(marked):  # most windows a judge reads: no loop over the tokens
+        return "".join(map(visible_token, token_strs))
     out, inside = [], False
     for text, is_marked in zip(token_strs, marked):
         if is_marked and not inside:

@@ -90,7 +90,7 @@ class LatentRecord:
             if not is_activating:
                 marks = np.zeros(len(acts), bool)
                 marks[rng.choice(len(acts), size=min(typical_marks, len(acts)), replace=False)] = True
-            examples.append(Example(i, list(ids), [self.vocab[t] for t in ids], acts, marks, int(is_activating), int(quantile) if is_activating else 0,
+            examples.append(Example(i, list(ids), [self.vocab[t] for t in np.asarray(ids).tolist()], acts, marks, int(is_activating), int(quantile) if is_activating else 0,
                                     int(sequence), int(start), kind))
         return [examples[i] for i in rng.permutation(len(examples))]
 

@@ -109,8 +109,8 @@ async def explain_latent(explainer: Explainer, config: ExplanationsConfig, recor
 async def explain_senses(explainer: Explainer, config: ExplanationsConfig, record: LatentRecord, embed, refiner: Refiner | None = None) -> tuple[dict, list[dict], list[dict]]:
     """`explain_latent` with up to `config.senses` senses: its rows and the latent's `explanation_senses` rows
     (none when it has one sense). Each sense is explained single shot; their union is the explanation."""
-    clusters = sense_clusters(record, config.senses, embed)
-    if len(clusters) == 1:
+    clusters = sense_clusters(record, config.senses, embed) if config.senses > 1 else []  # one sense: no windows to split (~1 ms a latent)
+    if len(clusters) <= 1:
         return *await explain_latent(explainer, config, record, embed, refiner), []
     asked = await asyncio.gather(*(explain_latent(explainer, config, sense_record(record, windows), embed) for windows in clusters))
     rows = [row for row, _ in asked]

@@ -133,6 +133,8 @@ def window_embedding(embedder_model: str) -> str:
 
 def highlight(token_strs: list[str], marked: list[bool]) -> str:
     """Join tokens (made visible), wrapping each run of marked tokens in << >>."""
+    if not any(marked):  # most windows a judge reads: no loop over the tokens
+        return "".join(map(visible_token, token_strs))
     out, inside = [], False
     for text, is_marked in zip(token_strs, marked):
         if is_marked and not inside:
@@ -161,7 +163,8 @@ def explainer_messages(examples: list[tuple[list[str], list[float]]], max_activa
     parts = []
     for i, (token_strs, acts) in enumerate(examples, start=1):
         marks = [a > 0 for a in acts]
-        listed = ", ".join(f"{visible_token(t).strip() or visible_token(t)} ({s})" for t, a, s in zip(token_strs, acts, scaled(acts, max_activation)) if a > 0)
+        firing = [(t, a) for t, a in zip(token_strs, acts) if a > 0]  # scaled only where listed: rounding numpy scalars costs
+        listed = ", ".join(f"{visible_token(t).strip() or visible_token(t)} ({s})" for (t, _), s in zip(firing, scaled([a for _, a in firing], max_activation)))
         parts.append(f"Example {i}: {highlight(token_strs, marks)}\nMarked: {listed}")
     return [
         {"role": "system", "content": EXPLAINER_SYSTEM},

@@ -69,9 +69,11 @@ class LatentRecord:
 
     def shown_examples(self) -> tuple[list[tuple[list[str], list[float]]], float]:
         """(token strings, activations) of the activating training windows, strongest first, and the top activation."""
-        shown = self.train()
-        examples = [([self.vocab[t] for t in row.tokens], list(row.activations)) for row in shown.itertuples()]
-        return examples, float(shown["max_activation"].max())
+        windows = self.windows  # lists, not a filtered frame and itertuples: ~2 ms a latent with Arrow string columns
+        shown = [s == "train" and k == "activating" for s, k in zip(windows["split"].tolist(), windows["kind"].tolist())]
+        tokens, activations, peaks = (list(compress(windows[c].tolist(), shown)) for c in ("tokens", "activations", "max_activation"))
+        examples = [([self.vocab[t] for t in np.asarray(ids).tolist()], list(acts)) for ids, acts in zip(tokens, activations)]
+        return examples, float(max(peaks, default=np.nan))
 
     def examples(self, split: str, rng: np.random.Generator) -> list[Example]:
         """The `split` windows as scorers judge them, in an order drawn from `rng`; non-activating ones get
@@ -88,7 +90,7 @@ class LatentRecord:
             if not is_activating:
                 marks = np.zeros(len(acts), bool)
                 marks[rng.choice(len(acts), size=min(typical_marks, len(acts)), replace=False)] = True
-            examples.append(Example(i, list(ids), [self.vocab[t] for t in ids], acts, marks, int(is_activating), int(quantile) if is_activating else 0,
+            examples.append(Example(i, list(ids), [self.vocab[t] for t in np.asarray(ids).tolist()], acts, marks, int(is_activating), int(quantile) if is_activating else 0,
                                     int(sequence), int(start), kind))
         return [examples[i] for i in rng.permutation(len(examples))]
 

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import re
 import shutil
 import subprocess
 from pathlib import Path
@@ -22,7 +23,9 @@ TINY_HOOKPOINT = "model.layers.3"
 def root_network() -> dict[str, list[str]]:
     """This machine's own addresses, routes and links (`ip -o`), to show the tests left them as they were."""
     def listed(*what: str) -> list[str]:
-        return sorted(subprocess.run(["ip", "-o", *what], capture_output=True, text=True, check=True).stdout.splitlines())
+        """The lines `ip -o` prints, less the lifetimes that count down on their own."""
+        lines = subprocess.run(["ip", "-o", *what], capture_output=True, text=True, check=True).stdout.splitlines()
+        return sorted(re.sub(r"\s+(valid_lft|preferred_lft|expires)\s+\S+", "", line) for line in lines)
 
     return {"addresses": listed("addr"), "routes": listed("route", "show", "table", "all"), "links": [line.split("\\")[0] for line in listed("link")]}
 

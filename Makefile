@@ -45,7 +45,7 @@ demo: instance
 # or an API page that does not resolve; built into .site/ (ignored by git). No -q: it hides the warnings --strict counts.
 test: install-test
 	NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs build --strict -d $(CURDIR)/.site
-	$(VENV)/bin/pytest -q
+	$(VENV)/bin/pytest -q --durations=25
 
 # The Dagster UI and daemon at http://127.0.0.1:3000; UI_PORT=… to move it.
 ui: instance

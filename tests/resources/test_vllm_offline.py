@@ -43,11 +43,14 @@ class LLM:
         self.model, self.engine_args = model, engine_args
         self.batches: list[int] = []
         self.params: list[SamplingParams] = []
+        self.asked: dict[str, SamplingParams] = {}
+        """Each conversation's last message → the sampling parameters it came with."""
 
     def chat(self, messages, sampling_params=None, use_tqdm=True):
         assert isinstance(messages[0], list), "offline batches are lists of conversations"
         self.batches.append(len(messages))
         self.params.extend(sampling_params)
+        self.asked.update((conversation[-1]["content"], params) for conversation, params in zip(messages, sampling_params))
         outputs = []
         for conversation, params in zip(messages, sampling_params):
             word = conversation[-1]["content"][::-1]
@@ -95,7 +98,10 @@ def test_concurrent_requests_become_one_batch_with_logprobs_and_tokens(fake_vllm
     assert first.prompt_tokens == len(words[0]) and first.completion_tokens == 2
     assert first.tokens == [words[0][::-1][:2], words[0][::-1][2:]]  # the sampled tokens, not the top-ranked ones
     assert first.top_logprobs == [{words[0][::-1][:2]: -0.1, "zz": -2.4}, {"yy": -0.3, words[0][::-1][2:]: -1.5}]
-    assert [p.seed for p in engine.params] == list(range(40)) and {p.max_tokens for p in engine.params} == {5}
+    # each request's own parameters reached the engine beside its own conversation (in the order the requests got
+    # past the response cache, which is looked up on a thread: not always the order they were made in)
+    assert {word: params.seed for word, params in engine.asked.items()} == {w: i for i, w in enumerate(words)}
+    assert {p.max_tokens for p in engine.params} == {5}
     assert client.ledger.requests == 40
 
     again = LLMResource(backend="vllm", model="HuggingFaceTB/SmolLM2-135M-Instruct").client(tmp_path)

@@ -244,12 +244,12 @@ def cluster_network(nodes: int):
             run_ip(["netns", "add", namespace])
             made.append(namespace)
             run_ip(["-n", namespace, "link", "set", "lo", "up"])
-        run_ip(["-n", network.services, "addr", "add", f"{SERVICE_ADDRESS}/32", "dev", "lo"])
+        run_ip(["netns", "exec", network.services, "ip", "addr", "add", f"{SERVICE_ADDRESS}/32", "dev", "lo"])
         for i, node in enumerate(network.nodes, start=1):
             run_ip(["-n", network.services, "link", "add", f"node{i}", "type", "veth", "peer", "name", "uplink", "netns", node],
-                   ["-n", network.services, "addr", "add", f"10.231.{i}.1/30", "dev", f"node{i}"], ["-n", network.services, "link", "set", f"node{i}", "up"],
-                   ["-n", node, "addr", "add", f"10.231.{i}.2/30", "dev", "uplink"], ["-n", node, "link", "set", "uplink", "up"],
-                   ["-n", node, "route", "add", "default", "via", f"10.231.{i}.1"])
+                   ["netns", "exec", network.services, "ip", "addr", "add", f"10.231.{i}.1/30", "dev", f"node{i}"], ["-n", network.services, "link", "set", f"node{i}", "up"],
+                   ["netns", "exec", node, "ip", "addr", "add", f"10.231.{i}.2/30", "dev", "uplink"], ["-n", node, "link", "set", "uplink", "up"],
+                   ["netns", "exec", node, "ip", "route", "add", "default", "via", f"10.231.{i}.1"])
         yield network
     finally:
         for namespace in made:

@@ -8,6 +8,7 @@ buffered, every shard's buffer is written as a chunk, then the running statistic
 re-running the model on the sequences it had cached, and ends with exactly the pairs an
 uninterrupted run stores.
 """
+
 import shutil
 import time
 from contextlib import ExitStack
@@ -33,20 +34,37 @@ from pydantic import Field
 from assets.automation import CODE_CHANGED, FOLLOW, SUBJECT_MODEL_POOL, in_pool
 from assets.partitions import DEFAULT_LATENTS_PER_SHARD, coders_of, shard_partitions
 from assets.stage_config import Models
-from resources.settings import AutointerpSettings
-from resources.sparse_coders import SparseCode, SparseCoder, coder_fingerprint, load_registered
 from resources.hookpoints import resolve_hookpoint
 from resources.logit_lens import save_unembedding
+from resources.settings import AutointerpSettings
+from resources.sparse_coders import SparseCode, SparseCoder, coder_fingerprint, load_registered
 from resources.subject_model import SubjectModelResource
-from storage.activations import CHUNK_ENTRIES, LATENT_STATS_FILE, ShardedActivationWriter, load_latent_stats, read_cache_meta, read_progress, save_decoder_directions, save_latent_stats, write_cache_meta, write_progress
+from storage.activations import (
+    CHUNK_ENTRIES,
+    LATENT_STATS_FILE,
+    ShardedActivationWriter,
+    load_latent_stats,
+    read_cache_meta,
+    read_progress,
+    save_decoder_directions,
+    save_latent_stats,
+    write_cache_meta,
+    write_progress,
+)
 from storage.coordination import Lease, exclusive
 from storage.corpus import load_corpus
 from storage.layout import DataRoot
 
 
 class ActivationsConfig(Config):
-    skip_bos: bool = Field(default=True, description="Do not cache position 0 when sequences start with BOS (its activations are outliers).")
-    checkpoint_entries: int = Field(default=CHUNK_ENTRIES, description="Buffered pairs (over all shards) that trigger a checkpoint; bounds memory.")
+    skip_bos: bool = Field(
+        default=True,
+        description="Do not cache position 0 when sequences start with BOS (its activations are outliers).",
+    )
+    checkpoint_entries: int = Field(
+        default=CHUNK_ENTRIES,
+        description="Buffered pairs (over all shards) that trigger a checkpoint; bounds memory.",
+    )
 
 
 class LatentStats:
@@ -66,13 +84,21 @@ class LatentStats:
         self.tokens += n_tokens
 
     def save(self, path: Path) -> None:
-        save_latent_stats(path, self.count.cpu().numpy(), self.max.cpu().numpy(), self.sum.cpu().numpy(), self.tokens)
+        save_latent_stats(
+            path,
+            self.count.cpu().numpy(),
+            self.max.cpu().numpy(),
+            self.sum.cpu().numpy(),
+            self.tokens,
+        )
 
     @classmethod
     def load(cls, path: Path, device) -> "LatentStats":
         saved = load_latent_stats(path)
         stats = cls(len(saved["count"]), device)
-        stats.count, stats.max, stats.sum = (torch.from_numpy(saved[k]).to(device) for k in ("count", "max", "sum"))
+        stats.count, stats.max, stats.sum = (
+            torch.from_numpy(saved[k]).to(device) for k in ("count", "max", "sum")
+        )
         stats.tokens = int(saved["tokens"][0])
         return stats
 
@@ -95,7 +121,11 @@ class FVUSample:
 
     def __init__(self, state: dict | None = None):
         state = state or {"tokens": 0, "sum": None, "sum_sq": 0.0, "residual_sq": 0.0}
-        self.tokens, self.sum_sq, self.residual_sq = state["tokens"], state["sum_sq"], state["residual_sq"]
+        self.tokens, self.sum_sq, self.residual_sq = (
+            state["tokens"],
+            state["sum_sq"],
+            state["residual_sq"],
+        )
         self.sum = None if state["sum"] is None else torch.tensor(state["sum"], dtype=torch.float64)
 
     def add(self, coder: SparseCoder, x: torch.Tensor, code: SparseCode) -> None:
@@ -119,7 +149,12 @@ class FVUSample:
         return self.residual_sq / centered
 
     def state(self) -> dict:
-        return {"tokens": self.tokens, "sum": None if self.sum is None else self.sum.tolist(), "sum_sq": self.sum_sq, "residual_sq": self.residual_sq}
+        return {
+            "tokens": self.tokens,
+            "sum": None if self.sum is None else self.sum.tolist(),
+            "sum_sq": self.sum_sq,
+            "residual_sq": self.residual_sq,
+        }
 
 
 @dataclass
@@ -144,24 +179,61 @@ class CoderCache:
         stats_file = f"stats.partial-{self.writer.checkpoints:05d}.safetensors"
         self.stats.save(self.out_dir / stats_file)
         self.lease.check()  # progress.json commits the checkpoint: refused under a lost lock
-        write_progress(self.out_dir, {**self.identity, "checkpoints": self.writer.checkpoints, "next_sequence": self.next_sequence,
-                                      "fvu": self.fvu.state(), "stats_file": stats_file, "lease": self.lease.record})
+        write_progress(
+            self.out_dir,
+            {
+                **self.identity,
+                "checkpoints": self.writer.checkpoints,
+                "next_sequence": self.next_sequence,
+                "fvu": self.fvu.state(),
+                "stats_file": stats_file,
+                "lease": self.lease.record,
+            },
+        )
         for old in self.out_dir.glob("stats.partial*.safetensors"):
             if old.name != stats_file:
                 old.unlink(missing_ok=True)
 
 
-def open_cache(coder: SparseCoder, out_dir: Path, identity: dict, device, lease: Lease) -> CoderCache:
+def open_cache(
+    coder: SparseCoder, out_dir: Path, identity: dict, device, lease: Lease
+) -> CoderCache:
     """Resume the coder's cache from its last checkpoint if it is for the same corpus and coder, else start anew."""
     progress = read_progress(out_dir)
     if progress is not None and read_cache_meta(out_dir) is None:
-        if all(progress.get(k) == v for k, v in identity.items()) and (out_dir / progress.get("stats_file", "")).is_file():
-            writer = ShardedActivationWriter(out_dir, coder.width, identity["latents_per_shard"], first_checkpoint=progress["checkpoints"])
+        if (
+            all(progress.get(k) == v for k, v in identity.items())
+            and (out_dir / progress.get("stats_file", "")).is_file()
+        ):
+            writer = ShardedActivationWriter(
+                out_dir,
+                coder.width,
+                identity["latents_per_shard"],
+                first_checkpoint=progress["checkpoints"],
+            )
             writer.discard_chunks_from(progress["checkpoints"])
             stats = LatentStats.load(out_dir / progress["stats_file"], device)
-            return CoderCache(coder, out_dir, writer, stats, progress["next_sequence"], identity, FVUSample(progress["fvu"]), lease)
+            return CoderCache(
+                coder,
+                out_dir,
+                writer,
+                stats,
+                progress["next_sequence"],
+                identity,
+                FVUSample(progress["fvu"]),
+                lease,
+            )
     shutil.rmtree(out_dir, ignore_errors=True)
-    return CoderCache(coder, out_dir, ShardedActivationWriter(out_dir, coder.width, identity["latents_per_shard"]), LatentStats(coder.width, device), 0, identity, FVUSample(), lease)
+    return CoderCache(
+        coder,
+        out_dir,
+        ShardedActivationWriter(out_dir, coder.width, identity["latents_per_shard"]),
+        LatentStats(coder.width, device),
+        0,
+        identity,
+        FVUSample(),
+        lease,
+    )
 
 
 def cache_activations(
@@ -179,14 +251,40 @@ def cache_activations(
     Each coder is locked for the pass (on every node, with a `coordination_url`): a second run on
     the same coder stops at once instead of repeating the work."""
     with ExitStack() as locks:
-        leases = {coder.key: locks.enter_context(exclusive(coordination_url, f"activations {coder.key}", root.activations_lock_path(coder.key),
-                                                           f"Caching the activations of {coder.key}")) for coder in coders}
-        return _cache_activations(coders, subject_model, root, skip_bos=skip_bos, checkpoint_entries=checkpoint_entries, latents_per_shard=latents_per_shard,
-                                  log=log, leases=leases)
+        leases = {
+            coder.key: locks.enter_context(
+                exclusive(
+                    coordination_url,
+                    f"activations {coder.key}",
+                    root.activations_lock_path(coder.key),
+                    f"Caching the activations of {coder.key}",
+                )
+            )
+            for coder in coders
+        }
+        return _cache_activations(
+            coders,
+            subject_model,
+            root,
+            skip_bos=skip_bos,
+            checkpoint_entries=checkpoint_entries,
+            latents_per_shard=latents_per_shard,
+            log=log,
+            leases=leases,
+        )
 
 
-def _cache_activations(coders: list[SparseCoder], subject_model: SubjectModelResource, root: DataRoot, *, skip_bos: bool, checkpoint_entries: int,
-                       latents_per_shard: int, log, leases: dict[str, Lease]) -> dict[str, dict]:
+def _cache_activations(
+    coders: list[SparseCoder],
+    subject_model: SubjectModelResource,
+    root: DataRoot,
+    *,
+    skip_bos: bool,
+    checkpoint_entries: int,
+    latents_per_shard: int,
+    log,
+    leases: dict[str, Lease],
+) -> dict[str, dict]:
     corpus = load_corpus(root)
     lm = subject_model.causal_lm()
     device = subject_model.device
@@ -197,15 +295,32 @@ def _cache_activations(coders: list[SparseCoder], subject_model: SubjectModelRes
         save_unembedding(lm, unembedding)
     caches, metas = [], {}
     for coder in coders:
-        identity = {"corpus_hash": corpus.meta["hash"], "coder": coder_fingerprint(root.registry_dir, coder.key), "latents_per_shard": latents_per_shard, "skip_bos": skip_bos,
-                    "subject_model": subject_model.identity()}  # another model with the same tokenizer must not reuse these pairs
+        identity = {
+            "corpus_hash": corpus.meta["hash"],
+            "coder": coder_fingerprint(root.registry_dir, coder.key),
+            "latents_per_shard": latents_per_shard,
+            "skip_bos": skip_bos,
+            "subject_model": subject_model.identity(),
+        }  # another model with the same tokenizer must not reuse these pairs
         done = read_cache_meta(root.activations_dir(coder.key))
-        if done is not None and done.get("identity") == identity:  # another shard of this coder was cached already
+        if (
+            done is not None and done.get("identity") == identity
+        ):  # another shard of this coder was cached already
             if log:
-                log(f"activations: {coder.key} is cached already for this corpus and coder; reusing it")
+                log(
+                    f"activations: {coder.key} is cached already for this corpus and coder; reusing it"
+                )
             metas[coder.key] = done
             continue
-        caches.append(open_cache(coder.to(device, torch.float32), root.activations_dir(coder.key), identity, device, leases[coder.key]))
+        caches.append(
+            open_cache(
+                coder.to(device, torch.float32),
+                root.activations_dir(coder.key),
+                identity,
+                device,
+                leases[coder.key],
+            )
+        )
     if not caches:
         return metas
     first_position = 1 if (skip_bos and corpus.meta["add_bos"]) else 0
@@ -233,15 +348,26 @@ def _cache_activations(coders: list[SparseCoder], subject_model: SubjectModelRes
             code = cache.coder.encode(flat)
             cache.fvu.add(cache.coder, flat, code)
             cache.stats.update(code, flat.shape[0])
-            locations = torch.stack([code.rows // n_pos + seq_start + skip, code.rows % n_pos + first_position, code.latents], dim=1)
-            cache.writer.add(locations.to(torch.int32).cpu().numpy(), code.values.float().cpu().numpy())
+            locations = torch.stack(
+                [
+                    code.rows // n_pos + seq_start + skip,
+                    code.rows % n_pos + first_position,
+                    code.latents,
+                ],
+                dim=1,
+            )
+            cache.writer.add(
+                locations.to(torch.int32).cpu().numpy(), code.values.float().cpu().numpy()
+            )
             cache.next_sequence = seq_start + len(batch)
             if cache.writer.buffered >= checkpoint_entries:
                 cache.save_progress()
         done = min(seq_start + batch_size, n_sequences)
         if log and (done == n_sequences or time.perf_counter() - last_report > 10):
             last_report = time.perf_counter()
-            log(f"activations: {done}/{n_sequences} sequences, {forwarded * n_pos / (last_report - started):,.0f} tokens/s")
+            log(
+                f"activations: {done}/{n_sequences} sequences, {forwarded * n_pos / (last_report - started):,.0f} tokens/s"
+            )
     for cache in caches:
         cache.save_progress()
         stats = cache.stats
@@ -267,7 +393,9 @@ def _cache_activations(coders: list[SparseCoder], subject_model: SubjectModelRes
             "tokens_per_second": forwarded * n_pos / max(time.perf_counter() - started, 1e-9),
             **stats.summary(),
         }
-        meta["problems"] = coder_problems(meta)  # kept beside the numbers: a NaN FVU is stored as null
+        meta["problems"] = coder_problems(
+            meta
+        )  # kept beside the numbers: a NaN FVU is stored as null
         cache.lease.check()
         write_cache_meta(cache.out_dir, meta)
         metas[cache.coder.key] = meta
@@ -280,7 +408,9 @@ def coder_problems(meta: dict) -> list[str]:
     if meta["live_latents"] == 0:
         problems.append("all latents are dead")
     if meta["fvu"] is not None and not meta["fvu"] <= 1:
-        problems.append(f"FVU {meta['fvu']:.3f} > 1 or not finite: the reconstruction is worse than predicting the mean")
+        problems.append(
+            f"FVU {meta['fvu']:.3f} > 1 or not finite: the reconstruction is worse than predicting the mean"
+        )
     return problems
 
 
@@ -299,7 +429,14 @@ def activations_asset(models: Models = Models()) -> AssetsDefinition:
         code_version=ACTIVATIONS_VERSION + models.version_part("subject_model"),
         automation_condition=FOLLOW | CODE_CHANGED,
         **in_pool(SUBJECT_MODEL_POOL),
-        check_specs=[AssetCheckSpec("coder_health", asset="activations", blocking=True, description="Fails on a broken coder: all latents dead, or FVU > 1 or not finite; blocks everything downstream.")],
+        check_specs=[
+            AssetCheckSpec(
+                "coder_health",
+                asset="activations",
+                blocking=True,
+                description="Fails on a broken coder: all latents dead, or FVU > 1 or not finite; blocks everything downstream.",
+            )
+        ],
         description="Sparse activations of each coder over the corpus, sharded over the latent range; all coders of a run share one forward pass.",
     )(_activations)
 
@@ -312,20 +449,32 @@ def _activations(
 ) -> MaterializeResult:
     root = settings.root
     coders = [load_registered(root.registry_dir, key) for key in coders_of(context.partition_keys)]
-    metas = cache_activations(coders, subject_model, root, skip_bos=config.skip_bos, checkpoint_entries=config.checkpoint_entries,
-                              latents_per_shard=settings.latents_per_shard, log=context.log.info, coordination_url=settings.coordination_url)
+    metas = cache_activations(
+        coders,
+        subject_model,
+        root,
+        skip_bos=config.skip_bos,
+        checkpoint_entries=config.checkpoint_entries,
+        latents_per_shard=settings.latents_per_shard,
+        log=context.log.info,
+        coordination_url=settings.coordination_url,
+    )
     problems = {key: meta["problems"] for key, meta in metas.items()}
     for key, found in problems.items():
         for problem in found:
             context.log.error(f"coder {key} is broken: {problem}")
-    table = pd.DataFrame(metas.values())[["coder", "format", "width", "tokens", "live_latents", "dead_fraction", "mean_l0", "fvu"]]
+    table = pd.DataFrame(metas.values())[
+        ["coder", "format", "width", "tokens", "live_latents", "dead_fraction", "mean_l0", "fvu"]
+    ]
     metadata = {
         "coders": MetadataValue.md(table.round(4).to_markdown(index=False)),
         "tokens_cached": int(table["tokens"].iloc[0]),
         "live_latents": int(table["live_latents"].sum()),
         "dead_fraction": MetadataValue.float(round(float(table["dead_fraction"].mean()), 4)),
         "mean_l0": MetadataValue.float(round(float(table["mean_l0"].mean()), 2)),
-        "tokens_per_second": MetadataValue.float(round(float(next(iter(metas.values()))["tokens_per_second"]), 1)),
+        "tokens_per_second": MetadataValue.float(
+            round(float(next(iter(metas.values()))["tokens_per_second"]), 1)
+        ),
         "subject_model": subject_model.identity(),
     }
     if len(metas) == 1 and table["fvu"].iloc[0] is not None:

@@ -8,17 +8,27 @@ ticks (a fresh instance, the sensor switched on later, a daemon restarted with a
 never be requested. `MISSING` requests those, statelessly, on any tick; a partition whose latest
 run failed is left alone (no retry loop) until an input updates or someone materializes it.
 """
+
 from dagster import AutomationCondition
 
 CHECKS_PASSED = AutomationCondition.all_deps_blocking_checks_passed()
 """No input's blocking check failed (on this shard): a shard whose explanations failed one is written and recorded,
 so without this a later tick would score it; the run that wrote it already stopped there (`each_shard`)."""
 
-READY = ~AutomationCondition.any_deps_missing() & ~AutomationCondition.any_deps_in_progress() & ~AutomationCondition.in_progress() & CHECKS_PASSED
+READY = (
+    ~AutomationCondition.any_deps_missing()
+    & ~AutomationCondition.any_deps_in_progress()
+    & ~AutomationCondition.in_progress()
+    & CHECKS_PASSED
+)
 
-MISSING = (AutomationCondition.missing() & ~AutomationCondition.execution_failed() & READY).with_label("missing, inputs ready, not failed")
+MISSING = (
+    AutomationCondition.missing() & ~AutomationCondition.execution_failed() & READY
+).with_label("missing, inputs ready, not failed")
 
-FOLLOW = ((AutomationCondition.eager() & CHECKS_PASSED) | MISSING).with_label("eager, or missing with inputs ready; inputs' blocking checks passed")
+FOLLOW = ((AutomationCondition.eager() & CHECKS_PASSED) | MISSING).with_label(
+    "eager, or missing with inputs ready; inputs' blocking checks passed"
+)
 """New inputs re-run a partition; a missing partition runs once its inputs are there; neither on an input that failed a blocking check."""
 
 CODE_CHANGED = (

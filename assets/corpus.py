@@ -13,7 +13,15 @@ import re
 from pathlib import Path
 
 import numpy as np
-from dagster import AssetExecutionContext, AssetsDefinition, Config, DataVersion, MaterializeResult, MetadataValue, asset
+from dagster import (
+    AssetExecutionContext,
+    AssetsDefinition,
+    Config,
+    DataVersion,
+    MaterializeResult,
+    MetadataValue,
+    asset,
+)
 from pydantic import Field
 
 from assets.automation import CODE_CHANGED, in_pool
@@ -33,12 +41,21 @@ class EmptyCorpusError(ValueError):
 
 
 class CorpusConfig(Config):
-    source: str = Field(default="embedded", description="'embedded', a local .txt/.jsonl/.parquet file, or a Hugging Face dataset id.")
-    text_field: str = Field(default="text", description="Column holding the text in jsonl/parquet/HF sources.")
+    source: str = Field(
+        default="embedded",
+        description="'embedded', a local .txt/.jsonl/.parquet file, or a Hugging Face dataset id.",
+    )
+    text_field: str = Field(
+        default="text", description="Column holding the text in jsonl/parquet/HF sources."
+    )
     split: str = Field(default="train", description="Split of a Hugging Face dataset.")
     ctx_len: int = Field(default=128, description="Tokens per sequence, BOS included.")
-    n_tokens: int = Field(default=65_536, description="Tokens to keep (rounded down to whole sequences).")
-    add_bos: bool = Field(default=True, description="Start every sequence with the tokenizer's BOS token.")
+    n_tokens: int = Field(
+        default=65_536, description="Tokens to keep (rounded down to whole sequences)."
+    )
+    add_bos: bool = Field(
+        default=True, description="Start every sequence with the tokenizer's BOS token."
+    )
     seed: int = Field(default=0, description="Seed of the document shuffle.")
 
 
@@ -92,7 +109,9 @@ def read_documents(source: str, text_field: str = "text", split: str = "train") 
     path = Path(source).expanduser()
     if path.suffix in LOCAL_SUFFIXES or path.exists():
         if not path.exists():
-            raise FileNotFoundError(f"Corpus file {path} does not exist. Fix: correct corpus.source.")
+            raise FileNotFoundError(
+                f"Corpus file {path} does not exist. Fix: correct corpus.source."
+            )
         if path.suffix == ".txt":
             return [p for p in re.split(r"\n\s*\n", path.read_text()) if p.strip()]
         if path.suffix == ".jsonl":
@@ -107,10 +126,15 @@ def read_documents(source: str, text_field: str = "text", split: str = "train") 
     try:
         import datasets
     except ImportError as error:
-        raise RuntimeError(f"Corpus source '{source}' looks like a Hugging Face dataset id; install the extra: pip install 'autointerp[hf]'") from error
+        raise RuntimeError(
+            f"Corpus source '{source}' looks like a Hugging Face dataset id; install the extra: pip install 'autointerp[hf]'"
+        ) from error
     try:
         rows = datasets.load_dataset(source, split=split)
-    except (ConnectionError, OSError) as error:  # no network, or no such dataset: the library says neither plainly
+    except (
+        ConnectionError,
+        OSError,
+    ) as error:  # no network, or no such dataset: the library says neither plainly
         raise RuntimeError(
             f"Corpus source '{source}' was read as a Hugging Face dataset id, and it could not be loaded "
             f"({type(error).__name__}: {str(error)[:200]}). Fix: without network, point corpus.source at a local "
@@ -119,7 +143,9 @@ def read_documents(source: str, text_field: str = "text", split: str = "train") 
     return [row[text_field] for row in rows]
 
 
-def tokenize_documents(documents: list[str], tokenizer, *, ctx_len: int, n_tokens: int, add_bos: bool, seed: int) -> np.ndarray:
+def tokenize_documents(
+    documents: list[str], tokenizer, *, ctx_len: int, n_tokens: int, add_bos: bool, seed: int
+) -> np.ndarray:
     """Shuffle documents, join them with EOS, and cut `[n_sequences, ctx_len]` int32 sequences."""
     documents = list(documents)
     random.Random(seed).shuffle(documents)
@@ -136,7 +162,9 @@ def tokenize_documents(documents: list[str], tokenizer, *, ctx_len: int, n_token
         if eos is not None:
             stream.append(eos)
     n_sequences = min(n_sequences, len(stream) // body_len)
-    body = np.asarray(stream[: n_sequences * body_len], dtype=np.int32).reshape(n_sequences, body_len)
+    body = np.asarray(stream[: n_sequences * body_len], dtype=np.int32).reshape(
+        n_sequences, body_len
+    )
     if add_bos:
         body = np.concatenate([np.full((n_sequences, 1), bos, np.int32), body], axis=1)
     return body
@@ -145,13 +173,21 @@ def tokenize_documents(documents: list[str], tokenizer, *, ctx_len: int, n_token
 def special_token_ids(tokenizer) -> list[int]:
     """Ids of the tokenizer's special tokens (BOS, EOS, chat and tool markers), which prompts never show as text."""
     added = getattr(tokenizer, "added_tokens_decoder", {}) or {}
-    return sorted({int(i) for i in tokenizer.all_special_ids} | {int(i) for i, token in added.items() if getattr(token, "special", False)})
+    return sorted(
+        {int(i) for i in tokenizer.all_special_ids}
+        | {int(i) for i, token in added.items() if getattr(token, "special", False)}
+    )
 
 
 def build_corpus(config: CorpusConfig, tokenizer, root: DataRoot) -> dict:
     documents = read_documents(config.source, config.text_field, config.split)
     tokens = tokenize_documents(
-        documents, tokenizer, ctx_len=config.ctx_len, n_tokens=config.n_tokens, add_bos=config.add_bos, seed=config.seed
+        documents,
+        tokenizer,
+        ctx_len=config.ctx_len,
+        n_tokens=config.n_tokens,
+        add_bos=config.add_bos,
+        seed=config.seed,
     )
     if tokens.size == 0:
         raise EmptyCorpusError(
@@ -176,10 +212,15 @@ def build_corpus(config: CorpusConfig, tokenizer, root: DataRoot) -> dict:
 
 
 def _corpus(
-    context: AssetExecutionContext, config: CorpusConfig, settings: AutointerpSettings, subject_model: SubjectModelResource
+    context: AssetExecutionContext,
+    config: CorpusConfig,
+    settings: AutointerpSettings,
+    subject_model: SubjectModelResource,
 ) -> MaterializeResult:
     meta = build_corpus(config, subject_model.tokenizer(), settings.root)
-    context.log.info(f"corpus: {meta['n_tokens']} tokens in {meta['n_sequences']} sequences, hash {meta['hash']}")
+    context.log.info(
+        f"corpus: {meta['n_tokens']} tokens in {meta['n_sequences']} sequences, hash {meta['hash']}"
+    )
     return MaterializeResult(
         metadata={
             "tokens": meta["n_tokens"],
@@ -203,10 +244,27 @@ def corpus_asset(defaults: dict | None = None, models: Models = Models()) -> Ass
     data version (the content hash), so only a new tokenizer's tokens make the stages below stale."""
     Configured = with_defaults(CorpusConfig, defaults or {}, "corpus")
 
-    def corpus(context: AssetExecutionContext, config, settings: AutointerpSettings, subject_model: SubjectModelResource) -> MaterializeResult:
+    def corpus(
+        context: AssetExecutionContext,
+        config,
+        settings: AutointerpSettings,
+        subject_model: SubjectModelResource,
+    ) -> MaterializeResult:
         return _corpus(context, config, settings, subject_model)
 
-    corpus.__annotations__.update(config=Configured, context=AssetExecutionContext, settings=AutointerpSettings,
-                                  subject_model=SubjectModelResource, **{"return": MaterializeResult})
-    return asset(name="corpus", group_name="autointerp", code_version=f"{CORPUS_VERSION}-{settings_digest(Configured())}{models.version_part('tokenizer')}", automation_condition=CODE_CHANGED,
-                 check_specs=corpus_specs(), **in_pool(None), description="Tokenized fixed-length sequences of the corpus, stored once with a content hash.")(corpus)
+    corpus.__annotations__.update(
+        config=Configured,
+        context=AssetExecutionContext,
+        settings=AutointerpSettings,
+        subject_model=SubjectModelResource,
+        **{"return": MaterializeResult},
+    )
+    return asset(
+        name="corpus",
+        group_name="autointerp",
+        code_version=f"{CORPUS_VERSION}-{settings_digest(Configured())}{models.version_part('tokenizer')}",
+        automation_condition=CODE_CHANGED,
+        check_specs=corpus_specs(),
+        **in_pool(None),
+        description="Tokenized fixed-length sequences of the corpus, stored once with a content hash.",
+    )(corpus)

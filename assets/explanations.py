@@ -14,13 +14,22 @@ fails the partition and is asked again on the next materialization. The settings
 its settings, N, ...) come from the deployment file and are part of the code version: changing
 them re-runs exactly this asset and the scorers below it.
 """
+
 import asyncio
 import contextlib
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
-from dagster import AssetDep, AssetExecutionContext, AssetsDefinition, Config, MaterializeResult, MetadataValue, asset
+from dagster import (
+    AssetDep,
+    AssetExecutionContext,
+    AssetsDefinition,
+    Config,
+    MaterializeResult,
+    MetadataValue,
+    asset,
+)
 from pydantic import Field, ValidationError
 
 from assets.automation import CODE_CHANGED, FOLLOW, LLM_POOL, in_pool
@@ -34,7 +43,13 @@ from assets.refine import Refiner
 from assets.score_metrics import roc_auc
 from assets.senses import JOIN, sense_clusters, sense_record, sense_test_windows
 from assets.stage_config import Models, added_later, problems, settings_digest, with_defaults
-from assets.work import ChunkLoader, nothing_succeeded, overlaps_shards, selected_latents, stream_latents
+from assets.work import (
+    ChunkLoader,
+    nothing_succeeded,
+    overlaps_shards,
+    selected_latents,
+    stream_latents,
+)
 from resources.embedder import EmbedderResource, explanation_similarity
 from resources.llm import UNREADABLE, LLMResource, stopped_by_budget
 from resources.settings import AutointerpSettings
@@ -47,15 +62,34 @@ from storage.vector_store import sync_explanations
 
 
 class ExplanationsConfig(Config):
-    explainer: str = Field(default="highlighted", description="Which explainer plugin writes the explanation (a module of assets/explainers/ or of the deployment's plugins).")
-    explainer_settings: dict = Field(default={}, description="The chosen explainer's own settings (its `Settings` model).")
-    best_of_n: int = Field(default=1, description="Candidates per latent; above 1 the best by embedding score on held-out windows is kept.")
-    candidate_temperature: float = Field(default=0.7, description="Sampling temperature of best-of-N candidates (a single explanation uses 0).")
+    explainer: str = Field(
+        default="highlighted",
+        description="Which explainer plugin writes the explanation (a module of assets/explainers/ or of the deployment's plugins).",
+    )
+    explainer_settings: dict = Field(
+        default={}, description="The chosen explainer's own settings (its `Settings` model)."
+    )
+    best_of_n: int = Field(
+        default=1,
+        description="Candidates per latent; above 1 the best by embedding score on held-out windows is kept.",
+    )
+    candidate_temperature: float = Field(
+        default=0.7,
+        description="Sampling temperature of best-of-N candidates (a single explanation uses 0).",
+    )
     max_tokens: int = Field(default=48, description="Longest explanation, in tokens.")
-    refine_rounds: int = added_later(0, ge=0, description="Revisions asked after the first explanation: each shows the explainer the `valid` windows the "
-                               "explanation misjudges (detection by the deployment's judge) and is kept only if it scores better there. 0: single shot.")
-    senses: int = added_later(1, ge=1, description="Most senses per latent: above 1, the latent's activating windows are clustered by the embedder and each "
-                              "distinct cluster is explained on its own; the explanation is their union (assets/senses.py). 1: one explanation.")
+    refine_rounds: int = added_later(
+        0,
+        ge=0,
+        description="Revisions asked after the first explanation: each shows the explainer the `valid` windows the "
+        "explanation misjudges (detection by the deployment's judge) and is kept only if it scores better there. 0: single shot.",
+    )
+    senses: int = added_later(
+        1,
+        ge=1,
+        description="Most senses per latent: above 1, the latent's activating windows are clustered by the embedder and each "
+        "distinct cluster is explained on its own; the explanation is their union (assets/senses.py). 1: one explanation.",
+    )
 
 
 def window_texts(rows: pd.DataFrame, vocab: list[str]) -> list[str]:
@@ -63,7 +97,9 @@ def window_texts(rows: pd.DataFrame, vocab: list[str]) -> list[str]:
     return [plain_text("".join(vocab[t] for t in row.tokens)) for row in rows.itertuples()]
 
 
-def embedding_scores(candidates: list[str], valid: pd.DataFrame, vocab: list[str], embed) -> list[float]:
+def embedding_scores(
+    candidates: list[str], valid: pd.DataFrame, vocab: list[str], embed
+) -> list[float]:
     """ROC AUC of each candidate's embedding similarity at telling held-out activating windows from random ones."""
     labels = (valid["kind"] == "activating").to_numpy()
     if not len(candidates) or labels.all() or not labels.any():
@@ -72,30 +108,73 @@ def embedding_scores(candidates: list[str], valid: pd.DataFrame, vocab: list[str
     return [roc_auc(sims[:, i], labels) for i in range(len(candidates))]
 
 
-async def explain_latent(explainer: Explainer, config: ExplanationsConfig, record: LatentRecord, embed, refiner: Refiner | None = None) -> tuple[dict, list[dict]]:
+async def explain_latent(
+    explainer: Explainer,
+    config: ExplanationsConfig,
+    record: LatentRecord,
+    embed,
+    refiner: Refiner | None = None,
+) -> tuple[dict, list[dict]]:
     """The latent's `explanations` row and, with a `refiner`, its `explanation_rounds` rows."""
     client = explainer.deps.llm
-    row = {"latent": record.latent, "explainer": explainer.name, "model": client.identity, "prompt_tokens": 0, "completion_tokens": 0,
-           "error": "", "explanation": "", "status": "failed", "candidates": [], "candidate_scores": [], "examples_dropped": 0}
+    row = {
+        "latent": record.latent,
+        "explainer": explainer.name,
+        "model": client.identity,
+        "prompt_tokens": 0,
+        "completion_tokens": 0,
+        "error": "",
+        "explanation": "",
+        "status": "failed",
+        "candidates": [],
+        "candidate_scores": [],
+        "examples_dropped": 0,
+    }
     try:
         messages, dropped = explainer.prompt(record, config.max_tokens)
         row["examples_dropped"] = dropped
         if messages is None:
-            return {**row, "error": "prompt longer than the LLM's context even with one example"}, []
+            return {
+                **row,
+                "error": "prompt longer than the LLM's context even with one example",
+            }, []
         n = max(1, config.best_of_n)
-        params = [{"max_tokens": config.max_tokens, "temperature": 0.0 if n == 1 else config.candidate_temperature, "seed": None if n == 1 else i} for i in range(n)]
+        params = [
+            {
+                "max_tokens": config.max_tokens,
+                "temperature": 0.0 if n == 1 else config.candidate_temperature,
+                "seed": None if n == 1 else i,
+            }
+            for i in range(n)
+        ]
     except Exception as error:  # one latent's failure must not fail the partition
         return {**row, "error": f"{type(error).__name__}: {error}"}, []
-    outcomes = await asyncio.gather(*(client.ask(messages, explainer.parse, explainer.reask, **p) for p in params))
+    outcomes = await asyncio.gather(
+        *(client.ask(messages, explainer.parse, explainer.reask, **p) for p in params)
+    )
     row["prompt_tokens"] = sum(o.prompt_tokens for o in outcomes)
     row["completion_tokens"] = sum(o.completion_tokens for o in outcomes)
     candidates = [o.value for o in outcomes if o.value is not None]
-    lost = [o.failure for o in outcomes if o.failure and not o.failure.startswith(UNREADABLE)]  # a candidate the budget or a request lost
+    lost = [
+        o.failure for o in outcomes if o.failure and not o.failure.startswith(UNREADABLE)
+    ]  # a candidate the budget or a request lost
     if lost or not candidates:
         return {**row, "error": (lost or [outcomes[0].failure])[0]}, []
-    scores = embedding_scores(candidates, record.windows[record.windows["split"] == "valid"], record.vocab, embed) if len(candidates) > 1 else [float("nan")]
+    scores = (
+        embedding_scores(
+            candidates, record.windows[record.windows["split"] == "valid"], record.vocab, embed
+        )
+        if len(candidates) > 1
+        else [float("nan")]
+    )
     best = int(np.nanargmax(scores)) if not np.all(np.isnan(scores)) else 0
-    row = {**row, "explanation": candidates[best], "status": "ok", "candidates": candidates, "candidate_scores": [float(s) for s in scores]}
+    row = {
+        **row,
+        "explanation": candidates[best],
+        "status": "ok",
+        "candidates": candidates,
+        "candidate_scores": [float(s) for s in scores],
+    }
     if refiner is None:
         return row, []
     refined = await refiner.refine(explainer, record, messages, candidates[best])
@@ -106,53 +185,135 @@ async def explain_latent(explainer: Explainer, config: ExplanationsConfig, recor
     return {**row, "explanation": refined.explanation}, refined.rounds
 
 
-async def explain_senses(explainer: Explainer, config: ExplanationsConfig, record: LatentRecord, embed, refiner: Refiner | None = None) -> tuple[dict, list[dict], list[dict]]:
+async def explain_senses(
+    explainer: Explainer,
+    config: ExplanationsConfig,
+    record: LatentRecord,
+    embed,
+    refiner: Refiner | None = None,
+) -> tuple[dict, list[dict], list[dict]]:
     """`explain_latent` with up to `config.senses` senses: its rows and the latent's `explanation_senses` rows
     (none when it has one sense). Each sense is explained single shot; their union is the explanation."""
-    clusters = sense_clusters(record, config.senses, embed) if config.senses > 1 else []  # one sense: no windows to split (~1 ms a latent)
+    clusters = (
+        sense_clusters(record, config.senses, embed) if config.senses > 1 else []
+    )  # one sense: no windows to split (~1 ms a latent)
     if len(clusters) <= 1:
         return *await explain_latent(explainer, config, record, embed, refiner), []
-    asked = await asyncio.gather(*(explain_latent(explainer, config, sense_record(record, windows), embed) for windows in clusters))
+    asked = await asyncio.gather(
+        *(
+            explain_latent(explainer, config, sense_record(record, windows), embed)
+            for windows in clusters
+        )
+    )
     rows = [row for row, _ in asked]
     failed = next((row for row in rows if row["status"] != "ok"), None)
     distinct = list(dict.fromkeys(row["explanation"] for row in rows))
     if failed is None and len(distinct) == 1:  # the clusters are one sense after all
         row, rounds = await explain_latent(explainer, config, record, embed, refiner)
-        return {**row, **{k: row[k] + sum(r[k] for r in rows) for k in ("prompt_tokens", "completion_tokens")}}, rounds, []
-    union = {**rows[0], **{k: sum(r[k] for r in rows) for k in ("prompt_tokens", "completion_tokens", "examples_dropped")}}
+        return (
+            {
+                **row,
+                **{
+                    k: row[k] + sum(r[k] for r in rows)
+                    for k in ("prompt_tokens", "completion_tokens")
+                },
+            },
+            rounds,
+            [],
+        )
+    union = {
+        **rows[0],
+        **{
+            k: sum(r[k] for r in rows)
+            for k in ("prompt_tokens", "completion_tokens", "examples_dropped")
+        },
+    }
     if failed is not None:
-        return {**union, "explanation": "", "status": "failed", "error": failed["error"], "candidates": [], "candidate_scores": []}, [], []
+        return (
+            {
+                **union,
+                "explanation": "",
+                "status": "failed",
+                "error": failed["error"],
+                "candidates": [],
+                "candidate_scores": [],
+            },
+            [],
+            [],
+        )
     members = [[k for k, row in enumerate(rows) if row["explanation"] == text] for text in distinct]
     held_out = sense_test_windows(record, clusters, members, embed)
-    senses = [{"latent": record.latent, "sense": i, "explanation": text, "windows": sum(len(clusters[k]) for k in sense), "clusters": sense, "test_windows": test}
-              for i, (text, sense, test) in enumerate(zip(distinct, members, held_out))]
-    return {**union, "explanation": JOIN.join(distinct), "candidates": [JOIN.join(distinct)], "candidate_scores": [float("nan")]}, [], senses
+    senses = [
+        {
+            "latent": record.latent,
+            "sense": i,
+            "explanation": text,
+            "windows": sum(len(clusters[k]) for k in sense),
+            "clusters": sense,
+            "test_windows": test,
+        }
+        for i, (text, sense, test) in enumerate(zip(distinct, members, held_out, strict=False))
+    ]
+    return (
+        {
+            **union,
+            "explanation": JOIN.join(distinct),
+            "candidates": [JOIN.join(distinct)],
+            "candidate_scores": [float("nan")],
+        },
+        [],
+        senses,
+    )
 
 
-def make_explainer(config: ExplanationsConfig, explainers: dict[str, type[Explainer]], deps: ExplainerDeps) -> Explainer:
+def make_explainer(
+    config: ExplanationsConfig, explainers: dict[str, type[Explainer]], deps: ExplainerDeps
+) -> Explainer:
     """The configured explainer with its settings checked; a wrong name or setting names the fix."""
     if config.explainer not in explainers:
-        raise ValueError(f"Unknown explainer {config.explainer!r}. Fix: set [explanations] explainer to one of {sorted(explainers)} in the deployment file.")
+        raise ValueError(
+            f"Unknown explainer {config.explainer!r}. Fix: set [explanations] explainer to one of {sorted(explainers)} in the deployment file."
+        )
     cls = explainers[config.explainer]
     try:
         settings = cls.Settings(**config.explainer_settings)
     except ValidationError as error:
-        raise ValueError(f"Bad explainer settings: {problems(error, 'explanations.explainer_settings')}") from None
+        raise ValueError(
+            f"Bad explainer settings: {problems(error, 'explanations.explainer_settings')}"
+        ) from None
     return cls(settings, deps)
 
 
-async def explain_all(explainer: Explainer, config: ExplanationsConfig, exemplars: pd.DataFrame | Path, latent_stats: pd.DataFrame | None,
-                      latents: list[int], vocab: list[str], embed, report=None, coder: str = "", journal: Journal | None = None,
-                      refiner: Refiner | None = None, rounds: list[dict] | None = None, senses: list[dict] | None = None) -> pd.DataFrame:
+async def explain_all(
+    explainer: Explainer,
+    config: ExplanationsConfig,
+    exemplars: pd.DataFrame | Path,
+    latent_stats: pd.DataFrame | None,
+    latents: list[int],
+    vocab: list[str],
+    embed,
+    report=None,
+    coder: str = "",
+    journal: Journal | None = None,
+    refiner: Refiner | None = None,
+    rounds: list[dict] | None = None,
+    senses: list[dict] | None = None,
+) -> pd.DataFrame:
     """One row per latent. `exemplars` is the table or its file; from a file, a chunk of latents' rows is
     read at a time. Latents stream through a bounded queue; with a `journal` (parts `rounds`, `senses`,
     `rows`), each explained latent is kept as it finishes and latents kept by an interrupted run are not
     asked again. With a `refiner`, each explanation is refined, and the rows of every round are added to
     `rounds`; the rows of a latent's senses (`config.senses` > 1) are added to `senses`."""
-    stats_of = {int(r["latent"]): r for r in latent_stats.to_dict("records")} if latent_stats is not None else {}
+    stats_of = (
+        {int(r["latent"]): r for r in latent_stats.to_dict("records")}
+        if latent_stats is not None
+        else {}
+    )
     done = journal.kept(latents) if journal is not None else {}
     if done and report:
-        report(f"explanations: {len(done)} latents kept from an interrupted run; explaining the other {len(latents) - len(done)}")
+        report(
+            f"explanations: {len(done)} latents kept from an interrupted run; explaining the other {len(latents) - len(done)}"
+        )
     todo = [latent for latent in latents if latent not in done]
 
     async def load(chunk: list[int]) -> dict[int, LatentRecord]:
@@ -165,31 +326,58 @@ async def explain_all(explainer: Explainer, config: ExplanationsConfig, exemplar
 
     def keep(latent: int, result: tuple[dict, list[dict], list[dict]]) -> None:
         row, latent_rounds, latent_senses = result
-        if journal is not None and row["status"] == "ok":  # failed or budget-stopped latents are asked again next time
-            journal.add([row], rounds=latent_rounds, **({"senses": latent_senses} if "senses" in journal.part_names else {}))
+        if (
+            journal is not None and row["status"] == "ok"
+        ):  # failed or budget-stopped latents are asked again next time
+            journal.add(
+                [row],
+                rounds=latent_rounds,
+                **({"senses": latent_senses} if "senses" in journal.part_names else {}),
+            )
 
     client = explainer.deps.llm
-    async with client.session(), (refiner.judge.session() if refiner is not None else contextlib.nullcontext()):
+    async with (
+        client.session(),
+        refiner.judge.session() if refiner is not None else contextlib.nullcontext(),
+    ):
         try:
-            results = await stream_latents(todo, explain, workers=2 * client.max_concurrency, on_finished=keep, report=report, label="explanations")
+            results = await stream_latents(
+                todo,
+                explain,
+                workers=2 * client.max_concurrency,
+                on_finished=keep,
+                report=report,
+                label="explanations",
+            )
         finally:
             if journal is not None:
                 journal.flush()
     if rounds is not None:
         kept_rounds = journal.finished("rounds").to_dict("records") if done else []
-        rounds += [r for r in kept_rounds if r["latent"] in done] + [r for latent in todo for r in results[latent][1]]
+        rounds += [r for r in kept_rounds if r["latent"] in done] + [
+            r for latent in todo for r in results[latent][1]
+        ]
     if senses is not None:
         kept_senses = journal.finished("senses").to_dict("records") if done else []
-        senses += [r for r in kept_senses if r["latent"] in done] + [r for latent in todo for r in results[latent][2]]
+        senses += [r for r in kept_senses if r["latent"] in done] + [
+            r for latent in todo for r in results[latent][2]
+        ]
     rows = [done[latent] if latent in done else results[latent][0] for latent in latents]
-    return pd.DataFrame(rows, columns=TABLES["explanations"].columns[:-1])  # the fingerprint is added by the asset
+    return pd.DataFrame(
+        rows, columns=TABLES["explanations"].columns[:-1]
+    )  # the fingerprint is added by the asset
 
 
 def viewer_links(base: str, coder: str, latents: list[int], n: int = 20) -> dict:
     """Links into the latent browser (`autointerp view` at `base`, the deployment's [settings] viewer_url):
     the coder's page and the first `n` latents' pages."""
-    pages = "\n".join(f"- [latent {latent}]({latent_url(coder, latent, base)})" for latent in latents[:n])
-    return {"viewer": MetadataValue.url(coder_url(coder, base)), **({"latent_pages": MetadataValue.md(pages)} if pages else {})}
+    pages = "\n".join(
+        f"- [latent {latent}]({latent_url(coder, latent, base)})" for latent in latents[:n]
+    )
+    return {
+        "viewer": MetadataValue.url(coder_url(coder, base)),
+        **({"latent_pages": MetadataValue.md(pages)} if pages else {}),
+    }
 
 
 EXPLANATIONS_VERSION = "4"
@@ -199,8 +387,12 @@ SENSES_VERSION = "2"
 with `senses` > 1, so that deployments without the option re-run nothing."""
 
 
-def explanations_asset(defaults: dict | None = None, explainers: dict[str, type[Explainer]] | None = None, partitions_per_run: int = 1,
-                       models: Models = Models()) -> AssetsDefinition:
+def explanations_asset(
+    defaults: dict | None = None,
+    explainers: dict[str, type[Explainer]] | None = None,
+    partitions_per_run: int = 1,
+    models: Models = Models(),
+) -> AssetsDefinition:
     """The `explanations` asset of a deployment: `defaults` are its [explanations] table. Its code version
     names the explainer model and the other models the explanations depend on (the subject model for
     output-side explainers, the embedder that picks the best of N)."""
@@ -208,15 +400,29 @@ def explanations_asset(defaults: dict | None = None, explainers: dict[str, type[
     Configured = with_defaults(ExplanationsConfig, defaults or {}, "explanations")
     chosen = Configured()
     if chosen.explainer not in explainers:
-        raise ValueError(f"[explanations] explainer = {chosen.explainer!r} is not an explainer. Fix: use one of {sorted(explainers)}.")
+        raise ValueError(
+            f"[explanations] explainer = {chosen.explainer!r} is not an explainer. Fix: use one of {sorted(explainers)}."
+        )
     make_explainer(chosen, explainers, ExplainerDeps(llm=None))  # checks its settings now
-    roles = ["explainer", *(["subject_model"] if "subject_model" in explainers[chosen.explainer].uses else []), *(["embedder"] if chosen.best_of_n > 1 or chosen.senses > 1 else []),
-             *(["judge"] if chosen.refine_rounds else [])]
-    version = (f"{EXPLANATIONS_VERSION}-{explainers[chosen.explainer].version}-{settings_digest(chosen)}{models.version_part(*roles)}"
-               + (f"-senses{SENSES_VERSION}" if chosen.senses > 1 else ""))
+    roles = [
+        "explainer",
+        *(["subject_model"] if "subject_model" in explainers[chosen.explainer].uses else []),
+        *(["embedder"] if chosen.best_of_n > 1 or chosen.senses > 1 else []),
+        *(["judge"] if chosen.refine_rounds else []),
+    ]
+    version = (
+        f"{EXPLANATIONS_VERSION}-{explainers[chosen.explainer].version}-{settings_digest(chosen)}{models.version_part(*roles)}"
+        + (f"-senses{SENSES_VERSION}" if chosen.senses > 1 else "")
+    )
 
-    def explanations(context: AssetExecutionContext, config, settings: AutointerpSettings, llm: LLMResource, embedder: EmbedderResource,
-                     subject_model: SubjectModelResource):
+    def explanations(
+        context: AssetExecutionContext,
+        config,
+        settings: AutointerpSettings,
+        llm: LLMResource,
+        embedder: EmbedderResource,
+        subject_model: SubjectModelResource,
+    ):
         uses = explainers[config.explainer].uses if config.explainer in explainers else frozenset()
 
         def explain_shard(partition_key: str, asked=lambda: None) -> MaterializeResult:
@@ -224,60 +430,173 @@ def explanations_asset(defaults: dict | None = None, explainers: dict[str, type[
             store = settings.store
             layout = store.layout
             explanations_table = store.explanations(coder, shard)
-            with explanations_table.lock(f"Explaining {coder} shard {shard}", wait=True) as lease:  # held from reading the inputs to the commit
-                exemplars = store.exemplars(coder, shard).require()  # read a chunk of latents at a time
+            with explanations_table.lock(
+                f"Explaining {coder} shard {shard}", wait=True
+            ) as lease:  # held from reading the inputs to the commit
+                exemplars = store.exemplars(
+                    coder, shard
+                ).require()  # read a chunk of latents at a time
                 latent_stats = store.latent_profiles(coder, shard).read_if_present()
                 latents = selected_latents(exemplars, settings.max_latents_per_shard)
-                context.log.info(f"explaining {len(latents)} latents of {coder} shard {shard} with {llm.backend} ({config.explainer}, best of {config.best_of_n})")
-                client = llm.client(layout.llm_cache_dir, role="explainer", coordination_url=settings.coordination_url)
-                deps = ExplainerDeps(llm=client, subject_model=subject_model if "subject_model" in uses else None,
-                                     coder=load_registered(layout.registry_dir, coder) if "coder" in uses and latents else None)
+                context.log.info(
+                    f"explaining {len(latents)} latents of {coder} shard {shard} with {llm.backend} ({config.explainer}, best of {config.best_of_n})"
+                )
+                client = llm.client(
+                    layout.llm_cache_dir,
+                    role="explainer",
+                    coordination_url=settings.coordination_url,
+                )
+                deps = ExplainerDeps(
+                    llm=client,
+                    subject_model=subject_model if "subject_model" in uses else None,
+                    coder=load_registered(layout.registry_dir, coder)
+                    if "coder" in uses and latents
+                    else None,
+                )
                 explainer = make_explainer(config, explainers, deps)
-                judge = llm.client(layout.llm_cache_dir, role="judge", coordination_url=settings.coordination_url) if config.refine_rounds else None
-                refiner = Refiner(judge, config.refine_rounds, config.max_tokens) if judge is not None else None
+                judge = (
+                    llm.client(
+                        layout.llm_cache_dir,
+                        role="judge",
+                        coordination_url=settings.coordination_url,
+                    )
+                    if config.refine_rounds
+                    else None
+                )
+                refiner = (
+                    Refiner(judge, config.refine_rounds, config.max_tokens)
+                    if judge is not None
+                    else None
+                )
                 exemplars_fingerprint = exemplars.fingerprint()
                 key = f"{version}|{settings_digest(config)}|{client.identity}|{judge.identity if judge else ''}|{exemplars_fingerprint}"
                 rounds: list[dict] = []
                 senses: list[dict] = []
-                with store.writing(explanations_table, journal_key=key, parts=("rounds", "senses", "rows"), lease=lease) as writer:
-                    frame = asyncio.run(explain_all(explainer, config, exemplars, latent_stats, latents, corpus_prompt_vocab(load_corpus(layout)), embedder.embed,
-                                                    context.log.info, coder, writer.journal, refiner, rounds, senses))
+                with store.writing(
+                    explanations_table,
+                    journal_key=key,
+                    parts=("rounds", "senses", "rows"),
+                    lease=lease,
+                ) as writer:
+                    frame = asyncio.run(
+                        explain_all(
+                            explainer,
+                            config,
+                            exemplars,
+                            latent_stats,
+                            latents,
+                            corpus_prompt_vocab(load_corpus(layout)),
+                            embedder.embed,
+                            context.log.info,
+                            coder,
+                            writer.journal,
+                            refiner,
+                            rounds,
+                            senses,
+                        )
+                    )
                     asked()  # a range's next shard may ask now, while this one is written (`each_shard`)
-                    frame["exemplars_fingerprint"] = exemplars_fingerprint  # what the scorers check they score against
+                    frame["exemplars_fingerprint"] = (
+                        exemplars_fingerprint  # what the scorers check they score against
+                    )
                     if len(frame) and not (frame["status"] == "ok").any():
-                        raise nothing_succeeded("explanations", f"all {len(frame)} latents failed", frame["error"])
-                    writer.commit(frame, (store.explanation_rounds(coder, shard), pd.DataFrame(rounds, columns=TABLES["explanation_rounds"].columns)),
-                                  (store.explanation_senses(coder, shard), pd.DataFrame(senses, columns=TABLES["explanation_senses"].columns)))
+                        raise nothing_succeeded(
+                            "explanations", f"all {len(frame)} latents failed", frame["error"]
+                        )
+                    writer.commit(
+                        frame,
+                        (
+                            store.explanation_rounds(coder, shard),
+                            pd.DataFrame(rounds, columns=TABLES["explanation_rounds"].columns),
+                        ),
+                        (
+                            store.explanation_senses(coder, shard),
+                            pd.DataFrame(senses, columns=TABLES["explanation_senses"].columns),
+                        ),
+                    )
                 ok = frame[frame["status"] == "ok"]
-                sync_explanations(layout.lancedb_dir, embedder.model, coder, shard, dict(zip(ok["latent"].tolist(), ok["explanation"])), embedder.embed,
-                                  settings.coordination_url)
+                sync_explanations(
+                    layout.lancedb_dir,
+                    embedder.model,
+                    coder,
+                    shard,
+                    dict(zip(ok["latent"].tolist(), ok["explanation"], strict=False)),
+                    embedder.embed,
+                    settings.coordination_url,
+                )
                 budget_stopped = int(frame["error"].map(stopped_by_budget).sum())
                 if budget_stopped:
-                    context.log.warning(f"{budget_stopped} latents were not explained: the LLM budget was reached; they will be asked next time")
-                return MaterializeResult(check_results=explanations_results(frame), metadata={
-                    **({} if latents else {"note": "empty shard: no explainable latent, nothing asked"}),
-                    "settings": MetadataValue.json(config.model_dump()),
-                    "explainer_model": client.identity,
-                    "embedder": embedder.identity(),  # the search vectors' (and best-of-N's) model
-                    **({"subject_model": subject_model.identity()} if "subject_model" in uses else {}),
-                    "explained": len(ok),
-                    **({"latents_with_several_senses": len({r["latent"] for r in senses})} if config.senses > 1 else {}),
-                    "failed": int((frame["status"] == "failed").sum()),
-                    "stopped_by_budget": budget_stopped,
-                    "examples_dropped_to_fit": int(frame["examples_dropped"].sum()),
-                    **client.ledger.as_metadata(),
-                    **({f"judge_{k}": v for k, v in judge.ledger.as_metadata().items()} if judge else {}),
-                    **({"judge_model": judge.identity, "revisions_kept": int(sum(r["kept"] and r["round"] > 0 for r in rounds)),
-                        "requests_per_latent": round((client.ledger.requests + judge.ledger.requests) / max(1, len(latents)), 2)} if judge else {}),
-                    "sample": MetadataValue.md(frame.head(10)[["latent", "explanation", "status", "error"]].to_markdown(index=False)),
-                    **viewer_links(settings.viewer_url, coder, ok["latent"].tolist()),
-                    "path": MetadataValue.path(explanations_table.location),
-                })
+                    context.log.warning(
+                        f"{budget_stopped} latents were not explained: the LLM budget was reached; they will be asked next time"
+                    )
+                return MaterializeResult(
+                    check_results=explanations_results(frame),
+                    metadata={
+                        **(
+                            {}
+                            if latents
+                            else {"note": "empty shard: no explainable latent, nothing asked"}
+                        ),
+                        "settings": MetadataValue.json(config.model_dump()),
+                        "explainer_model": client.identity,
+                        "embedder": embedder.identity(),  # the search vectors' (and best-of-N's) model
+                        **(
+                            {"subject_model": subject_model.identity()}
+                            if "subject_model" in uses
+                            else {}
+                        ),
+                        "explained": len(ok),
+                        **(
+                            {"latents_with_several_senses": len({r["latent"] for r in senses})}
+                            if config.senses > 1
+                            else {}
+                        ),
+                        "failed": int((frame["status"] == "failed").sum()),
+                        "stopped_by_budget": budget_stopped,
+                        "examples_dropped_to_fit": int(frame["examples_dropped"].sum()),
+                        **client.ledger.as_metadata(),
+                        **(
+                            {f"judge_{k}": v for k, v in judge.ledger.as_metadata().items()}
+                            if judge
+                            else {}
+                        ),
+                        **(
+                            {
+                                "judge_model": judge.identity,
+                                "revisions_kept": int(
+                                    sum(r["kept"] and r["round"] > 0 for r in rounds)
+                                ),
+                                "requests_per_latent": round(
+                                    (client.ledger.requests + judge.ledger.requests)
+                                    / max(1, len(latents)),
+                                    2,
+                                ),
+                            }
+                            if judge
+                            else {}
+                        ),
+                        "sample": MetadataValue.md(
+                            frame.head(10)[
+                                ["latent", "explanation", "status", "error"]
+                            ].to_markdown(index=False)
+                        ),
+                        **viewer_links(settings.viewer_url, coder, ok["latent"].tolist()),
+                        "path": MetadataValue.path(explanations_table.location),
+                    },
+                )
 
-        yield from each_shard(context, explain_shard, overlap=overlaps_shards(llm, "explainer", uses))
+        yield from each_shard(
+            context, explain_shard, overlap=overlaps_shards(llm, "explainer", uses)
+        )
 
-    explanations.__annotations__.update(config=Configured, context=AssetExecutionContext, settings=AutointerpSettings, llm=LLMResource,
-                                        embedder=EmbedderResource, subject_model=SubjectModelResource)
+    explanations.__annotations__.update(
+        config=Configured,
+        context=AssetExecutionContext,
+        settings=AutointerpSettings,
+        llm=LLMResource,
+        embedder=EmbedderResource,
+        subject_model=SubjectModelResource,
+    )
     return asset(
         name="explanations",
         group_name="autointerp",

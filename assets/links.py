@@ -5,6 +5,7 @@ browser can link its pages to each other and to Dagster without any import runni
 URLs are the deployment's `[settings] viewer_url` and `dagster_url` (`resources/settings.py`), passed
 in by the caller; `base=""` gives a path on the viewer's own server.
 """
+
 from __future__ import annotations
 
 from urllib.parse import quote
@@ -23,14 +24,22 @@ def coder_url(coder: str, base: str = DEFAULT_VIEWER_URL) -> str:
     return f"{base.rstrip('/')}/coder?coder={quote(coder, safe='')}"
 
 
-def latent_url(coder: str, latent: int, base: str = DEFAULT_VIEWER_URL, scorer: str | None = None) -> str:
+def latent_url(
+    coder: str, latent: int, base: str = DEFAULT_VIEWER_URL, scorer: str | None = None
+) -> str:
     """One latent's page; with `scorer`, its permalink that shows that scorer's score beside its control first."""
     url = f"{base.rstrip('/')}/latent?coder={quote(coder, safe='')}&latent={int(latent)}"
     return f"{url}&scorer={quote(scorer, safe='')}" if scorer else url
 
 
-def dagster_asset_url(asset: str, partition: str | None = None, base: str = DEFAULT_DAGSTER_URL) -> str:
+def dagster_asset_url(
+    asset: str, partition: str | None = None, base: str = DEFAULT_DAGSTER_URL
+) -> str:
     """The Dagster UI page of an asset, at one partition (`<coder>|<shard>`) when given; an unpartitioned
     asset (`score_summary`, `corpus`) has its plain asset page."""
     page = f"{base.rstrip('/')}/assets/{quote(asset, safe='/')}"
-    return f"{page}?view=partitions&partition={quote(partition, safe='')}" if partition is not None else page
+    return (
+        f"{page}?view=partitions&partition={quote(partition, safe='')}"
+        if partition is not None
+        else page
+    )

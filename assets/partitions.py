@@ -12,16 +12,32 @@ shard depend on that shard's partition only (identity mapping).
 Kept beside the assets that use them (not in `autointerp_defs`) so that importing any asset module
 never imports the `Definitions`, which import every asset.
 """
+
 from __future__ import annotations
 
 import threading
 import warnings
+from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
-from typing import Callable, Iterator
 
-from dagster import (AssetCheckEvaluation, AssetCheckKey, AssetCheckSeverity, AssetKey, AssetMaterialization, AssetRecordsFilter, BackfillPolicy, BetaWarning,
-                     DagsterEventType, DynamicPartitionsDefinition, Failure, MaterializeResult, Output)
-from dagster._core.definitions.asset_checks.asset_check_evaluation import AssetCheckEvaluationTargetMaterializationData
+from dagster import (
+    AssetCheckEvaluation,
+    AssetCheckKey,
+    AssetCheckSeverity,
+    AssetKey,
+    AssetMaterialization,
+    AssetRecordsFilter,
+    BackfillPolicy,
+    BetaWarning,
+    DagsterEventType,
+    DynamicPartitionsDefinition,
+    Failure,
+    MaterializeResult,
+    Output,
+)
+from dagster._core.definitions.asset_checks.asset_check_evaluation import (
+    AssetCheckEvaluationTargetMaterializationData,
+)
 from dagster._core.definitions.source_asset import SYSTEM_METADATA_KEY_SOURCE_ASSET_OBSERVATION
 
 from resources.sparse_coders import CoderFormatError
@@ -59,7 +75,11 @@ def backfill_policy(partitions_per_run: int) -> BackfillPolicy | None:
 
 # Backfill policies are beta in Dagster 1.13 and chosen knowingly (`activations` needs `single_run`: one forward pass
 # for all coders of a backfill), so every command and process that loads the assets would print the same warning.
-warnings.filterwarnings("ignore", message="Parameter `backfill_policy` of function `asset` is currently in beta", category=BetaWarning)
+warnings.filterwarnings(
+    "ignore",
+    message="Parameter `backfill_policy` of function `asset` is currently in beta",
+    category=BetaWarning,
+)
 
 
 SHARD_FAILURES = (Failure, FileNotFoundError, EmptierResultsError, CoderFormatError)
@@ -69,7 +89,9 @@ the shards of other coders in the run are still written). Anything else (an unre
 key or model: `LLMEndpointError`; a bug) stops the run at once."""
 
 
-def each_shard(context, materialize_shard: Callable[..., MaterializeResult], overlap: bool = False) -> Iterator[MaterializeResult | Output]:
+def each_shard(
+    context, materialize_shard: Callable[..., MaterializeResult], overlap: bool = False
+) -> Iterator[MaterializeResult | Output]:
     """`materialize_shard(partition_key)` → its metadata and check results, for each partition of the run:
     one, or a range when the asset's backfill policy puts several shards in a run (`yield from` it; the
     assets set `output_required=False`). In a range each shard is recorded as materialized, with its own
@@ -103,26 +125,53 @@ def each_shard(context, materialize_shard: Callable[..., MaterializeResult], ove
     def announce(key: str) -> None:
         context.log.info(f"shard {keys.index(key) + 1}/{len(keys)} of this run: {key}")
 
-    for key, result in (_overlapped if overlap else _in_turn)(runnable, materialize_shard, announce):
+    for key, result in (_overlapped if overlap else _in_turn)(
+        runnable, materialize_shard, announce
+    ):
         if isinstance(result, SHARD_FAILURES):
             failed[key] = getattr(result, "description", None) or str(result)
             context.log.error(f"{key} failed: {failed[key]}")
             continue
-        context.log_event(AssetMaterialization(asset_key=context.asset_key, partition=key, metadata=result.metadata,
-                                               tags={"dagster/code_version": code_version} if code_version else None))
+        context.log_event(
+            AssetMaterialization(
+                asset_key=context.asset_key,
+                partition=key,
+                metadata=result.metadata,
+                tags={"dagster/code_version": code_version} if code_version else None,
+            )
+        )
         target, blocking = _latest_materialization(context, key), []
         for check in result.check_results or []:
-            spec = context.assets_def.get_spec_for_check_key(AssetCheckKey(context.asset_key, check.check_name))
+            spec = context.assets_def.get_spec_for_check_key(
+                AssetCheckKey(context.asset_key, check.check_name)
+            )
             if spec.blocking and _blocks(check):
                 blocking.append(check.check_name)
-            context.log_event(AssetCheckEvaluation(asset_key=context.asset_key, check_name=check.check_name, passed=check.passed, metadata=check.metadata,
-                                                   severity=check.severity, description=check.description, blocking=spec.blocking, partition=key,
-                                                   target_materialization_data=target))
+            context.log_event(
+                AssetCheckEvaluation(
+                    asset_key=context.asset_key,
+                    check_name=check.check_name,
+                    passed=check.passed,
+                    metadata=check.metadata,
+                    severity=check.severity,
+                    description=check.description,
+                    blocking=spec.blocking,
+                    partition=key,
+                    target_materialization_data=target,
+                )
+            )
         written.append(key)
         if blocking:
-            failed[key] = f"its blocking check {', '.join(blocking)} failed (written and recorded; the stages after it do not run on it)"
+            failed[key] = (
+                f"its blocking check {', '.join(blocking)} failed (written and recorded; the stages after it do not run on it)"
+            )
             context.log.error(f"{key}: {failed[key]}")
-    for output_name, spec in context.assets_def.check_specs_by_output_name.items():  # each check's output once, for all its shards' results
+    for (
+        output_name,
+        spec,
+    ) in (
+        context.assets_def.check_specs_by_output_name.items()
+    ):  # each check's output once, for all its shards' results
         if spec.key in context.selected_asset_check_keys:
             yield Output(None, output_name=output_name)
     if written:
@@ -130,22 +179,39 @@ def each_shard(context, materialize_shard: Callable[..., MaterializeResult], ove
     listed = "; ".join(f"{key}: {failed[key][:400]}" for key in keys if key in failed)
     passed = [key for key in written if key not in failed]
     if failed and passed and _has_stage_after(context):
-        context.log.error(f"{len(failed)} of {len(keys)} shards of this run failed ({listed}); the later stages of this run run on the other "
-                          f"{len(passed)} and fail these (the run fails there).")
+        context.log.error(
+            f"{len(failed)} of {len(keys)} shards of this run failed ({listed}); the later stages of this run run on the other "
+            f"{len(passed)} and fail these (the run fails there)."
+        )
     elif failed:
-        raise Failure(f"{len(failed)} of {len(keys)} shards of this run failed ({listed}). These were written and recorded: "
-                      f"{', '.join(written) or 'none'}. Fix the failed ones' cause and materialize them again.")
+        raise Failure(
+            f"{len(failed)} of {len(keys)} shards of this run failed ({listed}). These were written and recorded: "
+            f"{', '.join(written) or 'none'}. Fix the failed ones' cause and materialize them again."
+        )
 
 
-def _latest_materialization(context, key: str) -> AssetCheckEvaluationTargetMaterializationData | None:
+def _latest_materialization(
+    context, key: str
+) -> AssetCheckEvaluationTargetMaterializationData | None:
     """The materialization of the shard just recorded, which its check results are of: as Dagster links a check it
     evaluates itself, so that automation's `all_deps_blocking_checks_passed` sees this shard's results."""
-    found = context.instance.fetch_materializations(AssetRecordsFilter(asset_key=context.asset_key, asset_partitions=[key]), limit=1).records
-    return AssetCheckEvaluationTargetMaterializationData(storage_id=found[0].storage_id, run_id=found[0].run_id, timestamp=found[0].timestamp) if found else None
+    found = context.instance.fetch_materializations(
+        AssetRecordsFilter(asset_key=context.asset_key, asset_partitions=[key]), limit=1
+    ).records
+    return (
+        AssetCheckEvaluationTargetMaterializationData(
+            storage_id=found[0].storage_id, run_id=found[0].run_id, timestamp=found[0].timestamp
+        )
+        if found
+        else None
+    )
 
 
-def _in_turn(keys: list[str], materialize_shard: Callable[[str], MaterializeResult],
-             announce: Callable[[str], None]) -> Iterator[tuple[str, MaterializeResult | Exception]]:
+def _in_turn(
+    keys: list[str],
+    materialize_shard: Callable[[str], MaterializeResult],
+    announce: Callable[[str], None],
+) -> Iterator[tuple[str, MaterializeResult | Exception]]:
     """(key, its result or the failure of that shard alone) for each shard, one after the other."""
     for key in keys:
         announce(key)
@@ -155,8 +221,11 @@ def _in_turn(keys: list[str], materialize_shard: Callable[[str], MaterializeResu
             yield key, error
 
 
-def _overlapped(keys: list[str], materialize_shard: Callable[[str, Callable[[], None]], MaterializeResult],
-                announce: Callable[[str], None]) -> Iterator[tuple[str, MaterializeResult | Exception]]:
+def _overlapped(
+    keys: list[str],
+    materialize_shard: Callable[[str, Callable[[], None]], MaterializeResult],
+    announce: Callable[[str], None],
+) -> Iterator[tuple[str, MaterializeResult | Exception]]:
     """`_in_turn`, each shard on a thread started once the previous one's requests are answered (or it ended).
     An error that stops the run is raised once the other shard in progress has ended (it is not left running)."""
     with ThreadPoolExecutor(max_workers=2, thread_name_prefix="shard") as pool:
@@ -169,7 +238,9 @@ def _overlapped(keys: list[str], materialize_shard: Callable[[str, Callable[[], 
                 announce(key)
                 asked = threading.Event()
                 current = (key, pool.submit(materialize_shard, key, asked.set), asked)
-                current[1].add_done_callback(lambda _, asked=asked: asked.set())  # ended without asking (failed): the next starts too
+                current[1].add_done_callback(
+                    lambda _, asked=asked: asked.set()
+                )  # ended without asking (failed): the next starts too
             if previous is not None:
                 try:
                     yield previous[0], previous[1].result()
@@ -191,13 +262,20 @@ def _inputs_failed(context, keys: list[str]) -> dict[str, str]:
     inputs, failed, run = set(context.assets_def.asset_deps[context.asset_key]), {}, context.run
     while inputs and run is not None:
         planned, written, blocked = _planned_and_written(context.instance, run.run_id)
-        where = "earlier in this run" if run.run_id == context.run.run_id else f"in run {run.run_id}, which this run re-executes"
+        where = (
+            "earlier in this run"
+            if run.run_id == context.run.run_id
+            else f"in run {run.run_id}, which this run re-executes"
+        )
         for parent in sorted(inputs & planned):
             for key in keys:
                 if (parent, key) not in written:
                     failed.setdefault(key, f"its {parent.to_user_string()} failed {where}")
                 elif (parent, key) in blocked:
-                    failed.setdefault(key, f"its {parent.to_user_string()} failed its blocking check {blocked[parent, key]} {where}")
+                    failed.setdefault(
+                        key,
+                        f"its {parent.to_user_string()} failed its blocking check {blocked[parent, key]} {where}",
+                    )
         inputs -= planned
         run = context.instance.get_run_by_id(run.parent_run_id) if run.parent_run_id else None
     return failed
@@ -208,14 +286,23 @@ def _has_stage_after(context) -> bool:
     fails this step's failed shards; the unpartitioned summary would not)."""
     planned, _, _ = _planned_and_written(context.instance, context.run.run_id)
     graph = context.job_def.asset_layer.asset_graph
-    return any(graph.get(child).partitions_def == context.assets_def.partitions_def for child in graph.get(context.asset_key).child_keys & planned)
+    return any(
+        graph.get(child).partitions_def == context.assets_def.partitions_def
+        for child in graph.get(context.asset_key).child_keys & planned
+    )
 
 
-def _planned_and_written(instance, run_id: str) -> tuple[set[AssetKey], set[tuple[AssetKey, str | None]], dict[tuple[AssetKey, str | None], str]]:
+def _planned_and_written(
+    instance, run_id: str
+) -> tuple[set[AssetKey], set[tuple[AssetKey, str | None]], dict[tuple[AssetKey, str | None], str]]:
     """The assets a run materializes (each over all the shards of its range), the (asset, shard)s it has written so far,
     and those of them whose blocking check failed (→ the check's names)."""
     planned, written, blocked = set(), set(), {}
-    kinds = {DagsterEventType.ASSET_MATERIALIZATION_PLANNED, DagsterEventType.ASSET_MATERIALIZATION, DagsterEventType.ASSET_CHECK_EVALUATION}
+    kinds = {
+        DagsterEventType.ASSET_MATERIALIZATION_PLANNED,
+        DagsterEventType.ASSET_MATERIALIZATION,
+        DagsterEventType.ASSET_CHECK_EVALUATION,
+    }
     for entry in instance.all_logs(run_id, of_type=kinds):
         event = entry.dagster_event
         if event.event_type == DagsterEventType.ASSET_MATERIALIZATION_PLANNED:
@@ -226,7 +313,11 @@ def _planned_and_written(instance, run_id: str) -> tuple[set[AssetKey], set[tupl
             check = event.event_specific_data
             if check.blocking and _blocks(check):
                 where = (check.asset_key, check.partition)
-                blocked[where] = f"{blocked[where]}, {check.check_name}" if where in blocked else check.check_name
+                blocked[where] = (
+                    f"{blocked[where]}, {check.check_name}"
+                    if where in blocked
+                    else check.check_name
+                )
     return planned, written, blocked
 
 

@@ -7,6 +7,7 @@ boundary, and whitespace is made visible, so a latent that fires on line breaks 
 and judged. Answers are parsed strictly: a value list is read only when it is unambiguous, and
 anything else is refused (and asked again by the caller), never guessed.
 """
+
 from __future__ import annotations
 
 import json
@@ -26,8 +27,7 @@ EXPLAINER_SYSTEM = (
     "where the feature fires are wrapped in << and >>. After each example, the marked tokens are "
     "listed with the feature's strength on a 0-10 scale. Work out what the marked tokens have in "
     "common, taking their context into account, and describe it in one short phrase. Answer with a "
-    "single line of the form 'Explanation: <phrase>'."
-    + TOKEN_LEGEND
+    "single line of the form 'Explanation: <phrase>'." + TOKEN_LEGEND
 )
 
 CONTRASTIVE_SYSTEM = EXPLAINER_SYSTEM + (
@@ -61,16 +61,14 @@ FUZZING_SYSTEM = (
     "You check descriptions of a language-model feature against text. You are given a description "
     "and numbered text examples in which some tokens are wrapped in << and >>. For each example, "
     "answer 1 if the marked tokens are what the description is about and 0 if not. Answer with "
-    "only a list of 0s and 1s, one per example, e.g. [1, 0, 1]."
-    + TOKEN_LEGEND
+    "only a list of 0s and 1s, one per example, e.g. [1, 0, 1]." + TOKEN_LEGEND
 )
 
 INTRUDER_SYSTEM = (
     "You study single features of a language model. You are shown numbered text examples with some "
     "tokens wrapped in << and >>. In all examples but one, the marked tokens are where one feature "
     "fires, so they share something. One example is an intruder: its marked tokens do not fit with "
-    "the others. Answer with only the intruder's number in a list, e.g. [2]."
-    + TOKEN_LEGEND
+    "the others. Answer with only the intruder's number in a list, e.g. [2]." + TOKEN_LEGEND
 )
 
 SIMULATION_SYSTEM = (
@@ -89,7 +87,9 @@ _VISIBLE = str.maketrans({"\n": "↵", "\r": "↵", "\t": "⇥"})
 _PLAIN = str.maketrans({"↵": "\n", "⇥": "\t", "␣": " ", DOCUMENT_BOUNDARY: "\n"})
 
 
-@lru_cache(maxsize=1 << 16)  # a vocabulary's worth: every window of every prompt renders its tokens through here
+@lru_cache(
+    maxsize=1 << 16
+)  # a vocabulary's worth: every window of every prompt renders its tokens through here
 def visible_token(token: str) -> str:
     """A token as a judge sees it: line breaks and tabs as ↵ and ⇥, a token of spaces only as ␣s.
     Idempotent, so text that was already rendered renders the same."""
@@ -136,7 +136,7 @@ def highlight(token_strs: list[str], marked: list[bool]) -> str:
     if not any(marked):  # most windows a judge reads: no loop over the tokens
         return "".join(map(visible_token, token_strs))
     out, inside = [], False
-    for text, is_marked in zip(token_strs, marked):
+    for text, is_marked in zip(token_strs, marked, strict=False):
         if is_marked and not inside:
             out.append("<<")
         if not is_marked and inside:
@@ -159,12 +159,19 @@ def scaled(activations: list[float], max_activation: float) -> list[int]:
     return [min(10, max(0, round(10 * a / top))) for a in activations]
 
 
-def explainer_messages(examples: list[tuple[list[str], list[float]]], max_activation: float) -> list[dict]:
+def explainer_messages(
+    examples: list[tuple[list[str], list[float]]], max_activation: float
+) -> list[dict]:
     parts = []
     for i, (token_strs, acts) in enumerate(examples, start=1):
         marks = [a > 0 for a in acts]
-        firing = [(t, a) for t, a in zip(token_strs, acts) if a > 0]  # scaled only where listed: rounding numpy scalars costs
-        listed = ", ".join(f"{visible_token(t).strip() or visible_token(t)} ({s})" for (t, _), s in zip(firing, scaled([a for _, a in firing], max_activation)))
+        firing = [
+            (t, a) for t, a in zip(token_strs, acts, strict=False) if a > 0
+        ]  # scaled only where listed: rounding numpy scalars costs
+        listed = ", ".join(
+            f"{visible_token(t).strip() or visible_token(t)} ({s})"
+            for (t, _), s in zip(firing, scaled([a for _, a in firing], max_activation), strict=False)
+        )
         parts.append(f"Example {i}: {highlight(token_strs, marks)}\nMarked: {listed}")
     return [
         {"role": "system", "content": EXPLAINER_SYSTEM},
@@ -172,32 +179,57 @@ def explainer_messages(examples: list[tuple[list[str], list[float]]], max_activa
     ]
 
 
-def contrastive_messages(examples: list[tuple[list[str], list[float]]], counter_examples: list[list[str]], max_activation: float) -> list[dict]:
+def contrastive_messages(
+    examples: list[tuple[list[str], list[float]]],
+    counter_examples: list[list[str]],
+    max_activation: float,
+) -> list[dict]:
     messages = explainer_messages(examples, max_activation)
-    counters = "\n".join(f"Counter-example {i}: {highlight(tokens, [False] * len(tokens))}" for i, tokens in enumerate(counter_examples, start=1))
-    user = messages[1]["content"].replace("\n\nWhat does the feature fire on?", f"\n\n{counters}\n\nWhat does the feature fire on?")
+    counters = "\n".join(
+        f"Counter-example {i}: {highlight(tokens, [False] * len(tokens))}"
+        for i, tokens in enumerate(counter_examples, start=1)
+    )
+    user = messages[1]["content"].replace(
+        "\n\nWhat does the feature fire on?", f"\n\n{counters}\n\nWhat does the feature fire on?"
+    )
     return [{"role": "system", "content": CONTRASTIVE_SYSTEM}, {"role": "user", "content": user}]
 
 
-def token_table_messages(examples: list[tuple[list[str], list[float]]], max_activation: float) -> list[dict]:
+def token_table_messages(
+    examples: list[tuple[list[str], list[float]]], max_activation: float
+) -> list[dict]:
     tables = []
     for i, (token_strs, acts) in enumerate(examples, start=1):
-        lines = "\n".join(f"{quoted(t)}\t{s}" for t, s in zip(token_strs, scaled(acts, max_activation)))
+        lines = "\n".join(
+            f"{quoted(t)}\t{s}" for t, s in zip(token_strs, scaled(acts, max_activation), strict=False)
+        )
         tables.append(f"Example {i}:\n{lines}")
-    return [{"role": "system", "content": TOKEN_TABLE_SYSTEM}, {"role": "user", "content": "\n\n".join(tables) + "\n\nWhat does the feature fire on?"}]
+    return [
+        {"role": "system", "content": TOKEN_TABLE_SYSTEM},
+        {"role": "user", "content": "\n\n".join(tables) + "\n\nWhat does the feature fire on?"},
+    ]
 
 
 def top_tokens_messages(tokens: list[str], mean_activations: list[float]) -> list[dict]:
     top = max(mean_activations, default=1.0)
-    listed = "\n".join(f"{quoted(t)}: {s}" for t, s in zip(tokens, scaled(mean_activations, top)))
-    return [{"role": "system", "content": TOP_TOKENS_SYSTEM}, {"role": "user", "content": f"Tokens (average strength, 0-10):\n{listed}\n\nWhat does the feature fire on?"}]
+    listed = "\n".join(f"{quoted(t)}: {s}" for t, s in zip(tokens, scaled(mean_activations, top), strict=False))
+    return [
+        {"role": "system", "content": TOP_TOKENS_SYSTEM},
+        {
+            "role": "user",
+            "content": f"Tokens (average strength, 0-10):\n{listed}\n\nWhat does the feature fire on?",
+        },
+    ]
 
 
 def scorer_messages(system: str, explanation: str, texts: list[str]) -> list[dict]:
     numbered = "\n".join(f"Example {i}: {t}" for i, t in enumerate(texts, start=1))
     return [
         {"role": "system", "content": system},
-        {"role": "user", "content": f"Description: {explanation}\n\n{numbered}\n\nAnswer with {len(texts)} numbers in a list."},
+        {
+            "role": "user",
+            "content": f"Description: {explanation}\n\n{numbered}\n\nAnswer with {len(texts)} numbers in a list.",
+        },
     ]
 
 
@@ -205,7 +237,10 @@ def intruder_messages(texts: list[str]) -> list[dict]:
     numbered = "\n".join(f"Example {i}: {t}" for i, t in enumerate(texts, start=1))
     return [
         {"role": "system", "content": INTRUDER_SYSTEM},
-        {"role": "user", "content": f"{numbered}\n\nWhich example is the intruder? Answer with one number from 1 to {len(texts)} in a list."},
+        {
+            "role": "user",
+            "content": f"{numbered}\n\nWhich example is the intruder? Answer with one number from 1 to {len(texts)} in a list.",
+        },
     ]
 
 
@@ -213,14 +248,20 @@ def simulation_messages(explanation: str, token_strs: list[str]) -> list[dict]:
     listed = "\n".join(f"{i}\t{quoted(t)}" for i, t in enumerate(token_strs, start=1))
     return [
         {"role": "system", "content": SIMULATION_SYSTEM},
-        {"role": "user", "content": f"Description: {explanation}\n\nTokens:\n{listed}\n\nAnswer with {len(token_strs)} integers from 0 to 10 in a list."},
+        {
+            "role": "user",
+            "content": f"Description: {explanation}\n\nTokens:\n{listed}\n\nAnswer with {len(token_strs)} integers from 0 to 10 in a list.",
+        },
     ]
 
 
 def reask_list_message(n: int, lo: int, hi: int) -> dict:
     """The one follow-up turn after an answer that could not be read as a value list."""
     example = ", ".join(str(lo + (i % (hi - lo + 1))) for i in range(min(n, 4)))
-    return {"role": "user", "content": f"Your answer could not be read. Reply with only a list of exactly {n} integers from {lo} to {hi}, like [{example}{', ...' if n > 4 else ''}], and nothing else."}
+    return {
+        "role": "user",
+        "content": f"Your answer could not be read. Reply with only a list of exactly {n} integers from {lo} to {hi}, like [{example}{', ...' if n > 4 else ''}], and nothing else.",
+    }
 
 
 def refine_message(shown: list[tuple[bool, str]], tried: list[str]) -> dict:
@@ -229,20 +270,32 @@ def refine_message(shown: list[tuple[bool, str]], tried: list[str]) -> dict:
     tokens marked)`), and revisions already tried that scored no better (so a round never repeats one)."""
     fits = [text for wrongly_fits, text in shown if wrongly_fits]
     misses = [text for wrongly_fits, text in shown if not wrongly_fits]
-    parts = ["Your explanation was checked on other texts by a reader who saw only the explanation."]
+    parts = [
+        "Your explanation was checked on other texts by a reader who saw only the explanation."
+    ]
     if fits:
-        parts.append("It fits these texts, but the feature does not fire anywhere in them:\n" + "\n".join(f"Text {i}: {t}" for i, t in enumerate(fits, start=1)))
+        parts.append(
+            "It fits these texts, but the feature does not fire anywhere in them:\n"
+            + "\n".join(f"Text {i}: {t}" for i, t in enumerate(fits, start=1))
+        )
     if misses:
-        parts.append("It does not fit these texts, yet the feature fires in them (on the tokens in << and >>):\n"
-                     + "\n".join(f"Text {i}: {t}" for i, t in enumerate(misses, start=1)))
+        parts.append(
+            "It does not fit these texts, yet the feature fires in them (on the tokens in << and >>):\n"
+            + "\n".join(f"Text {i}: {t}" for i, t in enumerate(misses, start=1))
+        )
     if tried:
         parts.append("Already tried, and no better: " + "; ".join(f"'{t}'" for t in tried) + ".")
-    parts.append("Revise the explanation so that it fits the texts where the feature fires and not the others. "
-                 "Answer with a single line of the form 'Explanation: <phrase>'.")
+    parts.append(
+        "Revise the explanation so that it fits the texts where the feature fires and not the others. "
+        "Answer with a single line of the form 'Explanation: <phrase>'."
+    )
     return {"role": "user", "content": "\n\n".join(parts)}
 
 
-REASK_EXPLANATION = {"role": "user", "content": "Your answer could not be read. Reply with only one line of the form 'Explanation: <phrase>'."}
+REASK_EXPLANATION = {
+    "role": "user",
+    "content": "Your answer could not be read. Reply with only one line of the form 'Explanation: <phrase>'.",
+}
 
 
 # ---- parsing answers -----------------------------------------------------------------------------
@@ -261,7 +314,10 @@ def strip_reasoning(text: str) -> str:
 _LABEL = re.compile(r"\**\[?\bexplanation\b\]?\**\s*:(?:\*\*)?\s*", re.IGNORECASE)
 _LEADER = re.compile(r"^(?:\d+[.)]\s+|[-*•]\s+|answer\s*:\s*)", re.IGNORECASE)
 _PAIRS = (('"', '"'), ("'", "'"), ("`", "`"), ("**", "**"), ("*", "*"), ("“", "”"), ("‘", "’"))
-_ECHO = re.compile(r"\[?\b(?:explanation|description|answer|marked|tokens?|(?:counter-)?examples?\s*\d*)\b\]?\s*:|<phrase>", re.IGNORECASE)
+_ECHO = re.compile(
+    r"\[?\b(?:explanation|description|answer|marked|tokens?|(?:counter-)?examples?\s*\d*)\b\]?\s*:|<phrase>",
+    re.IGNORECASE,
+)
 """The prompts' own labels and the answer template's placeholder: a model that only echoes them said nothing."""
 _CONTINUED = re.compile(r"^[a-z0-9\"'“‘`(<]")
 
@@ -270,7 +326,13 @@ def _unwrap(text: str) -> str:
     """Remove one pair of quotes or emphasis that wraps the whole text, never quotes that belong to it."""
     for left, right in _PAIRS:
         inner = text[len(left) : len(text) - len(right)]
-        if len(text) > len(left) + len(right) and text.startswith(left) and text.endswith(right) and left not in inner and right not in inner:
+        if (
+            len(text) > len(left) + len(right)
+            and text.startswith(left)
+            and text.endswith(right)
+            and left not in inner
+            and right not in inner
+        ):
             return inner.strip()
     return text
 
@@ -279,7 +341,12 @@ def _continues(above: str, line: str) -> bool:
     """Whether `line` carries on the phrase `above` it, broken over lines: the phrase has not ended
     (no final . ! ?) and the line starts in lower case or with a quote or bracket, and is no list item
     or label. A capitalized line, an item or a label starts something else, which is not read."""
-    return not above.rstrip("*").endswith((".", "!", "?")) and bool(_CONTINUED.match(line)) and not _LEADER.match(line) and not _LABEL.search(line)
+    return (
+        not above.rstrip("*").endswith((".", "!", "?"))
+        and bool(_CONTINUED.match(line))
+        and not _LEADER.match(line)
+        and not _LABEL.search(line)
+    )
 
 
 def _repetition(text: str) -> str | None:
@@ -306,7 +373,11 @@ def parse_explanation(text: str) -> str | Refusal:
     and punctuation inside the explanation are kept."""
     answer = strip_reasoning(text)
     if not answer:
-        return Refusal("cut off while reasoning" if re.search(r"<think>", text, re.IGNORECASE) else "empty answer")
+        return Refusal(
+            "cut off while reasoning"
+            if re.search(r"<think>", text, re.IGNORECASE)
+            else "empty answer"
+        )
     lines = [line.strip() for line in answer.splitlines() if line.strip()]
     found = []
     for i, line in enumerate(lines):
@@ -322,16 +393,28 @@ def parse_explanation(text: str) -> str | Refusal:
                 return Refusal("a list of items under the label, not one explanation")
             found.append(" ".join(p for p in parts if p))
     if len(set(found)) > 1:
-        return Refusal(f"{len(set(found))} different explanations: {' and '.join(repr(f) for f in dict.fromkeys(found))}")
+        return Refusal(
+            f"{len(set(found))} different explanations: {' and '.join(repr(f) for f in dict.fromkeys(found))}"
+        )
     if not found and len(lines) > 1:
         return Refusal("several lines and no 'Explanation:' label")
     candidate = found[0] if found else lines[0]
     if not _ECHO.sub("", candidate).strip(" *:."):
-        return Refusal(f"only the prompt's labels: {candidate[:80]!r}" if _ECHO.search(candidate) else "nothing after the label" if found else "no explanation in the answer")
+        return Refusal(
+            f"only the prompt's labels: {candidate[:80]!r}"
+            if _ECHO.search(candidate)
+            else "nothing after the label"
+            if found
+            else "no explanation in the answer"
+        )
     previous = None
     while previous != candidate:
         previous = candidate
-        candidate = _unwrap(_LEADER.sub("", _LABEL.sub("", candidate, count=1) if _LABEL.match(candidate) else candidate).strip())
+        candidate = _unwrap(
+            _LEADER.sub(
+                "", _LABEL.sub("", candidate, count=1) if _LABEL.match(candidate) else candidate
+            ).strip()
+        )
         if candidate.endswith(".") and not candidate.endswith(".."):
             candidate = candidate[:-1].rstrip()
     if not candidate.strip(". "):
@@ -342,12 +425,21 @@ def parse_explanation(text: str) -> str | Refusal:
 
 def read_int_list(n: int, lo: int, hi: int):
     """A reader for `ProductionClient.ask`: `parse_int_list`'s values, or a `Refusal` naming what was wanted."""
-    return lambda text: values if (values := parse_int_list(text, n, lo, hi)) is not None else Refusal(f"not a list of exactly {n} integers from {lo} to {hi}")
+    return lambda text: (
+        values
+        if (values := parse_int_list(text, n, lo, hi)) is not None
+        else Refusal(f"not a list of exactly {n} integers from {lo} to {hi}")
+    )
 
 
 _NUMBER_LIST = re.compile(r"\[\s*(-?\d+(?:\s*[,;\s]\s*-?\d+)*)\s*\]")
-_LINE_INDEX = re.compile(r"^\W*(?:example|token|item|window|text)?\s*#?(\d+)\s*[:.)=\-]", re.IGNORECASE)
-_NUMBERED_LINE = re.compile(r"^\W*(?:example|token|item|window|text)?\s*#?(\d+)\s*[:.)=\-]\s*\**\s*(-?\d+|yes|no|true|false)\b", re.IGNORECASE)
+_LINE_INDEX = re.compile(
+    r"^\W*(?:example|token|item|window|text)?\s*#?(\d+)\s*[:.)=\-]", re.IGNORECASE
+)
+_NUMBERED_LINE = re.compile(
+    r"^\W*(?:example|token|item|window|text)?\s*#?(\d+)\s*[:.)=\-]\s*\**\s*(-?\d+|yes|no|true|false)\b",
+    re.IGNORECASE,
+)
 _BARE = re.compile(r"^\s*-?\d+(?:\s*[,;\s]\s*-?\d+)*\s*\.?\s*$")
 _SINGLE_PHRASES = (
     r"(?:example|number|#)\s*(\d+)\s+is\s+(?:the\s+)?(?:intruder|odd one out)",
@@ -384,7 +476,11 @@ def parse_int_list(text: str, n: int, lo: int, hi: int) -> list[int] | None:
     ("example 3 is the intruder"). A list of another length or with values out of range is refused,
     never cut or padded."""
     body = strip_reasoning(text)
-    valid = lambda values: values if values is not None and len(values) == n and all(lo <= v <= hi for v in values) else None
+    valid = lambda values: (
+        values
+        if values is not None and len(values) == n and all(lo <= v <= hi for v in values)
+        else None
+    )
     as_json = _from_json(body)
     if as_json is not None:
         return valid(as_json) if as_json is not False else None
@@ -409,7 +505,9 @@ def parse_int_list(text: str, n: int, lo: int, hi: int) -> list[int] | None:
     if _BARE.match(body):
         return valid(_ints(body))
     if n == 1:
-        stated = {int(v) for pattern in _SINGLE_PHRASES for v in re.findall(pattern, body, re.IGNORECASE)}
+        stated = {
+            int(v) for pattern in _SINGLE_PHRASES for v in re.findall(pattern, body, re.IGNORECASE)
+        }
         if len(stated) == 1:
             return valid([stated.pop()])
     return None

@@ -4,6 +4,7 @@ Explainers prompt from a record; a scorer's `Job` carries the record of the late
 the held-out windows drawn from it as `Example`s. Both stages read records the same way, a chunk of
 latents' exemplar rows at a time (`read_records`).
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -65,39 +66,85 @@ class LatentRecord:
     def train(self, kind: str = "activating") -> pd.DataFrame:
         """The windows shown to the explainer: `activating` ones, or any other kind (counter-examples)."""
         train = self.windows[self.windows["split"] == "train"]
-        return train[train["kind"] == kind] if kind == "activating" else train[train["kind"] != "activating"]
+        return (
+            train[train["kind"] == kind]
+            if kind == "activating"
+            else train[train["kind"] != "activating"]
+        )
 
     def shown_examples(self) -> tuple[list[tuple[list[str], list[float]]], float]:
         """(token strings, activations) of the activating training windows, strongest first, and the top activation."""
-        windows = self.windows  # lists, not a filtered frame and itertuples: ~2 ms a latent with Arrow string columns
-        shown = [s == "train" and k == "activating" for s, k in zip(windows["split"].tolist(), windows["kind"].tolist())]
-        tokens, activations, peaks = (list(compress(windows[c].tolist(), shown)) for c in ("tokens", "activations", "max_activation"))
-        examples = [([self.vocab[t] for t in np.asarray(ids).tolist()], list(acts)) for ids, acts in zip(tokens, activations)]
+        windows = (
+            self.windows
+        )  # lists, not a filtered frame and itertuples: ~2 ms a latent with Arrow string columns
+        shown = [
+            s == "train" and k == "activating"
+            for s, k in zip(windows["split"].tolist(), windows["kind"].tolist(), strict=False)
+        ]
+        tokens, activations, peaks = (
+            list(compress(windows[c].tolist(), shown))
+            for c in ("tokens", "activations", "max_activation")
+        )
+        examples = [
+            ([self.vocab[t] for t in np.asarray(ids).tolist()], list(acts))
+            for ids, acts in zip(tokens, activations, strict=False)
+        ]
         return examples, float(max(peaks, default=np.nan))
 
     def examples(self, split: str, rng: np.random.Generator) -> list[Example]:
         """The `split` windows as scorers judge them, in an order drawn from `rng`; non-activating ones get
         random marks (drawn first, in table order), as many tokens as typically fire in activating ones."""
-        in_split = [s == split for s in self.windows["split"].tolist()]  # lists, not a filtered frame: asked per latent, a frame costs ~1 ms
-        kinds, quantiles, tokens, activations, sequences, starts = (list(compress(self.windows[c].tolist(), in_split)) for c in EXAMPLE_COLUMNS)
-        counts = [np.count_nonzero(a) for a, kind in zip(activations, kinds) if kind == "activating"]
+        in_split = [
+            s == split for s in self.windows["split"].tolist()
+        ]  # lists, not a filtered frame: asked per latent, a frame costs ~1 ms
+        kinds, quantiles, tokens, activations, sequences, starts = (
+            list(compress(self.windows[c].tolist(), in_split)) for c in EXAMPLE_COLUMNS
+        )
+        counts = [
+            np.count_nonzero(a) for a, kind in zip(activations, kinds, strict=False) if kind == "activating"
+        ]
         typical_marks = max(1, int(np.median(counts))) if counts else 1
         examples = []
-        for i, (kind, quantile, ids, acts, sequence, start) in enumerate(zip(kinds, quantiles, tokens, activations, sequences, starts)):
+        for i, (kind, quantile, ids, acts, sequence, start) in enumerate(
+            zip(kinds, quantiles, tokens, activations, sequences, starts, strict=False)
+        ):
             acts = np.asarray(acts, np.float32)
             is_activating = kind == "activating"
             marks = acts > 0
             if not is_activating:
                 marks = np.zeros(len(acts), bool)
-                marks[rng.choice(len(acts), size=min(typical_marks, len(acts)), replace=False)] = True
-            examples.append(Example(i, list(ids), [self.vocab[t] for t in np.asarray(ids).tolist()], acts, marks, int(is_activating), int(quantile) if is_activating else 0,
-                                    int(sequence), int(start), kind))
+                marks[rng.choice(len(acts), size=min(typical_marks, len(acts)), replace=False)] = (
+                    True
+                )
+            examples.append(
+                Example(
+                    i,
+                    list(ids),
+                    [self.vocab[t] for t in np.asarray(ids).tolist()],
+                    acts,
+                    marks,
+                    int(is_activating),
+                    int(quantile) if is_activating else 0,
+                    int(sequence),
+                    int(start),
+                    kind,
+                )
+            )
         return [examples[i] for i in rng.permutation(len(examples))]
 
 
-def read_records(exemplars: pd.DataFrame | Path, latents: list[int], coder: str, vocab: list[str], stats: dict[int, dict] | None = None) -> dict[int, LatentRecord]:
+def read_records(
+    exemplars: pd.DataFrame | Path,
+    latents: list[int],
+    coder: str,
+    vocab: list[str],
+    stats: dict[int, dict] | None = None,
+) -> dict[int, LatentRecord]:
     """Latent → record for a chunk of latents that all have exemplars, their rows read together
     (`rows_for_latents`); `stats` (latent → statistics row) where the caller read the profiles."""
     windows = dict(tuple(rows_for_latents(exemplars, latents).groupby("latent")))
     stats = stats or {}
-    return {latent: LatentRecord(coder, latent, windows[latent], stats.get(latent), vocab) for latent in latents}
+    return {
+        latent: LatentRecord(coder, latent, windows[latent], stats.get(latent), vocab)
+        for latent in latents
+    }

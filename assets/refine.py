@@ -8,6 +8,7 @@ revision is kept only when its balanced accuracy on the same `valid` windows is 
 here, so the `test` windows that every score is reported on stay unseen until scoring. Each round's
 text, valid score and requests are a row of the `explanation_rounds` table.
 """
+
 from __future__ import annotations
 
 import math
@@ -54,8 +55,16 @@ class Refined:
 
 
 def round_row(latent: int, number: int, judged: Judged, kept: bool, asked: int = 0) -> dict:
-    return {"latent": latent, "round": number, "explanation": judged.explanation, "valid_balanced_accuracy": judged.balanced_accuracy,
-            "false_positives": len(judged.false_positives), "false_negatives": len(judged.false_negatives), "kept": kept, "requests": judged.requests + asked}
+    return {
+        "latent": latent,
+        "round": number,
+        "explanation": judged.explanation,
+        "valid_balanced_accuracy": judged.balanced_accuracy,
+        "false_positives": len(judged.false_positives),
+        "false_negatives": len(judged.false_negatives),
+        "kept": kept,
+        "requests": judged.requests + asked,
+    }
 
 
 class Refiner:
@@ -66,16 +75,32 @@ class Refiner:
         self.detection = Detection(DetectionSettings(), ScorerDeps(llm=judge))
 
     async def judged(self, record: LatentRecord, explanation: str, valid: list[Example]) -> Judged:
-        result = await self.detection.score(Job(record, explanation, valid, control=False, seed=record.latent))
+        result = await self.detection.score(
+            Job(record, explanation, valid, control=False, seed=record.latent)
+        )
         if result.failures:
             return Judged(explanation, NAN, [], [], result.requests, result.failures[0])
         by_index = {e.index: e for e in valid}
-        labels, predictions = [r["label"] for r in result.rows], [int(r["prediction"]) for r in result.rows]
-        wrong = [(by_index[r["example"]], r["label"]) for r, p in zip(result.rows, predictions) if p != r["label"]]
-        return Judged(explanation, binary_metrics(labels, predictions)["balanced_accuracy"],
-                      [e for e, label in wrong if label == 0], [e for e, label in wrong if label == 1], result.requests)
+        labels, predictions = (
+            [r["label"] for r in result.rows],
+            [int(r["prediction"]) for r in result.rows],
+        )
+        wrong = [
+            (by_index[r["example"]], r["label"])
+            for r, p in zip(result.rows, predictions, strict=False)
+            if p != r["label"]
+        ]
+        return Judged(
+            explanation,
+            binary_metrics(labels, predictions)["balanced_accuracy"],
+            [e for e, label in wrong if label == 0],
+            [e for e, label in wrong if label == 1],
+            result.requests,
+        )
 
-    async def refine(self, explainer: Explainer, record: LatentRecord, messages: list[dict], first: str) -> Refined:
+    async def refine(
+        self, explainer: Explainer, record: LatentRecord, messages: list[dict], first: str
+    ) -> Refined:
         """The best of `first` and its revisions on the `valid` windows, asked as follow-ups to `messages`
         (the explainer's prompt)."""
         valid = record.examples("valid", np.random.default_rng([VALID_ORDER_SEED, record.latent]))
@@ -83,20 +108,43 @@ class Refiner:
         refined = Refined(first, [round_row(record.latent, 0, best, kept=True)])
         tried, client, failure = [], explainer.deps.llm, best.failure
         for number in range(1, self.rounds + 1):
-            if failure or math.isnan(best.balanced_accuracy) or not (best.false_positives or best.false_negatives):
+            if (
+                failure
+                or math.isnan(best.balanced_accuracy)
+                or not (best.false_positives or best.false_negatives)
+            ):
                 break
-            shown = interleaved([(True, e.text) for e in best.false_positives], [(False, e.marked_text) for e in best.false_negatives])
+            shown = interleaved(
+                [(True, e.text) for e in best.false_positives],
+                [(False, e.marked_text) for e in best.false_negatives],
+            )
             answered = [{"role": "assistant", "content": f"Explanation: {best.explanation}"}]
-            prompt, _ = client.fitting(lambda kept: messages + answered + [refine_message(kept, tried)], shown, self.max_tokens)
+            prompt, _ = client.fitting(
+                lambda kept: messages + answered + [refine_message(kept, tried)],
+                shown,
+                self.max_tokens,
+            )
             if prompt is None:
                 break
-            asked = await client.ask(prompt, explainer.parse, explainer.reask, max_tokens=self.max_tokens, temperature=0.0)
+            asked = await client.ask(
+                prompt,
+                explainer.parse,
+                explainer.reask,
+                max_tokens=self.max_tokens,
+                temperature=0.0,
+            )
             refined.prompt_tokens += asked.prompt_tokens
             refined.completion_tokens += asked.completion_tokens
-            judged = await self.judged(record, asked.value, valid) if asked.value is not None else Judged("", NAN, [], [], 0, asked.failure)
+            judged = (
+                await self.judged(record, asked.value, valid)
+                if asked.value is not None
+                else Judged("", NAN, [], [], 0, asked.failure)
+            )
             failure = judged.failure
             better = not failure and judged.balanced_accuracy > best.balanced_accuracy
-            refined.rounds.append(round_row(record.latent, number, judged, kept=better, asked=len(asked.answers)))
+            refined.rounds.append(
+                round_row(record.latent, number, judged, kept=better, asked=len(asked.answers))
+            )
             if better:
                 best = judged
             elif not failure:

@@ -6,6 +6,7 @@ Every scorer writes one row per judged example: `label` (1 = the latent fires in
 those rows alone, so detection, fuzzing, intruder, simulation, surprisal and embedding scores are
 computed the same way and are comparable. Undefined metrics are NaN, never 0.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -32,7 +33,10 @@ def binary_metrics(y_true, y_pred) -> dict[str, float]:
         "precision": tp / (tp + fp) if tp + fp else NAN,
         "recall": recall,
         "f1": 2 * tp / (2 * tp + fp + fn) if tp + fp + fn else NAN,
-        "tp": tp, "fp": fp, "tn": tn, "fn": fn,
+        "tp": tp,
+        "fp": fp,
+        "tn": tn,
+        "fn": fn,
     }
 
 
@@ -86,7 +90,9 @@ def predictions_of(label: np.ndarray, prediction: np.ndarray, score: np.ndarray)
     return top_k_predictions(score, int(label.sum()))
 
 
-def quantile_accuracy(label: np.ndarray, quantile: np.ndarray, predictions: np.ndarray) -> dict[int, float]:
+def quantile_accuracy(
+    label: np.ndarray, quantile: np.ndarray, predictions: np.ndarray
+) -> dict[int, float]:
     """Accuracy per activation quantile (0 = the non-activating examples)."""
     correct = predictions == label
     return {int(q): float(correct[quantile == q].mean()) for q in np.unique(quantile)}
@@ -94,7 +100,12 @@ def quantile_accuracy(label: np.ndarray, quantile: np.ndarray, predictions: np.n
 
 def latent_metrics(rows: pd.DataFrame) -> dict:
     """Every metric of one latent's scored examples (one explanation, one scorer)."""
-    return example_metrics(*(rows[c].to_numpy(float) for c in ("label", "quantile", "activation", "prediction", "score")))
+    return example_metrics(
+        *(
+            rows[c].to_numpy(float)
+            for c in ("label", "quantile", "activation", "prediction", "score")
+        )
+    )
 
 
 def example_metrics(label, quantile, activation, prediction, score) -> dict:
@@ -102,7 +113,12 @@ def example_metrics(label, quantile, activation, prediction, score) -> dict:
     label, quantile = np.asarray(label, float).astype(int), np.asarray(quantile, float).astype(int)
     activation, prediction, score = (np.asarray(x, float) for x in (activation, prediction, score))
     if not len(label):
-        return {**{m: NAN for m in (*BINARY, "roc_auc", "pearson")}, **{c: 0 for c in CONFUSION}, "n_scored": 0, "quantile_accuracy": {}}
+        return {
+            **{m: NAN for m in (*BINARY, "roc_auc", "pearson")},
+            **{c: 0 for c in CONFUSION},
+            "n_scored": 0,
+            "quantile_accuracy": {},
+        }
     predictions = predictions_of(label, prediction, score)
     has_score = not np.isnan(score).any()
     evidence = score if has_score else predictions.astype(float)
@@ -122,7 +138,9 @@ another assignment gives other control scores (2: places on a seeded ring instea
 
 def ring_place(seed: int, latent: int) -> int:
     """A latent's place on the control ring: a seeded hash of its own id, whatever other latents there are."""
-    return int.from_bytes(hashlib.blake2b(f"{seed}:{latent}".encode(), digest_size=8).digest(), "big")
+    return int.from_bytes(
+        hashlib.blake2b(f"{seed}:{latent}".encode(), digest_size=8).digest(), "big"
+    )
 
 
 def control_assignment(explanations: dict[int, str], seed: int) -> dict[int, int]:
@@ -135,7 +153,9 @@ def control_assignment(explanations: dict[int, str], seed: int) -> dict[int, int
     ring = sorted(explanations, key=lambda latent: (ring_place(seed, latent), latent))
     text = [" ".join(str(explanations[latent]).casefold().split()) for latent in ring]
     n, after = len(ring), [None] * len(ring)
-    for k in range(2 * n - 1, -1, -1):  # backwards twice round: a run of equal texts may wrap past the start
+    for k in range(
+        2 * n - 1, -1, -1
+    ):  # backwards twice round: a run of equal texts may wrap past the start
         i, j = k % n, (k + 1) % n
         after[i] = j if text[j] != text[i] else after[j]
     return {ring[i]: ring[j] for i, j in enumerate(after) if j is not None}
@@ -163,7 +183,9 @@ def beside_control(score: float, control: float, digits: int = 3) -> str:
     when there is no score."""
     if math.isnan(score):
         return "n/a"
-    return f"{score:.{digits}f} / " + ("no control" if math.isnan(control) else f"{control:.{digits}f}")
+    return f"{score:.{digits}f} / " + (
+        "no control" if math.isnan(control) else f"{control:.{digits}f}"
+    )
 
 
 MIN_LATENTS = 10

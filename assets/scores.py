@@ -35,22 +35,43 @@ from assets.automation import CODE_CHANGED, FOLLOW, LLM_POOL, SUBJECT_MODEL_POOL
 from assets.checks import result, scorer_results, scorer_specs, shards_present, summary_specs
 from assets.explanations import viewer_links
 from assets.links import coder_url, home_url, latent_url
-from assets.work import ChunkLoader, nothing_succeeded, overlaps_shards, selected_latents, stream_latents
-from assets.partitions import backfill_policy, coder_and_shard, coders_of, each_shard, shard_partitions
+from assets.partitions import (
+    backfill_policy,
+    coder_and_shard,
+    coders_of,
+    each_shard,
+    shard_partitions,
+)
 from assets.prompts import corpus_prompt_vocab, window_embedding
 from assets.records import read_records
-from assets.score_metrics import CONTROLS_VERSION, beside_control, control_assignment, example_metrics, no_control_reason, paired_means, predictions_of, verdict
+from assets.score_metrics import (
+    CONTROLS_VERSION,
+    beside_control,
+    control_assignment,
+    example_metrics,
+    no_control_reason,
+    paired_means,
+    predictions_of,
+    verdict,
+)
 from assets.scorers import Job, JobResult, Scorer, ScorerDeps, ScorerSettings
 from assets.scorers.base import CONTROLS
 from assets.senses import lowest_sense_scores, of_current
 from assets.stage_config import SCORER_ROLES, Models
+from assets.work import (
+    ChunkLoader,
+    nothing_succeeded,
+    overlaps_shards,
+    selected_latents,
+    stream_latents,
+)
 from resources.llm import stopped_by_budget
 from resources.sparse_coders import load_registered
 from storage.corpus import load_corpus
 from storage.journal import Journal
 from storage.store import TableStore
-from storage.vector_store import CorpusWindows
 from storage.tables import SCORE_METRICS, TABLES, empty_table, explanation_hash, latents_in
+from storage.vector_store import CorpusWindows
 
 EMPTY_SHARD = "empty shard: no explainable latent"
 
@@ -62,7 +83,11 @@ SCORER_AUTOMATION = FOLLOW | CODE_CHANGED
 SUMMARY_AUTOMATION = (
     (
         AutomationCondition.any_deps_updated().since_last_handled()
-        | (AutomationCondition.missing() & ~AutomationCondition.execution_failed() & AutomationCondition.any_deps_match(~AutomationCondition.missing()))
+        | (
+            AutomationCondition.missing()
+            & ~AutomationCondition.execution_failed()
+            & AutomationCondition.any_deps_match(~AutomationCondition.missing())
+        )
     )
     & ~AutomationCondition.any_deps_in_progress()
     & ~AutomationCondition.any_deps_match(AutomationCondition.will_be_requested())
@@ -78,7 +103,11 @@ with another is built again (`summary_sources`)."""
 def scorer_version(scorer: type[Scorer]) -> str:
     """A scorer's own version, with the control assignment's where its control is another latent's explanation:
     part of its code version and journal key, so that a new assignment re-scores once."""
-    return f"{scorer.version}+controls{CONTROLS_VERSION}" if scorer.control == "shuffled_explanation" else scorer.version
+    return (
+        f"{scorer.version}+controls{CONTROLS_VERSION}"
+        if scorer.control == "shuffled_explanation"
+        else scorer.version
+    )
 
 
 def scorer_key(name: str) -> AssetKey:
@@ -88,20 +117,36 @@ def scorer_key(name: str) -> AssetKey:
 # ---- scoring a partition --------------------------------------------------------------------------
 
 
-def scored_latents(scorer: Scorer, exemplars: pd.DataFrame | Path, explanations: pd.DataFrame | None, max_latents: int) -> dict[int, str | None]:
+def scored_latents(
+    scorer: Scorer,
+    exemplars: pd.DataFrame | Path,
+    explanations: pd.DataFrame | None,
+    max_latents: int,
+) -> dict[int, str | None]:
     """Latent → explanation to score: explained latents, or for scorers without one (intruder) the latents the explainer would take."""
     if not scorer.uses_explanation:
         return {latent: None for latent in selected_latents(exemplars, max_latents)}
     ok = explanations[explanations["status"] == "ok"]
-    return dict(sorted(zip(ok["latent"].astype(int), ok["explanation"])))
+    return dict(sorted(zip(ok["latent"].astype(int), ok["explanation"], strict=False)))
 
 
-def latent_row(main_metric: str, latent: int, explanation, control_explanation, own: JobResult, control: JobResult | None, control_note: str = "",
-               models: str = "") -> dict:
+def latent_row(
+    main_metric: str,
+    latent: int,
+    explanation,
+    control_explanation,
+    own: JobResult,
+    control: JobResult | None,
+    control_note: str = "",
+    models: str = "",
+) -> dict:
     def metrics(result: JobResult | None) -> dict:
         if result is None:
             return {m: np.nan for m in SCORE_METRICS} | {"quantile_accuracy": {}}
-        columns = (np.array([r.get(c, np.nan) for r in result.rows], float) for c in ("label", "quantile", "activation", "prediction", "score"))
+        columns = (
+            np.array([r.get(c, np.nan) for r in result.rows], float)
+            for c in ("label", "quantile", "activation", "prediction", "score")
+        )
         return {m: np.nan for m in SCORE_METRICS} | example_metrics(*columns) | result.extra
 
     mine, theirs = metrics(own), metrics(control)
@@ -129,11 +174,25 @@ def withheld(row: dict) -> dict:
     """A latent's row without its metrics (NaN): the budget stopped some of its questions, and metrics of the
     others alone would be a score of part of its windows. Its failures say why; the next run scores it."""
     blank = {m: np.nan for m in SCORE_METRICS} | {f"control_{m}": np.nan for m in SCORE_METRICS}
-    return {**row, **blank, "gap": np.nan, "quantile_accuracy": "{}", "control_quantile_accuracy": "{}"}
+    return {
+        **row,
+        **blank,
+        "gap": np.nan,
+        "quantile_accuracy": "{}",
+        "control_quantile_accuracy": "{}",
+    }
 
 
-async def score_partition(scorer: Scorer, exemplars: pd.DataFrame | Path, explanations: pd.DataFrame | None,
-                          vocab: list[str], max_latents: int = 0, report=None, journal: Journal | None = None, coder: str = "") -> tuple[pd.DataFrame, pd.DataFrame]:
+async def score_partition(
+    scorer: Scorer,
+    exemplars: pd.DataFrame | Path,
+    explanations: pd.DataFrame | None,
+    vocab: list[str],
+    max_latents: int = 0,
+    report=None,
+    journal: Journal | None = None,
+    coder: str = "",
+) -> tuple[pd.DataFrame, pd.DataFrame]:
     """Per-latent metrics and per-example rows of one scorer on one partition, with the control.
     `exemplars` is the table or its file; from a file, a chunk of latents' rows is read at a time, as
     `coder`'s records (`read_records`), from which each latent's jobs take their examples.
@@ -144,13 +203,21 @@ async def score_partition(scorer: Scorer, exemplars: pd.DataFrame | Path, explan
     have_exemplars = set(latents_in(exemplars))
     missing = [latent for latent in text_of if latent not in have_exemplars]
     if missing and report:
-        report(f"{scorer.name}: {len(missing)} explained latents have no exemplars (e.g. {missing[:5]}): skipped; "
-               f"the explanations are older than the exemplars, re-materialize `explanations`")
+        report(
+            f"{scorer.name}: {len(missing)} explained latents have no exemplars (e.g. {missing[:5]}): skipped; "
+            f"the explanations are older than the exemplars, re-materialize `explanations`"
+        )
     text_of = {latent: text for latent, text in text_of.items() if latent in have_exemplars}
-    control_of = control_assignment(text_of, settings.seed) if scorer.uses_explanation else {latent: latent for latent in text_of}
+    control_of = (
+        control_assignment(text_of, settings.seed)
+        if scorer.uses_explanation
+        else {latent: latent for latent in text_of}
+    )
     done = set(journal.kept(text_of, "scores")) if journal is not None else set()
     if done and report:
-        report(f"{scorer.name}: {len(done)} latents kept from an interrupted run; scoring the other {len(text_of) - len(done)}")
+        report(
+            f"{scorer.name}: {len(done)} latents kept from an interrupted run; scoring the other {len(text_of) - len(done)}"
+        )
     todo = [latent for latent in text_of if latent not in done]
 
     async def load(chunk: list[int]) -> dict[int, tuple[Job, Job | None]]:
@@ -160,9 +227,29 @@ async def score_partition(scorer: Scorer, exemplars: pd.DataFrame | Path, explan
         for latent, record in records.items():
             rng = np.random.default_rng([settings.seed, latent])
             examples = record.examples("test", rng)
-            calibration = record.examples("valid", rng) if scorer.uses_calibration else []  # drawn after the test windows: their marks do not depend on it
-            own = Job(record, text_of[latent], examples, control=False, seed=settings.seed + latent, calibration=calibration)
-            control = Job(record, text_of[control_of[latent]], examples, control=True, seed=settings.seed + latent + 1, calibration=calibration) if latent in control_of else None
+            calibration = (
+                record.examples("valid", rng) if scorer.uses_calibration else []
+            )  # drawn after the test windows: their marks do not depend on it
+            own = Job(
+                record,
+                text_of[latent],
+                examples,
+                control=False,
+                seed=settings.seed + latent,
+                calibration=calibration,
+            )
+            control = (
+                Job(
+                    record,
+                    text_of[control_of[latent]],
+                    examples,
+                    control=True,
+                    seed=settings.seed + latent + 1,
+                    calibration=calibration,
+                )
+                if latent in control_of
+                else None
+            )
             jobs[latent] = (own, control)
         await scorer.prepare([job for pair in jobs.values() for job in pair if job is not None])
         return jobs
@@ -171,17 +258,37 @@ async def score_partition(scorer: Scorer, exemplars: pd.DataFrame | Path, explan
 
     async def score_latent(latent: int) -> tuple[dict, list[dict]]:
         own_job, control_job = await loader.take(latent)
-        own, control = await asyncio.gather(scorer.score(own_job), scorer.score(control_job) if control_job is not None else _none())
+        own, control = await asyncio.gather(
+            scorer.score(own_job), scorer.score(control_job) if control_job is not None else _none()
+        )
         note = "" if latent in control_of else no_control_reason(len(text_of))
-        row = latent_row(scorer.main_metric, latent, text_of[latent], text_of.get(control_of.get(latent)) if scorer.uses_explanation else None, own, control, note,
-                         scorer.deps.models)
-        if any(map(stopped_by_budget, json.loads(row["failures"]))):  # a partial score is no score: asked again next time
+        row = latent_row(
+            scorer.main_metric,
+            latent,
+            text_of[latent],
+            text_of.get(control_of.get(latent)) if scorer.uses_explanation else None,
+            own,
+            control,
+            note,
+            scorer.deps.models,
+        )
+        if any(
+            map(stopped_by_budget, json.loads(row["failures"]))
+        ):  # a partial score is no score: asked again next time
             return withheld(row), []
         example_rows = []
         for source, judged in (("explanation", own), ("control", control)):
             if judged is not None and judged.rows:
-                predicted = predictions_of(*(np.array([r.get(c, np.nan) for r in judged.rows], float) for c in ("label", "prediction", "score")))
-                example_rows += [{**r, "predicted": int(p), "latent": latent, "source": source} for r, p in zip(judged.rows, predicted)]
+                predicted = predictions_of(
+                    *(
+                        np.array([r.get(c, np.nan) for r in judged.rows], float)
+                        for c in ("label", "prediction", "score")
+                    )
+                )
+                example_rows += [
+                    {**r, "predicted": int(p), "latent": latent, "source": source}
+                    for r, p in zip(judged.rows, predicted, strict=False)
+                ]
         return row, example_rows
 
     in_memory: dict[int, tuple[dict, list[dict]]] = {}
@@ -189,16 +296,27 @@ async def score_partition(scorer: Scorer, exemplars: pd.DataFrame | Path, explan
 
     def keep(latent: int, result: tuple[dict, list[dict]]) -> None:
         row, example_rows = result
-        if journal is not None and not any(map(stopped_by_budget, json.loads(row["failures"]))):  # budget-stopped latents are scored next time
+        if journal is not None and not any(
+            map(stopped_by_budget, json.loads(row["failures"]))
+        ):  # budget-stopped latents are scored next time
             journal.add(examples=example_rows, scores=[row])
         else:
             in_memory[latent] = result
 
-    async with scorer.deps.llm.session() if scorer.deps.llm is not None else contextlib.nullcontext():
+    async with (
+        scorer.deps.llm.session() if scorer.deps.llm is not None else contextlib.nullcontext()
+    ):
         workers = 2 * scorer.deps.llm.max_concurrency if scorer.deps.llm is not None else 64
         try:
-            await stream_latents(todo, score_latent, workers=workers, on_finished=keep, report=report,
-                                 label=f"{scorer.name} latents (explanation and control)", retain=False)
+            await stream_latents(
+                todo,
+                score_latent,
+                workers=workers,
+                on_finished=keep,
+                report=report,
+                label=f"{scorer.name} latents (explanation and control)",
+                retain=False,
+            )
         finally:
             if journal is not None:
                 journal.flush()
@@ -208,11 +326,21 @@ async def score_partition(scorer: Scorer, exemplars: pd.DataFrame | Path, explan
     parts = [part[part["latent"].isin(list(kept))] for part in parts if len(part)]
     fresh = [row for latent in text_of if latent in in_memory for row in in_memory[latent][1]]
     parts += [pd.DataFrame(fresh)] if fresh else []
-    examples = pd.concat(parts, ignore_index=True).sort_values("latent", kind="stable", ignore_index=True) if parts else pd.DataFrame()
+    examples = (
+        pd.concat(parts, ignore_index=True).sort_values("latent", kind="stable", ignore_index=True)
+        if parts
+        else pd.DataFrame()
+    )
     return pd.DataFrame(rows), examples  # one frame, not one per job
 
 
-async def score_senses(scorer: Scorer, exemplars: pd.DataFrame | Path, senses: pd.DataFrame, vocab: list[str], coder: str = "") -> pd.DataFrame:
+async def score_senses(
+    scorer: Scorer,
+    exemplars: pd.DataFrame | Path,
+    senses: pd.DataFrame,
+    vocab: list[str],
+    coder: str = "",
+) -> pd.DataFrame:
     """Each sense's scores (rows of `explanation_senses`) on the `test` windows: the activating ones nearest that
     sense (its `test_windows`) are its positives, every other window (the other senses' included) its negatives.
     One `score_partition` per sense number, so a sense's control is another latent's sense of that number.
@@ -227,25 +355,37 @@ async def score_senses(scorer: Scorer, exemplars: pd.DataFrame | Path, senses: p
             windows = records[row.latent].windows.copy()
             test = np.flatnonzero((windows["split"] == "test").to_numpy())
             own = set(row.test_windows)
-            others = [test[position] for position in np.flatnonzero(windows["kind"].to_numpy()[test] == "activating") if position not in own]
-            windows.iloc[others, windows.columns.get_loc("kind")] = "random"  # another sense: a negative of this one
+            others = [
+                test[position]
+                for position in np.flatnonzero(windows["kind"].to_numpy()[test] == "activating")
+                if position not in own
+            ]
+            windows.iloc[others, windows.columns.get_loc("kind")] = (
+                "random"  # another sense: a negative of this one
+            )
             windows.iloc[others, windows.columns.get_loc("quantile")] = 0
             relabelled.append(windows)
         explained = rows.assign(status="ok")[["latent", "explanation", "status"]]
-        scored, _ = await score_partition(scorer, pd.concat(relabelled), explained, vocab, coder=coder)
+        scored, _ = await score_partition(
+            scorer, pd.concat(relabelled), explained, vocab, coder=coder
+        )
         parts.append(scored.assign(sense=int(number)))
     return pd.concat(parts, ignore_index=True)[TABLES["sense_scores"].columns]
 
 
-def scorable_senses(store: TableStore, coder: str, shard: str, explanations: pd.DataFrame, report) -> pd.DataFrame:
+def scorable_senses(
+    store: TableStore, coder: str, shard: str, explanations: pd.DataFrame, report
+) -> pd.DataFrame:
     """The partition's `explanation_senses` rows of its current explanations (`assets.senses.of_current`): what
     the scorers score sense by sense. Senses written before they recorded their `test_windows` are not scorable."""
     senses = store.explanation_senses(coder, shard).read_if_present()
     if senses is None or not len(senses):
         return empty_table("explanation_senses")
     if "test_windows" not in senses or senses["test_windows"].isna().any():
-        report(f"the senses of {coder} shard {shard} do not say which test windows are each sense's (written before they did): "
-               f"no sense is scored on its own. Fix: re-materialize `explanations` for this partition.")
+        report(
+            f"the senses of {coder} shard {shard} do not say which test windows are each sense's (written before they did): "
+            f"no sense is scored on its own. Fix: re-materialize `explanations` for this partition."
+        )
         return empty_table("explanation_senses")
     return of_current(senses, explanations)
 
@@ -277,18 +417,30 @@ def _pyplot():
 
 
 def metric_range(metric: str) -> tuple[float, float]:
-    return (-1.0, 1.0) if metric in ("ev_correlation", "pearson", "intervention_score") else (0.0, 1.0)
+    return (
+        (-1.0, 1.0) if metric in ("ev_correlation", "pearson", "intervention_score") else (0.0, 1.0)
+    )
 
 
 def histogram_markdown(panels: list[tuple[str, str, pd.Series, pd.Series, str]]) -> str:
     """One histogram per (title, metric, scores, control scores, control name): the score beside its control."""
     plt = _pyplot()
     fig, axes = plt.subplots(1, len(panels), figsize=(4 * len(panels), 3), squeeze=False)
-    for ax, (title, metric, own, control, control_name) in zip(axes[0], panels):
+    for ax, (title, metric, own, control, control_name) in zip(axes[0], panels, strict=False):
         lo, hi = metric_range(metric)
         bins = np.linspace(lo, hi, 11)
-        ax.hist(own.dropna().clip(lo, hi), bins=bins, alpha=0.7, label="latent" if control_name == CONTROLS["no_intruder"] else "explanation")
-        ax.hist(control.dropna().clip(lo, hi), bins=bins, alpha=0.5, label=control_name.removeprefix("the "))
+        ax.hist(
+            own.dropna().clip(lo, hi),
+            bins=bins,
+            alpha=0.7,
+            label="latent" if control_name == CONTROLS["no_intruder"] else "explanation",
+        )
+        ax.hist(
+            control.dropna().clip(lo, hi),
+            bins=bins,
+            alpha=0.5,
+            label=control_name.removeprefix("the "),
+        )
         ax.set_title(title, fontsize=9)
         ax.set_xlabel(metric)
         ax.legend(fontsize=6)
@@ -319,48 +471,97 @@ def best_and_worst(frame: pd.DataFrame, metric: str, columns: list[str], n: int 
     if not len(ranked):
         return "nothing scored"
     best, worst = ranked.head(n), ranked.tail(min(n, max(0, len(ranked) - n)))
-    text = lambda part: part[columns].assign(explanation=part["explanation"].str.slice(0, 80)).round(3).to_markdown(index=False)
+    text = lambda part: (
+        part[columns]
+        .assign(explanation=part["explanation"].str.slice(0, 80))
+        .round(3)
+        .to_markdown(index=False)
+    )
     return f"**Best {len(best)}**\n\n{text(best)}\n\n**Worst {len(worst)}**\n\n{text(worst) if len(worst) else '(none)'}"
 
 
-def scorer_metadata(scorer: type[Scorer], settings: ScorerSettings, frame: pd.DataFrame, examples: pd.DataFrame) -> dict:
+def scorer_metadata(
+    scorer: type[Scorer], settings: ScorerSettings, frame: pd.DataFrame, examples: pd.DataFrame
+) -> dict:
     main = scorer.main_metric
     metadata = {
         "scorer": scorer.description,
         "settings": MetadataValue.json(settings.model_dump()),
         "latents_scored": len(frame),
-        "verdict": verdict(frame["gap"], scorer.control_description()) if len(frame) else "uninformative: nothing scored",
+        "verdict": verdict(frame["gap"], scorer.control_description())
+        if len(frame)
+        else "uninformative: nothing scored",
         "main_metric": main,
     }
     if not len(frame):
         return metadata
     metadata["informative"] = metadata["verdict"].startswith("informative")
-    for metric in dict.fromkeys((main, "accuracy", "balanced_accuracy", "f1", "roc_auc", "pearson")):
+    for metric in dict.fromkeys(
+        (main, "accuracy", "balanced_accuracy", "f1", "roc_auc", "pearson")
+    ):
         if frame[metric].notna().any():
-            mean, control, _ = paired_means(frame[metric], frame[f"control_{metric}"])  # over the latents with both
+            mean, control, _ = paired_means(
+                frame[metric], frame[f"control_{metric}"]
+            )  # over the latents with both
             metadata[f"mean_{metric}"] = MetadataValue.float(round(mean, 4))
             metadata[f"mean_control_{metric}"] = MetadataValue.float(round(control, 4))
-    metadata["mean_gap"] = MetadataValue.float(round(float(frame["gap"].mean()), 4)) if frame["gap"].notna().any() else MetadataValue.float(float("nan"))
-    confusion = pd.DataFrame({"": ["fires", "silent"], "judged fires": [frame["tp"].sum(), frame["fp"].sum()], "judged silent": [frame["fn"].sum(), frame["tn"].sum()]})
+    metadata["mean_gap"] = (
+        MetadataValue.float(round(float(frame["gap"].mean()), 4))
+        if frame["gap"].notna().any()
+        else MetadataValue.float(float("nan"))
+    )
+    confusion = pd.DataFrame(
+        {
+            "": ["fires", "silent"],
+            "judged fires": [frame["tp"].sum(), frame["fp"].sum()],
+            "judged silent": [frame["fn"].sum(), frame["tn"].sum()],
+        }
+    )
     metadata["confusion_matrix"] = MetadataValue.md(confusion.to_markdown(index=False))
     metadata["failed_examples"] = int(frame["n_failed"].sum())
-    metadata["dropped_examples"] = int(frame["n_dropped"].sum())  # left out to fit the judge's context
+    metadata["dropped_examples"] = int(
+        frame["n_dropped"].sum()
+    )  # left out to fit the judge's context
     metadata["latents_without_control"] = int((frame["control_note"] != "").sum())
-    metadata["histogram"] = MetadataValue.md(histogram_markdown([(scorer.name, main, frame[main], frame[f"control_{main}"], scorer.control_description())]))
+    metadata["histogram"] = MetadataValue.md(
+        histogram_markdown(
+            [
+                (
+                    scorer.name,
+                    main,
+                    frame[main],
+                    frame[f"control_{main}"],
+                    scorer.control_description(),
+                )
+            ]
+        )
+    )
     if len(examples):
-        metadata["quantile_accuracy"] = MetadataValue.md(quantile_accuracy_markdown(examples, f"{scorer.name}: accuracy by quantile"))
-    metadata["best_and_worst"] = MetadataValue.md(best_and_worst(frame, main, ["latent", main, f"control_{main}", "gap", "explanation"]))
+        metadata["quantile_accuracy"] = MetadataValue.md(
+            quantile_accuracy_markdown(examples, f"{scorer.name}: accuracy by quantile")
+        )
+    metadata["best_and_worst"] = MetadataValue.md(
+        best_and_worst(frame, main, ["latent", main, f"control_{main}", "gap", "explanation"])
+    )
     return metadata
 
 
 # ---- the assets -----------------------------------------------------------------------------------
 
 
-def scorer_asset(scorer: type[Scorer], settings: ScorerSettings, automate: bool, partitions_per_run: int = 1, models: Models = Models()) -> AssetsDefinition:
+def scorer_asset(
+    scorer: type[Scorer],
+    settings: ScorerSettings,
+    automate: bool,
+    partitions_per_run: int = 1,
+    models: Models = Models(),
+) -> AssetsDefinition:
     """The asset of one scorer; its code version is the scorer's version, the hash of its settings and the
     identities of the models it uses (the judge, the embedder, the subject model)."""
     roles = [SCORER_ROLES[use] for use in sorted(scorer.uses) if use in SCORER_ROLES]
-    deps = [AssetDep("exemplars")] + ([AssetDep("explanations")] if scorer.control == "shuffled_explanation" else [])
+    deps = [AssetDep("exemplars")] + (
+        [AssetDep("explanations")] if scorer.control == "shuffled_explanation" else []
+    )
 
     @asset(
         key=scorer_key(scorer.name),
@@ -371,8 +572,17 @@ def scorer_asset(scorer: type[Scorer], settings: ScorerSettings, automate: bool,
         automation_condition=SCORER_AUTOMATION if automate else None,
         backfill_policy=backfill_policy(partitions_per_run),
         output_required=False,  # a range records each shard itself (`each_shard`)
-        **in_pool(SUBJECT_MODEL_POOL if "subject_model" in scorer.uses else LLM_POOL if "llm" in scorer.uses else None),
-        required_resource_keys={"settings", *(scorer.uses - {"coder"})},  # the coder comes from the registry
+        **in_pool(
+            SUBJECT_MODEL_POOL
+            if "subject_model" in scorer.uses
+            else LLM_POOL
+            if "llm" in scorer.uses
+            else None
+        ),
+        required_resource_keys={
+            "settings",
+            *(scorer.uses - {"coder"}),
+        },  # the coder comes from the registry
         check_specs=scorer_specs(scorer_key(scorer.name)),
         description=f"{scorer.description} Each latent also scored with {scorer.control_description()}.",
     )
@@ -382,58 +592,158 @@ def scorer_asset(scorer: type[Scorer], settings: ScorerSettings, automate: bool,
             resources = context.resources
             store = resources.settings.store
             layout = store.layout
-            client = resources.llm.client(layout.llm_cache_dir, role="judge", coordination_url=resources.settings.coordination_url) if "llm" in scorer.uses else None
+            client = (
+                resources.llm.client(
+                    layout.llm_cache_dir,
+                    role="judge",
+                    coordination_url=resources.settings.coordination_url,
+                )
+                if "llm" in scorer.uses
+                else None
+            )
             corpus = load_corpus(layout)
-            used = {"judge": client.identity if client else "", "embedder": resources.embedder.identity() if "embedder" in scorer.uses else "",
-                    "subject_model": resources.subject_model.identity() if "subject_model" in scorer.uses else ""}
+            used = {
+                "judge": client.identity if client else "",
+                "embedder": resources.embedder.identity() if "embedder" in scorer.uses else "",
+                "subject_model": resources.subject_model.identity()
+                if "subject_model" in scorer.uses
+                else "",
+            }
             named = "; ".join(f"{role}={identity}" for role, identity in used.items() if identity)
-            deps = ScorerDeps(llm=client, models=named, embedder=resources.embedder if "embedder" in scorer.uses else None,
-                              corpus_windows=CorpusWindows(layout.lancedb_dir, corpus.meta["hash"], corpus.tokens, window_embedding(resources.embedder.model)) if "embedder" in scorer.uses else None,
-                              subject_model=resources.subject_model if "subject_model" in scorer.uses else None,
-                              coder=load_registered(layout.registry_dir, coder) if "coder" in scorer.uses else None,
-                              activations_dir=layout.activations_dir(coder) if "coder" in scorer.uses else None)
+            deps = ScorerDeps(
+                llm=client,
+                models=named,
+                embedder=resources.embedder if "embedder" in scorer.uses else None,
+                corpus_windows=CorpusWindows(
+                    layout.lancedb_dir,
+                    corpus.meta["hash"],
+                    corpus.tokens,
+                    window_embedding(resources.embedder.model),
+                )
+                if "embedder" in scorer.uses
+                else None,
+                subject_model=resources.subject_model if "subject_model" in scorer.uses else None,
+                coder=load_registered(layout.registry_dir, coder)
+                if "coder" in scorer.uses
+                else None,
+                activations_dir=layout.activations_dir(coder) if "coder" in scorer.uses else None,
+            )
             judge = scorer(settings, deps)
             exemplars = store.exemplars(coder, shard).require()  # read a chunk of latents at a time
             explanations_table = store.explanations(coder, shard)
             explanations = explanations_table.read() if judge.uses_explanation else None
             exemplars_fingerprint = exemplars.fingerprint()
-            if explanations is not None and len(explanations) and "exemplars_fingerprint" in explanations:
-                read_from, now = explanations["exemplars_fingerprint"].iloc[0], exemplars_fingerprint
+            if (
+                explanations is not None
+                and len(explanations)
+                and "exemplars_fingerprint" in explanations
+            ):
+                read_from, now = (
+                    explanations["exemplars_fingerprint"].iloc[0],
+                    exemplars_fingerprint,
+                )
                 if read_from != now:
-                    raise Failure(f"The explanations of {coder} shard {shard} were written from other exemplars ({read_from}) than those there now ({now}): "
-                                  f"scoring them on the new windows mixes two versions. Fix: re-materialize `explanations` for this partition first.")
+                    raise Failure(
+                        f"The explanations of {coder} shard {shard} were written from other exemplars ({read_from}) than those there now ({now}): "
+                        f"scoring them on the new windows mixes two versions. Fix: re-materialize `explanations` for this partition first."
+                    )
             max_latents = resources.settings.max_latents_per_shard
-            fingerprints = "|".join([exemplars_fingerprint, *([explanations_table.fingerprint()] if explanations_table.exists() else [])])
-            with store.writing(store.scores(coder, shard, scorer.name), journal_key=f"{scorer_version(scorer)}|{settings.digest()}|{named}|{fingerprints}",
-                               parts=("examples", "scores")) as writer:
+            fingerprints = "|".join(
+                [
+                    exemplars_fingerprint,
+                    *([explanations_table.fingerprint()] if explanations_table.exists() else []),
+                ]
+            )
+            with store.writing(
+                store.scores(coder, shard, scorer.name),
+                journal_key=f"{scorer_version(scorer)}|{settings.digest()}|{named}|{fingerprints}",
+                parts=("examples", "scores"),
+            ) as writer:
                 vocab = corpus_prompt_vocab(corpus)
-                senses = scorable_senses(store, coder, shard, explanations, context.log.warning) if judge.scores_senses and judge.uses_explanation else None
+                senses = (
+                    scorable_senses(store, coder, shard, explanations, context.log.warning)
+                    if judge.scores_senses and judge.uses_explanation
+                    else None
+                )
 
                 async def union_and_senses():  # one event loop: the judge's client is bound to it
-                    frame, examples = await score_partition(judge, exemplars, explanations, vocab, max_latents, context.log.info, writer.journal, coder)
-                    scored = senses[senses["latent"].isin(frame["latent"] if len(frame) else [])] if senses is not None else None  # `max_latents_per_shard`
-                    return frame, examples, await score_senses(judge, exemplars, scored, vocab, coder) if scored is not None else None
+                    frame, examples = await score_partition(
+                        judge,
+                        exemplars,
+                        explanations,
+                        vocab,
+                        max_latents,
+                        context.log.info,
+                        writer.journal,
+                        coder,
+                    )
+                    scored = (
+                        senses[senses["latent"].isin(frame["latent"] if len(frame) else [])]
+                        if senses is not None
+                        else None
+                    )  # `max_latents_per_shard`
+                    return (
+                        frame,
+                        examples,
+                        await score_senses(judge, exemplars, scored, vocab, coder)
+                        if scored is not None
+                        else None,
+                    )
 
                 frame, examples, sense_frame = asyncio.run(union_and_senses())
                 asked()  # a range's next shard may ask now, while this one is written (`each_shard`)
-                if len(frame) and frame["n_failed"].sum() > 0 and (frame["n_scored"].fillna(0) + frame["control_n_scored"].fillna(0)).sum() == 0:
-                    reasons = pd.Series([reason for cell in frame["failures"] for reason in json.loads(cell)], dtype=str)
-                    raise nothing_succeeded(f"scores/{scorer.name}", f"no example of {len(frame)} latents could be scored", reasons)
-                writer.commit(frame, (store.scored_examples(coder, shard, scorer.name), examples),
-                              *([(store.sense_scores(coder, shard, scorer.name), sense_frame)] if sense_frame is not None else []))
+                if (
+                    len(frame)
+                    and frame["n_failed"].sum() > 0
+                    and (frame["n_scored"].fillna(0) + frame["control_n_scored"].fillna(0)).sum()
+                    == 0
+                ):
+                    reasons = pd.Series(
+                        [reason for cell in frame["failures"] for reason in json.loads(cell)],
+                        dtype=str,
+                    )
+                    raise nothing_succeeded(
+                        f"scores/{scorer.name}",
+                        f"no example of {len(frame)} latents could be scored",
+                        reasons,
+                    )
+                writer.commit(
+                    frame,
+                    (store.scored_examples(coder, shard, scorer.name), examples),
+                    *(
+                        [(store.sense_scores(coder, shard, scorer.name), sense_frame)]
+                        if sense_frame is not None
+                        else []
+                    ),
+                )
             metadata = scorer_metadata(scorer, settings, frame, examples)
             if sense_frame is not None and len(sense_frame):
                 metadata["senses_scored"] = len(sense_frame)
-                metadata[f"mean_sense_{scorer.main_metric}"] = MetadataValue.float(round(float(sense_frame[scorer.main_metric].mean()), 4))
-            metadata.update({f"{role}_model" if role == "judge" else role: identity for role, identity in used.items() if identity})
+                metadata[f"mean_sense_{scorer.main_metric}"] = MetadataValue.float(
+                    round(float(sense_frame[scorer.main_metric].mean()), 4)
+                )
+            metadata.update(
+                {
+                    f"{role}_model" if role == "judge" else role: identity
+                    for role, identity in used.items()
+                    if identity
+                }
+            )
             if not latents_in(exemplars):
                 metadata["verdict"] = EMPTY_SHARD
             if client is not None:
                 metadata.update(client.ledger.as_metadata())
             context.log.info(f"{scorer.name}: {metadata['verdict']}")
-            return MaterializeResult(metadata=metadata, check_results=scorer_results(frame, examples))
+            return MaterializeResult(
+                metadata=metadata, check_results=scorer_results(frame, examples)
+            )
 
-        yield from each_shard(context, score_shard, overlap="llm" in scorer.uses and overlaps_shards(context.resources.llm, "judge", scorer.uses))
+        yield from each_shard(
+            context,
+            score_shard,
+            overlap="llm" in scorer.uses
+            and overlaps_shards(context.resources.llm, "judge", scorer.uses),
+        )
 
     return _scores
 
@@ -443,20 +753,29 @@ STALE = "stale: scored an earlier explanation"
 
 def current_explanations(store: TableStore, coder: str, shard: str) -> dict[int, str]:
     """Latent → the explanation the explanations table holds now (status ok)."""
-    table = store.explanations(coder, shard).read_if_present(columns=["latent", "explanation", "status"])
+    table = store.explanations(coder, shard).read_if_present(
+        columns=["latent", "explanation", "status"]
+    )
     if table is None:
         return {}
     ok = table[table["status"] == "ok"]
-    return dict(zip(ok["latent"].astype(int), ok["explanation"]))
+    return dict(zip(ok["latent"].astype(int), ok["explanation"], strict=False))
 
 
-def current_senses(store: TableStore, coder: str, shard: str, current: dict[int, str]) -> pd.DataFrame:
+def current_senses(
+    store: TableStore, coder: str, shard: str, current: dict[int, str]
+) -> pd.DataFrame:
     """The shard's `explanation_senses` rows (latent, sense, explanation) of its `current` explanations (latent → text)."""
     columns = ["latent", "sense", "explanation"]
     senses = store.explanation_senses(coder, shard).read_if_present(columns=columns)
     if senses is None:
         return empty_table("explanation_senses")[columns]
-    return of_current(senses, pd.DataFrame({"latent": list(current), "explanation": list(current.values()), "status": "ok"}))
+    return of_current(
+        senses,
+        pd.DataFrame(
+            {"latent": list(current), "explanation": list(current.values()), "status": "ok"}
+        ),
+    )
 
 
 def summary_table(store: TableStore, coder: str, scorers: dict[str, type[Scorer]]) -> pd.DataFrame:
@@ -465,31 +784,62 @@ def summary_table(store: TableStore, coder: str, scorers: dict[str, type[Scorer]
     after a re-explain) is not shown as the latent's: its columns are NaN and `stale` names the scorer.
     `senses` counts the senses of the current explanation (0: none), and per scorer that scores senses
     `<scorer>_min_sense` is its lowest sense's main metric (`assets.senses.lowest_sense_scores`; NaN with one sense)."""
-    parts, counts, lowest = [], {}, {name: [] for name, scorer in scorers.items() if scorer.scores_senses}
+    parts, counts, lowest = (
+        [],
+        {},
+        {name: [] for name, scorer in scorers.items() if scorer.scores_senses},
+    )
     for shard in store.scored_shards(coder):
         current = current_explanations(store, coder, shard)
         senses = current_senses(store, coder, shard, current)
         counts |= {latent: 1 for latent in current} | senses.groupby("latent").size().to_dict()
         for name, scorer in scorers.items():
             main = scorer.main_metric
-            if name in lowest and len(senses) and (scored := store.sense_scores(coder, shard, name).read_if_present()) is not None:
+            if (
+                name in lowest
+                and len(senses)
+                and (scored := store.sense_scores(coder, shard, name).read_if_present()) is not None
+            ):
                 lowest[name].append(lowest_sense_scores(senses, scored, main))
             frame = store.scores(coder, shard, name).read_if_present()
             if frame is None or not len(frame):  # an empty shard adds nothing
                 continue
             latents = frame["latent"].astype(int)
-            stale = frame["explanation"].ne(latents.map(current).fillna("")) if scorer.control == "shuffled_explanation" else pd.Series(False, index=frame.index)
-            parts.append(pd.DataFrame({"latent": latents, "shard": shard, "scorer": name, "explanation": latents.map(current).fillna(frame["explanation"]),
-                                       "score": frame[main].mask(stale), "control": frame[f"control_{main}"].mask(stale), "gap": frame["gap"].mask(stale),
-                                       "stale": stale}))
+            stale = (
+                frame["explanation"].ne(latents.map(current).fillna(""))
+                if scorer.control == "shuffled_explanation"
+                else pd.Series(False, index=frame.index)
+            )
+            parts.append(
+                pd.DataFrame(
+                    {
+                        "latent": latents,
+                        "shard": shard,
+                        "scorer": name,
+                        "explanation": latents.map(current).fillna(frame["explanation"]),
+                        "score": frame[main].mask(stale),
+                        "control": frame[f"control_{main}"].mask(stale),
+                        "gap": frame["gap"].mask(stale),
+                        "stale": stale,
+                    }
+                )
+            )
     if not parts:
         return empty_table("score_summary")
     long = pd.concat(parts, ignore_index=True)
     explanation = long[long["explanation"] != ""].groupby("latent")["explanation"].first()
-    stale = long[long["stale"]].groupby("latent")["scorer"].agg(lambda names: f"{STALE} ({', '.join(sorted(names))})")
-    wide = long.set_index(["latent", "shard", "scorer"])[["score", "control", "gap"]].unstack("scorer")  # keeps a row whose every score is stale
+    stale = (
+        long[long["stale"]]
+        .groupby("latent")["scorer"]
+        .agg(lambda names: f"{STALE} ({', '.join(sorted(names))})")
+    )
+    wide = long.set_index(["latent", "shard", "scorer"])[["score", "control", "gap"]].unstack(
+        "scorer"
+    )  # keeps a row whose every score is stale
     wide.columns = [name if kind == "score" else f"{name}_{kind}" for kind, name in wide.columns]
-    for name in long["scorer"].unique():  # a column that is all NaN (e.g. no control with one latent) is still a column
+    for name in long[
+        "scorer"
+    ].unique():  # a column that is all NaN (e.g. no control with one latent) is still a column
         for column in (name, f"{name}_control", f"{name}_gap"):
             if column not in wide.columns:
                 wide[column] = np.nan
@@ -501,20 +851,31 @@ def summary_table(store: TableStore, coder: str, scorers: dict[str, type[Scorer]
     wide["senses"] = wide["latent"].map(counts).fillna(0).astype("int64")
     for name, found in lowest.items():
         if name in long["scorer"].unique():
-            wide[f"{name}_min_sense"] = wide["latent"].map(pd.concat(found)).astype("float64") if found else np.nan
+            wide[f"{name}_min_sense"] = (
+                wide["latent"].map(pd.concat(found)).astype("float64") if found else np.nan
+            )
     return wide
 
 
-def summary_sources(store: TableStore, coder: str, scorers: dict[str, type[Scorer]]) -> dict[str, str]:
+def summary_sources(
+    store: TableStore, coder: str, scorers: dict[str, type[Scorer]]
+) -> dict[str, str]:
     """`<shard>/<scorer>` → fingerprint of each scores table of `coder` that the summary joins, and of each
     scored shard's explanations (`<shard>/explanations`): a re-explain changes which scores are stale; its
     senses and their scores (`<shard>/senses`, `<shard>/<scorer>.senses`); and `code_version`, the summary's
     (`SUMMARY_VERSION`), so that a summary built by older code (without newer columns) is built again."""
     shards = store.scored_shards(coder)
-    tables = {f"{shard}/{name}": store.scores(coder, shard, name) for shard in shards for name in scorers}
+    tables = {
+        f"{shard}/{name}": store.scores(coder, shard, name) for shard in shards for name in scorers
+    }
     tables |= {f"{shard}/explanations": store.explanations(coder, shard) for shard in shards}
     tables |= {f"{shard}/senses": store.explanation_senses(coder, shard) for shard in shards}
-    tables |= {f"{shard}/{name}.senses": store.sense_scores(coder, shard, name) for shard in shards for name, scorer in scorers.items() if scorer.scores_senses}
+    tables |= {
+        f"{shard}/{name}.senses": store.sense_scores(coder, shard, name)
+        for shard in shards
+        for name, scorer in scorers.items()
+        if scorer.scores_senses
+    }
     found = {source: table.fingerprint() for source, table in tables.items() if table.exists()}
     return found | {"code_version": SUMMARY_VERSION} if found else {}
 
@@ -536,9 +897,15 @@ def summary_links(base: str, ranked: dict[str, list[int]], per_coder: int = 5) -
         return viewer_links(base, *next(iter(ranked.items())))
     if not ranked:
         return {}
-    pages = [f"- [{coder}]({coder_url(coder, base)}): " + ", ".join(f"[{latent}]({latent_url(coder, latent, base)})" for latent in best[:per_coder])
-             for coder, best in ranked.items()]
-    return {"viewer": MetadataValue.url(home_url(base)), "latent_pages": MetadataValue.md("\n".join(pages))}
+    pages = [
+        f"- [{coder}]({coder_url(coder, base)}): "
+        + ", ".join(f"[{latent}]({latent_url(coder, latent, base)})" for latent in best[:per_coder])
+        for coder, best in ranked.items()
+    ]
+    return {
+        "viewer": MetadataValue.url(home_url(base)),
+        "latent_pages": MetadataValue.md("\n".join(pages)),
+    }
 
 
 def summary_asset(scorers: dict[str, type[Scorer]]) -> AssetsDefinition:
@@ -568,36 +935,81 @@ def summary_asset(scorers: dict[str, type[Scorer]]) -> AssetsDefinition:
                 store.commit_summary(coder, summary_table(store, coder, scorers), sources)
                 rebuilt.append(coder)
             if (table := store.score_summary(coder).read_if_present()) is not None:
-                row = {"coder": coder, "latents": int(table["latent"].nunique()) if len(table) else 0}
-                ranked[coder] = table.sort_values("mean_gap", ascending=False, na_position="last")["latent"].tolist() if len(table) else []
+                row = {
+                    "coder": coder,
+                    "latents": int(table["latent"].nunique()) if len(table) else 0,
+                }
+                ranked[coder] = (
+                    table.sort_values("mean_gap", ascending=False, na_position="last")[
+                        "latent"
+                    ].tolist()
+                    if len(table)
+                    else []
+                )
                 latents += row["latents"]
                 for name in scorers:
                     if name in table.columns and len(table):
                         present.add(name)
-                        row[name] = beside_control(*paired_means(table[name], table[f"{name}_control"])[:2])
-                        row[f"{name} verdict"] = verdict(table[f"{name}_gap"], scorers[name].control_description()).split(":")[0]
+                        row[name] = beside_control(
+                            *paired_means(table[name], table[f"{name}_control"])[:2]
+                        )
+                        row[f"{name} verdict"] = verdict(
+                            table[f"{name}_gap"], scorers[name].control_description()
+                        ).split(":")[0]
                 rows.append(row)
         context.log.info(f"score_summary: rebuilt {len(rebuilt)} of {len(coders)} coders")
-        metadata = {"coders": len(coders), "latents": latents, "rebuilt": ", ".join(rebuilt) or "none (no scores changed)",
-                    "scorers": ", ".join(name for name in scorers if name in present) or "none yet"}
+        metadata = {
+            "coders": len(coders),
+            "latents": latents,
+            "rebuilt": ", ".join(rebuilt) or "none (no scores changed)",
+            "scorers": ", ".join(name for name in scorers if name in present) or "none yet",
+        }
         if rows:
-            metadata["by_coder"] = MetadataValue.md(pd.DataFrame(rows).fillna("").to_markdown(index=False))
-        for coder in rebuilt[:1] if len(coders) == 1 else []:  # one coder: its histograms and best/worst latents, as before
+            metadata["by_coder"] = MetadataValue.md(
+                pd.DataFrame(rows).fillna("").to_markdown(index=False)
+            )
+        for coder in (
+            rebuilt[:1] if len(coders) == 1 else []
+        ):  # one coder: its histograms and best/worst latents, as before
             table = store.score_summary(coder).read()
             present = [name for name in scorers if name in table.columns]
             if present and len(table):
-                panels = [(f"{n} ({scorers[n].main_metric})", scorers[n].main_metric, table[n], table[f"{n}_control"], scorers[n].control_description()) for n in present]
+                panels = [
+                    (
+                        f"{n} ({scorers[n].main_metric})",
+                        scorers[n].main_metric,
+                        table[n],
+                        table[f"{n}_control"],
+                        scorers[n].control_description(),
+                    )
+                    for n in present
+                ]
                 metadata["histograms"] = MetadataValue.md(histogram_markdown(panels))
-                metadata["best_and_worst"] = MetadataValue.md(best_and_worst(table, "mean_gap", ["latent", "shard", "mean_gap", *present, "explanation"]))
+                metadata["best_and_worst"] = MetadataValue.md(
+                    best_and_worst(
+                        table, "mean_gap", ["latent", "shard", "mean_gap", *present, "explanation"]
+                    )
+                )
                 for name in present:
-                    metadata[f"{name}_verdict"] = verdict(table[f"{name}_gap"], scorers[name].control_description())
+                    metadata[f"{name}_verdict"] = verdict(
+                        table[f"{name}_gap"], scorers[name].control_description()
+                    )
                     mean, control, _ = paired_means(table[name], table[f"{name}_control"])
                     metadata[f"{name}_mean"] = MetadataValue.float(round(mean, 4))
                     metadata[f"{name}_mean_control"] = MetadataValue.float(round(control, 4))
         metadata.update(summary_links(settings.viewer_url, ranked))
         metadata["path"] = MetadataValue.path(str(store.layout.scores_dir))
-        shards = {coder: [coder_and_shard(key)[1] for key in partition_keys if coder_and_shard(key)[0] == coder] for coder in coders}
+        shards = {
+            coder: [
+                coder_and_shard(key)[1]
+                for key in partition_keys
+                if coder_and_shard(key)[0] == coder
+            ]
+            for coder in coders
+        }
         coverage = shards_present(shards, {coder: store.scored_shards(coder) for coder in coders})
-        return MaterializeResult(metadata=metadata, check_results=[result("shards_present", coverage)])
+        return MaterializeResult(
+            metadata=metadata, check_results=[result("shards_present", coverage)]
+        )
 
     return score_summary

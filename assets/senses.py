@@ -14,6 +14,7 @@ the `test` activating windows nearest its clusters (`test_windows`), on which th
 A latent with one cluster is explained as without this option; one whose clusters are all explained
 alike is too, after those requests (the price of a sense the embedding split but the explainer did not).
 """
+
 from __future__ import annotations
 
 from dataclasses import replace
@@ -43,7 +44,9 @@ def peak_texts(windows: pd.DataFrame, vocab: list[str]) -> list[str]:
     texts = []
     for row in windows.itertuples():
         peak = int(np.argmax(row.activations))
-        tokens = list(row.tokens)[max(0, peak - SENSE_CONTEXT_TOKENS) : peak + SENSE_CONTEXT_TOKENS + 1]
+        tokens = list(row.tokens)[
+            max(0, peak - SENSE_CONTEXT_TOKENS) : peak + SENSE_CONTEXT_TOKENS + 1
+        ]
         texts.append(plain_text("".join(vocab[t] for t in tokens)))
     return texts
 
@@ -59,12 +62,20 @@ def cluster(vectors: np.ndarray, most: int) -> list[list[int]]:
         return float(similarity[np.ix_(a, b)].mean())
 
     def merge_nearest(i: int) -> None:
-        j = max((k for k in range(len(clusters)) if k != i), key=lambda k: linkage(clusters[i], clusters[k]))
+        j = max(
+            (k for k in range(len(clusters)) if k != i),
+            key=lambda k: linkage(clusters[i], clusters[k]),
+        )
         clusters[j] += clusters[i]
         del clusters[i]
 
     while len(clusters) > 1:
-        closest, i, j = max((linkage(a, b), i, j) for i, a in enumerate(clusters) for j, b in enumerate(clusters) if i < j)
+        closest, i, j = max(
+            (linkage(a, b), i, j)
+            for i, a in enumerate(clusters)
+            for j, b in enumerate(clusters)
+            if i < j
+        )
         if len(clusters) <= most and closest < DISTINCT_BELOW:
             break
         clusters[i] += clusters.pop(j)
@@ -79,13 +90,19 @@ def sense_clusters(record: LatentRecord, most: int, embed) -> list[pd.DataFrame]
     if most < 2 or len(train) < 2 * MIN_SENSE_WINDOWS:
         return [train]
     if embed is None:
-        raise ValueError("[explanations] senses > 1 clusters windows with the deployment's embedder, and none was given. Fix: give the embedder resource.")
-    return [train.iloc[c] for c in cluster(unit_vectors(embed(peak_texts(train, record.vocab))), most)]
+        raise ValueError(
+            "[explanations] senses > 1 clusters windows with the deployment's embedder, and none was given. Fix: give the embedder resource."
+        )
+    return [
+        train.iloc[c] for c in cluster(unit_vectors(embed(peak_texts(train, record.vocab))), most)
+    ]
 
 
 def sense_record(record: LatentRecord, windows: pd.DataFrame) -> LatentRecord:
     """The record as the explainer sees one sense: only that sense's `train` activating windows."""
-    others = record.windows[~((record.windows["split"] == "train") & (record.windows["kind"] == "activating"))]
+    others = record.windows[
+        ~((record.windows["split"] == "train") & (record.windows["kind"] == "activating"))
+    ]
     return replace(record, windows=pd.concat([windows, others]))
 
 
@@ -96,18 +113,28 @@ def assigned(record: LatentRecord, split: str, senses: list[pd.DataFrame], embed
     activating = windows[windows["kind"] == "activating"]
     if len(senses) == 1 or not len(activating):
         return {int(i): 0 for i in activating.index}
-    vectors = unit_vectors(embed(peak_texts(pd.concat(senses), record.vocab) + peak_texts(activating, record.vocab)))
+    vectors = unit_vectors(
+        embed(peak_texts(pd.concat(senses), record.vocab) + peak_texts(activating, record.vocab))
+    )
     train, held = vectors[: sum(map(len, senses))], vectors[sum(map(len, senses)) :]
     bounds = np.cumsum([0] + [len(s) for s in senses])
-    means = np.stack([(held @ train[bounds[k] : bounds[k + 1]].T).mean(axis=1) for k in range(len(senses))], axis=1)
-    return {int(i): int(k) for i, k in zip(activating.index, means.argmax(axis=1))}
+    means = np.stack(
+        [(held @ train[bounds[k] : bounds[k + 1]].T).mean(axis=1) for k in range(len(senses))],
+        axis=1,
+    )
+    return {int(i): int(k) for i, k in zip(activating.index, means.argmax(axis=1), strict=False)}
 
 
-def sense_test_windows(record: LatentRecord, clusters: list[pd.DataFrame], senses: list[list[int]], embed) -> list[list[int]]:
+def sense_test_windows(
+    record: LatentRecord, clusters: list[pd.DataFrame], senses: list[list[int]], embed
+) -> list[list[int]]:
     """Per sense (the clusters it was explained from), the positions within the latent's `test` windows of the
     activating ones nearest it (`assigned`): its positives when each sense is scored on its own windows."""
     cluster_of = assigned(record, "test", clusters, embed)
-    return [sorted(position for position, cluster in cluster_of.items() if cluster in sense) for sense in senses]
+    return [
+        sorted(position for position, cluster in cluster_of.items() if cluster in sense)
+        for sense in senses
+    ]
 
 
 def of_current(senses: pd.DataFrame, explanations: pd.DataFrame) -> pd.DataFrame:
@@ -117,11 +144,21 @@ def of_current(senses: pd.DataFrame, explanations: pd.DataFrame) -> pd.DataFrame
     if not len(senses) or not len(explanations):
         return senses.iloc[:0]
     keys = ["shard", "latent"] if "shard" in senses and "shard" in explanations else ["latent"]
-    ok = explanations[explanations["status"] == "ok"].drop_duplicates(keys, keep="last").set_index(keys)["explanation"]
-    joined = senses.sort_values("sense").assign(explanation=lambda f: f["explanation"] + JOIN)  # a sum of strings: a Python join per latent took 0.1 s at 5,000 latents
+    ok = (
+        explanations[explanations["status"] == "ok"]
+        .drop_duplicates(keys, keep="last")
+        .set_index(keys)["explanation"]
+    )
+    joined = senses.sort_values("sense").assign(
+        explanation=lambda f: f["explanation"] + JOIN
+    )  # a sum of strings: a Python join per latent took 0.1 s at 5,000 latents
     union = joined.groupby(keys)["explanation"].sum().str.slice(0, -len(JOIN))
     current = union[union.eq(ok.reindex(union.index))].index
-    return senses[pd.MultiIndex.from_frame(senses[keys]).isin(current) if len(keys) > 1 else senses["latent"].isin(current)]
+    return senses[
+        pd.MultiIndex.from_frame(senses[keys]).isin(current)
+        if len(keys) > 1
+        else senses["latent"].isin(current)
+    ]
 
 
 def lowest_sense_scores(current: pd.DataFrame, scores: pd.DataFrame, metric: str) -> pd.Series:
@@ -130,7 +167,13 @@ def lowest_sense_scores(current: pd.DataFrame, scores: pd.DataFrame, metric: str
     sense left unscored (or scored NaN) could be the lowest. Keyed like `of_current` (`shard` where both have one)."""
     if not len(current) or not len(scores):
         return pd.Series(dtype=float)
-    keys = (["shard"] if "shard" in current and "shard" in scores else []) + ["latent", "sense", "explanation"]
-    scored = current[keys].merge(scores[[*keys, metric]].drop_duplicates(keys, keep="last"), on=keys, how="left")
+    keys = (["shard"] if "shard" in current and "shard" in scores else []) + [
+        "latent",
+        "sense",
+        "explanation",
+    ]
+    scored = current[keys].merge(
+        scores[[*keys, metric]].drop_duplicates(keys, keep="last"), on=keys, how="left"
+    )
     by_latent = scored.groupby("latent")[metric]
     return by_latent.min().mask(scored[metric].isna().groupby(scored["latent"]).any())

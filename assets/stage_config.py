@@ -6,6 +6,7 @@ the deployment file makes exactly the affected assets stale, and automation re-r
 config set by hand in the launchpad overrides them for that run only; its values are recorded in
 the run's metadata (`settings`), and they are not what staleness is measured against.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -17,19 +18,33 @@ from pydantic import BaseModel, Field, ValidationError, create_model
 
 def problems(error: ValidationError, section: str) -> str:
     """A pydantic error as `[section] key = value: why`, one per bad key."""
-    return "; ".join(f"[{section}] {'.'.join(map(str, e['loc']))} = {e.get('input')!r}: {e['msg']}" for e in error.errors())
+    return "; ".join(
+        f"[{section}] {'.'.join(map(str, e['loc']))} = {e.get('input')!r}: {e['msg']}"
+        for e in error.errors()
+    )
 
 
 def with_defaults(config: type[BaseModel], values: dict, section: str) -> type[BaseModel]:
     """`config` with `values` as its defaults, checked now (a bad or unknown key raises ValueError naming it)."""
     if unknown := set(values) - set(config.model_fields):
-        raise ValueError(f"[{section}] has unknown key(s) {sorted(unknown)}; known: {sorted(config.model_fields)}")
+        raise ValueError(
+            f"[{section}] has unknown key(s) {sorted(unknown)}; known: {sorted(config.model_fields)}"
+        )
     try:
         checked = config(**values)
     except ValidationError as error:
         raise ValueError(problems(error, section)) from None
-    fields = {key: (config.model_fields[key].annotation, Field(default=getattr(checked, key), description=config.model_fields[key].description,
-                                                                   json_schema_extra=config.model_fields[key].json_schema_extra)) for key in values}
+    fields = {
+        key: (
+            config.model_fields[key].annotation,
+            Field(
+                default=getattr(checked, key),
+                description=config.model_fields[key].description,
+                json_schema_extra=config.model_fields[key].json_schema_extra,
+            ),
+        )
+        for key in values
+    }
     return create_model(config.__name__, __base__=config, **fields) if fields else config
 
 
@@ -37,14 +52,22 @@ def added_later(before, *, default=None, **field_options):
     """A setting added after results were made: at `before` (the behaviour before it existed) it is left out
     of `settings_digest`, so an upgrade re-runs nothing that the new setting does not change. Its default is
     `before` unless a `default` measured better replaced it, which re-runs what the old default made."""
-    return Field(default=before if default is None else default, json_schema_extra={"digest_omits": before}, **field_options)
+    return Field(
+        default=before if default is None else default,
+        json_schema_extra={"digest_omits": before},
+        **field_options,
+    )
 
 
 def digest_values(settings: BaseModel) -> dict:
     """The settings' values as the digest sees them: settings `added_later` and still at their old behaviour left out."""
+
     def omitted(key: str, value) -> bool:
         extra = type(settings).model_fields[key].json_schema_extra
-        return isinstance(extra, dict) and "digest_omits" in extra and value == extra["digest_omits"]
+        return (
+            isinstance(extra, dict) and "digest_omits" in extra and value == extra["digest_omits"]
+        )
+
     return {key: value for key, value in settings.model_dump().items() if not omitted(key, value)}
 
 

@@ -1,10 +1,12 @@
 """What one partition's run works on, and when a run counts as having produced nothing."""
+
 from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import Awaitable, Callable, Generic, TypeVar
+from typing import Generic, TypeVar
 
 import pandas as pd
 from dagster import Failure
@@ -30,7 +32,12 @@ class ChunkLoader(Generic[T]):
     so the next chunk loads while the last latents of the previous one still run (no stall between
     chunks), and a partition of any size holds about two chunks' inputs, not all of them."""
 
-    def __init__(self, latents: list[int], load: Callable[[list[int]], Awaitable[dict[int, T]]], size: int | None = None):
+    def __init__(
+        self,
+        latents: list[int],
+        load: Callable[[list[int]], Awaitable[dict[int, T]]],
+        size: int | None = None,
+    ):
         size = size or LATENTS_PER_CHUNK
         self.chunks = [latents[i : i + size] for i in range(0, len(latents), size)]
         self.chunk_of = {latent: i for i, chunk in enumerate(self.chunks) for latent in chunk}
@@ -61,11 +68,21 @@ def nothing_succeeded(asset: str, what: str, reasons: pd.Series) -> Failure:
     """A run in which every latent failed is no result: it fails, and the previous table stays."""
     common = reasons[reasons != ""].value_counts().head(3)
     listed = "; ".join(f"{n}× {reason[:300]}" for reason, n in common.items())
-    return Failure(f"{asset}: {what}, so nothing was written and the previous results are kept. Most common reasons: {listed}")
+    return Failure(
+        f"{asset}: {what}, so nothing was written and the previous results are kept. Most common reasons: {listed}"
+    )
 
 
-async def stream_latents(latents: list[int], work: Callable[[int], Awaitable[T]], *, workers: int, on_finished: Callable[[int, T], None] | None = None,
-                         report: Callable[[str], None] | None = None, label: str = "latents", retain: bool = True) -> dict[int, T]:
+async def stream_latents(
+    latents: list[int],
+    work: Callable[[int], Awaitable[T]],
+    *,
+    workers: int,
+    on_finished: Callable[[int, T], None] | None = None,
+    report: Callable[[str], None] | None = None,
+    label: str = "latents",
+    retain: bool = True,
+) -> dict[int, T]:
     """`work(latent)` for every latent, at most `workers` at once: a bounded queue, so a shard of 32K
     latents holds `workers` coroutines, not 32K. Each result goes to `on_finished` as soon as it is
     done (to be kept on disk); with `retain=False` it is then let go (the caller kept it). Progress is
@@ -84,7 +101,9 @@ async def stream_latents(latents: list[int], work: Callable[[int], Awaitable[T]]
                 on_finished(latent, result)
             finished += 1
             if report and (finished % step == 0 or finished == len(latents)):
-                report(f"{label}: {finished}/{len(latents)} done, {time.perf_counter() - started:.0f} s")
+                report(
+                    f"{label}: {finished}/{len(latents)} done, {time.perf_counter() - started:.0f} s"
+                )
 
     await asyncio.gather(*(worker() for _ in range(max(1, min(workers, len(latents))))))
     return results

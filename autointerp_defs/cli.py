@@ -1,4 +1,5 @@
 """`autointerp`: register the embedded demo SAE, run the demo end to end, steer a latent, search explanations."""
+
 from __future__ import annotations
 
 import argparse
@@ -11,7 +12,9 @@ DEMO_HOOKPOINT = "model.layers.15"
 DEMO_SHARDS = ("00", "01")
 
 
-def register_embedded(data_dir: str, *, width: int = 4608, k: int = 32, n_tokens: int = 65_536, epochs: int = 3) -> Path:
+def register_embedded(
+    data_dir: str, *, width: int = 4608, k: int = 32, n_tokens: int = 65_536, epochs: int = 3
+) -> Path:
     """Train a TopK SAE on the embedded corpus at `model.layers.15` and save it in sparsify's layout."""
     import torch
 
@@ -26,27 +29,57 @@ def register_embedded(data_dir: str, *, width: int = 4608, k: int = 32, n_tokens
         print(f"embedded SAE already registered at {folder}")
         return folder
     subject = SubjectModelResource()
-    tokens = tokenize_documents(embedded_documents(), subject.tokenizer(), ctx_len=128, n_tokens=n_tokens, add_bos=True, seed=1)
+    tokens = tokenize_documents(
+        embedded_documents(),
+        subject.tokenizer(),
+        ctx_len=128,
+        n_tokens=n_tokens,
+        add_bos=True,
+        seed=1,
+    )
     lm = subject.causal_lm()
     batches = []
     for start in range(0, len(tokens), 16):
         batch = torch.from_numpy(tokens[start : start + 16]).long()
-        batches.append(capture_hookpoints(lm, batch, {(DEMO_HOOKPOINT, "output")})[(DEMO_HOOKPOINT, "output")][:, 1:].flatten(0, 1))
+        batches.append(
+            capture_hookpoints(lm, batch, {(DEMO_HOOKPOINT, "output")})[(DEMO_HOOKPOINT, "output")][
+                :, 1:
+            ].flatten(0, 1)
+        )
         print(f"\rtraining data: {start + len(batch)}/{len(tokens)} sequences", end="", flush=True)
     print()
 
     def progress(step, total, loss):
         if step % 20 == 0 or step == total:
-            print(f"\rtraining TopK SAE (width {width}, k {k}): step {step}/{total}, normalized MSE {loss:.3f}", end="", flush=True)
+            print(
+                f"\rtraining TopK SAE (width {width}, k {k}): step {step}/{total}, normalized MSE {loss:.3f}",
+                end="",
+                flush=True,
+            )
 
-    coder = train_topk_sae(torch.cat(batches), width=width, k=k, name=DEMO_CODER_NAME, hookpoint=DEMO_HOOKPOINT, epochs=epochs, progress=progress)
+    coder = train_topk_sae(
+        torch.cat(batches),
+        width=width,
+        k=k,
+        name=DEMO_CODER_NAME,
+        hookpoint=DEMO_HOOKPOINT,
+        epochs=epochs,
+        progress=progress,
+    )
     print()
     save_sparsify(coder, folder)
     print(f"registered {coder.key} at {folder}")
     return folder
 
 
-def register_coders(data_dir: str, source: str, hookpoints: list[str] | None, name: str | None, revision: str | None, latents_per_shard: int) -> None:
+def register_coders(
+    data_dir: str,
+    source: str,
+    hookpoints: list[str] | None,
+    name: str | None,
+    revision: str | None,
+    latents_per_shard: int,
+) -> None:
     """`autointerp register`: download (or copy) coders into the registry and say what was registered."""
     import math
 
@@ -54,9 +87,13 @@ def register_coders(data_dir: str, source: str, hookpoints: list[str] | None, na
     from storage.layout import DataRoot
 
     for done in register(source, DataRoot.at(data_dir).registry_dir, hookpoints, name, revision):
-        where = f"{source}@{done.revision or 'main'} (commit {done.commit})" if done.commit else source
+        where = (
+            f"{source}@{done.revision or 'main'} (commit {done.commit})" if done.commit else source
+        )
         what = "registered" if done.new else "already registered"
-        print(f"{what} {done.key}: width {done.width} ({math.ceil(done.width / latents_per_shard)} shards of {latents_per_shard}), from {where}, at {done.folder}")
+        print(
+            f"{what} {done.key}: width {done.width} ({math.ceil(done.width / latents_per_shard)} shards of {latents_per_shard}), from {where}, at {done.folder}"
+        )
 
 
 def _materialize(selection: list[str], partition_key: str | None, instance, defs) -> str | None:
@@ -65,12 +102,26 @@ def _materialize(selection: list[str], partition_key: str | None, instance, defs
 
     assets = list(defs.assets)
     quiet = {"loggers": {"console": {"config": {"log_level": "INFO"}}}}
-    result = materialize(assets, selection=selection, partition_key=partition_key, instance=instance, resources=defs.resources, run_config=quiet,
-                         raise_on_error=False)
+    result = materialize(
+        assets,
+        selection=selection,
+        partition_key=partition_key,
+        instance=instance,
+        resources=defs.resources,
+        run_config=quiet,
+        raise_on_error=False,
+    )
     if result.success:
         return None
-    errors = [event.event_specific_data.error for event in result.all_events if event.is_step_failure and event.event_specific_data.error]
-    return "; ".join(root_cause(error).message.split(": ", 1)[-1].strip() for error in errors) or "see the run's log above"  # a step's message names its stage
+    errors = [
+        event.event_specific_data.error
+        for event in result.all_events
+        if event.is_step_failure and event.event_specific_data.error
+    ]
+    return (
+        "; ".join(root_cause(error).message.split(": ", 1)[-1].strip() for error in errors)
+        or "see the run's log above"
+    )  # a step's message names its stage
 
 
 def root_cause(error):
@@ -91,35 +142,57 @@ def instance_home() -> tuple[Path, str]:
     from autointerp_defs.deployments import dagster_home
 
     home = dagster_home()
-    return (home, "$DAGSTER_HOME") if home else (Path(".dagster_home").resolve(), "DAGSTER_HOME is not set; the Makefile's default")
+    return (
+        (home, "$DAGSTER_HOME")
+        if home
+        else (Path(".dagster_home").resolve(), "DAGSTER_HOME is not set; the Makefile's default")
+    )
 
 
 def shard_listing(keys: list[str]) -> str:
     """Partition keys as one line, a range per coder: `a/h|00…04, b/h|00`."""
     from assets.partitions import coder_and_shard, coders_of
 
-    shards = {coder: [coder_and_shard(key)[1] for key in keys if coder_and_shard(key)[0] == coder] for coder in coders_of(keys)}
-    return ", ".join(f"{coder}|{s[0]}…{s[-1]}" if len(s) > 1 else f"{coder}|{s[0]}" for coder, s in shards.items())
+    shards = {
+        coder: [coder_and_shard(key)[1] for key in keys if coder_and_shard(key)[0] == coder]
+        for coder in coders_of(keys)
+    }
+    return ", ".join(
+        f"{coder}|{s[0]}…{s[-1]}" if len(s) > 1 else f"{coder}|{s[0]}"
+        for coder, s in shards.items()
+    )
 
 
-def chosen_partition(keys: list[str], partition: str | None, coder: str | None, shard: str | None, where: str) -> str:
+def chosen_partition(
+    keys: list[str], partition: str | None, coder: str | None, shard: str | None, where: str
+) -> str:
     """The partition key that `--partition`, or `--coder` and `--shard`, name; it must be one of the instance's
     `keys`. `--shard 3` means the coder's shard 03."""
     from assets.partitions import coder_and_shard
 
     if partition is None and (coder is None or shard is None):
-        raise CommandError(f"the selection is partitioned by coder and shard. Fix: add --coder C --shard S (or --partition 'C|S'); {where} has {shard_listing(keys)}")
+        raise CommandError(
+            f"the selection is partitioned by coder and shard. Fix: add --coder C --shard S (or --partition 'C|S'); {where} has {shard_listing(keys)}"
+        )
     coder, shard = coder_and_shard(partition) if partition is not None else (coder, shard)
     shards = {coder_and_shard(key)[1]: key for key in keys if coder_and_shard(key)[0] == coder}
     if not shards:
-        raise CommandError(f"{where} has no coder {coder!r}. Fix: use one of its coders: {shard_listing(keys)}")
-    found = shards.get(shard) or next((key for s, key in shards.items() if shard.isdigit() and int(s) == int(shard)), None)
+        raise CommandError(
+            f"{where} has no coder {coder!r}. Fix: use one of its coders: {shard_listing(keys)}"
+        )
+    found = shards.get(shard) or next(
+        (key for s, key in shards.items() if shard.isdigit() and int(s) == int(shard)), None
+    )
     if found is None:
-        raise CommandError(f"{coder} has no shard {shard!r} in {where}. Fix: use one of {shard_listing(list(shards.values()))}")
+        raise CommandError(
+            f"{coder} has no shard {shard!r} in {where}. Fix: use one of {shard_listing(list(shards.values()))}"
+        )
     return found
 
 
-def materialize_selection(deployment, selection: str, partition: str | None, coder: str | None, shard: str | None) -> None:
+def materialize_selection(
+    deployment, selection: str, partition: str | None, coder: str | None, shard: str | None
+) -> None:
     """`autointerp materialize`: check that `selection` names assets of the deployment and that the partition
     exists in the instance, then run it in this process as the demo does."""
     from fnmatch import fnmatchcase
@@ -132,28 +205,40 @@ def materialize_selection(deployment, selection: str, partition: str | None, cod
     home, source = instance_home()
     where = f"the instance at {home} ({source})"
     if not (home / "dagster.yaml").is_file():
-        raise CommandError(f"no Dagster instance at {home} ({source}). Fix: run `make demo` first, which makes one there, or set DAGSTER_HOME to the "
-                           f"folder of the instance that `make ui` uses")
+        raise CommandError(
+            f"no Dagster instance at {home} ({source}). Fix: run `make demo` first, which makes one there, or set DAGSTER_HOME to the "
+            f"folder of the instance that `make ui` uses"
+        )
     defs = definitions_for(deployment)
-    partitioned = {key.to_user_string(): spec.partitions_def is not None for spec in defs.assets for key in spec.keys}
+    partitioned = {
+        key.to_user_string(): spec.partitions_def is not None
+        for spec in defs.assets
+        for key in spec.keys
+    }
     chosen, unknown = [], []
     for pattern in filter(None, (part.strip() for part in selection.split(","))):
         matched = [name for name in partitioned if fnmatchcase(name, pattern)]
         chosen += [name for name in matched if name not in chosen]
         unknown += [] if matched else [pattern]
     if unknown or not chosen:
-        raise CommandError(f"no asset named {', '.join(unknown) or repr(selection)}. Fix: name some of {', '.join(partitioned)} (comma-separated; * matches any text)")
+        raise CommandError(
+            f"no asset named {', '.join(unknown) or repr(selection)}. Fix: name some of {', '.join(partitioned)} (comma-separated; * matches any text)"
+        )
     named = partition is not None or coder is not None or shard is not None
     with DagsterInstance.from_config(str(home)) as instance:
         key = None
         if any(partitioned[name] for name in chosen):
             keys = instance.get_dynamic_partitions(shard_partitions.name)
             if not keys:
-                raise CommandError(f"{where} knows no coder yet. Fix: run `make demo`, or drop a coder into {deployment.data_dir}/registry/ with `make ui` "
-                                   f"running (its registry sensor adds the coder's shards)")
+                raise CommandError(
+                    f"{where} knows no coder yet. Fix: run `make demo`, or drop a coder into {deployment.data_dir}/registry/ with `make ui` "
+                    f"running (its registry sensor adds the coder's shards)"
+                )
             key = chosen_partition(keys, partition, coder, shard, where)
         elif named:
-            raise CommandError(f"{', '.join(chosen)} {'is' if len(chosen) == 1 else 'are'} not partitioned. Fix: drop --partition, --coder and --shard")
+            raise CommandError(
+                f"{', '.join(chosen)} {'is' if len(chosen) == 1 else 'are'} not partitioned. Fix: drop --partition, --coder and --shard"
+            )
         print(f"materializing {', '.join(chosen)} {key or ''} on {where}", flush=True)
         started = time.perf_counter()
         if (failure := _materialize(chosen, key, instance, defs)) is not None:
@@ -184,7 +269,12 @@ def run_demo(deployment, force: bool) -> None:
     coders = scan_registry(root.registry_dir)
     known = set(coders_of(instance.get_dynamic_partitions(shard_partitions.name)))
     broken: dict[str, str] = {}
-    keys, _ = new_shard_keys(root.registry_dir, [c for c in coders if c not in known], deployment.latents_per_shard, broken)
+    keys, _ = new_shard_keys(
+        root.registry_dir,
+        [c for c in coders if c not in known],
+        deployment.latents_per_shard,
+        broken,
+    )
     if broken:
         raise SystemExit(f"registry folders that are not coders: {broken}")
     instance.add_dynamic_partitions(shard_partitions.name, keys)
@@ -200,32 +290,50 @@ def run_demo(deployment, force: bool) -> None:
 
     scorers = [f"scores/{name}" for name in deployment.automated_scorers]
     steps = [(["corpus"], None), (["activations"], f"{coder}|{DEMO_SHARDS[0]}")]
-    steps += [(["exemplars", "explanations", *scorers], f"{coder}|{shard}") for shard in DEMO_SHARDS]
+    steps += [
+        (["exemplars", "explanations", *scorers], f"{coder}|{shard}") for shard in DEMO_SHARDS
+    ]
     steps += [(["score_summary"], None)]
     failed_shards = {}
     for selection, partition in steps:
-        if selection != ["score_summary"] and all(done(a, partition) for a in selection):  # the summary rebuilds only stale coders: always ask
+        if selection != ["score_summary"] and all(
+            done(a, partition) for a in selection
+        ):  # the summary rebuilds only stale coders: always ask
             print(f"reusing {', '.join(selection)} {partition or ''}")
             continue
         print(f"materializing {', '.join(selection)} {partition or ''}", flush=True)
         if (failure := _materialize(selection, partition, instance, defs)) is None:
             continue
-        if "explanations" not in selection:  # the corpus, the cache or the summary: nothing after it can run
-            raise SystemExit(f"materializing {', '.join(selection)} {partition or ''} failed: {failure}")
-        failed_shards[partition] = failure  # one shard's latents the embedded model could not explain: the other shard still shows the pipeline
+        if (
+            "explanations" not in selection
+        ):  # the corpus, the cache or the summary: nothing after it can run
+            raise SystemExit(
+                f"materializing {', '.join(selection)} {partition or ''} failed: {failure}"
+            )
+        failed_shards[partition] = (
+            failure  # one shard's latents the embedded model could not explain: the other shard still shows the pipeline
+        )
         print(f"{partition} failed: {failure}", flush=True)
     if len(failed_shards) == len(DEMO_SHARDS):
-        raise SystemExit(f"every demo shard failed: {failed_shards}. The embedded 135M model is the likely cause (its answers are often unreadable); "
-                         f"a hosted or self-hosted model (README: Explainers and LLM clients) does not have this problem.")
+        raise SystemExit(
+            f"every demo shard failed: {failed_shards}. The embedded 135M model is the likely cause (its answers are often unreadable); "
+            f"a hosted or self-hosted model (README: Explainers and LLM clients) does not have this problem."
+        )
     print_results(TableStore(root), coder, deployment.scorers)
     for partition, failure in failed_shards.items():
         print(f"\nNOT DONE: {partition} failed, and is not in the table above: {failure[:600]}")
-        print("The embedded 135M model's answers are often unreadable; they are refused, never guessed. Retry that shard with a hosted or "
-              "self-hosted model (README: Explainers and LLM clients).")
-    print(f"\ndemo finished in {time.perf_counter() - started:.0f} s{f' with {len(failed_shards)} of {len(DEMO_SHARDS)} shards failed' if failed_shards else ''}")
+        print(
+            "The embedded 135M model's answers are often unreadable; they are refused, never guessed. Retry that shard with a hosted or "
+            "self-hosted model (README: Explainers and LLM clients)."
+        )
+    print(
+        f"\ndemo finished in {time.perf_counter() - started:.0f} s{f' with {len(failed_shards)} of {len(DEMO_SHARDS)} shards failed' if failed_shards else ''}"
+    )
     print("Open the UI:            make ui     (then http://127.0.0.1:3000)")
-    print(f'Re-score from the shell: DAGSTER_HOME={home} .venv/bin/autointerp --deployment {deployment.path} --data {data_dir} materialize '
-          f'{",".join(scorers)} --coder {coder} --shard 00')
+    print(
+        f"Re-score from the shell: DAGSTER_HOME={home} .venv/bin/autointerp --deployment {deployment.path} --data {data_dir} materialize "
+        f"{','.join(scorers)} --coder {coder} --shard 00"
+    )
 
 
 def print_results(store, coder: str, scorers: dict) -> None:
@@ -238,43 +346,74 @@ def print_results(store, coder: str, scorers: dict) -> None:
         print("no scores yet")
         return
     present = [name for name in scorers if name in table.columns]
-    shown = table[["latent", "explanation"]].assign(explanation=table["explanation"].str.slice(0, 60))
+    shown = table[["latent", "explanation"]].assign(
+        explanation=table["explanation"].str.slice(0, 60)
+    )
     for name in present:
-        shown[f"{name} ({scorers[name].main_metric})"] = [beside_control(s, c, digits=2) for s, c in zip(table[name], table[f"{name}_control"])]
+        shown[f"{name} ({scorers[name].main_metric})"] = [
+            beside_control(s, c, digits=2) for s, c in zip(table[name], table[f"{name}_control"], strict=False)
+        ]
     several = int((table["senses"] > 1).sum()) if "senses" in table else 0
     if several:
         shown["senses"] = table["senses"]
         for name in [n for n in present if f"{n}_min_sense" in table]:
             shown[f"{name} lowest sense"] = table[f"{name}_min_sense"].round(2)
-    print("\nEach scorer's main metric for the explanation / for its control (another latent's explanation):")
+    print(
+        "\nEach scorer's main metric for the explanation / for its control (another latent's explanation):"
+    )
     print(shown.to_string(index=False))
     if "senses" not in table:
-        print("this summary was written before it counted each latent's senses: materialize `score_summary` to add them")
+        print(
+            "this summary was written before it counted each latent's senses: materialize `score_summary` to add them"
+        )
     elif several:
-        print(f"latents with several senses: {several} (`senses`); `<scorer> lowest sense` is the score of the worst one (NaN: a sense without a score of its text)")
+        print(
+            f"latents with several senses: {several} (`senses`); `<scorer> lowest sense` is the score of the worst one (NaN: a sense without a score of its text)"
+        )
     for name in present:
         mean, control, paired = paired_means(table[name], table[f"{name}_control"])
-        means = f"mean {beside_control(mean, control)} over the {paired} latents with a control" if paired else f"mean {beside_control(mean, control)}"
-        print(f"{name}: {means}; {verdict(table[f'{name}_gap'], scorers[name].control_description())}")
-    if (stale := table.loc[table["stale"] != "", "latent"].tolist() if "stale" in table else []):
-        print(f"latents {stale[:10]}: some scores were made with an earlier explanation and are left out (re-run those scorers)")
+        means = (
+            f"mean {beside_control(mean, control)} over the {paired} latents with a control"
+            if paired
+            else f"mean {beside_control(mean, control)}"
+        )
+        print(
+            f"{name}: {means}; {verdict(table[f'{name}_gap'], scorers[name].control_description())}"
+        )
+    if stale := table.loc[table["stale"] != "", "latent"].tolist() if "stale" in table else []:
+        print(
+            f"latents {stale[:10]}: some scores were made with an earlier explanation and are left out (re-run those scorers)"
+        )
     for line in made_by(store, coder, sorted(set(table["shard"])), present):
         print(line)
 
 
 def made_by(store, coder: str, shards: list[str], scorers: list[str]) -> list[str]:
     """Which models made the printed results, as the tables themselves record them."""
+
     def recorded(tables, column) -> str:
         frames = [frame for table in tables if (frame := table.read_if_present()) is not None]
         found = {value for frame in frames if column in frame for value in frame[column] if value}
         return ", ".join(sorted(found)) or "not recorded"
 
-    lines = [f"explained by {recorded([store.explanations(coder, shard) for shard in shards], 'model')}"]
-    lines += [f"{name} scored by {recorded([store.scores(coder, shard, name) for shard in shards], 'models')}" for name in scorers]
+    lines = [
+        f"explained by {recorded([store.explanations(coder, shard) for shard in shards], 'model')}"
+    ]
+    lines += [
+        f"{name} scored by {recorded([store.scores(coder, shard, name) for shard in shards], 'models')}"
+        for name in scorers
+    ]
     return lines
 
 
-def cache(data_dir: str, coder_keys: list[str], batch_size: int, checkpoint_entries: int, latents_per_shard: int, coordination_url: str = "") -> None:
+def cache(
+    data_dir: str,
+    coder_keys: list[str],
+    batch_size: int,
+    checkpoint_entries: int,
+    latents_per_shard: int,
+    coordination_url: str = "",
+) -> None:
     """Cache activations outside Dagster (same code as the asset, under the same lock: the deployment's
     `coordination_url`), e.g. on a GPU box or in tests."""
     from assets.activations import cache_activations
@@ -284,13 +423,32 @@ def cache(data_dir: str, coder_keys: list[str], batch_size: int, checkpoint_entr
 
     root = DataRoot.at(data_dir)
     coders = [load_registered(root.registry_dir, key) for key in coder_keys]
-    metas = cache_activations(coders, SubjectModelResource(batch_size=batch_size), root, checkpoint_entries=checkpoint_entries, latents_per_shard=latents_per_shard, log=print,
-                              coordination_url=coordination_url)
+    metas = cache_activations(
+        coders,
+        SubjectModelResource(batch_size=batch_size),
+        root,
+        checkpoint_entries=checkpoint_entries,
+        latents_per_shard=latents_per_shard,
+        log=print,
+        coordination_url=coordination_url,
+    )
     for key, meta in metas.items():
-        print(f"{key}: {meta['tokens']} tokens, {meta['live_latents']} live latents, mean L0 {meta['mean_l0']:.1f}, FVU {meta['fvu']}")
+        print(
+            f"{key}: {meta['tokens']} tokens, {meta['live_latents']} live latents, mean L0 {meta['mean_l0']:.1f}, FVU {meta['fvu']}"
+        )
 
 
-def steer(data_dir: str, subject, coder_key: str, latent: int, prompt: str, strength: float, tokens: int, absolute: bool, width: int = 100) -> None:
+def steer(
+    data_dir: str,
+    subject,
+    coder_key: str,
+    latent: int,
+    prompt: str,
+    strength: float,
+    tokens: int,
+    absolute: bool,
+    width: int = 100,
+) -> None:
     """Print the prompt's unsteered and steered continuations side by side. Strength is in units of the
     latent's largest cached activation unless `absolute` (then in the coder's own units). `subject` is the
     deployment's subject-model resource."""
@@ -303,17 +461,29 @@ def steer(data_dir: str, subject, coder_key: str, latent: int, prompt: str, stre
     root = DataRoot.at(data_dir)
     coder = load_registered(root.registry_dir, coder_key)
     unit = 1.0 if absolute else max_activation(root.activations_dir(coder_key), latent)
-    result = continue_side_by_side(subject.steerer(), coder, latent, prompt, strength * unit, tokens)
+    result = continue_side_by_side(
+        subject.steerer(), coder, latent, prompt, strength * unit, tokens
+    )
     plain, steered, kl = result.unsteered, result.steered, result.kl
-    how = f"+{strength:g} in the coder's units" if absolute else f"+{strength:g} × max cached activation {unit:.4g} = +{strength * unit:.4g}"
+    how = (
+        f"+{strength:g} in the coder's units"
+        if absolute
+        else f"+{strength:g} × max cached activation {unit:.4g} = +{strength * unit:.4g}"
+    )
     print(f"prompt: {prompt!r}")
-    print(f"steering {coder_key} latent {latent}: {how} at every position (next-token KL {kl:.3f} nats)")
+    print(
+        f"steering {coder_key} latent {latent}: {how} at every position (next-token KL {kl:.3f} nats)"
+    )
     column = max(20, (width - 3) // 2)
-    left, right = (textwrap.wrap(text.replace("\n", "↵"), column) or [""] for text in (plain, steered))
+    left, right = (
+        textwrap.wrap(text.replace("\n", "↵"), column) or [""] for text in (plain, steered)
+    )
     print(f"{'unsteered':<{column}} | steered")
     print(f"{'-' * column} | {'-' * column}")
     for i in range(max(len(left), len(right))):
-        print(f"{left[i] if i < len(left) else '':<{column}} | {right[i] if i < len(right) else ''}")
+        print(
+            f"{left[i] if i < len(left) else '':<{column}} | {right[i] if i < len(right) else ''}"
+        )
 
 
 def search(data_dir: str, query: str, limit: int, embedder) -> None:
@@ -324,10 +494,14 @@ def search(data_dir: str, query: str, limit: int, embedder) -> None:
     store = TableStore.at(data_dir)
     hits = search_explanations(store, embedder.model, embedder.embed([query])[0], limit)
     for hit in hits:
-        print(f"{hit['_distance']:.3f}  {hit['coder']}  latent {hit['latent']}: {hit['explanation']}")
+        print(
+            f"{hit['_distance']:.3f}  {hit['coder']}  latent {hit['latent']}: {hit['explanation']}"
+        )
     if not hits:
-        print(f"no explanation under {store.layout.root} is in the search index of this deployment's embedder ({embedder.model!r}) yet: `make demo` "
-              f"(or a materialized `explanations` partition) stores some; --data names another data root")
+        print(
+            f"no explanation under {store.layout.root} is in the search index of this deployment's embedder ({embedder.model!r}) yet: `make demo` "
+            f"(or a materialized `explanations` partition) stores some; --data names another data root"
+        )
 
 
 def subject_model_of(deployment) -> tuple[str, str | None]:
@@ -340,7 +514,15 @@ def export_to(args, deployment) -> None:
     if args.format == "neuronpedia":
         from autointerp_defs.readside.neuronpedia import export_neuronpedia
 
-        folder = export_neuronpedia(args.data, args.coder, args.dir, model_id=args.model_id, set_name=args.set_name, layer=args.layer, subject_model=subject_model_of(deployment))
+        folder = export_neuronpedia(
+            args.data,
+            args.coder,
+            args.dir,
+            model_id=args.model_id,
+            set_name=args.set_name,
+            layer=args.layer,
+            subject_model=subject_model_of(deployment),
+        )
         print(f"wrote {folder}")
     else:
         from autointerp_defs.readside.delphi import export_delphi
@@ -359,9 +541,18 @@ def view_latents(deployment, host: str, port: int | None) -> None:
     resources = deployment.resources()
     settings = resources["settings"]
     port = port if port is not None else (urlsplit(settings.viewer_url).port or 8080)
-    check_port_free(host, port, "VIEW_PORT=N; [settings] viewer_url is where Dagster's metadata links")
-    serve(deployment.data_dir, host, port, viewer_url=settings.viewer_url, embedder=resources["embedder"], dagster_url=settings.dagster_url,
-          subject=resources["subject_model"])
+    check_port_free(
+        host, port, "VIEW_PORT=N; [settings] viewer_url is where Dagster's metadata links"
+    )
+    serve(
+        deployment.data_dir,
+        host,
+        port,
+        viewer_url=settings.viewer_url,
+        embedder=resources["embedder"],
+        dagster_url=settings.dagster_url,
+        subject=resources["subject_model"],
+    )
 
 
 def check_port_free(host: str, port: int, make_option: str) -> None:
@@ -370,30 +561,45 @@ def check_port_free(host: str, port: int, make_option: str) -> None:
     import socket
 
     with socket.socket() as probe:
-        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the servers bind: a port left in TIME_WAIT is free
+        probe.setsockopt(
+            socket.SOL_SOCKET, socket.SO_REUSEADDR, 1
+        )  # as the servers bind: a port left in TIME_WAIT is free
         try:
             probe.bind((host, port))
         except OSError as error:
             if error.errno != errno.EADDRINUSE:
                 raise
-            raise CommandError(f"port {port} on {host} is in use (another `autointerp view` or `make ui`?). Fix: stop that process, or pick "
-                               f"another port with --port N (make: {make_option})") from None
+            raise CommandError(
+                f"port {port} on {host} is in use (another `autointerp view` or `make ui`?). Fix: stop that process, or pick "
+                f"another port with --port N (make: {make_option})"
+            ) from None
 
 
 def main(argv: list[str] | None = None) -> None:
     """The command line; a mistake the user can fix ends with its one-line message, not a traceback."""
     from autointerp_defs.deployments import DeploymentError
+    from autointerp_defs.readside.reader import ExportInputError
     from resources.hookpoints import UnknownHookpointError
     from resources.sparse_coders import CoderFormatError, CoderShapeError, RegistryError
     from resources.steering import SteeringError
     from storage.atomic import LockedError
     from storage.coordination import LeaseLost
-    from autointerp_defs.readside.reader import ExportInputError
 
     try:
         return _main(argv)
-    except (CommandError, DeploymentError, LockedError, LeaseLost, RegistryError, CoderFormatError, CoderShapeError, PermissionError, ExportInputError,
-            SteeringError, UnknownHookpointError) as error:
+    except (
+        CommandError,
+        DeploymentError,
+        LockedError,
+        LeaseLost,
+        RegistryError,
+        CoderFormatError,
+        CoderShapeError,
+        PermissionError,
+        ExportInputError,
+        SteeringError,
+        UnknownHookpointError,
+    ) as error:
         sys.exit(f"autointerp {' '.join(argv if argv is not None else sys.argv[1:])}: {error}")
 
 
@@ -402,76 +608,210 @@ def _main(argv: list[str] | None = None) -> None:
     from autointerp_defs.deployments import dagster_home, load_deployment
 
     parser = argparse.ArgumentParser(prog="autointerp", description=__doc__)
-    parser.add_argument("--deployment", default=None, help="deployment name (deployments/<name>.toml) or TOML path (default $AUTOINTERP_DEPLOYMENT or local)")
-    parser.add_argument("--data", default=None, help="data root (default: the deployment's [settings] data_dir)")
+    parser.add_argument(
+        "--deployment",
+        default=None,
+        help="deployment name (deployments/<name>.toml) or TOML path (default $AUTOINTERP_DEPLOYMENT or local)",
+    )
+    parser.add_argument(
+        "--data", default=None, help="data root (default: the deployment's [settings] data_dir)"
+    )
     commands = parser.add_subparsers(dest="command", required=True)
-    commands.add_parser("register-embedded", help="train the demo TopK SAE on the embedded model and register it")
-    registering = commands.add_parser("register", help="register sparse coders from a Hugging Face repo, a SAELens release or a local folder (README: Registering coders)")
-    registering.add_argument("source", help="a local folder, a SAELens release (e.g. gpt2-small-res-jb), or a Hugging Face repo id (e.g. EleutherAI/sae-pythia-70m-32k)")
-    registering.add_argument("--hookpoints", nargs="+", metavar="ID[=MODULE]", help="which coders: folders of the repo or folder (layers.3), or SAE ids of a release; "
-                             "=MODULE names the subject model's module it reads where the source does not say (default: the one source holds)")
-    registering.add_argument("--name", help="the coders' name in the registry (default: the repo's or folder's last part, or the release)")
-    registering.add_argument("--revision", help="a branch, tag or commit of the hub repo (default main); the commit is recorded beside the coder")
-    demo = commands.add_parser("demo", help="register, cache, explain and score the demo partitions, then print a table")
-    demo.add_argument("--force", action="store_true", help="re-materialize partitions that already exist")
-    run = commands.add_parser("materialize", help="materialize assets of one coder × shard partition in this process, on the instance at $DAGSTER_HOME "
-                                                  "(default ./.dagster_home), as the demo does")
-    run.add_argument("selection", help="asset names, comma-separated; * matches any text, e.g. 'scores/*' or exemplars,explanations")
+    commands.add_parser(
+        "register-embedded", help="train the demo TopK SAE on the embedded model and register it"
+    )
+    registering = commands.add_parser(
+        "register",
+        help="register sparse coders from a Hugging Face repo, a SAELens release or a local folder (README: Registering coders)",
+    )
+    registering.add_argument(
+        "source",
+        help="a local folder, a SAELens release (e.g. gpt2-small-res-jb), or a Hugging Face repo id (e.g. EleutherAI/sae-pythia-70m-32k)",
+    )
+    registering.add_argument(
+        "--hookpoints",
+        nargs="+",
+        metavar="ID[=MODULE]",
+        help="which coders: folders of the repo or folder (layers.3), or SAE ids of a release; "
+        "=MODULE names the subject model's module it reads where the source does not say (default: the one source holds)",
+    )
+    registering.add_argument(
+        "--name",
+        help="the coders' name in the registry (default: the repo's or folder's last part, or the release)",
+    )
+    registering.add_argument(
+        "--revision",
+        help="a branch, tag or commit of the hub repo (default main); the commit is recorded beside the coder",
+    )
+    demo = commands.add_parser(
+        "demo", help="register, cache, explain and score the demo partitions, then print a table"
+    )
+    demo.add_argument(
+        "--force", action="store_true", help="re-materialize partitions that already exist"
+    )
+    run = commands.add_parser(
+        "materialize",
+        help="materialize assets of one coder × shard partition in this process, on the instance at $DAGSTER_HOME "
+        "(default ./.dagster_home), as the demo does",
+    )
+    run.add_argument(
+        "selection",
+        help="asset names, comma-separated; * matches any text, e.g. 'scores/*' or exemplars,explanations",
+    )
     run.add_argument("--coder", help="coder key, e.g. smollm2-topk/model.layers.15")
     run.add_argument("--shard", help="the coder's shard, e.g. 00 (or 0)")
-    run.add_argument("--partition", help="or the partition key itself, e.g. 'smollm2-topk/model.layers.15|00'")
-    caching = commands.add_parser("cache", help="cache activations of registered coders in one pass (resumes a killed run)")
-    caching.add_argument("coders", nargs="+", help="coder partition keys, e.g. smollm2-topk/model.layers.15")
-    caching.add_argument("--batch-size", type=int, default=16, help="sequences per forward pass (0 = from free GPU memory)")
-    caching.add_argument("--checkpoint-entries", type=int, default=1 << 20, help="buffered pairs per checkpoint")
-    setup = commands.add_parser("instance", help="write $DAGSTER_HOME/dagster.yaml: run limits for this machine, no new-user dialog")
+    run.add_argument(
+        "--partition", help="or the partition key itself, e.g. 'smollm2-topk/model.layers.15|00'"
+    )
+    caching = commands.add_parser(
+        "cache", help="cache activations of registered coders in one pass (resumes a killed run)"
+    )
+    caching.add_argument(
+        "coders", nargs="+", help="coder partition keys, e.g. smollm2-topk/model.layers.15"
+    )
+    caching.add_argument(
+        "--batch-size",
+        type=int,
+        default=16,
+        help="sequences per forward pass (0 = from free GPU memory)",
+    )
+    caching.add_argument(
+        "--checkpoint-entries", type=int, default=1 << 20, help="buffered pairs per checkpoint"
+    )
+    setup = commands.add_parser(
+        "instance",
+        help="write $DAGSTER_HOME/dagster.yaml: run limits for this machine, no new-user dialog",
+    )
     setup.add_argument("--max-runs", type=int, default=2, help="runs in progress at once")
-    setup.add_argument("--llm-runs", type=int, default=2, help="runs waiting on the LLM at once (explanations, LLM scorers); with --cluster: steps")
-    setup.add_argument("--cluster", action="store_true", help="the cluster's instance, on the PostgreSQL at $AUTOINTERP_POSTGRES_URL; its pools limit steps (README: Scale out)")
-    setup.add_argument("--gpus", type=int, default=1, help="with --cluster: subject-model steps at once, all nodes together (one per GPU)")
-    work = commands.add_parser("worker", help="a cluster worker: runs the steps sent to one queue (README: Scale out)")
-    work.add_argument("--queue", required=True, choices=sorted(set(WORKER_QUEUES.values())), help="gpu: subject-model steps; cpu: corpus, exemplars, summary, embedding; llm: explanations, LLM scorers")
-    work.add_argument("--gpu", type=int, default=None, help="gpu queue: the GPU this worker uses (its CUDA_VISIBLE_DEVICES); start one worker per GPU")
-    work.add_argument("--concurrency", type=int, default=None, help="steps at once (default: gpu 1, cpu 1, llm 4)")
-    work.add_argument("--name", default=None, help="the worker's name (default: the queue, or gpu<N>, @ the host name)")
-    ui = commands.add_parser("ui", help="the Dagster UI and daemon on $DAGSTER_HOME (what `dagster dev` does, without its supersession warning)")
+    setup.add_argument(
+        "--llm-runs",
+        type=int,
+        default=2,
+        help="runs waiting on the LLM at once (explanations, LLM scorers); with --cluster: steps",
+    )
+    setup.add_argument(
+        "--cluster",
+        action="store_true",
+        help="the cluster's instance, on the PostgreSQL at $AUTOINTERP_POSTGRES_URL; its pools limit steps (README: Scale out)",
+    )
+    setup.add_argument(
+        "--gpus",
+        type=int,
+        default=1,
+        help="with --cluster: subject-model steps at once, all nodes together (one per GPU)",
+    )
+    work = commands.add_parser(
+        "worker", help="a cluster worker: runs the steps sent to one queue (README: Scale out)"
+    )
+    work.add_argument(
+        "--queue",
+        required=True,
+        choices=sorted(set(WORKER_QUEUES.values())),
+        help="gpu: subject-model steps; cpu: corpus, exemplars, summary, embedding; llm: explanations, LLM scorers",
+    )
+    work.add_argument(
+        "--gpu",
+        type=int,
+        default=None,
+        help="gpu queue: the GPU this worker uses (its CUDA_VISIBLE_DEVICES); start one worker per GPU",
+    )
+    work.add_argument(
+        "--concurrency", type=int, default=None, help="steps at once (default: gpu 1, cpu 1, llm 4)"
+    )
+    work.add_argument(
+        "--name",
+        default=None,
+        help="the worker's name (default: the queue, or gpu<N>, @ the host name)",
+    )
+    ui = commands.add_parser(
+        "ui",
+        help="the Dagster UI and daemon on $DAGSTER_HOME (what `dagster dev` does, without its supersession warning)",
+    )
     ui.add_argument("--host", default="127.0.0.1")
     ui.add_argument("--port", type=int, default=3000)
-    steering = commands.add_parser("steer", help="continue a prompt with and without one latent steered, side by side")
+    steering = commands.add_parser(
+        "steer", help="continue a prompt with and without one latent steered, side by side"
+    )
     steering.add_argument("coder", help="coder key, e.g. smollm2-topk/model.layers.15")
     steering.add_argument("latent", type=int)
     steering.add_argument("prompt")
-    steering.add_argument("--strength", type=float, default=2.0, help="added to the latent at every position, in units of its max cached activation (default 2)")
+    steering.add_argument(
+        "--strength",
+        type=float,
+        default=2.0,
+        help="added to the latent at every position, in units of its max cached activation (default 2)",
+    )
     steering.add_argument("--tokens", type=int, default=32, help="tokens to generate (default 32)")
-    steering.add_argument("--absolute", action="store_true", help="strength in the coder's own units (no activation cache needed)")
-    view = commands.add_parser("view", help="the latent browser (coders, latents, latent pages) from the data root, on the port of [settings] viewer_url (8080)")
+    steering.add_argument(
+        "--absolute",
+        action="store_true",
+        help="strength in the coder's own units (no activation cache needed)",
+    )
+    view = commands.add_parser(
+        "view",
+        help="the latent browser (coders, latents, latent pages) from the data root, on the port of [settings] viewer_url (8080)",
+    )
     view.add_argument("--host", default="127.0.0.1")
-    view.add_argument("--port", type=int, default=None, help="default: the port of the deployment's [settings] viewer_url, where Dagster's links point")
+    view.add_argument(
+        "--port",
+        type=int,
+        default=None,
+        help="default: the port of the deployment's [settings] viewer_url, where Dagster's links point",
+    )
     export = commands.add_parser("export", help="write a coder's latents in another tool's format")
     export.add_argument("format", choices=["neuronpedia", "delphi"])
     export.add_argument("coder", help="coder partition key, e.g. smollm2-topk/model.layers.15")
     export.add_argument("dir", help="output folder")
-    export.add_argument("--model-id", help="neuronpedia: the model's id there (default: the subject model's name)")
-    export.add_argument("--set-name", help="neuronpedia: the source set name (default: the coder's name)")
-    export.add_argument("--layer", type=int, help="neuronpedia: the layer its source id starts with (default: read from the hookpoint, e.g. model.layers.3)")
-    export.add_argument("--module", help="delphi: the module name in file names (default: the hookpoint)")
-    importing = commands.add_parser("import", help="read another tool's explanations into a coder, to be scored here with controls")
+    export.add_argument(
+        "--model-id", help="neuronpedia: the model's id there (default: the subject model's name)"
+    )
+    export.add_argument(
+        "--set-name", help="neuronpedia: the source set name (default: the coder's name)"
+    )
+    export.add_argument(
+        "--layer",
+        type=int,
+        help="neuronpedia: the layer its source id starts with (default: read from the hookpoint, e.g. model.layers.3)",
+    )
+    export.add_argument(
+        "--module", help="delphi: the module name in file names (default: the hookpoint)"
+    )
+    importing = commands.add_parser(
+        "import",
+        help="read another tool's explanations into a coder, to be scored here with controls",
+    )
     importing.add_argument("format", choices=["delphi"])
     importing.add_argument("coder", help="coder partition key, e.g. smollm2-topk/model.layers.15")
-    importing.add_argument("dir", help="delphi's run folder (holding explanations/) or its explanations folder")
-    importing.add_argument("--module", help="which module's explanations, when the folder holds several")
+    importing.add_argument(
+        "dir", help="delphi's run folder (holding explanations/) or its explanations folder"
+    )
+    importing.add_argument(
+        "--module", help="which module's explanations, when the folder holds several"
+    )
     importing.add_argument("--model", default="delphi", help="the explainer model's name to record")
-    commands.add_parser("adopt-root", help="make this data root the one the instance's runs use (with [settings] shared_data_root: after moving or replacing the shared root)")
+    commands.add_parser(
+        "adopt-root",
+        help="make this data root the one the instance's runs use (with [settings] shared_data_root: after moving or replacing the shared root)",
+    )
     find = commands.add_parser("search", help="semantic search over stored explanations")
     find.add_argument("query")
     find.add_argument("--limit", type=int, default=10)
     args = parser.parse_args(argv)
-    deployment = load_deployment(args.deployment, {"settings": {"data_dir": args.data}} if args.data else None)
+    deployment = load_deployment(
+        args.deployment, {"settings": {"data_dir": args.data}} if args.data else None
+    )
     args.data = deployment.data_dir
     if args.command == "register-embedded":
         register_embedded(args.data)
     elif args.command == "register":
-        register_coders(args.data, args.source, args.hookpoints, args.name, args.revision, deployment.latents_per_shard)
+        register_coders(
+            args.data,
+            args.source,
+            args.hookpoints,
+            args.name,
+            args.revision,
+            deployment.latents_per_shard,
+        )
     elif args.command == "demo":
         run_demo(deployment, args.force)
     elif args.command == "materialize":
@@ -481,9 +821,13 @@ def _main(argv: list[str] | None = None) -> None:
         from autointerp_defs.instance import POSTGRES_ENV, write_instance
 
         if args.cluster and not is_set(POSTGRES_ENV):
-            raise CommandError(f"{POSTGRES_ENV} is not set. Fix: export {POSTGRES_ENV}=postgresql+psycopg2://<user>:<password>@<db-host>:5432/<database>, "
-                               f"on every node (README: Scale out)")
-        print(f"wrote {write_instance(instance_home()[0], args.max_runs, args.llm_runs, args.gpus if args.cluster else None)}")
+            raise CommandError(
+                f"{POSTGRES_ENV} is not set. Fix: export {POSTGRES_ENV}=postgresql+psycopg2://<user>:<password>@<db-host>:5432/<database>, "
+                f"on every node (README: Scale out)"
+            )
+        print(
+            f"wrote {write_instance(instance_home()[0], args.max_runs, args.llm_runs, args.gpus if args.cluster else None)}"
+        )
     elif args.command == "worker":
         from autointerp_defs.cluster import run_worker
         from autointerp_defs.deployments import select_for_this_process
@@ -493,12 +837,32 @@ def _main(argv: list[str] | None = None) -> None:
     elif args.command == "ui":
         from autointerp_defs.ui import serve
 
-        check_port_free(args.host, args.port, "UI_PORT=N; [settings] dagster_url is where the latent browser links")
+        check_port_free(
+            args.host,
+            args.port,
+            "UI_PORT=N; [settings] dagster_url is where the latent browser links",
+        )
         sys.exit(serve(args.host, args.port))
     elif args.command == "cache":
-        cache(args.data, args.coders, args.batch_size, args.checkpoint_entries, deployment.latents_per_shard, deployment.setting("coordination_url"))
+        cache(
+            args.data,
+            args.coders,
+            args.batch_size,
+            args.checkpoint_entries,
+            deployment.latents_per_shard,
+            deployment.setting("coordination_url"),
+        )
     elif args.command == "steer":
-        steer(args.data, deployment.resources()["subject_model"], args.coder, args.latent, args.prompt, args.strength, args.tokens, args.absolute)
+        steer(
+            args.data,
+            deployment.resources()["subject_model"],
+            args.coder,
+            args.latent,
+            args.prompt,
+            args.strength,
+            args.tokens,
+            args.absolute,
+        )
     elif args.command == "search":
         search(args.data, args.query, args.limit, deployment.resources()["embedder"])
     elif args.command == "export":
@@ -507,9 +871,18 @@ def _main(argv: list[str] | None = None) -> None:
         from autointerp_defs.readside.delphi import import_delphi
 
         resources = deployment.resources()
-        imported = import_delphi(resources["settings"].store, args.coder, args.dir, args.module, args.model, embedder=resources["embedder"])
+        imported = import_delphi(
+            resources["settings"].store,
+            args.coder,
+            args.dir,
+            args.module,
+            args.model,
+            embedder=resources["embedder"],
+        )
         for shard, latents in imported.items():
-            print(f"shard {shard}: imported {len(latents)} explanations; score them: autointerp materialize 'scores/*' --coder {args.coder} --shard {shard}")
+            print(
+                f"shard {shard}: imported {len(latents)} explanations; score them: autointerp materialize 'scores/*' --coder {args.coder} --shard {shard}"
+            )
     elif args.command == "view":
         view_latents(deployment, args.host, args.port)
     elif args.command == "adopt-root":
@@ -519,9 +892,15 @@ def _main(argv: list[str] | None = None) -> None:
         from storage.layout import DataRoot
 
         if dagster_home() is None:
-            raise SystemExit("autointerp adopt-root: DAGSTER_HOME is not set. Fix: set it to the instance's folder (its dagster.yaml names the shared database).")
-        identity = adopt_root(DagsterInstance.get(), DataRoot.at(args.data), deployment.setting("coordination_url"))
-        print(f"the instance's runs now use the data root {DataRoot.at(args.data).root} (identity {identity})")
+            raise SystemExit(
+                "autointerp adopt-root: DAGSTER_HOME is not set. Fix: set it to the instance's folder (its dagster.yaml names the shared database)."
+            )
+        identity = adopt_root(
+            DagsterInstance.get(), DataRoot.at(args.data), deployment.setting("coordination_url")
+        )
+        print(
+            f"the instance's runs now use the data root {DataRoot.at(args.data).root} (identity {identity})"
+        )
 
 
 if __name__ == "__main__":

@@ -2,9 +2,16 @@
 scorer plugin; corpus, exemplars and explanations configured by the deployment's stage tables), the
 registry sensor, the automation sensor (on by default, so a fresh instance runs the graph by itself),
 and the deployment's resources."""
+
 from __future__ import annotations
 
-from dagster import AssetSelection, AutomationConditionSensorDefinition, DefaultSensorStatus, Definitions, define_asset_job
+from dagster import (
+    AssetSelection,
+    AutomationConditionSensorDefinition,
+    DefaultSensorStatus,
+    Definitions,
+    define_asset_job,
+)
 
 from assets.activations import activations_asset
 from assets.corpus import corpus_asset
@@ -26,8 +33,13 @@ automation_sensor = AutomationConditionSensorDefinition(
 def models_of(resources: dict) -> Models:
     """The identity of every model a deployment's resources name: part of the code versions of the stages they shape."""
     subject, llm = resources["subject_model"], resources["llm"]
-    return Models(subject_model=subject.identity(), tokenizer=subject.tokenizer_identity(), explainer=llm.identity("explainer"),
-                  judge=llm.identity("judge"), embedder=resources["embedder"].identity())
+    return Models(
+        subject_model=subject.identity(),
+        tokenizer=subject.tokenizer_identity(),
+        explainer=llm.identity("explainer"),
+        judge=llm.identity("judge"),
+        embedder=resources["embedder"].identity(),
+    )
 
 
 def definitions_for(deployment: Deployment) -> Definitions:
@@ -37,15 +49,31 @@ def definitions_for(deployment: Deployment) -> Definitions:
     resources = deployment.resources()
     models = models_of(resources)
     try:
-        stages = [corpus_asset(deployment.stage("corpus"), models), activations_asset(models), exemplars_asset(deployment.stage("exemplars"), per_run, models),
-                  explanations_asset(deployment.stage("explanations"), deployment.explainers, per_run, models)]
+        stages = [
+            corpus_asset(deployment.stage("corpus"), models),
+            activations_asset(models),
+            exemplars_asset(deployment.stage("exemplars"), per_run, models),
+            explanations_asset(
+                deployment.stage("explanations"), deployment.explainers, per_run, models
+            ),
+        ]
     except ValueError as error:
         raise DeploymentError(f"{deployment.path}: {error}") from None
-    scorer_assets = [scorer_asset(scorer, settings[name], automate=name in automated, partitions_per_run=per_run, models=models)
-                     for name, scorer in deployment.scorers.items()]
+    scorer_assets = [
+        scorer_asset(
+            scorer,
+            settings[name],
+            automate=name in automated,
+            partitions_per_run=per_run,
+            models=models,
+        )
+        for name, scorer in deployment.scorers.items()
+    ]
     explain_and_score = define_asset_job(
         "explain_and_score",
-        selection=AssetSelection.assets("exemplars", "explanations", *(scorer_key(name) for name in automated)),
+        selection=AssetSelection.assets(
+            "exemplars", "explanations", *(scorer_key(name) for name in automated)
+        ),
         description="Exemplars, explanations and the deployment's automated scorers of one coder × shard partition.",
     )
     return Definitions(

@@ -4,6 +4,7 @@ A plain TopK autoencoder (Gao et al. 2024): decoder rows kept at unit norm, enco
 the decoder's transpose, decoder bias at the data mean, and an AuxK loss on the top dead latents so
 that few latents die on small corpora.
 """
+
 from __future__ import annotations
 
 from contextlib import contextmanager
@@ -62,19 +63,26 @@ def train_topk_sae(
             for batch in x_all[torch.randperm(n, generator=gen)].split(batch_size):
                 pre = torch.relu((batch - params["b_dec"]) @ params["W_enc"].T + params["b_enc"])
                 top = pre.topk(k, dim=-1)
-                recon = torch.einsum("tk,tkd->td", top.values, params["W_dec"][top.indices]) + params["b_dec"]
+                recon = (
+                    torch.einsum("tk,tkd->td", top.values, params["W_dec"][top.indices])
+                    + params["b_dec"]
+                )
                 residual = batch - recon
                 loss = residual.pow(2).sum(-1).mean() / variance
 
                 fired = torch.zeros(width, dtype=torch.bool)
                 fired[top.indices.flatten()] = True
-                steps_since_fired = torch.where(fired, torch.zeros_like(steps_since_fired), steps_since_fired + 1)
+                steps_since_fired = torch.where(
+                    fired, torch.zeros_like(steps_since_fired), steps_since_fired + 1
+                )
                 dead = steps_since_fired > 50
                 if dead.any():
                     dead_pre = pre.masked_fill(~dead, 0.0)
                     aux = dead_pre.topk(min(aux_k, int(dead.sum())), dim=-1)
                     aux_recon = torch.einsum("tk,tkd->td", aux.values, params["W_dec"][aux.indices])
-                    loss = loss + (residual.detach() - aux_recon).pow(2).sum(-1).mean() / variance / 32
+                    loss = (
+                        loss + (residual.detach() - aux_recon).pow(2).sum(-1).mean() / variance / 32
+                    )
 
                 opt.zero_grad()
                 loss.backward()

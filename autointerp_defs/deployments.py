@@ -9,13 +9,14 @@ models (`Models`: subject model, explainer, judge, embedder). Everything else in
 operational knob that re-runs nothing. A missing or bad value stops here with a message naming the
 key and the file.
 """
+
 from __future__ import annotations
 
 import os
-import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import tomllib
 from pydantic import ValidationError
 
 from assets.explainers import explainer_classes
@@ -28,7 +29,12 @@ from resources.subject_model import SubjectModelResource
 
 DEPLOYMENTS_DIR = Path(__file__).resolve().parent.parent / "deployments"
 SELECTOR = "AUTOINTERP_DEPLOYMENT"
-RESOURCE_TABLES = {"settings": AutointerpSettings, "subject_model": SubjectModelResource, "llm": LLMResource, "embedder": EmbedderResource}
+RESOURCE_TABLES = {
+    "settings": AutointerpSettings,
+    "subject_model": SubjectModelResource,
+    "llm": LLMResource,
+    "embedder": EmbedderResource,
+}
 STAGE_TABLES = ("corpus", "exemplars", "explanations", "scorers")
 TOP_LEVEL = {"automated_scorers", "plugins", "cluster", *RESOURCE_TABLES, *STAGE_TABLES}
 
@@ -91,7 +97,9 @@ class Deployment:
     def broker_url(self) -> str:
         """The broker's address from this node's environment."""
         if not (url := os.environ.get(self.broker_env)):
-            raise self.fail(f"[cluster] broker_env names {self.broker_env}, which is not set. Fix: export {self.broker_env}=redis://<host>:6379/0 on this node.")
+            raise self.fail(
+                f"[cluster] broker_env names {self.broker_env}, which is not set. Fix: export {self.broker_env}=redis://<host>:6379/0 on this node."
+            )
         return url
 
     def fail(self, problem: str) -> DeploymentError:
@@ -113,7 +121,9 @@ class Deployment:
             try:
                 built[key] = resource(**values)
             except ValidationError as error:
-                raise self.fail(f"{problems(error, key)}. Fix: give each key a value of its type (see the README's configuration section).") from None
+                raise self.fail(
+                    f"{problems(error, key)}. Fix: give each key a value of its type (see the README's configuration section)."
+                ) from None
             except TypeError as error:
                 raise self.fail(f"[{key}]: {error}") from None
         return built
@@ -127,14 +137,29 @@ class Deployment:
             if role in values:
                 table = f"llm.{role}"
                 if not isinstance(values[role], dict):
-                    raise self.fail(f"[{table}] must be a table of [llm] settings. Fix: write it as [{table}] with keys such as model.")
-                overrides = self._llm_role_values(dict(values[role]), table, {**values, **values[role]})
-                if unknown := set(overrides) - set(LLMResource.model_fields) | set(overrides) & set(ROLES):
-                    raise self.fail(f"[{table}] has unknown key(s) {sorted(unknown)}. Fix: use [llm] settings only: {sorted(set(LLMResource.model_fields) - set(ROLES))}.")
+                    raise self.fail(
+                        f"[{table}] must be a table of [llm] settings. Fix: write it as [{table}] with keys such as model."
+                    )
+                overrides = self._llm_role_values(
+                    dict(values[role]), table, {**values, **values[role]}
+                )
+                if unknown := set(overrides) - set(LLMResource.model_fields) | set(overrides) & set(
+                    ROLES
+                ):
+                    raise self.fail(
+                        f"[{table}] has unknown key(s) {sorted(unknown)}. Fix: use [llm] settings only: {sorted(set(LLMResource.model_fields) - set(ROLES))}."
+                    )
                 try:
-                    LLMResource(**{**{key: value for key, value in values.items() if key not in ROLES}, **overrides})
+                    LLMResource(
+                        **{
+                            **{key: value for key, value in values.items() if key not in ROLES},
+                            **overrides,
+                        }
+                    )
                 except ValidationError as error:
-                    raise self.fail(f"{problems(error, table)}. Fix: give each key a value of its type.") from None
+                    raise self.fail(
+                        f"{problems(error, table)}. Fix: give each key a value of its type."
+                    ) from None
                 values[role] = overrides
         return values
 
@@ -144,7 +169,10 @@ class Deployment:
             if "model" in values or table == "llm":
                 values.setdefault("model_setting", f"[{table}] model in {self.path}")
             if "api_key_env" in values:
-                values.setdefault("key_setting", f"the environment variable {values['api_key_env']} (named by [{table}] api_key_env in {self.path})")
+                values.setdefault(
+                    "key_setting",
+                    f"the environment variable {values['api_key_env']} (named by [{table}] api_key_env in {self.path})",
+                )
         return values
 
 
@@ -156,14 +184,20 @@ def deployment_path(selected: str | None = None) -> Path:
         path = DEPLOYMENTS_DIR / f"{chosen}.toml"
     if not path.is_file():
         known = sorted(p.stem for p in DEPLOYMENTS_DIR.glob("*.toml"))
-        raise DeploymentError(f"{SELECTOR}={chosen!r}: no deployment file {path}. Fix: use one of {known} or the path of a .toml file.")
+        raise DeploymentError(
+            f"{SELECTOR}={chosen!r}: no deployment file {path}. Fix: use one of {known} or the path of a .toml file."
+        )
     return path
 
 
 def _merge(base: dict, extra: dict) -> dict:
     merged = dict(base)
     for key, value in extra.items():
-        merged[key] = _merge(merged[key], value) if isinstance(value, dict) and isinstance(merged.get(key), dict) else value
+        merged[key] = (
+            _merge(merged[key], value)
+            if isinstance(value, dict) and isinstance(merged.get(key), dict)
+            else value
+        )
     return merged
 
 
@@ -195,16 +229,22 @@ def load_deployment(selected: str | None = None, overrides: dict | None = None) 
     values = _merge(values, overrides or {})
     deployment = Deployment(path, values)
     if unknown := set(values) - TOP_LEVEL:
-        raise deployment.fail(f"unknown key(s) {sorted(unknown)}. Fix: use only {sorted(TOP_LEVEL)}.")
+        raise deployment.fail(
+            f"unknown key(s) {sorted(unknown)}. Fix: use only {sorted(TOP_LEVEL)}."
+        )
     if missing := _missing(values):
-        raise deployment.fail(f"{', '.join(missing)} must be set (it is empty). Fix: give it a value in the file.")
+        raise deployment.fail(
+            f"{', '.join(missing)} must be set (it is empty). Fix: give it a value in the file."
+        )
     plugins = tuple(values.get("plugins", ()))
     try:
         deployment = Deployment(path, values, scorer_classes(plugins), explainer_classes(plugins))
     except ValueError as error:
         raise deployment.fail(str(error)) from None
     if unknown := set(deployment.automated_scorers) - set(deployment.scorers):
-        raise deployment.fail(f"automated_scorers names unknown scorer(s) {sorted(unknown)}. Fix: use any of {sorted(deployment.scorers)}.")
+        raise deployment.fail(
+            f"automated_scorers names unknown scorer(s) {sorted(unknown)}. Fix: use any of {sorted(deployment.scorers)}."
+        )
     return deployment
 
 

@@ -6,6 +6,7 @@ scorers) share the pool `llm`, `llm_runs` at a time; and at most `max_runs` runs
 all. Pools are enforced per run (`granularity: run`): a run waits in the queue, not as a started
 process holding memory, until its pools have room.
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -59,7 +60,13 @@ run_monitoring:
 POSTGRES_ENV = "AUTOINTERP_POSTGRES_URL"
 
 
-def write_instance(dagster_home: str | Path, max_runs: int = 2, llm_runs: int = 2, gpus: int | None = None, max_runtime_s: int = 2 * 86400) -> Path:
+def write_instance(
+    dagster_home: str | Path,
+    max_runs: int = 2,
+    llm_runs: int = 2,
+    gpus: int | None = None,
+    max_runtime_s: int = 2 * 86400,
+) -> Path:
     """Write `$DAGSTER_HOME/dagster.yaml` and set the pools' limits in the instance's storage. With `gpus`
     (the cluster's, all nodes together) the instance is the cluster's, on PostgreSQL, whose pools limit
     steps: `gpus` subject-model steps and `llm_runs` LLM steps at once across the nodes."""
@@ -71,7 +78,11 @@ def write_instance(dagster_home: str | Path, max_runs: int = 2, llm_runs: int = 
     if gpus is None:
         path.write_text(INSTANCE_YAML.format(max_runs=max_runs))
     else:
-        path.write_text(CLUSTER_INSTANCE_YAML.format(max_runs=max_runs, postgres_env=POSTGRES_ENV, max_runtime_s=max_runtime_s))
+        path.write_text(
+            CLUSTER_INSTANCE_YAML.format(
+                max_runs=max_runs, postgres_env=POSTGRES_ENV, max_runtime_s=max_runtime_s
+            )
+        )
     with DagsterInstance.from_config(str(home)) as instance:
         instance.event_log_storage.set_concurrency_slots(SUBJECT_MODEL_POOL, gpus or 1)
         instance.event_log_storage.set_concurrency_slots(LLM_POOL, llm_runs)

@@ -11,6 +11,7 @@ Compare peak RSS across token counts with two runs, e.g. --tokens 16384 and --to
 
     .venv/bin/python bench/cache.py --tokens 16384
 """
+
 import argparse
 import json
 import resource
@@ -27,9 +28,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from assets.activations import cache_activations  # noqa: E402
 from assets.corpus import CorpusConfig, build_corpus  # noqa: E402
-from storage.corpus import load_corpus  # noqa: E402
 from resources.sparse_coders import SparseCoder, save_sparsify  # noqa: E402
 from resources.subject_model import SubjectModelResource, capture_hookpoints  # noqa: E402
+from storage.corpus import load_corpus  # noqa: E402
 from storage.layout import DataRoot  # noqa: E402
 
 HOOKPOINT = "model.layers.15"
@@ -40,7 +41,9 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=16_384)
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--ctx-len", type=int, default=128)
-    parser.add_argument("--repeats", type=int, default=3, help="interleaved cache/bare passes; medians are reported")
+    parser.add_argument(
+        "--repeats", type=int, default=3, help="interleaved cache/bare passes; medians are reported"
+    )
     parser.add_argument("--device", default="cpu", help="e.g. cuda")
     parser.add_argument("--dtype", default="float32", help="e.g. bfloat16 on a GPU")
     args = parser.parse_args()
@@ -49,11 +52,23 @@ def main() -> None:
     subject = SubjectModelResource(batch_size=args.batch_size, device=args.device, dtype=args.dtype)
     with tempfile.TemporaryDirectory() as tmp:
         root = DataRoot.at(tmp)
-        meta = build_corpus(CorpusConfig(ctx_len=args.ctx_len, n_tokens=args.tokens), subject.tokenizer(), root)
+        meta = build_corpus(
+            CorpusConfig(ctx_len=args.ctx_len, n_tokens=args.tokens), subject.tokenizer(), root
+        )
         width, d_in = 4608, 576
         decoder = torch.nn.functional.normalize(torch.randn(width, d_in), dim=1)
-        coder = SparseCoder("bench-topk", HOOKPOINT, "topk", d_in=d_in, width=width, encoder_weight=decoder.clone(),
-                            encoder_bias=torch.zeros(width), decoder_weight=decoder, decoder_bias=torch.zeros(d_in), k=32)
+        coder = SparseCoder(
+            "bench-topk",
+            HOOKPOINT,
+            "topk",
+            d_in=d_in,
+            width=width,
+            encoder_weight=decoder.clone(),
+            encoder_bias=torch.zeros(width),
+            decoder_weight=decoder,
+            decoder_bias=torch.zeros(d_in),
+            k=32,
+        )
         save_sparsify(coder, root.registry_dir / coder.name / HOOKPOINT)
         lm = subject.causal_lm()
         tokens = torch.from_numpy(load_corpus(root).tokens).long().to(args.device)
@@ -61,7 +76,9 @@ def main() -> None:
 
         cache_s, bare_s = [], []
         for _ in range(args.repeats):  # interleaved, so drifts of a noisy machine hit both alike
-            shutil.rmtree(root.activations_dir(coder.key), ignore_errors=True)  # else the repeat finds the last one's cache and reuses it
+            shutil.rmtree(
+                root.activations_dir(coder.key), ignore_errors=True
+            )  # else the repeat finds the last one's cache and reuses it
             started = time.perf_counter()
             cache_activations([coder], subject, root, skip_bos=False)
             cache_s.append(time.perf_counter() - started)
@@ -80,8 +97,8 @@ def main() -> None:
         "repeats": args.repeats,
         "tok_s": round(n / statistics.median(cache_s), 1),
         "bare_tok_s": round(n / statistics.median(bare_s), 1),
-        "ratio": round(statistics.median(b / c for b, c in zip(bare_s, cache_s)), 3),
-        "ratios": [round(b / c, 3) for b, c in zip(bare_s, cache_s)],
+        "ratio": round(statistics.median(b / c for b, c in zip(bare_s, cache_s, strict=False)), 3),
+        "ratios": [round(b / c, 3) for b, c in zip(bare_s, cache_s, strict=False)],
         "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
     }
     print(json.dumps(result))

@@ -31,6 +31,7 @@ ideal / wall, ideal = requests x latency / 32. Prints a JSON object as its last 
     .venv/bin/python bench/cluster.py                               # the full bench: 16 shards, 1, 2 and 4 workers
     .venv/bin/python bench/cluster.py --shards 4 --shards-per-run 1 --workers 1 2   # quick: 4 runs of 1 shard
 """
+
 import argparse
 import json
 import os
@@ -58,8 +59,17 @@ from resources.settings import adopt_root  # noqa: E402
 from resources.sparse_coders import save_sparsify  # noqa: E402
 from resources.subject_model import SubjectModelResource  # noqa: E402
 from storage.layout import DataRoot  # noqa: E402
-from tests.cluster.services import (cluster_env, dagster_postgres_url, fresh_database, postgres_server, redis_server, start_worker, stop,  # noqa: E402
-                                    tiny_cluster_deployment, wait_until_ready)
+from tests.cluster.services import (
+    cluster_env,
+    dagster_postgres_url,
+    fresh_database,
+    postgres_server,
+    redis_server,
+    start_worker,
+    stop,  # noqa: E402
+    tiny_cluster_deployment,
+    wait_until_ready,
+)
 from tests.conftest import TINY_CODER, TINY_CORPUS_CONFIG, TINY_HOOKPOINT, train_tiny_sae  # noqa: E402
 from tests.scripted_llm_server import ScriptedLLMServer, answer_by_prompt  # noqa: E402
 
@@ -74,26 +84,63 @@ RANGE_TAGS = ("dagster/asset_partition_range_start", "dagster/asset_partition_ra
 
 def prepare(inputs: Path, keys: list[str]) -> None:
     """The wide SAE, registered; corpus and activations (once), and the exemplars of every shard in `keys` not made yet."""
-    deployment = tiny_cluster_deployment(inputs, inputs, "http://127.0.0.1:9/v1", None, latents_per_shard=LATENTS_PER_SHARD, corpus=CORPUS) \
-        if (inputs / "coder.json").exists() else None
+    deployment = (
+        tiny_cluster_deployment(
+            inputs,
+            inputs,
+            "http://127.0.0.1:9/v1",
+            None,
+            latents_per_shard=LATENTS_PER_SHARD,
+            corpus=CORPUS,
+        )
+        if (inputs / "coder.json").exists()
+        else None
+    )
     if deployment is None:
         shutil.rmtree(inputs, ignore_errors=True)
         inputs.mkdir(parents=True)
-        deployment = tiny_cluster_deployment(inputs, inputs, "http://127.0.0.1:9/v1", None, latents_per_shard=LATENTS_PER_SHARD, corpus=CORPUS)
-        save_sparsify(train_tiny_sae(SubjectModelResource(batch_size=8), width=WIDTH, n_tokens=CORPUS["n_tokens"]),
-                      inputs / "registry" / "tiny-topk" / TINY_HOOKPOINT)
+        deployment = tiny_cluster_deployment(
+            inputs,
+            inputs,
+            "http://127.0.0.1:9/v1",
+            None,
+            latents_per_shard=LATENTS_PER_SHARD,
+            corpus=CORPUS,
+        )
+        save_sparsify(
+            train_tiny_sae(
+                SubjectModelResource(batch_size=8), width=WIDTH, n_tokens=CORPUS["n_tokens"]
+            ),
+            inputs / "registry" / "tiny-topk" / TINY_HOOKPOINT,
+        )
     single = definitions_for(load_deployment(str(deployment)))
     instance = DagsterInstance.ephemeral()
-    instance.add_dynamic_partitions("shard", shard_partition_keys(TINY_CODER, WIDTH, LATENTS_PER_SHARD))
+    instance.add_dynamic_partitions(
+        "shard", shard_partition_keys(TINY_CODER, WIDTH, LATENTS_PER_SHARD)
+    )
     assets, root = list(single.assets), DataRoot.at(inputs)
     if not (inputs / "coder.json").exists():
         materialize(assets, selection=["corpus"], resources=single.resources, instance=instance)
-        materialize(assets, selection=["activations"], partition_key=keys[0], resources=single.resources, instance=instance)
-        (inputs / "coder.json").write_text(json.dumps({"coder": TINY_CODER, "width": WIDTH, "corpus": CORPUS}))
+        materialize(
+            assets,
+            selection=["activations"],
+            partition_key=keys[0],
+            resources=single.resources,
+            instance=instance,
+        )
+        (inputs / "coder.json").write_text(
+            json.dumps({"coder": TINY_CODER, "width": WIDTH, "corpus": CORPUS})
+        )
     for key in keys:
         if not root.exemplars_path(*key.split("|")).exists():
             print(f"preparing the exemplars of {key}", file=sys.stderr, flush=True)
-            materialize(assets, selection=["exemplars"], partition_key=key, resources=single.resources, instance=instance)
+            materialize(
+                assets,
+                selection=["exemplars"],
+                partition_key=key,
+                resources=single.resources,
+                instance=instance,
+            )
 
 
 def run_range(first: str, last: str) -> None:
@@ -103,8 +150,12 @@ def run_range(first: str, last: str) -> None:
     repository = ReconstructableRepository.for_module("autointerp_defs", "defs")
     job = repository.get_definition().get_implicit_job_def_for_assets([AssetKey("explanations")])
     with DagsterInstance.get() as instance:
-        result = execute_job(repository.get_reconstructable_job(job.name), instance, asset_selection=[AssetKey("explanations")],
-                             tags=dict(zip(RANGE_TAGS, (first, last))))
+        result = execute_job(
+            repository.get_reconstructable_job(job.name),
+            instance,
+            asset_selection=[AssetKey("explanations")],
+            tags=dict(zip(RANGE_TAGS, (first, last), strict=False)),
+        )
     sys.exit(0 if result.success else 1)
 
 
@@ -117,16 +168,35 @@ def step_times(instance: DagsterInstance) -> list[dict]:
     steps = []
     for run in instance.get_runs():
         records = instance.all_logs(run.run_id)
-        started = [r.timestamp for r in records if r.dagster_event and r.dagster_event.event_type == DagsterEventType.STEP_START]
-        ended = [r.timestamp for r in records if r.dagster_event and r.dagster_event.event_type == DagsterEventType.STEP_SUCCESS]
+        started = [
+            r.timestamp
+            for r in records
+            if r.dagster_event and r.dagster_event.event_type == DagsterEventType.STEP_START
+        ]
+        ended = [
+            r.timestamp
+            for r in records
+            if r.dagster_event and r.dagster_event.event_type == DagsterEventType.STEP_SUCCESS
+        ]
         llm_s, shards, asking = 0.0, 0, None
         for record in records:
             if record.user_message.startswith("explaining "):
                 asking, shards = record.timestamp, shards + 1
-            elif (done := DONE.match(record.user_message)) and done[1] == done[2] and asking is not None:
+            elif (
+                (done := DONE.match(record.user_message))
+                and done[1] == done[2]
+                and asking is not None
+            ):
                 llm_s, asking = llm_s + record.timestamp - asking, None
         if started and ended and shards:
-            steps.append({"started": started[0], "wall_s": ended[-1] - started[0], "llm_s": llm_s, "shards": shards})
+            steps.append(
+                {
+                    "started": started[0],
+                    "wall_s": ended[-1] - started[0],
+                    "llm_s": llm_s,
+                    "shards": shards,
+                }
+            )
     return steps
 
 
@@ -155,17 +225,23 @@ class InFlight:
         counts = [n for _, n in self.samples]
         first = next((i for i, n in enumerate(counts) if n), len(counts))
         asking = counts[first:]
-        return {"in_flight_utilisation": round(statistics.fmean(asking) / limit, 3) if asking else 0.0,
-                "s_before_first_request": round(first * self.every_s, 1),
-                "s_at_most_half_in_flight": round(sum(n <= limit // 2 for n in asking) * self.every_s, 1),
-                "s_none_in_flight": round(sum(n == 0 for n in asking) * self.every_s, 1)}
+        return {
+            "in_flight_utilisation": round(statistics.fmean(asking) / limit, 3) if asking else 0.0,
+            "s_before_first_request": round(first * self.every_s, 1),
+            "s_at_most_half_in_flight": round(
+                sum(n <= limit // 2 for n in asking) * self.every_s, 1
+            ),
+            "s_none_in_flight": round(sum(n == 0 for n in asking) * self.every_s, 1),
+        }
 
     def timeline(self, path: Path) -> None:
         """Per second from the first sample: the mean in flight (to see where the endpoint idled)."""
         start, seconds = self.samples[0][0] if self.samples else 0.0, {}
         for at, n in self.samples:
             seconds.setdefault(int(at - start), []).append(n)
-        path.write_text("".join(f"{s} {statistics.fmean(ns):.1f}\n" for s, ns in sorted(seconds.items())))
+        path.write_text(
+            "".join(f"{s} {statistics.fmean(ns):.1f}\n" for s, ns in sorted(seconds.items()))
+        )
 
 
 def transactions(database_url: str) -> int:
@@ -173,28 +249,59 @@ def transactions(database_url: str) -> int:
     import psycopg
 
     with psycopg.connect(database_url) as db:
-        return db.execute("SELECT xact_commit FROM pg_stat_database WHERE datname = current_database()").fetchone()[0]
+        return db.execute(
+            "SELECT xact_commit FROM pg_stat_database WHERE datname = current_database()"
+        ).fetchone()[0]
 
 
-def one_round(workers: int, args, inputs: Path, keys: list[str], postgres: str, redis: str, server: ScriptedLLMServer, scratch: Path) -> dict:
+def one_round(
+    workers: int,
+    args,
+    inputs: Path,
+    keys: list[str],
+    postgres: str,
+    redis: str,
+    server: ScriptedLLMServer,
+    scratch: Path,
+) -> dict:
     """The explanations of every shard as ranged runs of `args.shards_per_run` shards, on `workers` LLM workers."""
     home, root, logs = (scratch / f"{name}-{workers}" for name in ("dagster_home", "root", "logs"))
     shutil.copytree(inputs, root)
     home.mkdir()
     logs.mkdir()
     coordination = fresh_database(postgres)
-    deployment = tiny_cluster_deployment(home, root, server.base_url, coordination, max_latents_per_shard=args.latents,
-                                         latents_per_shard=LATENTS_PER_SHARD, llm_concurrency=ENDPOINT_LIMIT, corpus=CORPUS)
+    deployment = tiny_cluster_deployment(
+        home,
+        root,
+        server.base_url,
+        coordination,
+        max_latents_per_shard=args.latents,
+        latents_per_shard=LATENTS_PER_SHARD,
+        llm_concurrency=ENDPOINT_LIMIT,
+        corpus=CORPUS,
+    )
     instance_url = dagster_postgres_url(fresh_database(postgres))
-    os.environ[POSTGRES_ENV] = instance_url  # what the instance's dagster.yaml reads in this process too
+    os.environ[POSTGRES_ENV] = (
+        instance_url  # what the instance's dagster.yaml reads in this process too
+    )
     env = cluster_env(ROOT, home, deployment, instance_url, redis)
     ranges = [keys[i : i + args.shards_per_run] for i in range(0, len(keys), args.shards_per_run)]
     write_instance(home, max_runs=len(ranges), llm_runs=len(ranges), gpus=1)
     instance = DagsterInstance.from_config(str(home))
-    instance.add_dynamic_partitions("shard", shard_partition_keys(TINY_CODER, WIDTH, LATENTS_PER_SHARD))
-    adopt_root(instance, DataRoot.at(root), coordination)  # as `autointerp adopt-root` does, before the runs (not raced by all of them)
+    instance.add_dynamic_partitions(
+        "shard", shard_partition_keys(TINY_CODER, WIDTH, LATENTS_PER_SHARD)
+    )
+    adopt_root(
+        instance, DataRoot.at(root), coordination
+    )  # as `autointerp adopt-root` does, before the runs (not raced by all of them)
     launched = time.monotonic()
-    started = [(logs / f"llm{i}.log", start_worker("llm", env, logs / f"llm{i}.log", args.concurrency, f"llm{i}@%h")) for i in range(workers)]
+    started = [
+        (
+            logs / f"llm{i}.log",
+            start_worker("llm", env, logs / f"llm{i}.log", args.concurrency, f"llm{i}@%h"),
+        )
+        for i in range(workers)
+    ]
     runs = []
     try:
         for log, worker in started:
@@ -204,8 +311,16 @@ def one_round(workers: int, args, inputs: Path, keys: list[str], postgres: str, 
         load = os.getloadavg()[0]
         began = time.time()  # the clock of Dagster's event timestamps
         with InFlight(server) as in_flight:
-            runs += [subprocess.Popen([sys.executable, __file__, "--run-range", shards[0], shards[-1]], env=env, cwd=home,
-                                      stdout=open(logs / f"run{i}.log", "wb"), stderr=subprocess.STDOUT) for i, shards in enumerate(ranges)]
+            runs += [
+                subprocess.Popen(
+                    [sys.executable, __file__, "--run-range", shards[0], shards[-1]],
+                    env=env,
+                    cwd=home,
+                    stdout=open(logs / f"run{i}.log", "wb"),
+                    stderr=subprocess.STDOUT,
+                )
+                for i, shards in enumerate(ranges)
+            ]
             failed = [i for i, run in enumerate(runs) if run.wait(timeout=3600) != 0]
             wall = time.time() - began
         load = (load, os.getloadavg()[0])
@@ -213,7 +328,9 @@ def one_round(workers: int, args, inputs: Path, keys: list[str], postgres: str, 
         for process in runs + [worker for _, worker in started]:
             stop(process)
     if failed:
-        raise RuntimeError(f"runs {failed} failed: {(logs / f'run{failed[0]}.log').read_text()[-3000:]}")
+        raise RuntimeError(
+            f"runs {failed} failed: {(logs / f'run{failed[0]}.log').read_text()[-3000:]}"
+        )
     time.sleep(1)  # the workers' sessions ended: the server has counted their transactions
     requests = len(server.requests) - asked
     steps = step_times(instance)
@@ -221,29 +338,73 @@ def one_round(workers: int, args, inputs: Path, keys: list[str], postgres: str, 
     ideal = requests * args.latency / ENDPOINT_LIMIT
     if args.timeline:
         in_flight.timeline(args.timeline.parent / f"{args.timeline.name}-{workers}")
-        (args.timeline.parent / f"{args.timeline.name}-{workers}-events").write_text("".join(
-            f"{record.timestamp - began:.1f} {run.run_id[:8]} {record.dagster_event.event_type_value if record.dagster_event else ''} {record.user_message[:100]}\n"
-            for run in instance.get_runs() for record in instance.all_logs(run.run_id)))
-    return {"workers": workers, "workers_ready_s": round(ready_s, 1), "steps_at_once": workers * args.concurrency, "runs": len(instance.get_runs()), "shards": len(keys), "requests": requests,
-            "peak_in_flight": server.peak_in_flight, "wall_s": round(wall, 1), "ideal_s": round(ideal, 1),
-            "step_overhead_s": round(statistics.median(s["wall_s"] - s["llm_s"] for s in steps), 2),
-            "step_wall_s": round(statistics.median(s["wall_s"] for s in steps), 1), "first_step_start_s": round(starts[0], 1),
-            "last_step_start_s": round(starts[-1], 1), "coordination_queries_per_request": round((transactions(coordination) - queries) / max(requests, 1), 1),
-            "load_avg_1min": [round(value, 1) for value in load],
-            **in_flight.summary(ENDPOINT_LIMIT), "ratio_to_ideal": round(ideal / wall, 3)}
+        (args.timeline.parent / f"{args.timeline.name}-{workers}-events").write_text(
+            "".join(
+                f"{record.timestamp - began:.1f} {run.run_id[:8]} {record.dagster_event.event_type_value if record.dagster_event else ''} {record.user_message[:100]}\n"
+                for run in instance.get_runs()
+                for record in instance.all_logs(run.run_id)
+            )
+        )
+    return {
+        "workers": workers,
+        "workers_ready_s": round(ready_s, 1),
+        "steps_at_once": workers * args.concurrency,
+        "runs": len(instance.get_runs()),
+        "shards": len(keys),
+        "requests": requests,
+        "peak_in_flight": server.peak_in_flight,
+        "wall_s": round(wall, 1),
+        "ideal_s": round(ideal, 1),
+        "step_overhead_s": round(statistics.median(s["wall_s"] - s["llm_s"] for s in steps), 2),
+        "step_wall_s": round(statistics.median(s["wall_s"] for s in steps), 1),
+        "first_step_start_s": round(starts[0], 1),
+        "last_step_start_s": round(starts[-1], 1),
+        "coordination_queries_per_request": round(
+            (transactions(coordination) - queries) / max(requests, 1), 1
+        ),
+        "load_avg_1min": [round(value, 1) for value in load],
+        **in_flight.summary(ENDPOINT_LIMIT),
+        "ratio_to_ideal": round(ideal / wall, 3),
+    }
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--data", type=Path, default=Path(tempfile.gettempdir()) / "bench-cluster", help="where the prepared inputs are kept")
+    parser.add_argument(
+        "--data",
+        type=Path,
+        default=Path(tempfile.gettempdir()) / "bench-cluster",
+        help="where the prepared inputs are kept",
+    )
     parser.add_argument("--shards", type=int, default=16)
-    parser.add_argument("--shards-per-run", type=int, default=4, help="shards per run ([settings] partitions_per_run of the cluster deployment)")
-    parser.add_argument("--latents", type=int, default=0, help="[settings] max_latents_per_shard: explained latents per shard (0 = every explainable one)")
+    parser.add_argument(
+        "--shards-per-run",
+        type=int,
+        default=4,
+        help="shards per run ([settings] partitions_per_run of the cluster deployment)",
+    )
+    parser.add_argument(
+        "--latents",
+        type=int,
+        default=0,
+        help="[settings] max_latents_per_shard: explained latents per shard (0 = every explainable one)",
+    )
     parser.add_argument("--workers", type=int, nargs="+", default=[1, 2, 4])
-    parser.add_argument("--concurrency", type=int, default=4, help="steps at once per worker (the llm queue's default)")
+    parser.add_argument(
+        "--concurrency",
+        type=int,
+        default=4,
+        help="steps at once per worker (the llm queue's default)",
+    )
     parser.add_argument("--latency", type=float, default=1.0)
-    parser.add_argument("--timeline", type=Path, help="write the endpoint's mean in flight per second of each round to TIMELINE-<workers>")
-    parser.add_argument("--run-range", nargs=2, metavar=("FIRST", "LAST"), help=argparse.SUPPRESS)  # one run's process (one_round starts it)
+    parser.add_argument(
+        "--timeline",
+        type=Path,
+        help="write the endpoint's mean in flight per second of each round to TIMELINE-<workers>",
+    )
+    parser.add_argument(
+        "--run-range", nargs=2, metavar=("FIRST", "LAST"), help=argparse.SUPPRESS
+    )  # one run's process (one_round starts it)
     args = parser.parse_args()
     if args.run_range:
         return run_range(*args.run_range)
@@ -251,15 +412,43 @@ def main() -> None:
     keys = shard_partition_keys(TINY_CODER, WIDTH, LATENTS_PER_SHARD)[: args.shards]
     prepare(args.data / "inputs", keys)
     rounds = []
-    with tempfile.TemporaryDirectory() as scratch, postgres_server() as postgres, redis_server() as redis, \
-            ScriptedLLMServer(answer_by_prompt, delay_s=args.latency) as server:
+    with (
+        tempfile.TemporaryDirectory() as scratch,
+        postgres_server() as postgres,
+        redis_server() as redis,
+        ScriptedLLMServer(answer_by_prompt, delay_s=args.latency) as server,
+    ):
         for workers in args.workers:
-            rounds.append(one_round(workers, args, args.data / "inputs", keys, postgres.url, redis.url, server, Path(scratch)))
+            rounds.append(
+                one_round(
+                    workers,
+                    args,
+                    args.data / "inputs",
+                    keys,
+                    postgres.url,
+                    redis.url,
+                    server,
+                    Path(scratch),
+                )
+            )
             print(json.dumps(rounds[-1]), file=sys.stderr, flush=True)
     by_workers = {r["workers"]: r for r in rounds}
-    print(json.dumps({"machine": f"{os.cpu_count()} CPU cores", "shards": args.shards, "latents_per_shard": LATENTS_PER_SHARD,
-                      "shards_per_run": args.shards_per_run, "latency_s": args.latency, "endpoint_limit": ENDPOINT_LIMIT, "rounds": rounds,
-                      "ratio_to_ideal_4_workers": by_workers[4]["ratio_to_ideal"] if 4 in by_workers else None}))
+    print(
+        json.dumps(
+            {
+                "machine": f"{os.cpu_count()} CPU cores",
+                "shards": args.shards,
+                "latents_per_shard": LATENTS_PER_SHARD,
+                "shards_per_run": args.shards_per_run,
+                "latency_s": args.latency,
+                "endpoint_limit": ENDPOINT_LIMIT,
+                "rounds": rounds,
+                "ratio_to_ideal_4_workers": by_workers[4]["ratio_to_ideal"]
+                if 4 in by_workers
+                else None,
+            }
+        )
+    )
 
 
 if __name__ == "__main__":

@@ -26,6 +26,7 @@ counted as hung. Then every table of the round is compared with the reference. L
     .venv/bin/python bench/cluster_faults.py                       # every fault, 2 shards
     .venv/bin/python bench/cluster_faults.py --faults worker redis # some of them
 """
+
 import argparse
 import contextlib
 import importlib.util
@@ -51,12 +52,27 @@ from autointerp_defs.instance import POSTGRES_ENV, write_instance  # noqa: E402
 from resources.settings import adopt_root  # noqa: E402
 from storage.layout import DataRoot  # noqa: E402
 from storage.store import TableStore  # noqa: E402
-from tests.cluster.services import (SERVICE_ADDRESS, ClusterNetwork, cluster_env, cluster_network, dagster_postgres_url, fresh_database,  # noqa: E402
-                                    joined, postgres_server, redis_server, start_worker, stop, tiny_cluster_deployment, wait_until_ready)
+from tests.cluster.services import (
+    SERVICE_ADDRESS,
+    ClusterNetwork,
+    cluster_env,
+    cluster_network,
+    dagster_postgres_url,
+    fresh_database,  # noqa: E402
+    joined,
+    postgres_server,
+    redis_server,
+    start_worker,
+    stop,
+    tiny_cluster_deployment,
+    wait_until_ready,
+)
 from tests.conftest import TINY_CODER  # noqa: E402
 from tests.scripted_llm_server import ScriptedLLMServer, answer_by_prompt  # noqa: E402
 
-_spec = importlib.util.spec_from_file_location("bench_cluster", Path(__file__).with_name("cluster.py"))
+_spec = importlib.util.spec_from_file_location(
+    "bench_cluster", Path(__file__).with_name("cluster.py")
+)
 bench_cluster = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(bench_cluster)
 
@@ -73,15 +89,27 @@ def services(latency_s: float):
     with contextlib.ExitStack() as stack:
         network = stack.enter_context(cluster_network(WORKERS)) if os.geteuid() == 0 else None
         postgres = stack.enter_context(postgres_server(network.services if network else None))
-        redis = stack.enter_context(redis_server(network.services if network else None, persistent=True))
+        redis = stack.enter_context(
+            redis_server(network.services if network else None, persistent=True)
+        )
         if network:
             with joined(network.services):
-                server = ScriptedLLMServer(answer_by_prompt, delay_s=latency_s, host=SERVICE_ADDRESS)
+                server = ScriptedLLMServer(
+                    answer_by_prompt, delay_s=latency_s, host=SERVICE_ADDRESS
+                )
         else:
             server = ScriptedLLMServer(answer_by_prompt, delay_s=latency_s)
         stack.enter_context(server)
-        nodes = [ClusterNetwork.prefix(node) for node in network.nodes] if network else [[]] * WORKERS
-        yield postgres, redis, server, nodes, ClusterNetwork.prefix(network.services) if network else []
+        nodes = (
+            [ClusterNetwork.prefix(node) for node in network.nodes] if network else [[]] * WORKERS
+        )
+        yield (
+            postgres,
+            redis,
+            server,
+            nodes,
+            ClusterNetwork.prefix(network.services) if network else [],
+        )
 
 
 def inject(fault: str, postgres, redis, coordination, workers: list[subprocess.Popen]) -> str:
@@ -90,7 +118,9 @@ def inject(fault: str, postgres, redis, coordination, workers: list[subprocess.P
     import psycopg
 
     if fault == "worker":
-        pool = psutil.Process(workers[0].pid).children()  # `ip netns exec` execs the worker: its children are its pool processes
+        pool = psutil.Process(
+            workers[0].pid
+        ).children()  # `ip netns exec` execs the worker: its children are its pool processes
         for process in pool:
             process.kill()
         return f"SIGKILL {len(pool)} pool processes of worker llm0"
@@ -101,15 +131,22 @@ def inject(fault: str, postgres, redis, coordination, workers: list[subprocess.P
         redis.daemon.restart()
         return "Redis restarted"
     with psycopg.connect(coordination.url, autocommit=True) as db:
-        ended = db.execute("SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity WHERE datname = current_database() AND pid <> pg_backend_pid()"
-                           ).fetchone()[0]
+        ended = db.execute(
+            "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity WHERE datname = current_database() AND pid <> pg_backend_pid()"
+        ).fetchone()[0]
     return f"{ended} coordination sessions ended"
 
 
 def first_error(log: str) -> str:
     """The error a failed run's log names (its exception's line, the project's before Dagster's wrappers), else its last lines."""
-    named = sorted((line.strip() for line in log.splitlines() if re.match(r"\s*[\w.]*(Error|Lost|Exception)\b.*: ", line)),
-                   key=lambda line: line.startswith("dagster"))
+    named = sorted(
+        (
+            line.strip()
+            for line in log.splitlines()
+            if re.match(r"\s*[\w.]*(Error|Lost|Exception)\b.*: ", line)
+        ),
+        key=lambda line: line.startswith("dagster"),
+    )
     return named[0][:400] if named else log[-400:]
 
 
@@ -120,10 +157,16 @@ def slug(key: str) -> str:
 
 def tables(root: Path, keys: list[str]) -> dict[str, pd.DataFrame]:
     store = TableStore.at(root)
-    return {key: store.explanations(*key.split("|")).read() for key in keys if DataRoot.at(root).explanations_path(*key.split("|")).exists()}
+    return {
+        key: store.explanations(*key.split("|")).read()
+        for key in keys
+        if DataRoot.at(root).explanations_path(*key.split("|")).exists()
+    }
 
 
-def one_round(fault: str | None, args, keys: list[str], reference_requests: int, scratch: Path, services_) -> dict:
+def one_round(
+    fault: str | None, args, keys: list[str], reference_requests: int, scratch: Path, services_
+) -> dict:
     """The explanations of `keys` on the cluster, `fault` injected once a quarter of `reference_requests` were asked."""
     postgres, redis, server, nodes, launcher = services_
     name = fault or "none"
@@ -132,21 +175,51 @@ def one_round(fault: str | None, args, keys: list[str], reference_requests: int,
     home.mkdir()
     logs.mkdir()
     coordination, instance_database = fresh_database(postgres), fresh_database(postgres)
-    deployment = tiny_cluster_deployment(home, root, server.base_url, coordination.nodes_url, max_latents_per_shard=args.latents,
-                                         latents_per_shard=bench_cluster.LATENTS_PER_SHARD, llm_concurrency=ENDPOINT_LIMIT, corpus=bench_cluster.CORPUS)
-    os.environ[POSTGRES_ENV] = dagster_postgres_url(instance_database.url)  # this process's instance, over the Unix socket as root
-    env = cluster_env(ROOT, home, deployment, dagster_postgres_url(instance_database.nodes_url), redis.nodes_url)
+    deployment = tiny_cluster_deployment(
+        home,
+        root,
+        server.base_url,
+        coordination.nodes_url,
+        max_latents_per_shard=args.latents,
+        latents_per_shard=bench_cluster.LATENTS_PER_SHARD,
+        llm_concurrency=ENDPOINT_LIMIT,
+        corpus=bench_cluster.CORPUS,
+    )
+    os.environ[POSTGRES_ENV] = dagster_postgres_url(
+        instance_database.url
+    )  # this process's instance, over the Unix socket as root
+    env = cluster_env(
+        ROOT, home, deployment, dagster_postgres_url(instance_database.nodes_url), redis.nodes_url
+    )
     write_instance(home, max_runs=len(keys), llm_runs=len(keys), gpus=1)
     instance = DagsterInstance.from_config(str(home))
-    instance.add_dynamic_partitions("shard", shard_partition_keys(TINY_CODER, bench_cluster.WIDTH, bench_cluster.LATENTS_PER_SHARD))
+    instance.add_dynamic_partitions(
+        "shard",
+        shard_partition_keys(TINY_CODER, bench_cluster.WIDTH, bench_cluster.LATENTS_PER_SHARD),
+    )
     adopt_root(instance, DataRoot.at(root), coordination.url)
-    workers = [start_worker("llm", env, logs / f"llm{i}.log", CONCURRENCY, f"llm{i}@%h", node=nodes[i]) for i in range(WORKERS)]
+    workers = [
+        start_worker("llm", env, logs / f"llm{i}.log", CONCURRENCY, f"llm{i}@%h", node=nodes[i])
+        for i in range(WORKERS)
+    ]
     runs, failed, hung, done, errors, ended = {}, [], [], None, {}, {}
 
     def launch(key: str, attempt: int) -> subprocess.Popen:
         log = logs / f"run-{slug(key)}-{attempt}.log"
-        return subprocess.Popen([*launcher, sys.executable, str(Path(__file__).with_name("cluster.py")), "--run-range", key, key], env=env, cwd=home,
-                                stdout=open(log, "wb"), stderr=subprocess.STDOUT)
+        return subprocess.Popen(
+            [
+                *launcher,
+                sys.executable,
+                str(Path(__file__).with_name("cluster.py")),
+                "--run-range",
+                key,
+                key,
+            ],
+            env=env,
+            cwd=home,
+            stdout=open(log, "wb"),
+            stderr=subprocess.STDOUT,
+        )
 
     def outcome(run: subprocess.Popen, started: float) -> int | None:
         """The run's exit code; None where it neither ended nor failed within `--timeout` s of its launch (stopped)."""
@@ -162,23 +235,36 @@ def one_round(fault: str | None, args, keys: list[str], reference_requests: int,
         asked, launched = len(server.requests), time.monotonic()
         runs = {key: launch(key, 0) for key in keys}
         if fault:
-            while len(server.requests) - asked < reference_requests // 4 and time.monotonic() < launched + args.timeout \
-                    and any(r.poll() is None for r in runs.values()):
+            while (
+                len(server.requests) - asked < reference_requests // 4
+                and time.monotonic() < launched + args.timeout
+                and any(r.poll() is None for r in runs.values())
+            ):
                 time.sleep(0.05)
             done = inject(fault, postgres, redis, coordination, workers)
         for key, run in runs.items():
             ended[key] = outcome(run, launched)
             if ended[key] != 0:
                 (hung if ended[key] is None else failed).append(key)
-                errors[key] = first_error((logs / f"run-{slug(key)}-0.log").read_text(errors="replace"))
+                errors[key] = first_error(
+                    (logs / f"run-{slug(key)}-0.log").read_text(errors="replace")
+                )
                 runs[key] = launch(key, 1)  # once, as an operator or a retry policy would
                 ended[key] = outcome(runs[key], time.monotonic())
         still_failing = [key for key, code in ended.items() if code != 0]
     finally:
         for process in [*runs.values(), *workers]:
             stop(process)
-    return {"fault": name, "injected": done, "requests": len(server.requests) - asked, "runs_failed": failed, "errors": errors,
-            "runs_hung": hung, "still_failing": still_failing, "tables": tables(root, keys)}
+    return {
+        "fault": name,
+        "injected": done,
+        "requests": len(server.requests) - asked,
+        "runs_failed": failed,
+        "errors": errors,
+        "runs_hung": hung,
+        "still_failing": still_failing,
+        "tables": tables(root, keys),
+    }
 
 
 def compare(reference: dict[str, pd.DataFrame], found: dict[str, pd.DataFrame]) -> tuple[bool, int]:
@@ -201,29 +287,62 @@ def compare(reference: dict[str, pd.DataFrame], found: dict[str, pd.DataFrame]) 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--data", type=Path, default=Path(tempfile.gettempdir()) / "bench-cluster", help="where the prepared inputs are kept (bench/cluster.py's)")
+    parser.add_argument(
+        "--data",
+        type=Path,
+        default=Path(tempfile.gettempdir()) / "bench-cluster",
+        help="where the prepared inputs are kept (bench/cluster.py's)",
+    )
     parser.add_argument("--shards", type=int, default=2)
-    parser.add_argument("--latents", type=int, default=48, help="[settings] max_latents_per_shard: explained latents per shard")
-    parser.add_argument("--latency", type=float, default=0.3, help="seconds the scripted endpoint takes per answer")
-    parser.add_argument("--timeout", type=float, default=600, help="seconds a run may take before it counts as hung")
+    parser.add_argument(
+        "--latents",
+        type=int,
+        default=48,
+        help="[settings] max_latents_per_shard: explained latents per shard",
+    )
+    parser.add_argument(
+        "--latency", type=float, default=0.3, help="seconds the scripted endpoint takes per answer"
+    )
+    parser.add_argument(
+        "--timeout", type=float, default=600, help="seconds a run may take before it counts as hung"
+    )
     parser.add_argument("--faults", nargs="+", choices=FAULTS, default=list(FAULTS))
     args = parser.parse_args()
-    keys = shard_partition_keys(TINY_CODER, bench_cluster.WIDTH, bench_cluster.LATENTS_PER_SHARD)[: args.shards]
+    keys = shard_partition_keys(TINY_CODER, bench_cluster.WIDTH, bench_cluster.LATENTS_PER_SHARD)[
+        : args.shards
+    ]
     bench_cluster.prepare(args.data / "inputs", keys)
     rounds = []
     with tempfile.TemporaryDirectory() as scratch, services(args.latency) as services_:
         reference = one_round(None, args, keys, 0, Path(scratch), services_)
-        print(json.dumps({k: v for k, v in reference.items() if k != "tables"}), file=sys.stderr, flush=True)
+        print(
+            json.dumps({k: v for k, v in reference.items() if k != "tables"}),
+            file=sys.stderr,
+            flush=True,
+        )
         if reference["runs_failed"] or reference["still_failing"] or not reference["tables"]:
             raise SystemExit(f"the fault-free round failed: {reference['errors']}")
         for fault in args.faults:
             found = one_round(fault, args, keys, reference["requests"], Path(scratch), services_)
-            found["identical"], found["lost_rows"] = compare(reference["tables"], found.pop("tables"))
+            found["identical"], found["lost_rows"] = compare(
+                reference["tables"], found.pop("tables")
+            )
             rounds.append(found)
             print(json.dumps(found), file=sys.stderr, flush=True)
-    print(json.dumps({"machine": f"{os.cpu_count()} CPU cores", "shards": args.shards, "latents_per_shard": args.latents, "latency_s": args.latency,
-                      "reference_requests": reference["requests"], "faults": rounds, "identical": all(r["identical"] for r in rounds),
-                      "lost_rows": sum(r["lost_rows"] for r in rounds)}))
+    print(
+        json.dumps(
+            {
+                "machine": f"{os.cpu_count()} CPU cores",
+                "shards": args.shards,
+                "latents_per_shard": args.latents,
+                "latency_s": args.latency,
+                "reference_requests": reference["requests"],
+                "faults": rounds,
+                "identical": all(r["identical"] for r in rounds),
+                "lost_rows": sum(r["lost_rows"] for r in rounds),
+            }
+        )
+    )
 
 
 if __name__ == "__main__":

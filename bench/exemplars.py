@@ -9,6 +9,7 @@ Prints a JSON object as its last line.
 
     .venv/bin/python bench/exemplars.py
 """
+
 import argparse
 import json
 import sys
@@ -25,7 +26,9 @@ from storage.activations import ShardActivations  # noqa: E402
 from storage.vector_store import ContextIndex, ensure_contexts  # noqa: E402
 
 
-def synthetic_cache(n_seq: int, ctx_len: int, width: int, k: int, rng) -> tuple[np.ndarray, ShardActivations]:
+def synthetic_cache(
+    n_seq: int, ctx_len: int, width: int, k: int, rng
+) -> tuple[np.ndarray, ShardActivations]:
     tokens = rng.integers(0, 49_152, size=(n_seq, ctx_len)).astype(np.int32)
     n = n_seq * ctx_len
     popularity = rng.zipf(1.3, size=width).astype(np.float64)
@@ -35,7 +38,9 @@ def synthetic_cache(n_seq: int, ctx_len: int, width: int, k: int, rng) -> tuple[
     _, unique = np.unique(locations, axis=0, return_index=True)
     locations = locations[unique]
     order = np.lexsort((locations[:, 1], locations[:, 0], locations[:, 2]))
-    return tokens, ShardActivations(locations[order], rng.random(len(order)).astype(np.float32) + 0.01)
+    return tokens, ShardActivations(
+        locations[order], rng.random(len(order)).astype(np.float32) + 0.01
+    )
 
 
 def bench_exemplars(args, rng) -> float:
@@ -53,29 +58,44 @@ def bench_exemplars(args, rng) -> float:
 
 def bench_ann(args, rng) -> dict:
     centers = rng.normal(size=(256, 384))
-    vectors = centers[rng.integers(0, 256, size=args.vectors)] + 0.6 * rng.normal(size=(args.vectors, 384))
+    vectors = centers[rng.integers(0, 256, size=args.vectors)] + 0.6 * rng.normal(
+        size=(args.vectors, 384)
+    )
     vectors = (vectors / np.linalg.norm(vectors, axis=1, keepdims=True)).astype(np.float32)
-    queries = vectors[rng.choice(args.vectors, size=args.queries, replace=False)] + 0.05 * rng.normal(size=(args.queries, 384)).astype(np.float32)
+    queries = vectors[
+        rng.choice(args.vectors, size=args.queries, replace=False)
+    ] + 0.05 * rng.normal(size=(args.queries, 384)).astype(np.float32)
     queries /= np.linalg.norm(queries, axis=1, keepdims=True)
     with tempfile.TemporaryDirectory() as tmp:
         built = time.perf_counter()
-        index = ensure_contexts(Path(tmp), "contexts_bench_32", lambda: ([""] * len(vectors), vectors))
+        index = ensure_contexts(
+            Path(tmp), "contexts_bench_32", lambda: ([""] * len(vectors), vectors)
+        )
         build_s = time.perf_counter() - built
-        assert isinstance(index, ContextIndex) and index.indexed, "raise --vectors above ANN_MIN_ROWS to bench the index"
+        assert isinstance(index, ContextIndex) and index.indexed, (
+            "raise --vectors above ANN_MIN_ROWS to bench the index"
+        )
         started = time.perf_counter()
         ann = [index.nearest(q, 10) for q in queries]
         ann_s = time.perf_counter() - started
     started = time.perf_counter()
     exact = [np.argpartition(-(vectors @ q), 10)[:10] for q in queries]
     exact_s = time.perf_counter() - started
-    recall = np.mean([len(set(a.tolist()) & set(e.tolist())) / 10 for a, e in zip(ann, exact)])
-    return {"vectors": args.vectors, "index_build_s": round(build_s, 1), "ann_recall_at_10": round(float(recall), 4),
-            "ann_qps": round(args.queries / ann_s, 1), "exact_qps": round(args.queries / exact_s, 1)}
+    recall = np.mean([len(set(a.tolist()) & set(e.tolist())) / 10 for a, e in zip(ann, exact, strict=False)])
+    return {
+        "vectors": args.vectors,
+        "index_build_s": round(build_s, 1),
+        "ann_recall_at_10": round(float(recall), 4),
+        "ann_qps": round(args.queries / ann_s, 1),
+        "exact_qps": round(args.queries / exact_s, 1),
+    }
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--sequences", type=int, default=512, help="synthetic cache: sequences of 128 tokens")
+    parser.add_argument(
+        "--sequences", type=int, default=512, help="synthetic cache: sequences of 128 tokens"
+    )
     parser.add_argument("--width", type=int, default=576, help="latents in the benchmarked shard")
     parser.add_argument("--vectors", type=int, default=100_000)
     parser.add_argument("--queries", type=int, default=200)

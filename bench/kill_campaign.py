@@ -12,6 +12,7 @@ equal the reference exactly. Prints a JSON object as its last line.
 
     .venv/bin/python bench/kill_campaign.py [--kills 3] [--stages cache,exemplars,explanations,scores]
 """
+
 import argparse
 import json
 import os
@@ -29,7 +30,9 @@ import pandas as pd
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-CODER = "random-topk/model.layers.3"  # trained briefly: a random coder fails the health check (FVU > 1)
+CODER = (
+    "random-topk/model.layers.3"  # trained briefly: a random coder fails the health check (FVU > 1)
+)
 PARTITION = f"{CODER}|00"
 WIDTH = 1152
 STAGES = ("cache", "exemplars", "explanations", "scores")
@@ -49,17 +52,27 @@ def prepare(data: Path) -> None:
     import torch
 
     from assets.corpus import CorpusConfig, build_corpus
-    from storage.corpus import load_corpus
     from autointerp_defs.demo_sae import train_topk_sae
     from resources.sparse_coders import save_sparsify
     from resources.subject_model import SubjectModelResource, capture_hookpoints
+    from storage.corpus import load_corpus
     from storage.layout import DataRoot
 
     root, subject = DataRoot.at(data), SubjectModelResource(batch_size=8)
     build_corpus(CorpusConfig(ctx_len=64, n_tokens=64 * 96, seed=3), subject.tokenizer(), root)
     tokens = torch.from_numpy(load_corpus(root).tokens[:48]).long()
-    hidden = capture_hookpoints(subject.causal_lm(), tokens, {("model.layers.3", "output")})[("model.layers.3", "output")]
-    coder = train_topk_sae(hidden[:, 1:].flatten(0, 1), width=WIDTH, k=16, name="random-topk", hookpoint="model.layers.3", epochs=2, batch_size=256)
+    hidden = capture_hookpoints(subject.causal_lm(), tokens, {("model.layers.3", "output")})[
+        ("model.layers.3", "output")
+    ]
+    coder = train_topk_sae(
+        hidden[:, 1:].flatten(0, 1),
+        width=WIDTH,
+        k=16,
+        name="random-topk",
+        hookpoint="model.layers.3",
+        epochs=2,
+        batch_size=256,
+    )
     save_sparsify(coder, root.registry_dir / "random-topk" / "model.layers.3")
 
 
@@ -75,41 +88,108 @@ def materialize_stage(stage: str, data: str, url: str) -> None:
     from resources.subject_model import SubjectModelResource
 
     instance = DagsterInstance.ephemeral()
-    instance.add_dynamic_partitions("shard", shard_partition_keys(CODER, WIDTH, DEFAULT_LATENTS_PER_SHARD))
-    resources = {"settings": AutointerpSettings(data_dir=data, max_latents_per_shard=24), "subject_model": SubjectModelResource(batch_size=8),
-                 "llm": LLMResource(backend="openai", base_url=url, model="scripted", max_concurrency=4), "embedder": EmbedderResource()}
-    config = {"ops": {"exemplars": {"config": {"n_examples_train": 6, "n_examples_test": 5, "n_non_activating": 5, "example_ctx_len": 16,
-                                               "min_activating_windows": 6, "non_activating_sources": ["random"]}}}} if stage == "exemplars" else {}
-    materialize(list(build_definitions("local").assets), selection=[ASSET[stage]], partition_key=PARTITION, resources=resources, instance=instance,
-                run_config=config, raise_on_error=True)
+    instance.add_dynamic_partitions(
+        "shard", shard_partition_keys(CODER, WIDTH, DEFAULT_LATENTS_PER_SHARD)
+    )
+    resources = {
+        "settings": AutointerpSettings(data_dir=data, max_latents_per_shard=24),
+        "subject_model": SubjectModelResource(batch_size=8),
+        "llm": LLMResource(backend="openai", base_url=url, model="scripted", max_concurrency=4),
+        "embedder": EmbedderResource(),
+    }
+    config = (
+        {
+            "ops": {
+                "exemplars": {
+                    "config": {
+                        "n_examples_train": 6,
+                        "n_examples_test": 5,
+                        "n_non_activating": 5,
+                        "example_ctx_len": 16,
+                        "min_activating_windows": 6,
+                        "non_activating_sources": ["random"],
+                    }
+                }
+            }
+        }
+        if stage == "exemplars"
+        else {}
+    )
+    materialize(
+        list(build_definitions("local").assets),
+        selection=[ASSET[stage]],
+        partition_key=PARTITION,
+        resources=resources,
+        instance=instance,
+        run_config=config,
+        raise_on_error=True,
+    )
 
 
 def command(stage: str, data: Path, url: str) -> list[str]:
     if stage == "cache":
-        return [sys.executable, "-m", "autointerp_defs.cli", "--data", str(data), "cache", CODER, "--batch-size", "8", "--checkpoint-entries", "2000"]
-    return [sys.executable, str(Path(__file__).resolve()), "--run-stage", stage, "--data", str(data), "--url", url]
+        return [
+            sys.executable,
+            "-m",
+            "autointerp_defs.cli",
+            "--data",
+            str(data),
+            "cache",
+            CODER,
+            "--batch-size",
+            "8",
+            "--checkpoint-entries",
+            "2000",
+        ]
+    return [
+        sys.executable,
+        str(Path(__file__).resolve()),
+        "--run-stage",
+        stage,
+        "--data",
+        str(data),
+        "--url",
+        url,
+    ]
 
 
 def results(stage: str, data: Path) -> dict:
     """What a stage produced, as comparable values."""
     from assets.partitions import DEFAULT_LATENTS_PER_SHARD
-    from storage.activations import LATENT_STATS_FILE, load_latent_stats, read_shard, shard_count, shard_keys
+    from storage.activations import (
+        LATENT_STATS_FILE,
+        load_latent_stats,
+        read_shard,
+        shard_count,
+        shard_keys,
+    )
     from storage.layout import DataRoot
 
     root = DataRoot.at(data)
     if stage == "cache":
         acts = root.activations_dir(CODER)
-        out = {f"shard {k}": (read_shard(acts, k).locations.tolist(), read_shard(acts, k).activations.tolist()) for k in shard_keys(shard_count(WIDTH, DEFAULT_LATENTS_PER_SHARD))}
+        out = {
+            f"shard {k}": (
+                read_shard(acts, k).locations.tolist(),
+                read_shard(acts, k).activations.tolist(),
+            )
+            for k in shard_keys(shard_count(WIDTH, DEFAULT_LATENTS_PER_SHARD))
+        }
         stats = load_latent_stats(acts / LATENT_STATS_FILE)
         return out | {f"stats {k}": np.asarray(v).tolist() for k, v in stats.items()}
-    path = {"exemplars": root.exemplars_path(CODER, "00"), "explanations": root.explanations_path(CODER, "00"),
-            "scores": root.scores_path(CODER, "00", "detection")}[stage]
+    path = {
+        "exemplars": root.exemplars_path(CODER, "00"),
+        "explanations": root.explanations_path(CODER, "00"),
+        "scores": root.scores_path(CODER, "00", "detection"),
+    }[stage]
     return {"table": pd.read_parquet(path).to_json(orient="records", double_precision=15)}
 
 
 def run_to_end(stage: str, data: Path, url: str) -> float:
     started = time.perf_counter()
-    done = subprocess.run(command(stage, data, url), cwd=ROOT, capture_output=True, text=True, timeout=900)
+    done = subprocess.run(
+        command(stage, data, url), cwd=ROOT, capture_output=True, text=True, timeout=900
+    )
     if done.returncode != 0:
         raise RuntimeError(f"{stage} failed: {done.stderr[-3000:]}")
     return time.perf_counter() - started
@@ -118,7 +198,13 @@ def run_to_end(stage: str, data: Path, url: str) -> float:
 def killed_when(stage: str, data: Path, url: str, ready, timeout_s: float) -> bool:
     """Start the stage and SIGKILL it as soon as `ready()` holds (or after `timeout_s`); False if it
     finished first."""
-    proc = subprocess.Popen(command(stage, data, url), cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    proc = subprocess.Popen(
+        command(stage, data, url),
+        cwd=ROOT,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
     deadline = time.monotonic() + timeout_s
     while proc.poll() is None and not ready() and time.monotonic() < deadline:
         time.sleep(0.02)
@@ -142,7 +228,9 @@ def checkpoints(data: Path) -> int:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--kills", type=int, default=3, help="kills per stage, spread over its run time")
+    parser.add_argument(
+        "--kills", type=int, default=3, help="kills per stage, spread over its run time"
+    )
     parser.add_argument("--stages", default=",".join(STAGES))
     parser.add_argument("--run-stage", help=argparse.SUPPRESS)
     parser.add_argument("--data", help=argparse.SUPPRESS)
@@ -158,7 +246,9 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as work, ScriptedLLMServer(judge, delay_s=0.4) as server:
         base = Path(work) / "base"
         prepare(base)
-        for stage in STAGES:  # every stage up to the last one asked for runs; the asked ones are killed
+        for (
+            stage
+        ) in STAGES:  # every stage up to the last one asked for runs; the asked ones are killed
             if stage not in stages and STAGES.index(stage) > max(STAGES.index(s) for s in stages):
                 break
             reference = Path(work) / f"reference-{stage}"
@@ -176,16 +266,31 @@ def main() -> None:
                 if stage == "cache":
                     ready = lambda target=max(1, int(total * share)): checkpoints(base) >= target
                 elif stage == "exemplars":
-                    ready = lambda until=time.monotonic() + seconds * (0.5 + 0.45 * share): time.monotonic() >= until
+                    ready = lambda until=time.monotonic() + seconds * (0.5 + 0.45 * share): (
+                        time.monotonic() >= until
+                    )
                 else:
-                    ready = lambda target=first_request + max(1, int(total * share)): len(server.requests) >= target
+                    ready = lambda target=first_request + max(1, int(total * share)): (
+                        len(server.requests) >= target
+                    )
                 if killed_when(stage, base, server.base_url, ready, timeout_s=seconds * 3 + 60):
-                    kills.append(f"{seconds * (0.5 + 0.45 * share):.1f} s" if stage == "exemplars" else f"{share:.0%}")
+                    kills.append(
+                        f"{seconds * (0.5 + 0.45 * share):.1f} s"
+                        if stage == "exemplars"
+                        else f"{share:.0%}"
+                    )
             run_to_end(stage, base, server.base_url)
             identical = results(stage, base) == expected
-            report["stages"][stage] = {"reference_s": round(seconds, 1), "killed_at": kills, "identical": identical}
+            report["stages"][stage] = {
+                "reference_s": round(seconds, 1),
+                "killed_at": kills,
+                "identical": identical,
+            }
             report["kills"] += len(kills)
-            print(f"{stage}: reference {seconds:.1f} s, killed at {kills} of its work, then run to the end: {'identical' if identical else 'DIFFERENT'}", flush=True)
+            print(
+                f"{stage}: reference {seconds:.1f} s, killed at {kills} of its work, then run to the end: {'identical' if identical else 'DIFFERENT'}",
+                flush=True,
+            )
     report["identical_results"] = all(s["identical"] for s in report["stages"].values())
     print(json.dumps(report))
 

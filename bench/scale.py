@@ -21,6 +21,7 @@ largest partition over the smallest's (flat memory: ≤ 1.1).
 
     .venv/bin/python bench/scale.py --data /tmp/scale
 """
+
 import argparse
 import asyncio
 import json
@@ -66,15 +67,21 @@ class Stages:
             wall, cpu = time.perf_counter() - started, time.process_time() - cpu
             done.set()
             sampler.join()
-            self.stages[name] = {"latents": latents, "ms_per_latent": round(1000 * wall / max(1, latents), 2), "wall_s": round(wall, 1),
-                                 "cpu_ms_per_latent": round(1000 * cpu / max(1, latents), 2),  # this process's CPU: less moved by a loaded machine
-                                 "peak_rss_mb": round(max(peak[0], psutil.Process().memory_info().rss) / 2**20)}
+            self.stages[name] = {
+                "latents": latents,
+                "ms_per_latent": round(1000 * wall / max(1, latents), 2),
+                "wall_s": round(wall, 1),
+                "cpu_ms_per_latent": round(
+                    1000 * cpu / max(1, latents), 2
+                ),  # this process's CPU: less moved by a loaded machine
+                "peak_rss_mb": round(max(peak[0], psutil.Process().memory_info().rss) / 2**20),
+            }
 
 
 def measure(data: Path, partition_latents: int, n_latents: int) -> dict:
     """Every stage on latents [0, partition_latents) of the coder, in this process."""
-    import openai  # noqa: F401  (before the clocks, as bench/stage_costs.py does: importing the SDK, 1-4 s, is the process's cost, not a stage's)
     import numpy as np
+    import openai  # noqa: F401  (before the clocks, as bench/stage_costs.py does: importing the SDK, 1-4 s, is the process's cost, not a stage's)
     import pandas as pd
 
     from assets.exemplars import ExemplarsConfig, exemplar_batches, negative_sources
@@ -85,7 +92,12 @@ def measure(data: Path, partition_latents: int, n_latents: int) -> dict:
     from assets.scores import score_partition
     from resources.embedder import EmbedderResource
     from resources.llm import LLMResource
-    from storage.activations import LATENT_STATS_FILE, load_latent_stats, read_cache_meta, read_latents
+    from storage.activations import (
+        LATENT_STATS_FILE,
+        load_latent_stats,
+        read_cache_meta,
+        read_latents,
+    )
     from storage.corpus import load_corpus
     from storage.layout import DataRoot
     from storage.tables import write_table_batches
@@ -104,14 +116,18 @@ def measure(data: Path, partition_latents: int, n_latents: int) -> dict:
     table = Path(tempfile.mkdtemp()) / "exemplars.parquet"
 
     def exemplars():  # as the asset does: batches of latents built and written as row groups
-        acts = read_latents(acts_dir, np.arange(partition_latents), meta["width"], meta["latents_per_shard"])
+        acts = read_latents(
+            acts_dir, np.arange(partition_latents), meta["width"], meta["latents_per_shard"]
+        )
         stats = load_latent_stats(acts_dir / LATENT_STATS_FILE)
         latents = sorted(int(x) for x in np.unique(acts.locations[:, 2]))
         sources = negative_sources(root, CODER, corpus, config, latents, embedder, meta)
         parts = []
 
         def frames():
-            for frame, profiles in exemplar_batches(acts, corpus.tokens, config, sources, stats, meta["tokens"]):
+            for frame, profiles in exemplar_batches(
+                acts, corpus.tokens, config, sources, stats, meta["tokens"]
+            ):
                 parts.append(profiles)
                 yield frame
 
@@ -121,34 +137,74 @@ def measure(data: Path, partition_latents: int, n_latents: int) -> dict:
     profiles = stages("exemplars", partition_latents, exemplars)
     explained = sorted(int(x) for x in profiles["latent"])
     chosen = explained[:n_latents]
-    windows = CorpusWindows(root.lancedb_dir, corpus.meta["hash"], corpus.tokens, window_embedding(embedder.model))
+    windows = CorpusWindows(
+        root.lancedb_dir, corpus.meta["hash"], corpus.tokens, window_embedding(embedder.model)
+    )
     requests = {}
-    server = subprocess.Popen([sys.executable, "-m", "tests.scripted_llm_server", "--delay", "0", "--by-prompt"], stdout=subprocess.PIPE, text=True, cwd=ROOT)
+    server = subprocess.Popen(
+        [sys.executable, "-m", "tests.scripted_llm_server", "--delay", "0", "--by-prompt"],
+        stdout=subprocess.PIPE,
+        text=True,
+        cwd=ROOT,
+    )
     try:
         base_url = server.stdout.readline().strip()
         with tempfile.TemporaryDirectory() as caches:
+
             def client(name):
-                return LLMResource(backend="openai", base_url=base_url, model="scripted", max_concurrency=32).client(Path(caches) / name)
+                return LLMResource(
+                    backend="openai", base_url=base_url, model="scripted", max_concurrency=32
+                ).client(Path(caches) / name)
 
             llm = client("explanations")
             explainer = EXPLAINERS["highlighted"](ExplainerSettings(), ExplainerDeps(llm=llm))
-            explanations = stages("explanations", len(chosen), lambda: asyncio.run(
-                explain_all(explainer, ExplanationsConfig(), table, profiles, chosen, vocab, embedder.embed, None, CODER)))
+            explanations = stages(
+                "explanations",
+                len(chosen),
+                lambda: asyncio.run(
+                    explain_all(
+                        explainer,
+                        ExplanationsConfig(),
+                        table,
+                        profiles,
+                        chosen,
+                        vocab,
+                        embedder.embed,
+                        None,
+                        CODER,
+                    )
+                ),
+            )
             requests["explanations"] = llm.ledger.requests
             settings = scorer_settings()
             for name in ("detection", "fuzzing", "embedding"):
-                deps = ScorerDeps(llm=client(name)) if name != "embedding" else ScorerDeps(embedder=embedder, corpus_windows=windows)
+                deps = (
+                    ScorerDeps(llm=client(name))
+                    if name != "embedding"
+                    else ScorerDeps(embedder=embedder, corpus_windows=windows)
+                )
                 scorer = SCORERS[name](settings[name], deps)
-                stages(name, len(chosen), lambda: asyncio.run(score_partition(scorer, table, explanations, vocab)))
+                stages(
+                    name,
+                    len(chosen),
+                    lambda: asyncio.run(score_partition(scorer, table, explanations, vocab)),
+                )
                 requests[name] = deps.llm.ledger.requests if deps.llm is not None else 0
     finally:
         server.kill()
         server.wait()
     for name, n in requests.items():
         stages.stages[name]["requests_per_latent"] = round(n / max(1, len(chosen)), 2)
-    stages.stages["exemplars"]["ms_per_explainable_latent"] = round(1000 * stages.stages["exemplars"]["wall_s"] / max(1, len(explained)), 2)
-    return {"partition_latents": partition_latents, "explainable_latents": len(explained), "latents_explained_and_scored": len(chosen),
-            "stages": stages.stages, "peak_rss_mb": max(s["peak_rss_mb"] for s in stages.stages.values())}
+    stages.stages["exemplars"]["ms_per_explainable_latent"] = round(
+        1000 * stages.stages["exemplars"]["wall_s"] / max(1, len(explained)), 2
+    )
+    return {
+        "partition_latents": partition_latents,
+        "explainable_latents": len(explained),
+        "latents_explained_and_scored": len(chosen),
+        "stages": stages.stages,
+        "peak_rss_mb": max(s["peak_rss_mb"] for s in stages.stages.values()),
+    }
 
 
 RANGED_SHARDS = 4
@@ -161,7 +217,9 @@ def shard_partitions(data: Path) -> list[str]:
     from storage.activations import read_cache_meta
     from storage.layout import DataRoot
 
-    return shard_partition_keys(CODER, read_cache_meta(DataRoot.at(data).activations_dir(CODER))["width"], CACHE_SHARD)
+    return shard_partition_keys(
+        CODER, read_cache_meta(DataRoot.at(data).activations_dir(CODER))["width"], CACHE_SHARD
+    )
 
 
 RUN = """
@@ -185,13 +243,31 @@ def dagster_run_seconds(data: Path, scripted_url: str, shards: int, cli: bool = 
     home.mkdir(exist_ok=True)
     (home / "dagster.yaml").write_text("telemetry:\n  enabled: false\n")
     instance = DagsterInstance.from_config(str(home))
-    instance.add_dynamic_partitions("shard", [k for k in shard_partitions(data) if not instance.has_dynamic_partition("shard", k)])
+    instance.add_dynamic_partitions(
+        "shard",
+        [k for k in shard_partitions(data) if not instance.has_dynamic_partition("shard", k)],
+    )
     deployment = data / "scale.toml"
-    deployment.write_text(f'[settings]\ndata_dir = "{data}"\nlatents_per_shard = {CACHE_SHARD}\nmax_latents_per_shard = 1\npartitions_per_run = {shards}\n'
-                          f'[llm]\nbackend = "openai"\nbase_url = "{scripted_url}"\nmodel = "scripted"\n[explanations]\nexplainer = "highlighted"\n')
+    deployment.write_text(
+        f'[settings]\ndata_dir = "{data}"\nlatents_per_shard = {CACHE_SHARD}\nmax_latents_per_shard = 1\npartitions_per_run = {shards}\n'
+        f'[llm]\nbackend = "openai"\nbase_url = "{scripted_url}"\nmodel = "scripted"\n[explanations]\nexplainer = "highlighted"\n'
+    )
     env = {**os.environ, "DAGSTER_HOME": str(home), "AUTOINTERP_DEPLOYMENT": str(deployment)}
-    command = ([str(Path(sys.executable).parent / "dagster"), "asset", "materialize", "-m", "autointerp_defs", "--select", "explanations", "--partition", shard_partitions(data)[0]]
-               if cli else [sys.executable, "-c", RUN, *shard_partitions(data)[:shards]])
+    command = (
+        [
+            str(Path(sys.executable).parent / "dagster"),
+            "asset",
+            "materialize",
+            "-m",
+            "autointerp_defs",
+            "--select",
+            "explanations",
+            "--partition",
+            shard_partitions(data)[0],
+        ]
+        if cli
+        else [sys.executable, "-c", RUN, *shard_partitions(data)[:shards]]
+    )
     started = time.perf_counter()
     subprocess.run(command, env=env, cwd=ROOT, check=True, capture_output=True)
     return time.perf_counter() - started
@@ -210,20 +286,46 @@ def write_shard_inputs(data: Path) -> None:
     keys = shard_partitions(data)[:RANGED_SHARDS]
     instance = DagsterInstance.ephemeral()
     instance.add_dynamic_partitions("shard", keys)
-    resources = {"settings": AutointerpSettings(data_dir=str(data), latents_per_shard=CACHE_SHARD), "subject_model": SubjectModelResource(),
-                 "embedder": EmbedderResource(), "llm": LLMResource()}
-    materialize(list(build_definitions("local").assets), selection=["exemplars"], resources=resources, instance=instance,
-                tags={"dagster/asset_partition_range_start": keys[0], "dagster/asset_partition_range_end": keys[-1]})
+    resources = {
+        "settings": AutointerpSettings(data_dir=str(data), latents_per_shard=CACHE_SHARD),
+        "subject_model": SubjectModelResource(),
+        "embedder": EmbedderResource(),
+        "llm": LLMResource(),
+    }
+    materialize(
+        list(build_definitions("local").assets),
+        selection=["exemplars"],
+        resources=resources,
+        instance=instance,
+        tags={
+            "dagster/asset_partition_range_start": keys[0],
+            "dagster/asset_partition_range_end": keys[-1],
+        },
+    )
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--data", type=Path, default=None, help="data root to build or reuse (default: a temporary one)")
-    parser.add_argument("--tokens", type=int, default=262_144, help="corpus tokens (the embedded corpus holds about 258K: all of it)")
+    parser.add_argument(
+        "--data",
+        type=Path,
+        default=None,
+        help="data root to build or reuse (default: a temporary one)",
+    )
+    parser.add_argument(
+        "--tokens",
+        type=int,
+        default=262_144,
+        help="corpus tokens (the embedded corpus holds about 258K: all of it)",
+    )
     parser.add_argument("--width", type=int, default=131_072)
     parser.add_argument("--k", type=int, default=32)
-    parser.add_argument("--partitions", default="1024,8192,32768", help="partition sizes in latents")
-    parser.add_argument("--latents", type=int, default=2000, help="latents explained and scored per partition size")
+    parser.add_argument(
+        "--partitions", default="1024,8192,32768", help="partition sizes in latents"
+    )
+    parser.add_argument(
+        "--latents", type=int, default=2000, help="latents explained and scored per partition size"
+    )
     parser.add_argument("--measure", type=int, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.measure is not None:
@@ -237,23 +339,58 @@ def main() -> None:
         print(f"prepared in {time.perf_counter() - started:.0f} s", file=sys.stderr)
         results = []
         for size in (int(s) for s in args.partitions.split(",")):
-            done = subprocess.run([sys.executable, str(Path(__file__).resolve()), "--measure", str(size), "--data", str(args.data), "--latents", str(args.latents)],
-                                  cwd=ROOT, capture_output=True, text=True)
+            done = subprocess.run(
+                [
+                    sys.executable,
+                    str(Path(__file__).resolve()),
+                    "--measure",
+                    str(size),
+                    "--data",
+                    str(args.data),
+                    "--latents",
+                    str(args.latents),
+                ],
+                cwd=ROOT,
+                capture_output=True,
+                text=True,
+            )
             if done.returncode:
                 raise RuntimeError(f"partition of {size} latents failed:\n{done.stderr[-4000:]}")
             results.append(json.loads(done.stdout.strip().splitlines()[-1]))
-            print(f"{size} latents: " + ", ".join(f"{k} {v['ms_per_latent']} ms ({v['peak_rss_mb']} MB)" for k, v in results[-1]["stages"].items()), file=sys.stderr)
+            print(
+                f"{size} latents: "
+                + ", ".join(
+                    f"{k} {v['ms_per_latent']} ms ({v['peak_rss_mb']} MB)"
+                    for k, v in results[-1]["stages"].items()
+                ),
+                file=sys.stderr,
+            )
 
         from tests.scripted_llm_server import ScriptedLLMServer, answer_by_prompt
 
         write_shard_inputs(args.data)
         with ScriptedLLMServer(answer_by_prompt) as server:
             cli_s = dagster_run_seconds(args.data, server.base_url, 1, cli=True)
-            run_s = {n: dagster_run_seconds(args.data, server.base_url, n) for n in (1, RANGED_SHARDS)}
+            run_s = {
+                n: dagster_run_seconds(args.data, server.base_url, n) for n in (1, RANGED_SHARDS)
+            }
         default = next((r for r in results if r["partition_latents"] == CACHE_SHARD), results[0])
-        llm_stages = ("explanations", "detection", "fuzzing")  # one run per shard runs them all (and exemplars, embedding)
-        work_instant_s = sum(default["stages"][s]["ms_per_latent"] for s in (*llm_stages, "embedding")) * CACHE_SHARD / 1000
-        work_endpoint_s = CACHE_SHARD * sum(default["stages"][s]["requests_per_latent"] for s in llm_stages) * 1.0 / 32
+        llm_stages = (
+            "explanations",
+            "detection",
+            "fuzzing",
+        )  # one run per shard runs them all (and exemplars, embedding)
+        work_instant_s = (
+            sum(default["stages"][s]["ms_per_latent"] for s in (*llm_stages, "embedding"))
+            * CACHE_SHARD
+            / 1000
+        )
+        work_endpoint_s = (
+            CACHE_SHARD
+            * sum(default["stages"][s]["requests_per_latent"] for s in llm_stages)
+            * 1.0
+            / 32
+        )
         # a run's cost per shard it holds: the CLI's cold run, plus what each further shard of a range adds (its one latent's work included: an upper bound)
         per_shard = {n: (cli_s + (run_s[n] - run_s[1])) / n for n in run_s}
         from storage.activations import read_cache_meta
@@ -261,12 +398,31 @@ def main() -> None:
 
         meta = read_cache_meta(DataRoot.at(args.data).activations_dir(CODER))
     rss = [r["peak_rss_mb"] for r in results]
-    report = {"coder": CODER, "width": meta["width"], "k": args.k, "tokens": meta["tokens"], "cache_tokens_per_second": round(meta["tokens_per_second"], 1),
-              "live_latents": meta["live_latents"], "by_partition_size": results,
-              "dagster_cli_run_s": round(cli_s, 1), "dagster_run_s": round(run_s[1], 1), f"dagster_run_s_{RANGED_SHARDS}_shards": round(run_s[RANGED_SHARDS], 1),
-              **{f"dagster_overhead_share_{n}_per_run_{where}": round(per_shard[n] / (per_shard[n] + work), 3)
-                 for n in run_s for where, work in (("instant_endpoint", work_instant_s), ("1s_endpoint_32_concurrent", work_endpoint_s))},
-              "peak_rss_mb_smallest_partition": rss[0], "peak_rss_mb_largest_partition": rss[-1], "ratio": round(rss[-1] / rss[0], 3)}
+    report = {
+        "coder": CODER,
+        "width": meta["width"],
+        "k": args.k,
+        "tokens": meta["tokens"],
+        "cache_tokens_per_second": round(meta["tokens_per_second"], 1),
+        "live_latents": meta["live_latents"],
+        "by_partition_size": results,
+        "dagster_cli_run_s": round(cli_s, 1),
+        "dagster_run_s": round(run_s[1], 1),
+        f"dagster_run_s_{RANGED_SHARDS}_shards": round(run_s[RANGED_SHARDS], 1),
+        **{
+            f"dagster_overhead_share_{n}_per_run_{where}": round(
+                per_shard[n] / (per_shard[n] + work), 3
+            )
+            for n in run_s
+            for where, work in (
+                ("instant_endpoint", work_instant_s),
+                ("1s_endpoint_32_concurrent", work_endpoint_s),
+            )
+        },
+        "peak_rss_mb_smallest_partition": rss[0],
+        "peak_rss_mb_largest_partition": rss[-1],
+        "ratio": round(rss[-1] / rss[0], 3),
+    }
     print(json.dumps(report))
 
 

@@ -19,9 +19,10 @@ Prints a JSON object as its last line.
 
     .venv/bin/python bench/stage_costs.py --data /tmp/stage_costs --baseline 6f1e93b
 """
+
 import argparse
-import json
 import importlib
+import json
 import os
 import resource
 import statistics
@@ -38,7 +39,13 @@ sys.path.insert(0, str(CODE))
 
 HOOKPOINT = "model.layers.15"
 CODER = f"bench-topk16k/{HOOKPOINT}"
-TARGET_MS = {"exemplars": 10.0, "explanations": 5.0, "detection": 5.0, "fuzzing": 5.0, "embedding": 10.0}
+TARGET_MS = {
+    "exemplars": 10.0,
+    "explanations": 5.0,
+    "detection": 5.0,
+    "fuzzing": 5.0,
+    "embedding": 10.0,
+}
 
 
 def prepare(data: Path, tokens: int, width: int, k: int, coder_key: str = CODER) -> None:
@@ -61,13 +68,25 @@ def prepare(data: Path, tokens: int, width: int, k: int, coder_key: str = CODER)
         build_corpus(CorpusConfig(n_tokens=tokens), subject.tokenizer(), root)
         g = torch.Generator().manual_seed(0)
         decoder = torch.nn.functional.normalize(torch.randn(width, 576, generator=g), dim=1)
-        coder = SparseCoder(coder_key.split("/")[0], HOOKPOINT, "topk", d_in=576, width=width, encoder_weight=decoder.clone(),
-                            encoder_bias=torch.zeros(width), decoder_weight=decoder, decoder_bias=torch.zeros(576), k=k)
+        coder = SparseCoder(
+            coder_key.split("/")[0],
+            HOOKPOINT,
+            "topk",
+            d_in=576,
+            width=width,
+            encoder_weight=decoder.clone(),
+            encoder_bias=torch.zeros(width),
+            decoder_weight=decoder,
+            decoder_bias=torch.zeros(576),
+            k=k,
+        )
         save_sparsify(coder, root.registry_dir / coder.name / HOOKPOINT)
         started = time.perf_counter()
         cache_activations([load_registered(root.registry_dir, coder_key)], subject, root)
         print(f"cached {tokens} tokens in {time.perf_counter() - started:.0f} s", file=sys.stderr)
-    context_index(root, load_corpus(root), ExemplarsConfig().example_ctx_len, EmbedderResource())  # once per corpus, not per partition
+    context_index(
+        root, load_corpus(root), ExemplarsConfig().example_ctx_len, EmbedderResource()
+    )  # once per corpus, not per partition
 
 
 class Meter:
@@ -79,7 +98,10 @@ class Meter:
     def __call__(self, name, work):
         wall, cpu = time.perf_counter(), time.process_time()
         out = work()
-        self.stages[name] = {"wall_s": time.perf_counter() - wall, "cpu_s": time.process_time() - cpu}
+        self.stages[name] = {
+            "wall_s": time.perf_counter() - wall,
+            "cpu_s": time.process_time() - cpu,
+        }
         return out
 
 
@@ -97,7 +119,12 @@ def measure(data: Path, shard: str, n_latents: int, out: Path) -> dict:
     from assets.scores import score_partition
     from resources.embedder import EmbedderResource
     from resources.llm import LLMResource
-    from storage.activations import LATENT_STATS_FILE, load_latent_stats, read_cache_meta, read_shard
+    from storage.activations import (
+        LATENT_STATS_FILE,
+        load_latent_stats,
+        read_cache_meta,
+        read_shard,
+    )
     from storage.corpus import load_corpus
     from storage.layout import DataRoot
     from storage.tables import write_table
@@ -118,7 +145,9 @@ def measure(data: Path, shard: str, n_latents: int, out: Path) -> dict:
         stats = load_latent_stats(acts_dir / LATENT_STATS_FILE)
         latents = sorted({int(x) for x in set(shard_acts.locations[:, 2].tolist())})
         sources = negative_sources(root, CODER, corpus, config, latents, embedder, meta)
-        frame, profiles = build_exemplars(shard_acts, corpus.tokens, config, sources, stats, meta["tokens"])
+        frame, profiles = build_exemplars(
+            shard_acts, corpus.tokens, config, sources, stats, meta["tokens"]
+        )
         write_table(frame, out / "exemplars.parquet", "exemplars")
         write_table(profiles, out / "profiles.parquet", "latent_profiles")
         return frame, profiles
@@ -128,44 +157,90 @@ def measure(data: Path, shard: str, n_latents: int, out: Path) -> dict:
     chosen = explained[:n_latents] if n_latents else explained
     frame = frame[frame["latent"].isin(chosen)].reset_index(drop=True)
     windows = None
-    if "corpus_windows" in ScorerDeps.__dataclass_fields__:  # as the assets do since: the exemplars file, read a chunk at a time, and the corpus window vectors
+    if (
+        "corpus_windows" in ScorerDeps.__dataclass_fields__
+    ):  # as the assets do since: the exemplars file, read a chunk at a time, and the corpus window vectors
         from assets.prompts import window_embedding
         from storage.vector_store import CorpusWindows
 
         frame = out / "exemplars.parquet"
-        windows = CorpusWindows(root.lancedb_dir, corpus.meta["hash"], corpus.tokens, window_embedding(embedder.model))
+        windows = CorpusWindows(
+            root.lancedb_dir, corpus.meta["hash"], corpus.tokens, window_embedding(embedder.model)
+        )
 
-    server = subprocess.Popen([sys.executable, "-m", "tests.scripted_llm_server", "--delay", "0", "--by-prompt"], stdout=subprocess.PIPE, text=True, cwd=ROOT)
+    server = subprocess.Popen(
+        [sys.executable, "-m", "tests.scripted_llm_server", "--delay", "0", "--by-prompt"],
+        stdout=subprocess.PIPE,
+        text=True,
+        cwd=ROOT,
+    )
     try:
         base_url = server.stdout.readline().strip()
         with tempfile.TemporaryDirectory() as caches:
-            def client(name):  # a fresh response cache per stage: every request is sent
-                return LLMResource(backend="openai", base_url=base_url, model="scripted").client(Path(caches) / name)
 
-            explainer = EXPLAINERS["highlighted"](ExplainerSettings(), ExplainerDeps(llm=client("explanations")))
-            explanations = meter("explanations", lambda: asyncio.run(explain_all(explainer, ExplanationsConfig(), frame, profiles, chosen, vocab, embedder.embed, None, CODER)))
+            def client(name):  # a fresh response cache per stage: every request is sent
+                return LLMResource(backend="openai", base_url=base_url, model="scripted").client(
+                    Path(caches) / name
+                )
+
+            explainer = EXPLAINERS["highlighted"](
+                ExplainerSettings(), ExplainerDeps(llm=client("explanations"))
+            )
+            explanations = meter(
+                "explanations",
+                lambda: asyncio.run(
+                    explain_all(
+                        explainer,
+                        ExplanationsConfig(),
+                        frame,
+                        profiles,
+                        chosen,
+                        vocab,
+                        embedder.embed,
+                        None,
+                        CODER,
+                    )
+                ),
+            )
             explanations.to_parquet(out / "explanations.parquet")
             settings = scorer_settings()
             digests = {}
             for name in ("detection", "fuzzing", "embedding"):
-                deps = ScorerDeps(llm=client(name)) if name != "embedding" else ScorerDeps(embedder=embedder, **({"corpus_windows": windows} if windows else {}))
+                deps = (
+                    ScorerDeps(llm=client(name))
+                    if name != "embedding"
+                    else ScorerDeps(
+                        embedder=embedder, **({"corpus_windows": windows} if windows else {})
+                    )
+                )
                 scorer = SCORERS[name](settings[name], deps)
                 digests[name] = scorer.settings.digest()
-                scores, examples = meter(name, lambda: asyncio.run(score_partition(scorer, frame, explanations, vocab)))
+                scores, examples = meter(
+                    name, lambda: asyncio.run(score_partition(scorer, frame, explanations, vocab))
+                )
                 scores.to_parquet(out / f"{name}.parquet")
                 examples.to_parquet(out / f"{name}.examples.parquet")
     finally:
         server.kill()
         server.wait()
-    return {"explained_latents_in_shard": len(explained), "latents_scored": len(chosen), "stages": meter.stages, "settings_digests": digests,
-            "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)}
+    return {
+        "explained_latents_in_shard": len(explained),
+        "latents_scored": len(chosen),
+        "stages": meter.stages,
+        "settings_digests": digests,
+        "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+    }
 
 
 def per_latent(result: dict) -> dict:
     """ms per latent: exemplars over the shard's explained latents, the other stages over those they handled."""
     out = {}
     for stage, t in result["stages"].items():
-        n = result["explained_latents_in_shard"] if stage == "exemplars" else result["latents_scored"]
+        n = (
+            result["explained_latents_in_shard"]
+            if stage == "exemplars"
+            else result["latents_scored"]
+        )
         out[stage] = {"wall_ms": 1000 * t["wall_s"] / n, "cpu_ms": 1000 * t["cpu_s"] / n}
     return out
 
@@ -185,7 +260,9 @@ def same_tables(a: Path, b: Path, digests_a: dict, digests_b: dict) -> dict:
         verdicts[path.stem] = compare(pd.read_parquet(path), pd.read_parquet(other))
         scorer = path.stem.split(".")[0]
         if digests_a.get(scorer) != digests_b.get(scorer):
-            verdicts[path.stem] = f"settings differ ({digests_b.get(scorer)} → {digests_a.get(scorer)}): {verdicts[path.stem]}"
+            verdicts[path.stem] = (
+                f"settings differ ({digests_b.get(scorer)} → {digests_a.get(scorer)}): {verdicts[path.stem]}"
+            )
     return verdicts
 
 
@@ -210,9 +287,29 @@ def compare(left, right) -> str:
 
 
 def run_child(code: Path, args, out: Path) -> dict:
-    env = {**os.environ, "STAGE_COSTS_CODE": str(code), "PYTHONPATH": f"{code}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
-    done = subprocess.run([sys.executable, str(Path(__file__).resolve()), "--measure", str(out), "--data", str(args.data), "--shard", args.shard,
-                           "--latents", str(args.latents)], env=env, cwd=ROOT, capture_output=True, text=True)
+    env = {
+        **os.environ,
+        "STAGE_COSTS_CODE": str(code),
+        "PYTHONPATH": f"{code}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
+    }
+    done = subprocess.run(
+        [
+            sys.executable,
+            str(Path(__file__).resolve()),
+            "--measure",
+            str(out),
+            "--data",
+            str(args.data),
+            "--shard",
+            args.shard,
+            "--latents",
+            str(args.latents),
+        ],
+        env=env,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+    )
     if done.returncode:
         raise RuntimeError(f"measuring {code} failed:\n{done.stderr[-4000:]}")
     return json.loads(done.stdout.strip().splitlines()[-1])
@@ -223,23 +320,45 @@ def summarize(results: list[dict]) -> dict:
     for stage in TARGET_MS:
         walls = [per_latent(r)[stage]["wall_ms"] for r in results]
         cpus = [per_latent(r)[stage]["cpu_ms"] for r in results]
-        stages[stage] = {"wall_ms": round(statistics.median(walls), 2), "cpu_ms": round(statistics.median(cpus), 2),
-                         "wall_ms_repeats": [round(w, 2) for w in walls], "target_ms": TARGET_MS[stage],
-                         "over_target": round(statistics.median(walls) / TARGET_MS[stage], 3)}
-    return {"stages": stages, "peak_rss_mb": max(r["peak_rss_mb"] for r in results),
-            "explained_latents_in_shard": results[0]["explained_latents_in_shard"], "latents_scored": results[0]["latents_scored"]}
+        stages[stage] = {
+            "wall_ms": round(statistics.median(walls), 2),
+            "cpu_ms": round(statistics.median(cpus), 2),
+            "wall_ms_repeats": [round(w, 2) for w in walls],
+            "target_ms": TARGET_MS[stage],
+            "over_target": round(statistics.median(walls) / TARGET_MS[stage], 3),
+        }
+    return {
+        "stages": stages,
+        "peak_rss_mb": max(r["peak_rss_mb"] for r in results),
+        "explained_latents_in_shard": results[0]["explained_latents_in_shard"],
+        "latents_scored": results[0]["latents_scored"],
+    }
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--data", type=Path, default=None, help="data root to build or reuse (default: a temporary one)")
+    parser.add_argument(
+        "--data",
+        type=Path,
+        default=None,
+        help="data root to build or reuse (default: a temporary one)",
+    )
     parser.add_argument("--tokens", type=int, default=65_536)
     parser.add_argument("--width", type=int, default=16_384)
     parser.add_argument("--k", type=int, default=32)
     parser.add_argument("--shard", default="00")
-    parser.add_argument("--latents", type=int, default=0, help="explain and score only the first N explained latents (0 = all)")
+    parser.add_argument(
+        "--latents",
+        type=int,
+        default=0,
+        help="explain and score only the first N explained latents (0 = all)",
+    )
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--baseline", default=None, help="a commit to measure in the same run, e.g. the one before the change")
+    parser.add_argument(
+        "--baseline",
+        default=None,
+        help="a commit to measure in the same run, e.g. the one before the change",
+    )
     parser.add_argument("--measure", type=Path, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.measure is not None:
@@ -253,21 +372,58 @@ def main() -> None:
         if args.baseline:
             codes["baseline"] = Path(tmp) / "baseline"
             codes["baseline"].mkdir()
-            archive = subprocess.run(["git", "-C", str(ROOT), "archive", args.baseline], check=True, capture_output=True).stdout
+            archive = subprocess.run(
+                ["git", "-C", str(ROOT), "archive", args.baseline], check=True, capture_output=True
+            ).stdout
             subprocess.run(["tar", "-x", "-C", str(codes["baseline"])], input=archive, check=True)
         results = {name: [] for name in codes}
-        for repeat in range(args.repeats):  # alternating, so a noisy machine's drifts hit both alike
+        for repeat in range(
+            args.repeats
+        ):  # alternating, so a noisy machine's drifts hit both alike
             for name, code in codes.items():
                 results[name].append(run_child(code, args, Path(tmp) / name))
-                print(f"repeat {repeat + 1} {name}: " + ", ".join(f"{s} {v['wall_ms']:.1f}" for s, v in per_latent(results[name][-1]).items()), file=sys.stderr)
-        commit = subprocess.run(["git", "-C", str(ROOT), "describe", "--always", "--dirty"], capture_output=True, text=True).stdout.strip()
-        report = {"commit": commit, "coder": CODER, "tokens": args.tokens, "width": args.width, "k": args.k, "shard": args.shard, "repeats": args.repeats,
-                  "current": summarize(results["current"])}
+                print(
+                    f"repeat {repeat + 1} {name}: "
+                    + ", ".join(
+                        f"{s} {v['wall_ms']:.1f}" for s, v in per_latent(results[name][-1]).items()
+                    ),
+                    file=sys.stderr,
+                )
+        commit = subprocess.run(
+            ["git", "-C", str(ROOT), "describe", "--always", "--dirty"],
+            capture_output=True,
+            text=True,
+        ).stdout.strip()
+        report = {
+            "commit": commit,
+            "coder": CODER,
+            "tokens": args.tokens,
+            "width": args.width,
+            "k": args.k,
+            "shard": args.shard,
+            "repeats": args.repeats,
+            "current": summarize(results["current"]),
+        }
         if args.baseline:
-            report["baseline_commit"] = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", args.baseline], capture_output=True, text=True).stdout.strip()
+            report["baseline_commit"] = subprocess.run(
+                ["git", "-C", str(ROOT), "rev-parse", "--short", args.baseline],
+                capture_output=True,
+                text=True,
+            ).stdout.strip()
             report["baseline"] = summarize(results["baseline"])
-            report["speedup"] = {s: round(report["baseline"]["stages"][s]["wall_ms"] / report["current"]["stages"][s]["wall_ms"], 2) for s in TARGET_MS}
-            report["identical_tables"] = same_tables(Path(tmp) / "current", Path(tmp) / "baseline", *(results[name][-1]["settings_digests"] for name in ("current", "baseline")))
+            report["speedup"] = {
+                s: round(
+                    report["baseline"]["stages"][s]["wall_ms"]
+                    / report["current"]["stages"][s]["wall_ms"],
+                    2,
+                )
+                for s in TARGET_MS
+            }
+            report["identical_tables"] = same_tables(
+                Path(tmp) / "current",
+                Path(tmp) / "baseline",
+                *(results[name][-1]["settings_digests"] for name in ("current", "baseline")),
+            )
     print(json.dumps(report))
 
 

@@ -11,6 +11,7 @@ HF_HUB_OFFLINE itself. The chosen folder's files are copied into the registry wi
 naming where they came from and at which commit; the copy is checked by loading it before it appears
 under its final name, so the registry sensor never sees half a coder.
 """
+
 from __future__ import annotations
 
 import functools
@@ -56,7 +57,13 @@ class Source:
     release: dict | None = None
 
 
-def register(spec: str, registry: Path, hookpoints: list[str] | None = None, name: str | None = None, revision: str | None = None) -> list[Registered]:
+def register(
+    spec: str,
+    registry: Path,
+    hookpoints: list[str] | None = None,
+    name: str | None = None,
+    revision: str | None = None,
+) -> list[Registered]:
     """Register the coders `hookpoints` names (each `ID` or `ID=HOOKPOINT`: a coder folder of the source,
     or an SAE id of a release) from the source `spec`, under `name` (default: the source's last path
     part). Without `hookpoints`, a source holding one coder registers it."""
@@ -64,27 +71,43 @@ def register(spec: str, registry: Path, hookpoints: list[str] | None = None, nam
     chosen = choose(source, hookpoints)
     name = name or default_name(source)
     if "/" in name or not name.strip("."):
-        raise CoderSourceError(f"--name {name!r} cannot be a registry folder name. Fix: a name without '/', e.g. {default_name(source)!r}.")
+        raise CoderSourceError(
+            f"--name {name!r} cannot be a registry folder name. Fix: a name without '/', e.g. {default_name(source)!r}."
+        )
     targets = {}
     for folder, hookpoint in chosen.items():
         hookpoint = hookpoint or default_hookpoint(source, folder)
         if hookpoint in targets.values():
-            raise CoderSourceError(f"Two of the chosen coders would be registered as {name}/{hookpoint}. Fix: register them one at a time, each with its own --name.")
+            raise CoderSourceError(
+                f"Two of the chosen coders would be registered as {name}/{hookpoint}. Fix: register them one at a time, each with its own --name."
+            )
         targets[folder] = hookpoint
-    return [place(source, folder, registry / name / hookpoint, name, hookpoint) for folder, hookpoint in targets.items()]
+    return [
+        place(source, folder, registry / name / hookpoint, name, hookpoint)
+        for folder, hookpoint in targets.items()
+    ]
 
 
 # ---- sources ------------------------------------------------------------------------------------
+
 
 def open_source(spec: str, revision: str | None) -> Source:
     """A local folder, else a SAELens release, else a hub repo id."""
     local = Path(spec).expanduser()
     if local.exists():
         if not local.is_dir():
-            raise CoderSourceError(f"{spec} is a file; a coder source is a folder (a coder's own, or one holding a folder per coder). Fix: name its folder.")
+            raise CoderSourceError(
+                f"{spec} is a file; a coder source is a folder (a coder's own, or one holding a folder per coder). Fix: name its folder."
+            )
         if revision:
-            raise CoderSourceError(f"--revision {revision} was given for the local folder {spec}, which has no revisions. Fix: drop --revision.")
-        files = sorted(p.relative_to(local).as_posix() for p in local.rglob("*") if p.is_file() and not any(part.startswith(".") for part in p.relative_to(local).parts))
+            raise CoderSourceError(
+                f"--revision {revision} was given for the local folder {spec}, which has no revisions. Fix: drop --revision."
+            )
+        files = sorted(
+            p.relative_to(local).as_posix()
+            for p in local.rglob("*")
+            if p.is_file() and not any(part.startswith(".") for part in p.relative_to(local).parts)
+        )
         return Source(spec, files, local=local.resolve())
     release = saelens_release(spec) if "/" not in spec else None
     repo = release["repo_id"] if release else spec
@@ -96,9 +119,13 @@ def saelens_release(name: str) -> dict | None:
     """The entry of SAELens' directory of pretrained SAEs for the release `name` (None when it has none)."""
     spec = importlib.util.find_spec("sae_lens")
     if spec is None or not spec.submodule_search_locations:
-        raise CoderSourceError(f"{name!r} is not a local folder nor a hub repo id (owner/name); it could be a SAELens release, but SAELens is not installed. "
-                               f"Fix: pip install 'autointerp[saelens]', or give the repo id (owner/name) or a local folder.")
-    return saelens_directory(Path(list(spec.submodule_search_locations)[0]) / "pretrained_saes.yaml").get(name)
+        raise CoderSourceError(
+            f"{name!r} is not a local folder nor a hub repo id (owner/name); it could be a SAELens release, but SAELens is not installed. "
+            f"Fix: pip install 'autointerp[saelens]', or give the repo id (owner/name) or a local folder."
+        )
+    return saelens_directory(
+        Path(list(spec.submodule_search_locations)[0]) / "pretrained_saes.yaml"
+    ).get(name)
 
 
 @functools.cache
@@ -127,8 +154,12 @@ def hub_listing(repo: str, revision: str | None, spec: str) -> tuple[str, list[s
         except LocalEntryNotFoundError as error:
             if getattr(error, "snapshot_path", None) is None:
                 raise
-            folder = Path(error.snapshot_path)  # a snapshot with some of the repo's files: what is cached is what can be used
-        return folder.name, sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file())
+            folder = Path(
+                error.snapshot_path
+            )  # a snapshot with some of the repo's files: what is cached is what can be used
+        return folder.name, sorted(
+            p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file()
+        )
 
 
 class hub_errors:
@@ -142,8 +173,15 @@ class hub_errors:
 
     def __exit__(self, kind, error, trace):
         from huggingface_hub import constants
-        from huggingface_hub.errors import (EntryNotFoundError, GatedRepoError, HfHubHTTPError, HFValidationError, LocalEntryNotFoundError,
-                                            RepositoryNotFoundError, RevisionNotFoundError)
+        from huggingface_hub.errors import (
+            EntryNotFoundError,
+            GatedRepoError,
+            HfHubHTTPError,
+            HFValidationError,
+            LocalEntryNotFoundError,
+            RepositoryNotFoundError,
+            RevisionNotFoundError,
+        )
         from huggingface_hub.utils import get_token
 
         if error is None or isinstance(error, CoderSourceError):
@@ -151,30 +189,53 @@ class hub_errors:
         at = f"{self.repo}@{self.revision or 'main'}"
         where = f"the hub at {constants.ENDPOINT}"
         if isinstance(error, HFValidationError):
-            raise CoderSourceError(f"{self.spec!r} is not a local folder, a SAELens release nor a hub repo id ({error}). Fix: give an existing folder, "
-                                   f"a release name from SAELens' pretrained directory, or owner/name of a Hugging Face repo.") from None
+            raise CoderSourceError(
+                f"{self.spec!r} is not a local folder, a SAELens release nor a hub repo id ({error}). Fix: give an existing folder, "
+                f"a release name from SAELens' pretrained directory, or owner/name of a Hugging Face repo."
+            ) from None
         if isinstance(error, RevisionNotFoundError):
-            raise CoderSourceError(f"{where} has no revision {self.revision!r} of {self.repo}. Fix: --revision a branch, tag or commit of the repo.") from None
+            raise CoderSourceError(
+                f"{where} has no revision {self.revision!r} of {self.repo}. Fix: --revision a branch, tag or commit of the repo."
+            ) from None
         if isinstance(error, GatedRepoError):
-            raise CoderSourceError(f"{self.repo} is gated on {where}: its terms must be accepted, and the token in HF_TOKEN must belong to an account that did. "
-                                   f"Fix: accept them on the repo's page, then set HF_TOKEN.") from None
-        if isinstance(error, RepositoryNotFoundError) or (isinstance(error, HfHubHTTPError) and error.response is not None and error.response.status_code in (401, 403)):
-            token = "the token in HF_TOKEN (or `hf auth login`) has no access to it" if get_token() else "no token was sent (HF_TOKEN is not set)"
-            raise CoderSourceError(f"{where} answered that {self.repo} does not exist or is private ({token}). "
-                                   f"Fix: check the repo id, or set HF_TOKEN to a token that can read it.") from None
+            raise CoderSourceError(
+                f"{self.repo} is gated on {where}: its terms must be accepted, and the token in HF_TOKEN must belong to an account that did. "
+                f"Fix: accept them on the repo's page, then set HF_TOKEN."
+            ) from None
+        if isinstance(error, RepositoryNotFoundError) or (
+            isinstance(error, HfHubHTTPError)
+            and error.response is not None
+            and error.response.status_code in (401, 403)
+        ):
+            token = (
+                "the token in HF_TOKEN (or `hf auth login`) has no access to it"
+                if get_token()
+                else "no token was sent (HF_TOKEN is not set)"
+            )
+            raise CoderSourceError(
+                f"{where} answered that {self.repo} does not exist or is private ({token}). "
+                f"Fix: check the repo id, or set HF_TOKEN to a token that can read it."
+            ) from None
         if isinstance(error, LocalEntryNotFoundError):
-            raise CoderSourceError(f"{at} is not in the Hugging Face cache {constants.HF_HUB_CACHE} and the hub cannot be asked "
-                                   f"({'HF_HUB_OFFLINE is set' if constants.HF_HUB_OFFLINE else str(error).splitlines()[0][:200]}). "
-                                   f"Fix: run the same command once online to fill the cache, or point HF_HOME at a cache that holds it.") from None
+            raise CoderSourceError(
+                f"{at} is not in the Hugging Face cache {constants.HF_HUB_CACHE} and the hub cannot be asked "
+                f"({'HF_HUB_OFFLINE is set' if constants.HF_HUB_OFFLINE else str(error).splitlines()[0][:200]}). "
+                f"Fix: run the same command once online to fill the cache, or point HF_HOME at a cache that holds it."
+            ) from None
         if isinstance(error, EntryNotFoundError):
-            raise CoderSourceError(f"{at} has no file {str(error).splitlines()[-1][:200]}. Fix: check the coder id against the repo's files.") from None
+            raise CoderSourceError(
+                f"{at} has no file {str(error).splitlines()[-1][:200]}. Fix: check the coder id against the repo's files."
+            ) from None
         if isinstance(error, (OSError, HfHubHTTPError)):
-            raise CoderSourceError(f"Cannot download {at} from {where} ({type(error).__name__}: {str(error).splitlines()[0][:200]}). "
-                                   f"Fix: check the network and HF_ENDPOINT, or set HF_HUB_OFFLINE=1 to use what is cached.") from None
+            raise CoderSourceError(
+                f"Cannot download {at} from {where} ({type(error).__name__}: {str(error).splitlines()[0][:200]}). "
+                f"Fix: check the network and HF_ENDPOINT, or set HF_HUB_OFFLINE=1 to use what is cached."
+            ) from None
         return False
 
 
 # ---- choosing coders ----------------------------------------------------------------------------
+
 
 def coder_folders(files: list[str]) -> dict[str, str]:
     """The folders of `files` that hold a coder, and its format."""
@@ -182,7 +243,11 @@ def coder_folders(files: list[str]) -> dict[str, str]:
     for path in files:
         parent, _, file = path.rpartition("/")
         by_folder.setdefault(parent, set()).add(file)
-    return {folder: found[0] for folder, names in sorted(by_folder.items()) if (found := format_by_names(names)) is not None}
+    return {
+        folder: found[0]
+        for folder, names in sorted(by_folder.items())
+        if (found := format_by_names(names)) is not None
+    }
 
 
 def choose(source: Source, hookpoints: list[str] | None) -> dict[str, str | None]:
@@ -190,27 +255,43 @@ def choose(source: Source, hookpoints: list[str] | None) -> dict[str, str | None
     from huggingface_hub import constants
 
     folders = coder_folders(source.files)
-    ids = {sae["id"]: str(sae["path"]) for sae in source.release["saes"]} if source.release else {(f or "."): f for f in folders}
+    ids = (
+        {sae["id"]: str(sae["path"]) for sae in source.release["saes"]}
+        if source.release
+        else {(f or "."): f for f in folders}
+    )
     listed = ", ".join(list(ids)[:20]) + (f" … ({len(ids)} in all)" if len(ids) > 20 else "")
-    cached = " (HF_HUB_OFFLINE is set: only the cached files are listed)" if source.repo and constants.HF_HUB_OFFLINE else ""
+    cached = (
+        " (HF_HUB_OFFLINE is set: only the cached files are listed)"
+        if source.repo and constants.HF_HUB_OFFLINE
+        else ""
+    )
     if not folders:
         held = ", ".join(source.files[:20]) or "no files"
-        raise CoderSourceError(f"{where(source)} holds no sparse coder in a known layout ({KNOWN_FORMATS}, in the source's top folder or one folder per coder); "
-                               f"it holds {held}. Fix: name a source that holds one, or copy the coder into the registry by hand (README: Registering coders).")
+        raise CoderSourceError(
+            f"{where(source)} holds no sparse coder in a known layout ({KNOWN_FORMATS}, in the source's top folder or one folder per coder); "
+            f"it holds {held}. Fix: name a source that holds one, or copy the coder into the registry by hand (README: Registering coders)."
+        )
     if not hookpoints:
         if len(ids) == 1 and not source.release:
             return {next(iter(ids.values())): None}
-        raise CoderSourceError(f"{where(source)} holds {len(ids)} coders: {listed}. Fix: choose with --hookpoints ID [ID ...] (ID=HOOKPOINT to name its module).")
+        raise CoderSourceError(
+            f"{where(source)} holds {len(ids)} coders: {listed}. Fix: choose with --hookpoints ID [ID ...] (ID=HOOKPOINT to name its module)."
+        )
     chosen = {}
     for asked in hookpoints:
         coder_id, _, hookpoint = asked.partition("=")
         if coder_id not in ids:
-            raise CoderSourceError(f"{coder_id!r} is not a coder {'id of the release' if source.release else 'folder'} of {where(source)}{cached}. Its coders: {listed}. Fix: pick one of them.")
+            raise CoderSourceError(
+                f"{coder_id!r} is not a coder {'id of the release' if source.release else 'folder'} of {where(source)}{cached}. Its coders: {listed}. Fix: pick one of them."
+            )
         folder = ids[coder_id].strip("/")
         if folder not in folders:
             have = sorted(f for f in source.files if f.startswith(f"{folder}/")) or "no files"
-            raise CoderSourceError(f"{where(source)} has no coder in a known layout ({KNOWN_FORMATS}) at {folder or 'its top folder'}{cached}; it holds {have}. "
-                                   f"Fix: check the folder, or register the coder from a local copy.")
+            raise CoderSourceError(
+                f"{where(source)} has no coder in a known layout ({KNOWN_FORMATS}) at {folder or 'its top folder'}{cached}; it holds {have}. "
+                f"Fix: check the folder, or register the coder from a local copy."
+            )
         if source.release:
             check_release_sae(source, coder_id, folders[folder])
         chosen[folder] = hookpoint or None
@@ -223,17 +304,23 @@ def check_release_sae(source: Source, sae_id: str, fmt: str) -> None:
     entry = next(sae for sae in source.release["saes"] if sae["id"] == sae_id)
     conversion = source.release.get("conversion_func")
     if "norm_scaling_factor" in entry:
-        raise CoderSourceError(f"The SAE {sae_id!r} of the release {source.spec} needs its input scaled by {entry['norm_scaling_factor']} (SAELens does it on "
-                               f"loading), which autointerp does not support yet. Fix: choose an SAE without input scaling.")
+        raise CoderSourceError(
+            f"The SAE {sae_id!r} of the release {source.spec} needs its input scaled by {entry['norm_scaling_factor']} (SAELens does it on "
+            f"loading), which autointerp does not support yet. Fix: choose an SAE without input scaling."
+        )
     if conversion and fmt == "saelens":
-        raise CoderSourceError(f"SAELens converts the files of the release {source.spec} with {conversion!r}; read as they are, they would encode wrongly. "
-                               f"Fix: load the SAE with SAELens (SAE.from_pretrained), save_model() it to a folder, and register that folder.")
+        raise CoderSourceError(
+            f"SAELens converts the files of the release {source.spec} with {conversion!r}; read as they are, they would encode wrongly. "
+            f"Fix: load the SAE with SAELens (SAE.from_pretrained), save_model() it to a folder, and register that folder."
+        )
 
 
 def where(source: Source) -> str:
     if source.local:
         return str(source.local)
-    return f"{source.repo}@{source.revision or 'main'}" + (f" (SAELens release {source.spec})" if source.release else "")
+    return f"{source.repo}@{source.revision or 'main'}" + (
+        f" (SAELens release {source.spec})" if source.release else ""
+    )
 
 
 def default_name(source: Source) -> str:
@@ -258,33 +345,69 @@ def default_hookpoint(source: Source, folder: str) -> str:
             layer = int(match.group(1)) - (match.group(2) == "pre")
             if layer >= 0:
                 return f"layers.{layer}"
-        raise CoderSourceError(f"The SAELens coder {hook!r} of {where(source)} reads a TransformerLens hook with no default module of the subject model. {fix}")
-    if fmt == "gemmascope" and "-res" in (source.repo or "") and (match := re.match(r"layer_(\d+)/", folder)):
+        raise CoderSourceError(
+            f"The SAELens coder {hook!r} of {where(source)} reads a TransformerLens hook with no default module of the subject model. {fix}"
+        )
+    if (
+        fmt == "gemmascope"
+        and "-res" in (source.repo or "")
+        and (match := re.match(r"layer_(\d+)/", folder))
+    ):
         return f"layers.{match.group(1)}"
-    raise CoderSourceError(f"The {fmt} coder at {folder or 'the top folder'} of {where(source)} does not say which module of the subject model it reads. {fix}")
+    raise CoderSourceError(
+        f"The {fmt} coder at {folder or 'the top folder'} of {where(source)} does not say which module of the subject model it reads. {fix}"
+    )
 
 
 def sae_id_of(source: Source, folder: str) -> str | None:
     if not source.release:
         return None
-    return next((sae["id"] for sae in source.release["saes"] if str(sae["path"]).strip("/") == folder), None)
+    return next(
+        (sae["id"] for sae in source.release["saes"] if str(sae["path"]).strip("/") == folder), None
+    )
 
 
 # ---- placing ------------------------------------------------------------------------------------
+
 
 def place(source: Source, folder: str, target: Path, name: str, hookpoint: str) -> Registered:
     """Copy the coder's files into `target` (through a hidden staging folder, checked by loading it), or
     find it already there from the same source and commit."""
     files = [f for f in source.files if f.rpartition("/")[0] == folder]
-    provenance = {"source": source.spec, "repo": source.repo, "folder": folder, "revision": source.revision, "commit": source.commit,
-                  "local": str(source.local) if source.local else None, "sae_id": sae_id_of(source, folder)}
+    provenance = {
+        "source": source.spec,
+        "repo": source.repo,
+        "folder": folder,
+        "revision": source.revision,
+        "commit": source.commit,
+        "local": str(source.local) if source.local else None,
+        "sae_id": sae_id_of(source, folder),
+    }
     if target.exists():
-        recorded = json.loads((target / SOURCE_FILE).read_text()) if (target / SOURCE_FILE).exists() else {}
+        recorded = (
+            json.loads((target / SOURCE_FILE).read_text())
+            if (target / SOURCE_FILE).exists()
+            else {}
+        )
         if recorded == provenance and any(target.iterdir()):
-            return Registered(f"{name}/{hookpoint}", load_coder_folder(target, name, hookpoint).width, source.spec, source.revision, source.commit, target, new=False)
-        was = f"from {recorded.get('source')}@{recorded.get('commit') or recorded.get('local')}" if recorded else "by hand"
-        raise CoderSourceError(f"{name}/{hookpoint} is already registered ({was}) at {target}. Fix: choose another --name, or delete {target} first "
-                               f"(results already made for it stay under its old key).")
+            return Registered(
+                f"{name}/{hookpoint}",
+                load_coder_folder(target, name, hookpoint).width,
+                source.spec,
+                source.revision,
+                source.commit,
+                target,
+                new=False,
+            )
+        was = (
+            f"from {recorded.get('source')}@{recorded.get('commit') or recorded.get('local')}"
+            if recorded
+            else "by hand"
+        )
+        raise CoderSourceError(
+            f"{name}/{hookpoint} is already registered ({was}) at {target}. Fix: choose another --name, or delete {target} first "
+            f"(results already made for it stay under its old key)."
+        )
     base = source.local or download(source, files)
     target.parent.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(dir=target.parent.parent, prefix=".incoming-"))
@@ -297,7 +420,9 @@ def place(source: Source, folder: str, target: Path, name: str, hookpoint: str) 
         staging.rename(target)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
-    return Registered(coder.key, coder.width, source.spec, source.revision, source.commit, target, new=True)
+    return Registered(
+        coder.key, coder.width, source.spec, source.revision, source.commit, target, new=True
+    )
 
 
 def download(source: Source, files: list[str]) -> Path:
@@ -306,7 +431,11 @@ def download(source: Source, files: list[str]) -> Path:
     from huggingface_hub import snapshot_download
 
     with hub_errors(source.repo, source.revision, source.spec):
-        folder = Path(snapshot_download(source.repo, revision=source.revision, allow_patterns=files))
+        folder = Path(
+            snapshot_download(source.repo, revision=source.revision, allow_patterns=files)
+        )
     if folder.name != source.commit:
-        raise CoderSourceError(f"{where(source)} moved from commit {source.commit} to {folder.name} while registering. Fix: run again, or pin --revision to a commit.")
+        raise CoderSourceError(
+            f"{where(source)} moved from commit {source.commit} to {folder.name} while registering. Fix: run again, or pin --revision to a commit."
+        )
     return folder

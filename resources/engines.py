@@ -2,11 +2,13 @@
 takes seconds to minutes and holds (GPU) memory, so each exists once per process and settings,
 shared by every resource and run in the process, and is closed when the process ends. Dagster runs
 each run in its own process, so there a run's engines live exactly as long as the run."""
+
 from __future__ import annotations
 
 import atexit
 import threading
-from typing import Callable, TypeVar
+from collections.abc import Callable
+from typing import TypeVar
 
 T = TypeVar("T")
 _ENGINES: dict[tuple, object] = {}

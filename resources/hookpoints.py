@@ -2,6 +2,7 @@
 
 Its own module because both the subject model (caching) and the steerer (nnsight) resolve names,
 and the subject model builds the steerer: here, below both, no import runs in a circle."""
+
 from __future__ import annotations
 
 import difflib
@@ -18,7 +19,12 @@ def resolve_hookpoint(lm: torch.nn.Module, hookpoint: str) -> torch.nn.Module:
     Llama's `model.layers.3`, GPT-NeoX's `gpt_neox.layers.3`) work too."""
     modules = dict(lm.named_modules())
     base = getattr(lm, "base_model_prefix", "") or "model"
-    for candidate in (hookpoint, f"{base}.{hookpoint}", f"model.{hookpoint}", hookpoint.removeprefix("model.")):
+    for candidate in (
+        hookpoint,
+        f"{base}.{hookpoint}",
+        f"model.{hookpoint}",
+        hookpoint.removeprefix("model."),
+    ):
         if candidate and candidate in modules:
             return modules[candidate]
     close = difflib.get_close_matches(hookpoint, [n for n in modules if n], n=3, cutoff=0.5)

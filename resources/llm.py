@@ -11,6 +11,7 @@ optional budget. The cache and the bound on requests in flight are shared by eve
 root, or by every node of a cluster through PostgreSQL (`[settings] coordination_url`). API keys
 come from the environment (Dagster `EnvVar`) and are never stored.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -24,10 +25,11 @@ import sqlite3
 import threading
 import uuid
 import weakref
+from collections.abc import Callable
 from contextlib import asynccontextmanager, contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Generic, Literal, Protocol, TypeVar
+from typing import Any, Generic, Literal, Protocol, TypeVar
 
 from dagster import ConfigurableResource, EnvVar
 from pydantic import Field, PrivateAttr
@@ -49,7 +51,13 @@ class LLMEndpointError(RuntimeError):
 class TransientLLMError(RuntimeError):
     """A failure worth retrying: rate limit, server error, timeout, dropped connection."""
 
-    def __init__(self, message: str, unreachable: bool = False, retry_after_s: float | None = None, down: bool = False):
+    def __init__(
+        self,
+        message: str,
+        unreachable: bool = False,
+        retry_after_s: float | None = None,
+        down: bool = False,
+    ):
         super().__init__(message)
         self.unreachable = unreachable
         """No connection: after the last attempt the whole run stops."""
@@ -110,8 +118,18 @@ def int_list_schema(n: int, lo: int, hi: int) -> dict:
     """JSON schema of `{"values": [v, ..., v]}` with exactly n integers in [lo, hi] (OpenAI and vLLM
     structured outputs need an object at the root). The range is an enum: llama.cpp's schema-to-grammar
     converter enforces enums but ignores minimum/maximum."""
-    values = {"type": "array", "items": {"type": "integer", "enum": list(range(lo, hi + 1))}, "minItems": n, "maxItems": n}
-    return {"type": "object", "properties": {"values": values}, "required": ["values"], "additionalProperties": False}
+    values = {
+        "type": "array",
+        "items": {"type": "integer", "enum": list(range(lo, hi + 1))},
+        "minItems": n,
+        "maxItems": n,
+    }
+    return {
+        "type": "object",
+        "properties": {"values": values},
+        "required": ["values"],
+        "additionalProperties": False,
+    }
 
 
 def estimated_prompt_tokens(messages: list[dict]) -> int:
@@ -121,6 +139,7 @@ def estimated_prompt_tokens(messages: list[dict]) -> int:
 
 
 # ---- backends -----------------------------------------------------------------------------------
+
 
 def use_plain_cpu_buffers() -> None:
     """Load llama.cpp models without ggml's CPU "extra buffer types" (AMX tiles, repacked weights).
@@ -153,7 +172,15 @@ def _llama(model_path: str, digest: str, n_ctx: int, seed: int, logits_all: bool
 
         use_plain_cpu_buffers()
         threads = os.cpu_count() or 1
-        return Llama(model_path=model_path, n_ctx=n_ctx, seed=seed, n_threads=threads, n_threads_batch=threads, logits_all=logits_all, verbose=False)
+        return Llama(
+            model_path=model_path,
+            n_ctx=n_ctx,
+            seed=seed,
+            n_threads=threads,
+            n_threads_batch=threads,
+            logits_all=logits_all,
+            verbose=False,
+        )
 
     return engine("llama.cpp", (model_path, digest, n_ctx, seed, logits_all), build)
 
@@ -175,20 +202,37 @@ class LlamaCppClient:
     async def aclose(self) -> None:
         return None  # the model stays loaded for the next materialization in this process
 
-    def _complete_sync(self, messages, max_tokens, temperature, top_logprobs, int_list, seed) -> Completion:
+    def _complete_sync(
+        self, messages, max_tokens, temperature, top_logprobs, int_list, seed
+    ) -> Completion:
         from llama_cpp import LlamaGrammar
 
-        llm = _llama(self.model_path, self.digest, self.n_ctx, self.seed, bool(top_logprobs))  # logprobs need every position's logits
-        grammar = LlamaGrammar.from_string(int_list_grammar(*int_list), verbose=False) if int_list else None
+        llm = _llama(
+            self.model_path, self.digest, self.n_ctx, self.seed, bool(top_logprobs)
+        )  # logprobs need every position's logits
+        grammar = (
+            LlamaGrammar.from_string(int_list_grammar(*int_list), verbose=False)
+            if int_list
+            else None
+        )
         extra = {"logprobs": True, "top_logprobs": top_logprobs} if top_logprobs else {}
         with self._lock:
             out = llm.create_chat_completion(
-                messages=messages, max_tokens=max_tokens, temperature=temperature, seed=self.seed if seed is None else seed, grammar=grammar, **extra
+                messages=messages,
+                max_tokens=max_tokens,
+                temperature=temperature,
+                seed=self.seed if seed is None else seed,
+                grammar=grammar,
+                **extra,
             )
         return completion_from_json(out)  # llama.cpp answers in OpenAI's chat-completion format
 
-    async def complete(self, messages, *, max_tokens, temperature=0.0, top_logprobs=0, int_list=None, seed=None) -> Completion:
-        return await asyncio.to_thread(self._complete_sync, messages, max_tokens, temperature, top_logprobs, int_list, seed)
+    async def complete(
+        self, messages, *, max_tokens, temperature=0.0, top_logprobs=0, int_list=None, seed=None
+    ) -> Completion:
+        return await asyncio.to_thread(
+            self._complete_sync, messages, max_tokens, temperature, top_logprobs, int_list, seed
+        )
 
 
 StructuredOutput = Literal["json_schema", "json_object", "off"]
@@ -207,8 +251,17 @@ class OpenAICompatibleClient:
     remote = True
     """Its first request of a run is sent alone (see `ProductionClient._send`)."""
 
-    def __init__(self, base_url: str, model: str, api_key: str | None, timeout_s: float = 120.0, transport: Literal["aiohttp", "httpx"] = "aiohttp",
-                 structured_output: StructuredOutput = "json_schema", key_setting: str = "llm.api_key", model_setting: str = "llm.model"):
+    def __init__(
+        self,
+        base_url: str,
+        model: str,
+        api_key: str | None,
+        timeout_s: float = 120.0,
+        transport: Literal["aiohttp", "httpx"] = "aiohttp",
+        structured_output: StructuredOutput = "json_schema",
+        key_setting: str = "llm.api_key",
+        model_setting: str = "llm.model",
+    ):
         self.base_url = base_url
         self.model_name = model
         self._api_key = api_key or "EMPTY"
@@ -235,9 +288,18 @@ class OpenAICompatibleClient:
             if self.transport == "aiohttp":
                 try:
                     http_client = openai.DefaultAioHttpClient(timeout=self._timeout_s)
-                except (AttributeError, RuntimeError):  # an openai without the `aiohttp` extra: its httpx client works too
+                except (
+                    AttributeError,
+                    RuntimeError,
+                ):  # an openai without the `aiohttp` extra: its httpx client works too
                     pass
-            self._sdk_client = openai.AsyncOpenAI(base_url=self.base_url, api_key=self._api_key, timeout=self._timeout_s, max_retries=0, http_client=http_client)
+            self._sdk_client = openai.AsyncOpenAI(
+                base_url=self.base_url,
+                api_key=self._api_key,
+                timeout=self._timeout_s,
+                max_retries=0,
+                http_client=http_client,
+            )
             self._sdk_loop = loop
         return self._sdk_client
 
@@ -262,15 +324,29 @@ class OpenAICompatibleClient:
             key = "no API key was set" if not self._has_key else "it rejects the API key"
             return LLMEndpointError(f"{where}: {key}. Fix: put a valid key in {self.key_setting}.")
         if status == 402:
-            return LLMEndpointError(f"{where}: the account cannot pay for requests. Fix: add credit with the provider, or point {self.key_setting} at another account.")
+            return LLMEndpointError(
+                f"{where}: the account cannot pay for requests. Fix: add credit with the provider, or point {self.key_setting} at another account."
+            )
         if status == 404 or (status in (400, 422) and _MODEL_MISSING.search(said)):
-            served = f" It lists: {', '.join(self.listed_models[:20])}." if self.listed_models else ""
+            served = (
+                f" It lists: {', '.join(self.listed_models[:20])}." if self.listed_models else ""
+            )
             if status == 404 and not re.search(r"model", said, re.IGNORECASE):
-                return LLMEndpointError(f"{where}: no chat endpoint at {self.base_url}/chat/completions. Fix: correct `llm.base_url` (most servers want it to end in /v1).")
-            return LLMEndpointError(f"{where}: it does not serve the model {self.model_name!r}.{served} Fix: set {self.model_setting} to a model it serves.")
-        if sent_format and (status in (400, 422) or status >= 500) and _FORMAT_REJECTED.search(said):
-            return LLMEndpointError(f"{where}: it does not accept structured output {self.structured_output!r}. Fix: set `llm.structured_output` to "
-                                    f"'json_object' (llama-cpp-python's server) or 'off' (answers are then parsed strictly from text).")
+                return LLMEndpointError(
+                    f"{where}: no chat endpoint at {self.base_url}/chat/completions. Fix: correct `llm.base_url` (most servers want it to end in /v1)."
+                )
+            return LLMEndpointError(
+                f"{where}: it does not serve the model {self.model_name!r}.{served} Fix: set {self.model_setting} to a model it serves."
+            )
+        if (
+            sent_format
+            and (status in (400, 422) or status >= 500)
+            and _FORMAT_REJECTED.search(said)
+        ):
+            return LLMEndpointError(
+                f"{where}: it does not accept structured output {self.structured_output!r}. Fix: set `llm.structured_output` to "
+                f"'json_object' (llama-cpp-python's server) or 'off' (answers are then parsed strictly from text)."
+            )
         return None
 
     async def check(self) -> None:
@@ -288,41 +364,73 @@ class OpenAICompatibleClient:
                 raise self.whole_run_error(error) from error
             # other statuses: some servers do not list models; the first real request will tell
 
-    async def complete(self, messages, *, max_tokens, temperature=0.0, top_logprobs=0, int_list=None, seed=None) -> Completion:
+    async def complete(
+        self, messages, *, max_tokens, temperature=0.0, top_logprobs=0, int_list=None, seed=None
+    ) -> Completion:
         import openai
+
         extra = {"logprobs": True, "top_logprobs": top_logprobs} if top_logprobs else {}
         if seed is not None:
             extra["seed"] = seed
         if int_list and self.structured_output == "json_schema":
-            extra["response_format"] = {"type": "json_schema", "json_schema": {"name": "values", "schema": int_list_schema(*int_list), "strict": True}}
+            extra["response_format"] = {
+                "type": "json_schema",
+                "json_schema": {
+                    "name": "values",
+                    "schema": int_list_schema(*int_list),
+                    "strict": True,
+                },
+            }
         elif int_list and self.structured_output == "json_object":
             extra["response_format"] = {"type": "json_object", "schema": int_list_schema(*int_list)}
-        body = {"model": self.model_name, "messages": messages, "max_tokens": max_tokens, "temperature": temperature, **extra}
+        body = {
+            "model": self.model_name,
+            "messages": messages,
+            "max_tokens": max_tokens,
+            "temperature": temperature,
+            **extra,
+        }
         try:
             # The SDK's typed `create` re-walks every message against its TypedDicts, and building its typed
             # response costs about as much again; posting the same body through the SDK's client with
             # `cast_to=object` keeps its transport, errors and JSON decoding and returns the plain answer.
             out = await self._sdk().post("/chat/completions", cast_to=object, body=body)
         except openai.APITimeoutError as error:
-            raise TransientLLMError(f"timed out after {self._timeout_s:g} s waiting for {self.base_url}") from error
+            raise TransientLLMError(
+                f"timed out after {self._timeout_s:g} s waiting for {self.base_url}"
+            ) from error
         except openai.APIConnectionError as error:
             unreachable = self._unreachable(error)
-            down = any(word in str(unreachable) for word in ("connection refused", "does not resolve"))
+            down = any(
+                word in str(unreachable) for word in ("connection refused", "does not resolve")
+            )
             raise TransientLLMError(str(unreachable), unreachable=True, down=down) from error
         except openai.APIStatusError as error:
-            if (whole_run := self.whole_run_error(error, sent_format="response_format" in body)) is not None:
+            if (
+                whole_run := self.whole_run_error(error, sent_format="response_format" in body)
+            ) is not None:
                 raise whole_run from error
             if error.status_code == 429 or error.status_code >= 500:
-                raise TransientLLMError(f"HTTP {error.status_code} from {self.base_url}: {server_message(error)[:200]}", retry_after_s=retry_after(error.response.headers)) from error
+                raise TransientLLMError(
+                    f"HTTP {error.status_code} from {self.base_url}: {server_message(error)[:200]}",
+                    retry_after_s=retry_after(error.response.headers),
+                ) from error
             raise
         if not isinstance(out, dict) or not isinstance(out.get("choices"), list):
             # a 200 whose body is not a chat completion (cut off, HTML from a proxy): the server's fault, try again
-            raise TransientLLMError(f"{self.base_url} answered 200 with a body that is not a chat completion: {str(out)[:200]!r}")
+            raise TransientLLMError(
+                f"{self.base_url} answered 200 with a body that is not a chat completion: {str(out)[:200]!r}"
+            )
         return completion_from_json(out)
 
 
-_MODEL_MISSING = re.compile(r"model.{0,80}(not found|does not exist|not a valid|no such|not available|not served)|(invalid|unknown|no such|not a valid) model|model_not_found", re.IGNORECASE | re.DOTALL)
-_FORMAT_REJECTED = re.compile(r"response_format|json_schema|structured output|guided", re.IGNORECASE)
+_MODEL_MISSING = re.compile(
+    r"model.{0,80}(not found|does not exist|not a valid|no such|not available|not served)|(invalid|unknown|no such|not a valid) model|model_not_found",
+    re.IGNORECASE | re.DOTALL,
+)
+_FORMAT_REJECTED = re.compile(
+    r"response_format|json_schema|structured output|guided", re.IGNORECASE
+)
 
 
 def server_message(error) -> str:
@@ -332,7 +440,9 @@ def server_message(error) -> str:
         body = body.get("error", body)
         if isinstance(body, dict):
             body = body.get("message") or body.get("detail") or body
-    return " ".join(str(body if body is not None else error).split())  # one line, however the server laid it out
+    return " ".join(
+        str(body if body is not None else error).split()
+    )  # one line, however the server laid it out
 
 
 def connection_failure(error: BaseException, timeout_s: float) -> str:
@@ -362,7 +472,11 @@ def retry_after(headers) -> float | None:
     for name, scale in (("retry-after-ms", 1e-3), ("retry-after", 1.0)):
         try:
             return max(0.0, float(headers[name]) * scale)
-        except (KeyError, TypeError, ValueError):  # absent, or an HTTP date: fall back to our own backoff
+        except (
+            KeyError,
+            TypeError,
+            ValueError,
+        ):  # absent, or an HTTP date: fall back to our own backoff
             continue
     return None
 
@@ -372,7 +486,9 @@ def completion_from_json(out: object) -> Completion:
     absent or null fields (servers differ) count as empty. Numbers become plain Python ones:
     llama-cpp-python gives numpy float32 logprobs, which JSON (the response cache) cannot write."""
     if not isinstance(out, dict):
-        return Completion("")  # not a chat completion at all: an empty answer, which marks the latent failed
+        return Completion(
+            ""
+        )  # not a chat completion at all: an empty answer, which marks the latent failed
     usage = out.get("usage") or {}
     choice = (out.get("choices") or [{}])[0] or {}
     steps = (choice.get("logprobs") or {}).get("content") or []
@@ -380,7 +496,10 @@ def completion_from_json(out: object) -> Completion:
         text=(choice.get("message") or {}).get("content") or "",
         prompt_tokens=int(usage.get("prompt_tokens") or 0),
         completion_tokens=int(usage.get("completion_tokens") or 0),
-        top_logprobs=[{alt["token"]: float(alt["logprob"]) for alt in step.get("top_logprobs") or []} for step in steps],
+        top_logprobs=[
+            {alt["token"]: float(alt["logprob"]) for alt in step.get("top_logprobs") or []}
+            for step in steps
+        ],
         tokens=[step["token"] for step in steps],
     )
 
@@ -389,7 +508,11 @@ def vllm_engine(vllm, model: str, engine_args: dict):
     """One vLLM engine per model and engine settings for the whole process (`resources/engines.py`): an
     engine holds the GPU's memory, so a second one for the next materialization would not fit, and
     loading takes minutes."""
-    return engine("vllm", (json.dumps({"model": model, **engine_args}, sort_keys=True, default=str),), lambda: vllm.LLM(model=model, **engine_args))
+    return engine(
+        "vllm",
+        (json.dumps({"model": model, **engine_args}, sort_keys=True, default=str),),
+        lambda: vllm.LLM(model=model, **engine_args),
+    )
 
 
 class VLLMOfflineClient:
@@ -401,7 +524,9 @@ class VLLMOfflineClient:
         try:
             import vllm
         except ImportError as error:
-            raise RuntimeError("llm.backend 'vllm' needs vLLM on a GPU machine: pip install 'autointerp[vllm]'") from error
+            raise RuntimeError(
+                "llm.backend 'vllm' needs vLLM on a GPU machine: pip install 'autointerp[vllm]'"
+            ) from error
         self._vllm = vllm
         self.model_name = model
         self._engine = vllm_engine(vllm, model, engine_args)
@@ -416,18 +541,35 @@ class VLLMOfflineClient:
         return None
 
     def _sampling_params(self, max_tokens, temperature, top_logprobs, int_list, seed):
-        params = {"max_tokens": max_tokens, "temperature": temperature, "logprobs": top_logprobs or None, "seed": seed}
+        params = {
+            "max_tokens": max_tokens,
+            "temperature": temperature,
+            "logprobs": top_logprobs or None,
+            "seed": seed,
+        }
         if int_list:
             module = getattr(self._vllm, "sampling_params", None)
-            if (structured := getattr(module, "StructuredOutputsParams", None)) is not None:  # vLLM >= 0.11
+            if (
+                structured := getattr(module, "StructuredOutputsParams", None)
+            ) is not None:  # vLLM >= 0.11
                 params["structured_outputs"] = structured(json=int_list_schema(*int_list))
-            elif (guided := getattr(module, "GuidedDecodingParams", None)) is not None:  # older vLLM
+            elif (
+                guided := getattr(module, "GuidedDecodingParams", None)
+            ) is not None:  # older vLLM
                 params["guided_decoding"] = guided(json=int_list_schema(*int_list))
         return self._vllm.SamplingParams(**params)
 
-    async def complete(self, messages, *, max_tokens, temperature=0.0, top_logprobs=0, int_list=None, seed=None) -> Completion:
+    async def complete(
+        self, messages, *, max_tokens, temperature=0.0, top_logprobs=0, int_list=None, seed=None
+    ) -> Completion:
         future = asyncio.get_running_loop().create_future()
-        self._queue.append((messages, self._sampling_params(max_tokens, temperature, top_logprobs, int_list, seed), future))
+        self._queue.append(
+            (
+                messages,
+                self._sampling_params(max_tokens, temperature, top_logprobs, int_list, seed),
+                future,
+            )
+        )
         if self._flusher is None or self._flusher.done():
             self._flusher = asyncio.create_task(self._flush())
         return await future
@@ -437,27 +579,51 @@ class VLLMOfflineClient:
         while self._queue:
             batch, self._queue = self._queue[: self._max_batch], self._queue[self._max_batch :]
             try:
-                outputs = await asyncio.to_thread(self._engine.chat, [m for m, _, _ in batch], [p for _, p, _ in batch], use_tqdm=False)
+                outputs = await asyncio.to_thread(
+                    self._engine.chat,
+                    [m for m, _, _ in batch],
+                    [p for _, p, _ in batch],
+                    use_tqdm=False,
+                )
                 if len(outputs) != len(batch):
-                    raise RuntimeError(f"vLLM answered {len(outputs)} of {len(batch)} conversations")
-            except BaseException as error:  # the engine failed: so does every request waiting on it, at once
+                    raise RuntimeError(
+                        f"vLLM answered {len(outputs)} of {len(batch)} conversations"
+                    )
+            except (
+                BaseException
+            ) as error:  # the engine failed: so does every request waiting on it, at once
                 failed, self._queue = batch + self._queue, []
                 for _, _, future in failed:
                     if not future.done():
-                        future.set_exception(error if isinstance(error, Exception) else RuntimeError(f"vLLM engine stopped: {error!r}"))
+                        future.set_exception(
+                            error
+                            if isinstance(error, Exception)
+                            else RuntimeError(f"vLLM engine stopped: {error!r}")
+                        )
                 if not isinstance(error, Exception):
                     raise
                 return
-            for (_, _, future), out in zip(batch, outputs):
+            for (_, _, future), out in zip(batch, outputs, strict=False):
                 first = out.outputs[0]
                 steps = first.logprobs or []
-                alternatives = [{lp.decoded_token: lp.logprob for lp in step.values()} for step in steps]
-                chosen = [step[token].decoded_token for step, token in zip(steps, first.token_ids)]
+                alternatives = [
+                    {lp.decoded_token: lp.logprob for lp in step.values()} for step in steps
+                ]
+                chosen = [step[token].decoded_token for step, token in zip(steps, first.token_ids, strict=False)]
                 if not future.done():
-                    future.set_result(Completion(first.text, len(out.prompt_token_ids), len(first.token_ids), alternatives, chosen))
+                    future.set_result(
+                        Completion(
+                            first.text,
+                            len(out.prompt_token_ids),
+                            len(first.token_ids),
+                            alternatives,
+                            chosen,
+                        )
+                    )
 
 
 # ---- production wrapper -------------------------------------------------------------------------
+
 
 class ResponseCache:
     """Responses on disk (SQLite), keyed by a hash of the backend, model, messages and sampling parameters."""
@@ -465,18 +631,30 @@ class ResponseCache:
     def __init__(self, path: Path):
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
-            if not os.access(path.parent, os.W_OK) or (path.exists() and not os.access(path, os.W_OK)):
+            if not os.access(path.parent, os.W_OK) or (
+                path.exists() and not os.access(path, os.W_OK)
+            ):
                 raise PermissionError(13, "permission denied")
-        except PermissionError as error:  # else SQLite says only "attempt to write a readonly database"
-            raise PermissionError(f"Cannot write the LLM response cache {path}: {error.strerror or error}. Fix: make the data root writable "
-                                  f"by this user, or set llm.cache_dir to a writable folder ('' turns the cache off).") from None
+        except (
+            PermissionError
+        ) as error:  # else SQLite says only "attempt to write a readonly database"
+            raise PermissionError(
+                f"Cannot write the LLM response cache {path}: {error.strerror or error}. Fix: make the data root writable "
+                f"by this user, or set llm.cache_dir to a writable folder ('' turns the cache off)."
+            ) from None
         self.path = path
         self._db = sqlite3.connect(path, timeout=60, check_same_thread=False)
         self._lock = threading.Lock()
         with self._lock, self._db as db:
-            db.execute("PRAGMA journal_mode=WAL")  # readers never block the one writer; other processes share it safely
-            db.execute("PRAGMA synchronous=NORMAL")  # no fsync per answer: a crash of the app loses nothing, a power cut the last few
-            db.execute("CREATE TABLE IF NOT EXISTS responses (key TEXT PRIMARY KEY, completion TEXT NOT NULL)")
+            db.execute(
+                "PRAGMA journal_mode=WAL"
+            )  # readers never block the one writer; other processes share it safely
+            db.execute(
+                "PRAGMA synchronous=NORMAL"
+            )  # no fsync per answer: a crash of the app loses nothing, a power cut the last few
+            db.execute(
+                "CREATE TABLE IF NOT EXISTS responses (key TEXT PRIMARY KEY, completion TEXT NOT NULL)"
+            )
 
     def close(self) -> None:
         with self._lock:
@@ -490,7 +668,11 @@ class ResponseCache:
 
     @staticmethod
     def key(model_id: str, messages: list[dict], params: dict) -> str:
-        payload = json.dumps({"model": model_id, "messages": messages, "params": params}, sort_keys=True, ensure_ascii=False)
+        payload = json.dumps(
+            {"model": model_id, "messages": messages, "params": params},
+            sort_keys=True,
+            ensure_ascii=False,
+        )
         return hashlib.sha256(payload.encode()).hexdigest()
 
     def get(self, key: str) -> Completion | None:
@@ -500,7 +682,9 @@ class ResponseCache:
 
     def put(self, key: str, completion: Completion) -> None:
         with self._connect() as db:
-            db.execute("INSERT OR REPLACE INTO responses VALUES (?, ?)", (key, completion_json(completion)))
+            db.execute(
+                "INSERT OR REPLACE INTO responses VALUES (?, ?)", (key, completion_json(completion))
+            )
 
     def forget(self, key: str) -> None:
         with self._connect() as db:
@@ -524,12 +708,20 @@ class SharedResponseCache:
         self._session.close()
 
     def get(self, key: str) -> Completion | None:
-        row = self._session.run(lambda db: db.execute("SELECT completion FROM llm_responses WHERE key = %s", (key,)).fetchone())
+        row = self._session.run(
+            lambda db: db.execute(
+                "SELECT completion FROM llm_responses WHERE key = %s", (key,)
+            ).fetchone()
+        )
         return Completion(**json.loads(row[0])) if row else None
 
     def put(self, key: str, completion: Completion) -> None:
-        self._session.run(lambda db: db.execute("INSERT INTO llm_responses VALUES (%s, %s) ON CONFLICT (key) DO UPDATE SET completion = EXCLUDED.completion",
-                                                (key, completion_json(completion))))
+        self._session.run(
+            lambda db: db.execute(
+                "INSERT INTO llm_responses VALUES (%s, %s) ON CONFLICT (key) DO UPDATE SET completion = EXCLUDED.completion",
+                (key, completion_json(completion)),
+            )
+        )
 
     def forget(self, key: str) -> None:
         self._session.run(lambda db: db.execute("DELETE FROM llm_responses WHERE key = %s", (key,)))
@@ -577,7 +769,17 @@ class Ledger:
             raise BudgetExceeded(f"cost budget of {self.max_cost} reached")
 
     def as_metadata(self) -> dict:
-        out = {f"llm_{name}": getattr(self, name) for name in ("requests", "cache_hits", "failures", "retries", "prompt_tokens", "completion_tokens")}
+        out = {
+            f"llm_{name}": getattr(self, name)
+            for name in (
+                "requests",
+                "cache_hits",
+                "failures",
+                "retries",
+                "prompt_tokens",
+                "completion_tokens",
+            )
+        }
         if self.cost is not None:
             out["llm_cost"] = round(self.cost, 6)
         return out
@@ -648,7 +850,9 @@ class EndpointSlots(Slots):
     def _try_take(self) -> int | None:
         import fcntl
 
-        for path in random.sample(self.paths, len(self.paths)):  # random order: processes rarely try the same slot
+        for path in random.sample(
+            self.paths, len(self.paths)
+        ):  # random order: processes rarely try the same slot
             fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -675,7 +879,9 @@ class SharedEndpointSlots(Slots):
         super().__init__()
         self.keys = [advisory_key(f"{name} slot {i}") for i in range(max(1, n))]
         self.lease_s = lease_s
-        self.holder = f"autointerp process {os.getpid()} on {socket.gethostname()} {uuid.uuid4().hex[:8]}"
+        self.holder = (
+            f"autointerp process {os.getpid()} on {socket.gethostname()} {uuid.uuid4().hex[:8]}"
+        )
         self._out: set[int] = set()
         """Slots this process's requests hold: renewed until released, never given to a second request."""
         self._lost: set[int] = set()
@@ -683,23 +889,38 @@ class SharedEndpointSlots(Slots):
         self._lock = threading.Lock()
         self._session = Session(url, on_connect=self._create_rows)
         self._closed = threading.Event()
-        threading.Thread(target=self._renew_until_closed, name="endpoint slot leases", daemon=True).start()
+        threading.Thread(
+            target=self._renew_until_closed, name="endpoint slot leases", daemon=True
+        ).start()
 
     def _create_rows(self, db) -> None:
         with db.transaction():  # nodes starting together would race to create the table
-            db.execute("SELECT pg_advisory_xact_lock(%s)", (advisory_key("llm_endpoint_slots table"),))
-            db.execute("CREATE TABLE IF NOT EXISTS llm_endpoint_slots (slot BIGINT PRIMARY KEY, holder TEXT, lease_end TIMESTAMPTZ)")
-            db.execute("INSERT INTO llm_endpoint_slots (slot) SELECT unnest(%s::bigint[]) ON CONFLICT DO NOTHING", (self.keys,))
+            db.execute(
+                "SELECT pg_advisory_xact_lock(%s)", (advisory_key("llm_endpoint_slots table"),)
+            )
+            db.execute(
+                "CREATE TABLE IF NOT EXISTS llm_endpoint_slots (slot BIGINT PRIMARY KEY, holder TEXT, lease_end TIMESTAMPTZ)"
+            )
+            db.execute(
+                "INSERT INTO llm_endpoint_slots (slot) SELECT unnest(%s::bigint[]) ON CONFLICT DO NOTHING",
+                (self.keys,),
+            )
 
     def _try_take(self) -> int | None:
         with self._lock:
             if self._lost:
                 return None
-            free = [key for key in self.keys if key not in self._out]  # ours until released, even where its lease ran out unnoticed
-            row = self._session.run(lambda db: db.execute(
-                "UPDATE llm_endpoint_slots SET holder = %s, lease_end = now() + make_interval(secs => %s) WHERE slot = "
-                "(SELECT slot FROM llm_endpoint_slots WHERE slot = ANY(%s) AND (holder IS NULL OR lease_end < now()) "
-                "ORDER BY random() LIMIT 1 FOR UPDATE SKIP LOCKED) RETURNING slot", (self.holder, self.lease_s, free)).fetchone())
+            free = [
+                key for key in self.keys if key not in self._out
+            ]  # ours until released, even where its lease ran out unnoticed
+            row = self._session.run(
+                lambda db: db.execute(
+                    "UPDATE llm_endpoint_slots SET holder = %s, lease_end = now() + make_interval(secs => %s) WHERE slot = "
+                    "(SELECT slot FROM llm_endpoint_slots WHERE slot = ANY(%s) AND (holder IS NULL OR lease_end < now()) "
+                    "ORDER BY random() LIMIT 1 FOR UPDATE SKIP LOCKED) RETURNING slot",
+                    (self.holder, self.lease_s, free),
+                ).fetchone()
+            )
             if row is not None:
                 self._out.add(row[0])
             return row[0] if row else None
@@ -709,7 +930,12 @@ class SharedEndpointSlots(Slots):
             self._out.discard(key)
             self._lost.discard(key)
             try:
-                self._session.run(lambda db: db.execute("UPDATE llm_endpoint_slots SET holder = NULL WHERE slot = %s AND holder = %s", (key, self.holder)))
+                self._session.run(
+                    lambda db: db.execute(
+                        "UPDATE llm_endpoint_slots SET holder = NULL WHERE slot = %s AND holder = %s",
+                        (key, self.holder),
+                    )
+                )
             except ConnectionError:
                 pass  # no longer renewed: the server frees it when its lease runs out; the answer is not lost for it
 
@@ -726,8 +952,13 @@ class SharedEndpointSlots(Slots):
                 if not out:
                     continue
                 try:
-                    kept = self._session.run(lambda db: db.execute("UPDATE llm_endpoint_slots SET lease_end = now() + make_interval(secs => %s) "
-                                                                   "WHERE holder = %s AND slot = ANY(%s) RETURNING slot", (self.lease_s, self.holder, out)).fetchall())
+                    kept = self._session.run(
+                        lambda db: db.execute(
+                            "UPDATE llm_endpoint_slots SET lease_end = now() + make_interval(secs => %s) "
+                            "WHERE holder = %s AND slot = ANY(%s) RETURNING slot",
+                            (self.lease_s, self.holder, out),
+                        ).fetchall()
+                    )
                 except ConnectionError:
                     continue  # again at the next beat; the leases last a few beats
                 self._lost |= set(out) - {key for (key,) in kept}
@@ -754,7 +985,9 @@ is stored as `<kind>: <detail>`, the answers received following with the reader'
 
 def failure(kind: str, detail: str, answers: list[Completion], reasons: list[str]) -> str:
     """`<kind>: <detail>, after 'answer' (reason) then 'answer' (reason)`: the one format of a lost question."""
-    said = " then ".join(f"{a.text[:300]!r} ({why})" for a, why in zip(answers, reasons))  # each answer was refused, for its reason
+    said = " then ".join(
+        f"{a.text[:300]!r} ({why})" for a, why in zip(answers, reasons, strict=False)
+    )  # each answer was refused, for its reason
     return f"{kind}: {detail}{', after ' if detail and said else ''}{said}"
 
 
@@ -789,9 +1022,20 @@ class ProductionClient:
     """Cache → budget → bounded concurrency (this process, and across processes with `slots`) → retries →
     backend, recording everything in the ledger."""
 
-    def __init__(self, inner: LLMClient, model_id: str, cache: ResponseCache | SharedResponseCache | None, ledger: Ledger, max_concurrency: int,
-                 max_attempts: int = 6, backoff_s: float = 0.5, max_backoff_s: float = 30.0, context_window: int | None = None,
-                 slots: Slots | None = None, identity: str | None = None):
+    def __init__(
+        self,
+        inner: LLMClient,
+        model_id: str,
+        cache: ResponseCache | SharedResponseCache | None,
+        ledger: Ledger,
+        max_concurrency: int,
+        max_attempts: int = 6,
+        backoff_s: float = 0.5,
+        max_backoff_s: float = 30.0,
+        context_window: int | None = None,
+        slots: Slots | None = None,
+        identity: str | None = None,
+    ):
         self.inner = inner
         self.model_name = inner.model_name
         self.model_id = model_id
@@ -815,9 +1059,14 @@ class ProductionClient:
 
     def fits(self, messages: list[dict], max_tokens: int) -> bool:
         """Whether the prompt and its answer fit the judge's context (always, when it is unknown)."""
-        return self.context_window is None or estimated_prompt_tokens(messages) + max_tokens <= self.context_window
+        return (
+            self.context_window is None
+            or estimated_prompt_tokens(messages) + max_tokens <= self.context_window
+        )
 
-    def fitting(self, build: Callable[[list], list[dict]], items: list, max_tokens: int) -> tuple[list[dict] | None, int]:
+    def fitting(
+        self, build: Callable[[list], list[dict]], items: list, max_tokens: int
+    ) -> tuple[list[dict] | None, int]:
         """The prompt `build` makes of as many leading `items` as fit the judge's context, and how many
         were dropped; None when not even one fits."""
         for keep in range(len(items), 0, -1):
@@ -838,14 +1087,25 @@ class ProductionClient:
     @staticmethod
     def _request(max_tokens, temperature=0.0, top_logprobs=0, int_list=None, seed=None) -> dict:
         """Every parameter of a request, defaults filled in: what the cache key and the backend see."""
-        return {"max_tokens": max_tokens, "temperature": temperature, "top_logprobs": top_logprobs, "int_list": tuple(int_list) if int_list else None, "seed": seed}
+        return {
+            "max_tokens": max_tokens,
+            "temperature": temperature,
+            "top_logprobs": top_logprobs,
+            "int_list": tuple(int_list) if int_list else None,
+            "seed": seed,
+        }
 
     async def forget(self, messages, **params) -> None:
         """Drop a cached answer that turned out unusable, so the next materialization asks again."""
         if self.cache is not None:
-            await asyncio.to_thread(self.cache.forget, ResponseCache.key(self.model_id, messages, self._request(**params)))
+            await asyncio.to_thread(
+                self.cache.forget,
+                ResponseCache.key(self.model_id, messages, self._request(**params)),
+            )
 
-    async def ask(self, messages: list[dict], read: Callable[[str], T | Refusal], reask: dict, **params) -> Asked[T]:
+    async def ask(
+        self, messages: list[dict], read: Callable[[str], T | Refusal], reask: dict, **params
+    ) -> Asked[T]:
         """The one way an answer that must be read is asked: what `read` makes of the answer, or why
         there is none (`Asked.failure`). An answer `read` refuses is asked again once, as a follow-up turn
         `reask` that says what was wrong. The refused answer stays in the cache while the question is open:
@@ -870,7 +1130,9 @@ class ProductionClient:
         except BudgetExceeded as stop:
             lost = failure(BUDGET_STOPPED, str(stop), answers, reasons)
         except Exception as error:  # retries exhausted, a request the endpoint rejected
-            lost = failure(REQUEST_FAILED, f"{type(error).__name__}: {str(error)[:300]}", answers, reasons)
+            lost = failure(
+                REQUEST_FAILED, f"{type(error).__name__}: {str(error)[:300]}", answers, reasons
+            )
         for turn in turns:
             await self.forget(turn, **params)
         return Asked(None, answers, lost)
@@ -878,7 +1140,10 @@ class ProductionClient:
     async def complete(self, messages, **params) -> Completion:
         params = self._request(**params)
         key = ResponseCache.key(self.model_id, messages, params)
-        if self.cache is not None and (hit := await asyncio.to_thread(self.cache.get, key)) is not None:  # a database's wait must not stop the loop
+        if (
+            self.cache is not None
+            and (hit := await asyncio.to_thread(self.cache.get, key)) is not None
+        ):  # a database's wait must not stop the loop
             self.ledger.cache_hits += 1
             return hit
         if key in self._in_flight:  # the same request is already on its way: share its answer
@@ -893,7 +1158,7 @@ class ProductionClient:
     @asynccontextmanager
     async def _held(self):
         """A request's place in flight: one of this run's `max_concurrency`, and one of the endpoint's slots."""
-        async with self._semaphore, (self._slots.hold() if self._slots else nullcontext()):
+        async with self._semaphore, self._slots.hold() if self._slots else nullcontext():
             yield
 
     async def _send(self, key: str, messages, params: dict) -> Completion:
@@ -928,11 +1193,15 @@ class ProductionClient:
             self._fatal = error
             raise
         except Exception:
-            self._first_answered = True  # the endpoint answered: this request's own problem, not the run's
+            self._first_answered = (
+                True  # the endpoint answered: this request's own problem, not the run's
+            )
             raise
 
     async def _with_retries(self, messages, params) -> Completion:
-        connected = False  # whether any attempt reached the server: if none did, the endpoint is gone
+        connected = (
+            False  # whether any attempt reached the server: if none did, the endpoint is gone
+        )
         for attempt in range(1, self.max_attempts + 1):
             try:
                 return await self.inner.complete(messages, **params)
@@ -945,8 +1214,12 @@ class ProductionClient:
                         raise LLMEndpointError(str(error)) from error
                     raise
                 self.ledger.retries += 1
-                delay = min(self.max_backoff_s, self.backoff_s * 2 ** (attempt - 1)) * random.uniform(0.5, 1.0)  # jitter spreads clients apart
-                if error.retry_after_s is not None:  # the server said when: wait at least that long (within our cap)
+                delay = min(
+                    self.max_backoff_s, self.backoff_s * 2 ** (attempt - 1)
+                ) * random.uniform(0.5, 1.0)  # jitter spreads clients apart
+                if (
+                    error.retry_after_s is not None
+                ):  # the server said when: wait at least that long (within our cap)
                     delay = max(delay, min(error.retry_after_s, self.max_backoff_s))
                 await asyncio.sleep(delay)
             except Exception:
@@ -964,35 +1237,92 @@ class LLMResource(ConfigurableResource):
     settings for that role (a strong explainer and a cheap judge, each on its own endpoint). The API key
     is read from the variable `api_key_env` when a client is made, at run time, and never shown."""
 
-    backend: Literal["embedded", "openai", "vllm"] = Field(default="embedded", description="'embedded' = SmolLM2-135M-Instruct via llama-cpp-python; 'openai' = any OpenAI-compatible HTTP endpoint; 'vllm' = vLLM offline on a GPU.")
-    base_url: str | None = Field(default=None, description="Endpoint for backend 'openai', e.g. http://127.0.0.1:8000/v1 (vLLM) or https://openrouter.ai/api/v1.")
-    model: str = Field(default="embedded", description="Model name sent to the endpoint; for 'embedded' a GGUF path or 'embedded'; for 'vllm' a HF id or path.")
-    api_key: str | None = Field(default=None, description="Set with EnvVar('OPENAI_API_KEY') (or your provider's variable); never a literal. Deployments use `api_key_env` instead.")
-    api_key_env: str | None = Field(default=None, description="The environment variable holding the API key, read when the run makes its client (unset is fine for local servers).")
-    max_concurrency: int | None = Field(default=None, description="Requests in flight at once; default 8 for 'embedded' and 'openai', 256 for 'vllm' (its batch size: offline vLLM is fast only in large batches). For 'openai' it is the endpoint's limit shared by every run on the data root (EndpointSlots), or on every node with [settings] coordination_url, not a per-run one.")
-    max_attempts: int = Field(default=6, description="Attempts per request on 429 / 5xx / timeouts / connection errors (backoff doubles from 0.5 s, with jitter).")
+    backend: Literal["embedded", "openai", "vllm"] = Field(
+        default="embedded",
+        description="'embedded' = SmolLM2-135M-Instruct via llama-cpp-python; 'openai' = any OpenAI-compatible HTTP endpoint; 'vllm' = vLLM offline on a GPU.",
+    )
+    base_url: str | None = Field(
+        default=None,
+        description="Endpoint for backend 'openai', e.g. http://127.0.0.1:8000/v1 (vLLM) or https://openrouter.ai/api/v1.",
+    )
+    model: str = Field(
+        default="embedded",
+        description="Model name sent to the endpoint; for 'embedded' a GGUF path or 'embedded'; for 'vllm' a HF id or path.",
+    )
+    api_key: str | None = Field(
+        default=None,
+        description="Set with EnvVar('OPENAI_API_KEY') (or your provider's variable); never a literal. Deployments use `api_key_env` instead.",
+    )
+    api_key_env: str | None = Field(
+        default=None,
+        description="The environment variable holding the API key, read when the run makes its client (unset is fine for local servers).",
+    )
+    max_concurrency: int | None = Field(
+        default=None,
+        description="Requests in flight at once; default 8 for 'embedded' and 'openai', 256 for 'vllm' (its batch size: offline vLLM is fast only in large batches). For 'openai' it is the endpoint's limit shared by every run on the data root (EndpointSlots), or on every node with [settings] coordination_url, not a per-run one.",
+    )
+    max_attempts: int = Field(
+        default=6,
+        description="Attempts per request on 429 / 5xx / timeouts / connection errors (backoff doubles from 0.5 s, with jitter).",
+    )
     timeout_s: float = Field(default=120.0, description="Per-request timeout of HTTP backends.")
     n_ctx: int = Field(default=2048, description="Context window of the embedded model.")
-    context_window: int | None = Field(default=None, description="The judge's context in tokens; prompts that would not fit drop examples (and record how many). Default: n_ctx for 'embedded', max_model_len for 'vllm', unknown (nothing dropped) for 'openai'.")
-    structured_output: StructuredOutput = Field(default="json_schema", description="How an 'openai' endpoint is made to answer value lists: 'json_schema' (OpenAI, vLLM, llama.cpp's llama-server), 'json_object' with a schema (llama-cpp-python's server), 'off' (parsed strictly from text). The embedded model always uses a grammar, 'vllm' its structured outputs.")
-    key_setting: str = Field(default="llm.api_key", description="Where the user sets the API key (e.g. the environment variable), named in the error when the endpoint rejects it.")
-    model_setting: str = Field(default="llm.model", description="Where the user sets the model name, named in the error when the endpoint does not serve it.")
-    vllm_engine_args: dict[str, Any] = Field(default_factory=dict, description="Passed to vllm.LLM for backend 'vllm', e.g. {tensor_parallel_size: 2, gpu_memory_utilization: 0.85, max_model_len: 4096}.")
-    cache_dir: str | None = Field(default=None, description="Response cache directory; default <data>/llm_cache. '' disables the cache. With [settings] coordination_url the cache is in that database instead.")
-    prompt_price_per_million: float | None = Field(default=None, description="Price per million prompt tokens, to report cost.")
-    completion_price_per_million: float | None = Field(default=None, description="Price per million completion tokens, to report cost.")
-    max_requests: int | None = Field(default=None, description="Stop sending after this many requests in one materialization (finished work is kept).")
-    max_cost: float | None = Field(default=None, description="Stop sending once this cost is reached in one materialization (needs prices).")
-    explainer: dict[str, Any] = Field(default_factory=dict, description="[llm.explainer]: settings that differ for the explainer (e.g. model, base_url, api_key_env); the rest come from [llm].")
-    judge: dict[str, Any] = Field(default_factory=dict, description="[llm.judge]: settings that differ for the LLM scorers' judge; the rest come from [llm].")
+    context_window: int | None = Field(
+        default=None,
+        description="The judge's context in tokens; prompts that would not fit drop examples (and record how many). Default: n_ctx for 'embedded', max_model_len for 'vllm', unknown (nothing dropped) for 'openai'.",
+    )
+    structured_output: StructuredOutput = Field(
+        default="json_schema",
+        description="How an 'openai' endpoint is made to answer value lists: 'json_schema' (OpenAI, vLLM, llama.cpp's llama-server), 'json_object' with a schema (llama-cpp-python's server), 'off' (parsed strictly from text). The embedded model always uses a grammar, 'vllm' its structured outputs.",
+    )
+    key_setting: str = Field(
+        default="llm.api_key",
+        description="Where the user sets the API key (e.g. the environment variable), named in the error when the endpoint rejects it.",
+    )
+    model_setting: str = Field(
+        default="llm.model",
+        description="Where the user sets the model name, named in the error when the endpoint does not serve it.",
+    )
+    vllm_engine_args: dict[str, Any] = Field(
+        default_factory=dict,
+        description="Passed to vllm.LLM for backend 'vllm', e.g. {tensor_parallel_size: 2, gpu_memory_utilization: 0.85, max_model_len: 4096}.",
+    )
+    cache_dir: str | None = Field(
+        default=None,
+        description="Response cache directory; default <data>/llm_cache. '' disables the cache. With [settings] coordination_url the cache is in that database instead.",
+    )
+    prompt_price_per_million: float | None = Field(
+        default=None, description="Price per million prompt tokens, to report cost."
+    )
+    completion_price_per_million: float | None = Field(
+        default=None, description="Price per million completion tokens, to report cost."
+    )
+    max_requests: int | None = Field(
+        default=None,
+        description="Stop sending after this many requests in one materialization (finished work is kept).",
+    )
+    max_cost: float | None = Field(
+        default=None,
+        description="Stop sending once this cost is reached in one materialization (needs prices).",
+    )
+    explainer: dict[str, Any] = Field(
+        default_factory=dict,
+        description="[llm.explainer]: settings that differ for the explainer (e.g. model, base_url, api_key_env); the rest come from [llm].",
+    )
+    judge: dict[str, Any] = Field(
+        default_factory=dict,
+        description="[llm.judge]: settings that differ for the LLM scorers' judge; the rest come from [llm].",
+    )
 
-    def for_role(self, role: str | None) -> "LLMResource":
+    def for_role(self, role: str | None) -> LLMResource:
         """The settings of `role` ('explainer' or 'judge'): these, with the role's table on top."""
         if role is None or not getattr(self, role):
             return self
         if role not in ROLES:
             raise ValueError(f"unknown LLM role {role!r}; known: {ROLES}")
-        values = {name: getattr(self, name) for name in type(self).model_fields if name not in ROLES}
+        values = {
+            name: getattr(self, name) for name in type(self).model_fields if name not in ROLES
+        }
         return type(self)(**{**values, **getattr(self, role)})
 
     def identity(self, role: str | None = None) -> str:
@@ -1004,7 +1334,9 @@ class LLMResource(ConfigurableResource):
             path = Path(chosen.model) if chosen.model != "embedded" else embedded_gguf_path()
             return f"embedded:{path.name}@{content_digest(path)}"
         local = Path(chosen.model).expanduser()
-        return f"{chosen.backend}:{chosen.model}" + (f"@{content_digest(local)}" if chosen.backend == "vllm" and local.exists() else "")
+        return f"{chosen.backend}:{chosen.model}" + (
+            f"@{content_digest(local)}" if chosen.backend == "vllm" and local.exists() else ""
+        )
 
     def key(self) -> str | None:
         """The API key: `api_key`, else the value of `api_key_env` now (not when the definitions were loaded)."""
@@ -1012,15 +1344,30 @@ class LLMResource(ConfigurableResource):
 
     def backend_client(self) -> LLMClient:
         if self.backend == "embedded":
-            return LlamaCppClient(None if self.model == "embedded" else self.model, n_ctx=self.n_ctx)
+            return LlamaCppClient(
+                None if self.model == "embedded" else self.model, n_ctx=self.n_ctx
+            )
         if self.backend == "vllm":
-            return VLLMOfflineClient(self.model, max_batch=self.concurrency(), **self.vllm_engine_args)
+            return VLLMOfflineClient(
+                self.model, max_batch=self.concurrency(), **self.vllm_engine_args
+            )
         if not self.base_url:
-            raise ValueError("llm.backend is 'openai' but llm.base_url is not set. Fix: set it, e.g. http://127.0.0.1:8000/v1.")
+            raise ValueError(
+                "llm.backend is 'openai' but llm.base_url is not set. Fix: set it, e.g. http://127.0.0.1:8000/v1."
+            )
         key = self.key()
-        key_setting = self.key_setting + (f"; {self.api_key_env} is not set" if self.api_key_env and not key else "")
-        return OpenAICompatibleClient(self.base_url, self.model, key, self.timeout_s, structured_output=self.structured_output,
-                                      key_setting=key_setting, model_setting=self.model_setting)
+        key_setting = self.key_setting + (
+            f"; {self.api_key_env} is not set" if self.api_key_env and not key else ""
+        )
+        return OpenAICompatibleClient(
+            self.base_url,
+            self.model,
+            key,
+            self.timeout_s,
+            structured_output=self.structured_output,
+            key_setting=key_setting,
+            model_setting=self.model_setting,
+        )
 
     def concurrency(self) -> int:
         return self.max_concurrency or (256 if self.backend == "vllm" else 8)
@@ -1030,7 +1377,11 @@ class LLMResource(ConfigurableResource):
         constrained (never the key). A model in local files (the embedded GGUF, a vLLM folder) is named
         by its content, as in `identity`: another file at the same path must be asked, not answered from
         the old one's cache."""
-        constrained = f"|{self.structured_output}" if self.backend == "openai" and self.structured_output != "off" else ""
+        constrained = (
+            f"|{self.structured_output}"
+            if self.backend == "openai" and self.structured_output != "off"
+            else ""
+        )
         model = self.model if self.backend == "openai" else self.identity().split(":", 1)[1]
         return f"{self.backend}|{self.base_url or ''}|{model}{constrained}"
 
@@ -1041,33 +1392,72 @@ class LLMResource(ConfigurableResource):
         while self._opened_caches:
             self._opened_caches.pop().close()
 
-    def client(self, default_cache_dir: Path | None = None, role: str | None = None, coordination_url: str = "") -> ProductionClient:
+    def client(
+        self,
+        default_cache_dir: Path | None = None,
+        role: str | None = None,
+        coordination_url: str = "",
+    ) -> ProductionClient:
         """The production client of `role` (None: the `[llm]` settings alone). Its cache and endpoint
         slots are under `default_cache_dir` (the data root's), or in the database of `coordination_url`."""
         chosen = self.for_role(role)
         prices = None
-        if chosen.prompt_price_per_million is not None or chosen.completion_price_per_million is not None:
-            prices = (chosen.prompt_price_per_million or 0.0, chosen.completion_price_per_million or 0.0)
+        if (
+            chosen.prompt_price_per_million is not None
+            or chosen.completion_price_per_million is not None
+        ):
+            prices = (
+                chosen.prompt_price_per_million or 0.0,
+                chosen.completion_price_per_million or 0.0,
+            )
         cache_dir = Path(chosen.cache_dir) if chosen.cache_dir else default_cache_dir
         cache = None
         if cache_dir is not None and chosen.cache_dir != "":
             if coordination_url:
-                cache = engine("response cache", (coordination_url,), lambda: SharedResponseCache(coordination_url))
+                cache = engine(
+                    "response cache",
+                    (coordination_url,),
+                    lambda: SharedResponseCache(coordination_url),
+                )
             else:
                 cache = ResponseCache(cache_dir / "responses.sqlite")
-                self._opened_caches.append(cache)  # closed at this resource's teardown, whichever role opened it
+                self._opened_caches.append(
+                    cache
+                )  # closed at this resource's teardown, whichever role opened it
         ledger = Ledger(prices, chosen.max_requests, chosen.max_cost)
         slots = None
-        if chosen.backend == "openai" and default_cache_dir is not None:  # one limit per endpoint and model for every run on this data root (or cluster)
+        if (
+            chosen.backend == "openai" and default_cache_dir is not None
+        ):  # one limit per endpoint and model for every run on this data root (or cluster)
             if coordination_url:
                 name, n = f"endpoint {chosen.model_id()}", chosen.concurrency()
-                slots = engine("endpoint slots", (coordination_url, name, n), lambda: SharedEndpointSlots(coordination_url, name, n))
+                slots = engine(
+                    "endpoint slots",
+                    (coordination_url, name, n),
+                    lambda: SharedEndpointSlots(coordination_url, name, n),
+                )
             else:
-                slots = EndpointSlots(default_cache_dir / "slots" / hashlib.sha256(chosen.model_id().encode()).hexdigest()[:16], chosen.concurrency())
-        return ProductionClient(chosen.backend_client(), chosen.model_id(), cache, ledger, chosen.concurrency(), chosen.max_attempts,
-                                context_window=chosen.judge_context(), slots=slots, identity=chosen.identity())
+                slots = EndpointSlots(
+                    default_cache_dir
+                    / "slots"
+                    / hashlib.sha256(chosen.model_id().encode()).hexdigest()[:16],
+                    chosen.concurrency(),
+                )
+        return ProductionClient(
+            chosen.backend_client(),
+            chosen.model_id(),
+            cache,
+            ledger,
+            chosen.concurrency(),
+            chosen.max_attempts,
+            context_window=chosen.judge_context(),
+            slots=slots,
+            identity=chosen.identity(),
+        )
 
     def judge_context(self) -> int | None:
         if self.context_window is not None:
             return self.context_window
-        return {"embedded": self.n_ctx, "vllm": self.vllm_engine_args.get("max_model_len")}.get(self.backend)
+        return {"embedded": self.n_ctx, "vllm": self.vllm_engine_args.get("max_model_len")}.get(
+            self.backend
+        )

@@ -3,6 +3,7 @@ straight through the subject model's final norm scale and unembedding (the logit
 decoder rows; VocabProj in Gur-Arieh et al. 2025). One function, used by the latent browser and by
 the `logit_lens` explainer, so both show the same tokens.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -22,7 +23,9 @@ class VocabProjection:
     top_values: torch.Tensor  # [n, k]
     bottom_ids: torch.Tensor  # [n, k], most suppressed first
     bottom_values: torch.Tensor  # [n, k]
-    histograms: list[tuple[list[int], list[float]]] | None = None  # per direction (counts, edges) of its logits over the vocabulary
+    histograms: list[tuple[list[int], list[float]]] | None = (
+        None  # per direction (counts, edges) of its logits over the vocabulary
+    )
 
 
 def final_norm_scale(lm: torch.nn.Module) -> torch.Tensor | None:
@@ -60,7 +63,11 @@ class Unembedding:
         tensors = load_file(str(path))
         self._head = SimpleNamespace(weight=tensors["unembedding"])
         norm_scale = tensors.get("norm_scale")
-        self.model = SimpleNamespace(norm=SimpleNamespace(weight=norm_scale)) if norm_scale is not None else SimpleNamespace()
+        self.model = (
+            SimpleNamespace(norm=SimpleNamespace(weight=norm_scale))
+            if norm_scale is not None
+            else SimpleNamespace()
+        )
 
     def get_output_embeddings(self):
         return self._head
@@ -74,7 +81,9 @@ def vocab_logits(directions: torch.Tensor, lm: torch.nn.Module) -> torch.Tensor:
     return (block * scale if scale is not None else block) @ unembedding.T
 
 
-def vocab_projection(directions: torch.Tensor, lm: torch.nn.Module, k: int = 10, batch: int = 256, bins: int = 0) -> VocabProjection:
+def vocab_projection(
+    directions: torch.Tensor, lm: torch.nn.Module, k: int = 10, batch: int = 256, bins: int = 0
+) -> VocabProjection:
     """Logits of each `[n, d_model]` direction over the vocabulary, reduced to the top and bottom k, and with
     `bins` the histogram of all its logits (as `np.histogram` bins them: Neuronpedia's logit density)."""
     import numpy as np
@@ -84,11 +93,15 @@ def vocab_projection(directions: torch.Tensor, lm: torch.nn.Module, k: int = 10,
         logits = vocab_logits(directions[start : start + batch], lm)
         top = logits.topk(k, dim=1)
         bottom = logits.topk(k, dim=1, largest=False)
-        parts.append((top.indices.cpu(), top.values.cpu(), bottom.indices.cpu(), bottom.values.cpu()))
+        parts.append(
+            (top.indices.cpu(), top.values.cpu(), bottom.indices.cpu(), bottom.values.cpu())
+        )
         for row in logits.cpu().numpy() if bins else ():
             counts, edges = np.histogram(row, bins=bins)
             histograms.append((counts.tolist(), edges.round(4).tolist()))
     if not parts:
         empty = torch.zeros((0, k))
         return VocabProjection(empty.long(), empty, empty.long(), empty, [] if bins else None)
-    return VocabProjection(*(torch.cat([p[i] for p in parts]) for i in range(4)), histograms if bins else None)
+    return VocabProjection(
+        *(torch.cat([p[i] for p in parts]) for i in range(4)), histograms if bins else None
+    )

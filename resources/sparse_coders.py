@@ -15,6 +15,7 @@ Transcoders and neurons read their module's input, SAEs its output. Every coder 
 (row, latent, value) triples: TopK coders and neurons keep k values a token, ReLU and JumpReLU
 coders are encoded in token chunks so the dense block stays bounded.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -95,10 +96,16 @@ class SparseCoder:
             return None
         return torch.nn.functional.normalize(self.decoder_weight.detach().float(), dim=1, eps=1e-12)
 
-    def to(self, device: str | torch.device, dtype: torch.dtype) -> "SparseCoder":
+    def to(self, device: str | torch.device, dtype: torch.dtype) -> SparseCoder:
         moved = {
             f: getattr(self, f).to(device=device, dtype=dtype)
-            for f in ("encoder_weight", "encoder_bias", "decoder_weight", "decoder_bias", "threshold")
+            for f in (
+                "encoder_weight",
+                "encoder_bias",
+                "decoder_weight",
+                "decoder_bias",
+                "threshold",
+            )
             if getattr(self, f) is not None
         }
         return replace(self, **moved)
@@ -150,12 +157,17 @@ class SparseCoder:
         offsets = torch.zeros(n_tokens, dtype=torch.long, device=code.rows.device)
         offsets[1:] = torch.bincount(code.rows, minlength=n_tokens).cumsum(0)[:-1]
         summed = torch.nn.functional.embedding_bag(
-            code.latents, self.decoder_weight, offsets, mode="sum", per_sample_weights=code.values.to(self.decoder_weight.dtype)
+            code.latents,
+            self.decoder_weight,
+            offsets,
+            mode="sum",
+            per_sample_weights=code.values.to(self.decoder_weight.dtype),
         )
         return summed + self.decoder_bias
 
 
 # ---- formats ------------------------------------------------------------------------------------
+
 
 def load_sparsify(folder: Path, name: str, hookpoint: str) -> SparseCoder:
     cfg = json.loads((folder / "cfg.json").read_text())
@@ -166,10 +178,19 @@ def load_sparsify(folder: Path, name: str, hookpoint: str) -> SparseCoder:
     encoder = weights["encoder.weight"].float()
     transcode = bool(cfg.get("transcode", False))
     return SparseCoder(
-        name, hookpoint, "topk", d_in=encoder.shape[1], width=encoder.shape[0],
-        encoder_weight=encoder, encoder_bias=weights["encoder.bias"].float(),
-        decoder_weight=weights["W_dec"].float(), decoder_bias=weights["b_dec"].float(),
-        k=int(cfg["k"]), subtract_decoder_bias=not transcode, transcode=transcode, source_format="sparsify",
+        name,
+        hookpoint,
+        "topk",
+        d_in=encoder.shape[1],
+        width=encoder.shape[0],
+        encoder_weight=encoder,
+        encoder_bias=weights["encoder.bias"].float(),
+        decoder_weight=weights["W_dec"].float(),
+        decoder_bias=weights["b_dec"].float(),
+        k=int(cfg["k"]),
+        subtract_decoder_bias=not transcode,
+        transcode=transcode,
+        source_format="sparsify",
     )
 
 
@@ -203,22 +224,38 @@ def load_saelens(folder: Path, name: str, hookpoint: str) -> SparseCoder:
     cfg = json.loads((folder / "cfg.json").read_text())
     weights = load_file(str(folder / "sae_weights.safetensors"))
     architecture = cfg.get("architecture", "standard")
-    if cfg.get("normalize_activations", "none") != "none" or cfg.get("rescale_acts_by_decoder_norm"):
-        raise ValueError(f"{folder}: SAELens input normalization / decoder-norm rescaling is not supported yet.")
-    activation = {"standard": "relu", "relu": "relu", "topk": "topk", "jumprelu": "jumprelu"}.get(architecture)
+    if cfg.get("normalize_activations", "none") != "none" or cfg.get(
+        "rescale_acts_by_decoder_norm"
+    ):
+        raise ValueError(
+            f"{folder}: SAELens input normalization / decoder-norm rescaling is not supported yet."
+        )
+    activation = {"standard": "relu", "relu": "relu", "topk": "topk", "jumprelu": "jumprelu"}.get(
+        architecture
+    )
     if activation is None:
-        raise ValueError(f"{folder}: SAELens architecture {architecture!r} is not supported (standard, topk, jumprelu are).")
+        raise ValueError(
+            f"{folder}: SAELens architecture {architecture!r} is not supported (standard, topk, jumprelu are)."
+        )
     threshold = weights.get("threshold")
     if threshold is None and "log_threshold" in weights:
         threshold = weights["log_threshold"].exp()
     k = cfg.get("k") or (cfg.get("activation_fn_kwargs") or {}).get("k")
     w_enc = weights["W_enc"].float()  # [d_in, d_sae]
     return SparseCoder(
-        name, hookpoint, activation, d_in=w_enc.shape[0], width=w_enc.shape[1],
-        encoder_weight=w_enc.T.contiguous(), encoder_bias=weights["b_enc"].float(),
-        decoder_weight=weights["W_dec"].float(), decoder_bias=weights["b_dec"].float(),
-        k=int(k) if k else None, threshold=None if threshold is None else threshold.float(),
-        subtract_decoder_bias=bool(cfg.get("apply_b_dec_to_input", False)), source_format="saelens",
+        name,
+        hookpoint,
+        activation,
+        d_in=w_enc.shape[0],
+        width=w_enc.shape[1],
+        encoder_weight=w_enc.T.contiguous(),
+        encoder_bias=weights["b_enc"].float(),
+        decoder_weight=weights["W_dec"].float(),
+        decoder_bias=weights["b_dec"].float(),
+        k=int(k) if k else None,
+        threshold=None if threshold is None else threshold.float(),
+        subtract_decoder_bias=bool(cfg.get("apply_b_dec_to_input", False)),
+        source_format="saelens",
     )
 
 
@@ -226,10 +263,17 @@ def load_gemmascope(folder: Path, name: str, hookpoint: str) -> SparseCoder:
     params = np.load(folder / "params.npz")
     w_enc = torch.from_numpy(params["W_enc"]).float()  # [d_in, d_sae]
     return SparseCoder(
-        name, hookpoint, "jumprelu", d_in=w_enc.shape[0], width=w_enc.shape[1],
-        encoder_weight=w_enc.T.contiguous(), encoder_bias=torch.from_numpy(params["b_enc"]).float(),
-        decoder_weight=torch.from_numpy(params["W_dec"]).float(), decoder_bias=torch.from_numpy(params["b_dec"]).float(),
-        threshold=torch.from_numpy(params["threshold"]).float(), source_format="gemmascope",
+        name,
+        hookpoint,
+        "jumprelu",
+        d_in=w_enc.shape[0],
+        width=w_enc.shape[1],
+        encoder_weight=w_enc.T.contiguous(),
+        encoder_bias=torch.from_numpy(params["b_enc"]).float(),
+        decoder_weight=torch.from_numpy(params["W_dec"]).float(),
+        decoder_bias=torch.from_numpy(params["b_dec"]).float(),
+        threshold=torch.from_numpy(params["threshold"]).float(),
+        source_format="gemmascope",
     )
 
 
@@ -237,16 +281,30 @@ def load_goodfire(path: Path, name: str, hookpoint: str) -> SparseCoder:
     state = torch.load(path, map_location="cpu", weights_only=True)
     encoder = state["encoder_linear.weight"].float()  # [d_hidden, d_in]
     return SparseCoder(
-        name, hookpoint, "relu", d_in=encoder.shape[1], width=encoder.shape[0],
-        encoder_weight=encoder, encoder_bias=state["encoder_linear.bias"].float(),
-        decoder_weight=state["decoder_linear.weight"].float().T.contiguous(), decoder_bias=state["decoder_linear.bias"].float(),
+        name,
+        hookpoint,
+        "relu",
+        d_in=encoder.shape[1],
+        width=encoder.shape[0],
+        encoder_weight=encoder,
+        encoder_bias=state["encoder_linear.bias"].float(),
+        decoder_weight=state["decoder_linear.weight"].float().T.contiguous(),
+        decoder_bias=state["decoder_linear.bias"].float(),
         source_format="goodfire",
     )
 
 
 def load_neurons(folder: Path, name: str, hookpoint: str) -> SparseCoder:
     cfg = json.loads((folder / "cfg.json").read_text())
-    return SparseCoder(name, hookpoint, "neurons", d_in=int(cfg["d_in"]), width=int(cfg["d_in"]), k=int(cfg.get("k", 32)), source_format="neurons")
+    return SparseCoder(
+        name,
+        hookpoint,
+        "neurons",
+        d_in=int(cfg["d_in"]),
+        width=int(cfg["d_in"]),
+        k=int(cfg.get("k", 32)),
+        source_format="neurons",
+    )
 
 
 def save_neurons(folder: Path, d_in: int, k: int = 32) -> None:
@@ -256,8 +314,18 @@ def save_neurons(folder: Path, d_in: int, k: int = 32) -> None:
         tmp.write_text(json.dumps({"format": "neurons", "d_in": d_in, "k": k}, indent=2))
 
 
-FORMAT_FILES = {"sparsify": "sae.safetensors", "saelens": "sae_weights.safetensors", "gemmascope": "params.npz"}
-LOADERS = {"sparsify": load_sparsify, "saelens": load_saelens, "gemmascope": load_gemmascope, "goodfire": load_goodfire, "neurons": load_neurons}
+FORMAT_FILES = {
+    "sparsify": "sae.safetensors",
+    "saelens": "sae_weights.safetensors",
+    "gemmascope": "params.npz",
+}
+LOADERS = {
+    "sparsify": load_sparsify,
+    "saelens": load_saelens,
+    "gemmascope": load_gemmascope,
+    "goodfire": load_goodfire,
+    "neurons": load_neurons,
+}
 KNOWN_FORMATS = (
     "sparsify cfg.json + sae.safetensors, SAELens cfg.json + sae_weights.safetensors, GemmaScope params.npz, "
     "Goodfire *.pth, or a neurons cfg.json"
@@ -282,9 +350,13 @@ def read_cfg(folder: Path) -> dict:
     try:
         cfg = json.loads(path.read_text())
     except (ValueError, UnicodeDecodeError) as error:
-        raise CoderFormatError(f"{path} is not valid JSON ({error}). Fix: repair the file, or copy the coder's cfg.json again.") from error
+        raise CoderFormatError(
+            f"{path} is not valid JSON ({error}). Fix: repair the file, or copy the coder's cfg.json again."
+        ) from error
     if not isinstance(cfg, dict):
-        raise CoderFormatError(f"{path} holds a {type(cfg).__name__}, not a JSON object of settings. Fix: copy the coder's cfg.json again.")
+        raise CoderFormatError(
+            f"{path} holds a {type(cfg).__name__}, not a JSON object of settings. Fix: copy the coder's cfg.json again."
+        )
     return cfg
 
 
@@ -297,7 +369,9 @@ def coder_format(folder: Path) -> tuple[str, Path]:
     if (found := format_by_names(names)) is not None:
         return found[0], folder / found[1]
     present = ", ".join(sorted(p.name for p in folder.iterdir())) or "nothing"
-    raise RegistryError(f"{folder} holds no sparse coder in a known format ({KNOWN_FORMATS}); it holds {present}.")
+    raise RegistryError(
+        f"{folder} holds no sparse coder in a known format ({KNOWN_FORMATS}); it holds {present}."
+    )
 
 
 def check_coder(coder: SparseCoder, weights: Path, cfg: dict) -> None:
@@ -306,22 +380,41 @@ def check_coder(coder: SparseCoder, weights: Path, cfg: dict) -> None:
     fix = "Fix: copy the coder again from where it was trained, or retrain it."
     if coder.activation == "neurons":
         return
-    expected = {"encoder_weight": (coder.width, coder.d_in), "encoder_bias": (coder.width,), "decoder_weight": (coder.width, coder.d_in),
-                "decoder_bias": (coder.d_in,), "threshold": (coder.width,)}
+    expected = {
+        "encoder_weight": (coder.width, coder.d_in),
+        "encoder_bias": (coder.width,),
+        "decoder_weight": (coder.width, coder.d_in),
+        "decoder_bias": (coder.d_in,),
+        "threshold": (coder.width,),
+    }
     for name, shape in expected.items():
         tensor = getattr(coder, name)
         if tensor is None:
             continue
         if tuple(tensor.shape) != shape:
-            raise CoderFormatError(f"{weights}: {name} has shape {tuple(tensor.shape)}, but the encoder says width {coder.width} and input width {coder.d_in} ({shape}). {fix}")
+            raise CoderFormatError(
+                f"{weights}: {name} has shape {tuple(tensor.shape)}, but the encoder says width {coder.width} and input width {coder.d_in} ({shape}). {fix}"
+            )
         bad = ~torch.isfinite(tensor)
         if bad.any():
-            rows = torch.nonzero(bad.reshape(len(tensor), -1).any(dim=1) if tensor.dim() > 1 else bad).flatten().tolist()
-            where = f"latents {rows[:8]}{' …' if len(rows) > 8 else ''} ({len(rows)} in all)" if name != "decoder_bias" else f"{len(rows)} of its {len(tensor)} entries"
-            raise CoderFormatError(f"{weights}: {name} holds NaN or inf at {where}; those latents would be silently dead or wrong. {fix}")
+            rows = (
+                torch.nonzero(bad.reshape(len(tensor), -1).any(dim=1) if tensor.dim() > 1 else bad)
+                .flatten()
+                .tolist()
+            )
+            where = (
+                f"latents {rows[:8]}{' …' if len(rows) > 8 else ''} ({len(rows)} in all)"
+                if name != "decoder_bias"
+                else f"{len(rows)} of its {len(tensor)} entries"
+            )
+            raise CoderFormatError(
+                f"{weights}: {name} holds NaN or inf at {where}; those latents would be silently dead or wrong. {fix}"
+            )
     for key, actual in (("num_latents", coder.width), ("d_sae", coder.width), ("d_in", coder.d_in)):
         if isinstance(cfg.get(key), int) and cfg[key] and cfg[key] != actual:
-            raise CoderFormatError(f"{weights.parent / 'cfg.json'} says {key} = {cfg[key]}, but {weights.name} holds {actual}. Fix: copy the matching cfg.json and weights together.")
+            raise CoderFormatError(
+                f"{weights.parent / 'cfg.json'} says {key} = {cfg[key]}, but {weights.name} holds {actual}. Fix: copy the matching cfg.json and weights together."
+            )
     wanted = SAFETENSORS_DTYPES.get(str(cfg.get("dtype", "")).removeprefix("torch."))
     if wanted and weights.suffix == ".safetensors":
         from safetensors import safe_open
@@ -329,7 +422,9 @@ def check_coder(coder: SparseCoder, weights: Path, cfg: dict) -> None:
         with safe_open(str(weights), "pt") as f:
             stored = {f.get_slice(name).get_dtype() for name in f.keys()}
         if stored != {wanted}:
-            raise CoderFormatError(f"{weights.parent / 'cfg.json'} says dtype = {cfg['dtype']!r}, but {weights.name} stores {sorted(stored)}. Fix: copy the matching cfg.json and weights together.")
+            raise CoderFormatError(
+                f"{weights.parent / 'cfg.json'} says dtype = {cfg['dtype']!r}, but {weights.name} stores {sorted(stored)}. Fix: copy the matching cfg.json and weights together."
+            )
 
 
 SAFETENSORS_DTYPES = {"float32": "F32", "float16": "F16", "bfloat16": "BF16", "float64": "F64"}
@@ -344,14 +439,19 @@ def load_coder_folder(folder: Path, name: str, hookpoint: str) -> SparseCoder:
     except (CoderFormatError, RegistryError):
         raise
     except KeyError as missing:
-        raise CoderFormatError(f"{weights}: the {fmt} format needs {missing} (in the weights or cfg.json), which it does not hold. Fix: copy the coder again, or check that it is a {fmt} coder.") from missing
+        raise CoderFormatError(
+            f"{weights}: the {fmt} format needs {missing} (in the weights or cfg.json), which it does not hold. Fix: copy the coder again, or check that it is a {fmt} coder."
+        ) from missing
     except Exception as error:  # safetensors, zip, pickle: a truncated or foreign file
-        raise CoderFormatError(f"Cannot read {weights} as a {fmt} coder ({type(error).__name__}: {str(error)[:200]}). Fix: the file may be truncated or of another format; copy it again.") from error
+        raise CoderFormatError(
+            f"Cannot read {weights} as a {fmt} coder ({type(error).__name__}: {str(error)[:200]}). Fix: the file may be truncated or of another format; copy it again."
+        ) from error
     check_coder(coder, weights, read_cfg(folder))
     return coder
 
 
 # ---- registry -----------------------------------------------------------------------------------
+
 
 def check_registry(registry: Path) -> None:
     if not registry.is_dir():
@@ -393,7 +493,9 @@ def inspect_registry(registry: Path) -> tuple[list[str], dict[str, str]]:
         except (RegistryError, CoderFormatError) as error:
             broken[key] = str(error)
         except Exception as error:
-            broken[key] = f"Cannot read {weights} as a {fmt} coder ({type(error).__name__}: {str(error)[:200]}). Fix: the file may be truncated; copy it again."
+            broken[key] = (
+                f"Cannot read {weights} as a {fmt} coder ({type(error).__name__}: {str(error)[:200]}). Fix: the file may be truncated; copy it again."
+            )
     return keys, broken
 
 

@@ -19,6 +19,7 @@ latent ever fired on the corpus, whatever the coder's scale. `strengths_for_kl` 
 value whose next-token distributions are a fixed KL divergence away from the unsteered ones, which
 is how the intervention score compares latents of different scales (Paulo et al. 2024).
 """
+
 from __future__ import annotations
 
 import functools
@@ -31,11 +32,18 @@ from pathlib import Path
 
 import torch
 
-from resources.sparse_coders import SparseCoder
 from resources.hookpoints import resolve_hookpoint
+from resources.sparse_coders import SparseCoder
 
 NEUTRAL_PROMPTS = (
-    "The", "I think that", "In the morning,", "Here is", "One day,", "It was", "We", "After a while, the",
+    "The",
+    "I think that",
+    "In the morning,",
+    "Here is",
+    "One day,",
+    "It was",
+    "We",
+    "After a while, the",
 )
 """Prompts that say nothing in particular: what a latent makes the model write after them is its own doing."""
 
@@ -50,7 +58,10 @@ def _wrapped(lm: torch.nn.Module, tokenizer) -> object:
     # text-generation task; this is that class, without the warning
     from nnsight import TransformersModel
 
-    kept = (tokenizer.padding_side, tokenizer.pad_token)  # nnsight sets both; caching shares this tokenizer
+    kept = (
+        tokenizer.padding_side,
+        tokenizer.pad_token,
+    )  # nnsight sets both; caching shares this tokenizer
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         model = TransformersModel(lm, tokenizer=tokenizer, task="text-generation")
@@ -75,11 +86,20 @@ def execution_order(lm: torch.nn.Module) -> dict[tuple[str, str], int]:
 
     handles = []
     for name, module in lm.named_modules():
-        handles.append(module.register_forward_pre_hook(lambda m, a, name=name: seen(name, "input")))
-        handles.append(module.register_forward_hook(lambda m, a, o, name=name: seen(name, "output")))
+        handles.append(
+            module.register_forward_pre_hook(lambda m, a, name=name: seen(name, "input"))
+        )
+        handles.append(
+            module.register_forward_hook(lambda m, a, o, name=name: seen(name, "output"))
+        )
     try:
         with torch.inference_mode():
-            lm(input_ids=torch.zeros((1, 1), dtype=torch.long, device=next(lm.parameters()).device), use_cache=False)
+            lm(
+                input_ids=torch.zeros(
+                    (1, 1), dtype=torch.long, device=next(lm.parameters()).device
+                ),
+                use_cache=False,
+            )
     finally:
         for handle in handles:
             handle.remove()
@@ -155,20 +175,30 @@ class Steerer:
         """Steers that can be done in one batch: one coder (one hookpoint), each latent a steerable latent of it."""
         coder = steers[0].coder
         if any(steer.coder is not coder for steer in steers):
-            raise SteeringError("A batch of steers edits one coder's latents. Fix: steer each coder's latents in batches of their own.")
+            raise SteeringError(
+                "A batch of steers edits one coder's latents. Fix: steer each coder's latents in batches of their own."
+            )
         for steer in steers:
             if not 0 <= steer.latent < coder.width:
-                raise SteeringError(f"Latent {steer.latent} is not a latent of coder '{coder.key}' (width {coder.width}). Fix: pick one in 0..{coder.width - 1}.")
+                raise SteeringError(
+                    f"Latent {steer.latent} is not a latent of coder '{coder.key}' (width {coder.width}). Fix: pick one in 0..{coder.width - 1}."
+                )
         if coder.activation != "neurons" and coder.decoder_weight is None:
-            raise SteeringError(f"Coder '{coder.key}' has no decoder, so its latents cannot be steered. Fix: steer an SAE or a transcoder.")
+            raise SteeringError(
+                f"Coder '{coder.key}' has no decoder, so its latents cannot be steered. Fix: steer an SAE or a transcoder."
+            )
         module_name(self.lm, coder.hookpoint)  # an unknown hookpoint names its fix here
 
     def _intervene(self, steers: Sequence[Steer], rows: int) -> None:
         """Inside a trace: apply each steer at its hookpoint to its own block of `rows // len(steers)` rows."""
         coder = self._coder(steers[0].coder)
         block = rows // len(steers)
-        latents = torch.tensor([steer.latent for steer in steers], device=self.device).repeat_interleave(block)
-        deltas = torch.tensor([steer.delta for steer in steers], dtype=torch.float32, device=self.device).repeat_interleave(block)
+        latents = torch.tensor(
+            [steer.latent for steer in steers], device=self.device
+        ).repeat_interleave(block)
+        deltas = torch.tensor(
+            [steer.delta for steer in steers], dtype=torch.float32, device=self.device
+        ).repeat_interleave(block)
         envoy = self.model.get(module_name(self.lm, coder.hookpoint))
         if coder.activation == "neurons":
             envoy.input = steered_value(coder, latents, deltas, envoy.input)
@@ -176,32 +206,55 @@ class Steerer:
         output = envoy.output
         envoy.output = _repack(output, steered_value(coder, latents, deltas, _first(output)))
 
-    def read(self, input_ids: torch.Tensor, sites: set[tuple[str, str]]) -> dict[tuple[str, str], torch.Tensor]:
+    def read(
+        self, input_ids: torch.Tensor, sites: set[tuple[str, str]]
+    ) -> dict[tuple[str, str], torch.Tensor]:
         """The tensor at each (hookpoint, "input" | "output") site, read through nnsight (what
         `capture_hookpoints` reads with forward hooks). The trace stops after the deepest site."""
         order = execution_order(self.lm)
-        named = sorted(((module_name(self.lm, h), side, (h, side)) for h, side in sites), key=lambda s: order[(s[0], s[1])])
+        named = sorted(
+            ((module_name(self.lm, h), side, (h, side)) for h, side in sites),
+            key=lambda s: order[(s[0], s[1])],
+        )
         saved = {}
-        with torch.inference_mode(), self.model.trace(input_ids.to(self.device), use_cache=False) as tracer:
+        with (
+            torch.inference_mode(),
+            self.model.trace(input_ids.to(self.device), use_cache=False) as tracer,
+        ):
             for name, side, key in named:
                 envoy = self.model.get(name)
                 saved[key] = _first(envoy.input if side == "input" else envoy.output).save()
             tracer.stop()
         return saved
 
-    def below(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, coder: SparseCoder) -> tuple[list[str], object] | None:
+    def below(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, coder: SparseCoder
+    ) -> tuple[list[str], object] | None:
         """What the layers below the coder's (unsteered, so the same for every steer) hand on for these
         rows, for `logits(below=...)`; None when the model has no layer list to skip."""
         names = layers_below(self.lm, coder.hookpoint)
         if not names:
             return None
-        with torch.inference_mode(), self.model.trace(input_ids.to(self.device), attention_mask=attention_mask.to(self.device), use_cache=False) as tracer:
+        with (
+            torch.inference_mode(),
+            self.model.trace(
+                input_ids.to(self.device),
+                attention_mask=attention_mask.to(self.device),
+                use_cache=False,
+            ) as tracer,
+        ):
             value = self.model.get(names[-1]).output.save()
             tracer.stop()
         return names, value
 
-    def logits(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, steers: Sequence[Steer] = (), last_only: bool = False,
-               below: tuple[list[str], object] | None = None) -> torch.Tensor:
+    def logits(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        steers: Sequence[Steer] = (),
+        last_only: bool = False,
+        below: tuple[list[str], object] | None = None,
+    ) -> torch.Tensor:
         """Logits `[batch, tokens, vocab]` (float32, on the CPU; `tokens` is 1 with `last_only`), each
         steer applied to its own block of rows (`len(input_ids) // len(steers)` rows each). `below`
         (from `below`, for the first block's rows): those layers are skipped, their output repeated
@@ -210,11 +263,21 @@ class Steerer:
             self.check(steers)
         mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask
         keep = logits_to_keep(self.lm, 1) if last_only else {}
-        with torch.inference_mode(), self.model.trace(input_ids.to(self.device), attention_mask=mask.to(self.device), use_cache=False, **keep):
+        with (
+            torch.inference_mode(),
+            self.model.trace(
+                input_ids.to(self.device),
+                attention_mask=mask.to(self.device),
+                use_cache=False,
+                **keep,
+            ),
+        ):
             if below is not None:
                 names, value = below
                 blocks = len(input_ids) // len(_first(value))
-                repeated = _repack(value, _first(value).repeat(blocks, *[1] * (_first(value).dim() - 1)))
+                repeated = _repack(
+                    value, _first(value).repeat(blocks, *[1] * (_first(value).dim() - 1))
+                )
                 for name in names:
                     self.model.get(name).skip(repeated)
             if steers:
@@ -234,14 +297,24 @@ class Steerer:
             self.tokenizer.padding_side = side
         return batch["input_ids"], batch["attention_mask"]
 
-    def generate(self, prompts: list[str], max_new_tokens: int, steers: Sequence[Steer] = ()) -> list[list[int]]:
+    def generate(
+        self, prompts: list[str], max_new_tokens: int, steers: Sequence[Steer] = ()
+    ) -> list[list[int]]:
         """Greedy continuations of exactly `max_new_tokens` tokens per prompt (so steered and unsteered
         texts have the same length): unsteered ones on transformers alone, one per prompt; with steers,
         the prompts once per steer (steer-major rows) through nnsight, with the edits at every step."""
         ids, mask = self.encode_prompts(prompts)
-        ids, mask = ids.repeat(max(1, len(steers)), 1).to(self.device), mask.repeat(max(1, len(steers)), 1).to(self.device)
-        settings = {"max_new_tokens": max_new_tokens, "min_new_tokens": max_new_tokens, "do_sample": False,
-                    "pad_token_id": self.tokenizer.pad_token_id, "attention_mask": mask}
+        ids, mask = (
+            ids.repeat(max(1, len(steers)), 1).to(self.device),
+            mask.repeat(max(1, len(steers)), 1).to(self.device),
+        )
+        settings = {
+            "max_new_tokens": max_new_tokens,
+            "min_new_tokens": max_new_tokens,
+            "do_sample": False,
+            "pad_token_id": self.tokenizer.pad_token_id,
+            "attention_mask": mask,
+        }
         with torch.inference_mode():
             if not steers:
                 out = self.lm.generate(ids, **settings)
@@ -254,30 +327,58 @@ class Steerer:
                 out = result
         return out[:, ids.shape[1] :].cpu().tolist()
 
-    def next_token_logprobs(self, prompts: list[str], steers: Sequence[Steer] = (), below: tuple[list[str], object] | None = None) -> torch.Tensor:
+    def next_token_logprobs(
+        self,
+        prompts: list[str],
+        steers: Sequence[Steer] = (),
+        below: tuple[list[str], object] | None = None,
+    ) -> torch.Tensor:
         """Log-probabilities `[prompts, vocab]` of the token after each prompt; with steers, `[steers × prompts, vocab]`, steer-major."""
         ids, mask = self.encode_prompts(prompts)
         blocks = max(1, len(steers))
-        return torch.log_softmax(self.logits(ids.repeat(blocks, 1), mask.repeat(blocks, 1), steers, last_only=True, below=below)[:, -1], dim=-1)
+        return torch.log_softmax(
+            self.logits(
+                ids.repeat(blocks, 1), mask.repeat(blocks, 1), steers, last_only=True, below=below
+            )[:, -1],
+            dim=-1,
+        )
 
-    def kl_divergences(self, prompts: list[str], steers: Sequence[Steer], clean: torch.Tensor | None = None,
-                       below: tuple[list[str], object] | None = None) -> list[float]:
+    def kl_divergences(
+        self,
+        prompts: list[str],
+        steers: Sequence[Steer],
+        clean: torch.Tensor | None = None,
+        below: tuple[list[str], object] | None = None,
+    ) -> list[float]:
         """Per steer, the mean over prompts of KL(unsteered || steered) of the next-token distributions,
         in nats: every steer in one forward pass. `clean`: the unsteered log-probabilities, if made
         already; `below`: the prompts' unsteered state below the steered layer (`Steerer.below`)."""
         clean = self.next_token_logprobs(prompts) if clean is None else clean
-        steered = self.next_token_logprobs(prompts, steers, below).view(len(steers), len(prompts), -1)
+        steered = self.next_token_logprobs(prompts, steers, below).view(
+            len(steers), len(prompts), -1
+        )
         return (clean.exp() * (clean - steered)).sum(-1).mean(-1).tolist()
 
-    def strengths_for_kl(self, prompts: list[str], coder: SparseCoder, latents: Sequence[int], target_kl: float, units: Sequence[float],
-                         tolerance: float = 0.05, max_steps: int = 24, clean: torch.Tensor | None = None) -> list[tuple[float, float]]:
+    def strengths_for_kl(
+        self,
+        prompts: list[str],
+        coder: SparseCoder,
+        latents: Sequence[int],
+        target_kl: float,
+        units: Sequence[float],
+        tolerance: float = 0.05,
+        max_steps: int = 24,
+        clean: torch.Tensor | None = None,
+    ) -> list[tuple[float, float]]:
         """Per latent, the delta (latent units) whose steer moves the next-token distributions
         `target_kl` nats from the unsteered ones, within `tolerance` (relative), and the KL it reached
         (`kl_search`, from the latent's `unit`). The latents search together: each step is one forward
         pass with every unfinished latent at its own next try, so a latent's search is what it is alone;
         the layers below the steered one run once, not once per try."""
         if target_kl <= 0 or min(units, default=1.0) <= 0:
-            raise SteeringError(f"target_kl ({target_kl}) and the starting units ({min(units)} the least) must be positive. Fix: pass positive values.")
+            raise SteeringError(
+                f"target_kl ({target_kl}) and the starting units ({min(units)} the least) must be positive. Fix: pass positive values."
+            )
         clean = self.next_token_logprobs(prompts) if clean is None else clean
         below = self.below(*self.encode_prompts(prompts), coder)
         searches = [kl_search(unit, target_kl, tolerance, max_steps) for unit in units]
@@ -285,8 +386,10 @@ class Steerer:
         found: dict[int, tuple[float, float]] = {}
         while tries:
             trying = list(tries.items())
-            reached = self.kl_divergences(prompts, [Steer(coder, latents[i], delta) for i, delta in trying], clean, below)
-            for (i, _), kl in zip(trying, reached):
+            reached = self.kl_divergences(
+                prompts, [Steer(coder, latents[i], delta) for i, delta in trying], clean, below
+            )
+            for (i, _), kl in zip(trying, reached, strict=False):
                 try:
                     tries[i] = searches[i].send(kl)
                 except StopIteration as done:
@@ -295,7 +398,9 @@ class Steerer:
         return [found[i] for i in range(len(latents))]
 
 
-def kl_search(unit: float, target_kl: float, tolerance: float, max_steps: int) -> Generator[float, float, tuple[float, float]]:
+def kl_search(
+    unit: float, target_kl: float, tolerance: float, max_steps: int
+) -> Generator[float, float, tuple[float, float]]:
     """One latent's strength search, driven from outside so that many latents advance in one batch:
     it yields each delta to try, is sent the KL that delta reached, and returns (delta, KL). Doubling
     from `unit` until the target is passed, then bisecting; a latent that cannot reach the target
@@ -342,13 +447,18 @@ class SideBySide:
     kl: float
 
 
-def continue_side_by_side(steerer: Steerer, coder: SparseCoder, latent: int, prompt: str, delta: float, tokens: int) -> SideBySide:
+def continue_side_by_side(
+    steerer: Steerer, coder: SparseCoder, latent: int, prompt: str, delta: float, tokens: int
+) -> SideBySide:
     """Continue `prompt` `tokens` tokens as it is and with `delta` added to `latent` at every position:
     what `autointerp steer` prints and the browser's steering box shows."""
     edit = [Steer(coder, latent, delta)]
     steerer.check(edit)
     kl = steerer.kl_divergences([prompt], edit)[0]
-    plain, steered = (steerer.tokenizer.decode(ids[0]) for ids in (steerer.generate([prompt], tokens), steerer.generate([prompt], tokens, edit)))
+    plain, steered = (
+        steerer.tokenizer.decode(ids[0])
+        for ids in (steerer.generate([prompt], tokens), steerer.generate([prompt], tokens, edit))
+    )
     return SideBySide(prompt, plain, steered, delta, kl)
 
 
@@ -358,13 +468,19 @@ def max_activation(activations_dir: Path, latent: int) -> float:
 
     path = Path(activations_dir) / LATENT_STATS_FILE
     if not path.exists():
-        raise SteeringError(f"No cached activations at {activations_dir} (no latent_stats.safetensors), so strength has no unit. "
-                            f"Fix: run `autointerp cache <coder>` first, or give the strength in the coder's own units (--absolute).")
+        raise SteeringError(
+            f"No cached activations at {activations_dir} (no latent_stats.safetensors), so strength has no unit. "
+            f"Fix: run `autointerp cache <coder>` first, or give the strength in the coder's own units (--absolute)."
+        )
     maxima = load_latent_stats(path)["max"]
     if not 0 <= latent < len(maxima):
-        raise SteeringError(f"Latent {latent} is outside the cached coder's {len(maxima)} latents. Fix: pick one in 0..{len(maxima) - 1}.")
+        raise SteeringError(
+            f"Latent {latent} is outside the cached coder's {len(maxima)} latents. Fix: pick one in 0..{len(maxima) - 1}."
+        )
     value = float(maxima[latent])
     if not math.isfinite(value) or value <= 0:
-        raise SteeringError(f"Latent {latent} never fired in the cached corpus (max activation {value}), so strength has no unit. "
-                            f"Fix: steer a live latent, or give the strength in the coder's own units (--absolute).")
+        raise SteeringError(
+            f"Latent {latent} never fired in the cached corpus (max activation {value}), so strength has no unit. "
+            f"Fix: steer a live latent, or give the strength in the coder's own units (--absolute)."
+        )
     return value

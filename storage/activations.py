@@ -16,6 +16,7 @@ Layout of `activations/<coder>/` (documented for users in the README):
 - `progress.json`: the checkpoint count, the next sequence to encode and the running statistics
   file, so that a killed run resumes where its last checkpoint ended.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -58,7 +59,9 @@ class ShardedActivationWriter:
     """Buffers (location, activation) pairs by shard; `checkpoint()` writes every shard's buffer as
     chunk `chunk-<checkpoint>.safetensors`, atomically, so a crash never leaves half a chunk."""
 
-    def __init__(self, activations_dir: Path, width: int, latents_per_shard: int, first_checkpoint: int = 0):
+    def __init__(
+        self, activations_dir: Path, width: int, latents_per_shard: int, first_checkpoint: int = 0
+    ):
         self.activations_dir = activations_dir
         self.width = width
         self.latents_per_shard = latents_per_shard
@@ -66,7 +69,9 @@ class ShardedActivationWriter:
         self.keys = shard_keys(self.n_shards)
         self.checkpoints = first_checkpoint
         self.buffered = 0
-        self._buffers: list[list[tuple[np.ndarray, np.ndarray]]] = [[] for _ in range(self.n_shards)]
+        self._buffers: list[list[tuple[np.ndarray, np.ndarray]]] = [
+            [] for _ in range(self.n_shards)
+        ]
         for key in self.keys:
             shard_dir(activations_dir, key).mkdir(parents=True, exist_ok=True)
 
@@ -90,7 +95,11 @@ class ShardedActivationWriter:
                 "locations": np.concatenate([b[0] for b in buffer]).astype(np.int32),
                 "activations": np.concatenate([b[1] for b in buffer]).astype(np.float32),
             }
-            with atomic_path(shard_dir(self.activations_dir, self.keys[i]) / f"chunk-{self.checkpoints:05d}.safetensors", before_replace) as tmp:
+            with atomic_path(
+                shard_dir(self.activations_dir, self.keys[i])
+                / f"chunk-{self.checkpoints:05d}.safetensors",
+                before_replace,
+            ) as tmp:
                 save_file(tensors, str(tmp))
             buffer.clear()
         self.buffered = 0
@@ -120,7 +129,7 @@ class ShardActivations:
         boundaries = np.flatnonzero(np.diff(latents)) + 1
         starts = np.concatenate([[0], boundaries])
         ends = np.concatenate([boundaries, [len(latents)]])
-        for start, end in zip(starts, ends):
+        for start, end in zip(starts, ends, strict=False):
             if end > start:
                 yield int(latents[start]), self.locations[start:end], self.activations[start:end]
 
@@ -136,7 +145,9 @@ def read_shard(activations_dir: Path, shard: str) -> ShardActivations:
     return ShardActivations(locations[order], activations[order])
 
 
-def read_latents(activations_dir: Path, latents: np.ndarray, width: int, latents_per_shard: int) -> ShardActivations:
+def read_latents(
+    activations_dir: Path, latents: np.ndarray, width: int, latents_per_shard: int
+) -> ShardActivations:
     """Cached activations of some latents only, reading just the shards that hold them."""
     latents = np.unique(latents)
     parts = []
@@ -147,10 +158,14 @@ def read_latents(activations_dir: Path, latents: np.ndarray, width: int, latents
         parts.append(ShardActivations(shard.locations[keep], shard.activations[keep]))
     if not parts:
         return ShardActivations(np.zeros((0, 3), np.int32), np.zeros(0, np.float32))
-    return ShardActivations(np.concatenate([p.locations for p in parts]), np.concatenate([p.activations for p in parts]))
+    return ShardActivations(
+        np.concatenate([p.locations for p in parts]), np.concatenate([p.activations for p in parts])
+    )
 
 
-def save_latent_stats(path: Path, count: np.ndarray, maximum: np.ndarray, total: np.ndarray, tokens: int) -> None:
+def save_latent_stats(
+    path: Path, count: np.ndarray, maximum: np.ndarray, total: np.ndarray, tokens: int
+) -> None:
     tensors = {
         "count": count.astype(np.int64),
         "max": maximum.astype(np.float32),
@@ -165,7 +180,13 @@ def load_latent_stats(path: Path) -> dict[str, np.ndarray]:
     return load_file(str(path))
 
 
-def check_shard_complete(shard: ShardActivations, counts: np.ndarray, width: int, latents_per_shard: int, shard_index: int) -> str | None:
+def check_shard_complete(
+    shard: ShardActivations,
+    counts: np.ndarray,
+    width: int,
+    latents_per_shard: int,
+    shard_index: int,
+) -> str | None:
     """Why a shard's chunks do not hold every pair the latent statistics counted (a chunk deleted or
     cut short), or None when they do: the statistics count one pair per token a latent fired on."""
     start, end = shard_latent_range(width, latents_per_shard, shard_index)
@@ -217,4 +238,3 @@ def read_cache_meta(activations_dir: Path) -> dict | None:
     """The complete cache's `meta.json`, or None while the cache is missing or unfinished."""
     path = activations_dir / META_FILE
     return read_json(path) if path.exists() else None
-

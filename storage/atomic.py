@@ -1,5 +1,6 @@
 """Atomic file writes (a crash leaves either the old file or the new one, never half of one) and
 exclusive locks between processes."""
+
 from __future__ import annotations
 
 import fcntl
@@ -7,9 +8,9 @@ import json
 import math
 import os
 import tempfile
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Callable, Iterator
 
 
 @contextmanager
@@ -67,8 +68,10 @@ class LockedError(RuntimeError):
 
 def locked(what: str, holder: str) -> LockedError:
     """The one wording of a refused lock, whoever holds it (a process here, or on another node)."""
-    return LockedError(f"{what} is already running in {holder}. Fix: wait for it to finish; "
-                       f"or stop it and run again, which resumes from its last checkpoint.")
+    return LockedError(
+        f"{what} is already running in {holder}. Fix: wait for it to finish; "
+        f"or stop it and run again, which resumes from its last checkpoint."
+    )
 
 
 @contextmanager

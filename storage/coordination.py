@@ -15,6 +15,7 @@ of a lock bumps its generation (the fencing token, in the table `autointerp_leas
 calls `Lease.check` right before each commit: its session must still answer and the generation must
 still be its own, else `LeaseLost` and nothing is committed.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -23,10 +24,11 @@ import random
 import socket
 import threading
 import time
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator, TypeVar
+from typing import Any, TypeVar
 
 from storage.atomic import exclusive_lock, locked
 
@@ -39,12 +41,24 @@ def connect(url: str):
     import psycopg  # loaded only where a deployment coordinates through PostgreSQL
 
     try:
-        db = psycopg.connect(url, autocommit=True, connect_timeout=10, application_name=f"autointerp process {os.getpid()} on {socket.gethostname()}"[:63],
-                             keepalives=1, keepalives_idle=10, keepalives_interval=5, keepalives_count=3)  # a lease check never hangs on a vanished server
+        db = psycopg.connect(
+            url,
+            autocommit=True,
+            connect_timeout=10,
+            application_name=f"autointerp process {os.getpid()} on {socket.gethostname()}"[:63],
+            keepalives=1,
+            keepalives_idle=10,
+            keepalives_interval=5,
+            keepalives_count=3,
+        )  # a lease check never hangs on a vanished server
     except psycopg.OperationalError as error:
-        raise ConnectionError(f"Cannot reach the coordination database of [settings] coordination_url: {' '.join(str(error).split())}. Fix: start it "
-                              f"or correct the URL (its password comes from PGPASSWORD or ~/.pgpass); on one machine, leave coordination_url empty.") from None
-    db.execute("SET tcp_keepalives_idle = 10; SET tcp_keepalives_interval = 5; SET tcp_keepalives_count = 3")  # a vanished node's session ends in ~25 s
+        raise ConnectionError(
+            f"Cannot reach the coordination database of [settings] coordination_url: {' '.join(str(error).split())}. Fix: start it "
+            f"or correct the URL (its password comes from PGPASSWORD or ~/.pgpass); on one machine, leave coordination_url empty."
+        ) from None
+    db.execute(
+        "SET tcp_keepalives_idle = 10; SET tcp_keepalives_interval = 5; SET tcp_keepalives_count = 3"
+    )  # a vanished node's session ends in ~25 s
     return db
 
 
@@ -58,7 +72,12 @@ class Session:
     Work given to `run` must be safe to run again. Its calls block: an event loop makes them through a
     thread (`asyncio.to_thread`)."""
 
-    def __init__(self, url: str, on_connect: Callable[[Any], None] = lambda db: None, patience_s: float = 60.0):
+    def __init__(
+        self,
+        url: str,
+        on_connect: Callable[[Any], None] = lambda db: None,
+        patience_s: float = 60.0,
+    ):
         self.url = url
         self.patience_s = patience_s
         self._on_connect = on_connect
@@ -89,8 +108,10 @@ class Session:
                         raise  # the query's own error, on a live session
                     self._drop()
                     if time.monotonic() + wait > deadline:
-                        raise ConnectionError(f"Lost the coordination database and could not reconnect within {self.patience_s:.0f} s: "
-                                              f"{' '.join(str(error).split())}") from error
+                        raise ConnectionError(
+                            f"Lost the coordination database and could not reconnect within {self.patience_s:.0f} s: "
+                            f"{' '.join(str(error).split())}"
+                        ) from error
                 time.sleep(wait * random.uniform(0.5, 1.0))
                 wait = min(5.0, wait * 2)
 
@@ -141,21 +162,32 @@ class Lease:
         import psycopg
 
         try:
-            row = self.session.execute("SELECT generation FROM autointerp_leases WHERE name = %s", (self.name,)).fetchone()
+            row = self.session.execute(
+                "SELECT generation FROM autointerp_leases WHERE name = %s", (self.name,)
+            ).fetchone()
             current = row[0] if row else None
-            why = "" if current == self.generation else f"its generation {self.generation} was taken over by generation {current}"
+            why = (
+                ""
+                if current == self.generation
+                else f"its generation {self.generation} was taken over by generation {current}"
+            )
         except psycopg.Error as error:
             why = f"its session ended ({' '.join(str(error).split()) or type(error).__name__})"
         if why:
-            raise LeaseLost(f"The lock {self.name!r} was lost while held: {why}. Nothing was committed; another process may hold it now. "
-                            f"Fix: run again (it resumes from its last checkpoint).")
+            raise LeaseLost(
+                f"The lock {self.name!r} was lost while held: {why}. Nothing was committed; another process may hold it now. "
+                f"Fix: run again (it resumes from its last checkpoint)."
+            )
 
 
 def _holder(db, key: int) -> str:
     """Which session holds the advisory lock `key` (pg_locks shows a 64-bit key as two 32-bit halves)."""
     unsigned = key % 2**64
-    row = db.execute("SELECT a.application_name FROM pg_locks l JOIN pg_stat_activity a ON a.pid = l.pid WHERE l.locktype = 'advisory' AND l.granted "
-                     "AND l.objsubid = 1 AND l.classid::bigint = %s AND l.objid::bigint = %s", (unsigned >> 32, unsigned & 0xFFFFFFFF)).fetchone()
+    row = db.execute(
+        "SELECT a.application_name FROM pg_locks l JOIN pg_stat_activity a ON a.pid = l.pid WHERE l.locktype = 'advisory' AND l.granted "
+        "AND l.objsubid = 1 AND l.classid::bigint = %s AND l.objid::bigint = %s",
+        (unsigned >> 32, unsigned & 0xFFFFFFFF),
+    ).fetchone()
     return row[0] if row and row[0] else "another process"
 
 
@@ -165,14 +197,21 @@ def advisory_lock(url: str, name: str, what: str, wait: bool = False) -> Iterato
     its lease; while another session holds it, wait for it, or (by default) raise `LockedError` at once
     naming `what` and the holder."""
     with connect(url) as db:
-        create_table(db, "autointerp_leases", "name TEXT PRIMARY KEY, generation BIGINT NOT NULL, holder TEXT NOT NULL")
+        create_table(
+            db,
+            "autointerp_leases",
+            "name TEXT PRIMARY KEY, generation BIGINT NOT NULL, holder TEXT NOT NULL",
+        )
         key = advisory_key(name)
         if wait:
             db.execute("SELECT pg_advisory_lock(%s)", (key,))
         elif not db.execute("SELECT pg_try_advisory_lock(%s)", (key,)).fetchone()[0]:
             raise locked(what, _holder(db, key))
-        generation = db.execute("INSERT INTO autointerp_leases VALUES (%s, 1, current_setting('application_name')) ON CONFLICT (name) DO UPDATE "
-                                "SET generation = autointerp_leases.generation + 1, holder = excluded.holder RETURNING generation", (name,)).fetchone()[0]
+        generation = db.execute(
+            "INSERT INTO autointerp_leases VALUES (%s, 1, current_setting('application_name')) ON CONFLICT (name) DO UPDATE "
+            "SET generation = autointerp_leases.generation + 1, holder = excluded.holder RETURNING generation",
+            (name,),
+        ).fetchone()[0]
         yield Lease(name, generation, db)
 
 
@@ -185,4 +224,8 @@ def _file_lease(path: Path, name: str, what: str, wait: bool) -> Iterator[Lease]
 def exclusive(coordination_url: str, name: str, path: Path, what: str, wait: bool = False):
     """Hold `name` exclusively for the block across every process of the deployment, yielding its
     `Lease`: an advisory lock in the coordination database when there is one, else a lock on the file `path`."""
-    return advisory_lock(coordination_url, name, what, wait) if coordination_url else _file_lease(path, name, what, wait)
+    return (
+        advisory_lock(coordination_url, name, what, wait)
+        if coordination_url
+        else _file_lease(path, name, what, wait)
+    )

@@ -2,6 +2,7 @@
 `vocab.json` (token id → the tokenizer's own string) and `meta.json` (content hash, source,
 ctx_len, n_sequences, n_tokens, add_bos, seed, tokenizer, special_ids), written last so a corpus
 with a `meta.json` is complete."""
+
 from __future__ import annotations
 
 import json
@@ -26,12 +27,18 @@ class Corpus:
     def special_ids(self) -> list[int]:
         """Ids of the tokenizer's special tokens; a corpus built before they were stored: tokens like <|name|>."""
         special = self.meta.get("special_ids")
-        return special if special is not None else [i for i, token in enumerate(self.vocab) if re.fullmatch(r"<\|[^|\s]+\|>", token)]
+        return (
+            special
+            if special is not None
+            else [i for i, token in enumerate(self.vocab) if re.fullmatch(r"<\|[^|\s]+\|>", token)]
+        )
 
 
 def load_corpus(root: DataRoot) -> Corpus:
     if not root.corpus_meta_path.exists():
-        raise FileNotFoundError(f"No corpus under {root.corpus_dir}. Materialize the `corpus` asset first.")
+        raise FileNotFoundError(
+            f"No corpus under {root.corpus_dir}. Materialize the `corpus` asset first."
+        )
     return Corpus(
         tokens=load_file(str(root.corpus_tokens_path))["tokens"],
         vocab=json.loads(root.corpus_vocab_path.read_text()),

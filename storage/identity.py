@@ -9,6 +9,7 @@ once and kept in `DIGEST_CACHE`, keyed by what changes whenever the file does: i
 size, modification and change times (a file rewritten in place, even with its old mtime put back,
 has a new ctime; one replaced by another has a new inode).
 """
+
 from __future__ import annotations
 
 import functools
@@ -26,7 +27,14 @@ DIGEST_CACHE = Path.home() / ".cache" / "autointerp" / "file-digests"
 def file_digest(path: Path) -> str:
     """blake2b of the whole file, computed once per version of the file (`DIGEST_CACHE`)."""
     stat = os.stat(path)
-    return _file_digest(str(Path(path).resolve()), stat.st_dev, stat.st_ino, stat.st_size, stat.st_mtime_ns, stat.st_ctime_ns)
+    return _file_digest(
+        str(Path(path).resolve()),
+        stat.st_dev,
+        stat.st_ino,
+        stat.st_size,
+        stat.st_mtime_ns,
+        stat.st_ctime_ns,
+    )
 
 
 @functools.lru_cache(maxsize=256)
@@ -51,7 +59,15 @@ def _file_digest(path: str, *version: int) -> str:
 def content_digest(path: Path) -> str:
     """Short hash of a file's content, or of every file under a folder with its relative name."""
     path = Path(path)
-    files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file() and not any(part.startswith(".") for part in p.relative_to(path).parts))
+    files = (
+        [path]
+        if path.is_file()
+        else sorted(
+            p
+            for p in path.rglob("*")
+            if p.is_file() and not any(part.startswith(".") for part in p.relative_to(path).parts)
+        )
+    )
     digest = hashlib.sha256()
     for file in files:
         name = file.name if file == path else str(file.relative_to(path))

@@ -16,6 +16,7 @@ them. Opening a journal deletes the files of dead writers of other keys (rows ma
 settings or inputs); a finished run deletes the folder when no other writer is live, else leaves it
 to the last one.
 """
+
 from __future__ import annotations
 
 import fcntl
@@ -35,7 +36,14 @@ _WRITER = re.compile(r"^\.?(?:part|writer)-([0-9a-f]{16})-([0-9a-f]{12})[-.]")
 
 
 class Journal:
-    def __init__(self, table_path: Path, key: str, parts: tuple[str, ...] = ("rows",), flush_every: int = 16, flush_s: float = 5.0):
+    def __init__(
+        self,
+        table_path: Path,
+        key: str,
+        parts: tuple[str, ...] = ("rows",),
+        flush_every: int = 16,
+        flush_s: float = 5.0,
+    ):
         self.folder = table_path.with_name(table_path.name + ".partial")
         self.part_names = parts
         self.flush_every, self.flush_s = flush_every, flush_s
@@ -54,7 +62,9 @@ class Journal:
             if writer not in live:
                 live[writer] = self._live(found[1], found[2])
             if not live[writer]:
-                if found[1] != self.key or path.suffix in (".tmp", ".lock"):  # rows for other settings or inputs, or leftovers; a dead writer's rows of this key are resumed from
+                if (
+                    found[1] != self.key or path.suffix in (".tmp", ".lock")
+                ):  # rows for other settings or inputs, or leftovers; a dead writer's rows of this key are resumed from
                     _delete(path)
         self.flushes = 0
         self._pending: dict[str, list[dict]] = {name: [] for name in parts}
@@ -91,21 +101,30 @@ class Journal:
     def kept(self, latents, part: str = "rows") -> dict[int, dict]:
         """Latent → its kept row of `part`, for the latents asked for."""
         wanted = set(latents)
-        return {int(r["latent"]): r for r in self.finished(part).to_dict("records") if int(r["latent"]) in wanted}
+        return {
+            int(r["latent"]): r
+            for r in self.finished(part).to_dict("records")
+            if int(r["latent"]) in wanted
+        }
 
     def add(self, rows: list[dict] | None = None, **parts: list[dict]) -> None:
         """One latent's rows: `rows` for the part named `rows`, and a list per other part name."""
         for name, new in (({"rows": rows} if rows is not None else {}) | parts).items():
             self._pending[name] += new
         self._latents_pending += 1
-        if self._latents_pending >= self.flush_every or time.monotonic() - self._flushed_at > self.flush_s:
+        if (
+            self._latents_pending >= self.flush_every
+            or time.monotonic() - self._flushed_at > self.flush_s
+        ):
             self.flush()
 
     def flush(self) -> None:
         if self._latents_pending:
             for name in self.part_names:
                 if self._pending[name]:
-                    with atomic_path(self.folder / f"part-{self.writer}-{self.flushes:05d}.{name}.parquet") as tmp:
+                    with atomic_path(
+                        self.folder / f"part-{self.writer}-{self.flushes:05d}.{name}.parquet"
+                    ) as tmp:
                         pd.DataFrame(self._pending[name]).to_parquet(tmp)
                     self._pending[name] = []
             self.flushes += 1
@@ -118,10 +137,16 @@ class Journal:
         dropped before looking, so of two writers finishing at once the later one always sees it."""
         self.close()
         try:
-            writers = {(found[1], found[2]) for path in self.folder.iterdir() if (found := _WRITER.match(path.name))}
+            writers = {
+                (found[1], found[2])
+                for path in self.folder.iterdir()
+                if (found := _WRITER.match(path.name))
+            }
         except FileNotFoundError:  # the other writer finished meanwhile and deleted it
             return
-        if not any(self._live(key, token) for key, token in writers if f"{key}-{token}" != self.writer):
+        if not any(
+            self._live(key, token) for key, token in writers if f"{key}-{token}" != self.writer
+        ):
             shutil.rmtree(self.folder, ignore_errors=True)
         else:
             (self.folder / f"writer-{self.writer}.lock").unlink(missing_ok=True)
@@ -130,7 +155,7 @@ class Journal:
         """Stop writing (a failed run): the rows stay, and the next run resumes from them."""
         self._lock.close()
 
-    def __enter__(self) -> "Journal":
+    def __enter__(self) -> Journal:
         return self
 
     def __exit__(self, *exc) -> None:

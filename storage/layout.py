@@ -1,4 +1,5 @@
 """Where every stage keeps its data under one root directory (see DESIGN.md, "Storage root")."""
+
 from __future__ import annotations
 
 import os
@@ -15,7 +16,7 @@ class DataRoot:
     root: Path
 
     @classmethod
-    def at(cls, path: str | os.PathLike) -> "DataRoot":
+    def at(cls, path: str | os.PathLike) -> DataRoot:
         return cls(Path(path).expanduser().resolve())
 
     @property
@@ -127,4 +128,7 @@ class DataRoot:
         activations stage, which has the model loaded, else by the browser the first time it needs them. Named
         by the model's identity (its content, `storage/identity.py`): other weights under the same name are
         never read through an earlier model's file."""
-        return self.all_activations_dir / f"unembedding-{model_identity.replace('/', '--')}.safetensors"
+        return (
+            self.all_activations_dir
+            / f"unembedding-{model_identity.replace('/', '--')}.safetensors"
+        )

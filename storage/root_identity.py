@@ -3,6 +3,7 @@ root (NFS, Lustre, EFS mounted on every node) from an empty or private folder at
 instance records the identity its runs use; each step compares (`resources/settings.py`). With a
 coordination database the record is a row there, claimed by one compare-and-set, so that of two nodes
 starting together with different roots exactly one adopts its own."""
+
 from __future__ import annotations
 
 import json
@@ -28,7 +29,14 @@ def root_identity(root: DataRoot, create: bool) -> str | None:
             pass
         else:
             with os.fdopen(fd, "w") as handle:
-                json.dump({"id": uuid.uuid4().hex, "created_on": socket.gethostname(), "path": str(root.root)}, handle)
+                json.dump(
+                    {
+                        "id": uuid.uuid4().hex,
+                        "created_on": socket.gethostname(),
+                        "path": str(root.root),
+                    },
+                    handle,
+                )
                 handle.flush()
                 os.fsync(handle.fileno())
     if not path.exists():
@@ -38,7 +46,9 @@ def root_identity(root: DataRoot, create: bool) -> str | None:
         if text:
             return json.loads(text)["id"]
         time.sleep(0.05)
-    raise RuntimeError(f"The data root identity {path} is empty. Fix: delete it and run again (it is made anew).")
+    raise RuntimeError(
+        f"The data root identity {path} is empty. Fix: delete it and run again (it is made anew)."
+    )
 
 
 def mount_of(path: Path) -> Path:
@@ -54,7 +64,12 @@ def mount_of(path: Path) -> Path:
 def root_record(root: DataRoot) -> dict:
     """What the coordination database records of an adopted root: its identity (made now if it has
     none), and where it was seen, for the message of a node that sees another root."""
-    return {"identity": root_identity(root, create=True), "path": str(root.root), "mount": str(mount_of(root.root)), "node": socket.gethostname()}
+    return {
+        "identity": root_identity(root, create=True),
+        "path": str(root.root),
+        "mount": str(mount_of(root.root)),
+        "node": socket.gethostname(),
+    }
 
 
 _COLUMNS = "one BOOLEAN PRIMARY KEY DEFAULT TRUE CHECK (one), identity TEXT NOT NULL, path TEXT NOT NULL, mount TEXT NOT NULL, node TEXT NOT NULL"
@@ -65,13 +80,20 @@ def claimed_root(url: str, root: DataRoot) -> dict:
     compare-and-set (an insert that does nothing where another node's insert came first)."""
     with connect(url) as db:
         create_table(db, "autointerp_data_root", _COLUMNS)
-        found = db.execute("SELECT identity, path, mount, node FROM autointerp_data_root").fetchone()
+        found = db.execute(
+            "SELECT identity, path, mount, node FROM autointerp_data_root"
+        ).fetchone()
         if found is None:
             record = root_record(root)
-            db.execute("INSERT INTO autointerp_data_root (identity, path, mount, node) VALUES (%(identity)s, %(path)s, %(mount)s, %(node)s) "
-                       "ON CONFLICT (one) DO NOTHING", record)
-            found = db.execute("SELECT identity, path, mount, node FROM autointerp_data_root").fetchone()
-    return dict(zip(("identity", "path", "mount", "node"), found))
+            db.execute(
+                "INSERT INTO autointerp_data_root (identity, path, mount, node) VALUES (%(identity)s, %(path)s, %(mount)s, %(node)s) "
+                "ON CONFLICT (one) DO NOTHING",
+                record,
+            )
+            found = db.execute(
+                "SELECT identity, path, mount, node FROM autointerp_data_root"
+            ).fetchone()
+    return dict(zip(("identity", "path", "mount", "node"), found, strict=False))
 
 
 def replace_root(url: str, root: DataRoot) -> str:
@@ -79,6 +101,9 @@ def replace_root(url: str, root: DataRoot) -> str:
     record = root_record(root)
     with connect(url) as db:
         create_table(db, "autointerp_data_root", _COLUMNS)
-        db.execute("INSERT INTO autointerp_data_root (identity, path, mount, node) VALUES (%(identity)s, %(path)s, %(mount)s, %(node)s) "
-                   "ON CONFLICT (one) DO UPDATE SET identity = excluded.identity, path = excluded.path, mount = excluded.mount, node = excluded.node", record)
+        db.execute(
+            "INSERT INTO autointerp_data_root (identity, path, mount, node) VALUES (%(identity)s, %(path)s, %(mount)s, %(node)s) "
+            "ON CONFLICT (one) DO UPDATE SET identity = excluded.identity, path = excluded.path, mount = excluded.mount, node = excluded.node",
+            record,
+        )
     return record["identity"]

@@ -11,13 +11,14 @@ resumes from it). Under a lock, the commit checks the lock's lease right before 
 records its generation beside the table (`.<table>.lease`): a writer whose lock was lost (and perhaps
 taken by another node) is refused and leaves the table as it was.
 """
+
 from __future__ import annotations
 
 import os
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterable, Iterator
 
 import pandas as pd
 import pyarrow as pa
@@ -65,7 +66,7 @@ class StoredTable:
     def exists(self) -> bool:
         return self.path.exists()
 
-    def require(self) -> "StoredTable":
+    def require(self) -> StoredTable:
         """Itself, or the error that names the asset to materialize when it is not there."""
         existing_table(self.path, self.stage)
         return self
@@ -93,7 +94,13 @@ class StoredTable:
         """The lock every writer of this table holds across reading, changing and writing it: on every
         node of a cluster with a coordination database, else on this machine (a file beside it). It
         yields the lock's `Lease`, which `TableStore.writing` takes to check before the commit."""
-        return exclusive(self.coordination_url, f"table {self.name} {self.what}", table_lock_path(self.path), what, wait)
+        return exclusive(
+            self.coordination_url,
+            f"table {self.name} {self.what}",
+            table_lock_path(self.path),
+            what,
+            wait,
+        )
 
     def lease_record(self) -> dict | None:
         """The lock and generation its last commit under a lock was made with (None: not recorded)."""
@@ -104,7 +111,13 @@ class StoredTable:
 class Writer:
     """One run's write of a table: its journal (rows kept as they finish) and the commit."""
 
-    def __init__(self, table: StoredTable, journal: Journal | None, allow_empty: bool, lease: Lease | None = None):
+    def __init__(
+        self,
+        table: StoredTable,
+        journal: Journal | None,
+        allow_empty: bool,
+        lease: Lease | None = None,
+    ):
         self.table, self.journal, self.allow_empty, self.lease = table, journal, allow_empty, lease
 
     def _write(self, frame: pd.DataFrame, table: StoredTable) -> None:
@@ -127,16 +140,28 @@ class Writer:
         if self.journal is not None:
             self.journal.discard()
 
-    def commit_batches(self, frames: Iterable[pd.DataFrame], beside: Callable[[], list[tuple[StoredTable, pd.DataFrame]]] = list) -> int:
+    def commit_batches(
+        self,
+        frames: Iterable[pd.DataFrame],
+        beside: Callable[[], list[tuple[StoredTable, pd.DataFrame]]] = list,
+    ) -> int:
         """Write `frames` one row group each, holding one at a time; the empty-result rule is checked
         before the file replaces the old one. `beside()` gives the tables to write after it (made while
         the batches were). Returns the rows written."""
+
         def keep_results(n_rows: int) -> None:
-            refuse_emptier(pd.DataFrame(index=range(n_rows)), self.table.path, self.table.what, self.allow_empty)
+            refuse_emptier(
+                pd.DataFrame(index=range(n_rows)),
+                self.table.path,
+                self.table.what,
+                self.allow_empty,
+            )
             if self.lease is not None:
                 self.lease.check()
 
-        rows = write_table_batches(frames, self.table.path, self.table.name, before_commit=keep_results)
+        rows = write_table_batches(
+            frames, self.table.path, self.table.name, before_commit=keep_results
+        )
         self._record(self.table)
         for other, more in beside():
             self._write(more, other)
@@ -156,7 +181,7 @@ class TableStore:
     """A cluster's coordination database (`[settings] coordination_url`): the tables' write locks are held there."""
 
     @classmethod
-    def at(cls, data_dir: str | os.PathLike, allow_empty: bool = False) -> "TableStore":
+    def at(cls, data_dir: str | os.PathLike, allow_empty: bool = False) -> TableStore:
         return cls(DataRoot.at(data_dir), allow_empty)
 
     def _table(self, name: str, path: Path, stage: str, what: str) -> StoredTable:
@@ -165,35 +190,76 @@ class TableStore:
     # ---- the tables ----------------------------------------------------------------------------
 
     def exemplars(self, coder: str, shard: str) -> StoredTable:
-        return self._table("exemplars", self.layout.exemplars_path(coder, shard), "exemplars", f"exemplars of {coder} shard {shard}")
+        return self._table(
+            "exemplars",
+            self.layout.exemplars_path(coder, shard),
+            "exemplars",
+            f"exemplars of {coder} shard {shard}",
+        )
 
     def latent_profiles(self, coder: str, shard: str) -> StoredTable:
-        return self._table("latent_profiles", self.layout.latent_profiles_path(coder, shard), "exemplars", f"latent profiles of {coder} shard {shard}")
+        return self._table(
+            "latent_profiles",
+            self.layout.latent_profiles_path(coder, shard),
+            "exemplars",
+            f"latent profiles of {coder} shard {shard}",
+        )
 
     def explanations(self, coder: str, shard: str) -> StoredTable:
-        return self._table("explanations", self.layout.explanations_path(coder, shard), "explanations", f"explanations of {coder} shard {shard}")
+        return self._table(
+            "explanations",
+            self.layout.explanations_path(coder, shard),
+            "explanations",
+            f"explanations of {coder} shard {shard}",
+        )
 
     def explanation_rounds(self, coder: str, shard: str) -> StoredTable:
-        return self._table("explanation_rounds", self.layout.explanation_rounds_path(coder, shard), "explanations",
-                           f"refine rounds of the explanations of {coder} shard {shard}")
+        return self._table(
+            "explanation_rounds",
+            self.layout.explanation_rounds_path(coder, shard),
+            "explanations",
+            f"refine rounds of the explanations of {coder} shard {shard}",
+        )
 
     def explanation_senses(self, coder: str, shard: str) -> StoredTable:
-        return self._table("explanation_senses", self.layout.explanation_senses_path(coder, shard), "explanations",
-                           f"senses of the explanations of {coder} shard {shard}")
+        return self._table(
+            "explanation_senses",
+            self.layout.explanation_senses_path(coder, shard),
+            "explanations",
+            f"senses of the explanations of {coder} shard {shard}",
+        )
 
     def scores(self, coder: str, shard: str, scorer: str) -> StoredTable:
-        return self._table("scores", self.layout.scores_path(coder, shard, scorer), f"scores/{scorer}", f"scores/{scorer} of {coder} shard {shard}")
+        return self._table(
+            "scores",
+            self.layout.scores_path(coder, shard, scorer),
+            f"scores/{scorer}",
+            f"scores/{scorer} of {coder} shard {shard}",
+        )
 
     def sense_scores(self, coder: str, shard: str, scorer: str) -> StoredTable:
-        return self._table("sense_scores", self.layout.sense_scores_path(coder, shard, scorer), f"scores/{scorer}",
-                           f"sense scores of scores/{scorer} of {coder} shard {shard}")
+        return self._table(
+            "sense_scores",
+            self.layout.sense_scores_path(coder, shard, scorer),
+            f"scores/{scorer}",
+            f"sense scores of scores/{scorer} of {coder} shard {shard}",
+        )
 
     def scored_examples(self, coder: str, shard: str, scorer: str) -> StoredTable:
-        return self._table("scored_examples", self.layout.scored_examples_path(coder, shard, scorer), f"scores/{scorer}",
-                           f"scored examples of scores/{scorer} of {coder} shard {shard}")
+        return self._table(
+            "scored_examples",
+            self.layout.scored_examples_path(coder, shard, scorer),
+            f"scores/{scorer}",
+            f"scored examples of scores/{scorer} of {coder} shard {shard}",
+        )
 
     def score_summary(self, coder: str) -> StoredTable:
-        return self._table("score_summary", self.layout.score_summary_path(coder), "score_summary", f"score summary of {coder}")
+        return self._table(
+            "score_summary",
+            self.layout.score_summary_path(coder),
+            "score_summary",
+            f"score summary of {coder}",
+        )
 
     def scored_shards(self, coder: str) -> list[str]:
         """The shards of `coder` that have any scores table."""
@@ -204,7 +270,15 @@ class TableStore:
         """The scorers with a scores table in that shard (plugins' included); the tables beside one
         (`<scorer>.examples.parquet`, `<scorer>.senses.parquet`) are not scorers."""
         folder = self.layout.scores_path(coder, shard, "_").parent
-        return sorted(p.name.removesuffix(".parquet") for p in folder.glob("*.parquet") if p.name.count(".") == 1) if folder.is_dir() else []
+        return (
+            sorted(
+                p.name.removesuffix(".parquet")
+                for p in folder.glob("*.parquet")
+                if p.name.count(".") == 1
+            )
+            if folder.is_dir()
+            else []
+        )
 
     def summary_sources(self, coder: str) -> dict | None:
         """The fingerprints the summary of `coder` was built from (None: not recorded)."""
@@ -220,8 +294,15 @@ class TableStore:
     # ---- writing -------------------------------------------------------------------------------
 
     @contextmanager
-    def writing(self, table: StoredTable, journal_key: str | None = None, parts: tuple[str, ...] = ("rows",),
-                lock: str | None = None, wait: bool = True, lease: Lease | None = None) -> Iterator[Writer]:
+    def writing(
+        self,
+        table: StoredTable,
+        journal_key: str | None = None,
+        parts: tuple[str, ...] = ("rows",),
+        lock: str | None = None,
+        wait: bool = True,
+        lease: Lease | None = None,
+    ) -> Iterator[Writer]:
         """One run's write of `table`: with `lock` (what the run is, for a waiting or refused writer) it
         holds the table's lock throughout, waiting for another writer (with `wait=False`, refused at once:
         a command the user runs names the holder instead of hanging); `lease`: the caller holds the

@@ -5,12 +5,13 @@ writes it and every stage (or tool) that reads it, and written atomically.
 are not the table's (so a writer cannot drift from its readers), and writes an empty frame as the
 typed empty table. The README's format section lists the same columns (a test checks it).
 """
+
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import pandas as pd
@@ -20,15 +21,43 @@ import pyarrow.parquet as pq
 
 from storage.atomic import atomic_path, exclusive_lock
 
-SCORE_METRICS = ("accuracy", "balanced_accuracy", "precision", "recall", "f1", "tp", "fp", "tn", "fn", "roc_auc", "pearson", "n_scored",
-                 "ev_correlation", "rsquared", "logprob_fraction", "intervention_score", "steering_kl",
-                 "none_floor")
+SCORE_METRICS = (
+    "accuracy",
+    "balanced_accuracy",
+    "precision",
+    "recall",
+    "f1",
+    "tp",
+    "fp",
+    "tn",
+    "fn",
+    "roc_auc",
+    "pearson",
+    "n_scored",
+    "ev_correlation",
+    "rsquared",
+    "logprob_fraction",
+    "intervention_score",
+    "steering_kl",
+    "none_floor",
+)
 """Every metric a scorer may report per latent (NaN where it does not apply)."""
 SCORES_FIELDS = [
-    ("latent", pa.int64()), ("explanation", pa.large_string()), ("control_explanation", pa.large_string()), ("control_note", pa.large_string()),
-    *((m, pa.float64()) for m in SCORE_METRICS), ("quantile_accuracy", pa.large_string()), *((f"control_{m}", pa.float64()) for m in SCORE_METRICS),
-    ("control_quantile_accuracy", pa.large_string()), ("gap", pa.float64()), ("n_failed", pa.int64()), ("n_dropped", pa.int64()),
-    ("failures", pa.large_string()), ("prompt_tokens", pa.int64()), ("explanation_hash", pa.large_string()), ("models", pa.large_string()),
+    ("latent", pa.int64()),
+    ("explanation", pa.large_string()),
+    ("control_explanation", pa.large_string()),
+    ("control_note", pa.large_string()),
+    *((m, pa.float64()) for m in SCORE_METRICS),
+    ("quantile_accuracy", pa.large_string()),
+    *((f"control_{m}", pa.float64()) for m in SCORE_METRICS),
+    ("control_quantile_accuracy", pa.large_string()),
+    ("gap", pa.float64()),
+    ("n_failed", pa.int64()),
+    ("n_dropped", pa.int64()),
+    ("failures", pa.large_string()),
+    ("prompt_tokens", pa.int64()),
+    ("explanation_hash", pa.large_string()),
+    ("models", pa.large_string()),
 ]
 """The columns of a scorer's per-latent rows: the `scores` table's, and with `sense` first the `sense_scores` table's."""
 
@@ -45,39 +74,123 @@ class Table:
         return self.schema.names
 
 
-TABLES = {t.name: t for t in [
-    Table("exemplars", pa.schema([
-        ("latent", pa.int64()), ("split", pa.large_string()), ("kind", pa.large_string()), ("quantile", pa.int64()), ("sequence", pa.int64()),
-        ("start", pa.int64()), ("max_activation", pa.float64()), ("tokens", pa.list_(pa.int64())), ("activations", pa.list_(pa.float64())),
-    ])),
-    Table("latent_profiles", pa.schema([
-        ("latent", pa.int64()), ("frequency", pa.float64()), ("max_activation", pa.float64()), ("mean_activation", pa.float64()),
-        ("activating_windows", pa.int64()), ("quantile_boundaries", pa.list_(pa.float64())), ("top_tokens", pa.list_(pa.int64())),
-        ("top_token_mean_activation", pa.list_(pa.float64())), ("neighbours", pa.list_(pa.int64())),
-    ])),
-    Table("explanations", pa.schema([
-        ("latent", pa.int64()), ("explainer", pa.large_string()), ("explanation", pa.large_string()), ("status", pa.large_string()), ("error", pa.large_string()),
-        ("prompt_tokens", pa.int64()), ("completion_tokens", pa.int64()), ("model", pa.large_string()), ("candidates", pa.list_(pa.string())),
-        ("candidate_scores", pa.list_(pa.float64())), ("examples_dropped", pa.int64()), ("exemplars_fingerprint", pa.large_string()),
-    ])),
-    Table("explanation_rounds", pa.schema([
-        ("latent", pa.int64()), ("round", pa.int64()), ("explanation", pa.large_string()), ("valid_balanced_accuracy", pa.float64()),
-        ("false_positives", pa.int64()), ("false_negatives", pa.int64()), ("kept", pa.bool_()), ("requests", pa.int64()),
-    ])),
-    Table("explanation_senses", pa.schema([
-        ("latent", pa.int64()), ("sense", pa.int64()), ("explanation", pa.large_string()), ("windows", pa.int64()),
-        ("clusters", pa.list_(pa.int64())), ("test_windows", pa.list_(pa.int64())),
-    ])),
-    Table("scores", pa.schema(SCORES_FIELDS)),
-    Table("sense_scores", pa.schema([("sense", pa.int64()), *SCORES_FIELDS])),
-    Table("scored_examples", pa.schema([
-        ("example", pa.int64()), ("label", pa.int64()), ("quantile", pa.int64()), ("activation", pa.float64()), ("prediction", pa.float64()),
-        ("score", pa.float64()), ("predicted", pa.int64()), ("latent", pa.int64()), ("source", pa.large_string()),
-    ]), open=True),  # + a scorer's own per-example columns (simulation: simulated, true_activations, values_from)
-    Table("score_summary", pa.schema([("latent", pa.int64()), ("shard", pa.large_string()), ("explanation", pa.large_string()), ("mean_gap", pa.float64()),
-                                      ("stale", pa.large_string()), ("senses", pa.int64())]),
-          open=True),  # + <scorer>, <scorer>_control, <scorer>_gap per scorer; <scorer>_min_sense per scorer that scores senses
-]}
+TABLES = {
+    t.name: t
+    for t in [
+        Table(
+            "exemplars",
+            pa.schema(
+                [
+                    ("latent", pa.int64()),
+                    ("split", pa.large_string()),
+                    ("kind", pa.large_string()),
+                    ("quantile", pa.int64()),
+                    ("sequence", pa.int64()),
+                    ("start", pa.int64()),
+                    ("max_activation", pa.float64()),
+                    ("tokens", pa.list_(pa.int64())),
+                    ("activations", pa.list_(pa.float64())),
+                ]
+            ),
+        ),
+        Table(
+            "latent_profiles",
+            pa.schema(
+                [
+                    ("latent", pa.int64()),
+                    ("frequency", pa.float64()),
+                    ("max_activation", pa.float64()),
+                    ("mean_activation", pa.float64()),
+                    ("activating_windows", pa.int64()),
+                    ("quantile_boundaries", pa.list_(pa.float64())),
+                    ("top_tokens", pa.list_(pa.int64())),
+                    ("top_token_mean_activation", pa.list_(pa.float64())),
+                    ("neighbours", pa.list_(pa.int64())),
+                ]
+            ),
+        ),
+        Table(
+            "explanations",
+            pa.schema(
+                [
+                    ("latent", pa.int64()),
+                    ("explainer", pa.large_string()),
+                    ("explanation", pa.large_string()),
+                    ("status", pa.large_string()),
+                    ("error", pa.large_string()),
+                    ("prompt_tokens", pa.int64()),
+                    ("completion_tokens", pa.int64()),
+                    ("model", pa.large_string()),
+                    ("candidates", pa.list_(pa.string())),
+                    ("candidate_scores", pa.list_(pa.float64())),
+                    ("examples_dropped", pa.int64()),
+                    ("exemplars_fingerprint", pa.large_string()),
+                ]
+            ),
+        ),
+        Table(
+            "explanation_rounds",
+            pa.schema(
+                [
+                    ("latent", pa.int64()),
+                    ("round", pa.int64()),
+                    ("explanation", pa.large_string()),
+                    ("valid_balanced_accuracy", pa.float64()),
+                    ("false_positives", pa.int64()),
+                    ("false_negatives", pa.int64()),
+                    ("kept", pa.bool_()),
+                    ("requests", pa.int64()),
+                ]
+            ),
+        ),
+        Table(
+            "explanation_senses",
+            pa.schema(
+                [
+                    ("latent", pa.int64()),
+                    ("sense", pa.int64()),
+                    ("explanation", pa.large_string()),
+                    ("windows", pa.int64()),
+                    ("clusters", pa.list_(pa.int64())),
+                    ("test_windows", pa.list_(pa.int64())),
+                ]
+            ),
+        ),
+        Table("scores", pa.schema(SCORES_FIELDS)),
+        Table("sense_scores", pa.schema([("sense", pa.int64()), *SCORES_FIELDS])),
+        Table(
+            "scored_examples",
+            pa.schema(
+                [
+                    ("example", pa.int64()),
+                    ("label", pa.int64()),
+                    ("quantile", pa.int64()),
+                    ("activation", pa.float64()),
+                    ("prediction", pa.float64()),
+                    ("score", pa.float64()),
+                    ("predicted", pa.int64()),
+                    ("latent", pa.int64()),
+                    ("source", pa.large_string()),
+                ]
+            ),
+            open=True,
+        ),  # + a scorer's own per-example columns (simulation: simulated, true_activations, values_from)
+        Table(
+            "score_summary",
+            pa.schema(
+                [
+                    ("latent", pa.int64()),
+                    ("shard", pa.large_string()),
+                    ("explanation", pa.large_string()),
+                    ("mean_gap", pa.float64()),
+                    ("stale", pa.large_string()),
+                    ("senses", pa.int64()),
+                ]
+            ),
+            open=True,
+        ),  # + <scorer>, <scorer>_control, <scorer>_gap per scorer; <scorer>_min_sense per scorer that scores senses
+    ]
+}
 
 
 class TableColumnsError(ValueError):
@@ -101,7 +214,9 @@ def table_lock(path: Path, what: str, wait: bool = False):
     return exclusive_lock(table_lock_path(path), what, wait)
 
 
-def write_table(frame: pd.DataFrame, path: Path, table: str, before_commit: Callable[[], None] | None = None) -> None:
+def write_table(
+    frame: pd.DataFrame, path: Path, table: str, before_commit: Callable[[], None] | None = None
+) -> None:
     """Write `frame` as the table named `table`; an empty one is written as the typed empty table, so a
     shard with nothing in it is still a valid table whose every column has its type. `before_commit`
     may raise to keep the old file."""
@@ -119,7 +234,9 @@ def conformed(frame: pd.DataFrame, path: Path, table: str) -> pd.DataFrame:
     missing = [c for c in spec.columns if c not in frame.columns]
     extra = [c for c in frame.columns if c not in spec.columns]
     if missing or (extra and not spec.open):
-        raise TableColumnsError(f"the {table} table written to {path} lacks columns {missing} or has unknown ones {extra if not spec.open else []}")
+        raise TableColumnsError(
+            f"the {table} table written to {path} lacks columns {missing} or has unknown ones {extra if not spec.open else []}"
+        )
     return frame[spec.columns + extra]
 
 
@@ -183,7 +300,11 @@ def refuse_emptier(frame: pd.DataFrame, path: Path, stage: str, allow: bool) -> 
 def latents_in(exemplars: pd.DataFrame | Path) -> list[int]:
     """The latents that have rows in an exemplars table (in memory, or a file of which only the
     `latent` column is read), ascending."""
-    column = exemplars["latent"].to_numpy() if isinstance(exemplars, pd.DataFrame) else pq.read_table(exemplars, columns=["latent"])["latent"].to_numpy()
+    column = (
+        exemplars["latent"].to_numpy()
+        if isinstance(exemplars, pd.DataFrame)
+        else pq.read_table(exemplars, columns=["latent"])["latent"].to_numpy()
+    )
     return [int(x) for x in np.unique(column)]
 
 
@@ -209,13 +330,17 @@ def latent_rows(path: Path, latents: list[int]) -> pa.Table:
 
     groups = [g for g in range(file.num_row_groups) if may_hold(g)]
     table = file.read_row_groups(groups) if groups else file.schema_arrow.empty_table()
-    return table.filter(pc.is_in(table["latent"], pa.array(latents, table.schema.field("latent").type)))
+    return table.filter(
+        pc.is_in(table["latent"], pa.array(latents, table.schema.field("latent").type))
+    )
 
 
 def existing_table(path: Path, stage: str) -> Path:
     """`path`, or an error that says which asset to materialize when there is no table there."""
     if not path.exists():
-        raise FileNotFoundError(f"No {stage} at {path}. Materialize the `{stage}` asset for this partition first.")
+        raise FileNotFoundError(
+            f"No {stage} at {path}. Materialize the `{stage}` asset for this partition first."
+        )
     return path
 
 

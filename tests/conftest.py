@@ -1,4 +1,5 @@
 """Shared fixtures: a tiny but real pipeline on the embedded model (layer 3, a freshly trained TopK SAE)."""
+
 from __future__ import annotations
 
 import asyncio
@@ -22,12 +23,21 @@ TINY_HOOKPOINT = "model.layers.3"
 
 def root_network() -> dict[str, list[str]]:
     """This machine's own addresses, routes and links (`ip -o`), to show the tests left them as they were."""
+
     def listed(*what: str) -> list[str]:
         """The lines `ip -o` prints, less the lifetimes that count down on their own."""
-        lines = subprocess.run(["ip", "-o", *what], capture_output=True, text=True, check=True).stdout.splitlines()
-        return sorted(re.sub(r"\s+(valid_lft|preferred_lft|expires)\s+\S+", "", line) for line in lines)
+        lines = subprocess.run(
+            ["ip", "-o", *what], capture_output=True, text=True, check=True
+        ).stdout.splitlines()
+        return sorted(
+            re.sub(r"\s+(valid_lft|preferred_lft|expires)\s+\S+", "", line) for line in lines
+        )
 
-    return {"addresses": listed("addr"), "routes": listed("route", "show", "table", "all"), "links": [line.split("\\")[0] for line in listed("link")]}
+    return {
+        "addresses": listed("addr"),
+        "routes": listed("route", "show", "table", "all"),
+        "links": [line.split("\\")[0] for line in listed("link")],
+    }
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -37,7 +47,9 @@ def this_machine_s_network_as_it_was():
     before = root_network() if shutil.which("ip") else None
     yield
     if before is not None:
-        assert root_network() == before, "a test changed this machine's own network (ip -o addr / route / link)"
+        assert root_network() == before, (
+            "a test changed this machine's own network (ip -o addr / route / link)"
+        )
 
 
 @pytest.fixture(scope="session")
@@ -59,10 +71,33 @@ def train_tiny_sae(subject, width: int = 1152, n_tokens: int = 64 * 64):
     from autointerp_defs.demo_sae import train_topk_sae
     from resources.subject_model import capture_hookpoints
 
-    tokens = tokenize_documents(embedded_documents(), subject.tokenizer(), ctx_len=64, n_tokens=n_tokens, add_bos=True, seed=7)
-    hidden = torch.cat([capture_hookpoints(subject.causal_lm(), torch.from_numpy(tokens[i : i + 64]).long(), {(TINY_HOOKPOINT, "output")})[(TINY_HOOKPOINT, "output")]
-                        for i in range(0, len(tokens), 64)])
-    return train_topk_sae(hidden[:, 1:].flatten(0, 1), width=width, k=16, name="tiny-topk", hookpoint=TINY_HOOKPOINT, epochs=2, batch_size=256)
+    tokens = tokenize_documents(
+        embedded_documents(),
+        subject.tokenizer(),
+        ctx_len=64,
+        n_tokens=n_tokens,
+        add_bos=True,
+        seed=7,
+    )
+    hidden = torch.cat(
+        [
+            capture_hookpoints(
+                subject.causal_lm(),
+                torch.from_numpy(tokens[i : i + 64]).long(),
+                {(TINY_HOOKPOINT, "output")},
+            )[(TINY_HOOKPOINT, "output")]
+            for i in range(0, len(tokens), 64)
+        ]
+    )
+    return train_topk_sae(
+        hidden[:, 1:].flatten(0, 1),
+        width=width,
+        k=16,
+        name="tiny-topk",
+        hookpoint=TINY_HOOKPOINT,
+        epochs=2,
+        batch_size=256,
+    )
 
 
 def make_resources(data_dir: Path, max_latents: int = 2, llm=None):
@@ -72,7 +107,11 @@ def make_resources(data_dir: Path, max_latents: int = 2, llm=None):
     from resources.subject_model import SubjectModelResource
 
     return {
-        "settings": AutointerpSettings(data_dir=str(data_dir), max_latents_per_shard=max_latents, latents_per_shard=TEST_LATENTS_PER_SHARD),
+        "settings": AutointerpSettings(
+            data_dir=str(data_dir),
+            max_latents_per_shard=max_latents,
+            latents_per_shard=TEST_LATENTS_PER_SHARD,
+        ),
         "subject_model": SubjectModelResource(batch_size=8),
         "llm": llm or LLMResource(max_concurrency=2),
         "embedder": EmbedderResource(),
@@ -80,7 +119,13 @@ def make_resources(data_dir: Path, max_latents: int = 2, llm=None):
 
 
 TINY_CORPUS_CONFIG = {"ctx_len": 64, "n_tokens": 64 * 48, "seed": 0}
-TINY_EXEMPLARS_CONFIG = {"n_examples_train": 6, "n_examples_test": 5, "n_non_activating": 5, "example_ctx_len": 16, "min_activating_windows": 6}
+TINY_EXEMPLARS_CONFIG = {
+    "n_examples_train": 6,
+    "n_examples_test": 5,
+    "n_non_activating": 5,
+    "example_ctx_len": 16,
+    "min_activating_windows": 6,
+}
 
 
 @pytest.fixture()
@@ -94,6 +139,7 @@ def registered(tmp_path, tiny_sae):
 
 def in_session(client, job):
     """Run `job()` as the assets do: inside the client's session, so its HTTP connections close on this loop."""
+
     async def main():
         async with client.session():
             return await job()
@@ -120,7 +166,15 @@ _ALL_ASSETS = None
 def run(selection, partition, resources, instance, run_config=None):
     from dagster import materialize
 
-    return materialize(all_assets(), selection=selection, partition_key=partition, resources=resources, instance=instance, run_config=run_config or {}, raise_on_error=True)
+    return materialize(
+        all_assets(),
+        selection=selection,
+        partition_key=partition,
+        resources=resources,
+        instance=instance,
+        run_config=run_config or {},
+        raise_on_error=True,
+    )
 
 
 def llm_resource(server, **kwargs):
@@ -142,20 +196,48 @@ def two_shards_of_scores(folder):
 
     root = DataRoot.at(folder)
     text = lambda latent: "e2a or e2b" if latent == 2 else f"e{latent}"
-    frames = {("00", "detection"): ([1, 2], [0.9, 0.6], [0.5, 0.5]), ("01", "detection"): ([700], [0.8], [np.nan]), ("00", "embedding"): ([1, 2], [0.7, 0.4], [0.6, 0.5])}
+    frames = {
+        ("00", "detection"): ([1, 2], [0.9, 0.6], [0.5, 0.5]),
+        ("01", "detection"): ([700], [0.8], [np.nan]),
+        ("00", "embedding"): ([1, 2], [0.7, 0.4], [0.6, 0.5]),
+    }
     for (shard, name), (latents, score, control) in frames.items():
         main = SCORERS[name].main_metric
         path = root.scores_path("c/h", shard, name)
         path.parent.mkdir(parents=True, exist_ok=True)
-        pd.DataFrame({"latent": latents, "explanation": [text(l) for l in latents], main: score, f"control_{main}": control,
-                      "gap": np.subtract(score, control)}).to_parquet(path)
-        explanations = root.explanations_path("c/h", shard)  # the texts the scores were made with: none is stale
+        pd.DataFrame(
+            {
+                "latent": latents,
+                "explanation": [text(l) for l in latents],
+                main: score,
+                f"control_{main}": control,
+                "gap": np.subtract(score, control),
+            }
+        ).to_parquet(path)
+        explanations = root.explanations_path(
+            "c/h", shard
+        )  # the texts the scores were made with: none is stale
         explanations.parent.mkdir(parents=True, exist_ok=True)
-        pd.DataFrame({"latent": latents, "explanation": [text(l) for l in latents], "status": "ok"}).to_parquet(explanations)
-    pd.DataFrame({"latent": [2, 2, 1, 1], "sense": [0, 1, 0, 1], "explanation": ["e2a", "e2b", "an older sense", "another"]}).to_parquet(root.explanation_senses_path("c/h", "00"))
+        pd.DataFrame(
+            {"latent": latents, "explanation": [text(l) for l in latents], "status": "ok"}
+        ).to_parquet(explanations)
+    pd.DataFrame(
+        {
+            "latent": [2, 2, 1, 1],
+            "sense": [0, 1, 0, 1],
+            "explanation": ["e2a", "e2b", "an older sense", "another"],
+        }
+    ).to_parquet(root.explanation_senses_path("c/h", "00"))
     for name, scores in (("detection", [0.7, 0.3]), ("embedding", [0.8])):
         main = SCORERS[name].main_metric
-        pd.DataFrame({"latent": 2, "sense": [0, 1][: len(scores)], "explanation": ["e2a", "e2b"][: len(scores)], main: scores}).to_parquet(root.sense_scores_path("c/h", "00", name))
+        pd.DataFrame(
+            {
+                "latent": 2,
+                "sense": [0, 1][: len(scores)],
+                "explanation": ["e2a", "e2b"][: len(scores)],
+                main: scores,
+            }
+        ).to_parquet(root.sense_scores_path("c/h", "00", name))
     return root
 
 
@@ -163,19 +245,47 @@ def pipeline_until_exemplars(root: Path, instance):
     from dagster import materialize
 
     resources = make_resources(root, max_latents=3)
-    materialize(all_assets(), selection=["corpus"], resources=resources, instance=instance, run_config={"ops": {"corpus": {"config": TINY_CORPUS_CONFIG}}})
-    materialize(all_assets(), selection=["activations"], partition_key=f"{TINY_CODER}|00", resources=resources, instance=instance)
-    materialize(all_assets(), selection=["exemplars"], partition_key=f"{TINY_CODER}|00", resources=resources, instance=instance,
-                run_config={"ops": {"exemplars": {"config": TINY_EXEMPLARS_CONFIG}}})
+    materialize(
+        all_assets(),
+        selection=["corpus"],
+        resources=resources,
+        instance=instance,
+        run_config={"ops": {"corpus": {"config": TINY_CORPUS_CONFIG}}},
+    )
+    materialize(
+        all_assets(),
+        selection=["activations"],
+        partition_key=f"{TINY_CODER}|00",
+        resources=resources,
+        instance=instance,
+    )
+    materialize(
+        all_assets(),
+        selection=["exemplars"],
+        partition_key=f"{TINY_CODER}|00",
+        resources=resources,
+        instance=instance,
+        run_config={"ops": {"exemplars": {"config": TINY_EXEMPLARS_CONFIG}}},
+    )
 
 
 def random_coder(width=64, d_in=16, k=4, seed=0):
     from resources.sparse_coders import SparseCoder
 
     g = torch.Generator().manual_seed(seed)
-    return SparseCoder("rand", "model.layers.1", "topk", d_in=d_in, width=width, encoder_weight=torch.randn(width, d_in, generator=g),
-                       encoder_bias=torch.randn(width, generator=g) * 0.1, decoder_weight=torch.randn(width, d_in, generator=g),
-                       decoder_bias=torch.randn(d_in, generator=g), k=k, subtract_decoder_bias=True)
+    return SparseCoder(
+        "rand",
+        "model.layers.1",
+        "topk",
+        d_in=d_in,
+        width=width,
+        encoder_weight=torch.randn(width, d_in, generator=g),
+        encoder_bias=torch.randn(width, generator=g) * 0.1,
+        decoder_weight=torch.randn(width, d_in, generator=g),
+        decoder_bias=torch.randn(d_in, generator=g),
+        k=k,
+        subtract_decoder_bias=True,
+    )
 
 
 def add_coders(instance, root, *coders: str) -> list[str]:

@@ -7,6 +7,7 @@ candidate "text around 'X'"), and as a simulator predicts 10 on exactly the toke
 names. So explanations mean something that search can find, and the simulator's per-token
 predictions can be checked against the windows they came from.
 """
+
 from __future__ import annotations
 
 import collections
@@ -17,12 +18,18 @@ from pathlib import Path
 
 from dagster import DagsterInstance, materialize
 
-from tests.conftest import TINY_CODER, TINY_CORPUS_CONFIG, TINY_EXEMPLARS_CONFIG, add_coders, make_resources
+from tests.conftest import (
+    TINY_CODER,
+    TINY_CORPUS_CONFIG,
+    TINY_EXEMPLARS_CONFIG,
+    add_coders,
+    make_resources,
+)
 from tests.scripted_llm_server import ScriptedLLMServer, answer_by_prompt
 
 SCORERS = ("detection", "fuzzing", "embedding", "simulation")
 MAX_LATENTS = 4
-_BUILT: dict[str, "Materialized"] = {}
+_BUILT: dict[str, Materialized] = {}
 _LOCK = threading.Lock()
 
 
@@ -43,20 +50,30 @@ class LiteralJudge:
 
     def __call__(self, messages):
         prompt = messages[-1]["content"]
-        simulated = re.search(r"Description: (.*?)\n\nTokens:\n(.*?)\n\nAnswer with (\d+) integers", prompt, re.S)
+        simulated = re.search(
+            r"Description: (.*?)\n\nTokens:\n(.*?)\n\nAnswer with (\d+) integers", prompt, re.S
+        )
         if simulated:
             named = re.search(r"'(.+)'", simulated.group(1))
-            tokens = [re.sub(r'^\d+\t"(.*)"$', r"\1", line) for line in simulated.group(2).split("\n")]
+            tokens = [
+                re.sub(r'^\d+\t"(.*)"$', r"\1", line) for line in simulated.group(2).split("\n")
+            ]
             word = named.group(1).strip() if named else None
             return str([10 if word and t.strip() == word else 0 for t in tokens])
         if "Answer with" in prompt:
             return answer_by_prompt(messages)
-        marked = collections.Counter(m.strip() for m in re.findall(r"<<(.*?)>>", prompt) if m.strip())
+        marked = collections.Counter(
+            m.strip() for m in re.findall(r"<<(.*?)>>", prompt) if m.strip()
+        )
         if not marked:
             return answer_by_prompt(messages)
         word = marked.most_common(1)[0][0]
         self.asked[prompt] += 1
-        return f"Explanation: the token '{word}'" if self.asked[prompt] == 1 else f"Explanation: text around '{word}'"
+        return (
+            f"Explanation: the token '{word}'"
+            if self.asked[prompt] == 1
+            else f"Explanation: text around '{word}'"
+        )
 
 
 def build(root: Path, tiny_sae) -> Materialized:
@@ -73,21 +90,52 @@ def build(root: Path, tiny_sae) -> Materialized:
         instance = DagsterInstance.ephemeral()
         add_coders(instance, root, TINY_CODER)
         with ScriptedLLMServer(LiteralJudge()) as server:
-            llm = LLMResource(backend="openai", base_url=server.base_url, model="scripted-judge", max_concurrency=4)
+            llm = LLMResource(
+                backend="openai",
+                base_url=server.base_url,
+                model="scripted-judge",
+                max_concurrency=4,
+            )
             resources = make_resources(root, max_latents=MAX_LATENTS, llm=llm)
 
             def run(selection, partition, config=None):
-                result = materialize(assets, selection=selection, partition_key=partition, resources=resources, instance=instance, run_config=config or {})
+                result = materialize(
+                    assets,
+                    selection=selection,
+                    partition_key=partition,
+                    resources=resources,
+                    instance=instance,
+                    run_config=config or {},
+                )
                 assert result.success, selection
                 return result
 
             def metadata(result, node):
-                return {k: v.value for k, v in result.asset_materializations_for_node(node)[0].metadata.items()}
+                return {
+                    k: v.value
+                    for k, v in result.asset_materializations_for_node(node)[0].metadata.items()
+                }
 
             run(["corpus"], None, {"ops": {"corpus": {"config": TINY_CORPUS_CONFIG}}})
             run(["activations"], f"{TINY_CODER}|00")  # caches the whole coder
-            shard = run(["exemplars", "explanations", *(f"scores/{s}" for s in SCORERS)], f"{TINY_CODER}|00",
-                        {"ops": {"exemplars": {"config": TINY_EXEMPLARS_CONFIG}, "explanations": {"config": {"best_of_n": 2}}}})
+            shard = run(
+                ["exemplars", "explanations", *(f"scores/{s}" for s in SCORERS)],
+                f"{TINY_CODER}|00",
+                {
+                    "ops": {
+                        "exemplars": {"config": TINY_EXEMPLARS_CONFIG},
+                        "explanations": {"config": {"best_of_n": 2}},
+                    }
+                },
+            )
             summary = run(["score_summary"], None)  # one asset over every coder
-        _BUILT["built"] = Materialized(root, TINY_CODER, "00", {"explanations": metadata(shard, "explanations"), "score_summary": metadata(summary, "score_summary")})
+        _BUILT["built"] = Materialized(
+            root,
+            TINY_CODER,
+            "00",
+            {
+                "explanations": metadata(shard, "explanations"),
+                "score_summary": metadata(summary, "score_summary"),
+            },
+        )
         return _BUILT["built"]

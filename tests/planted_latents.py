@@ -13,6 +13,7 @@ marked spans sit in, but only when the prompt shows it texts that it wrongly fit
 that the texts it misses show marked. `literal_judge` answers detection and fuzzing prompts from
 what the description literally says, in that grammar; other descriptions match nothing.
 """
+
 from __future__ import annotations
 
 import re
@@ -22,12 +23,22 @@ import numpy as np
 import pandas as pd
 
 CLASSES = {"digits": r"\d+", "capitalized words": r"[A-Z][a-z]+", "symbols": r"[#%&@]"}
-CONTAINERS = {"parentheses": ("(", ")"), "quotation marks": ('"', '"'), "square brackets": ("[", "]")}
-SENSES = {"digits": "parentheses", "capitalized words": "quotation marks", "symbols": "square brackets"}
+CONTAINERS = {
+    "parentheses": ("(", ")"),
+    "quotation marks": ('"', '"'),
+    "square brackets": ("[", "]"),
+}
+SENSES = {
+    "digits": "parentheses",
+    "capitalized words": "quotation marks",
+    "symbols": "square brackets",
+}
 """Each class and the container it is planted in."""
 NAMES = ["Anna", "Paris", "London", "Maria", "Peter", "Rome", "John", "David", "Sarah", "Emma"]
-FILLER = ("the old road near a quiet farm where we walked after lunch and talked about rain on the hill while "
-          "some birds sang over small green fields and nobody came back for tea until late evening").split()
+FILLER = (
+    "the old road near a quiet farm where we walked after lunch and talked about rain on the hill while "
+    "some birds sang over small green fields and nobody came back for tea until late evening"
+).split()
 SPLITS = {"train": (8, 0, 0), "valid": (5, 3, 2), "test": (10, 6, 4)}
 """Windows per split: activating, hard negatives, random negatives."""
 
@@ -37,7 +48,11 @@ def filler(rng: np.random.Generator, n: int) -> str:
 
 
 def instance(cls: str, rng: np.random.Generator) -> str:
-    return {"digits": lambda: str(rng.integers(0, 10)), "capitalized words": lambda: NAMES[rng.integers(len(NAMES))], "symbols": lambda: "#%&@"[rng.integers(4)]}[cls]()
+    return {
+        "digits": lambda: str(rng.integers(0, 10)),
+        "capitalized words": lambda: NAMES[rng.integers(len(NAMES))],
+        "symbols": lambda: "#%&@"[rng.integers(4)],
+    }[cls]()
 
 
 def window(rng: np.random.Generator, cls: str | None, contained: bool) -> list[tuple[str, bool]]:
@@ -49,10 +64,18 @@ def window(rng: np.random.Generator, cls: str | None, contained: bool) -> list[t
     if not contained:
         return [(before, False), (" " + instance(cls, rng), False), (after, False)]
     left, right = CONTAINERS[SENSES[cls]]
-    return [(before, False), (" " + left, False), (instance(cls, rng), True), (right, False), (after, False)]
+    return [
+        (before, False),
+        (" " + left, False),
+        (instance(cls, rng), True),
+        (right, False),
+        (after, False),
+    ]
 
 
-def planted_exemplars(tokenizer, latents: dict[int, tuple[str, ...]], seed: int = 0) -> pd.DataFrame:
+def planted_exemplars(
+    tokenizer, latents: dict[int, tuple[str, ...]], seed: int = 0
+) -> pd.DataFrame:
     """Exemplar rows (the `exemplars` table's columns) of latents planted as latent → its classes; each
     window's text is distinct within its latent, so a prompt that shows a window can be told by its text."""
     rng = np.random.default_rng(seed)
@@ -61,7 +84,9 @@ def planted_exemplars(tokenizer, latents: dict[int, tuple[str, ...]], seed: int 
         seen = set()
         for split, (n_activating, n_hard, n_random) in SPLITS.items():
             plans = [("activating", classes[i % len(classes)], True) for i in range(n_activating)]
-            plans += [("embedding", classes[i % len(classes)], False) for i in range(n_hard)] + [("random", None, False)] * n_random
+            plans += [("embedding", classes[i % len(classes)], False) for i in range(n_hard)] + [
+                ("random", None, False)
+            ] * n_random
             for i, (kind, cls, contained) in enumerate(plans):
                 pieces = window(rng, cls, contained)
                 while "".join(p for p, _ in pieces) in seen:
@@ -72,21 +97,37 @@ def planted_exemplars(tokenizer, latents: dict[int, tuple[str, ...]], seed: int 
                     ids = tokenizer(piece, add_special_tokens=False)["input_ids"]
                     tokens += ids
                     acts += [1.0 + 0.1 * (i % 5) if fires else 0.0] * len(ids)
-                rows.append({"latent": latent, "split": split, "kind": kind, "quantile": 1 + i % 5 if kind == "activating" else 0,
-                             "sequence": 0, "start": 0, "max_activation": max(acts), "tokens": tokens, "activations": acts})
+                rows.append(
+                    {
+                        "latent": latent,
+                        "split": split,
+                        "kind": kind,
+                        "quantile": 1 + i % 5 if kind == "activating" else 0,
+                        "sequence": 0,
+                        "start": 0,
+                        "max_activation": max(acts),
+                        "tokens": tokens,
+                        "activations": acts,
+                    }
+                )
     return pd.DataFrame(rows)
 
 
 def window_texts(exemplars: pd.DataFrame, vocab: list[str], split: str) -> set[str]:
     """The plain text of every `split` window, as prompts would show it."""
-    return {"".join(vocab[t] for t in tokens) for tokens in exemplars[exemplars["split"] == split]["tokens"]}
+    return {
+        "".join(vocab[t] for t in tokens)
+        for tokens in exemplars[exemplars["split"] == split]["tokens"]
+    }
 
 
 # ---- the scripted explainer ----------------------------------------------------------------------
 
 
 def class_of(span: str) -> str | None:
-    return next((name for name, pattern in CLASSES.items() if re.fullmatch(pattern, span.strip())), None)
+    return next(
+        (name for name, pattern in CLASSES.items() if re.fullmatch(pattern, span.strip())), None
+    )
 
 
 def marked_spans(text: str) -> list[tuple[str, str | None]]:
@@ -94,7 +135,14 @@ def marked_spans(text: str) -> list[tuple[str, str | None]]:
     found = []
     for match in re.finditer(r"<<(.*?)>>", text):
         before, after = text[: match.start()].rstrip(), text[match.end() :].lstrip()
-        container = next((name for name, (left, right) in CONTAINERS.items() if before.endswith(left) and after.startswith(right)), None)
+        container = next(
+            (
+                name
+                for name, (left, right) in CONTAINERS.items()
+                if before.endswith(left) and after.startswith(right)
+            ),
+            None,
+        )
         found.append((class_of(match.group(1)), container))
     return [(cls, container) for cls, container in found if cls is not None]
 
@@ -103,27 +151,40 @@ def senses_of(explanation: str) -> list[tuple[str, str | None]]:
     """(class, container) of each sense an explanation names in the planted grammar ('A or B')."""
     senses = []
     for part in explanation.split(" or "):
-        found = re.fullmatch(rf"\s*({'|'.join(CLASSES)})(?: inside ({'|'.join(CONTAINERS)}))?\s*", part)
+        found = re.fullmatch(
+            rf"\s*({'|'.join(CLASSES)})(?: inside ({'|'.join(CONTAINERS)}))?\s*", part
+        )
         if found:
             senses.append((found.group(1), found.group(2)))
     return senses
 
 
 def described(senses: list[tuple[str, str | None]]) -> str:
-    return " or ".join(cls + (f" inside {container}" if container else "") for cls, container in senses)
+    return " or ".join(
+        cls + (f" inside {container}" if container else "") for cls, container in senses
+    )
 
 
 def scripted_explainer(messages: list[dict]) -> str:
     shown = marked_spans(messages[1]["content"])
-    if len(messages) == 2:  # the first ask: name the commonest class of the marked spans, nothing more
+    if (
+        len(messages) == 2
+    ):  # the first ask: name the commonest class of the marked spans, nothing more
         return f"Explanation: {Counter(cls for cls, _ in shown).most_common(1)[0][0]}"
     feedback = messages[-1]["content"]
     named = [cls for cls, _ in senses_of(messages[-2]["content"].removeprefix("Explanation: "))]
-    missed = feedback.split("yet the feature fires in them")[1].split("\n\n")[0] if "yet the feature fires in them" in feedback else ""
+    missed = (
+        feedback.split("yet the feature fires in them")[1].split("\n\n")[0]
+        if "yet the feature fires in them" in feedback
+        else ""
+    )
     named += [cls for cls, _ in marked_spans(missed) if cls not in named]
     if "but the feature does not fire" not in feedback:
         return f"Explanation: {described([(cls, None) for cls in dict.fromkeys(named)])}"
-    containers = {cls: {container for c, container in shown + marked_spans(missed) if c == cls} for cls in named}
+    containers = {
+        cls: {container for c, container in shown + marked_spans(missed) if c == cls}
+        for cls in named
+    }
     return f"Explanation: {described([(cls, next(iter(containers[cls])) if len(containers[cls]) == 1 else None) for cls in dict.fromkeys(named)])}"
 
 
@@ -133,7 +194,15 @@ def scripted_explainer(messages: list[dict]) -> str:
 def fits(text: str, senses: list[tuple[str, str | None]]) -> bool:
     """Whether plain window text holds an instance of any sense."""
     for cls, container in senses:
-        pattern = CLASSES[cls] if container is None else re.escape(CONTAINERS[container][0]) + r"\s*" + CLASSES[cls] + r"\s*" + re.escape(CONTAINERS[container][1])
+        pattern = (
+            CLASSES[cls]
+            if container is None
+            else re.escape(CONTAINERS[container][0])
+            + r"\s*"
+            + CLASSES[cls]
+            + r"\s*"
+            + re.escape(CONTAINERS[container][1])
+        )
         if re.search(pattern, text):
             return True
     return False
@@ -145,10 +214,19 @@ def literal_judge(messages: list[dict]) -> str:
     senses = senses_of(re.search(r"^Description: (.*)$", user, re.MULTILINE).group(1))
     examples = re.findall(r"^Example \d+: (.*)$", user, re.MULTILINE)
     if "marked tokens are what" in messages[0]["content"]:
-        return str([int(any(sense in senses or (sense[0], None) in senses for sense in marked_spans(e))) for e in examples])
+        return str(
+            [
+                int(any(sense in senses or (sense[0], None) in senses for sense in marked_spans(e)))
+                for e in examples
+            ]
+        )
     return str([int(fits(e, senses)) for e in examples])
 
 
 def scripted_llm(messages: list[dict]) -> str:
     """The explainer for explainer prompts, the judge for judge prompts (they show a 'Description:')."""
-    return literal_judge(messages) if "Description:" in messages[-1]["content"] else scripted_explainer(messages)
+    return (
+        literal_judge(messages)
+        if "Description:" in messages[-1]["content"]
+        else scripted_explainer(messages)
+    )

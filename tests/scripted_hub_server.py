@@ -9,6 +9,7 @@ Errors carry the X-Error-Code header the hub sends (RepoNotFound, RevisionNotFou
 huggingface_hub raises its own error classes. With `token` set, a request without
 `Authorization: Bearer <token>` gets the hub's 401 for a private repo. It records each request.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -16,10 +17,10 @@ import importlib
 import json
 import os
 import threading
+from collections.abc import Iterator
 from contextlib import contextmanager
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from typing import Iterator
 from urllib.parse import unquote, urlsplit
 
 
@@ -69,10 +70,20 @@ class ScriptedHub:
             self.refs.setdefault(repo, {})[ref] = commit
         return commit
 
-    def add_folder(self, repo: str, folder: Path, refs: tuple[str, ...] = ("main",), under: str = "") -> str:
+    def add_folder(
+        self, repo: str, folder: Path, refs: tuple[str, ...] = ("main",), under: str = ""
+    ) -> str:
         """`add` the files below `folder`, at their paths relative to it (below `under` in the repo)."""
         prefix = f"{under}/" if under else ""
-        return self.add(repo, {prefix + p.relative_to(folder).as_posix(): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}, refs)
+        return self.add(
+            repo,
+            {
+                prefix + p.relative_to(folder).as_posix(): p.read_bytes()
+                for p in sorted(folder.rglob("*"))
+                if p.is_file()
+            },
+            refs,
+        )
 
     def _answer(self, handler: BaseHTTPRequestHandler, body: bool) -> None:
         url = urlsplit(handler.path)
@@ -80,36 +91,88 @@ class ScriptedHub:
         self.requests.append((handler.command, url.path, auth))
         parts = [unquote(p) for p in url.path.strip("/").split("/")]
         if parts[:2] == ["api", "models"] and len(parts) >= 4:
-            repo, kind, rev = "/".join(parts[2:4]), parts[4] if len(parts) > 4 else "revision", parts[5] if len(parts) > 5 else "main"
+            repo, kind, rev = (
+                "/".join(parts[2:4]),
+                parts[4] if len(parts) > 4 else "revision",
+                parts[5] if len(parts) > 5 else "main",
+            )
         elif len(parts) >= 5 and parts[2] == "resolve":
             repo, kind, rev = "/".join(parts[:2]), "resolve", parts[3]
         else:
             return self._send(handler, 404, {"error": "unknown endpoint"}, body)
         if self.token and auth != f"Bearer {self.token}" or repo not in self.repos:
             status = 401 if self.token and auth is None else 404
-            return self._send(handler, status, {"error": "Repository not found"}, body, {"X-Error-Code": "RepoNotFound"})
+            return self._send(
+                handler,
+                status,
+                {"error": "Repository not found"},
+                body,
+                {"X-Error-Code": "RepoNotFound"},
+            )
         commit = self.refs[repo].get(rev, rev if rev in self.repos[repo] else None)
         if commit is None:
-            return self._send(handler, 404, {"error": f"Invalid rev id: {rev}"}, body, {"X-Error-Code": "RevisionNotFound"})
+            return self._send(
+                handler,
+                404,
+                {"error": f"Invalid rev id: {rev}"},
+                body,
+                {"X-Error-Code": "RevisionNotFound"},
+            )
         files = self.repos[repo][commit]
         if kind == "revision":
-            return self._send(handler, 200, {"id": repo, "modelId": repo, "sha": commit, "private": bool(self.token),
-                                             "siblings": [{"rfilename": path} for path in sorted(files)]}, body)
+            return self._send(
+                handler,
+                200,
+                {
+                    "id": repo,
+                    "modelId": repo,
+                    "sha": commit,
+                    "private": bool(self.token),
+                    "siblings": [{"rfilename": path} for path in sorted(files)],
+                },
+                body,
+            )
         if kind == "tree":
-            return self._send(handler, 200, [{"type": "file", "path": path, "size": len(data), "oid": hashlib.sha1(data).hexdigest()}
-                                             for path, data in sorted(files.items())], body)
+            return self._send(
+                handler,
+                200,
+                [
+                    {
+                        "type": "file",
+                        "path": path,
+                        "size": len(data),
+                        "oid": hashlib.sha1(data).hexdigest(),
+                    }
+                    for path, data in sorted(files.items())
+                ],
+                body,
+            )
         path = "/".join(parts[4:])
         if path not in files:
-            return self._send(handler, 404, {"error": f"{path} does not exist"}, body, {"X-Error-Code": "EntryNotFound", "X-Repo-Commit": commit})
+            return self._send(
+                handler,
+                404,
+                {"error": f"{path} does not exist"},
+                body,
+                {"X-Error-Code": "EntryNotFound", "X-Repo-Commit": commit},
+            )
         data = files[path]
-        headers = {"X-Repo-Commit": commit, "ETag": f'"{hashlib.sha1(data).hexdigest()}"', "Content-Type": "application/octet-stream"}
+        headers = {
+            "X-Repo-Commit": commit,
+            "ETag": f'"{hashlib.sha1(data).hexdigest()}"',
+            "Content-Type": "application/octet-stream",
+        }
         self._send(handler, 200, data, body, headers)
 
     @staticmethod
     def _send(handler, status: int, payload, body: bool, headers: dict | None = None) -> None:
         data = payload if isinstance(payload, bytes) else json.dumps(payload).encode()
         handler.send_response(status)
-        for key, value in {"Content-Type": "application/json", **(headers or {}), "Content-Length": str(len(data))}.items():
+        for key, value in {
+            "Content-Type": "application/json",
+            **(headers or {}),
+            "Content-Length": str(len(data)),
+        }.items():
             handler.send_header(key, value)
         handler.end_headers()
         if body:
@@ -117,16 +180,25 @@ class ScriptedHub:
 
 
 @contextmanager
-def hub_environment(url: str, home: Path, token: str | None = None, offline: bool = False) -> Iterator[dict]:
+def hub_environment(
+    url: str, home: Path, token: str | None = None, offline: bool = False
+) -> Iterator[dict]:
     """The variables huggingface_hub reads (HF_ENDPOINT, HF_HOME, HF_TOKEN, HF_HUB_OFFLINE) set for the block,
     and its constants re-read, since it reads them once at import; the environment is restored after. Yields
     the variables set, for a subprocess."""
     import huggingface_hub.constants
 
     saved = dict(os.environ)
-    env = {"HF_ENDPOINT": url, "HF_HOME": str(home), "HF_HUB_OFFLINE": "1" if offline else "0", "HF_HUB_DISABLE_PROGRESS_BARS": "1"}
+    env = {
+        "HF_ENDPOINT": url,
+        "HF_HOME": str(home),
+        "HF_HUB_OFFLINE": "1" if offline else "0",
+        "HF_HUB_DISABLE_PROGRESS_BARS": "1",
+    }
     os.environ.update(env)
-    os.environ.pop("TRANSFORMERS_OFFLINE", None)  # the test session's default (tests/conftest.py) would win over HF_HUB_OFFLINE=0
+    os.environ.pop(
+        "TRANSFORMERS_OFFLINE", None
+    )  # the test session's default (tests/conftest.py) would win over HF_HUB_OFFLINE=0
     if token:
         os.environ["HF_TOKEN"] = token
     else:

@@ -14,6 +14,7 @@ so a request is answered `delay_s` after it arrived however many are waiting, as
 latency would be; a thread-per-request server adds its own queueing under load, which a throughput
 benchmark would then charge to the client. `reply` runs on a worker thread, so it may block.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -37,7 +38,14 @@ class Fault:
 
 
 class ScriptedLLMServer:
-    def __init__(self, reply, delay_s: float = 0.0, models_status: int = 200, port: int = 0, host: str = "127.0.0.1"):
+    def __init__(
+        self,
+        reply,
+        delay_s: float = 0.0,
+        models_status: int = 200,
+        port: int = 0,
+        host: str = "127.0.0.1",
+    ):
         self.reply = reply
         self.delay_s = delay_s
         self.models_status = models_status
@@ -50,7 +58,9 @@ class ScriptedLLMServer:
         """Completion requests being answered now, and the most there ever were at once."""
         self._loop = asyncio.new_event_loop()
         self._replies = ThreadPoolExecutor(max_workers=64, thread_name_prefix="scripted-reply")
-        self._server = self._loop.run_until_complete(asyncio.start_server(self._serve, host, port, backlog=512))
+        self._server = self._loop.run_until_complete(
+            asyncio.start_server(self._serve, host, port, backlog=512)
+        )
         self.port = self._server.sockets[0].getsockname()[1]
         """Another server on the same port has the same base URL, so it shares a response cache's keys."""
         self.base_url = f"http://{host}:{self.port}/v1"
@@ -79,7 +89,10 @@ class ScriptedLLMServer:
                 head = await reader.readuntil(b"\r\n\r\n")
                 request_line, *header_lines = head.decode("latin-1").split("\r\n")
                 method, path, _ = request_line.split(" ", 2)
-                headers = {k.strip().lower(): v.strip() for k, _, v in (line.partition(":") for line in header_lines if line)}
+                headers = {
+                    k.strip().lower(): v.strip()
+                    for k, _, v in (line.partition(":") for line in header_lines if line)
+                }
                 body = await reader.readexactly(int(headers.get("content-length", 0)))
                 answer = await self._answer(method, path, headers, body)
                 if isinstance(answer, Fault):
@@ -91,7 +104,8 @@ class ScriptedLLMServer:
                 extra = "".join(f"{k}: {v}\r\n" for k, v in extra_headers.items())
                 writer.write(
                     f"HTTP/1.1 {status} {HTTPStatus(status).phrase}\r\nContent-Type: application/json\r\n{extra}"
-                    f"Content-Length: {len(data)}\r\n\r\n".encode() + data
+                    f"Content-Length: {len(data)}\r\n\r\n".encode()
+                    + data
                 )
                 await writer.drain()
         except (asyncio.IncompleteReadError, ConnectionError, asyncio.CancelledError):
@@ -109,14 +123,26 @@ class ScriptedLLMServer:
             writer.transport.abort()
             return True
         if fault.kind == "truncated":
-            data = json.dumps({"id": "cut", "object": "chat.completion", "choices": [{"index": 0, "message": {"role": "assistant", "content": "[1, 0"}}]}).encode()
-            writer.write(f"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: {len(data)}\r\n\r\n".encode() + data[: len(data) // 2])
+            data = json.dumps(
+                {
+                    "id": "cut",
+                    "object": "chat.completion",
+                    "choices": [{"index": 0, "message": {"role": "assistant", "content": "[1, 0"}}],
+                }
+            ).encode()
+            writer.write(
+                f"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: {len(data)}\r\n\r\n".encode()
+                + data[: len(data) // 2]
+            )
             await writer.drain()
             writer.transport.abort()
             return True
         if fault.kind == "not_json":
             data = b"<html><body>502 upstream hiccup</body></html>"
-            writer.write(f"HTTP/1.1 200 OK\r\nContent-Type: text/html\r\nContent-Length: {len(data)}\r\n\r\n".encode() + data)
+            writer.write(
+                f"HTTP/1.1 200 OK\r\nContent-Type: text/html\r\nContent-Length: {len(data)}\r\n\r\n".encode()
+                + data
+            )
             await writer.drain()
             return False
         raise ValueError(f"unknown fault {fault.kind!r}")
@@ -126,8 +152,19 @@ class ScriptedLLMServer:
             if path.endswith("/stats"):
                 return 200, {"requests": len(self.requests)}, {}
             if self.models_status != 200:
-                return self.models_status, {"error": {"message": f"scripted {self.models_status}", "type": "scripted"}}, {}
-            return 200, {"object": "list", "data": [{"id": "scripted", "object": "model", "owned_by": "test"}]}, {}
+                return (
+                    self.models_status,
+                    {"error": {"message": f"scripted {self.models_status}", "type": "scripted"}},
+                    {},
+                )
+            return (
+                200,
+                {
+                    "object": "list",
+                    "data": [{"id": "scripted", "object": "model", "owned_by": "test"}],
+                },
+                {},
+            )
         request = json.loads(body)
         self.arrivals.append(time.monotonic())
         self.requests.append(request)
@@ -144,19 +181,36 @@ class ScriptedLLMServer:
             return text
         if isinstance(text, (int, tuple)):
             status, extra_headers, *said = text if isinstance(text, tuple) else (text, {})
-            return status, {"error": {"message": said[0] if said else f"scripted {status}", "type": "scripted", "code": status}}, extra_headers
-        message = {"role": "assistant", "content": text["content"] if isinstance(text, dict) else text}
+            return (
+                status,
+                {
+                    "error": {
+                        "message": said[0] if said else f"scripted {status}",
+                        "type": "scripted",
+                        "code": status,
+                    }
+                },
+                extra_headers,
+            )
+        message = {
+            "role": "assistant",
+            "content": text["content"] if isinstance(text, dict) else text,
+        }
         choice = {"index": 0, "message": message, "finish_reason": "stop"}
         if isinstance(text, dict):
             choice["logprobs"] = {"content": text["logprobs"]}
-        return 200, {
-            "id": f"cmpl-{len(self.requests)}",
-            "object": "chat.completion",
-            "created": 0,
-            "model": request["model"],
-            "choices": [choice],
-            "usage": {"prompt_tokens": 10, "completion_tokens": 3, "total_tokens": 13},
-        }, {}
+        return (
+            200,
+            {
+                "id": f"cmpl-{len(self.requests)}",
+                "object": "chat.completion",
+                "created": 0,
+                "model": request["model"],
+                "choices": [choice],
+                "usage": {"prompt_tokens": 10, "completion_tokens": 3, "total_tokens": 13},
+            },
+            {},
+        )
 
 
 def answer_by_prompt(messages) -> str:
@@ -165,14 +219,23 @@ def answer_by_prompt(messages) -> str:
     lists, 1, 2 for the output judge's pairs, 1 for the intruder, 5 for simulation), and for SAEBench's
     question the odd-numbered texts."""
     if "comma-separated list of the numbers of the texts" in messages[0]["content"]:
-        return ", ".join(map(str, range(1, len(re.findall(r"^\d+\. ", messages[-1]["content"], re.MULTILINE)) + 1, 2)))
+        return ", ".join(
+            map(
+                str,
+                range(1, len(re.findall(r"^\d+\. ", messages[-1]["content"], re.MULTILINE)) + 1, 2),
+            )
+        )
     asked = re.search(r"Answer with (\d+|one) (numbers|integers|number)", messages[-1]["content"])
     if asked is None:
-        return f"Explanation: scripted explanation {zlib.crc32(messages[-1]['content'].encode()):08x}"
+        return (
+            f"Explanation: scripted explanation {zlib.crc32(messages[-1]['content'].encode()):08x}"
+        )
     if asked.group(1) == "one":
         return "[1]"
     n = int(asked.group(1))
-    if "each 1 or 2" in messages[-1]["content"]:  # the output-side judge: which continuation of each pair
+    if (
+        "each 1 or 2" in messages[-1]["content"]
+    ):  # the output-side judge: which continuation of each pair
         return str([1 + i % 2 for i in range(n)])
     return str([5] * n if asked.group(2) == "integers" else [1 - i % 2 for i in range(n)])
 
@@ -195,7 +258,9 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--delay", type=float, default=0.2)
     parser.add_argument("--answer", default="Explanation: a scripted answer")
-    parser.add_argument("--by-prompt", action="store_true", help="answer each prompt in the form it asks for")
+    parser.add_argument(
+        "--by-prompt", action="store_true", help="answer each prompt in the form it asks for"
+    )
     args = parser.parse_args()
     reply = answer_by_prompt if args.by_prompt else (lambda messages: args.answer)
     with ScriptedLLMServer(reply, delay_s=args.delay) as server:

@@ -1,4 +1,5 @@
 """The explainers: one module per explainer, each an `Explainer` subclass (see `base.py`); `EXPLAINERS` finds them."""
+
 from __future__ import annotations
 
 import assets.explainers as _package

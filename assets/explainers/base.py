@@ -8,6 +8,7 @@ answer, or a `Refusal` saying why it cannot be read: the answer is asked again o
 is failed with both answers and the reasons). `assets/explanations.py` does the rest for every
 explainer: sampling best-of-N candidates, choosing among them, the table and the search index.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -28,7 +29,9 @@ class ExplainerSettings(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
 
     def digest(self) -> str:
-        return hashlib.sha256(json.dumps(self.model_dump(), sort_keys=True).encode()).hexdigest()[:10]
+        return hashlib.sha256(json.dumps(self.model_dump(), sort_keys=True).encode()).hexdigest()[
+            :10
+        ]
 
 
 @dataclass

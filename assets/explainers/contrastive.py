@@ -1,4 +1,5 @@
 """Contrastive (delphi): highlighted windows plus hard-negative counter-examples where the latent is silent."""
+
 from assets.explainers.base import Explainer
 from assets.prompts import contrastive_messages
 from assets.records import LatentRecord
@@ -10,5 +11,10 @@ class Contrastive(Explainer):
 
     def prompt(self, record: LatentRecord, max_tokens: int):
         examples, top = record.shown_examples()
-        counters = [[record.vocab[t] for t in row.tokens] for row in record.train("non_activating").itertuples()]
-        return self.deps.llm.fitting(lambda kept: contrastive_messages(kept, counters, top), examples, max_tokens)
+        counters = [
+            [record.vocab[t] for t in row.tokens]
+            for row in record.train("non_activating").itertuples()
+        ]
+        return self.deps.llm.fitting(
+            lambda kept: contrastive_messages(kept, counters, top), examples, max_tokens
+        )

@@ -1,4 +1,5 @@
 """Highlighted (delphi's default): activating tokens marked in their windows, strengths listed."""
+
 from assets.explainers.base import Explainer
 from assets.prompts import explainer_messages
 from assets.records import LatentRecord
@@ -10,4 +11,6 @@ class Highlighted(Explainer):
 
     def prompt(self, record: LatentRecord, max_tokens: int):
         examples, top = record.shown_examples()
-        return self.deps.llm.fitting(lambda kept: explainer_messages(kept, top), examples, max_tokens)
+        return self.deps.llm.fitting(
+            lambda kept: explainer_messages(kept, top), examples, max_tokens
+        )

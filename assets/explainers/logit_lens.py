@@ -1,6 +1,7 @@
 """Logit lens (VocabProj, Gur-Arieh et al. 2025): the tokens the latent's decoder direction promotes and
 suppresses through the final norm and the unembedding (`resources/logit_lens.py`). Describes what the
 latent writes, not what it reads; no exemplar is shown."""
+
 from dataclasses import dataclass
 
 import torch
@@ -18,8 +19,7 @@ LOGIT_LENS_SYSTEM = (
     "likelihood the feature raises most when it is active, and those whose likelihood it lowers most, "
     "read straight from the feature's direction. Describe in one short phrase what the feature makes "
     "the model write (the raised tokens matter most). Answer with a single line of the form "
-    "'Explanation: <phrase>'."
-    + TOKEN_LEGEND
+    "'Explanation: <phrase>'." + TOKEN_LEGEND
 )
 
 
@@ -38,16 +38,22 @@ def decoder_directions(coder: SparseCoder, lm: torch.nn.Module, latents: list[in
         weight = resolve_hookpoint(lm, coder.hookpoint).weight  # [d_model, d_mlp]
         return weight[:, latents].T.detach().float()
     if coder.decoder_weight is None:
-        raise ValueError(f"Coder '{coder.key}' has no decoder, so what its latents write is unknown. Fix: use an SAE, a transcoder or neurons.")
+        raise ValueError(
+            f"Coder '{coder.key}' has no decoder, so what its latents write is unknown. Fix: use an SAE, a transcoder or neurons."
+        )
     return coder.decoder_weight[latents].detach().float()
 
 
-def vocab_proj_evidence(coder: SparseCoder, lm: torch.nn.Module, latents: list[int], k: int = 10) -> dict[int, TokenEvidence]:
+def vocab_proj_evidence(
+    coder: SparseCoder, lm: torch.nn.Module, latents: list[int], k: int = 10
+) -> dict[int, TokenEvidence]:
     """Per latent, the k tokens its decoder direction promotes most and suppresses most (VocabProj)."""
     projection = vocab_projection(decoder_directions(coder, lm, latents), lm, k=k)
     return {
-        latent: TokenEvidence(list(zip(projection.top_ids[i].tolist(), projection.top_values[i].tolist())),
-                              list(zip(projection.bottom_ids[i].tolist(), projection.bottom_values[i].tolist())))
+        latent: TokenEvidence(
+            list(zip(projection.top_ids[i].tolist(), projection.top_values[i].tolist(), strict=False)),
+            list(zip(projection.bottom_ids[i].tolist(), projection.bottom_values[i].tolist(), strict=False)),
+        )
         for i, latent in enumerate(latents)
     }
 
@@ -55,12 +61,19 @@ def vocab_proj_evidence(coder: SparseCoder, lm: torch.nn.Module, latents: list[i
 def logit_lens_messages(evidence: TokenEvidence, vocab: list[str]) -> list[dict]:
     promoted = ", ".join(quoted(vocab[t]) for t, _ in evidence.promoted)
     suppressed = ", ".join(quoted(vocab[t]) for t, _ in evidence.suppressed)
-    return [{"role": "system", "content": LOGIT_LENS_SYSTEM},
-            {"role": "user", "content": f"Raised most: {promoted}\nLowered most: {suppressed}\n\nWhat does the feature make the model write?"}]
+    return [
+        {"role": "system", "content": LOGIT_LENS_SYSTEM},
+        {
+            "role": "user",
+            "content": f"Raised most: {promoted}\nLowered most: {suppressed}\n\nWhat does the feature make the model write?",
+        },
+    ]
 
 
 class LogitLensSettings(ExplainerSettings):
-    k: int = Field(default=10, ge=1, le=100, description="Tokens shown on each side (promoted, suppressed).")
+    k: int = Field(
+        default=10, ge=1, le=100, description="Tokens shown on each side (promoted, suppressed)."
+    )
 
 
 class LogitLens(Explainer):
@@ -70,6 +83,8 @@ class LogitLens(Explainer):
     uses = frozenset({"subject_model", "coder"})
 
     def prompt(self, record: LatentRecord, max_tokens: int):
-        evidence = vocab_proj_evidence(self.deps.coder, self.deps.subject_model.causal_lm(), [record.latent], self.settings.k)[record.latent]
+        evidence = vocab_proj_evidence(
+            self.deps.coder, self.deps.subject_model.causal_lm(), [record.latent], self.settings.k
+        )[record.latent]
         messages = logit_lens_messages(evidence, record.vocab)
         return (messages if self.deps.llm.fits(messages, max_tokens) else None), 0

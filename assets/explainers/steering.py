@@ -2,6 +2,7 @@
 latent is steered over neutral prompts, at the strength that moves the next-token distributions a
 fixed KL from the unsteered ones (searched from the latent's largest activation). Unlike the logit
 lens it goes through every layer after the hookpoint."""
+
 import torch
 from pydantic import Field
 
@@ -15,8 +16,7 @@ TOKEN_CHANGE_SYSTEM = (
     "You study single features of a language model. The feature was turned up while the model read "
     "neutral prompts; you are given the tokens whose probability rose most, with how much it rose on "
     "average. Describe in one short phrase what the feature makes the model write. Answer with a "
-    "single line of the form 'Explanation: <phrase>'."
-    + TOKEN_LEGEND
+    "single line of the form 'Explanation: <phrase>'." + TOKEN_LEGEND
 )
 
 
@@ -29,19 +29,41 @@ def token_change(steerer: Steerer, steer: Steer, prompts: list[str], k: int = 10
     real = mask.bool()
     change = (steered - clean)[real].mean(0)
     up, down = change.topk(k), change.topk(k, largest=False)
-    return TokenEvidence(list(zip(up.indices.tolist(), up.values.tolist())), list(zip(down.indices.tolist(), down.values.tolist())))
+    return TokenEvidence(
+        list(zip(up.indices.tolist(), up.values.tolist(), strict=False)),
+        list(zip(down.indices.tolist(), down.values.tolist(), strict=False)),
+    )
 
 
 def token_change_messages(evidence: TokenEvidence, vocab: list[str]) -> list[dict]:
-    listed = "\n".join(f"{quoted(vocab[t])}: +{100 * change:.1f} percentage points" for t, change in evidence.promoted if change > 0)
-    return [{"role": "system", "content": TOKEN_CHANGE_SYSTEM},
-            {"role": "user", "content": f"Tokens whose probability rose most:\n{listed or '(none rose)'}\n\nWhat does the feature make the model write?"}]
+    listed = "\n".join(
+        f"{quoted(vocab[t])}: +{100 * change:.1f} percentage points"
+        for t, change in evidence.promoted
+        if change > 0
+    )
+    return [
+        {"role": "system", "content": TOKEN_CHANGE_SYSTEM},
+        {
+            "role": "user",
+            "content": f"Tokens whose probability rose most:\n{listed or '(none rose)'}\n\nWhat does the feature make the model write?",
+        },
+    ]
 
 
 class SteeringSettings(ExplainerSettings):
-    prompts: list[str] = Field(default_factory=lambda: list(NEUTRAL_PROMPTS), min_length=1, description="Neutral prompts the latent is steered over.")
-    target_kl: float = Field(default=1.0, gt=0, description="KL divergence (nats) from the unsteered next-token distributions that the strength search aims at.")
-    kl_tolerance: float = Field(default=0.05, gt=0, lt=1, description="Relative tolerance of the strength search.")
+    prompts: list[str] = Field(
+        default_factory=lambda: list(NEUTRAL_PROMPTS),
+        min_length=1,
+        description="Neutral prompts the latent is steered over.",
+    )
+    target_kl: float = Field(
+        default=1.0,
+        gt=0,
+        description="KL divergence (nats) from the unsteered next-token distributions that the strength search aims at.",
+    )
+    kl_tolerance: float = Field(
+        default=0.05, gt=0, lt=1, description="Relative tolerance of the strength search."
+    )
     k: int = Field(default=10, ge=1, le=100, description="Tokens shown.")
 
 
@@ -54,10 +76,21 @@ class Steering(Explainer):
     def prompt(self, record: LatentRecord, max_tokens: int):
         unit = float((record.stats or {}).get("max_activation") or 0.0)
         if unit <= 0:
-            raise ValueError(f"latent {record.latent} has no positive max activation in the exemplars' profiles, so there is no strength to start from")
+            raise ValueError(
+                f"latent {record.latent} has no positive max activation in the exemplars' profiles, so there is no strength to start from"
+            )
         s = self.settings
         steerer = self.deps.subject_model.steerer()
-        (delta, _), = steerer.strengths_for_kl(s.prompts, self.deps.coder, [record.latent], s.target_kl, [unit], tolerance=s.kl_tolerance)
-        evidence = token_change(steerer, Steer(self.deps.coder, record.latent, delta), s.prompts, s.k)
+        ((delta, _),) = steerer.strengths_for_kl(
+            s.prompts,
+            self.deps.coder,
+            [record.latent],
+            s.target_kl,
+            [unit],
+            tolerance=s.kl_tolerance,
+        )
+        evidence = token_change(
+            steerer, Steer(self.deps.coder, record.latent, delta), s.prompts, s.k
+        )
         messages = token_change_messages(evidence, record.vocab)
         return (messages if self.deps.llm.fits(messages, max_tokens) else None), 0

@@ -1,4 +1,5 @@
 """Token table (OpenAI): every token of each window listed with its 0-10 activation."""
+
 from assets.explainers.base import Explainer
 from assets.prompts import token_table_messages
 from assets.records import LatentRecord
@@ -10,4 +11,6 @@ class TokenTable(Explainer):
 
     def prompt(self, record: LatentRecord, max_tokens: int):
         examples, top = record.shown_examples()
-        return self.deps.llm.fitting(lambda kept: token_table_messages(kept, top), examples, max_tokens)
+        return self.deps.llm.fitting(
+            lambda kept: token_table_messages(kept, top), examples, max_tokens
+        )

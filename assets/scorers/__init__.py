@@ -1,4 +1,5 @@
 """The scorers: one module per scorer, each a `Scorer` subclass (see `base.py`); `SCORERS` finds them."""
+
 from __future__ import annotations
 
 from pydantic import ValidationError
@@ -25,22 +26,41 @@ def loaded_scorers() -> dict[str, type[Scorer]]:
     return found
 
 
-def scorer_settings(overrides: dict[str, dict] | None = None, scorers: dict[str, type[Scorer]] | None = None) -> dict[str, ScorerSettings]:
+def scorer_settings(
+    overrides: dict[str, dict] | None = None, scorers: dict[str, type[Scorer]] | None = None
+) -> dict[str, ScorerSettings]:
     """Every scorer's settings: defaults, updated by `overrides` ({scorer: {setting: value}})."""
     scorers = scorers or SCORERS
     overrides = dict(overrides or {})
     if unknown := set(overrides) - set(scorers):
-        raise ValueError(f"Unknown scorer(s) {sorted(unknown)} in the scorer settings. Fix: use any of {sorted(scorers)}.")
+        raise ValueError(
+            f"Unknown scorer(s) {sorted(unknown)} in the scorer settings. Fix: use any of {sorted(scorers)}."
+        )
     settings = {}
     for name, scorer in scorers.items():
         try:
             settings[name] = scorer.Settings(**overrides.get(name, {}))
         except ValidationError as error:
-            problems = "; ".join(f"[{name}] {'.'.join(map(str, e['loc']))} = {e.get('input')!r}: {e['msg']}" for e in error.errors())
-            raise ValueError(f"{problems}. Fix: give each setting a value of its type (see the README's scorer table).") from None
+            problems = "; ".join(
+                f"[{name}] {'.'.join(map(str, e['loc']))} = {e.get('input')!r}: {e['msg']}"
+                for e in error.errors()
+            )
+            raise ValueError(
+                f"{problems}. Fix: give each setting a value of its type (see the README's scorer table)."
+            ) from None
     return settings
 
 
 SCORERS: dict[str, type[Scorer]] = scorer_classes()
 
-__all__ = ["SCORERS", "Job", "JobResult", "Scorer", "ScorerDeps", "ScorerSettings", "loaded_scorers", "scorer_classes", "scorer_settings"]
+__all__ = [
+    "SCORERS",
+    "Job",
+    "JobResult",
+    "Scorer",
+    "ScorerDeps",
+    "ScorerSettings",
+    "loaded_scorers",
+    "scorer_classes",
+    "scorer_settings",
+]

@@ -10,14 +10,16 @@ way for every scorer, and `assets/scores.py` makes each scorer an asset, runs ev
 (with the explanation and with the control) and writes the tables. An instance lives for one
 partition, so whatever a scorer caches between jobs (a baseline, a lock) is its own attribute.
 """
+
 from __future__ import annotations
 
 import asyncio
 import hashlib
 import json
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, ClassVar, Literal
+from typing import ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -31,12 +33,19 @@ from resources.llm import Asked, ProductionClient
 class ScorerSettings(BaseModel):
     """Settings that define a scorer's results: their hash is part of its asset's code version."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)  # strict: `true` is no number of examples
-    seed: int = Field(default=0, description="Seed of example order, random marks, intruder tasks and the control's ring (`control_assignment`).")
+    model_config = ConfigDict(
+        extra="forbid", frozen=True, strict=True
+    )  # strict: `true` is no number of examples
+    seed: int = Field(
+        default=0,
+        description="Seed of example order, random marks, intruder tasks and the control's ring (`control_assignment`).",
+    )
 
     def digest(self) -> str:
         """Short hash of every setting: a change makes this scorer's results, and only them, stale."""
-        return hashlib.sha256(json.dumps(digest_values(self), sort_keys=True).encode()).hexdigest()[:10]
+        return hashlib.sha256(json.dumps(digest_values(self), sort_keys=True).encode()).hexdigest()[
+            :10
+        ]
 
 
 @dataclass
@@ -80,8 +89,15 @@ class JobResult:
 
 
 def example_row(example: Example, prediction: float = NAN, score: float = NAN, **extra) -> dict:
-    return {"example": example.index, "label": example.label, "quantile": example.quantile,
-            "activation": float(example.activations.max()), "prediction": prediction, "score": score, **extra}
+    return {
+        "example": example.index,
+        "label": example.label,
+        "quantile": example.quantile,
+        "activation": float(example.activations.max()),
+        "prediction": prediction,
+        "score": score,
+        **extra,
+    }
 
 
 @dataclass
@@ -159,30 +175,50 @@ def list_tokens(n: int, hi: int) -> int:
     return 8 + (3 + len(str(hi))) * n
 
 
-async def ask_list(client: ProductionClient, messages: list[dict], n: int, lo: int, hi: int, top_logprobs: int = 0) -> Asked[list[int]]:
+async def ask_list(
+    client: ProductionClient, messages: list[dict], n: int, lo: int, hi: int, top_logprobs: int = 0
+) -> Asked[list[int]]:
     """One request whose answer must be a list of n integers in [lo, hi], asked (and asked again once if
     unreadable) by `ProductionClient.ask`; a lost question carries its failure, never a guess."""
-    params = {"max_tokens": list_tokens(n, hi), "int_list": (n, lo, hi), "top_logprobs": top_logprobs}
-    return await client.ask(messages, read_int_list(n, lo, hi), reask_list_message(n, lo, hi), **params)
+    params = {
+        "max_tokens": list_tokens(n, hi),
+        "int_list": (n, lo, hi),
+        "top_logprobs": top_logprobs,
+    }
+    return await client.ask(
+        messages, read_int_list(n, lo, hi), reask_list_message(n, lo, hi), **params
+    )
 
 
-async def classify(client: ProductionClient, job: Job, per_prompt: int, system: str, text_of: Callable[[Example], str]) -> JobResult:
+async def classify(
+    client: ProductionClient,
+    job: Job,
+    per_prompt: int,
+    system: str,
+    text_of: Callable[[Example], str],
+) -> JobResult:
     """Judge windows `per_prompt` at a time as fires (1) or not (0) given the explanation; each prompt
     keeps as many of its windows as fit the judge's context."""
     batches = [job.examples[i : i + per_prompt] for i in range(0, len(job.examples), per_prompt)]
     result = JobResult([])
     prompts = []  # (the examples a prompt kept, the prompt), for prompts that kept any
     for batch in batches:
-        messages, dropped = client.fitting(lambda kept: scorer_messages(system, job.explanation, [text_of(e) for e in kept]), batch, list_tokens(len(batch), 1))
+        messages, dropped = client.fitting(
+            lambda kept: scorer_messages(system, job.explanation, [text_of(e) for e in kept]),
+            batch,
+            list_tokens(len(batch), 1),
+        )
         result.dropped += dropped
         if messages is not None:
             prompts.append((batch[: len(batch) - dropped], messages))
-    asked = await asyncio.gather(*(ask_list(client, messages, len(kept), 0, 1) for kept, messages in prompts))
-    for (kept, _), outcome in zip(prompts, asked):
+    asked = await asyncio.gather(
+        *(ask_list(client, messages, len(kept), 0, 1) for kept, messages in prompts)
+    )
+    for (kept, _), outcome in zip(prompts, asked, strict=False):
         result.prompt_tokens += outcome.prompt_tokens
         result.requests += len(outcome.answers)
         if outcome.value is None:
             result.lost(len(kept), outcome.failure)
             continue
-        result.rows += [example_row(e, prediction=p) for e, p in zip(kept, outcome.value)]
+        result.rows += [example_row(e, prediction=p) for e, p in zip(kept, outcome.value, strict=False)]
     return result

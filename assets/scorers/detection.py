@@ -1,4 +1,5 @@
 """Detection (delphi): the judge reads the explanation and says which windows the latent fires in."""
+
 from pydantic import Field
 
 from assets.prompts import DETECTION_SYSTEM
@@ -6,7 +7,11 @@ from assets.scorers.base import Job, JobResult, Scorer, ScorerSettings, classify
 
 
 class DetectionSettings(ScorerSettings):
-    examples_per_prompt: int = Field(default=10, ge=1, description="Windows judged per request (delphi shows 5; 10 keeps the control within delphi's request count).")
+    examples_per_prompt: int = Field(
+        default=10,
+        ge=1,
+        description="Windows judged per request (delphi shows 5; 10 keeps the control within delphi's request count).",
+    )
 
 
 class Detection(Scorer):
@@ -18,4 +23,10 @@ class Detection(Scorer):
     scores_senses = True
 
     async def score(self, job: Job) -> JobResult:
-        return await classify(self.deps.llm, job, self.settings.examples_per_prompt, DETECTION_SYSTEM, lambda e: e.text)
+        return await classify(
+            self.deps.llm,
+            job,
+            self.settings.examples_per_prompt,
+            DETECTION_SYSTEM,
+            lambda e: e.text,
+        )

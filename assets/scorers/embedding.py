@@ -10,6 +10,7 @@ corpus grid are read from the contexts table instead of embedded; at 1 each toke
 from the tokens table (every distinct token of the corpus embedded alone, once per corpus), since a
 partition shows nearly the whole vocabulary; without these tables each distinct text is embedded
 once per partition."""
+
 import asyncio
 
 import numpy as np
@@ -22,8 +23,16 @@ from resources.embedder import unit_vectors
 
 
 class EmbeddingSettings(ScorerSettings):
-    query_prefix: str = Field(default="", description="Text put before the explanation; instruction-tuned embedders want e.g. delphi's 'Instruct: Retrieve sentences that could be related to the explanation.\\nQuery:'.")
-    span_tokens: int = added_later(0, default=1, ge=0, description="Score a window by its best span of this many tokens (max cosine over sliding spans); 1 = its best token; 0 = the whole window (delphi's form, the default before 1 was measured better).")
+    query_prefix: str = Field(
+        default="",
+        description="Text put before the explanation; instruction-tuned embedders want e.g. delphi's 'Instruct: Retrieve sentences that could be related to the explanation.\\nQuery:'.",
+    )
+    span_tokens: int = added_later(
+        0,
+        default=1,
+        ge=0,
+        description="Score a window by its best span of this many tokens (max cosine over sliding spans); 1 = its best token; 0 = the whole window (delphi's form, the default before 1 was measured better).",
+    )
 
 
 def spans(example, size: int) -> list[str]:
@@ -55,7 +64,12 @@ class Embedding(Scorer):
         found = {t: self._vectors[t] for t in texts if t in self._vectors}
         missing = [t for t in dict.fromkeys(texts) if t not in found]
         if missing:
-            new = dict(zip(missing, unit_vectors(await asyncio.to_thread(self.deps.embedder.embed, missing))))
+            new = dict(
+                zip(
+                    missing,
+                    unit_vectors(await asyncio.to_thread(self.deps.embedder.embed, missing)), strict=False,
+                )
+            )
             self._vectors.update(new)
             found.update(new)
         return found
@@ -67,15 +81,26 @@ class Embedding(Scorer):
         memory follows the jobs at hand."""
         windows, size = self.deps.corpus_windows, self.settings.span_tokens
         needed = dict.fromkeys(self.settings.query_prefix + job.explanation for job in jobs)
-        examples = list({id(e): e for job in jobs for e in job.examples}.values())  # a latent's own and control jobs share theirs
+        examples = list(
+            {id(e): e for job in jobs for e in job.examples}.values()
+        )  # a latent's own and control jobs share theirs
         for example in examples:
-            whole = size == 0 or len(example.token_strs) <= size  # only a whole window's vector is in the contexts table
+            whole = (
+                size == 0 or len(example.token_strs) <= size
+            )  # only a whole window's vector is in the contexts table
             for text in spans(example, size):
                 if text not in needed:
-                    needed[text] = windows.vector(example.sequence, example.start, example.token_ids) if whole and windows is not None else None
+                    needed[text] = (
+                        windows.vector(example.sequence, example.start, example.token_ids)
+                        if whole and windows is not None
+                        else None
+                    )
         if size == 1 and windows is not None:
             needed.update(self._token_vectors(examples, needed))
-        at_hand = {text: self._vectors.get(text) if vector is None else unit_vectors(vector[None])[0] for text, vector in needed.items()}
+        at_hand = {
+            text: self._vectors.get(text) if vector is None else unit_vectors(vector[None])[0]
+            for text, vector in needed.items()
+        }
         self._vectors = {text: vector for text, vector in at_hand.items() if vector is not None}
         await self._vectors_of(list(needed))
 
@@ -84,18 +109,31 @@ class Embedding(Scorer):
         one call (none when the table is missing)."""
         ids = {}
         for example in (e for e in examples if len(e.token_strs) > 1):
-            for text, token in zip(map(token_text, example.token_strs), example.token_ids):
+            for text, token in zip(map(token_text, example.token_strs), example.token_ids, strict=False):
                 if needed.get(text) is None:
                     ids.setdefault(text, token)
         vectors = self.deps.corpus_windows.token_vectors(list(ids.values())) if ids else None
-        return dict(zip(ids, vectors)) if vectors is not None else {}
+        return dict(zip(ids, vectors, strict=False)) if vectors is not None else {}
 
     async def score(self, job: Job) -> JobResult:
         query = self.settings.query_prefix + job.explanation
         texts = [spans(e, self.settings.span_tokens) for e in job.examples]
         distinct = list(dict.fromkeys(t for window in texts for t in window))
-        vectors = await self._vectors_of([query] + distinct)  # at hand after `prepare`; a job scored without it embeds here
+        vectors = await self._vectors_of(
+            [query] + distinct
+        )  # at hand after `prepare`; a job scored without it embeds here
         # one product per distinct text: windows whose best token is the same text tie exactly (equal rows
         # of one matrix product can differ in the last bit)
-        similarity = dict(zip(distinct, (np.stack([vectors[t] for t in distinct]) @ vectors[query]).tolist())) if distinct else {}
-        return JobResult([example_row(e, score=max(similarity[t] for t in window)) for e, window in zip(job.examples, texts)])
+        similarity = (
+            dict(
+                zip(distinct, (np.stack([vectors[t] for t in distinct]) @ vectors[query]).tolist(), strict=False)
+            )
+            if distinct
+            else {}
+        )
+        return JobResult(
+            [
+                example_row(e, score=max(similarity[t] for t in window))
+                for e, window in zip(job.examples, texts, strict=False)
+            ]
+        )

@@ -1,5 +1,6 @@
 """Fuzzing (delphi): windows come with tokens marked (the latent's own, or random ones in windows
 where it is silent); the judge says which marks the explanation describes."""
+
 from pydantic import Field
 
 from assets.prompts import FUZZING_SYSTEM
@@ -19,4 +20,10 @@ class Fuzzing(Scorer):
     scores_senses = True
 
     async def score(self, job: Job) -> JobResult:
-        return await classify(self.deps.llm, job, self.settings.examples_per_prompt, FUZZING_SYSTEM, lambda e: e.marked_text)
+        return await classify(
+            self.deps.llm,
+            job,
+            self.settings.examples_per_prompt,
+            FUZZING_SYSTEM,
+            lambda e: e.marked_text,
+        )

@@ -8,6 +8,7 @@ change of a continuation's mean log-likelihood per token when the subject model 
 explanation instead of after a neutral description. Rows: each continuation, steered (label 1) or
 not (label 0), scored by its gain, so `roc_auc` says how often a steered text gains more.
 """
+
 import asyncio
 import functools
 import inspect
@@ -18,10 +19,17 @@ import numpy as np
 import torch
 from pydantic import Field
 
-from assets.scorers.base import Job, JobResult, Scorer, ScorerSettings
 from assets.score_metrics import NAN
+from assets.scorers.base import Job, JobResult, Scorer, ScorerSettings
 from resources.sparse_coders import SparseCoder
-from resources.steering import NEUTRAL_PROMPTS, Steer, Steerer, SteeringError, logits_to_keep, max_activation
+from resources.steering import (
+    NEUTRAL_PROMPTS,
+    Steer,
+    Steerer,
+    SteeringError,
+    logits_to_keep,
+    max_activation,
+)
 
 DESCRIBED = "Description of the text below: {explanation}\nText:\n"
 NOT_DESCRIBED = "Various unrelated sentences."
@@ -46,9 +54,29 @@ class ContinuationSource:
     rows, their strength searches advancing together): the latent asked for and the next latents
     announced with `expect`. A latent's continuations serve its explanation's and its control's jobs."""
 
-    def __init__(self, steerer: Steerer, coder: SparseCoder, prompts: list[str], n_tokens: int, target_kl: float, unit_of, tolerance: float = 0.05, batch: int = 1):
-        self.steerer, self.coder, self.prompts, self.n_tokens = steerer, coder, list(prompts), n_tokens
-        self.target_kl, self.unit_of, self.tolerance, self.batch_size = target_kl, unit_of, tolerance, batch
+    def __init__(
+        self,
+        steerer: Steerer,
+        coder: SparseCoder,
+        prompts: list[str],
+        n_tokens: int,
+        target_kl: float,
+        unit_of,
+        tolerance: float = 0.05,
+        batch: int = 1,
+    ):
+        self.steerer, self.coder, self.prompts, self.n_tokens = (
+            steerer,
+            coder,
+            list(prompts),
+            n_tokens,
+        )
+        self.target_kl, self.unit_of, self.tolerance, self.batch_size = (
+            target_kl,
+            unit_of,
+            tolerance,
+            batch,
+        )
         self._lock = threading.RLock()
         self._plain: list[list[int]] | None = None
         self._clean: torch.Tensor | None = None
@@ -91,10 +119,25 @@ class ContinuationSource:
                     pass  # it fails with its reason when asked for itself
         plain = self.unsteered()
         latents = list(units)
-        found = self.steerer.strengths_for_kl(self.prompts, self.coder, latents, self.target_kl, list(units.values()), self.tolerance, clean=self._clean)
-        steered = self.steerer.generate(self.prompts, self.n_tokens, [Steer(self.coder, l, delta) for l, (delta, _) in zip(latents, found)])
+        found = self.steerer.strengths_for_kl(
+            self.prompts,
+            self.coder,
+            latents,
+            self.target_kl,
+            list(units.values()),
+            self.tolerance,
+            clean=self._clean,
+        )
+        steered = self.steerer.generate(
+            self.prompts,
+            self.n_tokens,
+            [Steer(self.coder, l, delta) for l, (delta, _) in zip(latents, found, strict=False)],
+        )
         n = len(self.prompts)
-        made = {l: Continuations(list(self.prompts), plain, steered[i * n : (i + 1) * n], delta, kl) for i, (l, (delta, kl)) in enumerate(zip(latents, found))}
+        made = {
+            l: Continuations(list(self.prompts), plain, steered[i * n : (i + 1) * n], delta, kl)
+            for i, (l, (delta, kl)) in enumerate(zip(latents, found, strict=False))
+        }
         for l in latents:
             self._made[l] = made
             self._expected.pop(l, None)
@@ -106,7 +149,9 @@ CACHE_OUTPUT_INDEX = 1
 
 @functools.lru_cache(maxsize=4)
 def _cache_name(lm: torch.nn.Module) -> str:
-    return "cache" if "cache" in inspect.signature(lm.forward).parameters else "past_key_values"  # transformers 5 renamed it
+    return (
+        "cache" if "cache" in inspect.signature(lm.forward).parameters else "past_key_values"
+    )  # transformers 5 renamed it
 
 
 def cache_argument(lm: torch.nn.Module, cache) -> dict:
@@ -114,24 +159,37 @@ def cache_argument(lm: torch.nn.Module, cache) -> dict:
     return {_cache_name(lm): cache} if cache is not None else {}
 
 
-def continuation_logprobs(lm: torch.nn.Module, tokenizer, prefixes: list[str], prompts: list[str], continuations: list[list[int]]) -> np.ndarray:
+def continuation_logprobs(
+    lm: torch.nn.Module,
+    tokenizer,
+    prefixes: list[str],
+    prompts: list[str],
+    continuations: list[list[int]],
+) -> np.ndarray:
     """Mean log-likelihood per token of each continuation after its prefix + its prompt. The texts
     after one prefix read it once: its keys and values are computed in one row and repeated for each
     text, and only the rest (the prefix's last token, the prompt and the continuation, right-padded)
     runs per text, one forward pass per prefix (logits only from the first continuation on where the
     model allows)."""
-    ids_of = functools.lru_cache(maxsize=None)(lambda text: tuple(tokenizer(text, add_special_tokens=False)["input_ids"]))
+    ids_of = functools.lru_cache(maxsize=None)(
+        lambda text: tuple(tokenizer(text, add_special_tokens=False)["input_ids"])
+    )
     device = next(lm.parameters()).device
     means = np.empty(len(prefixes))
     after: dict[str, list[int]] = {}
     for row, prefix in enumerate(prefixes):
         after.setdefault(prefix, []).append(row)
     for prefix, rows in after.items():
-        shared, last = list(ids_of(prefix)[:-1]), list(ids_of(prefix)[-1:])  # the last token is read per text, so its logits predict the prompt
+        shared, last = (
+            list(ids_of(prefix)[:-1]),
+            list(ids_of(prefix)[-1:]),
+        )  # the last token is read per text, so its logits predict the prompt
         cache = None
         with torch.inference_mode():
             if shared:
-                cache = lm(input_ids=torch.tensor([shared], device=device), use_cache=True)[CACHE_OUTPUT_INDEX]
+                cache = lm(input_ids=torch.tensor([shared], device=device), use_cache=True)[
+                    CACHE_OUTPUT_INDEX
+                ]
                 cache.batch_repeat_interleave(len(rows))
         sequences = [last + list(ids_of(prompts[row])) + list(continuations[row]) for row in rows]
         starts = [len(last) + len(ids_of(prompts[row])) for row in rows]
@@ -143,12 +201,25 @@ def continuation_logprobs(lm: torch.nn.Module, tokenizer, prefixes: list[str], p
             ids[i, : len(sequence)] = torch.tensor(sequence)
             mask[i, len(shared) : len(shared) + len(sequence)] = 1
         with torch.inference_mode():
-            logits = lm(input_ids=ids.to(device), attention_mask=mask.to(device), **cache_argument(lm, cache), use_cache=cache is not None,
-                        **logits_to_keep(lm, width - min(starts) + 1)).logits.float().cpu()
+            logits = (
+                lm(
+                    input_ids=ids.to(device),
+                    attention_mask=mask.to(device),
+                    **cache_argument(lm, cache),
+                    use_cache=cache is not None,
+                    **logits_to_keep(lm, width - min(starts) + 1),
+                )
+                .logits.float()
+                .cpu()
+            )
         first = width - logits.shape[1]  # the position of the first logits kept
-        logprobs = torch.log_softmax(logits[:, :-1], dim=-1).gather(-1, ids[:, first + 1 :, None])[..., 0]
-        for i, (row, sequence, start) in enumerate(zip(rows, sequences, starts)):
-            means[row] = float(logprobs[i, start - first - 1 : len(sequence) - first - 1].mean())  # the continuation's own tokens
+        logprobs = torch.log_softmax(logits[:, :-1], dim=-1).gather(-1, ids[:, first + 1 :, None])[
+            ..., 0
+        ]
+        for i, (row, sequence, start) in enumerate(zip(rows, sequences, starts, strict=False)):
+            means[row] = float(
+                logprobs[i, start - first - 1 : len(sequence) - first - 1].mean()
+            )  # the continuation's own tokens
     return means
 
 
@@ -165,18 +236,26 @@ class Likelihoods:
     def of(self, texts: list[tuple[str, str, list[int]]]) -> np.ndarray:
         """The likelihood of each (description prefix, prompt, continuation), computing those not known yet."""
         keys = [(prefix, prompt, tuple(continuation)) for prefix, prompt, continuation in texts]
-        missing = sorted(dict.fromkeys(k for k in keys if k not in self._known), key=lambda k: k[0])  # one description's texts together: little padding
+        missing = sorted(
+            dict.fromkeys(k for k in keys if k not in self._known), key=lambda k: k[0]
+        )  # one description's texts together: little padding
         for i in range(0, len(missing), self.rows):
             chunk = missing[i : i + self.rows]
-            self._known.update(zip(chunk, continuation_logprobs(self.lm, self.tokenizer, *map(list, zip(*chunk)))))
+            self._known.update(
+                zip(chunk, continuation_logprobs(self.lm, self.tokenizer, *map(list, zip(*chunk, strict=False))), strict=False)
+            )
         return np.asarray([self._known[k] for k in keys])
 
 
 def likelihood_texts(made: Continuations, explanation: str) -> list[tuple[str, str, list[int]]]:
     """What an intervention score reads: the steered, then the unsteered continuations, after the
     neutral description, then after the explanation."""
-    return [(DESCRIBED.format(explanation=described), prompt, continuation) for described in (NOT_DESCRIBED, explanation)
-            for continuations in (made.steered, made.unsteered) for prompt, continuation in zip(made.prompts, continuations)]
+    return [
+        (DESCRIBED.format(explanation=described), prompt, continuation)
+        for described in (NOT_DESCRIBED, explanation)
+        for continuations in (made.steered, made.unsteered)
+        for prompt, continuation in zip(made.prompts, continuations, strict=False)
+    ]
 
 
 @dataclass
@@ -187,28 +266,54 @@ class InterventionScore:
     unsteered_gain: np.ndarray
 
 
-def intervention_score(likelihoods: Likelihoods, made: Continuations, explanation: str) -> InterventionScore:
-    neutral_steered, neutral_plain, steered, plain = likelihoods.of(likelihood_texts(made, explanation)).reshape(4, len(made.prompts))
+def intervention_score(
+    likelihoods: Likelihoods, made: Continuations, explanation: str
+) -> InterventionScore:
+    neutral_steered, neutral_plain, steered, plain = likelihoods.of(
+        likelihood_texts(made, explanation)
+    ).reshape(4, len(made.prompts))
     steered_gain, unsteered_gain = steered - neutral_steered, plain - neutral_plain
-    return InterventionScore(float(np.mean(steered_gain - unsteered_gain)), steered_gain, unsteered_gain)
+    return InterventionScore(
+        float(np.mean(steered_gain - unsteered_gain)), steered_gain, unsteered_gain
+    )
 
 
-def score_in_batch(source: ContinuationSource, likelihoods: Likelihoods, explanations: dict[int, list[str]], latent: int,
-                   explanation: str) -> tuple[Continuations, InterventionScore]:
+def score_in_batch(
+    source: ContinuationSource,
+    likelihoods: Likelihoods,
+    explanations: dict[int, list[str]],
+    latent: int,
+    explanation: str,
+) -> tuple[Continuations, InterventionScore]:
     """`latent`'s continuations and intervention score. Its batch is steered if it was not, and its
     batch's continuations are read after every explanation announced for them (`explanations`, taken
     out as they are read) in few forward passes, so their later scores only look them up."""
     batch = source.batch(latent)
-    wanted = [text for other, made in batch.items() for said in explanations.pop(other, []) for text in likelihood_texts(made, said)]
+    wanted = [
+        text
+        for other, made in batch.items()
+        for said in explanations.pop(other, [])
+        for text in likelihood_texts(made, said)
+    ]
     likelihoods.of(wanted + likelihood_texts(batch[latent], explanation))
     return batch[latent], intervention_score(likelihoods, batch[latent], explanation)
 
 
 class InterventionSettings(ScorerSettings):
-    prompts: list[str] = Field(default_factory=lambda: list(NEUTRAL_PROMPTS), min_length=2, description="Neutral prompts continued with and without the latent steered.")
+    prompts: list[str] = Field(
+        default_factory=lambda: list(NEUTRAL_PROMPTS),
+        min_length=2,
+        description="Neutral prompts continued with and without the latent steered.",
+    )
     tokens: int = Field(default=24, ge=1, description="Tokens generated per continuation.")
-    target_kl: float = Field(default=1.0, gt=0, description="KL divergence (nats) of the steered next-token distributions from the unsteered ones that the strength search aims at.")
-    kl_tolerance: float = Field(default=0.05, gt=0, lt=1, description="Relative tolerance of the strength search.")
+    target_kl: float = Field(
+        default=1.0,
+        gt=0,
+        description="KL divergence (nats) of the steered next-token distributions from the unsteered ones that the strength search aims at.",
+    )
+    kl_tolerance: float = Field(
+        default=0.05, gt=0, lt=1, description="Relative tolerance of the strength search."
+    )
 
 
 class ContinuationScorer(Scorer):
@@ -228,8 +333,16 @@ class ContinuationScorer(Scorer):
         with self._lock:
             if self._source is None:
                 s, deps = self.settings, self.deps
-                self._source = ContinuationSource(deps.subject_model.steerer(), deps.coder, s.prompts, s.tokens, s.target_kl,
-                                                  lambda latent: max_activation(deps.activations_dir, latent), s.kl_tolerance, deps.subject_model.steering_batch)
+                self._source = ContinuationSource(
+                    deps.subject_model.steerer(),
+                    deps.coder,
+                    s.prompts,
+                    s.tokens,
+                    s.target_kl,
+                    lambda latent: max_activation(deps.activations_dir, latent),
+                    s.kl_tolerance,
+                    deps.subject_model.steering_batch,
+                )
             return self._source
 
     async def prepare(self, jobs: list[Job]) -> None:
@@ -258,13 +371,37 @@ class Intervention(ContinuationScorer):
         with self._lock:
             if self._likelihoods is None:
                 model = self.deps.subject_model
-                self._likelihoods = Likelihoods(model.causal_lm(), model.tokenizer(), model.steering_batch * len(self.settings.prompts))
-            return score_in_batch(self.source(), self._likelihoods, self._explanations, latent, explanation)
+                self._likelihoods = Likelihoods(
+                    model.causal_lm(),
+                    model.tokenizer(),
+                    model.steering_batch * len(self.settings.prompts),
+                )
+            return score_in_batch(
+                self.source(), self._likelihoods, self._explanations, latent, explanation
+            )
 
     async def score(self, job: Job) -> JobResult:
         made, scored = await asyncio.to_thread(self._score, job.latent, job.explanation)
         rows = []
-        for i, (steered, plain) in enumerate(zip(scored.steered_gain, scored.unsteered_gain)):
-            rows.append({"example": 2 * i, "label": 1, "quantile": 1, "activation": made.delta, "prediction": NAN, "score": float(steered)})
-            rows.append({"example": 2 * i + 1, "label": 0, "quantile": 0, "activation": 0.0, "prediction": NAN, "score": float(plain)})
+        for i, (steered, plain) in enumerate(zip(scored.steered_gain, scored.unsteered_gain, strict=False)):
+            rows.append(
+                {
+                    "example": 2 * i,
+                    "label": 1,
+                    "quantile": 1,
+                    "activation": made.delta,
+                    "prediction": NAN,
+                    "score": float(steered),
+                }
+            )
+            rows.append(
+                {
+                    "example": 2 * i + 1,
+                    "label": 0,
+                    "quantile": 0,
+                    "activation": 0.0,
+                    "prediction": NAN,
+                    "score": float(plain),
+                }
+            )
         return JobResult(rows, extra={"intervention_score": scored.score, "steering_kl": made.kl})

@@ -3,15 +3,16 @@ neutral prompt was written with the latent steered? The continuations are the in
 (strength set to a fixed KL from the unsteered output); all of a latent's pairs go in one request,
 each pair's order seeded. Main metric: accuracy (chance 0.5); an unreadable answer is asked again
 once, then the latent's question fails with both raw answers."""
+
 import asyncio
 from dataclasses import dataclass
 
 import numpy as np
 
 from assets.prompts import TOKEN_LEGEND, highlight, read_int_list, reask_list_message
-from assets.scorers.base import Job, JobResult
-from assets.scorers.intervention import ContinuationScorer, Continuations
 from assets.score_metrics import NAN
+from assets.scorers.base import Job, JobResult
+from assets.scorers.intervention import Continuations, ContinuationScorer
 
 JUDGE_SYSTEM = (
     "You check descriptions of a language-model feature against what the model writes. For each "
@@ -35,7 +36,9 @@ def judge_pairs(continuations: Continuations, seed: int) -> list[Pair]:
     """One pair per prompt, the steered continuation first or second by a seeded coin."""
     rng = np.random.default_rng(seed)
     pairs = []
-    for prompt, plain, steered in zip(continuations.prompts, continuations.unsteered, continuations.steered):
+    for prompt, plain, steered in zip(
+        continuations.prompts, continuations.unsteered, continuations.steered, strict=False
+    ):
         if rng.random() < 0.5:
             pairs.append(Pair(prompt, steered, plain, 1))
         else:
@@ -45,10 +48,19 @@ def judge_pairs(continuations: Continuations, seed: int) -> list[Pair]:
 
 def judge_messages(explanation: str, pairs: list[Pair], vocab: list[str]) -> list[dict]:
     shown = lambda ids: highlight([vocab[t] for t in ids], [False] * len(ids))
-    blocks = [f"Pair {i}: prompt: {highlight([p.prompt], [False])}\n  Continuation 1: {shown(p.first)}\n  Continuation 2: {shown(p.second)}"
-              for i, p in enumerate(pairs, start=1)]
-    return [{"role": "system", "content": JUDGE_SYSTEM},
-            {"role": "user", "content": f"Description: {explanation}\n\n" + "\n".join(blocks) + f"\n\nAnswer with {len(pairs)} numbers, each 1 or 2, in a list."}]
+    blocks = [
+        f"Pair {i}: prompt: {highlight([p.prompt], [False])}\n  Continuation 1: {shown(p.first)}\n  Continuation 2: {shown(p.second)}"
+        for i, p in enumerate(pairs, start=1)
+    ]
+    return [
+        {"role": "system", "content": JUDGE_SYSTEM},
+        {
+            "role": "user",
+            "content": f"Description: {explanation}\n\n"
+            + "\n".join(blocks)
+            + f"\n\nAnswer with {len(pairs)} numbers, each 1 or 2, in a list.",
+        },
+    ]
 
 
 @dataclass
@@ -68,10 +80,18 @@ async def judge(client, explanation: str, pairs: list[Pair], vocab: list[str]) -
     """Ask which continuation of each pair was steered; an answer that is not exactly one 1 or 2 per pair
     is asked again once, then the question fails with both raw answers (never a guess)."""
     n = len(pairs)
-    asked = await client.ask(judge_messages(explanation, pairs, vocab), read_int_list(n, 1, 2), reask_list_message(n, 1, 2), max_tokens=8 + 4 * n, int_list=(n, 1, 2))
+    asked = await client.ask(
+        judge_messages(explanation, pairs, vocab),
+        read_int_list(n, 1, 2),
+        reask_list_message(n, 1, 2),
+        max_tokens=8 + 4 * n,
+        int_list=(n, 1, 2),
+    )
     if asked.value is None:
         return Judged(None, asked.failure, asked.prompt_tokens)
-    return Judged([int(v == p.steered) for v, p in zip(asked.value, pairs)], "", asked.prompt_tokens)
+    return Judged(
+        [int(v == p.steered) for v, p in zip(asked.value, pairs, strict=False)], "", asked.prompt_tokens
+    )
 
 
 class OutputJudge(ContinuationScorer):
@@ -93,12 +113,23 @@ class OutputJudge(ContinuationScorer):
         return made, judge_pairs(made, seed)
 
     async def score(self, job: Job) -> JobResult:
-        made, pairs = await asyncio.to_thread(self._pairs, job.latent, self.settings.seed + job.latent)  # the same order for explanation and control
+        made, pairs = await asyncio.to_thread(
+            self._pairs, job.latent, self.settings.seed + job.latent
+        )  # the same order for explanation and control
         judged = await judge(self.deps.llm, job.explanation, pairs, self._vocab)
         result = JobResult([], prompt_tokens=judged.prompt_tokens, extra={"steering_kl": made.kl})
         if judged.correct is None:
             result.lost(len(pairs), judged.failure)
             return result
-        result.rows = [{"example": i, "label": 1, "quantile": 1, "activation": made.delta, "prediction": correct, "score": NAN}
-                       for i, correct in enumerate(judged.correct)]
+        result.rows = [
+            {
+                "example": i,
+                "label": 1,
+                "quantile": 1,
+                "activation": made.delta,
+                "prediction": correct,
+                "score": NAN,
+            }
+            for i, correct in enumerate(judged.correct)
+        ]
         return result

@@ -17,6 +17,7 @@ Where our windows differ from SAEBench's (see the README's scorer table):
 - windows are the exemplars' length and placement (SAEBench: 21 tokens centred on the token; set
   `[exemplars] example_ctx_len = 21` and `window_placement = "centered"` to match).
 """
+
 import re
 
 import numpy as np
@@ -29,20 +30,41 @@ from resources.llm import Refusal
 
 
 class SAEBenchSettings(ScorerSettings):
-    n_top_windows: int = Field(default=2, ge=0, description="Strongest held-out activating windows shown (SAEBench: 2).")
-    n_importance_windows: int = Field(default=2, ge=0, description="Activating windows drawn with probability ∝ peak activation² from the other held-out ones (SAEBench: 2).")
-    n_random_windows: int = Field(default=10, ge=0, description="Non-activating windows shown, `random` ones first (SAEBench: 10).")
+    n_top_windows: int = Field(
+        default=2, ge=0, description="Strongest held-out activating windows shown (SAEBench: 2)."
+    )
+    n_importance_windows: int = Field(
+        default=2,
+        ge=0,
+        description="Activating windows drawn with probability ∝ peak activation² from the other held-out ones (SAEBench: 2).",
+    )
+    n_random_windows: int = Field(
+        default=10,
+        ge=0,
+        description="Non-activating windows shown, `random` ones first (SAEBench: 10).",
+    )
 
 
-def saebench_windows(examples: list[Example], s: SAEBenchSettings, rng: np.random.Generator) -> list[Example]:
+def saebench_windows(
+    examples: list[Example], s: SAEBenchSettings, rng: np.random.Generator
+) -> list[Example]:
     """The windows one prompt shows, in a random order: the strongest activating ones, importance-sampled
     ones from the rest, and non-activating ones (`random` first, then other sources, each in the given order)."""
     activating = sorted((e for e in examples if e.label), key=lambda e: -float(e.activations.max()))
     top, rest = activating[: s.n_top_windows], activating[s.n_top_windows :]
     weights = np.array([float(e.activations.max()) ** 2 for e in rest])
     n_sampled = min(s.n_importance_windows, int(np.count_nonzero(weights)))
-    sampled = [rest[i] for i in rng.choice(len(rest), size=n_sampled, replace=False, p=weights / weights.sum())] if n_sampled else []
-    silent = sorted((e for e in examples if not e.label), key=lambda e: e.kind != "random")[: s.n_random_windows]
+    sampled = (
+        [
+            rest[i]
+            for i in rng.choice(len(rest), size=n_sampled, replace=False, p=weights / weights.sum())
+        ]
+        if n_sampled
+        else []
+    )
+    silent = sorted((e for e in examples if not e.label), key=lambda e: e.kind != "random")[
+        : s.n_random_windows
+    ]
     shown = top + sampled + silent
     return [shown[i] for i in rng.permutation(len(shown))]
 
@@ -56,10 +78,9 @@ SAEBENCH_SYSTEM = (
     "We are studying features of a language model. A feature fires on particular words, parts of words or "
     "ideas in short texts. You get a short explanation of what one feature fires on, then {n} numbered texts "
     "in random order. Reply with a comma-separated list of the numbers of the texts in which you think the "
-    "feature fires at least once, on any of their words; your reply might look like \"{example}\". Do not read "
+    'feature fires at least once, on any of their words; your reply might look like "{example}". Do not read '
     "the explanation too narrowly. If you think it fires in none of the texts, reply with the single word None. "
-    "Your reply must hold nothing but the comma-separated numbers or the word None."
-    + TOKEN_LEGEND
+    "Your reply must hold nothing but the comma-separated numbers or the word None." + TOKEN_LEGEND
 )
 
 
@@ -69,7 +90,10 @@ def saebench_messages(explanation: str, texts: list[str], example: list[int]) ->
     system = SAEBENCH_SYSTEM.format(n=len(texts), example=", ".join(map(str, example)))
     return [
         {"role": "system", "content": system},
-        {"role": "user", "content": f"The explanation: this feature fires on {explanation.strip().rstrip('.')}.\n\nThe texts:\n\n{numbered}"},
+        {
+            "role": "user",
+            "content": f"The explanation: this feature fires on {explanation.strip().rstrip('.')}.\n\nThe texts:\n\n{numbered}",
+        },
     ]
 
 
@@ -91,15 +115,20 @@ def read_window_numbers(n: int):
             return Refusal(f"not a comma-separated list of window numbers from 1 to {n}, nor None")
         numbers = sorted({int(v) for v in re.findall(r"\d+", body)})
         if numbers[0] < 1 or numbers[-1] > n:
-            return Refusal(f"window number(s) outside 1 to {n}: {[v for v in numbers if not 1 <= v <= n]}")
+            return Refusal(
+                f"window number(s) outside 1 to {n}: {[v for v in numbers if not 1 <= v <= n]}"
+            )
         return numbers
 
     return read
 
 
 def reask_numbers_message(n: int) -> dict:
-    return {"role": "user", "content": f"Your reply could not be read. Reply with only the numbers (1 to {n}) of the texts in which the feature fires, "
-                                       "separated by commas, like 2, 5, 11, or the single word None, and nothing else."}
+    return {
+        "role": "user",
+        "content": f"Your reply could not be read. Reply with only the numbers (1 to {n}) of the texts in which the feature fires, "
+        "separated by commas, like 2, 5, 11, or the single word None, and nothing else.",
+    }
 
 
 class SAEBench(Scorer):
@@ -112,24 +141,40 @@ class SAEBench(Scorer):
 
     async def score(self, job: Job) -> JobResult:
         client, s = self.deps.llm, self.settings
-        rng = np.random.default_rng([s.seed, job.latent])  # not `job.seed`: the control sees the same windows and sample reply
+        rng = np.random.default_rng(
+            [s.seed, job.latent]
+        )  # not `job.seed`: the control sees the same windows and sample reply
         windows = saebench_windows(job.examples, s, rng)
 
         def build(kept: list[Example]) -> list[dict]:
             """The sample reply lists as many numbers as activating windows are asked for, as SAEBench's does."""
             size = min(s.n_top_windows + s.n_importance_windows, len(kept))
-            example = sorted(np.random.default_rng([s.seed, job.latent, len(kept)]).choice(len(kept), size=size, replace=False) + 1)
-            return saebench_messages(job.explanation, [e.text for e in kept], [int(i) for i in example])
+            example = sorted(
+                np.random.default_rng([s.seed, job.latent, len(kept)]).choice(
+                    len(kept), size=size, replace=False
+                )
+                + 1
+            )
+            return saebench_messages(
+                job.explanation, [e.text for e in kept], [int(i) for i in example]
+            )
 
         messages, dropped = client.fitting(build, windows, list_tokens(len(windows), len(windows)))
         kept = windows[: len(windows) - dropped]
         result = JobResult([], dropped=dropped, extra={"none_floor": none_floor(kept)})
         if messages is None:
             return result
-        outcome = await client.ask(messages, read_window_numbers(len(kept)), reask_numbers_message(len(kept)), max_tokens=list_tokens(len(kept), len(kept)))
+        outcome = await client.ask(
+            messages,
+            read_window_numbers(len(kept)),
+            reask_numbers_message(len(kept)),
+            max_tokens=list_tokens(len(kept), len(kept)),
+        )
         result.prompt_tokens, result.requests = outcome.prompt_tokens, len(outcome.answers)
         if outcome.value is None:
             result.lost(len(kept), outcome.failure)
             return result
-        result.rows = [example_row(e, prediction=int(i in outcome.value)) for i, e in enumerate(kept, start=1)]
+        result.rows = [
+            example_row(e, prediction=int(i in outcome.value)) for i, e in enumerate(kept, start=1)
+        ]
         return result

@@ -1,6 +1,7 @@
 """Simulation (OpenAI): the judge predicts each token's activation on a 0-10 scale from the
 explanation; the expected value over the answer's logprobs for 0..10 (parsed values where the
 backend gives none) is correlated with the true activations over all tokens at once."""
+
 import asyncio
 import re
 
@@ -10,13 +11,29 @@ from pydantic import Field
 from assets.prompts import simulation_messages
 from assets.records import Example
 from assets.score_metrics import pearson, rsquared
-from assets.scorers.base import Job, JobResult, Scorer, ScorerSettings, ask_list, example_row, list_tokens
+from assets.scorers.base import (
+    Job,
+    JobResult,
+    Scorer,
+    ScorerSettings,
+    ask_list,
+    example_row,
+    list_tokens,
+)
 from resources.llm import Asked
 
 
 class SimulationSettings(ScorerSettings):
-    top_logprobs: int = Field(default=10, ge=0, le=20, description="Alternatives per answer token used for expected values; 0 = parsed values only.")
-    calibrate: bool = Field(default=False, description="Fit a linear map from simulated to true activations on the `valid` windows and report R² (correlation is unchanged by it).")
+    top_logprobs: int = Field(
+        default=10,
+        ge=0,
+        le=20,
+        description="Alternatives per answer token used for expected values; 0 = parsed values only.",
+    )
+    calibrate: bool = Field(
+        default=False,
+        description="Fit a linear map from simulated to true activations on the `valid` windows and report R² (correlation is unchanged by it).",
+    )
 
 
 _VALUE_TOKEN = re.compile(r'^[\s,\[\]{}:"]*(\d{1,2})[\s,\]}"]*$')
@@ -40,7 +57,7 @@ def expected_values(answer, values: list[int]) -> list[float] | None:
     starts = [body.start(1) + m.start() for m in re.finditer(r"\d+", body.group(1))]
     ends = np.cumsum([len(t) for t in answer.tokens])
     out = []
-    for start, written in zip(starts, values):
+    for start, written in zip(starts, values, strict=False):
         step = int(np.searchsorted(ends, start, side="right"))
         chosen = _VALUE_TOKEN.match(answer.tokens[step])
         split_ten = written == 10 and chosen is not None and chosen.group(1) == "1"
@@ -73,7 +90,9 @@ class Simulation(Scorer):
     uses_calibration = True
     version = "2"  # 2: R² centred on the true activations' mean
 
-    async def _simulate(self, examples: list[Example], explanation: str) -> list[tuple[Example, np.ndarray | None, str, Asked]]:
+    async def _simulate(
+        self, examples: list[Example], explanation: str
+    ) -> list[tuple[Example, np.ndarray | None, str, Asked]]:
         client, top_logprobs = self.deps.llm, self.settings.top_logprobs
 
         async def one(e: Example):
@@ -85,7 +104,12 @@ class Simulation(Scorer):
             if outcome.value is None:
                 return e, None, "", outcome
             expected = expected_values(outcome.answer, outcome.value) if top_logprobs else None
-            return e, np.asarray(expected if expected is not None else outcome.value, float), "logprobs" if expected is not None else "parsed", outcome
+            return (
+                e,
+                np.asarray(expected if expected is not None else outcome.value, float),
+                "logprobs" if expected is not None else "parsed",
+                outcome,
+            )
 
         return await asyncio.gather(*(one(e) for e in examples))
 
@@ -100,19 +124,37 @@ class Simulation(Scorer):
             elif values is None:
                 result.lost(1, outcome.failure)
             else:
-                result.rows.append(example_row(e, score=float(values.max()), simulated=values.tolist(), true_activations=true_scale(e, top).tolist(), values_from=source))
+                result.rows.append(
+                    example_row(
+                        e,
+                        score=float(values.max()),
+                        simulated=values.tolist(),
+                        true_activations=true_scale(e, top).tolist(),
+                        values_from=source,
+                    )
+                )
         if result.rows:
             truth = np.concatenate([r["true_activations"] for r in result.rows])
             guess = np.concatenate([r["simulated"] for r in result.rows])
             # over all tokens of all windows at once; a constant simulation carries no information: 0, not NaN
-            result.extra["ev_correlation"] = 0.0 if np.ptp(guess) == 0 and np.ptp(truth) > 0 else pearson(guess, truth)
-            result.extra["logprob_fraction"] = float(np.mean([r["values_from"] == "logprobs" for r in result.rows]))
+            result.extra["ev_correlation"] = (
+                0.0 if np.ptp(guess) == 0 and np.ptp(truth) > 0 else pearson(guess, truth)
+            )
+            result.extra["logprob_fraction"] = float(
+                np.mean([r["values_from"] == "logprobs" for r in result.rows])
+            )
             if self.settings.calibrate and job.calibration:
-                fitted = [(e, v) for e, v, _, _ in await self._simulate(job.calibration, job.explanation) if v is not None]
+                fitted = [
+                    (e, v)
+                    for e, v, _, _ in await self._simulate(job.calibration, job.explanation)
+                    if v is not None
+                ]
                 if fitted:
                     x = np.concatenate([v for _, v in fitted])
                     y = np.concatenate([true_scale(e, top) for e, _ in fitted])
-                    slope, intercept = np.polyfit(x, y, 1) if np.ptp(x) > 0 else (0.0, float(y.mean()))
+                    slope, intercept = (
+                        np.polyfit(x, y, 1) if np.ptp(x) > 0 else (0.0, float(y.mean()))
+                    )
                     calibrated = slope * guess + intercept
                     result.extra["rsquared"] = rsquared(calibrated, truth)
         return result

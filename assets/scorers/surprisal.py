@@ -1,5 +1,6 @@
 """Surprisal (delphi): how much the explanation, as a prefix, lowers the subject model's loss on a
 window; activating windows should gain more than the others (ROC AUC)."""
+
 import asyncio
 import threading
 
@@ -13,7 +14,9 @@ from assets.scorers.base import Job, JobResult, Scorer, ScorerSettings, example_
 
 
 class SurprisalSettings(ScorerSettings):
-    batch_size: int = Field(default=16, ge=1, description="Windows per forward pass of the subject model.")
+    batch_size: int = Field(
+        default=16, ge=1, description="Windows per forward pass of the subject model."
+    )
 
 
 class Surprisal(Scorer):
@@ -47,8 +50,14 @@ class Surprisal(Scorer):
                 ids[row, : len(sequence)] = torch.tensor(sequence)
                 mask[row, : len(sequence)] = 1
             with torch.inference_mode():
-                logits = lm(input_ids=ids.to(lm.device), attention_mask=mask.to(lm.device)).logits.float().cpu()
-            nll = torch.nn.functional.cross_entropy(logits[:, :-1].transpose(1, 2), ids[:, 1:], reduction="none")
+                logits = (
+                    lm(input_ids=ids.to(lm.device), attention_mask=mask.to(lm.device))
+                    .logits.float()
+                    .cpu()
+                )
+            nll = torch.nn.functional.cross_entropy(
+                logits[:, :-1].transpose(1, 2), ids[:, 1:], reduction="none"
+            )
             scored = mask[:, 1:].bool()
             scored[:, : len(prefix_ids) - 1] = False  # only the window's own tokens count
             out += [float(nll[r][scored[r]].mean()) for r in range(len(batch))]
@@ -60,8 +69,17 @@ class Surprisal(Scorer):
                 missing = [e for e in job.examples if tuple(e.token_ids) not in self._baseline]
                 if missing:
                     without = SURPRISAL_DESCRIPTION.format(explanation=SURPRISAL_NO_DESCRIPTION)
-                    self._baseline.update(zip((tuple(e.token_ids) for e in missing), self._losses(without, missing)))
-                return self._losses(SURPRISAL_DESCRIPTION.format(explanation=job.explanation), job.examples)
+                    self._baseline.update(
+                        zip((tuple(e.token_ids) for e in missing), self._losses(without, missing), strict=False)
+                    )
+                return self._losses(
+                    SURPRISAL_DESCRIPTION.format(explanation=job.explanation), job.examples
+                )
 
         informed = await asyncio.to_thread(compute)
-        return JobResult([example_row(e, score=self._baseline[tuple(e.token_ids)] - float(i)) for e, i in zip(job.examples, informed)])
+        return JobResult(
+            [
+                example_row(e, score=self._baseline[tuple(e.token_ids)] - float(i))
+                for e, i in zip(job.examples, informed, strict=False)
+            ]
+        )

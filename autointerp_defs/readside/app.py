@@ -3,6 +3,7 @@
 Kept apart from the server so that tests and benches can call it directly, and so that every
 answer is built from the coder's cached index (`index.py`), never from a whole-table read.
 """
+
 from __future__ import annotations
 
 import math
@@ -46,7 +47,9 @@ def integer(params: dict[str, str], name: str, default: int) -> int:
     try:
         return int(raw)
     except ValueError:
-        raise ViewerError(400, f"{name}={raw!r} is not a whole number. Fix: give one, e.g. {name}={default}.") from None
+        raise ViewerError(
+            400, f"{name}={raw!r} is not a whole number. Fix: give one, e.g. {name}={default}."
+        ) from None
 
 
 def clean(value):
@@ -74,7 +77,9 @@ class Viewer:
     a latent page reads its rows from the tables until its shard's caches are built and shows the logit lens as
     pending until the unembedding is cached."""
 
-    def __init__(self, store: TableStore, embedder=None, dagster_url: str = DEFAULT_DAGSTER_URL, subject=None):
+    def __init__(
+        self, store: TableStore, embedder=None, dagster_url: str = DEFAULT_DAGSTER_URL, subject=None
+    ):
         from resources.subject_model import SubjectModelResource
 
         self.store = store
@@ -103,7 +108,11 @@ class Viewer:
     def embedder_loading(self) -> bool:
         """Whether the warm-up is still to load, or loading, the embedder (after a failure: False, so that search says why)."""
         thread = self._embedder_loading
-        return thread is not None and not self._embedder_ready.is_set() and (thread.ident is None or thread.is_alive())
+        return (
+            thread is not None
+            and not self._embedder_ready.is_set()
+            and (thread.ident is None or thread.is_alive())
+        )
 
     @contextmanager
     def answering(self):
@@ -122,7 +131,9 @@ class Viewer:
         step of background work: on a first start, importing the embedder or copying a shard beside a request
         took the interpreter and the cores from it, and its answer took twice as long."""
         deadline = time.monotonic() + MAX_PAUSE_S
-        while time.monotonic() < deadline and (self._in_flight or time.monotonic() - self._last_answer < QUIET_S):
+        while time.monotonic() < deadline and (
+            self._in_flight or time.monotonic() - self._last_answer < QUIET_S
+        ):
             time.sleep(0.05)
 
     def start_warm_up(self) -> None:
@@ -139,7 +150,10 @@ class Viewer:
                 self.embed(["warm up"])
             self._embedder_ready.set()
         except Exception as error:  # search says what is wrong when it is used
-            print(f"viewer: could not load the embedder ({error}); search will say why", file=sys.stderr)
+            print(
+                f"viewer: could not load the embedder ({error}); search will say why",
+                file=sys.stderr,
+            )
 
     def _warm_indexes(self) -> None:
         coders = reader.list_coders(self.store)
@@ -155,19 +169,34 @@ class Viewer:
             try:
                 self.index(coder).warm_up()
             except Exception as error:  # the page that needs it says what is wrong
-                print(f"viewer: could not prepare {coder} ({type(error).__name__}: {error}); its pages will say why", file=sys.stderr)
+                print(
+                    f"viewer: could not prepare {coder} ({type(error).__name__}: {error}); its pages will say why",
+                    file=sys.stderr,
+                )
 
     def index(self, coder: str) -> CoderIndex:
         """The coder's index, made anew when its activation cache's `meta.json` changed (the coder cached again, maybe
         with another width or shard size): an index holds the width and shards it was made with."""
         if not coder:
-            raise ViewerError(400, "No coder given. Fix: add ?coder=<name>/<hookpoint> (see the coders page).")
+            raise ViewerError(
+                400, "No coder given. Fix: add ?coder=<name>/<hookpoint> (see the coders page)."
+            )
         with self._lock:
-            stamp, held = reader.stamp([self.store.layout.cache_meta_path(coder)]), self._indexes.get(coder)
+            stamp, held = (
+                reader.stamp([self.store.layout.cache_meta_path(coder)]),
+                self._indexes.get(coder),
+            )
             if held is not None and held[0] == stamp:
                 return held[1]
             try:
-                index = CoderIndex(self.store, coder, self.subject_model, self.embedder.model, background=self.background, pause=self.pause_for_requests)
+                index = CoderIndex(
+                    self.store,
+                    coder,
+                    self.subject_model,
+                    self.embedder.model,
+                    background=self.background,
+                    pause=self.pause_for_requests,
+                )
             except reader.NotMaterialized as error:
                 raise ViewerError(404, str(error)) from None
             self._indexes[coder] = (stamp, index)
@@ -181,18 +210,33 @@ class Viewer:
             index = self.index(coder)
             table = index.latents()
             meta = index.meta
-            row = {"coder": coder, "url": coder_url(coder, base=""), "width": int(meta["width"]), "dead_fraction": meta.get("dead_fraction"),
-                   "mean_l0": meta.get("mean_l0"), "fvu": meta.get("fvu"), "explained": int((table["status"] == "ok").sum()),
-                   "failed": int((table["status"] == "failed").sum()), "scorers": {}}
+            row = {
+                "coder": coder,
+                "url": coder_url(coder, base=""),
+                "width": int(meta["width"]),
+                "dead_fraction": meta.get("dead_fraction"),
+                "mean_l0": meta.get("mean_l0"),
+                "fvu": meta.get("fvu"),
+                "explained": int((table["status"] == "ok").sum()),
+                "failed": int((table["status"] == "failed").sum()),
+                "scorers": {},
+            }
             for name in index.scorers:
                 scored = table[table[name].notna()]
                 mean, control, paired = paired_means(scored[name], scored[f"{name}_control"])
-                row["scorers"][name] = {"mean": mean if len(scored) else None, "control": control if paired else None,
-                                        "verdict": reader.verdict(table[f"{name}_gap"], name), "n": len(scored), "with_control": paired}
+                row["scorers"][name] = {
+                    "mean": mean if len(scored) else None,
+                    "control": control if paired else None,
+                    "verdict": reader.verdict(table[f"{name}_gap"], name),
+                    "n": len(scored),
+                    "with_control": paired,
+                }
                 if name not in scorers:
                     scorers.append(name)
             rows.append(row)
-        return clean({"coders": rows, "scorers": [{"name": s, **reader.scorer_info(s)} for s in scorers]})
+        return clean(
+            {"coders": rows, "scorers": [{"name": s, **reader.scorer_info(s)} for s in scorers]}
+        )
 
     # ---- the latent list ----------------------------------------------------------------------
 
@@ -202,23 +246,32 @@ class Viewer:
         (`min_senses=2` lists them)."""
         index = self.index(coder)
         table = index.latents()
-        numeric = [c for c in table.columns if c not in ("latent", "shard", "status", "explanation")] + ["latent"]
+        numeric = [
+            c for c in table.columns if c not in ("latent", "shard", "status", "explanation")
+        ] + ["latent"]
         mask = np.ones(len(table), bool)
         status = params.get("status", "")
         if status:
             if status not in STATUSES:
-                raise ViewerError(400, f"Unknown status {status!r}. Fix: use one of {', '.join(STATUSES)}, or leave it out.")
+                raise ViewerError(
+                    400,
+                    f"Unknown status {status!r}. Fix: use one of {', '.join(STATUSES)}, or leave it out.",
+                )
             mask &= (table["status"] == status).to_numpy()
         for key, raw in params.items():
             if not raw or not key.startswith(("min_", "max_")):
                 continue
             column = key[4:]
             if column not in numeric:
-                raise ViewerError(400, f"Cannot filter on {column!r}. Fix: use one of {', '.join(numeric)}.")
+                raise ViewerError(
+                    400, f"Cannot filter on {column!r}. Fix: use one of {', '.join(numeric)}."
+                )
             try:
                 bound = float(raw)
             except ValueError:
-                raise ViewerError(400, f"{key}={raw!r} is not a number. Fix: give a number, e.g. {key}=0.5.") from None
+                raise ViewerError(
+                    400, f"{key}={raw!r} is not a number. Fix: give a number, e.g. {key}=0.5."
+                ) from None
             values = table[column].to_numpy()
             mask &= (values >= bound) if key.startswith("min_") else (values <= bound)
         query, hits, note = params.get("q", "").strip(), None, None
@@ -227,26 +280,52 @@ class Viewer:
             hits, note = found["hits"], found.get("note")
             mask &= table["latent"].isin([h["latent"] for h in hits]).to_numpy()
         sort = params.get("sort") or ("distance" if hits is not None else "status")
-        descending = params.get("order", "desc" if sort not in ("latent", "distance", "status") else "asc") == "desc"
+        descending = (
+            params.get("order", "desc" if sort not in ("latent", "distance", "status") else "asc")
+            == "desc"
+        )
         by_distance = sort == "distance" and hits is not None
         if by_distance:  # hits come nearest first (word matches: most words first)
             latents = table["latent"][mask]
             rank = latents.map({h["latent"]: i for i, h in enumerate(hits)}).to_numpy()
             order = latents.index[np.argsort(-rank if descending else rank, kind="stable")]
-        elif sort in table.columns:  # the sort column alone is sorted; the rows are taken for the page only
-            order = table[sort][mask].sort_values(ascending=not descending, na_position="last", kind="stable").index
+        elif (
+            sort in table.columns
+        ):  # the sort column alone is sorted; the rows are taken for the page only
+            order = (
+                table[sort][mask]
+                .sort_values(ascending=not descending, na_position="last", kind="stable")
+                .index
+            )
         else:
-            raise ViewerError(400, f"Cannot sort by {sort!r}. Fix: use one of {', '.join(table.columns)}.")
+            raise ViewerError(
+                400, f"Cannot sort by {sort!r}. Fix: use one of {', '.join(table.columns)}."
+            )
         per_page = min(max(integer(params, "per_page", 50), 1), MAX_PER_PAGE)
         pages = max(1, math.ceil(len(order) / per_page))
         page = min(max(integer(params, "page", 1), 1), pages)
         shown = table.loc[order[(page - 1) * per_page : page * per_page]]
         if by_distance:
-            shown = shown.assign(distance=shown["latent"].map({h["latent"]: h["distance"] for h in hits}))
-        return clean({"coder": coder, "total": int(len(order)), "page": page, "pages": pages, "per_page": per_page, "sort": sort,
-                      "order": "desc" if descending else "asc", "scorers": [{"name": s, **reader.scorer_info(s)} for s in index.scorers],
-                      "columns": list(shown.columns), "rows": shown.to_dict("records"), "width": int(index.meta["width"]), "search_note": note,
-                      "several_senses": int((table["senses"] > 1).sum())})
+            shown = shown.assign(
+                distance=shown["latent"].map({h["latent"]: h["distance"] for h in hits})
+            )
+        return clean(
+            {
+                "coder": coder,
+                "total": int(len(order)),
+                "page": page,
+                "pages": pages,
+                "per_page": per_page,
+                "sort": sort,
+                "order": "desc" if descending else "asc",
+                "scorers": [{"name": s, **reader.scorer_info(s)} for s in index.scorers],
+                "columns": list(shown.columns),
+                "rows": shown.to_dict("records"),
+                "width": int(index.meta["width"]),
+                "search_note": note,
+                "several_senses": int((table["senses"] > 1).sum()),
+            }
+        )
 
     def search(self, coder: str, query: str, limit: int = 20) -> dict:
         """Explanations of this coder nearest in meaning to `query` (the LanceDB explanations table)."""
@@ -264,8 +343,15 @@ class Viewer:
         hits = []
         for latent, distance in found:
             known = latent < len(table)
-            hits.append({"latent": latent, "distance": distance, "explanation": table["explanation"].iat[latent] if known else "",
-                         "url": latent_url(coder, latent, base=""), "mean_gap": table["mean_gap"].iat[latent] if known else None})
+            hits.append(
+                {
+                    "latent": latent,
+                    "distance": distance,
+                    "explanation": table["explanation"].iat[latent] if known else "",
+                    "url": latent_url(coder, latent, base=""),
+                    "mean_gap": table["mean_gap"].iat[latent] if known else None,
+                }
+            )
         return clean({"coder": coder, "query": query, "hits": hits, "note": note})
 
     # ---- one latent ---------------------------------------------------------------------------
@@ -282,19 +368,39 @@ class Viewer:
         stats = index.rows(latent, "profiles")
         windows = index.windows(latent)
         page = {
-            "coder": coder, "latent": latent, "shard": shard, "width": width, "summary": base,
-            "explanation": self._explanation(explained[-1], self._senses(index, latent)) if explained else None,
-            "scorers": [self._scorer(index, table, name, latent, explained) for name in index.scorers],
+            "coder": coder,
+            "latent": latent,
+            "shard": shard,
+            "width": width,
+            "summary": base,
+            "explanation": self._explanation(explained[-1], self._senses(index, latent))
+            if explained
+            else None,
+            "scorers": [
+                self._scorer(index, table, name, latent, explained) for name in index.scorers
+            ],
             "windows": self._windows(windows, vocab, stats[0] if stats else None),
             "density": index.density(latent),
             "frequency": base["frequency"],
-            "top_tokens": [{"token": vocab[t], "mean_activation": a} for t, a in zip(stats[0]["top_tokens"], stats[0]["top_token_mean_activation"])] if stats else [],
+            "top_tokens": [
+                {"token": vocab[t], "mean_activation": a}
+                for t, a in zip(stats[0]["top_tokens"], stats[0]["top_token_mean_activation"], strict=False)
+            ]
+            if stats
+            else [],
             "simulation": self._simulation(index, latent, windows, vocab),
-            "links": {"coder": coder_url(coder, base=""), "previous": latent_url(coder, latent - 1, base="") if latent > 0 else None,
-                      "next": latent_url(coder, latent + 1, base="") if latent + 1 < width else None,
-                      "dagster_explanations": dagster_asset_url("explanations", f"{coder}|{shard}", self.dagster_url),
-                      "dagster_exemplars": dagster_asset_url("exemplars", f"{coder}|{shard}", self.dagster_url),
-                      "dagster_summary": dagster_asset_url("score_summary", None, self.dagster_url)},  # one asset over all coders
+            "links": {
+                "coder": coder_url(coder, base=""),
+                "previous": latent_url(coder, latent - 1, base="") if latent > 0 else None,
+                "next": latent_url(coder, latent + 1, base="") if latent + 1 < width else None,
+                "dagster_explanations": dagster_asset_url(
+                    "explanations", f"{coder}|{shard}", self.dagster_url
+                ),
+                "dagster_exemplars": dagster_asset_url(
+                    "exemplars", f"{coder}|{shard}", self.dagster_url
+                ),
+                "dagster_summary": dagster_asset_url("score_summary", None, self.dagster_url),
+            },  # one asset over all coders
         }
         page["logit_lens"] = self._logit_lens(index, latent)
         page["steering"] = self.steering.availability(index)
@@ -315,7 +421,13 @@ class Viewer:
 
     def _logit_lens(self, index: CoderIndex, latent: int) -> dict:
         lens = index.logit_lens(latent, wait=not self.background)
-        return lens if lens is not None else {"note": "no decoder: this coder has no decoder directions (neurons or an encoder-only coder)"}
+        return (
+            lens
+            if lens is not None
+            else {
+                "note": "no decoder: this coder has no decoder directions (neurons or an encoder-only coder)"
+            }
+        )
 
     def steer(self, coder: str, params: dict[str, str]) -> dict:
         """The steering box: the prompt's continuations without and with the latent steered (`SteeringBox`)."""
@@ -323,15 +435,20 @@ class Viewer:
         latent = self._latent_number(index, params.get("latent", ""))
         prompt = params.get("prompt", "")
         if not prompt.strip():
-            raise ViewerError(400, "Empty prompt. Fix: give a prompt, e.g. \"prompt\": \"The\".")
+            raise ViewerError(400, 'Empty prompt. Fix: give a prompt, e.g. "prompt": "The".')
         raw = params.get("strength", "") or "2"
         try:
             strength = float(raw)
         except ValueError:
-            raise ViewerError(400, f"strength={raw!r} is not a number. Fix: give one, e.g. strength=2 (times the latent's max cached activation).") from None
+            raise ViewerError(
+                400,
+                f"strength={raw!r} is not a number. Fix: give one, e.g. strength=2 (times the latent's max cached activation).",
+            ) from None
         tokens = integer(params, "tokens", 24)
         if not 1 <= tokens <= MAX_STEER_TOKENS:
-            raise ViewerError(400, f"tokens={tokens} is out of range. Fix: give 1..{MAX_STEER_TOKENS}.")
+            raise ViewerError(
+                400, f"tokens={tokens} is out of range. Fix: give 1..{MAX_STEER_TOKENS}."
+            )
         return clean(self.steering.steer(index, latent, prompt, strength, tokens))
 
     @staticmethod
@@ -340,9 +457,14 @@ class Viewer:
         try:
             latent = int(latent_raw)
         except (TypeError, ValueError):
-            raise ViewerError(400, f"Latent {latent_raw!r} is not a number. Fix: ?latent=<0..{width - 1}>.") from None
+            raise ViewerError(
+                400, f"Latent {latent_raw!r} is not a number. Fix: ?latent=<0..{width - 1}>."
+            ) from None
         if not 0 <= latent < width:
-            raise ViewerError(404, f"Latent {latent} is outside {index.coder}, which has latents 0..{width - 1}. Fix: pick one in that range.")
+            raise ViewerError(
+                404,
+                f"Latent {latent} is outside {index.coder}, which has latents 0..{width - 1}. Fix: pick one in that range.",
+            )
         return latent
 
     @staticmethod
@@ -357,21 +479,50 @@ class Viewer:
             for row in index.rows(latent, f"senses.{name}") if main else []:
                 for sense in senses:
                     if (sense["sense"], sense["explanation"]) == (row["sense"], row["explanation"]):
-                        sense["scores"][name] = {"metric": main, "score": row.get(main), "control": row.get(f"control_{main}")}
+                        sense["scores"][name] = {
+                            "metric": main,
+                            "score": row.get(main),
+                            "control": row.get(f"control_{main}"),
+                        }
         return senses
 
     @staticmethod
     def _explanation(row: dict, senses: list[dict] = ()) -> dict:
         candidates = list(row.get("candidates") or [])
         scores = list(row.get("candidate_scores") or [])
-        current = len(senses) > 1 and len(of_current(pd.DataFrame(senses), pd.DataFrame([row]))) == len(senses)  # else of an earlier explanation
-        return {"senses": [{"text": s["explanation"], "windows": s["windows"], "test_windows": len(s.get("test_windows") or []), "scores": s["scores"]}
-                           for s in senses] if current else [],
-                "text": row.get("explanation", ""), "status": row.get("status"), "error": row.get("error", ""), "explainer": row.get("explainer"),
-                "model": row.get("model"), "candidates": [{"text": c, "score": scores[i] if i < len(scores) else None, "chosen": c == row.get("explanation")}
-                                                          for i, c in enumerate(candidates)]}
+        current = len(senses) > 1 and len(
+            of_current(pd.DataFrame(senses), pd.DataFrame([row]))
+        ) == len(senses)  # else of an earlier explanation
+        return {
+            "senses": [
+                {
+                    "text": s["explanation"],
+                    "windows": s["windows"],
+                    "test_windows": len(s.get("test_windows") or []),
+                    "scores": s["scores"],
+                }
+                for s in senses
+            ]
+            if current
+            else [],
+            "text": row.get("explanation", ""),
+            "status": row.get("status"),
+            "error": row.get("error", ""),
+            "explainer": row.get("explainer"),
+            "model": row.get("model"),
+            "candidates": [
+                {
+                    "text": c,
+                    "score": scores[i] if i < len(scores) else None,
+                    "chosen": c == row.get("explanation"),
+                }
+                for i, c in enumerate(candidates)
+            ],
+        }
 
-    def _scorer(self, index: CoderIndex, table: pd.DataFrame, name: str, latent: int, explained: list[dict]) -> dict:
+    def _scorer(
+        self, index: CoderIndex, table: pd.DataFrame, name: str, latent: int, explained: list[dict]
+    ) -> dict:
         """The scorer's row for this latent; `stale` (a note) when it scored another text than the latent's explanation;
         `permalink` opens this page with this scorer's score and control shown first."""
         info = reader.scorer_info(name)
@@ -379,24 +530,62 @@ class Viewer:
         verdict = reader.verdict(table[f"{name}_gap"], name)
         permalink = latent_url(index.coder, latent, base="", scorer=name)
         if not rows:
-            return {"name": name, **info, "scored": False, "verdict": verdict, "permalink": permalink}
+            return {
+                "name": name,
+                **info,
+                "scored": False,
+                "verdict": verdict,
+                "permalink": permalink,
+            }
         row = rows[-1]
         main = info["main_metric"]
         stale = bool(reader.stale(pd.DataFrame([row]), pd.DataFrame(explained)).iat[0])
-        metrics = {m: {"explanation": row.get(m), "control": row.get(f"control_{m}")} for m in ("accuracy", "balanced_accuracy", "f1", "roc_auc", "pearson", "ev_correlation", "steering_kl", "n_scored")
-                   if m in row and (row.get(m) is not None or row.get(f"control_{m}") is not None)}
-        return {"name": name, **info, "scored": True, "stale": STALE if stale else None, "verdict": verdict, "score": row.get(main) if main else None,
-                "control_score": row.get(f"control_{main}") if main else None, "gap": row.get("gap"),
-                "explanation": row.get("explanation"), "control_explanation": row.get("control_explanation"), "control_note": row.get("control_note"),
-                "n_failed": row.get("n_failed"), "metrics": metrics, "permalink": permalink}
+        metrics = {
+            m: {"explanation": row.get(m), "control": row.get(f"control_{m}")}
+            for m in (
+                "accuracy",
+                "balanced_accuracy",
+                "f1",
+                "roc_auc",
+                "pearson",
+                "ev_correlation",
+                "steering_kl",
+                "n_scored",
+            )
+            if m in row and (row.get(m) is not None or row.get(f"control_{m}") is not None)
+        }
+        return {
+            "name": name,
+            **info,
+            "scored": True,
+            "stale": STALE if stale else None,
+            "verdict": verdict,
+            "score": row.get(main) if main else None,
+            "control_score": row.get(f"control_{main}") if main else None,
+            "gap": row.get("gap"),
+            "explanation": row.get("explanation"),
+            "control_explanation": row.get("control_explanation"),
+            "control_note": row.get("control_note"),
+            "n_failed": row.get("n_failed"),
+            "metrics": metrics,
+            "permalink": permalink,
+        }
 
     @staticmethod
     def _windows(rows: list[dict], vocab: list[str], stats: dict | None) -> dict:
         """Activating windows grouped as the pipeline drew them (the explainer's top windows, then the
         held-out ones by activation quantile), non-activating windows grouped by where they came from."""
+
         def shown(row):
-            return {"tokens": [vocab[t] for t in row["tokens"]], "activations": [round(float(a), 4) for a in row["activations"]],
-                    "max_activation": row["max_activation"], "sequence": row["sequence"], "start": row["start"], "split": row["split"], "quantile": row["quantile"]}
+            return {
+                "tokens": [vocab[t] for t in row["tokens"]],
+                "activations": [round(float(a), 4) for a in row["activations"]],
+                "max_activation": row["max_activation"],
+                "sequence": row["sequence"],
+                "start": row["start"],
+                "split": row["split"],
+                "quantile": row["quantile"],
+            }
 
         activating, silent = {}, {}
         for row in rows:
@@ -410,27 +599,51 @@ class Viewer:
                 activating.setdefault(group, []).append(shown(row))
             else:
                 silent.setdefault(row["kind"], []).append(shown(row))
-        order = lambda name: (0, 0) if name.startswith("top") else (1, int(name.split()[1])) if name.startswith("quantile") else (2, name)
-        return {"activating": [{"group": g, "windows": sorted(activating[g], key=lambda w: -w["max_activation"])} for g in sorted(activating, key=order)],
-                "non_activating": [{"source": s, "windows": silent[s]} for s in sorted(silent)],
-                "quantile_boundaries": stats["quantile_boundaries"] if stats else []}
+        order = lambda name: (
+            (0, 0)
+            if name.startswith("top")
+            else (1, int(name.split()[1]))
+            if name.startswith("quantile")
+            else (2, name)
+        )
+        return {
+            "activating": [
+                {"group": g, "windows": sorted(activating[g], key=lambda w: -w["max_activation"])}
+                for g in sorted(activating, key=order)
+            ],
+            "non_activating": [{"source": s, "windows": silent[s]} for s in sorted(silent)],
+            "quantile_boundaries": stats["quantile_boundaries"] if stats else [],
+        }
 
-    def _simulation(self, index: CoderIndex, latent: int, windows: list[dict], vocab: list[str]) -> dict | None:
+    def _simulation(
+        self, index: CoderIndex, latent: int, windows: list[dict], vocab: list[str]
+    ) -> dict | None:
         """The simulator's predicted activation per token beside the true one (both on its 0-10 scale),
         per held-out window, when a simulation score exists for this latent."""
         if "simulation" not in index.scorers:
             return None
-        rows = [r for r in index.rows(latent, "examples.simulation") if r.get("source") == "explanation"]
+        rows = [
+            r for r in index.rows(latent, "examples.simulation") if r.get("source") == "explanation"
+        ]
         if not rows:
             return None
-        test = [w for w in windows if w["split"] == "test"]  # `example` indexes the latent's test windows in table order
+        test = [
+            w for w in windows if w["split"] == "test"
+        ]  # `example` indexes the latent's test windows in table order
         shown = []
         for row in sorted(rows, key=lambda r: -(r.get("activation") or 0)):
             if row.get("simulated") is None or row["example"] >= len(test):
                 continue
             window = test[row["example"]]
-            shown.append({"tokens": [vocab[t] for t in window["tokens"]], "true": [round(float(x), 2) for x in row["true_activations"]],
-                          "simulated": [round(float(x), 2) for x in row["simulated"]], "label": row["label"], "values_from": row.get("values_from")})
+            shown.append(
+                {
+                    "tokens": [vocab[t] for t in window["tokens"]],
+                    "true": [round(float(x), 2) for x in row["true_activations"]],
+                    "simulated": [round(float(x), 2) for x in row["simulated"]],
+                    "label": row["label"],
+                    "values_from": row.get("values_from"),
+                }
+            )
         return {"windows": shown} if shown else None
 
 
@@ -441,7 +654,9 @@ def word_matches(explanations: pd.Series, query: str, limit: int) -> list[tuple[
     if not words:
         return []
     lowered = explanations.str.lower()
-    matched = sum(lowered.str.contains(rf"\b{re.escape(w)}\b", regex=True).astype(int) for w in words)
+    matched = sum(
+        lowered.str.contains(rf"\b{re.escape(w)}\b", regex=True).astype(int) for w in words
+    )
     order = np.lexsort((np.arange(len(matched)), -matched.to_numpy()))
     return [(int(explanations.index[i]), None) for i in order[:limit] if matched.iat[i] > 0]
 
@@ -478,13 +693,20 @@ class SteeringBox:
         from resources.subject_model import unavailable_reason
 
         if index.decoder() is None:
-            return {"available": False, "message": "This coder has no decoder directions, so its latents cannot be steered."}
-        reason = self._error or unavailable_reason(self.subject.model, self.subject.gguf_file, self.subject.revision)
+            return {
+                "available": False,
+                "message": "This coder has no decoder directions, so its latents cannot be steered.",
+            }
+        reason = self._error or unavailable_reason(
+            self.subject.model, self.subject.gguf_file, self.subject.revision
+        )
         if reason:
             return {"available": False, "message": f"Steering is off: {reason}"}
         return {"available": True, "state": self._state, "model": self.subject.model}
 
-    def steer(self, index: CoderIndex, latent: int, prompt: str, strength: float, tokens: int) -> dict:
+    def steer(
+        self, index: CoderIndex, latent: int, prompt: str, strength: float, tokens: int
+    ) -> dict:
         from resources.sparse_coders import load_registered
         from resources.steering import SteeringError, continue_side_by_side, max_activation
 
@@ -496,21 +718,40 @@ class SteeringBox:
                 self._state = "loading"
                 threading.Thread(target=self._load, daemon=True).start()
             if self._state == "loading":
-                return {"state": "loading", "message": f"Loading the subject model {self.subject.model} (once per server start)…"}
+                return {
+                    "state": "loading",
+                    "message": f"Loading the subject model {self.subject.model} (once per server start)…",
+                }
         if not self._running.acquire(blocking=False):
-            raise ViewerError(429, f"The subject model {self.subject.model} is steering another request (one at a time). Fix: try again in a few seconds.",
-                              {"Retry-After": str(STEER_RETRY_S)})
+            raise ViewerError(
+                429,
+                f"The subject model {self.subject.model} is steering another request (one at a time). Fix: try again in a few seconds.",
+                {"Retry-After": str(STEER_RETRY_S)},
+            )
         try:
             if index.coder not in self._coders:
-                self._coders[index.coder] = load_registered(self.store.layout.registry_dir, index.coder)
+                self._coders[index.coder] = load_registered(
+                    self.store.layout.registry_dir, index.coder
+                )
             unit = max_activation(self.store.layout.activations_dir(index.coder), latent)
-            result = continue_side_by_side(self._steerer, self._coders[index.coder], latent, prompt, strength * unit, tokens)
+            result = continue_side_by_side(
+                self._steerer, self._coders[index.coder], latent, prompt, strength * unit, tokens
+            )
         except SteeringError as error:
             raise ViewerError(400, str(error)) from None
         finally:
             self._running.release()
-        return {"state": "done", "prompt": prompt, "strength": strength, "unit": unit, "delta": result.delta, "kl": result.kl,
-                "unsteered": result.unsteered, "steered": result.steered, "tokens": tokens}
+        return {
+            "state": "done",
+            "prompt": prompt,
+            "strength": strength,
+            "unit": unit,
+            "delta": result.delta,
+            "kl": result.kl,
+            "unsteered": result.unsteered,
+            "steered": result.steered,
+            "tokens": tokens,
+        }
 
     def _load(self) -> None:
         try:

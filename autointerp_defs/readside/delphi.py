@@ -25,6 +25,7 @@ modules' files stay, their hookpoints and firing counts are kept), so a re-expor
 of an earlier text beside a new one. An imported explanation becomes an `ok` row of our explanations
 table (explainer `delphi`), so every scorer here re-scores it beside a control.
 """
+
 from __future__ import annotations
 
 import json
@@ -55,7 +56,9 @@ def default_module(coder: str) -> str:
     return coder.split("/", 1)[1]
 
 
-def export_delphi(data_dir: str, coder: str, out_dir: str, module: str | None = None) -> dict[str, int]:
+def export_delphi(
+    data_dir: str, coder: str, out_dir: str, module: str | None = None
+) -> dict[str, int]:
     """Write the coder's latent cache, explanations and classifier scores as a delphi run; returns how many files of each kind."""
     store = TableStore.at(data_dir)
     module = module or default_module(coder)
@@ -70,24 +73,48 @@ def export_delphi(data_dir: str, coder: str, out_dir: str, module: str | None = 
     ok = explained[explained["status"] == "ok"] if len(explained) else explained
     written["explanations"] = 0
     for row in ok.itertuples():
-        (out / "explanations" / f"{module}_latent{int(row.latent)}.txt").write_text(json.dumps(row.explanation))
+        (out / "explanations" / f"{module}_latent{int(row.latent)}.txt").write_text(
+            json.dumps(row.explanation)
+        )
         written["explanations"] += 1
     written.update({theirs: 0 for theirs in DELPHI_SCORERS.values()})
     for shard in index.shards:
-        judged = {theirs: _judged_windows(store, coder, shard, ours) for ours, theirs in DELPHI_SCORERS.items()}
+        judged = {
+            theirs: _judged_windows(store, coder, shard, ours)
+            for ours, theirs in DELPHI_SCORERS.items()
+        }
         latents = sorted({int(latent) for rows in judged.values() for latent in rows["latent"]})
-        tests = {latent: [w for w in index.windows(latent) if w["split"] == "test"] for latent in latents}  # `example` indexes these, in table order
+        tests = {
+            latent: [w for w in index.windows(latent) if w["split"] == "test"] for latent in latents
+        }  # `example` indexes these, in table order
         distances = _neighbour_distances(store, coder, index, tests)
         for theirs, by_latent in judged.items():
             folder = out / "scores" / theirs
             for latent, rows in by_latent.groupby("latent"):
                 test = tests[int(latent)]
-                samples = [_sample(r, test[int(r.example)], vocab, distances.get((int(latent), int(r.example)), -1.0))
-                           for r in rows.sort_values("example").itertuples() if int(r.example) < len(test)]
+                samples = [
+                    _sample(
+                        r,
+                        test[int(r.example)],
+                        vocab,
+                        distances.get((int(latent), int(r.example)), -1.0),
+                    )
+                    for r in rows.sort_values("example").itertuples()
+                    if int(r.example) < len(test)
+                ]
                 folder.mkdir(parents=True, exist_ok=True)
                 (folder / f"{module}_latent{int(latent)}.txt").write_text(json.dumps(samples))
                 written[theirs] += 1
-    _write_run_config(store, coder, out, module, index, cache_cfg, ok, [theirs for theirs in DELPHI_SCORERS.values() if written[theirs]])
+    _write_run_config(
+        store,
+        coder,
+        out,
+        module,
+        index,
+        cache_cfg,
+        ok,
+        [theirs for theirs in DELPHI_SCORERS.values() if written[theirs]],
+    )
     return written
 
 
@@ -108,7 +135,9 @@ def _judged_windows(store: TableStore, coder: str, shard: str, scorer: str) -> p
     scored = reader.rows_of(store.scores(coder, shard, scorer))
     if not len(examples) or not len(scored):
         return pd.DataFrame(columns=["latent", "example"])
-    fresh = scored["latent"][~reader.stale(scored, reader.rows_of(store.explanations(coder, shard)))]
+    fresh = scored["latent"][
+        ~reader.stale(scored, reader.rows_of(store.explanations(coder, shard)))
+    ]
     return examples[(examples["source"] == "explanation") & examples["latent"].isin(fresh)]
 
 
@@ -116,33 +145,60 @@ def _sample(row, window: dict, vocab: list[str], negative_distance: float) -> di
     activating = bool(row.label)
     prediction = None if pd.isna(row.predicted) else bool(row.predicted)
     probability = None if pd.isna(row.score) else float(row.score)
-    return {"str_tokens": [vocab[t] for t in window["tokens"]], "activations": [float(a) for a in window["activations"]],
-            "distance": int(row.quantile) - 1 if activating else negative_distance, "activating": activating, "prediction": prediction,
-            "probability": probability, "correct": None if prediction is None else prediction == activating}
+    return {
+        "str_tokens": [vocab[t] for t in window["tokens"]],
+        "activations": [float(a) for a in window["activations"]],
+        "distance": int(row.quantile) - 1 if activating else negative_distance,
+        "activating": activating,
+        "prediction": prediction,
+        "probability": probability,
+        "correct": None if prediction is None else prediction == activating,
+    }
 
 
-def _neighbour_distances(store: TableStore, coder: str, index: CoderIndex, tests: dict[int, list[dict]]) -> dict[tuple[int, int], float]:
+def _neighbour_distances(
+    store: TableStore, coder: str, index: CoderIndex, tests: dict[int, list[dict]]
+) -> dict[tuple[int, int], float]:
     """delphi's `distance` of each neighbour window, keyed (latent, test window): minus the decoder cosine
     similarity of the latent's neighbour with the largest activation in the window (the one that put it there)."""
-    wanted = {latent: [i for i, w in enumerate(test) if w["kind"] == "neighbour"] for latent, test in tests.items()}
+    wanted = {
+        latent: [i for i, w in enumerate(test) if w["kind"] == "neighbour"]
+        for latent, test in tests.items()
+    }
     wanted = {latent: found for latent, found in wanted.items() if found}
     if not wanted:
         return {}
-    profiles = reader.latent_profiles(store, coder, [index.shard_of(latent) for latent in wanted]).drop_duplicates("latent", keep="last").set_index("latent")
+    profiles = (
+        reader.latent_profiles(store, coder, [index.shard_of(latent) for latent in wanted])
+        .drop_duplicates("latent", keep="last")
+        .set_index("latent")
+    )
     directions = index.decoder()
-    fired = reader.latent_activations(store, coder, sorted({int(n) for latent in wanted for n in profiles.at[latent, "neighbours"]}))
+    fired = reader.latent_activations(
+        store,
+        coder,
+        sorted({int(n) for latent in wanted for n in profiles.at[latent, "neighbours"]}),
+    )
     distances = {}
     for latent, found in wanted.items():
         mine = np.isin(fired.locations[:, 2], np.asarray(profiles.at[latent, "neighbours"]))
         locations, values = fired.locations[mine], fired.activations[mine]
         for i in found:
             w = tests[latent][i]
-            inside = (locations[:, 0] == w["sequence"]) & (locations[:, 1] >= w["start"]) & (locations[:, 1] < w["start"] + len(w["tokens"]))
+            inside = (
+                (locations[:, 0] == w["sequence"])
+                & (locations[:, 1] >= w["start"])
+                & (locations[:, 1] < w["start"] + len(w["tokens"]))
+            )
             if not inside.any():
-                raise reader.ExportInputError(f"Latent {latent}'s neighbour window (sequence {w['sequence']}, start {w['start']}) holds no activation of its "
-                                              f"neighbours in the cache of {coder}. Fix: materialize `exemplars` of {coder}|{index.shard_of(latent)} again.")
+                raise reader.ExportInputError(
+                    f"Latent {latent}'s neighbour window (sequence {w['sequence']}, start {w['start']}) holds no activation of its "
+                    f"neighbours in the cache of {coder}. Fix: materialize `exemplars` of {coder}|{index.shard_of(latent)} again."
+                )
             strongest = int(locations[inside, 2][np.argmax(values[inside])])
-            distances[(latent, i)] = -float(np.asarray(directions[latent]) @ np.asarray(directions[strongest]))
+            distances[(latent, i)] = -float(
+                np.asarray(directions[latent]) @ np.asarray(directions[strongest])
+            )
     return distances
 
 
@@ -154,14 +210,26 @@ def _write_latent_cache(store: TableStore, coder: str, out: Path, module: str, m
     folder = out / "latents" / module
     folder.mkdir(parents=True, exist_ok=True)
     bounds = np.linspace(0, width, min(DELPHI_SPLITS, width) + 1).astype(np.int64)
-    for start, stop in zip(bounds[:-1], bounds[1:]):
+    for start, stop in zip(bounds[:-1], bounds[1:], strict=False):
         fired = reader.latent_activations(store, coder, np.arange(start, stop))
         locations = fired.locations.astype(np.int32)
         locations[:, 2] -= start
-        save_file({"locations": locations, "activations": fired.activations.astype(np.float32), "tokens": tokens}, str(folder / f"{start}_{stop - 1}.safetensors"))
+        save_file(
+            {
+                "locations": locations,
+                "activations": fired.activations.astype(np.float32),
+                "tokens": tokens,
+            },
+            str(folder / f"{start}_{stop - 1}.safetensors"),
+        )
     corpus = reader.corpus_meta(store)
-    cache_cfg = {"dataset_repo": corpus.get("source", ""), "cache_ctx_len": int(tokens.shape[1]), "n_tokens": int(tokens.size), "n_splits": len(bounds) - 1,
-                 "model_name": corpus.get("tokenizer", "")}
+    cache_cfg = {
+        "dataset_repo": corpus.get("source", ""),
+        "cache_ctx_len": int(tokens.shape[1]),
+        "n_tokens": int(tokens.size),
+        "n_splits": len(bounds) - 1,
+        "model_name": corpus.get("tokenizer", ""),
+    }
     (folder / "config.json").write_text(json.dumps(cache_cfg, indent=4))
     counts_path = out / "log" / "hookpoint_firing_counts.pt"
     counts_path.parent.mkdir(parents=True, exist_ok=True)
@@ -171,13 +239,28 @@ def _write_latent_cache(store: TableStore, coder: str, out: Path, module: str, m
     return cache_cfg
 
 
-def _write_run_config(store: TableStore, coder: str, out: Path, module: str, index: CoderIndex, cache_cfg: dict, explained: pd.DataFrame, scorers: list[str]) -> None:
+def _write_run_config(
+    store: TableStore,
+    coder: str,
+    out: Path,
+    module: str,
+    index: CoderIndex,
+    cache_cfg: dict,
+    explained: pd.DataFrame,
+    scorers: list[str],
+) -> None:
     """delphi's `run_config.json`, with the settings our data shows; an earlier export's hookpoints are kept."""
     path = out / "run_config.json"
     earlier = json.loads(path.read_text()).get("hookpoints", []) if path.exists() else []
     cache_cfg = dict(cache_cfg)
-    config = {"model": cache_cfg.pop("model_name"), "sparse_model": coder.split("/", 1)[0], "hookpoints": sorted({*earlier, module}),
-              "scorers": scorers, "cache_cfg": cache_cfg, **_exemplar_settings(store, coder, index)}
+    config = {
+        "model": cache_cfg.pop("model_name"),
+        "sparse_model": coder.split("/", 1)[0],
+        "hookpoints": sorted({*earlier, module}),
+        "scorers": scorers,
+        "cache_cfg": cache_cfg,
+        **_exemplar_settings(store, coder, index),
+    }
     if len(explained):
         config["explainer_model"] = model_name(Counter(explained["model"]).most_common(1)[0][0])
     path.write_text(json.dumps(config, indent=4))
@@ -185,8 +268,14 @@ def _write_run_config(store: TableStore, coder: str, out: Path, module: str, ind
 
 def _exemplar_settings(store: TableStore, coder: str, index: CoderIndex) -> dict:
     """delphi's constructor and sampler settings as the exemplars tables show them (the largest count of any latent)."""
-    frames = [store.exemplars(coder, s).read_if_present(columns=["latent", "split", "kind", "quantile"]) for s in index.shards]
-    rows = pd.concat([f for f in frames if f is not None and len(f)] or [pd.DataFrame(columns=["latent", "split", "kind", "quantile"])])
+    frames = [
+        store.exemplars(coder, s).read_if_present(columns=["latent", "split", "kind", "quantile"])
+        for s in index.shards
+    ]
+    rows = pd.concat(
+        [f for f in frames if f is not None and len(f)]
+        or [pd.DataFrame(columns=["latent", "split", "kind", "quantile"])]
+    )
     if not len(rows):
         return {}
     activating = rows["kind"] == "activating"
@@ -195,9 +284,17 @@ def _exemplar_settings(store: TableStore, coder: str, index: CoderIndex) -> dict
         return int(rows[mask].groupby("latent").size().max()) if mask.any() else 0
 
     example_ctx_len = len(index.windows(int(rows["latent"].iloc[0]))[0]["tokens"])
-    return {"constructor_cfg": {"example_ctx_len": example_ctx_len, "n_non_activating": most((rows["split"] == "test") & ~activating)},
-            "sampler_cfg": {"n_examples_train": most((rows["split"] == "train") & activating), "n_examples_test": most((rows["split"] == "test") & activating),
-                            "n_quantiles": int(rows.loc[(rows["split"] == "test") & activating, "quantile"].max())}}
+    return {
+        "constructor_cfg": {
+            "example_ctx_len": example_ctx_len,
+            "n_non_activating": most((rows["split"] == "test") & ~activating),
+        },
+        "sampler_cfg": {
+            "n_examples_train": most((rows["split"] == "train") & activating),
+            "n_examples_test": most((rows["split"] == "test") & activating),
+            "n_quantiles": int(rows.loc[(rows["split"] == "test") & activating, "quantile"].max()),
+        },
+    }
 
 
 def read_delphi_explanations(folder: Path, module: str | None = None) -> dict[int, str]:
@@ -211,20 +308,35 @@ def read_delphi_explanations(folder: Path, module: str | None = None) -> dict[in
             continue
         text = json.loads(path.read_text())
         if not isinstance(text, str):
-            raise reader.ExportInputError(f"{path} holds {type(text).__name__}, not a JSON string as delphi writes explanations. Fix: point at delphi's explanations folder.")
+            raise reader.ExportInputError(
+                f"{path} holds {type(text).__name__}, not a JSON string as delphi writes explanations. Fix: point at delphi's explanations folder."
+            )
         found.setdefault(match["module"], {})[int(match["latent"])] = text
     if not found:
-        raise reader.ExportInputError(f"No delphi explanation (<module>_latent<N>.txt) under {base}. Fix: pass delphi's run folder (the one holding explanations/).")
+        raise reader.ExportInputError(
+            f"No delphi explanation (<module>_latent<N>.txt) under {base}. Fix: pass delphi's run folder (the one holding explanations/)."
+        )
     if module is None:
         if len(found) > 1:
-            raise reader.ExportInputError(f"{base} holds explanations of several modules ({', '.join(sorted(found))}). Fix: pick one with --module.")
+            raise reader.ExportInputError(
+                f"{base} holds explanations of several modules ({', '.join(sorted(found))}). Fix: pick one with --module."
+            )
         module = next(iter(found))
     if module not in found:
-        raise reader.ExportInputError(f"No explanation of module {module!r} under {base}; it has {', '.join(sorted(found))}. Fix: --module with one of those.")
+        raise reader.ExportInputError(
+            f"No explanation of module {module!r} under {base}; it has {', '.join(sorted(found))}. Fix: --module with one of those."
+        )
     return found[module]
 
 
-def import_delphi(store: TableStore, coder: str, folder: str, module: str | None = None, model: str = "delphi", embedder=None) -> dict[str, list[int]]:
+def import_delphi(
+    store: TableStore,
+    coder: str,
+    folder: str,
+    module: str | None = None,
+    model: str = "delphi",
+    embedder=None,
+) -> dict[str, list[int]]:
     """Put delphi's explanations into this coder's explanations tables (replacing those latents' rows),
     and into the search index (`embedder`: the deployment's embedder resource, which the scorers and search
     use too); returns per shard the latents imported. Scorers then score them with controls. `store` is
@@ -235,32 +347,64 @@ def import_delphi(store: TableStore, coder: str, folder: str, module: str | None
     texts = read_delphi_explanations(Path(folder), module)
     outside = [latent for latent in texts if not 0 <= latent < width]
     if outside:
-        raise reader.ExportInputError(f"delphi explanations of latents {outside[:5]} do not exist in {coder} (width {width}). Fix: import into the coder they were written for.")
+        raise reader.ExportInputError(
+            f"delphi explanations of latents {outside[:5]} do not exist in {coder} (width {width}). Fix: import into the coder they were written for."
+        )
     by_shard: dict[str, list[int]] = {}
     for latent in sorted(texts):
         by_shard.setdefault(reader.shard_of(meta, latent), []).append(latent)
     for shard, latents in by_shard.items():
         exemplars = store.exemplars(coder, shard)
         if not exemplars.exists():
-            raise reader.ExportInputError(f"No exemplars for {coder} shard {shard} at {exemplars.location}: imported explanations could not be scored. "
-                                    f"Fix: materialize `exemplars` for {coder}|{shard} first.")
+            raise reader.ExportInputError(
+                f"No exemplars for {coder} shard {shard} at {exemplars.location}: imported explanations could not be scored. "
+                f"Fix: materialize `exemplars` for {coder}|{shard} first."
+            )
         fingerprint = exemplars.fingerprint()
-        rows = pd.DataFrame({"latent": np.array(latents, np.int64), "explainer": "delphi", "explanation": [texts[l] for l in latents], "status": "ok",
-                             "error": "", "prompt_tokens": 0, "completion_tokens": 0, "model": model, "candidates": [[texts[l]] for l in latents],
-                             "candidate_scores": [[float("nan")] for _ in latents], "examples_dropped": 0, "exemplars_fingerprint": fingerprint})
+        rows = pd.DataFrame(
+            {
+                "latent": np.array(latents, np.int64),
+                "explainer": "delphi",
+                "explanation": [texts[l] for l in latents],
+                "status": "ok",
+                "error": "",
+                "prompt_tokens": 0,
+                "completion_tokens": 0,
+                "model": model,
+                "candidates": [[texts[l]] for l in latents],
+                "candidate_scores": [[float("nan")] for _ in latents],
+                "examples_dropped": 0,
+                "exemplars_fingerprint": fingerprint,
+            }
+        )
         explanations = store.explanations(coder, shard)
         lock = f"Writing the explanations of {coder} shard {shard} (the explanations asset or another import)"
         with store.writing(explanations, lock=lock, wait=False) as writer:
             held = reader.rows_of(explanations)
-            if len(held):  # rows of other latents stay, unless written from older exemplars (the scorers would refuse the table)
-                held = held[~held["latent"].isin(latents) & (held["exemplars_fingerprint"] == fingerprint)]
-            table = pd.concat([held, rows], ignore_index=True).sort_values("latent") if len(held) else rows
+            if len(
+                held
+            ):  # rows of other latents stay, unless written from older exemplars (the scorers would refuse the table)
+                held = held[
+                    ~held["latent"].isin(latents) & (held["exemplars_fingerprint"] == fingerprint)
+                ]
+            table = (
+                pd.concat([held, rows], ignore_index=True).sort_values("latent")
+                if len(held)
+                else rows
+            )
             writer.commit(table[TABLES["explanations"].columns])
             if embedder is None:
                 from resources.embedder import EmbedderResource
 
                 embedder = EmbedderResource()
             ok = table[table["status"] == "ok"]
-            sync_explanations(store.layout.lancedb_dir, embedder.model, coder, shard, dict(zip(ok["latent"].tolist(), ok["explanation"])), embedder.embed,
-                              store.coordination_url)
+            sync_explanations(
+                store.layout.lancedb_dir,
+                embedder.model,
+                coder,
+                shard,
+                dict(zip(ok["latent"].tolist(), ok["explanation"], strict=False)),
+                embedder.embed,
+                store.coordination_url,
+            )
     return by_shard

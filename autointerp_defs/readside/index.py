@@ -18,14 +18,15 @@ activations stage writes beside the caches (`DataRoot.unembedding_path`), so the
 or even load, the whole model. On a first start (`background`) no page waits for a cache: a latent's
 rows come from the tables' row groups until its shard's copies are built.
 """
+
 from __future__ import annotations
 
 import json
 import sys
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import pandas as pd
@@ -66,8 +67,15 @@ with other columns is built again even when no source table changed."""
 class CoderIndex:
     """The cached views of one coder; thread-safe (the server answers requests on threads)."""
 
-    def __init__(self, store: TableStore, coder: str, subject_model: tuple[str | None, str | None, str | None] = (None, None, None), embedder: str = EMBEDDED,
-                 background: bool = False, pause: Callable[[], None] = lambda: None):
+    def __init__(
+        self,
+        store: TableStore,
+        coder: str,
+        subject_model: tuple[str | None, str | None, str | None] = (None, None, None),
+        embedder: str = EMBEDDED,
+        background: bool = False,
+        pause: Callable[[], None] = lambda: None,
+    ):
         self.store, self.coder, self.embedder = store, coder, embedder
         """`embedder`: the model whose explanations table search reads (the deployment's `[embedder] model`)."""
         self.background = background
@@ -100,7 +108,9 @@ class CoderIndex:
         does in the background at start, so that a person's first clicks find them ready."""
         self.latents()
         if self.decoder() is not None:
-            self.logit_lens(0, wait=False)  # starts caching the unembedding, in a thread of its own, where the activations stage did not
+            self.logit_lens(
+                0, wait=False
+            )  # starts caching the unembedding, in a thread of its own, where the activations stage did not
         for shard in self.shards:
             self.pause()
             self.prepare_shard(shard)
@@ -117,8 +127,12 @@ class CoderIndex:
             return self._latents
         with self._guard("latents"):
             scorers = reader.scorer_names(self.store, self.coder)
-            current = (f"{LATENTS_VERSION}|" + reader.stamp(reader.input_files(self.store, self.coder, self.shards)) + "|"
-                       + ",".join(f"{n}:{reader.scorer_info(n)['main_metric']}" for n in scorers))
+            current = (
+                f"{LATENTS_VERSION}|"
+                + reader.stamp(reader.input_files(self.store, self.coder, self.shards))
+                + "|"
+                + ",".join(f"{n}:{reader.scorer_info(n)['main_metric']}" for n in scorers)
+            )
             self._checked = time.monotonic()
             if self._latents is not None and current == self._stamp:
                 return self._latents
@@ -128,9 +142,13 @@ class CoderIndex:
             else:
                 table = self._build_latents()
                 with atomic_path(path) as tmp:
-                    table.to_feather(tmp)  # Arrow, uncompressed: a tenth of parquet's time to write and read at 100k latents
+                    table.to_feather(
+                        tmp
+                    )  # Arrow, uncompressed: a tenth of parquet's time to write and read at 100k latents
                 _write_json(stamp_path, {"stamp": current})
-            table["status"] = pd.Categorical(table["status"], STATUSES, ordered=True)  # sorts explained latents first
+            table["status"] = pd.Categorical(
+                table["status"], STATUSES, ordered=True
+            )  # sorts explained latents first
             self.scorers = [c for c in scorers if c in table.columns]
             self._latents, self._stamp = table, current
             return table
@@ -139,23 +157,35 @@ class CoderIndex:
         counts = reader.latent_counts(self.store, self.coder)
         width, tokens = int(self.meta["width"]), max(int(counts["tokens"][0]), 1)
         count = counts["count"].astype(np.int64)
-        status, explanation = np.full(width, "none", object), np.full(width, "", object)  # filled as arrays: pandas' setitem on string columns took 0.4 s
-        explained = reader.explanations(self.store, self.coder, self.shards, columns=["latent", "status", "explanation"])
+        status, explanation = (
+            np.full(width, "none", object),
+            np.full(width, "", object),
+        )  # filled as arrays: pandas' setitem on string columns took 0.4 s
+        explained = reader.explanations(
+            self.store, self.coder, self.shards, columns=["latent", "status", "explanation"]
+        )
         if len(explained):
             last = explained.drop_duplicates("latent", keep="last")
             at = last["latent"].to_numpy(np.int64)
             status[at] = last["status"].to_numpy(object)
             explanation[at] = last["explanation"].fillna("").to_numpy(object)
-        table = pd.DataFrame({
-            "latent": np.arange(width, dtype=np.int64),
-            "shard": np.asarray(self.shards)[self._shard_index(np.arange(width))],
-            "frequency": count / tokens,
-            "max_activation": counts["max"].astype(np.float64),
-            "mean_activation": np.where(count > 0, counts["sum"] / np.maximum(count, 1), 0.0),
-            "status": status,
-            "explanation": explanation,
-        })
-        senses = of_current(reader.explanation_senses(self.store, self.coder, self.shards, columns=["latent", "sense", "explanation"]), explained)
+        table = pd.DataFrame(
+            {
+                "latent": np.arange(width, dtype=np.int64),
+                "shard": np.asarray(self.shards)[self._shard_index(np.arange(width))],
+                "frequency": count / tokens,
+                "max_activation": counts["max"].astype(np.float64),
+                "mean_activation": np.where(count > 0, counts["sum"] / np.maximum(count, 1), 0.0),
+                "status": status,
+                "explanation": explanation,
+            }
+        )
+        senses = of_current(
+            reader.explanation_senses(
+                self.store, self.coder, self.shards, columns=["latent", "sense", "explanation"]
+            ),
+            explained,
+        )
         several = senses.groupby("latent").size() if len(senses) else pd.Series(dtype=np.int64)
         table["senses"] = (status == "ok").astype(np.int64)
         table.loc[several.index.to_numpy(np.int64), "senses"] = several.to_numpy(np.int64)
@@ -164,21 +194,43 @@ class CoderIndex:
             info = reader.scorer_info(name)
             main = info["main_metric"]
             metrics = [main, f"control_{main}"] if main is not None else []
-            scored = reader.scores(self.store, self.coder, name, self.shards, columns=["latent", "explanation", "gap", *metrics])
+            scored = reader.scores(
+                self.store,
+                self.coder,
+                name,
+                self.shards,
+                columns=["latent", "explanation", "gap", *metrics],
+            )
             for column in (name, f"{name}_control", f"{name}_gap"):
                 table[column] = np.nan
             if len(scored):
-                scored = scored[~reader.stale(scored, explained)]  # scores of an earlier explanation are not this latent's (its page marks them)
+                scored = scored[
+                    ~reader.stale(scored, explained)
+                ]  # scores of an earlier explanation are not this latent's (its page marks them)
                 at = scored["latent"].to_numpy(np.int64)
                 if main is not None:
                     table.loc[at, name] = scored[main].to_numpy(np.float64)
-                    table.loc[at, f"{name}_control"] = scored[f"control_{main}"].to_numpy(np.float64)
+                    table.loc[at, f"{name}_control"] = scored[f"control_{main}"].to_numpy(
+                        np.float64
+                    )
                 table.loc[at, f"{name}_gap"] = scored["gap"].to_numpy(np.float64)
             if info["scores_senses"]:
                 table[f"{name}_min_sense"] = np.nan
                 if len(senses):  # no latent has several senses: no sense table need be read
-                    lowest = lowest_sense_scores(senses, reader.sense_scores(self.store, self.coder, name, self.shards, columns=["latent", "sense", "explanation", main]), main)
-                    table.loc[lowest.index.to_numpy(np.int64), f"{name}_min_sense"] = lowest.to_numpy(np.float64)
+                    lowest = lowest_sense_scores(
+                        senses,
+                        reader.sense_scores(
+                            self.store,
+                            self.coder,
+                            name,
+                            self.shards,
+                            columns=["latent", "sense", "explanation", main],
+                        ),
+                        main,
+                    )
+                    table.loc[lowest.index.to_numpy(np.int64), f"{name}_min_sense"] = (
+                        lowest.to_numpy(np.float64)
+                    )
             gaps.append(f"{name}_gap")
         table["mean_gap"] = table[gaps].mean(axis=1) if gaps else np.nan
         return table
@@ -197,12 +249,23 @@ class CoderIndex:
 
     def shard_tables(self, shard: str) -> dict[str, StoredTable]:
         """The shard's tables a latent page reads, by the name its cache has."""
-        tables = {"exemplars": self.store.exemplars(self.coder, shard), "explanations": self.store.explanations(self.coder, shard),
-                  "profiles": self.store.latent_profiles(self.coder, shard), "senses": self.store.explanation_senses(self.coder, shard)}
-        tables |= {f"scores.{name}": self.store.scores(self.coder, shard, name) for name in self.scorers}
-        tables |= {f"senses.{name}": self.store.sense_scores(self.coder, shard, name) for name in self.scorers}
+        tables = {
+            "exemplars": self.store.exemplars(self.coder, shard),
+            "explanations": self.store.explanations(self.coder, shard),
+            "profiles": self.store.latent_profiles(self.coder, shard),
+            "senses": self.store.explanation_senses(self.coder, shard),
+        }
+        tables |= {
+            f"scores.{name}": self.store.scores(self.coder, shard, name) for name in self.scorers
+        }
+        tables |= {
+            f"senses.{name}": self.store.sense_scores(self.coder, shard, name)
+            for name in self.scorers
+        }
         if "simulation" in self.scorers:
-            tables["examples.simulation"] = self.store.scored_examples(self.coder, shard, "simulation")
+            tables["examples.simulation"] = self.store.scored_examples(
+                self.coder, shard, "simulation"
+            )
         return tables
 
     def rows(self, latent: int, name: str) -> list[dict]:
@@ -240,7 +303,10 @@ class CoderIndex:
                 self.pause()
                 self.prepare_shard(shard)
             except Exception as error:  # the next page of this shard reads the tables directly, and says what is wrong if they are
-                print(f"viewer: could not prepare {self.coder} shard {shard} ({type(error).__name__}: {error})", file=sys.stderr)
+                print(
+                    f"viewer: could not prepare {self.coder} shard {shard} ({type(error).__name__}: {error})",
+                    file=sys.stderr,
+                )
             finally:
                 with self._lock:
                     self._preparing.discard(shard)
@@ -255,21 +321,36 @@ class CoderIndex:
         held = self._tables.get(name)
         if held is not None and held[0] == current:
             return held[1]
-        arrow, stamp_path, offsets_path = self.dir / f"{name}.arrow", self.dir / f"{name}.stamp.json", self.dir / f"{name}.offsets.npy"
+        arrow, stamp_path, offsets_path = (
+            self.dir / f"{name}.arrow",
+            self.dir / f"{name}.stamp.json",
+            self.dir / f"{name}.offsets.npy",
+        )
         built = lambda: arrow.exists() and _read_json(stamp_path).get("stamp") == current
         if not build and not built():
             return None
         with self._guard(name):
             if not built():
-                table = pq.read_table(source) if source.exists() else pa.table({"latent": pa.array([], pa.int64())})
-                order = np.argsort(table["latent"].to_numpy(), kind="stable")  # stable: a latent's rows keep their order
+                table = (
+                    pq.read_table(source)
+                    if source.exists()
+                    else pa.table({"latent": pa.array([], pa.int64())})
+                )
+                order = np.argsort(
+                    table["latent"].to_numpy(), kind="stable"
+                )  # stable: a latent's rows keep their order
                 table = table.take(pa.array(order))
                 with atomic_path(arrow) as tmp:
-                    with pa.OSFile(str(tmp), "wb") as sink, pa.ipc.new_file(sink, table.schema) as writer:
+                    with (
+                        pa.OSFile(str(tmp), "wb") as sink,
+                        pa.ipc.new_file(sink, table.schema) as writer,
+                    ):
                         writer.write_table(table, max_chunksize=1 << 16)
                 column = table["latent"].to_numpy()
                 latents, starts = np.unique(column, return_index=True)
-                ends = np.append(starts[1:], len(column))[: len(starts)].astype(np.int64)  # an empty table has no ends
+                ends = np.append(starts[1:], len(column))[: len(starts)].astype(
+                    np.int64
+                )  # an empty table has no ends
                 with atomic_path(offsets_path) as tmp:
                     with open(tmp, "wb") as handle:
                         np.save(handle, np.stack([latents, starts, ends]).astype(np.int64))
@@ -305,10 +386,22 @@ class CoderIndex:
         if held is not None and held[0] == (version, self._stamp):
             return held[1]
         with self._guard("vectors"):
-            path, stamp_path = self.dir / "explanation_vectors.npy", self.dir / "explanation_vectors.stamp.json"
-            ids_path, texts_path = self.dir / "explanation_vectors.latents.npy", self.dir / "explanation_vectors.texts.json"
-            if not (path.exists() and texts_path.exists() and _read_json(stamp_path).get("version") == version):
-                _, latents, vectors, texts = reader.explanation_vectors(self.store, self.coder, self.embedder)
+            path, stamp_path = (
+                self.dir / "explanation_vectors.npy",
+                self.dir / "explanation_vectors.stamp.json",
+            )
+            ids_path, texts_path = (
+                self.dir / "explanation_vectors.latents.npy",
+                self.dir / "explanation_vectors.texts.json",
+            )
+            if not (
+                path.exists()
+                and texts_path.exists()
+                and _read_json(stamp_path).get("version") == version
+            ):
+                _, latents, vectors, texts = reader.explanation_vectors(
+                    self.store, self.coder, self.embedder
+                )
                 for target, array in ((path, vectors), (ids_path, latents)):
                     with atomic_path(target) as tmp:
                         with open(tmp, "wb") as handle:
@@ -318,8 +411,15 @@ class CoderIndex:
             latents, texts = np.load(ids_path), np.asarray(_read_json(texts_path)["texts"], object)
             known = latents < len(table)
             at = np.where(known, latents, 0)
-            current = known & (table["status"].to_numpy()[at] == "ok") & (table["explanation"].to_numpy()[at] == texts)
-            self._tables["vectors"] = ((version, self._stamp), (latents, np.load(path, mmap_mode="r"), current))
+            current = (
+                known
+                & (table["status"].to_numpy()[at] == "ok")
+                & (table["explanation"].to_numpy()[at] == texts)
+            )
+            self._tables["vectors"] = (
+                (version, self._stamp),
+                (latents, np.load(path, mmap_mode="r"), current),
+            )
             return self._tables["vectors"][1]
 
     # ---- activation density -------------------------------------------------------------------
@@ -337,7 +437,10 @@ class CoderIndex:
         i = int(np.searchsorted(latents, latent))
         if i >= len(latents) or latents[i] != latent:
             return {"edges": [], "counts": []}
-        return {"edges": np.linspace(0, float(tops[i]), DENSITY_BINS + 1).round(4).tolist(), "counts": counts[i].tolist()}
+        return {
+            "edges": np.linspace(0, float(tops[i]), DENSITY_BINS + 1).round(4).tolist(),
+            "counts": counts[i].tolist(),
+        }
 
     def _density_cache(self, shard: str, build: bool = True) -> tuple | None:
         source = self.store.layout.latent_stats_path(self.coder)
@@ -345,7 +448,10 @@ class CoderIndex:
         held = self._density.get(shard)
         if held is not None and held[0] == current:
             return held[1]
-        path, stamp_path = self.dir / f"{shard}.density.npz", self.dir / f"{shard}.density.stamp.json"
+        path, stamp_path = (
+            self.dir / f"{shard}.density.npz",
+            self.dir / f"{shard}.density.stamp.json",
+        )
         built = lambda: path.exists() and _read_json(stamp_path).get("stamp") == current
         if not build and not built():
             return None
@@ -373,7 +479,10 @@ class CoderIndex:
         if held is None or held[0] != current:
             with self._guard("decoder"):
                 found, rows = reader.stored_decoder_directions(self.store, self.coder)
-                self._decoder = held = (current, rows if found else self._converted_decoder(current))
+                self._decoder = held = (
+                    current,
+                    rows if found else self._converted_decoder(current),
+                )
         return held[1]
 
     def _converted_decoder(self, identity: str) -> np.ndarray | None:
@@ -432,7 +541,9 @@ class CoderIndex:
         lens = lens_model(self.store, *self.subject_model, wait=wait)
         if isinstance(lens, str):
             return lens
-        return vocab_projection(torch.from_numpy(np.array(rows[np.asarray(latents, np.int64)])), lens, k, bins=bins)
+        return vocab_projection(
+            torch.from_numpy(np.array(rows[np.asarray(latents, np.int64)])), lens, k, bins=bins
+        )
 
     def logit_lens(self, latent: int, k: int = 10, wait: bool = True) -> dict | None:
         """The tokens this latent's decoder direction promotes and suppresses, with their logits, and the
@@ -444,13 +555,24 @@ class CoderIndex:
         if isinstance(projection, str):
             return {"pending": projection}
         vocab = reader.display_vocab_cached(self.store)
-        as_list = lambda ids, values: [{"token": vocab[int(i)] if int(i) < len(vocab) else f"<{int(i)}>", "logit": round(float(v), 3)} for i, v in zip(ids, values)]
+        as_list = lambda ids, values: [
+            {
+                "token": vocab[int(i)] if int(i) < len(vocab) else f"<{int(i)}>",
+                "logit": round(float(v), 3),
+            }
+            for i, v in zip(ids, values, strict=False)
+        ]
         counts, edges = projection.histograms[0]
-        return {"promoted": as_list(projection.top_ids[0], projection.top_values[0]), "suppressed": as_list(projection.bottom_ids[0], projection.bottom_values[0]),
-                "histogram": {"edges": edges, "counts": counts}}
+        return {
+            "promoted": as_list(projection.top_ids[0], projection.top_values[0]),
+            "suppressed": as_list(projection.bottom_ids[0], projection.bottom_values[0]),
+            "histogram": {"edges": edges, "counts": counts},
+        }
 
 
-def density_histograms(latents: np.ndarray, values: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def density_histograms(
+    latents: np.ndarray, values: np.ndarray
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Per latent that fired (`latents` sorted, one entry per cached activation `values`): its id, the
     counts of its activations in `DENSITY_BINS` equal bins over [0, its max] (as `np.histogram` bins them),
     and its max. One vectorized pass: a loop per latent took seconds per shard at 100k latents."""
@@ -464,7 +586,9 @@ def density_histograms(latents: np.ndarray, values: np.ndarray) -> tuple[np.ndar
     bins = np.minimum((values * (DENSITY_BINS / upper)).astype(np.int64), DENSITY_BINS - 1)
     inside = (values >= 0) & (values <= upper)
     row = np.repeat(np.arange(len(ids)), sizes)
-    counts = np.bincount(row[inside] * DENSITY_BINS + bins[inside], minlength=len(ids) * DENSITY_BINS).reshape(-1, DENSITY_BINS)
+    counts = np.bincount(
+        row[inside] * DENSITY_BINS + bins[inside], minlength=len(ids) * DENSITY_BINS
+    ).reshape(-1, DENSITY_BINS)
     return ids.astype(np.int64), counts.astype(np.int64), tops
 
 
@@ -479,7 +603,13 @@ _LENS_BUILDS_LOCK = threading.Lock()
 _LENS_FAILED: dict[Path, str] = {}
 
 
-def lens_model(store: TableStore, model: str | None = None, gguf_file: str | None = None, revision: str | None = None, wait: bool = True):
+def lens_model(
+    store: TableStore,
+    model: str | None = None,
+    gguf_file: str | None = None,
+    revision: str | None = None,
+    wait: bool = True,
+):
     """The subject model's unembedding and final norm scale (`resources.logit_lens.Unembedding`), what
     `vocab_logits` reads, from the file the activations stage wrote (`unembedding_path`), else from a copy
     written once under `viewer/`, so that the server loads the full model once, ever. `model`, `gguf_file` and
@@ -491,7 +621,9 @@ def lens_model(store: TableStore, model: str | None = None, gguf_file: str | Non
 
     model = model or EMBEDDED
     path = store.layout.unembedding_path(model_identity(model, gguf_file, revision))
-    if not path.exists():  # a cache made before the activations stage wrote it: the browser keeps its own copy
+    if (
+        not path.exists()
+    ):  # a cache made before the activations stage wrote it: the browser keeps its own copy
         path = store.layout.viewer_dir() / path.name
     if wait or path in _LENS or path.exists():
         return _lens_at(path, model, gguf_file)
@@ -500,7 +632,9 @@ def lens_model(store: TableStore, model: str | None = None, gguf_file: str | Non
         if path in _LENS_FAILED:
             return f"the logit lens could not load the subject model {name}: {_LENS_FAILED[path]}"
         if path not in _LENS_BUILDS:
-            _LENS_BUILDS[path] = threading.Thread(target=_build_lens, args=(path, model, gguf_file), daemon=True)
+            _LENS_BUILDS[path] = threading.Thread(
+                target=_build_lens, args=(path, model, gguf_file), daemon=True
+            )
             _LENS_BUILDS[path].start()
     return f"loading the subject model {name} for its unembedding (once: it is then kept in {path.parent})"
 

@@ -24,6 +24,7 @@ interval of activation values with the share of the corpus's tokens whose activa
 Ids are a hash of the row (model, source, latent and content), so a re-export of an unchanged row is
 skipped by the import and a changed explanation arrives as a new one.
 """
+
 from __future__ import annotations
 
 import gzip
@@ -42,7 +43,9 @@ from autointerp_defs.readside.index import LOGIT_BINS, CoderIndex
 from storage.identity import model_name
 from storage.store import TableStore
 
-DEFAULT_CREATOR_ID = "clkht01d40000jv08hvalcvly"  # the bot user Neuronpedia's seed creates, its default creator
+DEFAULT_CREATOR_ID = (
+    "clkht01d40000jv08hvalcvly"  # the bot user Neuronpedia's seed creates, its default creator
+)
 
 # Neuronpedia's explanation types and explainer models are rows of its own config, which the import
 # upserts from its bucket before anything else; an export cannot add one, and a name that is not there
@@ -51,9 +54,23 @@ DEFAULT_CREATOR_ID = "clkht01d40000jv08hvalcvly"  # the bot user Neuronpedia's s
 # runs delphi's DefaultExplainer, `apps/autointerp/.../explain/default.py`), the explainer models of
 # `batch-autointerp.py` (which it writes without their provider prefix). Others go into `notes`.
 EXPLANATION_TYPES = {"highlighted": "eleuther_acts_top20", "token_table": "oai_token-act-pair"}
-EXPLANATION_MODELS = frozenset({"gpt-4o-mini", "gpt-4.1-nano", "gpt-5-nano", "gpt-5-nano-2025-08-07", "gpt-5-mini-2025-08-07", "gemini-2.0-flash",
-                                "gemini-2.0-flash-lite", "gemini-2.5-flash", "gemini-2.5-flash-lite", "gpt-oss-120b"})
-UNKNOWN_OWNER = "custom"  # what Neuronpedia's own model form records for a model it knows no owner of
+EXPLANATION_MODELS = frozenset(
+    {
+        "gpt-4o-mini",
+        "gpt-4.1-nano",
+        "gpt-5-nano",
+        "gpt-5-nano-2025-08-07",
+        "gpt-5-mini-2025-08-07",
+        "gemini-2.0-flash",
+        "gemini-2.0-flash-lite",
+        "gemini-2.5-flash",
+        "gemini-2.5-flash-lite",
+        "gpt-oss-120b",
+    }
+)
+UNKNOWN_OWNER = (
+    "custom"  # what Neuronpedia's own model form records for a model it knows no owner of
+)
 
 
 def content_id(row: dict) -> str:
@@ -66,7 +83,10 @@ def sense_texts(senses: pd.DataFrame) -> dict[tuple[str, int], list[str]]:
     """(shard, latent) → its senses' explanations in sense order: Neuronpedia gets one explanation per sense."""
     if not len(senses):
         return {}
-    return {(shard, int(latent)): rows.sort_values("sense")["explanation"].tolist() for (shard, latent), rows in senses.groupby(["shard", "latent"])}
+    return {
+        (shard, int(latent)): rows.sort_values("sense")["explanation"].tolist()
+        for (shard, latent), rows in senses.groupby(["shard", "latent"])
+    }
 
 
 def sense_score_notes(scores: dict[str, pd.DataFrame]) -> dict[tuple[str, int, str], str]:
@@ -78,7 +98,8 @@ def sense_score_notes(scores: dict[str, pd.DataFrame]) -> dict[tuple[str, int, s
         main = reader.scorer_info(name)["main_metric"]
         for row in frame.to_dict("records") if main and len(frame) else []:
             notes.setdefault((row["shard"], int(row["latent"]), row["explanation"]), []).append(
-                f"{name} {main} {number(row[main])} (control {number(row[f'control_{main}'])})")
+                f"{name} {main} {number(row[main])} (control {number(row[f'control_{main}'])})"
+            )
     return {key: ", ".join(parts) for key, parts in notes.items()}
 
 
@@ -97,20 +118,28 @@ def layer_number(hookpoint: str) -> int:
     """The layer of a hookpoint such as `model.layers.15` or `model.layers.15.mlp`; Neuronpedia names sources by it."""
     found = re.search(r"(?:layers|h|blocks|layer)\.(\d+)", hookpoint)
     if not found:
-        raise reader.ExportInputError(f"Cannot tell the layer of hookpoint {hookpoint!r}: Neuronpedia names a source '<layer>-<set>'. Fix: pass --layer N.")
+        raise reader.ExportInputError(
+            f"Cannot tell the layer of hookpoint {hookpoint!r}: Neuronpedia names a source '<layer>-<set>'. Fix: pass --layer N."
+        )
     return int(found.group(1))
 
 
-def activation_bins(windows: list[dict], boundaries: list[float], activations: np.ndarray, n_tokens: int, max_activation: float) -> list[tuple[float, float, float]]:
+def activation_bins(
+    windows: list[dict],
+    boundaries: list[float],
+    activations: np.ndarray,
+    n_tokens: int,
+    max_activation: float,
+) -> list[tuple[float, float, float]]:
     """(binMin, binMax, binContains) of each of a latent's activating windows. The explainer's windows at least as
     strong as every held-out one are its top activations; any other window sits in the interval of the latent's
     window quantiles (`boundaries`) that holds its peak, with the share of the corpus's `n_tokens` tokens whose
     activation (`activations`: the latent's non-zero ones) lies in it, as Neuronpedia's dashboards count."""
     peaks = [max(w["activations"]) for w in windows]
-    ceiling = max((p for w, p in zip(windows, peaks) if w["split"] != "train"), default=-np.inf)
+    ceiling = max((p for w, p in zip(windows, peaks, strict=False) if w["split"] != "train"), default=-np.inf)
     values = np.sort(activations)
     bins = []
-    for w, peak in zip(windows, peaks):
+    for w, peak in zip(windows, peaks, strict=False):
         if w["split"] == "train" and peak >= ceiling:
             bins.append((-1.0, float(max_activation), -1.0))
             continue
@@ -130,10 +159,16 @@ def dataset_name(corpus: dict) -> str | None:
     if source is None or source == "embedded":
         return EMBEDDED_CORPUS if source else None
     path = Path(source).expanduser()
-    return path.name if path.suffix in LOCAL_SUFFIXES or path.is_absolute() or path.exists() else source
+    return (
+        path.name
+        if path.suffix in LOCAL_SUFFIXES or path.is_absolute() or path.exists()
+        else source
+    )
 
 
-def model_row(model_id: str, subject_model: tuple[str | None, str | None], creator_id: str, now: str) -> dict:
+def model_row(
+    model_id: str, subject_model: tuple[str | None, str | None], creator_id: str, now: str
+) -> dict:
     """Neuronpedia's `Model`: its layers, MLP neurons per layer and width from the subject model's config, its
     owner from its hub id."""
     from resources.subject_model import EMBEDDED, EMBEDDED_ORIGIN, load_model_config
@@ -143,10 +178,20 @@ def model_row(model_id: str, subject_model: tuple[str | None, str | None], creat
     config = config.get_text_config() if hasattr(config, "get_text_config") else config
     origin = EMBEDDED_ORIGIN if model in (None, EMBEDDED) else model
     on_hub = origin.count("/") == 1 and not Path(origin).expanduser().exists()
-    return {"id": model_id, "displayNameShort": model_id, "displayName": model_id, "creatorId": creator_id, "instruct": "instruct" in model_id.lower(),
-            "layers": int(config.num_hidden_layers), "neuronsPerLayer": int(getattr(config, "intermediate_size", 0) or 0),
-            "dimension": int(config.hidden_size), "owner": origin.split("/")[0] if on_hub else UNKNOWN_OWNER, "visibility": "PUBLIC",
-            "createdAt": now, "updatedAt": now}
+    return {
+        "id": model_id,
+        "displayNameShort": model_id,
+        "displayName": model_id,
+        "creatorId": creator_id,
+        "instruct": "instruct" in model_id.lower(),
+        "layers": int(config.num_hidden_layers),
+        "neuronsPerLayer": int(getattr(config, "intermediate_size", 0) or 0),
+        "dimension": int(config.hidden_size),
+        "owner": origin.split("/")[0] if on_hub else UNKNOWN_OWNER,
+        "visibility": "PUBLIC",
+        "createdAt": now,
+        "updatedAt": now,
+    }
 
 
 def _write_jsonl_gz(path: Path, rows: list[dict]) -> None:
@@ -171,9 +216,18 @@ def _with_id(row: dict) -> dict:
     return {"id": content_id(row), **row}
 
 
-def export_neuronpedia(data_dir: str, coder: str, out_dir: str, model_id: str | None = None, set_name: str | None = None, layer: int | None = None,
-                       creator_id: str = DEFAULT_CREATOR_ID, creator_name: str = "autointerp", with_lens: bool = True,
-                       subject_model: tuple[str | None, str | None] = (None, None)) -> Path:
+def export_neuronpedia(
+    data_dir: str,
+    coder: str,
+    out_dir: str,
+    model_id: str | None = None,
+    set_name: str | None = None,
+    layer: int | None = None,
+    creator_id: str = DEFAULT_CREATOR_ID,
+    creator_name: str = "autointerp",
+    with_lens: bool = True,
+    subject_model: tuple[str | None, str | None] = (None, None),
+) -> Path:
     """Write the coder's features, activations and explanations; returns the source folder. `subject_model`
     is the deployment's `[subject_model]` (model, gguf_file): the logit lens and the `Model` row read it, and
     the default model id is its name (None: the embedded model)."""
@@ -191,25 +245,48 @@ def export_neuronpedia(data_dir: str, coder: str, out_dir: str, model_id: str | 
     index = CoderIndex(store, coder, subject_model)
     table = index.latents()
     latents = table["latent"].astype(int).tolist()
-    neuron = {"modelId": model_id, "layer": source_id, "sourceSetName": set_name, "creatorId": creator_id, "createdAt": now}
+    neuron = {
+        "modelId": model_id,
+        "layer": source_id,
+        "sourceSetName": set_name,
+        "creatorId": creator_id,
+        "createdAt": now,
+    }
 
     lens = index.vocab_projection(latents, bins=LOGIT_BINS) if with_lens else None
     neighbours = index.neighbours_of(latents) or [[] for _ in latents]
     token = lambda i: vocab[int(i)] if int(i) < len(vocab) else f"<{int(i)}>"
     features = []
-    for at, (latent, near) in enumerate(zip(latents, neighbours)):
+    for at, (latent, near) in enumerate(zip(latents, neighbours, strict=False)):
         density = index.density(latent)
-        features.append({
-            **neuron, "index": str(latent), "maxActApprox": _finite(table["max_activation"].iat[at]), "hasVector": False, "vector": [],
-            "topkCosSimIndices": [n["latent"] for n in near], "topkCosSimValues": [n["cosine"] for n in near],
-            "pos_str": [token(i) for i in lens.top_ids[at]] if lens else [], "pos_values": [round(float(v), 3) for v in lens.top_values[at]] if lens else [],
-            "neg_str": [token(i) for i in lens.bottom_ids[at]] if lens else [], "neg_values": [round(float(v), 3) for v in lens.bottom_values[at]] if lens else [],
-            "frac_nonzero": _finite(table["frequency"].iat[at]),
-            "freq_hist_data_bar_heights": [int(c) for c in density["counts"]],
-            "freq_hist_data_bar_values": [round((a + b) / 2, 4) for a, b in zip(density["edges"][:-1], density["edges"][1:])],
-            "logits_hist_data_bar_heights": lens.histograms[at][0] if lens else [],
-            "logits_hist_data_bar_values": [round((a + b) / 2, 4) for a, b in zip(lens.histograms[at][1][:-1], lens.histograms[at][1][1:])] if lens else [],
-        })
+        features.append(
+            {
+                **neuron,
+                "index": str(latent),
+                "maxActApprox": _finite(table["max_activation"].iat[at]),
+                "hasVector": False,
+                "vector": [],
+                "topkCosSimIndices": [n["latent"] for n in near],
+                "topkCosSimValues": [n["cosine"] for n in near],
+                "pos_str": [token(i) for i in lens.top_ids[at]] if lens else [],
+                "pos_values": [round(float(v), 3) for v in lens.top_values[at]] if lens else [],
+                "neg_str": [token(i) for i in lens.bottom_ids[at]] if lens else [],
+                "neg_values": [round(float(v), 3) for v in lens.bottom_values[at]] if lens else [],
+                "frac_nonzero": _finite(table["frequency"].iat[at]),
+                "freq_hist_data_bar_heights": [int(c) for c in density["counts"]],
+                "freq_hist_data_bar_values": [
+                    round((a + b) / 2, 4)
+                    for a, b in zip(density["edges"][:-1], density["edges"][1:], strict=False)
+                ],
+                "logits_hist_data_bar_heights": lens.histograms[at][0] if lens else [],
+                "logits_hist_data_bar_values": [
+                    round((a + b) / 2, 4)
+                    for a, b in zip(lens.histograms[at][1][:-1], lens.histograms[at][1][1:], strict=False)
+                ]
+                if lens
+                else [],
+            }
+        )
 
     activations, window_length = [], None
     n_tokens = int(reader.latent_counts(store, coder)["tokens"][0])
@@ -217,51 +294,136 @@ def export_neuronpedia(data_dir: str, coder: str, out_dir: str, model_id: str | 
         profiles = reader.rows_of(store.latent_profiles(coder, shard))
         if not len(profiles):
             continue
-        boundaries = dict(zip(profiles["latent"].astype(int), profiles["quantile_boundaries"]))
+        boundaries = dict(zip(profiles["latent"].astype(int), profiles["quantile_boundaries"], strict=False))
         for latent, _, values in reader.shard_activations(store, coder, shard).by_latent():
             if latent not in boundaries:
                 continue
             windows = [w for w in index.windows(latent) if w["kind"] == "activating"]
-            bins = activation_bins(windows, list(boundaries[latent]), values, n_tokens, table["max_activation"].iat[latent])
-            for w, (bin_min, bin_max, contains) in zip(windows, bins):
+            bins = activation_bins(
+                windows,
+                list(boundaries[latent]),
+                values,
+                n_tokens,
+                table["max_activation"].iat[latent],
+            )
+            for w, (bin_min, bin_max, contains) in zip(windows, bins, strict=False):
                 window_length = len(w["tokens"])
                 values_shown = [float(a) for a in w["activations"]]
                 top = int(np.argmax(values_shown))
-                activations.append(_with_id({
-                    "tokens": [token(t) for t in w["tokens"]], "modelId": model_id, "layer": source_id, "index": str(latent),
-                    "maxValue": values_shown[top], "maxValueTokenIndex": top, "minValue": min(values_shown), "values": values_shown,
-                    "creatorId": creator_id, "createdAt": now, "dataSource": dataset, "dataIndex": str(w["sequence"]),
-                    "binMin": bin_min, "binMax": bin_max, "binContains": contains, "qualifyingTokenIndex": top,
-                }))
+                activations.append(
+                    _with_id(
+                        {
+                            "tokens": [token(t) for t in w["tokens"]],
+                            "modelId": model_id,
+                            "layer": source_id,
+                            "index": str(latent),
+                            "maxValue": values_shown[top],
+                            "maxValueTokenIndex": top,
+                            "minValue": min(values_shown),
+                            "values": values_shown,
+                            "creatorId": creator_id,
+                            "createdAt": now,
+                            "dataSource": dataset,
+                            "dataIndex": str(w["sequence"]),
+                            "binMin": bin_min,
+                            "binMax": bin_max,
+                            "binContains": contains,
+                            "qualifyingTokenIndex": top,
+                        }
+                    )
+                )
 
     explanations = []
     explained = reader.explanations(store, coder, index.shards)
-    senses = sense_texts(of_current(reader.explanation_senses(store, coder, index.shards), explained))  # not those of an explanation since replaced
-    scored = sense_score_notes({name: reader.sense_scores(store, coder, name, index.shards) for name in index.scorers})
+    senses = sense_texts(
+        of_current(reader.explanation_senses(store, coder, index.shards), explained)
+    )  # not those of an explanation since replaced
+    scored = sense_score_notes(
+        {name: reader.sense_scores(store, coder, name, index.shards) for name in index.scorers}
+    )
     if len(explained):
         for row in explained[explained["status"] == "ok"].itertuples():
             texts = senses.get((row.shard, int(row.latent)), [])
             several = len(texts) > 1
             for text in texts if several else [row.explanation]:
-                exported = _with_id({
-                    "modelId": model_id, "layer": source_id, "index": str(int(row.latent)), "description": text, "authorId": creator_id,
-                    "typeName": explanation_type(row.explainer), "explanationModelName": explanation_model(row.model),
-                    "notes": f"autointerp explainer '{row.explainer}', explainer model {model_name(row.model)}"
-                             + (f"; one of {len(texts)} senses" if several else ""), "createdAt": now, "updatedAt": now,
-                })
+                exported = _with_id(
+                    {
+                        "modelId": model_id,
+                        "layer": source_id,
+                        "index": str(int(row.latent)),
+                        "description": text,
+                        "authorId": creator_id,
+                        "typeName": explanation_type(row.explainer),
+                        "explanationModelName": explanation_model(row.model),
+                        "notes": f"autointerp explainer '{row.explainer}', explainer model {model_name(row.model)}"
+                        + (f"; one of {len(texts)} senses" if several else ""),
+                        "createdAt": now,
+                        "updatedAt": now,
+                    }
+                )
                 scores = scored.get((row.shard, int(row.latent), text)) if several else None
-                explanations.append({**exported, "notes": f"{exported['notes']}; scored on its own windows: {scores}"} if scores else exported)
+                explanations.append(
+                    {
+                        **exported,
+                        "notes": f"{exported['notes']}; scored on its own windows: {scores}",
+                    }
+                    if scores
+                    else exported
+                )
 
     folder.mkdir(parents=True, exist_ok=True)
-    _write_jsonl(folder / "release.jsonl", [{"name": set_name, "description": f"{coder}, exported by autointerp", "descriptionShort": coder, "creatorName": creator_name,
-                                              "creatorNameShort": creator_name, "creatorId": creator_id, "visibility": "PUBLIC", "urls": [], "createdAt": now}])
+    _write_jsonl(
+        folder / "release.jsonl",
+        [
+            {
+                "name": set_name,
+                "description": f"{coder}, exported by autointerp",
+                "descriptionShort": coder,
+                "creatorName": creator_name,
+                "creatorNameShort": creator_name,
+                "creatorId": creator_id,
+                "visibility": "PUBLIC",
+                "urls": [],
+                "createdAt": now,
+            }
+        ],
+    )
     _write_jsonl(folder / "model.jsonl", [model_row(model_id, subject_model, creator_id, now)])
-    _write_jsonl(folder / "sourceset.jsonl", [{"modelId": model_id, "name": set_name, "creatorId": creator_id, "creatorName": creator_name, "releaseName": set_name,
-                                                "description": f"{hookpoint}, {meta['width']} latents", "visibility": "PUBLIC", "urls": [], "createdAt": now}])
+    _write_jsonl(
+        folder / "sourceset.jsonl",
+        [
+            {
+                "modelId": model_id,
+                "name": set_name,
+                "creatorId": creator_id,
+                "creatorName": creator_name,
+                "releaseName": set_name,
+                "description": f"{hookpoint}, {meta['width']} latents",
+                "visibility": "PUBLIC",
+                "urls": [],
+                "createdAt": now,
+            }
+        ],
+    )
     # Neuronpedia shows "<num_prompts> prompts, <num_tokens_in_prompt> tokens each": the windows shown, and the corpus in windows
-    _write_jsonl(folder / "source.jsonl", [{"id": source_id, "modelId": model_id, "setName": set_name, "creatorId": creator_id, "visibility": "PUBLIC", "dataset": dataset,
-                                             "num_prompts": corpus["n_tokens"] // window_length if window_length and "n_tokens" in corpus else None,
-                                             "num_tokens_in_prompt": window_length, "createdAt": now}])
+    _write_jsonl(
+        folder / "source.jsonl",
+        [
+            {
+                "id": source_id,
+                "modelId": model_id,
+                "setName": set_name,
+                "creatorId": creator_id,
+                "visibility": "PUBLIC",
+                "dataset": dataset,
+                "num_prompts": corpus["n_tokens"] // window_length
+                if window_length and "n_tokens" in corpus
+                else None,
+                "num_tokens_in_prompt": window_length,
+                "createdAt": now,
+            }
+        ],
+    )
     _write_jsonl_gz(folder / "features" / "batch-0.jsonl.gz", features)
     _write_jsonl_gz(folder / "activations" / "batch-0.jsonl.gz", activations)
     _write_jsonl_gz(folder / "explanations" / "batch-0.jsonl.gz", explanations)
@@ -272,14 +434,24 @@ def _model_id(name: str | None) -> str:
     """Neuronpedia's model id for the subject model: the model's folder name, lowercased (e.g. smollm2-135m-instruct)."""
     from resources.subject_model import EMBEDDED, EMBEDDED_ORIGIN
 
-    return (EMBEDDED_ORIGIN if name in (None, EMBEDDED) else name).rstrip("/").split("/")[-1].lower()
+    return (
+        (EMBEDDED_ORIGIN if name in (None, EMBEDDED) else name).rstrip("/").split("/")[-1].lower()
+    )
 
 
 def read_neuronpedia(folder: Path) -> dict[str, list[dict]]:
     """Every row of an export folder, by table (features, activations, explanations, and the one-row tables)."""
     out = {}
     for table in ("features", "activations", "explanations"):
-        out[table] = [json.loads(line) for path in sorted((folder / table).glob("*.jsonl.gz")) for line in gzip.open(path, "rt", encoding="utf-8")]
+        out[table] = [
+            json.loads(line)
+            for path in sorted((folder / table).glob("*.jsonl.gz"))
+            for line in gzip.open(path, "rt", encoding="utf-8")
+        ]
     for table in ("release", "model", "sourceset", "source"):
-        out[table] = [json.loads(line) for line in (folder / f"{table}.jsonl").read_text().splitlines() if line]
+        out[table] = [
+            json.loads(line)
+            for line in (folder / f"{table}.jsonl").read_text().splitlines()
+            if line
+        ]
     return out

@@ -5,6 +5,7 @@ pipeline's tables they read through its `TableStore` (where each table lives is 
 the rest (activation caches, corpus, registry, LanceDB) at the places the store's layout names.
 Every function reads; none writes (the browser's own caches live in `viewer/` under the root).
 """
+
 from __future__ import annotations
 
 import json
@@ -14,7 +15,17 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from storage.activations import META_FILE, ShardActivations, load_decoder_directions, load_latent_stats, read_cache_meta, read_latents, read_shard, shard_keys, shard_of_latents
+from storage.activations import (
+    META_FILE,
+    ShardActivations,
+    load_decoder_directions,
+    load_latent_stats,
+    read_cache_meta,
+    read_latents,
+    read_shard,
+    shard_keys,
+    shard_of_latents,
+)
 from storage.corpus import load_corpus
 from storage.identity import content_digest
 from storage.store import StoredTable, TableStore
@@ -36,7 +47,11 @@ def list_coders(store: TableStore) -> list[str]:
     """Coders whose activation cache is complete (`meta.json` is written last); any run of one of a
     coder's shard partitions caches the whole coder."""
     base = store.layout.all_activations_dir
-    return sorted(str(p.parent.relative_to(base)) for p in base.glob(f"*/*/{META_FILE}")) if base.exists() else []
+    return (
+        sorted(str(p.parent.relative_to(base)) for p in base.glob(f"*/*/{META_FILE}"))
+        if base.exists()
+        else []
+    )
 
 
 def activations_meta(store: TableStore, coder: str) -> dict:
@@ -46,8 +61,10 @@ def activations_meta(store: TableStore, coder: str) -> dict:
     meta = read_cache_meta(store.layout.activations_dir(coder)) if coder in known else None
     if meta is None:
         known = ", ".join(known) or "none"
-        raise NotMaterialized(f"No coder {coder!r} under {store.layout.root} (coders with activations: {known}). "
-                              f"Fix: pick one of those, or materialize `activations` for a partition {coder}|NN.")
+        raise NotMaterialized(
+            f"No coder {coder!r} under {store.layout.root} (coders with activations: {known}). "
+            f"Fix: pick one of those, or materialize `activations` for a partition {coder}|NN."
+        )
     return meta
 
 
@@ -78,14 +95,21 @@ def shard_activations(store: TableStore, coder: str, shard: str):
 def latent_activations(store: TableStore, coder: str, latents) -> ShardActivations:
     """Every cached (location, activation) pair of some latents, reading only the shards that hold them."""
     meta = activations_meta(store, coder)
-    return read_latents(store.layout.activations_dir(coder), np.asarray(latents, np.int64), int(meta["width"]), int(meta["latents_per_shard"]))
+    return read_latents(
+        store.layout.activations_dir(coder),
+        np.asarray(latents, np.int64),
+        int(meta["width"]),
+        int(meta["latents_per_shard"]),
+    )
 
 
 def corpus_tokens(store: TableStore) -> np.ndarray:
     """The corpus's token ids `[n_sequences, ctx_len]`: what the cache's locations (sequence, position) index."""
     layout = store.layout
     if not layout.corpus_meta_path.exists():
-        raise NotMaterialized(f"No corpus under {layout.corpus_dir}. Fix: materialize the `corpus` asset first.")
+        raise NotMaterialized(
+            f"No corpus under {layout.corpus_dir}. Fix: materialize the `corpus` asset first."
+        )
     return load_corpus(layout).tokens
 
 
@@ -101,12 +125,16 @@ def _read_shards(tables: dict[str, StoredTable], columns: list[str] | None = Non
     return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
 
 
-def explanations(store: TableStore, coder: str, shards: list[str], columns: list[str] | None = None) -> pd.DataFrame:
+def explanations(
+    store: TableStore, coder: str, shards: list[str], columns: list[str] | None = None
+) -> pd.DataFrame:
     """Explanation rows (or some columns) of every shard that has them, with a `shard` column."""
     return _read_shards({s: store.explanations(coder, s) for s in shards}, columns)
 
 
-def explanation_senses(store: TableStore, coder: str, shards: list[str], columns: list[str] | None = None) -> pd.DataFrame:
+def explanation_senses(
+    store: TableStore, coder: str, shards: list[str], columns: list[str] | None = None
+) -> pd.DataFrame:
     """The senses (or some columns) of latents explained as several (`[explanations] senses`), with a `shard` column."""
     return _read_shards({s: store.explanation_senses(coder, s) for s in shards}, columns)
 
@@ -119,7 +147,9 @@ def latent_profiles(store: TableStore, coder: str, shards: list[str]) -> pd.Data
 def scorer_names(store: TableStore, coder: str) -> list[str]:
     """Every scorer with a table for this coder in any shard, whatever the scorer: a plugin's tables show
     as the built-ins' do. Sorted by name, as the pipeline lists scorers."""
-    return sorted({name for shard in store.scored_shards(coder) for name in store.scorers_of(coder, shard)})
+    return sorted(
+        {name for shard in store.scored_shards(coder) for name in store.scorers_of(coder, shard)}
+    )
 
 
 def scorer_info(name: str) -> dict:
@@ -129,8 +159,16 @@ def scorer_info(name: str) -> dict:
 
     scorer = loaded_scorers().get(name)
     if scorer is None:
-        return {"main_metric": None, "control": f"its control (scorer {name!r} is not loaded: run with the deployment that lists its plugin)", "scores_senses": False}
-    return {"main_metric": scorer.main_metric, "control": scorer.control_description(), "scores_senses": scorer.scores_senses}
+        return {
+            "main_metric": None,
+            "control": f"its control (scorer {name!r} is not loaded: run with the deployment that lists its plugin)",
+            "scores_senses": False,
+        }
+    return {
+        "main_metric": scorer.main_metric,
+        "control": scorer.control_description(),
+        "scores_senses": scorer.scores_senses,
+    }
 
 
 def stale(scored: pd.DataFrame, explained: pd.DataFrame) -> pd.Series:
@@ -154,11 +192,15 @@ def verdict(gaps: pd.Series, scorer: str) -> str:
     return _verdict(gaps, scorer_info(scorer)["control"])
 
 
-def scores(store: TableStore, coder: str, scorer: str, shards: list[str], columns: list[str] | None = None) -> pd.DataFrame:
+def scores(
+    store: TableStore, coder: str, scorer: str, shards: list[str], columns: list[str] | None = None
+) -> pd.DataFrame:
     return _read_shards({s: store.scores(coder, s, scorer) for s in shards}, columns)
 
 
-def sense_scores(store: TableStore, coder: str, scorer: str, shards: list[str], columns: list[str] | None = None) -> pd.DataFrame:
+def sense_scores(
+    store: TableStore, coder: str, scorer: str, shards: list[str], columns: list[str] | None = None
+) -> pd.DataFrame:
     """The scorer's scores (or some columns) of each sense of latents explained as several (`sense_scores`), with a `shard` column."""
     return _read_shards({s: store.sense_scores(coder, s, scorer) for s in shards}, columns)
 
@@ -167,7 +209,9 @@ def tokenizer_vocab(store: TableStore) -> list[str]:
     """Token id → the subject tokenizer's own text for it, special tokens included (`<|endoftext|>`)."""
     layout = store.layout
     if not layout.corpus_vocab_path.exists():
-        raise NotMaterialized(f"No corpus under {layout.corpus_dir}. Fix: materialize the `corpus` asset first.")
+        raise NotMaterialized(
+            f"No corpus under {layout.corpus_dir}. Fix: materialize the `corpus` asset first."
+        )
     return json.loads(layout.corpus_vocab_path.read_text())
 
 
@@ -212,8 +256,11 @@ def stored_decoder_directions(store: TableStore, coder: str) -> tuple[bool, np.n
 
     folder = store.layout.activations_dir(coder)
     meta = read_cache_meta(folder) or {}
-    if "decoder_directions" not in meta or not store.layout.coder_registry_dir(coder).is_dir() \
-            or meta.get("coder_fingerprint") != coder_fingerprint(store.layout.registry_dir, coder):
+    if (
+        "decoder_directions" not in meta
+        or not store.layout.coder_registry_dir(coder).is_dir()
+        or meta.get("coder_fingerprint") != coder_fingerprint(store.layout.registry_dir, coder)
+    ):
         return False, None
     return True, load_decoder_directions(folder) if meta["decoder_directions"] else None
 
@@ -226,10 +273,21 @@ def coder_identity(store: TableStore, coder: str) -> str:
 
 def input_files(store: TableStore, coder: str, shards: list[str]) -> list[os.PathLike]:
     """The files a coder's viewer index is built from: when one changes, the index is rebuilt."""
-    files: list[os.PathLike] = [store.layout.cache_meta_path(coder), store.layout.latent_stats_path(coder)]
+    files: list[os.PathLike] = [
+        store.layout.cache_meta_path(coder),
+        store.layout.latent_stats_path(coder),
+    ]
     for s in shards:
-        files += [store.explanations(coder, s), store.latent_profiles(coder, s), store.explanation_senses(coder, s)]
-        files += [table for name in store.scorers_of(coder, s) for table in (store.scores(coder, s, name), store.sense_scores(coder, s, name))]
+        files += [
+            store.explanations(coder, s),
+            store.latent_profiles(coder, s),
+            store.explanation_senses(coder, s),
+        ]
+        files += [
+            table
+            for name in store.scorers_of(coder, s)
+            for table in (store.scores(coder, s, name), store.sense_scores(coder, s, name))
+        ]
     return files
 
 
@@ -245,16 +303,30 @@ def stamp(paths: list[os.PathLike]) -> str:
     return "|".join(parts)
 
 
-def explanation_vectors(store: TableStore, coder: str, embedder: str) -> tuple[int, np.ndarray, np.ndarray, list[str]]:
+def explanation_vectors(
+    store: TableStore, coder: str, embedder: str
+) -> tuple[int, np.ndarray, np.ndarray, list[str]]:
     """(table version, latents, unit vectors, the texts embedded) of `coder`'s rows in `embedder`'s LanceDB explanations table."""
     table = open_explanations_table(store, embedder)
     if table is None:
         return -1, np.zeros(0, np.int64), np.zeros((0, 0), np.float32), []
     version = table.version
     safe = coder.replace("'", "''")
-    rows = table.search().where(f"coder = '{safe}'").select(["latent", "vector", "explanation"]).limit(max(table.count_rows(), 1)).to_arrow()
+    rows = (
+        table.search()
+        .where(f"coder = '{safe}'")
+        .select(["latent", "vector", "explanation"])
+        .limit(max(table.count_rows(), 1))
+        .to_arrow()
+    )
     latents = rows["latent"].to_numpy()
-    vectors = np.asarray(rows["vector"].combine_chunks().flatten().to_numpy(zero_copy_only=False), np.float32).reshape(len(latents), -1) if len(latents) else np.zeros((0, 0), np.float32)
+    vectors = (
+        np.asarray(
+            rows["vector"].combine_chunks().flatten().to_numpy(zero_copy_only=False), np.float32
+        ).reshape(len(latents), -1)
+        if len(latents)
+        else np.zeros((0, 0), np.float32)
+    )
     return version, latents.astype(np.int64), vectors, rows["explanation"].to_pylist()
 
 

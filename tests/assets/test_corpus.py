@@ -4,7 +4,14 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from assets.corpus import CorpusConfig, EmptyCorpusError, build_corpus, embedded_documents, read_documents, tokenize_documents
+from assets.corpus import (
+    CorpusConfig,
+    EmptyCorpusError,
+    build_corpus,
+    embedded_documents,
+    read_documents,
+    tokenize_documents,
+)
 from storage.corpus import load_corpus
 from storage.layout import DataRoot
 
@@ -35,7 +42,11 @@ def test_build_corpus_stores_tokens_vocab_and_content_hash(tmp_path, subject):
     root = DataRoot.at(tmp_path)
     meta = build_corpus(CorpusConfig(ctx_len=64, n_tokens=640), subject.tokenizer(), root)
     again = build_corpus(CorpusConfig(ctx_len=64, n_tokens=640), subject.tokenizer(), root)
-    other = build_corpus(CorpusConfig(ctx_len=64, n_tokens=640, seed=1), subject.tokenizer(), DataRoot.at(tmp_path / "b"))
+    other = build_corpus(
+        CorpusConfig(ctx_len=64, n_tokens=640, seed=1),
+        subject.tokenizer(),
+        DataRoot.at(tmp_path / "b"),
+    )
     assert meta["hash"] == again["hash"] != other["hash"]
     corpus = load_corpus(root)
     assert corpus.tokens.shape == (10, 64)
@@ -44,7 +55,9 @@ def test_build_corpus_stores_tokens_vocab_and_content_hash(tmp_path, subject):
 
 def test_local_txt_jsonl_parquet_sources(tmp_path):
     (tmp_path / "a.txt").write_text("First paragraph here.\n\nSecond one.\n")
-    (tmp_path / "a.jsonl").write_text("\n".join(json.dumps({"body": t}) for t in ["one text", "two text"]))
+    (tmp_path / "a.jsonl").write_text(
+        "\n".join(json.dumps({"body": t}) for t in ["one text", "two text"])
+    )
     pd.DataFrame({"body": ["x y z", "u v"]}).to_parquet(tmp_path / "a.parquet")
     assert read_documents(str(tmp_path / "a.txt")) == ["First paragraph here.", "Second one.\n"]
     assert read_documents(str(tmp_path / "a.jsonl"), text_field="body") == ["one text", "two text"]
@@ -71,5 +84,8 @@ def test_a_hugging_face_dataset_that_cannot_load_offline_says_to_use_a_local_fil
         raise ConnectionError(f"Couldn't reach '{name}' on the Hub (LocalEntryNotFoundError)")
 
     monkeypatch.setitem(sys.modules, "datasets", types.SimpleNamespace(load_dataset=load_dataset))
-    with pytest.raises(RuntimeError, match=r"'HuggingFaceFW/fineweb' was read as a Hugging Face dataset id.*Fix: without network, point corpus\.source at a local \.txt, \.jsonl or \.parquet file"):
+    with pytest.raises(
+        RuntimeError,
+        match=r"'HuggingFaceFW/fineweb' was read as a Hugging Face dataset id.*Fix: without network, point corpus\.source at a local \.txt, \.jsonl or \.parquet file",
+    ):
         read_documents("HuggingFaceFW/fineweb")

@@ -1,11 +1,20 @@
 """Exemplar windows: samplers, placements, disjoint and seeded sets, tagged non-activating sources."""
+
 import multiprocessing
 import time
 
 import numpy as np
 import pytest
 
-from assets.exemplars import ExemplarsConfig, NegativeSources, activating_windows, build_exemplars, decoder_neighbours, sample_test, sample_train
+from assets.exemplars import (
+    ExemplarsConfig,
+    NegativeSources,
+    activating_windows,
+    build_exemplars,
+    decoder_neighbours,
+    sample_test,
+    sample_train,
+)
 from storage.activations import ShardActivations
 
 CTX, WINDOW = 64, 16
@@ -17,12 +26,15 @@ def synthetic_shard(seed=0, n_seq=40, latents=(3, 4, 5)):
     tokens = rng.integers(10, 200, size=(n_seq, CTX)).astype(np.int32)
     tokens[rng.random(tokens.shape) < 0.05] = 7
     locs, vals = [], []
-    for s, p in zip(*np.nonzero(tokens == 7)):
-        locs.append((s, p, 3)); vals.append(1.0 + rng.random())
+    for s, p in zip(*np.nonzero(tokens == 7), strict=False):
+        locs.append((s, p, 3))
+        vals.append(1.0 + rng.random())
         if p + 1 < CTX:
-            locs.append((s, p + 1, 4)); vals.append(0.5 + rng.random())
+            locs.append((s, p + 1, 4))
+            vals.append(0.5 + rng.random())
     for _ in range(60):
-        locs.append((rng.integers(n_seq), rng.integers(CTX), 5)); vals.append(rng.random() + 0.1)
+        locs.append((rng.integers(n_seq), rng.integers(CTX), 5))
+        vals.append(rng.random() + 0.1)
     locs = np.asarray(locs, np.int32)
     _, unique = np.unique(locs, axis=0, return_index=True)
     locs, vals = locs[unique], np.asarray(vals, np.float32)[unique]
@@ -32,7 +44,9 @@ def synthetic_shard(seed=0, n_seq=40, latents=(3, 4, 5)):
 
 def sources_without_index(tokens, neighbours=None, neighbour_acts=None):
     blocks_per_seq = tokens.shape[1] // WINDOW
-    return NegativeSources(blocks_per_seq, tokens.shape[0] * blocks_per_seq, neighbours or {}, neighbour_acts, None)
+    return NegativeSources(
+        blocks_per_seq, tokens.shape[0] * blocks_per_seq, neighbours or {}, neighbour_acts, None
+    )
 
 
 def stats_for(shard, width=8):
@@ -41,7 +55,11 @@ def stats_for(shard, width=8):
 
 
 def overlaps(a_seq, a_start, b_seq, b_start) -> bool:
-    return any(s1 == s2 and abs(x1 - x2) < WINDOW for s1, x1 in zip(a_seq, a_start) for s2, x2 in zip(b_seq, b_start))
+    return any(
+        s1 == s2 and abs(x1 - x2) < WINDOW
+        for s1, x1 in zip(a_seq, a_start, strict=False)
+        for s2, x2 in zip(b_seq, b_start, strict=False)
+    )
 
 
 @pytest.mark.parametrize("placement", ["block", "centered", "preceding"])
@@ -51,12 +69,19 @@ def test_windows_never_overlap_and_are_strongest_first(placement):
     w = activating_windows(locs, vals, CTX, WINDOW, placement)
     assert len(w) > 10 and (w.start >= 0).all() and (w.start + WINDOW <= CTX).all()
     assert np.all(np.diff(w.acts.max(1)) <= 1e-6)
-    assert not any(overlaps([w.sequence[i]], [w.start[i]], np.delete(w.sequence, i), np.delete(w.start, i)) for i in range(len(w)))
+    assert not any(
+        overlaps([w.sequence[i]], [w.start[i]], np.delete(w.sequence, i), np.delete(w.start, i))
+        for i in range(len(w))
+    )
     inside = (w.start > 0) & (w.start + WINDOW < CTX)
     anchor = {"centered": WINDOW // 2, "preceding": WINDOW - 1}.get(placement)
-    if anchor is not None:  # the token the window was placed around fires where the placement puts it
+    if (
+        anchor is not None
+    ):  # the token the window was placed around fires where the placement puts it
         assert (w.acts[inside, anchor] > 0).all()
-    for s, st, a in zip(w.sequence, w.start, w.acts):  # activations are this latent's, at the right tokens
+    for s, st, a in zip(
+        w.sequence, w.start, w.acts, strict=False
+    ):  # activations are this latent's, at the right tokens
         assert np.array_equal(a > 0, tokens[s, st : st + WINDOW] == 7)
 
 
@@ -84,17 +109,41 @@ def test_samplers_are_disjoint_seeded_and_sized(sampler):
 
 def test_random_negatives_alone_still_give_the_contrastive_explainer_its_counter_examples():
     tokens, shard = synthetic_shard()
-    config = ExemplarsConfig(example_ctx_len=WINDOW, n_examples_train=6, n_examples_test=5, n_non_activating=6, n_non_activating_train=4, non_activating_sources=["random"])
-    frame, _ = build_exemplars(shard, tokens, config, sources_without_index(tokens), stats_for(shard), tokens.size)
+    config = ExemplarsConfig(
+        example_ctx_len=WINDOW,
+        n_examples_train=6,
+        n_examples_test=5,
+        n_non_activating=6,
+        n_non_activating_train=4,
+        non_activating_sources=["random"],
+    )
+    frame, _ = build_exemplars(
+        shard, tokens, config, sources_without_index(tokens), stats_for(shard), tokens.size
+    )
     counters = frame[(frame.split == "train") & (frame.kind != "activating")]
-    assert counters.groupby("latent").size().to_dict() == {3: 4, 4: 4, 5: 4} and set(counters.kind) == {"random"}
+    assert counters.groupby("latent").size().to_dict() == {3: 4, 4: 4, 5: 4} and set(
+        counters.kind
+    ) == {"random"}
 
 
 def test_non_activating_windows_are_tagged_zero_and_unique():
     tokens, shard = synthetic_shard()
     neighbours = {3: [4], 4: [3], 5: [3]}
-    config = ExemplarsConfig(example_ctx_len=WINDOW, n_examples_train=6, n_examples_test=5, n_non_activating=8, non_activating_sources=["random", "neighbour"])
-    frame, latents = build_exemplars(shard, tokens, config, sources_without_index(tokens, neighbours, shard), stats_for(shard), tokens.size)
+    config = ExemplarsConfig(
+        example_ctx_len=WINDOW,
+        n_examples_train=6,
+        n_examples_test=5,
+        n_non_activating=8,
+        non_activating_sources=["random", "neighbour"],
+    )
+    frame, latents = build_exemplars(
+        shard,
+        tokens,
+        config,
+        sources_without_index(tokens, neighbours, shard),
+        stats_for(shard),
+        tokens.size,
+    )
     assert set(latents["latent"]) == {3, 4, 5}
     for latent, group in frame.groupby("latent"):
         fired = {(s, p) for s, p, l in shard.locations if l == latent}
@@ -102,23 +151,42 @@ def test_non_activating_windows_are_tagged_zero_and_unique():
         assert set(test_negatives.kind) == {"random", "neighbour"} and len(test_negatives) == 8
         valid = group[group.split == "valid"]
         assert (valid.kind == "activating").sum() == 5 and (valid.kind == "random").sum() == 5
-        assert len(group[(group.split == "train") & (group.kind != "activating")]) == 5  # contrastive negatives
+        assert (
+            len(group[(group.split == "train") & (group.kind != "activating")]) == 5
+        )  # contrastive negatives
         for row in group[group.kind != "activating"].itertuples():
             assert not any((row.sequence, p) in fired for p in range(row.start, row.start + WINDOW))
-        windows = list(zip(group.sequence, group.start))
-        assert len(windows) == len(set(windows))  # no window used twice for one latent, across all splits
+        windows = list(zip(group.sequence, group.start, strict=False))
+        assert len(windows) == len(
+            set(windows)
+        )  # no window used twice for one latent, across all splits
     # latent 4 fires right after each token 7; where latent 3 is zero, that is a block opening just after a 7
-    neighbour_rows = frame[(frame.latent == 3) & (frame.kind == "neighbour") & (frame.split == "test")]
-    assert len(neighbour_rows) and all(tokens[row.sequence, row.start - 1] == 7 for row in neighbour_rows.itertuples())
+    neighbour_rows = frame[
+        (frame.latent == 3) & (frame.kind == "neighbour") & (frame.split == "test")
+    ]
+    assert len(neighbour_rows) and all(
+        tokens[row.sequence, row.start - 1] == 7 for row in neighbour_rows.itertuples()
+    )
 
 
 def test_latent_statistics_report_top_tokens_quantiles_and_neighbours():
     tokens, shard = synthetic_shard()
-    config = ExemplarsConfig(example_ctx_len=WINDOW, non_activating_sources=["random"], n_quantiles=4)
-    _, latents = build_exemplars(shard, tokens, config, sources_without_index(tokens, {3: [4, 5]}), stats_for(shard), tokens.size)
+    config = ExemplarsConfig(
+        example_ctx_len=WINDOW, non_activating_sources=["random"], n_quantiles=4
+    )
+    _, latents = build_exemplars(
+        shard,
+        tokens,
+        config,
+        sources_without_index(tokens, {3: [4, 5]}),
+        stats_for(shard),
+        tokens.size,
+    )
     row = latents.set_index("latent").loc[3]
     assert row.top_tokens[0] == 7 and row.neighbours == [4, 5]
-    assert len(row.quantile_boundaries) == 5 and list(row.quantile_boundaries) == sorted(row.quantile_boundaries)
+    assert len(row.quantile_boundaries) == 5 and list(row.quantile_boundaries) == sorted(
+        row.quantile_boundaries
+    )
     assert row.frequency == pytest.approx((tokens == 7).sum() / tokens.size)
 
 
@@ -152,7 +220,12 @@ def test_contexts_table_is_built_once_under_concurrency_and_searchable(tmp_path)
     vectors = rng.normal(size=(300, 32)).astype(np.float32)
     vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
     ctx = multiprocessing.get_context("spawn")
-    procs = [ctx.Process(target=_build_contexts, args=(tmp_path, "contexts_x_16", tmp_path / "calls", vectors)) for _ in range(2)]
+    procs = [
+        ctx.Process(
+            target=_build_contexts, args=(tmp_path, "contexts_x_16", tmp_path / "calls", vectors)
+        )
+        for _ in range(2)
+    ]
     for p in procs:
         p.start()
     for p in procs:
@@ -166,8 +239,10 @@ def test_contexts_table_is_built_once_under_concurrency_and_searchable(tmp_path)
     # one search for many queries answers each as its own search does, and a longer answer starts with the
     # shorter one: exemplars search all latents' hard negatives at once and cut each answer on that ground
     queries = vectors[[17, 3, 250]] + 0.1 * rng.normal(size=(3, 32)).astype(np.float32)
-    for query, found in zip(queries, index.nearest_many(queries, 40)):
-        assert list(found) == list(index.nearest(query, 40)) and list(found[:7]) == list(index.nearest(query, 7))
+    for query, found in zip(queries, index.nearest_many(queries, 40), strict=False):
+        assert list(found) == list(index.nearest(query, 40)) and list(found[:7]) == list(
+            index.nearest(query, 7)
+        )
 
 
 def _random_embed(texts):
@@ -179,7 +254,9 @@ def _sync(db_dir, start):
 
     latents = range(start, start + 50)
     shard = f"{start // 50:02d}"
-    sync_explanations(db_dir, "random-8", "c/h", shard, {i: f"explanation {i}" for i in latents}, _random_embed)
+    sync_explanations(
+        db_dir, "random-8", "c/h", shard, {i: f"explanation {i}" for i in latents}, _random_embed
+    )
 
 
 def test_explanation_syncs_are_idempotent_and_safe_when_concurrent(tmp_path):
@@ -196,6 +273,8 @@ def test_explanation_syncs_are_idempotent_and_safe_when_concurrent(tmp_path):
     for p in procs:
         p.join(timeout=120)
         assert p.exitcode == 0
-    rows = lancedb.connect(str(tmp_path)).open_table(explanations_table_name("random-8")).to_pandas()
+    rows = (
+        lancedb.connect(str(tmp_path)).open_table(explanations_table_name("random-8")).to_pandas()
+    )
     assert len(rows) == rows["id"].nunique() == 150
     assert sorted(rows["latent"]) == list(range(150))

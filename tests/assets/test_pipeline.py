@@ -1,4 +1,5 @@
 """Every asset materialized for one partition on the embedded defaults, and the bad inputs that must stop it."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -9,10 +10,21 @@ from dagster import DagsterInstance
 from autointerp_defs.deployments import load_deployment
 from storage.activations import load_latent_stats, read_shard, shard_keys
 from storage.layout import DataRoot
-from tests.conftest import add_coders, TINY_CODER, TINY_CORPUS_CONFIG, TINY_EXEMPLARS_CONFIG, all_assets, make_resources, run
+from tests.conftest import (
+    TINY_CODER,
+    TINY_CORPUS_CONFIG,
+    TINY_EXEMPLARS_CONFIG,
+    add_coders,
+    all_assets,
+    make_resources,
+    run,
+)
 
 ALL_ASSETS = all_assets()
-E2E_SCORERS = (*load_deployment("local").automated_scorers, "surprisal")  # the local deployment's automated scorers, and surprisal (cheap on tiny data)
+E2E_SCORERS = (
+    *load_deployment("local").automated_scorers,
+    "surprisal",
+)  # the local deployment's automated scorers, and surprisal (cheap on tiny data)
 CPU_SCORER_KEYS = [f"scores/{name}" for name in E2E_SCORERS]
 
 
@@ -41,14 +53,22 @@ def test_every_asset_for_one_partition_end_to_end(registered):
     assert len(latents) <= 48 * 63 * 16
 
     partition = f"{TINY_CODER}|00"
-    result = run(["exemplars", "explanations", *CPU_SCORER_KEYS], partition, resources, instance, {"ops": {"exemplars": {"config": TINY_EXEMPLARS_CONFIG}}})
+    result = run(
+        ["exemplars", "explanations", *CPU_SCORER_KEYS],
+        partition,
+        resources,
+        instance,
+        {"ops": {"exemplars": {"config": TINY_EXEMPLARS_CONFIG}}},
+    )
     ex = pd.read_parquet(root.exemplars_path(TINY_CODER, "00"))
     assert set(ex.kind) == {"activating", "random", "neighbour", "embedding"}
     stats = pd.read_parquet(root.latent_profiles_path(TINY_CODER, "00"))
     assert set(stats.latent) == set(ex.latent) and len(stats.neighbours.iloc[0]) == 10
     for latent, group in ex.groupby("latent"):
-        train = set(zip(group[group.split == "train"].sequence, group[group.split == "train"].start))
-        test = set(zip(group[group.split == "test"].sequence, group[group.split == "test"].start))
+        train = set(
+            zip(group[group.split == "train"].sequence, group[group.split == "train"].start, strict=False)
+        )
+        test = set(zip(group[group.split == "test"].sequence, group[group.split == "test"].start, strict=False))
         assert train and test and not train & test  # disjoint
         assert (group[group.kind != "activating"]["max_activation"] == 0).all()
         assert (group[group.kind == "activating"]["max_activation"] > 0).all()
@@ -64,27 +84,59 @@ def test_every_asset_for_one_partition_end_to_end(registered):
         assert len(scored) == n_ok and meta["latents_scored"].value == n_ok
         # a control needs another latent with a different explanation: how many have one depends on what the model answered
         with_control = int((scored.control_note == "").sum())
-        distinct = explained[explained.status == "ok"].explanation.map(lambda text: " ".join(text.casefold().split())).nunique()
+        distinct = (
+            explained[explained.status == "ok"]
+            .explanation.map(lambda text: " ".join(text.casefold().split()))
+            .nunique()
+        )
         assert with_control == (n_ok if distinct == 2 else 0)
-        assert meta["verdict"].value.startswith("too few latents to tell ("), name  # 2 latents at most: no verdict
+        assert meta["verdict"].value.startswith("too few latents to tell ("), (
+            name
+        )  # 2 latents at most: no verdict
         if n_ok:
-            assert {"accuracy", "balanced_accuracy", "precision", "recall", "f1", "roc_auc", "pearson", "tp", "fp", "tn", "fn", "gap"} <= set(scored.columns)
-            assert {f"control_{m}" for m in ("accuracy", "balanced_accuracy", "roc_auc")} <= set(scored.columns)
-            assert "data:image/png;base64," in meta["histogram"].value and "data:image/png;base64," in meta["quantile_accuracy"].value
+            assert {
+                "accuracy",
+                "balanced_accuracy",
+                "precision",
+                "recall",
+                "f1",
+                "roc_auc",
+                "pearson",
+                "tp",
+                "fp",
+                "tn",
+                "fn",
+                "gap",
+            } <= set(scored.columns)
+            assert {f"control_{m}" for m in ("accuracy", "balanced_accuracy", "roc_auc")} <= set(
+                scored.columns
+            )
+            assert (
+                "data:image/png;base64," in meta["histogram"].value
+                and "data:image/png;base64," in meta["quantile_accuracy"].value
+            )
             assert "Best" in meta["best_and_worst"].value
             # each latent judged on all 10 held-out windows with its explanation, and again with the control's where it has one
             assert len(examples) + scored.n_failed.sum() == 10 * (n_ok + with_control)
             if not scored.n_failed.sum():
-                assert set(examples.source) == ({"explanation", "control"} if with_control else {"explanation"})
+                assert set(examples.source) == (
+                    {"explanation", "control"} if with_control else {"explanation"}
+                )
     if n_ok:
         for name in ("surprisal", "embedding"):  # scores without an LLM answer: always an AUC
-            assert pd.read_parquet(root.scores_path(TINY_CODER, "00", name)).roc_auc.between(0, 1).all()
+            assert (
+                pd.read_parquet(root.scores_path(TINY_CODER, "00", name))
+                .roc_auc.between(0, 1)
+                .all()
+            )
 
     summary = run(["score_summary"], None, resources, instance)
     table = pd.read_parquet(root.score_summary_path(TINY_CODER))
     assert len(table) == n_ok
     if n_ok:
-        assert set(E2E_SCORERS) <= set(table.columns) and {f"{n}_control" for n in E2E_SCORERS} <= set(table.columns)
+        assert set(E2E_SCORERS) <= set(table.columns) and {
+            f"{n}_control" for n in E2E_SCORERS
+        } <= set(table.columns)
         summary_meta = summary.asset_materializations_for_node("score_summary")[0].metadata
         assert set(summary_meta["scorers"].value.split(", ")) == set(E2E_SCORERS)
         assert "data:image/png;base64," in summary_meta["histograms"].value
@@ -105,8 +157,18 @@ def test_unknown_hookpoint_stops_activations_with_the_fix(registered, tiny_sae):
 def test_coder_of_the_wrong_width_stops_activations(registered, tiny_sae):
     from resources.sparse_coders import SparseCoder, save_sparsify
 
-    narrow = SparseCoder("narrow", "model.layers.3", "topk", d_in=512, width=tiny_sae.width, encoder_weight=tiny_sae.encoder_weight[:, :512],
-                         encoder_bias=tiny_sae.encoder_bias, decoder_weight=tiny_sae.decoder_weight[:, :512], decoder_bias=tiny_sae.decoder_bias[:512], k=8)
+    narrow = SparseCoder(
+        "narrow",
+        "model.layers.3",
+        "topk",
+        d_in=512,
+        width=tiny_sae.width,
+        encoder_weight=tiny_sae.encoder_weight[:, :512],
+        encoder_bias=tiny_sae.encoder_bias,
+        decoder_weight=tiny_sae.decoder_weight[:, :512],
+        decoder_bias=tiny_sae.decoder_bias[:512],
+        k=8,
+    )
     save_sparsify(narrow, registered / "registry" / "narrow" / "model.layers.3")
     instance = DagsterInstance.ephemeral()
     add_coders(instance, registered, "narrow/model.layers.3")
@@ -124,15 +186,23 @@ def test_missing_registry_stops_activations(tmp_path):
 
 
 def test_unreachable_llm_endpoint_stops_explanations(registered):
-    from resources.llm import LLMResource
     from autointerp_defs.ui import free_port
+    from resources.llm import LLMResource
 
     instance = DagsterInstance.ephemeral()
     add_coders(instance, registered, TINY_CODER)
     resources = make_resources(registered)
     run(["corpus"], None, resources, instance, corpus_config())
     run(["activations"], f"{TINY_CODER}|00", resources, instance)
-    run(["exemplars"], f"{TINY_CODER}|00", resources, instance, {"ops": {"exemplars": {"config": TINY_EXEMPLARS_CONFIG}}})
+    run(
+        ["exemplars"],
+        f"{TINY_CODER}|00",
+        resources,
+        instance,
+        {"ops": {"exemplars": {"config": TINY_EXEMPLARS_CONFIG}}},
+    )
     dead = LLMResource(backend="openai", base_url=f"http://127.0.0.1:{free_port()}/v1", model="m")
-    with pytest.raises(Exception, match=r"Cannot reach the LLM endpoint at http://127\.0\.0\.1.*Fix"):
+    with pytest.raises(
+        Exception, match=r"Cannot reach the LLM endpoint at http://127\.0\.0\.1.*Fix"
+    ):
         run(["explanations"], f"{TINY_CODER}|00", make_resources(registered, llm=dead), instance)

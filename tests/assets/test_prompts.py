@@ -16,7 +16,10 @@ from resources.llm import Refusal
 
 
 def test_highlight_wraps_runs_of_marked_tokens():
-    assert highlight(["The", " cat", " sat", " down"], [False, True, True, False]) == "The<< cat sat>> down"
+    assert (
+        highlight(["The", " cat", " sat", " down"], [False, True, True, False])
+        == "The<< cat sat>> down"
+    )
     assert highlight(["a", "b"], [True, True]) == "<<ab>>"
 
 
@@ -30,14 +33,18 @@ def test_explainer_prompt_lists_marked_tokens_with_strength():
 
 
 def test_whitespace_and_special_tokens_are_shown_visibly_and_the_same_everywhere():
-    vocab = prompt_vocab(["<|im_start|>", "Hello", "\n", "\t", "  ", " world", "<|im_end|>"], special_ids=[0, 6])
+    vocab = prompt_vocab(
+        ["<|im_start|>", "Hello", "\n", "\t", "  ", " world", "<|im_end|>"], special_ids=[0, 6]
+    )
     assert vocab[0] == vocab[6] == DOCUMENT_BOUNDARY and "<|" not in "".join(vocab)
     tokens = vocab[1:]
     # a latent that fires on the line break: the explainer sees the mark on a visible token, and lists it
     user = explainer_messages([(tokens, [0, 3.0, 0, 0, 0, 0])], 3.0)[1]["content"]
     assert "Hello<<↵>>⇥␣␣ world‖" in user and "Marked: ↵ (10)" in user
     assert '2\t"↵"' in simulation_messages("line breaks", tokens)[1]["content"]
-    assert visible_token(visible_token("\n\t ")) == visible_token("\n\t ")  # rendering twice changes nothing
+    assert visible_token(visible_token("\n\t ")) == visible_token(
+        "\n\t "
+    )  # rendering twice changes nothing
     assert plain_text(highlight(tokens, [False] * 6)) == "Hello\n\t   world\n"
 
 
@@ -51,20 +58,35 @@ def test_whitespace_and_special_tokens_are_shown_visibly_and_the_same_everywhere
         ("  plural nouns  ", "plural nouns"),
         ("", None),
         ("Explanation: ...", None),
-        ("Explanation: the word 'the'", "the word 'the'"),  # the closing quote belongs to the content
+        (
+            "Explanation: the word 'the'",
+            "the word 'the'",
+        ),  # the closing quote belongs to the content
         ('Explanation: "the" and "a"', '"the" and "a"'),
-        ("Explanation: the token \".\"", 'the token "."'),
+        ('Explanation: the token "."', 'the token "."'),
         ("**Explanation:** **line breaks**", "line breaks"),
-        ("<think>They all mark numbers. Or years?</think>\nExplanation: four-digit years", "four-digit years"),
+        (
+            "<think>They all mark numbers. Or years?</think>\nExplanation: four-digit years",
+            "four-digit years",
+        ),
         ("<think>Let me look at the examples", None),  # cut off while reasoning: no answer
         ("The feature fires on:\n- cats\n- dogs", None),  # several lines and no label: which one?
         ("Explanation: cats\nExplanation: dogs", None),
         ("Explanation:\nclosing brackets", "closing brackets"),
         ("Explanation:\na line break", "a line break"),
-        ("Explanation: the token\n'and' between clauses", "the token 'and' between clauses"),  # one phrase broken over lines
+        (
+            "Explanation: the token\n'and' between clauses",
+            "the token 'and' between clauses",
+        ),  # one phrase broken over lines
         ("Explanation: a line\nbreak", "a line break"),
-        ("Explanation: Explanation: closing brackets", "closing brackets"),  # the label echoed once too often
-        ("Explanation: repeated words ('the the the')", "repeated words ('the the the')"),  # a short repeat can be the content
+        (
+            "Explanation: Explanation: closing brackets",
+            "closing brackets",
+        ),  # the label echoed once too often
+        (
+            "Explanation: repeated words ('the the the')",
+            "repeated words ('the the the')",
+        ),  # a short repeat can be the content
         ("Explanation: cats\nExplanation: cats", "cats"),
     ],
 )
@@ -76,9 +98,18 @@ def test_parse_explanation(answer, expected):
 @pytest.mark.parametrize(
     "answer, reason",
     [
-        ("The feature fire on is on is on is on is on", "degenerate: 'on is' repeated 3 or more times in a row"),
-        ("Explanation: the the the the the the the the", "degenerate: 'the' repeated 6 or more times in a row"),
-        ("Explanation: Explanation: Explanation:", "only the prompt's labels: 'Explanation: Explanation:'"),
+        (
+            "The feature fire on is on is on is on is on",
+            "degenerate: 'on is' repeated 3 or more times in a row",
+        ),
+        (
+            "Explanation: the the the the the the the the",
+            "degenerate: 'the' repeated 6 or more times in a row",
+        ),
+        (
+            "Explanation: Explanation: Explanation:",
+            "only the prompt's labels: 'Explanation: Explanation:'",
+        ),
         ("Explanation: <phrase>", "only the prompt's labels"),
         ("Explanation: Example 1: Marked:", "only the prompt's labels"),
         ("Explanation:", "nothing after the label"),
@@ -111,16 +142,34 @@ ANSWERS = [
     ("[1, 0, 1, 1]", 4, 0, 1, [1, 0, 1, 1]),
     ("```json\n[0, 1, 1]\n```", 3, 0, 1, [0, 1, 1]),
     ("**[1, 1, 0]**", 3, 0, 1, [1, 1, 0]),
-    ("<think>Example 2 mentions a cat, so [0, 1, 0] maybe; but 3 also...</think>\n[0, 1, 1]", 3, 0, 1, [0, 1, 1]),
+    (
+        "<think>Example 2 mentions a cat, so [0, 1, 0] maybe; but 3 also...</think>\n[0, 1, 1]",
+        3,
+        0,
+        1,
+        [0, 1, 1],
+    ),
     ("<think>Example 1 has the word", 3, 0, 1, None),
-    ("Following the format, e.g. [1, 0, 1], my answer is [0, 0, 1].", 3, 0, 1, None),  # two different lists
+    (
+        "Following the format, e.g. [1, 0, 1], my answer is [0, 0, 1].",
+        3,
+        0,
+        1,
+        None,
+    ),  # two different lists
     ("Reasoning: examples 1 and 3 fire.\nFinal answer: [1, 0, 1]", 3, 0, 1, [1, 0, 1]),
     ("1. Yes\n2. No\n3. Yes", 3, 0, 1, [1, 0, 1]),
     ("1: 1 (mentions a cat)\n2: 0 (no cat)", 2, 0, 1, [1, 0]),
     ("Here are my answers:\nExample 1: 0\nExample 2: 1\nExample 3: 0", 3, 0, 1, [0, 1, 0]),
     ("Example 1: 1\nExample 3: 0", 2, 0, 1, None),  # numbering skips an example
     ("Example 1: 1\nExample 2: maybe", 2, 0, 1, None),
-    ("Examples 1, 2 and 4 fire; example 3 does not.", 4, 0, 1, None),  # prose about examples, not labels
+    (
+        "Examples 1, 2 and 4 fire; example 3 does not.",
+        4,
+        0,
+        1,
+        None,
+    ),  # prose about examples, not labels
     ("[0, 10, 3]", 3, 0, 10, [0, 10, 3]),
     ("Token 1: 0\nToken 2: 7", 2, 0, 10, [0, 7]),
     ("[0, 11, 3]", 3, 0, 10, None),

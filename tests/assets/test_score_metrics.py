@@ -4,7 +4,17 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from assets.score_metrics import MIN_LATENTS, binary_metrics, control_assignment, latent_metrics, pearson, roc_auc, rsquared, top_k_predictions, verdict
+from assets.score_metrics import (
+    MIN_LATENTS,
+    binary_metrics,
+    control_assignment,
+    latent_metrics,
+    pearson,
+    roc_auc,
+    rsquared,
+    top_k_predictions,
+    verdict,
+)
 
 
 def test_binary_metrics_against_hand_computation():
@@ -31,8 +41,12 @@ def test_pearson_by_hand_and_undefined_when_constant():
 
 def test_rsquared_is_centred_on_the_true_mean_by_hand_and_undefined_when_constant():
     # true 1,2,3,4 (mean 2.5): SS_tot = 2.25 + 0.25 + 0.25 + 2.25 = 5; predicted 1,2,3,3: SS_res = 1 → 1 - 1/5
-    assert rsquared([1, 2, 3, 3], [1, 2, 3, 4]) == pytest.approx(0.8)  # the uncentred form gives 1 - 1/30
-    assert rsquared([2.5] * 4, [1, 2, 3, 4]) == pytest.approx(0.0)  # the mean alone explains nothing
+    assert rsquared([1, 2, 3, 3], [1, 2, 3, 4]) == pytest.approx(
+        0.8
+    )  # the uncentred form gives 1 - 1/30
+    assert rsquared([2.5] * 4, [1, 2, 3, 4]) == pytest.approx(
+        0.0
+    )  # the mean alone explains nothing
     assert math.isnan(rsquared([1, 2, 3], [2, 2, 2]))
 
 
@@ -42,19 +56,28 @@ def test_score_only_scorers_are_judged_at_as_many_positives_as_there_are():
 
 
 def test_latent_metrics_of_scored_examples_by_hand():
-    rows = pd.DataFrame({
-        "label":      [1, 1, 1, 1, 0, 0, 0, 0],
-        "quantile":   [1, 1, 2, 2, 0, 0, 0, 0],
-        "activation": [4.0, 3.0, 2.0, 1.0, 0, 0, 0, 0],
-        "prediction": [1, 1, 1, 0, 1, 0, 0, 0],
-        "score":      [np.nan] * 8,
-    })
+    rows = pd.DataFrame(
+        {
+            "label": [1, 1, 1, 1, 0, 0, 0, 0],
+            "quantile": [1, 1, 2, 2, 0, 0, 0, 0],
+            "activation": [4.0, 3.0, 2.0, 1.0, 0, 0, 0, 0],
+            "prediction": [1, 1, 1, 0, 1, 0, 0, 0],
+            "score": [np.nan] * 8,
+        }
+    )
     m = latent_metrics(rows)
     assert (m["tp"], m["fn"], m["fp"], m["tn"]) == (3, 1, 1, 3)
-    assert m["accuracy"] == 6 / 8 and m["precision"] == 3 / 4 and m["recall"] == 3 / 4 and m["balanced_accuracy"] == 3 / 4
+    assert (
+        m["accuracy"] == 6 / 8
+        and m["precision"] == 3 / 4
+        and m["recall"] == 3 / 4
+        and m["balanced_accuracy"] == 3 / 4
+    )
     assert m["quantile_accuracy"] == {0: 3 / 4, 1: 1.0, 2: 1 / 2}
     assert math.isnan(m["roc_auc"])  # no score, no AUC
-    assert m["pearson"] == pytest.approx(np.corrcoef([1, 1, 1, 0, 1, 0, 0, 0], [4, 3, 2, 1, 0, 0, 0, 0])[0, 1])
+    assert m["pearson"] == pytest.approx(
+        np.corrcoef([1, 1, 1, 0, 1, 0, 0, 0], [4, 3, 2, 1, 0, 0, 0, 0])[0, 1]
+    )
     scored = rows.assign(prediction=np.nan, score=[0.9, 0.8, 0.3, 0.2, 0.7, 0.1, 0.05, 0.0])
     m = latent_metrics(scored)
     # top-4 scores are 0.9, 0.8, 0.7, 0.3 → predictions 1,1,1,0 | 1,0,0,0 as above; AUC: 4 + 4 + 3 + 3 = 14 of 16 pairs
@@ -63,7 +86,12 @@ def test_latent_metrics_of_scored_examples_by_hand():
 
 def test_undefined_metrics_are_nan_not_zero():
     m = binary_metrics([0, 0], [0, 0])
-    assert m["accuracy"] == 1.0 and math.isnan(m["precision"]) and math.isnan(m["recall"]) and math.isnan(m["balanced_accuracy"])
+    assert (
+        m["accuracy"] == 1.0
+        and math.isnan(m["precision"])
+        and math.isnan(m["recall"])
+        and math.isnan(m["balanced_accuracy"])
+    )
 
 
 def test_control_gives_every_latent_another_latents_explanation():
@@ -89,20 +117,38 @@ def test_control_is_always_a_different_text():
 def moved_controls(before: dict[int, str], after: dict[int, str], seed: int = 0) -> set[int]:
     """The latents, other than one added, removed or changed, whose control text differs between the two sets."""
     a, b = control_assignment(before, seed), control_assignment(after, seed)
-    changed = {latent for latent in before.keys() | after.keys() if before.get(latent) != after.get(latent)}
-    return {latent for latent in (before.keys() & after.keys()) - changed
-            if (before[a[latent]] if latent in a else None) != (after[b[latent]] if latent in b else None)}
+    changed = {
+        latent for latent in before.keys() | after.keys() if before.get(latent) != after.get(latent)
+    }
+    return {
+        latent
+        for latent in (before.keys() & after.keys()) - changed
+        if (before[a[latent]] if latent in a else None)
+        != (after[b[latent]] if latent in b else None)
+    }
 
 
 def test_adding_removing_or_changing_one_explanation_moves_at_most_one_other_control():
     """The controls of the other latents stay: their control questions are answered by the response cache."""
     texts = {latent: f"text {latent}" for latent in range(200)}
     for latent in (0, 57, 149, 199):
-        assert len(moved_controls(texts, {other: t for other, t in texts.items() if other != latent})) <= 1  # removed
-        assert len(moved_controls({other: t for other, t in texts.items() if other != latent}, texts)) <= 1  # added
-        for text in ("a new text", texts[(latent + 1) % 200], texts[(latent + 7) % 200]):  # re-explained, also as another latent's words
+        assert (
+            len(moved_controls(texts, {other: t for other, t in texts.items() if other != latent}))
+            <= 1
+        )  # removed
+        assert (
+            len(moved_controls({other: t for other, t in texts.items() if other != latent}, texts))
+            <= 1
+        )  # added
+        for text in (
+            "a new text",
+            texts[(latent + 1) % 200],
+            texts[(latent + 7) % 200],
+        ):  # re-explained, also as another latent's words
             assert len(moved_controls(texts, texts | {latent: text})) <= 1
-    assert moved_controls(texts, texts | {200: "text 200"}) and control_assignment(texts, 1) != control_assignment(texts, 0)
+    assert moved_controls(texts, texts | {200: "text 200"}) and control_assignment(
+        texts, 1
+    ) != control_assignment(texts, 0)
 
 
 def test_each_latent_takes_the_first_latent_after_it_on_the_ring_with_another_text():
@@ -111,29 +157,46 @@ def test_each_latent_takes_the_first_latent_after_it_on_the_ring_with_another_te
 
     rng = np.random.default_rng(1)
     for n in (2, 3, 7, 40):
-        texts = {latent: f"text {rng.integers(3)}" for latent in rng.choice(1000, n, replace=False).tolist()}
+        texts = {
+            latent: f"text {rng.integers(3)}"
+            for latent in rng.choice(1000, n, replace=False).tolist()
+        }
         ring = sorted(texts, key=lambda latent: ring_place(0, latent))
         expected = {}
         for i, latent in enumerate(ring):
-            after = [ring[(i + step) % n] for step in range(1, n) if texts[ring[(i + step) % n]] != texts[latent]]
+            after = [
+                ring[(i + step) % n]
+                for step in range(1, n)
+                if texts[ring[(i + step) % n]] != texts[latent]
+            ]
             if after:
                 expected[latent] = after[0]
         assert control_assignment(texts, seed=0) == expected
 
 
 def test_verdict_names_its_control():
-    assert "tasks without an intruder" in verdict(pd.Series([0.5, 0.6, 0.55] * 4), "tasks without an intruder")
+    assert "tasks without an intruder" in verdict(
+        pd.Series([0.5, 0.6, 0.55] * 4), "tasks without an intruder"
+    )
 
 
 def test_verdict_needs_a_gap_clearly_above_zero_and_says_its_test():
     informative = verdict(pd.Series([0.3, 0.35, 0.25, 0.3] * 3))
-    assert informative.startswith("informative") and "one-sided, mean gap > 2 standard errors over 12 latents" in informative
+    assert (
+        informative.startswith("informative")
+        and "one-sided, mean gap > 2 standard errors over 12 latents" in informative
+    )
     assert verdict(pd.Series([0.1, -0.1, 0.05, -0.05] * 3)).startswith("uninformative")
 
 
-@pytest.mark.parametrize("gaps", [[0.4], [0.03, 0.03, np.nan], [0.3, 0.35, 0.25, 0.3, 0.3, 0.32, 0.28, 0.31, 0.29]])
+@pytest.mark.parametrize(
+    "gaps", [[0.4], [0.03, 0.03, np.nan], [0.3, 0.35, 0.25, 0.3, 0.3, 0.32, 0.28, 0.31, 0.29]]
+)
 def test_a_verdict_on_too_few_latents_says_so_instead_of_a_verdict(gaps):
     """The demo's two latents were called informative (0.030 ± 0.010): with n latents the 2-SE test is
     a t test with n - 1 degrees of freedom, which a scorer with no signal passes 15% of the time at n = 2."""
     n = int(np.isfinite(gaps).sum())
-    assert verdict(pd.Series(gaps)) == f"too few latents to tell ({n} with a control; the test needs at least {MIN_LATENTS})"
+    assert (
+        verdict(pd.Series(gaps))
+        == f"too few latents to tell ({n} with a control; the test needs at least {MIN_LATENTS})"
+    )

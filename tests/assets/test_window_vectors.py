@@ -3,6 +3,7 @@ from the contexts table, and on single tokens (`span_tokens = 1`) those of token
 table (embedded there as the very text it would embed), and scores exactly as if it had embedded
 them itself; and a
 partition read a chunk of latents at a time is scored and explained as when read whole."""
+
 import asyncio
 import re
 
@@ -38,7 +39,10 @@ class Counting:
 
 def score(exemplars, explanations, vocab, windows=None, span_tokens=0):
     embedder = Counting()
-    scorer = SCORERS["embedding"](scorer_settings({"embedding": {"span_tokens": span_tokens}})["embedding"], ScorerDeps(embedder=embedder, corpus_windows=windows))
+    scorer = SCORERS["embedding"](
+        scorer_settings({"embedding": {"span_tokens": span_tokens}})["embedding"],
+        ScorerDeps(embedder=embedder, corpus_windows=windows),
+    )
     frame, examples = asyncio.run(score_partition(scorer, exemplars, explanations, vocab))
     return frame.set_index("latent"), examples, embedder.texts
 
@@ -55,9 +59,22 @@ def partition(registered):
     exemplars = pd.read_parquet(path)
     latents = sorted(int(x) for x in exemplars.latent.unique())
     assert len(latents) >= 4
-    top_word = lambda latent: vocab[exemplars[(exemplars.latent == latent) & (exemplars.kind == "activating")].iloc[0].tokens[0]]
-    explanations = pd.DataFrame({"latent": latents, "explanation": [f"text like {top_word(latent)!r} ({latent})" for latent in latents], "status": "ok"})
-    windows = CorpusWindows(root.lancedb_dir, corpus.meta["hash"], corpus.tokens, window_embedding(EmbedderResource().model))
+    top_word = lambda latent: vocab[
+        exemplars[(exemplars.latent == latent) & (exemplars.kind == "activating")].iloc[0].tokens[0]
+    ]
+    explanations = pd.DataFrame(
+        {
+            "latent": latents,
+            "explanation": [f"text like {top_word(latent)!r} ({latent})" for latent in latents],
+            "status": "ok",
+        }
+    )
+    windows = CorpusWindows(
+        root.lancedb_dir,
+        corpus.meta["hash"],
+        corpus.tokens,
+        window_embedding(EmbedderResource().model),
+    )
     return root, corpus, vocab, path, exemplars, latents, explanations, windows
 
 
@@ -68,12 +85,17 @@ def test_grid_windows_are_read_from_the_contexts_table_and_score_the_same(regist
 
     # the default block placement puts every window on the grid: only the explanations are embedded
     assert sorted(read_texts) == sorted(explanations.explanation)
-    assert len(set(embedded_texts) - set(explanations.explanation)) > 100  # without the table, every distinct window is embedded
+    assert (
+        len(set(embedded_texts) - set(explanations.explanation)) > 100
+    )  # without the table, every distinct window is embedded
     assert read.index.tolist() == embedded.index.tolist() == latents
     for metric in ("roc_auc", "control_roc_auc", "accuracy", "control_accuracy", "gap"):
         np.testing.assert_allclose(read[metric], embedded[metric], atol=1e-9, err_msg=metric)
     np.testing.assert_allclose(read_examples["score"], embedded_examples["score"], atol=1e-5)
-    assert (read_examples[["latent", "source", "example", "label"]].to_numpy() == embedded_examples[["latent", "source", "example", "label"]].to_numpy()).all()
+    assert (
+        read_examples[["latent", "source", "example", "label"]].to_numpy()
+        == embedded_examples[["latent", "source", "example", "label"]].to_numpy()
+    ).all()
 
     # read 16 latents at a time from the file: the same rows as the partition read whole (explanations
     # embedded in other batches move by MiniLM's batch noise, ~1e-7)
@@ -88,38 +110,90 @@ def test_grid_windows_are_read_from_the_contexts_table_and_score_the_same(regist
         return f"Explanation: {first.group(1)[:60] if first else 'none'}"
 
     with ScriptedLLMServer(explainer) as server:
-        client = lambda: LLMResource(backend="openai", base_url=server.base_url, model="m", cache_dir="").client()
+        client = lambda: LLMResource(
+            backend="openai", base_url=server.base_url, model="m", cache_dir=""
+        ).client()
         settings = ExplainerSettings()
-        by_chunk = asyncio.run(explain_all(EXPLAINERS["highlighted"](settings, ExplainerDeps(llm=client())), ExplanationsConfig(), path, None, latents, vocab, embed=None))
+        by_chunk = asyncio.run(
+            explain_all(
+                EXPLAINERS["highlighted"](settings, ExplainerDeps(llm=client())),
+                ExplanationsConfig(),
+                path,
+                None,
+                latents,
+                vocab,
+                embed=None,
+            )
+        )
         monkeypatch.setattr("assets.work.LATENTS_PER_CHUNK", 1024)
-        whole = asyncio.run(explain_all(EXPLAINERS["highlighted"](settings, ExplainerDeps(llm=client())), ExplanationsConfig(), exemplars, None, latents, vocab, embed=None))
+        whole = asyncio.run(
+            explain_all(
+                EXPLAINERS["highlighted"](settings, ExplainerDeps(llm=client())),
+                ExplanationsConfig(),
+                exemplars,
+                None,
+                latents,
+                vocab,
+                embed=None,
+            )
+        )
     assert (by_chunk.status == "ok").all() and by_chunk.explanation.nunique() > len(latents) // 2
     pd.testing.assert_frame_equal(by_chunk, whole)
 
     # only a window whose tokens are the corpus's at a grid place is read
     ids = corpus.tokens[3, 16:32]
     assert windows.vector(3, 16, ids) is not None
-    assert windows.vector(3, 16, ids[::-1]) is None  # other tokens at that place (a corpus rebuilt since)
+    assert (
+        windows.vector(3, 16, ids[::-1]) is None
+    )  # other tokens at that place (a corpus rebuilt since)
     assert windows.vector(3, 8, corpus.tokens[3, 8:24]) is None  # off the grid
-    assert CorpusWindows(root.lancedb_dir, corpus.meta["hash"], corpus.tokens, window_embedding("another-embedder")).vector(3, 16, ids) is None
+    assert (
+        CorpusWindows(
+            root.lancedb_dir,
+            corpus.meta["hash"],
+            corpus.tokens,
+            window_embedding("another-embedder"),
+        ).vector(3, 16, ids)
+        is None
+    )
 
 
 def test_single_tokens_are_read_from_the_tokens_table_and_score_the_same(registered):
     root, corpus, vocab, path, exemplars, latents, explanations, windows = partition(registered)
     read, read_examples, read_texts = score(path, explanations, vocab, windows, span_tokens=1)
-    embedded, embedded_examples, embedded_texts = score(exemplars, explanations, vocab, span_tokens=1)
+    embedded, embedded_examples, embedded_texts = score(
+        exemplars, explanations, vocab, span_tokens=1
+    )
 
-    assert sorted(read_texts) == sorted(explanations.explanation)  # every token's vector is in the table
-    assert len(set(embedded_texts) - set(explanations.explanation)) > 100  # without it, every distinct token text is embedded
+    assert sorted(read_texts) == sorted(
+        explanations.explanation
+    )  # every token's vector is in the table
+    assert (
+        len(set(embedded_texts) - set(explanations.explanation)) > 100
+    )  # without it, every distinct token text is embedded
     np.testing.assert_allclose(read_examples["score"], embedded_examples["score"], atol=1e-5)
-    assert (read_examples[["latent", "source", "example", "label"]].to_numpy() == embedded_examples[["latent", "source", "example", "label"]].to_numpy()).all()
+    assert (
+        read_examples[["latent", "source", "example", "label"]].to_numpy()
+        == embedded_examples[["latent", "source", "example", "label"]].to_numpy()
+    ).all()
     # texts MiniLM reads alike (it lowercases and drops spaces: " The", "the") are near-ties that its batch
     # noise (~1e-7) may order either way; a swap moves an AUC by a pair of its few windows
     for metric in ("roc_auc", "control_roc_auc"):
         differ = (read[metric] - embedded[metric]).abs()
-        assert differ.max() <= 0.05 + 1e-9 and (differ > 0).mean() < 0.05, (metric, differ[differ > 0])
+        assert differ.max() <= 0.05 + 1e-9 and (differ > 0).mean() < 0.05, (
+            metric,
+            differ[differ > 0],
+        )
 
     # the table holds the corpus's tokens, for this embedder and rendering only
     assert windows.token_vectors(corpus.tokens[3, :5]).shape == (5, 384)
     assert windows.token_vectors([int(corpus.tokens.max()) + 1]) is None
-    assert CorpusWindows(root.lancedb_dir, corpus.meta["hash"], corpus.tokens, window_embedding("another-embedder")).token_vectors(corpus.tokens[3, :5]) is None
+    assert (
+        CorpusWindows(
+            root.lancedb_dir,
+            corpus.meta["hash"],
+            corpus.tokens,
+            window_embedding("another-embedder"),
+        ).token_vectors(corpus.tokens[3, :5])
+        is None
+    )

@@ -1,5 +1,6 @@
 """bench/kill_campaign.py's CI subset: `autointerp cache` and an explanations run killed with SIGKILL in
 the middle of their work, then run again, equal an uninterrupted run exactly."""
+
 import json
 import subprocess
 import sys
@@ -9,9 +10,25 @@ ROOT = Path(__file__).resolve().parents[2]
 
 
 def test_killed_cache_and_explanations_runs_resume_to_identical_results():
-    out = subprocess.run([sys.executable, str(ROOT / "bench" / "kill_campaign.py"), "--kills", "1", "--stages", "cache,explanations"],
-                         capture_output=True, text=True, timeout=900, cwd=ROOT)
+    out = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "bench" / "kill_campaign.py"),
+            "--kills",
+            "1",
+            "--stages",
+            "cache,explanations",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=900,
+        cwd=ROOT,
+    )
     assert out.returncode == 0, out.stderr[-3000:]
     report = json.loads(out.stdout.strip().splitlines()[-1])
     assert report["identical_results"] is True and report["kills"] == 2
-    assert report["stages"]["cache"]["killed_at"] == report["stages"]["explanations"]["killed_at"] == ["50%"]  # halfway through their work
+    assert (
+        report["stages"]["cache"]["killed_at"]
+        == report["stages"]["explanations"]["killed_at"]
+        == ["50%"]
+    )  # halfway through their work

@@ -2,13 +2,22 @@
 (coordination, the Dagster instance) and Redis (the celery broker), each started once per session
 and stopped by its process id at the end; each test gets a database of its own. Without them, or
 without the `cluster` extra, the tests fail with the command that installs them: they never skip."""
+
 from __future__ import annotations
 
 import contextlib
 
 import pytest
 
-from tests.cluster.services import ServiceMissing, dagster_postgres_url, fresh_database, postgres_server as postgres, redis_server
+from tests.cluster.services import (
+    ServiceMissing,
+    dagster_postgres_url,
+    fresh_database,
+    redis_server,
+)
+from tests.cluster.services import (
+    postgres_server as postgres,
+)
 
 
 @contextlib.contextmanager
@@ -45,9 +54,16 @@ def needs_the_cluster_extra() -> None:
     """Fail the calling test module, naming the fix, where the `cluster` extra is not installed."""
     import importlib.util
 
-    missing = [module for module in ("dagster_celery", "dagster_postgres") if importlib.util.find_spec(module) is None]
+    missing = [
+        module
+        for module in ("dagster_celery", "dagster_postgres")
+        if importlib.util.find_spec(module) is None
+    ]
     if missing:
-        pytest.fail(f"the cluster tests need the `cluster` extra ({', '.join(missing)} missing). Fix: pip install -e '.[test,cluster]' (make test does)", pytrace=False)
+        pytest.fail(
+            f"the cluster tests need the `cluster` extra ({', '.join(missing)} missing). Fix: pip install -e '.[test,cluster]' (make test does)",
+            pytrace=False,
+        )
 
 
 @pytest.fixture(scope="session")

@@ -1,6 +1,7 @@
 """Every writer under the data root takes its lock through the deployment's coordination database when
 it has one: the commands (`autointerp import delphi`, `autointerp cache`) as the assets do, and the
 vector tables' writers. A command that runs beside a holder on another node is refused naming it."""
+
 import json
 import os
 import re
@@ -31,29 +32,57 @@ def holder_here() -> str:
     return re.escape(f"autointerp process {os.getpid()} on {socket.gethostname()}")
 
 
-def test_import_delphi_is_refused_while_the_explanations_asset_holds_the_table(partition, tmp_path, deployment, coordination_url):  # noqa: F811
+def test_import_delphi_is_refused_while_the_explanations_asset_holds_the_table(
+    partition, tmp_path, deployment, coordination_url
+):  # noqa: F811
     from autointerp_defs.cli import main
 
     out = tmp_path / "delphi"
     main(["--data", str(partition.root), "export", "delphi", partition.coder, str(out)])
     copy = tmp_path / "copy"
     shutil.copytree(partition.root, copy, ignore=shutil.ignore_patterns("viewer"))
-    table = AutointerpSettings(data_dir=str(copy), coordination_url=coordination_url).store.explanations(partition.coder, "00")
+    table = AutointerpSettings(
+        data_dir=str(copy), coordination_url=coordination_url
+    ).store.explanations(partition.coder, "00")
     before = table.path.read_bytes()
-    importing = ["--deployment", deployment, "--data", str(copy), "import", "delphi", partition.coder, str(out)]
-    with table.lock(f"Explaining {partition.coder} shard 00", wait=True):  # as the explanations asset holds it, on any node
-        with pytest.raises(SystemExit, match=rf"Writing the explanations of {re.escape(partition.coder)} shard 00 .* is already running in {holder_here()}\. Fix: wait"):
+    importing = [
+        "--deployment",
+        deployment,
+        "--data",
+        str(copy),
+        "import",
+        "delphi",
+        partition.coder,
+        str(out),
+    ]
+    with table.lock(
+        f"Explaining {partition.coder} shard 00", wait=True
+    ):  # as the explanations asset holds it, on any node
+        with pytest.raises(
+            SystemExit,
+            match=rf"Writing the explanations of {re.escape(partition.coder)} shard 00 .* is already running in {holder_here()}\. Fix: wait",
+        ):
             main(importing)
     assert table.path.read_bytes() == before
     main(importing)  # once it is free, the import goes through
     assert table.path.read_bytes() != before
 
 
-def test_cache_is_refused_while_another_node_caches_the_coder(registered, deployment, coordination_url):
+def test_cache_is_refused_while_another_node_caches_the_coder(
+    registered, deployment, coordination_url
+):
     from autointerp_defs.cli import main
 
-    with exclusive(coordination_url, f"activations {TINY_CODER}", registered / "elsewhere.lock", "another node's cache"):  # the database decides, not a file
-        with pytest.raises(SystemExit, match=rf"Caching the activations of {re.escape(TINY_CODER)} is already running in {holder_here()}\. Fix: wait"):
+    with exclusive(
+        coordination_url,
+        f"activations {TINY_CODER}",
+        registered / "elsewhere.lock",
+        "another node's cache",
+    ):  # the database decides, not a file
+        with pytest.raises(
+            SystemExit,
+            match=rf"Caching the activations of {re.escape(TINY_CODER)} is already running in {holder_here()}\. Fix: wait",
+        ):
             main(["--deployment", deployment, "--data", str(registered), "cache", TINY_CODER])
 
 
@@ -63,10 +92,24 @@ def test_a_vector_tables_writer_waits_for_the_holder_on_another_node(tmp_path, c
     db_dir, synced = tmp_path / "lancedb", threading.Event()
 
     def sync():
-        sync_explanations(db_dir, "ones-8", "c/h", "00", {0: "a word", 1: "a number"}, lambda texts: np.ones((len(texts), 8)), coordination_url=coordination_url)
+        sync_explanations(
+            db_dir,
+            "ones-8",
+            "c/h",
+            "00",
+            {0: "a word", 1: "a number"},
+            lambda texts: np.ones((len(texts), 8)),
+            coordination_url=coordination_url,
+        )
         synced.set()
 
-    with exclusive(coordination_url, f"vector table {explanations_table_name('ones-8')}", tmp_path / "elsewhere.lock", "another node's sync", wait=True):
+    with exclusive(
+        coordination_url,
+        f"vector table {explanations_table_name('ones-8')}",
+        tmp_path / "elsewhere.lock",
+        "another node's sync",
+        wait=True,
+    ):
         writer = threading.Thread(target=sync)
         writer.start()
         time.sleep(1.0)

@@ -1,6 +1,7 @@
 """The cluster tests' network (`tests/cluster/services.py`) lives in namespaces the tests make: the services in one,
 each node in its own, joined by veth pairs inside them. This machine's own network gets no address, route or link,
 and every service asks for a password."""
+
 from __future__ import annotations
 
 import contextlib
@@ -12,11 +13,19 @@ import sys
 import pytest
 
 from tests.cluster.conftest import failing_where_missing
-from tests.cluster.services import ClusterNetwork, cluster_network, joined, postgres_server, redis_server
+from tests.cluster.services import (
+    ClusterNetwork,
+    cluster_network,
+    joined,
+    postgres_server,
+    redis_server,
+)
 from tests.conftest import root_network
 from tests.scripted_llm_server import ScriptedLLMServer
 
-pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="network namespaces need root (CI runs as root)")
+pytestmark = pytest.mark.skipif(
+    os.geteuid() != 0, reason="network namespaces need root (CI runs as root)"
+)
 
 ON_A_NODE = """
 import json, socket, sys, urllib.request
@@ -53,9 +62,25 @@ def test_the_services_and_nodes_live_in_namespaces_of_the_test_and_ask_for_passw
             if restarted:  # the faults of bench/cluster_faults.py: the same servers again, on the same data and addresses
                 postgres.daemon.restart()
                 redis.daemon.restart()
-            done = subprocess.run([*ClusterNetwork.prefix(node), sys.executable, "-c", ON_A_NODE, postgres.nodes_url, redis.nodes_url, server.base_url],
-                                  capture_output=True, text=True, timeout=120)
+            done = subprocess.run(
+                [
+                    *ClusterNetwork.prefix(node),
+                    sys.executable,
+                    "-c",
+                    ON_A_NODE,
+                    postgres.nodes_url,
+                    redis.nodes_url,
+                    server.base_url,
+                ],
+                capture_output=True,
+                text=True,
+                timeout=120,
+            )
             assert done.returncode == 0, done.stderr[-3000:]
-            assert json.loads(done.stdout) == {"postgres": 1, "postgres_wrong_password": True, "redis_without_password": "-NOAUTH Authentication required.",
-                                               "llm": "list"}
+            assert json.loads(done.stdout) == {
+                "postgres": 1,
+                "postgres_wrong_password": True,
+                "redis_without_password": "-NOAUTH Authentication required.",
+                "llm": "list",
+            }
     assert root_network() == before

@@ -2,6 +2,7 @@
 never come (its queue's every worker lost whole, nothing redelivered before `[cluster] redeliver_after_s`): the
 daemon fails the run once `max_runtime_seconds` has passed, and gives back the pool slot its waiting step holds
 `free_slots_after_run_end_seconds` later, so the other runs' steps of that pool are not held up for ever."""
+
 from __future__ import annotations
 
 import subprocess
@@ -28,37 +29,99 @@ def wait_for(condition, timeout_s: float, what: str, *processes: subprocess.Pope
     deadline = time.monotonic() + timeout_s
     while not (found := condition()):
         for process in processes:
-            assert process.poll() is None, f"{process.args[:4]} exited with {process.returncode} while waiting for {what}"
+            assert process.poll() is None, (
+                f"{process.args[:4]} exited with {process.returncode} while waiting for {what}"
+            )
         assert time.monotonic() < deadline, f"no {what} after {timeout_s} s"
         time.sleep(1)
     return found
 
 
-def test_the_daemon_fails_a_run_whose_step_no_worker_runs_and_frees_its_pool_slot(registered, tmp_path_factory, monkeypatch, postgres_url, redis_url):
+def test_the_daemon_fails_a_run_whose_step_no_worker_runs_and_frees_its_pool_slot(
+    registered, tmp_path_factory, monkeypatch, postgres_url, redis_url
+):
     home = tmp_path_factory.mktemp("dagster_home")
-    deployment_file = tiny_cluster_deployment(home, registered, "http://127.0.0.1:9/v1", None)  # no step asks the LLM
+    deployment_file = tiny_cluster_deployment(
+        home, registered, "http://127.0.0.1:9/v1", None
+    )  # no step asks the LLM
     env = cluster_env(REPO, home, deployment_file, postgres_url, redis_url)
     monkeypatch.setenv("AUTOINTERP_POSTGRES_URL", postgres_url)
     config = write_instance(home, gpus=1, max_runtime_s=MAX_RUNTIME_S)
-    config.write_text(config.read_text().replace("run_monitoring:\n", f"run_monitoring:\n  poll_interval_seconds: {POLL_S}\n"))  # else every 120 s
+    config.write_text(
+        config.read_text().replace(
+            "run_monitoring:\n", f"run_monitoring:\n  poll_interval_seconds: {POLL_S}\n"
+        )
+    )  # else every 120 s
     instance = DagsterInstance.from_config(str(home))
     add_coders(instance, registered, TINY_CODER)
-    daemon = subprocess.Popen([sys.executable, "-m", "dagster._daemon", "run", "-m", "autointerp_defs"], env=env, cwd=home,
-                              stdout=open(home / "daemon.log", "wb"), stderr=subprocess.STDOUT)
-    run = subprocess.Popen([sys.executable, "-m", "dagster", "asset", "materialize", "-m", "autointerp_defs", "--select", "activations",
-                            "--partition", f"{TINY_CODER}|00"], env=env, cwd=home, stdout=open(home / "run.log", "wb"), stderr=subprocess.STDOUT)
+    daemon = subprocess.Popen(
+        [sys.executable, "-m", "dagster._daemon", "run", "-m", "autointerp_defs"],
+        env=env,
+        cwd=home,
+        stdout=open(home / "daemon.log", "wb"),
+        stderr=subprocess.STDOUT,
+    )
+    run = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "dagster",
+            "asset",
+            "materialize",
+            "-m",
+            "autointerp_defs",
+            "--select",
+            "activations",
+            "--partition",
+            f"{TINY_CODER}|00",
+        ],
+        env=env,
+        cwd=home,
+        stdout=open(home / "run.log", "wb"),
+        stderr=subprocess.STDOUT,
+    )
     try:  # no `gpu` worker: the step is sent to its queue and waits there, holding the subject model's slot
-        wait_for(lambda: instance.event_log_storage.get_concurrency_info(SUBJECT_MODEL_POOL).claimed_slots, 600, "claimed slot", run, daemon)
+        wait_for(
+            lambda: (
+                instance.event_log_storage.get_concurrency_info(SUBJECT_MODEL_POOL).claimed_slots
+            ),
+            600,
+            "claimed slot",
+            run,
+            daemon,
+        )
         (waiting,) = instance.get_runs(limit=1)
         assert waiting.status == DagsterRunStatus.STARTED
-        failed = wait_for(lambda: instance.get_run_by_id(waiting.run_id).is_finished and instance.get_run_by_id(waiting.run_id), 600, "failed run", daemon)
+        failed = wait_for(
+            lambda: (
+                instance.get_run_by_id(waiting.run_id).is_finished
+                and instance.get_run_by_id(waiting.run_id)
+            ),
+            600,
+            "failed run",
+            daemon,
+        )
         assert failed.status == DagsterRunStatus.FAILURE
         ended = time.monotonic()
-        wait_for(lambda: not instance.event_log_storage.get_concurrency_info(SUBJECT_MODEL_POOL).claimed_slots, 60 + 10 * POLL_S + 60, "freed slot", daemon)
-        assert time.monotonic() - ended > 30  # freed by free_slots_after_run_end_seconds (60 s after the run ended), not by the run
+        wait_for(
+            lambda: (
+                not instance.event_log_storage.get_concurrency_info(
+                    SUBJECT_MODEL_POOL
+                ).claimed_slots
+            ),
+            60 + 10 * POLL_S + 60,
+            "freed slot",
+            daemon,
+        )
+        assert (
+            time.monotonic() - ended > 30
+        )  # freed by free_slots_after_run_end_seconds (60 s after the run ended), not by the run
     finally:
         for process in (run, daemon):
             stop(process)
     messages = [record.message for record in instance.all_logs(waiting.run_id)]
-    assert any(f"Exceeded maximum runtime of {MAX_RUNTIME_S} seconds" in message or f"exceeding maximum runtime of {MAX_RUNTIME_S} seconds" in message
-               for message in messages), messages[-10:]
+    assert any(
+        f"Exceeded maximum runtime of {MAX_RUNTIME_S} seconds" in message
+        or f"exceeding maximum runtime of {MAX_RUNTIME_S} seconds" in message
+        for message in messages
+    ), messages[-10:]

@@ -2,6 +2,7 @@
 on disk is shared) share the LLM endpoint's request limit and the response cache through
 PostgreSQL, against one scripted server that records what it was sent and its peak in flight; the
 limit holds and every request is answered while a node's sessions are terminated and reconnect."""
+
 import asyncio
 import json
 import subprocess
@@ -33,13 +34,32 @@ asyncio.run(main())
 """
 
 
-def run_nodes(server: ScriptedLLMServer, url: str, folder: Path, work: dict[str, list[str]], meanwhile=None) -> None:
+def run_nodes(
+    server: ScriptedLLMServer, url: str, folder: Path, work: dict[str, list[str]], meanwhile=None
+) -> None:
     """One process per node of `work` (node name → the prompts it asks), started together, each on its own data root;
     `meanwhile(nodes)` runs on a thread of its own while they work."""
     ready = folder / f"ready-{len(list(folder.glob('ready-*')))}"
     ready.mkdir()
-    nodes = [subprocess.Popen([sys.executable, "-c", NODE, server.base_url, str(folder / name), url, str(ready), str(len(work)), json.dumps(contents)],
-                              cwd=REPO, stderr=subprocess.PIPE, text=True) for name, contents in work.items()]
+    nodes = [
+        subprocess.Popen(
+            [
+                sys.executable,
+                "-c",
+                NODE,
+                server.base_url,
+                str(folder / name),
+                url,
+                str(ready),
+                str(len(work)),
+                json.dumps(contents),
+            ],
+            cwd=REPO,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for name, contents in work.items()
+    ]
     if meanwhile is not None:
         threading.Thread(target=meanwhile, args=(nodes,), daemon=True).start()
     for node in nodes:
@@ -60,9 +80,16 @@ def test_two_nodes_share_the_endpoint_limit(tmp_path, coordination_url):
         return "ok"
 
     with ScriptedLLMServer(reply) as server:
-        run_nodes(server, coordination_url, tmp_path, {node: [f"{node} request {i}" for i in range(16)] for node in ("a", "b")})
+        run_nodes(
+            server,
+            coordination_url,
+            tmp_path,
+            {node: [f"{node} request {i}" for i in range(16)] for node in ("a", "b")},
+        )
     assert len(server.requests) == 2 * 16
-    assert together[0] and server.peak_in_flight == 4  # both sent at once, never more than the one limit of 4, and it was reached
+    assert (
+        together[0] and server.peak_in_flight == 4
+    )  # both sent at once, never more than the one limit of 4, and it was reached
 
 
 def test_a_second_node_resends_nothing_the_first_asked(tmp_path, coordination_url):
@@ -70,11 +97,17 @@ def test_a_second_node_resends_nothing_the_first_asked(tmp_path, coordination_ur
         run_nodes(server, coordination_url, tmp_path, {"a": [f"question {i}" for i in range(8)]})
         run_nodes(server, coordination_url, tmp_path, {"b": [f"question {i}" for i in range(12)]})
         asked = [request["messages"][-1]["content"] for request in server.requests]
-    assert sorted(asked) == sorted(f"question {i}" for i in range(12))  # each asked once, by whichever node asked first
-    assert not list(tmp_path.rglob("*.sqlite")) and not list(tmp_path.rglob("slots"))  # nothing coordinated through the nodes' disks
+    assert sorted(asked) == sorted(
+        f"question {i}" for i in range(12)
+    )  # each asked once, by whichever node asked first
+    assert not list(tmp_path.rglob("*.sqlite")) and not list(
+        tmp_path.rglob("slots")
+    )  # nothing coordinated through the nodes' disks
 
 
-def test_the_limit_holds_and_every_request_is_answered_while_a_node_reconnects(tmp_path, coordination_url):
+def test_the_limit_holds_and_every_request_is_answered_while_a_node_reconnects(
+    tmp_path, coordination_url
+):
     """Node a's sessions (its response cache's and its endpoint slots') are terminated while it has requests
     out: its slots stay its own on the server, so node b, waiting for one, does not get them; node a
     reconnects and finishes."""
@@ -97,12 +130,24 @@ def test_the_limit_holds_and_every_request_is_answered_while_a_node_reconnects(t
             time.sleep(0.005)
         killed_at.append(len(server.requests))
         with psycopg.connect(coordination_url, autocommit=True) as db:
-            killed.extend(db.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE application_name LIKE %s",
-                                     (f"autointerp process {nodes[0].pid} %",)).fetchall())
+            killed.extend(
+                db.execute(
+                    "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE application_name LIKE %s",
+                    (f"autointerp process {nodes[0].pid} %",),
+                ).fetchall()
+            )
 
     with ScriptedLLMServer(reply) as server:
-        run_nodes(server, coordination_url, tmp_path, {node: [f"{node} request {i}" for i in range(16)] for node in ("a", "b")}, terminate_sessions_of_a)
-    assert len(killed) == 2 and all(ok for (ok,) in killed) and killed_at[0] < 24  # its cache's session and its slots' session, mid-run
+        run_nodes(
+            server,
+            coordination_url,
+            tmp_path,
+            {node: [f"{node} request {i}" for i in range(16)] for node in ("a", "b")},
+            terminate_sessions_of_a,
+        )
+    assert (
+        len(killed) == 2 and all(ok for (ok,) in killed) and killed_at[0] < 24
+    )  # its cache's session and its slots' session, mid-run
     assert len(server.requests) == 2 * 16 and server.peak_in_flight == 4
 
 
@@ -114,7 +159,9 @@ def test_a_query_the_database_holds_up_leaves_the_event_loop_free(tmp_path, coor
     from resources.llm import LLMResource
 
     with ScriptedLLMServer(lambda messages: "ok") as server:
-        client = LLMResource(backend="openai", base_url=server.base_url, model="scripted").client(tmp_path, coordination_url=coordination_url)
+        client = LLMResource(backend="openai", base_url=server.base_url, model="scripted").client(
+            tmp_path, coordination_url=coordination_url
+        )
         blocker, ticks = psycopg.connect(coordination_url), []
 
         async def ticker():
@@ -124,7 +171,9 @@ def test_a_query_the_database_holds_up_leaves_the_event_loop_free(tmp_path, coor
 
         async def main():
             async with client.session():
-                await client.complete([{"role": "user", "content": "warm up"}], max_tokens=2)  # the SDK loaded, its connection open
+                await client.complete(
+                    [{"role": "user", "content": "warm up"}], max_tokens=2
+                )  # the SDK loaded, its connection open
                 blocker.execute("LOCK TABLE llm_responses IN ACCESS EXCLUSIVE MODE")
                 threading.Timer(1.0, blocker.commit).start()  # let go after a second
                 ticks.append(time.monotonic())  # asked: from here on
@@ -137,7 +186,9 @@ def test_a_query_the_database_holds_up_leaves_the_event_loop_free(tmp_path, coor
         answer = asyncio.run(main())
         blocker.close()
     assert answer.text == "ok" and ticks[-1] - ticks[0] >= 1.0  # it did wait for the table
-    assert max(later - earlier for earlier, later in zip(ticks, ticks[1:])) < 0.5  # and the loop ran meanwhile
+    assert (
+        max(later - earlier for earlier, later in zip(ticks, ticks[1:], strict=False)) < 0.5
+    )  # and the loop ran meanwhile
 
 
 def test_an_endpoint_slot_is_free_only_when_the_server_says_so(coordination_url):
@@ -147,10 +198,15 @@ def test_an_endpoint_slot_is_free_only_when_the_server_says_so(coordination_url)
 
     from resources.llm import SharedEndpointSlots
 
-    holder, other = (SharedEndpointSlots(coordination_url, "endpoint x", 1, lease_s=2.0) for _ in range(2))
+    holder, other = (
+        SharedEndpointSlots(coordination_url, "endpoint x", 1, lease_s=2.0) for _ in range(2)
+    )
     slot = holder._try_take()
     with psycopg.connect(coordination_url, autocommit=True) as db:
-        assert db.execute("SELECT pg_terminate_backend(%s)", (holder._session.run(lambda session: session.info.backend_pid),)).fetchone()[0]
+        assert db.execute(
+            "SELECT pg_terminate_backend(%s)",
+            (holder._session.run(lambda session: session.info.backend_pid),),
+        ).fetchone()[0]
     time.sleep(5.0)  # two and a half leases: renewed meanwhile, on a new session
     assert slot is not None and other._try_take() is None
     holder._release(slot)

@@ -1,5 +1,6 @@
 """`autointerp worker` loads the code before celery forks its pool: a step on a pool process then finds the
 definitions built and the stages' libraries imported, instead of loading them again on its first step."""
+
 import subprocess
 import sys
 from pathlib import Path
@@ -33,7 +34,19 @@ os.waitpid(child, 0)
 
 def test_a_pool_process_finds_the_code_loaded(tmp_path):
     deployment = tiny_cluster_deployment(tmp_path, tmp_path, "http://127.0.0.1:9/v1", None)
-    run = subprocess.run([sys.executable, "-c", POOL_PROCESS], cwd=REPO, capture_output=True, text=True, timeout=600,
-                         env={"PATH": "/usr/bin:/bin", "PYTHONPATH": str(REPO), "AUTOINTERP_DEPLOYMENT": str(deployment)})
+    run = subprocess.run(
+        [sys.executable, "-c", POOL_PROCESS],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env={
+            "PATH": "/usr/bin:/bin",
+            "PYTHONPATH": str(REPO),
+            "AUTOINTERP_DEPLOYMENT": str(deployment),
+        },
+    )
     assert run.returncode == 0, run.stderr[-3000:]
-    assert "same definitions" in run.stdout and "modules loaded by the step: [] (0)" in run.stdout, run.stdout + run.stderr[-2000:]
+    assert (
+        "same definitions" in run.stdout and "modules loaded by the step: [] (0)" in run.stdout
+    ), run.stdout + run.stderr[-2000:]

@@ -1,5 +1,6 @@
 """Fixtures of the latent browser's tests: one materialized demo partition per session, and the
 viewer serving it (both the API tests and the browser tests use them)."""
+
 import threading
 
 import pytest
@@ -41,15 +42,55 @@ def with_two_senses(partition, root, union_scored: bool = False) -> tuple[int, i
     union = "digits inside parentheses or names inside quotation marks"
     explained.loc[explained.latent == several, "explanation"] = union
     explained.to_parquet(layout.explanations_path(coder, shard), index=False)
-    write_table(pd.DataFrame([{"latent": several, "sense": 1, "explanation": "names inside quotation marks", "windows": 3, "clusters": [1], "test_windows": [2]},
-                              {"latent": several, "sense": 0, "explanation": "digits inside parentheses", "windows": 5, "clusters": [0], "test_windows": [0, 1]}]),
-                layout.explanation_senses_path(coder, shard), "explanation_senses")
+    write_table(
+        pd.DataFrame(
+            [
+                {
+                    "latent": several,
+                    "sense": 1,
+                    "explanation": "names inside quotation marks",
+                    "windows": 3,
+                    "clusters": [1],
+                    "test_windows": [2],
+                },
+                {
+                    "latent": several,
+                    "sense": 0,
+                    "explanation": "digits inside parentheses",
+                    "windows": 5,
+                    "clusters": [0],
+                    "test_windows": [0, 1],
+                },
+            ]
+        ),
+        layout.explanation_senses_path(coder, shard),
+        "explanation_senses",
+    )
     scores = pd.read_parquet(layout.scores_path(coder, shard, "detection"))
     if union_scored:
         scores.loc[scores.latent == several, "explanation"] = union
         write_table(scores, layout.scores_path(coder, shard, "detection"), "scores")
     row = scores.iloc[:1]
-    write_table(pd.concat([row.assign(latent=several, sense=0, explanation="digits inside parentheses", balanced_accuracy=0.9, control_balanced_accuracy=0.4),
-                           row.assign(latent=several, sense=1, explanation="an older sense", balanced_accuracy=0.7, control_balanced_accuracy=0.5)]),
-                layout.sense_scores_path(coder, shard, "detection"), "sense_scores")
+    write_table(
+        pd.concat(
+            [
+                row.assign(
+                    latent=several,
+                    sense=0,
+                    explanation="digits inside parentheses",
+                    balanced_accuracy=0.9,
+                    control_balanced_accuracy=0.4,
+                ),
+                row.assign(
+                    latent=several,
+                    sense=1,
+                    explanation="an older sense",
+                    balanced_accuracy=0.7,
+                    control_balanced_accuracy=0.5,
+                ),
+            ]
+        ),
+        layout.sense_scores_path(coder, shard, "detection"),
+        "sense_scores",
+    )
     return several, other

@@ -14,6 +14,7 @@ steps, their order, which of them a try guards) and `apps/webapp/lib/db/import.t
 
 Prisma's checks before any SQL (unknown fields, nulls, value types) are restated in `prisma_create`.
 """
+
 from __future__ import annotations
 
 import gzip
@@ -33,10 +34,27 @@ INSERT_CHUNK = 65_000
 # explainer types in utils/neuronpedia-utils/.../batch-autointerp.py and app/api/explanation/generate/route.tsx,
 # explainer models in batch-autointerp.py (written there without the provider prefix).
 CONFIG = {
-    "ExplanationType": ["oai_token-act-pair", "oai_attention-head", "np_max-act-logits", "np_max-act", "np_acts-logits-general", "python-code",
-                        "eleuther_acts_top20"],
-    "ExplanationModelType": ["gpt-4o-mini", "gpt-4.1-nano", "gpt-5-nano-2025-08-07", "gpt-5-mini-2025-08-07", "gpt-5-nano", "gemini-2.0-flash",
-                             "gemini-2.0-flash-lite", "gemini-2.5-flash", "gemini-2.5-flash-lite", "gpt-oss-120b"],
+    "ExplanationType": [
+        "oai_token-act-pair",
+        "oai_attention-head",
+        "np_max-act-logits",
+        "np_max-act",
+        "np_acts-logits-general",
+        "python-code",
+        "eleuther_acts_top20",
+    ],
+    "ExplanationModelType": [
+        "gpt-4o-mini",
+        "gpt-4.1-nano",
+        "gpt-5-nano-2025-08-07",
+        "gpt-5-mini-2025-08-07",
+        "gpt-5-nano",
+        "gemini-2.0-flash",
+        "gemini-2.0-flash-lite",
+        "gemini-2.5-flash",
+        "gemini-2.5-flash-lite",
+        "gpt-oss-120b",
+    ],
 }
 
 # import.ts's column query: each column the first line names, with the type `jsonb_to_recordset` reads it as
@@ -59,7 +77,10 @@ def create_schema(url: str) -> None:
     """Neuronpedia's tables and the users its seed creates."""
     with psycopg.connect(url, autocommit=True) as db:
         db.execute(SCHEMA.read_text())
-        db.execute("""INSERT INTO "User" (id, name, bot, admin, "emailUnsubscribeCode") VALUES (%s, 'bot', true, true, 'seeded-bot')""", [BOT_USER])
+        db.execute(
+            """INSERT INTO "User" (id, name, bot, admin, "emailUnsubscribeCode") VALUES (%s, 'bot', true, true, 'seeded-bot')""",
+            [BOT_USER],
+        )
 
 
 def import_folder(url: str, folder: Path, explanations: str = "true") -> list[str]:
@@ -70,8 +91,15 @@ def import_folder(url: str, folder: Path, explanations: str = "true") -> list[st
         db.execute("SET work_mem = '2GB'")
         for table, names in CONFIG.items():
             for name in names:
-                row = {"name": name, "displayName": name, "description": f"{name} (Neuronpedia config)", "creatorName": "Neuronpedia"}
-                prisma_upsert(db, table, row | ({"creatorId": BOT_USER} if table == "ExplanationType" else {}))
+                row = {
+                    "name": name,
+                    "displayName": name,
+                    "description": f"{name} (Neuronpedia config)",
+                    "creatorName": "Neuronpedia",
+                }
+                prisma_upsert(
+                    db, table, row | ({"creatorId": BOT_USER} if table == "ExplanationType" else {})
+                )
         if explanations != "only":
             try:
                 for line in _jsonl(folder / "release.jsonl"):
@@ -84,13 +112,20 @@ def import_folder(url: str, folder: Path, explanations: str = "true") -> list[st
                     prisma_create(db, "Model", line)
             for line in _jsonl(folder / "sourceset.jsonl"):
                 if not _exists(db, "SourceSet", {"modelId": model_id, "name": line["name"]}):
-                    prisma_create(db, "SourceSet", {**line, "urls": line["urls"] if line.get("urls") is not None else []})
+                    prisma_create(
+                        db,
+                        "SourceSet",
+                        {**line, "urls": line["urls"] if line.get("urls") is not None else []},
+                    )
             for line in _jsonl(folder / "source.jsonl"):
                 if not _exists(db, "Source", {"modelId": model_id, "id": line["id"]}):
                     hosts = line.pop("inferenceHosts", None)
                     assert not hosts, "nested inference hosts are not replayed"
                     prisma_create(db, "Source", line)
-            for optional in ("inference_hosts.jsonl", "inference_hosts_on_source.jsonl"):  # inside a try: a missing file is logged
+            for optional in (
+                "inference_hosts.jsonl",
+                "inference_hosts_on_source.jsonl",
+            ):  # inside a try: a missing file is logged
                 assert not (folder / optional).exists(), f"{optional} is not replayed"
             for path in sorted((folder / "features").glob("*.jsonl.gz")):
                 import_jsonl(db, "Neuron", gzip.open(path, "rt", encoding="utf-8").read())
@@ -114,7 +149,9 @@ def import_jsonl(db, table: str, text: str) -> None:
     """`importJsonlString`: the batch's first line names the columns; conflicts are skipped, any other error raised."""
     text = text.replace("\\u0000", " ")
     if table == "Activation":
-        text = "\n".join(_split_z_indices(line) for line in text.strip().split("\n") if line.strip())
+        text = "\n".join(
+            _split_z_indices(line) for line in text.strip().split("\n") if line.strip()
+        )
     names = list(json.loads(text.strip().split("\n")[0]))
     columns = db.execute(COLUMN_TYPES, [table, names]).fetchall()
     listed = ", ".join(f'"{name}"' for name, _ in columns)
@@ -130,8 +167,10 @@ def _split_z_indices(line: str) -> str:
     row = json.loads(line)
     pair = row.get("zIndices")
     if isinstance(pair, list):
-        for key, part in zip(("zKIndices", "zQIndices"), pair):
-            if isinstance(part, list) and all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in part):
+        for key, part in zip(("zKIndices", "zQIndices"), pair, strict=False):
+            if isinstance(part, list) and all(
+                isinstance(x, (int, float)) and not isinstance(x, bool) for x in part
+            ):
                 row[key] = part
     return json.dumps(row)
 
@@ -141,7 +180,10 @@ def prisma_create(db, table: str, data: dict) -> None:
     wrong type before it writes; the database then applies its defaults and constraints."""
     _check_with_prisma(db, table, data)
     listed = ", ".join(f'"{name}"' for name in data)
-    db.execute(f'INSERT INTO "{table}" ({listed}) SELECT {listed} FROM jsonb_populate_record(NULL::"{table}", %s)', [Jsonb(data)])
+    db.execute(
+        f'INSERT INTO "{table}" ({listed}) SELECT {listed} FROM jsonb_populate_record(NULL::"{table}", %s)',
+        [Jsonb(data)],
+    )
 
 
 def prisma_upsert(db, table: str, data: dict) -> None:
@@ -149,13 +191,20 @@ def prisma_upsert(db, table: str, data: dict) -> None:
     _check_with_prisma(db, table, data)
     listed = ", ".join(f'"{name}"' for name in data)
     updates = ", ".join(f'"{name}" = EXCLUDED."{name}"' for name in data)
-    db.execute(f'INSERT INTO "{table}" ({listed}) SELECT {listed} FROM jsonb_populate_record(NULL::"{table}", %s) ON CONFLICT (name) DO UPDATE SET {updates}',
-               [Jsonb(data)])
+    db.execute(
+        f'INSERT INTO "{table}" ({listed}) SELECT {listed} FROM jsonb_populate_record(NULL::"{table}", %s) ON CONFLICT (name) DO UPDATE SET {updates}',
+        [Jsonb(data)],
+    )
 
 
 def _check_with_prisma(db, table: str, data: dict) -> None:
-    columns = {name: (kind, element, nullable == "YES") for name, kind, element, nullable in db.execute(
-        "SELECT column_name, data_type, udt_name, is_nullable FROM information_schema.columns WHERE table_name = %s", [table]).fetchall()}
+    columns = {
+        name: (kind, element, nullable == "YES")
+        for name, kind, element, nullable in db.execute(
+            "SELECT column_name, data_type, udt_name, is_nullable FROM information_schema.columns WHERE table_name = %s",
+            [table],
+        ).fetchall()
+    }
     for name, value in data.items():
         if name not in columns:
             raise PrismaValidationError(f"Unknown argument `{name}` for {table}")
@@ -166,13 +215,24 @@ def _check_with_prisma(db, table: str, data: dict) -> None:
             continue
         if kind == "ARRAY":
             if not isinstance(value, list) or not all(_fits(x, element.lstrip("_")) for x in value):
-                raise PrismaValidationError(f"Argument `{name}` of {table}: {value!r} is not a list of {element.lstrip('_')}")
+                raise PrismaValidationError(
+                    f"Argument `{name}` of {table}: {value!r} is not a list of {element.lstrip('_')}"
+                )
         elif kind == "USER-DEFINED":
-            labels = [r[0] for r in db.execute(f'SELECT unnest(enum_range(NULL::"{element}"))::text').fetchall()]
+            labels = [
+                r[0]
+                for r in db.execute(
+                    f'SELECT unnest(enum_range(NULL::"{element}"))::text'
+                ).fetchall()
+            ]
             if value not in labels:
-                raise PrismaValidationError(f"Argument `{name}` of {table}: {value!r} is none of {labels}")
+                raise PrismaValidationError(
+                    f"Argument `{name}` of {table}: {value!r} is none of {labels}"
+                )
         elif not _fits(value, element):
-            raise PrismaValidationError(f"Argument `{name}` of {table}: {value!r} is not a {element}")
+            raise PrismaValidationError(
+                f"Argument `{name}` of {table}: {value!r} is not a {element}"
+            )
 
 
 def _fits(value, udt: str) -> bool:
@@ -195,7 +255,10 @@ def _fits(value, udt: str) -> bool:
 
 def _exists(db, table: str, where: dict) -> bool:
     condition = " AND ".join(f'"{name}" = %s' for name in where)
-    return db.execute(f'SELECT 1 FROM "{table}" WHERE {condition}', list(where.values())).fetchone() is not None
+    return (
+        db.execute(f'SELECT 1 FROM "{table}" WHERE {condition}', list(where.values())).fetchone()
+        is not None
+    )
 
 
 def _jsonl(path: Path) -> list[dict]:

@@ -1,10 +1,13 @@
 """The command line's own output (the commands that run assets are tested with the assets)."""
-from autointerp_defs.cli import print_results
+
 from assets.scorers import SCORERS
+from autointerp_defs.cli import print_results
 from tests.conftest import two_shards_of_scores
 
 
-def test_the_demo_prints_a_score_without_a_control_and_compares_means_over_the_same_latents(tmp_path, capsys):
+def test_the_demo_prints_a_score_without_a_control_and_compares_means_over_the_same_latents(
+    tmp_path, capsys
+):
     import pandas as pd
 
     from assets.scores import summary_table
@@ -13,18 +16,32 @@ def test_the_demo_prints_a_score_without_a_control_and_compares_means_over_the_s
 
     root = two_shards_of_scores(tmp_path)
     scorers = {"detection": SCORERS["detection"]}
-    write_table(summary_table(TableStore(root), "c/h", scorers), root.score_summary_path("c/h"), "score_summary")
+    write_table(
+        summary_table(TableStore(root), "c/h", scorers),
+        root.score_summary_path("c/h"),
+        "score_summary",
+    )
     print_results(TableStore(root), "c/h", scorers)
     out = capsys.readouterr().out
     assert "0.90 / 0.50" in out and "0.80 / no control" in out and "n/a" not in out
-    assert "detection: mean 0.750 / 0.500 over the 2 latents with a control; too few latents to tell (2 with a control" in out
-    assert "explained by not recorded" in out and "detection scored by not recorded" in out  # tables written before models were recorded say so
+    assert (
+        "detection: mean 0.750 / 0.500 over the 2 latents with a control; too few latents to tell (2 with a control"
+        in out
+    )
+    assert (
+        "explained by not recorded" in out and "detection scored by not recorded" in out
+    )  # tables written before models were recorded say so
     assert "latents with several senses: 1" in out and "detection lowest sense" in out
     before = pd.read_parquet(root.score_summary_path("c/h"))
-    before.drop(columns=["senses", "detection_min_sense"]).to_parquet(root.score_summary_path("c/h"))  # as written before senses were counted
+    before.drop(columns=["senses", "detection_min_sense"]).to_parquet(
+        root.score_summary_path("c/h")
+    )  # as written before senses were counted
     print_results(TableStore(root), "c/h", scorers)
     out = capsys.readouterr().out
-    assert "0.90 / 0.50" in out and "written before it counted each latent's senses: materialize `score_summary`" in out
+    assert (
+        "0.90 / 0.50" in out
+        and "written before it counted each latent's senses: materialize `score_summary`" in out
+    )
 
 
 # ---- every path a user takes from the README ends in one line naming the fix ----------------------
@@ -53,37 +70,81 @@ def instance_home(tmp_path, monkeypatch):
 def tiny_deployment(tmp_path):
     """The local deployment, cut into the tiny coder's shards as the test partition was."""
     path = tmp_path / "tiny.toml"
-    path.write_text((DEPLOYMENTS_DIR / "local.toml").read_text().replace("max_latents_per_shard = 3", f"max_latents_per_shard = 4\nlatents_per_shard = {TEST_LATENTS_PER_SHARD}"))
+    path.write_text(
+        (DEPLOYMENTS_DIR / "local.toml")
+        .read_text()
+        .replace(
+            "max_latents_per_shard = 3",
+            f"max_latents_per_shard = 4\nlatents_per_shard = {TEST_LATENTS_PER_SHARD}",
+        )
+    )
     return str(path)
 
 
-def test_materialize_without_an_instance_names_the_folder_it_looked_in_and_the_fix(tmp_path, monkeypatch):
+def test_materialize_without_an_instance_names_the_folder_it_looked_in_and_the_fix(
+    tmp_path, monkeypatch
+):
     monkeypatch.delenv("DAGSTER_HOME", raising=False)
     monkeypatch.chdir(tmp_path)
-    with pytest.raises(SystemExit, match=rf"no Dagster instance at {tmp_path}/.dagster_home \(DAGSTER_HOME is not set.*Fix: run `make demo`"):
-        main(["--data", str(tmp_path / "data"), "materialize", "scores/detection", "--coder", TINY_CODER, "--shard", "00"])
+    with pytest.raises(
+        SystemExit,
+        match=rf"no Dagster instance at {tmp_path}/.dagster_home \(DAGSTER_HOME is not set.*Fix: run `make demo`",
+    ):
+        main(
+            [
+                "--data",
+                str(tmp_path / "data"),
+                "materialize",
+                "scores/detection",
+                "--coder",
+                TINY_CODER,
+                "--shard",
+                "00",
+            ]
+        )
 
 
 def test_materialize_names_the_assets_and_the_partitions_there_are(tmp_path, instance_home):
     run = ["--data", str(tmp_path / "data"), "materialize"]
-    with pytest.raises(SystemExit, match=rf"the instance at {instance_home} \(\$DAGSTER_HOME\) knows no coder yet\. Fix: run `make demo`"):
+    with pytest.raises(
+        SystemExit,
+        match=rf"the instance at {instance_home} \(\$DAGSTER_HOME\) knows no coder yet\. Fix: run `make demo`",
+    ):
         main([*run, "scores/detection", "--coder", TINY_CODER, "--shard", "00"])
     with DagsterInstance.from_config(str(instance_home)) as instance:
-        add_coders(instance, tmp_path, TINY_CODER)  # no registry here: its shard 00, and the seven others below, as the sensor adds them
+        add_coders(
+            instance, tmp_path, TINY_CODER
+        )  # no registry here: its shard 00, and the seven others below, as the sensor adds them
         instance.add_dynamic_partitions("shard", [f"{TINY_CODER}|0{i}" for i in range(1, 8)])
-    with pytest.raises(SystemExit, match=r"no asset named scores/detectoin\. Fix: name some of corpus, activations, .*scores/detection.*score_summary"):
+    with pytest.raises(
+        SystemExit,
+        match=r"no asset named scores/detectoin\. Fix: name some of corpus, activations, .*scores/detection.*score_summary",
+    ):
         main([*run, "scores/detectoin", "--coder", TINY_CODER, "--shard", "00"])
-    with pytest.raises(SystemExit, match=rf"partitioned by coder and shard\. Fix: add --coder C --shard S .*has tiny-topk/model.layers.3\|00…07$"):
+    with pytest.raises(
+        SystemExit,
+        match=r"partitioned by coder and shard\. Fix: add --coder C --shard S .*has tiny-topk/model.layers.3\|00…07$",
+    ):
         main([*run, "exemplars,explanations"])
-    with pytest.raises(SystemExit, match=r"has no coder 'tiny-topk/model.layers.4'\. Fix: use one of its coders: tiny-topk/model.layers.3\|00…07"):
+    with pytest.raises(
+        SystemExit,
+        match=r"has no coder 'tiny-topk/model.layers.4'\. Fix: use one of its coders: tiny-topk/model.layers.3\|00…07",
+    ):
         main([*run, "scores/*", "--partition", "tiny-topk/model.layers.4|00"])
-    with pytest.raises(SystemExit, match=rf"{TINY_CODER} has no shard '8' in the instance at {instance_home}.*Fix: use one of tiny-topk/model.layers.3\|00…07"):
+    with pytest.raises(
+        SystemExit,
+        match=rf"{TINY_CODER} has no shard '8' in the instance at {instance_home}.*Fix: use one of tiny-topk/model.layers.3\|00…07",
+    ):
         main([*run, "scores/*", "--coder", TINY_CODER, "--shard", "8"])
-    with pytest.raises(SystemExit, match=r"corpus, score_summary are not partitioned\. Fix: drop --partition"):
+    with pytest.raises(
+        SystemExit, match=r"corpus, score_summary are not partitioned\. Fix: drop --partition"
+    ):
         main([*run, "corpus,score_summary", "--coder", TINY_CODER, "--shard", "0"])
 
 
-def test_materialize_runs_one_partition_as_the_demo_does_and_says_why_a_run_failed(partition, tmp_path, instance_home, capsys):
+def test_materialize_runs_one_partition_as_the_demo_does_and_says_why_a_run_failed(
+    partition, tmp_path, instance_home, capsys
+):
     from storage.layout import DataRoot
 
     data = tmp_path / "data"
@@ -92,10 +153,40 @@ def test_materialize_runs_one_partition_as_the_demo_does_and_says_why_a_run_fail
         add_coders(instance, data, partition.coder)
     scores = DataRoot.at(data).scores_path(partition.coder, "00", "embedding")
     scores.unlink()
-    main(["--deployment", tiny_deployment(tmp_path), "--data", str(data), "materialize", "scores/embedding", "--coder", partition.coder, "--shard", "0"])
-    assert scores.exists() and f"materialized scores/embedding {partition.coder}|00 in" in capsys.readouterr().out
-    with pytest.raises(SystemExit, match=rf"materializing scores/embedding {partition.coder}\|01 failed: .*exemplars"):
-        main(["--deployment", tiny_deployment(tmp_path), "--data", str(data), "materialize", "scores/embedding", "--partition", f"{partition.coder}|01"])
+    main(
+        [
+            "--deployment",
+            tiny_deployment(tmp_path),
+            "--data",
+            str(data),
+            "materialize",
+            "scores/embedding",
+            "--coder",
+            partition.coder,
+            "--shard",
+            "0",
+        ]
+    )
+    assert (
+        scores.exists()
+        and f"materialized scores/embedding {partition.coder}|00 in" in capsys.readouterr().out
+    )
+    with pytest.raises(
+        SystemExit,
+        match=rf"materializing scores/embedding {partition.coder}\|01 failed: .*exemplars",
+    ):
+        main(
+            [
+                "--deployment",
+                tiny_deployment(tmp_path),
+                "--data",
+                str(data),
+                "materialize",
+                "scores/embedding",
+                "--partition",
+                f"{partition.coder}|01",
+            ]
+        )
 
 
 @pytest.mark.parametrize("command, option", [(["view"], "VIEW_PORT=N"), (["ui"], "UI_PORT=N")])
@@ -105,7 +196,10 @@ def test_a_busy_port_names_the_option_that_moves_it(tmp_path, instance_home, com
         taken.bind(("127.0.0.1", 0))
         taken.listen()
         port = taken.getsockname()[1]
-        with pytest.raises(SystemExit, match=rf"port {port} on 127.0.0.1 is in use .*Fix: stop that process, or pick another port with --port N \(make: {option}"):
+        with pytest.raises(
+            SystemExit,
+            match=rf"port {port} on 127.0.0.1 is in use .*Fix: stop that process, or pick another port with --port N \(make: {option}",
+        ):
             main(["--data", str(tmp_path / "data"), *command, "--port", str(port)])
 
 
@@ -124,12 +218,22 @@ def test_a_mistake_prints_one_line_and_no_dagster_warning(tmp_path, instance_hom
     import sys
 
     mistake = f"from autointerp_defs.cli import main; main(['--data', {str(tmp_path)!r}, 'materialize', 'scores/detectoin', '--shard', '0'])"
-    done = subprocess.run([sys.executable, "-c", mistake], capture_output=True, text=True, timeout=300)
+    done = subprocess.run(
+        [sys.executable, "-c", mistake], capture_output=True, text=True, timeout=300
+    )
     assert done.returncode == 1 and done.stdout == ""
-    assert done.stderr.count("\n") == 1 and "no asset named scores/detectoin. Fix: name some of" in done.stderr, done.stderr
+    assert (
+        done.stderr.count("\n") == 1
+        and "no asset named scores/detectoin. Fix: name some of" in done.stderr
+    ), done.stderr
 
 
-def test_the_cluster_instance_without_its_database_url_names_the_variable(tmp_path, instance_home, monkeypatch):
+def test_the_cluster_instance_without_its_database_url_names_the_variable(
+    tmp_path, instance_home, monkeypatch
+):
     monkeypatch.delenv("AUTOINTERP_POSTGRES_URL", raising=False)
-    with pytest.raises(SystemExit, match=r"AUTOINTERP_POSTGRES_URL is not set\. Fix: export AUTOINTERP_POSTGRES_URL=postgresql"):
+    with pytest.raises(
+        SystemExit,
+        match=r"AUTOINTERP_POSTGRES_URL is not set\. Fix: export AUTOINTERP_POSTGRES_URL=postgresql",
+    ):
         main(["--data", str(tmp_path), "instance", "--cluster"])

@@ -2,7 +2,20 @@ import subprocess
 import sys
 from pathlib import Path
 
-SCORER_ASSETS = {f"scores/{name}" for name in ("detection", "fuzzing", "intruder", "simulation", "surprisal", "embedding", "intervention", "output_judge", "saebench")}
+SCORER_ASSETS = {
+    f"scores/{name}"
+    for name in (
+        "detection",
+        "fuzzing",
+        "intruder",
+        "simulation",
+        "surprisal",
+        "embedding",
+        "intervention",
+        "output_judge",
+        "saebench",
+    )
+}
 STAGES = {"corpus", "activations", "exemplars", "explanations", *SCORER_ASSETS, "score_summary"}
 
 
@@ -17,6 +30,11 @@ def test_definitions_load_every_stage_and_scorer_sensor_and_resources():
 
 def test_dagster_cli_lists_every_asset():
     dagster = Path(sys.executable).parent / "dagster"
-    out = subprocess.run([str(dagster), "asset", "list", "-m", "autointerp_defs"], capture_output=True, text=True, timeout=300)
+    out = subprocess.run(
+        [str(dagster), "asset", "list", "-m", "autointerp_defs"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert out.returncode == 0, out.stderr
     assert STAGES <= set(out.stdout.split())

@@ -1,5 +1,6 @@
 """Exports to Neuronpedia and delphi, and delphi's explanations imported back and re-scored with controls,
 on a materialized partition."""
+
 from __future__ import annotations
 
 import contextlib
@@ -17,7 +18,15 @@ from storage.layout import DataRoot
 from tests.conftest import TINY_EXEMPLARS_CONFIG, add_coders, make_resources
 from tests.materialized_partition import build
 
-DELPHI_SAMPLE = {"str_tokens", "activations", "distance", "activating", "prediction", "probability", "correct"}  # delphi's ClassifierOutput
+DELPHI_SAMPLE = {
+    "str_tokens",
+    "activations",
+    "distance",
+    "activating",
+    "prediction",
+    "probability",
+    "correct",
+}  # delphi's ClassifierOutput
 DELPHI_SCORERS = {"detection": "detection", "fuzz": "fuzzing"}  # delphi's name → ours
 
 
@@ -41,12 +50,23 @@ def test_neuronpedia_importer_accepts_the_export_and_reads_back_every_row(partit
     from tests.defs.neuronpedia_import import create_schema, import_folder
 
     root = DataRoot.at(partition.root)
-    main(["--data", str(partition.root), "export", "neuronpedia", partition.coder, str(tmp_path / "np")])
+    main(
+        [
+            "--data",
+            str(partition.root),
+            "export",
+            "neuronpedia",
+            partition.coder,
+            str(tmp_path / "np"),
+        ]
+    )
     folder = tmp_path / "np" / "smollm2-135m-instruct" / "3-tiny-topk"
     exported = read_neuronpedia(folder)
     stats = load_latent_stats(root.activations_dir(partition.coder) / LATENT_STATS_FILE)
     width = len(stats["count"])
-    vocab = json.loads((root.corpus_dir / "vocab.json").read_text())  # the tokenizer's text of each token, special ones too
+    vocab = json.loads(
+        (root.corpus_dir / "vocab.json").read_text()
+    )  # the tokenizer's text of each token, special ones too
     exemplars = pd.read_parquet(root.exemplars_path(partition.coder, "00"))
     activating = exemplars[exemplars.kind == "activating"]
     explained = pd.read_parquet(root.explanations_path(partition.coder, "00"))
@@ -59,42 +79,96 @@ def test_neuronpedia_importer_accepts_the_export_and_reads_back_every_row(partit
         with psycopg.connect(url, row_factory=dict_row) as db:
             read = lambda sql: db.execute(sql).fetchall()
             [model] = read('SELECT * FROM "Model"')
-            assert (model["layers"], model["neuronsPerLayer"], model["dimension"], model["owner"], model["visibility"]) == (30, 1536, 576, "HuggingFaceTB", "PUBLIC")
+            assert (
+                model["layers"],
+                model["neuronsPerLayer"],
+                model["dimension"],
+                model["owner"],
+                model["visibility"],
+            ) == (30, 1536, 576, "HuggingFaceTB", "PUBLIC")
             [source] = read('SELECT * FROM "Source"')
             window = TINY_EXEMPLARS_CONFIG["example_ctx_len"]
-            assert (source["dataset"], source["num_tokens_in_prompt"], source["num_prompts"], source["visibility"]) == (EMBEDDED_CORPUS, window, 64 * 48 // window, "PUBLIC")
-            assert [r["visibility"] for r in read('SELECT visibility FROM "SourceSet" UNION ALL SELECT visibility FROM "SourceRelease"')] == ["PUBLIC", "PUBLIC"]
+            assert (
+                source["dataset"],
+                source["num_tokens_in_prompt"],
+                source["num_prompts"],
+                source["visibility"],
+            ) == (EMBEDDED_CORPUS, window, 64 * 48 // window, "PUBLIC")
+            assert [
+                r["visibility"]
+                for r in read(
+                    'SELECT visibility FROM "SourceSet" UNION ALL SELECT visibility FROM "SourceRelease"'
+                )
+            ] == ["PUBLIC", "PUBLIC"]
 
             neurons = {int(r["index"]): r for r in read('SELECT * FROM "Neuron"')}
-            assert sorted(neurons) == list(range(width))  # every latent of the coder, with exemplars or not
+            assert sorted(neurons) == list(
+                range(width)
+            )  # every latent of the coder, with exemplars or not
             for latent, n in neurons.items():
-                assert (n["modelId"], n["layer"], n["sourceSetName"]) == ("smollm2-135m-instruct", "3-tiny-topk", "tiny-topk")
-                assert n["maxActApprox"] == pytest.approx(float(stats["max"][latent])) and sum(n["freq_hist_data_bar_heights"]) == stats["count"][latent]
-                assert len(n["pos_str"]) == len(n["neg_str"]) == 10 and len(n["topkCosSimIndices"]) == 10
+                assert (n["modelId"], n["layer"], n["sourceSetName"]) == (
+                    "smollm2-135m-instruct",
+                    "3-tiny-topk",
+                    "tiny-topk",
+                )
+                assert (
+                    n["maxActApprox"] == pytest.approx(float(stats["max"][latent]))
+                    and sum(n["freq_hist_data_bar_heights"]) == stats["count"][latent]
+                )
+                assert (
+                    len(n["pos_str"]) == len(n["neg_str"]) == 10
+                    and len(n["topkCosSimIndices"]) == 10
+                )
                 assert set(n["pos_str"] + n["neg_str"]) <= set(vocab)
-                assert sum(n["logits_hist_data_bar_heights"]) == len(vocab) and len(n["logits_hist_data_bar_values"]) == len(n["logits_hist_data_bar_heights"])  # every token's logit, binned
+                assert sum(n["logits_hist_data_bar_heights"]) == len(vocab) and len(
+                    n["logits_hist_data_bar_values"]
+                ) == len(n["logits_hist_data_bar_heights"])  # every token's logit, binned
 
             rows = read('SELECT * FROM "Activation"')
-            assert len(rows) == len(activating) and {r["id"] for r in rows} == {content_id(r) for r in exported["activations"]}
+            assert len(rows) == len(activating) and {r["id"] for r in rows} == {
+                content_id(r) for r in exported["activations"]
+            }
             shard = read_shard(root.activations_dir(partition.coder), "00")
             n_tokens = int(stats["tokens"][0])
             for r in rows:
                 latent = int(r["index"])
-                windows = activating[(activating.latent == latent) & (activating.sequence == int(r["dataIndex"]))]
-                [w] = [w for w in windows.itertuples() if list(w.activations) == pytest.approx(r["values"])]
-                assert r["tokens"] == [vocab[t] for t in w.tokens] and r["maxValue"] == pytest.approx(w.max_activation)
-                if w.split == "train":  # the strongest windows (the `top` sampler's): Neuronpedia's top activations
-                    assert (r["binMin"], r["binContains"]) == (-1, -1) and r["binMax"] == pytest.approx(float(stats["max"][latent]))
+                windows = activating[
+                    (activating.latent == latent) & (activating.sequence == int(r["dataIndex"]))
+                ]
+                [w] = [
+                    w
+                    for w in windows.itertuples()
+                    if list(w.activations) == pytest.approx(r["values"])
+                ]
+                assert r["tokens"] == [vocab[t] for t in w.tokens] and r[
+                    "maxValue"
+                ] == pytest.approx(w.max_activation)
+                if (
+                    w.split == "train"
+                ):  # the strongest windows (the `top` sampler's): Neuronpedia's top activations
+                    assert (r["binMin"], r["binContains"]) == (-1, -1) and r[
+                        "binMax"
+                    ] == pytest.approx(float(stats["max"][latent]))
                 else:  # held out: in the interval holding its peak, with the share of the corpus's tokens in that interval
                     assert r["binMin"] <= r["maxValue"] <= r["binMax"] and r["binMin"] > 0
                     values = shard.activations[shard.locations[:, 2] == latent]
-                    assert r["binContains"] == pytest.approx(((values >= r["binMin"]) & (values <= r["binMax"])).sum() / n_tokens)
-            assert any("<|im_end|>" in r["tokens"] for r in rows)  # special tokens as the tokenizer writes them
+                    assert r["binContains"] == pytest.approx(
+                        ((values >= r["binMin"]) & (values <= r["binMax"])).sum() / n_tokens
+                    )
+            assert any(
+                "<|im_end|>" in r["tokens"] for r in rows
+            )  # special tokens as the tokenizer writes them
 
             explanations = {int(r["index"]): r for r in read('SELECT * FROM "Explanation"')}
-            assert {k: v["description"] for k, v in explanations.items()} == dict(zip(ok.latent.astype(int), ok.explanation))
-            assert {(r["typeName"], r["explanationModelName"]) for r in explanations.values()} == {("eleuther_acts_top20", None)}  # highlighted = delphi's default
-            assert all("scripted-judge" in r["notes"] for r in explanations.values())  # a model Neuronpedia does not define is named in the notes
+            assert {k: v["description"] for k, v in explanations.items()} == dict(
+                zip(ok.latent.astype(int), ok.explanation, strict=False)
+            )
+            assert {(r["typeName"], r["explanationModelName"]) for r in explanations.values()} == {
+                ("eleuther_acts_top20", None)
+            }  # highlighted = delphi's default
+            assert all(
+                "scripted-judge" in r["notes"] for r in explanations.values()
+            )  # a model Neuronpedia does not define is named in the notes
 
         # an edited explanation, and one by a model and method Neuronpedia defines: a re-export adds both and nothing else
         copy = tmp_path / "copy"
@@ -103,17 +177,35 @@ def test_neuronpedia_importer_accepts_the_export_and_reads_back_every_row(partit
         edited.loc[edited.index[0], "explanation"] = "an edited explanation"
         edited.loc[edited.index[1], ["explainer", "model"]] = ["token_table", "openai:gpt-4o-mini"]
         edited.to_parquet(DataRoot.at(copy).explanations_path(partition.coder, "00"), index=False)
-        main(["--data", str(copy), "export", "neuronpedia", partition.coder, str(tmp_path / "again")])
+        main(
+            ["--data", str(copy), "export", "neuronpedia", partition.coder, str(tmp_path / "again")]
+        )
         import_folder(url, tmp_path / "again" / "smollm2-135m-instruct" / "3-tiny-topk")
         with psycopg.connect(url, row_factory=dict_row) as db:
-            counts = {t: db.execute(f'SELECT count(*) AS n FROM "{t}"').fetchone()["n"] for t in ("Neuron", "Activation", "Explanation")}
-            assert counts == {"Neuron": width, "Activation": len(activating), "Explanation": len(ok) + 2}
-            added = db.execute('SELECT * FROM "Explanation" WHERE "createdAt" > %s', [explanations[int(ok.latent.iloc[0])]["createdAt"]]).fetchall()
-            assert {(r["description"], r["typeName"], r["explanationModelName"]) for r in added} == {
-                ("an edited explanation", "eleuther_acts_top20", None), (ok.explanation.iloc[1], "oai_token-act-pair", "gpt-4o-mini")}
+            counts = {
+                t: db.execute(f'SELECT count(*) AS n FROM "{t}"').fetchone()["n"]
+                for t in ("Neuron", "Activation", "Explanation")
+            }
+            assert counts == {
+                "Neuron": width,
+                "Activation": len(activating),
+                "Explanation": len(ok) + 2,
+            }
+            added = db.execute(
+                'SELECT * FROM "Explanation" WHERE "createdAt" > %s',
+                [explanations[int(ok.latent.iloc[0])]["createdAt"]],
+            ).fetchall()
+            assert {
+                (r["description"], r["typeName"], r["explanationModelName"]) for r in added
+            } == {
+                ("an edited explanation", "eleuther_acts_top20", None),
+                (ok.explanation.iloc[1], "oai_token-act-pair", "gpt-4o-mini"),
+            }
 
         # the replay is no rubber stamp: a model row without its layers stops the import before any feature
-        (folder / "model.jsonl").write_text(json.dumps({k: v for k, v in exported["model"][0].items() if k != "layers"}) + "\n")
+        (folder / "model.jsonl").write_text(
+            json.dumps({k: v for k, v in exported["model"][0].items() if k != "layers"}) + "\n"
+        )
         strict = fresh_database(server.url)
         create_schema(strict)
         with pytest.raises(psycopg.errors.NotNullViolation, match="layers"):
@@ -134,25 +226,39 @@ def test_delphi_export_then_import_rescored_with_controls(partition, tmp_path):
     ok = explained[explained.status == "ok"]
     files = sorted(p.name for p in (out / "explanations").iterdir())
     assert files == sorted(f"model.layers.3_latent{l}.txt" for l in ok.latent)
-    for latent, text in zip(ok.latent, ok.explanation):
-        assert json.loads((out / "explanations" / f"model.layers.3_latent{latent}.txt").read_text()) == text
+    for latent, text in zip(ok.latent, ok.explanation, strict=False):
+        assert (
+            json.loads((out / "explanations" / f"model.layers.3_latent{latent}.txt").read_text())
+            == text
+        )
     detection = pd.read_parquet(root.scored_examples_path(partition.coder, "00", "detection"))
     exemplars = pd.read_parquet(root.exemplars_path(partition.coder, "00"))
     profiles = pd.read_parquet(root.latent_profiles_path(partition.coder, "00")).set_index("latent")
-    decoder = torch.nn.functional.normalize(load_registered(root.registry_dir, partition.coder).decoder_weight.float(), dim=1).numpy()
-    for name, ours in (("detection", detection), ("fuzz", pd.read_parquet(root.scored_examples_path(partition.coder, "00", "fuzzing")))):
+    decoder = torch.nn.functional.normalize(
+        load_registered(root.registry_dir, partition.coder).decoder_weight.float(), dim=1
+    ).numpy()
+    for name, ours in (
+        ("detection", detection),
+        ("fuzz", pd.read_parquet(root.scored_examples_path(partition.coder, "00", "fuzzing"))),
+    ):
         latent = int(ok.latent.iloc[0])
-        samples = json.loads((out / "scores" / name / f"model.layers.3_latent{latent}.txt").read_text())
+        samples = json.loads(
+            (out / "scores" / name / f"model.layers.3_latent{latent}.txt").read_text()
+        )
         mine = ours[(ours.latent == latent) & (ours.source == "explanation")].sort_values("example")
         assert all(DELPHI_SAMPLE == set(s) for s in samples) and len(samples) == len(mine)
         assert [s["activating"] for s in samples] == [bool(x) for x in mine.label]
         assert [s["prediction"] for s in samples] == [bool(x) for x in mine.predicted]
         assert all(s["correct"] == (s["prediction"] == s["activating"]) for s in samples)
         # delphi's distance: quantile 0..n-1 (ours 1..n), minus the firing neighbour's decoder cosine, else -1
-        assert [s["distance"] for s in samples if s["activating"]] == [int(q) - 1 for q in mine["quantile"][mine.label == 1]]
-        test = exemplars[(exemplars.latent == latent) & (exemplars.split == "test")].reset_index(drop=True)
+        assert [s["distance"] for s in samples if s["activating"]] == [
+            int(q) - 1 for q in mine["quantile"][mine.label == 1]
+        ]
+        test = exemplars[(exemplars.latent == latent) & (exemplars.split == "test")].reset_index(
+            drop=True
+        )
         neighbour_cosines = decoder[list(profiles.loc[latent, "neighbours"])] @ decoder[latent]
-        for s, example in zip(samples, mine.example):
+        for s, example in zip(samples, mine.example, strict=False):
             if s["activating"]:
                 continue
             if test.kind[example] == "neighbour":
@@ -165,22 +271,46 @@ def test_delphi_export_then_import_rescored_with_controls(partition, tmp_path):
     shutil.copytree(partition.root, copy, ignore=shutil.ignore_patterns("viewer"))
     croot = DataRoot.at(copy)
     croot.explanations_path(partition.coder, "00").unlink()
-    main(["--data", str(copy), "import", "delphi", partition.coder, str(out), "--model", "delphi-run"])
+    main(
+        [
+            "--data",
+            str(copy),
+            "import",
+            "delphi",
+            partition.coder,
+            str(out),
+            "--model",
+            "delphi-run",
+        ]
+    )
     imported = pd.read_parquet(croot.explanations_path(partition.coder, "00"))
-    assert dict(zip(imported.latent, imported.explanation)) == dict(zip(ok.latent, ok.explanation))
-    assert set(imported.explainer) == {"delphi"} and set(imported.model) == {"delphi-run"} and set(imported.status) == {"ok"}
+    assert dict(zip(imported.latent, imported.explanation, strict=False)) == dict(zip(ok.latent, ok.explanation, strict=False))
+    assert (
+        set(imported.explainer) == {"delphi"}
+        and set(imported.model) == {"delphi-run"}
+        and set(imported.status) == {"ok"}
+    )
 
     instance = DagsterInstance.ephemeral()
     add_coders(instance, copy, partition.coder)
-    result = materialize(list(build_definitions("local").assets), selection=["scores/embedding"], partition_key=f"{partition.coder}|00",
-                         resources=make_resources(copy, max_latents=4), instance=instance)
+    result = materialize(
+        list(build_definitions("local").assets),
+        selection=["scores/embedding"],
+        partition_key=f"{partition.coder}|00",
+        resources=make_resources(copy, max_latents=4),
+        instance=instance,
+    )
     assert result.success
     scored = pd.read_parquet(croot.scores_path(partition.coder, "00", "embedding"))
-    assert dict(zip(scored.latent, scored.explanation)) == dict(zip(ok.latent, ok.explanation))
-    assert (scored.control_explanation != scored.explanation).all() and scored.control_roc_auc.notna().all()
+    assert dict(zip(scored.latent, scored.explanation, strict=False)) == dict(zip(ok.latent, ok.explanation, strict=False))
+    assert (
+        scored.control_explanation != scored.explanation
+    ).all() and scored.control_roc_auc.notna().all()
 
 
-def test_delphi_reads_the_export_with_its_own_code_and_gets_our_metrics(partition, tmp_path, subject, monkeypatch):
+def test_delphi_reads_the_export_with_its_own_code_and_gets_our_metrics(
+    partition, tmp_path, subject, monkeypatch
+):
     """eai-delphi's `LatentDataset` reads the latent cache (the same pairs as ours, the same windows as our
     exemplars) and its `result_analysis` the scores, with metrics equal to ours."""
     from delphi.config import RunConfig
@@ -188,52 +318,109 @@ def test_delphi_reads_the_export_with_its_own_code_and_gets_our_metrics(partitio
     from delphi.log import result_analysis
 
     from autointerp_defs.cli import main
-    from storage.activations import LATENT_STATS_FILE, load_latent_stats, read_cache_meta, read_shard, shard_keys
+    from storage.activations import (
+        LATENT_STATS_FILE,
+        load_latent_stats,
+        read_cache_meta,
+        read_shard,
+        shard_keys,
+    )
 
     out = tmp_path / "delphi"
     main(["--data", str(partition.root), "export", "delphi", partition.coder, str(out)])
     root = DataRoot.at(partition.root)
     module = "model.layers.3"
     config = RunConfig.load_json(out / "run_config.json")
-    assert config.hookpoints == [module] and config.scorers == ["detection", "fuzz"] and config.sparse_model == "tiny-topk"
-    assert (config.constructor_cfg.example_ctx_len, config.sampler_cfg.n_quantiles) == (TINY_EXEMPLARS_CONFIG["example_ctx_len"], 5)
-    config.constructor_cfg.min_examples = TINY_EXEMPLARS_CONFIG["min_activating_windows"]  # a setting of our run the tables do not record
+    assert (
+        config.hookpoints == [module]
+        and config.scorers == ["detection", "fuzz"]
+        and config.sparse_model == "tiny-topk"
+    )
+    assert (config.constructor_cfg.example_ctx_len, config.sampler_cfg.n_quantiles) == (
+        TINY_EXEMPLARS_CONFIG["example_ctx_len"],
+        5,
+    )
+    config.constructor_cfg.min_examples = TINY_EXEMPLARS_CONFIG[
+        "min_activating_windows"
+    ]  # a setting of our run the tables do not record
 
     def dataset(latents=None):
-        return LatentDataset(out / "latents", config.sampler_cfg, config.constructor_cfg, tokenizer=subject.tokenizer(), modules=[module], latents=latents)
+        return LatentDataset(
+            out / "latents",
+            config.sampler_cfg,
+            config.constructor_cfg,
+            tokenizer=subject.tokenizer(),
+            modules=[module],
+            latents=latents,
+        )
 
     cache = root.activations_dir(partition.coder)
     cached = [read_shard(cache, shard) for shard in shard_keys(read_cache_meta(cache)["n_shards"])]
-    ours = {latent: (locations, values) for shard in cached for latent, locations, values in shard.by_latent()}
-    read = {data.latent.latent_index: data.activation_data for buffer in dataset().buffers for data in buffer}
+    ours = {
+        latent: (locations, values)
+        for shard in cached
+        for latent, locations, values in shard.by_latent()
+    }
+    read = {
+        data.latent.latent_index: data.activation_data
+        for buffer in dataset().buffers
+        for data in buffer
+    }
     assert sorted(read) == sorted(ours)
     for latent, (locations, values) in ours.items():
-        assert np.array_equal(read[latent].locations.numpy(), locations) and np.array_equal(read[latent].activations.numpy(), values), latent
+        assert np.array_equal(read[latent].locations.numpy(), locations) and np.array_equal(
+            read[latent].activations.numpy(), values
+        ), latent
 
     exemplars = pd.read_parquet(root.exemplars_path(partition.coder, "00"))
     profiles = pd.read_parquet(root.latent_profiles_path(partition.coder, "00")).set_index("latent")
     explained = pd.read_parquet(root.explanations_path(partition.coder, "00"))
     records = list(dataset({module: torch.tensor(sorted(explained.latent))}))
     assert sorted(r.latent.latent_index for r in records) == sorted(explained.latent)
-    for record in records:  # delphi's windows of the cache are our exemplars' (block placement is delphi's grid)
+    for record in (
+        records
+    ):  # delphi's windows of the cache are our exemplars' (block placement is delphi's grid)
         latent = record.latent.latent_index
         theirs = {tuple(e.tokens.tolist()): e.activations.numpy() for e in record.examples}
-        assert len(theirs) == profiles.loc[latent, "activating_windows"] and record.max_activation == pytest.approx(profiles.loc[latent, "max_activation"])
-        for window in exemplars[(exemplars.latent == latent) & (exemplars.kind == "activating")].itertuples():
+        assert len(theirs) == profiles.loc[
+            latent, "activating_windows"
+        ] and record.max_activation == pytest.approx(profiles.loc[latent, "max_activation"])
+        for window in exemplars[
+            (exemplars.latent == latent) & (exemplars.kind == "activating")
+        ].itertuples():
             assert np.allclose(theirs[tuple(window.tokens)], window.activations)
 
     counts = torch.load(out / "log" / "hookpoint_firing_counts.pt", weights_only=True)
-    assert np.array_equal(counts[module].numpy(), load_latent_stats(cache / LATENT_STATS_FILE)["count"])
+    assert np.array_equal(
+        counts[module].numpy(), load_latent_stats(cache / LATENT_STATS_FILE)["count"]
+    )
 
     frame, counts = result_analysis.load_data(out / "scores", [module])
     pooled = {}
     for (theirs, latent), rows in frame.groupby(["score_type", "latent_idx"]):
-        metrics = result_analysis.compute_classification_metrics(result_analysis.compute_confusion(rows))
-        mine = pd.read_parquet(root.scores_path(partition.coder, "00", DELPHI_SCORERS[theirs])).set_index("latent").loc[latent]
-        for delphi_name, our_name in (("accuracy", "balanced_accuracy"), ("precision", "precision"), ("recall", "recall"), ("f1_score", "f1")):
-            assert metrics[delphi_name] == pytest.approx(mine[our_name], abs=1e-12), (theirs, latent, delphi_name)
+        metrics = result_analysis.compute_classification_metrics(
+            result_analysis.compute_confusion(rows)
+        )
+        mine = (
+            pd.read_parquet(root.scores_path(partition.coder, "00", DELPHI_SCORERS[theirs]))
+            .set_index("latent")
+            .loc[latent]
+        )
+        for delphi_name, our_name in (
+            ("accuracy", "balanced_accuracy"),
+            ("precision", "precision"),
+            ("recall", "recall"),
+            ("f1_score", "f1"),
+        ):
+            assert metrics[delphi_name] == pytest.approx(mine[our_name], abs=1e-12), (
+                theirs,
+                latent,
+                delphi_name,
+            )
         auc = result_analysis.compute_auc(rows)  # None without probabilities, where ours is NaN
-        assert (auc is None and np.isnan(mine["roc_auc"])) or auc == pytest.approx(mine["roc_auc"], abs=1e-12)
+        assert (auc is None and np.isnan(mine["roc_auc"])) or auc == pytest.approx(
+            mine["roc_auc"], abs=1e-12
+        )
         total = pooled.setdefault(theirs, {"tp": 0, "fp": 0, "tn": 0, "fn": 0})
         for k in total:
             total[k] += int(mine[k])
@@ -244,11 +431,16 @@ def test_delphi_reads_the_export_with_its_own_code_and_gets_our_metrics(partitio
         monkeypatch.setattr(result_analysis, plot, lambda *args, **kwargs: None)
     printed = io.StringIO()
     with contextlib.redirect_stdout(printed):
-        result_analysis.log_results(out / "scores", out / "visualize", config.hookpoints, config.scorers)
+        result_analysis.log_results(
+            out / "scores", out / "visualize", config.hookpoints, config.scorers
+        )
     for theirs, t in pooled.items():
         balanced = (t["tp"] / (t["tp"] + t["fn"]) + t["tn"] / (t["tn"] + t["fp"])) / 2
         section = printed.getvalue().split(f"--- {theirs.title()} Metrics ---")[1]
-        assert f"Class-Balanced Accuracy: {balanced:.3f}" in section and f"Total: {sum(t.values())}" in section
+        assert (
+            f"Class-Balanced Accuracy: {balanced:.3f}" in section
+            and f"Total: {sum(t.values())}" in section
+        )
     assert f"Number of dead features: {int((counts[module] == 0).sum())}" in printed.getvalue()
 
 
@@ -268,11 +460,16 @@ def test_reexport_after_an_import_writes_no_score_of_the_earlier_text(partition,
     new.mkdir(parents=True)
     (new / name).write_text(json.dumps("a text no scorer has judged"))
     main(["--data", str(copy), "import", "delphi", partition.coder, str(new.parent)])
-    main(["--data", str(copy), "export", "delphi", partition.coder, str(out)])  # into the same folder
+    main(
+        ["--data", str(copy), "export", "delphi", partition.coder, str(out)]
+    )  # into the same folder
     assert json.loads((out / "explanations" / name).read_text()) == "a text no scorer has judged"
     for scorer in DELPHI_SCORERS:
         assert not (out / "scores" / scorer / name).exists()
-        assert all((out / "scores" / scorer / f"model.layers.3_latent{other}.txt").exists() for other in others)
+        assert all(
+            (out / "scores" / scorer / f"model.layers.3_latent{other}.txt").exists()
+            for other in others
+        )
 
 
 def test_import_names_the_fix_for_a_folder_without_delphi_explanations(partition, tmp_path):
@@ -283,7 +480,9 @@ def test_import_names_the_fix_for_a_folder_without_delphi_explanations(partition
     with pytest.raises(SystemExit, match=r"No delphi explanation .*Fix"):
         main(["--data", str(partition.root), "import", "delphi", partition.coder, str(tmp_path)])
     (tmp_path / "explanations" / "model.layers.3_latent99999.txt").write_text(json.dumps("a word"))
-    with pytest.raises(SystemExit, match=r"latents \[99999\] do not exist in tiny-topk/model.layers.3 .*Fix"):
+    with pytest.raises(
+        SystemExit, match=r"latents \[99999\] do not exist in tiny-topk/model.layers.3 .*Fix"
+    ):
         main(["--data", str(partition.root), "import", "delphi", partition.coder, str(tmp_path)])
 
 
@@ -298,10 +497,15 @@ def test_import_refuses_while_the_explanations_are_being_written(partition, tmp_
     path = DataRoot.at(copy).explanations_path(partition.coder, "00")
     before = path.read_bytes()
     with table_lock(path, "the explanations asset"):  # what an explanations run holds for its shard
-        with pytest.raises(SystemExit, match=rf"Writing the explanations of {partition.coder} shard 00 .* is already running in process \d+\. Fix: wait"):
+        with pytest.raises(
+            SystemExit,
+            match=rf"Writing the explanations of {partition.coder} shard 00 .* is already running in process \d+\. Fix: wait",
+        ):
             main(["--data", str(copy), "import", "delphi", partition.coder, str(out)])
     assert path.read_bytes() == before
-    main(["--data", str(copy), "import", "delphi", partition.coder, str(out)])  # once it is free, the import goes through
+    main(
+        ["--data", str(copy), "import", "delphi", partition.coder, str(out)]
+    )  # once it is free, the import goes through
     assert path.read_bytes() != before
 
 
@@ -318,20 +522,74 @@ def test_neuronpedia_gets_one_explanation_per_sense_of_a_latent_with_several(par
     explained = pd.read_parquet(root.explanations_path(partition.coder, "00"))
     ok = explained[explained.status == "ok"]
     several, replaced = int(ok.latent.iloc[0]), int(ok.latent.iloc[1])
-    explained.loc[explained.latent == several, "explanation"] = "digits inside parentheses or names inside quotation marks"
+    explained.loc[explained.latent == several, "explanation"] = (
+        "digits inside parentheses or names inside quotation marks"
+    )
     explained.to_parquet(root.explanations_path(partition.coder, "00"), index=False)
-    senses = pd.DataFrame([{"latent": several, "sense": 0, "explanation": "digits inside parentheses", "windows": 4, "clusters": [0], "test_windows": [0, 1]},
-                           {"latent": several, "sense": 1, "explanation": "names inside quotation marks", "windows": 4, "clusters": [1], "test_windows": [2]},
-                           {"latent": replaced, "sense": 0, "explanation": "an old sense", "windows": 4, "clusters": [0], "test_windows": [0]},
-                           {"latent": replaced, "sense": 1, "explanation": "another old sense", "windows": 4, "clusters": [1], "test_windows": [1]}])
+    senses = pd.DataFrame(
+        [
+            {
+                "latent": several,
+                "sense": 0,
+                "explanation": "digits inside parentheses",
+                "windows": 4,
+                "clusters": [0],
+                "test_windows": [0, 1],
+            },
+            {
+                "latent": several,
+                "sense": 1,
+                "explanation": "names inside quotation marks",
+                "windows": 4,
+                "clusters": [1],
+                "test_windows": [2],
+            },
+            {
+                "latent": replaced,
+                "sense": 0,
+                "explanation": "an old sense",
+                "windows": 4,
+                "clusters": [0],
+                "test_windows": [0],
+            },
+            {
+                "latent": replaced,
+                "sense": 1,
+                "explanation": "another old sense",
+                "windows": 4,
+                "clusters": [1],
+                "test_windows": [1],
+            },
+        ]
+    )
     write_table(senses, root.explanation_senses_path(partition.coder, "00"), "explanation_senses")
     # the first sense's detection; the second's was made with a text it no longer has; the replaced latent's old sense's
     union = pd.read_parquet(root.scores_path(partition.coder, "00", "detection")).iloc[:1]
-    scored = [("digits inside parentheses", 0, several, 0.9), ("an older text", 1, several, 0.8), ("an old sense", 0, replaced, 0.7)]
-    write_table(pd.concat([union.assign(latent=latent, sense=sense, explanation=text, balanced_accuracy=score, control_balanced_accuracy=0.4)
-                           for text, sense, latent, score in scored]), root.sense_scores_path(partition.coder, "00", "detection"), "sense_scores")
+    scored = [
+        ("digits inside parentheses", 0, several, 0.9),
+        ("an older text", 1, several, 0.8),
+        ("an old sense", 0, replaced, 0.7),
+    ]
+    write_table(
+        pd.concat(
+            [
+                union.assign(
+                    latent=latent,
+                    sense=sense,
+                    explanation=text,
+                    balanced_accuracy=score,
+                    control_balanced_accuracy=0.4,
+                )
+                for text, sense, latent, score in scored
+            ]
+        ),
+        root.sense_scores_path(partition.coder, "00", "detection"),
+        "sense_scores",
+    )
     main(["--data", str(copy), "export", "neuronpedia", partition.coder, str(tmp_path / "np")])
-    exported = read_neuronpedia(tmp_path / "np" / "smollm2-135m-instruct" / "3-tiny-topk")["explanations"]
+    exported = read_neuronpedia(tmp_path / "np" / "smollm2-135m-instruct" / "3-tiny-topk")[
+        "explanations"
+    ]
     by_latent = {}
     for row in exported:
         by_latent.setdefault(int(row["index"]), []).append(row["description"])
@@ -339,11 +597,21 @@ def test_neuronpedia_gets_one_explanation_per_sense_of_a_latent_with_several(par
     assert by_latent[replaced] == [ok.explanation.iloc[1]]
     assert len(exported) == len(ok) + 1
     notes = {row["description"]: row["notes"] for row in exported}
-    assert notes["digits inside parentheses"].endswith("; one of 2 senses; scored on its own windows: detection balanced_accuracy 0.900 (control 0.400)")
-    assert notes["names inside quotation marks"].endswith("; one of 2 senses") and "0.7" not in notes[ok.explanation.iloc[1]]
+    assert notes["digits inside parentheses"].endswith(
+        "; one of 2 senses; scored on its own windows: detection balanced_accuracy 0.900 (control 0.400)"
+    )
+    assert (
+        notes["names inside quotation marks"].endswith("; one of 2 senses")
+        and "0.7" not in notes[ok.explanation.iloc[1]]
+    )
 
     # delphi's export holds the union and the union's scores only
     main(["--data", str(copy), "export", "delphi", partition.coder, str(tmp_path / "delphi")])
     name = f"model.layers.3_latent{several}.txt"
-    assert json.loads((tmp_path / "delphi" / "explanations" / name).read_text()) == "digits inside parentheses or names inside quotation marks"
-    assert not (tmp_path / "delphi" / "scores" / "detection" / name).exists()  # its scores were made with the text before
+    assert (
+        json.loads((tmp_path / "delphi" / "explanations" / name).read_text())
+        == "digits inside parentheses or names inside quotation marks"
+    )
+    assert not (
+        tmp_path / "delphi" / "scores" / "detection" / name
+    ).exists()  # its scores were made with the text before

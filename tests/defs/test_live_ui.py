@@ -2,6 +2,7 @@
 a fresh instance, a coder dropped into the registry, and everything down to `score_summary`
 happens by itself, within the run limits; then nothing more happens, and Ctrl-C leaves no process
 behind."""
+
 import json
 import os
 import signal
@@ -53,10 +54,25 @@ def small_sae(subject):
     from autointerp_defs.demo_sae import train_topk_sae
     from resources.subject_model import capture_hookpoints
 
-    tokens = tokenize_documents(embedded_documents(), subject.tokenizer(), ctx_len=64, n_tokens=64 * 32, add_bos=True, seed=3)
+    tokens = tokenize_documents(
+        embedded_documents(),
+        subject.tokenizer(),
+        ctx_len=64,
+        n_tokens=64 * 32,
+        add_bos=True,
+        seed=3,
+    )
     site = ("model.layers.3", "output")
     hidden = capture_hookpoints(subject.causal_lm(), torch.from_numpy(tokens).long(), {site})[site]
-    return train_topk_sae(hidden[:, 1:].flatten(0, 1), width=48, k=4, name="small-topk", hookpoint="model.layers.3", epochs=2, batch_size=256)
+    return train_topk_sae(
+        hidden[:, 1:].flatten(0, 1),
+        width=48,
+        k=4,
+        name="small-topk",
+        hookpoint="model.layers.3",
+        epochs=2,
+        batch_size=256,
+    )
 
 
 class UI:
@@ -64,29 +80,44 @@ class UI:
         self.url = f"http://127.0.0.1:{port}"
 
     def query(self, text: str) -> dict:
-        request = urllib.request.Request(f"{self.url}/graphql", data=json.dumps({"query": text}).encode(), headers={"Content-Type": "application/json"})
+        request = urllib.request.Request(
+            f"{self.url}/graphql",
+            data=json.dumps({"query": text}).encode(),
+            headers={"Content-Type": "application/json"},
+        )
         body = json.loads(urllib.request.urlopen(request, timeout=60).read())
         assert "errors" not in body, body
         return body["data"]
 
     def runs(self) -> list[dict]:
-        data = self.query("{ runsOrError(limit: 1000) { ... on Runs { results { runId status startTime endTime assetSelection { path } } } } }")
+        data = self.query(
+            "{ runsOrError(limit: 1000) { ... on Runs { results { runId status startTime endTime assetSelection { path } } } } }"
+        )
         return data["runsOrError"]["results"]
 
-    def materialized(self, asset: str, partitions: list[str] | None = None) -> dict[str | None, float]:
+    def materialized(
+        self, asset: str, partitions: list[str] | None = None
+    ) -> dict[str | None, float]:
         """Partition (None: unpartitioned) → time of its latest materialization."""
         path = json.dumps(asset.split("/"))
         among = f"(partitions: {json.dumps(partitions)})" if partitions else ""
-        data = self.query(f'{{ assetOrError(assetKey: {{path: {path}}}) {{ ... on Asset {{ assetMaterializations{among} {{ partition timestamp }} }} }} }}')
+        data = self.query(
+            f"{{ assetOrError(assetKey: {{path: {path}}}) {{ ... on Asset {{ assetMaterializations{among} {{ partition timestamp }} }} }} }}"
+        )
         found = {}
         for event in (data["assetOrError"] or {}).get("assetMaterializations", []):
-            found[event["partition"]] = max(found.get(event["partition"], 0.0), float(event["timestamp"]) / 1000)
+            found[event["partition"]] = max(
+                found.get(event["partition"], 0.0), float(event["timestamp"]) / 1000
+            )
         return found
 
 
 def most_at_once(runs: list[dict]) -> int:
     """The largest number of these runs that were in progress at the same moment."""
-    edges = sorted([(r["startTime"], 1) for r in runs] + [(r["endTime"], -1) for r in runs], key=lambda e: (e[0], e[1]))
+    edges = sorted(
+        [(r["startTime"], 1) for r in runs] + [(r["endTime"], -1) for r in runs],
+        key=lambda e: (e[0], e[1]),
+    )
     now = most = 0
     for _, step in edges:
         now += step
@@ -106,7 +137,9 @@ def left_behind(home: Path) -> list[psutil.Process]:
     return found
 
 
-def test_dropped_coder_runs_to_the_summary_by_itself_within_limits_then_stays_quiet(tmp_path, small_sae):
+def test_dropped_coder_runs_to_the_summary_by_itself_within_limits_then_stays_quiet(
+    tmp_path, small_sae
+):
     from resources.sparse_coders import save_sparsify
 
     home, data = tmp_path / "dagster_home", tmp_path / "data"
@@ -116,24 +149,55 @@ def test_dropped_coder_runs_to_the_summary_by_itself_within_limits_then_stays_qu
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     with ScriptedLLMServer(answer_by_prompt) as server:
-        deployment = tmp_path / "live.toml"  # the remote deployment, pointed at the scripted server, sized for a CPU
-        deployment.write_text(DEPLOYMENT.format(data=data, url=server.base_url, scorers=json.dumps(list(SCORERS))))
+        deployment = (
+            tmp_path / "live.toml"
+        )  # the remote deployment, pointed at the scripted server, sized for a CPU
+        deployment.write_text(
+            DEPLOYMENT.format(data=data, url=server.base_url, scorers=json.dumps(list(SCORERS)))
+        )
         env = {**os.environ, "DAGSTER_HOME": str(home), "AUTOINTERP_DEPLOYMENT": str(deployment)}
         log = tmp_path / "ui.log"
-        proc = subprocess.Popen([str(Path(sys.executable).parent / "autointerp"), "ui", "--host", "127.0.0.1", "--port", str(port)], env=env,
-                                stdout=log.open("w"), stderr=subprocess.STDOUT, start_new_session=True)
+        proc = subprocess.Popen(
+            [
+                str(Path(sys.executable).parent / "autointerp"),
+                "ui",
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(port),
+            ],
+            env=env,
+            stdout=log.open("w"),
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
         ui = UI(port)
         try:
             deadline = time.time() + 240
             while time.time() < deadline and proc.poll() is None:
                 try:
-                    served = {"/".join(n["assetKey"]["path"]) for n in ui.query("{ assetNodes { assetKey { path } } }")["assetNodes"]}
-                    if served >= {"corpus", "activations", "exemplars", "explanations", "score_summary"}:
+                    served = {
+                        "/".join(n["assetKey"]["path"])
+                        for n in ui.query("{ assetNodes { assetKey { path } } }")["assetNodes"]
+                    }
+                    if served >= {
+                        "corpus",
+                        "activations",
+                        "exemplars",
+                        "explanations",
+                        "score_summary",
+                    }:
                         break
                 except OSError:
                     pass
                 time.sleep(2)
-            assert served >= {"corpus", "activations", "exemplars", "explanations", "score_summary"}, log.read_text()[-3000:]
+            assert served >= {
+                "corpus",
+                "activations",
+                "exemplars",
+                "explanations",
+                "score_summary",
+            }, log.read_text()[-3000:]
             assert ui.query("{ shouldShowNux }")["shouldShowNux"] is False
 
             dropped = time.time()
@@ -142,9 +206,14 @@ def test_dropped_coder_runs_to_the_summary_by_itself_within_limits_then_stays_qu
             while True:
                 time.sleep(5)
                 runs = ui.runs()
-                assert not [r for r in runs if r["status"] == "FAILURE"], (runs, log.read_text()[-5000:])
+                assert not [r for r in runs if r["status"] == "FAILURE"], (
+                    runs,
+                    log.read_text()[-5000:],
+                )
                 summary = ui.materialized("score_summary")
-                settled = not [r for r in runs if r["status"] not in ("SUCCESS", "FAILURE", "CANCELED")]
+                settled = not [
+                    r for r in runs if r["status"] not in ("SUCCESS", "FAILURE", "CANCELED")
+                ]
                 if summary and settled:
                     break
                 assert time.time() - dropped < TIME_LIMIT_S, (runs, log.read_text()[-5000:])
@@ -163,18 +232,27 @@ def test_dropped_coder_runs_to_the_summary_by_itself_within_limits_then_stays_qu
 
             # the run limits held: one subject-model run at a time, LLM_RUNS LLM runs, MAX_RUNS in all
             def selecting(*assets):
-                return [r for r in runs if any("/".join(a["path"]) in assets for a in r["assetSelection"] or [])]
+                return [
+                    r
+                    for r in runs
+                    if any("/".join(a["path"]) in assets for a in r["assetSelection"] or [])
+                ]
 
             assert most_at_once(runs) <= MAX_RUNS
             assert most_at_once(selecting("activations", "scores/surprisal")) == 1
-            assert most_at_once(selecting("explanations", *(f"scores/{n}" for n in SCORERS))) <= LLM_RUNS
+            assert (
+                most_at_once(selecting("explanations", *(f"scores/{n}" for n in SCORERS)))
+                <= LLM_RUNS
+            )
 
             # one more sensor and automation cycle (both tick every 30 s): no new run, no new request
             n_runs, n_requests = len(runs), len(server.requests)
             time.sleep(45)
             assert len(ui.runs()) == n_runs and len(server.requests) == n_requests
         finally:
-            os.killpg(proc.pid, signal.SIGINT)  # Ctrl-C: the terminal signals the whole foreground group
+            os.killpg(
+                proc.pid, signal.SIGINT
+            )  # Ctrl-C: the terminal signals the whole foreground group
             try:
                 proc.wait(timeout=60)
             except subprocess.TimeoutExpired:

@@ -1,4 +1,5 @@
 """The latent browser's HTTP API on a materialized partition: what each page shows is what the tables hold."""
+
 from __future__ import annotations
 
 import json
@@ -27,13 +28,18 @@ def get(server: str, path: str) -> tuple[int, dict]:
 def latent_counts(partition):
     from storage.activations import LATENT_STATS_FILE, load_latent_stats
 
-    return load_latent_stats(DataRoot.at(partition.root).activations_dir(partition.coder) / LATENT_STATS_FILE)
+    return load_latent_stats(
+        DataRoot.at(partition.root).activations_dir(partition.coder) / LATENT_STATS_FILE
+    )
 
 
 def tables(partition):
     root = DataRoot.at(partition.root)
     explained = pd.read_parquet(root.explanations_path(partition.coder, partition.shard))
-    scores = {name: pd.read_parquet(root.scores_path(partition.coder, partition.shard, name)) for name in ("detection", "fuzzing", "embedding", "simulation")}
+    scores = {
+        name: pd.read_parquet(root.scores_path(partition.coder, partition.shard, name))
+        for name in ("detection", "fuzzing", "embedding", "simulation")
+    }
     return root, explained, scores
 
 
@@ -44,22 +50,38 @@ def test_coders_page_compares_each_scorer_with_its_control(server, partition):
     (row,) = data["coders"]
     meta = json.loads((root.activations_dir(partition.coder) / "meta.json").read_text())
     assert row["coder"] == partition.coder and row["width"] == 1152
-    assert row["dead_fraction"] == pytest.approx(meta["dead_fraction"]) and row["mean_l0"] == pytest.approx(meta["mean_l0"]) and row["fvu"] == pytest.approx(meta["fvu"])
+    assert (
+        row["dead_fraction"] == pytest.approx(meta["dead_fraction"])
+        and row["mean_l0"] == pytest.approx(meta["mean_l0"])
+        and row["fvu"] == pytest.approx(meta["fvu"])
+    )
     assert row["explained"] == int((explained.status == "ok").sum()) >= 2
     assert set(row["scorers"]) == set(scores)
     for name, table in scores.items():
         main = {s["name"]: s["main_metric"] for s in data["scorers"]}[name]
-        both = table[[main, f"control_{main}"]].dropna()  # the mean and its control's over the same latents
-        assert row["scorers"][name]["mean"] == pytest.approx(both[main].mean()) and row["scorers"][name]["with_control"] == len(both) > 0
+        both = table[
+            [main, f"control_{main}"]
+        ].dropna()  # the mean and its control's over the same latents
+        assert (
+            row["scorers"][name]["mean"] == pytest.approx(both[main].mean())
+            and row["scorers"][name]["with_control"] == len(both) > 0
+        )
         assert row["scorers"][name]["control"] == pytest.approx(both[f"control_{main}"].mean())
-        assert row["scorers"][name]["verdict"].startswith("too few latents to tell (")  # a few latents: no verdict
+        assert row["scorers"][name]["verdict"].startswith(
+            "too few latents to tell ("
+        )  # a few latents: no verdict
 
 
 def test_latent_list_sorts_filters_and_pages(server, partition):
     _, explained, scores = tables(partition)
     coder = quote(partition.coder, safe="")
     status, data = get(server, f"/api/latents?coder={coder}&per_page=100&page=2")
-    assert status == 200 and data["total"] == 1152 and data["pages"] == 12 and [r["latent"] for r in data["rows"]] == list(range(100, 200))
+    assert (
+        status == 200
+        and data["total"] == 1152
+        and data["pages"] == 12
+        and [r["latent"] for r in data["rows"]] == list(range(100, 200))
+    )
 
     _, by_freq = get(server, f"/api/latents?coder={coder}&sort=frequency&order=desc&per_page=500")
     freqs = [r["frequency"] for r in by_freq["rows"]]
@@ -68,13 +90,21 @@ def test_latent_list_sorts_filters_and_pages(server, partition):
     _, by_score = get(server, f"/api/latents?coder={coder}&sort=detection&order=asc")
     scored = [r["detection"] for r in by_score["rows"] if r["detection"] is not None]
     assert scored == sorted(scores["detection"]["balanced_accuracy"].tolist())
-    assert all(r["detection"] is None for r in by_score["rows"][len(scored):])  # unscored latents last
+    assert all(
+        r["detection"] is None for r in by_score["rows"][len(scored) :]
+    )  # unscored latents last
 
     _, ok = get(server, f"/api/latents?coder={coder}&status=ok")
-    assert sorted(r["latent"] for r in ok["rows"]) == sorted(explained[explained.status == "ok"].latent.tolist())
-    assert {r["explanation"] for r in ok["rows"]} == set(explained[explained.status == "ok"].explanation)
+    assert sorted(r["latent"] for r in ok["rows"]) == sorted(
+        explained[explained.status == "ok"].latent.tolist()
+    )
+    assert {r["explanation"] for r in ok["rows"]} == set(
+        explained[explained.status == "ok"].explanation
+    )
 
-    _, filtered = get(server, f"/api/latents?coder={coder}&min_embedding_gap=-10&max_embedding_gap=10")
+    _, filtered = get(
+        server, f"/api/latents?coder={coder}&min_embedding_gap=-10&max_embedding_gap=10"
+    )
     assert filtered["total"] == scores["embedding"]["gap"].notna().sum()
     _, frequent = get(server, f"/api/latents?coder={coder}&min_frequency=0.01")
     counts = latent_counts(partition)
@@ -86,7 +116,11 @@ def test_search_finds_a_latent_by_the_meaning_of_its_explanation(server, partiti
     row = explained[explained.status == "ok"].iloc[0]
     coder = quote(partition.coder, safe="")
     status, data = get(server, f"/api/search?coder={coder}&q={quote(row.explanation)}")
-    assert status == 200 and data["hits"][0]["latent"] == row.latent and data["hits"][0]["explanation"] == row.explanation
+    assert (
+        status == 200
+        and data["hits"][0]["latent"] == row.latent
+        and data["hits"][0]["explanation"] == row.explanation
+    )
     _, listed = get(server, f"/api/latents?coder={coder}&q={quote(row.explanation)}")
     assert listed["rows"][0]["latent"] == row.latent and listed["sort"] == "distance"
 
@@ -98,20 +132,31 @@ def test_latent_page_shows_what_the_tables_and_the_decoder_say(server, partition
     root, explained, scores = tables(partition)
     row = explained[explained.status == "ok"].iloc[0]
     latent = int(row.latent)
-    status, page = get(server, f"/api/latent?coder={quote(partition.coder, safe='')}&latent={latent}")
+    status, page = get(
+        server, f"/api/latent?coder={quote(partition.coder, safe='')}&latent={latent}"
+    )
     assert status == 200
 
     # the explanation and both best-of-N candidates with their scores
-    assert page["explanation"]["text"] == row.explanation and page["explanation"]["model"] == "openai:scripted-judge"
+    assert (
+        page["explanation"]["text"] == row.explanation
+        and page["explanation"]["model"] == "openai:scripted-judge"
+    )
     assert [c["text"] for c in page["explanation"]["candidates"]] == list(row.candidates)
-    assert [c["score"] for c in page["explanation"]["candidates"]] == pytest.approx(list(row.candidate_scores))
+    assert [c["score"] for c in page["explanation"]["candidates"]] == pytest.approx(
+        list(row.candidate_scores)
+    )
 
     # each scorer beside its control
     for s in page["scorers"]:
         table = scores[s["name"]].set_index("latent")
         assert s["score"] == pytest.approx(table.loc[latent, s["main_metric"]], nan_ok=True)
-        assert s["control_score"] == pytest.approx(table.loc[latent, f"control_{s['main_metric']}"], nan_ok=True)
-        assert s["control_explanation"] == table.loc[latent, "control_explanation"] != row.explanation
+        assert s["control_score"] == pytest.approx(
+            table.loc[latent, f"control_{s['main_metric']}"], nan_ok=True
+        )
+        assert (
+            s["control_explanation"] == table.loc[latent, "control_explanation"] != row.explanation
+        )
 
     # the windows are the exemplars table's, token for token, grouped by quantile
     exemplars = pd.read_parquet(root.exemplars_path(partition.coder, partition.shard))
@@ -119,23 +164,41 @@ def test_latent_page_shows_what_the_tables_and_the_decoder_say(server, partition
     shown = [w for g in page["windows"]["activating"] for w in g["windows"]]
     assert len(shown) == (mine.kind == "activating").sum()
     groups = [g["group"] for g in page["windows"]["activating"]]
-    assert groups[0].startswith("top") and [g for g in groups if g.startswith("quantile")] == sorted(g for g in groups if g.startswith("quantile"))
+    assert groups[0].startswith("top") and [
+        g for g in groups if g.startswith("quantile")
+    ] == sorted(g for g in groups if g.startswith("quantile"))
     strongest = mine.loc[mine.max_activation.idxmax()]
-    window = next(w for w in shown if w["sequence"] == strongest.sequence and w["start"] == strongest.start)
+    window = next(
+        w for w in shown if w["sequence"] == strongest.sequence and w["start"] == strongest.start
+    )
     assert window["activations"] == pytest.approx(list(strongest.activations), abs=1e-3)
-    assert {g["source"] for g in page["windows"]["non_activating"]} == set(mine[mine.kind != "activating"].kind)
+    assert {g["source"] for g in page["windows"]["non_activating"]} == set(
+        mine[mine.kind != "activating"].kind
+    )
 
     # density: every cached activation of the latent falls in the histogram
     assert sum(page["density"]["counts"]) == latent_counts(partition)["count"][latent]
 
     # logit lens and neighbours, from the decoder itself
-    projection = vocab_projection(tiny_sae.decoder_weight[latent : latent + 1], load_causal_lm(), 10)
+    projection = vocab_projection(
+        tiny_sae.decoder_weight[latent : latent + 1], load_causal_lm(), 10
+    )
     vocab = json.loads((root.corpus_dir / "vocab.json").read_text())
-    assert [t["token"] for t in page["logit_lens"]["promoted"]] == [vocab[i] for i in projection.top_ids[0].tolist()]
-    assert [t["token"] for t in page["logit_lens"]["suppressed"]] == [vocab[i] for i in projection.bottom_ids[0].tolist()]
-    assert [t["logit"] for t in page["logit_lens"]["promoted"]] == pytest.approx(projection.top_values[0].tolist(), abs=1e-3)
-    assert [t["logit"] for t in page["logit_lens"]["suppressed"]] == pytest.approx(projection.bottom_values[0].tolist(), abs=1e-3)
-    histogram = page["logit_lens"]["histogram"]  # every token of the vocabulary, between the most suppressed and the most promoted
+    assert [t["token"] for t in page["logit_lens"]["promoted"]] == [
+        vocab[i] for i in projection.top_ids[0].tolist()
+    ]
+    assert [t["token"] for t in page["logit_lens"]["suppressed"]] == [
+        vocab[i] for i in projection.bottom_ids[0].tolist()
+    ]
+    assert [t["logit"] for t in page["logit_lens"]["promoted"]] == pytest.approx(
+        projection.top_values[0].tolist(), abs=1e-3
+    )
+    assert [t["logit"] for t in page["logit_lens"]["suppressed"]] == pytest.approx(
+        projection.bottom_values[0].tolist(), abs=1e-3
+    )
+    histogram = page["logit_lens"][
+        "histogram"
+    ]  # every token of the vocabulary, between the most suppressed and the most promoted
     assert sum(histogram["counts"]) == len(vocab)
     assert histogram["edges"][0] == pytest.approx(projection.bottom_values[0, 0].item(), abs=1e-3)
     assert histogram["edges"][-1] == pytest.approx(projection.top_values[0, 0].item(), abs=1e-3)
@@ -150,9 +213,17 @@ def test_latent_page_shows_what_the_tables_and_the_decoder_say(server, partition
     for w in page["simulation"]["windows"]:
         assert w["simulated"] == [10.0 if t.strip() == word else 0.0 for t in w["tokens"]]
         assert len(w["true"]) == len(w["tokens"])
-    assert "partition=" in page["links"]["dagster_explanations"] and quote(f"{partition.coder}|00", safe="") in page["links"]["dagster_explanations"]
+    assert (
+        "partition=" in page["links"]["dagster_explanations"]
+        and quote(f"{partition.coder}|00", safe="") in page["links"]["dagster_explanations"]
+    )
     # each scorer's permalink opens this page with that scorer shown first
-    assert {s["name"]: s["permalink"] for s in page["scorers"]} == {s["name"]: f"/latent?coder={quote(partition.coder, safe='')}&latent={latent}&scorer={s['name']}" for s in page["scorers"]}
+    assert {s["name"]: s["permalink"] for s in page["scorers"]} == {
+        s[
+            "name"
+        ]: f"/latent?coder={quote(partition.coder, safe='')}&latent={latent}&scorer={s['name']}"
+        for s in page["scorers"]
+    }
 
 
 def test_the_default_latent_list_shows_explained_latents_first(server, partition):
@@ -181,25 +252,39 @@ def test_density_histograms_bin_as_numpy_does_latent_by_latent():
     assert ids.tolist() == sorted(set(latents.tolist()))
     for i, latent in enumerate(ids):
         mine = values[latents == latent]
-        expected, _ = np.histogram(mine, bins=DENSITY_BINS, range=(0.0, float(mine.max()) if mine.max() > 0 else 1.0))
-        assert counts[i].tolist() == expected.tolist() and tops[i] == pytest.approx(float(mine.max()))
+        expected, _ = np.histogram(
+            mine, bins=DENSITY_BINS, range=(0.0, float(mine.max()) if mine.max() > 0 else 1.0)
+        )
+        assert counts[i].tolist() == expected.tolist() and tops[i] == pytest.approx(
+            float(mine.max())
+        )
 
 
 def test_word_matches_rank_explanations_by_the_query_words_they_hold():
     from autointerp_defs.readside.app import word_matches
 
-    explanations = pd.Series(["closing a file", "the word file", "", "opening files", "File closing in Python"])
+    explanations = pd.Series(
+        ["closing a file", "the word file", "", "opening files", "File closing in Python"]
+    )
     assert word_matches(explanations, "closing file", 10) == [(0, None), (4, None), (1, None)]
     assert word_matches(explanations, "?!", 10) == []
 
 
-def test_the_steering_box_continues_a_prompt_with_and_without_the_latent(server, partition, subject):
+def test_the_steering_box_continues_a_prompt_with_and_without_the_latent(
+    server, partition, subject
+):
     """The first request starts loading the subject model and answers "loading" at once; later ones continue the prompt."""
     import time
 
     _, explained, _ = tables(partition)
     latent = int(explained[explained.status == "ok"].latent.iloc[0])
-    ask = {"coder": partition.coder, "latent": latent, "prompt": "The file", "strength": 8, "tokens": 12}
+    ask = {
+        "coder": partition.coder,
+        "latent": latent,
+        "prompt": "The file",
+        "strength": 8,
+        "tokens": 12,
+    }
     deadline = time.monotonic() + 300
     status, answer, _ = steer_request(server, ask)
     while answer.get("state") == "loading" and time.monotonic() < deadline:
@@ -209,10 +294,18 @@ def test_the_steering_box_continues_a_prompt_with_and_without_the_latent(server,
     # the unsteered text is the model's own greedy continuation
     tokenizer, lm = subject.tokenizer(), subject.causal_lm()
     ids = tokenizer(["The file"], return_tensors="pt")["input_ids"]
-    greedy = lm.generate(ids, max_new_tokens=12, min_new_tokens=12, do_sample=False, pad_token_id=tokenizer.pad_token_id or tokenizer.eos_token_id)
-    assert answer["unsteered"] == tokenizer.decode(greedy[0, ids.shape[1]:])
+    greedy = lm.generate(
+        ids,
+        max_new_tokens=12,
+        min_new_tokens=12,
+        do_sample=False,
+        pad_token_id=tokenizer.pad_token_id or tokenizer.eos_token_id,
+    )
+    assert answer["unsteered"] == tokenizer.decode(greedy[0, ids.shape[1] :])
     assert answer["kl"] > 0 and answer["steered"] != answer["unsteered"]
-    assert answer["delta"] == pytest.approx(8 * float(latent_counts(partition)["max"][latent]), rel=1e-5)
+    assert answer["delta"] == pytest.approx(
+        8 * float(latent_counts(partition)["max"][latent]), rel=1e-5
+    )
     status, bad, _ = steer_request(server, {**ask, "tokens": 999})
     assert status == 400 and "Fix: give 1..64" in bad["error"]
 
@@ -221,8 +314,13 @@ def test_steering_is_off_with_the_reason_when_the_subject_model_is_not_here(part
     from autointerp_defs.readside.app import Viewer
     from resources.subject_model import SubjectModelResource
 
-    viewer = Viewer(TableStore.at(partition.root), subject=SubjectModelResource(model="no-such-org/no-such-model"))
-    offered = viewer.steering.availability(viewer.index(partition.coder))  # what the latent page shows in the box
+    viewer = Viewer(
+        TableStore.at(partition.root),
+        subject=SubjectModelResource(model="no-such-org/no-such-model"),
+    )
+    offered = viewer.steering.availability(
+        viewer.index(partition.coder)
+    )  # what the latent page shows in the box
     assert offered["available"] is False
     assert "no-such-org/no-such-model" in offered["message"] and "Fix:" in offered["message"]
     assert viewer.steer(partition.coder, {"latent": "0", "prompt": "The"})["state"] == "unavailable"
@@ -250,7 +348,9 @@ def test_index_is_cached_on_disk_and_rebuilt_when_a_table_changes(partition, tmp
     first = Viewer(TableStore.at(root)).latent_list(partition.coder, {"status": "ok"})["total"]
     cached = root / "viewer" / partition.coder / "latents.arrow"
     built = cached.stat().st_mtime_ns
-    assert Viewer(TableStore.at(root)).latent_list(partition.coder, {"status": "ok"})["total"] == first
+    assert (
+        Viewer(TableStore.at(root)).latent_list(partition.coder, {"status": "ok"})["total"] == first
+    )
     assert cached.stat().st_mtime_ns == built  # a new server reads the cache instead of rebuilding
     path = DataRoot.at(root).explanations_path(partition.coder, partition.shard)
     table = pd.read_parquet(path)
@@ -271,7 +371,9 @@ def test_a_cached_latent_table_from_code_with_other_columns_is_built_again(parti
     root = tmp_path / "copy"
     shutil.copytree(partition.root, root, ignore=shutil.ignore_patterns("viewer", "llm_cache"))
     Viewer(TableStore.at(root)).latent_list(partition.coder, {})
-    cached, stamp = (root / "viewer" / partition.coder / name for name in ("latents.arrow", "latents.stamp.json"))
+    cached, stamp = (
+        root / "viewer" / partition.coder / name for name in ("latents.arrow", "latents.stamp.json")
+    )
     pd.read_feather(cached).drop(columns=["senses"]).to_feather(cached)
     old = json.loads(stamp.read_text())["stamp"].removeprefix(f"{LATENTS_VERSION}|")
     stamp.write_text(json.dumps({"stamp": old}))  # as the code before the version was stamped it
@@ -283,7 +385,9 @@ def test_dagster_metadata_links_to_the_coder_and_latent_pages(partition):
     from assets.links import coder_url, latent_url
     from resources.settings import AutointerpSettings
 
-    base = AutointerpSettings().viewer_url  # the [settings] viewer_url the partition ran with (the default)
+    base = (
+        AutointerpSettings().viewer_url
+    )  # the [settings] viewer_url the partition ran with (the default)
     _, explained, _ = tables(partition)
     for node in ("explanations", "score_summary"):
         meta = partition.metadata[node]
@@ -297,30 +401,65 @@ def test_the_links_follow_the_deployment_settings_and_summary_links_cover_every_
     from autointerp_defs.deployments import load_deployment
     from autointerp_defs.readside.app import Viewer
 
-    settings = load_deployment("local", {"settings": {"viewer_url": "http://viewer.lab:9000/", "dagster_url": "http://dagster.lab:3333"}}).resources()["settings"]
-    assert settings.viewer_url == "http://viewer.lab:9000/" and settings.dagster_url == "http://dagster.lab:3333"
+    settings = load_deployment(
+        "local",
+        {
+            "settings": {
+                "viewer_url": "http://viewer.lab:9000/",
+                "dagster_url": "http://dagster.lab:3333",
+            }
+        },
+    ).resources()["settings"]
+    assert (
+        settings.viewer_url == "http://viewer.lab:9000/"
+        and settings.dagster_url == "http://dagster.lab:3333"
+    )
 
-    page = Viewer(TableStore.at(partition.root), dagster_url=settings.dagster_url).latent(partition.coder, 0)
-    assert page["links"]["dagster_explanations"] == f"http://dagster.lab:3333/assets/explanations?view=partitions&partition={quote(partition.coder + '|00', safe='')}"
-    assert page["links"]["dagster_summary"] == "http://dagster.lab:3333/assets/score_summary"  # one asset over all coders: no partition
+    page = Viewer(TableStore.at(partition.root), dagster_url=settings.dagster_url).latent(
+        partition.coder, 0
+    )
+    assert (
+        page["links"]["dagster_explanations"]
+        == f"http://dagster.lab:3333/assets/explanations?view=partitions&partition={quote(partition.coder + '|00', safe='')}"
+    )
+    assert (
+        page["links"]["dagster_summary"] == "http://dagster.lab:3333/assets/score_summary"
+    )  # one asset over all coders: no partition
 
     one = summary_links(settings.viewer_url, {"a/h.1": [3, 1]})
-    assert one["viewer"].value == "http://viewer.lab:9000/coder?coder=a%2Fh.1" and "latent=3" in one["latent_pages"].value
+    assert (
+        one["viewer"].value == "http://viewer.lab:9000/coder?coder=a%2Fh.1"
+        and "latent=3" in one["latent_pages"].value
+    )
     several = summary_links(settings.viewer_url, {"a/h.1": [3, 1], "b/h.2": [7]})
     assert several["viewer"].value == "http://viewer.lab:9000/"
-    assert "latent?coder=a%2Fh.1&latent=3" in several["latent_pages"].value and "latent?coder=b%2Fh.2&latent=7" in several["latent_pages"].value
+    assert (
+        "latent?coder=a%2Fh.1&latent=3" in several["latent_pages"].value
+        and "latent?coder=b%2Fh.2&latent=7" in several["latent_pages"].value
+    )
 
 
 def test_a_coder_name_never_leads_outside_the_data_root(server, partition, tmp_path):
     root = DataRoot.at(partition.root)
     elsewhere = tmp_path / "elsewhere" / "coder"
-    shutil.copytree(root.activations_dir(partition.coder), elsewhere)  # a real cache, outside the root
-    escapes = [str(elsewhere), f"../activations/{partition.coder}", "../../" + str(elsewhere.relative_to("/"))]
+    shutil.copytree(
+        root.activations_dir(partition.coder), elsewhere
+    )  # a real cache, outside the root
+    escapes = [
+        str(elsewhere),
+        f"../activations/{partition.coder}",
+        "../../" + str(elsewhere.relative_to("/")),
+    ]
     for coder in escapes:
-        for path in (f"/api/latents?coder={quote(coder, safe='')}", f"/api/latent?coder={quote(coder, safe='')}&latent=0"):
+        for path in (
+            f"/api/latents?coder={quote(coder, safe='')}",
+            f"/api/latent?coder={quote(coder, safe='')}&latent=0",
+        ):
             status, data = get(server, path)
             assert status == 404 and partition.coder in data["error"], (coder, data)
-    assert sorted(p.name for p in elsewhere.iterdir()) == sorted(p.name for p in root.activations_dir(partition.coder).iterdir())  # no cache written there
+    assert sorted(p.name for p in elsewhere.iterdir()) == sorted(
+        p.name for p in root.activations_dir(partition.coder).iterdir()
+    )  # no cache written there
     assert not (root.activations_dir(partition.coder) / "latents.arrow").exists()
 
 
@@ -331,16 +470,26 @@ def raw_get(server: str, path: str, host: str) -> tuple[int, dict]:
     connection = http.client.HTTPConnection(*server.removeprefix("http://").split(":"), timeout=60)
     connection.request("GET", path, headers={"Host": host})
     response = connection.getresponse()
-    return response.status, json.loads(response.read() or b"{}") if response.getheader("Content-Type") == "application/json" else {}
+    return response.status, json.loads(response.read() or b"{}") if response.getheader(
+        "Content-Type"
+    ) == "application/json" else {}
 
 
 def test_a_request_for_another_host_is_refused_against_dns_rebinding(server, partition):
     port = server.rsplit(":", 1)[1]
     for host in (f"127.0.0.1:{port}", f"localhost:{port}", f"[::1]:{port}"):
         assert raw_get(server, "/api/coders", host)[0] == 200, host
-    for host in (f"attacker.example:{port}", "attacker.example", f"localhost:{int(port) + 1}", "127.0.0.1:x", ""):
+    for host in (
+        f"attacker.example:{port}",
+        "attacker.example",
+        f"localhost:{int(port) + 1}",
+        "127.0.0.1:x",
+        "",
+    ):
         status, data = raw_get(server, "/api/coders", host)
-        assert status == 403 and "Misdirected" in data["error"] and "viewer_url" in data["error"], host
+        assert status == 403 and "Misdirected" in data["error"] and "viewer_url" in data["error"], (
+            host
+        )
     assert raw_get(server, "/", "attacker.example")[0] == 403  # the pages too, not only the API
 
 
@@ -360,10 +509,16 @@ def test_the_deployment_viewer_url_host_is_served_behind_a_proxy(partition):
 
 def test_a_bad_whole_number_is_a_400_naming_the_parameter(server, partition):
     coder = quote(partition.coder, safe="")
-    for path, name in ((f"/api/latents?coder={coder}&per_page=ten", "per_page"), (f"/api/latents?coder={coder}&page=2.5", "page"),
-                       (f"/api/latents?coder={coder}&q=file&limit=many", "limit"), (f"/api/search?coder={coder}&q=file&limit=x", "limit")):
+    for path, name in (
+        (f"/api/latents?coder={coder}&per_page=ten", "per_page"),
+        (f"/api/latents?coder={coder}&page=2.5", "page"),
+        (f"/api/latents?coder={coder}&q=file&limit=many", "limit"),
+        (f"/api/search?coder={coder}&q=file&limit=x", "limit"),
+    ):
         status, data = get(server, path)
-        assert status == 400 and data["error"].startswith(f"{name}=") and "Fix" in data["error"], path
+        assert status == 400 and data["error"].startswith(f"{name}=") and "Fix" in data["error"], (
+            path
+        )
 
 
 def test_a_plugin_scorer_table_is_shown_like_the_built_in_ones(partition, tmp_path, monkeypatch):
@@ -380,12 +535,16 @@ def test_a_plugin_scorer_table_is_shown_like_the_built_in_ones(partition, tmp_pa
     toy = pd.read_parquet(root.scores_path(partition.coder, partition.shard, "detection"))
     toy["accuracy"] = toy["accuracy"] / 2  # its own numbers
     toy.to_parquet(root.scores_path(partition.coder, partition.shard, "word_match"), index=False)
-    toy.to_parquet(root.scores_path(partition.coder, partition.shard, "unloaded_plugin"), index=False)  # a plugin this process never loaded
+    toy.to_parquet(
+        root.scores_path(partition.coder, partition.shard, "unloaded_plugin"), index=False
+    )  # a plugin this process never loaded
 
     viewer = Viewer(TableStore(root))
     (row,) = viewer.coders()["coders"]
     assert row["scorers"]["word_match"]["mean"] == pytest.approx(toy["accuracy"].mean())
-    assert row["scorers"]["unloaded_plugin"]["n"] == 0 and row["scorers"]["unloaded_plugin"]["verdict"]
+    assert (
+        row["scorers"]["unloaded_plugin"]["n"] == 0 and row["scorers"]["unloaded_plugin"]["verdict"]
+    )
     latents = viewer.latent_list(partition.coder, {"status": "ok", "per_page": "500"})
     shown = {r["latent"]: r for r in latents["rows"]}
     for scored in toy.itertuples():
@@ -393,8 +552,12 @@ def test_a_plugin_scorer_table_is_shown_like_the_built_in_ones(partition, tmp_pa
         assert shown[scored.latent]["unloaded_plugin_gap"] == pytest.approx(scored.gap)
     page = viewer.latent(partition.coder, int(toy.latent.iloc[0]))
     scorers = {s["name"]: s for s in page["scorers"]}
-    assert scorers["word_match"]["main_metric"] == "accuracy" and scorers["word_match"]["score"] == pytest.approx(toy.accuracy.iloc[0])
-    assert scorers["unloaded_plugin"]["main_metric"] is None and scorers["unloaded_plugin"]["gap"] == pytest.approx(toy.gap.iloc[0])
+    assert scorers["word_match"]["main_metric"] == "accuracy" and scorers["word_match"][
+        "score"
+    ] == pytest.approx(toy.accuracy.iloc[0])
+    assert scorers["unloaded_plugin"]["main_metric"] is None and scorers["unloaded_plugin"][
+        "gap"
+    ] == pytest.approx(toy.gap.iloc[0])
     assert "not loaded" in scorers["unloaded_plugin"]["control"]
 
 
@@ -404,9 +567,11 @@ def copy_root(partition, tmp_path) -> DataRoot:
     return DataRoot.at(root)
 
 
-def test_a_score_of_an_earlier_explanation_is_marked_stale_not_shown_as_the_latents(partition, tmp_path):
-    from autointerp_defs.readside.app import STALE, Viewer
+def test_a_score_of_an_earlier_explanation_is_marked_stale_not_shown_as_the_latents(
+    partition, tmp_path
+):
     from autointerp_defs.readside import reader
+    from autointerp_defs.readside.app import STALE, Viewer
     from autointerp_defs.readside.delphi import export_delphi
 
     root = copy_root(partition, tmp_path)
@@ -414,22 +579,43 @@ def test_a_score_of_an_earlier_explanation_is_marked_stale_not_shown_as_the_late
     explained = pd.read_parquet(root.explanations_path(coder, shard))
     detection = pd.read_parquet(root.scores_path(coder, shard, "detection"))
     fuzzing = pd.read_parquet(root.scores_path(coder, shard, "fuzzing"))
-    latent = int(sorted(set(detection.latent) & set(fuzzing.latent) & set(explained[explained.status == "ok"].latent))[0])
+    latent = int(
+        sorted(
+            set(detection.latent)
+            & set(fuzzing.latent)
+            & set(explained[explained.status == "ok"].latent)
+        )[0]
+    )
     explained.loc[explained.latent == latent, "explanation"] = "a newer explanation"
     explained.to_parquet(root.explanations_path(coder, shard), index=False)
-    detection.loc[detection.latent == latent, "explanation"] = "a newer explanation"  # detection scored the new text; fuzzing is behind
+    detection.loc[detection.latent == latent, "explanation"] = (
+        "a newer explanation"  # detection scored the new text; fuzzing is behind
+    )
     detection.to_parquet(root.scores_path(coder, shard, "detection"), index=False)
 
     viewer = Viewer(TableStore(root))
     page = viewer.latent(coder, latent)
     scorers = {s["name"]: s for s in page["scorers"]}
     assert page["explanation"]["text"] == "a newer explanation"
-    assert scorers["detection"]["stale"] is None and scorers["detection"]["score"] == pytest.approx(detection[detection.latent == latent].balanced_accuracy.iat[0])
-    assert scorers["fuzzing"]["stale"] == STALE and scorers["fuzzing"]["explanation"] != "a newer explanation"
+    assert scorers["detection"]["stale"] is None and scorers["detection"]["score"] == pytest.approx(
+        detection[detection.latent == latent].balanced_accuracy.iat[0]
+    )
+    assert (
+        scorers["fuzzing"]["stale"] == STALE
+        and scorers["fuzzing"]["explanation"] != "a newer explanation"
+    )
     for name in ("embedding", "simulation"):  # they too scored the earlier text
-        assert scorers[name]["stale"] == (STALE if (pd.read_parquet(root.scores_path(coder, shard, name)).latent == latent).any() else None)
-    (row,) = viewer.latent_list(coder, {"min_latent": str(latent), "max_latent": str(latent)})["rows"]
-    assert row["detection"] is not None and row["fuzzing"] is None and row["fuzzing_gap"] is None  # a stale score is not the latent's
+        assert scorers[name]["stale"] == (
+            STALE
+            if (pd.read_parquet(root.scores_path(coder, shard, name)).latent == latent).any()
+            else None
+        )
+    (row,) = viewer.latent_list(coder, {"min_latent": str(latent), "max_latent": str(latent)})[
+        "rows"
+    ]
+    assert (
+        row["detection"] is not None and row["fuzzing"] is None and row["fuzzing_gap"] is None
+    )  # a stale score is not the latent's
     others = viewer.latent_list(coder, {"status": "ok", "per_page": "500"})["rows"]
     main = reader.scorer_info("fuzzing")["main_metric"]
     assert sum(r["fuzzing"] is not None for r in others) == fuzzing[main].notna().sum() - 1
@@ -437,7 +623,9 @@ def test_a_score_of_an_earlier_explanation_is_marked_stale_not_shown_as_the_late
     out = tmp_path / "delphi"
     export_delphi(str(root.root), coder, str(out))
     assert (out / "scores" / "detection" / f"model.layers.3_latent{latent}.txt").exists()
-    assert not (out / "scores" / "fuzz" / f"model.layers.3_latent{latent}.txt").exists()  # fuzzing judged an older text
+    assert not (
+        out / "scores" / "fuzz" / f"model.layers.3_latent{latent}.txt"
+    ).exists()  # fuzzing judged an older text
     assert len(list((out / "scores" / "fuzz").iterdir())) == len(fuzzing) - 1
 
 
@@ -453,42 +641,93 @@ def test_every_latent_page_of_a_coder_narrower_than_the_neighbour_count_answers(
     from autointerp_defs.readside.app import Viewer
     from resources.sparse_coders import save_sparsify
     from resources.subject_model import capture_hookpoints
-    from tests.conftest import TINY_CORPUS_CONFIG, TINY_EXEMPLARS_CONFIG, add_coders, all_assets, make_resources, random_coder
+    from tests.conftest import (
+        TINY_CORPUS_CONFIG,
+        TINY_EXEMPLARS_CONFIG,
+        add_coders,
+        all_assets,
+        make_resources,
+        random_coder,
+    )
 
     hookpoint = "model.layers.1"
-    tokens = tokenize_documents(embedded_documents(), subject.tokenizer(), ctx_len=64, n_tokens=64 * 16, add_bos=True, seed=7)
-    hidden = capture_hookpoints(subject.causal_lm(), torch.from_numpy(tokens).long(), {(hookpoint, "output")})[(hookpoint, "output")]
-    narrow = train_topk_sae(hidden[:, 1:].flatten(0, 1), width=8, k=2, name="narrow", hookpoint=hookpoint, epochs=2, batch_size=256)
+    tokens = tokenize_documents(
+        embedded_documents(),
+        subject.tokenizer(),
+        ctx_len=64,
+        n_tokens=64 * 16,
+        add_bos=True,
+        seed=7,
+    )
+    hidden = capture_hookpoints(
+        subject.causal_lm(), torch.from_numpy(tokens).long(), {(hookpoint, "output")}
+    )[(hookpoint, "output")]
+    narrow = train_topk_sae(
+        hidden[:, 1:].flatten(0, 1),
+        width=8,
+        k=2,
+        name="narrow",
+        hookpoint=hookpoint,
+        epochs=2,
+        batch_size=256,
+    )
     coder, folder = f"narrow/{hookpoint}", tmp_path / "registry" / "narrow" / hookpoint
     save_sparsify(narrow, folder)
     instance = DagsterInstance.ephemeral()
     add_coders(instance, tmp_path, coder)
     resources = make_resources(tmp_path)
-    assert materialize(all_assets(), selection=["corpus"], resources=resources, instance=instance, run_config={"ops": {"corpus": {"config": TINY_CORPUS_CONFIG}}}).success
-    for selection, config in ((["activations"], {}), (["exemplars"], {"ops": {"exemplars": {"config": TINY_EXEMPLARS_CONFIG}}})):
-        assert materialize(all_assets(), selection=selection, partition_key=f"{coder}|00", resources=resources, instance=instance, run_config=config).success
+    assert materialize(
+        all_assets(),
+        selection=["corpus"],
+        resources=resources,
+        instance=instance,
+        run_config={"ops": {"corpus": {"config": TINY_CORPUS_CONFIG}}},
+    ).success
+    for selection, config in (
+        (["activations"], {}),
+        (["exemplars"], {"ops": {"exemplars": {"config": TINY_EXEMPLARS_CONFIG}}}),
+    ):
+        assert materialize(
+            all_assets(),
+            selection=selection,
+            partition_key=f"{coder}|00",
+            resources=resources,
+            instance=instance,
+            run_config=config,
+        ).success
 
     server = Viewer(TableStore.at(tmp_path))
     for latent in range(8):
         page = server.latent(coder, latent)
-        assert sorted(n["latent"] for n in page["neighbours"]["latents"]) == sorted(set(range(8)) - {latent})
+        assert sorted(n["latent"] for n in page["neighbours"]["latents"]) == sorted(
+            set(range(8)) - {latent}
+        )
 
     def cosines(weights, latent):
         unit = torch.nn.functional.normalize(weights, dim=1)
-        return sorted((unit @ unit[latent]).tolist()[:latent] + (unit @ unit[latent]).tolist()[latent + 1:], reverse=True)
+        return sorted(
+            (unit @ unit[latent]).tolist()[:latent] + (unit @ unit[latent]).tolist()[latent + 1 :],
+            reverse=True,
+        )
 
     again = random_coder(width=8, d_in=576, k=2, seed=1)
     save_sparsify(again, folder)  # registered anew under the same name, while the server runs
-    assert [n["cosine"] for n in server.latent(coder, 0)["neighbours"]["latents"]] == pytest.approx(cosines(again.decoder_weight, 0), abs=1e-4)
+    assert [n["cosine"] for n in server.latent(coder, 0)["neighbours"]["latents"]] == pytest.approx(
+        cosines(again.decoder_weight, 0), abs=1e-4
+    )
 
     times = {path.name: path.stat() for path in folder.iterdir()}
     time.sleep(0.05)
     third = random_coder(width=8, d_in=576, k=2, seed=2)
-    save_sparsify(third, folder)  # and again, its files with the sizes and times of the last ones (`cp -p`, `rsync -t`)
+    save_sparsify(
+        third, folder
+    )  # and again, its files with the sizes and times of the last ones (`cp -p`, `rsync -t`)
     for path in folder.iterdir():
         assert path.stat().st_size == times[path.name].st_size
         os.utime(path, ns=(times[path.name].st_atime_ns, times[path.name].st_mtime_ns))
-    assert [n["cosine"] for n in server.latent(coder, 0)["neighbours"]["latents"]] == pytest.approx(cosines(third.decoder_weight, 0), abs=1e-4)
+    assert [n["cosine"] for n in server.latent(coder, 0)["neighbours"]["latents"]] == pytest.approx(
+        cosines(third.decoder_weight, 0), abs=1e-4
+    )
 
 
 def test_latent_page_shows_the_senses_of_a_latent_explained_as_several(partition, tmp_path):
@@ -500,13 +739,23 @@ def test_latent_page_shows_the_senses_of_a_latent_explained_as_several(partition
     several, other = with_two_senses(partition, root)
     viewer = Viewer(TableStore.at(root))
     assert viewer.latent(partition.coder, several)["explanation"]["senses"] == [
-        {"text": "digits inside parentheses", "windows": 5, "test_windows": 2, "scores": {"detection": {"metric": "balanced_accuracy", "score": 0.9, "control": 0.4}}},
-        {"text": "names inside quotation marks", "windows": 3, "test_windows": 1, "scores": {}}]
+        {
+            "text": "digits inside parentheses",
+            "windows": 5,
+            "test_windows": 2,
+            "scores": {"detection": {"metric": "balanced_accuracy", "score": 0.9, "control": 0.4}},
+        },
+        {"text": "names inside quotation marks", "windows": 3, "test_windows": 1, "scores": {}},
+    ]
     assert viewer.latent(partition.coder, other)["explanation"]["senses"] == []
-    assert "detection.senses" not in TableStore.at(root).scorers_of(partition.coder, partition.shard)  # a table beside a scorer's is no scorer
+    assert "detection.senses" not in TableStore.at(root).scorers_of(
+        partition.coder, partition.shard
+    )  # a table beside a scorer's is no scorer
 
 
-def test_the_latent_list_counts_senses_sorts_and_filters_by_them_with_each_scorers_lowest_sense(partition, tmp_path):
+def test_the_latent_list_counts_senses_sorts_and_filters_by_them_with_each_scorers_lowest_sense(
+    partition, tmp_path
+):
     """`senses`: 2 for the latent explained as two, 1 for one explained as one, 0 unexplained; `min_senses=2` lists the
     former alone. Its lowest detection sense is unknown while one sense has only a score of an older text."""
     from autointerp_defs.readside.app import Viewer
@@ -516,24 +765,42 @@ def test_the_latent_list_counts_senses_sorts_and_filters_by_them_with_each_score
     root, coder = tmp_path / "copy", partition.coder
     several, other = with_two_senses(partition, root)
     viewer = Viewer(TableStore.at(root))
-    listed = viewer.latent_list(coder, {"per_page": "500"})  # explained latents first, then unexplained ones
+    listed = viewer.latent_list(
+        coder, {"per_page": "500"}
+    )  # explained latents first, then unexplained ones
     rows = {r["latent"]: r for r in listed["rows"]}
     assert listed["several_senses"] == 1 and {r["status"] for r in rows.values()} >= {"ok", "none"}
     assert rows[several]["senses"] == 2 and rows[other]["senses"] == 1
-    assert all(r["senses"] == int(r["status"] == "ok") for latent, r in rows.items() if latent != several)
-    assert rows[several]["detection_min_sense"] is None and rows[other]["detection_min_sense"] is None
-    assert [r["latent"] for r in viewer.latent_list(coder, {"min_senses": "2"})["rows"]] == [several]
-    assert viewer.latent_list(coder, {"sort": "senses", "order": "desc"})["rows"][0]["latent"] == several
+    assert all(
+        r["senses"] == int(r["status"] == "ok") for latent, r in rows.items() if latent != several
+    )
+    assert (
+        rows[several]["detection_min_sense"] is None and rows[other]["detection_min_sense"] is None
+    )
+    assert [r["latent"] for r in viewer.latent_list(coder, {"min_senses": "2"})["rows"]] == [
+        several
+    ]
+    assert (
+        viewer.latent_list(coder, {"sort": "senses", "order": "desc"})["rows"][0]["latent"]
+        == several
+    )
 
     path = DataRoot.at(root).sense_scores_path(coder, partition.shard, "detection")
     scores = pd.read_parquet(path)
-    scores.loc[scores.sense == 1, ["explanation", "balanced_accuracy"]] = ["names inside quotation marks", 0.6]  # the second sense scored as it reads now
+    scores.loc[scores.sense == 1, ["explanation", "balanced_accuracy"]] = [
+        "names inside quotation marks",
+        0.6,
+    ]  # the second sense scored as it reads now
     write_table(scores, path, "sense_scores")
-    (row,) = Viewer(TableStore.at(root)).latent_list(coder, {"min_senses": "2"})["rows"]  # the cached list is rebuilt: a senses table changed
+    (row,) = Viewer(TableStore.at(root)).latent_list(coder, {"min_senses": "2"})[
+        "rows"
+    ]  # the cached list is rebuilt: a senses table changed
     assert row["detection_min_sense"] == 0.6
 
 
-def test_a_first_start_after_a_materialization_serves_a_latent_page_without_building_a_cache(partition, tmp_path, monkeypatch):
+def test_a_first_start_after_a_materialization_serves_a_latent_page_without_building_a_cache(
+    partition, tmp_path, monkeypatch
+):
     """What the first `autointerp view` after a materialization finds: the decoder directions the activations stage
     wrote with its cache (nothing to convert), and no per-shard copy yet. The page reads the latent's rows from the
     tables themselves, leaves the copies to the background, and is the page the built caches give."""
@@ -547,18 +814,35 @@ def test_a_first_start_after_a_materialization_serves_a_latent_page_without_buil
     layout = copy_root(partition, tmp_path)
     acts = layout.activations_dir(partition.coder)
     assert read_cache_meta(acts)["decoder_directions"] is True
-    assert np.array_equal(load_decoder_directions(acts), load_registered(layout.registry_dir, partition.coder).decoder_directions().numpy())
-    monkeypatch.setattr(index, "lens_model", lambda *args, **kwargs: "not under test here")  # no subject model loaded for the lens
+    assert np.array_equal(
+        load_decoder_directions(acts),
+        load_registered(layout.registry_dir, partition.coder).decoder_directions().numpy(),
+    )
+    monkeypatch.setattr(
+        index, "lens_model", lambda *args, **kwargs: "not under test here"
+    )  # no subject model loaded for the lens
     prepared = []
-    monkeypatch.setattr(index.CoderIndex, "_prepare_in_background", lambda self, shard: prepared.append(shard))
+    monkeypatch.setattr(
+        index.CoderIndex, "_prepare_in_background", lambda self, shard: prepared.append(shard)
+    )
     first = Viewer(TableStore.at(layout.root))
     first.background = True
-    latent = int(tables(partition)[2]["simulation"].latent.iloc[0])  # explained, scored by every scorer, simulated
+    latent = int(
+        tables(partition)[2]["simulation"].latent.iloc[0]
+    )  # explained, scored by every scorer, simulated
     page = first.latent(partition.coder, latent)
-    built_caches = lambda: sorted(p.name for p in layout.viewer_dir(partition.coder).iterdir() if p.suffix in (".arrow", ".npz", ".npy") and p.stem != "latents")
+    built_caches = lambda: sorted(
+        p.name
+        for p in layout.viewer_dir(partition.coder).iterdir()
+        if p.suffix in (".arrow", ".npz", ".npy") and p.stem != "latents"
+    )
     assert built_caches() == [] and set(prepared) == {partition.shard}
-    assert page == Viewer(TableStore.at(layout.root)).latent(partition.coder, latent)  # without a background, the request builds every cache
-    assert f"{partition.shard}.exemplars.arrow" in built_caches() and not any(name.startswith("decoder") for name in built_caches())
+    assert page == Viewer(TableStore.at(layout.root)).latent(
+        partition.coder, latent
+    )  # without a background, the request builds every cache
+    assert f"{partition.shard}.exemplars.arrow" in built_caches() and not any(
+        name.startswith("decoder") for name in built_caches()
+    )
 
 
 def test_background_work_waits_while_a_request_is_answered(partition):
@@ -578,13 +862,17 @@ def test_background_work_waits_while_a_request_is_answered(partition):
     assert paused.is_set()
 
 
-def steer_request(server: str, body: dict | str, headers: dict | None = None) -> tuple[int, dict, dict]:
+def steer_request(
+    server: str, body: dict | str, headers: dict | None = None
+) -> tuple[int, dict, dict]:
     """POST /api/steer as the latent page's box sends it (JSON), with `headers` on top; (status, answer, headers)."""
     import http.client
 
     connection = http.client.HTTPConnection(*server.removeprefix("http://").split(":"), timeout=60)
     raw = body if isinstance(body, str) else json.dumps(body)
-    connection.request("POST", "/api/steer", raw.encode(), {"Content-Type": "application/json", **(headers or {})})
+    connection.request(
+        "POST", "/api/steer", raw.encode(), {"Content-Type": "application/json", **(headers or {})}
+    )
     response = connection.getresponse()
     return response.status, json.loads(response.read()), dict(response.getheaders())
 
@@ -600,11 +888,16 @@ def steering_server(partition, monkeypatch):
     def generate(*args):
         entered.set()
         assert release.wait(60)
-        return type("Continued", (), {"delta": 1.0, "kl": 0.5, "unsteered": " a", "steered": " b"})()
+        return type(
+            "Continued", (), {"delta": 1.0, "kl": 0.5, "unsteered": " a", "steered": " b"}
+        )()
 
     monkeypatch.setattr("resources.steering.continue_side_by_side", generate)
     viewer = Viewer(TableStore.at(partition.root))
-    viewer.steering._state, viewer.steering._steerer = "ready", object()  # as if the subject model were loaded
+    viewer.steering._state, viewer.steering._steerer = (
+        "ready",
+        object(),
+    )  # as if the subject model were loaded
     httpd = make_server(str(partition.root), port=0, viewer=viewer)
     threading.Thread(target=httpd.serve_forever, daemon=True).start()
     yield f"http://127.0.0.1:{httpd.server_port}", entered, release
@@ -618,20 +911,39 @@ def test_steering_is_a_post_from_this_servers_pages_only(steering_server, partit
     release.set()
     port = server.rsplit(":", 1)[1]
     asked = {"coder": partition.coder, "latent": 0, "prompt": "The", "strength": 2, "tokens": 4}
-    status, answer = get(server, f"/api/steer?coder={quote(partition.coder, safe='')}&latent=0&prompt=The")
-    assert status == 405 and "POST" in answer["error"]  # a link or an <img> on any web page must not run the model
-    for origin in ("http://attacker.example", f"http://attacker.example:{port}", "null", f"http://localhost:{int(port) + 1}"):
+    status, answer = get(
+        server, f"/api/steer?coder={quote(partition.coder, safe='')}&latent=0&prompt=The"
+    )
+    assert (
+        status == 405 and "POST" in answer["error"]
+    )  # a link or an <img> on any web page must not run the model
+    for origin in (
+        "http://attacker.example",
+        f"http://attacker.example:{port}",
+        "null",
+        f"http://localhost:{int(port) + 1}",
+    ):
         status, answer, _ = steer_request(server, asked, {"Origin": origin})
         assert status == 403 and "Origin" in answer["error"], origin
-    assert steer_request(server, asked, {"Host": "attacker.example"})[0] == 403  # DNS rebinding, as for every route
-    assert steer_request(server, asked, {"Content-Type": "text/plain"})[0] == 415  # what a cross-site form may send without a preflight
+    assert (
+        steer_request(server, asked, {"Host": "attacker.example"})[0] == 403
+    )  # DNS rebinding, as for every route
+    assert (
+        steer_request(server, asked, {"Content-Type": "text/plain"})[0] == 415
+    )  # what a cross-site form may send without a preflight
     assert steer_request(server, "not json")[0] == 400
-    for origin in (f"http://127.0.0.1:{port}", f"http://localhost:{port}", None):  # this server's own pages; a client that is not a browser
+    for origin in (
+        f"http://127.0.0.1:{port}",
+        f"http://localhost:{port}",
+        None,
+    ):  # this server's own pages; a client that is not a browser
         status, answer, _ = steer_request(server, asked, {"Origin": origin} if origin else {})
         assert status == 200 and answer["state"] == "done" and answer["steered"] == " b", origin
 
 
-def test_one_steering_at_a_time_per_model_and_a_second_is_told_when_to_retry(steering_server, partition):
+def test_one_steering_at_a_time_per_model_and_a_second_is_told_when_to_retry(
+    steering_server, partition
+):
     server, entered, release = steering_server
     asked = {"coder": partition.coder, "latent": 0, "prompt": "The"}
     first = []
@@ -646,7 +958,9 @@ def test_one_steering_at_a_time_per_model_and_a_second_is_told_when_to_retry(ste
     assert steer_request(server, asked)[0] == 200  # the model is free again
 
 
-def test_search_leaves_out_a_vector_of_an_explanation_the_latent_no_longer_holds(partition, tmp_path):
+def test_search_leaves_out_a_vector_of_an_explanation_the_latent_no_longer_holds(
+    partition, tmp_path
+):
     """A crash between a shard's explanations and their sync to LanceDB leaves the vector of the old text: the latent must
     not be found by words its explanation no longer has (as `search_explanations` guards)."""
     from autointerp_defs.readside.app import Viewer
@@ -655,13 +969,22 @@ def test_search_leaves_out_a_vector_of_an_explanation_the_latent_no_longer_holds
     path = root.explanations_path(partition.coder, partition.shard)
     explained = pd.read_parquet(path)
     row = explained[explained.status == "ok"].iloc[0]
-    assert Viewer(TableStore.at(root.root)).search(partition.coder, row.explanation)["hits"][0]["latent"] == row.latent
-    explained.loc[explained.latent == row.latent, "explanation"] = "an explanation written after the vectors"
+    assert (
+        Viewer(TableStore.at(root.root)).search(partition.coder, row.explanation)["hits"][0][
+            "latent"
+        ]
+        == row.latent
+    )
+    explained.loc[explained.latent == row.latent, "explanation"] = (
+        "an explanation written after the vectors"
+    )
     explained.to_parquet(path, index=False)  # the table changed, LanceDB not (yet)
     hits = Viewer(TableStore.at(root.root)).search(partition.coder, row.explanation)["hits"]
     assert hits and row.latent not in [hit["latent"] for hit in hits]
     others = explained[(explained.status == "ok") & (explained.latent != row.latent)]
-    assert {hit["latent"] for hit in hits} <= set(others.latent) and {hit["explanation"] for hit in hits} <= set(others.explanation)
+    assert {hit["latent"] for hit in hits} <= set(others.latent) and {
+        hit["explanation"] for hit in hits
+    } <= set(others.explanation)
 
 
 def test_the_browser_reads_a_coders_cache_again_when_it_is_cached_anew(partition, tmp_path):
@@ -672,14 +995,30 @@ def test_the_browser_reads_a_coders_cache_again_when_it_is_cached_anew(partition
 
     root = copy_root(partition, tmp_path)
     viewer = Viewer(TableStore.at(root.root))
-    assert viewer.index(partition.coder).shards == [f"{i:02d}" for i in range(8)] and viewer.latent(partition.coder, 600)["shard"] == "04"
+    assert (
+        viewer.index(partition.coder).shards == [f"{i:02d}" for i in range(8)]
+        and viewer.latent(partition.coder, 600)["shard"] == "04"
+    )
     meta = read_cache_meta(root.activations_dir(partition.coder))
-    write_cache_meta(root.activations_dir(partition.coder), {**meta, "latents_per_shard": 576, "n_shards": 2, "cached_again": True})
-    assert viewer.index(partition.coder).shards == ["00", "01"] and viewer.latent(partition.coder, 600)["shard"] == "01"
-    assert viewer.latent_list(partition.coder, {"sort": "latent", "order": "desc", "per_page": "1"})["rows"][0]["shard"] == "01"
+    write_cache_meta(
+        root.activations_dir(partition.coder),
+        {**meta, "latents_per_shard": 576, "n_shards": 2, "cached_again": True},
+    )
+    assert (
+        viewer.index(partition.coder).shards == ["00", "01"]
+        and viewer.latent(partition.coder, 600)["shard"] == "01"
+    )
+    assert (
+        viewer.latent_list(partition.coder, {"sort": "latent", "order": "desc", "per_page": "1"})[
+            "rows"
+        ][0]["shard"]
+        == "01"
+    )
 
 
-def test_the_logit_lens_reads_the_unembedding_of_the_models_current_weights(partition, tmp_path, monkeypatch):
+def test_the_logit_lens_reads_the_unembedding_of_the_models_current_weights(
+    partition, tmp_path, monkeypatch
+):
     """The unembedding file is named by the model's identity (its content): weights changed in place, even with the
     old size and times, are never read through the earlier weights' file."""
     import os
@@ -695,17 +1034,27 @@ def test_the_logit_lens_reads_the_unembedding_of_the_models_current_weights(part
     model.mkdir()
     (model / "model.safetensors").write_bytes(b"a" * 4096)
     unembedding, before = torch.randn(8, 4), model_identity(str(model))
-    save_file({"unembedding": unembedding}, str(root.unembedding_path(before)))  # what the activations stage wrote
+    save_file(
+        {"unembedding": unembedding}, str(root.unembedding_path(before))
+    )  # what the activations stage wrote
     lens = index.lens_model(TableStore.at(root.root), str(model))
     assert torch.equal(lens.get_output_embeddings().weight, unembedding)
 
     stat = (model / "model.safetensors").stat()
     time.sleep(0.05)
-    (model / "model.safetensors").write_bytes(b"b" * 4096)  # other weights, same size, their times put back
+    (model / "model.safetensors").write_bytes(
+        b"b" * 4096
+    )  # other weights, same size, their times put back
     os.utime(model / "model.safetensors", ns=(stat.st_atime_ns, stat.st_mtime_ns))
     started = []
-    monkeypatch.setattr(index, "_build_lens", lambda path, *args: started.append(path))  # loads no model here
-    assert "loading the subject model" in index.lens_model(TableStore.at(root.root), str(model), wait=False)  # not the earlier weights' lens
+    monkeypatch.setattr(
+        index, "_build_lens", lambda path, *args: started.append(path)
+    )  # loads no model here
+    assert "loading the subject model" in index.lens_model(
+        TableStore.at(root.root), str(model), wait=False
+    )  # not the earlier weights' lens
     for build in list(index._LENS_BUILDS.values()):
         build.join(10)
-    assert model_identity(str(model)) != before and [path.name for path in started] == [root.unembedding_path(model_identity(str(model))).name]
+    assert model_identity(str(model)) != before and [path.name for path in started] == [
+        root.unembedding_path(model_identity(str(model))).name
+    ]

@@ -7,6 +7,7 @@ shows it beside its control, the steering box continues a prompt both ways, link
 scrolls sideways at 1400x900 or 1280x800, and nothing is fetched from outside the server. Screenshots go to `$AUTOINTERP_SCREENSHOTS` (default:
 the test's tmp folder).
 """
+
 from __future__ import annotations
 
 import os
@@ -25,7 +26,9 @@ def chromium() -> str:
     """Debian's chromium (Playwright's own browser download is not reachable); installed here when missing."""
     found = shutil.which("chromium")
     if found is None and shutil.which("apt-get") and os.geteuid() == 0:
-        subprocess.run(["apt-get", "install", "-y", "-q", "chromium"], check=True, capture_output=True)
+        subprocess.run(
+            ["apt-get", "install", "-y", "-q", "chromium"], check=True, capture_output=True
+        )
         found = shutil.which("chromium")
     if found is None:
         pytest.fail("No chromium. Fix: apt-get install chromium (as root), or `make install-test`.")
@@ -58,7 +61,9 @@ def page(browser, server):
 
 @pytest.fixture(scope="module")
 def shots(tmp_path_factory) -> Path:
-    folder = Path(os.environ.get("AUTOINTERP_SCREENSHOTS") or tmp_path_factory.mktemp("screenshots"))
+    folder = Path(
+        os.environ.get("AUTOINTERP_SCREENSHOTS") or tmp_path_factory.mktemp("screenshots")
+    )
     folder.mkdir(parents=True, exist_ok=True)
     return folder
 
@@ -98,7 +103,9 @@ def test_latent_list_sorts_filters_searches_and_links(page, server, partition, s
     page.click("#apply")
     page.wait_for_function("document.querySelectorAll('#latents tbody tr').length === %d" % len(ok))
     ready(page)
-    assert sorted(int(x) for x in page.locator("#latents tbody tr td:first-child").all_inner_texts()) == sorted(ok.latent.tolist())
+    assert sorted(
+        int(x) for x in page.locator("#latents tbody tr td:first-child").all_inner_texts()
+    ) == sorted(ok.latent.tolist())
     # semantic search: the latent whose explanation it is comes first
     target = ok.iloc[-1]
     page.click("#clear")
@@ -107,7 +114,9 @@ def test_latent_list_sorts_filters_searches_and_links(page, server, partition, s
     page.press("#search", "Enter")
     page.wait_for_selector("th[data-col='distance']")
     ready(page)
-    assert page.locator("#latents tbody tr").first.get_attribute("data-latent") == str(target.latent)
+    assert page.locator("#latents tbody tr").first.get_attribute("data-latent") == str(
+        target.latent
+    )
     page.screenshot(path=str(shots / "latents.png"))
     # the link resolves to that latent's page
     page.locator("#latents tbody tr").first.locator("a").click()
@@ -129,16 +138,29 @@ def test_latent_page_heatmap_marks_the_right_tokens(page, server, partition, sho
     spans = first.locator(".tok")
     values = [float(v) for v in spans.evaluate_all("els => els.map(e => e.dataset.act)")]
     assert values == pytest.approx(list(strongest.activations), abs=1e-3)
-    marked = [i for i, cls in enumerate(spans.evaluate_all("els => els.map(e => e.className)")) if "active" in cls]
+    marked = [
+        i
+        for i, cls in enumerate(spans.evaluate_all("els => els.map(e => e.className)"))
+        if "active" in cls
+    ]
     assert marked == [i for i, a in enumerate(strongest.activations) if a > 0]
     top = marked[int(max(range(len(marked)), key=lambda j: strongest.activations[marked[j]]))]
-    assert spans.nth(top).get_attribute("title").endswith(str(round(float(strongest.activations[top]), 4)))
+    assert (
+        spans.nth(top)
+        .get_attribute("title")
+        .endswith(str(round(float(strongest.activations[top]), 4)))
+    )
     unmarked = next(i for i in range(len(values)) if i not in marked)
-    assert "rgba" in spans.nth(top).get_attribute("style") and not spans.nth(unmarked).get_attribute("style")
+    assert "rgba" in spans.nth(top).get_attribute("style") and not spans.nth(
+        unmarked
+    ).get_attribute("style")
     # the parts a person looks for
     assert page.locator("#candidates tr").count() == 3  # header + two best-of-N candidates
     assert page.locator("#scorers tr[data-scorer]").count() == 4
-    assert page.locator("#promoted span").count() == 10 and page.locator("#suppressed span").count() == 10
+    assert (
+        page.locator("#promoted span").count() == 10
+        and page.locator("#suppressed span").count() == 10
+    )
     assert page.locator("#density div").count() == 24
     assert page.locator("#simulation .sim-pair").count() > 0
     assert page.locator("#non-activating [data-source]").count() >= 2
@@ -166,11 +188,17 @@ def test_every_page_fits_a_laptop_window(browser, server, partition, shots, widt
     page = context.new_page()
     coder = quote(partition.coder, safe="")
     try:
-        for name, path in (("coders", "/"), ("latents", f"/coder?coder={coder}"), ("latent", f"/latent?coder={coder}&latent=0&scorer=detection")):
+        for name, path in (
+            ("coders", "/"),
+            ("latents", f"/coder?coder={coder}"),
+            ("latent", f"/latent?coder={coder}&latent=0&scorer=detection"),
+        ):
             page.goto(server + path)
             ready(page)
             assert page.locator("#error").count() == 0
-            scroll, inner = page.evaluate("[document.documentElement.scrollWidth, window.innerWidth]")
+            scroll, inner = page.evaluate(
+                "[document.documentElement.scrollWidth, window.innerWidth]"
+            )
             assert scroll <= inner, f"{name} page is {scroll} px wide in a {inner} px window"
             header = page.evaluate("document.querySelector('header').getBoundingClientRect().width")
             assert header == pytest.approx(inner, abs=1)
@@ -184,17 +212,23 @@ def test_latent_list_opens_on_explained_latents(page, server, partition):
     ready(page)
     assert "explained first" in page.locator("#summary").inner_text()
     statuses = page.locator("#latents tbody tr td:nth-child(2)").all_inner_texts()
-    explained = pd.read_parquet(DataRoot.at(partition.root).explanations_path(partition.coder, partition.shard))
+    explained = pd.read_parquet(
+        DataRoot.at(partition.root).explanations_path(partition.coder, partition.shard)
+    )
     n_ok = int((explained.drop_duplicates("latent", keep="last").status == "ok").sum())
     assert n_ok > 0 and statuses[:n_ok] == ["ok"] * n_ok
 
 
-def test_latent_page_shows_logits_filters_windows_by_token_and_links_a_scorer(page, server, partition, shots):
+def test_latent_page_shows_logits_filters_windows_by_token_and_links_a_scorer(
+    page, server, partition, shots
+):
     import json
     import urllib.request
 
     coder = quote(partition.coder, safe="")
-    explained = pd.read_parquet(DataRoot.at(partition.root).explanations_path(partition.coder, partition.shard))
+    explained = pd.read_parquet(
+        DataRoot.at(partition.root).explanations_path(partition.coder, partition.shard)
+    )
     latent = int(explained[explained.status == "ok"].latent.iloc[0])
     with urllib.request.urlopen(f"{server}/api/latent?coder={coder}&latent={latent}") as response:
         api = json.loads(response.read())
@@ -204,14 +238,23 @@ def test_latent_page_shows_logits_filters_windows_by_token_and_links_a_scorer(pa
     shown = [float(v) for v in page.locator("#promoted span b").all_inner_texts()]
     assert shown == pytest.approx([t["logit"] for t in api["logit_lens"]["promoted"]], abs=0.006)
     assert page.locator("#suppressed span b").count() == 10
-    assert page.locator("#logit-histogram div").count() == len(api["logit_lens"]["histogram"]["counts"])
+    assert page.locator("#logit-histogram div").count() == len(
+        api["logit_lens"]["histogram"]["counts"]
+    )
     # top activations searchable by token: only windows holding the token stay, the token outlined
     strongest = api["windows"]["activating"][0]["windows"][0]
-    token = max((a, t) for a, t in zip(strongest["activations"], strongest["tokens"]) if t.strip())[1].strip()
+    token = max((a, t) for a, t in zip(strongest["activations"], strongest["tokens"], strict=False) if t.strip())[
+        1
+    ].strip()
     page.fill("#token-search", token)
     windows = page.locator("#windows .window")
     visible = [i for i in range(windows.count()) if windows.nth(i).is_visible()]
-    holding = [w for g in api["windows"]["activating"] for w in g["windows"] if any(token.lower() in t.lower() for t in w["tokens"])]
+    holding = [
+        w
+        for g in api["windows"]["activating"]
+        for w in g["windows"]
+        if any(token.lower() in t.lower() for t in w["tokens"])
+    ]
     assert len(visible) == len(holding) > 0
     assert all(windows.nth(i).locator(".tok.match").count() > 0 for i in visible)
     assert page.locator("#token-summary").inner_text().startswith(f"{len(holding)} of ")
@@ -225,15 +268,21 @@ def test_latent_page_shows_logits_filters_windows_by_token_and_links_a_scorer(pa
     ready(page)
     assert page.url.endswith(f"latent={latent}&scorer=detection")
     pinned = page.locator("#pinned-scorer")
-    assert float(pinned.locator(".score").inner_text()) == pytest.approx(detection["score"], abs=5e-4)
-    assert float(pinned.locator(".control").inner_text()) == pytest.approx(detection["control_score"], abs=5e-4)
+    assert float(pinned.locator(".score").inner_text()) == pytest.approx(
+        detection["score"], abs=5e-4
+    )
+    assert float(pinned.locator(".control").inner_text()) == pytest.approx(
+        detection["control_score"], abs=5e-4
+    )
     assert detection["control_explanation"] in pinned.inner_text()
     assert "pinned" in page.locator("tr[data-scorer='detection']").get_attribute("class")
     page.screenshot(path=str(shots / "latent-permalink.png"))
 
 
 def test_steering_box_shows_both_continuations_side_by_side(page, server, partition, shots):
-    explained = pd.read_parquet(DataRoot.at(partition.root).explanations_path(partition.coder, partition.shard))
+    explained = pd.read_parquet(
+        DataRoot.at(partition.root).explanations_path(partition.coder, partition.shard)
+    )
     latent = int(explained[explained.status == "ok"].latent.iloc[0])
     page.goto(f"{server}/latent?coder={quote(partition.coder, safe='')}&latent={latent}")
     ready(page)
@@ -242,42 +291,75 @@ def test_steering_box_shows_both_continuations_side_by_side(page, server, partit
     page.fill("#steer-tokens", "12")
     page.click("#steer-go")
     page.wait_for_selector("#steered .window", timeout=300_000)
-    unsteered, steered = page.locator("#unsteered .window b").inner_text(), page.locator("#steered .window b").inner_text()
+    unsteered, steered = (
+        page.locator("#unsteered .window b").inner_text(),
+        page.locator("#steered .window b").inner_text(),
+    )
     assert unsteered and steered and unsteered != steered
     assert "KL" in page.locator("#steer-status").inner_text()
     page.locator("#steering").scroll_into_view_if_needed()
     page.screenshot(path=str(shots / "latent-steering.png"))
 
 
-def test_latent_page_shows_each_sense_with_its_scores_beside_the_union(browser, partition, tmp_path, shots):
+def test_latent_page_shows_each_sense_with_its_scores_beside_the_union(
+    browser, partition, tmp_path, shots
+):
     import threading
 
     from autointerp_defs.readside.server import make_server
     from tests.defs.conftest import with_two_senses
 
     several, _ = with_two_senses(partition, tmp_path / "copy", union_scored=True)
-    union = pd.read_parquet(DataRoot.at(tmp_path / "copy").scores_path(partition.coder, partition.shard, "detection")).set_index("latent").loc[several]
+    union = (
+        pd.read_parquet(
+            DataRoot.at(tmp_path / "copy").scores_path(
+                partition.coder, partition.shard, "detection"
+            )
+        )
+        .set_index("latent")
+        .loc[several]
+    )
     httpd = make_server(str(tmp_path / "copy"), port=0)
     threading.Thread(target=httpd.serve_forever, daemon=True).start()
     context = browser.new_context(viewport={"width": 1280, "height": 900})
     try:
         page = context.new_page()
-        page.goto(f"http://127.0.0.1:{httpd.server_port}/latent?coder={quote(partition.coder, safe='')}&latent={several}")
+        page.goto(
+            f"http://127.0.0.1:{httpd.server_port}/latent?coder={quote(partition.coder, safe='')}&latent={several}"
+        )
         ready(page)
         senses = page.locator("#senses tr.sense")
         assert senses.count() == 2
-        assert senses.nth(0).locator("td").all_inner_texts() == ["digits inside parentheses", "5", "2", "0.900 (control 0.400)"]
-        assert senses.nth(1).locator("td").all_inner_texts() == ["names inside quotation marks", "3", "1", "–"]  # its score was of another text
+        assert senses.nth(0).locator("td").all_inner_texts() == [
+            "digits inside parentheses",
+            "5",
+            "2",
+            "0.900 (control 0.400)",
+        ]
+        assert senses.nth(1).locator("td").all_inner_texts() == [
+            "names inside quotation marks",
+            "3",
+            "1",
+            "–",
+        ]  # its score was of another text
         shown = lambda v: str(int(v)) if float(v).is_integer() else f"{v:.3f}"  # the page's `fmt`
-        assert page.locator("#senses tr.union td").nth(3).inner_text() == f"{shown(union['balanced_accuracy'])} (control {shown(union['control_balanced_accuracy'])})"
+        assert (
+            page.locator("#senses tr.union td").nth(3).inner_text()
+            == f"{shown(union['balanced_accuracy'])} (control {shown(union['control_balanced_accuracy'])})"
+        )
         page.locator("#senses").screenshot(path=str(shots / "latent-senses.png"))
-        page.goto(f"http://127.0.0.1:{httpd.server_port}/coder?coder={quote(partition.coder, safe='')}")  # the list: one click lists it alone
+        page.goto(
+            f"http://127.0.0.1:{httpd.server_port}/coder?coder={quote(partition.coder, safe='')}"
+        )  # the list: one click lists it alone
         ready(page)
         page.click("#several-senses")
         page.wait_for_function("document.querySelectorAll('#latents tbody tr').length === 1")
         ready(page)
         row = page.locator("#latents tbody tr").first
-        assert row.get_attribute("data-latent") == str(several) and row.locator("td").nth(3).inner_text() == "2"
+        assert (
+            row.get_attribute("data-latent") == str(several)
+            and row.locator("td").nth(3).inner_text() == "2"
+        )
         assert page.locator("th[data-col='detection_min_sense']").count() == 1
         page.screenshot(path=str(shots / "latents-senses.png"))
     finally:

@@ -1,12 +1,19 @@
 """Broken registry folders stop with one message that names the file and the fix, and never hide
 the good coders beside them (the registry scan lists them apart)."""
+
 import json
 
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from resources.sparse_coders import CoderFormatError, RegistryError, inspect_registry, load_registered, save_sparsify
+from resources.sparse_coders import (
+    CoderFormatError,
+    RegistryError,
+    inspect_registry,
+    load_registered,
+    save_sparsify,
+)
 from tests.conftest import random_coder
 
 HOOK = "model.layers.1"
@@ -28,6 +35,7 @@ def edit_weights(**changes):
         for name, change in changes.items():
             tensors[name] = change(tensors[name].clone())
         save_file(tensors, str(path))
+
     return edit
 
 
@@ -35,6 +43,7 @@ def edit_cfg(**changes):
     def edit(folder):
         cfg = json.loads((folder / "cfg.json").read_text())
         (folder / "cfg.json").write_text(json.dumps({**cfg, **changes}))
+
     return edit
 
 
@@ -51,14 +60,42 @@ def foreign_files(folder):
 
 # (mistake, how to make it, what the one message must say)
 MISTAKES = [
-    ("sae.safetensors truncated", truncate, r"Cannot read .*sae\.safetensors as a sparsify coder .*Fix: the file may be truncated"),
+    (
+        "sae.safetensors truncated",
+        truncate,
+        r"Cannot read .*sae\.safetensors as a sparsify coder .*Fix: the file may be truncated",
+    ),
     ("cfg.json not JSON", bad_json, r"cfg\.json is not valid JSON .*Fix: repair the file"),
-    ("NaN in some encoder rows", edit_weights(**{"encoder.weight": nan_rows}), r"encoder_weight holds NaN or inf at latents \[3, 7\] \(2 in all\).*Fix"),
-    ("b_dec all NaN", edit_weights(b_dec=lambda t: t * float("nan")), r"decoder_bias holds NaN or inf at 16 of its 16 entries.*Fix"),
-    ("width differs from cfg.json", edit_cfg(num_latents=999), r"cfg\.json says num_latents = 999, but sae\.safetensors holds 64\. Fix"),
-    ("dtype differs from cfg.json", edit_cfg(dtype="bfloat16"), r"cfg\.json says dtype = 'bfloat16', but sae\.safetensors stores \['F32'\]\. Fix"),
-    ("decoder of another width", edit_weights(W_dec=lambda t: t[:32]), r"decoder_weight has shape \(32, 16\).*width 64.*Fix"),
-    ("no known format", foreign_files, r"holds no sparse coder in a known format .*it holds model\.bin"),
+    (
+        "NaN in some encoder rows",
+        edit_weights(**{"encoder.weight": nan_rows}),
+        r"encoder_weight holds NaN or inf at latents \[3, 7\] \(2 in all\).*Fix",
+    ),
+    (
+        "b_dec all NaN",
+        edit_weights(b_dec=lambda t: t * float("nan")),
+        r"decoder_bias holds NaN or inf at 16 of its 16 entries.*Fix",
+    ),
+    (
+        "width differs from cfg.json",
+        edit_cfg(num_latents=999),
+        r"cfg\.json says num_latents = 999, but sae\.safetensors holds 64\. Fix",
+    ),
+    (
+        "dtype differs from cfg.json",
+        edit_cfg(dtype="bfloat16"),
+        r"cfg\.json says dtype = 'bfloat16', but sae\.safetensors stores \['F32'\]\. Fix",
+    ),
+    (
+        "decoder of another width",
+        edit_weights(W_dec=lambda t: t[:32]),
+        r"decoder_weight has shape \(32, 16\).*width 64.*Fix",
+    ),
+    (
+        "no known format",
+        foreign_files,
+        r"holds no sparse coder in a known format .*it holds model\.bin",
+    ),
 ]
 
 
@@ -70,19 +107,36 @@ def test_a_broken_coder_stops_with_its_file_and_the_fix(tmp_path, mistake, make,
     with pytest.raises((CoderFormatError, RegistryError), match=message) as error:
         load_registered(tmp_path, f"broken/{HOOK}")
     assert "\n" not in str(error.value)  # one message, not a traceback
-    assert torch.equal(load_registered(tmp_path, f"good/{HOOK}").encoder_weight, random_coder().encoder_weight)
+    assert torch.equal(
+        load_registered(tmp_path, f"good/{HOOK}").encoder_weight, random_coder().encoder_weight
+    )
     registered, broken = inspect_registry(tmp_path)
     assert f"good/{HOOK}" in registered  # one broken folder never hides the good ones
-    if mistake in ("sae.safetensors truncated", "cfg.json not JSON", "no known format"):  # told without loading the weights
+    if mistake in (
+        "sae.safetensors truncated",
+        "cfg.json not JSON",
+        "no known format",
+    ):  # told without loading the weights
         assert f"broken/{HOOK}" not in registered and f"broken/{HOOK}" in broken
 
 
-@pytest.mark.parametrize("toml, message", [
-    ("[scorers.fuzzing]\nexamples_per_prompt = true\n", r"mine\.toml: \[fuzzing\] examples_per_prompt = True: Input should be a valid integer\. Fix"),
-    ("[scorers.simulation]\ncalibrate = 1\n", r"\[simulation\] calibrate = 1: Input should be a valid boolean\. Fix"),
-    ("[scorers.fuzing]\nexamples_per_prompt = 5\n", r"Unknown scorer\(s\) \['fuzing'\].*Fix"),
-])
-def test_a_scorer_setting_of_the_wrong_type_stops_the_load_naming_file_and_key(tmp_path, monkeypatch, toml, message):
+@pytest.mark.parametrize(
+    "toml, message",
+    [
+        (
+            "[scorers.fuzzing]\nexamples_per_prompt = true\n",
+            r"mine\.toml: \[fuzzing\] examples_per_prompt = True: Input should be a valid integer\. Fix",
+        ),
+        (
+            "[scorers.simulation]\ncalibrate = 1\n",
+            r"\[simulation\] calibrate = 1: Input should be a valid boolean\. Fix",
+        ),
+        ("[scorers.fuzing]\nexamples_per_prompt = 5\n", r"Unknown scorer\(s\) \['fuzing'\].*Fix"),
+    ],
+)
+def test_a_scorer_setting_of_the_wrong_type_stops_the_load_naming_file_and_key(
+    tmp_path, monkeypatch, toml, message
+):
     """`true` where a number belongs used to load silently as 1."""
     from autointerp_defs.definitions import build_definitions
 
@@ -125,9 +179,33 @@ def test_a_data_root_this_user_cannot_write_says_so_with_the_fix(tmp_path):
     root.chmod(0o755)
     (root / "llm_cache").chmod(0o755)
     repo = Path(__file__).resolve().parents[2]
-    out = subprocess.run(["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", sys.executable, "-c", NOT_WRITABLE, str(root)],
-                         capture_output=True, text=True, timeout=120, cwd=repo, env={"PATH": "/usr/bin:/bin", "PYTHONPATH": str(repo), "HOME": "/tmp"})
+    out = subprocess.run(
+        [
+            "setpriv",
+            "--reuid=65534",
+            "--regid=65534",
+            "--clear-groups",
+            sys.executable,
+            "-c",
+            NOT_WRITABLE,
+            str(root),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=repo,
+        env={"PATH": "/usr/bin:/bin", "PYTHONPATH": str(repo), "HOME": "/tmp"},
+    )
     lines = out.stdout.strip().splitlines()
     assert out.returncode == 0 and len(lines) == 2, out.stderr[-2000:]
-    assert lines[0].startswith(f"Cannot write the LLM response cache {root}/llm_cache/responses.sqlite") and "Fix: make the data root writable" in lines[0]
-    assert lines[1].startswith(f"Cannot write under {root}") and "Fix: make the data root writable by this user, or set the deployment's [settings] data_dir" in lines[1]
+    assert (
+        lines[0].startswith(
+            f"Cannot write the LLM response cache {root}/llm_cache/responses.sqlite"
+        )
+        and "Fix: make the data root writable" in lines[0]
+    )
+    assert (
+        lines[1].startswith(f"Cannot write under {root}")
+        and "Fix: make the data root writable by this user, or set the deployment's [settings] data_dir"
+        in lines[1]
+    )

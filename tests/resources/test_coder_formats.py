@@ -1,4 +1,5 @@
 """Every sparse-coder format, written by its own library where it installs on CPU, encodes as that library does."""
+
 import json
 
 import numpy as np
@@ -25,9 +26,12 @@ def randomize(module: torch.nn.Module, seed: int = 0) -> None:
 
 @pytest.mark.parametrize("transcode", [False, True])
 def test_sparsify_sae_and_transcoder_match_sparsify(tmp_path, transcode):
-    from sparsify import SparseCoder as SparsifyCoder, SparseCoderConfig
+    from sparsify import SparseCoder as SparsifyCoder
+    from sparsify import SparseCoderConfig
 
-    theirs = SparsifyCoder(D_IN, SparseCoderConfig(num_latents=WIDTH, k=4, transcode=transcode), device="cpu")
+    theirs = SparsifyCoder(
+        D_IN, SparseCoderConfig(num_latents=WIDTH, k=4, transcode=transcode), device="cpu"
+    )
     randomize(theirs)
     theirs.save_to_disk(tmp_path / "c" / "model.layers.1")
     ours = load_coder_folder(tmp_path / "c" / "model.layers.1", "c", "model.layers.1")
@@ -54,8 +58,12 @@ def test_saelens_saes_match_saelens(tmp_path, kind):
         with torch.no_grad():
             theirs.threshold.copy_(torch.rand(WIDTH))
     theirs.save_model(str(tmp_path / "s" / "blocks.1.hook_resid_post"))
-    ours = load_coder_folder(tmp_path / "s" / "blocks.1.hook_resid_post", "s", "blocks.1.hook_resid_post")
-    assert ours.source_format == "saelens" and ours.activation == {"standard": "relu"}.get(kind, kind)
+    ours = load_coder_folder(
+        tmp_path / "s" / "blocks.1.hook_resid_post", "s", "blocks.1.hook_resid_post"
+    )
+    assert ours.source_format == "saelens" and ours.activation == {"standard": "relu"}.get(
+        kind, kind
+    )
     x = torch.randn(40, D_IN)
     with torch.no_grad():
         expected = theirs.encode(x)
@@ -65,8 +73,13 @@ def test_saelens_saes_match_saelens(tmp_path, kind):
 def test_gemmascope_jumprelu_params_npz(tmp_path):
     """GemmaScope ships params.npz with W_enc [d_in, d_sae], W_dec [d_sae, d_in], b_enc, b_dec, threshold."""
     rng = np.random.default_rng(0)
-    params = {"W_enc": rng.normal(size=(D_IN, WIDTH)), "W_dec": rng.normal(size=(WIDTH, D_IN)), "b_enc": rng.normal(size=WIDTH) * 0.1,
-              "b_dec": rng.normal(size=D_IN), "threshold": rng.random(WIDTH)}
+    params = {
+        "W_enc": rng.normal(size=(D_IN, WIDTH)),
+        "W_dec": rng.normal(size=(WIDTH, D_IN)),
+        "b_enc": rng.normal(size=WIDTH) * 0.1,
+        "b_dec": rng.normal(size=D_IN),
+        "threshold": rng.random(WIDTH),
+    }
     folder = tmp_path / "gemmascope" / "model.layers.1"
     folder.mkdir(parents=True)
     np.savez(folder / "params.npz", **{k: v.astype(np.float32) for k, v in params.items()})
@@ -104,7 +117,10 @@ def test_mlp_neurons_are_the_gated_mlps_post_nonlinearity_activations(tmp_path, 
     neurons = load_coder_folder(folder, "neurons", "model.layers.2.mlp.down_proj")
     assert neurons.reads == "input" and neurons.width == 1536
     ids = torch.tensor([[1, 504, 2143, 314, 2209]])
-    sites = {("model.layers.2.mlp.down_proj", "input"), ("model.layers.2.post_attention_layernorm", "output")}
+    sites = {
+        ("model.layers.2.mlp.down_proj", "input"),
+        ("model.layers.2.post_attention_layernorm", "output"),
+    }
     got = capture_hookpoints(lm, ids, sites)
     mlp = lm.model.layers[2].mlp
     normed = got[("model.layers.2.post_attention_layernorm", "output")]
@@ -114,7 +130,11 @@ def test_mlp_neurons_are_the_gated_mlps_post_nonlinearity_activations(tmp_path, 
     assert torch.allclose(acts, expected, atol=1e-5)
     code = neurons.encode(acts[0])
     top = expected[0].topk(8, dim=-1)
-    assert torch.allclose(dense(code, 5, 1536), torch.zeros(5, 1536).scatter_(1, top.indices, top.values.clamp(min=0)), atol=1e-5)
+    assert torch.allclose(
+        dense(code, 5, 1536),
+        torch.zeros(5, 1536).scatter_(1, top.indices, top.values.clamp(min=0)),
+        atol=1e-5,
+    )
 
 
 def test_registry_finds_every_format(tmp_path):
@@ -124,5 +144,11 @@ def test_registry_finds_every_format(tmp_path):
     torch.save({}, tmp_path / "b" / "model.layers.2" / "sae.pth")
     save_neurons(tmp_path / "c" / "model.layers.3.mlp.down_proj", d_in=1536)
     (tmp_path / "d" / "model.layers.4").mkdir(parents=True)
-    (tmp_path / "d" / "model.layers.4" / "cfg.json").write_text(json.dumps({"k": 4}))  # weights missing: not a coder yet
-    assert scan_registry(tmp_path) == ["a/model.layers.1", "b/model.layers.2", "c/model.layers.3.mlp.down_proj"]
+    (tmp_path / "d" / "model.layers.4" / "cfg.json").write_text(
+        json.dumps({"k": 4})
+    )  # weights missing: not a coder yet
+    assert scan_registry(tmp_path) == [
+        "a/model.layers.1",
+        "b/model.layers.2",
+        "c/model.layers.3.mlp.down_proj",
+    ]

@@ -1,6 +1,7 @@
 """Runs on one data root share the endpoint's concurrency limit instead of multiplying it: two
 processes (as two Dagster runs are), each allowed 4 requests in flight, against one scripted server
 that records how many it was answering at once and from whom."""
+
 import subprocess
 import sys
 import threading
@@ -46,8 +47,15 @@ def run_two_senders(caches: tuple[Path, Path], ready: Path) -> tuple[int, bool]:
 
     ready.mkdir()
     with ScriptedLLMServer(reply) as server:
-        senders = [subprocess.Popen([sys.executable, "-c", SENDER, tag, server.base_url, str(cache), str(ready)], cwd=REPO, stderr=subprocess.PIPE, text=True)
-                   for tag, cache in zip(("first", "second"), caches)]
+        senders = [
+            subprocess.Popen(
+                [sys.executable, "-c", SENDER, tag, server.base_url, str(cache), str(ready)],
+                cwd=REPO,
+                stderr=subprocess.PIPE,
+                text=True,
+            )
+            for tag, cache in zip(("first", "second"), caches, strict=False)
+        ]
         for sender in senders:
             assert sender.wait(timeout=120) == 0, sender.stderr.read()[-2000:]
         assert len(server.requests) == 2 * 16  # every request answered once
@@ -55,12 +63,16 @@ def run_two_senders(caches: tuple[Path, Path], ready: Path) -> tuple[int, bool]:
 
 
 def test_two_runs_on_one_data_root_share_the_endpoint_limit(tmp_path):
-    most, together = run_two_senders((tmp_path / "llm_cache", tmp_path / "llm_cache"), tmp_path / "ready")
+    most, together = run_two_senders(
+        (tmp_path / "llm_cache", tmp_path / "llm_cache"), tmp_path / "ready"
+    )
     assert together and most == 4  # both sent at the same time, and never more than the one limit
 
 
 def test_runs_on_different_data_roots_each_have_their_own_limit(tmp_path):
-    most, together = run_two_senders((tmp_path / "a" / "llm_cache", tmp_path / "b" / "llm_cache"), tmp_path / "ready")
+    most, together = run_two_senders(
+        (tmp_path / "a" / "llm_cache", tmp_path / "b" / "llm_cache"), tmp_path / "ready"
+    )
     assert together and most == 8  # what sharing prevents: the limits add up
 
 
@@ -76,14 +88,28 @@ def test_a_run_waiting_for_its_first_answer_holds_no_slot_of_the_endpoint(tmp_pa
         return "ok"
 
     with ScriptedLLMServer(reply) as server:
-        resource = LLMResource(backend="openai", base_url=server.base_url, model="scripted", max_concurrency=2)
-        starting, running = resource.client(tmp_path), resource.client(tmp_path)  # two runs on one data root: 2 slots in all
+        resource = LLMResource(
+            backend="openai", base_url=server.base_url, model="scripted", max_concurrency=2
+        )
+        starting, running = (
+            resource.client(tmp_path),
+            resource.client(tmp_path),
+        )  # two runs on one data root: 2 slots in all
 
         async def main():
             async with starting.session(), running.session():
-                await running.complete([{"role": "user", "content": "warm"}], max_tokens=4)  # this run is past its first answer
-                first = asyncio.ensure_future(starting.complete([{"role": "user", "content": "slow first"}], max_tokens=4))
-                rest = [asyncio.ensure_future(starting.complete([{"role": "user", "content": f"slow {i}"}], max_tokens=4)) for i in range(3)]
+                await running.complete(
+                    [{"role": "user", "content": "warm"}], max_tokens=4
+                )  # this run is past its first answer
+                first = asyncio.ensure_future(
+                    starting.complete([{"role": "user", "content": "slow first"}], max_tokens=4)
+                )
+                rest = [
+                    asyncio.ensure_future(
+                        starting.complete([{"role": "user", "content": f"slow {i}"}], max_tokens=4)
+                    )
+                    for i in range(3)
+                ]
                 await asyncio.sleep(0.2)
                 began = time.monotonic()
                 await running.complete([{"role": "user", "content": "quick"}], max_tokens=4)

@@ -1,5 +1,6 @@
 """Long-lived clients live in resources: one engine per process and settings, shared by every
 resource instance and run; what a run opens (the response cache) is closed when the run ends."""
+
 import sqlite3
 
 from dagster import AssetExecutionContext, asset, materialize

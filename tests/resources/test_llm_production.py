@@ -1,4 +1,5 @@
 """The production client around any backend: retries, cache, budget, cost, failures, secrets."""
+
 import asyncio
 import time
 from pathlib import Path
@@ -8,8 +9,27 @@ import pandas as pd
 import pytest
 from dagster import DagsterInstance, EnvVar, materialize
 
-from resources.llm import BUDGET_STOPPED, REQUEST_FAILED, UNREADABLE, BudgetExceeded, Completion, LLMEndpointError, LLMResource, Refusal, ResponseCache, completion_from_json, stopped_by_budget
-from tests.conftest import add_coders, TINY_CODER, all_assets, in_session, make_resources, pipeline_until_exemplars
+from resources.llm import (
+    BUDGET_STOPPED,
+    REQUEST_FAILED,
+    UNREADABLE,
+    BudgetExceeded,
+    Completion,
+    LLMEndpointError,
+    LLMResource,
+    Refusal,
+    ResponseCache,
+    completion_from_json,
+    stopped_by_budget,
+)
+from tests.conftest import (
+    TINY_CODER,
+    add_coders,
+    all_assets,
+    in_session,
+    make_resources,
+    pipeline_until_exemplars,
+)
 from tests.conftest import llm_resource as resource
 
 ALL_ASSETS = all_assets()
@@ -44,7 +64,9 @@ def test_rate_limit_waits_as_long_as_the_server_asks(header):
     assert 1.0 <= server.arrivals[1] - server.arrivals[0] < 3.0
 
 
-@pytest.mark.parametrize("fault", [Fault("reset"), Fault("truncated"), Fault("not_json"), Fault("stall", 1.0)])
+@pytest.mark.parametrize(
+    "fault", [Fault("reset"), Fault("truncated"), Fault("not_json"), Fault("stall", 1.0)]
+)
 def test_broken_transports_are_retried(fault):
     with ScriptedLLMServer(scripted([fault])) as server:
         client = resource(server, timeout_s=0.5).client()
@@ -58,11 +80,17 @@ def test_identical_requests_in_flight_are_sent_once():
         client = resource(server).client()
 
         async def both():
-            return await asyncio.gather(client.complete(MESSAGES, max_tokens=2), client.complete(MESSAGES, max_tokens=2), client.complete(MESSAGES, max_tokens=3))
+            return await asyncio.gather(
+                client.complete(MESSAGES, max_tokens=2),
+                client.complete(MESSAGES, max_tokens=2),
+                client.complete(MESSAGES, max_tokens=3),
+            )
 
         answers = in_session(client, both)
     assert [a.text for a in answers] == ["ok"] * 3
-    assert len(server.requests) == 2 and client.ledger.requests == 2 and client.ledger.cache_hits == 1  # max_tokens 3 is another request
+    assert (
+        len(server.requests) == 2 and client.ledger.requests == 2 and client.ledger.cache_hits == 1
+    )  # max_tokens 3 is another request
 
 
 def test_other_client_errors_are_not_retried():
@@ -104,6 +132,7 @@ def test_gives_up_after_max_attempts():
 
 def test_response_cache_is_content_addressed(tmp_path):
     with ScriptedLLMServer(lambda m: "cached answer") as server:
+
         async def run(client):
             first = await client.complete(MESSAGES, max_tokens=5)
             again = await client.complete(MESSAGES, max_tokens=5)
@@ -115,32 +144,64 @@ def test_response_cache_is_content_addressed(tmp_path):
         fresh = resource(server).client(tmp_path)  # a later materialization, same cache on disk
         in_session(fresh, lambda: fresh.complete(MESSAGES, max_tokens=5))
     assert first.text == again.text == "cached answer"
-    assert len(server.requests) == 2 and client.ledger.cache_hits == 1 and fresh.ledger.requests == 0
+    assert (
+        len(server.requests) == 2 and client.ledger.cache_hits == 1 and fresh.ledger.requests == 0
+    )
 
 
 def test_an_answer_with_numpy_logprobs_round_trips_through_the_response_cache(tmp_path):
     """llama-cpp-python gives logprobs as numpy float32 (and the cache writes JSON): they become floats."""
-    def step(token, *alternatives):
-        return {"token": token, "logprob": alternatives[0][1], "top_logprobs": [{"token": t, "logprob": lp} for t, lp in alternatives]}
 
-    answer = {"choices": [{"message": {"content": "[5]"}, "logprobs": {"content": [
-        step("[", ("[", np.float32(0.0))), step("5", ("5", np.float32(-0.25)), ("6", np.float32(-1.5))), step("]", ("]", np.float32(-0.125)))]}}],
-        "usage": {"prompt_tokens": np.int64(12), "completion_tokens": 3}}
+    def step(token, *alternatives):
+        return {
+            "token": token,
+            "logprob": alternatives[0][1],
+            "top_logprobs": [{"token": t, "logprob": lp} for t, lp in alternatives],
+        }
+
+    answer = {
+        "choices": [
+            {
+                "message": {"content": "[5]"},
+                "logprobs": {
+                    "content": [
+                        step("[", ("[", np.float32(0.0))),
+                        step("5", ("5", np.float32(-0.25)), ("6", np.float32(-1.5))),
+                        step("]", ("]", np.float32(-0.125))),
+                    ]
+                },
+            }
+        ],
+        "usage": {"prompt_tokens": np.int64(12), "completion_tokens": 3},
+    }
     completion = completion_from_json(answer)
-    assert completion.top_logprobs[1] == {"5": -0.25, "6": -1.5} and type(completion.top_logprobs[1]["6"]) is float
+    assert (
+        completion.top_logprobs[1] == {"5": -0.25, "6": -1.5}
+        and type(completion.top_logprobs[1]["6"]) is float
+    )
     cache = ResponseCache(tmp_path / "responses.sqlite")
     cache.put("answer", completion)
     assert cache.get("answer") == completion and completion.prompt_tokens == 12
-    cache.put("numpy", Completion("[5]", top_logprobs=[{"5": np.float32(-0.25)}], tokens=["5"]))  # whatever a backend left numpy
+    cache.put(
+        "numpy", Completion("[5]", top_logprobs=[{"5": np.float32(-0.25)}], tokens=["5"])
+    )  # whatever a backend left numpy
     assert cache.get("numpy").top_logprobs == [{"5": -0.25}]
 
 
 def test_budget_stops_sending_and_cost_is_counted():
     with ScriptedLLMServer(lambda m: "ok") as server:
-        client = resource(server, max_requests=3, prompt_price_per_million=2.0, completion_price_per_million=10.0).client()
+        client = resource(
+            server, max_requests=3, prompt_price_per_million=2.0, completion_price_per_million=10.0
+        ).client()
 
         async def many():
-            return await asyncio.gather(*(client.complete([{"role": "user", "content": str(i)}], max_tokens=2) for i in range(5)), return_exceptions=True)
+            return await asyncio.gather(
+                *(
+                    client.complete([{"role": "user", "content": str(i)}], max_tokens=2)
+                    for i in range(5)
+                ),
+                return_exceptions=True,
+            )
 
         results = in_session(client, many)
     assert len(server.requests) == 3 and sum(isinstance(r, BudgetExceeded) for r in results) == 2
@@ -160,18 +221,28 @@ def test_a_lost_question_says_why_in_one_format_with_the_answers_and_the_readers
     with ScriptedLLMServer(lambda m: "Hmm" if m[-1] != REASK else "maybe 3") as server:
         client = resource(server, cache_dir="").client()
         unreadable = in_session(client, lambda: client.ask(MESSAGES, number, REASK, max_tokens=4))
-    assert unreadable.value is None and len(unreadable.answers) == 2 and unreadable.prompt_tokens > 0
+    assert (
+        unreadable.value is None and len(unreadable.answers) == 2 and unreadable.prompt_tokens > 0
+    )
     assert unreadable.failure == f"{UNREADABLE}: 'Hmm' (not a number) then 'maybe 3' (not a number)"
 
     with ScriptedLLMServer(lambda m: "Hmm") as server:
         client = resource(server, max_requests=1, cache_dir="").client()
         stopped = in_session(client, lambda: client.ask(MESSAGES, number, REASK, max_tokens=4))
-    assert stopped.failure == f"{BUDGET_STOPPED}: request budget of 1 reached, after 'Hmm' (not a number)" and stopped_by_budget(stopped.failure)
+    assert (
+        stopped.failure
+        == f"{BUDGET_STOPPED}: request budget of 1 reached, after 'Hmm' (not a number)"
+        and stopped_by_budget(stopped.failure)
+    )
 
     with ScriptedLLMServer(scripted([400])) as server:
         client = resource(server, cache_dir="").client()
         failed = in_session(client, lambda: client.ask(MESSAGES, number, REASK, max_tokens=4))
-    assert failed.failure.startswith(f"{REQUEST_FAILED}: BadRequestError: ") and not stopped_by_budget(failed.failure) and failed.answers == []
+    assert (
+        failed.failure.startswith(f"{REQUEST_FAILED}: BadRequestError: ")
+        and not stopped_by_budget(failed.failure)
+        and failed.answers == []
+    )
 
     with ScriptedLLMServer(lambda m: "7") as server:
         client = resource(server, cache_dir="").client()
@@ -212,29 +283,65 @@ def test_a_whole_run_error_is_raised_not_stored_as_a_lost_question():
             in_session(client, lambda: client.ask(MESSAGES, number, REASK, max_tokens=4))
 
 
-def test_malformed_answers_are_asked_again_once_then_fail_the_latent_not_the_partition_and_are_retried_next_time(registered):
+def test_malformed_answers_are_asked_again_once_then_fail_the_latent_not_the_partition_and_are_retried_next_time(
+    registered,
+):
     instance = DagsterInstance.ephemeral()
     add_coders(instance, registered, TINY_CODER)
     pipeline_until_exemplars(registered, instance)
     # latent 2 answers nothing, then an unfinished reasoning when asked again: it fails with both raw answers
-    answers = iter(["Explanation: the word table", "", "Explanation: commas", "Explanation: numbers"])
-    with ScriptedLLMServer(lambda m: "<think>unfinished" if "could not be read" in m[-1]["content"] else next(answers)) as server:
-        resources = make_resources(registered, max_latents=3, llm=resource(server, max_concurrency=1))
-        first = materialize(ALL_ASSETS, selection=["explanations"], partition_key=f"{TINY_CODER}|00", resources=resources, instance=instance)
+    answers = iter(
+        ["Explanation: the word table", "", "Explanation: commas", "Explanation: numbers"]
+    )
+    with ScriptedLLMServer(
+        lambda m: "<think>unfinished" if "could not be read" in m[-1]["content"] else next(answers)
+    ) as server:
+        resources = make_resources(
+            registered, max_latents=3, llm=resource(server, max_concurrency=1)
+        )
+        first = materialize(
+            ALL_ASSETS,
+            selection=["explanations"],
+            partition_key=f"{TINY_CODER}|00",
+            resources=resources,
+            instance=instance,
+        )
         frame = pd.read_parquet(Path(registered) / "explanations" / TINY_CODER / "00.parquet")
-        assert list(frame.status) == ["ok", "failed", "ok"] and "unreadable" in frame.error[1] and "<think>unfinished" in frame.error[1]
+        assert (
+            list(frame.status) == ["ok", "failed", "ok"]
+            and "unreadable" in frame.error[1]
+            and "<think>unfinished" in frame.error[1]
+        )
         reask = server.requests[3]["messages"]
-        assert reask[:-2] == server.requests[1]["messages"] and reask[-2] == {"role": "assistant", "content": ""}
+        assert reask[:-2] == server.requests[1]["messages"] and reask[-2] == {
+            "role": "assistant",
+            "content": "",
+        }
         assert "could not be read" in reask[-1]["content"]
-        second = materialize(ALL_ASSETS, selection=["explanations"], partition_key=f"{TINY_CODER}|00", resources=resources, instance=instance)
+        second = materialize(
+            ALL_ASSETS,
+            selection=["explanations"],
+            partition_key=f"{TINY_CODER}|00",
+            resources=resources,
+            instance=instance,
+        )
         frame = pd.read_parquet(Path(registered) / "explanations" / TINY_CODER / "00.parquet")
-    assert first.success and second.success and len(server.requests) == 5  # only the failed latent was asked again
+    assert (
+        first.success and second.success and len(server.requests) == 5
+    )  # only the failed latent was asked again
     assert list(frame.status) == ["ok", "ok", "ok"] and frame.explanation[1] == "numbers"
     meta = second.asset_materializations_for_node("explanations")[0].metadata
     assert meta["llm_requests"].value == 1 and meta["llm_cache_hits"].value == 2
 
 
-@pytest.mark.parametrize("explainer, marker", [("contrastive", "Counter-example 1:"), ("token_table", "\t"), ("top_tokens", "average strength")])
+@pytest.mark.parametrize(
+    "explainer, marker",
+    [
+        ("contrastive", "Counter-example 1:"),
+        ("token_table", "\t"),
+        ("top_tokens", "average strength"),
+    ],
+)
 def test_every_explainer_and_best_of_n(registered, explainer, marker):
     instance = DagsterInstance.ephemeral()
     add_coders(instance, registered, TINY_CODER)
@@ -243,8 +350,17 @@ def test_every_explainer_and_best_of_n(registered, explainer, marker):
     with ScriptedLLMServer(lambda m: next(replies)) as server:
         resources = make_resources(registered, max_latents=2, llm=resource(server))
         config = {"ops": {"explanations": {"config": {"explainer": explainer, "best_of_n": 3}}}}
-        assert materialize(ALL_ASSETS, selection=["explanations"], partition_key=f"{TINY_CODER}|00", resources=resources, instance=instance, run_config=config).success
-    assert len(server.requests) == 6 and all(marker in r["messages"][-1]["content"] for r in server.requests)
+        assert materialize(
+            ALL_ASSETS,
+            selection=["explanations"],
+            partition_key=f"{TINY_CODER}|00",
+            resources=resources,
+            instance=instance,
+            run_config=config,
+        ).success
+    assert len(server.requests) == 6 and all(
+        marker in r["messages"][-1]["content"] for r in server.requests
+    )
     assert {r["seed"] for r in server.requests} == {0, 1, 2}
     frame = pd.read_parquet(Path(registered) / "explanations" / TINY_CODER / "00.parquet")
     for row in frame.itertuples():
@@ -260,18 +376,36 @@ def test_api_key_never_reaches_metadata_logs_or_files(registered, tmp_path, monk
     with DagsterInstance.local_temp(str(home)) as instance:
         add_coders(instance, registered, TINY_CODER)
         pipeline_until_exemplars(registered, instance)
+
         def judge(messages):
             user = messages[-1]["content"]
-            return str([i % 2 for i in range(user.count("\nExample "))]) if "Description" in user else "Explanation: x"
+            return (
+                str([i % 2 for i in range(user.count("\nExample "))])
+                if "Description" in user
+                else "Explanation: x"
+            )
 
         with ScriptedLLMServer(judge) as server:
-            llm = LLMResource(backend="openai", base_url=server.base_url, model="m", api_key=EnvVar("AUTOINTERP_TEST_SECRET"))
+            llm = LLMResource(
+                backend="openai",
+                base_url=server.base_url,
+                model="m",
+                api_key=EnvVar("AUTOINTERP_TEST_SECRET"),
+            )
             resources = make_resources(registered, max_latents=2, llm=llm)
-            result = materialize(ALL_ASSETS, selection=["explanations", "scores/detection", "scores/fuzzing"], partition_key=f"{TINY_CODER}|00", resources=resources, instance=instance)
+            result = materialize(
+                ALL_ASSETS,
+                selection=["explanations", "scores/detection", "scores/fuzzing"],
+                partition_key=f"{TINY_CODER}|00",
+                resources=resources,
+                instance=instance,
+            )
         assert result.success
         assert server.headers[0]["authorization"] == f"Bearer {secret}"  # it was used
         events = instance.all_logs(result.run_id)
-        assert secret not in repr([e.dagster_event for e in events]) and secret not in repr([e.user_message for e in events])
+        assert secret not in repr([e.dagster_event for e in events]) and secret not in repr(
+            [e.user_message for e in events]
+        )
     assert secret not in caplog.text
     for root in (Path(registered), home):
         for path in root.rglob("*"):

@@ -1,6 +1,7 @@
 """Steering through nnsight on the embedded model: reads equal the cache, a zero edit changes nothing,
 the steered write is the Goodfire edit, and the `steer` command shows it (the output-side methods
 built on it are tested in tests/assets/test_output_side.py)."""
+
 import re
 import shutil
 
@@ -31,7 +32,12 @@ def cached(tmp_path_factory, tiny_sae, subject):
     root = DataRoot.at(tmp_path_factory.mktemp("cached"))
     save_sparsify(tiny_sae, root.registry_dir / "tiny-topk" / TINY_HOOKPOINT)
     build_corpus(CorpusConfig(**TINY_CORPUS_CONFIG), subject.tokenizer(), root)
-    cache_activations([load_registered(root.registry_dir, TINY_CODER)], subject, root, latents_per_shard=TEST_LATENTS_PER_SHARD)
+    cache_activations(
+        [load_registered(root.registry_dir, TINY_CODER)],
+        subject,
+        root,
+        latents_per_shard=TEST_LATENTS_PER_SHARD,
+    )
     return root
 
 
@@ -40,23 +46,45 @@ def test_reading_through_nnsight_gives_the_cached_activations(cached, steerer, t
     other = DataRoot.at(tmp_path)
     shutil.copytree(cached.registry_dir, other.registry_dir)
     shutil.copytree(cached.corpus_dir, other.corpus_dir)
-    cache_activations([load_registered(other.registry_dir, TINY_CODER)], SubjectModelResource(batch_size=8, driver="nnsight"), other, latents_per_shard=TEST_LATENTS_PER_SHARD)
+    cache_activations(
+        [load_registered(other.registry_dir, TINY_CODER)],
+        SubjectModelResource(batch_size=8, driver="nnsight"),
+        other,
+        latents_per_shard=TEST_LATENTS_PER_SHARD,
+    )
     for shard in shard_keys(8):
-        hooks, traced = read_shard(cached.activations_dir(TINY_CODER), shard), read_shard(other.activations_dir(TINY_CODER), shard)
-        assert np.array_equal(hooks.locations, traced.locations) and np.array_equal(hooks.activations, traced.activations)
+        hooks, traced = (
+            read_shard(cached.activations_dir(TINY_CODER), shard),
+            read_shard(other.activations_dir(TINY_CODER), shard),
+        )
+        assert np.array_equal(hooks.locations, traced.locations) and np.array_equal(
+            hooks.activations, traced.activations
+        )
 
     tokens = load_file(str(cached.corpus_dir / "tokens.safetensors"))["tokens"].long()[:4]
-    hidden = steerer.read(tokens, {(TINY_HOOKPOINT, "output")})[(TINY_HOOKPOINT, "output")][:, 1:]  # BOS is not cached
+    hidden = steerer.read(tokens, {(TINY_HOOKPOINT, "output")})[(TINY_HOOKPOINT, "output")][
+        :, 1:
+    ]  # BOS is not cached
     code = tiny_sae.encode(hidden.reshape(-1, hidden.shape[-1]).float())
-    read = {(int(r) // 63, int(r) % 63 + 1, int(l)): float(v) for r, l, v in zip(code.rows, code.latents, code.values)}
+    read = {
+        (int(r) // 63, int(r) % 63 + 1, int(l)): float(v)
+        for r, l, v in zip(code.rows, code.latents, code.values, strict=False)
+    }
     pairs = [read_shard(cached.activations_dir(TINY_CODER), s) for s in shard_keys(8)]
-    stored = {tuple(map(int, loc)): float(v) for p in pairs for loc, v in zip(p.locations, p.activations) if loc[0] < 4}
+    stored = {
+        tuple(map(int, loc)): float(v)
+        for p in pairs
+        for loc, v in zip(p.locations, p.activations, strict=False)
+        if loc[0] < 4
+    }
     assert read.keys() == stored.keys() and len(stored) == 4 * 63 * 16
     assert max(abs(read[k] - stored[k]) for k in stored) < 1e-5
 
     stats = load_latent_stats(cached.activations_dir(TINY_CODER) / "latent_stats.safetensors")
     live = int(np.argmax(stats["max"]))
-    assert max_activation(cached.activations_dir(TINY_CODER), live) == pytest.approx(float(stats["max"][live]))
+    assert max_activation(cached.activations_dir(TINY_CODER), live) == pytest.approx(
+        float(stats["max"][live])
+    )
     dead = np.flatnonzero(stats["count"] == 0)
     if len(dead):
         with pytest.raises(SteeringError, match="never fired"):
@@ -64,9 +92,22 @@ def test_reading_through_nnsight_gives_the_cached_activations(cached, steerer, t
 
 
 def coders_at_layer_3(tiny_sae):
-    transcoder = SparseCoder("tiny-tc", "model.layers.3.mlp", "topk", 576, tiny_sae.width, tiny_sae.encoder_weight, tiny_sae.encoder_bias,
-                             tiny_sae.decoder_weight, torch.zeros(576), k=16, transcode=True)
-    neurons = SparseCoder("tiny-neurons", "model.layers.3.mlp.down_proj", "neurons", 1536, 1536, k=16)
+    transcoder = SparseCoder(
+        "tiny-tc",
+        "model.layers.3.mlp",
+        "topk",
+        576,
+        tiny_sae.width,
+        tiny_sae.encoder_weight,
+        tiny_sae.encoder_bias,
+        tiny_sae.decoder_weight,
+        torch.zeros(576),
+        k=16,
+        transcode=True,
+    )
+    neurons = SparseCoder(
+        "tiny-neurons", "model.layers.3.mlp.down_proj", "neurons", 1536, 1536, k=16
+    )
     return {"sae": tiny_sae, "transcoder": transcoder, "neurons": neurons}
 
 
@@ -104,26 +145,57 @@ def test_the_steered_write_is_the_goodfire_edit_without_encoding(transcode):
     any read (a transcoder reads its module's input); here the edit written out densely by hand."""
     gen = torch.Generator().manual_seed(0)
     d_in, width, latent, delta = 16, 32, 5, 3.5
-    coder = SparseCoder("random", "model.layers.3", "topk", d_in, width, torch.randn(width, d_in, generator=gen), torch.randn(width, generator=gen),
-                        torch.randn(width, d_in, generator=gen), torch.randn(d_in, generator=gen), k=4, transcode=transcode)
+    coder = SparseCoder(
+        "random",
+        "model.layers.3",
+        "topk",
+        d_in,
+        width,
+        torch.randn(width, d_in, generator=gen),
+        torch.randn(width, generator=gen),
+        torch.randn(width, d_in, generator=gen),
+        torch.randn(d_in, generator=gen),
+        k=4,
+        transcode=transcode,
+    )
     read, write = torch.randn(2, 7, d_in, generator=gen), torch.randn(2, 7, d_in, generator=gen)
     code = coder.encode((read if transcode else write).reshape(-1, d_in))
     f = torch.zeros(14, width)
     f[code.rows, code.latents] = code.values
     edited = f.clone()
     edited[:, latent] += delta
-    goodfire = (edited @ coder.decoder_weight + coder.decoder_bias) + (write.reshape(-1, d_in) - (f @ coder.decoder_weight + coder.decoder_bias))
-    assert torch.allclose(steered_value(coder, latent, delta, write), goodfire.reshape(write.shape), atol=1e-5)
+    goodfire = (edited @ coder.decoder_weight + coder.decoder_bias) + (
+        write.reshape(-1, d_in) - (f @ coder.decoder_weight + coder.decoder_bias)
+    )
+    assert torch.allclose(
+        steered_value(coder, latent, delta, write), goodfire.reshape(write.shape), atol=1e-5
+    )
     assert steered_value(coder, latent, delta, write.bfloat16()).dtype == torch.bfloat16
-    per_row = steered_value(coder, torch.tensor([latent, 9]), torch.tensor([delta, -1.5]), write)  # a batch of steers: one per row
-    assert torch.equal(per_row[0], steered_value(coder, latent, delta, write)[0]) and torch.equal(per_row[1], steered_value(coder, 9, -1.5, write)[1])
-
+    per_row = steered_value(
+        coder, torch.tensor([latent, 9]), torch.tensor([delta, -1.5]), write
+    )  # a batch of steers: one per row
+    assert torch.equal(per_row[0], steered_value(coder, latent, delta, write)[0]) and torch.equal(
+        per_row[1], steered_value(coder, 9, -1.5, write)[1]
+    )
 
 
 def test_the_steer_command_prints_both_continuations(cached, capsys):
     stats = load_latent_stats(cached.activations_dir(TINY_CODER) / "latent_stats.safetensors")
     latent = int(np.argmax(stats["count"]))
-    main(["--data", str(cached.root), "steer", TINY_CODER, str(latent), "The weather today is", "--strength", "3", "--tokens", "6"])
+    main(
+        [
+            "--data",
+            str(cached.root),
+            "steer",
+            TINY_CODER,
+            str(latent),
+            "The weather today is",
+            "--strength",
+            "3",
+            "--tokens",
+            "6",
+        ]
+    )
     out = capsys.readouterr().out
     assert f"+3 × max cached activation {float(stats['max'][latent]):.4g}" in out
     assert re.search(r"^unsteered +\| steered$", out, re.MULTILINE)

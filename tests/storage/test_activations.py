@@ -1,6 +1,14 @@
 import numpy as np
 
-from storage.activations import ShardedActivationWriter, read_latents, read_shard, shard_count, shard_keys, shard_latent_range, shard_of_latents
+from storage.activations import (
+    ShardedActivationWriter,
+    read_latents,
+    read_shard,
+    shard_count,
+    shard_keys,
+    shard_latent_range,
+    shard_of_latents,
+)
 
 
 def test_shards_split_the_width_exactly_and_none_is_empty():
@@ -8,8 +16,13 @@ def test_shards_split_the_width_exactly_and_none_is_empty():
         n = shard_count(width, per_shard)
         ranges = [shard_latent_range(width, per_shard, i) for i in range(n)]
         assert ranges[0][0] == 0 and ranges[-1][1] == width
-        assert all(a[1] == b[0] for a, b in zip(ranges, ranges[1:])) and all(lo < hi for lo, hi in ranges)
-        assert (shard_of_latents(np.arange(width), per_shard) == np.repeat(np.arange(n), [hi - lo for lo, hi in ranges])).all()
+        assert all(a[1] == b[0] for a, b in zip(ranges, ranges[1:], strict=False)) and all(
+            lo < hi for lo, hi in ranges
+        )
+        assert (
+            shard_of_latents(np.arange(width), per_shard)
+            == np.repeat(np.arange(n), [hi - lo for lo, hi in ranges])
+        ).all()
     assert shard_count(131072, 1024) == 128 and shard_count(4608, 1024) == 5
     assert shard_keys(3) == ["00", "01", "02"] and shard_keys(120)[-1] == "119"
 
@@ -21,14 +34,18 @@ def test_writer_streams_chunks_and_reader_restores_every_pair(tmp_path):
     batches = []
     writer = ShardedActivationWriter(tmp_path, width, per_shard)
     for b in range(20):
-        loc = np.stack([np.full(30, b), rng.integers(0, 16, 30), rng.integers(0, width, 30)], 1).astype(np.int32)
+        loc = np.stack(
+            [np.full(30, b), rng.integers(0, 16, 30), rng.integers(0, width, 30)], 1
+        ).astype(np.int32)
         val = rng.random(30).astype(np.float32)
         writer.add(loc, val)
         if writer.buffered >= 50:
             writer.checkpoint()
         assert writer.buffered < 50  # what is buffered is bounded, however many pairs pass through
         batches.append((loc, val))
-    assert len(list((tmp_path / "shard-00").glob("chunk-*.safetensors"))) == writer.checkpoints == 10
+    assert (
+        len(list((tmp_path / "shard-00").glob("chunk-*.safetensors"))) == writer.checkpoints == 10
+    )
     writer.discard_chunks_from(9)
     assert len(list((tmp_path / "shard-00").glob("chunk-*.safetensors"))) == 9
     writer.checkpoints = 9
@@ -51,7 +68,9 @@ def test_writer_streams_chunks_and_reader_restores_every_pair(tmp_path):
     assert total == len(all_val)
     some = read_latents(tmp_path, np.array([3, 49, 50, 99, 3]), width, per_shard)
     wanted = np.isin(all_loc[:, 2], [3, 49, 50, 99])
-    assert len(some.activations) == wanted.sum() and set(some.locations[:, 2]) == set(all_loc[wanted, 2])
+    assert len(some.activations) == wanted.sum() and set(some.locations[:, 2]) == set(
+        all_loc[wanted, 2]
+    )
 
 
 def test_json_files_stay_valid_json_when_a_number_is_nan(tmp_path):
@@ -63,4 +82,8 @@ def test_json_files_stay_valid_json_when_a_number_is_nan(tmp_path):
     write_json(tmp_path / "meta.json", {"fvu": float("nan"), "rates": [1.0, math.inf], "n": 3})
     text = (tmp_path / "meta.json").read_text()
     assert "NaN" not in text and "Infinity" not in text
-    assert json.loads(text) == read_json(tmp_path / "meta.json") == {"fvu": None, "rates": [1.0, None], "n": 3}
+    assert (
+        json.loads(text)
+        == read_json(tmp_path / "meta.json")
+        == {"fvu": None, "rates": [1.0, None], "n": 3}
+    )

@@ -1,7 +1,7 @@
 """Two runs of one partition at once (a manual materialization during an automation run) share the
 table's journal folder: neither loses nor overwrites the other's rows, and a run with another key
 never mixes its rows in."""
-import pytest
+
 
 from storage.journal import Journal
 
@@ -21,10 +21,18 @@ def test_a_run_that_finishes_first_leaves_the_other_runs_rows(tmp_path):
     manual.flush()  # the same flush number as the other run's
     assert set(manual.kept(range(5))) == set(automation.kept(range(5))) == {0, 1, 2, 3, 4}
     automation.discard()  # its table is written
-    assert manual.kept(range(5))[3]["explanation"] == "latent 3" and set(manual.kept(range(5))) == {0, 1, 2, 3, 4}
+    assert manual.kept(range(5))[3]["explanation"] == "latent 3" and set(manual.kept(range(5))) == {
+        0,
+        1,
+        2,
+        3,
+        4,
+    }
     assert table.with_name("00.parquet.partial").exists()
     manual.discard()
-    assert not table.with_name("00.parquet.partial").exists()  # the last run's table replaces the folder
+    assert not table.with_name(
+        "00.parquet.partial"
+    ).exists()  # the last run's table replaces the folder
 
 
 def test_a_run_resumed_from_another_runs_rows_keeps_them_when_that_run_finishes(tmp_path):
@@ -44,7 +52,10 @@ def test_a_latent_both_runs_kept_has_the_rows_of_one_flush(tmp_path):
     table = tmp_path / "detection.parquet"
     runs = [Journal(table, "k", parts=("examples", "scores")) for _ in range(2)]
     for run in runs:
-        run.add(examples=[{"latent": 5, "example": i} for i in range(3)], scores=[{"latent": 5, "balanced_accuracy": 1.0}])
+        run.add(
+            examples=[{"latent": 5, "example": i} for i in range(3)],
+            scores=[{"latent": 5, "balanced_accuracy": 1.0}],
+        )
         run.flush()
     later = Journal(table, "k", parts=("examples", "scores"))
     assert sorted(later.finished("examples")["example"]) == [0, 1, 2]
@@ -64,7 +75,9 @@ def test_another_key_deletes_a_dead_runs_rows_and_never_mixes_with_a_live_ones(t
     assert other.finished().empty
     other.add(explained(2))
     other.flush()
-    assert set(live.kept(range(3))) == {1}  # the killed run's v1 rows went; the live run's stayed, and v2's never mix in
+    assert set(live.kept(range(3))) == {
+        1
+    }  # the killed run's v1 rows went; the live run's stayed, and v2's never mix in
     assert set(other.kept(range(3))) == {2}
     other.discard()
     assert set(live.kept(range(3))) == {1}

@@ -33,7 +33,7 @@ from pydantic import Field
 
 from assets.automation import CODE_CHANGED, FOLLOW, SUBJECT_MODEL_POOL, in_pool
 from assets.partitions import DEFAULT_LATENTS_PER_SHARD, coders_of, shard_partitions
-from assets.stage_config import Models
+from assets.stage_config import NO_MODELS, Models
 from resources.hookpoints import resolve_hookpoint
 from resources.logit_lens import save_unembedding
 from resources.settings import AutointerpSettings
@@ -417,7 +417,7 @@ def coder_problems(meta: dict) -> list[str]:
 ACTIVATIONS_VERSION = "2"
 
 
-def activations_asset(models: Models = Models()) -> AssetsDefinition:
+def activations_asset(models: Models = NO_MODELS) -> AssetsDefinition:
     """The `activations` asset; its code version names the deployment's subject model, so another model
     (or dtype) re-caches every coder and re-runs everything below."""
     return asset(

@@ -26,7 +26,7 @@ from pydantic import Field
 
 from assets.automation import CODE_CHANGED, in_pool
 from assets.checks import corpus_specs, corpus_tokens, result
-from assets.stage_config import Models, settings_digest, with_defaults
+from assets.stage_config import NO_MODELS, Models, settings_digest, with_defaults
 from resources.settings import AutointerpSettings
 from resources.subject_model import SubjectModelResource
 from storage.corpus import write_corpus
@@ -238,7 +238,7 @@ def _corpus(
 CORPUS_VERSION = "1"
 
 
-def corpus_asset(defaults: dict | None = None, models: Models = Models()) -> AssetsDefinition:
+def corpus_asset(defaults: dict | None = None, models: Models = NO_MODELS) -> AssetsDefinition:
     """The `corpus` asset of a deployment: `defaults` are its [corpus] table and the subject model's
     weights (its tokenizer) are part of the code version. Re-tokenizing into the same tokens keeps the
     data version (the content hash), so only a new tokenizer's tokens make the stages below stale."""

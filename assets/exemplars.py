@@ -35,7 +35,7 @@ from assets.automation import CODE_CHANGED, FOLLOW, in_pool
 from assets.checks import exemplars_specs, explainable_latents, result
 from assets.partitions import backfill_policy, coder_and_shard, each_shard, shard_partitions
 from assets.prompts import corpus_prompt_vocab, token_text, window_embedding, window_text
-from assets.stage_config import Models, settings_digest, with_defaults
+from assets.stage_config import NO_MODELS, Models, settings_digest, with_defaults
 from resources.embedder import EmbedderResource
 from resources.settings import AutointerpSettings
 from resources.sparse_coders import SparseCoder, coder_fingerprint, load_registered
@@ -248,7 +248,9 @@ class NegativeSources:
         ids = np.unique(np.asarray(ids, dtype=latents.dtype))
         lo, hi = np.searchsorted(latents, ids, "left"), np.searchsorted(latents, ids, "right")
         return np.sort(
-            np.concatenate([order[a:b] for a, b in zip(lo, hi, strict=False)] + [np.zeros(0, order.dtype)])
+            np.concatenate(
+                [order[a:b] for a, b in zip(lo, hi, strict=False)] + [np.zeros(0, order.dtype)]
+            )
         )
 
     def neighbour_blocks(self, latent: int, window: int) -> np.ndarray:
@@ -274,14 +276,20 @@ class NegativeSources:
         an exact search's nearest `limit` are the first `limit` of a longer answer, an ANN search's not."""
         if self.contexts is None or self.contexts.indexed:
             return
-        wanted = [(np.sort(q).tobytes(), q, limit) for q, limit in zip(queries, limits, strict=False) if len(q)]
+        wanted = [
+            (np.sort(q).tobytes(), q, limit)
+            for q, limit in zip(queries, limits, strict=False)
+            if len(q)
+        ]
         if not wanted:
             return
         limit = max(limit for *_, limit in wanted)
         found = self.contexts.nearest_many(
             np.stack([self.embedding_query(q) for _, q, _ in wanted]), limit
         )
-        self._nearest = {key: (blocks, limit) for (key, _, _), blocks in zip(wanted, found, strict=False)}
+        self._nearest = {
+            key: (blocks, limit) for (key, _, _), blocks in zip(wanted, found, strict=False)
+        }
 
     def embedding_blocks(self, query_blocks: np.ndarray, limit: int) -> np.ndarray:
         if self.contexts is None or not len(query_blocks):
@@ -343,7 +351,9 @@ def window_rows(
             "tokens": tokens[s, st : st + window].astype(np.int32).tolist(),
             "activations": a.astype(np.float32).tolist(),
         }
-        for s, st, a, q in zip(windows.sequence, windows.start, windows.acts, quantiles, strict=False)
+        for s, st, a, q in zip(
+            windows.sequence, windows.start, windows.acts, quantiles, strict=False
+        )
     ]
 
 
@@ -696,7 +706,7 @@ EXEMPLARS_VERSION = "3"  # 3: hard negatives from windows embedded as `window_te
 
 
 def exemplars_asset(
-    defaults: dict | None = None, partitions_per_run: int = 1, models: Models = Models()
+    defaults: dict | None = None, partitions_per_run: int = 1, models: Models = NO_MODELS
 ) -> AssetsDefinition:
     """The `exemplars` asset of a deployment: `defaults` are its [exemplars] table (part of the code version),
     and so is the embedder when it picks hard negatives."""

@@ -42,7 +42,14 @@ from assets.records import LatentRecord, read_records
 from assets.refine import Refiner
 from assets.score_metrics import roc_auc
 from assets.senses import JOIN, sense_clusters, sense_record, sense_test_windows
-from assets.stage_config import Models, added_later, problems, settings_digest, with_defaults
+from assets.stage_config import (
+    NO_MODELS,
+    Models,
+    added_later,
+    problems,
+    settings_digest,
+    with_defaults,
+)
 from assets.work import (
     ChunkLoader,
     nothing_succeeded,
@@ -391,7 +398,7 @@ def explanations_asset(
     defaults: dict | None = None,
     explainers: dict[str, type[Explainer]] | None = None,
     partitions_per_run: int = 1,
-    models: Models = Models(),
+    models: Models = NO_MODELS,
 ) -> AssetsDefinition:
     """The `explanations` asset of a deployment: `defaults` are its [explanations] table. Its code version
     names the explainer model and the other models the explanations depend on (the subject model for

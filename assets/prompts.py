@@ -170,7 +170,9 @@ def explainer_messages(
         ]  # scaled only where listed: rounding numpy scalars costs
         listed = ", ".join(
             f"{visible_token(t).strip() or visible_token(t)} ({s})"
-            for (t, _), s in zip(firing, scaled([a for _, a in firing], max_activation), strict=False)
+            for (t, _), s in zip(
+                firing, scaled([a for _, a in firing], max_activation), strict=False
+            )
         )
         parts.append(f"Example {i}: {highlight(token_strs, marks)}\nMarked: {listed}")
     return [
@@ -201,7 +203,8 @@ def token_table_messages(
     tables = []
     for i, (token_strs, acts) in enumerate(examples, start=1):
         lines = "\n".join(
-            f"{quoted(t)}\t{s}" for t, s in zip(token_strs, scaled(acts, max_activation), strict=False)
+            f"{quoted(t)}\t{s}"
+            for t, s in zip(token_strs, scaled(acts, max_activation), strict=False)
         )
         tables.append(f"Example {i}:\n{lines}")
     return [
@@ -212,7 +215,9 @@ def token_table_messages(
 
 def top_tokens_messages(tokens: list[str], mean_activations: list[float]) -> list[dict]:
     top = max(mean_activations, default=1.0)
-    listed = "\n".join(f"{quoted(t)}: {s}" for t, s in zip(tokens, scaled(mean_activations, top), strict=False))
+    listed = "\n".join(
+        f"{quoted(t)}: {s}" for t, s in zip(tokens, scaled(mean_activations, top), strict=False)
+    )
     return [
         {"role": "system", "content": TOP_TOKENS_SYSTEM},
         {
@@ -476,11 +481,11 @@ def parse_int_list(text: str, n: int, lo: int, hi: int) -> list[int] | None:
     ("example 3 is the intruder"). A list of another length or with values out of range is refused,
     never cut or padded."""
     body = strip_reasoning(text)
-    valid = lambda values: (
-        values
-        if values is not None and len(values) == n and all(lo <= v <= hi for v in values)
-        else None
-    )
+
+    def valid(values: list[int] | None) -> list[int] | None:
+        ok = values is not None and len(values) == n and all(lo <= v <= hi for v in values)
+        return values if ok else None
+
     as_json = _from_json(body)
     if as_json is not None:
         return valid(as_json) if as_json is not False else None

@@ -101,7 +101,9 @@ class LatentRecord:
             list(compress(self.windows[c].tolist(), in_split)) for c in EXAMPLE_COLUMNS
         )
         counts = [
-            np.count_nonzero(a) for a, kind in zip(activations, kinds, strict=False) if kind == "activating"
+            np.count_nonzero(a)
+            for a, kind in zip(activations, kinds, strict=False)
+            if kind == "activating"
         ]
         typical_marks = max(1, int(np.median(counts))) if counts else 1
         examples = []

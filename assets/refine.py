@@ -120,7 +120,7 @@ class Refiner:
             )
             answered = [{"role": "assistant", "content": f"Explanation: {best.explanation}"}]
             prompt, _ = client.fitting(
-                lambda kept: messages + answered + [refine_message(kept, tried)],
+                lambda kept, answered=answered: messages + answered + [refine_message(kept, tried)],
                 shown,
                 self.max_tokens,
             )

@@ -57,7 +57,7 @@ from assets.score_metrics import (
 from assets.scorers import Job, JobResult, Scorer, ScorerDeps, ScorerSettings
 from assets.scorers.base import CONTROLS
 from assets.senses import lowest_sense_scores, of_current
-from assets.stage_config import SCORER_ROLES, Models
+from assets.stage_config import NO_MODELS, SCORER_ROLES, Models
 from assets.work import (
     ChunkLoader,
     nothing_succeeded,
@@ -471,12 +471,15 @@ def best_and_worst(frame: pd.DataFrame, metric: str, columns: list[str], n: int 
     if not len(ranked):
         return "nothing scored"
     best, worst = ranked.head(n), ranked.tail(min(n, max(0, len(ranked) - n)))
-    text = lambda part: (
-        part[columns]
-        .assign(explanation=part["explanation"].str.slice(0, 80))
-        .round(3)
-        .to_markdown(index=False)
-    )
+
+    def text(part: pd.DataFrame) -> str:
+        return (
+            part[columns]
+            .assign(explanation=part["explanation"].str.slice(0, 80))
+            .round(3)
+            .to_markdown(index=False)
+        )
+
     return f"**Best {len(best)}**\n\n{text(best)}\n\n**Worst {len(worst)}**\n\n{text(worst) if len(worst) else '(none)'}"
 
 
@@ -554,7 +557,7 @@ def scorer_asset(
     settings: ScorerSettings,
     automate: bool,
     partitions_per_run: int = 1,
-    models: Models = Models(),
+    models: Models = NO_MODELS,
 ) -> AssetsDefinition:
     """The asset of one scorer; its code version is the scorer's version, the hash of its settings and the
     identities of the models it uses (the judge, the embedder, the subject model)."""

@@ -103,5 +103,9 @@ class Models:
         return f"-m{settings_digest(used)}" if used else ""
 
 
+NO_MODELS = Models()
+"""A stage built without a deployment's models: the asset factories' default (frozen, so one is shared)."""
+
+
 SCORER_ROLES = {"llm": "judge", "embedder": "embedder", "subject_model": "subject_model"}
 """A scorer's `uses` → the model role it names in results."""

@@ -351,7 +351,8 @@ def print_results(store, coder: str, scorers: dict) -> None:
     )
     for name in present:
         shown[f"{name} ({scorers[name].main_metric})"] = [
-            beside_control(s, c, digits=2) for s, c in zip(table[name], table[f"{name}_control"], strict=False)
+            beside_control(s, c, digits=2)
+            for s, c in zip(table[name], table[f"{name}_control"], strict=False)
         ]
     several = int((table["senses"] > 1).sum()) if "senses" in table else 0
     if several:

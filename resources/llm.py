@@ -609,7 +609,10 @@ class VLLMOfflineClient:
                 alternatives = [
                     {lp.decoded_token: lp.logprob for lp in step.values()} for step in steps
                 ]
-                chosen = [step[token].decoded_token for step, token in zip(steps, first.token_ids, strict=False)]
+                chosen = [
+                    step[token].decoded_token
+                    for step, token in zip(steps, first.token_ids, strict=False)
+                ]
                 if not future.done():
                     future.set_result(
                         Completion(
@@ -952,16 +955,20 @@ class SharedEndpointSlots(Slots):
                 if not out:
                     continue
                 try:
-                    kept = self._session.run(
-                        lambda db: db.execute(
-                            "UPDATE llm_endpoint_slots SET lease_end = now() + make_interval(secs => %s) "
-                            "WHERE holder = %s AND slot = ANY(%s) RETURNING slot",
-                            (self.lease_s, self.holder, out),
-                        ).fetchall()
-                    )
+                    kept = self._extend(out)
                 except ConnectionError:
                     continue  # again at the next beat; the leases last a few beats
                 self._lost |= set(out) - {key for (key,) in kept}
+
+    def _extend(self, slots: list[int]) -> list[tuple]:
+        """Renew the leases of `slots`; the rows of those still ours (one missing was lost to another holder)."""
+        return self._session.run(
+            lambda db: db.execute(
+                "UPDATE llm_endpoint_slots SET lease_end = now() + make_interval(secs => %s) "
+                "WHERE holder = %s AND slot = ANY(%s) RETURNING slot",
+                (self.lease_s, self.holder, slots),
+            ).fetchall()
+        )
 
     def close(self) -> None:
         self._closed.set()

@@ -377,7 +377,13 @@ def search_explanations(
             committed[key] = (
                 {}
                 if frame is None
-                else dict(zip(frame["latent"], frame["explanation"].where(frame["status"] == "ok"), strict=False))
+                else dict(
+                    zip(
+                        frame["latent"],
+                        frame["explanation"].where(frame["status"] == "ok"),
+                        strict=False,
+                    )
+                )
             )
         return committed[key].get(hit["latent"]) == hit["explanation"]
 

@@ -51,8 +51,16 @@ def vocab_proj_evidence(
     projection = vocab_projection(decoder_directions(coder, lm, latents), lm, k=k)
     return {
         latent: TokenEvidence(
-            list(zip(projection.top_ids[i].tolist(), projection.top_values[i].tolist(), strict=False)),
-            list(zip(projection.bottom_ids[i].tolist(), projection.bottom_values[i].tolist(), strict=False)),
+            list(
+                zip(projection.top_ids[i].tolist(), projection.top_values[i].tolist(), strict=False)
+            ),
+            list(
+                zip(
+                    projection.bottom_ids[i].tolist(),
+                    projection.bottom_values[i].tolist(),
+                    strict=False,
+                )
+            ),
         )
         for i, latent in enumerate(latents)
     }

@@ -16,7 +16,11 @@ class TopTokens(Explainer):
         if not stats or not len(stats["top_tokens"]):
             raise ValueError("no token fires this latent twice: top_tokens has nothing to show")
         tokens = list(
-            zip([record.vocab[t] for t in stats["top_tokens"]], stats["top_token_mean_activation"], strict=False)
+            zip(
+                [record.vocab[t] for t in stats["top_tokens"]],
+                stats["top_token_mean_activation"],
+                strict=False,
+            )
         )
         return self.deps.llm.fitting(
             lambda kept: top_tokens_messages([t for t, _ in kept], [float(a) for _, a in kept]),

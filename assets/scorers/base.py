@@ -220,5 +220,7 @@ async def classify(
         if outcome.value is None:
             result.lost(len(kept), outcome.failure)
             continue
-        result.rows += [example_row(e, prediction=p) for e, p in zip(kept, outcome.value, strict=False)]
+        result.rows += [
+            example_row(e, prediction=p) for e, p in zip(kept, outcome.value, strict=False)
+        ]
     return result

@@ -67,7 +67,8 @@ class Embedding(Scorer):
             new = dict(
                 zip(
                     missing,
-                    unit_vectors(await asyncio.to_thread(self.deps.embedder.embed, missing)), strict=False,
+                    unit_vectors(await asyncio.to_thread(self.deps.embedder.embed, missing)),
+                    strict=False,
                 )
             )
             self._vectors.update(new)
@@ -109,7 +110,9 @@ class Embedding(Scorer):
         one call (none when the table is missing)."""
         ids = {}
         for example in (e for e in examples if len(e.token_strs) > 1):
-            for text, token in zip(map(token_text, example.token_strs), example.token_ids, strict=False):
+            for text, token in zip(
+                map(token_text, example.token_strs), example.token_ids, strict=False
+            ):
                 if needed.get(text) is None:
                     ids.setdefault(text, token)
         vectors = self.deps.corpus_windows.token_vectors(list(ids.values())) if ids else None
@@ -126,7 +129,11 @@ class Embedding(Scorer):
         # of one matrix product can differ in the last bit)
         similarity = (
             dict(
-                zip(distinct, (np.stack([vectors[t] for t in distinct]) @ vectors[query]).tolist(), strict=False)
+                zip(
+                    distinct,
+                    (np.stack([vectors[t] for t in distinct]) @ vectors[query]).tolist(),
+                    strict=False,
+                )
             )
             if distinct
             else {}

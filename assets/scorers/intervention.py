@@ -131,16 +131,19 @@ class ContinuationSource:
         steered = self.steerer.generate(
             self.prompts,
             self.n_tokens,
-            [Steer(self.coder, l, delta) for l, (delta, _) in zip(latents, found, strict=False)],
+            [
+                Steer(self.coder, each, delta)
+                for each, (delta, _) in zip(latents, found, strict=False)
+            ],
         )
         n = len(self.prompts)
         made = {
-            l: Continuations(list(self.prompts), plain, steered[i * n : (i + 1) * n], delta, kl)
-            for i, (l, (delta, kl)) in enumerate(zip(latents, found, strict=False))
+            each: Continuations(list(self.prompts), plain, steered[i * n : (i + 1) * n], delta, kl)
+            for i, (each, (delta, kl)) in enumerate(zip(latents, found, strict=False))
         }
-        for l in latents:
-            self._made[l] = made
-            self._expected.pop(l, None)
+        for each in latents:
+            self._made[each] = made
+            self._expected.pop(each, None)
 
 
 CACHE_OUTPUT_INDEX = 1
@@ -242,7 +245,13 @@ class Likelihoods:
         for i in range(0, len(missing), self.rows):
             chunk = missing[i : i + self.rows]
             self._known.update(
-                zip(chunk, continuation_logprobs(self.lm, self.tokenizer, *map(list, zip(*chunk, strict=False))), strict=False)
+                zip(
+                    chunk,
+                    continuation_logprobs(
+                        self.lm, self.tokenizer, *map(list, zip(*chunk, strict=False))
+                    ),
+                    strict=False,
+                )
             )
         return np.asarray([self._known[k] for k in keys])
 
@@ -383,7 +392,9 @@ class Intervention(ContinuationScorer):
     async def score(self, job: Job) -> JobResult:
         made, scored = await asyncio.to_thread(self._score, job.latent, job.explanation)
         rows = []
-        for i, (steered, plain) in enumerate(zip(scored.steered_gain, scored.unsteered_gain, strict=False)):
+        for i, (steered, plain) in enumerate(
+            zip(scored.steered_gain, scored.unsteered_gain, strict=False)
+        ):
             rows.append(
                 {
                     "example": 2 * i,

@@ -70,7 +70,10 @@ class Intruder(Scorer):
         )
         result = JobResult([])
         prompts = [intruder_messages([e.marked_text for e in windows]) for windows, _, _ in tasks]
-        fits = [client.fits(m, list_tokens(1, len(w))) for m, (w, _, _) in zip(prompts, tasks, strict=False)]
+        fits = [
+            client.fits(m, list_tokens(1, len(w)))
+            for m, (w, _, _) in zip(prompts, tasks, strict=False)
+        ]
         result.dropped = sum(
             len(w) for (w, _, _), ok in zip(tasks, fits, strict=False) if not ok
         )  # a task cannot lose windows: it goes whole

@@ -47,7 +47,9 @@ def judge_pairs(continuations: Continuations, seed: int) -> list[Pair]:
 
 
 def judge_messages(explanation: str, pairs: list[Pair], vocab: list[str]) -> list[dict]:
-    shown = lambda ids: highlight([vocab[t] for t in ids], [False] * len(ids))
+    def shown(ids: list[int]) -> str:
+        return highlight([vocab[t] for t in ids], [False] * len(ids))
+
     blocks = [
         f"Pair {i}: prompt: {highlight([p.prompt], [False])}\n  Continuation 1: {shown(p.first)}\n  Continuation 2: {shown(p.second)}"
         for i, p in enumerate(pairs, start=1)
@@ -90,7 +92,9 @@ async def judge(client, explanation: str, pairs: list[Pair], vocab: list[str]) -
     if asked.value is None:
         return Judged(None, asked.failure, asked.prompt_tokens)
     return Judged(
-        [int(v == p.steered) for v, p in zip(asked.value, pairs, strict=False)], "", asked.prompt_tokens
+        [int(v == p.steered) for v, p in zip(asked.value, pairs, strict=False)],
+        "",
+        asked.prompt_tokens,
     )
 
 

@@ -70,7 +70,11 @@ class Surprisal(Scorer):
                 if missing:
                     without = SURPRISAL_DESCRIPTION.format(explanation=SURPRISAL_NO_DESCRIPTION)
                     self._baseline.update(
-                        zip((tuple(e.token_ids) for e in missing), self._losses(without, missing), strict=False)
+                        zip(
+                            (tuple(e.token_ids) for e in missing),
+                            self._losses(without, missing),
+                            strict=False,
+                        )
                     )
                 return self._losses(
                     SURPRISAL_DESCRIPTION.format(explanation=job.explanation), job.examples

@@ -384,7 +384,9 @@ class Viewer:
             "frequency": base["frequency"],
             "top_tokens": [
                 {"token": vocab[t], "mean_activation": a}
-                for t, a in zip(stats[0]["top_tokens"], stats[0]["top_token_mean_activation"], strict=False)
+                for t, a in zip(
+                    stats[0]["top_tokens"], stats[0]["top_token_mean_activation"], strict=False
+                )
             ]
             if stats
             else [],
@@ -599,13 +601,14 @@ class Viewer:
                 activating.setdefault(group, []).append(shown(row))
             else:
                 silent.setdefault(row["kind"], []).append(shown(row))
-        order = lambda name: (
-            (0, 0)
-            if name.startswith("top")
-            else (1, int(name.split()[1]))
-            if name.startswith("quantile")
-            else (2, name)
-        )
+
+        def order(name: str) -> tuple:
+            if name.startswith("top"):
+                return (0, 0)
+            if name.startswith("quantile"):
+                return (1, int(name.split()[1]))
+            return (2, name)
+
         return {
             "activating": [
                 {"group": g, "windows": sorted(activating[g], key=lambda w: -w["max_activation"])}

@@ -326,7 +326,10 @@ class CoderIndex:
             self.dir / f"{name}.stamp.json",
             self.dir / f"{name}.offsets.npy",
         )
-        built = lambda: arrow.exists() and _read_json(stamp_path).get("stamp") == current
+
+        def built() -> bool:
+            return arrow.exists() and _read_json(stamp_path).get("stamp") == current
+
         if not build and not built():
             return None
         with self._guard(name):
@@ -452,7 +455,10 @@ class CoderIndex:
             self.dir / f"{shard}.density.npz",
             self.dir / f"{shard}.density.stamp.json",
         )
-        built = lambda: path.exists() and _read_json(stamp_path).get("stamp") == current
+
+        def built() -> bool:
+            return path.exists() and _read_json(stamp_path).get("stamp") == current
+
         if not build and not built():
             return None
         with self._guard(f"{shard}.density"):
@@ -555,13 +561,16 @@ class CoderIndex:
         if isinstance(projection, str):
             return {"pending": projection}
         vocab = reader.display_vocab_cached(self.store)
-        as_list = lambda ids, values: [
-            {
-                "token": vocab[int(i)] if int(i) < len(vocab) else f"<{int(i)}>",
-                "logit": round(float(v), 3),
-            }
-            for i, v in zip(ids, values, strict=False)
-        ]
+
+        def as_list(ids, values) -> list[dict]:
+            return [
+                {
+                    "token": vocab[int(i)] if int(i) < len(vocab) else f"<{int(i)}>",
+                    "logit": round(float(v), 3),
+                }
+                for i, v in zip(ids, values, strict=False)
+            ]
+
         counts, edges = projection.histograms[0]
         return {
             "promoted": as_list(projection.top_ids[0], projection.top_values[0]),

@@ -93,7 +93,10 @@ def sense_score_notes(scores: dict[str, pd.DataFrame]) -> dict[tuple[str, int, s
     """(shard, latent, sense text) → that sense's scores in words, from each scorer's `sense_scores` rows: its main
     metric beside its control. Keyed by the text a score was made with, so that none is shown beside another."""
     notes: dict[tuple[str, int, str], list[str]] = {}
-    number = lambda x: f"{x:.3f}" if x is not None and np.isfinite(x) else "none"
+
+    def number(x: float | None) -> str:
+        return f"{x:.3f}" if x is not None and np.isfinite(x) else "none"
+
     for name, frame in scores.items():
         main = reader.scorer_info(name)["main_metric"]
         for row in frame.to_dict("records") if main and len(frame) else []:
@@ -136,7 +139,9 @@ def activation_bins(
     window quantiles (`boundaries`) that holds its peak, with the share of the corpus's `n_tokens` tokens whose
     activation (`activations`: the latent's non-zero ones) lies in it, as Neuronpedia's dashboards count."""
     peaks = [max(w["activations"]) for w in windows]
-    ceiling = max((p for w, p in zip(windows, peaks, strict=False) if w["split"] != "train"), default=-np.inf)
+    ceiling = max(
+        (p for w, p in zip(windows, peaks, strict=False) if w["split"] != "train"), default=-np.inf
+    )
     values = np.sort(activations)
     bins = []
     for w, peak in zip(windows, peaks, strict=False):
@@ -255,7 +260,10 @@ def export_neuronpedia(
 
     lens = index.vocab_projection(latents, bins=LOGIT_BINS) if with_lens else None
     neighbours = index.neighbours_of(latents) or [[] for _ in latents]
-    token = lambda i: vocab[int(i)] if int(i) < len(vocab) else f"<{int(i)}>"
+
+    def token(i) -> str:
+        return vocab[int(i)] if int(i) < len(vocab) else f"<{int(i)}>"
+
     features = []
     for at, (latent, near) in enumerate(zip(latents, neighbours, strict=False)):
         density = index.density(latent)
@@ -281,7 +289,9 @@ def export_neuronpedia(
                 "logits_hist_data_bar_heights": lens.histograms[at][0] if lens else [],
                 "logits_hist_data_bar_values": [
                     round((a + b) / 2, 4)
-                    for a, b in zip(lens.histograms[at][1][:-1], lens.histograms[at][1][1:], strict=False)
+                    for a, b in zip(
+                        lens.histograms[at][1][:-1], lens.histograms[at][1][1:], strict=False
+                    )
                 ]
                 if lens
                 else [],
@@ -294,7 +304,9 @@ def export_neuronpedia(
         profiles = reader.rows_of(store.latent_profiles(coder, shard))
         if not len(profiles):
             continue
-        boundaries = dict(zip(profiles["latent"].astype(int), profiles["quantile_boundaries"], strict=False))
+        boundaries = dict(
+            zip(profiles["latent"].astype(int), profiles["quantile_boundaries"], strict=False)
+        )
         for latent, _, values in reader.shard_activations(store, coder, shard).by_latent():
             if latent not in boundaries:
                 continue

@@ -291,7 +291,8 @@ def _cache_activations(
     for coder in coders:
         resolve_hookpoint(lm, coder.hookpoint)
     unembedding = root.unembedding_path(subject_model.tokenizer_identity())
-    if not unembedding.exists():  # the latent browser's logit lens, written while the model is loaded: the browser need never load it
+    # the latent browser's logit lens, written while the model is loaded: the browser need never load it
+    if not unembedding.exists():
         save_unembedding(lm, unembedding)
     caches, metas = [], {}
     for coder in coders:
@@ -366,7 +367,8 @@ def _cache_activations(
         if log and (done == n_sequences or time.perf_counter() - last_report > 10):
             last_report = time.perf_counter()
             log(
-                f"activations: {done}/{n_sequences} sequences, {forwarded * n_pos / (last_report - started):,.0f} tokens/s"
+                f"activations: {done}/{n_sequences} sequences, "
+                f"{forwarded * n_pos / (last_report - started):,.0f} tokens/s"
             )
     for cache in caches:
         cache.save_progress()
@@ -434,10 +436,12 @@ def activations_asset(models: Models = NO_MODELS) -> AssetsDefinition:
                 "coder_health",
                 asset="activations",
                 blocking=True,
-                description="Fails on a broken coder: all latents dead, or FVU > 1 or not finite; blocks everything downstream.",
+                description="Fails on a broken coder: all latents dead, "
+                "or FVU > 1 or not finite; blocks everything downstream.",
             )
         ],
-        description="Sparse activations of each coder over the corpus, sharded over the latent range; all coders of a run share one forward pass.",
+        description="Sparse activations of each coder over the corpus, "
+        "sharded over the latent range; all coders of a run share one forward pass.",
     )(_activations)
 
 

@@ -29,7 +29,8 @@ MISSING = (
 FOLLOW = ((AutomationCondition.eager() & CHECKS_PASSED) | MISSING).with_label(
     "eager, or missing with inputs ready; inputs' blocking checks passed"
 )
-"""New inputs re-run a partition; a missing partition runs once its inputs are there; neither on an input that failed a blocking check."""
+"""New inputs re-run a partition; a missing partition runs once its inputs are there; neither on an
+input that failed a blocking check."""
 
 CODE_CHANGED = (
     AutomationCondition.code_version_changed().since_last_handled()

@@ -251,7 +251,8 @@ def explanations_specs() -> list[AssetCheckSpec]:
         spec(
             "explanations",
             "explanation_failures",
-            f"Share of failed explanations: WARN above {MAX_EXPLANATION_FAILURE_SHARE}, ERROR (blocking) when all failed.",
+            f"Share of failed explanations: WARN above {MAX_EXPLANATION_FAILURE_SHARE}, ERROR "
+            "(blocking) when all failed.",
             blocking=True,
         ),
         spec(

@@ -33,7 +33,8 @@ from storage.corpus import write_corpus
 from storage.layout import DataRoot
 
 LOCAL_SUFFIXES = {".txt", ".jsonl", ".parquet"}
-EMBEDDED_CORPUS = "CPython documentation prose (pydoc_data.topics and standard-library docstrings)"  # what `embedded_documents` reads
+# what `embedded_documents` reads
+EMBEDDED_CORPUS = "CPython documentation prose (pydoc_data.topics and standard-library docstrings)"
 
 
 class EmptyCorpusError(ValueError):
@@ -127,7 +128,8 @@ def read_documents(source: str, text_field: str = "text", split: str = "train") 
         import datasets
     except ImportError as error:
         raise RuntimeError(
-            f"Corpus source '{source}' looks like a Hugging Face dataset id; install the extra: pip install 'autointerp[hf]'"
+            f"Corpus source '{source}' looks like a Hugging Face dataset id; "
+            "install the extra: pip install 'autointerp[hf]'"
         ) from error
     try:
         rows = datasets.load_dataset(source, split=split)
@@ -191,9 +193,10 @@ def build_corpus(config: CorpusConfig, tokenizer, root: DataRoot) -> dict:
     )
     if tokens.size == 0:
         raise EmptyCorpusError(
-            f"Corpus source '{config.source}' gave no complete sequence of {config.ctx_len} tokens "
-            f"({len(documents)} documents). Fix: point corpus.source at a file with text"
-            f"{f' in field {config.text_field!r}' if config.source.endswith(('.jsonl', '.parquet')) else ''}, or lower corpus.ctx_len."
+            f"Corpus source '{config.source}' gave no complete sequence of {config.ctx_len} "
+            f"tokens ({len(documents)} documents). Fix: point corpus.source at a file with text"
+            f"{f' in field {config.text_field!r}' if config.source.endswith(('.jsonl', '.parquet')) else ''}"
+            ", or lower corpus.ctx_len."
         )
     content_hash = hashlib.sha256(tokens.tobytes() + str(tokens.shape).encode()).hexdigest()[:16]
     meta = {

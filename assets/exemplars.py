@@ -6,10 +6,11 @@ never overlapping each other. The explainer's windows come from a sampler (`top`
 as OpenAI and Transluce; `quantiles`: stratified over activation quantiles, as delphi; `random`).
 The scorer's activating windows (`test`) are others, stratified by quantile; a few more
 (`valid`) are kept apart for choosing among candidate explanations; the contrastive explainer's
-non-activating windows are in `train`. Non-activating windows are tagged with their source: `random` (latent zero), `neighbour` (where the latents with
-the most similar decoder directions fire but this one does not) and `embedding` (the windows
-nearest to the activating ones by all-MiniLM-L6-v2, found in LanceDB). Everything is seeded per
-latent: the same seed gives the same windows.
+non-activating windows are in `train`. Non-activating windows are tagged with their source:
+`random` (latent zero), `neighbour` (where the latents with the most similar decoder directions
+fire but this one does not) and `embedding` (the windows nearest to the activating ones by
+all-MiniLM-L6-v2, found in LanceDB). Everything is seeded per latent: the same seed gives the same
+windows.
 """
 
 from dataclasses import dataclass, field
@@ -80,11 +81,13 @@ class ExemplarsConfig(Config):
     )
     n_examples_valid: int = Field(
         default=5,
-        description="Activating (and as many random non-activating) windows held out for choosing among candidate explanations (best-of-N).",
+        description="Activating (and as many random non-activating) "
+        "windows held out for choosing among candidate explanations (best-of-N).",
     )
     n_non_activating_train: int = Field(
         default=5,
-        description="Non-activating windows shown to the contrastive explainer (embedding hard negatives, else neighbour, else random).",
+        description="Non-activating windows shown to the contrastive explainer "
+        "(embedding hard negatives, else neighbour, else random).",
     )
     n_quantiles: int = Field(
         default=5, description="Activation quantiles for the `quantiles` sampler and the test set."
@@ -94,7 +97,8 @@ class ExemplarsConfig(Config):
     )
     non_activating_sources: list[str] = Field(
         default=list(NON_ACTIVATING_SOURCES),
-        description="Any of 'random', 'neighbour' (decoder-similar latents fire), 'embedding' (MiniLM hard negatives via LanceDB).",
+        description="Any of 'random', 'neighbour' (decoder-similar latents fire), 'embedding' "
+        "(MiniLM hard negatives via LanceDB).",
     )
     n_neighbours: int = Field(
         default=10, description="Decoder neighbours per latent (cosine of decoder directions)."
@@ -586,7 +590,8 @@ def read_activations_meta(acts_dir: Path, coder: str) -> dict:
     meta = read_cache_meta(acts_dir)
     if meta is None:
         raise Failure(
-            f"No finished activation cache for {coder} under {acts_dir}. Fix: materialize `activations` for {coder} first."
+            f"No finished activation cache for {coder} under {acts_dir}. "
+            f"Fix: materialize `activations` for {coder} first."
         )
     return meta
 
@@ -606,26 +611,31 @@ def _shard_exemplars(
     meta = read_activations_meta(acts_dir, coder)
     if meta.get("problems"):
         raise Failure(
-            f"Coder {coder} is broken ({'; '.join(meta['problems'])}): nothing is built on it. Fix: replace the coder in the registry, then re-materialize `activations` for it."
+            f"Coder {coder} is broken ({'; '.join(meta['problems'])}): nothing is built on it. "
+            "Fix: replace the coder in the registry, then re-materialize `activations` for it."
         )
     if meta["corpus_hash"] != corpus.meta["hash"]:
         raise Failure(
-            f"The activations of {coder} were cached on corpus {meta['corpus_hash']}, but the corpus is now {corpus.meta['hash']} "
-            f"(re-materialized with other settings): exemplars would show the wrong text. Fix: re-materialize `activations` for {coder}."
+            f"The activations of {coder} were cached on corpus {meta['corpus_hash']}, "
+            f"but the corpus is now {corpus.meta['hash']} (re-materialized with other settings): "
+            f"exemplars would show the wrong text. Fix: re-materialize `activations` for {coder}."
         )
     if meta.get("coder_fingerprint") and meta["coder_fingerprint"] != coder_fingerprint(
         root.registry_dir, coder
     ):
         raise Failure(
-            f"The coder {coder} in the registry changed after its activations were cached: exemplars would mix two coders. "
-            f"Fix: re-materialize `activations` for {coder} (or put the old coder files back)."
+            f"The coder {coder} in the registry changed after its activations were cached: "
+            f"exemplars would mix two coders. Fix: re-materialize `activations` for {coder} "
+            "(or put the old coder files back)."
         )
     cached_shards = shard_keys(meta["n_shards"])
     if shard not in cached_shards:
         raise Failure(
-            f"{coder} was cached in {meta['n_shards']} shards of {meta['latents_per_shard']} latents ({cached_shards[0]} … {cached_shards[-1]}), "
-            f"so it has no shard {shard!r}: a partition key typed by hand, or latents_per_shard changed after the coder was registered. "
-            f"Fix: use the partitions the registry sensor added, or set [settings] latents_per_shard back to {meta['latents_per_shard']}."
+            f"{coder} was cached in {meta['n_shards']} shards of {meta['latents_per_shard']} "
+            f"latents ({cached_shards[0]} … {cached_shards[-1]}), so it has no shard {shard!r}: "
+            "a partition key typed by hand, or latents_per_shard changed after the coder was "
+            "registered. Fix: use the partitions the registry sensor added, "
+            f"or set [settings] latents_per_shard back to {meta['latents_per_shard']}."
         )
     shard_acts = read_shard(acts_dir, shard)
     stats = load_latent_stats(root.latent_stats_path(coder))
@@ -635,8 +645,9 @@ def _shard_exemplars(
         )
     ) is not None:
         raise Failure(
-            f"The activation cache of {coder} shard {shard} is incomplete: {incomplete} (a chunk file deleted or damaged?). "
-            f"Fix: delete {acts_dir} and re-materialize `activations` for {coder}."
+            f"The activation cache of {coder} shard {shard} is incomplete: {incomplete} "
+            f"(a chunk file deleted or damaged?). Fix: delete {acts_dir} and re-materialize "
+            f"`activations` for {coder}."
         )
     latents = sorted({int(x) for x in np.unique(shard_acts.locations[:, 2])})
     sources = negative_sources(
@@ -667,7 +678,8 @@ def _shard_exemplars(
         {}
         if len(profiles)
         else {
-            "note": f"empty shard: no explainable latent ({len(latents)} live latents, none fires in {config.min_activating_windows} windows or more)"
+            "note": f"empty shard: no explainable latent ({len(latents)} live latents, "
+            f"none fires in {config.min_activating_windows} windows or more)"
         }
     )
     if note:
@@ -734,11 +746,13 @@ def exemplars_asset(
         group_name="autointerp",
         partitions_def=shard_partitions,
         deps=[AssetDep("activations")],
-        code_version=f"{EXEMPLARS_VERSION}-{settings_digest(Configured())}{models.version_part('embedder') if uses_embedder else ''}",
+        code_version=f"{EXEMPLARS_VERSION}-{settings_digest(Configured())}"
+        f"{models.version_part('embedder') if uses_embedder else ''}",
         automation_condition=FOLLOW | CODE_CHANGED,
         backfill_policy=backfill_policy(partitions_per_run),
         output_required=False,  # a range records each shard itself (`each_shard`)
         check_specs=exemplars_specs(),
         **in_pool(None),
-        description="Explainer (train) and scorer (test) windows per live latent, non-activating windows tagged by source, and per-latent statistics.",
+        description="Explainer (train) and scorer (test) windows per live latent, "
+        "non-activating windows tagged by source, and per-latent statistics.",
     )(exemplars)

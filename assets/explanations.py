@@ -71,7 +71,8 @@ from storage.vector_store import sync_explanations
 class ExplanationsConfig(Config):
     explainer: str = Field(
         default="highlighted",
-        description="Which explainer plugin writes the explanation (a module of assets/explainers/ or of the deployment's plugins).",
+        description="Which explainer plugin writes the explanation "
+        "(a module of assets/explainers/ or of the deployment's plugins).",
     )
     explainer_settings: dict = Field(
         default={}, description="The chosen explainer's own settings (its `Settings` model)."
@@ -88,14 +89,16 @@ class ExplanationsConfig(Config):
     refine_rounds: int = added_later(
         0,
         ge=0,
-        description="Revisions asked after the first explanation: each shows the explainer the `valid` windows the "
-        "explanation misjudges (detection by the deployment's judge) and is kept only if it scores better there. 0: single shot.",
+        description="Revisions asked after the first explanation: each shows the explainer the "
+        "`valid` windows the explanation misjudges (detection by the deployment's judge) "
+        "and is kept only if it scores better there. 0: single shot.",
     )
     senses: int = added_later(
         1,
         ge=1,
-        description="Most senses per latent: above 1, the latent's activating windows are clustered by the embedder and each "
-        "distinct cluster is explained on its own; the explanation is their union (assets/senses.py). 1: one explanation.",
+        description="Most senses per latent: above 1, the latent's activating windows are "
+        "clustered by the embedder and each distinct cluster is explained on its own; "
+        "the explanation is their union (assets/senses.py). 1: one explanation.",
     )
 
 
@@ -279,7 +282,8 @@ def make_explainer(
     """The configured explainer with its settings checked; a wrong name or setting names the fix."""
     if config.explainer not in explainers:
         raise ValueError(
-            f"Unknown explainer {config.explainer!r}. Fix: set [explanations] explainer to one of {sorted(explainers)} in the deployment file."
+            f"Unknown explainer {config.explainer!r}. Fix: set [explanations] explainer to one "
+            f"of {sorted(explainers)} in the deployment file."
         )
     cls = explainers[config.explainer]
     try:
@@ -319,7 +323,8 @@ async def explain_all(
     done = journal.kept(latents) if journal is not None else {}
     if done and report:
         report(
-            f"explanations: {len(done)} latents kept from an interrupted run; explaining the other {len(latents) - len(done)}"
+            f"explanations: {len(done)} latents kept from an interrupted run; "
+            f"explaining the other {len(latents) - len(done)}"
         )
     todo = [latent for latent in latents if latent not in done]
 
@@ -408,7 +413,8 @@ def explanations_asset(
     chosen = Configured()
     if chosen.explainer not in explainers:
         raise ValueError(
-            f"[explanations] explainer = {chosen.explainer!r} is not an explainer. Fix: use one of {sorted(explainers)}."
+            f"[explanations] explainer = {chosen.explainer!r} is not an explainer. "
+            f"Fix: use one of {sorted(explainers)}."
         )
     make_explainer(chosen, explainers, ExplainerDeps(llm=None))  # checks its settings now
     roles = [
@@ -446,7 +452,8 @@ def explanations_asset(
                 latent_stats = store.latent_profiles(coder, shard).read_if_present()
                 latents = selected_latents(exemplars, settings.max_latents_per_shard)
                 context.log.info(
-                    f"explaining {len(latents)} latents of {coder} shard {shard} with {llm.backend} ({config.explainer}, best of {config.best_of_n})"
+                    f"explaining {len(latents)} latents of {coder} shard {shard} with "
+                    f"{llm.backend} ({config.explainer}, best of {config.best_of_n})"
                 )
                 client = llm.client(
                     layout.llm_cache_dir,
@@ -476,7 +483,10 @@ def explanations_asset(
                     else None
                 )
                 exemplars_fingerprint = exemplars.fingerprint()
-                key = f"{version}|{settings_digest(config)}|{client.identity}|{judge.identity if judge else ''}|{exemplars_fingerprint}"
+                key = (
+                    f"{version}|{settings_digest(config)}|{client.identity}|"
+                    f"{judge.identity if judge else ''}|{exemplars_fingerprint}"
+                )
                 rounds: list[dict] = []
                 senses: list[dict] = []
                 with store.writing(
@@ -534,7 +544,8 @@ def explanations_asset(
                 budget_stopped = int(frame["error"].map(stopped_by_budget).sum())
                 if budget_stopped:
                     context.log.warning(
-                        f"{budget_stopped} latents were not explained: the LLM budget was reached; they will be asked next time"
+                        f"{budget_stopped} latents were not explained: "
+                        "the LLM budget was reached; they will be asked next time"
                     )
                 return MaterializeResult(
                     check_results=explanations_results(frame),
@@ -615,5 +626,6 @@ def explanations_asset(
         output_required=False,  # a range records each shard itself (`each_shard`)
         **in_pool(LLM_POOL),
         check_specs=explanations_specs(),
-        description="One natural-language explanation per latent from the deployment's explainer plugin (optionally best of N), embedded into LanceDB.",
+        description="One natural-language explanation per latent from the deployment's explainer "
+        "plugin (optionally best of N), embedded into LanceDB.",
     )(explanations)

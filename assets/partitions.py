@@ -47,7 +47,8 @@ from storage.tables import EmptierResultsError
 shard_partitions = DynamicPartitionsDefinition(name="shard")
 
 DEFAULT_LATENTS_PER_SHARD = 1024
-"""About five minutes of LLM work at 32 requests in flight, so a run's fixed cost is a few percent of it (README: shard size)."""
+"""About five minutes of LLM work at 32 requests in flight, so a run's fixed cost is a few percent
+of it (README: shard size)."""
 
 
 def shard_partition_keys(coder: str, width: int, latents_per_shard: int) -> list[str]:
@@ -163,7 +164,8 @@ def each_shard(
         written.append(key)
         if blocking:
             failed[key] = (
-                f"its blocking check {', '.join(blocking)} failed (written and recorded; the stages after it do not run on it)"
+                f"its blocking check {', '.join(blocking)} failed (written and recorded; "
+                "the stages after it do not run on it)"
             )
             context.log.error(f"{key}: {failed[key]}")
     for (
@@ -180,8 +182,9 @@ def each_shard(
     passed = [key for key in written if key not in failed]
     if failed and passed and _has_stage_after(context):
         context.log.error(
-            f"{len(failed)} of {len(keys)} shards of this run failed ({listed}); the later stages of this run run on the other "
-            f"{len(passed)} and fail these (the run fails there)."
+            f"{len(failed)} of {len(keys)} shards of this run failed ({listed}); "
+            f"the later stages of this run run on the other {len(passed)} and fail these "
+            "(the run fails there)."
         )
     elif failed:
         raise Failure(

@@ -25,7 +25,8 @@ def plugin_classes(
             modules.append(importlib.import_module(name))
         except ImportError as error:
             raise ValueError(
-                f"Cannot import the plugin module {name!r}: {error}. Fix: list importable module names under `plugins` in the deployment file."
+                f"Cannot import the plugin module {name!r}: {error}. "
+                "Fix: list importable module names under `plugins` in the deployment file."
             ) from error
     found: dict[str, type] = {}
     for module in modules:
@@ -38,7 +39,8 @@ def plugin_classes(
             ):
                 if cls.name in found and found[cls.name] is not cls:
                     raise ValueError(
-                        f"Two {base.__name__} plugins are named {cls.name!r}: {found[cls.name].__module__} and {module.__name__}. Fix: rename one."
+                        f"Two {base.__name__} plugins are named {cls.name!r}: "
+                        f"{found[cls.name].__module__} and {module.__name__}. Fix: rename one."
                     )
                 found[cls.name] = cls
     return dict(sorted(found.items()))

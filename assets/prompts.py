@@ -244,7 +244,8 @@ def intruder_messages(texts: list[str]) -> list[dict]:
         {"role": "system", "content": INTRUDER_SYSTEM},
         {
             "role": "user",
-            "content": f"{numbered}\n\nWhich example is the intruder? Answer with one number from 1 to {len(texts)} in a list.",
+            "content": f"{numbered}\n\nWhich example is the intruder? Answer with one number "
+            f"from 1 to {len(texts)} in a list.",
         },
     ]
 
@@ -255,7 +256,8 @@ def simulation_messages(explanation: str, token_strs: list[str]) -> list[dict]:
         {"role": "system", "content": SIMULATION_SYSTEM},
         {
             "role": "user",
-            "content": f"Description: {explanation}\n\nTokens:\n{listed}\n\nAnswer with {len(token_strs)} integers from 0 to 10 in a list.",
+            "content": f"Description: {explanation}\n\nTokens:\n{listed}\n\n"
+            f"Answer with {len(token_strs)} integers from 0 to 10 in a list.",
         },
     ]
 
@@ -265,7 +267,9 @@ def reask_list_message(n: int, lo: int, hi: int) -> dict:
     example = ", ".join(str(lo + (i % (hi - lo + 1))) for i in range(min(n, 4)))
     return {
         "role": "user",
-        "content": f"Your answer could not be read. Reply with only a list of exactly {n} integers from {lo} to {hi}, like [{example}{', ...' if n > 4 else ''}], and nothing else.",
+        "content": f"Your answer could not be read. Reply with only a list of exactly {n} "
+        f"integers from {lo} to {hi}, like [{example}{', ...' if n > 4 else ''}], "
+        "and nothing else.",
     }
 
 

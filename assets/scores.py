@@ -123,7 +123,8 @@ def scored_latents(
     explanations: pd.DataFrame | None,
     max_latents: int,
 ) -> dict[int, str | None]:
-    """Latent → explanation to score: explained latents, or for scorers without one (intruder) the latents the explainer would take."""
+    """Latent → explanation to score: explained latents, or for scorers without one (intruder) the
+    latents the explainer would take."""
     if not scorer.uses_explanation:
         return {latent: None for latent in selected_latents(exemplars, max_latents)}
     ok = explanations[explanations["status"] == "ok"]
@@ -216,7 +217,8 @@ async def score_partition(
     done = set(journal.kept(text_of, "scores")) if journal is not None else set()
     if done and report:
         report(
-            f"{scorer.name}: {len(done)} latents kept from an interrupted run; scoring the other {len(text_of) - len(done)}"
+            f"{scorer.name}: {len(done)} latents kept from an interrupted run; "
+            f"scoring the other {len(text_of) - len(done)}"
         )
     todo = [latent for latent in text_of if latent not in done]
 
@@ -383,8 +385,9 @@ def scorable_senses(
         return empty_table("explanation_senses")
     if "test_windows" not in senses or senses["test_windows"].isna().any():
         report(
-            f"the senses of {coder} shard {shard} do not say which test windows are each sense's (written before they did): "
-            f"no sense is scored on its own. Fix: re-materialize `explanations` for this partition."
+            f"the senses of {coder} shard {shard} do not say which test windows are each sense's "
+            "(written before they did): no sense is scored on its own. "
+            "Fix: re-materialize `explanations` for this partition."
         )
         return empty_table("explanation_senses")
     return of_current(senses, explanations)
@@ -480,7 +483,10 @@ def best_and_worst(frame: pd.DataFrame, metric: str, columns: list[str], n: int 
             .to_markdown(index=False)
         )
 
-    return f"**Best {len(best)}**\n\n{text(best)}\n\n**Worst {len(worst)}**\n\n{text(worst) if len(worst) else '(none)'}"
+    return (
+        f"**Best {len(best)}**\n\n{text(best)}\n\n**Worst {len(worst)}**\n\n"
+        f"{text(worst) if len(worst) else '(none)'}"
+    )
 
 
 def scorer_metadata(
@@ -647,8 +653,10 @@ def scorer_asset(
                 )
                 if read_from != now:
                     raise Failure(
-                        f"The explanations of {coder} shard {shard} were written from other exemplars ({read_from}) than those there now ({now}): "
-                        f"scoring them on the new windows mixes two versions. Fix: re-materialize `explanations` for this partition first."
+                        f"The explanations of {coder} shard {shard} were written from other "
+                        f"exemplars ({read_from}) than those there now ({now}): "
+                        "scoring them on the new windows mixes two versions. "
+                        "Fix: re-materialize `explanations` for this partition first."
                     )
             max_latents = resources.settings.max_latents_per_shard
             fingerprints = "|".join(
@@ -768,7 +776,8 @@ def current_explanations(store: TableStore, coder: str, shard: str) -> dict[int,
 def current_senses(
     store: TableStore, coder: str, shard: str, current: dict[int, str]
 ) -> pd.DataFrame:
-    """The shard's `explanation_senses` rows (latent, sense, explanation) of its `current` explanations (latent → text)."""
+    """The shard's `explanation_senses` rows (latent, sense, explanation) of its `current`
+    explanations (latent → text)."""
     columns = ["latent", "sense", "explanation"]
     senses = store.explanation_senses(coder, shard).read_if_present(columns=columns)
     if senses is None:
@@ -924,7 +933,9 @@ def summary_asset(scorers: dict[str, type[Scorer]]) -> AssetsDefinition:
         code_version=SUMMARY_VERSION,
         **in_pool(None),
         check_specs=summary_specs(),
-        description="Per coder, every scorer joined into one table over all shards (each main metric, its control and the gap), with verdicts; coders whose scores changed are rebuilt.",
+        description="Per coder, every scorer joined into one table over all shards "
+        "(each main metric, its control and the gap), with verdicts; "
+        "coders whose scores changed are rebuilt.",
     )
     def score_summary(context: AssetExecutionContext) -> MaterializeResult:
         settings = context.resources.settings

@@ -7,12 +7,13 @@ agglomerative clustering on cosine similarity merges them until at most `senses`
 and no two clusters' mean similarity is `DISTINCT_BELOW` or more; clusters of fewer than
 `MIN_SENSE_WINDOWS` windows, smallest first, join their nearest. With two or more clusters left, the
 explainer is asked once per cluster, its normal prompt on that cluster's windows; clusters whose
-explanations coincide are one sense (the embedding proposes senses, the explanations settle them). The latent's `explanation` is then the distinct senses joined
-by " or " (a deterministic summary: it costs no request and cannot drop or reword a sense, so every
-scorer scores exactly the union of what the senses say); each sense is a row of `explanation_senses`, with
-the `test` activating windows nearest its clusters (`test_windows`), on which the scorers score it alone.
-A latent with one cluster is explained as without this option; one whose clusters are all explained
-alike is too, after those requests (the price of a sense the embedding split but the explainer did not).
+explanations coincide are one sense (the embedding proposes senses, the explanations settle them).
+The latent's `explanation` is then the distinct senses joined by " or " (a deterministic summary: it
+costs no request and cannot drop or reword a sense, so every scorer scores exactly the union of what
+the senses say); each sense is a row of `explanation_senses`, with the `test` activating windows
+nearest its clusters (`test_windows`), on which the scorers score it alone. A latent with one
+cluster is explained as without this option; one whose clusters are all explained alike is too,
+after those requests (the price of a sense the embedding split but the explainer did not).
 """
 
 from __future__ import annotations
@@ -91,7 +92,8 @@ def sense_clusters(record: LatentRecord, most: int, embed) -> list[pd.DataFrame]
         return [train]
     if embed is None:
         raise ValueError(
-            "[explanations] senses > 1 clusters windows with the deployment's embedder, and none was given. Fix: give the embedder resource."
+            "[explanations] senses > 1 clusters windows with the deployment's embedder, "
+            "and none was given. Fix: give the embedder resource."
         )
     return [
         train.iloc[c] for c in cluster(unit_vectors(embed(peak_texts(train, record.vocab))), most)

@@ -60,7 +60,8 @@ def added_later(before, *, default=None, **field_options):
 
 
 def digest_values(settings: BaseModel) -> dict:
-    """The settings' values as the digest sees them: settings `added_later` and still at their old behaviour left out."""
+    """The settings' values as the digest sees them: settings `added_later` and still at their old
+    behaviour left out."""
 
     def omitted(key: str, value) -> bool:
         extra = type(settings).model_fields[key].json_schema_extra

@@ -92,7 +92,8 @@ def register_coders(
         )
         what = "registered" if done.new else "already registered"
         print(
-            f"{what} {done.key}: width {done.width} ({math.ceil(done.width / latents_per_shard)} shards of {latents_per_shard}), from {where}, at {done.folder}"
+            f"{what} {done.key}: width {done.width} ({math.ceil(done.width / latents_per_shard)} "
+            f"shards of {latents_per_shard}), from {where}, at {done.folder}"
         )
 
 
@@ -172,7 +173,8 @@ def chosen_partition(
 
     if partition is None and (coder is None or shard is None):
         raise CommandError(
-            f"the selection is partitioned by coder and shard. Fix: add --coder C --shard S (or --partition 'C|S'); {where} has {shard_listing(keys)}"
+            "the selection is partitioned by coder and shard. Fix: add --coder C --shard S "
+            f"(or --partition 'C|S'); {where} has {shard_listing(keys)}"
         )
     coder, shard = coder_and_shard(partition) if partition is not None else (coder, shard)
     shards = {coder_and_shard(key)[1]: key for key in keys if coder_and_shard(key)[0] == coder}
@@ -206,8 +208,9 @@ def materialize_selection(
     where = f"the instance at {home} ({source})"
     if not (home / "dagster.yaml").is_file():
         raise CommandError(
-            f"no Dagster instance at {home} ({source}). Fix: run `make demo` first, which makes one there, or set DAGSTER_HOME to the "
-            f"folder of the instance that `make ui` uses"
+            f"no Dagster instance at {home} ({source}). Fix: run `make demo` first, "
+            "which makes one there, or set DAGSTER_HOME to the folder of the instance that "
+            "`make ui` uses"
         )
     defs = definitions_for(deployment)
     partitioned = {
@@ -222,7 +225,8 @@ def materialize_selection(
         unknown += [] if matched else [pattern]
     if unknown or not chosen:
         raise CommandError(
-            f"no asset named {', '.join(unknown) or repr(selection)}. Fix: name some of {', '.join(partitioned)} (comma-separated; * matches any text)"
+            f"no asset named {', '.join(unknown) or repr(selection)}. "
+            f"Fix: name some of {', '.join(partitioned)} (comma-separated; * matches any text)"
         )
     named = partition is not None or coder is not None or shard is not None
     with DagsterInstance.from_config(str(home)) as instance:
@@ -231,13 +235,15 @@ def materialize_selection(
             keys = instance.get_dynamic_partitions(shard_partitions.name)
             if not keys:
                 raise CommandError(
-                    f"{where} knows no coder yet. Fix: run `make demo`, or drop a coder into {deployment.data_dir}/registry/ with `make ui` "
-                    f"running (its registry sensor adds the coder's shards)"
+                    f"{where} knows no coder yet. Fix: run `make demo`, "
+                    f"or drop a coder into {deployment.data_dir}/registry/ with `make ui` "
+                    "running (its registry sensor adds the coder's shards)"
                 )
             key = chosen_partition(keys, partition, coder, shard, where)
         elif named:
             raise CommandError(
-                f"{', '.join(chosen)} {'is' if len(chosen) == 1 else 'are'} not partitioned. Fix: drop --partition, --coder and --shard"
+                f"{', '.join(chosen)} {'is' if len(chosen) == 1 else 'are'} not partitioned. "
+                "Fix: drop --partition, --coder and --shard"
             )
         print(f"materializing {', '.join(chosen)} {key or ''} on {where}", flush=True)
         started = time.perf_counter()
@@ -304,35 +310,37 @@ def run_demo(deployment, force: bool) -> None:
         print(f"materializing {', '.join(selection)} {partition or ''}", flush=True)
         if (failure := _materialize(selection, partition, instance, defs)) is None:
             continue
-        if (
-            "explanations" not in selection
-        ):  # the corpus, the cache or the summary: nothing after it can run
+        if "explanations" not in selection:
+            # the corpus, the cache or the summary: nothing after it can run
             raise SystemExit(
                 f"materializing {', '.join(selection)} {partition or ''} failed: {failure}"
             )
-        failed_shards[partition] = (
-            failure  # one shard's latents the embedded model could not explain: the other shard still shows the pipeline
-        )
+        # one shard's latents the embedded model could not explain: the other shard still shows the pipeline
+        failed_shards[partition] = failure
         print(f"{partition} failed: {failure}", flush=True)
     if len(failed_shards) == len(DEMO_SHARDS):
         raise SystemExit(
-            f"every demo shard failed: {failed_shards}. The embedded 135M model is the likely cause (its answers are often unreadable); "
-            f"a hosted or self-hosted model (README: Explainers and LLM clients) does not have this problem."
+            f"every demo shard failed: {failed_shards}. The embedded 135M model is the likely "
+            "cause (its answers are often unreadable); a hosted or self-hosted model "
+            "(README: Explainers and LLM clients) does not have this problem."
         )
     print_results(TableStore(root), coder, deployment.scorers)
     for partition, failure in failed_shards.items():
         print(f"\nNOT DONE: {partition} failed, and is not in the table above: {failure[:600]}")
         print(
-            "The embedded 135M model's answers are often unreadable; they are refused, never guessed. Retry that shard with a hosted or "
-            "self-hosted model (README: Explainers and LLM clients)."
+            "The embedded 135M model's answers are often unreadable; they are refused, never "
+            "guessed. Retry that shard with a hosted or self-hosted model "
+            "(README: Explainers and LLM clients)."
         )
     print(
-        f"\ndemo finished in {time.perf_counter() - started:.0f} s{f' with {len(failed_shards)} of {len(DEMO_SHARDS)} shards failed' if failed_shards else ''}"
+        f"\ndemo finished in {time.perf_counter() - started:.0f} s"
+        f"{f' with {len(failed_shards)} of {len(DEMO_SHARDS)} shards failed' if failed_shards else ''}"
     )
     print("Open the UI:            make ui     (then http://127.0.0.1:3000)")
     print(
-        f"Re-score from the shell: DAGSTER_HOME={home} .venv/bin/autointerp --deployment {deployment.path} --data {data_dir} materialize "
-        f"{','.join(scorers)} --coder {coder} --shard 00"
+        f"Re-score from the shell: DAGSTER_HOME={home} .venv/bin/autointerp "
+        f"--deployment {deployment.path} --data {data_dir} "
+        f"materialize {','.join(scorers)} --coder {coder} --shard 00"
     )
 
 
@@ -369,7 +377,9 @@ def print_results(store, coder: str, scorers: dict) -> None:
         )
     elif several:
         print(
-            f"latents with several senses: {several} (`senses`); `<scorer> lowest sense` is the score of the worst one (NaN: a sense without a score of its text)"
+            f"latents with several senses: {several} (`senses`); "
+            "`<scorer> lowest sense` is the score of the worst one "
+            "(NaN: a sense without a score of its text)"
         )
     for name in present:
         mean, control, paired = paired_means(table[name], table[f"{name}_control"])
@@ -383,7 +393,8 @@ def print_results(store, coder: str, scorers: dict) -> None:
         )
     if stale := table.loc[table["stale"] != "", "latent"].tolist() if "stale" in table else []:
         print(
-            f"latents {stale[:10]}: some scores were made with an earlier explanation and are left out (re-run those scorers)"
+            f"latents {stale[:10]}: some scores were made with an earlier explanation and are "
+            "left out (re-run those scorers)"
         )
     for line in made_by(store, coder, sorted(set(table["shard"])), present):
         print(line)
@@ -435,7 +446,8 @@ def cache(
     )
     for key, meta in metas.items():
         print(
-            f"{key}: {meta['tokens']} tokens, {meta['live_latents']} live latents, mean L0 {meta['mean_l0']:.1f}, FVU {meta['fvu']}"
+            f"{key}: {meta['tokens']} tokens, {meta['live_latents']} live latents, "
+            f"mean L0 {meta['mean_l0']:.1f}, FVU {meta['fvu']}"
         )
 
 
@@ -500,8 +512,10 @@ def search(data_dir: str, query: str, limit: int, embedder) -> None:
         )
     if not hits:
         print(
-            f"no explanation under {store.layout.root} is in the search index of this deployment's embedder ({embedder.model!r}) yet: `make demo` "
-            f"(or a materialized `explanations` partition) stores some; --data names another data root"
+            f"no explanation under {store.layout.root} is in the search index of this "
+            f"deployment's embedder ({embedder.model!r}) yet: `make demo` "
+            "(or a materialized `explanations` partition) stores some; "
+            "--data names another data root"
         )
 
 
@@ -571,8 +585,9 @@ def check_port_free(host: str, port: int, make_option: str) -> None:
             if error.errno != errno.EADDRINUSE:
                 raise
             raise CommandError(
-                f"port {port} on {host} is in use (another `autointerp view` or `make ui`?). Fix: stop that process, or pick "
-                f"another port with --port N (make: {make_option})"
+                f"port {port} on {host} is in use (another `autointerp view` or `make ui`?). "
+                "Fix: stop that process, or pick another port with --port N "
+                f"(make: {make_option})"
             ) from None
 
 
@@ -623,18 +638,21 @@ def _main(argv: list[str] | None = None) -> None:
     )
     registering = commands.add_parser(
         "register",
-        help="register sparse coders from a Hugging Face repo, a SAELens release or a local folder (README: Registering coders)",
+        help="register sparse coders from a Hugging Face repo, a SAELens release or a local "
+        "folder (README: Registering coders)",
     )
     registering.add_argument(
         "source",
-        help="a local folder, a SAELens release (e.g. gpt2-small-res-jb), or a Hugging Face repo id (e.g. EleutherAI/sae-pythia-70m-32k)",
+        help="a local folder, a SAELens release (e.g. gpt2-small-res-jb), "
+        "or a Hugging Face repo id (e.g. EleutherAI/sae-pythia-70m-32k)",
     )
     registering.add_argument(
         "--hookpoints",
         nargs="+",
         metavar="ID[=MODULE]",
         help="which coders: folders of the repo or folder (layers.3), or SAE ids of a release; "
-        "=MODULE names the subject model's module it reads where the source does not say (default: the one source holds)",
+        "=MODULE names the subject model's module it reads where the source does not say "
+        "(default: the one source holds)",
     )
     registering.add_argument(
         "--name",
@@ -693,7 +711,8 @@ def _main(argv: list[str] | None = None) -> None:
     setup.add_argument(
         "--cluster",
         action="store_true",
-        help="the cluster's instance, on the PostgreSQL at $AUTOINTERP_POSTGRES_URL; its pools limit steps (README: Scale out)",
+        help="the cluster's instance, on the PostgreSQL at $AUTOINTERP_POSTGRES_URL; "
+        "its pools limit steps (README: Scale out)",
     )
     setup.add_argument(
         "--gpus",
@@ -750,7 +769,8 @@ def _main(argv: list[str] | None = None) -> None:
     )
     view = commands.add_parser(
         "view",
-        help="the latent browser (coders, latents, latent pages) from the data root, on the port of [settings] viewer_url (8080)",
+        help="the latent browser (coders, latents, latent pages) from the data root, "
+        "on the port of [settings] viewer_url (8080)",
     )
     view.add_argument("--host", default="127.0.0.1")
     view.add_argument(
@@ -792,7 +812,8 @@ def _main(argv: list[str] | None = None) -> None:
     importing.add_argument("--model", default="delphi", help="the explainer model's name to record")
     commands.add_parser(
         "adopt-root",
-        help="make this data root the one the instance's runs use (with [settings] shared_data_root: after moving or replacing the shared root)",
+        help="make this data root the one the instance's runs use "
+        "(with [settings] shared_data_root: after moving or replacing the shared root)",
     )
     find = commands.add_parser("search", help="semantic search over stored explanations")
     find.add_argument("query")
@@ -823,12 +844,12 @@ def _main(argv: list[str] | None = None) -> None:
 
         if args.cluster and not is_set(POSTGRES_ENV):
             raise CommandError(
-                f"{POSTGRES_ENV} is not set. Fix: export {POSTGRES_ENV}=postgresql+psycopg2://<user>:<password>@<db-host>:5432/<database>, "
-                f"on every node (README: Scale out)"
+                f"{POSTGRES_ENV} is not set. Fix: export "
+                f"{POSTGRES_ENV}=postgresql+psycopg2://<user>:<password>@<db-host>:5432/<database>, "
+                "on every node (README: Scale out)"
             )
-        print(
-            f"wrote {write_instance(instance_home()[0], args.max_runs, args.llm_runs, args.gpus if args.cluster else None)}"
-        )
+        gpus = args.gpus if args.cluster else None
+        print(f"wrote {write_instance(instance_home()[0], args.max_runs, args.llm_runs, gpus)}")
     elif args.command == "worker":
         from autointerp_defs.cluster import run_worker
         from autointerp_defs.deployments import select_for_this_process
@@ -882,7 +903,9 @@ def _main(argv: list[str] | None = None) -> None:
         )
         for shard, latents in imported.items():
             print(
-                f"shard {shard}: imported {len(latents)} explanations; score them: autointerp materialize 'scores/*' --coder {args.coder} --shard {shard}"
+                f"shard {shard}: imported {len(latents)} explanations; "
+                "score them: "
+                f"autointerp materialize 'scores/*' --coder {args.coder} --shard {shard}"
             )
     elif args.command == "view":
         view_latents(deployment, args.host, args.port)
@@ -894,7 +917,8 @@ def _main(argv: list[str] | None = None) -> None:
 
         if dagster_home() is None:
             raise SystemExit(
-                "autointerp adopt-root: DAGSTER_HOME is not set. Fix: set it to the instance's folder (its dagster.yaml names the shared database)."
+                "autointerp adopt-root: DAGSTER_HOME is not set. "
+                "Fix: set it to the instance's folder (its dagster.yaml names the shared database)."
             )
         identity = adopt_root(
             DagsterInstance.get(), DataRoot.at(args.data), deployment.setting("coordination_url")

@@ -18,7 +18,8 @@ from dagster_celery.tasks import create_task
 from autointerp_defs.deployments import Deployment, see_only_gpu
 
 DEFAULT_CONCURRENCY = {"gpu": 1, "cpu": 1, "llm": 4}
-"""Steps a worker of each queue (`assets.automation.WORKER_QUEUES`) runs at once: one per GPU; LLM steps mostly wait on the endpoint (the `llm` pool caps them across nodes)."""
+"""Steps a worker of each queue (`assets.automation.WORKER_QUEUES`) runs at once: one per GPU; LLM
+steps mostly wait on the endpoint (the `llm` pool caps them across nodes)."""
 
 
 def celery_settings(redeliver_after_s: int) -> dict:

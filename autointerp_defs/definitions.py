@@ -26,7 +26,9 @@ automation_sensor = AutomationConditionSensorDefinition(
     "autointerp_automation",
     target=AssetSelection.all(),
     default_status=DefaultSensorStatus.RUNNING,
-    description="Runs every asset's automation condition: activations of new coders, then exemplars, explanations, the automated scorers and the summary; and whatever a changed deployment setting made stale.",
+    description="Runs every asset's automation condition: activations of new coders, "
+    "then exemplars, explanations, the automated scorers and the summary; "
+    "and whatever a changed deployment setting made stale.",
 )
 
 

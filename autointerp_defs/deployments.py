@@ -98,7 +98,8 @@ class Deployment:
         """The broker's address from this node's environment."""
         if not (url := os.environ.get(self.broker_env)):
             raise self.fail(
-                f"[cluster] broker_env names {self.broker_env}, which is not set. Fix: export {self.broker_env}=redis://<host>:6379/0 on this node."
+                f"[cluster] broker_env names {self.broker_env}, which is not set. "
+                f"Fix: export {self.broker_env}=redis://<host>:6379/0 on this node."
             )
         return url
 
@@ -122,7 +123,8 @@ class Deployment:
                 built[key] = resource(**values)
             except ValidationError as error:
                 raise self.fail(
-                    f"{problems(error, key)}. Fix: give each key a value of its type (see the README's configuration section)."
+                    f"{problems(error, key)}. Fix: give each key a value of its type "
+                    "(see the README's configuration section)."
                 ) from None
             except TypeError as error:
                 raise self.fail(f"[{key}]: {error}") from None
@@ -138,7 +140,8 @@ class Deployment:
                 table = f"llm.{role}"
                 if not isinstance(values[role], dict):
                     raise self.fail(
-                        f"[{table}] must be a table of [llm] settings. Fix: write it as [{table}] with keys such as model."
+                        f"[{table}] must be a table of [llm] settings. "
+                        f"Fix: write it as [{table}] with keys such as model."
                     )
                 overrides = self._llm_role_values(
                     dict(values[role]), table, {**values, **values[role]}
@@ -147,7 +150,9 @@ class Deployment:
                     ROLES
                 ):
                     raise self.fail(
-                        f"[{table}] has unknown key(s) {sorted(unknown)}. Fix: use [llm] settings only: {sorted(set(LLMResource.model_fields) - set(ROLES))}."
+                        f"[{table}] has unknown key(s) {sorted(unknown)}. "
+                        "Fix: use [llm] settings only: "
+                        f"{sorted(set(LLMResource.model_fields) - set(ROLES))}."
                     )
                 try:
                     LLMResource(
@@ -243,7 +248,8 @@ def load_deployment(selected: str | None = None, overrides: dict | None = None) 
         raise deployment.fail(str(error)) from None
     if unknown := set(deployment.automated_scorers) - set(deployment.scorers):
         raise deployment.fail(
-            f"automated_scorers names unknown scorer(s) {sorted(unknown)}. Fix: use any of {sorted(deployment.scorers)}."
+            f"automated_scorers names unknown scorer(s) {sorted(unknown)}. "
+            f"Fix: use any of {sorted(deployment.scorers)}."
         )
     return deployment
 
@@ -254,7 +260,8 @@ def see_only_gpu(index: int) -> None:
 
 
 def dagster_home() -> Path | None:
-    """Dagster's own instance directory variable, `$DAGSTER_HOME` (read here so no other module reads the environment)."""
+    """Dagster's own instance directory variable, `$DAGSTER_HOME` (read here so no other module
+    reads the environment)."""
     home = os.environ.get("DAGSTER_HOME")
     return Path(home) if home else None
 

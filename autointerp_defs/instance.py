@@ -20,7 +20,8 @@ nux:
 telemetry:
   enabled: false
 python_logs:
-  python_log_level: INFO  # runs print their steps' messages, not Dagster's DEBUG event lines (thousands an hour under `make ui`)
+  # runs print their steps' messages, not Dagster's DEBUG event lines (thousands an hour under `make ui`)
+  python_log_level: INFO
 concurrency:
   runs:
     max_concurrent_runs: {max_runs}
@@ -47,15 +48,21 @@ concurrency:
   runs:
     max_concurrent_runs: {max_runs}
   pools:
-    granularity: op  # a step holds its pool's slot while it runs, not its whole run: one run's GPU step and another's LLM step go at once
+    # a step holds its pool's slot while it runs, not its whole run: one run's GPU step and another's
+    # LLM step go at once
+    granularity: op
     default_limit: 1
-    op_granularity_run_buffer: {max_runs}  # runs started while their pool is full, to wait at that step (0 would start runs one after another)
+    # runs started while their pool is full, to wait at that step (0 would start runs one after another)
+    op_granularity_run_buffer: {max_runs}
 run_monitoring:
   enabled: true  # the daemon watches runs in progress
   max_resume_run_attempts: 0  # a run whose process died fails (re-run its partitions)
-  start_timeout_seconds: 600  # a launched run whose process has not started by then fails (16 cold run processes on 2 cores took 98 s)
-  max_runtime_seconds: {max_runtime_s}  # the backstop for a run left waiting on a step no worker will finish (e.g. its queue has no worker left)
-  free_slots_after_run_end_seconds: 60  # a step whose worker was lost holds its pool slot until its run ends: free it a minute later
+  # a launched run whose process has not started by then fails (16 cold run processes on 2 cores took 98 s)
+  start_timeout_seconds: 600
+  # the backstop for a run left waiting on a step no worker will finish (e.g. its queue has no worker left)
+  max_runtime_seconds: {max_runtime_s}
+  # a step whose worker was lost holds its pool slot until its run ends: free it a minute later
+  free_slots_after_run_end_seconds: 60
 """
 POSTGRES_ENV = "AUTOINTERP_POSTGRES_URL"
 

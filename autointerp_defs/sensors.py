@@ -28,7 +28,8 @@ CORPUS = AssetKey("corpus")
 def new_shard_keys(
     registry, coders: list[str], latents_per_shard: int, broken: dict[str, str]
 ) -> tuple[list[str], list[str]]:
-    """(partition keys, coders added) for `coders`; one whose width cannot be read goes into `broken` and never stops the others."""
+    """(partition keys, coders added) for `coders`; one whose width cannot be read goes into
+    `broken` and never stops the others."""
     keys, added = [], []
     for coder in coders:
         try:
@@ -46,7 +47,9 @@ def new_shard_keys(
     minimum_interval_seconds=30,
     asset_selection=[CORPUS],
     default_status=DefaultSensorStatus.RUNNING,
-    description="Adds the shard partitions (<coder>|NN, one per latents_per_shard latents) of each new <name>/<hookpoint> folder in the registry, and builds the corpus if there is none; activations and everything downstream follow by automation.",
+    description="Adds the shard partitions (<coder>|NN, one per latents_per_shard latents) "
+    "of each new <name>/<hookpoint> folder in the registry, and builds the corpus if there is "
+    "none; activations and everything downstream follow by automation.",
 )
 def registry_sensor(context: SensorEvaluationContext, settings: AutointerpSettings):
     try:
@@ -68,7 +71,8 @@ def registry_sensor(context: SensorEvaluationContext, settings: AutointerpSettin
             f"no new sparse coder in {settings.root.registry_dir} ({len(registered)} registered){said}"
         )
     context.log.info(
-        f"registering {len(added)} coders as {len(new_keys)} shard partitions of at most {settings.latents_per_shard} latents"
+        f"registering {len(added)} coders as {len(new_keys)} shard partitions of at most "
+        f"{settings.latents_per_shard} latents"
     )
     corpus_missing = context.instance.get_latest_materialization_event(CORPUS) is None
     requests = (

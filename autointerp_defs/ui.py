@@ -40,7 +40,8 @@ def serve(host: str = "127.0.0.1", port: int = 3000, startup_timeout_s: int = 30
     code_port = free_port()
     workspace = home / "workspace.yaml"
     workspace.write_text(
-        f"load_from:\n  - grpc_server:\n      host: 127.0.0.1\n      port: {code_port}\n      location_name: autointerp_defs\n"
+        f"load_from:\n  - grpc_server:\n      host: 127.0.0.1\n      port: {code_port}\n"
+        "      location_name: autointerp_defs\n"
     )
     stopping = []  # the signals received
     for signum in (signal.SIGINT, signal.SIGTERM):

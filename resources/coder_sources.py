@@ -79,7 +79,8 @@ def register(
         hookpoint = hookpoint or default_hookpoint(source, folder)
         if hookpoint in targets.values():
             raise CoderSourceError(
-                f"Two of the chosen coders would be registered as {name}/{hookpoint}. Fix: register them one at a time, each with its own --name."
+                f"Two of the chosen coders would be registered as {name}/{hookpoint}. "
+                "Fix: register them one at a time, each with its own --name."
             )
         targets[folder] = hookpoint
     return [
@@ -97,11 +98,13 @@ def open_source(spec: str, revision: str | None) -> Source:
     if local.exists():
         if not local.is_dir():
             raise CoderSourceError(
-                f"{spec} is a file; a coder source is a folder (a coder's own, or one holding a folder per coder). Fix: name its folder."
+                f"{spec} is a file; a coder source is a folder (a coder's own, "
+                "or one holding a folder per coder). Fix: name its folder."
             )
         if revision:
             raise CoderSourceError(
-                f"--revision {revision} was given for the local folder {spec}, which has no revisions. Fix: drop --revision."
+                f"--revision {revision} was given for the local folder {spec}, "
+                "which has no revisions. Fix: drop --revision."
             )
         files = sorted(
             p.relative_to(local).as_posix()
@@ -120,8 +123,10 @@ def saelens_release(name: str) -> dict | None:
     spec = importlib.util.find_spec("sae_lens")
     if spec is None or not spec.submodule_search_locations:
         raise CoderSourceError(
-            f"{name!r} is not a local folder nor a hub repo id (owner/name); it could be a SAELens release, but SAELens is not installed. "
-            f"Fix: pip install 'autointerp[saelens]', or give the repo id (owner/name) or a local folder."
+            f"{name!r} is not a local folder nor a hub repo id (owner/name); "
+            "it could be a SAELens release, but SAELens is not installed. "
+            "Fix: pip install 'autointerp[saelens]', or give the repo id (owner/name) "
+            "or a local folder."
         )
     return saelens_directory(
         Path(list(spec.submodule_search_locations)[0]) / "pretrained_saes.yaml"
@@ -190,17 +195,20 @@ class hub_errors:
         where = f"the hub at {constants.ENDPOINT}"
         if isinstance(error, HFValidationError):
             raise CoderSourceError(
-                f"{self.spec!r} is not a local folder, a SAELens release nor a hub repo id ({error}). Fix: give an existing folder, "
-                f"a release name from SAELens' pretrained directory, or owner/name of a Hugging Face repo."
+                f"{self.spec!r} is not a local folder, a SAELens release nor a hub repo id "
+                f"({error}). Fix: give an existing folder, a release name from SAELens' "
+                "pretrained directory, or owner/name of a Hugging Face repo."
             ) from None
         if isinstance(error, RevisionNotFoundError):
             raise CoderSourceError(
-                f"{where} has no revision {self.revision!r} of {self.repo}. Fix: --revision a branch, tag or commit of the repo."
+                f"{where} has no revision {self.revision!r} of {self.repo}. "
+                "Fix: --revision a branch, tag or commit of the repo."
             ) from None
         if isinstance(error, GatedRepoError):
             raise CoderSourceError(
-                f"{self.repo} is gated on {where}: its terms must be accepted, and the token in HF_TOKEN must belong to an account that did. "
-                f"Fix: accept them on the repo's page, then set HF_TOKEN."
+                f"{self.repo} is gated on {where}: its terms must be accepted, "
+                "and the token in HF_TOKEN must belong to an account that did. "
+                "Fix: accept them on the repo's page, then set HF_TOKEN."
             ) from None
         if isinstance(error, RepositoryNotFoundError) or (
             isinstance(error, HfHubHTTPError)
@@ -224,7 +232,8 @@ class hub_errors:
             ) from None
         if isinstance(error, EntryNotFoundError):
             raise CoderSourceError(
-                f"{at} has no file {str(error).splitlines()[-1][:200]}. Fix: check the coder id against the repo's files."
+                f"{at} has no file {str(error).splitlines()[-1][:200]}. "
+                "Fix: check the coder id against the repo's files."
             ) from None
         if isinstance(error, (OSError, HfHubHTTPError)):
             raise CoderSourceError(
@@ -269,28 +278,34 @@ def choose(source: Source, hookpoints: list[str] | None) -> dict[str, str | None
     if not folders:
         held = ", ".join(source.files[:20]) or "no files"
         raise CoderSourceError(
-            f"{where(source)} holds no sparse coder in a known layout ({KNOWN_FORMATS}, in the source's top folder or one folder per coder); "
-            f"it holds {held}. Fix: name a source that holds one, or copy the coder into the registry by hand (README: Registering coders)."
+            f"{where(source)} holds no sparse coder in a known layout ({KNOWN_FORMATS}, "
+            f"in the source's top folder or one folder per coder); it holds {held}. "
+            "Fix: name a source that holds one, or copy the coder into the registry by hand "
+            "(README: Registering coders)."
         )
     if not hookpoints:
         if len(ids) == 1 and not source.release:
             return {next(iter(ids.values())): None}
         raise CoderSourceError(
-            f"{where(source)} holds {len(ids)} coders: {listed}. Fix: choose with --hookpoints ID [ID ...] (ID=HOOKPOINT to name its module)."
+            f"{where(source)} holds {len(ids)} coders: {listed}. "
+            "Fix: choose with --hookpoints ID [ID ...] (ID=HOOKPOINT to name its module)."
         )
     chosen = {}
     for asked in hookpoints:
         coder_id, _, hookpoint = asked.partition("=")
         if coder_id not in ids:
             raise CoderSourceError(
-                f"{coder_id!r} is not a coder {'id of the release' if source.release else 'folder'} of {where(source)}{cached}. Its coders: {listed}. Fix: pick one of them."
+                f"{coder_id!r} is not a coder "
+                f"{'id of the release' if source.release else 'folder'} of "
+                f"{where(source)}{cached}. Its coders: {listed}. Fix: pick one of them."
             )
         folder = ids[coder_id].strip("/")
         if folder not in folders:
             have = sorted(f for f in source.files if f.startswith(f"{folder}/")) or "no files"
             raise CoderSourceError(
-                f"{where(source)} has no coder in a known layout ({KNOWN_FORMATS}) at {folder or 'its top folder'}{cached}; it holds {have}. "
-                f"Fix: check the folder, or register the coder from a local copy."
+                f"{where(source)} has no coder in a known layout ({KNOWN_FORMATS}) "
+                f"at {folder or 'its top folder'}{cached}; it holds {have}. "
+                "Fix: check the folder, or register the coder from a local copy."
             )
         if source.release:
             check_release_sae(source, coder_id, folders[folder])
@@ -305,13 +320,15 @@ def check_release_sae(source: Source, sae_id: str, fmt: str) -> None:
     conversion = source.release.get("conversion_func")
     if "norm_scaling_factor" in entry:
         raise CoderSourceError(
-            f"The SAE {sae_id!r} of the release {source.spec} needs its input scaled by {entry['norm_scaling_factor']} (SAELens does it on "
-            f"loading), which autointerp does not support yet. Fix: choose an SAE without input scaling."
+            f"The SAE {sae_id!r} of the release {source.spec} needs its input scaled by "
+            f"{entry['norm_scaling_factor']} (SAELens does it on loading), "
+            "which autointerp does not support yet. Fix: choose an SAE without input scaling."
         )
     if conversion and fmt == "saelens":
         raise CoderSourceError(
-            f"SAELens converts the files of the release {source.spec} with {conversion!r}; read as they are, they would encode wrongly. "
-            f"Fix: load the SAE with SAELens (SAE.from_pretrained), save_model() it to a folder, and register that folder."
+            f"SAELens converts the files of the release {source.spec} with {conversion!r}; "
+            "read as they are, they would encode wrongly. Fix: load the SAE with SAELens "
+            "(SAE.from_pretrained), save_model() it to a folder, and register that folder."
         )
 
 
@@ -335,7 +352,10 @@ def default_hookpoint(source: Source, folder: str) -> str:
     folder is named after it; a TransformerLens residual hook (SAELens) is the output of a decoder layer, named
     relative to the base model (`layers.N`); so is a Gemma Scope residual SAE's `layer_N`."""
     coder_id = sae_id_of(source, folder) or folder or "."
-    fix = f"Fix: name the module with --hookpoints '{coder_id}=MODULE' (e.g. {coder_id}=model.layers.3 for a residual SAE after layer 3)."
+    fix = (
+        f"Fix: name the module with --hookpoints '{coder_id}=MODULE' (e.g. "
+        f"{coder_id}=model.layers.3 for a residual SAE after layer 3)."
+    )
     fmt = coder_folders(source.files)[folder]
     if fmt == "sparsify" and folder:
         return PurePosixPath(folder).name
@@ -346,7 +366,8 @@ def default_hookpoint(source: Source, folder: str) -> str:
             if layer >= 0:
                 return f"layers.{layer}"
         raise CoderSourceError(
-            f"The SAELens coder {hook!r} of {where(source)} reads a TransformerLens hook with no default module of the subject model. {fix}"
+            f"The SAELens coder {hook!r} of {where(source)} reads a TransformerLens hook with no "
+            f"default module of the subject model. {fix}"
         )
     if (
         fmt == "gemmascope"
@@ -355,7 +376,8 @@ def default_hookpoint(source: Source, folder: str) -> str:
     ):
         return f"layers.{match.group(1)}"
     raise CoderSourceError(
-        f"The {fmt} coder at {folder or 'the top folder'} of {where(source)} does not say which module of the subject model it reads. {fix}"
+        f"The {fmt} coder at {folder or 'the top folder'} of {where(source)} does not say which "
+        f"module of the subject model it reads. {fix}"
     )
 
 
@@ -405,8 +427,9 @@ def place(source: Source, folder: str, target: Path, name: str, hookpoint: str) 
             else "by hand"
         )
         raise CoderSourceError(
-            f"{name}/{hookpoint} is already registered ({was}) at {target}. Fix: choose another --name, or delete {target} first "
-            f"(results already made for it stay under its old key)."
+            f"{name}/{hookpoint} is already registered ({was}) at {target}. "
+            f"Fix: choose another --name, or delete {target} first "
+            "(results already made for it stay under its old key)."
         )
     base = source.local or download(source, files)
     target.parent.parent.mkdir(parents=True, exist_ok=True)
@@ -436,6 +459,7 @@ def download(source: Source, files: list[str]) -> Path:
         )
     if folder.name != source.commit:
         raise CoderSourceError(
-            f"{where(source)} moved from commit {source.commit} to {folder.name} while registering. Fix: run again, or pin --revision to a commit."
+            f"{where(source)} moved from commit {source.commit} to {folder.name} while "
+            "registering. Fix: run again, or pin --revision to a commit."
         )
     return folder

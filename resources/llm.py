@@ -310,8 +310,10 @@ class OpenAICompatibleClient:
 
     def _unreachable(self, error: Exception) -> LLMEndpointError:
         return LLMEndpointError(
-            f"Cannot reach the LLM endpoint at {self.base_url}: {connection_failure(error, self._timeout_s)}. Fix: start "
-            f"the server or correct `llm.base_url`, or use the embedded model with `llm.backend: embedded`."
+            f"Cannot reach the LLM endpoint at {self.base_url}: "
+            f"{connection_failure(error, self._timeout_s)}. "
+            "Fix: start the server or correct `llm.base_url`, "
+            "or use the embedded model with `llm.backend: embedded`."
         )
 
     def whole_run_error(self, error, sent_format: bool = False) -> LLMEndpointError | None:
@@ -325,7 +327,8 @@ class OpenAICompatibleClient:
             return LLMEndpointError(f"{where}: {key}. Fix: put a valid key in {self.key_setting}.")
         if status == 402:
             return LLMEndpointError(
-                f"{where}: the account cannot pay for requests. Fix: add credit with the provider, or point {self.key_setting} at another account."
+                f"{where}: the account cannot pay for requests. "
+                f"Fix: add credit with the provider, or point {self.key_setting} at another account."
             )
         if status == 404 or (status in (400, 422) and _MODEL_MISSING.search(said)):
             served = (
@@ -333,10 +336,12 @@ class OpenAICompatibleClient:
             )
             if status == 404 and not re.search(r"model", said, re.IGNORECASE):
                 return LLMEndpointError(
-                    f"{where}: no chat endpoint at {self.base_url}/chat/completions. Fix: correct `llm.base_url` (most servers want it to end in /v1)."
+                    f"{where}: no chat endpoint at {self.base_url}/chat/completions. "
+                    "Fix: correct `llm.base_url` (most servers want it to end in /v1)."
                 )
             return LLMEndpointError(
-                f"{where}: it does not serve the model {self.model_name!r}.{served} Fix: set {self.model_setting} to a model it serves."
+                f"{where}: it does not serve the model {self.model_name!r}.{served} "
+                f"Fix: set {self.model_setting} to a model it serves."
             )
         if (
             sent_format
@@ -344,8 +349,9 @@ class OpenAICompatibleClient:
             and _FORMAT_REJECTED.search(said)
         ):
             return LLMEndpointError(
-                f"{where}: it does not accept structured output {self.structured_output!r}. Fix: set `llm.structured_output` to "
-                f"'json_object' (llama-cpp-python's server) or 'off' (answers are then parsed strictly from text)."
+                f"{where}: it does not accept structured output {self.structured_output!r}. "
+                "Fix: set `llm.structured_output` to 'json_object' (llama-cpp-python's server) "
+                "or 'off' (answers are then parsed strictly from text)."
             )
         return None
 
@@ -425,7 +431,8 @@ class OpenAICompatibleClient:
 
 
 _MODEL_MISSING = re.compile(
-    r"model.{0,80}(not found|does not exist|not a valid|no such|not available|not served)|(invalid|unknown|no such|not a valid) model|model_not_found",
+    r"model.{0,80}(not found|does not exist|not a valid|no such|not available|not served)"
+    r"|(invalid|unknown|no such|not a valid) model|model_not_found",
     re.IGNORECASE | re.DOTALL,
 )
 _FORMAT_REJECTED = re.compile(
@@ -642,8 +649,9 @@ class ResponseCache:
             PermissionError
         ) as error:  # else SQLite says only "attempt to write a readonly database"
             raise PermissionError(
-                f"Cannot write the LLM response cache {path}: {error.strerror or error}. Fix: make the data root writable "
-                f"by this user, or set llm.cache_dir to a writable folder ('' turns the cache off)."
+                f"Cannot write the LLM response cache {path}: {error.strerror or error}. "
+                "Fix: make the data root writable by this user, or set llm.cache_dir to a "
+                "writable folder ('' turns the cache off)."
             ) from None
         self.path = path
         self._db = sqlite3.connect(path, timeout=60, check_same_thread=False)
@@ -721,7 +729,8 @@ class SharedResponseCache:
     def put(self, key: str, completion: Completion) -> None:
         self._session.run(
             lambda db: db.execute(
-                "INSERT INTO llm_responses VALUES (%s, %s) ON CONFLICT (key) DO UPDATE SET completion = EXCLUDED.completion",
+                "INSERT INTO llm_responses VALUES (%s, %s) ON CONFLICT (key) "
+                "DO UPDATE SET completion = EXCLUDED.completion",
                 (key, completion_json(completion)),
             )
         )
@@ -888,7 +897,8 @@ class SharedEndpointSlots(Slots):
         self._out: set[int] = set()
         """Slots this process's requests hold: renewed until released, never given to a second request."""
         self._lost: set[int] = set()
-        """Slots of requests still out whose lease ran out and another process took: nothing more is sent until they end."""
+        """Slots of requests still out whose lease ran out and another process took: nothing more is
+        sent until they end."""
         self._lock = threading.Lock()
         self._session = Session(url, on_connect=self._create_rows)
         self._closed = threading.Event()
@@ -902,7 +912,8 @@ class SharedEndpointSlots(Slots):
                 "SELECT pg_advisory_xact_lock(%s)", (advisory_key("llm_endpoint_slots table"),)
             )
             db.execute(
-                "CREATE TABLE IF NOT EXISTS llm_endpoint_slots (slot BIGINT PRIMARY KEY, holder TEXT, lease_end TIMESTAMPTZ)"
+                "CREATE TABLE IF NOT EXISTS llm_endpoint_slots (slot BIGINT PRIMARY KEY, "
+                "holder TEXT, lease_end TIMESTAMPTZ)"
             )
             db.execute(
                 "INSERT INTO llm_endpoint_slots (slot) SELECT unnest(%s::bigint[]) ON CONFLICT DO NOTHING",
@@ -918,8 +929,10 @@ class SharedEndpointSlots(Slots):
             ]  # ours until released, even where its lease ran out unnoticed
             row = self._session.run(
                 lambda db: db.execute(
-                    "UPDATE llm_endpoint_slots SET holder = %s, lease_end = now() + make_interval(secs => %s) WHERE slot = "
-                    "(SELECT slot FROM llm_endpoint_slots WHERE slot = ANY(%s) AND (holder IS NULL OR lease_end < now()) "
+                    "UPDATE llm_endpoint_slots "
+                    "SET holder = %s, lease_end = now() + make_interval(secs => %s) "
+                    "WHERE slot = (SELECT slot FROM llm_endpoint_slots "
+                    "WHERE slot = ANY(%s) AND (holder IS NULL OR lease_end < now()) "
                     "ORDER BY random() LIMIT 1 FOR UPDATE SKIP LOCKED) RETURNING slot",
                     (self.holder, self.lease_s, free),
                 ).fetchone()
@@ -1246,7 +1259,8 @@ class LLMResource(ConfigurableResource):
 
     backend: Literal["embedded", "openai", "vllm"] = Field(
         default="embedded",
-        description="'embedded' = SmolLM2-135M-Instruct via llama-cpp-python; 'openai' = any OpenAI-compatible HTTP endpoint; 'vllm' = vLLM offline on a GPU.",
+        description="'embedded' = SmolLM2-135M-Instruct via llama-cpp-python; "
+        "'openai' = any OpenAI-compatible HTTP endpoint; 'vllm' = vLLM offline on a GPU.",
     )
     base_url: str | None = Field(
         default=None,
@@ -1254,37 +1268,50 @@ class LLMResource(ConfigurableResource):
     )
     model: str = Field(
         default="embedded",
-        description="Model name sent to the endpoint; for 'embedded' a GGUF path or 'embedded'; for 'vllm' a HF id or path.",
+        description="Model name sent to the endpoint; for 'embedded' a GGUF path or 'embedded'; "
+        "for 'vllm' a HF id or path.",
     )
     api_key: str | None = Field(
         default=None,
-        description="Set with EnvVar('OPENAI_API_KEY') (or your provider's variable); never a literal. Deployments use `api_key_env` instead.",
+        description="Set with EnvVar('OPENAI_API_KEY') (or your provider's variable); "
+        "never a literal. Deployments use `api_key_env` instead.",
     )
     api_key_env: str | None = Field(
         default=None,
-        description="The environment variable holding the API key, read when the run makes its client (unset is fine for local servers).",
+        description="The environment variable holding the API key, "
+        "read when the run makes its client (unset is fine for local servers).",
     )
     max_concurrency: int | None = Field(
         default=None,
-        description="Requests in flight at once; default 8 for 'embedded' and 'openai', 256 for 'vllm' (its batch size: offline vLLM is fast only in large batches). For 'openai' it is the endpoint's limit shared by every run on the data root (EndpointSlots), or on every node with [settings] coordination_url, not a per-run one.",
+        description="Requests in flight at once; default 8 for 'embedded' and 'openai', "
+        "256 for 'vllm' (its batch size: offline vLLM is fast only in large batches). "
+        "For 'openai' it is the endpoint's limit shared by every run on the data root "
+        "(EndpointSlots), or on every node with [settings] coordination_url, not a per-run one.",
     )
     max_attempts: int = Field(
         default=6,
-        description="Attempts per request on 429 / 5xx / timeouts / connection errors (backoff doubles from 0.5 s, with jitter).",
+        description="Attempts per request on 429 / 5xx / timeouts / connection errors "
+        "(backoff doubles from 0.5 s, with jitter).",
     )
     timeout_s: float = Field(default=120.0, description="Per-request timeout of HTTP backends.")
     n_ctx: int = Field(default=2048, description="Context window of the embedded model.")
     context_window: int | None = Field(
         default=None,
-        description="The judge's context in tokens; prompts that would not fit drop examples (and record how many). Default: n_ctx for 'embedded', max_model_len for 'vllm', unknown (nothing dropped) for 'openai'.",
+        description="The judge's context in tokens; prompts that would not fit drop examples "
+        "(and record how many). Default: n_ctx for 'embedded', max_model_len for 'vllm', unknown "
+        "(nothing dropped) for 'openai'.",
     )
     structured_output: StructuredOutput = Field(
         default="json_schema",
-        description="How an 'openai' endpoint is made to answer value lists: 'json_schema' (OpenAI, vLLM, llama.cpp's llama-server), 'json_object' with a schema (llama-cpp-python's server), 'off' (parsed strictly from text). The embedded model always uses a grammar, 'vllm' its structured outputs.",
+        description="How an 'openai' endpoint is made to answer value lists: 'json_schema' "
+        "(OpenAI, vLLM, llama.cpp's llama-server), 'json_object' with a schema "
+        "(llama-cpp-python's server), 'off' (parsed strictly from text). "
+        "The embedded model always uses a grammar, 'vllm' its structured outputs.",
     )
     key_setting: str = Field(
         default="llm.api_key",
-        description="Where the user sets the API key (e.g. the environment variable), named in the error when the endpoint rejects it.",
+        description="Where the user sets the API key (e.g. the environment variable), "
+        "named in the error when the endpoint rejects it.",
     )
     model_setting: str = Field(
         default="llm.model",
@@ -1292,11 +1319,13 @@ class LLMResource(ConfigurableResource):
     )
     vllm_engine_args: dict[str, Any] = Field(
         default_factory=dict,
-        description="Passed to vllm.LLM for backend 'vllm', e.g. {tensor_parallel_size: 2, gpu_memory_utilization: 0.85, max_model_len: 4096}.",
+        description="Passed to vllm.LLM for backend 'vllm', e.g. {tensor_parallel_size: 2, "
+        "gpu_memory_utilization: 0.85, max_model_len: 4096}.",
     )
     cache_dir: str | None = Field(
         default=None,
-        description="Response cache directory; default <data>/llm_cache. '' disables the cache. With [settings] coordination_url the cache is in that database instead.",
+        description="Response cache directory; default <data>/llm_cache. '' disables the cache. "
+        "With [settings] coordination_url the cache is in that database instead.",
     )
     prompt_price_per_million: float | None = Field(
         default=None, description="Price per million prompt tokens, to report cost."
@@ -1314,7 +1343,8 @@ class LLMResource(ConfigurableResource):
     )
     explainer: dict[str, Any] = Field(
         default_factory=dict,
-        description="[llm.explainer]: settings that differ for the explainer (e.g. model, base_url, api_key_env); the rest come from [llm].",
+        description="[llm.explainer]: settings that differ for the explainer (e.g. "
+        "model, base_url, api_key_env); the rest come from [llm].",
     )
     judge: dict[str, Any] = Field(
         default_factory=dict,
@@ -1395,7 +1425,8 @@ class LLMResource(ConfigurableResource):
     _opened_caches: list = PrivateAttr(default_factory=list)
 
     def teardown_after_execution(self, context) -> None:
-        """Close the response caches this run opened (the model engines and a cluster's coordination sessions stay for the process: `resources/engines.py`)."""
+        """Close the response caches this run opened (the model engines and a cluster's coordination
+        sessions stay for the process: `resources/engines.py`)."""
         while self._opened_caches:
             self._opened_caches.pop().close()
 

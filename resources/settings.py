@@ -53,14 +53,17 @@ def check_shared_root(
         else ""
     )
     why = (
-        f"it has no identity file (an empty folder, or the shared filesystem is not mounted), where the instance's is {theirs}"
+        "it has no identity file (an empty folder, or the shared filesystem is not mounted), "
+        f"where the instance's is {theirs}"
         if here is None
         else f"its identity {here} is not the instance's {theirs}"
     )
     raise NotTheSharedRoot(
-        f"This node's data root {root.root} (on the mount {mount_of(root.root)}) is not the shared root this instance's runs use: {why}. "
-        f"Nothing was read. Fix: mount the shared data root at {root.root} on this node (or point [settings] data_dir at it); if this root is "
-        f"meant to replace the old one, run `autointerp adopt-root` once."
+        f"This node's data root {root.root} (on the mount {mount_of(root.root)}) "
+        f"is not the shared root this instance's runs use: {why}. Nothing was read. "
+        f"Fix: mount the shared data root at {root.root} on this node "
+        "(or point [settings] data_dir at it); if this root is meant to replace the old one, "
+        "run `autointerp adopt-root` once."
     )
 
 
@@ -72,20 +75,30 @@ class AutointerpSettings(ConfigurableResource):
     latents_per_shard: int = Field(
         default=1024,
         ge=1,
-        description="Latents per shard partition: a coder of width W gets ceil(W / latents_per_shard) partitions. About five minutes of LLM work at 32 requests in flight (README: shard size); set when a coder is registered (changing it later gives newly registered coders the new size).",
+        description="Latents per shard partition: "
+        "a coder of width W gets ceil(W / latents_per_shard) partitions. "
+        "About five minutes of LLM work at 32 requests in flight "
+        "(README: shard size); set when a coder is registered "
+        "(changing it later gives newly registered coders the new size).",
     )
     partitions_per_run: int = Field(
         default=1,
         ge=1,
-        description="Shards of exemplars, explanations and scores that one run of a backfill (or of automation) takes (Dagster's BackfillPolicy.multi_run above 1). 1: every shard succeeds or fails alone. More spreads a run's fixed cost (~10 s) over them, for endpoints fast enough that it shows (README: shard size); a shard that fails still lets the others of its run finish.",
+        description="Shards of exemplars, explanations and scores that one run of a backfill "
+        "(or of automation) takes (Dagster's BackfillPolicy.multi_run above 1). "
+        "1: every shard succeeds or fails alone. More spreads a run's fixed cost (~10 s) "
+        "over them, for endpoints fast enough that it shows (README: shard size); "
+        "a shard that fails still lets the others of its run finish.",
     )
     max_latents_per_shard: int = Field(
         default=0,
-        description="Explain and score at most this many live latents per shard (0 = all). The CPU deployment keeps it small.",
+        description="Explain and score at most this many live latents per shard (0 = all). "
+        "The CPU deployment keeps it small.",
     )
     viewer_url: str = Field(
         default="http://127.0.0.1:8080",
-        description="Where the latent browser (`autointerp view`) is reached: the `explanations` and `score_summary` metadata link to its coder and latent pages.",
+        description="Where the latent browser (`autointerp view`) is reached: "
+        "the `explanations` and `score_summary` metadata link to its coder and latent pages.",
     )
     dagster_url: str = Field(
         default="http://127.0.0.1:3000",
@@ -93,16 +106,26 @@ class AutointerpSettings(ConfigurableResource):
     )
     coordination_url: str = Field(
         default="",
-        description="A PostgreSQL URL (postgresql://user@host:5432/db, one database per data root) through which the nodes of a cluster coordinate: the lock on each coder's activation cache, the tables' and vector tables' write locks (leases checked before each commit), the LLM endpoint's request limit, the LLM response cache and the record of the shared data root are held there instead of in files under the data root or the instance. Its password comes from PGPASSWORD or ~/.pgpass, not from this setting. Empty: one machine, files.",
+        description="A PostgreSQL URL (postgresql://user@host:5432/db, "
+        "one database per data root) through which the nodes of a cluster coordinate: "
+        "the lock on each coder's activation cache, the tables' and vector tables' write locks "
+        "(leases checked before each commit), the LLM endpoint's request limit, "
+        "the LLM response cache and the record of the shared data root are held there instead of "
+        "in files under the data root or the instance. Its password comes from PGPASSWORD or "
+        "~/.pgpass, not from this setting. Empty: one machine, files.",
     )
     allow_empty_results: bool = Field(
         default=False,
-        description="Let a run whose table is empty replace one that holds results (a deliberate re-run); off, such a run fails and the table is kept.",
+        description="Let a run whose table is empty replace one that holds results "
+        "(a deliberate re-run); off, such a run fails and the table is kept.",
     )
 
     shared_data_root: bool = Field(
         default=False,
-        description="The data root is one filesystem shared by every node (the cluster deployment): each step first checks that its node sees the instance's root (an identity file recorded in the instance) and fails at once naming the mount where it does not, never reading stale data from a private folder.",
+        description="The data root is one filesystem shared by every node "
+        "(the cluster deployment): each step first checks that its node sees the instance's root "
+        "(an identity file recorded in the instance) and fails at once naming the mount where it "
+        "does not, never reading stale data from a private folder.",
     )
 
     def setup_for_execution(self, context: InitResourceContext) -> None:

@@ -5,15 +5,16 @@ partition key of a coder is `<coder name>/<hookpoint>`. The format is told by th
 
 | files | format | encode |
 | --- | --- | --- |
-| `cfg.json` + `sae.safetensors` | sparsify SAE / transcoder | TopK of ReLU(W_enc (x - b_dec) + b_enc); transcoders skip `- b_dec` |
+| `cfg.json` + `sae.safetensors` | sparsify SAE / transcoder | TopK of ReLU(W_enc (x - b_dec) + b_enc) |
 | `cfg.json` + `sae_weights.safetensors` | SAELens (standard/ReLU, TopK, JumpReLU) | as its `architecture` says |
 | `params.npz` | GemmaScope JumpReLU | pre · 1[pre > threshold], pre = x W_enc + b_enc |
 | `*.pth` | Goodfire ReLU SAE (`encoder_linear`, `decoder_linear`) | ReLU(encoder_linear(x)) |
-| `cfg.json` with `"format": "neurons"` | plain MLP neurons | the input of `down_proj` (the gated MLP's post-nonlinearity activations), top-k per token |
+| `cfg.json` with `"format": "neurons"` | plain MLP neurons | top-k per token of `down_proj`'s input |
 
-Transcoders and neurons read their module's input, SAEs its output. Every coder encodes to sparse
-(row, latent, value) triples: TopK coders and neurons keep k values a token, ReLU and JumpReLU
-coders are encoded in token chunks so the dense block stays bounded.
+Transcoders and neurons read their module's input, SAEs its output; a sparsify transcoder skips the
+`- b_dec`, and neurons are the input of `down_proj` (the gated MLP's post-nonlinearity activations).
+Every coder encodes to sparse (row, latent, value) triples: TopK coders and neurons keep k values a
+token, ReLU and JumpReLU coders are encoded in token chunks so the dense block stays bounded.
 """
 
 from __future__ import annotations
@@ -393,7 +394,9 @@ def check_coder(coder: SparseCoder, weights: Path, cfg: dict) -> None:
             continue
         if tuple(tensor.shape) != shape:
             raise CoderFormatError(
-                f"{weights}: {name} has shape {tuple(tensor.shape)}, but the encoder says width {coder.width} and input width {coder.d_in} ({shape}). {fix}"
+                f"{weights}: {name} has shape {tuple(tensor.shape)}, "
+                f"but the encoder says width {coder.width} and input width {coder.d_in} "
+                f"({shape}). {fix}"
             )
         bad = ~torch.isfinite(tensor)
         if bad.any():
@@ -413,7 +416,9 @@ def check_coder(coder: SparseCoder, weights: Path, cfg: dict) -> None:
     for key, actual in (("num_latents", coder.width), ("d_sae", coder.width), ("d_in", coder.d_in)):
         if isinstance(cfg.get(key), int) and cfg[key] and cfg[key] != actual:
             raise CoderFormatError(
-                f"{weights.parent / 'cfg.json'} says {key} = {cfg[key]}, but {weights.name} holds {actual}. Fix: copy the matching cfg.json and weights together."
+                f"{weights.parent / 'cfg.json'} says {key} = {cfg[key]}, "
+                f"but {weights.name} holds {actual}. Fix: copy the matching cfg.json and weights "
+                "together."
             )
     wanted = SAFETENSORS_DTYPES.get(str(cfg.get("dtype", "")).removeprefix("torch."))
     if wanted and weights.suffix == ".safetensors":
@@ -423,7 +428,9 @@ def check_coder(coder: SparseCoder, weights: Path, cfg: dict) -> None:
             stored = {f.get_slice(name).get_dtype() for name in f.keys()}
         if stored != {wanted}:
             raise CoderFormatError(
-                f"{weights.parent / 'cfg.json'} says dtype = {cfg['dtype']!r}, but {weights.name} stores {sorted(stored)}. Fix: copy the matching cfg.json and weights together."
+                f"{weights.parent / 'cfg.json'} says dtype = {cfg['dtype']!r}, "
+                f"but {weights.name} stores {sorted(stored)}. "
+                "Fix: copy the matching cfg.json and weights together."
             )
 
 
@@ -440,11 +447,15 @@ def load_coder_folder(folder: Path, name: str, hookpoint: str) -> SparseCoder:
         raise
     except KeyError as missing:
         raise CoderFormatError(
-            f"{weights}: the {fmt} format needs {missing} (in the weights or cfg.json), which it does not hold. Fix: copy the coder again, or check that it is a {fmt} coder."
+            f"{weights}: the {fmt} format needs {missing} (in the weights or cfg.json), "
+            "which it does not hold. Fix: copy the coder again, "
+            f"or check that it is a {fmt} coder."
         ) from missing
     except Exception as error:  # safetensors, zip, pickle: a truncated or foreign file
         raise CoderFormatError(
-            f"Cannot read {weights} as a {fmt} coder ({type(error).__name__}: {str(error)[:200]}). Fix: the file may be truncated or of another format; copy it again."
+            f"Cannot read {weights} as a {fmt} coder ({type(error).__name__}: "
+            f"{str(error)[:200]}). Fix: the file may be truncated or of another format; "
+            "copy it again."
         ) from error
     check_coder(coder, weights, read_cfg(folder))
     return coder
@@ -494,7 +505,8 @@ def inspect_registry(registry: Path) -> tuple[list[str], dict[str, str]]:
             broken[key] = str(error)
         except Exception as error:
             broken[key] = (
-                f"Cannot read {weights} as a {fmt} coder ({type(error).__name__}: {str(error)[:200]}). Fix: the file may be truncated; copy it again."
+                f"Cannot read {weights} as a {fmt} coder ({type(error).__name__}: "
+                f"{str(error)[:200]}). Fix: the file may be truncated; copy it again."
             )
     return keys, broken
 
@@ -517,7 +529,8 @@ def load_registered(registry: Path, key: str) -> SparseCoder:
 
 
 def registered_width(registry: Path, key: str) -> int:
-    """Latents of a registered coder, from its weights' header where it has one (no tensor is read), else by loading it."""
+    """Latents of a registered coder, from its weights' header where it has one (no tensor is read),
+    else by loading it."""
     name, _, hookpoint = key.partition("/")
     folder = registry / name / hookpoint
     fmt, weights = coder_format(folder)

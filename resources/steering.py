@@ -181,11 +181,13 @@ class Steerer:
         for steer in steers:
             if not 0 <= steer.latent < coder.width:
                 raise SteeringError(
-                    f"Latent {steer.latent} is not a latent of coder '{coder.key}' (width {coder.width}). Fix: pick one in 0..{coder.width - 1}."
+                    f"Latent {steer.latent} is not a latent of coder '{coder.key}' "
+                    f"(width {coder.width}). Fix: pick one in 0..{coder.width - 1}."
                 )
         if coder.activation != "neurons" and coder.decoder_weight is None:
             raise SteeringError(
-                f"Coder '{coder.key}' has no decoder, so its latents cannot be steered. Fix: steer an SAE or a transcoder."
+                f"Coder '{coder.key}' has no decoder, so its latents cannot be steered. "
+                "Fix: steer an SAE or a transcoder."
             )
         module_name(self.lm, coder.hookpoint)  # an unknown hookpoint names its fix here
 
@@ -333,7 +335,8 @@ class Steerer:
         steers: Sequence[Steer] = (),
         below: tuple[list[str], object] | None = None,
     ) -> torch.Tensor:
-        """Log-probabilities `[prompts, vocab]` of the token after each prompt; with steers, `[steers × prompts, vocab]`, steer-major."""
+        """Log-probabilities `[prompts, vocab]` of the token after each prompt; with steers,
+        `[steers × prompts, vocab]`, steer-major."""
         ids, mask = self.encode_prompts(prompts)
         blocks = max(1, len(steers))
         return torch.log_softmax(
@@ -377,7 +380,8 @@ class Steerer:
         the layers below the steered one run once, not once per try."""
         if target_kl <= 0 or min(units, default=1.0) <= 0:
             raise SteeringError(
-                f"target_kl ({target_kl}) and the starting units ({min(units)} the least) must be positive. Fix: pass positive values."
+                f"target_kl ({target_kl}) and the starting units ({min(units)} the least) "
+                "must be positive. Fix: pass positive values."
             )
         clean = self.next_token_logprobs(prompts) if clean is None else clean
         below = self.below(*self.encode_prompts(prompts), coder)
@@ -475,7 +479,8 @@ def max_activation(activations_dir: Path, latent: int) -> float:
     maxima = load_latent_stats(path)["max"]
     if not 0 <= latent < len(maxima):
         raise SteeringError(
-            f"Latent {latent} is outside the cached coder's {len(maxima)} latents. Fix: pick one in 0..{len(maxima) - 1}."
+            f"Latent {latent} is outside the cached coder's {len(maxima)} latents. "
+            f"Fix: pick one in 0..{len(maxima) - 1}."
         )
     value = float(maxima[latent])
     if not math.isfinite(value) or value <= 0:

@@ -65,8 +65,9 @@ def unavailable_reason(
     ):
         return None
     return (
-        f"the subject model {model!r} is neither a local folder nor in the Hugging Face cache, and the browser downloads nothing. "
-        f"Fix: download it once (huggingface-cli download {model}), or set [subject_model] model to a local folder."
+        f"the subject model {model!r} is neither a local folder nor in the Hugging Face cache, "
+        "and the browser downloads nothing. Fix: download it once "
+        f"(huggingface-cli download {model}), or set [subject_model] model to a local folder."
     )
 
 
@@ -192,7 +193,8 @@ class SubjectModelResource(ConfigurableResource):
     )
     revision: str | None = Field(
         default=None,
-        description="Hub revision (branch, tag or commit) of `model`; pin a commit so that results name exactly the weights that made them.",
+        description="Hub revision (branch, tag or commit) of `model`; "
+        "pin a commit so that results name exactly the weights that made them.",
     )
     dtype: str = Field(
         default="float32",
@@ -206,11 +208,16 @@ class SubjectModelResource(ConfigurableResource):
     steering_batch: int = Field(
         default=16,
         ge=1,
-        description="Latents steered together by the intervention and output_judge scorers (each latent a block of batch rows): their strength searches, continuations and likelihoods share forward passes. Changes no result; raise it on a GPU.",
+        description="Latents steered together by the intervention and output_judge scorers "
+        "(each latent a block of batch rows): their strength searches, "
+        "continuations and likelihoods share forward passes. Changes no result; "
+        "raise it on a GPU.",
     )
     driver: Literal["transformers", "nnsight"] = Field(
         default="transformers",
-        description="How caching reads hookpoints: 'transformers' forward hooks (the fast default) or nnsight's tracing (nnsight.LanguageModel). Steering always goes through nnsight.",
+        description="How caching reads hookpoints: 'transformers' forward hooks "
+        "(the fast default) or nnsight's tracing (nnsight.LanguageModel). "
+        "Steering always goes through nnsight.",
     )
 
     def tokenizer(self):

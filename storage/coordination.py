@@ -53,8 +53,10 @@ def connect(url: str):
         )  # a lease check never hangs on a vanished server
     except psycopg.OperationalError as error:
         raise ConnectionError(
-            f"Cannot reach the coordination database of [settings] coordination_url: {' '.join(str(error).split())}. Fix: start it "
-            f"or correct the URL (its password comes from PGPASSWORD or ~/.pgpass); on one machine, leave coordination_url empty."
+            "Cannot reach the coordination database of [settings] coordination_url: "
+            f"{' '.join(str(error).split())}. Fix: start it or correct the URL "
+            "(its password comes from PGPASSWORD or ~/.pgpass); "
+            "on one machine, leave coordination_url empty."
         ) from None
     db.execute(
         "SET tcp_keepalives_idle = 10; SET tcp_keepalives_interval = 5; SET tcp_keepalives_count = 3"
@@ -175,8 +177,9 @@ class Lease:
             why = f"its session ended ({' '.join(str(error).split()) or type(error).__name__})"
         if why:
             raise LeaseLost(
-                f"The lock {self.name!r} was lost while held: {why}. Nothing was committed; another process may hold it now. "
-                f"Fix: run again (it resumes from its last checkpoint)."
+                f"The lock {self.name!r} was lost while held: {why}. Nothing was committed; "
+                "another process may hold it now. Fix: run again "
+                "(it resumes from its last checkpoint)."
             )
 
 
@@ -184,8 +187,9 @@ def _holder(db, key: int) -> str:
     """Which session holds the advisory lock `key` (pg_locks shows a 64-bit key as two 32-bit halves)."""
     unsigned = key % 2**64
     row = db.execute(
-        "SELECT a.application_name FROM pg_locks l JOIN pg_stat_activity a ON a.pid = l.pid WHERE l.locktype = 'advisory' AND l.granted "
-        "AND l.objsubid = 1 AND l.classid::bigint = %s AND l.objid::bigint = %s",
+        "SELECT a.application_name FROM pg_locks l JOIN pg_stat_activity a ON a.pid = l.pid "
+        "WHERE l.locktype = 'advisory' AND l.granted AND l.objsubid = 1 "
+        "AND l.classid::bigint = %s AND l.objid::bigint = %s",
         (unsigned >> 32, unsigned & 0xFFFFFFFF),
     ).fetchone()
     return row[0] if row and row[0] else "another process"
@@ -208,8 +212,9 @@ def advisory_lock(url: str, name: str, what: str, wait: bool = False) -> Iterato
         elif not db.execute("SELECT pg_try_advisory_lock(%s)", (key,)).fetchone()[0]:
             raise locked(what, _holder(db, key))
         generation = db.execute(
-            "INSERT INTO autointerp_leases VALUES (%s, 1, current_setting('application_name')) ON CONFLICT (name) DO UPDATE "
-            "SET generation = autointerp_leases.generation + 1, holder = excluded.holder RETURNING generation",
+            "INSERT INTO autointerp_leases VALUES (%s, 1, current_setting('application_name')) "
+            "ON CONFLICT (name) DO UPDATE SET generation = autointerp_leases.generation + 1, "
+            "holder = excluded.holder RETURNING generation",
             (name,),
         ).fetchone()[0]
         yield Lease(name, generation, db)

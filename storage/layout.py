@@ -93,7 +93,8 @@ class DataRoot:
         return self.root / "explanations" / coder / f"{shard}.rounds.parquet"
 
     def explanation_senses_path(self, coder: str, shard: str) -> Path:
-        """Per latent with several senses (`[explanations] senses`): each sense's explanation and how many `train` windows it was written from."""
+        """Per latent with several senses (`[explanations] senses`): each sense's explanation and
+        how many `train` windows it was written from."""
         return self.root / "explanations" / coder / f"{shard}.senses.parquet"
 
     def scores_path(self, coder: str, shard: str, scorer: str) -> Path:
@@ -101,7 +102,8 @@ class DataRoot:
         return self.root / "scores" / coder / shard / f"{scorer}.parquet"
 
     def sense_scores_path(self, coder: str, shard: str, scorer: str) -> Path:
-        """Per sense of a latent explained as several: the scorer's metrics of that sense on its own windows, beside the control."""
+        """Per sense of a latent explained as several: the scorer's metrics of that sense on its own
+        windows, beside the control."""
         return self.root / "scores" / coder / shard / f"{scorer}.senses.parquet"
 
     def scored_examples_path(self, coder: str, shard: str, scorer: str) -> Path:

@@ -72,7 +72,10 @@ def root_record(root: DataRoot) -> dict:
     }
 
 
-_COLUMNS = "one BOOLEAN PRIMARY KEY DEFAULT TRUE CHECK (one), identity TEXT NOT NULL, path TEXT NOT NULL, mount TEXT NOT NULL, node TEXT NOT NULL"
+_COLUMNS = (
+    "one BOOLEAN PRIMARY KEY DEFAULT TRUE CHECK (one), identity TEXT NOT NULL, "
+    "path TEXT NOT NULL, mount TEXT NOT NULL, node TEXT NOT NULL"
+)
 
 
 def claimed_root(url: str, root: DataRoot) -> dict:
@@ -86,8 +89,8 @@ def claimed_root(url: str, root: DataRoot) -> dict:
         if found is None:
             record = root_record(root)
             db.execute(
-                "INSERT INTO autointerp_data_root (identity, path, mount, node) VALUES (%(identity)s, %(path)s, %(mount)s, %(node)s) "
-                "ON CONFLICT (one) DO NOTHING",
+                "INSERT INTO autointerp_data_root (identity, path, mount, node) VALUES "
+                "(%(identity)s, %(path)s, %(mount)s, %(node)s) ON CONFLICT (one) DO NOTHING",
                 record,
             )
             found = db.execute(
@@ -102,8 +105,10 @@ def replace_root(url: str, root: DataRoot) -> str:
     with connect(url) as db:
         create_table(db, "autointerp_data_root", _COLUMNS)
         db.execute(
-            "INSERT INTO autointerp_data_root (identity, path, mount, node) VALUES (%(identity)s, %(path)s, %(mount)s, %(node)s) "
-            "ON CONFLICT (one) DO UPDATE SET identity = excluded.identity, path = excluded.path, mount = excluded.mount, node = excluded.node",
+            "INSERT INTO autointerp_data_root (identity, path, mount, node) VALUES "
+            "(%(identity)s, %(path)s, %(mount)s, %(node)s) ON CONFLICT (one) "
+            "DO UPDATE SET identity = excluded.identity, path = excluded.path, "
+            "mount = excluded.mount, node = excluded.node",
             record,
         )
     return record["identity"]

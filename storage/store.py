@@ -79,7 +79,8 @@ class StoredTable:
         return pd.read_parquet(self.path, columns=columns) if self.path.exists() else None
 
     def latent_rows(self, latents: list[int]) -> pa.Table | None:
-        """The rows of `latents` (`storage.tables.latent_rows`: only the row groups that can hold them are read); None where it has not been written."""
+        """The rows of `latents` (`storage.tables.latent_rows`: only the row groups that can hold
+        them are read); None where it has not been written."""
         return latent_rows(self.path, latents) if self.path.exists() else None
 
     def rows(self) -> int:

@@ -59,7 +59,8 @@ SCORES_FIELDS = [
     ("explanation_hash", pa.large_string()),
     ("models", pa.large_string()),
 ]
-"""The columns of a scorer's per-latent rows: the `scores` table's, and with `sense` first the `sense_scores` table's."""
+"""The columns of a scorer's per-latent rows: the `scores` table's, and with `sense` first the
+`sense_scores` table's."""
 
 
 @dataclass(frozen=True)
@@ -229,13 +230,15 @@ def write_table(
 
 
 def conformed(frame: pd.DataFrame, path: Path, table: str) -> pd.DataFrame:
-    """`frame`'s columns in the table's order (an open table's extra ones after them), or the error naming what is missing or unknown."""
+    """`frame`'s columns in the table's order (an open table's extra ones after them), or the error
+    naming what is missing or unknown."""
     spec = TABLES[table]
     missing = [c for c in spec.columns if c not in frame.columns]
     extra = [c for c in frame.columns if c not in spec.columns]
     if missing or (extra and not spec.open):
         raise TableColumnsError(
-            f"the {table} table written to {path} lacks columns {missing} or has unknown ones {extra if not spec.open else []}"
+            f"the {table} table written to {path} lacks columns {missing} or has unknown ones "
+            f"{extra if not spec.open else []}"
         )
     return frame[spec.columns + extra]
 
@@ -292,8 +295,10 @@ def refuse_emptier(frame: pd.DataFrame, path: Path, stage: str, allow: bool) -> 
     held = pq.read_metadata(path).num_rows
     if held:
         raise EmptierResultsError(
-            f"{stage}: this run has no results, where {path} holds {held} rows; the table is kept. Fix: check what changed upstream; "
-            f"if an empty result is meant, set allow_empty_results: true on the `settings` resource for this run."
+            f"{stage}: this run has no results, where {path} holds {held} rows; "
+            "the table is kept. Fix: check what changed upstream; "
+            "if an empty result is meant, "
+            "set allow_empty_results: true on the `settings` resource for this run."
         )
 
 

@@ -2,12 +2,13 @@
 
 - `contexts_<corpus hash>_<window>_<embedder>`: one row per fixed window of the corpus (`block` =
   sequence · windows-per-sequence + window index), with its text and embedding. Built once per corpus,
-  window length, embedder and window rendering (hashed into `<embedder>`) under a lock, so partitions materialized at once never race to build
-  it; an ANN index is added once the table has `ANN_MIN_ROWS` rows. A `.npy` copy of the vectors
-  beside it serves exact look-ups by block id.
+  window length, embedder and window rendering (hashed into `<embedder>`) under a lock, so partitions
+  materialized at once never race to build it; an ANN index is added once the table has
+  `ANN_MIN_ROWS` rows. A `.npy` copy of the vectors beside it serves exact look-ups by block id.
 - `tokens_<corpus hash>_<embedder>.npy`: the vector of each distinct token of the corpus embedded alone
   (one row per id of `np.unique(corpus tokens)`, ascending), for the embedding scorer's best-token
-  spans. Built beside the contexts table, once per corpus, embedder and rendering, under the same kind of lock.
+  spans. Built beside the contexts table, once per corpus, embedder and rendering, under the same kind
+  of lock.
 - `explanations_<embedder>`: one row per ok explanation (coder, shard, latent), one table per embedder
   (its name hashed), so vectors of two models never meet in one search. A shard's rows are synced to
   its explanations table after each write of it (`sync_explanations`).
@@ -85,7 +86,8 @@ class CorpusWindows:
         )
         self._tables: dict[int, np.ndarray | None] = {}
         self._token_table: tuple[np.ndarray, np.ndarray | None] | None = None
-        """The corpus's distinct token ids and the tokens table's rows for them (None when it was never built), read on first use."""
+        """The corpus's distinct token ids and the tokens table's rows for them (None when it was
+        never built), read on first use."""
 
     def token_vectors(self, token_ids) -> np.ndarray | None:
         """The vector of each of `token_ids` embedded alone, from the tokens table; None when that table
@@ -217,7 +219,8 @@ def ensure_token_vectors(
     embed: Callable[[np.ndarray], np.ndarray],
     coordination_url: str = "",
 ) -> None:
-    """Write the tokens table (`embed` of the corpus's distinct token ids, ascending) once, under a lock, if it is missing."""
+    """Write the tokens table (`embed` of the corpus's distinct token ids, ascending) once, under a
+    lock, if it is missing."""
     name = tokens_table_name(corpus_hash, embedding)
     path = db_dir / f"{name}.npy"
     if not path.exists():
@@ -272,9 +275,10 @@ def _check_dimension(table, name: str, got: int, what: str) -> None:
     held = table.schema.field("vector").type.list_size
     if got != held:
         raise EmbeddingMismatchError(
-            f"{what} has {got} dimensions, but the explanations table {name} holds vectors of {held}: the embedder it is "
-            f"named after now gives vectors of another length. Fix: delete the folder {name}.lance under the lancedb "
-            f"folder and materialize `explanations` again, so the table holds only this embedder's vectors."
+            f"{what} has {got} dimensions, but the explanations table {name} holds vectors of "
+            f"{held}: the embedder it is named after now gives vectors of another length. "
+            f"Fix: delete the folder {name}.lance under the lancedb folder and materialize "
+            "`explanations` again, so the table holds only this embedder's vectors."
         )
 
 

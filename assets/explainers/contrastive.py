@@ -7,7 +7,10 @@ from assets.records import LatentRecord
 
 class Contrastive(Explainer):
     name = "contrastive"
-    description = "delphi's contrastive explainer: highlighted windows and similar windows where the latent does not fire."
+    description = (
+        "delphi's contrastive explainer: highlighted windows and similar windows where "
+        "the latent does not fire."
+    )
 
     def prompt(self, record: LatentRecord, max_tokens: int):
         examples, top = record.shown_examples()

@@ -39,7 +39,8 @@ def decoder_directions(coder: SparseCoder, lm: torch.nn.Module, latents: list[in
         return weight[:, latents].T.detach().float()
     if coder.decoder_weight is None:
         raise ValueError(
-            f"Coder '{coder.key}' has no decoder, so what its latents write is unknown. Fix: use an SAE, a transcoder or neurons."
+            f"Coder '{coder.key}' has no decoder, so what its latents write is unknown. "
+            "Fix: use an SAE, a transcoder or neurons."
         )
     return coder.decoder_weight[latents].detach().float()
 
@@ -73,7 +74,8 @@ def logit_lens_messages(evidence: TokenEvidence, vocab: list[str]) -> list[dict]
         {"role": "system", "content": LOGIT_LENS_SYSTEM},
         {
             "role": "user",
-            "content": f"Raised most: {promoted}\nLowered most: {suppressed}\n\nWhat does the feature make the model write?",
+            "content": f"Raised most: {promoted}\nLowered most: {suppressed}\n\n"
+            "What does the feature make the model write?",
         },
     ]
 
@@ -86,7 +88,10 @@ class LogitLensSettings(ExplainerSettings):
 
 class LogitLens(Explainer):
     name = "logit_lens"
-    description = "VocabProj: the tokens the latent's decoder direction promotes and suppresses through the unembedding."
+    description = (
+        "VocabProj: the tokens the latent's decoder direction promotes and suppresses "
+        "through the unembedding."
+    )
     Settings = LogitLensSettings
     uses = frozenset({"subject_model", "coder"})
 

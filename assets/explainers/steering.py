@@ -45,7 +45,8 @@ def token_change_messages(evidence: TokenEvidence, vocab: list[str]) -> list[dic
         {"role": "system", "content": TOKEN_CHANGE_SYSTEM},
         {
             "role": "user",
-            "content": f"Tokens whose probability rose most:\n{listed or '(none rose)'}\n\nWhat does the feature make the model write?",
+            "content": f"Tokens whose probability rose most:\n{listed or '(none rose)'}\n\n"
+            "What does the feature make the model write?",
         },
     ]
 
@@ -59,7 +60,8 @@ class SteeringSettings(ExplainerSettings):
     target_kl: float = Field(
         default=1.0,
         gt=0,
-        description="KL divergence (nats) from the unsteered next-token distributions that the strength search aims at.",
+        description="KL divergence (nats) from the unsteered next-token distributions that the "
+        "strength search aims at.",
     )
     kl_tolerance: float = Field(
         default=0.05, gt=0, lt=1, description="Relative tolerance of the strength search."
@@ -69,7 +71,10 @@ class SteeringSettings(ExplainerSettings):
 
 class Steering(Explainer):
     name = "steering"
-    description = "TokenChange: the tokens whose probability rises most when the latent is steered over neutral prompts."
+    description = (
+        "TokenChange: the tokens whose probability rises most when the latent is "
+        "steered over neutral prompts."
+    )
     Settings = SteeringSettings
     uses = frozenset({"subject_model", "coder"})
 
@@ -77,7 +82,8 @@ class Steering(Explainer):
         unit = float((record.stats or {}).get("max_activation") or 0.0)
         if unit <= 0:
             raise ValueError(
-                f"latent {record.latent} has no positive max activation in the exemplars' profiles, so there is no strength to start from"
+                f"latent {record.latent} has no positive max activation in the exemplars' "
+                "profiles, so there is no strength to start from"
             )
         s = self.settings
         steerer = self.deps.subject_model.steerer()

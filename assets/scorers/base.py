@@ -38,7 +38,8 @@ class ScorerSettings(BaseModel):
     )  # strict: `true` is no number of examples
     seed: int = Field(
         default=0,
-        description="Seed of example order, random marks, intruder tasks and the control's ring (`control_assignment`).",
+        description="Seed of example order, random marks, intruder tasks and the control's ring "
+        "(`control_assignment`).",
     )
 
     def digest(self) -> str:
@@ -56,7 +57,8 @@ class Job:
     """The latent's evidence, for scorers that read more than the held-out windows."""
     explanation: str | None
     examples: list[Example]
-    """The record's `test` windows in the latent's seeded order (`LatentRecord.examples`), shared with its control's job."""
+    """The record's `test` windows in the latent's seeded order (`LatentRecord.examples`), shared
+    with its control's job."""
     control: bool
     seed: int
     calibration: list[Example] = field(default_factory=list)
@@ -160,8 +162,9 @@ class Scorer:
         return CONTROLS[cls.control]
 
     async def prepare(self, jobs: list[Job]) -> None:
-        """Called once with every job of the partition (the controls' too) before any is scored, for work
-        the jobs share: the embedding scorer embeds each distinct text (a token, a span or a window) once here. Default: nothing."""
+        """Called once with every job of the partition (the controls' too) before any is scored, for
+        work the jobs share: the embedding scorer embeds each distinct text (a token, a span or a
+        window) once here. Default: nothing."""
 
     async def score(self, job: Job) -> JobResult:
         raise NotImplementedError

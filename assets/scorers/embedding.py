@@ -25,18 +25,22 @@ from resources.embedder import unit_vectors
 class EmbeddingSettings(ScorerSettings):
     query_prefix: str = Field(
         default="",
-        description="Text put before the explanation; instruction-tuned embedders want e.g. delphi's 'Instruct: Retrieve sentences that could be related to the explanation.\\nQuery:'.",
+        description="Text put before the explanation; instruction-tuned embedders want e.g. "
+        "delphi's 'Instruct: Retrieve sentences that could be related to the explanation.\\nQuery:'.",
     )
     span_tokens: int = added_later(
         0,
         default=1,
         ge=0,
-        description="Score a window by its best span of this many tokens (max cosine over sliding spans); 1 = its best token; 0 = the whole window (delphi's form, the default before 1 was measured better).",
+        description="Score a window by its best span of this many tokens "
+        "(max cosine over sliding spans); 1 = its best token; "
+        "0 = the whole window (delphi's form, the default before 1 was measured better).",
     )
 
 
 def spans(example, size: int) -> list[str]:
-    """The texts a window is scored by: its sliding spans of `size` tokens, or the whole window (size 0 or a shorter window)."""
+    """The texts a window is scored by: its sliding spans of `size` tokens, or the whole window
+    (size 0 or a shorter window)."""
     strs = example.token_strs
     if size == 0 or len(strs) <= size:
         return [plain_text(example.text)]
@@ -47,7 +51,10 @@ def spans(example, size: int) -> list[str]:
 
 class Embedding(Scorer):
     name = "embedding"
-    description = "Embedding (delphi): how well the explanation's embedding ranks activating over other windows (ROC AUC)."
+    description = (
+        "Embedding (delphi): how well the explanation's embedding ranks activating "
+        "over other windows (ROC AUC)."
+    )
     Settings = EmbeddingSettings
     uses = frozenset({"embedder"})
     main_metric = "roc_auc"

@@ -318,7 +318,8 @@ class InterventionSettings(ScorerSettings):
     target_kl: float = Field(
         default=1.0,
         gt=0,
-        description="KL divergence (nats) of the steered next-token distributions from the unsteered ones that the strength search aims at.",
+        description="KL divergence (nats) of the steered next-token distributions from the "
+        "unsteered ones that the strength search aims at.",
     )
     kl_tolerance: float = Field(
         default=0.05, gt=0, lt=1, description="Relative tolerance of the strength search."
@@ -361,7 +362,10 @@ class ContinuationScorer(Scorer):
 
 class Intervention(ContinuationScorer):
     name = "intervention"
-    description = "Intervention (Paulo et al.): how much more likely the explanation makes the latent's steered continuations than unsteered ones (nats/token), at a fixed KL."
+    description = (
+        "Intervention (Paulo et al.): how much more likely the explanation makes the "
+        "latent's steered continuations than unsteered ones (nats/token), at a fixed KL."
+    )
     uses = frozenset({"subject_model", "coder"})
     main_metric = "intervention_score"
 

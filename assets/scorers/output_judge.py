@@ -51,7 +51,9 @@ def judge_messages(explanation: str, pairs: list[Pair], vocab: list[str]) -> lis
         return highlight([vocab[t] for t in ids], [False] * len(ids))
 
     blocks = [
-        f"Pair {i}: prompt: {highlight([p.prompt], [False])}\n  Continuation 1: {shown(p.first)}\n  Continuation 2: {shown(p.second)}"
+        f"Pair {i}: prompt: {highlight([p.prompt], [False])}\n"
+        f"  Continuation 1: {shown(p.first)}\n"
+        f"  Continuation 2: {shown(p.second)}"
         for i, p in enumerate(pairs, start=1)
     ]
     return [
@@ -100,7 +102,10 @@ async def judge(client, explanation: str, pairs: list[Pair], vocab: list[str]) -
 
 class OutputJudge(ContinuationScorer):
     name = "output_judge"
-    description = "Output-side judge: given the explanation, tell the latent's steered continuation of a prompt from the unsteered one (accuracy)."
+    description = (
+        "Output-side judge: given the explanation, tell the latent's steered "
+        "continuation of a prompt from the unsteered one (accuracy)."
+    )
     uses = frozenset({"llm", "subject_model", "coder"})
     main_metric = "accuracy"
 

@@ -36,7 +36,8 @@ class SAEBenchSettings(ScorerSettings):
     n_importance_windows: int = Field(
         default=2,
         ge=0,
-        description="Activating windows drawn with probability ∝ peak activation² from the other held-out ones (SAEBench: 2).",
+        description="Activating windows drawn with probability ∝ peak activation² from the other "
+        "held-out ones (SAEBench: 2).",
     )
     n_random_windows: int = Field(
         default=10,
@@ -92,7 +93,8 @@ def saebench_messages(explanation: str, texts: list[str], example: list[int]) ->
         {"role": "system", "content": system},
         {
             "role": "user",
-            "content": f"The explanation: this feature fires on {explanation.strip().rstrip('.')}.\n\nThe texts:\n\n{numbered}",
+            "content": "The explanation: this feature fires on "
+            f"{explanation.strip().rstrip('.')}.\n\nThe texts:\n\n{numbered}",
         },
     ]
 
@@ -126,14 +128,19 @@ def read_window_numbers(n: int):
 def reask_numbers_message(n: int) -> dict:
     return {
         "role": "user",
-        "content": f"Your reply could not be read. Reply with only the numbers (1 to {n}) of the texts in which the feature fires, "
-        "separated by commas, like 2, 5, 11, or the single word None, and nothing else.",
+        "content": f"Your reply could not be read. Reply with only the numbers (1 to {n}) "
+        "of the texts in which the feature fires, separated by commas, like 2, 5, 11, "
+        "or the single word None, and nothing else.",
     }
 
 
 class SAEBench(Scorer):
     name = "saebench"
-    description = "SAEBench autointerp: which of 14 windows (2 top, 2 importance-sampled, 10 random) does the explanation say the latent fires in? Accuracy, beside the answer-None floor."
+    description = (
+        "SAEBench autointerp: which of 14 windows (2 top, 2 importance-sampled, "
+        "10 random) does the explanation say the latent fires in? Accuracy, "
+        "beside the answer-None floor."
+    )
     Settings = SAEBenchSettings
     uses = frozenset({"llm"})
     main_metric = "accuracy"

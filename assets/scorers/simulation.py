@@ -32,7 +32,8 @@ class SimulationSettings(ScorerSettings):
     )
     calibrate: bool = Field(
         default=False,
-        description="Fit a linear map from simulated to true activations on the `valid` windows and report R² (correlation is unchanged by it).",
+        description="Fit a linear map from simulated to true activations on the `valid` windows "
+        "and report R² (correlation is unchanged by it).",
     )
 
 
@@ -83,7 +84,10 @@ def true_scale(example: Example, top: float) -> np.ndarray:
 
 class Simulation(Scorer):
     name = "simulation"
-    description = "Simulation (OpenAI): correlation of logprob-expected 0-10 activations with the true ones, over all tokens."
+    description = (
+        "Simulation (OpenAI): correlation of logprob-expected 0-10 activations with "
+        "the true ones, over all tokens."
+    )
     Settings = SimulationSettings
     uses = frozenset({"llm"})
     main_metric = "ev_correlation"

@@ -21,7 +21,10 @@ class SurprisalSettings(ScorerSettings):
 
 class Surprisal(Scorer):
     name = "surprisal"
-    description = "Surprisal (delphi): how much more the explanation lowers the subject model's loss on activating windows (ROC AUC)."
+    description = (
+        "Surprisal (delphi): how much more the explanation lowers the subject model's "
+        "loss on activating windows (ROC AUC)."
+    )
     Settings = SurprisalSettings
     uses = frozenset({"subject_model"})
     main_metric = "roc_auc"

@@ -106,7 +106,8 @@ class Viewer:
 
     @property
     def embedder_loading(self) -> bool:
-        """Whether the warm-up is still to load, or loading, the embedder (after a failure: False, so that search says why)."""
+        """Whether the warm-up is still to load, or loading, the embedder (after a failure: False,
+        so that search says why)."""
         thread = self._embedder_loading
         return (
             thread is not None
@@ -337,7 +338,10 @@ class Viewer:
         note = None
         if self.embedder_loading:
             found = word_matches(table["explanation"], query, limit)
-            note = "The embedder is still loading (the first seconds after a start): these are word matches, most words first; search again for semantic results."
+            note = (
+                "The embedder is still loading (the first seconds after a start): "
+                "these are word matches, most words first; search again for semantic results."
+            )
         else:
             found = index.search(self.embed([query])[0], limit)
         hits = []
@@ -444,7 +448,8 @@ class Viewer:
         except ValueError:
             raise ViewerError(
                 400,
-                f"strength={raw!r} is not a number. Fix: give one, e.g. strength=2 (times the latent's max cached activation).",
+                f"strength={raw!r} is not a number. Fix: give one, e.g. "
+                "strength=2 (times the latent's max cached activation).",
             ) from None
         tokens = integer(params, "tokens", 24)
         if not 1 <= tokens <= MAX_STEER_TOKENS:
@@ -465,7 +470,8 @@ class Viewer:
         if not 0 <= latent < width:
             raise ViewerError(
                 404,
-                f"Latent {latent} is outside {index.coder}, which has latents 0..{width - 1}. Fix: pick one in that range.",
+                f"Latent {latent} is outside {index.coder}, which has latents 0..{width - 1}. "
+                "Fix: pick one in that range.",
             )
         return latent
 
@@ -665,7 +671,8 @@ def word_matches(explanations: pd.Series, query: str, limit: int) -> list[tuple[
 
 
 STEER_RETRY_S = 5
-"""Seconds a steering request refused while another runs is told to wait (Retry-After): about one generation of 24 tokens on CPU."""
+"""Seconds a steering request refused while another runs is told to wait (Retry-After): about one
+generation of 24 tokens on CPU."""
 _STEERING: dict[tuple[str, str | None], threading.Lock] = {}
 _STEERING_LOCK = threading.Lock()
 
@@ -728,7 +735,8 @@ class SteeringBox:
         if not self._running.acquire(blocking=False):
             raise ViewerError(
                 429,
-                f"The subject model {self.subject.model} is steering another request (one at a time). Fix: try again in a few seconds.",
+                f"The subject model {self.subject.model} is steering another request "
+                "(one at a time). Fix: try again in a few seconds.",
                 {"Retry-After": str(STEER_RETRY_S)},
             )
         try:
@@ -762,5 +770,8 @@ class SteeringBox:
                 self._steerer = self.subject.steerer()
             self._state = "ready"
         except Exception as error:  # shown in the box, with the reason
-            self._error = f"the subject model {self.subject.model} could not be loaded ({type(error).__name__}: {error})."
+            self._error = (
+                f"the subject model {self.subject.model} could not be loaded "
+                f"({type(error).__name__}: {error})."
+            )
             self._state = "failed"

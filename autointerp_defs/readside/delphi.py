@@ -1,4 +1,5 @@
-"""delphi's files: `autointerp export delphi CODER DIR` writes a delphi run folder, `autointerp import delphi CODER DIR` reads explanations back.
+"""delphi's files: `autointerp export delphi CODER DIR` writes a delphi run folder,
+`autointerp import delphi CODER DIR` reads explanations back.
 
 delphi's layout (checked against eai-delphi 0.1.3: `latents/cache.py` writes the cache, `latents/loader.py`
 `LatentDataset` reads it, `__main__.py` writes the rest with orjson, `log/result_analysis.py` reads scores):
@@ -59,7 +60,8 @@ def default_module(coder: str) -> str:
 def export_delphi(
     data_dir: str, coder: str, out_dir: str, module: str | None = None
 ) -> dict[str, int]:
-    """Write the coder's latent cache, explanations and classifier scores as a delphi run; returns how many files of each kind."""
+    """Write the coder's latent cache, explanations and classifier scores as a delphi run; returns
+    how many files of each kind."""
     store = TableStore.at(data_dir)
     module = module or default_module(coder)
     index = CoderIndex(store, coder)
@@ -192,8 +194,10 @@ def _neighbour_distances(
             )
             if not inside.any():
                 raise reader.ExportInputError(
-                    f"Latent {latent}'s neighbour window (sequence {w['sequence']}, start {w['start']}) holds no activation of its "
-                    f"neighbours in the cache of {coder}. Fix: materialize `exemplars` of {coder}|{index.shard_of(latent)} again."
+                    f"Latent {latent}'s neighbour window (sequence {w['sequence']}, "
+                    f"start {w['start']}) holds no activation of its neighbours in the cache of "
+                    f"{coder}. "
+                    f"Fix: materialize `exemplars` of {coder}|{index.shard_of(latent)} again."
                 )
             strongest = int(locations[inside, 2][np.argmax(values[inside])])
             distances[(latent, i)] = -float(
@@ -309,22 +313,26 @@ def read_delphi_explanations(folder: Path, module: str | None = None) -> dict[in
         text = json.loads(path.read_text())
         if not isinstance(text, str):
             raise reader.ExportInputError(
-                f"{path} holds {type(text).__name__}, not a JSON string as delphi writes explanations. Fix: point at delphi's explanations folder."
+                f"{path} holds {type(text).__name__}, not a JSON string as delphi writes "
+                "explanations. Fix: point at delphi's explanations folder."
             )
         found.setdefault(match["module"], {})[int(match["latent"])] = text
     if not found:
         raise reader.ExportInputError(
-            f"No delphi explanation (<module>_latent<N>.txt) under {base}. Fix: pass delphi's run folder (the one holding explanations/)."
+            f"No delphi explanation (<module>_latent<N>.txt) under {base}. "
+            "Fix: pass delphi's run folder (the one holding explanations/)."
         )
     if module is None:
         if len(found) > 1:
             raise reader.ExportInputError(
-                f"{base} holds explanations of several modules ({', '.join(sorted(found))}). Fix: pick one with --module."
+                f"{base} holds explanations of several modules ({', '.join(sorted(found))}). "
+                "Fix: pick one with --module."
             )
         module = next(iter(found))
     if module not in found:
         raise reader.ExportInputError(
-            f"No explanation of module {module!r} under {base}; it has {', '.join(sorted(found))}. Fix: --module with one of those."
+            f"No explanation of module {module!r} under {base}; "
+            f"it has {', '.join(sorted(found))}. Fix: --module with one of those."
         )
     return found[module]
 
@@ -348,7 +356,8 @@ def import_delphi(
     outside = [latent for latent in texts if not 0 <= latent < width]
     if outside:
         raise reader.ExportInputError(
-            f"delphi explanations of latents {outside[:5]} do not exist in {coder} (width {width}). Fix: import into the coder they were written for."
+            f"delphi explanations of latents {outside[:5]} do not exist in {coder} "
+            f"(width {width}). Fix: import into the coder they were written for."
         )
     by_shard: dict[str, list[int]] = {}
     for latent in sorted(texts):
@@ -357,7 +366,8 @@ def import_delphi(
         exemplars = store.exemplars(coder, shard)
         if not exemplars.exists():
             raise reader.ExportInputError(
-                f"No exemplars for {coder} shard {shard} at {exemplars.location}: imported explanations could not be scored. "
+                f"No exemplars for {coder} shard {shard} at {exemplars.location}: "
+                "imported explanations could not be scored. "
                 f"Fix: materialize `exemplars` for {coder}|{shard} first."
             )
         fingerprint = exemplars.fingerprint()

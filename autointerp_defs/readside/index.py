@@ -4,8 +4,9 @@ A coder of 100,000 latents must answer a list, a search or a latent page in well
 nothing is read whole per request:
 
 - `latents.arrow`: one row per latent (frequency, activation, explanation status, its number of senses,
-  each scorer's metric, control, gap and lowest sense score), rebuilt when any table it comes from changes (sizes and mtimes), then
-  held in memory; sorting and filtering 100k rows in pandas takes milliseconds.
+  each scorer's metric, control, gap and lowest sense score), rebuilt when any table it comes from
+  changes (sizes and mtimes), then held in memory; sorting and filtering 100k rows in pandas takes
+  milliseconds.
 - `<shard>.exemplars.arrow`: the shard's exemplars in Arrow's file format, sorted by latent, memory-
   mapped; with per-latent row offsets a latent's windows are a zero-copy slice, not a parquet scan.
 - `<shard>.density.npz`: per latent a histogram of its cached activations (one pass over the shard).
@@ -79,11 +80,13 @@ class CoderIndex:
         self.store, self.coder, self.embedder = store, coder, embedder
         """`embedder`: the model whose explanations table search reads (the deployment's `[embedder] model`)."""
         self.background = background
-        """Whether caches are built in background threads (`autointerp view`) rather than by the request that needs one (exports, tests)."""
+        """Whether caches are built in background threads (`autointerp view`) rather than by the
+        request that needs one (exports, tests)."""
         self.pause = pause
         """Called before each step of background work (the browser's `pause_for_requests`)."""
         self.subject_model = subject_model
-        """(model, gguf_file, revision) whose unembedding the logit lens reads: the deployment's `[subject_model]` (None: the embedded model)."""
+        """(model, gguf_file, revision) whose unembedding the logit lens reads: the deployment's
+        `[subject_model]` (None: the embedded model)."""
         self.meta = reader.activations_meta(store, coder)
         self.shards = reader.shard_keys_of(self.meta)
         self.dir = store.layout.viewer_dir(coder)
@@ -302,7 +305,8 @@ class CoderIndex:
             try:
                 self.pause()
                 self.prepare_shard(shard)
-            except Exception as error:  # the next page of this shard reads the tables directly, and says what is wrong if they are
+            except Exception as error:
+                # the next page of this shard reads the tables directly, and says what is wrong if they are
                 print(
                     f"viewer: could not prepare {self.coder} shard {shard} ({type(error).__name__}: {error})",
                     file=sys.stderr,

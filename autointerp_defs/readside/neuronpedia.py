@@ -112,7 +112,8 @@ def explanation_type(explainer: str) -> str | None:
 
 
 def explanation_model(identity: str) -> str | None:
-    """Neuronpedia's name of the explainer model of `identity` (`openai:openai/gpt-4o-mini` → `gpt-4o-mini`), None where it has none."""
+    """Neuronpedia's name of the explainer model of `identity` (`openai:openai/gpt-4o-mini` →
+    `gpt-4o-mini`), None where it has none."""
     name = model_name(identity).rsplit("/", 1)[-1]
     return name if name in EXPLANATION_MODELS else None
 
@@ -122,7 +123,8 @@ def layer_number(hookpoint: str) -> int:
     found = re.search(r"(?:layers|h|blocks|layer)\.(\d+)", hookpoint)
     if not found:
         raise reader.ExportInputError(
-            f"Cannot tell the layer of hookpoint {hookpoint!r}: Neuronpedia names a source '<layer>-<set>'. Fix: pass --layer N."
+            f"Cannot tell the layer of hookpoint {hookpoint!r}: "
+            "Neuronpedia names a source '<layer>-<set>'. Fix: pass --layer N."
         )
     return int(found.group(1))
 
@@ -417,7 +419,8 @@ def export_neuronpedia(
             }
         ],
     )
-    # Neuronpedia shows "<num_prompts> prompts, <num_tokens_in_prompt> tokens each": the windows shown, and the corpus in windows
+    # Neuronpedia shows "<num_prompts> prompts, <num_tokens_in_prompt> tokens each": the windows
+    # shown, and the corpus in windows
     _write_jsonl(
         folder / "source.jsonl",
         [
@@ -443,7 +446,8 @@ def export_neuronpedia(
 
 
 def _model_id(name: str | None) -> str:
-    """Neuronpedia's model id for the subject model: the model's folder name, lowercased (e.g. smollm2-135m-instruct)."""
+    """Neuronpedia's model id for the subject model: the model's folder name, lowercased (e.g.
+    smollm2-135m-instruct)."""
     from resources.subject_model import EMBEDDED, EMBEDDED_ORIGIN
 
     return (

@@ -140,7 +140,8 @@ def explanation_senses(
 
 
 def latent_profiles(store: TableStore, coder: str, shards: list[str]) -> pd.DataFrame:
-    """The `latent_profiles` tables written beside the exemplars (quantile boundaries, top tokens, decoder neighbours...)."""
+    """The `latent_profiles` tables written beside the exemplars (quantile boundaries, top tokens,
+    decoder neighbours...)."""
     return _read_shards({s: store.latent_profiles(coder, s) for s in shards})
 
 
@@ -201,7 +202,8 @@ def scores(
 def sense_scores(
     store: TableStore, coder: str, scorer: str, shards: list[str], columns: list[str] | None = None
 ) -> pd.DataFrame:
-    """The scorer's scores (or some columns) of each sense of latents explained as several (`sense_scores`), with a `shard` column."""
+    """The scorer's scores (or some columns) of each sense of latents explained as several
+    (`sense_scores`), with a `shard` column."""
     return _read_shards({s: store.sense_scores(coder, s, scorer) for s in shards}, columns)
 
 
@@ -266,7 +268,8 @@ def stored_decoder_directions(store: TableStore, coder: str) -> tuple[bool, np.n
 
 
 def coder_identity(store: TableStore, coder: str) -> str:
-    """The content of the coder's registry files (`storage/identity.py`: hashed once per version of each file), or '' without them."""
+    """The content of the coder's registry files (`storage/identity.py`: hashed once per version of
+    each file), or '' without them."""
     folder = store.layout.coder_registry_dir(coder)
     return content_digest(folder) if folder.is_dir() else ""
 
@@ -306,7 +309,8 @@ def stamp(paths: list[os.PathLike]) -> str:
 def explanation_vectors(
     store: TableStore, coder: str, embedder: str
 ) -> tuple[int, np.ndarray, np.ndarray, list[str]]:
-    """(table version, latents, unit vectors, the texts embedded) of `coder`'s rows in `embedder`'s LanceDB explanations table."""
+    """(table version, latents, unit vectors, the texts embedded) of `coder`'s rows in `embedder`'s
+    LanceDB explanations table."""
     table = open_explanations_table(store, embedder)
     if table is None:
         return -1, np.zeros(0, np.int64), np.zeros((0, 0), np.float32), []
@@ -339,7 +343,8 @@ _TABLES: dict[tuple[Path, str], object] = {}
 
 
 def open_explanations_table(store: TableStore, embedder: str):
-    """`embedder`'s LanceDB explanations table (opened once per process), or None when nothing was explained with it yet."""
+    """`embedder`'s LanceDB explanations table (opened once per process), or None when nothing was
+    explained with it yet."""
     key = (store.layout.lancedb_dir, embedder)
     if key not in _TABLES:
         table = open_explanations(store.layout.lancedb_dir, embedder)

@@ -7,13 +7,15 @@ Pages are one HTML shell each (`static/page.html`) filled in by `static/app.js` 
 | `/` | coders: width, dead fraction, mean L0, FVU, latents explained, each scorer beside its control |
 | `/coder?coder=C` | the latents of coder C: paginated, sortable, filterable, semantic search |
 | `/latent?coder=C&latent=N` | one latent |
-| `/api/coders`, `/api/latents?coder=C&...`, `/api/search?coder=C&q=...`, `/api/latent?coder=C&latent=N` | the same as JSON |
+| `/api/coders`, `/api/latents?coder=C&...`, `/api/latent?coder=C&latent=N` | the same as JSON |
+| `/api/search?coder=C&q=...` | the coder page's semantic search as JSON |
 | `/api/logit_lens?coder=C&latent=N` | the latent page's logit lens alone (asked again while it is pending) |
-| `POST /api/steer` `{"coder", "latent", "prompt", "strength", "tokens"}` | the steering box: continuations without and with the latent steered |
+| `POST /api/steer` | the steering box: continuations without and with the latent steered |
 
 Every other route is a GET that only reads. Steering costs the subject model's time, so it is a POST whose
-body must be JSON (a cross-site page cannot send that without a CORS preflight, which this server never
-grants) and whose Origin, when the browser sends one, must name this server as its Host must.
+body must be JSON, `{"coder", "latent", "prompt", "strength", "tokens"}` (a cross-site page cannot send
+that without a CORS preflight, which this server never grants), and whose Origin, when the browser sends
+one, must name this server as its Host must.
 """
 
 from __future__ import annotations
@@ -90,8 +92,9 @@ def make_handler(viewer: Viewer, viewer_url: str | None = None):
                     if not host_allowed(self.headers.get("Host"), host, port, viewer_url):
                         raise ViewerError(
                             403,
-                            f"Misdirected request: Host {self.headers.get('Host')!r} is not this server ({host}:{port}). "
-                            f"Fix: open http://127.0.0.1:{port}/, or set [settings] viewer_url to the address you use.",
+                            f"Misdirected request: Host {self.headers.get('Host')!r} is not this "
+                            f"server ({host}:{port}). Fix: open http://127.0.0.1:{port}/, "
+                            "or set [settings] viewer_url to the address you use.",
                         )
                     return route(url)
                 except ViewerError as error:
@@ -130,7 +133,8 @@ def make_handler(viewer: Viewer, viewer_url: str | None = None):
             if url.path == "/api/steer":
                 raise ViewerError(
                     405,
-                    "Steering is a POST with a JSON body (coder, latent, prompt, strength, tokens). Fix: use the latent page's steering box.",
+                    "Steering is a POST with a JSON body (coder, latent, prompt, strength, "
+                    "tokens). Fix: use the latent page's steering box.",
                     {"Allow": "POST"},
                 )
             if url.path == "/healthz":
@@ -159,12 +163,14 @@ def make_handler(viewer: Viewer, viewer_url: str | None = None):
                 raise ViewerError(
                     403,
                     f"Cross-site request: Origin {origin!r} is not this server ({host}:{port}). "
-                    f"Fix: steer from this server's own latent page, or set [settings] viewer_url to the address you use.",
+                    "Fix: steer from this server's own latent page, "
+                    "or set [settings] viewer_url to the address you use.",
                 )
             if self.headers.get_content_type() != "application/json":
                 raise ViewerError(
                     415,
-                    'The body must be JSON (Content-Type: application/json). Fix: send {"coder": ..., "latent": ..., "prompt": ...}.',
+                    "The body must be JSON (Content-Type: application/json). "
+                    'Fix: send {"coder": ..., "latent": ..., "prompt": ...}.',
                 )
             try:
                 body = json.loads(raw)
@@ -221,7 +227,9 @@ def make_server(
     store = TableStore.at(data_dir)
     if not store.layout.root.exists():
         raise ExportInputError(
-            f"No data root at {store.layout.root}. Fix: pass --data, or set [settings] data_dir in the deployment file, to the folder `make demo` filled, e.g. ./data."
+            f"No data root at {store.layout.root}. Fix: pass --data, "
+            "or set [settings] data_dir in the deployment file, "
+            "to the folder `make demo` filled, e.g. ./data."
         )
     server = ThreadingHTTPServer(
         (host, port), make_handler(viewer or Viewer(store, **options), viewer_url)
@@ -243,9 +251,9 @@ def serve(
     the deployment's embedder, Dagster URL and subject-model resource."""
     import torch
 
-    torch.set_num_threads(
-        1
-    )  # requests run on threads of their own; intra-op threads on a busy 2-core machine made a query's embedding 20x slower
+    # requests run on threads of their own; intra-op threads on a busy 2-core machine made a query's
+    # embedding 20x slower
+    torch.set_num_threads(1)
     viewer = Viewer(TableStore.at(data_dir), **options)
     server = make_server(data_dir, host, port, viewer, viewer_url)
     if warm:

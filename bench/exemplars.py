@@ -81,7 +81,9 @@ def bench_ann(args, rng) -> dict:
     started = time.perf_counter()
     exact = [np.argpartition(-(vectors @ q), 10)[:10] for q in queries]
     exact_s = time.perf_counter() - started
-    recall = np.mean([len(set(a.tolist()) & set(e.tolist())) / 10 for a, e in zip(ann, exact, strict=False)])
+    recall = np.mean(
+        [len(set(a.tolist()) & set(e.tolist())) / 10 for a, e in zip(ann, exact, strict=False)]
+    )
     return {
         "vectors": args.vectors,
         "index_build_s": round(build_s, 1),

@@ -190,7 +190,9 @@ def main() -> None:
                 if most > 1:
                     named = [
                         {cls for cls, _ in senses_of(text)} == set(plan[group][latent])
-                        for latent, text in zip(explanations["latent"], explanations["explanation"], strict=False)
+                        for latent, text in zip(
+                            explanations["latent"], explanations["explanation"], strict=False
+                        )
                     ]
                     results[method][group]["all_senses_named"] = f"{sum(named)}/{len(named)}"
                     results[method][group]["per_sense_detection"] = sense_detection(

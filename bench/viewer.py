@@ -459,7 +459,9 @@ def main() -> None:
         ]
         queries = [
             f"{a} {b}"
-            for a, b in zip(rng.choice(WORDS, args.requests), rng.choice(WORDS, args.requests), strict=False)
+            for a, b in zip(
+                rng.choice(WORDS, args.requests), rng.choice(WORDS, args.requests), strict=False
+            )
         ]
         timed = {"list": [], "search": [], "latent": []}
         for i in range(args.requests):

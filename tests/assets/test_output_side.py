@@ -154,7 +154,9 @@ def truthful_output_judge(messages):
     word = re.search(r"Description: the word '(\w+)'", messages[-1]["content"]).group(1)
     firsts = re.findall(r"Continuation 1: (.*)", messages[-1]["content"])
     seconds = re.findall(r"Continuation 2: (.*)", messages[-1]["content"])
-    return str([1 if a.count(word) > b.count(word) else 2 for a, b in zip(firsts, seconds, strict=False)])
+    return str(
+        [1 if a.count(word) > b.count(word) else 2 for a, b in zip(firsts, seconds, strict=False)]
+    )
 
 
 @pytest.fixture(scope="module")
@@ -220,7 +222,8 @@ def word_counting_judge(messages):
     word = found.group(1) if found else None
     pairs = zip(
         re.findall(r"Continuation 1: (.*)", messages[-1]["content"]),
-        re.findall(r"Continuation 2: (.*)", messages[-1]["content"]), strict=False,
+        re.findall(r"Continuation 2: (.*)", messages[-1]["content"]),
+        strict=False,
     )
     return str([1 if word and a.count(word) > b.count(word) else 2 for a, b in pairs])
 

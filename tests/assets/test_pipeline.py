@@ -66,9 +66,19 @@ def test_every_asset_for_one_partition_end_to_end(registered):
     assert set(stats.latent) == set(ex.latent) and len(stats.neighbours.iloc[0]) == 10
     for latent, group in ex.groupby("latent"):
         train = set(
-            zip(group[group.split == "train"].sequence, group[group.split == "train"].start, strict=False)
+            zip(
+                group[group.split == "train"].sequence,
+                group[group.split == "train"].start,
+                strict=False,
+            )
         )
-        test = set(zip(group[group.split == "test"].sequence, group[group.split == "test"].start, strict=False))
+        test = set(
+            zip(
+                group[group.split == "test"].sequence,
+                group[group.split == "test"].start,
+                strict=False,
+            )
+        )
         assert train and test and not train & test  # disjoint
         assert (group[group.kind != "activating"]["max_activation"] == 0).all()
         assert (group[group.kind == "activating"]["max_activation"] > 0).all()

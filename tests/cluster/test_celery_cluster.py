@@ -157,7 +157,9 @@ def assert_same_tables(cluster: dict, single: dict) -> None:
         if isinstance(table, pd.DataFrame):
             pd.testing.assert_frame_equal(table, single[name], obj=name)
         elif isinstance(table, tuple):
-            assert all(np.array_equal(a, b) for a, b in zip(table, single[name], strict=False)), name
+            assert all(np.array_equal(a, b) for a, b in zip(table, single[name], strict=False)), (
+                name
+            )
         else:
             assert table == single[name], name
 

@@ -284,7 +284,9 @@ def test_delphi_export_then_import_rescored_with_controls(partition, tmp_path):
         ]
     )
     imported = pd.read_parquet(croot.explanations_path(partition.coder, "00"))
-    assert dict(zip(imported.latent, imported.explanation, strict=False)) == dict(zip(ok.latent, ok.explanation, strict=False))
+    assert dict(zip(imported.latent, imported.explanation, strict=False)) == dict(
+        zip(ok.latent, ok.explanation, strict=False)
+    )
     assert (
         set(imported.explainer) == {"delphi"}
         and set(imported.model) == {"delphi-run"}
@@ -302,7 +304,9 @@ def test_delphi_export_then_import_rescored_with_controls(partition, tmp_path):
     )
     assert result.success
     scored = pd.read_parquet(croot.scores_path(partition.coder, "00", "embedding"))
-    assert dict(zip(scored.latent, scored.explanation, strict=False)) == dict(zip(ok.latent, ok.explanation, strict=False))
+    assert dict(zip(scored.latent, scored.explanation, strict=False)) == dict(
+        zip(ok.latent, ok.explanation, strict=False)
+    )
     assert (
         scored.control_explanation != scored.explanation
     ).all() and scored.control_roc_auc.notna().all()

@@ -243,9 +243,11 @@ def test_latent_page_shows_logits_filters_windows_by_token_and_links_a_scorer(
     )
     # top activations searchable by token: only windows holding the token stay, the token outlined
     strongest = api["windows"]["activating"][0]["windows"][0]
-    token = max((a, t) for a, t in zip(strongest["activations"], strongest["tokens"], strict=False) if t.strip())[
-        1
-    ].strip()
+    token = max(
+        (a, t)
+        for a, t in zip(strongest["activations"], strongest["tokens"], strict=False)
+        if t.strip()
+    )[1].strip()
     page.fill("#token-search", token)
     windows = page.locator("#windows .window")
     visible = [i for i in range(windows.count()) if windows.nth(i).is_visible()]

@@ -70,7 +70,9 @@ def held(root: DataRoot, embedder: str) -> dict[tuple[str, int], str]:
     )
     return {
         (shard, latent): text
-        for shard, latent, text in zip(rows["shard"], rows["latent"], rows["explanation"], strict=False)
+        for shard, latent, text in zip(
+            rows["shard"], rows["latent"], rows["explanation"], strict=False
+        )
     }
 
 

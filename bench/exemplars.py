@@ -47,7 +47,9 @@ def bench_exemplars(args, rng) -> float:
     tokens, shard = synthetic_cache(args.sequences, 128, args.width, 32, rng)
     config = ExemplarsConfig(non_activating_sources=["random", "neighbour"])
     latents = np.unique(shard.locations[:, 2])
-    neighbours = {int(l): rng.choice(args.width, size=10, replace=False).tolist() for l in latents}
+    neighbours = {
+        int(latent): rng.choice(args.width, size=10, replace=False).tolist() for latent in latents
+    }
     sources = NegativeSources(128 // 32, args.sequences * 4, neighbours, shard, None)
     count = np.bincount(shard.locations[:, 2], minlength=args.width)
     stats = {"count": count, "max": np.ones(args.width), "sum": count * 0.5}

@@ -181,7 +181,8 @@ def test_the_output_side_judge_tells_steered_text_with_the_true_description_only
 
         for latent, other in ((0, 1), (1, 0)):
             own, control = asyncio.run(both(latent, other))
-            # the other word is in neither text: the judge's tie answer (2) is right only where the seeded order put the steered text
+            # the other word is in neither text: the judge's tie answer (2) is right only where the
+            # seeded order put the steered text
             by_position = np.mean(
                 [p.steered == 2 for p in judge_pairs(continuations[latent], seed=latent)]
             )

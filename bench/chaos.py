@@ -176,7 +176,7 @@ class FaultyJudge:
 
 
 async def explain_and_score(client, exemplars, vocab):
-    latents = sorted(int(l) for l in exemplars.latent.unique())
+    latents = sorted(int(latent) for latent in exemplars.latent.unique())
     explanations = await explain_all(
         EXPLAINERS["highlighted"](ExplainerSettings(), ExplainerDeps(llm=client)),
         ExplanationsConfig(),
@@ -348,8 +348,10 @@ def main() -> None:
     failed = failures(explanations, scores)
     failed_latents = sorted({f["latent"] for f in failed})
     print(
-        f"reference: {ref_requests} requests in {ref_s:.1f} s; with faults: {requests} requests ({sum(judge.faults.values())} faults), "
-        f"{ledger.retries} retries, {lost} lost questions over {len(failed_latents)} latents, {chaos_s:.1f} s; rerun: {rerun_requests} requests "
+        f"reference: {ref_requests} requests in {ref_s:.1f} s; "
+        f"with faults: {requests} requests ({sum(judge.faults.values())} faults), "
+        f"{ledger.retries} retries, {lost} lost questions over {len(failed_latents)} latents, "
+        f"{chaos_s:.1f} s; rerun: {rerun_requests} requests "
         f"({repeats} asked before, {rerun_requests - repeats} new), {rerun_s:.1f} s"
     )
     for f in failed[:10]:
@@ -372,10 +374,9 @@ def main() -> None:
                 "rerun_requests": rerun_requests,
                 "rerun_repeats": repeats,
                 "rerun_new_prompts": rerun_requests - repeats,
-                "rerun_bound": lost
-                + lost_explanations
-                * 3
-                * per_job,  # the lost questions; per gained explanation its own, its control's and a neighbour's control jobs
+                # the lost questions; per gained explanation its own, its control's and a
+                # neighbour's control jobs
+                "rerun_bound": lost + lost_explanations * 3 * per_job,
                 "rerun_equals_fault_free": same_tables(
                     (again_explanations, again_scores), (ref_explanations, ref_scores)
                 )

@@ -59,14 +59,14 @@ from resources.settings import adopt_root  # noqa: E402
 from resources.sparse_coders import save_sparsify  # noqa: E402
 from resources.subject_model import SubjectModelResource  # noqa: E402
 from storage.layout import DataRoot  # noqa: E402
-from tests.cluster.services import (
+from tests.cluster.services import (  # noqa: E402
     cluster_env,
     dagster_postgres_url,
     fresh_database,
     postgres_server,
     redis_server,
     start_worker,
-    stop,  # noqa: E402
+    stop,
     tiny_cluster_deployment,
     wait_until_ready,
 )
@@ -83,7 +83,8 @@ RANGE_TAGS = ("dagster/asset_partition_range_start", "dagster/asset_partition_ra
 
 
 def prepare(inputs: Path, keys: list[str]) -> None:
-    """The wide SAE, registered; corpus and activations (once), and the exemplars of every shard in `keys` not made yet."""
+    """The wide SAE, registered; corpus and activations (once), and the exemplars of every shard
+    in `keys` not made yet."""
     deployment = (
         tiny_cluster_deployment(
             inputs,
@@ -201,8 +202,9 @@ def step_times(instance: DagsterInstance) -> list[dict]:
 
 
 class InFlight:
-    """The endpoint's requests in flight, sampled every `every_s` on a thread while in a `with`: how much of the endpoint's
-    limit the round kept busy (less sensitive to the machine's CPU load than the wall time)."""
+    """The endpoint's requests in flight, sampled every `every_s` on a thread while in a `with`:
+    how much of the endpoint's limit the round kept busy (less sensitive to the machine's CPU load
+    than the wall time)."""
 
     def __init__(self, server: ScriptedLLMServer, every_s: float = 0.05):
         self.server, self.every_s, self.samples, self._stop = server, every_s, [], threading.Event()
@@ -221,7 +223,8 @@ class InFlight:
         self._thread.join()
 
     def summary(self, limit: int) -> dict:
-        """Mean in flight over the limit, and the seconds at or under half of it and at none (from the first request on)."""
+        """Mean in flight over the limit, and the seconds at or under half of it and at none (from
+        the first request on)."""
         counts = [n for _, n in self.samples]
         first = next((i for i, n in enumerate(counts) if n), len(counts))
         asking = counts[first:]
@@ -340,7 +343,9 @@ def one_round(
         in_flight.timeline(args.timeline.parent / f"{args.timeline.name}-{workers}")
         (args.timeline.parent / f"{args.timeline.name}-{workers}-events").write_text(
             "".join(
-                f"{record.timestamp - began:.1f} {run.run_id[:8]} {record.dagster_event.event_type_value if record.dagster_event else ''} {record.user_message[:100]}\n"
+                f"{record.timestamp - began:.1f} {run.run_id[:8]} "
+                f"{record.dagster_event.event_type_value if record.dagster_event else ''} "
+                f"{record.user_message[:100]}\n"
                 for run in instance.get_runs()
                 for record in instance.all_logs(run.run_id)
             )

@@ -52,13 +52,13 @@ from autointerp_defs.instance import POSTGRES_ENV, write_instance  # noqa: E402
 from resources.settings import adopt_root  # noqa: E402
 from storage.layout import DataRoot  # noqa: E402
 from storage.store import TableStore  # noqa: E402
-from tests.cluster.services import (
+from tests.cluster.services import (  # noqa: E402
     SERVICE_ADDRESS,
     ClusterNetwork,
     cluster_env,
     cluster_network,
     dagster_postgres_url,
-    fresh_database,  # noqa: E402
+    fresh_database,
     joined,
     postgres_server,
     redis_server,
@@ -132,13 +132,15 @@ def inject(fault: str, postgres, redis, coordination, workers: list[subprocess.P
         return "Redis restarted"
     with psycopg.connect(coordination.url, autocommit=True) as db:
         ended = db.execute(
-            "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity WHERE datname = current_database() AND pid <> pg_backend_pid()"
+            "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity"
+            " WHERE datname = current_database() AND pid <> pg_backend_pid()"
         ).fetchone()[0]
     return f"{ended} coordination sessions ended"
 
 
 def first_error(log: str) -> str:
-    """The error a failed run's log names (its exception's line, the project's before Dagster's wrappers), else its last lines."""
+    """The error a failed run's log names (its exception's line, the project's before Dagster's
+    wrappers), else its last lines."""
     named = sorted(
         (
             line.strip()

@@ -47,7 +47,9 @@ def bench_exemplars(args, rng) -> float:
     tokens, shard = synthetic_cache(args.sequences, 128, args.width, 32, rng)
     config = ExemplarsConfig(non_activating_sources=["random", "neighbour"])
     latents = np.unique(shard.locations[:, 2])
-    neighbours = {int(l): rng.choice(args.width, size=10, replace=False).tolist() for l in latents}
+    neighbours = {
+        int(latent): rng.choice(args.width, size=10, replace=False).tolist() for latent in latents
+    }
     sources = NegativeSources(128 // 32, args.sequences * 4, neighbours, shard, None)
     count = np.bincount(shard.locations[:, 2], minlength=args.width)
     stats = {"count": count, "max": np.ones(args.width), "sum": count * 0.5}
@@ -81,7 +83,9 @@ def bench_ann(args, rng) -> dict:
     started = time.perf_counter()
     exact = [np.argpartition(-(vectors @ q), 10)[:10] for q in queries]
     exact_s = time.perf_counter() - started
-    recall = np.mean([len(set(a.tolist()) & set(e.tolist())) / 10 for a, e in zip(ann, exact, strict=False)])
+    recall = np.mean(
+        [len(set(a.tolist()) & set(e.tolist())) / 10 for a, e in zip(ann, exact, strict=False)]
+    )
     return {
         "vectors": args.vectors,
         "index_build_s": round(build_s, 1),

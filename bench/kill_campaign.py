@@ -215,6 +215,12 @@ def killed_when(stage: str, data: Path, url: str, ready, timeout_s: float) -> bo
     return True
 
 
+def reached(target: float, count, *args):
+    """A `ready` for `killed_when`: holds once `count(*args)` is at least `target`, which is fixed
+    now, when the kill is planned."""
+    return lambda: count(*args) >= target
+
+
 def checkpoints(data: Path) -> int:
     from storage.atomic import read_json
     from storage.layout import DataRoot
@@ -246,9 +252,8 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as work, ScriptedLLMServer(judge, delay_s=0.4) as server:
         base = Path(work) / "base"
         prepare(base)
-        for (
-            stage
-        ) in STAGES:  # every stage up to the last one asked for runs; the asked ones are killed
+        # every stage up to the last one asked for runs; the asked ones are killed
+        for stage in STAGES:
             if stage not in stages and STAGES.index(stage) > max(STAGES.index(s) for s in stages):
                 break
             reference = Path(work) / f"reference-{stage}"
@@ -264,14 +269,13 @@ def main() -> None:
             for i in range(args.kills if stage in stages else 0):
                 share = (i + 1) / (args.kills + 1)
                 if stage == "cache":
-                    ready = lambda target=max(1, int(total * share)): checkpoints(base) >= target
+                    ready = reached(max(1, int(total * share)), checkpoints, base)
                 elif stage == "exemplars":
-                    ready = lambda until=time.monotonic() + seconds * (0.5 + 0.45 * share): (
-                        time.monotonic() >= until
-                    )
+                    until = time.monotonic() + seconds * (0.5 + 0.45 * share)
+                    ready = reached(until, time.monotonic)
                 else:
-                    ready = lambda target=first_request + max(1, int(total * share)): (
-                        len(server.requests) >= target
+                    ready = reached(
+                        first_request + max(1, int(total * share)), len, server.requests
                     )
                 if killed_when(stage, base, server.base_url, ready, timeout_s=seconds * 3 + 60):
                     kills.append(
@@ -288,7 +292,8 @@ def main() -> None:
             }
             report["kills"] += len(kills)
             print(
-                f"{stage}: reference {seconds:.1f} s, killed at {kills} of its work, then run to the end: {'identical' if identical else 'DIFFERENT'}",
+                f"{stage}: reference {seconds:.1f} s, killed at {kills} of its work, "
+                f"then run to the end: {'identical' if identical else 'DIFFERENT'}",
                 flush=True,
             )
     report["identical_results"] = all(s["identical"] for s in report["stages"].values())

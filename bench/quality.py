@@ -2,21 +2,21 @@
 
 Latents planted with one sense ("digits inside parentheses", "capitalized words inside quotation
 marks", "symbols inside square brackets") or with two of them (`tests/planted_latents.py`: hard
-negatives hold the class outside its container), explained by a scripted explainer that reads only what its prompt shows (too broad at
-first, narrowed when shown the texts it wrongly fits), and judged by a scripted judge that answers
-from what the description literally says, both behind a scripted OpenAI-compatible server on
-127.0.0.1 that counts requests. For each method, single shot, refined (`refine_rounds`) and several
-senses (`[explanations] senses`, clustered by the real MiniLM embedder), it
-prints detection and fuzzing balanced accuracy on the `test` windows, the gap over the shuffled-
-explanation control, and the requests per latent of explaining; for several senses also how many
-latents have all their planted senses named, and each sense's detection on its own test windows
-against the rest (`score_senses`). Single-sense latents are scored in
-one partition (each with another single-sense latent's explanation as control), two-sense latents in
-another. `embedding_gap` is the embedding scorer's mean ROC AUC gap at its default settings (real
-MiniLM, each window by its best token) over the single-sense latents with the refined explanations,
-the median over `--embedding-seeds` plantings of them (seed 0 is the one above, the others planted
-and explained the same way); `embedding_gap_before` the same in the same run with the default
-before it, whole windows (`span_tokens = 0`). Prints a JSON object as its last line.
+negatives hold the class outside its container), explained by a scripted explainer that reads only
+what its prompt shows (too broad at first, narrowed when shown the texts it wrongly fits), and
+judged by a scripted judge that answers from what the description literally says, both behind a
+scripted OpenAI-compatible server on 127.0.0.1 that counts requests. For each method, single shot,
+refined (`refine_rounds`) and several senses (`[explanations] senses`, clustered by the real MiniLM
+embedder), it prints detection and fuzzing balanced accuracy on the `test` windows, the gap over the
+shuffled-explanation control, and the requests per latent of explaining; for several senses also
+how many latents have all their planted senses named, and each sense's detection on its own test
+windows against the rest (`score_senses`). Single-sense latents are scored in one partition (each
+with another single-sense latent's explanation as control), two-sense latents in another.
+`embedding_gap` is the embedding scorer's mean ROC AUC gap at its default settings (real MiniLM,
+each window by its best token) over the single-sense latents with the refined explanations, the
+median over `--embedding-seeds` plantings of them (seed 0 is the one above, the others planted and
+explained the same way); `embedding_gap_before` the same in the same run with the default before it,
+whole windows (`span_tokens = 0`). Prints a JSON object as its last line.
 
     .venv/bin/python bench/quality.py [--latents-per-sense 8] [--rounds 2] [--senses 3] [--embedding-seeds 5]
 """
@@ -61,7 +61,8 @@ def planted(per_sense: int) -> dict[str, dict[int, tuple[str, ...]]]:
 
 
 def mean_gap(frame, main_metric: str) -> dict:
-    """Mean score, mean control and their gap over the latents with a control (None where undefined, so the JSON stays JSON)."""
+    """Mean score, mean control and their gap over the latents with a control (None where
+    undefined, so the JSON stays JSON)."""
     score, control, n = paired_means(frame[main_metric], frame[f"control_{main_metric}"])
     return {
         name: None if math.isnan(value) else round(value, 3)
@@ -190,7 +191,9 @@ def main() -> None:
                 if most > 1:
                     named = [
                         {cls for cls, _ in senses_of(text)} == set(plan[group][latent])
-                        for latent, text in zip(explanations["latent"], explanations["explanation"], strict=False)
+                        for latent, text in zip(
+                            explanations["latent"], explanations["explanation"], strict=False
+                        )
                     ]
                     results[method][group]["all_senses_named"] = f"{sum(named)}/{len(named)}"
                     results[method][group]["per_sense_detection"] = sense_detection(
@@ -216,9 +219,11 @@ def main() -> None:
     }
     seconds = time.perf_counter() - started
 
+    counts = (
+        f"{len(latents)} {group}" for group, latents in planted(args.latents_per_sense).items()
+    )
     print(
-        f"{', '.join(f'{len(latents)} {group}' for group, latents in planted(args.latents_per_sense).items())} planted latents; "
-        f"refined: at most {args.rounds} rounds; {seconds:.0f} s"
+        f"{', '.join(counts)} planted latents; refined: at most {args.rounds} rounds; {seconds:.0f} s"
     )
     print(
         f"{'method':14} {'latents':13} {'detection':>22} {'fuzzing':>22} {'explain requests/latent':>24}"
@@ -227,10 +232,12 @@ def main() -> None:
         for group, r in by_group.items():
             d, f = r["detection"], r["fuzzing"]
             print(
-                f"{method:14} {group:13} {d['score']:>7.3f} (gap {d['gap']:+.3f}) {f['score']:>7.3f} (gap {f['gap']:+.3f}) {r['explain_requests_per_latent']:>24}"
+                f"{method:14} {group:13} {d['score']:>7.3f} (gap {d['gap']:+.3f}) "
+                f"{f['score']:>7.3f} (gap {f['gap']:+.3f}) {r['explain_requests_per_latent']:>24}"
             )
     print(
-        "(a two-sense latent's control is another pair's explanation, which shares one of its senses: its control is not at chance)"
+        "(a two-sense latent's control is another pair's explanation, which shares one of its "
+        "senses: its control is not at chance)"
     )
     for group, r in results["several_senses"].items():
         d = r["per_sense_detection"]
@@ -248,7 +255,8 @@ def main() -> None:
     ):
         m, per_planting = median[form], ", ".join(f"{r['gap']:+.3f}" for r in embedding[form])
         print(
-            f"embedding, {label}, refined single-sense explanations, median of {len(plantings)} plantings: ROC AUC {m['score']:.3f}, control {m['control']:.3f}, "
+            f"embedding, {label}, refined single-sense explanations, median of {len(plantings)} "
+            f"plantings: ROC AUC {m['score']:.3f}, control {m['control']:.3f}, "
             f"gap {m['gap']:+.3f} (per planting {per_planting})"
         )
     print(

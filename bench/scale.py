@@ -1,23 +1,24 @@
 """A 131,072-latent coder end to end, and what changes with the partition size (issue 18, line 5).
 
 Builds (once per `--data` folder) a random TopK coder of width 131,072 (k 32, `model.layers.15`) on
-the embedded model, cached over the whole embedded corpus (about 258K tokens; ~5 min here) with the default 1,024-latent shards, and the
-corpus windows embedded in LanceDB. Then, for each partition size (1K, 8K, 32K latents: a partition
-of P latents is latents [0, P), read across the cache's shards as one), one fresh process runs the
-stages the assets run: exemplars of every latent of the partition, then explanations and the
-detection, fuzzing and embedding scorers of its first `--latents` explained latents, against an
-instant scripted endpoint in its own process (the LLM taken out; a fresh response cache per stage,
-so every request is sent). Per stage: ms per latent, requests per latent, and the peak RSS of the
-process while the stage ran (sampled every 20 ms).
+the embedded model, cached over the whole embedded corpus (about 258K tokens; ~5 min here) with the
+default 1,024-latent shards, and the corpus windows embedded in LanceDB. Then, for each partition
+size (1K, 8K, 32K latents: a partition of P latents is latents [0, P), read across the cache's
+shards as one), one fresh process runs the stages the assets run: exemplars of every latent of the
+partition, then explanations and the detection, fuzzing and embedding scorers of its first
+`--latents` explained latents, against an instant scripted endpoint in its own process (the LLM
+taken out; a fresh response cache per stage, so every request is sent). Per stage: ms per latent,
+requests per latent, and the peak RSS of the process while the stage ran (sampled every 20 ms).
 
 The Dagster overhead: `dagster asset materialize` of `explanations` for one 1,024-latent shard (a
 cold process: imports, definitions, resources, inputs read; one latent explained), and what each
-further shard adds to a run of 4 (a backfill under `[settings] partitions_per_run = 4`; both timed as
-a cold `materialize` in Python, since the CLI takes no multi-run range), per shard the run holds,
+further shard adds to a run of 4 (a backfill under `[settings] partitions_per_run = 4`; both timed
+as a cold `materialize` in Python, since the CLI takes no multi-run range), per shard the run holds,
 against the work of a whole default shard's run (explanations, detection, fuzzing, embedding) at the
 measured ms per latent (the share with the instant endpoint, the worst case) and with a 1 s endpoint
-at concurrency 32 (the measured requests per latent: the share users see). Prints a JSON object as its last line; `ratio` is the peak RSS of the
-largest partition over the smallest's (flat memory: ≤ 1.1).
+at concurrency 32 (the measured requests per latent: the share users see). Prints a JSON object as
+its last line; `ratio` is the peak RSS of the largest partition over the smallest's (flat
+memory: ≤ 1.1).
 
     .venv/bin/python bench/scale.py --data /tmp/scale
 """
@@ -187,7 +188,9 @@ def measure(data: Path, partition_latents: int, n_latents: int) -> dict:
                 stages(
                     name,
                     len(chosen),
-                    lambda: asyncio.run(score_partition(scorer, table, explanations, vocab)),
+                    lambda scorer=scorer: asyncio.run(
+                        score_partition(scorer, table, explanations, vocab)
+                    ),
                 )
                 requests[name] = deps.llm.ledger.requests if deps.llm is not None else 0
     finally:
@@ -227,16 +230,27 @@ import sys
 from dagster import DagsterInstance, materialize
 from autointerp_defs.definitions import defs
 keys = sys.argv[1:]
-tags = {"dagster/asset_partition_range_start": keys[0], "dagster/asset_partition_range_end": keys[-1]} if len(keys) > 1 else {}
-assert materialize(list(defs.assets), selection=["explanations"], resources=defs.resources, instance=DagsterInstance.get(),
-                   partition_key=None if tags else keys[0], tags=tags).success
+tags = (
+    {"dagster/asset_partition_range_start": keys[0], "dagster/asset_partition_range_end": keys[-1]}
+    if len(keys) > 1
+    else {}
+)
+assert materialize(
+    list(defs.assets),
+    selection=["explanations"],
+    resources=defs.resources,
+    instance=DagsterInstance.get(),
+    partition_key=None if tags else keys[0],
+    tags=tags,
+).success
 """
 
 
 def dagster_run_seconds(data: Path, scripted_url: str, shards: int, cli: bool = False) -> float:
-    """Wall time of a cold process materializing `explanations` for the coder's first `shards` shards in one
-    run (one latent explained per shard), as a backfill under `partitions_per_run = shards` runs them; with
-    `cli`, of `dagster asset materialize` of the first shard (what a user types; it takes no multi-run range)."""
+    """Wall time of a cold process materializing `explanations` for the coder's first `shards`
+    shards in one run (one latent explained per shard), as a backfill under
+    `partitions_per_run = shards` runs them; with `cli`, of `dagster asset materialize` of the first
+    shard (what a user types; it takes no multi-run range)."""
     from dagster import DagsterInstance
 
     home = data / "dagster_home"
@@ -249,8 +263,10 @@ def dagster_run_seconds(data: Path, scripted_url: str, shards: int, cli: bool = 
     )
     deployment = data / "scale.toml"
     deployment.write_text(
-        f'[settings]\ndata_dir = "{data}"\nlatents_per_shard = {CACHE_SHARD}\nmax_latents_per_shard = 1\npartitions_per_run = {shards}\n'
-        f'[llm]\nbackend = "openai"\nbase_url = "{scripted_url}"\nmodel = "scripted"\n[explanations]\nexplainer = "highlighted"\n'
+        f'[settings]\ndata_dir = "{data}"\nlatents_per_shard = {CACHE_SHARD}\n'
+        f"max_latents_per_shard = 1\npartitions_per_run = {shards}\n"
+        f'[llm]\nbackend = "openai"\nbase_url = "{scripted_url}"\nmodel = "scripted"\n'
+        '[explanations]\nexplainer = "highlighted"\n'
     )
     env = {**os.environ, "DAGSTER_HOME": str(home), "AUTOINTERP_DEPLOYMENT": str(deployment)}
     command = (
@@ -391,7 +407,8 @@ def main() -> None:
             * 1.0
             / 32
         )
-        # a run's cost per shard it holds: the CLI's cold run, plus what each further shard of a range adds (its one latent's work included: an upper bound)
+        # a run's cost per shard it holds: the CLI's cold run, plus what each further shard of a
+        # range adds (its one latent's work included: an upper bound)
         per_shard = {n: (cli_s + (run_s[n] - run_s[1])) / n for n in run_s}
         from storage.activations import read_cache_meta
         from storage.layout import DataRoot

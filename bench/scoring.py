@@ -150,7 +150,8 @@ def main() -> None:
     delphi = 1 + 2 * math.ceil(examples_per_latent / DELPHI["examples_per_prompt"])
     ours = len(server.requests) / args.latents
     print(
-        f"{args.latents} latents: {len(server.requests)} requests ({scorer_requests} scorer requests, half of them the controls), {prompt_tokens} prompt tokens"
+        f"{args.latents} latents: {len(server.requests)} requests ({scorer_requests} scorer "
+        f"requests, half of them the controls), {prompt_tokens} prompt tokens"
     )
     print(
         json.dumps(

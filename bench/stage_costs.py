@@ -49,7 +49,8 @@ TARGET_MS = {
 
 
 def prepare(data: Path, tokens: int, width: int, k: int, coder_key: str = CODER) -> None:
-    """Corpus, registered random coder `coder_key`, its activation cache and the contexts table (skipped when present)."""
+    """Corpus, registered random coder `coder_key`, its activation cache and the contexts table
+    (skipped when present)."""
     import torch
 
     from assets.activations import cache_activations
@@ -216,7 +217,10 @@ def measure(data: Path, shard: str, n_latents: int, out: Path) -> dict:
                 scorer = SCORERS[name](settings[name], deps)
                 digests[name] = scorer.settings.digest()
                 scores, examples = meter(
-                    name, lambda: asyncio.run(score_partition(scorer, frame, explanations, vocab))
+                    name,
+                    lambda scorer=scorer: asyncio.run(
+                        score_partition(scorer, frame, explanations, vocab)
+                    ),
                 )
                 scores.to_parquet(out / f"{name}.parquet")
                 examples.to_parquet(out / f"{name}.examples.parquet")
@@ -246,10 +250,11 @@ def per_latent(result: dict) -> dict:
 
 
 def same_tables(a: Path, b: Path, digests_a: dict, digests_b: dict) -> dict:
-    """Per table written by both runs: "identical" (NaN equal to NaN), else "within 1e-5" with the largest
-    difference and the columns it is in (MiniLM's vectors move by ~1e-7 with the batch a text is embedded in,
-    which moves a Pearson correlation by ~1e-6: the old code's own and control vectors of one window differ so), else "different".
-    A scorer's tables (`<scorer>.parquet`, `<scorer>.examples.parquet`) whose settings digests differ get that said first."""
+    """Per table written by both runs: "identical" (NaN equal to NaN), else "within 1e-5" with the
+    largest difference and the columns it is in (MiniLM's vectors move by ~1e-7 with the batch a
+    text is embedded in, which moves a Pearson correlation by ~1e-6: the old code's own and control
+    vectors of one window differ so), else "different". A scorer's tables (`<scorer>.parquet`,
+    `<scorer>.examples.parquet`) whose settings digests differ get that said first."""
     import pandas as pd
 
     verdicts = {}

@@ -164,7 +164,8 @@ def main() -> None:
         "--before",
         metavar="COMMIT",
         help="also time the intervention scorer of this commit in the same run (83a6ce0: one latent "
-        "at a time, nothing shared but the unsteered continuations): its own bench/steering.py on a `git archive` of it",
+        "at a time, nothing shared but the unsteered continuations): its own bench/steering.py "
+        "on a `git archive` of it",
     )
     parser.add_argument(
         "--before-latents", type=int, default=2, help="latents the --before commit scores"
@@ -328,7 +329,8 @@ def main() -> None:
                 **(
                     {
                         "before": args.before,
-                        "intervention_s_per_latent_before": before,  # that bench counts the shared work among its latents: so here too
+                        # that bench counts the shared work among its latents: so here too
+                        "intervention_s_per_latent_before": before,
                         "speedup_over_before": round(
                             before
                             / (batched["s_per_latent"] + batched["shared_s"] / len(token_ids)),

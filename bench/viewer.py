@@ -1,12 +1,12 @@
 """Benchmark the latent browser on a 100,000-latent coder: p50/p95 response times and server memory.
 
-Builds a data root with every table the viewer reads, in the pipeline's own on-disk formats, for
-a synthetic TopK SAE (random weights, `--width` latents at d_model 576, the embedded model's
-width, so the logit lens runs on the real unembedding): corpus, activation cache (`--acts` pairs
-per latent, with the decoder directions and the unembedding the activations stage writes beside it),
-exemplars (16 windows per latent, a row group per 256 latents as the stage writes), latent profiles, explanations of every latent
-(a pool of 2,000 distinct texts, embedded into LanceDB with MiniLM), three scorers' tables. Then
-starts `autointerp view` in its own process and times, over HTTP:
+Builds a data root with every table the viewer reads, in the pipeline's own on-disk formats, for a
+synthetic TopK SAE (random weights, `--width` latents at d_model 576, the embedded model's width, so
+the logit lens runs on the real unembedding): corpus, activation cache (`--acts` pairs per latent,
+with the decoder directions and the unembedding the activations stage writes beside it), exemplars
+(16 windows per latent, a row group per 256 latents as the stage writes), latent profiles,
+explanations of every latent (a pool of 2,000 distinct texts, embedded into LanceDB with MiniLM),
+three scorers' tables. Then starts `autointerp view` in its own process and times, over HTTP:
 
 - `list`: a page of 50 latents, random sort column / order / page, half of them also filtered;
 - `search`: a semantic search over the explanations (query embedded by the server);
@@ -191,7 +191,8 @@ def build(
     )
     # explanations: a pool of distinct texts, embedded once
     pool = [
-        f"the word '{rng.choice(WORDS)}' after '{rng.choice(WORDS)}' in {rng.choice(WORDS)} {rng.choice(WORDS)} contexts"
+        f"the word '{rng.choice(WORDS)}' after '{rng.choice(WORDS)}' "
+        f"in {rng.choice(WORDS)} {rng.choice(WORDS)} contexts"
         for _ in range(2000)
     ]
     embedder = EmbedderResource()
@@ -459,7 +460,9 @@ def main() -> None:
         ]
         queries = [
             f"{a} {b}"
-            for a, b in zip(rng.choice(WORDS, args.requests), rng.choice(WORDS, args.requests), strict=False)
+            for a, b in zip(
+                rng.choice(WORDS, args.requests), rng.choice(WORDS, args.requests), strict=False
+            )
         ]
         timed = {"list": [], "search": [], "latent": []}
         for i in range(args.requests):
@@ -467,7 +470,8 @@ def main() -> None:
             timed["list"].append(
                 fetch(
                     server.base,
-                    f"/api/latents?coder={coder}&sort={rng.choice(columns)}&order={rng.choice(['asc', 'desc'])}&page={rng.integers(1, 100)}{filt}",
+                    f"/api/latents?coder={coder}&sort={rng.choice(columns)}"
+                    f"&order={rng.choice(['asc', 'desc'])}&page={rng.integers(1, 100)}{filt}",
                 )
             )
             timed["search"].append(

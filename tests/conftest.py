@@ -195,7 +195,10 @@ def two_shards_of_scores(folder):
     from storage.layout import DataRoot
 
     root = DataRoot.at(folder)
-    text = lambda latent: "e2a or e2b" if latent == 2 else f"e{latent}"
+
+    def text(latent):
+        return "e2a or e2b" if latent == 2 else f"e{latent}"
+
     frames = {
         ("00", "detection"): ([1, 2], [0.9, 0.6], [0.5, 0.5]),
         ("01", "detection"): ([700], [0.8], [np.nan]),
@@ -208,7 +211,7 @@ def two_shards_of_scores(folder):
         pd.DataFrame(
             {
                 "latent": latents,
-                "explanation": [text(l) for l in latents],
+                "explanation": [text(latent) for latent in latents],
                 main: score,
                 f"control_{main}": control,
                 "gap": np.subtract(score, control),
@@ -219,7 +222,7 @@ def two_shards_of_scores(folder):
         )  # the texts the scores were made with: none is stale
         explanations.parent.mkdir(parents=True, exist_ok=True)
         pd.DataFrame(
-            {"latent": latents, "explanation": [text(l) for l in latents], "status": "ok"}
+            {"latent": latents, "explanation": [text(latent) for latent in latents], "status": "ok"}
         ).to_parquet(explanations)
     pd.DataFrame(
         {

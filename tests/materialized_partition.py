@@ -77,7 +77,8 @@ class LiteralJudge:
 
 
 def build(root: Path, tiny_sae) -> Materialized:
-    """Register the tiny SAE under `root` and materialize corpus → score_summary for partition `<tiny coder>|00` (once per session)."""
+    """Register the tiny SAE under `root` and materialize corpus → score_summary for partition
+    `<tiny coder>|00` (once per session)."""
     from autointerp_defs.definitions import build_definitions
     from resources.llm import LLMResource
     from resources.sparse_coders import save_sparsify

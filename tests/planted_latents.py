@@ -185,7 +185,11 @@ def scripted_explainer(messages: list[dict]) -> str:
         cls: {container for c, container in shown + marked_spans(missed) if c == cls}
         for cls in named
     }
-    return f"Explanation: {described([(cls, next(iter(containers[cls])) if len(containers[cls]) == 1 else None) for cls in dict.fromkeys(named)])}"
+    located = [
+        (cls, next(iter(containers[cls])) if len(containers[cls]) == 1 else None)
+        for cls in dict.fromkeys(named)
+    ]
+    return f"Explanation: {described(located)}"
 
 
 # ---- the literal judge -----------------------------------------------------------------------------

@@ -202,13 +202,20 @@ real_write_progress, commits = activations.write_progress, []
 
 def write_progress(directory, progress):
     commits.append(directory)
-    if len(commits) == 3:  # checkpoint 3's chunks and statistics are on disk; its progress.json never will be
+    # checkpoint 3's chunks and statistics are on disk; its progress.json never will be
+    if len(commits) == 3:
         os.kill(os.getpid(), signal.SIGKILL)
     real_write_progress(directory, progress)
 
 activations.write_progress = write_progress
 root = DataRoot.at(sys.argv[1])
-activations.cache_activations([load_registered(root.registry_dir, sys.argv[2])], SubjectModelResource(batch_size=8), root, checkpoint_entries=900, latents_per_shard=144)
+activations.cache_activations(
+    [load_registered(root.registry_dir, sys.argv[2])],
+    SubjectModelResource(batch_size=8),
+    root,
+    checkpoint_entries=900,
+    latents_per_shard=144,
+)
 """
 
 

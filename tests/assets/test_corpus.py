@@ -86,6 +86,7 @@ def test_a_hugging_face_dataset_that_cannot_load_offline_says_to_use_a_local_fil
     monkeypatch.setitem(sys.modules, "datasets", types.SimpleNamespace(load_dataset=load_dataset))
     with pytest.raises(
         RuntimeError,
-        match=r"'HuggingFaceFW/fineweb' was read as a Hugging Face dataset id.*Fix: without network, point corpus\.source at a local \.txt, \.jsonl or \.parquet file",
+        match=r"'HuggingFaceFW/fineweb' was read as a Hugging Face dataset id.*Fix: without network, "
+        r"point corpus\.source at a local \.txt, \.jsonl or \.parquet file",
     ):
         read_documents("HuggingFaceFW/fineweb")

@@ -146,7 +146,7 @@ def test_non_activating_windows_are_tagged_zero_and_unique():
     )
     assert set(latents["latent"]) == {3, 4, 5}
     for latent, group in frame.groupby("latent"):
-        fired = {(s, p) for s, p, l in shard.locations if l == latent}
+        fired = {(s, p) for s, p, fired_latent in shard.locations if fired_latent == latent}
         test_negatives = group[(group.kind != "activating") & (group.split == "test")]
         assert set(test_negatives.kind) == {"random", "neighbour"} and len(test_negatives) == 8
         valid = group[group.split == "valid"]

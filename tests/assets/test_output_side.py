@@ -154,7 +154,9 @@ def truthful_output_judge(messages):
     word = re.search(r"Description: the word '(\w+)'", messages[-1]["content"]).group(1)
     firsts = re.findall(r"Continuation 1: (.*)", messages[-1]["content"])
     seconds = re.findall(r"Continuation 2: (.*)", messages[-1]["content"])
-    return str([1 if a.count(word) > b.count(word) else 2 for a, b in zip(firsts, seconds, strict=False)])
+    return str(
+        [1 if a.count(word) > b.count(word) else 2 for a, b in zip(firsts, seconds, strict=False)]
+    )
 
 
 @pytest.fixture(scope="module")
@@ -179,7 +181,8 @@ def test_the_output_side_judge_tells_steered_text_with_the_true_description_only
 
         for latent, other in ((0, 1), (1, 0)):
             own, control = asyncio.run(both(latent, other))
-            # the other word is in neither text: the judge's tie answer (2) is right only where the seeded order put the steered text
+            # the other word is in neither text: the judge's tie answer (2) is right only where the
+            # seeded order put the steered text
             by_position = np.mean(
                 [p.steered == 2 for p in judge_pairs(continuations[latent], seed=latent)]
             )
@@ -220,7 +223,8 @@ def word_counting_judge(messages):
     word = found.group(1) if found else None
     pairs = zip(
         re.findall(r"Continuation 1: (.*)", messages[-1]["content"]),
-        re.findall(r"Continuation 2: (.*)", messages[-1]["content"]), strict=False,
+        re.findall(r"Continuation 2: (.*)", messages[-1]["content"]),
+        strict=False,
     )
     return str([1 if word and a.count(word) > b.count(word) else 2 for a, b in pairs])
 

@@ -64,11 +64,21 @@ def test_every_asset_for_one_partition_end_to_end(registered):
     assert set(ex.kind) == {"activating", "random", "neighbour", "embedding"}
     stats = pd.read_parquet(root.latent_profiles_path(TINY_CODER, "00"))
     assert set(stats.latent) == set(ex.latent) and len(stats.neighbours.iloc[0]) == 10
-    for latent, group in ex.groupby("latent"):
+    for _, group in ex.groupby("latent"):
         train = set(
-            zip(group[group.split == "train"].sequence, group[group.split == "train"].start, strict=False)
+            zip(
+                group[group.split == "train"].sequence,
+                group[group.split == "train"].start,
+                strict=False,
+            )
         )
-        test = set(zip(group[group.split == "test"].sequence, group[group.split == "test"].start, strict=False))
+        test = set(
+            zip(
+                group[group.split == "test"].sequence,
+                group[group.split == "test"].start,
+                strict=False,
+            )
+        )
         assert train and test and not train & test  # disjoint
         assert (group[group.kind != "activating"]["max_activation"] == 0).all()
         assert (group[group.kind == "activating"]["max_activation"] > 0).all()
@@ -82,7 +92,8 @@ def test_every_asset_for_one_partition_end_to_end(registered):
         examples = pd.read_parquet(root.scored_examples_path(TINY_CODER, "00", name))
         meta = result.asset_materializations_for_node(f"scores__{name}")[0].metadata
         assert len(scored) == n_ok and meta["latents_scored"].value == n_ok
-        # a control needs another latent with a different explanation: how many have one depends on what the model answered
+        # a control needs another latent with a different explanation: how many have one depends
+        # on what the model answered
         with_control = int((scored.control_note == "").sum())
         distinct = (
             explained[explained.status == "ok"]
@@ -116,7 +127,8 @@ def test_every_asset_for_one_partition_end_to_end(registered):
                 and "data:image/png;base64," in meta["quantile_accuracy"].value
             )
             assert "Best" in meta["best_and_worst"].value
-            # each latent judged on all 10 held-out windows with its explanation, and again with the control's where it has one
+            # each latent judged on all 10 held-out windows with its explanation, and again with
+            # the control's where it has one
             assert len(examples) + scored.n_failed.sum() == 10 * (n_ok + with_control)
             if not scored.n_failed.sum():
                 assert set(examples.source) == (

@@ -37,7 +37,8 @@ def planted(subject):
 
 
 def explain(server, exemplars, vocab, rounds=0):
-    """Explanations of every planted latent (single shot, or refined for at most `rounds` rounds) and the refine rows."""
+    """Explanations of every planted latent (single shot, or refined for at most `rounds` rounds)
+    and the refine rows."""
     explainer = EXPLAINERS["highlighted"](
         ExplainerSettings(), ExplainerDeps(llm=llm_resource(server).client())
     )
@@ -133,7 +134,8 @@ def test_refining_narrows_a_too_broad_explanation_using_only_valid_windows(plant
         refine_requests
     ) == 4 * len(PLANTED)
 
-    # on the test windows: single shot fires on digits (or capitals) outside their container too; refined does not; the control stays at chance
+    # on the test windows: single shot fires on digits (or capitals) outside their container too;
+    # refined does not; the control stays at chance
     single_ba, refined_ba = (
         single_scores.loc[SINGLE_SENSE, "balanced_accuracy"],
         refined_scores.loc[SINGLE_SENSE, "balanced_accuracy"],

@@ -35,7 +35,13 @@ root, url, n, asset = Path(sys.argv[1]), sys.argv[2], int(sys.argv[3]), sys.argv
 instance = DagsterInstance.ephemeral()
 add_coders(instance, root, TINY_CODER)
 llm = LLMResource(backend="openai", base_url=url, model="scripted", max_concurrency=2, cache_dir="")
-materialize(all_assets(), selection=[asset], partition_key=f"{TINY_CODER}|00", resources=make_resources(root, max_latents=n, llm=llm), instance=instance)
+materialize(
+    all_assets(),
+    selection=[asset],
+    partition_key=f"{TINY_CODER}|00",
+    resources=make_resources(root, max_latents=n, llm=llm),
+    instance=instance,
+)
 """
 
 

@@ -96,10 +96,10 @@ def test_undefined_metrics_are_nan_not_zero():
 
 def test_control_gives_every_latent_another_latents_explanation():
     latents = [3, 8, 11, 42, 50]
-    control = control_assignment({l: f"text {l}" for l in latents}, seed=0)
+    control = control_assignment({latent: f"text {latent}" for latent in latents}, seed=0)
     assert sorted(control) == latents and sorted(control.values()) == latents
     assert all(latent != other for latent, other in control.items())
-    assert control == control_assignment({l: f"text {l}" for l in latents}, seed=0)
+    assert control == control_assignment({latent: f"text {latent}" for latent in latents}, seed=0)
     assert control_assignment({5: "x"}, seed=0) == {}
 
 

@@ -191,7 +191,8 @@ def test_intruder_finds_the_intruder_and_its_control_has_no_signal(topic_data):
         "Description" in r["messages"][-1]["content"] for r in server.requests
     )  # no explanation is used
     assert (frame.accuracy == 1.0).all()
-    # without an intruder every window is the latent's: the judge answers 1, right only when chance put the "intruder" there
+    # without an intruder every window is the latent's: the judge answers 1, right only when chance
+    # put the "intruder" there
     control = examples[examples.source == "control"]
     assert len(control) == 3 * 5 and control.predicted.mean() < 0.6
     assert (frame.gap > 0).all() and frame.gap.mean() > 0.4
@@ -668,7 +669,8 @@ def test_a_partitions_means_and_their_controls_are_over_the_same_latents(topic_d
 
 
 def saebench_judge(messages):
-    """Answers SAEBench's question from the explanation's words alone: the numbers of the texts holding the named word, or None."""
+    """Answers SAEBench's question from the explanation's words alone: the numbers of the texts
+    holding the named word, or None."""
     word = re.search(r"this feature fires on the word (\w+)\.", messages[-1]["content"]).group(1)
     texts = re.findall(r"^(\d+)\. (.*)$", messages[-1]["content"], re.MULTILINE)
     return ", ".join(number for number, text in texts if f" {word}" in text) or "None"
@@ -680,7 +682,8 @@ def test_saebench_scores_the_true_explanation_high_and_its_control_at_the_answer
     with ScriptedLLMServer(saebench_judge) as server:
         frame, examples = run_scorer("saebench", topic_data, server)
     assert len(server.requests) == 3 * 2  # one prompt per latent and per control
-    # each latent has 5 activating and 5 random test windows: 2 top + 2 importance-sampled + all 5 random (of 10 asked) are shown
+    # each latent has 5 activating and 5 random test windows: 2 top + 2 importance-sampled + all 5
+    # random (of 10 asked) are shown
     assert (frame.n_scored == 9).all() and (frame.control_n_scored == 9).all()
     assert (frame.none_floor == 5 / 9).all() and (frame.control_none_floor == 5 / 9).all()
     assert (frame.accuracy == 1.0).all()

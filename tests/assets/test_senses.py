@@ -106,7 +106,8 @@ def test_each_sense_is_scored_by_detection_on_its_own_test_windows_against_the_r
     assert sorted(zip(scored["latent"], scored["sense"], strict=False)) == sorted(
         (r["latent"], r["sense"]) for r in senses
     )
-    # a sense's explanation finds its own windows: the scripted one is the bare class, so it also fits the hard negatives
+    # a sense's explanation finds its own windows: the scripted one is the bare class, so it also
+    # fits the hard negatives
     assert (scored["balanced_accuracy"] >= 0.8).all() and (
         scored["balanced_accuracy"] > scored["control_balanced_accuracy"]
     ).all()
@@ -253,8 +254,8 @@ def test_only_deployments_with_senses_re_explain_to_record_the_test_windows():
 
     from assets.explanations import explanations_asset
 
-    version = lambda defaults: explanations_asset(defaults).code_versions_by_key[
-        AssetKey("explanations")
-    ]
+    def version(defaults):
+        return explanations_asset(defaults).code_versions_by_key[AssetKey("explanations")]
+
     assert version({}) == version({"senses": 1}) and "senses" not in version({})
     assert version({"senses": 2}).endswith("-senses2")

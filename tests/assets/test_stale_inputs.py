@@ -39,7 +39,8 @@ def test_exemplars_refuse_stale_or_incomplete_activations_and_keep_their_results
     shutil.move(chunk, tmp_path / chunk.name)
     with pytest.raises(
         Exception,
-        match=r"shard 00 is incomplete: its chunks hold \d+ activations where the latent statistics counted \d+.*Fix: delete .* and re-materialize `activations`",
+        match=r"shard 00 is incomplete: its chunks hold \d+ activations where the latent statistics "
+        r"counted \d+.*Fix: delete .* and re-materialize `activations`",
     ):
         run(["exemplars"], PARTITION, resources, instance, EXEMPLARS)
     shutil.move(tmp_path / chunk.name, chunk)
@@ -49,7 +50,8 @@ def test_exemplars_refuse_stale_or_incomplete_activations_and_keep_their_results
     weights.write_bytes(kept)  # the coder copied in again after caching (new modification time)
     with pytest.raises(
         Exception,
-        match=r"The coder tiny-topk/model.layers.3 in the registry changed after its activations were cached.*Fix: re-materialize `activations`",
+        match=r"The coder tiny-topk/model.layers.3 in the registry changed after its activations "
+        r"were cached.*Fix: re-materialize `activations`",
     ):
         run(["exemplars"], PARTITION, resources, instance, EXEMPLARS)
     run(["activations"], f"{TINY_CODER}|00", resources, instance)  # the fix, as the message says
@@ -81,7 +83,8 @@ def test_exemplars_refuse_stale_or_incomplete_activations_and_keep_their_results
     }
     with pytest.raises(
         Exception,
-        match=r"exemplars of .* shard 00: this run has no results, where .*00\.parquet holds \d+ rows; the table is kept\. Fix: .*allow_empty_results",
+        match=r"exemplars of .* shard 00: this run has no results, where .*00\.parquet holds \d+ rows; "
+        r"the table is kept\. Fix: .*allow_empty_results",
     ):
         run(["exemplars"], PARTITION, resources, instance, none_left)
     assert (registered / "exemplars" / TINY_CODER / "00.parquet").read_bytes() == finished

@@ -96,7 +96,8 @@ CASES = [
 
 
 def finished(registered, selection: list[str]):
-    """An instance whose partition has `selection` materialized from a well-behaved endpoint, and that endpoint's requests."""
+    """An instance whose partition has `selection` materialized from a well-behaved endpoint, and
+    that endpoint's requests."""
     instance = DagsterInstance.ephemeral()
     add_coders(instance, registered, TINY_CODER)
     pipeline_until_exemplars(registered, instance)
@@ -219,7 +220,8 @@ def test_a_run_in_which_every_latent_failed_fails_and_keeps_the_finished_table(r
         resources = make_resources(registered, max_latents=3, llm=llm(server, cache_dir=""))
         with pytest.raises(
             Exception,
-            match=r"explanations: all 3 latents failed, so nothing was written and the previous results are kept\. Most common reasons: 3× unreadable answer",
+            match=r"explanations: all 3 latents failed, so nothing was written and the previous "
+            r"results are kept\. Most common reasons: 3× unreadable answer",
         ):
             materialize(
                 ALL_ASSETS,
@@ -251,7 +253,8 @@ def test_scores_refuse_explanations_written_from_other_exemplars(registered):
         ).success
         with pytest.raises(
             Exception,
-            match=r"explanations of .* shard 00 were written from other exemplars \(\w+\) than those there now \(\w+\).*Fix: re-materialize `explanations`",
+            match=r"explanations of .* shard 00 were written from other exemplars \(\w+\) than those "
+            r"there now \(\w+\).*Fix: re-materialize `explanations`",
         ):
             materialize(
                 ALL_ASSETS,

@@ -48,7 +48,8 @@ def score(exemplars, explanations, vocab, windows=None, span_tokens=0):
 
 
 def partition(registered):
-    """The tiny coder's shard 00 after `exemplars` (which builds the contexts and tokens tables), with an explanation per latent."""
+    """The tiny coder's shard 00 after `exemplars` (which builds the contexts and tokens tables),
+    with an explanation per latent."""
     instance = DagsterInstance.ephemeral()
     add_coders(instance, registered, TINY_CODER)
     pipeline_until_exemplars(registered, instance)
@@ -59,9 +60,11 @@ def partition(registered):
     exemplars = pd.read_parquet(path)
     latents = sorted(int(x) for x in exemplars.latent.unique())
     assert len(latents) >= 4
-    top_word = lambda latent: vocab[
-        exemplars[(exemplars.latent == latent) & (exemplars.kind == "activating")].iloc[0].tokens[0]
-    ]
+
+    def top_word(latent):
+        activating = exemplars[(exemplars.latent == latent) & (exemplars.kind == "activating")]
+        return vocab[activating.iloc[0].tokens[0]]
+
     explanations = pd.DataFrame(
         {
             "latent": latents,
@@ -110,9 +113,12 @@ def test_grid_windows_are_read_from_the_contexts_table_and_score_the_same(regist
         return f"Explanation: {first.group(1)[:60] if first else 'none'}"
 
     with ScriptedLLMServer(explainer) as server:
-        client = lambda: LLMResource(
-            backend="openai", base_url=server.base_url, model="m", cache_dir=""
-        ).client()
+
+        def client():
+            return LLMResource(
+                backend="openai", base_url=server.base_url, model="m", cache_dir=""
+            ).client()
+
         settings = ExplainerSettings()
         by_chunk = asyncio.run(
             explain_all(

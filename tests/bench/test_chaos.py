@@ -8,7 +8,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def test_faults_on_30_percent_of_requests_are_never_misread_and_a_rerun_asks_only_what_was_lost_and_equals_the_fault_free_run():
+def test_30_percent_faulty_requests_are_never_misread_and_a_rerun_asks_only_the_lost_and_equals_the_fault_free_run():
     out = subprocess.run(
         [sys.executable, str(ROOT / "bench" / "chaos.py"), "--latents", "24"],
         capture_output=True,

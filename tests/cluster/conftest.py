@@ -61,7 +61,8 @@ def needs_the_cluster_extra() -> None:
     ]
     if missing:
         pytest.fail(
-            f"the cluster tests need the `cluster` extra ({', '.join(missing)} missing). Fix: pip install -e '.[test,cluster]' (make test does)",
+            f"the cluster tests need the `cluster` extra ({', '.join(missing)} missing). "
+            "Fix: pip install -e '.[test,cluster]' (make test does)",
             pytrace=False,
         )
 

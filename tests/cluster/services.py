@@ -113,7 +113,8 @@ class ClusterNetwork:
 
     @staticmethod
     def prefix(namespace: str) -> list[str]:
-        """The command prefix that runs a program in `namespace` (`ip netns exec` execs it: the PID is the program's)."""
+        """The command prefix that runs a program in `namespace` (`ip netns exec` execs it: the PID
+        is the program's)."""
         return ["ip", "netns", "exec", namespace]
 
 
@@ -319,7 +320,8 @@ def run_ip(*steps: list[str]) -> None:
     for step in steps:
         if (done := subprocess.run(["ip", *step], capture_output=True, text=True)).returncode:
             raise RuntimeError(
-                f"ip {' '.join(step)} failed: {done.stderr.strip()} (network namespaces need root with CAP_SYS_ADMIN and CAP_NET_ADMIN)"
+                f"ip {' '.join(step)} failed: {done.stderr.strip()} "
+                "(network namespaces need root with CAP_SYS_ADMIN and CAP_NET_ADMIN)"
             )
 
 
@@ -331,7 +333,8 @@ def cluster_network(nodes: int):
     machine's own; all are removed with them at the end. Yields a `ClusterNetwork`. Needs root."""
     if shutil.which("ip") is None:
         raise ServiceMissing(
-            f"iproute2's `ip` is not installed: the cluster tests give each worker node a network of its own. Fix: {INSTALL}"
+            "iproute2's `ip` is not installed: the cluster tests give each worker node a network "
+            f"of its own. Fix: {INSTALL}"
         )
     tag = uuid.uuid4().hex[:8]
     network = ClusterNetwork(

@@ -1,9 +1,11 @@
-"""The cluster deployment end to end: the instance on PostgreSQL, Redis as broker, `autointerp worker`
-processes (two on the `llm` queue) on two nodes; every step runs on a worker of its queue, the `llm` pool's
-limit holds across workers, the step of a worker process killed mid-step is run again, and the tables equal a
-single-machine run's. As root (CI) each node has a network of its own, reaching PostgreSQL, Redis and the LLM
-endpoint (in a namespace of their own, asking for passwords) over a veth pair, and a mount namespace in which the shared data root is bind-mounted at the
-deployment's `data_dir`: on this machine that folder stays empty, so every table was written through a node's mount."""
+"""The cluster deployment end to end: the instance on PostgreSQL, Redis as broker,
+`autointerp worker` processes (two on the `llm` queue) on two nodes; every step runs on a worker of
+its queue, the `llm` pool's limit holds across workers, the step of a worker process killed mid-step
+is run again, and the tables equal a single-machine run's. As root (CI) each node has a network of
+its own, reaching PostgreSQL, Redis and the LLM endpoint (in a namespace of their own, asking for
+passwords) over a veth pair, and a mount namespace in which the shared data root is bind-mounted at
+the deployment's `data_dir`: on this machine that folder stays empty, so every table was written
+through a node's mount."""
 
 from __future__ import annotations
 
@@ -70,8 +72,9 @@ QUEUE_OF_STEP = {
 WORKERS = {"gpu@node1": "gpu", "cpu@node1": "cpu", "llm@node1": "llm", "llm@node2": "llm"}
 NODES = ("node1", "node2")
 LLM_STEPS = ("explanations", "scores__detection", "scores__fuzzing")
-"""The `llm` pool's steps: the pool allows one at a time, and the two scorers are ready together with two `llm` workers idle (the
-celery executor logs no "blocked by limit" event, so the step times are the evidence)."""
+"""The `llm` pool's steps: the pool allows one at a time, and the two scorers are ready together
+with two `llm` workers idle (the celery executor logs no "blocked by limit" event, so the step times
+are the evidence)."""
 
 
 class FirstAnswerHeld:
@@ -157,7 +160,9 @@ def assert_same_tables(cluster: dict, single: dict) -> None:
         if isinstance(table, pd.DataFrame):
             pd.testing.assert_frame_equal(table, single[name], obj=name)
         elif isinstance(table, tuple):
-            assert all(np.array_equal(a, b) for a, b in zip(table, single[name], strict=False)), name
+            assert all(np.array_equal(a, b) for a, b in zip(table, single[name], strict=False)), (
+                name
+            )
         else:
             assert table == single[name], name
 

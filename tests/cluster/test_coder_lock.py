@@ -21,7 +21,12 @@ import sys, time
 from pathlib import Path
 from storage.coordination import exclusive
 
-with exclusive(sys.argv[1], "activations rand/model.layers.1", Path(sys.argv[2]), "Caching the activations of rand/model.layers.1"):
+with exclusive(
+    sys.argv[1],
+    "activations rand/model.layers.1",
+    Path(sys.argv[2]),
+    "Caching the activations of rand/model.layers.1",
+):
     print("held", flush=True)
     time.sleep(600)
 """

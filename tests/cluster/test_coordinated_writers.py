@@ -33,8 +33,11 @@ def holder_here() -> str:
 
 
 def test_import_delphi_is_refused_while_the_explanations_asset_holds_the_table(
-    partition, tmp_path, deployment, coordination_url
-):  # noqa: F811
+    partition,  # noqa: F811 (the fixture imported above)
+    tmp_path,
+    deployment,
+    coordination_url,
+):
     from autointerp_defs.cli import main
 
     out = tmp_path / "delphi"
@@ -60,7 +63,8 @@ def test_import_delphi_is_refused_while_the_explanations_asset_holds_the_table(
     ):  # as the explanations asset holds it, on any node
         with pytest.raises(
             SystemExit,
-            match=rf"Writing the explanations of {re.escape(partition.coder)} shard 00 .* is already running in {holder_here()}\. Fix: wait",
+            match=rf"Writing the explanations of {re.escape(partition.coder)} shard 00 .* "
+            rf"is already running in {holder_here()}\. Fix: wait",
         ):
             main(importing)
     assert table.path.read_bytes() == before
@@ -81,7 +85,8 @@ def test_cache_is_refused_while_another_node_caches_the_coder(
     ):  # the database decides, not a file
         with pytest.raises(
             SystemExit,
-            match=rf"Caching the activations of {re.escape(TINY_CODER)} is already running in {holder_here()}\. Fix: wait",
+            match=rf"Caching the activations of {re.escape(TINY_CODER)} "
+            rf"is already running in {holder_here()}\. Fix: wait",
         ):
             main(["--deployment", deployment, "--data", str(registered), "cache", TINY_CODER])
 

@@ -40,7 +40,8 @@ def terminate_holders(url: str) -> None:
 
     with psycopg.connect(url, autocommit=True) as admin:
         ended = admin.execute(
-            "SELECT pg_terminate_backend(pid) FROM pg_locks WHERE locktype = 'advisory' AND granted AND pid <> pg_backend_pid()"
+            "SELECT pg_terminate_backend(pid) FROM pg_locks"
+            " WHERE locktype = 'advisory' AND granted AND pid <> pg_backend_pid()"
         ).fetchall()
     assert ended == [(True,)]
 
@@ -60,8 +61,8 @@ def test_a_commit_under_a_lost_lock_is_refused_and_the_table_holds_the_next_hold
             second.commit(explained([0, 1], "the second holder's"))
         with pytest.raises(
             RuntimeError,
-            match=r"The lock 'table explanations explanations of c/h shard 00' was lost while held: its session ended .* "
-            r"Nothing was committed",
+            match=r"The lock 'table explanations explanations of c/h shard 00' was lost while held: "
+            r"its session ended .* Nothing was committed",
         ):
             first.commit(explained([0, 1, 2], "the first holder's"))
     pd.testing.assert_frame_equal(table.read(), explained([0, 1], "the second holder's"))

@@ -59,7 +59,9 @@ def test_the_services_and_nodes_live_in_namespaces_of_the_test_and_ask_for_passw
         stack.enter_context(server)
         assert root_network() == before  # while everything runs: nothing was added here
         for restarted, node in enumerate(network.nodes):
-            if restarted:  # the faults of bench/cluster_faults.py: the same servers again, on the same data and addresses
+            # the faults of bench/cluster_faults.py: the same servers again, on the same data and
+            # addresses
+            if restarted:
                 postgres.daemon.restart()
                 redis.daemon.restart()
             done = subprocess.run(

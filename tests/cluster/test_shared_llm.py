@@ -19,7 +19,8 @@ import asyncio, json, sys, time
 from pathlib import Path
 from resources.llm import LLMResource
 
-base_url, data, url, ready, together, contents = sys.argv[1], Path(sys.argv[2]), sys.argv[3], Path(sys.argv[4]), int(sys.argv[5]), json.loads(sys.argv[6])
+base_url, data, url = sys.argv[1], Path(sys.argv[2]), sys.argv[3]
+ready, together, contents = Path(sys.argv[4]), int(sys.argv[5]), json.loads(sys.argv[6])
 resource = LLMResource(backend="openai", base_url=base_url, model="scripted", max_concurrency=4)
 client = resource.client(data / "llm_cache", coordination_url=url)
 (ready / data.name).touch()
@@ -28,7 +29,9 @@ while len(list(ready.iterdir())) < together:  # start together, however long eac
 
 async def main():
     async with client.session():
-        await asyncio.gather(*(client.complete([{"role": "user", "content": text}], max_tokens=4) for text in contents))
+        await asyncio.gather(
+            *(client.complete([{"role": "user", "content": text}], max_tokens=4) for text in contents)
+        )
 
 asyncio.run(main())
 """

@@ -22,8 +22,12 @@ child = os.fork()  # as celery's prefork pool starts a pool process
 if child == 0:
     loaded = set(sys.modules)
     import autointerp_defs
-    repository = reconstruct_repository_def_from_pointer(ModuleCodePointer("autointerp_defs", "defs", os.getcwd()))  # what a celery step does
-    import dagster_postgres, sentence_transformers, openai, psycopg  # the instance's storage; the explanations step's engines
+    # what a celery step does
+    repository = reconstruct_repository_def_from_pointer(
+        ModuleCodePointer("autointerp_defs", "defs", os.getcwd())
+    )
+    # the instance's storage; the explanations step's engines
+    import dagster_postgres, sentence_transformers, openai, psycopg
     new = sorted(set(sys.modules) - loaded)
     print("same definitions" if repository is autointerp_defs.defs.get_repository_def() else "definitions built again")
     print(f"modules loaded by the step: {sorted(set(m.split('.')[0] for m in new))} ({len(new)})", flush=True)

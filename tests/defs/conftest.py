@@ -25,9 +25,10 @@ def server(partition):
 
 
 def with_two_senses(partition, root, union_scored: bool = False) -> tuple[int, int]:
-    """Copy the partition to `root` with its first explained latent explained as two senses, the first scored by
-    detection on its own windows (0.9, control 0.4) and a sense text since replaced scored too (not to be shown).
-    `union_scored`: the latent's detection row is of the union (else of the text before). Returns (that latent, the next)."""
+    """Copy the partition to `root` with its first explained latent explained as two senses, the
+    first scored by detection on its own windows (0.9, control 0.4) and a sense text since replaced
+    scored too (not to be shown). `union_scored`: the latent's detection row is of the union (else
+    of the text before). Returns (that latent, the next)."""
     import shutil
 
     import pandas as pd

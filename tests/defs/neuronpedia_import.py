@@ -78,14 +78,16 @@ def create_schema(url: str) -> None:
     with psycopg.connect(url, autocommit=True) as db:
         db.execute(SCHEMA.read_text())
         db.execute(
-            """INSERT INTO "User" (id, name, bot, admin, "emailUnsubscribeCode") VALUES (%s, 'bot', true, true, 'seeded-bot')""",
+            'INSERT INTO "User" (id, name, bot, admin, "emailUnsubscribeCode")'
+            " VALUES (%s, 'bot', true, true, 'seeded-bot')",
             [BOT_USER],
         )
 
 
 def import_folder(url: str, folder: Path, explanations: str = "true") -> list[str]:
-    """Import `<modelId>/<sourceId>` as the route does; returns the errors it logs and goes past, raises the one that stops it."""
-    model_id, source_id = folder.parent.name, folder.name
+    """Import `<modelId>/<sourceId>` as the route does; returns the errors it logs and goes past,
+    raises the one that stops it."""
+    model_id = folder.parent.name
     logged = []
     with psycopg.connect(url, autocommit=True) as db:
         db.execute("SET work_mem = '2GB'")
@@ -156,7 +158,10 @@ def import_jsonl(db, table: str, text: str) -> None:
     columns = db.execute(COLUMN_TYPES, [table, names]).fetchall()
     listed = ", ".join(f'"{name}"' for name, _ in columns)
     typed = ", ".join(f'"{name}" {kind}' for name, kind in columns)
-    query = f'INSERT INTO "{table}" ({listed}) SELECT {listed} FROM jsonb_to_recordset(%s::jsonb) AS t({typed}) ON CONFLICT DO NOTHING'
+    query = (
+        f'INSERT INTO "{table}" ({listed}) SELECT {listed}'
+        f" FROM jsonb_to_recordset(%s::jsonb) AS t({typed}) ON CONFLICT DO NOTHING"
+    )
     lines = text.strip().split("\n")
     for start in range(0, len(lines), INSERT_CHUNK):
         db.execute(query, ["[" + ",".join(lines[start : start + INSERT_CHUNK]) + "]"])
@@ -192,7 +197,9 @@ def prisma_upsert(db, table: str, data: dict) -> None:
     listed = ", ".join(f'"{name}"' for name in data)
     updates = ", ".join(f'"{name}" = EXCLUDED."{name}"' for name in data)
     db.execute(
-        f'INSERT INTO "{table}" ({listed}) SELECT {listed} FROM jsonb_populate_record(NULL::"{table}", %s) ON CONFLICT (name) DO UPDATE SET {updates}',
+        f'INSERT INTO "{table}" ({listed}) SELECT {listed}'
+        f' FROM jsonb_populate_record(NULL::"{table}", %s)'
+        f" ON CONFLICT (name) DO UPDATE SET {updates}",
         [Jsonb(data)],
     )
 
@@ -201,7 +208,8 @@ def _check_with_prisma(db, table: str, data: dict) -> None:
     columns = {
         name: (kind, element, nullable == "YES")
         for name, kind, element, nullable in db.execute(
-            "SELECT column_name, data_type, udt_name, is_nullable FROM information_schema.columns WHERE table_name = %s",
+            "SELECT column_name, data_type, udt_name, is_nullable FROM information_schema.columns"
+            " WHERE table_name = %s",
             [table],
         ).fetchall()
     }

@@ -70,7 +70,8 @@ def ranged(first: str, last: str) -> dict:
 
 
 def three_shards_cached(assets, root: Path):
-    """An instance with the tiny coder's partitions, its corpus made and its activations cached; the first three shards' keys."""
+    """An instance with the tiny coder's partitions, its corpus made and its activations cached;
+    the first three shards' keys."""
     instance = DagsterInstance.ephemeral()
     keys = add_coders(instance, root, TINY_CODER)[:3]
     resources = make_resources(root, max_latents=2)
@@ -106,7 +107,8 @@ def test_several_shards_per_run_and_a_failed_shard_spares_the_others(registered)
     assets = list(defs.assets)
     instance, keys, resources = three_shards_cached(assets, registered)
 
-    # a backfill of the three shards under this policy is one run with the range tags (as Dagster's backfill daemon launches it)
+    # a backfill of the three shards under this policy is one run with the range tags (as Dagster's
+    # backfill daemon launches it)
     exemplars = materialize(
         assets,
         selection=["exemplars"],
@@ -196,8 +198,8 @@ def test_several_shards_per_run_and_a_failed_shard_spares_the_others(registered)
         event for event in result.all_events if event.event_type_value == "STEP_FAILURE"
     ).event_specific_data.error.message
     assert (
-        f"1 of 3 shards of this run failed ({keys[1]}: explanations of {keys[1].replace('|', ' shard ')}: this run has no results"
-        in message
+        f"1 of 3 shards of this run failed ({keys[1]}: "
+        f"explanations of {keys[1].replace('|', ' shard ')}: this run has no results" in message
     )
     assert (
         len(pd.read_parquet(root.explanations_path(*keys[1].split("|")))) == 2
@@ -244,12 +246,12 @@ def test_a_ranged_run_materializes_every_stage_of_its_selection_for_each_shard_i
             result.run_id, of_type=DagsterEventType.ASSET_MATERIALIZATION
         )
     ]
-    assert [(asset, partition) for asset, partition, _ in recorded] == [
-        (asset, key) for asset in STAGES for key in keys
+    assert [(stage, partition) for stage, partition, _ in recorded] == [
+        (stage, key) for stage in STAGES for key in keys
     ]  # once each, stage by stage
     assert all(metadata for _, _, metadata in recorded)  # each with its shard's own metadata
-    for asset in STAGES:
-        assert set(instance.get_materialized_partitions(asset)) == set(keys)
+    for stage in STAGES:
+        assert set(instance.get_materialized_partitions(stage)) == set(keys)
     root = DataRoot.at(registered)
     for key in keys:
         assert len(pd.read_parquet(root.scores_path(*key.split("|"), "detection"))) == 2
@@ -340,7 +342,8 @@ def test_a_reexecution_from_failure_does_not_run_a_shard_whose_input_failed_in_t
                 for event in first.all_events
                 if event.event_type_value == "STEP_FAILURE"
             ] == ["lower"]
-        # `upper` succeeded, so re-executing from failure runs `lower` alone: it must not take the middle shard's `upper` as written
+        # `upper` succeeded, so re-executing from failure runs `lower` alone: it must not take the
+        # middle shard's `upper` as written
         with execute_job(
             reconstructable(upper_and_lower),
             instance,
@@ -358,8 +361,8 @@ def test_a_reexecution_from_failure_does_not_run_a_shard_whose_input_failed_in_t
                 event for event in again.all_events if event.event_type_value == "STEP_FAILURE"
             ).event_specific_data.error.message
             assert (
-                f"1 of 3 shards of this run failed ({keys[1]}: its upper failed in run {first.run_id}, which this run re-executes)"
-                in message
+                f"1 of 3 shards of this run failed ({keys[1]}: its upper failed in run "
+                f"{first.run_id}, which this run re-executes)" in message
             )
 
 
@@ -409,7 +412,8 @@ def test_a_backfill_of_n_shards_takes_n_over_k_runs_each_of_every_stage(register
                 instance=instance,
                 tags=ranged(keys[0], keys[-1]),
             ).success
-            # as `dagster asset backfill` or the UI's "Materialize selected" over the five shards asks the backfill daemon
+            # as `dagster asset backfill` or the UI's "Materialize selected" over the five shards
+            # asks the backfill daemon
             instance.add_backfill(
                 PartitionBackfill.from_asset_partitions(
                     backfill_id="five_shards",

@@ -1,8 +1,16 @@
 """The command line's own output (the commands that run assets are tested with the assets)."""
 
+import shutil
+import socket
+
+import pytest
+from dagster import DagsterInstance
+
 from assets.scorers import SCORERS
-from autointerp_defs.cli import print_results
-from tests.conftest import two_shards_of_scores
+from autointerp_defs.cli import main, print_results
+from autointerp_defs.deployments import DEPLOYMENTS_DIR
+from autointerp_defs.instance import write_instance
+from tests.conftest import TEST_LATENTS_PER_SHARD, TINY_CODER, add_coders, two_shards_of_scores
 
 
 def test_the_demo_prints_a_score_without_a_control_and_compares_means_over_the_same_latents(
@@ -45,17 +53,6 @@ def test_the_demo_prints_a_score_without_a_control_and_compares_means_over_the_s
 
 
 # ---- every path a user takes from the README ends in one line naming the fix ----------------------
-
-import shutil
-import socket
-
-import pytest
-from dagster import DagsterInstance
-
-from autointerp_defs.cli import main
-from autointerp_defs.deployments import DEPLOYMENTS_DIR
-from autointerp_defs.instance import write_instance
-from tests.conftest import TEST_LATENTS_PER_SHARD, TINY_CODER, add_coders
 
 
 @pytest.fixture()
@@ -118,7 +115,8 @@ def test_materialize_names_the_assets_and_the_partitions_there_are(tmp_path, ins
         instance.add_dynamic_partitions("shard", [f"{TINY_CODER}|0{i}" for i in range(1, 8)])
     with pytest.raises(
         SystemExit,
-        match=r"no asset named scores/detectoin\. Fix: name some of corpus, activations, .*scores/detection.*score_summary",
+        match=r"no asset named scores/detectoin\. Fix: name some of corpus, activations, "
+        r".*scores/detection.*score_summary",
     ):
         main([*run, "scores/detectoin", "--coder", TINY_CODER, "--shard", "00"])
     with pytest.raises(
@@ -133,7 +131,8 @@ def test_materialize_names_the_assets_and_the_partitions_there_are(tmp_path, ins
         main([*run, "scores/*", "--partition", "tiny-topk/model.layers.4|00"])
     with pytest.raises(
         SystemExit,
-        match=rf"{TINY_CODER} has no shard '8' in the instance at {instance_home}.*Fix: use one of tiny-topk/model.layers.3\|00…07",
+        match=rf"{TINY_CODER} has no shard '8' in the instance at {instance_home}"
+        r".*Fix: use one of tiny-topk/model.layers.3\|00…07",
     ):
         main([*run, "scores/*", "--coder", TINY_CODER, "--shard", "8"])
     with pytest.raises(
@@ -198,7 +197,8 @@ def test_a_busy_port_names_the_option_that_moves_it(tmp_path, instance_home, com
         port = taken.getsockname()[1]
         with pytest.raises(
             SystemExit,
-            match=rf"port {port} on 127.0.0.1 is in use .*Fix: stop that process, or pick another port with --port N \(make: {option}",
+            match=rf"port {port} on 127.0.0.1 is in use .*Fix: stop that process, "
+            rf"or pick another port with --port N \(make: {option}",
         ):
             main(["--data", str(tmp_path / "data"), *command, "--port", str(port)])
 
@@ -217,7 +217,10 @@ def test_a_mistake_prints_one_line_and_no_dagster_warning(tmp_path, instance_hom
     import subprocess
     import sys
 
-    mistake = f"from autointerp_defs.cli import main; main(['--data', {str(tmp_path)!r}, 'materialize', 'scores/detectoin', '--shard', '0'])"
+    mistake = (
+        "from autointerp_defs.cli import main; "
+        f"main(['--data', {str(tmp_path)!r}, 'materialize', 'scores/detectoin', '--shard', '0'])"
+    )
     done = subprocess.run(
         [sys.executable, "-c", mistake], capture_output=True, text=True, timeout=300
     )

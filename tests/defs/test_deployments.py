@@ -115,7 +115,12 @@ class WordMatch(Scorer):
 
     async def score(self, job: Job) -> JobResult:
         words = {w for w in job.explanation.lower().split() if len(w) >= self.settings.min_length}
-        return JobResult([example_row(e, prediction=int(any(w in plain_text(e.text).lower() for w in words))) for e in job.examples])
+        return JobResult(
+            [
+                example_row(e, prediction=int(any(w in plain_text(e.text).lower() for w in words)))
+                for e in job.examples
+            ]
+        )
 '''
 
 TOY_EXPLAINER = '''
@@ -198,7 +203,8 @@ def test_a_toy_scorer_and_a_toy_explainer_are_one_file_each_and_materialize_with
         ),
         (
             {"explanations": {"explainer": "highlited"}},
-            r"mine\.toml: \[explanations\] explainer = 'highlited' is not an explainer\. Fix: use one of \['contrastive'",
+            r"mine\.toml: \[explanations\] explainer = 'highlited' is not an explainer\. "
+            r"Fix: use one of \['contrastive'",
         ),
         (
             {"automated_scorers": ["fuzing"]},
@@ -241,14 +247,25 @@ def test_every_shipped_deployment_but_gpu_loads_and_gpu_loads_once_its_model_is_
 
 
 DAGSTER_INTERNALS_ALLOWED = {
-    "assets/partitions.py": "the key of an output that lets a ranged run's next stage start without a second, metadata-less "
-    "materialization per shard (Dagster's own key for that case; test_backfill.py checks one record per shard), and the "
-    "materialization a shard's logged check result is of (as Dagster links the results it logs itself; test_blocking_checks.py)",
+    "assets/partitions.py": (
+        "the key of an output that lets a ranged run's next stage start without a second, "
+        "metadata-less materialization per shard (Dagster's own key for that case; "
+        "test_backfill.py checks one record per shard), and the materialization a shard's logged "
+        "check result is of (as Dagster links the results it logs itself; test_blocking_checks.py)"
+    ),
     "tests/defs/test_backfill.py": "drives Dagster's backfill daemon in-process, which has no public API",
-    "autointerp_defs/cluster.py": "a worker loads the definitions before Celery forks exactly as a step reconstructs them (ReconstructableRepository), "
-    "so its pool processes start with them; no public API builds that object",
-    "tests/cluster/test_worker.py": "checks that a forked step's own reconstruction finds the definitions the worker loaded",
-    "bench/cluster.py": "launches ranged runs the way the daemon does, which Dagster's CLI refuses for multi-run backfill policies",
+    "autointerp_defs/cluster.py": (
+        "a worker loads the definitions before Celery forks exactly as a step reconstructs them "
+        "(ReconstructableRepository), so its pool processes start with them; no public API builds "
+        "that object"
+    ),
+    "tests/cluster/test_worker.py": (
+        "checks that a forked step's own reconstruction finds the definitions the worker loaded"
+    ),
+    "bench/cluster.py": (
+        "launches ranged runs the way the daemon does, which Dagster's CLI refuses for multi-run "
+        "backfill policies"
+    ),
 }
 """Where a Dagster internal is imported on purpose: an upgrade that moves it fails at import, not silently."""
 

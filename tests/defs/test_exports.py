@@ -36,8 +36,9 @@ def partition(tmp_path_factory, tiny_sae):
 
 
 def test_neuronpedia_importer_accepts_the_export_and_reads_back_every_row(partition, tmp_path):
-    """Neuronpedia's own import (replayed from its code on its schema, `tests/defs/neuronpedia_import.py`) takes every
-    feature, activation and explanation, each with what our tables hold; a re-export with an edited explanation adds it."""
+    """Neuronpedia's own import (replayed from its code on its schema,
+    `tests/defs/neuronpedia_import.py`) takes every feature, activation and explanation, each with
+    what our tables hold; a re-export with an edited explanation adds it."""
     import psycopg
     from psycopg.rows import dict_row
 
@@ -77,7 +78,10 @@ def test_neuronpedia_importer_accepts_the_export_and_reads_back_every_row(partit
         create_schema(url)
         assert import_folder(url, folder) == []  # nothing logged: the release went in too
         with psycopg.connect(url, row_factory=dict_row) as db:
-            read = lambda sql: db.execute(sql).fetchall()
+
+            def read(sql):
+                return db.execute(sql).fetchall()
+
             [model] = read('SELECT * FROM "Model"')
             assert (
                 model["layers"],
@@ -143,13 +147,14 @@ def test_neuronpedia_importer_accepts_the_export_and_reads_back_every_row(partit
                 assert r["tokens"] == [vocab[t] for t in w.tokens] and r[
                     "maxValue"
                 ] == pytest.approx(w.max_activation)
-                if (
-                    w.split == "train"
-                ):  # the strongest windows (the `top` sampler's): Neuronpedia's top activations
+                if w.split == "train":
+                    # the strongest windows (the `top` sampler's): Neuronpedia's top activations
                     assert (r["binMin"], r["binContains"]) == (-1, -1) and r[
                         "binMax"
                     ] == pytest.approx(float(stats["max"][latent]))
-                else:  # held out: in the interval holding its peak, with the share of the corpus's tokens in that interval
+                else:
+                    # held out: in the interval holding its peak, with the share of the corpus's
+                    # tokens in that interval
                     assert r["binMin"] <= r["maxValue"] <= r["binMax"] and r["binMin"] > 0
                     values = shard.activations[shard.locations[:, 2] == latent]
                     assert r["binContains"] == pytest.approx(
@@ -170,7 +175,8 @@ def test_neuronpedia_importer_accepts_the_export_and_reads_back_every_row(partit
                 "scripted-judge" in r["notes"] for r in explanations.values()
             )  # a model Neuronpedia does not define is named in the notes
 
-        # an edited explanation, and one by a model and method Neuronpedia defines: a re-export adds both and nothing else
+        # an edited explanation, and one by a model and method Neuronpedia defines: a re-export adds
+        # both and nothing else
         copy = tmp_path / "copy"
         shutil.copytree(partition.root, copy)
         edited = ok.copy()
@@ -225,7 +231,7 @@ def test_delphi_export_then_import_rescored_with_controls(partition, tmp_path):
     explained = pd.read_parquet(root.explanations_path(partition.coder, "00"))
     ok = explained[explained.status == "ok"]
     files = sorted(p.name for p in (out / "explanations").iterdir())
-    assert files == sorted(f"model.layers.3_latent{l}.txt" for l in ok.latent)
+    assert files == sorted(f"model.layers.3_latent{latent}.txt" for latent in ok.latent)
     for latent, text in zip(ok.latent, ok.explanation, strict=False):
         assert (
             json.loads((out / "explanations" / f"model.layers.3_latent{latent}.txt").read_text())
@@ -284,7 +290,9 @@ def test_delphi_export_then_import_rescored_with_controls(partition, tmp_path):
         ]
     )
     imported = pd.read_parquet(croot.explanations_path(partition.coder, "00"))
-    assert dict(zip(imported.latent, imported.explanation, strict=False)) == dict(zip(ok.latent, ok.explanation, strict=False))
+    assert dict(zip(imported.latent, imported.explanation, strict=False)) == dict(
+        zip(ok.latent, ok.explanation, strict=False)
+    )
     assert (
         set(imported.explainer) == {"delphi"}
         and set(imported.model) == {"delphi-run"}
@@ -302,7 +310,9 @@ def test_delphi_export_then_import_rescored_with_controls(partition, tmp_path):
     )
     assert result.success
     scored = pd.read_parquet(croot.scores_path(partition.coder, "00", "embedding"))
-    assert dict(zip(scored.latent, scored.explanation, strict=False)) == dict(zip(ok.latent, ok.explanation, strict=False))
+    assert dict(zip(scored.latent, scored.explanation, strict=False)) == dict(
+        zip(ok.latent, ok.explanation, strict=False)
+    )
     assert (
         scored.control_explanation != scored.explanation
     ).all() and scored.control_roc_auc.notna().all()
@@ -499,7 +509,8 @@ def test_import_refuses_while_the_explanations_are_being_written(partition, tmp_
     with table_lock(path, "the explanations asset"):  # what an explanations run holds for its shard
         with pytest.raises(
             SystemExit,
-            match=rf"Writing the explanations of {partition.coder} shard 00 .* is already running in process \d+\. Fix: wait",
+            match=rf"Writing the explanations of {partition.coder} shard 00 .* "
+            r"is already running in process \d+\. Fix: wait",
         ):
             main(["--data", str(copy), "import", "delphi", partition.coder, str(out)])
     assert path.read_bytes() == before

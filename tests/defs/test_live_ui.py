@@ -91,7 +91,8 @@ class UI:
 
     def runs(self) -> list[dict]:
         data = self.query(
-            "{ runsOrError(limit: 1000) { ... on Runs { results { runId status startTime endTime assetSelection { path } } } } }"
+            "{ runsOrError(limit: 1000) { ... on Runs { results "
+            "{ runId status startTime endTime assetSelection { path } } } } }"
         )
         return data["runsOrError"]["results"]
 
@@ -102,7 +103,8 @@ class UI:
         path = json.dumps(asset.split("/"))
         among = f"(partitions: {json.dumps(partitions)})" if partitions else ""
         data = self.query(
-            f"{{ assetOrError(assetKey: {{path: {path}}}) {{ ... on Asset {{ assetMaterializations{among} {{ partition timestamp }} }} }} }}"
+            f"{{ assetOrError(assetKey: {{path: {path}}}) {{ ... on Asset "
+            f"{{ assetMaterializations{among} {{ partition timestamp }} }} }} }}"
         )
         found = {}
         for event in (data["assetOrError"] or {}).get("assetMaterializations", []):

@@ -273,7 +273,8 @@ def test_word_matches_rank_explanations_by_the_query_words_they_hold():
 def test_the_steering_box_continues_a_prompt_with_and_without_the_latent(
     server, partition, subject
 ):
-    """The first request starts loading the subject model and answers "loading" at once; later ones continue the prompt."""
+    """The first request starts loading the subject model and answers "loading" at once; later ones
+    continue the prompt."""
     import time
 
     _, explained, _ = tables(partition)
@@ -420,7 +421,8 @@ def test_the_links_follow_the_deployment_settings_and_summary_links_cover_every_
     )
     assert (
         page["links"]["dagster_explanations"]
-        == f"http://dagster.lab:3333/assets/explanations?view=partitions&partition={quote(partition.coder + '|00', safe='')}"
+        == "http://dagster.lab:3333/assets/explanations?view=partitions"
+        f"&partition={quote(partition.coder + '|00', safe='')}"
     )
     assert (
         page["links"]["dagster_summary"] == "http://dagster.lab:3333/assets/score_summary"
@@ -831,11 +833,14 @@ def test_a_first_start_after_a_materialization_serves_a_latent_page_without_buil
         tables(partition)[2]["simulation"].latent.iloc[0]
     )  # explained, scored by every scorer, simulated
     page = first.latent(partition.coder, latent)
-    built_caches = lambda: sorted(
-        p.name
-        for p in layout.viewer_dir(partition.coder).iterdir()
-        if p.suffix in (".arrow", ".npz", ".npy") and p.stem != "latents"
-    )
+
+    def built_caches():
+        return sorted(
+            p.name
+            for p in layout.viewer_dir(partition.coder).iterdir()
+            if p.suffix in (".arrow", ".npz", ".npy") and p.stem != "latents"
+        )
+
     assert built_caches() == [] and set(prepared) == {partition.shard}
     assert page == Viewer(TableStore.at(layout.root)).latent(
         partition.coder, latent
@@ -961,8 +966,9 @@ def test_one_steering_at_a_time_per_model_and_a_second_is_told_when_to_retry(
 def test_search_leaves_out_a_vector_of_an_explanation_the_latent_no_longer_holds(
     partition, tmp_path
 ):
-    """A crash between a shard's explanations and their sync to LanceDB leaves the vector of the old text: the latent must
-    not be found by words its explanation no longer has (as `search_explanations` guards)."""
+    """A crash between a shard's explanations and their sync to LanceDB leaves the vector of the old
+    text: the latent must not be found by words its explanation no longer has (as
+    `search_explanations` guards)."""
     from autointerp_defs.readside.app import Viewer
 
     root = copy_root(partition, tmp_path)

@@ -4,8 +4,8 @@ Checks what a person would: the coders table sorts, the latent list sorts, filte
 opens on explained latents, the heatmap marks exactly the tokens the exemplars say fired (value on
 hover), the logit lens shows values and a histogram, windows filter by token, a scorer's permalink
 shows it beside its control, the steering box continues a prompt both ways, links resolve, no page
-scrolls sideways at 1400x900 or 1280x800, and nothing is fetched from outside the server. Screenshots go to `$AUTOINTERP_SCREENSHOTS` (default:
-the test's tmp folder).
+scrolls sideways at 1400x900 or 1280x800, and nothing is fetched from outside the server.
+Screenshots go to `$AUTOINTERP_SCREENSHOTS` (default: the test's tmp folder).
 """
 
 from __future__ import annotations
@@ -101,7 +101,7 @@ def test_latent_list_sorts_filters_searches_and_links(page, server, partition, s
     # filter by explanation status
     page.select_option("#status", "ok")
     page.click("#apply")
-    page.wait_for_function("document.querySelectorAll('#latents tbody tr').length === %d" % len(ok))
+    page.wait_for_function(f"document.querySelectorAll('#latents tbody tr').length === {len(ok)}")
     ready(page)
     assert sorted(
         int(x) for x in page.locator("#latents tbody tr td:first-child").all_inner_texts()
@@ -243,9 +243,11 @@ def test_latent_page_shows_logits_filters_windows_by_token_and_links_a_scorer(
     )
     # top activations searchable by token: only windows holding the token stay, the token outlined
     strongest = api["windows"]["activating"][0]["windows"][0]
-    token = max((a, t) for a, t in zip(strongest["activations"], strongest["tokens"], strict=False) if t.strip())[
-        1
-    ].strip()
+    token = max(
+        (a, t)
+        for a, t in zip(strongest["activations"], strongest["tokens"], strict=False)
+        if t.strip()
+    )[1].strip()
     page.fill("#token-search", token)
     windows = page.locator("#windows .window")
     visible = [i for i in range(windows.count()) if windows.nth(i).is_visible()]
@@ -342,10 +344,14 @@ def test_latent_page_shows_each_sense_with_its_scores_beside_the_union(
             "1",
             "–",
         ]  # its score was of another text
-        shown = lambda v: str(int(v)) if float(v).is_integer() else f"{v:.3f}"  # the page's `fmt`
+
+        def shown(v):  # the page's `fmt`
+            return str(int(v)) if float(v).is_integer() else f"{v:.3f}"
+
+        score, control = union["balanced_accuracy"], union["control_balanced_accuracy"]
         assert (
             page.locator("#senses tr.union td").nth(3).inner_text()
-            == f"{shown(union['balanced_accuracy'])} (control {shown(union['control_balanced_accuracy'])})"
+            == f"{shown(score)} (control {shown(control)})"
         )
         page.locator("#senses").screenshot(path=str(shots / "latent-senses.png"))
         page.goto(

@@ -155,7 +155,11 @@ import pandas as pd
 from resources.llm import ResponseCache
 from storage.tables import write_table
 root = Path(sys.argv[1])
-for attempt in (lambda: ResponseCache(root / "llm_cache" / "responses.sqlite"), lambda: write_table(pd.DataFrame(), root / "exemplars" / "x.parquet", "exemplars")):
+attempts = (
+    lambda: ResponseCache(root / "llm_cache" / "responses.sqlite"),
+    lambda: write_table(pd.DataFrame(), root / "exemplars" / "x.parquet", "exemplars"),
+)
+for attempt in attempts:
     try:
         attempt()
         print("written")

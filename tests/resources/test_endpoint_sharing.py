@@ -17,14 +17,20 @@ from pathlib import Path
 from resources.llm import LLMResource
 
 tag, base_url, cache, ready = sys.argv[1], sys.argv[2], Path(sys.argv[3]), Path(sys.argv[4])
-client = LLMResource(backend="openai", base_url=base_url, model="scripted", max_concurrency=4).client(cache)
+resource = LLMResource(backend="openai", base_url=base_url, model="scripted", max_concurrency=4)
+client = resource.client(cache)
 (ready / tag).touch()
 while len(list(ready.iterdir())) < 2:  # start together, however long each took to import
     time.sleep(0.01)
 
 async def main():
     async with client.session():
-        await asyncio.gather(*(client.complete([{"role": "user", "content": f"{tag} request {i}"}], max_tokens=4) for i in range(16)))
+        await asyncio.gather(
+            *(
+                client.complete([{"role": "user", "content": f"{tag} request {i}"}], max_tokens=4)
+                for i in range(16)
+            )
+        )
 
 asyncio.run(main())
 """

@@ -193,7 +193,8 @@ def test_real_llama_cpp_server_through_the_openai_backend():
         out, listed = asyncio.run(wait_then_ask())
         with pytest.raises(
             LLMEndpointError,
-            match=r"HTTP 500 .*does not accept structured output 'json_schema'\. Fix: set `llm\.structured_output` to 'json_object'",
+            match=r"HTTP 500 .*does not accept structured output 'json_schema'\. "
+            r"Fix: set `llm\.structured_output` to 'json_object'",
         ):
             asyncio.run(with_json_schema())
         assert out.text.strip() and out.completion_tokens > 0

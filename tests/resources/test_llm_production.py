@@ -31,9 +31,9 @@ from tests.conftest import (
     pipeline_until_exemplars,
 )
 from tests.conftest import llm_resource as resource
+from tests.scripted_llm_server import Fault, ScriptedLLMServer
 
 ALL_ASSETS = all_assets()
-from tests.scripted_llm_server import Fault, ScriptedLLMServer
 
 MESSAGES = [{"role": "user", "content": "Say hello."}]
 
@@ -266,7 +266,9 @@ def test_a_lost_question_is_asked_afresh_next_time(tmp_path):
     with ScriptedLLMServer(lambda m: "maybe 3" if m[-1] == REASK else "Hmm") as server:
         for _ in range(2):
             client = resource(server).client(tmp_path)
-            lost = in_session(client, lambda: client.ask(MESSAGES, number, REASK, max_tokens=4))
+            lost = in_session(
+                client, lambda client=client: client.ask(MESSAGES, number, REASK, max_tokens=4)
+            )
             assert lost.failure.startswith(UNREADABLE) and client.ledger.requests == 2
     with ScriptedLLMServer(lambda m: "7" if m[-1] == REASK else "Hmm") as server:
         stopped = resource(server, max_requests=1).client(tmp_path / "budget")

@@ -56,7 +56,8 @@ def coders(tmp_path_factory):
 
 @pytest.fixture()
 def hub(coders, tmp_path):
-    """The scripted hub serving the coders (HF_TOKEN needed), with huggingface_hub pointed at it and its cache in the test's folder."""
+    """The scripted hub serving the coders (HF_TOKEN needed), with huggingface_hub pointed at it and
+    its cache in the test's folder."""
     with (
         ScriptedHub(token=TOKEN) as hub,
         hub_environment(hub.url, tmp_path / "hf_home", TOKEN) as env,
@@ -161,7 +162,8 @@ def test_hub_errors_name_the_input_and_the_fix(hub, coders, tmp_path):
         hub_environment(hub.url, tmp_path / "hf_home"),
         pytest.raises(
             SystemExit,
-            match=r"EleutherAI/sae-tiny does not exist or is private \(no token was sent \(HF_TOKEN is not set\)\)\. Fix: .*HF_TOKEN",
+            match=r"EleutherAI/sae-tiny does not exist or is private "
+            r"\(no token was sent \(HF_TOKEN is not set\)\)\. Fix: .*HF_TOKEN",
         ),
     ):
         register(tmp_path / "data", "EleutherAI/sae-tiny", "--hookpoints", "layers.1")
@@ -195,12 +197,14 @@ def test_hub_errors_name_the_input_and_the_fix(hub, coders, tmp_path):
         register(tmp_path / "data", "someone/not-a-coder")
     with pytest.raises(
         SystemExit,
-        match=r"'blocks.99.hook_resid_pre' is not a coder id of the release of jbloom/.*Its coders: blocks.0.hook_resid_pre",
+        match=r"'blocks.99.hook_resid_pre' is not a coder id of the release of jbloom/"
+        r".*Its coders: blocks.0.hook_resid_pre",
     ):
         register(tmp_path / "data", "gpt2-small-res-jb", "--hookpoints", "blocks.99.hook_resid_pre")
     with pytest.raises(
         SystemExit,
-        match=r"\(SAELens release gpt2-small-res-jb\) has no coder in a known layout .* at blocks.9.hook_resid_pre; it holds no files",
+        match=r"\(SAELens release gpt2-small-res-jb\) has no coder in a known layout "
+        r".* at blocks.9.hook_resid_pre; it holds no files",
     ):
         register(
             tmp_path / "data", "gpt2-small-res-jb", "--hookpoints", "blocks.9.hook_resid_pre"
@@ -212,7 +216,8 @@ def test_hub_errors_name_the_input_and_the_fix(hub, coders, tmp_path):
     )
     with pytest.raises(
         SystemExit,
-        match=r"The SAE 'blocks.0.hook_mlp_out' of the release gpt2-small-mlp-tm needs its input scaled by 1.04.*Fix: choose an SAE without",
+        match=r"The SAE 'blocks.0.hook_mlp_out' of the release gpt2-small-mlp-tm "
+        r"needs its input scaled by 1.04.*Fix: choose an SAE without",
     ):
         register(
             tmp_path / "data",
@@ -226,7 +231,8 @@ def test_hub_errors_name_the_input_and_the_fix(hub, coders, tmp_path):
 
 
 def test_offline_registers_from_the_cache_the_first_run_filled(hub, tmp_path):
-    """A separate process with HF_HUB_OFFLINE=1 from the start, as a user runs it: the cache serves, the hub is never asked."""
+    """A separate process with HF_HUB_OFFLINE=1 from the start, as a user runs it: the cache
+    serves, the hub is never asked."""
     register(tmp_path / "online", "EleutherAI/sae-tiny", "--hookpoints", "layers.1")
     asked = len(hub.requests)
 
@@ -259,8 +265,8 @@ def test_offline_registers_from_the_cache_the_first_run_filled(hub, tmp_path):
     assert done.returncode == 0, done.stderr
     commit = hub.refs["EleutherAI/sae-tiny"]["main"]
     assert (
-        f"registered sae-tiny/layers.1: width {WIDTH} (1 shards of 1024), from EleutherAI/sae-tiny@main (commit {commit})"
-        in done.stdout
+        f"registered sae-tiny/layers.1: width {WIDTH} (1 shards of 1024), "
+        f"from EleutherAI/sae-tiny@main (commit {commit})" in done.stdout
     )
     assert len(hub.requests) == asked
     assert (
@@ -271,7 +277,8 @@ def test_offline_registers_from_the_cache_the_first_run_filled(hub, tmp_path):
     with hub_environment(hub.url, tmp_path / "hf_home", offline=True):
         with pytest.raises(
             SystemExit,
-            match=r"'layers.2' is not a coder folder of EleutherAI/sae-tiny@main \(HF_HUB_OFFLINE is set: only the cached files are listed\)\. Its coders: layers.1\. Fix",
+            match=r"'layers.2' is not a coder folder of EleutherAI/sae-tiny@main "
+            r"\(HF_HUB_OFFLINE is set: only the cached files are listed\)\. Its coders: layers.1\. Fix",
         ):
             register(
                 tmp_path / "offline", "EleutherAI/sae-tiny", "--hookpoints", "layers.1", "layers.2"
@@ -281,7 +288,8 @@ def test_offline_registers_from_the_cache_the_first_run_filled(hub, tmp_path):
         hub_environment(hub.url, tmp_path / "hf_home", offline=True),
         pytest.raises(
             SystemExit,
-            match=r"google/gemma-scope-2b-pt-res@main is not in the Hugging Face cache .*HF_HUB_OFFLINE is set.*Fix: run the same command once online",
+            match=r"google/gemma-scope-2b-pt-res@main is not in the Hugging Face cache "
+            r".*HF_HUB_OFFLINE is set.*Fix: run the same command once online",
         ),
     ):
         register(tmp_path / "offline", "gemma-scope-2b-pt-res", "--hookpoints", GEMMA_SCOPE_ID)
@@ -299,7 +307,8 @@ def test_local_folder_registers_a_coder_and_needs_its_module_named(coders, tmp_p
     assert "registered mine/model.layers.2: width 64" in capsys.readouterr().out
     with pytest.raises(
         SystemExit,
-        match=r"does not say which module of the subject model it reads\. Fix: name the module with --hookpoints '\.=MODULE'",
+        match=r"does not say which module of the subject model it reads\. "
+        r"Fix: name the module with --hookpoints '\.=MODULE'",
     ):
         register(tmp_path / "data", str(coders / "gemmascope" / GEMMA_SCOPE_ID))
     register(

@@ -42,7 +42,8 @@ def cached(tmp_path_factory, tiny_sae, subject):
 
 
 def test_reading_through_nnsight_gives_the_cached_activations(cached, steerer, tiny_sae, tmp_path):
-    """The nnsight driver caches exactly what the hook path cached; a direct nnsight read, encoded, is the cache's pairs."""
+    """The nnsight driver caches exactly what the hook path cached; a direct nnsight read, encoded,
+    is the cache's pairs."""
     other = DataRoot.at(tmp_path)
     shutil.copytree(cached.registry_dir, other.registry_dir)
     shutil.copytree(cached.corpus_dir, other.corpus_dir)
@@ -67,8 +68,8 @@ def test_reading_through_nnsight_gives_the_cached_activations(cached, steerer, t
     ]  # BOS is not cached
     code = tiny_sae.encode(hidden.reshape(-1, hidden.shape[-1]).float())
     read = {
-        (int(r) // 63, int(r) % 63 + 1, int(l)): float(v)
-        for r, l, v in zip(code.rows, code.latents, code.values, strict=False)
+        (int(r) // 63, int(r) % 63 + 1, int(latent)): float(v)
+        for r, latent, v in zip(code.rows, code.latents, code.values, strict=False)
     }
     pairs = [read_shard(cached.activations_dir(TINY_CODER), s) for s in shard_keys(8)]
     stored = {

@@ -1,4 +1,5 @@
-"""The format tables of docs/formats.md say what `storage/` defines: same tables, same columns, same types, same files."""
+"""The format tables of docs/formats.md say what `storage/` defines: same tables, same columns,
+same types, same files."""
 
 import re
 from pathlib import Path

@@ -2,7 +2,6 @@
 table's journal folder: neither loses nor overwrites the other's rows, and a run with another key
 never mixes its rows in."""
 
-
 from storage.journal import Journal
 
 

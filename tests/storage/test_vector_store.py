@@ -37,7 +37,8 @@ class WordEmbedder:
 
 
 def commit(root: DataRoot, shard: str, rows: dict[int, tuple[str, str]]) -> dict[int, str]:
-    """Write the shard's explanations table (latent → (status, text)); returns its ok explanations, as the asset syncs them."""
+    """Write the shard's explanations table (latent → (status, text)); returns its ok explanations,
+    as the asset syncs them."""
     frame = pd.DataFrame(
         {
             "latent": list(rows),
@@ -70,7 +71,9 @@ def held(root: DataRoot, embedder: str) -> dict[tuple[str, int], str]:
     )
     return {
         (shard, latent): text
-        for shard, latent, text in zip(rows["shard"], rows["latent"], rows["explanation"], strict=False)
+        for shard, latent, text in zip(
+            rows["shard"], rows["latent"], rows["explanation"], strict=False
+        )
     }
 
 

@@ -41,9 +41,11 @@ instance: install
 demo: instance
 	$(VENV)/bin/autointerp demo
 
-# The docs site first (docs/, mkdocs.yml): --strict fails on a broken link or anchor, a page missing from the nav,
+# ruff first (its rules in pyproject.toml: the formatter at 100 columns, lint with E501 at 120), then the docs site (docs/, mkdocs.yml): --strict fails on a broken link or anchor, a page missing from the nav,
 # or an API page that does not resolve; built into .site/ (ignored by git). No -q: it hides the warnings --strict counts.
 test: install-test
+	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/ruff check .
 	NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs build --strict -d $(CURDIR)/.site
 	$(VENV)/bin/pytest -q --durations=25
 

@@ -196,7 +196,7 @@ def test_an_endpoint_slot_is_free_only_when_the_server_says_so(coordination_url)
     free once released, or once its holder stops renewing (a killed process) and the lease runs out."""
     import psycopg
 
-    from resources.llm import SharedEndpointSlots
+    from resources.endpoint_slots import SharedEndpointSlots
 
     holder, other = (
         SharedEndpointSlots(coordination_url, "endpoint x", 1, lease_s=2.0) for _ in range(2)

@@ -127,7 +127,7 @@ def test_requests_waiting_for_a_slot_ask_for_one_in_turn(tmp_path):
     asking on its own made about 450. On a cluster each ask is a coordination query."""
     import asyncio
 
-    from resources.llm import EndpointSlots
+    from resources.endpoint_slots import EndpointSlots
 
     slots, asks, most, held = EndpointSlots(tmp_path / "slots", 2), [0], [0], [0]
     take = slots._try_take

@@ -9,7 +9,9 @@ import time
 import pytest
 
 from autointerp_defs.ui import free_port
-from resources.llm import LLMEndpointError, LLMResource, OpenAICompatibleClient
+from resources.llm import LLMResource
+from resources.llm_backends import OpenAICompatibleClient
+from resources.llm_protocol import LLMEndpointError
 from resources.subject_model import embedded_gguf_path
 from tests.conftest import in_session
 from tests.scripted_llm_server import ScriptedLLMServer
@@ -82,7 +84,7 @@ def test_embedded_llama_cpp_backend_answers():
 def test_embedded_llama_cpp_simulation_answer_is_a_grammar_bound_list_with_aligned_logprobs():
     from assets.prompts import parse_int_list, simulation_messages
     from assets.scorers.simulation import expected_values
-    from resources.llm import LlamaCppClient
+    from resources.llm_backends import LlamaCppClient
 
     tokens = [" The", " cat", " sat", " on", " the", " mat"]
     out = asyncio.run(
@@ -122,7 +124,7 @@ def test_embedded_llama_cpp_answers_with_logprobs_go_into_the_response_cache(tmp
 
 
 LLAMA_SERVER = (
-    "from resources.llm import use_plain_cpu_buffers; use_plain_cpu_buffers(); "
+    "from resources.llm_backends import use_plain_cpu_buffers; use_plain_cpu_buffers(); "
     "import runpy; runpy.run_module('llama_cpp.server', run_name='__main__')"
 )
 

@@ -13,15 +13,14 @@ from resources.llm import (
     BUDGET_STOPPED,
     REQUEST_FAILED,
     UNREADABLE,
-    BudgetExceeded,
-    Completion,
-    LLMEndpointError,
     LLMResource,
     Refusal,
-    ResponseCache,
-    completion_from_json,
     stopped_by_budget,
 )
+from resources.llm_accounting import BudgetExceeded
+from resources.llm_backends import completion_from_json
+from resources.llm_protocol import Completion, LLMEndpointError
+from resources.response_cache import ResponseCache
 from tests.conftest import (
     TINY_CODER,
     add_coders,
@@ -120,7 +119,7 @@ def test_timeouts_are_retried():
 
 
 def test_gives_up_after_max_attempts():
-    from resources.llm import TransientLLMError
+    from resources.llm_protocol import TransientLLMError
 
     with ScriptedLLMServer(lambda m: 503) as server:
         client = resource(server, max_attempts=3).client()

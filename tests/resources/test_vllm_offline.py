@@ -164,7 +164,7 @@ def test_concurrent_requests_become_one_batch_with_logprobs_and_tokens(fake_vllm
 
 
 def test_batches_are_capped(fake_vllm):
-    from resources.llm import VLLMOfflineClient
+    from resources.llm_backends import VLLMOfflineClient
 
     client = VLLMOfflineClient("m", max_batch=16)
 

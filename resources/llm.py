@@ -12,7 +12,6 @@ never stored.
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import random
 from collections.abc import Callable
 from contextlib import asynccontextmanager, nullcontext
@@ -36,6 +35,7 @@ from resources.llm_protocol import Completion, LLMClient, LLMEndpointError, Tran
 from resources.response_cache import ResponseCache, SharedResponseCache
 from resources.subject_model import embedded_gguf_path
 from storage.identity import content_digest
+from storage.layout import DataRoot, response_cache_file
 
 T = TypeVar("T")
 
@@ -490,12 +490,13 @@ class LLMResource(ConfigurableResource):
 
     def client(
         self,
-        default_cache_dir: Path | None = None,
+        root: DataRoot | None = None,
         role: str | None = None,
         coordination_url: str = "",
     ) -> ProductionClient:
         """The production client of `role` (None: the `[llm]` settings alone). Its cache and endpoint
-        slots are under `default_cache_dir` (the data root's), or in the database of `coordination_url`."""
+        slots are under the data root `root` (the cache in `llm.cache_dir` if set), or in the database
+        of `coordination_url`."""
         chosen = self.for_role(role)
         prices = None
         if (
@@ -506,9 +507,14 @@ class LLMResource(ConfigurableResource):
                 chosen.prompt_price_per_million or 0.0,
                 chosen.completion_price_per_million or 0.0,
             )
-        cache_dir = Path(chosen.cache_dir) if chosen.cache_dir else default_cache_dir
+        if chosen.cache_dir:
+            cache_path = response_cache_file(Path(chosen.cache_dir))
+        elif chosen.cache_dir is None and root is not None:
+            cache_path = root.response_cache_path
+        else:  # '' turns the cache off; without a data root there is no default
+            cache_path = None
         cache = None
-        if cache_dir is not None and chosen.cache_dir != "":
+        if cache_path is not None:
             if coordination_url:
                 cache = engine(
                     "response cache",
@@ -516,14 +522,14 @@ class LLMResource(ConfigurableResource):
                     lambda: SharedResponseCache(coordination_url),
                 )
             else:
-                cache = ResponseCache(cache_dir / "responses.sqlite")
+                cache = ResponseCache(cache_path)
                 self._opened_caches.append(
                     cache
                 )  # closed at this resource's teardown, whichever role opened it
         ledger = Ledger(prices, chosen.max_requests, chosen.max_cost)
         slots = None
         if (
-            chosen.backend == "openai" and default_cache_dir is not None
+            chosen.backend == "openai" and root is not None
         ):  # one limit per endpoint and model for every run on this data root (or cluster)
             if coordination_url:
                 name, n = f"endpoint {chosen.model_id()}", chosen.concurrency()
@@ -534,10 +540,7 @@ class LLMResource(ConfigurableResource):
                 )
             else:
                 slots = EndpointSlots(
-                    default_cache_dir
-                    / "slots"
-                    / hashlib.sha256(chosen.model_id().encode()).hexdigest()[:16],
-                    chosen.concurrency(),
+                    root.endpoint_slots_dir(chosen.model_id()), chosen.concurrency()
                 )
         return ProductionClient(
             chosen.backend_client(),

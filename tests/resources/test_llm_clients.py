@@ -13,6 +13,7 @@ from resources.llm import LLMResource
 from resources.llm_backends import OpenAICompatibleClient
 from resources.llm_protocol import LLMEndpointError
 from resources.subject_model import embedded_gguf_path
+from storage.layout import DataRoot
 from tests.conftest import in_session
 from tests.scripted_llm_server import ScriptedLLMServer
 
@@ -107,7 +108,10 @@ def test_embedded_llama_cpp_answers_with_logprobs_go_into_the_response_cache(tmp
     from assets.prompts import simulation_messages
 
     messages = simulation_messages("the word cat", [" The", " cat", " sat"])
-    client, fresh = LLMResource().client(tmp_path), LLMResource().client(tmp_path)
+    client, fresh = (
+        LLMResource().client(DataRoot(tmp_path)),
+        LLMResource().client(DataRoot(tmp_path)),
+    )
     first = in_session(
         client,
         lambda: client.complete(messages, max_tokens=20, int_list=(3, 0, 10), top_logprobs=5),

@@ -456,7 +456,7 @@ def explanations_asset(
                     f"{llm.backend} ({config.explainer}, best of {config.best_of_n})"
                 )
                 client = llm.client(
-                    layout.llm_cache_dir,
+                    layout,
                     role="explainer",
                     coordination_url=settings.coordination_url,
                 )
@@ -470,7 +470,7 @@ def explanations_asset(
                 explainer = make_explainer(config, explainers, deps)
                 judge = (
                     llm.client(
-                        layout.llm_cache_dir,
+                        layout,
                         role="judge",
                         coordination_url=settings.coordination_url,
                     )

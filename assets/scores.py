@@ -603,7 +603,7 @@ def scorer_asset(
             layout = store.layout
             client = (
                 resources.llm.client(
-                    layout.llm_cache_dir,
+                    layout,
                     role="judge",
                     coordination_url=resources.settings.coordination_url,
                 )

@@ -26,15 +26,16 @@ sys.path.insert(0, str(ROOT))
 
 from assets.prompts import explainer_messages  # noqa: E402
 from resources.llm import LLMResource  # noqa: E402
+from storage.layout import DataRoot  # noqa: E402
 
 
 def timed_pass(
-    llm: LLMResource, cache: Path | None, prompts: list, transport: str = "aiohttp"
+    llm: LLMResource, root: DataRoot | None, prompts: list, transport: str = "aiohttp"
 ) -> dict:
     """One pass as an asset runs it: open the client's session (connect, check the endpoint), then send all
     prompts at once and let the client bound them. The clock and the CPU meter start after the session opens:
     what is measured is the client's throughput, not its one-time setup (reported as setup_s)."""
-    client = llm.client(cache)
+    client = llm.client(root)
     client.inner.transport = transport
 
     async def run() -> dict:
@@ -86,9 +87,9 @@ def main() -> None:
                 model="scripted",
                 max_concurrency=args.concurrency,
             )
-            first = timed_pass(llm, Path(cache), prompts("a"))
+            first = timed_pass(llm, DataRoot(Path(cache)), prompts("a"))
             seen = server_requests()
-            second = timed_pass(llm, Path(cache), prompts("a"))
+            second = timed_pass(llm, DataRoot(Path(cache)), prompts("a"))
             repeat_requests = server_requests() - seen
             # Baseline in the same run: the SDK's default httpx transport, fresh prompts, no cache.
             httpx = timed_pass(llm, None, prompts("b"), transport="httpx")

@@ -155,7 +155,7 @@ def measure(data: Path, partition_latents: int, n_latents: int) -> dict:
             def client(name):
                 return LLMResource(
                     backend="openai", base_url=base_url, model="scripted", max_concurrency=32
-                ).client(Path(caches) / name)
+                ).client(DataRoot(Path(caches) / name))
 
             llm = client("explanations")
             explainer = EXPLAINERS["highlighted"](ExplainerSettings(), ExplainerDeps(llm=llm))

@@ -181,7 +181,7 @@ def measure(data: Path, shard: str, n_latents: int, out: Path) -> dict:
 
             def client(name):  # a fresh response cache per stage: every request is sent
                 return LLMResource(backend="openai", base_url=base_url, model="scripted").client(
-                    Path(caches) / name
+                    DataRoot(Path(caches) / name)
                 )
 
             explainer = EXPLAINERS["highlighted"](

@@ -1,7 +1,8 @@
 """Coordination between the processes of a cluster through one PostgreSQL database, named by
 `[settings] coordination_url`: the lock on a coder's activation cache (here), the LLM endpoint's
-request limit and the response cache (`resources/llm.py`) then hold across machines. Empty (the
-default), processes coordinate through files under the data root, which holds on one machine.
+request limit and the response cache (`resources/endpoint_slots.py`, `resources/response_cache.py`)
+then hold across machines. Empty (the default), processes coordinate through files under the data
+root, which holds on one machine.
 
 The locks here are PostgreSQL advisory locks of a session: they end with it. When the holding
 process exits or is killed the server sees its connection close at once; when its machine vanishes,

@@ -2,11 +2,17 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
 from dataclasses import dataclass
 from pathlib import Path
 
 from storage.activations import LATENT_STATS_FILE, META_FILE
+
+
+def response_cache_file(folder: Path) -> Path:
+    """The LLM response cache (SQLite) in `folder`: the data root's `llm_cache`, or `llm.cache_dir`."""
+    return folder / "responses.sqlite"
 
 
 @dataclass(frozen=True)
@@ -56,6 +62,15 @@ class DataRoot:
     @property
     def llm_cache_dir(self) -> Path:
         return self.root / "llm_cache"
+
+    @property
+    def response_cache_path(self) -> Path:
+        return response_cache_file(self.llm_cache_dir)
+
+    def endpoint_slots_dir(self, endpoint: str) -> Path:
+        """The slot lock files every run on this root shares for one endpoint and model (`endpoint`: the
+        LLM's `model_id`), in a folder named by its hash: an id holds URLs and slashes."""
+        return self.llm_cache_dir / "slots" / hashlib.sha256(endpoint.encode()).hexdigest()[:16]
 
     @property
     def all_activations_dir(self) -> Path:

@@ -18,7 +18,8 @@ from assets.scorers import SCORERS, ScorerDeps, scorer_settings
 from assets.scorers.saebench import none_floor, read_window_numbers, saebench_windows
 from assets.scorers.simulation import expected_values
 from assets.scores import score_partition
-from resources.llm import Completion, LLMResource
+from resources.llm import LLMResource
+from resources.llm_protocol import Completion
 from tests.conftest import two_shards_of_scores
 from tests.scripted_llm_server import ScriptedLLMServer
 

@@ -13,7 +13,8 @@ import pytest
 from dagster import DagsterInstance, materialize
 
 from autointerp_defs.ui import free_port
-from resources.llm import LLMEndpointError, LLMResource
+from resources.llm import LLMResource
+from resources.llm_protocol import LLMEndpointError
 from tests.conftest import (
     TINY_CODER,
     add_coders,

@@ -18,11 +18,12 @@ NODE = """
 import asyncio, json, sys, time
 from pathlib import Path
 from resources.llm import LLMResource
+from storage.layout import DataRoot
 
 base_url, data, url = sys.argv[1], Path(sys.argv[2]), sys.argv[3]
 ready, together, contents = Path(sys.argv[4]), int(sys.argv[5]), json.loads(sys.argv[6])
 resource = LLMResource(backend="openai", base_url=base_url, model="scripted", max_concurrency=4)
-client = resource.client(data / "llm_cache", coordination_url=url)
+client = resource.client(DataRoot(data), coordination_url=url)
 (ready / data.name).touch()
 while len(list(ready.iterdir())) < together:  # start together, however long each took to import
     time.sleep(0.01)
@@ -160,10 +161,11 @@ def test_a_query_the_database_holds_up_leaves_the_event_loop_free(tmp_path, coor
     import psycopg
 
     from resources.llm import LLMResource
+    from storage.layout import DataRoot
 
     with ScriptedLLMServer(lambda messages: "ok") as server:
         client = LLMResource(backend="openai", base_url=server.base_url, model="scripted").client(
-            tmp_path, coordination_url=coordination_url
+            DataRoot(tmp_path), coordination_url=coordination_url
         )
         blocker, ticks = psycopg.connect(coordination_url), []
 
@@ -199,7 +201,7 @@ def test_an_endpoint_slot_is_free_only_when_the_server_says_so(coordination_url)
     free once released, or once its holder stops renewing (a killed process) and the lease runs out."""
     import psycopg
 
-    from resources.llm import SharedEndpointSlots
+    from resources.endpoint_slots import SharedEndpointSlots
 
     holder, other = (
         SharedEndpointSlots(coordination_url, "endpoint x", 1, lease_s=2.0) for _ in range(2)

@@ -152,7 +152,7 @@ NOT_WRITABLE = """
 import sys
 from pathlib import Path
 import pandas as pd
-from resources.llm import ResponseCache
+from resources.response_cache import ResponseCache
 from storage.tables import write_table
 root = Path(sys.argv[1])
 attempts = (

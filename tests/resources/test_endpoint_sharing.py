@@ -15,10 +15,16 @@ SENDER = """
 import asyncio, sys, time
 from pathlib import Path
 from resources.llm import LLMResource
+from storage.layout import DataRoot
 
+<<<<<<< HEAD
 tag, base_url, cache, ready = sys.argv[1], sys.argv[2], Path(sys.argv[3]), Path(sys.argv[4])
 resource = LLMResource(backend="openai", base_url=base_url, model="scripted", max_concurrency=4)
 client = resource.client(cache)
+=======
+tag, base_url, root, ready = sys.argv[1], sys.argv[2], DataRoot(Path(sys.argv[3])), Path(sys.argv[4])
+client = LLMResource(backend="openai", base_url=base_url, model="scripted", max_concurrency=4).client(root)
+>>>>>>> split-llm
 (ready / tag).touch()
 while len(list(ready.iterdir())) < 2:  # start together, however long each took to import
     time.sleep(0.01)
@@ -36,7 +42,7 @@ asyncio.run(main())
 """
 
 
-def run_two_senders(caches: tuple[Path, Path], ready: Path) -> tuple[int, bool]:
+def run_two_senders(roots: tuple[Path, Path], ready: Path) -> tuple[int, bool]:
     """(most requests answered at once, whether both processes had requests in flight together)."""
     lock, in_flight, most, together = threading.Lock(), [], [0], [False]
 
@@ -55,12 +61,12 @@ def run_two_senders(caches: tuple[Path, Path], ready: Path) -> tuple[int, bool]:
     with ScriptedLLMServer(reply) as server:
         senders = [
             subprocess.Popen(
-                [sys.executable, "-c", SENDER, tag, server.base_url, str(cache), str(ready)],
+                [sys.executable, "-c", SENDER, tag, server.base_url, str(root), str(ready)],
                 cwd=REPO,
                 stderr=subprocess.PIPE,
                 text=True,
             )
-            for tag, cache in zip(("first", "second"), caches, strict=False)
+            for tag, root in zip(("first", "second"), roots, strict=False)
         ]
         for sender in senders:
             assert sender.wait(timeout=120) == 0, sender.stderr.read()[-2000:]
@@ -69,16 +75,12 @@ def run_two_senders(caches: tuple[Path, Path], ready: Path) -> tuple[int, bool]:
 
 
 def test_two_runs_on_one_data_root_share_the_endpoint_limit(tmp_path):
-    most, together = run_two_senders(
-        (tmp_path / "llm_cache", tmp_path / "llm_cache"), tmp_path / "ready"
-    )
+    most, together = run_two_senders((tmp_path, tmp_path), tmp_path / "ready")
     assert together and most == 4  # both sent at the same time, and never more than the one limit
 
 
 def test_runs_on_different_data_roots_each_have_their_own_limit(tmp_path):
-    most, together = run_two_senders(
-        (tmp_path / "a" / "llm_cache", tmp_path / "b" / "llm_cache"), tmp_path / "ready"
-    )
+    most, together = run_two_senders((tmp_path / "a", tmp_path / "b"), tmp_path / "ready")
     assert together and most == 8  # what sharing prevents: the limits add up
 
 
@@ -88,6 +90,7 @@ def test_a_run_waiting_for_its_first_answer_holds_no_slot_of_the_endpoint(tmp_pa
     import asyncio
 
     from resources.llm import LLMResource
+    from storage.layout import DataRoot
 
     def reply(messages):
         time.sleep(1.0 if messages[-1]["content"].startswith("slow") else 0.0)
@@ -98,8 +101,8 @@ def test_a_run_waiting_for_its_first_answer_holds_no_slot_of_the_endpoint(tmp_pa
             backend="openai", base_url=server.base_url, model="scripted", max_concurrency=2
         )
         starting, running = (
-            resource.client(tmp_path),
-            resource.client(tmp_path),
+            resource.client(DataRoot(tmp_path)),
+            resource.client(DataRoot(tmp_path)),
         )  # two runs on one data root: 2 slots in all
 
         async def main():
@@ -133,7 +136,7 @@ def test_requests_waiting_for_a_slot_ask_for_one_in_turn(tmp_path):
     asking on its own made about 450. On a cluster each ask is a coordination query."""
     import asyncio
 
-    from resources.llm import EndpointSlots
+    from resources.endpoint_slots import EndpointSlots
 
     slots, asks, most, held = EndpointSlots(tmp_path / "slots", 2), [0], [0], [0]
     take = slots._try_take

@@ -8,6 +8,7 @@ from dagster import AssetExecutionContext, asset, materialize
 from resources.embedder import EmbedderResource
 from resources.engines import close_engines, engine, open_engines
 from resources.llm import LLMResource
+from storage.layout import DataRoot
 
 
 def test_a_run_closes_the_response_cache_it_opened(tmp_path):
@@ -15,10 +16,10 @@ def test_a_run_closes_the_response_cache_it_opened(tmp_path):
 
     @asset
     def asks(context: AssetExecutionContext, llm: LLMResource) -> None:
-        opened.append(llm.client(tmp_path).cache)
+        opened.append(llm.client(DataRoot(tmp_path)).cache)
 
     assert materialize([asks], resources={"llm": LLMResource()}).success
-    assert opened[0] is not None and (tmp_path / "responses.sqlite").exists()
+    assert opened[0] is not None and (tmp_path / "llm_cache" / "responses.sqlite").exists()
     try:
         opened[0]._db.execute("SELECT 1")
         still_open = True

@@ -9,8 +9,11 @@ import time
 import pytest
 
 from autointerp_defs.ui import free_port
-from resources.llm import LLMEndpointError, LLMResource, OpenAICompatibleClient
+from resources.llm import LLMResource
+from resources.llm_backends import OpenAICompatibleClient
+from resources.llm_protocol import LLMEndpointError
 from resources.subject_model import embedded_gguf_path
+from storage.layout import DataRoot
 from tests.conftest import in_session
 from tests.scripted_llm_server import ScriptedLLMServer
 
@@ -82,7 +85,7 @@ def test_embedded_llama_cpp_backend_answers():
 def test_embedded_llama_cpp_simulation_answer_is_a_grammar_bound_list_with_aligned_logprobs():
     from assets.prompts import parse_int_list, simulation_messages
     from assets.scorers.simulation import expected_values
-    from resources.llm import LlamaCppClient
+    from resources.llm_backends import LlamaCppClient
 
     tokens = [" The", " cat", " sat", " on", " the", " mat"]
     out = asyncio.run(
@@ -105,7 +108,10 @@ def test_embedded_llama_cpp_answers_with_logprobs_go_into_the_response_cache(tmp
     from assets.prompts import simulation_messages
 
     messages = simulation_messages("the word cat", [" The", " cat", " sat"])
-    client, fresh = LLMResource().client(tmp_path), LLMResource().client(tmp_path)
+    client, fresh = (
+        LLMResource().client(DataRoot(tmp_path)),
+        LLMResource().client(DataRoot(tmp_path)),
+    )
     first = in_session(
         client,
         lambda: client.complete(messages, max_tokens=20, int_list=(3, 0, 10), top_logprobs=5),
@@ -122,7 +128,7 @@ def test_embedded_llama_cpp_answers_with_logprobs_go_into_the_response_cache(tmp
 
 
 LLAMA_SERVER = (
-    "from resources.llm import use_plain_cpu_buffers; use_plain_cpu_buffers(); "
+    "from resources.llm_backends import use_plain_cpu_buffers; use_plain_cpu_buffers(); "
     "import runpy; runpy.run_module('llama_cpp.server', run_name='__main__')"
 )
 

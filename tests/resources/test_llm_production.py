@@ -13,15 +13,15 @@ from resources.llm import (
     BUDGET_STOPPED,
     REQUEST_FAILED,
     UNREADABLE,
-    BudgetExceeded,
-    Completion,
-    LLMEndpointError,
     LLMResource,
     Refusal,
-    ResponseCache,
-    completion_from_json,
     stopped_by_budget,
 )
+from resources.llm_accounting import BudgetExceeded
+from resources.llm_backends import completion_from_json
+from resources.llm_protocol import Completion, LLMEndpointError
+from resources.response_cache import ResponseCache
+from storage.layout import DataRoot
 from tests.conftest import (
     TINY_CODER,
     add_coders,
@@ -120,7 +120,7 @@ def test_timeouts_are_retried():
 
 
 def test_gives_up_after_max_attempts():
-    from resources.llm import TransientLLMError
+    from resources.llm_protocol import TransientLLMError
 
     with ScriptedLLMServer(lambda m: 503) as server:
         client = resource(server, max_attempts=3).client()
@@ -139,14 +139,35 @@ def test_response_cache_is_content_addressed(tmp_path):
             other = await client.complete(MESSAGES, max_tokens=6)
             return first, again, other
 
-        client = resource(server).client(tmp_path)
+        root = DataRoot(tmp_path)
+        client = resource(server).client(root)
         first, again, other = in_session(client, lambda: run(client))
-        fresh = resource(server).client(tmp_path)  # a later materialization, same cache on disk
+        fresh = resource(server).client(root)  # a later materialization, same cache on disk
         in_session(fresh, lambda: fresh.complete(MESSAGES, max_tokens=5))
     assert first.text == again.text == "cached answer"
     assert (
         len(server.requests) == 2 and client.ledger.cache_hits == 1 and fresh.ledger.requests == 0
     )
+
+
+def test_a_client_keeps_its_cache_and_endpoint_slots_where_the_data_roots_layout_says(tmp_path):
+    root = DataRoot(tmp_path)
+    llm = LLMResource(backend="openai", base_url="http://127.0.0.1:9/v1", model="m")
+    client = llm.client(root)
+    assert client.cache.path == root.response_cache_path and root.response_cache_path.exists()
+    assert {path.parent for path in client._slots.paths} == {
+        root.endpoint_slots_dir(llm.model_id())
+    }
+    assert root.endpoint_slots_dir(llm.model_id()).is_dir()
+    elsewhere = LLMResource(
+        backend="openai",
+        base_url="http://127.0.0.1:9/v1",
+        model="m",
+        cache_dir=str(tmp_path / "mine"),
+    ).client(root)
+    assert elsewhere.cache.path == tmp_path / "mine" / "responses.sqlite"
+    for opened in (client, elsewhere):
+        opened.cache.close()
 
 
 def test_an_answer_with_numpy_logprobs_round_trips_through_the_response_cache(tmp_path):
@@ -253,9 +274,9 @@ def test_a_lost_question_says_why_in_one_format_with_the_answers_and_the_readers
 def test_a_question_answered_on_its_follow_up_is_answered_from_the_cache_next_time(tmp_path):
     """The refused first answer stays cached while the question is open: the follow-up's key holds it."""
     with ScriptedLLMServer(lambda m: "7" if m[-1] == REASK else "Hmm") as server:
-        first = resource(server).client(tmp_path)
+        first = resource(server).client(DataRoot(tmp_path))
         asked = in_session(first, lambda: first.ask(MESSAGES, number, REASK, max_tokens=4))
-        again = resource(server).client(tmp_path)
+        again = resource(server).client(DataRoot(tmp_path))
         replayed = in_session(again, lambda: again.ask(MESSAGES, number, REASK, max_tokens=4))
     assert asked.value == replayed.value == 7 and len(server.requests) == 2
     assert again.ledger.requests == 0 and [a.text for a in replayed.answers] == ["Hmm", "7"]
@@ -265,15 +286,15 @@ def test_a_lost_question_is_asked_afresh_next_time(tmp_path):
     """Unreadable twice, or cut short by the budget after a refused answer: no turn of it is kept in the cache."""
     with ScriptedLLMServer(lambda m: "maybe 3" if m[-1] == REASK else "Hmm") as server:
         for _ in range(2):
-            client = resource(server).client(tmp_path)
+            client = resource(server).client(DataRoot(tmp_path))
             lost = in_session(
                 client, lambda client=client: client.ask(MESSAGES, number, REASK, max_tokens=4)
             )
             assert lost.failure.startswith(UNREADABLE) and client.ledger.requests == 2
     with ScriptedLLMServer(lambda m: "7" if m[-1] == REASK else "Hmm") as server:
-        stopped = resource(server, max_requests=1).client(tmp_path / "budget")
+        stopped = resource(server, max_requests=1).client(DataRoot(tmp_path / "budget"))
         lost = in_session(stopped, lambda: stopped.ask(MESSAGES, number, REASK, max_tokens=4))
-        again = resource(server).client(tmp_path / "budget")
+        again = resource(server).client(DataRoot(tmp_path / "budget"))
         read = in_session(again, lambda: again.ask(MESSAGES, number, REASK, max_tokens=4))
     assert stopped_by_budget(lost.failure) and read.value == 7 and again.ledger.requests == 2
 

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 import pytest
 
 from resources.llm import LLMResource
+from storage.layout import DataRoot
 
 
 @dataclass
@@ -107,7 +108,7 @@ def test_concurrent_requests_become_one_batch_with_logprobs_and_tokens(fake_vllm
         backend="vllm",
         model="HuggingFaceTB/SmolLM2-135M-Instruct",
         vllm_engine_args={"gpu_memory_utilization": 0.8},
-    ).client(tmp_path)
+    ).client(DataRoot(tmp_path))
     engine = client.inner._engine
     assert engine.model == "HuggingFaceTB/SmolLM2-135M-Instruct" and engine.engine_args == {
         "gpu_memory_utilization": 0.8
@@ -149,7 +150,7 @@ def test_concurrent_requests_become_one_batch_with_logprobs_and_tokens(fake_vllm
     assert client.ledger.requests == 40
 
     again = LLMResource(backend="vllm", model="HuggingFaceTB/SmolLM2-135M-Instruct").client(
-        tmp_path
+        DataRoot(tmp_path)
     )
     repeated = asyncio.run(
         again.complete(
@@ -164,7 +165,7 @@ def test_concurrent_requests_become_one_batch_with_logprobs_and_tokens(fake_vllm
 
 
 def test_batches_are_capped(fake_vllm):
-    from resources.llm import VLLMOfflineClient
+    from resources.llm_backends import VLLMOfflineClient
 
     client = VLLMOfflineClient("m", max_batch=16)
 

@@ -53,32 +53,8 @@ import pytest
 from dagster import DagsterInstance
 
 from autointerp_defs.cli import main
-from autointerp_defs.deployments import DEPLOYMENTS_DIR
-from autointerp_defs.instance import write_instance
-from tests.conftest import TEST_LATENTS_PER_SHARD, TINY_CODER, add_coders
-
-
-@pytest.fixture()
-def instance_home(tmp_path, monkeypatch):
-    """A fresh instance like the one `make demo` writes, at $DAGSTER_HOME."""
-    home = tmp_path / "dagster_home"
-    write_instance(home)
-    monkeypatch.setenv("DAGSTER_HOME", str(home))
-    return home
-
-
-def tiny_deployment(tmp_path):
-    """The local deployment, cut into the tiny coder's shards as the test partition was."""
-    path = tmp_path / "tiny.toml"
-    path.write_text(
-        (DEPLOYMENTS_DIR / "local.toml")
-        .read_text()
-        .replace(
-            "max_latents_per_shard = 3",
-            f"max_latents_per_shard = 4\nlatents_per_shard = {TEST_LATENTS_PER_SHARD}",
-        )
-    )
-    return str(path)
+from tests.conftest import TINY_CODER, add_coders
+from tests.defs.conftest import tiny_deployment
 
 
 def test_materialize_without_an_instance_names_the_folder_it_looked_in_and_the_fix(

@@ -1,7 +1,8 @@
 """Stage 4, `explanations`: one explanation per latent from the chosen explainer, optionally best of N.
 
 Explainers are plugins (`assets/explainers/`, one module each): `highlighted` (delphi's default),
-`contrastive`, `token_table`, `top_tokens`, and any a deployment adds. With `best_of_n > 1`, N
+`contrastive`, `token_table`, `top_tokens`, `delphi` (reads a delphi run's explanations, asking no
+LLM: `autointerp import delphi`), and any a deployment adds. With `best_of_n > 1`, N
 candidates are sampled and each is scored by the embedding scorer on the held-out `valid` windows;
 the best is kept and every candidate is stored with its score (Transluce). With `refine_rounds`, the
 explanation is then revised from its mistakes on the `valid` windows, judged by the deployment's judge
@@ -118,6 +119,25 @@ def embedding_scores(
     return [roc_auc(sims[:, i], labels) for i in range(len(candidates))]
 
 
+def read_latent(explainer: Explainer, record: LatentRecord) -> dict:
+    """The row of an explainer that asks no LLM: the text it reads, or failed saying why it has none."""
+    row = {
+        "latent": record.latent,
+        "explainer": explainer.name,
+        "model": explainer.model,
+        "prompt_tokens": 0,
+        "completion_tokens": 0,
+        "examples_dropped": 0,
+    }
+    try:
+        text = explainer.read(record)
+    except LookupError as error:
+        failed = {"explanation": "", "status": "failed", "error": str(error)}
+        return {**row, **failed, "candidates": [], "candidate_scores": []}
+    ok = {"explanation": text, "status": "ok", "error": ""}
+    return {**row, **ok, "candidates": [text], "candidate_scores": [float("nan")]}
+
+
 async def explain_latent(
     explainer: Explainer,
     config: ExplanationsConfig,
@@ -126,6 +146,8 @@ async def explain_latent(
     refiner: Refiner | None = None,
 ) -> tuple[dict, list[dict]]:
     """The latent's `explanations` row and, with a `refiner`, its `explanation_rounds` rows."""
+    if not explainer.asks_llm:
+        return read_latent(explainer, record), []
     client = explainer.deps.llm
     row = {
         "latent": record.latent,
@@ -286,6 +308,11 @@ def make_explainer(
             f"of {sorted(explainers)} in the deployment file."
         )
     cls = explainers[config.explainer]
+    if not cls.asks_llm and (config.best_of_n, config.refine_rounds, config.senses) != (1, 0, 1):
+        raise ValueError(
+            f"The {cls.name!r} explainer asks no LLM: best_of_n, refine_rounds and senses do not "
+            "apply. Fix: leave them at 1, 0 and 1 in [explanations]."
+        )
     try:
         settings = cls.Settings(**config.explainer_settings)
     except ValidationError as error:
@@ -347,16 +374,16 @@ async def explain_all(
                 **({"senses": latent_senses} if "senses" in journal.part_names else {}),
             )
 
-    client = explainer.deps.llm
+    client = explainer.deps.llm  # None for an explainer that asks no LLM
     async with (
-        client.session(),
+        client.session() if client is not None else contextlib.nullcontext(),
         refiner.judge.session() if refiner is not None else contextlib.nullcontext(),
     ):
         try:
             results = await stream_latents(
                 todo,
                 explain,
-                workers=2 * client.max_concurrency,
+                workers=2 * client.max_concurrency if client is not None else 1,
                 on_finished=keep,
                 report=report,
                 label="explanations",
@@ -416,9 +443,12 @@ def explanations_asset(
             f"[explanations] explainer = {chosen.explainer!r} is not an explainer. "
             f"Fix: use one of {sorted(explainers)}."
         )
-    make_explainer(chosen, explainers, ExplainerDeps(llm=None))  # checks its settings now
+    files = make_explainer(
+        chosen, explainers, ExplainerDeps(llm=None)
+    ).files_digest()  # checked now
+    asks_llm = explainers[chosen.explainer].asks_llm
     roles = [
-        "explainer",
+        *(["explainer"] if asks_llm else []),
         *(["subject_model"] if "subject_model" in explainers[chosen.explainer].uses else []),
         *(["embedder"] if chosen.best_of_n > 1 or chosen.senses > 1 else []),
         *(["judge"] if chosen.refine_rounds else []),
@@ -426,6 +456,7 @@ def explanations_asset(
     version = (
         f"{EXPLANATIONS_VERSION}-{explainers[chosen.explainer].version}-{settings_digest(chosen)}{models.version_part(*roles)}"
         + (f"-senses{SENSES_VERSION}" if chosen.senses > 1 else "")
+        + (f"-files{files}" if files else "")
     )
 
     def explanations(
@@ -436,7 +467,9 @@ def explanations_asset(
         embedder: EmbedderResource,
         subject_model: SubjectModelResource,
     ):
-        uses = explainers[config.explainer].uses if config.explainer in explainers else frozenset()
+        known = config.explainer in explainers  # else `make_explainer` names the fix
+        uses = explainers[config.explainer].uses if known else frozenset()
+        asks_llm = explainers[config.explainer].asks_llm if known else True
 
         def explain_shard(partition_key: str, asked=lambda: None) -> MaterializeResult:
             coder, shard = coder_and_shard(partition_key)
@@ -453,12 +486,17 @@ def explanations_asset(
                 latents = selected_latents(exemplars, settings.max_latents_per_shard)
                 context.log.info(
                     f"explaining {len(latents)} latents of {coder} shard {shard} with "
-                    f"{llm.backend} ({config.explainer}, best of {config.best_of_n})"
+                    f"{llm.backend if asks_llm else 'no LLM'} ({config.explainer}, "
+                    f"best of {config.best_of_n})"
                 )
-                client = llm.client(
-                    layout,
-                    role="explainer",
-                    coordination_url=settings.coordination_url,
+                client = (
+                    llm.client(
+                        layout,
+                        role="explainer",
+                        coordination_url=settings.coordination_url,
+                    )
+                    if asks_llm
+                    else None
                 )
                 deps = ExplainerDeps(
                     llm=client,
@@ -483,10 +521,11 @@ def explanations_asset(
                     else None
                 )
                 exemplars_fingerprint = exemplars.fingerprint()
+                files = explainer.files_digest()
                 key = (
-                    f"{version}|{settings_digest(config)}|{client.identity}|"
+                    f"{version}|{settings_digest(config)}|{explainer.model}|"
                     f"{judge.identity if judge else ''}|{exemplars_fingerprint}"
-                )
+                ) + (f"|{files}" if files else "")
                 rounds: list[dict] = []
                 senses: list[dict] = []
                 with store.writing(
@@ -556,7 +595,8 @@ def explanations_asset(
                             else {"note": "empty shard: no explainable latent, nothing asked"}
                         ),
                         "settings": MetadataValue.json(config.model_dump()),
-                        "explainer_model": client.identity,
+                        "explainer_model": explainer.model,
+                        **({"explainer_files": files} if files else {}),
                         "embedder": embedder.identity(),  # the search vectors' (and best-of-N's) model
                         **(
                             {"subject_model": subject_model.identity()}
@@ -572,7 +612,7 @@ def explanations_asset(
                         "failed": int((frame["status"] == "failed").sum()),
                         "stopped_by_budget": budget_stopped,
                         "examples_dropped_to_fit": int(frame["examples_dropped"].sum()),
-                        **client.ledger.as_metadata(),
+                        **(client.ledger.as_metadata() if client is not None else {}),
                         **(
                             {f"judge_{k}": v for k, v in judge.ledger.as_metadata().items()}
                             if judge

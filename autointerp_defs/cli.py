@@ -192,6 +192,33 @@ def chosen_partition(
     return found
 
 
+def run_instance_home() -> tuple[Path, str]:
+    """The folder of the instance `materialize` and `import` run on, and how messages name the instance;
+    no instance there stops with the fix."""
+    home, source = instance_home()
+    if not (home / "dagster.yaml").is_file():
+        raise CommandError(
+            f"no Dagster instance at {home} ({source}). Fix: run `make demo` first, "
+            "which makes one there, or set DAGSTER_HOME to the folder of the instance that "
+            "`make ui` uses"
+        )
+    return home, f"the instance at {home} ({source})"
+
+
+def shard_keys(instance, where: str, deployment) -> list[str]:
+    """The instance's shard partitions; none yet stops with the fix."""
+    from assets.partitions import shard_partitions
+
+    keys = instance.get_dynamic_partitions(shard_partitions.name)
+    if not keys:
+        raise CommandError(
+            f"{where} knows no coder yet. Fix: run `make demo`, "
+            f"or drop a coder into {deployment.data_dir}/registry/ with `make ui` "
+            "running (its registry sensor adds the coder's shards)"
+        )
+    return keys
+
+
 def materialize_selection(
     deployment, selection: str, partition: str | None, coder: str | None, shard: str | None
 ) -> None:
@@ -201,17 +228,9 @@ def materialize_selection(
 
     from dagster import DagsterInstance
 
-    from assets.partitions import shard_partitions
     from autointerp_defs.definitions import definitions_for
 
-    home, source = instance_home()
-    where = f"the instance at {home} ({source})"
-    if not (home / "dagster.yaml").is_file():
-        raise CommandError(
-            f"no Dagster instance at {home} ({source}). Fix: run `make demo` first, "
-            "which makes one there, or set DAGSTER_HOME to the folder of the instance that "
-            "`make ui` uses"
-        )
+    home, where = run_instance_home()
     defs = definitions_for(deployment)
     partitioned = {
         key.to_user_string(): spec.partitions_def is not None
@@ -232,14 +251,9 @@ def materialize_selection(
     with DagsterInstance.from_config(str(home)) as instance:
         key = None
         if any(partitioned[name] for name in chosen):
-            keys = instance.get_dynamic_partitions(shard_partitions.name)
-            if not keys:
-                raise CommandError(
-                    f"{where} knows no coder yet. Fix: run `make demo`, "
-                    f"or drop a coder into {deployment.data_dir}/registry/ with `make ui` "
-                    "running (its registry sensor adds the coder's shards)"
-                )
-            key = chosen_partition(keys, partition, coder, shard, where)
+            key = chosen_partition(
+                shard_keys(instance, where, deployment), partition, coder, shard, where
+            )
         elif named:
             raise CommandError(
                 f"{', '.join(chosen)} {'is' if len(chosen) == 1 else 'are'} not partitioned. "
@@ -250,6 +264,62 @@ def materialize_selection(
         if (failure := _materialize(chosen, key, instance, defs)) is not None:
             raise CommandError(f"materializing {', '.join(chosen)} {key or ''} failed: {failure}")
     print(f"materialized {', '.join(chosen)} {key or ''} in {time.perf_counter() - started:.0f} s")
+
+
+def import_delphi(deployment, coder: str, folder: str, module: str | None, model: str) -> None:
+    """`autointerp import delphi`: a run of `explanations` with the `delphi` explainer reading `folder`, on each
+    shard of `coder` that holds one of its latents, in this process as `materialize` runs it. So an import is in
+    the asset's lineage and metadata, holds its lock, syncs the search index, and is re-scored like any other."""
+    from dataclasses import replace
+
+    from dagster import DagsterInstance
+
+    from assets.explainers.delphi_folder import read_delphi_explanations
+    from autointerp_defs.definitions import definitions_for
+    from autointerp_defs.readside import reader
+
+    store = deployment.resources()["settings"].store
+    module, texts = read_delphi_explanations(Path(folder), module or "")
+    meta = reader.activations_meta(store, coder)
+    width = int(meta["width"])
+    if outside := sorted(latent for latent in texts if not 0 <= latent < width):
+        raise reader.ExportInputError(
+            f"delphi explanations of latents {outside[:5]} do not exist in {coder} "
+            f"(width {width}). Fix: import into the coder they were written for."
+        )
+    by_shard: dict[str, list[int]] = {}
+    for latent in sorted(texts):
+        by_shard.setdefault(reader.shard_of(meta, latent), []).append(latent)
+    home, where = run_instance_home()
+    settings = {"folder": str(Path(folder).resolve()), "module": module, "model": model}
+    explanations = {"explainer": "delphi", "explainer_settings": settings}
+    defs = definitions_for(
+        replace(deployment, values={**deployment.values, "explanations": explanations})
+    )
+    with DagsterInstance.from_config(str(home)) as instance:
+        keys = shard_keys(instance, where, deployment)
+        for shard, latents in by_shard.items():
+            key = chosen_partition(keys, None, coder, shard, where)
+            table = store.explanations(coder, shard)
+            with table.lock(
+                f"Writing the explanations of {coder} shard {shard} "
+                "(the explanations asset or another import)"
+            ):  # refused at once, naming the holder, while a run writes the shard; the run takes the lock itself
+                pass
+            print(f"importing delphi's explanations of {module} into {key} on {where}", flush=True)
+            if (failure := _materialize(["explanations"], key, instance, defs)) is not None:
+                raise CommandError(f"importing into {key} failed: {failure}")
+            rows = reader.rows_of(table)
+            imported = int((rows["status"] == "ok").sum())
+            left = (
+                ""
+                if imported == len(latents)
+                else " (the others have no exemplars here, or are past max_latents_per_shard)"
+            )
+            print(
+                f"shard {shard}: imported {imported} of the folder's {len(latents)} explanations{left}; "
+                f"score them: autointerp materialize 'scores/*' --coder {coder} --shard {shard}"
+            )
 
 
 def run_demo(deployment, force: bool) -> None:
@@ -593,6 +663,7 @@ def check_port_free(host: str, port: int, make_option: str) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     """The command line; a mistake the user can fix ends with its one-line message, not a traceback."""
+    from assets.explainers.delphi_folder import DelphiFolderError
     from autointerp_defs.deployments import DeploymentError
     from autointerp_defs.readside.reader import ExportInputError
     from resources.hookpoints import UnknownHookpointError
@@ -613,6 +684,7 @@ def main(argv: list[str] | None = None) -> None:
         CoderShapeError,
         PermissionError,
         ExportInputError,
+        DelphiFolderError,
         SteeringError,
         UnknownHookpointError,
     ) as error:
@@ -799,7 +871,8 @@ def _main(argv: list[str] | None = None) -> None:
     )
     importing = commands.add_parser(
         "import",
-        help="read another tool's explanations into a coder, to be scored here with controls",
+        help="materialize a coder's explanations from another tool's (on the instance at $DAGSTER_HOME, "
+        "as materialize does), to be scored here with controls",
     )
     importing.add_argument("format", choices=["delphi"])
     importing.add_argument("coder", help="coder partition key, e.g. smollm2-topk/model.layers.15")
@@ -890,23 +963,7 @@ def _main(argv: list[str] | None = None) -> None:
     elif args.command == "export":
         export_to(args, deployment)
     elif args.command == "import":
-        from autointerp_defs.readside.delphi import import_delphi
-
-        resources = deployment.resources()
-        imported = import_delphi(
-            resources["settings"].store,
-            args.coder,
-            args.dir,
-            args.module,
-            args.model,
-            embedder=resources["embedder"],
-        )
-        for shard, latents in imported.items():
-            print(
-                f"shard {shard}: imported {len(latents)} explanations; "
-                "score them: "
-                f"autointerp materialize 'scores/*' --coder {args.coder} --shard {shard}"
-            )
+        import_delphi(deployment, args.coder, args.dir, args.module, args.model)
     elif args.command == "view":
         view_latents(deployment, args.host, args.port)
     elif args.command == "adopt-root":

@@ -210,8 +210,8 @@ def table_lease_path(path: Path) -> Path:
 
 def table_lock(path: Path, what: str, wait: bool = False):
     """The lock every writer of the table at `path` holds across reading, changing and writing it (the
-    explanations asset for a whole shard's run, `autointerp import delphi`), so that neither overwrites
-    rows the other has just written. `what` names the writer that would wait or be refused."""
+    explanations asset for a whole shard's run, `autointerp import delphi` among its runs), so that no run
+    overwrites rows another has just written. `what` names the writer that would wait or be refused."""
     return exclusive_lock(table_lock_path(path), what, wait)
 
 

@@ -7,6 +7,8 @@ LLM's context, and how many examples were dropped to fit) and `parse(text)` (the
 answer, or a `Refusal` saying why it cannot be read: the answer is asked again once, then the latent
 is failed with both answers and the reasons). `assets/explanations.py` does the rest for every
 explainer: sampling best-of-N candidates, choosing among them, the table and the search index.
+An explainer that reads explanations another tool wrote (`delphi_folder.py`) sets `asks_llm = False`
+and implements `read(record)` instead of `prompt`.
 """
 
 from __future__ import annotations
@@ -58,6 +60,9 @@ class Explainer:
     """Bump when the prompt or parsing changes results: it is part of the explanations' code version."""
     reask: ClassVar[str] = REASK_EXPLANATION
     """The follow-up turn sent once when an answer cannot be read."""
+    asks_llm: ClassVar[bool] = True
+    """False: it reads each explanation (`read`) instead of asking the LLM; it gets no LLM client, and
+    best of N, refining and senses do not apply."""
 
     def __init__(self, settings: ExplainerSettings, deps: ExplainerDeps):
         self.settings = settings
@@ -68,3 +73,17 @@ class Explainer:
 
     def parse(self, text: str) -> str | Refusal:
         return parse_explanation(text)
+
+    @property
+    def model(self) -> str:
+        """The model its rows and metadata name: the LLM's identity; one that asks none names its own."""
+        return self.deps.llm.identity
+
+    def files_digest(self) -> str:
+        """A hash of the files it reads besides the latent's evidence (empty: none). It is part of the
+        explanations' code version, so that changed files make them, and the scores below, stale."""
+        return ""
+
+    def read(self, record: LatentRecord) -> str:
+        """The latent's explanation, for an explainer that asks no LLM; `LookupError` says why it has none."""
+        raise NotImplementedError

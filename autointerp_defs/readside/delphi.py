@@ -1,5 +1,5 @@
-"""delphi's files: `autointerp export delphi CODER DIR` writes a delphi run folder,
-`autointerp import delphi CODER DIR` reads explanations back.
+"""delphi's files: `autointerp export delphi CODER DIR` writes a delphi run folder; `autointerp import delphi
+CODER DIR` reads explanations back through the `delphi` explainer (`assets/explainers/delphi_folder.py`).
 
 delphi's layout (checked against eai-delphi 0.1.3: `latents/cache.py` writes the cache, `latents/loader.py`
 `LatentDataset` reads it, `__main__.py` writes the rest with orjson, `log/result_analysis.py` reads scores):
@@ -23,14 +23,12 @@ Our detection and fuzzing scorers are delphi's classifier scorers (delphi calls 
 only those are written as scores, since delphi's analysis reads only that shape, and only where they
 scored the explanation written beside them. An export replaces every file of its module in DIR (other
 modules' files stay, their hookpoints and firing counts are kept), so a re-export never leaves a score
-of an earlier text beside a new one. An imported explanation becomes an `ok` row of our explanations
-table (explainer `delphi`), so every scorer here re-scores it beside a control.
+of an earlier text beside a new one.
 """
 
 from __future__ import annotations
 
 import json
-import re
 from collections import Counter
 from pathlib import Path
 
@@ -39,17 +37,15 @@ import pandas as pd
 import torch
 from safetensors.numpy import save_file
 
+from assets.explainers.delphi_folder import DELPHI_FILE
 from autointerp_defs.readside import reader
 from autointerp_defs.readside.index import CoderIndex
 from storage.identity import model_name
 from storage.store import TableStore
-from storage.tables import TABLES
-from storage.vector_store import sync_explanations
 
 DELPHI_SCORERS = {"detection": "detection", "fuzzing": "fuzz"}
 DELPHI_SPLITS = 5
 """delphi's default `CacheConfig.n_splits`: few files, since each carries the corpus tokens."""
-FILE = re.compile(r"^(?P<module>.+)_latent(?P<latent>\d+)\.txt$")
 
 
 def default_module(coder: str) -> str:
@@ -123,7 +119,7 @@ def export_delphi(
 def _remove_module(out: Path, module: str) -> None:
     """Delete this module's files of an earlier export (or delphi run) in `out`: explanations, scores, latent cache."""
     for path in [*out.glob("explanations/*.txt"), *out.glob("scores/*/*.txt")]:
-        match = FILE.match(path.name)
+        match = DELPHI_FILE.match(path.name)
         if match and match["module"] == module:
             path.unlink()
     for path in (out / "latents" / module).glob("*"):
@@ -299,122 +295,3 @@ def _exemplar_settings(store: TableStore, coder: str, index: CoderIndex) -> dict
             "n_quantiles": int(rows.loc[(rows["split"] == "test") & activating, "quantile"].max()),
         },
     }
-
-
-def read_delphi_explanations(folder: Path, module: str | None = None) -> dict[int, str]:
-    """Latent → explanation from `<folder>/explanations/*.txt` (or `<folder>/*.txt`) of one module."""
-    folder = Path(folder)
-    base = folder / "explanations" if (folder / "explanations").is_dir() else folder
-    found: dict[str, dict[int, str]] = {}
-    for path in sorted(base.glob("*.txt")):
-        match = FILE.match(path.name)
-        if not match:
-            continue
-        text = json.loads(path.read_text())
-        if not isinstance(text, str):
-            raise reader.ExportInputError(
-                f"{path} holds {type(text).__name__}, not a JSON string as delphi writes "
-                "explanations. Fix: point at delphi's explanations folder."
-            )
-        found.setdefault(match["module"], {})[int(match["latent"])] = text
-    if not found:
-        raise reader.ExportInputError(
-            f"No delphi explanation (<module>_latent<N>.txt) under {base}. "
-            "Fix: pass delphi's run folder (the one holding explanations/)."
-        )
-    if module is None:
-        if len(found) > 1:
-            raise reader.ExportInputError(
-                f"{base} holds explanations of several modules ({', '.join(sorted(found))}). "
-                "Fix: pick one with --module."
-            )
-        module = next(iter(found))
-    if module not in found:
-        raise reader.ExportInputError(
-            f"No explanation of module {module!r} under {base}; "
-            f"it has {', '.join(sorted(found))}. Fix: --module with one of those."
-        )
-    return found[module]
-
-
-def import_delphi(
-    store: TableStore,
-    coder: str,
-    folder: str,
-    module: str | None = None,
-    model: str = "delphi",
-    embedder=None,
-) -> dict[str, list[int]]:
-    """Put delphi's explanations into this coder's explanations tables (replacing those latents' rows),
-    and into the search index (`embedder`: the deployment's embedder resource, which the scorers and search
-    use too); returns per shard the latents imported. Scorers then score them with controls. `store` is
-    the deployment's (`settings.store`): its tables' locks are the ones the explanations asset holds, on
-    every node of a cluster."""
-    meta = reader.activations_meta(store, coder)
-    width = int(meta["width"])
-    texts = read_delphi_explanations(Path(folder), module)
-    outside = [latent for latent in texts if not 0 <= latent < width]
-    if outside:
-        raise reader.ExportInputError(
-            f"delphi explanations of latents {outside[:5]} do not exist in {coder} "
-            f"(width {width}). Fix: import into the coder they were written for."
-        )
-    by_shard: dict[str, list[int]] = {}
-    for latent in sorted(texts):
-        by_shard.setdefault(reader.shard_of(meta, latent), []).append(latent)
-    for shard, latents in by_shard.items():
-        exemplars = store.exemplars(coder, shard)
-        if not exemplars.exists():
-            raise reader.ExportInputError(
-                f"No exemplars for {coder} shard {shard} at {exemplars.location}: "
-                "imported explanations could not be scored. "
-                f"Fix: materialize `exemplars` for {coder}|{shard} first."
-            )
-        fingerprint = exemplars.fingerprint()
-        rows = pd.DataFrame(
-            {
-                "latent": np.array(latents, np.int64),
-                "explainer": "delphi",
-                "explanation": [texts[latent] for latent in latents],
-                "status": "ok",
-                "error": "",
-                "prompt_tokens": 0,
-                "completion_tokens": 0,
-                "model": model,
-                "candidates": [[texts[latent]] for latent in latents],
-                "candidate_scores": [[float("nan")] for _ in latents],
-                "examples_dropped": 0,
-                "exemplars_fingerprint": fingerprint,
-            }
-        )
-        explanations = store.explanations(coder, shard)
-        lock = f"Writing the explanations of {coder} shard {shard} (the explanations asset or another import)"
-        with store.writing(explanations, lock=lock, wait=False) as writer:
-            held = reader.rows_of(explanations)
-            if len(
-                held
-            ):  # rows of other latents stay, unless written from older exemplars (the scorers would refuse the table)
-                held = held[
-                    ~held["latent"].isin(latents) & (held["exemplars_fingerprint"] == fingerprint)
-                ]
-            table = (
-                pd.concat([held, rows], ignore_index=True).sort_values("latent")
-                if len(held)
-                else rows
-            )
-            writer.commit(table[TABLES["explanations"].columns])
-            if embedder is None:
-                from resources.embedder import EmbedderResource
-
-                embedder = EmbedderResource()
-            ok = table[table["status"] == "ok"]
-            sync_explanations(
-                store.layout.lancedb_dir,
-                embedder.model,
-                coder,
-                shard,
-                dict(zip(ok["latent"].tolist(), ok["explanation"], strict=False)),
-                embedder.embed,
-                store.coordination_url,
-            )
-    return by_shard

@@ -1,6 +1,7 @@
 """Every writer under the data root takes its lock through the deployment's coordination database when
-it has one: the commands (`autointerp import delphi`, `autointerp cache`) as the assets do, and the
-vector tables' writers. A command that runs beside a holder on another node is refused naming it."""
+it has one: the commands (`autointerp import delphi`, a run of the explanations asset, and `autointerp
+cache`) as the assets do, and the vector tables' writers. A command that runs beside a holder on another
+node is refused naming it."""
 
 import json
 import os
@@ -15,7 +16,7 @@ import pytest
 
 from resources.settings import AutointerpSettings
 from storage.coordination import exclusive
-from tests.conftest import TINY_CODER
+from tests.conftest import TINY_CODER, add_coders
 from tests.defs.conftest import partition  # noqa: F401 (the materialized partition the import reads)
 
 
@@ -37,13 +38,22 @@ def test_import_delphi_is_refused_while_the_explanations_asset_holds_the_table(
     tmp_path,
     deployment,
     coordination_url,
+    monkeypatch,
 ):
+    """The import is a run of the explanations asset, so it takes the same lock, in the same database."""
+    from dagster import DagsterInstance
+
     from autointerp_defs.cli import main
+    from autointerp_defs.instance import write_instance
 
     out = tmp_path / "delphi"
     main(["--data", str(partition.root), "export", "delphi", partition.coder, str(out)])
     copy = tmp_path / "copy"
     shutil.copytree(partition.root, copy, ignore=shutil.ignore_patterns("viewer"))
+    write_instance(tmp_path / "dagster_home")  # the instance the import runs on
+    monkeypatch.setenv("DAGSTER_HOME", str(tmp_path / "dagster_home"))
+    with DagsterInstance.from_config(str(tmp_path / "dagster_home")) as instance:
+        add_coders(instance, copy, partition.coder)
     table = AutointerpSettings(
         data_dir=str(copy), coordination_url=coordination_url
     ).store.explanations(partition.coder, "00")

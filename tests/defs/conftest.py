@@ -1,16 +1,45 @@
-"""Fixtures of the latent browser's tests: one materialized demo partition per session, and the
-viewer serving it (both the API tests and the browser tests use them)."""
+"""Fixtures of the latent browser's and the commands' tests: one materialized demo partition per session,
+the viewer serving it (both the API tests and the browser tests use them), and the Dagster instance and
+deployment the commands run on."""
 
 import threading
 
 import pytest
 
+from tests.conftest import TEST_LATENTS_PER_SHARD
 from tests.materialized_partition import build
 
 
 @pytest.fixture(scope="session")
 def partition(tmp_path_factory, tiny_sae):
     return build(tmp_path_factory.mktemp("materialized"), tiny_sae)
+
+
+@pytest.fixture()
+def instance_home(tmp_path, monkeypatch):
+    """A fresh instance like the one `make demo` writes, at $DAGSTER_HOME."""
+    from autointerp_defs.instance import write_instance
+
+    home = tmp_path / "dagster_home"
+    write_instance(home)
+    monkeypatch.setenv("DAGSTER_HOME", str(home))
+    return home
+
+
+def tiny_deployment(tmp_path) -> str:
+    """The local deployment, cut into the tiny coder's shards as the test partition was."""
+    from autointerp_defs.deployments import DEPLOYMENTS_DIR
+
+    path = tmp_path / "tiny.toml"
+    path.write_text(
+        (DEPLOYMENTS_DIR / "local.toml")
+        .read_text()
+        .replace(
+            "max_latents_per_shard = 3",
+            f"max_latents_per_shard = 4\nlatents_per_shard = {TEST_LATENTS_PER_SHARD}",
+        )
+    )
+    return str(path)
 
 
 @pytest.fixture(scope="module")

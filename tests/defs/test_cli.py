@@ -8,9 +8,8 @@ from dagster import DagsterInstance
 
 from assets.scorers import SCORERS
 from autointerp_defs.cli import main, print_results
-from autointerp_defs.deployments import DEPLOYMENTS_DIR
-from autointerp_defs.instance import write_instance
-from tests.conftest import TEST_LATENTS_PER_SHARD, TINY_CODER, add_coders, two_shards_of_scores
+from tests.conftest import TINY_CODER, add_coders, two_shards_of_scores
+from tests.defs.conftest import tiny_deployment
 
 
 def test_the_demo_prints_a_score_without_a_control_and_compares_means_over_the_same_latents(
@@ -53,29 +52,6 @@ def test_the_demo_prints_a_score_without_a_control_and_compares_means_over_the_s
 
 
 # ---- every path a user takes from the README ends in one line naming the fix ----------------------
-
-
-@pytest.fixture()
-def instance_home(tmp_path, monkeypatch):
-    """A fresh instance like the one `make demo` writes, at $DAGSTER_HOME."""
-    home = tmp_path / "dagster_home"
-    write_instance(home)
-    monkeypatch.setenv("DAGSTER_HOME", str(home))
-    return home
-
-
-def tiny_deployment(tmp_path):
-    """The local deployment, cut into the tiny coder's shards as the test partition was."""
-    path = tmp_path / "tiny.toml"
-    path.write_text(
-        (DEPLOYMENTS_DIR / "local.toml")
-        .read_text()
-        .replace(
-            "max_latents_per_shard = 3",
-            f"max_latents_per_shard = 4\nlatents_per_shard = {TEST_LATENTS_PER_SHARD}",
-        )
-    )
-    return str(path)
 
 
 def test_materialize_without_an_instance_names_the_folder_it_looked_in_and_the_fix(

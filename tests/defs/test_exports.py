@@ -12,10 +12,11 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-from dagster import DagsterInstance, materialize
+from dagster import AssetKey, DagsterInstance, materialize
 
 from storage.layout import DataRoot
 from tests.conftest import TINY_EXEMPLARS_CONFIG, add_coders, make_resources
+from tests.defs.conftest import tiny_deployment
 from tests.materialized_partition import build
 
 DELPHI_SAMPLE = {
@@ -220,7 +221,7 @@ def test_neuronpedia_importer_accepts_the_export_and_reads_back_every_row(partit
             assert db.execute('SELECT count(*) FROM "Neuron"').fetchone()[0] == 0
 
 
-def test_delphi_export_then_import_rescored_with_controls(partition, tmp_path):
+def test_delphi_export_then_import_rescored_with_controls(partition, tmp_path, instance_home):
     from autointerp_defs.cli import main
     from autointerp_defs.definitions import build_definitions
     from resources.sparse_coders import load_registered
@@ -277,8 +278,12 @@ def test_delphi_export_then_import_rescored_with_controls(partition, tmp_path):
     shutil.copytree(partition.root, copy, ignore=shutil.ignore_patterns("viewer"))
     croot = DataRoot.at(copy)
     croot.explanations_path(partition.coder, "00").unlink()
+    with DagsterInstance.from_config(str(instance_home)) as home:
+        add_coders(home, copy, partition.coder)
     main(
         [
+            "--deployment",
+            tiny_deployment(tmp_path),
             "--data",
             str(copy),
             "import",
@@ -290,9 +295,8 @@ def test_delphi_export_then_import_rescored_with_controls(partition, tmp_path):
         ]
     )
     imported = pd.read_parquet(croot.explanations_path(partition.coder, "00"))
-    assert dict(zip(imported.latent, imported.explanation, strict=False)) == dict(
-        zip(ok.latent, ok.explanation, strict=False)
-    )
+    texts = dict(zip(ok.latent, ok.explanation, strict=False))
+    assert dict(zip(imported.latent, imported.explanation, strict=False)) == texts
     assert (
         set(imported.explainer) == {"delphi"}
         and set(imported.model) == {"delphi-run"}
@@ -310,9 +314,7 @@ def test_delphi_export_then_import_rescored_with_controls(partition, tmp_path):
     )
     assert result.success
     scored = pd.read_parquet(croot.scores_path(partition.coder, "00", "embedding"))
-    assert dict(zip(scored.latent, scored.explanation, strict=False)) == dict(
-        zip(ok.latent, ok.explanation, strict=False)
-    )
+    assert dict(zip(scored.latent, scored.explanation, strict=False)) == texts
     assert (
         scored.control_explanation != scored.explanation
     ).all() and scored.control_roc_auc.notna().all()
@@ -454,11 +456,15 @@ def test_delphi_reads_the_export_with_its_own_code_and_gets_our_metrics(
     assert f"Number of dead features: {int((counts[module] == 0).sum())}" in printed.getvalue()
 
 
-def test_reexport_after_an_import_writes_no_score_of_the_earlier_text(partition, tmp_path):
+def test_reexport_after_an_import_writes_no_score_of_the_earlier_text(
+    partition, tmp_path, instance_home
+):
     from autointerp_defs.cli import main
 
     copy = tmp_path / "copy"
     shutil.copytree(partition.root, copy, ignore=shutil.ignore_patterns("viewer"))
+    with DagsterInstance.from_config(str(instance_home)) as home:
+        add_coders(home, copy, partition.coder)
     out = tmp_path / "delphi"
     main(["--data", str(copy), "export", "delphi", partition.coder, str(out)])
     explained = pd.read_parquet(DataRoot.at(copy).explanations_path(partition.coder, "00"))
@@ -467,9 +473,11 @@ def test_reexport_after_an_import_writes_no_score_of_the_earlier_text(partition,
     assert all((out / "scores" / scorer / name).exists() for scorer in DELPHI_SCORERS)
 
     new = tmp_path / "new" / "explanations"
-    new.mkdir(parents=True)
+    # the others' texts as they were, so their scores stay current
+    shutil.copytree(out / "explanations", new)
     (new / name).write_text(json.dumps("a text no scorer has judged"))
-    main(["--data", str(copy), "import", "delphi", partition.coder, str(new.parent)])
+    importing = ["--deployment", tiny_deployment(tmp_path), "--data", str(copy), "import", "delphi"]
+    main([*importing, partition.coder, str(new.parent)])
     main(
         ["--data", str(copy), "export", "delphi", partition.coder, str(out)]
     )  # into the same folder
@@ -496,7 +504,11 @@ def test_import_names_the_fix_for_a_folder_without_delphi_explanations(partition
         main(["--data", str(partition.root), "import", "delphi", partition.coder, str(tmp_path)])
 
 
-def test_import_refuses_while_the_explanations_are_being_written(partition, tmp_path):
+def test_import_refuses_while_the_explanations_are_being_written(
+    partition, tmp_path, instance_home
+):
+    """The import is a run of the explanations asset, so it takes the same lock: while another run holds the
+    shard it is refused at once, naming the holder."""
     from autointerp_defs.cli import main
     from storage.tables import table_lock
 
@@ -504,20 +516,87 @@ def test_import_refuses_while_the_explanations_are_being_written(partition, tmp_
     main(["--data", str(partition.root), "export", "delphi", partition.coder, str(out)])
     copy = tmp_path / "copy"
     shutil.copytree(partition.root, copy, ignore=shutil.ignore_patterns("viewer"))
+    with DagsterInstance.from_config(str(instance_home)) as home:
+        add_coders(home, copy, partition.coder)
     path = DataRoot.at(copy).explanations_path(partition.coder, "00")
     before = path.read_bytes()
+    importing = ["--deployment", tiny_deployment(tmp_path), "--data", str(copy), "import", "delphi"]
     with table_lock(path, "the explanations asset"):  # what an explanations run holds for its shard
         with pytest.raises(
             SystemExit,
-            match=rf"Writing the explanations of {partition.coder} shard 00 .* "
-            r"is already running in process \d+\. Fix: wait",
+            match=rf"Writing the explanations of {partition.coder} shard 00 .* is already running in "
+            rf"process \d+\. Fix: wait",
         ):
-            main(["--data", str(copy), "import", "delphi", partition.coder, str(out)])
+            main([*importing, partition.coder, str(out)])
     assert path.read_bytes() == before
-    main(
-        ["--data", str(copy), "import", "delphi", partition.coder, str(out)]
-    )  # once it is free, the import goes through
+    main([*importing, partition.coder, str(out)])  # once it is free, the import goes through
     assert path.read_bytes() != before
+
+
+def test_an_import_is_a_run_of_the_explanations_asset_and_a_changed_text_runs_it_again(
+    partition, tmp_path, instance_home, capsys
+):
+    """`autointerp import delphi` materializes `explanations` with the delphi explainer: the folder's texts are its
+    rows (the shard's other latents fail, saying why), the run is recorded for the partition, a scorer scores
+    them, and a changed text is a run of another code version, so the scores of the old text are stale."""
+    from autointerp_defs.cli import main
+
+    copy = tmp_path / "copy"
+    shutil.copytree(partition.root, copy, ignore=shutil.ignore_patterns("viewer"))
+    root = DataRoot.at(copy)
+    with DagsterInstance.from_config(str(instance_home)) as home:
+        add_coders(home, copy, partition.coder)
+    shard_latents = sorted(pd.read_parquet(root.explanations_path(partition.coder, "00")).latent)
+    first, second, *rest = shard_latents
+    folder = tmp_path / "delphi-run"
+    (folder / "explanations").mkdir(parents=True)
+
+    def write(latent: int, text: str) -> None:
+        path = folder / "explanations" / f"model.layers.3_latent{latent}.txt"
+        path.write_text(json.dumps(text))
+
+    texts = {first: "commas between two clauses", second: "the first word of a sentence"}
+    for latent, text in texts.items():
+        write(latent, text)
+    cli = ["--deployment", tiny_deployment(tmp_path), "--data", str(copy)]
+    importing = [*cli, "import", "delphi", partition.coder, str(folder)]
+    main(importing)
+    assert (
+        "shard 00: imported 2 of the folder's 2 explanations; score them" in capsys.readouterr().out
+    )
+    table = pd.read_parquet(root.explanations_path(partition.coder, "00")).set_index("latent")
+    assert sorted(table.index) == shard_latents and set(table.explainer) == {"delphi"}
+    assert table.loc[list(texts), "explanation"].to_dict() == texts
+    assert set(table.loc[list(texts), "status"]) == {"ok"} and set(table.model) == {"delphi"}
+    missing = table.loc[rest]
+    assert set(missing.status) == {"failed"} and (missing.explanation == "").all()
+    assert missing.error.str.startswith("not in the delphi folder: no model.layers.3_latent").all()
+
+    main([*cli, "materialize", "scores/embedding", "--coder", partition.coder, "--shard", "0"])
+    scored = pd.read_parquet(root.scores_path(partition.coder, "00", "embedding"))
+    assert dict(zip(scored.latent, scored.explanation, strict=True)) == texts
+    assert scored.control_roc_auc.notna().all()
+
+    write(first, "commas before a conjunction")
+    main(importing)
+    table = pd.read_parquet(root.explanations_path(partition.coder, "00")).set_index("latent")
+    assert table.loc[first, "explanation"] == "commas before a conjunction"
+    with DagsterInstance.from_config(str(instance_home)) as home:
+        records = home.fetch_materializations(AssetKey("explanations"), limit=5).records
+        [scoring] = home.fetch_materializations(AssetKey(["scores", "embedding"]), limit=5).records
+    latest, earlier = (r.asset_materialization for r in records)  # newest first
+    assert latest.partition == earlier.partition == f"{partition.coder}|00"
+    settings = latest.metadata["settings"].value
+    assert settings["explainer"] == "delphi"
+    assert settings["explainer_settings"]["folder"] == str(folder.resolve())
+    assert latest.metadata["explainer_model"].value == "delphi"
+    assert latest.metadata["explained"].value == 2
+    assert not [name for name in latest.metadata if name.startswith("llm_")]  # no LLM was asked
+    # the scores read the first import; the second is of another code version, so of another data version
+    read = scoring.asset_materialization.tags["dagster/input_event_pointer/explanations"]
+    assert int(read) == records[1].storage_id
+    assert latest.tags["dagster/code_version"] != earlier.tags["dagster/code_version"]
+    assert latest.tags["dagster/data_version"] != earlier.tags["dagster/data_version"]
 
 
 def test_neuronpedia_gets_one_explanation_per_sense_of_a_latent_with_several(partition, tmp_path):

@@ -49,6 +49,7 @@ from assets.score_metrics import (
     beside_control,
     control_assignment,
     example_metrics,
+    main_interval,
     no_control_reason,
     paired_means,
     predictions_of,
@@ -70,7 +71,14 @@ from resources.sparse_coders import load_registered
 from storage.corpus import load_corpus
 from storage.journal import Journal
 from storage.store import TableStore
-from storage.tables import SCORE_METRICS, TABLES, empty_table, explanation_hash, latents_in
+from storage.tables import (
+    INTERVAL_COLUMNS,
+    SCORE_METRICS,
+    TABLES,
+    empty_table,
+    explanation_hash,
+    latents_in,
+)
 from storage.vector_store import CorpusWindows
 
 EMPTY_SHARD = "empty shard: no explainable latent"
@@ -140,6 +148,7 @@ def latent_row(
     control: JobResult | None,
     control_note: str = "",
     models: str = "",
+    seed: int = 0,
 ) -> dict:
     def metrics(result: JobResult | None) -> dict:
         if result is None:
@@ -168,13 +177,43 @@ def latent_row(
         "prompt_tokens": sum(r.prompt_tokens for r in results),
         "explanation_hash": explanation_hash(explanation),
         "models": models,
+        **{c: np.nan for c in INTERVAL_COLUMNS},
+        **(
+            dict(
+                zip(
+                    (f"{main_metric}_lo", f"{main_metric}_hi"),
+                    interval(main_metric, own, seed),
+                    strict=True,
+                )
+            )
+            if f"{main_metric}_lo" in INTERVAL_COLUMNS  # a plugin's own main metric has no column
+            else {}
+        ),
     }
+
+
+def interval(main_metric: str, result: JobResult, seed: int) -> tuple[float, float]:
+    """The 95 % interval of the main metric from the latent's own judged examples (`main_interval`)."""
+    columns = [
+        np.array([r.get(c, np.nan) for r in result.rows], float)
+        for c in ("label", "prediction", "score")
+    ]
+    windows = (
+        ([r["simulated"] for r in result.rows], [r["true_activations"] for r in result.rows])
+        if result.rows and "true_activations" in result.rows[0]
+        else None
+    )
+    return main_interval(main_metric, *columns, windows=windows, seed=seed)
 
 
 def withheld(row: dict) -> dict:
     """A latent's row without its metrics (NaN): the budget stopped some of its questions, and metrics of the
     others alone would be a score of part of its windows. Its failures say why; the next run scores it."""
-    blank = {m: np.nan for m in SCORE_METRICS} | {f"control_{m}": np.nan for m in SCORE_METRICS}
+    blank = (
+        {m: np.nan for m in SCORE_METRICS}
+        | {f"control_{m}": np.nan for m in SCORE_METRICS}
+        | {c: np.nan for c in INTERVAL_COLUMNS}
+    )
     return {
         **row,
         **blank,
@@ -273,6 +312,7 @@ async def score_partition(
             control,
             note,
             scorer.deps.models,
+            settings.seed + latent,
         )
         if any(
             map(stopped_by_budget, json.loads(row["failures"]))

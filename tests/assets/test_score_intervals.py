@@ -58,11 +58,11 @@ def test_balanced_accuracy_intervals_cover_at_the_default_counts():
 
 
 def test_roc_auc_intervals_cover_at_the_default_counts():
-    """Scores of firing windows shifted by d standard deviations: the true AUC is Φ(d / √2). Over AUCs
-    of 0.5 to 0.76; Hanley–McNeil's is a little wide above (0.975 at 0.86)."""
+    """Scores of firing windows shifted by d standard deviations: the true AUC is Φ(d / √2), here 0.5 to
+    0.96."""
 
     def draw(rng):
-        shift = rng.uniform(0, 1)
+        shift = rng.uniform(0, 2.5)
         scores = np.r_[rng.normal(shift, 1, TEST_POSITIVES), rng.normal(0, 1, TEST_NEGATIVES)]
         labels = np.r_[np.ones(TEST_POSITIVES), np.zeros(TEST_NEGATIVES)]
         interval = auc_interval(roc_auc(scores, labels), TEST_POSITIVES, TEST_NEGATIVES)
@@ -107,8 +107,8 @@ def test_intervals_hold_their_metric_and_are_nan_where_it_is_undefined():
     assert lo < 0.8 < hi
     assert np.isnan(balanced_accuracy_interval(7, 3, 0, 0)).all()
     assert np.isnan(auc_interval(float("nan"), 10, 10)).all()
-    lo, hi = auc_interval(1.0, 10, 10)
-    assert 0.5 < lo < hi <= 1.0
+    lo, hi = auc_interval(1.0, 10, 10)  # a perfect AUC from 20 examples is not sure to be perfect
+    assert 0.75 < lo < hi == 1.0
     assert np.isnan(mean_interval([0.3])).all()
 
 

@@ -188,26 +188,39 @@ def beside_control(score: float, control: float, digits: int = 3) -> str:
     )
 
 
-MIN_LATENTS = 10
-"""Latents with a control that a verdict needs. The test is one-sided: the scorer is informative when
-the mean gap over its control exceeds 2 standard errors of the mean (a z test, 2.3% false positives).
-The standard error is estimated from the same gaps, so with n latents the statistic follows Student's t
-with n - 1 degrees of freedom: a scorer with no signal passes by luck 15% of the time with 2 latents, 6%
-with 5 and 3.8% with 10. From 10 latents on the test keeps close to its nominal rate; below, a verdict
-would be mostly noise, so none is given."""
+Z80 = 0.8416212335729143
+"""The standard normal's 80 % quantile: the power `latents_to_tell` plans for."""
+
+
+def latents_to_tell(mean: float, sd: float) -> int | None:
+    """Latents a gap of `mean` with spread `sd` needs for its 95 % interval to exclude 0 four times in
+    five (80 % power, normal approximation); None when the gap is 0 or its spread unknown."""
+    if not mean or not math.isfinite(mean) or not math.isfinite(sd):
+        return None
+    return max(2, math.ceil(((Z95 + Z80) * sd / abs(mean)) ** 2))
 
 
 def verdict(gaps: pd.Series, against: str = "the shuffled-explanation control") -> str:
-    """Whether a scorer's mean gap over its control is clearly above zero: one-sided, mean gap > 2
-    standard errors, over at least `MIN_LATENTS` latents with a control."""
+    """Whether a scorer's explanations beat its control, from the 95 % t interval of the mean gap over
+    the latents with a control: "informative" when it lies above 0, "uninformative" below, and
+    "cannot tell" when it holds 0, with the latents it would take at the observed spread."""
     gaps = pd.Series(gaps, dtype=float).dropna()
-    if len(gaps) < MIN_LATENTS:
-        return f"too few latents to tell ({len(gaps)} with a control; the test needs at least {MIN_LATENTS})"
-    mean, se = gaps.mean(), gaps.std(ddof=1) / math.sqrt(len(gaps))
-    test = f"one-sided, mean gap > 2 standard errors over {len(gaps)} latents"
-    if mean - 2 * se > 0:
-        return f"informative: beats {against} by {mean:.3f} ± {se:.3f} ({test})"
-    return f"uninformative: does not beat {against} (gap {mean:.3f} ± {se:.3f}; {test})"
+    n = len(gaps)
+    if n < 2:
+        return f"cannot tell: {n} latent{'s' * (n != 1)} with a control (an interval needs 2)"
+    mean, (lo, hi) = float(gaps.mean()), mean_interval(gaps)
+    said = f"gap {mean:.3f} [{lo:.3f}, {hi:.3f}], 95 % interval over {n} latents"
+    if lo > 0:
+        return f"informative: beats {against} ({said})"
+    if hi < 0:
+        return f"uninformative: worse than {against} ({said})"
+    needed = latents_to_tell(mean, float(gaps.std(ddof=1)))
+    power = (
+        f"about {needed} latents would tell at this spread"
+        if needed is not None
+        else "no number of latents would tell a gap of 0"
+    )
+    return f"cannot tell: {said} holds 0 against {against}; {power}"
 
 
 # ---- how far to trust a number: 95 % intervals ----------------------------------------------------

@@ -539,7 +539,7 @@ def scorer_metadata(
         "latents_scored": len(frame),
         "verdict": verdict(frame["gap"], scorer.control_description())
         if len(frame)
-        else "uninformative: nothing scored",
+        else "cannot tell: nothing scored",
         "main_metric": main,
     }
     if not len(frame):

@@ -50,6 +50,7 @@ from assets.score_metrics import (
     control_assignment,
     example_metrics,
     main_interval,
+    mean_interval,
     no_control_reason,
     paired_means,
     predictions_of,
@@ -559,6 +560,15 @@ def scorer_metadata(
         if frame["gap"].notna().any()
         else MetadataValue.float(float("nan"))
     )
+    lo, hi = mean_interval(frame["gap"])
+    metadata["gap_interval"] = f"[{lo:.4f}, {hi:.4f}] (95 %, t over latents)"
+    if f"{main}_lo" in frame:
+        covered = frame[[main, f"{main}_lo", f"{main}_hi"]].dropna()
+        metadata[f"mean_{main}_interval_width"] = MetadataValue.float(
+            round(float((covered[f"{main}_hi"] - covered[f"{main}_lo"]).mean()), 4)
+            if len(covered)
+            else float("nan")
+        )  # how far one latent's score is to be trusted, from its own examples
     confusion = pd.DataFrame(
         {
             "": ["fires", "silent"],
@@ -909,6 +919,33 @@ def summary_table(store: TableStore, coder: str, scorers: dict[str, type[Scorer]
     return wide
 
 
+def coder_summary(table: pd.DataFrame, scorers: dict[str, type[Scorer]]) -> dict[str, dict]:
+    """Per scorer in a coder's summary `table`: the mean main metric and its control's over the latents
+    with both, the mean gap, each with its 95 % t interval over those latents (paired: the same latents),
+    and the verdict. A scorer no latent has a control for gets its mean over the scored latents alone."""
+    found = {}
+    for name, scorer in scorers.items():
+        if name not in table.columns or not len(table):
+            continue
+        score, control, gap = table[name], table[f"{name}_control"], table[f"{name}_gap"]
+        paired = table[[name, f"{name}_control"]].dropna()
+        mean, mean_control, n = paired_means(score, control)
+        own = paired[name] if n else score
+        found[name] = {
+            "main_metric": scorer.main_metric,
+            "latents": int(score.notna().sum()),
+            "with_control": n,
+            "mean": mean,
+            "mean_interval": list(mean_interval(own)),
+            "control": mean_control,
+            "control_interval": list(mean_interval(paired[f"{name}_control"])),
+            "gap": float(gap.mean()) if gap.notna().any() else float("nan"),
+            "gap_interval": list(mean_interval(gap)),
+            "verdict": verdict(gap, scorer.control_description()),
+        }
+    return found
+
+
 def summary_sources(
     store: TableStore, coder: str, scorers: dict[str, type[Scorer]]
 ) -> dict[str, str]:
@@ -1044,13 +1081,17 @@ def summary_asset(scorers: dict[str, type[Scorer]]) -> AssetsDefinition:
                         table, "mean_gap", ["latent", "shard", "mean_gap", *present, "explanation"]
                     )
                 )
-                for name in present:
-                    metadata[f"{name}_verdict"] = verdict(
-                        table[f"{name}_gap"], scorers[name].control_description()
+                for name, said in coder_summary(table, scorers).items():
+                    metadata[f"{name}_verdict"] = said["verdict"]
+                    metadata[f"{name}_mean"] = MetadataValue.float(round(said["mean"], 4))
+                    metadata[f"{name}_mean_control"] = MetadataValue.float(
+                        round(said["control"], 4)
                     )
-                    mean, control, _ = paired_means(table[name], table[f"{name}_control"])
-                    metadata[f"{name}_mean"] = MetadataValue.float(round(mean, 4))
-                    metadata[f"{name}_mean_control"] = MetadataValue.float(round(control, 4))
+                    for part in ("mean", "control", "gap"):
+                        lo, hi = said[f"{part}_interval"]
+                        metadata[f"{name}_{part}_interval"] = (
+                            f"[{lo:.4f}, {hi:.4f}] (95 %, over latents)"
+                        )
         metadata.update(summary_links(settings.viewer_url, ranked))
         metadata["path"] = MetadataValue.path(str(store.layout.scores_dir))
         shards = {

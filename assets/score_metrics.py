@@ -188,23 +188,164 @@ def beside_control(score: float, control: float, digits: int = 3) -> str:
     )
 
 
-MIN_LATENTS = 10
-"""Latents with a control that a verdict needs. The test is one-sided: the scorer is informative when
-the mean gap over its control exceeds 2 standard errors of the mean (a z test, 2.3% false positives).
-The standard error is estimated from the same gaps, so with n latents the statistic follows Student's t
-with n - 1 degrees of freedom: a scorer with no signal passes by luck 15% of the time with 2 latents, 6%
-with 5 and 3.8% with 10. From 10 latents on the test keeps close to its nominal rate; below, a verdict
-would be mostly noise, so none is given."""
+Z80 = 0.8416212335729143
+"""The standard normal's 80 % quantile: the power `latents_to_tell` plans for."""
+
+
+def latents_to_tell(mean: float, sd: float) -> int | None:
+    """Latents a gap of `mean` with spread `sd` needs for its 95 % interval to exclude 0 four times in
+    five (80 % power, normal approximation); None when the gap is 0 or its spread unknown."""
+    if not mean or not math.isfinite(mean) or not math.isfinite(sd):
+        return None
+    return max(2, math.ceil(((Z95 + Z80) * sd / abs(mean)) ** 2))
 
 
 def verdict(gaps: pd.Series, against: str = "the shuffled-explanation control") -> str:
-    """Whether a scorer's mean gap over its control is clearly above zero: one-sided, mean gap > 2
-    standard errors, over at least `MIN_LATENTS` latents with a control."""
+    """Whether a scorer's explanations beat its control, from the 95 % t interval of the mean gap over
+    the latents with a control: "informative" when it lies above 0, "uninformative" below, and
+    "cannot tell" when it holds 0, with the latents it would take at the observed spread."""
     gaps = pd.Series(gaps, dtype=float).dropna()
-    if len(gaps) < MIN_LATENTS:
-        return f"too few latents to tell ({len(gaps)} with a control; the test needs at least {MIN_LATENTS})"
-    mean, se = gaps.mean(), gaps.std(ddof=1) / math.sqrt(len(gaps))
-    test = f"one-sided, mean gap > 2 standard errors over {len(gaps)} latents"
-    if mean - 2 * se > 0:
-        return f"informative: beats {against} by {mean:.3f} ± {se:.3f} ({test})"
-    return f"uninformative: does not beat {against} (gap {mean:.3f} ± {se:.3f}; {test})"
+    n = len(gaps)
+    if n < 2:
+        return f"cannot tell: {n} latent{'s' * (n != 1)} with a control (an interval needs 2)"
+    mean, (lo, hi) = float(gaps.mean()), mean_interval(gaps)
+    said = f"gap {mean:.3f} [{lo:.3f}, {hi:.3f}], 95 % interval over {n} latents"
+    if lo > 0:
+        return f"informative: beats {against} ({said})"
+    if hi < 0:
+        return f"uninformative: worse than {against} ({said})"
+    needed = latents_to_tell(mean, float(gaps.std(ddof=1)))
+    power = (
+        f"about {needed} latents would tell at this spread"
+        if needed is not None
+        else "no number of latents would tell a gap of 0"
+    )
+    return f"cannot tell: {said} holds 0 against {against}; {power}"
+
+
+# ---- how far to trust a number: 95 % intervals ----------------------------------------------------
+
+Z95 = 1.959963984540054
+"""The standard normal's 97.5 % quantile: every interval here is a two-sided 95 % one."""
+T95 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160,
+       2.145, 2.131, 2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064, 2.060, 2.056,
+       2.052, 2.048, 2.045, 2.042)  # fmt: skip
+"""Student's t 97.5 % quantiles for 1 to 30 degrees of freedom (numpy has no t distribution)."""
+BOOTSTRAP_DRAWS = 1000
+
+
+def t95(df: int) -> float:
+    """Student's t 97.5 % quantile: the table, then Cornish–Fisher's expansion (exact to 1e-3 from 30)."""
+    if df < 1:
+        return NAN
+    if df <= len(T95):
+        return T95[df - 1]
+    z = Z95
+    return z + (z**3 + z) / (4 * df) + (5 * z**5 + 16 * z**3 + 3 * z) / (96 * df**2)
+
+
+def wilson(k: int, n: int) -> tuple[float, float]:
+    """Wilson's score interval of a proportion k / n: keeps inside [0, 1] and covers near 95 % even at
+    n = 10, where the normal one does not."""
+    if n <= 0:
+        return NAN, NAN
+    p, z2 = k / n, Z95**2
+    centre = (p + z2 / (2 * n)) / (1 + z2 / n)
+    half = Z95 * math.sqrt(p * (1 - p) / n + z2 / (4 * n * n)) / (1 + z2 / n)
+    return max(0.0, centre - half), min(1.0, centre + half)
+
+
+def balanced_accuracy_interval(tp: int, fn: int, tn: int, fp: int) -> tuple[float, float]:
+    """Newcombe's square-and-add (MOVER) interval of (recall + specificity) / 2 from each rate's Wilson
+    interval: the two rates are independent proportions of the positives and of the negatives."""
+    if not (tp + fn) or not (tn + fp):
+        return NAN, NAN
+    rates = [(tp / (tp + fn), *wilson(tp, tp + fn)), (tn / (tn + fp), *wilson(tn, tn + fp))]
+    mean = sum(r for r, _, _ in rates) / 2
+    below = math.sqrt(sum((r - lo) ** 2 for r, lo, _ in rates)) / 2
+    above = math.sqrt(sum((hi - r) ** 2 for r, _, hi in rates)) / 2
+    return max(0.0, mean - below), min(1.0, mean + above)
+
+
+def auc_interval(auc: float, n_pos: int, n_neg: int) -> tuple[float, float]:
+    """Hanley & McNeil's (1982) interval of a ROC AUC from its value and the class sizes, inverted as
+    Wilson's is: the AUCs θ with |auc - θ| ≤ 1.96 · SE(θ), the standard error taken at θ, not at the
+    estimate, so that an AUC of 1 from 10 + 10 examples still gets a lower end short of 1."""
+    if math.isnan(auc) or not n_pos or not n_neg:
+        return NAN, NAN
+    theta = np.linspace(0, 1, 4001)
+    q1, q2 = theta / (2 - theta), 2 * theta**2 / (1 + theta)
+    var = (theta * (1 - theta) + (n_pos - 1) * (q1 - theta**2) + (n_neg - 1) * (q2 - theta**2)) / (
+        n_pos * n_neg
+    )
+    inside = theta[np.abs(auc - theta) <= Z95 * np.sqrt(np.maximum(var, 0)) + 1e-12]
+    return (float(inside.min()), float(inside.max())) if len(inside) else (auc, auc)
+
+
+def mean_interval(values) -> tuple[float, float]:
+    """Student's t interval of a mean (NaN with fewer than two values)."""
+    values = np.asarray(values, float)
+    values = values[~np.isnan(values)]
+    if len(values) < 2:
+        return NAN, NAN
+    mean, se = values.mean(), values.std(ddof=1) / math.sqrt(len(values))
+    return float(mean - t95(len(values) - 1) * se), float(mean + t95(len(values) - 1) * se)
+
+
+def correlation_interval(simulated, true, seed: int) -> tuple[float, float]:
+    """A seeded percentile bootstrap over windows (each a list of token values) of the correlation over
+    all tokens at once, as `ev_correlation` is: windows are resampled whole, their tokens are not
+    independent. A constant simulation counts 0, as the metric does."""
+    n = len(simulated)
+    if n < 2:
+        return NAN, NAN
+    stats = np.array(
+        [
+            [len(x), x.sum(), y.sum(), (x * x).sum(), (y * y).sum(), (x * y).sum()]
+            for x, y in (
+                (np.asarray(a, float), np.asarray(b, float))
+                for a, b in zip(simulated, true, strict=True)
+            )
+        ]
+    )
+    counts = np.random.default_rng(seed).multinomial(n, np.full(n, 1 / n), size=BOOTSTRAP_DRAWS)
+    t, sx, sy, sxx, syy, sxy = (counts @ stats).T
+    vx, vy, cxy = sxx - sx * sx / t, syy - sy * sy / t, sxy - sx * sy / t
+    with np.errstate(invalid="ignore", divide="ignore"):
+        r = np.where(
+            vx <= 1e-12 * np.maximum(sxx, 1), np.where(vy > 0, 0.0, NAN), cxy / np.sqrt(vx * vy)
+        )
+    r = r[~np.isnan(r)]
+    if not len(r):
+        return NAN, NAN
+    return float(np.quantile(r, 0.025)), float(np.quantile(r, 0.975))
+
+
+def main_interval(
+    metric: str, label, prediction, score, windows=None, seed: int = 0
+) -> tuple[float, float]:
+    """The 95 % interval of a latent's `metric` from its own judged examples (the columns of its rows):
+    Wilson for accuracy, Newcombe for balanced accuracy, Hanley–McNeil for ROC AUC, Student's t over
+    prompts for the intervention score (a mean of per-prompt gains), and for `ev_correlation` a seeded
+    bootstrap over `windows`: (simulated, true), each a list of token values per window. NaN where it is undefined."""
+    label = np.asarray(label, float).astype(int)
+    prediction, score = np.asarray(prediction, float), np.asarray(score, float)
+    if not len(label):
+        return NAN, NAN
+    if (
+        metric == "intervention_score"
+    ):  # rows alternate steered (label 1) and unsteered (label 0) gains
+        return mean_interval(score[label == 1] - score[label == 0])
+    if metric == "ev_correlation":
+        return correlation_interval(*windows, seed) if windows else (NAN, NAN)
+    if metric == "roc_auc":
+        if np.isnan(score).any():
+            return NAN, NAN
+        n_pos = int(label.sum())
+        return auc_interval(roc_auc(score, label), n_pos, len(label) - n_pos)
+    m = binary_metrics(label, predictions_of(label, prediction, score))
+    if metric == "accuracy":
+        return wilson(m["tp"] + m["tn"], len(label))
+    if metric == "balanced_accuracy":
+        return balanced_accuracy_interval(m["tp"], m["fn"], m["tn"], m["fp"])
+    return NAN, NAN

@@ -49,6 +49,8 @@ from assets.score_metrics import (
     beside_control,
     control_assignment,
     example_metrics,
+    main_interval,
+    mean_interval,
     no_control_reason,
     paired_means,
     predictions_of,
@@ -70,7 +72,14 @@ from resources.sparse_coders import load_registered
 from storage.corpus import load_corpus
 from storage.journal import Journal
 from storage.store import TableStore
-from storage.tables import SCORE_METRICS, TABLES, empty_table, explanation_hash, latents_in
+from storage.tables import (
+    INTERVAL_COLUMNS,
+    SCORE_METRICS,
+    TABLES,
+    empty_table,
+    explanation_hash,
+    latents_in,
+)
 from storage.vector_store import CorpusWindows
 
 EMPTY_SHARD = "empty shard: no explainable latent"
@@ -140,6 +149,7 @@ def latent_row(
     control: JobResult | None,
     control_note: str = "",
     models: str = "",
+    seed: int = 0,
 ) -> dict:
     def metrics(result: JobResult | None) -> dict:
         if result is None:
@@ -168,13 +178,43 @@ def latent_row(
         "prompt_tokens": sum(r.prompt_tokens for r in results),
         "explanation_hash": explanation_hash(explanation),
         "models": models,
+        **{c: np.nan for c in INTERVAL_COLUMNS},
+        **(
+            dict(
+                zip(
+                    (f"{main_metric}_lo", f"{main_metric}_hi"),
+                    interval(main_metric, own, seed),
+                    strict=True,
+                )
+            )
+            if f"{main_metric}_lo" in INTERVAL_COLUMNS  # a plugin's own main metric has no column
+            else {}
+        ),
     }
+
+
+def interval(main_metric: str, result: JobResult, seed: int) -> tuple[float, float]:
+    """The 95 % interval of the main metric from the latent's own judged examples (`main_interval`)."""
+    columns = [
+        np.array([r.get(c, np.nan) for r in result.rows], float)
+        for c in ("label", "prediction", "score")
+    ]
+    windows = (
+        ([r["simulated"] for r in result.rows], [r["true_activations"] for r in result.rows])
+        if result.rows and "true_activations" in result.rows[0]
+        else None
+    )
+    return main_interval(main_metric, *columns, windows=windows, seed=seed)
 
 
 def withheld(row: dict) -> dict:
     """A latent's row without its metrics (NaN): the budget stopped some of its questions, and metrics of the
     others alone would be a score of part of its windows. Its failures say why; the next run scores it."""
-    blank = {m: np.nan for m in SCORE_METRICS} | {f"control_{m}": np.nan for m in SCORE_METRICS}
+    blank = (
+        {m: np.nan for m in SCORE_METRICS}
+        | {f"control_{m}": np.nan for m in SCORE_METRICS}
+        | {c: np.nan for c in INTERVAL_COLUMNS}
+    )
     return {
         **row,
         **blank,
@@ -273,6 +313,7 @@ async def score_partition(
             control,
             note,
             scorer.deps.models,
+            settings.seed + latent,
         )
         if any(
             map(stopped_by_budget, json.loads(row["failures"]))
@@ -499,7 +540,7 @@ def scorer_metadata(
         "latents_scored": len(frame),
         "verdict": verdict(frame["gap"], scorer.control_description())
         if len(frame)
-        else "uninformative: nothing scored",
+        else "cannot tell: nothing scored",
         "main_metric": main,
     }
     if not len(frame):
@@ -519,6 +560,15 @@ def scorer_metadata(
         if frame["gap"].notna().any()
         else MetadataValue.float(float("nan"))
     )
+    lo, hi = mean_interval(frame["gap"])
+    metadata["gap_interval"] = f"[{lo:.4f}, {hi:.4f}] (95 %, t over latents)"
+    if f"{main}_lo" in frame:
+        covered = frame[[main, f"{main}_lo", f"{main}_hi"]].dropna()
+        metadata[f"mean_{main}_interval_width"] = MetadataValue.float(
+            round(float((covered[f"{main}_hi"] - covered[f"{main}_lo"]).mean()), 4)
+            if len(covered)
+            else float("nan")
+        )  # how far one latent's score is to be trusted, from its own examples
     confusion = pd.DataFrame(
         {
             "": ["fires", "silent"],
@@ -869,6 +919,33 @@ def summary_table(store: TableStore, coder: str, scorers: dict[str, type[Scorer]
     return wide
 
 
+def coder_summary(table: pd.DataFrame, scorers: dict[str, type[Scorer]]) -> dict[str, dict]:
+    """Per scorer in a coder's summary `table`: the mean main metric and its control's over the latents
+    with both, the mean gap, each with its 95 % t interval over those latents (paired: the same latents),
+    and the verdict. A scorer no latent has a control for gets its mean over the scored latents alone."""
+    found = {}
+    for name, scorer in scorers.items():
+        if name not in table.columns or not len(table):
+            continue
+        score, control, gap = table[name], table[f"{name}_control"], table[f"{name}_gap"]
+        paired = table[[name, f"{name}_control"]].dropna()
+        mean, mean_control, n = paired_means(score, control)
+        own = paired[name] if n else score
+        found[name] = {
+            "main_metric": scorer.main_metric,
+            "latents": int(score.notna().sum()),
+            "with_control": n,
+            "mean": mean,
+            "mean_interval": list(mean_interval(own)),
+            "control": mean_control,
+            "control_interval": list(mean_interval(paired[f"{name}_control"])),
+            "gap": float(gap.mean()) if gap.notna().any() else float("nan"),
+            "gap_interval": list(mean_interval(gap)),
+            "verdict": verdict(gap, scorer.control_description()),
+        }
+    return found
+
+
 def summary_sources(
     store: TableStore, coder: str, scorers: dict[str, type[Scorer]]
 ) -> dict[str, str]:
@@ -1004,13 +1081,17 @@ def summary_asset(scorers: dict[str, type[Scorer]]) -> AssetsDefinition:
                         table, "mean_gap", ["latent", "shard", "mean_gap", *present, "explanation"]
                     )
                 )
-                for name in present:
-                    metadata[f"{name}_verdict"] = verdict(
-                        table[f"{name}_gap"], scorers[name].control_description()
+                for name, said in coder_summary(table, scorers).items():
+                    metadata[f"{name}_verdict"] = said["verdict"]
+                    metadata[f"{name}_mean"] = MetadataValue.float(round(said["mean"], 4))
+                    metadata[f"{name}_mean_control"] = MetadataValue.float(
+                        round(said["control"], 4)
                     )
-                    mean, control, _ = paired_means(table[name], table[f"{name}_control"])
-                    metadata[f"{name}_mean"] = MetadataValue.float(round(mean, 4))
-                    metadata[f"{name}_mean_control"] = MetadataValue.float(round(control, 4))
+                    for part in ("mean", "control", "gap"):
+                        lo, hi = said[f"{part}_interval"]
+                        metadata[f"{name}_{part}_interval"] = (
+                            f"[{lo:.4f}, {hi:.4f}] (95 %, over latents)"
+                        )
         metadata.update(summary_links(settings.viewer_url, ranked))
         metadata["path"] = MetadataValue.path(str(store.layout.scores_dir))
         shards = {

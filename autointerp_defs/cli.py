@@ -595,6 +595,43 @@ def subject_model_of(deployment) -> tuple[str, str | None]:
     return model.model, model.gguf_file
 
 
+def print_scores(store, coder: str, scorers: dict, as_json: bool = False) -> None:
+    """`autointerp scores`: per scorer of `coder`, the means over latents with their 95 % intervals and
+    the verdict; with `as_json`, the same as one JSON object."""
+    import json
+    import math
+
+    from assets.scores import coder_summary
+
+    table = store.score_summary(coder).read_if_present()
+    if table is None:
+        raise CommandError(
+            f"no score summary for {coder}: materialize `score_summary` (or run `autointerp demo`) first"
+        )
+    summary = coder_summary(table, scorers)
+    if as_json:
+
+        def plain(value):  # JSON has no NaN: an undefined number is null
+            if isinstance(value, dict):
+                return {k: plain(v) for k, v in value.items()}
+            if isinstance(value, list):
+                return [plain(v) for v in value]
+            return None if isinstance(value, float) and math.isnan(value) else value
+
+        latents = int(table["latent"].nunique())
+        print(json.dumps({"coder": coder, "latents": latents, "scorers": plain(summary)}))
+        return
+    print(f"{coder}: {table['latent'].nunique()} latents scored")
+    for name, said in summary.items():
+        print(
+            f"{name} ({said['main_metric']}), over {said['with_control']} latents with a control:"
+        )
+        for part in ("mean", "control", "gap"):
+            lo, hi = said[f"{part}_interval"]
+            print(f"  {part:<8} {said[part]:.3f} [{lo:.3f}, {hi:.3f}]")
+        print(f"  {said['verdict']}")
+
+
 def export_to(args, deployment) -> None:
     if args.format == "neuronpedia":
         from autointerp_defs.readside.neuronpedia import export_neuronpedia
@@ -851,6 +888,12 @@ def _main(argv: list[str] | None = None) -> None:
         default=None,
         help="default: the port of the deployment's [settings] viewer_url, where Dagster's links point",
     )
+    scores = commands.add_parser(
+        "scores",
+        help="a coder's score summary: each scorer's mean, its control's and the gap, with intervals",
+    )
+    scores.add_argument("coder", help="coder partition key, e.g. smollm2-topk/model.layers.15")
+    scores.add_argument("--json", action="store_true", help="print it as JSON")
     export = commands.add_parser("export", help="write a coder's latents in another tool's format")
     export.add_argument("format", choices=["neuronpedia", "delphi"])
     export.add_argument("coder", help="coder partition key, e.g. smollm2-topk/model.layers.15")
@@ -966,6 +1009,10 @@ def _main(argv: list[str] | None = None) -> None:
         import_delphi(deployment, args.coder, args.dir, args.module, args.model)
     elif args.command == "view":
         view_latents(deployment, args.host, args.port)
+    elif args.command == "scores":
+        print_scores(
+            deployment.resources()["settings"].store, args.coder, deployment.scorers, args.json
+        )
     elif args.command == "adopt-root":
         from dagster import DagsterInstance
 

@@ -42,6 +42,16 @@ SCORE_METRICS = (
     "none_floor",
 )
 """Every metric a scorer may report per latent (NaN where it does not apply)."""
+INTERVAL_METRICS = (
+    "accuracy",
+    "balanced_accuracy",
+    "roc_auc",
+    "ev_correlation",
+    "intervention_score",
+)
+"""The scorers' main metrics: each scorer stores its own's 95 % interval beside it as `<metric>_lo` and
+`<metric>_hi` (`assets.score_metrics.main_interval`; NaN for the other metrics and in older tables)."""
+INTERVAL_COLUMNS = tuple(f"{m}_{end}" for m in INTERVAL_METRICS for end in ("lo", "hi"))
 SCORES_FIELDS = [
     ("latent", pa.int64()),
     ("explanation", pa.large_string()),
@@ -58,6 +68,9 @@ SCORES_FIELDS = [
     ("prompt_tokens", pa.int64()),
     ("explanation_hash", pa.large_string()),
     ("models", pa.large_string()),
+    *(
+        (c, pa.float64()) for c in INTERVAL_COLUMNS
+    ),  # last: the columns before them are as they were
 ]
 """The columns of a scorer's per-latent rows: the `scores` table's, and with `sense` first the
 `sense_scores` table's."""

@@ -5,10 +5,10 @@ import pandas as pd
 import pytest
 
 from assets.score_metrics import (
-    MIN_LATENTS,
     binary_metrics,
     control_assignment,
     latent_metrics,
+    latents_to_tell,
     pearson,
     roc_auc,
     rsquared,
@@ -180,23 +180,36 @@ def test_verdict_names_its_control():
     )
 
 
-def test_verdict_needs_a_gap_clearly_above_zero_and_says_its_test():
+def test_a_verdict_is_given_only_when_the_gaps_interval_excludes_zero():
     informative = verdict(pd.Series([0.3, 0.35, 0.25, 0.3] * 3))
     assert (
-        informative.startswith("informative")
-        and "one-sided, mean gap > 2 standard errors over 12 latents" in informative
+        informative.startswith("informative: beats")
+        and "95 % interval over 12 latents" in informative
     )
-    assert verdict(pd.Series([0.1, -0.1, 0.05, -0.05] * 3)).startswith("uninformative")
-
-
-@pytest.mark.parametrize(
-    "gaps", [[0.4], [0.03, 0.03, np.nan], [0.3, 0.35, 0.25, 0.3, 0.3, 0.32, 0.28, 0.31, 0.29]]
-)
-def test_a_verdict_on_too_few_latents_says_so_instead_of_a_verdict(gaps):
-    """The demo's two latents were called informative (0.030 ± 0.010): with n latents the 2-SE test is
-    a t test with n - 1 degrees of freedom, which a scorer with no signal passes 15% of the time at n = 2."""
-    n = int(np.isfinite(gaps).sum())
+    worse = verdict(pd.Series([-0.3, -0.35, -0.25, -0.3] * 3))
+    assert worse.startswith("uninformative: worse than")
+    noise = verdict(pd.Series([0.1, -0.1, 0.05, -0.05] * 3))
     assert (
-        verdict(pd.Series(gaps))
-        == f"too few latents to tell ({n} with a control; the test needs at least {MIN_LATENTS})"
+        noise.startswith("cannot tell:") and "no number of latents would tell a gap of 0" in noise
     )
+
+
+def test_cannot_tell_says_how_many_latents_it_would_take_at_the_observed_spread():
+    """The demo's two latents were called informative (0.030 ± 0.010) by the old 2-SE rule; now their
+    interval holds 0 and the verdict says how many latents would tell."""
+    gaps = pd.Series([0.03, 0.01, np.nan])
+    needed = latents_to_tell(0.02, float(gaps.std()))
+    assert verdict(gaps).startswith("cannot tell: gap 0.020 [")
+    assert f"about {needed} latents would tell at this spread" in verdict(gaps)
+    assert verdict(pd.Series([0.4])) == "cannot tell: 1 latent with a control (an interval needs 2)"
+
+
+def test_the_power_estimate_is_right_four_times_in_five():
+    """With as many latents as `latents_to_tell` says, the interval of a real gap excludes 0 about 80 %
+    of the time."""
+    rng = np.random.default_rng(0)
+    n = latents_to_tell(0.05, 0.2)
+    told = np.mean(
+        [verdict(pd.Series(rng.normal(0.05, 0.2, n))).startswith("informative") for _ in range(400)]
+    )
+    assert 0.7 <= told <= 0.88, (n, told)

@@ -32,8 +32,7 @@ def test_the_demo_prints_a_score_without_a_control_and_compares_means_over_the_s
     out = capsys.readouterr().out
     assert "0.90 / 0.50" in out and "0.80 / no control" in out and "n/a" not in out
     assert (
-        "detection: mean 0.750 / 0.500 over the 2 latents with a control; too few latents to tell (2 with a control"
-        in out
+        "detection: mean 0.750 / 0.500 over the 2 latents with a control; cannot tell: gap" in out
     )
     assert (
         "explained by not recorded" in out and "detection scored by not recorded" in out

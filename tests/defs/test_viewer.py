@@ -68,8 +68,8 @@ def test_coders_page_compares_each_scorer_with_its_control(server, partition):
         )
         assert row["scorers"][name]["control"] == pytest.approx(both[f"control_{main}"].mean())
         assert row["scorers"][name]["verdict"].startswith(
-            "too few latents to tell ("
-        )  # a few latents: no verdict
+            "cannot tell: "
+        )  # a few latents: an interval too wide to tell
 
 
 def test_latent_list_sorts_filters_and_pages(server, partition):

@@ -349,3 +349,22 @@ def main_interval(
     if metric == "balanced_accuracy":
         return balanced_accuracy_interval(m["tp"], m["fn"], m["tn"], m["fp"])
     return NAN, NAN
+
+
+STALE = "stale: scored an earlier explanation"
+"""How the summary and the browser mark a score of a text other than its latent's explanation now."""
+
+
+def stale_scores(scored: pd.DataFrame, explanations: pd.DataFrame) -> pd.Series:
+    """Per row of a scores table: whether it scored a text other than its latent's current explanation
+    (the latent's last row of `explanations`, status ok), so that no score is shown or exported beside an
+    explanation it did not judge. A row with an empty `explanation` scored the latent itself (the
+    intruder scorer) and is never stale."""
+    if not len(scored):
+        return pd.Series(False, index=scored.index)
+    current = pd.Series(dtype=object)
+    if len(explanations):
+        last = explanations.drop_duplicates("latent", keep="last").set_index("latent")
+        current = last["explanation"].where(last["status"] == "ok")
+    text = scored["explanation"].fillna("")
+    return (text != "") & (text != scored["latent"].map(current))

@@ -46,6 +46,7 @@ from assets.prompts import corpus_prompt_vocab, window_embedding
 from assets.records import read_records
 from assets.score_metrics import (
     CONTROLS_VERSION,
+    STALE,
     beside_control,
     control_assignment,
     example_metrics,
@@ -54,6 +55,7 @@ from assets.score_metrics import (
     no_control_reason,
     paired_means,
     predictions_of,
+    stale_scores,
     verdict,
 )
 from assets.scorers import Job, JobResult, Scorer, ScorerDeps, ScorerSettings
@@ -809,35 +811,24 @@ def scorer_asset(
     return _scores
 
 
-STALE = "stale: scored an earlier explanation"
-
-
-def current_explanations(store: TableStore, coder: str, shard: str) -> dict[int, str]:
-    """Latent → the explanation the explanations table holds now (status ok)."""
-    table = store.explanations(coder, shard).read_if_present(
-        columns=["latent", "explanation", "status"]
-    )
+def current_explanations(store: TableStore, coder: str, shard: str) -> pd.DataFrame:
+    """The shard's explanations rows (latent, explanation, status) that it holds now with status ok."""
+    columns = ["latent", "explanation", "status"]
+    table = store.explanations(coder, shard).read_if_present(columns=columns)
     if table is None:
-        return {}
-    ok = table[table["status"] == "ok"]
-    return dict(zip(ok["latent"].astype(int), ok["explanation"], strict=False))
+        return pd.DataFrame(columns=columns)
+    return table[table["status"] == "ok"]
 
 
 def current_senses(
-    store: TableStore, coder: str, shard: str, current: dict[int, str]
+    store: TableStore, coder: str, shard: str, explained: pd.DataFrame
 ) -> pd.DataFrame:
-    """The shard's `explanation_senses` rows (latent, sense, explanation) of its `current`
-    explanations (latent → text)."""
+    """The shard's `explanation_senses` rows (latent, sense, explanation) of its `explained` rows."""
     columns = ["latent", "sense", "explanation"]
     senses = store.explanation_senses(coder, shard).read_if_present(columns=columns)
     if senses is None:
         return empty_table("explanation_senses")[columns]
-    return of_current(
-        senses,
-        pd.DataFrame(
-            {"latent": list(current), "explanation": list(current.values()), "status": "ok"}
-        ),
-    )
+    return of_current(senses, explained)
 
 
 def summary_table(store: TableStore, coder: str, scorers: dict[str, type[Scorer]]) -> pd.DataFrame:
@@ -852,8 +843,9 @@ def summary_table(store: TableStore, coder: str, scorers: dict[str, type[Scorer]
         {name: [] for name, scorer in scorers.items() if scorer.scores_senses},
     )
     for shard in store.scored_shards(coder):
-        current = current_explanations(store, coder, shard)
-        senses = current_senses(store, coder, shard, current)
+        explained = current_explanations(store, coder, shard)
+        current = dict(zip(explained["latent"].astype(int), explained["explanation"], strict=False))
+        senses = current_senses(store, coder, shard, explained)
         counts |= {latent: 1 for latent in current} | senses.groupby("latent").size().to_dict()
         for name, scorer in scorers.items():
             main = scorer.main_metric
@@ -867,11 +859,7 @@ def summary_table(store: TableStore, coder: str, scorers: dict[str, type[Scorer]
             if frame is None or not len(frame):  # an empty shard adds nothing
                 continue
             latents = frame["latent"].astype(int)
-            stale = (
-                frame["explanation"].ne(latents.map(current).fillna(""))
-                if scorer.control == "shuffled_explanation"
-                else pd.Series(False, index=frame.index)
-            )
+            stale = stale_scores(frame, explained)
             parts.append(
                 pd.DataFrame(
                     {

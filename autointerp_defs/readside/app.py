@@ -17,7 +17,7 @@ import numpy as np
 import pandas as pd
 
 from assets.links import DEFAULT_DAGSTER_URL, coder_url, dagster_asset_url, latent_url
-from assets.score_metrics import paired_means
+from assets.score_metrics import STALE, paired_means, stale_scores
 from assets.senses import of_current
 from autointerp_defs.readside import reader
 from autointerp_defs.readside.index import MODEL_LOADS, STATUSES, CoderIndex
@@ -27,7 +27,6 @@ MAX_PER_PAGE = 500
 MAX_STEER_TOKENS = 64
 QUIET_S = 0.3
 MAX_PAUSE_S = 5.0
-STALE = "stale: scored an earlier explanation"
 
 
 class ViewerError(Exception):
@@ -547,7 +546,7 @@ class Viewer:
             }
         row = rows[-1]
         main = info["main_metric"]
-        stale = bool(reader.stale(pd.DataFrame([row]), pd.DataFrame(explained)).iat[0])
+        stale = bool(stale_scores(pd.DataFrame([row]), pd.DataFrame(explained)).iat[0])
         metrics = {
             m: {"explanation": row.get(m), "control": row.get(f"control_{m}")}
             for m in (

@@ -38,6 +38,7 @@ import torch
 from safetensors.numpy import save_file
 
 from assets.explainers.delphi_folder import DELPHI_FILE
+from assets.score_metrics import stale_scores
 from autointerp_defs.readside import reader
 from autointerp_defs.readside.index import CoderIndex
 from storage.identity import model_name
@@ -134,7 +135,7 @@ def _judged_windows(store: TableStore, coder: str, shard: str, scorer: str) -> p
     if not len(examples) or not len(scored):
         return pd.DataFrame(columns=["latent", "example"])
     fresh = scored["latent"][
-        ~reader.stale(scored, reader.rows_of(store.explanations(coder, shard)))
+        ~stale_scores(scored, reader.rows_of(store.explanations(coder, shard)))
     ]
     return examples[(examples["source"] == "explanation") & examples["latent"].isin(fresh)]
 

@@ -34,6 +34,7 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from assets.score_metrics import stale_scores
 from assets.senses import lowest_sense_scores, of_current
 from autointerp_defs.readside import reader
 from resources.embedder import EMBEDDED
@@ -208,7 +209,7 @@ class CoderIndex:
                 table[column] = np.nan
             if len(scored):
                 scored = scored[
-                    ~reader.stale(scored, explained)
+                    ~stale_scores(scored, explained)
                 ]  # scores of an earlier explanation are not this latent's (its page marks them)
                 at = scored["latent"].to_numpy(np.int64)
                 if main is not None:

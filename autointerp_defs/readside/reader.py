@@ -172,21 +172,6 @@ def scorer_info(name: str) -> dict:
     }
 
 
-def stale(scored: pd.DataFrame, explained: pd.DataFrame) -> pd.Series:
-    """Per row of a scores table: whether it scored a text other than its latent's current explanation
-    (the latent's last row of the explanations table, status ok), so that no score is shown or exported
-    beside an explanation it did not judge. A row with an empty `explanation` scored the latent itself
-    (the intruder scorer) and is never stale."""
-    if not len(scored):
-        return pd.Series(False, index=scored.index)
-    current = pd.Series(dtype=object)
-    if len(explained):
-        last = explained.drop_duplicates("latent", keep="last").set_index("latent")
-        current = last["explanation"].where(last["status"] == "ok")
-    text = scored["explanation"].fillna("")
-    return (text != "") & (text != scored["latent"].map(current))
-
-
 def verdict(gaps: pd.Series, scorer: str) -> str:
     from assets.score_metrics import verdict as _verdict
 

@@ -12,6 +12,7 @@ from assets.score_metrics import (
     pearson,
     roc_auc,
     rsquared,
+    stale_scores,
     top_k_predictions,
     verdict,
 )
@@ -213,3 +214,24 @@ def test_the_power_estimate_is_right_four_times_in_five():
         [verdict(pd.Series(rng.normal(0.05, 0.2, n))).startswith("informative") for _ in range(400)]
     )
     assert 0.7 <= told <= 0.88, (n, told)
+
+
+def test_a_score_is_stale_only_when_it_judged_another_text_than_the_current_explanation():
+    """One rule for the summary and the browser: the intruder's rows (no text) are never stale; a
+    latent whose explanation failed since, or is gone, has no text a score could still be of."""
+    explanations = pd.DataFrame(
+        {
+            "latent": [0, 1, 2, 2],
+            "explanation": ["cats", "", "old dogs", "dogs"],
+            "status": ["ok", "failed", "ok", "ok"],
+        }
+    )
+    scored = pd.DataFrame(
+        {
+            "latent": [0, 0, 1, 2, 2, 3, 0],
+            "explanation": ["cats", "", "x", "dogs", "old dogs", "y", None],
+        }
+    )
+    assert stale_scores(scored, explanations).tolist() == [0, 0, 1, 0, 1, 1, 0]
+    assert stale_scores(scored, explanations.iloc[:0]).tolist() == [1, 0, 1, 1, 1, 1, 0]
+    assert stale_scores(scored.iloc[:0], explanations).tolist() == []

@@ -572,8 +572,9 @@ def copy_root(partition, tmp_path) -> DataRoot:
 def test_a_score_of_an_earlier_explanation_is_marked_stale_not_shown_as_the_latents(
     partition, tmp_path
 ):
+    from assets.score_metrics import STALE
     from autointerp_defs.readside import reader
-    from autointerp_defs.readside.app import STALE, Viewer
+    from autointerp_defs.readside.app import Viewer
     from autointerp_defs.readside.delphi import export_delphi
 
     root = copy_root(partition, tmp_path)

@@ -12,6 +12,8 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+import numpy as np
+
 
 @contextmanager
 def atomic_path(path: Path, before_replace: Callable[[], None] | None = None) -> Iterator[Path]:
@@ -41,21 +43,24 @@ def not_writable(folder: Path, error: OSError) -> PermissionError:
     )
 
 
-def _finite(obj):
-    """`obj` with every NaN or infinity as None: JSON has no NaN, and other readers reject a bare `NaN`."""
-    if isinstance(obj, float):
-        return obj if math.isfinite(obj) else None
-    if isinstance(obj, dict):
-        return {k: _finite(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_finite(v) for v in obj]
-    return obj
+def json_safe(value):
+    """`value` as plain JSON: every NaN or infinity as None (JSON has no NaN, and other readers reject
+    a bare `NaN`), numpy scalars and arrays as Python numbers and lists, keys as strings."""
+    if isinstance(value, dict):
+        return {str(k): json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple, np.ndarray)):
+        return [json_safe(v) for v in value]
+    if isinstance(value, np.integer):
+        return int(value)
+    if isinstance(value, (float, np.floating)):
+        return float(value) if math.isfinite(value) else None
+    return value
 
 
 def write_json(path: Path, obj) -> None:
     """Valid JSON always: a NaN or infinite number (an FVU of a broken coder) is written as null."""
     with atomic_path(path) as tmp:
-        tmp.write_text(json.dumps(_finite(obj), indent=2, sort_keys=True, allow_nan=False))
+        tmp.write_text(json.dumps(json_safe(obj), indent=2, sort_keys=True, allow_nan=False))
 
 
 def read_json(path: Path):

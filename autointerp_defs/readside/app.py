@@ -21,6 +21,7 @@ from assets.score_metrics import STALE, paired_means, stale_scores
 from assets.senses import of_current
 from autointerp_defs.readside import reader
 from autointerp_defs.readside.index import MODEL_LOADS, STATUSES, CoderIndex
+from storage.atomic import json_safe
 from storage.store import TableStore
 
 MAX_PER_PAGE = 500
@@ -49,19 +50,6 @@ def integer(params: dict[str, str], name: str, default: int) -> int:
         raise ViewerError(
             400, f"{name}={raw!r} is not a whole number. Fix: give one, e.g. {name}={default}."
         ) from None
-
-
-def clean(value):
-    """JSON-safe: NaN and infinities become null, numpy scalars and arrays plain Python."""
-    if isinstance(value, dict):
-        return {str(k): clean(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple, np.ndarray)):
-        return [clean(v) for v in value]
-    if isinstance(value, (np.integer,)):
-        return int(value)
-    if isinstance(value, (float, np.floating)):
-        return None if not math.isfinite(float(value)) else float(value)
-    return value
 
 
 class Viewer:
@@ -234,7 +222,7 @@ class Viewer:
                 if name not in scorers:
                     scorers.append(name)
             rows.append(row)
-        return clean(
+        return json_safe(
             {"coders": rows, "scorers": [{"name": s, **reader.scorer_info(s)} for s in scorers]}
         )
 
@@ -309,7 +297,7 @@ class Viewer:
             shown = shown.assign(
                 distance=shown["latent"].map({h["latent"]: h["distance"] for h in hits})
             )
-        return clean(
+        return json_safe(
             {
                 "coder": coder,
                 "total": int(len(order)),
@@ -355,7 +343,7 @@ class Viewer:
                     "mean_gap": table["mean_gap"].iat[latent] if known else None,
                 }
             )
-        return clean({"coder": coder, "query": query, "hits": hits, "note": note})
+        return json_safe({"coder": coder, "query": query, "hits": hits, "note": note})
 
     # ---- one latent ---------------------------------------------------------------------------
 
@@ -417,12 +405,12 @@ class Viewer:
                 n["explanation"] = table["explanation"].iat[n["latent"]]
                 n["url"] = latent_url(coder, n["latent"], base="")
             page["neighbours"] = {"latents": neighbours}
-        return clean(page)
+        return json_safe(page)
 
     def logit_lens(self, coder: str, latent_raw: str) -> dict:
         """The latent page's logit lens alone: what the page asks again while the lens is pending."""
         index = self.index(coder)
-        return clean(self._logit_lens(index, self._latent_number(index, latent_raw)))
+        return json_safe(self._logit_lens(index, self._latent_number(index, latent_raw)))
 
     def _logit_lens(self, index: CoderIndex, latent: int) -> dict:
         lens = index.logit_lens(latent, wait=not self.background)
@@ -455,7 +443,7 @@ class Viewer:
             raise ViewerError(
                 400, f"tokens={tokens} is out of range. Fix: give 1..{MAX_STEER_TOKENS}."
             )
-        return clean(self.steering.steer(index, latent, prompt, strength, tokens))
+        return json_safe(self.steering.steer(index, latent, prompt, strength, tokens))
 
     @staticmethod
     def _latent_number(index: CoderIndex, latent_raw: str | int) -> int:

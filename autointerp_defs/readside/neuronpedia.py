@@ -40,6 +40,7 @@ import pandas as pd
 from assets.senses import of_current
 from autointerp_defs.readside import reader
 from autointerp_defs.readside.index import LOGIT_BINS, CoderIndex
+from storage.atomic import json_safe
 from storage.identity import model_name
 from storage.store import TableStore
 
@@ -215,10 +216,6 @@ def _write_jsonl(path: Path, rows: list[dict]) -> None:
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
 
 
-def _finite(x) -> float:
-    return float(x) if x is not None and np.isfinite(x) else 0.0
-
-
 def _with_id(row: dict) -> dict:
     return {"id": content_id(row), **row}
 
@@ -269,11 +266,12 @@ def export_neuronpedia(
     features = []
     for at, (latent, near) in enumerate(zip(latents, neighbours, strict=False)):
         density = index.density(latent)
+        # Neuronpedia's number columns take no null: a NaN or infinite value is written as 0
         features.append(
             {
                 **neuron,
                 "index": str(latent),
-                "maxActApprox": _finite(table["max_activation"].iat[at]),
+                "maxActApprox": json_safe(table["max_activation"].iat[at]) or 0.0,
                 "hasVector": False,
                 "vector": [],
                 "topkCosSimIndices": [n["latent"] for n in near],
@@ -282,7 +280,7 @@ def export_neuronpedia(
                 "pos_values": [round(float(v), 3) for v in lens.top_values[at]] if lens else [],
                 "neg_str": [token(i) for i in lens.bottom_ids[at]] if lens else [],
                 "neg_values": [round(float(v), 3) for v in lens.bottom_values[at]] if lens else [],
-                "frac_nonzero": _finite(table["frequency"].iat[at]),
+                "frac_nonzero": json_safe(table["frequency"].iat[at]) or 0.0,
                 "freq_hist_data_bar_heights": [int(c) for c in density["counts"]],
                 "freq_hist_data_bar_values": [
                     round((a + b) / 2, 4)

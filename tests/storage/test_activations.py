@@ -87,3 +87,14 @@ def test_json_files_stay_valid_json_when_a_number_is_nan(tmp_path):
         == read_json(tmp_path / "meta.json")
         == {"fvu": None, "rates": [1.0, None], "n": 3}
     )
+
+
+def test_json_safe_is_the_one_conversion_of_numbers_for_json(tmp_path):
+    """The browser's answers and the data root's JSON files turn NaN to null the same way, numpy
+    values included."""
+    from storage.atomic import json_safe, read_json, write_json
+
+    value = {"max": np.float32("nan"), "ids": np.arange(2), 3: (np.int64(4), -np.inf, 0.5)}
+    assert json_safe(value) == {"max": None, "ids": [0, 1], "3": [4, None, 0.5]}
+    write_json(tmp_path / "v.json", value)
+    assert read_json(tmp_path / "v.json") == json_safe(value)

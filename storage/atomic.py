@@ -67,6 +67,15 @@ def read_json(path: Path):
     return json.loads(path.read_text())
 
 
+def read_json_or_empty(path: Path) -> dict:
+    """The JSON object at `path`, or {} where there is none or it is not JSON: a cache's stamp, whose
+    absence only means that the cache is built again."""
+    try:
+        return read_json(path)
+    except (FileNotFoundError, ValueError):
+        return {}
+
+
 class LockedError(RuntimeError):
     """Another process holds the lock: the work it guards is being done right now."""
 

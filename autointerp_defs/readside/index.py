@@ -22,7 +22,6 @@ rows come from the tables' row groups until its shard's copies are built.
 
 from __future__ import annotations
 
-import json
 import sys
 import threading
 import time
@@ -38,7 +37,7 @@ from assets.score_metrics import stale_scores
 from assets.senses import lowest_sense_scores, of_current
 from autointerp_defs.readside import reader
 from resources.embedder import EMBEDDED
-from storage.atomic import atomic_path
+from storage.atomic import atomic_path, read_json_or_empty, write_json
 from storage.store import StoredTable, TableStore
 
 DENSITY_BINS = 24
@@ -47,18 +46,6 @@ LOGIT_BINS = 40
 STAMP_CHECK_S = 1.0
 STATUSES = ("ok", "failed", "none")
 """Explanation statuses in the order the latent list shows them by default: explained latents first."""
-
-
-def _write_json(path: Path, data: dict) -> None:
-    with atomic_path(path) as tmp:
-        tmp.write_text(json.dumps(data))
-
-
-def _read_json(path: Path) -> dict:
-    try:
-        return json.loads(path.read_text())
-    except (FileNotFoundError, ValueError):
-        return {}
 
 
 LATENTS_VERSION = "latents-2"
@@ -141,7 +128,7 @@ class CoderIndex:
             if self._latents is not None and current == self._stamp:
                 return self._latents
             path, stamp_path = self.dir / "latents.arrow", self.dir / "latents.stamp.json"
-            if path.exists() and _read_json(stamp_path).get("stamp") == current:
+            if path.exists() and read_json_or_empty(stamp_path).get("stamp") == current:
                 table = pd.read_feather(path)
             else:
                 table = self._build_latents()
@@ -149,7 +136,7 @@ class CoderIndex:
                     table.to_feather(
                         tmp
                     )  # Arrow, uncompressed: a tenth of parquet's time to write and read at 100k latents
-                _write_json(stamp_path, {"stamp": current})
+                write_json(stamp_path, {"stamp": current})
             table["status"] = pd.Categorical(
                 table["status"], STATUSES, ordered=True
             )  # sorts explained latents first
@@ -333,7 +320,7 @@ class CoderIndex:
         )
 
         def built() -> bool:
-            return arrow.exists() and _read_json(stamp_path).get("stamp") == current
+            return arrow.exists() and read_json_or_empty(stamp_path).get("stamp") == current
 
         if not build and not built():
             return None
@@ -362,7 +349,7 @@ class CoderIndex:
                 with atomic_path(offsets_path) as tmp:
                     with open(tmp, "wb") as handle:
                         np.save(handle, np.stack([latents, starts, ends]).astype(np.int64))
-                _write_json(stamp_path, {"stamp": current})
+                write_json(stamp_path, {"stamp": current})
             table = pa.ipc.open_file(pa.memory_map(str(arrow), "r")).read_all()
             latents, starts, ends = np.load(offsets_path)
             self._tables[name] = (current, (table, latents, starts, ends))
@@ -405,7 +392,7 @@ class CoderIndex:
             if not (
                 path.exists()
                 and texts_path.exists()
-                and _read_json(stamp_path).get("version") == version
+                and read_json_or_empty(stamp_path).get("version") == version
             ):
                 _, latents, vectors, texts = reader.explanation_vectors(
                     self.store, self.coder, self.embedder
@@ -414,9 +401,12 @@ class CoderIndex:
                     with atomic_path(target) as tmp:
                         with open(tmp, "wb") as handle:
                             np.save(handle, array)
-                _write_json(texts_path, {"texts": texts})
-                _write_json(stamp_path, {"version": version})
-            latents, texts = np.load(ids_path), np.asarray(_read_json(texts_path)["texts"], object)
+                write_json(texts_path, {"texts": texts})
+                write_json(stamp_path, {"version": version})
+            latents, texts = (
+                np.load(ids_path),
+                np.asarray(read_json_or_empty(texts_path)["texts"], object),
+            )
             known = latents < len(table)
             at = np.where(known, latents, 0)
             current = (
@@ -462,7 +452,7 @@ class CoderIndex:
         )
 
         def built() -> bool:
-            return path.exists() and _read_json(stamp_path).get("stamp") == current
+            return path.exists() and read_json_or_empty(stamp_path).get("stamp") == current
 
         if not build and not built():
             return None
@@ -473,7 +463,7 @@ class CoderIndex:
                 with atomic_path(path) as tmp:
                     with open(tmp, "wb") as handle:
                         np.savez(handle, latents=ids, counts=counts, tops=tops)
-                _write_json(stamp_path, {"stamp": current})
+                write_json(stamp_path, {"stamp": current})
             data = np.load(path)
             self._density[shard] = (current, (data["latents"], data["counts"], data["tops"]))
             return self._density[shard][1]
@@ -500,7 +490,7 @@ class CoderIndex:
         """The rows converted from the registered coder, in `decoder-<its identity>.npy` (with a `.json` saying
         whether it has any): a file of another version of the coder is never read for this one."""
         path, marker = self.dir / f"decoder-{identity}.npy", self.dir / f"decoder-{identity}.json"
-        cached = _read_json(marker)
+        cached = read_json_or_empty(marker)
         if not cached:
             directions = reader.registered_coder(self.store, self.coder).decoder_directions()
             if directions is not None:
@@ -508,7 +498,7 @@ class CoderIndex:
                     with open(tmp, "wb") as handle:
                         np.save(handle, directions.numpy())
             cached = {"has_decoder": directions is not None}
-            _write_json(marker, cached)
+            write_json(marker, cached)
             for old in self.dir.glob("decoder*"):  # earlier versions' rows: as large as the coder
                 if old.name not in (path.name, marker.name):
                     old.unlink(missing_ok=True)

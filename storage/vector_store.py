@@ -267,7 +267,8 @@ def explanations_table_stamp(db_dir: Path, embedder: str) -> str:
     return f"{len(names)}:{names[0]}:{names[-1]}" if names else "none"
 
 
-def _quoted(text: str) -> str:
+def sql_quoted(text: str) -> str:
+    """`text` as a string literal of a LanceDB filter (SQL: a quote inside is doubled)."""
     return "'" + text.replace("'", "''") + "'"
 
 
@@ -301,7 +302,7 @@ def sync_explanations(
     shows only what the committed table holds (see there)."""
     name, where = (
         explanations_table_name(embedder),
-        f"coder = {_quoted(coder)} AND shard = {_quoted(shard)}",
+        f"coder = {sql_quoted(coder)} AND shard = {sql_quoted(shard)}",
     )
     db, held = _connect(db_dir), {}
     if (db_dir / f"{name}.lance").exists():

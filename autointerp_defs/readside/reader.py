@@ -30,7 +30,7 @@ from storage.corpus import load_corpus
 from storage.identity import content_digest
 from storage.store import StoredTable, TableStore
 from storage.vector_store import explanations_table_stamp as explanations_table_stamp_at
-from storage.vector_store import open_explanations
+from storage.vector_store import open_explanations, sql_quoted
 
 DOCUMENT_BOUNDARY = "‖"
 
@@ -300,10 +300,9 @@ def explanation_vectors(
     if table is None:
         return -1, np.zeros(0, np.int64), np.zeros((0, 0), np.float32), []
     version = table.version
-    safe = coder.replace("'", "''")
     rows = (
         table.search()
-        .where(f"coder = '{safe}'")
+        .where(f"coder = {sql_quoted(coder)}")
         .select(["latent", "vector", "explanation"])
         .limit(max(table.count_rows(), 1))
         .to_arrow()

@@ -14,6 +14,7 @@ from storage.vector_store import (
     EmbeddingMismatchError,
     explanations_table_name,
     search_explanations,
+    sql_quoted,
     sync_explanations,
 )
 
@@ -184,3 +185,17 @@ def test_a_broken_table_is_an_error_not_an_empty_answer(tmp_path):
     )  # there, but not a table
     with pytest.raises(ValueError, match=explanations_table_name(embedder.model)):
         search_explanations(TableStore(root), embedder.model, embedder.embed(["a file"])[0])
+
+
+def test_a_coder_whose_name_holds_a_quote_changes_only_its_own_rows(tmp_path):
+    """A coder's name goes into LanceDB's filters as a string literal (`sql_quoted`): a quote in it
+    neither breaks the filter nor reaches another coder's rows."""
+    root, embedder, quoted = DataRoot.at(tmp_path), WordEmbedder(), "o'neil/model.layers.3"
+    for coder, rows in (
+        (CODER, {5: "closing a file"}),
+        (quoted, {0: "a quote", 1: "two quotes"}),
+        (quoted, {1: "two quotes"}),
+    ):
+        sync_explanations(root.lancedb_dir, embedder.model, coder, "00", rows, embedder.embed)
+    assert held(root, embedder.model) == {("00", 5): "closing a file", ("00", 1): "two quotes"}
+    assert sql_quoted("o'neil") == "'o''neil'"

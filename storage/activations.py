@@ -36,9 +36,14 @@ def shard_count(width: int, latents_per_shard: int) -> int:
     return max(1, -(-width // latents_per_shard))
 
 
+def shard_key(index: int, n_shards: int) -> str:
+    """Shard `index`'s key, as in its partition `<coder>|NN`: zero-padded to the last one's digits
+    (two at least)."""
+    return str(index).zfill(max(2, len(str(n_shards - 1))))
+
+
 def shard_keys(n_shards: int) -> list[str]:
-    digits = max(2, len(str(n_shards - 1)))
-    return [str(i).zfill(digits) for i in range(n_shards)]
+    return [shard_key(i, n_shards) for i in range(n_shards)]
 
 
 def shard_latent_range(width: int, latents_per_shard: int, shard_index: int) -> tuple[int, int]:
@@ -49,6 +54,12 @@ def shard_latent_range(width: int, latents_per_shard: int, shard_index: int) -> 
 def shard_of_latents(latents: np.ndarray, latents_per_shard: int) -> np.ndarray:
     """Index of the shard holding each latent (the inverse of `shard_latent_range`)."""
     return np.asarray(latents) // latents_per_shard
+
+
+def shard_of(meta: dict, latent: int) -> str:
+    """The key of the shard holding `latent`, in the cache whose `meta.json` is `meta`."""
+    index = int(shard_of_latents(latent, int(meta["latents_per_shard"])))
+    return shard_key(index, int(meta["n_shards"]))
 
 
 def shard_dir(activations_dir: Path, shard: str) -> Path:

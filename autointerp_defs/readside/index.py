@@ -37,6 +37,7 @@ from assets.score_metrics import stale_scores
 from assets.senses import lowest_sense_scores, of_current
 from autointerp_defs.readside import reader
 from resources.embedder import EMBEDDED
+from storage.activations import shard_of_latents
 from storage.atomic import atomic_path, read_json_or_empty, write_json
 from storage.store import StoredTable, TableStore
 
@@ -163,7 +164,9 @@ class CoderIndex:
         table = pd.DataFrame(
             {
                 "latent": np.arange(width, dtype=np.int64),
-                "shard": np.asarray(self.shards)[self._shard_index(np.arange(width))],
+                "shard": np.asarray(self.shards)[
+                    shard_of_latents(np.arange(width), int(self.meta["latents_per_shard"]))
+                ],
                 "frequency": count / tokens,
                 "max_activation": counts["max"].astype(np.float64),
                 "mean_activation": np.where(count > 0, counts["sum"] / np.maximum(count, 1), 0.0),
@@ -226,11 +229,8 @@ class CoderIndex:
         table["mean_gap"] = table[gaps].mean(axis=1) if gaps else np.nan
         return table
 
-    def _shard_index(self, latents: np.ndarray) -> np.ndarray:
-        return reader.shard_index_of(self.meta, latents)
-
     def shard_of(self, latent: int) -> str:
-        return self.shards[int(self._shard_index(np.array([latent]))[0])]
+        return reader.shard_of(self.meta, latent)
 
     # ---- per-latent rows of the shard tables -------------------------------------------------
 

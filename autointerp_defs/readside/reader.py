@@ -24,8 +24,8 @@ from storage.activations import (
     read_latents,
     read_shard,
     shard_keys,
-    shard_of_latents,
 )
+from storage.activations import shard_of as shard_of  # the readside's callers ask it here
 from storage.corpus import load_corpus
 from storage.identity import content_digest
 from storage.store import StoredTable, TableStore
@@ -71,15 +71,6 @@ def activations_meta(store: TableStore, coder: str) -> dict:
 def shard_keys_of(meta: dict) -> list[str]:
     """The shard keys of a coder's cache (`meta.json`): `00` .. its `n_shards - 1`, as its partitions `<coder>|NN`."""
     return shard_keys(int(meta["n_shards"]))
-
-
-def shard_index_of(meta: dict, latents: np.ndarray) -> np.ndarray:
-    """Index of the shard holding each latent, by the cache's `latents_per_shard`."""
-    return shard_of_latents(np.asarray(latents), int(meta["latents_per_shard"]))
-
-
-def shard_of(meta: dict, latent: int) -> str:
-    return shard_keys_of(meta)[int(shard_index_of(meta, np.array([latent]))[0])]
 
 
 def latent_counts(store: TableStore, coder: str) -> dict[str, np.ndarray]:

@@ -7,6 +7,7 @@ from storage.activations import (
     shard_count,
     shard_keys,
     shard_latent_range,
+    shard_of,
     shard_of_latents,
 )
 
@@ -25,6 +26,15 @@ def test_shards_split_the_width_exactly_and_none_is_empty():
         ).all()
     assert shard_count(131072, 1024) == 128 and shard_count(4608, 1024) == 5
     assert shard_keys(3) == ["00", "01", "02"] and shard_keys(120)[-1] == "119"
+
+
+def test_shard_of_names_the_shard_whose_range_holds_the_latent():
+    for width, per_shard in [(1000, 144), (131072, 1024), (5, 1024)]:
+        meta = {"latents_per_shard": per_shard, "n_shards": shard_count(width, per_shard)}
+        for i, key in enumerate(shard_keys(meta["n_shards"])):
+            start, end = shard_latent_range(width, per_shard, i)
+            inside = (start, (start + end) // 2, end - 1)
+            assert {shard_of(meta, latent) for latent in inside} == {key}
 
 
 def test_writer_streams_chunks_and_reader_restores_every_pair(tmp_path):

@@ -394,6 +394,7 @@ class Server:
 
 
 def main() -> None:
+    from storage.layout import DataRoot
 
     parser = argparse.ArgumentParser()
     parser.add_argument("--width", type=int, default=100_000)
@@ -414,9 +415,8 @@ def main() -> None:
     if not (root / "activations" / CODER / "meta.json").exists():
         build(root, args.width, args.acts, -(-args.width // args.shards))
     build_s = time.perf_counter() - started
-    shutil.rmtree(
-        root / "viewer", ignore_errors=True
-    )  # cold means cold: the viewer's indexes are built again
+    # cold means cold: the viewer's indexes are built again
+    shutil.rmtree(DataRoot.at(root).viewer_dir(), ignore_errors=True)
 
     coder = quote(CODER, safe="")
     width = args.width
@@ -437,9 +437,9 @@ def main() -> None:
             )
             for s in range(1, min(n_shards, 8))
         ]
-        while not (
-            root / "viewer" / CODER / "explanation_vectors.stamp.json"
-        ).exists():  # the warm-up's last step: every cache is built
+        # the warm-up's last step, the search vectors' stamp: every cache is built
+        vectors = DataRoot.at(root).viewer_vectors_path(CODER)
+        while not DataRoot.viewer_stamp_path(vectors).exists():
             time.sleep(0.5)
         cold["caches_built_after_start_s"] = round(time.perf_counter() - server.started, 1)
         cold_memory = server.memory()

@@ -140,6 +140,56 @@ class DataRoot:
         """The latent browser's caches (of one coder): safe to delete, they are rebuilt."""
         return self.root / "viewer" / coder if coder else self.root / "viewer"
 
+    @staticmethod
+    def viewer_stamp_path(cache: Path) -> Path:
+        """Beside a browser cache: what it was built from (it is built again when that changes)."""
+        return cache.with_suffix(".stamp.json")
+
+    def viewer_latents_path(self, coder: str) -> Path:
+        """One row per latent, what the latent list sorts and filters."""
+        return self.viewer_dir(coder) / "latents.arrow"
+
+    def viewer_rows_path(self, coder: str, shard: str, table: str) -> Path:
+        """A shard's table sorted by latent (`table`: `exemplars`, `scores.<scorer>`...), memory-mapped."""
+        return self.viewer_dir(coder) / f"{shard}.{table}.arrow"
+
+    def viewer_row_offsets_path(self, coder: str, shard: str, table: str) -> Path:
+        """Per latent of `viewer_rows_path`: where its rows start and end."""
+        return self.viewer_dir(coder) / f"{shard}.{table}.offsets.npy"
+
+    def viewer_density_path(self, coder: str, shard: str) -> Path:
+        """Per latent of the shard: a histogram of its cached activations."""
+        return self.viewer_dir(coder) / f"{shard}.density.npz"
+
+    def viewer_vectors_path(self, coder: str) -> Path:
+        """The coder's vectors of the explanations table, memory-mapped for search."""
+        return self.viewer_dir(coder) / "explanation_vectors.npy"
+
+    def viewer_vector_latents_path(self, coder: str) -> Path:
+        """The latent of each row of `viewer_vectors_path`."""
+        return self.viewer_dir(coder) / "explanation_vectors.latents.npy"
+
+    def viewer_vector_texts_path(self, coder: str) -> Path:
+        """The text each row of `viewer_vectors_path` embeds."""
+        return self.viewer_dir(coder) / "explanation_vectors.texts.json"
+
+    def viewer_decoder_path(self, coder: str, identity: str) -> Path:
+        """Unit-norm decoder rows converted from the registered coder of this identity (its files' content)."""
+        return self.viewer_dir(coder) / f"decoder-{identity}.npy"
+
+    def viewer_decoder_marker_path(self, coder: str, identity: str) -> Path:
+        """Whether the coder of this identity has a decoder (`viewer_decoder_path` only where it has)."""
+        return self.viewer_dir(coder) / f"decoder-{identity}.json"
+
+    def viewer_decoder_paths(self, coder: str) -> list[Path]:
+        """The decoder files of every identity of the coder held now."""
+        return sorted(self.viewer_dir(coder).glob("decoder*"))
+
+    def viewer_unembedding_path(self, model_identity: str) -> Path:
+        """The browser's own copy of `unembedding_path`, where the activations stage wrote none (a cache
+        made before it did)."""
+        return self.viewer_dir() / self.unembedding_path(model_identity).name
+
     def unembedding_path(self, model_identity: str) -> Path:
         """The subject model's unembedding and final norm scale, all the logit lens reads of it: written by the
         activations stage, which has the model loaded, else by the browser the first time it needs them. Named

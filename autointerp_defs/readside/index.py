@@ -78,7 +78,7 @@ class CoderIndex:
         `[subject_model]` (None: the embedded model)."""
         self.meta = reader.activations_meta(store, coder)
         self.shards = reader.shard_keys_of(self.meta)
-        self.dir = store.layout.viewer_dir(coder)
+        self.layout = store.layout
         self.scorers: list[str] = []
         self._lock = threading.Lock()
         self._guards: dict[str, threading.Lock] = {}
@@ -128,7 +128,8 @@ class CoderIndex:
             self._checked = time.monotonic()
             if self._latents is not None and current == self._stamp:
                 return self._latents
-            path, stamp_path = self.dir / "latents.arrow", self.dir / "latents.stamp.json"
+            path = self.layout.viewer_latents_path(self.coder)
+            stamp_path = self.layout.viewer_stamp_path(path)
             if path.exists() and read_json_or_empty(stamp_path).get("stamp") == current:
                 table = pd.read_feather(path)
             else:
@@ -313,11 +314,9 @@ class CoderIndex:
         held = self._tables.get(name)
         if held is not None and held[0] == current:
             return held[1]
-        arrow, stamp_path, offsets_path = (
-            self.dir / f"{name}.arrow",
-            self.dir / f"{name}.stamp.json",
-            self.dir / f"{name}.offsets.npy",
-        )
+        arrow = self.layout.viewer_rows_path(self.coder, shard, table_name)
+        stamp_path = self.layout.viewer_stamp_path(arrow)
+        offsets_path = self.layout.viewer_row_offsets_path(self.coder, shard, table_name)
 
         def built() -> bool:
             return arrow.exists() and read_json_or_empty(stamp_path).get("stamp") == current
@@ -381,14 +380,10 @@ class CoderIndex:
         if held is not None and held[0] == (version, self._stamp):
             return held[1]
         with self._guard("vectors"):
-            path, stamp_path = (
-                self.dir / "explanation_vectors.npy",
-                self.dir / "explanation_vectors.stamp.json",
-            )
-            ids_path, texts_path = (
-                self.dir / "explanation_vectors.latents.npy",
-                self.dir / "explanation_vectors.texts.json",
-            )
+            path = self.layout.viewer_vectors_path(self.coder)
+            stamp_path = self.layout.viewer_stamp_path(path)
+            ids_path = self.layout.viewer_vector_latents_path(self.coder)
+            texts_path = self.layout.viewer_vector_texts_path(self.coder)
             if not (
                 path.exists()
                 and texts_path.exists()
@@ -446,10 +441,8 @@ class CoderIndex:
         held = self._density.get(shard)
         if held is not None and held[0] == current:
             return held[1]
-        path, stamp_path = (
-            self.dir / f"{shard}.density.npz",
-            self.dir / f"{shard}.density.stamp.json",
-        )
+        path = self.layout.viewer_density_path(self.coder, shard)
+        stamp_path = self.layout.viewer_stamp_path(path)
 
         def built() -> bool:
             return path.exists() and read_json_or_empty(stamp_path).get("stamp") == current
@@ -489,7 +482,8 @@ class CoderIndex:
     def _converted_decoder(self, identity: str) -> np.ndarray | None:
         """The rows converted from the registered coder, in `decoder-<its identity>.npy` (with a `.json` saying
         whether it has any): a file of another version of the coder is never read for this one."""
-        path, marker = self.dir / f"decoder-{identity}.npy", self.dir / f"decoder-{identity}.json"
+        path = self.layout.viewer_decoder_path(self.coder, identity)
+        marker = self.layout.viewer_decoder_marker_path(self.coder, identity)
         cached = read_json_or_empty(marker)
         if not cached:
             directions = reader.registered_coder(self.store, self.coder).decoder_directions()
@@ -499,8 +493,9 @@ class CoderIndex:
                         np.save(handle, directions.numpy())
             cached = {"has_decoder": directions is not None}
             write_json(marker, cached)
-            for old in self.dir.glob("decoder*"):  # earlier versions' rows: as large as the coder
-                if old.name not in (path.name, marker.name):
+            # earlier versions' rows go: each is as large as the coder
+            for old in self.layout.viewer_decoder_paths(self.coder):
+                if old not in (path, marker):
                     old.unlink(missing_ok=True)
         return np.load(path, mmap_mode="r") if cached["has_decoder"] else None
 
@@ -624,11 +619,10 @@ def lens_model(
     from resources.subject_model import EMBEDDED, model_identity
 
     model = model or EMBEDDED
-    path = store.layout.unembedding_path(model_identity(model, gguf_file, revision))
-    if (
-        not path.exists()
-    ):  # a cache made before the activations stage wrote it: the browser keeps its own copy
-        path = store.layout.viewer_dir() / path.name
+    identity = model_identity(model, gguf_file, revision)
+    path = store.layout.unembedding_path(identity)
+    if not path.exists():
+        path = store.layout.viewer_unembedding_path(identity)
     if wait or path in _LENS or path.exists():
         return _lens_at(path, model, gguf_file)
     name = f"{model}--{gguf_file}" if gguf_file else model

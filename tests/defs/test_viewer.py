@@ -347,7 +347,7 @@ def test_index_is_cached_on_disk_and_rebuilt_when_a_table_changes(partition, tmp
     root = tmp_path / "copy"
     shutil.copytree(partition.root, root, ignore=shutil.ignore_patterns("viewer", "llm_cache"))
     first = Viewer(TableStore.at(root)).latent_list(partition.coder, {"status": "ok"})["total"]
-    cached = root / "viewer" / partition.coder / "latents.arrow"
+    cached = DataRoot.at(root).viewer_latents_path(partition.coder)
     built = cached.stat().st_mtime_ns
     assert (
         Viewer(TableStore.at(root)).latent_list(partition.coder, {"status": "ok"})["total"] == first
@@ -372,9 +372,8 @@ def test_a_cached_latent_table_from_code_with_other_columns_is_built_again(parti
     root = tmp_path / "copy"
     shutil.copytree(partition.root, root, ignore=shutil.ignore_patterns("viewer", "llm_cache"))
     Viewer(TableStore.at(root)).latent_list(partition.coder, {})
-    cached, stamp = (
-        root / "viewer" / partition.coder / name for name in ("latents.arrow", "latents.stamp.json")
-    )
+    cached = DataRoot.at(root).viewer_latents_path(partition.coder)
+    stamp = DataRoot.viewer_stamp_path(cached)
     pd.read_feather(cached).drop(columns=["senses"]).to_feather(cached)
     old = json.loads(stamp.read_text())["stamp"].removeprefix(f"{LATENTS_VERSION}|")
     stamp.write_text(json.dumps({"stamp": old}))  # as the code before the version was stamped it

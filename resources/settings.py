@@ -7,12 +7,12 @@ from dagster import ConfigurableResource, DagsterInstance, InitResourceContext
 from pydantic import Field
 
 from storage.layout import DataRoot
-from storage.root_identity import claimed_root, mount_of, replace_root, root_identity
+from storage.root_adoption import claimed_root, mount_of, replace_root, root_identity
 from storage.store import TableStore
 
 ROOT_KEY = "autointerp/data_root"
 """Where the instance records the identity of the data root its runs use (its key-value store), when
-there is no coordination database (which records it instead, race-free: `storage.root_identity`)."""
+there is no coordination database (which records it instead, race-free: `storage.root_adoption`)."""
 
 
 class NotTheSharedRoot(RuntimeError):

@@ -44,7 +44,7 @@ class DataRoot:
 
     @property
     def identity_path(self) -> Path:
-        """Which root this is (`storage/root_identity.py`)."""
+        """Which root this is (`storage/root_adoption.py`)."""
         return self.root / "data_root.json"
 
     @property

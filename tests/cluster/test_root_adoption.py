@@ -8,7 +8,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dagster import DagsterInstance, build_init_resource_context
 
 from resources.settings import AutointerpSettings, NotTheSharedRoot
-from storage.root_identity import mount_of
+from storage.root_adoption import mount_of
 
 
 def test_two_nodes_with_different_roots_starting_together_one_adopts_and_the_other_fails_naming_both(

@@ -85,7 +85,7 @@ def test_a_step_on_a_node_without_the_shared_root_fails_at_once_naming_the_mount
 def test_two_processes_making_the_identity_at_once_agree(tmp_path):
     from concurrent.futures import ThreadPoolExecutor
 
-    from storage.root_identity import root_identity
+    from storage.root_adoption import root_identity
 
     with ThreadPoolExecutor(8) as pool:
         made = set(pool.map(lambda _: root_identity(DataRoot.at(tmp_path), create=True), range(16)))

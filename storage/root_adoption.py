@@ -1,4 +1,4 @@
-"""Which data root this is: an identity file made once in the root, so that a node can tell the shared
+"""Which data root the runs adopt: an identity file made once in the root, so that a node can tell the shared
 root (NFS, Lustre, EFS mounted on every node) from an empty or private folder at the same path. The
 instance records the identity its runs use; each step compares (`resources/settings.py`). With a
 coordination database the record is a row there, claimed by one compare-and-set, so that of two nodes

@@ -35,10 +35,10 @@ from assets.automation import CODE_CHANGED, FOLLOW, SUBJECT_MODEL_POOL, in_pool
 from assets.partitions import DEFAULT_LATENTS_PER_SHARD, coders_of, shard_partitions
 from assets.stage_config import NO_MODELS, Models
 from resources.hookpoints import resolve_hookpoint
-from resources.logit_lens import save_unembedding
 from resources.settings import AutointerpSettings
 from resources.sparse_coders import SparseCode, SparseCoder, coder_fingerprint, load_registered
 from resources.subject_model import SubjectModelResource
+from resources.unembedding import save_unembedding
 from storage.activations import (
     CHUNK_ENTRIES,
     LATENT_STATS_FILE,

@@ -89,9 +89,9 @@ def build(
 
     from assets.exemplars import EXEMPLAR_BATCH_LATENTS
     from resources.embedder import EmbedderResource
-    from resources.logit_lens import save_unembedding
     from resources.sparse_coders import SparseCoder, coder_fingerprint, save_sparsify
     from resources.subject_model import EMBEDDED, load_causal_lm, load_tokenizer, model_identity
+    from resources.unembedding import save_unembedding
     from storage.activations import (
         LATENT_STATS_FILE,
         save_decoder_directions,

@@ -1,5 +1,5 @@
 """Logit lens (VocabProj, Gur-Arieh et al. 2025): the tokens the latent's decoder direction promotes and
-suppresses through the final norm and the unembedding (`resources/logit_lens.py`). Describes what the
+suppresses through the final norm and the unembedding (`resources/unembedding.py`). Describes what the
 latent writes, not what it reads; no exemplar is shown."""
 
 from dataclasses import dataclass
@@ -11,8 +11,8 @@ from assets.explainers.base import Explainer, ExplainerSettings
 from assets.prompts import TOKEN_LEGEND, quoted
 from assets.records import LatentRecord
 from resources.hookpoints import resolve_hookpoint
-from resources.logit_lens import vocab_projection
 from resources.sparse_coders import SparseCoder
+from resources.unembedding import vocab_projection
 
 LOGIT_LENS_SYSTEM = (
     "You study single features of a language model. You are given the vocabulary tokens whose "

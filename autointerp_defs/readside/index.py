@@ -524,12 +524,12 @@ class CoderIndex:
         return out
 
     def vocab_projection(self, latents: list[int], k: int = 10, bins: int = 0, wait: bool = True):
-        """The logit lens of `latents` (`resources.logit_lens.VocabProjection`: top and bottom k token ids and
+        """The logit lens of `latents` (`resources.unembedding.VocabProjection`: top and bottom k token ids and
         logits of each decoder direction, with `bins` the histogram of its logits), or None when the coder has
         no decoder. With `wait` False and the unembedding not yet cached (a first start), why, at once."""
         import torch
 
-        from resources.logit_lens import vocab_projection
+        from resources.unembedding import vocab_projection
 
         rows = self.decoder()
         if rows is None:
@@ -609,7 +609,7 @@ def lens_model(
     revision: str | None = None,
     wait: bool = True,
 ):
-    """The subject model's unembedding and final norm scale (`resources.logit_lens.Unembedding`), what
+    """The subject model's unembedding and final norm scale (`resources.unembedding.Unembedding`), what
     `vocab_logits` reads, from the file the activations stage wrote (`unembedding_path`), else from a copy
     written once under `viewer/`, so that the server loads the full model once, ever. `model`, `gguf_file` and
     `revision` are the deployment's `[subject_model]` ones (None: the embedded model); both files are named by the
@@ -646,7 +646,7 @@ def _build_lens(path: Path, model: str, gguf_file: str | None) -> None:
 
 
 def _lens_at(path: Path, model: str, gguf_file: str | None):
-    from resources.logit_lens import Unembedding, save_unembedding
+    from resources.unembedding import Unembedding, save_unembedding
 
     with _LENS_LOCK:
         if path in _LENS:

@@ -15,8 +15,8 @@ from dagster import DagsterInstance, materialize
 
 from assets.activations import cache_activations
 from assets.corpus import CorpusConfig, build_corpus
-from resources.logit_lens import Unembedding
 from resources.sparse_coders import load_registered, save_neurons, save_sparsify
+from resources.unembedding import Unembedding
 from storage.activations import (
     DECODER_DIRECTIONS_FILE,
     load_decoder_directions,

@@ -126,8 +126,8 @@ def test_search_finds_a_latent_by_the_meaning_of_its_explanation(server, partiti
 
 
 def test_latent_page_shows_what_the_tables_and_the_decoder_say(server, partition, tiny_sae):
-    from resources.logit_lens import vocab_projection
     from resources.subject_model import load_causal_lm
+    from resources.unembedding import vocab_projection
 
     root, explained, scores = tables(partition)
     row = explained[explained.status == "ok"].iloc[0]

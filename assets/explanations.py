@@ -36,6 +36,13 @@ from pydantic import Field, ValidationError
 from assets.automation import CODE_CHANGED, FOLLOW, LLM_POOL, in_pool
 from assets.checks import explanations_results, explanations_specs
 from assets.explainers import EXPLAINERS, Explainer, ExplainerDeps
+from assets.latent_queue import (
+    ChunkLoader,
+    nothing_succeeded,
+    overlaps_shards,
+    selected_latents,
+    stream_latents,
+)
 from assets.links import coder_url, latent_url
 from assets.partitions import backfill_policy, coder_and_shard, each_shard, shard_partitions
 from assets.prompts import corpus_prompt_vocab, plain_text
@@ -50,13 +57,6 @@ from assets.stage_config import (
     problems,
     settings_digest,
     with_defaults,
-)
-from assets.work import (
-    ChunkLoader,
-    nothing_succeeded,
-    overlaps_shards,
-    selected_latents,
-    stream_latents,
 )
 from resources.embedder import EmbedderResource, explanation_similarity
 from resources.llm import UNREADABLE, LLMResource, stopped_by_budget

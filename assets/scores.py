@@ -34,6 +34,13 @@ from dagster import (
 from assets.automation import CODE_CHANGED, FOLLOW, LLM_POOL, SUBJECT_MODEL_POOL, in_pool
 from assets.checks import result, scorer_results, scorer_specs, shards_present, summary_specs
 from assets.explanations import viewer_links
+from assets.latent_queue import (
+    ChunkLoader,
+    nothing_succeeded,
+    overlaps_shards,
+    selected_latents,
+    stream_latents,
+)
 from assets.links import coder_url, home_url, latent_url
 from assets.partitions import (
     backfill_policy,
@@ -62,13 +69,6 @@ from assets.scorers import Job, JobResult, Scorer, ScorerDeps, ScorerSettings
 from assets.scorers.base import CONTROLS
 from assets.senses import lowest_sense_scores, of_current
 from assets.stage_config import NO_MODELS, SCORER_ROLES, Models
-from assets.work import (
-    ChunkLoader,
-    nothing_succeeded,
-    overlaps_shards,
-    selected_latents,
-    stream_latents,
-)
 from resources.llm import stopped_by_budget
 from resources.sparse_coders import load_registered
 from storage.corpus import load_corpus

@@ -102,7 +102,7 @@ def test_grid_windows_are_read_from_the_contexts_table_and_score_the_same(regist
 
     # read 16 latents at a time from the file: the same rows as the partition read whole (explanations
     # embedded in other batches move by MiniLM's batch noise, ~1e-7)
-    monkeypatch.setattr("assets.work.LATENTS_PER_CHUNK", 16)
+    monkeypatch.setattr("assets.latent_queue.LATENTS_PER_CHUNK", 16)
     chunked, chunked_examples, _ = score(path, explanations, vocab, windows)
     pd.testing.assert_frame_equal(chunked, read, check_exact=False, atol=1e-5)
     pd.testing.assert_frame_equal(chunked_examples, read_examples, check_exact=False, atol=1e-5)
@@ -131,7 +131,7 @@ def test_grid_windows_are_read_from_the_contexts_table_and_score_the_same(regist
                 embed=None,
             )
         )
-        monkeypatch.setattr("assets.work.LATENTS_PER_CHUNK", 1024)
+        monkeypatch.setattr("assets.latent_queue.LATENTS_PER_CHUNK", 1024)
         whole = asyncio.run(
             explain_all(
                 EXPLAINERS["highlighted"](settings, ExplainerDeps(llm=client())),

@@ -1,4 +1,6 @@
-"""What one partition's run works on, and when a run counts as having produced nothing."""
+"""The queue of a shard's latents in the explanations and scores stages: which latents, their inputs
+loaded a chunk at a time, at most `workers` at work at once, and when a run counts as having produced
+nothing."""
 
 from __future__ import annotations
 

@@ -393,25 +393,6 @@ def latent_statistics(
     }
 
 
-def build_exemplars(
-    shard_acts: ShardActivations,
-    tokens: np.ndarray,
-    config: ExemplarsConfig,
-    sources: NegativeSources,
-    stats: dict,
-    n_tokens: int,
-) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """(exemplar windows, per-latent statistics) of every latent of a shard, in memory."""
-    batches = list(exemplar_batches(shard_acts, tokens, config, sources, stats, n_tokens))
-    frames, profiles = [b[0] for b in batches], [b[1] for b in batches]
-    return (
-        pd.concat(frames, ignore_index=True)
-        if frames
-        else pd.DataFrame(columns=TABLES["exemplars"].columns),
-        pd.concat(profiles, ignore_index=True) if profiles else pd.DataFrame(),
-    )
-
-
 EXEMPLAR_BATCH_LATENTS = 256
 """Latents whose window rows are built and written together: the stage holds one batch's rows, not the shard's."""
 

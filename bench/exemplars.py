@@ -21,9 +21,10 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from assets.exemplars import ExemplarsConfig, NegativeSources, build_exemplars  # noqa: E402
+from assets.exemplars import ExemplarsConfig, NegativeSources  # noqa: E402
 from storage.activations import ShardActivations  # noqa: E402
 from storage.vector_store import ContextIndex, ensure_contexts  # noqa: E402
+from tests.conftest import build_exemplars  # noqa: E402
 
 
 def synthetic_cache(

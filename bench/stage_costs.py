@@ -112,7 +112,12 @@ def measure(data: Path, shard: str, n_latents: int, out: Path) -> dict:
 
     importlib.import_module("openai")  # imported before the clock starts, as in a warm code server
 
-    from assets.exemplars import ExemplarsConfig, build_exemplars, negative_sources
+    from assets.exemplars import ExemplarsConfig, negative_sources
+
+    try:  # a baseline's code from before it moved into the tests' helpers
+        from assets.exemplars import build_exemplars
+    except ImportError:
+        from tests.conftest import build_exemplars
     from assets.explainers import EXPLAINERS, ExplainerDeps, ExplainerSettings
     from assets.explanations import ExplanationsConfig, explain_all
     from assets.prompts import corpus_prompt_vocab

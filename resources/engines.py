@@ -41,9 +41,4 @@ def close_engines(kind: str | None = None) -> int:
         return len(keys)
 
 
-def open_engines() -> list[tuple]:
-    with _LOCK:
-        return list(_ENGINES)
-
-
 atexit.register(close_engines)

@@ -308,13 +308,6 @@ def load_neurons(folder: Path, name: str, hookpoint: str) -> SparseCoder:
     )
 
 
-def save_neurons(folder: Path, d_in: int, k: int = 32) -> None:
-    """Register the MLP neurons read at `folder`'s hookpoint (a gated MLP's `down_proj`) as a coder."""
-    folder.mkdir(parents=True, exist_ok=True)
-    with atomic_path(folder / "cfg.json") as tmp:
-        tmp.write_text(json.dumps({"format": "neurons", "d_in": d_in, "k": k}, indent=2))
-
-
 FORMAT_FILES = {
     "sparsify": "sae.safetensors",
     "saelens": "sae_weights.safetensors",

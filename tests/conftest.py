@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import re
 import shutil
@@ -306,3 +307,37 @@ def add_coders(instance, root, *coders: str) -> list[str]:
         keys += shard_partition_keys(coder, width, TEST_LATENTS_PER_SHARD)
     instance.add_dynamic_partitions("shard", keys)
     return keys
+
+
+def save_neurons(folder: Path, d_in: int, k: int = 32) -> None:
+    """Register the MLP neurons read at `folder`'s hookpoint (a gated MLP's `down_proj`) as a coder."""
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "cfg.json").write_text(
+        json.dumps({"format": "neurons", "d_in": d_in, "k": k}, indent=2)
+    )
+
+
+def open_engines() -> list[tuple]:
+    """The keys of the engines this process holds now (`resources/engines.py`)."""
+    from resources import engines
+
+    with engines._LOCK:
+        return list(engines._ENGINES)
+
+
+def build_exemplars(shard_acts, tokens, config, sources, stats, n_tokens):
+    """(exemplar windows, per-latent statistics) of every latent of a shard, in memory: the exemplars
+    stage's batches (`assets.exemplars.exemplar_batches`) joined."""
+    import pandas as pd
+
+    from assets.exemplars import exemplar_batches
+    from storage.tables import TABLES
+
+    batches = list(exemplar_batches(shard_acts, tokens, config, sources, stats, n_tokens))
+    frames, profiles = [b[0] for b in batches], [b[1] for b in batches]
+    return (
+        pd.concat(frames, ignore_index=True)
+        if frames
+        else pd.DataFrame(columns=TABLES["exemplars"].columns),
+        pd.concat(profiles, ignore_index=True) if profiles else pd.DataFrame(),
+    )

@@ -451,21 +451,3 @@ def _model_id(name: str | None) -> str:
     return (
         (EMBEDDED_ORIGIN if name in (None, EMBEDDED) else name).rstrip("/").split("/")[-1].lower()
     )
-
-
-def read_neuronpedia(folder: Path) -> dict[str, list[dict]]:
-    """Every row of an export folder, by table (features, activations, explanations, and the one-row tables)."""
-    out = {}
-    for table in ("features", "activations", "explanations"):
-        out[table] = [
-            json.loads(line)
-            for path in sorted((folder / table).glob("*.jsonl.gz"))
-            for line in gzip.open(path, "rt", encoding="utf-8")
-        ]
-    for table in ("release", "model", "sourceset", "source"):
-        out[table] = [
-            json.loads(line)
-            for line in (folder / f"{table}.jsonl").read_text().splitlines()
-            if line
-        ]
-    return out

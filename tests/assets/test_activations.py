@@ -15,7 +15,7 @@ from dagster import DagsterInstance, materialize
 
 from assets.activations import cache_activations
 from assets.corpus import CorpusConfig, build_corpus
-from resources.sparse_coders import load_registered, save_neurons, save_sparsify
+from resources.sparse_coders import load_registered, save_sparsify
 from resources.unembedding import Unembedding
 from storage.activations import (
     DECODER_DIRECTIONS_FILE,
@@ -33,6 +33,7 @@ from tests.conftest import (
     add_coders,
     all_assets,
     make_resources,
+    save_neurons,
 )
 
 ALL_ASSETS = all_assets()

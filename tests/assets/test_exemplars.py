@@ -10,12 +10,12 @@ from assets.exemplars import (
     ExemplarsConfig,
     NegativeSources,
     activating_windows,
-    build_exemplars,
     decoder_neighbours,
     sample_test,
     sample_train,
 )
 from storage.activations import ShardActivations
+from tests.conftest import build_exemplars
 
 CTX, WINDOW = 64, 16
 

@@ -271,3 +271,19 @@ def _exists(db, table: str, where: dict) -> bool:
 
 def _jsonl(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def read_neuronpedia(folder: Path) -> dict[str, list[dict]]:
+    """Every row of an export folder, by table (features, activations, explanations, and the one-row tables)."""
+    out = {
+        table: [
+            json.loads(line)
+            for path in sorted((folder / table).glob("*.jsonl.gz"))
+            for line in gzip.open(path, "rt", encoding="utf-8")
+        ]
+        for table in ("features", "activations", "explanations")
+    }
+    return out | {
+        table: _jsonl(folder / f"{table}.jsonl")
+        for table in ("release", "model", "sourceset", "source")
+    }

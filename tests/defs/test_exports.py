@@ -45,11 +45,11 @@ def test_neuronpedia_importer_accepts_the_export_and_reads_back_every_row(partit
 
     from assets.corpus import EMBEDDED_CORPUS
     from autointerp_defs.cli import main
-    from autointerp_defs.readside.neuronpedia import content_id, read_neuronpedia
+    from autointerp_defs.readside.neuronpedia import content_id
     from storage.activations import LATENT_STATS_FILE, load_latent_stats, read_shard
     from tests.cluster.services import fresh_database, postgres_server
     from tests.conftest import TINY_EXEMPLARS_CONFIG
-    from tests.defs.neuronpedia_import import create_schema, import_folder
+    from tests.defs.neuronpedia_import import create_schema, import_folder, read_neuronpedia
 
     root = DataRoot.at(partition.root)
     main(
@@ -603,8 +603,8 @@ def test_neuronpedia_gets_one_explanation_per_sense_of_a_latent_with_several(par
     """A latent explained as several senses (`[explanations] senses`) is one Neuronpedia explanation per sense;
     senses of an explanation that was since replaced (an import) are not exported."""
     from autointerp_defs.cli import main
-    from autointerp_defs.readside.neuronpedia import read_neuronpedia
     from storage.tables import write_table
+    from tests.defs.neuronpedia_import import read_neuronpedia
 
     copy = tmp_path / "copy"
     shutil.copytree(partition.root, copy)

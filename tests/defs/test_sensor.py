@@ -181,9 +181,9 @@ def test_sixteen_coders_dropped_at_once_register_in_one_tick_and_cache_in_one_pa
     tmp_path, monkeypatch
 ):
     """The MLP neurons (1,536 latents: 11 shards of 144) of every other layer and the last one."""
-    from resources.sparse_coders import save_neurons
     from storage.atomic import read_json
     from storage.layout import DataRoot
+    from tests.conftest import save_neurons
 
     layers = [*range(0, 30, 2), 29]
     coders = [f"neurons{layer}/model.layers.{layer}.mlp.down_proj" for layer in layers]

@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from resources.sparse_coders import load_coder_folder, save_neurons, scan_registry
+from resources.sparse_coders import load_coder_folder, scan_registry
+from tests.conftest import save_neurons
 
 D_IN, WIDTH = 16, 64
 

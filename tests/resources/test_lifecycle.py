@@ -6,9 +6,10 @@ import sqlite3
 from dagster import AssetExecutionContext, asset, materialize
 
 from resources.embedder import EmbedderResource
-from resources.engines import close_engines, engine, open_engines
+from resources.engines import close_engines, engine
 from resources.llm import LLMResource
 from storage.layout import DataRoot
+from tests.conftest import open_engines
 
 
 def test_a_run_closes_the_response_cache_it_opened(tmp_path):

@@ -14,7 +14,7 @@ from resources.llm_backends import OpenAICompatibleClient
 from resources.llm_protocol import LLMEndpointError
 from resources.subject_model import embedded_gguf_path
 from storage.layout import DataRoot
-from tests.conftest import in_session
+from tests.conftest import in_session, open_engines
 from tests.scripted_llm_server import ScriptedLLMServer
 
 MESSAGES = [{"role": "user", "content": "Say hello."}]
@@ -216,7 +216,6 @@ def test_a_gguf_replaced_at_the_same_path_is_asked_not_answered_from_the_old_one
     """The response cache names an embedded model by its content, as the results do: a GGUF replaced at the
     same path (another quantization, a fine-tune) re-runs the assets that name it, and answers their prompts
     itself instead of handing back what the file it replaced said."""
-    from resources.engines import open_engines
 
     original = embedded_gguf_path().read_bytes()
     path = tmp_path / "model.gguf"

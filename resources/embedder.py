@@ -10,7 +10,7 @@ from dagster import ConfigurableResource
 from pydantic import Field
 
 from resources.engines import engine
-from storage.identity import content_digest
+from storage.content_identity import content_digest
 
 EMBEDDED = "embedded"
 

@@ -34,7 +34,7 @@ from resources.llm_backends import (
 from resources.llm_protocol import Completion, LLMClient, LLMEndpointError, TransientLLMError
 from resources.response_cache import ResponseCache, SharedResponseCache
 from resources.subject_model import embedded_gguf_path
-from storage.identity import content_digest
+from storage.content_identity import content_digest
 from storage.layout import DataRoot, response_cache_file
 
 T = TypeVar("T")

@@ -16,7 +16,7 @@ from typing import Literal
 from resources.engines import engine
 from resources.llm_protocol import Completion, LLMEndpointError, TransientLLMError
 from resources.subject_model import embedded_gguf_path
-from storage.identity import content_digest
+from storage.content_identity import content_digest
 
 
 def int_list_grammar(n: int, lo: int, hi: int) -> str:

@@ -14,7 +14,7 @@ from pydantic import Field
 from resources.engines import engine
 from resources.hookpoints import resolve_hookpoint
 from resources.steering import Steerer
-from storage.identity import content_digest
+from storage.content_identity import content_digest
 
 EMBEDDED = "embedded"
 EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -73,7 +73,7 @@ def unavailable_reason(
 
 def model_identity(model: str, gguf_file: str | None = None, revision: str | None = None) -> str:
     """What names a Hugging Face-style model in results: the embedded GGUF or a local path by its content
-    (`storage/identity.py`), a hub id by its revision ('main' when none is pinned: pin one to make
+    (`storage/content_identity.py`), a hub id by its revision ('main' when none is pinned: pin one to make
     results reproducible)."""
     if model == EMBEDDED:
         return f"{EMBEDDED_GGUF}@{content_digest(embedded_gguf_path())}"

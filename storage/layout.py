@@ -193,7 +193,7 @@ class DataRoot:
     def unembedding_path(self, model_identity: str) -> Path:
         """The subject model's unembedding and final norm scale, all the logit lens reads of it: written by the
         activations stage, which has the model loaded, else by the browser the first time it needs them. Named
-        by the model's identity (its content, `storage/identity.py`): other weights under the same name are
+        by the model's identity (its content, `storage/content_identity.py`): other weights under the same name are
         never read through an earlier model's file."""
         return (
             self.all_activations_dir

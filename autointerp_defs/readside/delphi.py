@@ -41,7 +41,7 @@ from assets.explainers.delphi_folder import DELPHI_FILE
 from assets.score_metrics import stale_scores
 from autointerp_defs.readside import reader
 from autointerp_defs.readside.index import CoderIndex
-from storage.identity import model_name
+from storage.content_identity import model_name
 from storage.store import TableStore
 
 DELPHI_SCORERS = {"detection": "detection", "fuzzing": "fuzz"}

@@ -41,7 +41,7 @@ from assets.senses import of_current
 from autointerp_defs.readside import reader
 from autointerp_defs.readside.index import LOGIT_BINS, CoderIndex
 from storage.atomic import json_safe
-from storage.identity import model_name
+from storage.content_identity import model_name
 from storage.store import TableStore
 
 DEFAULT_CREATOR_ID = (

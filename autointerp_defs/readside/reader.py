@@ -26,8 +26,8 @@ from storage.activations import (
     shard_keys,
 )
 from storage.activations import shard_of as shard_of  # the readside's callers ask it here
+from storage.content_identity import content_digest
 from storage.corpus import load_corpus
-from storage.identity import content_digest
 from storage.store import StoredTable, TableStore
 from storage.vector_store import explanations_table_stamp as explanations_table_stamp_at
 from storage.vector_store import open_explanations, sql_quoted
@@ -244,7 +244,7 @@ def stored_decoder_directions(store: TableStore, coder: str) -> tuple[bool, np.n
 
 
 def coder_identity(store: TableStore, coder: str) -> str:
-    """The content of the coder's registry files (`storage/identity.py`: hashed once per version of
+    """The content of the coder's registry files (`storage/content_identity.py`: hashed once per version of
     each file), or '' without them."""
     folder = store.layout.coder_registry_dir(coder)
     return content_digest(folder) if folder.is_dir() else ""

@@ -5,17 +5,17 @@ import time
 
 import pytest
 
-from storage import identity
-from storage.identity import content_digest
+from storage import content_identity
+from storage.content_identity import content_digest
 
 
 @pytest.fixture
 def digests(tmp_path, monkeypatch):
     """A digest cache of this test's own, and no digest remembered by this process."""
-    monkeypatch.setattr(identity, "DIGEST_CACHE", tmp_path / "digests")
-    identity._file_digest.cache_clear()
+    monkeypatch.setattr(content_identity, "DIGEST_CACHE", tmp_path / "digests")
+    content_identity._file_digest.cache_clear()
     yield tmp_path / "digests"
-    identity._file_digest.cache_clear()
+    content_identity._file_digest.cache_clear()
 
 
 def checkpoint(path, middle: bytes) -> None:
@@ -44,7 +44,8 @@ def test_a_file_is_hashed_once_and_again_when_it_changes_even_with_its_old_mtime
     path = tmp_path / "model.gguf"
     checkpoint(path, b"a")
     first = content_digest(path)
-    identity._file_digest.cache_clear()  # another process: the digest comes from the cache, the file is not read
+    # another process: the digest comes from the cache, the file is not read
+    content_identity._file_digest.cache_clear()
     real_open = open
     monkeypatch.setattr(
         "builtins.open",

@@ -17,7 +17,7 @@ import numpy as np
 import pandas as pd
 
 from assets.links import DEFAULT_DAGSTER_URL, coder_url, dagster_asset_url, latent_url
-from assets.score_metrics import STALE, paired_means, stale_scores
+from assets.score_metrics import STALE, mean_interval, paired_means, stale_scores
 from assets.senses import of_current
 from autointerp_defs.readside import reader
 from autointerp_defs.readside.index import MODEL_LOADS, STATUSES, CoderIndex
@@ -212,9 +212,14 @@ class Viewer:
             for name in index.scorers:
                 scored = table[table[name].notna()]
                 mean, control, paired = paired_means(scored[name], scored[f"{name}_control"])
-                row["scorers"][name] = {
+                both = scored[name][scored[f"{name}_control"].notna()] if paired else scored[name]
+                gaps = table[f"{name}_gap"]
+                row["scorers"][name] = {  # each mean with its 95 % t interval over the same latents
                     "mean": mean if len(scored) else None,
+                    "mean_interval": list(mean_interval(both)),
                     "control": control if paired else None,
+                    "gap": float(gaps.mean()) if gaps.notna().any() else None,
+                    "gap_interval": list(mean_interval(gaps.dropna())),
                     "verdict": reader.verdict(table[f"{name}_gap"], name),
                     "n": len(scored),
                     "with_control": paired,
@@ -556,6 +561,7 @@ class Viewer:
             "stale": STALE if stale else None,
             "verdict": verdict,
             "score": row.get(main) if main else None,
+            "interval": [row.get(f"{main}_lo"), row.get(f"{main}_hi")] if main else [None, None],
             "control_score": row.get(f"control_{main}") if main else None,
             "gap": row.get("gap"),
             "explanation": row.get("explanation"),

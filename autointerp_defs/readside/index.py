@@ -49,9 +49,9 @@ STATUSES = ("ok", "failed", "none")
 """Explanation statuses in the order the latent list shows them by default: explained latents first."""
 
 
-LATENTS_VERSION = "latents-2"
-"""Of `latents.arrow`'s columns (2: `senses`, `<scorer>_min_sense`): part of its stamp, so a cache built by code
-with other columns is built again even when no source table changed."""
+LATENTS_VERSION = "latents-3"
+"""Of `latents.arrow`'s columns (2: `senses`, `<scorer>_min_sense`; 3: `<scorer>_lo`/`_hi`): part of its
+stamp, so a cache built by code with other columns is built again even when no source table changed."""
 
 
 class CoderIndex:
@@ -195,8 +195,9 @@ class CoderIndex:
                 name,
                 self.shards,
                 columns=["latent", "explanation", "gap", *metrics],
+                optional=(f"{main}_lo", f"{main}_hi") if main else (),  # its 95 % interval
             )
-            for column in (name, f"{name}_control", f"{name}_gap"):
+            for column in (name, f"{name}_lo", f"{name}_hi", f"{name}_control", f"{name}_gap"):
                 table[column] = np.nan
             if len(scored):
                 scored = scored[
@@ -208,6 +209,11 @@ class CoderIndex:
                     table.loc[at, f"{name}_control"] = scored[f"control_{main}"].to_numpy(
                         np.float64
                     )
+                    for end in ("lo", "hi"):
+                        if f"{main}_{end}" in scored:
+                            table.loc[at, f"{name}_{end}"] = scored[f"{main}_{end}"].to_numpy(
+                                np.float64
+                            )
                 table.loc[at, f"{name}_gap"] = scored["gap"].to_numpy(np.float64)
             if info["scores_senses"]:
                 table[f"{name}_min_sense"] = np.nan

@@ -12,11 +12,12 @@ file's first line (keys that are no column are dropped without a word):
         activations/batch-0.jsonl.gz    one `Activation` per activating exemplar window, with its bin
         explanations/batch-0.jsonl.gz   one `Explanation` per explained latent (per sense, for one of several senses)
 
-A sense's scores (each scorer's main metric on the sense's own windows, beside its control) go into its
-`notes`: the import takes no `ExplanationScore` rows (it reads only the three folders above, and those
-rows name score types and users of Neuronpedia's own config), and `scoreV1`/`scoreV2` are its own
-simulation scores, by which it orders a feature's explanations. A row's id leaves the scores out, so a
-re-export after a re-score is skipped by the import like any unchanged explanation.
+An explanation's scores (each scorer's main metric with its 95 % interval, beside its control; a sense's
+on the sense's own windows) go into its `notes`: the import takes no `ExplanationScore` rows (it reads
+only the three folders above, and those rows name score types and users of Neuronpedia's own config), and
+`scoreV1`/`scoreV2` are its own simulation scores, by which it orders a feature's explanations. A row's
+id leaves the scores out, so a re-export after a re-score is skipped by the import like any unchanged
+explanation.
 
 Bins follow Neuronpedia's own dashboards (SAEDashboard): the top activations have `binMin = -1`,
 `binMax` the latent's largest activation and `binContains = -1`; every other window sits in an
@@ -90,9 +91,11 @@ def sense_texts(senses: pd.DataFrame) -> dict[tuple[str, int], list[str]]:
     }
 
 
-def sense_score_notes(scores: dict[str, pd.DataFrame]) -> dict[tuple[str, int, str], str]:
-    """(shard, latent, sense text) → that sense's scores in words, from each scorer's `sense_scores` rows: its main
-    metric beside its control. Keyed by the text a score was made with, so that none is shown beside another."""
+def score_notes(scores: dict[str, pd.DataFrame]) -> dict[tuple[str, int, str], str]:
+    """(shard, latent, text) → that text's scores in words, from each scorer's `scores` or `sense_scores` rows:
+    its main metric with its 95 % interval (where the table has one) beside its control, e.g. `detection
+    balanced_accuracy 0.820 [0.710, 0.900] vs control 0.500`. Keyed by the text a score was made with, so that
+    none is shown beside another."""
     notes: dict[tuple[str, int, str], list[str]] = {}
 
     def number(x: float | None) -> str:
@@ -101,8 +104,14 @@ def sense_score_notes(scores: dict[str, pd.DataFrame]) -> dict[tuple[str, int, s
     for name, frame in scores.items():
         main = reader.scorer_info(name)["main_metric"]
         for row in frame.to_dict("records") if main and len(frame) else []:
+            lo, hi = row.get(f"{main}_lo"), row.get(f"{main}_hi")
+            interval = (
+                f" [{number(lo)}, {number(hi)}]"
+                if lo is not None and hi is not None and np.isfinite(lo) and np.isfinite(hi)
+                else ""
+            )
             notes.setdefault((row["shard"], int(row["latent"]), row["explanation"]), []).append(
-                f"{name} {main} {number(row[main])} (control {number(row[f'control_{main}'])})"
+                f"{name} {main} {number(row[main])}{interval} vs control {number(row[f'control_{main}'])}"
             )
     return {key: ", ".join(parts) for key, parts in notes.items()}
 
@@ -350,7 +359,10 @@ def export_neuronpedia(
     senses = sense_texts(
         of_current(reader.explanation_senses(store, coder, index.shards), explained)
     )  # not those of an explanation since replaced
-    scored = sense_score_notes(
+    scored = score_notes(
+        {name: reader.scores(store, coder, name, index.shards) for name in index.scorers}
+    )
+    sense_scored = score_notes(
         {name: reader.sense_scores(store, coder, name, index.shards) for name in index.scorers}
     )
     if len(explained):
@@ -373,12 +385,11 @@ def export_neuronpedia(
                         "updatedAt": now,
                     }
                 )
-                scores = scored.get((row.shard, int(row.latent), text)) if several else None
+                key = (row.shard, int(row.latent), text)
+                scores = sense_scored.get(key) if several else scored.get(key)
+                said = "scored on its own windows" if several else "scored"
                 explanations.append(
-                    {
-                        **exported,
-                        "notes": f"{exported['notes']}; scored on its own windows: {scores}",
-                    }
+                    {**exported, "notes": f"{exported['notes']}; {said}: {scores}"}
                     if scores
                     else exported
                 )

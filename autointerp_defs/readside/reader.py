@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import pyarrow.parquet as pq
 
 from storage.activations import (
     META_FILE,
@@ -104,14 +105,24 @@ def corpus_tokens(store: TableStore) -> np.ndarray:
     return load_corpus(layout).tokens
 
 
-def rows_of(table: StoredTable, columns: list[str] | None = None) -> pd.DataFrame:
-    """The table's rows (or some columns); none (an empty frame) where it has not been written."""
+def rows_of(
+    table: StoredTable, columns: list[str] | None = None, optional: tuple[str, ...] = ()
+) -> pd.DataFrame:
+    """The table's rows (or some columns, and those `optional` ones it has: a table written by older code
+    lacks newer columns); none (an empty frame) where it has not been written."""
+    if columns is not None and optional and table.path.exists():
+        have = set(pq.read_schema(table.path).names)
+        columns = [*columns, *(c for c in optional if c in have)]
     frame = table.read_if_present(columns)
     return pd.DataFrame() if frame is None else frame
 
 
-def _read_shards(tables: dict[str, StoredTable], columns: list[str] | None = None) -> pd.DataFrame:
-    frames = [rows_of(t, columns).assign(shard=s) for s, t in tables.items()]
+def _read_shards(
+    tables: dict[str, StoredTable],
+    columns: list[str] | None = None,
+    optional: tuple[str, ...] = (),
+) -> pd.DataFrame:
+    frames = [rows_of(t, columns, optional).assign(shard=s) for s, t in tables.items()]
     frames = [f for f in frames if len(f)]
     return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
 
@@ -170,9 +181,15 @@ def verdict(gaps: pd.Series, scorer: str) -> str:
 
 
 def scores(
-    store: TableStore, coder: str, scorer: str, shards: list[str], columns: list[str] | None = None
+    store: TableStore,
+    coder: str,
+    scorer: str,
+    shards: list[str],
+    columns: list[str] | None = None,
+    optional: tuple[str, ...] = (),
 ) -> pd.DataFrame:
-    return _read_shards({s: store.scores(coder, s, scorer) for s in shards}, columns)
+    """The scorer's rows (or some columns, and the `optional` ones a shard's table has), with a `shard` column."""
+    return _read_shards({s: store.scores(coder, s, scorer) for s in shards}, columns, optional)
 
 
 def sense_scores(

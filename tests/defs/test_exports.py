@@ -668,6 +668,8 @@ def test_neuronpedia_gets_one_explanation_per_sense_of_a_latent_with_several(par
                     sense=sense,
                     explanation=text,
                     balanced_accuracy=score,
+                    balanced_accuracy_lo=score - 0.1,
+                    balanced_accuracy_hi=score + 0.05,
                     control_balanced_accuracy=0.4,
                 )
                 for text, sense, latent, score in scored
@@ -688,12 +690,11 @@ def test_neuronpedia_gets_one_explanation_per_sense_of_a_latent_with_several(par
     assert len(exported) == len(ok) + 1
     notes = {row["description"]: row["notes"] for row in exported}
     assert notes["digits inside parentheses"].endswith(
-        "; one of 2 senses; scored on its own windows: detection balanced_accuracy 0.900 (control 0.400)"
+        "; one of 2 senses; scored on its own windows: "
+        "detection balanced_accuracy 0.900 [0.800, 0.950] vs control 0.400"
     )
-    assert (
-        notes["names inside quotation marks"].endswith("; one of 2 senses")
-        and "0.7" not in notes[ok.explanation.iloc[1]]
-    )
+    assert notes["names inside quotation marks"].endswith("; one of 2 senses")
+    assert "own windows" not in notes[ok.explanation.iloc[1]]  # no sense of a replaced text
 
     # delphi's export holds the union and the union's scores only
     main(["--data", str(copy), "export", "delphi", partition.coder, str(tmp_path / "delphi")])
@@ -705,3 +706,39 @@ def test_neuronpedia_gets_one_explanation_per_sense_of_a_latent_with_several(par
     assert not (
         tmp_path / "delphi" / "scores" / "detection" / name
     ).exists()  # its scores were made with the text before
+
+
+def test_neuronpedia_notes_name_each_score_with_its_interval_beside_its_control(
+    partition, tmp_path
+):
+    """Each explanation's notes hold every scorer's main metric with its 95 % interval beside its control; a
+    scores table written before intervals were stored gives the score and control alone."""
+    from autointerp_defs.cli import main
+    from autointerp_defs.readside.neuronpedia import read_neuronpedia
+
+    def notes_of(root_dir, out) -> dict[int, str]:
+        main(["--data", str(root_dir), "export", "neuronpedia", partition.coder, str(out)])
+        exported = read_neuronpedia(out / "smollm2-135m-instruct" / "3-tiny-topk")["explanations"]
+        return {int(r["index"]): r["notes"] for r in exported}
+
+    root = DataRoot.at(partition.root)
+    detection = pd.read_parquet(root.scores_path(partition.coder, "00", "detection"))
+    notes = notes_of(partition.root, tmp_path / "np")
+    row = detection[detection.balanced_accuracy_lo.notna()].iloc[0]
+    said = (
+        f"detection balanced_accuracy {row.balanced_accuracy:.3f} "
+        f"[{row.balanced_accuracy_lo:.3f}, {row.balanced_accuracy_hi:.3f}] "
+        f"vs control {row.control_balanced_accuracy:.3f}"
+    )
+    assert "; scored: " in notes[int(row.latent)] and said in notes[int(row.latent)]
+    assert row.balanced_accuracy_lo < row.balanced_accuracy_hi
+
+    copy = tmp_path / "copy"
+    shutil.copytree(partition.root, copy)
+    older = detection.drop(columns=["balanced_accuracy_lo", "balanced_accuracy_hi"])
+    older.to_parquet(DataRoot.at(copy).scores_path(partition.coder, "00", "detection"), index=False)
+    again = notes_of(copy, tmp_path / "again")[int(row.latent)]
+    assert (
+        f"detection balanced_accuracy {row.balanced_accuracy:.3f} vs control "
+        f"{row.control_balanced_accuracy:.3f}" in again
+    )

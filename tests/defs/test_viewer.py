@@ -13,6 +13,7 @@ import pandas as pd
 import pytest
 import torch
 
+from assets.score_metrics import mean_interval
 from storage.layout import DataRoot
 from storage.store import TableStore
 
@@ -67,6 +68,14 @@ def test_coders_page_compares_each_scorer_with_its_control(server, partition):
             and row["scorers"][name]["with_control"] == len(both) > 0
         )
         assert row["scorers"][name]["control"] == pytest.approx(both[f"control_{main}"].mean())
+        # each mean with its 95 % t interval over the same latents, and the mean gap with its own
+        assert row["scorers"][name]["mean_interval"] == pytest.approx(
+            list(mean_interval(both[main]))
+        )
+        assert row["scorers"][name]["gap"] == pytest.approx(table["gap"].mean())
+        lo, hi = row["scorers"][name]["gap_interval"]
+        assert [lo, hi] == pytest.approx(list(mean_interval(table["gap"])))
+        assert lo <= row["scorers"][name]["gap"] <= hi
         assert row["scorers"][name]["verdict"].startswith(
             "cannot tell: "
         )  # a few latents: an interval too wide to tell
@@ -93,6 +102,18 @@ def test_latent_list_sorts_filters_and_pages(server, partition):
     assert all(
         r["detection"] is None for r in by_score["rows"][len(scored) :]
     )  # unscored latents last
+
+    # each scorer's 95 % interval beside its score; sorted by the lower bound, highest first
+    _, by_low = get(server, f"/api/latents?coder={coder}&sort=detection_lo&order=desc")
+    lows = [r["detection_lo"] for r in by_low["rows"] if r["detection_lo"] is not None]
+    detection = scores["detection"].set_index("latent")
+    assert lows == sorted(detection["balanced_accuracy_lo"].dropna().tolist(), reverse=True)
+    assert len(lows) == len(detection) > 1 and lows[0] > lows[-1]
+    for r in by_low["rows"][: len(lows)]:
+        assert r["detection_lo"] <= r["detection"] <= r["detection_hi"]
+        assert r["detection_hi"] == pytest.approx(
+            detection.loc[r["latent"], "balanced_accuracy_hi"]
+        )
 
     _, ok = get(server, f"/api/latents?coder={coder}&status=ok")
     assert sorted(r["latent"] for r in ok["rows"]) == sorted(
@@ -151,6 +172,8 @@ def test_latent_page_shows_what_the_tables_and_the_decoder_say(server, partition
     for s in page["scorers"]:
         table = scores[s["name"]].set_index("latent")
         assert s["score"] == pytest.approx(table.loc[latent, s["main_metric"]], nan_ok=True)
+        interval = [table.loc[latent, f"{s['main_metric']}_{end}"] for end in ("lo", "hi")]
+        assert s["interval"] == pytest.approx([None if pd.isna(x) else x for x in interval])
         assert s["control_score"] == pytest.approx(
             table.loc[latent, f"control_{s['main_metric']}"], nan_ok=True
         )

@@ -79,6 +79,13 @@ def test_coders_page_lists_the_coder_and_sorts(page, server, partition, shots):
     assert row.count() == 1 and "1152" in row.inner_text()
     page.locator("th", has_text="detection control").click()
     assert "sorted-desc" in page.locator("th", has_text="detection control").get_attribute("class")
+    # the mean and the mean gap with their 95 % intervals as error bars; a "cannot tell" verdict in grey
+    for part in ("mean", "gap"):
+        bar = row.locator(f"td[data-scorer='detection'][data-part='{part}'] .errorbar")
+        assert bar.locator(".whisker").count() == 1 and bar.locator(".dot").count() == 1
+        assert float(bar.get_attribute("data-lo")) <= float(bar.get_attribute("data-hi"))
+    assert row.locator(".verdict-cannot-tell").count() >= 1
+    assert row.locator(".verdict-uninformative").count() == 0
     page.screenshot(path=str(shots / "coders.png"))
     row.locator("a").click()
     ready(page)
@@ -157,6 +164,7 @@ def test_latent_page_heatmap_marks_the_right_tokens(page, server, partition, sho
     # the parts a person looks for
     assert page.locator("#candidates tr").count() == 3  # header + two best-of-N candidates
     assert page.locator("#scorers tr[data-scorer]").count() == 4
+    assert page.locator("#scorers .errorbar .whisker").count() >= 1  # a score's 95 % interval
     assert (
         page.locator("#promoted span").count() == 10
         and page.locator("#suppressed span").count() == 10

@@ -39,9 +39,26 @@ function crumbs(...parts) {
   document.getElementById("crumbs").replaceChildren(...parts.flatMap((p) => [" / ", p]));
 }
 
+// Three kinds of verdict: "informative", "cannot tell: …" (too few latents to decide: neutral) and "uninformative: …".
 function verdictSpan(text) {
-  const kind = (text || "").startsWith("informative") ? "informative" : "uninformative";
-  return el("span", { class: `verdict-${kind}`, title: text }, text);
+  const t = text || "";
+  const kind = t.startsWith("informative") ? "informative" : t.startsWith("cannot tell") ? "cannot-tell" : "uninformative";
+  return el("span", { class: `verdict-${kind}`, title: t }, t);
+}
+
+// A value with its 95 % interval: the numbers, and a bar (the whisker from lo to hi, a dot at the value) on an axis
+// from min(0, lo) to max(1, hi), with a tick at 0 when the axis holds negative values (a gap).
+function withInterval(value, interval) {
+  const [lo, hi] = interval || [];
+  if (value === null || value === undefined) return "–";
+  if (lo === null || lo === undefined || hi === null || hi === undefined) return fmt(value);
+  const from = Math.min(0, lo), to = Math.max(1, hi), at = (x) => `${(100 * (x - from)) / (to - from)}%`;
+  return el("span", { class: "with-interval" }, fmt(value),
+    el("span", { class: "interval muted" }, ` [${fmt(lo)}, ${fmt(hi)}]`),
+    el("span", { class: "errorbar", "data-lo": lo, "data-hi": hi, title: `95 % interval [${fmt(lo)}, ${fmt(hi)}]` },
+      from < 0 ? el("span", { class: "zero", style: `left: ${at(0)}` }) : null,
+      el("span", { class: "whisker", style: `left: ${at(lo)}; width: calc(${at(hi)} - ${at(lo)})` }),
+      el("span", { class: "dot", style: `left: ${at(value)}` })));
 }
 
 // Sort a rendered table in the page (for small tables: the coders).
@@ -77,18 +94,19 @@ async function codersPage() {
     return;
   }
   const scorers = data.scorers.map((s) => s.name);
-  const headers = ["coder", "width", "dead fraction", "mean L0", "FVU", "explained", ...scorers.flatMap((s) => [`${s} (${data.scorers.find((x) => x.name === s).main_metric ?? "unknown"})`, `${s} control`, `${s} verdict`])];
+  const headers = ["coder", "width", "dead fraction", "mean L0", "FVU", "explained", ...scorers.flatMap((s) => [`${s} (${data.scorers.find((x) => x.name === s).main_metric ?? "unknown"})`, `${s} control`, `${s} gap`, `${s} verdict`])];
   const rows = data.coders.map((c) => {
     const values = [c.coder, c.width, c.dead_fraction, c.mean_l0, c.fvu, c.explained,
-      ...scorers.flatMap((s) => { const r = c.scorers[s] || {}; return [r.mean, r.control, r.verdict]; })];
+      ...scorers.flatMap((s) => { const r = c.scorers[s] || {}; return [r.mean, r.control, r.gap, r.verdict]; })];
     const node = el("tr", { "data-coder": c.coder },
       el("td", {}, el("a", { href: c.url }, c.coder)),
       values.slice(1, 6).map((v) => el("td", { class: "num" }, fmt(v))),
-      scorers.flatMap((s) => { const r = c.scorers[s] || {}; return [el("td", { class: "num" }, fmt(r.mean)), el("td", { class: "num" }, fmt(r.control)), el("td", {}, r.verdict ? verdictSpan(r.verdict) : "–")]; }));
+      scorers.flatMap((s) => { const r = c.scorers[s] || {}; return [el("td", { class: "num", "data-scorer": s, "data-part": "mean" }, withInterval(r.mean, r.mean_interval)), el("td", { class: "num" }, fmt(r.control)),
+        el("td", { class: "num", "data-scorer": s, "data-part": "gap" }, withInterval(r.gap, r.gap_interval)), el("td", {}, r.verdict ? verdictSpan(r.verdict) : "–")]; }));
     return { node, values };
   });
   main.replaceChildren(el("h1", {}, "Sparse coders"),
-    el("p", { class: "muted" }, "Each scorer's mean main metric beside its control's (the same scorer with another latent's explanation), both over the latents that have a control. Click a header to sort."),
+    el("p", { class: "muted" }, "Each scorer's mean main metric beside its control's (the same scorer with another latent's explanation), both over the latents that have a control, and the mean gap between them; the bars and brackets are 95 % intervals over the latents. Click a header to sort."),
     el("div", { class: "table-wrap" }, sortableTable(headers, rows)));
 }
 
@@ -146,9 +164,10 @@ async function coderPage() {
     summary.replaceChildren(`${data.total} latents${state.q ? ` matching “${state.q}”` : ""}, page ${data.page} of ${data.pages}, sorted by ${sortedBy} `, severalSenses,
       data.search_note ? el("div", { id: "search-note" }, data.search_note) : "");
     const lowest = (s) => (data.several_senses && s.scores_senses ? [`${s.name}_min_sense`] : []);  // only where a latent has several senses
-    const shown = ["latent", "status", "explanation", "senses", "frequency", "max_activation", ...data.scorers.flatMap((s) => [s.name, `${s.name}_control`, `${s.name}_gap`, ...lowest(s)]), "mean_gap"].concat(data.columns.includes("distance") ? ["distance"] : []);
+    const shown = ["latent", "status", "explanation", "senses", "frequency", "max_activation", ...data.scorers.flatMap((s) => [s.name, `${s.name}_lo`, `${s.name}_control`, `${s.name}_gap`, ...lowest(s)]), "mean_gap"].concat(data.columns.includes("distance") ? ["distance"] : []);
     const head = el("tr", {}, shown.map((c) => {
-      const th = el("th", { "data-col": c, onclick: () => { state.order = state.sort === c && state.order === "desc" ? "asc" : "desc"; state.sort = c; state.page = "1"; load(); } }, c.replaceAll("_", " "));
+      const low = c.endsWith("_lo") ? `the 95 % interval's lower bound of ${c.slice(0, -3)}: sort by it to rank latents by what their score surely reaches` : null;
+      const th = el("th", { "data-col": c, title: low, onclick: () => { state.order = state.sort === c && state.order === "desc" ? "asc" : "desc"; state.sort = c; state.page = "1"; load(); } }, c.endsWith("_lo") ? `${c.slice(0, -3).replaceAll("_", " ")} lower bound` : c.replaceAll("_", " "));
       if (c === data.sort) th.className = data.order === "asc" ? "sorted-asc" : "sorted-desc";
       return th;
     }));
@@ -221,7 +240,7 @@ function pinnedScorer(s, name) {
   if (!s.scored) { card.append(el("p", { class: "muted" }, "Not scored.")); return card; }
   card.append(el("table", {},
     el("tr", {}, ["", "text", s.main_metric || "score"].map((h) => el("th", {}, h))),
-    el("tr", {}, el("td", {}, "explanation"), el("td", { class: "text" }, s.explanation || "–"), el("td", { class: "num score" }, fmt(s.score))),
+    el("tr", {}, el("td", {}, "explanation"), el("td", { class: "text" }, s.explanation || "–"), el("td", { class: "num score" }, withInterval(s.score, s.interval))),
     el("tr", {}, el("td", {}, "control"), el("td", { class: "text" }, s.control_explanation || s.control_note || "–"), el("td", { class: "num control" }, fmt(s.control_score)))),
     el("p", {}, `gap ${fmt(s.gap)} · control: ${s.control} · `, verdictSpan(s.verdict)),
     s.stale ? el("p", { class: "stale" }, s.stale) : "");
@@ -322,7 +341,7 @@ async function latentPage() {
   else scorers.append(el("table", {},
     el("tr", {}, ["scorer", "metric", "explanation", "control", "gap", "control explanation", "coder verdict"].map((h) => el("th", {}, h))),
     d.scorers.map((s) => el("tr", { "data-scorer": s.name, class: s.name === params.get("scorer") ? "pinned" : null },
-      el("td", {}, s.name, " ", el("a", { href: s.permalink, class: "permalink", title: "permalink: this latent with this scorer and its control shown first" }, "link")), el("td", {}, s.main_metric || "unknown"), el("td", { class: "num score" }, s.scored ? fmt(s.score) : "not scored",
+      el("td", {}, s.name, " ", el("a", { href: s.permalink, class: "permalink", title: "permalink: this latent with this scorer and its control shown first" }, "link")), el("td", {}, s.main_metric || "unknown"), el("td", { class: "num score" }, s.scored ? withInterval(s.score, s.interval) : "not scored",
         s.stale ? el("div", { class: "stale", title: `scored: ${s.explanation}` }, s.stale) : null),
       el("td", { class: "num control" }, s.scored ? fmt(s.control_score) : "–"), el("td", { class: "num" }, s.scored ? fmt(s.gap) : "–"),
       el("td", {}, s.scored ? (s.control_explanation || s.control_note || "–") : "–"), el("td", {}, verdictSpan(s.verdict))))));

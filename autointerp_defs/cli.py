@@ -395,6 +395,10 @@ def run_demo(deployment, force: bool) -> None:
             "(README: Explainers and LLM clients) does not have this problem."
         )
     print_results(TableStore(root), coder, deployment.scorers)
+    if (
+        why := no_verdict(TableStore(root), coder, DEMO_SHARDS, deployment.automated_scorers)
+    ) is not None:
+        print(f"\nNO VERDICT: {why}")
     for partition, failure in failed_shards.items():
         print(f"\nNOT DONE: {partition} failed, and is not in the table above: {failure[:600]}")
         print(
@@ -406,17 +410,29 @@ def run_demo(deployment, force: bool) -> None:
         f"\ndemo finished in {time.perf_counter() - started:.0f} s"
         f"{f' with {len(failed_shards)} of {len(DEMO_SHARDS)} shards failed' if failed_shards else ''}"
     )
-    print("Open the UI:            make ui     (then http://127.0.0.1:3000)")
-    print(
-        f"Re-score from the shell: DAGSTER_HOME={home} .venv/bin/autointerp "
-        f"--deployment {deployment.path} --data {data_dir} "
-        f"materialize {','.join(scorers)} --coder {coder} --shard 00"
-    )
+    for line in next_steps(deployment, home, coder, scorers):
+        print(line)
+
+
+def next_steps(deployment, home: Path, coder: str, scorers: list[str]) -> list[str]:
+    """The commands that go on from the demo: the latent browser on its coder, the Dagster UI, re-scoring."""
+    from assets.links import coder_url
+
+    here = f".venv/bin/autointerp --deployment {deployment.path} --data {deployment.data_dir}"
+    return [
+        f"Open the latent browser: make view   (then {coder_url(coder, deployment.setting('viewer_url'))})",
+        f"  (this data root:       {here} view)",
+        "Open the UI:             make ui     (then http://127.0.0.1:3000)",
+        f"Re-score from the shell: DAGSTER_HOME={home} {here} materialize {','.join(scorers)} "
+        f"--coder {coder} --shard {DEMO_SHARDS[0]}",
+    ]
 
 
 def print_results(store, coder: str, scorers: dict) -> None:
     """The summary of `coder` in the `store` (a `storage.store.TableStore`): each scorer beside its control,
     the verdicts, and which models made the results."""
+    import pandas as pd
+
     from assets.score_metrics import beside_control, paired_means, verdict
 
     table = store.score_summary(coder).read_if_present()
@@ -424,11 +440,16 @@ def print_results(store, coder: str, scorers: dict) -> None:
         print("no scores yet")
         return
     present = [name for name in scorers if name in table.columns]
-    shown = table[["latent", "explanation"]].assign(
-        explanation=table["explanation"].str.slice(0, 60)
+    tops = top_tokens(store, coder, sorted(set(table["shard"])) if "shard" in table else [])
+    shown = pd.DataFrame(
+        {
+            "latent": table["latent"],
+            "top tokens": [tops.get(int(latent), "") for latent in table["latent"]],
+            "explanation": table["explanation"].str.slice(0, 60),
+        }
     )
     for name in present:
-        shown[f"{name} ({scorers[name].main_metric})"] = [
+        shown[name] = [
             beside_control(s, c, digits=2)
             for s, c in zip(table[name], table[f"{name}_control"], strict=False)
         ]
@@ -437,8 +458,11 @@ def print_results(store, coder: str, scorers: dict) -> None:
         shown["senses"] = table["senses"]
         for name in [n for n in present if f"{n}_min_sense" in table]:
             shown[f"{name} lowest sense"] = table[f"{name}_min_sense"].round(2)
+    metrics = ", ".join(f"{name}: {scorers[name].main_metric}" for name in present)
     print(
-        "\nEach scorer's main metric for the explanation / for its control (another latent's explanation):"
+        "\nEach latent's top tokens (those it fires on most strongly on average) beside its explanation, "
+        "so you can judge the text;\nthen each scorer's main metric "
+        f"({metrics}) for the explanation / for its control (another latent's explanation):"
     )
     print(shown.to_string(index=False))
     if "senses" not in table:
@@ -468,6 +492,58 @@ def print_results(store, coder: str, scorers: dict) -> None:
         )
     for line in made_by(store, coder, sorted(set(table["shard"])), present):
         print(line)
+
+
+def no_verdict(store, coder: str, shards, scorers) -> str | None:
+    """Why no scorer of `coder` has a verdict, in plain words, when none has `MIN_LATENTS` latents scored beside a
+    control; None when one has. Counts what the `shards` asked of the explainer, which is where latents are lost."""
+    from assets.score_metrics import MIN_LATENTS, paired_means
+
+    table = store.score_summary(coder).read_if_present()
+    paired = max(
+        (
+            paired_means(table[name], table[f"{name}_control"])[2]
+            for name in scorers
+            if table is not None and name in table
+        ),
+        default=0,
+    )
+    if paired >= MIN_LATENTS:
+        return None
+    frames = [
+        frame
+        for shard in shards
+        if (frame := store.explanations(coder, shard).read_if_present()) is not None
+    ]
+    asked = sum(len(frame) for frame in frames)
+    readable = sum(int((frame["status"] == "ok").sum()) for frame in frames)
+    return (
+        f"{paired} latents have a score beside a control, and a verdict needs at least {MIN_LATENTS}. "
+        f"The demo asked for {asked} explanations ({len(frames)} of {len(shards)} shards wrote theirs); "
+        f"{asked - readable} of the answers could not be read (refused, never guessed), and a latent "
+        "needs a readable explanation in a shard with another one to get a control. More latents per "
+        "shard ([settings] max_latents_per_shard) cost more minutes on this CPU; a hosted or "
+        "self-hosted model (README: Explainers and LLM clients) answers readably."
+    )
+
+
+def top_tokens(store, coder: str, shards: list[str], n: int = 4) -> dict[int, str]:
+    """Latent → its `n` tokens of highest mean activation (the exemplars' `latent_profiles`), quoted so that a
+    leading space shows; empty where the profiles or the corpus's vocabulary are not there."""
+    from assets.prompts import quoted
+    from autointerp_defs.readside.reader import NotMaterialized, display_vocab, latent_profiles
+
+    profiles = latent_profiles(store, coder, shards)
+    if not len(profiles):
+        return {}
+    try:
+        vocab = display_vocab(store)
+    except NotMaterialized:
+        return {}
+    return {
+        int(row.latent): " ".join(quoted(vocab[int(t)]) for t in list(row.top_tokens)[:n])
+        for row in profiles.itertuples()
+    }
 
 
 def made_by(store, coder: str, shards: list[str], scorers: list[str]) -> list[str]:

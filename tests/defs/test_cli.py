@@ -50,6 +50,116 @@ def test_the_demo_prints_a_score_without_a_control_and_compares_means_over_the_s
     )
 
 
+def test_the_demo_prints_each_latents_top_tokens_beside_its_explanation(tmp_path, capsys):
+    import json
+
+    import pandas as pd
+
+    from assets.scores import summary_table
+    from storage.store import TableStore
+    from storage.tables import write_table
+
+    root = two_shards_of_scores(tmp_path)
+    scorers = {"detection": SCORERS["detection"]}
+    root.corpus_dir.mkdir(parents=True)
+    root.corpus_vocab_path.write_text(json.dumps(["<s>", " the", "Paris", "7", "\n"]))
+    root.corpus_meta_path.write_text(json.dumps({"special_ids": [0]}))
+    profiles = pd.DataFrame(
+        {
+            "latent": [1, 2],
+            "frequency": 0.01,
+            "max_activation": 3.0,
+            "mean_activation": 1.0,
+            "activating_windows": 20,
+            "quantile_boundaries": [[0.0, 3.0]] * 2,
+            "top_tokens": [[1, 2, 0], [3, 4]],
+            "top_token_mean_activation": [[3.0, 2.0, 1.0], [2.0, 1.0]],
+            "neighbours": [[2], [1]],
+        }
+    )
+    write_table(profiles, root.latent_profiles_path("c/h", "00"), "latent_profiles")
+    write_table(
+        summary_table(TableStore(root), "c/h", scorers),
+        root.score_summary_path("c/h"),
+        "score_summary",
+    )
+    print_results(TableStore(root), "c/h", scorers)
+    rows = {line.split()[0]: line for line in capsys.readouterr().out.splitlines() if line.strip()}
+    assert '" the" "Paris" "‖"' in rows["1"] and rows["1"].index('"Paris"') < rows["1"].index("e1")
+    assert '"7" "↵"' in rows["2"] and rows["2"].index('"↵"') < rows["2"].index("e2a or e2b")
+    assert (
+        '"' not in rows["700"]
+    )  # shard 01 has no profiles: its latent is shown without top tokens
+
+
+def test_the_demo_says_plainly_why_it_has_no_verdict_and_is_silent_when_it_has_one(tmp_path):
+    import numpy as np
+    import pandas as pd
+
+    from assets.scores import summary_table
+    from autointerp_defs.cli import no_verdict
+    from storage.store import TableStore
+    from storage.tables import write_table
+
+    root = two_shards_of_scores(tmp_path)
+    scorers = {"detection": SCORERS["detection"]}
+    pd.DataFrame(
+        {
+            "latent": [700, 701, 702],
+            "explanation": ["e700", "", ""],
+            "status": ["ok", "failed", "failed"],
+        }
+    ).to_parquet(root.explanations_path("c/h", "01"))
+    write_table(
+        summary_table(TableStore(root), "c/h", scorers),
+        root.score_summary_path("c/h"),
+        "score_summary",
+    )
+    why = no_verdict(TableStore(root), "c/h", ("00", "01"), ["detection"])
+    assert why.startswith(
+        "2 latents have a score beside a control, and a verdict needs at least 10"
+    )
+    assert (
+        "asked for 5 explanations (2 of 2 shards wrote theirs); 2 of the answers could not be read"
+        in why
+    )
+
+    latents = list(range(10, 22))
+    pd.DataFrame(
+        {
+            "latent": latents,
+            "explanation": [f"e{latent}" for latent in latents],
+            "balanced_accuracy": np.linspace(0.6, 0.9, len(latents)),
+            "control_balanced_accuracy": 0.5,
+            "gap": np.linspace(0.1, 0.4, len(latents)),
+        }
+    ).to_parquet(root.scores_path("c/h", "00", "detection"))
+    pd.DataFrame(
+        {"latent": latents, "explanation": [f"e{latent}" for latent in latents], "status": "ok"}
+    ).to_parquet(root.explanations_path("c/h", "00"))
+    write_table(
+        summary_table(TableStore(root), "c/h", scorers),
+        root.score_summary_path("c/h"),
+        "score_summary",
+    )
+    assert no_verdict(TableStore(root), "c/h", ("00", "01"), ["detection"]) is None
+
+
+def test_the_demo_ends_with_the_latent_browser_on_its_coder(tmp_path):
+    from autointerp_defs.cli import next_steps
+    from autointerp_defs.deployments import load_deployment
+
+    deployment = load_deployment("local", {"settings": {"data_dir": str(tmp_path / "d")}})
+    steps = next_steps(
+        deployment, tmp_path / "home", "smollm2-topk/model.layers.15", ["scores/detection"]
+    )
+    assert steps[0] == (
+        "Open the latent browser: make view   "
+        "(then http://127.0.0.1:8080/coder?coder=smollm2-topk%2Fmodel.layers.15)"
+    )
+    assert f"--data {tmp_path / 'd'} view" in steps[1] and "make ui" in steps[2]
+
+
 # ---- every path a user takes from the README ends in one line naming the fix ----------------------
 
 

@@ -10,6 +10,9 @@ from pathlib import Path
 DEMO_CODER_NAME = "smollm2-topk"
 DEMO_HOOKPOINT = "model.layers.15"
 DEMO_SHARDS = ("00", "01")
+DEMO_LATENTS_WITH_CONTROL = 10
+"""Latents with a score beside a control that the demo is sized for ([settings] max_latents_per_shard of the local
+deployment): fewer, and the 95 % interval of a scorer's gap is too wide for its verdict to say anything."""
 
 
 def register_embedded(
@@ -495,9 +498,10 @@ def print_results(store, coder: str, scorers: dict) -> None:
 
 
 def no_verdict(store, coder: str, shards, scorers) -> str | None:
-    """Why no scorer of `coder` has a verdict, in plain words, when none has `MIN_LATENTS` latents scored beside a
-    control; None when one has. Counts what the `shards` asked of the explainer, which is where latents are lost."""
-    from assets.score_metrics import MIN_LATENTS, paired_means
+    """Why fewer than `DEMO_LATENTS_WITH_CONTROL` latents of `coder` have a score beside a control, in plain
+    words; None when a scorer has that many. Counts what the `shards` asked of the explainer, which is
+    where latents are lost."""
+    from assets.score_metrics import paired_means
 
     table = store.score_summary(coder).read_if_present()
     paired = max(
@@ -508,7 +512,7 @@ def no_verdict(store, coder: str, shards, scorers) -> str | None:
         ),
         default=0,
     )
-    if paired >= MIN_LATENTS:
+    if paired >= DEMO_LATENTS_WITH_CONTROL:
         return None
     frames = [
         frame
@@ -518,7 +522,8 @@ def no_verdict(store, coder: str, shards, scorers) -> str | None:
     asked = sum(len(frame) for frame in frames)
     readable = sum(int((frame["status"] == "ok").sum()) for frame in frames)
     return (
-        f"{paired} latents have a score beside a control, and a verdict needs at least {MIN_LATENTS}. "
+        f"{paired} latents have a score beside a control, and the demo needs "
+        f"{DEMO_LATENTS_WITH_CONTROL} for a verdict worth reading. "
         f"The demo asked for {asked} explanations ({len(frames)} of {len(shards)} shards wrote theirs); "
         f"{asked - readable} of the answers could not be read (refused, never guessed), and a latent "
         "needs a readable explanation in a shard with another one to get a control. More latents per "

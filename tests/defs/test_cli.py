@@ -117,7 +117,7 @@ def test_the_demo_says_plainly_why_it_has_no_verdict_and_is_silent_when_it_has_o
     )
     why = no_verdict(TableStore(root), "c/h", ("00", "01"), ["detection"])
     assert why.startswith(
-        "2 latents have a score beside a control, and a verdict needs at least 10"
+        "2 latents have a score beside a control, and the demo needs 10 for a verdict worth reading"
     )
     assert (
         "asked for 5 explanations (2 of 2 shards wrote theirs); 2 of the answers could not be read"

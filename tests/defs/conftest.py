@@ -2,6 +2,7 @@
 the viewer serving it (both the API tests and the browser tests use them), and the Dagster instance and
 deployment the commands run on."""
 
+import re
 import threading
 
 import pytest
@@ -31,14 +32,16 @@ def tiny_deployment(tmp_path) -> str:
     from autointerp_defs.deployments import DEPLOYMENTS_DIR
 
     path = tmp_path / "tiny.toml"
-    path.write_text(
-        (DEPLOYMENTS_DIR / "local.toml")
-        .read_text()
-        .replace(
-            "max_latents_per_shard = 3",
-            f"max_latents_per_shard = 4\nlatents_per_shard = {TEST_LATENTS_PER_SHARD}",
-        )
+    text, cut = re.subn(
+        r"^max_latents_per_shard = \d+$",
+        f"max_latents_per_shard = 4\nlatents_per_shard = {TEST_LATENTS_PER_SHARD}",
+        (DEPLOYMENTS_DIR / "local.toml").read_text(),
+        flags=re.MULTILINE,
     )
+    assert cut == 1, (
+        "local.toml has no `max_latents_per_shard = N` line to cut the tiny shards with"
+    )
+    path.write_text(text)
     return str(path)
 
 

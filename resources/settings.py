@@ -79,6 +79,15 @@ class AutointerpSettings(ConfigurableResource):
         ge=1,
         description="Shards of exemplars, explanations and scores that one run of a backfill (or of automation) takes (Dagster's BackfillPolicy.multi_run above 1). 1: every shard succeeds or fails alone. More spreads a run's fixed cost (~10 s) over them, for endpoints fast enough that it shows (README: shard size); a shard that fails still lets the others of its run finish.",
     )
+    sensor_interval_s: int = Field(
+        default=30,
+        ge=1,
+        description=(
+            "Seconds between the ticks of the registry sensor and of the automation sensor (Dagster's default): "
+            "at most how long a dropped coder, or a stage that finished, waits before its next run is asked for. "
+            "Each tick costs the daemon some CPU."
+        ),
+    )
     max_latents_per_shard: int = Field(
         default=0,
         description="Explain and score at most this many live latents per shard (0 = all). The CPU deployment keeps it small.",

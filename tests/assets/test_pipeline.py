@@ -32,7 +32,10 @@ def corpus_config():
     return {"ops": {"corpus": {"config": TINY_CORPUS_CONFIG}}}
 
 
+@pytest.mark.slow(70)
 def test_every_asset_for_one_partition_end_to_end(registered):
+    """Over a minute: the one test on the embedded defaults end to end, the explainer and judge included, which
+    generate on the CPU through llama.cpp; the other stage tests ask a scripted endpoint."""
     instance = DagsterInstance.ephemeral()
     add_coders(instance, registered, TINY_CODER)
     resources = make_resources(registered, max_latents=2)
@@ -66,9 +69,19 @@ def test_every_asset_for_one_partition_end_to_end(registered):
     assert set(stats.latent) == set(ex.latent) and len(stats.neighbours.iloc[0]) == 10
     for latent, group in ex.groupby("latent"):
         train = set(
-            zip(group[group.split == "train"].sequence, group[group.split == "train"].start, strict=False)
+            zip(
+                group[group.split == "train"].sequence,
+                group[group.split == "train"].start,
+                strict=False,
+            )
         )
-        test = set(zip(group[group.split == "test"].sequence, group[group.split == "test"].start, strict=False))
+        test = set(
+            zip(
+                group[group.split == "test"].sequence,
+                group[group.split == "test"].start,
+                strict=False,
+            )
+        )
         assert train and test and not train & test  # disjoint
         assert (group[group.kind != "activating"]["max_activation"] == 0).all()
         assert (group[group.kind == "activating"]["max_activation"] > 0).all()

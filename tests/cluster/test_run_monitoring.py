@@ -10,6 +10,7 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
 from dagster import DagsterInstance, DagsterRunStatus
 
 from assets.automation import SUBJECT_MODEL_POOL
@@ -39,9 +40,12 @@ def wait_for(condition, timeout_s: float, what: str, *processes: subprocess.Pope
     return found
 
 
+@pytest.mark.slow(90)
 def test_the_daemon_fails_a_run_whose_step_no_worker_runs_and_frees_its_pool_slot(
     registered, tmp_path_factory, monkeypatch, postgres_url, redis_url
 ):
+    """Over a minute: the daemon and the run are processes that load the code, then the test waits out the
+    run's MAX_RUNTIME_S and the FREE_AFTER_S after it, at the daemon's POLL_S."""
     home = tmp_path_factory.mktemp("dagster_home")
     deployment_file = tiny_cluster_deployment(
         home, registered, "http://127.0.0.1:9/v1", None

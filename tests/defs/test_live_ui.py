@@ -146,6 +146,7 @@ def left_behind(home: Path) -> list[psutil.Process]:
     return found
 
 
+@pytest.mark.slow(300)
 def test_dropped_coder_runs_to_the_summary_by_itself_within_limits_then_stays_quiet(
     tmp_path, small_sae
 ):

@@ -43,11 +43,15 @@ demo: instance
 
 # ruff first (its rules in pyproject.toml: the formatter at 100 columns, lint with E501 at 120), then the docs site (docs/, mkdocs.yml): --strict fails on a broken link or anchor, a page missing from the nav,
 # or an API page that does not resolve; built into .site/ (ignored by git). No -q: it hides the warnings --strict counts.
+# Then the tests on TEST_WORKERS pytest-xdist workers, each taking whole modules (their module fixtures built once),
+# the modules of tests marked slow first (tests/conftest.py). More workers than cores: many tests wait on
+# subprocesses, servers and Dagster's daemons rather than compute.
+TEST_WORKERS ?= 3
 test: install-test
 	$(VENV)/bin/ruff format --check .
 	$(VENV)/bin/ruff check .
 	NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs build --strict -d $(CURDIR)/.site
-	$(VENV)/bin/pytest -q --durations=25
+	$(VENV)/bin/pytest -q -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder --durations=25
 
 # The Dagster UI and daemon at http://127.0.0.1:3000; UI_PORT=… to move it.
 ui: instance

@@ -20,16 +20,21 @@ from assets.explanations import explanations_asset
 from assets.scores import scorer_asset, scorer_key, summary_asset
 from assets.stage_config import Models
 from autointerp_defs.deployments import Deployment, DeploymentError, load_deployment
-from autointerp_defs.sensors import registry_sensor
+from autointerp_defs.sensors import registry_sensor_every
 
-automation_sensor = AutomationConditionSensorDefinition(
-    "autointerp_automation",
-    target=AssetSelection.all(),
-    default_status=DefaultSensorStatus.RUNNING,
-    description="Runs every asset's automation condition: activations of new coders, "
-    "then exemplars, explanations, the automated scorers and the summary; "
-    "and whatever a changed deployment setting made stale.",
-)
+
+def automation_sensor(interval_s: int) -> AutomationConditionSensorDefinition:
+    """The sensor that evaluates every asset's automation condition, every `interval_s` seconds."""
+    return AutomationConditionSensorDefinition(
+        "autointerp_automation",
+        target=AssetSelection.all(),
+        default_status=DefaultSensorStatus.RUNNING,
+        minimum_interval_seconds=interval_s,
+        description=(
+            "Runs every asset's automation condition: activations of new coders, then exemplars, explanations, "
+            "the automated scorers and the summary; and whatever a changed deployment setting made stale."
+        ),
+    )
 
 
 def models_of(resources: dict) -> Models:
@@ -80,7 +85,10 @@ def definitions_for(deployment: Deployment) -> Definitions:
     )
     return Definitions(
         assets=[*stages, *scorer_assets, summary_asset(deployment.scorers)],
-        sensors=[registry_sensor, automation_sensor],
+        sensors=[
+            registry_sensor_every(deployment.sensor_interval_s),
+            automation_sensor(deployment.sensor_interval_s),
+        ],
         jobs=[explain_and_score],
         resources=resources,
         executor=cluster_executor(deployment),

@@ -79,6 +79,10 @@ class Deployment:
         return int(self.setting("partitions_per_run"))
 
     @property
+    def sensor_interval_s(self) -> int:
+        return int(self.setting("sensor_interval_s"))
+
+    @property
     def cluster(self) -> dict | None:
         """`[cluster]`: present when the steps run on dagster-celery workers (README: Scale out)."""
         return self.values.get("cluster")

@@ -12,6 +12,7 @@ from dagster import (
     AssetKey,
     DefaultSensorStatus,
     RunRequest,
+    SensorDefinition,
     SensorEvaluationContext,
     SensorResult,
     SkipReason,
@@ -23,6 +24,11 @@ from resources.settings import AutointerpSettings
 from resources.sparse_coders import RegistryError, inspect_registry, registered_width
 
 CORPUS = AssetKey("corpus")
+DESCRIPTION = (
+    "Adds the shard partitions (<coder>|NN, one per latents_per_shard latents) of each new <name>/<hookpoint> "
+    "folder in the registry, and builds the corpus if there is none; activations and everything downstream "
+    "follow by automation."
+)
 
 
 def new_shard_keys(
@@ -42,16 +48,8 @@ def new_shard_keys(
     return keys, added
 
 
-@sensor(
-    name="sparse_coder_registry",
-    minimum_interval_seconds=30,
-    asset_selection=[CORPUS],
-    default_status=DefaultSensorStatus.RUNNING,
-    description="Adds the shard partitions (<coder>|NN, one per latents_per_shard latents) "
-    "of each new <name>/<hookpoint> folder in the registry, and builds the corpus if there is "
-    "none; activations and everything downstream follow by automation.",
-)
-def registry_sensor(context: SensorEvaluationContext, settings: AutointerpSettings):
+def registry_tick(context: SensorEvaluationContext, settings: AutointerpSettings):
+    """One tick of the registry sensor."""
     try:
         registered, broken = inspect_registry(settings.root.registry_dir)
     except RegistryError as missing:
@@ -84,3 +82,17 @@ def registry_sensor(context: SensorEvaluationContext, settings: AutointerpSettin
         run_requests=requests,
         dynamic_partitions_requests=[shard_partitions.build_add_request(new_keys)],
     )
+
+
+def registry_sensor_every(interval_s: int) -> SensorDefinition:
+    """The registry sensor, ticking every `interval_s` seconds (`[settings] sensor_interval_s`)."""
+    return sensor(
+        name="sparse_coder_registry",
+        minimum_interval_seconds=interval_s,
+        asset_selection=[CORPUS],
+        default_status=DefaultSensorStatus.RUNNING,
+        description=DESCRIPTION,
+    )(registry_tick)
+
+
+registry_sensor = registry_sensor_every(AutointerpSettings().sensor_interval_s)

@@ -90,6 +90,15 @@ class AutointerpSettings(ConfigurableResource):
         "over them, for endpoints fast enough that it shows (README: shard size); "
         "a shard that fails still lets the others of its run finish.",
     )
+    sensor_interval_s: int = Field(
+        default=30,
+        ge=1,
+        description=(
+            "Seconds between the ticks of the registry sensor and of the automation sensor (Dagster's default): "
+            "at most how long a dropped coder, or a stage that finished, waits before its next run is asked for. "
+            "Each tick costs the daemon some CPU."
+        ),
+    )
     max_latents_per_shard: int = Field(
         default=0,
         description="Explain and score at most this many live latents per shard (0 = all). "

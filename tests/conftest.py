@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import fcntl
 import json
 import os
 import re
@@ -41,10 +42,24 @@ def root_network() -> dict[str, list[str]]:
     }
 
 
+def pytest_collection_modifyitems(config, items):
+    """Under pytest-xdist (`make test`: whole modules to each worker, in collection order), the modules that hold a
+    test marked `slow(seconds)` come first, the longest first, so that no minutes-long test starts last."""
+    if not hasattr(config, "workerinput"):
+        return
+    longest = {}
+    for item in items:
+        marker = item.get_closest_marker("slow")
+        longest[item.path] = max(longest.get(item.path, 0), marker.args[0] if marker else 0)
+    items.sort(key=lambda item: -longest[item.path])
+
+
 @pytest.fixture(scope="session", autouse=True)
 def this_machine_s_network_as_it_was():
     """Fails the session (an error at the last test's teardown) where any test left an address, route or link on
-    this machine's own network: the cluster tests' services and nodes live in namespaces of their own."""
+    this machine's own network: the cluster tests' services and nodes live in namespaces of their own. Under
+    pytest-xdist each worker checks from its own start to its own end; no test may change that network at any
+    time, so another worker's tests running meanwhile leave the comparison as true as in one process."""
     before = root_network() if shutil.which("ip") else None
     yield
     if before is not None:
@@ -61,8 +76,23 @@ def subject():
 
 
 @pytest.fixture(scope="session")
-def tiny_sae(subject):
-    return train_tiny_sae(subject)
+def tiny_sae(request, tmp_path_factory, subject):
+    return made_once(request.config, tmp_path_factory, "tiny_sae", lambda: train_tiny_sae(subject))
+
+
+def made_once(config, tmp_path_factory, name: str, make):
+    """`make()` once per test session, even when pytest-xdist's workers (`make test`) each run the session's
+    fixtures: the first worker saves it (torch.save) in the folder the workers' temporary folders share, the
+    others load it from there."""
+    if not hasattr(config, "workerinput"):  # one process
+        return make()
+    path = tmp_path_factory.getbasetemp().parent / f"{name}.pt"
+    with open(f"{path}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
+        if not path.exists():
+            torch.save(make(), f"{path}.part")
+            os.replace(f"{path}.part", path)
+        return torch.load(path, weights_only=False)
 
 
 def train_tiny_sae(subject, width: int = 1152, n_tokens: int = 64 * 64):

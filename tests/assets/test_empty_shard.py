@@ -2,6 +2,7 @@
 
 import pyarrow as pa
 import pyarrow.parquet as pq
+import pytest
 from dagster import DagsterInstance, materialize
 
 from assets.scorers import SCORERS
@@ -40,7 +41,10 @@ def same_kind(empty: pa.DataType, full: pa.DataType) -> bool:
     return empty == full or numbers or untyped_list
 
 
+@pytest.mark.slow(70)
 def test_shard_without_explainable_latent_gives_typed_empty_tables_and_a_summary(registered):
+    """Over a minute: every scorer (the steering ones run the subject model on the CPU) scores a full shard too,
+    whose tables are the types each empty table must match."""
     instance = DagsterInstance.ephemeral()
     add_coders(instance, registered, TINY_CODER)
     root = DataRoot.at(registered)

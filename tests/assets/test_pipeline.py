@@ -32,7 +32,10 @@ def corpus_config():
     return {"ops": {"corpus": {"config": TINY_CORPUS_CONFIG}}}
 
 
+@pytest.mark.slow(70)
 def test_every_asset_for_one_partition_end_to_end(registered):
+    """Over a minute: the one test on the embedded defaults end to end, the explainer and judge included, which
+    generate on the CPU through llama.cpp; the other stage tests ask a scripted endpoint."""
     instance = DagsterInstance.ephemeral()
     add_coders(instance, registered, TINY_CODER)
     resources = make_resources(registered, max_latents=2)

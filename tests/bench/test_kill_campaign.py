@@ -6,10 +6,16 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[2]
 
 
+@pytest.mark.slow(150)
 def test_killed_cache_and_explanations_runs_resume_to_identical_results():
+    """Minutes: each stage runs as its own process three times (the reference, the one killed, the one that
+    resumes) and the exemplars between them twice, each process loading the code and the subject model; only a
+    real SIGKILL of a real process shows that what it left behind resumes to the same results."""
     out = subprocess.run(
         [
             sys.executable,

@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import dataclasses
+import fcntl
 import glob
 import json
 import os
@@ -343,10 +344,14 @@ def cluster_network(nodes: int):
     )
     made = []
     try:
-        for namespace in (network.services, *network.nodes):
-            run_ip(["netns", "add", namespace])
-            made.append(namespace)
-            run_ip(["-n", namespace, "link", "set", "lo", "up"])
+        # One `ip netns add` at a time on this machine: the first after boot makes /run/netns a mount point, and two
+        # at once (pytest-xdist's workers) can stack two such mounts, hiding the first one's namespace.
+        with open(Path(tempfile.gettempdir()) / "autointerp-netns-add.lock", "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            for namespace in (network.services, *network.nodes):
+                run_ip(["netns", "add", namespace])
+                made.append(namespace)
+                run_ip(["-n", namespace, "link", "set", "lo", "up"])
         run_ip(
             [
                 "netns",

@@ -22,6 +22,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import psutil
+import pytest
 from dagster import DagsterEventType, DagsterInstance, materialize
 
 from assets.automation import LLM_POOL
@@ -215,9 +216,12 @@ def nodes_and_services(shared_root: Path, mount_point: Path):
         )
 
 
+@pytest.mark.slow(120)
 def test_cluster_runs_each_step_on_its_queue_within_its_pool_reruns_a_killed_step_and_matches_a_single_machine_run(
     registered, tmp_path_factory, monkeypatch
 ):
+    """Minutes: four worker processes and three runs, each loading the code (the killed step's second attempt
+    too), on two cores; the one test of steps on real workers over a real broker."""
     home, logs, reference, mount_point = (
         tmp_path_factory.mktemp(name)
         for name in ("dagster_home", "worker_logs", "reference", "mount_point")

@@ -290,3 +290,14 @@ def test_only_the_deployment_module_reads_the_environment_and_nothing_uses_dagst
             internals.append(relative)
     assert not readers, f"read the environment outside autointerp_defs/deployments.py: {readers}"
     assert not internals, f"import Dagster internals: {internals}"
+
+
+def test_both_sensors_tick_every_sensor_interval_s_dagsters_30_by_default():
+    for overrides, seconds in ((None, 30), ({"settings": {"sensor_interval_s": 5}}, 5)):
+        defs = build_definitions("local", overrides)
+        assert {
+            defs.resolve_sensor_def(name).minimum_interval_seconds
+            for name in ("sparse_coder_registry", "autointerp_automation")
+        } == {seconds}
+    with pytest.raises(DeploymentError, match=r"sensor_interval_s"):
+        build_definitions("local", {"settings": {"sensor_interval_s": 0}})

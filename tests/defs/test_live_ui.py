@@ -24,12 +24,15 @@ SHARDS = ("00", "01")  # 48 latents, 24 per shard
 SCORERS = ("detection", "fuzzing")
 MAX_RUNS, LLM_RUNS = 3, 1
 TIME_LIMIT_S = 900
+TICK_S = 5
+"""The sensors' tick (`[settings] sensor_interval_s`; 30 s by default), short so the test waits less."""
 DEPLOYMENT = """
 automated_scorers = {scorers}
 [settings]
 data_dir = "{data}"
 latents_per_shard = 24
 max_latents_per_shard = 3
+sensor_interval_s = {tick}
 [subject_model]
 model = "embedded"
 [llm]
@@ -96,6 +99,12 @@ class UI:
         )
         return data["runsOrError"]["results"]
 
+    def backfills(self) -> list[dict]:
+        data = self.query(
+            "{ partitionBackfillsOrError(limit: 1000) { ... on PartitionBackfills { results { id } } } }"
+        )
+        return data["partitionBackfillsOrError"]["results"]
+
     def materialized(
         self, asset: str, partitions: list[str] | None = None
     ) -> dict[str | None, float]:
@@ -139,9 +148,13 @@ def left_behind(home: Path) -> list[psutil.Process]:
     return found
 
 
+@pytest.mark.slow(300)
 def test_dropped_coder_runs_to_the_summary_by_itself_within_limits_then_stays_quiet(
     tmp_path, small_sae
 ):
+    """Minutes, not seconds: the one test of the whole loop as `make ui` runs it, so it waits on Dagster's
+    daemons (the sensors every TICK_S, the backfill daemon every 30 s) and starts five runs, each in processes of
+    its own that load the code and the subject model; each stage's own behaviour is tested in-process elsewhere."""
     from resources.sparse_coders import save_sparsify
 
     home, data = tmp_path / "dagster_home", tmp_path / "data"
@@ -155,7 +168,9 @@ def test_dropped_coder_runs_to_the_summary_by_itself_within_limits_then_stays_qu
             tmp_path / "live.toml"
         )  # the remote deployment, pointed at the scripted server, sized for a CPU
         deployment.write_text(
-            DEPLOYMENT.format(data=data, url=server.base_url, scorers=json.dumps(list(SCORERS)))
+            DEPLOYMENT.format(
+                data=data, url=server.base_url, scorers=json.dumps(list(SCORERS)), tick=TICK_S
+            )
         )
         env = {**os.environ, "DAGSTER_HOME": str(home), "AUTOINTERP_DEPLOYMENT": str(deployment)}
         log = tmp_path / "ui.log"
@@ -247,10 +262,11 @@ def test_dropped_coder_runs_to_the_summary_by_itself_within_limits_then_stays_qu
                 <= LLM_RUNS
             )
 
-            # one more sensor and automation cycle (both tick every 30 s): no new run, no new request
-            n_runs, n_requests = len(runs), len(server.requests)
-            time.sleep(45)
+            # three more sensor and automation ticks: no new run, backfill or request
+            n_runs, n_backfills, n_requests = len(runs), len(ui.backfills()), len(server.requests)
+            time.sleep(3 * TICK_S + 5)  # the daemon looks at its sensors every 5 s
             assert len(ui.runs()) == n_runs and len(server.requests) == n_requests
+            assert len(ui.backfills()) == n_backfills
         finally:
             os.killpg(
                 proc.pid, signal.SIGINT

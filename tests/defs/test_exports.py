@@ -714,7 +714,7 @@ def test_neuronpedia_notes_name_each_score_with_its_interval_beside_its_control(
     """Each explanation's notes hold every scorer's main metric with its 95 % interval beside its control; a
     scores table written before intervals were stored gives the score and control alone."""
     from autointerp_defs.cli import main
-    from autointerp_defs.readside.neuronpedia import read_neuronpedia
+    from tests.defs.neuronpedia_import import read_neuronpedia
 
     def notes_of(root_dir, out) -> dict[int, str]:
         main(["--data", str(root_dir), "export", "neuronpedia", partition.coder, str(out)])

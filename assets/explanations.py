@@ -454,7 +454,8 @@ def explanations_asset(
         *(["judge"] if chosen.refine_rounds else []),
     ]
     version = (
-        f"{EXPLANATIONS_VERSION}-{explainers[chosen.explainer].version}-{settings_digest(chosen)}{models.version_part(*roles)}"
+        f"{EXPLANATIONS_VERSION}-{explainers[chosen.explainer].version}-{settings_digest(chosen)}"
+        + models.version_part(*roles)
         + (f"-senses{SENSES_VERSION}" if chosen.senses > 1 else "")
         + (f"-files{files}" if files else "")
     )

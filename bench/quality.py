@@ -52,7 +52,8 @@ EMBEDDING_BEFORE = {"span_tokens": 0}
 
 
 def planted(per_sense: int) -> dict[str, dict[int, tuple[str, ...]]]:
-    """Group → latent → its planted classes: `per_sense` latents of each class, and as many of each pair of classes."""
+    """Group → latent → its planted classes: `per_sense` latents of each class, and as many of each
+    pair of classes."""
     classes = list(CLASSES)
     pairs = [(a, b) for i, a in enumerate(classes) for b in classes[i + 1 :]]
     single = {i: (classes[i % len(classes)],) for i in range(per_sense * len(classes))}

@@ -82,7 +82,10 @@ class Stages:
 def measure(data: Path, partition_latents: int, n_latents: int) -> dict:
     """Every stage on latents [0, partition_latents) of the coder, in this process."""
     import numpy as np
-    import openai  # noqa: F401  (before the clocks, as bench/stage_costs.py does: importing the SDK, 1-4 s, is the process's cost, not a stage's)
+
+    # openai before the clocks, as bench/stage_costs.py does: importing the SDK (1-4 s) is the process's
+    # cost, not a stage's.
+    import openai  # noqa: F401 (imported for its import time only)
     import pandas as pd
 
     from assets.exemplars import ExemplarsConfig, exemplar_batches, negative_sources

@@ -322,7 +322,8 @@ class LLMResource(ConfigurableResource):
     )
     base_url: str | None = Field(
         default=None,
-        description="Endpoint for backend 'openai', e.g. http://127.0.0.1:8000/v1 (vLLM) or https://openrouter.ai/api/v1.",
+        description="Endpoint for backend 'openai', e.g. http://127.0.0.1:8000/v1 (vLLM) or "
+        "https://openrouter.ai/api/v1.",
     )
     model: str = Field(
         default="embedded",

@@ -81,7 +81,8 @@ def test_latent_metrics_of_scored_examples_by_hand():
     )
     scored = rows.assign(prediction=np.nan, score=[0.9, 0.8, 0.3, 0.2, 0.7, 0.1, 0.05, 0.0])
     m = latent_metrics(scored)
-    # top-4 scores are 0.9, 0.8, 0.7, 0.3 → predictions 1,1,1,0 | 1,0,0,0 as above; AUC: 4 + 4 + 3 + 3 = 14 of 16 pairs
+    # top-4 scores are 0.9, 0.8, 0.7, 0.3 → predictions 1,1,1,0 | 1,0,0,0 as above;
+    # AUC: 4 + 4 + 3 + 3 = 14 of 16 pairs
     assert (m["tp"], m["fp"]) == (3, 1) and m["roc_auc"] == 14 / 16
 
 

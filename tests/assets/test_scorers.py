@@ -220,7 +220,8 @@ def test_simulation_uses_expected_values_from_logprobs_and_correlates_over_all_t
         assert row.ev_correlation == pytest.approx(
             np.corrcoef(truth, guess)[0, 1]
         )  # over all tokens at once
-        # calibration on `valid` (one window at 2.0, one silent; test top = 1.8) maps EV 1 → 0 and EV 8 → 10·2.0/1.8
+        # calibration on `valid` (one window at 2.0, one silent; test top = 1.8) maps EV 1 → 0
+        # and EV 8 → 10·2.0/1.8
         slope = (10 * 2.0 / 1.8) / (8 - 1)
         calibrated = slope * (guess - 1)
         assert row.rsquared == pytest.approx(

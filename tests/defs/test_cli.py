@@ -211,7 +211,8 @@ def test_materialize_names_the_assets_and_the_partitions_there_are(tmp_path, ins
         main([*run, "exemplars,explanations"])
     with pytest.raises(
         SystemExit,
-        match=r"has no coder 'tiny-topk/model.layers.4'\. Fix: use one of its coders: tiny-topk/model.layers.3\|00…07",
+        match=r"has no coder 'tiny-topk/model.layers.4'\. Fix: use one of its coders: "
+        r"tiny-topk/model.layers.3\|00…07",
     ):
         main([*run, "scores/*", "--partition", "tiny-topk/model.layers.4|00"])
     with pytest.raises(

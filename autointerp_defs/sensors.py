@@ -93,6 +93,3 @@ def registry_sensor_every(interval_s: int) -> SensorDefinition:
         default_status=DefaultSensorStatus.RUNNING,
         description=DESCRIPTION,
     )(registry_tick)
-
-
-registry_sensor = registry_sensor_every(AutointerpSettings().sensor_interval_s)

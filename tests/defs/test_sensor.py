@@ -12,7 +12,7 @@ from dagster import (
 )
 
 from autointerp_defs.deployments import load_deployment
-from autointerp_defs.sensors import registry_sensor
+from autointerp_defs.sensors import registry_sensor_every
 from resources.settings import AutointerpSettings
 from tests.conftest import (
     TINY_CODER,
@@ -24,6 +24,8 @@ from tests.conftest import (
 )
 
 ALL_ASSETS = all_assets()
+registry_sensor = registry_sensor_every(AutointerpSettings().sensor_interval_s)
+"""The registry sensor at the default tick, as a deployment without `sensor_interval_s` builds it."""
 
 
 def test_new_coder_before_the_corpus_asks_for_it_then_automation_does_the_rest(

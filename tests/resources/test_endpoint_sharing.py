@@ -17,14 +17,8 @@ from pathlib import Path
 from resources.llm import LLMResource
 from storage.layout import DataRoot
 
-<<<<<<< HEAD
-tag, base_url, cache, ready = sys.argv[1], sys.argv[2], Path(sys.argv[3]), Path(sys.argv[4])
-resource = LLMResource(backend="openai", base_url=base_url, model="scripted", max_concurrency=4)
-client = resource.client(cache)
-=======
 tag, base_url, root, ready = sys.argv[1], sys.argv[2], DataRoot(Path(sys.argv[3])), Path(sys.argv[4])
 client = LLMResource(backend="openai", base_url=base_url, model="scripted", max_concurrency=4).client(root)
->>>>>>> split-llm
 (ready / tag).touch()
 while len(list(ready.iterdir())) < 2:  # start together, however long each took to import
     time.sleep(0.01)

@@ -16,7 +16,7 @@ from dagster import DagsterInstance, materialize
 
 from storage.layout import DataRoot
 from tests.conftest import TINY_EXEMPLARS_CONFIG, add_coders, make_resources
-from tests.materialized_partition import build
+from tests.materialized_partition import built_once
 
 DELPHI_SAMPLE = {
     "str_tokens",
@@ -31,8 +31,8 @@ DELPHI_SCORERS = {"detection": "detection", "fuzz": "fuzzing"}  # delphi's name 
 
 
 @pytest.fixture(scope="session")
-def partition(tmp_path_factory, tiny_sae):
-    return build(tmp_path_factory.mktemp("materialized"), tiny_sae)
+def partition(request, tmp_path_factory, tiny_sae):
+    return built_once(request.config, tmp_path_factory, tiny_sae)
 
 
 def test_neuronpedia_importer_accepts_the_export_and_reads_back_every_row(partition, tmp_path):
@@ -284,7 +284,9 @@ def test_delphi_export_then_import_rescored_with_controls(partition, tmp_path):
         ]
     )
     imported = pd.read_parquet(croot.explanations_path(partition.coder, "00"))
-    assert dict(zip(imported.latent, imported.explanation, strict=False)) == dict(zip(ok.latent, ok.explanation, strict=False))
+    assert dict(zip(imported.latent, imported.explanation, strict=False)) == dict(
+        zip(ok.latent, ok.explanation, strict=False)
+    )
     assert (
         set(imported.explainer) == {"delphi"}
         and set(imported.model) == {"delphi-run"}
@@ -302,7 +304,9 @@ def test_delphi_export_then_import_rescored_with_controls(partition, tmp_path):
     )
     assert result.success
     scored = pd.read_parquet(croot.scores_path(partition.coder, "00", "embedding"))
-    assert dict(zip(scored.latent, scored.explanation, strict=False)) == dict(zip(ok.latent, ok.explanation, strict=False))
+    assert dict(zip(scored.latent, scored.explanation, strict=False)) == dict(
+        zip(ok.latent, ok.explanation, strict=False)
+    )
     assert (
         scored.control_explanation != scored.explanation
     ).all() and scored.control_roc_auc.notna().all()

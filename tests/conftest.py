@@ -42,6 +42,15 @@ def root_network() -> dict[str, list[str]]:
     }
 
 
+def pytest_configure(config):
+    """Under pytest-xdist, torch computes on one thread in each worker and in the processes its tests start
+    (OMP_NUM_THREADS): with several workers on two cores, threads of one matrix product wait for each other while
+    the other core is busy (test_output_side.py on a busy machine: 81 s of CPU on one thread, 178 s on two)."""
+    if hasattr(config, "workerinput"):
+        os.environ["OMP_NUM_THREADS"] = "1"
+        torch.set_num_threads(1)
+
+
 def pytest_collection_modifyitems(config, items):
     """Under pytest-xdist (`make test`: whole modules to each worker, in collection order), the modules that hold a
     test marked `slow(seconds)` come first, the longest first, so that no minutes-long test starts last."""

@@ -11,7 +11,9 @@ predictions can be checked against the windows they came from.
 from __future__ import annotations
 
 import collections
+import dataclasses
 import re
+import shutil
 import threading
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,6 +25,7 @@ from tests.conftest import (
     TINY_CORPUS_CONFIG,
     TINY_EXEMPLARS_CONFIG,
     add_coders,
+    made_once,
     make_resources,
 )
 from tests.scripted_llm_server import ScriptedLLMServer, answer_by_prompt
@@ -30,7 +33,7 @@ from tests.scripted_llm_server import ScriptedLLMServer, answer_by_prompt
 SCORERS = ("detection", "fuzzing", "embedding", "simulation")
 MAX_LATENTS = 4
 _BUILT: dict[str, Materialized] = {}
-_LOCK = threading.Lock()
+_LOCK = threading.RLock()  # built_once holds it around build
 
 
 @dataclass
@@ -74,6 +77,24 @@ class LiteralJudge:
             if self.asked[prompt] == 1
             else f"Explanation: text around '{word}'"
         )
+
+
+def built_once(config, tmp_path_factory, tiny_sae) -> Materialized:
+    """`build` in the session's temporary folder; under pytest-xdist one worker builds it where the workers share a
+    folder (`made_once`) and every worker, that one too, gets a copy of its own, since tests write under the root
+    (the latent browser's caches) and some check that nothing else did."""
+    if not hasattr(config, "workerinput"):
+        return build(tmp_path_factory.mktemp("materialized"), tiny_sae)
+    with _LOCK:
+        if "copy" not in _BUILT:
+            shared = tmp_path_factory.getbasetemp().parent / "materialized"
+            built = made_once(
+                config, tmp_path_factory, "materialized", lambda: build(shared, tiny_sae)
+            )
+            copy = tmp_path_factory.mktemp("materialized") / "root"
+            shutil.copytree(built.root, copy)
+            _BUILT["copy"] = dataclasses.replace(built, root=copy)
+        return _BUILT["copy"]
 
 
 def build(root: Path, tiny_sae) -> Materialized:

@@ -306,7 +306,9 @@ def test_broken_coder_fails_the_health_check(registered, tiny_sae, breakage, pro
 
 def test_a_second_cache_of_the_same_coder_stops_at_once_with_the_holder(registered, subject):
     root = DataRoot.at(registered)
-    build_corpus(CorpusConfig(ctx_len=64, n_tokens=64 * 240, seed=5), subject.tokenizer(), root)
+    # work enough for the first to be still caching when the second, starting on a busy machine (other tests
+    # beside it under pytest-xdist), asks for the lock: the first is killed as soon as the second has stopped
+    build_corpus(CorpusConfig(ctx_len=64, n_tokens=64 * 960, seed=5), subject.tokenizer(), root)
     deployment = registered / "deployment.toml"  # the shard size is a deployment setting
     deployment.write_text(f"[settings]\nlatents_per_shard = {TEST_LATENTS_PER_SHARD}\n")
     command = [

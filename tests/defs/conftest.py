@@ -8,12 +8,12 @@ import threading
 import pytest
 
 from tests.conftest import TEST_LATENTS_PER_SHARD
-from tests.materialized_partition import build
+from tests.materialized_partition import built_once
 
 
 @pytest.fixture(scope="session")
-def partition(tmp_path_factory, tiny_sae):
-    return build(tmp_path_factory.mktemp("materialized"), tiny_sae)
+def partition(request, tmp_path_factory, tiny_sae):
+    return built_once(request.config, tmp_path_factory, tiny_sae)
 
 
 @pytest.fixture()

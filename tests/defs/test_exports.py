@@ -17,7 +17,7 @@ from dagster import AssetKey, DagsterInstance, materialize
 from storage.layout import DataRoot
 from tests.conftest import TINY_EXEMPLARS_CONFIG, add_coders, make_resources
 from tests.defs.conftest import tiny_deployment
-from tests.materialized_partition import build
+from tests.materialized_partition import built_once
 
 DELPHI_SAMPLE = {
     "str_tokens",
@@ -32,8 +32,8 @@ DELPHI_SCORERS = {"detection": "detection", "fuzz": "fuzzing"}  # delphi's name 
 
 
 @pytest.fixture(scope="session")
-def partition(tmp_path_factory, tiny_sae):
-    return build(tmp_path_factory.mktemp("materialized"), tiny_sae)
+def partition(request, tmp_path_factory, tiny_sae):
+    return built_once(request.config, tmp_path_factory, tiny_sae)
 
 
 def test_neuronpedia_importer_accepts_the_export_and_reads_back_every_row(partition, tmp_path):

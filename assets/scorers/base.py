@@ -227,3 +227,21 @@ async def classify(
             example_row(e, prediction=p) for e, p in zip(kept, outcome.value, strict=False)
         ]
     return result
+
+
+class WindowClassifier(Scorer):
+    """A delphi scorer whose judge says which windows the explanation fits (`classify`); detection and
+    fuzzing differ only in the system prompt and the text shown for each window."""
+
+    uses = frozenset({"llm"})
+    main_metric = "balanced_accuracy"
+    scores_senses = True
+    system: ClassVar[str]
+
+    def window_text(self, example: Example) -> str:
+        raise NotImplementedError
+
+    async def score(self, job: Job) -> JobResult:
+        return await classify(
+            self.deps.llm, job, self.settings.examples_per_prompt, self.system, self.window_text
+        )

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -70,6 +71,17 @@ class Explainer:
 
     def prompt(self, record: LatentRecord, max_tokens: int) -> tuple[list[dict] | None, int]:
         raise NotImplementedError
+
+    def fit_shown(
+        self,
+        record: LatentRecord,
+        max_tokens: int,
+        messages: Callable[[list[tuple[list[str], list[float]]], float], list[dict]],
+    ) -> tuple[list[dict] | None, int]:
+        """`messages` of the latent's shown windows and top activation, dropping windows to fit the
+        LLM's context: the one way the window-showing explainers choose and fit what they show."""
+        examples, top = record.shown_examples()
+        return self.deps.llm.fitting(lambda kept: messages(kept, top), examples, max_tokens)
 
     def parse(self, text: str) -> str | Refusal:
         return parse_explanation(text)

@@ -13,8 +13,6 @@ and implements `read(record)` instead of `prompt`.
 
 from __future__ import annotations
 
-import hashlib
-import json
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import ClassVar
@@ -23,6 +21,7 @@ from pydantic import BaseModel, ConfigDict
 
 from assets.prompts import REASK_EXPLANATION, parse_explanation
 from assets.records import LatentRecord
+from assets.stage_config import short_digest
 from resources.llm import ProductionClient, Refusal
 
 
@@ -32,9 +31,7 @@ class ExplainerSettings(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
 
     def digest(self) -> str:
-        return hashlib.sha256(json.dumps(self.model_dump(), sort_keys=True).encode()).hexdigest()[
-            :10
-        ]
+        return short_digest(self.model_dump())
 
 
 @dataclass

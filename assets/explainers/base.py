@@ -13,8 +13,7 @@ and implements `read(record)` instead of `prompt`.
 
 from __future__ import annotations
 
-import hashlib
-import json
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -22,6 +21,7 @@ from pydantic import BaseModel, ConfigDict
 
 from assets.prompts import REASK_EXPLANATION, parse_explanation
 from assets.records import LatentRecord
+from assets.stage_config import short_digest
 from resources.llm import ProductionClient, Refusal
 
 
@@ -31,9 +31,7 @@ class ExplainerSettings(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
 
     def digest(self) -> str:
-        return hashlib.sha256(json.dumps(self.model_dump(), sort_keys=True).encode()).hexdigest()[
-            :10
-        ]
+        return short_digest(self.model_dump())
 
 
 @dataclass
@@ -70,6 +68,17 @@ class Explainer:
 
     def prompt(self, record: LatentRecord, max_tokens: int) -> tuple[list[dict] | None, int]:
         raise NotImplementedError
+
+    def fit_shown(
+        self,
+        record: LatentRecord,
+        max_tokens: int,
+        messages: Callable[[list[tuple[list[str], list[float]]], float], list[dict]],
+    ) -> tuple[list[dict] | None, int]:
+        """`messages` of the latent's shown windows and top activation, dropping windows to fit the
+        LLM's context: the one way the window-showing explainers choose and fit what they show."""
+        examples, top = record.shown_examples()
+        return self.deps.llm.fitting(lambda kept: messages(kept, top), examples, max_tokens)
 
     def parse(self, text: str) -> str | Refusal:
         return parse_explanation(text)

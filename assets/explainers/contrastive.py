@@ -13,11 +13,10 @@ class Contrastive(Explainer):
     )
 
     def prompt(self, record: LatentRecord, max_tokens: int):
-        examples, top = record.shown_examples()
         counters = [
             [record.vocab[t] for t in row.tokens]
             for row in record.train("non_activating").itertuples()
         ]
-        return self.deps.llm.fitting(
-            lambda kept: contrastive_messages(kept, counters, top), examples, max_tokens
+        return self.fit_shown(
+            record, max_tokens, lambda kept, top: contrastive_messages(kept, counters, top)
         )

@@ -10,7 +10,4 @@ class Highlighted(Explainer):
     description = "delphi's default: the activating windows with their firing tokens marked and strengths listed."
 
     def prompt(self, record: LatentRecord, max_tokens: int):
-        examples, top = record.shown_examples()
-        return self.deps.llm.fitting(
-            lambda kept: explainer_messages(kept, top), examples, max_tokens
-        )
+        return self.fit_shown(record, max_tokens, explainer_messages)

@@ -10,7 +10,4 @@ class TokenTable(Explainer):
     description = "OpenAI's explainer: every token of each window with its 0-10 activation."
 
     def prompt(self, record: LatentRecord, max_tokens: int):
-        examples, top = record.shown_examples()
-        return self.deps.llm.fitting(
-            lambda kept: token_table_messages(kept, top), examples, max_tokens
-        )
+        return self.fit_shown(record, max_tokens, token_table_messages)

@@ -14,8 +14,6 @@ partition, so whatever a scorer caches between jobs (a baseline, a lock) is its 
 from __future__ import annotations
 
 import asyncio
-import hashlib
-import json
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,7 +24,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from assets.prompts import read_int_list, reask_list_message, scorer_messages
 from assets.records import Example, LatentRecord
 from assets.score_metrics import NAN
-from assets.stage_config import digest_values
+from assets.stage_config import digest_values, short_digest
 from resources.llm import Asked, ProductionClient
 
 
@@ -44,9 +42,7 @@ class ScorerSettings(BaseModel):
 
     def digest(self) -> str:
         """Short hash of every setting: a change makes this scorer's results, and only them, stale."""
-        return hashlib.sha256(json.dumps(digest_values(self), sort_keys=True).encode()).hexdigest()[
-            :10
-        ]
+        return short_digest(digest_values(self))
 
 
 @dataclass
@@ -227,3 +223,21 @@ async def classify(
             example_row(e, prediction=p) for e, p in zip(kept, outcome.value, strict=False)
         ]
     return result
+
+
+class WindowClassifier(Scorer):
+    """A delphi scorer whose judge says which windows the explanation fits (`classify`); detection and
+    fuzzing differ only in the system prompt and the text shown for each window."""
+
+    uses = frozenset({"llm"})
+    main_metric = "balanced_accuracy"
+    scores_senses = True
+    system: ClassVar[str]
+
+    def window_text(self, example: Example) -> str:
+        raise NotImplementedError
+
+    async def score(self, job: Job) -> JobResult:
+        return await classify(
+            self.deps.llm, job, self.settings.examples_per_prompt, self.system, self.window_text
+        )

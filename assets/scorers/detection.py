@@ -3,7 +3,8 @@
 from pydantic import Field
 
 from assets.prompts import DETECTION_SYSTEM
-from assets.scorers.base import Job, JobResult, Scorer, ScorerSettings, classify
+from assets.records import Example
+from assets.scorers.base import ScorerSettings, WindowClassifier
 
 
 class DetectionSettings(ScorerSettings):
@@ -14,19 +15,11 @@ class DetectionSettings(ScorerSettings):
     )
 
 
-class Detection(Scorer):
+class Detection(WindowClassifier):
     name = "detection"
     description = "Detection (delphi): does the latent fire in this window, given the explanation?"
     Settings = DetectionSettings
-    uses = frozenset({"llm"})
-    main_metric = "balanced_accuracy"
-    scores_senses = True
+    system = DETECTION_SYSTEM
 
-    async def score(self, job: Job) -> JobResult:
-        return await classify(
-            self.deps.llm,
-            job,
-            self.settings.examples_per_prompt,
-            DETECTION_SYSTEM,
-            lambda e: e.text,
-        )
+    def window_text(self, example: Example) -> str:
+        return example.text

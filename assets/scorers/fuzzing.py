@@ -4,26 +4,19 @@ where it is silent); the judge says which marks the explanation describes."""
 from pydantic import Field
 
 from assets.prompts import FUZZING_SYSTEM
-from assets.scorers.base import Job, JobResult, Scorer, ScorerSettings, classify
+from assets.records import Example
+from assets.scorers.base import ScorerSettings, WindowClassifier
 
 
 class FuzzingSettings(ScorerSettings):
     examples_per_prompt: int = Field(default=10, ge=1, description="Windows judged per request.")
 
 
-class Fuzzing(Scorer):
+class Fuzzing(WindowClassifier):
     name = "fuzzing"
     description = "Fuzzing (delphi): are the marked tokens what the explanation describes?"
     Settings = FuzzingSettings
-    uses = frozenset({"llm"})
-    main_metric = "balanced_accuracy"
-    scores_senses = True
+    system = FUZZING_SYSTEM
 
-    async def score(self, job: Job) -> JobResult:
-        return await classify(
-            self.deps.llm,
-            job,
-            self.settings.examples_per_prompt,
-            FUZZING_SYSTEM,
-            lambda e: e.marked_text,
-        )
+    def window_text(self, example: Example) -> str:
+        return example.marked_text

@@ -762,3 +762,16 @@ def test_saebench_unreadable_answers_are_failures_never_guesses(topic_data, answ
 )
 def test_saebench_reads_lists_of_window_numbers_and_none(answer, numbers):
     assert read_window_numbers(9)(answer) == numbers
+
+
+def test_settings_digests_keep_the_values_stored_results_were_written_under():
+    """A digest is part of a code version: a new value would make every stored result stale."""
+    from assets.explainers import EXPLAINERS
+    from assets.stage_config import settings_digest
+
+    settings = scorer_settings()
+    assert settings["detection"].digest() == "9beaa67235"
+    assert settings["simulation"].digest() == "3a0ca3c28c"
+    assert EXPLAINERS["highlighted"].Settings().digest() == "44136fa355"
+    assert EXPLAINERS["steering"].Settings().digest() == "ac797b23b2"
+    assert settings_digest({"a": 1}) == "2696610e78"

@@ -280,7 +280,9 @@ def test_latent_page_shows_logits_filters_windows_by_token_and_links_a_scorer(
     pinned = page.locator("#pinned-scorer")
     score, _, interval = pinned.locator(".score").inner_text().partition(" [")
     assert float(score) == pytest.approx(detection["score"], abs=5e-4)
-    if None not in detection["interval"]:  # the 95 % interval beside the score, as the table shows it
+    if (
+        None not in detection["interval"]
+    ):  # the 95 % interval beside the score, as the table shows it
         lo, hi = (float(x) for x in interval.rstrip("]").split(", "))
         assert (lo, hi) == pytest.approx(tuple(detection["interval"]), abs=5e-4)
     assert float(pinned.locator(".control").inner_text()) == pytest.approx(

@@ -159,6 +159,16 @@ def scaled(activations: list[float], max_activation: float) -> list[int]:
     return [min(10, max(0, round(10 * a / top))) for a in activations]
 
 
+def chat(system: str, user: str) -> list[dict]:
+    """One question: the instructions as the system message, then the user's text."""
+    return [{"role": "system", "content": system}, {"role": "user", "content": user}]
+
+
+def numbered(texts: list[str]) -> str:
+    """`Example 1: …` lines, the numbering every judge answers by."""
+    return "\n".join(f"Example {i}: {t}" for i, t in enumerate(texts, start=1))
+
+
 def explainer_messages(
     examples: list[tuple[list[str], list[float]]], max_activation: float
 ) -> list[dict]:
@@ -175,10 +185,10 @@ def explainer_messages(
             )
         )
         parts.append(f"Example {i}: {highlight(token_strs, marks)}\nMarked: {listed}")
-    return [
-        {"role": "system", "content": EXPLAINER_SYSTEM},
-        {"role": "user", "content": "\n\n".join(parts) + "\n\nWhat does the feature fire on?"},
-    ]
+    return chat(
+        EXPLAINER_SYSTEM,
+        "\n\n".join(parts) + "\n\nWhat does the feature fire on?",
+    )
 
 
 def contrastive_messages(
@@ -194,7 +204,7 @@ def contrastive_messages(
     user = messages[1]["content"].replace(
         "\n\nWhat does the feature fire on?", f"\n\n{counters}\n\nWhat does the feature fire on?"
     )
-    return [{"role": "system", "content": CONTRASTIVE_SYSTEM}, {"role": "user", "content": user}]
+    return chat(CONTRASTIVE_SYSTEM, user)
 
 
 def token_table_messages(
@@ -207,10 +217,10 @@ def token_table_messages(
             for t, s in zip(token_strs, scaled(acts, max_activation), strict=False)
         )
         tables.append(f"Example {i}:\n{lines}")
-    return [
-        {"role": "system", "content": TOKEN_TABLE_SYSTEM},
-        {"role": "user", "content": "\n\n".join(tables) + "\n\nWhat does the feature fire on?"},
-    ]
+    return chat(
+        TOKEN_TABLE_SYSTEM,
+        "\n\n".join(tables) + "\n\nWhat does the feature fire on?",
+    )
 
 
 def top_tokens_messages(tokens: list[str], mean_activations: list[float]) -> list[dict]:
@@ -218,48 +228,34 @@ def top_tokens_messages(tokens: list[str], mean_activations: list[float]) -> lis
     listed = "\n".join(
         f"{quoted(t)}: {s}" for t, s in zip(tokens, scaled(mean_activations, top), strict=False)
     )
-    return [
-        {"role": "system", "content": TOP_TOKENS_SYSTEM},
-        {
-            "role": "user",
-            "content": f"Tokens (average strength, 0-10):\n{listed}\n\nWhat does the feature fire on?",
-        },
-    ]
+    return chat(
+        TOP_TOKENS_SYSTEM,
+        f"Tokens (average strength, 0-10):\n{listed}\n\nWhat does the feature fire on?",
+    )
 
 
 def scorer_messages(system: str, explanation: str, texts: list[str]) -> list[dict]:
-    numbered = "\n".join(f"Example {i}: {t}" for i, t in enumerate(texts, start=1))
-    return [
-        {"role": "system", "content": system},
-        {
-            "role": "user",
-            "content": f"Description: {explanation}\n\n{numbered}\n\nAnswer with {len(texts)} numbers in a list.",
-        },
-    ]
+    return chat(
+        system,
+        f"Description: {explanation}\n\n{numbered(texts)}\n\nAnswer with {len(texts)} numbers in a list.",
+    )
 
 
 def intruder_messages(texts: list[str]) -> list[dict]:
-    numbered = "\n".join(f"Example {i}: {t}" for i, t in enumerate(texts, start=1))
-    return [
-        {"role": "system", "content": INTRUDER_SYSTEM},
-        {
-            "role": "user",
-            "content": f"{numbered}\n\nWhich example is the intruder? Answer with one number "
-            f"from 1 to {len(texts)} in a list.",
-        },
-    ]
+    return chat(
+        INTRUDER_SYSTEM,
+        f"{numbered(texts)}\n\nWhich example is the intruder? Answer with one number "
+        f"from 1 to {len(texts)} in a list.",
+    )
 
 
 def simulation_messages(explanation: str, token_strs: list[str]) -> list[dict]:
     listed = "\n".join(f"{i}\t{quoted(t)}" for i, t in enumerate(token_strs, start=1))
-    return [
-        {"role": "system", "content": SIMULATION_SYSTEM},
-        {
-            "role": "user",
-            "content": f"Description: {explanation}\n\nTokens:\n{listed}\n\n"
-            f"Answer with {len(token_strs)} integers from 0 to 10 in a list.",
-        },
-    ]
+    return chat(
+        SIMULATION_SYSTEM,
+        f"Description: {explanation}\n\nTokens:\n{listed}\n\n"
+        f"Answer with {len(token_strs)} integers from 0 to 10 in a list.",
+    )
 
 
 def reask_list_message(n: int, lo: int, hi: int) -> dict:

@@ -83,6 +83,21 @@ def short_digest(values) -> str:
     return hashlib.sha256(json.dumps(values, sort_keys=True, default=str).encode()).hexdigest()[:10]
 
 
+class SteeringStrength(BaseModel):
+    """The per-latent strength search of the plugins that steer (the steering explainer, the intervention
+    and output_judge scorers): one definition of what it aims at."""
+
+    target_kl: float = Field(
+        default=1.0,
+        gt=0,
+        description="KL divergence (nats) of the steered next-token distributions from the "
+        "unsteered ones that the strength search aims at.",
+    )
+    kl_tolerance: float = Field(
+        default=0.05, gt=0, lt=1, description="Relative tolerance of the strength search."
+    )
+
+
 @dataclass(frozen=True)
 class Models:
     """The models of a deployment, each named by its resource's `identity()`: they define results as much

@@ -8,7 +8,7 @@ import torch
 from pydantic import Field
 
 from assets.explainers.base import Explainer, ExplainerSettings
-from assets.prompts import TOKEN_LEGEND, quoted
+from assets.prompts import TOKEN_LEGEND, chat, quoted
 from assets.records import LatentRecord
 from resources.hookpoints import resolve_hookpoint
 from resources.sparse_coders import SparseCoder
@@ -70,14 +70,11 @@ def vocab_proj_evidence(
 def logit_lens_messages(evidence: TokenEvidence, vocab: list[str]) -> list[dict]:
     promoted = ", ".join(quoted(vocab[t]) for t, _ in evidence.promoted)
     suppressed = ", ".join(quoted(vocab[t]) for t, _ in evidence.suppressed)
-    return [
-        {"role": "system", "content": LOGIT_LENS_SYSTEM},
-        {
-            "role": "user",
-            "content": f"Raised most: {promoted}\nLowered most: {suppressed}\n\n"
-            "What does the feature make the model write?",
-        },
-    ]
+    return chat(
+        LOGIT_LENS_SYSTEM,
+        f"Raised most: {promoted}\nLowered most: {suppressed}\n\n"
+        "What does the feature make the model write?",
+    )
 
 
 class LogitLensSettings(ExplainerSettings):

@@ -8,8 +8,9 @@ from pydantic import Field
 
 from assets.explainers.base import Explainer, ExplainerSettings
 from assets.explainers.logit_lens import TokenEvidence
-from assets.prompts import TOKEN_LEGEND, quoted
+from assets.prompts import TOKEN_LEGEND, chat, quoted
 from assets.records import LatentRecord
+from assets.stage_config import SteeringStrength
 from resources.steering import NEUTRAL_PROMPTS, Steer, Steerer
 
 TOKEN_CHANGE_SYSTEM = (
@@ -41,30 +42,18 @@ def token_change_messages(evidence: TokenEvidence, vocab: list[str]) -> list[dic
         for t, change in evidence.promoted
         if change > 0
     )
-    return [
-        {"role": "system", "content": TOKEN_CHANGE_SYSTEM},
-        {
-            "role": "user",
-            "content": f"Tokens whose probability rose most:\n{listed or '(none rose)'}\n\n"
-            "What does the feature make the model write?",
-        },
-    ]
+    return chat(
+        TOKEN_CHANGE_SYSTEM,
+        f"Tokens whose probability rose most:\n{listed or '(none rose)'}\n\n"
+        "What does the feature make the model write?",
+    )
 
 
-class SteeringSettings(ExplainerSettings):
+class SteeringSettings(ExplainerSettings, SteeringStrength):
     prompts: list[str] = Field(
         default_factory=lambda: list(NEUTRAL_PROMPTS),
         min_length=1,
         description="Neutral prompts the latent is steered over.",
-    )
-    target_kl: float = Field(
-        default=1.0,
-        gt=0,
-        description="KL divergence (nats) from the unsteered next-token distributions that the "
-        "strength search aims at.",
-    )
-    kl_tolerance: float = Field(
-        default=0.05, gt=0, lt=1, description="Relative tolerance of the strength search."
     )
     k: int = Field(default=10, ge=1, le=100, description="Tokens shown.")
 

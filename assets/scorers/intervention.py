@@ -21,6 +21,7 @@ from pydantic import Field
 
 from assets.score_metrics import NAN
 from assets.scorers.base import Job, JobResult, Scorer, ScorerSettings
+from assets.stage_config import SteeringStrength
 from resources.sparse_coders import SparseCoder
 from resources.steering import (
     NEUTRAL_PROMPTS,
@@ -308,22 +309,13 @@ def score_in_batch(
     return batch[latent], intervention_score(likelihoods, batch[latent], explanation)
 
 
-class InterventionSettings(ScorerSettings):
+class InterventionSettings(ScorerSettings, SteeringStrength):
     prompts: list[str] = Field(
         default_factory=lambda: list(NEUTRAL_PROMPTS),
         min_length=2,
         description="Neutral prompts continued with and without the latent steered.",
     )
     tokens: int = Field(default=24, ge=1, description="Tokens generated per continuation.")
-    target_kl: float = Field(
-        default=1.0,
-        gt=0,
-        description="KL divergence (nats) of the steered next-token distributions from the "
-        "unsteered ones that the strength search aims at.",
-    )
-    kl_tolerance: float = Field(
-        default=0.05, gt=0, lt=1, description="Relative tolerance of the strength search."
-    )
 
 
 class ContinuationScorer(Scorer):

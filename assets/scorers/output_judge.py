@@ -9,7 +9,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from assets.prompts import TOKEN_LEGEND, highlight, read_int_list, reask_list_message
+from assets.prompts import TOKEN_LEGEND, chat, highlight, read_int_list, reask_list_message
 from assets.score_metrics import NAN
 from assets.scorers.base import Job, JobResult
 from assets.scorers.intervention import Continuations, ContinuationScorer
@@ -56,15 +56,12 @@ def judge_messages(explanation: str, pairs: list[Pair], vocab: list[str]) -> lis
         f"  Continuation 2: {shown(p.second)}"
         for i, p in enumerate(pairs, start=1)
     ]
-    return [
-        {"role": "system", "content": JUDGE_SYSTEM},
-        {
-            "role": "user",
-            "content": f"Description: {explanation}\n\n"
-            + "\n".join(blocks)
-            + f"\n\nAnswer with {len(pairs)} numbers, each 1 or 2, in a list.",
-        },
-    ]
+    return chat(
+        JUDGE_SYSTEM,
+        f"Description: {explanation}\n\n"
+        + "\n".join(blocks)
+        + f"\n\nAnswer with {len(pairs)} numbers, each 1 or 2, in a list.",
+    )
 
 
 @dataclass

@@ -23,7 +23,7 @@ import re
 import numpy as np
 from pydantic import Field
 
-from assets.prompts import TOKEN_LEGEND
+from assets.prompts import TOKEN_LEGEND, chat
 from assets.records import Example
 from assets.scorers.base import Job, JobResult, Scorer, ScorerSettings, example_row, list_tokens
 from resources.llm import Refusal
@@ -89,14 +89,11 @@ def saebench_messages(explanation: str, texts: list[str], example: list[int]) ->
     """SAEBench's question: its structure and answer format; `example` is the sample reply the system prompt shows."""
     numbered = "\n".join(f"{i}. {t}" for i, t in enumerate(texts, start=1))
     system = SAEBENCH_SYSTEM.format(n=len(texts), example=", ".join(map(str, example)))
-    return [
-        {"role": "system", "content": system},
-        {
-            "role": "user",
-            "content": "The explanation: this feature fires on "
-            f"{explanation.strip().rstrip('.')}.\n\nThe texts:\n\n{numbered}",
-        },
-    ]
+    return chat(
+        system,
+        "The explanation: this feature fires on "
+        f"{explanation.strip().rstrip('.')}.\n\nThe texts:\n\n{numbered}",
+    )
 
 
 _INDEX_LIST = re.compile(r"\d+(?:\s*(?:,\s*and\b|,|\band\b)\s*\d+)*")

@@ -2,12 +2,14 @@
 
 The embedded corpus is the English prose that ships with every CPython: the language and library
 documentation in `pydoc_data.topics` and the standard library's docstrings, with code, grammar
-and headings filtered out, so the demo needs no download and no extra package.
+and headings filtered out, so the demo needs no download and no extra package. A mixture (`sources`,
+as Transluce's FineWeb and LMSYS chat) gives each source its weight's share of the sequences.
 """
 
 import functools
 import hashlib
 import json
+import math
 import random
 import re
 from pathlib import Path
@@ -22,11 +24,18 @@ from dagster import (
     MetadataValue,
     asset,
 )
-from pydantic import Field
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator
 
 from assets.automation import CODE_CHANGED, in_pool
 from assets.checks import corpus_specs, corpus_tokens, result
-from assets.stage_config import NO_MODELS, Models, settings_digest, with_defaults
+from assets.stage_config import (
+    NO_MODELS,
+    Models,
+    added_later,
+    problems,
+    settings_digest,
+    with_defaults,
+)
 from resources.settings import AutointerpSettings
 from resources.subject_model import SubjectModelResource
 from storage.corpus import write_corpus
@@ -39,6 +48,91 @@ EMBEDDED_CORPUS = "CPython documentation prose (pydoc_data.topics and standard-l
 
 class EmptyCorpusError(ValueError):
     pass
+
+
+HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?")
+OTHER_FILE_SUFFIXES = {".csv", ".tsv", ".json", ".gz", ".zip", ".md", ".html", ".arrow"}
+SOURCE_KINDS = (
+    "'embedded', a .txt, .jsonl or .parquet file, or a Hugging Face dataset id (owner/name)"
+)
+
+
+def check_source_kind(source: str, where: str) -> None:
+    """Fail now, naming `where`, on a source that is none of the kinds `read_documents` reads (a URL,
+    another file format, a path that is no dataset id), rather than when the corpus is built."""
+    suffix = Path(source).suffix.lower()
+    if "://" not in source and (source == "embedded" or suffix in LOCAL_SUFFIXES):
+        return
+    if "://" in source or suffix in OTHER_FILE_SUFFIXES or not HUB_ID.fullmatch(source):
+        raise ValueError(
+            f"{where} = {source!r} is no known kind of source. Fix: use {SOURCE_KINDS}"
+            f"{' (convert the file to one of those)' if suffix in OTHER_FILE_SUFFIXES else ''}."
+        )
+
+
+class MixtureSource(BaseModel):
+    """One entry of `[corpus] sources`; text_field and split default to the [corpus] ones."""
+
+    model_config = ConfigDict(extra="forbid")
+    source: str
+    weight: float | None = None
+    text_field: str | None = None
+    split: str | None = None
+
+
+def checked_mixture(entries: list[dict], text_field: str, split: str, source: str) -> list[dict]:
+    """`[corpus] sources` complete (each with its weight, text field and split) and sorted, so that the
+    set of sources and weights, not the order they were written in, is the corpus's identity; a
+    ValueError naming the entry and the fix for a bad one."""
+    if not entries:
+        return []
+    if source != "embedded":
+        raise ValueError(
+            f"corpus.source = {source!r} and corpus.sources are both set. "
+            "Fix: move that source into corpus.sources, or drop corpus.sources."
+        )
+    mixture = []
+    for i, entry in enumerate(entries):
+        where = f"corpus.sources[{i}]"
+        try:
+            one = MixtureSource(**entry)
+        except ValidationError as error:
+            raise ValueError(
+                f"{problems(error, where)}. Fix: give each source a source "
+                "and optionally weight, text_field and split."
+            ) from None
+        if not one.source.strip():
+            raise ValueError(f"{where}.source is empty. Fix: give it {SOURCE_KINDS}.")
+        check_source_kind(one.source, f"{where}.source")
+        if one.weight is not None and not 0 < one.weight < math.inf:
+            raise ValueError(
+                f"{where}.weight = {one.weight}: a weight must be above 0 (a share relative to the "
+                "other sources'). Fix: give it a positive weight, or drop the source."
+            )
+        mixture.append(
+            {
+                "source": one.source,
+                "weight": one.weight,
+                "text_field": one.text_field or text_field,
+                "split": one.split or split,
+            }
+        )
+    unweighted = [i for i, entry in enumerate(mixture) if entry["weight"] is None]
+    if unweighted and len(mixture) > 1:
+        raise ValueError(
+            f"corpus.sources{unweighted} have no weight, and a mixture needs one for every source. "
+            "Fix: give each source a weight, e.g. weight = 0.5 each for half and half."
+        )
+    mixture = sorted(
+        ({**entry, "weight": float(entry["weight"] or 1.0)} for entry in mixture),
+        key=lambda entry: (entry["source"], entry["text_field"], entry["split"]),
+    )
+    for a, b in zip(mixture, mixture[1:], strict=False):
+        if (a["source"], a["text_field"], a["split"]) == (b["source"], b["text_field"], b["split"]):
+            raise ValueError(
+                f"corpus.sources names {a['source']!r} twice. Fix: give it once, with the sum of its weights."
+            )
+    return mixture
 
 
 class CorpusConfig(Config):
@@ -58,6 +152,28 @@ class CorpusConfig(Config):
         default=True, description="Start every sequence with the tokenizer's BOS token."
     )
     seed: int = Field(default=0, description="Seed of the document shuffle.")
+    sources: list[dict] = added_later(
+        [],
+        description="A mixture instead of `source`: entries {source, weight, text_field, split} "
+        "(text_field and split default to the ones above; weights are relative shares, one for "
+        "every source); each source's sequences fill its share of the corpus.",
+    )
+
+    @field_validator("source")
+    @classmethod
+    def _known_source(cls, source: str) -> str:
+        check_source_kind(source, "corpus.source")
+        return source
+
+    @field_validator("sources")
+    @classmethod
+    def _checked_sources(cls, sources: list[dict], info: ValidationInfo) -> list[dict]:
+        return checked_mixture(
+            sources,
+            info.data.get("text_field", "text"),
+            info.data.get("split", "train"),
+            info.data.get("source", "embedded"),
+        )
 
 
 def _prose(block: str) -> str | None:
@@ -181,27 +297,71 @@ def special_token_ids(tokenizer) -> list[int]:
     )
 
 
+def shares(n: int, weights: list[float]) -> list[int]:
+    """`n` split in proportion to `weights`: whole numbers summing to `n` (largest remainders first)."""
+    exact = [n * w / sum(weights) for w in weights]
+    counts = [math.floor(x) for x in exact]
+    by_remainder = sorted(range(len(weights)), key=lambda i: counts[i] - exact[i])
+    for i in by_remainder[: n - sum(counts)]:
+        counts[i] += 1
+    return counts
+
+
+def interleave(pools: list[np.ndarray], seed: int) -> np.ndarray:
+    """The sources' sequences spread over the corpus in one seeded order, each source's kept in its own
+    order (so a single source's sequences come out as they went in)."""
+    slots = [i for i, pool in enumerate(pools) for _ in range(len(pool))]
+    random.Random(seed).shuffle(slots)
+    rows = [iter(pool) for pool in pools]
+    return np.stack([next(rows[i]) for i in slots])
+
+
 def build_corpus(config: CorpusConfig, tokenizer, root: DataRoot) -> dict:
-    documents = read_documents(config.source, config.text_field, config.split)
-    tokens = tokenize_documents(
-        documents,
-        tokenizer,
-        ctx_len=config.ctx_len,
-        n_tokens=config.n_tokens,
-        add_bos=config.add_bos,
-        seed=config.seed,
-    )
-    if tokens.size == 0:
-        raise EmptyCorpusError(
-            f"Corpus source '{config.source}' gave no complete sequence of {config.ctx_len} "
-            f"tokens ({len(documents)} documents). Fix: point corpus.source at a file with text"
-            f"{f' in field {config.text_field!r}' if config.source.endswith(('.jsonl', '.parquet')) else ''}"
-            ", or lower corpus.ctx_len."
+    """Each source tokenized on its own into its share of the sequences (all of them for a single
+    source), the shares set by the weights, then spread over the corpus in a seeded order."""
+    sources = config.sources or [
+        {
+            "source": config.source,
+            "weight": 1.0,
+            "text_field": config.text_field,
+            "split": config.split,
+        }
+    ]
+    counts = shares(max(config.n_tokens // config.ctx_len, 0), [s["weight"] for s in sources])
+    pools = []
+    for source, count in zip(sources, counts, strict=True):
+        documents = read_documents(source["source"], source["text_field"], source["split"])
+        pool = tokenize_documents(
+            documents,
+            tokenizer,
+            ctx_len=config.ctx_len,
+            n_tokens=count * config.ctx_len,
+            add_bos=config.add_bos,
+            seed=config.seed,
         )
+        if len(pool) == 0 and (count or len(sources) == 1):
+            name, field = source["source"], source["text_field"]
+            where = (
+                "its entry in corpus.sources (or drop it)" if config.sources else "corpus.source"
+            )
+            raise EmptyCorpusError(
+                f"Corpus source '{name}' gave no complete sequence of {config.ctx_len} "
+                f"tokens ({len(documents)} documents). Fix: point {where} at a file with text"
+                f"{f' in field {field!r}' if name.endswith(('.jsonl', '.parquet')) else ''}"
+                ", or lower corpus.ctx_len."
+            )
+        pools.append(pool)
+    if not any(len(pool) for pool in pools):  # a mixture asked for less than one sequence
+        raise EmptyCorpusError(
+            f"corpus.n_tokens = {config.n_tokens} is less than one sequence of corpus.ctx_len = "
+            f"{config.ctx_len} tokens. Fix: raise corpus.n_tokens."
+        )
+    tokens = interleave(pools, config.seed)
     content_hash = hashlib.sha256(tokens.tobytes() + str(tokens.shape).encode()).hexdigest()[:16]
     meta = {
         "hash": content_hash,
-        "source": config.source,
+        "source": " + ".join(f"{s['source']} ({s['weight']:g})" for s in config.sources)
+        or config.source,
         "ctx_len": config.ctx_len,
         "n_sequences": int(tokens.shape[0]),
         "n_tokens": int(tokens.size),
@@ -210,6 +370,11 @@ def build_corpus(config: CorpusConfig, tokenizer, root: DataRoot) -> dict:
         "tokenizer": getattr(tokenizer, "name_or_path", ""),
         "special_ids": special_token_ids(tokenizer),
     }
+    if config.sources:
+        meta["sources"] = [
+            {**source, "sequences": len(pool), "tokens": int(pool.size)}
+            for source, pool in zip(sources, pools, strict=True)
+        ]
     write_corpus(root, tokens, tokenizer.batch_decode([[i] for i in range(len(tokenizer))]), meta)
     return meta
 
@@ -230,6 +395,7 @@ def _corpus(
             "sequences": meta["n_sequences"],
             "content_hash": meta["hash"],
             "source": meta["source"],
+            **({"sources": MetadataValue.json(meta["sources"])} if "sources" in meta else {}),
             "tokenizer": subject_model.tokenizer_identity(),
             "path": MetadataValue.path(str(settings.root.corpus_dir)),
         },

@@ -1,7 +1,8 @@
 """The corpus on disk, `corpus/`: `tokens.safetensors` (`tokens`, int32 `[n_sequences, ctx_len]`),
 `vocab.json` (token id → the tokenizer's own string) and `meta.json` (content hash, source,
-ctx_len, n_sequences, n_tokens, add_bos, seed, tokenizer, special_ids), written last so a corpus
-with a `meta.json` is complete."""
+ctx_len, n_sequences, n_tokens, add_bos, seed, tokenizer, special_ids, and for a mixture `sources`:
+each source with its weight, sequences and tokens), written last so a corpus with a `meta.json` is
+complete."""
 
 from __future__ import annotations
 

@@ -4,7 +4,8 @@ download code (point HF_ENDPOINT at `url`).
 It answers what huggingface_hub 2.4's `model_info`, `snapshot_download` and `hf_hub_download` ask:
 - GET /api/models/{repo}[/revision/{rev}]: the repo's commit and its files (`siblings`);
 - GET /api/models/{repo}/tree/{rev}[?recursive=..]: the files with size and blob id (one page);
-- HEAD and GET /{repo}/resolve/{rev}/{path}: the file, with X-Repo-Commit, ETag and Content-Length.
+- HEAD and GET /{repo}/resolve/{rev}/{path}: the file, with X-Repo-Commit, ETag and Content-Length;
+- the same under /api/datasets/ and /datasets/ for a dataset repo, added as `add("datasets/{repo}", ...)`.
 Errors carry the X-Error-Code header the hub sends (RepoNotFound, RevisionNotFound, EntryNotFound), so
 huggingface_hub raises its own error classes. With `token` set, a request without
 `Authorization: Bearer <token>` gets the hub's 401 for a private repo. It records each request.
@@ -90,14 +91,18 @@ class ScriptedHub:
         auth = handler.headers.get("Authorization")
         self.requests.append((handler.command, url.path, auth))
         parts = [unquote(p) for p in url.path.strip("/").split("/")]
+        repo_type = ""
+        if parts[:2] == ["api", "datasets"] or parts[:1] == ["datasets"]:
+            repo_type = "datasets/"
+            parts = ["api", "models", *parts[2:]] if parts[0] == "api" else parts[1:]
         if parts[:2] == ["api", "models"] and len(parts) >= 4:
             repo, kind, rev = (
-                "/".join(parts[2:4]),
+                repo_type + "/".join(parts[2:4]),
                 parts[4] if len(parts) > 4 else "revision",
                 parts[5] if len(parts) > 5 else "main",
             )
         elif len(parts) >= 5 and parts[2] == "resolve":
-            repo, kind, rev = "/".join(parts[:2]), "resolve", parts[3]
+            repo, kind, rev = repo_type + "/".join(parts[:2]), "resolve", parts[3]
         else:
             return self._send(handler, 404, {"error": "unknown endpoint"}, body)
         if self.token and auth != f"Bearer {self.token}" or repo not in self.repos:
@@ -133,6 +138,7 @@ class ScriptedHub:
                 body,
             )
         if kind == "tree":
+            under = "/".join(parts[6:])
             return self._send(
                 handler,
                 200,
@@ -144,6 +150,7 @@ class ScriptedHub:
                         "oid": hashlib.sha1(data).hexdigest(),
                     }
                     for path, data in sorted(files.items())
+                    if not under or path.startswith(f"{under}/")
                 ],
                 body,
             )

@@ -207,6 +207,11 @@ def test_a_toy_scorer_and_a_toy_explainer_are_one_file_each_and_materialize_with
             r"Fix: use one of \['contrastive'",
         ),
         (
+            {"corpus": {"sources": [{"source": "a.txt", "weight": 0}, {"source": "b.txt"}]}},
+            r"mine\.toml: \[corpus\] sources = .*corpus\.sources\[0\]\.weight = 0\.0: "
+            r"a weight must be above 0.*Fix: give it a positive weight",
+        ),
+        (
             {"automated_scorers": ["fuzing"]},
             r"mine\.toml: automated_scorers names unknown scorer\(s\) \['fuzing'\]",
         ),

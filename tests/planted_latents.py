@@ -74,15 +74,16 @@ def window(rng: np.random.Generator, cls: str | None, contained: bool) -> list[t
 
 
 def planted_exemplars(
-    tokenizer, latents: dict[int, tuple[str, ...]], seed: int = 0
+    tokenizer, latents: dict[int, tuple[str, ...]], seed: int = 0, splits: dict = SPLITS
 ) -> pd.DataFrame:
     """Exemplar rows (the `exemplars` table's columns) of latents planted as latent → its classes; each
-    window's text is distinct within its latent, so a prompt that shows a window can be told by its text."""
+    window's text is distinct within its latent, so a prompt that shows a window can be told by its text.
+    `splits` gives the windows per split as `SPLITS` does."""
     rng = np.random.default_rng(seed)
     rows = []
     for latent, classes in latents.items():
         seen = set()
-        for split, (n_activating, n_hard, n_random) in SPLITS.items():
+        for split, (n_activating, n_hard, n_random) in splits.items():
             plans = [("activating", classes[i % len(classes)], True) for i in range(n_activating)]
             plans += [("embedding", classes[i % len(classes)], False) for i in range(n_hard)] + [
                 ("random", None, False)

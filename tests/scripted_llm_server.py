@@ -45,8 +45,11 @@ class ScriptedLLMServer:
         models_status: int = 200,
         port: int = 0,
         host: str = "127.0.0.1",
+        usage=None,
     ):
         self.reply = reply
+        self.usage = usage
+        """`usage(messages, answer) -> dict` of the answer's token counts; without it every answer counts 10 + 3."""
         self.delay_s = delay_s
         self.models_status = models_status
         """The status /v1/models answers with (401 for a server that checks the key there too)."""
@@ -207,7 +210,9 @@ class ScriptedLLMServer:
                 "created": 0,
                 "model": request["model"],
                 "choices": [choice],
-                "usage": {"prompt_tokens": 10, "completion_tokens": 3, "total_tokens": 13},
+                "usage": self.usage(request["messages"], message["content"])
+                if self.usage
+                else {"prompt_tokens": 10, "completion_tokens": 3, "total_tokens": 13},
             },
             {},
         )

@@ -26,6 +26,7 @@ from storage.atomic import atomic_path, read_json_or_empty, write_json
 from storage.store import TableStore
 
 FEATURE_NODE = "cross layer transcoder"
+GRAPH_INDEX = "graph-metadata.json"  # the index of a folder of graphs, as circuit-tracer's add_graph_metadata writes
 
 
 def coders_by_layer(store: TableStore, coder: str) -> dict[int, str]:
@@ -58,7 +59,7 @@ def coders_by_layer(store: TableStore, coder: str) -> dict[int, str]:
 def read_graph(path: Path) -> dict:
     """The graph JSON, checked to be one: a readable error names what is missing."""
     try:
-        graph = json.loads(path.read_text())
+        graph = json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise reader.ExportInputError(f"No file {path}.") from None
     except (UnicodeDecodeError, json.JSONDecodeError, IsADirectoryError) as error:
@@ -137,9 +138,9 @@ def label_graph(
         node["clerp"] = label
         counts["labelled"] += 1
         record.setdefault(key, {}).setdefault(str(latent), []).append(node["node_id"])
-    text = json.dumps(graph, indent=2)
+    text = json.dumps(graph, indent=2, ensure_ascii=False)
     with atomic_path(Path(out) if out else path) as tmp:
-        tmp.write_text(text)
+        tmp.write_text(text, encoding="utf-8")
     _record(store, graph, text, record)
     return counts
 
@@ -152,14 +153,11 @@ def _record(store: TableStore, graph: dict, text: str, labelled: dict) -> None:
         re.sub(r"[^\w.-]", "-", str(graph["metadata"].get("slug") or "graph")).lstrip(".")
         or "graph"
     )
-    slug = (
-        f"{slug}-graph" if slug in ("labels", "graph-metadata") else slug
-    )  # the folder's own files
+    if slug in ("labels", GRAPH_INDEX.removesuffix(".json")):  # the folder's own files
+        slug += "-graph"
     with atomic_path(layout.labelled_graph_path(slug)) as tmp:
-        tmp.write_text(text)
-    index_path = (
-        layout.graphs_dir / "graph-metadata.json"
-    )  # what circuit-tracer's add_graph_metadata writes
+        tmp.write_text(text, encoding="utf-8")
+    index_path = layout.graphs_dir / GRAPH_INDEX
     index = read_json_or_empty(index_path).get("graphs", [])
     metadata = {**graph["metadata"], "slug": slug}
     write_json(index_path, {"graphs": [*(g for g in index if g.get("slug") != slug), metadata]})

@@ -10,6 +10,7 @@ import json
 import shutil
 import threading
 import urllib.request
+from urllib.parse import quote
 
 import pandas as pd
 import pytest
@@ -115,8 +116,10 @@ def test_labels_feature_nodes_read_back_by_circuit_tracer_and_linked_from_the_la
 ):
     from circuit_tracer.frontend import serve
     from circuit_tracer.frontend.graph_models import Model
+    from playwright.sync_api import sync_playwright
 
     from autointerp_defs.readside.server import make_server
+    from tests.defs.test_viewer_browser import chromium
 
     texts = explained(root)
     a, b = sorted(texts)[:2]
@@ -176,6 +179,13 @@ def test_labels_feature_nodes_read_back_by_circuit_tracer_and_linked_from_the_la
             == []
         )
         assert json.loads(get(base + page["graphs"][0]["url"])) == json.loads(out.read_text())
+        with sync_playwright() as p:  # and the page shows the link
+            browser = p.chromium.launch(executable_path=chromium(), args=["--no-sandbox"])
+            tab = browser.new_page()
+            tab.goto(f"{base}/latent?coder={quote(TINY_CODER, safe='')}&latent={a}")
+            assert tab.wait_for_selector("#graphs a").get_attribute("href") == "/graphs/tiny.json"
+            assert f"tiny (3_{a}_1)" in tab.inner_text("#graphs")
+            browser.close()
         with pytest.raises(urllib.error.HTTPError) as missing:
             get(f"{base}/graphs/labels.json")  # only recorded graphs are served
         assert missing.value.code == 404

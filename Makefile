@@ -21,12 +21,14 @@ $(VENV)/.installed: pyproject.toml
 # What the tests need from Debian, installed where missing (as root, or through sudo): chromium for the browser tests
 # (Playwright's own browser download is not reachable); PostgreSQL, Redis and iproute2 for the cluster tests (tests/cluster),
 # which also need the `cluster` extra. eai-delphi without its requirements (vLLM, bitsandbytes): the `test` extra lists the
-# few its readers import.
+# few its readers import. circuit-tracer (the label-graph test) without its requirements either: it pins
+# huggingface-hub<1 and transformers<=4.57.3; what its graph files and loader import is installed already.
 APT_TEST_PACKAGES := chromium postgresql redis-server iproute2
 SUDO := $(if $(filter 0,$(shell id -u)),,sudo)
 $(VENV)/.installed-test: $(VENV)/.installed
 	$(PY) -m pip install -q -e '.[test,cluster]'
 	$(PY) -m pip install -q --no-deps eai-delphi==0.1.3
+	$(PY) -m pip install -q --no-deps circuit-tracer==0.5.0
 	{ command -v chromium && command -v redis-server && command -v ip && ls /usr/lib/postgresql/*/bin/initdb; } >/dev/null 2>&1 || \
 	  { $(SUDO) apt-get update -qq && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq $(APT_TEST_PACKAGES) >/dev/null; }
 	touch $@

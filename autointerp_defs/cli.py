@@ -1012,6 +1012,17 @@ def _main(argv: list[str] | None = None) -> None:
         help="make this data root the one the instance's runs use "
         "(with [settings] shared_data_root: after moving or replacing the shared root)",
     )
+    labelling = commands.add_parser(
+        "label-graph",
+        help="label the features of an attribution graph JSON (circuit-tracer's) with the coders' explanations",
+    )
+    labelling.add_argument("graph", help="the graph JSON, e.g. circuit-tracer's <slug>.json")
+    labelling.add_argument(
+        "--coder",
+        required=True,
+        help="a coder key (its layer's features), or a coder name such as smollm2-topk (its coder of each layer)",
+    )
+    labelling.add_argument("--out", help="where to write the labelled graph (default: over GRAPH)")
     find = commands.add_parser("search", help="semantic search over stored explanations")
     find.add_argument("query")
     find.add_argument("--limit", type=int, default=10)
@@ -1086,6 +1097,16 @@ def _main(argv: list[str] | None = None) -> None:
         search(args.data, args.query, args.limit, deployment.resources()["embedder"])
     elif args.command == "export":
         export_to(args, deployment)
+    elif args.command == "label-graph":
+        from autointerp_defs.readside.graph_labels import label_graph
+
+        counts = label_graph(
+            args.data, args.graph, args.coder, args.out, subject_model_of(deployment)[0]
+        )
+        print(
+            f"wrote {args.out or args.graph}: "
+            + ", ".join(f"{n} {kind}" for kind, n in counts.items())
+        )
     elif args.command == "import":
         import_delphi(deployment, args.coder, args.dir, args.module, args.model)
     elif args.command == "view":

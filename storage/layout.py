@@ -136,6 +136,20 @@ class DataRoot:
         """The scores tables (`<shard>/<scorer>` → fingerprint) the summary was built from."""
         return self.root / "scores" / coder / "summary.sources.json"
 
+    @property
+    def graphs_dir(self) -> Path:
+        """Attribution graphs labelled from this root's explanations (`autointerp label-graph`): a folder
+        circuit-tracer's local server serves (`<slug>.json`, `graph-metadata.json`)."""
+        return self.root / "graphs"
+
+    def labelled_graph_path(self, slug: str) -> Path:
+        return self.graphs_dir / f"{slug}.json"
+
+    @property
+    def graph_labels_path(self) -> Path:
+        """Which latents each labelled graph labels: slug → coder → latent → node ids (the latent page's links)."""
+        return self.graphs_dir / "labels.json"
+
     def viewer_dir(self, coder: str | None = None) -> Path:
         """The latent browser's caches (of one coder): safe to delete, they are rebuilt."""
         return self.root / "viewer" / coder if coder else self.root / "viewer"

@@ -20,6 +20,7 @@ from assets.links import DEFAULT_DAGSTER_URL, coder_url, dagster_asset_url, late
 from assets.score_metrics import STALE, mean_interval, paired_means, stale_scores
 from assets.senses import of_current
 from autointerp_defs.readside import reader
+from autointerp_defs.readside.graph_labels import graphs_labelling, labelled_graph
 from autointerp_defs.readside.index import MODEL_LOADS, STATUSES, CoderIndex
 from storage.atomic import json_safe
 from storage.store import TableStore
@@ -400,6 +401,10 @@ class Viewer:
                 "dagster_summary": dagster_asset_url("score_summary", None, self.dagster_url),
             },  # one asset over all coders
         }
+        page["graphs"] = [  # attribution graphs `autointerp label-graph` labelled it in
+            {**g, "url": f"/graphs/{g['slug']}.json"}
+            for g in graphs_labelling(self.store, coder, latent)
+        ]
         page["logit_lens"] = self._logit_lens(index, latent)
         page["steering"] = self.steering.availability(index)
         neighbours = index.neighbours(latent)
@@ -411,6 +416,15 @@ class Viewer:
                 n["url"] = latent_url(coder, n["latent"], base="")
             page["neighbours"] = {"latents": neighbours}
         return json_safe(page)
+
+    def labelled_graph(self, slug: str) -> bytes:
+        """A graph `autointerp label-graph` recorded."""
+        text = labelled_graph(self.store, slug)
+        if text is None:
+            raise ViewerError(
+                404, f"No labelled graph {slug!r}. Fix: autointerp label-graph GRAPH_JSON --coder …"
+            )
+        return text
 
     def logit_lens(self, coder: str, latent_raw: str) -> dict:
         """The latent page's logit lens alone: what the page asks again while the lens is pending."""

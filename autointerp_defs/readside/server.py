@@ -114,6 +114,9 @@ def make_handler(viewer: Viewer, viewer_url: str | None = None):
                 return self._send(200, shell.encode(), "text/html; charset=utf-8")
             if url.path.startswith("/static/"):
                 return self._static(url.path[len("/static/") :])
+            if url.path.startswith("/graphs/"):
+                slug = url.path[len("/graphs/") :].removesuffix(".json")
+                return self._send(200, viewer.labelled_graph(slug), "application/json")
             if url.path == "/api/coders":
                 return self._json(viewer.coders())
             if url.path == "/api/latents":

@@ -305,6 +305,8 @@ async function latentPage() {
     d.links.next ? el("a", { href: d.links.next, id: "next-latent" }, "next →") : null, " · Dagster: ",
     el("a", { href: d.links.dagster_explanations, id: "dagster-link" }, "explanations partition"), " · ",
     el("a", { href: d.links.dagster_exemplars }, "exemplars"), " · ", el("a", { href: d.links.dagster_summary }, "score_summary")));
+  if (d.graphs.length) parts.push(el("p", { id: "graphs" }, "Labels it in attribution graphs: ",
+    ...d.graphs.flatMap((g, i) => [i ? " · " : "", el("a", { href: g.url }, g.slug), ` (${g.nodes.join(", ")})`])));
 
   const ex = d.explanation;
   const explanation = el("div", { class: "card", id: "explanation" }, el("h2", {}, "Explanation"));

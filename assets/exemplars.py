@@ -654,6 +654,7 @@ def _shard_exemplars(
         n_windows = writer.commit_batches(
             batches(), beside=lambda: [(store.latent_profiles(coder, shard), profiles())]
         )
+    store.record_exemplars_threshold(coder, shard, config.min_activating_windows)
     profiles = profiles()
     note = (
         {}

@@ -33,6 +33,7 @@ from dagster import (
 )
 from pydantic import Field, ValidationError
 
+from assets.accounting import shard_accounting
 from assets.automation import CODE_CHANGED, FOLLOW, LLM_POOL, in_pool
 from assets.checks import explanations_results, explanations_specs
 from assets.explainers import EXPLAINERS, Explainer, ExplainerDeps
@@ -582,6 +583,7 @@ def explanations_asset(
                     settings.coordination_url,
                 )
                 budget_stopped = int(frame["error"].map(stopped_by_budget).sum())
+                accounted = shard_accounting(store, coder, shard)  # every latent of the shard
                 if budget_stopped:
                     context.log.warning(
                         f"{budget_stopped} latents were not explained: "
@@ -612,6 +614,11 @@ def explanations_asset(
                         ),
                         "failed": int((frame["status"] == "failed").sum()),
                         "stopped_by_budget": budget_stopped,
+                        **(
+                            {"latent_accounting": MetadataValue.json(accounted)}
+                            if accounted
+                            else {}
+                        ),
                         "examples_dropped_to_fit": int(frame["examples_dropped"].sum()),
                         **(client.ledger.as_metadata() if client is not None else {}),
                         **(

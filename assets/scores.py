@@ -31,6 +31,7 @@ from dagster import (
     asset,
 )
 
+from assets.accounting import coder_accounting
 from assets.automation import CODE_CHANGED, FOLLOW, LLM_POOL, SUBJECT_MODEL_POOL, in_pool
 from assets.checks import result, scorer_results, scorer_specs, shards_present, summary_specs
 from assets.explanations import viewer_links
@@ -1043,6 +1044,14 @@ def summary_asset(scorers: dict[str, type[Scorer]]) -> AssetsDefinition:
             "rebuilt": ", ".join(rebuilt) or "none (no scores changed)",
             "scorers": ", ".join(name for name in scorers if name in present) or "none yet",
         }
+        accounted = {c: found for c in coders if (found := coder_accounting(store, c)) is not None}
+        if accounted:  # every latent of each coder, in one bucket each (`assets/accounting.py`)
+            metadata["latent_accounting"] = MetadataValue.json(
+                {
+                    c: {k: v for k, v in found.items() if k != "shards"}
+                    for c, found in accounted.items()
+                }
+            )
         if rows:
             metadata["by_coder"] = MetadataValue.md(
                 pd.DataFrame(rows).fillna("").to_markdown(index=False)

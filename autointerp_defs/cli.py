@@ -678,10 +678,12 @@ def subject_model_of(deployment) -> tuple[str, str | None]:
 
 def print_scores(store, coder: str, scorers: dict, as_json: bool = False) -> None:
     """`autointerp scores`: per scorer of `coder`, the means over latents with their 95 % intervals and
-    the verdict; with `as_json`, the same as one JSON object."""
+    the verdict, after where every latent of the coder went (`assets/accounting.py`); with `as_json`, the
+    same as one JSON object."""
     import json
     import math
 
+    from assets.accounting import accounting_lines, coder_accounting
     from assets.scores import coder_summary
 
     table = store.score_summary(coder).read_if_present()
@@ -690,6 +692,7 @@ def print_scores(store, coder: str, scorers: dict, as_json: bool = False) -> Non
             f"no score summary for {coder}: materialize `score_summary` (or run `autointerp demo`) first"
         )
     summary = coder_summary(table, scorers)
+    accounted = coder_accounting(store, coder)
     if as_json:
 
         def plain(value):  # JSON has no NaN: an undefined number is null
@@ -700,9 +703,12 @@ def print_scores(store, coder: str, scorers: dict, as_json: bool = False) -> Non
             return None if isinstance(value, float) and math.isnan(value) else value
 
         latents = int(table["latent"].nunique())
-        print(json.dumps({"coder": coder, "latents": latents, "scorers": plain(summary)}))
+        said = {"coder": coder, "latents": latents, "scorers": plain(summary)}
+        print(json.dumps(said | {"accounting": accounted}))
         return
     print(f"{coder}: {table['latent'].nunique()} latents scored")
+    for line in accounting_lines(accounted) if accounted else []:
+        print(line)
     for name, said in summary.items():
         print(
             f"{name} ({said['main_metric']}), over {said['with_control']} latents with a control:"

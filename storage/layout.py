@@ -100,6 +100,11 @@ class DataRoot:
         (not the activation cache's `latent_stats.safetensors`, which counts over the whole coder)."""
         return self.root / "exemplars" / coder / f"{shard}.profiles.parquet"
 
+    def exemplars_threshold_path(self, coder: str, shard: str) -> Path:
+        """The `min_activating_windows` the shard's exemplars were made with: a live latent without
+        exemplars fired in fewer windows than it (`assets/accounting.py` names it)."""
+        return self.root / "exemplars" / coder / f"{shard}.threshold.json"
+
     def explanations_path(self, coder: str, shard: str) -> Path:
         return self.root / "explanations" / coder / f"{shard}.parquet"
 

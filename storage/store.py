@@ -206,6 +206,18 @@ class TableStore:
             f"latent profiles of {coder} shard {shard}",
         )
 
+    def record_exemplars_threshold(self, coder: str, shard: str, min_windows: int) -> None:
+        """Beside the shard's exemplars: the fewest activating windows a latent needed to get any."""
+        write_json(
+            self.layout.exemplars_threshold_path(coder, shard),
+            {"min_activating_windows": min_windows},
+        )
+
+    def exemplars_threshold(self, coder: str, shard: str) -> int | None:
+        """What `record_exemplars_threshold` recorded (None: exemplars made before it was recorded)."""
+        path = self.layout.exemplars_threshold_path(coder, shard)
+        return int(read_json(path)["min_activating_windows"]) if path.exists() else None
+
     def explanations(self, coder: str, shard: str) -> StoredTable:
         return self._table(
             "explanations",

@@ -38,6 +38,7 @@ TABLE_PROTOCOL = {
 TABLE_PATHS = {
     "exemplars_path",
     "latent_profiles_path",
+    "exemplars_threshold_path",
     "explanations_path",
     "scores_path",
     "scored_examples_path",

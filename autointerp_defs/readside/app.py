@@ -208,6 +208,9 @@ class Viewer:
                 "fvu": meta.get("fvu"),
                 "explained": int((table["status"] == "ok").sum()),
                 "failed": int((table["status"] == "failed").sum()),
+                "accounting": {  # every latent in one bucket (assets/accounting.py)
+                    k: v for k, v in (index.accounting() or {}).items() if k != "shards"
+                },
                 "scorers": {},
             }
             for name in index.scorers:

@@ -33,6 +33,7 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from assets.accounting import coder_accounting
 from assets.score_metrics import stale_scores
 from assets.senses import lowest_sense_scores, of_current
 from autointerp_defs.readside import reader
@@ -88,6 +89,7 @@ class CoderIndex:
         self._tables: dict[str, tuple] = {}
         self._density: dict[str, tuple] = {}
         self._decoder = None
+        self._accounting: tuple[str, dict | None] | None = None
 
     def _guard(self, cache: str) -> threading.Lock:
         """The lock of one cache: building one (a shard's exemplars, the decoder rows) never holds up
@@ -235,6 +237,20 @@ class CoderIndex:
             gaps.append(f"{name}_gap")
         table["mean_gap"] = table[gaps].mean(axis=1) if gaps else np.nan
         return table
+
+    def accounting(self) -> dict | None:
+        """Where every latent of the coder went (`assets.accounting`), made again when a file it reads changes."""
+        files = [self.layout.cache_meta_path(self.coder), self.layout.latent_stats_path(self.coder)]
+        for s in self.shards:
+            files += [
+                self.store.exemplars(self.coder, s),
+                self.layout.exemplars_threshold_path(self.coder, s),
+                self.store.explanations(self.coder, s),
+            ]
+        current = reader.stamp(files)
+        if self._accounting is None or self._accounting[0] != current:
+            self._accounting = (current, coder_accounting(self.store, self.coder))
+        return self._accounting[1]
 
     def shard_of(self, latent: int) -> str:
         return reader.shard_of(self.meta, latent)

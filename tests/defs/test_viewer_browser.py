@@ -19,7 +19,9 @@ from urllib.parse import quote
 import pandas as pd
 import pytest
 
+from assets.accounting import coder_accounting
 from storage.layout import DataRoot
+from storage.store import TableStore
 
 
 def chromium() -> str:
@@ -77,6 +79,15 @@ def test_coders_page_lists_the_coder_and_sorts(page, server, partition, shots):
     ready(page)
     row = page.locator(f"tr[data-coder='{partition.coder}']")
     assert row.count() == 1 and "1152" in row.inner_text()
+    # every latent in one bucket: the five counts add up to the width, each as the accounting says
+    found = coder_accounting(TableStore.at(partition.root), partition.coder)
+    buckets = {"dead": "dead", "too rare": "too_rare", "awaiting exemplars": "awaiting_exemplars"}
+    buckets |= {"explained": "explained", "failed": "failed"}
+    shown = {k: int(row.locator(f"td[data-bucket='{k}']").inner_text()) for k in buckets}
+    assert shown == {k: found[v] for k, v in buckets.items()} and sum(shown.values()) == 1152
+    assert "min_activating_windows = 6" in row.locator("td[data-bucket='too rare']").get_attribute(
+        "title"
+    )
     page.locator("th", has_text="detection control").click()
     assert "sorted-desc" in page.locator("th", has_text="detection control").get_attribute("class")
     # the mean and the mean gap with their 95 % intervals as error bars; a "cannot tell" verdict in grey

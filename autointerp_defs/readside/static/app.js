@@ -94,19 +94,24 @@ async function codersPage() {
     return;
   }
   const scorers = data.scorers.map((s) => s.name);
-  const headers = ["coder", "width", "dead fraction", "mean L0", "FVU", "explained", ...scorers.flatMap((s) => [`${s} (${data.scorers.find((x) => x.name === s).main_metric ?? "unknown"})`, `${s} control`, `${s} gap`, `${s} verdict`])];
+  const headers = ["coder", "width", "dead fraction", "mean L0", "FVU", "dead", "too rare", "awaiting exemplars", "explained", "failed", ...scorers.flatMap((s) => [`${s} (${data.scorers.find((x) => x.name === s).main_metric ?? "unknown"})`, `${s} control`, `${s} gap`, `${s} verdict`])];
   const rows = data.coders.map((c) => {
-    const values = [c.coder, c.width, c.dead_fraction, c.mean_l0, c.fvu, c.explained,
+    // every latent in one bucket: width = dead + too rare + awaiting exemplars + explained + failed
+    const a = c.accounting || {};
+    const values = [c.coder, c.width, c.dead_fraction, c.mean_l0, c.fvu, a.dead, a.too_rare, a.awaiting_exemplars, a.explained ?? c.explained, a.failed,
       ...scorers.flatMap((s) => { const r = c.scorers[s] || {}; return [r.mean, r.control, r.gap, r.verdict]; })];
+    const why = { 5: "never fired in the cached corpus", 7: "fired, in shards without exemplars yet",
+      6: `fired in fewer activating windows than [exemplars] min_activating_windows = ${(a.min_activating_windows || []).join(" or ") || "not recorded"}`,
+      9: Object.entries(a.failed_by_reason || {}).map(([reason, n]) => `${n}: ${reason}`).join("\n") || null };
     const node = el("tr", { "data-coder": c.coder },
       el("td", {}, el("a", { href: c.url }, c.coder)),
-      values.slice(1, 6).map((v) => el("td", { class: "num" }, fmt(v))),
+      values.slice(1, 10).map((v, i) => el("td", { class: "num", title: why[i + 1], "data-bucket": i >= 4 ? headers[i + 1] : null }, fmt(v))),
       scorers.flatMap((s) => { const r = c.scorers[s] || {}; return [el("td", { class: "num", "data-scorer": s, "data-part": "mean" }, withInterval(r.mean, r.mean_interval)), el("td", { class: "num" }, fmt(r.control)),
         el("td", { class: "num", "data-scorer": s, "data-part": "gap" }, withInterval(r.gap, r.gap_interval)), el("td", {}, r.verdict ? verdictSpan(r.verdict) : "–")]; }));
     return { node, values };
   });
   main.replaceChildren(el("h1", {}, "Sparse coders"),
-    el("p", { class: "muted" }, "Each scorer's mean main metric beside its control's (the same scorer with another latent's explanation), both over the latents that have a control, and the mean gap between them; the bars and brackets are 95 % intervals over the latents. Click a header to sort."),
+    el("p", { class: "muted" }, "Every latent is in one bucket: width = dead + too rare + awaiting exemplars + explained + failed (hover a count for its definition, or the failures' reasons). Each scorer's mean main metric beside its control's (the same scorer with another latent's explanation), both over the latents that have a control, and the mean gap between them; the bars and brackets are 95 % intervals over the latents. Click a header to sort."),
     el("div", { class: "table-wrap" }, sortableTable(headers, rows)));
 }
 

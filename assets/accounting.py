@@ -8,7 +8,8 @@ Each latent of a shard is in exactly one of these buckets:
 - `awaiting_exemplars`: fired, in a shard whose exemplars are not made yet (rare or not is unknown).
 - `explained`: has exemplars and an explanation with status ok.
 - `failed`: has exemplars but no ok explanation, counted per reason (`failed_by_reason`): the
-  explanations table's `error`, or why it was never asked (`NOT_ASKED_*`).
+  kind of the explanations table's `error` (its text before the first ": "), or why it was never asked
+  (`NOT_ASKED_*`).
 
 `live` = fired at least once = too_rare + awaiting_exemplars + explainable, `explainable` = has exemplars
 = explained + failed, and dead + live = the shard's latents (summed over shards: the coder's width).
@@ -73,7 +74,10 @@ def failure_reasons(
     capped = len(asked) > 0 and asked == [int(x) for x in explainable[: len(asked)]]
     rows = table.drop_duplicates("latent", keep="last").set_index("latent")
     status = rows["status"].reindex(explainable)
-    error = rows["error"].reindex(explainable).fillna("").replace("", NO_REASON)
+    # Failures are stored as `<kind>: <detail>` (resources/llm.py); counted by kind, as a real model's
+    # unreadable answers would otherwise each be a reason of their own. The detail stays in the table.
+    kind = rows["error"].reindex(explainable).fillna("").str.split(": ", n=1).str[0]
+    error = kind.replace("", NO_REASON)
     reasons = error.where(status != "ok", "")
     missing = f"{NOT_ASKED_CAP} ({len(asked)})" if capped else NOT_ASKED_NEWER
     return reasons.where(status.notna(), missing)

@@ -719,11 +719,26 @@ def print_scores(store, coder: str, scorers: dict, as_json: bool = False) -> Non
         print(f"  {said['verdict']}")
 
 
-def export_to(args, deployment) -> None:
-    if args.format == "neuronpedia":
-        from autointerp_defs.readside.neuronpedia import export_neuronpedia
+EXPORT_FLAGS = {"neuronpedia": ("model_id", "set_name", "layer", "batch_mb"), "delphi": ("module",)}
+"""The `export` options of one format each."""
 
-        folder = export_neuronpedia(
+
+def export_to(args, deployment) -> None:
+    """`autointerp export`: each step and count as it goes, then where it wrote and how to import it."""
+    for fmt, flags in EXPORT_FLAGS.items():
+        given = [f"--{flag.replace('_', '-')}" for flag in flags if getattr(args, flag) is not None]
+        if fmt != args.format and given:
+            raise CommandError(
+                f"{given[0]} applies to `export {fmt}` only, not `export {args.format}`. Fix: leave it out"
+            )
+
+    def say(line: str) -> None:
+        print(line, flush=True)
+
+    if args.format == "neuronpedia":
+        from autointerp_defs.readside.neuronpedia import BATCH_BYTES, export_neuronpedia
+
+        export_neuronpedia(
             args.data,
             args.coder,
             args.dir,
@@ -731,13 +746,21 @@ def export_to(args, deployment) -> None:
             set_name=args.set_name,
             layer=args.layer,
             subject_model=subject_model_of(deployment),
+            batch_bytes=int(args.batch_mb * 2**20) if args.batch_mb is not None else BATCH_BYTES,
+            say=say,
         )
-        print(f"wrote {folder}")
     else:
         from autointerp_defs.readside.delphi import export_delphi
 
-        written = export_delphi(args.data, args.coder, args.dir, args.module)
-        print(f"wrote {args.dir}: " + ", ".join(f"{n} {kind}" for kind, n in written.items()))
+        subject = deployment.resources()["subject_model"]
+        export_delphi(
+            args.data,
+            args.coder,
+            args.dir,
+            args.module,
+            (subject.model, subject.gguf_file, subject.revision),
+            say,
+        )
 
 
 def view_latents(deployment, host: str, port: int | None) -> None:
@@ -984,7 +1007,9 @@ def _main(argv: list[str] | None = None) -> None:
     export = commands.add_parser("export", help="write a coder's latents in another tool's format")
     export.add_argument("format", choices=["neuronpedia", "delphi"])
     export.add_argument("coder", help="coder partition key, e.g. smollm2-topk/model.layers.15")
-    export.add_argument("dir", help="output folder")
+    export.add_argument(
+        "dir", help="output folder: each export writes <dir>/<model>/<its folder> and prints it"
+    )
     export.add_argument(
         "--model-id", help="neuronpedia: the model's id there (default: the subject model's name)"
     )
@@ -995,6 +1020,11 @@ def _main(argv: list[str] | None = None) -> None:
         "--layer",
         type=int,
         help="neuronpedia: the layer its source id starts with (default: read from the hookpoint, e.g. model.layers.3)",
+    )
+    export.add_argument(
+        "--batch-mb",
+        type=float,
+        help="neuronpedia: the most MiB of JSON in one batch file (default: 100)",
     )
     export.add_argument(
         "--module", help="delphi: the module name in file names (default: the hookpoint)"

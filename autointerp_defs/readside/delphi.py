@@ -2,15 +2,20 @@
 CODER DIR` reads explanations back through the `delphi` explainer (`assets/explainers/delphi_folder.py`).
 
 delphi's layout (checked against eai-delphi 0.1.3: `latents/cache.py` writes the cache, `latents/loader.py`
-`LatentDataset` reads it, `__main__.py` writes the rest with orjson, `log/result_analysis.py` reads scores):
+`LatentDataset` reads it, `__main__.py` writes the rest with orjson, `log/result_analysis.py` reads scores),
+in the run folder <DIR> = `<dir>/<model>/<coder name>/`, as Neuronpedia's export writes `<dir>/<modelId>/<source>/`:
 
     <DIR>/latents/<module>/<start>_<end>.safetensors   latents start..end (inclusive), delphi's 5 splits of the
         width: `locations` int32 [n, 3] = (sequence, position, latent - start), `activations` float32 [n],
         `tokens` the corpus [n_sequences, ctx_len] (in every split, as delphi writes it)
-    <DIR>/latents/<module>/config.json                 the cache's CacheConfig fields and `model_name`
+    <DIR>/latents/<module>/config.json                 the cache's CacheConfig fields and `model_name`: the
+        subject model as delphi loads its tokenizer (`AutoTokenizer.from_pretrained(model_name)`: a hub id or a
+        folder, no GGUF file or revision), so the embedded GGUF is named by the hub model it quantizes
     <DIR>/log/hookpoint_firing_counts.pt               {module: int64 tensor [width]}: tokens each latent fired on
     <DIR>/run_config.json                              RunConfig: model, sparse model, hookpoints, scorers and the
-        cache, constructor and sampler settings the data shows (delphi's defaults fill the rest when it loads)
+        cache, constructor and sampler settings the data shows (delphi's defaults fill the rest when it loads);
+        `min_examples` is the fewest activating windows of a latent with exemplars, so delphi keeps the
+        latents our `min_activating_windows` kept (its default 200 would drop most)
     <DIR>/explanations/<module>_latent<N>.txt          a JSON string: the explanation
     <DIR>/scores/<scorer>/<module>_latent<N>.txt       a JSON list, one `ClassifierOutput` per judged window:
         str_tokens, activations, distance, activating, prediction, probability, correct
@@ -30,6 +35,7 @@ from __future__ import annotations
 
 import json
 from collections import Counter
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -54,17 +60,40 @@ def default_module(coder: str) -> str:
     return coder.split("/", 1)[1]
 
 
+def delphi_model_name(model: str | None, gguf_file: str | None) -> str:
+    """The subject model as delphi loads it (`AutoTokenizer.from_pretrained(name)`): the hub model the
+    embedded GGUF quantizes, a hub id, or a local folder's absolute path."""
+    from resources.subject_model import EMBEDDED, EMBEDDED_ORIGIN
+
+    if model in (None, EMBEDDED):
+        return EMBEDDED_ORIGIN
+    path = Path(model).expanduser()
+    return str(path.resolve()) if path.exists() else model
+
+
 def export_delphi(
-    data_dir: str, coder: str, out_dir: str, module: str | None = None
-) -> dict[str, int]:
-    """Write the coder's latent cache, explanations and classifier scores as a delphi run; returns
-    how many files of each kind."""
+    data_dir: str,
+    coder: str,
+    out_dir: str,
+    module: str | None = None,
+    subject_model: tuple[str | None, str | None, str | None] = (None, None, None),
+    say: Callable[[str], None] = lambda line: None,
+) -> Path:
+    """Write the coder's latent cache, explanations and classifier scores as a delphi run in
+    `<out_dir>/<model>/<coder name>/` and return that folder. `subject_model` is the deployment's
+    (model, gguf_file, revision); `say` is told each step, the counts written, warnings and how to read it."""
+    from autointerp_defs.readside.neuronpedia import default_model_id
+
     store = TableStore.at(data_dir)
     module = module or default_module(coder)
+    model, gguf_file, revision = subject_model
+    out = Path(out_dir) / default_model_id(model) / coder.split("/", 1)[0]
+    say(f"exporting {coder} to delphi as module {module} of the run {out}")
     index = CoderIndex(store, coder)
-    out = Path(out_dir)
     _remove_module(out, module)
-    cache_cfg = _write_latent_cache(store, coder, out, module, index.meta)
+    cache_cfg = _write_latent_cache(
+        store, coder, out, module, index.meta, delphi_model_name(model, gguf_file), say
+    )
     written = {"latent splits": cache_cfg["n_splits"]}
     vocab = reader.display_vocab(store)
     (out / "explanations").mkdir(parents=True, exist_ok=True)
@@ -78,6 +107,7 @@ def export_delphi(
         written["explanations"] += 1
     written.update({theirs: 0 for theirs in DELPHI_SCORERS.values()})
     for shard in index.shards:
+        say(f"scores: shard {shard}")
         judged = {
             theirs: _judged_windows(store, coder, shard, ours)
             for ours, theirs in DELPHI_SCORERS.items()
@@ -104,7 +134,7 @@ def export_delphi(
                 folder.mkdir(parents=True, exist_ok=True)
                 (folder / f"{module}_latent{int(latent)}.txt").write_text(json.dumps(samples))
                 written[theirs] += 1
-    _write_run_config(
+    settings = _write_run_config(
         store,
         coder,
         out,
@@ -114,7 +144,40 @@ def export_delphi(
         ok,
         [theirs for theirs in DELPHI_SCORERS.values() if written[theirs]],
     )
-    return written
+    say(f"wrote {out}: " + ", ".join(f"{n} {kind}" for kind, n in written.items()))
+    _warn(say, index, settings, subject_model)
+    say(
+        f"to read it: delphi's LatentDataset('{out}/latents', …) with the settings of "
+        f"RunConfig.load_json('{out}/run_config.json'), and log_results('{out}/scores', …); "
+        f"`autointerp import delphi {coder} {out}` brings its explanations back"
+    )
+    return out
+
+
+def _warn(say: Callable[[str], None], index: CoderIndex, settings: dict, subject_model) -> None:
+    """What delphi will not read as our data holds it: latents without windows, a GGUF file, a revision."""
+    from resources.subject_model import EMBEDDED
+
+    width = int(index.meta["width"])
+    profiles = reader.latent_profiles(index.store, index.coder, index.shards)
+    with_windows = profiles["latent"].nunique() if len(profiles) else 0
+    if with_windows < width:
+        say(
+            f"warning: {width - with_windows} of {width} latents have no exemplar windows (dead, firing "
+            "in fewer windows than [exemplars] min_activating_windows, or in a shard without "
+            "exemplars): their activations are in the latent cache, with no explanation or score"
+        )
+    if "min_examples" not in settings.get("constructor_cfg", {}):
+        say("warning: no latent has exemplars, so run_config.json names no min_examples")
+    model, gguf_file, revision = subject_model
+    name = settings["model"]
+    if gguf_file and model not in (None, EMBEDDED):
+        say(
+            f"warning: delphi loads no GGUF file ({gguf_file}): set `model` in run_config.json and "
+            "`model_name` in latents/*/config.json to the hub id of the model it quantizes"
+        )
+    elif revision and name == model:
+        say(f"warning: delphi loads {name} at its main revision; the data was made at {revision}")
 
 
 def _remove_module(out: Path, module: str) -> None:
@@ -203,15 +266,24 @@ def _neighbour_distances(
     return distances
 
 
-def _write_latent_cache(store: TableStore, coder: str, out: Path, module: str, meta: dict) -> dict:
+def _write_latent_cache(
+    store: TableStore,
+    coder: str,
+    out: Path,
+    module: str,
+    meta: dict,
+    model: str,
+    say: Callable[[str], None],
+) -> dict:
     """delphi's latent cache of the coder (`LatentDataset` reads it) and its firing counts (`log_results` reads
-    them); returns the cache's config."""
+    them); returns the cache's config, whose `model_name` is `model`."""
     width = int(meta["width"])
     tokens = reader.corpus_tokens(store)
     folder = out / "latents" / module
     folder.mkdir(parents=True, exist_ok=True)
     bounds = np.linspace(0, width, min(DELPHI_SPLITS, width) + 1).astype(np.int64)
     for start, stop in zip(bounds[:-1], bounds[1:], strict=False):
+        say(f"latent cache: latents {start}..{stop - 1} of {width}")
         fired = reader.latent_activations(store, coder, np.arange(start, stop))
         locations = fired.locations.astype(np.int32)
         locations[:, 2] -= start
@@ -229,7 +301,7 @@ def _write_latent_cache(store: TableStore, coder: str, out: Path, module: str, m
         "cache_ctx_len": int(tokens.shape[1]),
         "n_tokens": int(tokens.size),
         "n_splits": len(bounds) - 1,
-        "model_name": corpus.get("tokenizer", ""),
+        "model_name": model,
     }
     (folder / "config.json").write_text(json.dumps(cache_cfg, indent=4))
     counts_path = out / "log" / "hookpoint_firing_counts.pt"
@@ -249,8 +321,9 @@ def _write_run_config(
     cache_cfg: dict,
     explained: pd.DataFrame,
     scorers: list[str],
-) -> None:
-    """delphi's `run_config.json`, with the settings our data shows; an earlier export's hookpoints are kept."""
+) -> dict:
+    """delphi's `run_config.json`, with the settings our data shows, returned; an earlier export's hookpoints
+    are kept."""
     path = out / "run_config.json"
     earlier = json.loads(path.read_text()).get("hookpoints", []) if path.exists() else []
     cache_cfg = dict(cache_cfg)
@@ -265,10 +338,13 @@ def _write_run_config(
     if len(explained):
         config["explainer_model"] = model_name(Counter(explained["model"]).most_common(1)[0][0])
     path.write_text(json.dumps(config, indent=4))
+    return config
 
 
 def _exemplar_settings(store: TableStore, coder: str, index: CoderIndex) -> dict:
-    """delphi's constructor and sampler settings as the exemplars tables show them (the largest count of any latent)."""
+    """delphi's constructor and sampler settings as the exemplars tables show them (the largest count of any
+    latent; `min_examples` the fewest activating windows of a latent with exemplars: delphi then keeps the
+    latents that our `min_activating_windows`, which no table records, kept)."""
     frames = [
         store.exemplars(coder, s).read_if_present(columns=["latent", "split", "kind", "quantile"])
         for s in index.shards
@@ -285,9 +361,11 @@ def _exemplar_settings(store: TableStore, coder: str, index: CoderIndex) -> dict
         return int(rows[mask].groupby("latent").size().max()) if mask.any() else 0
 
     example_ctx_len = len(index.windows(int(rows["latent"].iloc[0]))[0]["tokens"])
+    profiles = reader.latent_profiles(store, coder, index.shards)
     return {
         "constructor_cfg": {
             "example_ctx_len": example_ctx_len,
+            "min_examples": int(profiles["activating_windows"].min()),
             "n_non_activating": most((rows["split"] == "test") & ~activating),
         },
         "sampler_cfg": {

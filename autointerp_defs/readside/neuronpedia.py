@@ -8,9 +8,14 @@ file's first line (keys that are no column are dropped without a word):
 
     <DIR>/<modelId>/<layer>-<setName>/
         release.jsonl  model.jsonl  sourceset.jsonl  source.jsonl   (one row each)
-        features/batch-0.jsonl.gz       one `Neuron` per latent of the coder, explained or not
-        activations/batch-0.jsonl.gz    one `Activation` per activating exemplar window, with its bin
-        explanations/batch-0.jsonl.gz   one `Explanation` per explained latent (per sense, for one of several senses)
+        features/batch-<n>.jsonl.gz       one `Neuron` per latent of the coder, explained or not
+        activations/batch-<n>.jsonl.gz    one `Activation` per activating exemplar window, with its bin
+        explanations/batch-<n>.jsonl.gz   one `Explanation` per explained latent (per sense, for one of several senses)
+
+Each table is split into batches of at most `BATCH_BYTES` of JSON lines, as Neuronpedia's own dumps are
+(`utils/neuronpedia-utils/.../export-data.py`, 1024 features a batch): the route reads a batch into one
+string (Node's longest is about 512 MiB) and inserts it 65,000 lines at a time (about 200 MB at most, says
+`import.ts`).
 
 An explanation's scores (each scorer's main metric with its 95 % interval, beside its control; a sense's
 on the sense's own windows) go into its `notes`: the import takes no `ExplanationScore` rows (it reads
@@ -32,6 +37,7 @@ import gzip
 import hashlib
 import json
 import re
+from collections.abc import Callable
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -73,6 +79,11 @@ EXPLANATION_MODELS = frozenset(
 UNKNOWN_OWNER = (
     "custom"  # what Neuronpedia's own model form records for a model it knows no owner of
 )
+BATCH_BYTES = 100 * 2**20
+"""The most JSON a batch file holds (uncompressed): far below what Neuronpedia's import can read as one."""
+IMPORT_ROUTE = "/api/admin/import"
+"""Neuronpedia's import (`app/api/admin/import/route.ts`): it reads `v1/<modelId>/<sourceId>/` of the
+dataset bucket (`lib/utils/s3.ts`: DATASET_BUCKET, DATASET_BASE_PATH)."""
 
 
 def content_id(row: dict) -> str:
@@ -211,14 +222,29 @@ def model_row(
     }
 
 
-def _write_jsonl_gz(path: Path, rows: list[dict]) -> None:
-    """A batch file; none for no rows (the importer parses a batch's first line, and an empty one stops the import)."""
-    if not rows:
-        return
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with gzip.open(path, "wt", encoding="utf-8", compresslevel=5) as handle:
+def _write_batches(folder: Path, rows: list[dict], limit: int) -> int:
+    """`rows` as `batch-<n>.jsonl.gz` files of at most `limit` bytes of JSON lines each (a longer row alone);
+    returns how many. None for no rows (the importer parses a batch's first line, and an empty one stops the
+    import). An earlier export's batches go first: the import reads every file in the folder."""
+    for old in folder.glob("*.jsonl.gz"):
+        old.unlink()
+    handle, size, batches = None, 0, 0
+    try:
         for row in rows:
-            handle.write(json.dumps(row, allow_nan=False) + "\n")
+            line = json.dumps(row, allow_nan=False) + "\n"  # ASCII: its length is its size
+            if handle is None or (size and size + len(line) > limit):
+                if handle is not None:
+                    handle.close()
+                folder.mkdir(parents=True, exist_ok=True)
+                path = folder / f"batch-{batches}.jsonl.gz"
+                handle = gzip.open(path, "wt", encoding="utf-8", compresslevel=5)
+                batches, size = batches + 1, 0
+            handle.write(line)
+            size += len(line)
+    finally:
+        if handle is not None:
+            handle.close()
+    return batches
 
 
 def _write_jsonl(path: Path, rows: list[dict]) -> None:
@@ -240,17 +266,21 @@ def export_neuronpedia(
     creator_name: str = "autointerp",
     with_lens: bool = True,
     subject_model: tuple[str | None, str | None] = (None, None),
+    batch_bytes: int = BATCH_BYTES,
+    say: Callable[[str], None] = lambda line: None,
 ) -> Path:
     """Write the coder's features, activations and explanations; returns the source folder. `subject_model`
     is the deployment's `[subject_model]` (model, gguf_file): the logit lens and the `Model` row read it, and
-    the default model id is its name (None: the embedded model)."""
+    the default model id is its name (None: the embedded model). `say` is told each step, the counts
+    written, a warning for latents without windows, and how to import the folder."""
     store = TableStore.at(data_dir)
     meta = reader.activations_meta(store, coder)
     name, hookpoint = coder.split("/", 1)
-    model_id = model_id or _model_id(subject_model[0])
+    model_id = model_id or default_model_id(subject_model[0])
     set_name = set_name or re.sub(r"[^a-z0-9-]+", "-", name.lower()).strip("-")
     source_id = f"{layer if layer is not None else layer_number(hookpoint)}-{set_name}"
     folder = Path(out_dir) / model_id / source_id
+    say(f"exporting {coder} ({meta['width']} latents) to Neuronpedia as {model_id}/{source_id}")
     now = datetime.now(timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")
     corpus = reader.corpus_meta(store)
     dataset = dataset_name(corpus)
@@ -266,6 +296,7 @@ def export_neuronpedia(
         "createdAt": now,
     }
 
+    say("features: " + ("the logit lens, " if with_lens else "") + "neighbours and histograms")
     lens = index.vocab_projection(latents, bins=LOGIT_BINS) if with_lens else None
     neighbours = index.neighbours_of(latents) or [[] for _ in latents]
 
@@ -309,7 +340,10 @@ def export_neuronpedia(
 
     activations, window_length = [], None
     n_tokens = int(reader.latent_counts(store, coder)["tokens"][0])
-    for shard in index.shards:
+    for at, shard in enumerate(index.shards):
+        say(
+            f"activations: shard {shard} ({at + 1} of {len(index.shards)}), {len(activations)} so far"
+        )
         profiles = reader.rows_of(store.latent_profiles(coder, shard))
         if not len(profiles):
             continue
@@ -354,6 +388,7 @@ def export_neuronpedia(
                     )
                 )
 
+    say("explanations, with their scores in their notes")
     explanations = []
     explained = reader.explanations(store, coder, index.shards)
     senses = sense_texts(
@@ -448,13 +483,31 @@ def export_neuronpedia(
             }
         ],
     )
-    _write_jsonl_gz(folder / "features" / "batch-0.jsonl.gz", features)
-    _write_jsonl_gz(folder / "activations" / "batch-0.jsonl.gz", activations)
-    _write_jsonl_gz(folder / "explanations" / "batch-0.jsonl.gz", explanations)
+    for kind, rows in (
+        ("features", features),
+        ("activations", activations),
+        ("explanations", explanations),
+    ):
+        batches = _write_batches(folder / kind, rows, batch_bytes)
+        say(f"{kind}: {len(rows)} rows in {batches} batch file{'s' * (batches != 1)}")
+    shown = len({row["index"] for row in activations})
+    if shown < len(latents):
+        say(
+            f"warning: {len(latents) - shown} of {len(latents)} features have no activation windows "
+            "(dead, firing in fewer windows than [exemplars] min_activating_windows, or in a shard "
+            "without exemplars): they are exported without activations"
+        )
+    say(f"wrote {folder}")
+    say(
+        f"to import it: upload this folder as v1/{model_id}/{source_id}/ of the dataset bucket that "
+        f"Neuronpedia's webapp reads (lib/utils/s3.ts), then open "
+        f"{IMPORT_ROUTE}?modelId={model_id}&sourceId={source_id} on the webapp "
+        "(on localhost, or signed in as an admin)"
+    )
     return folder
 
 
-def _model_id(name: str | None) -> str:
+def default_model_id(name: str | None) -> str:
     """Neuronpedia's model id for the subject model: the model's folder name, lowercased (e.g.
     smollm2-135m-instruct)."""
     from resources.subject_model import EMBEDDED, EMBEDDED_ORIGIN

@@ -46,8 +46,9 @@ def test_import_delphi_is_refused_while_the_explanations_asset_holds_the_table(
     from autointerp_defs.cli import main
     from autointerp_defs.instance import write_instance
 
-    out = tmp_path / "delphi"
-    main(["--data", str(partition.root), "export", "delphi", partition.coder, str(out)])
+    exports = tmp_path / "delphi"
+    main(["--data", str(partition.root), "export", "delphi", partition.coder, str(exports)])
+    out = exports / "smollm2-135m-instruct" / "tiny-topk"  # <dir>/<model>/<coder name>
     copy = tmp_path / "copy"
     shutil.copytree(partition.root, copy, ignore=shutil.ignore_patterns("viewer"))
     write_instance(tmp_path / "dagster_home")  # the instance the import runs on

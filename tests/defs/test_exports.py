@@ -29,6 +29,7 @@ DELPHI_SAMPLE = {
     "correct",
 }  # delphi's ClassifierOutput
 DELPHI_SCORERS = {"detection": "detection", "fuzz": "fuzzing"}  # delphi's name → ours
+DELPHI_RUN = "smollm2-135m-instruct/tiny-topk"  # the subject model's id and the coder's name
 
 
 @pytest.fixture(scope="session")
@@ -36,10 +37,15 @@ def partition(request, tmp_path_factory, tiny_sae):
     return built_once(request.config, tmp_path_factory, tiny_sae)
 
 
-def test_neuronpedia_importer_accepts_the_export_and_reads_back_every_row(partition, tmp_path):
+def test_neuronpedia_importer_accepts_the_export_and_reads_back_every_row(
+    partition, tmp_path, capsys
+):
     """Neuronpedia's own import (replayed from its code on its schema,
     `tests/defs/neuronpedia_import.py`) takes every feature, activation and explanation, each with
-    what our tables hold; a re-export with an edited explanation adds it."""
+    what our tables hold, from batch files of bounded size (a bound small enough for several here);
+    a re-export with an edited explanation adds it."""
+    import gzip
+
     import psycopg
     from psycopg.rows import dict_row
 
@@ -52,18 +58,21 @@ def test_neuronpedia_importer_accepts_the_export_and_reads_back_every_row(partit
     from tests.defs.neuronpedia_import import create_schema, import_folder, read_neuronpedia
 
     root = DataRoot.at(partition.root)
-    main(
-        [
-            "--data",
-            str(partition.root),
-            "export",
-            "neuronpedia",
-            partition.coder,
-            str(tmp_path / "np"),
-        ]
-    )
+    bound = 0.25  # MiB
+    exporting = ["--data", str(partition.root), "export", "neuronpedia", partition.coder]
+    main([*exporting, str(tmp_path / "np"), "--batch-mb", str(bound)])
     folder = tmp_path / "np" / "smollm2-135m-instruct" / "3-tiny-topk"
     exported = read_neuronpedia(folder)
+    batches = {
+        table: sorted((folder / table).glob("*.jsonl.gz"))
+        for table in ("features", "activations", "explanations")
+    }
+    sizes = {
+        table: [len(gzip.open(path).read()) for path in paths] for table, paths in batches.items()
+    }
+    assert len(sizes["features"]) > 1 and len(sizes["activations"]) > 1, sizes
+    assert max(max(s) for s in sizes.values()) <= bound * 2**20
+    said = capsys.readouterr().out
     stats = load_latent_stats(root.activations_dir(partition.coder) / LATENT_STATS_FILE)
     width = len(stats["count"])
     vocab = json.loads(
@@ -73,6 +82,15 @@ def test_neuronpedia_importer_accepts_the_export_and_reads_back_every_row(partit
     activating = exemplars[exemplars.kind == "activating"]
     explained = pd.read_parquet(root.explanations_path(partition.coder, "00"))
     ok = explained[explained.status == "ok"]
+    without = width - activating.latent.nunique()
+    assert f"features: {width} rows in {len(sizes['features'])} batch files" in said
+    assert f"activations: {len(activating)} rows in {len(sizes['activations'])} batch files" in said
+    assert f"warning: {without} of {width} features have no activation windows" in said
+    assert (
+        f"wrote {folder}" in said
+        and "as v1/smollm2-135m-instruct/3-tiny-topk/ of the dataset bucket" in said
+        and "/api/admin/import?modelId=smollm2-135m-instruct&sourceId=3-tiny-topk" in said
+    )
 
     with postgres_server() as server:
         url = fresh_database(server.url)
@@ -220,14 +238,31 @@ def test_neuronpedia_importer_accepts_the_export_and_reads_back_every_row(partit
         with psycopg.connect(strict) as db:
             assert db.execute('SELECT count(*) FROM "Neuron"').fetchone()[0] == 0
 
+    # a re-export into the same folder, with the default bound: one batch a table, no earlier one left
+    # (the import reads every file there)
+    main([*exporting, str(tmp_path / "np")])
+    assert {table: [p.name for p in (folder / table).iterdir()] for table in batches} == {
+        table: ["batch-0.jsonl.gz"] for table in batches
+    }
+    assert len(read_neuronpedia(folder)["activations"]) == len(activating)
+
 
 def test_delphi_export_then_import_rescored_with_controls(partition, tmp_path, instance_home):
     from autointerp_defs.cli import main
     from autointerp_defs.definitions import build_definitions
     from resources.sparse_coders import load_registered
 
-    out = tmp_path / "delphi"
-    main(["--data", str(partition.root), "export", "delphi", partition.coder, str(out)])
+    out = tmp_path / "delphi" / DELPHI_RUN  # <dir>/<model>/<coder name>, printed by the export
+    main(
+        [
+            "--data",
+            str(partition.root),
+            "export",
+            "delphi",
+            partition.coder,
+            str(tmp_path / "delphi"),
+        ]
+    )
     root = DataRoot.at(partition.root)
     explained = pd.read_parquet(root.explanations_path(partition.coder, "00"))
     ok = explained[explained.status == "ok"]
@@ -321,10 +356,11 @@ def test_delphi_export_then_import_rescored_with_controls(partition, tmp_path, i
 
 
 def test_delphi_reads_the_export_with_its_own_code_and_gets_our_metrics(
-    partition, tmp_path, subject, monkeypatch
+    partition, tmp_path, subject, monkeypatch, capsys
 ):
     """eai-delphi's `LatentDataset` reads the latent cache (the same pairs as ours, the same windows as our
-    exemplars) and its `result_analysis` the scores, with metrics equal to ours."""
+    exemplars) with the run's settings and its own tokenizer load, and its `result_analysis` the scores,
+    with metrics equal to ours."""
     from delphi.config import RunConfig
     from delphi.latents import LatentDataset
     from delphi.log import result_analysis
@@ -337,11 +373,31 @@ def test_delphi_reads_the_export_with_its_own_code_and_gets_our_metrics(
         read_shard,
         shard_keys,
     )
+    from tests.scripted_hub_server import ScriptedHub, hub_environment
 
-    out = tmp_path / "delphi"
-    main(["--data", str(partition.root), "export", "delphi", partition.coder, str(out)])
+    out = tmp_path / "delphi" / DELPHI_RUN  # <dir>/<model>/<coder name>, printed by the export
+    main(
+        [
+            "--data",
+            str(partition.root),
+            "export",
+            "delphi",
+            partition.coder,
+            str(tmp_path / "delphi"),
+        ]
+    )
     root = DataRoot.at(partition.root)
     module = "model.layers.3"
+    profiles = pd.read_parquet(root.latent_profiles_path(partition.coder, "00")).set_index("latent")
+    said = capsys.readouterr().out
+    width = len(
+        load_latent_stats(root.activations_dir(partition.coder) / LATENT_STATS_FILE)["count"]
+    )
+    assert f"wrote {out}: 5 latent splits, " in said and "latent cache: latents 0.." in said
+    assert f"warning: {width - len(profiles)} of {width} latents have no exemplar windows" in said
+    assert (
+        f"`autointerp import delphi {partition.coder} {out}` brings its explanations back" in said
+    )
     config = RunConfig.load_json(out / "run_config.json")
     assert (
         config.hookpoints == [module]
@@ -352,19 +408,33 @@ def test_delphi_reads_the_export_with_its_own_code_and_gets_our_metrics(
         TINY_EXEMPLARS_CONFIG["example_ctx_len"],
         5,
     )
-    config.constructor_cfg.min_examples = TINY_EXEMPLARS_CONFIG[
-        "min_activating_windows"
-    ]  # a setting of our run the tables do not record
+    # the hub model the embedded GGUF quantizes, which delphi loads its tokenizer by (not the GGUF's folder)
+    cache_config = json.loads((out / "latents" / module / "config.json").read_text())
+    assert config.model == cache_config["model_name"] == "HuggingFaceTB/SmolLM2-135M-Instruct"
+    # the fewest activating windows of a latent with exemplars: delphi keeps what min_activating_windows kept
+    min_examples = int(profiles.activating_windows.min())
+    assert config.constructor_cfg.min_examples == min_examples
+    assert min_examples >= TINY_EXEMPLARS_CONFIG["min_activating_windows"]
 
-    def dataset(latents=None):
+    def dataset(
+        latents=None,
+    ):  # delphi's defaults: its tokenizer is loaded from the hub by model_name
         return LatentDataset(
             out / "latents",
             config.sampler_cfg,
             config.constructor_cfg,
-            tokenizer=subject.tokenizer(),
             modules=[module],
             latents=latents,
         )
+
+    explained = pd.read_parquet(root.explanations_path(partition.coder, "00"))
+    subject.tokenizer().save_pretrained(tmp_path / "tokenizer")
+    with ScriptedHub() as hub, hub_environment(hub.url, tmp_path / "hf_home"):
+        hub.add_folder(config.model, tmp_path / "tokenizer")
+        everything = dataset()
+        records = list(dataset({module: torch.tensor(sorted(explained.latent))}))
+    assert everything.tokenizer.get_vocab() == subject.tokenizer().get_vocab()
+    assert any(path.endswith("/tokenizer.json") for _, path, _ in hub.requests)
 
     cache = root.activations_dir(partition.coder)
     cached = [read_shard(cache, shard) for shard in shard_keys(read_cache_meta(cache)["n_shards"])]
@@ -375,7 +445,7 @@ def test_delphi_reads_the_export_with_its_own_code_and_gets_our_metrics(
     }
     read = {
         data.latent.latent_index: data.activation_data
-        for buffer in dataset().buffers
+        for buffer in everything.buffers
         for data in buffer
     }
     assert sorted(read) == sorted(ours)
@@ -385,9 +455,6 @@ def test_delphi_reads_the_export_with_its_own_code_and_gets_our_metrics(
         ), latent
 
     exemplars = pd.read_parquet(root.exemplars_path(partition.coder, "00"))
-    profiles = pd.read_parquet(root.latent_profiles_path(partition.coder, "00")).set_index("latent")
-    explained = pd.read_parquet(root.explanations_path(partition.coder, "00"))
-    records = list(dataset({module: torch.tensor(sorted(explained.latent))}))
     assert sorted(r.latent.latent_index for r in records) == sorted(explained.latent)
     for record in (
         records
@@ -454,6 +521,7 @@ def test_delphi_reads_the_export_with_its_own_code_and_gets_our_metrics(
             and f"Total: {sum(t.values())}" in section
         )
     assert f"Number of dead features: {int((counts[module] == 0).sum())}" in printed.getvalue()
+    assert f"min examples {min_examples}\n" in printed.getvalue()  # not None: the run's own
 
 
 def test_reexport_after_an_import_writes_no_score_of_the_earlier_text(
@@ -465,8 +533,8 @@ def test_reexport_after_an_import_writes_no_score_of_the_earlier_text(
     shutil.copytree(partition.root, copy, ignore=shutil.ignore_patterns("viewer"))
     with DagsterInstance.from_config(str(instance_home)) as home:
         add_coders(home, copy, partition.coder)
-    out = tmp_path / "delphi"
-    main(["--data", str(copy), "export", "delphi", partition.coder, str(out)])
+    out = tmp_path / "delphi" / DELPHI_RUN  # <dir>/<model>/<coder name>, printed by the export
+    main(["--data", str(copy), "export", "delphi", partition.coder, str(tmp_path / "delphi")])
     explained = pd.read_parquet(DataRoot.at(copy).explanations_path(partition.coder, "00"))
     latent, *others = sorted(explained[explained.status == "ok"].latent)
     name = f"model.layers.3_latent{latent}.txt"
@@ -479,7 +547,7 @@ def test_reexport_after_an_import_writes_no_score_of_the_earlier_text(
     importing = ["--deployment", tiny_deployment(tmp_path), "--data", str(copy), "import", "delphi"]
     main([*importing, partition.coder, str(new.parent)])
     main(
-        ["--data", str(copy), "export", "delphi", partition.coder, str(out)]
+        ["--data", str(copy), "export", "delphi", partition.coder, str(tmp_path / "delphi")]
     )  # into the same folder
     assert json.loads((out / "explanations" / name).read_text()) == "a text no scorer has judged"
     for scorer in DELPHI_SCORERS:
@@ -512,8 +580,17 @@ def test_import_refuses_while_the_explanations_are_being_written(
     from autointerp_defs.cli import main
     from storage.tables import table_lock
 
-    out = tmp_path / "delphi"
-    main(["--data", str(partition.root), "export", "delphi", partition.coder, str(out)])
+    out = tmp_path / "delphi" / DELPHI_RUN  # <dir>/<model>/<coder name>, printed by the export
+    main(
+        [
+            "--data",
+            str(partition.root),
+            "export",
+            "delphi",
+            partition.coder,
+            str(tmp_path / "delphi"),
+        ]
+    )
     copy = tmp_path / "copy"
     shutil.copytree(partition.root, copy, ignore=shutil.ignore_patterns("viewer"))
     with DagsterInstance.from_config(str(instance_home)) as home:
@@ -699,12 +776,13 @@ def test_neuronpedia_gets_one_explanation_per_sense_of_a_latent_with_several(par
     # delphi's export holds the union and the union's scores only
     main(["--data", str(copy), "export", "delphi", partition.coder, str(tmp_path / "delphi")])
     name = f"model.layers.3_latent{several}.txt"
+    run = tmp_path / "delphi" / DELPHI_RUN
     assert (
-        json.loads((tmp_path / "delphi" / "explanations" / name).read_text())
+        json.loads((run / "explanations" / name).read_text())
         == "digits inside parentheses or names inside quotation marks"
     )
     assert not (
-        tmp_path / "delphi" / "scores" / "detection" / name
+        run / "scores" / "detection" / name
     ).exists()  # its scores were made with the text before
 
 
@@ -742,3 +820,31 @@ def test_neuronpedia_notes_name_each_score_with_its_interval_beside_its_control(
         f"detection balanced_accuracy {row.balanced_accuracy:.3f} vs control "
         f"{row.control_balanced_accuracy:.3f}" in again
     )
+
+
+def test_export_refuses_an_option_of_the_other_format_in_one_line(tmp_path):
+    """A flag that only the other format reads is refused before anything is read or written."""
+    from autointerp_defs.cli import main
+
+    for fmt, flag, owner in (
+        ("delphi", ["--model-id", "x"], "neuronpedia"),
+        ("delphi", ["--batch-mb", "1"], "neuronpedia"),
+        ("neuronpedia", ["--module", "m"], "delphi"),
+    ):
+        exporting = ["--data", str(tmp_path), "export", fmt, "tiny-topk/model.layers.3"]
+        with pytest.raises(SystemExit) as refused:
+            main([*exporting, str(tmp_path / "out"), *flag])
+        said = str(refused.value)
+        assert f"{flag[0]} applies to `export {owner}` only, not `export {fmt}`. Fix:" in said
+        assert "\n" not in said
+    assert not (tmp_path / "out").exists()
+
+
+def test_delphi_names_the_subject_model_as_delphi_loads_it(tmp_path):
+    """delphi loads a tokenizer by a hub id or a folder: the embedded GGUF by the hub model it quantizes."""
+    from autointerp_defs.readside.delphi import delphi_model_name
+
+    assert delphi_model_name(None, None) == delphi_model_name("embedded", None)
+    assert delphi_model_name("embedded", None) == "HuggingFaceTB/SmolLM2-135M-Instruct"
+    assert delphi_model_name("EleutherAI/pythia-70m", None) == "EleutherAI/pythia-70m"
+    assert delphi_model_name(str(tmp_path), None) == str(tmp_path.resolve())

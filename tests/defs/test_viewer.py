@@ -645,8 +645,7 @@ def test_a_score_of_an_earlier_explanation_is_marked_stale_not_shown_as_the_late
     main = reader.scorer_info("fuzzing")["main_metric"]
     assert sum(r["fuzzing"] is not None for r in others) == fuzzing[main].notna().sum() - 1
 
-    out = tmp_path / "delphi"
-    export_delphi(str(root.root), coder, str(out))
+    out = export_delphi(str(root.root), coder, str(tmp_path / "delphi"))  # the run folder
     assert (out / "scores" / "detection" / f"model.layers.3_latent{latent}.txt").exists()
     assert not (
         out / "scores" / "fuzz" / f"model.layers.3_latent{latent}.txt"

@@ -19,7 +19,7 @@ from pathlib import Path
 
 from autointerp_defs.readside import reader
 from autointerp_defs.readside.neuronpedia import (
-    _model_id,  # Neuronpedia's model id, which circuit-tracer's scans name (gemma-2-2b)
+    default_model_id,  # Neuronpedia's model id, which circuit-tracer's scans name (gemma-2-2b)
     layer_number,
 )
 from storage.atomic import atomic_path, read_json_or_empty, write_json
@@ -85,11 +85,11 @@ def check_model(graph: dict, path: Path, coder: str, subject_model: str | None) 
     """The graph's scan (or transcoder list) must name the subject model's Neuronpedia id or the coders' name."""
     metadata = graph["metadata"]
     names = [metadata["scan"], *(metadata.get("transcoder_list") or [])]
-    wanted = {_model_id(subject_model), coder.split("/", 1)[0].lower()}
+    wanted = {default_model_id(subject_model), coder.split("/", 1)[0].lower()}
     if not any(w in str(name).lower() for name in names for w in wanted):
         raise reader.ExportInputError(
             f"{path} is a graph of {', '.join(map(str, names))!r}, not of {coder}'s subject model "
-            f"{_model_id(subject_model)!r}. Fix: label it with coders of that model (--deployment naming it)."
+            f"{default_model_id(subject_model)!r}. Fix: label it with coders of that model (--deployment naming it)."
         )
 
 

@@ -921,7 +921,7 @@ def summary_table(store: TableStore, coder: str, scorers: dict[str, type[Scorer]
             )
     for name, found in cards.items():
         if name in long["scorer"].unique():
-            wide[f"{name}_calibration"] = wide["latent"].map(found).fillna("").astype(str)
+            wide[f"{name}_calibration"] = [found.get(latent, "") for latent in wide["latent"]]
     return wide
 
 

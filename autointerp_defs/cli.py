@@ -310,7 +310,7 @@ def calibrate_judge(deployment, latents_per_class: int, random_latents: int, for
         f"(embedder cosine >= {named['threshold']})"
     )
     print(
-        f"card {layout.calibration_card_path(judge)} ({card['latents_per_class']} latents per class, "
+        f"card {layout.calibration_card_path(judge)} (latents per class: {card['latents_per_class']}, "
         f"made {card['made_at']} in {card['seconds']:.0f} s; now {time.perf_counter() - started:.0f} s)"
     )
 

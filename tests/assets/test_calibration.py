@@ -273,3 +273,54 @@ def test_the_calibration_asset_makes_one_card_per_judge(tmp_path):
         again.asset_materializations_for_node("calibration")[0].metadata["verdict"]
         == meta["verdict"]
     )
+
+
+def test_autointerp_calibrate_prints_the_card_and_asks_once_per_judge(
+    tmp_path, monkeypatch, capsys
+):
+    from autointerp_defs.cli import main
+    from autointerp_defs.instance import write_instance
+
+    write_instance(tmp_path / "home")
+    monkeypatch.setenv("DAGSTER_HOME", str(tmp_path / "home"))
+    deployment = tmp_path / "scripted.toml"
+    command = ["--deployment", str(deployment), "calibrate", "--latents-per-class", "1"]
+    with ScriptedLLMServer(literal_judge) as server:
+        deployment.write_text(
+            f"""automated_scorers = ["detection", "embedding"]
+[settings]
+data_dir = "{tmp_path / "data"}"
+[llm]
+backend = "openai"
+base_url = "{server.base_url}"
+model = "m"
+[corpus]
+ctx_len = 64
+n_tokens = {64 * 160}
+[exemplars]
+example_ctx_len = 16
+n_examples_train = 6
+n_examples_test = 5
+n_non_activating = 5
+min_activating_windows = 6
+non_activating_sources = ["random"]
+"""
+        )
+        main(command)  # the corpus first: this data root has none
+        printed = capsys.readouterr().out
+        asked = len(server.requests)
+        main(command)
+        again = capsys.readouterr().out
+        assert len(server.requests) == asked > 0  # the judge has its card
+    lines = printed.splitlines()
+    assert lines[0].startswith("calibrating the judge openai:m on the instance at ")
+    assert lines[1].startswith("judged by openai:m: planted detection ")
+    assert "(5 planted, 4 random latents)" in lines[1]  # N, stated
+    assert lines[2].startswith("  can tell: ") or lines[2].startswith("  cannot tell: ")
+    assert lines[3].startswith("explanations naming their planted class: ")
+    assert (
+        lines[4].startswith(f"card {tmp_path / 'data' / 'calibration'}/")
+        and "latents per class: 1" in lines[4]
+    )
+    assert again.splitlines()[1:4] == lines[1:4]  # the same card, read again
+    assert not any("embedding" in line for line in lines)  # it asks no judge: not calibrated

@@ -60,7 +60,8 @@ def test_models_define_code_versions_and_operational_knobs_do_not(tmp_path):
     judge = changed(
         before, code_versions(endpoint("http://127.0.0.1:9/v1", judge={"model": "cheap"}))
     )
-    assert judge == LLM_SCORERS | {"calibration"}  # not explanations, not the embedding or surprisal scorers
+    # the LLM scorers and the judge's calibration card; not explanations, not the embedding or surprisal scorers
+    assert judge == LLM_SCORERS | {"calibration"}
     refining = {**base, "explanations": {"refine_rounds": 2}}
     refined_judge = changed(
         code_versions(refining),
@@ -192,6 +193,9 @@ def test_a_strong_explainer_and_a_cheap_judge_then_switching_the_judge_reruns_on
             AssetKey(["scores", "detection"])
         ).asset_materialization.metadata
         assert metadata["judge_model"].value == "openai:cheap"
+        assert metadata["calibration"].value == (
+            "no calibration card for openai:cheap: run `autointerp calibrate`"
+        )  # the judge's card is named beside its scores, or that it has none
         assert (
             instance.get_latest_materialization_event(AssetKey("explanations"))
             .asset_materialization.metadata["explainer_model"]

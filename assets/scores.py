@@ -33,6 +33,7 @@ from dagster import (
 
 from assets.accounting import coder_accounting
 from assets.automation import CODE_CHANGED, FOLLOW, LLM_POOL, SUBJECT_MODEL_POOL, in_pool
+from assets.cards import card_metadata, card_name, judge_of
 from assets.checks import result, scorer_results, scorer_specs, shards_present, summary_specs
 from assets.explanations import viewer_links
 from assets.latent_queue import (
@@ -72,6 +73,8 @@ from assets.senses import lowest_sense_scores, of_current
 from assets.stage_config import NO_MODELS, SCORER_ROLES, Models
 from resources.llm import stopped_by_budget
 from resources.sparse_coders import load_registered
+from storage.calibration_cards import card_files
+from storage.content_identity import file_digest
 from storage.corpus import load_corpus
 from storage.journal import Journal
 from storage.store import TableStore
@@ -107,9 +110,9 @@ SUMMARY_AUTOMATION = (
 )
 
 
-SUMMARY_VERSION = "3"
-"""Of the summary's code: bump when its columns change (3: `senses`, `<scorer>_min_sense`); a summary recorded
-with another is built again (`summary_sources`)."""
+SUMMARY_VERSION = "4"
+"""Of the summary's code: bump when its columns change (3: `senses`, `<scorer>_min_sense`; 4: `<scorer>_calibration`);
+a summary recorded with another is built again (`summary_sources`)."""
 
 
 def scorer_version(scorer: type[Scorer]) -> str:
@@ -797,6 +800,7 @@ def scorer_asset(
                 metadata["verdict"] = EMPTY_SHARD
             if client is not None:
                 metadata.update(client.ledger.as_metadata())
+                metadata.update(card_metadata(layout, client.identity, scorer.name))
             context.log.info(f"{scorer.name}: {metadata['verdict']}")
             return MaterializeResult(
                 metadata=metadata, check_results=scorer_results(frame, examples)
@@ -837,12 +841,15 @@ def summary_table(store: TableStore, coder: str, scorers: dict[str, type[Scorer]
     beside the latent's current explanation. A score made with another explanation (a scorer not re-run
     after a re-explain) is not shown as the latent's: its columns are NaN and `stale` names the scorer.
     `senses` counts the senses of the current explanation (0: none), and per scorer that scores senses
-    `<scorer>_min_sense` is its lowest sense's main metric (`assets.senses.lowest_sense_scores`; NaN with one sense)."""
+    `<scorer>_min_sense` is its lowest sense's main metric (`assets.senses.lowest_sense_scores`; NaN with one sense).
+    Per scorer that asks a judge, `<scorer>_calibration` names the calibration card of the judge that made the
+    latent's score (`assets/calibration.py`; '' where that judge has none yet)."""
     parts, counts, lowest = (
         [],
         {},
         {name: [] for name, scorer in scorers.items() if scorer.scores_senses},
     )
+    cards = {name: {} for name, scorer in scorers.items() if "llm" in scorer.uses}
     for shard in store.scored_shards(coder):
         explained = current_explanations(store, coder, shard)
         current = dict(zip(explained["latent"].astype(int), explained["explanation"], strict=False))
@@ -860,6 +867,14 @@ def summary_table(store: TableStore, coder: str, scorers: dict[str, type[Scorer]
             if frame is None or not len(frame):  # an empty shard adds nothing
                 continue
             latents = frame["latent"].astype(int)
+            if name in cards and "models" in frame:
+                layout = store.layout
+                named = {
+                    judge: card_name(layout, judge) for judge in set(frame["models"].map(judge_of))
+                }
+                cards[name] |= dict(
+                    zip(latents, frame["models"].map(judge_of).map(named), strict=True)
+                )
             stale = stale_scores(frame, explained)
             parts.append(
                 pd.DataFrame(
@@ -905,6 +920,9 @@ def summary_table(store: TableStore, coder: str, scorers: dict[str, type[Scorer]
             wide[f"{name}_min_sense"] = (
                 wide["latent"].map(pd.concat(found)).astype("float64") if found else np.nan
             )
+    for name, found in cards.items():
+        if name in long["scorer"].unique():
+            wide[f"{name}_calibration"] = [found.get(latent, "") for latent in wide["latent"]]
     return wide
 
 
@@ -955,6 +973,8 @@ def summary_sources(
         if scorer.scores_senses
     }
     found = {source: table.fingerprint() for source, table in tables.items() if table.exists()}
+    cards = card_files(store.layout) if found else []
+    found |= {f"calibration/{card.name}": file_digest(card) for card in cards}
     return found | {"code_version": SUMMARY_VERSION} if found else {}
 
 

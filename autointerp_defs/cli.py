@@ -100,12 +100,17 @@ def register_coders(
         )
 
 
-def _materialize(selection: list[str], partition_key: str | None, instance, defs) -> str | None:
-    """Materialize `selection`; None when it succeeded, else why it failed, in the failed steps' own words."""
+def _materialize(
+    selection: list[str], partition_key: str | None, instance, defs, ops: dict | None = None
+) -> str | None:
+    """Materialize `selection` (with `ops`' run config); None when it succeeded, else why it failed, in the
+    failed steps' own words."""
     from dagster import materialize
 
     assets = list(defs.assets)
-    quiet = {"loggers": {"console": {"config": {"log_level": "INFO"}}}}
+    quiet = {"loggers": {"console": {"config": {"log_level": "INFO"}}}} | (
+        {"ops": ops} if ops else {}
+    )
     result = materialize(
         assets,
         selection=selection,
@@ -267,6 +272,47 @@ def materialize_selection(
         if (failure := _materialize(chosen, key, instance, defs)) is not None:
             raise CommandError(f"materializing {', '.join(chosen)} {key or ''} failed: {failure}")
     print(f"materialized {', '.join(chosen)} {key or ''} in {time.perf_counter() - started:.0f} s")
+
+
+def calibrate_judge(deployment, latents_per_class: int, random_latents: int, force: bool) -> None:
+    """`autointerp calibrate`: materialize the `calibration` asset (and the corpus, where there is none) on the
+    instance, as `materialize` does, then print the judge's card, one line per scorer."""
+    from dagster import DagsterInstance
+
+    from assets.cards import card_line
+    from autointerp_defs.definitions import definitions_for
+    from storage.calibration_cards import read_card
+
+    home, where = run_instance_home()
+    defs = definitions_for(deployment)
+    resources = deployment.resources()
+    layout = resources["settings"].store.layout
+    judge = resources["llm"].identity("judge")
+    chosen = ["calibration"] if layout.corpus_meta_path.exists() else ["corpus", "calibration"]
+    config = {
+        "latents_per_class": latents_per_class,
+        "random_latents": random_latents,
+        "force": force,
+    }
+    print(f"calibrating the judge {judge} on {where}", flush=True)
+    started = time.perf_counter()
+    with DagsterInstance.from_config(str(home)) as instance:
+        failure = _materialize(chosen, None, instance, defs, {"calibration": {"config": config}})
+    if failure is not None:
+        raise CommandError(f"calibrating {judge} failed: {failure}")
+    card = read_card(layout, judge)
+    for name in card["scorers"]:
+        print(card_line(card, name))
+        print(f"  {card['scorers'][name]['verdict']}")
+    named = card["named"]
+    print(
+        f"explanations naming their planted class: {named['named']} of {named['of']} "
+        f"(embedder cosine >= {named['threshold']})"
+    )
+    print(
+        f"card {layout.calibration_card_path(judge)} (latents per class: {card['latents_per_class']}, "
+        f"made {card['made_at']} in {card['seconds']:.0f} s; now {time.perf_counter() - started:.0f} s)"
+    )
 
 
 def import_delphi(deployment, coder: str, folder: str, module: str | None, model: str) -> None:
@@ -1059,6 +1105,20 @@ def _main(argv: list[str] | None = None) -> None:
         help="a coder key (its layer's features), or a coder name such as smollm2-topk (its coder of each layer)",
     )
     labelling.add_argument("--out", help="where to write the labelled graph (default: over GRAPH)")
+    calibrating = commands.add_parser(
+        "calibrate",
+        help="the judge's calibration card: planted-truth latents explained and scored as real ones, "
+        "once per judge",
+    )
+    calibrating.add_argument(
+        "--latents-per-class", type=int, default=2, help="planted latents per class (default 2)"
+    )
+    calibrating.add_argument(
+        "--random-latents", type=int, default=4, help="latents firing at random (default 4)"
+    )
+    calibrating.add_argument(
+        "--force", action="store_true", help="make the card again though this judge has one"
+    )
     find = commands.add_parser("search", help="semantic search over stored explanations")
     find.add_argument("query")
     find.add_argument("--limit", type=int, default=10)
@@ -1143,6 +1203,8 @@ def _main(argv: list[str] | None = None) -> None:
             f"wrote {args.out or args.graph}: "
             + ", ".join(f"{n} {kind}" for kind, n in counts.items())
         )
+    elif args.command == "calibrate":
+        calibrate_judge(deployment, args.latents_per_class, args.random_latents, args.force)
     elif args.command == "import":
         import_delphi(deployment, args.coder, args.dir, args.module, args.model)
     elif args.command == "view":

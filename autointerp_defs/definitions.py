@@ -14,6 +14,7 @@ from dagster import (
 )
 
 from assets.activations import activations_asset
+from assets.calibration import calibrated_scorers, calibration_asset
 from assets.corpus import corpus_asset
 from assets.exemplars import exemplars_asset
 from assets.explanations import explanations_asset
@@ -83,8 +84,16 @@ def definitions_for(deployment: Deployment) -> Definitions:
         ),
         description="Exemplars, explanations and the deployment's automated scorers of one coder × shard partition.",
     )
+    calibration = calibration_asset(
+        deployment.stage("exemplars"),
+        deployment.stage("explanations"),
+        deployment.explainers,
+        calibrated_scorers(deployment.scorers, automated),
+        settings,
+        models,
+    )
     return Definitions(
-        assets=[*stages, *scorer_assets, summary_asset(deployment.scorers)],
+        assets=[*stages, *scorer_assets, summary_asset(deployment.scorers), calibration],
         sensors=[
             registry_sensor_every(deployment.sensor_interval_s),
             automation_sensor(deployment.sensor_interval_s),

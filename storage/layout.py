@@ -73,6 +73,16 @@ class DataRoot:
         return self.llm_cache_dir / "slots" / hashlib.sha256(endpoint.encode()).hexdigest()[:16]
 
     @property
+    def calibration_dir(self) -> Path:
+        """The judges' calibration cards (`assets/calibration.py`)."""
+        return self.root / "calibration"
+
+    def calibration_card_path(self, judge: str) -> Path:
+        """The calibration card of the judge whose identity is `judge`: one per judge, named by the
+        identity's hash (an identity holds slashes and colons)."""
+        return self.calibration_dir / f"{hashlib.sha256(judge.encode()).hexdigest()[:16]}.json"
+
+    @property
     def all_activations_dir(self) -> Path:
         """The activation caches of every coder, `<name>/<hookpoint>/` each."""
         return self.root / "activations"

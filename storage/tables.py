@@ -203,6 +203,7 @@ TABLES = {
             ),
             open=True,
         ),  # + <scorer>, <scorer>_control, <scorer>_gap per scorer; <scorer>_min_sense per scorer that scores senses
+        # <scorer>_calibration (the judge's calibration card) per scorer that asks a judge
     ]
 }
 

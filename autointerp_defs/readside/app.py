@@ -225,6 +225,7 @@ class Viewer:
                     "gap": float(gaps.mean()) if gaps.notna().any() else None,
                     "gap_interval": list(mean_interval(gaps.dropna())),
                     "verdict": reader.verdict(table[f"{name}_gap"], name),
+                    "calibration": reader.calibration(self.store, coder, name, index.shards),
                     "n": len(scored),
                     "with_control": paired,
                 }

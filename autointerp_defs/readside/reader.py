@@ -192,6 +192,24 @@ def scores(
     return _read_shards({s: store.scores(coder, s, scorer) for s in shards}, columns, optional)
 
 
+def calibration(store: TableStore, coder: str, scorer: str, shards: list[str]) -> str | None:
+    """The calibration card's line (`assets/cards.py`) of the judge that made most of the scorer's scores of
+    this coder; None where no judge made them (a scorer that asks none, or tables from before `models`)."""
+    from assets.cards import card_line, judge_of
+    from storage.calibration_cards import read_card
+
+    made = scores(store, coder, scorer, shards, columns=["latent"], optional=("models",))
+    judges = made["models"].map(judge_of) if "models" in made else pd.Series(dtype=str)
+    judges = judges[judges != ""]
+    if not len(judges):
+        return None
+    judge = judges.value_counts().index[0]
+    card = read_card(store.layout, judge)
+    if card is None:
+        return f"judged by {judge}: no calibration card yet (autointerp calibrate)"
+    return card_line(card, scorer)
+
+
 def sense_scores(
     store: TableStore, coder: str, scorer: str, shards: list[str], columns: list[str] | None = None
 ) -> pd.DataFrame:

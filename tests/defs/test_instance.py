@@ -56,6 +56,7 @@ def test_assets_that_load_the_subject_model_or_wait_on_the_llm_are_in_their_pool
             "scores/intruder",
             "scores/simulation",
             "scores/saebench",
+            "calibration",
         )
     )
     assert not pools["corpus"] and not pools["score_summary"] and not pools["scores/embedding"]
@@ -78,6 +79,7 @@ def test_each_asset_step_goes_to_the_cluster_queue_of_its_pool():
         "scores__intruder",
         "scores__simulation",
         "scores__saebench",
+        "calibration",
     }
     assert {name for name, queue in queues.items() if queue == "cpu"} == {
         "corpus",

@@ -60,21 +60,22 @@ def test_models_define_code_versions_and_operational_knobs_do_not(tmp_path):
     judge = changed(
         before, code_versions(endpoint("http://127.0.0.1:9/v1", judge={"model": "cheap"}))
     )
-    assert judge == LLM_SCORERS  # not explanations, not the embedding or surprisal scorers
+    # the LLM scorers and the judge's calibration card; not explanations, not the embedding or surprisal scorers
+    assert judge == LLM_SCORERS | {"calibration"}
     refining = {**base, "explanations": {"refine_rounds": 2}}
     refined_judge = changed(
         code_versions(refining),
         code_versions({**refining, "llm": {**base["llm"], "judge": {"model": "cheap"}}}),
     )
     assert (
-        refined_judge == {"explanations"} | LLM_SCORERS
+        refined_judge == {"explanations", "calibration"} | LLM_SCORERS
     )  # refining asks the judge, so its explanations are the judge's too
     assert changed(
         before, code_versions(endpoint("http://127.0.0.1:9/v1", explainer={"model": "stronger"}))
     ) == {"explanations"}  # scores follow it
     assert (
         changed(before, code_versions(endpoint("http://127.0.0.1:9/v1", model="other")))
-        == {"explanations"} | LLM_SCORERS
+        == {"explanations", "calibration"} | LLM_SCORERS
     )
     assert changed(before, code_versions({**base, "subject_model": {"dtype": "bfloat16"}})) == {
         "activations",
@@ -192,6 +193,9 @@ def test_a_strong_explainer_and_a_cheap_judge_then_switching_the_judge_reruns_on
             AssetKey(["scores", "detection"])
         ).asset_materialization.metadata
         assert metadata["judge_model"].value == "openai:cheap"
+        assert metadata["calibration"].value == (
+            "no calibration card for openai:cheap: run `autointerp calibrate`"
+        )  # the judge's card is named beside its scores, or that it has none
         assert (
             instance.get_latest_materialization_event(AssetKey("explanations"))
             .asset_materialization.metadata["explainer_model"]

@@ -79,6 +79,12 @@ def test_coders_page_compares_each_scorer_with_its_control(server, partition):
         assert row["scorers"][name]["verdict"].startswith(
             "cannot tell: "
         )  # a few latents: an interval too wide to tell
+        # the judge's calibration card under an LLM scorer's verdict: this judge has none
+        assert row["scorers"][name]["calibration"] == (
+            "judged by openai:scripted-judge: no calibration card yet (autointerp calibrate)"
+            if name != "embedding"
+            else None
+        )
 
 
 def test_latent_list_sorts_filters_and_pages(server, partition):

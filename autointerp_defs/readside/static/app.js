@@ -107,11 +107,12 @@ async function codersPage() {
       el("td", {}, el("a", { href: c.url }, c.coder)),
       values.slice(1, 10).map((v, i) => el("td", { class: "num", title: why[i + 1], "data-bucket": i >= 4 ? headers[i + 1] : null }, fmt(v))),
       scorers.flatMap((s) => { const r = c.scorers[s] || {}; return [el("td", { class: "num", "data-scorer": s, "data-part": "mean" }, withInterval(r.mean, r.mean_interval)), el("td", { class: "num" }, fmt(r.control)),
-        el("td", { class: "num", "data-scorer": s, "data-part": "gap" }, withInterval(r.gap, r.gap_interval)), el("td", {}, r.verdict ? verdictSpan(r.verdict) : "–")]; }));
+        el("td", { class: "num", "data-scorer": s, "data-part": "gap" }, withInterval(r.gap, r.gap_interval)), el("td", {}, r.verdict ? verdictSpan(r.verdict) : "–",
+          r.calibration ? el("div", { class: "muted calibration", "data-scorer": s }, r.calibration) : "")]; }));
     return { node, values };
   });
   main.replaceChildren(el("h1", {}, "Sparse coders"),
-    el("p", { class: "muted" }, "Every latent is in one bucket: width = dead + too rare + awaiting exemplars + explained + failed (hover a count for its definition, or the failures' reasons). Each scorer's mean main metric beside its control's (the same scorer with another latent's explanation), both over the latents that have a control, and the mean gap between them; the bars and brackets are 95 % intervals over the latents. Click a header to sort."),
+    el("p", { class: "muted" }, "Every latent is in one bucket: width = dead + too rare + awaiting exemplars + explained + failed (hover a count for its definition, or the failures' reasons). Each scorer's mean main metric beside its control's (the same scorer with another latent's explanation), both over the latents that have a control, and the mean gap between them; the bars and brackets are 95 % intervals over the latents. Below a verdict, the judge's calibration card: what it made of latents whose truth is planted (autointerp calibrate). Click a header to sort."),
     el("div", { class: "table-wrap" }, sortableTable(headers, rows)));
 }
 

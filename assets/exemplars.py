@@ -36,6 +36,7 @@ from assets.automation import CODE_CHANGED, FOLLOW, in_pool
 from assets.checks import exemplars_specs, explainable_latents, result
 from assets.partitions import backfill_policy, coder_and_shard, each_shard, shard_partitions
 from assets.prompts import corpus_prompt_vocab, token_text, window_embedding, window_text
+from assets.records import RESEED
 from assets.stage_config import NO_MODELS, Models, settings_digest, with_defaults
 from resources.embedder import EmbedderResource
 from resources.settings import AutointerpSettings
@@ -194,6 +195,24 @@ def sample_test(
             index.extend(picked)
             quantile.extend([q] * len(picked))
     return np.asarray(index, dtype=int), np.asarray(quantile, dtype=int)
+
+
+def sample_reseed(
+    windows: Windows, used: np.ndarray, config: ExemplarsConfig, latent: int
+) -> np.ndarray:
+    """A second draw of the explainer's windows from those the latent uses nowhere else (`used`), with
+    another seed: the next strongest for the `top` sampler, else a uniform draw. Its own generator, so
+    every other draw is the one made without it."""
+    rest = np.setdiff1d(np.arange(len(windows)), used)
+    n = min(config.n_examples_train, len(rest))
+    if config.sampler == "top":
+        return rest[:n]
+    rng = np.random.default_rng([config.seed, latent, RESEED_STREAM])
+    return np.sort(rng.choice(rest, size=n, replace=False))
+
+
+RESEED_STREAM = 1
+"""The reseed draw's generator is seeded with (seed, latent, this): another seed than the first draw's."""
 
 
 NEIGHBOUR_SIMILARITY_BYTES = 64 << 20
@@ -405,8 +424,10 @@ def exemplar_batches(
     stats: dict,
     n_tokens: int,
     batch_latents: int = EXEMPLAR_BATCH_LATENTS,
+    reseed_latents: int = 0,
 ):
-    """(exemplar windows, per-latent statistics) of the shard's latents, `batch_latents` at a time."""
+    """(exemplar windows, per-latent statistics) of the shard's latents, `batch_latents` at a time; the first
+    `reseed_latents` of them also get a second draw of explainer windows (split `reseed`)."""
     window = config.example_ctx_len
     ctx_len = tokens.shape[1]
     counts = split_counts(config.n_non_activating, list(config.non_activating_sources))
@@ -436,7 +457,8 @@ def exemplar_batches(
         train_blocks = train_windows.sequence * sources.blocks_per_seq + np.minimum(
             max_token // window, sources.blocks_per_seq - 1
         )
-        planned.append((latent, locations, values, windows, rng, train, used, train_blocks))
+        reseed = len(planned) < reseed_latents
+        planned.append((latent, locations, values, windows, rng, train, used, train_blocks, reseed))
     most = (
         config.n_non_activating + config.n_non_activating_train + config.n_examples_valid + 16
     )  # the longest list a latent's searches ask beyond its own blocks
@@ -463,7 +485,7 @@ def _exemplar_rows(
 ) -> tuple[pd.DataFrame, pd.DataFrame]:
     rows: list[dict] = []
     latent_rows: list[dict] = []
-    for latent, locations, values, windows, rng, train, used, train_blocks in planned:
+    for latent, locations, values, windows, rng, train, used, train_blocks, reseed in planned:
         test, quantiles = sample_test(windows, train, config, rng)
         rest = np.setdiff1d(np.arange(len(windows)), np.concatenate([train, test]))
         valid = (
@@ -478,6 +500,11 @@ def _exemplar_rows(
         rows += window_rows(
             latent, "valid", "activating", [0] * len(valid), windows.take(valid), tokens
         )
+        if reseed:
+            second = sample_reseed(windows, np.concatenate([train, test, valid]), config, latent)
+            rows += window_rows(
+                latent, RESEED, "activating", [0] * len(second), windows.take(second), tokens
+            )
         for split, split_counts_ in split_negatives:
             for kind, blocks in non_activating_blocks(
                 latent, used, train_blocks, split_counts_, sources, window, rng
@@ -583,6 +610,7 @@ def _shard_exemplars(
     config: ExemplarsConfig,
     settings: AutointerpSettings,
     embedder: EmbedderResource,
+    reseed_latents: int = 0,
 ) -> MaterializeResult:
     coder, shard = coder_and_shard(partition_key)
     store = settings.store
@@ -638,7 +666,13 @@ def _shard_exemplars(
 
     def batches():  # written as they are built, so the stage holds one batch of window rows
         for frame, profiles in exemplar_batches(
-            shard_acts, corpus.tokens, config, sources, stats, meta["tokens"]
+            shard_acts,
+            corpus.tokens,
+            config,
+            sources,
+            stats,
+            meta["tokens"],
+            reseed_latents=reseed_latents,
         ):
             profile_parts.append(profiles)
             window_kinds.append(frame[["latent", "split", "kind"]])
@@ -699,10 +733,15 @@ EXEMPLARS_VERSION = "3"  # 3: hard negatives from windows embedded as `window_te
 
 
 def exemplars_asset(
-    defaults: dict | None = None, partitions_per_run: int = 1, models: Models = NO_MODELS
+    defaults: dict | None = None,
+    partitions_per_run: int = 1,
+    models: Models = NO_MODELS,
+    reseed_latents: int = 0,
 ) -> AssetsDefinition:
     """The `exemplars` asset of a deployment: `defaults` are its [exemplars] table (part of the code version),
-    and so is the embedder when it picks hard negatives."""
+    and so is the embedder when it picks hard negatives. `reseed_latents` ([explanations] stability_latents):
+    that many latents per shard get a second draw of explainer windows; part of the code version only when
+    above 0, so that deployments without it re-run nothing."""
     Configured = with_defaults(ExemplarsConfig, defaults or {}, "exemplars")
     uses_embedder = "embedding" in Configured().non_activating_sources
 
@@ -713,7 +752,8 @@ def exemplars_asset(
         embedder: EmbedderResource,
     ):
         yield from each_shard(
-            context, lambda key: _shard_exemplars(context, key, config, settings, embedder)
+            context,
+            lambda key: _shard_exemplars(context, key, config, settings, embedder, reseed_latents),
         )
 
     exemplars.__annotations__.update(
@@ -728,7 +768,8 @@ def exemplars_asset(
         partitions_def=shard_partitions,
         deps=[AssetDep("activations")],
         code_version=f"{EXEMPLARS_VERSION}-{settings_digest(Configured())}"
-        f"{models.version_part('embedder') if uses_embedder else ''}",
+        f"{models.version_part('embedder') if uses_embedder else ''}"
+        f"{f'-reseed{reseed_latents}' if reseed_latents else ''}",
         automation_condition=FOLLOW | CODE_CHANGED,
         backfill_policy=backfill_policy(partitions_per_run),
         output_required=False,  # a range records each shard itself (`each_shard`)

@@ -198,13 +198,14 @@ def sample_test(
 
 
 def sample_reseed(
-    windows: Windows, used: np.ndarray, config: ExemplarsConfig, latent: int
+    windows: Windows, used: np.ndarray, n: int, config: ExemplarsConfig, latent: int
 ) -> np.ndarray:
-    """A second draw of the explainer's windows from those the latent uses nowhere else (`used`), with
-    another seed: the next strongest for the `top` sampler, else a uniform draw. Its own generator, so
-    every other draw is the one made without it."""
+    """A second draw of `n` explainer windows (as many as the first) from those the latent uses nowhere else
+    (`used`), with another seed: the next strongest for the `top` sampler, else a uniform draw; none where
+    fewer are left. Its own generator, so every other draw is the one made without it."""
     rest = np.setdiff1d(np.arange(len(windows)), used)
-    n = min(config.n_examples_train, len(rest))
+    if len(rest) < n or not n:
+        return rest[:0]
     if config.sampler == "top":
         return rest[:n]
     rng = np.random.default_rng([config.seed, latent, RESEED_STREAM])
@@ -427,7 +428,7 @@ def exemplar_batches(
     reseed_latents: int = 0,
 ):
     """(exemplar windows, per-latent statistics) of the shard's latents, `batch_latents` at a time; the first
-    `reseed_latents` of them also get a second draw of explainer windows (split `reseed`)."""
+    `reseed_latents` of them with windows to spare also get a second draw of explainer windows (split `reseed`)."""
     window = config.example_ctx_len
     ctx_len = tokens.shape[1]
     counts = split_counts(config.n_non_activating, list(config.non_activating_sources))
@@ -457,8 +458,7 @@ def exemplar_batches(
         train_blocks = train_windows.sequence * sources.blocks_per_seq + np.minimum(
             max_token // window, sources.blocks_per_seq - 1
         )
-        reseed = len(planned) < reseed_latents
-        planned.append((latent, locations, values, windows, rng, train, used, train_blocks, reseed))
+        planned.append((latent, locations, values, windows, rng, train, used, train_blocks))
     most = (
         config.n_non_activating + config.n_non_activating_train + config.n_examples_valid + 16
     )  # the longest list a latent's searches ask beyond its own blocks
@@ -468,9 +468,11 @@ def exemplar_batches(
             "embedding" in config.non_activating_sources
         ):  # one search for the batch's hard negatives (its answers are one batch's too)
             sources.prefetch_nearest([p[7] for p in batch], [len(p[6]) + most for p in batch])
-        yield _exemplar_rows(
-            batch, tokens, config, sources, stats, n_tokens, split_negatives, window
+        frame, profiles = _exemplar_rows(
+            batch, tokens, config, sources, stats, n_tokens, split_negatives, window, reseed_latents
         )
+        reseed_latents -= frame.loc[frame["split"] == RESEED, "latent"].nunique()
+        yield frame, profiles
 
 
 def _exemplar_rows(
@@ -482,10 +484,11 @@ def _exemplar_rows(
     n_tokens: int,
     split_negatives: list,
     window: int,
+    reseed_latents: int = 0,
 ) -> tuple[pd.DataFrame, pd.DataFrame]:
     rows: list[dict] = []
     latent_rows: list[dict] = []
-    for latent, locations, values, windows, rng, train, used, train_blocks, reseed in planned:
+    for latent, locations, values, windows, rng, train, used, train_blocks in planned:
         test, quantiles = sample_test(windows, train, config, rng)
         rest = np.setdiff1d(np.arange(len(windows)), np.concatenate([train, test]))
         valid = (
@@ -500,11 +503,16 @@ def _exemplar_rows(
         rows += window_rows(
             latent, "valid", "activating", [0] * len(valid), windows.take(valid), tokens
         )
-        if reseed:
-            second = sample_reseed(windows, np.concatenate([train, test, valid]), config, latent)
+        second = (
+            sample_reseed(windows, np.concatenate([train, test, valid]), len(train), config, latent)
+            if reseed_latents > 0
+            else []
+        )
+        if len(second):
             rows += window_rows(
                 latent, RESEED, "activating", [0] * len(second), windows.take(second), tokens
             )
+            reseed_latents -= 1
         for split, split_counts_ in split_negatives:
             for kind, blocks in non_activating_blocks(
                 latent, used, train_blocks, split_counts_, sources, window, rng

@@ -426,9 +426,11 @@ def exemplar_batches(
     n_tokens: int,
     batch_latents: int = EXEMPLAR_BATCH_LATENTS,
     reseed_latents: int = 0,
+    reseed_among: int = 0,
 ):
     """(exemplar windows, per-latent statistics) of the shard's latents, `batch_latents` at a time; the first
-    `reseed_latents` of them with windows to spare also get a second draw of explainer windows (split `reseed`)."""
+    `reseed_latents` of them with windows to spare also get a second draw of explainer windows (split `reseed`),
+    taken among the first `reseed_among` latents (those the explainer takes, `max_latents_per_shard`; 0: all)."""
     window = config.example_ctx_len
     ctx_len = tokens.shape[1]
     counts = split_counts(config.n_non_activating, list(config.non_activating_sources))
@@ -462,6 +464,7 @@ def exemplar_batches(
     most = (
         config.n_non_activating + config.n_non_activating_train + config.n_examples_valid + 16
     )  # the longest list a latent's searches ask beyond its own blocks
+    eligible = {p[0] for p in (planned[:reseed_among] if reseed_among else planned)}
     for start in range(0, len(planned), batch_latents):
         batch = planned[start : start + batch_latents]
         if (
@@ -469,7 +472,16 @@ def exemplar_batches(
         ):  # one search for the batch's hard negatives (its answers are one batch's too)
             sources.prefetch_nearest([p[7] for p in batch], [len(p[6]) + most for p in batch])
         frame, profiles = _exemplar_rows(
-            batch, tokens, config, sources, stats, n_tokens, split_negatives, window, reseed_latents
+            batch,
+            tokens,
+            config,
+            sources,
+            stats,
+            n_tokens,
+            split_negatives,
+            window,
+            reseed_latents,
+            eligible,
         )
         reseed_latents -= frame.loc[frame["split"] == RESEED, "latent"].nunique()
         yield frame, profiles
@@ -485,6 +497,7 @@ def _exemplar_rows(
     split_negatives: list,
     window: int,
     reseed_latents: int = 0,
+    eligible: set[int] = frozenset(),
 ) -> tuple[pd.DataFrame, pd.DataFrame]:
     rows: list[dict] = []
     latent_rows: list[dict] = []
@@ -505,7 +518,7 @@ def _exemplar_rows(
         )
         second = (
             sample_reseed(windows, np.concatenate([train, test, valid]), len(train), config, latent)
-            if reseed_latents > 0
+            if reseed_latents > 0 and latent in eligible
             else []
         )
         if len(second):
@@ -681,6 +694,7 @@ def _shard_exemplars(
             stats,
             meta["tokens"],
             reseed_latents=reseed_latents,
+            reseed_among=settings.max_latents_per_shard,
         ):
             profile_parts.append(profiles)
             window_kinds.append(frame[["latent", "split", "kind"]])

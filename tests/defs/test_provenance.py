@@ -91,7 +91,8 @@ def test_models_define_code_versions_and_operational_knobs_do_not(tmp_path):
         "activations",
     } <= other_model and "explanations" not in other_model  # the rest follows activations
     embedder = changed(before, code_versions({**base, "embedder": {"model": str(weights)}}))
-    assert embedder == {"exemplars", "scores/embedding"}  # hard negatives and the embedding scorer
+    # hard negatives, the similarity of the demo's two texts per latent (stability_latents), the embedding scorer
+    assert embedder == {"exemplars", "explanations", "scores/embedding"}
     several = {**base, "explanations": {"senses": 2}}
     assert changed(
         code_versions(several), code_versions({**several, "embedder": {"model": str(weights)}})

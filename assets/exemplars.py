@@ -36,6 +36,7 @@ from assets.automation import CODE_CHANGED, FOLLOW, in_pool
 from assets.checks import exemplars_specs, explainable_latents, result
 from assets.partitions import backfill_policy, coder_and_shard, each_shard, shard_partitions
 from assets.prompts import corpus_prompt_vocab, token_text, window_embedding, window_text
+from assets.records import RESEED
 from assets.stage_config import NO_MODELS, Models, settings_digest, with_defaults
 from resources.embedder import EmbedderResource
 from resources.settings import AutointerpSettings
@@ -194,6 +195,25 @@ def sample_test(
             index.extend(picked)
             quantile.extend([q] * len(picked))
     return np.asarray(index, dtype=int), np.asarray(quantile, dtype=int)
+
+
+def sample_reseed(
+    windows: Windows, used: np.ndarray, n: int, config: ExemplarsConfig, latent: int
+) -> np.ndarray:
+    """A second draw of `n` explainer windows (as many as the first) from those the latent uses nowhere else
+    (`used`), with another seed: the next strongest for the `top` sampler, else a uniform draw; none where
+    fewer are left. Its own generator, so every other draw is the one made without it."""
+    rest = np.setdiff1d(np.arange(len(windows)), used)
+    if len(rest) < n or not n:
+        return rest[:0]
+    if config.sampler == "top":
+        return rest[:n]
+    rng = np.random.default_rng([config.seed, latent, RESEED_STREAM])
+    return np.sort(rng.choice(rest, size=n, replace=False))
+
+
+RESEED_STREAM = 1
+"""The reseed draw's generator is seeded with (seed, latent, this): another seed than the first draw's."""
 
 
 NEIGHBOUR_SIMILARITY_BYTES = 64 << 20
@@ -405,8 +425,12 @@ def exemplar_batches(
     stats: dict,
     n_tokens: int,
     batch_latents: int = EXEMPLAR_BATCH_LATENTS,
+    reseed_latents: int = 0,
+    reseed_among: int = 0,
 ):
-    """(exemplar windows, per-latent statistics) of the shard's latents, `batch_latents` at a time."""
+    """(exemplar windows, per-latent statistics) of the shard's latents, `batch_latents` at a time; the first
+    `reseed_latents` of them with windows to spare also get a second draw of explainer windows (split `reseed`),
+    taken among the first `reseed_among` latents (those the explainer takes, `max_latents_per_shard`; 0: all)."""
     window = config.example_ctx_len
     ctx_len = tokens.shape[1]
     counts = split_counts(config.n_non_activating, list(config.non_activating_sources))
@@ -440,15 +464,27 @@ def exemplar_batches(
     most = (
         config.n_non_activating + config.n_non_activating_train + config.n_examples_valid + 16
     )  # the longest list a latent's searches ask beyond its own blocks
+    eligible = {p[0] for p in (planned[:reseed_among] if reseed_among else planned)}
     for start in range(0, len(planned), batch_latents):
         batch = planned[start : start + batch_latents]
         if (
             "embedding" in config.non_activating_sources
         ):  # one search for the batch's hard negatives (its answers are one batch's too)
             sources.prefetch_nearest([p[7] for p in batch], [len(p[6]) + most for p in batch])
-        yield _exemplar_rows(
-            batch, tokens, config, sources, stats, n_tokens, split_negatives, window
+        frame, profiles = _exemplar_rows(
+            batch,
+            tokens,
+            config,
+            sources,
+            stats,
+            n_tokens,
+            split_negatives,
+            window,
+            reseed_latents,
+            eligible,
         )
+        reseed_latents -= frame.loc[frame["split"] == RESEED, "latent"].nunique()
+        yield frame, profiles
 
 
 def _exemplar_rows(
@@ -460,6 +496,8 @@ def _exemplar_rows(
     n_tokens: int,
     split_negatives: list,
     window: int,
+    reseed_latents: int = 0,
+    eligible: set[int] = frozenset(),
 ) -> tuple[pd.DataFrame, pd.DataFrame]:
     rows: list[dict] = []
     latent_rows: list[dict] = []
@@ -478,6 +516,16 @@ def _exemplar_rows(
         rows += window_rows(
             latent, "valid", "activating", [0] * len(valid), windows.take(valid), tokens
         )
+        second = (
+            sample_reseed(windows, np.concatenate([train, test, valid]), len(train), config, latent)
+            if reseed_latents > 0 and latent in eligible
+            else []
+        )
+        if len(second):
+            rows += window_rows(
+                latent, RESEED, "activating", [0] * len(second), windows.take(second), tokens
+            )
+            reseed_latents -= 1
         for split, split_counts_ in split_negatives:
             for kind, blocks in non_activating_blocks(
                 latent, used, train_blocks, split_counts_, sources, window, rng
@@ -583,6 +631,7 @@ def _shard_exemplars(
     config: ExemplarsConfig,
     settings: AutointerpSettings,
     embedder: EmbedderResource,
+    reseed_latents: int = 0,
 ) -> MaterializeResult:
     coder, shard = coder_and_shard(partition_key)
     store = settings.store
@@ -638,7 +687,14 @@ def _shard_exemplars(
 
     def batches():  # written as they are built, so the stage holds one batch of window rows
         for frame, profiles in exemplar_batches(
-            shard_acts, corpus.tokens, config, sources, stats, meta["tokens"]
+            shard_acts,
+            corpus.tokens,
+            config,
+            sources,
+            stats,
+            meta["tokens"],
+            reseed_latents=reseed_latents,
+            reseed_among=settings.max_latents_per_shard,
         ):
             profile_parts.append(profiles)
             window_kinds.append(frame[["latent", "split", "kind"]])
@@ -700,10 +756,15 @@ EXEMPLARS_VERSION = "3"  # 3: hard negatives from windows embedded as `window_te
 
 
 def exemplars_asset(
-    defaults: dict | None = None, partitions_per_run: int = 1, models: Models = NO_MODELS
+    defaults: dict | None = None,
+    partitions_per_run: int = 1,
+    models: Models = NO_MODELS,
+    reseed_latents: int = 0,
 ) -> AssetsDefinition:
     """The `exemplars` asset of a deployment: `defaults` are its [exemplars] table (part of the code version),
-    and so is the embedder when it picks hard negatives."""
+    and so is the embedder when it picks hard negatives. `reseed_latents` ([explanations] stability_latents):
+    that many latents per shard get a second draw of explainer windows; part of the code version only when
+    above 0, so that deployments without it re-run nothing."""
     Configured = with_defaults(ExemplarsConfig, defaults or {}, "exemplars")
     uses_embedder = "embedding" in Configured().non_activating_sources
 
@@ -714,7 +775,8 @@ def exemplars_asset(
         embedder: EmbedderResource,
     ):
         yield from each_shard(
-            context, lambda key: _shard_exemplars(context, key, config, settings, embedder)
+            context,
+            lambda key: _shard_exemplars(context, key, config, settings, embedder, reseed_latents),
         )
 
     exemplars.__annotations__.update(
@@ -729,7 +791,8 @@ def exemplars_asset(
         partitions_def=shard_partitions,
         deps=[AssetDep("activations")],
         code_version=f"{EXEMPLARS_VERSION}-{settings_digest(Configured())}"
-        f"{models.version_part('embedder') if uses_embedder else ''}",
+        f"{models.version_part('embedder') if uses_embedder else ''}"
+        f"{f'-reseed{reseed_latents}' if reseed_latents else ''}",
         automation_condition=FOLLOW | CODE_CHANGED,
         backfill_policy=backfill_policy(partitions_per_run),
         output_required=False,  # a range records each shard itself (`each_shard`)

@@ -47,7 +47,7 @@ from assets.latent_queue import (
 from assets.links import coder_url, latent_url
 from assets.partitions import backfill_policy, coder_and_shard, each_shard, shard_partitions
 from assets.prompts import corpus_prompt_vocab, plain_text
-from assets.records import LatentRecord, read_records
+from assets.records import RESEED, LatentRecord, read_records
 from assets.refine import Refiner
 from assets.score_metrics import roc_auc
 from assets.senses import JOIN, sense_clusters, sense_record, sense_test_windows
@@ -101,6 +101,13 @@ class ExplanationsConfig(Config):
         description="Most senses per latent: above 1, the latent's activating windows are "
         "clustered by the embedder and each distinct cluster is explained on its own; "
         "the explanation is their union (assets/senses.py). 1: one explanation.",
+    )
+    stability_latents: int = added_later(
+        0,
+        ge=0,
+        description="Latents per shard explained a second time, from a draw of their top windows "
+        "disjoint from the first (the exemplars' `reseed` split); the scorers score both texts and "
+        "the summary reports how far their scores differ. 0: off.",
     )
 
 
@@ -299,6 +306,61 @@ async def explain_senses(
     )
 
 
+async def explain_reseeds(
+    explainer: Explainer,
+    config: ExplanationsConfig,
+    exemplars: pd.DataFrame | Path,
+    explained: pd.DataFrame,
+    vocab: list[str],
+    embed,
+    coder: str = "",
+    refiner: Refiner | None = None,
+) -> list[dict]:
+    """The `explanation_reseeds` rows: the first `config.stability_latents` explained latents that have `reseed`
+    windows, each explained again as its first text was but from those windows, with the two texts'
+    embedding similarity. A second draw that sees other windows may say something else: how much that
+    changes the scores is what the scorers then measure."""
+    ok = explained[explained["status"] == "ok"]
+    first = dict(zip(ok["latent"].astype(int), ok["explanation"], strict=False))
+    splits = (
+        exemplars[["latent", "split"]]
+        if isinstance(exemplars, pd.DataFrame)
+        else pd.read_parquet(exemplars, columns=["latent", "split"])
+    )  # two columns, not every window of the shard
+    drawn = splits.loc[splits["split"] == RESEED, "latent"].astype(int)
+    latents = sorted(set(drawn) & set(first))[: config.stability_latents]
+    if not latents:
+        return []
+    records = read_records(exemplars, latents, coder, vocab)
+    client = explainer.deps.llm
+    async with (
+        client.session(),
+        refiner.judge.session() if refiner is not None else contextlib.nullcontext(),
+    ):
+        asked = await asyncio.gather(
+            *(
+                explain_senses(explainer, config, records[latent].reseeded(), embed, refiner)
+                for latent in latents
+            )
+        )
+    rows = []
+    for latent, (row, _, _) in zip(latents, asked, strict=True):
+        second = row["explanation"] if row["status"] == "ok" else ""
+        rows.append(
+            {
+                "latent": latent,
+                "explanation": second,
+                "first_explanation": first[latent],
+                "windows": int((drawn == latent).sum()),
+                "similarity": float(explanation_similarity(embed, [first[latent]], [second])[0, 0])
+                if second
+                else float("nan"),
+                **{k: row[k] for k in ("status", "error", "prompt_tokens", "completion_tokens")},
+            }
+        )
+    return rows
+
+
 def make_explainer(
     config: ExplanationsConfig, explainers: dict[str, type[Explainer]], deps: ExplainerDeps
 ) -> Explainer:
@@ -309,10 +371,15 @@ def make_explainer(
             f"of {sorted(explainers)} in the deployment file."
         )
     cls = explainers[config.explainer]
-    if not cls.asks_llm and (config.best_of_n, config.refine_rounds, config.senses) != (1, 0, 1):
+    if not cls.asks_llm and (
+        config.best_of_n,
+        config.refine_rounds,
+        config.senses,
+        config.stability_latents,
+    ) != (1, 0, 1, 0):
         raise ValueError(
-            f"The {cls.name!r} explainer asks no LLM: best_of_n, refine_rounds and senses do not "
-            "apply. Fix: leave them at 1, 0 and 1 in [explanations]."
+            f"The {cls.name!r} explainer asks no LLM: best_of_n, refine_rounds, senses and "
+            "stability_latents do not apply. Fix: leave them at 1, 0, 1 and 0 in [explanations]."
         )
     try:
         settings = cls.Settings(**config.explainer_settings)
@@ -451,7 +518,11 @@ def explanations_asset(
     roles = [
         *(["explainer"] if asks_llm else []),
         *(["subject_model"] if "subject_model" in explainers[chosen.explainer].uses else []),
-        *(["embedder"] if chosen.best_of_n > 1 or chosen.senses > 1 else []),
+        *(
+            ["embedder"]
+            if chosen.best_of_n > 1 or chosen.senses > 1 or chosen.stability_latents
+            else []
+        ),
         *(["judge"] if chosen.refine_rounds else []),
     ]
     version = (
@@ -530,20 +601,23 @@ def explanations_asset(
                 ) + (f"|{files}" if files else "")
                 rounds: list[dict] = []
                 senses: list[dict] = []
+                reseeds_table = store.explanation_reseeds(coder, shard)
+                vocab = corpus_prompt_vocab(load_corpus(layout))
                 with store.writing(
                     explanations_table,
                     journal_key=key,
                     parts=("rounds", "senses", "rows"),
                     lease=lease,
                 ) as writer:
-                    frame = asyncio.run(
-                        explain_all(
+
+                    async def explain_and_reseed() -> tuple[pd.DataFrame, list[dict]]:
+                        explained = await explain_all(
                             explainer,
                             config,
                             exemplars,
                             latent_stats,
                             latents,
-                            corpus_prompt_vocab(load_corpus(layout)),
+                            vocab,
                             embedder.embed,
                             context.log.info,
                             coder,
@@ -552,7 +626,20 @@ def explanations_asset(
                             rounds,
                             senses,
                         )
-                    )
+                        if not config.stability_latents:
+                            return explained, []
+                        return explained, await explain_reseeds(
+                            explainer,
+                            config,
+                            exemplars,
+                            explained,
+                            vocab,
+                            embedder.embed,
+                            coder,
+                            refiner,
+                        )
+
+                    frame, reseeds = asyncio.run(explain_and_reseed())
                     asked()  # a range's next shard may ask now, while this one is written (`each_shard`)
                     frame["exemplars_fingerprint"] = (
                         exemplars_fingerprint  # what the scorers check they score against
@@ -571,6 +658,18 @@ def explanations_asset(
                             store.explanation_senses(coder, shard),
                             pd.DataFrame(senses, columns=TABLES["explanation_senses"].columns),
                         ),
+                        *(
+                            [
+                                (
+                                    reseeds_table,
+                                    pd.DataFrame(
+                                        reseeds, columns=TABLES["explanation_reseeds"].columns
+                                    ),
+                                )
+                            ]
+                            if config.stability_latents or reseeds_table.exists()
+                            else []
+                        ),  # off and never on: no table; turned off: emptied
                     )
                 ok = frame[frame["status"] == "ok"]
                 sync_explanations(
@@ -610,6 +709,18 @@ def explanations_asset(
                         **(
                             {"latents_with_several_senses": len({r["latent"] for r in senses})}
                             if config.senses > 1
+                            else {}
+                        ),
+                        **(
+                            {
+                                "reseeded": sum(r["status"] == "ok" for r in reseeds),
+                                "mean_reseed_similarity": MetadataValue.float(
+                                    float(np.nanmean([r["similarity"] for r in reseeds]))
+                                    if any(r["status"] == "ok" for r in reseeds)
+                                    else float("nan")
+                                ),
+                            }
+                            if config.stability_latents
                             else {}
                         ),
                         "failed": int((frame["status"] == "failed").sum()),

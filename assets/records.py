@@ -7,7 +7,7 @@ latents' exemplar rows at a time (`read_records`).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import cached_property
 from itertools import compress
 from pathlib import Path
@@ -50,6 +50,9 @@ class Example:
 
 EXAMPLE_COLUMNS = ("kind", "quantile", "tokens", "activations", "sequence", "start")
 """The exemplar columns an `Example` is made of."""
+RESEED = "reseed"
+"""The split of a latent's second draw of explainer windows, disjoint from all its others
+(`[explanations] stability_latents`): what its second explanation is written from."""
 
 
 @dataclass
@@ -90,6 +93,15 @@ class LatentRecord:
             for ids, acts in zip(tokens, activations, strict=False)
         ]
         return examples, float(max(peaks, default=np.nan))
+
+    def reseeded(self) -> LatentRecord:
+        """The record as the explainer sees it from the second draw: the `reseed` windows are its `train`
+        activating ones, every other window (counter-examples, `valid`) as before."""
+        windows = self.windows
+        first = (windows["split"] == "train") & (windows["kind"] == "activating")
+        second = windows[windows["split"] == RESEED].assign(split="train")
+        rest = windows[~first & (windows["split"] != RESEED)]
+        return replace(self, windows=pd.concat([second, rest]))
 
     def examples(self, split: str, rng: np.random.Generator) -> list[Example]:
         """The `split` windows as scorers judge them, in an order drawn from `rng`; non-activating ones get

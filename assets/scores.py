@@ -70,6 +70,7 @@ from assets.score_metrics import (
 from assets.scorers import Job, JobResult, Scorer, ScorerDeps, ScorerSettings
 from assets.scorers.base import CONTROLS
 from assets.senses import lowest_sense_scores, of_current
+from assets.stability import current_reseeds, reseed_stability, stability_line
 from assets.stage_config import NO_MODELS, SCORER_ROLES, Models
 from resources.llm import stopped_by_budget
 from resources.sparse_coders import load_registered
@@ -239,8 +240,10 @@ async def score_partition(
     report=None,
     journal: Journal | None = None,
     coder: str = "",
+    controls: bool = True,
 ) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """Per-latent metrics and per-example rows of one scorer on one partition, with the control.
+    """Per-latent metrics and per-example rows of one scorer on one partition, with the control (without
+    one when not `controls`: the second texts of `reseed_scores`, compared with the first, not a control).
     `exemplars` is the table or its file; from a file, a chunk of latents' rows is read at a time, as
     `coder`'s records (`read_records`), from which each latent's jobs take their examples.
     Latents stream through a bounded queue; with a `journal`, each scored latent's rows go to disk as it
@@ -256,7 +259,9 @@ async def score_partition(
         )
     text_of = {latent: text for latent, text in text_of.items() if latent in have_exemplars}
     control_of = (
-        control_assignment(text_of, settings.seed)
+        {}
+        if not controls
+        else control_assignment(text_of, settings.seed)
         if scorer.uses_explanation
         else {latent: latent for latent in text_of}
     )
@@ -309,7 +314,7 @@ async def score_partition(
         own, control = await asyncio.gather(
             scorer.score(own_job), scorer.score(control_job) if control_job is not None else _none()
         )
-        note = "" if latent in control_of else no_control_reason(len(text_of))
+        note = "" if latent in control_of or not controls else no_control_reason(len(text_of))
         row = latent_row(
             scorer.main_metric,
             latent,
@@ -438,6 +443,23 @@ def scorable_senses(
         )
         return empty_table("explanation_senses")
     return of_current(senses, explanations)
+
+
+async def score_reseeds(
+    scorer: Scorer,
+    exemplars: pd.DataFrame | Path,
+    reseeds: pd.DataFrame,
+    vocab: list[str],
+    coder: str = "",
+) -> pd.DataFrame:
+    """The `reseed_scores` rows: each latent's second text (`current_reseeds`) scored as its first was, on the
+    same `test` windows in the same order (the same seeds), without a control."""
+    if not len(reseeds):
+        return empty_table("reseed_scores")
+    scored, _ = await score_partition(
+        scorer, exemplars, reseeds.assign(status="ok"), vocab, coder=coder, controls=False
+    )
+    return scored[TABLES["reseed_scores"].columns]
 
 
 async def _none():
@@ -732,6 +754,12 @@ def scorer_asset(
                     if judge.scores_senses and judge.uses_explanation
                     else None
                 )
+                reseeds_table = store.explanation_reseeds(coder, shard)
+                reseeds = (
+                    current_reseeds(reseeds_table.read(), explanations)
+                    if judge.uses_explanation and reseeds_table.exists()
+                    else None
+                )  # `[explanations] stability_latents`: none while it was never on
 
                 async def union_and_senses():  # one event loop: the judge's client is bound to it
                     frame, examples = await score_partition(
@@ -749,15 +777,23 @@ def scorer_asset(
                         if senses is not None
                         else None
                     )  # `max_latents_per_shard`
+                    second = (
+                        reseeds[reseeds["latent"].isin(frame["latent"] if len(frame) else [])]
+                        if reseeds is not None
+                        else None
+                    )
                     return (
                         frame,
                         examples,
                         await score_senses(judge, exemplars, scored, vocab, coder)
                         if scored is not None
                         else None,
+                        await score_reseeds(judge, exemplars, second, vocab, coder)
+                        if second is not None
+                        else None,
                     )
 
-                frame, examples, sense_frame = asyncio.run(union_and_senses())
+                frame, examples, sense_frame, reseed_frame = asyncio.run(union_and_senses())
                 asked()  # a range's next shard may ask now, while this one is written (`each_shard`)
                 if (
                     len(frame)
@@ -782,12 +818,27 @@ def scorer_asset(
                         if sense_frame is not None
                         else []
                     ),
+                    *(
+                        [(store.reseed_scores(coder, shard, scorer.name), reseed_frame)]
+                        if reseed_frame is not None
+                        else []
+                    ),
                 )
             metadata = scorer_metadata(scorer, settings, frame, examples)
             if sense_frame is not None and len(sense_frame):
                 metadata["senses_scored"] = len(sense_frame)
                 metadata[f"mean_sense_{scorer.main_metric}"] = MetadataValue.float(
                     round(float(sense_frame[scorer.main_metric].mean()), 4)
+                )
+            if reseed_frame is not None and len(reseed_frame):
+                said = reseed_stability(
+                    frame.set_index("latent")[scorer.main_metric],
+                    reseed_frame.set_index("latent")[scorer.main_metric],
+                    pd.Series(dtype=float),
+                )
+                metadata["reseeds_scored"] = len(reseed_frame)
+                metadata["mean_abs_reseed_difference"] = MetadataValue.float(
+                    round(said["mean_abs_difference"], 4)
                 )
             metadata.update(
                 {
@@ -843,15 +894,21 @@ def summary_table(store: TableStore, coder: str, scorers: dict[str, type[Scorer]
     `senses` counts the senses of the current explanation (0: none), and per scorer that scores senses
     `<scorer>_min_sense` is its lowest sense's main metric (`assets.senses.lowest_sense_scores`; NaN with one sense).
     Per scorer that asks a judge, `<scorer>_calibration` names the calibration card of the judge that made the
-    latent's score (`assets/calibration.py`; '' where that judge has none yet)."""
+    latent's score (`assets/calibration.py`; '' where that judge has none yet).
+    Where latents were re-explained (`assets.stability`), `<scorer>_reseed` is the main metric of a latent's
+    current second text and `reseed_similarity` the two texts' similarity; without any, no such column."""
     parts, counts, lowest = (
         [],
         {},
         {name: [] for name, scorer in scorers.items() if scorer.scores_senses},
     )
     cards = {name: {} for name, scorer in scorers.items() if "llm" in scorer.uses}
+    seconds: list[pd.DataFrame] = []
     for shard in store.scored_shards(coder):
         explained = current_explanations(store, coder, shard)
+        reseeds = current_reseeds(
+            store.explanation_reseeds(coder, shard).read_if_present(), explained
+        ).set_index("latent")
         current = dict(zip(explained["latent"].astype(int), explained["explanation"], strict=False))
         senses = current_senses(store, coder, shard, explained)
         counts |= {latent: 1 for latent in current} | senses.groupby("latent").size().to_dict()
@@ -863,6 +920,24 @@ def summary_table(store: TableStore, coder: str, scorers: dict[str, type[Scorer]
                 and (scored := store.sense_scores(coder, shard, name).read_if_present()) is not None
             ):
                 lowest[name].append(lowest_sense_scores(senses, scored, main))
+            second = (
+                store.reseed_scores(coder, shard, name).read_if_present() if len(reseeds) else None
+            )
+            if second is not None and len(second):
+                fresh = second[
+                    second["explanation"] == second["latent"].map(reseeds["explanation"])
+                ]
+                seconds.append(
+                    pd.DataFrame(
+                        {
+                            "latent": fresh["latent"].astype(int),
+                            "shard": shard,
+                            "scorer": name,
+                            "score": fresh[scorer.main_metric],
+                            "similarity": fresh["latent"].map(reseeds["similarity"]),
+                        }
+                    )
+                )
             frame = store.scores(coder, shard, name).read_if_present()
             if frame is None or not len(frame):  # an empty shard adds nothing
                 continue
@@ -923,6 +998,13 @@ def summary_table(store: TableStore, coder: str, scorers: dict[str, type[Scorer]
     for name, found in cards.items():
         if name in long["scorer"].unique():
             wide[f"{name}_calibration"] = [found.get(latent, "") for latent in wide["latent"]]
+    if seconds:
+        second = pd.concat(seconds, ignore_index=True)
+        scored = second.pivot_table(index="latent", columns="scorer", values="score", dropna=False)
+        for name in scored.columns:
+            wide[f"{name}_reseed"] = wide["latent"].map(scored[name]).astype("float64")
+        similarity = second.drop_duplicates("latent").set_index("latent")["similarity"]
+        wide["reseed_similarity"] = wide["latent"].map(similarity).astype("float64")
     return wide
 
 
@@ -950,6 +1032,10 @@ def coder_summary(table: pd.DataFrame, scorers: dict[str, type[Scorer]]) -> dict
             "gap_interval": list(mean_interval(gap)),
             "verdict": verdict(gap, scorer.control_description()),
         }
+        if f"{name}_reseed" in table.columns:  # `[explanations] stability_latents`
+            found[name]["stability"] = reseed_stability(
+                score, table[f"{name}_reseed"], table["reseed_similarity"]
+            )
     return found
 
 
@@ -972,6 +1058,12 @@ def summary_sources(
         for name, scorer in scorers.items()
         if scorer.scores_senses
     }
+    tables |= {f"{shard}/reseeds": store.explanation_reseeds(coder, shard) for shard in shards}
+    tables |= {
+        f"{shard}/{name}.reseeds": store.reseed_scores(coder, shard, name)
+        for shard in shards
+        for name in scorers
+    }  # only those that exist count: none while `stability_latents` was never on
     found = {source: table.fingerprint() for source, table in tables.items() if table.exists()}
     cards = card_files(store.layout) if found else []
     found |= {f"calibration/{card.name}": file_digest(card) for card in cards}
@@ -1109,6 +1201,8 @@ def summary_asset(scorers: dict[str, type[Scorer]]) -> AssetsDefinition:
                         metadata[f"{name}_{part}_interval"] = (
                             f"[{lo:.4f}, {hi:.4f}] (95 %, over latents)"
                         )
+                    if "stability" in said:
+                        metadata[f"{name}_reseed_stability"] = stability_line(said["stability"])
         metadata.update(summary_links(settings.viewer_url, ranked))
         metadata["path"] = MetadataValue.path(str(store.layout.scores_dir))
         shards = {

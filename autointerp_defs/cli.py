@@ -483,6 +483,7 @@ def print_results(store, coder: str, scorers: dict) -> None:
     import pandas as pd
 
     from assets.score_metrics import beside_control, paired_means, verdict
+    from assets.stability import reseed_stability, stability_line
 
     table = store.score_summary(coder).read_if_present()
     if table is None:
@@ -534,6 +535,11 @@ def print_results(store, coder: str, scorers: dict) -> None:
         print(
             f"{name}: {means}; {verdict(table[f'{name}_gap'], scorers[name].control_description())}"
         )
+        if f"{name}_reseed" in table:  # `[explanations] stability_latents`
+            said = reseed_stability(
+                table[name], table[f"{name}_reseed"], table["reseed_similarity"]
+            )
+            print(f"{name}, explained again from other windows: {stability_line(said)}")
     if stale := table.loc[table["stale"] != "", "latent"].tolist() if "stale" in table else []:
         print(
             f"latents {stale[:10]}: some scores were made with an earlier explanation and are "
@@ -731,6 +737,7 @@ def print_scores(store, coder: str, scorers: dict, as_json: bool = False) -> Non
 
     from assets.accounting import accounting_lines, coder_accounting
     from assets.scores import coder_summary
+    from assets.stability import stability_line
 
     table = store.score_summary(coder).read_if_present()
     if table is None:
@@ -763,6 +770,8 @@ def print_scores(store, coder: str, scorers: dict, as_json: bool = False) -> Non
             lo, hi = said[f"{part}_interval"]
             print(f"  {part:<8} {said[part]:.3f} [{lo:.3f}, {hi:.3f}]")
         print(f"  {said['verdict']}")
+        if "stability" in said:  # `[explanations] stability_latents`
+            print(f"  reseeded: {stability_line(said['stability'])}")
 
 
 EXPORT_FLAGS = {"neuronpedia": ("model_id", "set_name", "layer", "batch_mb"), "delphi": ("module",)}

@@ -60,7 +60,12 @@ def definitions_for(deployment: Deployment) -> Definitions:
         stages = [
             corpus_asset(deployment.stage("corpus"), models),
             activations_asset(models),
-            exemplars_asset(deployment.stage("exemplars"), per_run, models),
+            exemplars_asset(
+                deployment.stage("exemplars"),
+                per_run,
+                models,
+                reseed_latents=deployment.stage("explanations").get("stability_latents", 0),
+            ),
             explanations_asset(
                 deployment.stage("explanations"), deployment.explainers, per_run, models
             ),

@@ -127,6 +127,11 @@ class DataRoot:
         how many `train` windows it was written from."""
         return self.root / "explanations" / coder / f"{shard}.senses.parquet"
 
+    def explanation_reseeds_path(self, coder: str, shard: str) -> Path:
+        """Per latent re-explained from a disjoint draw of windows (`[explanations] stability_latents`):
+        its second explanation, beside the first, and their embedding similarity."""
+        return self.root / "explanations" / coder / f"{shard}.reseeds.parquet"
+
     def scores_path(self, coder: str, shard: str, scorer: str) -> Path:
         """Per latent: the scorer's metrics with the explanation and beside the control."""
         return self.root / "scores" / coder / shard / f"{scorer}.parquet"
@@ -135,6 +140,10 @@ class DataRoot:
         """Per sense of a latent explained as several: the scorer's metrics of that sense on its own
         windows, beside the control."""
         return self.root / "scores" / coder / shard / f"{scorer}.senses.parquet"
+
+    def reseed_scores_path(self, coder: str, shard: str, scorer: str) -> Path:
+        """Per re-explained latent: the scorer's metrics of its second explanation, on the same windows."""
+        return self.root / "scores" / coder / shard / f"{scorer}.reseeds.parquet"
 
     def scored_examples_path(self, coder: str, shard: str, scorer: str) -> Path:
         """Per judged example (or intruder task): label, prediction, score; what every metric is computed from."""

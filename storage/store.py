@@ -242,6 +242,14 @@ class TableStore:
             f"senses of the explanations of {coder} shard {shard}",
         )
 
+    def explanation_reseeds(self, coder: str, shard: str) -> StoredTable:
+        return self._table(
+            "explanation_reseeds",
+            self.layout.explanation_reseeds_path(coder, shard),
+            "explanations",
+            f"second explanations (reseeds) of {coder} shard {shard}",
+        )
+
     def scores(self, coder: str, shard: str, scorer: str) -> StoredTable:
         return self._table(
             "scores",
@@ -256,6 +264,14 @@ class TableStore:
             self.layout.sense_scores_path(coder, shard, scorer),
             f"scores/{scorer}",
             f"sense scores of scores/{scorer} of {coder} shard {shard}",
+        )
+
+    def reseed_scores(self, coder: str, shard: str, scorer: str) -> StoredTable:
+        return self._table(
+            "reseed_scores",
+            self.layout.reseed_scores_path(coder, shard, scorer),
+            f"scores/{scorer}",
+            f"reseed scores of scores/{scorer} of {coder} shard {shard}",
         )
 
     def scored_examples(self, coder: str, shard: str, scorer: str) -> StoredTable:
@@ -281,7 +297,7 @@ class TableStore:
 
     def scorers_of(self, coder: str, shard: str) -> list[str]:
         """The scorers with a scores table in that shard (plugins' included); the tables beside one
-        (`<scorer>.examples.parquet`, `<scorer>.senses.parquet`) are not scorers."""
+        (`<scorer>.examples.parquet`, `<scorer>.senses.parquet`, `<scorer>.reseeds.parquet`) are not scorers."""
         folder = self.layout.scores_path(coder, shard, "_").parent
         return (
             sorted(

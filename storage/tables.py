@@ -72,8 +72,8 @@ SCORES_FIELDS = [
         (c, pa.float64()) for c in INTERVAL_COLUMNS
     ),  # last: the columns before them are as they were
 ]
-"""The columns of a scorer's per-latent rows: the `scores` table's, and with `sense` first the
-`sense_scores` table's."""
+"""The columns of a scorer's per-latent rows: the `scores` and `reseed_scores` tables', and with `sense`
+first the `sense_scores` table's."""
 
 
 @dataclass(frozen=True)
@@ -170,8 +170,25 @@ TABLES = {
                 ]
             ),
         ),
+        Table(
+            "explanation_reseeds",
+            pa.schema(
+                [
+                    ("latent", pa.int64()),
+                    ("explanation", pa.large_string()),
+                    ("first_explanation", pa.large_string()),
+                    ("windows", pa.int64()),
+                    ("similarity", pa.float64()),
+                    ("status", pa.large_string()),
+                    ("error", pa.large_string()),
+                    ("prompt_tokens", pa.int64()),
+                    ("completion_tokens", pa.int64()),
+                ]
+            ),
+        ),  # `[explanations] stability_latents`: a latent's second text, beside the first it was drawn for
         Table("scores", pa.schema(SCORES_FIELDS)),
         Table("sense_scores", pa.schema([("sense", pa.int64()), *SCORES_FIELDS])),
+        Table("reseed_scores", pa.schema(SCORES_FIELDS)),  # a scorer's rows of the second texts
         Table(
             "scored_examples",
             pa.schema(

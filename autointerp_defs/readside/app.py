@@ -19,6 +19,7 @@ import pandas as pd
 from assets.links import DEFAULT_DAGSTER_URL, coder_url, dagster_asset_url, latent_url
 from assets.score_metrics import STALE, mean_interval, paired_means, stale_scores
 from assets.senses import of_current
+from assets.stability import current_reseeds
 from autointerp_defs.readside import reader
 from autointerp_defs.readside.graph_labels import graphs_labelling, labelled_graph
 from autointerp_defs.readside.index import MODEL_LOADS, STATUSES, CoderIndex
@@ -409,6 +410,8 @@ class Viewer:
             {**g, "url": f"/graphs/{g['slug']}.json"}
             for g in graphs_labelling(self.store, coder, latent)
         ]
+        if page["explanation"] is not None:
+            page["explanation"]["reseed"] = self._reseed(index, latent, explained[-1])
         page["logit_lens"] = self._logit_lens(index, latent)
         page["steering"] = self.steering.availability(index)
         neighbours = index.neighbours(latent)
@@ -503,6 +506,32 @@ class Viewer:
                             "control": row.get(f"control_{main}"),
                         }
         return senses
+
+    @staticmethod
+    def _reseed(index: CoderIndex, latent: int, row: dict) -> dict | None:
+        """The latent's second text (`[explanations] stability_latents`), drawn beside its current explanation
+        `row`, with each scorer's main metric of it (`reseed_scores`, only scores of that text); None where
+        it has none."""
+        if "reseeds" not in index.shard_tables(index.shard_of(latent)):
+            return None
+        rows = index.rows(latent, "reseeds")
+        fresh = current_reseeds(pd.DataFrame(rows), pd.DataFrame([row]))
+        if not len(fresh):
+            return None
+        second = fresh.iloc[-1]
+        drawn = [r for r in rows if r["explanation"] == second["explanation"]]
+        scores = {}
+        for name in index.scorers:
+            main = reader.scorer_info(name)["main_metric"]
+            for scored in index.rows(latent, f"reseeds.{name}") if main else []:
+                if scored["explanation"] == second["explanation"]:
+                    scores[name] = {"metric": main, "score": scored.get(main)}
+        return {
+            "text": second["explanation"],
+            "windows": drawn[-1]["windows"],
+            "similarity": second["similarity"],
+            "scores": scores,
+        }
 
     @staticmethod
     def _explanation(row: dict, senses: list[dict] = ()) -> dict:

@@ -276,6 +276,15 @@ class CoderIndex:
             f"senses.{name}": self.store.sense_scores(self.coder, shard, name)
             for name in self.scorers
         }
+        reseeds = self.store.explanation_reseeds(self.coder, shard)
+        if (
+            reseeds.exists()
+        ):  # `[explanations] stability_latents`: a latent's second text and its scores
+            tables["reseeds"] = reseeds
+            tables |= {
+                f"reseeds.{name}": self.store.reseed_scores(self.coder, shard, name)
+                for name in self.scorers
+            }
         if "simulation" in self.scorers:
             tables["examples.simulation"] = self.store.scored_examples(
                 self.coder, shard, "simulation"

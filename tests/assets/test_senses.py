@@ -79,8 +79,8 @@ def test_senses_at_one_keep_the_code_version_they_had_before_the_option_existed(
     before = {
         key: value
         for key, value in ExplanationsConfig().model_dump().items()
-        if key not in ("senses", "refine_rounds")
-    }  # both added later
+        if key not in ("senses", "refine_rounds", "stability_latents")
+    }  # all added later
     assert settings_digest(ExplanationsConfig()) == settings_digest(before)
     assert settings_digest(
         with_defaults(ExplanationsConfig, {"senses": 1}, "explanations")()

@@ -395,3 +395,74 @@ def test_latent_page_shows_each_sense_with_its_scores_beside_the_union(
         context.close()
         httpd.shutdown()
         httpd.server_close()
+
+
+def test_latent_page_shows_the_second_text_beside_the_first_with_both_scores(
+    browser, partition, tmp_path
+):
+    """`[explanations] stability_latents`: a latent explained again from other windows shows both texts side by
+    side, each with its detection score, and their similarity; a second text drawn beside an explanation
+    since replaced is not shown."""
+    import threading
+
+    from autointerp_defs.readside.server import make_server
+    from storage.tables import write_table
+
+    root = tmp_path / "copy"
+    shutil.copytree(partition.root, root, ignore=shutil.ignore_patterns("viewer", "llm_cache"))
+    layout, coder, shard = DataRoot.at(root), partition.coder, partition.shard
+    explained = pd.read_parquet(layout.explanations_path(coder, shard))
+    first, other = list(explained[explained.status == "ok"].itertuples())[:2]
+    write_table(
+        pd.DataFrame(
+            {
+                "latent": [first.latent, other.latent],
+                "explanation": ["a second text", "drawn beside an older text"],
+                "first_explanation": [first.explanation, "an older text"],
+                "windows": 6,
+                "similarity": [0.25, 0.5],
+                "status": "ok",
+                "error": "",
+                "prompt_tokens": 0,
+                "completion_tokens": 0,
+            }
+        ),
+        layout.explanation_reseeds_path(coder, shard),
+        "explanation_reseeds",
+    )
+    scores = pd.read_parquet(layout.scores_path(coder, shard, "detection"))
+    write_table(
+        scores[scores.latent == first.latent].assign(
+            explanation="a second text", balanced_accuracy=0.55
+        ),
+        layout.reseed_scores_path(coder, shard, "detection"),
+        "reseed_scores",
+    )
+    score = float(scores.set_index("latent").loc[first.latent, "balanced_accuracy"])
+    httpd = make_server(str(root), port=0)
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    context = browser.new_context(viewport={"width": 1280, "height": 900})
+    try:
+        page = context.new_page()
+        base = f"http://127.0.0.1:{httpd.server_port}/latent?coder={quote(coder, safe='')}"
+        page.goto(f"{base}&latent={first.latent}")
+        ready(page)
+        shown = str(int(score)) if score.is_integer() else f"{score:.3f}"
+        assert page.locator("#reseed tr.first td").all_inner_texts() == [
+            "first",
+            first.explanation,
+            shown,
+        ]
+        assert page.locator("#reseed tr.second td").all_inner_texts() == [
+            "second (6 other windows)",
+            "a second text",
+            "0.550",
+        ]
+        assert page.locator("#reseed-similarity").inner_text().endswith("0.250")
+        page.goto(f"{base}&latent={other.latent}")
+        ready(page)
+        assert page.locator("#reseed").count() == 0
+    finally:
+        context.close()
+        httpd.shutdown()
+        httpd.server_close()

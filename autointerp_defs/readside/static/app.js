@@ -332,6 +332,16 @@ async function latentPage() {
         el("tr", { class: "union" }, el("td", {}, "all senses (the explanation)"), el("td", {}, ""), el("td", {}, ""),
           scored.map((s) => s.scored && !s.stale ? cell(s.score, s.control_score) : el("td", {}, "–")))));
     }
+    if (ex.reseed) {
+      // the same latent explained again from a disjoint draw of its windows: both texts and their scores side by side
+      const scored = d.scorers.filter((s) => ex.reseed.scores[s.name]);
+      explanation.append(el("h3", {}, "Explained again from other windows"), el("table", { id: "reseed" },
+        el("tr", {}, el("th", {}, "draw"), el("th", {}, "text"), scored.map((s) => el("th", {}, `${s.name} (${s.main_metric})`))),
+        el("tr", { class: "first" }, el("td", {}, "first"), el("td", {}, ex.text), scored.map((s) => el("td", { class: "num" }, s.scored && !s.stale ? fmt(s.score) : "–"))),
+        el("tr", { class: "second" }, el("td", {}, `second (${ex.reseed.windows} other windows)`), el("td", {}, ex.reseed.text),
+          scored.map((s) => el("td", { class: "num" }, fmt(ex.reseed.scores[s.name].score))))),
+        el("p", { class: "muted", id: "reseed-similarity" }, `embedding similarity of the two texts: ${fmt(ex.reseed.similarity)}`));
+    }
     if (ex.candidates.length) explanation.append(el("h3", {}, "Best-of-N candidates"), el("table", { id: "candidates" },
       el("tr", {}, el("th", {}, "candidate"), el("th", {}, "score (valid ROC AUC)"), el("th", {}, "kept")),
       ex.candidates.map((c) => el("tr", {}, el("td", {}, c.text), el("td", { class: "num" }, fmt(c.score)), el("td", {}, c.chosen ? "✓" : "")))));

@@ -17,7 +17,9 @@ Prints a table per part, then a JSON object as its last line with `interval_cove
 
 import argparse
 import json
+import os
 import sys
+import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -120,6 +122,111 @@ def cards(skip_embedded: bool, latents_per_class: int) -> dict[str, dict | None]
     return made
 
 
+DEMO_CODER = "smollm2-topk/model.layers.15"
+STABILITY_SHARDS = ("00", "01")
+"""The demo's shards (`autointerp demo`)."""
+
+
+def stability(demo_data: Path, latents: int) -> dict | None:
+    """Reseed stability on the demo coder: a copy of the demo's data root (its responses cached, so only
+    the second texts and their scores are asked) materialized again with `[explanations]
+    stability_latents = latents` in the local deployment, through `autointerp materialize`; detection's
+    scores of each latent's two texts, paired."""
+    import shutil
+    import subprocess
+    import tempfile
+
+    import pandas as pd
+    from dagster import DagsterInstance
+
+    from assets.partitions import shard_partitions
+    from assets.stability import current_reseeds, reseed_stability
+    from autointerp_defs.deployments import DEPLOYMENTS_DIR, load_deployment
+    from autointerp_defs.instance import write_instance
+    from autointerp_defs.sensors import new_shard_keys
+    from storage.layout import DataRoot
+    from storage.store import TableStore
+
+    if not (demo_data / "registry" / DEMO_CODER).exists():
+        print(
+            f"\nReseed stability: no demo coder under {demo_data} (run `make demo` first): skipped"
+        )
+        return None
+    with tempfile.TemporaryDirectory() as folder:
+        work = Path(folder)
+        shutil.copytree(demo_data, work / "data", ignore=shutil.ignore_patterns("scores"))
+        text = (DEPLOYMENTS_DIR / "local.toml").read_text()
+        assert "\n[explanations]\n" in text, (
+            "local.toml has no [explanations] table to switch it on in"
+        )
+        deployment = work / "stability.toml"
+        deployment.write_text(
+            text.replace("\n[explanations]\n", f"\n[explanations]\nstability_latents = {latents}\n")
+        )
+        write_instance(work / "dagster_home")
+        with DagsterInstance.from_config(
+            str(work / "dagster_home")
+        ) as instance:  # the demo's shards
+            keys, _ = new_shard_keys(
+                DataRoot.at(work / "data").registry_dir,
+                [DEMO_CODER],
+                load_deployment(str(deployment)).latents_per_shard,
+                {},
+            )
+            instance.add_dynamic_partitions(shard_partitions.name, keys)
+        env = {**os.environ, "DAGSTER_HOME": str(work / "dagster_home")}
+        first, second, similarity = [], [], []
+        started = time.perf_counter()
+        for shard in STABILITY_SHARDS:
+            done = subprocess.run(
+                [
+                    str(ROOT / ".venv" / "bin" / "autointerp"),
+                    "--deployment",
+                    str(deployment),
+                    "--data",
+                    str(work / "data"),
+                    "materialize",
+                    "exemplars,explanations,scores/detection",
+                    "--coder",
+                    DEMO_CODER,
+                    "--shard",
+                    shard,
+                ],
+                env=env,
+                cwd=work,
+                capture_output=True,
+                text=True,
+            )
+            if done.returncode:
+                raise SystemExit(f"materializing shard {shard} failed:\n{done.stderr[-3000:]}")
+            store = TableStore.at(work / "data")
+            explained = store.explanations(DEMO_CODER, shard).read()
+            reseeds = current_reseeds(
+                store.explanation_reseeds(DEMO_CODER, shard).read_if_present(), explained
+            ).set_index("latent")
+            scored = store.scores(DEMO_CODER, shard, "detection").read().set_index("latent")
+            again = store.reseed_scores(DEMO_CODER, shard, "detection").read_if_present()
+            if again is None:
+                continue
+            again = again.drop_duplicates("latent", keep="last").set_index("latent")
+            main = "balanced_accuracy"
+            both = reseeds.index.intersection(again.index).intersection(scored.index)
+            first.append(scored.loc[both, main])
+            second.append(again.loc[both, main])
+            similarity.append(reseeds.loc[both, "similarity"])
+    said = reseed_stability(
+        *(pd.concat(x) if x else pd.Series(dtype=float) for x in (first, second, similarity))
+    )
+    lo, hi = said["mean_abs_difference_interval"]
+    print(
+        f"\nReseed stability on {DEMO_CODER}, shards {', '.join(STABILITY_SHARDS)} ({latents} latents each, "
+        f"detection, the local deployment, {time.perf_counter() - started:.0f} s): mean |first - second| "
+        f"{said['mean_abs_difference']:.3f} [{lo:.3f}, {hi:.3f}] over {said['latents']} latents; texts' "
+        f"similarity {said['similarity']:.3f}"
+    )
+    return said
+
+
 def fmt_interval(interval) -> str:
     lo, hi = interval
     return "[–]" if lo is None or hi is None else f"[{lo:+.3f}, {hi:+.3f}]"
@@ -135,15 +242,22 @@ def main() -> None:
     parser.add_argument("--draws", type=int, default=DRAWS)
     parser.add_argument("--skip-embedded", action="store_true")
     parser.add_argument("--latents-per-class", type=int, default=3)
+    parser.add_argument(
+        "--demo-data", type=Path, default=ROOT / "data", help="where `make demo` ran"
+    )
+    parser.add_argument("--stability-latents", type=int, default=4)
     args = parser.parse_args()
     covered = interval_coverage(args.draws)
     made = cards(args.skip_embedded, args.latents_per_class)
+    stable = stability(args.demo_data.resolve(), args.stability_latents)
     result = {
         "interval_coverage_min": round(min(covered.values()), 3),
         "card_good_planted_gap": planted_gap(made["good"]),
         "card_random_planted_gap": planted_gap(made["random"]),
         "card_embedded_planted_gap": planted_gap(made["embedded"]),
         "card_verdicts": {name: c and c["verdict"] for name, c in made.items()},
+        "stability_mean_abs_diff": stable and round(stable["mean_abs_difference"], 4),
+        "stability_latents": stable and stable["latents"],
     }
     print(json.dumps(result))
 

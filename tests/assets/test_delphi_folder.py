@@ -92,7 +92,10 @@ def test_a_folder_it_cannot_read_or_an_llm_option_stops_the_definitions_naming_t
     (folder / "explanations" / "model.layers.3_latent8.txt").write_text(json.dumps(["a", "list"]))
     with pytest.raises(ValueError, match=r"holds list, not a JSON string .*Fix"):
         code_version(folder, module="model.layers.3")
-    with pytest.raises(ValueError, match=r"asks no LLM: best_of_n, refine_rounds and senses .*Fix"):
+    with pytest.raises(
+        ValueError,
+        match=r"asks no LLM: best_of_n, refine_rounds, senses and stability_latents .*Fix",
+    ):
         explanations_asset(
             {"explainer": "delphi", "explainer_settings": {"folder": str(folder)}, "best_of_n": 2}
         )

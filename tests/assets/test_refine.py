@@ -308,8 +308,8 @@ def test_a_deployment_that_does_not_refine_keeps_the_code_version_it_had_before_
     before = {
         key: value
         for key, value in ExplanationsConfig().model_dump().items()
-        if key not in ("refine_rounds", "senses")
-    }  # both added later
+        if key not in ("refine_rounds", "senses", "stability_latents")
+    }  # all three added later
     assert settings_digest(ExplanationsConfig()) == settings_digest(before)
     assert settings_digest(
         with_defaults(ExplanationsConfig, {"refine_rounds": 0}, "explanations")()

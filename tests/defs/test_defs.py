@@ -16,7 +16,15 @@ SCORER_ASSETS = {
         "saebench",
     )
 }
-STAGES = {"corpus", "activations", "exemplars", "explanations", *SCORER_ASSETS, "score_summary"}
+STAGES = {
+    "corpus",
+    "activations",
+    "exemplars",
+    "explanations",
+    *SCORER_ASSETS,
+    "score_summary",
+    "calibration",  # once per judge, materialized by `autointerp calibrate`
+}
 
 
 def test_definitions_load_every_stage_and_scorer_sensor_and_resources():

@@ -171,7 +171,8 @@ class DataRoot:
 
     @property
     def graph_labels_path(self) -> Path:
-        """Which latents each labelled graph labels: slug → coder → latent → node ids (the latent page's links)."""
+        """Which latents each labelled graph labels: slug → coder → latent → node ids (the latent page's
+        links)."""
         return self.graphs_dir / "labels.json"
 
     def viewer_dir(self, coder: str | None = None) -> Path:

@@ -12,7 +12,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-from dagster import DagsterInstance, materialize
+from dagster import DagsterInstance
 
 from assets.accounting import (
     NO_REASON,
@@ -35,7 +35,7 @@ from storage.activations import load_latent_stats, save_latent_stats, write_cach
 from storage.corpus import load_corpus
 from storage.layout import DataRoot
 from storage.store import TableStore
-from tests.conftest import TINY_CORPUS_CONFIG, TINY_EXEMPLARS_CONFIG, TINY_HOOKPOINT, all_assets
+from tests.conftest import TINY_CORPUS_CONFIG, TINY_EXEMPLARS_CONFIG, TINY_HOOKPOINT, run
 from tests.conftest import llm_resource as resource
 from tests.scripted_llm_server import ScriptedLLMServer, answer_by_prompt
 
@@ -129,32 +129,28 @@ def test_every_latent_of_a_coder_is_in_one_bucket_with_its_reason(tmp_path, tiny
             "llm": resource(server),
             "embedder": EmbedderResource(),
         }
-
-        def run(selection, partition=None, config=None):
-            return materialize(
-                all_assets(),
-                selection=selection,
-                partition_key=partition,
-                resources=resources,
-                instance=instance,
-                run_config={"ops": config or {}},
-            )
-
-        run(["corpus"], config={"corpus": {"config": TINY_CORPUS_CONFIG}})
+        corpus = {"ops": {"corpus": {"config": TINY_CORPUS_CONFIG}}}
+        run(["corpus"], None, resources, instance, corpus)
         coder = known_coder(tiny_sae, hidden_states(subject, load_corpus(root), tiny_sae))
         save_sparsify(coder, root.registry_dir / CODER)
         keys = shard_partition_keys(CODER, coder.width, PER_SHARD)
         instance.add_dynamic_partitions("shard", keys)
         first, second = keys[0], keys[1]
-        run(["activations"], first)
+        run(["activations"], first, resources, instance)
         count = load_latent_stats(root.latent_stats_path(CODER))["count"]
         assert count[DEAD].tolist() == [0, 0, 0]
         assert [int(count[latent]) for latent in RARE] == list(RARE.values())
         assert (count[FREQUENT] >= 190).all()
         for partition in (first, second):
-            run(["exemplars"], partition, {"exemplars": {"config": EXEMPLARS}})
-        explained = run(["explanations", "scores/detection"], first)
-        summary = run(["score_summary"])
+            run(
+                ["exemplars"],
+                partition,
+                resources,
+                instance,
+                {"ops": {"exemplars": {"config": EXEMPLARS}}},
+            )
+        explained = run(["explanations", "scores/detection"], first, resources, instance)
+        summary = run(["score_summary"], None, resources, instance)
 
     shard = {
         "latents": 10,

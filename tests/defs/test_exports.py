@@ -7,6 +7,7 @@ import contextlib
 import io
 import json
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -30,6 +31,15 @@ DELPHI_SAMPLE = {
 }  # delphi's ClassifierOutput
 DELPHI_SCORERS = {"detection": "detection", "fuzz": "fuzzing"}  # delphi's name → ours
 DELPHI_RUN = "smollm2-135m-instruct/tiny-topk"  # the subject model's id and the coder's name
+
+
+def export_delphi(data, coder: str, into: Path) -> Path:
+    """`autointerp export delphi` of `coder` on the data root `data` into `into`: the run folder it writes,
+    `<into>/<model>/<coder name>`."""
+    from autointerp_defs.cli import main
+
+    main(["--data", str(data), "export", "delphi", coder, str(into)])
+    return into / DELPHI_RUN
 
 
 @pytest.fixture(scope="session")
@@ -252,17 +262,7 @@ def test_delphi_export_then_import_rescored_with_controls(partition, tmp_path, i
     from autointerp_defs.definitions import build_definitions
     from resources.sparse_coders import load_registered
 
-    out = tmp_path / "delphi" / DELPHI_RUN  # <dir>/<model>/<coder name>, printed by the export
-    main(
-        [
-            "--data",
-            str(partition.root),
-            "export",
-            "delphi",
-            partition.coder,
-            str(tmp_path / "delphi"),
-        ]
-    )
+    out = export_delphi(partition.root, partition.coder, tmp_path / "delphi")
     root = DataRoot.at(partition.root)
     explained = pd.read_parquet(root.explanations_path(partition.coder, "00"))
     ok = explained[explained.status == "ok"]
@@ -365,7 +365,6 @@ def test_delphi_reads_the_export_with_its_own_code_and_gets_our_metrics(
     from delphi.latents import LatentDataset
     from delphi.log import result_analysis
 
-    from autointerp_defs.cli import main
     from storage.activations import (
         LATENT_STATS_FILE,
         load_latent_stats,
@@ -375,17 +374,7 @@ def test_delphi_reads_the_export_with_its_own_code_and_gets_our_metrics(
     )
     from tests.scripted_hub_server import ScriptedHub, hub_environment
 
-    out = tmp_path / "delphi" / DELPHI_RUN  # <dir>/<model>/<coder name>, printed by the export
-    main(
-        [
-            "--data",
-            str(partition.root),
-            "export",
-            "delphi",
-            partition.coder,
-            str(tmp_path / "delphi"),
-        ]
-    )
+    out = export_delphi(partition.root, partition.coder, tmp_path / "delphi")
     root = DataRoot.at(partition.root)
     module = "model.layers.3"
     profiles = pd.read_parquet(root.latent_profiles_path(partition.coder, "00")).set_index("latent")
@@ -533,8 +522,7 @@ def test_reexport_after_an_import_writes_no_score_of_the_earlier_text(
     shutil.copytree(partition.root, copy, ignore=shutil.ignore_patterns("viewer"))
     with DagsterInstance.from_config(str(instance_home)) as home:
         add_coders(home, copy, partition.coder)
-    out = tmp_path / "delphi" / DELPHI_RUN  # <dir>/<model>/<coder name>, printed by the export
-    main(["--data", str(copy), "export", "delphi", partition.coder, str(tmp_path / "delphi")])
+    out = export_delphi(copy, partition.coder, tmp_path / "delphi")
     explained = pd.read_parquet(DataRoot.at(copy).explanations_path(partition.coder, "00"))
     latent, *others = sorted(explained[explained.status == "ok"].latent)
     name = f"model.layers.3_latent{latent}.txt"
@@ -546,9 +534,7 @@ def test_reexport_after_an_import_writes_no_score_of_the_earlier_text(
     (new / name).write_text(json.dumps("a text no scorer has judged"))
     importing = ["--deployment", tiny_deployment(tmp_path), "--data", str(copy), "import", "delphi"]
     main([*importing, partition.coder, str(new.parent)])
-    main(
-        ["--data", str(copy), "export", "delphi", partition.coder, str(tmp_path / "delphi")]
-    )  # into the same folder
+    export_delphi(copy, partition.coder, tmp_path / "delphi")  # into the same folder
     assert json.loads((out / "explanations" / name).read_text()) == "a text no scorer has judged"
     for scorer in DELPHI_SCORERS:
         assert not (out / "scores" / scorer / name).exists()
@@ -580,17 +566,7 @@ def test_import_refuses_while_the_explanations_are_being_written(
     from autointerp_defs.cli import main
     from storage.tables import table_lock
 
-    out = tmp_path / "delphi" / DELPHI_RUN  # <dir>/<model>/<coder name>, printed by the export
-    main(
-        [
-            "--data",
-            str(partition.root),
-            "export",
-            "delphi",
-            partition.coder,
-            str(tmp_path / "delphi"),
-        ]
-    )
+    out = export_delphi(partition.root, partition.coder, tmp_path / "delphi")
     copy = tmp_path / "copy"
     shutil.copytree(partition.root, copy, ignore=shutil.ignore_patterns("viewer"))
     with DagsterInstance.from_config(str(instance_home)) as home:
@@ -774,9 +750,8 @@ def test_neuronpedia_gets_one_explanation_per_sense_of_a_latent_with_several(par
     assert "own windows" not in notes[ok.explanation.iloc[1]]  # no sense of a replaced text
 
     # delphi's export holds the union and the union's scores only
-    main(["--data", str(copy), "export", "delphi", partition.coder, str(tmp_path / "delphi")])
+    run = export_delphi(copy, partition.coder, tmp_path / "delphi")
     name = f"model.layers.3_latent{several}.txt"
-    run = tmp_path / "delphi" / DELPHI_RUN
     assert (
         json.loads((run / "explanations" / name).read_text())
         == "digits inside parentheses or names inside quotation marks"

@@ -28,6 +28,8 @@ sys.path.insert(0, str(ROOT))
 from tests.interval_coverage import DRAWS, cases, coverage  # noqa: E402
 
 CARD_TOKENS = 64 * 160
+SCORERS = ("detection", "fuzzing")
+"""The local deployment's judges that a card covers."""
 """The calibration test's corpus: 160 sequences of 64 tokens of the embedded text."""
 
 
@@ -37,36 +39,6 @@ def interval_coverage(draws: int) -> dict[str, float]:
     for name, value in rows.items():
         print(f"  {value:.3f}  {name}")
     return rows
-
-
-def card(llm, corpus, embedder, latents_per_class: int) -> dict:
-    """The calibration card of the judge behind `llm` (an LLM resource), which also explains, with
-    detection and fuzzing as the deployment's judges."""
-    from assets.calibration import calibrate
-    from assets.exemplars import ExemplarsConfig
-    from assets.explainers import EXPLAINERS, ExplainerDeps, ExplainerSettings
-    from assets.explanations import ExplanationsConfig
-    from assets.scorers import SCORERS, ScorerDeps, scorer_settings
-    from tests.conftest import TINY_EXEMPLARS_CONFIG
-
-    client = llm.client()
-    explainer = EXPLAINERS["highlighted"](ExplainerSettings(), ExplainerDeps(llm=client))
-    judges = {
-        name: SCORERS[name](
-            scorer_settings()[name], ScorerDeps(llm=client, models=f"judge={llm.identity()}")
-        )
-        for name in ("detection", "fuzzing")
-    }
-    return calibrate(
-        corpus,
-        explainer,
-        ExplanationsConfig(),
-        judges,
-        embedder.embed,
-        ExemplarsConfig(**TINY_EXEMPLARS_CONFIG, non_activating_sources=["random"]),
-        latents_per_class=latents_per_class,
-        random_latents=4,
-    )
 
 
 def cards(skip_embedded: bool, latents_per_class: int) -> dict[str, dict | None]:
@@ -81,7 +53,7 @@ def cards(skip_embedded: bool, latents_per_class: int) -> dict[str, dict | None]
     from resources.subject_model import SubjectModelResource
     from storage.corpus import load_corpus
     from storage.layout import DataRoot
-    from tests.assets.test_calibration import literal_judge, random_judge
+    from tests.assets.test_calibration import card_with, literal_judge, random_judge
     from tests.scripted_llm_server import ScriptedLLMServer
 
     with tempfile.TemporaryDirectory() as folder:
@@ -95,12 +67,16 @@ def cards(skip_embedded: bool, latents_per_class: int) -> dict[str, dict | None]
                 llm = LLMResource(
                     backend="openai", base_url=server.base_url, model=name, cache_dir=""
                 )
-                made[name] = card(llm, corpus, embedder, latents_per_class)
+                made[name] = card_with(llm, corpus, embedder, SCORERS, latents_per_class)
         made["embedded"] = (
             None
             if skip_embedded
-            else card(
-                LLMResource(backend="embedded", cache_dir=""), corpus, embedder, latents_per_class
+            else card_with(
+                LLMResource(backend="embedded", cache_dir=""),
+                corpus,
+                embedder,
+                SCORERS,
+                latents_per_class,
             )
         )
     print(f"\nCalibration cards ({latents_per_class} planted latents per class, 4 random):")

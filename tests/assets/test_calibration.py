@@ -96,31 +96,38 @@ def embedder():
     return EmbedderResource()
 
 
-def card_of(reply, corpus, embedder) -> tuple[dict, ScriptedLLMServer]:
+def card_with(llm, corpus, embedder, scorers=("detection",), latents_per_class=3) -> dict:
+    """The calibration card of the judge behind `llm` (an LLM resource), which also explains, with `scorers`
+    as the judges; `bench/trust.py` makes its cards with it too."""
     from assets.calibration import calibrate
     from assets.exemplars import ExemplarsConfig
     from assets.explainers import EXPLAINERS, ExplainerDeps, ExplainerSettings
     from assets.explanations import ExplanationsConfig
     from assets.scorers import SCORERS, ScorerDeps, scorer_settings
 
-    with ScriptedLLMServer(reply) as server:
-        client = llm_resource(server, cache_dir="").client()
-        explainer = EXPLAINERS["highlighted"](ExplainerSettings(), ExplainerDeps(llm=client))
-        judges = {
-            "detection": SCORERS["detection"](
-                scorer_settings()["detection"], ScorerDeps(llm=client, models="judge=openai:m")
-            )
-        }
-        card = calibrate(
-            corpus,
-            explainer,
-            ExplanationsConfig(),
-            judges,
-            embedder.embed,
-            ExemplarsConfig(**TINY_EXEMPLARS_CONFIG, non_activating_sources=["random"]),
-            latents_per_class=3,
-            random_latents=4,
+    client = llm.client()
+    explainer = EXPLAINERS["highlighted"](ExplainerSettings(), ExplainerDeps(llm=client))
+    judges = {
+        name: SCORERS[name](
+            scorer_settings()[name], ScorerDeps(llm=client, models=f"judge={llm.identity()}")
         )
+        for name in scorers
+    }
+    return calibrate(
+        corpus,
+        explainer,
+        ExplanationsConfig(),
+        judges,
+        embedder.embed,
+        ExemplarsConfig(**TINY_EXEMPLARS_CONFIG, non_activating_sources=["random"]),
+        latents_per_class=latents_per_class,
+        random_latents=4,
+    )
+
+
+def card_of(reply, corpus, embedder) -> tuple[dict, ScriptedLLMServer]:
+    with ScriptedLLMServer(reply) as server:
+        card = card_with(llm_resource(server, cache_dir=""), corpus, embedder)
     return card | {"judge": "openai:m"}, server
 
 
